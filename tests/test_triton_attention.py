@@ -1,0 +1,294 @@
+"""Triton paged-attention kernels against a plain PyTorch reference.
+
+Runs on the CPU through the Triton interpreter (set before triton is first imported); with
+``TRITON_INTERPRET=0`` and a CUDA device the same tests check the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from inferd.attention.base import AttentionMetadata  # noqa: E402
+
+pytest.importorskip("triton")
+
+from inferd.attention import triton_kernels  # noqa: E402
+from inferd.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+
+INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("compiled Triton kernels need a CUDA device", allow_module_level=True)
+DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
+TOLERANCE = {torch.float32: 2e-5 if INTERPRETED else 2e-3, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@dataclass
+class PagedBatch:
+    """One step's inputs: earlier context already in the cache, this step's K/V not yet stored."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    meta: AttentionMetadata
+    scale: float
+
+
+def make_batch(
+    context_lens: list[int],
+    query_lens: list[int],
+    block_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> PagedBatch:
+    """Sequences whose blocks are scattered over the cache in shuffled order, padded block tables."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # a few blocks that belong to nobody
+    shuffled = torch.randperm(num_blocks, generator=gen)
+    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        block_tables[i, :n] = shuffled[used : used + n]
+        used += n
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    k_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
+    v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
+    total = sum(query_lens)
+    slots = [
+        int(block_tables[i, pos // block_size]) * block_size + pos % block_size
+        for i, (c, n) in enumerate(zip(context_lens, seq_lens, strict=True))
+        for pos in range(c, n)
+    ]
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        block_tables=block_tables.to(DEVICE),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_host=tuple(query_lens),
+        seq_lens_host=tuple(seq_lens),
+    )
+    return PagedBatch(
+        q=randn(total, num_heads, head_dim).to(DEVICE),
+        k=randn(total, num_kv_heads, head_dim).to(DEVICE),
+        v=randn(total, num_kv_heads, head_dim).to(DEVICE),
+        k_cache=k_cache.to(DEVICE),
+        v_cache=v_cache.to(DEVICE),
+        meta=meta,
+        scale=head_dim**-0.5,
+    )
+
+
+def store_reference(batch: PagedBatch) -> None:
+    """What the store kernel must do, with plain indexing."""
+    slots = batch.meta.slot_mapping.long()
+    keep = slots >= 0
+    block_size = batch.k_cache.shape[1]
+    blocks, offsets = slots[keep] // block_size, slots[keep] % block_size
+    batch.k_cache[blocks, offsets] = batch.k[keep]
+    batch.v_cache[blocks, offsets] = batch.v[keep]
+
+
+def reference_attention(batch: PagedBatch) -> torch.Tensor:
+    """Gather each sequence's keys from the cache and run causal softmax attention in fp32."""
+    meta, k_cache, v_cache = batch.meta, batch.k_cache.float(), batch.v_cache.float()
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = batch.q.shape[1] // num_kv_heads
+    out = torch.empty(batch.q.shape, dtype=torch.float32, device=batch.q.device)
+    start = 0
+    for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host, strict=True)):
+        pos = torch.arange(seq_len, device=batch.q.device)
+        blocks = meta.block_tables[i, pos // block_size].long()
+        keys = k_cache[blocks, pos % block_size].repeat_interleave(group, dim=1)
+        values = v_cache[blocks, pos % block_size].repeat_interleave(group, dim=1)
+        q = batch.q[start : start + q_len].float()
+        scores = torch.einsum("qhd,khd->hqk", q, keys) * batch.scale
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=batch.q.device)
+        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[start : start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+        start += q_len
+    return out
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def test_store_writes_each_token_to_its_slot_and_skips_negative_slots() -> None:
+    batch = make_batch([5, 0], [3, 20], block_size=8, num_heads=4, num_kv_heads=2, head_dim=64)
+    slot_mapping = batch.meta.slot_mapping.clone()
+    slot_mapping[[1, 7]] = -1
+    expected = make_batch([5, 0], [3, 20], block_size=8, num_heads=4, num_kv_heads=2, head_dim=64)
+    expected.meta = AttentionMetadata(**{**vars(expected.meta), "slot_mapping": slot_mapping})
+    store_reference(expected)
+
+    triton_kernels.store_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, slot_mapping)
+
+    torch.testing.assert_close(batch.k_cache, expected.k_cache, atol=0, rtol=0)
+    torch.testing.assert_close(batch.v_cache, expected.v_cache, atol=0, rtol=0)
+
+
+# (block_size, num_heads, num_kv_heads, head_dim, num_splits): MHA and GQA ratios 2 and 4.
+DECODE_CASES = [
+    (8, 2, 2, 64, 1),
+    (16, 4, 2, 128, 1),
+    (32, 8, 2, 64, 3),
+    (16, 4, 1, 64, 2),
+    (12, 2, 1, 64, 1),  # a block size that is not a power of two
+]
+
+
+@pytest.mark.parametrize(("block_size", "num_heads", "num_kv_heads", "head_dim", "num_splits"), DECODE_CASES)
+def test_decode_matches_reference(
+    block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, num_splits: int
+) -> None:
+    context_lens = [0, 16, 63, 299]  # ragged: 1 .. 300 keys, block boundaries on both sides
+    batch = make_batch(context_lens, [1] * 4, block_size, num_heads, num_kv_heads, head_dim)
+    store_reference(batch)
+    m = batch.meta
+
+    out = triton_kernels.paged_decode_attention(
+        batch.q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, m.query_start_loc, batch.scale,
+        num_splits,
+    )  # fmt: skip
+
+    assert_close(out, reference_attention(batch), torch.float32)
+
+
+def test_decode_of_a_sequence_without_context_is_zero_not_nan() -> None:
+    """Padded decode rows (e.g. to fill a captured batch size) have seq_len 0."""
+    batch = make_batch([40], [1], block_size=16, num_heads=4, num_kv_heads=2, head_dim=64)
+    store_reference(batch)
+    q = torch.cat([batch.q, batch.q])
+    seq_lens = torch.tensor([41, 0], dtype=torch.int32, device=DEVICE)
+    block_tables = batch.meta.block_tables.repeat(2, 1)
+    starts = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    for num_splits in (1, 2):
+        out = triton_kernels.paged_decode_attention(
+            q, batch.k_cache, batch.v_cache, block_tables, seq_lens, starts, batch.scale, num_splits
+        )
+        assert_close(out[0], reference_attention(batch)[0], torch.float32)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+# (block_size, num_heads, num_kv_heads, head_dim)
+EXTEND_CASES = [(8, 2, 2, 64), (16, 4, 2, 128), (32, 8, 2, 64)]
+
+
+@pytest.mark.parametrize(("block_size", "num_heads", "num_kv_heads", "head_dim"), EXTEND_CASES)
+def test_extend_matches_reference(block_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    # A fresh prefill, a one-token prompt, a chunk after a prefix-cache hit or earlier chunk,
+    # a chunk ending on a block boundary, and a decode row in the same batch.
+    context_lens = [0, 0, 100, 64, 230]
+    query_lens = [37, 1, 28, 64, 1]
+    batch = make_batch(context_lens, query_lens, block_size, num_heads, num_kv_heads, head_dim)
+    store_reference(batch)
+    m = batch.meta
+
+    out = triton_kernels.paged_extend_attention(
+        batch.q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, m.query_start_loc,
+        m.max_query_len, batch.scale,
+    )  # fmt: skip
+
+    assert_close(out, reference_attention(batch), torch.float32)
+
+
+def test_extend_of_a_long_prompt_matches_reference() -> None:
+    batch = make_batch([0, 5], [300, 2], block_size=16, num_heads=2, num_kv_heads=1, head_dim=64)
+    store_reference(batch)
+    m = batch.meta
+
+    out = triton_kernels.paged_extend_attention(
+        batch.q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, m.query_start_loc,
+        m.max_query_len, batch.scale,
+    )  # fmt: skip
+
+    assert_close(out, reference_attention(batch), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float16,
+        pytest.param(
+            torch.bfloat16,
+            marks=pytest.mark.skipif(
+                INTERPRETED, reason="triton's interpreter multiplies bf16 tl.dot operands as raw uint16 bits"
+            ),
+        ),
+    ],
+)
+def test_half_precision_matches_reference(dtype: torch.dtype) -> None:
+    decode = make_batch([20, 150], [1, 1], 16, 4, 2, 64, dtype=dtype)
+    extend = make_batch([0, 40], [30, 9], 16, 4, 2, 64, dtype=dtype)
+    backend = TritonAttentionBackend(decode_splits=2)
+    for batch in (decode, extend):
+        caches = {"k_cache": batch.k_cache.clone(), "v_cache": batch.v_cache.clone()}
+        expected = PagedBatch(**{**vars(batch), **caches})
+        store_reference(expected)
+
+        b = batch
+        out = backend.forward(b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, b.scale)
+
+        assert out.dtype == dtype
+        assert torch.equal(batch.k_cache, expected.k_cache) and torch.equal(batch.v_cache, expected.v_cache)
+        assert_close(out, reference_attention(expected), dtype)
+
+
+def test_backend_stores_then_attends_with_strided_inputs() -> None:
+    """q, k and v arrive as views of one fused projection, so their rows are not contiguous."""
+    batch = make_batch([0, 70, 33], [12, 1, 5], 16, 4, 2, 64)
+    fused = torch.cat([batch.q.flatten(1), batch.k.flatten(1), batch.v.flatten(1)], dim=1)
+    q, k, v = fused.split([4 * 64, 2 * 64, 2 * 64], dim=1)
+    q, k, v = q.view(-1, 4, 64), k.view(-1, 2, 64), v.view(-1, 2, 64)
+    assert not q.is_contiguous()
+
+    out = TritonAttentionBackend().forward(q, k, v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+
+    reference = make_batch([0, 70, 33], [12, 1, 5], 16, 4, 2, 64)
+    store_reference(reference)
+    torch.testing.assert_close(batch.k_cache, reference.k_cache, atol=0, rtol=0)
+    assert_close(out, reference_attention(reference), torch.float32)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("inferd.attention.torch_backend") is None, reason="no PyTorch backend yet"
+)
+@pytest.mark.parametrize(
+    ("context_lens", "query_lens"), [([9, 200, 0], [1, 1, 1]), ([0, 48, 150], [25, 16, 1])]
+)
+def test_backend_matches_the_pytorch_backend(context_lens: list[int], query_lens: list[int]) -> None:
+    from inferd.attention.torch_backend import TorchAttentionBackend
+
+    triton_batch = make_batch(context_lens, query_lens, 16, 8, 2, 64)
+    torch_batch = make_batch(context_lens, query_lens, 16, 8, 2, 64)
+
+    outputs = [
+        backend.forward(b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, b.scale)
+        for backend, b in ((TritonAttentionBackend(), triton_batch), (TorchAttentionBackend(), torch_batch))
+    ]
+
+    torch.testing.assert_close(triton_batch.k_cache, torch_batch.k_cache, atol=0, rtol=0)
+    torch.testing.assert_close(triton_batch.v_cache, torch_batch.v_cache, atol=0, rtol=0)
+    assert_close(outputs[0], outputs[1], torch.float32)
