@@ -1,0 +1,160 @@
+"""Frozen configuration objects. Derived values (e.g. the number of KV blocks) come back as new objects."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder cannot be served; the message names what is missing or unsupported."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of float32, bfloat16, float16") from None
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture facts the engine needs, read from a Hugging Face `config.json`."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    torch_dtype: str
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        architecture = archs[0] if archs else ""
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        sliding = cfg.get("sliding_window")
+        if architecture.startswith("Qwen2") and not cfg.get("use_sliding_window", False):
+            sliding = None
+        return cls(
+            architecture=architecture,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope=_parse_rope(cfg),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama and Mistral expose it as `attention_bias`.
+            attention_bias=architecture.startswith("Qwen2") or bool(cfg.get("attention_bias", False)),
+            qk_norm=architecture.startswith("Qwen3"),
+            sliding_window=int(sliding) if sliding else None,
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_folder(cls, path: Path) -> ModelConfig:
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise ModelLoadError(f"model folder {path} has no config.json")
+        return cls.from_hf_config(json.loads(config_path.read_text()))
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+
+def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:
+    # transformers 5 nests everything in `rope_parameters`; 4.x uses `rope_theta` + `rope_scaling`.
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = str(params.get("rope_type") or params.get("type") or "default")
+    if rope_type not in ("default", "llama3"):
+        raise ModelLoadError(f"unsupported rope scaling type {rope_type!r}; supported: default, llama3")
+    return RopeConfig(
+        theta=theta,
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Bytes for the KV cache; None means a default derived from free memory.
+    kv_cache_memory: int | None = None
+    # Set when derived from the memory budget (or forced, for tests).
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def with_num_blocks(self, num_blocks: int) -> CacheConfig:
+        return dataclasses.replace(self, num_blocks=num_blocks)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: Path
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention_backend: str = "auto"
+    seed: int = 0

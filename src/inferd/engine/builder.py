@@ -1,0 +1,142 @@
+"""Engine options -> a resolved EngineConfig (model facts read, context and KV budget derived)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inferd.config import CacheConfig, EngineConfig, ModelConfig, ModelLoadError, SchedulerConfig, parse_dtype
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+# The CPU KV cache takes this share of available RAM, capped, unless told otherwise.
+_CPU_KV_FRACTION = 0.25
+_CPU_KV_CAP = 8 * 2**30
+# On a GPU, this share of the memory left after loading the weights.
+_GPU_KV_FRACTION = 0.85
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("inferd") / "data" / "default_model"))
+
+
+def parse_memory(value: str | int) -> int:
+    """'4GiB', '512MiB', '2G', '1000000' -> bytes."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", value.lower())
+    if not match:
+        raise ValueError(f"cannot read memory size {value!r}; use e.g. 4GiB, 512MiB or a byte count")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def build_engine_config(model_path: str | Path | None = None, **options: Any) -> EngineConfig:
+    path = Path(model_path) if model_path is not None else default_model_path()
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder {path} does not exist")
+    model = ModelConfig.from_folder(path)
+    device = options.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = options.pop("dtype", None) or _default_dtype(model, device)
+    parse_dtype(dtype)
+    max_model_len = _resolve_max_model_len(model, options.pop("max_model_len", None))
+    max_batched = options.pop("max_num_batched_tokens", None) or max(2048, min(max_model_len, 8192))
+    scheduler = SchedulerConfig(
+        max_num_seqs=options.pop("max_num_seqs", None) or 128,
+        max_num_batched_tokens=max_batched,
+        max_model_len=max_model_len,
+    )
+    kv_memory = options.pop("kv_cache_memory", None)
+    cache = CacheConfig(
+        block_size=options.pop("block_size", None) or 16,
+        kv_cache_memory=parse_memory(kv_memory) if kv_memory is not None else None,
+        num_blocks=options.pop("num_kv_blocks", None),
+        enable_prefix_caching=options.pop("enable_prefix_caching", True),
+    )
+    config = EngineConfig(
+        model_path=path,
+        model=model,
+        cache=cache,
+        scheduler=scheduler,
+        device=device,
+        dtype=dtype,
+        attention_backend=options.pop("attention_backend", None) or "auto",
+        seed=options.pop("seed", None) or 0,
+    )
+    if options:
+        raise TypeError(f"unknown engine option(s): {', '.join(sorted(options))}")
+    return config
+
+
+def _default_dtype(model: ModelConfig, device: str) -> str:
+    if device == "cpu":
+        return "float32"  # bf16 matmuls are slow on most CPUs
+    return model.torch_dtype if model.torch_dtype in ("bfloat16", "float16") else "bfloat16"
+
+
+def _resolve_max_model_len(model: ModelConfig, requested: int | None) -> int:
+    limit = model.max_position_embeddings
+    if model.sliding_window is not None and model.sliding_window < limit:
+        # Attention here is full-context; within the window that is exact, beyond it it is not.
+        logger.info("context capped at the sliding window of %d tokens", model.sliding_window)
+        limit = model.sliding_window
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} tokens")
+    return int(requested)
+
+
+def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
+    """Size the KV pool from the memory budget and return a config that carries the block count.
+
+    Call it after the weights are loaded: on a GPU the default budget is a share of what is left.
+    """
+    cache = config.cache
+    bytes_per_block = config.model.kv_bytes_per_token(parse_dtype(config.dtype)) * cache.block_size
+    if cache.num_blocks is None:
+        budget = cache.kv_cache_memory or _default_kv_budget(config.device)
+        num_blocks = budget // bytes_per_block
+        blocks_per_seq = -(-config.scheduler.max_model_len // cache.block_size)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(
+                f"KV cache budget of {budget / 2**20:.0f} MiB holds {num_blocks * cache.block_size} tokens, "
+                f"fewer than one full context ({config.scheduler.max_model_len}); raise --kv-cache-memory "
+                f"or lower --max-model-len"
+            )
+        cache = cache.with_num_blocks(int(num_blocks))
+    assert cache.num_blocks is not None
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%.1f MiB); up to %d tokens of context in flight, "
+        "%.1f full-length requests",
+        cache.num_blocks,
+        cache.block_size,
+        cache.num_blocks * bytes_per_block / 2**20,
+        cache.num_blocks * cache.block_size,
+        cache.num_blocks * cache.block_size / config.scheduler.max_model_len,
+    )
+    return dataclasses.replace(config, cache=cache)
+
+
+def _default_kv_budget(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info()
+        return int(free * _GPU_KV_FRACTION)
+    return int(min(_available_ram() * _CPU_KV_FRACTION, _CPU_KV_CAP))
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30

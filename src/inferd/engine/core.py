@@ -1,0 +1,75 @@
+"""EngineCore: the step loop that ties scheduler, KV cache and model runner together."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from inferd.config import EngineConfig
+from inferd.engine.outputs import EngineCoreOutput
+from inferd.engine.request import FinishReason, Request
+from inferd.kv.manager import KVCacheManager
+from inferd.sched.scheduler import Scheduler
+from inferd.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_preemptions: int
+    prefix_queries: int
+    prefix_hits: int
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+        assert config.cache.num_blocks is not None, "resolve the KV budget before building the core"
+        self.config = config
+        self.runner = runner or ModelRunner(config)
+        self.runner.allocate_kv_cache(config.cache.num_blocks)
+        self.kv = KVCacheManager(
+            config.cache.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add(request)
+
+    def abort(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> None:
+        for request_id in request_ids:
+            self.scheduler.finish(request_id, reason)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return []
+        runner_out = self.runner.execute(sched_out)
+        advanced = self.scheduler.update(sched_out, runner_out.sampled)
+        return [
+            EngineCoreOutput(
+                request_id=r.request_id,
+                new_token_id=r.output_token_ids[-1],
+                logprobs=runner_out.logprobs.get(r.request_id),
+                finish_reason=r.finish_reason.value if r.finish_reason else None,
+                num_cached_tokens=r.num_cached_tokens,
+                first_scheduled_time=r.first_scheduled_time,
+            )
+            for r in advanced
+        ]
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=self.kv.usage(),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_queries=self.kv.prefix_queries,
+            prefix_hits=self.kv.prefix_hits,
+        )

@@ -1,0 +1,66 @@
+"""Incremental detokenization and stop strings, per request."""
+
+from __future__ import annotations
+
+from inferd.engine.tokenizer import Tokenizer
+
+# Byte-level BPE yields U+FFFD while a multi-byte character is still incomplete.
+_INCOMPLETE = "\ufffd"
+# Prompt tokens kept as left context, so the first output token decodes as it would mid-text
+# (e.g. SentencePiece-style decoders drop a leading space at the start of a text).
+_CONTEXT_TOKENS = 5
+# Tokens already emitted are dropped from the window past this many, keeping decoding O(1).
+_MAX_WINDOW = 64
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into a growing text, never splitting a character.
+
+    Decodes a small window (``prefix``..end) and emits what the window adds over its
+    ``prefix``..``read`` part; when the tail is an incomplete character it waits for more tokens.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._tokens = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._prefix = 0
+        self._read = len(self._tokens)
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        """Append one token; returns the text it completes (may be empty)."""
+        self._tokens.append(token_id)
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._tokens[self._prefix : self._read], self._skip_special)
+        full_text = decode(self._tokens[self._prefix :], self._skip_special)
+        if len(full_text) <= len(prefix_text) or full_text.endswith(_INCOMPLETE):
+            return ""
+        delta = full_text[len(prefix_text) :]
+        self._prefix = self._read
+        self._read = len(self._tokens)
+        if self._prefix > _MAX_WINDOW:
+            del self._tokens[: self._prefix]
+            self._read -= self._prefix
+            self._prefix = 0
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """At the end of generation, emit whatever is left (an incomplete tail included)."""
+        full_text = self._tokenizer.decode(self._tokens[self._prefix :], self._skip_special)
+        prefix_text = self._tokenizer.decode(self._tokens[self._prefix : self._read], self._skip_special)
+        delta = full_text[len(prefix_text) :] if full_text.startswith(prefix_text) else ""
+        self._read = len(self._tokens)
+        self.text += delta
+        return delta
+
+
+def find_stop(text: str, new_chars: int, stops: list[str]) -> int | None:
+    """Index where the earliest stop string starts, looking only where the new text could complete one."""
+    if not stops or not new_chars:
+        return None
+    longest = max(len(s) for s in stops)
+    search_from = max(len(text) - new_chars - longest + 1, 0)
+    found = [i for i in (text.find(s, search_from) for s in stops) if i >= 0]
+    return min(found) if found else None

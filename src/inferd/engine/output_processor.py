@@ -1,0 +1,135 @@
+"""Turns engine-core token outputs into text outputs: detokenization, stop strings, streaming deltas."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from inferd.engine.detokenizer import IncrementalDetokenizer, find_stop
+from inferd.engine.outputs import EngineCoreOutput, RequestMetrics, RequestOutput
+from inferd.engine.tokenizer import Tokenizer
+from inferd.sample.sampler import TokenLogprobs
+from inferd.sampling_params import SamplingParams
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    metrics: RequestMetrics
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    text: str = ""
+    sent_chars: int = 0  # how much of `text` has been reported as new_text
+    sent_tokens: int = 0
+    sent_logprobs: int = 0
+    stopped_by_string: bool = False
+
+
+class OutputProcessor:
+    """Frontend-side state of every live request."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._states: dict[str, _RequestState] = {}
+
+    def add(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float
+    ) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self._states[request_id] = _RequestState(
+            request_id, prompt_token_ids, params, detok, RequestMetrics(arrival_time)
+        )
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._states
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the outputs to deliver and the ids that hit a stop string (to abort in the core)."""
+        now = time.monotonic()
+        delivered = []
+        stopped = []
+        for core_out in outputs:
+            state = self._states.get(core_out.request_id)
+            if state is None:
+                continue  # already finished here (stop string) while the core produced more
+            finish_reason = core_out.finish_reason
+            if core_out.new_token_id is not None:
+                self._add_token(state, core_out, now)
+                if finish_reason is None and self._hit_stop_string(state):
+                    finish_reason = "stop"
+                    stopped.append(state.request_id)
+            delivered.append(self._emit(state, finish_reason, now))
+        return delivered, stopped
+
+    def finish(self, request_id: str, reason: str, error: str | None = None) -> RequestOutput | None:
+        """Close a request from outside the core's outputs (abort, timeout, error)."""
+        state = self._states.get(request_id)
+        if state is None:
+            return None
+        out = self._emit(state, reason, time.monotonic())
+        out.error = error
+        return out
+
+    def _add_token(self, state: _RequestState, core_out: EngineCoreOutput, now: float) -> None:
+        assert core_out.new_token_id is not None
+        if state.metrics.first_token_time is None:
+            state.metrics.first_token_time = now
+            state.metrics.first_scheduled_time = core_out.first_scheduled_time
+            state.metrics.num_cached_tokens = core_out.num_cached_tokens
+        state.token_ids.append(core_out.new_token_id)
+        if core_out.logprobs is not None:
+            state.logprobs.append(core_out.logprobs)
+        state.text += state.detokenizer.add(core_out.new_token_id)
+
+    def _hit_stop_string(self, state: _RequestState) -> bool:
+        stops = state.params.stop
+        if not stops or len(state.token_ids) < state.params.min_tokens:
+            return False
+        new_chars = len(state.text) - state.sent_chars
+        index = find_stop(state.text, new_chars, stops)
+        if index is None:
+            return False
+        if state.params.include_stop_str_in_output:
+            matched = next(s for s in stops if state.text.startswith(s, index))
+            state.text = state.text[: index + len(matched)]
+        else:
+            state.text = state.text[:index]
+        state.stopped_by_string = True
+        return True
+
+    def _emit(self, state: _RequestState, finish_reason: str | None, now: float) -> RequestOutput:
+        finished = finish_reason is not None
+        if finished:
+            if not state.stopped_by_string:
+                state.text += state.detokenizer.flush()
+            state.metrics.finished_time = now
+            del self._states[state.request_id]
+            sendable = len(state.text)
+        else:
+            # Hold back a possible stop-string prefix, so streamed text never has to be retracted.
+            sendable = max(len(state.text) - max(state.params.max_stop_len - 1, 0), state.sent_chars)
+        new_text = state.text[state.sent_chars : sendable]
+        state.sent_chars = sendable
+        new_tokens = state.token_ids[state.sent_tokens :]
+        state.sent_tokens = len(state.token_ids)
+        new_logprobs = state.logprobs[state.sent_logprobs :]
+        state.sent_logprobs = len(state.logprobs)
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt_token_ids=state.prompt_token_ids,
+            text=state.text[:sendable],
+            token_ids=list(state.token_ids),
+            new_text=new_text,
+            new_token_ids=new_tokens,
+            finished=finished,
+            finish_reason=finish_reason,
+            metrics=state.metrics,
+            logprobs=list(state.logprobs),
+            new_logprobs=new_logprobs,
+        )

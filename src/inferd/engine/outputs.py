@@ -1,0 +1,64 @@
+"""What the engine reports to callers, per request and per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from inferd.sample.sampler import TokenLogprobs
+
+
+@dataclass(frozen=True)
+class EngineCoreOutput:
+    """One step's news for one request, straight from the engine core (token ids only)."""
+
+    request_id: str
+    new_token_id: int | None
+    logprobs: TokenLogprobs | None
+    finish_reason: str | None
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def e2e_s(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+    @property
+    def queue_s(self) -> float | None:
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: cumulative text/tokens plus what is new since the last report."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    new_text: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    metrics: RequestMetrics
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)

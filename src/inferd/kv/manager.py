@@ -1,0 +1,109 @@
+"""Maps requests to KV blocks: allocation, prefix-cache lookup and registration, freeing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from inferd.kv.block_pool import BlockPool
+
+_ROOT_HASH = 0x5EED
+
+
+def block_hash(parent: int, block_token_ids: Sequence[int]) -> int:
+    """A full block's key: the previous block's key chained with this block's token ids."""
+    return hash((parent, tuple(block_token_ids)))
+
+
+def chain_block_hashes(token_ids: Sequence[int], block_size: int, num_blocks: int) -> list[int]:
+    """Keys of the first ``num_blocks`` full blocks of ``token_ids``."""
+    hashes = []
+    parent = _ROOT_HASH
+    for i in range(num_blocks):
+        parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(parent)
+    return hashes
+
+
+class KVCacheManager:
+    """Owns the block pool; takes plain request ids and token ids, returns block ids."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, block_size)
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[int]] = {}  # hashes of the request's registered full blocks
+        self.prefix_queries = 0  # tokens looked up
+        self.prefix_hits = 0  # tokens found
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self._blocks.get(request_id, [])
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def find_cached_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
+        """Attach the longest cached prefix of ``token_ids`` to a request with no blocks yet.
+
+        Returns the number of tokens whose KV is already computed. At least one token is always
+        left to compute, because the model must produce logits for the last prompt token.
+        """
+        if request_id in self._blocks:
+            raise RuntimeError(f"request {request_id} already holds blocks")
+        self._blocks[request_id] = []
+        self._hashes[request_id] = []
+        if not self.enable_prefix_caching:
+            return 0
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        self.prefix_queries += len(token_ids)
+        hit_blocks = []
+        hashes = chain_block_hashes(token_ids, self.block_size, max_blocks)
+        for block_hash in hashes:
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            hit_blocks.append(block_id)
+        for block_id in hit_blocks:
+            self.pool.touch(block_id)
+        self._blocks[request_id] = hit_blocks
+        self._hashes[request_id] = hashes[: len(hit_blocks)]
+        num_hit_tokens = len(hit_blocks) * self.block_size
+        self.prefix_hits += num_hit_tokens
+        return num_hit_tokens
+
+    def allocate(self, request_id: str, num_total_tokens: int) -> bool:
+        """Grow the request's table to hold ``num_total_tokens``; False (nothing changed) if no room."""
+        blocks = self._blocks.setdefault(request_id, [])
+        self._hashes.setdefault(request_id, [])
+        needed = -(-num_total_tokens // self.block_size) - len(blocks)
+        if needed <= 0:
+            return True
+        new_blocks = self.pool.allocate(needed)
+        if new_blocks is None:
+            return False
+        blocks.extend(new_blocks)
+        return True
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return self.pool.num_free >= num_blocks
+
+    def cache_computed_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        """Register every block that is now full and computed, so later requests can reuse it."""
+        if not self.enable_prefix_caching:
+            return
+        hashes = self._hashes[request_id]
+        num_full = num_computed // self.block_size
+        if num_full <= len(hashes):
+            return
+        parent = hashes[-1] if hashes else _ROOT_HASH
+        blocks = self._blocks[request_id]
+        for i in range(len(hashes), num_full):
+            parent = block_hash(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            hashes.append(parent)
+            self.pool.register_hash(blocks[i], parent)
+
+    def free(self, request_id: str) -> None:
+        """Release the request's blocks; tail blocks first so they are evicted before shared heads."""
+        blocks = self._blocks.pop(request_id, [])
+        self._hashes.pop(request_id, None)
+        self.pool.release(list(reversed(blocks)))

@@ -1,0 +1,65 @@
+"""Offline API: ``LLM(model_path).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from inferd.engine.llm_engine import LLMEngine, Prompt
+from inferd.engine.outputs import RequestOutput
+from inferd.sampling_params import SamplingParams
+
+
+class LLM:
+    """Runs a model from a Hugging Face folder (``None``: the built-in default model)."""
+
+    def __init__(self, model_path: str | Path | None = None, **engine_options: Any) -> None:
+        self.engine = LLMEngine.from_options(model_path, **engine_options)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt, all in one continuously batched run; outputs in prompt order."""
+        prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params_list = (
+            [sampling_params] * len(prompt_list)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params_list) != len(prompt_list):
+            raise ValueError(f"{len(prompt_list)} prompts but {len(params_list)} sampling params")
+        order: dict[str, int] = {}
+        for index, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
+            request_id = f"offline-{next(self._ids)}"
+            self.engine.add_request(request_id, prompt, params)
+            order[request_id] = index
+        results: list[RequestOutput | None] = [None] * len(prompt_list)
+        with tqdm(total=len(prompt_list), desc="generate", disable=not use_tqdm, unit="req") as bar:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[order[out.request_id]] = out
+                        bar.update(1)
+        return [r for r in results if r is not None]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]  # type: ignore[arg-type]
+    return list(prompts)  # type: ignore[arg-type]

@@ -1,0 +1,117 @@
+"""Build a model from a Hugging Face folder and fill it from safetensors (never pickle)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from inferd.config import ModelConfig, ModelLoadError
+from inferd.models.registry import model_class
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint projection name -> (fused parameter name, shard index) for the fused layers.
+_FUSED_SHARDS = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{path}: shards listed in the index are missing: {', '.join(missing)}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ModelLoadError(f"{path}: only pickle checkpoints (*.bin/*.pt) found; inferd loads safetensors only")
+    raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield name, f.get_tensor(name)
+
+
+def load_model(
+    path: Path, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: str
+) -> nn.Module:
+    cls = model_class(cfg.architecture)
+    files = safetensors_files(path)  # fail on missing weights before allocating anything
+    logger.info("loading %s (%s, %d file(s)) as %s on %s", path, cfg.architecture, len(files), dtype, device)
+    with torch.device(device):
+        model = cls(cfg, max_positions)
+    model.to(dtype=dtype)
+    # Rotary tables stay float32: they are looked up, not multiplied in the model dtype.
+    model.get_submodule("rotary").float()
+    _fill_weights(model, iter_checkpoint(path), cfg)
+    model.eval()
+    return model
+
+
+def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig) -> None:
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    for name, tensor in weights:
+        if "rotary_emb" in name:
+            continue
+        target, shard = _target_of(name)
+        if target not in params:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}")
+        param = params[target]
+        with torch.no_grad():
+            if shard is None:
+                _copy_checked(param.data, tensor, name)
+            else:
+                _copy_checked(_shard_view(param.data, shard, cfg, target), tensor, name)
+        filled.add(target)
+    if cfg.tie_word_embeddings:
+        filled.add("lm_head.weight")
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def _target_of(name: str) -> tuple[str, int | None]:
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in _FUSED_SHARDS:
+            fused, shard = _FUSED_SHARDS[part]
+            return ".".join(parts[:i] + [fused] + parts[i + 1 :]), shard
+    return name, None
+
+
+def _shard_view(param: torch.Tensor, shard: int, cfg: ModelConfig, target: str) -> torch.Tensor:
+    if "qkv_proj" in target:
+        q = cfg.num_heads * cfg.head_dim
+        kv = cfg.num_kv_heads * cfg.head_dim
+        offsets = [(0, q), (q, kv), (q + kv, kv)]
+    else:
+        offsets = [(0, cfg.intermediate_size), (cfg.intermediate_size, cfg.intermediate_size)]
+    start, size = offsets[shard]
+    return param.narrow(0, start, size)
+
+
+def _copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if param.shape != tensor.shape:
+        raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+    param.copy_(tensor)

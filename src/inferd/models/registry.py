@@ -1,0 +1,32 @@
+"""Hugging Face architecture name -> model class, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from inferd.config import ModelLoadError
+
+_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    try:
+        module_name, class_name = _ARCHITECTURES[architecture]
+    except KeyError:
+        raise ModelLoadError(
+            f"unsupported architecture {architecture or '(none in config.json)'!r}; "
+            f"supported: {', '.join(supported_architectures())}"
+        ) from None
+    cls: type[nn.Module] = getattr(importlib.import_module(module_name), class_name)
+    return cls

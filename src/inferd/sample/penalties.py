@@ -1,0 +1,48 @@
+"""Logit processors applied per request before sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from inferd.engine.request import Request
+
+
+def apply_penalties(logits: torch.Tensor, request: Request) -> None:
+    """Repetition (HF style, over prompt and output), presence and frequency (OpenAI style, output only)."""
+    params = request.params
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(request.all_token_ids, dtype=torch.long, device=logits.device)
+        values = logits[seen]
+        logits[seen] = torch.where(
+            values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+        )
+    if (params.presence_penalty or params.frequency_penalty) and request.output_token_ids:
+        out = torch.tensor(request.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(out, minlength=logits.shape[0]).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, request: Request) -> None:
+    for token_id, bias in request.params.logit_bias.items():
+        if 0 <= token_id < logits.shape[0]:
+            logits[token_id] += bias
+
+
+def block_stop_tokens(logits: torch.Tensor, request: Request) -> None:
+    """Until `min_tokens` are out, EOS and stop token ids cannot be chosen."""
+    if len(request.output_token_ids) >= request.params.min_tokens:
+        return
+    banned = [t for t in (*request.eos_token_ids, *request.params.stop_token_ids) if t < logits.shape[0]]
+    if banned:
+        logits[banned] = float("-inf")
+
+
+def needs_processing(request: Request) -> bool:
+    params = request.params
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+        or bool(params.logit_bias)
+        or len(request.output_token_ids) < params.min_tokens
+    )

@@ -1,0 +1,34 @@
+"""SchedulerOutput: the one contract between the scheduler and the model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inferd.engine.request import Request
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    request: Request  # read by the runner for sampling state only; the scheduler owns it
+    token_ids: list[int]  # the tokens to run this step
+    start_pos: int  # position of token_ids[0] (== tokens already in the KV cache)
+    block_table: list[int]
+    sample: bool  # True when this chunk reaches the end of the known tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    sequences: list[ScheduledSequence]
+    preempted_ids: list[str]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.sequences)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.sequences

@@ -1,0 +1,169 @@
+"""Iteration-level scheduler: continuous batching, chunked prefill, prefix reuse, preemption."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from inferd.config import SchedulerConfig
+from inferd.engine.request import FinishReason, Request, RequestStatus
+from inferd.kv.manager import KVCacheManager
+from inferd.sched.output import ScheduledSequence, SchedulerOutput
+
+
+class Scheduler:
+    """Decides, every step, which tokens of which requests run.
+
+    Running requests come first (in admission order) so decodes keep flowing; what is left of
+    the token budget admits waiting requests, whose prompts may be split over several steps.
+    When the pool cannot grow a running request, the newest running request is preempted: its
+    blocks are freed and it goes back to the front of the queue to be recomputed later.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.num_prompt_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {request.num_prompt_tokens} tokens; the context limit is "
+                f"{self.config.max_model_len}"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request_id: str, reason: FinishReason) -> Request | None:
+        """End a request wherever it is and free its blocks at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status == RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self.kv.free(request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        return request
+
+    # -- one step -----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[str] = []
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                break  # it preempted itself; everything after it is gone too
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+            index += 1
+
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        return SchedulerOutput(scheduled, preempted)
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            cached = self.kv.find_cached_prefix(request.request_id, request.all_token_ids)
+            request.num_computed_tokens = cached
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
+                # Wait for running requests to free blocks; give back the prefix hits meanwhile.
+                self.kv.free(request.request_id)
+                request.num_computed_tokens = 0
+                break
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = cached
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        return budget
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
+        start = request.num_computed_tokens
+        return ScheduledSequence(
+            request=request,
+            token_ids=request.tokens_in_range(start, start + num_new),
+            start_pos=start,
+            block_table=list(self.kv.block_table(request.request_id)),
+            sample=start + num_new == request.num_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # -- results ------------------------------------------------------------------------------
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens and finish requests that are done.
+
+        Returns the requests that received a token this step (finished ones included).
+        """
+        advanced = []
+        for seq in output.sequences:
+            request = seq.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += seq.num_tokens
+            self.kv.cache_computed_blocks(
+                request.request_id, request.all_token_ids, request.num_computed_tokens
+            )
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self.finish(request.request_id, reason)
+            advanced.append(request)
+        return advanced
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        num_out = len(request.output_token_ids)
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return FinishReason.STOP
+            if token in params.stop_token_ids:
+                return FinishReason.STOP
+        if num_out >= request.max_output_tokens or request.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # -- introspection ------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)

@@ -1,0 +1,70 @@
+"""Owns the model weights and the KV cache tensors; runs one scheduled step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from inferd.attention.registry import create_backend
+from inferd.config import EngineConfig, parse_dtype
+from inferd.models.loader import load_model
+from inferd.sample.sampler import Sampler, TokenLogprobs
+from inferd.sched.output import SchedulerOutput
+from inferd.worker.input_batch import build_inputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    sampled: dict[str, int]  # request id -> new token
+    logprobs: dict[str, TokenLogprobs]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = parse_dtype(config.dtype)
+        self.model = load_model(
+            config.model_path, config.model, config.scheduler.max_model_len, self.dtype, config.device
+        )
+        self.backend = create_backend(config.attention_backend, config.device)
+        self.sampler = Sampler(config.seed)
+        self.block_size = config.cache.block_size
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        m = self.config.model
+        shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(m.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        inputs = build_inputs(out, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+        if not inputs.sampling_rows:
+            return ModelRunnerOutput({}, {})
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+        requests = [out.sequences[row].request for row in inputs.sampling_rows]
+        result = self.sampler(logits, requests)
+        sampled = {r.request_id: t for r, t in zip(requests, result.token_ids, strict=True)}
+        logprobs = {
+            r.request_id: lp for r, lp in zip(requests, result.logprobs, strict=True) if lp is not None
+        }
+        return ModelRunnerOutput(sampled, logprobs)
+
+    @torch.inference_mode()
+    def logits_for(self, out: SchedulerOutput) -> torch.Tensor:
+        """All-position logits of a step (for checks against a reference implementation)."""
+        inputs = build_inputs(out, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,92 @@
+"""Builds tiny random-weight Hugging Face model folders of each supported architecture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+TRAINING_TEXT = [
+    "To be, or not to be, that is the question.",
+    "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles, and by opposing end them.",
+    "Café, naïve, jalapeño, 東京, Привет, 🙂 — unicode text for multi-byte tests.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 !?;:,.",
+]
+EOS = "<|eos|>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+ARCH_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        "tie_word_embeddings": True,
+    },
+    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": True},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
+}
+
+
+def save_tokenizer(folder: Path) -> int:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[EOS, "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TRAINING_TEXT * 4, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": EOS, "bos_token": EOS, "chat_template": CHAT_TEMPLATE})
+    )
+    return int(tok.get_vocab_size())
+
+
+def build_tiny_model(folder: Path, arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = save_tokenizer(folder)
+    spec = dict(ARCH_CONFIGS[arch])
+    architecture = spec.pop("architectures")[0]
+    model_type = spec.pop("model_type")
+    config_cls = transformers.AutoConfig.for_model(model_type).__class__
+    config = config_cls(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=0,
+        bos_token_id=0,
+        **spec,
+    )
+    config.architectures = [architecture]
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config).to(dtype)
+    # Random init leaves biases/norms at 0/1; perturb them so those code paths are really checked.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    return folder
