@@ -1,0 +1,246 @@
+"""`inferd bench serve|offline|compare`: arguments in, workload built, results reported."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from inferd.bench.datasets import BenchRequest, LengthRange, TextTokenizer
+
+if TYPE_CHECKING:
+    from inferd.bench.runner import RunResult
+
+_DATASET_KINDS = ("random", "sharegpt", "jsonl")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser(
+        "bench", help="Benchmark a server (any OpenAI-compatible one) or the engine."
+    )
+    modes = bench.add_subparsers(dest="bench_command", required=True)
+    _add_serve_parser(modes)
+    _add_offline_parser(modes)
+    _add_compare_parser(modes)
+
+
+def _add_workload_args(parser: argparse.ArgumentParser) -> None:
+    workload = parser.add_argument_group("workload")
+    workload.add_argument(
+        "--dataset",
+        nargs="+",
+        default=["random"],
+        metavar=("KIND", "PATH"),
+        help="random | sharegpt PATH (ShareGPT JSON) | jsonl PATH (lines of {prompt, max_tokens})",
+    )
+    workload.add_argument("--num-prompts", type=int, default=100)
+    workload.add_argument("--seed", type=int, default=0)
+    workload.add_argument(
+        "--input-len",
+        type=LengthRange.parse,
+        default=LengthRange(1024, 1024),
+        metavar="N|LOW:HIGH",
+        help="random prompts: length in tokens, uniform over the range (default 1024)",
+    )
+    workload.add_argument(
+        "--output-len",
+        type=LengthRange.parse,
+        default=None,
+        metavar="N|LOW:HIGH",
+        help="max_tokens, uniform over the range (random default 128; sharegpt default: the reply's length)",
+    )
+    workload.add_argument(
+        "--token-id-limit",
+        type=int,
+        default=10000,
+        help="random prompts draw token ids below this (default 10000)",
+    )
+    workload.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or a model folder; default: the model if it is a local folder",
+    )
+
+
+def _add_report_args(parser: argparse.ArgumentParser, kind: str) -> None:
+    report = parser.add_argument_group("report")
+    report.add_argument(
+        "--output-prefix",
+        default=None,
+        help=f"write PREFIX.json (every request) and PREFIX.png; default bench-{kind}-<time>",
+    )
+    report.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_serve_parser(modes: argparse._SubParsersAction) -> None:
+    parser = modes.add_parser(
+        "serve", help="Load-test an OpenAI-compatible HTTP server with streamed requests."
+    )
+    parser.add_argument(
+        "--base-url", default="http://127.0.0.1:8000", help="server root (a trailing /v1 is fine)"
+    )
+    parser.add_argument("--model", default=None, help="model name to request; default: first of /v1/models")
+    parser.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="requests/s, Poisson arrivals; inf (default) sends all at once",
+    )
+    parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    parser.add_argument("--ignore-eos", action="store_true", help="ask the server to generate all max_tokens")
+    parser.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT bound in ms")
+    parser.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT bound in ms")
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="per request")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY"
+    )
+    _add_workload_args(parser)
+    _add_report_args(parser, "serve")
+    parser.set_defaults(func=run_serve)
+
+
+def _add_offline_parser(modes: argparse._SubParsersAction) -> None:
+    parser = modes.add_parser("offline", help="Benchmark the engine in this process, without HTTP.")
+    parser.add_argument("model", nargs="?", default=None, help="model folder; default: the built-in model")
+    parser.add_argument(
+        "--preset",
+        choices=("nanovllm",),
+        default=None,
+        help="nanovllm: 256 prompts, input and output lengths uniform in [100, 1024], seed 0",
+    )
+    parser.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to LLM(...) as a keyword; VALUE is read as int, float, true/false or kept as text",
+    )
+    _add_workload_args(parser)
+    _add_report_args(parser, "offline")
+    parser.set_defaults(func=run_offline)
+
+
+def _add_compare_parser(modes: argparse._SubParsersAction) -> None:
+    parser = modes.add_parser("compare", help="Side-by-side table of two bench JSON reports, with ratios.")
+    parser.add_argument("a", type=Path, help="baseline JSON (A)")
+    parser.add_argument("b", type=Path, help="candidate JSON (B)")
+    parser.set_defaults(func=run_compare)
+
+
+def build_requests(args: argparse.Namespace, tokenizer: TextTokenizer | None) -> list[BenchRequest]:
+    """The workload the dataset arguments describe."""
+    from inferd.bench import datasets
+
+    kind, *paths = args.dataset
+    if kind not in _DATASET_KINDS or len(paths) != (kind != "random"):
+        raise SystemExit(
+            f"--dataset takes 'random', 'sharegpt PATH' or 'jsonl PATH', got {' '.join(args.dataset)}"
+        )
+    if kind == "random":
+        return datasets.random_requests(
+            args.num_prompts,
+            args.input_len,
+            args.output_len or LengthRange(128, 128),
+            args.seed,
+            args.token_id_limit,
+            tokenizer,
+        )
+    if kind == "sharegpt":
+        if args.output_len is not None and args.output_len.low != args.output_len.high:
+            raise SystemExit("sharegpt takes a fixed --output-len N, not a range")
+        fixed = args.output_len.low if args.output_len else None
+        return datasets.sharegpt_requests(paths[0], args.num_prompts, args.seed, tokenizer, fixed)
+    return datasets.jsonl_requests(paths[0], args.num_prompts)
+
+
+def _tokenizer_for(args: argparse.Namespace, model: str | None) -> TextTokenizer | None:
+    from inferd.bench.datasets import load_tokenizer
+
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer)
+    if model and (Path(model) / "tokenizer.json").is_file():
+        return load_tokenizer(model)
+    return None
+
+
+def _write_outputs(
+    args: argparse.Namespace, config: dict[str, Any], summary: dict[str, Any], result: RunResult
+) -> None:
+    from inferd.bench.report import write_json
+
+    prefix = args.output_prefix or f"bench-{args.bench_command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_json(f"{prefix}.json", config, summary, result.records)
+    written = [f"{prefix}.json"]
+    if not args.no_plot:
+        from inferd.bench.plot import write_png
+
+        write_png(f"{prefix}.png", result.records, result.duration_s, title=config["title"])
+        written.append(f"{prefix}.png")
+    print("wrote " + ", ".join(written))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from inferd.bench.client import OpenAIStreamClient, first_served_model
+    from inferd.bench.report import Slo, format_table, summarize
+    from inferd.bench.runner import run_requests
+
+    model = args.model or first_served_model(args.base_url, args.api_key)
+    requests = build_requests(args, _tokenizer_for(args, model))
+    client = OpenAIStreamClient(
+        args.base_url, model, args.endpoint, args.ignore_eos, args.timeout_s, args.api_key
+    )
+
+    async def drive() -> RunResult:
+        try:
+            return await run_requests(
+                client.send,
+                requests,
+                args.request_rate,
+                args.max_concurrency,
+                args.seed,
+                not args.no_progress,
+            )
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(drive())
+    summary = summarize(result.records, result.duration_s, Slo(args.slo_ttft_ms, args.slo_tpot_ms))
+    title = f"{model} @ {args.base_url} ({args.endpoint}, rate {args.request_rate:g}/s)"
+    print(format_table(summary, title="inferd bench serve"))
+    config = {"title": title, **{key: _plain(value) for key, value in vars(args).items() if key != "func"}}
+    config["model"] = model
+    config.pop("api_key", None)
+    _write_outputs(args, config, summary, result)
+    return 0 if summary["completed"] else 1
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    from inferd.bench.offline import run_offline_bench
+
+    return run_offline_bench(args)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from inferd.bench.compare import format_comparison, load_summary
+
+    print(
+        format_comparison(
+            load_summary(args.a), load_summary(args.b), f"A: {args.a.stem}", f"B: {args.b.stem}"
+        )
+    )
+    return 0
+
+
+def _plain(value: Any) -> Any:
+    """Argument values as JSON can hold them (ranges as 'LOW:HIGH', infinity as the string 'inf')."""
+    if isinstance(value, LengthRange):
+        return f"{value.low}:{value.high}"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return value

@@ -1,0 +1,205 @@
+"""Streaming OpenAI-compatible client that times each request: TTFT, inter-token gaps, end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from inferd.bench.datasets import BenchRequest
+
+Endpoint = Literal["completions", "chat"]
+
+_ENDPOINT_PATHS: dict[Endpoint, str] = {
+    "completions": "/v1/completions",
+    "chat": "/v1/chat/completions",
+}
+
+
+@dataclass
+class RequestRecord:
+    """What one request measured, in seconds; `start_s` and `chunk_times_s` count from the run's start."""
+
+    index: int
+    start_s: float
+    max_tokens: int
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    chunk_times_s: list[float] = field(default_factory=list)
+    prompt_tokens: int | None = None
+    output_tokens: int = 0
+    tokens_from_usage: bool = False
+    error: str | None = None
+    error_detail: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def itl_s(self) -> list[float]:
+        """Gaps between consecutive streamed chunks (a chunk may carry several tokens)."""
+        times = self.chunk_times_s
+        return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first: (e2e - ttft) / (output_tokens - 1)."""
+        if self.ttft_s is None or self.e2e_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+class StreamError(Exception):
+    """The server sent an error inside the stream or a stream we cannot read."""
+
+
+async def iter_sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Yield the payload of each server-sent event's `data:` fields, up to `[DONE]`.
+
+    Per the SSE spec, an event may span several `data:` lines (joined by newlines) and ends at a blank line.
+    """
+    pending: list[str] = []
+    async for line in lines:
+        if line.startswith("data:"):
+            pending.append(line[5:].removeprefix(" "))
+            continue
+        if line == "" and pending:
+            payload = "\n".join(pending)
+            pending = []
+            if payload == "[DONE]":
+                return
+            yield payload
+    if pending and "\n".join(pending) != "[DONE]":
+        yield "\n".join(pending)
+
+
+def chunk_text(chunk: dict[str, Any], endpoint: Endpoint) -> str:
+    """The generated text a streamed chunk carries, across all its choices."""
+    parts = []
+    for choice in chunk.get("choices") or []:
+        if endpoint == "chat":
+            parts.append((choice.get("delta") or {}).get("content") or "")
+        else:
+            parts.append(choice.get("text") or "")
+    return "".join(parts)
+
+
+class OpenAIStreamClient:
+    """Sends `BenchRequest`s to one server and model with `stream: true`, timing every chunk."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        endpoint: Endpoint = "completions",
+        ignore_eos: bool = False,
+        timeout_s: float = 600.0,
+        api_key: str | None = None,
+    ) -> None:
+        self.url = base_url.rstrip("/").removesuffix("/v1") + _ENDPOINT_PATHS[endpoint]
+        self.model = model
+        self.endpoint: Endpoint = endpoint
+        self.ignore_eos = ignore_eos
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # No connection cap: concurrency is the runner's decision, not the pool's.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        self._http = httpx.AsyncClient(timeout=timeout_s, headers=headers, limits=limits)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def build_body(self, request: BenchRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": request.max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.endpoint == "chat":
+            if not isinstance(request.prompt, str):
+                raise ValueError("the chat endpoint needs text prompts: pass --tokenizer for random prompts")
+            body["messages"] = [{"role": "user", "content": request.prompt}]
+        else:
+            body["prompt"] = request.prompt
+        if self.ignore_eos:
+            # Not in OpenAI's API; vLLM, SGLang and inferd accept it. Others ignore unknown fields.
+            body["ignore_eos"] = True
+        return body
+
+    async def send(self, index: int, request: BenchRequest, run_start: float) -> RequestRecord:
+        """Run one request to the end; failures become a record with `error` set, never an exception."""
+        sent_at = time.perf_counter()
+        # The dataset's prompt length stands until the server's usage reports the real one.
+        record = RequestRecord(
+            index=index,
+            start_s=sent_at - run_start,
+            max_tokens=request.max_tokens,
+            prompt_tokens=request.input_len,
+        )
+        try:
+            await self._stream_into(record, self.build_body(request), sent_at, run_start)
+        except httpx.TimeoutException as exc:
+            record.error, record.error_detail = "timeout", repr(exc)
+        except httpx.TransportError as exc:
+            record.error, record.error_detail = "connection", repr(exc)
+        except StreamError as exc:
+            record.error, record.error_detail = "stream", str(exc)
+        except ValueError as exc:
+            record.error, record.error_detail = "bad_request", str(exc)
+        return record
+
+    async def _stream_into(
+        self, record: RequestRecord, body: dict[str, Any], sent_at: float, run_start: float
+    ) -> None:
+        async with self._http.stream("POST", self.url, json=body) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode("utf-8", "replace")[:500]
+                record.error, record.error_detail = f"http_{response.status_code}", detail
+                return
+            async for payload in iter_sse_data(response.aiter_lines()):
+                now = time.perf_counter()
+                chunk = _parse_chunk(payload)
+                if chunk_text(chunk, self.endpoint):
+                    if record.ttft_s is None:
+                        record.ttft_s = now - sent_at
+                    record.chunk_times_s.append(now - run_start)
+                if chunk.get("usage"):
+                    record.prompt_tokens = chunk["usage"].get("prompt_tokens", record.prompt_tokens)
+                    record.output_tokens = int(chunk["usage"].get("completion_tokens") or 0)
+                    record.tokens_from_usage = True
+        record.e2e_s = time.perf_counter() - sent_at
+        if not record.tokens_from_usage:
+            # Server ignored stream_options.include_usage: fall back to one token per chunk, flagged.
+            record.output_tokens = len(record.chunk_times_s)
+        if record.ttft_s is None:
+            record.error, record.error_detail = "empty", "the stream carried no generated text"
+
+
+def _parse_chunk(payload: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise StreamError(f"not JSON: {payload[:200]!r}") from exc
+    if not isinstance(chunk, dict):
+        raise StreamError(f"not a JSON object: {payload[:200]!r}")
+    if "error" in chunk:
+        raise StreamError(json.dumps(chunk["error"])[:500])
+    return chunk
+
+
+def first_served_model(base_url: str, api_key: str | None = None, timeout_s: float = 30.0) -> str:
+    """The first model id a server lists at `/v1/models`, for when the user names none."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/").removesuffix("/v1") + "/v1/models"
+    response = httpx.get(url, headers=headers, timeout=timeout_s)
+    response.raise_for_status()
+    models = response.json().get("data") or []
+    if not models:
+        raise RuntimeError(f"{url} lists no models; pass --model")
+    return str(models[0]["id"])

@@ -1,0 +1,76 @@
+"""The report picture: latency distributions and throughput over time, as a PNG (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from inferd.bench.client import RequestRecord
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+_TIME_BINS = 60
+
+
+def token_throughput_over_time(
+    records: list[RequestRecord], duration_s: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bin centers (s) and output tokens/s in each bin.
+
+    A chunk may carry several tokens, so each request's usage count is spread evenly over its chunks.
+    """
+    edges = np.linspace(0.0, max(duration_s, 1e-9), _TIME_BINS + 1)
+    times, weights = [], []
+    for record in records:
+        if record.ok and record.chunk_times_s:
+            times += record.chunk_times_s
+            weights += [record.output_tokens / len(record.chunk_times_s)] * len(record.chunk_times_s)
+    counts, _ = np.histogram(times, bins=edges, weights=weights)
+    return (edges[:-1] + edges[1:]) / 2, counts / np.diff(edges)
+
+
+def in_flight_over_time(records: list[RequestRecord], at_s: np.ndarray) -> np.ndarray:
+    """How many requests were between send and last byte at each instant."""
+    spans = [(r.start_s, r.start_s + r.e2e_s) for r in records if r.e2e_s is not None]
+    return np.array([sum(start <= t < end for start, end in spans) for t in at_s])
+
+
+def write_png(path: str | Path, records: list[RequestRecord], duration_s: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [record for record in records if record.ok]
+    distributions = {
+        "TTFT (ms)": [r.ttft_s * 1000 for r in done if r.ttft_s is not None],
+        "TPOT (ms)": [tpot * 1000 for r in done if (tpot := r.tpot_s) is not None],
+        "ITL (ms)": [gap * 1000 for r in done for gap in r.itl_s],
+        "E2E latency (ms)": [r.e2e_s * 1000 for r in done if r.e2e_s is not None],
+    }
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8), layout="constrained")
+    for axis, (label, values) in zip(axes.flat[:4], distributions.items(), strict=True):
+        _histogram(axis, label, values)
+    centers, tokens_per_s = token_throughput_over_time(records, duration_s)
+    throughput_axis, flight_axis = axes.flat[4], axes.flat[5]
+    throughput_axis.plot(centers, tokens_per_s)
+    throughput_axis.set(title="Output throughput over time", xlabel="time (s)", ylabel="tokens/s")
+    flight_axis.step(centers, in_flight_over_time(records, centers), where="mid")
+    flight_axis.set(title="Requests in flight", xlabel="time (s)", ylabel="requests")
+    figure.suptitle(title)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _histogram(axis: Axes, label: str, values: list[float]) -> None:
+    axis.set(title=label, xlabel=label, ylabel="count")
+    if not values:
+        axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes)
+        return
+    axis.hist(values, bins=40)
+    for p, style in ((50, "-"), (99, "--")):
+        axis.axvline(float(np.percentile(values, p)), color="black", linestyle=style, label=f"P{p}")
+    axis.legend()

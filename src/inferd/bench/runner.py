@@ -1,0 +1,77 @@
+"""Drives a workload against a client: Poisson (or instant) arrivals, a concurrency cap, a progress bar."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from inferd.bench.client import RequestRecord
+from inferd.bench.datasets import BenchRequest
+
+# Sends request number `index` and returns its record; `run_start` is the perf_counter origin of the run.
+SendFn = Callable[[int, BenchRequest, float], Awaitable[RequestRecord]]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    records: list[RequestRecord]
+    duration_s: float
+
+
+def arrival_offsets(num_requests: int, request_rate: float, seed: int) -> list[float]:
+    """Seconds from the run's start at which each request is sent.
+
+    A Poisson process at `request_rate` requests/s: exponential gaps, the first one included.
+    With an infinite rate every request is sent at once.
+    """
+    if request_rate <= 0:
+        raise ValueError(f"request rate must be positive, got {request_rate}")
+    if math.isinf(request_rate):
+        return [0.0] * num_requests
+    rng = random.Random(seed)
+    offsets, elapsed = [], 0.0
+    for _ in range(num_requests):
+        elapsed += rng.expovariate(request_rate)
+        offsets.append(elapsed)
+    return offsets
+
+
+async def run_requests(
+    send: SendFn,
+    requests: list[BenchRequest],
+    request_rate: float = math.inf,
+    max_concurrency: int | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> RunResult:
+    """Send every request on its arrival schedule and wait for all; returns records in request order.
+
+    A request that arrives while `max_concurrency` are in flight waits for a slot, so its measured
+    latency starts when it is actually sent.
+    """
+    from tqdm.auto import tqdm
+
+    offsets = arrival_offsets(len(requests), request_rate, seed)
+    slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    progress = tqdm(total=len(requests), desc="requests", unit="req", disable=not show_progress)
+    run_start = time.perf_counter()
+
+    async def one(index: int) -> RequestRecord:
+        await asyncio.sleep(max(0.0, run_start + offsets[index] - time.perf_counter()))
+        if slots is None:
+            record = await send(index, requests[index], run_start)
+        else:
+            async with slots:
+                record = await send(index, requests[index], run_start)
+        progress.update(1)
+        return record
+
+    try:
+        records = await asyncio.gather(*(one(index) for index in range(len(requests))))
+    finally:
+        progress.close()
+    return RunResult(records=list(records), duration_s=time.perf_counter() - run_start)

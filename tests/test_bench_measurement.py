@@ -1,0 +1,116 @@
+"""The bench client and runner against a stub server whose delays are known: the numbers must match them."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+from bench_stub_server import STUB_MODEL, StubScript, running_stub
+
+from inferd.bench.client import OpenAIStreamClient, first_served_model
+from inferd.bench.datasets import BenchRequest
+from inferd.bench.plot import in_flight_over_time
+from inferd.bench.report import summarize
+from inferd.bench.runner import RunResult, arrival_offsets, run_requests
+
+FIRST_TOKEN_S = 0.8
+INTER_TOKEN_S = 0.08
+OUTPUT_TOKENS = 12
+TOLERANCE = 0.05
+CONCURRENT = 4
+
+
+async def _bench(
+    base_url: str,
+    requests: list[BenchRequest],
+    endpoint: str = "completions",
+    warm_script: StubScript | None = None,
+    **run_options: object,
+) -> RunResult:
+    """Run `requests` through a fresh client. With `warm_script`, first open as many connections as
+    there are requests (with the stub's delays at zero), so connection set-up and the app's first-call
+    costs stay out of the timed run, as they would in a long benchmark."""
+    client = OpenAIStreamClient(base_url, STUB_MODEL, endpoint, ignore_eos=True)  # type: ignore[arg-type]
+    try:
+        if warm_script is not None:
+            delays = warm_script.first_token_s, warm_script.inter_token_s
+            warm_script.first_token_s = warm_script.inter_token_s = 0.0
+            await run_requests(client.send, requests, show_progress=False)
+            warm_script.first_token_s, warm_script.inter_token_s = delays
+            warm_script.received.clear()
+        return await run_requests(client.send, requests, show_progress=False, **run_options)  # type: ignore[arg-type]
+    finally:
+        await client.aclose()
+
+
+def _requests(count: int, prompt: str | list[int] = "hello there world") -> list[BenchRequest]:
+    return [BenchRequest(prompt=prompt, max_tokens=OUTPUT_TOKENS, input_len=None) for _ in range(count)]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+async def test_ttft_tpot_and_throughput_match_the_stub_delays(endpoint: str) -> None:
+    script = StubScript(first_token_s=FIRST_TOKEN_S, inter_token_s=INTER_TOKEN_S)
+    with running_stub(script) as base_url:
+        result = await _bench(base_url, _requests(CONCURRENT), endpoint, warm_script=script)
+    summary = summarize(result.records, result.duration_s)
+
+    assert summary["completed"] == CONCURRENT and summary["failed"] == 0
+    assert summary["tokens_from_usage"] == CONCURRENT
+    assert summary["total_output_tokens"] == CONCURRENT * OUTPUT_TOKENS
+    assert summary["total_input_tokens"] == CONCURRENT * 3
+    assert summary["ttft_ms"]["mean"] == pytest.approx(FIRST_TOKEN_S * 1000, rel=TOLERANCE)
+    assert summary["ttft_ms"]["p99"] == pytest.approx(FIRST_TOKEN_S * 1000, rel=TOLERANCE)
+    assert summary["tpot_ms"]["mean"] == pytest.approx(INTER_TOKEN_S * 1000, rel=TOLERANCE)
+    assert summary["itl_ms"]["p50"] == pytest.approx(INTER_TOKEN_S * 1000, rel=TOLERANCE)
+    request_latency_s = FIRST_TOKEN_S + (OUTPUT_TOKENS - 1) * INTER_TOKEN_S
+    assert summary["e2e_ms"]["mean"] == pytest.approx(request_latency_s * 1000, rel=TOLERANCE)
+    # All are sent at once, so the run lasts one request's latency.
+    assert summary["request_throughput"] == pytest.approx(CONCURRENT / request_latency_s, rel=TOLERANCE)
+    assert summary["output_throughput"] == pytest.approx(CONCURRENT * OUTPUT_TOKENS / request_latency_s, rel=TOLERANCE)
+    body = script.received[0]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["ignore_eos"] is True and body["model"] == STUB_MODEL
+    assert ("messages" in body) == (endpoint == "chat")
+
+
+async def test_max_concurrency_caps_requests_in_flight() -> None:
+    with running_stub(StubScript(first_token_s=0.02, inter_token_s=0.01)) as base_url:
+        result = await _bench(base_url, _requests(6), max_concurrency=2)
+    assert all(record.ok for record in result.records)
+    starts = [record.start_s for record in result.records]
+    assert max(in_flight_over_time(result.records, np.array(sorted(starts)))) == 2
+
+
+async def test_poisson_arrivals_delay_the_sends() -> None:
+    with running_stub(StubScript(first_token_s=0.01, inter_token_s=0.01)) as base_url:
+        result = await _bench(base_url, _requests(4), request_rate=10.0, seed=3)
+    for record, offset in zip(result.records, arrival_offsets(4, 10.0, 3), strict=True):
+        assert record.start_s >= offset
+
+
+async def test_errors_are_counted_by_kind() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with running_stub(StubScript(first_token_s=0.01, inter_token_s=0.01)) as base_url:
+        mixed = await _bench(base_url, _requests(2) + _requests(3, prompt="please status=429"))
+    unreachable = await _bench(dead_url, _requests(1))
+    summary = summarize(mixed.records + unreachable.records, mixed.duration_s)
+    assert summary["completed"] == 2
+    assert summary["errors"] == {"http_429": 3, "connection": 1}
+    assert "scripted failure" in (mixed.records[2].error_detail or "")
+
+
+async def test_missing_usage_falls_back_to_chunks_and_is_flagged() -> None:
+    with running_stub(StubScript(first_token_s=0.01, inter_token_s=0.01, report_usage=False)) as base_url:
+        result = await _bench(base_url, _requests(1, prompt=[1, 2, 3, 4]))
+    record = result.records[0]
+    assert record.ok and not record.tokens_from_usage
+    assert record.output_tokens == OUTPUT_TOKENS
+    assert record.prompt_tokens is None
+
+
+def test_first_served_model_reads_v1_models() -> None:
+    with running_stub(StubScript(first_token_s=0.01, inter_token_s=0.01)) as base_url:
+        assert first_served_model(base_url + "/v1") == STUB_MODEL
