@@ -1,0 +1,222 @@
+"""AsyncLLM: the engine on its own thread, with an asyncio API for servers.
+
+The engine thread owns the LLMEngine. Callers validate and tokenize on their side (read-only
+work), then hand requests over through a thread-safe command queue; each step's outputs are
+delivered to per-request asyncio queues with one `call_soon_threadsafe` per step. When there is
+nothing to run the thread blocks on the command queue, so an idle server does not spin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inferd.engine.core import EngineStats
+from inferd.engine.llm_engine import LLMEngine, Prompt
+from inferd.engine.outputs import RequestMetrics, RequestOutput
+from inferd.engine.request import FinishReason
+from inferd.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_ids: list[str]
+    reason: FinishReason
+
+
+_STOP = object()
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self._commands: queue.Queue[Any] = queue.Queue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._loops: dict[str, asyncio.AbstractEventLoop] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.dead_reason: str | None = None
+        self.num_steps = 0
+
+    @classmethod
+    def from_options(cls, model_path: str | Path | None = None, **options: Any) -> AsyncLLM:
+        return cls(LLMEngine.from_options(model_path, **options))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="inferd-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._commands.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead_reason is None
+
+    # -- requests -----------------------------------------------------------------------------
+    def prepare(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], int]:
+        """Tokenize and check a prompt (raises PromptError); returns its ids and the output budget."""
+        token_ids = self.engine.tokenize_prompt(prompt)
+        return token_ids, self.engine.resolve_max_tokens(len(token_ids), params)
+
+    async def generate(
+        self, request_id: str, prompt: Prompt | list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields outputs as the request advances; the last one has ``finished=True``.
+
+        Leaving the iteration early (client gone, task cancelled) aborts the request, which frees
+        its KV blocks on the engine's next loop turn.
+        """
+        if not self.is_alive:
+            raise EngineDeadError(self.dead_reason or "engine is not running")
+        token_ids, _ = self.prepare(prompt, params)
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+            self._loops[request_id] = asyncio.get_running_loop()
+        self._commands.put(_Add(request_id, token_ids, params, time.monotonic()))
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+            self._forget(request_id)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        self._commands.put(_Abort([request_id], reason))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished()
+                if not self._drain_commands(block):
+                    return
+                if self.engine.has_unfinished():
+                    self._step()
+        except BaseException as exc:  # the thread must never die silently
+            self.dead_reason = f"engine loop died: {exc!r}"
+            logger.error("%s\n%s", self.dead_reason, traceback.format_exc())
+            self._fail_all(self.dead_reason)
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued commands; returns False on shutdown."""
+        outputs: list[RequestOutput] = []
+        while True:
+            try:
+                command = self._commands.get(block=block)
+            except queue.Empty:
+                break
+            block = False
+            if command is _STOP:
+                self._fail_all("server is shutting down")
+                return False
+            if isinstance(command, _Add):
+                outputs.extend(self._add(command))
+            elif isinstance(command, _Abort):
+                outputs.extend(self.engine.abort(command.request_ids, command.reason))
+        self._deliver(outputs)
+        return True
+
+    def _add(self, command: _Add) -> list[RequestOutput]:
+        try:
+            self.engine.add_request(
+                command.request_id, command.prompt_token_ids, command.params, command.arrival_time
+            )
+        except ValueError as exc:
+            return [_error_output(command.request_id, command.prompt_token_ids, str(exc))]
+        return []
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            # A failing step cannot be attributed to one request: fail the batch, keep serving.
+            logger.error("engine step failed: %r\n%s", exc, traceback.format_exc())
+            live = list(self._streams)
+            outputs = self.engine.abort(live, FinishReason.ERROR)
+            for out in outputs:
+                out.error = f"engine step failed: {exc}"
+        self.num_steps += 1
+        self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    by_loop.setdefault(self._loops[out.request_id], []).append((stream, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:
+                pass  # that event loop is closed; its requests are gone with it
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            ids = list(self._streams)
+        self._deliver([_error_output(i, [], message) for i in ids])
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._loops.pop(request_id, None)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.put_nowait(out)
+
+
+def _error_output(request_id: str, prompt_token_ids: list[int], message: str) -> RequestOutput:
+    return RequestOutput(
+        request_id=request_id,
+        prompt_token_ids=prompt_token_ids,
+        text="",
+        token_ids=[],
+        new_text="",
+        new_token_ids=[],
+        finished=True,
+        finish_reason=FinishReason.ERROR.value,
+        metrics=RequestMetrics(arrival_time=time.monotonic(), finished_time=time.monotonic()),
+        error=message,
+    )
