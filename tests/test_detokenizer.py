@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from inferd.engine.detokenizer import IncrementalDetokenizer, find_stop
+from inferd.engine.tokenizer import Tokenizer
+
+TEXT = "Café naïve 東京 🙂 Привет, to be or not to be."
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama) -> Tokenizer:
+    return Tokenizer(tiny_llama)
+
+
+def test_incremental_text_equals_full_decode_and_never_splits_characters(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode(TEXT)
+    # Byte-level BPE: some multi-byte characters span several tokens.
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+    detok = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=True)
+    deltas = [detok.add(i) for i in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + detok.flush() == tokenizer.decode(ids) == TEXT
+
+
+def test_prompt_context_does_not_leak_into_output(tokenizer: Tokenizer) -> None:
+    prompt = tokenizer.encode("Hello there")
+    ids = tokenizer.encode(" friend")
+    detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=True)
+    assert "".join(detok.add(i) for i in ids) == " friend"
+
+
+def test_find_stop_only_looks_at_new_text() -> None:
+    assert find_stop("abc STOP", 2, ["STOP"]) == 4
+    assert find_stop("abc STOP xyz", 3, ["STOP"]) is None
+    assert find_stop("abXY", 1, ["XY", "bX"]) == 2  # "bX" was complete before the new "Y"
+    assert find_stop("abXY", 2, ["XY", "bX"]) == 1  # earliest match wins
+    assert find_stop("abc", 1, []) is None

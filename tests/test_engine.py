@@ -1,0 +1,156 @@
+"""End-to-end engine behaviour through the offline API on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from inferd import LLM, SamplingParams
+from inferd.config import ModelLoadError
+from inferd.engine.llm_engine import PromptError
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama) -> LLM:
+    return LLM(tiny_llama, kv_cache_memory="32MiB", block_size=8)
+
+
+def test_seeded_sampling_same_alone_and_in_busy_batch(llm: LLM) -> None:
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=1234)
+    alone = llm.generate(["To be, or not"], params)[0]
+    crowd = [SamplingParams(max_tokens=25, temperature=1.0) for _ in range(6)]
+    busy = llm.generate(["Whether", "The quick", "To be, or not", "Or to take", "Café", "0123"], crowd[:2] + [params] + crowd[2:5])
+    assert busy[2].token_ids == alone.token_ids
+    assert busy[2].text == alone.text
+    other_seed = llm.generate(["To be, or not"], SamplingParams(max_tokens=20, temperature=1.0, seed=99))[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def _sampled(llm: LLM) -> tuple[list[int], str]:
+    out = llm.generate(["To be"], SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True))[0]
+    return out.token_ids, out.text
+
+
+def test_stop_string_split_across_tokens_is_trimmed(llm: LLM) -> None:
+    token_ids, text = _sampled(llm)
+    pieces = [llm.tokenizer.decode([t]) for t in token_ids]
+    # Two neighbouring tokens that each decode to clean text: the stop string straddles them.
+    i = next(
+        i for i in range(2, len(pieces) - 1)
+        if pieces[i].strip() and pieces[i + 1].strip() and "\ufffd" not in pieces[i] + pieces[i + 1]
+    )
+    stop = pieces[i][-1] + pieces[i + 1][0]
+    assert stop in text
+    first = text.find(stop)
+    out = llm.generate(["To be"], SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[:first]
+    kept = llm.generate(
+        ["To be"],
+        SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True, stop=[stop], include_stop_str_in_output=True),
+    )[0]
+    assert kept.text == text[: first + 2]
+
+
+def test_stop_token_ids_min_tokens_and_length(llm: LLM) -> None:
+    token_ids, _ = _sampled(llm)
+    stop_id = token_ids[4]
+    first = token_ids.index(stop_id)
+    base = {"max_tokens": 30, "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    out = llm.generate(["To be"], SamplingParams(**base, stop_token_ids=[stop_id]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == token_ids[: first + 1]
+    out = llm.generate(["To be"], SamplingParams(**{**base, "max_tokens": 7}))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 7
+    # min_tokens blocks the stop token id from being *chosen*, so generation reaches min_tokens.
+    out = llm.generate(["To be"], SamplingParams(**base, stop_token_ids=[stop_id], min_tokens=first + 3))[0]
+    assert len(out.token_ids) >= first + 3
+
+
+def test_eos_ends_unless_ignored(llm: LLM) -> None:
+    eos = next(iter(llm.engine.eos_token_ids))
+    biased = {"max_tokens": 10, "temperature": 0.0, "logit_bias": {eos: 100.0}}
+    out = llm.generate(["To be"], SamplingParams(**biased))[0]
+    assert out.finish_reason == "stop" and out.token_ids == [eos]
+    out = llm.generate(["To be"], SamplingParams(**biased, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 10
+
+
+def test_logprobs_and_timing(llm: LLM) -> None:
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=5, temperature=0.0, logprobs=3))[0]
+    assert len(out.logprobs) == 5
+    for lp, token in zip(out.logprobs, out.token_ids, strict=True):
+        assert lp.token_id == token and len(lp.top) == 3
+        assert lp.top[0][0] == token  # greedy picks the most likely token
+    assert 0 < out.metrics.ttft_s <= out.metrics.e2e_s
+
+
+def test_max_tokens_none_uses_rest_of_context(tiny_llama) -> None:
+    llm = LLM(tiny_llama, kv_cache_memory="8MiB", max_model_len=40)
+    out = llm.generate([[5] * 30], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+def test_prompt_errors_give_numbers(llm: LLM) -> None:
+    limit = llm.engine.max_model_len
+    with pytest.raises(PromptError, match=str(limit)):
+        llm.generate([[5] * limit], SamplingParams())
+    with pytest.raises(PromptError, match=f"{limit - 10} tokens.*max_tokens asks for 20"):
+        llm.generate([[5] * (limit - 10)], SamplingParams(max_tokens=20))
+    with pytest.raises(PromptError, match="empty"):
+        llm.generate([""], SamplingParams())
+    with pytest.raises(PromptError, match="out of range"):
+        llm.generate([[10**6]], SamplingParams())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_close_to_float32(tiny_llama, dtype: str) -> None:
+    prompt = [[5, 9, 14, 3, 22, 17]]
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=0)
+    full = LLM(tiny_llama, kv_cache_memory="8MiB").generate(prompt, params)[0]
+    half = LLM(tiny_llama, kv_cache_memory="8MiB", dtype=dtype).generate(prompt, params)[0]
+    assert half.token_ids[0] == full.token_ids[0]
+    assert abs(half.logprobs[0].logprob - full.logprobs[0].logprob) < 0.1
+
+
+def test_sharded_checkpoint_loads(tiny_llama, tmp_path) -> None:
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_llama, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(weights)
+    half = len(names) // 2
+    index = {}
+    for shard, chunk in (("a.safetensors", names[:half]), ("b.safetensors", names[half:])):
+        save_file({n: weights[n] for n in chunk}, str(folder / shard))
+        index.update({n: shard for n in chunk})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    expected = LLM(tiny_llama, kv_cache_memory="8MiB").generate([[5, 6, 7]], params)[0].token_ids
+    assert LLM(folder, kv_cache_memory="8MiB").generate([[5, 6, 7]], params)[0].token_ids == expected
+
+
+def test_clear_errors_for_unusable_folders(tiny_llama, tmp_path) -> None:
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_llama, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    torch.save({}, no_weights / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        LLM(no_weights)
+    other_arch = tmp_path / "other-arch"
+    shutil.copytree(tiny_llama, other_arch)
+    config = json.loads((other_arch / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (other_arch / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM"):
+        LLM(other_arch)
+    with pytest.raises(ModelLoadError, match="config.json"):
+        LLM(tmp_path)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_llama, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+        LLM(no_tokenizer)

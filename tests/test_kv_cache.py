@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+
+from inferd.kv.block_pool import BlockPool
+from inferd.kv.manager import KVCacheManager
+
+
+def test_pool_allocates_and_refuses_when_full() -> None:
+    pool = BlockPool(4, 16)
+    assert pool.allocate(3) == [0, 1, 2]
+    assert pool.allocate(2) is None
+    assert pool.num_free == 1
+    pool.release([1])
+    assert pool.num_free == 2
+    with pytest.raises(RuntimeError):
+        pool.release([1])
+
+
+def test_prefix_hit_reuses_blocks_and_leaves_last_token_to_compute() -> None:
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    prompt = list(range(12))
+    assert kv.find_cached_prefix("a", prompt) == 0
+    assert kv.allocate("a", 12)
+    kv.cache_computed_blocks("a", prompt, 12)
+    # Same 12 tokens: only 2 blocks may be reused, the last token must be computed again.
+    assert kv.find_cached_prefix("b", prompt) == 8
+    assert kv.block_table("b") == kv.block_table("a")[:2]
+    assert kv.pool.ref_count(kv.block_table("a")[0]) == 2
+    # A different second block stops the chain there.
+    other = prompt[:4] + [99] * 8
+    assert kv.find_cached_prefix("c", other) == 4
+
+
+def test_freed_cached_blocks_are_reused_until_evicted_lru() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    first = [1, 2, 3, 4, 5]
+    kv.find_cached_prefix("a", first)
+    kv.allocate("a", 5)
+    kv.cache_computed_blocks("a", first, 5)
+    kv.free("a")
+    assert kv.usage() == 0.0
+    assert kv.pool.num_cached_blocks() == 2
+    # Still cached after free: a new request hits.
+    assert kv.find_cached_prefix("b", first) == 4
+    kv.free("b")
+    # A request needing every block evicts the cached ones.
+    kv.find_cached_prefix("c", [7, 7, 7, 7, 7, 7, 7])
+    assert kv.allocate("c", 8)
+    assert kv.pool.num_cached_blocks() == 0
+    assert kv.pool.num_evictions == 2
+
+
+def test_eviction_prefers_least_recently_freed() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    for rid, tokens in (("a", [1, 1]), ("b", [2, 2])):
+        kv.find_cached_prefix(rid, tokens)
+        kv.allocate(rid, 2)
+        kv.cache_computed_blocks(rid, tokens, 2)
+        kv.free(rid)
+    # Two never-cached blocks are handed out before any cached one...
+    kv.find_cached_prefix("c", [5])
+    kv.allocate("c", 4)
+    assert kv.pool.num_cached_blocks() == 2
+    # ...then the least recently freed cached block ("a"'s) goes first.
+    kv.find_cached_prefix("d", [6])
+    kv.allocate("d", 2)
+    assert kv.find_cached_prefix("e", [1, 1, 9]) == 0
+    assert kv.find_cached_prefix("f", [2, 2, 9]) == 2
+
+
+def test_prefix_caching_off_never_hits() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=2, enable_prefix_caching=False)
+    kv.find_cached_prefix("a", [1, 2, 3])
+    kv.allocate("a", 3)
+    kv.cache_computed_blocks("a", [1, 2, 3], 3)
+    assert kv.find_cached_prefix("b", [1, 2, 3]) == 0

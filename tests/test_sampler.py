@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inferd.engine.request import Request
+from inferd.sample.sampler import Sampler
+from inferd.sampling_params import SamplingParams, SamplingParamsError
+
+
+def _req(params: SamplingParams, out: list[int] | None = None, prompt: list[int] | None = None) -> Request:
+    r = Request("r", prompt or [0], params, frozenset({0}), 100)
+    r.output_token_ids = list(out or [])
+    return r
+
+
+def _logits(*rows: list[float]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_greedy_picks_argmax() -> None:
+    result = Sampler()(_logits([0.0, 3.0, 1.0]), [_req(SamplingParams(temperature=0))])
+    assert result.token_ids == [1]
+
+
+def test_top_k_one_is_greedy_even_at_high_temperature() -> None:
+    reqs = [_req(SamplingParams(temperature=5.0, top_k=1)) for _ in range(20)]
+    logits = _logits(*[[0.0, 1.0, 0.5, 0.9]] * 20)
+    assert Sampler()(logits, reqs).token_ids == [1] * 20
+
+
+def test_top_p_keeps_smallest_set_reaching_mass() -> None:
+    # probs ~ [0.6, 0.3, 0.1]: top_p=0.5 keeps only the first token.
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]] * 200))
+    tokens = Sampler()(logits, [_req(SamplingParams(top_p=0.5)) for _ in range(200)]).token_ids
+    assert set(tokens) == {0}
+    tokens = Sampler()(logits, [_req(SamplingParams(top_p=0.85)) for _ in range(200)]).token_ids
+    assert set(tokens) == {0, 1}
+
+
+def test_min_p_drops_unlikely_tokens() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.45, 0.05]] * 200))
+    tokens = Sampler()(logits, [_req(SamplingParams(min_p=0.2)) for _ in range(200)]).token_ids
+    assert set(tokens) == {0, 1}
+
+
+def test_seed_makes_draws_independent_of_batch() -> None:
+    logits = torch.randn(1, 50)
+    alone = Sampler()(logits, [_req(SamplingParams(seed=7))]).token_ids
+    busy_logits = torch.cat([torch.randn(5, 50), logits, torch.randn(3, 50)])
+    reqs = [_req(SamplingParams()) for _ in range(5)] + [_req(SamplingParams(seed=7))]
+    reqs += [_req(SamplingParams(seed=i)) for i in range(3)]
+    busy = Sampler(seed=123)(busy_logits, reqs).token_ids
+    assert busy[5] == alone[0]
+
+
+def test_penalties_change_the_choice() -> None:
+    logits = _logits([0.0, 2.0, 1.9])
+    assert Sampler()(logits, [_req(SamplingParams(temperature=0), out=[1])]).token_ids == [1]
+    for params in (
+        SamplingParams(temperature=0, presence_penalty=0.5),
+        SamplingParams(temperature=0, frequency_penalty=0.5),
+        SamplingParams(temperature=0, repetition_penalty=1.2),
+    ):
+        assert Sampler()(logits, [_req(params, out=[1])]).token_ids == [2]
+
+
+def test_logit_bias_and_min_tokens() -> None:
+    logits = _logits([5.0, 1.0, 0.0])
+    biased = SamplingParams(temperature=0, logit_bias={2: 10.0})
+    assert Sampler()(logits, [_req(biased)]).token_ids == [2]
+    # Token 0 is EOS: blocked until min_tokens are out.
+    assert Sampler()(logits, [_req(SamplingParams(temperature=0, min_tokens=2), out=[1])]).token_ids == [1]
+    assert Sampler()(logits, [_req(SamplingParams(temperature=0, min_tokens=1), out=[1])]).token_ids == [0]
+
+
+def test_logprobs_of_chosen_and_top_n() -> None:
+    logits = _logits([0.0, 2.0, 1.0])
+    result = Sampler()(logits, [_req(SamplingParams(temperature=0, logprobs=2))])
+    lp = result.logprobs[0]
+    assert lp is not None
+    expected = torch.log_softmax(logits[0], -1)
+    assert lp.token_id == 1 and lp.logprob == pytest.approx(expected[1].item())
+    assert [t for t, _ in lp.top] == [1, 2]
+    assert Sampler()(logits, [_req(SamplingParams())]).logprobs == [None]
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"min_p": 2}, "min_p"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ],
+)
+def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.field == field

@@ -1,0 +1,101 @@
+"""Scheduler and block manager driven with plain values, no model."""
+
+from __future__ import annotations
+
+from inferd.config import SchedulerConfig
+from inferd.engine.request import FinishReason, Request, RequestStatus
+from inferd.kv.manager import KVCacheManager
+from inferd.sampling_params import SamplingParams
+from inferd.sched.scheduler import Scheduler
+
+
+def _request(rid: str, prompt_len: int, max_tokens: int = 4, first: int = 0) -> Request:
+    return Request(
+        rid, list(range(first, first + prompt_len)), SamplingParams(max_tokens=max_tokens), frozenset({999}), max_tokens
+    )
+
+
+def _scheduler(num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_seqs: int = 8) -> Scheduler:
+    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=256)
+    return Scheduler(config, KVCacheManager(num_blocks, block_size))
+
+
+def _run_step(s: Scheduler, token: int = 7) -> dict[str, int]:
+    out = s.schedule()
+    sampled = {seq.request.request_id: token for seq in out.sequences if seq.sample}
+    s.update(out, sampled)
+    return {seq.request.request_id: seq.num_tokens for seq in out.sequences}
+
+
+def test_long_prompt_is_chunked_while_decodes_continue() -> None:
+    s = _scheduler(budget=10)
+    s.add(_request("short", 3, max_tokens=10))
+    assert _run_step(s) == {"short": 3}
+    s.add(_request("long", 25, first=100))
+    steps = [_run_step(s) for _ in range(3)]
+    # The decode (1 token) goes first; the prompt fills the rest of the budget each step.
+    assert steps == [{"short": 1, "long": 9}, {"short": 1, "long": 9}, {"short": 1, "long": 7}]
+    assert s.requests["long"].output_token_ids == [7]
+
+
+def test_token_budget_and_seq_cap_are_respected() -> None:
+    s = _scheduler(budget=16, max_seqs=2)
+    for i in range(4):
+        s.add(_request(f"r{i}", 5, first=10 * i))
+    out = s.schedule()
+    assert [seq.request.request_id for seq in out.sequences] == ["r0", "r1"]
+    assert out.num_batched_tokens <= 16
+    assert s.num_waiting == 2
+
+
+def test_requests_finish_on_max_tokens_and_eos_and_free_blocks() -> None:
+    s = _scheduler()
+    s.add(_request("a", 4, max_tokens=3))
+    for _ in range(3):
+        _run_step(s)
+    assert s.requests.get("a") is None
+    s.add(_request("b", 4, max_tokens=10))
+    _run_step(s, token=999)  # EOS
+    assert not s.has_unfinished()
+    assert s.kv.usage() == 0.0
+
+
+def test_preemption_frees_newest_and_recomputes_later() -> None:
+    # 6 blocks of 4 tokens: two requests of 8-token prompts growing to 16 tokens cannot both fit.
+    s = _scheduler(num_blocks=6, block_size=4, budget=64)
+    old, new = _request("old", 8, max_tokens=8), _request("new", 8, max_tokens=8, first=50)
+    s.add(old)
+    s.add(new)
+    preempted = []
+    for _ in range(30):
+        out = s.schedule()
+        preempted.extend(out.preempted_ids)
+        s.update(out, {seq.request.request_id: 7 for seq in out.sequences if seq.sample})
+        if not s.has_unfinished():
+            break
+    assert preempted and set(preempted) == {"new"}
+    assert old.output_token_ids == [7] * 8 and new.output_token_ids == [7] * 8
+    assert new.num_preemptions >= 1
+    assert s.kv.usage() == 0.0
+
+
+def test_abort_anywhere_frees_blocks() -> None:
+    s = _scheduler(budget=4)
+    s.add(_request("running", 10))
+    s.add(_request("waiting", 10, first=40))
+    _run_step(s)
+    assert s.kv.usage() > 0
+    s.finish("running", FinishReason.ABORT)
+    s.finish("waiting", FinishReason.ABORT)
+    assert s.kv.usage() == 0.0 and not s.has_unfinished()
+
+
+def test_prefix_hit_skips_cached_tokens() -> None:
+    s = _scheduler(block_size=4, budget=64)
+    s.add(_request("a", 12, max_tokens=1))
+    _run_step(s)
+    b = _request("b", 12, max_tokens=1)
+    s.add(b)
+    assert _run_step(s) == {"b": 4}
+    assert b.num_cached_tokens == 8
+    assert b.status == RequestStatus.FINISHED
