@@ -1,0 +1,5 @@
+import sys
+
+from inferd.server.kserve.launch import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""The v2 gRPC wire format: protobuf messages to and from the data plane's tensors.
+
+Inputs may come as typed `contents` or as `raw_input_contents`; outputs always go back as
+`raw_output_contents` (as Triton does), the only form that carries FP16 and BF16 and the one
+tritonclient reads for every datatype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from inferd.serving.codec import array_from_json, array_from_raw, array_to_raw
+from inferd.serving.datatypes import DATATYPES
+from inferd.serving.errors import InvalidInputError
+from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
+
+# Which typed `contents` field holds each datatype; FP16 and BF16 have none (raw only).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def parameters_from_proto(parameters: Any) -> Parameters:
+    decoded: Parameters = {}
+    for key, value in parameters.items():
+        choice = value.WhichOneof("parameter_choice")
+        if choice is not None:
+            decoded[key] = getattr(value, choice)
+    return decoded
+
+
+def parameters_to_proto(target: Any, parameters: Parameters) -> None:
+    for key, value in parameters.items():
+        if isinstance(value, bool):
+            target[key].bool_param = value
+        elif isinstance(value, int):
+            target[key].int64_param = value
+        elif isinstance(value, float):
+            target[key].double_param = value
+        else:
+            target[key].string_param = str(value)
+
+
+def _typed_contents(tensor: Any, shape: list[int]) -> np.ndarray:
+    field = _CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidInputError(
+            f"input {tensor.name!r}: {tensor.datatype} data must be sent in raw_input_contents"
+        )
+    # Proto values are already typed (float, int, bool, bytes), so the JSON element checks hold.
+    return array_from_json(tensor.datatype, shape, list(getattr(tensor.contents, field)))
+
+
+def request_from_proto(message: Any) -> InferRequest:
+    raw_contents = list(message.raw_input_contents)
+    if raw_contents and len(raw_contents) != len(message.inputs):
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw_contents)} entries for {len(message.inputs)} inputs"
+        )
+    inputs = []
+    for index, tensor in enumerate(message.inputs):
+        if tensor.datatype not in DATATYPES:
+            raise InvalidInputError(f"input {tensor.name!r} has unknown datatype {tensor.datatype!r}")
+        shape = [int(d) for d in tensor.shape]
+        if any(d < 0 for d in shape):
+            raise InvalidInputError(f"input {tensor.name!r} shape must be non-negative")
+        if raw_contents:
+            data = array_from_raw(tensor.datatype, shape, raw_contents[index])
+        else:
+            data = _typed_contents(tensor, shape)
+        inputs.append(Tensor(tensor.name, tensor.datatype, data, parameters_from_proto(tensor.parameters)))
+    return InferRequest(
+        inputs=inputs,
+        outputs=[RequestedOutput(o.name, parameters_from_proto(o.parameters)) for o in message.outputs],
+        id=message.id or None,
+        parameters=parameters_from_proto(message.parameters),
+    )
+
+
+def response_to_proto(response: InferResponse, pb2: Any) -> Any:
+    message = pb2.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id or ""
+    )
+    parameters_to_proto(message.parameters, response.parameters)
+    for tensor in response.outputs:
+        output = message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        parameters_to_proto(output.parameters, tensor.parameters)
+        message.raw_output_contents.append(array_to_raw(tensor.datatype, tensor.data))
+    return message

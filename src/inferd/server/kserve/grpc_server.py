@@ -1,0 +1,92 @@
+"""The `inference.GRPCInferenceService` server (grpc.aio) over the shared data plane.
+
+Runs on the same asyncio loop as the HTTP server so both feed the same dynamic batchers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferd.server.kserve.grpc_codec import request_from_proto, response_to_proto
+from inferd.serving.dataplane import DataPlane
+from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from inferd.serving.repository import ModelRepository
+
+
+def _status_code(exc: InferenceError) -> Any:
+    import grpc
+
+    if isinstance(exc, InvalidInputError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, ModelNotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, ModelNotReadyError):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+def _servicer(plane: DataPlane) -> Any:
+    from inferd.server.kserve.proto import grpc_service_pb2 as pb2
+    from inferd.server.kserve.proto import grpc_service_pb2_grpc as pb2_grpc
+
+    class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
+        async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 (names fixed by the proto)
+            return pb2.ServerLiveResponse(live=True)
+
+        async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return pb2.ServerReadyResponse(ready=True)
+
+        async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+            try:
+                return pb2.ModelReadyResponse(ready=plane.model_ready(request.name, request.version or None))
+            except InferenceError as exc:
+                await context.abort(_status_code(exc), str(exc))
+
+        async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return pb2.ServerMetadataResponse(**plane.server_metadata())
+
+        async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+            try:
+                metadata = plane.model_metadata(request.name, request.version or None)
+            except InferenceError as exc:
+                await context.abort(_status_code(exc), str(exc))
+            return pb2.ModelMetadataResponse(
+                name=metadata["name"],
+                versions=metadata["versions"],
+                platform=metadata["platform"],
+                inputs=[pb2.ModelMetadataResponse.TensorMetadata(**t) for t in metadata["inputs"]],
+                outputs=[pb2.ModelMetadataResponse.TensorMetadata(**t) for t in metadata["outputs"]],
+            )
+
+        async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+            try:
+                response = await plane.infer(
+                    request.model_name, request.model_version or None, request_from_proto(request)
+                )
+            except InferenceError as exc:
+                await context.abort(_status_code(exc), str(exc))
+            return response_to_proto(response, pb2)
+
+    return InferenceServicer()
+
+
+async def start_grpc_server(repository: ModelRepository, host: str, port: int) -> Any:
+    """Starts serving on host:port and returns the `grpc.aio.Server` (call `stop(grace)` to end it)."""
+    import grpc
+
+    from inferd.server.kserve.proto import grpc_service_pb2_grpc as pb2_grpc
+
+    # Large tensors travel in one message; lift gRPC's 4 MiB default.
+    max_message = 256 * 1024 * 1024
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+        ]
+    )
+    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer(DataPlane(repository)), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC server to {host}:{port}")
+    await server.start()
+    return server

@@ -1,0 +1,70 @@
+"""A classic-model server: KServe v2 REST + gRPC and `/v1/embeddings` over one model repository.
+
+`inferd serve --model-repository DIR` mounts the same routers next to the LLM APIs; this launcher
+serves a repository on its own (`python -m inferd.server.kserve`), e.g. for benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from inferd.server.kserve.grpc_server import start_grpc_server
+from inferd.server.kserve.rest import build_router
+from inferd.server.openai_embeddings import build_embeddings_router
+from inferd.serving.metrics import ServingMetrics
+from inferd.serving.repository import ModelRepository, load_repository
+from inferd.serving.runtimes.registry import RuntimeRegistry, default_runtime_registry
+
+
+def open_repository(
+    path: Path, metrics_registry: CollectorRegistry, runtimes: RuntimeRegistry | None = None
+) -> ModelRepository:
+    return load_repository(path, runtimes or default_runtime_registry(), ServingMetrics(metrics_registry))
+
+
+def build_app(repository: ModelRepository, metrics_registry: CollectorRegistry) -> FastAPI:
+    app = FastAPI(title="inferd classic models")
+    app.include_router(build_router(repository))
+    app.include_router(build_embeddings_router(repository))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def serve(repository: ModelRepository, app: FastAPI, host: str, port: int, grpc_port: int) -> None:
+    """HTTP and gRPC on one event loop until the HTTP server exits (SIGINT/SIGTERM)."""
+    import uvicorn
+
+    grpc_server = await start_grpc_server(repository, host, grpc_port)
+    try:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+        await uvicorn.Server(config).serve()
+    finally:
+        await grpc_server.stop(grace=1.0)
+        await repository.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inferd.server.kserve", description=__doc__)
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    metrics_registry = CollectorRegistry()
+    repository = open_repository(args.model_repository, metrics_registry)
+    asyncio.run(
+        serve(repository, build_app(repository, metrics_registry), args.host, args.port, args.grpc_port)
+    )
+    return 0

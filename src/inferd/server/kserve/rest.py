@@ -1,0 +1,173 @@
+"""KServe v2 REST routes (`/v2/...`) over the shared data plane; errors are `{"error": "..."}`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from inferd.server.kserve.rest_codec import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from inferd.serving.dataplane import DataPlane
+from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from inferd.serving.repository import ModelRepository
+
+_STATUS_BY_ERROR: tuple[tuple[type[InferenceError], int], ...] = (
+    (InvalidInputError, 400),
+    (ModelNotFoundError, 404),
+    (ModelNotReadyError, 503),
+)
+
+
+def error_response(exc: InferenceError) -> JSONResponse:
+    status = next((code for kind, code in _STATUS_BY_ERROR if isinstance(exc, kind)), 500)
+    return JSONResponse({"error": str(exc)}, status_code=status)
+
+
+async def _answer(produce: Callable[[], Awaitable[Response]]) -> Response:
+    try:
+        return await produce()
+    except InferenceError as exc:
+        return error_response(exc)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidInputError("request body must be a JSON object")
+    return body
+
+
+def _generate_input(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`text_input` and sampling parameters, from `parameters` or (as Triton allows) top-level fields."""
+    text = body.get("text_input")
+    if not isinstance(text, str):
+        raise InvalidInputError("'text_input' must be a string")
+    parameters = {k: v for k, v in body.items() if k not in ("text_input", "parameters", "id")}
+    nested = body.get("parameters", {})
+    if not isinstance(nested, dict):
+        raise InvalidInputError("'parameters' must be an object")
+    parameters.update(nested)
+    return text, parameters
+
+
+def build_router(repository: ModelRepository) -> APIRouter:
+    """All `/v2` routes for the models of `repository`."""
+    plane = DataPlane(repository)
+    router = APIRouter()
+
+    @router.get("/v2")
+    async def server_metadata() -> Response:
+        return JSONResponse(plane.server_metadata())
+
+    @router.get("/v2/health/live")
+    async def server_live() -> Response:
+        return JSONResponse({"live": True})
+
+    @router.get("/v2/health/ready")
+    async def server_ready() -> Response:
+        return JSONResponse({"ready": True})
+
+    @router.post("/v2/repository/index")
+    async def repository_index() -> Response:
+        return JSONResponse(plane.repository_index())
+
+    async def model_metadata(name: str, version: str | None = None) -> Response:
+        return await _answer(lambda: _as_json(plane.model_metadata(name, version)))
+
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        async def produce() -> Response:
+            entry = repository.get(name, version)
+            entry.require_ready()
+            return JSONResponse({"name": name, "ready": True})
+
+        return await _answer(produce)
+
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        async def produce() -> Response:
+            infer_request, binary_default = parse_infer_request(
+                await request.body(), request.headers.get(HEADER_LENGTH)
+            )
+            response = await plane.infer(name, version, infer_request)
+            body, header_length = encode_infer_response(response, infer_request, binary_default)
+            if header_length is None:
+                return Response(body, media_type="application/json")
+            return Response(
+                body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
+            )
+
+        return await _answer(produce)
+
+    async def generate(request: Request, name: str, version: str | None = None) -> Response:
+        async def produce() -> Response:
+            generator = plane.text_generator(name, version)
+            text, parameters = _generate_input(await _json_body(request))
+            result = await plane.generate(generator, text, parameters)
+            entry = repository.get(name, version)
+            return JSONResponse(
+                {
+                    "model_name": entry.name,
+                    "model_version": entry.version,
+                    "text_output": result.text,
+                    "finish_reason": result.finish_reason,
+                }
+            )
+
+        return await _answer(produce)
+
+    async def generate_stream(request: Request, name: str, version: str | None = None) -> Response:
+        async def produce() -> Response:
+            generator = plane.text_generator(name, version)
+            text, parameters = _generate_input(await _json_body(request))
+            entry = repository.get(name, version)
+            # Validate the sampling fields before the 200 status line goes out.
+            chunks = plane.generate_stream(generator, text, parameters)
+            first = await anext(chunks)
+            return StreamingResponse(
+                _sse_events(entry.name, entry.version, first, chunks), media_type="text/event-stream"
+            )
+
+        return await _answer(produce)
+
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        router.add_api_route(prefix, model_metadata, methods=["GET"])
+        router.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
+        router.add_api_route(prefix + "/infer", infer, methods=["POST"])
+        router.add_api_route(prefix + "/generate", generate, methods=["POST"])
+        router.add_api_route(prefix + "/generate_stream", generate_stream, methods=["POST"])
+    return router
+
+
+async def _as_json(payload: Any) -> Response:
+    return JSONResponse(payload)
+
+
+async def _sse_events(
+    model_name: str,
+    model_version: str,
+    first: tuple[str, Any],
+    rest: AsyncIterator[tuple[str, Any]],
+) -> AsyncIterator[bytes]:
+    """One `data:` event per text delta; the last one carries `finish_reason`."""
+
+    def event(delta: str, result: Any) -> bytes:
+        payload: dict[str, Any] = {
+            "model_name": model_name,
+            "model_version": model_version,
+            "text_output": delta,
+        }
+        if result is not None:
+            payload["finish_reason"] = result.finish_reason
+        return f"data: {json.dumps(payload)}\n\n".encode()
+
+    yield event(*first)
+    try:
+        async for delta, result in rest:
+            yield event(delta, result)
+    except InferenceError as exc:
+        yield f"data: {json.dumps({'error': str(exc)})}\n\n".encode()

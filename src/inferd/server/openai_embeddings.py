@@ -1,0 +1,115 @@
+"""OpenAI `POST /v1/embeddings` served by the repository's `sentence_embedding` models.
+
+Each input string is one v2 request to the model, so they go through its dynamic batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from inferd.serving.dataplane import DataPlane
+from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from inferd.serving.repository import ModelRepository
+from inferd.serving.tensor import InferRequest, RequestedOutput, Tensor
+
+EMBEDDING_RUNTIME = "sentence_embedding"
+
+
+def _openai_error(message: str, status: int, error_type: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": error_type, "param": None, "code": None}}, status_code=status
+    )
+
+
+def _error_response(exc: InferenceError) -> JSONResponse:
+    if isinstance(exc, ModelNotFoundError):
+        return _openai_error(str(exc), 404, "not_found_error")
+    if isinstance(exc, ModelNotReadyError):
+        return _openai_error(str(exc), 503, "service_unavailable")
+    return _openai_error(str(exc), 400, "invalid_request_error")
+
+
+def _parse_body(body: Any) -> tuple[str, list[str], str]:
+    if not isinstance(body, dict):
+        raise InvalidInputError("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise InvalidInputError("'model' must be a string")
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise InvalidInputError("'input' must be a string or a non-empty list of strings")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise InvalidInputError("'encoding_format' must be 'float' or 'base64'")
+    return model, texts, encoding
+
+
+def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        # The OpenAI SDK decodes base64 embeddings as little-endian float32.
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.astype(np.float32).tolist()
+
+
+class _EmbeddingService:
+    def __init__(self, repository: ModelRepository) -> None:
+        self._repository = repository
+        self._plane = DataPlane(repository)
+
+    def _input_name(self, model: str) -> str:
+        config = self._repository.get(model).require_ready()
+        if config.runtime != EMBEDDING_RUNTIME:
+            raise InvalidInputError(f"model {model!r} is not an embedding model")
+        return config.inputs[0].name
+
+    async def _embed_one(self, model: str, input_name: str, text: str) -> tuple[np.ndarray, int]:
+        data = np.array([[text.encode("utf-8")]], dtype=object)
+        request = InferRequest(
+            inputs=[Tensor(input_name, "BYTES", data)],
+            outputs=[RequestedOutput("embedding"), RequestedOutput("token_count")],
+        )
+        response = await self._plane.infer(model, None, request)
+        outputs = {tensor.name: tensor.data for tensor in response.outputs}
+        return outputs["embedding"][0], int(outputs["token_count"].reshape(-1)[0])
+
+    async def embed(self, body: Any) -> dict[str, Any]:
+        model, texts, encoding = _parse_body(body)
+        input_name = self._input_name(model)
+        results = await asyncio.gather(*(self._embed_one(model, input_name, text) for text in texts))
+        tokens = sum(count for _, count in results)
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": index, "embedding": _encode(vector, encoding)}
+                for index, (vector, _) in enumerate(results)
+            ],
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+
+def build_embeddings_router(repository: ModelRepository) -> APIRouter:
+    service = _EmbeddingService(repository)
+    router = APIRouter()
+
+    @router.post("/v1/embeddings")
+    async def create_embeddings(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _openai_error(f"request body is not valid JSON: {exc}", 400, "invalid_request_error")
+        try:
+            return JSONResponse(await service.embed(body))
+        except InferenceError as exc:
+            return _error_response(exc)
+
+    return router

@@ -1,0 +1,171 @@
+"""Dynamic batching: requests arriving within `max_queue_delay` are stacked along the batch dimension
+up to `max_batch_size` rows and run as one runtime call in a worker thread; results are split back.
+
+Requests are only stacked with others whose non-batch shapes match. When a stacked call fails, each
+request of it is run alone, so one bad request fails by itself and the others still get answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from inferd.serving.metrics import ServingMetrics
+
+RunBatch = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+_ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+@dataclass
+class _Pending:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    key: _ShapeKey
+    future: asyncio.Future[dict[str, np.ndarray]]
+    enqueued_at: float
+
+
+def _shape_key(inputs: dict[str, np.ndarray]) -> _ShapeKey:
+    return tuple(sorted((name, tuple(array.shape[1:])) for name, array in inputs.items()))
+
+
+def _split(outputs: dict[str, np.ndarray], row_counts: list[int]) -> list[dict[str, np.ndarray]]:
+    total = sum(row_counts)
+    for name, array in outputs.items():
+        if array.ndim == 0 or array.shape[0] != total:
+            raise ValueError(f"output {name!r} has shape {list(array.shape)}, expected {total} rows first")
+    bounds = np.cumsum(row_counts)[:-1]
+    per_output = {name: np.split(array, bounds) for name, array in outputs.items()}
+    return [{name: parts[i] for name, parts in per_output.items()} for i in range(len(row_counts))]
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        model_name: str,
+        run_batch: RunBatch,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        metrics: ServingMetrics | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self._model_name = model_name
+        self._run_batch = run_batch
+        self._max_batch_size = max_batch_size
+        self._max_queue_delay_s = max_queue_delay_s
+        self._metrics = metrics
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs one request (every input with the same number of rows first) and returns its outputs."""
+        rows = next(iter(inputs.values())).shape[0]
+        if rows > self._max_batch_size:
+            raise ValueError(f"batch of {rows} rows exceeds max_batch_size {self._max_batch_size}")
+        future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(inputs, rows, _shape_key(inputs), future, time.monotonic()))
+        self._arrived.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+        return await future
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+
+    async def _work(self) -> None:
+        while self._queue:
+            await self._wait_for_batch()
+            batch = self._take_batch()
+            if batch:
+                await self._execute(batch)
+
+    def _compatible_rows(self) -> int:
+        key = self._queue[0].key
+        return sum(p.rows for p in self._queue if p.key == key)
+
+    async def _wait_for_batch(self) -> None:
+        """Waits until the oldest request's delay has passed or a full batch is queued."""
+        deadline = self._queue[0].enqueued_at + self._max_queue_delay_s
+        while self._compatible_rows() < self._max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Pending]:
+        key = self._queue[0].key
+        batch: list[_Pending] = []
+        kept: deque[_Pending] = deque()
+        rows = 0
+        while self._queue:
+            pending = self._queue.popleft()
+            if pending.future.done():  # the client went away
+                continue
+            if pending.key == key and rows + pending.rows <= self._max_batch_size:
+                batch.append(pending)
+                rows += pending.rows
+            else:
+                kept.append(pending)
+        self._queue = kept
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        self._observe_batch(batch, started)
+        try:
+            if len(batch) == 1:
+                results = [await self._call(batch[0].inputs)]
+            else:
+                stacked = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+                results = _split(await self._call(stacked), [p.rows for p in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                self._resolve(batch[0], exc)
+                return
+            # Find the culprit(s): every request runs alone and gets its own result or error.
+            for pending in batch:
+                try:
+                    self._resolve(pending, await self._call(pending.inputs))
+                except Exception as single_exc:
+                    self._resolve(pending, single_exc)
+            return
+        for pending, result in zip(batch, results, strict=True):
+            self._resolve(pending, result)
+
+    async def _call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.monotonic()
+        try:
+            return await asyncio.to_thread(self._run_batch, inputs)
+        finally:
+            if self._metrics is not None:
+                self._metrics.runtime_seconds.labels(self._model_name).observe(time.monotonic() - started)
+
+    @staticmethod
+    def _resolve(pending: _Pending, outcome: dict[str, np.ndarray] | BaseException) -> None:
+        if pending.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            pending.future.set_exception(outcome)
+        else:
+            pending.future.set_result(outcome)
+
+    def _observe_batch(self, batch: list[_Pending], started: float) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.batch_requests.labels(self._model_name).observe(len(batch))
+        self._metrics.batch_rows.labels(self._model_name).observe(sum(p.rows for p in batch))
+        for pending in batch:
+            self._metrics.queue_seconds.labels(self._model_name).observe(started - pending.enqueued_at)

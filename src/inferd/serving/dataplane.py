@@ -1,0 +1,170 @@
+"""The one v2 data plane behind the REST and gRPC adapters: metadata, readiness, inference, generation.
+
+Adapters only translate wire formats to `InferRequest` and errors to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+
+from inferd.serving.classification import classify, top_k_count
+from inferd.serving.config import ModelConfig, TensorSpec
+from inferd.serving.datatypes import numpy_dtype
+from inferd.serving.errors import InferenceError, InvalidInputError
+from inferd.serving.generation import generation_params
+from inferd.serving.repository import ModelEntry, ModelRepository
+from inferd.serving.runtimes.base import GenerationResult, TensorRuntime, TextGenerator
+from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
+from inferd.serving.validation import check_requested_outputs, validated_inputs
+
+SERVER_NAME = "inferd"
+EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "generate")
+TEXT_INPUT = TensorSpec("text_input", "BYTES", (1,))
+TEXT_OUTPUT = TensorSpec("text_output", "BYTES", (1,))
+
+
+def _server_version() -> str:
+    try:
+        return version("inferd")
+    except PackageNotFoundError:
+        return "0"
+
+
+class DataPlane:
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": _server_version(), "extensions": list(EXTENSIONS)}
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        return self.repository.get(name, version).ready
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        entry = self.repository.get(name, version)
+        config = entry.require_ready()
+        inputs, outputs = self._signature(entry, config)
+        return {
+            "name": entry.name,
+            "versions": [entry.version],
+            "platform": entry.platform,
+            "inputs": [self._tensor_metadata(config, spec) for spec in inputs],
+            "outputs": [self._tensor_metadata(config, spec) for spec in outputs],
+        }
+
+    def repository_index(self) -> list[dict[str, str]]:
+        index = []
+        for entry in self.repository:
+            item = {
+                "name": entry.name,
+                "version": entry.version,
+                "state": "READY" if entry.ready else "UNAVAILABLE",
+            }
+            if entry.failure:
+                item["reason"] = entry.failure
+            index.append(item)
+        return index
+
+    @staticmethod
+    def _signature(
+        entry: ModelEntry, config: ModelConfig
+    ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        if isinstance(entry.runtime, TextGenerator):
+            return (config.inputs or (TEXT_INPUT,)), (config.outputs or (TEXT_OUTPUT,))
+        return config.inputs, config.outputs
+
+    @staticmethod
+    def _tensor_metadata(config: ModelConfig, spec: TensorSpec) -> dict[str, Any]:
+        return {"name": spec.name, "datatype": spec.datatype, "shape": config.metadata_shape(spec)}
+
+    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+        entry = self.repository.get(name, version)
+        config = entry.require_ready()
+        metrics = self.repository.metrics
+        try:
+            if isinstance(entry.runtime, TextGenerator):
+                outputs = await self._infer_text(entry.runtime, request)
+            else:
+                outputs = await self._infer_tensors(entry, config, request)
+        except Exception:
+            if metrics is not None:
+                metrics.requests.labels(name, "failure").inc()
+            raise
+        if metrics is not None:
+            metrics.requests.labels(name, "success").inc()
+        return InferResponse(
+            model_name=entry.name, model_version=entry.version, outputs=outputs, id=request.id
+        )
+
+    async def _infer_tensors(
+        self, entry: ModelEntry, config: ModelConfig, request: InferRequest
+    ) -> list[Tensor]:
+        inputs = validated_inputs(config, request)
+        check_requested_outputs(config, request)
+        try:
+            if entry.batcher is not None:
+                results = await entry.batcher.submit(inputs)
+            else:
+                runtime = entry.runtime
+                assert isinstance(runtime, TensorRuntime)
+                results = await asyncio.to_thread(runtime.infer, inputs)
+        except InferenceError:
+            raise
+        except Exception as exc:
+            raise InvalidInputError(
+                f"model {entry.name!r} failed on this input: {type(exc).__name__}: {exc}"
+            ) from exc
+        requested = request.outputs or [RequestedOutput(spec.name) for spec in config.outputs]
+        specs = {spec.name: spec for spec in config.outputs}
+        return [self._output_tensor(config, specs[out.name], results, out.parameters) for out in requested]
+
+    @staticmethod
+    def _output_tensor(
+        config: ModelConfig, spec: TensorSpec, results: dict[str, np.ndarray], parameters: Parameters
+    ) -> Tensor:
+        array = results[spec.name]
+        if "classification" in parameters:
+            k = top_k_count(parameters["classification"])
+            return Tensor(spec.name, "BYTES", classify(array, k, config.labels, config.batched))
+        if spec.datatype != "BYTES":
+            array = np.asarray(array, dtype=numpy_dtype(spec.datatype))
+        return Tensor(spec.name, spec.datatype, array)
+
+    async def _infer_text(self, generator: TextGenerator, request: InferRequest) -> list[Tensor]:
+        """`text_input` BYTES in, the whole generated text as `text_output` BYTES out."""
+        text_inputs = [t for t in request.inputs if t.name == TEXT_INPUT.name]
+        if len(text_inputs) != 1 or text_inputs[0].datatype != "BYTES" or text_inputs[0].data.size != 1:
+            raise InvalidInputError("LLM models take exactly one BYTES input 'text_input' with one element")
+        text = bytes(text_inputs[0].data.reshape(-1)[0]).decode("utf-8", errors="strict")
+        result = await self.generate(generator, text, request.parameters)
+        output = np.array([result.text.encode("utf-8")], dtype=object)
+        return [Tensor(TEXT_OUTPUT.name, "BYTES", output)]
+
+    def text_generator(self, name: str, version: str | None = None) -> TextGenerator:
+        entry = self.repository.get(name, version)
+        entry.require_ready()
+        if not isinstance(entry.runtime, TextGenerator):
+            raise InvalidInputError(f"model {name!r} does not generate text")
+        return entry.runtime
+
+    @staticmethod
+    async def generate(generator: TextGenerator, text: str, parameters: dict[str, Any]) -> GenerationResult:
+        stream = generator.generate(text, generation_params(parameters))
+        async for _ in stream:
+            pass
+        return stream.result()
+
+    @staticmethod
+    async def generate_stream(
+        generator: TextGenerator, text: str, parameters: dict[str, Any]
+    ) -> AsyncIterator[tuple[str, GenerationResult | None]]:
+        """(delta, None) per chunk, then ("", final result)."""
+        stream = generator.generate(text, generation_params(parameters))
+        async for delta in stream:
+            yield delta, None
+        yield "", stream.result()

@@ -1,0 +1,19 @@
+"""Errors of the inference data plane; each protocol adapter maps them to its own status codes."""
+
+from __future__ import annotations
+
+
+class InferenceError(Exception):
+    """Base class: the message is safe to send back to the client."""
+
+
+class InvalidInputError(InferenceError):
+    """Malformed request: wrong shape or datatype, missing input, bad parameter (400 / INVALID_ARGUMENT)."""
+
+
+class ModelNotFoundError(InferenceError):
+    """No model (or version) of that name in the repository (404 / NOT_FOUND)."""
+
+
+class ModelNotReadyError(InferenceError):
+    """The model exists but failed to load or cannot serve this request (503 / UNAVAILABLE)."""

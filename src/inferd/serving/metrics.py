@@ -1,0 +1,46 @@
+"""Prometheus metrics of the classic-model data plane, registered on a registry the server passes in."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServingMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "inferd_kserve_requests",
+            "v2 inference requests by model and outcome (success, failure).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.batch_requests = Histogram(
+            "inferd_kserve_batch_requests",
+            "Requests stacked into one runtime call by the dynamic batcher.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.batch_rows = Histogram(
+            "inferd_kserve_batch_rows",
+            "Rows (batch dimension) of one runtime call.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.queue_seconds = Histogram(
+            "inferd_kserve_queue_seconds",
+            "Time a request waited in the dynamic batcher's queue.",
+            ["model"],
+            buckets=_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.runtime_seconds = Histogram(
+            "inferd_kserve_runtime_seconds",
+            "Duration of one runtime call.",
+            ["model"],
+            buckets=_SECONDS_BUCKETS,
+            registry=registry,
+        )

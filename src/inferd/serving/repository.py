@@ -1,0 +1,119 @@
+"""The model repository: every sub-folder of a directory with a `model.json` is one model.
+
+A model that fails to load stays listed, not ready, with the reason; the others still serve.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from inferd.serving.batcher import DynamicBatcher
+from inferd.serving.config import CONFIG_FILE_NAME, ModelConfig, is_valid_model_name, read_model_config
+from inferd.serving.errors import ModelNotFoundError, ModelNotReadyError
+from inferd.serving.metrics import ServingMetrics
+from inferd.serving.runtimes.base import Runtime, TensorRuntime, TextGenerator
+from inferd.serving.runtimes.registry import RuntimeRegistry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    config: ModelConfig | None
+    platform: str
+    runtime: Runtime | None = None
+    batcher: DynamicBatcher | None = None
+    # Why the model is not ready; None when it loaded.
+    failure: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime is not None
+
+    @property
+    def version(self) -> str:
+        return self.config.version if self.config else "1"
+
+    def require_ready(self) -> ModelConfig:
+        if self.runtime is None or self.config is None:
+            raise ModelNotReadyError(f"model {self.name!r} is not ready: {self.failure}")
+        return self.config
+
+
+class ModelRepository:
+    def __init__(self, entries: list[ModelEntry], metrics: ServingMetrics | None = None) -> None:
+        self._entries = {entry.name: entry for entry in entries}
+        self.metrics = metrics
+
+    def __iter__(self) -> Iterator[ModelEntry]:
+        return iter(self._entries.values())
+
+    def get(self, name: str, version: str | None = None) -> ModelEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"unknown model {name!r}")
+        if version and version != entry.version:
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
+        return entry
+
+    async def close(self) -> None:
+        for entry in self._entries.values():
+            if entry.batcher is not None:
+                await entry.batcher.close()
+
+
+def _batcher_for(
+    config: ModelConfig, runtime: Runtime, metrics: ServingMetrics | None
+) -> DynamicBatcher | None:
+    if not (isinstance(runtime, TensorRuntime) and config.batched and config.dynamic_batching):
+        return None
+    return DynamicBatcher(
+        config.name, runtime.infer, config.max_batch_size, config.max_queue_delay_ms / 1000.0, metrics
+    )
+
+
+def load_model(model_dir: Path, runtimes: RuntimeRegistry, metrics: ServingMetrics | None) -> ModelEntry:
+    """Loads one model folder; any failure is captured in the entry instead of raised."""
+    config: ModelConfig | None = None
+    try:
+        config = read_model_config(model_dir)
+        runtime = runtimes.load(model_dir, config)
+        if not isinstance(runtime, (TensorRuntime, TextGenerator)):
+            raise TypeError(f"runtime {config.runtime!r} returned {type(runtime).__name__}, not a runtime")
+    except Exception as exc:
+        name = config.name if config else model_dir.name
+        logger.warning("model %r failed to load: %s", name, exc)
+        platform = runtimes.platform(config.runtime) if config else "unknown"
+        return ModelEntry(name=name, config=config, platform=platform, failure=f"{type(exc).__name__}: {exc}")
+    return ModelEntry(
+        name=config.name,
+        config=config,
+        platform=runtimes.platform(config.runtime),
+        runtime=runtime,
+        batcher=_batcher_for(config, runtime, metrics),
+    )
+
+
+def load_repository(
+    root: Path, runtimes: RuntimeRegistry, metrics: ServingMetrics | None = None
+) -> ModelRepository:
+    """Loads every model folder under `root` (folders without a config are skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model repository {root} is not a directory")
+    entries: dict[str, ModelEntry] = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG_FILE_NAME).is_file()):
+        if not is_valid_model_name(model_dir.name):
+            logger.warning("skipping model folder with an invalid name: %r", model_dir.name)
+            continue
+        entry = load_model(model_dir, runtimes, metrics)
+        if entry.name in entries:
+            entry = ModelEntry(
+                entry.name, None, entry.platform, failure=f"duplicate model name {entry.name!r}"
+            )
+        entries[entry.name] = entry
+    return ModelRepository(list(entries.values()), metrics)

@@ -1,0 +1,65 @@
+"""What a runtime is: a tensor model called on whole batches, or a text generator (LLM).
+
+A loader builds one from a model folder and its config; the registry maps runtime names to loaders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from inferd.serving.config import ModelConfig
+
+
+@runtime_checkable
+class TensorRuntime(Protocol):
+    """A classic model. Called from a worker thread, never on the event loop.
+
+    `infer` receives one array per configured input (with the batch dimension first when the model's
+    `max_batch_size > 0`) and returns one array per configured output, batch dimension first too.
+    """
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling fields of the v2 generate extension; None leaves the engine's default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerationStream(Protocol):
+    """Async iteration yields text deltas; `result()` is valid once iteration has finished."""
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    def result(self) -> GenerationResult: ...
+
+
+@runtime_checkable
+class TextGenerator(Protocol):
+    """The `llm` runtime interface; the LLM engine provides the real implementation."""
+
+    def generate(self, text: str, params: GenerationParams) -> GenerationStream: ...
+
+
+Runtime = TensorRuntime | TextGenerator
+RuntimeLoader = Callable[[Path, ModelConfig], Runtime]
