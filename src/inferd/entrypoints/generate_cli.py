@@ -1,0 +1,61 @@
+"""`inferd generate PROMPT`: stream one completion to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from inferd.entrypoints.engine_args import add_engine_args, engine_options
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="generate text for one prompt, printed as it comes")
+    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("--model", help="Hugging Face model folder (default: the built-in model)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--request-seed", type=int, help="seed of this request's sampling")
+    parser.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    parser.add_argument("--verbose", action="store_true", help="log engine start-up details")
+    add_engine_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from inferd.engine.llm_engine import LLMEngine
+    from inferd.sampling_params import SamplingParams
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    engine = LLMEngine.from_options(args.model, **engine_options(args))
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.request_seed,
+    )
+    engine.add_request("cli", prompt, params)
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    final = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+            final = out
+    sys.stdout.write("\n")
+    if final is not None and final.metrics.ttft_s is not None and final.metrics.e2e_s is not None:
+        tokens = len(final.token_ids)
+        rate = tokens / final.metrics.e2e_s if final.metrics.e2e_s > 0 else 0.0
+        print(
+            f"[{tokens} tokens, finish: {final.finish_reason}, time to first token "
+            f"{final.metrics.ttft_s * 1000:.0f} ms, {rate:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+    return 0
