@@ -1,0 +1,242 @@
+"""The one Frontend behind every LLM protocol: prompts in, engine outputs out.
+
+It renders chat templates, tokenizes and checks lengths (via `AsyncLLM.prepare`), builds validated
+SamplingParams, fans a request with several prompts or `n > 1` out into engine requests, and records
+metrics plus a log line for each engine request when it ends. Routes only translate protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from inferd.engine.async_llm import AsyncLLM, EngineDeadError
+from inferd.engine.llm_engine import PromptError
+from inferd.engine.outputs import RequestOutput
+from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
+from inferd.sampling_params import SamplingParams, SamplingParamsError
+from inferd.server.errors import (
+    GenerationError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+)
+from inferd.server.metrics import FinishedRequest, ServerMetrics
+
+logger = logging.getLogger("inferd.server.requests")
+
+
+@dataclass(frozen=True)
+class IndexedOutput:
+    """An engine output tagged with its choice index: prompt_index * n + sample_index."""
+
+    index: int
+    output: RequestOutput
+
+
+class Frontend:
+    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics) -> None:
+        self.llm = llm
+        self.model_name = model_name
+        self.metrics = metrics
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.llm.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llm.engine.config.model.vocab_size
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.llm.engine.eos_token_ids
+
+    # -- checks and translation -----------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise ModelNotFoundError(
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}"
+            )
+
+    def check_alive(self) -> None:
+        if not self.llm.is_alive:
+            raise ServiceUnavailableError(self.llm.dead_reason or "the engine is not running")
+
+    @staticmethod
+    def new_request_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        except ChatTemplateError as exc:
+            raise InvalidRequestError(str(exc), field="messages") from exc
+
+    def sampling_params(self, field_names: Mapping[str, str] | None = None, **fields: Any) -> SamplingParams:
+        """Validated SamplingParams; errors name the protocol's field (`field_names` maps ours to theirs)."""
+        names = field_names or {}
+        for name in ("logit_bias", "stop_token_ids"):
+            self.check_token_ids(fields.get(name) or (), names.get(name, name))
+        try:
+            return SamplingParams(**fields)
+        except SamplingParamsError as exc:
+            field = names.get(exc.field, exc.field)
+            message = str(exc).replace(exc.field, field, 1)
+            raise InvalidRequestError(message, field=field) from exc
+
+    def check_token_ids(self, token_ids: Sequence[int] | Mapping[int, float], field: str) -> None:
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"{field}: token ids must be in [0, {self.vocab_size}), got {bad[:5]}", field=field
+            )
+
+    def prepare(self, prompt: str | list[int], params: SamplingParams, field: str = "prompt") -> list[int]:
+        """Tokenize and check one prompt against the context; returns its token ids."""
+        try:
+            token_ids, _ = self.llm.prepare(prompt, params)
+        except PromptError as exc:
+            raise InvalidRequestError(str(exc), field=field) from exc
+        return token_ids
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(
+        self, request_id: str, prompts: Sequence[list[int]], params: SamplingParams, n: int = 1
+    ) -> AsyncIterator[IndexedOutput]:
+        """Outputs of every choice as they come; one engine request per (prompt, sample).
+
+        Engine request ids are `<request_id>-<choice index>`. With a seed, sample j of each prompt
+        uses `seed + j`, so the choices differ from each other yet each is reproducible.
+        Closing the iterator early aborts every unfinished engine request.
+        """
+        self.check_alive()
+        streams = []
+        for prompt_index, token_ids in enumerate(prompts):
+            for sample in range(n):
+                index = prompt_index * n + sample
+                sample_params = params
+                if params.seed is not None and sample:
+                    sample_params = dataclasses.replace(params, seed=params.seed + sample)
+                streams.append(self._tracked(index, f"{request_id}-{index}", token_ids, sample_params))
+        if len(streams) == 1:
+            return streams[0]
+        return _merge(streams)
+
+    async def _tracked(
+        self, index: int, engine_id: str, token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[IndexedOutput]:
+        tracker = _RequestTracker(engine_id, len(token_ids), self.metrics)
+        try:
+            async for out in self.llm.generate(engine_id, token_ids, params):
+                if out.error is not None:
+                    tracker.finish(out)
+                    raise GenerationError(out.error)
+                tracker.on_output(out)
+                yield IndexedOutput(index, out)
+        except EngineDeadError as exc:
+            raise ServiceUnavailableError(str(exc)) from exc
+        finally:
+            tracker.abandon()
+
+
+class _RequestTracker:
+    """Per engine request: inter-token gaps while it runs, metrics and one log line when it ends."""
+
+    def __init__(self, engine_id: str, prompt_tokens: int, metrics: ServerMetrics) -> None:
+        self.engine_id = engine_id
+        self.prompt_tokens = prompt_tokens
+        self.metrics = metrics
+        self.start = time.monotonic()
+        self.last_token_time: float | None = None
+        self.first_token_time: float | None = None
+        self.num_tokens = 0
+        self.done = False
+
+    def on_output(self, out: RequestOutput) -> None:
+        if out.new_token_ids:
+            now = time.monotonic()
+            if self.last_token_time is None:
+                self.first_token_time = now
+            else:
+                self.metrics.observe_inter_token((now - self.last_token_time) / len(out.new_token_ids))
+            self.last_token_time = now
+            self.num_tokens = len(out.token_ids)
+        if out.finished:
+            self.finish(out)
+
+    def finish(self, out: RequestOutput) -> None:
+        m = out.metrics
+        self._record(out.finish_reason or "stop", len(out.token_ids), m.ttft_s, m.e2e_s, m.queue_s)
+
+    def abandon(self) -> None:
+        """The consumer left before the end: the engine aborts the request; count it as aborted."""
+        if not self.done:
+            ttft = None if self.first_token_time is None else self.first_token_time - self.start
+            self._record("abort", self.num_tokens, ttft, time.monotonic() - self.start, None)
+
+    def _record(
+        self, reason: str, output_tokens: int, ttft: float | None, e2e: float | None, queue: float | None
+    ) -> None:
+        self.done = True
+        self.metrics.record_finished(
+            FinishedRequest(reason, self.prompt_tokens, output_tokens, ttft, e2e, queue)
+        )
+        logger.info(
+            "request %s finished: %s, prompt %d tokens, output %d tokens, ttft %s, total %s",
+            self.engine_id,
+            reason,
+            self.prompt_tokens,
+            output_tokens,
+            _seconds(ttft),
+            _seconds(e2e),
+        )
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"
+
+
+_DONE = object()
+
+
+async def _merge(streams: list[AsyncIterator[IndexedOutput]]) -> AsyncIterator[IndexedOutput]:
+    """Interleave several output streams as their items arrive; closing it closes them all."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[IndexedOutput]) -> None:
+        try:
+            async with aclosing(stream):  # type: ignore[type-var]
+                async for item in stream:
+                    queue.put_nowait(item)
+        except Exception as exc:  # handed to the consumer, which raises it
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(_DONE)
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

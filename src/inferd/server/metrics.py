@@ -1,0 +1,181 @@
+"""Prometheus metrics of the LLM server, on a per-app registry, labelled by model name.
+
+Per-request histograms and token counters are recorded by the Frontend when a request ends.
+Gauges and the engine's own counters (preemptions, prefix cache) are read from `AsyncLLM.stats()`
+at scrape time by a custom collector, so they are exact rather than sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from inferd.engine.core import EngineStats
+
+_LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+)  # fmt: skip
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """What the Frontend knows about one engine request when it ends (times in seconds)."""
+
+    finish_reason: str
+    prompt_tokens: int
+    generation_tokens: int
+    ttft_s: float | None
+    e2e_s: float | None
+    queue_s: float | None
+
+    @property
+    def time_per_output_token_s(self) -> float | None:
+        if self.ttft_s is None or self.e2e_s is None or self.generation_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.generation_tokens - 1)
+
+
+class ServerMetrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        model_name: str,
+        stats: Callable[[], EngineStats],
+        gpu_memory_used: Callable[[], int] | None = None,
+    ) -> None:
+        self.registry = registry
+        labels = ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, registry=registry, buckets=buckets).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=registry).labels(model_name)
+
+        self.ttft = histogram(
+            "inferd:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS_S
+        )
+        self.inter_token = histogram(
+            "inferd:inter_token_latency_seconds",
+            "Gap between consecutive output tokens as the server sees them.",
+            _LATENCY_BUCKETS_S,
+        )
+        self.time_per_output_token = histogram(
+            "inferd:request_time_per_output_token_seconds",
+            "Per request: (end-to-end - time to first token) / (output tokens - 1).",
+            _LATENCY_BUCKETS_S,
+        )
+        self.e2e = histogram(
+            "inferd:e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS_S
+        )
+        self.queue = histogram(
+            "inferd:request_queue_time_seconds", "Arrival to first scheduling.", _LATENCY_BUCKETS_S
+        )
+        self.prompt_tokens_per_request = histogram(
+            "inferd:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
+        )
+        self.generation_tokens_per_request = histogram(
+            "inferd:request_generation_tokens", "Output tokens per request.", _TOKEN_BUCKETS
+        )
+        self.prompt_tokens = counter("inferd:prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("inferd:generation_tokens", "Output tokens generated.")
+        self._finished = Counter(
+            "inferd:requests_finished",
+            "Finished requests by finish reason (stop, length, abort, timeout, error).",
+            ["model_name", "finish_reason"],
+            registry=registry,
+        )
+        self._model_name = model_name
+        self.aborted = counter("inferd:requests_aborted", "Requests aborted (client gone or server abort).")
+        self.timed_out = counter("inferd:requests_timed_out", "Requests that ran out of time.")
+        registry.register(_EngineCollector(model_name, stats, gpu_memory_used))
+
+    def observe_inter_token(self, gap_s: float) -> None:
+        self.inter_token.observe(gap_s)
+
+    def record_finished(self, request: FinishedRequest) -> None:
+        self.prompt_tokens.inc(request.prompt_tokens)
+        self.generation_tokens.inc(request.generation_tokens)
+        self._finished.labels(self._model_name, request.finish_reason).inc()
+        if request.finish_reason == "abort":
+            self.aborted.inc()
+        elif request.finish_reason == "timeout":
+            self.timed_out.inc()
+        if request.finish_reason not in ("stop", "length"):
+            return  # latencies of cut-short requests would skew the distributions
+        self.prompt_tokens_per_request.observe(request.prompt_tokens)
+        self.generation_tokens_per_request.observe(request.generation_tokens)
+        for histogram, value in (
+            (self.ttft, request.ttft_s),
+            (self.e2e, request.e2e_s),
+            (self.queue, request.queue_s),
+            (self.time_per_output_token, request.time_per_output_token_s),
+        ):
+            if value is not None:
+                histogram.observe(value)
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's live state at every scrape."""
+
+    def __init__(
+        self, model_name: str, stats: Callable[[], EngineStats], gpu_memory_used: Callable[[], int] | None
+    ) -> None:
+        self._model_name = model_name
+        self._stats = stats
+        self._gpu_memory_used = gpu_memory_used
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        labels = [self._model_name]
+        gauges = (
+            ("inferd:num_requests_running", "Requests in the running batch.", stats.num_running),
+            ("inferd:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
+            ("inferd:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).", stats.kv_usage),
+        )
+        for name, doc, value in gauges:
+            yield _gauge(name, doc, labels, value)
+        if self._gpu_memory_used is not None:
+            yield _gauge(
+                "inferd:gpu_memory_used_bytes",
+                "Device memory in use by torch.",
+                labels,
+                self._gpu_memory_used(),
+            )
+        counters = (
+            ("inferd:num_preemptions", "Requests preempted to free KV blocks.", stats.num_preemptions),
+            (
+                "inferd:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                stats.prefix_queries,
+            ),
+            ("inferd:prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_hits),
+        )
+        for name, doc, value in counters:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(labels, value)
+            yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=["model_name"])
+    family.add_metric(labels, value)
+    return family
+
+
+def cuda_memory_reader(device: str) -> Callable[[], int] | None:
+    """A reader of torch's allocated device memory when serving on CUDA, else None."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return lambda: int(torch.cuda.memory_allocated(device))

@@ -1,0 +1,163 @@
+"""`POST /v1/chat/completions`: messages through the chat template -> response or SSE chunks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from inferd.engine.outputs import RequestOutput
+from inferd.engine.tokenizer import Tokenizer
+from inferd.sample.sampler import TokenLogprobs
+from inferd.sampling_params import SamplingParams
+from inferd.server.errors import ApiError, InvalidRequestError
+from inferd.server.frontend import Frontend
+from inferd.server.openai.common import error_event_payload, finish_reason, sampling_params, usage
+from inferd.server.openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatTokenLogprob,
+    DeltaMessage,
+    TopLogprob,
+)
+from inferd.server.streaming import SSE_DONE, sse_event
+
+
+@dataclass
+class ChatJob:
+    request_id: str
+    model: str
+    prompt: list[int]
+    params: SamplingParams
+    n: int
+    want_logprobs: bool
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: role and plain-text content."""
+    rendered = []
+    for message in messages:
+        item: dict[str, Any] = {"role": message.role, "content": message.text()}
+        if message.name is not None:
+            item["name"] = message.name
+        rendered.append(item)
+    return rendered
+
+
+def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
+    """Validate, render the template and tokenize; every error here is a 4xx before generation."""
+    frontend.check_model(body.model)
+    if body.tools:
+        raise InvalidRequestError("tools: tool calling is not supported", "tools")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise InvalidRequestError("response_format: only {'type': 'text'} is supported", "response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    engine_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(frontend, body, max_tokens, engine_logprobs)
+    prompt = frontend.render_chat(template_messages(body.messages))
+    return ChatJob(
+        request_id=frontend.new_request_id("chatcmpl"),
+        model=frontend.model_name,
+        prompt=frontend.prepare(prompt, params, field="messages"),
+        params=params,
+        n=body.n,
+        want_logprobs=body.logprobs,
+        include_usage=body.include_usage_chunk,
+    )
+
+
+async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
+    finals: dict[int, RequestOutput] = {}
+    async with aclosing(frontend.generate(job.request_id, [job.prompt], job.params, job.n)) as stream:
+        async for item in stream:
+            if item.output.finished:
+                finals[item.index] = item.output
+    choices = [
+        ChatChoice(
+            index=index,
+            message=AssistantMessage(content=out.text),
+            logprobs=_logprobs(frontend.tokenizer, out.logprobs) if job.want_logprobs else None,
+            finish_reason=finish_reason(out),
+        )
+        for index, out in sorted(finals.items())
+    ]
+    return ChatCompletionResponse(
+        id=job.request_id,
+        created=job.created,
+        model=job.model,
+        choices=choices,
+        usage=usage(len(job.prompt), sum(len(out.token_ids) for out in finals.values())),
+    )
+
+
+async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
+    """SSE events: a role chunk per choice, content deltas, a usage chunk if asked, then [DONE]."""
+
+    def chunk(choices: list[ChatChunkChoice]) -> str:
+        body = ChatCompletionChunk(id=job.request_id, created=job.created, model=job.model, choices=choices)
+        return sse_event(body.model_dump_json())
+
+    num_tokens: dict[int, int] = {}
+    try:
+        stream = frontend.generate(job.request_id, [job.prompt], job.params, job.n)
+        yield chunk(
+            [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(job.n)]
+        )
+        async with aclosing(stream):
+            async for item in stream:
+                out = item.output
+                num_tokens[item.index] = len(out.token_ids)
+                reason = finish_reason(out)
+                logprobs = _logprobs(frontend.tokenizer, out.new_logprobs) if job.want_logprobs else None
+                if out.new_text or reason is not None or logprobs is not None:
+                    delta = DeltaMessage(content=out.new_text or None)
+                    yield chunk(
+                        [
+                            ChatChunkChoice(
+                                index=item.index, delta=delta, logprobs=logprobs, finish_reason=reason
+                            )
+                        ]
+                    )
+        if job.include_usage:
+            last = ChatCompletionChunk(
+                id=job.request_id,
+                created=job.created,
+                model=job.model,
+                choices=[],
+                usage=usage(len(job.prompt), sum(num_tokens.values())),
+            )
+            yield sse_event(last.model_dump_json())
+    except ApiError as exc:
+        yield sse_event(error_event_payload(exc))
+    yield SSE_DONE
+
+
+def _logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs]) -> ChatChoiceLogprobs:
+    def top(token_id: int, logprob: float) -> TopLogprob:
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    content = []
+    for entry in entries:
+        chosen = top(entry.token_id, entry.logprob)
+        content.append(
+            ChatTokenLogprob(
+                token=chosen.token,
+                logprob=chosen.logprob,
+                bytes=chosen.bytes,
+                top_logprobs=[top(t, lp) for t, lp in entry.top],
+            )
+        )
+    return ChatChoiceLogprobs(content=content)

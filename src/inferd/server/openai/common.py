@@ -1,0 +1,91 @@
+"""Pieces both OpenAI endpoints share: sampling params, finish reasons, usage, the error shape."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from starlette.responses import JSONResponse
+
+from inferd.engine.outputs import RequestOutput
+from inferd.sampling_params import SamplingParams
+from inferd.server.errors import ApiError, ErrorKind, GenerationError, InvalidRequestError
+from inferd.server.frontend import Frontend
+from inferd.server.openai.protocol import SamplingExtras, Usage
+
+# status, OpenAI error type, OpenAI error code
+_ERROR_SHAPES: dict[ErrorKind, tuple[int, str, str | None]] = {
+    "invalid_request": (400, "invalid_request_error", None),
+    "not_found": (404, "invalid_request_error", "model_not_found"),
+    "authentication": (401, "invalid_request_error", "invalid_api_key"),
+    "generation": (500, "server_error", None),
+    "unavailable": (503, "server_error", "service_unavailable"),
+}
+
+
+def error_body(error: ApiError) -> dict[str, dict[str, str | None]]:
+    _, error_type, code = _ERROR_SHAPES[error.kind]
+    return {"error": {"message": error.message, "type": error_type, "param": error.field, "code": code}}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(error), status_code=_ERROR_SHAPES[error.kind][0])
+
+
+def error_event_payload(error: ApiError) -> str:
+    """An error that happens after a stream has started goes out as a last `data:` event."""
+    return json.dumps(error_body(error))
+
+
+def sampling_params(
+    frontend: Frontend, body: SamplingExtras, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    return frontend.sampling_params(
+        max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        logit_bias=_logit_bias(body.logit_bias),
+        skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+    )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys, i.e. strings."""
+    result = {}
+    for key, value in (bias or {}).items():
+        try:
+            result[int(key)] = value
+        except ValueError:
+            raise InvalidRequestError(
+                f"logit_bias: keys must be token ids, got {key!r}", "logit_bias"
+            ) from None
+    return result
+
+
+def finish_reason(out: RequestOutput) -> Literal["stop", "length"] | None:
+    """The OpenAI finish reason of an output; a request cut short otherwise is an error."""
+    if not out.finished:
+        return None
+    if out.finish_reason in ("stop", "length"):
+        return out.finish_reason  # type: ignore[return-value]
+    raise GenerationError(f"the request ended early: {out.finish_reason}")
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )

@@ -1,0 +1,178 @@
+"""`POST /v1/completions`: request -> Frontend job -> response or SSE chunks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from inferd.engine.outputs import RequestOutput
+from inferd.engine.tokenizer import Tokenizer
+from inferd.sample.sampler import TokenLogprobs
+from inferd.sampling_params import SamplingParams
+from inferd.server.errors import ApiError, InvalidRequestError
+from inferd.server.frontend import Frontend
+from inferd.server.openai.common import error_event_payload, finish_reason, sampling_params, usage
+from inferd.server.openai.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from inferd.server.streaming import SSE_DONE, sse_event
+
+
+@dataclass
+class _ChoiceState:
+    """What has been sent for one choice so far (for echo, logprob text offsets and usage)."""
+
+    echo_text: str
+    text_offset: int = 0
+    started: bool = False
+    num_tokens: int = 0
+
+
+@dataclass
+class CompletionJob:
+    request_id: str
+    model: str
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    params: SamplingParams
+    n: int
+    echo: bool
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def choice_state(self, index: int) -> _ChoiceState:
+        return _ChoiceState(echo_text=self.prompt_texts[index // self.n] if self.echo else "")
+
+
+def prepare_completion(frontend: Frontend, body: CompletionRequest) -> CompletionJob:
+    """Validate and tokenize; every error here is a 4xx before any generation starts."""
+    frontend.check_model(body.model)
+    if body.suffix:
+        raise InvalidRequestError("suffix: insertion after a suffix is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidRequestError("best_of: only best_of equal to n is supported", "best_of")
+    if body.echo and body.logprobs is not None:
+        raise InvalidRequestError("echo: prompt logprobs are not available; drop echo or logprobs", "echo")
+    params = sampling_params(frontend, body, body.max_tokens, body.logprobs)
+    prompts = _prompt_list(body.prompt)
+    token_ids = [frontend.prepare(prompt, params) for prompt in prompts]
+    texts = [p if isinstance(p, str) else frontend.tokenizer.decode(p) for p in prompts] if body.echo else []
+    return CompletionJob(
+        request_id=frontend.new_request_id("cmpl"),
+        model=frontend.model_name,
+        prompts=token_ids,
+        prompt_texts=texts,
+        params=params,
+        n=body.n,
+        echo=body.echo,
+        include_usage=body.include_usage_chunk,
+    )
+
+
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequestError("prompt: must not be empty", "prompt")
+    if all(isinstance(item, int) for item in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse:
+    finals: dict[int, RequestOutput] = {}
+    async with aclosing(frontend.generate(job.request_id, job.prompts, job.params, job.n)) as stream:
+        async for item in stream:
+            if item.output.finished:
+                finals[item.index] = item.output
+    choices = []
+    for index in sorted(finals):
+        out = finals[index]
+        state = job.choice_state(index)
+        choices.append(
+            CompletionChoice(
+                index=index,
+                text=state.echo_text + out.text,
+                logprobs=_logprobs(frontend.tokenizer, out.logprobs, state, job.params.logprobs),
+                finish_reason=finish_reason(out),
+            )
+        )
+    completion_tokens = sum(len(out.token_ids) for out in finals.values())
+    return CompletionResponse(
+        id=job.request_id,
+        created=job.created,
+        model=job.model,
+        choices=choices,
+        usage=usage(job.num_prompt_tokens, completion_tokens),
+    )
+
+
+async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncIterator[str]:
+    """SSE events: one chunk per engine output with news, a usage chunk if asked, then [DONE]."""
+    states: dict[int, _ChoiceState] = {}
+    try:
+        async with aclosing(frontend.generate(job.request_id, job.prompts, job.params, job.n)) as stream:
+            async for item in stream:
+                state = states.setdefault(item.index, job.choice_state(item.index))
+                chunk = _chunk(frontend.tokenizer, job, item.index, item.output, state)
+                if chunk is not None:
+                    yield sse_event(chunk.model_dump_json())
+        if job.include_usage:
+            completion_tokens = sum(state.num_tokens for state in states.values())
+            last = CompletionResponse(
+                id=job.request_id,
+                created=job.created,
+                model=job.model,
+                choices=[],
+                usage=usage(job.num_prompt_tokens, completion_tokens),
+            )
+            yield sse_event(last.model_dump_json())
+    except ApiError as exc:
+        yield sse_event(error_event_payload(exc))
+    yield SSE_DONE
+
+
+def _chunk(
+    tokenizer: Tokenizer, job: CompletionJob, index: int, out: RequestOutput, state: _ChoiceState
+) -> CompletionResponse | None:
+    state.num_tokens = len(out.token_ids)
+    text = out.new_text
+    if not state.started:
+        text = state.echo_text + text
+        state.started = True
+    reason = finish_reason(out)
+    logprobs = _logprobs(tokenizer, out.new_logprobs, state, job.params.logprobs)
+    if not text and reason is None and logprobs is None:
+        return None  # nothing new to say (text held back while it might start a stop string)
+    choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
+    return CompletionResponse(id=job.request_id, created=job.created, model=job.model, choices=[choice])
+
+
+def _logprobs(
+    tokenizer: Tokenizer, entries: list[TokenLogprobs], state: _ChoiceState, num_top: int | None
+) -> CompletionLogprobs | None:
+    """Logprobs of these tokens; offsets continue from `state` (which they advance)."""
+    if num_top is None:
+        return None
+    result = CompletionLogprobs(top_logprobs=[] if num_top else None)
+    state.text_offset = max(state.text_offset, len(state.echo_text))
+    for entry in entries:
+        token = tokenizer.decode([entry.token_id], skip_special_tokens=False)
+        result.tokens.append(token)
+        result.token_logprobs.append(entry.logprob)
+        result.text_offset.append(state.text_offset)
+        state.text_offset += len(token)
+        if result.top_logprobs is not None:
+            result.top_logprobs.append(
+                {tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in entry.top}
+            )
+    return result

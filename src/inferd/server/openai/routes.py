@@ -1,0 +1,77 @@
+"""OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/tokenize`,
+`/detokenize`. They translate between the protocol and the Frontend, nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from inferd.server.errors import protocol_route_class
+from inferd.server.frontend import Frontend
+from inferd.server.openai.chat import chat, prepare_chat, stream_chat, template_messages
+from inferd.server.openai.common import error_response
+from inferd.server.openai.completions import complete, prepare_completion, stream_completion
+from inferd.server.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from inferd.server.streaming import sse_response, unless_disconnected
+
+
+def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] = ()) -> APIRouter:
+    router = APIRouter(
+        route_class=protocol_route_class(error_response),
+        dependencies=[Depends(dependency) for dependency in dependencies],
+        tags=["openai"],
+    )
+
+    @router.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=frontend.model_name, max_model_len=frontend.max_model_len)])
+
+    @router.post("/v1/completions", response_model=None)
+    async def create_completion(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
+        job = prepare_completion(frontend, body)
+        frontend.check_alive()
+        if body.stream:
+            return sse_response(stream_completion(frontend, job))
+        return await unless_disconnected(request, complete(frontend, job))
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def create_chat_completion(
+        body: ChatCompletionRequest, request: Request
+    ) -> ChatCompletionResponse | Response:
+        job = prepare_chat(frontend, body)
+        frontend.check_alive()
+        if body.stream:
+            return sse_response(stream_chat(frontend, job))
+        return await unless_disconnected(request, chat(frontend, job))
+
+    @router.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        frontend.check_model(body.model)
+        if body.messages is not None:
+            text = frontend.render_chat(template_messages(body.messages), body.add_generation_prompt)
+        else:
+            text = body.prompt or ""
+        tokens = frontend.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(tokens), max_model_len=frontend.max_model_len, tokens=tokens)
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        frontend.check_model(body.model)
+        frontend.check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=frontend.tokenizer.decode(body.tokens))
+
+    return router

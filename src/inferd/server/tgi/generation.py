@@ -1,0 +1,181 @@
+"""TGI generation: request -> Frontend job -> `GenerateResponse` or `StreamResponse` events."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from starlette.responses import JSONResponse
+
+from inferd.engine.outputs import RequestOutput
+from inferd.sample.sampler import TokenLogprobs
+from inferd.sampling_params import SamplingParams
+from inferd.server.errors import ApiError, ErrorKind, GenerationError, InvalidRequestError
+from inferd.server.frontend import Frontend
+from inferd.server.streaming import sse_event
+from inferd.server.tgi.protocol import (
+    Details,
+    FinishReason,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    StreamDetails,
+    StreamResponse,
+    Token,
+)
+
+MAX_STOP_SEQUENCES = 16
+
+# status, TGI error_type
+_ERROR_SHAPES: dict[ErrorKind, tuple[int, str]] = {
+    "invalid_request": (422, "validation"),
+    "not_found": (404, "not_found"),
+    "authentication": (401, "authentication"),
+    "generation": (424, "generation"),
+    "unavailable": (503, "unhealthy"),
+}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    status, error_type = _ERROR_SHAPES[error.kind]
+    return JSONResponse({"error": error.message, "error_type": error_type}, status_code=status)
+
+
+def _error_event(error: ApiError) -> str:
+    return sse_event(json.dumps({"error": error.message, "error_type": _ERROR_SHAPES[error.kind][1]}))
+
+
+@dataclass(frozen=True)
+class TgiJob:
+    request_id: str
+    prompt: list[int]
+    prompt_text: str
+    params: SamplingParams
+    details: bool
+    full_text: bool
+
+
+def prepare_generate(frontend: Frontend, body: GenerateRequest) -> TgiJob:
+    p = body.parameters
+    _refuse_unsupported(p)
+    params = frontend.sampling_params(
+        field_names={"max_tokens": "max_new_tokens", "logprobs": "top_n_tokens"},
+        max_tokens=p.max_new_tokens,
+        temperature=(p.temperature or 1.0) if p.sampling else 0.0,
+        top_k=p.top_k or 0,
+        top_p=p.top_p or 1.0,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        # TGI reports the seed of a sampled answer, so pick one when the client did not.
+        seed=p.seed if p.seed is not None or not p.sampling else random.getrandbits(63),
+        stop=p.stop,
+        # TGI gives every token's logprob; top_n_tokens asks for alternatives as well.
+        logprobs=p.top_n_tokens or 0,
+    )
+    token_ids = frontend.tokenizer.encode(body.inputs)
+    if p.truncate is not None:
+        token_ids = token_ids[-p.truncate :]
+    return TgiJob(
+        request_id=frontend.new_request_id("tgi"),
+        prompt=frontend.prepare(token_ids, params, field="inputs"),
+        prompt_text=body.inputs,
+        params=params,
+        details=p.details,
+        full_text=bool(p.return_full_text),
+    )
+
+
+def _refuse_unsupported(p: GenerateParameters) -> None:
+    refused = {
+        "best_of": p.best_of is not None and p.best_of > 1,
+        "decoder_input_details": p.decoder_input_details,
+        "typical_p": p.typical_p is not None,
+        "watermark": p.watermark,
+        "grammar": p.grammar is not None,
+        "adapter_id": p.adapter_id is not None,
+    }
+    for name, is_set in refused.items():
+        if is_set:
+            raise InvalidRequestError(f"{name} is not supported by this server", name)
+    if len(p.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequestError(
+            f"stop: at most {MAX_STOP_SEQUENCES} stop sequences, got {len(p.stop)}", "stop"
+        )
+
+
+async def generate(frontend: Frontend, job: TgiJob) -> GenerateResponse:
+    final: RequestOutput | None = None
+    async with aclosing(frontend.generate(job.request_id, [job.prompt], job.params)) as stream:
+        async for item in stream:
+            final = item.output
+    assert final is not None and final.finished, "the Frontend ends every stream with a finished output"
+    summary = _stream_details(frontend, job, final)
+    details = None
+    if job.details:
+        tokens = [_token(frontend, e.token_id, None, e.logprob) for e in final.logprobs]
+        details = Details(
+            **summary.model_dump(),
+            tokens=tokens,
+            top_tokens=_top_tokens(frontend, final.logprobs) if job.params.logprobs else None,
+        )
+    text = job.prompt_text + final.text if job.full_text else final.text
+    return GenerateResponse(generated_text=text, details=details)
+
+
+async def stream_generate(frontend: Frontend, job: TgiJob) -> AsyncIterator[str]:
+    """One event per generated token; the last one carries the whole text (and details if asked)."""
+    index = 0
+    try:
+        async with aclosing(frontend.generate(job.request_id, [job.prompt], job.params)) as stream:
+            async for item in stream:
+                out = item.output
+                summary = _stream_details(frontend, job, out) if out.finished else None
+                entries = out.new_logprobs
+                for position, entry in enumerate(entries):
+                    index += 1
+                    last = position == len(entries) - 1
+                    # The text delta rides on the output's last token, so events never split a character.
+                    event = StreamResponse(
+                        index=index,
+                        token=_token(frontend, entry.token_id, out.new_text if last else "", entry.logprob),
+                        top_tokens=_top_tokens(frontend, [entry])[0] if job.params.logprobs else None,
+                    )
+                    if last and out.finished:
+                        event.generated_text = job.prompt_text + out.text if job.full_text else out.text
+                        event.details = summary if job.details else None
+                    yield sse_event(event.model_dump_json())
+    except ApiError as exc:
+        yield _error_event(exc)
+
+
+def _token(frontend: Frontend, token_id: int, text: str | None, logprob: float) -> Token:
+    if text is None:
+        text = frontend.tokenizer.decode([token_id], skip_special_tokens=False)
+    return Token(
+        id=token_id, text=text, logprob=logprob, special=token_id in frontend.tokenizer.special_token_ids
+    )
+
+
+def _top_tokens(frontend: Frontend, entries: list[TokenLogprobs]) -> list[list[Token]]:
+    return [[_token(frontend, t, None, lp) for t, lp in entry.top] for entry in entries]
+
+
+def _stream_details(frontend: Frontend, job: TgiJob, out: RequestOutput) -> StreamDetails:
+    return StreamDetails(
+        finish_reason=_finish_reason(frontend, out),
+        generated_tokens=len(out.token_ids),
+        input_length=len(job.prompt),
+        seed=job.params.seed,
+    )
+
+
+def _finish_reason(frontend: Frontend, out: RequestOutput) -> FinishReason:
+    if out.finish_reason == "length":
+        return "length"
+    if out.finish_reason == "stop":
+        ended_on_eos = bool(out.token_ids) and out.token_ids[-1] in frontend.eos_token_ids
+        return "eos_token" if ended_on_eos else "stop_sequence"
+    raise GenerationError(f"the request ended early: {out.finish_reason}")

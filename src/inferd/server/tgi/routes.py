@@ -1,0 +1,74 @@
+"""TGI-compatible routes: `/generate`, `/generate_stream`, `/info`, and `POST /` (TGI's compat route,
+which is what `huggingface_hub.InferenceClient(base_url).text_generation` posts to)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from inferd.server.errors import protocol_route_class
+from inferd.server.frontend import Frontend
+from inferd.server.streaming import sse_response, unless_disconnected
+from inferd.server.tgi.generation import (
+    MAX_STOP_SEQUENCES,
+    error_response,
+    generate,
+    prepare_generate,
+    stream_generate,
+)
+from inferd.server.tgi.protocol import GenerateRequest, GenerateResponse, Info
+
+
+def _inferd_version() -> str:
+    try:
+        return version("inferd")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] = ()) -> APIRouter:
+    router = APIRouter(
+        route_class=protocol_route_class(error_response),
+        dependencies=[Depends(dependency) for dependency in dependencies],
+        tags=["tgi"],
+    )
+
+    @router.get("/info")
+    async def info() -> Info:
+        config = frontend.llm.engine.config
+        return Info(
+            model_id=frontend.model_name,
+            model_dtype=config.dtype,
+            model_device_type=config.device,
+            max_concurrent_requests=config.scheduler.max_num_seqs,
+            max_stop_sequences=MAX_STOP_SEQUENCES,
+            max_input_tokens=frontend.max_model_len - 1,
+            max_total_tokens=frontend.max_model_len,
+            version=_inferd_version(),
+        )
+
+    @router.post("/generate")
+    async def generate_text(body: GenerateRequest, request: Request) -> GenerateResponse:
+        job = prepare_generate(frontend, body)
+        frontend.check_alive()
+        return await unless_disconnected(request, generate(frontend, job))
+
+    @router.post("/generate_stream", response_model=None)
+    async def generate_stream(body: GenerateRequest) -> Response:
+        job = prepare_generate(frontend, body)
+        frontend.check_alive()
+        return sse_response(stream_generate(frontend, job))
+
+    @router.post("/", response_model=None)
+    async def compat_generate(body: GenerateRequest, request: Request) -> list[GenerateResponse] | Response:
+        job = prepare_generate(frontend, body)
+        frontend.check_alive()
+        if body.stream:
+            return sse_response(stream_generate(frontend, job))
+        return [await unless_disconnected(request, generate(frontend, job))]
+
+    return router

@@ -1,0 +1,241 @@
+"""The OpenAI-compatible API of a real `inferd serve`, driven by the official `openai` SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from server_process import ServerProcess, run_server
+
+# In the tiny tokenizer "é" is split over two tokens: 322 ends with its first byte, 106 is its second.
+# This bias plus frequency penalty makes greedy decoding alternate them: "fé" "fé" ...
+SPLIT_CHAR_BIAS = {"322": 100, "106": 99}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama) -> Iterator[ServerProcess]:
+    with run_server(tiny_llama, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny") as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def async_client(server: ServerProcess) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_name(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+
+
+def test_completion_reports_usage_and_length(client: openai.OpenAI) -> None:
+    result = client.completions.create(
+        model="tiny", prompt="To be, or", max_tokens=6, extra_body={"ignore_eos": True}
+    )
+    assert result.object == "text_completion"
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage is not None
+    assert result.usage.completion_tokens == 6
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 6
+
+
+def test_completion_accepts_token_ids_and_prompt_lists(client: openai.OpenAI) -> None:
+    result = client.completions.create(
+        model="tiny", prompt=["To be", "Café"], max_tokens=3, n=2, temperature=0
+    )
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    # Greedy: both samples of one prompt agree.
+    assert result.choices[0].text == result.choices[1].text
+    by_ids = client.completions.create(model="tiny", prompt=[[302, 322]], max_tokens=3, temperature=0)
+    assert by_ids.usage is not None and by_ids.usage.prompt_tokens == 2
+
+
+def test_echo_prepends_the_prompt(client: openai.OpenAI) -> None:
+    result = client.completions.create(model="tiny", prompt="To be", max_tokens=3, echo=True, temperature=0)
+    assert result.choices[0].text.startswith("To be")
+
+
+def test_same_seed_streamed_and_not_give_the_same_text(client: openai.OpenAI) -> None:
+    kwargs = {"model": "tiny", "prompt": "Whether 'tis", "max_tokens": 24, "temperature": 1.0, "seed": 7}
+    whole = client.completions.create(**kwargs).choices[0].text
+    pieces = [
+        chunk.choices[0].text for chunk in client.completions.create(stream=True, **kwargs) if chunk.choices
+    ]
+    assert "".join(pieces) == whole
+    again = client.completions.create(**kwargs).choices[0].text
+    assert again == whole
+
+
+def test_n_samples_use_consecutive_seeds(client: openai.OpenAI) -> None:
+    kwargs = {"model": "tiny", "prompt": "The quick", "max_tokens": 12, "temperature": 1.0}
+    pair = client.completions.create(n=2, seed=11, **kwargs)
+    second_alone = client.completions.create(seed=12, **kwargs)
+    assert pair.choices[1].text == second_alone.choices[0].text
+    assert pair.choices[0].text != pair.choices[1].text
+
+
+def test_streamed_chunks_never_split_a_multibyte_character(client: openai.OpenAI) -> None:
+    kwargs = {
+        "model": "tiny",
+        "prompt": "Caf",
+        "max_tokens": 10,
+        "temperature": 0,
+        "logit_bias": SPLIT_CHAR_BIAS,
+        "frequency_penalty": 2.0,
+    }
+    whole = client.completions.create(**kwargs).choices[0].text
+    assert "é" in whole and "\ufffd" not in whole
+    chunks = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    assert "".join(chunks) == whole
+    assert all("\ufffd" not in chunk for chunk in chunks)
+    # Each "é" needs two tokens, so some chunks must have held a byte back to the next step.
+    assert len([c for c in chunks if c]) < 10
+
+
+def test_stop_string_ends_the_text_before_it(client: openai.OpenAI) -> None:
+    kwargs = {"model": "tiny", "prompt": "To be", "max_tokens": 30, "temperature": 1.0, "seed": 3}
+    free = client.completions.create(**kwargs).choices[0].text
+    stop = free[10:13]
+    stopped = client.completions.create(stop=[stop], **kwargs).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free[: free.index(stop)]
+    streamed = client.completions.create(stop=stop, stream=True, **kwargs)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == stopped.text
+
+
+def test_completion_logprobs(client: openai.OpenAI) -> None:
+    result = client.completions.create(model="tiny", prompt="To be", max_tokens=5, logprobs=3, temperature=0)
+    logprobs = result.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None and logprobs.top_logprobs is not None
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs or []) == 5
+    assert all(len(top) <= 3 for top in logprobs.top_logprobs)
+    # Greedy picks the most likely token, so it heads its own top list.
+    assert logprobs.token_logprobs == pytest.approx([max(top.values()) for top in logprobs.top_logprobs])
+
+
+def test_chat_completion_and_its_stream(client: openai.OpenAI) -> None:
+    kwargs = {
+        "model": "tiny",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Café?"}],
+        "max_completion_tokens": 8,
+        "temperature": 1.0,
+        "seed": 5,
+    }
+    whole = client.chat.completions.create(**kwargs)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.usage is not None and whole.usage.completion_tokens <= 8
+    chunks = list(
+        client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_chat_logprobs_and_n(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        seed=1,
+    )
+    assert len(result.choices) == 2
+    for choice in result.choices:
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        assert len(choice.logprobs.content) == 4
+        assert all(len(entry.top_logprobs) == 2 for entry in choice.logprobs.content)
+
+
+async def test_async_client_streams_and_not_concurrently(async_client: openai.AsyncOpenAI) -> None:
+    async def streamed(seed: int) -> str:
+        stream = await async_client.completions.create(
+            model="tiny", prompt="Or to take", max_tokens=10, seed=seed, stream=True
+        )
+        return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+    async def whole(seed: int) -> str:
+        result = await async_client.completions.create(
+            model="tiny", prompt="Or to take", max_tokens=10, seed=seed
+        )
+        return result.choices[0].text
+
+    seeds = range(4)
+    streamed_texts = await asyncio.gather(*(streamed(s) for s in seeds))
+    whole_texts = await asyncio.gather(*(whole(s) for s in seeds))
+    assert streamed_texts == whole_texts
+    chat = await async_client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=3
+    )
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="gpt-9", prompt="hi", max_tokens=2)
+    assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_bad_field_is_400_naming_it(client: openai.OpenAI) -> None:
+    for field, value in (("temperature", 7.0), ("n", 0), ("top_p", 0.0)):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2, **{field: value})
+        assert caught.value.body["param"] == field  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt="hi", logit_bias={"99999": 1})
+    assert caught.value.body["param"] == "logit_bias"  # type: ignore[index]
+
+
+def test_context_overflow_is_400_with_both_numbers(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt="To be", max_tokens=600)
+    message = caught.value.body["message"]  # type: ignore[index]
+    assert "512" in message and "602" in message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "be " * 600}])
+    assert "512" in caught.value.body["message"]  # type: ignore[index]
+    assert caught.value.body["param"] == "messages"  # type: ignore[index]
+
+
+def test_malformed_json_gets_the_openai_error_shape(server: ServerProcess) -> None:
+    response = httpx.post(
+        f"{server.base_url}/v1/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    missing = httpx.post(f"{server.base_url}/v1/chat/completions", json={"model": "tiny"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
+
+
+def test_tokenize_and_detokenize(server: ServerProcess) -> None:
+    tokens = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "Café"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 512
+    text = httpx.post(f"{server.base_url}/detokenize", json={"tokens": tokens["tokens"]}).json()
+    assert text == {"prompt": "Café"}
+    chat = httpx.post(
+        f"{server.base_url}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}
+    ).json()
+    assert chat["count"] > 1
+    bad = httpx.post(f"{server.base_url}/detokenize", json={"tokens": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_every_request_is_logged(client: openai.OpenAI, server: ServerProcess) -> None:
+    result = client.completions.create(model="tiny", prompt="To be", max_tokens=2, n=2)
+    for index in range(2):
+        line = server.wait_for_log(f"request {result.id}-{index} finished: ")
+        assert "prompt 2 tokens" in line and "ttft" in line and "total" in line
