@@ -1,0 +1,337 @@
+"""KServe v2 against a live server (REST and gRPC) with the real tritonclient: metadata, readiness,
+the example models, FP16/BF16 raw contents, error codes, batching isolation and the LLM paths."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+import torch
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from kserve_support import LiveServer, expected_fake_output, running_server
+from onnx import TensorProto, helper
+from tritonclient.utils import InferenceServerException
+
+from inferd.serving.config import read_model_config
+from inferd.serving.runtimes.registry import default_runtime_registry
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+SENTENCES = [b"A wonderful, moving film with great acting.", b"Boring, predictable and far too long."]
+
+
+def _write_config(model_dir: Path, config: dict[str, Any]) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "model.json").write_text(json.dumps(config))
+
+
+def _fp16_doubler(model_dir: Path) -> None:
+    """ONNX graph y = x + x on FP16: its data can only travel as raw contents over gRPC."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "double",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", 4])],
+    )
+    _write_config(
+        model_dir,
+        {
+            "runtime": "onnx",
+            "max_batch_size": 8,
+            "inputs": [{"name": "x", "datatype": "FP16", "shape": [4]}],
+            "outputs": [{"name": "y", "datatype": "FP16", "shape": [4]}],
+        },
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model_dir / "model.onnx")
+    )
+
+
+class _Halve(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / 2
+
+
+def _bf16_halver(model_dir: Path) -> None:
+    _write_config(
+        model_dir,
+        {
+            "runtime": "torch_export",
+            "inputs": [{"name": "x", "datatype": "BF16", "shape": [3]}],
+            "outputs": [{"name": "y", "datatype": "BF16", "shape": [3]}],
+        },
+    )
+    program = torch.export.export(_Halve(), (torch.ones(3, dtype=torch.bfloat16),))
+    torch.export.save(program, str(model_dir / "model.pt2"))
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repository")
+    for name in ("digits", "sentiment"):
+        shutil.copytree(EXAMPLES / name, root / name)
+    _fp16_doubler(root / "fp16_doubler")
+    _bf16_halver(root / "bf16_halver")
+    _write_config(root / "broken", {"runtime": "onnx", "inputs": [], "outputs": []})
+    _write_config(root / "echo_llm", {"runtime": "llm"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path) -> Iterator[LiveServer]:
+    with running_server(repository) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def http_client(server: LiveServer) -> triton_http.InferenceServerClient:
+    return triton_http.InferenceServerClient(server.http_address, concurrency=4)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server: LiveServer) -> triton_grpc.InferenceServerClient:
+    return triton_grpc.InferenceServerClient(server.grpc_url)
+
+
+def _direct(repository: Path, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's runtime called in this process, without the server."""
+    model_dir = repository / name
+    return default_runtime_registry().load(model_dir, read_model_config(model_dir)).infer(inputs)
+
+
+def _digit_images(count: int) -> np.ndarray:
+    return np.random.default_rng(count).uniform(0, 16, size=(count, 8, 8)).astype(np.float32)
+
+
+def test_health_and_server_metadata(http_client: Any, grpc_client: Any) -> None:
+    assert http_client.is_server_live() and http_client.is_server_ready()
+    assert grpc_client.is_server_live() and grpc_client.is_server_ready()
+    assert http_client.get_server_metadata()["name"] == "inferd"
+    grpc_metadata = grpc_client.get_server_metadata()
+    assert grpc_metadata.name == "inferd" and "binary_tensor_data" in grpc_metadata.extensions
+
+
+def test_model_metadata(http_client: Any, grpc_client: Any) -> None:
+    metadata = http_client.get_model_metadata("digits")
+    assert metadata["platform"] == "onnxruntime_onnx" and metadata["versions"] == ["1"]
+    assert metadata["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 8, 8]}]
+    grpc_metadata = grpc_client.get_model_metadata("sentiment", "1")
+    assert [(t.name, t.datatype, list(t.shape)) for t in grpc_metadata.inputs] == [("text", "BYTES", [-1, 1])]
+    assert [t.name for t in grpc_metadata.outputs] == ["probabilities", "label", "confidence"]
+
+
+def test_readiness_and_repository_index(http_client: Any, grpc_client: Any) -> None:
+    for name in ("digits", "sentiment", "fp16_doubler", "bf16_halver", "echo_llm"):
+        assert http_client.is_model_ready(name) and grpc_client.is_model_ready(name)
+    assert not http_client.is_model_ready("broken") and not grpc_client.is_model_ready("broken")
+    index = {item["name"]: item for item in http_client.get_model_repository_index()}
+    assert index["broken"]["state"] == "UNAVAILABLE" and "model.onnx" in index["broken"]["reason"]
+    assert index["digits"]["state"] == "READY"
+
+
+@pytest.mark.parametrize("binary_data", [False, True])
+def test_digits_over_http_equals_the_runtime(http_client: Any, repository: Path, binary_data: bool) -> None:
+    images = _digit_images(5)
+    image_input = triton_http.InferInput("image", list(images.shape), "FP32")
+    image_input.set_data_from_numpy(images, binary_data=binary_data)
+    outputs = [
+        triton_http.InferRequestedOutput(n, binary_data=binary_data) for n in ("probabilities", "label")
+    ]
+    result = http_client.infer("digits", [image_input], outputs=outputs, request_id="digits-1")
+    direct = _direct(repository, "digits", {"image": images})
+    assert result.get_response()["id"] == "digits-1"
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), direct["probabilities"], rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_array_equal(result.as_numpy("label"), direct["label"])
+
+
+def test_digits_over_grpc_equals_the_runtime(grpc_client: Any, repository: Path) -> None:
+    images = _digit_images(3)
+    image_input = triton_grpc.InferInput("image", list(images.shape), "FP32")
+    image_input.set_data_from_numpy(images)
+    result = grpc_client.infer("digits", [image_input])
+    direct = _direct(repository, "digits", {"image": images})
+    for name in ("probabilities", "label", "confidence"):
+        np.testing.assert_allclose(result.as_numpy(name), direct[name], rtol=1e-5, atol=1e-7)
+
+
+def test_sentiment_labels_through_the_classification_extension(
+    http_client: Any, grpc_client: Any, repository: Path
+) -> None:
+    texts = np.array([[s] for s in SENTENCES], dtype=object)
+    direct = _direct(repository, "sentiment", {"text": texts})
+    assert direct["label"].ravel().tolist() == [1, 0]
+
+    http_input = triton_http.InferInput("text", [2, 1], "BYTES")
+    http_input.set_data_from_numpy(texts, binary_data=False)
+    http_result = http_client.infer(
+        "sentiment",
+        [http_input],
+        outputs=[
+            triton_http.InferRequestedOutput("probabilities", binary_data=False, class_count=1),
+            triton_http.InferRequestedOutput("confidence", binary_data=False),
+        ],
+    )
+    top = [entry.split(":") for entry in http_result.as_numpy("probabilities").ravel()]
+    assert [label for _, _, label in top] == ["positive", "negative"]
+    np.testing.assert_allclose([float(score) for score, _, _ in top], direct["confidence"].ravel(), rtol=1e-5)
+
+    grpc_input = triton_grpc.InferInput("text", [2, 1], "BYTES")
+    grpc_input.set_data_from_numpy(texts)
+    grpc_result = grpc_client.infer("sentiment", [grpc_input])
+    np.testing.assert_array_equal(grpc_result.as_numpy("label"), direct["label"])
+    np.testing.assert_allclose(grpc_result.as_numpy("probabilities"), direct["probabilities"], rtol=1e-6)
+
+
+def test_fp16_through_raw_contents(http_client: Any, grpc_client: Any) -> None:
+    x = np.array([[0.5, -1.25, 3.0, 1000.0], [2.0, 0.0, -4.5, 0.125]], dtype=np.float16)
+    grpc_input = triton_grpc.InferInput("x", list(x.shape), "FP16")
+    grpc_input.set_data_from_numpy(x)
+    grpc_output = grpc_client.infer("fp16_doubler", [grpc_input]).as_numpy("y")
+    assert grpc_output.dtype == np.float16
+    np.testing.assert_array_equal(grpc_output, x * 2)
+    http_input = triton_http.InferInput("x", list(x.shape), "FP16")
+    http_input.set_data_from_numpy(x, binary_data=True)
+    np.testing.assert_array_equal(http_client.infer("fp16_doubler", [http_input]).as_numpy("y"), x * 2)
+
+
+def test_bf16_through_raw_contents(grpc_client: Any) -> None:
+    x = np.array([1.0, -3.0, 0.5], dtype=ml_dtypes.bfloat16)
+    bf16_input = triton_grpc.InferInput("x", [3], "BF16")
+    bf16_input.set_data_from_numpy(x)
+    result = grpc_client.infer("bf16_halver", [bf16_input])
+    output = result.as_numpy("y")
+    assert output.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(output.astype(np.float32), x.astype(np.float32) / 2)
+
+
+def _http_error(call: Any) -> str:
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return str(caught.value.status())
+
+
+def test_http_error_codes(http_client: Any, server: LiveServer) -> None:
+    wrong_shape = triton_http.InferInput("image", [1, 4, 4], "FP32")
+    wrong_shape.set_data_from_numpy(np.zeros((1, 4, 4), dtype=np.float32))
+    assert _http_error(lambda: http_client.infer("digits", [wrong_shape])) == "400"
+    wrong_type = triton_http.InferInput("image", [1, 8, 8], "FP64")
+    wrong_type.set_data_from_numpy(np.zeros((1, 8, 8), dtype=np.float64))
+    assert _http_error(lambda: http_client.infer("digits", [wrong_type])) == "400"
+    assert _http_error(lambda: http_client.get_model_metadata("no_such_model")) == "404"
+    assert _http_error(lambda: http_client.get_model_metadata("broken")) == "503"
+
+    def post(path: str, body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(f"{server.http_url}{path}", json=body, timeout=30)
+
+    missing_input = post("/v2/models/digits/infer", {"inputs": []})
+    assert missing_input.status_code == 400 and "missing input 'image'" in missing_input.json()["error"]
+    assert post("/v2/models/no_such_model/infer", {"inputs": []}).status_code == 404
+    broken = post("/v2/models/broken/infer", {"inputs": []})
+    assert broken.status_code == 503 and "not ready" in broken.json()["error"]
+    assert post("/v2/models/digits/versions/7/infer", {"inputs": []}).status_code == 404
+
+
+def _grpc_error(call: Any) -> str:
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return str(caught.value.status())
+
+
+def test_grpc_error_codes(grpc_client: Any) -> None:
+    wrong_shape = triton_grpc.InferInput("image", [1, 64], "FP32")
+    wrong_shape.set_data_from_numpy(np.zeros((1, 64), dtype=np.float32))
+    assert _grpc_error(lambda: grpc_client.infer("digits", [wrong_shape])) == "StatusCode.INVALID_ARGUMENT"
+    fine = triton_grpc.InferInput("image", [1, 8, 8], "FP32")
+    fine.set_data_from_numpy(np.zeros((1, 8, 8), dtype=np.float32))
+    assert _grpc_error(lambda: grpc_client.infer("no_such_model", [fine])) == "StatusCode.NOT_FOUND"
+    assert _grpc_error(lambda: grpc_client.infer("broken", [fine])) == "StatusCode.UNAVAILABLE"
+    assert _grpc_error(lambda: grpc_client.get_model_metadata("broken")) == "StatusCode.UNAVAILABLE"
+
+
+def test_nested_json_data_and_request_id(server: LiveServer, repository: Path) -> None:
+    images = _digit_images(2)
+    body = {
+        "id": "nested-7",
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [2, 8, 8], "data": images.tolist()}],
+        "outputs": [{"name": "label"}],
+    }
+    response = httpx.post(f"{server.http_url}/v2/models/digits/infer", json=body, timeout=30).json()
+    assert response["id"] == "nested-7" and response["model_name"] == "digits"
+    (label,) = response["outputs"]
+    assert label["shape"] == [2, 1]
+    assert label["data"] == _direct(repository, "digits", {"image": images})["label"].ravel().tolist()
+
+
+async def test_a_bad_request_among_concurrent_ones_fails_alone(server: LiveServer, repository: Path) -> None:
+    images = _digit_images(8)
+    expected = _direct(repository, "digits", {"image": images})["label"].ravel().tolist()
+
+    def body(index: int) -> dict[str, Any]:
+        shape = [1, 8, 7] if index == 3 else [1, 8, 8]  # request 3 is malformed
+        data = images[index].ravel().tolist()[: 56 if index == 3 else 64]
+        return {"inputs": [{"name": "image", "datatype": "FP32", "shape": shape, "data": data}]}
+
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as client:
+        responses = await asyncio.gather(
+            *(client.post("/v2/models/digits/infer", json=body(i)) for i in range(8))
+        )
+        metrics = (await client.get("/metrics")).text
+    for index, response in enumerate(responses):
+        if index == 3:
+            assert response.status_code == 400
+        else:
+            label = next(o for o in response.json()["outputs"] if o["name"] == "label")
+            assert label["data"] == [expected[index]]
+    assert 'inferd_kserve_batch_requests_count{model="digits"}' in metrics
+
+
+def test_llm_text_input_over_grpc_and_http(http_client: Any, grpc_client: Any) -> None:
+    prompt = np.array([b"hello there general kenobi"], dtype=object)
+    grpc_input = triton_grpc.InferInput("text_input", [1], "BYTES")
+    grpc_input.set_data_from_numpy(prompt)
+    grpc_result = grpc_client.infer("echo_llm", [grpc_input], parameters={"max_tokens": 2})
+    assert grpc_result.as_numpy("text_output").tolist() == [
+        expected_fake_output("hello there general kenobi", 2).encode()
+    ]
+    http_input = triton_http.InferInput("text_input", [1], "BYTES")
+    http_input.set_data_from_numpy(prompt, binary_data=True)
+    http_result = http_client.infer("echo_llm", [http_input])
+    assert http_result.as_numpy("text_output").tolist() == [b"HELLO THERE GENERAL KENOBI"]
+    bad = triton_grpc.InferInput("text_input", [1], "BYTES")
+    bad.set_data_from_numpy(prompt)
+    status = _grpc_error(lambda: grpc_client.infer("echo_llm", [bad], parameters={"max_tokens": 0}))
+    assert status == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_generate_and_generate_stream(server: LiveServer) -> None:
+    url = f"{server.http_url}/v2/models/echo_llm"
+    generated = httpx.post(
+        f"{url}/generate", json={"text_input": "one two three", "parameters": {"max_tokens": 2}}
+    )
+    assert generated.status_code == 200
+    assert generated.json()["text_output"] == "ONE TWO" and generated.json()["finish_reason"] == "length"
+    with httpx.stream(
+        "POST", f"{url}/generate_stream", json={"text_input": "one two three"}, timeout=30
+    ) as stream:
+        assert stream.status_code == 200
+        events = [
+            json.loads(line[len("data: ") :]) for line in stream.iter_lines() if line.startswith("data: ")
+        ]
+    assert "".join(e["text_output"] for e in events) == "ONE TWO THREE"
+    assert [e["text_output"] for e in events[:3]] == ["ONE", " TWO", " THREE"]
+    assert events[-1]["finish_reason"] == "stop"
+    bad = httpx.post(f"{url}/generate_stream", json={"text_input": "x", "temperature": -1})
+    assert bad.status_code == 400 and "temperature" in bad.json()["error"]
+    not_llm = httpx.post(f"{server.http_url}/v2/models/digits/generate", json={"text_input": "x"})
+    assert not_llm.status_code == 400

@@ -1,0 +1,105 @@
+"""The dynamic batcher: stacking within the delay, the size cap, splitting, failure isolation, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from inferd.serving.batcher import DynamicBatcher
+from inferd.serving.metrics import ServingMetrics
+
+POISON = -1.0
+
+
+class RecordingModel:
+    """Doubles its input; refuses any batch containing POISON. Records the rows of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self._lock = threading.Lock()
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        with self._lock:
+            self.calls.append(x.shape[0])
+        if (x == POISON).any():
+            raise ValueError("poisoned input")
+        return {"y": x * 2, "row_sum": x.sum(axis=1, keepdims=True)}
+
+
+def _request(value: float, rows: int = 1, width: int = 3) -> dict[str, np.ndarray]:
+    return {"x": np.full((rows, width), value, dtype=np.float32)}
+
+
+async def test_requests_within_the_delay_run_as_one_call_and_are_split_back() -> None:
+    model = RecordingModel()
+    batcher = DynamicBatcher("m", model.infer, max_batch_size=16, max_queue_delay_s=0.5)
+    results = await asyncio.gather(*(batcher.submit(_request(float(i), rows=i % 2 + 1)) for i in range(6)))
+    await batcher.close()
+    assert model.calls == [9]  # 3 requests of 1 row + 3 of 2 rows, one call
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result["y"], _request(float(i), rows=i % 2 + 1)["x"] * 2)
+        assert result["row_sum"].shape == (i % 2 + 1, 1)
+
+
+async def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
+    model = RecordingModel()
+    batcher = DynamicBatcher("m", model.infer, max_batch_size=4, max_queue_delay_s=30.0)
+    # With a 30 s delay this only finishes quickly (well within the test timeout) if full batches go at once.
+    await asyncio.wait_for(asyncio.gather(*(batcher.submit(_request(1.0)) for _ in range(8))), timeout=10)
+    await batcher.close()
+    assert model.calls == [4, 4]
+
+
+async def test_batches_never_exceed_max_batch_size() -> None:
+    model = RecordingModel()
+    batcher = DynamicBatcher("m", model.infer, max_batch_size=5, max_queue_delay_s=0.05)
+    await asyncio.gather(*(batcher.submit(_request(1.0, rows=2)) for _ in range(7)))
+    await batcher.close()
+    assert sum(model.calls) == 14 and max(model.calls) <= 5
+
+
+async def test_requests_with_different_shapes_are_not_stacked() -> None:
+    model = RecordingModel()
+    batcher = DynamicBatcher("m", model.infer, max_batch_size=16, max_queue_delay_s=0.2)
+    narrow, wide = await asyncio.gather(
+        batcher.submit(_request(1.0, width=2)), batcher.submit(_request(1.0, width=5))
+    )
+    await batcher.close()
+    assert sorted(model.calls) == [1, 1]
+    assert narrow["y"].shape == (1, 2) and wide["y"].shape == (1, 5)
+
+
+async def test_a_bad_request_in_a_batch_fails_alone() -> None:
+    model = RecordingModel()
+    batcher = DynamicBatcher("m", model.infer, max_batch_size=16, max_queue_delay_s=0.5)
+    values = [1.0, 2.0, POISON, 4.0]
+    results = await asyncio.gather(*(batcher.submit(_request(v)) for v in values), return_exceptions=True)
+    await batcher.close()
+    assert isinstance(results[2], ValueError)
+    for value, result in zip(values, results, strict=True):
+        if value != POISON:
+            np.testing.assert_array_equal(result["y"], _request(value)["x"] * 2)
+    assert model.calls[0] == 4  # stacked first, then each request alone
+
+
+async def test_oversized_request_is_refused() -> None:
+    batcher = DynamicBatcher("m", RecordingModel().infer, max_batch_size=2, max_queue_delay_s=0.0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        await batcher.submit(_request(1.0, rows=3))
+
+
+async def test_batch_metrics_go_to_the_given_registry() -> None:
+    registry = CollectorRegistry()
+    batcher = DynamicBatcher("digits", RecordingModel().infer, 8, 0.5, ServingMetrics(registry))
+    await asyncio.gather(*(batcher.submit(_request(1.0)) for _ in range(3)))
+    await batcher.close()
+    labels = {"model": "digits"}
+    assert registry.get_sample_value("inferd_kserve_batch_requests_count", labels) == 1
+    assert registry.get_sample_value("inferd_kserve_batch_requests_sum", labels) == 3
+    assert registry.get_sample_value("inferd_kserve_batch_rows_sum", labels) == 3
+    assert registry.get_sample_value("inferd_kserve_queue_seconds_count", labels) == 3
