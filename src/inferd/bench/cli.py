@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_compare_parser(modes)
 
 
-def _add_workload_args(parser: argparse.ArgumentParser) -> None:
+def _add_workload_args(parser: argparse.ArgumentParser, tokenizer_option: bool) -> None:
     workload = parser.add_argument_group("workload")
     workload.add_argument(
         "--dataset",
@@ -59,21 +59,20 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
         default=10000,
         help="random prompts draw token ids below this (default 10000)",
     )
-    workload.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer.json or a model folder; default: the model if it is a local folder",
-    )
+    if tokenizer_option:
+        workload.add_argument(
+            "--tokenizer",
+            default=None,
+            help="tokenizer.json or a model folder; default: the model if it is a local folder",
+        )
 
 
-def _add_report_args(parser: argparse.ArgumentParser, kind: str) -> None:
+def _add_report_args(parser: argparse.ArgumentParser, kind: str, plot: bool) -> None:
     report = parser.add_argument_group("report")
-    report.add_argument(
-        "--output-prefix",
-        default=None,
-        help=f"write PREFIX.json (every request) and PREFIX.png; default bench-{kind}-<time>",
-    )
-    report.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    files = "PREFIX.json (every request) and PREFIX.png" if plot else "PREFIX.json (every request)"
+    report.add_argument("--output-prefix", default=None, help=f"write {files}; default bench-{kind}-<time>")
+    if plot:
+        report.add_argument("--no-plot", action="store_true", help="skip the PNG")
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -100,8 +99,8 @@ def _add_serve_parser(modes: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY"
     )
-    _add_workload_args(parser)
-    _add_report_args(parser, "serve")
+    _add_workload_args(parser, tokenizer_option=True)
+    _add_report_args(parser, "serve", plot=True)
     parser.set_defaults(func=run_serve)
 
 
@@ -114,15 +113,17 @@ def _add_offline_parser(modes: argparse._SubParsersAction) -> None:
         default=None,
         help="nanovllm: 256 prompts, input and output lengths uniform in [100, 1024], seed 0",
     )
-    parser.add_argument(
-        "--engine-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="passed to LLM(...) as a keyword; VALUE is read as int, float, true/false or kept as text",
-    )
-    _add_workload_args(parser)
-    _add_report_args(parser, "offline")
+    engine = parser.add_argument_group("engine (unset: the engine's defaults)")
+    engine.add_argument("--device", default=None, help="cpu or cuda")
+    engine.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--max-num-seqs", type=int, default=None)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None)
+    engine.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB")
+    engine.add_argument("--attention-backend", default=None)
+    # Offline prompts go through the engine's own tokenizer.
+    _add_workload_args(parser, tokenizer_option=False)
+    _add_report_args(parser, "offline", plot=False)
     parser.set_defaults(func=run_offline)
 
 
@@ -133,8 +134,10 @@ def _add_compare_parser(modes: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_compare)
 
 
-def build_requests(args: argparse.Namespace, tokenizer: TextTokenizer | None) -> list[BenchRequest]:
-    """The workload the dataset arguments describe."""
+def build_requests(
+    args: argparse.Namespace, tokenizer: TextTokenizer | None, token_id_limit: int
+) -> list[BenchRequest]:
+    """The workload the dataset arguments describe; random token ids stay below `token_id_limit`."""
     from inferd.bench import datasets
 
     kind, *paths = args.dataset
@@ -148,7 +151,7 @@ def build_requests(args: argparse.Namespace, tokenizer: TextTokenizer | None) ->
             args.input_len,
             args.output_len or LengthRange(128, 128),
             args.seed,
-            args.token_id_limit,
+            token_id_limit,
             tokenizer,
         )
     if kind == "sharegpt":
@@ -191,7 +194,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from inferd.bench.runner import run_requests
 
     model = args.model or first_served_model(args.base_url, args.api_key)
-    requests = build_requests(args, _tokenizer_for(args, model))
+    requests = build_requests(args, _tokenizer_for(args, model), args.token_id_limit)
     client = OpenAIStreamClient(
         args.base_url, model, args.endpoint, args.ignore_eos, args.timeout_s, args.api_key
     )
@@ -213,9 +216,7 @@ def run_serve(args: argparse.Namespace) -> int:
     summary = summarize(result.records, result.duration_s, Slo(args.slo_ttft_ms, args.slo_tpot_ms))
     title = f"{model} @ {args.base_url} ({args.endpoint}, rate {args.request_rate:g}/s)"
     print(format_table(summary, title="inferd bench serve"))
-    config = {"title": title, **{key: _plain(value) for key, value in vars(args).items() if key != "func"}}
-    config["model"] = model
-    config.pop("api_key", None)
+    config = {**plain_config(args), "title": title, "model": model}
     _write_outputs(args, config, summary, result)
     return 0 if summary["completed"] else 1
 
@@ -235,6 +236,11 @@ def run_compare(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def plain_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's arguments for the JSON report, without the secret or the handler."""
+    return {key: _plain(value) for key, value in vars(args).items() if key not in ("func", "api_key")}
 
 
 def _plain(value: Any) -> Any:

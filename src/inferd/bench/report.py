@@ -14,6 +14,8 @@ from inferd.bench.client import RequestRecord
 
 PERCENTILES = (50, 90, 95, 99)
 LATENCY_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+# Terminal table layout: total width, label column, latency cell (fits 9,999,999.99 ms).
+_WIDTH, _LABEL, _CELL = 71, 47, 11
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: Slo = Slo())
 
 def format_table(summary: dict[str, Any], title: str = "inferd bench") -> str:
     """A plain-text report for the terminal."""
-    lines = [f"{f' {title} ':=^64}"]
+    lines = [f"{f' {title} ':=^{_WIDTH}}"]
     rows = [
         ("Completed requests", f"{summary['completed']}"),
         ("Failed requests", f"{summary['failed']}"),
@@ -91,25 +93,29 @@ def format_table(summary: dict[str, Any], title: str = "inferd bench") -> str:
             f"{name} <= {value:g}" for name, value in summary["slo"].items() if value is not None
         )
         rows.append((f"Goodput (req/s; {bounds})", f"{summary['goodput']:.2f}"))
-    lines += [f"{label:<44}{value:>20}" for label, value in rows]
+    lines += [f"{label:<{_LABEL}}{value:>{_WIDTH - _LABEL}}" for label, value in rows]
     if summary["errors"]:
-        lines.append(f"{' Errors ':-^64}")
-        lines += [f"{kind:<44}{count:>20}" for kind, count in sorted(summary["errors"].items())]
+        lines.append(f"{' Errors ':-^{_WIDTH}}")
+        lines += [
+            f"{kind:<{_LABEL}}{count:>{_WIDTH - _LABEL}}" for kind, count in sorted(summary["errors"].items())
+        ]
     if summary["completed"] and summary["tokens_from_usage"] < summary["completed"]:
         missing = summary["completed"] - summary["tokens_from_usage"]
         lines.append(f"note: {missing} replies had no usage; their tokens were counted one per chunk")
-    lines.append(f"{' Latency (ms) ':-^64}")
-    lines.append(f"{'':<16}" + "".join(f"{name:>9}" for name in ("mean", *(f"P{p}" for p in PERCENTILES))))
+    lines.append(f"{' Latency (ms) ':-^{_WIDTH}}")
+    lines.append(
+        f"{'':<16}" + "".join(f"{name:>{_CELL}}" for name in ("mean", *(f"P{p}" for p in PERCENTILES)))
+    )
     for metric in LATENCY_METRICS:
         stats = summary[metric]
         cells = "".join(_cell(stats[key]) for key in ("mean", *(f"p{p}" for p in PERCENTILES)))
         lines.append(f"{metric.removesuffix('_ms').upper():<16}{cells}")
-    lines.append("=" * 64)
+    lines.append("=" * _WIDTH)
     return "\n".join(lines)
 
 
 def _cell(value: float | None) -> str:
-    return f"{'-':>9}" if value is None else f"{value:>9.2f}"
+    return f"{'-':>{_CELL}}" if value is None else f"{value:>{_CELL}.2f}"
 
 
 def record_to_json(record: RequestRecord) -> dict[str, Any]:

@@ -1,0 +1,100 @@
+"""`inferd bench offline`: the engine in this process through the offline `LLM` API, no HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import TYPE_CHECKING, Any
+
+from inferd.bench.client import RequestRecord
+from inferd.bench.datasets import BenchRequest, clip_to_context, nanovllm_requests
+from inferd.bench.runner import RunResult
+from inferd.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from inferd.engine.outputs import RequestOutput
+    from inferd.llm import LLM
+
+# CLI flag -> LLM(...) keyword; only flags the user set are passed, so the engine keeps its defaults.
+ENGINE_OPTIONS = (
+    "device",
+    "dtype",
+    "max_model_len",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "kv_cache_memory",
+    "attention_backend",
+)
+
+
+def workload_for(llm: LLM, args: argparse.Namespace) -> tuple[list[BenchRequest], bool]:
+    """The requests as token ids that fit the model's context; the flag says whether any were clipped."""
+    config = llm.engine.config
+    vocab_size, max_model_len = config.model.vocab_size, config.scheduler.max_model_len
+    if args.preset == "nanovllm":
+        return nanovllm_requests(vocab_size, max_model_len)
+    from inferd.bench.cli import build_requests
+
+    workload = build_requests(args, llm.tokenizer, token_id_limit=min(args.token_id_limit, vocab_size))
+    requests = [_as_token_ids(llm, request) for request in workload]
+    return clip_to_context(requests, max_model_len)
+
+
+def _as_token_ids(llm: LLM, request: BenchRequest) -> BenchRequest:
+    if isinstance(request.prompt, list):
+        return request
+    token_ids = llm.tokenizer.encode(request.prompt)
+    return BenchRequest(prompt=token_ids, max_tokens=request.max_tokens, input_len=len(token_ids))
+
+
+def generate_timed(llm: LLM, requests: list[BenchRequest], show_progress: bool) -> RunResult:
+    """One `generate` call over the whole workload (greedy, EOS ignored so every output is full length)."""
+    params = [SamplingParams(max_tokens=r.max_tokens, ignore_eos=True, temperature=0.0) for r in requests]
+    prompts = [request.prompt for request in requests]
+    run_start_monotonic, run_start = time.monotonic(), time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=show_progress)  # type: ignore[arg-type]
+    duration_s = time.perf_counter() - run_start
+    records = [_record(index, output, run_start_monotonic) for index, output in enumerate(outputs)]
+    return RunResult(records=records, duration_s=duration_s)
+
+
+def _record(index: int, output: RequestOutput, run_start_monotonic: float) -> RequestRecord:
+    """The engine's own timings (arrival to first token, to finish); no per-token times, so no ITL."""
+    metrics = output.metrics
+    return RequestRecord(
+        index=index,
+        start_s=metrics.arrival_time - run_start_monotonic,
+        max_tokens=len(output.token_ids),
+        ttft_s=metrics.ttft_s,
+        e2e_s=metrics.e2e_s,
+        prompt_tokens=output.num_prompt_tokens,
+        output_tokens=len(output.token_ids),
+        tokens_from_usage=True,
+        error="engine" if output.error else None,
+        error_detail=output.error,
+    )
+
+
+def run_offline_bench(args: argparse.Namespace) -> int:
+    from inferd.bench.cli import plain_config
+    from inferd.bench.report import format_table, summarize, write_json
+    from inferd.llm import LLM
+
+    options = {name: getattr(args, name) for name in ENGINE_OPTIONS if getattr(args, name) is not None}
+    llm = LLM(args.model, **options)
+    requests, clipped = workload_for(llm, args)
+    if clipped:
+        print(
+            f"note: lengths clipped to fit the model's context of {llm.engine.config.scheduler.max_model_len}"
+        )
+    # Warm-up outside the timed run (first-call allocations, kernel selection); ids unlike the workload's
+    # so the prefix cache gives the timed run nothing.
+    llm.generate([[0, 1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0))
+    result = generate_timed(llm, requests, not args.no_progress)
+    summary = summarize(result.records, result.duration_s)
+    print(format_table(summary, title="inferd bench offline"))
+    config: dict[str, Any] = {**plain_config(args), "title": f"offline {llm.engine.config.model_path.name}"}
+    prefix = args.output_prefix or f"bench-offline-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_json(f"{prefix}.json", config, summary, result.records)
+    print(f"wrote {prefix}.json")
+    return 0 if summary["completed"] else 1
