@@ -26,7 +26,8 @@ INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
 if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("compiled Triton kernels need a CUDA device", allow_module_level=True)
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
-TOLERANCE = {torch.float32: 2e-5 if INTERPRETED else 2e-3, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# Compiled fp32 dots run in tf32 on NVIDIA GPUs; half precision rounds P before P @ V.
+TOLERANCE = {torch.float32: 2e-5 if INTERPRETED else 1e-2, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 @dataclass

@@ -1,0 +1,523 @@
+"""One-call GPU benchmark: Triton attention checked against PyTorch, then generation speed.
+
+In one run, on random-weight models in real shapes built directly on the device:
+  1. relative error of the Triton attention backend against the PyTorch one (kernels alone, and
+     a whole model forward);
+  2. the nano-vllm workload (256 sequences, prompt and output lengths uniform in [100, 1024],
+     token ids up to 10000, ``random.seed(0)``, EOS ignored) on the Qwen3-0.6B shape, for inferd
+     and, unless ``--skip-transformers``, for transformers' continuous batching;
+  3. batch-1 decode of 256 tokens on the Qwen3-0.6B and Llama-3.1-8B shapes.
+Every speed is also given as a fraction of its roofline floor (see ``roofline.py``), over ceilings
+measured in the same run. Results go to ``--out`` as JSON.
+
+    python benchmarks/gpu.py --out benchmarks/results/h200.json            # on a GPU
+    python benchmarks/gpu.py --smoke --out /tmp/smoke.json                 # tiny shapes, CPU
+
+``--smoke`` runs everything at toy sizes on the CPU (Triton through its interpreter) in well
+under a minute, to check the script itself without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+# The smoke run interprets Triton on the CPU; the switch must be set before triton is imported.
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from roofline import Ceilings, ModelShape, decode_floor_s, generation_floor_s  # noqa: E402
+
+# transformers' continuous batching on the nano-vllm workload, Qwen3-0.6B shape, lent H200
+# (torch 2.11): the figure used when --skip-transformers, with where it came from.
+TRANSFORMERS_H200_REFERENCE = {"output_tok_s": 624.0, "source": "H200 run recorded in DESIGN.md (torch 2.11)"}
+
+QWEN3_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
+    "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+    "tie_word_embeddings": True,
+}  # fmt: skip
+LLAMA_3_1_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+    "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+}  # fmt: skip
+BATCH1_PROMPT_LEN = 16
+# Toy sizes for --smoke: the same code paths, small enough for the CPU and the Triton interpreter.
+SMOKE_SIZES = {
+    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run does; --smoke shrinks every number."""
+
+    device: str
+    dtype: torch.dtype
+    num_seqs: int
+    max_prompt_len: int
+    max_output_len: int
+    decode_tokens: int
+    token_id_limit: int
+    kv_cache_memory: str
+
+    @classmethod
+    def for_args(cls, args: argparse.Namespace) -> Plan:
+        if args.smoke:
+            return cls("cpu", torch.float32, 3, 24, 6, 8, 500, "64MiB")
+        return cls("cuda", torch.bfloat16, 256, 1024, 1024, 256, 10000, args.kv_cache_memory)
+
+
+def shape_config(hf_config: dict[str, Any], smoke: bool) -> dict[str, Any]:
+    return {**hf_config, **SMOKE_SIZES} if smoke else dict(hf_config)
+
+
+def model_shape(hf_config: dict[str, Any], dtype: torch.dtype) -> ModelShape:
+    return ModelShape(
+        vocab_size=hf_config["vocab_size"],
+        hidden_size=hf_config["hidden_size"],
+        intermediate_size=hf_config["intermediate_size"],
+        num_layers=hf_config["num_hidden_layers"],
+        num_heads=hf_config["num_attention_heads"],
+        num_kv_heads=hf_config["num_key_value_heads"],
+        head_dim=hf_config["head_dim"],
+        tie_word_embeddings=hf_config["tie_word_embeddings"],
+        bytes_per_param=torch.empty((), dtype=dtype).element_size(),
+    )
+
+
+# ---- ceilings -------------------------------------------------------------------------------
+
+
+def _timed(fn: Any, device: str, repeats: int) -> float:
+    """Seconds per call, after one warm-up call."""
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def measure_ceilings(plan: Plan) -> Ceilings:
+    """Device copy bandwidth (bytes read + written) and the dtype's large-matmul rate."""
+    numel = (1 << 28) if plan.device == "cuda" else (1 << 22)
+    src = torch.empty(numel, dtype=torch.uint8, device=plan.device)
+    dst = torch.empty_like(src)
+    copy_s = _timed(lambda: dst.copy_(src), plan.device, 20)
+    n = 8192 if plan.device == "cuda" else 256
+    a = torch.randn(n, n, dtype=plan.dtype, device=plan.device)
+    b = torch.randn(n, n, dtype=plan.dtype, device=plan.device)
+    matmul_s = _timed(lambda: a @ b, plan.device, 10)
+    return Ceilings(bandwidth_bytes_s=2 * numel / copy_s, matmul_flops_s=2 * n**3 / matmul_s)
+
+
+# ---- models with random weights ---------------------------------------------------------------
+
+
+def write_model_folder(folder: Path, hf_config: dict[str, Any]) -> Path:
+    """config.json and a word-level tokenizer over the whole vocabulary; no weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config))
+    vocab = {f"t{i}": i for i in range(hf_config["vocab_size"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def build_random_model(
+    path: Path, cfg: Any, max_positions: int, dtype: torch.dtype, device: str
+) -> torch.nn.Module:
+    """inferd's model class with its default (random) init, built on the device: what the loader
+    returns, without a checkpoint to read."""
+    from inferd.models.registry import model_class
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class(cfg.architecture)(cfg, max_positions)
+    for name, child in model.named_children():
+        if name != "rotary":  # rotary tables stay float32, as the loader keeps them
+            child.to(dtype)
+    return model.eval()
+
+
+@contextmanager
+def random_weights() -> Iterator[None]:
+    """Engines built inside load random weights instead of a safetensors checkpoint."""
+    with mock.patch("inferd.worker.model_runner.load_model", build_random_model):
+        yield
+
+
+def free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- correctness: Triton against PyTorch ------------------------------------------------------
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30))
+
+
+def paged_step(
+    context_lens: list[int], query_lens: list[int], block_size: int, device: str
+) -> tuple[Any, int]:
+    """Metadata of one step whose sequences own shuffled blocks; returns it and the block count."""
+    from inferd.attention.base import AttentionMetadata
+
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq)
+    order = torch.randperm(num_blocks).tolist()
+    tables = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+    slots: list[int] = []
+    for i, (context, total) in enumerate(zip(context_lens, seq_lens, strict=True)):
+        own, order = order[: blocks_per_seq[i]], order[blocks_per_seq[i] :]
+        tables[i, : len(own)] = torch.tensor(own, dtype=torch.int32)
+        slots += [own[p // block_size] * block_size + p % block_size for p in range(context, total)]
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_host=tuple(query_lens),
+        seq_lens_host=tuple(seq_lens),
+    )
+    return meta, num_blocks
+
+
+def check_kernels(hf_config: dict[str, Any], plan: Plan) -> dict[str, float]:
+    """Attention outputs of both backends on the model's head layout: a decode step with ragged
+    contexts, and a mixed step (fresh prompts, chunks after cached context, decode rows)."""
+    from inferd.attention.torch_backend import TorchAttentionBackend
+    from inferd.attention.triton_backend import TritonAttentionBackend
+
+    heads, kv_heads, dim = (hf_config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    limit = plan.max_prompt_len + plan.max_output_len
+    steps = {
+        "decode": ([1, 17, limit // 3, limit - 1] * 4, [1] * 16),
+        "extend": ([0, 0, limit // 4, 40, limit // 2], [plan.max_prompt_len // 2, 3, 64, 9, 1]),
+    }
+    errors = {}
+    for name, (context_lens, query_lens) in steps.items():
+        meta, num_blocks = paged_step(context_lens, query_lens, 16, plan.device)
+        tokens = sum(query_lens)
+        q = torch.randn(tokens, heads, dim, dtype=plan.dtype, device=plan.device)
+        k, v = (torch.randn(tokens, kv_heads, dim, dtype=plan.dtype, device=plan.device) for _ in range(2))
+        cache = torch.randn(2, num_blocks, 16, kv_heads, dim, dtype=plan.dtype, device=plan.device)
+        outputs = []
+        for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
+            k_cache, v_cache = cache[0].clone(), cache[1].clone()
+            outputs.append(backend.forward(q, k, v, k_cache, v_cache, meta, dim**-0.5))
+        errors[f"attention_{name}"] = relative_error(outputs[0], outputs[1])
+    return errors
+
+
+@torch.inference_mode()
+def check_model_forward(folder: Path, hf_config: dict[str, Any], plan: Plan) -> float:
+    """Final hidden states of one random-weight model over a mixed step, per backend."""
+    from inferd.attention.torch_backend import TorchAttentionBackend
+    from inferd.attention.triton_backend import TritonAttentionBackend
+    from inferd.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_config(hf_config)
+    model = build_random_model(folder, cfg, 2 * plan.max_prompt_len, plan.dtype, plan.device)
+    query_lens = [plan.max_prompt_len // 2, 5, 1]
+    meta, num_blocks = paged_step([0, 20, 30], query_lens, 16, plan.device)
+    tokens = sum(query_lens)
+    input_ids = torch.randint(0, plan.token_id_limit, (tokens,), device=plan.device)
+    spans = zip(meta.seq_lens_host, query_lens, strict=True)
+    positions = torch.cat([torch.arange(n - q, n) for n, q in spans])
+    cache_shape = (num_blocks, 16, cfg.num_kv_heads, cfg.head_dim)
+    hidden = []
+    for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
+        torch.manual_seed(1)  # the same earlier context in both caches
+        caches = [
+            tuple(torch.randn(cache_shape, dtype=plan.dtype, device=plan.device) for _ in range(2))
+            for _ in range(cfg.num_layers)
+        ]
+        hidden.append(model(input_ids, positions.to(plan.device), caches, meta, backend))
+    del model, caches
+    free_device_memory()
+    return relative_error(hidden[0], hidden[1])
+
+
+# ---- speed --------------------------------------------------------------------------------------
+
+
+def nano_vllm_workload(plan: Plan) -> tuple[list[list[int]], list[int]]:
+    """nano-vllm's bench.py workload: prompts drawn first, then output lengths, from seed 0.
+    Token ids are drawn as nano-vllm draws them, ``randint(0, 10000)`` (both ends included)."""
+    rng = random.Random(0)
+    low = min(100, plan.max_prompt_len)
+    prompts = [
+        [rng.randint(0, plan.token_id_limit) for _ in range(rng.randint(low, plan.max_prompt_len))]
+        for _ in range(plan.num_seqs)
+    ]
+    low = min(100, plan.max_output_len)
+    output_lens = [rng.randint(low, plan.max_output_len) for _ in range(plan.num_seqs)]
+    return prompts, output_lens
+
+
+def inferd_engine(folder: Path, plan: Plan, backend: str, options: dict[str, Any]) -> Any:
+    from inferd.llm import LLM
+
+    settings = {
+        "device": plan.device, "dtype": str(plan.dtype).removeprefix("torch."), "attention_backend": backend,
+        "max_model_len": plan.max_prompt_len + plan.max_output_len, "max_num_seqs": plan.num_seqs,
+        "max_num_batched_tokens": 16384, "kv_cache_memory": plan.kv_cache_memory, **options,
+    }  # fmt: skip
+    with random_weights():
+        return LLM(folder, **settings)
+
+
+def run_inferd_workload(llm: Any, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:
+    from inferd.sampling_params import SamplingParams
+
+    params = [SamplingParams(max_tokens=n, temperature=0.6, ignore_eos=True) for n in output_lens]
+    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    _sync()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    _sync()
+    elapsed = time.perf_counter() - start
+    produced = sum(len(out.token_ids) for out in outputs)
+    return {"seconds": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed}
+
+
+def run_inferd_batch1(llm: Any, plan: Plan) -> dict[str, float]:
+    from inferd.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=plan.decode_tokens, temperature=0.0, ignore_eos=True)
+    prompt = list(range(1, BATCH1_PROMPT_LEN + 1))
+    llm.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    (out,) = llm.generate([prompt], params)
+    elapsed = time.perf_counter() - start
+    m = out.metrics
+    assert m.first_token_time is not None and m.finished_time is not None
+    decode_s = m.finished_time - m.first_token_time
+    return {
+        "seconds": elapsed,
+        "output_tokens": len(out.token_ids),
+        "output_tok_s": len(out.token_ids) / elapsed,
+        "decode_tok_s": (len(out.token_ids) - 1) / decode_s,
+    }
+
+
+def run_transformers_workload(
+    hf_config: dict[str, Any], plan: Plan, prompts: list[list[int]], output_lens: list[int]
+) -> dict[str, Any]:
+    """transformers' own continuous batching (``init_continuous_batching``) on the same workload."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    torch.manual_seed(0)
+    with torch.device(plan.device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=plan.dtype).eval()
+    longest = max(output_lens)
+    generation = transformers.GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=longest)
+    # On the CPU transformers would size its cache from the RAM; the smoke run asks for a toy one.
+    sizes = {}
+    if plan.device != "cuda":
+        toy_cache = transformers.ContinuousBatchingConfig(num_blocks=8, max_batch_tokens=128)
+        sizes["continuous_batching_config"] = toy_cache
+    manager = model.init_continuous_batching(generation_config=generation, **sizes)
+    with torch.inference_mode():  # the generation thread takes the mode of the thread that starts it
+        manager.start()
+    try:
+        # A short request first, so one-time work (compilation, graph capture) stays off the clock.
+        collect_transformers_results(manager, "warmup", [prompts[0][:16]], [4])
+        start = time.perf_counter()
+        produced = collect_transformers_results(manager, "run", prompts, output_lens)
+        elapsed = time.perf_counter() - start
+    finally:
+        manager.stop(block=True)
+    del model, manager
+    free_device_memory()
+    tok_s = produced / elapsed
+    return {"seconds": elapsed, "output_tokens": produced, "output_tok_s": tok_s, "source": "this run"}
+
+
+def collect_transformers_results(
+    manager: Any, tag: str, prompts: list[list[int]], output_lens: list[int]
+) -> int:
+    """Queue the requests, wait for every one to finish; returns the number of tokens generated."""
+    for i, (prompt, n) in enumerate(zip(prompts, output_lens, strict=True)):
+        manager.add_request(prompt, request_id=f"{tag}-{i}", max_new_tokens=n)
+    produced = 0
+    for _ in prompts:
+        result = manager.get_result(timeout=600)
+        while result is not None and not result.is_finished():
+            result = manager.get_result(timeout=600)
+        if result is None:
+            raise RuntimeError("transformers' continuous batching stopped before finishing")
+        if result.error is not None:
+            raise RuntimeError(f"transformers' request {result.request_id} failed: {result.error}")
+        produced += len(result.generated_tokens)
+    return produced
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def device_name(plan: Plan) -> str:
+    return torch.cuda.get_device_name() if plan.device == "cuda" else "cpu (smoke)"
+
+
+def benchmark_qwen3(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path) -> dict[str, Any]:
+    hf_config = shape_config(QWEN3_0_6B, args.smoke)
+    folder = write_model_folder(root / "qwen3-0.6b", hf_config)
+    shape = model_shape(hf_config, plan.dtype)
+    checks = {**check_kernels(hf_config, plan), "model_forward": check_model_forward(folder, hf_config, plan)}
+    result: dict[str, Any] = {"checks": checks}
+    print("relative error, triton vs torch:", json.dumps(result["checks"]), flush=True)
+    prompts, output_lens = nano_vllm_workload(plan)
+    llm = inferd_engine(folder, plan, args.backend, args.engine_option)
+    workload = run_inferd_workload(llm, prompts, output_lens)
+    floor_s = generation_floor_s(shape, [len(p) for p in prompts], output_lens, ceilings)
+    workload["floor_tok_s"] = sum(output_lens) / floor_s
+    workload["fraction_of_floor"] = workload["output_tok_s"] / workload["floor_tok_s"]
+    print("nano-vllm workload, inferd:", json.dumps(workload), flush=True)
+    result["batch1_decode"] = batch1(llm, plan, shape, ceilings)
+    del llm
+    free_device_memory()
+    if args.skip_transformers:
+        peer = dict(TRANSFORMERS_H200_REFERENCE)
+    else:
+        peer = run_transformers_workload(hf_config, plan, prompts, output_lens)
+    print("nano-vllm workload, transformers:", json.dumps(peer), flush=True)
+    workload["ratio_to_transformers"] = workload["output_tok_s"] / peer["output_tok_s"]
+    result["nano_vllm_workload"] = {"inferd": workload, "transformers": peer}
+    return result
+
+
+def batch1(llm: Any, plan: Plan, shape: ModelShape, ceilings: Ceilings) -> dict[str, float]:
+    measured = run_inferd_batch1(llm, plan)
+    # Measured from the first token on, so the floor leaves the prefill out too.
+    floor_s = decode_floor_s(shape, [BATCH1_PROMPT_LEN], [plan.decode_tokens], ceilings)
+    measured["floor_tok_s"] = (plan.decode_tokens - 1) / floor_s
+    measured["fraction_of_floor"] = measured["decode_tok_s"] / measured["floor_tok_s"]
+    print("batch-1 decode:", json.dumps(measured), flush=True)
+    return measured
+
+
+def benchmark_llama8b(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path) -> dict[str, Any]:
+    hf_config = shape_config(LLAMA_3_1_8B, args.smoke)
+    folder = write_model_folder(root / "llama-3.1-8b", hf_config)
+    # One sequence needs little KV cache; a small budget keeps the 8B run within an 80 GB card.
+    options = {"max_num_seqs": 1, "kv_cache_memory": "4GiB" if not args.smoke else plan.kv_cache_memory,
+               **args.engine_option}  # fmt: skip
+    llm = inferd_engine(folder, plan, args.backend, options)
+    result = {"batch1_decode": batch1(llm, plan, model_shape(hf_config, plan.dtype), ceilings)}
+    del llm
+    free_device_memory()
+    return result
+
+
+def parse_engine_option(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
+    parser.add_argument("--smoke", action="store_true", help="toy shapes on the CPU, to check the script")
+    reference = TRANSFORMERS_H200_REFERENCE["output_tok_s"]
+    parser.add_argument("--skip-transformers", action="store_true",
+                        help=f"reuse transformers' H200 figure ({reference} tok/s), not a 215 s run")
+    parser.add_argument("--backend", default="triton", help="attention backend timed: triton or torch")
+    parser.add_argument("--kv-cache-memory", default="48GiB", help="KV cache budget per engine")
+    parser.add_argument("--engine-option", type=parse_engine_option, action="append", default=[],
+                        metavar="KEY=VALUE", help="extra inferd engine option, e.g. block_size=32")
+    args = parser.parse_args(argv)
+    args.engine_option = dict(args.engine_option)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = Plan.for_args(args)
+    started = time.perf_counter()
+    ceilings = measure_ceilings(plan)
+    print(f"device {device_name(plan)}: copy {ceilings.bandwidth_bytes_s / 1e9:.0f} GB/s, "
+          f"matmul {ceilings.matmul_flops_s / 1e12:.2f} TFLOP/s", flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        qwen3 = benchmark_qwen3(args, plan, ceilings, Path(tmp))
+        llama = benchmark_llama8b(args, plan, ceilings, Path(tmp))
+    results = {
+        "device": device_name(plan),
+        "torch": torch.__version__,
+        "command": " ".join(["python", *sys.argv]),
+        "smoke": args.smoke,
+        "attention_backend": args.backend,
+        "engine_options": args.engine_option,
+        "ceilings": asdict(ceilings),
+        "qwen3_0.6b": qwen3,
+        "llama_3.1_8b": llama,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_summary(results)
+    print(f"wrote {args.out} after {results['wall_seconds']:.0f} s")
+    return 0
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    workload = results["qwen3_0.6b"]["nano_vllm_workload"]
+    ours, peer = workload["inferd"], workload["transformers"]
+    print(f"nano-vllm workload (Qwen3-0.6B shape): {ours['output_tok_s']:,.0f} output tok/s, "
+          f"{ours['fraction_of_floor']:.1%} of the {ours['floor_tok_s']:,.0f} floor, "
+          f"{ours['ratio_to_transformers']:.1f}x transformers "
+          f"({peer['output_tok_s']:,.0f} tok/s, {peer['source']})")
+    for name in ("qwen3_0.6b", "llama_3.1_8b"):
+        b1 = results[name]["batch1_decode"]
+        print(f"batch-1 decode, {name}: {b1['decode_tok_s']:,.0f} tok/s, "
+              f"{b1['fraction_of_floor']:.1%} of the {b1['floor_tok_s']:,.0f} floor")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
