@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -31,8 +32,12 @@ def protocol_routers(frontend: Frontend, config: ServerConfig) -> list[APIRouter
     ]
 
 
-def create_app(llm: AsyncLLM, config: ServerConfig | None = None) -> FastAPI:
-    """An app serving `llm`; the engine thread starts with the app and stops with it."""
+def create_app(
+    llm: AsyncLLM, config: ServerConfig | None = None, model_repository: Path | None = None
+) -> FastAPI:
+    """An app serving `llm`; the engine thread starts with the app and stops with it.
+
+    With `model_repository`, its classic models are served too (KServe v2 `/v2`, `/v1/embeddings`)."""
     config = config or ServerConfig()
     registry = CollectorRegistry()
     model_name = served_model_name(llm, config)
@@ -52,6 +57,11 @@ def create_app(llm: AsyncLLM, config: ServerConfig | None = None) -> FastAPI:
     app.state.metrics_registry = registry
     for router in protocol_routers(frontend, config):
         app.include_router(router)
+    app.state.model_repository = None
+    if model_repository is not None:
+        from inferd.server.kserve.launch import mount_model_repository
+
+        app.state.model_repository = mount_model_repository(app, model_repository, registry)
 
     @app.get("/health")
     async def health() -> Response:

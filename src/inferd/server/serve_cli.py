@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from inferd.server.config import ServerConfig
@@ -44,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--api-key",
         default=os.environ.get("INFERD_API_KEY"),
         help="require 'Authorization: Bearer KEY' on the API routes; default: $INFERD_API_KEY",
+    )
+    server.add_argument(
+        "--model-repository", type=Path, default=None, help="also serve the classic models in DIR (KServe v2)"
+    )
+    server.add_argument(
+        "--grpc-port", type=int, default=8001, help="KServe v2 gRPC port (with --model-repository)"
     )
     engine = parser.add_argument_group("engine (unset: the engine's defaults)")
     engine.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 4GiB")
@@ -84,22 +92,40 @@ def run_serve(args: argparse.Namespace) -> int:
     config = server_config(args)
     logger.info("loading model %s", args.model or "(built-in default)")
     llm = AsyncLLM.from_options(Path(args.model) if args.model else None, **engine_options(args))
-    app = create_app(llm, config)
+    app = create_app(llm, config, args.model_repository)
     # uvicorn handles SIGINT/SIGTERM: it stops accepting, finishes, and runs the app's shutdown,
     # which stops the engine thread.
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False)
     )
-    asyncio.run(_serve(server, app.state.frontend.model_name))
+    asyncio.run(_serve(server, app.state.frontend.model_name, app.state.model_repository, args.grpc_port))
     return 0
 
 
-async def _serve(server: uvicorn.Server, model_name: str) -> None:
+def _after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:
+    """uvicorn re-raises the signal that stopped it once it has shut down; by then we are done."""
+    logger.info("%s handled: shut down gracefully", signal.Signals(signum).name)
+
+
+async def _serve(
+    server: uvicorn.Server, model_name: str, repository: Any = None, grpc_port: int = 8001
+) -> None:
+    # uvicorn installs its own handlers while serving, then restores these and re-raises the signal.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _after_graceful_shutdown)
+    grpc_server = None
+    if repository is not None:
+        from inferd.server.kserve.grpc_server import start_grpc_server
+
+        grpc_server = await start_grpc_server(repository, server.config.host, grpc_port)
+        logger.info("KServe v2 gRPC at %s:%d", server.config.host, grpc_port)
     announcer = asyncio.create_task(_announce_when_ready(server, model_name))
     try:
         await server.serve()
     finally:
         announcer.cancel()
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
     logger.info("server stopped")
 
 

@@ -68,3 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         serve(repository, build_app(repository, metrics_registry), args.host, args.port, args.grpc_port)
     )
     return 0
+
+
+def mount_model_repository(app: FastAPI, path: Path, metrics_registry: CollectorRegistry) -> ModelRepository:
+    """Loads `path` and adds the `/v2` and `/v1/embeddings` routes to an existing app (`inferd serve`)."""
+    repository = open_repository(path, metrics_registry)
+    app.include_router(build_router(repository))
+    app.include_router(build_embeddings_router(repository))
+    return repository

@@ -1,0 +1,29 @@
+"""`inferd serve --model-repository DIR --grpc-port P`: one server holds the LLM and the classic models."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import tritonclient.grpc as triton_grpc
+from kserve_support import free_port
+from server_process import run_server
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+
+
+def test_inferd_serve_mounts_the_model_repository(tiny_llama: Path, tmp_path: Path) -> None:
+    shutil.copytree(EXAMPLES / "digits", tmp_path / "digits")
+    grpc_port = free_port()
+    with run_server(tiny_llama, "--model-repository", str(tmp_path), "--grpc-port", str(grpc_port)) as server:
+        assert httpx.get(f"{server.base_url}/v2/models/digits/ready", timeout=10).status_code == 200
+        assert httpx.get(f"{server.base_url}/v1/models", timeout=10).status_code == 200  # the LLM side
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        image = triton_grpc.InferInput("image", [1, 8, 8], "FP32")
+        image.set_data_from_numpy(np.zeros((1, 8, 8), dtype=np.float32))
+        confidence = client.infer("digits", [image]).as_numpy("confidence")
+        assert confidence.shape == (1, 1) and 0.0 < float(confidence[0, 0]) <= 1.0
+        families = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+        assert 'inferd_kserve_requests_total{model="digits",outcome="success"}' in families
