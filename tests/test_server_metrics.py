@@ -1,0 +1,150 @@
+"""Prometheus metrics of a real `inferd serve`, and client disconnects freeing KV blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from prometheus_client import CollectorRegistry
+from server_process import ServerProcess, run_server
+
+from inferd.engine.core import EngineStats
+from inferd.server.metrics import FinishedRequest, ServerMetrics
+
+RUNNING = "inferd:num_requests_running"
+WAITING = "inferd:num_requests_waiting"
+KV_USAGE = "inferd:kv_cache_usage_perc"
+ABORTED = "inferd:requests_aborted_total"
+GENERATED = "inferd:generation_tokens_total"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama) -> Iterator[ServerProcess]:
+    with run_server(tiny_llama, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny") as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def _idle(samples: dict[str, float]) -> bool:
+    return samples[RUNNING] == 0 and samples[WAITING] == 0 and samples[KV_USAGE] == 0
+
+
+def _delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def test_counters_move_by_the_known_amounts(server: ServerProcess, client: openai.OpenAI) -> None:
+    before = server.metrics()
+    prompt_tokens = 0
+    for max_tokens in (3, 5):
+        result = client.completions.create(
+            model="tiny", prompt="To be, or not", max_tokens=max_tokens, extra_body={"ignore_eos": True}
+        )
+        assert result.usage is not None
+        prompt_tokens += result.usage.prompt_tokens
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        n=2,
+        extra_body={"ignore_eos": True},
+    )
+    assert chat.usage is not None
+    prompt_tokens += 2 * chat.usage.prompt_tokens  # n=2 is two engine requests with the same prompt
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="To",
+            max_tokens=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[-1].usage is not None
+    prompt_tokens += chunks[-1].usage.prompt_tokens
+
+    after = server.wait_for_metrics(_idle)
+    assert _delta(after, before, GENERATED) == 3 + 5 + 4 + 4 + 2
+    assert _delta(after, before, "inferd:prompt_tokens_total") == prompt_tokens
+    assert _delta(after, before, "inferd:requests_finished_total{finish_reason=length}") == 5
+    for histogram in (
+        "time_to_first_token_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+    ):
+        assert _delta(after, before, f"inferd:{histogram}_count") == 5
+    assert _delta(after, before, "inferd:request_generation_tokens_sum") == 18
+    # Inter-token gaps: one per token after the first of each request.
+    assert _delta(after, before, "inferd:inter_token_latency_seconds_count") == 18 - 5
+    assert _delta(after, before, "inferd:prefix_cache_queries_total") == prompt_tokens
+    assert _delta(after, before, ABORTED) == 0
+
+
+def test_stream_disconnect_frees_blocks(server: ServerProcess) -> None:
+    before = server.metrics()
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        received = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data:")]
+        assert received
+        assert server.metrics()[KV_USAGE] > 0
+    after = server.wait_for_metrics(lambda s: _idle(s) and _delta(s, before, ABORTED) == 1)
+    assert _delta(after, before, "inferd:requests_finished_total{finish_reason=abort}") == 1
+    assert _delta(after, before, GENERATED) < 500
+
+
+def test_non_streaming_disconnect_aborts_too(server: ServerProcess) -> None:
+    before = server.metrics()
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
+    after = server.wait_for_metrics(lambda s: _idle(s) and _delta(s, before, ABORTED) == 1)
+    assert _delta(after, before, GENERATED) < 500
+
+
+def test_metrics_are_labelled_and_prefixed(server: ServerProcess) -> None:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    for name in (
+        RUNNING,
+        WAITING,
+        KV_USAGE,
+        "inferd:num_preemptions_total",
+        "inferd:prefix_cache_hits_total",
+    ):
+        assert f'{name}{{model_name="tiny"}}' in text
+    assert "inferd:gpu_memory_used_bytes" not in text  # served on the CPU
+
+
+def _metrics_for_unit_test() -> tuple[ServerMetrics, CollectorRegistry]:
+    registry = CollectorRegistry()
+    stats = EngineStats(
+        num_running=1, num_waiting=2, kv_usage=0.5, num_preemptions=3, prefix_queries=10, prefix_hits=4
+    )
+    return ServerMetrics(registry, "m", lambda: stats, gpu_memory_used=lambda: 1234), registry
+
+
+def test_finish_reasons_feed_their_counters() -> None:
+    metrics, registry = _metrics_for_unit_test()
+    for reason in ("stop", "timeout", "abort", "timeout"):
+        metrics.record_finished(FinishedRequest(reason, 4, 2, 0.1, 0.3, 0.01))
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"model_name": "m", **labels})
+
+    assert value("inferd:requests_timed_out_total") == 2
+    assert value("inferd:requests_aborted_total") == 1
+    assert value("inferd:requests_finished_total", finish_reason="timeout") == 2
+    assert value("inferd:prompt_tokens_total") == 16
+    # Only the request that ran to its end enters the latency histograms.
+    assert value("inferd:e2e_request_latency_seconds_count") == 1
+    assert value("inferd:request_time_per_output_token_seconds_sum") == pytest.approx(0.2)
+    assert value("inferd:num_requests_waiting") == 2
+    assert value("inferd:gpu_memory_used_bytes") == 1234
+    assert value("inferd:prefix_cache_hits_total") == 4

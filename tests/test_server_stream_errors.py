@@ -1,0 +1,80 @@
+"""An error after a stream has started goes out as a final SSE event in the protocol's shape."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from inferd.engine.outputs import RequestMetrics, RequestOutput
+from inferd.sampling_params import SamplingParams
+from inferd.server.errors import GenerationError
+from inferd.server.frontend import IndexedOutput
+from inferd.server.openai.chat import ChatJob, stream_chat
+from inferd.server.openai.completions import CompletionJob, stream_completion
+from inferd.server.tgi.generation import TgiJob, stream_generate
+
+
+def _output(text: str, token_id: int, finish_reason: str | None = None) -> RequestOutput:
+    return RequestOutput(
+        request_id="r-0",
+        prompt_token_ids=[1],
+        text=text,
+        token_ids=[token_id],
+        new_text=text,
+        new_token_ids=[token_id],
+        finished=finish_reason is not None,
+        finish_reason=finish_reason,
+        metrics=RequestMetrics(arrival_time=0.0),
+    )
+
+
+class _FailingFrontend:
+    """Yields one good output, then fails the way the given final output says."""
+
+    tokenizer = None
+    eos_token_ids = frozenset({0})
+
+    def __init__(self, final: RequestOutput | None) -> None:
+        self.final = final
+
+    def generate(self, *_: Any, **__: Any) -> AsyncIterator[IndexedOutput]:
+        async def outputs() -> AsyncIterator[IndexedOutput]:
+            yield IndexedOutput(0, _output("a", 5))
+            if self.final is None:
+                raise GenerationError("engine step failed: boom")
+            yield IndexedOutput(0, self.final)
+
+        return outputs()
+
+
+async def _events(stream: AsyncIterator[str]) -> list[str]:
+    events = [event async for event in stream]
+    assert all(event.startswith("data: ") and event.endswith("\n\n") for event in events)
+    return [event[len("data: ") : -2] for event in events]
+
+
+def _completion_job() -> CompletionJob:
+    return CompletionJob("cmpl-x", "m", [[1]], [], SamplingParams(), 1, echo=False, include_usage=True)
+
+
+async def test_openai_completion_stream_ends_with_error_then_done() -> None:
+    events = await _events(stream_completion(_FailingFrontend(None), _completion_job()))  # type: ignore[arg-type]
+    assert json.loads(events[0])["choices"][0]["text"] == "a"
+    error = json.loads(events[-2])["error"]
+    assert error["message"] == "engine step failed: boom" and error["type"] == "server_error"
+    assert events[-1] == "[DONE]"
+
+
+async def test_request_aborted_mid_stream_is_an_error_event() -> None:
+    aborted = _output("", 6, finish_reason="abort")
+    job = ChatJob("chatcmpl-x", "m", [1], SamplingParams(), 1, want_logprobs=False, include_usage=False)
+    events = await _events(stream_chat(_FailingFrontend(aborted), job))  # type: ignore[arg-type]
+    assert "ended early: abort" in json.loads(events[-2])["error"]["message"]
+    assert events[-1] == "[DONE]"
+
+
+async def test_tgi_stream_ends_with_error_event() -> None:
+    job = TgiJob("tgi-x", [1], "p", SamplingParams(logprobs=0), details=False, full_text=False)
+    events = await _events(stream_generate(_FailingFrontend(None), job))  # type: ignore[arg-type]
+    assert json.loads(events[-1]) == {"error": "engine step failed: boom", "error_type": "generation"}

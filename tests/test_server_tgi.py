@@ -1,0 +1,94 @@
+"""The TGI-compatible API of a real `inferd serve`, driven by `huggingface_hub.InferenceClient`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import ValidationError
+from server_process import ServerProcess, run_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama) -> Iterator[ServerProcess]:
+    with run_server(tiny_llama, "--kv-cache-memory", "8MiB") as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> InferenceClient:
+    return InferenceClient(base_url=server.base_url)
+
+
+def test_text_generation_streamed_and_not_agree(client: InferenceClient) -> None:
+    whole = client.text_generation("To be, or not", max_new_tokens=12)
+    assert isinstance(whole, str) and whole
+    pieces = list(client.text_generation("To be, or not", max_new_tokens=12, stream=True))
+    assert "".join(pieces) == whole
+
+
+def test_details_count_tokens_and_give_a_finish_reason(client: InferenceClient) -> None:
+    result = client.text_generation("To be", max_new_tokens=5, details=True, top_n_tokens=2)
+    assert result.details is not None
+    assert result.details.finish_reason == "length"
+    assert result.details.generated_tokens == len(result.details.tokens) == 5
+    assert all(token.logprob <= 0 for token in result.details.tokens)
+    assert result.details.top_tokens is not None and all(len(top) == 2 for top in result.details.top_tokens)
+
+
+def test_stream_details_arrive_with_the_last_token(client: InferenceClient) -> None:
+    events = list(client.text_generation("To be", max_new_tokens=4, details=True, stream=True))
+    assert [event.index for event in events] == [1, 2, 3, 4]
+    assert all(event.details is None for event in events[:-1])
+    last = events[-1]
+    assert last.details is not None and last.details.generated_tokens == 4
+    assert last.generated_text == "".join(event.token.text for event in events)
+
+
+def test_seeded_sampling_is_reproducible_and_reported(client: InferenceClient) -> None:
+    kwargs = {"max_new_tokens": 10, "do_sample": True, "temperature": 1.0, "seed": 42, "details": True}
+    first = client.text_generation("Whether", **kwargs)
+    second = client.text_generation("Whether", **kwargs)
+    assert first.generated_text == second.generated_text
+    assert first.details is not None and first.details.seed == 42
+    streamed = client.text_generation("Whether", stream=True, **kwargs)
+    assert "".join(event.token.text for event in streamed) == first.generated_text
+
+
+def test_stop_sequence(client: InferenceClient) -> None:
+    free = client.text_generation("To be", max_new_tokens=30, do_sample=True, seed=9)
+    stop = free[8:11]
+    result = client.text_generation(
+        "To be", max_new_tokens=30, do_sample=True, seed=9, stop=[stop], details=True
+    )
+    assert result.generated_text == free[: free.index(stop)]
+    assert result.details is not None and result.details.finish_reason == "stop_sequence"
+
+
+def test_return_full_text_and_generate_route(server: ServerProcess) -> None:
+    body = {"inputs": "To be", "parameters": {"max_new_tokens": 3, "return_full_text": True}}
+    response = httpx.post(f"{server.base_url}/generate", json=body)
+    assert response.status_code == 200
+    assert response.json()["generated_text"].startswith("To be")
+
+
+def test_validation_errors_are_422_in_tgi_shape(server: ServerProcess, client: InferenceClient) -> None:
+    with pytest.raises(ValidationError):
+        client.text_generation("To be", max_new_tokens=5000)
+    for parameters in ({"max_new_tokens": 0}, {"typical_p": 0.5}, {"temperature": -1}):
+        response = httpx.post(f"{server.base_url}/generate", json={"inputs": "hi", "parameters": parameters})
+        assert response.status_code == 422
+        assert set(response.json()) == {"error", "error_type"}
+        assert response.json()["error_type"] == "validation"
+    malformed = httpx.post(
+        f"{server.base_url}/generate_stream", content=b"[", headers={"content-type": "application/json"}
+    )
+    assert malformed.status_code == 422 and malformed.json()["error_type"] == "validation"
+
+
+def test_info_and_health(server: ServerProcess) -> None:
+    info = httpx.get(f"{server.base_url}/info").json()
+    assert info["max_total_tokens"] == 512 and info["model_id"] == server.model
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
