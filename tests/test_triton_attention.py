@@ -193,6 +193,13 @@ def test_decode_of_a_sequence_without_context_is_zero_not_nan() -> None:
         assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+def test_decode_splits_the_context_only_when_programs_would_leave_sms_idle() -> None:
+    assert triton_kernels.default_num_splits(256, 8, 4096, num_sms=132) == 1
+    assert triton_kernels.default_num_splits(1, 8, 4096, num_sms=132) == 16  # capped
+    assert triton_kernels.default_num_splits(2, 8, 1024, num_sms=132) == 4  # >= 256 tokens a split
+    assert triton_kernels.default_num_splits(1, 8, 100, num_sms=132) == 1
+
+
 # (block_size, num_heads, num_kv_heads, head_dim)
 EXTEND_CASES = [(8, 2, 2, 64), (16, 4, 2, 128), (32, 8, 2, 64)]
 
@@ -355,6 +362,7 @@ def test_greedy_tokens_equal_between_torch_and_triton_backends(attentive_llama) 
         )  # fmt: skip
         outputs = llm.generate(first_call, params) + llm.generate(second_call, params)
         tokens[backend] = [out.token_ids for out in outputs]
+        assert llm.engine.stats().prefix_hits > 0  # the extend kernel read a cached prefix
 
     assert len({t for seq in tokens["torch"] for t in seq}) > 5  # the check is not vacuous
     assert tokens["triton"] == tokens["torch"]

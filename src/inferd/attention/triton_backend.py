@@ -39,7 +39,7 @@ class TritonAttentionBackend:
         kernels.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_pure_decode:
             num_splits = self._decode_splits or kernels.default_num_splits(
-                meta.num_seqs, k_cache.shape[2], meta.max_seq_len, q.device
+                meta.num_seqs, k_cache.shape[2], meta.max_seq_len, kernels.num_sms(q.device)
             )
             return kernels.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale, num_splits

@@ -388,16 +388,17 @@ def store_kv_cache(
     )  # fmt: skip
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; the interpreter on the CPU counts as one."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
     return 1
 
 
-def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Split the context only when (sequence, KV head) programs alone would leave SMs idle."""
     programs = num_seqs * num_kv_heads
-    wanted = math.ceil(_num_sms(device) / max(programs, 1))
+    wanted = math.ceil(num_sms / max(programs, 1))
     affordable = max_seq_len // _MIN_TOKENS_PER_SPLIT
     return max(1, min(wanted, affordable, _MAX_SPLITS))
 
