@@ -195,6 +195,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     model = args.model or first_served_model(args.base_url, args.api_key)
     requests = build_requests(args, _tokenizer_for(args, model), args.token_id_limit)
+    if args.endpoint == "chat" and not all(isinstance(request.prompt, str) for request in requests):
+        raise SystemExit("the chat endpoint needs text prompts: give --tokenizer (or a local --model folder)")
     client = OpenAIStreamClient(
         args.base_url, model, args.endpoint, args.ignore_eos, args.timeout_s, args.api_key
     )

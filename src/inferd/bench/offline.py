@@ -35,7 +35,9 @@ def workload_for(llm: LLM, args: argparse.Namespace) -> tuple[list[BenchRequest]
         return nanovllm_requests(vocab_size, max_model_len)
     from inferd.bench.cli import build_requests
 
-    workload = build_requests(args, llm.tokenizer, token_id_limit=min(args.token_id_limit, vocab_size))
+    # Random prompts stay token ids (exact lengths, no decode and re-encode); others need the tokenizer.
+    tokenizer = None if args.dataset[0] == "random" else llm.tokenizer
+    workload = build_requests(args, tokenizer, token_id_limit=min(args.token_id_limit, vocab_size))
     requests = [_as_token_ids(llm, request) for request in workload]
     return clip_to_context(requests, max_model_len)
 

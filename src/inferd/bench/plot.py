@@ -70,7 +70,11 @@ def _histogram(axis: Axes, label: str, values: list[float]) -> None:
     if not values:
         axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes)
         return
-    axis.hist(values, bins=40)
+    low, high = min(values), max(values)
+    # Equal (to float precision) values, e.g. a stub's fixed delays, cannot be split into 40 bins.
+    if high - low <= 1e-9 * max(1.0, abs(high)):
+        low, high = low - 0.5, high + 0.5
+    axis.hist(values, bins=40, range=(low, high))
     for p, style in ((50, "-"), (99, "--")):
         axis.axvline(float(np.percentile(values, p)), color="black", linestyle=style, label=f"P{p}")
     axis.legend()

@@ -1,0 +1,88 @@
+"""`inferd bench serve` and `inferd bench offline` end to end: arguments in, report files out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from bench_stub_server import STUB_MODEL, StubScript, running_stub
+
+from inferd.cli import main
+
+
+def test_serve_random_workload_writes_json_and_png(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = StubScript(first_token_s=0.01, inter_token_s=0.005)
+    prefix = tmp_path / "run"
+    argv = ["bench", "serve", "--num-prompts", "5", "--input-len", "3:6", "--output-len", "4", "--seed", "7"]
+    argv += ["--request-rate", "50", "--max-concurrency", "2", "--slo-ttft-ms", "5000", "--ignore-eos"]
+    argv += ["--output-prefix", str(prefix), "--no-progress"]
+    with running_stub(script) as base_url:
+        assert main([*argv, "--base-url", base_url]) == 0
+
+    # No --model: the first of /v1/models. No tokenizer: random prompts go out as token ids.
+    assert {body["model"] for body in script.received} == {STUB_MODEL}
+    assert all(isinstance(body["prompt"], list) and 3 <= len(body["prompt"]) <= 6 for body in script.received)
+    assert all(body["max_tokens"] == 4 and body["ignore_eos"] for body in script.received)
+    document = json.loads(prefix.with_suffix(".json").read_text())
+    assert document["config"]["model"] == STUB_MODEL and document["config"]["request_rate"] == 50
+    summary = document["summary"]
+    assert summary["completed"] == 5 and summary["total_output_tokens"] == 20
+    assert summary["goodput"] == pytest.approx(summary["request_throughput"])
+    assert len(document["requests"]) == 5
+    assert prefix.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "Goodput" in capsys.readouterr().out
+
+
+def test_serve_chat_with_a_jsonl_dataset(tmp_path: Path) -> None:
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text(
+        '{"prompt": "one two", "max_tokens": 3}\n{"prompt": "status=500 please", "max_tokens": 3}\n'
+    )
+    script = StubScript(first_token_s=0.01, inter_token_s=0.005)
+    prefix = tmp_path / "chat"
+    argv = ["bench", "serve", "--endpoint", "chat", "--dataset", "jsonl", str(dataset), "--model", STUB_MODEL]
+    argv += ["--output-prefix", str(prefix), "--no-progress", "--no-plot"]
+    with running_stub(script) as base_url:
+        assert main([*argv, "--base-url", base_url + "/v1"]) == 0
+    # Both are sent at once, so they may arrive in either order.
+    contents = sorted(message["content"] for body in script.received for message in body["messages"])
+    assert contents == ["one two", "status=500 please"]
+    summary = json.loads(prefix.with_suffix(".json").read_text())["summary"]
+    assert summary["completed"] == 1 and summary["errors"] == {"http_500": 1}
+    assert not prefix.with_suffix(".png").exists()
+
+
+def test_serve_rejects_token_prompts_on_chat_and_bad_dataset_args() -> None:
+    with pytest.raises(SystemExit, match="text prompts"):
+        main(["bench", "serve", "--endpoint", "chat", "--model", "m", "--base-url", "http://127.0.0.1:9"])
+    with pytest.raises(SystemExit, match="--dataset takes"):
+        main(["bench", "serve", "--dataset", "sharegpt", "--model", "m", "--base-url", "http://127.0.0.1:9"])
+
+
+def test_offline_runs_the_engine_and_writes_json(tiny_llama: Path, tmp_path: Path) -> None:
+    prefix = tmp_path / "offline"
+    argv = [
+        "bench",
+        "offline",
+        str(tiny_llama),
+        "--num-prompts",
+        "3",
+        "--input-len",
+        "8:16",
+        "--output-len",
+        "4",
+    ]
+    argv += ["--max-model-len", "64", "--output-prefix", str(prefix), "--no-progress"]
+    assert main(argv) == 0
+    document = json.loads(prefix.with_suffix(".json").read_text())
+    summary = document["summary"]
+    assert summary["completed"] == 3 and summary["total_output_tokens"] == 12
+    assert 3 * 8 <= summary["total_input_tokens"] <= 3 * 16
+    assert summary["output_throughput"] > 0
+    assert all(
+        record["ttft_s"] is not None and record["e2e_s"] >= record["ttft_s"]
+        for record in document["requests"]
+    )
