@@ -29,8 +29,46 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:length]
 
 
+_MAX_DECODE_GROUPS = 4
+_MIN_DECODE_GROUP = 8
+
+
+def _padded_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence against its context, gathered into a batch padded to ``max_len``."""
+    num_seqs = q.shape[0]
+    block_size = k_cache.shape[1]
+    table = block_tables[:, : -(-max_len // block_size)].reshape(-1)
+    # [seqs, blocks * block_size, kv_heads, dim] -> [seqs, kv_heads, ctx, dim]
+    keys = k_cache.index_select(0, table).view(num_seqs, -1, k_cache.shape[2], k_cache.shape[3])
+    values = v_cache.index_select(0, table).view(num_seqs, -1, v_cache.shape[2], v_cache.shape[3])
+    keys = keys[:, :max_len].transpose(1, 2)
+    values = values[:, :max_len].transpose(1, 2)
+    mask = torch.arange(max_len, device=q.device).unsqueeze(0) < seq_lens.unsqueeze(1)  # [seqs, ctx]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [seqs, heads, 1, dim]
+        keys,
+        values,
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != keys.shape[1],
+    )
+    return out.squeeze(2)
+
+
 class TorchAttentionBackend:
     name = "torch"
+
+    def __init__(self) -> None:
+        self._plan_meta: AttentionMetadata | None = None
+        self._plan: list[tuple[torch.Tensor, int]] = []
 
     def forward(
         self,
@@ -50,26 +88,36 @@ class TorchAttentionBackend:
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        num_seqs = meta.num_seqs
-        block_size = k_cache.shape[1]
-        num_blocks = -(-meta.max_seq_len // block_size)
-        table = meta.block_tables[:, :num_blocks].reshape(-1)
-        # [seqs, blocks * block_size, kv_heads, dim] -> [seqs, kv_heads, ctx, dim]
-        keys = k_cache.index_select(0, table).view(num_seqs, -1, k_cache.shape[2], k_cache.shape[3])
-        values = v_cache.index_select(0, table).view(num_seqs, -1, v_cache.shape[2], v_cache.shape[3])
-        keys = keys[:, : meta.max_seq_len].transpose(1, 2)
-        values = values[:, : meta.max_seq_len].transpose(1, 2)
-        positions = torch.arange(meta.max_seq_len, device=q.device)
-        mask = positions.unsqueeze(0) < meta.seq_lens.unsqueeze(1)  # [seqs, ctx]
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [seqs, heads, 1, dim]
-            keys,
-            values,
-            attn_mask=mask[:, None, None, :],
-            scale=scale,
-            enable_gqa=q.shape[1] != keys.shape[1],
-        )
-        return out.squeeze(2)
+        groups = self._decode_groups(meta)
+        if len(groups) == 1:
+            return _padded_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, groups[0][1], scale)
+        out = torch.empty_like(q)
+        for rows, max_len in groups:
+            out[rows] = _padded_decode(
+                q[rows], k_cache, v_cache, meta.block_tables[rows], meta.seq_lens[rows], max_len, scale
+            )
+        return out
+
+    def _decode_groups(self, meta: AttentionMetadata) -> list[tuple[torch.Tensor, int]]:
+        """Sequences sorted by length and cut into groups, each padded only to its own longest.
+
+        Gathering the paged cache into a padded batch dominates CPU decode; with ragged lengths,
+        padding everything to the longest sequence copies about twice the bytes needed. The plan is
+        the same for every layer of a step, so it is made once per metadata object.
+        """
+        if self._plan_meta is meta:
+            return self._plan
+        lengths = meta.seq_lens_host
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        num_groups = min(_MAX_DECODE_GROUPS, max(1, len(order) // _MIN_DECODE_GROUP))
+        size = -(-len(order) // num_groups)
+        plan = []
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            rows = torch.tensor(chunk, dtype=torch.long, device=meta.seq_lens.device)
+            plan.append((rows, lengths[chunk[-1]]))
+        self._plan_meta, self._plan = meta, plan
+        return plan
 
     def _varlen(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
