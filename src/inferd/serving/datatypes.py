@@ -35,16 +35,3 @@ def numpy_dtype(datatype: str) -> np.dtype:
     except KeyError:
         raise ValueError(f"unknown datatype {datatype!r}") from None
 
-
-def datatype_of(array: np.ndarray) -> str:
-    """The v2 datatype for a numpy array produced by a runtime (float32 maps to FP32, never BF16)."""
-    if array.dtype == np.dtype(object) or array.dtype.kind in ("S", "U"):
-        return "BYTES"
-    for name, dtype in _NUMPY_DTYPES.items():
-        if name != "BF16" and dtype == array.dtype:
-            return name
-    raise ValueError(f"numpy dtype {array.dtype} has no v2 datatype")
-
-
-def is_float(datatype: str) -> bool:
-    return datatype in ("FP16", "FP32", "FP64", "BF16")
