@@ -32,6 +32,8 @@ class StubScript:
     first_token_s: float
     inter_token_s: float
     report_usage: bool = True
+    # What each token chunk carries; "" mimics a server that streams only special (hidden) tokens.
+    token_text: str = " tok"
     received: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -60,7 +62,7 @@ async def _events(script: StubScript, body: dict[str, Any], chat: bool, arrived:
     for index in range(max_tokens):
         deadline = arrived + script.first_token_s + index * script.inter_token_s
         await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-        yield f"data: {json.dumps(_chunk(chat, ' tok'))}\n\n"
+        yield f"data: {json.dumps(_chunk(chat, script.token_text))}\n\n"
     if script.report_usage and (body.get("stream_options") or {}).get("include_usage"):
         prompt_tokens = _prompt_tokens(body)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens}

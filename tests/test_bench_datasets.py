@@ -26,6 +26,7 @@ class WordTokenizer:
     """One token per whitespace-separated word; ids index a fixed word list."""
 
     words = [f"w{i}" for i in range(50)]
+    vocab_size = len(words)
 
     def encode(self, text: str) -> list[int]:
         return [self.words.index(word) if word in self.words else 0 for word in text.split()]
@@ -61,6 +62,11 @@ def test_random_requests_decode_to_text_with_a_tokenizer() -> None:
         5, LengthRange(4, 4), LengthRange(2, 2), 0, token_id_limit=50, tokenizer=WordTokenizer()
     )
     assert all(isinstance(r.prompt, str) and len(r.prompt.split()) == 4 for r in requests)
+    # A limit above the vocabulary is capped to it, or unknown ids would decode to nothing.
+    wide = random_requests(
+        50, LengthRange(4, 4), LengthRange(2, 2), 0, token_id_limit=10000, tokenizer=WordTokenizer()
+    )
+    assert all(len(r.prompt.split()) == 4 for r in wide)  # type: ignore[union-attr]
 
 
 def test_nanovllm_preset_matches_its_reference_draws() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 
-import numpy as np
 import pytest
 from bench_stub_server import STUB_MODEL, StubScript, running_stub
 
@@ -67,7 +66,8 @@ async def test_ttft_tpot_and_throughput_match_the_stub_delays(endpoint: str) -> 
     assert summary["e2e_ms"]["mean"] == pytest.approx(request_latency_s * 1000, rel=TOLERANCE)
     # All are sent at once, so the run lasts one request's latency.
     assert summary["request_throughput"] == pytest.approx(CONCURRENT / request_latency_s, rel=TOLERANCE)
-    assert summary["output_throughput"] == pytest.approx(CONCURRENT * OUTPUT_TOKENS / request_latency_s, rel=TOLERANCE)
+    expected_output_throughput = CONCURRENT * OUTPUT_TOKENS / request_latency_s
+    assert summary["output_throughput"] == pytest.approx(expected_output_throughput, rel=TOLERANCE)
     body = script.received[0]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["ignore_eos"] is True and body["model"] == STUB_MODEL
@@ -78,8 +78,8 @@ async def test_max_concurrency_caps_requests_in_flight() -> None:
     with running_stub(StubScript(first_token_s=0.02, inter_token_s=0.01)) as base_url:
         result = await _bench(base_url, _requests(6), max_concurrency=2)
     assert all(record.ok for record in result.records)
-    starts = [record.start_s for record in result.records]
-    assert max(in_flight_over_time(result.records, np.array(sorted(starts)))) == 2
+    _, in_flight = in_flight_over_time(result.records)
+    assert max(in_flight) == 2
 
 
 async def test_poisson_arrivals_delay_the_sends() -> None:
@@ -100,6 +100,14 @@ async def test_errors_are_counted_by_kind() -> None:
     assert summary["completed"] == 2
     assert summary["errors"] == {"http_429": 3, "connection": 1}
     assert "scripted failure" in (mixed.records[2].error_detail or "")
+
+
+async def test_a_stream_without_text_is_an_empty_error() -> None:
+    with running_stub(StubScript(first_token_s=0.01, inter_token_s=0.01, token_text="")) as base_url:
+        result = await _bench(base_url, _requests(1))
+    record = result.records[0]
+    assert record.error == "empty" and record.output_tokens == OUTPUT_TOKENS
+    assert f"{OUTPUT_TOKENS} tokens" in (record.error_detail or "")
 
 
 async def test_missing_usage_falls_back_to_chunks_and_is_flagged() -> None:

@@ -178,7 +178,9 @@ class OpenAIStreamClient:
             # Server ignored stream_options.include_usage: fall back to one token per chunk, flagged.
             record.output_tokens = len(record.chunk_times_s)
         if record.ttft_s is None:
-            record.error, record.error_detail = "empty", "the stream carried no generated text"
+            # E.g. only special tokens, which servers leave out of the text: no token time to measure.
+            detail = f"the stream carried no generated text ({record.output_tokens} tokens by its count)"
+            record.error, record.error_detail = "empty", detail
 
 
 def _parse_chunk(payload: str) -> dict[str, Any]:

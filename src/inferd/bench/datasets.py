@@ -11,7 +11,10 @@ from typing import Protocol
 
 
 class TextTokenizer(Protocol):
-    """The two operations the datasets need; `tokenizers.Tokenizer` wrapped by `load_tokenizer` fits."""
+    """What the datasets need; `load_tokenizer`'s result and the engine's tokenizer fit."""
+
+    @property
+    def vocab_size(self) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -59,6 +62,10 @@ class _HFTokenizer:
 
         self._tokenizer = Tokenizer.from_file(str(path))
 
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -86,9 +93,13 @@ def random_requests(
 ) -> list[BenchRequest]:
     """Prompts of random token ids below `token_id_limit`, decoded to text when a tokenizer is given.
 
+    With a tokenizer the ids also stay below its vocabulary size: ids it does not know decode to nothing.
+
     Decoding then re-encoding need not give back the same count, so text prompts keep the drawn
     length only as a target; the client reads the real prompt length from the server's usage.
     """
+    if tokenizer is not None:
+        token_id_limit = min(token_id_limit, tokenizer.vocab_size)
     rng = random.Random(seed)
     requests = []
     for _ in range(num_prompts):

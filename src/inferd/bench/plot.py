@@ -12,7 +12,8 @@ from inferd.bench.client import RequestRecord
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-_TIME_BINS = 60
+# Throughput bins: at most 60, each at least half a second wide once the run is long enough.
+_MAX_TIME_BINS, _MIN_TIME_BINS, _MIN_BIN_S = 60, 10, 0.5
 
 
 def token_throughput_over_time(
@@ -22,7 +23,8 @@ def token_throughput_over_time(
 
     A chunk may carry several tokens, so each request's usage count is spread evenly over its chunks.
     """
-    edges = np.linspace(0.0, max(duration_s, 1e-9), _TIME_BINS + 1)
+    num_bins = int(min(_MAX_TIME_BINS, max(_MIN_TIME_BINS, duration_s / _MIN_BIN_S)))
+    edges = np.linspace(0.0, max(duration_s, 1e-9), num_bins + 1)
     times, weights = [], []
     for record in records:
         if record.ok and record.chunk_times_s:
@@ -32,10 +34,20 @@ def token_throughput_over_time(
     return (edges[:-1] + edges[1:]) / 2, counts / np.diff(edges)
 
 
-def in_flight_over_time(records: list[RequestRecord], at_s: np.ndarray) -> np.ndarray:
-    """How many requests were between send and last byte at each instant."""
-    spans = [(r.start_s, r.start_s + r.e2e_s) for r in records if r.e2e_s is not None]
-    return np.array([sum(start <= t < end for start, end in spans) for t in at_s])
+def in_flight_over_time(records: list[RequestRecord]) -> tuple[list[float], list[int]]:
+    """A step function: after each send or last byte (s), how many requests are in flight."""
+    events = []
+    for record in records:
+        if record.e2e_s is not None:
+            # At equal times the end sorts first (-1 < +1): a slot handed on is not two in flight.
+            events += [(record.start_s, 1), (record.start_s + record.e2e_s, -1)]
+    events.sort()
+    times, counts, in_flight = [0.0], [0], 0
+    for time_s, change in events:
+        in_flight += change
+        times.append(time_s)
+        counts.append(in_flight)
+    return times, counts
 
 
 def write_png(path: str | Path, records: list[RequestRecord], duration_s: float, title: str) -> None:
@@ -58,7 +70,7 @@ def write_png(path: str | Path, records: list[RequestRecord], duration_s: float,
     throughput_axis, flight_axis = axes.flat[4], axes.flat[5]
     throughput_axis.plot(centers, tokens_per_s)
     throughput_axis.set(title="Output throughput over time", xlabel="time (s)", ylabel="tokens/s")
-    flight_axis.step(centers, in_flight_over_time(records, centers), where="mid")
+    flight_axis.step(*in_flight_over_time(records), where="post")
     flight_axis.set(title="Requests in flight", xlabel="time (s)", ylabel="requests")
     figure.suptitle(title)
     figure.savefig(path, dpi=100)
