@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inferd.config import EngineConfig
+from inferd.engine.builder import build_engine_config
 from inferd.engine.core import EngineStats
 from inferd.engine.llm_engine import LLMEngine, Prompt
+from inferd.engine.process_engine import EngineProcessDied, ProcessLLMEngine
 from inferd.engine.outputs import RequestMetrics, RequestOutput
 from inferd.engine.request import FinishReason
 from inferd.sampling_params import SamplingParams
@@ -50,10 +53,15 @@ _STOP = object()
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine) -> None:
+    """``engine`` is an LLMEngine (core in this thread) or a ProcessLLMEngine (core in a child
+    process, used on GPUs so that detokenization never delays a kernel launch)."""
+
+    def __init__(self, engine: LLMEngine | ProcessLLMEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.config: EngineConfig = engine.config
+        self.eos_token_ids = engine.eos_token_ids
         self._commands: queue.Queue[Any] = queue.Queue()
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loops: dict[str, asyncio.AbstractEventLoop] = {}
@@ -63,8 +71,14 @@ class AsyncLLM:
         self.num_steps = 0
 
     @classmethod
-    def from_options(cls, model_path: str | Path | None = None, **options: Any) -> AsyncLLM:
-        return cls(LLMEngine.from_options(model_path, **options))
+    def from_options(
+        cls, model_path: str | Path | None = None, engine_process: bool | None = None, **options: Any
+    ) -> AsyncLLM:
+        """``engine_process=None`` puts the core in its own process on CUDA, in a thread otherwise."""
+        config = build_engine_config(model_path, **options)
+        if engine_process is None:
+            engine_process = config.device.startswith("cuda")
+        return cls(ProcessLLMEngine(config) if engine_process else LLMEngine(config))
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -77,6 +91,8 @@ class AsyncLLM:
             self._commands.put(_STOP)
             self._thread.join(timeout)
             self._thread = None
+        if isinstance(self.engine, ProcessLLMEngine):
+            self.engine.close()
 
     @property
     def is_alive(self) -> bool:
@@ -85,8 +101,8 @@ class AsyncLLM:
     # -- requests -----------------------------------------------------------------------------
     def prepare(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], int]:
         """Tokenize and check a prompt (raises PromptError); returns its ids and the output budget."""
-        token_ids = self.engine.tokenize_prompt(prompt)
-        return token_ids, self.engine.resolve_max_tokens(len(token_ids), params)
+        token_ids = self.engine.inputs.tokenize_prompt(prompt)
+        return token_ids, self.engine.inputs.resolve_max_tokens(len(token_ids), params)
 
     async def generate(
         self, request_id: str, prompt: Prompt | list[int], params: SamplingParams
@@ -168,6 +184,8 @@ class AsyncLLM:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineProcessDied:
+            raise  # nothing left to serve with: the loop ends and every waiter is told
         except Exception as exc:
             # A failing step cannot be attributed to one request: fail the batch, keep serving.
             logger.error("engine step failed: %r\n%s", exc, traceback.format_exc())

@@ -1,0 +1,123 @@
+"""The engine core in its own process, driven over ZMQ with msgpack messages.
+
+On a GPU, HTTP handling, JSON and detokenization run in the server process; this process only
+schedules and launches the model, so nothing Python-heavy sits between two steps. Messages are
+typed msgspec structs: compact to encode and checked when decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+
+import msgspec
+import zmq
+
+from inferd.config import EngineConfig
+from inferd.engine.builder import resolve_num_blocks
+from inferd.engine.core import EngineCore, EngineStats
+from inferd.engine.outputs import EngineCoreOutput
+from inferd.engine.request import FinishReason, Request
+from inferd.sampling_params import SamplingParams
+from inferd.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class AddMsg(msgspec.Struct, tag=True, array_like=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: list[int]
+    max_output_tokens: int
+    arrival_time: float
+
+
+class AbortMsg(msgspec.Struct, tag=True, array_like=True):
+    request_ids: list[str]
+    reason: str
+
+
+class ShutdownMsg(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+class ReadyMsg(msgspec.Struct, tag=True, array_like=True):
+    num_blocks: int
+    max_model_len: int
+
+
+class OutputsMsg(msgspec.Struct, tag=True, array_like=True):
+    outputs: list[EngineCoreOutput]
+    stats: EngineStats
+
+
+class FatalMsg(msgspec.Struct, tag=True, array_like=True):
+    message: str
+
+
+ToCore = AddMsg | AbortMsg | ShutdownMsg
+FromCore = ReadyMsg | OutputsMsg | FatalMsg
+
+
+def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) -> None:
+    """Entry point of the engine process: load, report ready, then serve steps until shut down."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine[{os.getpid()}] %(message)s")
+    context = zmq.Context()
+    inbox = context.socket(zmq.PULL)
+    inbox.connect(input_addr)
+    outbox = context.socket(zmq.PUSH)
+    outbox.connect(output_addr)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        runner = ModelRunner(config)
+        config = resolve_num_blocks(config)
+        core = EngineCore(config, runner)
+        assert config.cache.num_blocks is not None
+        outbox.send(encoder.encode(ReadyMsg(config.cache.num_blocks, config.scheduler.max_model_len)))
+        _serve(core, inbox, outbox, encoder)
+    except Exception as exc:
+        logger.error("engine process failed: %r\n%s", exc, traceback.format_exc())
+        outbox.send(encoder.encode(FatalMsg(f"engine process failed: {exc!r}")))
+        raise SystemExit(1) from exc
+    finally:
+        inbox.close(linger=0)
+        outbox.close(linger=1000)
+        context.term()
+
+
+def _serve(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgspec.msgpack.Encoder) -> None:
+    decoder = msgspec.msgpack.Decoder(ToCore)
+    while True:
+        # Block only when idle; otherwise take whatever arrived and step again at once.
+        flags = 0 if not core.has_unfinished() else zmq.NOBLOCK
+        aborted = False
+        while True:
+            try:
+                message = decoder.decode(inbox.recv(flags))
+            except zmq.Again:
+                break
+            flags = zmq.NOBLOCK
+            if isinstance(message, ShutdownMsg):
+                return
+            if isinstance(message, AddMsg):
+                core.add_request(
+                    Request(
+                        request_id=message.request_id,
+                        prompt_token_ids=message.prompt_token_ids,
+                        params=message.params,
+                        eos_token_ids=frozenset(message.eos_token_ids),
+                        max_output_tokens=message.max_output_tokens,
+                        arrival_time=message.arrival_time,
+                    )
+                )
+            else:
+                core.abort(message.request_ids, FinishReason(message.reason))
+                aborted = True
+        if core.has_unfinished():
+            outputs = core.step()
+            outbox.send(encoder.encode(OutputsMsg(outputs, core.stats())))
+        elif aborted:
+            # No step will follow to carry fresh stats: report the freed blocks now.
+            outbox.send(encoder.encode(OutputsMsg([], core.stats())))

@@ -1,0 +1,79 @@
+"""Prompt checks and Request creation: read-only work that any thread or process can do."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from inferd.config import EngineConfig
+from inferd.engine.request import Request
+from inferd.engine.tokenizer import Tokenizer
+from inferd.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class PromptError(ValueError):
+    """The prompt cannot be served (empty, too long, bad token ids); the message says why."""
+
+
+def read_eos_token_ids(path: Path, tokenizer: Tokenizer) -> frozenset[int]:
+    """EOS ids from generation_config.json, else config.json, else the tokenizer's EOS token."""
+    for name in ("generation_config.json", "config.json"):
+        file = path / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            if value is not None:
+                return frozenset(value if isinstance(value, list) else [value])
+    return frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset()
+
+
+class InputProcessor:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = read_eos_token_ids(config.model_path, tokenizer)
+        self.max_model_len = config.scheduler.max_model_len
+        self.vocab_size = config.model.vocab_size
+
+    def tokenize_prompt(self, prompt: Prompt) -> list[int]:
+        if not prompt:
+            raise PromptError("prompt is empty")
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise PromptError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        return list(prompt)
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """Check the context limit; returns the output budget (what is left when unset)."""
+        room = self.max_model_len - num_prompt_tokens
+        if room <= 0:
+            raise PromptError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has "
+                f"{num_prompt_tokens} tokens"
+            )
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise PromptError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{num_prompt_tokens} tokens and max_tokens asks for {params.max_tokens} more "
+                f"({num_prompt_tokens + params.max_tokens} in all)"
+            )
+        return params.max_tokens
+
+    def make_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
+    ) -> Request:
+        token_ids = self.tokenize_prompt(prompt)
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            params=params,
+            eos_token_ids=self.eos_token_ids,
+            max_output_tokens=self.resolve_max_tokens(len(token_ids), params),
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+        )

@@ -1,0 +1,159 @@
+"""ProcessLLMEngine: LLMEngine's interface, with the core in a child process (see core_process)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from inferd.config import EngineConfig
+from inferd.engine.builder import build_engine_config
+from inferd.engine.core import EngineStats
+from inferd.engine.core_process import (
+    AbortMsg,
+    AddMsg,
+    FatalMsg,
+    FromCore,
+    OutputsMsg,
+    ReadyMsg,
+    ShutdownMsg,
+    run_core_process,
+)
+from inferd.engine.input_processor import InputProcessor, Prompt
+from inferd.engine.output_processor import OutputProcessor
+from inferd.engine.outputs import RequestOutput
+from inferd.engine.request import FinishReason
+from inferd.engine.tokenizer import Tokenizer
+from inferd.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_READY_TIMEOUT_S = 600.0
+# While requests are in flight, step() waits this long for the core's next message, so queued
+# adds and aborts are forwarded promptly even during a long step.
+_POLL_MS = 2
+
+
+class EngineProcessDied(RuntimeError):
+    pass
+
+
+class ProcessLLMEngine:
+    """Same methods as LLMEngine (add_request, step, abort, has_unfinished, stats)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.tokenizer = Tokenizer(config.model_path)
+        self._context = zmq.Context()
+        socket_dir = Path(tempfile.mkdtemp(prefix="inferd-"))
+        tag = uuid.uuid4().hex[:8]
+        input_addr, output_addr = f"ipc://{socket_dir}/in-{tag}", f"ipc://{socket_dir}/out-{tag}"
+        self._to_core = self._context.socket(zmq.PUSH)
+        self._to_core.bind(input_addr)
+        self._from_core = self._context.socket(zmq.PULL)
+        self._from_core.bind(output_addr)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(FromCore)
+        # spawn, not fork: CUDA cannot be initialised again in a forked child.
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=run_core_process, args=(config, input_addr, output_addr), name="inferd-engine-core", daemon=True
+        )
+        self._process.start()
+        ready = self._wait_ready()
+        self.config = config
+        self.max_model_len = ready.max_model_len
+        self.num_blocks = ready.num_blocks
+        self.inputs = InputProcessor(config, self.tokenizer)
+        self.eos_token_ids = self.inputs.eos_token_ids
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._stats = EngineStats(0, 0, 0.0, 0, 0, 0)
+        # True from any add/abort until the core reports itself idle, so the caller keeps
+        # calling step() and the final stats (blocks freed) are read.
+        self._core_busy = False
+
+    @classmethod
+    def from_options(cls, model_path: str | Path | None = None, **options: Any) -> ProcessLLMEngine:
+        return cls(build_engine_config(model_path, **options))
+
+    def _wait_ready(self) -> ReadyMsg:
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._from_core.poll(200):
+                message = self._decoder.decode(self._from_core.recv())
+                if isinstance(message, ReadyMsg):
+                    return message
+                if isinstance(message, FatalMsg):
+                    self.close()
+                    raise EngineProcessDied(message.message)
+            if not self._process.is_alive():
+                self.close()
+                raise EngineProcessDied(f"engine process exited with code {self._process.exitcode} while loading")
+        self.close()
+        raise EngineProcessDied("engine process did not become ready in time")
+
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
+    ) -> list[int]:
+        if request_id in self.output_processor:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = self.inputs.make_request(request_id, prompt, params, arrival_time)
+        message = AddMsg(
+            request_id,
+            request.prompt_token_ids,
+            params,
+            sorted(request.eos_token_ids),
+            request.max_output_tokens,
+            request.arrival_time,
+        )
+        self._send(message)
+        self.output_processor.add(request_id, request.prompt_token_ids, params, request.arrival_time)
+        return request.prompt_token_ids
+
+    def step(self) -> list[RequestOutput]:
+        """Outputs of the core's latest step (empty if none arrived within the poll interval)."""
+        if not self._from_core.poll(_POLL_MS):
+            if not self._process.is_alive():
+                raise EngineProcessDied(f"engine process exited with code {self._process.exitcode}")
+            return []
+        message = self._decoder.decode(self._from_core.recv())
+        if isinstance(message, FatalMsg):
+            raise EngineProcessDied(message.message)
+        assert isinstance(message, OutputsMsg)
+        self._stats = message.stats
+        if message.stats.num_running == message.stats.num_waiting == 0:
+            self._core_busy = False
+        outputs, stopped = self.output_processor.process(message.outputs)
+        if stopped:
+            self._send(AbortMsg(stopped, FinishReason.STOP.value))
+        return outputs
+
+    def _send(self, message: AddMsg | AbortMsg) -> None:
+        self._core_busy = True
+        self._to_core.send(self._encoder.encode(message))
+
+    def abort(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> list[RequestOutput]:
+        self._send(AbortMsg(list(request_ids), reason.value))
+        finished = [self.output_processor.finish(i, reason.value) for i in request_ids]
+        return [out for out in finished if out is not None]
+
+    def has_unfinished(self) -> bool:
+        return len(self.output_processor) > 0 or self._core_busy
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._to_core.send(self._encoder.encode(ShutdownMsg()))
+            self._process.join(10)
+            if self._process.is_alive():
+                self._process.kill()
+        self._to_core.close(linger=0)
+        self._from_core.close(linger=0)
+        self._context.term()

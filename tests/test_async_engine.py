@@ -1,0 +1,48 @@
+"""AsyncLLM with the core in a thread and in a child process: same answers, aborts free blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from inferd import LLM, SamplingParams
+from inferd.engine.async_llm import AsyncLLM
+
+PROMPTS = ["To be, or not", "Whether 'tis nobler", "Café 東京", "The quick brown fox"]
+
+
+async def _collect(llm: AsyncLLM, request_id: str, prompt: str, params: SamplingParams) -> tuple[str, str, list[int]]:
+    streamed = ""
+    async for out in llm.generate(request_id, prompt, params):
+        streamed += out.new_text
+    return streamed, out.text, out.token_ids
+
+
+async def _wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "process"])
+async def test_async_engine_matches_offline_and_frees_on_abort(tiny_llama, engine_process: bool) -> None:
+    params = SamplingParams(max_tokens=16, temperature=0.0, stop=["xq"])
+    expected = LLM(tiny_llama, kv_cache_memory="16MiB").generate(PROMPTS, params)
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=engine_process, kv_cache_memory="16MiB")
+    llm.start()
+    try:
+        results = await asyncio.gather(*[_collect(llm, f"r{i}", p, params) for i, p in enumerate(PROMPTS)])
+        for (streamed, final, token_ids), exp in zip(results, expected, strict=True):
+            assert streamed == final == exp.text
+            assert token_ids == exp.token_ids
+
+        stream = llm.generate("long", "To be", SamplingParams(max_tokens=200, ignore_eos=True))
+        async for _ in stream:
+            break
+        assert llm.stats().kv_usage > 0
+        await stream.aclose()
+        await _wait_for(lambda: llm.stats().kv_usage == 0.0 and llm.stats().num_running == 0)
+    finally:
+        llm.shutdown()
