@@ -52,6 +52,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         metrics: ServingMetrics | None = None,
+        max_batches_in_flight: int = 2,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -63,6 +64,11 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        # More than one batch may run at once: a runtime call in a worker thread waits for the GIL
+        # while the event loop parses requests, and the next batch should form and start meanwhile.
+        self._max_batches_in_flight = max_batches_in_flight
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._batch_done = asyncio.Event()
 
     async def submit(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs one request (every input with the same number of rows first) and returns its outputs."""
@@ -77,16 +83,26 @@ class DynamicBatcher:
         return await future
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        tasks = [t for t in (self._worker, *self._in_flight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _work(self) -> None:
         while self._queue:
+            while len(self._in_flight) >= self._max_batches_in_flight:
+                self._batch_done.clear()
+                await self._batch_done.wait()
             await self._wait_for_batch()
             batch = self._take_batch()
             if batch:
-                await self._execute(batch)
+                task = asyncio.get_running_loop().create_task(self._execute(batch))
+                self._in_flight.add(task)
+                task.add_done_callback(self._on_batch_done)
+
+    def _on_batch_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._batch_done.set()
 
     def _compatible_rows(self) -> int:
         key = self._queue[0].key

@@ -15,7 +15,11 @@ class OnnxRuntime:
 
         available = onnxruntime.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self._session = onnxruntime.InferenceSession(str(model_path), providers=providers)
+        options = onnxruntime.SessionOptions()
+        # Idle intra-op threads would otherwise spin between calls, taking CPU from the event loop
+        # that parses requests and feeds the batcher.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = onnxruntime.InferenceSession(str(model_path), options, providers=providers)
         graph_outputs = {o.name for o in self._session.get_outputs()}
         missing = [name for name in output_names if name not in graph_outputs]
         if missing:
