@@ -28,12 +28,9 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 # The smoke run interprets Triton on the CPU; the switch must be set before triton is imported.
 if "--smoke" in sys.argv:
@@ -154,24 +151,11 @@ def write_model_folder(folder: Path, hf_config: dict[str, Any]) -> Path:
 def build_random_model(
     path: Path, cfg: Any, max_positions: int, dtype: torch.dtype, device: str
 ) -> torch.nn.Module:
-    """inferd's model class with its default (random) init, built on the device: what the loader
-    returns, without a checkpoint to read."""
-    from inferd.models.registry import model_class
+    """inferd's model built on the device with its random init (the loader's dummy format)."""
+    from inferd.models.loader import load_model
 
     torch.manual_seed(0)
-    with torch.device(device):
-        model = model_class(cfg.architecture)(cfg, max_positions)
-    for name, child in model.named_children():
-        if name != "rotary":  # rotary tables stay float32, as the loader keeps them
-            child.to(dtype)
-    return model.eval()
-
-
-@contextmanager
-def random_weights() -> Iterator[None]:
-    """Engines built inside load random weights instead of a safetensors checkpoint."""
-    with mock.patch("inferd.worker.model_runner.load_model", build_random_model):
-        yield
+    return load_model(path, cfg, max_positions, dtype, device, load_format="dummy")
 
 
 def free_device_memory() -> None:
@@ -300,8 +284,7 @@ def inferd_engine(folder: Path, plan: Plan, backend: str, options: dict[str, Any
         "max_model_len": plan.max_prompt_len + plan.max_output_len, "max_num_seqs": plan.num_seqs,
         "max_num_batched_tokens": 16384, "kv_cache_memory": plan.kv_cache_memory, **options,
     }  # fmt: skip
-    with random_weights():
-        return LLM(folder, **settings)
+    return LLM(folder, load_format="dummy", **settings)
 
 
 def run_inferd_workload(llm: Any, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:

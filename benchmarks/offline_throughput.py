@@ -105,7 +105,9 @@ def run_hf_continuous(folder: Path, prompts: list[list[int]], output_lens: list[
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    config = transformers.GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=max(output_lens))
+    config = transformers.GenerationConfig(
+        do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=max(output_lens)
+    )
     manager = model.init_continuous_batching(generation_config=config)
     manager.start()
     start = time.perf_counter()
@@ -124,7 +126,9 @@ def run_hf_continuous(folder: Path, prompts: list[list[int]], output_lens: list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--min-len", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=256)
@@ -147,7 +151,10 @@ def main() -> None:
         for name, run in runs:
             print(f"running {name} ...", flush=True)
             results[name] = run(folder, prompts, output_lens)
-            print(f"  {results[name]['output_tok_s']:.1f} output tok/s ({results[name]['seconds']:.1f} s)", flush=True)
+            print(
+                f"  {results[name]['output_tok_s']:.1f} output tok/s ({results[name]['seconds']:.1f} s)",
+                flush=True,
+            )
 
     best_peer = max((v["output_tok_s"] for k, v in results.items() if k != "inferd"), default=None)
     print("\n| engine | seconds | output tokens | output tok/s |\n|---|---|---|---|")

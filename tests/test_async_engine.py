@@ -12,7 +12,9 @@ from inferd.engine.async_llm import AsyncLLM
 PROMPTS = ["To be, or not", "Whether 'tis nobler", "Café 東京", "The quick brown fox"]
 
 
-async def _collect(llm: AsyncLLM, request_id: str, prompt: str, params: SamplingParams) -> tuple[str, str, list[int]]:
+async def _collect(
+    llm: AsyncLLM, request_id: str, prompt: str, params: SamplingParams
+) -> tuple[str, str, list[int]]:
     streamed = ""
     async for out in llm.generate(request_id, prompt, params):
         streamed += out.new_text

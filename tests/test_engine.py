@@ -23,7 +23,10 @@ def test_seeded_sampling_same_alone_and_in_busy_batch(llm: LLM) -> None:
     params = SamplingParams(max_tokens=20, temperature=1.0, seed=1234)
     alone = llm.generate(["To be, or not"], params)[0]
     crowd = [SamplingParams(max_tokens=25, temperature=1.0) for _ in range(6)]
-    busy = llm.generate(["Whether", "The quick", "To be, or not", "Or to take", "Café", "0123"], crowd[:2] + [params] + crowd[2:5])
+    busy = llm.generate(
+        ["Whether", "The quick", "To be, or not", "Or to take", "Café", "0123"],
+        crowd[:2] + [params] + crowd[2:5],
+    )
     assert busy[2].token_ids == alone.token_ids
     assert busy[2].text == alone.text
     other_seed = llm.generate(["To be, or not"], SamplingParams(max_tokens=20, temperature=1.0, seed=99))[0]
@@ -40,18 +43,28 @@ def test_stop_string_split_across_tokens_is_trimmed(llm: LLM) -> None:
     pieces = [llm.tokenizer.decode([t]) for t in token_ids]
     # Two neighbouring tokens that each decode to clean text: the stop string straddles them.
     i = next(
-        i for i in range(2, len(pieces) - 1)
+        i
+        for i in range(2, len(pieces) - 1)
         if pieces[i].strip() and pieces[i + 1].strip() and "\ufffd" not in pieces[i] + pieces[i + 1]
     )
     stop = pieces[i][-1] + pieces[i + 1][0]
     assert stop in text
     first = text.find(stop)
-    out = llm.generate(["To be"], SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True, stop=[stop]))[0]
+    out = llm.generate(
+        ["To be"], SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True, stop=[stop])
+    )[0]
     assert out.finish_reason == "stop"
     assert out.text == text[:first]
     kept = llm.generate(
         ["To be"],
-        SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True, stop=[stop], include_stop_str_in_output=True),
+        SamplingParams(
+            max_tokens=30,
+            temperature=1.0,
+            seed=5,
+            ignore_eos=True,
+            stop=[stop],
+            include_stop_str_in_output=True,
+        ),
     )[0]
     assert kept.text == text[: first + 2]
 

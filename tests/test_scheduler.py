@@ -11,7 +11,11 @@ from inferd.sched.scheduler import Scheduler
 
 def _request(rid: str, prompt_len: int, max_tokens: int = 4, first: int = 0) -> Request:
     return Request(
-        rid, list(range(first, first + prompt_len)), SamplingParams(max_tokens=max_tokens), frozenset({999}), max_tokens
+        rid,
+        list(range(first, first + prompt_len)),
+        SamplingParams(max_tokens=max_tokens),
+        frozenset({999}),
+        max_tokens,
     )
 
 

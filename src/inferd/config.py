@@ -158,3 +158,5 @@ class EngineConfig:
     dtype: str = "float32"
     attention_backend: str = "auto"
     seed: int = 0
+    # "safetensors" reads the checkpoint; "dummy" keeps the random init (benchmarks of model shapes).
+    load_format: str = "safetensors"

@@ -86,7 +86,12 @@ class TorchAttentionBackend:
         return self._varlen(q, k_cache, v_cache, meta, scale)
 
     def _decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
         groups = self._decode_groups(meta)
         if len(groups) == 1:
@@ -120,7 +125,12 @@ class TorchAttentionBackend:
         return plan
 
     def _varlen(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         start = 0

@@ -23,8 +23,8 @@ from inferd.config import EngineConfig
 from inferd.engine.builder import build_engine_config
 from inferd.engine.core import EngineStats
 from inferd.engine.llm_engine import LLMEngine, Prompt
-from inferd.engine.process_engine import EngineProcessDied, ProcessLLMEngine
 from inferd.engine.outputs import RequestMetrics, RequestOutput
+from inferd.engine.process_engine import EngineProcessDied, ProcessLLMEngine
 from inferd.engine.request import FinishReason
 from inferd.sampling_params import SamplingParams
 
@@ -197,7 +197,9 @@ class AsyncLLM:
         self._deliver(outputs)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]] = {}
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]
+        ] = {}
         with self._lock:
             for out in outputs:
                 stream = self._streams.get(out.request_id)

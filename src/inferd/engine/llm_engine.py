@@ -21,6 +21,7 @@ __all__ = ["LLMEngine", "Prompt", "PromptError"]
 
 logger = logging.getLogger(__name__)
 
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.tokenizer = Tokenizer(config.model_path)

@@ -62,7 +62,10 @@ class ProcessLLMEngine:
         self._decoder = msgspec.msgpack.Decoder(FromCore)
         # spawn, not fork: CUDA cannot be initialised again in a forked child.
         self._process = multiprocessing.get_context("spawn").Process(
-            target=run_core_process, args=(config, input_addr, output_addr), name="inferd-engine-core", daemon=True
+            target=run_core_process,
+            args=(config, input_addr, output_addr),
+            name="inferd-engine-core",
+            daemon=True,
         )
         self._process.start()
         ready = self._wait_ready()
@@ -93,7 +96,9 @@ class ProcessLLMEngine:
                     raise EngineProcessDied(message.message)
             if not self._process.is_alive():
                 self.close()
-                raise EngineProcessDied(f"engine process exited with code {self._process.exitcode} while loading")
+                raise EngineProcessDied(
+                    f"engine process exited with code {self._process.exitcode} while loading"
+                )
         self.close()
         raise EngineProcessDied("engine process did not become ready in time")
 

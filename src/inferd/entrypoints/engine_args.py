@@ -8,7 +8,9 @@ from typing import Any
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and KV cache dtype")
+    group.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="weights and KV cache dtype"
+    )
     group.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     group.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB (default: from free memory)")
     group.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")

@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--request-seed", type=int, help="seed of this request's sampling")
-    parser.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    parser.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message through the chat template"
+    )
     parser.add_argument("--verbose", action="store_true", help="log engine start-up details")
     add_engine_args(parser)
     parser.set_defaults(func=run)

@@ -6,13 +6,14 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from inferd.config import ModelConfig, ModelLoadError
-from inferd.models.registry import model_class
+from inferd.models.registry import CausalLM, model_class
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ def safetensors_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise ModelLoadError(f"{path}: only pickle checkpoints (*.bin/*.pt) found; inferd loads safetensors only")
+        raise ModelLoadError(
+            f"{path}: only pickle checkpoints (*.bin/*.pt) found; inferd loads safetensors only"
+        )
     raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -51,19 +54,33 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(
-    path: Path, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: str
-) -> nn.Module:
+    path: Path,
+    cfg: ModelConfig,
+    max_positions: int,
+    dtype: torch.dtype,
+    device: str,
+    load_format: str = "safetensors",
+) -> CausalLM:
+    """Build the model directly on ``device`` in ``dtype`` and fill it from the checkpoint.
+
+    ``load_format="dummy"`` keeps the random initialisation instead (model shapes for benchmarks).
+    """
     cls = model_class(cfg.architecture)
-    files = safetensors_files(path)  # fail on missing weights before allocating anything
-    logger.info("loading %s (%s, %d file(s)) as %s on %s", path, cfg.architecture, len(files), dtype, device)
-    with torch.device(device):
-        model = cls(cfg, max_positions)
-    model.to(dtype=dtype)
-    # Rotary tables stay float32: they are looked up, not multiplied in the model dtype.
-    model.get_submodule("rotary").float()
-    _fill_weights(model, iter_checkpoint(path), cfg)
+    dummy = load_format == "dummy"
+    files = [] if dummy else safetensors_files(path)  # fail on missing weights before allocating
+    logger.info("loading %s (%s, %s) as %s on %s", path, cfg.architecture,
+                "random weights" if dummy else f"{len(files)} file(s)", dtype, device)  # fmt: skip
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(cfg, max_positions)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    if not dummy:
+        _fill_weights(model, iter_checkpoint(path), cfg)
     model.eval()
-    return model
+    return cast(CausalLM, model)
 
 
 def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig) -> None:
@@ -88,7 +105,9 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
         filled.add("lm_head.weight")
     missing = sorted(set(params) - filled)
     if missing:
-        raise ModelLoadError(f"checkpoint lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise ModelLoadError(
+            f"checkpoint lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
 
 
 def _target_of(name: str) -> tuple[str, int | None]:
@@ -113,5 +132,7 @@ def _shard_view(param: torch.Tensor, shard: int, cfg: ModelConfig, target: str) 
 
 def _copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     if param.shape != tensor.shape:
-        raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        raise ModelLoadError(
+            f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+        )
     param.copy_(tensor)

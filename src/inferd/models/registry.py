@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import importlib
+from typing import Protocol
 
+import torch
 from torch import nn
 
+from inferd.attention.base import AttentionBackend, AttentionMetadata
 from inferd.config import ModelLoadError
+
+
+class CausalLM(Protocol):
+    """What the model runner needs of a model class."""
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
 
 _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),

@@ -29,7 +29,12 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = parse_dtype(config.dtype)
         self.model = load_model(
-            config.model_path, config.model, config.scheduler.max_model_len, self.dtype, config.device
+            config.model_path,
+            config.model,
+            config.scheduler.max_model_len,
+            self.dtype,
+            config.device,
+            config.load_format,
         )
         self.backend = create_backend(config.attention_backend, config.device)
         self.sampler = Sampler(config.seed)
