@@ -103,3 +103,23 @@ async def test_batch_metrics_go_to_the_given_registry() -> None:
     assert registry.get_sample_value("inferd_kserve_batch_requests_sum", labels) == 3
     assert registry.get_sample_value("inferd_kserve_batch_rows_sum", labels) == 3
     assert registry.get_sample_value("inferd_kserve_queue_seconds_count", labels) == 3
+
+
+async def test_the_next_batch_starts_while_one_is_still_running() -> None:
+    second_call_started = threading.Event()
+    calls = 0
+
+    def infer(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            # Bounded wait: without overlapping batches the second call never starts and this times out.
+            assert second_call_started.wait(timeout=10)
+        else:
+            second_call_started.set()
+        return {"y": inputs["x"]}
+
+    batcher = DynamicBatcher("m", infer, max_batch_size=1, max_queue_delay_s=0.0)
+    await asyncio.gather(batcher.submit(_request(1.0)), batcher.submit(_request(2.0)))
+    await batcher.close()
+    assert calls == 2
