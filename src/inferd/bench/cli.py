@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inferd.bench.datasets import BenchRequest, LengthRange, TextTokenizer
+from inferd.entrypoints.engine_args import add_engine_args
 
 if TYPE_CHECKING:
     from inferd.bench.runner import RunResult
@@ -113,14 +114,8 @@ def _add_offline_parser(modes: argparse._SubParsersAction) -> None:
         default=None,
         help="nanovllm: 256 prompts, input and output lengths uniform in [100, 1024], seed 0",
     )
-    engine = parser.add_argument_group("engine (unset: the engine's defaults)")
-    engine.add_argument("--device", default=None, help="cpu or cuda")
-    engine.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--max-num-seqs", type=int, default=None)
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None)
-    engine.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB")
-    engine.add_argument("--attention-backend", default=None)
+    # --seed belongs to the workload here.
+    add_engine_args(parser, seed_flag=False)
     # Offline prompts go through the engine's own tokenizer.
     _add_workload_args(parser, tokenizer_option=False)
     _add_report_args(parser, "offline", plot=False)

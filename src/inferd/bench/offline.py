@@ -9,23 +9,12 @@ from typing import TYPE_CHECKING, Any
 from inferd.bench.client import RequestRecord
 from inferd.bench.datasets import BenchRequest, clip_to_context, nanovllm_requests
 from inferd.bench.runner import RunResult
+from inferd.entrypoints.engine_args import engine_options
 from inferd.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from inferd.engine.outputs import RequestOutput
     from inferd.llm import LLM
-
-# CLI flag -> LLM(...) keyword; only flags the user set are passed, so the engine keeps its defaults.
-ENGINE_OPTIONS = (
-    "device",
-    "dtype",
-    "max_model_len",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "kv_cache_memory",
-    "attention_backend",
-)
-
 
 def workload_for(llm: LLM, args: argparse.Namespace) -> tuple[list[BenchRequest], bool]:
     """The requests as token ids that fit the model's context; the flag says whether any were clipped."""
@@ -82,8 +71,7 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     from inferd.bench.report import format_table, summarize, write_json
     from inferd.llm import LLM
 
-    options = {name: getattr(args, name) for name in ENGINE_OPTIONS if getattr(args, name) is not None}
-    llm = LLM(args.model, **options)
+    llm = LLM(args.model, **engine_options(args))
     requests, clipped = workload_for(llm, args)
     if clipped:
         print(

@@ -5,12 +5,23 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+# Flag destinations that map one to one onto engine keyword options.
+_DIRECT_OPTIONS = (
+    "dtype",
+    "device",
+    "kv_cache_memory",
+    "block_size",
+    "max_model_len",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "attention_backend",
+)
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine")
-    group.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="weights and KV cache dtype"
-    )
+
+def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> None:
+    """``seed_flag=False`` leaves ``--seed`` to a command that uses it for something else."""
+    group = parser.add_argument_group("engine (unset: the engine's defaults)")
+    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and KV dtype")
     group.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     group.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB (default: from free memory)")
     group.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
@@ -19,23 +30,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, help="token budget per step")
     group.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
     group.add_argument("--attention-backend", choices=["auto", "torch", "triton"], help="attention kernels")
-    group.add_argument("--seed", type=int, help="seed for requests without their own")
+    if seed_flag:
+        group.add_argument("--seed", dest="engine_seed", type=int, help="seed for requests without their own")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine keyword options the flags asked for (unset ones are left to the engine)."""
-    options = {
-        "dtype": args.dtype,
-        "device": args.device,
-        "kv_cache_memory": args.kv_cache_memory,
-        "block_size": args.block_size,
-        "max_model_len": args.max_model_len,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "attention_backend": args.attention_backend,
-        "seed": args.seed,
-    }
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {name: getattr(args, name) for name in _DIRECT_OPTIONS if getattr(args, name) is not None}
+    if getattr(args, "engine_seed", None) is not None:
+        options["seed"] = args.engine_seed
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
     return options
