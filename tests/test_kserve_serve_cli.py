@@ -27,3 +27,18 @@ def test_inferd_serve_mounts_the_model_repository(tiny_llama: Path, tmp_path: Pa
         assert confidence.shape == (1, 1) and 0.0 < float(confidence[0, 0]) <= 1.0
         families = httpx.get(f"{server.base_url}/metrics", timeout=10).text
         assert 'inferd_kserve_requests_total{model="digits",outcome="success"}' in families
+
+
+def test_api_key_guards_the_v2_and_embedding_routes_but_not_health(tiny_llama: Path, tmp_path: Path) -> None:
+    shutil.copytree(EXAMPLES / "digits", tmp_path / "digits")
+    args = ("--model-repository", str(tmp_path), "--grpc-port", str(free_port()), "--api-key", "sesame")
+    with run_server(tiny_llama, *args) as server:
+        url = f"{server.base_url}/v2/models/digits"
+        assert httpx.get(f"{server.base_url}/v2/health/ready", timeout=10).status_code == 200
+        refused = httpx.get(url, timeout=10)
+        assert refused.status_code == 401 and "API key" in refused.json()["error"]
+        embeddings = httpx.post(
+            f"{server.base_url}/v1/embeddings", json={"model": "digits", "input": "x"}, timeout=10
+        )
+        assert embeddings.status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer sesame"}, timeout=10).status_code == 200

@@ -61,7 +61,8 @@ def create_app(
     if model_repository is not None:
         from inferd.server.kserve.launch import mount_model_repository
 
-        app.state.model_repository = mount_model_repository(app, model_repository, registry)
+        auth: list[Callable[..., Any]] = [require_api_key(config.api_key)] if config.api_key else []
+        app.state.model_repository = mount_model_repository(app, model_repository, registry, auth)
 
     @app.get("/health")
     async def health() -> Response:

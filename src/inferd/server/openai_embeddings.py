@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from inferd.server.errors import ApiError, protocol_route_class
 from inferd.serving.dataplane import DataPlane
 from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from inferd.serving.repository import ModelRepository
@@ -26,6 +28,13 @@ def _openai_error(message: str, status: int, error_type: str) -> JSONResponse:
     return JSONResponse(
         {"error": {"message": message, "type": error_type, "param": None, "code": None}}, status_code=status
     )
+
+
+def _api_error_response(exc: ApiError) -> Response:
+    """Errors raised by shared dependencies (the API-key check)."""
+    if exc.kind == "authentication":
+        return _openai_error(exc.message, 401, "invalid_request_error")
+    return _openai_error(exc.message, 400, "invalid_request_error")
 
 
 def _error_response(exc: InferenceError) -> JSONResponse:
@@ -97,9 +106,14 @@ class _EmbeddingService:
         }
 
 
-def build_embeddings_router(repository: ModelRepository) -> APIRouter:
+def build_embeddings_router(
+    repository: ModelRepository, dependencies: Sequence[Callable[..., Any]] = ()
+) -> APIRouter:
     service = _EmbeddingService(repository)
-    router = APIRouter()
+    router = APIRouter(
+        route_class=protocol_route_class(_api_error_response),
+        dependencies=[Depends(dependency) for dependency in dependencies],
+    )
 
     @router.post("/v1/embeddings")
     async def create_embeddings(request: Request) -> Response:

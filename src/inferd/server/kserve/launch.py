@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -70,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def mount_model_repository(app: FastAPI, path: Path, metrics_registry: CollectorRegistry) -> ModelRepository:
+def mount_model_repository(
+    app: FastAPI,
+    path: Path,
+    metrics_registry: CollectorRegistry,
+    dependencies: Sequence[Callable[..., Any]] = (),
+) -> ModelRepository:
     """Loads `path` and adds the `/v2` and `/v1/embeddings` routes to an existing app (`inferd serve`)."""
     repository = open_repository(path, metrics_registry)
-    app.include_router(build_router(repository))
-    app.include_router(build_embeddings_router(repository))
+    app.include_router(build_router(repository, dependencies))
+    app.include_router(build_embeddings_router(repository, dependencies))
     return repository

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from inferd.server.errors import ApiError, protocol_route_class
 from inferd.server.kserve.rest_codec import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from inferd.serving.dataplane import DataPlane
 from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
@@ -21,9 +22,22 @@ _STATUS_BY_ERROR: tuple[tuple[type[InferenceError], int], ...] = (
 )
 
 
+_STATUS_BY_API_ERROR_KIND = {
+    "invalid_request": 400,
+    "authentication": 401,
+    "not_found": 404,
+    "unavailable": 503,
+}
+
+
 def error_response(exc: InferenceError) -> JSONResponse:
     status = next((code for kind, code in _STATUS_BY_ERROR if isinstance(exc, kind)), 500)
     return JSONResponse({"error": str(exc)}, status_code=status)
+
+
+def api_error_response(exc: ApiError) -> Response:
+    """Errors raised by shared dependencies (the API-key check), in the v2 error shape."""
+    return JSONResponse({"error": exc.message}, status_code=_STATUS_BY_API_ERROR_KIND.get(exc.kind, 500))
 
 
 async def _answer(produce: Callable[[], Awaitable[Response]]) -> Response:
@@ -56,22 +70,28 @@ def _generate_input(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return text, parameters
 
 
-def build_router(repository: ModelRepository) -> APIRouter:
-    """All `/v2` routes for the models of `repository`."""
+def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..., Any]] = ()) -> APIRouter:
+    """All `/v2` routes for the models of `repository`; `dependencies` (e.g. the API-key check) guard all
+    but the health probes, which orchestrators call without credentials."""
     plane = DataPlane(repository)
-    router = APIRouter()
+    health = APIRouter()
+
+    @health.get("/v2/health/live")
+    async def server_live() -> Response:
+        return JSONResponse({"live": True})
+
+    @health.get("/v2/health/ready")
+    async def server_ready() -> Response:
+        return JSONResponse({"ready": True})
+
+    router = APIRouter(
+        route_class=protocol_route_class(api_error_response),
+        dependencies=[Depends(dependency) for dependency in dependencies],
+    )
 
     @router.get("/v2")
     async def server_metadata() -> Response:
         return JSONResponse(plane.server_metadata())
-
-    @router.get("/v2/health/live")
-    async def server_live() -> Response:
-        return JSONResponse({"live": True})
-
-    @router.get("/v2/health/ready")
-    async def server_ready() -> Response:
-        return JSONResponse({"ready": True})
 
     @router.post("/v2/repository/index")
     async def repository_index() -> Response:
@@ -140,7 +160,8 @@ def build_router(repository: ModelRepository) -> APIRouter:
         router.add_api_route(prefix + "/infer", infer, methods=["POST"])
         router.add_api_route(prefix + "/generate", generate, methods=["POST"])
         router.add_api_route(prefix + "/generate_stream", generate_stream, methods=["POST"])
-    return router
+    health.include_router(router)
+    return health
 
 
 async def _as_json(payload: Any) -> Response:
