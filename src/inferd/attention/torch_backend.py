@@ -83,7 +83,7 @@ class TorchAttentionBackend:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_pure_decode:
             return self._decode(q, k_cache, v_cache, meta, scale)
-        return self._varlen(q, k_cache, v_cache, meta, scale)
+        return self._varlen(q, k, v, k_cache, v_cache, meta, scale)
 
     def _decode(
         self,
@@ -127,6 +127,8 @@ class TorchAttentionBackend:
     def _varlen(
         self,
         q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
@@ -135,14 +137,26 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         start = 0
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host, strict=True)):
-            keys = gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)
-            values = gather_context(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)
             query = q[start : start + q_len].transpose(0, 1)  # [heads, q_len, dim]
-            # Query row j sits at position seq_len - q_len + j and sees keys up to there.
-            rows = torch.arange(q_len, device=q.device).unsqueeze(1) + (seq_len - q_len)
-            mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= rows
+            if q_len == seq_len:
+                # A fresh prompt: its keys are exactly this step's, no cache read or mask needed.
+                keys = k[start : start + q_len].transpose(0, 1)
+                values = v[start : start + q_len].transpose(0, 1)
+                mask = None
+            else:
+                keys = gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)
+                values = gather_context(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)
+                # Query row j sits at position seq_len - q_len + j and sees keys up to there.
+                rows = torch.arange(q_len, device=q.device).unsqueeze(1) + (seq_len - q_len)
+                mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= rows
             attended = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, scale=scale, enable_gqa=query.shape[0] != keys.shape[0]
+                query,
+                keys,
+                values,
+                attn_mask=mask,
+                is_causal=mask is None and q_len > 1,
+                scale=scale,
+                enable_gqa=query.shape[0] != keys.shape[0],
             )
             out[start : start + q_len] = attended.transpose(0, 1)
             start += q_len
