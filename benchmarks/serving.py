@@ -3,10 +3,14 @@ through the offline engine (`inferd.LLM`) in this process, with the same engine 
 
     python benchmarks/serving.py [--model DIR] [--concurrency 32] [--num-prompts 96] [--out results.json]
 
-Without `--model` it uses the built-in default model, or, while that does not exist yet, random
-weights in its shape (Llama, 4 layers, hidden 256, vocabulary 4096). Prompts are random token ids;
-replies are greedy with EOS ignored, so both paths generate exactly the same number of tokens.
+Without `--model` it uses the built-in default model. Prompts are random token ids (lengths clipped
+to the context); replies are greedy with EOS ignored, so both paths generate the same token count.
 The server runs as a subprocess on 127.0.0.1; the clients are `inferd.bench`'s streaming OpenAI client.
+
+Offline and HTTP runs alternate (`--repeats` pairs) so both see the same background load; the loss
+is the median over pairs. Each HTTP run also reports CPU time per output token of the server's
+event loop (HTTP, JSON, SSE), of its engine threads, and of the client process: a measure of the
+HTTP cost that does not depend on how busy the machine is.
 """
 
 from __future__ import annotations
@@ -17,16 +21,17 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inferd.bench.client import OpenAIStreamClient
-from inferd.bench.datasets import BenchRequest, LengthRange, random_requests
+from inferd.bench.datasets import BenchRequest, LengthRange, clip_to_context, random_requests
 from inferd.bench.offline import generate_timed
 from inferd.bench.report import format_table, summarize
 from inferd.bench.runner import RunResult, run_requests
@@ -35,38 +40,8 @@ from inferd.engine.builder import default_model_path
 if TYPE_CHECKING:
     from inferd.llm import LLM
 
-# The built-in default model's shape (scripts/train_default_model.py defaults).
-DEFAULT_MODEL_SHAPE = {
-    "vocab_size": 4096,
-    "hidden_size": 256,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-    "tie_word_embeddings": True,
-}
 _READY = re.compile(r"inferd serving (\S+) at (http://127\.0\.0\.1:\d+)")
 STARTUP_TIMEOUT_S = 120.0
-
-
-def build_stand_in_model(folder: Path) -> Path:
-    """Random weights in the default model's shape, with a word-level tokenizer covering its vocabulary."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    config = transformers.LlamaConfig(**DEFAULT_MODEL_SHAPE, eos_token_id=0, bos_token_id=0)
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    vocab = {f"w{i}": i for i in range(DEFAULT_MODEL_SHAPE["vocab_size"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w0"}))
-    return folder
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,13 +62,9 @@ def run_offline(llm: LLM, requests: list[BenchRequest]) -> dict[str, Any]:
     The thread matters on a busy CPU: torch's OpenMP workers spin-wait, and called from the main
     thread the engine ran up to 4x slower here than from any other thread (see BENCHMARKS.md).
     """
-    results: list[RunResult] = []
-    worker = threading.Thread(
-        target=lambda: results.append(generate_timed(llm, requests, show_progress=False))
-    )
-    worker.start()
-    worker.join()
-    return summarize(results[0].records, results[0].duration_s)
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        result = worker.submit(generate_timed, llm, requests, False).result()
+    return summarize(result.records, result.duration_s)
 
 
 def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[str], str, str]:
@@ -144,6 +115,36 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(runs, key=lambda run: run["output_throughput"])[len(runs) // 2]
 
 
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    times = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        times[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return times
+
+
+def timed_server_run(
+    process: subprocess.Popen[str],
+    base_url: str,
+    model_name: str,
+    requests: list[BenchRequest],
+    concurrency: int,
+) -> dict[str, Any]:
+    """One HTTP run, plus where the CPU went: the server's event loop (its main thread), the
+    engine threads (everything else in the server) and this client process."""
+    before, client_before = thread_cpu_s(process.pid), time.process_time()
+    summary = summarize_run(asyncio.run(drive_server(base_url, model_name, requests, concurrency)))
+    after, client_cpu = thread_cpu_s(process.pid), time.process_time() - client_before
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop_cpu = spent.pop(process.pid, 0.0)
+    tokens = summary["total_output_tokens"]
+    summary["cpu_s"] = {"event_loop": loop_cpu, "engine": sum(spent.values()), "client": client_cpu}
+    summary["cpu_us_per_output_token"] = {k: v / tokens * 1e6 for k, v in summary["cpu_s"].items()}
+    return summary
+
+
 def compare(model: Path, requests: list[BenchRequest], args: argparse.Namespace) -> dict[str, Any]:
     """Alternate offline and HTTP runs, so both see the same background load on average."""
     llm = load_offline(model, args)
@@ -154,9 +155,7 @@ def compare(model: Path, requests: list[BenchRequest], args: argparse.Namespace)
         asyncio.run(drive_server(base_url, model_name, warm_up, 1))
         for repeat in range(args.repeats):
             offline_runs.append(run_offline(llm, requests))
-            server_runs.append(
-                summarize_run(asyncio.run(drive_server(base_url, model_name, requests, args.concurrency)))
-            )
+            server_runs.append(timed_server_run(process, base_url, model_name, requests, args.concurrency))
             offline_tps, server_tps = (runs[-1]["output_throughput"] for runs in (offline_runs, server_runs))
             print(
                 f"run {repeat + 1}: offline {offline_tps:.1f} tok/s, HTTP {server_tps:.1f} tok/s", flush=True
@@ -171,6 +170,14 @@ def summarize_run(result: RunResult) -> dict[str, Any]:
     return summarize(result.records, result.duration_s)
 
 
+def pair_ratios(runs: dict[str, Any]) -> list[float]:
+    """HTTP over offline throughput of each back-to-back pair: drifts in background load cancel."""
+    return [
+        served["output_throughput"] / offline["output_throughput"]
+        for offline, served in zip(runs["offline_runs"], runs["server_runs"], strict=True)
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -178,32 +185,43 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--num-prompts", type=int, default=96)
-    parser.add_argument("--input-len", type=LengthRange.parse, default=LengthRange(64, 192))
-    parser.add_argument("--output-len", type=LengthRange.parse, default=LengthRange(64, 192))
+    parser.add_argument("--input-len", type=LengthRange.parse, default=LengthRange(32, 128))
+    parser.add_argument("--output-len", type=LengthRange.parse, default=LengthRange(32, 128))
     parser.add_argument("--kv-cache-memory", default="1GiB")
     parser.add_argument("--repeats", type=int, default=3, help="alternating offline/HTTP runs; medians kept")
     parser.add_argument("--out", type=Path, default=None, help="write both summaries as JSON")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as scratch:
-        model = args.model
-        if model is None:
-            model = default_model_path()
-            if not (model / "config.json").is_file():
-                print("built-in default model not found; using random weights in its shape")
-                model = build_stand_in_model(Path(scratch) / "default-shape")
-        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-        requests = random_requests(args.num_prompts, args.input_len, args.output_len, 0, min(vocab, 10000))
-        runs = compare(model, requests, args)
+    model = args.model or default_model_path()
+    config = json.loads((model / "config.json").read_text())
+    vocab, context = config["vocab_size"], config["max_position_embeddings"]
+    drawn = random_requests(args.num_prompts, args.input_len, args.output_len, 0, min(vocab, 10000))
+    requests, clipped = clip_to_context(drawn, context)
+    if clipped:
+        print(f"note: some prompt/output lengths were clipped to the context of {context} tokens")
+    runs = compare(model, requests, args)
 
     offline, served = median_run(runs["offline_runs"]), median_run(runs["server_runs"])
     print(format_table(offline, title="offline engine (inferd.LLM), median run"))
     print(format_table(served, title=f"HTTP, {args.concurrency} concurrent streams, median run"))
-    loss = 1.0 - served["output_throughput"] / offline["output_throughput"]
-    print(f"HTTP throughput loss vs offline (medians of {args.repeats}): {loss:.1%}")
+    ratios = sorted(pair_ratios(runs))
+    loss = 1.0 - statistics.median(ratios)
+    print(
+        f"HTTP throughput loss vs offline: median of {len(ratios)} back-to-back pairs {loss:.1%} "
+        f"(pairs range {1 - ratios[-1]:.1%} to {1 - ratios[0]:.1%})"
+    )
+    cpu = {k: sorted(r["cpu_us_per_output_token"][k] for r in runs["server_runs"]) for k in served["cpu_s"]}
+    print(
+        "CPU per output token (median, us): " + ", ".join(f"{k} {v[len(v) // 2]:.0f}" for k, v in cpu.items())
+    )
     if args.out:
         machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()}
-        report = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "loss": loss}
+        report = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "machine": machine,
+            "loss": loss,
+            "cpu": cpu,
+        }
         args.out.write_text(json.dumps({**report, **runs}, indent=2))
     return 0
 

@@ -217,6 +217,7 @@ def test_malformed_json_gets_the_openai_error_shape(server: ServerProcess) -> No
     )
     assert response.status_code == 400
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert "not valid JSON" in response.json()["error"]["message"]
     missing = httpx.post(f"{server.base_url}/v1/chat/completions", json={"model": "tiny"})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
 

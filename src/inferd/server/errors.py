@@ -68,7 +68,9 @@ def from_validation_error(exc: RequestValidationError) -> InvalidRequestError:
     if not errors:
         return InvalidRequestError("invalid request")
     first = errors[0]
-    # loc is ("body", "field", index, ...); drop the "body" part and pydantic's union-branch tags.
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError(f"the request body is not valid JSON: {first.get('msg')}")
+    # loc is ("body", field, then indexes or union-branch tags): the top-level field is the one to name.
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     field = ".".join(location) or None
     message = str(first.get("msg", "invalid value"))
