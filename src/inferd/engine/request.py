@@ -40,12 +40,8 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     finish_reason: FinishReason | None = None
+    # The sampler's private generator for a seeded request, made on first use on its device.
     generator: torch.Generator | None = None
-
-    def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            # A private generator makes the draws depend on the seed alone, not on the batch.
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,4 +1,10 @@
-"""Turns the last-position logits of a step into one token per sequence (plus log-probabilities)."""
+"""Turns the last-position logits of a step into one token per sequence (plus log-probabilities).
+
+Everything stays on the logits' device until the chosen tokens (and the few log-probabilities
+asked for) are copied back once per step: no [batch, vocab] tensor crosses to the host.
+Random rows are drawn with the exponential race (argmax of p / E, E ~ Exp(1)), which samples
+from p exactly and lets each seeded request draw from its own generator.
+"""
 
 from __future__ import annotations
 
@@ -28,30 +34,43 @@ class SampleResult:
 
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
-        # Draws for requests without a seed of their own.
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed = seed
+        # Draws for requests without a seed of their own, one generator per device.
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SampleResult:
-        """``logits``: [num_seqs, vocab] float32 on any device; one row per request."""
+        """``logits``: [num_seqs, vocab] on any device; one row per request."""
         logits = logits.float()
-        raw_logprobs = self._raw_logprobs(logits, requests)
+        wants_logprobs = any(r.params.logprobs is not None for r in requests)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         logits = self._process(logits, requests)
 
-        tokens = torch.argmax(logits, dim=-1).cpu()
+        tokens = torch.argmax(logits, dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:
-            probs = self._filtered_probs(logits[random_rows], [requests[i] for i in random_rows]).cpu()
-            for row, i in enumerate(random_rows):
-                generator = requests[i].generator or self._generator
-                tokens[i] = torch.multinomial(probs[row], 1, generator=generator).item()
+            rows = torch.tensor(random_rows, device=logits.device)
+            picked = [requests[i] for i in random_rows]
+            probs = self._filtered_probs(logits.index_select(0, rows), picked)
+            tokens[rows] = self._draw(probs, picked)
         token_list = tokens.tolist()
-        return SampleResult(token_list, _pick_logprobs(raw_logprobs, requests, token_list))
+        if raw_logprobs is None:
+            return SampleResult(token_list, [None] * len(requests))
+        return SampleResult(token_list, _pick_logprobs(raw_logprobs, requests, tokens))
 
-    @staticmethod
-    def _raw_logprobs(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor | None:
-        if all(r.params.logprobs is None for r in requests):
-            return None
-        return torch.log_softmax(logits, dim=-1).cpu()
+    def _draw(self, probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        device = probs.device
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
+        noise = torch.empty_like(probs).exponential_(generator=self._generators[device])
+        for row, request in enumerate(requests):
+            if request.params.seed is None:
+                continue
+            if request.generator is None:
+                # Made on first use, on the device that samples; it follows the request through
+                # preemption, so its draws depend on the seed alone, never on the batch.
+                request.generator = torch.Generator(device=device).manual_seed(request.params.seed)
+            noise[row].exponential_(generator=request.generator)
+        return (probs / noise).argmax(dim=-1)
 
     @staticmethod
     def _process(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
@@ -71,13 +90,13 @@ class Sampler:
         temperature = torch.tensor([r.params.temperature for r in requests], device=device)
         logits = logits / temperature.unsqueeze(1)
         vocab = logits.shape[1]
-        top_k = torch.tensor(
-            [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in requests], device=device
-        )
-        top_p = torch.tensor([r.params.top_p for r in requests], device=device)
-        min_p = torch.tensor([r.params.min_p for r in requests], device=device)
+        top_ks = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in requests]
+        top_ps = [r.params.top_p for r in requests]
+        min_ps = [r.params.min_p for r in requests]
 
-        if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+        if min(top_ks) < vocab or min(top_ps) < 1.0:
+            top_k = torch.tensor(top_ks, device=device)
+            top_p = torch.tensor(top_ps, device=device)
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=device).unsqueeze(0)
             drop = ranks >= top_k.unsqueeze(1)
@@ -88,26 +107,28 @@ class Sampler:
             drop[:, 0] = False
             logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = logits.softmax(dim=-1)
-        if bool((min_p > 0).any()):
+        if max(min_ps) > 0:
+            min_p = torch.tensor(min_ps, device=device)
             threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs
 
 
 def _pick_logprobs(
-    raw: torch.Tensor | None, requests: Sequence[Request], tokens: list[int]
+    raw: torch.Tensor, requests: Sequence[Request], tokens: torch.Tensor
 ) -> list[TokenLogprobs | None]:
-    if raw is None:
-        return [None] * len(requests)
+    """Chosen-token and top-N log-probabilities, computed on the device, copied back small."""
+    chosen = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    most = max(r.params.logprobs or 0 for r in requests)
+    top_values, top_ids = raw.topk(most, dim=-1) if most else (raw[:, :0], raw[:, :0].long())
+    top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
+    token_list = tokens.tolist()
     result: list[TokenLogprobs | None] = []
     for i, request in enumerate(requests):
         n = request.params.logprobs
         if n is None:
             result.append(None)
             continue
-        top: tuple[tuple[int, float], ...] = ()
-        if n > 0:
-            values, ids = raw[i].topk(n)
-            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-        result.append(TokenLogprobs(tokens[i], float(raw[i, tokens[i]]), top))
+        top = tuple(zip(top_ids_list[i][:n], top_values_list[i][:n], strict=True))
+        result.append(TokenLogprobs(token_list[i], chosen[i], top))
     return result
