@@ -41,22 +41,17 @@ class FinishedRequest:
         return (self.e2e_s - self.ttft_s) / (self.generation_tokens - 1)
 
 
-class ServerMetrics:
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        model_name: str,
-        stats: Callable[[], EngineStats],
-        gpu_memory_used: Callable[[], int] | None = None,
-    ) -> None:
-        self.registry = registry
+class _MetricFamilies:
+    """The request metric families of one registry, shared by every LLM the server serves."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["model_name"]
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, labels, registry=registry, buckets=buckets).labels(model_name)
+            return Histogram(name, doc, labels, registry=registry, buckets=buckets)
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=registry).labels(model_name)
+            return Counter(name, doc, labels, registry=registry)
 
         self.ttft = histogram(
             "inferd:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS_S
@@ -85,16 +80,55 @@ class ServerMetrics:
         )
         self.prompt_tokens = counter("inferd:prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("inferd:generation_tokens", "Output tokens generated.")
-        self._finished = Counter(
+        self.finished = Counter(
             "inferd:requests_finished",
             "Finished requests by finish reason (stop, length, abort, timeout, error).",
             ["model_name", "finish_reason"],
             registry=registry,
         )
-        self._model_name = model_name
         self.aborted = counter("inferd:requests_aborted", "Requests aborted (client gone or server abort).")
         self.timed_out = counter("inferd:requests_timed_out", "Requests that ran out of time.")
-        registry.register(_EngineCollector(model_name, stats, gpu_memory_used))
+        self.engines = _EngineCollector()
+        registry.register(self.engines)
+
+
+class ServerMetrics:
+    """One LLM's metrics, labelled with its model name. `for_model` adds another LLM to the same
+    registry (a model-repository LLM next to the served one)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        model_name: str,
+        stats: Callable[[], EngineStats],
+        gpu_memory_used: Callable[[], int] | None = None,
+        families: _MetricFamilies | None = None,
+    ) -> None:
+        self.registry = registry
+        self._families = families or _MetricFamilies(registry)
+        f = self._families
+        self.ttft = f.ttft.labels(model_name)
+        self.inter_token = f.inter_token.labels(model_name)
+        self.time_per_output_token = f.time_per_output_token.labels(model_name)
+        self.e2e = f.e2e.labels(model_name)
+        self.queue = f.queue.labels(model_name)
+        self.prompt_tokens_per_request = f.prompt_tokens_per_request.labels(model_name)
+        self.generation_tokens_per_request = f.generation_tokens_per_request.labels(model_name)
+        self.prompt_tokens = f.prompt_tokens.labels(model_name)
+        self.generation_tokens = f.generation_tokens.labels(model_name)
+        self._finished = f.finished
+        self._model_name = model_name
+        self.aborted = f.aborted.labels(model_name)
+        self.timed_out = f.timed_out.labels(model_name)
+        f.engines.add(model_name, stats, gpu_memory_used)
+
+    def for_model(
+        self,
+        model_name: str,
+        stats: Callable[[], EngineStats],
+        gpu_memory_used: Callable[[], int] | None = None,
+    ) -> ServerMetrics:
+        return ServerMetrics(self.registry, model_name, stats, gpu_memory_used, self._families)
 
     def observe_inter_token(self, gap_s: float) -> None:
         self.inter_token.observe(gap_s)
@@ -121,55 +155,58 @@ class ServerMetrics:
                 histogram.observe(value)
 
 
-class _EngineCollector(Collector):
-    """Reads the engine's live state at every scrape."""
+@dataclass(frozen=True)
+class _EngineSource:
+    model_name: str
+    stats: Callable[[], EngineStats]
+    gpu_memory_used: Callable[[], int] | None
 
-    def __init__(
+
+class _EngineCollector(Collector):
+    """Reads every served engine's live state at each scrape, one sample per model in each family."""
+
+    def __init__(self) -> None:
+        self._sources: list[_EngineSource] = []
+
+    def add(
         self, model_name: str, stats: Callable[[], EngineStats], gpu_memory_used: Callable[[], int] | None
     ) -> None:
-        self._model_name = model_name
-        self._stats = stats
-        self._gpu_memory_used = gpu_memory_used
+        self._sources.append(_EngineSource(model_name, stats, gpu_memory_used))
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._stats()
-        labels = [self._model_name]
+        snapshots = [(source, source.stats()) for source in self._sources]
         gauges = (
-            ("inferd:num_requests_running", "Requests in the running batch.", stats.num_running),
-            ("inferd:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
-            ("inferd:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).", stats.kv_usage),
+            ("inferd:num_requests_running", "Requests in the running batch.", "num_running"),
+            ("inferd:num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting"),
+            ("inferd:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).", "kv_usage"),
         )
-        for name, doc, value in gauges:
-            yield _gauge(name, doc, labels, value)
-        if self._gpu_memory_used is not None:
-            yield _gauge(
-                "inferd:gpu_memory_used_bytes",
-                "Device memory in use by torch.",
-                labels,
-                self._gpu_memory_used(),
+        for name, doc, field in gauges:
+            gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+            for source, stats in snapshots:
+                gauge.add_metric([source.model_name], getattr(stats, field))
+            yield gauge
+        on_gpu = [source for source in self._sources if source.gpu_memory_used is not None]
+        if on_gpu:
+            gauge = GaugeMetricFamily(
+                "inferd:gpu_memory_used_bytes", "Device memory in use by torch.", labels=["model_name"]
             )
+            for source in on_gpu:
+                assert source.gpu_memory_used is not None
+                gauge.add_metric([source.model_name], source.gpu_memory_used())
+            yield gauge
         counters = (
-            ("inferd:num_preemptions", "Requests preempted to free KV blocks.", stats.num_preemptions),
-            (
-                "inferd:prefix_cache_queries",
-                "Prompt tokens looked up in the prefix cache.",
-                stats.prefix_queries,
-            ),
-            ("inferd:prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_hits),
+            ("inferd:num_preemptions", "Requests preempted to free KV blocks.", "num_preemptions"),
+            ("inferd:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_queries"),
+            ("inferd:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_hits"),
         )
-        for name, doc, value in counters:
+        for name, doc, field in counters:
             family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric(labels, value)
+            for source, stats in snapshots:
+                family.add_metric([source.model_name], getattr(stats, field))
             yield family
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
-
-
-def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc, labels=["model_name"])
-    family.add_metric(labels, value)
-    return family
 
 
 def cuda_memory_reader(device: str) -> Callable[[], int] | None:
