@@ -37,7 +37,8 @@ def create_app(
 ) -> FastAPI:
     """An app serving `llm`; the engine thread starts with the app and stops with it.
 
-    With `model_repository`, its classic models are served too (KServe v2 `/v2`, `/v1/embeddings`)."""
+    With `model_repository`, its models are served too (KServe v2 `/v2`, `/v1/embeddings`), and so is
+    `llm` over v2."""
     config = config or ServerConfig()
     registry = CollectorRegistry()
     model_name = served_model_name(llm, config)
@@ -50,6 +51,8 @@ def create_app(
         try:
             yield
         finally:
+            if app.state.model_repository is not None:
+                await app.state.model_repository.close()
             llm.shutdown()
 
     app = FastAPI(title="inferd", lifespan=lifespan)
@@ -62,7 +65,7 @@ def create_app(
         from inferd.server.kserve.launch import mount_model_repository
 
         auth: list[Callable[..., Any]] = [require_api_key(config.api_key)] if config.api_key else []
-        app.state.model_repository = mount_model_repository(app, model_repository, registry, auth)
+        app.state.model_repository = mount_model_repository(app, model_repository, registry, auth, frontend)
 
     @app.get("/health")
     async def health() -> Response:
