@@ -5,10 +5,12 @@ A model that fails to load stays listed, not ready, with the reason; the others 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from inferd.serving.batcher import DynamicBatcher
 from inferd.serving.config import CONFIG_FILE_NAME, ModelConfig, is_valid_model_name, read_model_config
@@ -18,6 +20,13 @@ from inferd.serving.runtimes.base import Runtime, TensorRuntime, TextGenerator
 from inferd.serving.runtimes.registry import RuntimeRegistry
 
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class ClosableRuntime(Protocol):
+    """A runtime holding threads or processes (an LLM engine); `close` blocks until they stop."""
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -60,10 +69,18 @@ class ModelRepository:
             raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
         return entry
 
+    def add(self, entry: ModelEntry) -> None:
+        """Serves a model loaded outside the repository folder (the LLM of `inferd serve`)."""
+        if entry.name in self._entries:
+            raise ValueError(f"a model named {entry.name!r} is already in the repository")
+        self._entries[entry.name] = entry
+
     async def close(self) -> None:
         for entry in self._entries.values():
             if entry.batcher is not None:
                 await entry.batcher.close()
+            if isinstance(entry.runtime, ClosableRuntime):
+                await asyncio.to_thread(entry.runtime.close)
 
 
 def _batcher_for(

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -23,6 +23,9 @@ from inferd.server.openai_embeddings import build_embeddings_router
 from inferd.serving.metrics import ServingMetrics
 from inferd.serving.repository import ModelRepository, load_repository
 from inferd.serving.runtimes.registry import RuntimeRegistry, default_runtime_registry
+
+if TYPE_CHECKING:
+    from inferd.server.frontend import Frontend
 
 
 def open_repository(
@@ -77,9 +80,20 @@ def mount_model_repository(
     path: Path,
     metrics_registry: CollectorRegistry,
     dependencies: Sequence[Callable[..., Any]] = (),
+    served_llm: Frontend | None = None,
 ) -> ModelRepository:
-    """Loads `path` and adds the `/v2` and `/v1/embeddings` routes to an existing app (`inferd serve`)."""
-    repository = open_repository(path, metrics_registry)
+    """Loads `path` and adds the `/v2` and `/v1/embeddings` routes to an existing app (`inferd serve`).
+
+    With `served_llm`, that LLM is served over v2 too, under its served name, and `llm` model folders
+    load with engines of their own."""
+    runtimes = default_runtime_registry()
+    if served_llm is not None:
+        from inferd.server.kserve.llm_runtime import register_llm_runtime, served_llm_entry
+
+        register_llm_runtime(runtimes, served_llm)
+    repository = open_repository(path, metrics_registry, runtimes)
+    if served_llm is not None:
+        repository.add(served_llm_entry(served_llm))
     app.include_router(build_router(repository, dependencies))
     app.include_router(build_embeddings_router(repository, dependencies))
     return repository

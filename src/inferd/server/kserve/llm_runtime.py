@@ -1,0 +1,166 @@
+"""LLMs as v2 `llm` runtimes: the `TextGenerator` interface over the server's Frontend.
+
+Going through the Frontend (not the engine directly) means v2 LLM requests are tokenized, checked,
+counted in the Prometheus metrics and logged exactly like OpenAI and TGI ones. The served LLM of
+`inferd serve` is adapted as it is; an `llm` folder of the model repository gets its own engine and
+Frontend (`RepositoryLLMLoader`), shut down with the repository.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+from inferd.engine.async_llm import AsyncLLM
+from inferd.sampling_params import SamplingParams
+from inferd.server.errors import ApiError
+from inferd.server.frontend import Frontend, IndexedOutput
+from inferd.server.metrics import ServerMetrics, cuda_memory_reader
+from inferd.serving.config import ConfigError, ModelConfig, resolve_artifact
+from inferd.serving.dataplane import TEXT_INPUT, TEXT_OUTPUT
+from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from inferd.serving.repository import ModelEntry
+from inferd.serving.runtimes.base import GenerationParams, GenerationResult
+from inferd.serving.runtimes.registry import RuntimeRegistry
+
+logger = logging.getLogger(__name__)
+
+# The `platform` of LLMs in v2 model metadata.
+LLM_PLATFORM = "inferd_llm"
+
+# `parameters` of an `llm` model.json that are passed to `AsyncLLM.from_options` as they are.
+ENGINE_PARAMETERS = frozenset(
+    {
+        "kv_cache_memory",
+        "max_model_len",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "block_size",
+        "dtype",
+        "device",
+        "seed",
+        "enable_prefix_caching",
+    }
+)
+
+_ERROR_BY_KIND: dict[str, type[InferenceError]] = {
+    "invalid_request": InvalidInputError,
+    "not_found": ModelNotFoundError,
+    "unavailable": ModelNotReadyError,
+}
+
+
+def as_inference_error(exc: ApiError) -> InferenceError:
+    """A Frontend error in the v2 data plane's terms; failures of the engine itself stay server errors."""
+    return _ERROR_BY_KIND.get(exc.kind, InferenceError)(exc.message)
+
+
+def sampling_params(frontend: Frontend, params: GenerationParams) -> SamplingParams:
+    """v2 generation fields -> validated SamplingParams; unset fields keep SamplingParams' defaults."""
+    fields: dict[str, Any] = {
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "seed": params.seed,
+    }
+    chosen = {name: value for name, value in fields.items() if value is not None}
+    try:
+        return frontend.sampling_params(stop=list(params.stop), **chosen)
+    except ApiError as exc:
+        raise as_inference_error(exc) from exc
+
+
+class FrontendGenerationStream:
+    """Text deltas of one engine request; `result()` once iteration has ended."""
+
+    def __init__(self, outputs: AsyncIterator[IndexedOutput]) -> None:
+        self._outputs = outputs
+        self._result: GenerationResult | None = None
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        # Closing the Frontend's iterator, also when our consumer leaves early (a client that
+        # disconnects from generate_stream), aborts the engine request and frees its KV blocks.
+        async with aclosing(self._outputs) as outputs:  # type: ignore[type-var]
+            try:
+                async for item in outputs:
+                    out = item.output
+                    if out.new_text:
+                        yield out.new_text
+                    if out.finished:
+                        self._result = GenerationResult(
+                            text=out.text,
+                            finish_reason=out.finish_reason or "stop",
+                            prompt_tokens=len(out.prompt_token_ids),
+                            completion_tokens=len(out.token_ids),
+                        )
+            except ApiError as exc:
+                raise as_inference_error(exc) from exc
+
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            raise InferenceError("the generation ended before the engine finished the request")
+        return self._result
+
+
+class FrontendTextGenerator:
+    """The `TextGenerator` of one LLM: prompt and sampling checks happen in `generate`, before any
+    output, so a bad request fails as invalid input before a stream's first byte."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+
+    def generate(self, text: str, params: GenerationParams) -> FrontendGenerationStream:
+        frontend = self.frontend
+        sampling = sampling_params(frontend, params)
+        try:
+            token_ids = frontend.prepare(text, sampling, field="text_input")
+            outputs = frontend.generate(frontend.new_request_id("v2"), [token_ids], sampling)
+        except ApiError as exc:
+            raise as_inference_error(exc) from exc
+        return FrontendGenerationStream(outputs)
+
+
+class RepositoryLLM(FrontendTextGenerator):
+    """An LLM loaded from a model folder: owns its engine, which `close()` stops."""
+
+    def close(self) -> None:
+        self.frontend.llm.shutdown()
+
+
+class RepositoryLLMLoader:
+    """The `llm` runtime loader of a server: each model gets its own engine, and its metrics join the
+    served LLM's (same registry, labelled with the model's name)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def __call__(self, model_dir: Path, config: ModelConfig) -> RepositoryLLM:
+        path = resolve_artifact(model_dir, config, ".")
+        unknown = sorted(set(config.parameters) - ENGINE_PARAMETERS)
+        if unknown:
+            known = ", ".join(sorted(ENGINE_PARAMETERS))
+            raise ConfigError(f"unknown llm parameter(s) {', '.join(unknown)}; known: {known}")
+        logger.info("loading LLM %r from %s", config.name, path)
+        llm = AsyncLLM.from_options(path, **config.parameters)
+        metrics = self.metrics.for_model(config.name, llm.stats, cuda_memory_reader(llm.config.device))
+        llm.start()
+        return RepositoryLLM(Frontend(llm, config.name, metrics))
+
+
+def served_llm_entry(frontend: Frontend) -> ModelEntry:
+    """The repository entry of the LLM that `inferd serve` loaded, under its served model name."""
+    config = ModelConfig(
+        name=frontend.model_name, runtime="llm", inputs=(TEXT_INPUT,), outputs=(TEXT_OUTPUT,)
+    )
+    return ModelEntry(
+        name=config.name, config=config, platform=LLM_PLATFORM, runtime=FrontendTextGenerator(frontend)
+    )
+
+
+def register_llm_runtime(runtimes: RuntimeRegistry, served: Frontend) -> None:
+    """Lets `runtime: "llm"` model folders load, their metrics next to those of the served LLM."""
+    runtimes.register("llm", RepositoryLLMLoader(served.metrics), platform=LLM_PLATFORM)
