@@ -142,10 +142,15 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    # Most output tokens one request may ask for (and what one that asks for none gets, if less
+    # than the rest of its context); None: the context is the only limit.
+    max_tokens_cap: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
+            raise ValueError(f"max_tokens_cap must be at least 1, got {self.max_tokens_cap}")
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,16 @@ The engine thread owns the LLMEngine. Callers validate and tokenize on their sid
 work), then hand requests over through a thread-safe command queue; each step's outputs are
 delivered to per-request asyncio queues with one `call_soon_threadsafe` per step. When there is
 nothing to run the thread blocks on the command queue, so an idle server does not spin.
+
+Admission is bounded (`QueueLimits`: refused at once with EngineOverloadedError), and a request may
+carry a deadline: the engine thread checks deadlines before every step, so an expired request is
+aborted, wherever it is, before the next step starts and its blocks are free by then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import queue
 import threading
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from inferd.config import EngineConfig
+from inferd.engine.admission import AdmissionQueue, QueueLimits
 from inferd.engine.builder import build_engine_config
 from inferd.engine.core import EngineStats
 from inferd.engine.llm_engine import LLMEngine, Prompt
@@ -41,12 +47,14 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    deadline: float | None  # time.monotonic() after which the request is aborted with TIMEOUT
 
 
 @dataclass(frozen=True)
 class _Abort:
     request_ids: list[str]
     reason: FinishReason
+    error: str | None = None  # set: the requests end with this error rather than quietly
 
 
 _STOP = object()
@@ -56,8 +64,9 @@ class AsyncLLM:
     """``engine`` is an LLMEngine (core in this thread) or a ProcessLLMEngine (core in a child
     process, used on GPUs so that detokenization never delays a kernel launch)."""
 
-    def __init__(self, engine: LLMEngine | ProcessLLMEngine) -> None:
+    def __init__(self, engine: LLMEngine | ProcessLLMEngine, queue_limits: QueueLimits | None = None) -> None:
         self.engine = engine
+        self.admission = AdmissionQueue(queue_limits)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.config: EngineConfig = engine.config
@@ -69,16 +78,22 @@ class AsyncLLM:
         self._thread: threading.Thread | None = None
         self.dead_reason: str | None = None
         self.num_steps = 0
+        # Engine thread only: (deadline, request id), soonest first; ids already finished are skipped.
+        self._deadlines: list[tuple[float, str]] = []
 
     @classmethod
     def from_options(
-        cls, model_path: str | Path | None = None, engine_process: bool | None = None, **options: Any
+        cls,
+        model_path: str | Path | None = None,
+        engine_process: bool | None = None,
+        queue_limits: QueueLimits | None = None,
+        **options: Any,
     ) -> AsyncLLM:
         """``engine_process=None`` puts the core in its own process on CUDA, in a thread otherwise."""
         config = build_engine_config(model_path, **options)
         if engine_process is None:
             engine_process = config.device.startswith("cuda")
-        return cls(ProcessLLMEngine(config) if engine_process else LLMEngine(config))
+        return cls(ProcessLLMEngine(config) if engine_process else LLMEngine(config), queue_limits)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -105,36 +120,71 @@ class AsyncLLM:
         return token_ids, self.engine.inputs.resolve_max_tokens(len(token_ids), params)
 
     async def generate(
-        self, request_id: str, prompt: Prompt | list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: Prompt | list[int],
+        params: SamplingParams,
+        deadline: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields outputs as the request advances; the last one has ``finished=True``.
 
+        Raises EngineOverloadedError when the queue is full. Past ``deadline`` (a
+        ``time.monotonic()`` value) the request ends with finish reason ``timeout``.
         Leaving the iteration early (client gone, task cancelled) aborts the request, which frees
         its KV blocks on the engine's next loop turn.
         """
         if not self.is_alive:
             raise EngineDeadError(self.dead_reason or "engine is not running")
         token_ids, _ = self.prepare(prompt, params)
+        self.admission.admit(len(token_ids))
+        queued = True
+        try:
+            stream = self._register(request_id)
+            self._commands.put(_Add(request_id, token_ids, params, time.monotonic(), deadline))
+            finished = False
+            try:
+                while not finished:
+                    out = await stream.get()
+                    if queued:
+                        self.admission.leave(len(token_ids))
+                        queued = False
+                    finished = out.finished
+                    yield out
+            finally:
+                if not finished:
+                    self.abort(request_id)
+                self._forget(request_id)
+        finally:
+            if queued:
+                self.admission.leave(len(token_ids))
+
+    def _register(self, request_id: str) -> asyncio.Queue[RequestOutput]:
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
             self._loops[request_id] = asyncio.get_running_loop()
-        self._commands.put(_Add(request_id, token_ids, params, time.monotonic()))
-        finished = False
-        try:
-            while not finished:
-                out = await stream.get()
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self.abort(request_id)
+        # The loop may have died after the check above and failed only the streams it saw then.
+        if self.dead_reason is not None:
             self._forget(request_id)
+            raise EngineDeadError(self.dead_reason)
+        return stream
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
         self._commands.put(_Abort([request_id], reason))
+
+    def abort_all(self, message: str) -> None:
+        """End every live request with `message` as its error (e.g. at the end of a shutdown drain)."""
+        with self._lock:
+            live = list(self._streams)
+        if live:
+            self._commands.put(_Abort(live, FinishReason.ABORT, message))
+
+    @property
+    def num_live_requests(self) -> int:
+        with self._lock:
+            return len(self._streams)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -144,8 +194,11 @@ class AsyncLLM:
         try:
             while True:
                 block = not self.engine.has_unfinished()
+                if block:
+                    self._deadlines.clear()  # nothing is unfinished, so every entry is stale
                 if not self._drain_commands(block):
                     return
+                self._expire_deadlines()
                 if self.engine.has_unfinished():
                     self._step()
         except BaseException as exc:  # the thread must never die silently
@@ -168,9 +221,21 @@ class AsyncLLM:
             if isinstance(command, _Add):
                 outputs.extend(self._add(command))
             elif isinstance(command, _Abort):
-                outputs.extend(self.engine.abort(command.request_ids, command.reason))
+                aborted = self.engine.abort(command.request_ids, command.reason)
+                for out in aborted:
+                    out.error = command.error
+                outputs.extend(aborted)
         self._deliver(outputs)
         return True
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        expired = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            expired.append(heapq.heappop(self._deadlines)[1])
+        if expired:
+            # Ids that already finished are ignored by abort; the others end here, blocks freed.
+            self._deliver(self.engine.abort(expired, FinishReason.TIMEOUT))
 
     def _add(self, command: _Add) -> list[RequestOutput]:
         try:
@@ -179,6 +244,8 @@ class AsyncLLM:
             )
         except ValueError as exc:
             return [_error_output(command.request_id, command.prompt_token_ids, str(exc))]
+        if command.deadline is not None:
+            heapq.heappush(self._deadlines, (command.deadline, command.request_id))
         return []
 
     def _step(self) -> None:

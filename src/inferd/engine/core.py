@@ -51,8 +51,14 @@ class EngineCore:
         if sched_out.is_empty:
             return []
         runner_out = self.runner.execute(sched_out)
+        # Requests whose sampling failed end here, alone; update() skips them as no longer running.
+        failed = [
+            EngineCoreOutput(request_id, None, None, FinishReason.ERROR.value, error=message)
+            for request_id, message in runner_out.errors.items()
+            if self.scheduler.finish(request_id, FinishReason.ERROR) is not None
+        ]
         advanced = self.scheduler.update(sched_out, runner_out.sampled)
-        return [
+        return failed + [
             EngineCoreOutput(
                 request_id=r.request_id,
                 new_token_id=r.output_token_ids[-1],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from inferd.config import EngineConfig
 from inferd.engine.request import Request
-from inferd.engine.tokenizer import Tokenizer
+from inferd.engine.tokenizer import InvalidTextError, Tokenizer
 from inferd.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -35,28 +35,35 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = read_eos_token_ids(config.model_path, tokenizer)
         self.max_model_len = config.scheduler.max_model_len
+        self.max_tokens_cap = config.scheduler.max_tokens_cap
         self.vocab_size = config.model.vocab_size
 
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
         if not prompt:
             raise PromptError("prompt is empty")
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            try:
+                return self.tokenizer.encode(prompt)
+            except InvalidTextError as exc:
+                raise PromptError(str(exc)) from None
         bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise PromptError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return list(prompt)
 
     def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
-        """Check the context limit; returns the output budget (what is left when unset)."""
+        """Check the context limit and the cap; returns the output budget (what is left when unset)."""
         room = self.max_model_len - num_prompt_tokens
         if room <= 0:
             raise PromptError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has "
                 f"{num_prompt_tokens} tokens"
             )
+        cap = self.max_tokens_cap
         if params.max_tokens is None:
-            return room
+            return room if cap is None else min(room, cap)
+        if cap is not None and params.max_tokens > cap:
+            raise PromptError(f"max_tokens is {params.max_tokens}; this server allows at most {cap}")
         if params.max_tokens > room:
             raise PromptError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "

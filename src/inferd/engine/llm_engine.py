@@ -49,10 +49,10 @@ class LLMEngine:
         return request.prompt_token_ids
 
     def step(self) -> list[RequestOutput]:
-        outputs, stopped = self.output_processor.process(self.core.step())
-        if stopped:
-            self.core.abort(stopped, FinishReason.STOP)
-        return outputs
+        processed = self.output_processor.process(self.core.step())
+        self.core.abort(processed.stopped, FinishReason.STOP)
+        self.core.abort(processed.failed, FinishReason.ERROR)
+        return processed.outputs
 
     def abort(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> list[RequestOutput]:
         """End requests wherever they are; their blocks are free when this returns."""

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from inferd.engine.detokenizer import IncrementalDetokenizer, find_stop
 from inferd.engine.outputs import EngineCoreOutput, RequestMetrics, RequestOutput
 from inferd.engine.tokenizer import Tokenizer
 from inferd.sample.sampler import TokenLogprobs
 from inferd.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class ProcessedOutputs(NamedTuple):
+    outputs: list[RequestOutput]  # to deliver
+    stopped: list[str]  # hit a stop string: the core must end them (STOP)
+    failed: list[str]  # their processing raised: the core must end them (ERROR)
 
 
 @dataclass
@@ -49,23 +59,35 @@ class OutputProcessor:
     def __len__(self) -> int:
         return len(self._states)
 
-    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the outputs to deliver and the ids that hit a stop string (to abort in the core)."""
+    def process(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        """Detokenize and check stop strings; a request whose processing raises fails alone."""
         now = time.monotonic()
-        delivered = []
-        stopped = []
+        result = ProcessedOutputs([], [], [])
         for core_out in outputs:
             state = self._states.get(core_out.request_id)
             if state is None:
                 continue  # already finished here (stop string) while the core produced more
-            finish_reason = core_out.finish_reason
-            if core_out.new_token_id is not None:
-                self._add_token(state, core_out, now)
-                if finish_reason is None and self._hit_stop_string(state):
-                    finish_reason = "stop"
-                    stopped.append(state.request_id)
-            delivered.append(self._emit(state, finish_reason, now))
-        return delivered, stopped
+            try:
+                result.outputs.append(self._process_one(state, core_out, now, result.stopped))
+            except Exception as exc:
+                logger.exception("output processing failed for request %s", state.request_id)
+                self._states.pop(state.request_id, None)
+                result.failed.append(state.request_id)
+                result.outputs.append(_failed_output(state, f"output processing failed: {exc!r}", now))
+        return result
+
+    def _process_one(
+        self, state: _RequestState, core_out: EngineCoreOutput, now: float, stopped: list[str]
+    ) -> RequestOutput:
+        finish_reason = core_out.finish_reason
+        if core_out.new_token_id is not None:
+            self._add_token(state, core_out, now)
+            if finish_reason is None and self._hit_stop_string(state):
+                finish_reason = "stop"
+                stopped.append(state.request_id)
+        out = self._emit(state, finish_reason, now)
+        out.error = core_out.error
+        return out
 
     def finish(self, request_id: str, reason: str, error: str | None = None) -> RequestOutput | None:
         """Close a request from outside the core's outputs (abort, timeout, error)."""
@@ -133,3 +155,20 @@ class OutputProcessor:
             logprobs=list(state.logprobs),
             new_logprobs=new_logprobs,
         )
+
+
+def _failed_output(state: _RequestState, message: str, now: float) -> RequestOutput:
+    """The last output of a request whose processing failed: what was sent stands, plus the error."""
+    state.metrics.finished_time = now
+    return RequestOutput(
+        request_id=state.request_id,
+        prompt_token_ids=state.prompt_token_ids,
+        text=state.text[: state.sent_chars],
+        token_ids=list(state.token_ids[: state.sent_tokens]),
+        new_text="",
+        new_token_ids=[],
+        finished=True,
+        finish_reason="error",
+        metrics=state.metrics,
+        error=message,
+    )

@@ -17,6 +17,7 @@ class EngineCoreOutput:
     finish_reason: str | None
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
+    error: str | None = None  # set when processing this request failed (finish_reason "error")
 
 
 @dataclass

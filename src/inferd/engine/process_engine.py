@@ -133,10 +133,12 @@ class ProcessLLMEngine:
         self._stats = message.stats
         if message.stats.num_running == message.stats.num_waiting == 0:
             self._core_busy = False
-        outputs, stopped = self.output_processor.process(message.outputs)
-        if stopped:
-            self._send(AbortMsg(stopped, FinishReason.STOP.value))
-        return outputs
+        processed = self.output_processor.process(message.outputs)
+        if processed.stopped:
+            self._send(AbortMsg(processed.stopped, FinishReason.STOP.value))
+        if processed.failed:
+            self._send(AbortMsg(processed.failed, FinishReason.ERROR.value))
+        return processed.outputs
 
     def _send(self, message: AddMsg | AbortMsg) -> None:
         self._core_busy = True

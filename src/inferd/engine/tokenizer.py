@@ -18,6 +18,10 @@ class ChatTemplateError(ValueError):
     """The conversation cannot be rendered with the model's chat template."""
 
 
+class InvalidTextError(ValueError):
+    """The text is not valid Unicode (a lone surrogate, as JSON's `\\ud800` escape can make)."""
+
+
 def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):  # AddedToken serialised as a dict
         return str(value.get("content"))
@@ -50,6 +54,10 @@ class Tokenizer:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidTextError(f"text is not valid Unicode: {exc.reason} at {exc.start}") from None
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -72,6 +80,8 @@ class Tokenizer:
             )
         except TemplateError as exc:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
+        except Exception as exc:  # a template that breaks on this conversation fails it alone
+            raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _raise_template_error(message: str) -> None:

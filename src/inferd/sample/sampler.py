@@ -9,7 +9,7 @@ from p exactly and lets each seeded request draw from its own generator.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,9 @@ class TokenLogprobs:
 class SampleResult:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    # Row -> why it failed: a logits processor raised for that request alone; its token is
+    # meaningless and the request must end with an error while the others go on.
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 class Sampler:
@@ -43,7 +46,8 @@ class Sampler:
         logits = logits.float()
         wants_logprobs = any(r.params.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        logits = self._process(logits, requests)
+        errors: dict[int, str] = {}
+        logits = self._process(logits, requests, errors)
 
         tokens = torch.argmax(logits, dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
@@ -54,8 +58,8 @@ class Sampler:
             tokens[rows] = self._draw(probs, picked)
         token_list = tokens.tolist()
         if raw_logprobs is None:
-            return SampleResult(token_list, [None] * len(requests))
-        return SampleResult(token_list, _pick_logprobs(raw_logprobs, requests, tokens))
+            return SampleResult(token_list, [None] * len(requests), errors)
+        return SampleResult(token_list, _pick_logprobs(raw_logprobs, requests, tokens), errors)
 
     def _draw(self, probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         device = probs.device
@@ -73,15 +77,19 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
     @staticmethod
-    def _process(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    def _process(logits: torch.Tensor, requests: Sequence[Request], errors: dict[int, str]) -> torch.Tensor:
+        """Per-request logits processors; one that raises fails its own row (noted in `errors`)."""
         rows = [i for i, r in enumerate(requests) if needs_processing(r)]
         if not rows:
             return logits
         logits = logits.clone()
         for i in rows:
-            apply_penalties(logits[i], requests[i])
-            apply_logit_bias(logits[i], requests[i])
-            block_stop_tokens(logits[i], requests[i])
+            try:
+                apply_penalties(logits[i], requests[i])
+                apply_logit_bias(logits[i], requests[i])
+                block_stop_tokens(logits[i], requests[i])
+            except Exception as exc:
+                errors[i] = f"logits processing failed: {type(exc).__name__}: {exc}"
         return logits
 
     @staticmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 class ModelRunnerOutput:
     sampled: dict[str, int]  # request id -> new token
     logprobs: dict[str, TokenLogprobs]
+    errors: dict[str, str] = field(default_factory=dict)  # request id -> why sampling it failed
 
 
 class ModelRunner:
@@ -61,11 +62,18 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
         requests = [out.sequences[row].request for row in inputs.sampling_rows]
         result = self.sampler(logits, requests)
-        sampled = {r.request_id: t for r, t in zip(requests, result.token_ids, strict=True)}
-        logprobs = {
-            r.request_id: lp for r, lp in zip(requests, result.logprobs, strict=True) if lp is not None
+        errors = {requests[row].request_id: message for row, message in result.errors.items()}
+        sampled = {
+            r.request_id: t
+            for r, t in zip(requests, result.token_ids, strict=True)
+            if r.request_id not in errors
         }
-        return ModelRunnerOutput(sampled, logprobs)
+        logprobs = {
+            r.request_id: lp
+            for r, lp in zip(requests, result.logprobs, strict=True)
+            if lp is not None and r.request_id not in errors
+        }
+        return ModelRunnerOutput(sampled, logprobs, errors)
 
     @torch.inference_mode()
     def logits_for(self, out: SchedulerOutput) -> torch.Tensor:
