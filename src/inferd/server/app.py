@@ -15,8 +15,12 @@ from inferd.engine.async_llm import AsyncLLM
 from inferd.server import openai, tgi
 from inferd.server.auth import require_api_key
 from inferd.server.config import ServerConfig
+from inferd.server.errors import ApiError
 from inferd.server.frontend import Frontend
+from inferd.server.limits import BodySizeLimit
 from inferd.server.metrics import ServerMetrics, cuda_memory_reader
+from inferd.server.openai.common import error_response as openai_error_response
+from inferd.server.tgi.generation import error_response as tgi_error_response
 
 
 def served_model_name(llm: AsyncLLM, config: ServerConfig) -> str:
@@ -32,6 +36,17 @@ def protocol_routers(frontend: Frontend, config: ServerConfig) -> list[APIRouter
     ]
 
 
+def render_error_for_path(path: str, error: ApiError) -> Response:
+    """An error in the shape of the protocol that serves `path` (for errors raised outside routes)."""
+    if path.startswith("/v2"):
+        from inferd.server.kserve.rest import api_error_response
+
+        return api_error_response(error)
+    if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
+        return openai_error_response(error)
+    return tgi_error_response(error)
+
+
 def create_app(
     llm: AsyncLLM, config: ServerConfig | None = None, model_repository: Path | None = None
 ) -> FastAPI:
@@ -43,7 +58,7 @@ def create_app(
     registry = CollectorRegistry()
     model_name = served_model_name(llm, config)
     metrics = ServerMetrics(registry, model_name, llm.stats, cuda_memory_reader(llm.engine.config.device))
-    frontend = Frontend(llm, model_name, metrics)
+    frontend = Frontend(llm, model_name, metrics, config.request_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +71,7 @@ def create_app(
             llm.shutdown()
 
     app = FastAPI(title="inferd", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, render=render_error_for_path)
     app.state.frontend = frontend
     app.state.metrics_registry = registry
     for router in protocol_routers(frontend, config):
@@ -69,6 +85,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
+        if frontend.draining:
+            return JSONResponse({"error": "the server is shutting down"}, status_code=503)
         if llm.is_alive:
             return Response(status_code=200)
         return JSONResponse({"error": llm.dead_reason or "engine is not running"}, status_code=503)

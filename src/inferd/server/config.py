@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -13,3 +15,9 @@ class ServerConfig:
     served_model_name: str | None = None
     # When set, `/v1/*` and the TGI routes require `Authorization: Bearer <api_key>`.
     api_key: str | None = None
+    # Default per-request timeout in seconds (a request may set its own); None: no timeout.
+    request_timeout_s: float | None = None
+    # Larger request bodies are refused with a 413 before any parsing.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # On SIGTERM, requests in flight get this long to finish before they are aborted.
+    shutdown_timeout_s: float = 30.0

@@ -6,21 +6,38 @@ turns them, and FastAPI's own request validation errors, into that protocol's er
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-ErrorKind = Literal["invalid_request", "not_found", "authentication", "generation", "unavailable"]
+from inferd.engine.tokenizer import InvalidTextError
+
+logger = logging.getLogger(__name__)
+
+ErrorKind = Literal[
+    "invalid_request",
+    "not_found",
+    "authentication",
+    "generation",
+    "unavailable",
+    "overloaded",
+    "timeout",
+    "too_large",
+]
 
 
 class ApiError(Exception):
     """An error a client should see; `field` names the offending request field when there is one."""
 
     kind: ErrorKind = "generation"
+    # Seconds a client should wait before trying again (sent as `Retry-After`); None: no header.
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -49,9 +66,31 @@ class GenerationError(ApiError):
 
 
 class ServiceUnavailableError(ApiError):
-    """The engine is not running."""
+    """The engine is not running, or the server is shutting down."""
 
     kind: ErrorKind = "unavailable"
+
+
+class OverloadedError(ApiError):
+    """The queue is full: refused at once (429), to be retried after `retry_after_s`."""
+
+    kind: ErrorKind = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(ApiError):
+    """The request ran past its timeout and was aborted (408)."""
+
+    kind: ErrorKind = "timeout"
+
+
+class PayloadTooLargeError(ApiError):
+    """The request body is over the server's limit (413)."""
+
+    kind: ErrorKind = "too_large"
 
 
 class ClientDisconnected(Exception):
@@ -82,8 +121,18 @@ def from_validation_error(exc: RequestValidationError) -> InvalidRequestError:
 ErrorRenderer = Callable[[ApiError], Response]
 
 
+def render_with_headers(render: ErrorRenderer, error: ApiError) -> Response:
+    """`render(error)` plus the headers the error calls for (`Retry-After`)."""
+    response = render(error)
+    if error.retry_after_s is not None:
+        response.headers["Retry-After"] = str(error.retry_after_s)
+    return response
+
+
 def protocol_route_class(render: ErrorRenderer) -> type[APIRoute]:
-    """An APIRoute class whose routes answer API and validation errors through `render`."""
+    """An APIRoute class whose routes answer every error in their protocol's shape through `render`:
+    API errors, validation errors, FastAPI's own 4xx (a body that cannot be read), and, as a 500
+    for that request alone, anything unexpected."""
 
     class ProtocolRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
@@ -95,9 +144,18 @@ def protocol_route_class(render: ErrorRenderer) -> type[APIRoute]:
                 except RequestValidationError as exc:
                     return render(from_validation_error(exc))
                 except ApiError as exc:
-                    return render(exc)
+                    return render_with_headers(render, exc)
                 except ClientDisconnected:
                     return Response(status_code=CLIENT_CLOSED_STATUS)
+                except InvalidTextError as exc:  # text that reached the tokenizer unchecked
+                    return render(InvalidRequestError(str(exc)))
+                except HTTPException as exc:
+                    if exc.status_code >= 500:
+                        raise
+                    return render(InvalidRequestError(f"invalid request: {exc.detail}"))
+                except Exception as exc:
+                    logger.exception("request to %s failed", request.url.path)
+                    return render(GenerationError(f"internal error: {type(exc).__name__}: {exc}"))
 
             return handle
 

@@ -3,6 +3,10 @@
 It renders chat templates, tokenizes and checks lengths (via `AsyncLLM.prepare`), builds validated
 SamplingParams, fans a request with several prompts or `n > 1` out into engine requests, and records
 metrics plus a log line for each engine request when it ends. Routes only translate protocols.
+
+It also holds the server-side limits every protocol shares: the request timeout (a server default,
+overridable per request), refusing work while draining for shutdown, and turning a full engine
+queue into a 429.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from inferd.engine.admission import EngineOverloadedError
 from inferd.engine.async_llm import AsyncLLM, EngineDeadError
 from inferd.engine.llm_engine import PromptError
 from inferd.engine.outputs import RequestOutput
@@ -26,6 +31,7 @@ from inferd.server.errors import (
     GenerationError,
     InvalidRequestError,
     ModelNotFoundError,
+    OverloadedError,
     ServiceUnavailableError,
 )
 from inferd.server.metrics import FinishedRequest, ServerMetrics
@@ -41,11 +47,25 @@ class IndexedOutput:
     output: RequestOutput
 
 
+# The header that sets one request's timeout in seconds (overrides the server default).
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
 class Frontend:
-    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        llm: AsyncLLM,
+        model_name: str,
+        metrics: ServerMetrics,
+        request_timeout_s: float | None = None,
+    ) -> None:
         self.llm = llm
         self.model_name = model_name
         self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
+        # Set by a graceful shutdown: new requests get a 503 while the ones in flight finish.
+        self.draining = False
+        self.num_in_flight = 0  # engine requests whose outputs are being consumed
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -70,9 +90,39 @@ class Frontend:
                 f"the model {name!r} does not exist; this server serves {self.model_name!r}"
             )
 
+    @property
+    def max_tokens_cap(self) -> int | None:
+        return self.llm.engine.config.scheduler.max_tokens_cap
+
     def check_alive(self) -> None:
+        if self.draining:
+            raise ServiceUnavailableError("the server is shutting down")
         if not self.llm.is_alive:
             raise ServiceUnavailableError(self.llm.dead_reason or "the engine is not running")
+
+    def check_ready(self, prompts: Sequence[list[int]], n: int = 1) -> None:
+        """Before a response starts: the engine runs, no drain, and the queue has room for these."""
+        self.check_alive()
+        try:
+            self.llm.admission.check(len(prompts) * n, sum(len(p) for p in prompts) * n)
+        except EngineOverloadedError as exc:
+            self.metrics.rejected.inc()
+            raise OverloadedError(str(exc), exc.retry_after_s) from exc
+
+    def timeout_s(self, header: str | None, body: float | None = None) -> float | None:
+        """One request's timeout: the body field, else the header, else the server default."""
+        if body is None and header is not None:
+            try:
+                body = float(header)
+            except ValueError:
+                raise InvalidRequestError(
+                    f"{TIMEOUT_HEADER}: must be a number of seconds, got {header!r}", field=TIMEOUT_HEADER
+                ) from None
+        if body is None:
+            return self.request_timeout_s
+        if not 0 < body <= 86400:  # also refuses NaN
+            raise InvalidRequestError(f"timeout: must be in (0, 86400] seconds, got {body}", field="timeout")
+        return body
 
     @staticmethod
     def new_request_id(prefix: str) -> str:
@@ -89,6 +139,13 @@ class Frontend:
         names = field_names or {}
         for name in ("logit_bias", "stop_token_ids"):
             self.check_token_ids(fields.get(name) or (), names.get(name, name))
+        cap, max_tokens = self.max_tokens_cap, fields.get("max_tokens")
+        if cap is not None and max_tokens is not None and max_tokens > cap:
+            field = names.get("max_tokens", "max_tokens")
+            raise InvalidRequestError(
+                f"{field}: this server allows at most {cap} output tokens per request, got {max_tokens}",
+                field=field,
+            )
         try:
             return SamplingParams(**fields)
         except SamplingParamsError as exc:
@@ -113,15 +170,23 @@ class Frontend:
 
     # -- generation -----------------------------------------------------------------------------
     def generate(
-        self, request_id: str, prompts: Sequence[list[int]], params: SamplingParams, n: int = 1
+        self,
+        request_id: str,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        timeout_s: float | None = None,
     ) -> AsyncIterator[IndexedOutput]:
         """Outputs of every choice as they come; one engine request per (prompt, sample).
 
         Engine request ids are `<request_id>-<choice index>`. With a seed, sample j of each prompt
         uses `seed + j`, so the choices differ from each other yet each is reproducible.
+        After `timeout_s` (default: the server's) unfinished choices end with finish reason `timeout`.
         Closing the iterator early aborts every unfinished engine request.
         """
-        self.check_alive()
+        self.check_ready(prompts, n)
+        timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         streams = []
         for prompt_index, token_ids in enumerate(prompts):
             for sample in range(n):
@@ -129,25 +194,39 @@ class Frontend:
                 sample_params = params
                 if params.seed is not None and sample:
                     sample_params = dataclasses.replace(params, seed=params.seed + sample)
-                streams.append(self._tracked(index, f"{request_id}-{index}", token_ids, sample_params))
+                engine_id = f"{request_id}-{index}"
+                streams.append(self._tracked(index, engine_id, token_ids, sample_params, deadline))
         if len(streams) == 1:
             return streams[0]
         return _merge(streams)
 
     async def _tracked(
-        self, index: int, engine_id: str, token_ids: list[int], params: SamplingParams
+        self,
+        index: int,
+        engine_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        deadline: float | None,
     ) -> AsyncIterator[IndexedOutput]:
         tracker = _RequestTracker(engine_id, len(token_ids), self.metrics)
+        self.num_in_flight += 1
         try:
-            async for out in self.llm.generate(engine_id, token_ids, params):
+            async for out in self.llm.generate(engine_id, token_ids, params, deadline):
                 if out.error is not None:
                     tracker.finish(out)
+                    if out.finish_reason == "abort":  # ended by the server (shutdown), not a failure
+                        raise ServiceUnavailableError(out.error)
                     raise GenerationError(out.error)
                 tracker.on_output(out)
                 yield IndexedOutput(index, out)
+        except EngineOverloadedError as exc:
+            tracker.done = True  # never admitted: not a finished request
+            self.metrics.rejected.inc()
+            raise OverloadedError(str(exc), exc.retry_after_s) from exc
         except EngineDeadError as exc:
             raise ServiceUnavailableError(str(exc)) from exc
         finally:
+            self.num_in_flight -= 1
             tracker.abandon()
 
 

@@ -88,6 +88,9 @@ class _MetricFamilies:
         )
         self.aborted = counter("inferd:requests_aborted", "Requests aborted (client gone or server abort).")
         self.timed_out = counter("inferd:requests_timed_out", "Requests that ran out of time.")
+        self.rejected = counter(
+            "inferd:requests_rejected", "Requests refused at once because the queue was full (429)."
+        )
         self.engines = _EngineCollector()
         registry.register(self.engines)
 
@@ -120,6 +123,7 @@ class ServerMetrics:
         self._model_name = model_name
         self.aborted = f.aborted.labels(model_name)
         self.timed_out = f.timed_out.labels(model_name)
+        self.rejected = f.rejected.labels(model_name)
         f.engines.add(model_name, stats, gpu_memory_used)
 
     def for_model(

@@ -12,9 +12,12 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from inferd.server.config import ServerConfig
+from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 
 if TYPE_CHECKING:
-    import uvicorn
+    from inferd.engine.async_llm import AsyncLLM
+    from inferd.server.frontend import Frontend
+    from inferd.server.lifecycle import DrainingServer
 
 logger = logging.getLogger("inferd.server")
 
@@ -28,6 +31,7 @@ _ENGINE_OPTIONS = (
     "dtype",
     "device",
     "seed",
+    "max_tokens_cap",
 )
 
 
@@ -52,6 +56,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     server.add_argument(
         "--grpc-port", type=int, default=8001, help="KServe v2 gRPC port (with --model-repository)"
+    )
+    limits = parser.add_argument_group("limits (overload, timeouts, shutdown)")
+    limits.add_argument(
+        "--max-queued-requests",
+        type=_positive_int,
+        default=None,
+        help="refuse new requests (429) while this many are queued; default: unbounded",
+    )
+    limits.add_argument(
+        "--max-queued-tokens",
+        type=_positive_int,
+        default=None,
+        help="refuse new requests (429) while their prompt tokens would push the queued total past this",
+    )
+    limits.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=None,
+        help="abort a request after this many seconds (per request: X-Request-Timeout or `timeout`)",
+    )
+    limits.add_argument(
+        "--max-tokens-cap",
+        type=_positive_int,
+        default=None,
+        help="most output tokens one request may ask for; also what one without max_tokens gets at most",
+    )
+    limits.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests get to finish before they are aborted (default 30)",
+    )
+    limits.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"refuse larger request bodies with a 413 (default {DEFAULT_MAX_BODY_BYTES})",
     )
     engine = parser.add_argument_group("engine (unset: the engine's defaults)")
     engine.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 4GiB")
@@ -79,27 +120,58 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         served_model_name=args.served_model_name,
         api_key=args.api_key or None,
+        request_timeout_s=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_timeout_s=args.shutdown_timeout,
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def load_llm(args: argparse.Namespace) -> AsyncLLM:
+    from inferd.engine.admission import QueueLimits
+    from inferd.engine.async_llm import AsyncLLM
+
+    limits = QueueLimits(args.max_queued_requests, args.max_queued_tokens)
+    model = Path(args.model) if args.model else None
+    return AsyncLLM.from_options(model, queue_limits=limits, **engine_options(args))
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    """Serves until SIGTERM/SIGINT (exit 0 after the drain) or until the engine dies (exit 1)."""
     import uvicorn
 
-    from inferd.engine.async_llm import AsyncLLM
     from inferd.server.app import create_app
+    from inferd.server.lifecycle import CONNECTION_CLOSE_TIMEOUT_S, DrainingServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = server_config(args)
     logger.info("loading model %s", args.model or "(built-in default)")
-    llm = AsyncLLM.from_options(Path(args.model) if args.model else None, **engine_options(args))
+    llm = load_llm(args)
     app = create_app(llm, config, args.model_repository)
-    # uvicorn handles SIGINT/SIGTERM: it stops accepting, finishes, and runs the app's shutdown,
-    # which stops the engine thread.
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=CONNECTION_CLOSE_TIMEOUT_S,
+        )
     )
-    asyncio.run(_serve(server, app.state.frontend.model_name, app.state.model_repository, args.grpc_port))
-    return 0
+    return asyncio.run(_serve(server, app.state.frontend, config, app.state.model_repository, args.grpc_port))
 
 
 def _after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:
@@ -108,9 +180,16 @@ def _after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:
 
 
 async def _serve(
-    server: uvicorn.Server, model_name: str, repository: Any = None, grpc_port: int = 8001
-) -> None:
-    # uvicorn installs its own handlers while serving, then restores these and re-raises the signal.
+    server: DrainingServer,
+    frontend: Frontend,
+    config: ServerConfig,
+    repository: Any = None,
+    grpc_port: int = 8001,
+) -> int:
+    from inferd.server.lifecycle import serve
+
+    # uvicorn installs its own handlers while serving, then restores these and re-raises a second
+    # signal (one that stopped it without a drain).
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _after_graceful_shutdown)
     grpc_server = None
@@ -119,17 +198,18 @@ async def _serve(
 
         grpc_server = await start_grpc_server(repository, server.config.host, grpc_port)
         logger.info("KServe v2 gRPC at %s:%d", server.config.host, grpc_port)
-    announcer = asyncio.create_task(_announce_when_ready(server, model_name))
+    announcer = asyncio.create_task(_announce_when_ready(server, frontend.model_name))
     try:
-        await server.serve()
+        exit_code = await serve(server, frontend, config.shutdown_timeout_s)
     finally:
         announcer.cancel()
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
-    logger.info("server stopped")
+    logger.info("server stopped" if exit_code == 0 else "server stopped: the engine died")
+    return exit_code
 
 
-async def _announce_when_ready(server: uvicorn.Server, model_name: str) -> None:
+async def _announce_when_ready(server: DrainingServer, model_name: str) -> None:
     while not server.started:
         await asyncio.sleep(0.05)
     host, port = server.servers[0].sockets[0].getsockname()[:2]

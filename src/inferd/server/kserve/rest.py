@@ -26,6 +26,9 @@ _STATUS_BY_API_ERROR_KIND = {
     "invalid_request": 400,
     "authentication": 401,
     "not_found": 404,
+    "timeout": 408,
+    "too_large": 413,
+    "overloaded": 429,
     "unavailable": 503,
 }
 

@@ -14,7 +14,13 @@ from inferd.sample.sampler import TokenLogprobs
 from inferd.sampling_params import SamplingParams
 from inferd.server.errors import ApiError, InvalidRequestError
 from inferd.server.frontend import Frontend
-from inferd.server.openai.common import error_event_payload, finish_reason, sampling_params, usage
+from inferd.server.openai.common import (
+    error_event_payload,
+    finish_reason,
+    sampling_params,
+    stream_finish_reason,
+    usage,
+)
 from inferd.server.openai.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -41,6 +47,7 @@ class ChatJob:
     want_logprobs: bool
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    timeout_s: float | None = None  # None: the server's default
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -80,7 +87,9 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
 
 async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
     finals: dict[int, RequestOutput] = {}
-    async with aclosing(frontend.generate(job.request_id, [job.prompt], job.params, job.n)) as stream:
+    async with aclosing(
+        frontend.generate(job.request_id, [job.prompt], job.params, job.n, job.timeout_s)
+    ) as stream:
         async for item in stream:
             if item.output.finished:
                 finals[item.index] = item.output
@@ -111,7 +120,7 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
 
     num_tokens: dict[int, int] = {}
     try:
-        stream = frontend.generate(job.request_id, [job.prompt], job.params, job.n)
+        stream = frontend.generate(job.request_id, [job.prompt], job.params, job.n, job.timeout_s)
         yield chunk(
             [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(job.n)]
         )
@@ -119,7 +128,7 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
             async for item in stream:
                 out = item.output
                 num_tokens[item.index] = len(out.token_ids)
-                reason = finish_reason(out)
+                reason = stream_finish_reason(out)
                 logprobs = _logprobs(frontend.tokenizer, out.new_logprobs) if job.want_logprobs else None
                 if out.new_text or reason is not None or logprobs is not None:
                     delta = DeltaMessage(content=out.new_text or None)

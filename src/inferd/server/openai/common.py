@@ -9,7 +9,13 @@ from starlette.responses import JSONResponse
 
 from inferd.engine.outputs import RequestOutput
 from inferd.sampling_params import SamplingParams
-from inferd.server.errors import ApiError, ErrorKind, GenerationError, InvalidRequestError
+from inferd.server.errors import (
+    ApiError,
+    ErrorKind,
+    GenerationError,
+    InvalidRequestError,
+    RequestTimeoutError,
+)
 from inferd.server.frontend import Frontend
 from inferd.server.openai.protocol import SamplingExtras, Usage
 
@@ -20,6 +26,9 @@ _ERROR_SHAPES: dict[ErrorKind, tuple[int, str, str | None]] = {
     "authentication": (401, "invalid_request_error", "invalid_api_key"),
     "generation": (500, "server_error", None),
     "unavailable": (503, "server_error", "service_unavailable"),
+    "overloaded": (429, "requests", "rate_limit_exceeded"),
+    "timeout": (408, "timeout_error", "request_timeout"),
+    "too_large": (413, "invalid_request_error", "request_too_large"),
 }
 
 
@@ -75,12 +84,21 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
 
 
 def finish_reason(out: RequestOutput) -> Literal["stop", "length"] | None:
-    """The OpenAI finish reason of an output; a request cut short otherwise is an error."""
+    """The OpenAI finish reason of a whole answer; a request cut short otherwise is an error."""
     if not out.finished:
         return None
     if out.finish_reason in ("stop", "length"):
         return out.finish_reason  # type: ignore[return-value]
+    if out.finish_reason == "timeout":
+        raise RequestTimeoutError("the request timed out and was aborted")
     raise GenerationError(f"the request ended early: {out.finish_reason}")
+
+
+def stream_finish_reason(out: RequestOutput) -> Literal["stop", "length", "timeout"] | None:
+    """As `finish_reason`, but a stream that already started ends a timed-out choice with `timeout`."""
+    if out.finished and out.finish_reason == "timeout":
+        return "timeout"
+    return finish_reason(out)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:

@@ -13,7 +13,13 @@ from inferd.sample.sampler import TokenLogprobs
 from inferd.sampling_params import SamplingParams
 from inferd.server.errors import ApiError, InvalidRequestError
 from inferd.server.frontend import Frontend
-from inferd.server.openai.common import error_event_payload, finish_reason, sampling_params, usage
+from inferd.server.openai.common import (
+    error_event_payload,
+    finish_reason,
+    sampling_params,
+    stream_finish_reason,
+    usage,
+)
 from inferd.server.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -44,6 +50,7 @@ class CompletionJob:
     echo: bool
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    timeout_s: float | None = None  # None: the server's default
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -90,7 +97,9 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
 
 async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse:
     finals: dict[int, RequestOutput] = {}
-    async with aclosing(frontend.generate(job.request_id, job.prompts, job.params, job.n)) as stream:
+    async with aclosing(
+        frontend.generate(job.request_id, job.prompts, job.params, job.n, job.timeout_s)
+    ) as stream:
         async for item in stream:
             if item.output.finished:
                 finals[item.index] = item.output
@@ -120,7 +129,9 @@ async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncIter
     """SSE events: one chunk per engine output with news, a usage chunk if asked, then [DONE]."""
     states: dict[int, _ChoiceState] = {}
     try:
-        async with aclosing(frontend.generate(job.request_id, job.prompts, job.params, job.n)) as stream:
+        async with aclosing(
+            frontend.generate(job.request_id, job.prompts, job.params, job.n, job.timeout_s)
+        ) as stream:
             async for item in stream:
                 state = states.setdefault(item.index, job.choice_state(item.index))
                 chunk = _chunk(frontend.tokenizer, job, item.index, item.output, state)
@@ -149,7 +160,7 @@ def _chunk(
     if not state.started:
         text = state.echo_text + text
         state.started = True
-    reason = finish_reason(out)
+    reason = stream_finish_reason(out)
     logprobs = _logprobs(tokenizer, out.new_logprobs, state, job.params.logprobs)
     if not text and reason is None and logprobs is None:
         return None  # nothing new to say (text held back while it might start a stop string)

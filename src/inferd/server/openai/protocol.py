@@ -46,6 +46,8 @@ class SamplingExtras(_Body):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # inferd's: seconds until the request is aborted (overrides the server's --request-timeout).
+    timeout: float | None = Field(None, gt=0.0, le=86400.0)
 
     @property
     def include_usage_chunk(self) -> bool:
@@ -107,7 +109,8 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    # `timeout` only in streamed chunks: the request ran out of time after its stream started.
+    finish_reason: Literal["stop", "length", "timeout"] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -163,7 +166,8 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    # `timeout`: the request ran out of time after its stream started.
+    finish_reason: Literal["stop", "length", "timeout"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

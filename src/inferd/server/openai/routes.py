@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from inferd.server.errors import protocol_route_class
-from inferd.server.frontend import Frontend
+from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai.chat import chat, prepare_chat, stream_chat, template_messages
 from inferd.server.openai.common import error_response
 from inferd.server.openai.completions import complete, prepare_completion, stream_completion
@@ -43,7 +43,8 @@ def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] 
     @router.post("/v1/completions", response_model=None)
     async def create_completion(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
         job = prepare_completion(frontend, body)
-        frontend.check_alive()
+        job.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
+        frontend.check_ready(job.prompts, job.n)
         if body.stream:
             return sse_response(stream_completion(frontend, job))
         return await unless_disconnected(request, complete(frontend, job))
@@ -53,7 +54,8 @@ def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] 
         body: ChatCompletionRequest, request: Request
     ) -> ChatCompletionResponse | Response:
         job = prepare_chat(frontend, body)
-        frontend.check_alive()
+        job.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
+        frontend.check_ready([job.prompt], job.n)
         if body.stream:
             return sse_response(stream_chat(frontend, job))
         return await unless_disconnected(request, chat(frontend, job))

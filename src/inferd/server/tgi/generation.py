@@ -13,7 +13,13 @@ from starlette.responses import JSONResponse
 from inferd.engine.outputs import RequestOutput
 from inferd.sample.sampler import TokenLogprobs
 from inferd.sampling_params import SamplingParams
-from inferd.server.errors import ApiError, ErrorKind, GenerationError, InvalidRequestError
+from inferd.server.errors import (
+    ApiError,
+    ErrorKind,
+    GenerationError,
+    InvalidRequestError,
+    RequestTimeoutError,
+)
 from inferd.server.frontend import Frontend
 from inferd.server.streaming import sse_event
 from inferd.server.tgi.protocol import (
@@ -36,6 +42,9 @@ _ERROR_SHAPES: dict[ErrorKind, tuple[int, str]] = {
     "authentication": (401, "authentication"),
     "generation": (424, "generation"),
     "unavailable": (503, "unhealthy"),
+    "overloaded": (429, "overloaded"),
+    "timeout": (408, "timeout"),
+    "too_large": (413, "validation"),
 }
 
 
@@ -56,6 +65,7 @@ class TgiJob:
     params: SamplingParams
     details: bool
     full_text: bool
+    timeout_s: float | None = None  # None: the server's default
 
 
 def prepare_generate(frontend: Frontend, body: GenerateRequest) -> TgiJob:
@@ -108,7 +118,9 @@ def _refuse_unsupported(p: GenerateParameters) -> None:
 
 async def generate(frontend: Frontend, job: TgiJob) -> GenerateResponse:
     final: RequestOutput | None = None
-    async with aclosing(frontend.generate(job.request_id, [job.prompt], job.params)) as stream:
+    async with aclosing(
+        frontend.generate(job.request_id, [job.prompt], job.params, timeout_s=job.timeout_s)
+    ) as stream:
         async for item in stream:
             final = item.output
     assert final is not None and final.finished, "the Frontend ends every stream with a finished output"
@@ -129,7 +141,9 @@ async def stream_generate(frontend: Frontend, job: TgiJob) -> AsyncIterator[str]
     """One event per generated token; the last one carries the whole text (and details if asked)."""
     index = 0
     try:
-        async with aclosing(frontend.generate(job.request_id, [job.prompt], job.params)) as stream:
+        async with aclosing(
+            frontend.generate(job.request_id, [job.prompt], job.params, timeout_s=job.timeout_s)
+        ) as stream:
             async for item in stream:
                 out = item.output
                 summary = _stream_details(frontend, job, out) if out.finished else None
@@ -178,4 +192,6 @@ def _finish_reason(frontend: Frontend, out: RequestOutput) -> FinishReason:
     if out.finish_reason == "stop":
         ended_on_eos = bool(out.token_ids) and out.token_ids[-1] in frontend.eos_token_ids
         return "eos_token" if ended_on_eos else "stop_sequence"
+    if out.finish_reason == "timeout":
+        raise RequestTimeoutError("the request timed out and was aborted")
     raise GenerationError(f"the request ended early: {out.finish_reason}")

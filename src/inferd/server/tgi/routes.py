@@ -3,6 +3,7 @@ which is what `huggingface_hub.InferenceClient(base_url).text_generation` posts 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -11,10 +12,11 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from inferd.server.errors import protocol_route_class
-from inferd.server.frontend import Frontend
+from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.streaming import sse_response, unless_disconnected
 from inferd.server.tgi.generation import (
     MAX_STOP_SEQUENCES,
+    TgiJob,
     error_response,
     generate,
     prepare_generate,
@@ -51,22 +53,26 @@ def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] 
             version=_inferd_version(),
         )
 
+    def ready_job(body: GenerateRequest, request: Request) -> TgiJob:
+        """The checked job, with its timeout; raises before any response starts."""
+        job = prepare_generate(frontend, body)
+        job = dataclasses.replace(job, timeout_s=frontend.timeout_s(request.headers.get(TIMEOUT_HEADER)))
+        frontend.check_ready([job.prompt])
+        return job
+
     @router.post("/generate")
     async def generate_text(body: GenerateRequest, request: Request) -> GenerateResponse:
-        job = prepare_generate(frontend, body)
-        frontend.check_alive()
+        job = ready_job(body, request)
         return await unless_disconnected(request, generate(frontend, job))
 
     @router.post("/generate_stream", response_model=None)
-    async def generate_stream(body: GenerateRequest) -> Response:
-        job = prepare_generate(frontend, body)
-        frontend.check_alive()
+    async def generate_stream(body: GenerateRequest, request: Request) -> Response:
+        job = ready_job(body, request)
         return sse_response(stream_generate(frontend, job))
 
     @router.post("/", response_model=None)
     async def compat_generate(body: GenerateRequest, request: Request) -> list[GenerateResponse] | Response:
-        job = prepare_generate(frontend, body)
-        frontend.check_alive()
+        job = ready_job(body, request)
         if body.stream:
             return sse_response(stream_generate(frontend, job))
         return [await unless_disconnected(request, generate(frontend, job))]

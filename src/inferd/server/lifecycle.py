@@ -1,0 +1,88 @@
+"""How `inferd serve` stops: a graceful drain on SIGTERM/SIGINT, and a non-zero exit when the engine dies.
+
+Drain: new requests get a 503 and `/health` turns 503 (so load balancers stop sending), requests in
+flight get up to the shutdown timeout to finish, the rest are aborted with an error, then uvicorn
+closes the connections and the process exits 0. A second signal stops at once.
+
+Engine death: the engine thread has already failed every waiting request (each gets a 500) and
+`/health` is 503; once those answers are out the server stops and the process exits 1, so a
+supervisor restarts it instead of leaving a server that can only refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from types import FrameType
+
+import uvicorn
+
+from inferd.server.frontend import Frontend
+
+logger = logging.getLogger("inferd.server")
+
+_POLL_S = 0.02
+# After aborting (or after the engine died), how long the error answers get to go out.
+_SETTLE_S = 5.0
+# What uvicorn gives open connections once told to stop (a client that never reads cannot hold it).
+CONNECTION_CLOSE_TIMEOUT_S = 5
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first SIGINT/SIGTERM asks for a drain instead of stopping at once."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.drain_requested = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_requested:
+            super().handle_exit(sig, frame)  # a second signal: stop now
+        else:
+            self.drain_requested = True
+
+
+async def serve(server: DrainingServer, frontend: Frontend, shutdown_timeout_s: float) -> int:
+    """Runs the server until it stops; returns the process exit code (0, or 1 if the engine died)."""
+    supervisor = asyncio.create_task(_supervise(server, frontend, shutdown_timeout_s))
+    try:
+        await server.serve()
+    finally:
+        if not supervisor.done():
+            supervisor.cancel()
+    return supervisor.result() if not supervisor.cancelled() else 0
+
+
+async def _supervise(server: DrainingServer, frontend: Frontend, shutdown_timeout_s: float) -> int:
+    while not server.should_exit:
+        if server.drain_requested:
+            await drain(frontend, shutdown_timeout_s)
+            server.should_exit = True
+            return 0
+        if server.started and frontend.llm.dead_reason is not None:
+            logger.error("stopping: %s", frontend.llm.dead_reason)
+            frontend.draining = True
+            await _wait_for_no_requests(frontend, _SETTLE_S)
+            server.should_exit = True
+            return 1
+        await asyncio.sleep(_POLL_S)
+    return 0
+
+
+async def drain(frontend: Frontend, timeout_s: float) -> None:
+    """Refuse new requests, let those in flight finish for up to `timeout_s`, abort the rest."""
+    frontend.draining = True
+    logger.info("draining: %d request(s) in flight, up to %.1fs", frontend.num_in_flight, timeout_s)
+    if await _wait_for_no_requests(frontend, timeout_s):
+        return
+    logger.warning("shutdown timeout: aborting %d request(s)", frontend.num_in_flight)
+    frontend.llm.abort_all("the server is shutting down")
+    await _wait_for_no_requests(frontend, _SETTLE_S)
+
+
+async def _wait_for_no_requests(frontend: Frontend, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while frontend.num_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(_POLL_S)
+    return frontend.num_in_flight == 0
