@@ -50,6 +50,8 @@ _ERROR_BY_KIND: dict[str, type[InferenceError]] = {
     "invalid_request": InvalidInputError,
     "not_found": ModelNotFoundError,
     "unavailable": ModelNotReadyError,
+    # A full queue: Triton answers UNAVAILABLE (503) too, which clients treat as "retry later".
+    "overloaded": ModelNotReadyError,
 }
 
 
@@ -129,6 +131,7 @@ class RepositoryLLM(FrontendTextGenerator):
 
     def close(self) -> None:
         self.frontend.llm.shutdown()
+        logger.info("LLM %r stopped", self.frontend.model_name)
 
 
 class RepositoryLLMLoader:

@@ -1,0 +1,265 @@
+"""LLMs over KServe v2 on a live `inferd serve`: the served LLM and an `llm` folder of the repository,
+through tritonclient (HTTP and gRPC `text_input` -> `text_output`) and the REST generate extension."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from kserve_support import free_port
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from server_process import ServerProcess, run_server
+from tritonclient.utils import InferenceServerException
+
+from inferd.engine.core import EngineStats
+from inferd.llm import LLM
+from inferd.sampling_params import SamplingParams
+from inferd.server.metrics import FinishedRequest, ServerMetrics
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+SERVED = "tiny"  # the LLM given to `inferd serve`
+FOLDER_LLM = "chat"  # the `llm` folder of the repository
+BROKEN_LLM = "broken"  # an `llm` folder with an unknown engine parameter
+PROMPT = "To be, or not to be"
+MAX_TOKENS = 12
+GREEDY = {"temperature": 0, "max_tokens": MAX_TOKENS}
+# Long enough that the request is still running when the client leaves (checked below).
+LONG_MAX_TOKENS = 480
+ENGINE_OPTIONS = {"kv_cache_memory": "8MiB", "max_model_len": 512}
+
+
+@dataclass(frozen=True)
+class Live:
+    server: ServerProcess
+    grpc_url: str
+    # Offline `inferd.LLM` greedy text of PROMPT, per model name.
+    expected: dict[str, str]
+
+    @property
+    def http_address(self) -> str:
+        return self.server.base_url.removeprefix("http://")
+
+
+def _offline_text(model: Path, prompt: str, max_tokens: int) -> str:
+    llm = LLM(model, **ENGINE_OPTIONS)
+    return llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens))[0].text
+
+
+def _llm_folder(repository: Path, weights: Path) -> None:
+    folder = repository / FOLDER_LLM
+    shutil.copytree(weights, folder / "hf")
+    config = {"runtime": "llm", "artifact": "hf", "parameters": ENGINE_OPTIONS}
+    (folder / "model.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def live(tiny_llama: Path, tiny_model_factory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:  # type: ignore[no-untyped-def]
+    folder_weights = tiny_model_factory("qwen2")
+    repository = tmp_path_factory.mktemp("repository")
+    shutil.copytree(EXAMPLES / "digits", repository / "digits")
+    _llm_folder(repository, folder_weights)
+    (repository / BROKEN_LLM).mkdir()
+    (repository / BROKEN_LLM / "model.json").write_text(
+        json.dumps({"runtime": "llm", "parameters": {"bogus": 1}})
+    )
+    expected = {
+        SERVED: _offline_text(tiny_llama, PROMPT, MAX_TOKENS),
+        FOLDER_LLM: _offline_text(folder_weights, PROMPT, MAX_TOKENS),
+    }
+    long_run = _offline_text(tiny_llama, PROMPT, LONG_MAX_TOKENS)
+    assert len(long_run) > 100, "the disconnect test needs a prompt that does not stop early"
+    grpc_port = free_port()
+    args = ["--served-model-name", SERVED, "--kv-cache-memory", "8MiB", "--max-model-len", "512"]
+    args += ["--model-repository", str(repository), "--grpc-port", str(grpc_port)]
+    with run_server(tiny_llama, *args) as server:
+        yield Live(server, f"127.0.0.1:{grpc_port}", expected)
+    # Shut down by SIGTERM: the repository's LLM engine is stopped with the server.
+    assert server.process.returncode == 0, server.log_text()
+    server.wait_for_log(f"LLM '{FOLDER_LLM}' stopped")
+
+
+def _metric(server: ServerProcess, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (0 when there is none)."""
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("model", [SERVED, FOLDER_LLM])
+def test_both_llms_are_ready_with_text_metadata(live: Live, model: str) -> None:
+    client = triton_http.InferenceServerClient(live.http_address)
+    assert client.is_model_ready(model)
+    metadata = client.get_model_metadata(model)
+    assert metadata["platform"] == "inferd_llm"
+    assert metadata["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
+    assert metadata["outputs"] == [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]
+    grpc_metadata = triton_grpc.InferenceServerClient(live.grpc_url).get_model_metadata(model)
+    assert [(t.name, t.datatype, list(t.shape)) for t in grpc_metadata.inputs] == [
+        ("text_input", "BYTES", [1])
+    ]
+
+
+def test_an_llm_folder_with_an_unknown_parameter_is_listed_not_ready(live: Live) -> None:
+    index = httpx.post(f"{live.server.base_url}/v2/repository/index", timeout=10).json()
+    broken = next(model for model in index if model["name"] == BROKEN_LLM)
+    assert broken["state"] == "UNAVAILABLE" and "bogus" in broken["reason"]
+    assert httpx.get(f"{live.server.base_url}/v2/models/{BROKEN_LLM}/ready", timeout=10).status_code == 503
+
+
+def _text_input(module, binary_data: bool | None = None):  # type: ignore[no-untyped-def]
+    tensor = module.InferInput("text_input", [1], "BYTES")
+    data = np.array([PROMPT.encode()], dtype=object)
+    if binary_data is None:
+        tensor.set_data_from_numpy(data)
+    else:
+        tensor.set_data_from_numpy(data, binary_data=binary_data)
+    return tensor
+
+
+@pytest.mark.parametrize("model", [SERVED, FOLDER_LLM])
+@pytest.mark.parametrize("binary_data", [True, False])
+def test_tritonclient_http_text_input_equals_offline_greedy(
+    live: Live, model: str, binary_data: bool
+) -> None:
+    client = triton_http.InferenceServerClient(live.http_address)
+    result = client.infer(model, [_text_input(triton_http, binary_data)], parameters=GREEDY)
+    assert result.as_numpy("text_output")[0].decode() == live.expected[model]
+
+
+@pytest.mark.parametrize("model", [SERVED, FOLDER_LLM])
+def test_tritonclient_grpc_text_input_equals_offline_greedy(live: Live, model: str) -> None:
+    client = triton_grpc.InferenceServerClient(live.grpc_url)
+    result = client.infer(model, [_text_input(triton_grpc)], parameters=GREEDY)
+    assert result.as_numpy("text_output")[0].decode() == live.expected[model]
+
+
+def _sse_payloads(response: httpx.Response) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(line[len("data: ") :]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("model", [SERVED, FOLDER_LLM])
+def test_rest_generate_and_its_stream_agree_with_offline(live: Live, model: str) -> None:
+    url = f"{live.server.base_url}/v2/models/{model}"
+    body = {"text_input": PROMPT, "parameters": GREEDY}
+    answer = httpx.post(f"{url}/generate", json=body, timeout=30).json()
+    assert answer["text_output"] == live.expected[model]
+    assert answer["model_name"] == model and answer["finish_reason"] in ("length", "stop")
+    with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        events = _sse_payloads(response)
+    assert "".join(event["text_output"] for event in events) == answer["text_output"]
+    assert events[-1]["finish_reason"] == answer["finish_reason"]
+    assert all("finish_reason" not in event for event in events[:-1])
+
+
+@pytest.mark.parametrize(
+    ("parameters", "named"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": -5}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": ""}, "stop"),
+        ({"max_tokens": 600}, "max_tokens"),  # more than the 512-token context holds
+    ],
+)
+def test_bad_parameters_are_invalid_input_on_every_path(live: Live, parameters: dict, named: str) -> None:  # type: ignore[type-arg]
+    url = f"{live.server.base_url}/v2/models/{SERVED}"
+    for route in ("generate", "generate_stream"):
+        response = httpx.post(
+            f"{url}/{route}", json={"text_input": PROMPT, "parameters": parameters}, timeout=30
+        )
+        assert response.status_code == 400, response.text
+        assert named in response.json()["error"]
+    with pytest.raises(InferenceServerException) as http_error:
+        triton_http.InferenceServerClient(live.http_address).infer(
+            SERVED, [_text_input(triton_http)], parameters=parameters
+        )
+    assert http_error.value.status() == "400"
+    with pytest.raises(InferenceServerException) as grpc_error:
+        triton_grpc.InferenceServerClient(live.grpc_url).infer(
+            SERVED, [_text_input(triton_grpc)], parameters=parameters
+        )
+    assert grpc_error.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_empty_and_too_long_prompts_are_invalid_input(live: Live) -> None:
+    url = f"{live.server.base_url}/v2/models/{FOLDER_LLM}/generate"
+    empty = httpx.post(url, json={"text_input": "", "max_tokens": 4}, timeout=30)
+    assert empty.status_code == 400 and "empty" in empty.json()["error"]
+    too_long = httpx.post(url, json={"text_input": "To be " * 400, "max_tokens": 4}, timeout=30)
+    assert too_long.status_code == 400, too_long.text
+
+
+def test_metrics_count_v2_requests_of_both_llms(live: Live) -> None:
+    finished = "inferd:requests_finished_total"
+    before = {model: _metric(live.server, finished, model_name=model) for model in (SERVED, FOLDER_LLM)}
+    body = {"text_input": PROMPT, "parameters": GREEDY}
+    for model in (SERVED, FOLDER_LLM):
+        url = f"{live.server.base_url}/v2/models/{model}/generate"
+        assert httpx.post(url, json=body, timeout=30).is_success
+    grpc_client = triton_grpc.InferenceServerClient(live.grpc_url)
+    grpc_client.infer(SERVED, [_text_input(triton_grpc)], parameters=GREEDY)
+    assert _metric(live.server, finished, model_name=SERVED) - before[SERVED] == 2
+    assert _metric(live.server, finished, model_name=FOLDER_LLM) - before[FOLDER_LLM] == 1
+    assert _metric(live.server, "inferd_kserve_requests_total", model=SERVED, outcome="success") >= 1
+
+
+def test_leaving_generate_stream_aborts_the_request(live: Live) -> None:
+    def aborted() -> float:
+        return _metric(live.server, "inferd:requests_aborted_total", model_name=SERVED)
+
+    def generated() -> float:
+        return _metric(live.server, "inferd:generation_tokens_total", model_name=SERVED)
+
+    aborted_before, generated_before = aborted(), generated()
+    body = {"text_input": PROMPT, "parameters": {"temperature": 0, "max_tokens": LONG_MAX_TOKENS}}
+    url = f"{live.server.base_url}/v2/models/{SERVED}/generate_stream"
+    with httpx.stream("POST", url, json=body, timeout=30) as response:
+        next(response.iter_lines())  # the first delta: the request is running; then hang up
+
+    def settled() -> bool:
+        running = _metric(live.server, "inferd:num_requests_running", model_name=SERVED)
+        return running == 0 and aborted() - aborted_before == 1
+
+    _wait_for(settled)
+    assert generated() - generated_before < LONG_MAX_TOKENS
+
+
+def test_repository_llm_metrics_share_the_served_registry() -> None:
+    registry = CollectorRegistry()
+    stats = EngineStats(
+        num_running=1, num_waiting=0, kv_usage=0.0, num_preemptions=0, prefix_queries=0, prefix_hits=0
+    )
+    served = ServerMetrics(registry, "a", lambda: stats)
+    other = served.for_model("b", lambda: stats)
+    other.record_finished(FinishedRequest("stop", 3, 2, 0.1, 0.2, 0.0))
+    assert (
+        registry.get_sample_value(
+            "inferd:requests_finished_total", {"model_name": "b", "finish_reason": "stop"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value("inferd:prompt_tokens_total", {"model_name": "a"}) == 0
+    for model in ("a", "b"):
+        assert registry.get_sample_value("inferd:num_requests_running", {"model_name": model}) == 1
