@@ -1,0 +1,258 @@
+"""A live server under overload, timeouts, caps and bad input: every answer a 4xx in the protocol's
+shape (429 with Retry-After, 408, 413, 400/422), never a 5xx, and the engine clean afterwards."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from server_process import ServerProcess, run_server
+
+MAX_BODY_BYTES = 4096
+MAX_TOKENS_CAP = 450
+LONG = {"prompt": "To be, or not", "max_tokens": 400, "ignore_eos": True, "temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama: Path) -> Iterator[ServerProcess]:
+    args = (
+        "--kv-cache-memory", "8MiB",
+        "--max-num-seqs", "1",
+        "--max-queued-requests", "2",
+        "--max-tokens-cap", str(MAX_TOKENS_CAP),
+        "--max-body-bytes", str(MAX_BODY_BYTES),
+    )  # fmt: skip
+    with run_server(tiny_llama, *args) as process:
+        yield process
+
+
+def _openai_error(response: httpx.Response, status: int) -> dict[str, str | None]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def _tgi_error(response: httpx.Response, status: int) -> dict[str, str]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "error_type"}
+    return body
+
+
+def _wait_idle(server: ServerProcess) -> None:
+    server.wait_for_metrics(
+        lambda m: (
+            m["inferd:kv_cache_usage_perc"] == 0
+            and m["inferd:num_requests_running"] == m["inferd:num_requests_waiting"] == 0
+        )
+    )
+
+
+class _Fillers:
+    """Long streamed requests that keep the engine busy until `stop()` closes them (aborting them)."""
+
+    def __init__(self, base_url: str) -> None:
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._base_url = base_url
+
+    def add(self, count: int) -> None:
+        for _ in range(count):
+            thread = threading.Thread(target=self._stream, args=(self._base_url,))
+            thread.start()
+            self._threads.append(thread)
+
+    def _stream(self, base_url: str) -> None:
+        body = {**LONG, "max_tokens": MAX_TOKENS_CAP, "stream": True}
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as response:
+            for _ in response.iter_lines():
+                if self._stop.is_set():
+                    return
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+def _timed_post(url: str, **kwargs: object) -> tuple[httpx.Response, float]:
+    start = time.perf_counter()
+    response = httpx.post(url, timeout=10, **kwargs)  # type: ignore[arg-type]
+    return response, time.perf_counter() - start
+
+
+def test_saturated_server_answers_429_at_once_in_each_protocol(server: ServerProcess) -> None:
+    url = server.base_url
+    before = server.metrics()["inferd:requests_rejected_total"]
+    fillers = _Fillers(url)
+    try:
+        fillers.add(1)
+        server.wait_for_metrics(lambda m: m["inferd:num_requests_running"] == 1)
+        fillers.add(2)  # max_num_seqs is 1: these two wait, and the queue (2) is full
+        server.wait_for_metrics(lambda m: m["inferd:num_requests_waiting"] == 2)
+        latencies = []
+        with httpx.Client(timeout=10) as client:  # one connection: time the server, not the handshake
+            client.get(f"{url}/health")
+            for _ in range(5):
+                start = time.perf_counter()
+                response = client.post(f"{url}/v1/completions", json=LONG)
+                elapsed = time.perf_counter() - start
+                error = _openai_error(response, 429)
+                assert error["code"] == "rate_limit_exceeded" and "overloaded" in str(error["message"])
+                assert int(response.headers["Retry-After"]) >= 1
+                latencies.append(elapsed)
+        # The refusal is a few integer comparisons: it must not wait behind the queue.
+        assert statistics.median(latencies) < 0.05, latencies
+        streamed, _ = _timed_post(f"{url}/v1/chat/completions", json=_chat(stream=True))
+        _openai_error(streamed, 429)  # a status, not an error inside a 200 stream
+        for path in ("/generate", "/generate_stream"):
+            response, _ = _timed_post(f"{url}{path}", json={"inputs": "To be"})
+            assert _tgi_error(response, 429)["error_type"] == "overloaded"
+            assert "Retry-After" in response.headers
+        assert httpx.get(f"{url}/health").status_code == 200  # overloaded, not unhealthy
+    finally:
+        fillers.stop()
+    _wait_idle(server)
+    assert server.metrics()["inferd:requests_rejected_total"] == before + 8
+
+
+def _chat(**fields: object) -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": "To be, or not"}], "temperature": 0.0, **fields}
+
+
+def _sse_payloads(response: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_timeouts_in_each_protocol_abort_the_request_and_count(server: ServerProcess) -> None:
+    url = server.base_url
+    before = server.metrics()["inferd:requests_timed_out_total"]
+    error = _openai_error(httpx.post(f"{url}/v1/completions", json={**LONG, "timeout": 0.2}, timeout=30), 408)
+    assert error["code"] == "request_timeout"
+
+    headers = {"X-Request-Timeout": "0.2"}
+    body = _chat(max_tokens=400, ignore_eos=True, stream=True)
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30
+    ) as response:
+        assert response.status_code == 200
+        payloads = _sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    assert json.loads(payloads[-2])["choices"][0]["finish_reason"] == "timeout"
+
+    tgi = {"inputs": "To be", "parameters": {"max_new_tokens": 400}}
+    assert (
+        _tgi_error(httpx.post(f"{url}/generate", json=tgi, headers=headers, timeout=30), 408)["error_type"]
+        == "timeout"
+    )
+    with httpx.stream("POST", f"{url}/generate_stream", json=tgi, headers=headers, timeout=30) as response:
+        last = json.loads(_sse_payloads(response)[-1])
+    assert last["error_type"] == "timeout"
+
+    bad = httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, headers={"X-Request-Timeout": "soon"})
+    assert _openai_error(bad, 400)["param"] == "X-Request-Timeout"
+    _wait_idle(server)
+    assert server.metrics()["inferd:requests_timed_out_total"] == before + 4
+
+
+def test_max_tokens_cap_refuses_more_and_bounds_the_default(server: ServerProcess) -> None:
+    url = server.base_url
+    over = httpx.post(f"{url}/v1/completions", json={**LONG, "max_tokens": MAX_TOKENS_CAP + 1})
+    assert _openai_error(over, 400)["param"] == "max_tokens"
+    tgi = {"inputs": "To be", "parameters": {"max_new_tokens": MAX_TOKENS_CAP + 1}}
+    assert "max_new_tokens" in _tgi_error(httpx.post(f"{url}/generate", json=tgi), 422)["error"]
+    # No max_tokens: the rest of the context (about 500 tokens here), capped by the server.
+    answer = httpx.post(f"{url}/v1/chat/completions", json=_chat(ignore_eos=True), timeout=60).json()
+    assert answer["usage"]["completion_tokens"] == MAX_TOKENS_CAP
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def test_oversized_bodies_are_413_in_the_protocol_shape(server: ServerProcess) -> None:
+    url = server.base_url
+    big = {"prompt": "x" * MAX_BODY_BYTES}
+    assert _openai_error(httpx.post(f"{url}/v1/completions", json=big), 413)["code"] == "request_too_large"
+    _tgi_error(httpx.post(f"{url}/generate", json={"inputs": "x" * MAX_BODY_BYTES}), 413)
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit is enforced while reading
+        yield b'{"prompt": "'
+        for _ in range(MAX_BODY_BYTES // 64 + 1):
+            yield b"x" * 64
+        yield b'"}'
+
+    response = httpx.post(
+        f"{url}/v1/completions", content=chunked(), headers={"Content-Type": "application/json"}
+    )
+    _openai_error(response, 413)
+
+
+# (path, raw body): each must be refused with a 4xx in the protocol's shape.
+BAD_OPENAI_BODIES = [
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": '),  # truncated JSON
+    ("/v1/completions", b'{"prompt": "\xff\xfe"}'),  # invalid UTF-8
+    ("/v1/completions", b'{"prompt": "\\ud800 lone surrogate"}'),
+    ("/v1/completions", b'["not", "an", "object"]'),
+    ("/v1/completions", b'{"prompt": 5}'),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": "many"}'),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": -1}'),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 1000000000000}'),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 7}'),
+    ("/v1/completions", b'{"prompt": "x", "timeout": -3}'),
+    ("/v1/completions", b'{"prompt": ""}'),
+    ("/v1/completions", b'{"prompt": []}'),
+    ("/v1/completions", b'{"prompt": [[]]}'),
+    ("/v1/completions", b'{"prompt": [1, 2, 99999999]}'),
+    ("/v1/completions", b'{"prompt": [-1]}'),
+    ("/v1/completions", b'{"prompt": "x", "stop_token_ids": [99999999]}'),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"abc": 1}}'),
+    ("/v1/completions", b'{"prompt": "x", "n": 0}'),
+    ("/v1/chat/completions", b'{"messages": []}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}'),
+    ("/v1/chat/completions", b'{"messages": "hello"}'),
+    ("/tokenize", b'{"prompt": "\\ud800"}'),
+    ("/detokenize", b'{"tokens": [99999999]}'),
+]
+BAD_TGI_BODIES = [
+    ("/generate", b"{"),
+    ("/generate", b'{"inputs": "\xc3\x28"}'),
+    ("/generate", b'{"inputs": "\\ud800"}'),
+    ("/generate", b'{"inputs": ""}'),
+    ("/generate", b'{"inputs": "x", "parameters": {"max_new_tokens": 0}}'),
+    ("/generate", b'{"inputs": "x", "parameters": {"max_new_tokens": 99999999999}}'),
+    ("/generate", b'{"inputs": "x", "parameters": {"top_p": 2}}'),
+    ("/generate", b'{"inputs": ["x"]}'),
+    ("/generate_stream", b'{"inputs": "x", "parameters": "fast"}'),
+    ("/", b'{"inputs": 3}'),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), BAD_OPENAI_BODIES)
+def test_bad_openai_input_is_a_4xx_in_openai_shape(server: ServerProcess, path: str, body: bytes) -> None:
+    response = httpx.post(
+        f"{server.base_url}{path}", content=body, headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert 400 <= response.status_code < 500, response.text
+    _openai_error(response, response.status_code)
+
+
+@pytest.mark.parametrize(("path", "body"), BAD_TGI_BODIES)
+def test_bad_tgi_input_is_a_4xx_in_tgi_shape(server: ServerProcess, path: str, body: bytes) -> None:
+    response = httpx.post(
+        f"{server.base_url}{path}", content=body, headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert 400 <= response.status_code < 500, response.text
+    _tgi_error(response, response.status_code)
+
+
+def test_after_all_the_abuse_the_engine_is_clean_and_healthy(server: ServerProcess) -> None:
+    _wait_idle(server)
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+    answer = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "To be", "max_tokens": 3})
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
