@@ -1,0 +1,118 @@
+"""How the server stops: SIGTERM drains (503 and not ready, in-flight requests finish, exit 0), the
+shutdown timeout aborts what is left with an error, and a dead engine makes the server exit 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from server_process import ServerProcess, run_server
+
+from inferd.engine.async_llm import AsyncLLM
+from inferd.engine.process_engine import EngineProcessDied
+from inferd.server.app import create_app
+from inferd.server.lifecycle import DrainingServer, serve
+
+LONG = {"prompt": "To be, or not", "max_tokens": 400, "ignore_eos": True, "temperature": 0.0}
+
+
+def _stream_in_thread(base_url: str, results: list[dict[str, Any]]) -> threading.Thread:
+    def run() -> None:
+        body = {**LONG, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        chunks = [json.loads(e) for e in events[:-1]]
+        results.append(
+            {
+                "done": events[-1] == "[DONE]",
+                "finish_reason": next(c["choices"][0]["finish_reason"] for c in chunks if c["choices"]
+                                      and c["choices"][0]["finish_reason"]),
+                "completion_tokens": chunks[-1]["usage"]["completion_tokens"],
+            }
+        )  # fmt: skip
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _poll(check, timeout_s: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(tiny_llama: Path) -> None:
+    with run_server(tiny_llama, "--kv-cache-memory", "8MiB", "--shutdown-timeout", "60") as server:
+        results: list[dict[str, Any]] = []
+        threads = [_stream_in_thread(server.base_url, results) for _ in range(3)]
+        server.wait_for_metrics(lambda m: m["inferd:num_requests_running"] == 3)
+        server.process.send_signal(signal.SIGTERM)
+        _poll(lambda: httpx.get(f"{server.base_url}/health").status_code == 503)
+        refused = httpx.post(f"{server.base_url}/v1/completions", json=LONG)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "service_unavailable"
+        for thread in threads:
+            thread.join(timeout=60)
+        assert server.process.wait(timeout=60) == 0
+    assert results == [{"done": True, "finish_reason": "length", "completion_tokens": 400}] * 3
+
+
+def test_shutdown_timeout_aborts_what_is_left_with_an_error(tiny_llama: Path) -> None:
+    args = ("--kv-cache-memory", "8MiB", "--max-num-seqs", "1", "--shutdown-timeout", "0.2")
+    with run_server(tiny_llama, *args) as server:
+        answers: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda: answers.append(_post_long(server))) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        server.wait_for_metrics(lambda m: m["inferd:num_requests_waiting"] == 1)
+        server.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert server.process.wait(timeout=60) == 0
+        server.wait_for_log("aborting 2 request(s)")
+    assert [a.status_code for a in answers] == [503, 503]
+    assert all("shutting down" in a.json()["error"]["message"] for a in answers)
+
+
+def _post_long(server: ServerProcess) -> httpx.Response:
+    return httpx.post(f"{server.base_url}/v1/completions", json={**LONG, "max_tokens": 450}, timeout=60)
+
+
+async def test_engine_death_answers_500_and_the_server_exits_1(tiny_llama: Path) -> None:
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="8MiB")
+    step = llm.engine.step
+    kill = threading.Event()
+
+    def step_until_killed() -> Any:
+        if kill.is_set():
+            raise EngineProcessDied("the engine core is gone")
+        return step()
+
+    llm.engine.step = step_until_killed  # type: ignore[method-assign]
+    app = create_app(llm)
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    serving = asyncio.ensure_future(serve(server, app.state.frontend, shutdown_timeout_s=5))
+    for _ in range(500):
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        assert (await client.get("/health")).status_code == 200
+        request = asyncio.ensure_future(client.post("/v1/completions", json=LONG))
+        for _ in range(500):
+            if llm.stats().num_running:
+                break
+            await asyncio.sleep(0.01)
+        kill.set()
+        answer = await request
+    assert answer.status_code == 500 and "engine core is gone" in answer.json()["error"]["message"]
+    assert await asyncio.wait_for(serving, timeout=30) == 1
