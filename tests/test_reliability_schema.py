@@ -20,7 +20,7 @@ SCHEMATHESIS_ARGS = (
 )  # fmt: skip
 
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny_llama: Path) -> None:
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny_llama: Path, tmp_path: Path) -> None:
     schemathesis = Path(sys.executable).parent / "st"
     with run_server(tiny_llama, *SERVER_ARGS) as server:
         run = subprocess.run(
@@ -28,6 +28,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny_llama: 
             capture_output=True,
             text=True,
             timeout=300,
+            cwd=tmp_path,  # schemathesis leaves a cache folder where it runs
         )
         assert "Traceback" not in server.log_text()
     report = run.stdout + run.stderr
