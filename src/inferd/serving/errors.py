@@ -17,3 +17,13 @@ class ModelNotFoundError(InferenceError):
 
 class ModelNotReadyError(InferenceError):
     """The model exists but failed to load or cannot serve this request (503 / UNAVAILABLE)."""
+
+
+class ServerOverloadedError(InferenceError):
+    """The model's queue is full: refused at once, retry later (429 + Retry-After / RESOURCE_EXHAUSTED)."""
+
+    retry_after_s = 1
+
+
+class RequestTimedOutError(InferenceError):
+    """The request ran past its timeout and was aborted (408 / DEADLINE_EXCEEDED)."""

@@ -9,7 +9,14 @@ from typing import Any
 
 from inferd.server.kserve.grpc_codec import request_from_proto, response_to_proto
 from inferd.serving.dataplane import DataPlane
-from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from inferd.serving.errors import (
+    InferenceError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    RequestTimedOutError,
+    ServerOverloadedError,
+)
 from inferd.serving.repository import ModelRepository
 
 
@@ -22,6 +29,10 @@ def _status_code(exc: InferenceError) -> Any:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, ModelNotReadyError):
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, ServerOverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, RequestTimedOutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.INTERNAL
 
 

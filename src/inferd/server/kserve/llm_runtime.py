@@ -21,7 +21,14 @@ from inferd.server.frontend import Frontend, IndexedOutput
 from inferd.server.metrics import ServerMetrics, cuda_memory_reader
 from inferd.serving.config import ConfigError, ModelConfig, resolve_artifact
 from inferd.serving.dataplane import TEXT_INPUT, TEXT_OUTPUT
-from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from inferd.serving.errors import (
+    InferenceError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    RequestTimedOutError,
+    ServerOverloadedError,
+)
 from inferd.serving.repository import ModelEntry
 from inferd.serving.runtimes.base import GenerationParams, GenerationResult
 from inferd.serving.runtimes.registry import RuntimeRegistry
@@ -50,8 +57,9 @@ _ERROR_BY_KIND: dict[str, type[InferenceError]] = {
     "invalid_request": InvalidInputError,
     "not_found": ModelNotFoundError,
     "unavailable": ModelNotReadyError,
-    # A full queue: Triton answers UNAVAILABLE (503) too, which clients treat as "retry later".
-    "overloaded": ModelNotReadyError,
+    # A full queue: 429 + Retry-After over REST, RESOURCE_EXHAUSTED over gRPC (both "retry later").
+    "overloaded": ServerOverloadedError,
+    "timeout": RequestTimedOutError,
 }
 
 

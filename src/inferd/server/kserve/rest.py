@@ -12,13 +12,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from inferd.server.errors import ApiError, protocol_route_class
 from inferd.server.kserve.rest_codec import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from inferd.serving.dataplane import DataPlane
-from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from inferd.serving.errors import (
+    InferenceError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    RequestTimedOutError,
+    ServerOverloadedError,
+)
 from inferd.serving.repository import ModelRepository
 
 _STATUS_BY_ERROR: tuple[tuple[type[InferenceError], int], ...] = (
     (InvalidInputError, 400),
     (ModelNotFoundError, 404),
     (ModelNotReadyError, 503),
+    (RequestTimedOutError, 408),
+    (ServerOverloadedError, 429),
 )
 
 
@@ -35,7 +44,10 @@ _STATUS_BY_API_ERROR_KIND = {
 
 def error_response(exc: InferenceError) -> JSONResponse:
     status = next((code for kind, code in _STATUS_BY_ERROR if isinstance(exc, kind)), 500)
-    return JSONResponse({"error": str(exc)}, status_code=status)
+    response = JSONResponse({"error": str(exc)}, status_code=status)
+    if isinstance(exc, ServerOverloadedError):
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
 
 
 def api_error_response(exc: ApiError) -> Response:
