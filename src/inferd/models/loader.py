@@ -32,6 +32,15 @@ def safetensors_files(path: Path) -> list[Path]:
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         files = sorted({path / name for name in weight_map.values()})
+        folder = path.resolve()
+        # The index is data from the folder: a shard name must not lead outside it or to a pickle.
+        outside = [
+            f.name for f in files if not f.resolve().is_relative_to(folder) or f.suffix != ".safetensors"
+        ]
+        if outside:
+            raise ModelLoadError(
+                f"{path}: the index names shards outside the folder or not safetensors: {outside}"
+            )
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ModelLoadError(f"{path}: shards listed in the index are missing: {', '.join(missing)}")
