@@ -24,7 +24,7 @@ from inferd.server.tgi.generation import error_response as tgi_error_response
 
 
 def served_model_name(llm: AsyncLLM, config: ServerConfig) -> str:
-    return config.served_model_name or llm.engine.config.model_path.name
+    return config.served_model_name or llm.config.model_path.name
 
 
 def protocol_routers(frontend: Frontend, config: ServerConfig) -> list[APIRouter]:
@@ -57,7 +57,7 @@ def create_app(
     config = config or ServerConfig()
     registry = CollectorRegistry()
     model_name = served_model_name(llm, config)
-    metrics = ServerMetrics(registry, model_name, llm.stats, cuda_memory_reader(llm.engine.config.device))
+    metrics = ServerMetrics(registry, model_name, llm.stats, cuda_memory_reader(llm.config.device))
     frontend = Frontend(llm, model_name, metrics, config.request_timeout_s)
 
     @asynccontextmanager

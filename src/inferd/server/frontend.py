@@ -77,11 +77,11 @@ class Frontend:
 
     @property
     def vocab_size(self) -> int:
-        return self.llm.engine.config.model.vocab_size
+        return self.llm.config.model.vocab_size
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
-        return self.llm.engine.eos_token_ids
+        return self.llm.eos_token_ids
 
     # -- checks and translation -----------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -92,7 +92,7 @@ class Frontend:
 
     @property
     def max_tokens_cap(self) -> int | None:
-        return self.llm.engine.config.scheduler.max_tokens_cap
+        return self.llm.config.scheduler.max_tokens_cap
 
     def check_alive(self) -> None:
         if self.draining:

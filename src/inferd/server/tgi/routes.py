@@ -41,7 +41,7 @@ def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] 
 
     @router.get("/info")
     async def info() -> Info:
-        config = frontend.llm.engine.config
+        config = frontend.llm.config
         return Info(
             model_id=frontend.model_name,
             model_dtype=config.dtype,
