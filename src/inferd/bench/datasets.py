@@ -170,7 +170,7 @@ def sharegpt_requests(
     pairs = [_first_exchange(entry) for entry in entries]
     usable = [pair for pair in pairs if pair is not None]
     random.Random(seed).shuffle(usable)
-    requests = []
+    requests: list[BenchRequest] = []
     for prompt, reply in usable:
         if len(requests) == num_prompts:
             break

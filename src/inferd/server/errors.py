@@ -7,7 +7,7 @@ turns them, and FastAPI's own request validation errors, into that protocol's er
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
@@ -135,7 +135,7 @@ def protocol_route_class(render: ErrorRenderer) -> type[APIRoute]:
     for that request alone, anything unexpected."""
 
     class ProtocolRoute(APIRoute):
-        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 
             async def handle(request: Request) -> Response:

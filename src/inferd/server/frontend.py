@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -176,7 +176,7 @@ class Frontend:
         params: SamplingParams,
         n: int = 1,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[IndexedOutput]:
+    ) -> AsyncGenerator[IndexedOutput, None]:
         """Outputs of every choice as they come; one engine request per (prompt, sample).
 
         Engine request ids are `<request_id>-<choice index>`. With a seed, sample j of each prompt
@@ -207,7 +207,7 @@ class Frontend:
         token_ids: list[int],
         params: SamplingParams,
         deadline: float | None,
-    ) -> AsyncIterator[IndexedOutput]:
+    ) -> AsyncGenerator[IndexedOutput, None]:
         tracker = _RequestTracker(engine_id, len(token_ids), self.metrics)
         self.num_in_flight += 1
         try:
@@ -290,7 +290,7 @@ def _seconds(value: float | None) -> str:
 _DONE = object()
 
 
-async def _merge(streams: list[AsyncIterator[IndexedOutput]]) -> AsyncIterator[IndexedOutput]:
+async def _merge(streams: list[AsyncGenerator[IndexedOutput, None]]) -> AsyncGenerator[IndexedOutput, None]:
     """Interleave several output streams as their items arrive; closing it closes them all."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
