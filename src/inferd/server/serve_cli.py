@@ -11,6 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from inferd.entrypoints.engine_args import add_engine_args, engine_options
 from inferd.server.config import ServerConfig
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 
@@ -20,20 +21,6 @@ if TYPE_CHECKING:
     from inferd.server.lifecycle import DrainingServer
 
 logger = logging.getLogger("inferd.server")
-
-# Flags passed as they are to `AsyncLLM.from_options` when given.
-_ENGINE_OPTIONS = (
-    "kv_cache_memory",
-    "max_model_len",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "block_size",
-    "dtype",
-    "device",
-    "seed",
-    "max_tokens_cap",
-)
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -94,23 +81,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_BODY_BYTES,
         help=f"refuse larger request bodies with a 413 (default {DEFAULT_MAX_BODY_BYTES})",
     )
-    engine = parser.add_argument_group("engine (unset: the engine's defaults)")
-    engine.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 4GiB")
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--max-num-seqs", type=int, default=None)
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None)
-    engine.add_argument("--block-size", type=int, default=None)
-    engine.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    engine.add_argument("--device", default=None, help="cpu or cuda")
-    engine.add_argument("--no-prefix-caching", action="store_true")
-    engine.add_argument("--seed", type=int, default=None, help="seed of requests that bring none")
+    add_engine_args(parser)
+    parser.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the engine core in its own process (default: on CUDA only)",
+    )
     parser.set_defaults(func=run_serve)
 
 
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = {name: getattr(args, name) for name in _ENGINE_OPTIONS if getattr(args, name) is not None}
-    if args.no_prefix_caching:
-        options["enable_prefix_caching"] = False
+def serve_engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The shared engine flags plus the server's output cap, which the engine enforces."""
+    options = engine_options(args)
+    if args.max_tokens_cap is not None:
+        options["max_tokens_cap"] = args.max_tokens_cap
     return options
 
 
@@ -146,7 +131,9 @@ def load_llm(args: argparse.Namespace) -> AsyncLLM:
 
     limits = QueueLimits(args.max_queued_requests, args.max_queued_tokens)
     model = Path(args.model) if args.model else None
-    return AsyncLLM.from_options(model, queue_limits=limits, **engine_options(args))
+    return AsyncLLM.from_options(
+        model, engine_process=args.engine_process, queue_limits=limits, **serve_engine_options(args)
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
