@@ -84,9 +84,6 @@ class KVCacheManager:
         blocks.extend(new_blocks)
         return True
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return self.pool.num_free >= num_blocks
-
     def cache_computed_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """Register every block that is now full and computed, so later requests can reuse it."""
         if not self.enable_prefix_caching:
