@@ -41,11 +41,13 @@ MAX_TOKENS = (2, 4, 6)
 # the GIL on the CPU) slows to a crawl, and nearly every request is refused.
 REJECTED_PAUSE_S = 0.5
 KINDS = ("completion", "completion_stream", "chat", "chat_stream", "tgi", "tgi_stream")
-# 20 blocks of 16 tokens for up to 32 running requests: preemption is certain; with 64 clients and
-# at most 40 queued, so are 429s.
+# 48 blocks of 4 tokens for up to 32 running requests: admission fills the pool with prompts, and
+# decodes cross a block boundary every 4 tokens, so running requests must preempt each other whatever
+# the machine's speed; with 64 clients and at most 40 queued, 429s are certain too.
 SERVER_ARGS = (
     "--max-model-len", "128",
-    "--kv-cache-memory", "160KiB",
+    "--kv-cache-memory", "96KiB",
+    "--block-size", "4",
     "--max-num-seqs", "32",
     "--max-queued-requests", "40",
 )  # fmt: skip
