@@ -8,13 +8,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import zmq
 
 from inferd.config import EngineConfig
-from inferd.engine.builder import build_engine_config
 from inferd.engine.core import EngineStats
 from inferd.engine.core_process import (
     AbortMsg,
@@ -79,10 +77,6 @@ class ProcessLLMEngine:
         # True from any add/abort until the core reports itself idle, so the caller keeps
         # calling step() and the final stats (blocks freed) are read.
         self._core_busy = False
-
-    @classmethod
-    def from_options(cls, model_path: str | Path | None = None, **options: Any) -> ProcessLLMEngine:
-        return cls(build_engine_config(model_path, **options))
 
     def _wait_ready(self) -> ReadyMsg:
         deadline = time.monotonic() + _READY_TIMEOUT_S

@@ -12,7 +12,7 @@ from inferd.config import EngineConfig, parse_dtype
 from inferd.models.loader import load_model
 from inferd.sample.sampler import Sampler, TokenLogprobs
 from inferd.sched.output import SchedulerOutput
-from inferd.worker.input_batch import build_inputs
+from inferd.worker.input_batch import ModelInputs, build_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        inputs = build_inputs(out, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+        inputs, hidden = self._forward(out)
         if not inputs.sampling_rows:
             return ModelRunnerOutput({}, {})
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
@@ -78,6 +77,10 @@ class ModelRunner:
     @torch.inference_mode()
     def logits_for(self, out: SchedulerOutput) -> torch.Tensor:
         """All-position logits of a step (for checks against a reference implementation)."""
+        return self.model.compute_logits(self._forward(out)[1])
+
+    def _forward(self, out: SchedulerOutput) -> tuple[ModelInputs, torch.Tensor]:
+        """Build the step's tensors once and run the model; returns them with the final hidden states."""
         inputs = build_inputs(out, self.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
-        return self.model.compute_logits(hidden)
+        return inputs, hidden
