@@ -8,6 +8,7 @@ import torch
 
 from inferd.attention.base import AttentionMetadata
 from inferd.sched.output import SchedulerOutput
+from inferd.worker.input_buffers import StepInputBuffers
 
 
 @dataclass(frozen=True)
@@ -19,46 +20,82 @@ class ModelInputs:
     sampling_rows: list[int]  # which scheduled sequences sample this step
 
 
-def build_inputs(out: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
-    input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    query_start = [0]
-    seq_lens: list[int] = []
-    logits_indices: list[int] = []
+def build_inputs(
+    out: SchedulerOutput, block_size: int, buffers: StepInputBuffers, padded_seqs: int | None = None
+) -> ModelInputs:
+    """Write the step into ``buffers`` and copy it to the device in one go.
+
+    ``padded_seqs`` (for a captured decode graph) fills rows past the real sequences as padding:
+    one query token each, no KV write (slot -1), empty context; their outputs are ignored.
+    The returned tensors are views of the device buffer, valid until the next step is built.
+    """
+    h = buffers.host_views
+    ids, pos, slots = h["input_ids"], h["positions"], h["slot_mapping"]
+    query_start, seq_lens, tables = h["query_start_loc"], h["seq_lens"], h["block_tables"]
+    num_seqs = len(out.sequences)
+    num_rows = max(num_seqs, padded_seqs or 0)
+    if num_rows > buffers.max_seqs:
+        raise ValueError(f"{num_rows} sequences in one step; the input buffers hold {buffers.max_seqs}")
+    tables[:num_seqs] = 0  # a row holds this step's table and zeros, never a former one's tail
+
+    query_lens: list[int] = []
+    seq_lens_host: list[int] = []
     sampling_rows: list[int] = []
-    max_blocks = max(len(s.block_table) for s in out.sequences)
-    tables = torch.zeros((len(out.sequences), max_blocks), dtype=torch.int32)
-
+    t = 0
+    query_start[0] = 0
     for row, seq in enumerate(out.sequences):
-        n = seq.num_tokens
-        input_ids.extend(seq.token_ids)
-        span = range(seq.start_pos, seq.start_pos + n)
-        positions.extend(span)
-        table = seq.block_table
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
-        query_start.append(query_start[-1] + n)
-        seq_lens.append(seq.start_pos + n)
-        tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        n, start, table = seq.num_tokens, seq.start_pos, seq.block_table
+        if t + n > buffers.max_tokens or len(table) > buffers.max_blocks_per_seq:
+            raise ValueError("a step exceeds the input buffers (token budget or context length)")
+        tables[row, : len(table)] = table
+        if n == 1:  # decode: scalar writes beat numpy's per-call overhead
+            ids[t] = seq.token_ids[0]
+            pos[t] = start
+            slots[t] = table[start // block_size] * block_size + start % block_size
+        else:
+            ids[t : t + n] = seq.token_ids
+            span = pos[t : t + n]
+            span[:] = range(start, start + n)
+            slots[t : t + n] = tables[row, span // block_size] * block_size + span % block_size
+        t += n
+        query_start[row + 1] = t
+        seq_lens[row] = start + n
+        query_lens.append(n)
+        seq_lens_host.append(start + n)
         if seq.sample:
-            logits_indices.append(query_start[-1] - 1)
+            h["logits_indices"][len(sampling_rows)] = t - 1
             sampling_rows.append(row)
+    write_padding_rows(buffers, num_seqs, num_rows, first_token=t)
+    buffers.copy_to_device(num_rows)
 
-    query_lens = tuple(b - a for a, b in zip(query_start, query_start[1:], strict=False))
+    d = buffers.device_views
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
-        query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(device, non_blocking=True),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
-        block_tables=tables.to(device, non_blocking=True),
+        slot_mapping=d["slot_mapping"][:t],
+        query_start_loc=d["query_start_loc"][: num_seqs + 1],
+        seq_lens=d["seq_lens"][:num_seqs],
+        block_tables=d["block_tables"][:num_seqs],
         max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        query_lens_host=query_lens,
-        seq_lens_host=tuple(seq_lens),
+        max_seq_len=max(seq_lens_host),
+        query_lens_host=tuple(query_lens),
+        seq_lens_host=tuple(seq_lens_host),
     )
     return ModelInputs(
-        input_ids=torch.tensor(input_ids, dtype=torch.long).to(device, non_blocking=True),
-        positions=torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True),
+        input_ids=d["input_ids"][:t],
+        positions=d["positions"][:t],
         meta=meta,
-        logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(device, non_blocking=True),
+        logits_indices=d["logits_indices"][: len(sampling_rows)],
         sampling_rows=sampling_rows,
     )
+
+
+def write_padding_rows(buffers: StepInputBuffers, first_row: int, end_row: int, first_token: int) -> None:
+    """Rows ``first_row..end_row`` become padding: one query token each at ``first_token`` on,
+    token 0 at position 0, KV slot -1 (not written), an empty context and an all-zero table row."""
+    h = buffers.host_views
+    tokens = slice(first_token, first_token + end_row - first_row)
+    h["input_ids"][tokens] = 0
+    h["positions"][tokens] = 0
+    h["slot_mapping"][tokens] = -1
+    h["query_start_loc"][first_row + 1 : end_row + 1] = range(first_token + 1, tokens.stop + 1)
+    h["seq_lens"][first_row:end_row] = 0
+    h["block_tables"][first_row:end_row] = 0

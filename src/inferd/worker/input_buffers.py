@@ -1,0 +1,65 @@
+"""Persistent step-input buffers: one host staging buffer, one device twin, one copy per step.
+
+Every integer a forward pass needs (token ids, positions, KV slots, rows to sample, query starts,
+context lengths, block tables) lives at a fixed offset of one int64 buffer. The runner fills the
+host buffer through numpy, then a single ``copy_`` moves the used prefix to the device. Fixed
+offsets give every region a fixed device address, which is what a captured CUDA graph reads.
+
+The host buffer is pinned on a GPU, so the copy is asynchronous. It is safe to refill it for the
+next step because every step ends with a host sync (the sampled tokens are read back), which the
+copy precedes on the stream. On the CPU the device buffer *is* the host buffer: no copy at all.
+
+Everything is int64 because ``index_copy_`` (the PyTorch backend's KV write) takes only int64
+indices; the Triton kernels read any integer type.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+_Buffer = TypeVar("_Buffer", np.ndarray, torch.Tensor)
+
+
+class StepInputBuffers:
+    """Regions, in order: ids, positions, slots [max_tokens]; logits rows [max_seqs]; query starts
+    [max_seqs + 1]; context lengths [max_seqs]; block tables [max_seqs, max_blocks_per_seq]."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        self.max_tokens = max_tokens
+        self.max_seqs = max_seqs
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.device = device
+        offsets = [0]
+        for size in (max_tokens, max_tokens, max_tokens, max_seqs, max_seqs + 1, max_seqs):
+            offsets.append(offsets[-1] + size)
+        self._offsets = offsets
+        total = offsets[-1] + max_seqs * max_blocks_per_seq
+        on_gpu = device.type == "cuda"
+        self.host = torch.zeros(total, dtype=torch.int64, pin_memory=on_gpu)
+        self.device_buffer = torch.zeros(total, dtype=torch.int64, device=device) if on_gpu else self.host
+        self.np = self.host.numpy()
+        self.host_views = self._views(self.np)
+        self.device_views = self._views(self.device_buffer)
+
+    def _views(self, buffer: _Buffer) -> dict[str, _Buffer]:
+        o = self._offsets
+        tables = buffer[o[6] :]
+        return {
+            "input_ids": buffer[o[0] : o[1]],
+            "positions": buffer[o[1] : o[2]],
+            "slot_mapping": buffer[o[2] : o[3]],
+            "logits_indices": buffer[o[3] : o[4]],
+            "query_start_loc": buffer[o[4] : o[5]],
+            "seq_lens": buffer[o[5] : o[6]],
+            "block_tables": tables.reshape(self.max_seqs, self.max_blocks_per_seq),
+        }
+
+    def copy_to_device(self, num_seq_rows: int) -> None:
+        """Move everything up to the end of the first ``num_seq_rows`` block-table rows."""
+        if self.device_buffer is self.host:
+            return
+        end = self._offsets[6] + num_seq_rows * self.max_blocks_per_seq
+        self.device_buffer[:end].copy_(self.host[:end], non_blocking=True)
