@@ -165,3 +165,5 @@ class EngineConfig:
     seed: int = 0
     # "safetensors" reads the checkpoint; "dummy" keeps the random init (benchmarks of model shapes).
     load_format: str = "safetensors"
+    # Decode steps run as captured CUDA graphs on a GPU unless this is set.
+    enforce_eager: bool = False

@@ -70,6 +70,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         attention_backend=options.pop("attention_backend", None) or "auto",
         seed=options.pop("seed", None) or 0,
         load_format=options.pop("load_format", None) or "safetensors",
+        enforce_eager=bool(options.pop("enforce_eager", False)),
     )
     if config.load_format not in ("safetensors", "dummy"):
         raise ValueError(f"unknown load_format {config.load_format!r}; choose safetensors or dummy")

@@ -31,6 +31,8 @@ class EngineCore:
         self.config = config
         self.runner = runner or ModelRunner(config)
         self.runner.allocate_kv_cache(config.cache.num_blocks)
+        if self.runner.uses_cuda_graphs():
+            self.runner.capture_decode_graphs()
         self.kv = KVCacheManager(
             config.cache.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )

@@ -30,6 +30,7 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
     group.add_argument("--max-num-batched-tokens", type=int, help="token budget per step")
     group.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
     group.add_argument("--attention-backend", choices=["auto", "torch", "triton"], help="attention kernels")
+    group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     if seed_flag:
         group.add_argument("--seed", dest="engine_seed", type=int, help="seed for requests without their own")
 
@@ -39,6 +40,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {name: getattr(args, name) for name in _DIRECT_OPTIONS if getattr(args, name) is not None}
     if getattr(args, "engine_seed", None) is not None:
         options["seed"] = args.engine_seed
+    if args.enforce_eager:
+        options["enforce_eager"] = True
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
     return options

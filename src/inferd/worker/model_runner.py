@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inferd.attention.registry import create_backend
+from inferd.attention.base import AttentionBackend
+from inferd.attention.registry import create_backend, resolve_backend_name
 from inferd.config import EngineConfig, parse_dtype
 from inferd.models.loader import load_model
 from inferd.sample.sampler import Sampler, TokenLogprobs
 from inferd.sched.output import SchedulerOutput
+from inferd.worker.cuda_graphs import CudaGraphCapturer, DecodeGraphs, GraphCapturer, graph_batch_sizes
 from inferd.worker.input_batch import ModelInputs, build_inputs
+from inferd.worker.input_buffers import StepInputBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,14 @@ class ModelRunner:
         self.sampler = Sampler(config.seed)
         self.block_size = config.cache.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        sched = config.scheduler
+        self.buffers = StepInputBuffers(
+            max_tokens=max(sched.max_num_batched_tokens, sched.max_num_seqs),
+            max_seqs=sched.max_num_seqs,
+            max_blocks_per_seq=-(-sched.max_model_len // self.block_size),
+            device=self.device,
+        )
+        self.graphs: DecodeGraphs | None = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.config.model
@@ -52,6 +63,37 @@ class ModelRunner:
             )
             for _ in range(m.num_layers)
         ]
+
+    def uses_cuda_graphs(self) -> bool:
+        """Whether decode steps should run as CUDA graphs (captured by ``capture_decode_graphs``)."""
+        if self.config.enforce_eager or self.device.type != "cuda":
+            return False
+        if resolve_backend_name(self.config.attention_backend, self.config.device) != "triton":
+            logger.info("CUDA graphs need the triton attention backend; decode runs eagerly")
+            return False
+        return True
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, capturer: GraphCapturer | None = None) -> None:
+        """Capture the decode graphs over the allocated KV cache. ``capturer`` defaults to CUDA's."""
+        from inferd.attention import triton_kernels
+        from inferd.attention.triton_backend import TritonAttentionBackend
+
+        sched, m = self.config.scheduler, self.config.model
+
+        def backend_for_size(size: int) -> AttentionBackend:
+            # The split is fixed per graph; it is sized for the longest context the engine allows.
+            splits = triton_kernels.default_num_splits(
+                size, m.num_kv_heads, sched.max_model_len, triton_kernels.num_sms(self.device)
+            )
+            return TritonAttentionBackend(decode_splits=splits)
+
+        graphs = DecodeGraphs(
+            self.model, self.kv_caches, self.buffers, backend_for_size,
+            graph_batch_sizes(sched.max_num_seqs), sched.max_model_len,
+        )  # fmt: skip
+        graphs.capture(capturer or CudaGraphCapturer())
+        self.graphs = graphs
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -81,6 +123,10 @@ class ModelRunner:
 
     def _forward(self, out: SchedulerOutput) -> tuple[ModelInputs, torch.Tensor]:
         """Build the step's tensors once and run the model; returns them with the final hidden states."""
-        inputs = build_inputs(out, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+        graph_size = self.graphs.padded_size(out) if self.graphs is not None else None
+        inputs = build_inputs(out, self.block_size, self.buffers, graph_size)
+        if self.graphs is not None and graph_size is not None:
+            hidden = self.graphs.replay(graph_size)[: inputs.input_ids.shape[0]]
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         return inputs, hidden

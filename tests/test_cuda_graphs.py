@@ -1,0 +1,91 @@
+"""Decode steps through the graph path: padding to the batch-size ladder, static buffers, and
+outputs equal to eager steps. Without a GPU the capture is replaced by a replay that re-runs the
+forward on the same static buffers and copies into one static output, as a graph replay does."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from inferd.engine.request import Request  # noqa: E402
+from inferd.llm import LLM  # noqa: E402
+from inferd.sampling_params import SamplingParams  # noqa: E402
+from inferd.sched.output import ScheduledSequence, SchedulerOutput  # noqa: E402
+from inferd.worker.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs, graph_batch_sizes  # noqa: E402
+
+pytest.importorskip("triton")
+if os.environ["TRITON_INTERPRET"] != "1":
+    pytest.skip("the CPU stand-in for capture needs the Triton interpreter", allow_module_level=True)
+
+
+class StaticReplayCapturer:
+    """Replay = run the captured forward again and copy into the output made at capture."""
+
+    def __init__(self) -> None:
+        self.replayed_sizes: list[int] = []
+
+    def capture(self, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        static = forward()
+
+        def replay() -> torch.Tensor:
+            static.copy_(forward())
+            self.replayed_sizes.append(static.shape[0])
+            return static
+
+        return replay
+
+
+def test_ladder_is_small_sizes_then_multiples_of_eight_up_to_the_limit() -> None:
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(3) == [1, 2, 3]
+    assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert graph_batch_sizes(4096)[-1] == MAX_GRAPH_BATCH
+
+
+def _seq(token_ids: list[int], start: int) -> ScheduledSequence:
+    request = Request("r", token_ids, SamplingParams(), frozenset(), 1)
+    return ScheduledSequence(request, token_ids, start, [0, 1], True)
+
+
+def test_only_pure_decode_steps_within_the_ladder_take_a_graph() -> None:
+    graphs = DecodeGraphs(torch.nn.Identity(), [], None, lambda size: None, [1, 2, 4, 8], 64)  # type: ignore[arg-type]
+    decode = [_seq([5], 10) for _ in range(3)]
+    assert graphs.padded_size(SchedulerOutput(decode, [])) == 4
+    assert graphs.padded_size(SchedulerOutput(decode[:1], [])) == 1
+    assert graphs.padded_size(SchedulerOutput(decode + [_seq([5, 6], 0)], [])) is None
+    assert graphs.padded_size(SchedulerOutput([_seq([5], 10) for _ in range(9)], [])) is None
+
+
+def test_graph_decode_equals_eager_decode(tiny_model_factory) -> None:
+    folder = tiny_model_factory("qwen3")
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 9, 30, 1)]
+    # Different budgets make the batch shrink from 5 sequences to 1 over the run.
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (2, 9, 5, 12, 7)]
+    options = dict(device="cpu", block_size=8, num_kv_blocks=64, max_num_seqs=6, attention_backend="triton")
+
+    eager = LLM(folder, **options)
+    assert eager.engine.core.runner.graphs is None  # no CUDA: the engine never captures by itself
+    expected = [out.token_ids for out in eager.generate(prompts, params)]
+
+    graphed = LLM(folder, **options)
+    runner = graphed.engine.core.runner
+    capturer = StaticReplayCapturer()
+    runner.capture_decode_graphs(capturer)
+    assert runner.graphs is not None and runner.graphs.batch_sizes == [1, 2, 4, 6]
+    assert all(not k.any() and not v.any() for k, v in runner.kv_caches)  # capture wrote no KV
+    got = [out.token_ids for out in graphed.generate(prompts, params)]
+
+    assert got == expected
+    assert len({t for seq in expected for t in seq}) > 3  # the comparison is not vacuous
+    assert {6, 4, 2, 1} <= set(capturer.replayed_sizes)  # 5 -> 6 rows, 4, 3 -> 4, 2, 1
+
+
+def test_enforce_eager_reaches_the_config(tiny_model_factory) -> None:
+    llm = LLM(tiny_model_factory("llama"), device="cpu", enforce_eager=True, num_kv_blocks=16)
+    assert llm.engine.config.enforce_eager
+    assert not llm.engine.core.runner.uses_cuda_graphs()
