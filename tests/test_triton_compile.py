@@ -40,22 +40,41 @@ CASES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
         {"BLOCK_SIZE": 16, "GROUP_P2": 2, "BLOCK_Q": 32, "HEAD_DIM_P2": 128, "BLOCK_N": 64},
     ),
 }  # fmt: skip
+FP32 = "*fp32"
+OP_CASES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
+    "_rms_norm_kernel": ({"x_ptr": BF16, "weight_ptr": BF16, "out_ptr": BF16, "eps": "fp32"}, {"BLOCK": 128}),
+    "_fused_add_rms_norm_kernel": (
+        {"x_ptr": BF16, "residual_ptr": BF16, "weight_ptr": BF16, "out_ptr": BF16, "residual_out_ptr": BF16,
+         "eps": "fp32"},
+        {"BLOCK": 4096},
+    ),
+    "_rotary_kernel": (
+        {"q_ptr": BF16, "k_ptr": BF16, "q_out_ptr": BF16, "k_out_ptr": BF16, "positions_ptr": "*i64",
+         "cos_ptr": FP32, "sin_ptr": FP32},
+        {"HEADS_P2": 16, "KV_HEADS_P2": 8, "HALF_P2": 64},
+    ),
+    "_silu_and_mul_kernel": ({"gate_up_ptr": BF16, "out_ptr": BF16}, {"BLOCK": 1024}),
+}  # fmt: skip
+MODULE_CASES = {"inferd.attention.triton_kernels": CASES, "inferd.layers.triton_ops": OP_CASES}
 
 
 def compile_every_kernel() -> None:
     """Runs in the child process, with the interpreter off."""
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from inferd.attention import triton_kernels
-
-    for name, (types, constexprs) in CASES.items():
-        kernel = getattr(triton_kernels, name)
-        signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
-        assert compiled.asm["cubin"], name
-        print(f"{name}: compiled for sm_90", flush=True)
+    hopper = GPUTarget("cuda", 90, 32)
+    for module_name, cases in MODULE_CASES.items():
+        module = importlib.import_module(module_name)
+        for name, (types, constexprs) in cases.items():
+            kernel = getattr(module, name)
+            signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in kernel.arg_names}
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=hopper)
+            assert compiled.asm["cubin"], name
+            print(f"{name}: compiled for sm_90", flush=True)
 
 
 def test_kernels_compile_for_hopper() -> None:
@@ -65,7 +84,7 @@ def test_kernels_compile_for_hopper() -> None:
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert child.returncode == 0, child.stdout + child.stderr[-6000:]
-    assert child.stdout.count("compiled for sm_90") == len(CASES)
+    assert child.stdout.count("compiled for sm_90") == len(CASES) + len(OP_CASES)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -31,6 +33,40 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
+class RotaryStep(Protocol):
+    """One step's rotation: built once per step from its positions, applied in every layer."""
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q and k ([tokens, heads, dim]) by their positions' angles."""
+        ...
+
+
+@dataclass(frozen=True)
+class GatheredRotary:
+    """The torch path: each token's cos/sin rows, [tokens, 1, dim / 2], gathered once per step."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
+
+
+@dataclass(frozen=True)
+class TritonRotary:
+    """The Triton path: the kernel reads each token's row of the tables itself, so the step
+    needs no gather of its own."""
+
+    positions: torch.Tensor
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from inferd.layers import triton_ops
+
+        return triton_ops.apply_rotary_embedding(q, k, self.positions, self.cos_table, self.sin_table)
+
+
 class RotaryEmbedding(nn.Module):
     """Precomputes cos/sin for every position up to ``max_positions`` (rotate-half convention)."""
 
@@ -43,18 +79,13 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
+        self.use_triton = False
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows of a step's positions, [tokens, 1, dim / 2]; looked up once, used by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k ([tokens, heads, dim]) by their positions' angles."""
-    cos, sin = cos_sin
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def lookup(self, positions: torch.Tensor) -> RotaryStep:
+        """The rotation of a step's positions; looked up once, used by every layer."""
+        if self.use_triton:
+            return TritonRotary(positions, self.cos, self.sin)
+        return GatheredRotary(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,16 @@ q/k RMSNorm (Qwen3), tied embeddings, and rope scaling (Llama 3.1/3.2). Projecti
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
 from inferd.attention.base import AttentionBackend, AttentionMetadata
 from inferd.config import ModelConfig
-from inferd.layers.activation import silu_and_mul
+from inferd.layers.activation import SiluAndMul
 from inferd.layers.norm import RMSNorm
-from inferd.layers.rotary import RotaryEmbedding, apply_rotary
+from inferd.layers.rotary import RotaryEmbedding, RotaryStep
 
 
 class Attention(nn.Module):
@@ -34,7 +36,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rotary: RotaryStep,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
@@ -46,7 +48,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, cos_sin)
+        q, k = rotary.apply(q, k)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -56,9 +58,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -72,13 +75,21 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        residual: torch.Tensor | None,
+        rotary: RotaryStep,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes and returns the residual stream apart from the layer's last output, so each
+        add fuses into the norm after it (``residual`` is None before the first layer)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rotary, kv_cache, meta, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -111,10 +122,24 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
         x = self.model.embed_tokens(input_ids)
-        cos_sin = self.rotary.lookup(positions)
+        residual: torch.Tensor | None = None
+        rotary = self.rotary.lookup(positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, kv_cache, meta, backend)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rotary, kv_cache, meta, backend)
+        if residual is None:  # a model without layers
+            return self.model.norm(x)
+        hidden, _ = self.model.norm(x, residual)
+        return hidden
+
+    def enable_triton_ops(self, enabled: bool) -> None:
+        """Switch every RMSNorm (with its residual add), the rotary embedding and SiLU-and-mul
+        to the Triton kernels of ``layers/triton_ops.py``, or back to torch. Off by default."""
+        if enabled:
+            # Fails here, not in the middle of the first forward, where triton is missing.
+            importlib.import_module("inferd.layers.triton_ops")
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
+                module.use_triton = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

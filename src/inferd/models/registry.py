@@ -26,6 +26,8 @@ class CausalLM(Protocol):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
+    def enable_triton_ops(self, enabled: bool) -> None: ...
+
 
 _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
