@@ -36,3 +36,18 @@ def test_find_stop_only_looks_at_new_text() -> None:
     assert find_stop("abXY", 1, ["XY", "bX"]) == 2  # "bX" was complete before the new "Y"
     assert find_stop("abXY", 2, ["XY", "bX"]) == 1  # earliest match wins
     assert find_stop("abc", 1, []) is None
+
+
+def test_decode_all_equals_the_incremental_text(tokenizer: Tokenizer) -> None:
+    import random
+
+    rng = random.Random(0)
+    vocab = tokenizer.vocab_size
+    texts = [TEXT, " and 🙂🙂 then", "東京"]
+    cases = [tokenizer.encode(t) for t in texts] + [[rng.randrange(vocab) for _ in range(40)] for _ in range(20)]
+    prompt = tokenizer.encode("Hello there")
+    for ids in cases:
+        incremental = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=True)
+        streamed = "".join(incremental.add(i) for i in ids) + incremental.flush()
+        at_once = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=True).decode_all(ids)
+        assert at_once == streamed

@@ -38,6 +38,23 @@ def _sampled(llm: LLM) -> tuple[list[int], str]:
     return out.token_ids, out.text
 
 
+def test_final_only_requests_emit_once_with_the_streamed_text(llm: LLM) -> None:
+    engine = llm.engine
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+    engine.add_request("streamed", "Café au", params)
+    engine.add_request("final", "Café au", params, final_only=True)
+    outputs: dict[str, list] = {"streamed": [], "final": []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    (final,) = outputs["final"]
+    streamed = outputs["streamed"][-1]
+    assert len(outputs["streamed"]) == 12 and final.finished
+    assert final.text == streamed.text == "".join(o.new_text for o in outputs["streamed"])
+    assert final.token_ids == streamed.token_ids and len(final.logprobs) == 12
+    assert final.metrics.first_token_time is not None
+
+
 def test_stop_string_split_across_tokens_is_trimmed(llm: LLM) -> None:
     token_ids, text = _sampled(llm)
     pieces = [llm.tokenizer.decode([t]) for t in token_ids]

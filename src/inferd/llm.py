@@ -45,7 +45,7 @@ class LLM:
         order: dict[str, int] = {}
         for index, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
             request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, final_only=True)
             order[request_id] = index
         results: list[RequestOutput | None] = [None] * len(prompt_list)
         with tqdm(total=len(prompt_list), desc="generate", disable=not use_tqdm, unit="req") as bar:

@@ -38,14 +38,22 @@ class LLMEngine:
         return cls(build_engine_config(model_path, **options))
 
     def add_request(
-        self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        final_only: bool = False,
     ) -> list[int]:
-        """Validate and queue a request; returns its prompt token ids."""
+        """Validate and queue a request; returns its prompt token ids. With ``final_only`` the
+        request's one output comes when it finishes (its text decoded then, in one go)."""
         if request_id in self.output_processor:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = self.inputs.make_request(request_id, prompt, params, arrival_time)
         self.core.add_request(request)
-        self.output_processor.add(request_id, request.prompt_token_ids, params, request.arrival_time)
+        self.output_processor.add(
+            request_id, request.prompt_token_ids, params, request.arrival_time, final_only
+        )
         return request.prompt_token_ids
 
     def step(self) -> list[RequestOutput]:

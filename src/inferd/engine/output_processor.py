@@ -36,6 +36,9 @@ class _RequestState:
     sent_tokens: int = 0
     sent_logprobs: int = 0
     stopped_by_string: bool = False
+    # Only the final output is wanted and no stop string needs the text on the way: the text is
+    # decoded once at the end and nothing is emitted before (the offline API's requests).
+    final_only: bool = False
 
 
 class OutputProcessor:
@@ -46,12 +49,19 @@ class OutputProcessor:
         self._states: dict[str, _RequestState] = {}
 
     def add(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        final_only: bool = False,
     ) -> None:
+        """``final_only``: the caller reads only the finished output (no deltas, no partial text)."""
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
         self._states[request_id] = _RequestState(
-            request_id, prompt_token_ids, params, detok, RequestMetrics(arrival_time)
-        )
+            request_id, prompt_token_ids, params, detok, RequestMetrics(arrival_time),
+            final_only=final_only and not params.stop,
+        )  # fmt: skip
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._states
@@ -68,7 +78,9 @@ class OutputProcessor:
             if state is None:
                 continue  # already finished here (stop string) while the core produced more
             try:
-                result.outputs.append(self._process_one(state, core_out, now, result.stopped))
+                out = self._process_one(state, core_out, now, result.stopped)
+                if out is not None:
+                    result.outputs.append(out)
             except Exception as exc:
                 logger.exception("output processing failed for request %s", state.request_id)
                 self._states.pop(state.request_id, None)
@@ -78,13 +90,15 @@ class OutputProcessor:
 
     def _process_one(
         self, state: _RequestState, core_out: EngineCoreOutput, now: float, stopped: list[str]
-    ) -> RequestOutput:
+    ) -> RequestOutput | None:
         finish_reason = core_out.finish_reason
         if core_out.new_token_id is not None:
             self._add_token(state, core_out, now)
             if finish_reason is None and self._hit_stop_string(state):
                 finish_reason = "stop"
                 stopped.append(state.request_id)
+        if state.final_only and finish_reason is None and core_out.error is None:
+            return None
         out = self._emit(state, finish_reason, now)
         out.error = core_out.error
         return out
@@ -107,7 +121,8 @@ class OutputProcessor:
         state.token_ids.append(core_out.new_token_id)
         if core_out.logprobs is not None:
             state.logprobs.append(core_out.logprobs)
-        state.text += state.detokenizer.add(core_out.new_token_id)
+        if not state.final_only:
+            state.text += state.detokenizer.add(core_out.new_token_id)
 
     def _hit_stop_string(self, state: _RequestState) -> bool:
         stops = state.params.stop
@@ -128,7 +143,9 @@ class OutputProcessor:
     def _emit(self, state: _RequestState, finish_reason: str | None, now: float) -> RequestOutput:
         finished = finish_reason is not None
         if finished:
-            if not state.stopped_by_string:
+            if state.final_only:
+                state.text = state.detokenizer.decode_all(state.token_ids)
+            elif not state.stopped_by_string:
                 state.text += state.detokenizer.flush()
             state.metrics.finished_time = now
             del self._states[state.request_id]
