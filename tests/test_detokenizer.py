@@ -44,7 +44,8 @@ def test_decode_all_equals_the_incremental_text(tokenizer: Tokenizer) -> None:
     rng = random.Random(0)
     vocab = tokenizer.vocab_size
     texts = [TEXT, " and 🙂🙂 then", "東京"]
-    cases = [tokenizer.encode(t) for t in texts] + [[rng.randrange(vocab) for _ in range(40)] for _ in range(20)]
+    random_ids = [[rng.randrange(vocab) for _ in range(40)] for _ in range(20)]
+    cases = [tokenizer.encode(t) for t in texts] + random_ids
     prompt = tokenizer.encode("Hello there")
     for ids in cases:
         incremental = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=True)
