@@ -66,13 +66,14 @@ def test_graph_decode_equals_eager_decode(tiny_model_factory) -> None:
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 9, 30, 1)]
     # Different budgets make the batch shrink from 5 sequences to 1 over the run.
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (2, 9, 5, 12, 7)]
-    options = dict(device="cpu", block_size=8, num_kv_blocks=64, max_num_seqs=6, attention_backend="triton")
+    options = dict(device="cpu", block_size=8, num_kv_blocks=64, max_num_seqs=6)
 
-    eager = LLM(folder, **options)
+    # The reference is all PyTorch; the graphs run the GPU path: Triton attention and Triton ops.
+    eager = LLM(folder, attention_backend="torch", **options)
     assert eager.engine.core.runner.graphs is None  # no CUDA: the engine never captures by itself
     expected = [out.token_ids for out in eager.generate(prompts, params)]
 
-    graphed = LLM(folder, **options)
+    graphed = LLM(folder, attention_backend="triton", triton_ops=True, **options)
     runner = graphed.engine.core.runner
     capturer = StaticReplayCapturer()
     runner.capture_decode_graphs(capturer)
@@ -85,7 +86,16 @@ def test_graph_decode_equals_eager_decode(tiny_model_factory) -> None:
     assert {6, 4, 2, 1} <= set(capturer.replayed_sizes)  # 5 -> 6 rows, 4, 3 -> 4, 2, 1
 
 
-def test_enforce_eager_reaches_the_config(tiny_model_factory) -> None:
-    llm = LLM(tiny_model_factory("llama"), device="cpu", enforce_eager=True, num_kv_blocks=16)
+def test_gpu_switches_reach_the_runner(tiny_model_factory) -> None:
+    from inferd.layers.norm import RMSNorm
+
+    def norms_use_triton(llm: LLM) -> set[bool]:
+        model = llm.engine.core.runner.model
+        return {m.use_triton for m in model.modules() if isinstance(m, RMSNorm)}  # type: ignore[attr-defined]
+
+    folder = tiny_model_factory("llama")
+    llm = LLM(folder, device="cpu", enforce_eager=True, num_kv_blocks=16)
     assert llm.engine.config.enforce_eager
     assert not llm.engine.core.runner.uses_cuda_graphs()
+    assert norms_use_triton(llm) == {False}  # the CPU default
+    assert norms_use_triton(LLM(folder, device="cpu", triton_ops=True, num_kv_blocks=16)) == {True}

@@ -167,3 +167,9 @@ class EngineConfig:
     load_format: str = "safetensors"
     # Decode steps run as captured CUDA graphs on a GPU unless this is set.
     enforce_eager: bool = False
+    # Triton kernels for RMSNorm (+ residual add), rotary and SiLU-and-mul; None: on a GPU only.
+    triton_ops: bool | None = None
+
+    @property
+    def uses_triton_ops(self) -> bool:
+        return self.triton_ops if self.triton_ops is not None else self.device.startswith("cuda")

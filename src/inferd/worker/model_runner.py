@@ -40,6 +40,7 @@ class ModelRunner:
             config.device,
             config.load_format,
         )
+        self.model.enable_triton_ops(config.uses_triton_ops)
         self.backend = create_backend(config.attention_backend, config.device)
         self.sampler = Sampler(config.seed)
         self.block_size = config.cache.block_size
