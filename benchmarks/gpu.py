@@ -28,6 +28,8 @@ import random
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -386,30 +388,144 @@ def device_name(plan: Plan) -> str:
     return torch.cuda.get_device_name() if plan.device == "cuda" else "cpu (smoke)"
 
 
+# Engine variants timed on batch-1 decode: what CUDA graphs and the Triton small ops each give.
+VARIANTS = {
+    "default": {},
+    "eager": {"enforce_eager": True},
+    "eager_torch_ops": {"enforce_eager": True, "triton_ops": False},
+}
+
+
+def attempt(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
+    """Run one part of the benchmark; a failure is recorded under ``name`` and the run goes on,
+    so one broken part never costs the numbers of the others (a device call is precious)."""
+    try:
+        value = fn()
+    except Exception:
+        results[name] = {"error": traceback.format_exc(limit=8)}
+        print(f"{name} FAILED:\n{results[name]['error']}", flush=True)
+        free_device_memory()
+        return None
+    results[name] = value
+    return value
+
+
+def start_engine(
+    folder: Path, plan: Plan, args: argparse.Namespace, options: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """An engine and its start-up facts: build seconds and the CUDA graphs captured."""
+    start = time.perf_counter()
+    llm = inferd_engine(folder, plan, args.backend, {**options, **args.engine_option})
+    _sync()
+    graphs = llm.engine.core.runner.graphs
+    startup = {
+        "build_s": time.perf_counter() - start,
+        "cuda_graphs": graphs is not None,
+        "graph_capture_s": graphs.capture_seconds if graphs is not None else None,
+        "graph_batch_sizes": graphs.batch_sizes if graphs is not None else [],
+        "triton_ops": llm.engine.config.uses_triton_ops,
+    }
+    print("engine start-up:", json.dumps(startup), flush=True)
+    return llm, startup
+
+
+def profile_decode(llm: Any, plan: Plan, batch: int) -> dict[str, Any]:
+    """The kernels (or, on the CPU, ops) that take the most time over a short decode run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from inferd.sampling_params import SamplingParams
+
+    on_gpu = plan.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    prompt_len = min(64, plan.max_prompt_len)
+    prompts = [[(7 * i + j) % plan.token_id_limit for j in range(prompt_len)] for i in range(batch)]
+    params = SamplingParams(max_tokens=min(32, plan.max_output_len), temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True))
+    _sync()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        _sync()
+        wall = time.perf_counter() - start
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total_us = sum(getattr(e, key) for e in events) or 1
+    top = [
+        {
+            "name": e.key[:120],
+            "calls": e.count,
+            "ms": getattr(e, key) / 1e3,
+            "share": getattr(e, key) / total_us,
+        }
+        for e in events[:15]
+    ]
+    print(f"profile, batch {batch} ({'device' if on_gpu else 'cpu'} time):", flush=True)
+    for row in top:
+        print(f"  {row['ms']:9.2f} ms {row['share']:6.1%} x{row['calls']:<6} {row['name']}", flush=True)
+    return {"batch": batch, "wall_s": wall, "busy_ms": total_us / 1e3, "time": key, "top": top}
+
+
 def benchmark_qwen3(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path) -> dict[str, Any]:
     hf_config = shape_config(QWEN3_0_6B, args.smoke)
     folder = write_model_folder(root / "qwen3-0.6b", hf_config)
     shape = model_shape(hf_config, plan.dtype)
-    checks = {**check_kernels(hf_config, plan), "model_forward": check_model_forward(folder, hf_config, plan)}
-    result: dict[str, Any] = {"checks": checks}
-    print("relative error, triton vs torch:", json.dumps(result["checks"]), flush=True)
+    result: dict[str, Any] = {}
+    checks: dict[str, Any] = {}
+    attempt(checks, "kernels", lambda: check_kernels(hf_config, plan))
+    attempt(checks, "model_forward", lambda: check_model_forward(folder, hf_config, plan))
+    result["checks"] = checks
+    print("relative error, triton vs torch:", json.dumps(checks), flush=True)
     prompts, output_lens = nano_vllm_workload(plan)
-    llm = inferd_engine(folder, plan, args.backend, args.engine_option)
-    workload = run_inferd_workload(llm, prompts, output_lens)
-    floor_s = generation_floor_s(shape, [len(p) for p in prompts], output_lens, ceilings)
-    workload["floor_tok_s"] = sum(output_lens) / floor_s
-    workload["fraction_of_floor"] = workload["output_tok_s"] / workload["floor_tok_s"]
-    print("nano-vllm workload, inferd:", json.dumps(workload), flush=True)
-    result["batch1_decode"] = batch1(llm, plan, shape, ceilings)
-    del llm
-    free_device_memory()
+
+    def workload(llm: Any) -> dict[str, float]:
+        measured = run_inferd_workload(llm, prompts, output_lens)
+        floor_s = generation_floor_s(shape, [len(p) for p in prompts], output_lens, ceilings)
+        measured["floor_tok_s"] = sum(output_lens) / floor_s
+        measured["fraction_of_floor"] = measured["output_tok_s"] / measured["floor_tok_s"]
+        print("nano-vllm workload, inferd:", json.dumps(measured), flush=True)
+        return measured
+
+    variants: dict[str, Any] = {}
+    for name, options in VARIANTS.items():
+        if args.smoke:  # on the CPU the small ops run through the Triton interpreter only when asked
+            options = {"triton_ops": True, **options}
+        entry: dict[str, Any] = {"options": options}
+        engine = attempt(entry, "startup", lambda options=options: start_engine(folder, plan, args, options))
+        if engine is not None:
+            llm, entry["startup"] = engine
+            if name == "default":
+                attempt(result, "nano_vllm_inferd", lambda llm=llm: workload(llm))
+            attempt(entry, "batch1_decode", lambda llm=llm: batch1(llm, plan, shape, ceilings))
+            if name == "eager":
+                for batch in (1, min(64, plan.num_seqs)):
+                    profile = lambda llm=llm, batch=batch: profile_decode(llm, plan, batch)  # noqa: E731
+                    attempt(entry, f"profile_batch{batch}", profile)
+            del llm, engine
+            free_device_memory()
+        variants[name] = entry
+        write_partial(args, result | {"variants": variants})
+    result["variants"] = variants
+    result["batch1_decode"] = variants["default"].get("batch1_decode")
+
     if args.skip_transformers:
-        peer = dict(TRANSFORMERS_H200_REFERENCE)
+        peer: Any = dict(TRANSFORMERS_H200_REFERENCE)
     else:
-        peer = run_transformers_workload(hf_config, plan, prompts, output_lens)
+        peer = attempt(
+            result,
+            "transformers_run",
+            lambda: run_transformers_workload(hf_config, plan, prompts, output_lens),
+        )
     print("nano-vllm workload, transformers:", json.dumps(peer), flush=True)
-    workload["ratio_to_transformers"] = workload["output_tok_s"] / peer["output_tok_s"]
-    result["nano_vllm_workload"] = {"inferd": workload, "transformers": peer}
+    ours = result.pop("nano_vllm_inferd", None)
+    if (
+        isinstance(ours, dict)
+        and "output_tok_s" in ours
+        and isinstance(peer, dict)
+        and "output_tok_s" in peer
+    ):
+        ours["ratio_to_transformers"] = ours["output_tok_s"] / peer["output_tok_s"]
+    result["nano_vllm_workload"] = {"inferd": ours, "transformers": peer}
     return result
 
 
@@ -426,14 +542,27 @@ def batch1(llm: Any, plan: Plan, shape: ModelShape, ceilings: Ceilings) -> dict[
 def benchmark_llama8b(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path) -> dict[str, Any]:
     hf_config = shape_config(LLAMA_3_1_8B, args.smoke)
     folder = write_model_folder(root / "llama-3.1-8b", hf_config)
+    shape = model_shape(hf_config, plan.dtype)
     # One sequence needs little KV cache; a small budget keeps the 8B run within an 80 GB card.
-    options = {"max_num_seqs": 1, "kv_cache_memory": "4GiB" if not args.smoke else plan.kv_cache_memory,
-               **args.engine_option}  # fmt: skip
-    llm = inferd_engine(folder, plan, args.backend, options)
-    result = {"batch1_decode": batch1(llm, plan, model_shape(hf_config, plan.dtype), ceilings)}
-    del llm
-    free_device_memory()
-    return result
+    base = {"max_num_seqs": 1, "kv_cache_memory": "4GiB" if not args.smoke else plan.kv_cache_memory}
+    variants: dict[str, Any] = {}
+    for name in ("default", "eager"):
+        entry: dict[str, Any] = {"options": VARIANTS[name]}
+        options = {**base, **VARIANTS[name], **({"triton_ops": True} if args.smoke else {})}
+        engine = attempt(entry, "startup", lambda options=options: start_engine(folder, plan, args, options))
+        if engine is not None:
+            llm, entry["startup"] = engine
+            attempt(entry, "batch1_decode", lambda llm=llm: batch1(llm, plan, shape, ceilings))
+            del llm, engine
+            free_device_memory()
+        variants[name] = entry
+    return {"variants": variants, "batch1_decode": variants["default"].get("batch1_decode")}
+
+
+def write_partial(args: argparse.Namespace, qwen3: dict[str, Any]) -> None:
+    """What is known so far, in case the call runs out of time before the end."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".partial.json").write_text(json.dumps({"qwen3_0.6b": qwen3}, indent=2, default=str))
 
 
 def parse_engine_option(text: str) -> tuple[str, Any]:
@@ -449,12 +578,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--smoke", action="store_true", help="toy shapes on the CPU, to check the script")
     reference = TRANSFORMERS_H200_REFERENCE["output_tok_s"]
-    parser.add_argument("--skip-transformers", action="store_true",
-                        help=f"reuse transformers' H200 figure ({reference} tok/s), not a 215 s run")
+    parser.add_argument(
+        "--skip-transformers",
+        action="store_true",
+        help=f"reuse transformers' H200 figure ({reference} tok/s), not a 215 s run",
+    )
     parser.add_argument("--backend", default="triton", help="attention backend timed: triton or torch")
     parser.add_argument("--kv-cache-memory", default="48GiB", help="KV cache budget per engine")
-    parser.add_argument("--engine-option", type=parse_engine_option, action="append", default=[],
-                        metavar="KEY=VALUE", help="extra inferd engine option, e.g. block_size=32")
+    parser.add_argument(
+        "--engine-option",
+        type=parse_engine_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra inferd engine option, e.g. block_size=32",
+    )
     args = parser.parse_args(argv)
     args.engine_option = dict(args.engine_option)
     return args
@@ -490,16 +628,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    workload = results["qwen3_0.6b"]["nano_vllm_workload"]
-    ours, peer = workload["inferd"], workload["transformers"]
-    print(f"nano-vllm workload (Qwen3-0.6B shape): {ours['output_tok_s']:,.0f} output tok/s, "
-          f"{ours['fraction_of_floor']:.1%} of the {ours['floor_tok_s']:,.0f} floor, "
-          f"{ours['ratio_to_transformers']:.1f}x transformers "
-          f"({peer['output_tok_s']:,.0f} tok/s, {peer['source']})")
+    ours = results["qwen3_0.6b"]["nano_vllm_workload"]["inferd"]
+    peer = results["qwen3_0.6b"]["nano_vllm_workload"]["transformers"]
+    if isinstance(ours, dict) and "output_tok_s" in ours:
+        ratio = ours.get("ratio_to_transformers", float("nan"))
+        peer = peer or {}
+        print(f"nano-vllm workload (Qwen3-0.6B shape): {ours['output_tok_s']:,.0f} output tok/s, "
+              f"{ours['fraction_of_floor']:.1%} of the {ours['floor_tok_s']:,.0f} floor, {ratio:.1f}x "
+              f"transformers ({peer.get('output_tok_s')} tok/s, {peer.get('source')})")  # fmt: skip
+    else:
+        print("nano-vllm workload: FAILED (see the JSON)")
     for name in ("qwen3_0.6b", "llama_3.1_8b"):
-        b1 = results[name]["batch1_decode"]
-        print(f"batch-1 decode, {name}: {b1['decode_tok_s']:,.0f} tok/s, "
-              f"{b1['fraction_of_floor']:.1%} of the {b1['floor_tok_s']:,.0f} floor")
+        for variant, entry in results[name]["variants"].items():
+            b1 = entry.get("batch1_decode")
+            if isinstance(b1, dict) and "decode_tok_s" in b1:
+                print(f"batch-1 decode, {name}, {variant}: {b1['decode_tok_s']:,.0f} tok/s, "
+                      f"{b1['fraction_of_floor']:.1%} of the {b1['floor_tok_s']:,.0f} floor")  # fmt: skip
+            else:
+                print(f"batch-1 decode, {name}, {variant}: FAILED (see the JSON)")
 
 
 if __name__ == "__main__":
