@@ -140,6 +140,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Serves until SIGTERM/SIGINT (exit 0 after the drain) or until the engine dies (exit 1)."""
     import uvicorn
 
+    from inferd.server import event_loop
     from inferd.server.app import create_app
     from inferd.server.lifecycle import CONNECTION_CLOSE_TIMEOUT_S, DrainingServer
 
@@ -158,7 +159,9 @@ def run_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=CONNECTION_CLOSE_TIMEOUT_S,
         )
     )
-    return asyncio.run(_serve(server, app.state.frontend, config, app.state.model_repository, args.grpc_port))
+    return event_loop.run(
+        _serve(server, app.state.frontend, config, app.state.model_repository, args.grpc_port)
+    )
 
 
 def _after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:

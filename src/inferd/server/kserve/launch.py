@@ -7,7 +7,6 @@ serves a repository on its own (`python -m inferd.server.kserve`), e.g. for benc
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from inferd.server import event_loop
 from inferd.server.kserve.grpc_server import start_grpc_server
 from inferd.server.kserve.rest import build_router
 from inferd.server.openai_embeddings import build_embeddings_router
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     metrics_registry = CollectorRegistry()
     repository = open_repository(args.model_repository, metrics_registry)
-    asyncio.run(
+    event_loop.run(
         serve(repository, build_app(repository, metrics_registry), args.host, args.port, args.grpc_port)
     )
     return 0
