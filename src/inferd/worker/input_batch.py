@@ -29,6 +29,7 @@ def build_inputs(
     one query token each, no KV write (slot -1), empty context; their outputs are ignored.
     The returned tensors are views of the device buffer, valid until the next step is built.
     """
+    buffers.wait_until_copied()
     h = buffers.host_views
     ids, pos, slots = h["input_ids"], h["positions"], h["slot_mapping"]
     query_start, seq_lens, tables = h["query_start_loc"], h["seq_lens"], h["block_tables"]
@@ -91,6 +92,7 @@ def build_inputs(
 def write_padding_rows(buffers: StepInputBuffers, first_row: int, end_row: int, first_token: int) -> None:
     """Rows ``first_row..end_row`` become padding: one query token each at ``first_token`` on,
     token 0 at position 0, KV slot -1 (not written), an empty context and an all-zero table row."""
+    buffers.wait_until_copied()
     h = buffers.host_views
     tokens = slice(first_token, first_token + end_row - first_row)
     h["input_ids"][tokens] = 0

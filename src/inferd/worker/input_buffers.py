@@ -5,9 +5,11 @@ context lengths, block tables) lives at a fixed offset of one int64 buffer. The 
 host buffer through numpy, then a single ``copy_`` moves the used prefix to the device. Fixed
 offsets give every region a fixed device address, which is what a captured CUDA graph reads.
 
-The host buffer is pinned on a GPU, so the copy is asynchronous. It is safe to refill it for the
-next step because every step ends with a host sync (the sampled tokens are read back), which the
-copy precedes on the stream. On the CPU the device buffer *is* the host buffer: no copy at all.
+The host buffer is pinned on a GPU, so the copy is asynchronous: the DMA reads the host buffer
+when the stream reaches it, which may be after the next step has started to fill it (a step whose
+sequences are all mid-prompt samples nothing, so nothing syncs). ``wait_until_copied`` blocks on an
+event recorded after the copy; ``build_inputs`` calls it before writing. On the CPU the device
+buffer *is* the host buffer: no copy at all.
 
 Everything is int64 because ``index_copy_`` (the PyTorch backend's KV write) takes only int64
 indices; the Triton kernels read any integer type.
@@ -40,6 +42,7 @@ class StepInputBuffers:
         on_gpu = device.type == "cuda"
         self.host = torch.zeros(total, dtype=torch.int64, pin_memory=on_gpu)
         self.device_buffer = torch.zeros(total, dtype=torch.int64, device=device) if on_gpu else self.host
+        self._copied = torch.cuda.Event() if on_gpu else None
         self.np = self.host.numpy()
         self.host_views = self._views(self.np)
         self.device_views = self._views(self.device_buffer)
@@ -63,3 +66,10 @@ class StepInputBuffers:
             return
         end = self._offsets[6] + num_seq_rows * self.max_blocks_per_seq
         self.device_buffer[:end].copy_(self.host[:end], non_blocking=True)
+        assert self._copied is not None
+        self._copied.record()
+
+    def wait_until_copied(self) -> None:
+        """Block until the last copy has read the host buffer, so it can be written again."""
+        if self._copied is not None:
+            self._copied.synchronize()
