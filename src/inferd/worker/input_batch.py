@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from inferd.attention.base import AttentionMetadata
+from inferd.engine.request import Request
 from inferd.sched.output import SchedulerOutput
 from inferd.worker.input_buffers import StepInputBuffers
 
@@ -20,8 +22,41 @@ class ModelInputs:
     sampling_rows: list[int]  # which scheduled sequences sample this step
 
 
+class BlockTableRows:
+    """numpy copies of the block tables of the last step's sequences.
+
+    Copying a Python list into the table buffer converts it element by element (1.7 ms a step
+    for 256 tables of ~100 blocks, against 0.2 ms from arrays). A table only grows while its
+    request runs, so its array is rebuilt only when its length changes, once per block of tokens.
+    A preempted request is absent from the step that preempts it, which drops its array before
+    it can come back with other blocks. Keys are request objects, held here so they stay unique.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[int, tuple[Request, np.ndarray]] = {}
+
+    def for_step(self, out: SchedulerOutput) -> list[np.ndarray]:
+        rows: dict[int, tuple[Request, np.ndarray]] = {}
+        arrays = []
+        for seq in out.sequences:
+            key = id(seq.request)
+            cached = self._rows.get(key)
+            if cached is not None and len(cached[1]) == len(seq.block_table):
+                array = cached[1]
+            else:
+                array = np.array(seq.block_table, dtype=np.int64)
+            rows[key] = (seq.request, array)
+            arrays.append(array)
+        self._rows = rows
+        return arrays
+
+
 def build_inputs(
-    out: SchedulerOutput, block_size: int, buffers: StepInputBuffers, padded_seqs: int | None = None
+    out: SchedulerOutput,
+    block_size: int,
+    buffers: StepInputBuffers,
+    table_rows: BlockTableRows,
+    padded_seqs: int | None = None,
 ) -> ModelInputs:
     """Write the step into ``buffers`` and copy it to the device in one go.
 
@@ -44,11 +79,11 @@ def build_inputs(
     sampling_rows: list[int] = []
     t = 0
     query_start[0] = 0
-    for row, seq in enumerate(out.sequences):
+    for row, (seq, table_row) in enumerate(zip(out.sequences, table_rows.for_step(out), strict=True)):
         n, start, table = seq.num_tokens, seq.start_pos, seq.block_table
         if t + n > buffers.max_tokens or len(table) > buffers.max_blocks_per_seq:
             raise ValueError("a step exceeds the input buffers (token budget or context length)")
-        tables[row, : len(table)] = table
+        tables[row, : len(table)] = table_row
         if n == 1:  # decode: scalar writes beat numpy's per-call overhead
             ids[t] = seq.token_ids[0]
             pos[t] = start

@@ -14,7 +14,7 @@ from inferd.models.loader import load_model
 from inferd.sample.sampler import Sampler, TokenLogprobs
 from inferd.sched.output import SchedulerOutput
 from inferd.worker.cuda_graphs import CudaGraphCapturer, DecodeGraphs, GraphCapturer, graph_batch_sizes
-from inferd.worker.input_batch import ModelInputs, build_inputs
+from inferd.worker.input_batch import BlockTableRows, ModelInputs, build_inputs
 from inferd.worker.input_buffers import StepInputBuffers
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class ModelRunner:
             max_blocks_per_seq=-(-sched.max_model_len // self.block_size),
             device=self.device,
         )
+        self.table_rows = BlockTableRows()
         self.graphs: DecodeGraphs | None = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -125,7 +126,7 @@ class ModelRunner:
     def _forward(self, out: SchedulerOutput) -> tuple[ModelInputs, torch.Tensor]:
         """Build the step's tensors once and run the model; returns them with the final hidden states."""
         graph_size = self.graphs.padded_size(out) if self.graphs is not None else None
-        inputs = build_inputs(out, self.block_size, self.buffers, graph_size)
+        inputs = build_inputs(out, self.block_size, self.buffers, self.table_rows, graph_size)
         if self.graphs is not None and graph_size is not None:
             hidden = self.graphs.replay(graph_size)[: inputs.input_ids.shape[0]]
         else:
