@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from inferd.engine.outputs import RequestOutput
     from inferd.llm import LLM
 
+
 def workload_for(llm: LLM, args: argparse.Namespace) -> tuple[list[BenchRequest], bool]:
     """The requests as token ids that fit the model's context; the flag says whether any were clipped."""
     config = llm.engine.config

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("inferd.server")
 
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve", help="Serve an LLM over HTTP (OpenAI- and TGI-compatible APIs, Prometheus metrics)."

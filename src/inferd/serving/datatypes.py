@@ -34,4 +34,3 @@ def numpy_dtype(datatype: str) -> np.dtype:
         return _NUMPY_DTYPES[datatype]
     except KeyError:
         raise ValueError(f"unknown datatype {datatype!r}") from None
-
