@@ -124,10 +124,12 @@ def test_metrics_are_labelled_and_prefixed(server: ServerProcess) -> None:
 
 def _metrics_for_unit_test() -> tuple[ServerMetrics, CollectorRegistry]:
     registry = CollectorRegistry()
+    # As a GPU engine reports it (the engine core reads its own process's device memory).
     stats = EngineStats(
-        num_running=1, num_waiting=2, kv_usage=0.5, num_preemptions=3, prefix_queries=10, prefix_hits=4
-    )
-    return ServerMetrics(registry, "m", lambda: stats, gpu_memory_used=lambda: 1234), registry
+        num_running=1, num_waiting=2, kv_usage=0.5, num_preemptions=3, prefix_queries=10, prefix_hits=4,
+        device_memory_bytes=1234,
+    )  # fmt: skip
+    return ServerMetrics(registry, "m", lambda: stats), registry
 
 
 def test_finish_reasons_feed_their_counters() -> None:

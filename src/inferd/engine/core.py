@@ -23,6 +23,9 @@ class EngineStats:
     num_preemptions: int
     prefix_queries: int
     prefix_hits: int
+    # Device memory torch holds in the core's process (reserved: weights, KV cache, graph pools,
+    # cached blocks); None on the CPU. Read here, so it is right when the core is a child process.
+    device_memory_bytes: int | None = None
 
 
 class EngineCore:
@@ -80,4 +83,5 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_queries=self.kv.prefix_queries,
             prefix_hits=self.kv.prefix_hits,
+            device_memory_bytes=self.runner.device_memory_bytes(),
         )

@@ -18,7 +18,7 @@ from inferd.server.config import ServerConfig
 from inferd.server.errors import ApiError
 from inferd.server.frontend import Frontend
 from inferd.server.limits import BodySizeLimit
-from inferd.server.metrics import ServerMetrics, cuda_memory_reader
+from inferd.server.metrics import ServerMetrics
 from inferd.server.openai.common import error_response as openai_error_response
 from inferd.server.tgi.generation import error_response as tgi_error_response
 
@@ -57,7 +57,7 @@ def create_app(
     config = config or ServerConfig()
     registry = CollectorRegistry()
     model_name = served_model_name(llm, config)
-    metrics = ServerMetrics(registry, model_name, llm.stats, cuda_memory_reader(llm.config.device))
+    metrics = ServerMetrics(registry, model_name, llm.stats)
     frontend = Frontend(llm, model_name, metrics, config.request_timeout_s)
 
     @asynccontextmanager

@@ -104,7 +104,6 @@ class ServerMetrics:
         registry: CollectorRegistry,
         model_name: str,
         stats: Callable[[], EngineStats],
-        gpu_memory_used: Callable[[], int] | None = None,
         families: _MetricFamilies | None = None,
     ) -> None:
         self.registry = registry
@@ -124,15 +123,10 @@ class ServerMetrics:
         self.aborted = f.aborted.labels(model_name)
         self.timed_out = f.timed_out.labels(model_name)
         self.rejected = f.rejected.labels(model_name)
-        f.engines.add(model_name, stats, gpu_memory_used)
+        f.engines.add(model_name, stats)
 
-    def for_model(
-        self,
-        model_name: str,
-        stats: Callable[[], EngineStats],
-        gpu_memory_used: Callable[[], int] | None = None,
-    ) -> ServerMetrics:
-        return ServerMetrics(self.registry, model_name, stats, gpu_memory_used, self._families)
+    def for_model(self, model_name: str, stats: Callable[[], EngineStats]) -> ServerMetrics:
+        return ServerMetrics(self.registry, model_name, stats, self._families)
 
     def observe_inter_token(self, gap_s: float) -> None:
         self.inter_token.observe(gap_s)
@@ -163,7 +157,6 @@ class ServerMetrics:
 class _EngineSource:
     model_name: str
     stats: Callable[[], EngineStats]
-    gpu_memory_used: Callable[[], int] | None
 
 
 class _EngineCollector(Collector):
@@ -172,10 +165,8 @@ class _EngineCollector(Collector):
     def __init__(self) -> None:
         self._sources: list[_EngineSource] = []
 
-    def add(
-        self, model_name: str, stats: Callable[[], EngineStats], gpu_memory_used: Callable[[], int] | None
-    ) -> None:
-        self._sources.append(_EngineSource(model_name, stats, gpu_memory_used))
+    def add(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+        self._sources.append(_EngineSource(model_name, stats))
 
     def collect(self) -> Iterator[Metric]:
         snapshots = [(source, source.stats()) for source in self._sources]
@@ -189,14 +180,19 @@ class _EngineCollector(Collector):
             for source, stats in snapshots:
                 gauge.add_metric([source.model_name], getattr(stats, field))
             yield gauge
-        on_gpu = [source for source in self._sources if source.gpu_memory_used is not None]
+        on_gpu = [
+            (source.model_name, stats.device_memory_bytes)
+            for source, stats in snapshots
+            if stats.device_memory_bytes is not None
+        ]
         if on_gpu:
             gauge = GaugeMetricFamily(
-                "inferd:gpu_memory_used_bytes", "Device memory in use by torch.", labels=["model_name"]
+                "inferd:gpu_memory_used_bytes",
+                "Device memory held by the engine's torch allocator (weights, KV cache, CUDA graphs).",
+                labels=["model_name"],
             )
-            for source in on_gpu:
-                assert source.gpu_memory_used is not None
-                gauge.add_metric([source.model_name], source.gpu_memory_used())
+            for model_name, used in on_gpu:
+                gauge.add_metric([model_name], used)
             yield gauge
         counters = (
             ("inferd:num_preemptions", "Requests preempted to free KV blocks.", "num_preemptions"),
@@ -211,12 +207,3 @@ class _EngineCollector(Collector):
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
-
-
-def cuda_memory_reader(device: str) -> Callable[[], int] | None:
-    """A reader of torch's allocated device memory when serving on CUDA, else None."""
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    return lambda: int(torch.cuda.memory_allocated(device))

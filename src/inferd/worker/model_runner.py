@@ -66,6 +66,12 @@ class ModelRunner:
             for _ in range(m.num_layers)
         ]
 
+    def device_memory_bytes(self) -> int | None:
+        """What torch's allocator holds on the GPU (None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        return int(torch.cuda.memory_reserved(self.device))
+
     def uses_cuda_graphs(self) -> bool:
         """Whether decode steps should run as CUDA graphs (captured by ``capture_decode_graphs``)."""
         if self.config.enforce_eager or self.device.type != "cuda":

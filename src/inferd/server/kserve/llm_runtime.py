@@ -18,7 +18,7 @@ from inferd.engine.async_llm import AsyncLLM
 from inferd.sampling_params import SamplingParams
 from inferd.server.errors import ApiError
 from inferd.server.frontend import Frontend, IndexedOutput
-from inferd.server.metrics import ServerMetrics, cuda_memory_reader
+from inferd.server.metrics import ServerMetrics
 from inferd.serving.config import ConfigError, ModelConfig, resolve_artifact
 from inferd.serving.dataplane import TEXT_INPUT, TEXT_OUTPUT
 from inferd.serving.errors import (
@@ -157,7 +157,7 @@ class RepositoryLLMLoader:
             raise ConfigError(f"unknown llm parameter(s) {', '.join(unknown)}; known: {known}")
         logger.info("loading LLM %r from %s", config.name, path)
         llm = AsyncLLM.from_options(path, **config.parameters)
-        metrics = self.metrics.for_model(config.name, llm.stats, cuda_memory_reader(llm.config.device))
+        metrics = self.metrics.for_model(config.name, llm.stats)
         llm.start()
         return RepositoryLLM(Frontend(llm, config.name, metrics))
 
