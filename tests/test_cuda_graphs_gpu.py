@@ -44,3 +44,5 @@ def test_graph_decode_matches_eager_decode_on_cuda(tiny_model_factory) -> None:
     assert {12, 8, 4, 2, 1} <= set(replayed)  # the batch shrank through the ladder
     assert all(g[:8] == e[:8] for g, e in zip(got, expected, strict=True))
     assert sum(g == e for g, e in zip(got, expected, strict=True)) >= len(prompts) - 1
+    memory = graphed.engine.stats().device_memory_bytes  # the /metrics GPU memory gauge's source
+    assert memory is not None and memory >= torch.cuda.memory_allocated()
