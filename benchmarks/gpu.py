@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import gc
 import json
 import os
@@ -404,10 +405,11 @@ def attempt(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
     except Exception:
         results[name] = {"error": traceback.format_exc(limit=8)}
         print(f"{name} FAILED:\n{results[name]['error']}", flush=True)
-        free_device_memory()
-        return None
-    results[name] = value
-    return value
+    else:
+        results[name] = value
+        return value
+    free_device_memory()  # after the except block, whose traceback held the failed frames
+    return None
 
 
 def start_engine(
@@ -505,9 +507,10 @@ def benchmark_qwen3(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, ro
             attempt(entry, "batch1_decode", lambda llm=llm: batch1(llm, plan, shape, ceilings))
             if name == "eager":
                 for batch in (1, min(64, plan.num_seqs)):
-                    profile = lambda llm=llm, batch=batch: profile_decode(llm, plan, batch)  # noqa: E731
+                    profile = functools.partial(profile_decode, llm, plan, batch)
                     attempt(entry, f"profile_batch{batch}", profile)
-            del llm, engine
+                    del profile
+            del llm, engine  # nothing may outlive the loop body holding the engine (48 GiB of KV)
             free_device_memory()
         variants[name] = entry
         write_partial(args, result | {"variants": variants})

@@ -47,8 +47,11 @@ def test_block_table_arrays_are_rebuilt_only_when_a_table_changes_length() -> No
     assert same[0] is first[0]
     grown = rows.for_step(SchedulerOutput([ScheduledSequence(a, [1], 8, [4, 2, 9], True)], []))
     assert grown[0].tolist() == [4, 2, 9]
-    # A step without `a` (preempted) forgets it: back with other blocks of the same count, it is
-    # read afresh.
-    rows.for_step(SchedulerOutput([ScheduledSequence(b, [1], 0, [1], True)], []))
+    # Preempted (even in a step that ran nothing), `a` comes back with other blocks of the same
+    # count: its table is read afresh.
+    a.num_preemptions += 1
     back = rows.for_step(SchedulerOutput([ScheduledSequence(a, [1], 8, [7, 8, 3], True)], []))
     assert back[0].tolist() == [7, 8, 3]
+    # A step without `b` forgets it.
+    rows.for_step(SchedulerOutput([ScheduledSequence(b, [1], 0, [1], True)], []))
+    assert len(rows._rows) == 1

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 BF16 = "*bf16"
 CACHE_POINTERS = {"k_cache_ptr": BF16, "v_cache_ptr": BF16}
-STEP_POINTERS = {"block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32"}
+# The engine passes int64 step tensors (worker/input_buffers.py).
+STEP_POINTERS = {"block_tables_ptr": "*i64", "seq_lens_ptr": "*i64", "query_start_loc_ptr": "*i64"}
 # kernel name -> (pointer and float argument types, constexpr values); other arguments are i32.
 CASES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "_store_kv_kernel": (
@@ -32,7 +33,7 @@ CASES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
         {"BLOCK_SIZE": 16, "GROUP_P2": 16, "HEAD_DIM_P2": 128, "BLOCK_N": 64},
     ),
     "_merge_splits_kernel": (
-        {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": BF16, "query_start_loc_ptr": "*i32"},
+        {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": BF16, "query_start_loc_ptr": "*i64"},
         {"SPLITS_P2": 16, "HEAD_DIM_P2": 128},
     ),
     "_paged_extend_kernel": (

@@ -31,6 +31,9 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Graph capture, events and Triton launches all use the current device.
+            torch.cuda.set_device(self.device)
         self.dtype = parse_dtype(config.dtype)
         self.model = load_model(
             config.model_path,
