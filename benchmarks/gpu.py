@@ -397,9 +397,26 @@ VARIANTS = {
 }
 
 
+class Budget:
+    """The run's wall-clock budget: a part that would start after it is spent is skipped, so the
+    JSON is written before the device call's own time limit ends the process."""
+
+    deadline = float("inf")
+
+    def spent(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+
+BUDGET = Budget()
+
+
 def attempt(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
     """Run one part of the benchmark; a failure is recorded under ``name`` and the run goes on,
     so one broken part never costs the numbers of the others (a device call is precious)."""
+    if BUDGET.spent():
+        results[name] = {"skipped": "the --budget-s time was spent"}
+        print(f"{name} skipped: out of time", flush=True)
+        return None
     try:
         value = fn()
     except Exception:
@@ -468,77 +485,6 @@ def profile_decode(llm: Any, plan: Plan, batch: int) -> dict[str, Any]:
     return {"batch": batch, "wall_s": wall, "busy_ms": total_us / 1e3, "time": key, "top": top}
 
 
-def benchmark_qwen3(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path) -> dict[str, Any]:
-    hf_config = shape_config(QWEN3_0_6B, args.smoke)
-    folder = write_model_folder(root / "qwen3-0.6b", hf_config)
-    shape = model_shape(hf_config, plan.dtype)
-    result: dict[str, Any] = {}
-    checks: dict[str, Any] = {}
-    attempt(checks, "kernels", lambda: check_kernels(hf_config, plan))
-    attempt(checks, "model_forward", lambda: check_model_forward(folder, hf_config, plan))
-    result["checks"] = checks
-    print("relative error, triton vs torch:", json.dumps(checks), flush=True)
-    prompts, output_lens = nano_vllm_workload(plan)
-
-    def workload(llm: Any) -> dict[str, float]:
-        measured = run_inferd_workload(llm, prompts, output_lens)
-        floor_s = generation_floor_s(shape, [len(p) for p in prompts], output_lens, ceilings)
-        measured["floor_tok_s"] = sum(output_lens) / floor_s
-        measured["fraction_of_floor"] = measured["output_tok_s"] / measured["floor_tok_s"]
-        print("nano-vllm workload, inferd:", json.dumps(measured), flush=True)
-        return measured
-
-    variants: dict[str, Any] = {}
-    for name, options in VARIANTS.items():
-        if args.smoke:  # on the CPU the small ops run through the Triton interpreter only when asked
-            options = {"triton_ops": True, **options}
-        entry: dict[str, Any] = {"options": options}
-        startup_key = "startup"
-        engine = attempt(entry, startup_key, lambda opts=options: start_engine(folder, plan, args, opts))
-        if engine is None and name == "default":
-            # Without the workload figure the call is wasted: fall back to eager decode, marked.
-            startup_key = "fallback_startup"
-            eager = {**options, "enforce_eager": True}
-            engine = attempt(entry, startup_key, lambda eager=eager: start_engine(folder, plan, args, eager))
-        if engine is not None:
-            llm, entry[startup_key] = engine
-            if name == "default":
-                attempt(result, "nano_vllm_inferd", lambda llm=llm: workload(llm))
-            attempt(entry, "batch1_decode", lambda llm=llm: batch1(llm, plan, shape, ceilings))
-            if name == "eager":
-                for batch in (1, min(64, plan.num_seqs)):
-                    profile = functools.partial(profile_decode, llm, plan, batch)
-                    attempt(entry, f"profile_batch{batch}", profile)
-                    del profile
-            del llm, engine  # nothing may outlive the loop body holding the engine (48 GiB of KV)
-            free_device_memory()
-        variants[name] = entry
-        write_partial(args, result | {"variants": variants})
-    result["variants"] = variants
-    result["batch1_decode"] = variants["default"].get("batch1_decode")
-
-    if args.skip_transformers:
-        peer: Any = dict(TRANSFORMERS_H200_REFERENCE)
-    else:
-        peer = attempt(
-            result,
-            "transformers_run",
-            lambda: run_transformers_workload(hf_config, plan, prompts, output_lens),
-        )
-    print("nano-vllm workload, transformers:", json.dumps(peer), flush=True)
-    ours = result.pop("nano_vllm_inferd", None)
-    result.pop("transformers_run", None)  # kept below, next to inferd's figure
-    if (
-        isinstance(ours, dict)
-        and "output_tok_s" in ours
-        and isinstance(peer, dict)
-        and "output_tok_s" in peer
-    ):
-        ours["ratio_to_transformers"] = ours["output_tok_s"] / peer["output_tok_s"]
-    result["nano_vllm_workload"] = {"inferd": ours, "transformers": peer}
-    return result
-
-
 def batch1(llm: Any, plan: Plan, shape: ModelShape, ceilings: Ceilings) -> dict[str, float]:
     measured = run_inferd_batch1(llm, plan)
     # Measured from the first token on, so the floor leaves the prefill out too.
@@ -549,30 +495,119 @@ def batch1(llm: Any, plan: Plan, shape: ModelShape, ceilings: Ceilings) -> dict[
     return measured
 
 
-def benchmark_llama8b(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path) -> dict[str, Any]:
-    hf_config = shape_config(LLAMA_3_1_8B, args.smoke)
-    folder = write_model_folder(root / "llama-3.1-8b", hf_config)
-    shape = model_shape(hf_config, plan.dtype)
-    # One sequence needs little KV cache; a small budget keeps the 8B run within an 80 GB card.
-    base = {"max_num_seqs": 1, "kv_cache_memory": "4GiB" if not args.smoke else plan.kv_cache_memory}
-    variants: dict[str, Any] = {}
-    for name in ("default", "eager"):
+class ShapeRun:
+    """Everything timed on one model shape; variants run in the order ``main`` asks for them."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        plan: Plan,
+        ceilings: Ceilings,
+        folder: Path,
+        hf_config: dict[str, Any],
+        base_options: dict[str, Any],
+    ) -> None:
+        self.args, self.plan, self.ceilings = args, plan, ceilings
+        self.hf_config = hf_config
+        self.folder = write_model_folder(folder, hf_config)
+        self.shape = model_shape(hf_config, plan.dtype)
+        # On the CPU the small ops run (through the Triton interpreter) only when asked.
+        self.base_options = {**base_options, **({"triton_ops": True} if args.smoke else {})}
+        self.result: dict[str, Any] = {"variants": {}}
+
+    def variant(self, name: str, workload: bool = False, profile: bool = False) -> None:
         entry: dict[str, Any] = {"options": VARIANTS[name]}
-        options = {**base, **VARIANTS[name], **({"triton_ops": True} if args.smoke else {})}
-        engine = attempt(entry, "startup", lambda options=options: start_engine(folder, plan, args, options))
-        if engine is not None:
-            llm, entry["startup"] = engine
-            attempt(entry, "batch1_decode", lambda llm=llm: batch1(llm, plan, shape, ceilings))
-            del llm, engine
-            free_device_memory()
-        variants[name] = entry
-    return {"variants": variants, "batch1_decode": variants["default"].get("batch1_decode")}
+        self.result["variants"][name] = entry
+        options = {**self.base_options, **VARIANTS[name]}
+        key = "startup"
+        engine = attempt(entry, key, lambda: start_engine(self.folder, self.plan, self.args, options))
+        if engine is None and workload:
+            # Without the workload figure the call is wasted: fall back to eager decode, marked.
+            key = "fallback_startup"
+            eager = {**options, "enforce_eager": True}
+            engine = attempt(entry, key, lambda: start_engine(self.folder, self.plan, self.args, eager))
+        if engine is None:
+            return
+        llm, entry[key] = engine
+        del engine
+        if workload:
+            attempt(self.result, "nano_vllm_inferd", functools.partial(self._workload, llm))
+        attempt(entry, "batch1_decode", functools.partial(batch1, llm, self.plan, self.shape, self.ceilings))
+        if profile:
+            for batch in (1, min(64, self.plan.num_seqs)):
+                attempt(
+                    entry, f"profile_batch{batch}", functools.partial(profile_decode, llm, self.plan, batch)
+                )
+        del llm  # nothing else may hold the engine (48 GiB of KV) into the next variant
+        free_device_memory()
+        if name == "default":
+            self.result["batch1_decode"] = entry.get("batch1_decode")
+
+    def _workload(self, llm: Any) -> dict[str, float]:
+        prompts, output_lens = nano_vllm_workload(self.plan)
+        measured = run_inferd_workload(llm, prompts, output_lens)
+        floor_s = generation_floor_s(self.shape, [len(p) for p in prompts], output_lens, self.ceilings)
+        measured["floor_tok_s"] = sum(output_lens) / floor_s
+        measured["fraction_of_floor"] = measured["output_tok_s"] / measured["floor_tok_s"]
+        print("nano-vllm workload, inferd:", json.dumps(measured), flush=True)
+        return measured
+
+    def checks(self) -> None:
+        checks: dict[str, Any] = {}
+        attempt(checks, "kernels", lambda: check_kernels(self.hf_config, self.plan))
+        attempt(checks, "model_forward", lambda: check_model_forward(self.folder, self.hf_config, self.plan))
+        self.result["checks"] = checks
+        print("relative error, triton vs torch:", json.dumps(checks), flush=True)
+
+    def compare_with_transformers(self) -> None:
+        """transformers' figure on the workload (this run's or the committed one) and the ratio."""
+        if self.args.skip_transformers:
+            peer: Any = dict(TRANSFORMERS_H200_REFERENCE)
+        else:
+            prompts, output_lens = nano_vllm_workload(self.plan)
+            run = functools.partial(
+                run_transformers_workload, self.hf_config, self.plan, prompts, output_lens
+            )
+            holder: dict[str, Any] = {}
+            peer = attempt(holder, "transformers", run) or holder["transformers"]
+        print("nano-vllm workload, transformers:", json.dumps(peer), flush=True)
+        ours = self.result.pop("nano_vllm_inferd", None)
+        if isinstance(ours, dict) and "output_tok_s" in ours and "output_tok_s" in peer:
+            ours["ratio_to_transformers"] = ours["output_tok_s"] / peer["output_tok_s"]
+        self.result["nano_vllm_workload"] = {"inferd": ours, "transformers": peer}
 
 
-def write_partial(args: argparse.Namespace, qwen3: dict[str, Any]) -> None:
+def write_partial(args: argparse.Namespace, runs: dict[str, ShapeRun]) -> None:
     """What is known so far, in case the call runs out of time before the end."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".partial.json").write_text(json.dumps({"qwen3_0.6b": qwen3}, indent=2, default=str))
+    partial = {name: run.result for name, run in runs.items()}
+    args.out.with_suffix(".partial.json").write_text(json.dumps(partial, indent=2, default=str))
+
+
+def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path) -> dict[str, ShapeRun]:
+    """The target figures first (workload, batch-1 with graphs on both shapes), then the variants
+    that explain them, so a short budget loses the explanations, not the targets."""
+    qwen = ShapeRun(args, plan, ceilings, root / "qwen3-0.6b", shape_config(QWEN3_0_6B, args.smoke), {})
+    # One sequence needs little KV cache; a small budget keeps the 8B run within an 80 GB card.
+    llama_kv = "4GiB" if not args.smoke else plan.kv_cache_memory
+    llama = ShapeRun(
+        args, plan, ceilings, root / "llama-3.1-8b", shape_config(LLAMA_3_1_8B, args.smoke),
+        {"max_num_seqs": 1, "kv_cache_memory": llama_kv},
+    )  # fmt: skip
+    runs = {"qwen3_0.6b": qwen, "llama_3.1_8b": llama}
+    steps: list[Callable[[], None]] = [
+        qwen.checks,
+        functools.partial(qwen.variant, "default", workload=True),
+        functools.partial(llama.variant, "default"),
+        functools.partial(qwen.variant, "eager", profile=True),
+        functools.partial(qwen.variant, "eager_torch_ops"),
+        functools.partial(llama.variant, "eager"),
+        qwen.compare_with_transformers,
+    ]
+    for step in steps:
+        step()
+        write_partial(args, runs)
+    return runs
 
 
 def parse_engine_option(text: str) -> tuple[str, Any]:
@@ -596,6 +631,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", default="triton", help="attention backend timed: triton or torch")
     parser.add_argument("--kv-cache-memory", default="48GiB", help="KV cache budget per engine")
     parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="parts that would start after this many seconds are skipped (results kept)",
+    )
+    parser.add_argument(
         "--engine-option",
         type=parse_engine_option,
         action="append",
@@ -612,12 +653,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = Plan.for_args(args)
     started = time.perf_counter()
+    BUDGET.deadline = started + args.budget_s
     ceilings = measure_ceilings(plan)
     print(f"device {device_name(plan)}: copy {ceilings.bandwidth_bytes_s / 1e9:.0f} GB/s, "
           f"matmul {ceilings.matmul_flops_s / 1e12:.2f} TFLOP/s", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        qwen3 = benchmark_qwen3(args, plan, ceilings, Path(tmp))
-        llama = benchmark_llama8b(args, plan, ceilings, Path(tmp))
+        runs = run_all(args, plan, ceilings, Path(tmp))
     results = {
         "device": device_name(plan),
         "torch": torch.__version__,
@@ -626,8 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         "attention_backend": args.backend,
         "engine_options": args.engine_option,
         "ceilings": asdict(ceilings),
-        "qwen3_0.6b": qwen3,
-        "llama_3.1_8b": llama,
+        **{name: run.result for name, run in runs.items()},
         "wall_seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -647,7 +687,7 @@ def print_summary(results: dict[str, Any]) -> None:
               f"{ours['fraction_of_floor']:.1%} of the {ours['floor_tok_s']:,.0f} floor, {ratio:.1f}x "
               f"transformers ({peer.get('output_tok_s')} tok/s, {peer.get('source')})")  # fmt: skip
     else:
-        print("nano-vllm workload: FAILED (see the JSON)")
+        print("nano-vllm workload: not measured (failed or out of time; see the JSON)")
     for name in ("qwen3_0.6b", "llama_3.1_8b"):
         for variant, entry in results[name]["variants"].items():
             b1 = entry.get("batch1_decode")
@@ -655,7 +695,7 @@ def print_summary(results: dict[str, Any]) -> None:
                 print(f"batch-1 decode, {name}, {variant}: {b1['decode_tok_s']:,.0f} tok/s, "
                       f"{b1['fraction_of_floor']:.1%} of the {b1['floor_tok_s']:,.0f} floor")  # fmt: skip
             else:
-                print(f"batch-1 decode, {name}, {variant}: FAILED (see the JSON)")
+                print(f"batch-1 decode, {name}, {variant}: not measured (see the JSON)")
 
 
 if __name__ == "__main__":
