@@ -7,25 +7,16 @@ Runs on the CPU through the Triton interpreter (set before triton is first impor
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from triton_device import DEVICE, INTERPRETED  # before triton is imported: interpreted or compiled
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from inferd.attention import triton_kernels
+from inferd.attention.base import AttentionMetadata
+from inferd.attention.triton_backend import TritonAttentionBackend
 
-from inferd.attention.base import AttentionMetadata  # noqa: E402
-
-pytest.importorskip("triton")
-
-from inferd.attention import triton_kernels  # noqa: E402
-from inferd.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-
-INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
-if not INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("compiled Triton kernels need a CUDA device", allow_module_level=True)
-DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
 # Compiled fp32 dots run in tf32 on NVIDIA GPUs; half precision rounds P before P @ V.
 TOLERANCE = {torch.float32: 2e-5 if INTERPRETED else 1e-2, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 

@@ -6,31 +6,22 @@ Runs on the CPU through the Triton interpreter (set before triton is first impor
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from triton_device import DEVICE  # before triton is imported: interpreted or compiled
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from inferd import LLM, SamplingParams
+from inferd.config import RopeConfig
+from inferd.engine.request import Request
+from inferd.layers import triton_ops
+from inferd.layers.activation import silu_and_mul
+from inferd.layers.norm import RMSNorm
+from inferd.layers.rotary import RotaryEmbedding
 
-from inferd import LLM, SamplingParams  # noqa: E402
-from inferd.config import RopeConfig  # noqa: E402
-from inferd.engine.request import Request  # noqa: E402
-from inferd.layers.activation import silu_and_mul  # noqa: E402
-from inferd.layers.norm import RMSNorm  # noqa: E402
-from inferd.layers.rotary import RotaryEmbedding  # noqa: E402
-
-pytest.importorskip("triton")
-
-from inferd.layers import triton_ops  # noqa: E402
-
-INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
-if not INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("compiled Triton kernels need a CUDA device", allow_module_level=True)
-DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
 DTYPES = [torch.float32, torch.float16]
 EPS = 1e-6
 
