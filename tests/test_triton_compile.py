@@ -42,6 +42,11 @@ CASES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     ),
 }  # fmt: skip
 FP32 = "*fp32"
+ROTARY_POINTERS = {
+    "q_ptr": BF16, "k_ptr": BF16, "q_out_ptr": BF16, "k_out_ptr": BF16, "positions_ptr": "*i64",
+    "cos_ptr": FP32, "sin_ptr": FP32, "q_norm_weight_ptr": BF16, "k_norm_weight_ptr": BF16, "eps": "fp32",
+}  # fmt: skip
+ROTARY_TILES = {"HEADS_P2": 16, "KV_HEADS_P2": 8, "HALF_P2": 64}
 OP_CASES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "_rms_norm_kernel": ({"x_ptr": BF16, "weight_ptr": BF16, "out_ptr": BF16, "eps": "fp32"}, {"BLOCK": 128}),
     "_fused_add_rms_norm_kernel": (
@@ -49,11 +54,9 @@ OP_CASES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
          "eps": "fp32"},
         {"BLOCK": 4096},
     ),
-    "_rotary_kernel": (
-        {"q_ptr": BF16, "k_ptr": BF16, "q_out_ptr": BF16, "k_out_ptr": BF16, "positions_ptr": "*i64",
-         "cos_ptr": FP32, "sin_ptr": FP32},
-        {"HEADS_P2": 16, "KV_HEADS_P2": 8, "HALF_P2": 64},
-    ),
+    # "kernel:variant" compiles one kernel under several constexpr settings.
+    "_rotary_kernel:plain": (ROTARY_POINTERS, {**ROTARY_TILES, "NORM": False}),
+    "_rotary_kernel:qk_norm": (ROTARY_POINTERS, {**ROTARY_TILES, "NORM": True}),
     "_silu_and_mul_kernel": ({"gate_up_ptr": BF16, "out_ptr": BF16}, {"BLOCK": 1024}),
 }  # fmt: skip
 MODULE_CASES = {"inferd.attention.triton_kernels": CASES, "inferd.layers.triton_ops": OP_CASES}
@@ -71,7 +74,7 @@ def compile_every_kernel() -> None:
     for module_name, cases in MODULE_CASES.items():
         module = importlib.import_module(module_name)
         for name, (types, constexprs) in cases.items():
-            kernel = getattr(module, name)
+            kernel = getattr(module, name.partition(":")[0])
             signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in kernel.arg_names}
             compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=hopper)
             assert compiled.asm["cubin"], name

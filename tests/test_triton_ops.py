@@ -112,6 +112,22 @@ def test_rotary_on_split_views_matches_torch(dtype: torch.dtype, rope: RopeConfi
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_fused_into_rotary_matches_norm_then_rotary(dtype: torch.dtype) -> None:
+    q, k, _ = split_qkv(tokens=7, heads=6, kv_heads=2, head_dim=12, dtype=dtype)
+    q_norm, k_norm = torch_norm(12, dtype), torch_norm(12, dtype)
+    with torch.no_grad():
+        k_norm.weight.mul_(0.5)  # the two norms have their own weights
+    rotary = RotaryEmbedding(12, max_positions=64, rope=RopeConfig(theta=10000.0)).to(DEVICE)
+    positions = torch.tensor([0, 1, 2, 63, 5, 17, 40], device=DEVICE)
+    expected_q, expected_k = rotary.lookup(positions).apply(q_norm(q), k_norm(k))
+    rotary.use_triton = True
+    out_q, out_k = rotary.lookup(positions).apply_normed(q, k, q_norm, k_norm)
+    torch.testing.assert_close(out_q, expected_q)
+    torch.testing.assert_close(out_k, expected_k)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 2 * 36), (2, 3, 2 * 20), (2, 2 * 1100)])
 def test_silu_and_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     gate_up = randn(*shape, dtype=dtype) * 4  # reach both tails of SiLU
@@ -163,7 +179,7 @@ def test_model_with_triton_ops_matches_torch_path(tiny_model_factory, monkeypatc
     model.enable_triton_ops(True)
     triton_logits = core.runner.logits_for(step)
     layers = llm.engine.config.model.num_layers
-    assert calls["rms_norm"] == 1 + (2 * layers if arch == "qwen3" else 0)  # first norm (+ q/k norms)
+    assert calls["rms_norm"] == 1  # the first norm; Qwen3's q/k norms run inside the rotary kernel
     assert calls["fused_add_rms_norm"] == 2 * layers  # every later norm, the final one included
     assert calls["apply_rotary_embedding"] == calls["silu_and_mul"] == layers
     assert (triton_logits - torch_logits).abs().max().item() < 1e-5

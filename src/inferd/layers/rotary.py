@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from inferd.config import RopeConfig
+from inferd.layers.norm import RMSNorm
 
 
 def inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -40,6 +41,12 @@ class RotaryStep(Protocol):
         """Rotate q and k ([tokens, heads, dim]) by their positions' angles."""
         ...
 
+    def apply_normed(
+        self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head RMSNorm of q and k (Qwen3), then the rotation."""
+        ...
+
 
 @dataclass(frozen=True)
 class GatheredRotary:
@@ -50,6 +57,11 @@ class GatheredRotary:
 
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
+
+    def apply_normed(
+        self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(q_norm(q), k_norm(k))
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,18 @@ class TritonRotary:
         from inferd.layers import triton_ops
 
         return triton_ops.apply_rotary_embedding(q, k, self.positions, self.cos_table, self.sin_table)
+
+    def apply_normed(
+        self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One kernel for both norms and the rotation: two launches fewer per layer. Both norms
+        come from the model's one ``rms_norm_eps``."""
+        from inferd.layers import triton_ops
+
+        weights = (q_norm.weight, k_norm.weight, q_norm.eps)
+        return triton_ops.apply_rotary_embedding(
+            q, k, self.positions, self.cos_table, self.sin_table, qk_norm=weights
+        )
 
 
 class RotaryEmbedding(nn.Module):

@@ -99,6 +99,7 @@ def _fused_add_rms_norm_kernel(
 def _rotate_heads(
     src_ptr,
     dst_ptr,
+    norm_weight_ptr,
     stride_src_head,
     stride_dst_head,
     num_heads,
@@ -107,14 +108,31 @@ def _rotate_heads(
     dims,
     dim_mask,
     half_dim,
+    eps,
     HEADS_P2: tl.constexpr,
+    NORM: tl.constexpr,
 ):
-    """Rotate-half rotation of all heads of one token: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]``."""
+    """Rotate-half rotation of all heads of one token: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]``.
+
+    With ``NORM``, each head is first RMS-normalized over its ``2 * half_dim`` values and scaled by
+    ``norm_weight`` (Qwen3's q/k norm), rounded where the torch layers round: the normalized head
+    to the input dtype, then its product with the weight.
+    """
     heads = tl.arange(0, HEADS_P2)[:, None]
     mask = (heads < num_heads) & dim_mask[None, :]
     src = src_ptr + heads * stride_src_head + dims[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half_dim, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + half_dim, mask=mask, other=0.0)
+    if NORM:
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        mean_square = (tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / (2 * half_dim)
+        scale = tl.rsqrt(mean_square + eps)[:, None]
+        w1 = tl.load(norm_weight_ptr + dims, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(norm_weight_ptr + half_dim + dims, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
+        x1 = (w1 * (a * scale).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+        x2 = (w2 * (b * scale).to(x2.dtype).to(tl.float32)).to(x2.dtype)
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
     dst = dst_ptr + heads * stride_dst_head + dims[None, :]
     out_ty = dst_ptr.dtype.element_ty
     tl.store(dst, (x1 * cos - x2 * sin).to(out_ty), mask=mask)
@@ -130,6 +148,8 @@ def _rotary_kernel(
     positions_ptr,
     cos_ptr,
     sin_ptr,
+    q_norm_weight_ptr,
+    k_norm_weight_ptr,
     stride_q_tok,
     stride_q_head,
     stride_k_tok,
@@ -143,11 +163,14 @@ def _rotary_kernel(
     num_heads,
     num_kv_heads,
     half_dim,
+    eps,
     HEADS_P2: tl.constexpr,
     KV_HEADS_P2: tl.constexpr,
     HALF_P2: tl.constexpr,
+    NORM: tl.constexpr,
 ):
-    """One program per token: looks up its position's cos/sin row once, rotates q and k."""
+    """One program per token: looks up its position's cos/sin row once, rotates q and k (after
+    their per-head norms, with ``NORM``)."""
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     dims = tl.arange(0, HALF_P2)
@@ -155,12 +178,14 @@ def _rotary_kernel(
     cos = tl.load(cos_ptr + pos * stride_cos_pos + dims, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + pos * stride_sin_pos + dims, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
     _rotate_heads(
-        q_ptr + tok * stride_q_tok, q_out_ptr + tok * stride_qo_tok, stride_q_head, stride_qo_head,
-        num_heads, cos, sin, dims, dim_mask, half_dim, HEADS_P2,
+        q_ptr + tok * stride_q_tok, q_out_ptr + tok * stride_qo_tok, q_norm_weight_ptr,
+        stride_q_head, stride_qo_head, num_heads, cos, sin, dims, dim_mask, half_dim, eps,
+        HEADS_P2, NORM,
     )  # fmt: skip
     _rotate_heads(
-        k_ptr + tok * stride_k_tok, k_out_ptr + tok * stride_ko_tok, stride_k_head, stride_ko_head,
-        num_kv_heads, cos, sin, dims, dim_mask, half_dim, KV_HEADS_P2,
+        k_ptr + tok * stride_k_tok, k_out_ptr + tok * stride_ko_tok, k_norm_weight_ptr,
+        stride_k_head, stride_ko_head, num_kv_heads, cos, sin, dims, dim_mask, half_dim, eps,
+        KV_HEADS_P2, NORM,
     )  # fmt: skip
 
 
@@ -269,12 +294,15 @@ def apply_rotary_embedding(
     positions: torch.Tensor,
     cos_table: torch.Tensor,
     sin_table: torch.Tensor,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half rotary embedding of ``q`` ``[tokens, heads, dim]`` and ``k``
     ``[tokens, kv_heads, dim]`` by the angles of ``positions`` ``[tokens]``.
 
     ``cos_table``/``sin_table`` are ``[max_positions, dim / 2]`` (float32); q and k may be strided
     views (e.g. split from the fused qkv output). Returns new contiguous tensors, computed in float32.
+    ``qk_norm`` = ``(q_weight, k_weight, eps)`` RMS-normalizes every head first (Qwen3's q/k norm),
+    in the same pass; the weights must have q's dtype, as the model's do.
     """
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be [tokens, heads, dim]")
@@ -285,18 +313,24 @@ def apply_rotary_embedding(
         raise ValueError(f"cos/sin tables {tuple(cos_table.shape)} do not fit head dim {q.shape[2]}")
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     cos_table, sin_table = _last_dim_contiguous(cos_table), _last_dim_contiguous(sin_table)
+    q_weight, k_weight, eps = qk_norm if qk_norm is not None else (q, k, 0.0)  # weights unread without
+    if qk_norm is not None:
+        for weight in (q_weight, k_weight):
+            if weight.shape != (q.shape[2],) or weight.dtype != q.dtype:
+                raise ValueError(f"q/k norm weight {tuple(weight.shape)} {weight.dtype} does not fit q")
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty_like(k)
     if q.shape[0] == 0:
         return q_out, k_out
     _rotary_kernel[(q.shape[0],)](
-        q, k, q_out, k_out, positions, cos_table, sin_table,
+        q, k, q_out, k_out, positions, cos_table, sin_table, q_weight, k_weight,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         cos_table.stride(0), sin_table.stride(0),
-        q.shape[1], k.shape[1], half_dim,
+        q.shape[1], k.shape[1], half_dim, eps,
         HEADS_P2=triton.next_power_of_2(q.shape[1]),
         KV_HEADS_P2=triton.next_power_of_2(k.shape[1]),
         HALF_P2=triton.next_power_of_2(half_dim),
+        NORM=qk_norm is not None,
     )  # fmt: skip
     return q_out, k_out
 
