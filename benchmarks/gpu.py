@@ -519,29 +519,50 @@ class ShapeRun:
         entry: dict[str, Any] = {"options": VARIANTS[name]}
         self.result["variants"][name] = entry
         options = {**self.base_options, **VARIANTS[name]}
-        key = "startup"
-        engine = attempt(entry, key, lambda: start_engine(self.folder, self.plan, self.args, options))
-        if engine is None and workload:
-            # Without the workload figure the call is wasted: fall back to eager decode, marked.
-            key = "fallback_startup"
+        self._measure(entry, "startup", options, workload, profile)
+        failed = [entry.get("startup", {}), self.result.get("nano_vllm_inferd", {})]
+        if workload and any("error" in part for part in failed):
+            # Without the workload figure the call is wasted: once more on an eager engine, marked.
+            if "error" in self.result.get("nano_vllm_inferd", {}):
+                entry["workload_error"] = self.result.pop("nano_vllm_inferd")
             eager = {**options, "enforce_eager": True}
-            engine = attempt(entry, key, lambda: start_engine(self.folder, self.plan, self.args, eager))
+            self._measure(entry, "fallback_startup", eager, workload, profile, label="eager fallback")
+        if name == "default":
+            self.result["batch1_decode"] = entry.get("batch1_decode")
+
+    def _measure(
+        self,
+        entry: dict[str, Any],
+        startup_key: str,
+        options: dict[str, Any],
+        workload: bool,
+        profile: bool,
+        label: str | None = None,
+    ) -> None:
+        """Start an engine, take its figures, release it. If the workload fails, the engine is
+        dropped at once: it may hold half-done requests that would run inside the next figure."""
+        engine = attempt(entry, startup_key, lambda: start_engine(self.folder, self.plan, self.args, options))
         if engine is None:
             return
-        llm, entry[key] = engine
+        llm, entry[startup_key] = engine
         del engine
+        ok = True
         if workload:
-            attempt(self.result, "nano_vllm_inferd", functools.partial(self._workload, llm))
-        attempt(entry, "batch1_decode", functools.partial(batch1, llm, self.plan, self.shape, self.ceilings))
-        if profile:
-            for batch in (1, min(64, self.plan.num_seqs)):
+            ok = attempt(self.result, "nano_vllm_inferd", functools.partial(self._workload, llm)) is not None
+        if ok:
+            attempt(
+                entry, "batch1_decode", functools.partial(batch1, llm, self.plan, self.shape, self.ceilings)
+            )
+            for batch in (1, min(64, self.plan.num_seqs)) if profile else ():
                 attempt(
                     entry, f"profile_batch{batch}", functools.partial(profile_decode, llm, self.plan, batch)
                 )
-        del llm  # nothing else may hold the engine (48 GiB of KV) into the next variant
+        del llm  # nothing else may hold the engine (48 GiB of KV) into the next measurement
         free_device_memory()
-        if name == "default":
-            self.result["batch1_decode"] = entry.get("batch1_decode")
+        if label is not None:
+            for measured in (self.result.get("nano_vllm_inferd"), entry.get("batch1_decode")):
+                if isinstance(measured, dict):
+                    measured["engine"] = label
 
     def _workload(self, llm: Any) -> dict[str, float]:
         prompts, output_lens = nano_vllm_workload(self.plan)
@@ -671,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print_summary(results)
     print(f"wrote {args.out} after {results['wall_seconds']:.0f} s")
     return 0
@@ -681,18 +702,23 @@ def print_summary(results: dict[str, Any]) -> None:
     ours = results["qwen3_0.6b"]["nano_vllm_workload"]["inferd"]
     peer = results["qwen3_0.6b"]["nano_vllm_workload"]["transformers"]
     if isinstance(ours, dict) and "output_tok_s" in ours:
-        ratio = ours.get("ratio_to_transformers", float("nan"))
-        peer = peer or {}
-        print(f"nano-vllm workload (Qwen3-0.6B shape): {ours['output_tok_s']:,.0f} output tok/s, "
-              f"{ours['fraction_of_floor']:.1%} of the {ours['floor_tok_s']:,.0f} floor, {ratio:.1f}x "
-              f"transformers ({peer.get('output_tok_s')} tok/s, {peer.get('source')})")  # fmt: skip
+        versus = (
+            f", {ours['ratio_to_transformers']:.1f}x transformers ({peer['output_tok_s']:,.0f} tok/s, "
+            f"{peer['source']})"
+            if "ratio_to_transformers" in ours
+            else ", transformers not measured"
+        )
+        engine = f" [{ours['engine']}]" if "engine" in ours else ""
+        print(f"nano-vllm workload (Qwen3-0.6B shape){engine}: {ours['output_tok_s']:,.0f} output tok/s, "
+              f"{ours['fraction_of_floor']:.1%} of the {ours['floor_tok_s']:,.0f} floor{versus}")  # fmt: skip
     else:
         print("nano-vllm workload: not measured (failed or out of time; see the JSON)")
     for name in ("qwen3_0.6b", "llama_3.1_8b"):
         for variant, entry in results[name]["variants"].items():
             b1 = entry.get("batch1_decode")
             if isinstance(b1, dict) and "decode_tok_s" in b1:
-                print(f"batch-1 decode, {name}, {variant}: {b1['decode_tok_s']:,.0f} tok/s, "
+                engine = f" [{b1['engine']}]" if "engine" in b1 else ""
+                print(f"batch-1 decode, {name}, {variant}{engine}: {b1['decode_tok_s']:,.0f} tok/s, "
                       f"{b1['fraction_of_floor']:.1%} of the {b1['floor_tok_s']:,.0f} floor")  # fmt: skip
             else:
                 print(f"batch-1 decode, {name}, {variant}: not measured (see the JSON)")

@@ -55,6 +55,25 @@ def test_final_only_requests_emit_once_with_the_streamed_text(llm: LLM) -> None:
     assert final.metrics.first_token_time is not None
 
 
+def test_a_failed_generate_leaves_no_request_behind(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = llm.engine
+    real_step, steps = engine.step, []
+
+    def failing_step() -> list:
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("device lost")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate(["To be", "or not"], SamplingParams(max_tokens=20, ignore_eos=True))
+    assert not engine.has_unfinished() and engine.stats().kv_usage == 0.0
+    monkeypatch.setattr(engine, "step", real_step)
+    (out,) = llm.generate(["again"], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out.token_ids) == 3
+
+
 def test_stop_string_split_across_tokens_is_trimmed(llm: LLM) -> None:
     token_ids, text = _sampled(llm)
     pieces = [llm.tokenizer.decode([t]) for t in token_ids]

@@ -48,12 +48,18 @@ class LLM:
             self.engine.add_request(request_id, prompt, params, final_only=True)
             order[request_id] = index
         results: list[RequestOutput | None] = [None] * len(prompt_list)
-        with tqdm(total=len(prompt_list), desc="generate", disable=not use_tqdm, unit="req") as bar:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished:
-                        results[order[out.request_id]] = out
-                        bar.update(1)
+        try:
+            with tqdm(total=len(prompt_list), desc="generate", disable=not use_tqdm, unit="req") as bar:
+                while self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        if out.finished:
+                            results[order[out.request_id]] = out
+                            bar.update(1)
+        except BaseException:
+            # An error or an interrupt must not leave this call's requests in the engine, where the
+            # next call would run them (and their KV blocks stay taken).
+            self.engine.abort([rid for rid, index in order.items() if results[index] is None])
+            raise
         return [r for r in results if r is not None]
 
 

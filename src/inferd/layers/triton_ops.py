@@ -318,6 +318,7 @@ def apply_rotary_embedding(
         for weight in (q_weight, k_weight):
             if weight.shape != (q.shape[2],) or weight.dtype != q.dtype:
                 raise ValueError(f"q/k norm weight {tuple(weight.shape)} {weight.dtype} does not fit q")
+        q_weight, k_weight = _last_dim_contiguous(q_weight), _last_dim_contiguous(k_weight)
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty_like(k)
     if q.shape[0] == 0:
         return q_out, k_out
