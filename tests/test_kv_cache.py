@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from inferd.kv.block_pool import BlockPool
@@ -17,12 +19,16 @@ def test_pool_allocates_and_refuses_when_full() -> None:
         pool.release([1])
 
 
+def _slices(tokens: list[int]) -> Callable[[int, int], list[int]]:
+    return lambda start, end: tokens[start:end]
+
+
 def test_prefix_hit_reuses_blocks_and_leaves_last_token_to_compute() -> None:
     kv = KVCacheManager(num_blocks=10, block_size=4)
     prompt = list(range(12))
     assert kv.find_cached_prefix("a", prompt) == 0
     assert kv.allocate("a", 12)
-    kv.cache_computed_blocks("a", prompt, 12)
+    kv.cache_computed_blocks("a", _slices(prompt), 12)
     # Same 12 tokens: only 2 blocks may be reused, the last token must be computed again.
     assert kv.find_cached_prefix("b", prompt) == 8
     assert kv.block_table("b") == kv.block_table("a")[:2]
@@ -37,7 +43,7 @@ def test_freed_cached_blocks_are_reused_until_evicted_lru() -> None:
     first = [1, 2, 3, 4, 5]
     kv.find_cached_prefix("a", first)
     kv.allocate("a", 5)
-    kv.cache_computed_blocks("a", first, 5)
+    kv.cache_computed_blocks("a", _slices(first), 5)
     kv.free("a")
     assert kv.usage() == 0.0
     assert kv.pool.num_cached_blocks() == 2
@@ -56,7 +62,7 @@ def test_eviction_prefers_least_recently_freed() -> None:
     for rid, tokens in (("a", [1, 1]), ("b", [2, 2])):
         kv.find_cached_prefix(rid, tokens)
         kv.allocate(rid, 2)
-        kv.cache_computed_blocks(rid, tokens, 2)
+        kv.cache_computed_blocks(rid, _slices(tokens), 2)
         kv.free(rid)
     # Two never-cached blocks are handed out before any cached one...
     kv.find_cached_prefix("c", [5])
@@ -73,5 +79,5 @@ def test_prefix_caching_off_never_hits() -> None:
     kv = KVCacheManager(num_blocks=8, block_size=2, enable_prefix_caching=False)
     kv.find_cached_prefix("a", [1, 2, 3])
     kv.allocate("a", 3)
-    kv.cache_computed_blocks("a", [1, 2, 3], 3)
+    kv.cache_computed_blocks("a", _slices([1, 2, 3]), 3)
     assert kv.find_cached_prefix("b", [1, 2, 3]) == 0

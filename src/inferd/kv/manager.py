@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from inferd.kv.block_pool import BlockPool
 
@@ -84,8 +84,14 @@ class KVCacheManager:
         blocks.extend(new_blocks)
         return True
 
-    def cache_computed_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
-        """Register every block that is now full and computed, so later requests can reuse it."""
+    def cache_computed_blocks(
+        self, request_id: str, tokens_in_range: Callable[[int, int], Sequence[int]], num_computed: int
+    ) -> None:
+        """Register every block that is now full and computed, so later requests can reuse it.
+
+        ``tokens_in_range(start, end)`` gives the request's token ids there; only the blocks that
+        just filled are read, so a step that fills none costs nothing however long the context.
+        """
         if not self.enable_prefix_caching:
             return
         hashes = self._hashes[request_id]
@@ -95,7 +101,7 @@ class KVCacheManager:
         parent = hashes[-1] if hashes else _ROOT_HASH
         blocks = self._blocks[request_id]
         for i in range(len(hashes), num_full):
-            parent = block_hash(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            parent = block_hash(parent, tokens_in_range(i * self.block_size, (i + 1) * self.block_size))
             hashes.append(parent)
             self.pool.register_hash(blocks[i], parent)
 

@@ -133,14 +133,10 @@ class Scheduler:
             request = seq.request
             if request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            before = request.num_computed_tokens
             request.num_computed_tokens += seq.num_tokens
-            block_size = self.kv.block_size
-            if request.num_computed_tokens // block_size > before // block_size:
-                # Only a step that fills a block registers one; the token list costs O(context).
-                self.kv.cache_computed_blocks(
-                    request.request_id, request.all_token_ids, request.num_computed_tokens
-                )
+            self.kv.cache_computed_blocks(
+                request.request_id, request.tokens_in_range, request.num_computed_tokens
+            )
             token = sampled.get(request.request_id)
             if token is None:
                 continue
