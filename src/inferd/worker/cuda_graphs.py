@@ -121,6 +121,7 @@ class DecodeGraphs:
         input_ids, positions = views["input_ids"][:size], views["positions"][:size]
         backend = self._backend_for_size(size)
         # Captured with padding only: the warm-up and capture runs write no KV and read none.
+        self._buffers.wait_until_copied()
         write_padding_rows(self._buffers, 0, size, first_token=0)
         self._buffers.copy_to_device(size)
 

@@ -126,8 +126,8 @@ def build_inputs(
 
 def write_padding_rows(buffers: StepInputBuffers, first_row: int, end_row: int, first_token: int) -> None:
     """Rows ``first_row..end_row`` become padding: one query token each at ``first_token`` on,
-    token 0 at position 0, KV slot -1 (not written), an empty context and an all-zero table row."""
-    buffers.wait_until_copied()
+    token 0 at position 0, KV slot -1 (not written), an empty context and an all-zero table row.
+    The caller has waited for the last copy (``buffers.wait_until_copied``)."""
     h = buffers.host_views
     tokens = slice(first_token, first_token + end_row - first_row)
     h["input_ids"][tokens] = 0

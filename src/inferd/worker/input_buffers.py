@@ -43,8 +43,7 @@ class StepInputBuffers:
         self.host = torch.zeros(total, dtype=torch.int64, pin_memory=on_gpu)
         self.device_buffer = torch.zeros(total, dtype=torch.int64, device=device) if on_gpu else self.host
         self._copied = torch.cuda.Event() if on_gpu else None
-        self.np = self.host.numpy()
-        self.host_views = self._views(self.np)
+        self.host_views = self._views(self.host.numpy())
         self.device_views = self._views(self.device_buffer)
 
     def _views(self, buffer: _Buffer) -> dict[str, _Buffer]:
