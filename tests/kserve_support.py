@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from server_process import stop_process
 
 from inferd.serving.config import ModelConfig
 from inferd.serving.runtimes.base import GenerationParams, GenerationResult
@@ -152,12 +153,7 @@ def running_server(repository: Path) -> Iterator[LiveServer]:
         _wait_until_ready(process, server.http_url)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=20)
+        stop_process(process)
 
 
 def _serve(argv: list[str]) -> None:
