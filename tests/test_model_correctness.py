@@ -62,6 +62,15 @@ ENGINE_VARIANTS = {
     "no-prefix-cache": {"enable_prefix_caching": False},
     "small-chunks": {"max_num_batched_tokens": 7},
     "tiny-pool-preempts": {"num_kv_blocks": 24, "block_size": 4, "max_model_len": 96},
+    # Asynchronous scheduling (a GPU's default) forced on: tokens fed from the device, one step late.
+    "async": {"async_scheduling": True},
+    "async-small-chunks": {"async_scheduling": True, "max_num_batched_tokens": 7},
+    "async-tiny-pool-preempts": {
+        "async_scheduling": True,
+        "num_kv_blocks": 24,
+        "block_size": 4,
+        "max_model_len": 96,
+    },
 }
 
 
@@ -87,9 +96,9 @@ def test_engine_variants_give_same_greedy_outputs(tiny_model_factory, variant: s
         outputs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))
         assert [o.token_ids for o in outputs] == expected
     stats = llm.engine.stats()
-    if variant == "tiny-pool-preempts":
+    if variant.endswith("tiny-pool-preempts"):
         assert stats.num_preemptions > 0
-    if variant == "default":
+    if variant in ("default", "async"):
         assert stats.prefix_hits > 0
     if variant == "no-prefix-cache":
         assert stats.prefix_hits == 0

@@ -169,7 +169,16 @@ class EngineConfig:
     enforce_eager: bool = False
     # Triton kernels for RMSNorm (+ residual add), rotary and SiLU-and-mul; None: on a GPU only.
     triton_ops: bool | None = None
+    # Schedule and launch step N+1 before reading step N's tokens, so the host's work overlaps the
+    # device's; None: on a GPU only (on the CPU the forward itself blocks, so it would only delay).
+    async_scheduling: bool | None = None
 
     @property
     def uses_triton_ops(self) -> bool:
         return self.triton_ops if self.triton_ops is not None else self.device.startswith("cuda")
+
+    @property
+    def uses_async_scheduling(self) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.device.startswith("cuda")

@@ -72,6 +72,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         load_format=options.pop("load_format", None) or "safetensors",
         enforce_eager=bool(options.pop("enforce_eager", False)),
         triton_ops=options.pop("triton_ops", None),
+        async_scheduling=options.pop("async_scheduling", None),
     )
     if config.load_format not in ("safetensors", "dummy"):
         raise ValueError(f"unknown load_format {config.load_format!r}; choose safetensors or dummy")

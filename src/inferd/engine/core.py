@@ -9,8 +9,9 @@ from inferd.config import EngineConfig
 from inferd.engine.outputs import EngineCoreOutput
 from inferd.engine.request import FinishReason, Request
 from inferd.kv.manager import KVCacheManager
+from inferd.sample.penalties import needs_processing
 from inferd.sched.scheduler import Scheduler
-from inferd.worker.model_runner import ModelRunner
+from inferd.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class EngineCore:
             config.cache.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.async_scheduling = config.uses_async_scheduling
+        self._in_flight: LaunchedStep | None = None  # launched, tokens not read yet (async only)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add(request)
@@ -49,20 +52,34 @@ class EngineCore:
             self.scheduler.finish(request_id, reason)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        """Run one step; returns the tokens that came back.
+
+        With asynchronous scheduling a step's tokens come back from the next call: each call
+        schedules and launches step N+1, then waits for step N's tokens, so the host's work (the
+        results, the outputs, the next schedule) runs while the device computes.
+        """
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and _samples_need_history(in_flight):
+            return self._finish(in_flight)  # the host needs those tokens before sampling again
         sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
-            return []
-        runner_out = self.runner.execute(sched_out)
-        # Requests whose sampling failed end here, alone; update() skips them as no longer running.
+        launched = None if sched_out.is_empty else self.runner.launch(sched_out, in_flight)
+        if self.async_scheduling:
+            self._in_flight = launched
+            return self._finish(in_flight) if in_flight is not None else []
+        return self._finish(launched) if launched is not None else []
+
+    def _finish(self, step: LaunchedStep) -> list[EngineCoreOutput]:
+        runner_out = self.runner.collect(step)
+        # Requests whose sampling failed end here, alone; update() skips them as finished.
         failed = [
             EngineCoreOutput(request_id, None, None, FinishReason.ERROR.value, error=message)
             for request_id, message in runner_out.errors.items()
             if self.scheduler.finish(request_id, FinishReason.ERROR) is not None
         ]
-        advanced = self.scheduler.update(sched_out, runner_out.sampled)
+        advanced = self.scheduler.update(step.scheduled, runner_out.sampled)
         return failed + [
             EngineCoreOutput(
                 request_id=r.request_id,
@@ -85,3 +102,9 @@ class EngineCore:
             prefix_hits=self.kv.prefix_hits,
             device_memory_bytes=self.runner.device_memory_bytes(),
         )
+
+
+def _samples_need_history(step: LaunchedStep) -> bool:
+    """Whether a request sampled in ``step`` samples next from its token history (penalties,
+    min_tokens), which must then hold that step's token first."""
+    return any(needs_processing(r) for r in step.requests)

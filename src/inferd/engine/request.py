@@ -38,6 +38,9 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first scheduling
     num_preemptions: int = 0
+    # Tokens sampled on the device whose ids the host has not read yet: with asynchronous
+    # scheduling the next step is scheduled (and runs) before the last one's tokens come back.
+    num_inflight_tokens: int = 0
     first_scheduled_time: float | None = None
     finish_reason: FinishReason | None = None
     # The sampler's private generator for a seeded request, made on first use on its device.

@@ -1,7 +1,10 @@
 """Turns the last-position logits of a step into one token per sequence (plus log-probabilities).
 
 Everything stays on the logits' device until the chosen tokens (and the few log-probabilities
-asked for) are copied back once per step: no [batch, vocab] tensor crosses to the host.
+asked for) are copied back once per step: no [batch, vocab] tensor crosses to the host. Nothing
+in ``sample`` waits for the device either: small parameter tensors go up from pinned memory and
+the results come down into pinned memory behind an event, so the host can schedule the next step
+while this one runs; ``PendingSample.result`` is where the host waits.
 Random rows are drawn with the exponential race (argmax of p / E, E ~ Exp(1)), which samples
 from p exactly and lets each seeded request draw from its own generator.
 """
@@ -35,6 +38,35 @@ class SampleResult:
     errors: dict[int, str] = field(default_factory=dict)
 
 
+@dataclass
+class PendingSample:
+    """A step's sampled tokens, on their way to the host."""
+
+    token_ids: torch.Tensor  # [rows] int64 on the sampling device: the next step may feed them in
+    errors: dict[int, str]
+    _tokens_host: torch.Tensor
+    _logprobs_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # chosen, top values, top ids
+    _logprob_counts: list[int | None]  # top-N asked for, per row
+    _copied: torch.cuda.Event | None
+
+    def result(self) -> SampleResult:
+        """Wait for the copies (on a GPU) and return the tokens as Python values."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        tokens = self._tokens_host.tolist()
+        if self._logprobs_host is None:
+            return SampleResult(tokens, [None] * len(tokens), self.errors)
+        chosen, top_values, top_ids = (t.tolist() for t in self._logprobs_host)
+        logprobs: list[TokenLogprobs | None] = []
+        for i, n in enumerate(self._logprob_counts):
+            if n is None:
+                logprobs.append(None)
+                continue
+            top = tuple(zip(top_ids[i][:n], top_values[i][:n], strict=True))
+            logprobs.append(TokenLogprobs(tokens[i], chosen[i], top))
+        return SampleResult(tokens, logprobs, self.errors)
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._seed = seed
@@ -43,6 +75,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SampleResult:
         """``logits``: [num_seqs, vocab] on any device; one row per request."""
+        return self.sample(logits, requests).result()
+
+    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> PendingSample:
+        """Queue the sampling of one token per row; the host does not wait for the device."""
         logits = logits.float()
         wants_logprobs = any(r.params.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
@@ -52,14 +88,23 @@ class Sampler:
         tokens = torch.argmax(logits, dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
+            rows = _to_device(random_rows, torch.long, logits.device)
             picked = [requests[i] for i in random_rows]
             probs = self._filtered_probs(logits.index_select(0, rows), picked)
             tokens[rows] = self._draw(probs, picked)
-        token_list = tokens.tolist()
-        if raw_logprobs is None:
-            return SampleResult(token_list, [None] * len(requests), errors)
-        return SampleResult(token_list, _pick_logprobs(raw_logprobs, requests, tokens), errors)
+        tokens_host = _to_host(tokens)
+        logprobs_host = None
+        if raw_logprobs is not None:
+            chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            most = max(r.params.logprobs or 0 for r in requests)
+            top_values, top_ids = raw_logprobs.topk(most, dim=-1)
+            logprobs_host = (_to_host(chosen), _to_host(top_values), _to_host(top_ids))
+        copied = None
+        if logits.is_cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        counts = [r.params.logprobs for r in requests]
+        return PendingSample(tokens, errors, tokens_host, logprobs_host, counts, copied)
 
     def _draw(self, probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         device = probs.device
@@ -95,7 +140,7 @@ class Sampler:
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         device = logits.device
-        temperature = torch.tensor([r.params.temperature for r in requests], device=device)
+        temperature = _to_device([r.params.temperature for r in requests], torch.float32, device)
         logits = logits / temperature.unsqueeze(1)
         vocab = logits.shape[1]
         top_ks = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in requests]
@@ -103,8 +148,8 @@ class Sampler:
         min_ps = [r.params.min_p for r in requests]
 
         if min(top_ks) < vocab or min(top_ps) < 1.0:
-            top_k = torch.tensor(top_ks, device=device)
-            top_p = torch.tensor(top_ps, device=device)
+            top_k = _to_device(top_ks, torch.long, device)
+            top_p = _to_device(top_ps, torch.float32, device)
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=device).unsqueeze(0)
             drop = ranks >= top_k.unsqueeze(1)
@@ -116,27 +161,24 @@ class Sampler:
             logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = logits.softmax(dim=-1)
         if max(min_ps) > 0:
-            min_p = torch.tensor(min_ps, device=device)
+            min_p = _to_device(min_ps, torch.float32, device)
             threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs
 
 
-def _pick_logprobs(
-    raw: torch.Tensor, requests: Sequence[Request], tokens: torch.Tensor
-) -> list[TokenLogprobs | None]:
-    """Chosen-token and top-N log-probabilities, computed on the device, copied back small."""
-    chosen = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-    most = max(r.params.logprobs or 0 for r in requests)
-    top_values, top_ids = raw.topk(most, dim=-1) if most else (raw[:, :0], raw[:, :0].long())
-    top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-    token_list = tokens.tolist()
-    result: list[TokenLogprobs | None] = []
-    for i, request in enumerate(requests):
-        n = request.params.logprobs
-        if n is None:
-            result.append(None)
-            continue
-        top = tuple(zip(top_ids_list[i][:n], top_values_list[i][:n], strict=True))
-        result.append(TokenLogprobs(token_list[i], chosen[i], top))
-    return result
+def _to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor on ``device``; on a GPU it goes up from pinned memory without a host wait
+    (the caching host allocator keeps the staging memory until the copy has run)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start copying ``tensor`` into pinned host memory; read it after the step's event."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host

@@ -11,10 +11,13 @@ from inferd.engine.request import Request
 @dataclass(slots=True)
 class ScheduledSequence:
     request: Request  # read by the runner for sampling state only; the scheduler owns it
-    token_ids: list[int]  # the tokens to run this step
+    token_ids: list[int]  # the tokens to run this step ([0] as a stand-in when from_last_sample)
     start_pos: int  # position of token_ids[0] (== tokens already in the KV cache)
     block_table: list[int]
     sample: bool  # True when this chunk reaches the end of the known tokens
+    # The one token to run is the one this request sampled in the step before, still on the
+    # device (asynchronous scheduling): the runner feeds it from there.
+    from_last_sample: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -57,6 +57,9 @@ class Scheduler:
 
     # -- one step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens. Computed counts advance here, not when the step's results come
+        back, so the next step can be scheduled while this one still runs on the device: a request
+        whose last token is still in flight decodes it from the device (``from_last_sample``)."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted: list[str] = []
@@ -64,7 +67,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._ends_with_inflight_token(request):
+                index += 1  # its last token is being sampled; the results will finish it
+                continue
+            num_new = min(_known_and_inflight(request) - request.num_computed_tokens, budget)
             while not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -81,9 +87,19 @@ class Scheduler:
             budget = self._admit_waiting(budget, scheduled)
         return SchedulerOutput(scheduled, preempted)
 
+    def _ends_with_inflight_token(self, request: Request) -> bool:
+        """Whether the token now being sampled for ``request`` is certainly its last one."""
+        if not request.num_inflight_tokens:
+            return False
+        num_out = len(request.output_token_ids) + request.num_inflight_tokens
+        total = request.num_tokens + request.num_inflight_tokens
+        return num_out >= request.max_output_tokens or total >= self.config.max_model_len
+
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_inflight_tokens:
+                break  # preempted with a token still in flight: readmit it once that token is in
             cached = self.kv.find_cached_prefix(request.request_id, request.all_token_ids)
             request.num_computed_tokens = cached
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -105,12 +121,21 @@ class Scheduler:
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
         start = request.num_computed_tokens
+        end = start + num_new
+        known = request.num_tokens
+        sample = end == known + request.num_inflight_tokens
+        # Only a decode step can reach past the known tokens: its one token is still in flight.
+        from_last_sample = end > known
+        request.num_computed_tokens = end
+        if sample:
+            request.num_inflight_tokens += 1
         return ScheduledSequence(
             request=request,
-            token_ids=request.tokens_in_range(start, start + num_new),
+            token_ids=[0] if from_last_sample else request.tokens_in_range(start, end),
             start_pos=start,
             block_table=list(self.kv.block_table(request.request_id)),
-            sample=start + num_new == request.num_tokens,
+            sample=sample,
+            from_last_sample=from_last_sample,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -124,23 +149,31 @@ class Scheduler:
 
     # -- results ------------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens and finish requests that are done.
+        """Append a step's sampled tokens, register newly filled blocks and finish requests that
+        are done. Returns the requests that received a token (finished ones included).
 
-        Returns the requests that received a token this step (finished ones included).
+        A request preempted after the step was launched still gets its token, as it would have
+        had the step's results come back before the preemption.
         """
         advanced = []
         for seq in output.sequences:
             request = seq.request
-            if request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += seq.num_tokens
-            self.kv.cache_computed_blocks(
-                request.request_id, request.tokens_in_range, request.num_computed_tokens
-            )
+            if seq.sample:
+                request.num_inflight_tokens -= 1
+            if request.status == RequestStatus.FINISHED:
+                continue  # aborted, or ended by an earlier token, while the step ran
             token = sampled.get(request.request_id)
+            if token is not None:
+                request.output_token_ids.append(token)
+            if request.status == RequestStatus.RUNNING:
+                # Only blocks whose every token is known get a prefix-cache hash.
+                self.kv.cache_computed_blocks(
+                    request.request_id,
+                    request.tokens_in_range,
+                    min(request.num_computed_tokens, request.num_tokens),
+                )
             if token is None:
                 continue
-            request.output_token_ids.append(token)
             reason = self._stop_reason(request, token)
             if reason is not None:
                 self.finish(request.request_id, reason)
@@ -167,3 +200,7 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+
+def _known_and_inflight(request: Request) -> int:
+    return request.num_tokens + request.num_inflight_tokens

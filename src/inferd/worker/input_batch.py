@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,10 @@ class ModelInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states to sample from, one per sampling sequence
     sampling_rows: list[int]  # which scheduled sequences sample this step
+    # Tokens still on the device: input_ids[carried_rows[i]] is the last step's sample number
+    # carried_sources[i]; the runner writes them in before the forward.
+    carried_rows: torch.Tensor
+    carried_sources: torch.Tensor
 
 
 class BlockTableRows:
@@ -57,8 +62,12 @@ def build_inputs(
     buffers: StepInputBuffers,
     table_rows: BlockTableRows,
     padded_seqs: int | None = None,
+    last_sample_rows: Mapping[str, int] | None = None,
 ) -> ModelInputs:
     """Write the step into ``buffers`` and copy it to the device in one go.
+
+    ``last_sample_rows`` maps the request ids the step before sampled to their rows in its
+    token tensor; a sequence ``from_last_sample`` takes its input token from there.
 
     ``padded_seqs`` (for a captured decode graph) fills rows past the real sequences as padding:
     one query token each, no KV write (slot -1), empty context; their outputs are ignored.
@@ -77,6 +86,7 @@ def build_inputs(
     query_lens: list[int] = []
     seq_lens_host: list[int] = []
     sampling_rows: list[int] = []
+    num_carried = 0
     t = 0
     query_start[0] = 0
     for row, (seq, table_row) in enumerate(zip(out.sequences, table_rows.for_step(out), strict=True)):
@@ -84,6 +94,12 @@ def build_inputs(
         if t + n > buffers.max_tokens or len(table) > buffers.max_blocks_per_seq:
             raise ValueError("a step exceeds the input buffers (token budget or context length)")
         tables[row, : len(table)] = table_row
+        if seq.from_last_sample:
+            if last_sample_rows is None or seq.request.request_id not in last_sample_rows:
+                raise ValueError(f"{seq.request.request_id!r} has no token in flight to carry")
+            h["carried_rows"][num_carried] = t
+            h["carried_sources"][num_carried] = last_sample_rows[seq.request.request_id]
+            num_carried += 1
         if n == 1:  # decode: scalar writes beat numpy's per-call overhead
             ids[t] = seq.token_ids[0]
             pos[t] = start
@@ -121,6 +137,8 @@ def build_inputs(
         meta=meta,
         logits_indices=d["logits_indices"][: len(sampling_rows)],
         sampling_rows=sampling_rows,
+        carried_rows=d["carried_rows"][:num_carried],
+        carried_sources=d["carried_sources"][:num_carried],
     )
 
 

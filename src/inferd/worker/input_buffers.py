@@ -27,18 +27,32 @@ _Buffer = TypeVar("_Buffer", np.ndarray, torch.Tensor)
 
 class StepInputBuffers:
     """Regions, in order: ids, positions, slots [max_tokens]; logits rows [max_seqs]; query starts
-    [max_seqs + 1]; context lengths [max_seqs]; block tables [max_seqs, max_blocks_per_seq]."""
+    [max_seqs + 1]; context lengths [max_seqs]; carried token rows and their sources [max_seqs
+    each] (tokens fed from the last step's samples on the device); block tables [max_seqs,
+    max_blocks_per_seq], last so a step copies only the table rows it uses."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
         self.max_tokens = max_tokens
         self.max_seqs = max_seqs
         self.max_blocks_per_seq = max_blocks_per_seq
         self.device = device
-        offsets = [0]
-        for size in (max_tokens, max_tokens, max_tokens, max_seqs, max_seqs + 1, max_seqs):
-            offsets.append(offsets[-1] + size)
-        self._offsets = offsets
-        total = offsets[-1] + max_seqs * max_blocks_per_seq
+        sizes = {
+            "input_ids": max_tokens,
+            "positions": max_tokens,
+            "slot_mapping": max_tokens,
+            "logits_indices": max_seqs,
+            "query_start_loc": max_seqs + 1,
+            "seq_lens": max_seqs,
+            "carried_rows": max_seqs,
+            "carried_sources": max_seqs,
+        }
+        self._spans: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, size in sizes.items():
+            self._spans[name] = (offset, offset + size)
+            offset += size
+        self._tables_offset = offset
+        total = offset + max_seqs * max_blocks_per_seq
         on_gpu = device.type == "cuda"
         self.host = torch.zeros(total, dtype=torch.int64, pin_memory=on_gpu)
         self.device_buffer = torch.zeros(total, dtype=torch.int64, device=device) if on_gpu else self.host
@@ -47,23 +61,16 @@ class StepInputBuffers:
         self.device_views = self._views(self.device_buffer)
 
     def _views(self, buffer: _Buffer) -> dict[str, _Buffer]:
-        o = self._offsets
-        tables = buffer[o[6] :]
-        return {
-            "input_ids": buffer[o[0] : o[1]],
-            "positions": buffer[o[1] : o[2]],
-            "slot_mapping": buffer[o[2] : o[3]],
-            "logits_indices": buffer[o[3] : o[4]],
-            "query_start_loc": buffer[o[4] : o[5]],
-            "seq_lens": buffer[o[5] : o[6]],
-            "block_tables": tables.reshape(self.max_seqs, self.max_blocks_per_seq),
-        }
+        views = {name: buffer[start:end] for name, (start, end) in self._spans.items()}
+        tables = buffer[self._tables_offset :]
+        views["block_tables"] = tables.reshape(self.max_seqs, self.max_blocks_per_seq)
+        return views
 
     def copy_to_device(self, num_seq_rows: int) -> None:
         """Move everything up to the end of the first ``num_seq_rows`` block-table rows."""
         if self.device_buffer is self.host:
             return
-        end = self._offsets[6] + num_seq_rows * self.max_blocks_per_seq
+        end = self._tables_offset + num_seq_rows * self.max_blocks_per_seq
         self.device_buffer[:end].copy_(self.host[:end], non_blocking=True)
         assert self._copied is not None
         self._copied.record()

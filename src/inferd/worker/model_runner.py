@@ -10,8 +10,9 @@ import torch
 from inferd.attention.base import AttentionBackend
 from inferd.attention.registry import create_backend, resolve_backend_name
 from inferd.config import EngineConfig, parse_dtype
+from inferd.engine.request import Request
 from inferd.models.loader import load_model
-from inferd.sample.sampler import Sampler, TokenLogprobs
+from inferd.sample.sampler import PendingSample, Sampler, TokenLogprobs
 from inferd.sched.output import SchedulerOutput
 from inferd.worker.cuda_graphs import CudaGraphCapturer, DecodeGraphs, GraphCapturer, graph_batch_sizes
 from inferd.worker.input_batch import BlockTableRows, ModelInputs, build_inputs
@@ -25,6 +26,20 @@ class ModelRunnerOutput:
     sampled: dict[str, int]  # request id -> new token
     logprobs: dict[str, TokenLogprobs]
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why sampling it failed
+
+
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A step queued on the device whose tokens the host has not read yet."""
+
+    scheduled: SchedulerOutput
+    requests: list[Request]  # the sampling ones, in the order of the sampled tokens
+    sample: PendingSample | None  # None when the step samples nothing (prompt chunks only)
+
+    @property
+    def sample_rows(self) -> dict[str, int]:
+        """Request id -> row of its token in ``sample.token_ids`` (for the next step to carry)."""
+        return {r.request_id: row for row, r in enumerate(self.requests)}
 
 
 class ModelRunner:
@@ -106,14 +121,31 @@ class ModelRunner:
         graphs.capture(capturer or CudaGraphCapturer())
         self.graphs = graphs
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        inputs, hidden = self._forward(out)
+        """Run one step and wait for its tokens."""
+        return self.collect(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step's forward pass and sampling without waiting for the device.
+
+        ``previous`` is the step launched before this one when its tokens are still unread: the
+        sequences of ``out`` that decode one of those tokens take it from the device.
+        """
+        carried = previous.sample_rows if previous is not None and previous.sample is not None else None
+        inputs, hidden = self._forward(out, carried, previous)
         if not inputs.sampling_rows:
-            return ModelRunnerOutput({}, {})
+            return LaunchedStep(out, [], None)
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
         requests = [out.sequences[row].request for row in inputs.sampling_rows]
-        result = self.sampler(logits, requests)
+        return LaunchedStep(out, requests, self.sampler.sample(logits, requests))
+
+    def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
+        """Wait for a launched step's tokens and hand them out per request."""
+        if step.sample is None:
+            return ModelRunnerOutput({}, {})
+        result = step.sample.result()
+        requests = step.requests
         errors = {requests[row].request_id: message for row, message in result.errors.items()}
         sampled = {
             r.request_id: t
@@ -132,10 +164,20 @@ class ModelRunner:
         """All-position logits of a step (for checks against a reference implementation)."""
         return self.model.compute_logits(self._forward(out)[1])
 
-    def _forward(self, out: SchedulerOutput) -> tuple[ModelInputs, torch.Tensor]:
+    def _forward(
+        self,
+        out: SchedulerOutput,
+        carried: dict[str, int] | None = None,
+        previous: LaunchedStep | None = None,
+    ) -> tuple[ModelInputs, torch.Tensor]:
         """Build the step's tensors once and run the model; returns them with the final hidden states."""
         graph_size = self.graphs.padded_size(out) if self.graphs is not None else None
-        inputs = build_inputs(out, self.block_size, self.buffers, self.table_rows, graph_size)
+        inputs = build_inputs(out, self.block_size, self.buffers, self.table_rows, graph_size, carried)
+        if inputs.carried_rows.numel():
+            assert previous is not None and previous.sample is not None
+            # Device to device, queued behind the step that sampled them: the host never waits.
+            tokens = previous.sample.token_ids.index_select(0, inputs.carried_sources)
+            self.buffers.device_views["input_ids"].index_copy_(0, inputs.carried_rows, tokens)
         if self.graphs is not None and graph_size is not None:
             hidden = self.graphs.replay(graph_size)[: inputs.input_ids.shape[0]]
         else:

@@ -1,0 +1,149 @@
+"""Asynchronous scheduling (step N+1 launched before step N's tokens are read) gives the same
+outputs as waiting for every step, whatever the sampling options, preemption or aborts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inferd import LLM, SamplingParams
+from inferd.engine.outputs import RequestOutput
+from inferd.sched.output import SchedulerOutput
+from inferd.worker.model_runner import LaunchedStep, ModelRunner
+
+OPTIONS: dict[str, Any] = {"device": "cpu", "block_size": 4, "num_kv_blocks": 256, "max_model_len": 96}
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    lengths = [3, 11, 6, 17, 9, 2]
+    return [[(7 * i + 13 * j + 5) % (vocab - 10) + 5 for j in range(n)] for i, n in enumerate(lengths)]
+
+
+def _run(
+    folder: Path, params: list[SamplingParams], async_scheduling: bool, **options: Any
+) -> list[RequestOutput]:
+    llm = LLM(folder, async_scheduling=async_scheduling, **{**OPTIONS, **options})
+    outputs = llm.generate(_prompts(llm.engine.config.model.vocab_size), params)
+    stats = llm.engine.stats()
+    assert stats.num_running == stats.num_waiting == 0 and stats.kv_usage == 0.0
+    assert not llm.engine.has_unfinished()
+    return outputs
+
+
+def _summary(outputs: list[RequestOutput]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            o.token_ids,
+            o.finish_reason,
+            [(lp.token_id, round(lp.logprob, 5), lp.top) for lp in o.logprobs or []],
+        )
+        for o in outputs
+    ]
+
+
+def _each(params: SamplingParams, n: int = 6) -> list[SamplingParams]:
+    return [params] * n
+
+
+CASES: dict[str, list[SamplingParams]] = {
+    "greedy, mixed lengths": [
+        SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (1, 2, 5, 9, 14, 20)
+    ],
+    "seeded random, top-k/top-p/min-p": [
+        SamplingParams(max_tokens=12, temperature=0.8, top_k=k, top_p=p, min_p=0.05, seed=s, ignore_eos=True)
+        for k, p, s in ((0, 1.0, 1), (5, 1.0, 2), (0, 0.7, 3), (20, 0.9, 4), (0, 1.0, 5), (3, 0.5, 6))
+    ],
+    "logprobs": _each(SamplingParams(max_tokens=8, temperature=0.0, logprobs=3, ignore_eos=True)),
+    # Stops on a token the model is likely to produce: some requests end early, one step before
+    # the step already launched for them.
+    "stop tokens and min_tokens": [
+        SamplingParams(
+            max_tokens=16, temperature=1.0, seed=i, stop_token_ids=list(range(5, 200)), min_tokens=i % 3
+        )
+        for i in range(6)
+    ],
+    # Penalties read the token history, so the engine reads each step's tokens before the next.
+    "penalties": _each(
+        SamplingParams(
+            max_tokens=10, temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5, ignore_eos=True
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_async_scheduling_gives_the_same_outputs(tiny_model_factory, case: str) -> None:
+    folder = tiny_model_factory("qwen3")
+    expected = _summary(_run(folder, CASES[case], async_scheduling=False))
+    assert _summary(_run(folder, CASES[case], async_scheduling=True)) == expected
+
+
+def test_async_outputs_hold_with_preemption_chunks_and_the_context_limit(tiny_model_factory) -> None:
+    folder = tiny_model_factory("llama")
+    # A pool too small for all six, a 5-token step budget and a 32-token context limit: requests
+    # are preempted with a token in flight, prompts split, and some stop at the context limit.
+    options = {"num_kv_blocks": 14, "max_num_batched_tokens": 5, "max_model_len": 32}
+    params = [SamplingParams(max_tokens=None, temperature=0.7, seed=i, ignore_eos=True) for i in range(6)]
+    llm = LLM(folder, async_scheduling=True, **{**OPTIONS, **options})
+    outputs = llm.generate(_prompts(llm.engine.config.model.vocab_size), params)
+    assert llm.engine.stats().num_preemptions > 0
+    assert {o.finish_reason for o in outputs} == {"length"}
+    assert _summary(outputs) == _summary(_run(folder, params, async_scheduling=False, **options))
+
+
+def test_async_engine_feeds_tokens_from_the_device(tiny_model_factory, monkeypatch) -> None:
+    """The pipeline really runs ahead: decode rows take the last step's tokens on the device, a
+    step is launched while the one before it is still unread, and a request whose last token is
+    in flight (known from max_tokens) gets no wasted row."""
+    carried: list[int] = []
+    launched_over_unread: list[bool] = []
+    rows: list[int] = []
+    launch = ModelRunner.launch
+
+    def spy(self: ModelRunner, out: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+        carried.append(sum(seq.from_last_sample for seq in out.sequences))
+        launched_over_unread.append(previous is not None)
+        rows.append(len(out.sequences))
+        return launch(self, out, previous)
+
+    monkeypatch.setattr(ModelRunner, "launch", spy)
+    folder = tiny_model_factory("qwen3")
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (1, 3, 8, 8, 5, 12)]
+    _run(folder, params, async_scheduling=True)
+    assert sum(carried) > 30 and sum(launched_over_unread) > 5
+    async_rows = sum(rows)
+    carried.clear()
+    rows.clear()
+    _run(folder, params, async_scheduling=False)
+    assert sum(carried) == 0
+    assert async_rows == sum(rows)
+
+
+def test_abort_with_a_step_in_flight_frees_everything(tiny_model_factory) -> None:
+    folder = tiny_model_factory("qwen3")
+    llm = LLM(folder, async_scheduling=True, **OPTIONS)
+    engine = llm.engine
+    prompts = _prompts(engine.config.model.vocab_size)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    for _ in range(4):
+        engine.step()
+    assert engine.core._in_flight is not None  # the abort lands between launch and read
+    aborted = engine.abort(["r1", "r4"])
+    assert {o.request_id for o in aborted} == {"r1", "r4"}
+    finished: dict[str, RequestOutput] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id not in ("r1", "r4"), "an aborted request got a token after its abort"
+            if out.finished:
+                finished[out.request_id] = out
+    assert set(finished) == {"r0", "r2", "r3", "r5"}
+    alone = LLM(folder, async_scheduling=False, **OPTIONS).generate(
+        [prompts[i] for i in (0, 2, 3, 5)], params
+    )
+    assert [finished[r].token_ids for r in ("r0", "r2", "r3", "r5")] == [o.token_ids for o in alone]
+    stats = engine.stats()
+    assert stats.num_running == stats.num_waiting == 0 and stats.kv_usage == 0.0
