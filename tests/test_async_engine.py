@@ -48,3 +48,26 @@ async def test_async_engine_matches_offline_and_frees_on_abort(tiny_llama, engin
         await _wait_for(lambda: llm.stats().kv_usage == 0.0 and llm.stats().num_running == 0)
     finally:
         llm.shutdown()
+
+
+async def test_a_consumer_that_falls_behind_gets_merged_outputs(tiny_llama) -> None:
+    """Outputs that pile up while the consumer is busy arrive as one: deltas concatenated, nothing
+    lost or repeated, the last one finished."""
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=1)
+    expected = LLM(tiny_llama, kv_cache_memory="16MiB").generate(PROMPTS[:1], params)[0]
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="16MiB")
+    llm.start()
+    try:
+        received = []
+        async for out in llm.generate("slow", PROMPTS[0], params):
+            received.append(out)
+            if len(received) == 1:
+                # A slow client: the engine runs on while this consumer does not read.
+                await _wait_for(lambda: not llm.engine.core.has_unfinished())
+        assert received[-1].finished
+        assert len(received) < 40  # the backlog came as one output, not one per token
+        assert "".join(o.new_text for o in received) == received[-1].text == expected.text
+        assert [t for o in received for t in o.new_token_ids] == expected.token_ids
+        assert [lp.token_id for o in received for lp in o.new_logprobs] == expected.token_ids
+    finally:
+        llm.shutdown()

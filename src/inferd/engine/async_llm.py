@@ -5,6 +5,10 @@ work), then hand requests over through a thread-safe command queue; each step's 
 delivered to per-request asyncio queues with one `call_soon_threadsafe` per step. When there is
 nothing to run the thread blocks on the command queue, so an idle server does not spin.
 
+A consumer that falls behind the engine (a busy event loop, a slow client) gets the outputs that
+piled up in its queue merged into one, so the work per token shrinks as the token rate grows
+instead of the backlog growing: the multi-token chunks of a server under load.
+
 Admission is bounded (`QueueLimits`: refused at once with EngineOverloadedError), and a request may
 carry a deadline: the engine thread checks deadlines before every step, so an expired request is
 aborted, wherever it is, before the next step starts and its blocks are free by then.
@@ -29,7 +33,7 @@ from inferd.engine.admission import AdmissionQueue, QueueLimits
 from inferd.engine.builder import build_engine_config
 from inferd.engine.core import EngineStats
 from inferd.engine.llm_engine import LLMEngine, Prompt
-from inferd.engine.outputs import RequestMetrics, RequestOutput
+from inferd.engine.outputs import RequestMetrics, RequestOutput, merge_outputs
 from inferd.engine.process_engine import EngineProcessDied, ProcessLLMEngine
 from inferd.engine.request import FinishReason
 from inferd.sampling_params import SamplingParams
@@ -145,6 +149,8 @@ class AsyncLLM:
             try:
                 while not finished:
                     out = await stream.get()
+                    while not out.finished and not stream.empty():
+                        out = merge_outputs(out, stream.get_nowait())
                     if queued:
                         self.admission.leave(len(token_ids))
                         queued = False

@@ -64,3 +64,11 @@ class RequestOutput:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output for two consecutive ones of a request: the later state, with both deltas."""
+    later.new_text = earlier.new_text + later.new_text
+    later.new_token_ids = earlier.new_token_ids + later.new_token_ids
+    later.new_logprobs = earlier.new_logprobs + later.new_logprobs
+    return later
