@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from inferd import LLM, SamplingParams
 from inferd.engine.outputs import RequestOutput
+from inferd.engine.request import Request
+from inferd.sample import sampler
 from inferd.sched.output import SchedulerOutput
 from inferd.worker.model_runner import LaunchedStep, ModelRunner
 
@@ -110,7 +113,9 @@ def test_async_engine_feeds_tokens_from_the_device(tiny_model_factory, monkeypat
 
     monkeypatch.setattr(ModelRunner, "launch", spy)
     folder = tiny_model_factory("qwen3")
-    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (1, 3, 8, 8, 5, 12)]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (1, 3, 8, 8, 5)]
+    # A logit bias does not read the token history: it must not stop the pipeline.
+    params.append(SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logit_bias={7: 2.0}))
     _run(folder, params, async_scheduling=True)
     assert sum(carried) > 30 and sum(launched_over_unread) > 5
     async_rows = sum(rows)
@@ -147,3 +152,62 @@ def test_abort_with_a_step_in_flight_frees_everything(tiny_model_factory) -> Non
     assert [finished[r].token_ids for r in ("r0", "r2", "r3", "r5")] == [o.token_ids for o in alone]
     stats = engine.stats()
     assert stats.num_running == stats.num_waiting == 0 and stats.kv_usage == 0.0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_step_that_fails_to_launch_can_run_again(
+    tiny_model_factory, monkeypatch, async_scheduling: bool
+) -> None:
+    """A launch that raises (say, out of device memory on a big prompt) leaves the requests as they
+    were before it was scheduled, so the next step runs it again and the outputs are unchanged."""
+    folder = tiny_model_factory("qwen3")
+    params = _each(SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True))
+    expected = _summary(_run(folder, params, async_scheduling=False))
+    llm = LLM(folder, async_scheduling=async_scheduling, **OPTIONS)
+    engine = llm.engine
+    for i, prompt in enumerate(_prompts(engine.config.model.vocab_size)):
+        engine.add_request(f"r{i}", prompt, params[i], final_only=True)
+    for _ in range(4):
+        engine.step()
+    launch = ModelRunner.launch
+
+    def fails_once(
+        self: ModelRunner, out: SchedulerOutput, previous: LaunchedStep | None = None
+    ) -> LaunchedStep:
+        monkeypatch.setattr(ModelRunner, "launch", launch)
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(ModelRunner, "launch", fails_once)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()
+    finished: dict[str, RequestOutput] = {}
+    while engine.has_unfinished():
+        finished.update((out.request_id, out) for out in engine.step() if out.finished)
+    assert _summary([finished[f"r{i}"] for i in range(6)]) == expected
+
+
+def test_a_sampling_error_in_flight_does_not_end_a_newer_request_with_the_same_id(
+    tiny_model_factory, monkeypatch
+) -> None:
+    """Request x's logits processor fails in a step still unread when x is aborted and a new x
+    comes: the error belongs to the old one only."""
+    apply_logit_bias = sampler.apply_logit_bias
+
+    def fails_for_token_9(logits: torch.Tensor, request: Request) -> None:
+        if 9 in request.params.logit_bias:
+            raise RuntimeError("processor bug")
+        apply_logit_bias(logits, request)
+
+    monkeypatch.setattr(sampler, "apply_logit_bias", fails_for_token_9)
+    folder = tiny_model_factory("qwen3")
+    engine = LLM(folder, async_scheduling=True, **OPTIONS).engine
+    engine.add_request("x", [5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0, logit_bias={9: 1.0}))
+    assert engine.step() == []  # launched; the failure is known to the sampler, not yet read
+    engine.abort(["x"])
+    engine.add_request("x", [8, 9, 10], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    finished = []
+    while engine.has_unfinished():
+        finished += [out for out in engine.step() if out.finished]
+    assert [(o.request_id, o.finish_reason, o.error, len(o.token_ids)) for o in finished] == [
+        ("x", "length", None, 3)
+    ]

@@ -9,7 +9,8 @@ from inferd.config import EngineConfig
 from inferd.engine.outputs import EngineCoreOutput
 from inferd.engine.request import FinishReason, Request
 from inferd.kv.manager import KVCacheManager
-from inferd.sample.penalties import needs_processing
+from inferd.sample.penalties import needs_history
+from inferd.sched.output import SchedulerOutput
 from inferd.sched.scheduler import Scheduler
 from inferd.worker.model_runner import LaunchedStep, ModelRunner
 
@@ -62,22 +63,35 @@ class EngineCore:
         results, the outputs, the next schedule) runs while the device computes.
         """
         in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None and _samples_need_history(in_flight):
-            return self._finish(in_flight)  # the host needs those tokens before sampling again
-        sched_out = self.scheduler.schedule()
-        launched = None if sched_out.is_empty else self.runner.launch(sched_out, in_flight)
-        if self.async_scheduling:
+        sched_out: SchedulerOutput | None = None
+        try:
+            if in_flight is not None and _samples_need_history(in_flight):
+                return self._finish(in_flight)  # the host needs those tokens before sampling again
+            sched_out = self.scheduler.schedule()
+            launched = None if sched_out.is_empty else self.runner.launch(sched_out, in_flight)
+            if not self.async_scheduling:
+                return self._finish(launched) if launched is not None else []
+            outputs = self._finish(in_flight) if in_flight is not None else []
             self._in_flight = launched
-            return self._finish(in_flight) if in_flight is not None else []
-        return self._finish(launched) if launched is not None else []
+            return outputs
+        except BaseException:
+            # Lost steps are undone, newest first, so a later step() can run them again.
+            for lost in (sched_out, in_flight.scheduled if in_flight is not None else None):
+                if lost is not None:
+                    self.scheduler.unschedule(lost)
+            raise
 
     def _finish(self, step: LaunchedStep) -> list[EngineCoreOutput]:
         runner_out = self.runner.collect(step)
-        # Requests whose sampling failed end here, alone; update() skips them as finished.
+        # Requests whose sampling failed end here, alone; update() skips them as finished. The
+        # identity check matters with a step in flight: the id may belong to a newer request by now.
+        current = self.scheduler.requests
         failed = [
-            EngineCoreOutput(request_id, None, None, FinishReason.ERROR.value, error=message)
-            for request_id, message in runner_out.errors.items()
-            if self.scheduler.finish(request_id, FinishReason.ERROR) is not None
+            EngineCoreOutput(r.request_id, None, None, FinishReason.ERROR.value, error=message)
+            for r in step.requests
+            if (message := runner_out.errors.get(r.request_id)) is not None
+            and current.get(r.request_id) is r
+            and self.scheduler.finish(r.request_id, FinishReason.ERROR) is not None
         ]
         advanced = self.scheduler.update(step.scheduled, runner_out.sampled)
         return failed + [
@@ -107,4 +121,4 @@ class EngineCore:
 def _samples_need_history(step: LaunchedStep) -> bool:
     """Whether a request sampled in ``step`` samples next from its token history (penalties,
     min_tokens), which must then hold that step's token first."""
-    return any(needs_processing(r) for r in step.requests)
+    return any(needs_history(r) for r in step.requests)

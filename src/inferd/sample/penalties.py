@@ -38,11 +38,15 @@ def block_stop_tokens(logits: torch.Tensor, request: Request) -> None:
 
 
 def needs_processing(request: Request) -> bool:
+    return bool(request.params.logit_bias) or needs_history(request)
+
+
+def needs_history(request: Request) -> bool:
+    """Whether the request's logits processing reads the tokens it has produced so far."""
     params = request.params
     return (
         params.repetition_penalty != 1.0
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0
-        or bool(params.logit_bias)
         or len(request.output_token_ids) < params.min_tokens
     )

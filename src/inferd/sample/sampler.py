@@ -102,7 +102,7 @@ class Sampler:
         copied = None
         if logits.is_cuda:
             copied = torch.cuda.Event()
-            copied.record()
+            copied.record(torch.cuda.current_stream(logits.device))
         counts = [r.params.logprobs for r in requests]
         return PendingSample(tokens, errors, tokens_host, logprobs_host, counts, copied)
 

@@ -98,8 +98,8 @@ class Scheduler:
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if request.num_inflight_tokens:
-                break  # preempted with a token still in flight: readmit it once that token is in
+            # A request preempted with a token in flight gets it before the next schedule.
+            assert not request.num_inflight_tokens, "readmitted before its in-flight token came back"
             cached = self.kv.find_cached_prefix(request.request_id, request.all_token_ids)
             request.num_computed_tokens = cached
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -179,6 +179,15 @@ class Scheduler:
                 self.finish(request.request_id, reason)
             advanced.append(request)
         return advanced
+
+    def unschedule(self, output: SchedulerOutput) -> None:
+        """Undo what ``schedule`` counted for a step that never ran (its launch or read failed)."""
+        for seq in output.sequences:
+            request = seq.request
+            if seq.sample:
+                request.num_inflight_tokens -= 1
+            if request.status == RequestStatus.RUNNING:
+                request.num_computed_tokens = seq.start_pos
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
         params = request.params

@@ -73,7 +73,7 @@ class StepInputBuffers:
         end = self._tables_offset + num_seq_rows * self.max_blocks_per_seq
         self.device_buffer[:end].copy_(self.host[:end], non_blocking=True)
         assert self._copied is not None
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(self.device))
 
     def wait_until_copied(self) -> None:
         """Block until the last copy has read the host buffer, so it can be written again."""

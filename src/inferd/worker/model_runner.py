@@ -132,6 +132,10 @@ class ModelRunner:
         ``previous`` is the step launched before this one when its tokens are still unread: the
         sequences of ``out`` that decode one of those tokens take it from the device.
         """
+        if self.device.type == "cuda" and self.device.index is not None:
+            # The current device is per thread, and the engine may step on another thread than the
+            # one that built it: launches, events and streams must all be on this device.
+            torch.cuda.set_device(self.device)
         carried = previous.sample_rows if previous is not None and previous.sample is not None else None
         inputs, hidden = self._forward(out, carried, previous)
         if not inputs.sampling_rows:
