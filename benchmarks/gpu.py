@@ -264,6 +264,57 @@ def check_model_forward(folder: Path, hf_config: dict[str, Any], plan: Plan) -> 
 
 # ---- speed --------------------------------------------------------------------------------------
 
+# (keys per tile, warps) for the decode kernel sweep; the first is the kernels' default.
+DECODE_TILES = [(64, 4), (32, 4), (64, 8), (128, 4), (128, 8), (32, 2), (64, 2)]
+
+
+def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
+    """Paged decode attention alone, at the workload's batch and mid-run context lengths, for
+    each decode tile: time per call and KV bytes read per second against the copy bandwidth.
+    Each tile's output is checked against the default tile's."""
+    from inferd.attention import triton_kernels
+
+    heads, kv_heads, dim = (hf_config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    rng = random.Random(0)
+    limit = plan.max_prompt_len + plan.max_output_len
+    context_lens = [rng.randint(limit // 20, limit - 1) for _ in range(plan.num_seqs)]
+    meta, num_blocks = paged_step(context_lens, [1] * plan.num_seqs, 16, plan.device)
+    q = torch.randn(plan.num_seqs, heads, dim, dtype=plan.dtype, device=plan.device)
+    k_cache, v_cache = (
+        torch.randn(num_blocks, 16, kv_heads, dim, dtype=plan.dtype, device=plan.device) for _ in range(2)
+    )
+    splits = triton_kernels.default_num_splits(
+        plan.num_seqs, kv_heads, meta.max_seq_len, triton_kernels.num_sms(torch.device(plan.device))
+    )
+    kv_bytes = sum(meta.seq_lens_host) * kv_heads * dim * 2 * k_cache.element_size()
+    default = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS)
+    tiles = DECODE_TILES if plan.device == "cuda" else DECODE_TILES[:2]
+    results: list[dict[str, Any]] = []
+    reference: torch.Tensor | None = None
+    try:
+        for block_n, warps in tiles:
+            triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS = block_n, warps
+
+            def call() -> torch.Tensor:
+                return triton_kernels.paged_decode_attention(
+                    q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                    dim**-0.5, splits,
+                )  # fmt: skip
+
+            entry: dict[str, Any] = {"block_n": block_n, "num_warps": warps, "num_splits": splits}
+            out = call()
+            reference = out if reference is None else reference
+            entry["relative_error_vs_default"] = relative_error(out, reference)
+            seconds = _timed(call, plan.device, 20 if plan.device == "cuda" else 1)
+            entry["us"] = seconds * 1e6
+            entry["kv_bytes_per_s"] = kv_bytes / seconds
+            entry["fraction_of_bandwidth"] = kv_bytes / seconds / ceilings.bandwidth_bytes_s
+            print("decode tile:", json.dumps(entry), flush=True)
+            results.append(entry)
+    finally:
+        triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS = default
+    return results
+
 
 def nano_vllm_workload(plan: Plan) -> tuple[list[list[int]], list[int]]:
     """nano-vllm's bench.py workload: prompts drawn first, then output lengths, from seed 0.
@@ -590,6 +641,13 @@ class ShapeRun:
         self.result["checks"] = checks
         print("relative error, triton vs torch:", json.dumps(checks), flush=True)
 
+    def decode_sweep(self) -> None:
+        attempt(
+            self.result,
+            "decode_kernel_sweep",
+            lambda: sweep_decode_kernel(self.hf_config, self.plan, self.ceilings),
+        )
+
     def compare_with_transformers(self) -> None:
         """transformers' figure on the workload (this run's or the committed one) and the ratio."""
         if self.args.skip_transformers:
@@ -634,6 +692,7 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         functools.partial(qwen.variant, "eager", profile=True),
         functools.partial(qwen.variant, "eager_torch_ops"),
         functools.partial(llama.variant, "eager"),
+        qwen.decode_sweep,
         qwen.compare_with_transformers,
     ]
     for step in steps:

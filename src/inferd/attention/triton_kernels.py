@@ -26,7 +26,10 @@ import triton.language as tl
 _LOG2_E = 1.4426950408889634
 # tl.dot needs every matrix dimension to be at least 16 when compiled for a GPU.
 _MIN_DOT_DIM = 16
+# Decode tile: keys per loop turn and warps per program (Triton's default is 4). benchmarks/gpu.py
+# sweeps both on a device; these are the values to change once its figures are in.
 _DECODE_BLOCK_N = 64
+_DECODE_NUM_WARPS = 4
 _EXTEND_BLOCK_M = 64
 _EXTEND_BLOCK_N = 64
 _MAX_SPLITS = 16
@@ -452,6 +455,7 @@ def paged_decode_attention(
         GROUP_P2=_pow2_at_least(group_size, _MIN_DOT_DIM),
         HEAD_DIM_P2=head_dim_p2,
         BLOCK_N=_DECODE_BLOCK_N,
+        num_warps=_DECODE_NUM_WARPS,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
