@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry
 from server_process import ServerProcess, run_server
 
 from inferd.engine.core import EngineStats
+from inferd.engine.outputs import RequestMetrics, RequestOutput
+from inferd.server.frontend import _RequestTracker
 from inferd.server.metrics import FinishedRequest, ServerMetrics
 
 RUNNING = "inferd:num_requests_running"
@@ -20,9 +22,15 @@ ABORTED = "inferd:requests_aborted_total"
 GENERATED = "inferd:generation_tokens_total"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama) -> Iterator[ServerProcess]:
-    with run_server(tiny_llama, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny") as process:
+# The CPU's default, and a GPU's (the core in its own process, steps launched before the last
+# one's tokens are read) forced on the CPU.
+ENGINE_MODES = {"thread": (), "process-async": ("--engine-process", "--async-scheduling")}
+
+
+@pytest.fixture(scope="module", params=list(ENGINE_MODES))
+def server(tiny_llama, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    args = ("--kv-cache-memory", "8MiB", "--served-model-name", "tiny", *ENGINE_MODES[request.param])
+    with run_server(tiny_llama, *args) as process:
         yield process
 
 
@@ -150,3 +158,17 @@ def test_finish_reasons_feed_their_counters() -> None:
     assert value("inferd:num_requests_waiting") == 2
     assert value("inferd:gpu_memory_used_bytes") == 1234
     assert value("inferd:prefix_cache_hits_total") == 4
+
+
+def test_inter_token_gaps_count_every_token_after_the_first_however_they_are_grouped() -> None:
+    """Outputs may carry several tokens (stop-string hold-back, outputs merged behind a slow
+    reader): the histogram still gets one gap per token after the first."""
+    metrics, registry = _metrics_for_unit_test()
+    tracker = _RequestTracker("r", 3, metrics)
+    timing = RequestMetrics(arrival_time=0.0)
+    tokens: list[int] = []
+    for new in ([1, 2], [3], [4, 5, 6]):
+        tokens += new
+        tracker.on_output(RequestOutput("r", [9, 9, 9], "", list(tokens), "", new, False, None, timing))
+    count = registry.get_sample_value("inferd:inter_token_latency_seconds_count", {"model_name": "m"})
+    assert count == 5

@@ -53,7 +53,9 @@ class EngineCore:
             self.scheduler.finish(request_id, reason)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        # A step still in flight whose requests have all finished (aborted, say) need not be read:
+        # its tokens would be dropped. The next step() reads it, or it is never needed.
+        return self.scheduler.has_unfinished()
 
     def step(self) -> list[EngineCoreOutput]:
         """Run one step; returns the tokens that came back.

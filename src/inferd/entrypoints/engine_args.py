@@ -32,9 +32,10 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
     group.add_argument("--attention-backend", choices=["auto", "torch", "triton"], help="attention kernels")
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     group.add_argument(
-        "--no-async-scheduling",
-        action="store_true",
-        help="wait for each step's tokens before scheduling the next (default on a GPU: overlap them)",
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        help="launch each step before reading the last one's tokens, overlapping host and device work "
+        "(default: on for CUDA, off on the CPU)",
     )
     if seed_flag:
         group.add_argument("--seed", dest="engine_seed", type=int, help="seed for requests without their own")
@@ -47,8 +48,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["seed"] = args.engine_seed
     if args.enforce_eager:
         options["enforce_eager"] = True
-    if args.no_async_scheduling:
-        options["async_scheduling"] = False
+    if args.async_scheduling is not None:
+        options["async_scheduling"] = args.async_scheduling
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
     return options

@@ -245,11 +245,18 @@ class _RequestTracker:
 
     def on_output(self, out: RequestOutput) -> None:
         if out.new_token_ids:
+            # One gap per token after the first. An output may carry several tokens (held back
+            # for a stop string, or merged behind a slow reader): they share the time since the
+            # last output, and those that came with the first token arrived with it.
             now = time.monotonic()
+            count = len(out.new_token_ids)
             if self.last_token_time is None:
                 self.first_token_time = now
+                gap, count = 0.0, count - 1
             else:
-                self.metrics.observe_inter_token((now - self.last_token_time) / len(out.new_token_ids))
+                gap = (now - self.last_token_time) / count
+            for _ in range(count):
+                self.metrics.observe_inter_token(gap)
             self.last_token_time = now
             self.num_tokens = len(out.token_ids)
         if out.finished:
