@@ -55,7 +55,12 @@ def test_final_only_requests_emit_once_with_the_streamed_text(llm: LLM) -> None:
     assert final.metrics.first_token_time is not None
 
 
-def test_a_failed_generate_leaves_no_request_behind(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_failed_generate_leaves_no_request_behind(
+    tiny_llama, monkeypatch: pytest.MonkeyPatch, async_scheduling: bool
+) -> None:
+    # With async scheduling the failure leaves a launched step unread behind the aborted requests.
+    llm = LLM(tiny_llama, kv_cache_memory="32MiB", block_size=8, async_scheduling=async_scheduling)
     engine = llm.engine
     real_step, steps = engine.step, []
 
