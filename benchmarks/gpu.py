@@ -566,8 +566,10 @@ class ShapeRun:
         self.hf_config = hf_config
         self.folder = write_model_folder(folder, hf_config)
         self.shape = model_shape(hf_config, plan.dtype)
-        # On the CPU the small ops run (through the Triton interpreter) only when asked.
-        self.base_options = {**base_options, **({"triton_ops": True} if args.smoke else {})}
+        # A GPU's defaults that the CPU leaves off: the smoke run asks for them, so it goes
+        # through the same paths (the small ops through the Triton interpreter).
+        smoke_options = {"triton_ops": True, "async_scheduling": True} if args.smoke else {}
+        self.base_options = {**base_options, **smoke_options}
         self.result: dict[str, Any] = {"variants": {}}
 
     def variant(self, name: str, workload: bool = False, profile: bool = False) -> None:
