@@ -121,10 +121,6 @@ class ModelRunner:
         graphs.capture(capturer or CudaGraphCapturer())
         self.graphs = graphs
 
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step and wait for its tokens."""
-        return self.collect(self.launch(out))
-
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
         """Queue one step's forward pass and sampling without waiting for the device.
