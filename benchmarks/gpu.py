@@ -264,14 +264,14 @@ def check_model_forward(folder: Path, hf_config: dict[str, Any], plan: Plan) -> 
 
 # ---- speed --------------------------------------------------------------------------------------
 
-# (keys per tile, warps) for the decode kernel sweep; the first is the kernels' default.
+# (keys per tile, warps) for the decode kernel sweep.
 DECODE_TILES = [(64, 4), (32, 4), (64, 8), (128, 4), (128, 8), (32, 2), (64, 2)]
 
 
 def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
     """Paged decode attention alone, at the workload's batch and mid-run context lengths, for
     each decode tile: time per call and KV bytes read per second against the copy bandwidth.
-    Each tile's output is checked against the default tile's."""
+    Each tile's output is checked against the kernels' current default tile's."""
     from inferd.attention import triton_kernels
 
     heads, kv_heads, dim = (hf_config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
@@ -289,22 +289,19 @@ def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceiling
     kv_bytes = sum(meta.seq_lens_host) * kv_heads * dim * 2 * k_cache.element_size()
     default = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS)
     tiles = DECODE_TILES if plan.device == "cuda" else DECODE_TILES[:2]
+
+    def call() -> torch.Tensor:
+        return triton_kernels.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, dim**-0.5, splits
+        )
+
+    reference = call()
     results: list[dict[str, Any]] = []
-    reference: torch.Tensor | None = None
     try:
         for block_n, warps in tiles:
             triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS = block_n, warps
-
-            def call() -> torch.Tensor:
-                return triton_kernels.paged_decode_attention(
-                    q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                    dim**-0.5, splits,
-                )  # fmt: skip
-
             entry: dict[str, Any] = {"block_n": block_n, "num_warps": warps, "num_splits": splits}
-            out = call()
-            reference = out if reference is None else reference
-            entry["relative_error_vs_default"] = relative_error(out, reference)
+            entry["relative_error_vs_default"] = relative_error(call(), reference)
             seconds = _timed(call, plan.device, 20 if plan.device == "cuda" else 1)
             entry["us"] = seconds * 1e6
             entry["kv_bytes_per_s"] = kv_bytes / seconds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -69,5 +70,26 @@ async def test_a_consumer_that_falls_behind_gets_merged_outputs(tiny_llama) -> N
         assert "".join(o.new_text for o in received) == received[-1].text == expected.text
         assert [t for o in received for t in o.new_token_ids] == expected.token_ids
         assert [lp.token_id for o in received for lp in o.new_logprobs] == expected.token_ids
+    finally:
+        llm.shutdown()
+
+
+async def test_a_backlog_is_not_merged_into_a_timeout(tiny_llama) -> None:
+    """The protocol adapters raise on a timeout or an error, so the tokens queued before it must
+    reach the reader as their own output first."""
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="16MiB")
+    llm.start()
+    try:
+        params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        deadline = time.monotonic() + 0.5
+        received = []
+        async for out in llm.generate("late", PROMPTS[0], params, deadline):
+            received.append(out)
+            if len(received) == 1:
+                await _wait_for(lambda: not llm.engine.core.has_unfinished())  # timed out meanwhile
+        final = received[-1]
+        assert final.finish_reason == "timeout" and final.new_token_ids == []
+        assert len(received) == 3 and not received[1].finished
+        assert [t for o in received[:-1] for t in o.new_token_ids] == final.token_ids
     finally:
         llm.shutdown()

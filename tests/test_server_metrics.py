@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -172,3 +173,17 @@ def test_inter_token_gaps_count_every_token_after_the_first_however_they_are_gro
         tracker.on_output(RequestOutput("r", [9, 9, 9], "", list(tokens), "", new, False, None, timing))
     count = registry.get_sample_value("inferd:inter_token_latency_seconds_count", {"model_name": "m"})
     assert count == 5
+
+
+def test_tokens_that_came_with_the_first_share_the_time_since_the_engine_saw_it() -> None:
+    metrics, registry = _metrics_for_unit_test()
+    tracker = _RequestTracker("r", 3, metrics)
+    # A reader that fell 0.4 s behind gets the first five tokens at once.
+    timing = RequestMetrics(arrival_time=0.0, first_token_time=time.monotonic() - 0.4)
+    tracker.on_output(RequestOutput("r", [9], "", [1, 2, 3, 4, 5], "", [1, 2, 3, 4, 5], False, None, timing))
+
+    def value(name: str) -> float | None:
+        return registry.get_sample_value(f"inferd:inter_token_latency_seconds_{name}", {"model_name": "m"})
+
+    assert value("count") == 4
+    assert 0.4 <= value("sum") < 1.0  # type: ignore[operator]

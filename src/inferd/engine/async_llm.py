@@ -146,11 +146,18 @@ class AsyncLLM:
             stream = self._register(request_id)
             self._commands.put(_Add(request_id, token_ids, params, time.monotonic(), deadline))
             finished = False
+            held: RequestOutput | None = None
             try:
                 while not finished:
-                    out = await stream.get()
+                    out, held = (held, None) if held is not None else (await stream.get(), None)
                     while not out.finished and not stream.empty():
-                        out = merge_outputs(out, stream.get_nowait())
+                        following = stream.get_nowait()
+                        if following.finished and not _ends_normally(following):
+                            # An error or a timeout is raised by the protocol adapters: the tokens
+                            # before it go out on their own first.
+                            held = following
+                            break
+                        out = merge_outputs(out, following)
                     if queued:
                         self.admission.leave(len(token_ids))
                         queued = False
@@ -293,6 +300,10 @@ class AsyncLLM:
         with self._lock:
             self._streams.pop(request_id, None)
             self._loops.pop(request_id, None)
+
+
+def _ends_normally(out: RequestOutput) -> bool:
+    return out.error is None and out.finish_reason in (FinishReason.STOP.value, FinishReason.LENGTH.value)
 
 
 def _put_all(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:

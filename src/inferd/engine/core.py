@@ -12,7 +12,7 @@ from inferd.kv.manager import KVCacheManager
 from inferd.sample.penalties import needs_history
 from inferd.sched.output import SchedulerOutput
 from inferd.sched.scheduler import Scheduler
-from inferd.worker.model_runner import LaunchedStep, ModelRunner
+from inferd.worker.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -66,27 +66,33 @@ class EngineCore:
         """
         in_flight, self._in_flight = self._in_flight, None
         sched_out: SchedulerOutput | None = None
+        launched: LaunchedStep | None = None
+        read: LaunchedStep | None
         try:
             if in_flight is not None and _samples_need_history(in_flight):
-                return self._finish(in_flight)  # the host needs those tokens before sampling again
-            sched_out = self.scheduler.schedule()
-            launched = None if sched_out.is_empty else self.runner.launch(sched_out, in_flight)
-            if not self.async_scheduling:
-                return self._finish(launched) if launched is not None else []
-            outputs = self._finish(in_flight) if in_flight is not None else []
-            self._in_flight = launched
-            return outputs
+                read = in_flight  # the host needs those tokens before sampling again
+            else:
+                sched_out = self.scheduler.schedule()
+                launched = None if sched_out.is_empty else self.runner.launch(sched_out, in_flight)
+                read = in_flight if self.async_scheduling else launched
+            runner_out = self.runner.collect(read) if read is not None else None
+            if self.async_scheduling and sched_out is not None:
+                self._in_flight = launched
         except BaseException:
-            # Lost steps are undone, newest first, so a later step() can run them again.
+            # Lost steps are undone, newest first, so a later step() runs them again (a seeded
+            # request's generator has moved on, so its retried draws differ).
             for lost in (sched_out, in_flight.scheduled if in_flight is not None else None):
                 if lost is not None:
                     self.scheduler.unschedule(lost)
             raise
+        return self._apply(read, runner_out) if read is not None and runner_out is not None else []
 
-    def _finish(self, step: LaunchedStep) -> list[EngineCoreOutput]:
-        runner_out = self.runner.collect(step)
-        # Requests whose sampling failed end here, alone; update() skips them as finished. The
-        # identity check matters with a step in flight: the id may belong to a newer request by now.
+    def _apply(self, step: LaunchedStep, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """A read step's results into the scheduler, and its outputs.
+
+        Requests whose sampling failed end here, alone; update() skips them as finished. The
+        identity check matters with a step in flight: the id may belong to a newer request by now.
+        """
         current = self.scheduler.requests
         failed = [
             EngineCoreOutput(r.request_id, None, None, FinishReason.ERROR.value, error=message)

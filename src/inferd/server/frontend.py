@@ -247,12 +247,15 @@ class _RequestTracker:
         if out.new_token_ids:
             # One gap per token after the first. An output may carry several tokens (held back
             # for a stop string, or merged behind a slow reader): they share the time since the
-            # last output, and those that came with the first token arrived with it.
+            # last output.
             now = time.monotonic()
             count = len(out.new_token_ids)
             if self.last_token_time is None:
                 self.first_token_time = now
-                gap, count = 0.0, count - 1
+                # Tokens that came with the first one were made since the engine saw it.
+                count -= 1
+                made = out.metrics.first_token_time
+                gap = max(0.0, now - made) / count if count and made is not None else 0.0
             else:
                 gap = (now - self.last_token_time) / count
             for _ in range(count):
@@ -298,18 +301,22 @@ _DONE = object()
 
 
 async def _merge(streams: list[AsyncGenerator[IndexedOutput, None]]) -> AsyncGenerator[IndexedOutput, None]:
-    """Interleave several output streams as their items arrive; closing it closes them all."""
-    queue: asyncio.Queue[Any] = asyncio.Queue()
+    """Interleave several output streams as their items arrive; closing it closes them all.
+
+    The hand-off holds one item per stream: a slow reader leaves the backlog in the engine's
+    per-request queues, where it is merged into multi-token outputs, not here one per token."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=len(streams))
 
     async def pump(stream: AsyncIterator[IndexedOutput]) -> None:
+        # Cancellation (the reader has gone) passes through: nobody would read what is put then.
         try:
             async with aclosing(stream):  # type: ignore[type-var]
                 async for item in stream:
-                    queue.put_nowait(item)
-        except Exception as exc:  # handed to the consumer, which raises it
-            queue.put_nowait(exc)
-        finally:
-            queue.put_nowait(_DONE)
+                    await queue.put(item)
+        except Exception as exc:  # handed to the reader, which raises it and closes the rest
+            await queue.put(exc)
+        else:
+            await queue.put(_DONE)
 
     tasks = [asyncio.create_task(pump(stream)) for stream in streams]
     try:
