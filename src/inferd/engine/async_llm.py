@@ -149,7 +149,10 @@ class AsyncLLM:
             held: RequestOutput | None = None
             try:
                 while not finished:
-                    out, held = (held, None) if held is not None else (await stream.get(), None)
+                    if held is not None:
+                        out, held = held, None
+                    else:
+                        out = await stream.get()
                     while not out.finished and not stream.empty():
                         following = stream.get_nowait()
                         if following.finished and not _ends_normally(following):
