@@ -61,7 +61,10 @@ def test_only_pure_decode_steps_within_the_ladder_take_a_graph() -> None:
     assert graphs.padded_size(SchedulerOutput([_seq([5], 10) for _ in range(9)], [])) is None
 
 
-def test_graph_decode_equals_eager_decode(tiny_model_factory) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_graph_decode_equals_eager_decode(tiny_model_factory, async_scheduling: bool) -> None:
+    """With async scheduling (a GPU's default) each replay reads input ids that the runner wrote
+    from the last step's samples into the graph's static buffer just before."""
     folder = tiny_model_factory("qwen3")
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 9, 30, 1)]
     # Different budgets make the batch shrink from 5 sequences to 1 over the run.
@@ -73,7 +76,9 @@ def test_graph_decode_equals_eager_decode(tiny_model_factory) -> None:
     assert eager.engine.core.runner.graphs is None  # no CUDA: the engine never captures by itself
     expected = [out.token_ids for out in eager.generate(prompts, params)]
 
-    graphed = LLM(folder, attention_backend="triton", triton_ops=True, **options)
+    graphed = LLM(
+        folder, attention_backend="triton", triton_ops=True, async_scheduling=async_scheduling, **options
+    )
     runner = graphed.engine.core.runner
     capturer = StaticReplayCapturer()
     runner.capture_decode_graphs(capturer)
