@@ -687,11 +687,11 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         qwen.checks,
         functools.partial(qwen.variant, "default", workload=True),
         functools.partial(llama.variant, "default"),
+        qwen.decode_sweep,  # short, and what the kernel tuning needs
         functools.partial(qwen.variant, "sync", workload=True),
         functools.partial(qwen.variant, "eager", profile=True),
         functools.partial(qwen.variant, "eager_torch_ops"),
         functools.partial(llama.variant, "eager"),
-        qwen.decode_sweep,
         qwen.compare_with_transformers,
     ]
     for step in steps:
