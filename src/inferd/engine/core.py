@@ -76,6 +76,7 @@ class EngineCore:
                 launched = None if sched_out.is_empty else self.runner.launch(sched_out, in_flight)
                 read = in_flight if self.async_scheduling else launched
             runner_out = self.runner.collect(read) if read is not None else None
+            # Kept only once the read succeeded: a failed read undoes this step too.
             if self.async_scheduling and sched_out is not None:
                 self._in_flight = launched
         except BaseException:
@@ -85,7 +86,9 @@ class EngineCore:
                 if lost is not None:
                     self.scheduler.unschedule(lost)
             raise
-        return self._apply(read, runner_out) if read is not None and runner_out is not None else []
+        if read is None or runner_out is None:
+            return []
+        return self._apply(read, runner_out)
 
     def _apply(self, step: LaunchedStep, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """A read step's results into the scheduler, and its outputs.

@@ -55,6 +55,11 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_tokens_with_inflight(self) -> int:
+        """Known tokens plus those sampled on the device and not read yet."""
+        return self.num_tokens + self.num_inflight_tokens
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 

@@ -45,8 +45,9 @@ class PendingSample:
     token_ids: torch.Tensor  # [rows] int64 on the sampling device: the next step may feed them in
     errors: dict[int, str]
     _tokens_host: torch.Tensor
-    _logprobs_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # chosen, top values, top ids
-    _logprob_counts: list[int | None]  # top-N asked for, per row
+    # With logprobs: (chosen, top values, top ids) on their way, and the top-N asked for per row.
+    _logprobs_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    _logprob_counts: list[int | None]
     _copied: torch.cuda.Event | None
 
     def result(self) -> SampleResult:
@@ -94,16 +95,16 @@ class Sampler:
             tokens[rows] = self._draw(probs, picked)
         tokens_host = _to_host(tokens)
         logprobs_host = None
+        counts: list[int | None] = []
         if raw_logprobs is not None:
             chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-            most = max(r.params.logprobs or 0 for r in requests)
-            top_values, top_ids = raw_logprobs.topk(most, dim=-1)
+            counts = [r.params.logprobs for r in requests]
+            top_values, top_ids = raw_logprobs.topk(max(n or 0 for n in counts), dim=-1)
             logprobs_host = (_to_host(chosen), _to_host(top_values), _to_host(top_ids))
         copied = None
         if logits.is_cuda:
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(logits.device))
-        counts = [r.params.logprobs for r in requests]
         return PendingSample(tokens, errors, tokens_host, logprobs_host, counts, copied)
 
     def _draw(self, probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:

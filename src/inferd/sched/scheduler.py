@@ -70,7 +70,7 @@ class Scheduler:
             if self._ends_with_inflight_token(request):
                 index += 1  # its last token is being sampled; the results will finish it
                 continue
-            num_new = min(_known_and_inflight(request) - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens_with_inflight - request.num_computed_tokens, budget)
             while not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -92,8 +92,10 @@ class Scheduler:
         if not request.num_inflight_tokens:
             return False
         num_out = len(request.output_token_ids) + request.num_inflight_tokens
-        total = request.num_tokens + request.num_inflight_tokens
-        return num_out >= request.max_output_tokens or total >= self.config.max_model_len
+        return (
+            num_out >= request.max_output_tokens
+            or request.num_tokens_with_inflight >= self.config.max_model_len
+        )
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -122,10 +124,9 @@ class Scheduler:
     def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
         start = request.num_computed_tokens
         end = start + num_new
-        known = request.num_tokens
-        sample = end == known + request.num_inflight_tokens
+        sample = end == request.num_tokens_with_inflight
         # Only a decode step can reach past the known tokens: its one token is still in flight.
-        from_last_sample = end > known
+        from_last_sample = end > request.num_tokens
         request.num_computed_tokens = end
         if sample:
             request.num_inflight_tokens += 1
@@ -209,7 +210,3 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
-
-
-def _known_and_inflight(request: Request) -> int:
-    return request.num_tokens + request.num_inflight_tokens

@@ -46,9 +46,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
-        if self.device.type == "cuda" and self.device.index is not None:
-            # Graph capture, events and Triton launches all use the current device.
-            torch.cuda.set_device(self.device)
+        self._bind_device()
         self.dtype = parse_dtype(config.dtype)
         self.model = load_model(
             config.model_path,
@@ -83,6 +81,13 @@ class ModelRunner:
             )
             for _ in range(m.num_layers)
         ]
+
+    def _bind_device(self) -> None:
+        """Make this engine's GPU the calling thread's current device (a no-op for ``cuda`` and
+        the CPU): graph capture, events and Triton launches all use the current device, which is
+        per thread, and the engine may step on another thread than the one that built it."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
 
     def device_memory_bytes(self) -> int | None:
         """What torch's allocator holds on the GPU (None on the CPU)."""
@@ -128,12 +133,8 @@ class ModelRunner:
         ``previous`` is the step launched before this one when its tokens are still unread: the
         sequences of ``out`` that decode one of those tokens take it from the device.
         """
-        if self.device.type == "cuda" and self.device.index is not None:
-            # The current device is per thread, and the engine may step on another thread than the
-            # one that built it: launches, events and streams must all be on this device.
-            torch.cuda.set_device(self.device)
-        carried = previous.sample_rows if previous is not None and previous.sample is not None else None
-        inputs, hidden = self._forward(out, carried, previous)
+        self._bind_device()
+        inputs, hidden = self._forward(out, previous)
         if not inputs.sampling_rows:
             return LaunchedStep(out, [], None)
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
@@ -165,18 +166,18 @@ class ModelRunner:
         return self.model.compute_logits(self._forward(out)[1])
 
     def _forward(
-        self,
-        out: SchedulerOutput,
-        carried: dict[str, int] | None = None,
-        previous: LaunchedStep | None = None,
+        self, out: SchedulerOutput, previous: LaunchedStep | None = None
     ) -> tuple[ModelInputs, torch.Tensor]:
-        """Build the step's tensors once and run the model; returns them with the final hidden states."""
+        """Build the step's tensors once and run the model; returns them with the final hidden states.
+        ``previous``: the launched step whose samples decode rows of ``out`` may carry."""
         graph_size = self.graphs.padded_size(out) if self.graphs is not None else None
+        last_sample = previous.sample if previous is not None else None
+        carried = previous.sample_rows if previous is not None and last_sample is not None else None
         inputs = build_inputs(out, self.block_size, self.buffers, self.table_rows, graph_size, carried)
         if inputs.carried_rows.numel():
-            assert previous is not None and previous.sample is not None
+            assert last_sample is not None
             # Device to device, queued behind the step that sampled them: the host never waits.
-            tokens = previous.sample.token_ids.index_select(0, inputs.carried_sources)
+            tokens = last_sample.token_ids.index_select(0, inputs.carried_sources)
             self.buffers.device_views["input_ids"].index_copy_(0, inputs.carried_rows, tokens)
         if self.graphs is not None and graph_size is not None:
             hidden = self.graphs.replay(graph_size)[: inputs.input_ids.shape[0]]
