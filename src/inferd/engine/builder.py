@@ -21,6 +21,7 @@ _CPU_KV_FRACTION = 0.25
 _CPU_KV_CAP = 8 * 2**30
 # On a GPU, this share of the memory left after loading the weights.
 _GPU_KV_FRACTION = 0.85
+DEFAULT_MAX_NUM_SEQS = 128
 
 
 def default_model_path() -> Path:
@@ -48,7 +49,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
     max_model_len = _resolve_max_model_len(model, options.pop("max_model_len", None))
     max_batched = options.pop("max_num_batched_tokens", None) or max(2048, min(max_model_len, 8192))
     scheduler = SchedulerConfig(
-        max_num_seqs=options.pop("max_num_seqs", None) or 128,
+        max_num_seqs=options.pop("max_num_seqs", None) or DEFAULT_MAX_NUM_SEQS,
         max_num_batched_tokens=max_batched,
         max_model_len=max_model_len,
         max_tokens_cap=options.pop("max_tokens_cap", None),

@@ -59,13 +59,17 @@ async def serve(repository: ModelRepository, app: FastAPI, host: str, port: int,
         await repository.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inferd.server.kserve", description=__doc__)
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     metrics_registry = CollectorRegistry()
     repository = open_repository(args.model_repository, metrics_registry)
