@@ -43,10 +43,12 @@ CASES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
 }  # fmt: skip
 FP32 = "*fp32"
 ROTARY_POINTERS = {
-    "q_ptr": BF16, "k_ptr": BF16, "q_out_ptr": BF16, "k_out_ptr": BF16, "positions_ptr": "*i64",
-    "cos_ptr": FP32, "sin_ptr": FP32, "q_norm_weight_ptr": BF16, "k_norm_weight_ptr": BF16, "eps": "fp32",
+    "q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "q_out_ptr": BF16, "k_out_ptr": BF16, "v_cache_ptr": BF16,
+    "slot_mapping_ptr": "*i64", "positions_ptr": "*i64", "cos_ptr": FP32, "sin_ptr": FP32,
+    "q_norm_weight_ptr": BF16, "k_norm_weight_ptr": BF16, "eps": "fp32",
 }  # fmt: skip
-ROTARY_TILES = {"HEADS_P2": 16, "KV_HEADS_P2": 8, "HALF_P2": 64}
+ROTARY_TILES = {"HEADS_P2": 16, "KV_HEADS_P2": 8, "HALF_P2": 64, "STORE_KV": False, "BLOCK_SIZE": 1}
+STORE_KV = {"STORE_KV": True, "BLOCK_SIZE": 16}
 OP_CASES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "_rms_norm_kernel": ({"x_ptr": BF16, "weight_ptr": BF16, "out_ptr": BF16, "eps": "fp32"}, {"BLOCK": 128}),
     "_fused_add_rms_norm_kernel": (
@@ -57,6 +59,8 @@ OP_CASES: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     # "kernel:variant" compiles one kernel under several constexpr settings.
     "_rotary_kernel:plain": (ROTARY_POINTERS, {**ROTARY_TILES, "NORM": False}),
     "_rotary_kernel:qk_norm": (ROTARY_POINTERS, {**ROTARY_TILES, "NORM": True}),
+    "_rotary_kernel:store_kv": (ROTARY_POINTERS, {**ROTARY_TILES, **STORE_KV, "NORM": False}),
+    "_rotary_kernel:qk_norm_store_kv": (ROTARY_POINTERS, {**ROTARY_TILES, **STORE_KV, "NORM": True}),
     "_silu_and_mul_kernel": ({"gate_up_ptr": BF16, "out_ptr": BF16}, {"BLOCK": 1024}),
 }  # fmt: skip
 MODULE_CASES = {"inferd.attention.triton_kernels": CASES, "inferd.layers.triton_ops": OP_CASES}

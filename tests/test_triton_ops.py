@@ -130,6 +130,53 @@ def test_qk_norm_fused_into_rotary_matches_norm_then_rotary(dtype: torch.dtype) 
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_with_kv_store_equals_rotary_then_store(dtype: torch.dtype, qk_norm: bool) -> None:
+    """The fused kernel writes exactly what rotary followed by the store kernel writes, into the
+    same slots (scattered over blocks of 3, one padding slot -1), and leaves the rest alone."""
+    from inferd.attention.triton_kernels import store_kv_cache
+
+    q, k, v = split_qkv(tokens=6, heads=6, kv_heads=2, head_dim=12, dtype=dtype)
+    v = v.view(6, 2, 12)
+    norms = (torch_norm(12, dtype).weight, torch_norm(12, dtype).weight * 0.5, EPS) if qk_norm else None
+    rotary = RotaryEmbedding(12, max_positions=64, rope=RopeConfig(theta=10000.0)).to(DEVICE)
+    positions = torch.tensor([4, 0, 9, 63, 5, 5], device=DEVICE)
+    slots = torch.tensor([7, 0, -1, 14, 3, 11], device=DEVICE)
+    untouched = 7.0  # a value no write produces here
+    expected_k_cache = torch.full((5, 3, 2, 12), untouched, dtype=dtype, device=DEVICE)
+    expected_v_cache = expected_k_cache.clone()
+    k_cache, v_cache = expected_k_cache.clone(), expected_v_cache.clone()
+
+    expected_q, rotated_k = triton_ops.apply_rotary_embedding(q, k, positions, rotary.cos, rotary.sin, norms)
+    store_kv_cache(rotated_k, v, expected_k_cache, expected_v_cache, slots)
+    out_q = triton_ops.rotate_and_store_kv(
+        q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slots, qk_norm=norms
+    )
+    assert torch.equal(out_q, expected_q)
+    assert torch.equal(k_cache, expected_k_cache)
+    assert torch.equal(v_cache, expected_v_cache)
+    written = torch.zeros(15, dtype=torch.bool)
+    written[[7, 0, 14, 3, 11]] = True
+    assert (k_cache.view(15, -1)[~written] == untouched).all()
+    assert (k_cache.view(15, -1)[written] != untouched).all()
+
+
+def test_rotary_with_kv_store_refuses_caches_that_do_not_fit() -> None:
+    q, k, v = split_qkv(tokens=2, heads=4, kv_heads=2, head_dim=8, dtype=torch.float32)
+    v = v.view(2, 2, 8)
+    table = torch.ones(16, 4, device=DEVICE)
+    positions = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    slots = torch.tensor([0, 1], device=DEVICE)
+    cache = torch.zeros(2, 4, 2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="do not hold k"):
+        narrow = cache[..., :4]
+        triton_ops.rotate_and_store_kv(q, k, v, positions, table, table, narrow, narrow, slots)
+    with pytest.raises(ValueError, match="one slot per token"):
+        triton_ops.rotate_and_store_kv(q, k, v, positions, table, table, cache, cache.clone(), slots[:1])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 2 * 36), (2, 3, 2 * 20), (2, 2 * 1100)])
 def test_silu_and_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     gate_up = randn(*shape, dtype=dtype) * 4  # reach both tails of SiLU
@@ -161,7 +208,13 @@ def count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
         return wrapper
 
-    for name in ("rms_norm", "fused_add_rms_norm", "apply_rotary_embedding", "silu_and_mul"):
+    for name in (
+        "rms_norm",
+        "fused_add_rms_norm",
+        "apply_rotary_embedding",
+        "rotate_and_store_kv",
+        "silu_and_mul",
+    ):
         monkeypatch.setattr(triton_ops, name, counted(name, getattr(triton_ops, name)))
     return calls
 
@@ -183,7 +236,9 @@ def test_model_with_triton_ops_matches_torch_path(tiny_model_factory, monkeypatc
     layers = llm.engine.config.model.num_layers
     assert calls["rms_norm"] == 1  # the first norm; Qwen3's q/k norms run inside the rotary kernel
     assert calls["fused_add_rms_norm"] == 2 * layers  # every later norm, the final one included
-    assert calls["apply_rotary_embedding"] == calls["silu_and_mul"] == layers
+    # The rotary kernel also stores the new K/V; the attention backend only reads the cache.
+    assert calls["rotate_and_store_kv"] == calls["silu_and_mul"] == layers
+    assert calls["apply_rotary_embedding"] == 0
     assert (triton_logits - torch_logits).abs().max().item() < 1e-5
 
     model.enable_triton_ops(False)

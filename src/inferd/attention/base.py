@@ -42,7 +42,8 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    """Writes this step's K/V into the paged cache and attends over it."""
+    """Writes this step's K/V into the paged cache and attends over it (``forward``), or attends
+    over a cache that already holds them (``attend``)."""
 
     name: str
 
@@ -56,4 +57,15 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """``forward`` for a step whose K/V are already in the cache (stored by the rotary kernel)."""
         ...

@@ -83,7 +83,20 @@ class TorchAttentionBackend:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_pure_decode:
             return self._decode(q, k_cache, v_cache, meta, scale)
-        return self._varlen(q, k, v, k_cache, v_cache, meta, scale)
+        # Fresh prompts attend over this step's k and v directly, without reading them back.
+        return self._varlen(q, (k, v), k_cache, v_cache, meta, scale)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if meta.is_pure_decode:
+            return self._decode(q, k_cache, v_cache, meta, scale)
+        return self._varlen(q, None, k_cache, v_cache, meta, scale)
 
     def _decode(
         self,
@@ -127,8 +140,7 @@ class TorchAttentionBackend:
     def _varlen(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
@@ -138,10 +150,10 @@ class TorchAttentionBackend:
         start = 0
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host, strict=True)):
             query = q[start : start + q_len].transpose(0, 1)  # [heads, q_len, dim]
-            if q_len == seq_len:
+            if q_len == seq_len and new_kv is not None:
                 # A fresh prompt: its keys are exactly this step's, no cache read or mask needed.
-                keys = k[start : start + q_len].transpose(0, 1)
-                values = v[start : start + q_len].transpose(0, 1)
+                keys = new_kv[0][start : start + q_len].transpose(0, 1)
+                values = new_kv[1][start : start + q_len].transpose(0, 1)
                 mask = None
             else:
                 keys = gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)

@@ -35,8 +35,18 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
+        self._kernels.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         kernels = self._kernels
-        kernels.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_pure_decode:
             num_splits = self._decode_splits or kernels.default_num_splits(
                 meta.num_seqs, k_cache.shape[2], meta.max_seq_len, kernels.num_sms(q.device)

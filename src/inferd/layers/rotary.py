@@ -90,6 +90,25 @@ class TritonRotary:
             q, k, self.positions, self.cos_table, self.sin_table, qk_norm=weights
         )
 
+    def rotate_and_store(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        slot_mapping: torch.Tensor,
+        qk_norms: tuple[RMSNorm, RMSNorm] | None = None,
+    ) -> torch.Tensor:
+        """The rotation (after the q/k norms, if given) with the new k and v written into their
+        cache slots by the same kernel: the KV store's launch is saved. Returns the rotated q."""
+        from inferd.layers import triton_ops
+
+        weights = (qk_norms[0].weight, qk_norms[1].weight, qk_norms[0].eps) if qk_norms else None
+        return triton_ops.rotate_and_store_kv(
+            q, k, v, self.positions, self.cos_table, self.sin_table, kv_cache[0], kv_cache[1], slot_mapping,
+            qk_norm=weights,
+        )  # fmt: skip
+
 
 class RotaryEmbedding(nn.Module):
     """Precomputes cos/sin for every position up to ``max_positions`` (rotate-half convention)."""

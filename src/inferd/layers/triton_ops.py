@@ -143,8 +143,11 @@ def _rotate_heads(
 def _rotary_kernel(
     q_ptr,
     k_ptr,
+    v_ptr,
     q_out_ptr,
     k_out_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
     positions_ptr,
     cos_ptr,
     sin_ptr,
@@ -154,10 +157,14 @@ def _rotary_kernel(
     stride_q_head,
     stride_k_tok,
     stride_k_head,
+    stride_v_tok,
+    stride_v_head,
     stride_qo_tok,
     stride_qo_head,
     stride_ko_tok,
     stride_ko_head,
+    stride_cache_block,
+    stride_cache_head,
     stride_cos_pos,
     stride_sin_pos,
     num_heads,
@@ -168,9 +175,17 @@ def _rotary_kernel(
     KV_HEADS_P2: tl.constexpr,
     HALF_P2: tl.constexpr,
     NORM: tl.constexpr,
+    STORE_KV: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     """One program per token: looks up its position's cos/sin row once, rotates q and k (after
-    their per-head norms, with ``NORM``)."""
+    their per-head norms, with ``NORM``).
+
+    With ``STORE_KV``, ``k_out_ptr`` and ``v_cache_ptr`` are the paged K and V caches (which share
+    strides): the rotated k and the untouched v go straight to the token's slot, and a negative
+    slot (padding) writes neither. ``stride_ko_tok`` is then the cache's stride between slots of
+    a block.
+    """
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     dims = tl.arange(0, HALF_P2)
@@ -182,11 +197,28 @@ def _rotary_kernel(
         stride_q_head, stride_qo_head, num_heads, cos, sin, dims, dim_mask, half_dim, eps,
         HEADS_P2, NORM,
     )  # fmt: skip
-    _rotate_heads(
-        k_ptr + tok * stride_k_tok, k_out_ptr + tok * stride_ko_tok, k_norm_weight_ptr,
-        stride_k_head, stride_ko_head, num_kv_heads, cos, sin, dims, dim_mask, half_dim, eps,
-        KV_HEADS_P2, NORM,
-    )  # fmt: skip
+    if STORE_KV:
+        slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+        if slot >= 0:
+            slot_offset = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_ko_tok
+            _rotate_heads(
+                k_ptr + tok * stride_k_tok, k_out_ptr + slot_offset, k_norm_weight_ptr,
+                stride_k_head, stride_cache_head, num_kv_heads, cos, sin, dims, dim_mask, half_dim, eps,
+                KV_HEADS_P2, NORM,
+            )  # fmt: skip
+            heads = tl.arange(0, KV_HEADS_P2)[:, None]
+            mask = (heads < num_kv_heads) & dim_mask[None, :]
+            src = v_ptr + tok * stride_v_tok + heads * stride_v_head + dims[None, :]
+            dst = v_cache_ptr + slot_offset + heads * stride_cache_head + dims[None, :]
+            cache_ty = v_cache_ptr.dtype.element_ty
+            tl.store(dst, tl.load(src, mask=mask).to(cache_ty), mask=mask)
+            tl.store(dst + half_dim, tl.load(src + half_dim, mask=mask).to(cache_ty), mask=mask)
+    else:
+        _rotate_heads(
+            k_ptr + tok * stride_k_tok, k_out_ptr + tok * stride_ko_tok, k_norm_weight_ptr,
+            stride_k_head, stride_ko_head, num_kv_heads, cos, sin, dims, dim_mask, half_dim, eps,
+            KV_HEADS_P2, NORM,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -304,6 +336,51 @@ def apply_rotary_embedding(
     ``qk_norm`` = ``(q_weight, k_weight, eps)`` RMS-normalizes every head first (Qwen3's q/k norm),
     in the same pass; the weights must have q's dtype, as the model's do.
     """
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out = _launch_rotary(q, k, None, k_out, positions, cos_table, sin_table, qk_norm, None)
+    return q_out, k_out
+
+
+def rotate_and_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """``apply_rotary_embedding``, with the rotated k and ``v`` written straight into their slots of
+    the paged caches (``[num_blocks, block_size, kv_heads, dim]``; negative slots are skipped)
+    instead of returned: one launch where there were two. Returns the rotated q."""
+    if v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} and k {tuple(k.shape)} differ in shape")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"caches {tuple(k_cache.shape)} and {tuple(v_cache.shape)} must be "
+                         "[blocks, block_size, kv_heads, dim] with the same strides")  # fmt: skip
+    if k_cache.shape[2:] != k.shape[1:] or k_cache.stride(-1) != 1:
+        raise ValueError(f"caches {tuple(k_cache.shape)} do not hold k {tuple(k.shape)} rows")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} must have one slot per token")
+    return _launch_rotary(q, k, v, k_cache, positions, cos_table, sin_table, qk_norm, (v_cache, slot_mapping))
+
+
+def _launch_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    k_out: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None,
+    kv_store: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Checks the shared arguments and launches the kernel; ``k_out`` is a ``[tokens, kv_heads,
+    dim]`` tensor or, with ``kv_store`` = ``(v_cache, slot_mapping)``, the K cache."""
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be [tokens, heads, dim]")
     if positions.shape != (q.shape[0],):
@@ -312,6 +389,7 @@ def apply_rotary_embedding(
     if q.shape[2] % 2 or cos_table.shape[-1] != half_dim or sin_table.shape != cos_table.shape:
         raise ValueError(f"cos/sin tables {tuple(cos_table.shape)} do not fit head dim {q.shape[2]}")
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    v = _last_dim_contiguous(v) if v is not None else k  # v is unread without kv_store
     cos_table, sin_table = _last_dim_contiguous(cos_table), _last_dim_contiguous(sin_table)
     q_weight, k_weight, eps = qk_norm if qk_norm is not None else (q, k, 0.0)  # weights unread without
     if qk_norm is not None:
@@ -319,21 +397,33 @@ def apply_rotary_embedding(
             if weight.shape != (q.shape[2],) or weight.dtype != q.dtype:
                 raise ValueError(f"q/k norm weight {tuple(weight.shape)} {weight.dtype} does not fit q")
         q_weight, k_weight = _last_dim_contiguous(q_weight), _last_dim_contiguous(k_weight)
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty_like(k)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
-        return q_out, k_out
+        return q_out
+    if kv_store is not None:
+        v_cache, slot_mapping = kv_store
+        # Slots: block stride, slot-in-block stride and head stride of the (shared) cache layout.
+        stride_ko_tok, stride_ko_head, stride_block = k_out.stride(1), k_out.stride(2), k_out.stride(0)
+        block_size = k_out.shape[1]
+    else:
+        v_cache, slot_mapping = k_out, positions  # unread without kv_store
+        stride_ko_tok, stride_ko_head, stride_block = k_out.stride(0), k_out.stride(1), 0
+        block_size = 1
     _rotary_kernel[(q.shape[0],)](
-        q, k, q_out, k_out, positions, cos_table, sin_table, q_weight, k_weight,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        q, k, v, q_out, k_out, v_cache, slot_mapping, positions, cos_table, sin_table, q_weight, k_weight,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q_out.stride(0), q_out.stride(1), stride_ko_tok, stride_ko_head,
+        stride_block, stride_ko_head,
         cos_table.stride(0), sin_table.stride(0),
         q.shape[1], k.shape[1], half_dim, eps,
         HEADS_P2=triton.next_power_of_2(q.shape[1]),
         KV_HEADS_P2=triton.next_power_of_2(k.shape[1]),
         HALF_P2=triton.next_power_of_2(half_dim),
         NORM=qk_norm is not None,
+        STORE_KV=kv_store is not None,
+        BLOCK_SIZE=block_size,
     )  # fmt: skip
-    return q_out, k_out
+    return q_out
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from inferd.attention.base import AttentionBackend, AttentionMetadata
 from inferd.config import ModelConfig
 from inferd.layers.activation import SiluAndMul
 from inferd.layers.norm import RMSNorm
-from inferd.layers.rotary import RotaryEmbedding, RotaryStep
+from inferd.layers.rotary import RotaryEmbedding, RotaryStep, TritonRotary
 
 
 class Attention(nn.Module):
@@ -46,11 +46,14 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = rotary.apply_normed(q, k, self.q_norm, self.k_norm)
+        norms = (self.q_norm, self.k_norm) if self.q_norm is not None and self.k_norm is not None else None
+        if isinstance(rotary, TritonRotary):
+            # One kernel rotates and stores the new K/V; attention then reads them from the cache.
+            q = rotary.rotate_and_store(q, k, v, kv_cache, meta.slot_mapping, norms)
+            out = backend.attend(q, kv_cache[0], kv_cache[1], meta, self.scale)
         else:
-            q, k = rotary.apply(q, k)
-        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+            q, k = rotary.apply_normed(q, k, *norms) if norms is not None else rotary.apply(q, k)
+            out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
