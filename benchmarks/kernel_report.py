@@ -1,0 +1,232 @@
+"""Every Triton kernel compiled for a Hopper GPU (sm_90a) on a machine without one, with what
+the compiler made of it: registers, spills, shared memory, how many programs fit on one SM, and
+whether the attention loops load their K/V tiles asynchronously (software-pipelined).
+
+Compilation goes down to a cubin with the ptxas in Triton's wheel. Arguments are specialized as
+Triton's launcher specializes them at run time on the Qwen3-0.6B shape: pointers 16-byte aligned,
+strides and sizes that are multiples of 16 marked so. Without that the compiler cannot prove
+vector-wide accesses and emits neither vector loads nor the asynchronous copies a GPU run gets.
+
+    python benchmarks/kernel_report.py            # the table
+    python benchmarks/kernel_report.py --check    # also exit 1 on spills, unpipelined attention
+                                                  # loops or shared memory past the SM's limit
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# Compile, never interpret, and keep the compiler's current floating-point fusion default.
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from gpu import DECODE_TILES  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+# sm_90 per SM (and the largest block): 64K registers, 64 warps, 32 blocks, 228 KB of shared
+# memory of which one block may use 227 KB; the runtime reserves 1 KB per block.
+SM_REGISTERS, SM_WARPS, SM_BLOCKS = 65536, 64, 32
+SM_SHARED, BLOCK_SHARED_MAX, SHARED_RESERVED_PER_BLOCK = 228 * 1024, 227 * 1024, 1024
+# Registers are granted per warp in units of 256.
+REGISTER_UNIT = 256
+
+BF16, FP32, I64 = "*bf16", "*fp32", "*i64"
+CACHES = {"k_cache_ptr": BF16, "v_cache_ptr": BF16}
+STEP = {"block_tables_ptr": I64, "seq_lens_ptr": I64, "query_start_loc_ptr": I64}
+ROTARY = {
+    "q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, "q_out_ptr": BF16, "k_out_ptr": BF16, "v_cache_ptr": BF16,
+    "slot_mapping_ptr": I64, "positions_ptr": I64, "cos_ptr": FP32, "sin_ptr": FP32,
+    "q_norm_weight_ptr": BF16, "k_norm_weight_ptr": BF16, "eps": "fp32",
+}  # fmt: skip
+ROTARY_TILES = {"HEADS_P2": 16, "KV_HEADS_P2": 8, "HALF_P2": 64, "STORE_KV": False, "BLOCK_SIZE": 1}
+STORE_KV = {"STORE_KV": True, "BLOCK_SIZE": 16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel as the engine launches it: argument types (others are i32), constexprs, launch
+    options, and whether its main loop must be pipelined."""
+
+    module: str
+    kernel: str
+    label: str
+    types: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    pipelined_loop: bool = False
+
+
+ATTENTION = "inferd.attention.triton_kernels"
+OPS = "inferd.layers.triton_ops"
+
+
+def cases() -> list[Case]:
+    from inferd.attention import triton_kernels
+
+    decode = {"q_ptr": BF16, **CACHES, "out_ptr": FP32, "lse_ptr": FP32, **STEP, "scale_log2": "fp32"}
+    decode_tile = {"BLOCK_SIZE": 16, "GROUP_P2": 16, "HEAD_DIM_P2": 128}
+    default_tile = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS)
+    decode_cases = [
+        Case(ATTENTION, "_paged_decode_kernel", f"decode keys={block_n} warps={warps}"
+             + (" (default)" if (block_n, warps) == default_tile else ""),
+             decode, {**decode_tile, "BLOCK_N": block_n}, num_warps=warps, pipelined_loop=True)
+        for block_n, warps in DECODE_TILES
+    ]  # fmt: skip
+    return [
+        Case(ATTENTION, "_store_kv_kernel", "KV store",
+             {"k_ptr": BF16, "v_ptr": BF16, **CACHES, "slot_mapping_ptr": I64},
+             {"BLOCK_SIZE": 16, "HEADS_P2": 8, "HEAD_DIM_P2": 128}),
+        *decode_cases,
+        Case(ATTENTION, "_merge_splits_kernel", "merge splits",
+             {"partial_ptr": FP32, "lse_ptr": FP32, "out_ptr": BF16, "query_start_loc_ptr": I64},
+             {"SPLITS_P2": 16, "HEAD_DIM_P2": 128}),
+        Case(ATTENTION, "_paged_extend_kernel", "extend (prefill)",
+             {"q_ptr": BF16, **CACHES, "out_ptr": BF16, **STEP, "scale_log2": "fp32"},
+             {"BLOCK_SIZE": 16, "GROUP_P2": 2, "BLOCK_Q": triton_kernels._EXTEND_BLOCK_M // 2,
+              "HEAD_DIM_P2": 128, "BLOCK_N": triton_kernels._EXTEND_BLOCK_N},
+             pipelined_loop=True),
+        Case(OPS, "_rms_norm_kernel", "RMSNorm", {"x_ptr": BF16, "weight_ptr": BF16, "out_ptr": BF16,
+             "eps": "fp32"}, {"BLOCK": 1024}),
+        Case(OPS, "_fused_add_rms_norm_kernel", "add + RMSNorm",
+             {"x_ptr": BF16, "residual_ptr": BF16, "weight_ptr": BF16, "out_ptr": BF16,
+              "residual_out_ptr": BF16, "eps": "fp32"}, {"BLOCK": 1024}),
+        Case(OPS, "_rotary_kernel", "rotary", ROTARY, {**ROTARY_TILES, "NORM": False}),
+        Case(OPS, "_rotary_kernel", "q/k norm + rotary", ROTARY, {**ROTARY_TILES, "NORM": True}),
+        Case(OPS, "_rotary_kernel", "rotary + KV store", ROTARY, {**ROTARY_TILES, **STORE_KV, "NORM": False}),
+        Case(OPS, "_rotary_kernel", "q/k norm + rotary + KV store", ROTARY,
+             {**ROTARY_TILES, **STORE_KV, "NORM": True}),
+        Case(OPS, "_silu_and_mul_kernel", "SiLU-and-mul", {"gate_up_ptr": BF16, "out_ptr": BF16},
+             {"BLOCK": 1024}),
+    ]  # fmt: skip
+
+
+# Integer arguments whose run-time values on the Qwen3 shape are multiples of 16 (strides of
+# heads, tokens and blocks, the head dim, the hidden size); the rest stay unspecialized.
+_NOT_MULTIPLE_OF_16 = ("stride_lse_head", "stride_bt_seq")
+
+
+def _aligned(name: str, type_name: str) -> bool:
+    if type_name.startswith("*"):
+        return True
+    if type_name != "i32" or name in _NOT_MULTIPLE_OF_16:
+        return False
+    return name.startswith("stride") or name in ("head_dim", "hidden", "size")
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    label: str
+    kernel: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    async_copies: int
+    blocks_per_sm: int
+    limited_by: str
+    problems: tuple[str, ...]
+
+
+def compile_case(case: Case) -> KernelReport:
+    kernel = getattr(importlib.import_module(case.module), case.kernel)
+    names = kernel.arg_names
+    signature = {a: "constexpr" if a in case.constexprs else case.types.get(a, "i32") for a in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if _aligned(a, signature[a])}
+    compiled = triton.compile(
+        ASTSource(kernel, signature, case.constexprs, attrs),
+        target=HOPPER,
+        options={"num_warps": case.num_warps, "num_stages": case.num_stages},
+    )
+    assert compiled.asm["cubin"], case.label
+    registers, spill_bytes = _ptxas_usage(compiled.asm["ptx"])
+    shared = int(compiled.metadata.shared)
+    blocks, limit = blocks_per_sm(registers, shared, case.num_warps)
+    async_copies = compiled.asm["ttgir"].count("async_copy_global_to_local")
+    problems = []
+    if spill_bytes:
+        problems.append(f"spills {spill_bytes} bytes")
+    if shared > BLOCK_SHARED_MAX:
+        problems.append(f"needs {shared} bytes of shared memory, past the {BLOCK_SHARED_MAX} a block may use")
+    if case.pipelined_loop and not async_copies:
+        problems.append("its K/V loads are not asynchronous: the loop is not pipelined")
+    return KernelReport(case.label, case.kernel, case.num_warps, case.num_stages, registers, spill_bytes,
+                        shared, async_copies, blocks, limit, tuple(problems))  # fmt: skip
+
+
+def _ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) from ptxas -v on the PTX Triton generated."""
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    # The PTX ISA version Triton emits needs the newer of the two assemblers in its wheel.
+    ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        target = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE)
+        arch = target.group(1) if target else "sm_90a"
+        command = [str(ptxas), f"-arch={arch}", "-v", str(source), "-o", str(Path(tmp) / "k.cubin")]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+    registers = re.search(r"Used (\d+) registers", result.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", result.stderr)
+    if registers is None:
+        raise RuntimeError(f"no register count in ptxas output:\n{result.stderr}")
+    return int(registers.group(1)), int(spills.group(1)) if spills else 0
+
+
+def blocks_per_sm(registers: int, shared: int, num_warps: int) -> tuple[int, str]:
+    """Programs of one kernel resident on one SM at once, and what limits them."""
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    limits = {
+        "registers": SM_REGISTERS // max(per_warp * num_warps, 1),
+        "shared memory": SM_SHARED // (shared + SHARED_RESERVED_PER_BLOCK),
+        "warps": SM_WARPS // num_warps,
+        "blocks": SM_BLOCKS,
+    }
+    limit = min(limits, key=lambda name: limits[name])
+    return limits[limit], limit
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if any kernel has a problem")
+    parser.add_argument("--json", type=Path, help="also write the reports here")
+    args = parser.parse_args(argv)
+    reports = []
+    header = (f"{'kernel':<34} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>5} {'smem KB':>8} "
+              f"{'async':>5} {'per SM':>6}")  # fmt: skip
+    print(f"Triton {triton.__version__}, compiled for sm_90a\n{header}", flush=True)
+    for case in cases():
+        report = compile_case(case)
+        reports.append(report)
+        print(f"{report.label:<34} {report.num_warps:>5} {report.num_stages:>6} {report.registers:>5} "
+              f"{report.spill_bytes:>5} {report.shared_bytes / 1024:>8.1f} {report.async_copies:>5} "
+              f"{report.blocks_per_sm:>6}  ({report.limited_by})"
+              + "".join(f"\n    PROBLEM: {p}" for p in report.problems), flush=True)  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in reports], indent=2))
+    failed = [r.label for r in reports if r.problems]
+    print(f"{len(reports)} kernels compiled, {len(failed)} with problems", flush=True)
+    return 1 if args.check and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
