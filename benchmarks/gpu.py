@@ -494,6 +494,8 @@ def start_engine(
         "cuda_graphs": graphs is not None,
         "graph_capture_s": graphs.capture_seconds if graphs is not None else None,
         "graph_batch_sizes": graphs.batch_sizes if graphs is not None else [],
+        # Context tiers per batch size, where a size has more than one (split graphs for long contexts).
+        "graph_context_tiers": {size: t for size, t in graphs.tiers.items() if len(t) > 1} if graphs else {},
         "triton_ops": llm.engine.config.uses_triton_ops,
     }
     print("engine start-up:", json.dumps(startup), flush=True)

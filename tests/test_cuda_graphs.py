@@ -16,7 +16,7 @@ from inferd.engine.request import Request  # noqa: E402
 from inferd.llm import LLM  # noqa: E402
 from inferd.sampling_params import SamplingParams  # noqa: E402
 from inferd.sched.output import ScheduledSequence, SchedulerOutput  # noqa: E402
-from inferd.worker.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs, graph_batch_sizes  # noqa: E402
+from inferd.worker.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs, context_tiers, graph_batch_sizes  # noqa: E402
 
 pytest.importorskip("triton")
 if os.environ["TRITON_INTERPRET"] != "1":
@@ -28,13 +28,18 @@ class StaticReplayCapturer:
 
     def __init__(self) -> None:
         self.replayed_sizes: list[int] = []
+        self.replayed_graphs: list[int] = []  # each replay's graph, numbered in capture order
+        self.num_captured = 0
 
     def capture(self, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         static = forward()
+        number = self.num_captured
+        self.num_captured += 1
 
         def replay() -> torch.Tensor:
             static.copy_(forward())
             self.replayed_sizes.append(static.shape[0])
+            self.replayed_graphs.append(number)
             return static
 
         return replay
@@ -52,8 +57,29 @@ def _seq(token_ids: list[int], start: int) -> ScheduledSequence:
     return ScheduledSequence(request, token_ids, start, [0, 1], True)
 
 
+def test_context_tiers_give_each_split_its_own_graph() -> None:
+    # The split an H200-sized default gives one sequence of 8 KV heads: up to 16, one per 256 keys.
+    def splits(context: int) -> int:
+        return max(1, min(16, context // 256))
+
+    assert context_tiers(40960, splits, 511) == [511, 1023, 2047, 4095, 40960]
+    assert context_tiers(40960, lambda context: 1, 511) == [40960]  # large batches: never split
+    assert context_tiers(300, splits, 511) == [300]
+    assert context_tiers(1000, splits, 511) == [511, 1000]
+    assert context_tiers(4096, splits, 511) == [511, 1023, 2047, 4096]  # not 4095 beside 4096
+
+
 def test_only_pure_decode_steps_within_the_ladder_take_a_graph() -> None:
-    graphs = DecodeGraphs(torch.nn.Identity(), [], None, lambda size: None, [1, 2, 4, 8], 64)  # type: ignore[arg-type]
+    graphs = DecodeGraphs(
+        torch.nn.Identity(),
+        [],
+        None,
+        lambda size, tier: None,
+        [1, 2, 4, 8],
+        lambda size: [7, 64],  # type: ignore[arg-type]
+    )
+    assert graphs.tier_for(1, 3) == graphs.tier_for(1, 7) == 7
+    assert graphs.tier_for(1, 8) == graphs.tier_for(1, 64) == 64
     decode = [_seq([5], 10) for _ in range(3)]
     assert graphs.padded_size(SchedulerOutput(decode, [])) == 4
     assert graphs.padded_size(SchedulerOutput(decode[:1], [])) == 1
@@ -89,6 +115,38 @@ def test_graph_decode_equals_eager_decode(tiny_model_factory, async_scheduling: 
     assert got == expected
     assert len({t for seq in expected for t in seq}) > 3  # the comparison is not vacuous
     assert {6, 4, 2, 1} <= set(capturer.replayed_sizes)  # 5 -> 6 rows, 4, 3 -> 4, 2, 1
+
+
+def test_short_contexts_replay_unsplit_graphs_and_long_ones_split(tiny_model_factory, monkeypatch) -> None:
+    """With a GPU's SM count, small batches get split graphs per context tier; the replays follow
+    the contexts as they grow, and the tokens stay those of eager all-PyTorch decode."""
+    from inferd.attention import triton_kernels
+
+    # A 64-SM device, and splits from 4 keys up, so tiny contexts cross several tiers.
+    monkeypatch.setattr(triton_kernels, "num_sms", lambda device: 64)
+    monkeypatch.setattr(triton_kernels, "_MIN_TOKENS_PER_SPLIT", 4)
+    folder = tiny_model_factory("qwen3")
+    prompts = [list(range(5, 9)), list(range(7, 10))]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    options = dict(device="cpu", block_size=8, num_kv_blocks=64, max_num_seqs=2, max_model_len=64)
+    expected = [
+        out.token_ids for out in LLM(folder, attention_backend="torch", **options).generate(prompts, params)
+    ]
+
+    graphed = LLM(folder, attention_backend="triton", triton_ops=True, **options)
+    runner = graphed.engine.core.runner
+    capturer = StaticReplayCapturer()
+    runner.capture_decode_graphs(capturer)
+    graphs = runner.graphs
+    assert graphs is not None and graphs.tiers == {1: [7, 15, 31, 64], 2: [7, 15, 31, 64]}
+    # Graphs are captured largest batch first, longest tier first.
+    captured = [(size, tier) for size in (2, 1) for tier in (64, 31, 15, 7)]
+    got = [out.token_ids for out in graphed.generate(prompts, params)]
+
+    assert got == expected
+    replayed = {captured[number] for number in capturer.replayed_graphs}
+    # 4-token prompts grow to 44-token contexts: the 2-row graphs of every tier ran in turn.
+    assert {tier for size, tier in replayed if size == 2} == {7, 15, 31, 64}
 
 
 def test_gpu_switches_reach_the_runner(tiny_model_factory) -> None:

@@ -38,7 +38,7 @@ def test_graph_decode_matches_eager_decode_on_cuda(tiny_model_factory) -> None:
     assert graphs is not None and graphs.batch_sizes == [1, 2, 4, 8, 12] and graphs.capture_seconds > 0
     replayed: list[int] = []
     replay = graphs.replay
-    graphs.replay = lambda size: replayed.append(size) or replay(size)  # type: ignore[method-assign]
+    graphs.replay = lambda size, max_seq_len: replayed.append(size) or replay(size, max_seq_len)  # type: ignore[method-assign]
     got = [out.token_ids for out in graphed.generate(prompts, params)]
 
     assert {12, 8, 4, 2, 1} <= set(replayed)  # the batch shrank through the ladder

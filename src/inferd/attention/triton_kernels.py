@@ -398,6 +398,11 @@ def num_sms(device: torch.device) -> int:
     return 1
 
 
+def longest_unsplit_context() -> int:
+    """The longest context that ``default_num_splits`` never splits."""
+    return 2 * _MIN_TOKENS_PER_SPLIT - 1
+
+
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Split the context only when (sequence, KV head) programs alone would leave SMs idle."""
     programs = num_seqs * num_kv_heads

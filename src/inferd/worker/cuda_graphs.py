@@ -9,6 +9,12 @@ buffers (``input_buffers.py``) and a step of ``n`` sequences runs the smallest g
 Only pure-decode steps (one token per sequence) run as graphs; steps with prompt chunks vary in
 shape and stay eager. Graphs need the Triton attention backend with a fixed context split
 (``TritonAttentionBackend(decode_splits=...)``): the PyTorch backend loops on host-side lengths.
+
+A small batch splits each context across SMs, but how many ways pays off depends on the context
+length, which a graph cannot see. So each batch size gets one graph per context tier: the split
+chosen for the longest context of the tier (``context_tiers``). A step replays the graph of its
+batch size and of the first tier that holds its longest context, which the host knows. Short
+contexts then take an unsplit graph, without the merge kernel or programs that find no keys.
 """
 
 from __future__ import annotations
@@ -42,6 +48,28 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+def context_tiers(max_model_len: int, splits_for: Callable[[int], int], first: int) -> list[int]:
+    """Longest contexts of the tiers for one batch size, ascending, the last ``max_model_len``.
+
+    Candidates are ``first`` (the longest context never split), then about double each time
+    (``2 * bound + 1``: 511, 1023, 2047... from 511) while under half of ``max_model_len``, so no
+    tier ends just short of the last. A candidate is kept only if ``splits_for`` (the split a
+    context of that length would get) differs from the next kept tier's, so every tier has its
+    own split and none is captured twice.
+    """
+    candidates = []
+    bound = first
+    while bound < max_model_len:
+        if bound == first or 2 * bound < max_model_len:
+            candidates.append(bound)
+        bound = 2 * bound + 1
+    tiers = [max_model_len]
+    for bound in reversed(candidates):
+        if splits_for(bound) != splits_for(tiers[0]):
+            tiers.insert(0, bound)
+    return tiers
+
+
 Replay = Callable[[], torch.Tensor]
 
 
@@ -73,39 +101,49 @@ class CudaGraphCapturer:
 
 
 class DecodeGraphs:
-    """The captured decode forwards, one per batch size, and the choice among them per step."""
+    """The captured decode forwards, one per (batch size, context tier), and the choice among
+    them per step."""
 
     def __init__(
         self,
         model: CausalLM,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         buffers: StepInputBuffers,
-        backend_for_size: Callable[[int], AttentionBackend],
+        backend_for: Callable[[int, int], AttentionBackend],
         batch_sizes: list[int],
-        max_model_len: int,
+        tiers_for: Callable[[int], list[int]],
     ) -> None:
+        """``backend_for(size, longest_context)`` gives a graph its attention backend;
+        ``tiers_for(size)`` the longest contexts of a batch size's tiers (see ``context_tiers``)."""
         self._model = model
         self._kv_caches = kv_caches
         self._buffers = buffers
-        self._backend_for_size = backend_for_size
+        self._backend_for = backend_for
         self.batch_sizes = sorted(batch_sizes)
-        self._max_model_len = max_model_len
-        self._replays: dict[int, Replay] = {}
+        self.tiers = {size: tiers_for(size) for size in self.batch_sizes}
+        self._replays: dict[tuple[int, int], Replay] = {}
         self.capture_seconds = 0.0
+
+    @property
+    def num_graphs(self) -> int:
+        return sum(len(tiers) for tiers in self.tiers.values())
 
     def capture(self, capturer: GraphCapturer) -> None:
         start = time.perf_counter()
         for size in reversed(self.batch_sizes):
-            self._replays[size] = capturer.capture(self._forward_for(size))
+            for tier in reversed(self.tiers[size]):
+                self._replays[size, tier] = capturer.capture(self._forward_for(size, tier))
         self.capture_seconds = time.perf_counter() - start
         logger.info(
-            "captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
-            len(self.batch_sizes),
+            "captured %d decode CUDA graphs (batch sizes %s; context tiers %s) in %.1f s",
+            self.num_graphs,
             ", ".join(map(str, self.batch_sizes)),
+            "; ".join(f"{size}: {'/'.join(map(str, self.tiers[size]))}" for size in self.batch_sizes
+                      if len(self.tiers[size]) > 1) or "one per size",
             self.capture_seconds,
-        )
+        )  # fmt: skip
 
-    def _forward_for(self, size: int) -> Replay:
+    def _forward_for(self, size: int, tier: int) -> Replay:
         views = self._buffers.device_views
         meta = AttentionMetadata(
             slot_mapping=views["slot_mapping"][:size],
@@ -114,12 +152,12 @@ class DecodeGraphs:
             block_tables=views["block_tables"][:size],
             max_query_len=1,
             # The host-side lengths describe the captured shape, not any one step's contexts.
-            max_seq_len=self._max_model_len,
+            max_seq_len=tier,
             query_lens_host=(1,) * size,
-            seq_lens_host=(self._max_model_len,) * size,
+            seq_lens_host=(tier,) * size,
         )
         input_ids, positions = views["input_ids"][:size], views["positions"][:size]
-        backend = self._backend_for_size(size)
+        backend = self._backend_for(size, tier)
         # Captured with padding only: the warm-up and capture runs write no KV and read none.
         self._buffers.wait_until_copied()
         write_padding_rows(self._buffers, 0, size, first_token=0)
@@ -138,6 +176,12 @@ class DecodeGraphs:
             return None
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_seqs)]
 
-    def replay(self, size: int) -> torch.Tensor:
-        """Run the graph of ``size`` rows on what the buffers hold; returns its hidden states."""
-        return self._replays[size]()
+    def tier_for(self, size: int, max_seq_len: int) -> int:
+        """The tier of a step of ``size`` rows whose longest context is ``max_seq_len``."""
+        tiers = self.tiers[size]
+        return tiers[min(bisect.bisect_left(tiers, max_seq_len), len(tiers) - 1)]
+
+    def replay(self, size: int, max_seq_len: int) -> torch.Tensor:
+        """Run the graph of ``size`` rows for contexts up to ``max_seq_len`` on what the buffers
+        hold; returns its hidden states."""
+        return self._replays[size, self.tier_for(size, max_seq_len)]()

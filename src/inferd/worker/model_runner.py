@@ -14,7 +14,13 @@ from inferd.engine.request import Request
 from inferd.models.loader import load_model
 from inferd.sample.sampler import PendingSample, Sampler, TokenLogprobs
 from inferd.sched.output import SchedulerOutput
-from inferd.worker.cuda_graphs import CudaGraphCapturer, DecodeGraphs, GraphCapturer, graph_batch_sizes
+from inferd.worker.cuda_graphs import (
+    CudaGraphCapturer,
+    DecodeGraphs,
+    GraphCapturer,
+    context_tiers,
+    graph_batch_sizes,
+)
 from inferd.worker.input_batch import BlockTableRows, ModelInputs, build_inputs
 from inferd.worker.input_buffers import StepInputBuffers
 
@@ -111,18 +117,21 @@ class ModelRunner:
         from inferd.attention.triton_backend import TritonAttentionBackend
 
         sched, m = self.config.scheduler, self.config.model
+        sms = triton_kernels.num_sms(self.device)
 
-        def backend_for_size(size: int) -> AttentionBackend:
-            # The split is fixed per graph; it is sized for the longest context the engine allows.
-            splits = triton_kernels.default_num_splits(
-                size, m.num_kv_heads, sched.max_model_len, triton_kernels.num_sms(self.device)
-            )
-            return TritonAttentionBackend(decode_splits=splits)
+        def splits(size: int, longest_context: int) -> int:
+            return triton_kernels.default_num_splits(size, m.num_kv_heads, longest_context, sms)
 
-        graphs = DecodeGraphs(
-            self.model, self.kv_caches, self.buffers, backend_for_size,
-            graph_batch_sizes(sched.max_num_seqs), sched.max_model_len,
-        )  # fmt: skip
+        def backend_for(size: int, longest_context: int) -> AttentionBackend:
+            # The split is fixed per graph: the one the tier's longest context would get.
+            return TritonAttentionBackend(decode_splits=splits(size, longest_context))
+
+        def tiers_for(size: int) -> list[int]:
+            first = triton_kernels.longest_unsplit_context()
+            return context_tiers(sched.max_model_len, lambda context: splits(size, context), first)
+
+        sizes = graph_batch_sizes(sched.max_num_seqs)
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.buffers, backend_for, sizes, tiers_for)
         graphs.capture(capturer or CudaGraphCapturer())
         self.graphs = graphs
 
@@ -180,7 +189,7 @@ class ModelRunner:
             tokens = last_sample.token_ids.index_select(0, inputs.carried_sources)
             self.buffers.device_views["input_ids"].index_copy_(0, inputs.carried_rows, tokens)
         if self.graphs is not None and graph_size is not None:
-            hidden = self.graphs.replay(graph_size)[: inputs.input_ids.shape[0]]
+            hidden = self.graphs.replay(graph_size, inputs.meta.max_seq_len)[: inputs.input_ids.shape[0]]
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         return inputs, hidden
