@@ -100,6 +100,22 @@ class ModelConfig:
             raise ModelLoadError(f"model folder {path} has no config.json")
         return cls.from_hf_config(json.loads(config_path.read_text()))
 
+    def sharded(self, size: int) -> ModelConfig:
+        """The per-rank shape under tensor parallelism over ``size`` ranks: heads and MLP width
+        divided (see ``worker/tensor_parallel.py``)."""
+        if size == 1:
+            return self
+        for name, value in (("attention heads", self.num_heads), ("KV heads", self.num_kv_heads),
+                            ("intermediate size", self.intermediate_size)):  # fmt: skip
+            if value % size:
+                raise ValueError(f"tensor_parallel_size {size} does not divide the model's {name} ({value})")
+        return dataclasses.replace(
+            self,
+            num_heads=self.num_heads // size,
+            num_kv_heads=self.num_kv_heads // size,
+            intermediate_size=self.intermediate_size // size,
+        )
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
@@ -172,6 +188,13 @@ class EngineConfig:
     # Schedule and launch step N+1 before reading step N's tokens, so the host's work overlaps the
     # device's; None: on a GPU only (on the CPU the forward itself blocks, so it would only delay).
     async_scheduling: bool | None = None
+    # Ranks the model is split over (worker/tensor_parallel.py); 1: the whole model in this process.
+    tensor_parallel_size: int = 1
+
+    @property
+    def local_model(self) -> ModelConfig:
+        """The model's shape on one rank: the whole model without tensor parallelism."""
+        return self.model.sharded(self.tensor_parallel_size)
 
     @property
     def uses_triton_ops(self) -> bool:
@@ -181,4 +204,5 @@ class EngineConfig:
     def uses_async_scheduling(self) -> bool:
         if self.async_scheduling is not None:
             return self.async_scheduling
-        return self.device.startswith("cuda")
+        # The other ranks get each step's inputs from the host, so its tokens must be read first.
+        return self.device.startswith("cuda") and self.tensor_parallel_size == 1

@@ -106,12 +106,16 @@ class AsyncLLM:
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        stopped = True
         if self._thread is not None:
             self._commands.put(_STOP)
             self._thread.join(timeout)
+            stopped = not self._thread.is_alive()
             self._thread = None
         if isinstance(self.engine, ProcessLLMEngine):
             self.engine.close()
+        elif stopped:  # never under a step still running on the engine thread
+            self.engine.shutdown()
 
     @property
     def is_alive(self) -> bool:

@@ -74,7 +74,11 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         enforce_eager=bool(options.pop("enforce_eager", False)),
         triton_ops=options.pop("triton_ops", None),
         async_scheduling=options.pop("async_scheduling", None),
+        tensor_parallel_size=_tensor_parallel_size(options.pop("tensor_parallel_size", None), model),
     )
+    if config.tensor_parallel_size > 1 and config.async_scheduling:
+        raise ValueError("async_scheduling cannot be used with tensor parallelism (each step's inputs go "
+                         "to the other ranks from the host)")  # fmt: skip
     if config.load_format not in ("safetensors", "dummy"):
         raise ValueError(f"unknown load_format {config.load_format!r}; choose safetensors or dummy")
     if options:
@@ -101,13 +105,22 @@ def _resolve_max_model_len(model: ModelConfig, requested: int | None) -> int:
     return int(requested)
 
 
+def _tensor_parallel_size(requested: int | None, model: ModelConfig) -> int:
+    size = 1 if requested is None else int(requested)
+    if size < 1:
+        raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
+    model.sharded(size)  # the model must split evenly
+    return size
+
+
 def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
     """Size the KV pool from the memory budget and return a config that carries the block count.
 
     Call it after the weights are loaded: on a GPU the default budget is a share of what is left.
     """
     cache = config.cache
-    bytes_per_block = config.model.kv_bytes_per_token(parse_dtype(config.dtype)) * cache.block_size
+    # Per rank: under tensor parallelism each rank holds its share of the KV heads.
+    bytes_per_block = config.local_model.kv_bytes_per_token(parse_dtype(config.dtype)) * cache.block_size
     if cache.num_blocks is None:
         budget = cache.kv_cache_memory or _default_kv_budget(config.device)
         num_blocks = budget // bytes_per_block

@@ -48,6 +48,10 @@ class EngineCore:
     def add_request(self, request: Request) -> None:
         self.scheduler.add(request)
 
+    def shutdown(self) -> None:
+        """Release what outlives the process's own memory: the other tensor-parallel ranks."""
+        self.runner.shutdown()
+
     def abort(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> None:
         for request_id in request_ids:
             self.scheduler.finish(request_id, reason)

@@ -70,6 +70,7 @@ def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) ->
     outbox = context.socket(zmq.PUSH)
     outbox.connect(output_addr)
     encoder = msgspec.msgpack.Encoder()
+    runner: ModelRunner | None = None
     try:
         runner = ModelRunner(config)
         config = resolve_num_blocks(config)
@@ -82,6 +83,8 @@ def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) ->
         outbox.send(encoder.encode(FatalMsg(f"engine process failed: {exc!r}")))
         raise SystemExit(1) from exc
     finally:
+        if runner is not None:
+            runner.shutdown()  # the other tensor-parallel ranks, if any
         inbox.close(linger=0)
         outbox.close(linger=1000)
         context.term()

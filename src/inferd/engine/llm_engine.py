@@ -26,8 +26,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.tokenizer = Tokenizer(config.model_path)
         runner = ModelRunner(config)
-        self.config = resolve_num_blocks(config)
-        self.core = EngineCore(self.config, runner)
+        try:
+            self.config = resolve_num_blocks(config)
+            self.core = EngineCore(self.config, runner)
+        except BaseException:
+            runner.shutdown()
+            raise
         self.inputs = InputProcessor(self.config, self.tokenizer)
         self.eos_token_ids = self.inputs.eos_token_ids
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -36,6 +40,10 @@ class LLMEngine:
     @classmethod
     def from_options(cls, model_path: str | Path | None = None, **options: Any) -> LLMEngine:
         return cls(build_engine_config(model_path, **options))
+
+    def shutdown(self) -> None:
+        """Stop what runs outside this process (tensor-parallel ranks); the engine is unusable after."""
+        self.core.shutdown()
 
     def add_request(
         self,

@@ -15,6 +15,7 @@ _DIRECT_OPTIONS = (
     "max_num_seqs",
     "max_num_batched_tokens",
     "attention_backend",
+    "tensor_parallel_size",
 )
 
 
@@ -36,6 +37,12 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         action=argparse.BooleanOptionalAction,
         help="launch each step before reading the last one's tokens, overlapping host and device work "
         "(default: on for CUDA, off on the CPU)",
+    )
+    group.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        help="split the model over this many processes (gloo on the CPU, NCCL with one GPU each; default 1)",
     )
     if seed_flag:
         group.add_argument("--seed", dest="engine_seed", type=int, help="seed for requests without their own")

@@ -8,6 +8,7 @@ q/k RMSNorm (Qwen3), tied embeddings, and rope scaling (Llama 3.1/3.2). Projecti
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,6 +18,8 @@ from inferd.config import ModelConfig
 from inferd.layers.activation import SiluAndMul
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import RotaryEmbedding, RotaryStep, TritonRotary
+
+AllReduce = Callable[[torch.Tensor], None]
 
 
 class Attention(nn.Module):
@@ -32,6 +35,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        # Under tensor parallelism: sums the ranks' partial outputs (see set_all_reduce).
+        self.all_reduce: AllReduce | None = None
 
     def forward(
         self,
@@ -54,7 +59,7 @@ class Attention(nn.Module):
         else:
             q, k = rotary.apply_normed(q, k, *norms) if norms is not None else rotary.apply(q, k)
             out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return _reduced(self.o_proj(out.reshape(-1, self.q_size)), self.all_reduce)
 
 
 class MLP(nn.Module):
@@ -63,9 +68,17 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act_fn = SiluAndMul()
+        self.all_reduce: AllReduce | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return _reduced(self.down_proj(self.act_fn(self.gate_up_proj(x))), self.all_reduce)
+
+
+def _reduced(partial: torch.Tensor, all_reduce: AllReduce | None) -> torch.Tensor:
+    """A row-split projection's output: each rank holds a partial sum until they are added up."""
+    if all_reduce is not None:
+        all_reduce(partial)
+    return partial
 
 
 class DecoderLayer(nn.Module):
@@ -144,6 +157,13 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
                 module.use_triton = enabled
+
+    def set_all_reduce(self, all_reduce: AllReduce) -> None:
+        """Run as one rank of a tensor-parallel group: the attention and MLP output projections
+        hold this rank's columns, so their outputs are summed over the ranks in place."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.all_reduce = all_reduce
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

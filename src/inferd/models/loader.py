@@ -69,10 +69,13 @@ def load_model(
     dtype: torch.dtype,
     device: str,
     load_format: str = "safetensors",
+    shard: tuple[int, int] | None = None,
 ) -> CausalLM:
     """Build the model directly on ``device`` in ``dtype`` and fill it from the checkpoint.
 
     ``load_format="dummy"`` keeps the random initialisation instead (model shapes for benchmarks).
+    ``shard`` = ``(rank, size)`` fills one rank's slice under tensor parallelism; ``cfg`` is then
+    that rank's shape (``ModelConfig.sharded``).
     """
     cls = model_class(cfg.architecture)
     dummy = load_format == "dummy"
@@ -87,7 +90,11 @@ def load_model(
     finally:
         torch.set_default_dtype(previous_dtype)
     if not dummy:
-        _fill_weights(model, iter_checkpoint(path), cfg)
+        weights = iter_checkpoint(path)
+        if shard is not None:
+            rank, size = shard
+            weights = ((name, shard_checkpoint_tensor(name, t, rank, size)) for name, t in weights)
+        _fill_weights(model, weights, cfg)
     model.eval()
     return cast(CausalLM, model)
 
@@ -117,6 +124,22 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
         raise ModelLoadError(
             f"checkpoint lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
         )
+
+
+# Under tensor parallelism, projections split by output rows (heads, intermediate units) and by
+# input columns; everything else is whole on every rank.
+_ROW_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_COLUMN_SPLIT = ("o_proj", "down_proj")
+
+
+def shard_checkpoint_tensor(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of the checkpoint tensor ``name`` out of ``size`` ranks."""
+    parts = name.split(".")
+    if any(part in _ROW_SPLIT for part in parts):
+        return tensor.chunk(size, dim=0)[rank]
+    if any(part in _COLUMN_SPLIT for part in parts) and parts[-1] == "weight":
+        return tensor.chunk(size, dim=1)[rank]
+    return tensor
 
 
 def _target_of(name: str) -> tuple[str, int | None]:

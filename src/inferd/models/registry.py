@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -27,6 +28,8 @@ class CausalLM(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def enable_triton_ops(self, enabled: bool) -> None: ...
+
+    def set_all_reduce(self, all_reduce: Callable[[torch.Tensor], None]) -> None: ...
 
 
 _ARCHITECTURES: dict[str, tuple[str, str]] = {

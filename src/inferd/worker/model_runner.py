@@ -23,6 +23,8 @@ from inferd.worker.cuda_graphs import (
 )
 from inferd.worker.input_batch import BlockTableRows, ModelInputs, build_inputs
 from inferd.worker.input_buffers import StepInputBuffers
+from inferd.worker.kv_cache import allocate_kv_caches
+from inferd.worker.tensor_parallel import StepInputs, TensorParallelGroup, all_reduce, configure_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +56,24 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self._bind_device()
         self.dtype = parse_dtype(config.dtype)
+        # With tensor parallelism this is rank 0: the other ranks start first and load alongside.
+        self.tensor_parallel: TensorParallelGroup | None = None
+        if config.tensor_parallel_size > 1:
+            configure_cpu_threads(config)
+            self.tensor_parallel = TensorParallelGroup(config)
         self.model = load_model(
             config.model_path,
-            config.model,
+            config.local_model,
             config.scheduler.max_model_len,
             self.dtype,
             config.device,
             config.load_format,
+            shard=(0, config.tensor_parallel_size) if self.tensor_parallel is not None else None,
         )
         self.model.enable_triton_ops(config.uses_triton_ops)
+        if self.tensor_parallel is not None:
+            self.model.set_all_reduce(all_reduce)
+            self.tensor_parallel.wait_loaded()
         self.backend = create_backend(config.attention_backend, config.device)
         self.sampler = Sampler(config.seed)
         self.block_size = config.cache.block_size
@@ -78,15 +89,16 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        m = self.config.model
-        shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(m.num_layers)
-        ]
+        self.kv_caches = allocate_kv_caches(self.config.local_model, num_blocks, self.block_size, self.dtype,
+                                            self.device)  # fmt: skip
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.allocate(num_blocks)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (the engine's own state needs nothing)."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.shutdown()
+            self.tensor_parallel = None
 
     def _bind_device(self) -> None:
         """Make this engine's GPU the calling thread's current device (a no-op for ``cuda`` and
@@ -104,6 +116,9 @@ class ModelRunner:
     def uses_cuda_graphs(self) -> bool:
         """Whether decode steps should run as CUDA graphs (captured by ``capture_decode_graphs``)."""
         if self.config.enforce_eager or self.device.type != "cuda":
+            return False
+        if self.tensor_parallel is not None:
+            logger.info("CUDA graphs are not used with tensor parallelism; decode runs eagerly")
             return False
         if resolve_backend_name(self.config.attention_backend, self.config.device) != "triton":
             logger.info("CUDA graphs need the triton attention backend; decode runs eagerly")
@@ -191,5 +206,7 @@ class ModelRunner:
         if self.graphs is not None and graph_size is not None:
             hidden = self.graphs.replay(graph_size, inputs.meta.max_seq_len)[: inputs.input_ids.shape[0]]
         else:
+            if self.tensor_parallel is not None:
+                self.tensor_parallel.run_step(StepInputs.of(inputs.input_ids, inputs.positions, inputs.meta))
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         return inputs, hidden

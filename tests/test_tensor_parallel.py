@@ -1,0 +1,121 @@
+"""Tensor parallelism on the CPU (gloo): a model split over two processes gives the logits and
+greedy tokens of the whole model in one process, fails loudly when a rank dies, and cleans up."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from inferd import LLM, SamplingParams
+from inferd.engine.request import Request
+from inferd.entrypoints.engine_args import engine_options
+from inferd.models.loader import shard_checkpoint_tensor
+from inferd.server.serve_cli import register
+
+pytestmark = pytest.mark.timeout(300)
+
+OPTIONS = dict(num_kv_blocks=64, block_size=8)
+
+
+def _first_step_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
+    core = llm.engine.core
+    for i, prompt in enumerate(prompts):
+        core.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=1), frozenset(), 1))
+    return core.runner.logits_for(core.scheduler.schedule())
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_two_ranks_give_the_whole_models_logits_and_tokens(tiny_model_factory, arch: str) -> None:
+    """Qwen3 has per-head q/k norms, Qwen2 q/k/v biases (split with their heads), Llama neither."""
+    folder = tiny_model_factory(arch)
+    prompts = [[5, 6, 7, 8], list(range(10, 40)), [3]]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    whole = LLM(folder, **OPTIONS)
+    expected_logits = _first_step_logits(whole, prompts)
+    expected = [out.token_ids for out in LLM(folder, **OPTIONS).generate(prompts, params)]
+
+    split = LLM(folder, tensor_parallel_size=2, **OPTIONS)
+    try:
+        # Each rank holds half the heads, so half the KV cache per block.
+        assert (
+            split.engine.core.runner.kv_caches[0][0].shape[2] * 2
+            == whole.engine.core.runner.kv_caches[0][0].shape[2]
+        )
+        logits = _first_step_logits(split, prompts)
+        torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+        split.engine.core.abort(["r0", "r1", "r2"])
+        got = [out.token_ids for out in split.generate(prompts, params)]
+    finally:
+        split.shutdown()
+    assert got == expected
+    assert len({t for seq in expected for t in seq}) > 2  # the comparison is not vacuous
+
+
+def test_shutdown_stops_the_ranks_and_a_new_group_can_start(tiny_model_factory) -> None:
+    folder = tiny_model_factory("qwen3")
+    first = LLM(folder, tensor_parallel_size=2, **OPTIONS)
+    group = first.engine.core.runner.tensor_parallel
+    assert group is not None
+    processes = list(group._processes)
+    first.shutdown()
+    assert all(p.poll() is not None for p in processes)
+    second = LLM(folder, tensor_parallel_size=2, **OPTIONS)  # the process group was released
+    try:
+        out = second.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        assert len(out[0].token_ids) == 3
+    finally:
+        second.shutdown()
+
+
+def test_a_dead_rank_fails_the_step_instead_of_hanging(tiny_model_factory) -> None:
+    llm = LLM(tiny_model_factory("qwen3"), tensor_parallel_size=2, **OPTIONS)
+    try:
+        group = llm.engine.core.runner.tensor_parallel
+        assert group is not None
+        group._processes[0].kill()
+        group._processes[0].wait(timeout=30)
+        start = time.monotonic()
+        with pytest.raises((RuntimeError, OSError)):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3))
+        assert time.monotonic() - start < 60
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(tensor_parallel_size=3), "does not divide"),
+        (dict(tensor_parallel_size=0), "at least 1"),
+        (dict(tensor_parallel_size=2, async_scheduling=True), "async_scheduling cannot"),
+    ],
+)
+def test_bad_tensor_parallel_options_are_refused(tiny_model_factory, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LLM(tiny_model_factory("qwen3"), **OPTIONS, **options)
+
+
+def test_checkpoint_tensors_split_by_heads_rows_and_projection_columns() -> None:
+    weight = torch.arange(24.0).view(4, 6)
+    q_rank1 = shard_checkpoint_tensor("model.layers.0.self_attn.q_proj.weight", weight, 1, 2)
+    assert torch.equal(q_rank1, weight[2:])
+    bias = torch.arange(4.0)
+    assert torch.equal(shard_checkpoint_tensor("model.layers.0.self_attn.k_proj.bias", bias, 0, 2), bias[:2])
+    assert torch.equal(
+        shard_checkpoint_tensor("model.layers.0.mlp.down_proj.weight", weight, 1, 2), weight[:, 3:]
+    )
+    norm = torch.ones(6)
+    assert shard_checkpoint_tensor("model.layers.0.self_attn.q_norm.weight", norm, 1, 2) is norm
+    assert shard_checkpoint_tensor("lm_head.weight", weight, 1, 2) is weight
+
+
+def test_the_serve_flag_reaches_the_engine_options(tmp_path: Path) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--tensor-parallel-size", "2"])
+    assert engine_options(args)["tensor_parallel_size"] == 2
