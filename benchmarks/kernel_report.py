@@ -2,10 +2,12 @@
 the compiler made of it: registers, spills, shared memory, how many programs fit on one SM, and
 whether the attention loops load their K/V tiles asynchronously (software-pipelined).
 
-Compilation goes down to a cubin with the ptxas in Triton's wheel. Arguments are specialized as
-Triton's launcher specializes them at run time on the Qwen3-0.6B shape: pointers 16-byte aligned,
-strides and sizes that are multiples of 16 marked so. Without that the compiler cannot prove
-vector-wide accesses and emits neither vector loads nor the asynchronous copies a GPU run gets.
+Compilation goes down to a cubin with the ptxas in Triton's wheel, run with Triton's own flags.
+Arguments are specialized as Triton's launcher specializes them at run time, here for the
+Qwen3-0.6B shape in the nano-vllm workload (256 decode rows, 2,048-token contexts, blocks of 16):
+pointers 16-byte aligned, integers that are multiples of 16 marked so, integers equal to 1 made
+constants. Without that the compiler cannot prove vector-wide accesses and emits neither vector
+loads nor the asynchronous copies a GPU run gets.
 
     python benchmarks/kernel_report.py            # the table
     python benchmarks/kernel_report.py --check    # also exit 1 on spills, unpipelined attention
@@ -58,15 +60,41 @@ ROTARY_TILES = {"HEADS_P2": 16, "KV_HEADS_P2": 8, "HALF_P2": 64, "STORE_KV": Fal
 STORE_KV = {"STORE_KV": True, "BLOCK_SIZE": 16}
 
 
+# Qwen3-0.6B: 16 query and 8 KV heads of 128, hidden 1024, MLP 3072. q, k and v are views of the
+# fused qkv output (rows of 32 heads); the rotary kernel's q output is contiguous (16 heads).
+_QKV_ROW, _Q_ROW, _KV_ROW, _HEAD = 32 * 128, 16 * 128, 8 * 128, 128
+_CACHE = {"stride_kc_block": 16 * _KV_ROW, "stride_kc_tok": _KV_ROW, "stride_kc_head": _HEAD,
+          "stride_vc_block": 16 * _KV_ROW, "stride_vc_tok": _KV_ROW, "stride_vc_head": _HEAD}  # fmt: skip
+_BLOCKS_PER_SEQ = 2048 // 16
+_DECODE_INTS = {
+    "stride_q_tok": _Q_ROW, "stride_q_head": _HEAD, **_CACHE, "stride_bt_seq": _BLOCKS_PER_SEQ,
+    # 256 sequences fill the SMs unsplit: the output is written in place (split stride 0).
+    "stride_o_row": _Q_ROW, "stride_o_head": _HEAD, "stride_o_split": 0, "stride_lse_seq": 16,
+    "stride_lse_head": 1, "head_dim": 128, "group_size": 2, "num_splits": 1,
+}  # fmt: skip
+_ROTARY_INTS = {
+    "stride_q_tok": _QKV_ROW, "stride_q_head": _HEAD, "stride_k_tok": _QKV_ROW, "stride_k_head": _HEAD,
+    "stride_v_tok": _QKV_ROW, "stride_v_head": _HEAD, "stride_qo_tok": _Q_ROW, "stride_qo_head": _HEAD,
+    "stride_cos_pos": 64, "stride_sin_pos": 64, "num_heads": 16, "num_kv_heads": 8, "half_dim": 64,
+}  # fmt: skip
+# Without the KV store, k goes to a contiguous tensor; with it, to the cache's slots.
+_ROTARY_PLAIN = {**_ROTARY_INTS, "stride_ko_tok": _KV_ROW, "stride_ko_head": _HEAD, "stride_cache_block": 0,
+                 "stride_cache_head": _HEAD}  # fmt: skip
+_ROTARY_STORE = {**_ROTARY_INTS, "stride_ko_tok": _KV_ROW, "stride_ko_head": _HEAD,
+                 "stride_cache_block": 16 * _KV_ROW, "stride_cache_head": _HEAD}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Case:
-    """One kernel as the engine launches it: argument types (others are i32), constexprs, launch
-    options, and whether its main loop must be pipelined."""
+    """One kernel as the engine launches it: argument types (others are i32), run-time values of
+    its integer arguments, constexprs, launch options, and whether its main loop must be
+    pipelined."""
 
     module: str
     kernel: str
     label: str
     types: dict[str, str]
+    ints: dict[str, int]
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
@@ -86,48 +114,48 @@ def cases() -> list[Case]:
     decode_cases = [
         Case(ATTENTION, "_paged_decode_kernel", f"decode keys={block_n} warps={warps}"
              + (" (default)" if (block_n, warps) == default_tile else ""),
-             decode, {**decode_tile, "BLOCK_N": block_n}, num_warps=warps, pipelined_loop=True)
+             decode, _DECODE_INTS, {**decode_tile, "BLOCK_N": block_n}, num_warps=warps, pipelined_loop=True)
         for block_n, warps in DECODE_TILES
     ]  # fmt: skip
     return [
         Case(ATTENTION, "_store_kv_kernel", "KV store",
              {"k_ptr": BF16, "v_ptr": BF16, **CACHES, "slot_mapping_ptr": I64},
+             {"stride_k_tok": _QKV_ROW, "stride_k_head": _HEAD, "stride_v_tok": _QKV_ROW,
+              "stride_v_head": _HEAD, **_CACHE, "num_kv_heads": 8, "head_dim": 128},
              {"BLOCK_SIZE": 16, "HEADS_P2": 8, "HEAD_DIM_P2": 128}),
         *decode_cases,
+        # Splits are merged when few sequences leave SMs idle: one sequence split 16 ways.
         Case(ATTENTION, "_merge_splits_kernel", "merge splits",
              {"partial_ptr": FP32, "lse_ptr": FP32, "out_ptr": BF16, "query_start_loc_ptr": I64},
+             {"stride_p_row": 16 * _Q_ROW, "stride_p_head": 16 * _HEAD, "stride_p_split": _HEAD,
+              "stride_lse_seq": 256, "stride_lse_head": 16, "stride_o_row": _Q_ROW, "stride_o_head": _HEAD,
+              "num_splits": 16, "head_dim": 128},
              {"SPLITS_P2": 16, "HEAD_DIM_P2": 128}),
         Case(ATTENTION, "_paged_extend_kernel", "extend (prefill)",
              {"q_ptr": BF16, **CACHES, "out_ptr": BF16, **STEP, "scale_log2": "fp32"},
+             {"stride_q_tok": _Q_ROW, "stride_q_head": _HEAD, **_CACHE, "stride_bt_seq": _BLOCKS_PER_SEQ,
+              "stride_o_tok": _Q_ROW, "stride_o_head": _HEAD, "head_dim": 128, "group_size": 2},
              {"BLOCK_SIZE": 16, "GROUP_P2": 2, "BLOCK_Q": triton_kernels._EXTEND_BLOCK_M // 2,
               "HEAD_DIM_P2": 128, "BLOCK_N": triton_kernels._EXTEND_BLOCK_N},
              pipelined_loop=True),
         Case(OPS, "_rms_norm_kernel", "RMSNorm", {"x_ptr": BF16, "weight_ptr": BF16, "out_ptr": BF16,
-             "eps": "fp32"}, {"BLOCK": 1024}),
+             "eps": "fp32"},
+             {"stride_x_outer": 1024, "stride_x_inner": 1024, "inner_size": 1, "hidden": 1024},
+             {"BLOCK": 1024}),
         Case(OPS, "_fused_add_rms_norm_kernel", "add + RMSNorm",
              {"x_ptr": BF16, "residual_ptr": BF16, "weight_ptr": BF16, "out_ptr": BF16,
-              "residual_out_ptr": BF16, "eps": "fp32"}, {"BLOCK": 1024}),
-        Case(OPS, "_rotary_kernel", "rotary", ROTARY, {**ROTARY_TILES, "NORM": False}),
-        Case(OPS, "_rotary_kernel", "q/k norm + rotary", ROTARY, {**ROTARY_TILES, "NORM": True}),
-        Case(OPS, "_rotary_kernel", "rotary + KV store", ROTARY, {**ROTARY_TILES, **STORE_KV, "NORM": False}),
-        Case(OPS, "_rotary_kernel", "q/k norm + rotary + KV store", ROTARY,
+              "residual_out_ptr": BF16, "eps": "fp32"},
+             {"stride_x_row": 1024, "stride_r_row": 1024, "hidden": 1024}, {"BLOCK": 1024}),
+        Case(OPS, "_rotary_kernel", "rotary", ROTARY, _ROTARY_PLAIN, {**ROTARY_TILES, "NORM": False}),
+        Case(OPS, "_rotary_kernel", "q/k norm + rotary", ROTARY, _ROTARY_PLAIN,
+             {**ROTARY_TILES, "NORM": True}),
+        Case(OPS, "_rotary_kernel", "rotary + KV store", ROTARY, _ROTARY_STORE,
+             {**ROTARY_TILES, **STORE_KV, "NORM": False}),
+        Case(OPS, "_rotary_kernel", "q/k norm + rotary + KV store", ROTARY, _ROTARY_STORE,
              {**ROTARY_TILES, **STORE_KV, "NORM": True}),
         Case(OPS, "_silu_and_mul_kernel", "SiLU-and-mul", {"gate_up_ptr": BF16, "out_ptr": BF16},
-             {"BLOCK": 1024}),
+             {"stride_in_row": 6144, "stride_out_row": 3072, "size": 3072}, {"BLOCK": 1024}),
     ]  # fmt: skip
-
-
-# Integer arguments whose run-time values on the Qwen3 shape are multiples of 16 (strides of
-# heads, tokens and blocks, the head dim, the hidden size); the rest stay unspecialized.
-_NOT_MULTIPLE_OF_16 = ("stride_lse_head", "stride_bt_seq")
-
-
-def _aligned(name: str, type_name: str) -> bool:
-    if type_name.startswith("*"):
-        return True
-    if type_name != "i32" or name in _NOT_MULTIPLE_OF_16:
-        return False
-    return name.startswith("stride") or name in ("head_dim", "hidden", "size")
 
 
 @dataclass(frozen=True)
@@ -148,10 +176,18 @@ class KernelReport:
 def compile_case(case: Case) -> KernelReport:
     kernel = getattr(importlib.import_module(case.module), case.kernel)
     names = kernel.arg_names
-    signature = {a: "constexpr" if a in case.constexprs else case.types.get(a, "i32") for a in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if _aligned(a, signature[a])}
+    missing = [a for a in names if a not in case.types and a not in case.constexprs and a not in case.ints]
+    if missing:
+        raise ValueError(f"{case.label}: no run-time value for {missing}")
+    # The launcher's specialization: integers equal to 1 become constants, and pointers and
+    # integers that are multiples of 16 are marked divisible by 16.
+    constexprs = {**case.constexprs, **{a: 1 for a, value in case.ints.items() if value == 1}}
+    signature = {a: "constexpr" if a in constexprs else case.types.get(a, "i32") for a in names}
+    divisible = [i for i, a in enumerate(names) if signature[a].startswith("*")
+                 or (signature[a] == "i32" and case.ints[a] % 16 == 0)]  # fmt: skip
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
     compiled = triton.compile(
-        ASTSource(kernel, signature, case.constexprs, attrs),
+        ASTSource(kernel, signature, constexprs, attrs),
         target=HOPPER,
         options={"num_warps": case.num_warps, "num_stages": case.num_stages},
     )
@@ -165,6 +201,8 @@ def compile_case(case: Case) -> KernelReport:
         problems.append(f"spills {spill_bytes} bytes")
     if shared > BLOCK_SHARED_MAX:
         problems.append(f"needs {shared} bytes of shared memory, past the {BLOCK_SHARED_MAX} a block may use")
+    if blocks == 0:
+        problems.append(f"no program fits on an SM ({limit})")
     if case.pipelined_loop and not async_copies:
         problems.append("its K/V loads are not asynchronous: the loop is not pipelined")
     return KernelReport(case.label, case.kernel, case.num_warps, case.num_stages, registers, spill_bytes,
@@ -181,7 +219,9 @@ def _ptxas_usage(ptx: str) -> tuple[int, int]:
         source.write_text(ptx)
         target = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE)
         arch = target.group(1) if target else "sm_90a"
-        command = [str(ptxas), f"-arch={arch}", "-v", str(source), "-o", str(Path(tmp) / "k.cubin")]
+        # Triton's own ptxas flags (besides -v), so the counts are those of the cubin it builds.
+        flags = ["-lineinfo", "--regAllocOptLevel=2", "-v", f"--gpu-name={arch}"]
+        command = [str(ptxas), *flags, str(source), "-o", str(Path(tmp) / "k.cubin")]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
     registers = re.search(r"Used (\d+) registers", result.stderr)
     spills = re.search(r"(\d+) bytes spill stores", result.stderr)
@@ -191,10 +231,13 @@ def _ptxas_usage(ptx: str) -> tuple[int, int]:
 
 
 def blocks_per_sm(registers: int, shared: int, num_warps: int) -> tuple[int, str]:
-    """Programs of one kernel resident on one SM at once, and what limits them."""
+    """Programs of one kernel resident on one SM at once, and what limits them. Registers are
+    counted as CUDA's occupancy calculator does: per warp in units of 256, each warp within one of
+    the SM's four quarters of the register file."""
     per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    warps_by_registers = (SM_REGISTERS // 4 // max(per_warp, 1)) * 4
     limits = {
-        "registers": SM_REGISTERS // max(per_warp * num_warps, 1),
+        "registers": warps_by_registers // num_warps,
         "shared memory": SM_SHARED // (shared + SHARED_RESERVED_PER_BLOCK),
         "warps": SM_WARPS // num_warps,
         "blocks": SM_BLOCKS,

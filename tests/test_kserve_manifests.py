@@ -69,8 +69,10 @@ def test_runtime_arguments_parse_and_match_its_ports_and_mount(name: str) -> Non
     assert parsed.host == "0.0.0.0"  # reachable from the pod's network
     served = getattr(parsed, "model", None) or str(getattr(parsed, "model_repository", ""))
     assert str(served) == MODEL_MOUNT
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] == port
+    # Liveness only counts once the startup probe has passed, whatever the load takes.
+    assert "initialDelaySeconds" not in container["livenessProbe"]
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -130,7 +132,8 @@ def test_llm_runtime_command_serves_the_service_by_its_name(tiny_llama: Path) ->
     process, base_url, container = _run_runtime("inferd-llm", tiny_llama, "shakespeare")
     try:
         _wait_until_ready(process, base_url + container["readinessProbe"]["httpGet"]["path"])
-        assert httpx.get(base_url + container["livenessProbe"]["httpGet"]["path"]).status_code == 200
+        for probe in ("startupProbe", "livenessProbe"):
+            assert httpx.get(base_url + container[probe]["httpGet"]["path"]).status_code == 200
         # `{{.Name}}` is the InferenceService's name: clients call the model by it.
         body = {"model": "shakespeare", "prompt": "To be", "max_tokens": 3}
         response = httpx.post(base_url + "/v1/completions", json=body, timeout=30)
@@ -145,7 +148,8 @@ def test_v2_runtime_command_serves_the_example_repository() -> None:
     process, base_url, container = _run_runtime("inferd-v2", EXAMPLE_REPOSITORY, "classifiers")
     try:
         _wait_until_ready(process, base_url + container["readinessProbe"]["httpGet"]["path"])
-        assert httpx.get(base_url + container["livenessProbe"]["httpGet"]["path"]).status_code == 200
+        for probe in ("startupProbe", "livenessProbe"):
+            assert httpx.get(base_url + container[probe]["httpGet"]["path"]).status_code == 200
         for model in ("digits", "sentiment"):
             assert httpx.get(f"{base_url}/v2/models/{model}/ready").status_code == 200
         image = {"name": "image", "datatype": "FP32", "shape": [1, 8, 8], "data": [0.0] * 64}

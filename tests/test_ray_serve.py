@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,19 +22,24 @@ from inferd.deploy.ray_serve import (  # noqa: E402
     build_replica_app,
     check_replica_health,
     inferd_deployment,
+    replica_serve_args,
 )
 
 
+def _deployment_of(app: Any) -> Any:
+    return app._bound_deployment  # the Application's one deployment; Ray has no public accessor
+
+
 def test_builder_arguments_become_deployment_options(tiny_llama: Path) -> None:
+    """As `serve run` passes them: every value a string."""
     app = build_app({"model": str(tiny_llama), "serve_args": "--max-num-seqs 8 --shutdown-timeout 7",
                      "num_replicas": "3", "num_cpus": "0.5"})  # fmt: skip
-    deployment = inferd_deployment([str(tiny_llama), "--max-num-seqs", "8", "--shutdown-timeout", "7"],
-                                   ReplicaOptions(num_replicas=3, num_cpus=0.5))  # fmt: skip
+    deployment = _deployment_of(app)
     assert deployment.num_replicas == 3
     # A replica holds as many requests as its engine batches; more wait in Ray's queue.
     assert deployment.max_ongoing_requests == 8
     assert deployment.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0}
-    assert app is not None
+    assert deployment._deployment_config.graceful_shutdown_timeout_s == 7
 
 
 def test_max_ongoing_requests_defaults_to_the_engine_default(tiny_llama: Path) -> None:
@@ -42,18 +48,39 @@ def test_max_ongoing_requests_defaults_to_the_engine_default(tiny_llama: Path) -
     assert chosen.max_ongoing_requests == 5
 
 
-def test_autoscaling_replaces_the_fixed_count(tiny_llama: Path) -> None:
-    deployment = inferd_deployment([str(tiny_llama)], ReplicaOptions(min_replicas=1, max_replicas=4))
-    config = deployment._deployment_config.autoscaling_config  # no public accessor
-    assert (config.min_replicas, config.max_replicas) == (1, 4)
+def test_autoscaling_keeps_one_replica_and_scales_on_half_a_batch(tiny_llama: Path) -> None:
+    app = build_app({"model": str(tiny_llama), "serve_args": "--max-num-seqs 32", "max_replicas": "4"})
+    config = _deployment_of(app)._deployment_config.autoscaling_config
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (1, 4, 16)
+    chosen = inferd_deployment([str(tiny_llama)], ReplicaOptions(min_replicas=0, max_replicas=2,
+                                                                 target_ongoing_requests=5))  # fmt: skip
+    config = chosen._deployment_config.autoscaling_config
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (0, 2, 5)
+
+
+def test_replicas_without_a_gpu_stay_on_the_cpu_and_keep_the_api_key(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INFERD_API_KEY", "from-the-driver")
+    argv = replica_serve_args([str(tiny_llama)], ReplicaOptions())
+    assert argv == [str(tiny_llama), "--device", "cpu", "--api-key", "from-the-driver"]
+    # A GPU from Ray, an explicit device or an explicit key are left as they are.
+    explicit = [str(tiny_llama), "--device=cuda:0", "--api-key=own"]
+    assert replica_serve_args(explicit, ReplicaOptions(num_gpus=1)) == explicit
+    monkeypatch.delenv("INFERD_API_KEY")
+    assert replica_serve_args([str(tiny_llama)], ReplicaOptions(num_gpus=1)) == [str(tiny_llama)]
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         ({"replicas": "2"}, "unknown argument"),
-        ({"num_replicas": "two"}, "num_replicas must be a number"),
+        ({"num_replicas": "two"}, "num_replicas must be a whole number"),
+        ({"num_replicas": 2.5}, "num_replicas must be a whole number"),
+        ({"num_replicas": True}, "num_replicas must be a whole number"),
+        ({"num_cpus": "many"}, "num_cpus must be a number"),
         ({"num_replicas": "0"}, "at least 1"),
+        ({"max_replicas": "2", "target_ongoing_requests": "0"}, "target_ongoing_requests must be at least 1"),
         ({"min_replicas": "1"}, "needs max_replicas"),
         ({"min_replicas": "3", "max_replicas": "2"}, "min_replicas <= max_replicas"),
         ({"serve_args": "--port 9000"}, "--port is Ray's"),
@@ -161,9 +188,14 @@ def test_the_example_serve_config_builds(tiny_llama: Path) -> None:
     (application,) = config["applications"]
     assert application["import_path"] == "inferd.deploy.ray_serve:build_app"
     # Config files pass typed values; the example's model is the built-in one, here the tiny one.
-    args = {**application["args"], "model": str(tiny_llama)}
-    assert build_app(args) is not None
-    deployment = inferd_deployment(
-        [str(tiny_llama), "--max-num-seqs", "64"], ReplicaOptions(num_replicas=args["num_replicas"])
-    )
-    assert deployment.max_ongoing_requests == 64
+    deployment = _deployment_of(build_app({**application["args"], "model": str(tiny_llama)}))
+    assert deployment.num_replicas == 2
+    assert deployment.max_ongoing_requests == 64  # its --max-num-seqs
+    assert deployment.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.0}
+
+
+def test_config_file_values_null_and_flag_lists(tiny_llama: Path) -> None:
+    app = build_app({"model": str(tiny_llama), "max_replicas": None, "num_replicas": 2.0,
+                     "serve_args": ["--max-num-seqs", "16"]})  # fmt: skip
+    deployment = _deployment_of(app)
+    assert (deployment.num_replicas, deployment.max_ongoing_requests) == (2, 16)

@@ -43,9 +43,12 @@ class ReplicaOptions:
 
     name: str = "inferd"
     num_replicas: int = 1
-    # With max_replicas set, Ray autoscales between min_replicas and max_replicas instead.
+    # With max_replicas set, Ray autoscales between min_replicas (default 1, so a loaded model is
+    # always up) and max_replicas instead, adding replicas while each holds more than
+    # target_ongoing_requests (default: half of max_ongoing_requests).
     min_replicas: int | None = None
     max_replicas: int | None = None
+    target_ongoing_requests: int | None = None
     # Requests one replica holds at once; None: the engine's max_num_seqs, so a replica takes what
     # it can batch and the rest wait where every replica can reach them.
     max_ongoing_requests: int | None = None
@@ -61,8 +64,10 @@ class ReplicaOptions:
         if self.max_replicas is not None and not 0 <= (self.min_replicas or 0) <= self.max_replicas >= 1:
             raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
                              f"{self.min_replicas} and {self.max_replicas}")  # fmt: skip
-        if self.max_ongoing_requests is not None and self.max_ongoing_requests < 1:
-            raise ValueError(f"max_ongoing_requests must be at least 1, got {self.max_ongoing_requests}")
+        for name in ("max_ongoing_requests", "target_ongoing_requests"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         if self.num_cpus < 0 or self.num_gpus < 0 or self.health_check_period_s <= 0:
             raise ValueError("num_cpus and num_gpus must be >= 0 and health_check_period_s > 0")
 
@@ -82,6 +87,21 @@ def parse_serve_args(serve_argv: list[str]) -> argparse.Namespace:
         return build_parser().parse_args(["serve", *serve_argv])
     except SystemExit as exc:  # argparse has printed why
         raise ValueError(f"invalid inferd serve arguments: {shlex.join(serve_argv)}") from exc
+
+
+def replica_serve_args(serve_argv: list[str], options: ReplicaOptions) -> list[str]:
+    """The `inferd serve` flags each replica runs with: ``serve_argv`` made independent of the
+    replica's machine. A replica without a GPU from Ray still sees the node's GPUs (Ray leaves
+    them visible), so it is pinned to the CPU unless ``--device`` says otherwise. An API key
+    taken from this process's environment is passed on: the replicas' environment may lack it,
+    and they would serve without one."""
+    args = parse_serve_args(serve_argv)
+    argv = list(serve_argv)
+    if options.num_gpus == 0 and args.device is None:
+        argv += ["--device", "cpu"]
+    if args.api_key and not any(token.split("=", 1)[0] == "--api-key" for token in argv):
+        argv += ["--api-key", args.api_key]
+    return argv
 
 
 def build_replica_app(serve_argv: list[str]) -> FastAPI:
@@ -107,7 +127,7 @@ def inferd_deployment(serve_argv: list[str], options: ReplicaOptions | None = No
 
     options = options or ReplicaOptions()
     args = parse_serve_args(serve_argv)  # fail here, on the driver, not in every replica
-    argv = list(serve_argv)
+    argv = replica_serve_args(serve_argv, options)
 
     # Ray calls a builder with no arguments on each replica; the closure carries the flags.
     def build() -> FastAPI:
@@ -118,15 +138,18 @@ def inferd_deployment(serve_argv: list[str], options: ReplicaOptions | None = No
         def check_health(self) -> None:
             check_replica_health(self.app)  # type: ignore[attr-defined]  # set by serve.ingress
 
+    max_ongoing = options.max_ongoing_requests or _engine_max_num_seqs(args)
     scaling: dict[str, Any]
     if options.max_replicas is not None:
-        scaling = {"autoscaling_config": {"min_replicas": options.min_replicas or 0,
-                                          "max_replicas": options.max_replicas}}  # fmt: skip
+        min_replicas = 1 if options.min_replicas is None else options.min_replicas
+        target = options.target_ongoing_requests or max(1, max_ongoing // 2)
+        scaling = {"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": options.max_replicas,
+                                          "target_ongoing_requests": target}}  # fmt: skip
     else:
         scaling = {"num_replicas": options.num_replicas}
     return serve.deployment(
         name=options.name,
-        max_ongoing_requests=options.max_ongoing_requests or _engine_max_num_seqs(args),
+        max_ongoing_requests=max_ongoing,
         ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
         health_check_period_s=options.health_check_period_s,
         graceful_shutdown_timeout_s=args.shutdown_timeout,
@@ -145,9 +168,15 @@ def build_app(builder_args: Mapping[str, Any]) -> Application:
                          f"or one of {sorted(known)}")  # fmt: skip
     values: dict[str, Any] = {}
     for key, value in builder_args.items():
-        if key in known:
+        if key in known and value is not None:  # a config file's null: the default
             values[key] = _convert(key, value, str(known[key]))
-    serve_argv = shlex.split(str(builder_args.get(_SERVE_ARGS_KEY, "")))
+    raw_serve_args = builder_args.get(_SERVE_ARGS_KEY) or ""
+    # One string from `serve run`; a string or a list of flags from a config file.
+    serve_argv = (
+        [str(a) for a in raw_serve_args]
+        if isinstance(raw_serve_args, list)
+        else shlex.split(str(raw_serve_args))
+    )
     if builder_args.get(_MODEL_KEY):
         serve_argv.insert(0, str(builder_args[_MODEL_KEY]))
     return inferd_deployment(serve_argv, ReplicaOptions(**values)).bind()
@@ -155,14 +184,20 @@ def build_app(builder_args: Mapping[str, Any]) -> Application:
 
 def _convert(key: str, value: Any, type_name: str) -> Any:
     """Builder arguments come as strings from `serve run` and typed from config files."""
-    try:
-        if type_name.startswith("int"):
-            return int(value)
-        if type_name.startswith("float"):
-            return float(value)
+    if type_name.startswith("str"):
         return str(value)
+    kind = "a whole number" if type_name.startswith("int") else "a number"
+    if isinstance(value, bool):  # a YAML true/false is no count
+        raise ValueError(f"{key} must be {kind}, got {value!r}")
+    try:
+        number = float(value)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{key} must be a number, got {value!r}") from exc
+        raise ValueError(f"{key} must be {kind}, got {value!r}") from exc
+    if kind == "a number":
+        return number
+    if not number.is_integer():
+        raise ValueError(f"{key} must be {kind}, got {value!r}")
+    return int(number)
 
 
 def _engine_max_num_seqs(args: argparse.Namespace) -> int:

@@ -152,12 +152,40 @@ def _default_kv_budget(device: str) -> int:
     return int(min(_available_ram() * _CPU_KV_FRACTION, _CPU_KV_CAP))
 
 
+# cgroup v2, then v1: a container's memory limit and usage (/proc/meminfo shows the host's).
+_CGROUP_MEMORY_FILES = (
+    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
+    (
+        Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ),
+)
+
+
 def _available_ram() -> int:
+    """Memory this process may still take: the host's available memory, or less when a container
+    limit (a pod's, say) leaves less."""
+    available = 4 * 2**30
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return 4 * 2**30
+    left = _cgroup_memory_left()
+    return min(available, left) if left is not None else available
+
+
+def _cgroup_memory_left() -> int | None:
+    for limit_file, usage_file in _CGROUP_MEMORY_FILES:
+        try:
+            limit_text, usage_text = limit_file.read_text().strip(), usage_file.read_text().strip()
+        except OSError:
+            continue
+        # "max" (v2) or a huge number (v1) means no limit.
+        if limit_text == "max" or int(limit_text) >= 2**60:
+            return None
+        return max(0, int(limit_text) - int(usage_text))
+    return None
