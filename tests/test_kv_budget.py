@@ -10,11 +10,17 @@ import pytest
 from inferd.engine import builder
 
 
-def _cgroup(tmp_path: Path, limit: str, usage: str) -> tuple[tuple[Path, Path], ...]:
-    limit_file, usage_file = tmp_path / "memory.max", tmp_path / "memory.current"
+def _cgroup(tmp_path: Path, limit: str, usage: str, inactive_file: int = 0) -> tuple:
+    limit_file, usage_file, stat_file = (
+        tmp_path / "memory.max",
+        tmp_path / "memory.current",
+        tmp_path / "stat",
+    )
     limit_file.write_text(limit + "\n")
     usage_file.write_text(usage + "\n")
-    return ((tmp_path / "absent.max", tmp_path / "absent.current"), (limit_file, usage_file))
+    stat_file.write_text(f"anon 4096\ninactive_file {inactive_file}\nactive_file 8192\n")
+    absent = (tmp_path / "absent.max", tmp_path / "absent.current", tmp_path / "absent.stat", "inactive_file")
+    return (absent, (limit_file, usage_file, stat_file, "inactive_file"))
 
 
 def test_a_container_limit_caps_the_available_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,3 +42,22 @@ def test_no_limit_leaves_the_hosts_memory(
 def test_a_full_container_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(builder, "_CGROUP_MEMORY_FILES", _cgroup(tmp_path, "1000", "2000"))
     assert builder._available_ram() == 0
+
+
+def test_reclaimable_file_cache_does_not_count_as_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3 GiB used, of which 2 GiB is inactive file cache (weights just read): 3 GiB are left.
+    files = _cgroup(tmp_path, str(4 * 2**30), str(3 * 2**30), inactive_file=2 * 2**30)
+    monkeypatch.setattr(builder, "_CGROUP_MEMORY_FILES", files)
+    assert builder._cgroup_memory_left() == 3 * 2**30
+
+
+def test_cpu_ranks_share_the_default_budget(tiny_model_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(builder, "_available_ram", lambda: 2**30)
+    one = builder.resolve_num_blocks(builder.build_engine_config(tiny_model_factory("qwen3"), device="cpu"))
+    config = builder.build_engine_config(tiny_model_factory("qwen3"), device="cpu", tensor_parallel_size=2)
+    two = builder.resolve_num_blocks(config)
+    assert one.cache.num_blocks is not None and two.cache.num_blocks is not None
+    # A rank's block is half the bytes, and the ranks share the budget: the same blocks in all.
+    assert two.cache.num_blocks == one.cache.num_blocks

@@ -119,3 +119,67 @@ def test_the_serve_flag_reaches_the_engine_options(tmp_path: Path) -> None:
     register(parser.add_subparsers())
     args = parser.parse_args(["serve", "--tensor-parallel-size", "2"])
     assert engine_options(args)["tensor_parallel_size"] == 2
+
+
+def test_a_failure_mid_step_stops_the_group_and_every_later_step_fails(tiny_model_factory) -> None:
+    """Rank 0 fails after the other ranks got the step: their all-reduces are now out of step with
+    rank 0's, so the group stops rather than pair the next step's collectives with these."""
+    llm = LLM(tiny_model_factory("qwen3"), tensor_parallel_size=2, **OPTIONS)
+    runner = llm.engine.core.runner
+    group = runner.tensor_parallel
+    assert group is not None
+    processes = list(group._processes)
+    mlp = runner.model.model.layers[1].mlp  # type: ignore[attr-defined]
+    forward = mlp.forward
+
+    def fail_once(x: torch.Tensor) -> torch.Tensor:
+        mlp.forward = forward
+        raise MemoryError("rank 0 only")
+
+    mlp.forward = fail_once
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    try:
+        with pytest.raises(MemoryError):
+            llm.generate([[1, 2, 3]], params)
+        with pytest.raises(RuntimeError, match="tensor-parallel step failed"):
+            llm.generate([[1, 2, 3]], params)
+        assert runner.tensor_parallel is None
+        assert all(p.poll() is not None for p in processes)
+        assert not torch.distributed.is_initialized()
+    finally:
+        llm.shutdown()
+
+
+def test_a_failed_start_releases_the_group(tiny_model_factory, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_factory("qwen3"), broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(Exception, match="model.safetensors"):
+        LLM(broken, tensor_parallel_size=2, **OPTIONS)
+    assert not torch.distributed.is_initialized()
+    good = LLM(tiny_model_factory("qwen3"), tensor_parallel_size=2, **OPTIONS)
+    good.shutdown()
+
+
+def test_a_rank_that_cannot_start_fails_start_up_at_once(tiny_model_factory, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the ranks' interpreter exits at once
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank exited"):
+        LLM(tiny_model_factory("qwen3"), tensor_parallel_size=2, **OPTIONS)
+    assert time.monotonic() - start < 60
+    assert not torch.distributed.is_initialized()
+
+
+def test_one_tensor_parallel_engine_per_process(tiny_model_factory) -> None:
+    first = LLM(tiny_model_factory("qwen3"), tensor_parallel_size=2, **OPTIONS)
+    try:
+        with pytest.raises(RuntimeError, match="already runs a tensor-parallel engine"):
+            LLM(tiny_model_factory("qwen3"), tensor_parallel_size=2, **OPTIONS)
+        out = first.generate([[1, 2]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        assert len(out[0].token_ids) == 2  # the first one is untouched
+    finally:
+        first.shutdown()

@@ -123,6 +123,9 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
     bytes_per_block = config.local_model.kv_bytes_per_token(parse_dtype(config.dtype)) * cache.block_size
     if cache.num_blocks is None:
         budget = cache.kv_cache_memory or _default_kv_budget(config.device)
+        if cache.kv_cache_memory is None and not config.device.startswith("cuda"):
+            # On the CPU every rank's cache comes out of the same RAM: the default is for all of them.
+            budget //= config.tensor_parallel_size
         num_blocks = budget // bytes_per_block
         blocks_per_seq = -(-config.scheduler.max_model_len // cache.block_size)
         if num_blocks < blocks_per_seq:
@@ -152,14 +155,14 @@ def _default_kv_budget(device: str) -> int:
     return int(min(_available_ram() * _CPU_KV_FRACTION, _CPU_KV_CAP))
 
 
-# cgroup v2, then v1: a container's memory limit and usage (/proc/meminfo shows the host's).
+# cgroup v2, then v1: a container's memory limit, its usage, and the usage's statistics, with the
+# name of the reclaimable file cache in them (/proc/meminfo shows the host's memory instead).
 _CGROUP_MEMORY_FILES = (
-    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
-    (
-        Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-        Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ),
-)
+    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current"),
+     Path("/sys/fs/cgroup/memory.stat"), "inactive_file"),
+    (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+     Path("/sys/fs/cgroup/memory/memory.stat"), "total_inactive_file"),
+)  # fmt: skip
 
 
 def _available_ram() -> int:
@@ -179,7 +182,7 @@ def _available_ram() -> int:
 
 
 def _cgroup_memory_left() -> int | None:
-    for limit_file, usage_file in _CGROUP_MEMORY_FILES:
+    for limit_file, usage_file, stat_file, cache_key in _CGROUP_MEMORY_FILES:
         try:
             limit_text, usage_text = limit_file.read_text().strip(), usage_file.read_text().strip()
         except OSError:
@@ -187,5 +190,19 @@ def _cgroup_memory_left() -> int | None:
         # "max" (v2) or a huge number (v1) means no limit.
         if limit_text == "max" or int(limit_text) >= 2**60:
             return None
-        return max(0, int(limit_text) - int(usage_text))
+        # Usage counts the page cache (the weights just read, say), which the kernel reclaims
+        # before it kills anything: the working set is usage less the inactive file cache.
+        working_set = int(usage_text) - _stat_value(stat_file, cache_key)
+        return max(0, int(limit_text) - max(0, working_set))
     return None
+
+
+def _stat_value(stat_file: Path, key: str) -> int:
+    try:
+        for line in stat_file.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0

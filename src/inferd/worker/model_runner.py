@@ -58,22 +58,28 @@ class ModelRunner:
         self.dtype = parse_dtype(config.dtype)
         # With tensor parallelism this is rank 0: the other ranks start first and load alongside.
         self.tensor_parallel: TensorParallelGroup | None = None
+        # Set once a tensor-parallel step failed part-way: the ranks' collectives are out of step.
+        self._broken: str | None = None
         if config.tensor_parallel_size > 1:
             configure_cpu_threads(config)
             self.tensor_parallel = TensorParallelGroup(config)
-        self.model = load_model(
-            config.model_path,
-            config.local_model,
-            config.scheduler.max_model_len,
-            self.dtype,
-            config.device,
-            config.load_format,
-            shard=(0, config.tensor_parallel_size) if self.tensor_parallel is not None else None,
-        )
-        self.model.enable_triton_ops(config.uses_triton_ops)
-        if self.tensor_parallel is not None:
-            self.model.set_all_reduce(all_reduce)
-            self.tensor_parallel.wait_loaded()
+        try:
+            self.model = load_model(
+                config.model_path,
+                config.local_model,
+                config.scheduler.max_model_len,
+                self.dtype,
+                config.device,
+                config.load_format,
+                shard=(0, config.tensor_parallel_size) if self.tensor_parallel is not None else None,
+            )
+            self.model.enable_triton_ops(config.uses_triton_ops)
+            if self.tensor_parallel is not None:
+                self.model.set_all_reduce(all_reduce)
+                self.tensor_parallel.wait_loaded()
+        except BaseException:
+            self.shutdown()
+            raise
         self.backend = create_backend(config.attention_backend, config.device)
         self.sampler = Sampler(config.seed)
         self.block_size = config.cache.block_size
@@ -97,7 +103,7 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks, if any (the engine's own state needs nothing)."""
         if self.tensor_parallel is not None:
-            self.tensor_parallel.shutdown()
+            self.tensor_parallel.shutdown(timeout_s=5.0 if self._broken else 30.0)
             self.tensor_parallel = None
 
     def _bind_device(self) -> None:
@@ -128,6 +134,8 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_decode_graphs(self, capturer: GraphCapturer | None = None) -> None:
         """Capture the decode graphs over the allocated KV cache. ``capturer`` defaults to CUDA's."""
+        if self.tensor_parallel is not None:
+            raise RuntimeError("decode graphs are not supported with tensor parallelism")
         from inferd.attention import triton_kernels
         from inferd.attention.triton_backend import TritonAttentionBackend
 
@@ -194,6 +202,8 @@ class ModelRunner:
     ) -> tuple[ModelInputs, torch.Tensor]:
         """Build the step's tensors once and run the model; returns them with the final hidden states.
         ``previous``: the launched step whose samples decode rows of ``out`` may carry."""
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
         graph_size = self.graphs.padded_size(out) if self.graphs is not None else None
         last_sample = previous.sample if previous is not None else None
         carried = previous.sample_rows if previous is not None and last_sample is not None else None
@@ -205,8 +215,23 @@ class ModelRunner:
             self.buffers.device_views["input_ids"].index_copy_(0, inputs.carried_rows, tokens)
         if self.graphs is not None and graph_size is not None:
             hidden = self.graphs.replay(graph_size, inputs.meta.max_seq_len)[: inputs.input_ids.shape[0]]
+        elif self.tensor_parallel is not None:
+            hidden = self._tensor_parallel_forward(self.tensor_parallel, inputs)
         else:
-            if self.tensor_parallel is not None:
-                self.tensor_parallel.run_step(StepInputs.of(inputs.input_ids, inputs.positions, inputs.meta))
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         return inputs, hidden
+
+    def _tensor_parallel_forward(self, group: TensorParallelGroup, inputs: ModelInputs) -> torch.Tensor:
+        """Rank 0's forward, after sending the step to the other ranks. A failure part-way leaves
+        the ranks' collectives out of step, so it stops the group: every later step fails at once
+        instead of pairing its all-reduces with the failed step's."""
+        try:
+            group.run_step(StepInputs.of(inputs.input_ids, inputs.positions, inputs.meta, self.block_size))
+            hidden: torch.Tensor = self.model(
+                inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend
+            )
+        except BaseException as exc:
+            self._broken = f"tensor-parallel step failed, the ranks are stopped: {exc!r}"
+            self.shutdown()
+            raise
+        return hidden

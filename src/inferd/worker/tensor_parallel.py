@@ -20,14 +20,17 @@ import logging
 import os
 import pickle
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any
 
@@ -63,8 +66,11 @@ def all_reduce(tensor: torch.Tensor) -> None:
 
 
 def rank_device(device: str, rank: int) -> str:
-    """Rank ``rank``'s device: its own GPU on CUDA, the CPU otherwise."""
-    return f"cuda:{rank}" if device.startswith("cuda") else device
+    """Rank ``rank``'s device: on CUDA the ``rank``-th GPU from rank 0's, the CPU otherwise."""
+    if not device.startswith("cuda"):
+        return device
+    first = torch.device(device).index or 0
+    return f"cuda:{first + rank}"
 
 
 def configure_cpu_threads(config: EngineConfig) -> None:
@@ -90,13 +96,17 @@ class StepInputs:
     seq_lens_host: tuple[int, ...]
 
     @classmethod
-    def of(cls, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> StepInputs:
+    def of(
+        cls, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, block_size: int
+    ) -> StepInputs:
         # Copies: a view would pickle the whole persistent buffer it points into.
         def host(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to("cpu", copy=True)
 
+        # Only the block-table columns this step's longest context reaches, not the full width.
+        tables = meta.block_tables[:, : -(-meta.max_seq_len // block_size)]
         return cls(host(input_ids), host(positions), host(meta.slot_mapping), host(meta.query_start_loc),
-                   host(meta.seq_lens), host(meta.block_tables), meta.max_query_len, meta.max_seq_len,
+                   host(meta.seq_lens), host(tables), meta.max_query_len, meta.max_seq_len,
                    meta.query_lens_host, meta.seq_lens_host)  # fmt: skip
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -115,28 +125,53 @@ class StepInputs:
 
 class TensorParallelGroup:
     """Rank 0's side: starts the other ranks, joins the process group with them, and sends them
-    their orders."""
+    their orders. One group per process: ``torch.distributed``'s default group is global."""
 
     def __init__(self, config: EngineConfig) -> None:
+        if dist.is_initialized():
+            raise RuntimeError("this process already runs a tensor-parallel engine (or another "
+                               "torch.distributed group); shut it down first")  # fmt: skip
         self.size = config.tensor_parallel_size
         self._processes: list[subprocess.Popen[bytes]] = []
         self._connections: list[Connection] = []
+        # The rendezvous store is a file only this user can reach, not a port on every interface.
+        self._store_dir = tempfile.mkdtemp(prefix="inferd-tp-")
+        try:
+            self._start(config)
+        except BaseException:
+            self.shutdown(timeout_s=5.0)
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
         authkey = secrets.token_bytes(32)
-        store = dist.TCPStore("127.0.0.1", 0, self.size, is_master=True, timeout=_COLLECTIVE_TIMEOUT,
-                              wait_for_workers=False)  # fmt: skip
+        store_path = os.path.join(self._store_dir, "store")
+        store = dist.FileStore(store_path, self.size)
+        _use_loopback()
         with socket.create_server(("127.0.0.1", 0)) as server:
             env = {**os.environ, _ADDRESS_ENV: f"127.0.0.1:{server.getsockname()[1]}",
                    _AUTHKEY_ENV: authkey.hex()}  # fmt: skip
             for _ in range(1, self.size):
-                self._processes.append(
-                    subprocess.Popen([sys.executable, "-m", "inferd.worker.tensor_parallel"], env=env)
-                )
+                # Their own session: a Ctrl-C meant for the server reaches rank 0, which stops them.
+                command = [sys.executable, "-m", "inferd.worker.tensor_parallel"]
+                self._processes.append(subprocess.Popen(command, env=env, start_new_session=True))
             self._connections = self._accept(server, authkey)
         for rank, connection in enumerate(self._connections, start=1):
-            _send(connection, ("init", config, rank, store.port))
+            _send(connection, ("init", config, rank, store_path))
+        # Wait until every rank is at the rendezvous, watching for one that died on the way, so a
+        # lost rank fails start-up at once instead of after the collective timeout.
+        joined = [_joined_key(rank) for rank in range(1, self.size)]
+        self._wait_for(lambda: store.check(joined), "join the process group")
         dist.init_process_group(_backend(config), store=store, rank=0, world_size=self.size,
                                 timeout=_COLLECTIVE_TIMEOUT)  # fmt: skip
         logger.info("tensor parallel: %d ranks over %s", self.size, dist.get_backend())
+
+    def _wait_for(self, done: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not done():
+            self._check_processes()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel ranks did not {what} in time")
+            time.sleep(0.05)
 
     def _accept(self, server: socket.socket, authkey: bytes) -> list[Connection]:
         server.settimeout(1.0)
@@ -152,15 +187,19 @@ class TensorParallelGroup:
                 continue
             sock.setblocking(True)
             connection = Connection(sock.detach())
-            deliver_challenge(connection, authkey)
-            answer_challenge(connection, authkey)
+            try:
+                deliver_challenge(connection, authkey)
+                answer_challenge(connection, authkey)
+            except (AuthenticationError, OSError, EOFError):
+                connection.close()  # not one of ours: drop it and keep waiting for the ranks
+                continue
             connections.append(connection)
         return connections
 
     def _check_processes(self) -> None:
         exited = [p.returncode for p in self._processes if p.poll() is not None]
         if exited:
-            raise RuntimeError(f"a tensor-parallel rank exited while starting (exit codes {exited})")
+            raise RuntimeError(f"a tensor-parallel rank exited (exit codes {exited})")
 
     def _gather(self, what: str) -> None:
         """Wait for every rank's reply to the last order; raise with a rank's error if one failed."""
@@ -187,7 +226,8 @@ class TensorParallelGroup:
         for connection in self._connections:
             _send(connection, ("step", inputs))
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop the ranks (killed if they outlast ``timeout_s``) and release the process group."""
         for connection in self._connections:
             try:
                 _send(connection, ("stop", None))
@@ -196,12 +236,25 @@ class TensorParallelGroup:
                 pass  # that rank is already gone
         for process in self._processes:
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
         self._connections, self._processes = [], []
         if dist.is_initialized():
             dist.destroy_process_group()
+        shutil.rmtree(self._store_dir, ignore_errors=True)
+
+
+def _joined_key(rank: int) -> str:
+    return f"inferd/joined/{rank}"
+
+
+def _use_loopback() -> None:
+    """Collectives between ranks of one machine stay on the loopback interface; gloo and NCCL
+    otherwise pick the interface the host name resolves to. Ranks inherit this environment."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
 def _backend(config: EngineConfig) -> str:
@@ -215,14 +268,15 @@ def _serve_orders(connection: Connection) -> None:
     from inferd.models.loader import load_model
     from inferd.worker.kv_cache import allocate_kv_caches
 
-    order, config, rank, store_port = _recv(connection)
+    order, config, rank, store_path = _recv(connection)
     assert order == "init"
     size = config.tensor_parallel_size
     device = rank_device(config.device, rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     configure_cpu_threads(config)
-    store = dist.TCPStore("127.0.0.1", store_port, size, is_master=False, timeout=_COLLECTIVE_TIMEOUT)
+    store = dist.FileStore(store_path, size)
+    store.set(_joined_key(rank), "1")
     dist.init_process_group(
         _backend(config), store=store, rank=rank, world_size=size, timeout=_COLLECTIVE_TIMEOUT
     )
