@@ -79,6 +79,8 @@ def test_replicas_without_a_gpu_stay_on_the_cpu_and_keep_the_api_key(
         ({"num_replicas": 2.5}, "num_replicas must be a whole number"),
         ({"num_replicas": True}, "num_replicas must be a whole number"),
         ({"num_cpus": "many"}, "num_cpus must be a number"),
+        ({"num_gpus": "nan"}, "num_gpus must be a number"),
+        ({"health_check_period_s": "inf"}, "health_check_period_s must be a number"),
         ({"num_replicas": "0"}, "at least 1"),
         ({"max_replicas": "2", "target_ongoing_requests": "0"}, "target_ongoing_requests must be at least 1"),
         ({"min_replicas": "1"}, "needs max_replicas"),

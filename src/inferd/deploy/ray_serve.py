@@ -19,6 +19,7 @@ or from Python with `inferd_deployment(...)`. Ray is imported here only.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -193,6 +194,8 @@ def _convert(key: str, value: Any, type_name: str) -> Any:
         number = float(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{key} must be {kind}, got {value!r}") from exc
+    if not math.isfinite(number):
+        raise ValueError(f"{key} must be {kind}, got {value!r}")
     if kind == "a number":
         return number
     if not number.is_integer():
