@@ -8,10 +8,11 @@ engine's own model runner, computes logits and samples.
 
 Rank 0 starts the other ranks as ``python -m inferd.worker.tensor_parallel`` processes. They
 connect back to it over an authenticated socket on 127.0.0.1, which carries their orders: load,
-allocate the KV cache, run this step's inputs, stop. The collectives go over gloo on the CPU and
-NCCL on CUDA (rank ``r`` on ``cuda:r``). A rank waiting for orders blocks on its socket, not in a
-collective, so an idle engine never times out, and a rank whose rank 0 has gone sees the socket
-close and exits.
+allocate the KV cache, run this step's inputs, stop. They meet through a rendezvous file in a
+private temporary folder. The collectives go over gloo on the CPU and NCCL on CUDA (rank ``r``
+on the ``r``-th GPU from rank 0's), on the loopback interface. A rank waiting for orders blocks
+on its socket, not in a collective, so an idle engine never times out, and a rank whose rank 0
+has gone sees the socket close and exits.
 """
 
 from __future__ import annotations
