@@ -56,12 +56,14 @@ def test_two_ranks_give_the_whole_models_logits_and_tokens(tiny_model_factory, a
 
 def test_shutdown_stops_the_ranks_and_a_new_group_can_start(tiny_model_factory) -> None:
     folder = tiny_model_factory("qwen3")
+    threads = torch.get_num_threads()
     first = LLM(folder, tensor_parallel_size=2, **OPTIONS)
     group = first.engine.core.runner.tensor_parallel
     assert group is not None
     processes = list(group._processes)
     first.shutdown()
     assert all(p.poll() is not None for p in processes)
+    assert torch.get_num_threads() == threads  # the cores are the process's again
     second = LLM(folder, tensor_parallel_size=2, **OPTIONS)  # the process group was released
     try:
         out = second.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))

@@ -60,6 +60,8 @@ class ModelRunner:
         self.tensor_parallel: TensorParallelGroup | None = None
         # Set once a tensor-parallel step failed part-way: the ranks' collectives are out of step.
         self._broken: str | None = None
+        # Restored at shutdown: on the CPU the ranks split the cores for as long as they run.
+        self._num_threads = torch.get_num_threads()
         if config.tensor_parallel_size > 1:
             configure_cpu_threads(config)
             self.tensor_parallel = TensorParallelGroup(config)
@@ -105,6 +107,8 @@ class ModelRunner:
         if self.tensor_parallel is not None:
             self.tensor_parallel.shutdown(timeout_s=5.0 if self._broken else 30.0)
             self.tensor_parallel = None
+        if torch.get_num_threads() != self._num_threads:
+            torch.set_num_threads(self._num_threads)
 
     def _bind_device(self) -> None:
         """Make this engine's GPU the calling thread's current device (a no-op for ``cuda`` and
