@@ -105,8 +105,7 @@ def test_rotary_on_split_views_matches_torch(dtype: torch.dtype, rope: RopeConfi
     rotary = RotaryEmbedding(12, max_positions=64, rope=rope).to(DEVICE)
     positions = torch.tensor([0, 1, 2, 63, 5, 5, 17, 40, 3], device=DEVICE)
     expected_q, expected_k = rotary.lookup(positions).apply(q, k)
-    rotary.use_triton = True
-    out_q, out_k = rotary.lookup(positions).apply(q, k)
+    out_q, out_k = triton_ops.apply_rotary_embedding(q, k, positions, rotary.cos, rotary.sin)
     torch.testing.assert_close(out_q, expected_q)
     torch.testing.assert_close(out_k, expected_k)
     assert torch.equal(v, v_before)  # the rest of the fused projection is untouched
@@ -122,8 +121,8 @@ def test_qk_norm_fused_into_rotary_matches_norm_then_rotary(dtype: torch.dtype) 
     rotary = RotaryEmbedding(12, max_positions=64, rope=RopeConfig(theta=10000.0)).to(DEVICE)
     positions = torch.tensor([0, 1, 2, 63, 5, 17, 40], device=DEVICE)
     expected_q, expected_k = rotary.lookup(positions).apply(q_norm(q), k_norm(k))
-    rotary.use_triton = True
-    out_q, out_k = rotary.lookup(positions).apply_normed(q, k, q_norm, k_norm)
+    weights = (q_norm.weight, k_norm.weight, q_norm.eps)
+    out_q, out_k = triton_ops.apply_rotary_embedding(q, k, positions, rotary.cos, rotary.sin, qk_norm=weights)
     torch.testing.assert_close(out_q, expected_q)
     torch.testing.assert_close(out_k, expected_k)
 

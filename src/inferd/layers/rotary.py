@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -34,20 +33,6 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
-class RotaryStep(Protocol):
-    """One step's rotation: built once per step from its positions, applied in every layer."""
-
-    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q and k ([tokens, heads, dim]) by their positions' angles."""
-        ...
-
-    def apply_normed(
-        self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head RMSNorm of q and k (Qwen3), then the rotation."""
-        ...
-
-
 @dataclass(frozen=True)
 class GatheredRotary:
     """The torch path: each token's cos/sin rows, [tokens, 1, dim / 2], gathered once per step."""
@@ -73,23 +58,6 @@ class TritonRotary:
     cos_table: torch.Tensor
     sin_table: torch.Tensor
 
-    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from inferd.layers import triton_ops
-
-        return triton_ops.apply_rotary_embedding(q, k, self.positions, self.cos_table, self.sin_table)
-
-    def apply_normed(
-        self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One kernel for both norms and the rotation: two launches fewer per layer. Both norms
-        come from the model's one ``rms_norm_eps``."""
-        from inferd.layers import triton_ops
-
-        weights = (q_norm.weight, k_norm.weight, q_norm.eps)
-        return triton_ops.apply_rotary_embedding(
-            q, k, self.positions, self.cos_table, self.sin_table, qk_norm=weights
-        )
-
     def rotate_and_store(
         self,
         q: torch.Tensor,
@@ -100,7 +68,8 @@ class TritonRotary:
         qk_norms: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> torch.Tensor:
         """The rotation (after the q/k norms, if given) with the new k and v written into their
-        cache slots by the same kernel: the KV store's launch is saved. Returns the rotated q."""
+        cache slots, all in one kernel: three launches fewer per layer than norms, rotary and KV
+        store apart. Both norms come from the model's one ``rms_norm_eps``. Returns the rotated q."""
         from inferd.layers import triton_ops
 
         weights = (qk_norms[0].weight, qk_norms[1].weight, qk_norms[0].eps) if qk_norms else None
@@ -108,6 +77,11 @@ class TritonRotary:
             q, k, v, self.positions, self.cos_table, self.sin_table, kv_cache[0], kv_cache[1], slot_mapping,
             qk_norm=weights,
         )  # fmt: skip
+
+
+# One step's rotation: built once per step from its positions, applied in every layer. The torch
+# path rotates q and k and leaves the KV store to the attention backend; the Triton path stores too.
+RotaryStep = GatheredRotary | TritonRotary
 
 
 class RotaryEmbedding(nn.Module):

@@ -335,6 +335,9 @@ def apply_rotary_embedding(
     views (e.g. split from the fused qkv output). Returns new contiguous tensors, computed in float32.
     ``qk_norm`` = ``(q_weight, k_weight, eps)`` RMS-normalizes every head first (Qwen3's q/k norm),
     in the same pass; the weights must have q's dtype, as the model's do.
+
+    The engine's layers use ``rotate_and_store_kv``, which also writes k and v into the paged
+    cache; this is the same rotation for a caller without one (and what that op is tested against).
     """
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     q_out = _launch_rotary(q, k, None, k_out, positions, cos_table, sin_table, qk_norm, None)
