@@ -313,6 +313,108 @@ def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceiling
     return results
 
 
+# Decode-step projections (out features, in features) of both shapes, for the skinny matmul sweep.
+LINEAR_SHAPES = {
+    "qwen3 qkv": (4096, 1024), "qwen3 o": (1024, 2048), "qwen3 gate_up": (6144, 1024),
+    "qwen3 down": (1024, 3072), "llama qkv": (6144, 4096), "llama o": (4096, 4096),
+    "llama gate_up": (28672, 4096), "llama down": (4096, 14336),
+}  # fmt: skip
+LINEAR_ROWS = (1, 2, 4)
+# (features per program, inner elements per step, warps, stages) tried besides the default tile at
+# one and two rows (where they fit the registers).
+LINEAR_TILES = [
+    (2, 2048, 4, 3), (2, 1024, 4, 4), (4, 1024, 4, 3), (4, 512, 4, 4), (8, 512, 8, 3), (2, 512, 4, 6),
+    (2, 2048, 8, 2), (4, 2048, 8, 3),
+]  # fmt: skip
+# Weight copies cycled through per timing, so each call reads its weights from memory, not L2.
+LINEAR_ROTATION_BYTES = 256 << 20
+
+
+def _seconds_per_call(calls: list[Callable[[], Any]], plan: Plan, repeats: int) -> float:
+    """Seconds per call of ``calls`` run back to back. On a GPU they are captured in one CUDA
+    graph, as a decode step runs them, and the graph's replays are timed with device events."""
+    if plan.device != "cuda":
+        return _timed(lambda: [call() for call in calls], plan.device, repeats) / len(calls)
+    for call in calls:  # compile and warm up outside the capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats / len(calls)
+
+
+def sweep_skinny_linear(plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
+    """The decode-step projections alone, cuBLAS (``F.linear``) against the skinny Triton matmul:
+    time per call and weight bytes read per second against the copy bandwidth, for the rows of
+    ``LINEAR_ROWS``, the default tile and, at one and two rows, the tiles of ``LINEAR_TILES``.
+    Each result's relative error is against float32 ``F.linear``."""
+    from inferd.layers import triton_linear
+
+    shapes = LINEAR_SHAPES if plan.device == "cuda" else {"toy": (40, 64)}
+    tiles = [triton_linear.SkinnyTile(*t) for t in LINEAR_TILES] if plan.device == "cuda" else []
+    results: list[dict[str, Any]] = []
+    for name, (out_features, in_features) in shapes.items():
+        weight_bytes = out_features * in_features * torch.empty((), dtype=plan.dtype).element_size()
+        copies = max(2, -(-LINEAR_ROTATION_BYTES // weight_bytes)) if plan.device == "cuda" else 1
+        scale = in_features**-0.5
+        weights = [torch.randn(out_features, in_features, dtype=plan.dtype, device=plan.device) * scale
+                   for _ in range(copies)]  # fmt: skip
+        for rows in LINEAR_ROWS:
+            x = torch.randn(rows, in_features, dtype=plan.dtype, device=plan.device)
+            expected = torch.nn.functional.linear(x.float(), weights[0].float())
+            candidates: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [
+                ("cublas", lambda w, x=x: torch.nn.functional.linear(x, w)),
+                ("triton default", lambda w, x=x: triton_linear.skinny_linear(x, w)),
+            ]
+            if rows <= 2:
+                candidates += [
+                    (f"triton {t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}",
+                     lambda w, x=x, t=t: triton_linear.skinny_linear(x, w, tile=t))
+                    for t in tiles
+                    if rows * t.block_n * t.block_k <= 256 * t.num_warps * 32  # products held in registers
+                ]  # fmt: skip
+            for label, fn in candidates:
+                entry: dict[str, Any] = {"shape": name, "rows": rows, "kernel": label}
+                try:
+                    entry["relative_error"] = relative_error(fn(weights[0]).float(), expected)
+                    seconds = _seconds_per_call([functools.partial(fn, w) for w in weights], plan, 10)
+                except Exception as error:  # one tile the compiler rejects must not end the sweep
+                    entry["error"] = repr(error)[:300]
+                else:
+                    entry["us"] = seconds * 1e6
+                    entry["fraction_of_bandwidth"] = weight_bytes / seconds / ceilings.bandwidth_bytes_s
+                results.append(entry)
+        best = _best_linear_rows(results, name)
+        print(f"skinny linear, {name}: " + "; ".join(best), flush=True)
+        del weights
+        free_device_memory()
+    return results
+
+
+def _best_linear_rows(results: list[dict[str, Any]], shape: str) -> list[str]:
+    """Per row count of one shape: cuBLAS's time, the default tile's and the fastest tile."""
+    lines = []
+    for rows in LINEAR_ROWS:
+        timed = [r for r in results if r["shape"] == shape and r["rows"] == rows and "us" in r]
+        by_kernel = {r["kernel"]: r["us"] for r in timed}
+        fastest = min(timed, key=lambda r: r["us"], default=None)
+        if fastest is None:
+            continue
+        lines.append(f"{rows} rows cublas {by_kernel.get('cublas', float('nan')):.1f} us, "
+                     f"default {by_kernel.get('triton default', float('nan')):.1f}, "
+                     f"best {fastest['kernel']} {fastest['us']:.1f}")  # fmt: skip
+    return lines
+
+
 def nano_vllm_workload(plan: Plan) -> tuple[list[list[int]], list[int]]:
     """nano-vllm's bench.py workload: prompts drawn first, then output lengths, from seed 0.
     Token ids are drawn as nano-vllm draws them, ``randint(0, 10000)`` (both ends included)."""
@@ -444,6 +546,7 @@ VARIANTS = {
     "sync": {"async_scheduling": False},
     "eager": {"enforce_eager": True},
     "eager_torch_ops": {"enforce_eager": True, "triton_ops": False},
+    "cublas_linear": {"triton_linear": False},
 }
 # The engine a failed default run falls back to: each GPU-only feature off.
 FALLBACK = {"enforce_eager": True, "async_scheduling": False}
@@ -497,6 +600,7 @@ def start_engine(
         # Context tiers per batch size, where a size has more than one (split graphs for long contexts).
         "graph_context_tiers": {size: t for size, t in graphs.tiers.items() if len(t) > 1} if graphs else {},
         "triton_ops": llm.engine.config.uses_triton_ops,
+        "triton_linear": llm.engine.config.uses_triton_linear,
     }
     print("engine start-up:", json.dumps(startup), flush=True)
     return llm, startup
@@ -649,6 +753,9 @@ class ShapeRun:
             lambda: sweep_decode_kernel(self.hf_config, self.plan, self.ceilings),
         )
 
+    def linear_sweep(self) -> None:
+        attempt(self.result, "skinny_linear_sweep", lambda: sweep_skinny_linear(self.plan, self.ceilings))
+
     def compare_with_transformers(self) -> None:
         """transformers' figure on the workload (this run's or the committed one) and the ratio."""
         if self.args.skip_transformers:
@@ -689,7 +796,10 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         qwen.checks,
         functools.partial(qwen.variant, "default", workload=True),
         functools.partial(llama.variant, "default"),
-        qwen.decode_sweep,  # short, and what the kernel tuning needs
+        qwen.linear_sweep,  # short, and what the kernel tuning needs
+        functools.partial(qwen.variant, "cublas_linear", workload=True),
+        functools.partial(llama.variant, "cublas_linear"),
+        qwen.decode_sweep,
         functools.partial(qwen.variant, "sync", workload=True),
         functools.partial(qwen.variant, "eager", profile=True),
         functools.partial(qwen.variant, "eager_torch_ops"),
@@ -784,9 +894,10 @@ def print_summary(results: dict[str, Any]) -> None:
               f"{ours['fraction_of_floor']:.1%} of the {ours['floor_tok_s']:,.0f} floor{versus}")  # fmt: skip
     else:
         print("nano-vllm workload: not measured (failed or out of time; see the JSON)")
-    sync = results["qwen3_0.6b"]["variants"].get("sync", {}).get("nano_vllm_inferd")
-    if isinstance(sync, dict) and "output_tok_s" in sync:
-        print(f"nano-vllm workload, async scheduling off: {sync['output_tok_s']:,.0f} output tok/s")
+    for variant, entry in results["qwen3_0.6b"]["variants"].items():
+        other = entry.get("nano_vllm_inferd")
+        if isinstance(other, dict) and "output_tok_s" in other:
+            print(f"nano-vllm workload, {variant}: {other['output_tok_s']:,.0f} output tok/s")
     for name in ("qwen3_0.6b", "llama_3.1_8b"):
         for variant, entry in results[name]["variants"].items():
             b1 = entry.get("batch1_decode")

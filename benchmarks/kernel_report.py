@@ -103,6 +103,7 @@ class Case:
 
 ATTENTION = "inferd.attention.triton_kernels"
 OPS = "inferd.layers.triton_ops"
+LINEAR = "inferd.layers.triton_linear"
 
 
 def cases() -> list[Case]:
@@ -117,6 +118,21 @@ def cases() -> list[Case]:
              decode, _DECODE_INTS, {**decode_tile, "BLOCK_N": block_n}, num_warps=warps, pipelined_loop=True)
         for block_n, warps in DECODE_TILES
     ]  # fmt: skip
+    from inferd.layers import triton_linear
+
+    # Decode-step projections: Qwen3's gate|up (1024 -> 6144) at 1 to 8 rows, default tiles.
+    linear_cases = []
+    for rows in (1, 2, 4, 8):
+        tile = triton_linear.default_tile(rows, 1024)
+        linear_cases.append(
+            Case(LINEAR, "_skinny_linear_kernel", f"skinny linear rows={rows}",
+                 {"x_ptr": BF16, "w_ptr": BF16, "bias_ptr": BF16, "y_ptr": BF16},
+                 {"rows": rows, "out_features": 6144, "in_features": 1024, "stride_x_row": 1024,
+                  "stride_w_row": 1024, "stride_y_row": 6144},
+                 {"HAS_BIAS": False, "ROWS_P2": rows, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
+                  "EVEN_K": True, "NUM_STAGES": tile.num_stages},
+                 num_warps=tile.num_warps, num_stages=tile.num_stages, pipelined_loop=True)
+        )  # fmt: skip
     return [
         Case(ATTENTION, "_store_kv_kernel", "KV store",
              {"k_ptr": BF16, "v_ptr": BF16, **CACHES, "slot_mapping_ptr": I64},
@@ -155,6 +171,7 @@ def cases() -> list[Case]:
              {**ROTARY_TILES, **STORE_KV, "NORM": True}),
         Case(OPS, "_silu_and_mul_kernel", "SiLU-and-mul", {"gate_up_ptr": BF16, "out_ptr": BF16},
              {"stride_in_row": 6144, "stride_out_row": 3072, "size": 3072}, {"BLOCK": 1024}),
+        *linear_cases,
     ]  # fmt: skip
 
 

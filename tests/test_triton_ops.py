@@ -244,12 +244,14 @@ def test_model_with_triton_ops_matches_torch_path(tiny_model_factory, monkeypatc
     assert torch.equal(core.runner.logits_for(step), torch_logits)
 
 
-def test_greedy_decoding_with_triton_ops_is_unchanged(tiny_model_factory) -> None:
-    """Prefill and decode steps of a small batch give the torch path's tokens."""
+@pytest.mark.parametrize("linear", [False, True])
+def test_greedy_decoding_with_triton_ops_is_unchanged(tiny_model_factory, linear: bool) -> None:
+    """Prefill and decode steps of a small batch give the torch path's tokens, also with the
+    skinny matmul (``layers/triton_linear.py``), which takes the decode steps of two sequences."""
     llm = LLM(tiny_model_factory("qwen3"), kv_cache_memory="4MiB", block_size=8, attention_backend="torch")
     vocab = llm.engine.config.model.vocab_size
-    prompts = [[(3 * i + j) % vocab for i in range(length)] for j, length in enumerate((5, 11, 3))]
+    prompts = [[(3 * i + j) % vocab for i in range(length)] for j, length in enumerate((5, 11))]
     params = SamplingParams(max_tokens=4, temperature=0.0)
     expected = [o.token_ids for o in llm.generate(prompts, params)]
-    llm.engine.core.runner.model.enable_triton_ops(True)
+    llm.engine.core.runner.model.enable_triton_ops(True, linear=linear)
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected

@@ -185,6 +185,9 @@ class EngineConfig:
     enforce_eager: bool = False
     # Triton kernels for RMSNorm (+ residual add), rotary and SiLU-and-mul; None: on a GPU only.
     triton_ops: bool | None = None
+    # The skinny Triton matmul for projections of few-row inputs (decode steps of a few
+    # sequences); None: wherever triton_ops is on.
+    triton_linear: bool | None = None
     # Schedule and launch step N+1 before reading step N's tokens, so the host's work overlaps the
     # device's; None: on a GPU only (on the CPU the forward itself blocks, so it would only delay).
     async_scheduling: bool | None = None
@@ -199,6 +202,10 @@ class EngineConfig:
     @property
     def uses_triton_ops(self) -> bool:
         return self.triton_ops if self.triton_ops is not None else self.device.startswith("cuda")
+
+    @property
+    def uses_triton_linear(self) -> bool:
+        return self.triton_linear if self.triton_linear is not None else self.uses_triton_ops
 
     @property
     def uses_async_scheduling(self) -> bool:

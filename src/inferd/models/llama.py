@@ -16,6 +16,7 @@ from torch import nn
 from inferd.attention.base import AttentionBackend, AttentionMetadata
 from inferd.config import ModelConfig
 from inferd.layers.activation import SiluAndMul
+from inferd.layers.linear import Linear
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import RotaryEmbedding, RotaryStep, TritonRotary
 
@@ -31,8 +32,8 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         # Under tensor parallelism: sums the ranks' partial outputs (see set_all_reduce).
@@ -65,8 +66,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act_fn = SiluAndMul()
         self.all_reduce: AllReduce | None = None
 
@@ -148,15 +149,19 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.model.norm(x, residual)
         return hidden
 
-    def enable_triton_ops(self, enabled: bool) -> None:
+    def enable_triton_ops(self, enabled: bool, linear: bool = False) -> None:
         """Switch every RMSNorm (with its residual add), the rotary embedding and SiLU-and-mul
-        to the Triton kernels of ``layers/triton_ops.py``, or back to torch. Off by default."""
+        to the Triton kernels of ``layers/triton_ops.py``, or back to torch; with ``linear``, the
+        layers' projections of few-row inputs to ``layers/triton_linear.py``. Off by default."""
+        # Fails here, not in the middle of the first forward, where triton is missing.
         if enabled:
-            # Fails here, not in the middle of the first forward, where triton is missing.
             importlib.import_module("inferd.layers.triton_ops")
+        triton_linear = importlib.import_module("inferd.layers.triton_linear") if linear else None
         for module in self.modules():
             if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
                 module.use_triton = enabled
+            elif isinstance(module, Linear):
+                module.triton_max_rows = triton_linear.rows_routed(module.weight) if triton_linear else 0
 
     def set_all_reduce(self, all_reduce: AllReduce) -> None:
         """Run as one rank of a tensor-parallel group: the attention and MLP output projections
