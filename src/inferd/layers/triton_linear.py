@@ -2,15 +2,16 @@
 
 In a decode step of one or two sequences, each projection reads its whole weight matrix to make
 a row or two, so its time is the weight read. For the small matrices of a model like Qwen3-0.6B,
-cuBLAS's kernels read them at 8% to 50% of an H200's copy bandwidth: at one row, 12.6 us for the
+cuBLAS's kernels read them at 8% to 51% of an H200's copy bandwidth: at one row, 12.6 us for the
 4 MB attention output projection (the sweep in ``BENCHMARKS.md``). Here each program owns
 ``BLOCK_N`` output features and walks the whole inner dimension, so no second pass adds up partial
-sums, and the grid has thousands of programs to keep every multiprocessor's loads in flight. The
-arithmetic runs in float32 on the CUDA cores: at a row or two it is far below their rate.
+sums, and the grid has hundreds to thousands of programs to keep every multiprocessor's loads in
+flight. The arithmetic runs in float32 on the CUDA cores: at a row or two it is far below their
+rate.
 
 The layer routes only what a sweep on an H200 showed this kernel winning (``rows_routed``): one
-row always (Qwen3-0.6B's four projections 4.8, 3.5, 5.9 and 4.0 us against cuBLAS's 5.3, 12.6,
-6.0 and 6.6; Llama-3.1-8B's 2% to 11% faster too), and two rows where the output has at most
+row always (Qwen3-0.6B's four projections 4.9, 3.5, 5.9 and 4.0 us against cuBLAS's 5.3, 12.6,
+5.9 and 6.6; Llama-3.1-8B's from even to 12% faster), and two rows where the output has at most
 2,048 features, where cuBLAS finds too little parallel work. cuBLAS keeps the rest, where its
 tiles reuse each weight across rows.
 
