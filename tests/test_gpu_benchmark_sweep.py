@@ -27,3 +27,24 @@ def test_decode_sweep_times_each_tile_checks_it_and_restores_the_default(monkeyp
     assert 0.0 < results[1]["relative_error_vs_default"] < 1e-5
     assert all(r["us"] > 0 and r["kv_bytes_per_s"] > 0 for r in results)
     assert (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS) == (64, 4)
+
+
+def test_skinny_linear_sweep_times_cublas_and_triton_with_their_errors() -> None:
+    plan = gpu.Plan("cpu", gpu.torch.float32, 3, 40, 30, 8, 500, "64MiB")
+    results = gpu.sweep_skinny_linear(plan, Ceilings(bandwidth_bytes_s=1e9, matmul_flops_s=1e9))
+    assert {(r["rows"], r["kernel"]) for r in results} == {
+        (rows, kernel) for rows in gpu.LINEAR_ROWS for kernel in ("cublas", "triton default")
+    }
+    assert all(r["relative_error"] < 1e-5 and r["us"] > 0 and r["fraction_of_bandwidth"] > 0 for r in results)
+
+
+def test_split_sweep_checks_each_split_against_the_unsplit_kernel(monkeypatch) -> None:
+    # Timing through the interpreter would take long and prove nothing.
+    monkeypatch.setattr(gpu, "_seconds_per_call", lambda calls, plan, repeats: 1e-6)
+    gpu.torch.manual_seed(0)
+    plan = gpu.Plan("cpu", gpu.torch.float32, 3, 40, 30, 8, 500, "64MiB")
+    results = gpu.sweep_decode_splits(gpu.shape_config(gpu.QWEN3_0_6B, smoke=True), plan)
+    assert [(r["num_seqs"], r["context"], r["num_splits"]) for r in results] == [(2, 150, 1), (2, 150, 2)]
+    assert results[0]["relative_error_vs_unsplit"] == 0.0
+    # Split and merged, the sums run in another order: within float error, but not bit-equal.
+    assert 0.0 < results[1]["relative_error_vs_unsplit"] < 1e-5
