@@ -185,8 +185,8 @@ class EngineConfig:
     enforce_eager: bool = False
     # Triton kernels for RMSNorm (+ residual add), rotary and SiLU-and-mul; None: on a GPU only.
     triton_ops: bool | None = None
-    # The skinny Triton matmul for projections of few-row inputs (decode steps of a few
-    # sequences); None: wherever triton_ops is on.
+    # The skinny Triton matmul for projections of one or two rows (decode steps of one or two
+    # sequences, layers/triton_linear.py); None: wherever triton_ops is on.
     triton_linear: bool | None = None
     # Schedule and launch step N+1 before reading step N's tokens, so the host's work overlaps the
     # device's; None: on a GPU only (on the CPU the forward itself blocks, so it would only delay).
