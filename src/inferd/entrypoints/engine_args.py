@@ -39,6 +39,18 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         "(default: on for CUDA, off on the CPU)",
     )
     group.add_argument(
+        "--triton-ops",
+        action=argparse.BooleanOptionalAction,
+        help="Triton kernels for RMSNorm (+ residual add), rotary with the KV store, SiLU-and-mul "
+        "(default: on for CUDA)",
+    )
+    group.add_argument(
+        "--triton-linear",
+        action=argparse.BooleanOptionalAction,
+        help="the Triton matmul for projections of decode steps of one or two sequences "
+        "(default: wherever --triton-ops is on)",
+    )
+    group.add_argument(
         "--tensor-parallel-size",
         "-tp",
         type=int,
@@ -55,8 +67,9 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["seed"] = args.engine_seed
     if args.enforce_eager:
         options["enforce_eager"] = True
-    if args.async_scheduling is not None:
-        options["async_scheduling"] = args.async_scheduling
+    for switch in ("async_scheduling", "triton_ops", "triton_linear"):
+        if getattr(args, switch) is not None:
+            options[switch] = getattr(args, switch)
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
     return options
