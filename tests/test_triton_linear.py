@@ -67,6 +67,15 @@ def test_strided_rows_and_transposed_weight() -> None:
     assert relative_error(out, reference(x, weight_t.T, None)) < TOLERANCE[torch.float32]
 
 
+def test_strided_bias_is_read_in_order() -> None:
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 32, generator=generator).to(DEVICE)
+    weight = torch.randn(11, 32, generator=generator).to(DEVICE)
+    bias = torch.randn(22, generator=generator).to(DEVICE)[::2]
+    out = skinny_linear(x, weight, bias)
+    assert relative_error(out, reference(x, weight, bias)) < TOLERANCE[torch.float32]
+
+
 def test_rejects_what_it_cannot_compute() -> None:
     weight = torch.randn(8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="at most"):
@@ -75,6 +84,12 @@ def test_rejects_what_it_cannot_compute() -> None:
         skinny_linear(torch.randn(2, 15, device=DEVICE), weight)
     with pytest.raises(ValueError, match="bias"):
         skinny_linear(torch.randn(2, 16, device=DEVICE), weight, torch.zeros(7, device=DEVICE))
+    with pytest.raises(ValueError, match="share a dtype"):
+        skinny_linear(torch.randn(2, 16, device=DEVICE), weight.half())
+    with pytest.raises(ValueError, match="share a dtype"):
+        skinny_linear(torch.randn(2, 16, device=DEVICE), weight, torch.zeros(8, device=DEVICE).double())
+    with pytest.raises(ValueError, match="floating-point"):
+        skinny_linear(torch.ones(2, 16, dtype=torch.int32, device=DEVICE), weight.int())
     assert skinny_linear(torch.randn(0, 16, device=DEVICE), weight).shape == (0, 8)
 
 

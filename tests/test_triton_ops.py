@@ -244,14 +244,24 @@ def test_model_with_triton_ops_matches_torch_path(tiny_model_factory, monkeypatc
     assert torch.equal(core.runner.logits_for(step), torch_logits)
 
 
-@pytest.mark.parametrize("linear", [False, True])
-def test_greedy_decoding_with_triton_ops_is_unchanged(tiny_model_factory, linear: bool) -> None:
+@pytest.mark.parametrize(("linear", "lengths"), [(False, (5, 11, 3)), (True, (5, 11))])
+def test_greedy_decoding_with_triton_ops_is_unchanged(
+    tiny_model_factory, monkeypatch, linear: bool, lengths: tuple[int, ...]
+) -> None:
     """Prefill and decode steps of a small batch give the torch path's tokens, also with the
     skinny matmul (``layers/triton_linear.py``), which takes the decode steps of two sequences."""
     llm = LLM(tiny_model_factory("qwen3"), kv_cache_memory="4MiB", block_size=8, attention_backend="torch")
     vocab = llm.engine.config.model.vocab_size
-    prompts = [[(3 * i + j) % vocab for i in range(length)] for j, length in enumerate((5, 11))]
+    prompts = [[(3 * i + j) % vocab for i in range(length)] for j, length in enumerate(lengths)]
     params = SamplingParams(max_tokens=4, temperature=0.0)
     expected = [o.token_ids for o in llm.generate(prompts, params)]
+    from inferd.layers import triton_linear
+
+    routed: list[int] = []
+    original = triton_linear.skinny_linear
+    monkeypatch.setattr(
+        triton_linear, "skinny_linear", lambda x, *args: routed.append(x.shape[0]) or original(x, *args)
+    )
     llm.engine.core.runner.model.enable_triton_ops(True, linear=linear)
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    assert bool(routed) == linear and set(routed) <= {2}

@@ -2,7 +2,7 @@
 
 In a decode step of one or two sequences, each projection reads its whole weight matrix to make
 a row or two, so its time is the weight read. For the small matrices of a model like Qwen3-0.6B,
-cuBLAS's kernels read them at 8% to 51% of an H200's copy bandwidth: at one row, 12.6 us for the
+cuBLAS's kernels read them at 8% to 53% of an H200's copy bandwidth: at one row, 12.6 us for the
 4 MB attention output projection (the sweep in ``BENCHMARKS.md``). Here each program owns
 ``BLOCK_N`` output features and walks the whole inner dimension, so no second pass adds up partial
 sums, and the grid has hundreds to thousands of programs to keep every multiprocessor's loads in
@@ -11,7 +11,7 @@ rate.
 
 The layer routes only what a sweep on an H200 showed this kernel winning (``rows_routed``): one
 row always (Qwen3-0.6B's four projections 4.9, 3.5, 5.9 and 4.0 us against cuBLAS's 5.3, 12.6,
-5.9 and 6.6; Llama-3.1-8B's from even to 12% faster), and two rows where the output has at most
+5.9 and 6.6; Llama-3.1-8B's from 1% slower to 12% faster), and two rows where the output has at most
 2,048 features, where cuBLAS finds too little parallel work. cuBLAS keeps the rest, where its
 tiles reuse each weight across rows.
 
@@ -32,8 +32,10 @@ MAX_FEATURES_FOR_TWO_ROWS = 2048
 # The most rows the kernel takes: its products are held per row, in registers.
 KERNEL_MAX_ROWS = 8
 _WARPS = 4
-# The tile that ran fastest or within 0.1 us of it on nearly every projection of both model
-# shapes at one and two rows (BENCHMARKS.md): 4 features per program, 512 inner elements per step.
+# 4 features per program, 512 inner elements per step: on an H200 (BENCHMARKS.md) the fastest
+# tile, or within 0.15 us of it, on Qwen3-0.6B's projections at one and two rows. On
+# Llama-3.1-8B's larger ones other tiles ran up to 1.6 us faster at one row (4 x 2048 with 8
+# warps) and 2.3 us at two; one tile for all stays until a per-shape table is measured.
 _BLOCK_N = 4
 _MAX_BLOCK_K = 512
 # Float32 products one program holds: 32 registers per thread.
@@ -127,6 +129,13 @@ def skinny_linear(
         raise ValueError(f"{rows} rows: the skinny matmul takes at most {KERNEL_MAX_ROWS}")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias {tuple(bias.shape)} must have {out_features} entries")
+    # F.linear refuses mixed inputs too; the kernel would read them as its own types.
+    for other in (weight, bias) if bias is not None else (weight,):
+        if other.dtype != x.dtype or other.device != x.device:
+            raise ValueError(f"x ({x.dtype}, {x.device}) and its weight and bias "
+                             f"({other.dtype}, {other.device}) must share a dtype and device")  # fmt: skip
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"the skinny matmul takes floating-point inputs, not {x.dtype}")
     y = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     if rows == 0 or out_features == 0:
         return y
@@ -134,6 +143,8 @@ def skinny_linear(
         x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:  # the kernel reads the bias as contiguous
+        bias = bias.contiguous()
     tile = tile or default_tile(rows, in_features)
     _skinny_linear_kernel[(triton.cdiv(out_features, tile.block_n),)](
         x, weight, bias if bias is not None else weight, y,
