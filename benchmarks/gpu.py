@@ -491,18 +491,60 @@ def inferd_engine(folder: Path, plan: Plan, backend: str, options: dict[str, Any
     return LLM(folder, load_format="dummy", **settings)
 
 
-def run_inferd_workload(llm: Any, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:
+# Decode steps grouped by batch size, upper bounds: where the workload's time goes as it drains.
+STEP_BUCKETS = (2, 8, 32, 64, 128, 256, 512)
+
+
+class StepTimes:
+    """Times the gap between consecutive step launches (with asynchronous scheduling, the step's
+    period: the device's time or the host's, whichever is longer) and groups the steps into those
+    with prompt tokens and pure decode steps by batch size. Wraps the runner's ``launch``."""
+
+    def __init__(self, runner: Any) -> None:
+        self.launches: list[tuple[float, str]] = []
+        self._runner = runner
+        self._launch = runner.launch
+        runner.launch = self._timed_launch
+
+    def _timed_launch(self, out: Any, *args: Any) -> Any:
+        prompt = any(seq.num_tokens > 1 for seq in out.sequences)
+        rows = len(out.sequences)
+        bucket = next((b for b in STEP_BUCKETS if rows <= b), STEP_BUCKETS[-1])
+        self.launches.append((time.perf_counter(), "with prompt tokens" if prompt else f"decode <= {bucket}"))
+        return self._launch(out, *args)
+
+    def close(self, end: float) -> dict[str, dict[str, float]]:
+        """Per group: steps, seconds, milliseconds per step; the last step runs until ``end``."""
+        del self._runner.launch  # the instance attribute goes; the class's method is back
+        groups: dict[str, dict[str, float]] = {}
+        for (start, kind), (finish, _) in zip(self.launches, [*self.launches[1:], (end, "")], strict=True):
+            group = groups.setdefault(kind, {"steps": 0, "seconds": 0.0})
+            group["steps"] += 1
+            group["seconds"] += finish - start
+        for group in groups.values():
+            group["ms_per_step"] = 1e3 * group["seconds"] / group["steps"]
+        return groups
+
+
+def run_inferd_workload(llm: Any, prompts: list[list[int]], output_lens: list[int]) -> dict[str, Any]:
     from inferd.sampling_params import SamplingParams
 
     params = [SamplingParams(max_tokens=n, temperature=0.6, ignore_eos=True) for n in output_lens]
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     _sync()
+    steps = StepTimes(llm.engine.core.runner)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    _sync()
-    elapsed = time.perf_counter() - start
+    try:
+        outputs = llm.generate(prompts, params)
+        _sync()
+    finally:
+        end = time.perf_counter()
+        step_times = steps.close(end)
     produced = sum(len(out.token_ids) for out in outputs)
-    return {"seconds": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed}
+    elapsed = end - start
+    first_launch = steps.launches[0][0] if steps.launches else end
+    return {"seconds": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed,
+            "steps": step_times, "before_first_step_s": first_launch - start}  # fmt: skip
 
 
 def run_inferd_batch1(llm: Any, plan: Plan) -> dict[str, float]:

@@ -49,3 +49,24 @@ def test_workload_is_nano_vllms_draw() -> None:
     assert max(t for p in prompts for t in p) <= 10000
     assert output_lens[:5] == [845, 312, 607, 843, 500]
     assert gpu.nano_vllm_workload(plan) == (prompts, output_lens)
+
+
+def test_workload_run_times_its_steps_by_kind(tiny_model_factory) -> None:
+    """Every launched step lands in one group (prompt steps apart, decode steps by batch size),
+    the groups' seconds and the time before the first launch add up to the run's, and the
+    runner's own launch is back afterwards."""
+    from inferd import LLM
+
+    llm = LLM(tiny_model_factory("llama"), kv_cache_memory="4MiB", max_num_batched_tokens=32)
+    runner = llm.engine.core.runner
+    prompts = [[(5 * i + j) % 100 for i in range(length)] for j, length in enumerate((40, 7, 9))]
+    measured = gpu.run_inferd_workload(llm, prompts, [6, 3, 12])
+    steps = measured["steps"]
+    assert measured["output_tokens"] == 21
+    # The 40-token prompt needs two steps of at most 32 tokens; 12 tokens for the last one alone.
+    assert steps["with prompt tokens"]["steps"] >= 2
+    assert steps["decode <= 2"]["steps"] >= 6 and "decode <= 8" in steps
+    accounted = sum(g["seconds"] for g in steps.values()) + measured["before_first_step_s"]
+    assert accounted == pytest.approx(measured["seconds"])
+    assert all(g["ms_per_step"] == pytest.approx(1e3 * g["seconds"] / g["steps"]) for g in steps.values())
+    assert "launch" not in vars(runner)
