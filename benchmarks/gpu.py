@@ -313,6 +313,34 @@ def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceiling
     return results
 
 
+# Rows sampled at once for the sampler timing: batch 1, a drained workload, its full batch.
+SAMPLER_ROWS = (1, 64, 256)
+
+
+def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
+    """The engine's sampler alone on random logits of the model's vocabulary: milliseconds per
+    step, greedy and at the workload's temperature 0.6 (the exponential race over the softmax),
+    host work included (each call ends with the device synchronized). At 256 rows of Qwen3's
+    151,936 tokens a float32 pass over the logits moves 155 MB, and the random path makes several."""
+    from inferd.engine.request import Request
+    from inferd.sample.sampler import Sampler
+    from inferd.sampling_params import SamplingParams
+
+    sampler = Sampler(0)
+    results: list[dict[str, Any]] = []
+    for rows in SAMPLER_ROWS if plan.device == "cuda" else (2,):
+        logits = torch.randn(rows, hf_config["vocab_size"], dtype=plan.dtype, device=plan.device)
+        for temperature in (0.0, 0.6):
+            params = SamplingParams(max_tokens=8, temperature=temperature, ignore_eos=True)
+            requests = [Request(str(i), [1], params, frozenset(), 8) for i in range(rows)]
+            repeats = 20 if plan.device == "cuda" else 1
+            seconds = _timed(functools.partial(sampler, logits, requests), plan.device, repeats)
+            entry = {"rows": rows, "temperature": temperature, "ms": seconds * 1e3}
+            print("sampler:", json.dumps(entry), flush=True)
+            results.append(entry)
+    return results
+
+
 # (sequences, context length) for the split sweep of small decode batches: the batch-1 benchmark's
 # contexts reach 272 tokens; 1,024 is the workload's middle.
 SPLIT_CASES = [(1, 272), (1, 1024), (2, 272), (4, 272)]
@@ -853,6 +881,9 @@ class ShapeRun:
             lambda: sweep_decode_kernel(self.hf_config, self.plan, self.ceilings),
         )
 
+    def sampler_timing(self) -> None:
+        attempt(self.result, "sampler", lambda: time_sampler(self.hf_config, self.plan))
+
     def split_sweep(self) -> None:
         attempt(self.result, "decode_split_sweep", lambda: sweep_decode_splits(self.hf_config, self.plan))
 
@@ -904,6 +935,7 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         functools.partial(llama.variant, "cublas_linear"),
         qwen.decode_sweep,
         qwen.split_sweep,
+        qwen.sampler_timing,
         functools.partial(qwen.variant, "sync", workload=True),
         functools.partial(qwen.variant, "eager", profile=True),
         functools.partial(qwen.variant, "eager_torch_ops"),

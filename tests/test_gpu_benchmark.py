@@ -70,3 +70,10 @@ def test_workload_run_times_its_steps_by_kind(tiny_model_factory) -> None:
     assert accounted == pytest.approx(measured["seconds"])
     assert all(g["ms_per_step"] == pytest.approx(1e3 * g["seconds"] / g["steps"]) for g in steps.values())
     assert "launch" not in vars(runner)
+
+
+def test_sampler_timing_covers_greedy_and_random_rows() -> None:
+    plan = gpu.Plan("cpu", torch.float32, 3, 40, 30, 8, 500, "64MiB")
+    results = gpu.time_sampler(gpu.shape_config(gpu.QWEN3_0_6B, smoke=True), plan)
+    assert [(r["rows"], r["temperature"]) for r in results] == [(2, 0.0), (2, 0.6)]
+    assert all(r["ms"] > 0 for r in results)
