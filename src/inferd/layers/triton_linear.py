@@ -84,8 +84,9 @@ def _skinny_linear_kernel(
     ks = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + features[:, None].to(tl.int64) * stride_w_row + ks[None, :]
     x_ptrs = x_ptr + row_ids[:, None].to(tl.int64) * stride_x_row + ks[None, :]
-    # Products are summed along k once, after the loop: with a sum across threads in every step,
-    # four rows ran 1.6 to 2.7 times slower on an H200 (Qwen3's qkv 14.3 against 8.8 us).
+    # Products are summed along k once, after the loop. The first version summed across threads
+    # in every step (with shorter steps too): at four rows it ran 1.6 to 2.7 times slower on an
+    # H200 (Qwen3's qkv 14.3 against 8.8 us).
     products = tl.zeros([ROWS_P2, BLOCK_N, BLOCK_K], dtype=tl.float32)
     # Stages named on the loop: otherwise the compiler pipelines only loads that feed a dot, and
     # each step would wait for its weight tile before asking for the next.
