@@ -554,6 +554,40 @@ class StepTimes:
         return groups
 
 
+class KernelCompiles:
+    """Triton compiles while it is open, through Triton's JIT hooks (called before and after each
+    compile a launch needs): which kernels and how many seconds. A compile inside a timed run is
+    time the warm-up should have spent. The interpreter compiles nothing."""
+
+    def __init__(self) -> None:
+        self.compiles: list[dict[str, Any]] = []
+        self._started: dict[str, float] = {}
+
+    def __enter__(self) -> KernelCompiles:
+        from triton import knobs
+
+        self._saved = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._before, self._after
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from triton import knobs
+
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._saved
+
+    def _before(self, *, key: Any, repr: str, **_: Any) -> None:
+        self._started[str(key)] = time.perf_counter()
+
+    def _after(self, *, key: Any, repr: str, fn: Any, **_: Any) -> None:
+        started = self._started.pop(str(key), None)
+        seconds = time.perf_counter() - started if started is not None else 0.0
+        self.compiles.append({"kernel": getattr(fn, "name", repr.split("[")[0]), "seconds": seconds})
+
+    def summary(self) -> dict[str, Any]:
+        return {"count": len(self.compiles), "seconds": sum(c["seconds"] for c in self.compiles),
+                "kernels": sorted({c["kernel"] for c in self.compiles})}  # fmt: skip
+
+
 def run_inferd_workload(llm: Any, prompts: list[list[int]], output_lens: list[int]) -> dict[str, Any]:
     from inferd.sampling_params import SamplingParams
 
@@ -563,8 +597,9 @@ def run_inferd_workload(llm: Any, prompts: list[list[int]], output_lens: list[in
     steps = StepTimes(llm.engine.core.runner)
     start = time.perf_counter()
     try:
-        outputs = llm.generate(prompts, params)
-        _sync()
+        with KernelCompiles() as compiles:
+            outputs = llm.generate(prompts, params)
+            _sync()
     finally:
         end = time.perf_counter()
         step_times = steps.close(end)
@@ -572,7 +607,8 @@ def run_inferd_workload(llm: Any, prompts: list[list[int]], output_lens: list[in
     elapsed = end - start
     first_launch = steps.launches[0][0] if steps.launches else end
     return {"seconds": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed,
-            "steps": step_times, "before_first_step_s": first_launch - start}  # fmt: skip
+            "steps": step_times, "before_first_step_s": first_launch - start,
+            "kernel_compiles": compiles.summary()}  # fmt: skip
 
 
 def run_inferd_batch1(llm: Any, plan: Plan) -> dict[str, float]:

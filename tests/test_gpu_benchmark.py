@@ -77,3 +77,20 @@ def test_sampler_timing_covers_greedy_and_random_rows() -> None:
     results = gpu.time_sampler(gpu.shape_config(gpu.QWEN3_0_6B, smoke=True), plan)
     assert [(r["rows"], r["temperature"]) for r in results] == [(2, 0.0), (2, 0.6)]
     assert all(r["ms"] > 0 for r in results)
+
+
+def test_kernel_compiles_are_logged_through_tritons_hooks_and_the_hooks_restored() -> None:
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    before = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+    with gpu.KernelCompiles() as compiles:
+        for name in ("_decode", "_decode", "_extend"):
+            hooks = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+            # A hook that returns a true value would make Triton skip the compile.
+            assert not hooks[0](key=(name, 1), repr=f"{name}[num_warps=4]()", fn=SimpleNamespace(name=name))
+            hooks[1](key=(name, 1), repr=f"{name}[num_warps=4]()", fn=SimpleNamespace(name=name))
+    assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == before
+    summary = compiles.summary()
+    assert summary["count"] == 3 and summary["kernels"] == ["_decode", "_extend"] and summary["seconds"] >= 0
