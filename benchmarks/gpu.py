@@ -13,8 +13,8 @@ measured in the same run. Results go to ``--out`` as JSON.
     python benchmarks/gpu.py --out benchmarks/results/h200.json            # on a GPU
     python benchmarks/gpu.py --smoke --out /tmp/smoke.json                 # tiny shapes, CPU
 
-``--smoke`` runs everything at toy sizes on the CPU (Triton through its interpreter) in well
-under a minute, to check the script itself without a GPU.
+``--smoke`` runs everything at toy sizes on the CPU (Triton through its interpreter) in a few
+minutes, to check the script itself without a GPU.
 """
 
 from __future__ import annotations
@@ -704,6 +704,7 @@ VARIANTS = {
     "eager": {"enforce_eager": True},
     "eager_torch_ops": {"enforce_eager": True, "triton_ops": False},
     "cublas_linear": {"triton_linear": False},
+    "triton_sampling": {"triton_sampling": True},
 }
 # The engine a failed default run falls back to: each GPU-only feature off.
 FALLBACK = {"enforce_eager": True, "async_scheduling": False}
@@ -758,6 +759,7 @@ def start_engine(
         "graph_context_tiers": {size: t for size, t in graphs.tiers.items() if len(t) > 1} if graphs else {},
         "triton_ops": llm.engine.config.uses_triton_ops,
         "triton_linear": llm.engine.config.uses_triton_linear,
+        "triton_sampling": llm.engine.config.triton_sampling,
     }
     print("engine start-up:", json.dumps(startup), flush=True)
     return llm, startup
@@ -969,6 +971,7 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         qwen.linear_sweep,  # short, and what the kernel tuning needs
         functools.partial(qwen.variant, "cublas_linear", workload=True),
         functools.partial(llama.variant, "cublas_linear"),
+        functools.partial(qwen.variant, "triton_sampling", workload=True),
         qwen.decode_sweep,
         qwen.split_sweep,
         qwen.sampler_timing,

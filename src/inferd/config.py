@@ -188,6 +188,9 @@ class EngineConfig:
     # The skinny Triton matmul for projections of one or two rows (decode steps of one or two
     # sequences, layers/triton_linear.py); None: wherever triton_ops is on.
     triton_linear: bool | None = None
+    # Temperature-only random rows drawn by one fused Triton kernel (sample/triton_sampling.py);
+    # off until a GPU run measures it against the torch race.
+    triton_sampling: bool = False
     # Schedule and launch step N+1 before reading step N's tokens, so the host's work overlaps the
     # device's; None: on a GPU only (on the CPU the forward itself blocks, so it would only delay).
     async_scheduling: bool | None = None

@@ -69,8 +69,12 @@ class PendingSample:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, triton_sampling: bool = False) -> None:
+        """``triton_sampling``: rows that only scale by a temperature are drawn by the fused kernel
+        of ``sample/triton_sampling.py`` (the same race in one pass over the logits)."""
         self._seed = seed
+        self._triton_sampling = triton_sampling
+        self._fused_calls = 0  # each call of the fused kernel draws from fresh counters
         # Draws for requests without a seed of their own, one generator per device.
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -88,6 +92,15 @@ class Sampler:
 
         tokens = torch.argmax(logits, dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if self._triton_sampling:
+            vocab = logits.shape[1]
+            fused_rows = [i for i in random_rows if _temperature_only(requests[i], vocab)]
+            if fused_rows:
+                tokens[_to_device(fused_rows, torch.long, logits.device)] = self._race_fused(
+                    logits, fused_rows, requests
+                )
+                fused = set(fused_rows)
+                random_rows = [i for i in random_rows if i not in fused]
         if random_rows:
             rows = _to_device(random_rows, torch.long, logits.device)
             picked = [requests[i] for i in random_rows]
@@ -106,6 +119,16 @@ class Sampler:
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(logits.device))
         return PendingSample(tokens, errors, tokens_host, logprobs_host, counts, copied)
+
+    def _race_fused(self, logits: torch.Tensor, rows: list[int], requests: Sequence[Request]) -> torch.Tensor:
+        from inferd.sample import triton_sampling
+
+        device = logits.device
+        temperatures = _to_device([requests[i].params.temperature for i in rows], torch.float32, device)
+        every_row = len(rows) == logits.shape[0]
+        picked = logits if every_row else logits.index_select(0, _to_device(rows, torch.long, device))
+        self._fused_calls += 1
+        return triton_sampling.race_sample(picked, temperatures, self._seed * 1_000_003 + self._fused_calls)
 
     def _draw(self, probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         device = probs.device
@@ -166,6 +189,13 @@ class Sampler:
             threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs
+
+
+def _temperature_only(request: Request, vocab: int) -> bool:
+    """A random row the fused kernel may draw: no filter and no generator of its own."""
+    params = request.params
+    return (params.seed is None and not 0 < params.top_k < vocab and params.top_p >= 1.0
+            and params.min_p <= 0)  # fmt: skip
 
 
 def _to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -83,7 +83,7 @@ class ModelRunner:
             self.shutdown()
             raise
         self.backend = create_backend(config.attention_backend, config.device)
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, triton_sampling=config.triton_sampling)
         self.block_size = config.cache.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         sched = config.scheduler

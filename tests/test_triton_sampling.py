@@ -1,0 +1,107 @@
+"""The fused temperature sampler (``sample/triton_sampling.py``): its draws follow
+``softmax(logits / T)``, and the engine's sampler sends it only the rows it may take.
+
+Runs through Triton's interpreter on the CPU, or compiled on a GPU with ``TRITON_INTERPRET=0``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from triton_device import DEVICE  # before triton is imported: interpreted or compiled
+
+from inferd.engine.request import Request
+from inferd.sample import triton_sampling
+from inferd.sample.sampler import Sampler
+from inferd.sampling_params import SamplingParams
+
+
+def test_draws_follow_the_tempered_softmax() -> None:
+    """600 rows of the same 6 logits (the interpreter runs a program at a time): each token's
+    count within 5 standard deviations of its expected count, across a block boundary (vocab 6 in
+    blocks of 4). Ignoring the temperature would put token 3 11 deviations off."""
+    rows, temperature = 600, 0.5
+    row = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, 1.5])
+    logits = row.repeat(rows, 1).to(DEVICE)
+    old_block = triton_sampling._BLOCK
+    triton_sampling._BLOCK = 4
+    try:
+        tokens = triton_sampling.race_sample(logits, torch.full((rows,), temperature, device=DEVICE), seed=11)
+    finally:
+        triton_sampling._BLOCK = old_block
+    counts = torch.bincount(tokens.cpu(), minlength=6).double()
+    expected = torch.softmax(row.double() / temperature, dim=0) * rows
+    sigma = (expected * (1 - expected / rows)).sqrt()
+    assert ((counts - expected).abs() <= 5 * sigma).all(), (counts, expected)
+
+
+def test_each_row_uses_its_own_temperature_and_ids_stay_in_the_vocab() -> None:
+    vocab = 37  # not a multiple of the block
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    cold = torch.tensor([1e-4, 1e-4, 1e-4, 50.0, 50.0, 50.0], device=DEVICE)
+    draws = torch.stack([triton_sampling.race_sample(logits, cold, seed=s) for s in range(20)])
+    assert (draws[:, :3] == logits[:3].argmax(dim=-1)).all()  # a tiny temperature is greedy
+    assert len(set(draws[:, 3:].flatten().tolist())) > 10  # a huge one is near uniform
+    assert draws.min() >= 0 and draws.max() < vocab
+
+
+def test_seeds_repeat_and_differ() -> None:
+    logits = torch.zeros(8, 50, device=DEVICE)
+    temperatures = torch.ones(8, device=DEVICE)
+    first = triton_sampling.race_sample(logits, temperatures, seed=5)
+    assert torch.equal(first, triton_sampling.race_sample(logits, temperatures, seed=5))
+    assert not torch.equal(first, triton_sampling.race_sample(logits, temperatures, seed=6))
+    assert len(set(first.tolist())) > 1  # rows draw independent noise
+
+
+def test_rejects_mismatched_temperatures() -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_sampling.race_sample(torch.zeros(3, 5, device=DEVICE), torch.ones(2, device=DEVICE), seed=0)
+    assert triton_sampling.race_sample(torch.zeros(0, 5), torch.ones(0), seed=0).shape == (0,)
+
+
+def request(name: str, **params: object) -> Request:
+    return Request(name, [1], SamplingParams(max_tokens=4, **params), frozenset(), 4)  # type: ignore[arg-type]
+
+
+def test_sampler_sends_only_plain_temperature_rows(monkeypatch) -> None:
+    """Greedy rows take the argmax, seeded and filtered rows the torch race; the rest go to the
+    kernel in one call, with their own temperatures."""
+    calls: list[tuple[int, list[float]]] = []
+    original = triton_sampling.race_sample
+
+    def counted(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
+        calls.append((logits.shape[0], temperatures.tolist()))
+        return original(logits, temperatures, seed)
+
+    monkeypatch.setattr(triton_sampling, "race_sample", counted)
+    sampler = Sampler(seed=3, triton_sampling=True)
+    requests = [
+        request("greedy", temperature=0.0),
+        request("plain", temperature=0.5),
+        request("seeded", temperature=0.8, seed=9),
+        request("top_p", temperature=0.8, top_p=0.5),
+        request("plain2", temperature=1.5),
+    ]
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    tokens = sampler(logits, requests).token_ids
+    assert calls == [(2, [0.5, 1.5])]
+    assert tokens[0] == logits[0].argmax().item()
+    assert all(0 <= t < 30 for t in tokens)
+    # A second step draws anew: the counter moved on.
+    sampler(logits, requests)
+    assert len(calls) == 2
+
+
+def test_sampler_draws_follow_the_softmax_through_the_kernel() -> None:
+    sampler = Sampler(seed=1, triton_sampling=True)
+    row = torch.tensor([0.0, 1.0, 2.0])
+    rows = 600
+    requests = [request(str(i), temperature=1.0) for i in range(rows)]
+    tokens = torch.tensor(sampler(row.repeat(rows, 1).to(DEVICE), requests).token_ids)
+    counts = torch.bincount(tokens, minlength=3).double()
+    expected = torch.softmax(row.double(), dim=0) * rows
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - expected / rows)).sqrt()).all()
+    assert math.isclose(counts.sum().item(), rows)
