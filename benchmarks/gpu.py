@@ -575,7 +575,7 @@ class KernelCompiles:
 
         knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._saved
 
-    def _before(self, *, key: Any, repr: str, **_: Any) -> None:
+    def _before(self, *, key: Any, **_: Any) -> None:
         self._started[str(key)] = time.perf_counter()
 
     def _after(self, *, key: Any, repr: str, fn: Any, **_: Any) -> None:
@@ -894,7 +894,7 @@ class ShapeRun:
         """The workload's figures; with ``again``, a second run on the same engine is recorded too,
         to show what the first run still spends on compiling kernels the warm-up did not reach."""
         prompts, output_lens = nano_vllm_workload(self.plan)
-        measured: dict[str, Any] = dict(run_inferd_workload(llm, prompts, output_lens))
+        measured = run_inferd_workload(llm, prompts, output_lens)
         if again:
             # Other token ids, same lengths: the prefix cache must not serve the repeated prompts.
             shifted = [[(t + 1) % self.plan.token_id_limit for t in prompt] for prompt in prompts]

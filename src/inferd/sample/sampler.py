@@ -96,9 +96,8 @@ class Sampler:
             vocab = logits.shape[1]
             fused_rows = [i for i in random_rows if _temperature_only(requests[i], vocab)]
             if fused_rows:
-                tokens[_to_device(fused_rows, torch.long, logits.device)] = self._race_fused(
-                    logits, fused_rows, requests
-                )
+                index = _to_device(fused_rows, torch.long, logits.device)
+                tokens[index] = self._race_fused(logits, index, [requests[i] for i in fused_rows])
                 fused = set(fused_rows)
                 random_rows = [i for i in random_rows if i not in fused]
         if random_rows:
@@ -120,13 +119,14 @@ class Sampler:
             copied.record(torch.cuda.current_stream(logits.device))
         return PendingSample(tokens, errors, tokens_host, logprobs_host, counts, copied)
 
-    def _race_fused(self, logits: torch.Tensor, rows: list[int], requests: Sequence[Request]) -> torch.Tensor:
+    def _race_fused(
+        self, logits: torch.Tensor, index: torch.Tensor, requests: Sequence[Request]
+    ) -> torch.Tensor:
+        """The fused kernel's tokens for the rows ``index`` of ``logits`` (``requests``' rows)."""
         from inferd.sample import triton_sampling
 
-        device = logits.device
-        temperatures = _to_device([requests[i].params.temperature for i in rows], torch.float32, device)
-        every_row = len(rows) == logits.shape[0]
-        picked = logits if every_row else logits.index_select(0, _to_device(rows, torch.long, device))
+        temperatures = _to_device([r.params.temperature for r in requests], torch.float32, logits.device)
+        picked = logits if len(requests) == logits.shape[0] else logits.index_select(0, index)
         self._fused_calls += 1
         return triton_sampling.race_sample(picked, temperatures, self._seed * 1_000_003 + self._fused_calls)
 
