@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import functools
 import gc
+import importlib
 import json
 import os
 import random
@@ -30,7 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -494,6 +496,85 @@ def _best_linear_rows(results: list[dict[str, Any]], shape: str) -> list[str]:
     return lines
 
 
+# Projections whose input a layer makes with a small op first: the add + RMSNorm before q|k|v and
+# gate|up, SiLU-and-mul before down. Qwen3-0.6B's shapes; Llama-3.1-8B's by how large they are.
+FUSED_INPUT_SHAPES = {
+    "qwen3 qkv": (4096, 1024, "norm"),
+    "qwen3 gate_up": (6144, 1024, "norm"),
+    "qwen3 down": (1024, 3072, "silu"),
+    "llama qkv": (6144, 4096, "norm"),
+    "llama down": (4096, 14336, "silu"),
+}
+_NORM_EPS = 1e-6
+
+LinearPath = Callable[[torch.Tensor], torch.Tensor]  # weight -> output
+
+
+def _fused_input_paths(
+    op: str, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor
+) -> tuple[LinearPath, list[tuple[str, LinearPath]]]:
+    """The float32 reference and the timed paths of one projection with its input op."""
+    from inferd.layers import triton_linear, triton_ops
+    from inferd.layers.activation import silu_and_mul
+
+    linear = torch.nn.functional.linear
+    if op == "silu":
+        return (lambda w: linear(silu_and_mul(x.float()), w.float())), [
+            ("silu, cublas", lambda w: linear(triton_ops.silu_and_mul(x), w)),
+            ("silu, triton", lambda w: triton_linear.skinny_linear(triton_ops.silu_and_mul(x), w)),
+            ("fused", lambda w: triton_linear.skinny_silu_linear(x, w)),
+        ]
+    h = (x.float() + residual.float()).to(x.dtype).float()
+    normed32 = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _NORM_EPS) * norm_weight.float()
+
+    def normed() -> torch.Tensor:
+        return triton_ops.fused_add_rms_norm(x, residual, norm_weight, _NORM_EPS)[0]
+
+    return (lambda w: linear(normed32, w.float())), [
+        ("norm, cublas", lambda w: linear(normed(), w)),
+        ("norm, triton", lambda w: triton_linear.skinny_linear(normed(), w)),
+        ("fused", lambda w: triton_linear.skinny_norm_linear(x, residual, norm_weight, _NORM_EPS, w)[0]),
+    ]
+
+
+def sweep_fused_inputs(plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
+    """At one and two rows, the small op then the skinny matmul (two launches, as the engine runs
+    them by default) against the matmul that makes its input on load (``triton_fused_linear``),
+    and the small op then cuBLAS. Weights cycled past L2 as in ``sweep_skinny_linear``; each
+    result's relative error is against the float32 torch layers."""
+    shapes = FUSED_INPUT_SHAPES if plan.device == "cuda" else {"toy norm": (40, 64, "norm"),
+                                                                "toy silu": (40, 64, "silu")}  # fmt: skip
+    results: list[dict[str, Any]] = []
+    for name, (out_features, in_features, op) in shapes.items():
+        weight_bytes = out_features * in_features * torch.empty((), dtype=plan.dtype).element_size()
+        copies = max(2, -(-LINEAR_ROTATION_BYTES // weight_bytes)) if plan.device == "cuda" else 1
+        weights = [torch.randn(out_features, in_features, dtype=plan.dtype, device=plan.device)
+                   * in_features**-0.5 for _ in range(copies)]  # fmt: skip
+        norm_weight = torch.rand(in_features, dtype=plan.dtype, device=plan.device) + 0.5
+        for rows in (1, 2):
+            width = in_features * (2 if op == "silu" else 1)
+            x = torch.randn(rows, width, dtype=plan.dtype, device=plan.device)
+            residual = torch.randn(rows, in_features, dtype=plan.dtype, device=plan.device)
+            reference, paths = _fused_input_paths(op, x, residual, norm_weight)
+            expected = reference(weights[0])
+            for label, fn in paths:
+                entry: dict[str, Any] = {"shape": name, "rows": rows, "kernels": label}
+                try:
+                    entry["relative_error"] = relative_error(fn(weights[0]).float(), expected)
+                    seconds = _seconds_per_call([functools.partial(fn, w) for w in weights], plan, 10)
+                except Exception as error:  # one failing path must not end the sweep
+                    entry["error"] = repr(error)[:300]
+                else:
+                    entry["us"] = seconds * 1e6
+                    entry["fraction_of_bandwidth"] = weight_bytes / seconds / ceilings.bandwidth_bytes_s
+                results.append(entry)
+            timed = [f"{r['kernels']} {r['us']:.1f}" for r in results[-len(paths) :] if "us" in r]
+            print(f"fused inputs, {name}, {rows} rows (us): " + "; ".join(timed), flush=True)
+        del weights
+        free_device_memory()
+    return results
+
+
 def nano_vllm_workload(plan: Plan) -> tuple[list[list[int]], list[int]]:
     """nano-vllm's bench.py workload: prompts drawn first, then output lengths, from seed 0.
     Token ids are drawn as nano-vllm draws them, ``randint(0, 10000)`` (both ends included)."""
@@ -705,6 +786,14 @@ VARIANTS = {
     "eager_torch_ops": {"enforce_eager": True, "triton_ops": False},
     "cublas_linear": {"triton_linear": False},
     "triton_sampling": {"triton_sampling": True},
+    "fused_linear": {"triton_fused_linear": True},
+    "split_short": {},
+}
+# Variants that set a kernel module's constant, not an engine option, for their measurement only:
+# tunings the engine does not expose. ``split_short`` lets 64-token parts of a context run in
+# parallel (default 256), so one sequence at the batch-1 benchmark's 272 tokens splits 4 ways.
+MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
+    "split_short": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64},
 }
 # The engine a failed default run falls back to: each GPU-only feature off.
 FALLBACK = {"enforce_eager": True, "async_scheduling": False}
@@ -760,6 +849,7 @@ def start_engine(
         "triton_ops": llm.engine.config.uses_triton_ops,
         "triton_linear": llm.engine.config.uses_triton_linear,
         "triton_sampling": llm.engine.config.triton_sampling,
+        "triton_fused_linear": llm.engine.config.triton_fused_linear,
     }
     print("engine start-up:", json.dumps(startup), flush=True)
     return llm, startup
@@ -812,6 +902,21 @@ def batch1(llm: Any, plan: Plan, shape: ModelShape, ceilings: Ceilings) -> dict[
     return measured
 
 
+@contextlib.contextmanager
+def patched_modules(patches: dict[tuple[str, str], Any]) -> Iterator[None]:
+    """Set module attributes for the duration of the block, then restore them."""
+    saved = []
+    try:
+        for (module_name, attr), value in patches.items():
+            module = importlib.import_module(module_name)
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, value)
+        yield
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
+
+
 class ShapeRun:
     """Everything timed on one model shape; variants run in the order ``main`` asks for them."""
 
@@ -838,10 +943,14 @@ class ShapeRun:
         """Time one engine variant. The default's workload figure is the headline (kept at the top
         of the shape's results); another variant's stays in its own entry."""
         entry: dict[str, Any] = {"options": VARIANTS[name]}
+        patches = MODULE_PATCHES.get(name, {})
+        if patches:
+            entry["module_patches"] = {f"{module}.{attr}": value for (module, attr), value in patches.items()}
         self.result["variants"][name] = entry
         options = {**self.base_options, **VARIANTS[name]}
         home = self.result if name == "default" else entry
-        self._measure(entry, "startup", options, workload, profile, home)
+        with patched_modules(patches):
+            self._measure(entry, "startup", options, workload, profile, home)
         failed = [entry.get("startup", {}), home.get("nano_vllm_inferd", {})]
         if name == "default" and workload and any("error" in part for part in failed):
             # Without the workload figure the call is wasted: once more on the plainest engine, marked.
@@ -928,6 +1037,9 @@ class ShapeRun:
     def linear_sweep(self) -> None:
         attempt(self.result, "skinny_linear_sweep", lambda: sweep_skinny_linear(self.plan, self.ceilings))
 
+    def fused_input_sweep(self) -> None:
+        attempt(self.result, "fused_input_sweep", lambda: sweep_fused_inputs(self.plan, self.ceilings))
+
     def compare_with_transformers(self) -> None:
         """transformers' figure on the workload (this run's or the committed one) and the ratio."""
         if self.args.skip_transformers:
@@ -968,7 +1080,12 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         qwen.checks,
         functools.partial(qwen.variant, "default", workload=True),
         functools.partial(llama.variant, "default"),
-        qwen.linear_sweep,  # short, and what the kernel tuning needs
+        # The fused inputs' batch-1 figures, and the kernels alone: short, and what the target needs.
+        functools.partial(qwen.variant, "fused_linear"),
+        functools.partial(llama.variant, "fused_linear"),
+        functools.partial(qwen.variant, "split_short"),
+        qwen.fused_input_sweep,
+        qwen.linear_sweep,
         functools.partial(qwen.variant, "cublas_linear", workload=True),
         functools.partial(llama.variant, "cublas_linear"),
         functools.partial(qwen.variant, "triton_sampling", workload=True),

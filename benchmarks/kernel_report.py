@@ -120,19 +120,29 @@ def cases() -> list[Case]:
     ]  # fmt: skip
     from inferd.layers import triton_linear
 
-    # Decode-step projections: Qwen3's gate|up (1024 -> 6144) at 1 to 8 rows, default tiles.
+    # Decode-step projections: Qwen3's gate|up (1024 -> 6144) at 1 to 8 rows, default tiles; then
+    # at one row the fused inputs, as the layers launch them: the add + norm before gate|up, and
+    # SiLU-and-mul before the down projection (3072 -> 1024).
+    linear_types = {"x_ptr": BF16, "w_ptr": BF16, "bias_ptr": BF16, "y_ptr": BF16, "residual_ptr": BF16,
+                    "norm_weight_ptr": BF16, "residual_out_ptr": BF16, "eps": "fp32"}  # fmt: skip
+    linear_inputs = {  # label: (out, in, GATED, NORMED)
+        "": (6144, 1024, False, False), " + add + RMSNorm": (6144, 1024, False, True),
+        " + SiLU-and-mul": (1024, 3072, True, False),
+    }  # fmt: skip
     linear_cases = []
-    for rows in (1, 2, 4, 8):
-        tile = triton_linear.default_tile(rows, 1024)
-        linear_cases.append(
-            Case(LINEAR, "_skinny_linear_kernel", f"skinny linear rows={rows}",
-                 {"x_ptr": BF16, "w_ptr": BF16, "bias_ptr": BF16, "y_ptr": BF16},
-                 {"rows": rows, "out_features": 6144, "in_features": 1024, "stride_x_row": 1024,
-                  "stride_w_row": 1024, "stride_y_row": 6144},
-                 {"HAS_BIAS": False, "ROWS_P2": rows, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
-                  "EVEN_K": True, "NUM_STAGES": tile.num_stages},
-                 num_warps=tile.num_warps, num_stages=tile.num_stages, pipelined_loop=True)
-        )  # fmt: skip
+    for label, (out_features, in_features, gated, normed) in linear_inputs.items():
+        for rows in (1, 2, 4, 8) if not label else (1,):
+            tile = triton_linear.default_tile(rows, in_features)
+            linear_cases.append(
+                Case(LINEAR, "_skinny_linear_kernel", f"skinny linear rows={rows}{label}", linear_types,
+                     {"rows": rows, "out_features": out_features, "in_features": in_features,
+                      "stride_x_row": in_features * (2 if gated else 1), "stride_w_row": in_features,
+                      "stride_y_row": out_features, "stride_residual_row": in_features if normed else 0},
+                     {"HAS_BIAS": False, "GATED": gated, "NORMED": normed, "HAS_RESIDUAL": normed,
+                      "ROWS_P2": rows, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "EVEN_K": True,
+                      "NUM_STAGES": tile.num_stages},
+                     num_warps=tile.num_warps, num_stages=tile.num_stages, pipelined_loop=True)
+            )  # fmt: skip
     return [
         Case(ATTENTION, "_store_kv_kernel", "KV store",
              {"k_ptr": BF16, "v_ptr": BF16, **CACHES, "slot_mapping_ptr": I64},
@@ -271,13 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the reports here")
     args = parser.parse_args(argv)
     reports = []
-    header = (f"{'kernel':<34} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>5} {'smem KB':>8} "
+    header = (f"{'kernel':<38} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>5} {'smem KB':>8} "
               f"{'async':>5} {'per SM':>6}")  # fmt: skip
     print(f"Triton {triton.__version__}, compiled for sm_90a\n{header}", flush=True)
     for case in cases():
         report = compile_case(case)
         reports.append(report)
-        print(f"{report.label:<34} {report.num_warps:>5} {report.num_stages:>6} {report.registers:>5} "
+        print(f"{report.label:<38} {report.num_warps:>5} {report.num_stages:>6} {report.registers:>5} "
               f"{report.spill_bytes:>5} {report.shared_bytes / 1024:>8.1f} {report.async_copies:>5} "
               f"{report.blocks_per_sm:>6}  ({report.limited_by})"
               + "".join(f"\n    PROBLEM: {p}" for p in report.problems), flush=True)  # fmt: skip

@@ -94,3 +94,19 @@ def test_kernel_compiles_are_logged_through_tritons_hooks_and_the_hooks_restored
     assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == before
     summary = compiles.summary()
     assert summary["count"] == 3 and summary["kernels"] == ["_decode", "_extend"] and summary["seconds"] >= 0
+
+
+def test_module_patches_hold_for_the_block_only() -> None:
+    """A variant's kernel constant is set while it is measured and restored after, failure or not."""
+    from inferd.attention import triton_kernels
+
+    default = triton_kernels._MIN_TOKENS_PER_SPLIT
+    patches = gpu.MODULE_PATCHES["split_short"]
+    with gpu.patched_modules(patches):
+        assert triton_kernels._MIN_TOKENS_PER_SPLIT == 64
+        assert triton_kernels.default_num_splits(1, 8, 272, 132) == 4
+    assert triton_kernels._MIN_TOKENS_PER_SPLIT == default
+    assert triton_kernels.default_num_splits(1, 8, 272, 132) == 1
+    with pytest.raises(RuntimeError), gpu.patched_modules(patches):
+        raise RuntimeError("the measurement failed")
+    assert triton_kernels._MIN_TOKENS_PER_SPLIT == default

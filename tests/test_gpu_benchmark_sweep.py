@@ -38,6 +38,21 @@ def test_skinny_linear_sweep_times_cublas_and_triton_with_their_errors() -> None
     assert all(r["relative_error"] < 1e-5 and r["us"] > 0 and r["fraction_of_bandwidth"] > 0 for r in results)
 
 
+def test_fused_input_sweep_times_each_path_with_its_error() -> None:
+    """Each projection's three paths (small op then cuBLAS, then the skinny matmul, and fused)
+    run at one and two rows and agree with the float32 torch layers."""
+    plan = gpu.Plan("cpu", gpu.torch.float32, 3, 40, 30, 8, 500, "64MiB")
+    results = gpu.sweep_fused_inputs(plan, Ceilings(bandwidth_bytes_s=1e9, matmul_flops_s=1e9))
+    paths = {
+        "toy norm": ("norm, cublas", "norm, triton", "fused"),
+        "toy silu": ("silu, cublas", "silu, triton", "fused"),
+    }
+    assert [(r["shape"], r["rows"], r["kernels"]) for r in results] == [
+        (shape, rows, path) for shape, labels in paths.items() for rows in (1, 2) for path in labels
+    ]
+    assert all(r["relative_error"] < 1e-5 and r["us"] > 0 and r["fraction_of_bandwidth"] > 0 for r in results)
+
+
 def test_split_sweep_checks_each_split_against_the_unsplit_kernel(monkeypatch) -> None:
     # Timing through the interpreter would take long and prove nothing.
     monkeypatch.setattr(gpu, "_seconds_per_call", lambda calls, plan, repeats: 1e-6)

@@ -244,12 +244,16 @@ def test_model_with_triton_ops_matches_torch_path(tiny_model_factory, monkeypatc
     assert torch.equal(core.runner.logits_for(step), torch_logits)
 
 
-@pytest.mark.parametrize(("linear", "lengths"), [(False, (5, 11, 3)), (True, (5, 11))])
+@pytest.mark.parametrize(
+    ("linear", "fused", "lengths"),
+    [(False, False, (5, 11, 3)), (True, False, (5, 11)), (True, True, (5, 11))],
+)
 def test_greedy_decoding_with_triton_ops_is_unchanged(
-    tiny_model_factory, monkeypatch, linear: bool, lengths: tuple[int, ...]
+    tiny_model_factory, monkeypatch, linear: bool, fused: bool, lengths: tuple[int, ...]
 ) -> None:
     """Prefill and decode steps of a small batch give the torch path's tokens, also with the
-    skinny matmul (``layers/triton_linear.py``), which takes the decode steps of two sequences."""
+    skinny matmul (``layers/triton_linear.py``), which takes the decode steps of two sequences,
+    and with that matmul making its inputs (the norms and SiLU-and-mul fused into it)."""
     llm = LLM(tiny_model_factory("qwen3"), kv_cache_memory="4MiB", block_size=8, attention_backend="torch")
     vocab = llm.engine.config.model.vocab_size
     prompts = [[(3 * i + j) % vocab for i in range(length)] for j, length in enumerate(lengths)]
@@ -257,11 +261,17 @@ def test_greedy_decoding_with_triton_ops_is_unchanged(
     expected = [o.token_ids for o in llm.generate(prompts, params)]
     from inferd.layers import triton_linear
 
-    routed: list[int] = []
-    original = triton_linear.skinny_linear
-    monkeypatch.setattr(
-        triton_linear, "skinny_linear", lambda x, *args: routed.append(x.shape[0]) or original(x, *args)
-    )
-    llm.engine.core.runner.model.enable_triton_ops(True, linear=linear)
+    routed: dict[str, list[int]] = {}
+    for name in ("skinny_linear", "skinny_norm_linear", "skinny_silu_linear"):
+        original = getattr(triton_linear, name)
+
+        def counted(x: torch.Tensor, *args: object, _name: str = name, _original=original) -> object:
+            routed.setdefault(_name, []).append(x.shape[0])
+            return _original(x, *args)
+
+        monkeypatch.setattr(triton_linear, name, counted)
+    llm.engine.core.runner.model.enable_triton_ops(True, linear=linear, fused_linear=fused)
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
-    assert bool(routed) == linear and set(routed) <= {2}
+    expected_kernels = {"skinny_linear"} | ({"skinny_norm_linear", "skinny_silu_linear"} if fused else set())
+    assert set(routed) == (expected_kernels if linear else set())
+    assert all(set(rows) == {2} for rows in routed.values())

@@ -188,6 +188,9 @@ class EngineConfig:
     # The skinny Triton matmul for projections of one or two rows (decode steps of one or two
     # sequences, layers/triton_linear.py); None: wherever triton_ops is on.
     triton_linear: bool | None = None
+    # Where that matmul runs, it also makes its input: the RMSNorm (and residual add) before the
+    # q|k|v and gate|up projections, SiLU-and-mul before the down one. Off until a GPU run measures it.
+    triton_fused_linear: bool = False
     # Temperature-only random rows drawn by one fused Triton kernel (sample/triton_sampling.py);
     # off until a GPU run measures it against the torch race.
     triton_sampling: bool = False

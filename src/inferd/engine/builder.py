@@ -74,6 +74,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         enforce_eager=bool(options.pop("enforce_eager", False)),
         triton_ops=options.pop("triton_ops", None),
         triton_linear=options.pop("triton_linear", None),
+        triton_fused_linear=bool(options.pop("triton_fused_linear", False)),
         triton_sampling=bool(options.pop("triton_sampling", False)),
         async_scheduling=options.pop("async_scheduling", None),
         tensor_parallel_size=_tensor_parallel_size(options.pop("tensor_parallel_size", None), model),
@@ -81,6 +82,8 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
     if config.tensor_parallel_size > 1 and config.async_scheduling:
         raise ValueError("async_scheduling cannot be used with tensor parallelism (each step's inputs go "
                          "to the other ranks from the host)")  # fmt: skip
+    if config.triton_fused_linear and not config.uses_triton_linear:
+        raise ValueError("triton_fused_linear fuses ops into the Triton matmul: it needs triton_linear")
     if config.load_format not in ("safetensors", "dummy"):
         raise ValueError(f"unknown load_format {config.load_format!r}; choose safetensors or dummy")
     if options:

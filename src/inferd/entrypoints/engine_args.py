@@ -51,6 +51,12 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         "(default: wherever --triton-ops is on)",
     )
     group.add_argument(
+        "--triton-fused-linear",
+        action=argparse.BooleanOptionalAction,
+        help="that matmul also applies the norm before a projection and SiLU-and-mul before the down "
+        "projection (default: off)",
+    )
+    group.add_argument(
         "--tensor-parallel-size",
         "-tp",
         type=int,
@@ -67,7 +73,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["seed"] = args.engine_seed
     if args.enforce_eager:
         options["enforce_eager"] = True
-    for switch in ("async_scheduling", "triton_ops", "triton_linear"):
+    for switch in ("async_scheduling", "triton_ops", "triton_linear", "triton_fused_linear"):
         if getattr(args, switch) is not None:
             options[switch] = getattr(args, switch)
     if args.no_prefix_caching:

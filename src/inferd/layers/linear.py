@@ -5,17 +5,52 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from inferd.layers.activation import SiluAndMul
+from inferd.layers.norm import RMSNorm
+
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same checkpoint names) whose inputs of up to
     ``triton_max_rows`` rows go to the skinny Triton matmul of ``layers/triton_linear.py``: decode
-    steps of one or two sequences, where cuBLAS reads small weights well under the bandwidth."""
+    steps of one or two sequences, where cuBLAS reads small weights well under the bandwidth.
+
+    With ``fuse_input_ops``, those rows also make the projection's input inside the matmul
+    (``forward_normed``, ``forward_gated``): the decoder's norm, or SiLU-and-mul, then costs no
+    launch of its own, which at one sequence is a third of a layer's kernels.
+    """
 
     triton_max_rows = 0  # 0: always torch
+    fuse_input_ops = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and 0 < x.shape[0] <= self.triton_max_rows:
+        if self._routed(x):
             from inferd.layers import triton_linear
 
             return triton_linear.skinny_linear(x, self.weight, self.bias)
         return super().forward(x)
+
+    def forward_normed(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self(norm(x + residual))`` and the new residual stream ``x + residual``; without a
+        residual, ``self(norm(x))`` and ``x``."""
+        if self.fuse_input_ops and self._routed(x):
+            from inferd.layers import triton_linear
+
+            weight, bias = self.weight, self.bias
+            return triton_linear.skinny_norm_linear(x, residual, norm.weight, norm.eps, weight, bias)
+        if residual is None:
+            return self(norm(x)), x
+        normed, residual = norm(x, residual)
+        return self(normed), residual
+
+    def forward_gated(self, gate_up: torch.Tensor, act: SiluAndMul) -> torch.Tensor:
+        """``self(act(gate_up))``, for the gate|up halves of the MLP's first projection."""
+        if self.fuse_input_ops and self._routed(gate_up):
+            from inferd.layers import triton_linear
+
+            return triton_linear.skinny_silu_linear(gate_up, self.weight, self.bias)
+        return self(act(gate_up))
+
+    def _routed(self, x: torch.Tensor) -> bool:
+        return x.dim() == 2 and 0 < x.shape[0] <= self.triton_max_rows

@@ -15,6 +15,11 @@ row always (Qwen3-0.6B's four projections 4.9, 3.5, 5.9 and 4.0 us against cuBLA
 2,048 features, where cuBLAS finds too little parallel work. cuBLAS keeps the rest, where its
 tiles reuse each weight across rows.
 
+The kernel can also make its input rows as it loads them (``skinny_norm_linear``: the residual add
+and RMSNorm before a projection; ``skinny_silu_linear``: SiLU-and-mul before the down projection),
+which saves the small op's launch and its output's round trip. The decoder uses these only with
+the engine option ``triton_fused_linear``, off until a GPU run measures them.
+
 The launch grid depends on shapes only, so the op can be captured in a CUDA graph. This module
 imports triton at import time; import it only where triton is wanted.
 """
@@ -63,46 +68,96 @@ def _skinny_linear_kernel(
     w_ptr,
     bias_ptr,
     y_ptr,
+    residual_ptr,
+    norm_weight_ptr,
+    residual_out_ptr,
     rows,
     out_features,
     in_features,
     stride_x_row,
     stride_w_row,
     stride_y_row,
+    stride_residual_row,
+    eps,
     HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    NORMED: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     ROWS_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """Grid ``(cdiv(out_features, BLOCK_N),)``: program ``p`` makes ``y[:, p*BLOCK_N:(p+1)*BLOCK_N]``."""
-    features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Grid ``(cdiv(out_features, BLOCK_N),)``: program ``p`` makes ``y[:, p*BLOCK_N:(p+1)*BLOCK_N]``.
+
+    The input rows are ``x``, or are made from it as they are loaded, which saves the launch and
+    the round trip through memory of the small op that would otherwise make them:
+    - ``GATED``: ``silu(gate) * up`` of ``x = gate | up`` (``2 * in_features`` wide), rounded where
+      the torch layer rounds, so the rows are the ones ``SiluAndMul`` would make;
+    - ``NORMED``: ``norm_weight * rmsnorm(h)`` with ``h = x + residual`` (``HAS_RESIDUAL``) or
+      ``x``. Every program sums ``h``'s squares along its own walk over the inner dimension and
+      scales its outputs by the row's ``1 / rms`` at the end: the scale is one number per row, so
+      it can come after the sum. Program 0 also stores ``h`` at ``residual_out``.
+    """
+    pid = tl.program_id(0)
+    features = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     feature_mask = features < out_features
     row_ids = tl.arange(0, ROWS_P2)
     row_mask = row_ids < rows
     ks = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + features[:, None].to(tl.int64) * stride_w_row + ks[None, :]
     x_ptrs = x_ptr + row_ids[:, None].to(tl.int64) * stride_x_row + ks[None, :]
+    if HAS_RESIDUAL:
+        residual_ptrs = residual_ptr + row_ids[:, None].to(tl.int64) * stride_residual_row + ks[None, :]
+        residual_out_ptrs = residual_out_ptr + row_ids[:, None].to(tl.int64) * in_features + ks[None, :]
     # Products are summed along k once, after the loop. The first version summed across threads
     # in every step (with shorter steps too): at four rows it ran 1.6 to 2.7 times slower on an
     # H200 (Qwen3's qkv 14.3 against 8.8 us).
     products = tl.zeros([ROWS_P2, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    squares = tl.zeros([ROWS_P2, BLOCK_K], dtype=tl.float32)
     # Stages named on the loop: otherwise the compiler pipelines only loads that feed a dot, and
     # each step would wait for its weight tile before asking for the next.
     for k_start in tl.range(0, in_features, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             # The masks are constant along k, so the loads stay 16 bytes wide.
-            w = tl.load(w_ptrs, mask=feature_mask[:, None], other=0.0)
-            x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+            w_mask = feature_mask[:, None]
+            x_mask = row_mask[:, None]
         else:
             k_mask = (k_start + ks) < in_features
-            w = tl.load(w_ptrs, mask=feature_mask[:, None] & k_mask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        products += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            w_mask = feature_mask[:, None] & k_mask[None, :]
+            x_mask = row_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        if GATED:
+            up = tl.load(x_ptrs + in_features, mask=x_mask, other=0.0)
+            gate = x.to(tl.float32)
+            activated = (gate / (1.0 + tl.exp(-gate))).to(x.dtype)
+            x = (activated.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+        if NORMED:
+            if HAS_RESIDUAL:
+                residual = tl.load(residual_ptrs, mask=x_mask, other=0.0)
+                # Rounded to the residual stream's dtype before the norm reads it, as torch does.
+                x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+                if pid == 0:
+                    tl.store(residual_out_ptrs, x, mask=x_mask)
+                residual_ptrs += BLOCK_K
+                residual_out_ptrs += BLOCK_K
+            h = x.to(tl.float32)
+            squares += h * h
+            if EVEN_K:
+                norm_weight = tl.load(norm_weight_ptr + k_start + ks)
+            else:
+                norm_weight = tl.load(norm_weight_ptr + k_start + ks, mask=k_mask, other=0.0)
+            x32 = h * norm_weight.to(tl.float32)[None, :]
+        else:
+            x32 = x.to(tl.float32)
+        products += x32[:, None, :] * w.to(tl.float32)[None, :, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     acc = tl.sum(products, axis=2)
+    if NORMED:
+        acc *= tl.rsqrt(tl.sum(squares, axis=1) / in_features + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + features, mask=feature_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + row_ids[:, None].to(tl.int64) * stride_y_row + features[None, :]
@@ -122,14 +177,59 @@ def skinny_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tile: SkinnyTile | None = None
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` for a 2-D ``x`` of at most ``KERNEL_MAX_ROWS`` rows, in ``x``'s dtype."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be [rows, in], [out, in]")
-    rows, in_features = x.shape
-    out_features = weight.shape[0]
-    if rows > KERNEL_MAX_ROWS:
-        raise ValueError(f"{rows} rows: the skinny matmul takes at most {KERNEL_MAX_ROWS}")
-    if bias is not None and bias.shape != (out_features,):
-        raise ValueError(f"bias {tuple(bias.shape)} must have {out_features} entries")
+    _check_operands(x, weight, bias, inner_width=1)
+    return _launch(x, weight, bias, tile)
+
+
+def skinny_silu_linear(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tile: SkinnyTile | None = None,
+) -> torch.Tensor:
+    """``silu_and_mul(gate_up) @ weight.T + bias`` in one kernel: ``gate_up`` is ``[rows, 2 * in]``,
+    the gate half first (the MLP's down projection of its gate|up projection's output)."""
+    _check_operands(gate_up, weight, bias, inner_width=2)
+    return _launch(gate_up, weight, bias, tile, gated=True)
+
+
+def skinny_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tile: SkinnyTile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm_weight * rmsnorm(h)) @ weight.T + bias`` in one kernel, with ``h = x + residual``
+    (or ``x`` when ``residual`` is None); returns it and ``h``, the residual stream the next layer
+    adds to, as ``RMSNorm`` called with a residual does."""
+    _check_operands(x, weight, bias, inner_width=1)
+    if norm_weight.shape != (x.shape[1],) or norm_weight.device != x.device:
+        raise ValueError(f"norm weight {tuple(norm_weight.shape)} on {norm_weight.device} must have "
+                         f"{x.shape[1]} entries on {x.device}")  # fmt: skip
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):  # fmt: skip
+        raise ValueError(f"residual ({tuple(residual.shape)}, {residual.dtype}, {residual.device}) must "
+                         f"match x ({tuple(x.shape)}, {x.dtype}, {x.device})")  # fmt: skip
+    residual_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x
+    y = _launch(x, weight, bias, tile, norm=(norm_weight, eps, residual, residual_out))
+    return y, residual_out
+
+
+def _check_operands(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, inner_width: int
+) -> None:
+    """``x`` must be ``[rows, inner_width * in]`` for a ``[out, in]`` weight, and all one float type."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != inner_width * weight.shape[1]:
+        width = "in" if inner_width == 1 else f"{inner_width} * in"
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be "
+                         f"[rows, {width}], [out, in]")  # fmt: skip
+    if x.shape[0] > KERNEL_MAX_ROWS:
+        raise ValueError(f"{x.shape[0]} rows: the skinny matmul takes at most {KERNEL_MAX_ROWS}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias {tuple(bias.shape)} must have {weight.shape[0]} entries")
     # F.linear refuses mixed inputs too; the kernel would read them as its own types.
     for other in (weight, bias) if bias is not None else (weight,):
         if other.dtype != x.dtype or other.device != x.device:
@@ -137,6 +237,22 @@ def skinny_linear(
                              f"({other.dtype}, {other.device}) must share a dtype and device")  # fmt: skip
     if not x.dtype.is_floating_point:
         raise ValueError(f"the skinny matmul takes floating-point inputs, not {x.dtype}")
+
+
+# A norm made on load: its weight, epsilon, the residual added first (or None), where ``h`` goes.
+_NormOnLoad = tuple[torch.Tensor, float, torch.Tensor | None, torch.Tensor]
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tile: SkinnyTile | None,
+    gated: bool = False,
+    norm: _NormOnLoad | None = None,
+) -> torch.Tensor:
+    rows = x.shape[0]
+    out_features, in_features = weight.shape
     y = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     if rows == 0 or out_features == 0:
         return y
@@ -146,11 +262,21 @@ def skinny_linear(
         weight = weight.contiguous()
     if bias is not None and bias.stride(0) != 1:  # the kernel reads the bias as contiguous
         bias = bias.contiguous()
+    norm_weight, eps, residual, residual_out = norm if norm is not None else (weight, 0.0, None, y)
+    if norm_weight.stride(0) != 1:
+        norm_weight = norm_weight.contiguous()
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
     tile = tile or default_tile(rows, in_features)
     _skinny_linear_kernel[(triton.cdiv(out_features, tile.block_n),)](
         x, weight, bias if bias is not None else weight, y,
+        residual if residual is not None else x, norm_weight, residual_out,
         rows, out_features, in_features, x.stride(0), weight.stride(0), y.stride(0),
+        residual.stride(0) if residual is not None else 0, eps,
         HAS_BIAS=bias is not None,
+        GATED=gated,
+        NORMED=norm is not None,
+        HAS_RESIDUAL=residual is not None,
         ROWS_P2=triton.next_power_of_2(rows),
         BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k,

@@ -41,13 +41,13 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        qkv: torch.Tensor,
         rotary: RotaryStep,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        """Attention from the output of ``qkv_proj``, which the layer runs (with its norm)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -71,8 +71,9 @@ class MLP(nn.Module):
         self.act_fn = SiluAndMul()
         self.all_reduce: AllReduce | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _reduced(self.down_proj(self.act_fn(self.gate_up_proj(x))), self.all_reduce)
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP from the output of ``gate_up_proj``, which the layer runs (with its norm)."""
+        return _reduced(self.down_proj.forward_gated(gate_up, self.act_fn), self.all_reduce)
 
 
 def _reduced(partial: torch.Tensor, all_reduce: AllReduce | None) -> torch.Tensor:
@@ -100,14 +101,12 @@ class DecoderLayer(nn.Module):
         backend: AttentionBackend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes and returns the residual stream apart from the layer's last output, so each
-        add fuses into the norm after it (``residual`` is None before the first layer)."""
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, rotary, kv_cache, meta, backend)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        add fuses into the norm after it, and the norm into the projection after that where the
+        projection can (``Linear.forward_normed``; ``residual`` is None before the first layer)."""
+        qkv, residual = self.self_attn.qkv_proj.forward_normed(x, residual, self.input_layernorm)
+        x = self.self_attn(qkv, rotary, kv_cache, meta, backend)
+        gate_up, residual = self.mlp.gate_up_proj.forward_normed(x, residual, self.post_attention_layernorm)
+        return self.mlp(gate_up), residual
 
 
 class DecoderModel(nn.Module):
@@ -149,10 +148,14 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.model.norm(x, residual)
         return hidden
 
-    def enable_triton_ops(self, enabled: bool, linear: bool = False) -> None:
+    def enable_triton_ops(self, enabled: bool, linear: bool = False, fused_linear: bool = False) -> None:
         """Switch every RMSNorm (with its residual add), the rotary embedding and SiLU-and-mul
         to the Triton kernels of ``layers/triton_ops.py``, or back to torch; with ``linear``, the
-        layers' projections of few-row inputs to ``layers/triton_linear.py``. Off by default."""
+        layers' projections of few-row inputs to ``layers/triton_linear.py``, and with
+        ``fused_linear`` too, those projections make their inputs (norm, SiLU-and-mul) on load.
+        Off by default."""
+        if fused_linear and not linear:
+            raise ValueError("fused_linear fuses ops into the Triton matmul, which needs linear")
         # Fails here, not in the middle of the first forward, where triton is missing.
         if enabled:
             importlib.import_module("inferd.layers.triton_ops")
@@ -162,6 +165,7 @@ class LlamaForCausalLM(nn.Module):
                 module.use_triton = enabled
             elif isinstance(module, Linear):
                 module.triton_max_rows = triton_linear.rows_routed(module.weight) if triton_linear else 0
+                module.fuse_input_ops = fused_linear
 
     def set_all_reduce(self, all_reduce: AllReduce) -> None:
         """Run as one rank of a tensor-parallel group: the attention and MLP output projections
