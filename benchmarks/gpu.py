@@ -32,10 +32,13 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from inferd.models.registry import CausalLM
 
 # The smoke run interprets Triton on the CPU; the switch must be set before triton is imported.
 if "--smoke" in sys.argv:
@@ -153,9 +156,7 @@ def write_model_folder(folder: Path, hf_config: dict[str, Any]) -> Path:
     return folder
 
 
-def build_random_model(
-    path: Path, cfg: Any, max_positions: int, dtype: torch.dtype, device: str
-) -> torch.nn.Module:
+def build_random_model(path: Path, cfg: Any, max_positions: int, dtype: torch.dtype, device: str) -> CausalLM:
     """inferd's model built on the device with its random init (the loader's dummy format)."""
     from inferd.models.loader import load_model
 
@@ -255,9 +256,10 @@ def check_model_forward(folder: Path, hf_config: dict[str, Any], plan: Plan) -> 
     for backend in (TritonAttentionBackend(), TorchAttentionBackend()):
         torch.manual_seed(1)  # the same earlier context in both caches
         caches = [
-            tuple(torch.randn(cache_shape, dtype=plan.dtype, device=plan.device) for _ in range(2))
+            (torch.randn(cache_shape, dtype=plan.dtype, device=plan.device),
+             torch.randn(cache_shape, dtype=plan.dtype, device=plan.device))
             for _ in range(cfg.num_layers)
-        ]
+        ]  # fmt: skip
         hidden.append(model(input_ids, positions.to(plan.device), caches, meta, backend))
     del model, caches
     free_device_memory()
@@ -411,7 +413,7 @@ LINEAR_TILES = [
 LINEAR_ROTATION_BYTES = 256 << 20
 
 
-def _seconds_per_call(calls: list[Callable[[], Any]], plan: Plan, repeats: int) -> float:
+def _seconds_per_call(calls: Sequence[Callable[[], Any]], plan: Plan, repeats: int) -> float:
     """Seconds per call of ``calls`` run back to back. On a GPU they are captured in one CUDA
     graph, as a decode step runs them, and the graph's replays are timed with device events."""
     if plan.device != "cuda":
@@ -433,15 +435,23 @@ def _seconds_per_call(calls: list[Callable[[], Any]], plan: Plan, repeats: int) 
     return start.elapsed_time(end) / 1e3 / repeats / len(calls)
 
 
-def sweep_skinny_linear(plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
-    """The decode-step projections alone, cuBLAS (``F.linear``) against the skinny Triton matmul:
-    time per call and weight bytes read per second against the copy bandwidth, for the rows of
-    ``LINEAR_ROWS``, the default tile and, at one and two rows, the tiles of ``LINEAR_TILES``.
-    Each result's relative error is against float32 ``F.linear``."""
-    from inferd.layers import triton_linear
+LinearPath = Callable[[torch.Tensor], torch.Tensor]  # one weight copy -> the projection's output
+# For (shape name, rows, in_features): the float32 reference and the labelled paths to time.
+PathsFor = Callable[[str, int, int], tuple[LinearPath, list[tuple[str, LinearPath]]]]
 
-    shapes = LINEAR_SHAPES if plan.device == "cuda" else {"toy": (40, 64)}
-    tiles = [triton_linear.SkinnyTile(*t) for t in LINEAR_TILES] if plan.device == "cuda" else []
+
+def _sweep_linear_paths(
+    plan: Plan,
+    ceilings: Ceilings,
+    title: str,
+    shapes: dict[str, tuple[int, int]],
+    rows_list: tuple[int, ...],
+    paths_for: PathsFor,
+) -> list[dict[str, Any]]:
+    """Each path of each (shape, rows) timed alone: microseconds per call in a CUDA graph of
+    back-to-back calls over weight copies cycled past L2, weight bytes read per second against the
+    copy bandwidth, and its relative error against the path's float32 reference. A path that
+    fails (a tile the compiler rejects, say) is recorded with its error and the sweep goes on."""
     results: list[dict[str, Any]] = []
     for name, (out_features, in_features) in shapes.items():
         weight_bytes = out_features * in_features * torch.empty((), dtype=plan.dtype).element_size()
@@ -449,51 +459,114 @@ def sweep_skinny_linear(plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
         scale = in_features**-0.5
         weights = [torch.randn(out_features, in_features, dtype=plan.dtype, device=plan.device) * scale
                    for _ in range(copies)]  # fmt: skip
-        for rows in LINEAR_ROWS:
-            x = torch.randn(rows, in_features, dtype=plan.dtype, device=plan.device)
-            expected = torch.nn.functional.linear(x.float(), weights[0].float())
-            candidates: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [
-                ("cublas", lambda w, x=x: torch.nn.functional.linear(x, w)),
-                ("triton default", lambda w, x=x: triton_linear.skinny_linear(x, w)),
-            ]
-            if rows <= 2:
-                candidates += [
-                    (f"triton {t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}",
-                     lambda w, x=x, t=t: triton_linear.skinny_linear(x, w, tile=t))
-                    for t in tiles
-                    if rows * t.block_n * t.block_k <= 256 * t.num_warps * 32  # products held in registers
-                ]  # fmt: skip
-            for label, fn in candidates:
+        for rows in rows_list:
+            reference, paths = paths_for(name, rows, in_features)
+            expected = reference(weights[0])
+            for label, fn in paths:
                 entry: dict[str, Any] = {"shape": name, "rows": rows, "kernel": label}
                 try:
                     entry["relative_error"] = relative_error(fn(weights[0]).float(), expected)
                     seconds = _seconds_per_call([functools.partial(fn, w) for w in weights], plan, 10)
-                except Exception as error:  # one tile the compiler rejects must not end the sweep
+                except Exception as error:
                     entry["error"] = repr(error)[:300]
                 else:
                     entry["us"] = seconds * 1e6
                     entry["fraction_of_bandwidth"] = weight_bytes / seconds / ceilings.bandwidth_bytes_s
                 results.append(entry)
-        best = _best_linear_rows(results, name)
-        print(f"skinny linear, {name}: " + "; ".join(best), flush=True)
+            print(f"{title}, {name}, {rows} rows: {_fastest_paths(results[-len(paths) :])}", flush=True)
         del weights
         free_device_memory()
     return results
 
 
-def _best_linear_rows(results: list[dict[str, Any]], shape: str) -> list[str]:
-    """Per row count of one shape: cuBLAS's time, the default tile's and the fastest tile."""
-    lines = []
-    for rows in LINEAR_ROWS:
-        timed = [r for r in results if r["shape"] == shape and r["rows"] == rows and "us" in r]
-        by_kernel = {r["kernel"]: r["us"] for r in timed}
-        fastest = min(timed, key=lambda r: r["us"], default=None)
-        if fastest is None:
-            continue
-        lines.append(f"{rows} rows cublas {by_kernel.get('cublas', float('nan')):.1f} us, "
-                     f"default {by_kernel.get('triton default', float('nan')):.1f}, "
-                     f"best {fastest['kernel']} {fastest['us']:.1f}")  # fmt: skip
-    return lines
+def _fastest_paths(results: list[dict[str, Any]]) -> str:
+    """The first two paths' times (the baseline and the default) and the fastest one's."""
+    timed = [r for r in results if "us" in r]
+    if not timed:
+        return "no path ran"
+    shown = [f"{r['kernel']} {r['us']:.1f} us" for r in timed[:2]]
+    fastest = min(timed, key=lambda r: r["us"])
+    return "; ".join(shown) + (
+        f"; fastest {fastest['kernel']} {fastest['us']:.1f} us" if fastest not in timed[:2] else ""
+    )
+
+
+def _random_rows(plan: Plan, rows: int, width: int) -> torch.Tensor:
+    return torch.randn(rows, width, dtype=plan.dtype, device=plan.device)
+
+
+def sweep_skinny_linear(plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
+    """The decode-step projections alone, cuBLAS (``F.linear``) against the skinny Triton matmul,
+    for the rows of ``LINEAR_ROWS``: its default tile and, at one and two rows, the tiles of
+    ``LINEAR_TILES``."""
+    from inferd.layers import triton_linear
+
+    tiles = [triton_linear.SkinnyTile(*t) for t in LINEAR_TILES] if plan.device == "cuda" else []
+    linear = torch.nn.functional.linear
+
+    def paths_for(name: str, rows: int, in_features: int) -> tuple[LinearPath, list[tuple[str, LinearPath]]]:
+        x = _random_rows(plan, rows, in_features)
+        paths: list[tuple[str, LinearPath]] = [
+            ("cublas", lambda w: linear(x, w)),
+            ("triton default", lambda w: triton_linear.skinny_linear(x, w)),
+        ]
+        if rows <= 2:
+            paths += [
+                (f"triton {t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}",
+                 functools.partial(_skinny_with_tile, x, tile=t))
+                for t in tiles
+                if rows * t.block_n * t.block_k <= 256 * t.num_warps * 32  # products held in registers
+            ]  # fmt: skip
+        return (lambda w: linear(x.float(), w.float())), paths
+
+    shapes = LINEAR_SHAPES if plan.device == "cuda" else {"toy": (40, 64)}
+    return _sweep_linear_paths(plan, ceilings, "skinny linear", shapes, LINEAR_ROWS, paths_for)
+
+
+def _skinny_with_tile(x: torch.Tensor, weight: torch.Tensor, tile: Any) -> torch.Tensor:
+    from inferd.layers import triton_linear
+
+    return triton_linear.skinny_linear(x, weight, tile=tile)
+
+
+# Wide projections (4,096 features or more) at the rows of decode steps past the skinny matmul's.
+TILED_SHAPES = {
+    "qwen3 qkv": (4096, 1024), "qwen3 gate_up": (6144, 1024), "llama qkv": (6144, 4096),
+    "llama o": (4096, 4096), "llama gate_up": (28672, 4096), "llama down": (4096, 14336),
+}  # fmt: skip
+TILED_ROWS = (8, 16, 32, 64, 128, 256)
+# (rows per program, features, inner elements per step, warps, stages) tried besides the default
+# at 16 and 64 rows, with the rows per program set to the step's.
+TILED_TILES = [(16, 64, 128, 4, 4), (64, 64, 64, 4, 4), (16, 32, 256, 4, 3), (64, 32, 64, 4, 5),
+               (16, 16, 256, 4, 4), (64, 64, 128, 8, 3)]  # fmt: skip
+
+
+def sweep_tiled_linear(plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
+    """Wide projections at 8 to 256 rows, cuBLAS against the tensor-core Triton matmul of
+    ``layers/triton_tiled_linear.py`` (its default tile; at 16 and 64 rows the tiles of
+    ``TILED_TILES`` too): what ``triton_tiled_linear`` would route, and which tile to keep."""
+    from inferd.layers import triton_tiled_linear
+
+    linear = torch.nn.functional.linear
+    tiles = [triton_tiled_linear.TiledTile(*t) for t in TILED_TILES] if plan.device == "cuda" else []
+
+    def paths_for(name: str, rows: int, in_features: int) -> tuple[LinearPath, list[tuple[str, LinearPath]]]:
+        x = _random_rows(plan, rows, in_features)
+        paths: list[tuple[str, LinearPath]] = [
+            ("cublas", lambda w: linear(x, w)),
+            ("triton default", lambda w: triton_tiled_linear.tiled_linear(x, w)),
+        ]
+        paths += [
+            (f"triton {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}",
+             functools.partial(triton_tiled_linear.tiled_linear, x, tile=t))
+            for t in tiles
+            if t.block_m == rows
+        ]  # fmt: skip
+        return (lambda w: linear(x.float(), w.float())), paths
+
+    shapes = TILED_SHAPES if plan.device == "cuda" else {"toy": (40, 64)}
+    rows_list = TILED_ROWS if plan.device == "cuda" else (3, 20)
+    return _sweep_linear_paths(plan, ceilings, "tiled linear", shapes, rows_list, paths_for)
 
 
 # Projections whose input a layer makes with a small op first: the add + RMSNorm before q|k|v and
@@ -507,7 +580,23 @@ FUSED_INPUT_SHAPES = {
 }
 _NORM_EPS = 1e-6
 
-LinearPath = Callable[[torch.Tensor], torch.Tensor]  # weight -> output
+
+def sweep_fused_inputs(plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
+    """At one and two rows, the small op then the skinny matmul (two launches, as the engine runs
+    them by default) against the matmul that makes its input on load (``triton_fused_linear``),
+    and the small op then cuBLAS. Each result's relative error is against the float32 torch layers."""
+    shapes = FUSED_INPUT_SHAPES if plan.device == "cuda" else {"toy norm": (40, 64, "norm"),
+                                                                "toy silu": (40, 64, "silu")}  # fmt: skip
+
+    def paths_for(name: str, rows: int, in_features: int) -> tuple[LinearPath, list[tuple[str, LinearPath]]]:
+        op = shapes[name][2]
+        x = _random_rows(plan, rows, in_features * (2 if op == "silu" else 1))
+        residual = _random_rows(plan, rows, in_features)
+        norm_weight = torch.rand(in_features, dtype=plan.dtype, device=plan.device) + 0.5
+        return _fused_input_paths(op, x, residual, norm_weight)
+
+    sizes = {name: (out_features, in_features) for name, (out_features, in_features, _) in shapes.items()}
+    return _sweep_linear_paths(plan, ceilings, "fused inputs", sizes, (1, 2), paths_for)
 
 
 def _fused_input_paths(
@@ -535,44 +624,6 @@ def _fused_input_paths(
         ("norm, triton", lambda w: triton_linear.skinny_linear(normed(), w)),
         ("fused", lambda w: triton_linear.skinny_norm_linear(x, residual, norm_weight, _NORM_EPS, w)[0]),
     ]
-
-
-def sweep_fused_inputs(plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
-    """At one and two rows, the small op then the skinny matmul (two launches, as the engine runs
-    them by default) against the matmul that makes its input on load (``triton_fused_linear``),
-    and the small op then cuBLAS. Weights cycled past L2 as in ``sweep_skinny_linear``; each
-    result's relative error is against the float32 torch layers."""
-    shapes = FUSED_INPUT_SHAPES if plan.device == "cuda" else {"toy norm": (40, 64, "norm"),
-                                                                "toy silu": (40, 64, "silu")}  # fmt: skip
-    results: list[dict[str, Any]] = []
-    for name, (out_features, in_features, op) in shapes.items():
-        weight_bytes = out_features * in_features * torch.empty((), dtype=plan.dtype).element_size()
-        copies = max(2, -(-LINEAR_ROTATION_BYTES // weight_bytes)) if plan.device == "cuda" else 1
-        weights = [torch.randn(out_features, in_features, dtype=plan.dtype, device=plan.device)
-                   * in_features**-0.5 for _ in range(copies)]  # fmt: skip
-        norm_weight = torch.rand(in_features, dtype=plan.dtype, device=plan.device) + 0.5
-        for rows in (1, 2):
-            width = in_features * (2 if op == "silu" else 1)
-            x = torch.randn(rows, width, dtype=plan.dtype, device=plan.device)
-            residual = torch.randn(rows, in_features, dtype=plan.dtype, device=plan.device)
-            reference, paths = _fused_input_paths(op, x, residual, norm_weight)
-            expected = reference(weights[0])
-            for label, fn in paths:
-                entry: dict[str, Any] = {"shape": name, "rows": rows, "kernels": label}
-                try:
-                    entry["relative_error"] = relative_error(fn(weights[0]).float(), expected)
-                    seconds = _seconds_per_call([functools.partial(fn, w) for w in weights], plan, 10)
-                except Exception as error:  # one failing path must not end the sweep
-                    entry["error"] = repr(error)[:300]
-                else:
-                    entry["us"] = seconds * 1e6
-                    entry["fraction_of_bandwidth"] = weight_bytes / seconds / ceilings.bandwidth_bytes_s
-                results.append(entry)
-            timed = [f"{r['kernels']} {r['us']:.1f}" for r in results[-len(paths) :] if "us" in r]
-            print(f"fused inputs, {name}, {rows} rows (us): " + "; ".join(timed), flush=True)
-        del weights
-        free_device_memory()
-    return results
 
 
 def nano_vllm_workload(plan: Plan) -> tuple[list[list[int]], list[int]]:
@@ -788,6 +839,7 @@ VARIANTS = {
     "triton_sampling": {"triton_sampling": True},
     "fused_linear": {"triton_fused_linear": True},
     "split_short": {},
+    "tiled_linear": {"triton_tiled_linear": True},
 }
 # Variants that set a kernel module's constant, not an engine option, for their measurement only:
 # tunings the engine does not expose. ``split_short`` lets 64-token parts of a context run in
@@ -850,6 +902,7 @@ def start_engine(
         "triton_linear": llm.engine.config.uses_triton_linear,
         "triton_sampling": llm.engine.config.triton_sampling,
         "triton_fused_linear": llm.engine.config.triton_fused_linear,
+        "triton_tiled_linear": llm.engine.config.triton_tiled_linear,
     }
     print("engine start-up:", json.dumps(startup), flush=True)
     return llm, startup
@@ -1040,6 +1093,9 @@ class ShapeRun:
     def fused_input_sweep(self) -> None:
         attempt(self.result, "fused_input_sweep", lambda: sweep_fused_inputs(self.plan, self.ceilings))
 
+    def tiled_sweep(self) -> None:
+        attempt(self.result, "tiled_linear_sweep", lambda: sweep_tiled_linear(self.plan, self.ceilings))
+
     def compare_with_transformers(self) -> None:
         """transformers' figure on the workload (this run's or the committed one) and the ratio."""
         if self.args.skip_transformers:
@@ -1085,6 +1141,8 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         functools.partial(llama.variant, "fused_linear"),
         functools.partial(qwen.variant, "split_short"),
         qwen.fused_input_sweep,
+        qwen.tiled_sweep,
+        functools.partial(qwen.variant, "tiled_linear", workload=True),
         qwen.linear_sweep,
         functools.partial(qwen.variant, "cublas_linear", workload=True),
         functools.partial(llama.variant, "cublas_linear"),

@@ -104,6 +104,7 @@ class Case:
 ATTENTION = "inferd.attention.triton_kernels"
 OPS = "inferd.layers.triton_ops"
 LINEAR = "inferd.layers.triton_linear"
+TILED = "inferd.layers.triton_tiled_linear"
 
 
 def cases() -> list[Case]:
@@ -143,6 +144,22 @@ def cases() -> list[Case]:
                       "NUM_STAGES": tile.num_stages},
                      num_warps=tile.num_warps, num_stages=tile.num_stages, pipelined_loop=True)
             )  # fmt: skip
+    from inferd.layers import triton_tiled_linear
+
+    # The tensor-core matmul on Qwen3's q|k|v (1024 -> 4096) at 16 and 64 rows, default tiles.
+    tiled_cases = []
+    for rows in (16, 64):
+        tile = triton_tiled_linear.default_tile(rows)
+        tiled_cases.append(
+            Case(TILED, "_tiled_linear_kernel", f"tiled linear rows={rows}",
+                 {"x_ptr": BF16, "w_ptr": BF16, "bias_ptr": BF16, "y_ptr": BF16},
+                 {"rows": rows, "out_features": 4096, "in_features": 1024, "stride_x_row": 1024,
+                  "stride_w_row": 1024, "stride_y_row": 4096},
+                 {"HAS_BIAS": False, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
+                  "BLOCK_K": tile.block_k, "EVEN_K": True, "NUM_STAGES": tile.num_stages,
+                  "INPUT_PRECISION": "tf32"},
+                 num_warps=tile.num_warps, num_stages=tile.num_stages, pipelined_loop=True)
+        )  # fmt: skip
     return [
         Case(ATTENTION, "_store_kv_kernel", "KV store",
              {"k_ptr": BF16, "v_ptr": BF16, **CACHES, "slot_mapping_ptr": I64},
@@ -182,6 +199,7 @@ def cases() -> list[Case]:
         Case(OPS, "_silu_and_mul_kernel", "SiLU-and-mul", {"gate_up_ptr": BF16, "out_ptr": BF16},
              {"stride_in_row": 6144, "stride_out_row": 3072, "size": 3072}, {"BLOCK": 1024}),
         *linear_cases,
+        *tiled_cases,
     ]  # fmt: skip
 
 

@@ -19,7 +19,10 @@ def test_unset_flags_leave_the_engine_defaults() -> None:
     assert parse() == {}
 
 
-@pytest.mark.parametrize("switch", ["async-scheduling", "triton-ops", "triton-linear", "triton-fused-linear"])
+@pytest.mark.parametrize(
+    "switch",
+    ["async-scheduling", "triton-ops", "triton-linear", "triton-fused-linear", "triton-tiled-linear"],
+)
 def test_on_off_switches(switch: str) -> None:
     option = switch.replace("-", "_")
     assert parse(f"--{switch}") == {option: True}

@@ -47,8 +47,17 @@ def test_fused_input_sweep_times_each_path_with_its_error() -> None:
         "toy norm": ("norm, cublas", "norm, triton", "fused"),
         "toy silu": ("silu, cublas", "silu, triton", "fused"),
     }
-    assert [(r["shape"], r["rows"], r["kernels"]) for r in results] == [
+    assert [(r["shape"], r["rows"], r["kernel"]) for r in results] == [
         (shape, rows, path) for shape, labels in paths.items() for rows in (1, 2) for path in labels
+    ]
+    assert all(r["relative_error"] < 1e-5 and r["us"] > 0 and r["fraction_of_bandwidth"] > 0 for r in results)
+
+
+def test_tiled_linear_sweep_times_cublas_and_triton_with_their_errors() -> None:
+    plan = gpu.Plan("cpu", gpu.torch.float32, 3, 40, 30, 8, 500, "64MiB")
+    results = gpu.sweep_tiled_linear(plan, Ceilings(bandwidth_bytes_s=1e9, matmul_flops_s=1e9))
+    assert [(r["rows"], r["kernel"]) for r in results] == [
+        (rows, kernel) for rows in (3, 20) for kernel in ("cublas", "triton default")
     ]
     assert all(r["relative_error"] < 1e-5 and r["us"] > 0 and r["fraction_of_bandwidth"] > 0 for r in results)
 

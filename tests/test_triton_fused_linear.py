@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_device import DEVICE, INTERPRETED  # before triton is imported: interpreted or compiled
+from matmul_checks import DTYPES, TOLERANCE, relative_error
+from triton_device import DEVICE  # before triton is imported: interpreted or compiled
 
 from inferd import LLM, SamplingParams
 from inferd.engine.request import Request
@@ -18,20 +19,15 @@ from inferd.layers.linear import Linear
 from inferd.layers.norm import RMSNorm
 from inferd.layers.triton_linear import SkinnyTile, skinny_norm_linear, skinny_silu_linear
 
-# The unfused norm rounds its output to the dtype before the matmul; the fused one keeps float32
-# there, so half precision differs by about one rounding of the input. SiLU-and-mul rounds alike.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
+# The shared tolerances hold here too: the unfused norm rounds its output to the dtype before the
+# matmul and the fused one keeps float32 there, which half precision sees as one rounding of the
+# input; SiLU-and-mul rounds where the torch layer does.
 SHAPES = [
     (40, 64, None),  # the default tile, ten programs: only the first stores the residual
     (37, 100, None),  # features past the last full program, inner size no tile divides
     (24, 96, SkinnyTile(block_n=4, block_k=32, num_warps=2, num_stages=3)),  # three inner steps
     (3, 48, None),  # one program, which must store the residual itself
 ]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def operands(

@@ -8,26 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_device import DEVICE, INTERPRETED  # before triton is imported: interpreted or compiled
+from matmul_checks import DTYPES, TOLERANCE, check_matches_float64, reference, relative_error
+from triton_device import DEVICE  # before triton is imported: interpreted or compiled
 
 from inferd import LLM, SamplingParams
 from inferd.engine.request import Request
 from inferd.layers import triton_linear
 from inferd.layers.linear import Linear
 from inferd.layers.triton_linear import SkinnyTile, default_tile, skinny_linear
-
-# float32 sums in another order than float64's; half-precision outputs are rounded once.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected).norm() / expected.norm()).item()
-
-
-def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = x.double() @ weight.double().T
-    return out + bias.double() if bias is not None else out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -44,16 +32,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 def test_skinny_linear_matches_float64(
     rows: int, out_features: int, in_features: int, tile: SkinnyTile | None, dtype: torch.dtype
 ) -> None:
-    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
-    x = torch.randn(rows, in_features, generator=generator).to(dtype=dtype, device=DEVICE)
-    weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(
-        dtype=dtype, device=DEVICE
-    )
-    bias = torch.randn(out_features, generator=generator).to(dtype=dtype, device=DEVICE)
-    for b in (None, bias):
-        out = skinny_linear(x, weight, b, tile=tile)
-        assert out.shape == (rows, out_features) and out.dtype == dtype
-        assert relative_error(out, reference(x, weight, b)) < TOLERANCE[dtype]
+    check_matches_float64(skinny_linear, rows, out_features, in_features, dtype, DEVICE, tile=tile)
 
 
 def test_strided_rows_and_transposed_weight() -> None:

@@ -191,6 +191,10 @@ class EngineConfig:
     # Where that matmul runs, it also makes its input: the RMSNorm (and residual add) before the
     # q|k|v and gate|up projections, SiLU-and-mul before the down one. Off until a GPU run measures it.
     triton_fused_linear: bool = False
+    # Projections of wide outputs (4,096+ features) in steps of up to 256 rows the skinny matmul
+    # does not take, on a Triton tensor-core matmul (layers/triton_tiled_linear.py) instead of
+    # cuBLAS. Off until a GPU run measures it.
+    triton_tiled_linear: bool = False
     # Temperature-only random rows drawn by one fused Triton kernel (sample/triton_sampling.py);
     # off until a GPU run measures it against the torch race.
     triton_sampling: bool = False

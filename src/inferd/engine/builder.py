@@ -75,6 +75,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         triton_ops=options.pop("triton_ops", None),
         triton_linear=options.pop("triton_linear", None),
         triton_fused_linear=bool(options.pop("triton_fused_linear", False)),
+        triton_tiled_linear=bool(options.pop("triton_tiled_linear", False)),
         triton_sampling=bool(options.pop("triton_sampling", False)),
         async_scheduling=options.pop("async_scheduling", None),
         tensor_parallel_size=_tensor_parallel_size(options.pop("tensor_parallel_size", None), model),

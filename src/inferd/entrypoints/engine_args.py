@@ -57,6 +57,11 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         "projection (default: off)",
     )
     group.add_argument(
+        "--triton-tiled-linear",
+        action=argparse.BooleanOptionalAction,
+        help="a Triton tensor-core matmul for wide projections of steps of up to 256 rows (default: off)",
+    )
+    group.add_argument(
         "--tensor-parallel-size",
         "-tp",
         type=int,
@@ -73,7 +78,13 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["seed"] = args.engine_seed
     if args.enforce_eager:
         options["enforce_eager"] = True
-    for switch in ("async_scheduling", "triton_ops", "triton_linear", "triton_fused_linear"):
+    for switch in (
+        "async_scheduling",
+        "triton_ops",
+        "triton_linear",
+        "triton_fused_linear",
+        "triton_tiled_linear",
+    ):
         if getattr(args, switch) is not None:
             options[switch] = getattr(args, switch)
     if args.no_prefix_caching:

@@ -21,12 +21,19 @@ class Linear(nn.Linear):
 
     triton_max_rows = 0  # 0: always torch
     fuse_input_ops = False
+    # Inputs of more rows than the skinny matmul takes, up to this many, go to the tensor-core
+    # matmul of ``layers/triton_tiled_linear.py`` (0: none).
+    tiled_max_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._routed(x):
             from inferd.layers import triton_linear
 
             return triton_linear.skinny_linear(x, self.weight, self.bias)
+        if x.dim() == 2 and self.triton_max_rows < x.shape[0] <= self.tiled_max_rows:
+            from inferd.layers import triton_tiled_linear
+
+            return triton_tiled_linear.tiled_linear(x, self.weight, self.bias)
         return super().forward(x)
 
     def forward_normed(

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from inferd.layers.linear_operands import check_linear_operands, unit_inner_stride
+
 # What the decoder's projections send here (see the module's docstring).
 MAX_FEATURES_FOR_TWO_ROWS = 2048
 # The most rows the kernel takes: its products are held per row, in registers.
@@ -221,22 +223,9 @@ def skinny_norm_linear(
 def _check_operands(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, inner_width: int
 ) -> None:
-    """``x`` must be ``[rows, inner_width * in]`` for a ``[out, in]`` weight, and all one float type."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != inner_width * weight.shape[1]:
-        width = "in" if inner_width == 1 else f"{inner_width} * in"
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be "
-                         f"[rows, {width}], [out, in]")  # fmt: skip
+    check_linear_operands(x, weight, bias, inner_width)
     if x.shape[0] > KERNEL_MAX_ROWS:
         raise ValueError(f"{x.shape[0]} rows: the skinny matmul takes at most {KERNEL_MAX_ROWS}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias {tuple(bias.shape)} must have {weight.shape[0]} entries")
-    # F.linear refuses mixed inputs too; the kernel would read them as its own types.
-    for other in (weight, bias) if bias is not None else (weight,):
-        if other.dtype != x.dtype or other.device != x.device:
-            raise ValueError(f"x ({x.dtype}, {x.device}) and its weight and bias "
-                             f"({other.dtype}, {other.device}) must share a dtype and device")  # fmt: skip
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"the skinny matmul takes floating-point inputs, not {x.dtype}")
 
 
 # A norm made on load: its weight, epsilon, the residual added first (or None), where ``h`` goes.
@@ -256,17 +245,11 @@ def _launch(
     y = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     if rows == 0 or out_features == 0:
         return y
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
-    if bias is not None and bias.stride(0) != 1:  # the kernel reads the bias as contiguous
-        bias = bias.contiguous()
+    x, weight = unit_inner_stride(x), unit_inner_stride(weight)
+    bias = unit_inner_stride(bias) if bias is not None else None  # read as contiguous
     norm_weight, eps, residual, residual_out = norm if norm is not None else (weight, 0.0, None, y)
-    if norm_weight.stride(0) != 1:
-        norm_weight = norm_weight.contiguous()
-    if residual is not None and residual.stride(1) != 1:
-        residual = residual.contiguous()
+    norm_weight = unit_inner_stride(norm_weight)
+    residual = unit_inner_stride(residual) if residual is not None else None
     tile = tile or default_tile(rows, in_features)
     _skinny_linear_kernel[(triton.cdiv(out_features, tile.block_n),)](
         x, weight, bias if bias is not None else weight, y,

@@ -148,24 +148,29 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.model.norm(x, residual)
         return hidden
 
-    def enable_triton_ops(self, enabled: bool, linear: bool = False, fused_linear: bool = False) -> None:
+    def enable_triton_ops(
+        self, enabled: bool, linear: bool = False, fused_linear: bool = False, tiled_linear: bool = False
+    ) -> None:
         """Switch every RMSNorm (with its residual add), the rotary embedding and SiLU-and-mul
         to the Triton kernels of ``layers/triton_ops.py``, or back to torch; with ``linear``, the
         layers' projections of few-row inputs to ``layers/triton_linear.py``, and with
-        ``fused_linear`` too, those projections make their inputs (norm, SiLU-and-mul) on load.
-        Off by default."""
+        ``fused_linear`` too, those projections make their inputs (norm, SiLU-and-mul) on load;
+        with ``tiled_linear``, wide projections of up to 256 rows to
+        ``layers/triton_tiled_linear.py``. Off by default."""
         if fused_linear and not linear:
             raise ValueError("fused_linear fuses ops into the Triton matmul, which needs linear")
         # Fails here, not in the middle of the first forward, where triton is missing.
         if enabled:
             importlib.import_module("inferd.layers.triton_ops")
         triton_linear = importlib.import_module("inferd.layers.triton_linear") if linear else None
+        tiled = importlib.import_module("inferd.layers.triton_tiled_linear") if tiled_linear else None
         for module in self.modules():
             if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
                 module.use_triton = enabled
             elif isinstance(module, Linear):
                 module.triton_max_rows = triton_linear.rows_routed(module.weight) if triton_linear else 0
                 module.fuse_input_ops = fused_linear
+                module.tiled_max_rows = tiled.rows_routed(module.weight) if tiled else 0
 
     def set_all_reduce(self, all_reduce: AllReduce) -> None:
         """Run as one rank of a tensor-parallel group: the attention and MLP output projections

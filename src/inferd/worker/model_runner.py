@@ -76,7 +76,7 @@ class ModelRunner:
                 shard=(0, config.tensor_parallel_size) if self.tensor_parallel is not None else None,
             )
             self.model.enable_triton_ops(config.uses_triton_ops, config.uses_triton_linear,
-                                         config.triton_fused_linear)  # fmt: skip
+                                         config.triton_fused_linear, config.triton_tiled_linear)  # fmt: skip
             if self.tensor_parallel is not None:
                 self.model.set_all_reduce(all_reduce)
                 self.tensor_parallel.wait_loaded()

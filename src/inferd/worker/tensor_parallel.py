@@ -287,7 +287,8 @@ def _serve_orders(connection: Connection) -> None:
         model = load_model(config.model_path, local, config.scheduler.max_model_len, dtype, device,
                            config.load_format, shard=(rank, size))  # fmt: skip
         model.set_all_reduce(all_reduce)
-        model.enable_triton_ops(config.uses_triton_ops, config.uses_triton_linear, config.triton_fused_linear)
+        model.enable_triton_ops(config.uses_triton_ops, config.uses_triton_linear, config.triton_fused_linear,
+                                config.triton_tiled_linear)  # fmt: skip
         backend = create_backend(config.attention_backend, device)
     except Exception:
         _send(connection, ("error", traceback.format_exc(limit=4)))

@@ -1,0 +1,40 @@
+"""What the Triton matmul tests share: float64 references, the dtypes they run and tolerances."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from triton_device import INTERPRETED  # before triton is imported: interpreted or compiled
+
+# float32 sums in another order than float64's; half-precision outputs are rounded once.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# The interpreter has no bfloat16 arithmetic of its own; compiled runs check it too.
+DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` in float64."""
+    out = x.double() @ weight.double().T
+    return out + bias.double() if bias is not None else out
+
+
+def check_matches_float64(
+    matmul: Callable[..., torch.Tensor], rows: int, out_features: int, in_features: int, dtype: torch.dtype,
+    device: torch.device, **options: object,
+) -> None:  # fmt: skip
+    """``matmul(x, weight, bias, **options)`` on random operands, without and with a bias, has the
+    right shape and dtype and is within the dtype's tolerance of float64."""
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype=dtype, device=device)
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    weight = weight.to(dtype=dtype, device=device)
+    bias = torch.randn(out_features, generator=generator).to(dtype=dtype, device=device)
+    for b in (None, bias):
+        out = matmul(x, weight, b, **options)
+        assert out.shape == (rows, out_features) and out.dtype == dtype
+        assert relative_error(out, reference(x, weight, b)) < TOLERANCE[dtype]
