@@ -90,8 +90,11 @@ class Sampler:
         errors: dict[int, str] = {}
         logits = self._process(logits, requests, errors)
 
-        tokens = torch.argmax(logits, dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        # Every row is drawn below when none is greedy: a pass over the logits saved.
+        all_random = len(random_rows) == len(requests)
+        tokens = (torch.empty(len(requests), dtype=torch.long, device=logits.device) if all_random
+                  else torch.argmax(logits, dim=-1))  # fmt: skip
         if self._triton_sampling:
             vocab = logits.shape[1]
             fused_rows = [i for i in random_rows if _temperature_only(requests[i], vocab)]
@@ -101,10 +104,12 @@ class Sampler:
                 fused = set(fused_rows)
                 random_rows = [i for i in random_rows if i not in fused]
         if random_rows:
-            rows = _to_device(random_rows, torch.long, logits.device)
             picked = [requests[i] for i in random_rows]
-            probs = self._filtered_probs(logits.index_select(0, rows), picked)
-            tokens[rows] = self._draw(probs, picked)
+            if len(random_rows) == len(requests):  # all rows, in order: no gather, no scatter
+                tokens = self._draw(self._filtered_probs(logits, picked), picked)
+            else:
+                rows = _to_device(random_rows, torch.long, logits.device)
+                tokens[rows] = self._draw(self._filtered_probs(logits.index_select(0, rows), picked), picked)
         tokens_host = _to_host(tokens)
         logprobs_host = None
         counts: list[int | None] = []
