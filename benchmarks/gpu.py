@@ -840,12 +840,17 @@ VARIANTS = {
     "fused_linear": {"triton_fused_linear": True},
     "split_short": {},
     "tiled_linear": {"triton_tiled_linear": True},
+    # Every feature above that is off by default, together (with split_short's patch too).
+    "all_unmeasured": {"triton_fused_linear": True, "triton_sampling": True, "triton_tiled_linear": True},
 }
 # Variants that set a kernel module's constant, not an engine option, for their measurement only:
 # tunings the engine does not expose. ``split_short`` lets 64-token parts of a context run in
-# parallel (default 256), so one sequence at the batch-1 benchmark's 272 tokens splits 4 ways.
+# parallel (default 256). The CUDA graphs of one sequence then get context tiers of 127 (unsplit),
+# 255 (3 ways) and 511 tokens (7 ways) and so on: the batch-1 benchmark's contexts of 17 to 272
+# tokens run unsplit, then 3 and finally 7 ways, where by default all of them run unsplit.
 MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
     "split_short": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64},
+    "all_unmeasured": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64},
 }
 # The engine a failed default run falls back to: each GPU-only feature off.
 FALLBACK = {"enforce_eager": True, "async_scheduling": False}
@@ -1136,17 +1141,20 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         qwen.checks,
         functools.partial(qwen.variant, "default", workload=True),
         functools.partial(llama.variant, "default"),
-        # The fused inputs' batch-1 figures, and the kernels alone: short, and what the target needs.
+        # The features that are off until measured, one at a time and then together: what the
+        # targets need, so they come before the sweeps that explain them.
         functools.partial(qwen.variant, "fused_linear"),
         functools.partial(llama.variant, "fused_linear"),
         functools.partial(qwen.variant, "split_short"),
+        functools.partial(qwen.variant, "triton_sampling", workload=True),
+        functools.partial(qwen.variant, "tiled_linear", workload=True),
+        functools.partial(qwen.variant, "all_unmeasured", workload=True),
+        functools.partial(llama.variant, "all_unmeasured"),
         qwen.fused_input_sweep,
         qwen.tiled_sweep,
-        functools.partial(qwen.variant, "tiled_linear", workload=True),
         qwen.linear_sweep,
         functools.partial(qwen.variant, "cublas_linear", workload=True),
         functools.partial(llama.variant, "cublas_linear"),
-        functools.partial(qwen.variant, "triton_sampling", workload=True),
         qwen.decode_sweep,
         qwen.split_sweep,
         qwen.sampler_timing,

@@ -102,11 +102,19 @@ def test_module_patches_hold_for_the_block_only() -> None:
 
     default = triton_kernels._MIN_TOKENS_PER_SPLIT
     patches = gpu.MODULE_PATCHES["split_short"]
+    from inferd.worker.cuda_graphs import context_tiers
+
+    def one_sequence_tiers() -> list[tuple[int, int]]:
+        """(longest context, split) of the graphs of one sequence on an H200, Qwen3's 8 KV heads."""
+        tiers = context_tiers(2048, lambda c: triton_kernels.default_num_splits(1, 8, c, 132),
+                              triton_kernels.longest_unsplit_context())  # fmt: skip
+        return [(tier, triton_kernels.default_num_splits(1, 8, tier, 132)) for tier in tiers]
+
     with gpu.patched_modules(patches):
         assert triton_kernels._MIN_TOKENS_PER_SPLIT == 64
-        assert triton_kernels.default_num_splits(1, 8, 272, 132) == 4
+        assert one_sequence_tiers()[:3] == [(127, 1), (255, 3), (511, 7)]
     assert triton_kernels._MIN_TOKENS_PER_SPLIT == default
-    assert triton_kernels.default_num_splits(1, 8, 272, 132) == 1
+    assert one_sequence_tiers()[0] == (511, 1)
     with pytest.raises(RuntimeError), gpu.patched_modules(patches):
         raise RuntimeError("the measurement failed")
     assert triton_kernels._MIN_TOKENS_PER_SPLIT == default

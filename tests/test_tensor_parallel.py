@@ -185,3 +185,28 @@ def test_one_tensor_parallel_engine_per_process(tiny_model_factory) -> None:
         assert len(out[0].token_ids) == 2  # the first one is untouched
     finally:
         first.shutdown()
+
+
+def test_every_rank_switches_the_kernels_the_config_asks_for(tiny_model_factory) -> None:
+    """The engine and the other ranks switch their kernels through one function, which passes on
+    each of the config's kernel options (the CPU defaults leave them all off)."""
+    from inferd.engine.builder import build_engine_config
+    from inferd.models.loader import enable_configured_kernels
+
+    calls: list[tuple[bool, ...]] = []
+
+    class Model:
+        def enable_triton_ops(self, *switches: bool) -> None:
+            calls.append(switches)
+
+    cases = {  # options -> (triton_ops, triton_linear, triton_fused_linear, triton_tiled_linear)
+        (("triton_ops", True), ("triton_fused_linear", True), ("triton_tiled_linear", True)): (True,) * 4,
+        (("triton_ops", True), ("triton_linear", False)): (True, False, False, False),
+        (("triton_linear", True),): (False, True, False, False),
+        (("triton_tiled_linear", True),): (False, False, False, True),
+        (): (False,) * 4,
+    }
+    for options in cases:
+        config = build_engine_config(tiny_model_factory("llama"), device="cpu", **dict(options))
+        enable_configured_kernels(Model(), config)  # type: ignore[arg-type]
+    assert calls == list(cases.values())

@@ -91,19 +91,34 @@ def test_silu_linear_matches_silu_and_mul_then_linear(
 
 
 def test_strided_inputs_are_read_in_place() -> None:
-    """Rows that are views into wider tensors: the gate|up rows and the norm's two inputs."""
+    """Rows that are views into wider tensors: the gate|up rows, and the norm's two inputs with
+    row strides of their own (a view of another width, then a transposed residual, which is
+    copied first)."""
     x, residual, weight, _ = operands(2, 12, 48, torch.float32, seed=11)
     wide = torch.randn(2, 200, device=DEVICE)
     gate_up = wide[:, 8:104]
     expected = torch.nn.functional.linear(silu_and_mul(gate_up.contiguous()), weight)
     assert relative_error(skinny_silu_linear(gate_up, weight), expected) < 1e-5
-    x_view, residual_view = wide[:, :48].copy_(x), wide[:, 100:148].copy_(residual)
-    norm_weight = torch.linspace(0.5, 1.5, 48, device=DEVICE)
-    out, stream = skinny_norm_linear(x_view, residual_view, norm_weight[:48], 1e-6, weight)
+    norm_weight = torch.linspace(0.5, 1.5, 96, device=DEVICE)[::2]
     summed = x + residual
     normed = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight
-    assert relative_error(out, torch.nn.functional.linear(normed, weight)) < 1e-5
-    assert torch.equal(stream, summed)
+    x_view = wide[:, :48].copy_(x)
+    residual_views = [
+        torch.randn(2, 72, device=DEVICE)[:, 10:58].copy_(residual),  # row stride 72, x's is 200
+        torch.randn(48, 2, device=DEVICE).copy_(residual.T).T,  # rows not contiguous
+    ]
+    for residual_view in residual_views:
+        out, stream = skinny_norm_linear(x_view, residual_view, norm_weight, 1e-6, weight)
+        assert relative_error(out, torch.nn.functional.linear(normed, weight)) < 1e-5
+        assert torch.equal(stream, summed)
+
+
+def test_no_output_features_still_gives_the_residual_stream() -> None:
+    x, residual = torch.randn(2, 16, device=DEVICE), torch.randn(2, 16, device=DEVICE)
+    out, stream = skinny_norm_linear(
+        x, residual, torch.ones(16, device=DEVICE), 1e-6, torch.empty(0, 16, device=DEVICE)
+    )
+    assert out.shape == (2, 0) and torch.equal(stream, x + residual)
 
 
 def test_rejects_inputs_that_do_not_fit() -> None:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from inferd.config import ModelConfig, ModelLoadError
+from inferd.config import EngineConfig, ModelConfig, ModelLoadError
 from inferd.models.registry import CausalLM, model_class
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,13 @@ def load_model(
         _fill_weights(model, weights, cfg)
     model.eval()
     return cast(CausalLM, model)
+
+
+def enable_configured_kernels(model: CausalLM, config: EngineConfig) -> None:
+    """Switch ``model``'s Triton kernels as ``config`` asks. The engine and every other rank of a
+    tensor-parallel group call this one function, so all of them run the same kernels."""
+    model.enable_triton_ops(config.uses_triton_ops, config.uses_triton_linear, config.triton_fused_linear,
+                            config.triton_tiled_linear)  # fmt: skip
 
 
 def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig) -> None:

@@ -11,7 +11,7 @@ from inferd.attention.base import AttentionBackend
 from inferd.attention.registry import create_backend, resolve_backend_name
 from inferd.config import EngineConfig, parse_dtype
 from inferd.engine.request import Request
-from inferd.models.loader import load_model
+from inferd.models.loader import enable_configured_kernels, load_model
 from inferd.sample.sampler import PendingSample, Sampler, TokenLogprobs
 from inferd.sched.output import SchedulerOutput
 from inferd.worker.cuda_graphs import (
@@ -75,8 +75,7 @@ class ModelRunner:
                 config.load_format,
                 shard=(0, config.tensor_parallel_size) if self.tensor_parallel is not None else None,
             )
-            self.model.enable_triton_ops(config.uses_triton_ops, config.uses_triton_linear,
-                                         config.triton_fused_linear, config.triton_tiled_linear)  # fmt: skip
+            enable_configured_kernels(self.model, config)
             if self.tensor_parallel is not None:
                 self.model.set_all_reduce(all_reduce)
                 self.tensor_parallel.wait_loaded()

@@ -266,7 +266,7 @@ def _serve_orders(connection: Connection) -> None:
     """A rank other than 0: join the group, load its shard, then run what rank 0 sends."""
     from inferd.attention.registry import create_backend
     from inferd.config import parse_dtype
-    from inferd.models.loader import load_model
+    from inferd.models.loader import enable_configured_kernels, load_model
     from inferd.worker.kv_cache import allocate_kv_caches
 
     order, config, rank, store_path = _recv(connection)
@@ -287,8 +287,7 @@ def _serve_orders(connection: Connection) -> None:
         model = load_model(config.model_path, local, config.scheduler.max_model_len, dtype, device,
                            config.load_format, shard=(rank, size))  # fmt: skip
         model.set_all_reduce(all_reduce)
-        model.enable_triton_ops(config.uses_triton_ops, config.uses_triton_linear, config.triton_fused_linear,
-                                config.triton_tiled_linear)  # fmt: skip
+        enable_configured_kernels(model, config)
         backend = create_backend(config.attention_backend, device)
     except Exception:
         _send(connection, ("error", traceback.format_exc(limit=4)))
