@@ -22,7 +22,9 @@ import triton.language as tl
 _BLOCK = 1024
 
 
-@triton.jit
+# The seed changes every call: specialized on its value (1, a multiple of 16, neither), a call
+# would compile the kernel again whenever its seed fell in a class the earlier calls had not.
+@triton.jit(do_not_specialize=["seed"])
 def _race_sample_kernel(
     logits_ptr,
     inv_temperature_ptr,
