@@ -534,7 +534,7 @@ TILED_SHAPES = {
     "qwen3 qkv": (4096, 1024), "qwen3 gate_up": (6144, 1024), "llama qkv": (6144, 4096),
     "llama o": (4096, 4096), "llama gate_up": (28672, 4096), "llama down": (4096, 14336),
 }  # fmt: skip
-TILED_ROWS = (8, 16, 32, 64, 128, 256)
+TILED_ROWS = (2, 4, 8, 16, 32, 64, 128, 256)
 # (rows per program, features, inner elements per step, warps, stages) tried besides the default
 # at 16 and 64 rows, with the rows per program set to the step's.
 TILED_TILES = [(16, 64, 128, 4, 4), (64, 64, 64, 4, 4), (16, 32, 256, 4, 3), (64, 32, 64, 4, 5),

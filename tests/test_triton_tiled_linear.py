@@ -66,6 +66,24 @@ def test_default_tiles_and_routing() -> None:
     assert triton_tiled_linear.rows_routed(torch.empty(4095, 1024, device="meta")) == 0
 
 
+def test_launch_orders_row_blocks_first_and_keeps_float32_exact(monkeypatch) -> None:
+    """The row blocks of one band of features are the grid's fast axis (they share the band's
+    weights in L2), and float32 runs without TF32, as F.linear does; the interpreter ignores the
+    dot's precision, so the launch itself is checked."""
+    launches: list[tuple[tuple[int, ...], dict[str, object]]] = []
+
+    class Recorder:
+        def __getitem__(self, grid: tuple[int, ...]):  # type: ignore[no-untyped-def]
+            return lambda *args, **kwargs: launches.append((grid, kwargs))
+
+    monkeypatch.setattr(triton_tiled_linear, "_tiled_linear_kernel", Recorder())
+    for dtype in (torch.float32, torch.float16):
+        tiled_linear(torch.zeros(130, 64, dtype=dtype), torch.zeros(96, 64, dtype=dtype))
+    tile = default_tile(130)
+    assert [grid for grid, _ in launches] == [(-(-130 // tile.block_m), 96 // tile.block_n)] * 2
+    assert [kwargs["INPUT_PRECISION"] for _, kwargs in launches] == ["ieee", "tf32"]
+
+
 def test_layer_routes_rows_between_the_two_kernels_and_torch(monkeypatch) -> None:
     """One or two rows to the skinny matmul, more up to ``tiled_max_rows`` to the tiled one,
     the rest to torch; the same results all the way."""

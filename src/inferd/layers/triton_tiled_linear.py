@@ -1,18 +1,21 @@
 """A Triton tensor-core matmul for projections of a few dozen rows: ``x @ weight.T (+ bias)``.
 
-A decode step of 8 to 256 sequences still reads each projection's whole weight for little
+A decode step of a few to 256 sequences still reads each projection's whole weight for little
 arithmetic, so its time is the weight read, best spread over every multiprocessor. In the batch-64
-profile of Qwen3-0.6B on an H200, cuBLAS took 34 us a layer for the four projections' 31 MB of
-weights (0.9 TB/s, against 4 TB/s for a copy); tiles of 64 or more output features, which leave
-most of the 132 multiprocessors idle on a 4,096-feature output, would explain it. Here a program
-owns a narrow band of output features (``BLOCK_N``, 32 by default: 128 programs for 4,096
-features) for up to ``BLOCK_M`` rows and walks the whole inner dimension with pipelined loads,
-so no second pass adds up partial sums.
+profile of Qwen3-0.6B on an H200 (``benchmarks/results/nvidia-h200-session-start.json``, the eager
+variant's ``profile_batch64``), cuBLAS's decode kernels took 24 us a layer for the four
+projections' 31 MB of weights (1.3 TB/s, against 4 TB/s for a copy), with tiles of 8 to 64 output
+features and a split-K pass. Here a program owns a narrow band of output features (``BLOCK_N``,
+32 by default: 128 programs for 4,096 features) for up to ``BLOCK_M`` rows and walks the whole
+inner dimension with pipelined loads, so no second pass adds up partial sums. Programs that share
+a band of features run one after another (the row blocks are the grid's fast axis), so a weight
+larger than the L2 cache is read from memory once even when the rows need several blocks.
 
 Narrow outputs (1,024 features: Qwen3's o and down projections) would leave most
 multiprocessors idle without splitting the inner dimension, so the layer routes only outputs of at
-least ``MIN_FEATURES`` here (``rows_routed``). The layer uses this kernel only with the engine
-option ``triton_tiled_linear``, off until a GPU run measures it against cuBLAS.
+least ``MIN_FEATURES`` here (``rows_routed``), and only rows the skinny matmul does not take: with
+it on, 2 to 256 rows of a wide projection (it takes one row of those). The layer uses this kernel
+only with the engine option ``triton_tiled_linear``, off until a GPU run measures it against cuBLAS.
 
 The launch grid depends on shapes only, so the op can be captured in a CUDA graph. This module
 imports triton at import time; import it only where triton is wanted.
@@ -55,7 +58,7 @@ class TiledTile:
 
 def default_tile(rows: int) -> TiledTile:
     """Rows padded to tl.dot's 16 and up to 64 per program; 32 features and 128 inner elements,
-    a 16 KB weight tile per step in half precision, four steps in flight."""
+    an 8 KB weight tile per step in half precision, four steps in flight."""
     block_m = min(max(triton.next_power_of_2(rows), _MIN_DOT), 64)
     return TiledTile(block_m=block_m, block_n=32, block_k=128)
 
@@ -80,10 +83,10 @@ def _tiled_linear_kernel(
     NUM_STAGES: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Grid ``(cdiv(out_features, BLOCK_N), cdiv(rows, BLOCK_M))``: program ``(n, m)`` makes the
+    """Grid ``(cdiv(rows, BLOCK_M), cdiv(out_features, BLOCK_N))``: program ``(m, n)`` makes the
     ``BLOCK_M x BLOCK_N`` block of ``y`` at rows ``m * BLOCK_M``, features ``n * BLOCK_N``."""
-    row_ids = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ids = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    features = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = row_ids < rows
     feature_mask = features < out_features
     ks = tl.arange(0, BLOCK_K)
@@ -122,7 +125,7 @@ def tiled_linear(
     x, weight = unit_inner_stride(x), unit_inner_stride(weight)
     bias = unit_inner_stride(bias) if bias is not None else None
     tile = tile or default_tile(rows)
-    grid = (triton.cdiv(out_features, tile.block_n), triton.cdiv(rows, tile.block_m))
+    grid = (triton.cdiv(rows, tile.block_m), triton.cdiv(out_features, tile.block_n))
     _tiled_linear_kernel[grid](
         x, weight, bias if bias is not None else weight, y,
         rows, out_features, x.shape[1], x.stride(0), weight.stride(0), y.stride(0),
