@@ -1255,19 +1255,31 @@ def print_summary(results: dict[str, Any]) -> None:
             print(f"nano-vllm workload, same engine again: {again:,.0f} output tok/s")
     else:
         print("nano-vllm workload: not measured (failed or out of time; see the JSON)")
+    default_workload = ours.get("output_tok_s") if isinstance(ours, dict) else None
     for variant, entry in results["qwen3_0.6b"]["variants"].items():
         other = entry.get("nano_vllm_inferd")
         if isinstance(other, dict) and "output_tok_s" in other:
-            print(f"nano-vllm workload, {variant}: {other['output_tok_s']:,.0f} output tok/s")
+            print(f"nano-vllm workload, {variant}: {other['output_tok_s']:,.0f} output tok/s"
+                  f"{_against(other['output_tok_s'], default_workload)}")  # fmt: skip
     for name in ("qwen3_0.6b", "llama_3.1_8b"):
+        default_b1 = results[name]["variants"].get("default", {}).get("batch1_decode")
+        default_rate = default_b1.get("decode_tok_s") if isinstance(default_b1, dict) else None
         for variant, entry in results[name]["variants"].items():
             b1 = entry.get("batch1_decode")
             if isinstance(b1, dict) and "decode_tok_s" in b1:
                 engine = f" [{b1['engine']}]" if "engine" in b1 else ""
-                print(f"batch-1 decode, {name}, {variant}{engine}: {b1['decode_tok_s']:,.0f} tok/s, "
-                      f"{b1['fraction_of_floor']:.1%} of the {b1['floor_tok_s']:,.0f} floor")  # fmt: skip
+                print(
+                    f"batch-1 decode, {name}, {variant}{engine}: {b1['decode_tok_s']:,.0f} tok/s, "
+                    f"{b1['fraction_of_floor']:.1%} of the {b1['floor_tok_s']:,.0f} floor"
+                    f"{_against(b1['decode_tok_s'], None if variant == 'default' else default_rate)}"
+                )
             else:
                 print(f"batch-1 decode, {name}, {variant}: not measured (see the JSON)")
+
+
+def _against(rate: float, default: float | None) -> str:
+    """A variant's rate against the default engine's, as a signed percentage ("" without one)."""
+    return f" ({rate / default - 1:+.1%} against the default)" if default else ""
 
 
 if __name__ == "__main__":

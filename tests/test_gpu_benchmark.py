@@ -118,3 +118,9 @@ def test_module_patches_hold_for_the_block_only() -> None:
     with pytest.raises(RuntimeError), gpu.patched_modules(patches):
         raise RuntimeError("the measurement failed")
     assert triton_kernels._MIN_TOKENS_PER_SPLIT == default
+
+
+def test_variants_are_printed_against_the_default() -> None:
+    assert gpu._against(1050.0, 1000.0) == " (+5.0% against the default)"
+    assert gpu._against(900.0, 1000.0) == " (-10.0% against the default)"
+    assert gpu._against(900.0, None) == ""
