@@ -512,7 +512,7 @@ def sweep_skinny_linear(plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
         ]
         if rows <= 2:
             paths += [
-                (_tile_label("triton", t), functools.partial(_skinny_with_tile, x, tile=t))
+                (_tile_label("triton", t), functools.partial(triton_linear.skinny_linear, x, tile=t))
                 for t in tiles
                 if rows * t.block_n * t.block_k <= 256 * t.num_warps * 32  # products held in registers
             ]  # fmt: skip
@@ -520,12 +520,6 @@ def sweep_skinny_linear(plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
 
     shapes = LINEAR_SHAPES if plan.device == "cuda" else {"toy": (40, 64)}
     return _sweep_linear_paths(plan, ceilings, "skinny linear", shapes, LINEAR_ROWS, paths_for)
-
-
-def _skinny_with_tile(x: torch.Tensor, weight: torch.Tensor, tile: Any) -> torch.Tensor:
-    from inferd.layers import triton_linear
-
-    return triton_linear.skinny_linear(x, weight, tile=tile)
 
 
 # Wide projections (4,096 features or more) at the rows of decode steps past the skinny matmul's.

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from triton_device import INTERPRETED  # before triton is imported: interpreted or compiled
+
+from inferd import LLM, SamplingParams
+from inferd.engine.request import Request
+from inferd.sched.output import SchedulerOutput
 
 # float32 sums in another order than float64's; half-precision outputs are rounded once.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -38,3 +43,19 @@ def check_matches_float64(
         out = matmul(x, weight, b, **options)
         assert out.shape == (rows, out_features) and out.dtype == dtype
         assert relative_error(out, reference(x, weight, b)) < TOLERANCE[dtype]
+
+
+def decode_after_prompts(folder: Path, lengths: list[int]) -> tuple[LLM, SchedulerOutput, torch.Tensor]:
+    """An engine (torch attention, synchronous steps) that has run one prompt per length, its next
+    step (one decode token per sequence) and that step's logits on the torch path."""
+    llm = LLM(folder, kv_cache_memory="4MiB", block_size=8, attention_backend="torch", async_scheduling=False)
+    core = llm.engine.core
+    vocab = llm.engine.config.model.vocab_size
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for offset, length in enumerate(lengths):
+        prompt = [(7 * i + offset) % vocab for i in range(length)]
+        core.add_request(Request(f"r{offset}", prompt, params, frozenset(), 3))
+    core.step()  # the prompts
+    decode = core.scheduler.schedule()
+    assert decode.num_batched_tokens == len(lengths)
+    return llm, decode, core.runner.logits_for(decode)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from matmul_checks import DTYPES, TOLERANCE, relative_error
+from matmul_checks import DTYPES, TOLERANCE, decode_after_prompts, relative_error
 from triton_device import DEVICE  # before triton is imported: interpreted or compiled
 
-from inferd import LLM, SamplingParams
-from inferd.engine.request import Request
+from inferd import LLM
 from inferd.layers import triton_linear
 from inferd.layers.activation import SiluAndMul, silu_and_mul
 from inferd.layers.linear import Linear
@@ -178,16 +177,8 @@ def test_layer_fuses_only_where_its_rows_go_to_triton(monkeypatch) -> None:
 def test_model_decode_step_fuses_norms_and_silu(tiny_model_factory, monkeypatch, arch: str) -> None:
     """A decode step of one sequence takes, per layer, the two norm-fused projections, the
     SiLU-fused down projection and the plain output projection, with the torch path's logits."""
-    llm = LLM(tiny_model_factory(arch), kv_cache_memory="4MiB", block_size=8, attention_backend="torch",
-              async_scheduling=False)  # fmt: skip
+    llm, decode, torch_logits = decode_after_prompts(tiny_model_factory(arch), [11])
     core = llm.engine.core
-    vocab = llm.engine.config.model.vocab_size
-    prompt = [(5 * i + 2) % vocab for i in range(11)]
-    core.add_request(Request("a", prompt, SamplingParams(max_tokens=3, ignore_eos=True), frozenset(), 3))
-    core.step()  # the prompt
-    decode = core.scheduler.schedule()
-    assert decode.num_batched_tokens == 1
-    torch_logits = core.runner.logits_for(decode)
 
     calls: dict[str, int] = {}
     for name in ("skinny_linear", "skinny_norm_linear", "skinny_silu_linear"):

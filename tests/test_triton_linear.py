@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from matmul_checks import DTYPES, TOLERANCE, check_matches_float64, reference, relative_error
+from matmul_checks import (
+    DTYPES,
+    TOLERANCE,
+    check_matches_float64,
+    decode_after_prompts,
+    reference,
+    relative_error,
+)
 from triton_device import DEVICE  # before triton is imported: interpreted or compiled
 
-from inferd import LLM, SamplingParams
-from inferd.engine.request import Request
+from inferd import LLM
 from inferd.layers import triton_linear
 from inferd.layers.linear import Linear
 from inferd.layers.triton_linear import SkinnyTile, default_tile, skinny_linear
@@ -119,18 +125,8 @@ def test_linear_layer_sends_only_few_rows_to_triton(monkeypatch) -> None:
 def test_model_projections_use_the_skinny_matmul(tiny_model_factory, monkeypatch, arch: str) -> None:
     """A decode step of two sequences goes through it in each layer's four projections (the LM
     head stays on torch), with the torch path's logits; a prompt step of many tokens does not."""
-    llm = LLM(tiny_model_factory(arch), kv_cache_memory="4MiB", block_size=8, attention_backend="torch",
-              async_scheduling=False)  # fmt: skip
-    core = llm.engine.core
-    model = core.runner.model
-    vocab = llm.engine.config.model.vocab_size
-    for offset, name in enumerate("ab"):
-        prompt = [(7 * i + offset) % vocab for i in range(13)]
-        core.add_request(Request(name, prompt, SamplingParams(max_tokens=3, ignore_eos=True), frozenset(), 3))
-    core.step()  # both prompts
-    decode = core.scheduler.schedule()
-    assert decode.num_batched_tokens == 2
-    torch_logits = core.runner.logits_for(decode)
+    llm, decode, torch_logits = decode_after_prompts(tiny_model_factory(arch), [13, 13])
+    core, model = llm.engine.core, llm.engine.core.runner.model
 
     calls: list[int] = []
     original = triton_linear.skinny_linear

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from matmul_checks import DTYPES, TOLERANCE, check_matches_float64, reference, relative_error
+from matmul_checks import (
+    DTYPES,
+    TOLERANCE,
+    check_matches_float64,
+    decode_after_prompts,
+    reference,
+    relative_error,
+)
 from triton_device import DEVICE  # before triton is imported: interpreted or compiled
 
-from inferd import LLM, SamplingParams
-from inferd.engine.request import Request
+from inferd import LLM
 from inferd.layers import triton_linear, triton_tiled_linear
 from inferd.layers.linear import Linear
 from inferd.layers.triton_tiled_linear import TiledTile, default_tile, tiled_linear
@@ -111,17 +117,8 @@ def test_model_decode_step_uses_the_tiled_matmul(tiny_model_factory, monkeypatch
     """A decode step of three sequences sends the wide projections to it (the tiny model's are
     made wide enough by lowering the threshold), with the torch path's logits."""
     monkeypatch.setattr(triton_tiled_linear, "MIN_FEATURES", 128)
-    llm = LLM(tiny_model_factory("qwen3"), kv_cache_memory="4MiB", block_size=8, attention_backend="torch",
-              async_scheduling=False)  # fmt: skip
+    llm, decode, torch_logits = decode_after_prompts(tiny_model_factory("qwen3"), [9, 10, 11])
     core = llm.engine.core
-    vocab = llm.engine.config.model.vocab_size
-    for offset, name in enumerate("abc"):
-        prompt = [(7 * i + offset) % vocab for i in range(9 + offset)]
-        core.add_request(Request(name, prompt, SamplingParams(max_tokens=3, ignore_eos=True), frozenset(), 3))
-    core.step()  # the prompts
-    decode = core.scheduler.schedule()
-    assert decode.num_batched_tokens == 3
-    torch_logits = core.runner.logits_for(decode)
 
     widths: list[int] = []
     original = triton_tiled_linear.tiled_linear
