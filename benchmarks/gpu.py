@@ -855,8 +855,14 @@ VARIANTS = {
     "fused_linear": {"triton_fused_linear": True},
     "split_short": {},
     "tiled_linear": {"triton_tiled_linear": True},
+    "pdl": {"triton_pdl": True},
     # Every feature above that is off by default, together (with split_short's patch too).
-    "all_unmeasured": {"triton_fused_linear": True, "triton_sampling": True, "triton_tiled_linear": True},
+    "all_unmeasured": {
+        "triton_fused_linear": True,
+        "triton_sampling": True,
+        "triton_tiled_linear": True,
+        "triton_pdl": True,
+    },
 }
 # Variants that set a kernel module's constant, not an engine option, for their measurement only:
 # tunings the engine does not expose. ``split_short`` lets 64-token parts of a context run in
@@ -867,6 +873,9 @@ MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
     "split_short": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64},
     "all_unmeasured": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64},
 }
+# Options a CPU engine refuses: the smoke run leaves them out, so their variants run the same code
+# as the default there.
+GPU_ONLY_OPTIONS = ("triton_pdl",)
 # The engine a failed default run falls back to: each GPU-only feature off.
 FALLBACK = {"enforce_eager": True, "async_scheduling": False}
 
@@ -923,6 +932,7 @@ def start_engine(
         "triton_sampling": llm.engine.config.triton_sampling,
         "triton_fused_linear": llm.engine.config.triton_fused_linear,
         "triton_tiled_linear": llm.engine.config.triton_tiled_linear,
+        "triton_pdl": llm.engine.config.triton_pdl,
     }
     print("engine start-up:", json.dumps(startup), flush=True)
     return llm, startup
@@ -1021,6 +1031,10 @@ class ShapeRun:
             entry["module_patches"] = {f"{module}.{attr}": value for (module, attr), value in patches.items()}
         self.result["variants"][name] = entry
         options = {**self.base_options, **VARIANTS[name]}
+        if self.args.smoke:
+            left_out = [option for option in GPU_ONLY_OPTIONS if options.pop(option, False)]
+            if left_out:
+                entry["left_out_on_cpu"] = left_out
         home = self.result if name == "default" else entry
         with patched_modules(patches):
             self._measure(entry, "startup", options, workload, profile, home)
@@ -1158,6 +1172,8 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         functools.partial(llama.variant, "default"),
         # The features that are off until measured, one at a time and then together: what the
         # targets need, so they come before the sweeps that explain them.
+        functools.partial(qwen.variant, "pdl", workload=True),
+        functools.partial(llama.variant, "pdl"),
         functools.partial(qwen.variant, "fused_linear"),
         functools.partial(llama.variant, "fused_linear"),
         functools.partial(qwen.variant, "split_short"),

@@ -17,6 +17,7 @@ loads nor the asynchronous copies a GPU run gets.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -99,6 +100,8 @@ class Case:
     num_warps: int = 4
     num_stages: int = 3
     pipelined_loop: bool = False
+    # Launched with programmatic dependent launch (layers/triton_pdl.py).
+    pdl: bool = False
 
 
 ATTENTION = "inferd.attention.triton_kernels"
@@ -165,7 +168,7 @@ def cases() -> list[Case]:
                   "INPUT_PRECISION": "tf32"},
                  num_warps=tile.num_warps, num_stages=tile.num_stages, pipelined_loop=True)
         )  # fmt: skip
-    return [
+    return with_pdl_cases([
         Case(ATTENTION, "_store_kv_kernel", "KV store",
              {"k_ptr": BF16, "v_ptr": BF16, **CACHES, "slot_mapping_ptr": I64},
              {"stride_k_tok": _QKV_ROW, "stride_k_head": _HEAD, "stride_v_tok": _QKV_ROW,
@@ -209,7 +212,21 @@ def cases() -> list[Case]:
         Case(SAMPLING, "_race_sample_kernel", "race sampler",
              {"logits_ptr": FP32, "inv_temperature_ptr": FP32, "out_ptr": I64},
              {"seed": 12345, "vocab": 151936, "stride_row": 151936}, {"BLOCK": 1024}),
-    ]  # fmt: skip
+    ])  # fmt: skip
+
+
+def with_pdl_cases(cases: list[Case]) -> list[Case]:
+    """``cases``, then the first case of each kernel that can launch with programmatic dependent
+    launch once more with it: what the engine's ``triton_pdl`` option compiles."""
+    from inferd.layers import triton_pdl
+
+    firsts = {}
+    for case in cases:
+        if f"{case.module}:{case.kernel}" in triton_pdl.KERNELS:
+            firsts.setdefault(case.kernel, case)
+    return cases + [
+        dataclasses.replace(case, label=f"{case.label} (PDL)", pdl=True) for case in firsts.values()
+    ]
 
 
 @dataclass(frozen=True)
@@ -230,12 +247,15 @@ class KernelReport:
 def compile_case(case: Case) -> KernelReport:
     kernel = getattr(importlib.import_module(case.module), case.kernel)
     names = kernel.arg_names
-    missing = [a for a in names if a not in case.types and a not in case.constexprs and a not in case.ints]
+    given = {*case.types, *case.constexprs, *case.ints, "PDL"}  # PDL: from ``case.pdl``
+    missing = [a for a in names if a not in given]
     if missing:
         raise ValueError(f"{case.label}: no run-time value for {missing}")
     # The launcher's specialization: integers equal to 1 become constants, and pointers and
     # integers that are multiples of 16 are marked divisible by 16.
     constexprs = {**case.constexprs, **{a: 1 for a, value in case.ints.items() if value == 1}}
+    if "PDL" in names:
+        constexprs["PDL"] = case.pdl
     signature = {a: "constexpr" if a in constexprs else case.types.get(a, "i32") for a in names}
     divisible = [i for i, a in enumerate(names) if signature[a].startswith("*")
                  or (signature[a] == "i32" and case.ints[a] % 16 == 0)]  # fmt: skip
@@ -243,7 +263,7 @@ def compile_case(case: Case) -> KernelReport:
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs, attrs),
         target=HOPPER,
-        options={"num_warps": case.num_warps, "num_stages": case.num_stages},
+        options={"num_warps": case.num_warps, "num_stages": case.num_stages, "launch_pdl": case.pdl},
     )
     assert compiled.asm["cubin"], case.label
     registers, spill_bytes = _ptxas_usage(compiled.asm["ptx"])
@@ -259,8 +279,30 @@ def compile_case(case: Case) -> KernelReport:
         problems.append(f"no program fits on an SM ({limit})")
     if case.pipelined_loop and not async_copies:
         problems.append("its K/V loads are not asynchronous: the loop is not pipelined")
+    problems.extend(pdl_problems(compiled.asm["ptx"], case.pdl))
     return KernelReport(case.label, case.kernel, case.num_warps, case.num_stages, registers, spill_bytes,
                         shared, async_copies, blocks, limit, tuple(problems))  # fmt: skip
+
+
+# PTX instructions that touch global memory: loads, stores, asynchronous copies, atomics.
+_GLOBAL_ACCESS = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|cp\.async|atom\.global|red\.global)",
+                            re.MULTILINE)  # fmt: skip
+
+
+def pdl_problems(ptx: str, pdl: bool) -> list[str]:
+    """What breaks programmatic dependent launch's rule in a kernel's PTX: with PDL, it must let
+    the next kernel launch and wait for the previous one before any access to global memory;
+    without, it must do neither (a plain launch has nothing to wait for)."""
+    wait = ptx.find("griddepcontrol.wait")
+    launch = ptx.find("griddepcontrol.launch_dependents")
+    if not pdl:
+        return ["grid dependency control without PDL"] if wait >= 0 or launch >= 0 else []
+    if wait < 0 or launch < 0:
+        return ["launched with PDL but does not both wait and let the next kernel launch"]
+    first_access = _GLOBAL_ACCESS.search(ptx)
+    if first_access is not None and first_access.start() < wait:
+        return [f"global memory access before griddepcontrol.wait: {first_access.group(0).strip()}"]
+    return []
 
 
 def _ptxas_usage(ptx: str) -> tuple[int, int]:

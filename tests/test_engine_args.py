@@ -21,7 +21,14 @@ def test_unset_flags_leave_the_engine_defaults() -> None:
 
 @pytest.mark.parametrize(
     "switch",
-    ["async-scheduling", "triton-ops", "triton-linear", "triton-fused-linear", "triton-tiled-linear"],
+    [
+        "async-scheduling",
+        "triton-ops",
+        "triton-linear",
+        "triton-fused-linear",
+        "triton-tiled-linear",
+        "triton-pdl",
+    ],
 )
 def test_on_off_switches(switch: str) -> None:
     option = switch.replace("-", "_")

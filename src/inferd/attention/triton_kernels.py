@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from inferd.layers.triton_pdl import launch_options, wait_for_previous_kernel
+
 _LOG2_E = 1.4426950408889634
 # tl.dot needs every matrix dimension to be at least 16 when compiled for a GPU.
 _MIN_DOT_DIM = 16
@@ -172,12 +174,14 @@ def _paged_decode_kernel(
     GROUP_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Grid ``(num_seqs, num_kv_heads, num_splits)``: one query token per sequence.
 
     Split ``s`` covers its share of the sequence's context and writes its normalized output and
     log2-sum-exp; with one split, ``out_ptr`` is the final output (``stride_o_split`` is 0).
     """
+    wait_for_previous_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -243,8 +247,10 @@ def _merge_splits_kernel(
     head_dim,
     SPLITS_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Grid ``(num_seqs, num_heads)``: combine the splits' outputs weighted by their sum-exp."""
+    wait_for_previous_kernel(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P2)
@@ -461,6 +467,7 @@ def paged_decode_attention(
         HEAD_DIM_P2=head_dim_p2,
         BLOCK_N=_DECODE_BLOCK_N,
         num_warps=_DECODE_NUM_WARPS,
+        **launch_options(),
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
@@ -471,6 +478,7 @@ def paged_decode_attention(
             num_splits, head_dim,
             SPLITS_P2=_pow2_at_least(num_splits),
             HEAD_DIM_P2=head_dim_p2,
+            **launch_options(),
         )  # fmt: skip
     return out
 

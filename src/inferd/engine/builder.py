@@ -77,6 +77,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         triton_fused_linear=bool(options.pop("triton_fused_linear", False)),
         triton_tiled_linear=bool(options.pop("triton_tiled_linear", False)),
         triton_sampling=bool(options.pop("triton_sampling", False)),
+        triton_pdl=bool(options.pop("triton_pdl", False)),
         async_scheduling=options.pop("async_scheduling", None),
         tensor_parallel_size=_tensor_parallel_size(options.pop("tensor_parallel_size", None), model),
     )
@@ -85,6 +86,8 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
                          "to the other ranks from the host)")  # fmt: skip
     if config.triton_fused_linear and not config.uses_triton_linear:
         raise ValueError("triton_fused_linear fuses ops into the Triton matmul: it needs triton_linear")
+    if config.triton_pdl and not config.device.startswith("cuda"):
+        raise ValueError(f"triton_pdl launches kernels on a CUDA GPU; the device is {config.device}")
     if config.load_format not in ("safetensors", "dummy"):
         raise ValueError(f"unknown load_format {config.load_format!r}; choose safetensors or dummy")
     if options:

@@ -62,6 +62,12 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         help="a Triton tensor-core matmul for wide projections of steps of up to 256 rows (default: off)",
     )
     group.add_argument(
+        "--triton-pdl",
+        action=argparse.BooleanOptionalAction,
+        help="launch the decode step's Triton kernels with programmatic dependent launch, each during "
+        "the last one's tail (Hopper GPUs and later; default: off)",
+    )
+    group.add_argument(
         "--tensor-parallel-size",
         "-tp",
         type=int,
@@ -84,6 +90,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "triton_linear",
         "triton_fused_linear",
         "triton_tiled_linear",
+        "triton_pdl",
     ):
         if getattr(args, switch) is not None:
             options[switch] = getattr(args, switch)

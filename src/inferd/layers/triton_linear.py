@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from inferd.layers.linear_operands import check_linear_operands, unit_inner_stride
+from inferd.layers.triton_pdl import launch_options, wait_for_previous_kernel
 
 # What the decoder's projections send here (see the module's docstring).
 MAX_FEATURES_FOR_TWO_ROWS = 2048
@@ -90,6 +91,7 @@ def _skinny_linear_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Grid ``(cdiv(out_features, BLOCK_N),)``: program ``p`` makes ``y[:, p*BLOCK_N:(p+1)*BLOCK_N]``.
 
@@ -102,6 +104,7 @@ def _skinny_linear_kernel(
       scales its outputs by the row's ``1 / rms`` at the end: the scale is one number per row, so
       it can come after the sum. Program 0 also stores ``h`` at ``residual_out``.
     """
+    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     features = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     feature_mask = features < out_features
@@ -269,5 +272,6 @@ def _launch(
         NUM_STAGES=tile.num_stages,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
+        **launch_options(),
     )  # fmt: skip
     return y

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from inferd.layers.triton_pdl import launch_options, wait_for_previous_kernel
+
 _SILU_BLOCK = 1024
 # One warp per 256 elements of a norm row, within what one program can use well.
 _NORM_ELEMENTS_PER_WARP = 256
@@ -59,9 +61,11 @@ def _rms_norm_kernel(
     hidden,
     eps,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One program per row. Rows are ``[outer, inner]`` pairs so a strided 3-D view (per-head
     norm of q sliced out of the fused qkv output) needs no copy; the output is contiguous."""
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + (row // inner_size) * stride_x_outer + (row % inner_size) * stride_x_inner
     cols = tl.arange(0, BLOCK)
@@ -82,9 +86,11 @@ def _fused_add_rms_norm_kernel(
     hidden,
     eps,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One program per row: ``residual_out = x + residual`` (summed in float32, stored in the
     input dtype), then the norm of that stored sum, as the torch path normalizes it."""
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -177,6 +183,7 @@ def _rotary_kernel(
     NORM: tl.constexpr,
     STORE_KV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One program per token: looks up its position's cos/sin row once, rotates q and k (after
     their per-head norms, with ``NORM``).
@@ -186,6 +193,7 @@ def _rotary_kernel(
     slot (padding) writes neither. ``stride_ko_tok`` is then the cache's stride between slots of
     a block.
     """
+    wait_for_previous_kernel(PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     dims = tl.arange(0, HALF_P2)
@@ -229,12 +237,14 @@ def _silu_and_mul_kernel(
     stride_out_row,
     size,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Grid ``(rows, column blocks)``: ``silu(gate) * up`` with ``gate | up`` halves of a row.
 
     SiLU is computed in float32 and rounded to the input dtype before the product, where torch
     rounds it, so the two paths agree in half precision too.
     """
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < size
@@ -290,6 +300,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows, _last_dim_contiguous(weight), out,
         rows.stride(0), rows.stride(1), rows.shape[1], hidden, eps,
         BLOCK=block, num_warps=num_warps,
+        **launch_options(),
     )  # fmt: skip
     return out
 
@@ -316,6 +327,7 @@ def fused_add_rms_norm(
         x_rows, residual_rows, _last_dim_contiguous(weight), out, residual_out,
         x_rows.stride(0), residual_rows.stride(0), hidden, eps,
         BLOCK=block, num_warps=num_warps,
+        **launch_options(),
     )  # fmt: skip
     return out, residual_out
 
@@ -425,6 +437,7 @@ def _launch_rotary(
         NORM=qk_norm is not None,
         STORE_KV=kv_store is not None,
         BLOCK_SIZE=block_size,
+        **launch_options(),
     )  # fmt: skip
     return q_out
 
@@ -442,5 +455,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(triton.next_power_of_2(size), _SILU_BLOCK)
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(size, block))](
         rows, out_rows, rows.stride(0), out_rows.stride(0), size, BLOCK=block,
+        **launch_options(),
     )  # fmt: skip
     return out

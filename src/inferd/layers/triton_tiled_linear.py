@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from inferd.layers.linear_operands import check_linear_operands, unit_inner_stride
+from inferd.layers.triton_pdl import launch_options, wait_for_previous_kernel
 
 # The most rows routed here: past them a step is long and cuBLAS's wide tiles reuse the weights.
 MAX_ROWS = 256
@@ -82,9 +83,11 @@ def _tiled_linear_kernel(
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Grid ``(cdiv(rows, BLOCK_M), cdiv(out_features, BLOCK_N))``: program ``(m, n)`` makes the
     ``BLOCK_M x BLOCK_N`` block of ``y`` at rows ``m * BLOCK_M``, features ``n * BLOCK_N``."""
+    wait_for_previous_kernel(PDL)
     row_ids = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     features = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = row_ids < rows
@@ -139,5 +142,6 @@ def tiled_linear(
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
+        **launch_options(),
     )  # fmt: skip
     return y

@@ -1,0 +1,89 @@
+"""Programmatic dependent launch (PDL) for the Triton kernels of a decode step (Hopper and later).
+
+At one sequence a Qwen3-0.6B decode step is some 250 kernels of a few microseconds each, replayed
+from a CUDA graph. Between two of them the GPU lets the first grid drain before it starts to place
+the second one's programs: the last H200 run had about 180 us of such gaps in a 1.13 ms token, some
+0.7 us a kernel. With PDL a kernel is launched as soon as every program of the kernel before it has
+started (each kernel here first issues ``griddepcontrol.launch_dependents``), and its programs then
+wait in ``griddepcontrol.wait`` until that kernel has finished and its writes are visible. The
+launch and the placing of programs then happen during the previous kernel's tail.
+
+The rule every kernel that takes ``PDL`` keeps: ``wait_for_previous_kernel`` is its first
+statement, so it reads and writes no memory before the kernel before it is done. Waiting for that
+one kernel covers all earlier ones: it could not finish before its own wait returned, or, launched
+without PDL (any torch op), before the kernel before it finished. A kernel launched without PDL
+waits for the previous one to finish, as it always does.
+
+The switch is process-wide, like torch's TF32 switch: the engine sets it from its ``triton_pdl``
+option when it enables its kernels, and a CUDA graph keeps what was set when it was captured.
+Which kernels take it: the decode step's small ops, matmuls and attention (``KERNELS``); the
+prefill kernels and the sampler, which sit between torch ops or run long, do not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton older than PDL support: the switch stays off
+    gdc_launch_dependents = gdc_wait = None
+
+# "module:kernel" of every kernel launched with ``launch_options()``.
+KERNELS = (
+    "inferd.layers.triton_ops:_rms_norm_kernel",
+    "inferd.layers.triton_ops:_fused_add_rms_norm_kernel",
+    "inferd.layers.triton_ops:_rotary_kernel",
+    "inferd.layers.triton_ops:_silu_and_mul_kernel",
+    "inferd.layers.triton_linear:_skinny_linear_kernel",
+    "inferd.layers.triton_tiled_linear:_tiled_linear_kernel",
+    "inferd.attention.triton_kernels:_paged_decode_kernel",
+    "inferd.attention.triton_kernels:_merge_splits_kernel",
+)
+
+_enabled = False
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """A PDL kernel's first statement: let the next kernel launch, then wait for the previous one
+    to finish. Without ``PDL`` nothing is emitted (the interpreter has no grid dependencies)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+def unsupported_reason(device: torch.device) -> str | None:
+    """Why the kernels on ``device`` cannot launch with PDL, or None if they can."""
+    if gdc_wait is None:
+        return f"Triton {triton.__version__} has no grid dependency control"
+    if device.type != "cuda":
+        return f"programmatic dependent launch needs a CUDA GPU, not {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"programmatic dependent launch needs compute capability 9.0 or later, not {major}.{minor}"
+    return None
+
+
+def set_enabled(enabled: bool, device: torch.device | None = None) -> None:
+    """Launch ``KERNELS`` with PDL from now on, or not; turning it on checks ``device``."""
+    global _enabled
+    if enabled:
+        reason = unsupported_reason(device if device is not None else torch.device("cpu"))
+        if reason is not None:
+            raise ValueError(f"triton_pdl: {reason}")
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def launch_options() -> dict[str, Any]:
+    """Keyword arguments for a launch of one of ``KERNELS``: none while PDL is off, so the
+    kernels compile and launch exactly as they do without this module."""
+    return {"PDL": True, "launch_pdl": True} if _enabled else {}

@@ -1,0 +1,219 @@
+"""Programmatic dependent launch (``layers/triton_pdl.py``), checked through the interpreter.
+
+The interpreter has no grid dependencies, so these tests stand recorders in for the two
+grid-dependency calls and watch the interpreter's memory accesses. With PDL on, every kernel of
+``KERNELS`` must call them as each program's first act, before it reads or writes any memory, and
+compute exactly what it computes with PDL off. On a GPU, ``test_cuda_graphs_gpu.py`` checks the
+same tokens with and without PDL through captured CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from triton_device import INTERPRETED  # before triton is imported: interpreted or compiled
+
+if not INTERPRETED:
+    pytest.skip("records the interpreter's memory accesses", allow_module_level=True)
+
+from triton.runtime import interpreter  # noqa: E402
+
+from inferd import LLM, SamplingParams  # noqa: E402
+from inferd.attention import triton_kernels  # noqa: E402
+from inferd.engine.request import Request  # noqa: E402
+from inferd.layers import triton_linear, triton_ops, triton_pdl, triton_tiled_linear  # noqa: E402
+
+MEMORY_ACCESSES = ("create_load", "create_store", "create_masked_load", "create_masked_store")
+
+
+class Recorder:
+    """The order of grid-dependency calls and memory accesses, and which kernel waited."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.waited: list[str] = []
+
+    def launch_dependents(self) -> None:
+        self.events.append("launch_dependents")
+
+    def wait(self) -> None:
+        self.events.append("wait")
+        # The innermost kernel on the stack (the interpreter calls it through wrappers of its own).
+        frame = sys._getframe(1)
+        while not (frame.f_code.co_name.startswith("_") and frame.f_code.co_name.endswith("_kernel")):
+            frame = frame.f_back
+        self.waited.append(frame.f_code.co_name)
+
+    def take(self) -> list[str]:
+        events, self.events = self.events, []
+        return events
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+    """PDL switched on as the engine would on a GPU, the grid-dependency calls recorded."""
+    recorder = Recorder()
+    monkeypatch.setattr(triton_pdl, "gdc_wait", recorder.wait)
+    monkeypatch.setattr(triton_pdl, "gdc_launch_dependents", recorder.launch_dependents)
+    builder = interpreter.interpreter_builder
+    for name in MEMORY_ACCESSES:
+        original = getattr(builder, name)
+
+        def recorded(*args: object, _original: Callable[..., object] = original) -> object:
+            recorder.events.append("memory")
+            return _original(*args)
+
+        monkeypatch.setattr(builder, name, recorded)
+    monkeypatch.setattr(triton_pdl, "_enabled", True)
+    yield recorder
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def decode_attention(num_splits: int) -> Callable[[], torch.Tensor]:
+    """Two sequences of 40 and 70 cached keys, one query token each."""
+    block_size, kv_heads, head_dim = 8, 2, 16
+    k_cache = randn(20, block_size, kv_heads, head_dim, seed=1)
+    v_cache = randn(20, block_size, kv_heads, head_dim)
+    block_tables = torch.arange(20, dtype=torch.int32).view(2, 10)
+    seq_lens = torch.tensor([40, 70], dtype=torch.int32)
+    starts = torch.tensor([0, 1, 2], dtype=torch.int32)
+    q = randn(2, 4, head_dim, seed=2)
+    return lambda: triton_kernels.paged_decode_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, starts, head_dim**-0.5, num_splits
+    )
+
+
+def rotate_and_store() -> torch.Tensor:
+    qkv = randn(3, 8 * 16, seed=3)
+    q, k, v = (t.view(3, -1, 16) for t in qkv.split([64, 32, 32], dim=-1))
+    cos, sin = randn(10, 8, seed=4), randn(10, 8, seed=5)
+    caches = torch.zeros(2, 4, 8, 2, 16)
+    positions, slots = torch.tensor([0, 5, 9]), torch.tensor([0, -1, 6])
+    q_out = triton_ops.rotate_and_store_kv(q, k, v, positions, cos, sin, caches[0], caches[1], slots)
+    return torch.cat([q_out.flatten(), caches.flatten()])
+
+
+X, RESIDUAL, NORM_WEIGHT = randn(2, 48), randn(2, 48, seed=1), randn(48, seed=3)
+WEIGHT = randn(40, 48, seed=2)
+# Each kernel launch: the call, the kernel it launches, its number of programs.
+LAUNCHES: dict[str, tuple[Callable[[], object], str, int]] = {
+    "rms_norm": (lambda: triton_ops.rms_norm(X, NORM_WEIGHT, 1e-6), "_rms_norm_kernel", 2),
+    "add + rms_norm": (
+        lambda: triton_ops.fused_add_rms_norm(X, RESIDUAL, NORM_WEIGHT, 1e-6),
+        "_fused_add_rms_norm_kernel",
+        2,
+    ),
+    "rotary + KV store": (rotate_and_store, "_rotary_kernel", 3),
+    "silu_and_mul": (lambda: triton_ops.silu_and_mul(randn(2, 96)), "_silu_and_mul_kernel", 2),
+    "skinny": (lambda: triton_linear.skinny_linear(X, WEIGHT), "_skinny_linear_kernel", 10),
+    "skinny + add + norm": (
+        lambda: triton_linear.skinny_norm_linear(X, RESIDUAL, NORM_WEIGHT, 1e-6, WEIGHT, None),
+        "_skinny_linear_kernel",
+        10,
+    ),
+    "tiled": (lambda: triton_tiled_linear.tiled_linear(randn(20, 48), WEIGHT), "_tiled_linear_kernel", 2),
+    "decode attention": (decode_attention(1), "_paged_decode_kernel", 4),
+}
+
+
+def flat(result: object) -> torch.Tensor:
+    parts = result if isinstance(result, tuple) else (result,)
+    return torch.cat([t.flatten() for t in parts if isinstance(t, torch.Tensor)])
+
+
+def test_pdl_is_off_unless_switched_on() -> None:
+    assert not triton_pdl.enabled() and triton_pdl.launch_options() == {}
+
+
+@pytest.mark.parametrize("name", LAUNCHES)
+def test_each_program_waits_before_any_memory_access(recorder: Recorder, name: str) -> None:
+    launch, kernel, programs = LAUNCHES[name]
+    triton_pdl._enabled = False
+    expected = flat(launch())
+    recorder.take()
+    assert recorder.waited == []  # PDL off: no grid-dependency call at all
+    triton_pdl._enabled = True
+    got = flat(launch())
+    events = recorder.take()
+    assert torch.equal(got, expected)
+    # Programs run one after another here and all run the same code, so the first program's
+    # accesses come first: none may come before its wait.
+    assert events[:2] == ["launch_dependents", "wait"], events[:4]
+    assert events.count("wait") == events.count("launch_dependents") == programs
+    assert set(recorder.waited) == {kernel}
+
+
+def test_split_decode_attention_waits_in_both_kernels(recorder: Recorder) -> None:
+    expected = decode_attention(3)()
+    triton_pdl._enabled = False
+    assert torch.equal(decode_attention(3)(), expected)
+    # 2 sequences x 2 KV heads x 3 splits, then 2 sequences x 4 heads merged.
+    assert recorder.waited == ["_paged_decode_kernel"] * 12 + ["_merge_splits_kernel"] * 8
+
+
+def test_kernels_lists_every_kernel_that_takes_pdl() -> None:
+    """A kernel with a ``PDL`` parameter but no ``launch_options()`` at its launch, or the reverse,
+    would break the rule that only kernels which wait are launched early."""
+    taking = set()
+    for module_name in ("inferd.layers.triton_ops", "inferd.layers.triton_linear",
+                        "inferd.layers.triton_tiled_linear", "inferd.attention.triton_kernels",
+                        "inferd.sample.triton_sampling"):  # fmt: skip
+        module = importlib.import_module(module_name)
+        kernels = [
+            name
+            for name, kernel in vars(module).items()
+            if "PDL" in getattr(kernel, "arg_names", ()) and kernel is not triton_pdl.wait_for_previous_kernel
+        ]
+        taking |= {f"{module_name}:{name}" for name in kernels}
+        source = inspect.getsource(module)
+        launches = sum(len(re.findall(rf"\b{name}\[", source)) for name in kernels)
+        assert source.count("**launch_options()") == launches, module_name
+    assert taking == set(triton_pdl.KERNELS)
+
+
+def test_a_decode_step_with_pdl_gives_the_same_logits(tiny_model_factory, recorder: Recorder) -> None:
+    """Two sequences' decode step through the whole model, every Triton path on: bit-identical
+    logits, and each of the step's kernels waited (the fused inputs' kernels included)."""
+    llm = LLM(tiny_model_factory("qwen3"), kv_cache_memory="4MiB", block_size=8, attention_backend="triton",
+              triton_ops=True, triton_fused_linear=True, async_scheduling=False)  # fmt: skip
+    core = llm.engine.core
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for i, length in enumerate((5, 19)):
+        core.add_request(Request(f"r{i}", [(3 * j + i) % 100 for j in range(length)], params, frozenset(), 3))
+    triton_pdl._enabled = False
+    core.step()  # the prompts
+    decode = core.scheduler.schedule()
+    expected = core.runner.logits_for(decode)
+    assert recorder.waited == []
+    triton_pdl._enabled = True
+    got = core.runner.logits_for(decode)
+    assert torch.equal(got, expected)
+    layers = llm.engine.config.model.num_layers
+    waits = {name: recorder.waited.count(name) for name in set(recorder.waited)}
+    # Per layer, the matmuls (norms and SiLU fused in), rotary per token and attention; then the
+    # final add + norm, per row.
+    assert waits["_rotary_kernel"] == 2 * layers, waits
+    assert waits["_fused_add_rms_norm_kernel"] == 2, waits
+    assert set(waits) == {"_rotary_kernel", "_paged_decode_kernel", "_skinny_linear_kernel",
+                          "_fused_add_rms_norm_kernel"}  # fmt: skip
+
+
+def test_engine_option(tiny_model_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tiny_model_factory("llama")
+    with pytest.raises(ValueError, match="triton_pdl launches kernels on a CUDA GPU"):
+        LLM(folder, kv_cache_memory="4MiB", triton_pdl=True)
+    with pytest.raises(ValueError, match="needs a CUDA GPU, not cpu"):
+        triton_pdl.set_enabled(True, torch.device("cpu"))
+    # An engine without the option switches off what an earlier one in the process switched on.
+    monkeypatch.setattr(triton_pdl, "_enabled", True)
+    LLM(folder, kv_cache_memory="4MiB", triton_ops=True)
+    assert not triton_pdl.enabled()
