@@ -856,6 +856,7 @@ VARIANTS = {
     "split_short": {},
     "tiled_linear": {"triton_tiled_linear": True},
     "pdl": {"triton_pdl": True},
+    "pdl_no_prefetch": {"triton_pdl": True},
     # Every feature above that is off by default, together (with split_short's patch too).
     "all_unmeasured": {
         "triton_fused_linear": True,
@@ -870,6 +871,8 @@ VARIANTS = {
 # 255 (3 ways) and 511 tokens (7 ways) and so on: the batch-1 benchmark's contexts of 17 to 272
 # tokens run unsplit, then 3 and finally 7 ways, where by default all of them run unsplit.
 MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
+    # PDL without the skinny matmul's L2 prefetch of its weights before the wait.
+    "pdl_no_prefetch": {("inferd.layers.triton_linear", "PREFETCH_MAX_BYTES"): 0},
     "split_short": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64},
     "all_unmeasured": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64},
 }
@@ -1174,6 +1177,7 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         # targets need, so they come before the sweeps that explain them.
         functools.partial(qwen.variant, "pdl", workload=True),
         functools.partial(llama.variant, "pdl"),
+        functools.partial(qwen.variant, "pdl_no_prefetch"),
         functools.partial(qwen.variant, "fused_linear"),
         functools.partial(llama.variant, "fused_linear"),
         functools.partial(qwen.variant, "split_short"),

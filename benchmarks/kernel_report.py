@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import os
 import re
@@ -217,16 +218,26 @@ def cases() -> list[Case]:
 
 def with_pdl_cases(cases: list[Case]) -> list[Case]:
     """``cases``, then the first case of each kernel that can launch with programmatic dependent
-    launch once more with it: what the engine's ``triton_pdl`` option compiles."""
+    launch, for each choice of its boolean constexprs (the fused inputs, the rotary's KV store),
+    once more with it: what the engine's ``triton_pdl`` option compiles."""
     from inferd.layers import triton_pdl
 
-    firsts = {}
+    firsts: dict[tuple[object, ...], Case] = {}
     for case in cases:
         if f"{case.module}:{case.kernel}" in triton_pdl.KERNELS:
-            firsts.setdefault(case.kernel, case)
-    return cases + [
-        dataclasses.replace(case, label=f"{case.label} (PDL)", pdl=True) for case in firsts.values()
-    ]
+            switches = tuple(sorted((k, v) for k, v in case.constexprs.items() if isinstance(v, bool)))
+            firsts.setdefault((case.kernel, switches), case)
+    return cases + [pdl_case(case) for case in firsts.values()]
+
+
+def pdl_case(case: Case) -> Case:
+    """``case`` launched with PDL; the skinny matmul then prefetches its weight rows into L2 before
+    its wait, as ``triton_linear._prefetch_lines`` asks for a weight that fits (bfloat16 here)."""
+    constexprs = dict(case.constexprs)
+    if case.kernel == "_skinny_linear_kernel":
+        lines = -(-case.ints["in_features"] * 2 // 128)
+        constexprs.update(PREFETCH_LINES=triton.next_power_of_2(lines), LINE_ELEMENTS=64)
+    return dataclasses.replace(case, label=f"{case.label} (PDL)", pdl=True, constexprs=constexprs)
 
 
 @dataclass(frozen=True)
@@ -247,13 +258,15 @@ class KernelReport:
 def compile_case(case: Case) -> KernelReport:
     kernel = getattr(importlib.import_module(case.module), case.kernel)
     names = kernel.arg_names
-    given = {*case.types, *case.constexprs, *case.ints, "PDL"}  # PDL: from ``case.pdl``
+    # Constexprs with a default (PDL's) keep it unless the case sets them; PDL comes from ``case.pdl``.
+    defaults = {p.name: p.default for p in kernel.params if p.default is not inspect.Parameter.empty}
+    given = {*case.types, *case.constexprs, *case.ints, *defaults}
     missing = [a for a in names if a not in given]
     if missing:
         raise ValueError(f"{case.label}: no run-time value for {missing}")
     # The launcher's specialization: integers equal to 1 become constants, and pointers and
     # integers that are multiples of 16 are marked divisible by 16.
-    constexprs = {**case.constexprs, **{a: 1 for a, value in case.ints.items() if value == 1}}
+    constexprs = {**defaults, **case.constexprs, **{a: 1 for a, value in case.ints.items() if value == 1}}
     if "PDL" in names:
         constexprs["PDL"] = case.pdl
     signature = {a: "constexpr" if a in constexprs else case.types.get(a, "i32") for a in names}
@@ -279,7 +292,7 @@ def compile_case(case: Case) -> KernelReport:
         problems.append(f"no program fits on an SM ({limit})")
     if case.pipelined_loop and not async_copies:
         problems.append("its K/V loads are not asynchronous: the loop is not pipelined")
-    problems.extend(pdl_problems(compiled.asm["ptx"], case.pdl))
+    problems.extend(pdl_problems(compiled.asm["ptx"], case.pdl, constexprs.get("PREFETCH_LINES", 0) > 0))
     return KernelReport(case.label, case.kernel, case.num_warps, case.num_stages, registers, spill_bytes,
                         shared, async_copies, blocks, limit, tuple(problems))  # fmt: skip
 
@@ -289,16 +302,19 @@ _GLOBAL_ACCESS = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|cp\.async|a
                             re.MULTILINE)  # fmt: skip
 
 
-def pdl_problems(ptx: str, pdl: bool) -> list[str]:
+def pdl_problems(ptx: str, pdl: bool, prefetch: bool = False) -> list[str]:
     """What breaks programmatic dependent launch's rule in a kernel's PTX: with PDL, it must let
-    the next kernel launch and wait for the previous one before any access to global memory;
-    without, it must do neither (a plain launch has nothing to wait for)."""
+    the next kernel launch and wait for the previous one before any access to global memory (L2
+    prefetches aside, which ``prefetch`` asks for before the wait); without, it must do neither (a
+    plain launch has nothing to wait for)."""
     wait = ptx.find("griddepcontrol.wait")
     launch = ptx.find("griddepcontrol.launch_dependents")
     if not pdl:
         return ["grid dependency control without PDL"] if wait >= 0 or launch >= 0 else []
     if wait < 0 or launch < 0:
         return ["launched with PDL but does not both wait and let the next kernel launch"]
+    if prefetch and not 0 <= ptx.find("prefetch.global.L2") < wait:
+        return ["asked to prefetch its weights but has no L2 prefetch before griddepcontrol.wait"]
     first_access = _GLOBAL_ACCESS.search(ptx)
     if first_access is not None and first_access.start() < wait:
         return [f"global memory access before griddepcontrol.wait: {first_access.group(0).strip()}"]
@@ -350,13 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the reports here")
     args = parser.parse_args(argv)
     reports = []
-    header = (f"{'kernel':<38} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>5} {'smem KB':>8} "
+    header = (f"{'kernel':<44} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>5} {'smem KB':>8} "
               f"{'async':>5} {'per SM':>6}")  # fmt: skip
     print(f"Triton {triton.__version__}, compiled for sm_90a\n{header}", flush=True)
     for case in cases():
         report = compile_case(case)
         reports.append(report)
-        print(f"{report.label:<38} {report.num_warps:>5} {report.num_stages:>6} {report.registers:>5} "
+        print(f"{report.label:<44} {report.num_warps:>5} {report.num_stages:>6} {report.registers:>5} "
               f"{report.spill_bytes:>5} {report.shared_bytes / 1024:>8.1f} {report.async_copies:>5} "
               f"{report.blocks_per_sm:>6}  ({report.limited_by})"
               + "".join(f"\n    PROBLEM: {p}" for p in report.problems), flush=True)  # fmt: skip

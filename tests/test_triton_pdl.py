@@ -14,6 +14,7 @@ import inspect
 import re
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -33,11 +34,17 @@ MEMORY_ACCESSES = ("create_load", "create_store", "create_masked_load", "create_
 
 
 class Recorder:
-    """The order of grid-dependency calls and memory accesses, and which kernel waited."""
+    """The order of grid-dependency calls, L2 prefetches and memory accesses, which kernel waited,
+    and the 128-byte lines prefetched."""
 
     def __init__(self) -> None:
         self.events: list[str] = []
         self.waited: list[str] = []
+        self.prefetched: set[int] = set()
+
+    def prefetch(self, ptrs: Any) -> None:
+        self.events.append("prefetch")
+        self.prefetched |= {int(address) // 128 for address in ptrs.handle.data.flatten()}
 
     def launch_dependents(self) -> None:
         self.events.append("launch_dependents")
@@ -61,6 +68,8 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     recorder = Recorder()
     monkeypatch.setattr(triton_pdl, "gdc_wait", recorder.wait)
     monkeypatch.setattr(triton_pdl, "gdc_launch_dependents", recorder.launch_dependents)
+    # The interpreter has no inline assembly: the skinny matmul's prefetch is recorded instead.
+    monkeypatch.setattr(triton_linear, "prefetch_to_l2", recorder.prefetch)
     builder = interpreter.interpreter_builder
     for name in MEMORY_ACCESSES:
         original = getattr(builder, name)
@@ -146,10 +155,35 @@ def test_each_program_waits_before_any_memory_access(recorder: Recorder, name: s
     events = recorder.take()
     assert torch.equal(got, expected)
     # Programs run one after another here and all run the same code, so the first program's
-    # accesses come first: none may come before its wait.
-    assert events[:2] == ["launch_dependents", "wait"], events[:4]
+    # accesses come first: none may come before its wait, only L2 prefetches.
+    before_wait = events[: events.index("wait")]
+    assert before_wait[-1] == "launch_dependents" and "memory" not in before_wait, events[:4]
     assert events.count("wait") == events.count("launch_dependents") == programs
     assert set(recorder.waited) == {kernel}
+
+
+@pytest.mark.parametrize("name", ["skinny", "skinny + add + norm"])
+def test_the_skinny_matmul_prefetches_exactly_its_weight_before_the_wait(
+    recorder: Recorder, name: str
+) -> None:
+    launch, _, programs = LAUNCHES[name]
+    launch()
+    events = recorder.take()
+    assert events[:3] == ["prefetch", "launch_dependents", "wait"]
+    assert events.count("prefetch") == programs
+    start = WEIGHT.data_ptr()
+    assert recorder.prefetched == set(range(start // 128, (start + WEIGHT.nbytes - 1) // 128 + 1))
+
+
+def test_no_prefetch_without_pdl_or_for_a_weight_past_the_limit(recorder: Recorder, monkeypatch) -> None:
+    launch, _, _ = LAUNCHES["skinny"]
+    monkeypatch.setattr(triton_linear, "PREFETCH_MAX_BYTES", WEIGHT.nbytes - 1)
+    launch()
+    assert "prefetch" not in recorder.take() and recorder.waited
+    monkeypatch.setattr(triton_linear, "PREFETCH_MAX_BYTES", WEIGHT.nbytes)
+    triton_pdl._enabled = False
+    launch()
+    assert "prefetch" not in recorder.take()
 
 
 def test_split_decode_attention_waits_in_both_kernels(recorder: Recorder) -> None:

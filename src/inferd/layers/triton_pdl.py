@@ -8,8 +8,10 @@ started (each kernel here first issues ``griddepcontrol.launch_dependents``), an
 wait in ``griddepcontrol.wait`` until that kernel has finished and its writes are visible. The
 launch and the placing of programs then happen during the previous kernel's tail.
 
-The rule every kernel that takes ``PDL`` keeps: ``wait_for_previous_kernel`` is its first
-statement, so it reads and writes no memory before the kernel before it is done. Waiting for that
+The rule every kernel that takes ``PDL`` keeps: it reads and writes no memory before
+``wait_for_previous_kernel``, so not before the kernel before it is done. The one thing allowed
+earlier is an L2 prefetch (``prefetch_to_l2``) of data no kernel writes: the skinny matmul asks for
+its weight rows there, so they stream in while the previous kernel ends. Waiting for that
 one kernel covers all earlier ones: it could not finish before its own wait returned, or, launched
 without PDL (any torch op), before the kernel before it finished. A kernel launched without PDL
 waits for the previous one to finish, as it always does.
@@ -55,6 +57,21 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
+
+
+@triton.jit
+def prefetch_to_l2(ptrs):
+    """Ask L2 for the lines holding ``ptrs`` without waiting for them (``prefetch.global.L2``).
+
+    For a PDL kernel's inputs that no kernel writes (weights), before its wait: the lines stream in
+    while the previous kernel finishes, and the loads after the wait find them in L2. A prefetch
+    never makes a load see stale data (L2 is where the GPU's writes meet), so it is safe for any
+    address; it is only worth it for data the previous kernel does not make. Compiled code only:
+    the interpreter has no inline assembly, so only PDL kernels call it.
+    """
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
 
 
 def unsupported_reason(device: torch.device) -> str | None:
