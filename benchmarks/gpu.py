@@ -915,6 +915,14 @@ def attempt(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
     return None
 
 
+def switch_off_pdl() -> None:
+    """Programmatic dependent launch is a process-wide switch an engine leaves as it set it; the
+    sweeps call kernels directly and must time them as the default engine launches them."""
+    module = sys.modules.get("inferd.layers.triton_pdl")
+    if module is not None:
+        module.set_enabled(False)
+
+
 def start_engine(
     folder: Path, plan: Plan, args: argparse.Namespace, options: dict[str, Any]
 ) -> tuple[Any, dict[str, Any]]:
@@ -1040,7 +1048,10 @@ class ShapeRun:
                 entry["left_out_on_cpu"] = left_out
         home = self.result if name == "default" else entry
         with patched_modules(patches):
-            self._measure(entry, "startup", options, workload, profile, home)
+            try:
+                self._measure(entry, "startup", options, workload, profile, home)
+            finally:
+                switch_off_pdl()
         failed = [entry.get("startup", {}), home.get("nano_vllm_inferd", {})]
         if name == "default" and workload and any("error" in part for part in failed):
             # Without the workload figure the call is wasted: once more on the plainest engine, marked.

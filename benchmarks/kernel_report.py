@@ -217,17 +217,11 @@ def cases() -> list[Case]:
 
 
 def with_pdl_cases(cases: list[Case]) -> list[Case]:
-    """``cases``, then the first case of each kernel that can launch with programmatic dependent
-    launch, for each choice of its boolean constexprs (the fused inputs, the rotary's KV store),
+    """``cases``, then each case of a kernel that can launch with programmatic dependent launch
     once more with it: what the engine's ``triton_pdl`` option compiles."""
     from inferd.layers import triton_pdl
 
-    firsts: dict[tuple[object, ...], Case] = {}
-    for case in cases:
-        if f"{case.module}:{case.kernel}" in triton_pdl.KERNELS:
-            switches = tuple(sorted((k, v) for k, v in case.constexprs.items() if isinstance(v, bool)))
-            firsts.setdefault((case.kernel, switches), case)
-    return cases + [pdl_case(case) for case in firsts.values()]
+    return cases + [pdl_case(case) for case in cases if f"{case.module}:{case.kernel}" in triton_pdl.KERNELS]
 
 
 def pdl_case(case: Case) -> Case:
@@ -297,9 +291,17 @@ def compile_case(case: Case) -> KernelReport:
                         shared, async_copies, blocks, limit, tuple(problems))  # fmt: skip
 
 
-# PTX instructions that touch global memory: loads, stores, asynchronous copies, atomics.
-_GLOBAL_ACCESS = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|cp\.async|atom\.global|red\.global)",
-                            re.MULTILINE)  # fmt: skip
+# PTX instructions that may touch global memory: loads, stores and atomics in any state space but
+# the kernel's parameters, shared, local and constant memory (generic addresses included), and
+# asynchronous copies; predicated or not. L2 prefetches are not accesses.
+_GLOBAL_ACCESS = re.compile(
+    r"^\s*(?:@!?%p\d+\s+)?(?:(?:ld|ldu|st|atom|red)\.(?!(?:param|shared|local|const)\b)|cp\.async\b"
+    r"|(?!prefetch\.)[a-z]\w*(?:\.\w+)*\.global\b)",
+    re.MULTILINE,
+)
+# Where a program may leave the straight line before its wait: it could skip the wait, or finish
+# without it, and the kernel after it would no longer be ordered after the one before.
+_BRANCH_OR_EXIT = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:bra|brx|ret|exit|call)\b", re.MULTILINE)
 
 
 def pdl_problems(ptx: str, pdl: bool, prefetch: bool = False) -> list[str]:
@@ -315,10 +317,14 @@ def pdl_problems(ptx: str, pdl: bool, prefetch: bool = False) -> list[str]:
         return ["launched with PDL but does not both wait and let the next kernel launch"]
     if prefetch and not 0 <= ptx.find("prefetch.global.L2") < wait:
         return ["asked to prefetch its weights but has no L2 prefetch before griddepcontrol.wait"]
+    problems = []
     first_access = _GLOBAL_ACCESS.search(ptx)
     if first_access is not None and first_access.start() < wait:
-        return [f"global memory access before griddepcontrol.wait: {first_access.group(0).strip()}"]
-    return []
+        problems.append(f"global memory access before griddepcontrol.wait: {first_access.group(0).strip()}")
+    branch = _BRANCH_OR_EXIT.search(ptx)
+    if branch is not None and branch.start() < wait:
+        problems.append(f"a branch or exit before griddepcontrol.wait: {branch.group(0).strip()}")
+    return problems
 
 
 def _ptxas_usage(ptx: str) -> tuple[int, int]:

@@ -124,3 +124,28 @@ def test_variants_are_printed_against_the_default() -> None:
     assert gpu._against(1050.0, 1000.0) == " (+5.0% against the default)"
     assert gpu._against(900.0, 1000.0) == " (-10.0% against the default)"
     assert gpu._against(900.0, None) == ""
+
+
+def test_a_variant_leaves_pdl_off_for_the_sweeps_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweeps call kernels directly after the variants: PDL, which an engine switches on for
+    the whole process, must be off again whether the variant's measurement ended well or not."""
+    from argparse import Namespace
+
+    from inferd.layers import triton_pdl
+
+    run = object.__new__(gpu.ShapeRun)
+    run.args, run.base_options, run.result = Namespace(smoke=False), {}, {"variants": {}}
+    measured: list[dict[str, object]] = []
+
+    def measure(_: object, entry: object, key: str, options: dict[str, object], *rest: object) -> None:
+        measured.append(options)
+        monkeypatch.setattr(triton_pdl, "_enabled", True)  # as the engine sets it
+        if len(measured) == 2:
+            raise RuntimeError("the measurement failed")
+
+    monkeypatch.setattr(gpu.ShapeRun, "_measure", measure, raising=True)
+    run.variant("pdl")
+    assert measured[0]["triton_pdl"] is True and not triton_pdl.enabled()
+    with pytest.raises(RuntimeError):
+        run.variant("pdl_no_prefetch")
+    assert not triton_pdl.enabled()

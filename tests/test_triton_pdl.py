@@ -3,7 +3,7 @@
 The interpreter has no grid dependencies, so these tests stand recorders in for the two
 grid-dependency calls and watch the interpreter's memory accesses. With PDL on, every kernel of
 ``KERNELS`` must call them as each program's first act, before it reads or writes any memory, and
-compute exactly what it computes with PDL off. On a GPU, ``test_cuda_graphs_gpu.py`` checks the
+compute exactly what it computes with PDL off. On a GPU, ``test_triton_pdl_gpu.py`` checks the
 same tokens with and without PDL through captured CUDA graphs.
 """
 
@@ -57,9 +57,27 @@ class Recorder:
             frame = frame.f_back
         self.waited.append(frame.f_code.co_name)
 
+    def program(self, *grid_index: object) -> None:
+        self.events.append("program")
+
     def take(self) -> list[str]:
         events, self.events = self.events, []
         return events
+
+
+def assert_each_program_waits_first(events: list[str]) -> None:
+    """Every program lets the next kernel launch and waits before any memory access, with
+    nothing but L2 prefetches before; ``events`` starts a program at each "program"."""
+    programs = "|".join(events).split("program")[1:]
+    assert programs, events
+    for index, program in enumerate(programs):
+        steps = program.strip("|").split("|")
+        assert "wait" in steps, (index, steps[:4])
+        before = steps[: steps.index("wait")]
+        assert before[-1:] == ["launch_dependents"] and set(before) <= {"prefetch", "launch_dependents"}, (
+            index,
+            steps[:4],
+        )
 
 
 @pytest.fixture
@@ -71,6 +89,13 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     # The interpreter has no inline assembly: the skinny matmul's prefetch is recorded instead.
     monkeypatch.setattr(triton_linear, "prefetch_to_l2", recorder.prefetch)
     builder = interpreter.interpreter_builder
+    set_grid_index = builder.set_grid_idx
+
+    def program_starts(*grid_index: object) -> None:
+        recorder.program()
+        set_grid_index(*grid_index)
+
+    monkeypatch.setattr(builder, "set_grid_idx", program_starts)
     for name in MEMORY_ACCESSES:
         original = getattr(builder, name)
 
@@ -113,24 +138,28 @@ def rotate_and_store() -> torch.Tensor:
 
 X, RESIDUAL, NORM_WEIGHT = randn(2, 48), randn(2, 48, seed=1), randn(48, seed=3)
 WEIGHT = randn(40, 48, seed=2)
-# Each kernel launch: the call, the kernel it launches, its number of programs.
-LAUNCHES: dict[str, tuple[Callable[[], object], str, int]] = {
-    "rms_norm": (lambda: triton_ops.rms_norm(X, NORM_WEIGHT, 1e-6), "_rms_norm_kernel", 2),
+# Each op: the call, and the programs of each kernel it launches, in launch order.
+LAUNCHES: dict[str, tuple[Callable[[], object], dict[str, int]]] = {
+    "rms_norm": (lambda: triton_ops.rms_norm(X, NORM_WEIGHT, 1e-6), {"_rms_norm_kernel": 2}),
     "add + rms_norm": (
         lambda: triton_ops.fused_add_rms_norm(X, RESIDUAL, NORM_WEIGHT, 1e-6),
-        "_fused_add_rms_norm_kernel",
-        2,
+        {"_fused_add_rms_norm_kernel": 2},
     ),
-    "rotary + KV store": (rotate_and_store, "_rotary_kernel", 3),
-    "silu_and_mul": (lambda: triton_ops.silu_and_mul(randn(2, 96)), "_silu_and_mul_kernel", 2),
-    "skinny": (lambda: triton_linear.skinny_linear(X, WEIGHT), "_skinny_linear_kernel", 10),
+    "rotary + KV store": (rotate_and_store, {"_rotary_kernel": 3}),
+    "silu_and_mul": (lambda: triton_ops.silu_and_mul(randn(2, 96)), {"_silu_and_mul_kernel": 2}),
+    "skinny": (lambda: triton_linear.skinny_linear(X, WEIGHT), {"_skinny_linear_kernel": 10}),
     "skinny + add + norm": (
         lambda: triton_linear.skinny_norm_linear(X, RESIDUAL, NORM_WEIGHT, 1e-6, WEIGHT, None),
-        "_skinny_linear_kernel",
-        10,
+        {"_skinny_linear_kernel": 10},
     ),
-    "tiled": (lambda: triton_tiled_linear.tiled_linear(randn(20, 48), WEIGHT), "_tiled_linear_kernel", 2),
-    "decode attention": (decode_attention(1), "_paged_decode_kernel", 4),
+    "skinny + SiLU": (
+        lambda: triton_linear.skinny_silu_linear(randn(2, 96, seed=4), WEIGHT, None),
+        {"_skinny_linear_kernel": 10},
+    ),
+    "tiled": (lambda: triton_tiled_linear.tiled_linear(randn(20, 48), WEIGHT), {"_tiled_linear_kernel": 2}),
+    "decode attention": (decode_attention(1), {"_paged_decode_kernel": 4}),
+    # 2 sequences x 2 KV heads x 3 splits, then 2 sequences x 4 heads merged.
+    "split decode attention": (decode_attention(3), {"_paged_decode_kernel": 12, "_merge_splits_kernel": 8}),
 }
 
 
@@ -139,44 +168,41 @@ def flat(result: object) -> torch.Tensor:
     return torch.cat([t.flatten() for t in parts if isinstance(t, torch.Tensor)])
 
 
-def test_pdl_is_off_unless_switched_on() -> None:
+def test_launch_options_ask_for_pdl_only_when_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not triton_pdl.enabled() and triton_pdl.launch_options() == {}
+    monkeypatch.setattr(triton_pdl, "_enabled", True)
+    # Both: the constexpr makes the kernel wait, the launch attribute lets it start early.
+    assert triton_pdl.launch_options() == {"PDL": True, "launch_pdl": True}
 
 
 @pytest.mark.parametrize("name", LAUNCHES)
 def test_each_program_waits_before_any_memory_access(recorder: Recorder, name: str) -> None:
-    launch, kernel, programs = LAUNCHES[name]
+    launch, programs = LAUNCHES[name]
     triton_pdl._enabled = False
     expected = flat(launch())
-    recorder.take()
-    assert recorder.waited == []  # PDL off: no grid-dependency call at all
+    assert "wait" not in recorder.take() and recorder.waited == []  # PDL off: no grid dependency
     triton_pdl._enabled = True
     got = flat(launch())
-    events = recorder.take()
     assert torch.equal(got, expected)
-    # Programs run one after another here and all run the same code, so the first program's
-    # accesses come first: none may come before its wait, only L2 prefetches.
-    before_wait = events[: events.index("wait")]
-    assert before_wait[-1] == "launch_dependents" and "memory" not in before_wait, events[:4]
-    assert events.count("wait") == events.count("launch_dependents") == programs
-    assert set(recorder.waited) == {kernel}
+    assert_each_program_waits_first(recorder.take())
+    assert recorder.waited == [kernel for kernel, count in programs.items() for _ in range(count)]
 
 
 @pytest.mark.parametrize("name", ["skinny", "skinny + add + norm"])
 def test_the_skinny_matmul_prefetches_exactly_its_weight_before_the_wait(
     recorder: Recorder, name: str
 ) -> None:
-    launch, _, programs = LAUNCHES[name]
+    launch, programs = LAUNCHES[name]
     launch()
     events = recorder.take()
-    assert events[:3] == ["prefetch", "launch_dependents", "wait"]
-    assert events.count("prefetch") == programs
+    assert events[:4] == ["program", "prefetch", "launch_dependents", "wait"]
+    assert events.count("prefetch") == programs["_skinny_linear_kernel"]
     start = WEIGHT.data_ptr()
     assert recorder.prefetched == set(range(start // 128, (start + WEIGHT.nbytes - 1) // 128 + 1))
 
 
 def test_no_prefetch_without_pdl_or_for_a_weight_past_the_limit(recorder: Recorder, monkeypatch) -> None:
-    launch, _, _ = LAUNCHES["skinny"]
+    launch, _ = LAUNCHES["skinny"]
     monkeypatch.setattr(triton_linear, "PREFETCH_MAX_BYTES", WEIGHT.nbytes - 1)
     launch()
     assert "prefetch" not in recorder.take() and recorder.waited
@@ -184,14 +210,6 @@ def test_no_prefetch_without_pdl_or_for_a_weight_past_the_limit(recorder: Record
     triton_pdl._enabled = False
     launch()
     assert "prefetch" not in recorder.take()
-
-
-def test_split_decode_attention_waits_in_both_kernels(recorder: Recorder) -> None:
-    expected = decode_attention(3)()
-    triton_pdl._enabled = False
-    assert torch.equal(decode_attention(3)(), expected)
-    # 2 sequences x 2 KV heads x 3 splits, then 2 sequences x 4 heads merged.
-    assert recorder.waited == ["_paged_decode_kernel"] * 12 + ["_merge_splits_kernel"] * 8
 
 
 def test_kernels_lists_every_kernel_that_takes_pdl() -> None:
@@ -227,10 +245,11 @@ def test_a_decode_step_with_pdl_gives_the_same_logits(tiny_model_factory, record
     core.step()  # the prompts
     decode = core.scheduler.schedule()
     expected = core.runner.logits_for(decode)
-    assert recorder.waited == []
+    assert "wait" not in recorder.take() and recorder.waited == []
     triton_pdl._enabled = True
     got = core.runner.logits_for(decode)
     assert torch.equal(got, expected)
+    assert_each_program_waits_first(recorder.take())  # every program of every kernel of the step
     layers = llm.engine.config.model.num_layers
     waits = {name: recorder.waited.count(name) for name in set(recorder.waited)}
     # Per layer, the matmuls (norms and SiLU fused in), rotary per token and attention; then the

@@ -20,7 +20,7 @@ if torch.cuda.get_device_capability() < (9, 0):
 pytest.importorskip("triton")
 
 from inferd.attention import triton_kernels  # noqa: E402
-from inferd.layers import triton_pdl  # noqa: E402
+from inferd.layers import triton_linear, triton_pdl  # noqa: E402
 from inferd.llm import LLM  # noqa: E402
 from inferd.sampling_params import SamplingParams  # noqa: E402
 
@@ -33,6 +33,23 @@ PARAMS = [
 ]
 
 
+def launch_pdl_of_compiled(kernel: object) -> set[bool]:
+    """``launch_pdl`` of each compiled specialization of a Triton kernel: any compiled kernel in
+    its per-device caches, whose nesting differs between Triton versions."""
+    found: set[bool] = set()
+
+    def walk(node: object, depth: int) -> None:
+        metadata = getattr(node, "metadata", None)
+        if metadata is not None and hasattr(metadata, "launch_pdl"):
+            found.add(bool(metadata.launch_pdl))
+        elif depth > 0 and isinstance(node, (dict, tuple, list)):
+            for child in node.values() if isinstance(node, dict) else node:
+                walk(child, depth - 1)
+
+    walk(getattr(kernel, "device_caches", {}), 3)
+    return found
+
+
 def test_pdl_gives_the_same_tokens_and_logprobs_on_cuda(tiny_model_factory, monkeypatch) -> None:
     """Launching the decode step's kernels early, each waiting for the one before it, changes when
     they run, not what they compute: bit-equal tokens and logprobs through CUDA graphs, with the
@@ -42,14 +59,17 @@ def test_pdl_gives_the_same_tokens_and_logprobs_on_cuda(tiny_model_factory, monk
     folder = tiny_model_factory("qwen3")
     options = dict(device="cuda", dtype="bfloat16", block_size=16, num_kv_blocks=256, max_num_seqs=8,
                    max_num_batched_tokens=128, triton_fused_linear=True)  # fmt: skip
-    runs = []
+    runs, compiled = [], []
     try:
         for pdl in (False, True):
             llm = LLM(folder, triton_pdl=pdl, **options)
             assert triton_pdl.enabled() is pdl and llm.engine.core.runner.graphs is not None
             outputs = llm.generate(PROMPTS, PARAMS)
             runs.append([(o.token_ids, [lp.top for lp in o.logprobs or []]) for o in outputs])
+            compiled.append(launch_pdl_of_compiled(triton_linear._skinny_linear_kernel))
             del llm
     finally:
         triton_pdl.set_enabled(False)
     assert runs[1] == runs[0]
+    # The second engine's launches really asked for PDL: the constexpr alone only adds the wait.
+    assert compiled == [{False}, {False, True}]

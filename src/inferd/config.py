@@ -198,9 +198,9 @@ class EngineConfig:
     # Temperature-only random rows drawn by one fused Triton kernel (sample/triton_sampling.py);
     # off until a GPU run measures it against the torch race.
     triton_sampling: bool = False
-    # Launch the decode step's Triton kernels with programmatic dependent launch (Hopper and
-    # later, layers/triton_pdl.py): each kernel starts during the previous one's tail. Off until a
-    # GPU run measures it.
+    # Launch the Triton kernels a decode step runs (in every step) with programmatic dependent
+    # launch (Hopper and later, layers/triton_pdl.py): each kernel starts during the previous one's
+    # tail. Off until a GPU run measures it.
     triton_pdl: bool = False
     # Schedule and launch step N+1 before reading step N's tokens, so the host's work overlaps the
     # device's; None: on a GPU only (on the CPU the forward itself blocks, so it would only delay).

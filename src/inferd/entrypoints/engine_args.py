@@ -64,7 +64,7 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
     group.add_argument(
         "--triton-pdl",
         action=argparse.BooleanOptionalAction,
-        help="launch the decode step's Triton kernels with programmatic dependent launch, each during "
+        help="launch the Triton kernels of the forward pass with programmatic dependent launch, each during "
         "the last one's tail (Hopper GPUs and later; default: off)",
     )
     group.add_argument(

@@ -8,18 +8,20 @@ started (each kernel here first issues ``griddepcontrol.launch_dependents``), an
 wait in ``griddepcontrol.wait`` until that kernel has finished and its writes are visible. The
 launch and the placing of programs then happen during the previous kernel's tail.
 
-The rule every kernel that takes ``PDL`` keeps: it reads and writes no memory before
-``wait_for_previous_kernel``, so not before the kernel before it is done. The one thing allowed
-earlier is an L2 prefetch (``prefetch_to_l2``) of data no kernel writes: the skinny matmul asks for
-its weight rows there, so they stream in while the previous kernel ends. Waiting for that
-one kernel covers all earlier ones: it could not finish before its own wait returned, or, launched
-without PDL (any torch op), before the kernel before it finished. A kernel launched without PDL
-waits for the previous one to finish, as it always does.
+The rule every kernel that takes ``PDL`` keeps: every one of its programs runs
+``wait_for_previous_kernel`` on a straight line from its start, and reads and writes no memory
+before it, so not before the kernel before it is done. The one thing allowed earlier is an L2
+prefetch (``prefetch_to_l2``) of data no kernel writes: the skinny matmul asks for its weight rows
+there, so they stream in while the previous kernel ends. Waiting for that one kernel covers all
+earlier ones: it could not finish before its own programs' waits returned, or, launched without
+PDL (any torch op), before the kernel before it finished. A kernel launched without PDL waits for
+the previous one to finish, as it always does.
 
 The switch is process-wide, like torch's TF32 switch: the engine sets it from its ``triton_pdl``
 option when it enables its kernels, and a CUDA graph keeps what was set when it was captured.
-Which kernels take it: the decode step's small ops, matmuls and attention (``KERNELS``); the
-prefill kernels and the sampler, which sit between torch ops or run long, do not.
+Which kernels take it: the small ops, matmuls and attention a decode step runs (``KERNELS``), in
+whatever step they run; the prefill attention kernel and the sampler, which sit between torch ops
+or run long, do not.
 """
 
 from __future__ import annotations
