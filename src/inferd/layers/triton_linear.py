@@ -287,16 +287,17 @@ def _launch(
         NUM_STAGES=tile.num_stages,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
-        PREFETCH_LINES=_prefetch_lines(weight),
-        LINE_ELEMENTS=_L2_LINE_BYTES // weight.element_size(),
         **launch_options(),
+        **_prefetch_options(weight),
     )  # fmt: skip
     return y
 
 
-def _prefetch_lines(weight: torch.Tensor) -> int:
-    """L2 lines per weight row a launch prefetches before its wait: all of them under PDL, for a
-    weight that fits well within L2; none otherwise."""
-    if not triton_pdl.enabled() or weight.numel() * weight.element_size() > PREFETCH_MAX_BYTES:
-        return 0
-    return triton.next_power_of_2(triton.cdiv(weight.shape[1] * weight.element_size(), _L2_LINE_BYTES))
+def _prefetch_options(weight: torch.Tensor) -> dict[str, int]:
+    """The launch's L2 prefetch before its wait: every line of each weight row under PDL, for a
+    weight that fits well within L2; none otherwise (the kernel's defaults)."""
+    size = weight.element_size()
+    if not triton_pdl.enabled() or weight.numel() * size > PREFETCH_MAX_BYTES:
+        return {}
+    lines = triton.next_power_of_2(triton.cdiv(weight.shape[1] * size, _L2_LINE_BYTES))
+    return {"PREFETCH_LINES": lines, "LINE_ELEMENTS": _L2_LINE_BYTES // size}

@@ -54,8 +54,9 @@ _enabled = False
 
 @triton.jit
 def wait_for_previous_kernel(PDL: tl.constexpr):
-    """A PDL kernel's first statement: let the next kernel launch, then wait for the previous one
-    to finish. Without ``PDL`` nothing is emitted (the interpreter has no grid dependencies)."""
+    """A PDL kernel's wait, before any memory access: let the next kernel launch, then wait for
+    the previous one to finish. Without ``PDL`` nothing is emitted (the interpreter has no grid
+    dependencies)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
