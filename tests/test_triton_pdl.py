@@ -1,9 +1,10 @@
 """Programmatic dependent launch (``layers/triton_pdl.py``), checked through the interpreter.
 
 The interpreter has no grid dependencies, so these tests stand recorders in for the two
-grid-dependency calls and watch the interpreter's memory accesses. With PDL on, every kernel of
-``KERNELS`` must call them as each program's first act, before it reads or writes any memory, and
-compute exactly what it computes with PDL off. On a GPU, ``test_triton_pdl_gpu.py`` checks the
+grid-dependency calls (and the skinny matmul's L2 prefetch) and watch the interpreter's memory
+accesses and the start of each program. With PDL on, every program of every kernel of
+``KERNELS`` must call them before it reads or writes any memory, and compute exactly what it
+computes with PDL off. On a GPU, ``test_triton_pdl_gpu.py`` checks the
 same tokens with and without PDL through captured CUDA graphs.
 """
 
@@ -67,17 +68,20 @@ class Recorder:
 
 def assert_each_program_waits_first(events: list[str]) -> None:
     """Every program lets the next kernel launch and waits before any memory access, with
-    nothing but L2 prefetches before; ``events`` starts a program at each "program"."""
-    programs = "|".join(events).split("program")[1:]
-    assert programs, events
-    for index, program in enumerate(programs):
-        steps = program.strip("|").split("|")
+    nothing but L2 prefetches before; a "program" event starts each program's events."""
+    programs: list[list[str]] = []
+    for event in events:
+        if event == "program":
+            programs.append([])
+        else:
+            assert programs, f"{event} before any program started"
+            programs[-1].append(event)
+    assert programs
+    for index, steps in enumerate(programs):
         assert "wait" in steps, (index, steps[:4])
         before = steps[: steps.index("wait")]
-        assert before[-1:] == ["launch_dependents"] and set(before) <= {"prefetch", "launch_dependents"}, (
-            index,
-            steps[:4],
-        )
+        assert before[-1:] == ["launch_dependents"], (index, steps[:4])
+        assert set(before) <= {"prefetch", "launch_dependents"}, (index, steps[:4])
 
 
 @pytest.fixture
