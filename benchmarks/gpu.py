@@ -856,6 +856,7 @@ VARIANTS = {
     "split_short": {},
     "tiled_linear": {"triton_tiled_linear": True},
     "pdl": {"triton_pdl": True},
+    "decode_rotary": {"triton_decode_rotary": True},
     "pdl_no_prefetch": {"triton_pdl": True},
     # Every feature above that is off by default, together (with split_short's patch too).
     "all_unmeasured": {
@@ -863,6 +864,7 @@ VARIANTS = {
         "triton_sampling": True,
         "triton_tiled_linear": True,
         "triton_pdl": True,
+        "triton_decode_rotary": True,
     },
 }
 # Variants that set a kernel module's constant, not an engine option, for their measurement only:
@@ -944,6 +946,7 @@ def start_engine(
         "triton_fused_linear": llm.engine.config.triton_fused_linear,
         "triton_tiled_linear": llm.engine.config.triton_tiled_linear,
         "triton_pdl": llm.engine.config.triton_pdl,
+        "triton_decode_rotary": llm.engine.config.triton_decode_rotary,
     }
     print("engine start-up:", json.dumps(startup), flush=True)
     return llm, startup
@@ -1189,6 +1192,7 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         functools.partial(qwen.variant, "pdl", workload=True),
         functools.partial(llama.variant, "pdl"),
         functools.partial(qwen.variant, "pdl_no_prefetch"),
+        functools.partial(qwen.variant, "decode_rotary", workload=True),
         functools.partial(qwen.variant, "fused_linear"),
         functools.partial(llama.variant, "fused_linear"),
         functools.partial(qwen.variant, "split_short"),

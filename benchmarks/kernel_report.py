@@ -176,6 +176,16 @@ def cases() -> list[Case]:
               "stride_v_head": _HEAD, **_CACHE, "num_kv_heads": 8, "head_dim": 128},
              {"BLOCK_SIZE": 16, "HEADS_P2": 8, "HEAD_DIM_P2": 128}),
         *decode_cases,
+        # Qwen3's decode step with the rotary, q/k norms and KV store in the attention kernel,
+        # from the fused projection's q, k and v views.
+        Case(ATTENTION, "_paged_decode_rotary_kernel", "decode + q/k norm + rotary + KV store",
+             {"q_ptr": BF16, "k_ptr": BF16, "v_ptr": BF16, **CACHES, "out_ptr": FP32, "lse_ptr": FP32, **STEP,
+              "positions_ptr": I64, "slot_mapping_ptr": I64, "cos_ptr": FP32, "sin_ptr": FP32,
+              "q_norm_weight_ptr": BF16, "k_norm_weight_ptr": BF16, "scale_log2": "fp32", "eps": "fp32"},
+             {**_DECODE_INTS, "stride_q_tok": _QKV_ROW, "stride_k_tok": _QKV_ROW, "stride_k_head": _HEAD,
+              "stride_v_tok": _QKV_ROW, "stride_v_head": _HEAD, "stride_cos_pos": 64},
+             {**decode_tile, "BLOCK_N": default_tile[0], "NORM": True}, num_warps=default_tile[1],
+             pipelined_loop=True),
         # Splits are merged when few sequences leave SMs idle: one sequence split 16 ways.
         Case(ATTENTION, "_merge_splits_kernel", "merge splits",
              {"partial_ptr": FP32, "lse_ptr": FP32, "out_ptr": BF16, "query_start_loc_ptr": I64},

@@ -27,6 +27,7 @@ def test_unset_flags_leave_the_engine_defaults() -> None:
         "triton-linear",
         "triton-fused-linear",
         "triton-tiled-linear",
+        "triton-decode-rotary",
         "triton-pdl",
     ],
 )

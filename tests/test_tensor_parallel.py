@@ -199,12 +199,20 @@ def test_every_rank_switches_the_kernels_the_config_asks_for(tiny_model_factory)
         def enable_triton_ops(self, *switches: bool) -> None:
             calls.append(switches)
 
-    cases = {  # options -> (triton_ops, triton_linear, triton_fused_linear, triton_tiled_linear)
-        (("triton_ops", True), ("triton_fused_linear", True), ("triton_tiled_linear", True)): (True,) * 4,
-        (("triton_ops", True), ("triton_linear", False)): (True, False, False, False),
-        (("triton_linear", True),): (False, True, False, False),
-        (("triton_tiled_linear", True),): (False, False, False, True),
-        (): (False,) * 4,
+    on, off = True, False
+    cases = {  # options -> (ops, linear, fused_linear, tiled_linear, decode_rotary)
+        (("triton_ops", on), ("triton_fused_linear", on), ("triton_tiled_linear", on)): (on, on, on, on, off),
+        (("triton_ops", on), ("triton_linear", off)): (on, off, off, off, off),
+        (("triton_linear", on),): (off, on, off, off, off),
+        (("triton_tiled_linear", on),): (off, off, off, on, off),
+        (("triton_ops", on), ("attention_backend", "triton"), ("triton_decode_rotary", on)): (
+            on,
+            on,
+            off,
+            off,
+            on,
+        ),
+        (): (False,) * 5,
     }
     for options in cases:
         config = build_engine_config(tiny_model_factory("llama"), device="cpu", **dict(options))

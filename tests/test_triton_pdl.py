@@ -130,6 +130,32 @@ def decode_attention(num_splits: int) -> Callable[[], torch.Tensor]:
     )
 
 
+def decode_rotary_attention(num_splits: int) -> Callable[[], torch.Tensor]:
+    """``decode_attention``'s two sequences with their new token's q, k and v unrotated: the
+    kernel normalizes and rotates them, stores k and v in the cache and attends."""
+    block_size, kv_heads, head_dim = 8, 2, 16
+    caches = randn(2, 20, block_size, kv_heads, head_dim, seed=1)
+    block_tables = torch.arange(20, dtype=torch.int32).view(2, 10)
+    seq_lens = torch.tensor([40, 70], dtype=torch.int32)
+    starts = torch.tensor([0, 1, 2], dtype=torch.int32)
+    positions = torch.tensor([39, 69])
+    slots = torch.tensor([39, 18 * block_size + 69 % block_size])
+    qkv = randn(2, (4 + 2 * kv_heads) * head_dim, seed=2)
+    q, k, v = (t.view(2, -1, head_dim) for t in qkv.split([64, 32, 32], dim=-1))
+    cos, sin = randn(80, head_dim // 2, seed=4), randn(80, head_dim // 2, seed=5)
+    norm = (randn(head_dim, seed=6), randn(head_dim, seed=7), 1e-6)
+
+    def run() -> torch.Tensor:
+        k_cache, v_cache = caches[0].clone(), caches[1].clone()
+        out = triton_kernels.paged_decode_rotary_attention(
+            q, k, v, positions, cos, sin, k_cache, v_cache, slots, block_tables, seq_lens, starts, 0.25,
+            num_splits, norm,
+        )  # fmt: skip
+        return torch.cat([out.flatten(), k_cache.flatten(), v_cache.flatten()])
+
+    return run
+
+
 def rotate_and_store() -> torch.Tensor:
     qkv = randn(3, 8 * 16, seed=3)
     q, k, v = (t.view(3, -1, 16) for t in qkv.split([64, 32, 32], dim=-1))
@@ -164,6 +190,10 @@ LAUNCHES: dict[str, tuple[Callable[[], object], dict[str, int]]] = {
     "decode attention": (decode_attention(1), {"_paged_decode_kernel": 4}),
     # 2 sequences x 2 KV heads x 3 splits, then 2 sequences x 4 heads merged.
     "split decode attention": (decode_attention(3), {"_paged_decode_kernel": 12, "_merge_splits_kernel": 8}),
+    "split decode attention with rotary": (
+        decode_rotary_attention(3),
+        {"_paged_decode_rotary_kernel": 12, "_merge_splits_kernel": 8},
+    ),
 }
 
 

@@ -195,6 +195,10 @@ class EngineConfig:
     # does not take, on a Triton tensor-core matmul (layers/triton_tiled_linear.py) instead of
     # cuBLAS. Off until a GPU run measures it.
     triton_tiled_linear: bool = False
+    # A pure decode step's attention kernel applies the rotary (and q/k norms) and stores the new
+    # K/V itself, one launch a layer fewer (attention/triton_kernels.py); needs triton_ops and the
+    # Triton attention backend. Off until a GPU run measures it.
+    triton_decode_rotary: bool = False
     # Temperature-only random rows drawn by one fused Triton kernel (sample/triton_sampling.py);
     # off until a GPU run measures it against the torch race.
     triton_sampling: bool = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from inferd.attention.base import AttentionMetadata
+from inferd.layers.rotary import TritonRotary
 
 
 class TritonAttentionBackend:
@@ -38,6 +39,28 @@ class TritonAttentionBackend:
         self._kernels.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.attend(q, k_cache, v_cache, meta, scale)
 
+    def rotate_store_attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotary: TritonRotary,
+        qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """A pure decode step's attention from the unrotated q, k and v: one kernel rotates (after
+        the q/k norms), stores the new K/V and attends (``paged_decode_rotary_attention``)."""
+        if not meta.is_pure_decode:
+            raise ValueError("rotate_store_attend takes pure decode steps only")
+        return self._kernels.paged_decode_rotary_attention(
+            q, k, v, rotary.positions, rotary.cos_table, rotary.sin_table, k_cache, v_cache,
+            meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+            self._num_splits(meta, k_cache, q.device), qk_norm,
+        )  # fmt: skip
+
     def attend(
         self,
         q: torch.Tensor,
@@ -48,13 +71,17 @@ class TritonAttentionBackend:
     ) -> torch.Tensor:
         kernels = self._kernels
         if meta.is_pure_decode:
-            num_splits = self._decode_splits or kernels.default_num_splits(
-                meta.num_seqs, k_cache.shape[2], meta.max_seq_len, kernels.num_sms(q.device)
-            )
             return kernels.paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale, num_splits
-            )
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+                self._num_splits(meta, k_cache, q.device),
+            )  # fmt: skip
         return kernels.paged_extend_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
             meta.max_query_len, scale,
         )  # fmt: skip
+
+    def _num_splits(self, meta: AttentionMetadata, k_cache: torch.Tensor, device: torch.device) -> int:
+        kernels = self._kernels
+        return self._decode_splits or kernels.default_num_splits(
+            meta.num_seqs, k_cache.shape[2], meta.max_seq_len, kernels.num_sms(device)
+        )

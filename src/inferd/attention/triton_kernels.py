@@ -18,6 +18,7 @@ Set ``TRITON_INTERPRET=1`` before importing it to run the kernels on the CPU.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -199,17 +200,210 @@ def _paged_decode_kernel(
         other=0.0,
     ).to(k_cache_ptr.dtype.element_ty)
 
-    # Split lengths follow the sequence's own length (a multiple of BLOCK_N), so the launch
-    # depends on no host-side length and can be replayed in a CUDA graph.
+    start, end = _split_range(seq_len, num_splits, split, BLOCK_N)
+    acc, m_i, l_i = _attend_range(
+        q, start, end, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt_seq, kv_head,
+        head_mask, dims, dim_mask, stride_kc_block, stride_kc_tok, stride_kc_head, stride_vc_block,
+        stride_vc_tok, stride_vc_head, scale_log2, BLOCK_SIZE, GROUP_P2, HEAD_DIM_P2, BLOCK_N,
+    )  # fmt: skip
+    _store_split_result(
+        acc, m_i, l_i, out_ptr, lse_ptr, seq, q_row, split, heads, head_mask, dims, dim_mask,
+        stride_o_row, stride_o_head, stride_o_split, stride_lse_seq, stride_lse_head,
+    )  # fmt: skip
+
+
+@triton.jit
+def _rope_rows(
+    src,
+    norm_weight_ptr,
+    dims,
+    partners,
+    mask,
+    cos,
+    sin,
+    signs,
+    head_dim,
+    eps,
+    NORM: tl.constexpr,
+):
+    """Rotate-half rotation of head rows, ``src`` ``[rows, 1]`` pointers to their starts, as
+    ``layers/triton_ops.py``'s rotary kernel computes it: each dimension ``d`` pairs with
+    ``partners[d]`` (``d +- head_dim / 2``), ``x[d] c + signs[d] x[partner] s``. With ``NORM``,
+    each row is first RMS-normalized and scaled by ``norm_weight``, rounded where the torch layers
+    round. Returns the rows in the input dtype."""
+    x = tl.load(src + dims[None, :], mask=mask, other=0.0)
+    partner = tl.load(src + partners[None, :], mask=mask, other=0.0)
+    if NORM:
+        a, b = x.to(tl.float32), partner.to(tl.float32)
+        scale = tl.rsqrt(tl.sum(a * a, axis=1) / head_dim + eps)[:, None]
+        valid = dims < head_dim
+        w = tl.load(norm_weight_ptr + dims, mask=valid, other=0.0).to(tl.float32)[None, :]
+        w_partner = tl.load(norm_weight_ptr + partners, mask=valid, other=0.0).to(tl.float32)[None, :]
+        x = (w * (a * scale).to(x.dtype).to(tl.float32)).to(x.dtype)
+        partner = (w_partner * (b * scale).to(x.dtype).to(tl.float32)).to(x.dtype)
+    rotated = x.to(tl.float32) * cos[None, :] + signs[None, :] * partner.to(tl.float32) * sin[None, :]
+    return rotated.to(x.dtype)
+
+
+@triton.jit
+def _paged_decode_rotary_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    lse_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    positions_ptr,
+    slot_mapping_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_norm_weight_ptr,
+    k_norm_weight_ptr,
+    scale_log2,
+    eps,
+    stride_q_tok,
+    stride_q_head,
+    stride_k_tok,
+    stride_k_head,
+    stride_v_tok,
+    stride_v_head,
+    stride_cos_pos,
+    stride_kc_block,
+    stride_kc_tok,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_tok,
+    stride_vc_head,
+    stride_bt_seq,
+    stride_o_row,
+    stride_o_head,
+    stride_o_split,
+    stride_lse_seq,
+    stride_lse_head,
+    head_dim,
+    group_size,
+    num_splits,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NORM: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """``_paged_decode_kernel`` from the projection's raw q, k and v: each program rotates its
+    group's q rows itself (after the q/k norms with ``NORM``), and the split that holds the new
+    token also rotates its k, stores it and v in their cache slot (a negative slot: not stored)
+    and folds the new token into its softmax from registers, so it never reads that slot back.
+    The rotary kernel's launch is saved; the results are those of the rotary kernel followed by
+    ``_paged_decode_kernel``, up to the order of float32 sums and the new token's weight, which
+    is not rounded to the cache's dtype here."""
+    wait_for_previous_kernel(PDL)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    q_row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    position = tl.load(positions_ptr + q_row).to(tl.int64)
+
+    group = tl.arange(0, GROUP_P2)
+    head_mask = group < group_size
+    heads = kv_head * group_size + group
+    dims = tl.arange(0, HEAD_DIM_P2)
+    dim_mask = dims < head_dim
+    half = head_dim // 2
+    first_half = dims < half
+    partners = tl.where(first_half, dims + half, dims - half)
+    signs = tl.where(first_half, -1.0, 1.0)
+    angle_dims = tl.where(first_half, dims, dims - half)
+    cos = tl.load(cos_ptr + position * stride_cos_pos + angle_dims, mask=dim_mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + position * stride_cos_pos + angle_dims, mask=dim_mask, other=0.0).to(tl.float32)
+    q_rows = q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head
+    q = _rope_rows(q_rows, q_norm_weight_ptr, dims, partners, head_mask[:, None] & dim_mask[None, :],
+                   cos, sin, signs, head_dim, eps, NORM).to(k_cache_ptr.dtype.element_ty)  # fmt: skip
+
+    # The new token's k and v, made before the loop so the rotation's operands need not live
+    # through it; the split that holds the token stores them.
+    row_mask = (tl.arange(0, 1) < 1)[:, None] & dim_mask[None, :]
+    k_row = k_ptr + q_row * stride_k_tok + kv_head * stride_k_head + tl.zeros([1, 1], dtype=tl.int64)
+    k = _rope_rows(k_row, k_norm_weight_ptr, dims, partners, row_mask, cos, sin, signs, head_dim, eps,
+                   NORM).to(k_cache_ptr.dtype.element_ty)  # fmt: skip
+    v_row = v_ptr + q_row * stride_v_tok + kv_head * stride_v_head + tl.zeros([1, 1], dtype=tl.int64)
+    v = tl.load(v_row + dims[None, :], mask=row_mask, other=0.0).to(v_cache_ptr.dtype.element_ty)
+    start, end = _split_range(seq_len, num_splits, split, BLOCK_N)
+    new_pos = seq_len - 1  # not in the cache yet: folded in from registers below
+    holds_new = (start <= new_pos) & (new_pos < end)
+    slot = tl.load(slot_mapping_ptr + q_row).to(tl.int64)
+    if holds_new & (slot >= 0):
+        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        k_dst = k_cache_ptr + block * stride_kc_block + offset * stride_kc_tok + kv_head * stride_kc_head
+        v_dst = v_cache_ptr + block * stride_vc_block + offset * stride_vc_tok + kv_head * stride_vc_head
+        tl.store(k_dst + dims[None, :], k, mask=row_mask)
+        tl.store(v_dst + dims[None, :], v, mask=row_mask)
+
+    acc, m_i, l_i = _attend_range(
+        q, start, tl.minimum(end, new_pos), k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt_seq,
+        kv_head, head_mask, dims, dim_mask, stride_kc_block, stride_kc_tok, stride_kc_head, stride_vc_block,
+        stride_vc_tok, stride_vc_head, scale_log2, BLOCK_SIZE, GROUP_P2, HEAD_DIM_P2, BLOCK_N,
+    )  # fmt: skip
+    if holds_new:
+        scores = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) * scale_log2
+        scores = tl.where(head_mask, scores, float("-inf"))
+        m_new = tl.maximum(m_i, scores)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        m_i = m_new
+    _store_split_result(
+        acc, m_i, l_i, out_ptr, lse_ptr, seq, q_row, split, heads, head_mask, dims, dim_mask,
+        stride_o_row, stride_o_head, stride_o_split, stride_lse_seq, stride_lse_head,
+    )  # fmt: skip
+
+
+@triton.jit
+def _split_range(seq_len, num_splits, split, BLOCK_N: tl.constexpr):
+    """Context positions ``[start, end)`` of split ``split``. Split lengths follow the sequence's
+    own length (a multiple of BLOCK_N), so the launch depends on no host-side length and can be
+    replayed in a CUDA graph."""
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    return start, tl.minimum(start + split_len, seq_len)
 
+
+@triton.jit
+def _attend_range(
+    q,
+    start,
+    end,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_row_ptr,
+    kv_head,
+    head_mask,
+    dims,
+    dim_mask,
+    stride_kc_block,
+    stride_kc_tok,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_tok,
+    stride_vc_head,
+    scale_log2,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The softmax state ``(acc, m_i, l_i)`` of a group's query rows over cached positions
+    ``[start, end)``, tile by tile."""
     # A finite start for the running max keeps exp2(m_i - m_new) defined for rows that see no key.
     m_i = tl.full([GROUP_P2], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_P2], dtype=tl.float32)
     acc = tl.zeros([GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
-    block_table_row_ptr = block_tables_ptr + seq * stride_bt_seq
     for tile_start in range(start, end, BLOCK_N):
         key_pos = tile_start + tl.arange(0, BLOCK_N)
         key_valid = key_pos < end
@@ -220,7 +414,30 @@ def _paged_decode_kernel(
             stride_kc_block, stride_kc_tok, stride_kc_head,
             stride_vc_block, stride_vc_tok, stride_vc_head, scale_log2, BLOCK_SIZE,
         )  # fmt: skip
+    return acc, m_i, l_i
 
+
+@triton.jit
+def _store_split_result(
+    acc,
+    m_i,
+    l_i,
+    out_ptr,
+    lse_ptr,
+    seq,
+    q_row,
+    split,
+    heads,
+    head_mask,
+    dims,
+    dim_mask,
+    stride_o_row,
+    stride_o_head,
+    stride_o_split,
+    stride_lse_seq,
+    stride_lse_head,
+):
+    """A split's normalized output and log2-sum-exp (a row without keys: zeros and -inf)."""
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     out_ptrs = out_ptr + q_row * stride_o_row + heads[:, None] * stride_o_head + split * stride_o_split
@@ -436,51 +653,141 @@ def paged_decode_attention(
     """
     _check_cache(k_cache, v_cache)
     q = _rows_contiguous(q)
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    group_size = num_heads // num_kv_heads
-    num_seqs = seq_lens.shape[0]
     if out is None:
         out = torch.empty_like(q)
-    if num_seqs == 0:
+    step = _DecodeOutputs.allocate(out, seq_lens.shape[0], num_splits)
+    if step is None:
         return out
-    lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    if num_splits == 1:
-        partial, stride_split = out, 0
-    else:
-        partial_shape = (q.shape[0], num_heads, num_splits, head_dim)
-        partial = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
-        stride_split = partial.stride(2)
-    head_dim_p2 = _pow2_at_least(head_dim, _MIN_DOT_DIM)
-    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, partial, lse, block_tables, seq_lens, query_start_loc,
+    _paged_decode_kernel[(step.num_seqs, k_cache.shape[2], num_splits)](
+        q, k_cache, v_cache, step.partial, step.lse, block_tables, seq_lens, query_start_loc,
         scale * _LOG2_E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        partial.stride(0), partial.stride(1), stride_split,
-        lse.stride(0), lse.stride(1),
-        head_dim, group_size, num_splits,
-        BLOCK_SIZE=k_cache.shape[1],
-        GROUP_P2=_pow2_at_least(group_size, _MIN_DOT_DIM),
-        HEAD_DIM_P2=head_dim_p2,
-        BLOCK_N=_DECODE_BLOCK_N,
-        num_warps=_DECODE_NUM_WARPS,
+        step.partial.stride(0), step.partial.stride(1), step.stride_split,
+        step.lse.stride(0), step.lse.stride(1),
+        q.shape[2], q.shape[1] // k_cache.shape[2], num_splits,
+        **_decode_tile(q.shape[1] // k_cache.shape[2], q.shape[2], k_cache.shape[1]),
         **launch_options(),
     )  # fmt: skip
-    if num_splits > 1:
-        _merge_splits_kernel[(num_seqs, num_heads)](
+    step.merge(query_start_loc)
+    return out
+
+
+def paged_decode_rotary_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """``layers/triton_ops.rotate_and_store_kv`` then ``paged_decode_attention``, in one launch:
+    ``q``, ``k``, ``v`` (``[num_tokens, heads, head_dim]``, strided views of the fused projection
+    will do) are the step's unrotated rows; each sequence's new k and v go to its slot in the
+    cache, as the rotary kernel stores them. ``qk_norm`` = ``(q_weight, k_weight, eps)``: Qwen3's
+    per-head norms first. Returns the attention output, ``[num_tokens, heads, head_dim]``."""
+    _check_cache(k_cache, v_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    kv_shape = (num_tokens, k_cache.shape[2], head_dim)
+    if k.shape != kv_shape or v.shape != kv_shape or k_cache.shape[3] != head_dim:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not fit the "
+                         f"cache {tuple(k_cache.shape)}")  # fmt: skip
+    if head_dim % 2 or cos_table.shape[-1] != head_dim // 2 or sin_table.shape != cos_table.shape:
+        raise ValueError(f"cos/sin tables {tuple(cos_table.shape)} do not fit head dim {head_dim}")
+    if positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
+        raise ValueError("positions and slot_mapping must have one entry per token")
+    if min(q.stride(-1), k.stride(-1), v.stride(-1), cos_table.stride(-1), sin_table.stride(-1)) != 1:
+        raise ValueError("q, k, v and the cos/sin tables must have unit stride along the head dimension")
+    if cos_table.stride(0) != sin_table.stride(0):
+        raise ValueError("the cos and sin tables must share their row stride")
+    q_weight, k_weight, eps = qk_norm if qk_norm is not None else (q, k, 0.0)  # weights unread without
+    if qk_norm is not None and any(w.shape != (head_dim,) or w.stride(0) != 1 for w in (q_weight, k_weight)):
+        raise ValueError(f"q/k norm weights must be contiguous [{head_dim}] vectors")
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    step = _DecodeOutputs.allocate(out, seq_lens.shape[0], num_splits)
+    if step is None:
+        return out
+    group_size = num_heads // k_cache.shape[2]
+    _paged_decode_rotary_kernel[(step.num_seqs, k_cache.shape[2], num_splits)](
+        q, k, v, k_cache, v_cache, step.partial, step.lse, block_tables, seq_lens, query_start_loc,
+        positions, slot_mapping, cos_table, sin_table, q_weight, k_weight,
+        scale * _LOG2_E, eps,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        step.partial.stride(0), step.partial.stride(1), step.stride_split,
+        step.lse.stride(0), step.lse.stride(1),
+        head_dim, group_size, num_splits,
+        **_decode_tile(group_size, head_dim, k_cache.shape[1]),
+        NORM=qk_norm is not None,
+        **launch_options(),
+    )  # fmt: skip
+    step.merge(query_start_loc)
+    return out
+
+
+def _decode_tile(group_size: int, head_dim: int, block_size: int) -> dict[str, int]:
+    """The decode kernels' shared tile constexprs and warps."""
+    return {
+        "BLOCK_SIZE": block_size,
+        "GROUP_P2": _pow2_at_least(group_size, _MIN_DOT_DIM),
+        "HEAD_DIM_P2": _pow2_at_least(head_dim, _MIN_DOT_DIM),
+        "BLOCK_N": _DECODE_BLOCK_N,
+        "num_warps": _DECODE_NUM_WARPS,
+    }
+
+
+@dataclass(frozen=True)
+class _DecodeOutputs:
+    """Where a decode kernel writes: the output itself, unsplit, or per-split partial outputs
+    and log2-sum-exps that ``merge`` combines into it."""
+
+    out: torch.Tensor
+    partial: torch.Tensor
+    lse: torch.Tensor
+    stride_split: int
+    num_seqs: int
+    num_splits: int
+
+    @staticmethod
+    def allocate(out: torch.Tensor, num_seqs: int, num_splits: int) -> _DecodeOutputs | None:
+        """None when there is no sequence to attend for."""
+        if num_seqs == 0:
+            return None
+        num_heads, head_dim = out.shape[1], out.shape[2]
+        lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=out.device)
+        if num_splits == 1:
+            return _DecodeOutputs(out, out, lse, 0, num_seqs, 1)
+        partial_shape = (out.shape[0], num_heads, num_splits, head_dim)
+        partial = torch.empty(partial_shape, dtype=torch.float32, device=out.device)
+        return _DecodeOutputs(out, partial, lse, partial.stride(2), num_seqs, num_splits)
+
+    def merge(self, query_start_loc: torch.Tensor) -> None:
+        if self.num_splits == 1:
+            return
+        out, partial, lse = self.out, self.partial, self.lse
+        _merge_splits_kernel[(self.num_seqs, out.shape[1])](
             partial, lse, out, query_start_loc,
             partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            num_splits, head_dim,
-            SPLITS_P2=_pow2_at_least(num_splits),
-            HEAD_DIM_P2=head_dim_p2,
+            self.num_splits, out.shape[2],
+            SPLITS_P2=_pow2_at_least(self.num_splits),
+            HEAD_DIM_P2=_pow2_at_least(out.shape[2], _MIN_DOT_DIM),
             **launch_options(),
         )  # fmt: skip
-    return out
 
 
 def paged_extend_attention(

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from inferd.attention.registry import resolve_backend_name
 from inferd.config import CacheConfig, EngineConfig, ModelConfig, ModelLoadError, SchedulerConfig, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         triton_linear=options.pop("triton_linear", None),
         triton_fused_linear=bool(options.pop("triton_fused_linear", False)),
         triton_tiled_linear=bool(options.pop("triton_tiled_linear", False)),
+        triton_decode_rotary=bool(options.pop("triton_decode_rotary", False)),
         triton_sampling=bool(options.pop("triton_sampling", False)),
         triton_pdl=bool(options.pop("triton_pdl", False)),
         async_scheduling=options.pop("async_scheduling", None),
@@ -86,6 +88,11 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
                          "to the other ranks from the host)")  # fmt: skip
     if config.triton_fused_linear and not config.uses_triton_linear:
         raise ValueError("triton_fused_linear fuses ops into the Triton matmul: it needs triton_linear")
+    if config.triton_decode_rotary and not (
+        config.uses_triton_ops and resolve_backend_name(config.attention_backend, config.device) == "triton"
+    ):
+        raise ValueError("triton_decode_rotary moves the Triton rotary into Triton decode attention: "
+                         "it needs triton_ops and the triton attention backend")  # fmt: skip
     if config.triton_pdl and not config.device.startswith("cuda"):
         raise ValueError(f"triton_pdl launches kernels on a CUDA GPU; the device is {config.device}")
     if config.load_format not in ("safetensors", "dummy"):

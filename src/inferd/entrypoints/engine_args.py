@@ -62,6 +62,12 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         help="a Triton tensor-core matmul for wide projections of steps of up to 256 rows (default: off)",
     )
     group.add_argument(
+        "--triton-decode-rotary",
+        action=argparse.BooleanOptionalAction,
+        help="decode attention applies the rotary and q/k norms and stores the new K/V itself, one launch "
+        "a layer fewer (default: off)",
+    )
+    group.add_argument(
         "--triton-pdl",
         action=argparse.BooleanOptionalAction,
         help="launch the Triton kernels of the forward pass with programmatic dependent launch, each during "
@@ -90,6 +96,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "triton_linear",
         "triton_fused_linear",
         "triton_tiled_linear",
+        "triton_decode_rotary",
         "triton_pdl",
     ):
         if getattr(args, switch) is not None:

@@ -57,6 +57,8 @@ class TritonRotary:
     positions: torch.Tensor
     cos_table: torch.Tensor
     sin_table: torch.Tensor
+    # A pure decode step's attention rotates and stores itself (``Attention.forward``).
+    in_decode_attention: bool = False
 
     def rotate_and_store(
         self,
@@ -97,11 +99,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
         self.use_triton = False
+        # With use_triton: the decode attention kernel does the rotation (``TritonRotary``).
+        self.in_decode_attention = False
 
     def lookup(self, positions: torch.Tensor) -> RotaryStep:
         """The rotation of a step's positions; looked up once, used by every layer."""
         if self.use_triton:
-            return TritonRotary(positions, self.cos, self.sin)
+            return TritonRotary(positions, self.cos, self.sin, self.in_decode_attention)
         return GatheredRotary(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
 
 

@@ -46,6 +46,7 @@ KERNELS = (
     "inferd.layers.triton_linear:_skinny_linear_kernel",
     "inferd.layers.triton_tiled_linear:_tiled_linear_kernel",
     "inferd.attention.triton_kernels:_paged_decode_kernel",
+    "inferd.attention.triton_kernels:_paged_decode_rotary_kernel",
     "inferd.attention.triton_kernels:_merge_splits_kernel",
 )
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from inferd.attention.base import AttentionBackend, AttentionMetadata
+from inferd.attention.triton_backend import TritonAttentionBackend
 from inferd.config import ModelConfig
 from inferd.layers.activation import SiluAndMul
 from inferd.layers.linear import Linear
@@ -53,7 +54,17 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         norms = (self.q_norm, self.k_norm) if self.q_norm is not None and self.k_norm is not None else None
-        if isinstance(rotary, TritonRotary):
+        if isinstance(rotary, TritonRotary) and rotary.in_decode_attention and meta.is_pure_decode:
+            # The decode attention kernel rotates, stores the new K/V and attends: one launch.
+            if not isinstance(backend, TritonAttentionBackend):
+                raise TypeError(
+                    f"rotary in decode attention needs the triton attention backend, not {backend.name}"
+                )
+            weights = (norms[0].weight, norms[1].weight, norms[0].eps) if norms is not None else None
+            out = backend.rotate_store_attend(
+                q, k, v, rotary, weights, kv_cache[0], kv_cache[1], meta, self.scale
+            )
+        elif isinstance(rotary, TritonRotary):
             # One kernel rotates and stores the new K/V; attention then reads them from the cache.
             q = rotary.rotate_and_store(q, k, v, kv_cache, meta.slot_mapping, norms)
             out = backend.attend(q, kv_cache[0], kv_cache[1], meta, self.scale)
@@ -149,16 +160,25 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def enable_triton_ops(
-        self, enabled: bool, linear: bool = False, fused_linear: bool = False, tiled_linear: bool = False
+        self,
+        enabled: bool,
+        linear: bool = False,
+        fused_linear: bool = False,
+        tiled_linear: bool = False,
+        decode_rotary: bool = False,
     ) -> None:
         """Switch every RMSNorm (with its residual add), the rotary embedding and SiLU-and-mul
         to the Triton kernels of ``layers/triton_ops.py``, or back to torch; with ``linear``, the
         layers' projections of few-row inputs to ``layers/triton_linear.py``, and with
         ``fused_linear`` too, those projections make their inputs (norm, SiLU-and-mul) on load;
         with ``tiled_linear``, wide projections of up to 256 rows to
-        ``layers/triton_tiled_linear.py``. Off by default."""
+        ``layers/triton_tiled_linear.py``; with ``decode_rotary``, a pure decode step's attention
+        kernel does the rotary, the q/k norms and the KV store itself (it needs the Triton
+        attention backend). Off by default."""
         if fused_linear and not linear:
             raise ValueError("fused_linear fuses ops into the Triton matmul, which needs linear")
+        if decode_rotary and not enabled:
+            raise ValueError("decode_rotary moves the Triton rotary into decode attention: it needs enabled")
         # Fails here, not in the middle of the first forward, where triton is missing.
         if enabled:
             importlib.import_module("inferd.layers.triton_ops")
@@ -167,6 +187,8 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
                 module.use_triton = enabled
+                if isinstance(module, RotaryEmbedding):
+                    module.in_decode_attention = decode_rotary
             elif isinstance(module, Linear):
                 module.triton_max_rows = triton_linear.rows_routed(module.weight) if triton_linear else 0
                 module.fuse_input_ops = fused_linear

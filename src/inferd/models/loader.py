@@ -108,7 +108,7 @@ def enable_configured_kernels(model: CausalLM, config: EngineConfig) -> None:
     """Switch ``model``'s Triton kernels as ``config`` asks. The engine and every other rank of a
     tensor-parallel group call this one function, so all of them run the same kernels."""
     model.enable_triton_ops(config.uses_triton_ops, config.uses_triton_linear, config.triton_fused_linear,
-                            config.triton_tiled_linear)  # fmt: skip
+                            config.triton_tiled_linear, config.triton_decode_rotary)  # fmt: skip
     # The launch switch is process-wide: set it either way where a kernel may have read it, so an
     # engine built after one with PDL does not inherit it. Where the module was never imported, no
     # kernel has launched with it and triton need not be imported to keep it off.

@@ -28,7 +28,12 @@ class CausalLM(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def enable_triton_ops(
-        self, enabled: bool, linear: bool = False, fused_linear: bool = False, tiled_linear: bool = False
+        self,
+        enabled: bool,
+        linear: bool = False,
+        fused_linear: bool = False,
+        tiled_linear: bool = False,
+        decode_rotary: bool = False,
     ) -> None: ...
 
     def set_all_reduce(self, all_reduce: Callable[[torch.Tensor], None]) -> None: ...
