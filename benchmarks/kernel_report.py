@@ -236,7 +236,7 @@ def with_pdl_cases(cases: list[Case]) -> list[Case]:
 
 def pdl_case(case: Case) -> Case:
     """``case`` launched with PDL; the skinny matmul then prefetches its weight rows into L2 before
-    its wait, as ``triton_linear._prefetch_lines`` asks for a weight that fits (bfloat16 here)."""
+    its wait, as ``triton_linear._prefetch_options`` asks for a weight that fits (bfloat16 here)."""
     constexprs = dict(case.constexprs)
     if case.kernel == "_skinny_linear_kernel":
         lines = -(-case.ints["in_features"] * 2 // 128)

@@ -235,6 +235,19 @@ def test_the_skinny_matmul_prefetches_exactly_its_weight_before_the_wait(
     assert recorder.prefetched == set(range(start // 128, (start + WEIGHT.nbytes - 1) // 128 + 1))
 
 
+def test_the_prefetch_stays_within_a_weight_with_masked_features_and_lines(
+    recorder: Recorder,
+) -> None:
+    """38 features (the last program's 4 hold 2) of 80 float32 inputs (320 bytes a row: 3 of 4
+    line slots used), from a 128-byte aligned address: exactly the weight's lines."""
+    storage = torch.empty(38 * 80 + 32)
+    skip = (-storage.data_ptr() % 128) // 4
+    weight = storage[skip : skip + 38 * 80].view(38, 80).copy_(randn(38, 80, seed=8))
+    triton_linear.skinny_linear(randn(1, 80), weight)
+    start = weight.data_ptr()
+    assert recorder.prefetched == set(range(start // 128, (start + weight.nbytes - 1) // 128 + 1))
+
+
 def test_no_prefetch_without_pdl_or_for_a_weight_past_the_limit(recorder: Recorder, monkeypatch) -> None:
     launch, _ = LAUNCHES["skinny"]
     monkeypatch.setattr(triton_linear, "PREFETCH_MAX_BYTES", WEIGHT.nbytes - 1)

@@ -70,8 +70,8 @@ def prefetch_to_l2(ptrs):
     For a PDL kernel's inputs that no kernel writes (weights), before its wait: the lines stream in
     while the previous kernel finishes, and the loads after the wait find them in L2. A prefetch
     never makes a load see stale data (L2 is where the GPU's writes meet), so it is safe for any
-    address; it is only worth it for data the previous kernel does not make. Compiled code only:
-    the interpreter has no inline assembly, so only PDL kernels call it.
+    valid global address; it is only worth it for data the previous kernel does not make.
+    Compiled code only: the interpreter has no inline assembly, so only PDL kernels call it.
     """
     tl.inline_asm_elementwise(
         "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
