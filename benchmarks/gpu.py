@@ -1187,19 +1187,20 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         qwen.checks,
         functools.partial(qwen.variant, "default", workload=True),
         functools.partial(llama.variant, "default"),
-        # The features that are off until measured, one at a time and then together: what the
-        # targets need, so they come before the sweeps that explain them.
+        # The features that are off until measured, together and then one at a time: what the
+        # targets need, so they come before the sweeps that explain them. Together first: the
+        # figures the defaults would give if all of them were switched on.
+        functools.partial(qwen.variant, "all_unmeasured", workload=True),
+        functools.partial(llama.variant, "all_unmeasured"),
         functools.partial(qwen.variant, "pdl", workload=True),
         functools.partial(llama.variant, "pdl"),
-        functools.partial(qwen.variant, "pdl_no_prefetch"),
         functools.partial(qwen.variant, "decode_rotary", workload=True),
         functools.partial(qwen.variant, "fused_linear"),
         functools.partial(llama.variant, "fused_linear"),
         functools.partial(qwen.variant, "split_short"),
         functools.partial(qwen.variant, "triton_sampling", workload=True),
         functools.partial(qwen.variant, "tiled_linear", workload=True),
-        functools.partial(qwen.variant, "all_unmeasured", workload=True),
-        functools.partial(llama.variant, "all_unmeasured"),
+        functools.partial(qwen.variant, "pdl_no_prefetch"),
         qwen.fused_input_sweep,
         qwen.tiled_sweep,
         qwen.linear_sweep,
