@@ -141,8 +141,10 @@ def test_rejects_rows_or_norm_weights_that_do_not_fit() -> None:
 def test_a_model_decode_step_gives_the_two_kernel_logits(tiny_model_factory, monkeypatch, arch: str) -> None:
     """Three sequences' decode step through the whole model, with and without the option: the
     rotary kernel no longer runs, the logits agree and the next step sees the same cache."""
+    # float32 on a GPU too: compiled, the cached keys' scores are TF32 dots in both paths and the
+    # new token's a float32 sum here.
     options = dict(kv_cache_memory="4MiB", block_size=8, attention_backend="triton", triton_ops=True,
-                   async_scheduling=False)  # fmt: skip
+                   async_scheduling=False, device=DEVICE.type, dtype="float32")  # fmt: skip
     folder = tiny_model_factory(arch)
     logits, caches = [], []
     rotary_calls: list[int] = []
@@ -166,7 +168,7 @@ def test_a_model_decode_step_gives_the_two_kernel_logits(tiny_model_factory, mon
         logits.append(core.runner.logits_for(decode))
         assert bool(rotary_calls) is not decode_rotary
         caches.append([t.clone() for t in core.runner.kv_caches[0]])
-    assert (logits[1] - logits[0]).abs().max().item() < 1e-4
+    assert (logits[1] - logits[0]).abs().max().item() < (1e-4 if INTERPRETED else 2e-3)
     for fused, unfused in zip(caches[1], caches[0], strict=True):
         torch.testing.assert_close(fused, unfused, atol=1e-6, rtol=1e-6)
 
