@@ -71,14 +71,21 @@ class TritonRotary:
     ) -> torch.Tensor:
         """The rotation (after the q/k norms, if given) with the new k and v written into their
         cache slots, all in one kernel: three launches fewer per layer than norms, rotary and KV
-        store apart. Both norms come from the model's one ``rms_norm_eps``. Returns the rotated q."""
+        store apart. Returns the rotated q."""
         from inferd.layers import triton_ops
 
-        weights = (qk_norms[0].weight, qk_norms[1].weight, qk_norms[0].eps) if qk_norms else None
         return triton_ops.rotate_and_store_kv(
             q, k, v, self.positions, self.cos_table, self.sin_table, kv_cache[0], kv_cache[1], slot_mapping,
-            qk_norm=weights,
+            qk_norm=qk_norm_weights(qk_norms),
         )  # fmt: skip
+
+
+def qk_norm_weights(
+    qk_norms: tuple[RMSNorm, RMSNorm] | None,
+) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The q/k norms as the Triton kernels take them: both weights and one epsilon (both norms
+    come from the model's one ``rms_norm_eps``)."""
+    return (qk_norms[0].weight, qk_norms[1].weight, qk_norms[0].eps) if qk_norms else None
 
 
 # One step's rotation: built once per step from its positions, applied in every layer. The torch

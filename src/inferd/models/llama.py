@@ -19,7 +19,7 @@ from inferd.config import ModelConfig
 from inferd.layers.activation import SiluAndMul
 from inferd.layers.linear import Linear
 from inferd.layers.norm import RMSNorm
-from inferd.layers.rotary import RotaryEmbedding, RotaryStep, TritonRotary
+from inferd.layers.rotary import RotaryEmbedding, RotaryStep, TritonRotary, qk_norm_weights
 
 AllReduce = Callable[[torch.Tensor], None]
 
@@ -60,9 +60,8 @@ class Attention(nn.Module):
                 raise TypeError(
                     f"rotary in decode attention needs the triton attention backend, not {backend.name}"
                 )
-            weights = (norms[0].weight, norms[1].weight, norms[0].eps) if norms is not None else None
             out = backend.rotate_store_attend(
-                q, k, v, rotary, weights, kv_cache[0], kv_cache[1], meta, self.scale
+                q, k, v, rotary, qk_norm_weights(norms), kv_cache[0], kv_cache[1], meta, self.scale
             )
         elif isinstance(rotary, TritonRotary):
             # One kernel rotates and stores the new K/V; attention then reads them from the cache.
