@@ -4,8 +4,10 @@
 in its wheel, with arguments specialized as the launcher specializes them on a GPU. So shape, type
 and layout errors that the interpreter does not catch show up in CI, and so do register spills,
 shared memory past a block's limit, attention loops whose K/V loads are no longer
-asynchronous (pipelined), and integer arguments that change every call (the sampler's seed)
-but would be specialized on their value, recompiling the kernel while serving. It runs in a
+asynchronous (pipelined), integer arguments that change every call (the sampler's seed)
+but would be specialized on their value, recompiling the kernel while serving, and kernels
+compiled for programmatic dependent launch that touch memory, branch or exit before their wait
+(each such kernel is compiled both ways). It runs in a
 fresh process: once triton is imported with TRITON_INTERPRET=1 (the interpreter tests set it),
 nothing in that process can compile.
 """
