@@ -45,7 +45,7 @@ if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from roofline import Ceilings, ModelShape, decode_floor_s, generation_floor_s  # noqa: E402
+from roofline import Ceilings, ModelShape, decode_floor_s, generation_floor_s, step_floor_s  # noqa: E402
 
 # transformers' continuous batching on the nano-vllm workload, Qwen3-0.6B shape, lent H200
 # (torch 2.11): the figure used when --skip-transformers, with where it came from.
@@ -673,10 +673,15 @@ STEP_BUCKETS = (2, 8, 32, 64, 128, 256, 512)
 class StepTimes:
     """Times the gap between consecutive step launches (with asynchronous scheduling, the step's
     period: the device's time or the host's, whichever is longer) and groups the steps into those
-    with prompt tokens and pure decode steps by batch size. Wraps the runner's ``launch``."""
+    with prompt tokens and pure decode steps by batch size. Wraps the runner's ``launch``.
 
-    def __init__(self, runner: Any) -> None:
+    With ``floor`` (a step's ``(start, num_tokens)`` spans to its roofline floor in seconds), each
+    group also gets the floor of its steps as scheduled: which steps are furthest from it."""
+
+    def __init__(self, runner: Any, floor: Callable[[list[tuple[int, int]]], float] | None = None) -> None:
         self.launches: list[tuple[float, str]] = []
+        self._spans: list[list[tuple[int, int]]] = []
+        self._floor = floor
         self._runner = runner
         self._launch = runner.launch
         runner.launch = self._timed_launch
@@ -686,18 +691,26 @@ class StepTimes:
         rows = len(out.sequences)
         bucket = next((b for b in STEP_BUCKETS if rows <= b), STEP_BUCKETS[-1])
         self.launches.append((time.perf_counter(), "with prompt tokens" if prompt else f"decode <= {bucket}"))
+        if self._floor is not None:
+            self._spans.append([(seq.start_pos, seq.num_tokens) for seq in out.sequences])
         return self._launch(out, *args)
 
     def close(self, end: float) -> dict[str, dict[str, float]]:
-        """Per group: steps, seconds, milliseconds per step; the last step runs until ``end``."""
+        """Per group: steps, seconds, milliseconds per step, and with a floor its seconds and the
+        fraction of the group's time it is; the last step runs until ``end``."""
         del self._runner.launch  # the instance attribute goes; the class's method is back
         groups: dict[str, dict[str, float]] = {}
         for (start, kind), (finish, _) in zip(self.launches, [*self.launches[1:], (end, "")], strict=True):
             group = groups.setdefault(kind, {"steps": 0, "seconds": 0.0})
             group["steps"] += 1
             group["seconds"] += finish - start
+        if self._floor is not None:
+            for (_, kind), spans in zip(self.launches, self._spans, strict=True):
+                groups[kind]["floor_seconds"] = groups[kind].get("floor_seconds", 0.0) + self._floor(spans)
         for group in groups.values():
             group["ms_per_step"] = 1e3 * group["seconds"] / group["steps"]
+            if "floor_seconds" in group:
+                group["fraction_of_floor"] = group["floor_seconds"] / group["seconds"]
         return groups
 
 
@@ -735,13 +748,20 @@ class KernelCompiles:
                 "kernels": sorted({c["kernel"] for c in self.compiles})}  # fmt: skip
 
 
-def run_inferd_workload(llm: Any, prompts: list[list[int]], output_lens: list[int]) -> dict[str, Any]:
+def run_inferd_workload(
+    llm: Any,
+    prompts: list[list[int]],
+    output_lens: list[int],
+    step_floor: Callable[[list[tuple[int, int]]], float] | None = None,
+) -> dict[str, Any]:
+    """The workload through ``llm``, its steps timed by group (``StepTimes``, with ``step_floor``
+    the floor of each group's steps too)."""
     from inferd.sampling_params import SamplingParams
 
     params = [SamplingParams(max_tokens=n, temperature=0.6, ignore_eos=True) for n in output_lens]
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     _sync()
-    steps = StepTimes(llm.engine.core.runner)
+    steps = StepTimes(llm.engine.core.runner, step_floor)
     start = time.perf_counter()
     try:
         with KernelCompiles() as compiles:
@@ -1107,11 +1127,12 @@ class ShapeRun:
         """The workload's figures; with ``again``, a second run on the same engine is recorded too,
         to show what the first run still spends on compiling kernels the warm-up did not reach."""
         prompts, output_lens = nano_vllm_workload(self.plan)
-        measured = run_inferd_workload(llm, prompts, output_lens)
+        step_floor = functools.partial(step_floor_s, self.shape, ceilings=self.ceilings)
+        measured = run_inferd_workload(llm, prompts, output_lens, step_floor)
         if again:
             # Other token ids, same lengths: the prefix cache must not serve the repeated prompts.
             shifted = [[(t + 1) % self.plan.token_id_limit for t in prompt] for prompt in prompts]
-            measured["second_run"] = run_inferd_workload(llm, shifted, output_lens)
+            measured["second_run"] = run_inferd_workload(llm, shifted, output_lens, step_floor)
         floor_s = generation_floor_s(self.shape, [len(p) for p in prompts], output_lens, self.ceilings)
         measured["floor_tok_s"] = sum(output_lens) / floor_s
         measured["fraction_of_floor"] = measured["output_tok_s"] / measured["floor_tok_s"]
@@ -1304,6 +1325,9 @@ def print_summary(results: dict[str, Any]) -> None:
         if "second_run" in ours:
             again = ours["second_run"]["output_tok_s"]
             print(f"nano-vllm workload, same engine again: {again:,.0f} output tok/s")
+        for kind, group in ours.get("steps", {}).items():
+            floor = f", {group['fraction_of_floor']:.0%} of its floor" if "fraction_of_floor" in group else ""
+            print(f"  steps {kind}: {group['steps']} x {group['ms_per_step']:.2f} ms{floor}")
     else:
         print("nano-vllm workload: not measured (failed or out of time; see the JSON)")
     default_workload = ours.get("output_tok_s") if isinstance(ours, dict) else None

@@ -67,6 +67,15 @@ def prefill_floor_s(shape: ModelShape, prompt_lens: Sequence[int], ceilings: Cei
     return ceilings.step_time(num_bytes, flops)
 
 
+def step_floor_s(shape: ModelShape, spans: Sequence[tuple[int, int]], ceilings: Ceilings) -> float:
+    """One step as the engine scheduled it: each sequence runs ``num_tokens`` new tokens after
+    ``start`` cached ones, given as ``(start, num_tokens)``. The weights are read once, every
+    sequence's K/V (cached and new) once, and each new token attends to the keys up to its own."""
+    num_bytes = shape.weight_bytes_per_step + sum(start + n for start, n in spans) * shape.kv_bytes_per_token
+    flops = sum(shape.flops_per_token(start + t + 1) for start, n in spans for t in range(n))
+    return ceilings.step_time(num_bytes, flops)
+
+
 def decode_floor_s(
     shape: ModelShape, prompt_lens: Sequence[int], output_lens: Sequence[int], ceilings: Ceilings
 ) -> float:

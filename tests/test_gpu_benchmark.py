@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 import gpu  # noqa: E402
-from roofline import Ceilings, ModelShape, decode_floor_s, generation_floor_s  # noqa: E402
+from roofline import Ceilings, ModelShape, decode_floor_s, generation_floor_s, prefill_floor_s, step_floor_s  # noqa: E402
 
 H200 = Ceilings(bandwidth_bytes_s=4.27e12, matmul_flops_s=791e12)
 
@@ -28,6 +28,25 @@ def test_compute_bound_steps_use_the_matmul_rate() -> None:
     shape = ModelShape(1000, 64, 128, 2, 4, 2, 16, tie_word_embeddings=True)
     ceilings = Ceilings(bandwidth_bytes_s=1e18, matmul_flops_s=1e9)
     assert decode_floor_s(shape, [10], [2], ceilings) == pytest.approx(shape.flops_per_token(11) / 1e9)
+
+
+@pytest.mark.parametrize("ceilings", [Ceilings(1e9, 1e18), Ceilings(1e18, 1e9)], ids=["bytes", "flops"])
+def test_a_steps_floor_as_scheduled_matches_the_ideal_schedules_steps(ceilings: Ceilings) -> None:
+    """Decode spans (start, 1) give the ideal decode step's floor; a whole prompt from 0 gives the
+    prefill's; a prompt chunk after cached tokens pays for its keys and its later positions."""
+    shape = ModelShape(1000, 64, 128, 2, 4, 2, 16, tie_word_embeddings=True)
+    # Prompts of 10 and 20 tokens, 3 and 2 tokens out: step 1 decodes at contexts 11 and 21.
+    decode = decode_floor_s(shape, [10, 20], [3, 2], ceilings)
+    step1 = step_floor_s(shape, [(10, 1), (20, 1)], ceilings)
+    step2 = step_floor_s(shape, [(11, 1)], ceilings)
+    assert step1 + step2 == pytest.approx(decode)
+    assert step_floor_s(shape, [(0, 10), (0, 20)], ceilings) == pytest.approx(
+        prefill_floor_s(shape, [10, 20], ceilings)
+    )
+    chunk_bytes = shape.weight_bytes_per_step + 30 * shape.kv_bytes_per_token
+    chunk_flops = sum(shape.flops_per_token(c) for c in range(21, 31))
+    expected = max(chunk_bytes / ceilings.bandwidth_bytes_s, chunk_flops / ceilings.matmul_flops_s)
+    assert step_floor_s(shape, [(20, 10)], ceilings) == pytest.approx(expected)
 
 
 def test_real_shape_floors_are_where_the_issue_puts_them() -> None:
@@ -60,8 +79,21 @@ def test_workload_run_times_its_steps_by_kind(tiny_model_factory) -> None:
     llm = LLM(tiny_model_factory("llama"), kv_cache_memory="4MiB", max_num_batched_tokens=32)
     runner = llm.engine.core.runner
     prompts = [[(5 * i + j) % 100 for i in range(length)] for j, length in enumerate((40, 7, 9))]
-    measured = gpu.run_inferd_workload(llm, prompts, [6, 3, 12])
+    floors: list[list[tuple[int, int]]] = []
+
+    def step_floor(spans: list[tuple[int, int]]) -> float:
+        floors.append(spans)
+        return 1e-3 * sum(n for _, n in spans)  # a millisecond a token: checkable sums
+
+    measured = gpu.run_inferd_workload(llm, prompts, [6, 3, 12], step_floor)
     steps = measured["steps"]
+    # Each step's spans go to the floor: every prompt token but the 16 the warm-up left in the
+    # prefix cache, and the 18 tokens decoded after the prefills' first ones.
+    scheduled = sum(map(len, prompts)) - 16 + 18
+    assert sum(n for spans in floors for _, n in spans) == scheduled
+    assert sum(g["floor_seconds"] for g in steps.values()) == pytest.approx(1e-3 * scheduled)
+    for group in steps.values():
+        assert group["fraction_of_floor"] == pytest.approx(group["floor_seconds"] / group["seconds"])
     assert measured["output_tokens"] == 21
     # The 40-token prompt needs two steps of at most 32 tokens; 12 tokens for the last one alone.
     assert steps["with prompt tokens"]["steps"] >= 2
