@@ -778,6 +778,40 @@ def run_inferd_workload(
             "kernel_compiles": compiles.summary()}  # fmt: skip
 
 
+# The greedy check of a variant: prompts run together (a batch's paths: tiled matmuls, graphs of
+# several sequences) and one alone (the skinny and fused matmuls of one row).
+AGREEMENT_BATCH = 8
+AGREEMENT_TOKENS = 16
+
+
+def greedy_tokens(llm: Any, plan: Plan) -> list[list[int]]:
+    """Greedy tokens for ``AGREEMENT_BATCH`` prompts decoded together, then one more alone."""
+    from inferd.sampling_params import SamplingParams
+
+    prompts = [
+        [(11 * i + 3 * j + 1) % plan.token_id_limit for j in range(20 + i)]
+        for i in range(AGREEMENT_BATCH + 1)
+    ]
+    params = SamplingParams(
+        max_tokens=min(AGREEMENT_TOKENS, plan.max_output_len), temperature=0.0, ignore_eos=True
+    )
+    together = llm.generate(prompts[:-1], params)
+    (alone,) = llm.generate(prompts[-1:], params)
+    return [list(out.token_ids) for out in [*together, alone]]
+
+
+def greedy_agreement(tokens: list[list[int]], reference: list[list[int]]) -> dict[str, Any]:
+    """How many leading tokens of each prompt match the reference engine's. A kernel that computes
+    something else diverges from the first decoded token on; bf16 rounding in another order only
+    flips an occasional near-tie of random weights' logits, and then the rest of that prompt."""
+    prefixes = [
+        next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), len(theirs))
+        for ours, theirs in zip(tokens, reference, strict=True)
+    ]
+    total = sum(len(theirs) for theirs in reference)
+    return {"same_prefix": prefixes, "same_fraction": sum(prefixes) / total if total else 1.0}
+
+
 def run_inferd_batch1(llm: Any, plan: Plan) -> dict[str, float]:
     from inferd.sampling_params import SamplingParams
 
@@ -1055,6 +1089,7 @@ class ShapeRun:
         smoke_options = {"triton_ops": True, "async_scheduling": True} if args.smoke else {}
         self.base_options = {**base_options, **smoke_options}
         self.result: dict[str, Any] = {"variants": {}}
+        self.reference_tokens: list[list[int]] | None = None  # the default engine's greedy tokens
 
     def variant(self, name: str, workload: bool = False, profile: bool = False) -> None:
         """Time one engine variant. The default's workload figure is the headline (kept at the top
@@ -1116,12 +1151,24 @@ class ShapeRun:
                 attempt(
                     entry, f"profile_batch{batch}", functools.partial(profile_decode, llm, self.plan, batch)
                 )
+            # After the timed parts, whose compiles and caches stay as in earlier runs.
+            attempt(entry, "greedy_agreement", functools.partial(self._agreement, llm, home is self.result))
         del llm  # nothing else may hold the engine (48 GiB of KV) into the next measurement
         free_device_memory()
         if label is not None:
             for measured in (home.get("nano_vllm_inferd"), entry.get("batch1_decode")):
                 if isinstance(measured, dict):
                     measured["engine"] = label
+
+    def _agreement(self, llm: Any, reference: bool) -> dict[str, Any]:
+        """The default engine's greedy tokens are the reference (``reference``); another engine's
+        are compared with them, so a variant's speed is never read without knowing that it still
+        computes the same model."""
+        tokens = greedy_tokens(llm, self.plan)
+        if reference or self.reference_tokens is None:
+            self.reference_tokens = tokens
+            return {"reference": True, "prompts": len(tokens)}
+        return greedy_agreement(tokens, self.reference_tokens)
 
     def _workload(self, llm: Any, again: bool = False) -> dict[str, Any]:
         """The workload's figures; with ``again``, a second run on the same engine is recorded too,
@@ -1335,7 +1382,7 @@ def print_summary(results: dict[str, Any]) -> None:
         other = entry.get("nano_vllm_inferd")
         if isinstance(other, dict) and "output_tok_s" in other:
             print(f"nano-vllm workload, {variant}: {other['output_tok_s']:,.0f} output tok/s"
-                  f"{_against(other['output_tok_s'], default_workload)}")  # fmt: skip
+                  f"{_against(other['output_tok_s'], default_workload)}{_agreement_note(entry)}")  # fmt: skip
     for name in ("qwen3_0.6b", "llama_3.1_8b"):
         default_b1 = results[name]["variants"].get("default", {}).get("batch1_decode")
         default_rate = default_b1.get("decode_tok_s") if isinstance(default_b1, dict) else None
@@ -1347,9 +1394,18 @@ def print_summary(results: dict[str, Any]) -> None:
                     f"batch-1 decode, {name}, {variant}{engine}: {b1['decode_tok_s']:,.0f} tok/s, "
                     f"{b1['fraction_of_floor']:.1%} of the {b1['floor_tok_s']:,.0f} floor"
                     f"{_against(b1['decode_tok_s'], None if variant == 'default' else default_rate)}"
+                    f"{_agreement_note(entry)}"
                 )
             else:
                 print(f"batch-1 decode, {name}, {variant}: not measured (see the JSON)")
+
+
+def _agreement_note(entry: dict[str, Any]) -> str:
+    """A variant's greedy agreement with the default engine, for its summary lines."""
+    agreement = entry.get("greedy_agreement")
+    if isinstance(agreement, dict) and "same_fraction" in agreement:
+        return f", greedy tokens as the default's: {agreement['same_fraction']:.0%}"
+    return ""
 
 
 def _against(rate: float, default: float | None) -> str:

@@ -104,6 +104,34 @@ def test_workload_run_times_its_steps_by_kind(tiny_model_factory) -> None:
     assert "launch" not in vars(runner)
 
 
+def test_greedy_agreement_counts_each_prompts_leading_matches() -> None:
+    reference = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]
+    agreement = gpu.greedy_agreement([[1, 2, 3, 4], [5, 0, 7, 8], [0, 9, 9, 9]], reference)
+    # After the first difference the rest of a prompt counts as different, matches or not.
+    assert agreement == {"same_prefix": [4, 1, 0], "same_fraction": 5 / 12}
+    assert gpu.greedy_agreement(reference, reference)["same_fraction"] == 1.0
+
+
+def test_a_variants_greedy_tokens_are_compared_with_the_default_engines(tiny_model_factory) -> None:
+    """The default engine's tokens become the reference; an engine of the same model agrees on
+    every token, one of another model does not."""
+    from argparse import Namespace
+
+    from inferd import LLM
+
+    run = object.__new__(gpu.ShapeRun)
+    run.plan = gpu.Plan("cpu", torch.float32, 3, 24, 6, 8, 100, "4MiB")
+    run.reference_tokens = None
+    run.args = Namespace(smoke=True)
+    same = LLM(tiny_model_factory("llama"), kv_cache_memory="4MiB")
+    assert run._agreement(same, reference=True) == {"reference": True, "prompts": gpu.AGREEMENT_BATCH + 1}
+    assert run.reference_tokens is not None and len(run.reference_tokens) == gpu.AGREEMENT_BATCH + 1
+    assert all(len(tokens) == 6 for tokens in run.reference_tokens)  # the plan's longest output
+    assert run._agreement(same, reference=False)["same_fraction"] == 1.0
+    other = LLM(tiny_model_factory("qwen3"), kv_cache_memory="4MiB")
+    assert run._agreement(other, reference=False)["same_fraction"] < 0.5
+
+
 def test_sampler_timing_covers_greedy_and_random_rows() -> None:
     plan = gpu.Plan("cpu", torch.float32, 3, 40, 30, 8, 500, "64MiB")
     results = gpu.time_sampler(gpu.shape_config(gpu.QWEN3_0_6B, smoke=True), plan)
