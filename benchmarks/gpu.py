@@ -325,12 +325,13 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     """The engine's sampler alone on random logits of the model's vocabulary: milliseconds per
     step, greedy and at the workload's temperature 0.6 (the exponential race over the softmax),
     host work included (each call ends with the device synchronized). At 256 rows of Qwen3's
-    151,936 tokens a float32 pass over the logits moves 155 MB, and the random path makes several."""
+    151,936 tokens a float32 pass over the logits moves 155 MB, and the random path makes several.
+    At temperature 0.6 the fused kernel (``triton_sampling``) is timed too, as ``path`` "fused"."""
     from inferd.engine.request import Request
     from inferd.sample.sampler import Sampler
     from inferd.sampling_params import SamplingParams
 
-    sampler = Sampler(0)
+    samplers = {"torch": Sampler(0), "fused": Sampler(0, triton_sampling=True)}
     results: list[dict[str, Any]] = []
     for rows in SAMPLER_ROWS if plan.device == "cuda" else (2,):
         logits = torch.randn(rows, hf_config["vocab_size"], dtype=plan.dtype, device=plan.device)
@@ -338,10 +339,13 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
             params = SamplingParams(max_tokens=8, temperature=temperature, ignore_eos=True)
             requests = [Request(str(i), [1], params, frozenset(), 8) for i in range(rows)]
             repeats = 20 if plan.device == "cuda" else 1
-            seconds = _timed(functools.partial(sampler, logits, requests), plan.device, repeats)
-            entry = {"rows": rows, "temperature": temperature, "ms": seconds * 1e3}
-            print("sampler:", json.dumps(entry), flush=True)
-            results.append(entry)
+            for path, sampler in samplers.items():
+                if path == "fused" and temperature == 0.0:
+                    continue  # greedy rows never reach the kernel
+                seconds = _timed(functools.partial(sampler, logits, requests), plan.device, repeats)
+                entry = {"rows": rows, "temperature": temperature, "path": path, "ms": seconds * 1e3}
+                print("sampler:", json.dumps(entry), flush=True)
+                results.append(entry)
     return results
 
 

@@ -50,7 +50,7 @@ SM_SHARED, BLOCK_SHARED_MAX, SHARED_RESERVED_PER_BLOCK = 228 * 1024, 227 * 1024,
 # Registers are granted per warp in units of 256.
 REGISTER_UNIT = 256
 
-BF16, FP32, I64 = "*bf16", "*fp32", "*i64"
+BF16, FP32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
 CACHES = {"k_cache_ptr": BF16, "v_cache_ptr": BF16}
 STEP = {"block_tables_ptr": I64, "seq_lens_ptr": I64, "query_start_loc_ptr": I64}
 ROTARY = {
@@ -113,7 +113,11 @@ SAMPLING = "inferd.sample.triton_sampling"
 # Integer arguments whose value changes from call to call. Triton specializes an integer on its
 # value (equal to 1, a multiple of 16, neither), so each new class would compile the kernel again
 # in the middle of serving: these must be marked do_not_specialize.
-PER_CALL_ARGUMENTS = [(SAMPLING, "_race_sample_kernel", "seed")]
+PER_CALL_ARGUMENTS = [
+    (SAMPLING, "_race_chunk_kernel", "seed"),
+    (SAMPLING, "_race_chunk_kernel", "num_chunks"),
+    (SAMPLING, "_pick_best_chunk_kernel", "num_chunks"),
+]
 
 
 def cases() -> list[Case]:
@@ -219,10 +223,14 @@ def cases() -> list[Case]:
              {"stride_in_row": 6144, "stride_out_row": 3072, "size": 3072}, {"BLOCK": 1024}),
         *linear_cases,
         *tiled_cases,
-        # The fused sampler over Qwen3's vocabulary; its seed is a run-time i32 (not specialized).
-        Case(SAMPLING, "_race_sample_kernel", "race sampler",
-             {"logits_ptr": FP32, "inv_temperature_ptr": FP32, "out_ptr": I64},
-             {"seed": 12345, "vocab": 151936, "stride_row": 151936}, {"BLOCK": 1024}),
+        # The fused sampler over Qwen3's vocabulary, 256 rows in 3 parts; the seed and the number
+        # of parts are run-time i32s (not specialized).
+        Case(SAMPLING, "_race_chunk_kernel", "race sampler, one part of a row",
+             {"logits_ptr": FP32, "inv_temperature_ptr": FP32, "keys_ptr": FP32, "ids_ptr": I32},
+             {"seed": 12345, "vocab": 151936, "stride_row": 151936, "chunk": 51200, "num_chunks": 3},
+             {"BLOCK": 1024, "NUM_STAGES": 3}, pipelined_loop=True),
+        Case(SAMPLING, "_pick_best_chunk_kernel", "race sampler, best part of a row",
+             {"keys_ptr": FP32, "ids_ptr": I32, "out_ptr": I64}, {"num_chunks": 3}, {"MAX_CHUNKS_P2": 256}),
     ])  # fmt: skip
 
 

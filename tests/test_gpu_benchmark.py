@@ -132,13 +132,6 @@ def test_a_variants_greedy_tokens_are_compared_with_the_default_engines(tiny_mod
     assert run._agreement(other, reference=False)["same_fraction"] < 0.5
 
 
-def test_sampler_timing_covers_greedy_and_random_rows() -> None:
-    plan = gpu.Plan("cpu", torch.float32, 3, 40, 30, 8, 500, "64MiB")
-    results = gpu.time_sampler(gpu.shape_config(gpu.QWEN3_0_6B, smoke=True), plan)
-    assert [(r["rows"], r["temperature"]) for r in results] == [(2, 0.0), (2, 0.6)]
-    assert all(r["ms"] > 0 for r in results)
-
-
 def test_kernel_compiles_are_logged_through_tritons_hooks_and_the_hooks_restored() -> None:
     from types import SimpleNamespace
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 import triton_device  # noqa: F401  (sets up the interpreter before triton is imported)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -72,3 +73,11 @@ def test_split_sweep_checks_each_split_against_the_unsplit_kernel(monkeypatch) -
     assert results[0]["relative_error_vs_unsplit"] == 0.0
     # Split and merged, the sums run in another order: within float error, but not bit-equal.
     assert 0.0 < results[1]["relative_error_vs_unsplit"] < 1e-5
+
+
+def test_sampler_timing_covers_greedy_and_random_rows_and_the_fused_kernel() -> None:
+    plan = gpu.Plan("cpu", torch.float32, 3, 40, 30, 8, 500, "64MiB")
+    results = gpu.time_sampler(gpu.shape_config(gpu.QWEN3_0_6B, smoke=True), plan)
+    cases = [(r["rows"], r["temperature"], r["path"]) for r in results]
+    assert cases == [(2, 0.0, "torch"), (2, 0.6, "torch"), (2, 0.6, "fused")]
+    assert all(r["ms"] > 0 for r in results)

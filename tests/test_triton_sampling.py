@@ -56,6 +56,52 @@ def test_seeds_repeat_and_differ() -> None:
     assert len(set(first.tolist())) > 1  # rows draw independent noise
 
 
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loop steps of 8 tokens, so a small vocabulary spans several steps and parts."""
+    monkeypatch.setattr(triton_sampling, "_BLOCK", 8)
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_a_draw_does_not_depend_on_how_the_vocabulary_is_split() -> None:
+    """Each token's noise comes from its row and id alone, and every part races exactly its own
+    tokens: any split gives the tokens of the unsplit race, the last part short (37 tokens in
+    steps of 8) and parts of several steps included. The logits sit far below 0, so every key
+    is negative: a part the pick read past the row's last would win with a key of 0."""
+    vocab = 37
+    logits = (torch.randn(5, vocab, generator=torch.Generator().manual_seed(4)) - 1000).to(DEVICE)
+    temperatures = torch.tensor([0.3, 1.0, 2.0, 5.0, 50.0], device=DEVICE)
+    for seed in (1, 2, 3):
+        whole = triton_sampling.race_sample(logits, temperatures, seed, num_chunks=1)
+        for parts in (2, 3, 5, 64):
+            assert torch.equal(triton_sampling.race_sample(logits, temperatures, seed, parts), whole), parts
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_every_token_of_every_part_can_win() -> None:
+    """Near-uniform draws over 20 tokens in 3 parts of 8 (the last one 4): every id comes up,
+    the first and last of each part included, and none outside the vocabulary."""
+    vocab, rows = 20, 120
+    logits = torch.zeros(rows, vocab, device=DEVICE)
+    tokens = triton_sampling.race_sample(logits, torch.ones(rows, device=DEVICE), seed=7, num_chunks=3)
+    assert set(tokens.tolist()) == set(range(vocab))
+
+
+def test_the_vocabulary_is_split_to_fill_the_multiprocessors(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Properties:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    gpu = torch.device("cuda")
+    # 4 programs a multiprocessor: 528 over the rows, no part under one 1,024-token step.
+    assert triton_sampling.default_num_chunks(1, 151_936, gpu) == 149
+    assert triton_sampling.default_num_chunks(64, 151_936, gpu) == 9
+    assert triton_sampling.default_num_chunks(256, 151_936, gpu) == 3
+    assert triton_sampling.default_num_chunks(600, 151_936, gpu) == 1
+    assert triton_sampling.default_num_chunks(1, 500, gpu) == 1
+    assert triton_sampling.default_num_chunks(1, 151_936, torch.device("cpu")) == 1
+
+
 def test_rejects_mismatched_temperatures() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         triton_sampling.race_sample(torch.zeros(3, 5, device=DEVICE), torch.ones(2, device=DEVICE), seed=0)

@@ -199,7 +199,7 @@ class EngineConfig:
     # K/V itself, one launch a layer fewer (attention/triton_kernels.py); needs triton_ops and the
     # Triton attention backend. Off until a GPU run measures it.
     triton_decode_rotary: bool = False
-    # Temperature-only random rows drawn by one fused Triton kernel (sample/triton_sampling.py);
+    # Temperature-only random rows drawn by a fused Triton race (sample/triton_sampling.py);
     # off until a GPU run measures it against the torch race.
     triton_sampling: bool = False
     # Launch the Triton kernels a decode step runs (in every step) with programmatic dependent

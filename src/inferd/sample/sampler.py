@@ -71,7 +71,7 @@ class PendingSample:
 class Sampler:
     def __init__(self, seed: int = 0, triton_sampling: bool = False) -> None:
         """``triton_sampling``: rows that only scale by a temperature are drawn by the fused kernel
-        of ``sample/triton_sampling.py`` (the same race in one pass over the logits)."""
+        race of ``sample/triton_sampling.py`` (the same race, over the logits once)."""
         self._seed = seed
         self._triton_sampling = triton_sampling
         self._fused_calls = 0  # each call of the fused kernel draws from fresh counters
