@@ -679,13 +679,25 @@ class StepTimes:
     period: the device's time or the host's, whichever is longer) and groups the steps into those
     with prompt tokens and pure decode steps by batch size. Wraps the runner's ``launch``.
 
-    With ``floor`` (a step's ``(start, num_tokens)`` spans to its roofline floor in seconds), each
-    group also gets the floor of its steps as scheduled: which steps are furthest from it."""
+    Per group it also sums the host's time inside ``launch`` (building the inputs, queueing the
+    forward and the sampling) and, with ``timing_event`` (a factory of CUDA events), the device's
+    time from the start of each step's queued work to its end: a group whose device time is well
+    under its period leaves the GPU idle, waiting for the host. With ``floor`` (a step's
+    ``(start, num_tokens)`` spans to its roofline floor in seconds), each group gets the floor of
+    its steps as scheduled too: which steps are furthest from it."""
 
-    def __init__(self, runner: Any, floor: Callable[[list[tuple[int, int]]], float] | None = None) -> None:
+    def __init__(
+        self,
+        runner: Any,
+        floor: Callable[[list[tuple[int, int]]], float] | None = None,
+        timing_event: Callable[[], Any] | None = None,
+    ) -> None:
         self.launches: list[tuple[float, str]] = []
+        self._host_seconds: list[float] = []
         self._spans: list[list[tuple[int, int]]] = []
+        self._events: list[tuple[Any, Any]] = []
         self._floor = floor
+        self._timing_event = timing_event
         self._runner = runner
         self._launch = runner.launch
         runner.launch = self._timed_launch
@@ -694,25 +706,46 @@ class StepTimes:
         prompt = any(seq.num_tokens > 1 for seq in out.sequences)
         rows = len(out.sequences)
         bucket = next((b for b in STEP_BUCKETS if rows <= b), STEP_BUCKETS[-1])
-        self.launches.append((time.perf_counter(), "with prompt tokens" if prompt else f"decode <= {bucket}"))
+        start = time.perf_counter()
+        self.launches.append((start, "with prompt tokens" if prompt else f"decode <= {bucket}"))
         if self._floor is not None:
             self._spans.append([(seq.start_pos, seq.num_tokens) for seq in out.sequences])
-        return self._launch(out, *args)
+        events = (self._timing_event(), self._timing_event()) if self._timing_event is not None else None
+        if events is not None:
+            events[0].record()
+        launched = self._launch(out, *args)
+        if events is not None:
+            events[1].record()
+            self._events.append(events)
+        self._host_seconds.append(time.perf_counter() - start)
+        return launched
 
     def close(self, end: float) -> dict[str, dict[str, float]]:
-        """Per group: steps, seconds, milliseconds per step, and with a floor its seconds and the
-        fraction of the group's time it is; the last step runs until ``end``."""
+        """Per group: steps, seconds, milliseconds per step, the host's seconds inside ``launch``,
+        with events the device's busy seconds and their fraction of the group's, and with a floor
+        its seconds and the fraction of the group's time it is; the last step runs until ``end``
+        (events are read after the caller's synchronize)."""
         del self._runner.launch  # the instance attribute goes; the class's method is back
         groups: dict[str, dict[str, float]] = {}
         for (start, kind), (finish, _) in zip(self.launches, [*self.launches[1:], (end, "")], strict=True):
-            group = groups.setdefault(kind, {"steps": 0, "seconds": 0.0})
+            group = groups.setdefault(kind, {"steps": 0, "seconds": 0.0, "host_launch_seconds": 0.0})
             group["steps"] += 1
             group["seconds"] += finish - start
+        for (_, kind), host in zip(self.launches, self._host_seconds, strict=False):
+            groups[kind]["host_launch_seconds"] += host
+        try:
+            busy = [begun.elapsed_time(done) / 1e3 for begun, done in self._events]
+        except RuntimeError:  # a failed run's last events may never have been reached
+            busy = []
+        for (_, kind), seconds in zip(self.launches, busy, strict=False):
+            groups[kind]["device_busy_seconds"] = groups[kind].get("device_busy_seconds", 0.0) + seconds
         if self._floor is not None:
             for (_, kind), spans in zip(self.launches, self._spans, strict=True):
                 groups[kind]["floor_seconds"] = groups[kind].get("floor_seconds", 0.0) + self._floor(spans)
         for group in groups.values():
             group["ms_per_step"] = 1e3 * group["seconds"] / group["steps"]
+            if "device_busy_seconds" in group:
+                group["device_busy_fraction"] = group["device_busy_seconds"] / group["seconds"]
             if "floor_seconds" in group:
                 group["fraction_of_floor"] = group["floor_seconds"] / group["seconds"]
         return groups
@@ -765,7 +798,9 @@ def run_inferd_workload(
     params = [SamplingParams(max_tokens=n, temperature=0.6, ignore_eos=True) for n in output_lens]
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     _sync()
-    steps = StepTimes(llm.engine.core.runner, step_floor)
+    on_gpu = torch.cuda.is_available() and llm.engine.config.device.startswith("cuda")
+    timing_event = functools.partial(torch.cuda.Event, enable_timing=True) if on_gpu else None
+    steps = StepTimes(llm.engine.core.runner, step_floor, timing_event)
     start = time.perf_counter()
     try:
         with KernelCompiles() as compiles:
@@ -1377,8 +1412,14 @@ def print_summary(results: dict[str, Any]) -> None:
             again = ours["second_run"]["output_tok_s"]
             print(f"nano-vllm workload, same engine again: {again:,.0f} output tok/s")
         for kind, group in ours.get("steps", {}).items():
-            floor = f", {group['fraction_of_floor']:.0%} of its floor" if "fraction_of_floor" in group else ""
-            print(f"  steps {kind}: {group['steps']} x {group['ms_per_step']:.2f} ms{floor}")
+            host = 1e3 * group["host_launch_seconds"] / group["steps"]
+            line = f"  steps {kind}: {group['steps']} x {group['ms_per_step']:.2f} ms"
+            line += f" (host in launch {host:.2f} ms)"
+            if "device_busy_fraction" in group:
+                line += f", device busy {group['device_busy_fraction']:.0%}"
+            if "fraction_of_floor" in group:
+                line += f", {group['fraction_of_floor']:.0%} of its floor"
+            print(line)
     else:
         print("nano-vllm workload: not measured (failed or out of time; see the JSON)")
     default_workload = ours.get("output_tok_s") if isinstance(ours, dict) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,51 @@ def test_workload_run_times_its_steps_by_kind(tiny_model_factory) -> None:
     accounted = sum(g["seconds"] for g in steps.values()) + measured["before_first_step_s"]
     assert accounted == pytest.approx(measured["seconds"])
     assert all(g["ms_per_step"] == pytest.approx(1e3 * g["seconds"] / g["steps"]) for g in steps.values())
+    # Synchronous on the CPU: the launch runs the whole step, a part of each step's period.
+    assert all(0 < g["host_launch_seconds"] <= g["seconds"] for g in steps.values())
+    assert not any("device_busy_seconds" in g for g in steps.values())  # no events on the CPU
     assert "launch" not in vars(runner)
+
+
+def test_step_times_sum_each_steps_device_time_from_its_events() -> None:
+    """Device time per step is from the event recorded before its launch to the one after; a run
+    whose events cannot be read (a failed one) reports none rather than failing again."""
+    from types import SimpleNamespace
+
+    device_ms = iter([0.0, 3.0, 10.0, 11.5, 20.0, 21.5])  # each event's device timestamp
+
+    class Event:
+        def record(self) -> None:
+            self.ms = next(device_ms)
+
+        def elapsed_time(self, later: Event) -> float:
+            return later.ms - self.ms
+
+    class Runner:
+        def launch(self, out: object, previous: object = None) -> object:
+            return out
+
+    def step(*num_tokens: int) -> SimpleNamespace:
+        return SimpleNamespace(sequences=[SimpleNamespace(num_tokens=n, start_pos=4) for n in num_tokens])
+
+    runner = Runner()
+    times = gpu.StepTimes(runner, timing_event=Event)
+    for out in (step(9, 1), step(1, 1), step(1, 1)):
+        runner.launch(out)
+    groups = times.close(time.perf_counter())
+    assert groups["with prompt tokens"]["device_busy_seconds"] == pytest.approx(3e-3)
+    assert groups["decode <= 2"]["device_busy_seconds"] == pytest.approx(3e-3)
+    for group in groups.values():
+        assert group["device_busy_fraction"] == pytest.approx(group["device_busy_seconds"] / group["seconds"])
+
+    class Unreached(Event):
+        def elapsed_time(self, later: Event) -> float:
+            raise RuntimeError("the event has not been recorded on the device")
+
+    device_ms = iter([0.0, 1.0])
+    times = gpu.StepTimes(runner, timing_event=Unreached)
+    runner.launch(step(1))
+    assert "device_busy_seconds" not in times.close(time.perf_counter())["decode <= 2"]
 
 
 def test_greedy_agreement_counts_each_prompts_leading_matches() -> None:
