@@ -223,12 +223,14 @@ def cases() -> list[Case]:
              {"stride_in_row": 6144, "stride_out_row": 3072, "size": 3072}, {"BLOCK": 1024}),
         *linear_cases,
         *tiled_cases,
-        # The fused sampler over Qwen3's vocabulary, 256 rows in 3 parts; the seed and the number
-        # of parts are run-time i32s (not specialized).
-        Case(SAMPLING, "_race_chunk_kernel", "race sampler, one part of a row",
-             {"logits_ptr": FP32, "inv_temperature_ptr": FP32, "keys_ptr": FP32, "ids_ptr": I32},
-             {"seed": 12345, "vocab": 151936, "stride_row": 151936, "chunk": 51200, "num_chunks": 3},
-             {"BLOCK": 1024, "NUM_STAGES": 3}, pipelined_loop=True),
+        # The fused sampler over Qwen3's vocabulary, 256 rows in 3 parts, on the model's bfloat16
+        # logits (the engine's) and on float32 ones; the seed and the number of parts are run-time
+        # i32s (not specialized).
+        *[Case(SAMPLING, "_race_chunk_kernel", f"race sampler, one part of a row ({name})",
+               {"logits_ptr": dtype, "inv_temperature_ptr": FP32, "keys_ptr": FP32, "ids_ptr": I32},
+               {"seed": 12345, "vocab": 151936, "stride_row": 151936, "chunk": 51200, "num_chunks": 3},
+               {"BLOCK": 1024, "NUM_STAGES": 3}, pipelined_loop=True)
+          for name, dtype in (("bf16", BF16), ("fp32", FP32))],
         Case(SAMPLING, "_pick_best_chunk_kernel", "race sampler, best part of a row",
              {"keys_ptr": FP32, "ids_ptr": I32, "out_ptr": I64}, {"num_chunks": 3}, {"MAX_CHUNKS_P2": 256}),
     ])  # fmt: skip

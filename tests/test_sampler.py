@@ -84,6 +84,52 @@ def test_all_random_rows_are_drawn_without_a_gather_or_a_greedy_pass() -> None:
     assert mixed_tokens[0] == int(logits[0].argmax()) and all(0 <= t < 50 for t in tokens)
 
 
+def test_half_precision_logits_sample_as_their_float32_widening() -> None:
+    """The sampler widens the model's logits only where it computes with them, and widening is
+    exact: every path (greedy, the race with and without filters, a seed, penalties, logprobs)
+    gives from bfloat16 logits what it gives from their float32 copy, and an all-greedy step
+    widens nothing (the pass over the logits that is saved)."""
+
+    def requests() -> list[Request]:
+        return [
+            _req(SamplingParams(temperature=0)),
+            _req(SamplingParams(temperature=0.7)),
+            _req(SamplingParams(temperature=1.0, top_p=0.8, top_k=10)),
+            _req(SamplingParams(temperature=1.3, min_p=0.1)),
+            _req(SamplingParams(temperature=0.9, seed=11)),
+            _req(SamplingParams(temperature=0, presence_penalty=1.5), out=[3, 5]),
+            _req(SamplingParams(temperature=0.5, logprobs=3)),
+        ]
+
+    half = torch.randn(7, 40, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    from_half, from_float = Sampler(seed=4)(half, requests()), Sampler(seed=4)(half.float(), requests())
+    assert from_half.token_ids == from_float.token_ids
+    assert from_half.logprobs == from_float.logprobs and from_half.logprobs[-1] is not None
+    greedy = [_req(SamplingParams(temperature=0)) for _ in range(7)]
+    with _OpCounts() as ops:
+        tokens = Sampler()(half, greedy).token_ids
+    assert tokens == half.float().argmax(dim=-1).tolist()
+    assert not {"float", "to", "type"} & set(ops.counts), ops.counts
+
+
+def test_the_engine_samples_from_logits_in_the_models_dtype(tiny_model_factory, monkeypatch) -> None:
+    """A bfloat16 model's logits reach the sampler as bfloat16: no float32 copy of the step's
+    [rows, vocab] logits on the way."""
+    from inferd import LLM
+
+    seen: list[torch.dtype] = []
+    original = Sampler.sample
+
+    def recorded(self: Sampler, logits: torch.Tensor, requests: list[Request]) -> object:
+        seen.append(logits.dtype)
+        return original(self, logits, requests)
+
+    monkeypatch.setattr(Sampler, "sample", recorded)
+    llm = LLM(tiny_model_factory("llama"), kv_cache_memory="4MiB", dtype="bfloat16")
+    (out,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 3 and seen == [torch.bfloat16] * 3
+
+
 def test_penalties_change_the_choice() -> None:
     logits = _logits([0.0, 2.0, 1.9])
     assert Sampler()(logits, [_req(SamplingParams(temperature=0), out=[1])]).token_ids == [1]

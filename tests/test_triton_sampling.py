@@ -141,6 +141,24 @@ def test_sampler_sends_only_plain_temperature_rows(monkeypatch) -> None:
     assert len(calls) == 2
 
 
+def test_sampler_hands_the_kernel_the_models_half_precision_logits(monkeypatch) -> None:
+    """No float32 copy of the logits is made for the kernel: it reads bfloat16 as it is and
+    widens in registers, drawing the tokens it draws from the float32 copy."""
+    dtypes: list[torch.dtype] = []
+    original = triton_sampling.race_sample
+
+    def recorded(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
+        dtypes.append(logits.dtype)
+        return original(logits, temperatures, seed)
+
+    monkeypatch.setattr(triton_sampling, "race_sample", recorded)
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(DEVICE)
+    requests = [request(str(i), temperature=0.8) for i in range(4)]
+    from_half = Sampler(seed=2, triton_sampling=True)(logits, requests).token_ids
+    from_float = Sampler(seed=2, triton_sampling=True)(logits.float(), requests).token_ids
+    assert dtypes == [torch.bfloat16, torch.float32] and from_half == from_float
+
+
 def test_sampler_draws_follow_the_softmax_through_the_kernel() -> None:
     sampler = Sampler(seed=1, triton_sampling=True)
     row = torch.tensor([0.0, 1.0, 2.0])

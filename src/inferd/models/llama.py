@@ -201,4 +201,6 @@ class LlamaForCausalLM(nn.Module):
                 module.all_reduce = all_reduce
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits in the model's dtype: the sampler widens them to float32 only on the paths that
+        compute with them (a greedy argmax and the fused race read them as they are)."""
+        return self.lm_head(hidden)

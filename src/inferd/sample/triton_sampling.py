@@ -123,7 +123,8 @@ def default_num_chunks(rows: int, vocab: int, device: torch.device) -> int:
 def race_sample(
     logits: torch.Tensor, temperatures: torch.Tensor, seed: int, num_chunks: int | None = None
 ) -> torch.Tensor:
-    """One token per row of ``logits`` ([rows, vocab]) drawn from ``softmax(logits / T)``, with
+    """One token per row of ``logits`` ([rows, vocab], float32 or half precision, read as it is
+    and widened in registers) drawn from ``softmax(logits / T)``, with
     ``temperatures`` ([rows], all above 0) on the logits' device; int64 ids on that device.
     ``num_chunks``: parts of the vocabulary raced apart (``default_num_chunks``); the tokens do
     not depend on it."""

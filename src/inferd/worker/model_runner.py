@@ -198,8 +198,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def logits_for(self, out: SchedulerOutput) -> torch.Tensor:
-        """All-position logits of a step (for checks against a reference implementation)."""
-        return self.model.compute_logits(self._forward(out)[1])
+        """All-position float32 logits of a step (for checks against a reference implementation)."""
+        return self.model.compute_logits(self._forward(out)[1]).float()
 
     def _forward(
         self, out: SchedulerOutput, previous: LaunchedStep | None = None
