@@ -142,6 +142,36 @@ def test_logprobs_and_timing(llm: LLM) -> None:
     assert 0 < out.metrics.ttft_s <= out.metrics.e2e_s
 
 
+def test_only_steps_with_rows_that_do_not_sample_gather_the_rows_that_do(llm: LLM, monkeypatch) -> None:
+    """A decode step samples from every row in order, so the forward's hidden states go to the LM
+    head as they are; a prompt step (many rows, one sampling) gathers its last rows first. The
+    tokens are those of the run before, with the wrappers off."""
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    expected = [out.token_ids for out in llm.generate(prompts, params)]
+    model = llm.engine.core.runner.model
+    forward, compute_logits = model.forward, model.compute_logits
+    outputs: list[torch.Tensor] = []
+    heads: list[torch.Tensor] = []
+
+    def recorded_forward(*args: object, **kwargs: object) -> torch.Tensor:
+        outputs.append(forward(*args, **kwargs))
+        return outputs[-1]
+
+    def recorded_logits(hidden: torch.Tensor) -> torch.Tensor:
+        heads.append(hidden)
+        return compute_logits(hidden)
+
+    monkeypatch.setattr(model, "forward", recorded_forward)
+    monkeypatch.setattr(model, "compute_logits", recorded_logits)
+    assert [out.token_ids for out in llm.generate(prompts, params)] == expected
+    assert [head.shape[0] for head in heads] == [2, 2, 2, 2]
+    # The prompt step's 8 rows were gathered to 2; each decode step's 2 rows are the forward's own.
+    assert [head.data_ptr() == out.data_ptr() for head, out in zip(heads, outputs, strict=True)] == [
+        False, True, True, True,
+    ]  # fmt: skip
+
+
 def test_max_tokens_none_uses_rest_of_context(tiny_llama) -> None:
     llm = LLM(tiny_llama, kv_cache_memory="8MiB", max_model_len=40)
     out = llm.generate([[5] * 30], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))[0]

@@ -173,7 +173,11 @@ class ModelRunner:
         inputs, hidden = self._forward(out, previous)
         if not inputs.sampling_rows:
             return LaunchedStep(out, [], None)
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+        # Every token samples only in a step of one token per sequence, all sampling: the rows
+        # are then the hidden states in order, and gathering them would be a copy for nothing.
+        every_row = len(inputs.sampling_rows) == hidden.shape[0]
+        last = hidden if every_row else hidden.index_select(0, inputs.logits_indices)
+        logits = self.model.compute_logits(last)
         requests = [out.sequences[row].request for row in inputs.sampling_rows]
         return LaunchedStep(out, requests, self.sampler.sample(logits, requests))
 
