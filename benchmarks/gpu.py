@@ -326,7 +326,9 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     step, greedy and at the workload's temperature 0.6 (the exponential race over the softmax),
     host work included (each call ends with the device synchronized). At 256 rows of Qwen3's
     151,936 tokens a float32 pass over the logits moves 155 MB, and the random path makes several.
-    At temperature 0.6 the fused kernel (``triton_sampling``) is timed too, as ``path`` "fused"."""
+    At temperature 0.6 the fused kernel (``triton_sampling``) is timed too, as ``path`` "fused",
+    after a check that at a tiny temperature it draws every row's argmax (``draws_argmax``): a
+    broken kernel's time would say nothing."""
     from inferd.engine.request import Request
     from inferd.sample.sampler import Sampler
     from inferd.sampling_params import SamplingParams
@@ -334,7 +336,8 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     samplers = {"torch": Sampler(0), "fused": Sampler(0, triton_sampling=True)}
     results: list[dict[str, Any]] = []
     for rows in SAMPLER_ROWS if plan.device == "cuda" else (2,):
-        logits = torch.randn(rows, hf_config["vocab_size"], dtype=plan.dtype, device=plan.device)
+        seeded = torch.Generator().manual_seed(rows)  # the same logits every run: checks that repeat
+        logits = torch.randn(rows, hf_config["vocab_size"], generator=seeded).to(plan.device, plan.dtype)
         for temperature in (0.0, 0.6):
             params = SamplingParams(max_tokens=8, temperature=temperature, ignore_eos=True)
             requests = [Request(str(i), [1], params, frozenset(), 8) for i in range(rows)]
@@ -342,11 +345,27 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
             for path, sampler in samplers.items():
                 if path == "fused" and temperature == 0.0:
                     continue  # greedy rows never reach the kernel
+                entry: dict[str, Any] = {"rows": rows, "temperature": temperature, "path": path}
+                if path == "fused":
+                    entry["draws_argmax"] = _draws_argmax(sampler, logits)
                 seconds = _timed(functools.partial(sampler, logits, requests), plan.device, repeats)
-                entry = {"rows": rows, "temperature": temperature, "path": path, "ms": seconds * 1e3}
+                entry["ms"] = seconds * 1e3
                 print("sampler:", json.dumps(entry), flush=True)
                 results.append(entry)
     return results
+
+
+def _draws_argmax(sampler: Any, logits: torch.Tensor) -> bool:
+    """Whether ``sampler`` draws a largest logit of each row at a temperature that leaves no other
+    choice (a tie for the largest may go either way: random bfloat16 logits have some)."""
+    from inferd.engine.request import Request
+    from inferd.sampling_params import SamplingParams
+
+    cold = SamplingParams(max_tokens=8, temperature=1e-4, ignore_eos=True)
+    requests = [Request(str(i), [1], cold, frozenset(), 8) for i in range(logits.shape[0])]
+    tokens = torch.tensor(sampler(logits, requests).token_ids, device=logits.device)
+    drawn = logits.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return bool((drawn == logits.max(dim=-1).values).all())
 
 
 # (sequences, context length) for the split sweep of small decode batches: the batch-1 benchmark's

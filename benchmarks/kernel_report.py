@@ -307,6 +307,7 @@ def compile_case(case: Case) -> KernelReport:
     if case.pipelined_loop and not async_copies:
         problems.append("its K/V loads are not asynchronous: the loop is not pipelined")
     problems.extend(pdl_problems(compiled.asm["ptx"], case.pdl, constexprs.get("PREFETCH_LINES", 0) > 0))
+    problems.extend(reordered_index_problems(compiled.asm["ttir"]))
     return KernelReport(case.label, case.kernel, case.num_warps, case.num_stages, registers, spill_bytes,
                         shared, async_copies, blocks, limit, tuple(problems))  # fmt: skip
 
@@ -322,6 +323,26 @@ _GLOBAL_ACCESS = re.compile(
 # Where a program may leave the straight line before its wait: it could skip the wait, or finish
 # without it, and the kernel after it would no longer be ordered after the one before.
 _BRANCH_OR_EXIT = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:bra|brx|ret|exit|call)\b", re.MULTILINE)
+
+
+_REORDERED_RESHAPE = re.compile(r"^\s*(%[\w#.]+) = tt\.reshape .*\ballow_reorder\b", re.MULTILINE)
+_REDUCE_OPERANDS = re.compile(r'"tt\.reduce"\(([^)]*)\)')
+
+
+def reordered_index_problems(ttir: str) -> list[str]:
+    """A reduction that returns an index (an argmax: the values reduced together with a range) over
+    a tensor the compiler flattened with ``allow_reorder``. Triton lets a reshape that only feeds
+    reductions reorder its elements, and in Triton 3.6 and 3.9 it does so without checking for an
+    index operand: the index then counts in the reordered order, while the tensors it is used
+    with keep theirs. The interpreter keeps numpy's order, so only compiled code picks the wrong
+    element."""
+    reordered = set(_REORDERED_RESHAPE.findall(ttir))
+    problems = []
+    for operands in _REDUCE_OPERANDS.findall(ttir):
+        names = [name.strip() for name in operands.split(",")]
+        if len(names) > 1 and reordered.intersection(names):
+            problems.append(f"an index reduction over a reordered reshape ({operands}): the index is off")
+    return problems
 
 
 def pdl_problems(ptx: str, pdl: bool, prefetch: bool = False) -> list[str]:

@@ -7,7 +7,8 @@ shared memory past a block's limit, attention loops whose K/V loads are no longe
 asynchronous (pipelined), integer arguments that change every call (the sampler's seed)
 but would be specialized on their value, recompiling the kernel while serving, and kernels
 compiled for programmatic dependent launch that touch memory, branch or exit before their wait
-(each such kernel is compiled both ways). It runs in a
+(each such kernel is compiled both ways), and argmax-style reductions over a tile the compiler
+may flatten in its own order (the index would not be the tensor's). It runs in a
 fresh process: once triton is imported with TRITON_INTERPRET=1 (the interpreter tests set it),
 nothing in that process can compile.
 """

@@ -93,11 +93,11 @@ def test_the_vocabulary_is_split_to_fill_the_multiprocessors(monkeypatch: pytest
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
     gpu = torch.device("cuda")
-    # 4 programs a multiprocessor: 528 over the rows, no part under one 1,024-token step.
+    # 8 programs a multiprocessor: 1,056 over the rows, no part under one 1,024-token step.
     assert triton_sampling.default_num_chunks(1, 151_936, gpu) == 149
-    assert triton_sampling.default_num_chunks(64, 151_936, gpu) == 9
-    assert triton_sampling.default_num_chunks(256, 151_936, gpu) == 3
-    assert triton_sampling.default_num_chunks(600, 151_936, gpu) == 1
+    assert triton_sampling.default_num_chunks(64, 151_936, gpu) == 17
+    assert triton_sampling.default_num_chunks(256, 151_936, gpu) == 5
+    assert triton_sampling.default_num_chunks(1056, 151_936, gpu) == 1
     assert triton_sampling.default_num_chunks(1, 500, gpu) == 1
     assert triton_sampling.default_num_chunks(1, 151_936, torch.device("cpu")) == 1
 

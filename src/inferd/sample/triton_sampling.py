@@ -35,8 +35,9 @@ _BLOCK = 1024
 # Loop steps in flight in a program: loads that feed no dot are pipelined only when asked.
 _NUM_STAGES = 3
 # Programs per multiprocessor the split of the vocabulary aims at: one row is 149 steps of 1,024
-# tokens, so a program a row would leave a few rows' draws to a few multiprocessors.
-_PROGRAMS_PER_SM = 4
+# tokens, so a program a row would leave a few rows' draws to a few multiprocessors. The kernel's
+# arithmetic bounds it, so the warps of 8 programs (10 fit) hide each other's dependent chains.
+_PROGRAMS_PER_SM = 8
 
 
 # The seed changes every call, and the number of parts with the rows: specialized on their values
@@ -88,9 +89,14 @@ def _race_chunk_kernel(
         better = key > best_key
         best_key = tl.where(better, key, best_key)
         best_id = tl.where(better, ids, best_id)
-    flat_keys = tl.reshape(best_key, [BLOCK])
-    top_key, lane = tl.max(flat_keys, axis=0, return_indices=True)
-    token = tl.sum(tl.where(tl.arange(0, BLOCK) == lane, tl.reshape(best_id, [BLOCK]), 0), axis=0)
+    # Two plain reductions, not an argmax: an index taken over a tile flattened to one axis would
+    # count in the compiler's order, which need not be the ids' (the flattening may reorder the
+    # keys' elements and not the ids'). The lowest id among equal keys wins, whatever the split.
+    # Keys that are all NaN (NaN logits) match nothing: the part's first id then stands in, so no
+    # id outside the vocabulary ever leaves the kernel.
+    top_key = tl.max(best_key)
+    token = tl.min(tl.where(best_key == top_key, best_id, last))
+    token = tl.where(token < last, token, first)
     out = row * num_chunks + part
     tl.store(keys_ptr + out, top_key)
     tl.store(ids_ptr + out, token)
