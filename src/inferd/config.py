@@ -179,7 +179,7 @@ class EngineConfig:
     dtype: str = "float32"
     attention_backend: str = "auto"
     seed: int = 0
-    # "safetensors" reads the checkpoint; "dummy" keeps the random init (benchmarks of model shapes).
+    # "safetensors" reads the checkpoint; "dummy" draws seeded random weights (benchmarks of shapes).
     load_format: str = "safetensors"
     # Decode steps run as captured CUDA graphs on a GPU unless this is set.
     enforce_eager: bool = False

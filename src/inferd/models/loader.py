@@ -75,7 +75,8 @@ def load_model(
 ) -> CausalLM:
     """Build the model directly on ``device`` in ``dtype`` and fill it from the checkpoint.
 
-    ``load_format="dummy"`` keeps the random initialisation instead (model shapes for benchmarks).
+    ``load_format="dummy"`` draws seeded random weights instead (``fill_random``: model shapes for
+    benchmarks).
     ``shard`` = ``(rank, size)`` fills one rank's slice under tensor parallelism; ``cfg`` is then
     that rank's shape (``ModelConfig.sharded``).
     """
@@ -91,7 +92,9 @@ def load_model(
             model = cls(cfg, max_positions)
     finally:
         torch.set_default_dtype(previous_dtype)
-    if not dummy:
+    if dummy:
+        fill_random(model)
+    else:
         weights = iter_checkpoint(path)
         if shard is not None:
             rank, size = shard
@@ -99,6 +102,32 @@ def load_model(
         _fill_weights(model, weights, cfg)
     model.eval()
     return cast(CausalLM, model)
+
+
+# Random weights (``load_format="dummy"``): a freshly initialised Hugging Face model's scale.
+DUMMY_SEED = 0
+DUMMY_STD = 0.02
+
+
+def fill_random(model: nn.Module) -> None:
+    """Every matrix (embeddings, projections, the LM head) drawn from N(0, ``DUMMY_STD``), norm
+    weights 1, biases 0, from a generator seeded with ``DUMMY_SEED`` on the model's device.
+
+    torch's own initialisation gives embeddings of N(0, 1), which on a tied model outweigh all
+    the layers together: the greedy token is the last prompt token whatever the layers compute.
+    At this scale each layer moves the residual stream as in a trained model, so a kernel that
+    computes the wrong thing changes the tokens; and every engine of a shape gets the same
+    weights, whatever else ran in the process before, so two engines' tokens can be compared."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(DUMMY_SEED)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, DUMMY_STD, generator=generator)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.fill_(1.0)
 
 
 _TRITON_PDL = "inferd.layers.triton_pdl"
