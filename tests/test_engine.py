@@ -142,10 +142,12 @@ def test_logprobs_and_timing(llm: LLM) -> None:
     assert 0 < out.metrics.ttft_s <= out.metrics.e2e_s
 
 
-def test_only_steps_with_rows_that_do_not_sample_gather_the_rows_that_do(llm: LLM, monkeypatch) -> None:
+def test_only_steps_with_rows_that_do_not_sample_gather_the_rows_that_do(tiny_llama, monkeypatch) -> None:
     """A decode step samples from every row in order, so the forward's hidden states go to the LM
     head as they are; a prompt step (many rows, one sampling) gathers its last rows first. The
-    tokens are those of the run before, with the wrappers off."""
+    tokens are those of the run before, with the wrappers off. On the CPU, where every step runs
+    the model's forward (a GPU replays decode graphs)."""
+    llm = LLM(tiny_llama, kv_cache_memory="4MiB", block_size=8, device="cpu")
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]
     expected = [out.token_ids for out in llm.generate(prompts, params)]
@@ -170,6 +172,32 @@ def test_only_steps_with_rows_that_do_not_sample_gather_the_rows_that_do(llm: LL
     assert [head.data_ptr() == out.data_ptr() for head, out in zip(heads, outputs, strict=True)] == [
         False, True, True, True,
     ]  # fmt: skip
+
+
+def test_dummy_weights_are_seeded_and_the_layers_decide_the_tokens(tiny_model_factory) -> None:
+    """Two engines loaded with ``load_format="dummy"`` hold the same weights whatever ran between
+    them; matrices are N(0, 0.02), norms 1. At that scale the layers decide the greedy tokens:
+    with every attention output projection zeroed they change."""
+    folder = tiny_model_factory("qwen3")  # tied embeddings: torch's N(0, 1) ones would dominate
+    first = LLM(folder, load_format="dummy", kv_cache_memory="4MiB", device="cpu")
+    torch.randn(1000)  # the global generator moves on; the weights must not follow it
+    second = LLM(folder, load_format="dummy", kv_cache_memory="4MiB", device="cpu")
+    weights = dict(first.engine.core.runner.model.named_parameters())
+    for name, param in second.engine.core.runner.model.named_parameters():
+        assert torch.equal(param, weights[name]), name
+        if name.endswith("norm.weight"):
+            assert bool((param == 1).all()), name
+    embedding = weights["model.embed_tokens.weight"]
+    assert abs(embedding.std().item() - 0.02) < 0.002
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[(7 * i + j) % 100 for i in range(12)] for j in range(4)]
+    tokens = [out.token_ids for out in first.generate(prompts, params)]
+    assert [out.token_ids for out in second.generate(prompts, params)] == tokens
+    with torch.no_grad():
+        for name, param in second.engine.core.runner.model.named_parameters():
+            if "o_proj" in name:
+                param.zero_()
+    assert [out.token_ids for out in second.generate(prompts, params)] != tokens
 
 
 def test_max_tokens_none_uses_rest_of_context(tiny_llama) -> None:
