@@ -105,6 +105,10 @@ def test_half_precision_logits_sample_as_their_float32_widening() -> None:
     from_half, from_float = Sampler(seed=4)(half, requests()), Sampler(seed=4)(half.float(), requests())
     assert from_half.token_ids == from_float.token_ids
     assert from_half.logprobs == from_float.logprobs and from_half.logprobs[-1] is not None
+    # Processors work on a float32 copy: in bfloat16, 100.5 - 0.25 rounds to 100.0 and ties token 0.
+    close = torch.tensor([[100.0, 100.5]], dtype=torch.bfloat16)
+    penalized = _req(SamplingParams(temperature=0, presence_penalty=0.25), out=[1])
+    assert Sampler()(close, [penalized]).token_ids == [1]
     greedy = [_req(SamplingParams(temperature=0)) for _ in range(7)]
     with _OpCounts() as ops:
         tokens = Sampler()(half, greedy).token_ids

@@ -110,11 +110,10 @@ class Sampler:
         if random_rows:
             picked = [requests[i] for i in random_rows]
             if len(random_rows) == len(requests):  # all rows, in order: no gather, no scatter
-                tokens = self._draw(self._filtered_probs(logits.float(), picked), picked)
+                tokens = self._draw(self._filtered_probs(logits, picked), picked)
             else:
                 rows = _to_device(random_rows, torch.long, logits.device)
-                picked_logits = logits.index_select(0, rows).float()
-                tokens[rows] = self._draw(self._filtered_probs(picked_logits, picked), picked)
+                tokens[rows] = self._draw(self._filtered_probs(logits.index_select(0, rows), picked), picked)
         tokens_host = _to_host(tokens)
         logprobs_host = None
         counts: list[int | None] = []
@@ -176,6 +175,7 @@ class Sampler:
     def _filtered_probs(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         device = logits.device
         temperature = _to_device([r.params.temperature for r in requests], torch.float32, device)
+        # Dividing by the float32 temperatures widens half-precision logits: one pass, not two.
         logits = logits / temperature.unsqueeze(1)
         vocab = logits.shape[1]
         top_ks = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in requests]
