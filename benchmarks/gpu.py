@@ -700,10 +700,11 @@ class StepTimes:
 
     Per group it also sums the host's time inside ``launch`` (building the inputs, queueing the
     forward and the sampling) and, with ``timing_event`` (a factory of CUDA events), the device's
-    time from the start of each step's queued work to its end: a group whose device time is well
-    under its period leaves the GPU idle, waiting for the host. With ``floor`` (a step's
-    ``(start, num_tokens)`` spans to its roofline floor in seconds), each group gets the floor of
-    its steps as scheduled too: which steps are furthest from it."""
+    time from each step's first operation (the copy of its inputs, after the host has built them)
+    to the end of its queued work: a group whose device time is well under its period leaves the
+    GPU idle, waiting for the host. With ``floor`` (a step's ``(start, num_tokens)`` spans to its
+    roofline floor in seconds), each group gets the floor of its steps as scheduled too: which
+    steps are furthest from it."""
 
     def __init__(
         self,
@@ -714,28 +715,42 @@ class StepTimes:
         self.launches: list[tuple[float, str]] = []
         self._host_seconds: list[float] = []
         self._spans: list[list[tuple[int, int]]] = []
-        self._events: list[tuple[Any, Any]] = []
+        # (launch index, event at its input copy, event after its launch), per launch that copied.
+        self._events: list[tuple[int, Any, Any]] = []
+        self._pending_start: Any = None  # this launch's first event, until its input copy
+        self._recorded_start: Any = None  # ... and once the copy has recorded it
         self._floor = floor
         self._timing_event = timing_event
         self._runner = runner
         self._launch = runner.launch
         runner.launch = self._timed_launch
+        self._copy = runner.buffers.copy_to_device
+        runner.buffers.copy_to_device = self._timed_copy
+
+    def _timed_copy(self, *args: Any) -> Any:
+        if self._pending_start is not None:
+            self._pending_start.record()
+            self._recorded_start, self._pending_start = self._pending_start, None
+        return self._copy(*args)
 
     def _timed_launch(self, out: Any, *args: Any) -> Any:
+        start = time.perf_counter()
         prompt = any(seq.num_tokens > 1 for seq in out.sequences)
         rows = len(out.sequences)
         bucket = next((b for b in STEP_BUCKETS if rows <= b), STEP_BUCKETS[-1])
-        start = time.perf_counter()
         self.launches.append((start, "with prompt tokens" if prompt else f"decode <= {bucket}"))
         if self._floor is not None:
             self._spans.append([(seq.start_pos, seq.num_tokens) for seq in out.sequences])
-        events = (self._timing_event(), self._timing_event()) if self._timing_event is not None else None
-        if events is not None:
-            events[0].record()
-        launched = self._launch(out, *args)
-        if events is not None:
-            events[1].record()
-            self._events.append(events)
+        if self._timing_event is not None:
+            self._pending_start = self._timing_event()
+        try:
+            launched = self._launch(out, *args)
+        finally:
+            recorded, self._recorded_start, self._pending_start = self._recorded_start, None, None
+        if recorded is not None and self._timing_event is not None:
+            end = self._timing_event()
+            end.record()
+            self._events.append((len(self.launches) - 1, recorded, end))
         self._host_seconds.append(time.perf_counter() - start)
         return launched
 
@@ -744,7 +759,9 @@ class StepTimes:
         with events the device's busy seconds and their fraction of the group's, and with a floor
         its seconds and the fraction of the group's time it is; the last step runs until ``end``
         (events are read after the caller's synchronize)."""
-        del self._runner.launch  # the instance attribute goes; the class's method is back
+        # The instance attributes go; the classes' methods are back.
+        del self._runner.launch
+        del self._runner.buffers.copy_to_device
         groups: dict[str, dict[str, float]] = {}
         for (start, kind), (finish, _) in zip(self.launches, [*self.launches[1:], (end, "")], strict=True):
             group = groups.setdefault(kind, {"steps": 0, "seconds": 0.0, "host_launch_seconds": 0.0})
@@ -753,11 +770,12 @@ class StepTimes:
         for (_, kind), host in zip(self.launches, self._host_seconds, strict=False):
             groups[kind]["host_launch_seconds"] += host
         try:
-            busy = [begun.elapsed_time(done) / 1e3 for begun, done in self._events]
+            busy = [(index, begun.elapsed_time(done) / 1e3) for index, begun, done in self._events]
         except RuntimeError:  # a failed run's last events may never have been reached
             busy = []
-        for (_, kind), seconds in zip(self.launches, busy, strict=False):
-            groups[kind]["device_busy_seconds"] = groups[kind].get("device_busy_seconds", 0.0) + seconds
+        for index, seconds in busy:
+            group = groups[self.launches[index][1]]
+            group["device_busy_seconds"] = group.get("device_busy_seconds", 0.0) + seconds
         if self._floor is not None:
             for (_, kind), spans in zip(self.launches, self._spans, strict=True):
                 groups[kind]["floor_seconds"] = groups[kind].get("floor_seconds", 0.0) + self._floor(spans)
@@ -837,37 +855,49 @@ def run_inferd_workload(
 
 
 # The greedy check of a variant: prompts run together (a batch's paths: tiled matmuls, graphs of
-# several sequences) and one alone (the skinny and fused matmuls of one row).
+# several sequences) and one alone (the skinny and fused matmuls of one row). The Llama engine
+# runs one sequence at a time (max_num_seqs 1), so there all nine take the one-row paths.
 AGREEMENT_BATCH = 8
 AGREEMENT_TOKENS = 16
+# A greedy run: per prompt, its tokens and the log-probability of each.
+GreedyRun = list[tuple[list[int], list[float]]]
 
 
-def greedy_tokens(llm: Any, plan: Plan) -> list[list[int]]:
-    """Greedy tokens for ``AGREEMENT_BATCH`` prompts decoded together, then one more alone."""
+def greedy_tokens(llm: Any, plan: Plan) -> GreedyRun:
+    """Greedy tokens, with their log-probabilities, for ``AGREEMENT_BATCH`` prompts decoded
+    together, then one more alone; prompts of 20 tokens and up, within the plan's prompt length."""
     from inferd.sampling_params import SamplingParams
 
     prompts = [
-        [(11 * i + 3 * j + 1) % plan.token_id_limit for j in range(20 + i)]
+        [(11 * i + 3 * j + 1) % plan.token_id_limit for j in range(min(20 + i, plan.max_prompt_len))]
         for i in range(AGREEMENT_BATCH + 1)
     ]
     params = SamplingParams(
-        max_tokens=min(AGREEMENT_TOKENS, plan.max_output_len), temperature=0.0, ignore_eos=True
+        max_tokens=min(AGREEMENT_TOKENS, plan.max_output_len), temperature=0.0, ignore_eos=True, logprobs=0
     )
     together = llm.generate(prompts[:-1], params)
     (alone,) = llm.generate(prompts[-1:], params)
-    return [list(out.token_ids) for out in [*together, alone]]
+    return [(list(out.token_ids), [lp.logprob for lp in out.logprobs]) for out in [*together, alone]]
 
 
-def greedy_agreement(tokens: list[list[int]], reference: list[list[int]]) -> dict[str, Any]:
-    """How many leading tokens of each prompt match the reference engine's. A kernel that computes
-    something else diverges from the first decoded token on; bf16 rounding in another order only
-    flips an occasional near-tie of random weights' logits, and then the rest of that prompt."""
-    prefixes = [
-        next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), len(theirs))
-        for ours, theirs in zip(tokens, reference, strict=True)
-    ]
-    total = sum(len(theirs) for theirs in reference)
-    return {"same_prefix": prefixes, "same_fraction": sum(prefixes) / total if total else 1.0}
+def greedy_agreement(run: GreedyRun, reference: GreedyRun) -> dict[str, Any]:
+    """How far each prompt's greedy tokens follow the reference engine's (``same_prefix``, and
+    ``same_fraction`` of all tokens), and the largest difference between the two engines'
+    log-probabilities of the tokens both chose (``logprob_max_diff``, over each prompt's common
+    prefix). A kernel that computes something else moves the log-probabilities from the first
+    token on, even where the argmax survives; bf16 sums in another order move them by about a
+    hundredth, and flip an occasional near-tie of random weights' logits (the rest of that prompt
+    then differs too)."""
+    prefixes: list[int] = []
+    largest = 0.0
+    for (ours, our_logprobs), (theirs, their_logprobs) in zip(run, reference, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), len(theirs))
+        prefixes.append(same)
+        diffs = [abs(a - b) for a, b in zip(our_logprobs[:same], their_logprobs[:same], strict=True)]
+        largest = max([largest, *diffs])
+    total = sum(len(theirs) for theirs, _ in reference)
+    return {"same_prefix": prefixes, "same_fraction": sum(prefixes) / total if total else 1.0,
+            "logprob_max_diff": largest}  # fmt: skip
 
 
 def run_inferd_batch1(llm: Any, plan: Plan) -> dict[str, float]:
@@ -1147,7 +1177,7 @@ class ShapeRun:
         smoke_options = {"triton_ops": True, "async_scheduling": True} if args.smoke else {}
         self.base_options = {**base_options, **smoke_options}
         self.result: dict[str, Any] = {"variants": {}}
-        self.reference_tokens: list[list[int]] | None = None  # the default engine's greedy tokens
+        self.reference_tokens: GreedyRun | None = None  # the default engine's greedy tokens
 
     def variant(self, name: str, workload: bool = False, profile: bool = False) -> None:
         """Time one engine variant. The default's workload figure is the headline (kept at the top
@@ -1221,12 +1251,14 @@ class ShapeRun:
     def _agreement(self, llm: Any, reference: bool) -> dict[str, Any]:
         """The default engine's greedy tokens are the reference (``reference``); another engine's
         are compared with them, so a variant's speed is never read without knowing that it still
-        computes the same model."""
-        tokens = greedy_tokens(llm, self.plan)
-        if reference or self.reference_tokens is None:
-            self.reference_tokens = tokens
-            return {"reference": True, "prompts": len(tokens)}
-        return greedy_agreement(tokens, self.reference_tokens)
+        computes the same model (every engine of a shape has the same seeded random weights)."""
+        run = greedy_tokens(llm, self.plan)
+        if reference:
+            self.reference_tokens = run
+            return {"reference": True, "prompts": len(run)}
+        if self.reference_tokens is None:
+            return {"skipped": "no reference: the default engine's greedy run is missing"}
+        return greedy_agreement(run, self.reference_tokens)
 
     def _workload(self, llm: Any, again: bool = False) -> dict[str, Any]:
         """The workload's figures; with ``again``, a second run on the same engine is recorded too,
@@ -1468,7 +1500,8 @@ def _agreement_note(entry: dict[str, Any]) -> str:
     """A variant's greedy agreement with the default engine, for its summary lines."""
     agreement = entry.get("greedy_agreement")
     if isinstance(agreement, dict) and "same_fraction" in agreement:
-        return f", greedy tokens as the default's: {agreement['same_fraction']:.0%}"
+        return (f", greedy tokens as the default's: {agreement['same_fraction']:.0%}, log-probabilities "
+                f"within {agreement['logprob_max_diff']:.3f}")  # fmt: skip
     return ""
 
 

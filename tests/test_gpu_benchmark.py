@@ -77,7 +77,7 @@ def test_workload_run_times_its_steps_by_kind(tiny_model_factory) -> None:
     runner's own launch is back afterwards."""
     from inferd import LLM
 
-    llm = LLM(tiny_model_factory("llama"), kv_cache_memory="4MiB", max_num_batched_tokens=32)
+    llm = LLM(tiny_model_factory("llama"), kv_cache_memory="4MiB", max_num_batched_tokens=32, device="cpu")
     runner = llm.engine.core.runner
     prompts = [[(5 * i + j) % 100 for i in range(length)] for j, length in enumerate((40, 7, 9))]
     floors: list[list[tuple[int, int]]] = []
@@ -109,21 +109,34 @@ def test_workload_run_times_its_steps_by_kind(tiny_model_factory) -> None:
 
 
 def test_step_times_sum_each_steps_device_time_from_its_events() -> None:
-    """Device time per step is from the event recorded before its launch to the one after; a run
-    whose events cannot be read (a failed one) reports none rather than failing again."""
+    """Device time per step is from the event recorded at its input copy (after the host built
+    the inputs: its first device work) to the one after its launch; a launch that copied nothing
+    has none; a run whose events cannot be read (a failed one) reports none rather than failing
+    again."""
     from types import SimpleNamespace
 
     device_ms = iter([0.0, 3.0, 10.0, 11.5, 20.0, 21.5])  # each event's device timestamp
+    recorded_at: list[str] = []
 
     class Event:
         def record(self) -> None:
             self.ms = next(device_ms)
+            recorded_at.append("event")
 
         def elapsed_time(self, later: Event) -> float:
             return later.ms - self.ms
 
+    class Buffers:
+        def copy_to_device(self, num_rows: int) -> None:
+            recorded_at.append("copy")
+
     class Runner:
+        buffers = Buffers()
+
         def launch(self, out: object, previous: object = None) -> object:
+            recorded_at.append("inputs built")
+            if out.sequences:  # type: ignore[attr-defined]
+                self.buffers.copy_to_device(len(out.sequences))  # type: ignore[attr-defined]
             return out
 
     def step(*num_tokens: int) -> SimpleNamespace:
@@ -131,11 +144,15 @@ def test_step_times_sum_each_steps_device_time_from_its_events() -> None:
 
     runner = Runner()
     times = gpu.StepTimes(runner, timing_event=Event)
-    for out in (step(9, 1), step(1, 1), step(1, 1)):
+    for out in (step(9, 1), step(), step(1, 1), step(1, 1)):
         runner.launch(out)
     groups = times.close(time.perf_counter())
     assert groups["with prompt tokens"]["device_busy_seconds"] == pytest.approx(3e-3)
-    assert groups["decode <= 2"]["device_busy_seconds"] == pytest.approx(3e-3)
+    assert groups["decode <= 2"]["device_busy_seconds"] == pytest.approx(3e-3)  # the empty step: none
+    assert groups["decode <= 2"]["steps"] == 3
+    # The first event after the host's input work, just before the copy; the second after launch.
+    assert recorded_at[:5] == ["inputs built", "event", "copy", "event", "inputs built"]
+    assert "copy_to_device" not in vars(runner.buffers) and "launch" not in vars(runner)
     for group in groups.values():
         assert group["device_busy_fraction"] == pytest.approx(group["device_busy_seconds"] / group["seconds"])
 
@@ -144,37 +161,55 @@ def test_step_times_sum_each_steps_device_time_from_its_events() -> None:
             raise RuntimeError("the event has not been recorded on the device")
 
     device_ms = iter([0.0, 1.0])
+    runner.buffers = Buffers()
     times = gpu.StepTimes(runner, timing_event=Unreached)
     runner.launch(step(1))
     assert "device_busy_seconds" not in times.close(time.perf_counter())["decode <= 2"]
 
 
-def test_greedy_agreement_counts_each_prompts_leading_matches() -> None:
-    reference = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]
-    agreement = gpu.greedy_agreement([[1, 2, 3, 4], [5, 0, 7, 8], [0, 9, 9, 9]], reference)
-    # After the first difference the rest of a prompt counts as different, matches or not.
-    assert agreement == {"same_prefix": [4, 1, 0], "same_fraction": 5 / 12}
-    assert gpu.greedy_agreement(reference, reference)["same_fraction"] == 1.0
+def test_greedy_agreement_counts_leading_matches_and_compares_their_logprobs() -> None:
+    reference = [([1, 2, 3, 4], [-0.1, -0.2, -0.3, -0.4]), ([5, 6, 7, 8], [-1.0] * 4),
+                 ([9, 9, 9, 9], [0.0] * 4)]  # fmt: skip
+    run = [([1, 2, 3, 4], [-0.1, -0.25, -0.3, -0.4]), ([5, 0, 7, 8], [-1.5, -9.0, -1.0, -1.0]),
+           ([0, 9, 9, 9], [-7.0] * 4)]  # fmt: skip
+    agreement = gpu.greedy_agreement(run, reference)
+    # After the first difference the rest of a prompt counts as different, matches or not, and
+    # its log-probabilities are not compared (they are of other tokens).
+    assert agreement["same_prefix"] == [4, 1, 0] and agreement["same_fraction"] == 5 / 12
+    assert agreement["logprob_max_diff"] == pytest.approx(0.5)
+    assert gpu.greedy_agreement(reference, reference) == {
+        "same_prefix": [4, 4, 4], "same_fraction": 1.0, "logprob_max_diff": 0.0,
+    }  # fmt: skip
 
 
-def test_a_variants_greedy_tokens_are_compared_with_the_default_engines(tiny_model_factory) -> None:
-    """The default engine's tokens become the reference; an engine of the same model agrees on
-    every token, one of another model does not."""
+def test_a_variants_greedy_run_is_compared_with_the_default_engines(tiny_model_factory) -> None:
+    """As gpu.py runs it: each engine built anew with random weights, within the smoke plan's
+    context (prompts capped at its prompt length). An engine of the same options agrees on every
+    token and log-probability; one whose layers compute something else does not."""
     from argparse import Namespace
 
-    from inferd import LLM
-
+    folder = tiny_model_factory("qwen3")
     run = object.__new__(gpu.ShapeRun)
     run.plan = gpu.Plan("cpu", torch.float32, 3, 24, 6, 8, 100, "4MiB")
     run.reference_tokens = None
     run.args = Namespace(smoke=True)
-    same = LLM(tiny_model_factory("llama"), kv_cache_memory="4MiB")
-    assert run._agreement(same, reference=True) == {"reference": True, "prompts": gpu.AGREEMENT_BATCH + 1}
-    assert run.reference_tokens is not None and len(run.reference_tokens) == gpu.AGREEMENT_BATCH + 1
-    assert all(len(tokens) == 6 for tokens in run.reference_tokens)  # the plan's longest output
-    assert run._agreement(same, reference=False)["same_fraction"] == 1.0
-    other = LLM(tiny_model_factory("qwen3"), kv_cache_memory="4MiB")
-    assert run._agreement(other, reference=False)["same_fraction"] < 0.5
+    assert run._agreement(gpu.inferd_engine(folder, run.plan, "torch", {}), reference=False) == {
+        "skipped": "no reference: the default engine's greedy run is missing"
+    }
+    default = gpu.inferd_engine(folder, run.plan, "torch", {})
+    assert run._agreement(default, reference=True) == {"reference": True, "prompts": gpu.AGREEMENT_BATCH + 1}
+    assert run.reference_tokens is not None
+    assert all(len(tokens) == len(logprobs) == 6 for tokens, logprobs in run.reference_tokens)
+    torch.randn(100)  # whatever ran in between, the next engine's random weights are the same
+    same = run._agreement(gpu.inferd_engine(folder, run.plan, "torch", {}), reference=False)
+    assert same["same_fraction"] == 1.0 and same["logprob_max_diff"] == 0.0
+    broken = gpu.inferd_engine(folder, run.plan, "torch", {})
+    with torch.no_grad():
+        for name, param in broken.engine.core.runner.model.named_parameters():
+            if "down_proj" in name:
+                param.mul_(-1.0)
+    differs = run._agreement(broken, reference=False)
+    assert differs["same_fraction"] < 1.0 or differs["logprob_max_diff"] > 0.1
 
 
 def test_kernel_compiles_are_logged_through_tritons_hooks_and_the_hooks_restored() -> None:
