@@ -855,8 +855,9 @@ def run_inferd_workload(
 
 
 # The greedy check of a variant: prompts run together (a batch's paths: tiled matmuls, graphs of
-# several sequences) and one alone (the skinny and fused matmuls of one row). The Llama engine
-# runs one sequence at a time (max_num_seqs 1), so there all nine take the one-row paths.
+# several sequences) and one alone (the skinny and fused matmuls of one row), fewer together in
+# a smaller plan (the smoke run's three sequences). The Llama engine runs one sequence at a time
+# (max_num_seqs 1), so there all of them take the one-row paths.
 AGREEMENT_BATCH = 8
 AGREEMENT_TOKENS = 16
 # A greedy run: per prompt, its tokens and the log-probability of each.
@@ -864,20 +865,21 @@ GreedyRun = list[tuple[list[int], list[float]]]
 
 
 def greedy_tokens(llm: Any, plan: Plan) -> GreedyRun:
-    """Greedy tokens, with their log-probabilities, for ``AGREEMENT_BATCH`` prompts decoded
+    """Greedy tokens, with their log-probabilities, for up to ``AGREEMENT_BATCH`` prompts decoded
     together, then one more alone; prompts of 20 tokens and up, within the plan's prompt length."""
     from inferd.sampling_params import SamplingParams
 
+    together = min(AGREEMENT_BATCH, plan.num_seqs - 1)
     prompts = [
         [(11 * i + 3 * j + 1) % plan.token_id_limit for j in range(min(20 + i, plan.max_prompt_len))]
-        for i in range(AGREEMENT_BATCH + 1)
+        for i in range(together + 1)
     ]
     params = SamplingParams(
         max_tokens=min(AGREEMENT_TOKENS, plan.max_output_len), temperature=0.0, ignore_eos=True, logprobs=0
     )
-    together = llm.generate(prompts[:-1], params)
+    batch = llm.generate(prompts[:-1], params)
     (alone,) = llm.generate(prompts[-1:], params)
-    return [(list(out.token_ids), [lp.logprob for lp in out.logprobs]) for out in [*together, alone]]
+    return [(list(out.token_ids), [lp.logprob for lp in out.logprobs]) for out in [*batch, alone]]
 
 
 def greedy_agreement(run: GreedyRun, reference: GreedyRun) -> dict[str, Any]:
