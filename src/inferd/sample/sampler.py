@@ -70,8 +70,8 @@ class PendingSample:
 
 class Sampler:
     def __init__(self, seed: int = 0, triton_sampling: bool = False) -> None:
-        """``triton_sampling``: rows that only scale by a temperature are drawn by the fused kernel
-        race of ``sample/triton_sampling.py`` (the same race, over the logits once)."""
+        """``triton_sampling``: rows that only scale by a temperature are drawn by the fused race
+        of ``sample/triton_sampling.py`` (the same race, over the logits once)."""
         self._seed = seed
         self._triton_sampling = triton_sampling
         self._fused_calls = 0  # each call of the fused kernel draws from fresh counters

@@ -12,8 +12,8 @@ Two things shape the kernel:
   a few sequences would walk 149 loop steps of 1,024 tokens on as many multiprocessors as it has
   rows.
 - One Philox call gives the uniform draws of four tokens (``tl.rand4x``). Compiled for sm_90a,
-  the loop body comes to about 113 instructions a token, against 142 with a call per token; the
-  two logarithms are most of the rest. So at 256 rows the arithmetic, not the 155 MB read, still
+  the loop body comes to about 113 PTX instructions a token, against 142 with a call per token;
+  the two logarithms are most of the rest. So at 256 rows the arithmetic, not the 155 MB read, still
   bounds the kernel (an estimate from the PTX, not a measurement), at a fraction of the torch
   race's passes over memory.
 
