@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from triton_device import DEVICE  # before triton is imported: interpreted or compiled
@@ -85,6 +86,45 @@ def test_every_token_of_every_part_can_win() -> None:
     logits = torch.zeros(rows, vocab, device=DEVICE)
     tokens = triton_sampling.race_sample(logits, torch.ones(rows, device=DEVICE), seed=7, num_chunks=3)
     assert set(tokens.tolist()) == set(range(vocab))
+
+
+def _philox_uniforms(seed: int, counters: np.ndarray) -> np.ndarray:
+    """[n, 4] float32 draws for ``counters``, as Triton's ``rand4x`` makes them: Philox4x32 with
+    10 rounds on (counter, 0, 0, 0) keyed by the seed's low and high words, each output word
+    taken as an int32 (negative ones complemented) times 4.6566127342e-10."""
+    mask = np.uint64(0xFFFFFFFF)
+    zeros = np.zeros_like(counters, dtype=np.uint64)
+    c0, c1, c2, c3 = counters.astype(np.uint64) & mask, zeros, zeros, zeros
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        product_b, product_a = round_b * c2, round_a * c0
+        c0, c2 = (product_b >> np.uint64(32)) ^ c1 ^ k0, (product_a >> np.uint64(32)) ^ c3 ^ k1
+        c1, c3 = product_b & mask, product_a & mask
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    words = np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32).view(np.int32)
+    return np.where(words < 0, ~words, words).astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize(("vocab", "parts"), [(37, 1), (37, 3), (1001, 4)])
+def test_each_tokens_noise_comes_from_its_own_philox_counter(vocab: int, parts: int) -> None:
+    """With flat logits the race picks the token of the largest draw, so the kernel's tokens must
+    be a reference Philox's: token ``t`` of row ``r`` takes lane ``t % 4`` of counter
+    ``r * ceil(vocab / 4) + t // 4``. Statistical tests would not see two rows sharing a counter
+    or a lane sent to the wrong token; this does."""
+    rows, seed = 6, 1234
+    tokens = triton_sampling.race_sample(
+        torch.zeros(rows, vocab, device=DEVICE), torch.ones(rows, device=DEVICE), seed, num_chunks=parts
+    )
+    quads = -(-vocab // 4)
+    ids = np.arange(vocab)
+    expected = []
+    for row in range(rows):
+        uniform = _philox_uniforms(seed, row * quads + ids // 4)[ids, ids % 4]
+        keys = np.float32(0.0) - np.log(-np.log(uniform))
+        expected.append(int(np.argmax(keys)))
+    assert tokens.tolist() == expected
 
 
 def test_the_vocabulary_is_split_to_fill_the_multiprocessors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -81,7 +81,9 @@ def _race_chunk_kernel(
         valid = ids < last
         logits = tl.load(logits_ptr + row_start + ids, mask=valid, other=float("-inf")).to(tl.float32)
         u0, u1, u2, u3 = tl.rand4x(seed, row * quads_per_row + quads)
-        uniform = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [QUADS, 4])
+        # join stacks along a new last axis, so the outer join's two halves alternate: lanes 0..3
+        # of a quad get words 0..3 of its Philox call.
+        uniform = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [QUADS, 4])
         # U lies in [0, 1): E is never 0, which would make its token win whatever its logit; a U of
         # exactly 0 gives an infinite E, a token that cannot win (a 2**-32 chance, not a bias).
         exponential = -tl.log(uniform)
