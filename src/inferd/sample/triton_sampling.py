@@ -61,7 +61,7 @@ def _race_chunk_kernel(
     chunk)`` of row ``r`` (``chunk`` a multiple of ``BLOCK``) and writes its best key and token at
     ``[r, c]`` of ``keys`` and ``ids``. A token's key is ``logit / T - log(E)``, E ~ Exp(1).
 
-    The noise of token ``t`` comes from Philox counter ``r * quads + t // 4``, lane ``t % 4``
+    The noise of token ``t`` is word ``t % 4`` of Philox counter ``r * quads + t // 4``
     (``quads``: a row's tokens in fours): one call makes four tokens' draws, and a draw depends
     on the seed, the row and the token only, never on how the vocabulary is split."""
     row = tl.program_id(0)
