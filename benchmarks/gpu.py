@@ -887,10 +887,10 @@ def greedy_agreement(run: GreedyRun, reference: GreedyRun) -> dict[str, Any]:
     """How far each prompt's greedy tokens follow the reference engine's (``same_prefix``, and
     ``same_fraction`` of all tokens), and the largest difference between the two engines'
     log-probabilities of the tokens both chose (``logprob_max_diff``, over each prompt's common
-    prefix). A kernel that computes something else moves the log-probabilities from the first
-    token on, even where the argmax survives; bf16 sums in another order move them by about a
-    hundredth, and flip an occasional near-tie of random weights' logits (the rest of that prompt
-    then differs too)."""
+    prefix; None when no prompt has one). A kernel that computes something else moves the
+    log-probabilities from the first token on, even where the argmax survives; bf16 sums in
+    another order move them by about a hundredth, and flip an occasional near-tie of random
+    weights' logits (the rest of that prompt then differs too)."""
     prefixes: list[int] = []
     largest = 0.0
     for (ours, our_logprobs), (theirs, their_logprobs) in zip(run, reference, strict=True):
@@ -900,7 +900,7 @@ def greedy_agreement(run: GreedyRun, reference: GreedyRun) -> dict[str, Any]:
         largest = max([largest, *diffs])
     total = sum(len(theirs) for theirs, _ in reference)
     return {"same_prefix": prefixes, "same_fraction": sum(prefixes) / total if total else 1.0,
-            "logprob_max_diff": largest}  # fmt: skip
+            "logprob_max_diff": largest if any(prefixes) else None}  # fmt: skip
 
 
 def run_inferd_batch1(llm: Any, plan: Plan) -> dict[str, float]:
@@ -1508,10 +1508,11 @@ def print_summary(results: dict[str, Any]) -> None:
 def _agreement_note(entry: dict[str, Any]) -> str:
     """A variant's greedy agreement with the default engine, for its summary lines."""
     agreement = entry.get("greedy_agreement")
-    if isinstance(agreement, dict) and "same_fraction" in agreement:
-        return (f", greedy tokens as the default's: {agreement['same_fraction']:.0%}, log-probabilities "
-                f"within {agreement['logprob_max_diff']:.3f}")  # fmt: skip
-    return ""
+    if not isinstance(agreement, dict) or "same_fraction" not in agreement:
+        return ""
+    largest = agreement["logprob_max_diff"]
+    logprobs = "no token in common" if largest is None else f"within {largest:.3f}"
+    return f", greedy tokens as the default's: {agreement['same_fraction']:.0%}, log-probabilities {logprobs}"
 
 
 def _against(rate: float, default: float | None) -> str:
