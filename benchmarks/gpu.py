@@ -330,9 +330,7 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     At temperature 0.6 the fused kernel (``triton_sampling``) is timed too, as ``path`` "fused",
     after a check that at a tiny temperature it draws every row's argmax (``draws_argmax``): a
     broken kernel's time would say nothing."""
-    from inferd.engine.request import Request
     from inferd.sample.sampler import Sampler
-    from inferd.sampling_params import SamplingParams
 
     samplers = {"torch": Sampler(0), "fused": Sampler(0, triton_sampling=True)}
     results: list[dict[str, Any]] = []
@@ -340,8 +338,7 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
         seeded = torch.Generator().manual_seed(rows)  # the same logits every run: checks that repeat
         logits = torch.randn(rows, hf_config["vocab_size"], generator=seeded).to(plan.device, plan.dtype)
         for temperature in (0.0, 0.6):
-            params = SamplingParams(max_tokens=8, temperature=temperature, ignore_eos=True)
-            requests = [Request(str(i), [1], params, frozenset(), 8) for i in range(rows)]
+            requests = _sampling_requests(rows, temperature)
             repeats = 20 if plan.device == "cuda" else 1
             for path, sampler in samplers.items():
                 if path == "fused" and temperature == 0.0:
@@ -356,14 +353,19 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     return results
 
 
-def _draws_argmax(sampler: Any, logits: torch.Tensor) -> bool:
-    """Whether ``sampler`` draws a largest logit of each row at a temperature that leaves no other
-    choice (a tie for the largest may go either way: random bfloat16 logits have some)."""
+def _sampling_requests(rows: int, temperature: float) -> list[Any]:
+    """One request a row for the sampler alone: a one-token prompt, this temperature."""
     from inferd.engine.request import Request
     from inferd.sampling_params import SamplingParams
 
-    cold = SamplingParams(max_tokens=8, temperature=1e-4, ignore_eos=True)
-    requests = [Request(str(i), [1], cold, frozenset(), 8) for i in range(logits.shape[0])]
+    params = SamplingParams(max_tokens=8, temperature=temperature, ignore_eos=True)
+    return [Request(str(i), [1], params, frozenset(), 8) for i in range(rows)]
+
+
+def _draws_argmax(sampler: Any, logits: torch.Tensor) -> bool:
+    """Whether ``sampler`` draws a largest logit of each row at a temperature that leaves no other
+    choice (a tie for the largest may go either way: random bfloat16 logits have some)."""
+    requests = _sampling_requests(logits.shape[0], temperature=1e-4)
     tokens = torch.tensor(sampler(logits, requests).token_ids, device=logits.device)
     drawn = logits.gather(1, tokens.unsqueeze(1)).squeeze(1)
     return bool((drawn == logits.max(dim=-1).values).all())
