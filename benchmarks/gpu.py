@@ -371,12 +371,14 @@ def _draws_argmax(sampler: Any, logits: torch.Tensor) -> bool:
     return bool((drawn == logits.max(dim=-1).values).all())
 
 
-# (sequences, context length) for the split sweep of small decode batches: the batch-1 benchmark's
-# contexts reach 272 tokens; 1,024 is the workload's middle.
-SPLIT_CASES = [(1, 272), (1, 1024), (2, 272), (4, 272)]
-SPLIT_COUNTS = (1, 2, 4, 8)
+# (sequences, shortest context, longest context) for the split sweep, each context drawn uniformly
+# in between: the batch-1 benchmark's contexts reach 272 tokens; 1,024 is the workload's middle.
+# 32 and 64 sequences of 900 to 2,047 tokens are its tail, where a few (sequence, KV head)
+# programs per SM, of uneven lengths, leave SMs idle once the short ones end (split_mid).
+SPLIT_CASES = [(1, 272, 272), (1, 1024, 1024), (2, 272, 272), (4, 272, 272), (32, 900, 2047), (64, 900, 2047)]
+SPLIT_COUNTS = (1, 2, 3, 4, 8)
 # --smoke: two sequences past one 64-key tile, so the second split holds keys and the merge runs.
-SMOKE_SPLIT_CASES = [(2, 150)]
+SMOKE_SPLIT_CASES = [(2, 100, 150)]
 # KV bytes cycled through per timing: past the 60 MB L2, as a layer's weights would flush it.
 SPLIT_ROTATION_BYTES = 96 << 20
 
@@ -384,11 +386,14 @@ SPLIT_ROTATION_BYTES = 96 << 20
 def sweep_decode_splits(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     """Paged decode attention for a few sequences, unsplit and split (with the merge kernel):
     microseconds per call in a CUDA graph over KV caches cycled past L2. At batch 1 the unsplit
-    kernel runs one program per KV head, so this says whether splitting short contexts pays."""
+    kernel runs one program per KV head, so this says whether splitting short contexts pays; at 32
+    and 64 sequences, whether splitting balances uneven contexts."""
     heads, kv_heads, dim = (hf_config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
     results: list[dict[str, Any]] = []
-    for num_seqs, context in SPLIT_CASES if plan.device == "cuda" else SMOKE_SPLIT_CASES:
-        meta, num_blocks = paged_step([context - 1] * num_seqs, [1] * num_seqs, 16, plan.device)
+    for num_seqs, shortest, context in SPLIT_CASES if plan.device == "cuda" else SMOKE_SPLIT_CASES:
+        rng = random.Random(num_seqs)
+        cached = [rng.randint(shortest, context) - 1 for _ in range(num_seqs)]
+        meta, num_blocks = paged_step(cached, [1] * num_seqs, 16, plan.device)
         q = torch.randn(num_seqs, heads, dim, dtype=plan.dtype, device=plan.device)
         cache_bytes = 2 * num_blocks * 16 * kv_heads * dim * q.element_size()
         copies = max(2, -(-SPLIT_ROTATION_BYTES // cache_bytes)) if plan.device == "cuda" else 1
@@ -403,8 +408,8 @@ def sweep_decode_splits(hf_config: dict[str, Any], plan: Plan) -> list[dict[str,
             calls = [functools.partial(_split_decode, q, meta, cache, splits) for cache in caches]
             out = calls[0]().float()
             reference = out if reference is None else reference
-            entry = {"num_seqs": num_seqs, "context": context, "num_splits": splits,
-                     "us": _seconds_per_call(calls, plan, 20) * 1e6,
+            entry = {"num_seqs": num_seqs, "context": context, "shortest_context": shortest,
+                     "num_splits": splits, "us": _seconds_per_call(calls, plan, 20) * 1e6,
                      "relative_error_vs_unsplit": relative_error(out, reference)}  # fmt: skip
             print("decode split:", json.dumps(entry), flush=True)
             results.append(entry)
@@ -1001,11 +1006,13 @@ VARIANTS = {
     "triton_sampling": {"triton_sampling": True},
     "fused_linear": {"triton_fused_linear": True},
     "split_short": {},
+    "split_mid": {},
     "tiled_linear": {"triton_tiled_linear": True},
     "pdl": {"triton_pdl": True},
     "decode_rotary": {"triton_decode_rotary": True},
     "pdl_no_prefetch": {"triton_pdl": True},
-    # Every feature above that is off by default, together (with split_short's patch too).
+    # Every feature above that is off by default, together (with split_short's and split_mid's
+    # patches too).
     "all_unmeasured": {
         "triton_fused_linear": True,
         "triton_sampling": True,
@@ -1019,11 +1026,18 @@ VARIANTS = {
 # parallel (default 256). The CUDA graphs of one sequence then get context tiers of 127 (unsplit),
 # 255 (3 ways) and 511 tokens (7 ways) and so on: the batch-1 benchmark's contexts of 17 to 272
 # tokens run unsplit, then 3 and finally 7 ways, where by default all of them run unsplit.
+# ``split_mid`` splits contexts until there are 4 decode programs per SM, not 1: on an H200's 132
+# SMs, batches of up to 66 sequences of 8 KV heads split their contexts of 512 tokens or more, so
+# that the workload's tail, a few programs per SM of uneven lengths, balances.
 MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
     # PDL without the skinny matmul's L2 prefetch of its weights before the wait.
     "pdl_no_prefetch": {("inferd.layers.triton_linear", "PREFETCH_MAX_BYTES"): 0},
     "split_short": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64},
-    "all_unmeasured": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64},
+    "split_mid": {("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 4},
+    "all_unmeasured": {
+        ("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64,
+        ("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 4,
+    },
 }
 # Options a CPU engine refuses: the smoke run leaves them out, so their variants run the same code
 # as the default there.
@@ -1367,6 +1381,7 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         functools.partial(qwen.variant, "split_short"),
         functools.partial(qwen.variant, "triton_sampling", workload=True),
         functools.partial(qwen.variant, "tiled_linear", workload=True),
+        functools.partial(qwen.variant, "split_mid", workload=True),
         functools.partial(qwen.variant, "pdl_no_prefetch"),
         qwen.fused_input_sweep,
         qwen.tiled_sweep,

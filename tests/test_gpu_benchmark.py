@@ -259,6 +259,25 @@ def test_module_patches_hold_for_the_block_only() -> None:
     assert triton_kernels._MIN_TOKENS_PER_SPLIT == default
 
 
+def test_split_mid_gives_mid_size_batches_split_tiers() -> None:
+    """split_mid's patch splits the long contexts of batches up to 66 sequences on an H200."""
+    from inferd.attention import triton_kernels
+    from inferd.worker.cuda_graphs import context_tiers
+
+    def tiers(num_seqs: int) -> list[tuple[int, int]]:
+        def split(context: int) -> int:
+            return triton_kernels.default_num_splits(num_seqs, 8, context, 132)
+
+        first = triton_kernels.longest_unsplit_context()
+        return [(tier, split(tier)) for tier in context_tiers(2048, split, first)]
+
+    assert [tiers(n) for n in (32, 64, 72)] == [[(2048, 1)]] * 3
+    with gpu.patched_modules(gpu.MODULE_PATCHES["split_mid"]):
+        assert tiers(32) == [(511, 1), (2048, 3)]
+        assert tiers(64) == [(511, 1), (2048, 2)]
+        assert tiers(72) == [(2048, 1)]
+
+
 def test_variants_are_printed_against_the_default() -> None:
     assert gpu._against(1050.0, 1000.0) == " (+5.0% against the default)"
     assert gpu._against(900.0, 1000.0) == " (-10.0% against the default)"

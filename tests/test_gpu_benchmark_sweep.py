@@ -69,7 +69,8 @@ def test_split_sweep_checks_each_split_against_the_unsplit_kernel(monkeypatch) -
     gpu.torch.manual_seed(0)
     plan = gpu.Plan("cpu", gpu.torch.float32, 3, 40, 30, 8, 500, "64MiB")
     results = gpu.sweep_decode_splits(gpu.shape_config(gpu.QWEN3_0_6B, smoke=True), plan)
-    assert [(r["num_seqs"], r["context"], r["num_splits"]) for r in results] == [(2, 150, 1), (2, 150, 2)]
+    cases = [(r["num_seqs"], r["shortest_context"], r["context"], r["num_splits"]) for r in results]
+    assert cases == [(2, 100, 150, 1), (2, 100, 150, 2)]
     assert results[0]["relative_error_vs_unsplit"] == 0.0
     # Split and merged, the sums run in another order: within float error, but not bit-equal.
     assert 0.0 < results[1]["relative_error_vs_unsplit"] < 1e-5

@@ -189,6 +189,16 @@ def test_decode_splits_the_context_only_when_programs_would_leave_sms_idle() -> 
     assert triton_kernels.default_num_splits(1, 8, 4096, num_sms=132) == 16  # capped
     assert triton_kernels.default_num_splits(2, 8, 1024, num_sms=132) == 4  # >= 256 tokens a split
     assert triton_kernels.default_num_splits(1, 8, 100, num_sms=132) == 1
+    assert triton_kernels.default_num_splits(32, 8, 2048, num_sms=132) == 1  # 256 programs fill 132 SMs
+
+
+def test_decode_splits_a_mid_size_batch_for_more_programs_per_sm(monkeypatch) -> None:
+    monkeypatch.setattr(triton_kernels, "_DECODE_PROGRAMS_PER_SM", 4)
+    # 32 sequences of 8 KV heads: 256 programs, 528 wanted; 3 splits of at least 256 tokens.
+    assert triton_kernels.default_num_splits(32, 8, 2048, num_sms=132) == 3
+    assert triton_kernels.default_num_splits(32, 8, 600, num_sms=132) == 2
+    assert triton_kernels.default_num_splits(32, 8, 511, num_sms=132) == 1
+    assert triton_kernels.default_num_splits(128, 8, 2048, num_sms=132) == 1  # 1,024 programs
 
 
 # (block_size, num_heads, num_kv_heads, head_dim)

@@ -38,6 +38,11 @@ _EXTEND_BLOCK_N = 64
 _MAX_SPLITS = 16
 # Below this many context tokens per split, splitting costs more in the reduce than it gains.
 _MIN_TOKENS_PER_SPLIT = 256
+# Decode programs wanted per SM before contexts are split. One fills every SM once; more would let
+# a mid-size batch of uneven contexts (the tail of a long workload, a few programs per SM) balance
+# its long and short programs, at the cost of the merge kernel. benchmarks/gpu.py's split_mid
+# variant measures 4; this is the value to change once its figures are in.
+_DECODE_PROGRAMS_PER_SM = 1
 
 
 def _pow2_at_least(n: int, floor: int = 1) -> int:
@@ -627,9 +632,10 @@ def longest_unsplit_context() -> int:
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Split the context only when (sequence, KV head) programs alone would leave SMs idle."""
+    """Split the context only when (sequence, KV head) programs alone would leave SMs idle, or give
+    them fewer than ``_DECODE_PROGRAMS_PER_SM`` programs each."""
     programs = num_seqs * num_kv_heads
-    wanted = math.ceil(num_sms / max(programs, 1))
+    wanted = math.ceil(_DECODE_PROGRAMS_PER_SM * num_sms / max(programs, 1))
     affordable = max_seq_len // _MIN_TOKENS_PER_SPLIT
     return max(1, min(wanted, affordable, _MAX_SPLITS))
 
