@@ -269,14 +269,19 @@ def check_model_forward(folder: Path, hf_config: dict[str, Any], plan: Plan) -> 
 
 # ---- speed --------------------------------------------------------------------------------------
 
-# (keys per tile, warps) for the decode kernel sweep.
-DECODE_TILES = [(64, 4), (32, 4), (64, 8), (128, 4), (128, 8), (32, 2), (64, 2)]
+# (keys per tile, warps, pipelining stages) for the decode kernel sweep. Compiled for sm_90a
+# (kernel_report.py), 64 keys with 4 stages is the same kernel as with 3: the paged loads do not
+# pipeline deeper.
+DECODE_TILES = [
+    (64, 4, 3), (32, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3), (32, 2, 3), (64, 2, 3), (64, 4, 2),
+    (128, 4, 2), (32, 4, 5),
+]  # fmt: skip
 
 
 def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
     """Paged decode attention alone, at the workload's batch and mid-run context lengths, for
-    each decode tile: time per call and KV bytes read per second against the copy bandwidth.
-    Each tile's output is checked against the kernels' current default tile's."""
+    each decode tile (keys, warps, stages): time per call and KV bytes read per second against the
+    copy bandwidth. Each tile's output is checked against the kernels' current default tile's."""
     from inferd.attention import triton_kernels
 
     heads, kv_heads, dim = (hf_config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
@@ -292,7 +297,8 @@ def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceiling
         plan.num_seqs, kv_heads, meta.max_seq_len, triton_kernels.num_sms(torch.device(plan.device))
     )
     kv_bytes = sum(meta.seq_lens_host) * kv_heads * dim * 2 * k_cache.element_size()
-    default = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS)
+    tile_names = ("_DECODE_BLOCK_N", "_DECODE_NUM_WARPS", "_DECODE_NUM_STAGES")
+    default = tuple(getattr(triton_kernels, name) for name in tile_names)
     tiles = DECODE_TILES if plan.device == "cuda" else DECODE_TILES[:2]
 
     def call() -> torch.Tensor:
@@ -303,9 +309,12 @@ def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceiling
     reference = call()
     results: list[dict[str, Any]] = []
     try:
-        for block_n, warps in tiles:
-            triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS = block_n, warps
-            entry: dict[str, Any] = {"block_n": block_n, "num_warps": warps, "num_splits": splits}
+        for tile in tiles:
+            for name, value in zip(tile_names, tile, strict=True):
+                setattr(triton_kernels, name, value)
+            block_n, warps, stages = tile
+            entry: dict[str, Any] = {"block_n": block_n, "num_warps": warps, "num_stages": stages,
+                                     "num_splits": splits}  # fmt: skip
             entry["relative_error_vs_default"] = relative_error(call(), reference)
             seconds = _timed(call, plan.device, 20 if plan.device == "cuda" else 1)
             entry["us"] = seconds * 1e6
@@ -314,7 +323,8 @@ def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceiling
             print("decode tile:", json.dumps(entry), flush=True)
             results.append(entry)
     finally:
-        triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS = default
+        for name, value in zip(tile_names, default, strict=True):
+            setattr(triton_kernels, name, value)
     return results
 
 

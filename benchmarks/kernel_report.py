@@ -125,12 +125,14 @@ def cases() -> list[Case]:
 
     decode = {"q_ptr": BF16, **CACHES, "out_ptr": FP32, "lse_ptr": FP32, **STEP, "scale_log2": "fp32"}
     decode_tile = {"BLOCK_SIZE": 16, "GROUP_P2": 16, "HEAD_DIM_P2": 128}
-    default_tile = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS)
+    default_tile = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS,
+                    triton_kernels._DECODE_NUM_STAGES)  # fmt: skip
     decode_cases = [
-        Case(ATTENTION, "_paged_decode_kernel", f"decode keys={block_n} warps={warps}"
-             + (" (default)" if (block_n, warps) == default_tile else ""),
-             decode, _DECODE_INTS, {**decode_tile, "BLOCK_N": block_n}, num_warps=warps, pipelined_loop=True)
-        for block_n, warps in DECODE_TILES
+        Case(ATTENTION, "_paged_decode_kernel", f"decode keys={block_n} warps={warps} stages={stages}"
+             + (" (default)" if (block_n, warps, stages) == default_tile else ""),
+             decode, _DECODE_INTS, {**decode_tile, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+             pipelined_loop=True)
+        for block_n, warps, stages in DECODE_TILES
     ]  # fmt: skip
     from inferd.layers import triton_linear
 
@@ -189,7 +191,7 @@ def cases() -> list[Case]:
              {**_DECODE_INTS, "stride_q_tok": _QKV_ROW, "stride_k_tok": _QKV_ROW, "stride_k_head": _HEAD,
               "stride_v_tok": _QKV_ROW, "stride_v_head": _HEAD, "stride_cos_pos": 64},
              {**decode_tile, "BLOCK_N": default_tile[0], "NORM": True}, num_warps=default_tile[1],
-             pipelined_loop=True),
+             num_stages=default_tile[2], pipelined_loop=True),
         # Splits are merged when few sequences leave SMs idle: one sequence split 16 ways.
         Case(ATTENTION, "_merge_splits_kernel", "merge splits",
              {"partial_ptr": FP32, "lse_ptr": FP32, "out_ptr": BF16, "query_start_loc_ptr": I64},

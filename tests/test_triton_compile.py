@@ -37,5 +37,5 @@ def test_kernels_compile_for_hopper_without_spills_and_with_pipelined_attention(
     summary = re.search(r"(\d+) kernels compiled, 0 with problems", child.stdout)
     assert summary and int(summary.group(1)) >= 17, child.stdout
     # The default decode tile compiled with asynchronous K/V loads (the async column is not 0).
-    default_decode = r"^decode keys=\d+ warps=\d+ \(default\)(\s+\d+){3}\s+0\s+[\d.]+\s+[1-9]"
+    default_decode = r"^decode keys=\d+ warps=\d+ stages=\d+ \(default\)(\s+\d+){3}\s+0\s+[\d.]+\s+[1-9]"
     assert re.search(default_decode, child.stdout, re.MULTILINE), child.stdout

@@ -29,10 +29,12 @@ from inferd.layers.triton_pdl import launch_options, wait_for_previous_kernel
 _LOG2_E = 1.4426950408889634
 # tl.dot needs every matrix dimension to be at least 16 when compiled for a GPU.
 _MIN_DOT_DIM = 16
-# Decode tile: keys per loop turn and warps per program (Triton's default is 4). benchmarks/gpu.py
-# sweeps both on a device; these are the values to change once its figures are in.
+# Decode tile: keys per loop turn, warps per program (Triton's default is 4) and K/V tiles in
+# flight (software-pipelining stages; Triton's default on a GPU is 3). benchmarks/gpu.py sweeps
+# them on a device; these are the values to change once its figures are in.
 _DECODE_BLOCK_N = 64
 _DECODE_NUM_WARPS = 4
+_DECODE_NUM_STAGES = 3
 _EXTEND_BLOCK_M = 64
 _EXTEND_BLOCK_N = 64
 _MAX_SPLITS = 16
@@ -752,6 +754,7 @@ def _decode_tile(group_size: int, head_dim: int, block_size: int) -> dict[str, i
         "HEAD_DIM_P2": _pow2_at_least(head_dim, _MIN_DOT_DIM),
         "BLOCK_N": _DECODE_BLOCK_N,
         "num_warps": _DECODE_NUM_WARPS,
+        "num_stages": _DECODE_NUM_STAGES,
     }
 
 
