@@ -276,12 +276,15 @@ DECODE_TILES = [
     (64, 4, 3), (32, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3), (32, 2, 3), (64, 2, 3), (64, 4, 2),
     (128, 4, 2), (32, 4, 5),
 ]  # fmt: skip
+# Tiles timed again with the programs launched heads first (``_DECODE_HEADS_FIRST``).
+DECODE_HEADS_FIRST_TILES = [(64, 4, 3), (128, 4, 3), (64, 4, 2)]
 
 
 def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
     """Paged decode attention alone, at the workload's batch and mid-run context lengths, for
-    each decode tile (keys, warps, stages): time per call and KV bytes read per second against the
-    copy bandwidth. Each tile's output is checked against the kernels' current default tile's."""
+    each decode tile (keys, warps, stages; some launched heads first too): time per call and KV
+    bytes read per second against the copy bandwidth. Each tile's output is checked against the
+    kernels' current default tile's."""
     from inferd.attention import triton_kernels
 
     heads, kv_heads, dim = (hf_config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
@@ -297,9 +300,10 @@ def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceiling
         plan.num_seqs, kv_heads, meta.max_seq_len, triton_kernels.num_sms(torch.device(plan.device))
     )
     kv_bytes = sum(meta.seq_lens_host) * kv_heads * dim * 2 * k_cache.element_size()
-    tile_names = ("_DECODE_BLOCK_N", "_DECODE_NUM_WARPS", "_DECODE_NUM_STAGES")
+    tile_names = ("_DECODE_BLOCK_N", "_DECODE_NUM_WARPS", "_DECODE_NUM_STAGES", "_DECODE_HEADS_FIRST")
     default = tuple(getattr(triton_kernels, name) for name in tile_names)
-    tiles = DECODE_TILES if plan.device == "cuda" else DECODE_TILES[:2]
+    tiles = [(*tile, False) for tile in DECODE_TILES] + [(*tile, True) for tile in DECODE_HEADS_FIRST_TILES]
+    tiles = tiles if plan.device == "cuda" else [tiles[0], tiles[1], tiles[-1]]
 
     def call() -> torch.Tensor:
         return triton_kernels.paged_decode_attention(
@@ -312,9 +316,9 @@ def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceiling
         for tile in tiles:
             for name, value in zip(tile_names, tile, strict=True):
                 setattr(triton_kernels, name, value)
-            block_n, warps, stages = tile
+            block_n, warps, stages, heads_first = tile
             entry: dict[str, Any] = {"block_n": block_n, "num_warps": warps, "num_stages": stages,
-                                     "num_splits": splits}  # fmt: skip
+                                     "heads_first": heads_first, "num_splits": splits}  # fmt: skip
             entry["relative_error_vs_default"] = relative_error(call(), reference)
             seconds = _timed(call, plan.device, 20 if plan.device == "cuda" else 1)
             entry["us"] = seconds * 1e6
@@ -1017,12 +1021,13 @@ VARIANTS = {
     "fused_linear": {"triton_fused_linear": True},
     "split_short": {},
     "split_mid": {},
+    "heads_first": {},
     "tiled_linear": {"triton_tiled_linear": True},
     "pdl": {"triton_pdl": True},
     "decode_rotary": {"triton_decode_rotary": True},
     "pdl_no_prefetch": {"triton_pdl": True},
-    # Every feature above that is off by default, together (with split_short's and split_mid's
-    # patches too).
+    # Every feature above that is off by default, together (with the module patches of
+    # split_short, split_mid and heads_first too).
     "all_unmeasured": {
         "triton_fused_linear": True,
         "triton_sampling": True,
@@ -1038,15 +1043,18 @@ VARIANTS = {
 # tokens run unsplit, then 3 and finally 7 ways, where by default all of them run unsplit.
 # ``split_mid`` splits contexts until there are 4 decode programs per SM, not 1: on an H200's 132
 # SMs, batches of up to 66 sequences of 8 KV heads split their contexts of 512 tokens or more, so
-# that the workload's tail, a few programs per SM of uneven lengths, balances.
+# that the workload's tail, a few programs per SM of uneven lengths, balances. ``heads_first``
+# launches a sequence's decode programs side by side, so together they read its K/V rows whole.
 MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
     # PDL without the skinny matmul's L2 prefetch of its weights before the wait.
     "pdl_no_prefetch": {("inferd.layers.triton_linear", "PREFETCH_MAX_BYTES"): 0},
     "split_short": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64},
     "split_mid": {("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 4},
+    "heads_first": {("inferd.attention.triton_kernels", "_DECODE_HEADS_FIRST"): True},
     "all_unmeasured": {
         ("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64,
         ("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 4,
+        ("inferd.attention.triton_kernels", "_DECODE_HEADS_FIRST"): True,
     },
 }
 # Options a CPU engine refuses: the smoke run leaves them out, so their variants run the same code
@@ -1392,6 +1400,7 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         functools.partial(qwen.variant, "triton_sampling", workload=True),
         functools.partial(qwen.variant, "tiled_linear", workload=True),
         functools.partial(qwen.variant, "split_mid", workload=True),
+        functools.partial(qwen.variant, "heads_first", workload=True),
         functools.partial(qwen.variant, "pdl_no_prefetch"),
         qwen.fused_input_sweep,
         qwen.tiled_sweep,

@@ -124,7 +124,7 @@ def cases() -> list[Case]:
     from inferd.attention import triton_kernels
 
     decode = {"q_ptr": BF16, **CACHES, "out_ptr": FP32, "lse_ptr": FP32, **STEP, "scale_log2": "fp32"}
-    decode_tile = {"BLOCK_SIZE": 16, "GROUP_P2": 16, "HEAD_DIM_P2": 128}
+    decode_tile = {"BLOCK_SIZE": 16, "GROUP_P2": 16, "HEAD_DIM_P2": 128, "HEADS_FIRST": False}
     default_tile = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS,
                     triton_kernels._DECODE_NUM_STAGES)  # fmt: skip
     decode_cases = [
@@ -133,6 +133,10 @@ def cases() -> list[Case]:
              decode, _DECODE_INTS, {**decode_tile, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
              pipelined_loop=True)
         for block_n, warps, stages in DECODE_TILES
+    ] + [
+        Case(ATTENTION, "_paged_decode_kernel", "decode, default tile, heads first", decode, _DECODE_INTS,
+             {**decode_tile, "BLOCK_N": default_tile[0], "HEADS_FIRST": True}, num_warps=default_tile[1],
+             num_stages=default_tile[2], pipelined_loop=True)
     ]  # fmt: skip
     from inferd.layers import triton_linear
 

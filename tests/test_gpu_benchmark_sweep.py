@@ -18,17 +18,21 @@ from inferd.attention import triton_kernels  # noqa: E402
 
 def test_decode_sweep_times_each_tile_checks_it_and_restores_the_default(monkeypatch) -> None:
     monkeypatch.setattr(gpu, "DECODE_TILES", [(64, 4, 3), (16, 2, 2)])
+    monkeypatch.setattr(gpu, "DECODE_HEADS_FIRST_TILES", [(64, 4, 3)])
     gpu.torch.manual_seed(0)
     plan = gpu.Plan("cpu", gpu.torch.float32, 3, 40, 30, 8, 500, "64MiB")
     config = gpu.shape_config(gpu.QWEN3_0_6B, smoke=True)
     results = gpu.sweep_decode_kernel(config, plan, Ceilings(bandwidth_bytes_s=1e9, matmul_flops_s=1e9))
-    assert [(r["block_n"], r["num_warps"], r["num_stages"]) for r in results] == [(64, 4, 3), (16, 2, 2)]
+    tiles = [(r["block_n"], r["num_warps"], r["num_stages"], r["heads_first"]) for r in results]
+    assert tiles == [(64, 4, 3, False), (16, 2, 2, False), (64, 4, 3, True)]
     # Contexts up to 69 tokens: a 16-key tile adds them up in another order, within float error.
     assert results[0]["relative_error_vs_default"] == 0.0
     assert 0.0 < results[1]["relative_error_vs_default"] < 1e-5
+    assert results[2]["relative_error_vs_default"] == 0.0  # the same programs, in another order
     assert all(r["us"] > 0 and r["kv_bytes_per_s"] > 0 for r in results)
     tile = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS)
     assert tile == (64, 4) and triton_kernels._DECODE_NUM_STAGES == 3
+    assert triton_kernels._DECODE_HEADS_FIRST is False
 
 
 def test_skinny_linear_sweep_times_cublas_and_triton_with_their_errors() -> None:

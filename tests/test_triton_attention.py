@@ -168,6 +168,25 @@ def test_decode_matches_reference(
     assert_close(out, reference_attention(batch), torch.float32)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_launched_heads_first_gives_the_same_output(monkeypatch, num_splits: int) -> None:
+    """The launch order changes which program runs when, never what a program computes."""
+    batch = make_batch([0, 16, 63, 299], [1] * 4, 16, 8, 2, 64)
+    store_reference(batch)
+    m = batch.meta
+
+    def decode() -> torch.Tensor:
+        return triton_kernels.paged_decode_attention(
+            batch.q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, m.query_start_loc,
+            batch.scale, num_splits,
+        )  # fmt: skip
+
+    sequence_first = decode()
+    monkeypatch.setattr(triton_kernels, "_DECODE_HEADS_FIRST", True)
+    assert triton_kernels._decode_grid(4, 2, num_splits) == (2, 4, num_splits)
+    assert torch.equal(decode(), sequence_first)
+
+
 def test_decode_of_a_sequence_without_context_is_zero_not_nan() -> None:
     """Padded decode rows (e.g. to fill a captured batch size) have seq_len 0."""
     batch = make_batch([40], [1], block_size=16, num_heads=4, num_kv_heads=2, head_dim=64)

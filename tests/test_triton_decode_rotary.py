@@ -113,6 +113,14 @@ def test_matches_rotary_then_decode_attention(
     assert changed.tolist() == sorted(step.slot_mapping[:-1].tolist())
 
 
+def test_launched_heads_first_gives_the_same_results(monkeypatch) -> None:
+    step = DecodeStep([0, 16, 63, 130], 16, 4, 2, 32, torch.float32)
+    sequence_first = step.fused(3, normed=True)
+    monkeypatch.setattr(triton_kernels, "_DECODE_HEADS_FIRST", True)
+    for got, expected in zip(step.fused(3, normed=True), sequence_first, strict=True):
+        assert torch.equal(got, expected)
+
+
 def test_a_negative_slot_stores_nothing() -> None:
     """A row with keys but slot -1 (a captured graph's padding row keeps its slot at -1) attends
     but writes no K/V: only the other rows' slots change."""

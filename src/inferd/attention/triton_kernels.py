@@ -35,6 +35,12 @@ _MIN_DOT_DIM = 16
 _DECODE_BLOCK_N = 64
 _DECODE_NUM_WARPS = 4
 _DECODE_NUM_STAGES = 3
+# Launch order of the decode programs. Each token's K (and V) is one row of all KV heads (2 KB
+# for Qwen3): by default consecutive programs are consecutive sequences of one head, so the
+# programs in flight read 256-byte pieces of unrelated rows. Heads first, a sequence's programs
+# run side by side and read its rows whole. benchmarks/gpu.py's decode sweep and heads_first
+# variant measure it; off until they do.
+_DECODE_HEADS_FIRST = False
 _EXTEND_BLOCK_M = 64
 _EXTEND_BLOCK_N = 64
 _MAX_SPLITS = 16
@@ -151,6 +157,14 @@ def _attend_tile(
 
 
 @triton.jit
+def _decode_program(HEADS_FIRST: tl.constexpr):
+    """This program's ``(sequence, KV head, split)`` in the grid ``_decode_grid`` launched."""
+    if HEADS_FIRST:
+        return tl.program_id(1), tl.program_id(0), tl.program_id(2)
+    return tl.program_id(0), tl.program_id(1), tl.program_id(2)
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -182,17 +196,16 @@ def _paged_decode_kernel(
     GROUP_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """Grid ``(num_seqs, num_kv_heads, num_splits)``: one query token per sequence.
+    """Grid ``_decode_grid(num_seqs, num_kv_heads, num_splits)``: one query token per sequence.
 
     Split ``s`` covers its share of the sequence's context and writes its normalized output and
     log2-sum-exp; with one split, ``out_ptr`` is the final output (``stride_o_split`` is 0).
     """
     wait_for_previous_kernel(PDL)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    seq, kv_head, split = _decode_program(HEADS_FIRST)
     seq_len = tl.load(seq_lens_ptr + seq)
     q_row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
 
@@ -298,6 +311,7 @@ def _paged_decode_rotary_kernel(
     GROUP_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
     NORM: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
@@ -309,9 +323,7 @@ def _paged_decode_rotary_kernel(
     ``_paged_decode_kernel``, up to the order of float32 sums and the new token's weight, which
     is not rounded to the cache's dtype here."""
     wait_for_previous_kernel(PDL)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    seq, kv_head, split = _decode_program(HEADS_FIRST)
     seq_len = tl.load(seq_lens_ptr + seq)
     q_row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
     position = tl.load(positions_ptr + q_row).to(tl.int64)
@@ -666,7 +678,7 @@ def paged_decode_attention(
     step = _DecodeOutputs.allocate(out, seq_lens.shape[0], num_splits)
     if step is None:
         return out
-    _paged_decode_kernel[(step.num_seqs, k_cache.shape[2], num_splits)](
+    _paged_decode_kernel[_decode_grid(step.num_seqs, k_cache.shape[2], num_splits)](
         q, k_cache, v_cache, step.partial, step.lse, block_tables, seq_lens, query_start_loc,
         scale * _LOG2_E,
         q.stride(0), q.stride(1),
@@ -727,7 +739,7 @@ def paged_decode_rotary_attention(
     if step is None:
         return out
     group_size = num_heads // k_cache.shape[2]
-    _paged_decode_rotary_kernel[(step.num_seqs, k_cache.shape[2], num_splits)](
+    _paged_decode_rotary_kernel[_decode_grid(step.num_seqs, k_cache.shape[2], num_splits)](
         q, k, v, k_cache, v_cache, step.partial, step.lse, block_tables, seq_lens, query_start_loc,
         positions, slot_mapping, cos_table, sin_table, q_weight, k_weight,
         scale * _LOG2_E, eps,
@@ -746,13 +758,21 @@ def paged_decode_rotary_attention(
     return out
 
 
-def _decode_tile(group_size: int, head_dim: int, block_size: int) -> dict[str, int]:
+def _decode_grid(num_seqs: int, num_kv_heads: int, num_splits: int) -> tuple[int, int, int]:
+    """The decode kernels' grid, in the order ``_DECODE_HEADS_FIRST`` sets (``_decode_program``)."""
+    if _DECODE_HEADS_FIRST:
+        return num_kv_heads, num_seqs, num_splits
+    return num_seqs, num_kv_heads, num_splits
+
+
+def _decode_tile(group_size: int, head_dim: int, block_size: int) -> dict[str, int | bool]:
     """The decode kernels' shared tile constexprs and warps."""
     return {
         "BLOCK_SIZE": block_size,
         "GROUP_P2": _pow2_at_least(group_size, _MIN_DOT_DIM),
         "HEAD_DIM_P2": _pow2_at_least(head_dim, _MIN_DOT_DIM),
         "BLOCK_N": _DECODE_BLOCK_N,
+        "HEADS_FIRST": _DECODE_HEADS_FIRST,
         "num_warps": _DECODE_NUM_WARPS,
         "num_stages": _DECODE_NUM_STAGES,
     }
