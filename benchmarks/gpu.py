@@ -314,6 +314,8 @@ def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceiling
     results: list[dict[str, Any]] = []
     try:
         for tile in tiles:
+            if out_of_time(results):
+                break
             for name, value in zip(tile_names, tile, strict=True):
                 setattr(triton_kernels, name, value)
             block_n, warps, stages, heads_first = tile
@@ -405,6 +407,8 @@ def sweep_decode_splits(hf_config: dict[str, Any], plan: Plan) -> list[dict[str,
     heads, kv_heads, dim = (hf_config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
     results: list[dict[str, Any]] = []
     for num_seqs, shortest, context in SPLIT_CASES if plan.device == "cuda" else SMOKE_SPLIT_CASES:
+        if out_of_time(results):
+            break
         rng = random.Random(num_seqs)
         cached = [rng.randint(shortest, context) - 1 for _ in range(num_seqs)]
         meta, num_blocks = paged_step(cached, [1] * num_seqs, 16, plan.device)
@@ -499,6 +503,8 @@ def _sweep_linear_paths(
     fails (a tile the compiler rejects, say) is recorded with its error and the sweep goes on."""
     results: list[dict[str, Any]] = []
     for name, (out_features, in_features) in shapes.items():
+        if out_of_time(results):
+            break
         weight_bytes = out_features * in_features * torch.empty((), dtype=plan.dtype).element_size()
         copies = max(2, -(-LINEAR_ROTATION_BYTES // weight_bytes)) if plan.device == "cuda" else 1
         scale = in_features**-0.5
@@ -1042,8 +1048,9 @@ VARIANTS = {
 # 255 (3 ways) and 511 tokens (7 ways) and so on: the batch-1 benchmark's contexts of 17 to 272
 # tokens run unsplit, then 3 and finally 7 ways, where by default all of them run unsplit.
 # ``split_mid`` splits contexts until there are 4 decode programs per SM, not 1: on an H200's 132
-# SMs, batches of up to 66 sequences of 8 KV heads split their contexts of 512 tokens or more, so
-# that the workload's tail, a few programs per SM of uneven lengths, balances. ``heads_first``
+# SMs, batches of up to 65 sequences of 8 KV heads split their contexts of 512 tokens or more, so
+# that the workload's tail, a few programs per SM of uneven lengths, balances (batches of up to 16,
+# split already, split further). ``heads_first``
 # launches a sequence's decode programs side by side, so together they read its K/V rows whole.
 MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
     # PDL without the skinny matmul's L2 prefetch of its weights before the wait.
@@ -1098,6 +1105,16 @@ def attempt(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
         return value
     free_device_memory()  # after the except block, whose traceback held the failed frames
     return None
+
+
+def out_of_time(results: list[dict[str, Any]]) -> bool:
+    """Whether a sweep must stop before its next case, the budget being spent; the sweep's list
+    then ends with a note of it. A sweep's cases take seconds each, its whole a minute or more."""
+    if not BUDGET.spent():
+        return False
+    results.append({"skipped": "the --budget-s time was spent; later cases not run"})
+    print("sweep stopped: out of time", flush=True)
+    return True
 
 
 def switch_off_pdl() -> None:

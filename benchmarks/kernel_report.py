@@ -124,7 +124,8 @@ def cases() -> list[Case]:
     from inferd.attention import triton_kernels
 
     decode = {"q_ptr": BF16, **CACHES, "out_ptr": FP32, "lse_ptr": FP32, **STEP, "scale_log2": "fp32"}
-    decode_tile = {"BLOCK_SIZE": 16, "GROUP_P2": 16, "HEAD_DIM_P2": 128, "HEADS_FIRST": False}
+    decode_tile = {"BLOCK_SIZE": 16, "GROUP_P2": 16, "HEAD_DIM_P2": 128, "NUM_KV_HEADS": 8,
+                   "HEADS_FIRST": False}  # fmt: skip
     default_tile = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS,
                     triton_kernels._DECODE_NUM_STAGES)  # fmt: skip
     decode_cases = [

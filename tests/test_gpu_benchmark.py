@@ -259,8 +259,26 @@ def test_module_patches_hold_for_the_block_only() -> None:
     assert triton_kernels._MIN_TOKENS_PER_SPLIT == default
 
 
+def test_every_patch_names_a_constant_and_all_unmeasured_takes_every_feature() -> None:
+    """A misspelt patch would raise outside any part's ``attempt`` and end the device call; a
+    feature left out of all_unmeasured would be missing from the figures the defaults would give."""
+    import importlib
+
+    for patches in gpu.MODULE_PATCHES.values():
+        for module, attr in patches:
+            assert hasattr(importlib.import_module(module), attr), f"{module}.{attr}"
+    combined = gpu.MODULE_PATCHES["all_unmeasured"]
+    off_features = {"split_short", "split_mid", "heads_first"}
+    for name in off_features:
+        assert gpu.MODULE_PATCHES[name].items() <= combined.items(), name
+    assert combined.keys() == {key for name in off_features for key in gpu.MODULE_PATCHES[name]}
+    options = gpu.VARIANTS["all_unmeasured"]
+    for name in ("triton_sampling", "fused_linear", "tiled_linear", "pdl", "decode_rotary"):
+        assert gpu.VARIANTS[name].items() <= options.items(), name
+
+
 def test_split_mid_gives_mid_size_batches_split_tiers() -> None:
-    """split_mid's patch splits the long contexts of batches up to 66 sequences on an H200."""
+    """split_mid's patch splits the long contexts of batches up to 65 sequences on an H200."""
     from inferd.attention import triton_kernels
     from inferd.worker.cuda_graphs import context_tiers
 

@@ -19,6 +19,14 @@ from inferd.attention import triton_kernels  # noqa: E402
 def test_decode_sweep_times_each_tile_checks_it_and_restores_the_default(monkeypatch) -> None:
     monkeypatch.setattr(gpu, "DECODE_TILES", [(64, 4, 3), (16, 2, 2)])
     monkeypatch.setattr(gpu, "DECODE_HEADS_FIRST_TILES", [(64, 4, 3)])
+    launched_heads_first = []  # the launch order each kernel call saw
+    grid = triton_kernels._decode_grid
+
+    def recorded_grid(*args: int) -> tuple[int, int, int]:
+        launched_heads_first.append(triton_kernels._DECODE_HEADS_FIRST)
+        return grid(*args)
+
+    monkeypatch.setattr(triton_kernels, "_decode_grid", recorded_grid)
     gpu.torch.manual_seed(0)
     plan = gpu.Plan("cpu", gpu.torch.float32, 3, 40, 30, 8, 500, "64MiB")
     config = gpu.shape_config(gpu.QWEN3_0_6B, smoke=True)
@@ -33,6 +41,25 @@ def test_decode_sweep_times_each_tile_checks_it_and_restores_the_default(monkeyp
     tile = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS)
     assert tile == (64, 4) and triton_kernels._DECODE_NUM_STAGES == 3
     assert triton_kernels._DECODE_HEADS_FIRST is False
+    # The reference, then the same number of calls for each of the three tiles: the last heads first.
+    per_tile = (len(launched_heads_first) - 1) // 3
+    assert launched_heads_first == [False] * (1 + 2 * per_tile) + [True] * per_tile
+
+
+def test_sweeps_stop_between_cases_once_the_budget_is_spent(monkeypatch) -> None:
+    """A sweep started just before the budget ends stops at its next case, results kept."""
+    monkeypatch.setattr(gpu, "DECODE_TILES", [(64, 4, 3), (16, 2, 2)])
+    monkeypatch.setattr(gpu, "DECODE_HEADS_FIRST_TILES", [])
+    checks = iter([False, True])
+    monkeypatch.setattr(gpu.BUDGET, "spent", lambda: next(checks))
+    plan = gpu.Plan("cpu", gpu.torch.float32, 3, 40, 30, 8, 500, "64MiB")
+    config = gpu.shape_config(gpu.QWEN3_0_6B, smoke=True)
+    results = gpu.sweep_decode_kernel(config, plan, Ceilings(bandwidth_bytes_s=1e9, matmul_flops_s=1e9))
+    assert [r.get("block_n") for r in results] == [64, None] and "skipped" in results[-1]
+    monkeypatch.setattr(gpu.BUDGET, "spent", lambda: True)
+    assert [list(r) for r in gpu.sweep_decode_splits(config, plan)] == [["skipped"]]
+    ceilings = Ceilings(bandwidth_bytes_s=1e9, matmul_flops_s=1e9)
+    assert [list(r) for r in gpu.sweep_skinny_linear(plan, ceilings)] == [["skipped"]]
 
 
 def test_skinny_linear_sweep_times_cublas_and_triton_with_their_errors() -> None:

@@ -183,7 +183,7 @@ def test_decode_launched_heads_first_gives_the_same_output(monkeypatch, num_spli
 
     sequence_first = decode()
     monkeypatch.setattr(triton_kernels, "_DECODE_HEADS_FIRST", True)
-    assert triton_kernels._decode_grid(4, 2, num_splits) == (2, 4, num_splits)
+    assert triton_kernels._decode_grid(4, 2, num_splits) == (8, 1, num_splits)
     assert torch.equal(decode(), sequence_first)
 
 

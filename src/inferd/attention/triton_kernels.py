@@ -30,7 +30,7 @@ _LOG2_E = 1.4426950408889634
 # tl.dot needs every matrix dimension to be at least 16 when compiled for a GPU.
 _MIN_DOT_DIM = 16
 # Decode tile: keys per loop turn, warps per program (Triton's default is 4) and K/V tiles in
-# flight (software-pipelining stages; Triton's default on a GPU is 3). benchmarks/gpu.py sweeps
+# flight (software-pipelining stages; Triton's default on CUDA is 3). benchmarks/gpu.py sweeps
 # them on a device; these are the values to change once its figures are in.
 _DECODE_BLOCK_N = 64
 _DECODE_NUM_WARPS = 4
@@ -157,10 +157,11 @@ def _attend_tile(
 
 
 @triton.jit
-def _decode_program(HEADS_FIRST: tl.constexpr):
+def _decode_program(NUM_KV_HEADS: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """This program's ``(sequence, KV head, split)`` in the grid ``_decode_grid`` launched."""
     if HEADS_FIRST:
-        return tl.program_id(1), tl.program_id(0), tl.program_id(2)
+        flat = tl.program_id(0)
+        return flat // NUM_KV_HEADS, flat % NUM_KV_HEADS, tl.program_id(2)
     return tl.program_id(0), tl.program_id(1), tl.program_id(2)
 
 
@@ -196,6 +197,7 @@ def _paged_decode_kernel(
     GROUP_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
     HEADS_FIRST: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
@@ -205,7 +207,7 @@ def _paged_decode_kernel(
     log2-sum-exp; with one split, ``out_ptr`` is the final output (``stride_o_split`` is 0).
     """
     wait_for_previous_kernel(PDL)
-    seq, kv_head, split = _decode_program(HEADS_FIRST)
+    seq, kv_head, split = _decode_program(NUM_KV_HEADS, HEADS_FIRST)
     seq_len = tl.load(seq_lens_ptr + seq)
     q_row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
 
@@ -311,6 +313,7 @@ def _paged_decode_rotary_kernel(
     GROUP_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
     HEADS_FIRST: tl.constexpr,
     NORM: tl.constexpr,
     PDL: tl.constexpr = False,
@@ -323,7 +326,7 @@ def _paged_decode_rotary_kernel(
     ``_paged_decode_kernel``, up to the order of float32 sums and the new token's weight, which
     is not rounded to the cache's dtype here."""
     wait_for_previous_kernel(PDL)
-    seq, kv_head, split = _decode_program(HEADS_FIRST)
+    seq, kv_head, split = _decode_program(NUM_KV_HEADS, HEADS_FIRST)
     seq_len = tl.load(seq_lens_ptr + seq)
     q_row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
     position = tl.load(positions_ptr + q_row).to(tl.int64)
@@ -688,7 +691,7 @@ def paged_decode_attention(
         step.partial.stride(0), step.partial.stride(1), step.stride_split,
         step.lse.stride(0), step.lse.stride(1),
         q.shape[2], q.shape[1] // k_cache.shape[2], num_splits,
-        **_decode_tile(q.shape[1] // k_cache.shape[2], q.shape[2], k_cache.shape[1]),
+        **_decode_tile(q.shape[1] // k_cache.shape[2], q.shape[2], k_cache.shape[1], k_cache.shape[2]),
         **launch_options(),
     )  # fmt: skip
     step.merge(query_start_loc)
@@ -750,7 +753,7 @@ def paged_decode_rotary_attention(
         step.partial.stride(0), step.partial.stride(1), step.stride_split,
         step.lse.stride(0), step.lse.stride(1),
         head_dim, group_size, num_splits,
-        **_decode_tile(group_size, head_dim, k_cache.shape[1]),
+        **_decode_tile(group_size, head_dim, k_cache.shape[1], k_cache.shape[2]),
         NORM=qk_norm is not None,
         **launch_options(),
     )  # fmt: skip
@@ -759,19 +762,22 @@ def paged_decode_rotary_attention(
 
 
 def _decode_grid(num_seqs: int, num_kv_heads: int, num_splits: int) -> tuple[int, int, int]:
-    """The decode kernels' grid, in the order ``_DECODE_HEADS_FIRST`` sets (``_decode_program``)."""
+    """The decode kernels' grid, in the order ``_DECODE_HEADS_FIRST`` sets (``_decode_program``).
+    Heads first, (sequence, KV head) pairs share the grid's first axis, the KV head the faster:
+    only that axis may exceed 65,535 programs."""
     if _DECODE_HEADS_FIRST:
-        return num_kv_heads, num_seqs, num_splits
+        return num_seqs * num_kv_heads, 1, num_splits
     return num_seqs, num_kv_heads, num_splits
 
 
-def _decode_tile(group_size: int, head_dim: int, block_size: int) -> dict[str, int | bool]:
+def _decode_tile(group_size: int, head_dim: int, block_size: int, num_kv_heads: int) -> dict[str, int | bool]:
     """The decode kernels' shared tile constexprs and warps."""
     return {
         "BLOCK_SIZE": block_size,
         "GROUP_P2": _pow2_at_least(group_size, _MIN_DOT_DIM),
         "HEAD_DIM_P2": _pow2_at_least(head_dim, _MIN_DOT_DIM),
         "BLOCK_N": _DECODE_BLOCK_N,
+        "NUM_KV_HEADS": num_kv_heads,
         "HEADS_FIRST": _DECODE_HEADS_FIRST,
         "num_warps": _DECODE_NUM_WARPS,
         "num_stages": _DECODE_NUM_STAGES,
