@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -1388,9 +1389,8 @@ def write_partial(args: argparse.Namespace, runs: dict[str, ShapeRun]) -> None:
     args.out.with_suffix(".partial.json").write_text(json.dumps(partial, indent=2, default=str))
 
 
-def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path) -> dict[str, ShapeRun]:
-    """The target figures first (workload, batch-1 with graphs on both shapes), then the variants
-    that explain them, so a short budget loses the explanations, not the targets."""
+def shape_runs(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path) -> dict[str, ShapeRun]:
+    """The two model shapes timed, each with its model folder under ``root``."""
     qwen = ShapeRun(args, plan, ceilings, root / "qwen3-0.6b", shape_config(QWEN3_0_6B, args.smoke), {})
     # One sequence needs little KV cache; a small budget keeps the 8B run within an 80 GB card.
     llama_kv = "4GiB" if not args.smoke else plan.kv_cache_memory
@@ -1398,8 +1398,14 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         args, plan, ceilings, root / "llama-3.1-8b", shape_config(LLAMA_3_1_8B, args.smoke),
         {"max_num_seqs": 1, "kv_cache_memory": llama_kv},
     )  # fmt: skip
-    runs = {"qwen3_0.6b": qwen, "llama_3.1_8b": llama}
-    steps: list[Callable[[], None]] = [
+    return {"qwen3_0.6b": qwen, "llama_3.1_8b": llama}
+
+
+def planned_steps(runs: dict[str, ShapeRun]) -> list[Callable[[], None]]:
+    """The target figures first (workload, batch-1 with graphs on both shapes), then the variants
+    that explain them, so a short budget loses the explanations, not the targets."""
+    qwen, llama = runs["qwen3_0.6b"], runs["llama_3.1_8b"]
+    return [
         qwen.checks,
         functools.partial(qwen.variant, "default", workload=True),
         functools.partial(llama.variant, "default"),
@@ -1435,10 +1441,105 @@ def run_all(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path
         functools.partial(llama.variant, "eager"),
         qwen.compare_with_transformers,
     ]
-    for step in steps:
-        step()
+
+
+def step_name(step: Callable[[], None], runs: dict[str, ShapeRun]) -> str:
+    """A step as the JSON names it, e.g. ``qwen3_0.6b variant all_unmeasured``."""
+    call = step.func if isinstance(step, functools.partial) else step
+    owner = next((name for name, run in runs.items() if getattr(call, "__self__", None) is run), "?")
+    arguments = [a for a in step.args if isinstance(a, str)] if isinstance(step, functools.partial) else []
+    return " ".join([owner, getattr(call, "__name__", "step"), *arguments])
+
+
+class DeviceLost(Exception):
+    """A step left the process's CUDA context unusable: every later step would fail too."""
+
+    def __init__(self, next_step: int, after: str, runs: dict[str, ShapeRun]) -> None:
+        super().__init__(f"the device was lost after {after}")
+        self.next_step, self.after, self.runs = next_step, after, runs
+
+
+def device_lost(plan: Plan) -> bool:
+    """Whether a kernel fault (an illegal address, say) has broken the CUDA context. Such errors
+    are sticky: each later call into CUDA raises them again, so a synchronize says it."""
+    if plan.device != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # torch raises RuntimeError or its subclass AcceleratorError
+        return True
+    return False
+
+
+def run_all(
+    args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path, resume: Resume | None = None
+) -> dict[str, ShapeRun]:
+    """Every planned step, from ``resume``'s next one (with its results) if given. Raises
+    ``DeviceLost`` when a step broke the CUDA context, with the results so far written."""
+    runs = shape_runs(args, plan, ceilings, root)
+    first = 0
+    if resume is not None:
+        resume.restore(runs)
+        first = resume.next_step
+    steps = planned_steps(runs)
+    for index in range(first, len(steps)):
+        try:
+            steps[index]()
+        except Exception:
+            # A part's own failure is recorded where it happened; what escapes it is the cleanup
+            # after a kernel fault, which the check below turns into a fresh process.
+            if not device_lost(plan):
+                raise
+            traceback.print_exc()
         write_partial(args, runs)
+        if index + 1 < len(steps) and device_lost(plan):
+            raise DeviceLost(index + 1, step_name(steps[index], runs), runs)
     return runs
+
+
+# A kernel fault on the device ends the process's use of it. The benchmark runs in a child
+# process, and a child that lost its device saves what it measured and exits with
+# EXIT_DEVICE_LOST; a fresh child then goes on from the step after the one that broke it
+# (``--resume``), at most MAX_RESUMES times.
+MAX_RESUMES = 3
+EXIT_DEVICE_LOST = 75
+
+
+@dataclass
+class Resume:
+    """What a run carries into the fresh process that goes on after a lost device."""
+
+    next_step: int
+    elapsed_s: float
+    ceilings: Ceilings
+    results: dict[str, Any]
+    reference_tokens: dict[str, Any]
+    lost_after: list[str]
+
+    @classmethod
+    def of(cls, lost: DeviceLost, elapsed_s: float, ceilings: Ceilings, earlier: Resume | None) -> Resume:
+        return cls(
+            next_step=lost.next_step,
+            elapsed_s=elapsed_s,
+            ceilings=ceilings,
+            results={name: run.result for name, run in lost.runs.items()},
+            reference_tokens={name: run.reference_tokens for name, run in lost.runs.items()},
+            lost_after=[*(earlier.lost_after if earlier else []), lost.after],
+        )
+
+    def restore(self, runs: dict[str, ShapeRun]) -> None:
+        for name, run in runs.items():
+            run.result = self.results[name]
+            run.reference_tokens = self.reference_tokens[name]
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), default=str))
+
+    @classmethod
+    def load(cls, path: Path) -> Resume:
+        state = json.loads(path.read_text())
+        state["ceilings"] = Ceilings(**state["ceilings"])
+        return cls(**state)
 
 
 def parse_engine_option(text: str) -> tuple[str, Any]:
@@ -1469,6 +1570,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"default {DEFAULT_BUDGET_S:.0f} on a GPU, none with --smoke, which checks every part",
     )
     parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="go on from a run whose device was lost (the script passes this to its child)",
+    )
+    parser.add_argument(
+        "--child",
+        action="store_true",
+        help="run the benchmark in this process (the script's own child); without it, a parent "
+        "process runs it in a child and starts a fresh child if the device is lost",
+    )
+    parser.add_argument(
         "--engine-option",
         type=parse_engine_option,
         action="append",
@@ -1482,25 +1595,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(arguments)
+    return run_benchmark(args) if args.child else supervise(arguments, args.out)
+
+
+def supervise(arguments: list[str], out: Path) -> int:
+    """Run the benchmark in a child process; when a child lost its device, a fresh one goes on
+    from where it stopped. This process never touches the device, so nothing it holds is lost."""
+    resume: list[str] = []
+    while True:
+        status = run_child([*arguments, "--child", *resume])
+        if status != EXIT_DEVICE_LOST:
+            return status
+        resume = ["--resume", str(out.with_suffix(".resume.json"))]
+        print("the device was lost: a fresh process goes on", flush=True)
+
+
+def _as_typed(argv: list[str]) -> list[str]:
+    """A child's command line as the parent's was typed: without ``--child`` and ``--resume``."""
+    typed: list[str] = []
+    resume_path = False
+    for arg in argv:
+        if resume_path:
+            resume_path = False
+        elif arg == "--resume":
+            resume_path = True
+        elif arg != "--child":
+            typed.append(arg)
+    return typed
+
+
+def run_child(arguments: list[str]) -> int:
+    return subprocess.call([sys.executable, str(Path(__file__).resolve()), *arguments])
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """The benchmark itself, in this process; ``EXIT_DEVICE_LOST`` after saving where to go on."""
     plan = Plan.for_args(args)
-    started = time.perf_counter()
+    resume = Resume.load(args.resume) if args.resume is not None else None
+    started = time.perf_counter() - (resume.elapsed_s if resume else 0.0)
     budget_s = args.budget_s if args.budget_s is not None else (math.inf if args.smoke else DEFAULT_BUDGET_S)
     BUDGET.deadline = started + budget_s
-    ceilings = measure_ceilings(plan)
+    ceilings = resume.ceilings if resume else measure_ceilings(plan)
     print(f"device {device_name(plan)}: copy {ceilings.bandwidth_bytes_s / 1e9:.0f} GB/s, "
           f"matmul {ceilings.matmul_flops_s / 1e12:.2f} TFLOP/s", flush=True)  # fmt: skip
+    lost_after = resume.lost_after if resume else []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = run_all(args, plan, ceilings, Path(tmp))
+        try:
+            runs = run_all(args, plan, ceilings, Path(tmp), resume)
+        except DeviceLost as error:
+            lost = Resume.of(error, time.perf_counter() - started, ceilings, resume)
+            runs, lost_after = error.runs, lost.lost_after
+            if len(lost_after) <= MAX_RESUMES:
+                print(f"{error}; saved for a fresh process", flush=True)
+                lost.save(args.out.with_suffix(".resume.json"))
+                return EXIT_DEVICE_LOST
+            print(f"{error}, for the {len(lost_after)}th time: the run stops here", flush=True)
     results = {
         "device": device_name(plan),
         "torch": torch.__version__,
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", *_as_typed(sys.argv)]),
         "smoke": args.smoke,
         "attention_backend": args.backend,
         "engine_options": args.engine_option,
         "ceilings": asdict(ceilings),
         **{name: run.result for name, run in runs.items()},
+        "device_lost_after": lost_after,
         "wall_seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -1576,4 +1737,11 @@ def _against(rate: float, default: float | None) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    status = main()
+    if status == EXIT_DEVICE_LOST:
+        # Straight out: with a broken CUDA context, the interpreter's teardown (freeing device
+        # memory) may abort the process and its exit status would say something else.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    raise SystemExit(status)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -325,3 +327,101 @@ def test_a_variant_leaves_pdl_off_for_the_sweeps_after_it(monkeypatch: pytest.Mo
     with pytest.raises(RuntimeError):
         run.variant("pdl_no_prefetch")
     assert not triton_pdl.enabled()
+
+
+def test_a_lost_device_goes_on_in_a_fresh_process_from_the_next_step(tmp_path, monkeypatch) -> None:
+    """A step that breaks the CUDA context costs that step only: the child process saves what it
+    measured and a fresh one goes on after it, with the results, the reference tokens and the time
+    spent so far."""
+    ran: list[str] = []
+    seen_reference: list[object] = []
+
+    def record(runs: dict[str, gpu.ShapeRun], name: str) -> None:
+        qwen = runs["qwen3_0.6b"]
+        ran.append(name)
+        qwen.result[name] = len(ran)
+        if name == "first":
+            qwen.reference_tokens = [([1, 2], [-0.5, -0.25])]
+        seen_reference.append(qwen.reference_tokens)
+
+    def steps(runs: dict[str, gpu.ShapeRun]) -> list:
+        return [functools.partial(record, runs, name) for name in ("first", "breaks", "after")]
+
+    lost = [False, True]  # checked after each step but the last: the second one loses the device
+    children: list[list[str]] = []
+
+    def child(arguments: list[str]) -> int:
+        children.append(arguments)
+        ran.append("child")
+        return gpu.main(arguments)  # in this process, for the test
+
+    summaries: list[dict] = []
+    monkeypatch.setattr(gpu, "planned_steps", steps)
+    monkeypatch.setattr(gpu, "device_lost", lambda plan: lost.pop(0))
+    monkeypatch.setattr(gpu, "run_child", child)
+    monkeypatch.setattr(gpu, "print_summary", summaries.append)
+    out = tmp_path / "run.json"
+    assert gpu.main(["--smoke", "--out", str(out)]) == 0
+
+    assert ran == ["child", "first", "breaks", "child", "after"]
+    resume = str(tmp_path / "run.resume.json")
+    assert children == [
+        ["--smoke", "--out", str(out), "--child"],
+        ["--smoke", "--out", str(out), "--child", "--resume", resume],
+    ]
+    results = json.loads(out.read_text())
+    # Each step records how many things had run before it, the children included.
+    assert [results["qwen3_0.6b"][k] for k in ("first", "breaks", "after")] == [2, 3, 5]
+    assert results["device_lost_after"] == ["? record breaks"]
+    assert seen_reference[-1] == [[[1, 2], [-0.5, -0.25]]]  # carried through JSON into the fresh process
+    assert summaries and results["wall_seconds"] >= 0
+
+
+def test_a_step_whose_cleanup_fails_on_a_lost_device_still_hands_over(tmp_path, monkeypatch) -> None:
+    """After a kernel fault even freeing memory raises: that must not end the run."""
+
+    def broken() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu, "planned_steps", lambda runs: [broken, lambda: None])
+    monkeypatch.setattr(gpu, "device_lost", lambda plan: True)
+    args = gpu.parse_args(["--smoke", "--out", str(tmp_path / "run.json"), "--child"])
+    assert gpu.run_benchmark(args) == gpu.EXIT_DEVICE_LOST
+    assert gpu.Resume.load(tmp_path / "run.resume.json").next_step == 1
+    monkeypatch.setattr(gpu, "device_lost", lambda plan: False)  # a plain failure is not caught
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        gpu.run_benchmark(args)
+
+
+def test_the_run_stops_once_the_device_is_lost_too_often(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(gpu, "planned_steps", lambda runs: [lambda: None] * 10)
+    monkeypatch.setattr(gpu, "device_lost", lambda plan: True)
+    children: list[list[str]] = []
+    monkeypatch.setattr(gpu, "run_child", lambda arguments: children.append(arguments) or gpu.main(arguments))
+    monkeypatch.setattr(gpu, "print_summary", lambda results: None)
+    out = tmp_path / "run.json"
+    assert gpu.main(["--smoke", "--out", str(out)]) == 0
+    assert len(children) == gpu.MAX_RESUMES + 1
+    assert len(json.loads(out.read_text())["device_lost_after"]) == gpu.MAX_RESUMES + 1
+
+
+def test_steps_are_named_by_shape_and_part(tmp_path) -> None:
+    args = gpu.parse_args(["--smoke", "--out", str(tmp_path / "run.json")])
+    plan = gpu.Plan.for_args(args)
+    runs = gpu.shape_runs(args, plan, Ceilings(bandwidth_bytes_s=1e9, matmul_flops_s=1e9), tmp_path)
+    names = [gpu.step_name(step, runs) for step in gpu.planned_steps(runs)]
+    assert names[:3] == ["qwen3_0.6b checks", "qwen3_0.6b variant default", "llama_3.1_8b variant default"]
+    assert len(set(names)) == len(names)
+    assert gpu.device_lost(plan) is False  # no CUDA context to lose on the CPU
+    child = [
+        "gpu.py",
+        "--smoke",
+        "--child",
+        "--out",
+        "x.json",
+        "--resume",
+        "x.resume.json",
+        "--budget-s",
+        "9",
+    ]
+    assert gpu._as_typed(child) == ["gpu.py", "--smoke", "--out", "x.json", "--budget-s", "9"]
