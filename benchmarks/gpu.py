@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import functools
 import gc
 import importlib
@@ -38,6 +39,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+# When this run started, before torch's import: the budget counts from here, in the process the
+# command line started (its child process is told it with --started-at).
+PROCESS_STARTED_AT = time.time()
 
 if TYPE_CHECKING:
     from inferd.models.registry import CausalLM
@@ -1337,9 +1342,9 @@ class ShapeRun:
 
     def checks(self) -> None:
         checks: dict[str, Any] = {}
+        self.result["checks"] = checks  # recorded as it fills: a fault in it keeps what was found
         attempt(checks, "kernels", lambda: check_kernels(self.hf_config, self.plan))
         attempt(checks, "model_forward", lambda: check_model_forward(self.folder, self.hf_config, self.plan))
-        self.result["checks"] = checks
         print("relative error, triton vs torch:", json.dumps(checks), flush=True)
 
     def decode_sweep(self) -> None:
@@ -1375,6 +1380,10 @@ class ShapeRun:
             )
             holder: dict[str, Any] = {}
             peer = attempt(holder, "transformers", run) or holder["transformers"]
+        self.record_workload_comparison(peer)
+
+    def record_workload_comparison(self, peer: dict[str, Any]) -> None:
+        """The workload's headline entry: inferd's figure beside transformers' (``peer``)."""
         print("nano-vllm workload, transformers:", json.dumps(peer), flush=True)
         ours = self.result.pop("nano_vllm_inferd", None)
         if isinstance(ours, dict) and "output_tok_s" in ours and "output_tok_s" in peer:
@@ -1382,10 +1391,10 @@ class ShapeRun:
         self.result["nano_vllm_workload"] = {"inferd": ours, "transformers": peer}
 
 
-def write_partial(args: argparse.Namespace, runs: dict[str, ShapeRun]) -> None:
+def write_partial(args: argparse.Namespace, runs: dict[str, ShapeRun], lost: list[dict[str, str]]) -> None:
     """What is known so far, in case the call runs out of time before the end."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = {name: run.result for name, run in runs.items()}
+    partial = {**{name: run.result for name, run in runs.items()}, "device_lost_after": lost}
     args.out.with_suffix(".partial.json").write_text(json.dumps(partial, indent=2, default=str))
 
 
@@ -1451,14 +1460,6 @@ def step_name(step: Callable[[], None], runs: dict[str, ShapeRun]) -> str:
     return " ".join([owner, getattr(call, "__name__", "step"), *arguments])
 
 
-class DeviceLost(Exception):
-    """A step left the process's CUDA context unusable: every later step would fail too."""
-
-    def __init__(self, next_step: int, after: str, runs: dict[str, ShapeRun]) -> None:
-        super().__init__(f"the device was lost after {after}")
-        self.next_step, self.after, self.runs = next_step, after, runs
-
-
 def device_lost(plan: Plan) -> bool:
     """Whether a kernel fault (an illegal address, say) has broken the CUDA context. Such errors
     are sticky: each later call into CUDA raises them again, so a synchronize says it."""
@@ -1471,61 +1472,32 @@ def device_lost(plan: Plan) -> bool:
     return False
 
 
-def run_all(
-    args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path, resume: Resume | None = None
-) -> dict[str, ShapeRun]:
-    """Every planned step, from ``resume``'s next one (with its results) if given. Raises
-    ``DeviceLost`` when a step broke the CUDA context, with the results so far written."""
-    runs = shape_runs(args, plan, ceilings, root)
-    first = 0
-    if resume is not None:
-        resume.restore(runs)
-        first = resume.next_step
-    steps = planned_steps(runs)
-    for index in range(first, len(steps)):
-        try:
-            steps[index]()
-        except Exception:
-            # A part's own failure is recorded where it happened; what escapes it is the cleanup
-            # after a kernel fault, which the check below turns into a fresh process.
-            if not device_lost(plan):
-                raise
-            traceback.print_exc()
-        write_partial(args, runs)
-        if index + 1 < len(steps) and device_lost(plan):
-            raise DeviceLost(index + 1, step_name(steps[index], runs), runs)
-    return runs
-
-
-# A kernel fault on the device ends the process's use of it. The benchmark runs in a child
-# process, and a child that lost its device saves what it measured and exits with
-# EXIT_DEVICE_LOST; a fresh child then goes on from the step after the one that broke it
-# (``--resume``), at most MAX_RESUMES times.
+# A kernel fault breaks the process's CUDA context for good, and torch may even abort the process
+# as it frees memory. So the benchmark runs in a child process that keeps a checkpoint of where
+# it is (``<out>.resume.json``): the step it starts, then the results once the step is done. When a
+# child ends otherwise than in success or a Python error (it found its device lost and exited with
+# EXIT_DEVICE_LOST, or a signal ended it), the parent records the step it was in as lost and a
+# fresh child goes on from the next one (``--resume``), at most MAX_RESUMES times; after that, a
+# last child only writes the results.
 MAX_RESUMES = 3
 EXIT_DEVICE_LOST = 75
 
 
 @dataclass
-class Resume:
-    """What a run carries into the fresh process that goes on after a lost device."""
+class Checkpoint:
+    """Where a child is: the next step to run, the results so far and what later steps need."""
 
     next_step: int
-    elapsed_s: float
     ceilings: Ceilings
     results: dict[str, Any]
     reference_tokens: dict[str, Any]
-    lost_after: list[str]
+    running: str | None = None  # the step started and not finished
+    lost: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"step", "error"}
+    stop: bool = False  # the device was lost too often: no more steps
 
-    @classmethod
-    def of(cls, lost: DeviceLost, elapsed_s: float, ceilings: Ceilings, earlier: Resume | None) -> Resume:
-        return cls(
-            next_step=lost.next_step,
-            elapsed_s=elapsed_s,
-            ceilings=ceilings,
-            results={name: run.result for name, run in lost.runs.items()},
-            reference_tokens={name: run.reference_tokens for name, run in lost.runs.items()},
-            lost_after=[*(earlier.lost_after if earlier else []), lost.after],
-        )
+    def capture(self, runs: dict[str, ShapeRun]) -> None:
+        self.results = {name: run.result for name, run in runs.items()}
+        self.reference_tokens = {name: run.reference_tokens for name, run in runs.items()}
 
     def restore(self, runs: dict[str, ShapeRun]) -> None:
         for name, run in runs.items():
@@ -1533,13 +1505,45 @@ class Resume:
             run.reference_tokens = self.reference_tokens[name]
 
     def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), default=str))
 
     @classmethod
-    def load(cls, path: Path) -> Resume:
+    def load(cls, path: Path) -> Checkpoint:
         state = json.loads(path.read_text())
         state["ceilings"] = Ceilings(**state["ceilings"])
         return cls(**state)
+
+
+def run_all(args: argparse.Namespace, plan: Plan, runs: dict[str, ShapeRun], checkpoint: Checkpoint) -> bool:
+    """The planned steps from the checkpoint's next one; False when one lost the device (the
+    checkpoint then says which, and where to go on)."""
+    path = args.out.with_suffix(".resume.json")
+    steps = planned_steps(runs)
+    for index in range(len(steps) if checkpoint.stop else checkpoint.next_step, len(steps)):
+        checkpoint.running = step_name(steps[index], runs)
+        checkpoint.save(path)
+        error = None
+        try:
+            steps[index]()
+        except Exception as exc:
+            # A part's own failure is recorded where it happened; what escapes it is the cleanup
+            # after a kernel fault, which the check below hands to a fresh process.
+            if not device_lost(plan):
+                raise
+            traceback.print_exc()
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        lost = error is not None or device_lost(plan)
+        if lost:
+            checkpoint.lost.append({"step": checkpoint.running, "error": error or "the CUDA context broke"})
+        checkpoint.capture(runs)
+        checkpoint.next_step, checkpoint.running = index + 1, None
+        checkpoint.save(path)
+        write_partial(args, runs, checkpoint.lost)
+        if lost:
+            print(f"the device was lost in {checkpoint.lost[-1]['step']}", flush=True)
+            return False
+    return True
 
 
 def parse_engine_option(text: str) -> tuple[str, Any]:
@@ -1576,6 +1580,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="go on from a run whose device was lost (the script passes this to its child)",
     )
     parser.add_argument(
+        "--started-at",
+        type=float,
+        default=None,
+        help="when the run started, in seconds since the epoch (the script passes this to its child)",
+    )
+    parser.add_argument(
         "--child",
         action="store_true",
         help="run the benchmark in this process (the script's own child); without it, a parent "
@@ -1601,67 +1611,87 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def supervise(arguments: list[str], out: Path) -> int:
-    """Run the benchmark in a child process; when a child lost its device, a fresh one goes on
-    from where it stopped. This process never touches the device, so nothing it holds is lost."""
+    """Run the benchmark in child processes (see ``Checkpoint``): this process never touches the
+    device, so nothing it holds is lost with it."""
+    path = out.with_suffix(".resume.json")
+    path.unlink(missing_ok=True)
     resume: list[str] = []
-    while True:
-        status = run_child([*arguments, "--child", *resume])
-        if status != EXIT_DEVICE_LOST:
+    status = 0
+    for _ in range(MAX_RESUMES + 2):  # the first child, its resumptions, one that only writes
+        status = run_child([*arguments, "--child", "--started-at", repr(PROCESS_STARTED_AT), *resume])
+        if status == 0:
+            path.unlink(missing_ok=True)
             return status
-        resume = ["--resume", str(out.with_suffix(".resume.json"))]
-        print("the device was lost: a fresh process goes on", flush=True)
+        if status == 1 or not path.exists():
+            return status  # an error in this script, which a fresh process would repeat
+        checkpoint = Checkpoint.load(path)
+        why = f"signal {-status}" if status < 0 else f"exit status {status}"
+        if checkpoint.running is not None:  # it died inside a step
+            checkpoint.lost.append({"step": checkpoint.running, "error": f"the process ended: {why}"})
+            checkpoint.next_step, checkpoint.running = checkpoint.next_step + 1, None
+        checkpoint.stop = len(checkpoint.lost) > MAX_RESUMES
+        checkpoint.save(path)
+        print(f"the benchmark's process ended ({why}): a fresh one goes on from step {checkpoint.next_step}",
+              flush=True)  # fmt: skip
+        resume = ["--resume", str(path)]
+    return status
 
 
-def _as_typed(argv: list[str]) -> list[str]:
-    """A child's command line as the parent's was typed: without ``--child`` and ``--resume``."""
+def run_child(arguments: list[str]) -> int:
+    return subprocess.call([sys.executable, sys.argv[0], *arguments])
+
+
+# Options the parent gives its child, with how many values each takes.
+CHILD_OPTIONS = {"--child": 0, "--started-at": 1, "--resume": 1}
+
+
+def as_typed(argv: list[str]) -> list[str]:
+    """A child's command line as the parent's was typed."""
     typed: list[str] = []
-    resume_path = False
+    skip = 0
     for arg in argv:
-        if resume_path:
-            resume_path = False
-        elif arg == "--resume":
-            resume_path = True
-        elif arg != "--child":
+        if skip:
+            skip -= 1
+        elif arg in CHILD_OPTIONS:
+            skip = CHILD_OPTIONS[arg]
+        else:
             typed.append(arg)
     return typed
 
 
-def run_child(arguments: list[str]) -> int:
-    return subprocess.call([sys.executable, str(Path(__file__).resolve()), *arguments])
-
-
 def run_benchmark(args: argparse.Namespace) -> int:
-    """The benchmark itself, in this process; ``EXIT_DEVICE_LOST`` after saving where to go on."""
+    """The benchmark itself, in this process; ``EXIT_DEVICE_LOST`` when a step lost the device."""
     plan = Plan.for_args(args)
-    resume = Resume.load(args.resume) if args.resume is not None else None
-    started = time.perf_counter() - (resume.elapsed_s if resume else 0.0)
+    started_at = args.started_at if args.started_at is not None else PROCESS_STARTED_AT
+    started = time.perf_counter() - (time.time() - started_at)
     budget_s = args.budget_s if args.budget_s is not None else (math.inf if args.smoke else DEFAULT_BUDGET_S)
     BUDGET.deadline = started + budget_s
-    ceilings = resume.ceilings if resume else measure_ceilings(plan)
+    checkpoint = Checkpoint.load(args.resume) if args.resume is not None else None
+    ceilings = checkpoint.ceilings if checkpoint else measure_ceilings(plan)
     print(f"device {device_name(plan)}: copy {ceilings.bandwidth_bytes_s / 1e9:.0f} GB/s, "
           f"matmul {ceilings.matmul_flops_s / 1e12:.2f} TFLOP/s", flush=True)  # fmt: skip
-    lost_after = resume.lost_after if resume else []
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            runs = run_all(args, plan, ceilings, Path(tmp), resume)
-        except DeviceLost as error:
-            lost = Resume.of(error, time.perf_counter() - started, ceilings, resume)
-            runs, lost_after = error.runs, lost.lost_after
-            if len(lost_after) <= MAX_RESUMES:
-                print(f"{error}; saved for a fresh process", flush=True)
-                lost.save(args.out.with_suffix(".resume.json"))
-                return EXIT_DEVICE_LOST
-            print(f"{error}, for the {len(lost_after)}th time: the run stops here", flush=True)
+        runs = shape_runs(args, plan, ceilings, Path(tmp))
+        if checkpoint is None:
+            checkpoint = Checkpoint(0, ceilings, {}, {})
+        else:
+            checkpoint.restore(runs)
+        if not run_all(args, plan, runs, checkpoint):
+            return EXIT_DEVICE_LOST
+    qwen = runs["qwen3_0.6b"]
+    if "nano_vllm_workload" not in qwen.result:  # its step never ran: the device was lost too often
+        peer = dict(TRANSFORMERS_H200_REFERENCE) if args.skip_transformers else {"skipped": "not run"}
+        qwen.record_workload_comparison(peer)
     results = {
         "device": device_name(plan),
         "torch": torch.__version__,
-        "command": " ".join(["python", *_as_typed(sys.argv)]),
+        "command": " ".join(["python", *as_typed(sys.argv)]),
         "smoke": args.smoke,
         "attention_backend": args.backend,
         "engine_options": args.engine_option,
         "ceilings": asdict(ceilings),
         **{name: run.result for name, run in runs.items()},
-        "device_lost_after": lost_after,
+        "device_lost_after": checkpoint.lost,
         "wall_seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -1672,6 +1702,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def print_summary(results: dict[str, Any]) -> None:
+    for lost in results.get("device_lost_after", []):
+        print(f"device lost in {lost['step']}: {lost['error']}")
     ours = results["qwen3_0.6b"]["nano_vllm_workload"]["inferd"]
     peer = results["qwen3_0.6b"]["nano_vllm_workload"]["transformers"]
     if isinstance(ours, dict) and "output_tok_s" in ours:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -329,52 +330,78 @@ def test_a_variant_leaves_pdl_off_for_the_sweeps_after_it(monkeypatch: pytest.Mo
     assert not triton_pdl.enabled()
 
 
-def test_a_lost_device_goes_on_in_a_fresh_process_from_the_next_step(tmp_path, monkeypatch) -> None:
-    """A step that breaks the CUDA context costs that step only: the child process saves what it
-    measured and a fresh one goes on after it, with the results, the reference tokens and the time
-    spent so far."""
-    ran: list[str] = []
-    seen_reference: list[object] = []
+class Recorder:
+    """Fake benchmark steps that note what ran, in which process, and what they found."""
 
-    def record(runs: dict[str, gpu.ShapeRun], name: str) -> None:
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.ran: list[str] = []
+        self.references: list[object] = []
+        self.children: list[list[str]] = []
+
+    def steps(self, runs: dict[str, gpu.ShapeRun]) -> list:
+        return [functools.partial(self.record, runs, name) for name in self.names]
+
+    def record(self, runs: dict[str, gpu.ShapeRun], name: str) -> None:
         qwen = runs["qwen3_0.6b"]
-        ran.append(name)
-        qwen.result[name] = len(ran)
+        self.ran.append(name)
+        qwen.result[name] = len(self.ran)
         if name == "first":
             qwen.reference_tokens = [([1, 2], [-0.5, -0.25])]
-        seen_reference.append(qwen.reference_tokens)
+        self.references.append(qwen.reference_tokens)
+        if name == "dies":
+            raise Died
 
-    def steps(runs: dict[str, gpu.ShapeRun]) -> list:
-        return [functools.partial(record, runs, name) for name in ("first", "breaks", "after")]
+    def child(self, arguments: list[str]) -> int:
+        """A child process, run in this one for the test; one that dies ends with SIGABRT."""
+        self.children.append(arguments)
+        self.ran.append("child")
+        try:
+            return gpu.main(arguments)
+        except Died:
+            return -6
 
-    lost = [False, True]  # checked after each step but the last: the second one loses the device
-    children: list[list[str]] = []
 
-    def child(arguments: list[str]) -> int:
-        children.append(arguments)
-        ran.append("child")
-        return gpu.main(arguments)  # in this process, for the test
+class Died(BaseException):
+    """A process's end that no Python handler sees, as an abort in torch would be."""
 
-    summaries: list[dict] = []
-    monkeypatch.setattr(gpu, "planned_steps", steps)
+
+def test_a_lost_device_goes_on_in_a_fresh_process_from_the_next_step(tmp_path, monkeypatch) -> None:
+    """A step that breaks the CUDA context costs that step only: the child saves what it measured
+    and a fresh one goes on after it, with the results and the reference tokens."""
+    recorder = Recorder(("first", "breaks", "after"))
+    lost = [False, True, False]  # checked after each step: the second one loses the device
+    monkeypatch.setattr(gpu, "planned_steps", recorder.steps)
     monkeypatch.setattr(gpu, "device_lost", lambda plan: lost.pop(0))
-    monkeypatch.setattr(gpu, "run_child", child)
-    monkeypatch.setattr(gpu, "print_summary", summaries.append)
+    monkeypatch.setattr(gpu, "run_child", recorder.child)
     out = tmp_path / "run.json"
     assert gpu.main(["--smoke", "--out", str(out)]) == 0
 
-    assert ran == ["child", "first", "breaks", "child", "after"]
-    resume = str(tmp_path / "run.resume.json")
-    assert children == [
-        ["--smoke", "--out", str(out), "--child"],
-        ["--smoke", "--out", str(out), "--child", "--resume", resume],
-    ]
+    assert recorder.ran == ["child", "first", "breaks", "child", "after"]
+    started = ["--started-at", repr(gpu.PROCESS_STARTED_AT)]
+    resume = ["--resume", str(tmp_path / "run.resume.json")]
+    command = ["--smoke", "--out", str(out), "--child", *started]
+    assert recorder.children == [command, [*command, *resume]]
     results = json.loads(out.read_text())
     # Each step records how many things had run before it, the children included.
     assert [results["qwen3_0.6b"][k] for k in ("first", "breaks", "after")] == [2, 3, 5]
-    assert results["device_lost_after"] == ["? record breaks"]
-    assert seen_reference[-1] == [[[1, 2], [-0.5, -0.25]]]  # carried through JSON into the fresh process
-    assert summaries and results["wall_seconds"] >= 0
+    assert results["device_lost_after"] == [{"step": "? record breaks", "error": "the CUDA context broke"}]
+    assert recorder.references[-1] == [[[1, 2], [-0.5, -0.25]]]  # through JSON into the fresh process
+    assert results["qwen3_0.6b"]["nano_vllm_workload"]["transformers"] == {"skipped": "not run"}
+
+
+def test_a_process_that_dies_inside_a_step_is_resumed_after_it(tmp_path, monkeypatch) -> None:
+    recorder = Recorder(("first", "dies", "after"))
+    monkeypatch.setattr(gpu, "planned_steps", recorder.steps)
+    monkeypatch.setattr(gpu, "device_lost", lambda plan: False)
+    monkeypatch.setattr(gpu, "run_child", recorder.child)
+    out = tmp_path / "run.json"
+    assert gpu.main(["--smoke", "--out", str(out), "--skip-transformers"]) == 0
+    assert recorder.ran == ["child", "first", "dies", "child", "after"]
+    results = json.loads(out.read_text())
+    assert results["device_lost_after"] == [{"step": "? record dies", "error": "the process ended: signal 6"}]
+    assert "dies" not in results["qwen3_0.6b"] and results["qwen3_0.6b"]["after"] == 5
+    assert results["qwen3_0.6b"]["nano_vllm_workload"]["transformers"]["output_tok_s"] == 624.0
 
 
 def test_a_step_whose_cleanup_fails_on_a_lost_device_still_hands_over(tmp_path, monkeypatch) -> None:
@@ -387,22 +414,51 @@ def test_a_step_whose_cleanup_fails_on_a_lost_device_still_hands_over(tmp_path, 
     monkeypatch.setattr(gpu, "device_lost", lambda plan: True)
     args = gpu.parse_args(["--smoke", "--out", str(tmp_path / "run.json"), "--child"])
     assert gpu.run_benchmark(args) == gpu.EXIT_DEVICE_LOST
-    assert gpu.Resume.load(tmp_path / "run.resume.json").next_step == 1
+    checkpoint = gpu.Checkpoint.load(tmp_path / "run.resume.json")
+    assert checkpoint.next_step == 1 and checkpoint.running is None
+    assert "illegal memory access" in checkpoint.lost[0]["error"]
+    assert json.loads((tmp_path / "run.partial.json").read_text())["device_lost_after"] == checkpoint.lost
     monkeypatch.setattr(gpu, "device_lost", lambda plan: False)  # a plain failure is not caught
     with pytest.raises(RuntimeError, match="illegal memory access"):
         gpu.run_benchmark(args)
 
 
 def test_the_run_stops_once_the_device_is_lost_too_often(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(gpu, "planned_steps", lambda runs: [lambda: None] * 10)
+    recorder = Recorder(tuple(f"step{i}" for i in range(10)))
+    monkeypatch.setattr(gpu, "planned_steps", recorder.steps)
     monkeypatch.setattr(gpu, "device_lost", lambda plan: True)
-    children: list[list[str]] = []
-    monkeypatch.setattr(gpu, "run_child", lambda arguments: children.append(arguments) or gpu.main(arguments))
-    monkeypatch.setattr(gpu, "print_summary", lambda results: None)
+    monkeypatch.setattr(gpu, "run_child", recorder.child)
     out = tmp_path / "run.json"
     assert gpu.main(["--smoke", "--out", str(out)]) == 0
-    assert len(children) == gpu.MAX_RESUMES + 1
-    assert len(json.loads(out.read_text())["device_lost_after"]) == gpu.MAX_RESUMES + 1
+    # Each child loses its device in its first step; after MAX_RESUMES of them, one only writes.
+    assert len(recorder.children) == gpu.MAX_RESUMES + 2
+    assert recorder.ran.count("child") == gpu.MAX_RESUMES + 2
+    results = json.loads(out.read_text())
+    assert [lost["step"] for lost in results["device_lost_after"]] == [f"? record step{i}" for i in range(4)]
+    assert "nano_vllm_workload" in results["qwen3_0.6b"]
+
+
+def test_a_childs_budget_counts_from_the_command_lines_start(tmp_path, monkeypatch) -> None:
+    spent: list[bool] = []
+    monkeypatch.setattr(gpu, "planned_steps", lambda runs: [lambda: spent.append(gpu.BUDGET.spent())])
+    for started_at in (time.time() - 1000, time.time()):
+        arguments = ["--smoke", "--budget-s", "100", "--out", str(tmp_path / "run.json"), "--child"]
+        assert gpu.main([*arguments, "--started-at", repr(started_at)]) == 0
+    assert spent == [True, False]
+
+
+def test_the_script_runs_its_benchmark_in_a_child_process(tmp_path) -> None:
+    """The real processes: with no budget every part is skipped, so this takes seconds."""
+    out = tmp_path / "run.json"
+    typed = ["benchmarks/gpu.py", "--smoke", "--budget-s", "0", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, *typed], cwd=Path(__file__).parents[1], capture_output=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    results = json.loads(out.read_text())
+    assert results["command"] == " ".join(["python", *typed])
+    assert results["device_lost_after"] == []
+    assert not (tmp_path / "run.resume.json").exists()  # a checkpoint only outlives a failed run
 
 
 def test_steps_are_named_by_shape_and_part(tmp_path) -> None:
@@ -413,15 +469,5 @@ def test_steps_are_named_by_shape_and_part(tmp_path) -> None:
     assert names[:3] == ["qwen3_0.6b checks", "qwen3_0.6b variant default", "llama_3.1_8b variant default"]
     assert len(set(names)) == len(names)
     assert gpu.device_lost(plan) is False  # no CUDA context to lose on the CPU
-    child = [
-        "gpu.py",
-        "--smoke",
-        "--child",
-        "--out",
-        "x.json",
-        "--resume",
-        "x.resume.json",
-        "--budget-s",
-        "9",
-    ]
-    assert gpu._as_typed(child) == ["gpu.py", "--smoke", "--out", "x.json", "--budget-s", "9"]
+    child = ["gpu.py", "--smoke", "--child", "--started-at", "1.5", "--out", "x.json", "--resume", "r.json"]
+    assert gpu.as_typed(child) == ["gpu.py", "--smoke", "--out", "x.json"]
