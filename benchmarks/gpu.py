@@ -1056,8 +1056,8 @@ VARIANTS = {
 # ``split_mid`` splits contexts until there are 4 decode programs per SM, not 1: on an H200's 132
 # SMs, batches of up to 65 sequences of 8 KV heads split their contexts of 512 tokens or more, so
 # that the workload's tail, a few programs per SM of uneven lengths, balances (batches of up to 16,
-# split already, split further). ``heads_first``
-# launches a sequence's decode programs side by side, so together they read its K/V rows whole.
+# split already, split further). ``heads_first`` launches a sequence's decode programs side by
+# side, so together they read its K/V rows whole.
 MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
     # PDL without the skinny matmul's L2 prefetch of its weights before the wait.
     "pdl_no_prefetch": {("inferd.layers.triton_linear", "PREFETCH_MAX_BYTES"): 0},
@@ -1394,7 +1394,7 @@ class ShapeRun:
 def write_partial(args: argparse.Namespace, runs: dict[str, ShapeRun], lost: list[dict[str, str]]) -> None:
     """What is known so far, in case the call runs out of time before the end."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = {**{name: run.result for name, run in runs.items()}, "device_lost_after": lost}
+    partial = {**{name: run.result for name, run in runs.items()}, "device_lost_in": lost}
     args.out.with_suffix(".partial.json").write_text(json.dumps(partial, indent=2, default=str))
 
 
@@ -1691,7 +1691,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "engine_options": args.engine_option,
         "ceilings": asdict(ceilings),
         **{name: run.result for name, run in runs.items()},
-        "device_lost_after": checkpoint.lost,
+        "device_lost_in": checkpoint.lost,
         "wall_seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -1702,7 +1702,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    for lost in results.get("device_lost_after", []):
+    for lost in results.get("device_lost_in", []):
         print(f"device lost in {lost['step']}: {lost['error']}")
     ours = results["qwen3_0.6b"]["nano_vllm_workload"]["inferd"]
     peer = results["qwen3_0.6b"]["nano_vllm_workload"]["transformers"]

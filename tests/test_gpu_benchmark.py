@@ -385,7 +385,7 @@ def test_a_lost_device_goes_on_in_a_fresh_process_from_the_next_step(tmp_path, m
     results = json.loads(out.read_text())
     # Each step records how many things had run before it, the children included.
     assert [results["qwen3_0.6b"][k] for k in ("first", "breaks", "after")] == [2, 3, 5]
-    assert results["device_lost_after"] == [{"step": "? record breaks", "error": "the CUDA context broke"}]
+    assert results["device_lost_in"] == [{"step": "? record breaks", "error": "the CUDA context broke"}]
     assert recorder.references[-1] == [[[1, 2], [-0.5, -0.25]]]  # through JSON into the fresh process
     assert results["qwen3_0.6b"]["nano_vllm_workload"]["transformers"] == {"skipped": "not run"}
 
@@ -399,7 +399,7 @@ def test_a_process_that_dies_inside_a_step_is_resumed_after_it(tmp_path, monkeyp
     assert gpu.main(["--smoke", "--out", str(out), "--skip-transformers"]) == 0
     assert recorder.ran == ["child", "first", "dies", "child", "after"]
     results = json.loads(out.read_text())
-    assert results["device_lost_after"] == [{"step": "? record dies", "error": "the process ended: signal 6"}]
+    assert results["device_lost_in"] == [{"step": "? record dies", "error": "the process ended: signal 6"}]
     assert "dies" not in results["qwen3_0.6b"] and results["qwen3_0.6b"]["after"] == 5
     assert results["qwen3_0.6b"]["nano_vllm_workload"]["transformers"]["output_tok_s"] == 624.0
 
@@ -417,7 +417,7 @@ def test_a_step_whose_cleanup_fails_on_a_lost_device_still_hands_over(tmp_path, 
     checkpoint = gpu.Checkpoint.load(tmp_path / "run.resume.json")
     assert checkpoint.next_step == 1 and checkpoint.running is None
     assert "illegal memory access" in checkpoint.lost[0]["error"]
-    assert json.loads((tmp_path / "run.partial.json").read_text())["device_lost_after"] == checkpoint.lost
+    assert json.loads((tmp_path / "run.partial.json").read_text())["device_lost_in"] == checkpoint.lost
     monkeypatch.setattr(gpu, "device_lost", lambda plan: False)  # a plain failure is not caught
     with pytest.raises(RuntimeError, match="illegal memory access"):
         gpu.run_benchmark(args)
@@ -434,7 +434,7 @@ def test_the_run_stops_once_the_device_is_lost_too_often(tmp_path, monkeypatch) 
     assert len(recorder.children) == gpu.MAX_RESUMES + 2
     assert recorder.ran.count("child") == gpu.MAX_RESUMES + 2
     results = json.loads(out.read_text())
-    assert [lost["step"] for lost in results["device_lost_after"]] == [f"? record step{i}" for i in range(4)]
+    assert [lost["step"] for lost in results["device_lost_in"]] == [f"? record step{i}" for i in range(4)]
     assert "nano_vllm_workload" in results["qwen3_0.6b"]
 
 
@@ -457,7 +457,7 @@ def test_the_script_runs_its_benchmark_in_a_child_process(tmp_path) -> None:
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     results = json.loads(out.read_text())
     assert results["command"] == " ".join(["python", *typed])
-    assert results["device_lost_after"] == []
+    assert results["device_lost_in"] == []
     assert not (tmp_path / "run.resume.json").exists()  # a checkpoint only outlives a failed run
 
 
