@@ -307,7 +307,6 @@ def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceiling
     )
     kv_bytes = sum(meta.seq_lens_host) * kv_heads * dim * 2 * k_cache.element_size()
     tile_names = ("_DECODE_BLOCK_N", "_DECODE_NUM_WARPS", "_DECODE_NUM_STAGES", "_DECODE_HEADS_FIRST")
-    default = tuple(getattr(triton_kernels, name) for name in tile_names)
     tiles = [(*tile, False) for tile in DECODE_TILES] + [(*tile, True) for tile in DECODE_HEADS_FIRST_TILES]
     tiles = tiles if plan.device == "cuda" else [tiles[0], tiles[1], tiles[-1]]
 
@@ -318,25 +317,22 @@ def sweep_decode_kernel(hf_config: dict[str, Any], plan: Plan, ceilings: Ceiling
 
     reference = call()
     results: list[dict[str, Any]] = []
-    try:
-        for tile in tiles:
-            if out_of_time(results):
-                break
-            for name, value in zip(tile_names, tile, strict=True):
-                setattr(triton_kernels, name, value)
-            block_n, warps, stages, heads_first = tile
-            entry: dict[str, Any] = {"block_n": block_n, "num_warps": warps, "num_stages": stages,
-                                     "heads_first": heads_first, "num_splits": splits}  # fmt: skip
+    for tile in tiles:
+        if out_of_time(results):
+            break
+        block_n, warps, stages, heads_first = tile
+        entry: dict[str, Any] = {"block_n": block_n, "num_warps": warps, "num_stages": stages,
+                                 "heads_first": heads_first, "num_splits": splits}  # fmt: skip
+        with patched_modules(
+            {(triton_kernels.__name__, name): value for name, value in zip(tile_names, tile, strict=True)}
+        ):
             entry["relative_error_vs_default"] = relative_error(call(), reference)
             seconds = _timed(call, plan.device, 20 if plan.device == "cuda" else 1)
-            entry["us"] = seconds * 1e6
-            entry["kv_bytes_per_s"] = kv_bytes / seconds
-            entry["fraction_of_bandwidth"] = kv_bytes / seconds / ceilings.bandwidth_bytes_s
-            print("decode tile:", json.dumps(entry), flush=True)
-            results.append(entry)
-    finally:
-        for name, value in zip(tile_names, default, strict=True):
-            setattr(triton_kernels, name, value)
+        entry["us"] = seconds * 1e6
+        entry["kv_bytes_per_s"] = kv_bytes / seconds
+        entry["fraction_of_bandwidth"] = kv_bytes / seconds / ceilings.bandwidth_bytes_s
+        print("decode tile:", json.dumps(entry), flush=True)
+        results.append(entry)
     return results
 
 
