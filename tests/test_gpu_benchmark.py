@@ -432,7 +432,6 @@ def test_the_run_stops_once_the_device_is_lost_too_often(tmp_path, monkeypatch) 
     assert gpu.main(["--smoke", "--out", str(out)]) == 0
     # Each child loses its device in its first step; after MAX_RESUMES of them, one only writes.
     assert len(recorder.children) == gpu.MAX_RESUMES + 2
-    assert recorder.ran.count("child") == gpu.MAX_RESUMES + 2
     results = json.loads(out.read_text())
     assert [lost["step"] for lost in results["device_lost_in"]] == [f"? record step{i}" for i in range(4)]
     assert "nano_vllm_workload" in results["qwen3_0.6b"]
