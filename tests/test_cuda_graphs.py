@@ -5,12 +5,12 @@ forward on the same static buffers and copies into one static output, as a graph
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from graph_standin import StaticReplayCapturer  # noqa: E402
 
 from inferd.engine.request import Request  # noqa: E402
 from inferd.llm import LLM  # noqa: E402
@@ -21,28 +21,6 @@ from inferd.worker.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs, context_tie
 pytest.importorskip("triton")
 if os.environ["TRITON_INTERPRET"] != "1":
     pytest.skip("the CPU stand-in for capture needs the Triton interpreter", allow_module_level=True)
-
-
-class StaticReplayCapturer:
-    """Replay = run the captured forward again and copy into the output made at capture."""
-
-    def __init__(self) -> None:
-        self.replayed_sizes: list[int] = []
-        self.replayed_graphs: list[int] = []  # each replay's graph, numbered in capture order
-        self.num_captured = 0
-
-    def capture(self, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        static = forward()
-        number = self.num_captured
-        self.num_captured += 1
-
-        def replay() -> torch.Tensor:
-            static.copy_(forward())
-            self.replayed_sizes.append(static.shape[0])
-            self.replayed_graphs.append(number)
-            return static
-
-        return replay
 
 
 def test_ladder_is_small_sizes_then_multiples_of_eight_up_to_the_limit() -> None:

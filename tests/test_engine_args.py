@@ -29,6 +29,8 @@ def test_unset_flags_leave_the_engine_defaults() -> None:
         "triton-tiled-linear",
         "triton-decode-rotary",
         "triton-pdl",
+        "triton-sampling",
+        "warm-up",
     ],
 )
 def test_on_off_switches(switch: str) -> None:

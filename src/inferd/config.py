@@ -211,6 +211,11 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # Ranks the model is split over (worker/tensor_parallel.py); 1: the whole model in this process.
     tensor_parallel_size: int = 1
+    # Run the largest step the budgets allow, a decode step and each sampling path once at start-up,
+    # before any request (worker/warm_up.py); None: on a GPU only, where first runs cost (compiles,
+    # allocator growth, lazy kernel loading) and where a step too large for the memory beside the
+    # KV cache should fail at start-up, not under load.
+    warm_up: bool | None = None
 
     @property
     def local_model(self) -> ModelConfig:
@@ -224,6 +229,10 @@ class EngineConfig:
     @property
     def uses_triton_linear(self) -> bool:
         return self.triton_linear if self.triton_linear is not None else self.uses_triton_ops
+
+    @property
+    def uses_warm_up(self) -> bool:
+        return self.warm_up if self.warm_up is not None else self.device.startswith("cuda")
 
     @property
     def uses_async_scheduling(self) -> bool:

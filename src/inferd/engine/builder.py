@@ -82,6 +82,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         triton_pdl=bool(options.pop("triton_pdl", False)),
         async_scheduling=options.pop("async_scheduling", None),
         tensor_parallel_size=_tensor_parallel_size(options.pop("tensor_parallel_size", None), model),
+        warm_up=options.pop("warm_up", None),
     )
     if config.tensor_parallel_size > 1 and config.async_scheduling:
         raise ValueError("async_scheduling cannot be used with tensor parallelism (each step's inputs go "

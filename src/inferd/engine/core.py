@@ -38,6 +38,8 @@ class EngineCore:
         self.runner.allocate_kv_cache(config.cache.num_blocks)
         if self.runner.uses_cuda_graphs():
             self.runner.capture_decode_graphs()
+        if config.uses_warm_up:
+            self.runner.warm_up()  # after the capture: its decode step replays a graph
         self.kv = KVCacheManager(
             config.cache.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )

@@ -74,6 +74,18 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         "the last one's tail (Hopper GPUs and later; default: off)",
     )
     group.add_argument(
+        "--triton-sampling",
+        action=argparse.BooleanOptionalAction,
+        help="random rows that only scale by a temperature are drawn by one fused Triton pass over the "
+        "logits (default: off)",
+    )
+    group.add_argument(
+        "--warm-up",
+        action=argparse.BooleanOptionalAction,
+        help="run the largest step, a decode step and each sampling path once before serving, so the first "
+        "requests pay no compiles and a step too large for memory fails at start-up (default: on for CUDA)",
+    )
+    group.add_argument(
         "--tensor-parallel-size",
         "-tp",
         type=int,
@@ -98,6 +110,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "triton_tiled_linear",
         "triton_decode_rotary",
         "triton_pdl",
+        "triton_sampling",
+        "warm_up",
     ):
         if getattr(args, switch) is not None:
             options[switch] = getattr(args, switch)
