@@ -1034,6 +1034,8 @@ VARIANTS = {
     "pdl": {"triton_pdl": True},
     "decode_rotary": {"triton_decode_rotary": True},
     "pdl_no_prefetch": {"triton_pdl": True},
+    # The default engine without its start-up warm-up: what the warm-up takes off the first run.
+    "no_warm_up": {"warm_up": False},
     # Every feature above that is off by default, together (with the module patches of
     # split_short, split_mid and heads_first too).
     "all_unmeasured": {
@@ -1070,7 +1072,7 @@ MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
 # as the default there.
 GPU_ONLY_OPTIONS = ("triton_pdl",)
 # The engine a failed default run falls back to: each GPU-only feature off.
-FALLBACK = {"enforce_eager": True, "async_scheduling": False}
+FALLBACK = {"enforce_eager": True, "async_scheduling": False, "warm_up": False}
 
 
 # Seconds after which a GPU run starts no new part, unless --budget-s says otherwise.
@@ -1149,9 +1151,19 @@ def start_engine(
         "triton_tiled_linear": llm.engine.config.triton_tiled_linear,
         "triton_pdl": llm.engine.config.triton_pdl,
         "triton_decode_rotary": llm.engine.config.triton_decode_rotary,
+        "warm_up": _warm_up_facts(llm.engine.core.runner.warm_up_report),
     }
     print("engine start-up:", json.dumps(startup), flush=True)
     return llm, startup
+
+
+def _warm_up_facts(report: Any) -> dict[str, Any] | None:
+    """The engine's start-up warm-up (``worker/warm_up.py``): its step and seconds; None when off."""
+    if report is None:
+        return None
+    shape = report.shape
+    return {"seconds": report.seconds, "prompts": shape.num_seqs, "prompt_len": shape.prompt_len,
+            "decode_step": shape.decodes, "sampling_passes": report.sampling_passes}  # fmt: skip
 
 
 def profile_decode(llm: Any, plan: Plan, batch: int) -> dict[str, Any]:
@@ -1234,7 +1246,7 @@ class ShapeRun:
         self.shape = model_shape(hf_config, plan.dtype)
         # A GPU's defaults that the CPU leaves off: the smoke run asks for them, so it goes
         # through the same paths (the small ops through the Triton interpreter).
-        smoke_options = {"triton_ops": True, "async_scheduling": True} if args.smoke else {}
+        smoke_options = {"triton_ops": True, "async_scheduling": True, "warm_up": True} if args.smoke else {}
         self.base_options = {**base_options, **smoke_options}
         self.result: dict[str, Any] = {"variants": {}}
         self.reference_tokens: GreedyRun | None = None  # the default engine's greedy tokens
@@ -1429,6 +1441,7 @@ def planned_steps(runs: dict[str, ShapeRun]) -> list[Callable[[], None]]:
         functools.partial(qwen.variant, "tiled_linear", workload=True),
         functools.partial(qwen.variant, "split_mid", workload=True),
         functools.partial(qwen.variant, "heads_first", workload=True),
+        functools.partial(qwen.variant, "no_warm_up", workload=True),
         # The kernels behind the attention and sampler variants, alone: short, and what says
         # which decode tile, launch order and split to keep.
         qwen.decode_sweep,

@@ -67,3 +67,23 @@ def test_async_scheduling_matches_sync_on_cuda(tiny_model_factory) -> None:
         outputs = llm.generate(prompts, params)
         runs.append([(o.token_ids, [lp.top for lp in o.logprobs or []]) for o in outputs])
     assert runs[1] == runs[0]
+
+
+def test_the_warm_up_is_on_by_default_and_changes_no_output_on_cuda(tiny_model_factory) -> None:
+    """The start-up warm-up (a full prompt step, a graph replay, every sampling path) leaves the
+    tokens of greedy, seeded and unseeded random requests as without it."""
+    folder = tiny_model_factory("qwen3")
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 9, 30, 1, 150)]
+    params = [
+        SamplingParams(max_tokens=12, temperature=t, seed=s, ignore_eos=True)
+        for t, s in ((0.0, None), (0.8, None), (0.8, 7), (1.0, None), (0.5, None), (0.8, 3))
+    ]
+    options = dict(device="cuda", dtype="float32", block_size=16, num_kv_blocks=256, max_num_seqs=12,
+                   max_num_batched_tokens=64)  # fmt: skip
+    runs = []
+    for warm_up in (None, False):
+        llm = LLM(folder, warm_up=warm_up, **options)
+        report = llm.engine.core.runner.warm_up_report
+        assert (report is not None) is (warm_up is None)  # on by default on a GPU
+        runs.append([out.token_ids for out in llm.generate(prompts, params)])
+    assert runs[0] == runs[1]

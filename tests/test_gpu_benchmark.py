@@ -470,3 +470,20 @@ def test_steps_are_named_by_shape_and_part(tmp_path) -> None:
     assert gpu.device_lost(plan) is False  # no CUDA context to lose on the CPU
     child = ["gpu.py", "--smoke", "--child", "--started-at", "1.5", "--out", "x.json", "--resume", "r.json"]
     assert gpu.as_typed(child) == ["gpu.py", "--smoke", "--out", "x.json"]
+
+
+def test_every_variant_is_planned_with_options_an_engine_takes(tmp_path, tiny_llama) -> None:
+    """A variant left out of the plan is never measured; one whose options an engine refuses
+    fails its part of the device call (and a misspelt option would make FALLBACK fail too)."""
+    from inferd.engine.builder import build_engine_config
+
+    args = gpu.parse_args(["--smoke", "--out", str(tmp_path / "run.json")])
+    plan = gpu.Plan.for_args(args)
+    runs = gpu.shape_runs(args, plan, Ceilings(bandwidth_bytes_s=1e9, matmul_flops_s=1e9), tmp_path)
+    steps = gpu.planned_steps(runs)
+    planned = {s.args[0] for s in steps if isinstance(s, functools.partial) and s.func.__name__ == "variant"}
+    assert planned == set(gpu.VARIANTS)
+    for options in [*gpu.VARIANTS.values(), gpu.FALLBACK]:
+        on_cpu = {k: v for k, v in options.items() if k not in gpu.GPU_ONLY_OPTIONS}
+        build_engine_config(tiny_llama, **{"device": "cpu", "attention_backend": "triton", "triton_ops": True,
+                                           **on_cpu})  # fmt: skip
