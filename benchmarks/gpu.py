@@ -1146,11 +1146,11 @@ def start_engine(
         "graph_context_tiers": {size: t for size, t in graphs.tiers.items() if len(t) > 1} if graphs else {},
         "triton_ops": llm.engine.config.uses_triton_ops,
         "triton_linear": llm.engine.config.uses_triton_linear,
-        "triton_sampling": llm.engine.config.triton_sampling,
-        "triton_fused_linear": llm.engine.config.triton_fused_linear,
-        "triton_tiled_linear": llm.engine.config.triton_tiled_linear,
-        "triton_pdl": llm.engine.config.triton_pdl,
-        "triton_decode_rotary": llm.engine.config.triton_decode_rotary,
+        "triton_sampling": llm.engine.config.uses_triton_sampling,
+        "triton_fused_linear": llm.engine.config.uses_triton_fused_linear,
+        "triton_tiled_linear": llm.engine.config.uses_triton_tiled_linear,
+        "triton_pdl": llm.engine.config.uses_triton_pdl,
+        "triton_decode_rotary": llm.engine.config.uses_triton_decode_rotary,
         "warm_up": _warm_up_facts(llm.engine.core.runner.warm_up_report),
     }
     print("engine start-up:", json.dumps(startup), flush=True)

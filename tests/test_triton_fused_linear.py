@@ -201,7 +201,7 @@ def test_engine_option_needs_the_matmul(tiny_model_factory) -> None:
     llm = LLM(folder, kv_cache_memory="4MiB", triton_ops=True, triton_fused_linear=True)
     layer = llm.engine.core.runner.model.model.layers[0]
     assert layer.self_attn.qkv_proj.fuse_input_ops and layer.mlp.down_proj.fuse_input_ops
-    assert not LLM(folder, kv_cache_memory="4MiB", triton_ops=True).engine.config.triton_fused_linear
+    assert not LLM(folder, kv_cache_memory="4MiB", triton_ops=True).engine.config.uses_triton_fused_linear
     with pytest.raises(ValueError, match="needs triton_linear"):
         LLM(folder, kv_cache_memory="4MiB", triton_ops=True, triton_linear=False, triton_fused_linear=True)
     with pytest.raises(ValueError, match="needs linear"):

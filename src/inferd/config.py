@@ -19,6 +19,19 @@ _DTYPES = {
 }
 
 
+# What each speed feature that is off until a GPU run measures it becomes on a GPU when its engine
+# option is left unset (None). A device call's figures switch an entry ("Then the defaults" in
+# docs/gpu.md); a feature on by default here still stays off where its kernels' needs are not met
+# (``EngineConfig.uses_*``), while asking for it explicitly there is an error.
+GPU_DEFAULTS: dict[str, bool] = {
+    "triton_fused_linear": False,
+    "triton_tiled_linear": False,
+    "triton_decode_rotary": False,
+    "triton_sampling": False,
+    "triton_pdl": False,
+}
+
+
 class ModelLoadError(RuntimeError):
     """A model folder cannot be served; the message names what is missing or unsupported."""
 
@@ -188,24 +201,26 @@ class EngineConfig:
     # The skinny Triton matmul for projections of one or two rows (decode steps of one or two
     # sequences, layers/triton_linear.py); None: wherever triton_ops is on.
     triton_linear: bool | None = None
+    # The next five: None means GPU_DEFAULTS on a GPU (where their kernels' needs are met), off
+    # elsewhere; each is off by default until a GPU run measures it.
     # Where that matmul runs, it also makes its input: the RMSNorm (and residual add) before the
-    # q|k|v and gate|up projections, SiLU-and-mul before the down one. Off until a GPU run measures it.
-    triton_fused_linear: bool = False
+    # q|k|v and gate|up projections, SiLU-and-mul before the down one; needs triton_linear.
+    triton_fused_linear: bool | None = None
     # Projections of wide outputs (4,096+ features) in steps of up to 256 rows the skinny matmul
     # does not take, on a Triton tensor-core matmul (layers/triton_tiled_linear.py) instead of
-    # cuBLAS. Off until a GPU run measures it.
-    triton_tiled_linear: bool = False
+    # cuBLAS.
+    triton_tiled_linear: bool | None = None
     # A pure decode step's attention kernel applies the rotary (and q/k norms) and stores the new
     # K/V itself, one launch a layer fewer (attention/triton_kernels.py); needs triton_ops and the
-    # Triton attention backend. Off until a GPU run measures it.
-    triton_decode_rotary: bool = False
-    # Temperature-only random rows drawn by a fused Triton race (sample/triton_sampling.py);
-    # off until a GPU run measures it against the torch race.
-    triton_sampling: bool = False
+    # Triton attention backend.
+    triton_decode_rotary: bool | None = None
+    # Temperature-only random rows drawn by a fused Triton race (sample/triton_sampling.py)
+    # instead of the torch race.
+    triton_sampling: bool | None = None
     # Launch the Triton kernels a decode step runs (in every step) with programmatic dependent
-    # launch (Hopper and later, layers/triton_pdl.py): each kernel starts during the previous one's
-    # tail. Off until a GPU run measures it.
-    triton_pdl: bool = False
+    # launch (layers/triton_pdl.py): each kernel starts during the previous one's tail; needs a
+    # Hopper or later GPU and a Triton with grid dependency control.
+    triton_pdl: bool | None = None
     # Schedule and launch step N+1 before reading step N's tokens, so the host's work overlaps the
     # device's; None: on a GPU only (on the CPU the forward itself blocks, so it would only delay).
     async_scheduling: bool | None = None
@@ -229,6 +244,47 @@ class EngineConfig:
     @property
     def uses_triton_linear(self) -> bool:
         return self.triton_linear if self.triton_linear is not None else self.uses_triton_ops
+
+    def _on_gpu_by_default(self, feature: str) -> bool:
+        return self.device.startswith("cuda") and GPU_DEFAULTS[feature]
+
+    @property
+    def uses_triton_fused_linear(self) -> bool:
+        if self.triton_fused_linear is not None:
+            return self.triton_fused_linear
+        return self._on_gpu_by_default("triton_fused_linear") and self.uses_triton_linear
+
+    @property
+    def uses_triton_tiled_linear(self) -> bool:
+        if self.triton_tiled_linear is not None:
+            return self.triton_tiled_linear
+        # Turning the Triton ops off turns off every Triton kernel that is not asked for by name.
+        return self._on_gpu_by_default("triton_tiled_linear") and self.uses_triton_ops
+
+    @property
+    def uses_triton_decode_rotary(self) -> bool:
+        if self.triton_decode_rotary is not None:
+            return self.triton_decode_rotary
+        from inferd.attention.registry import resolve_backend_name
+
+        return (self._on_gpu_by_default("triton_decode_rotary") and self.uses_triton_ops
+                and resolve_backend_name(self.attention_backend, self.device) == "triton")  # fmt: skip
+
+    @property
+    def uses_triton_sampling(self) -> bool:
+        if self.triton_sampling is not None:
+            return self.triton_sampling
+        return self._on_gpu_by_default("triton_sampling")
+
+    @property
+    def uses_triton_pdl(self) -> bool:
+        if self.triton_pdl is not None:
+            return self.triton_pdl
+        if not (self._on_gpu_by_default("triton_pdl") and self.uses_triton_ops):
+            return False
+        from inferd.layers.triton_pdl import unsupported_reason  # imports triton: only here
+
+        return unsupported_reason(torch.device(self.device)) is None
 
     @property
     def uses_warm_up(self) -> bool:

@@ -136,14 +136,20 @@ _TRITON_PDL = "inferd.layers.triton_pdl"
 def enable_configured_kernels(model: CausalLM, config: EngineConfig) -> None:
     """Switch ``model``'s Triton kernels as ``config`` asks. The engine and every other rank of a
     tensor-parallel group call this one function, so all of them run the same kernels."""
-    model.enable_triton_ops(config.uses_triton_ops, config.uses_triton_linear, config.triton_fused_linear,
-                            config.triton_tiled_linear, config.triton_decode_rotary)  # fmt: skip
+    model.enable_triton_ops(
+        config.uses_triton_ops,
+        config.uses_triton_linear,
+        config.uses_triton_fused_linear,
+        config.uses_triton_tiled_linear,
+        config.uses_triton_decode_rotary,
+    )
     # The launch switch is process-wide: set it either way where a kernel may have read it, so an
     # engine built after one with PDL does not inherit it. Where the module was never imported, no
     # kernel has launched with it and triton need not be imported to keep it off.
-    if config.triton_pdl or _TRITON_PDL in sys.modules:
+    pdl = config.uses_triton_pdl
+    if pdl or _TRITON_PDL in sys.modules:
         triton_pdl = importlib.import_module(_TRITON_PDL)
-        triton_pdl.set_enabled(config.triton_pdl, torch.device(config.device))
+        triton_pdl.set_enabled(pdl, torch.device(config.device))
 
 
 def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig) -> None:

@@ -92,7 +92,7 @@ class ModelRunner:
             self.shutdown()
             raise
         self.backend = create_backend(config.attention_backend, config.device)
-        self.sampler = Sampler(config.seed, triton_sampling=config.triton_sampling)
+        self.sampler = Sampler(config.seed, triton_sampling=config.uses_triton_sampling)
         self.block_size = config.cache.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         sched = config.scheduler
@@ -200,7 +200,7 @@ class ModelRunner:
         generator = torch.Generator(device=self.device).manual_seed(0)
         logits = torch.randn((shape.num_seqs, vocab), generator=generator, device=self.device).to(self.dtype)
         mixes = sampling_mixes(shape.num_seqs, vocab)
-        sampler = Sampler(self.config.seed, triton_sampling=self.config.triton_sampling)
+        sampler = Sampler(self.config.seed, triton_sampling=self.config.uses_triton_sampling)
         for requests in mixes:
             sampler.sample(logits, requests).result()
         self.table_rows = BlockTableRows()  # nothing of the warm-up's requests is kept
