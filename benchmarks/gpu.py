@@ -46,6 +46,7 @@ PROCESS_STARTED_AT = time.time()
 
 if TYPE_CHECKING:
     from inferd.models.registry import CausalLM
+    from inferd.worker.warm_up import WarmUpReport
 
 # The smoke run interprets Triton on the CPU; the switch must be set before triton is imported.
 if "--smoke" in sys.argv:
@@ -1157,13 +1158,14 @@ def start_engine(
     return llm, startup
 
 
-def _warm_up_facts(report: Any) -> dict[str, Any] | None:
-    """The engine's start-up warm-up (``worker/warm_up.py``): its step and seconds; None when off."""
+def _warm_up_facts(report: WarmUpReport | None) -> dict[str, Any] | None:
+    """The engine's start-up warm-up (``worker/warm_up.py``): its steps and seconds; None when off."""
     if report is None:
         return None
     shape = report.shape
-    return {"seconds": report.seconds, "prompts": shape.num_seqs, "prompt_len": shape.prompt_len,
-            "decode_step": shape.decodes, "sampling_passes": report.sampling_passes}  # fmt: skip
+    return {"seconds": report.seconds, "prompts": shape.num_seqs, "prompt_tokens": shape.prompt_tokens,
+            "decode_step": shape.decodes, "short_prompts": list(shape.short_prompts),
+            "sampling_passes": report.sampling_passes, "sampling_rows": shape.sampling_rows}  # fmt: skip
 
 
 def profile_decode(llm: Any, plan: Plan, batch: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from inferd.config import SchedulerConfig  # noqa: E402
 from inferd.engine.builder import build_engine_config  # noqa: E402
 from inferd.llm import LLM  # noqa: E402
 from inferd.sampling_params import SamplingParams  # noqa: E402
-from inferd.worker.warm_up import WarmUpShape, prompt_step, warm_up_requests, warm_up_shape  # noqa: E402
+from inferd.worker.warm_up import WarmUpShape, prompt_step, sampling_mixes, warm_up_shape  # noqa: E402
 
 
 def scheduler(max_num_seqs: int, max_batched: int, max_model_len: int) -> SchedulerConfig:
@@ -23,33 +23,65 @@ def scheduler(max_num_seqs: int, max_batched: int, max_model_len: int) -> Schedu
     )
 
 
+ALL_SHORT = (2, 16, 17, 32, 33, 64)
+
+
+def shape(
+    num_seqs: int, length: int, decodes: bool, rows: int, short: tuple[int, ...] = ALL_SHORT
+) -> WarmUpShape:
+    return WarmUpShape((length,) * num_seqs, decodes, short, rows)
+
+
 @pytest.mark.parametrize(
     ("config", "num_blocks", "block_size", "expected"),
     [
         # The token budget split over the sequence budget: the largest step the engine runs.
-        (scheduler(256, 16384, 2048), 10_000, 16, WarmUpShape(256, 64, True)),
+        (scheduler(256, 16384, 2048), 10_000, 16, shape(256, 64, True, 256)),
         # Few KV blocks: each sequence keeps to its share, with a slot left for its decode token.
-        (scheduler(8, 8192, 4096), 16, 16, WarmUpShape(8, 31, True)),
+        (scheduler(8, 8192, 4096), 16, 16, shape(8, 31, True, 8)),
         # More sequences than blocks: one block each.
-        (scheduler(128, 8192, 4096), 40, 16, WarmUpShape(40, 15, True)),
-        # A short context limit caps each prompt below it.
-        (scheduler(4, 8192, 100), 10_000, 16, WarmUpShape(4, 99, True)),
-        # Blocks of one token: two blocks a sequence at least.
-        (scheduler(64, 8192, 4096), 50, 1, WarmUpShape(25, 1, True)),
-        # A context of one token leaves no room to decode.
-        (scheduler(4, 8192, 1), 10_000, 16, WarmUpShape(4, 1, False)),
+        (scheduler(128, 8192, 4096), 40, 16, shape(40, 15, True, 128)),
+        # A short context limit caps each prompt below it; the mixed sampling pass takes 7 rows.
+        (scheduler(4, 8192, 100), 10_000, 16, shape(4, 99, True, 7)),
+        # Blocks of one token: three blocks a sequence (two prompt tokens and a decode token).
+        (scheduler(64, 8192, 4096), 50, 1, shape(16, 2, True, 64, ALL_SHORT[:5])),
+        # A small token budget: fewer prompts, of two tokens each, not a step of one-token rows.
+        (scheduler(256, 256, 2048), 10_000, 16, shape(128, 2, True, 256)),
+        # The tokens a budget leaves over go to the first prompts.
+        (
+            scheduler(300, 8192, 4096),
+            10_000,
+            16,
+            WarmUpShape((28,) * 92 + (27,) * 208, True, ALL_SHORT, 300),
+        ),
+        # No room for a prompt of two tokens and a decode token: one token, no decode step.
+        (scheduler(4, 8192, 1), 10_000, 16, shape(4, 1, False, 7, ())),
+        (scheduler(4, 8192, 4096), 1, 1, shape(1, 1, False, 7, ())),
     ],
 )
 def test_the_warm_up_step_is_the_largest_within_every_budget(
     config: SchedulerConfig, num_blocks: int, block_size: int, expected: WarmUpShape
 ) -> None:
-    shape = warm_up_shape(config, num_blocks, block_size)
-    assert shape == expected
-    assert shape.prompt_tokens <= config.max_num_batched_tokens
-    step = prompt_step(warm_up_requests(shape, vocab_size=400), block_size)
-    blocks = [block for seq in step.sequences for block in seq.block_table]
-    assert sorted(blocks) == list(range(len(blocks))) and len(blocks) <= num_blocks  # each block once
-    assert all(len(seq.token_ids) == shape.prompt_len and seq.sample for seq in step.sequences)
+    got = warm_up_shape(config, num_blocks, block_size)
+    assert got == expected
+    assert got.prompt_tokens <= config.max_num_batched_tokens
+    longest_table = -(-config.max_model_len // block_size)
+    steps = [prompt_step(got.prompt_lens, got.decodes, block_size, vocab_size=400)]
+    steps += [prompt_step((n,), False, block_size, vocab_size=400) for n in got.short_prompts]
+    for step in steps:
+        assert step.num_batched_tokens <= config.max_num_batched_tokens
+        blocks = [block for seq in step.sequences for block in seq.block_table]
+        assert sorted(blocks) == list(range(len(blocks))) and len(blocks) <= num_blocks  # each block once
+        for seq in step.sequences:
+            assert seq.sample and len(seq.block_table) <= longest_table
+            assert len(seq.block_table) * block_size >= seq.num_tokens + (got.decodes and step is steps[0])
+
+
+def test_the_mixed_sampling_pass_needs_a_row_of_each_kind() -> None:
+    with pytest.raises(ValueError, match="needs 7 rows"):
+        sampling_mixes(6, vocab_size=400)
+    mixed = sampling_mixes(7, vocab_size=400)[1]
+    assert len({repr(r.params) for r in mixed}) == 7
 
 
 def test_on_by_default_on_a_gpu_only(tiny_llama) -> None:
@@ -78,12 +110,13 @@ def test_the_warm_up_changes_no_output(tiny_llama, async_scheduling: bool) -> No
     warm = LLM(tiny_llama, warm_up=True, **options)
     report = warm.engine.core.runner.warm_up_report
     assert report is not None and report.shape.num_seqs == 6 and report.shape.decodes
+    assert report.shape.short_prompts == (2, 16, 17, 32, 33, 64) and report.shape.sampling_rows == 7
     assert [out.token_ids for out in warm.generate(prompts, params)] == expected
 
 
-# The kernels only a prompt step or the fused sampler launches: capture, which runs decode steps
-# only, never reaches them.
-_PROMPT_AND_SAMPLER_KERNELS = {"_paged_extend_kernel", "_race_chunk_kernel"}
+# Kernels capture, which runs decode steps of the graph sizes only, never launches as a workload
+# does: prompt attention, the fused sampler, and the tiled matmul for eager steps of other sizes.
+_PROMPT_AND_SAMPLER_KERNELS = {"_paged_extend_kernel", "_race_chunk_kernel", "_tiled_linear_kernel"}
 
 
 def test_after_the_warm_up_a_workload_needs_no_new_kernel_variant(tiny_model_factory, monkeypatch) -> None:
@@ -94,6 +127,10 @@ def test_after_the_warm_up_a_workload_needs_no_new_kernel_variant(tiny_model_fac
         pytest.skip("launches are recorded through the Triton interpreter")
     from kernel_specializations import LaunchRecorder
 
+    from inferd.layers import triton_tiled_linear
+
+    # The tiny model's projections are far narrower than the tiled matmul's floor: route them all.
+    monkeypatch.setattr(triton_tiled_linear, "MIN_FEATURES", 1)
     llm = LLM(
         tiny_model_factory("qwen3"),
         device="cpu",
@@ -102,6 +139,7 @@ def test_after_the_warm_up_a_workload_needs_no_new_kernel_variant(tiny_model_fac
         triton_linear=True,
         triton_fused_linear=True,
         triton_decode_rotary=True,
+        triton_tiled_linear=True,
         triton_sampling=True,
         async_scheduling=True,
         warm_up=False,  # run by hand below, after the stand-in capture
@@ -128,5 +166,8 @@ def test_after_the_warm_up_a_workload_needs_no_new_kernel_variant(tiny_model_fac
     workload = LaunchRecorder()
     with workload.recording(monkeypatch):
         llm.generate(prompts, params)
+        # A step of 16 rows alone: a tiled matmul variant (a 16-row tile, rows a multiple of 16)
+        # that only the warm-up's short prompts launch at start-up.
+        llm.generate([list(range(100, 116))], SamplingParams(max_tokens=1, ignore_eos=True))
     assert _PROMPT_AND_SAMPLER_KERNELS <= workload.kernels()  # the comparison below is not vacuous
     assert [key for key in workload.keys if key not in at_start.keys] == []

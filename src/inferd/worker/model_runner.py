@@ -26,14 +26,7 @@ from inferd.worker.input_batch import BlockTableRows, ModelInputs, build_inputs
 from inferd.worker.input_buffers import StepInputBuffers
 from inferd.worker.kv_cache import allocate_kv_caches
 from inferd.worker.tensor_parallel import StepInputs, TensorParallelGroup, all_reduce, configure_cpu_threads
-from inferd.worker.warm_up import (
-    WarmUpReport,
-    decode_step,
-    prompt_step,
-    sampling_mixes,
-    warm_up_requests,
-    warm_up_shape,
-)
+from inferd.worker.warm_up import WarmUpReport, decode_step, prompt_step, sampling_mixes, warm_up_shape
 
 logger = logging.getLogger(__name__)
 
@@ -175,15 +168,16 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self) -> WarmUpReport:
         """Run the largest prompt step the budgets allow, a decode step (a graph replay, where
-        graphs were captured) and each sampling path once, before any request (``warm_up.py``).
-        Call it after the KV cache is allocated and the graphs captured, before the first step."""
+        graphs were captured), a few short prompt steps and each sampling path once, before any
+        request (``warm_up.py``). Call it after the KV cache is allocated and the graphs captured,
+        before the first step."""
         start = time.perf_counter()
         num_blocks = self.kv_caches[0][0].shape[0] if self.kv_caches else 0
         if num_blocks == 0:
             raise RuntimeError("allocate the KV cache before warming up")
         shape = warm_up_shape(self.config.scheduler, num_blocks, self.block_size)
         vocab = self.config.model.vocab_size
-        prompts = prompt_step(warm_up_requests(shape, vocab), self.block_size)
+        prompts = prompt_step(shape.prompt_lens, shape.decodes, self.block_size, vocab)
         first = self.launch(prompts)
         if shape.decodes:
             # As the engine feeds the next step: from the device when scheduling runs ahead.
@@ -195,20 +189,24 @@ class ModelRunner:
             self.collect(second)
         else:
             self.collect(first)
+        for length in shape.short_prompts:
+            self.collect(self.launch(prompt_step((length,), False, self.block_size, vocab)))
         # Logits of the shape and dtype a step samples from; a sampler of its own leaves the
         # engine's generator where it was.
         generator = torch.Generator(device=self.device).manual_seed(0)
-        logits = torch.randn((shape.num_seqs, vocab), generator=generator, device=self.device).to(self.dtype)
-        mixes = sampling_mixes(shape.num_seqs, vocab)
+        rows = shape.sampling_rows
+        logits = torch.randn((rows, vocab), generator=generator, device=self.device).to(self.dtype)
+        mixes = sampling_mixes(rows, vocab)
         sampler = Sampler(self.config.seed, triton_sampling=self.config.uses_triton_sampling)
         for requests in mixes:
             sampler.sample(logits, requests).result()
         self.table_rows = BlockTableRows()  # nothing of the warm-up's requests is kept
         report = WarmUpReport(shape, len(mixes), time.perf_counter() - start)
         logger.info(
-            "warm-up: a step of %d prompts of %d tokens, %s%d sampling passes of %d rows in %.2f s",
-            shape.num_seqs, shape.prompt_len, "a decode step, " if shape.decodes else "", len(mixes),
-            shape.num_seqs, report.seconds,
+            "warm-up: a step of %d prompts (%d tokens), %s%d short prompt steps, %d sampling passes of %d "
+            "rows in %.2f s",
+            shape.num_seqs, shape.prompt_tokens, "a decode step, " if shape.decodes else "",
+            len(shape.short_prompts), len(mixes), rows, report.seconds,
         )  # fmt: skip
         self.warm_up_report = report
         return report

@@ -1,5 +1,5 @@
 """The start-up warm-up's steps: the largest prompt step the budgets allow, a decode step after it,
-and the requests each sampling path is exercised with.
+a few short prompt steps, and the requests each sampling path is exercised with.
 
 On a GPU the first run of each kind of step pays what no request should: Triton compiles the
 prompt path's kernels (graph capture compiled only the decode ones), CUDA loads each kernel's
@@ -25,20 +25,40 @@ from inferd.sched.output import ScheduledSequence, SchedulerOutput
 
 # Top log-probabilities the mixed sampling pass asks for per row (OpenAI's completions allow 5).
 _WARM_UP_LOGPROBS = 5
+# Lengths of the short prompt steps, one sequence each: where the tiled matmul's compiled variants
+# change (tiles of 16, 32 and 64 rows; a row count that is a multiple of 16 or not), which also
+# takes the eager path through small row counts once.
+_SHORT_PROMPT_LENS = (2, 16, 17, 32, 33, 64)
+# The sampling paths of the mixed pass, one row kind each (``sampling_mixes``).
+_MIXED_PARAMS = (
+    SamplingParams(temperature=0.0, logprobs=_WARM_UP_LOGPROBS),
+    SamplingParams(top_k=20, logprobs=_WARM_UP_LOGPROBS),
+    SamplingParams(top_p=0.9, logprobs=_WARM_UP_LOGPROBS),
+    SamplingParams(min_p=0.05, logprobs=_WARM_UP_LOGPROBS),
+    SamplingParams(seed=0, logprobs=_WARM_UP_LOGPROBS),
+    SamplingParams(repetition_penalty=1.1, frequency_penalty=0.5, logprobs=_WARM_UP_LOGPROBS),
+    SamplingParams(logit_bias={0: -5.0}, logprobs=_WARM_UP_LOGPROBS),
+)
 
 
 @dataclass(frozen=True)
 class WarmUpShape:
-    """``num_seqs`` prompts of ``prompt_len`` tokens each, then one decode token each (when
-    ``decodes``)."""
+    """One prompt step of ``prompt_lens`` (one sequence each), then one decode token for each of
+    them (when ``decodes``); ``short_prompts``, one step each; sampling passes of
+    ``sampling_rows`` rows."""
 
-    num_seqs: int
-    prompt_len: int
+    prompt_lens: tuple[int, ...]
     decodes: bool
+    short_prompts: tuple[int, ...]
+    sampling_rows: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.prompt_lens)
 
     @property
     def prompt_tokens(self) -> int:
-        return self.num_seqs * self.prompt_len
+        return sum(self.prompt_lens)
 
 
 @dataclass(frozen=True)
@@ -50,37 +70,45 @@ class WarmUpReport:
 
 def warm_up_shape(scheduler: SchedulerConfig, num_blocks: int, block_size: int) -> WarmUpShape:
     """The largest prompt step within every budget: at most ``max_num_batched_tokens`` tokens over
-    at most ``max_num_seqs`` equal prompts (as many sequences as a step may sample), each prompt
-    with room for one more token within ``max_model_len`` and within its share of the KV blocks."""
-    # Two token slots a sequence at least (its prompt token and its decode token).
-    min_blocks = 1 if block_size >= 2 else 2
-    num_seqs = max(1, min(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, num_blocks // min_blocks))
-    slots = (num_blocks // num_seqs) * block_size
-    room = min(slots, scheduler.max_model_len)
-    prompt_len = max(1, min(scheduler.max_num_batched_tokens // num_seqs, room - 1))
-    return WarmUpShape(num_seqs, prompt_len, decodes=prompt_len < room)
+    at most ``max_num_seqs`` prompts of two tokens or more (a step of one-token rows would be a
+    decode step), each with room for one more token within ``max_model_len`` and within its share
+    of the KV blocks."""
+    # Three token slots a sequence where possible: two prompt tokens and the decode token.
+    min_blocks = -(-3 // block_size)
+    num_seqs = max(
+        1, min(scheduler.max_num_seqs, scheduler.max_num_batched_tokens // 2, num_blocks // min_blocks)
+    )
+    room = min((num_blocks // num_seqs) * block_size, scheduler.max_model_len)
+    per_seq = room - 1 if room >= 3 else room  # a slot for the decode token only where a prompt keeps two
+    tokens = min(scheduler.max_num_batched_tokens, num_seqs * per_seq)
+    # The tokens the budget leaves over go one each to the first prompts.
+    prompt_lens = tuple(tokens // num_seqs + (i < tokens % num_seqs) for i in range(num_seqs))
+    capacity = min(scheduler.max_num_batched_tokens, scheduler.max_model_len, num_blocks * block_size)
+    return WarmUpShape(
+        prompt_lens=prompt_lens,
+        decodes=max(prompt_lens) < room,
+        short_prompts=tuple(n for n in _SHORT_PROMPT_LENS if n <= capacity),
+        sampling_rows=max(scheduler.max_num_seqs, len(_MIXED_PARAMS)),
+    )
 
 
-def warm_up_requests(shape: WarmUpShape, vocab_size: int) -> list[Request]:
-    """Greedy requests whose prompts spread over the vocabulary (any ids would do)."""
-    requests = []
-    for i in range(shape.num_seqs):
-        prompt = [(i * shape.prompt_len + j) % vocab_size for j in range(shape.prompt_len)]
-        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        requests.append(Request(f"warm-up-{i}", prompt, params, frozenset(), 2))
-    return requests
-
-
-def prompt_step(requests: list[Request], block_size: int) -> SchedulerOutput:
-    """Every prompt whole in one step, on consecutive blocks from 0, each sampling its first token;
-    each sequence holds the blocks its decode token needs too."""
+def prompt_step(
+    prompt_lens: tuple[int, ...], decodes: bool, block_size: int, vocab_size: int
+) -> SchedulerOutput:
+    """Greedy requests, one per length, whose prompts run whole in one step on consecutive blocks
+    from 0, each sampling its first token; with ``decodes``, each holds the blocks its decode token
+    needs too. The token ids spread over the vocabulary (any would do)."""
     sequences = []
-    next_block = 0
-    for request in requests:
-        blocks = -(-(request.num_prompt_tokens + 1) // block_size)
+    next_block = first_token = 0
+    for i, length in enumerate(prompt_lens):
+        prompt = [(first_token + j) % vocab_size for j in range(length)]
+        first_token += length
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        request = Request(f"warm-up-{i}", prompt, params, frozenset(), 2)
+        blocks = -(-(length + decodes) // block_size)
         table = list(range(next_block, next_block + blocks))
         next_block += blocks
-        sequences.append(ScheduledSequence(request, request.prompt_token_ids, 0, table, True))
+        sequences.append(ScheduledSequence(request, prompt, 0, table, True))
     return SchedulerOutput(sequences, [])
 
 
@@ -104,23 +132,19 @@ def decode_step(prompts: SchedulerOutput, sampled: Mapping[str, int] | None) -> 
 
 def sampling_mixes(num_rows: int, vocab_size: int) -> list[list[Request]]:
     """Rows for each path of the sampler: all random with a temperature only (the common serving
-    case, the fused race when it is on), then a mix of greedy, top-k, top-p, min-p, seeded and
-    penalised rows, all with log-probabilities."""
+    case, the fused race when it is on), then a mix of greedy, top-k, top-p, min-p, seeded,
+    penalised and biased rows, all with log-probabilities (``num_rows`` must hold one of each)."""
+    if num_rows < len(_MIXED_PARAMS):
+        raise ValueError(f"the mixed pass needs {len(_MIXED_PARAMS)} rows, got {num_rows}")
     temperature = SamplingParams(temperature=0.6, ignore_eos=True)
-    mixed = [
-        SamplingParams(temperature=0.0, logprobs=_WARM_UP_LOGPROBS),
-        SamplingParams(top_k=20, logprobs=_WARM_UP_LOGPROBS),
-        SamplingParams(top_p=0.9, logprobs=_WARM_UP_LOGPROBS),
-        SamplingParams(min_p=0.05, logprobs=_WARM_UP_LOGPROBS),
-        SamplingParams(seed=0, logprobs=_WARM_UP_LOGPROBS),
-        SamplingParams(repetition_penalty=1.1, frequency_penalty=0.5, logprobs=_WARM_UP_LOGPROBS),
-    ]
     prompt = [i % vocab_size for i in range(8)]
 
     def request(i: int, params: SamplingParams) -> Request:
-        return Request(f"warm-up-sample-{i}", prompt, params, frozenset(), 1)
+        made = Request(f"warm-up-sample-{i}", prompt, params, frozenset(), 2)
+        made.output_token_ids.append(1 % vocab_size)  # a penalty counts the output's tokens too
+        return made
 
     return [
         [request(i, temperature) for i in range(num_rows)],
-        [request(i, mixed[i % len(mixed)]) for i in range(num_rows)],
+        [request(i, _MIXED_PARAMS[i % len(_MIXED_PARAMS)]) for i in range(num_rows)],
     ]
