@@ -1072,8 +1072,18 @@ MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
 # Options a CPU engine refuses: the smoke run leaves them out, so their variants run the same code
 # as the default there.
 GPU_ONLY_OPTIONS = ("triton_pdl",)
-# The engine a failed default run falls back to: each GPU-only feature off.
-FALLBACK = {"enforce_eager": True, "async_scheduling": False, "warm_up": False}
+# The engine a failed default run falls back to: each GPU-only feature off, those a device call's
+# figures switched on in GPU_DEFAULTS (config.py) too.
+FALLBACK = {
+    "enforce_eager": True,
+    "async_scheduling": False,
+    "warm_up": False,
+    "triton_fused_linear": False,
+    "triton_tiled_linear": False,
+    "triton_decode_rotary": False,
+    "triton_sampling": False,
+    "triton_pdl": False,
+}
 
 
 # Seconds after which a GPU run starts no new part, unless --budget-s says otherwise.

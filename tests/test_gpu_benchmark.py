@@ -483,6 +483,9 @@ def test_every_variant_is_planned_with_options_an_engine_takes(tmp_path, tiny_ll
     steps = gpu.planned_steps(runs)
     planned = {s.args[0] for s in steps if isinstance(s, functools.partial) and s.func.__name__ == "variant"}
     assert planned == set(gpu.VARIANTS)
+    from inferd.config import GPU_DEFAULTS
+
+    assert all(gpu.FALLBACK.get(feature) is False for feature in GPU_DEFAULTS)
     for options in [*gpu.VARIANTS.values(), gpu.FALLBACK]:
         on_cpu = {k: v for k, v in options.items() if k not in gpu.GPU_ONLY_OPTIONS}
         build_engine_config(tiny_llama, **{"device": "cpu", "attention_backend": "triton", "triton_ops": True,

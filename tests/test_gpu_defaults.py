@@ -25,9 +25,10 @@ def all_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pdl, "unsupported_reason", lambda device: None)
 
 
-def test_every_feature_is_off_until_measured(tiny_llama) -> None:
-    assert not any(config_module.GPU_DEFAULTS.values())
-    assert not any(uses(tiny_llama, device="cuda").values())
+def test_unset_features_follow_the_table_on_a_gpu_and_stay_off_on_the_cpu(tiny_llama, monkeypatch) -> None:
+    pdl = pytest.importorskip("inferd.layers.triton_pdl")
+    monkeypatch.setattr(pdl, "unsupported_reason", lambda device: None)  # a Hopper card
+    assert uses(tiny_llama, device="cuda") == config_module.GPU_DEFAULTS
     assert not any(uses(tiny_llama, device="cpu").values())
 
 
@@ -53,6 +54,14 @@ def test_a_default_stays_off_where_its_needs_are_not_met(tiny_llama, all_on_a_gp
     pdl = pytest.importorskip("inferd.layers.triton_pdl")
     monkeypatch.setattr(pdl, "unsupported_reason", lambda device: "compute capability 8.0")
     assert not uses(tiny_llama, device="cuda")["triton_pdl"]  # an older GPU starts without it
+
+
+def test_pdl_on_by_default_asks_no_absent_gpu_for_its_capability(tiny_llama, monkeypatch) -> None:
+    """A config for ``cuda`` resolved where no GPU is (a CPU test, a host building configs)."""
+    monkeypatch.setattr(config_module, "GPU_DEFAULTS", {**config_module.GPU_DEFAULTS, "triton_pdl": True})
+    pytest.importorskip("inferd.layers.triton_pdl")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert not uses(tiny_llama, device="cuda")["triton_pdl"]
 
 
 def test_asking_for_a_feature_whose_needs_are_not_met_is_an_error(tiny_llama) -> None:

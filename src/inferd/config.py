@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from inferd.attention.registry import resolve_backend_name
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -226,10 +228,10 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # Ranks the model is split over (worker/tensor_parallel.py); 1: the whole model in this process.
     tensor_parallel_size: int = 1
-    # Run the largest step the budgets allow, a decode step and each sampling path once at start-up,
-    # before any request (worker/warm_up.py); None: on a GPU only, where first runs cost (compiles,
-    # allocator growth, lazy kernel loading) and where a step too large for the memory beside the
-    # KV cache should fail at start-up, not under load.
+    # Run the largest step the budgets allow, a decode step, a few short prompt steps and each
+    # sampling path once at start-up, before any request (worker/warm_up.py); None: on a GPU only,
+    # where first runs cost (compiles, allocator growth, lazy kernel loading) and where a step too
+    # large for the memory beside the KV cache should fail at start-up, not under load.
     warm_up: bool | None = None
 
     @property
@@ -258,15 +260,13 @@ class EngineConfig:
     def uses_triton_tiled_linear(self) -> bool:
         if self.triton_tiled_linear is not None:
             return self.triton_tiled_linear
-        # Turning the Triton ops off turns off every Triton kernel that is not asked for by name.
+        # Turning the Triton ops off turns off every Triton kernel of the forward pass not asked for by name.
         return self._on_gpu_by_default("triton_tiled_linear") and self.uses_triton_ops
 
     @property
     def uses_triton_decode_rotary(self) -> bool:
         if self.triton_decode_rotary is not None:
             return self.triton_decode_rotary
-        from inferd.attention.registry import resolve_backend_name
-
         return (self._on_gpu_by_default("triton_decode_rotary") and self.uses_triton_ops
                 and resolve_backend_name(self.attention_backend, self.device) == "triton")  # fmt: skip
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from inferd.config import GPU_DEFAULTS
+
 # Flag destinations that map one to one onto engine keyword options.
 _DIRECT_OPTIONS = (
     "dtype",
@@ -17,6 +19,13 @@ _DIRECT_OPTIONS = (
     "attention_backend",
     "tensor_parallel_size",
 )
+
+
+def _default_on_a_gpu(feature: str) -> str:
+    """The help's default for a speed feature that stays off until a GPU run measures it."""
+    if GPU_DEFAULTS[feature]:
+        return " (default: on for CUDA, where its kernels can run)"
+    return " (default: off until a GPU run measures it)"
 
 
 def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> None:
@@ -54,36 +63,38 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         "--triton-fused-linear",
         action=argparse.BooleanOptionalAction,
         help="that matmul also applies the norm before a projection and SiLU-and-mul before the down "
-        "projection (default: off)",
+        "projection" + _default_on_a_gpu("triton_fused_linear"),
     )
     group.add_argument(
         "--triton-tiled-linear",
         action=argparse.BooleanOptionalAction,
-        help="a Triton tensor-core matmul for wide projections of steps of up to 256 rows (default: off)",
+        help="a Triton tensor-core matmul for wide projections of steps of up to 256 rows"
+        + _default_on_a_gpu("triton_tiled_linear"),
     )
     group.add_argument(
         "--triton-decode-rotary",
         action=argparse.BooleanOptionalAction,
         help="decode attention applies the rotary and q/k norms and stores the new K/V itself, one launch "
-        "a layer fewer (default: off)",
+        "a layer fewer" + _default_on_a_gpu("triton_decode_rotary"),
     )
     group.add_argument(
         "--triton-pdl",
         action=argparse.BooleanOptionalAction,
         help="launch the Triton kernels of the forward pass with programmatic dependent launch, each during "
-        "the last one's tail (Hopper GPUs and later; default: off)",
+        "the last one's tail, on Hopper GPUs and later" + _default_on_a_gpu("triton_pdl"),
     )
     group.add_argument(
         "--triton-sampling",
         action=argparse.BooleanOptionalAction,
         help="random rows that only scale by a temperature are drawn by one fused Triton pass over the "
-        "logits (default: off)",
+        "logits" + _default_on_a_gpu("triton_sampling"),
     )
     group.add_argument(
         "--warm-up",
         action=argparse.BooleanOptionalAction,
-        help="run the largest step, a decode step and each sampling path once before serving, so the first "
-        "requests pay no compiles and a step too large for memory fails at start-up (default: on for CUDA)",
+        help="run the largest step, a decode step, short prompt steps and each sampling path once before "
+        "serving, so the first requests pay no compiles and a step too large for memory fails at start-up "
+        "(default: on for CUDA)",
     )
     group.add_argument(
         "--tensor-parallel-size",

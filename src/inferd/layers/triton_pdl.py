@@ -84,6 +84,8 @@ def unsupported_reason(device: torch.device) -> str | None:
         return f"Triton {triton.__version__} has no grid dependency control"
     if device.type != "cuda":
         return f"programmatic dependent launch needs a CUDA GPU, not {device.type}"
+    if not torch.cuda.is_available():
+        return "programmatic dependent launch needs a CUDA GPU, and none is available"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 9:
         return f"programmatic dependent launch needs compute capability 9.0 or later, not {major}.{minor}"
