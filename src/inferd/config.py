@@ -203,8 +203,8 @@ class EngineConfig:
     # The skinny Triton matmul for projections of one or two rows (decode steps of one or two
     # sequences, layers/triton_linear.py); None: wherever triton_ops is on.
     triton_linear: bool | None = None
-    # The next five: None means GPU_DEFAULTS on a GPU (where their kernels' needs are met), off
-    # elsewhere; each is off by default until a GPU run measures it.
+    # The next five are speed features: None means their GPU_DEFAULTS entry on a GPU (where their
+    # kernels' needs are met) and off elsewhere.
     # Where that matmul runs, it also makes its input: the RMSNorm (and residual add) before the
     # q|k|v and gate|up projections, SiLU-and-mul before the down one; needs triton_linear.
     triton_fused_linear: bool | None = None
