@@ -1723,10 +1723,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def print_summary(results: dict[str, Any]) -> None:
+    """The figures against the default; ``results`` may be partial (``<out>.partial.json``, from a
+    run that ran out of time), so any part may be missing."""
     for lost in results.get("device_lost_in", []):
         print(f"device lost in {lost['step']}: {lost['error']}")
-    ours = results["qwen3_0.6b"]["nano_vllm_workload"]["inferd"]
-    peer = results["qwen3_0.6b"]["nano_vllm_workload"]["transformers"]
+    workload = results.get("qwen3_0.6b", {}).get("nano_vllm_workload", {})
+    ours, peer = workload.get("inferd"), workload.get("transformers", {})
     if isinstance(ours, dict) and "output_tok_s" in ours:
         versus = (
             f", {ours['ratio_to_transformers']:.1f}x transformers ({peer['output_tok_s']:,.0f} tok/s, "
@@ -1752,15 +1754,16 @@ def print_summary(results: dict[str, Any]) -> None:
     else:
         print("nano-vllm workload: not measured (failed or out of time; see the JSON)")
     default_workload = ours.get("output_tok_s") if isinstance(ours, dict) else None
-    for variant, entry in results["qwen3_0.6b"]["variants"].items():
+    for variant, entry in results.get("qwen3_0.6b", {}).get("variants", {}).items():
         other = entry.get("nano_vllm_inferd")
         if isinstance(other, dict) and "output_tok_s" in other:
             print(f"nano-vllm workload, {variant}: {other['output_tok_s']:,.0f} output tok/s"
                   f"{_against(other['output_tok_s'], default_workload)}{_agreement_note(entry)}")  # fmt: skip
     for name in ("qwen3_0.6b", "llama_3.1_8b"):
-        default_b1 = results[name]["variants"].get("default", {}).get("batch1_decode")
+        variants = results.get(name, {}).get("variants", {})
+        default_b1 = variants.get("default", {}).get("batch1_decode")
         default_rate = default_b1.get("decode_tok_s") if isinstance(default_b1, dict) else None
-        for variant, entry in results[name]["variants"].items():
+        for variant, entry in variants.items():
             b1 = entry.get("batch1_decode")
             if isinstance(b1, dict) and "decode_tok_s" in b1:
                 engine = f" [{b1['engine']}]" if "engine" in b1 else ""

@@ -490,3 +490,25 @@ def test_every_variant_is_planned_with_options_an_engine_takes(tmp_path, tiny_ll
         on_cpu = {k: v for k, v in options.items() if k not in gpu.GPU_ONLY_OPTIONS}
         build_engine_config(tiny_llama, **{"device": "cpu", "attention_backend": "triton", "triton_ops": True,
                                            **on_cpu})  # fmt: skip
+
+
+def test_a_partial_results_file_is_summarized(tmp_path, capsys) -> None:
+    """A run ended by its time limit leaves only ``<out>.partial.json``: parts may be missing."""
+    import gpu_summary
+
+    def batch1(rate: float) -> dict[str, float]:
+        return {"decode_tok_s": rate, "fraction_of_floor": rate / 3200, "floor_tok_s": 3200.0}
+
+    partial = {
+        "qwen3_0.6b": {"variants": {"default": {"batch1_decode": batch1(800.0)},
+                                    "pdl": {"batch1_decode": batch1(900.0)}}},
+        "device_lost_in": [{"step": "qwen3_0.6b variant tiled_linear", "error": "illegal address"}],
+    }  # fmt: skip
+    path = tmp_path / "h200.partial.json"
+    path.write_text(json.dumps(partial))
+    assert gpu_summary.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "device lost in qwen3_0.6b variant tiled_linear: illegal address" in out
+    assert "nano-vllm workload: not measured" in out
+    expected = "pdl: 900 tok/s, 28.1% of the 3,200 floor (+12.5% against the default)"
+    assert expected in out
