@@ -57,6 +57,7 @@ def shape(
         # No room for a prompt of two tokens and a decode token: one token, no decode step.
         (scheduler(4, 8192, 1), 10_000, 16, shape(4, 1, False, 7, ())),
         (scheduler(4, 8192, 4096), 1, 1, shape(1, 1, False, 7, ())),
+        (scheduler(4, 8192, 1), 10_000, 1, shape(4, 1, False, 7, ())),
     ],
 )
 def test_the_warm_up_step_is_the_largest_within_every_budget(
