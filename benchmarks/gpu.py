@@ -1072,18 +1072,16 @@ MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
 # Options a CPU engine refuses: the smoke run leaves them out, so their variants run the same code
 # as the default there.
 GPU_ONLY_OPTIONS = ("triton_pdl",)
-# The engine a failed default run falls back to: each GPU-only feature off, those a device call's
-# figures switched on in GPU_DEFAULTS (config.py) too.
-FALLBACK = {
-    "enforce_eager": True,
-    "async_scheduling": False,
-    "warm_up": False,
-    "triton_fused_linear": False,
-    "triton_tiled_linear": False,
-    "triton_decode_rotary": False,
-    "triton_sampling": False,
-    "triton_pdl": False,
-}
+# The engine a failed default run falls back to: each GPU-only feature off (``fallback_options``
+# adds those a device call's figures switched on in GPU_DEFAULTS).
+FALLBACK = {"enforce_eager": True, "async_scheduling": False, "warm_up": False}
+
+
+def fallback_options() -> dict[str, Any]:
+    """``FALLBACK`` with every feature of ``GPU_DEFAULTS`` off."""
+    from inferd.config import GPU_DEFAULTS
+
+    return {**FALLBACK, **dict.fromkeys(GPU_DEFAULTS, False)}
 
 
 # Seconds after which a GPU run starts no new part, unless --budget-s says otherwise.
@@ -1287,7 +1285,7 @@ class ShapeRun:
             # Without the workload figure the call is wasted: once more on the plainest engine, marked.
             if "error" in home.get("nano_vllm_inferd", {}):
                 entry["workload_error"] = home.pop("nano_vllm_inferd")
-            plain = {**options, **FALLBACK}
+            plain = {**options, **fallback_options()}
             self._measure(
                 entry, "fallback_startup", plain, workload, profile, home, label="eager sync fallback"
             )

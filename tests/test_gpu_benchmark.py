@@ -474,7 +474,7 @@ def test_steps_are_named_by_shape_and_part(tmp_path) -> None:
 
 def test_every_variant_is_planned_with_options_an_engine_takes(tmp_path, tiny_llama) -> None:
     """A variant left out of the plan is never measured; one whose options an engine refuses
-    fails its part of the device call (and a misspelt option would make FALLBACK fail too)."""
+    fails its part of the device call (and a misspelt option would make the fallback fail too)."""
     from inferd.engine.builder import build_engine_config
 
     args = gpu.parse_args(["--smoke", "--out", str(tmp_path / "run.json")])
@@ -483,10 +483,7 @@ def test_every_variant_is_planned_with_options_an_engine_takes(tmp_path, tiny_ll
     steps = gpu.planned_steps(runs)
     planned = {s.args[0] for s in steps if isinstance(s, functools.partial) and s.func.__name__ == "variant"}
     assert planned == set(gpu.VARIANTS)
-    from inferd.config import GPU_DEFAULTS
-
-    assert all(gpu.FALLBACK.get(feature) is False for feature in GPU_DEFAULTS)
-    for options in [*gpu.VARIANTS.values(), gpu.FALLBACK]:
+    for options in [*gpu.VARIANTS.values(), gpu.fallback_options()]:
         on_cpu = {k: v for k, v in options.items() if k not in gpu.GPU_ONLY_OPTIONS}
         build_engine_config(tiny_llama, **{"device": "cpu", "attention_backend": "triton", "triton_ops": True,
                                            **on_cpu})  # fmt: skip
