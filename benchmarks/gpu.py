@@ -1409,10 +1409,10 @@ class ShapeRun:
         self.result["nano_vllm_workload"] = {"inferd": ours, "transformers": peer}
 
 
-def write_partial(args: argparse.Namespace, runs: dict[str, ShapeRun], lost: list[dict[str, str]]) -> None:
-    """What is known so far, in case the call runs out of time before the end."""
+def write_partial(args: argparse.Namespace, checkpoint: Checkpoint) -> None:
+    """What is known so far (the checkpoint's results), in case the call runs out of time."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = {**{name: run.result for name, run in runs.items()}, "device_lost_in": lost}
+    partial = {**checkpoint.results, "device_lost_in": checkpoint.lost}
     args.out.with_suffix(".partial.json").write_text(json.dumps(partial, indent=2, default=str))
 
 
@@ -1558,7 +1558,7 @@ def run_all(args: argparse.Namespace, plan: Plan, runs: dict[str, ShapeRun], che
         checkpoint.capture(runs)
         checkpoint.next_step, checkpoint.running = index + 1, None
         checkpoint.save(path)
-        write_partial(args, runs, checkpoint.lost)
+        write_partial(args, checkpoint)
         if lost:
             print(f"the device was lost in {checkpoint.lost[-1]['step']}", flush=True)
             return False
