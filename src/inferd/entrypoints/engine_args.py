@@ -28,6 +28,30 @@ def _default_on_a_gpu(feature: str) -> str:
     return " (default: off until a GPU run measures it)"
 
 
+# On/off engine options, each a --name / --no-name flag (unset: the engine's default), with its help.
+_SWITCHES = {
+    "async_scheduling": "launch each step before reading the last one's tokens, overlapping host and device "
+    "work (default: on for CUDA, off on the CPU)",
+    "triton_ops": "Triton kernels for RMSNorm (+ residual add), rotary with the KV store, SiLU-and-mul "
+    "(default: on for CUDA)",
+    "triton_linear": "the Triton matmul for projections of decode steps of one or two sequences "
+    "(default: wherever --triton-ops is on)",
+    "triton_fused_linear": "that matmul also applies the norm before a projection and SiLU-and-mul before "
+    "the down projection" + _default_on_a_gpu("triton_fused_linear"),
+    "triton_tiled_linear": "a Triton tensor-core matmul for wide projections of steps of up to 256 rows"
+    + _default_on_a_gpu("triton_tiled_linear"),
+    "triton_decode_rotary": "decode attention applies the rotary and q/k norms and stores the new K/V "
+    "itself, one launch a layer fewer" + _default_on_a_gpu("triton_decode_rotary"),
+    "triton_pdl": "launch the Triton kernels of the forward pass with programmatic dependent launch, each "
+    "during the last one's tail, on Hopper GPUs and later" + _default_on_a_gpu("triton_pdl"),
+    "triton_sampling": "random rows that only scale by a temperature are drawn by one fused Triton pass "
+    "over the logits" + _default_on_a_gpu("triton_sampling"),
+    "warm_up": "run the largest step, a decode step, short prompt steps and each sampling path once "
+    "before serving, so the first requests pay no compiles and a step too large for memory fails at "
+    "start-up (default: on for CUDA)",
+}
+
+
 def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> None:
     """``seed_flag=False`` leaves ``--seed`` to a command that uses it for something else."""
     group = parser.add_argument_group("engine (unset: the engine's defaults)")
@@ -41,61 +65,9 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
     group.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
     group.add_argument("--attention-backend", choices=["auto", "torch", "triton"], help="attention kernels")
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    group.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        help="launch each step before reading the last one's tokens, overlapping host and device work "
-        "(default: on for CUDA, off on the CPU)",
-    )
-    group.add_argument(
-        "--triton-ops",
-        action=argparse.BooleanOptionalAction,
-        help="Triton kernels for RMSNorm (+ residual add), rotary with the KV store, SiLU-and-mul "
-        "(default: on for CUDA)",
-    )
-    group.add_argument(
-        "--triton-linear",
-        action=argparse.BooleanOptionalAction,
-        help="the Triton matmul for projections of decode steps of one or two sequences "
-        "(default: wherever --triton-ops is on)",
-    )
-    group.add_argument(
-        "--triton-fused-linear",
-        action=argparse.BooleanOptionalAction,
-        help="that matmul also applies the norm before a projection and SiLU-and-mul before the down "
-        "projection" + _default_on_a_gpu("triton_fused_linear"),
-    )
-    group.add_argument(
-        "--triton-tiled-linear",
-        action=argparse.BooleanOptionalAction,
-        help="a Triton tensor-core matmul for wide projections of steps of up to 256 rows"
-        + _default_on_a_gpu("triton_tiled_linear"),
-    )
-    group.add_argument(
-        "--triton-decode-rotary",
-        action=argparse.BooleanOptionalAction,
-        help="decode attention applies the rotary and q/k norms and stores the new K/V itself, one launch "
-        "a layer fewer" + _default_on_a_gpu("triton_decode_rotary"),
-    )
-    group.add_argument(
-        "--triton-pdl",
-        action=argparse.BooleanOptionalAction,
-        help="launch the Triton kernels of the forward pass with programmatic dependent launch, each during "
-        "the last one's tail, on Hopper GPUs and later" + _default_on_a_gpu("triton_pdl"),
-    )
-    group.add_argument(
-        "--triton-sampling",
-        action=argparse.BooleanOptionalAction,
-        help="random rows that only scale by a temperature are drawn by one fused Triton pass over the "
-        "logits" + _default_on_a_gpu("triton_sampling"),
-    )
-    group.add_argument(
-        "--warm-up",
-        action=argparse.BooleanOptionalAction,
-        help="run the largest step, a decode step, short prompt steps and each sampling path once before "
-        "serving, so the first requests pay no compiles and a step too large for memory fails at start-up "
-        "(default: on for CUDA)",
-    )
+    for option, help_text in _SWITCHES.items():
+        flag = "--" + option.replace("_", "-")
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
     group.add_argument(
         "--tensor-parallel-size",
         "-tp",
@@ -113,17 +85,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["seed"] = args.engine_seed
     if args.enforce_eager:
         options["enforce_eager"] = True
-    for switch in (
-        "async_scheduling",
-        "triton_ops",
-        "triton_linear",
-        "triton_fused_linear",
-        "triton_tiled_linear",
-        "triton_decode_rotary",
-        "triton_pdl",
-        "triton_sampling",
-        "warm_up",
-    ):
+    for switch in _SWITCHES:
         if getattr(args, switch) is not None:
             options[switch] = getattr(args, switch)
     if args.no_prefix_caching:
