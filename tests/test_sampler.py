@@ -24,6 +24,20 @@ def test_greedy_picks_argmax() -> None:
     assert result.token_ids == [1]
 
 
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 9e-6])
+def test_a_tiny_positive_temperature_is_greedy(temperature: float) -> None:
+    # Dividing by it would overflow float32 logits to inf, and their softmax to NaN.
+    logits = _logits([0.0, 3.0, 1.0], [-2.0, 4.0, 5.0])
+    reqs = [_req(SamplingParams(temperature=temperature)) for _ in range(2)]
+    assert Sampler()(logits, reqs).token_ids == [1, 2]
+
+
+def test_seeds_of_the_whole_64_bit_range_draw() -> None:
+    logits = torch.randn(3, 50)
+    reqs = [_req(SamplingParams(seed=s)) for s in (2**64 - 1, -(2**63), 0)]
+    assert len(Sampler()(logits, reqs).token_ids) == 3
+
+
 def test_top_k_one_is_greedy_even_at_high_temperature() -> None:
     reqs = [_req(SamplingParams(temperature=5.0, top_k=1)) for _ in range(20)]
     logits = _logits(*[[0.0, 1.0, 0.5, 0.9]] * 20)
@@ -176,6 +190,8 @@ def test_logprobs_of_chosen_and_top_n() -> None:
         ({"logprobs": 50}, "logprobs"),
         ({"stop": [""]}, "stop"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
     ],
 )
 def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:

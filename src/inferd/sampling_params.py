@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Seeds a torch generator takes: a signed or unsigned 64-bit integer (negative ones wrap).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# Temperatures below this are greedy: dividing logits by them overflows float32 (as in vLLM).
+GREEDY_TEMPERATURE = 1e-5
+
 
 class SamplingParamsError(ValueError):
     """A sampling field is out of range; `field` names it for protocol error messages."""
@@ -17,7 +22,8 @@ class SamplingParamsError(ValueError):
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    ``temperature == 0`` means greedy. ``top_k <= 0`` and ``top_p == 1`` disable those filters.
+    ``temperature`` below `GREEDY_TEMPERATURE` (0 included) means greedy. ``top_k <= 0`` and
+    ``top_p == 1`` disable those filters.
     ``max_tokens=None`` means "whatever is left of the context".
     """
 
@@ -55,6 +61,8 @@ class SamplingParams:
             )
         if not 0.0 <= self.temperature <= 100.0:
             raise SamplingParamsError("temperature", f"must be in [0, 100], got {self.temperature}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise SamplingParamsError("seed", f"must be a 64-bit integer, got {self.seed}")
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingParamsError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
@@ -81,7 +89,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def max_stop_len(self) -> int:

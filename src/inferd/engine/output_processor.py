@@ -36,6 +36,8 @@ class _RequestState:
     sent_tokens: int = 0
     sent_logprobs: int = 0
     stopped_by_string: bool = False
+    # The core ended the request on an EOS or stop token id, whose text stays out of the output.
+    stop_token_dropped: bool = False
     # Only the final output is wanted and no stop string needs the text on the way: the text is
     # decoded once at the end and nothing is emitted before (the offline API's requests).
     final_only: bool = False
@@ -93,10 +95,15 @@ class OutputProcessor:
     ) -> RequestOutput | None:
         finish_reason = core_out.finish_reason
         if core_out.new_token_id is not None:
+            # A token that ends the request in the core (EOS, a stop token id) adds no text unless
+            # the caller asked for stop text, as a stop string's own text does not (as in vLLM).
+            state.stop_token_dropped = finish_reason == "stop" and not state.params.include_stop_str_in_output
             self._add_token(state, core_out, now)
-            if finish_reason is None and self._hit_stop_string(state):
+            # A stop string completed by the last token the budget allows still makes it a stop.
+            if finish_reason in (None, "length") and self._hit_stop_string(state):
+                if finish_reason is None:
+                    stopped.append(state.request_id)
                 finish_reason = "stop"
-                stopped.append(state.request_id)
         if state.final_only and finish_reason is None and core_out.error is None:
             return None
         out = self._emit(state, finish_reason, now)
@@ -121,7 +128,7 @@ class OutputProcessor:
         state.token_ids.append(core_out.new_token_id)
         if core_out.logprobs is not None:
             state.logprobs.append(core_out.logprobs)
-        if not state.final_only:
+        if not state.final_only and not state.stop_token_dropped:
             state.text += state.detokenizer.add(core_out.new_token_id)
 
     def _hit_stop_string(self, state: _RequestState) -> bool:
@@ -144,11 +151,15 @@ class OutputProcessor:
         finished = finish_reason is not None
         if finished:
             if state.final_only:
-                state.text = state.detokenizer.decode_all(state.token_ids)
+                with_text = state.token_ids[:-1] if state.stop_token_dropped else state.token_ids
+                state.text = state.detokenizer.decode_all(with_text)
             elif not state.stopped_by_string:
                 state.text += state.detokenizer.flush()
             state.metrics.finished_time = now
             del self._states[state.request_id]
+            sendable = len(state.text)
+        elif state.params.include_stop_str_in_output:
+            # Text is cut only after a stop string, so nothing sent can have to be retracted.
             sendable = len(state.text)
         else:
             # Hold back a possible stop-string prefix, so streamed text never has to be retracted.
