@@ -129,6 +129,15 @@ def _sse_payloads(response: httpx.Response) -> list[str]:
     return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
 
 
+def test_more_generations_than_the_queue_holds_is_a_400_not_a_429(server: ServerProcess) -> None:
+    # The queue holds 2: three choices could never be queued together, so a retry cannot help.
+    for body in ({**LONG, "max_tokens": 2, "n": 3}, {**LONG, "max_tokens": 2, "prompt": ["a", "b", "c"]}):
+        error = _openai_error(httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=30), 400)
+        assert error["param"] == "n" and "3 generations" in str(error["message"])
+    two = httpx.post(f"{server.base_url}/v1/completions", json={**LONG, "max_tokens": 2, "n": 2}, timeout=30)
+    assert two.status_code == 200 and len(two.json()["choices"]) == 2
+
+
 def test_timeouts_in_each_protocol_abort_the_request_and_count(server: ServerProcess) -> None:
     url = server.base_url
     before = server.metrics()["inferd:requests_timed_out_total"]
@@ -166,6 +175,10 @@ def test_max_tokens_cap_refuses_more_and_bounds_the_default(server: ServerProces
     assert _openai_error(over, 400)["param"] == "max_tokens"
     tgi = {"inputs": "To be", "parameters": {"max_new_tokens": MAX_TOKENS_CAP + 1}}
     assert "max_new_tokens" in _tgi_error(httpx.post(f"{url}/generate", json=tgi), 422)["error"]
+    newer = _chat(max_completion_tokens=MAX_TOKENS_CAP + 1)
+    assert _openai_error(httpx.post(f"{url}/v1/chat/completions", json=newer), 400)["param"] == (
+        "max_completion_tokens"
+    )
     # No max_tokens: the rest of the context (about 500 tokens here), capped by the server.
     answer = httpx.post(f"{url}/v1/chat/completions", json=_chat(ignore_eos=True), timeout=60).json()
     assert answer["usage"]["completion_tokens"] == MAX_TOKENS_CAP

@@ -82,6 +82,16 @@ def test_n_samples_use_consecutive_seeds(client: openai.OpenAI) -> None:
     assert pair.choices[0].text != pair.choices[1].text
 
 
+def test_seeds_outside_64_bits_are_400_and_fan_out_wraps(client: openai.OpenAI) -> None:
+    kwargs = {"model": "tiny", "prompt": "The quick", "max_tokens": 6, "temperature": 1.0}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(seed=2**64, **kwargs)
+    assert caught.value.body["param"] == "seed"  # type: ignore[index]
+    # The second sample's seed, 2**64, wraps to 0 instead of failing the engine step.
+    pair = client.completions.create(n=2, seed=2**64 - 1, **kwargs)
+    assert pair.choices[1].text == client.completions.create(seed=0, **kwargs).choices[0].text
+
+
 def test_streamed_chunks_never_split_a_multibyte_character(client: openai.OpenAI) -> None:
     kwargs = {
         "model": "tiny",
@@ -119,6 +129,23 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert all(len(top) <= 3 for top in logprobs.top_logprobs)
     # Greedy picks the most likely token, so it heads its own top list.
     assert logprobs.token_logprobs == pytest.approx([max(top.values()) for top in logprobs.top_logprobs])
+
+
+def test_completion_top_logprobs_always_hold_the_sampled_token(client: openai.OpenAI) -> None:
+    # At a high temperature most sampled tokens are outside the top one.
+    result = client.completions.create(
+        model="tiny", prompt="To be", max_tokens=12, logprobs=1, temperature=2.0, seed=3
+    )
+    logprobs = result.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens and logprobs.top_logprobs and logprobs.token_logprobs
+    for token, logprob, top in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
+    ):
+        assert token in top
+        if "\ufffd" not in token:  # pieces of characters may share their text with another token
+            assert top[token] == pytest.approx(logprob)
+        assert len(top) <= 2
+    assert any(len(top) == 2 for top in logprobs.top_logprobs)
 
 
 def test_chat_completion_and_its_stream(client: openai.OpenAI) -> None:

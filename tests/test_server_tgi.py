@@ -63,8 +63,37 @@ def test_stop_sequence(client: InferenceClient) -> None:
     result = client.text_generation(
         "To be", max_new_tokens=30, do_sample=True, seed=9, stop=[stop], details=True
     )
-    assert result.generated_text == free[: free.index(stop)]
+    # As in TGI, the text ends with the stop sequence that ended it.
+    assert result.generated_text == free[: free.index(stop) + len(stop)]
     assert result.details is not None and result.details.finish_reason == "stop_sequence"
+    # Each streamed token carries its own text, not text held back from the tokens before it.
+    events = list(
+        client.text_generation(
+            "To be", max_new_tokens=30, do_sample=True, seed=9, stop=[stop], stream=True, details=True
+        )
+    )
+    assert "".join(event.token.text for event in events) == result.generated_text
+
+
+def test_neutral_sampling_settings_stay_greedy(client: InferenceClient) -> None:
+    greedy = client.text_generation("Whether", max_new_tokens=12)
+    for kwargs in ({"temperature": 1.0}, {"top_p": 1.0}, {"temperature": 1.0, "top_p": 1.0}):
+        result = client.text_generation("Whether", max_new_tokens=12, details=True, **kwargs)  # type: ignore[call-overload]
+        assert result.generated_text == greedy, kwargs
+        assert result.details is not None and result.details.seed is None
+
+
+def test_the_implicit_max_new_tokens_is_capped_not_refused(tiny_llama) -> None:
+    with run_server(tiny_llama, "--kv-cache-memory", "8MiB", "--max-tokens-cap", "5") as capped:
+        response = httpx.post(
+            f"{capped.base_url}/generate", json={"inputs": "To be", "parameters": {"details": True}}
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["details"]["generated_tokens"] <= 5
+        asked = httpx.post(
+            f"{capped.base_url}/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 6}}
+        )
+        assert asked.status_code == 422 and "max_new_tokens" in asked.json()["error"]
 
 
 def test_return_full_text_and_generate_route(server: ServerProcess) -> None:

@@ -103,6 +103,14 @@ class Frontend:
     def check_ready(self, prompts: Sequence[list[int]], n: int = 1) -> None:
         """Before a response starts: the engine runs, no drain, and the queue has room for these."""
         self.check_alive()
+        max_requests = self.llm.admission.limits.max_requests
+        if max_requests is not None and len(prompts) * n > max_requests:
+            # Its engine requests could never all be queued at once, so a retry would not help.
+            raise InvalidRequestError(
+                f"this request makes {len(prompts) * n} generations (prompts x n), more than the "
+                f"{max_requests} this server queues at once",
+                field="n",
+            )
         try:
             self.llm.admission.check(len(prompts) * n, sum(len(p) for p in prompts) * n)
         except EngineOverloadedError as exc:
@@ -193,7 +201,8 @@ class Frontend:
                 index = prompt_index * n + sample
                 sample_params = params
                 if params.seed is not None and sample:
-                    sample_params = dataclasses.replace(params, seed=params.seed + sample)
+                    # Wrapped into the 64-bit range a generator takes (the same seed to it).
+                    sample_params = dataclasses.replace(params, seed=(params.seed + sample) % 2**64)
                 engine_id = f"{request_id}-{index}"
                 streams.append(self._tracked(index, engine_id, token_ids, sample_params, deadline))
         if len(streams) == 1:

@@ -70,9 +70,13 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         raise InvalidRequestError("response_format: only {'type': 'text'} is supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
-    max_tokens = body.max_completion_tokens or body.max_tokens
+    field_names = {"logprobs": "top_logprobs"}
+    max_tokens = body.max_tokens
+    if body.max_completion_tokens is not None:  # the newer name wins, and errors name it
+        max_tokens = body.max_completion_tokens
+        field_names["max_tokens"] = "max_completion_tokens"
     engine_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(frontend, body, max_tokens, engine_logprobs)
+    params = sampling_params(frontend, body, max_tokens, engine_logprobs, field_names)
     prompt = frontend.render_chat(template_messages(body.messages))
     return ChatJob(
         request_id=frontend.new_request_id("chatcmpl"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Literal
 
 from starlette.responses import JSONResponse
@@ -47,9 +48,15 @@ def error_event_payload(error: ApiError) -> str:
 
 
 def sampling_params(
-    frontend: Frontend, body: SamplingExtras, max_tokens: int | None, logprobs: int | None
+    frontend: Frontend,
+    body: SamplingExtras,
+    max_tokens: int | None,
+    logprobs: int | None,
+    field_names: Mapping[str, str] | None = None,
 ) -> SamplingParams:
+    """`field_names` maps a SamplingParams field to the body's, for errors that name it."""
     return frontend.sampling_params(
+        field_names,
         max_tokens=max_tokens,
         min_tokens=body.min_tokens,
         temperature=body.temperature,

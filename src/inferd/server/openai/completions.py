@@ -183,7 +183,8 @@ def _logprobs(
         result.text_offset.append(state.text_offset)
         state.text_offset += len(token)
         if result.top_logprobs is not None:
-            result.top_logprobs.append(
-                {tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in entry.top}
-            )
+            top = {tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in entry.top}
+            # The sampled token is always there, so up to logprobs + 1 entries (OpenAI's reference).
+            top.setdefault(token, entry.logprob)
+            result.top_logprobs.append(top)
     return result

@@ -71,9 +71,12 @@ class TgiJob:
 def prepare_generate(frontend: Frontend, body: GenerateRequest) -> TgiJob:
     p = body.parameters
     _refuse_unsupported(p)
+    max_tokens, cap = p.max_new_tokens, frontend.max_tokens_cap
+    if "max_new_tokens" not in p.model_fields_set and max_tokens is not None and cap is not None:
+        max_tokens = min(max_tokens, cap)  # TGI's implicit default, not the client's ask: capped
     params = frontend.sampling_params(
         field_names={"max_tokens": "max_new_tokens", "logprobs": "top_n_tokens"},
-        max_tokens=p.max_new_tokens,
+        max_tokens=max_tokens,
         temperature=(p.temperature or 1.0) if p.sampling else 0.0,
         top_k=p.top_k or 0,
         top_p=p.top_p or 1.0,
@@ -82,6 +85,8 @@ def prepare_generate(frontend: Frontend, body: GenerateRequest) -> TgiJob:
         # TGI reports the seed of a sampled answer, so pick one when the client did not.
         seed=p.seed if p.seed is not None or not p.sampling else random.getrandbits(63),
         stop=p.stop,
+        # TGI's generated text ends with the stop sequence that ended it.
+        include_stop_str_in_output=True,
         # TGI gives every token's logprob; top_n_tokens asks for alternatives as well.
         logprobs=p.top_n_tokens or 0,
     )

@@ -26,7 +26,7 @@ class GenerateParameters(BaseModel):
     max_new_tokens: int | None = Field(100, ge=1)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     return_full_text: bool | None = False
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)  # TGI's seed is a u64
     stop: list[str] = Field(default_factory=list)
     temperature: float | None = Field(None, gt=0.0, le=100.0)
     top_k: int | None = Field(None, gt=0)
@@ -40,8 +40,14 @@ class GenerateParameters(BaseModel):
 
     @property
     def sampling(self) -> bool:
-        """TGI samples when asked to, or when any sampling knob is set; otherwise it is greedy."""
-        return self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
+        """TGI samples when asked to, or when a setting changes the distribution (a temperature
+        other than 1, a top-k, a top-p below 1); otherwise it is greedy."""
+        changes_distribution = (
+            (self.temperature is not None and self.temperature != 1.0)
+            or self.top_k is not None
+            or (self.top_p is not None and self.top_p < 1.0)
+        )
+        return self.do_sample or changes_distribution
 
 
 class GenerateRequest(BaseModel):
