@@ -85,8 +85,11 @@ async def test_max_concurrency_caps_requests_in_flight() -> None:
 async def test_poisson_arrivals_delay_the_sends() -> None:
     with running_stub(StubScript(first_token_s=0.01, inter_token_s=0.01)) as base_url:
         result = await _bench(base_url, _requests(4), request_rate=10.0, seed=3)
-    for record, offset in zip(result.records, arrival_offsets(4, 10.0, 3), strict=True):
+    offsets = arrival_offsets(4, 10.0, 3)
+    for record, offset in zip(result.records, offsets, strict=True):
         assert record.start_s >= offset
+    # The first request goes at once: the duration (first send to last byte) has no idle lead-in.
+    assert offsets[0] == 0.0 and offsets == sorted(set(offsets))
 
 
 async def test_errors_are_counted_by_kind() -> None:

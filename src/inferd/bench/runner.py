@@ -25,8 +25,9 @@ class RunResult:
 def arrival_offsets(num_requests: int, request_rate: float, seed: int) -> list[float]:
     """Seconds from the run's start at which each request is sent.
 
-    A Poisson process at `request_rate` requests/s: exponential gaps, the first one included.
-    With an infinite rate every request is sent at once.
+    A Poisson process at `request_rate` requests/s: the first request at once, then exponential
+    gaps, so the run's duration starts at its first send. With an infinite rate every request is
+    sent at once.
     """
     if request_rate <= 0:
         raise ValueError(f"request rate must be positive, got {request_rate}")
@@ -35,8 +36,8 @@ def arrival_offsets(num_requests: int, request_rate: float, seed: int) -> list[f
     rng = random.Random(seed)
     offsets, elapsed = [], 0.0
     for _ in range(num_requests):
-        elapsed += rng.expovariate(request_rate)
         offsets.append(elapsed)
+        elapsed += rng.expovariate(request_rate)
     return offsets
 
 
