@@ -335,3 +335,65 @@ def test_generate_and_generate_stream(server: LiveServer) -> None:
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]
     not_llm = httpx.post(f"{server.http_url}/v2/models/digits/generate", json={"text_input": "x"})
     assert not_llm.status_code == 400
+
+
+def test_llm_text_input_is_checked_like_any_model_input(server: LiveServer, grpc_client: Any) -> None:
+    not_utf8 = triton_grpc.InferInput("text_input", [1], "BYTES")
+    not_utf8.set_data_from_numpy(np.array([b"\xff\xfe bad"], dtype=object))
+    assert _grpc_error(lambda: grpc_client.infer("echo_llm", [not_utf8])) == "StatusCode.INVALID_ARGUMENT"
+    url = f"{server.http_url}/v2/models/echo_llm/infer"
+    text = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["hello"]}
+    for body, named in (
+        ({"inputs": [text], "outputs": [{"name": "nope"}]}, "nope"),
+        ({"inputs": [text, {"name": "junk", "datatype": "INT32", "shape": [1], "data": [1]}]}, "junk"),
+        ({"inputs": [text], "outputs": [{"name": "text_output", "parameters": {"classification": 1}}]},
+         "classification"),
+    ):  # fmt: skip
+        response = httpx.post(url, json=body, timeout=30)
+        assert response.status_code == 400 and named in response.json()["error"], response.text
+
+
+def test_deeply_nested_json_is_a_400(server: LiveServer) -> None:
+    nested = "[" * 100_000 + "]" * 100_000
+    infer = '{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ' + nested + "}]}"
+    for path, body in (("digits/infer", infer), ("echo_llm/generate", '{"text_input": ' + nested + "}")):
+        response = httpx.post(f"{server.http_url}/v2/models/{path}", content=body, timeout=30)
+        assert response.status_code == 400 and "not valid JSON" in response.json()["error"], response.text
+
+
+def test_unknown_v2_routes_and_methods_answer_in_the_v2_error_shape(server: LiveServer) -> None:
+    missing = httpx.post(f"{server.http_url}/v2/repository/models/digits/load", timeout=30)
+    assert missing.status_code == 404 and "Not Found" in missing.json()["error"]
+    wrong_method = httpx.get(f"{server.http_url}/v2/models/digits/infer", timeout=30)
+    assert wrong_method.status_code == 405 and "Method Not Allowed" in wrong_method.json()["error"]
+    assert wrong_method.headers["allow"] == "POST"
+
+
+def test_grpc_refuses_typed_and_raw_contents_together(server: LiveServer) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb2  # Triton's proto: the same v2 messages
+    from tritonclient.grpc import service_pb2_grpc as pb2_grpc
+
+    image = _digit_images(1).astype(np.float32)
+    request = pb2.ModelInferRequest(model_name="digits")
+    tensor = request.inputs.add(name="image", datatype="FP32", shape=[1, 8, 8])
+    tensor.contents.fp32_contents.extend(image.ravel().tolist())
+    request.raw_input_contents.append(image.tobytes())
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "raw_input_contents" in str(caught.value.details())
+
+
+def test_the_classic_model_launcher_limits_the_body_size(repository: Path) -> None:
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from inferd.server.kserve.launch import build_app
+    from inferd.serving.repository import ModelRepository
+
+    app = build_app(ModelRepository([]), CollectorRegistry(), max_body_bytes=1000)
+    with TestClient(app) as client:
+        response = client.post("/v2/models/digits/infer", content=b"{" + b" " * 2000 + b"}")
+    assert response.status_code == 413 and "error" in response.json()

@@ -215,6 +215,13 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
+def test_unknown_routes_answer_in_the_openai_error_shape(server: ServerProcess) -> None:
+    response = httpx.get(f"{server.base_url}/v1/no-such-route")
+    assert response.status_code == 404 and "Not Found" in response.json()["error"]["message"]
+    wrong_method = httpx.get(f"{server.base_url}/v1/completions")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_bad_field_is_400_naming_it(client: openai.OpenAI) -> None:
     for field, value in (("temperature", 7.0), ("n", 0), ("top_p", 0.0)):
         with pytest.raises(openai.BadRequestError) as caught:

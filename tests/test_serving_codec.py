@@ -60,6 +60,15 @@ def test_bf16_raw_is_upper_half_of_fp32_rounded_to_nearest_even() -> None:
     np.testing.assert_array_equal(array_from_raw("BF16", [1], b"\x40\x40"), np.array([3.0], dtype=np.float32))
 
 
+def test_bf16_raw_keeps_every_nan_a_nan() -> None:
+    # Payloads whose rounding would carry past the exponent (into -0.0 or +0.0) included.
+    bits = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001, 0xFF800001], dtype=np.uint32)
+    decoded = array_from_raw("BF16", [5], array_to_raw("BF16", bits.view(np.float32)))
+    assert np.isnan(decoded).all()
+    signs = array_from_raw("BF16", [2], array_to_raw("BF16", np.array([np.inf, -np.inf], dtype=np.float32)))
+    np.testing.assert_array_equal(signs, np.array([np.inf, -np.inf], dtype=np.float32))
+
+
 def test_bytes_json_and_raw() -> None:
     array = array_from_json("BYTES", [2], ["héllo", ""])
     assert list(array) == ["héllo".encode(), b""]
@@ -94,6 +103,8 @@ def test_invalid_json_data_is_rejected(datatype: str, shape: list[int], data: li
         ("BYTES", [1], b"\x05\x00\x00\x00abc"),
         ("BYTES", [1], b"\x01\x00"),
         ("BYTES", [1], b"\x01\x00\x00\x00ab"),
+        # A shape the 4-byte length prefixes cannot fill: refused before any array is allocated.
+        ("BYTES", [10**12], b"abcd"),
     ],
 )
 def test_invalid_raw_data_is_rejected(datatype: str, shape: list[int], raw: bytes) -> None:

@@ -9,13 +9,14 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from inferd.engine.async_llm import AsyncLLM
 from inferd.server import openai, tgi
 from inferd.server.auth import require_api_key
 from inferd.server.config import ServerConfig
-from inferd.server.errors import ApiError
+from inferd.server.errors import ApiError, unmatched_route_response
 from inferd.server.frontend import Frontend
 from inferd.server.limits import BodySizeLimit
 from inferd.server.metrics import ServerMetrics
@@ -71,6 +72,7 @@ def create_app(
             llm.shutdown()
 
     app = FastAPI(title="inferd", lifespan=lifespan)
+    app.add_exception_handler(HTTPException, unmatched_route_response)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, render=render_error_for_path)
     app.state.frontend = frontend
     app.state.metrics_registry = registry

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from inferd.engine.tokenizer import InvalidTextError
 
@@ -160,3 +160,19 @@ def protocol_route_class(render: ErrorRenderer) -> type[APIRoute]:
             return handle
 
     return ProtocolRoute
+
+
+async def unmatched_route_response(request: Request, exc: Exception) -> Response:
+    """A 404 (no such path) or 405 (no such method) in the shape of the protocol the path belongs to:
+    clients such as tritonclient or openai read the error body and fail on FastAPI's `detail`."""
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    message = f"{request.method} {path}: {exc.detail}"
+    body: dict[str, Any]
+    if path.startswith("/v2"):
+        body = {"error": message}
+    elif path.startswith("/v1/"):
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+    else:
+        body = {"detail": exc.detail}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

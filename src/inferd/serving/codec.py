@@ -97,10 +97,13 @@ def _bf16_from_raw(raw: bytes) -> np.ndarray:
 
 
 def _bf16_to_raw(array: np.ndarray) -> bytes:
-    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    values = np.ascontiguousarray(array, dtype=np.float32)
+    bits = values.view(np.uint32)
     # Round to nearest even, as hardware conversions do, instead of truncating.
-    rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
-    return (rounded >> 16).astype("<u2").tobytes()
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+    # A NaN's payload can carry the rounding past the exponent (into -0.0): keep it a quiet NaN.
+    rounded = np.where(np.isnan(values), (bits >> 16) | np.uint32(0x0040), rounded)
+    return rounded.astype("<u2").tobytes()
 
 
 def array_from_raw(datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
@@ -121,6 +124,10 @@ def array_from_raw(datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarra
 
 
 def _bytes_from_raw(raw: bytes, count: int) -> np.ndarray:
+    # Each element has a 4-byte length prefix: a shape the bytes cannot fill is refused before the
+    # array is allocated, so a small request cannot make the server allocate for a huge shape.
+    if 4 * count > len(raw):
+        raise InvalidInputError(f"BYTES raw contents of {len(raw)} bytes cannot hold {count} elements")
     elements = np.empty(count, dtype=object)
     offset = 0
     for index in range(count):

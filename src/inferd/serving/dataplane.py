@@ -137,10 +137,20 @@ class DataPlane:
 
     async def _infer_text(self, generator: TextGenerator, request: InferRequest) -> list[Tensor]:
         """`text_input` BYTES in, the whole generated text as `text_output` BYTES out."""
-        text_inputs = [t for t in request.inputs if t.name == TEXT_INPUT.name]
-        if len(text_inputs) != 1 or text_inputs[0].datatype != "BYTES" or text_inputs[0].data.size != 1:
-            raise InvalidInputError("LLM models take exactly one BYTES input 'text_input' with one element")
-        text = bytes(text_inputs[0].data.reshape(-1)[0]).decode("utf-8", errors="strict")
+        inputs = request.inputs
+        if len(inputs) != 1 or inputs[0].name != TEXT_INPUT.name:
+            raise InvalidInputError(f"LLM models take one input 'text_input', got {[t.name for t in inputs]}")
+        if inputs[0].datatype != "BYTES" or inputs[0].data.size != 1:
+            raise InvalidInputError("input 'text_input' must be BYTES with one element")
+        for requested in request.outputs:
+            if requested.name != TEXT_OUTPUT.name:
+                raise InvalidInputError(f"unknown output {requested.name!r}; the model has ['text_output']")
+            if "classification" in requested.parameters:
+                raise InvalidInputError("output 'text_output' is text: classification does not apply")
+        try:
+            text = bytes(inputs[0].data.reshape(-1)[0]).decode("utf-8", errors="strict")
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"input 'text_input' is not valid UTF-8: {exc}") from None
         result = await self.generate(generator, text, request.parameters)
         output = np.array([result.text.encode("utf-8")], dtype=object)
         return [Tensor(TEXT_OUTPUT.name, "BYTES", output)]

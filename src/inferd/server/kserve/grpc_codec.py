@@ -78,6 +78,10 @@ def request_from_proto(message: Any) -> InferRequest:
         if any(d < 0 for d in shape):
             raise InvalidInputError(f"input {tensor.name!r} shape must be non-negative")
         if raw_contents:
+            if tensor.contents.ByteSize():  # as Triton: the two ways of sending data do not mix
+                raise InvalidInputError(
+                    f"input {tensor.name!r}: contents must not be set when raw_input_contents is used"
+                )
             data = array_from_raw(tensor.datatype, shape, raw_contents[index])
         else:
             data = _typed_contents(tensor, shape)

@@ -15,10 +15,14 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException
 
 from inferd.server import event_loop
+from inferd.server.app import render_error_for_path
+from inferd.server.errors import unmatched_route_response
 from inferd.server.kserve.grpc_server import start_grpc_server
 from inferd.server.kserve.rest import build_router
+from inferd.server.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from inferd.server.openai_embeddings import build_embeddings_router
 from inferd.serving.metrics import ServingMetrics
 from inferd.serving.repository import ModelRepository, load_repository
@@ -34,8 +38,14 @@ def open_repository(
     return load_repository(path, runtimes or default_runtime_registry(), ServingMetrics(metrics_registry))
 
 
-def build_app(repository: ModelRepository, metrics_registry: CollectorRegistry) -> FastAPI:
+def build_app(
+    repository: ModelRepository,
+    metrics_registry: CollectorRegistry,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     app = FastAPI(title="inferd classic models")
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, render=render_error_for_path)
+    app.add_exception_handler(HTTPException, unmatched_route_response)
     app.include_router(build_router(repository))
     app.include_router(build_embeddings_router(repository))
 
@@ -65,6 +75,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger request bodies get a 413"
+    )
     return parser
 
 
@@ -74,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics_registry = CollectorRegistry()
     repository = open_repository(args.model_repository, metrics_registry)
     event_loop.run(
-        serve(repository, build_app(repository, metrics_registry), args.host, args.port, args.grpc_port)
+        serve(
+            repository,
+            build_app(repository, metrics_registry, args.max_body_bytes),
+            args.host,
+            args.port,
+            args.grpc_port,
+        )
     )
     return 0
 

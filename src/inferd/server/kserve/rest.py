@@ -65,7 +65,7 @@ async def _answer(produce: Callable[[], Awaitable[Response]]) -> Response:
 async def _json_body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: recursion
         raise InvalidInputError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidInputError("request body must be a JSON object")

@@ -70,7 +70,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
         raise InvalidInputError(f"{HEADER_LENGTH} {json_size} is outside the body of {len(body)} bytes")
     try:
         header = json.loads(body[:json_size])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: recursion
         raise InvalidInputError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise InvalidInputError("request must be a JSON object with an 'inputs' list")
