@@ -52,3 +52,16 @@ def test_decode_all_equals_the_incremental_text(tokenizer: Tokenizer) -> None:
         streamed = "".join(incremental.add(i) for i in ids) + incremental.flush()
         at_once = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=True).decode_all(ids)
         assert at_once == streamed
+
+
+def test_token_bytes_rebuild_characters_split_over_tokens(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    pieces = [tokenizer.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == TEXT.encode()
+    # A piece of a character is its own bytes, not the U+FFFD its decoding shows.
+    split = [i for i in ids if "\ufffd" in tokenizer.decode([i])]
+    assert split and all("\ufffd".encode() not in tokenizer.token_bytes(i) for i in split)
+    for special in tokenizer.special_token_ids:
+        assert (
+            tokenizer.token_bytes(special) == tokenizer.decode([special], skip_special_tokens=False).encode()
+        )

@@ -169,6 +169,23 @@ def test_chat_completion_and_its_stream(client: openai.OpenAI) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
 
 
+def test_chat_logprob_bytes_join_into_characters_split_over_tokens(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Caf"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=1,
+        logit_bias=SPLIT_CHAR_BIAS,  # type: ignore[arg-type]
+        frequency_penalty=2.0,
+    )
+    choice = result.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    joined = b"".join(bytes(entry.bytes or []) for entry in choice.logprobs.content)
+    assert "é" in choice.message.content and joined.decode() == choice.message.content  # type: ignore[operator]
+
+
 def test_chat_logprobs_and_n(client: openai.OpenAI) -> None:
     result = client.chat.completions.create(
         model="tiny",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,28 @@ class ChatTemplateError(ValueError):
 
 class InvalidTextError(ValueError):
     """The text is not valid Unicode (a lone surrogate, as JSON's `\\ud800` escape can make)."""
+
+
+def _byte_to_char() -> dict[int, str]:
+    """Byte-level BPE's alphabet: printable Latin-1 bytes stand for themselves, and the other 68
+    bytes for the characters from U+0100 on, in byte order (the GPT-2 convention)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    shifted = [byte for byte in range(256) if byte not in table]
+    table.update({byte: chr(0x100 + index) for index, byte in enumerate(shifted)})
+    return table
+
+
+_BYTE_OF_CHAR = {char: byte for byte, char in _byte_to_char().items()}
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _has_byte_level_decoder(decoder: Any) -> bool:
+    if not isinstance(decoder, dict):
+        return False
+    if decoder.get("type") == "ByteLevel":
+        return True
+    return any(_has_byte_level_decoder(d) for d in decoder.get("decoders") or [])
 
 
 def _token_text(value: Any) -> str | None:
@@ -43,9 +66,12 @@ class Tokenizer:
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        added_tokens = self._tok.get_added_tokens_decoder()
         self.special_token_ids = frozenset(
-            token_id for token_id, added in self._tok.get_added_tokens_decoder().items() if added.special
+            token_id for token_id, added in added_tokens.items() if added.special
         )
+        self._added_token_ids = frozenset(added_tokens)
+        self._byte_level = _has_byte_level_decoder(json.loads(self._tok.to_str()).get("decoder"))
         self._template_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self._template_env.globals["raise_exception"] = _raise_template_error
 
@@ -66,6 +92,22 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         token: str | None = self._tok.id_to_token(token_id)
         return token
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also when they are part of a character (where `decode`
+        gives U+FFFD): what OpenAI's logprob `bytes` are for, so clients can join split characters."""
+        token = self.id_to_token(token_id)
+        if token is None or token_id in self._added_token_ids:
+            return self.decode([token_id], skip_special_tokens=False).encode()
+        if self._byte_level:
+            try:
+                return bytes(_BYTE_OF_CHAR[char] for char in token)
+            except KeyError:  # not a byte-level piece after all
+                return self.decode([token_id], skip_special_tokens=False).encode()
+        byte_fallback = _BYTE_FALLBACK.fullmatch(token)  # SentencePiece's "<0xE2>" pieces
+        if byte_fallback:
+            return bytes([int(byte_fallback.group(1), 16)])
+        return self.decode([token_id], skip_special_tokens=False).encode()
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

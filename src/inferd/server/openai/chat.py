@@ -160,7 +160,7 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
 def _logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs]) -> ChatChoiceLogprobs:
     def top(token_id: int, logprob: float) -> TopLogprob:
         text = tokenizer.decode([token_id], skip_special_tokens=False)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+        return TopLogprob(token=text, logprob=logprob, bytes=list(tokenizer.token_bytes(token_id)))
 
     content = []
     for entry in entries:
