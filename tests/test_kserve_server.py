@@ -362,7 +362,7 @@ def test_deeply_nested_json_is_a_400(server: LiveServer) -> None:
 
 
 def test_unknown_v2_routes_and_methods_answer_in_the_v2_error_shape(server: LiveServer) -> None:
-    missing = httpx.post(f"{server.http_url}/v2/repository/models/digits/load", timeout=30)
+    missing = httpx.post(f"{server.http_url}/v2/models/digits/explain", timeout=30)
     assert missing.status_code == 404 and "Not Found" in missing.json()["error"]
     wrong_method = httpx.get(f"{server.http_url}/v2/models/digits/infer", timeout=30)
     assert wrong_method.status_code == 405 and "Method Not Allowed" in wrong_method.json()["error"]
@@ -397,3 +397,47 @@ def test_the_classic_model_launcher_limits_the_body_size(repository: Path) -> No
     with TestClient(app) as client:
         response = client.post("/v2/models/digits/infer", content=b"{" + b" " * 2000 + b"}")
     assert response.status_code == 413 and "error" in response.json()
+
+
+def test_models_load_and_unload_while_the_server_runs(
+    http_client: Any, server: LiveServer, repository: Path
+) -> None:
+    image = triton_http.InferInput("image", [1, 8, 8], "FP32")
+    image.set_data_from_numpy(_digit_images(1).astype(np.float32))
+    expected = _direct(repository, "digits", {"image": _digit_images(1)})["label"].ravel().tolist()
+
+    def label(model: str) -> list[int]:
+        return http_client.infer(model, [image]).as_numpy("label").ravel().tolist()
+
+    def state(model: str) -> dict[str, str]:
+        return next(m for m in http_client.get_model_repository_index() if m["name"] == model)
+
+    # A folder added after start-up loads by name.
+    shutil.copytree(repository / "digits", repository / "late_digits")
+    config_file = repository / "late_digits" / "model.json"
+    _write_config(repository / "late_digits", {**json.loads(config_file.read_text()), "name": "late_digits"})
+    with pytest.raises(InferenceServerException):
+        label("late_digits")
+    http_client.load_model("late_digits")
+    assert label("late_digits") == expected and state("late_digits")["state"] == "READY"
+    # A reload that fails leaves the loaded model serving.
+    good_config = config_file.read_text()
+    config_file.write_text("{not json")
+    assert _http_error(lambda: http_client.load_model("late_digits")) == "400"
+    assert label("late_digits") == expected
+    config_file.write_text(good_config)
+    http_client.unload_model("late_digits")
+    assert state("late_digits") == {
+        "name": "late_digits",
+        "version": "1",
+        "state": "UNAVAILABLE",
+        "reason": "unloaded",
+    }
+    assert _http_error(lambda: label("late_digits")) == "503"
+    http_client.load_model("late_digits")
+    assert label("late_digits") == expected
+    # Unknown folders, models that fail to load and unsupported overrides are errors.
+    assert _http_error(lambda: http_client.load_model("no_such_model")) == "404"
+    assert _http_error(lambda: http_client.unload_model("no_such_model")) == "404"
+    assert _http_error(lambda: http_client.load_model("broken")) == "400"
+    assert _http_error(lambda: http_client.load_model("digits", config='{"max_batch_size": 1}')) == "400"

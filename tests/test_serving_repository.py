@@ -199,3 +199,25 @@ def test_hf_classification_and_embedding_runtimes(tmp_path: Path) -> None:
     embedded = repository.get("embedder").runtime.infer({"text": texts})
     np.testing.assert_allclose(np.linalg.norm(embedded["embedding"], axis=1), 1.0, rtol=1e-5)
     assert embedded["token_count"].ravel().tolist() == [4, 6]  # [CLS] ... [SEP]
+
+
+async def test_unloading_answers_the_queued_requests_first_and_added_models_stay(tmp_path: Path) -> None:
+    import asyncio
+
+    from inferd.serving.repository import ModelEntry
+
+    _write_model(tmp_path, "doubler", {**DOUBLER_CONFIG, "dynamic_batching": {"max_queue_delay_ms": 200}})
+    repository = load_repository(tmp_path, _registry_with_doubler())
+    entry = repository.get("doubler")
+    assert entry.batcher is not None
+    queued = asyncio.ensure_future(entry.batcher.submit({"x": np.ones((1, 2), dtype=np.float32)}))
+    await asyncio.sleep(0)  # queued, waiting out the batching delay
+    await repository.unload("doubler")
+    np.testing.assert_array_equal((await asyncio.wait_for(queued, 10))["y"], [[2.0, 2.0]])
+    assert not repository.get("doubler").ready and repository.get("doubler").failure == "unloaded"
+    assert (await repository.load("doubler")).ready
+    repository.add(ModelEntry("served-llm", None, "inferd_llm", runtime=Doubler()))  # type: ignore[arg-type]
+    for control in (repository.load, repository.unload):
+        with pytest.raises(InvalidInputError, match="not loaded from a model repository folder"):
+            await control("served-llm")
+    await repository.close()

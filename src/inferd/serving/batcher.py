@@ -82,7 +82,13 @@ class DynamicBatcher:
             self._worker = asyncio.get_running_loop().create_task(self._work())
         return await future
 
-    async def close(self) -> None:
+    async def close(self, drain: bool = False) -> None:
+        """Stops the worker; with `drain`, once every queued request has its answer."""
+        while drain:
+            busy = [t for t in (self._worker, *self._in_flight) if t is not None and not t.done()]
+            if not busy:
+                break
+            await asyncio.wait(busy)
         tasks = [t for t in (self._worker, *self._in_flight) if t is not None]
         for task in tasks:
             task.cancel()

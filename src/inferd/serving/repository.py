@@ -1,6 +1,8 @@
 """The model repository: every sub-folder of a directory with a `model.json` is one model.
 
 A model that fails to load stays listed, not ready, with the reason; the others still serve.
+Models of the folder can be loaded again (a new or changed folder) and unloaded while the server
+runs, as in Triton's explicit model control.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 from inferd.serving.batcher import DynamicBatcher
 from inferd.serving.config import CONFIG_FILE_NAME, ModelConfig, is_valid_model_name, read_model_config
-from inferd.serving.errors import ModelNotFoundError, ModelNotReadyError
+from inferd.serving.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from inferd.serving.metrics import ServingMetrics
 from inferd.serving.runtimes.base import Runtime, TensorRuntime, TextGenerator
 from inferd.serving.runtimes.registry import RuntimeRegistry
@@ -38,6 +40,8 @@ class ModelEntry:
     batcher: DynamicBatcher | None = None
     # Why the model is not ready; None when it loaded.
     failure: str | None = None
+    # The repository folder it was loaded from; None for a model served from elsewhere.
+    folder: Path | None = None
 
     @property
     def ready(self) -> bool:
@@ -54,9 +58,20 @@ class ModelEntry:
 
 
 class ModelRepository:
-    def __init__(self, entries: list[ModelEntry], metrics: ServingMetrics | None = None) -> None:
+    def __init__(
+        self,
+        entries: list[ModelEntry],
+        metrics: ServingMetrics | None = None,
+        root: Path | None = None,
+        runtimes: RuntimeRegistry | None = None,
+    ) -> None:
+        """`root` and `runtimes`: the folder the entries came from and how to load them again."""
         self._entries = {entry.name: entry for entry in entries}
         self.metrics = metrics
+        self._root = root
+        self._runtimes = runtimes
+        self._added: set[str] = set()  # served from outside the folder: not loaded or unloaded here
+        self._control = asyncio.Lock()  # one load or unload at a time
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self._entries.values())
@@ -74,13 +89,59 @@ class ModelRepository:
         if entry.name in self._entries:
             raise ValueError(f"a model named {entry.name!r} is already in the repository")
         self._entries[entry.name] = entry
+        self._added.add(entry.name)
+
+    async def load(self, name: str) -> ModelEntry:
+        """Loads folder `name` (again), in a worker thread. The new model serves from then on and
+        the one it replaces is closed once its queued requests are answered. A load that fails
+        leaves a loaded model serving, and raises with the reason."""
+        if self._root is None or self._runtimes is None or name in self._added:
+            raise InvalidInputError(f"model {name!r} is not loaded from a model repository folder")
+        known = self._entries.get(name)
+        folder = known.folder if known is not None and known.folder is not None else self._root / name
+        if not (is_valid_model_name(folder.name) and (folder / CONFIG_FILE_NAME).is_file()):
+            raise ModelNotFoundError(f"the model repository has no model folder {name!r}")
+        async with self._control:
+            entry = await asyncio.to_thread(load_model, folder, self._runtimes, self.metrics)
+            old = self._entries.get(name)
+            if entry.name != name:
+                await _close(entry)
+                raise InvalidInputError(
+                    f"folder {folder.name!r} now names its model {entry.name!r}, not {name!r}"
+                )
+            if not entry.ready and old is not None and old.ready:
+                raise InvalidInputError(
+                    f"model {name!r} failed to load ({entry.failure}); the loaded one still serves"
+                )
+            self._entries[name] = entry
+            if old is not None:
+                await _close(old)
+        if not entry.ready:
+            raise InvalidInputError(f"model {name!r} failed to load: {entry.failure}")
+        logger.info("model %r loaded", name)
+        return entry
+
+    async def unload(self, name: str) -> None:
+        """Stops serving `name`, listed from then on as unavailable ("unloaded"); the requests
+        already queued for it are answered first."""
+        old = self.get(name)
+        if name in self._added:
+            raise InvalidInputError(f"model {name!r} is not loaded from a model repository folder")
+        async with self._control:
+            self._entries[name] = ModelEntry(name, None, old.platform, failure="unloaded", folder=old.folder)
+            await _close(old)
+        logger.info("model %r unloaded", name)
 
     async def close(self) -> None:
         for entry in self._entries.values():
-            if entry.batcher is not None:
-                await entry.batcher.close()
-            if isinstance(entry.runtime, ClosableRuntime):
-                await asyncio.to_thread(entry.runtime.close)
+            await _close(entry)
+
+
+async def _close(entry: ModelEntry) -> None:
+    if entry.batcher is not None:
+        await entry.batcher.close(drain=True)
+    if isinstance(entry.runtime, ClosableRuntime):
+        await asyncio.to_thread(entry.runtime.close)
 
 
 def _batcher_for(
@@ -105,13 +166,15 @@ def load_model(model_dir: Path, runtimes: RuntimeRegistry, metrics: ServingMetri
         name = config.name if config else model_dir.name
         logger.warning("model %r failed to load: %s", name, exc)
         platform = runtimes.platform(config.runtime) if config else "unknown"
-        return ModelEntry(name=name, config=config, platform=platform, failure=f"{type(exc).__name__}: {exc}")
+        failure = f"{type(exc).__name__}: {exc}"
+        return ModelEntry(name=name, config=config, platform=platform, failure=failure, folder=model_dir)
     return ModelEntry(
         name=config.name,
         config=config,
         platform=runtimes.platform(config.runtime),
         runtime=runtime,
         batcher=_batcher_for(config, runtime, metrics),
+        folder=model_dir,
     )
 
 
@@ -133,4 +196,4 @@ def load_repository(
                 entry.name, None, entry.platform, failure=f"duplicate model name {entry.name!r}"
             )
         entries[entry.name] = entry
-    return ModelRepository(list(entries.values()), metrics)
+    return ModelRepository(list(entries.values()), metrics, root, runtimes)

@@ -72,6 +72,16 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+async def _control_parameters(request: Request) -> dict[str, Any]:
+    """The `parameters` of a load or unload request; the body may be empty."""
+    if not await request.body():
+        return {}
+    parameters = (await _json_body(request)).get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInputError("'parameters' must be an object")
+    return parameters
+
+
 def _generate_input(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """`text_input` and sampling parameters, from `parameters` or (as Triton allows) top-level fields."""
     text = body.get("text_input")
@@ -111,6 +121,29 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
     @router.post("/v2/repository/index")
     async def repository_index() -> Response:
         return JSONResponse(plane.repository_index())
+
+    @router.post("/v2/repository/models/{name}/load")
+    async def load_model(request: Request, name: str) -> Response:
+        async def produce() -> Response:
+            parameters = await _control_parameters(request)
+            if parameters:  # Triton's config and file overrides
+                raise InvalidInputError(f"load parameters are not supported: {sorted(parameters)}")
+            await repository.load(name)
+            return Response(status_code=200)
+
+        return await _answer(produce)
+
+    @router.post("/v2/repository/models/{name}/unload")
+    async def unload_model(request: Request, name: str) -> Response:
+        async def produce() -> Response:
+            # There are no ensembles, so `unload_dependents` has nothing to act on.
+            unknown = set(await _control_parameters(request)) - {"unload_dependents"}
+            if unknown:
+                raise InvalidInputError(f"unload parameters are not supported: {sorted(unknown)}")
+            await repository.unload(name)
+            return Response(status_code=200)
+
+        return await _answer(produce)
 
     async def model_metadata(name: str, version: str | None = None) -> Response:
         return await _answer(lambda: _as_json(plane.model_metadata(name, version)))
