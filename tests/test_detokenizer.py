@@ -65,3 +65,21 @@ def test_token_bytes_rebuild_characters_split_over_tokens(tokenizer: Tokenizer) 
         assert (
             tokenizer.token_bytes(special) == tokenizer.decode([special], skip_special_tokens=False).encode()
         )
+
+
+def test_a_prompt_ending_inside_a_character_leaves_streamed_and_whole_text_equal(
+    tokenizer: Tokenizer,
+) -> None:
+    import random
+
+    split = tokenizer.encode("é", add_special_tokens=False)
+    assert len(split) == 2 and all("\ufffd" in tokenizer.decode([i]) for i in split)
+    prompt = tokenizer.encode("Caf", add_special_tokens=False) + split[:1]  # ends after é's first byte
+    rng = random.Random(1)
+    outputs = [split[1:] + tokenizer.encode(" naïve", add_special_tokens=False)]
+    outputs += [[rng.randrange(tokenizer.vocab_size) for _ in range(24)] for _ in range(20)]
+    for ids in outputs:
+        incremental = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=True)
+        streamed = "".join(incremental.add(i) for i in ids) + incremental.flush()
+        at_once = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=True).decode_all(ids)
+        assert streamed == at_once == tokenizer.decode(ids)

@@ -72,3 +72,19 @@ def test_stop_text_kept_in_the_output_is_streamed_without_holding_back(tokenizer
     outputs, _ = _run(tokenizer, cut, ids, "length")
     assert [o.text for o in outputs][:-1] != texts[:-1]
     assert outputs[-1].text == texts[-1]
+
+
+@pytest.mark.parametrize("min_tokens", [0, 1, 3])
+def test_stop_strings_count_after_min_tokens_and_sent_text_is_never_cut(
+    tokenizer: Tokenizer, min_tokens: int
+) -> None:
+    ids = tokenizer.encode(" be" * 8, add_special_tokens=False)
+    assert len(ids) == 8  # one " be" a token, each holding a "b"
+    params = SamplingParams(stop=["b", "@@@@@@@@"], min_tokens=min_tokens)
+    outputs, stopped = _run(tokenizer, params, ids, None)
+    final = outputs[-1]
+    # As stop token ids, the first token that may stop is the one after min_tokens.
+    assert final.finish_reason == "stop" and stopped == ["r"]
+    assert len(final.token_ids) == min_tokens + 1
+    assert final.text == " be" * min_tokens + " "
+    assert "".join(o.new_text for o in outputs) == final.text

@@ -24,6 +24,11 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._tokens = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        # A prompt of token ids may end inside a character, which the output's first bytes could
+        # complete: its text would then shrink under the window's prefix. Left out of the context,
+        # the output's text is its own bytes, on every path.
+        while self._tokens and tokenizer.decode(self._tokens, skip_special_tokens).endswith(_INCOMPLETE):
+            self._tokens.pop()
         self._prefix = 0
         self._read = len(self._tokens)
         self.text = ""
@@ -70,7 +75,8 @@ def find_stop(text: str, new_chars: int, stops: list[str]) -> int | None:
     """Index where the earliest stop string starts, looking only where the new text could complete one."""
     if not stops or not new_chars:
         return None
-    longest = max(len(s) for s in stops)
-    search_from = max(len(text) - new_chars - longest + 1, 0)
-    found = [i for i in (text.find(s, search_from) for s in stops) if i >= 0]
+    old = len(text) - new_chars
+    # Each stop string from where it would end in the new text: one wholly in older text was
+    # either seen before or fell where stops were not checked (under `min_tokens`).
+    found = [i for i in (text.find(s, max(old - len(s) + 1, 0)) for s in stops) if i >= 0]
     return min(found) if found else None

@@ -98,9 +98,9 @@ class OutputProcessor:
             # A token that ends the request in the core (EOS, a stop token id) adds no text unless
             # the caller asked for stop text, as a stop string's own text does not (as in vLLM).
             state.stop_token_dropped = finish_reason == "stop" and not state.params.include_stop_str_in_output
-            self._add_token(state, core_out, now)
+            new_chars = self._add_token(state, core_out, now)
             # A stop string completed by the last token the budget allows still makes it a stop.
-            if finish_reason in (None, "length") and self._hit_stop_string(state):
+            if finish_reason in (None, "length") and self._hit_stop_string(state, new_chars):
                 if finish_reason is None:
                     stopped.append(state.request_id)
                 finish_reason = "stop"
@@ -119,7 +119,8 @@ class OutputProcessor:
         out.error = error
         return out
 
-    def _add_token(self, state: _RequestState, core_out: EngineCoreOutput, now: float) -> None:
+    def _add_token(self, state: _RequestState, core_out: EngineCoreOutput, now: float) -> int:
+        """Records the token; returns how many characters of text it completed."""
         assert core_out.new_token_id is not None
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = now
@@ -128,14 +129,21 @@ class OutputProcessor:
         state.token_ids.append(core_out.new_token_id)
         if core_out.logprobs is not None:
             state.logprobs.append(core_out.logprobs)
-        if not state.final_only and not state.stop_token_dropped:
-            state.text += state.detokenizer.add(core_out.new_token_id)
+        if state.final_only or state.stop_token_dropped:
+            return 0
+        delta = state.detokenizer.add(core_out.new_token_id)
+        state.text += delta
+        return len(delta)
 
-    def _hit_stop_string(self, state: _RequestState) -> bool:
+    def _hit_stop_string(self, state: _RequestState, new_chars: int) -> bool:
+        """Whether a stop string ends in the `new_chars` the last token added (cutting the text there).
+
+        As stop token ids, stop strings count only after `min_tokens` tokens (as in vLLM). A match
+        starts at most a stop's length before the new text, inside what `_emit` held back, so text
+        already sent is never cut."""
         stops = state.params.stop
-        if not stops or len(state.token_ids) < state.params.min_tokens:
+        if not stops or len(state.token_ids) <= state.params.min_tokens:
             return False
-        new_chars = len(state.text) - state.sent_chars
         index = find_stop(state.text, new_chars, stops)
         if index is None:
             return False
