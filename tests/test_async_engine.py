@@ -74,10 +74,17 @@ async def test_a_consumer_that_falls_behind_gets_merged_outputs(tiny_llama) -> N
         llm.shutdown()
 
 
-async def test_a_backlog_is_not_merged_into_a_timeout(tiny_llama) -> None:
+async def test_a_backlog_is_not_merged_into_a_timeout(tiny_llama, monkeypatch) -> None:
     """The protocol adapters raise on a timeout or an error, so the tokens queued before it must
     reach the reader as their own output first."""
     llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="16MiB")
+    core_step = llm.engine.core.step
+
+    def slow_step() -> list:
+        time.sleep(0.005)  # 400 steps take 2 s or more, whatever the machine: the deadline comes first
+        return core_step()
+
+    monkeypatch.setattr(llm.engine.core, "step", slow_step)
     llm.start()
     try:
         params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)

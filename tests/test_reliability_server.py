@@ -141,10 +141,12 @@ def test_more_generations_than_the_queue_holds_is_a_400_not_a_429(server: Server
 def test_timeouts_in_each_protocol_abort_the_request_and_count(server: ServerProcess) -> None:
     url = server.base_url
     before = server.metrics()["inferd:requests_timed_out_total"]
-    error = _openai_error(httpx.post(f"{url}/v1/completions", json={**LONG, "timeout": 0.2}, timeout=30), 408)
+    error = _openai_error(
+        httpx.post(f"{url}/v1/completions", json={**LONG, "timeout": 0.05}, timeout=30), 408
+    )
     assert error["code"] == "request_timeout"
 
-    headers = {"X-Request-Timeout": "0.2"}
+    headers = {"X-Request-Timeout": "0.05"}
     body = _chat(max_tokens=400, ignore_eos=True, stream=True)
     with httpx.stream(
         "POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30
