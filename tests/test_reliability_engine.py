@@ -52,12 +52,14 @@ async def _run(llm: AsyncLLM, request_id: str, params: SamplingParams, deadline:
 
 
 def _recording_steps(llm: AsyncLLM) -> list[float]:
-    """Wraps the engine's step to record when each one starts."""
+    """Wraps the engine's step to record when each one starts, and to take 2 ms or more, so the
+    tiny model's 400 tokens outlast a 0.3 s deadline on any machine."""
     starts: list[float] = []
     step = llm.engine.step
 
     def timed_step() -> Any:
         starts.append(time.monotonic())
+        time.sleep(0.002)
         return step()
 
     llm.engine.step = timed_step  # type: ignore[method-assign]
@@ -84,6 +86,13 @@ async def test_timed_out_request_is_aborted_and_its_blocks_freed_within_one_step
 
 async def test_queued_request_times_out_where_it_waits(tiny_llama: Path) -> None:
     llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="8MiB", max_num_seqs=1)
+    step = llm.engine.step
+
+    def slow_step() -> Any:
+        time.sleep(0.005)  # the running request's 200 steps outlast the waiting one's deadline anywhere
+        return step()
+
+    llm.engine.step = slow_step  # type: ignore[method-assign]
     llm.start()
     try:
         running = asyncio.ensure_future(_run(llm, "running", SamplingParams(max_tokens=200, ignore_eos=True)))

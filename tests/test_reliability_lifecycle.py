@@ -66,7 +66,8 @@ def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(tin
 
 
 def test_shutdown_timeout_aborts_what_is_left_with_an_error(tiny_llama: Path) -> None:
-    args = ("--kv-cache-memory", "8MiB", "--max-num-seqs", "1", "--shutdown-timeout", "0.2")
+    # Well under the 0.3 s the running request's 450 tokens take here, so both are still in flight.
+    args = ("--kv-cache-memory", "8MiB", "--max-num-seqs", "1", "--shutdown-timeout", "0.05")
     with run_server(tiny_llama, *args) as server:
         answers: list[httpx.Response] = []
         threads = [threading.Thread(target=lambda: answers.append(_post_long(server))) for _ in range(2)]
