@@ -132,12 +132,17 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--min-len", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument(
+        "--output-len", type=int, help="every output this long (1: the prompts' prefill alone)"
+    )
     parser.add_argument("--skip-hf-generate", action="store_true")
     parser.add_argument("--skip-hf-continuous", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     prompts, output_lens = workload(args.num_prompts, args.min_len, args.max_len)
+    if args.output_len is not None:
+        output_lens = [args.output_len] * len(prompts)
     print(f"{len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens, {sum(output_lens)} output tokens")
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

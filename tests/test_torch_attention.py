@@ -1,0 +1,68 @@
+"""The PyTorch attention backend on the CPU: prompt attention takes SDPA's flash kernel, not its math path."""
+
+from __future__ import annotations
+
+import torch
+
+from inferd.attention.base import AttentionMetadata
+from inferd.attention.torch_backend import TorchAttentionBackend
+
+BLOCK_SIZE, HEADS, KV_HEADS, DIM = 4, 6, 2, 16
+
+
+def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, context: int) -> torch.Tensor:
+    """Causal attention of `q` (the last tokens) over `keys`/`values` of `context + len(q)` tokens."""
+    group = HEADS // KV_HEADS
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, keys) * DIM**-0.5
+    q_pos = torch.arange(context, context + q.shape[0])
+    scores = scores.masked_fill(
+        torch.arange(keys.shape[0])[None, None, :] > q_pos[None, :, None], float("-inf")
+    )
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+
+
+def test_prompts_take_the_flash_kernel_and_match_the_reference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    context_lens, query_lens = [0, 13], [9, 7]  # a fresh prompt, and a chunk after 13 cached tokens
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
+    num_blocks = sum(-(-n // BLOCK_SIZE) for n in seq_lens)
+    k_cache = torch.zeros(num_blocks, BLOCK_SIZE, KV_HEADS, DIM)
+    v_cache = torch.zeros_like(k_cache)
+    tables = torch.arange(num_blocks, dtype=torch.int32).flip(0)  # blocks in reverse order
+    first = -(-seq_lens[0] // BLOCK_SIZE)
+    block_tables = torch.zeros(2, num_blocks, dtype=torch.int32)
+    block_tables[0, :first] = tables[:first]
+    block_tables[1, : num_blocks - first] = tables[first:]
+    # The second sequence's context is already in the cache.
+    all_k = [torch.randn(n, KV_HEADS, DIM, generator=gen) for n in seq_lens]
+    all_v = [torch.randn(n, KV_HEADS, DIM, generator=gen) for n in seq_lens]
+    for pos in range(context_lens[1]):
+        block, offset = int(block_tables[1, pos // BLOCK_SIZE]), pos % BLOCK_SIZE
+        k_cache[block, offset], v_cache[block, offset] = all_k[1][pos], all_v[1][pos]
+    slots = [
+        int(block_tables[i, pos // BLOCK_SIZE]) * BLOCK_SIZE + pos % BLOCK_SIZE
+        for i in range(2)
+        for pos in range(context_lens[i], seq_lens[i])
+    ]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        query_start_loc=torch.tensor([0, query_lens[0], sum(query_lens)], dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=block_tables,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_host=tuple(query_lens),
+        seq_lens_host=tuple(seq_lens),
+    )
+    q = torch.randn(sum(query_lens), HEADS, DIM, generator=gen)
+    k = torch.cat([all_k[i][context_lens[i] :] for i in range(2)])
+    v = torch.cat([all_v[i][context_lens[i] :] for i in range(2)])
+    with torch.profiler.profile() as profile:
+        out = TorchAttentionBackend().forward(q, k, v, k_cache, v_cache, meta, DIM**-0.5)
+    ops = {event.key for event in profile.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+    for i, start in enumerate((0, query_lens[0])):
+        expected = _reference(q[start : start + query_lens[i]], all_k[i], all_v[i], context_lens[i])
+        torch.testing.assert_close(out[start : start + query_lens[i]], expected, atol=1e-5, rtol=1e-5)
