@@ -83,3 +83,18 @@ def test_a_prompt_ending_inside_a_character_leaves_streamed_and_whole_text_equal
         streamed = "".join(incremental.add(i) for i in ids) + incremental.flush()
         at_once = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=True).decode_all(ids)
         assert streamed == at_once == tokenizer.decode(ids)
+
+
+def test_token_bytes_of_sentencepiece_byte_fallback_pieces(tmp_path) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    vocab = {"<unk>": 0, "<0xC3>": 1, "<0xA9>": 2, "▁caf": 3}
+    spm_like = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    spm_like.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    spm_like.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer(tmp_path)
+    assert [tokenizer.token_bytes(i) for i in (3, 1, 2)] == [b" caf", b"\xc3", b"\xa9"]
+    assert tokenizer.decode([3, 1, 2]) == " café"

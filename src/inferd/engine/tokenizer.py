@@ -71,7 +71,8 @@ class Tokenizer:
             token_id for token_id, added in added_tokens.items() if added.special
         )
         self._added_token_ids = frozenset(added_tokens)
-        self._byte_level = _has_byte_level_decoder(json.loads(self._tok.to_str()).get("decoder"))
+        decoder = self._tok.decoder  # its own JSON, not the whole tokenizer's
+        self._byte_level = decoder is not None and _has_byte_level_decoder(json.loads(decoder.__getstate__()))
         self._template_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self._template_env.globals["raise_exception"] = _raise_template_error
 
