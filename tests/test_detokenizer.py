@@ -31,11 +31,13 @@ def test_prompt_context_does_not_leak_into_output(tokenizer: Tokenizer) -> None:
 
 
 def test_find_stop_only_looks_at_new_text() -> None:
-    assert find_stop("abc STOP", 2, ["STOP"]) == 4
+    assert find_stop("abc STOP", 2, ["STOP"]) == (4, "STOP")
     assert find_stop("abc STOP xyz", 3, ["STOP"]) is None
-    assert find_stop("abXY", 1, ["XY", "bX"]) == 2  # "bX" was complete before the new "Y"
-    assert find_stop("abXY", 2, ["XY", "bX"]) == 1  # earliest match wins
+    assert find_stop("abXY", 1, ["XY", "bX"]) == (2, "XY")  # "bX" was complete before the new "Y"
+    assert find_stop("abXY", 2, ["XY", "bX"]) == (1, "bX")  # earliest match wins
     assert find_stop("abc", 1, []) is None
+    # The stop found is the one reported, not the first in the list starting at the same place.
+    assert find_stop(" ab a", 2, ["a", "ab a"]) == (1, "ab a")
 
 
 def test_decode_all_equals_the_incremental_text(tokenizer: Tokenizer) -> None:

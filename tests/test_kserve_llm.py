@@ -263,3 +263,80 @@ def test_repository_llm_metrics_share_the_served_registry() -> None:
     assert registry.get_sample_value("inferd:prompt_tokens_total", {"model_name": "a"}) == 0
     for model in ("a", "b"):
         assert registry.get_sample_value("inferd:num_requests_running", {"model_name": model}) == 1
+
+
+def test_a_reloaded_or_stopped_engine_leaves_one_series_or_none() -> None:
+    registry = CollectorRegistry()
+
+    def stats(running: int) -> Callable[[], EngineStats]:
+        snapshot = EngineStats(
+            num_running=running,
+            num_waiting=0,
+            kv_usage=0.0,
+            num_preemptions=0,
+            prefix_queries=0,
+            prefix_hits=0,
+        )
+        return lambda: snapshot
+
+    def running_samples() -> list[float]:
+        return [
+            sample.value
+            for family in registry.collect()
+            for sample in family.samples
+            if sample.name == "inferd:num_requests_running" and sample.labels["model_name"] == "b"
+        ]
+
+    served = ServerMetrics(registry, "a", stats(0))
+    first = served.for_model("b", stats(1))
+    second = served.for_model("b", stats(2))  # a reload: the new engine replaces the old one's series
+    assert running_samples() == [2]
+    first.forget_engine()  # the old engine stops after the new one is in
+    assert running_samples() == [2]
+    second.forget_engine()  # unloaded
+    assert running_samples() == []
+
+
+def test_unloading_an_llm_folder_lets_its_generation_end_and_drops_its_gauges(live: Live) -> None:
+    import threading
+
+    base = live.server.base_url
+    body = {"text_input": PROMPT, "parameters": {"temperature": 0, "max_tokens": LONG_MAX_TOKENS}}
+    events: list[dict] = []  # type: ignore[type-arg]
+    started = threading.Event()
+
+    def stream() -> None:
+        url = f"{base}/v2/models/{FOLDER_LLM}/generate_stream"
+        with httpx.stream("POST", url, json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[len("data: ") :]))
+                    started.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert started.wait(30)
+    unload = httpx.post(f"{base}/v2/repository/models/{FOLDER_LLM}/unload", timeout=60)
+    assert unload.status_code == 200, unload.text
+    reader.join(timeout=60)
+    # The generation in flight ran to its end before the engine stopped.
+    assert events[-1].get("finish_reason") == "length" and "error" not in events[-1]
+    assert "".join(e["text_output"] for e in events).startswith(live.expected[FOLDER_LLM])
+
+    def series(name: str) -> int:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        return sum(
+            1
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and sample.labels.get("model_name") == FOLDER_LLM
+        )
+
+    assert series("inferd:num_requests_running") == 0  # its stopped engine is no longer scraped
+    assert httpx.post(f"{base}/v2/models/{FOLDER_LLM}/generate", json=body, timeout=30).status_code == 503
+    # Loaded again: one engine's gauges, and the same greedy text.
+    assert httpx.post(f"{base}/v2/repository/models/{FOLDER_LLM}/load", timeout=120).status_code == 200
+    assert series("inferd:num_requests_running") == 1
+    again = {"text_input": PROMPT, "parameters": GREEDY}
+    generated = httpx.post(f"{base}/v2/models/{FOLDER_LLM}/generate", json=again, timeout=60).json()
+    assert generated["text_output"] == live.expected[FOLDER_LLM]

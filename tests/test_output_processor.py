@@ -88,3 +88,13 @@ def test_stop_strings_count_after_min_tokens_and_sent_text_is_never_cut(
     assert len(final.token_ids) == min_tokens + 1
     assert final.text == " be" * min_tokens + " "
     assert "".join(o.new_text for o in outputs) == final.text
+
+
+def test_kept_stop_text_is_the_stop_that_matched(tokenizer: Tokenizer) -> None:
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in (" a", "b", " a")]
+    assert all(len(piece) == 1 for piece in ids)
+    # " a" may not stop the first token (min_tokens); "ab a" then ends at the third.
+    params = SamplingParams(stop=["a", "ab a"], min_tokens=1, include_stop_str_in_output=True)
+    outputs, _ = _run(tokenizer, params, [piece[0] for piece in ids], None)
+    assert outputs[-1].text == " ab a" and outputs[-1].finish_reason == "stop"
+    assert "".join(o.new_text for o in outputs) == outputs[-1].text

@@ -221,3 +221,34 @@ async def test_unloading_answers_the_queued_requests_first_and_added_models_stay
         with pytest.raises(InvalidInputError, match="not loaded from a model repository folder"):
             await control("served-llm")
     await repository.close()
+
+
+async def test_an_unload_during_a_load_closes_each_runtime_once(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    closed: list[int] = []
+
+    class Closable(Doubler):
+        def __init__(self, number: int) -> None:
+            self.number = number
+
+        def close(self) -> None:
+            closed.append(self.number)
+
+    made: list[Closable] = []
+
+    def slow_load(model_dir: Path, config: Any) -> Closable:
+        time.sleep(0.3 if made else 0)  # the reload takes a while
+        made.append(Closable(len(made)))
+        return made[-1]
+
+    runtimes = default_runtime_registry()
+    runtimes.register("python_doubler", slow_load, platform="python")
+    _write_model(tmp_path, "doubler", DOUBLER_CONFIG)
+    repository = load_repository(tmp_path, runtimes)
+    reload = asyncio.ensure_future(repository.load("doubler"))
+    await asyncio.sleep(0.05)  # the reload is under way
+    await repository.unload("doubler")  # waits for it, then unloads what it loaded
+    await reload
+    assert sorted(closed) == [0, 1] and repository.get("doubler").failure == "unloaded"

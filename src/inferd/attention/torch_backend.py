@@ -149,7 +149,8 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         start = 0
         # Every tensor gets a batch axis of one: with three dimensions scaled_dot_product_attention
-        # takes its math path on the CPU, with four its flash kernel (2.6x faster at 256 tokens).
+        # takes its math path on the CPU, with four its flash kernel (3x to 6x faster at 256 to
+        # 2,048 tokens, BENCHMARKS.md).
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host, strict=True)):
             query = q[start : start + q_len].transpose(0, 1)[None]  # [1, heads, q_len, dim]
             if q_len == seq_len and new_kv is not None:

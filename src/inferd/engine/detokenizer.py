@@ -71,12 +71,13 @@ class IncrementalDetokenizer:
         return delta
 
 
-def find_stop(text: str, new_chars: int, stops: list[str]) -> int | None:
-    """Index where the earliest stop string starts, looking only where the new text could complete one."""
+def find_stop(text: str, new_chars: int, stops: list[str]) -> tuple[int, str] | None:
+    """Where the earliest stop string starts, and which one it is, looking only where the new
+    text could complete one."""
     if not stops or not new_chars:
         return None
     old = len(text) - new_chars
     # Each stop string from where it would end in the new text: one wholly in older text was
     # either seen before or fell where stops were not checked (under `min_tokens`).
-    found = [i for i in (text.find(s, max(old - len(s) + 1, 0)) for s in stops) if i >= 0]
-    return min(found) if found else None
+    found = [(text.find(s, max(old - len(s) + 1, 0)), s) for s in stops]
+    return min(((i, s) for i, s in found if i >= 0), key=lambda match: match[0], default=None)

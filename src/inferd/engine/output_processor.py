@@ -144,11 +144,11 @@ class OutputProcessor:
         stops = state.params.stop
         if not stops or len(state.token_ids) <= state.params.min_tokens:
             return False
-        index = find_stop(state.text, new_chars, stops)
-        if index is None:
+        match = find_stop(state.text, new_chars, stops)
+        if match is None:
             return False
+        index, matched = match
         if state.params.include_stop_str_in_output:
-            matched = next(s for s in stops if state.text.startswith(s, index))
             state.text = state.text[: index + len(matched)]
         else:
             state.text = state.text[:index]

@@ -123,10 +123,15 @@ class ServerMetrics:
         self.aborted = f.aborted.labels(model_name)
         self.timed_out = f.timed_out.labels(model_name)
         self.rejected = f.rejected.labels(model_name)
+        self._stats = stats
         f.engines.add(model_name, stats)
 
     def for_model(self, model_name: str, stats: Callable[[], EngineStats]) -> ServerMetrics:
         return ServerMetrics(self.registry, model_name, stats, self._families)
+
+    def forget_engine(self) -> None:
+        """Its engine stopped: its live gauges and counters are no longer scraped."""
+        self._families.engines.remove(self._model_name, self._stats)
 
     def observe_inter_token(self, gap_s: float) -> None:
         self.inter_token.observe(gap_s)
@@ -166,7 +171,13 @@ class _EngineCollector(Collector):
         self._sources: list[_EngineSource] = []
 
     def add(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+        """A model's engine; one loaded again under the same name replaces the one before."""
+        self._sources = [s for s in self._sources if s.model_name != model_name]
         self._sources.append(_EngineSource(model_name, stats))
+
+    def remove(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+        """That engine's source, if it is still the model's (not replaced by a reload)."""
+        self._sources = [s for s in self._sources if s != _EngineSource(model_name, stats)]
 
     def collect(self) -> Iterator[Metric]:
         snapshots = [(source, source.stats()) for source in self._sources]

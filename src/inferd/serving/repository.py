@@ -31,6 +31,14 @@ class ClosableRuntime(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class DrainableRuntime(Protocol):
+    """A runtime that serves requests outside a batcher (an LLM engine); `drain` returns once the
+    ones in flight have ended."""
+
+    async def drain(self) -> None: ...
+
+
 @dataclass
 class ModelEntry:
     name: str
@@ -124,10 +132,10 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         """Stops serving `name`, listed from then on as unavailable ("unloaded"); the requests
         already queued for it are answered first."""
-        old = self.get(name)
         if name in self._added:
             raise InvalidInputError(f"model {name!r} is not loaded from a model repository folder")
-        async with self._control:
+        async with self._control:  # read under the lock: a load may be replacing it
+            old = self.get(name)
             self._entries[name] = ModelEntry(name, None, old.platform, failure="unloaded", folder=old.folder)
             await _close(old)
         logger.info("model %r unloaded", name)
@@ -138,8 +146,11 @@ class ModelRepository:
 
 
 async def _close(entry: ModelEntry) -> None:
+    """Closes a model once the requests it has taken are answered."""
     if entry.batcher is not None:
         await entry.batcher.close(drain=True)
+    if isinstance(entry.runtime, DrainableRuntime):
+        await entry.runtime.drain()
     if isinstance(entry.runtime, ClosableRuntime):
         await asyncio.to_thread(entry.runtime.close)
 

@@ -8,6 +8,7 @@ Frontend (`RepositoryLLMLoader`), shut down with the repository.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -34,6 +35,9 @@ from inferd.serving.runtimes.base import GenerationParams, GenerationResult
 from inferd.serving.runtimes.registry import RuntimeRegistry
 
 logger = logging.getLogger(__name__)
+
+# How often an unload or a reload looks whether the old engine's generations have ended.
+_DRAIN_POLL_S = 0.01
 
 # The `platform` of LLMs in v2 model metadata.
 LLM_PLATFORM = "inferd_llm"
@@ -137,8 +141,15 @@ class FrontendTextGenerator:
 class RepositoryLLM(FrontendTextGenerator):
     """An LLM loaded from a model folder: owns its engine, which `close()` stops."""
 
+    async def drain(self) -> None:
+        """Returns once no generation of this engine is in flight (before an unload or a reload)."""
+        while self.frontend.num_in_flight:
+            await asyncio.sleep(_DRAIN_POLL_S)
+
     def close(self) -> None:
         self.frontend.llm.shutdown()
+        # Its gauges leave /metrics with it (a reloaded model's engine has replaced them already).
+        self.frontend.metrics.forget_engine()
         logger.info("LLM %r stopped", self.frontend.model_name)
 
 
