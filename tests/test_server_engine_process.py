@@ -1,11 +1,18 @@
-"""`inferd serve --engine-process`: the core in a child process answers like the thread engine."""
+"""`inferd serve --engine-process`: the core in a child process answers like the thread engine, and
+its loss or a signal meant for the server is handled."""
 
 from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
 
 import openai
 from server_process import run_server
 
 from inferd import LLM, SamplingParams
+from inferd.engine.async_llm import AsyncLLM
 
 
 def test_engine_process_serves_the_same_greedy_text(tiny_llama) -> None:
@@ -26,3 +33,77 @@ def test_engine_process_serves_the_same_greedy_text(tiny_llama) -> None:
         samples = server.wait_for_metrics(lambda s: s.get("inferd:kv_cache_usage_perc", 1.0) == 0.0)
     assert reply.choices[0].text == streamed == expected[0].text
     assert samples["inferd:num_requests_running"] == 0
+
+
+async def _until(condition, timeout_s: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.05)
+
+
+async def _generate(llm: AsyncLLM, request_id: str, max_tokens: int = 8) -> list:  # type: ignore[type-arg]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [out async for out in llm.generate(request_id, "To be", params)]
+
+
+async def test_an_engine_process_lost_between_requests_is_noticed_at_once(tiny_llama) -> None:
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=True, kv_cache_memory="8MiB")
+    llm.start()
+    try:
+        assert (await _generate(llm, "before"))[-1].finish_reason == "length"
+        os.kill(llm.engine._process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        # Idle, nobody asking: the loop notices by itself, so /health can say so.
+        await _until(lambda: not llm.is_alive)
+        assert "engine process exited" in str(llm.dead_reason)
+    finally:
+        llm.shutdown()
+
+
+async def test_the_engine_process_outlives_a_signal_to_the_process_group(tiny_llama) -> None:
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=True, kv_cache_memory="8MiB")
+    llm.start()
+    try:
+        running = asyncio.ensure_future(_generate(llm, "running", max_tokens=200))
+        await asyncio.sleep(0.2)
+        # What Ctrl-C or a service manager's SIGTERM sends it beside the server process, which
+        # drains its requests before it stops the core.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(llm.engine._process.pid, sig)  # type: ignore[union-attr]
+        outputs = await asyncio.wait_for(running, 60)
+        assert outputs[-1].finish_reason == "length" and outputs[-1].error is None
+        assert llm.is_alive and (await _generate(llm, "after"))[-1].finish_reason == "length"
+    finally:
+        llm.shutdown()
+
+
+def test_an_idle_engine_process_ends_when_the_server_process_is_gone() -> None:
+    import threading
+
+    import msgspec
+    import zmq
+
+    from inferd.engine.core_process import _serve
+
+    class IdleCore:
+        def has_unfinished(self) -> bool:
+            return False
+
+    context = zmq.Context()
+    inbox, outbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    inbox.bind("inproc://parent-gone-in")
+    outbox.bind("inproc://parent-gone-out")
+    not_our_parent = os.getppid() + 1  # as if the server had died and the process were adopted
+    returned: list[bool] = []
+
+    def serve() -> None:
+        _serve(IdleCore(), inbox, outbox, msgspec.msgpack.Encoder(), not_our_parent)  # type: ignore[arg-type]
+        returned.append(True)
+
+    serving = threading.Thread(target=serve, daemon=True)
+    serving.start()
+    serving.join(10)
+    assert returned == [True]  # it returned (not raised) once it saw the parent gone
+    inbox.close(linger=0)
+    outbox.close(linger=0)
+    context.term()

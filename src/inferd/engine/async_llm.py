@@ -62,6 +62,9 @@ class _Abort:
 
 
 _STOP = object()
+# How often an idle engine thread checks that its engine lives, so that an engine process lost
+# between requests turns /health to 503 at once instead of failing the next request.
+_IDLE_CHECK_S = 0.5
 
 
 class AsyncLLM:
@@ -231,8 +234,10 @@ class AsyncLLM:
         outputs: list[RequestOutput] = []
         while True:
             try:
-                command = self._commands.get(block=block)
+                command = self._commands.get(block=block, timeout=_IDLE_CHECK_S if block else None)
             except queue.Empty:
+                if block:  # idle: an engine process that died now fails the loop, not a later request
+                    self.engine.check_alive()
                 break
             block = False
             if command is _STOP:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import traceback
 
 import msgspec
@@ -23,6 +24,9 @@ from inferd.sampling_params import SamplingParams
 from inferd.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+# How often an idle engine process checks that the server process that started it still lives.
+_PARENT_CHECK_MS = 1000
 
 
 class AddMsg(msgspec.Struct, tag=True, array_like=True):
@@ -64,6 +68,11 @@ FromCore = ReadyMsg | OutputsMsg | FatalMsg
 def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) -> None:
     """Entry point of the engine process: load, report ready, then serve steps until shut down."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine[{os.getpid()}] %(message)s")
+    # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group: the
+    # parent drains its requests and then sends ShutdownMsg, so the core must outlive the signal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
     inbox.connect(input_addr)
@@ -77,7 +86,7 @@ def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) ->
         core = EngineCore(config, runner)
         assert config.cache.num_blocks is not None
         outbox.send(encoder.encode(ReadyMsg(config.cache.num_blocks, config.scheduler.max_model_len)))
-        _serve(core, inbox, outbox, encoder)
+        _serve(core, inbox, outbox, encoder, parent)
     except Exception as exc:
         logger.error("engine process failed: %r\n%s", exc, traceback.format_exc())
         outbox.send(encoder.encode(FatalMsg(f"engine process failed: {exc!r}")))
@@ -90,11 +99,20 @@ def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) ->
         context.term()
 
 
-def _serve(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgspec.msgpack.Encoder) -> None:
+def _serve(
+    core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgspec.msgpack.Encoder, parent: int
+) -> None:
     decoder = msgspec.msgpack.Decoder(ToCore)
     while True:
-        # Block only when idle; otherwise take whatever arrived and step again at once.
-        flags = 0 if not core.has_unfinished() else zmq.NOBLOCK
+        if not core.has_unfinished():
+            # Idle: wait for work, and end with a parent that is gone (killed, so no ShutdownMsg
+            # will come; the signals that would have ended this process are ignored).
+            while not inbox.poll(_PARENT_CHECK_MS):
+                if os.getppid() != parent:
+                    logger.warning("the server process is gone: the engine process ends")
+                    return
+        # Take whatever arrived, then step again at once.
+        flags = zmq.NOBLOCK
         aborted = False
         while True:
             try:

@@ -79,5 +79,8 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished()
 
+    def check_alive(self) -> None:
+        """Nothing to check: the core runs in this process (ProcessLLMEngine's can die apart)."""
+
     def stats(self) -> EngineStats:
         return self.core.stats()

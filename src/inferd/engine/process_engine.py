@@ -37,6 +37,9 @@ _READY_TIMEOUT_S = 600.0
 # While requests are in flight, step() waits this long for the core's next message, so queued
 # adds and aborts are forwarded promptly even during a long step.
 _POLL_MS = 2
+# A send waits in steps this long for the core to take it, checking between them that it lives: a
+# PUSH socket whose peer is gone blocks forever.
+_SEND_POLL_MS = 100
 
 
 class EngineProcessDied(RuntimeError):
@@ -117,8 +120,7 @@ class ProcessLLMEngine:
     def step(self) -> list[RequestOutput]:
         """Outputs of the core's latest step (empty if none arrived within the poll interval)."""
         if not self._from_core.poll(_POLL_MS):
-            if not self._process.is_alive():
-                raise EngineProcessDied(f"engine process exited with code {self._process.exitcode}")
+            self.check_alive()
             return []
         message = self._decoder.decode(self._from_core.recv())
         if isinstance(message, FatalMsg):
@@ -136,7 +138,14 @@ class ProcessLLMEngine:
 
     def _send(self, message: AddMsg | AbortMsg) -> None:
         self._core_busy = True
+        while not self._to_core.poll(_SEND_POLL_MS, zmq.POLLOUT):
+            self.check_alive()
         self._to_core.send(self._encoder.encode(message))
+
+    def check_alive(self) -> None:
+        """Raises EngineProcessDied if the core's process has exited (killed, crashed)."""
+        if not self._process.is_alive():
+            raise EngineProcessDied(f"engine process exited with code {self._process.exitcode}")
 
     def abort(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> list[RequestOutput]:
         self._send(AbortMsg(list(request_ids), reason.value))
