@@ -340,3 +340,36 @@ def test_unloading_an_llm_folder_lets_its_generation_end_and_drops_its_gauges(li
     again = {"text_input": PROMPT, "parameters": GREEDY}
     generated = httpx.post(f"{base}/v2/models/{FOLDER_LLM}/generate", json=again, timeout=60).json()
     assert generated["text_output"] == live.expected[FOLDER_LLM]
+
+
+@pytest.mark.parametrize("model", [SERVED, FOLDER_LLM])
+def test_a_timed_out_generation_is_a_408_on_every_v2_path(live: Live, model: str) -> None:
+    base = f"{live.server.base_url}/v2/models/{model}"
+    # 10 ms (Triton's `timeout` parameter is in microseconds) against the hundreds of ms a 480-token
+    # answer takes: it always runs out.
+    long = {"temperature": 0, "max_tokens": LONG_MAX_TOKENS}
+    by_parameter = httpx.post(
+        f"{base}/generate", json={"text_input": PROMPT, "parameters": {**long, "timeout": 10_000}}, timeout=30
+    )
+    assert by_parameter.status_code == 408 and "timed out" in by_parameter.json()["error"]
+    header = {"X-Request-Timeout": "0.01"}
+    by_header = httpx.post(
+        f"{base}/generate", json={"text_input": PROMPT, "parameters": long}, headers=header, timeout=30
+    )
+    assert by_header.status_code == 408
+    text = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}
+    infer = httpx.post(
+        f"{base}/infer", json={"inputs": [text], "parameters": long}, headers=header, timeout=30
+    )
+    assert infer.status_code == 408
+    with httpx.stream(
+        "POST", f"{base}/generate_stream", json={"text_input": PROMPT, "parameters": long}, headers=header
+    ) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert "timed out" in events[-1]["error"]
+    client = triton_grpc.InferenceServerClient(live.grpc_url)
+    grpc_input = triton_grpc.InferInput("text_input", [1], "BYTES")
+    grpc_input.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(model, [grpc_input], parameters=long, timeout=10_000)  # Triton's: microseconds
+    assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"

@@ -49,4 +49,15 @@ def generation_params(parameters: Mapping[str, Any]) -> GenerationParams:
         top_k=_number(parameters, "top_k", integer=True),
         seed=_number(parameters, "seed", integer=True),
         stop=_stop(parameters),
+        timeout_s=_timeout_s(parameters),
     )
+
+
+def _timeout_s(parameters: Mapping[str, Any]) -> float | None:
+    """Triton's `timeout` request parameter, in microseconds (what tritonclient's `timeout=` sends)."""
+    microseconds = _number(parameters, "timeout", integer=True)
+    if microseconds is None:
+        return None
+    if microseconds <= 0:
+        raise InvalidInputError("parameter 'timeout' must be a positive number of microseconds")
+    return float(microseconds) / 1e6

@@ -104,6 +104,9 @@ class FrontendGenerationStream:
                     out = item.output
                     if out.new_text:
                         yield out.new_text
+                    if out.finished and out.finish_reason == "timeout":
+                        # As the other protocols: a 408 (DEADLINE_EXCEEDED), not a cut-off text.
+                        raise RequestTimedOutError("the request timed out and was aborted")
                     if out.finished:
                         self._result = GenerationResult(
                             text=out.text,
@@ -131,8 +134,11 @@ class FrontendTextGenerator:
         frontend = self.frontend
         sampling = sampling_params(frontend, params)
         try:
+            timeout_s = frontend.timeout_s(None, params.timeout_s)
             token_ids = frontend.prepare(text, sampling, field="text_input")
-            outputs = frontend.generate(frontend.new_request_id("v2"), [token_ids], sampling)
+            outputs = frontend.generate(
+                frontend.new_request_id("v2"), [token_ids], sampling, timeout_s=timeout_s
+            )
         except ApiError as exc:
             raise as_inference_error(exc) from exc
         return FrontendGenerationStream(outputs)
@@ -157,8 +163,9 @@ class RepositoryLLMLoader:
     """The `llm` runtime loader of a server: each model gets its own engine, and its metrics join the
     served LLM's (same registry, labelled with the model's name)."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: ServerMetrics, request_timeout_s: float | None = None) -> None:
         self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
 
     def __call__(self, model_dir: Path, config: ModelConfig) -> RepositoryLLM:
         path = resolve_artifact(model_dir, config, ".")
@@ -170,7 +177,7 @@ class RepositoryLLMLoader:
         llm = AsyncLLM.from_options(path, **config.parameters)
         metrics = self.metrics.for_model(config.name, llm.stats)
         llm.start()
-        return RepositoryLLM(Frontend(llm, config.name, metrics))
+        return RepositoryLLM(Frontend(llm, config.name, metrics, self.request_timeout_s))
 
 
 def served_llm_entry(frontend: Frontend) -> ModelEntry:
@@ -185,4 +192,5 @@ def served_llm_entry(frontend: Frontend) -> ModelEntry:
 
 def register_llm_runtime(runtimes: RuntimeRegistry, served: Frontend) -> None:
     """Lets `runtime: "llm"` model folders load, their metrics next to those of the served LLM."""
-    runtimes.register("llm", RepositoryLLMLoader(served.metrics), platform=LLM_PLATFORM)
+    loader = RepositoryLLMLoader(served.metrics, served.request_timeout_s)  # the server's default timeout
+    runtimes.register("llm", loader, platform=LLM_PLATFORM)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from inferd.server.errors import ApiError, protocol_route_class
+from inferd.server.frontend import TIMEOUT_HEADER
 from inferd.server.kserve.rest_codec import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from inferd.serving.dataplane import DataPlane
 from inferd.serving.errors import (
@@ -80,6 +81,21 @@ async def _control_parameters(request: Request) -> dict[str, Any]:
     if not isinstance(parameters, dict):
         raise InvalidInputError("'parameters' must be an object")
     return parameters
+
+
+def _with_timeout_header(request: Request, parameters: dict[str, Any]) -> dict[str, Any]:
+    """The `X-Request-Timeout` header (seconds, as on every protocol's routes) as Triton's `timeout`
+    parameter (microseconds), which wins when both are sent; tensor models ignore it."""
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is None or "timeout" in parameters:
+        return parameters
+    try:
+        seconds = float(header)
+    except ValueError:
+        raise InvalidInputError(f"{TIMEOUT_HEADER}: must be a number of seconds, got {header!r}") from None
+    if not 0 < seconds <= 86400:  # also refuses NaN
+        raise InvalidInputError(f"{TIMEOUT_HEADER}: must be in (0, 86400] seconds, got {header!r}")
+    return {**parameters, "timeout": max(1, round(seconds * 1e6))}
 
 
 def _generate_input(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -161,6 +177,7 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
             infer_request, binary_default = parse_infer_request(
                 await request.body(), request.headers.get(HEADER_LENGTH)
             )
+            infer_request.parameters = _with_timeout_header(request, infer_request.parameters)
             response = await plane.infer(name, version, infer_request)
             body, header_length = encode_infer_response(response, infer_request, binary_default)
             if header_length is None:
@@ -175,6 +192,7 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
         async def produce() -> Response:
             generator = plane.text_generator(name, version)
             text, parameters = _generate_input(await _json_body(request))
+            parameters = _with_timeout_header(request, parameters)
             result = await plane.generate(generator, text, parameters)
             entry = repository.get(name, version)
             return JSONResponse(
@@ -192,6 +210,7 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
         async def produce() -> Response:
             generator = plane.text_generator(name, version)
             text, parameters = _generate_input(await _json_body(request))
+            parameters = _with_timeout_header(request, parameters)
             entry = repository.get(name, version)
             # Validate the sampling fields before the 200 status line goes out.
             chunks = plane.generate_stream(generator, text, parameters)

@@ -36,6 +36,9 @@ class GenerationParams:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Seconds before the request is aborted as timed out: Triton's request parameter `timeout`
+    # (microseconds) or the REST header X-Request-Timeout (seconds); None: the server's default.
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
