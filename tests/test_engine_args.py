@@ -43,3 +43,46 @@ def test_the_other_flags() -> None:
     options = parse("--enforce-eager", "--no-prefix-caching", "--block-size", "32", "--seed", "7", "-tp", "2")
     assert options == {"enforce_eager": True, "enable_prefix_caching": False, "block_size": 32, "seed": 7,
                        "tensor_parallel_size": 2}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "hi", "--block-size", "0"],
+        ["generate", "hi", "--max-num-seqs", "-1"],
+        ["generate", "hi", "--max-model-len", "0"],
+        ["serve", "--port", "99999"],
+    ],
+)
+def test_out_of_range_flags_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from inferd.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:  # parsing only: nothing is started if a flag passes
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2 and "error: argument" in capsys.readouterr().err
+
+
+def test_zero_sizes_are_refused_not_replaced_by_the_defaults(tiny_llama) -> None:
+    from inferd.engine.builder import build_engine_config
+
+    for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        with pytest.raises(ValueError, match=f"{name} must be at least 1"):
+            build_engine_config(tiny_llama, **{name: 0})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "hi", "--max-tokens", "0"], "max_tokens: must be at least 1"),
+        (["generate", "hi", "--kv-cache-memory", "abc"], "cannot read memory size 'abc'"),
+        (["serve", "/no/such/folder"], "model folder /no/such/folder does not exist"),
+    ],
+)
+def test_bad_values_end_with_a_message_not_a_traceback(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inferd.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"inferd: error: {message}" in err and "Traceback" not in err

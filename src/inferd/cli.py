@@ -31,7 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except Exception as exc:
+        from inferd.config import ModelLoadError  # imports torch: only once a subcommand ran
+
+        # Bad options, input or paths get a message, not a traceback; anything else is a bug.
+        if not isinstance(exc, (ModelLoadError, ValueError, FileNotFoundError)):
+            raise
+        print(f"inferd: error: {exc}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

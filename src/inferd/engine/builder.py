@@ -39,25 +39,35 @@ def parse_memory(value: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
 
 
+# Engine options that are counts: unset (None) means the default, and each must be at least 1.
+_SIZES = ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "block_size")
+
+
 def build_engine_config(model_path: str | Path | None = None, **options: Any) -> EngineConfig:
     path = Path(model_path) if model_path is not None else default_model_path()
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} does not exist")
     model = ModelConfig.from_folder(path)
     device = options.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r}: torch {torch.__version__} sees no CUDA device")
     dtype = options.pop("dtype", None) or _default_dtype(model, device)
     parse_dtype(dtype)
-    max_model_len = _resolve_max_model_len(model, options.pop("max_model_len", None))
-    max_batched = options.pop("max_num_batched_tokens", None) or max(2048, min(max_model_len, 8192))
+    sizes = {name: options.pop(name, None) for name in _SIZES}
+    for name, value in sizes.items():
+        if value is not None and value < 1:  # 0 is a mistake to report, not "use the default"
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    max_model_len = _resolve_max_model_len(model, sizes["max_model_len"])
+    max_batched = sizes["max_num_batched_tokens"] or max(2048, min(max_model_len, 8192))
     scheduler = SchedulerConfig(
-        max_num_seqs=options.pop("max_num_seqs", None) or DEFAULT_MAX_NUM_SEQS,
+        max_num_seqs=sizes["max_num_seqs"] or DEFAULT_MAX_NUM_SEQS,
         max_num_batched_tokens=max_batched,
         max_model_len=max_model_len,
         max_tokens_cap=options.pop("max_tokens_cap", None),
     )
     kv_memory = options.pop("kv_cache_memory", None)
     cache = CacheConfig(
-        block_size=options.pop("block_size", None) or 16,
+        block_size=sizes["block_size"] or 16,
         kv_cache_memory=parse_memory(kv_memory) if kv_memory is not None else None,
         num_blocks=options.pop("num_kv_blocks", None),
         enable_prefix_caching=options.pop("enable_prefix_caching", True),

@@ -7,6 +7,15 @@ from typing import Any
 
 from inferd.config import GPU_DEFAULTS
 
+
+def positive_int(text: str) -> int:
+    """An argparse type: refuses 0 and negatives with a usage error, not a traceback later."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 # Flag destinations that map one to one onto engine keyword options.
 _DIRECT_OPTIONS = (
     "dtype",
@@ -58,10 +67,10 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and KV dtype")
     group.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     group.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB (default: from free memory)")
-    group.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
-    group.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
-    group.add_argument("--max-num-seqs", type=int, help="most sequences in one step (default 128)")
-    group.add_argument("--max-num-batched-tokens", type=int, help="token budget per step")
+    group.add_argument("--block-size", type=positive_int, help="tokens per KV block (default 16)")
+    group.add_argument("--max-model-len", type=positive_int, help="context limit (default: the model's)")
+    group.add_argument("--max-num-seqs", type=positive_int, help="most sequences in one step (default 128)")
+    group.add_argument("--max-num-batched-tokens", type=positive_int, help="token budget per step")
     group.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
     group.add_argument("--attention-backend", choices=["auto", "torch", "triton"], help="attention kernels")
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")

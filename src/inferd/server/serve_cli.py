@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from inferd.entrypoints.engine_args import add_engine_args, engine_options
+from inferd.entrypoints.engine_args import add_engine_args, engine_options, positive_int
 from inferd.server.config import ServerConfig
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", nargs="?", default=None, help="model folder; default: the built-in model")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged when ready)")
+    server.add_argument("--port", type=_port, default=8000, help="0 picks a free port (logged when ready)")
     server.add_argument(
         "--served-model-name", default=None, help="name clients use; default: the folder name"
     )
@@ -43,18 +43,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model-repository", type=Path, default=None, help="also serve the classic models in DIR (KServe v2)"
     )
     server.add_argument(
-        "--grpc-port", type=int, default=8001, help="KServe v2 gRPC port (with --model-repository)"
+        "--grpc-port", type=_port, default=8001, help="KServe v2 gRPC port (with --model-repository)"
     )
     limits = parser.add_argument_group("limits (overload, timeouts, shutdown)")
     limits.add_argument(
         "--max-queued-requests",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="refuse new requests (429) while this many are queued; default: unbounded",
     )
     limits.add_argument(
         "--max-queued-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="refuse new requests (429) while their prompt tokens would push the queued total past this",
     )
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     limits.add_argument(
         "--max-tokens-cap",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="most output tokens one request may ask for; also what one without max_tokens gets at most",
     )
@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     limits.add_argument(
         "--max-body-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_BODY_BYTES,
         help=f"refuse larger request bodies with a 413 (default {DEFAULT_MAX_BODY_BYTES})",
     )
@@ -112,10 +112,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def _positive_int(text: str) -> int:
+def _port(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text}")
     return value
 
 
