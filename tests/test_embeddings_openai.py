@@ -94,9 +94,23 @@ def test_base64_is_little_endian_float32(server: LiveServer) -> None:
         ({"model": "tiny-embedder", "input": []}, 400),
         ({"model": "tiny-embedder", "input": [1, 2]}, 400),
         ({"model": "tiny-embedder", "input": "x", "encoding_format": "int8"}, 400),
+        ({"model": "tiny-embedder", "input": ""}, 400),
+        ({"model": "tiny-embedder", "input": ["x", ""]}, 400),
+        ({"model": "tiny-embedder", "input": "x", "dimensions": 3}, 400),
     ],
 )
 def test_embedding_errors(server: LiveServer, body: dict[str, object], status: int) -> None:
     response = httpx.post(f"{server.http_url}/v1/embeddings", json=body, timeout=30)
     assert response.status_code == status
     assert response.json()["error"]["message"]
+
+
+def test_dimensions_equal_to_the_models_width_are_accepted(server: LiveServer) -> None:
+    url = f"{server.http_url}/v1/embeddings"
+    width = len(
+        httpx.post(url, json={"model": "tiny-embedder", "input": "x"}, timeout=30).json()["data"][0][
+            "embedding"
+        ]
+    )
+    same = httpx.post(url, json={"model": "tiny-embedder", "input": "x", "dimensions": width}, timeout=30)
+    assert same.status_code == 200

@@ -54,8 +54,12 @@ def _parse_body(body: Any) -> tuple[str, list[str], str]:
     texts = body.get("input")
     if isinstance(texts, str):
         texts = [texts]
+    if isinstance(texts, list) and texts and all(isinstance(t, int) for t in texts):
+        raise InvalidInputError("'input' as token ids is not supported: send the text")
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise InvalidInputError("'input' must be a string or a non-empty list of strings")
+    if not all(texts):  # as OpenAI: an empty string has nothing to embed
+        raise InvalidInputError("'input' must not contain empty strings")
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise InvalidInputError("'encoding_format' must be 'float' or 'base64'")
@@ -94,6 +98,11 @@ class _EmbeddingService:
         model, texts, encoding = _parse_body(body)
         input_name = self._input_name(model)
         results = await asyncio.gather(*(self._embed_one(model, input_name, text) for text in texts))
+        dimensions = body.get("dimensions")
+        width = len(results[0][0])
+        if dimensions is not None and dimensions != width:
+            # Shortening is only meaningful for models trained for it; this one gives its own width.
+            raise InvalidInputError(f"'dimensions': model {model!r} gives {width}-dimensional embeddings")
         tokens = sum(count for _, count in results)
         return {
             "object": "list",
