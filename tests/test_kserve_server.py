@@ -441,3 +441,19 @@ def test_models_load_and_unload_while_the_server_runs(
     assert _http_error(lambda: http_client.unload_model("no_such_model")) == "404"
     assert _http_error(lambda: http_client.load_model("broken")) == "400"
     assert _http_error(lambda: http_client.load_model("digits", config='{"max_batch_size": 1}')) == "400"
+
+
+def test_the_timeout_header_and_parameter_follow_triton(server: LiveServer) -> None:
+    from inferd.serving.generation import generation_params
+
+    assert generation_params({"timeout": 0}).timeout_s is None  # Triton's 0: no timeout
+    assert generation_params({"timeout": 250_000}).timeout_s == 0.25  # microseconds
+    # A tensor model has no timeout to take: the header, even a bad one, does not fail it.
+    image = {"name": "image", "datatype": "FP32", "shape": [1, 8, 8], "data": [0.0] * 64}
+    response = httpx.post(
+        f"{server.http_url}/v2/models/digits/infer",
+        json={"inputs": [image]},
+        headers={"X-Request-Timeout": "soon"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import openai
@@ -60,21 +62,39 @@ async def test_an_engine_process_lost_between_requests_is_noticed_at_once(tiny_l
         llm.shutdown()
 
 
-async def test_the_engine_process_outlives_a_signal_to_the_process_group(tiny_llama) -> None:
+async def test_signals_to_the_process_group_let_the_generation_in_flight_end(tiny_llama) -> None:
     llm = AsyncLLM.from_options(tiny_llama, engine_process=True, kv_cache_memory="8MiB")
     llm.start()
     try:
         running = asyncio.ensure_future(_generate(llm, "running", max_tokens=200))
         await asyncio.sleep(0.2)
-        # What Ctrl-C or a service manager's SIGTERM sends it beside the server process, which
-        # drains its requests before it stops the core.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            os.kill(llm.engine._process.pid, sig)  # type: ignore[union-attr]
+        process = llm.engine._process  # type: ignore[union-attr]
+        # What Ctrl-C sends it beside the server process, which drains and then stops the core.
+        os.kill(process.pid, signal.SIGINT)
+        await asyncio.sleep(0.1)
+        assert process.is_alive()
+        # A service manager's SIGTERM: the core finishes what it has, then ends.
+        os.kill(process.pid, signal.SIGTERM)
         outputs = await asyncio.wait_for(running, 60)
         assert outputs[-1].finish_reason == "length" and outputs[-1].error is None
-        assert llm.is_alive and (await _generate(llm, "after"))[-1].finish_reason == "length"
+        await _until(lambda: not process.is_alive())
+        assert process.exitcode == 0
     finally:
         llm.shutdown()
+
+
+def test_a_script_that_exits_without_shutdown_does_not_hang(tiny_llama, tmp_path) -> None:
+    # multiprocessing ends a daemon child at exit with SIGTERM and then waits for it.
+    script = tmp_path / "forgets_shutdown.py"
+    script.write_text(
+        "import sys\n"
+        "from inferd.engine.async_llm import AsyncLLM\n"
+        "if __name__ == '__main__':  # the spawned engine process imports this file again\n"
+        f"    llm = AsyncLLM.from_options({str(tiny_llama)!r}, engine_process=True, kv_cache_memory='8MiB')\n"
+        "    sys.exit(3)\n"
+    )
+    finished = subprocess.run([sys.executable, str(script)], timeout=120, capture_output=True, text=True)
+    assert finished.returncode == 3, finished.stderr
 
 
 def test_an_idle_engine_process_ends_when_the_server_process_is_gone() -> None:
@@ -89,21 +109,26 @@ def test_an_idle_engine_process_ends_when_the_server_process_is_gone() -> None:
         def has_unfinished(self) -> bool:
             return False
 
+    class BusyCore:  # mid-work: its steps would go to nobody
+        def has_unfinished(self) -> bool:
+            return True
+
     context = zmq.Context()
     inbox, outbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     inbox.bind("inproc://parent-gone-in")
     outbox.bind("inproc://parent-gone-out")
     not_our_parent = os.getppid() + 1  # as if the server had died and the process were adopted
-    returned: list[bool] = []
+    returned: list[str] = []
 
-    def serve() -> None:
-        _serve(IdleCore(), inbox, outbox, msgspec.msgpack.Encoder(), not_our_parent)  # type: ignore[arg-type]
-        returned.append(True)
+    def serve(core: object) -> None:
+        _serve(core, inbox, outbox, msgspec.msgpack.Encoder(), not_our_parent)  # type: ignore[arg-type]
+        returned.append(type(core).__name__)
 
-    serving = threading.Thread(target=serve, daemon=True)
-    serving.start()
-    serving.join(10)
-    assert returned == [True]  # it returned (not raised) once it saw the parent gone
+    for core in (IdleCore(), BusyCore()):
+        serving = threading.Thread(target=serve, args=(core,), daemon=True)
+        serving.start()
+        serving.join(10)
+    assert returned == ["IdleCore", "BusyCore"]  # each returned (not raised) once it saw the parent gone
     inbox.close(linger=0)
     outbox.close(linger=0)
     context.term()

@@ -49,8 +49,6 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         raise ModelLoadError(f"model folder {path} does not exist")
     model = ModelConfig.from_folder(path)
     device = options.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r}: torch {torch.__version__} sees no CUDA device")
     dtype = options.pop("dtype", None) or _default_dtype(model, device)
     parse_dtype(dtype)
     sizes = {name: options.pop(name, None) for name in _SIZES}

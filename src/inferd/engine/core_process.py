@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import traceback
+from types import FrameType
 
 import msgspec
 import zmq
@@ -68,10 +70,11 @@ FromCore = ReadyMsg | OutputsMsg | FatalMsg
 def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) -> None:
     """Entry point of the engine process: load, report ready, then serve steps until shut down."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine[{os.getpid()}] %(message)s")
-    # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group: the
-    # parent drains its requests and then sends ShutdownMsg, so the core must outlive the signal.
+    # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group, while
+    # the server drains its requests and then sends ShutdownMsg: SIGINT is ignored, and SIGTERM
+    # (also how multiprocessing ends a daemon child at exit) ends the core once it is idle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     parent = os.getppid()
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
@@ -99,18 +102,44 @@ def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) ->
         context.term()
 
 
+_terminating = threading.Event()
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    _terminating.set()
+
+
+def _should_end(parent: int) -> bool:
+    """The server process is gone (killed: no ShutdownMsg will come), or SIGTERM came."""
+    if os.getppid() != parent:
+        logger.warning("the server process is gone: the engine process ends")
+        return True
+    return _terminating.is_set()
+
+
+def _send(outbox: zmq.Socket, data: bytes, parent: int) -> bool:
+    """Sends unless the server process is gone (a PUSH socket without its peer blocks forever)."""
+    while not outbox.poll(_PARENT_CHECK_MS, zmq.POLLOUT):
+        if os.getppid() != parent:
+            logger.warning("the server process is gone: the engine process ends")
+            return False
+    outbox.send(data)
+    return True
+
+
 def _serve(
     core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgspec.msgpack.Encoder, parent: int
 ) -> None:
     decoder = msgspec.msgpack.Decoder(ToCore)
     while True:
         if not core.has_unfinished():
-            # Idle: wait for work, and end with a parent that is gone (killed, so no ShutdownMsg
-            # will come; the signals that would have ended this process are ignored).
+            # Idle: wait for work; end on SIGTERM or with a parent that is gone.
             while not inbox.poll(_PARENT_CHECK_MS):
-                if os.getppid() != parent:
-                    logger.warning("the server process is gone: the engine process ends")
+                if _should_end(parent):
                     return
+        elif os.getppid() != parent:  # orphaned mid-work: nobody reads what it would compute
+            logger.warning("the server process is gone: the engine process ends")
+            return
         # Take whatever arrived, then step again at once.
         flags = zmq.NOBLOCK
         aborted = False
@@ -138,7 +167,9 @@ def _serve(
                 aborted = True
         if core.has_unfinished():
             outputs = core.step()
-            outbox.send(encoder.encode(OutputsMsg(outputs, core.stats())))
+            if not _send(outbox, encoder.encode(OutputsMsg(outputs, core.stats())), parent):
+                return
         elif aborted:
             # No step will follow to carry fresh stats: report the freed blocks now.
-            outbox.send(encoder.encode(OutputsMsg([], core.stats())))
+            if not _send(outbox, encoder.encode(OutputsMsg([], core.stats())), parent):
+                return

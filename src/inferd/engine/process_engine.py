@@ -159,8 +159,10 @@ class ProcessLLMEngine:
         return self._stats
 
     def close(self) -> None:
-        if self._process.is_alive():
+        # Sent only if the core can take it: a core on its way out may have closed its inbox.
+        if self._process.is_alive() and self._to_core.poll(1000, zmq.POLLOUT):
             self._to_core.send(self._encoder.encode(ShutdownMsg()))
+        if self._process.is_alive():
             self._process.join(10)
             if self._process.is_alive():
                 self._process.kill()

@@ -54,10 +54,11 @@ def generation_params(parameters: Mapping[str, Any]) -> GenerationParams:
 
 
 def _timeout_s(parameters: Mapping[str, Any]) -> float | None:
-    """Triton's `timeout` request parameter, in microseconds (what tritonclient's `timeout=` sends)."""
+    """Triton's `timeout` request parameter, in microseconds (what tritonclient's `timeout=` sends);
+    0, as in Triton, means none."""
     microseconds = _number(parameters, "timeout", integer=True)
-    if microseconds is None:
+    if not microseconds:
         return None
-    if microseconds <= 0:
-        raise InvalidInputError("parameter 'timeout' must be a positive number of microseconds")
+    if microseconds < 0:
+        raise InvalidInputError("parameter 'timeout' must be a non-negative number of microseconds")
     return float(microseconds) / 1e6

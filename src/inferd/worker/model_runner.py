@@ -10,7 +10,7 @@ import torch
 
 from inferd.attention.base import AttentionBackend
 from inferd.attention.registry import create_backend, resolve_backend_name
-from inferd.config import EngineConfig, parse_dtype
+from inferd.config import EngineConfig, ModelLoadError, parse_dtype
 from inferd.engine.request import Request
 from inferd.models.loader import enable_configured_kernels, load_model
 from inferd.sample.sampler import PendingSample, Sampler, TokenLogprobs
@@ -56,6 +56,9 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            # A configuration may name CUDA anywhere; running it needs a GPU torch can see.
+            raise ModelLoadError(f"device {config.device!r}: torch {torch.__version__} sees no CUDA device")
         self._bind_device()
         self.dtype = parse_dtype(config.dtype)
         # With tensor parallelism this is rank 0: the other ranks start first and load alongside.

@@ -22,6 +22,7 @@ from inferd.serving.errors import (
     ServerOverloadedError,
 )
 from inferd.serving.repository import ModelRepository
+from inferd.serving.runtimes.base import TextGenerator
 
 _STATUS_BY_ERROR: tuple[tuple[type[InferenceError], int], ...] = (
     (InvalidInputError, 400),
@@ -177,7 +178,8 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
             infer_request, binary_default = parse_infer_request(
                 await request.body(), request.headers.get(HEADER_LENGTH)
             )
-            infer_request.parameters = _with_timeout_header(request, infer_request.parameters)
+            if isinstance(repository.get(name, version).runtime, TextGenerator):  # tensor models: none
+                infer_request.parameters = _with_timeout_header(request, infer_request.parameters)
             response = await plane.infer(name, version, infer_request)
             body, header_length = encode_infer_response(response, infer_request, binary_default)
             if header_length is None:
