@@ -208,6 +208,8 @@ async def test_dead_engine_loop_fails_every_waiter_and_refuses_new_requests(tiny
             asyncio.gather(*[_run(llm, f"r{i}", LONG) for i in range(3)]), timeout=30
         )
         assert all(out.finish_reason == "error" and "engine core is gone" in out.error for out in outs)
+        # The tokens made before the engine died are still counted (request log, token counters).
+        assert all(len(out.token_ids) >= 3 for out in outs)
         assert not llm.is_alive
         with pytest.raises(EngineDeadError):
             await _run(llm, "late", LONG)

@@ -306,7 +306,12 @@ class AsyncLLM:
     def _fail_all(self, message: str) -> None:
         with self._lock:
             ids = list(self._streams)
-        self._deliver([_error_output(i, [], message) for i in ids])
+        outputs = []
+        for request_id in ids:
+            # With the tokens made so far, so the request log and token counters stay true.
+            out = self.engine.output_processor.finish(request_id, FinishReason.ERROR.value, message)
+            outputs.append(out if out is not None else _error_output(request_id, [], message))
+        self._deliver(outputs)
 
     def _forget(self, request_id: str) -> None:
         with self._lock:
