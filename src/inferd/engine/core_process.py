@@ -109,19 +109,18 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     _terminating.set()
 
 
-def _should_end(parent: int) -> bool:
-    """The server process is gone (killed: no ShutdownMsg will come), or SIGTERM came."""
-    if os.getppid() != parent:
-        logger.warning("the server process is gone: the engine process ends")
-        return True
-    return _terminating.is_set()
+def _parent_gone(parent: int) -> bool:
+    """The server process that started this one is gone (killed: no ShutdownMsg will come)."""
+    if os.getppid() == parent:
+        return False
+    logger.warning("the server process is gone: the engine process ends")
+    return True
 
 
 def _send(outbox: zmq.Socket, data: bytes, parent: int) -> bool:
     """Sends unless the server process is gone (a PUSH socket without its peer blocks forever)."""
     while not outbox.poll(_PARENT_CHECK_MS, zmq.POLLOUT):
-        if os.getppid() != parent:
-            logger.warning("the server process is gone: the engine process ends")
+        if _parent_gone(parent):
             return False
     outbox.send(data)
     return True
@@ -135,10 +134,9 @@ def _serve(
         if not core.has_unfinished():
             # Idle: wait for work; end on SIGTERM or with a parent that is gone.
             while not inbox.poll(_PARENT_CHECK_MS):
-                if _should_end(parent):
+                if _parent_gone(parent) or _terminating.is_set():
                     return
-        elif os.getppid() != parent:  # orphaned mid-work: nobody reads what it would compute
-            logger.warning("the server process is gone: the engine process ends")
+        elif _parent_gone(parent):  # orphaned mid-work: nobody reads what it would compute
             return
         # Take whatever arrived, then step again at once.
         flags = zmq.NOBLOCK
