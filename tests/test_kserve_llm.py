@@ -246,13 +246,18 @@ def test_leaving_generate_stream_aborts_the_request(live: Live) -> None:
     assert generated() - generated_before < LONG_MAX_TOKENS
 
 
+def _running(count: int) -> Callable[[], EngineStats]:
+    """An engine's stats reader that reports `count` running requests and nothing else."""
+    stats = EngineStats(
+        num_running=count, num_waiting=0, kv_usage=0.0, num_preemptions=0, prefix_queries=0, prefix_hits=0
+    )
+    return lambda: stats
+
+
 def test_repository_llm_metrics_share_the_served_registry() -> None:
     registry = CollectorRegistry()
-    stats = EngineStats(
-        num_running=1, num_waiting=0, kv_usage=0.0, num_preemptions=0, prefix_queries=0, prefix_hits=0
-    )
-    served = ServerMetrics(registry, "a", lambda: stats)
-    other = served.for_model("b", lambda: stats)
+    served = ServerMetrics(registry, "a", _running(1))
+    other = served.for_model("b", _running(1))
     other.record_finished(FinishedRequest("stop", 3, 2, 0.1, 0.2, 0.0))
     assert (
         registry.get_sample_value(
@@ -268,17 +273,6 @@ def test_repository_llm_metrics_share_the_served_registry() -> None:
 def test_a_reloaded_or_stopped_engine_leaves_one_series_or_none() -> None:
     registry = CollectorRegistry()
 
-    def stats(running: int) -> Callable[[], EngineStats]:
-        snapshot = EngineStats(
-            num_running=running,
-            num_waiting=0,
-            kv_usage=0.0,
-            num_preemptions=0,
-            prefix_queries=0,
-            prefix_hits=0,
-        )
-        return lambda: snapshot
-
     def running_samples() -> list[float]:
         return [
             sample.value
@@ -287,9 +281,9 @@ def test_a_reloaded_or_stopped_engine_leaves_one_series_or_none() -> None:
             if sample.name == "inferd:num_requests_running" and sample.labels["model_name"] == "b"
         ]
 
-    served = ServerMetrics(registry, "a", stats(0))
-    first = served.for_model("b", stats(1))
-    second = served.for_model("b", stats(2))  # a reload: the new engine replaces the old one's series
+    served = ServerMetrics(registry, "a", _running(0))
+    first = served.for_model("b", _running(1))
+    second = served.for_model("b", _running(2))  # a reload: the new engine replaces the old one's series
     assert running_samples() == [2]
     first.forget_engine()  # the old engine stops after the new one is in
     assert running_samples() == [2]
