@@ -647,11 +647,9 @@ def sweep_fused_inputs(plan: Plan, ceilings: Ceilings) -> list[dict[str, Any]]:
 
 
 # (features per program, inner elements per step, warps, stages) tried for the fused kernels
-# besides the default tile (on a GPU). With the default tile the norm-fused kernel takes 72
-# registers a thread against the plain one's 40, so 7 of its programs fit a multiprocessor
-# instead of 12: 924 on an H200, fewer than the 1,024 of Qwen3's q|k|v at one row. Compiled for
-# sm_90a (Triton 3.9), these take 94, 48 and 44 registers (5, 10 and 5 programs a multiprocessor).
-FUSED_TILES = [(8, 512, 4, 4), (4, 256, 4, 6), (8, 256, 8, 4)]
+# besides the default tile (on a GPU): the first is the plain kernel's tile, the fused kernels'
+# default until the H200 call of 2026-11-30 measured 8 x 512 faster (default_fused_tile).
+FUSED_TILES = [(4, 512, 4, 4), (4, 256, 4, 6), (8, 256, 8, 4)]
 
 
 def _fused_input_paths(
@@ -1028,45 +1026,35 @@ VARIANTS = {
     "cublas_linear": {"triton_linear": False},
     "triton_sampling": {"triton_sampling": True},
     "fused_linear": {"triton_fused_linear": True},
-    "split_short": {},
-    "split_mid": {},
-    "heads_first": {},
+    "split_32": {},
     "tiled_linear": {"triton_tiled_linear": True},
-    "pdl": {"triton_pdl": True},
     "decode_rotary": {"triton_decode_rotary": True},
-    "pdl_no_prefetch": {"triton_pdl": True},
+    "pdl_no_prefetch": {},
     # The default engine without its start-up warm-up: what the warm-up takes off the first run.
     "no_warm_up": {"warm_up": False},
-    # Every feature above that is off by default, together (with the module patches of
-    # split_short, split_mid and heads_first too).
+    # Every engine option of GPU_DEFAULTS that is off by default, together.
     "all_unmeasured": {
         "triton_fused_linear": True,
         "triton_sampling": True,
         "triton_tiled_linear": True,
-        "triton_pdl": True,
         "triton_decode_rotary": True,
     },
+    # The defaults before the H200 call of 2026-11-30 switched on PDL and the decode tunings of
+    # PREVIOUS_DEFAULTS below: the before of that change, measured in the same run as the after.
+    "previous_defaults": {"triton_pdl": False},
 }
 # Variants that set a kernel module's constant, not an engine option, for their measurement only:
-# tunings the engine does not expose. ``split_short`` lets 64-token parts of a context run in
-# parallel (default 256). The CUDA graphs of one sequence then get context tiers of 127 (unsplit),
-# 255 (3 ways) and 511 tokens (7 ways) and so on: the batch-1 benchmark's contexts of 17 to 272
-# tokens run unsplit, then 3 and finally 7 ways, where by default all of them run unsplit.
-# ``split_mid`` splits contexts until there are 4 decode programs per SM, not 1: on an H200's 132
-# SMs, batches of up to 65 sequences of 8 KV heads split their contexts of 512 tokens or more, so
-# that the workload's tail, a few programs per SM of uneven lengths, balances (batches of up to 16,
-# split already, split further). ``heads_first`` launches a sequence's decode programs side by
-# side, so together they read its K/V rows whole.
+# tunings the engine does not expose. ``split_32`` lets 32-token parts of a context run in
+# parallel (default 64): one sequence's contexts of 64 to 127 tokens split too.
 MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
     # PDL without the skinny matmul's L2 prefetch of its weights before the wait.
     "pdl_no_prefetch": {("inferd.layers.triton_linear", "PREFETCH_MAX_BYTES"): 0},
-    "split_short": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64},
-    "split_mid": {("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 4},
-    "heads_first": {("inferd.attention.triton_kernels", "_DECODE_HEADS_FIRST"): True},
-    "all_unmeasured": {
-        ("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 64,
-        ("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 4,
-        ("inferd.attention.triton_kernels", "_DECODE_HEADS_FIRST"): True,
+    "split_32": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 32},
+    "previous_defaults": {
+        ("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 256,
+        ("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 1,
+        ("inferd.attention.triton_kernels", "_DECODE_HEADS_FIRST"): False,
+        ("inferd.attention.triton_kernels", "_DECODE_NUM_STAGES"): 3,
     },
 }
 # Options a CPU engine refuses: the smoke run leaves them out, so their variants run the same code
@@ -1436,29 +1424,28 @@ def planned_steps(runs: dict[str, ShapeRun]) -> list[Callable[[], None]]:
         qwen.checks,
         functools.partial(qwen.variant, "default", workload=True),
         functools.partial(llama.variant, "default"),
-        # The features that are off until measured, together and then one at a time: what the
-        # targets need, so they come before the sweeps that explain them. Together first: the
-        # figures the defaults would give if all of them were switched on.
-        functools.partial(qwen.variant, "all_unmeasured", workload=True),
-        functools.partial(llama.variant, "all_unmeasured"),
-        functools.partial(qwen.variant, "pdl", workload=True),
-        functools.partial(llama.variant, "pdl"),
-        functools.partial(qwen.variant, "decode_rotary", workload=True),
+        # The same engines on the defaults before the last device call switched some on: the
+        # before and after of that change in one run.
+        functools.partial(qwen.variant, "previous_defaults", workload=True),
+        functools.partial(llama.variant, "previous_defaults"),
+        # The features that are still off, one that the batch-1 target needs first, then all of
+        # them together: the figures the defaults would give if all were switched on.
         functools.partial(qwen.variant, "fused_linear"),
         functools.partial(llama.variant, "fused_linear"),
-        functools.partial(qwen.variant, "split_short"),
-        functools.partial(qwen.variant, "triton_sampling", workload=True),
-        functools.partial(qwen.variant, "tiled_linear", workload=True),
-        functools.partial(qwen.variant, "split_mid", workload=True),
-        functools.partial(qwen.variant, "heads_first", workload=True),
-        functools.partial(qwen.variant, "no_warm_up", workload=True),
+        functools.partial(qwen.variant, "all_unmeasured", workload=True),
+        functools.partial(llama.variant, "all_unmeasured"),
+        functools.partial(qwen.variant, "split_32"),
+        functools.partial(qwen.variant, "decode_rotary", workload=True),
         # The kernels behind the attention and sampler variants, alone: short, and what says
         # which decode tile, launch order and split to keep.
         qwen.decode_sweep,
         qwen.split_sweep,
-        qwen.sampler_timing,
-        functools.partial(qwen.variant, "pdl_no_prefetch"),
         qwen.fused_input_sweep,
+        qwen.sampler_timing,
+        functools.partial(qwen.variant, "triton_sampling", workload=True),
+        functools.partial(qwen.variant, "pdl_no_prefetch"),
+        functools.partial(qwen.variant, "tiled_linear", workload=True),
+        functools.partial(qwen.variant, "no_warm_up", workload=True),
         qwen.tiled_sweep,
         qwen.linear_sweep,
         functools.partial(qwen.variant, "cublas_linear", workload=True),

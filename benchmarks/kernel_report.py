@@ -142,8 +142,8 @@ def cases() -> list[Case]:
     from inferd.layers import triton_linear
 
     # Decode-step projections: Qwen3's gate|up (1024 -> 6144) at 1 to 8 rows, default tiles; then
-    # at one row the fused inputs, as the layers launch them: the add + norm before gate|up, and
-    # SiLU-and-mul before the down projection (3072 -> 1024).
+    # at one and two rows the fused inputs, as the layers launch them: the add + norm before
+    # gate|up, and SiLU-and-mul before the down projection (3072 -> 1024).
     linear_types = {"x_ptr": BF16, "w_ptr": BF16, "bias_ptr": BF16, "y_ptr": BF16, "residual_ptr": BF16,
                     "norm_weight_ptr": BF16, "residual_out_ptr": BF16, "eps": "fp32"}  # fmt: skip
     linear_inputs = {  # label: (out, in, GATED, NORMED)
@@ -152,8 +152,11 @@ def cases() -> list[Case]:
     }  # fmt: skip
     linear_cases = []
     for label, (out_features, in_features, gated, normed) in linear_inputs.items():
-        for rows in (1, 2, 4, 8) if not label else (1,):
-            tile = triton_linear.default_tile(rows, in_features)
+        for rows in (1, 2, 4, 8) if not label else (1, 2):
+            if label:
+                tile = triton_linear.default_fused_tile(rows, in_features)
+            else:
+                tile = triton_linear.default_tile(rows, in_features)
             linear_cases.append(
                 Case(LINEAR, "_skinny_linear_kernel", f"skinny linear rows={rows}{label}", linear_types,
                      {"rows": rows, "out_features": out_features, "in_features": in_features,

@@ -49,9 +49,10 @@ def decode_after_prompts(folder: Path, lengths: list[int]) -> tuple[LLM, Schedul
     """An engine (torch attention, synchronous steps) that has run one prompt per length, its next
     step (one decode token per sequence) and that step's logits on the torch path. In float32 on a
     GPU too: a bfloat16 engine's default would round the torch path's norm outputs and the fused
-    matmul's not, further apart than the callers' 1e-4 on the logits."""
+    matmul's not, further apart than the callers' 1e-4 on the logits. The Triton ops are off by
+    name, since a GPU engine has them on by default."""
     llm = LLM(folder, kv_cache_memory="4MiB", block_size=8, attention_backend="torch", async_scheduling=False,
-              dtype="float32")  # fmt: skip
+              dtype="float32", triton_ops=False)  # fmt: skip
     core = llm.engine.core
     vocab = llm.engine.config.model.vocab_size
     params = SamplingParams(max_tokens=3, ignore_eos=True)

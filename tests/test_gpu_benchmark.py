@@ -243,7 +243,7 @@ def test_module_patches_hold_for_the_block_only() -> None:
     from inferd.attention import triton_kernels
 
     default = triton_kernels._MIN_TOKENS_PER_SPLIT
-    patches = gpu.MODULE_PATCHES["split_short"]
+    patches = gpu.MODULE_PATCHES["split_32"]
     from inferd.worker.cuda_graphs import context_tiers
 
     def one_sequence_tiers() -> list[tuple[int, int]]:
@@ -253,10 +253,10 @@ def test_module_patches_hold_for_the_block_only() -> None:
         return [(tier, triton_kernels.default_num_splits(1, 8, tier, 132)) for tier in tiers]
 
     with gpu.patched_modules(patches):
-        assert triton_kernels._MIN_TOKENS_PER_SPLIT == 64
-        assert one_sequence_tiers()[:3] == [(127, 1), (255, 3), (511, 7)]
+        assert triton_kernels._MIN_TOKENS_PER_SPLIT == 32
+        assert one_sequence_tiers()[:3] == [(63, 1), (127, 3), (255, 7)]
     assert triton_kernels._MIN_TOKENS_PER_SPLIT == default
-    assert one_sequence_tiers()[0] == (511, 1)
+    assert one_sequence_tiers()[:3] == [(127, 1), (255, 3), (511, 7)]
     with pytest.raises(RuntimeError), gpu.patched_modules(patches):
         raise RuntimeError("the measurement failed")
     assert triton_kernels._MIN_TOKENS_PER_SPLIT == default
@@ -264,24 +264,26 @@ def test_module_patches_hold_for_the_block_only() -> None:
 
 def test_every_patch_names_a_constant_and_all_unmeasured_takes_every_feature() -> None:
     """A misspelt patch would raise outside any part's ``attempt`` and end the device call; a
-    feature left out of all_unmeasured would be missing from the figures the defaults would give."""
+    feature left out of all_unmeasured would be missing from the figures the defaults would give;
+    a patch or option equal to the default would measure the default again."""
     import importlib
 
+    from inferd.config import GPU_DEFAULTS
+
     for patches in gpu.MODULE_PATCHES.values():
-        for module, attr in patches:
-            assert hasattr(importlib.import_module(module), attr), f"{module}.{attr}"
-    combined = gpu.MODULE_PATCHES["all_unmeasured"]
-    off_features = {"split_short", "split_mid", "heads_first"}
-    for name in off_features:
-        assert gpu.MODULE_PATCHES[name].items() <= combined.items(), name
-    assert combined.keys() == {key for name in off_features for key in gpu.MODULE_PATCHES[name]}
-    options = gpu.VARIANTS["all_unmeasured"]
-    for name in ("triton_sampling", "fused_linear", "tiled_linear", "pdl", "decode_rotary"):
-        assert gpu.VARIANTS[name].items() <= options.items(), name
+        for (module, attr), value in patches.items():
+            assert getattr(importlib.import_module(module), attr) != value, f"{module}.{attr}"
+    off = {option for option, on in GPU_DEFAULTS.items() if not on}
+    assert gpu.VARIANTS["all_unmeasured"] == dict.fromkeys(off, True)
+    for option in off:  # each also alone
+        assert any(options == {option: True} for options in gpu.VARIANTS.values()), option
+    on = {option for option, on in GPU_DEFAULTS.items() if on}
+    assert gpu.VARIANTS["previous_defaults"] == dict.fromkeys(on, False)
 
 
-def test_split_mid_gives_mid_size_batches_split_tiers() -> None:
-    """split_mid's patch splits the long contexts of batches up to 65 sequences on an H200."""
+def test_mid_size_batches_split_their_long_contexts() -> None:
+    """Batches of up to 65 sequences split their long contexts on an H200 (4 decode programs per
+    SM); before the H200 call that measured it (previous_defaults), only batches of up to 16 did."""
     from inferd.attention import triton_kernels
     from inferd.worker.cuda_graphs import context_tiers
 
@@ -292,11 +294,11 @@ def test_split_mid_gives_mid_size_batches_split_tiers() -> None:
         first = triton_kernels.longest_unsplit_context()
         return [(tier, split(tier)) for tier in context_tiers(2048, split, first)]
 
-    assert [tiers(n) for n in (32, 64, 72)] == [[(2048, 1)]] * 3
-    with gpu.patched_modules(gpu.MODULE_PATCHES["split_mid"]):
-        assert tiers(32) == [(511, 1), (2048, 3)]
-        assert tiers(64) == [(511, 1), (2048, 2)]
-        assert tiers(72) == [(2048, 1)]
+    assert tiers(32) == [(127, 1), (2048, 3)]
+    assert tiers(64) == [(127, 1), (2048, 2)]
+    assert tiers(72) == [(2048, 1)]
+    with gpu.patched_modules(gpu.MODULE_PATCHES["previous_defaults"]):
+        assert [tiers(n) for n in (32, 64, 72)] == [[(2048, 1)]] * 3
 
 
 def test_variants_are_printed_against_the_default() -> None:
@@ -323,8 +325,8 @@ def test_a_variant_leaves_pdl_off_for_the_sweeps_after_it(monkeypatch: pytest.Mo
             raise RuntimeError("the measurement failed")
 
     monkeypatch.setattr(gpu.ShapeRun, "_measure", measure, raising=True)
-    run.variant("pdl")
-    assert measured[0]["triton_pdl"] is True and not triton_pdl.enabled()
+    run.variant("fused_linear")
+    assert measured[0]["triton_fused_linear"] is True and not triton_pdl.enabled()
     with pytest.raises(RuntimeError):
         run.variant("pdl_no_prefetch")
     assert not triton_pdl.enabled()

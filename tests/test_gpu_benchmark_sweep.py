@@ -39,11 +39,12 @@ def test_decode_sweep_times_each_tile_checks_it_and_restores_the_default(monkeyp
     assert results[2]["relative_error_vs_default"] == 0.0  # the same programs, in another order
     assert all(r["us"] > 0 and r["kv_bytes_per_s"] > 0 for r in results)
     tile = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS)
-    assert tile == (64, 4) and triton_kernels._DECODE_NUM_STAGES == 3
-    assert triton_kernels._DECODE_HEADS_FIRST is False
-    # The reference, then the same number of calls for each of the three tiles: the last heads first.
+    assert tile == (64, 4) and triton_kernels._DECODE_NUM_STAGES == 2
+    assert triton_kernels._DECODE_HEADS_FIRST is True
+    # The reference (the default, heads first), then the same number of calls for each of the
+    # three tiles: the last heads first.
     per_tile = (len(launched_heads_first) - 1) // 3
-    assert launched_heads_first == [False] * (1 + 2 * per_tile) + [True] * per_tile
+    assert launched_heads_first == [True] + [False] * (2 * per_tile) + [True] * per_tile
 
 
 def test_sweeps_stop_between_cases_once_the_budget_is_spent(monkeypatch) -> None:

@@ -181,6 +181,8 @@ def test_decode_launched_heads_first_gives_the_same_output(monkeypatch, num_spli
             batch.scale, num_splits,
         )  # fmt: skip
 
+    monkeypatch.setattr(triton_kernels, "_DECODE_HEADS_FIRST", False)
+    assert triton_kernels._decode_grid(4, 2, num_splits) == (4, 2, num_splits)
     sequence_first = decode()
     monkeypatch.setattr(triton_kernels, "_DECODE_HEADS_FIRST", True)
     assert triton_kernels._decode_grid(4, 2, num_splits) == (8, 1, num_splits)
@@ -203,7 +205,11 @@ def test_decode_of_a_sequence_without_context_is_zero_not_nan() -> None:
         assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
-def test_decode_splits_the_context_only_when_programs_would_leave_sms_idle() -> None:
+def test_decode_splits_the_context_only_when_programs_would_leave_sms_idle(monkeypatch) -> None:
+    # The arithmetic at one program per SM and parts of 256 tokens or more (the H200's tunings
+    # are 4 and 64).
+    monkeypatch.setattr(triton_kernels, "_DECODE_PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(triton_kernels, "_MIN_TOKENS_PER_SPLIT", 256)
     assert triton_kernels.default_num_splits(256, 8, 4096, num_sms=132) == 1
     assert triton_kernels.default_num_splits(1, 8, 4096, num_sms=132) == 16  # capped
     assert triton_kernels.default_num_splits(2, 8, 1024, num_sms=132) == 4  # >= 256 tokens a split
@@ -213,6 +219,7 @@ def test_decode_splits_the_context_only_when_programs_would_leave_sms_idle() -> 
 
 def test_decode_splits_a_mid_size_batch_for_more_programs_per_sm(monkeypatch) -> None:
     monkeypatch.setattr(triton_kernels, "_DECODE_PROGRAMS_PER_SM", 4)
+    monkeypatch.setattr(triton_kernels, "_MIN_TOKENS_PER_SPLIT", 256)
     # 32 sequences of 8 KV heads: 256 programs, 528 wanted; 3 splits of at least 256 tokens.
     assert triton_kernels.default_num_splits(32, 8, 2048, num_sms=132) == 3
     assert triton_kernels.default_num_splits(32, 8, 600, num_sms=132) == 2

@@ -115,6 +115,7 @@ def test_matches_rotary_then_decode_attention(
 
 def test_launched_heads_first_gives_the_same_results(monkeypatch) -> None:
     step = DecodeStep([0, 16, 63, 130], 16, 4, 2, 32, torch.float32)
+    monkeypatch.setattr(triton_kernels, "_DECODE_HEADS_FIRST", False)
     sequence_first = step.fused(3, normed=True)
     monkeypatch.setattr(triton_kernels, "_DECODE_HEADS_FIRST", True)
     for got, expected in zip(step.fused(3, normed=True), sequence_first, strict=True):
@@ -151,8 +152,11 @@ def test_a_model_decode_step_gives_the_two_kernel_logits(tiny_model_factory, mon
     rotary kernel no longer runs, the logits agree and the next step sees the same cache."""
     # float32 on a GPU too: compiled, the cached keys' scores are TF32 dots in both paths and the
     # new token's a float32 sum here.
+    # Eager: on a GPU a captured graph would replay the decode step without calling the kernels'
+    # Python launchers, which count the rotary calls.
     options = dict(kv_cache_memory="4MiB", block_size=8, attention_backend="triton", triton_ops=True,
-                   async_scheduling=False, device=DEVICE.type, dtype="float32")  # fmt: skip
+                   async_scheduling=False, device=DEVICE.type, dtype="float32",
+                   enforce_eager=True)  # fmt: skip
     folder = tiny_model_factory(arch)
     logits, caches = [], []
     rotary_calls: list[int] = []
@@ -186,6 +190,8 @@ def test_engine_option_needs_the_triton_rotary_and_attention(tiny_model_factory)
     llm = LLM(folder, kv_cache_memory="4MiB", attention_backend="triton", triton_ops=True,
               triton_decode_rotary=True)  # fmt: skip
     assert llm.engine.core.runner.model.rotary.in_decode_attention
-    for options in ({"triton_ops": True}, {"attention_backend": "triton"}):
+    # Each need left out by name: on a GPU both are on by default.
+    for options in ({"triton_ops": True, "attention_backend": "torch"},
+                    {"attention_backend": "triton", "triton_ops": False}):  # fmt: skip
         with pytest.raises(ValueError, match="needs triton_ops and the triton attention backend"):
             LLM(folder, kv_cache_memory="4MiB", triton_decode_rotary=True, **options)

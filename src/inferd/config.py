@@ -30,7 +30,7 @@ GPU_DEFAULTS: dict[str, bool] = {
     "triton_tiled_linear": False,
     "triton_decode_rotary": False,
     "triton_sampling": False,
-    "triton_pdl": False,
+    "triton_pdl": True,
 }
 
 

