@@ -351,7 +351,8 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     broken kernel's time would say nothing."""
     from inferd.sample.sampler import Sampler
 
-    samplers = {"torch": Sampler(0), "fused": Sampler(0, triton_sampling=True)}
+    # The kernel at every row count, below the engine's FUSED_MIN_ROWS too: what chose it.
+    samplers = {"torch": Sampler(0), "fused": Sampler(0, triton_sampling=True, fused_min_rows=1)}
     results: list[dict[str, Any]] = []
     for rows in SAMPLER_ROWS if plan.device == "cuda" else (2,):
         seeded = torch.Generator().manual_seed(rows)  # the same logits every run: checks that repeat
@@ -393,7 +394,8 @@ def _draws_argmax(sampler: Any, logits: torch.Tensor) -> bool:
 # (sequences, shortest context, longest context) for the split sweep, each context drawn uniformly
 # in between: the batch-1 benchmark's contexts reach 272 tokens; 1,024 is the workload's middle.
 # 32 and 64 sequences of 900 to 2,047 tokens are its tail, where a few (sequence, KV head)
-# programs per SM, of uneven lengths, leave SMs idle once the short ones end (split_mid).
+# programs per SM, of uneven lengths, leave SMs idle once the short ones end
+# (_DECODE_PROGRAMS_PER_SM).
 SPLIT_CASES = [(1, 272, 272), (1, 1024, 1024), (2, 272, 272), (4, 272, 272), (32, 900, 2047), (64, 900, 2047)]
 SPLIT_COUNTS = (1, 2, 3, 4, 8)
 # --smoke: two sequences past one 64-key tile, so the second split holds keys and the merge runs.
@@ -1024,37 +1026,36 @@ VARIANTS = {
     "eager": {"enforce_eager": True},
     "eager_torch_ops": {"enforce_eager": True, "triton_ops": False},
     "cublas_linear": {"triton_linear": False},
-    "triton_sampling": {"triton_sampling": True},
     "fused_linear": {"triton_fused_linear": True},
     "split_32": {},
     "tiled_linear": {"triton_tiled_linear": True},
     "decode_rotary": {"triton_decode_rotary": True},
-    "pdl_no_prefetch": {},
+    "pdl_prefetch": {},
     # The default engine without its start-up warm-up: what the warm-up takes off the first run.
     "no_warm_up": {"warm_up": False},
     # Every engine option of GPU_DEFAULTS that is off by default, together.
     "all_unmeasured": {
         "triton_fused_linear": True,
-        "triton_sampling": True,
         "triton_tiled_linear": True,
         "triton_decode_rotary": True,
     },
-    # The defaults before the H200 call of 2026-11-30 switched on PDL and the decode tunings of
-    # PREVIOUS_DEFAULTS below: the before of that change, measured in the same run as the after.
-    "previous_defaults": {"triton_pdl": False},
+    # The defaults before the H200 calls of 2026-11-30 switched on PDL, the fused sampler and the
+    # kernel tunings of MODULE_PATCHES' entry below: the before, measured in the run of the after.
+    "previous_defaults": {"triton_pdl": False, "triton_sampling": False},
 }
 # Variants that set a kernel module's constant, not an engine option, for their measurement only:
 # tunings the engine does not expose. ``split_32`` lets 32-token parts of a context run in
 # parallel (default 64): one sequence's contexts of 64 to 127 tokens split too.
 MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
-    # PDL without the skinny matmul's L2 prefetch of its weights before the wait.
-    "pdl_no_prefetch": {("inferd.layers.triton_linear", "PREFETCH_MAX_BYTES"): 0},
+    # PDL with the skinny matmul's L2 prefetch of its weights before the wait (up to 16 MiB).
+    "pdl_prefetch": {("inferd.layers.triton_linear", "PREFETCH_MAX_BYTES"): 16 * 2**20},
     "split_32": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 32},
     "previous_defaults": {
         ("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 256,
         ("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 1,
         ("inferd.attention.triton_kernels", "_DECODE_HEADS_FIRST"): False,
         ("inferd.attention.triton_kernels", "_DECODE_NUM_STAGES"): 3,
+        ("inferd.layers.triton_linear", "PREFETCH_MAX_BYTES"): 16 * 2**20,
     },
 }
 # Options a CPU engine refuses: the smoke run leaves them out, so their variants run the same code
@@ -1436,14 +1437,13 @@ def planned_steps(runs: dict[str, ShapeRun]) -> list[Callable[[], None]]:
         functools.partial(llama.variant, "all_unmeasured"),
         functools.partial(qwen.variant, "split_32"),
         functools.partial(qwen.variant, "decode_rotary", workload=True),
-        # The kernels behind the attention and sampler variants, alone: short, and what says
-        # which decode tile, launch order and split to keep.
+        # The kernels behind the attention variants and the sampler's threshold, alone: short,
+        # and what says which decode tile, launch order, split and threshold to keep.
         qwen.decode_sweep,
         qwen.split_sweep,
         qwen.fused_input_sweep,
         qwen.sampler_timing,
-        functools.partial(qwen.variant, "triton_sampling", workload=True),
-        functools.partial(qwen.variant, "pdl_no_prefetch"),
+        functools.partial(qwen.variant, "pdl_prefetch"),
         functools.partial(qwen.variant, "tiled_linear", workload=True),
         functools.partial(qwen.variant, "no_warm_up", workload=True),
         qwen.tiled_sweep,

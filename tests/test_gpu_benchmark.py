@@ -328,7 +328,7 @@ def test_a_variant_leaves_pdl_off_for_the_sweeps_after_it(monkeypatch: pytest.Mo
     run.variant("fused_linear")
     assert measured[0]["triton_fused_linear"] is True and not triton_pdl.enabled()
     with pytest.raises(RuntimeError):
-        run.variant("pdl_no_prefetch")
+        run.variant("pdl_prefetch")
     assert not triton_pdl.enabled()
 
 

@@ -1,4 +1,4 @@
-"""The speed features that are off until a GPU run measures them: unset, each follows
+"""The speed features whose GPU default a device run decides: unset, each follows
 ``GPU_DEFAULTS`` on a GPU where its kernels' needs are met, and stays off elsewhere, so switching
 one on after a device call is one entry of that table."""
 

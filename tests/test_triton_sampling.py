@@ -163,7 +163,7 @@ def test_sampler_sends_only_plain_temperature_rows(monkeypatch) -> None:
         return original(logits, temperatures, seed)
 
     monkeypatch.setattr(triton_sampling, "race_sample", counted)
-    sampler = Sampler(seed=3, triton_sampling=True)
+    sampler = Sampler(seed=3, triton_sampling=True, fused_min_rows=2)
     requests = [
         request("greedy", temperature=0.0),
         request("plain", temperature=0.5),
@@ -181,6 +181,26 @@ def test_sampler_sends_only_plain_temperature_rows(monkeypatch) -> None:
     assert len(calls) == 2
 
 
+def test_steps_of_fewer_plain_rows_than_the_threshold_take_the_torch_race(monkeypatch) -> None:
+    """Below ``fused_min_rows`` the kernel, slower there, is not called; the draws still follow
+    each row's temperature (a cold row draws its argmax)."""
+    calls: list[int] = []
+    original = triton_sampling.race_sample
+
+    def counted(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
+        calls.append(logits.shape[0])
+        return original(logits, temperatures, seed)
+
+    monkeypatch.setattr(triton_sampling, "race_sample", counted)
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    sampler = Sampler(seed=5, triton_sampling=True, fused_min_rows=3)
+    cold = [request(str(i), temperature=1e-4) for i in range(4)]
+    assert sampler(logits[:2], cold[:2]).token_ids == logits[:2].argmax(dim=-1).tolist()
+    assert calls == []
+    assert sampler(logits[:3], cold[:3]).token_ids == logits[:3].argmax(dim=-1).tolist()
+    assert calls == [3]
+
+
 def test_sampler_hands_the_kernel_the_models_half_precision_logits(monkeypatch) -> None:
     """No float32 copy of the logits is made for the kernel: it reads bfloat16 as it is and
     widens in registers, drawing the tokens it draws from the float32 copy."""
@@ -194,8 +214,8 @@ def test_sampler_hands_the_kernel_the_models_half_precision_logits(monkeypatch) 
     monkeypatch.setattr(triton_sampling, "race_sample", recorded)
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(DEVICE)
     requests = [request(str(i), temperature=0.8) for i in range(4)]
-    from_half = Sampler(seed=2, triton_sampling=True)(logits, requests).token_ids
-    from_float = Sampler(seed=2, triton_sampling=True)(logits.float(), requests).token_ids
+    from_half = Sampler(seed=2, triton_sampling=True, fused_min_rows=1)(logits, requests).token_ids
+    from_float = Sampler(seed=2, triton_sampling=True, fused_min_rows=1)(logits.float(), requests).token_ids
     assert dtypes == [torch.bfloat16, torch.float32] and from_half == from_float
 
 

@@ -129,9 +129,12 @@ def test_after_the_warm_up_a_workload_needs_no_new_kernel_variant(tiny_model_fac
     from kernel_specializations import LaunchRecorder
 
     from inferd.layers import triton_tiled_linear
+    from inferd.sample import sampler as sampler_module
 
-    # The tiny model's projections are far narrower than the tiled matmul's floor: route them all.
+    # The tiny model's projections are far narrower than the tiled matmul's floor: route them all;
+    # and its few rows a step to the fused sampler, as a GPU engine's steps of 128 rows or more.
     monkeypatch.setattr(triton_tiled_linear, "MIN_FEATURES", 1)
+    monkeypatch.setattr(sampler_module, "FUSED_MIN_ROWS", 1)
     llm = LLM(
         tiny_model_factory("qwen3"),
         device="cpu",

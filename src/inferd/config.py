@@ -21,15 +21,15 @@ _DTYPES = {
 }
 
 
-# What each speed feature that is off until a GPU run measures it becomes on a GPU when its engine
-# option is left unset (None). A device call's figures switch an entry ("Then the defaults" in
-# docs/gpu.md); a feature on by default here still stays off where its kernels' needs are not met
+# What each speed feature becomes on a GPU when its engine option is left unset (None), as H200
+# runs measured them (BENCHMARKS.md). A device call's figures switch an entry ("Then the
+# defaults" in docs/gpu.md); a feature on by default here still stays off where its kernels' needs are not met
 # (``EngineConfig.uses_*``), while asking for it explicitly there is an error.
 GPU_DEFAULTS: dict[str, bool] = {
     "triton_fused_linear": False,
     "triton_tiled_linear": False,
     "triton_decode_rotary": False,
-    "triton_sampling": False,
+    "triton_sampling": True,
     "triton_pdl": True,
 }
 

@@ -31,16 +31,18 @@ _LOG2_E = 1.4426950408889634
 _MIN_DOT_DIM = 16
 # Decode tile: keys per loop turn, warps per program (Triton's default is 4) and K/V tiles in
 # flight (software-pipelining stages; Triton's default on CUDA is 3). benchmarks/gpu.py sweeps
-# them on a device. On an H200 (2026-11-30, the workload's 256 sequences) 64 keys and 4 warps
-# read the KV cache at 91% of the copy bandwidth; 2 stages took 310 us a call against 314 with 3.
+# them on a device. On an H200 (2026-11-30, the workload's 256 sequences, two runs) 64 keys, 4
+# warps and 2 stages, launched heads first, was the fastest of 13 tiles: 309 and 314 us a call
+# (92% and 91% of the copy bandwidth) against 314 and 318 for 3 stages sequence first.
 _DECODE_BLOCK_N = 64
 _DECODE_NUM_WARPS = 4
 _DECODE_NUM_STAGES = 2
 # Launch order of the decode programs. Each token's K (and V) is one row of all KV heads (2 KB
 # for Qwen3): by default consecutive programs are consecutive sequences of one head, so the
 # programs in flight read 256-byte pieces of unrelated rows. Heads first, a sequence's programs
-# run side by side and read its rows whole. On an H200 the workload ran 3.9% faster heads first
-# (benchmarks/gpu.py's heads_first variant) and the decode kernel alone 1% faster.
+# run side by side and read its rows whole. On an H200 the workload ran 20,235 output tok/s heads
+# first against the default's 19,485 and 19,698 (benchmarks/results/nvidia-h200-2026-11-30-a.json,
+# variant heads_first): a gain within the workload's run-to-run spread, as is the kernel's alone.
 _DECODE_HEADS_FIRST = True
 _EXTEND_BLOCK_M = 64
 _EXTEND_BLOCK_N = 64
@@ -52,8 +54,9 @@ _MIN_TOKENS_PER_SPLIT = 64
 # Decode programs wanted per SM before contexts are split. One fills every SM once; more would let
 # a mid-size batch of uneven contexts (the tail of a long workload, a few programs per SM) balance
 # its long and short programs, at the cost of the merge kernel. On an H200, 32 sequences of 900 to
-# 2,047 tokens took 80 us a layer unsplit and 63 us split 2 ways, and 4 programs per SM made the
-# workload 3.6% faster (benchmarks/gpu.py's split_mid variant).
+# 2,047 tokens took 80-85 us a layer unsplit and 61-63 us split 2 ways (two runs); with 4
+# programs per SM the workload ran 20,191 output tok/s against the default's 19,485 and 19,698
+# (benchmarks/results/nvidia-h200-2026-11-30-a.json, variant split_mid), within its spread.
 _DECODE_PROGRAMS_PER_SM = 4
 
 

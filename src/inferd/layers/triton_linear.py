@@ -18,7 +18,8 @@ tiles reuse each weight across rows.
 The kernel can also make its input rows as it loads them (``skinny_norm_linear``: the residual add
 and RMSNorm before a projection; ``skinny_silu_linear``: SiLU-and-mul before the down projection),
 which saves the small op's launch and its output's round trip. The decoder uses these only with
-the engine option ``triton_fused_linear``, off until a GPU run measures them.
+the engine option ``triton_fused_linear``, off by default: on an H200 the kernels alone beat the
+two launches they replace, but whole batch-1 decode of Qwen3-0.6B did not gain.
 
 The launch grid depends on shapes only, so the op can be captured in a CUDA graph. This module
 imports triton at import time; import it only where triton is wanted.
@@ -52,10 +53,13 @@ _FUSED_BLOCK_N = 8
 _FUSED_BLOCK_K = 512
 # Float32 products one program holds: 32 registers per thread.
 _PRODUCTS_PER_PROGRAM = 32 * 32 * _WARPS
-# Under PDL, weights up to this size are prefetched into L2 before the wait for the input: all of
-# Qwen3-0.6B's projections (at most 12.6 MB) within an H100's or H200's 50 MB of L2; none of
-# Llama-3.1-8B's (33 to 235 MB), which would only evict each other.
-PREFETCH_MAX_BYTES = 16 * 2**20
+# Under PDL, weights up to this size are prefetched into L2 before the wait for the input. 16 MiB
+# would take all of Qwen3-0.6B's projections (at most 12.6 MB) within an H100's or H200's 50 MB
+# of L2 and none of Llama-3.1-8B's (33 to 235 MB), which would only evict each other. Off: on an
+# H200 (2026-11-30) it made Qwen3-0.6B's batch-1 decode 0.6% faster with the decode settings of
+# the day before, but 2.6% slower (992 against 1,019 tok/s) with the present ones (contexts split
+# from 128 tokens, heads first, 2 stages); the benchmark's pdl_prefetch variant measures it again.
+PREFETCH_MAX_BYTES = 0
 _L2_LINE_BYTES = 128
 
 

@@ -11,8 +11,9 @@ launch and the placing of programs then happen during the previous kernel's tail
 The rule every kernel that takes ``PDL`` keeps: every one of its programs runs
 ``wait_for_previous_kernel`` on a straight line from its start, and reads and writes no memory
 before it, so not before the kernel before it is done. The one thing allowed earlier is an L2
-prefetch (``prefetch_to_l2``) of data no kernel writes: the skinny matmul asks for its weight rows
-there, so they stream in while the previous kernel ends. Waiting for that one kernel covers all
+prefetch (``prefetch_to_l2``) of data no kernel writes: the skinny matmul can ask for its weight
+rows there, so they stream in while the previous kernel ends (``PREFETCH_MAX_BYTES``, 0 by
+default: slower on an H200). Waiting for that one kernel covers all
 earlier ones: it could not finish before its own programs' waits returned, or, launched without
 PDL (any torch op), before the kernel before it finished. A kernel launched without PDL waits for
 the previous one to finish, as it always does.

@@ -68,12 +68,24 @@ class PendingSample:
         return SampleResult(tokens, logprobs, self.errors)
 
 
+# The fused race pays from about this many rows a step. On an H200 over Qwen3's vocabulary
+# (benchmarks/gpu.py's sampler part, two calls on 2026-11-30) it took 0.66-0.76 ms at 256 rows
+# against the torch race's 0.88-0.90, but 0.41-0.43 against 0.32-0.33 at 64 rows and 0.19-0.30
+# against 0.12-0.19 at one: drawn through both points, the two costs cross at 128-134 rows.
+FUSED_MIN_ROWS = 128
+
+
 class Sampler:
-    def __init__(self, seed: int = 0, triton_sampling: bool = False) -> None:
+    def __init__(
+        self, seed: int = 0, triton_sampling: bool = False, fused_min_rows: int | None = None
+    ) -> None:
         """``triton_sampling``: rows that only scale by a temperature are drawn by the fused race
-        of ``sample/triton_sampling.py`` (the same race, over the logits once)."""
+        of ``sample/triton_sampling.py`` (the same race, over the logits once), in steps with at
+        least ``fused_min_rows`` of them (``FUSED_MIN_ROWS`` unless given); fewer go to the torch
+        race, which is faster there."""
         self._seed = seed
         self._triton_sampling = triton_sampling
+        self._fused_min_rows = FUSED_MIN_ROWS if fused_min_rows is None else fused_min_rows
         self._fused_calls = 0  # each call of the fused kernel draws from fresh counters
         # Draws for requests without a seed of their own, one generator per device.
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -102,7 +114,7 @@ class Sampler:
         if self._triton_sampling:
             vocab = logits.shape[1]
             fused_rows = [i for i in random_rows if _temperature_only(requests[i], vocab)]
-            if fused_rows:
+            if fused_rows and len(fused_rows) >= self._fused_min_rows:
                 index = _to_device(fused_rows, torch.long, logits.device)
                 tokens[index] = self._race_fused(logits, index, [requests[i] for i in fused_rows])
                 fused = set(fused_rows)
