@@ -86,3 +86,25 @@ def test_bad_values_end_with_a_message_not_a_traceback(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"inferd: error: {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not valid JSON: Expecting property name"),
+        ("[1, 2]", "must hold a JSON object, not a list"),
+        ('{"architectures": ["LlamaForCausalLM"]}', "has no 'num_attention_heads'"),
+        ('{"num_attention_heads": "many", "hidden_size": 64}', "has a field the engine cannot read"),
+        ('{"num_attention_heads": 0, "hidden_size": 64}', "has a field the engine cannot read"),
+    ],
+)
+def test_a_malformed_config_json_is_named_in_the_message(
+    content: str, message: str, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a KeyError or ValueError traceback from deep in the config parser."""
+    from inferd.cli import main
+
+    (tmp_path / "config.json").write_text(content)
+    assert main(["generate", "--model", str(tmp_path), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert f"inferd: error: {tmp_path / 'config.json'} {message}" in err and "Traceback" not in err

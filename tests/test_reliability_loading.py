@@ -39,6 +39,24 @@ def test_index_cannot_name_shards_outside_the_folder_or_pickles(
         LLMEngine.from_options(folder, kv_cache_memory="8MiB")
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("tokenizer_config.json", "{broken", "is not valid JSON"),
+        ("generation_config.json", '["eos"]', "must hold a JSON object, not a list"),
+        ("model.safetensors.index.json", '{"metadata": {}}', "has no 'weight_map' object"),
+    ],
+)
+def test_a_malformed_json_file_of_the_folder_is_named(
+    tiny_llama: Path, tmp_path: Path, name: str, content: str, message: str
+) -> None:
+    """A load error that names the file, not a decoder's or a lookup's traceback."""
+    folder = _copy(tiny_llama, tmp_path)
+    (folder / name).write_text(content)
+    with pytest.raises(ModelLoadError, match=f"{name} {message}"):
+        LLMEngine.from_options(folder, kv_cache_memory="8MiB")
+
+
 @pytest.mark.parametrize("artifact", ["../secret.onnx", "/etc/passwd", "link.onnx"])
 def test_repository_artifacts_stay_inside_the_model_folder(tmp_path: Path, artifact: str) -> None:
     model_dir = tmp_path / "repo" / "m"

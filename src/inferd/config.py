@@ -38,6 +38,18 @@ class ModelLoadError(RuntimeError):
     """A model folder cannot be served; the message names what is missing or unsupported."""
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A model folder's JSON file (config, tokenizer config, weight index) as a dict; anything
+    else is a ModelLoadError that names the file, not a decoder's or a lookup's traceback."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, not a {type(raw).__name__}")
+    return raw
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -113,7 +125,15 @@ class ModelConfig:
         config_path = path / "config.json"
         if not config_path.is_file():
             raise ModelLoadError(f"model folder {path} has no config.json")
-        return cls.from_hf_config(json.loads(config_path.read_text()))
+        raw = read_json_object(config_path)
+        # A missing or malformed field would otherwise surface as a bare KeyError or ValueError
+        # (a traceback from the CLI), without the file's name.
+        try:
+            return cls.from_hf_config(raw)
+        except KeyError as exc:
+            raise ModelLoadError(f"{config_path} has no {exc.args[0]!r}") from None
+        except (TypeError, ValueError, ZeroDivisionError) as exc:
+            raise ModelLoadError(f"{config_path} has a field the engine cannot read: {exc}") from None
 
     def sharded(self, size: int) -> ModelConfig:
         """The per-rank shape under tensor parallelism over ``size`` ranks: heads and MLP width

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from inferd.config import EngineConfig
+from inferd.config import EngineConfig, read_json_object
 from inferd.engine.request import Request
 from inferd.engine.tokenizer import InvalidTextError, Tokenizer
 from inferd.sampling_params import SamplingParams
@@ -23,7 +22,7 @@ def read_eos_token_ids(path: Path, tokenizer: Tokenizer) -> frozenset[int]:
     for name in ("generation_config.json", "config.json"):
         file = path / name
         if file.is_file():
-            value = json.loads(file.read_text()).get("eos_token_id")
+            value = read_json_object(file).get("eos_token_id")
             if value is not None:
                 return frozenset(value if isinstance(value, list) else [value])
     return frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset()

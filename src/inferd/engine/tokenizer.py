@@ -12,7 +12,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from inferd.config import ModelLoadError
+from inferd.config import ModelLoadError, read_json_object
 
 
 class ChatTemplateError(ValueError):
@@ -58,7 +58,7 @@ class Tokenizer:
             raise ModelLoadError(f"{path}: no tokenizer.json (inferd needs a fast tokenizer file)")
         self._tok = HFTokenizer.from_file(str(tokenizer_file))
         config_file = path / "tokenizer_config.json"
-        config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config: dict[str, Any] = read_json_object(config_file) if config_file.is_file() else {}
         self.chat_template: str | None = config.get("chat_template")
         template_file = path / "chat_template.jinja"
         if self.chat_template is None and template_file.is_file():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from inferd.config import EngineConfig, ModelConfig, ModelLoadError
+from inferd.config import EngineConfig, ModelConfig, ModelLoadError, read_json_object
 from inferd.models.registry import CausalLM, model_class
 
 logger = logging.getLogger(__name__)
@@ -32,7 +31,9 @@ _FUSED_SHARDS = {
 def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index} has no 'weight_map' object")
         files = sorted({path / name for name in weight_map.values()})
         folder = path.resolve()
         # The index is data from the folder: a shard name must not lead outside it or to a pickle.
