@@ -270,6 +270,53 @@ def test_repository_llm_metrics_share_the_served_registry() -> None:
         assert registry.get_sample_value("inferd:num_requests_running", {"model_name": model}) == 1
 
 
+@pytest.mark.parametrize(
+    ("parameters", "limits", "cap"),
+    [
+        ({}, (3, 900), 40),  # the server's
+        ({"max_queued_requests": 5, "max_queued_tokens": 50, "max_tokens_cap": 7}, (5, 50), 7),
+    ],
+)
+def test_an_llm_folder_takes_the_servers_limits_unless_it_sets_its_own(
+    tiny_llama: Path, parameters: dict[str, int], limits: tuple[int, int], cap: int
+) -> None:
+    """--max-queued-requests, --max-queued-tokens and --max-tokens-cap bound the repository's LLMs
+    too, as the request timeout does; a folder's parameters win."""
+    from inferd.engine.admission import QueueLimits
+    from inferd.engine.async_llm import AsyncLLM
+    from inferd.server.frontend import Frontend
+    from inferd.server.kserve.llm_runtime import register_llm_runtime
+    from inferd.serving.config import parse_model_config
+    from inferd.serving.runtimes.registry import RuntimeRegistry
+
+    served_llm = AsyncLLM.from_options(
+        tiny_llama, queue_limits=QueueLimits(3, 900), max_tokens_cap=40, **ENGINE_OPTIONS
+    )
+    served = Frontend(served_llm, "a", ServerMetrics(CollectorRegistry(), "a", _running(0)), 9.0)
+    runtimes = RuntimeRegistry()
+    register_llm_runtime(runtimes, served)
+    raw = {"runtime": "llm", "parameters": {**ENGINE_OPTIONS, **parameters}}
+    model = runtimes.load(tiny_llama, parse_model_config(raw, "b"))
+    try:
+        admission = model.frontend.llm.admission.limits
+        assert (admission.max_requests, admission.max_tokens) == limits
+        assert model.frontend.max_tokens_cap == cap and model.frontend.request_timeout_s == 9.0
+    finally:
+        model.close()
+        served_llm.shutdown()
+
+
+@pytest.mark.parametrize("value", [0, "5", True])
+def test_an_llm_folders_queue_limit_must_be_a_positive_integer(tiny_llama: Path, value: object) -> None:
+    from inferd.server.kserve.llm_runtime import RepositoryLLMLoader
+    from inferd.serving.config import ConfigError, parse_model_config
+
+    loader = RepositoryLLMLoader(ServerMetrics(CollectorRegistry(), "a", _running(0)))
+    raw = {"runtime": "llm", "parameters": {**ENGINE_OPTIONS, "max_queued_requests": value}}
+    with pytest.raises(ConfigError, match="max_queued_requests must be a positive integer"):
+        loader(tiny_llama, parse_model_config(raw, "b"))
+
+
 def test_a_reloaded_or_stopped_engine_leaves_one_series_or_none() -> None:
     registry = CollectorRegistry()
 

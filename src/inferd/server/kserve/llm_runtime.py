@@ -15,6 +15,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+from inferd.engine.admission import QueueLimits
 from inferd.engine.async_llm import AsyncLLM
 from inferd.sampling_params import SamplingParams
 from inferd.server.errors import ApiError
@@ -54,8 +55,12 @@ ENGINE_PARAMETERS = frozenset(
         "device",
         "seed",
         "enable_prefix_caching",
+        "max_tokens_cap",
     }
 )
+# `parameters` that bound the model's admission queue (`QueueLimits`), as `inferd serve`'s
+# --max-queued-requests and --max-queued-tokens bound the served LLM's.
+QUEUE_PARAMETERS = {"max_queued_requests": "max_requests", "max_queued_tokens": "max_tokens"}
 
 _ERROR_BY_KIND: dict[str, type[InferenceError]] = {
     "invalid_request": InvalidInputError,
@@ -161,20 +166,40 @@ class RepositoryLLM(FrontendTextGenerator):
 
 class RepositoryLLMLoader:
     """The `llm` runtime loader of a server: each model gets its own engine, and its metrics join the
-    served LLM's (same registry, labelled with the model's name)."""
+    served LLM's (same registry, labelled with the model's name). The server's request timeout,
+    queue limits and output token cap apply to each model whose parameters do not set their own."""
 
-    def __init__(self, metrics: ServerMetrics, request_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        request_timeout_s: float | None = None,
+        queue_limits: QueueLimits | None = None,
+        max_tokens_cap: int | None = None,
+    ) -> None:
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
+        self.queue_limits = queue_limits or QueueLimits()
+        self.max_tokens_cap = max_tokens_cap
 
     def __call__(self, model_dir: Path, config: ModelConfig) -> RepositoryLLM:
         path = resolve_artifact(model_dir, config, ".")
-        unknown = sorted(set(config.parameters) - ENGINE_PARAMETERS)
+        options = dict(config.parameters)
+        known_keys = ENGINE_PARAMETERS | QUEUE_PARAMETERS.keys()
+        unknown = sorted(set(options) - known_keys)
         if unknown:
-            known = ", ".join(sorted(ENGINE_PARAMETERS))
+            known = ", ".join(sorted(known_keys))
             raise ConfigError(f"unknown llm parameter(s) {', '.join(unknown)}; known: {known}")
+        limits = {field: getattr(self.queue_limits, field) for field in QUEUE_PARAMETERS.values()}
+        for key, field in QUEUE_PARAMETERS.items():
+            if key in options:
+                value = options.pop(key)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"llm parameter {key} must be a positive integer, got {value!r}")
+                limits[field] = value
+        if self.max_tokens_cap is not None:
+            options.setdefault("max_tokens_cap", self.max_tokens_cap)
         logger.info("loading LLM %r from %s", config.name, path)
-        llm = AsyncLLM.from_options(path, **config.parameters)
+        llm = AsyncLLM.from_options(path, queue_limits=QueueLimits(**limits), **options)
         metrics = self.metrics.for_model(config.name, llm.stats)
         llm.start()
         return RepositoryLLM(Frontend(llm, config.name, metrics, self.request_timeout_s))
@@ -192,5 +217,8 @@ def served_llm_entry(frontend: Frontend) -> ModelEntry:
 
 def register_llm_runtime(runtimes: RuntimeRegistry, served: Frontend) -> None:
     """Lets `runtime: "llm"` model folders load, their metrics next to those of the served LLM."""
-    loader = RepositoryLLMLoader(served.metrics, served.request_timeout_s)  # the server's default timeout
+    # The server's defaults: its timeout, queue limits and output cap.
+    loader = RepositoryLLMLoader(
+        served.metrics, served.request_timeout_s, served.llm.admission.limits, served.max_tokens_cap
+    )
     runtimes.register("llm", loader, platform=LLM_PLATFORM)
