@@ -13,6 +13,7 @@ import numpy as np
 import openai
 import pytest
 from kserve_support import LiveServer, build_tiny_bert, running_server
+from prometheus_client.parser import text_string_to_metric_families
 
 from inferd.serving.config import read_model_config
 from inferd.serving.runtimes.registry import default_runtime_registry
@@ -97,6 +98,8 @@ def test_base64_is_little_endian_float32(server: LiveServer) -> None:
         ({"model": "tiny-embedder", "input": ""}, 400),
         ({"model": "tiny-embedder", "input": ["x", ""]}, 400),
         ({"model": "tiny-embedder", "input": "x", "dimensions": 3}, 400),
+        ({"model": "tiny-embedder", "input": "x", "dimensions": "16"}, 400),
+        ({"model": "tiny-embedder", "input": "x", "dimensions": 0}, 400),
     ],
 )
 def test_embedding_errors(server: LiveServer, body: dict[str, object], status: int) -> None:
@@ -114,3 +117,27 @@ def test_dimensions_equal_to_the_models_width_are_accepted(server: LiveServer) -
     )
     same = httpx.post(url, json={"model": "tiny-embedder", "input": "x", "dimensions": width}, timeout=30)
     assert same.status_code == 200
+
+
+def test_a_width_the_configuration_rules_out_is_refused_before_any_text_is_embedded(
+    server: LiveServer,
+) -> None:
+    """The model declares 16-dimensional embeddings: asking for 3 costs the model no inference."""
+
+    def inferences() -> float:
+        text = httpx.get(f"{server.http_url}/metrics", timeout=30).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "inferd_kserve_requests_total" and sample.labels["model"] == "tiny-embedder"
+        )
+
+    url = f"{server.http_url}/v1/embeddings"
+    assert httpx.post(url, json={"model": "tiny-embedder", "input": "x"}, timeout=30).status_code == 200
+    before = inferences()
+    assert before > 0  # the counter counts this model's inferences
+    body = {"model": "tiny-embedder", "input": ["a", "b"], "dimensions": 3}
+    refused = httpx.post(url, json=body, timeout=30)
+    assert refused.status_code == 400 and "16-dimensional" in refused.json()["error"]["message"]
+    assert inferences() == before

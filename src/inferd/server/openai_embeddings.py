@@ -66,6 +66,14 @@ def _parse_body(body: Any) -> tuple[str, list[str], str]:
     return model, texts, encoding
 
 
+def _check_dimensions(model: str, dimensions: object, width: int) -> None:
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
+        raise InvalidInputError(f"'dimensions' must be a positive integer, got {dimensions!r}")
+    if dimensions != width:
+        # Shortening is only meaningful for models trained for it; this one gives its own width.
+        raise InvalidInputError(f"'dimensions': model {model!r} gives {width}-dimensional embeddings")
+
+
 def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
     if encoding == "base64":
         # The OpenAI SDK decodes base64 embeddings as little-endian float32.
@@ -78,10 +86,15 @@ class _EmbeddingService:
         self._repository = repository
         self._plane = DataPlane(repository)
 
-    def _input_name(self, model: str) -> str:
+    def _input_name(self, model: str, dimensions: object) -> str:
+        """The model's text input; a ``dimensions`` its ``embedding`` output's declared width
+        rules out is refused here, before any text is embedded."""
         config = self._repository.get(model).require_ready()
         if config.runtime != EMBEDDING_RUNTIME:
             raise InvalidInputError(f"model {model!r} is not an embedding model")
+        declared = next((o.shape[-1] for o in config.outputs if o.name == "embedding" and o.shape), -1)
+        if dimensions is not None and declared > 0:
+            _check_dimensions(model, dimensions, declared)
         return config.inputs[0].name
 
     async def _embed_one(self, model: str, input_name: str, text: str) -> tuple[np.ndarray, int]:
@@ -96,13 +109,11 @@ class _EmbeddingService:
 
     async def embed(self, body: Any) -> dict[str, Any]:
         model, texts, encoding = _parse_body(body)
-        input_name = self._input_name(model)
-        results = await asyncio.gather(*(self._embed_one(model, input_name, text) for text in texts))
         dimensions = body.get("dimensions")
-        width = len(results[0][0])
-        if dimensions is not None and dimensions != width:
-            # Shortening is only meaningful for models trained for it; this one gives its own width.
-            raise InvalidInputError(f"'dimensions': model {model!r} gives {width}-dimensional embeddings")
+        input_name = self._input_name(model, dimensions)
+        results = await asyncio.gather(*(self._embed_one(model, input_name, text) for text in texts))
+        if dimensions is not None:  # a width the configuration leaves open (-1) is known only now
+            _check_dimensions(model, dimensions, len(results[0][0]))
         tokens = sum(count for _, count in results)
         return {
             "object": "list",
