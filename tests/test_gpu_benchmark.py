@@ -111,6 +111,38 @@ def test_workload_run_times_its_steps_by_kind(tiny_model_factory) -> None:
     assert "launch" not in vars(runner)
 
 
+def test_the_default_engine_repeats_the_workload_on_other_token_ids_and_takes_the_median(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each repeat sends the same lengths with every token id shifted, so no prompt is a prefix
+    hit of another run's; the median of all runs and each repeat are recorded and printed."""
+    plan = gpu.Plan("cpu", torch.float32, 4, 40, 30, 8, 500, "64MiB")
+    sent: list[list[list[int]]] = []
+    rates = iter([900.0, 1000.0, 700.0])
+
+    def run(llm: object, prompts: list[list[int]], lens: list[int], floor: object) -> dict[str, float]:
+        sent.append(prompts)
+        return {"output_tok_s": next(rates)}
+
+    monkeypatch.setattr(gpu, "run_inferd_workload", run)
+    monkeypatch.setattr(gpu, "generation_floor_s", lambda *args: 1.0)
+    shape_run = object.__new__(gpu.ShapeRun)
+    shape_run.plan, shape_run.shape, shape_run.ceilings = plan, None, None
+    measured = shape_run._workload(object(), again=True)
+    assert len(sent) == gpu.WORKLOAD_RUNS == 3
+    first = sent[0]
+    for shift, prompts in enumerate(sent):
+        assert prompts == [[(t + shift) % plan.token_id_limit for t in prompt] for prompt in first]
+    firsts = {prompts[0][0] for prompts in sent}
+    assert len(firsts) == 3  # three different first tokens: no run's prompt starts another's
+    assert measured["output_tok_s"] == 900.0 and measured["median_output_tok_s"] == 900.0
+    assert [r["output_tok_s"] for r in measured["repeat_runs"]] == [1000.0, 700.0]
+    capsys.readouterr()
+    ours = {**measured, "floor_tok_s": 2000.0, "fraction_of_floor": 0.45}
+    gpu.print_summary({"qwen3_0.6b": {"nano_vllm_workload": {"inferd": ours}}})
+    assert "same engine again: 1,000 / 700 output tok/s; median of the 3 runs 900" in capsys.readouterr().out
+
+
 def test_step_times_sum_each_steps_device_time_from_its_events() -> None:
     """Device time per step is from the event recorded at its input copy (after the host built
     the inputs: its first device work) to the one after its launch; a launch that copied nothing
