@@ -133,7 +133,11 @@ def decode_step(prompts: SchedulerOutput, sampled: Mapping[str, int] | None) -> 
 def sampling_mixes(num_rows: int, vocab_size: int) -> list[list[Request]]:
     """Rows for each path of the sampler: all random with a temperature only (the common serving
     case, the fused race when it is on), then a mix of greedy, top-k, top-p, min-p, seeded,
-    penalised and biased rows, all with log-probabilities (``num_rows`` must hold one of each)."""
+    penalised and biased rows, all with log-probabilities (``num_rows`` must hold one of each),
+    then temperature-only rows beside one penalised row, whose processing makes the whole step's
+    logits float32: the fused race on float32 logits is a kernel variant of its own, which the
+    mixed pass, with too few temperature-only rows for the race (``FUSED_MIN_ROWS``), no longer
+    reaches."""
     if num_rows < len(_MIXED_PARAMS):
         raise ValueError(f"the mixed pass needs {len(_MIXED_PARAMS)} rows, got {num_rows}")
     temperature = SamplingParams(temperature=0.6, ignore_eos=True)
@@ -144,7 +148,9 @@ def sampling_mixes(num_rows: int, vocab_size: int) -> list[list[Request]]:
         made.output_token_ids.append(1 % vocab_size)  # a penalty counts the output's tokens too
         return made
 
+    penalised = SamplingParams(temperature=0.6, presence_penalty=0.5, ignore_eos=True)
     return [
         [request(i, temperature) for i in range(num_rows)],
         [request(i, _MIXED_PARAMS[i % len(_MIXED_PARAMS)]) for i in range(num_rows)],
+        [request(0, penalised)] + [request(i, temperature) for i in range(1, num_rows)],
     ]
