@@ -275,13 +275,21 @@ def test_repository_llm_metrics_share_the_served_registry() -> None:
     [
         ({}, (3, 900), 40),  # the server's
         ({"max_queued_requests": 5, "max_queued_tokens": 50, "max_tokens_cap": 7}, (5, 50), 7),
+        (
+            {"max_queued_requests": None, "max_queued_tokens": None, "max_tokens_cap": None},
+            (None, None),
+            None,
+        ),
     ],
 )
 def test_an_llm_folder_takes_the_servers_limits_unless_it_sets_its_own(
-    tiny_llama: Path, parameters: dict[str, int], limits: tuple[int, int], cap: int
+    tiny_llama: Path,
+    parameters: dict[str, int | None],
+    limits: tuple[int | None, int | None],
+    cap: int | None,
 ) -> None:
     """--max-queued-requests, --max-queued-tokens and --max-tokens-cap bound the repository's LLMs
-    too, as the request timeout does; a folder's parameters win."""
+    too, as the request timeout does; a folder's parameters win, null lifting the server's."""
     from inferd.engine.admission import QueueLimits
     from inferd.engine.async_llm import AsyncLLM
     from inferd.server.frontend import Frontend
@@ -306,14 +314,15 @@ def test_an_llm_folder_takes_the_servers_limits_unless_it_sets_its_own(
         served_llm.shutdown()
 
 
-@pytest.mark.parametrize("value", [0, "5", True])
-def test_an_llm_folders_queue_limit_must_be_a_positive_integer(tiny_llama: Path, value: object) -> None:
+@pytest.mark.parametrize("key", ["max_queued_requests", "max_queued_tokens", "max_tokens_cap"])
+@pytest.mark.parametrize("value", [0, "5", True, 2.5])
+def test_an_llm_folders_limit_must_be_a_positive_integer(tiny_llama: Path, key: str, value: object) -> None:
     from inferd.server.kserve.llm_runtime import RepositoryLLMLoader
     from inferd.serving.config import ConfigError, parse_model_config
 
     loader = RepositoryLLMLoader(ServerMetrics(CollectorRegistry(), "a", _running(0)))
-    raw = {"runtime": "llm", "parameters": {**ENGINE_OPTIONS, "max_queued_requests": value}}
-    with pytest.raises(ConfigError, match="max_queued_requests must be a positive integer"):
+    raw = {"runtime": "llm", "parameters": {**ENGINE_OPTIONS, key: value}}
+    with pytest.raises(ConfigError, match=f"{key} must be a positive integer or null"):
         loader(tiny_llama, parse_model_config(raw, "b"))
 
 

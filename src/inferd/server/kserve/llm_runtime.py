@@ -164,6 +164,13 @@ class RepositoryLLM(FrontendTextGenerator):
         logger.info("LLM %r stopped", self.frontend.model_name)
 
 
+def _limit(key: str, value: object) -> int | None:
+    """A limit from model.json: a positive integer, or null for none (lifting the server's)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"llm parameter {key} must be a positive integer or null, got {value!r}")
+    return value
+
+
 class RepositoryLLMLoader:
     """The `llm` runtime loader of a server: each model gets its own engine, and its metrics join the
     served LLM's (same registry, labelled with the model's name). The server's request timeout,
@@ -192,12 +199,10 @@ class RepositoryLLMLoader:
         limits = {field: getattr(self.queue_limits, field) for field in QUEUE_PARAMETERS.values()}
         for key, field in QUEUE_PARAMETERS.items():
             if key in options:
-                value = options.pop(key)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ConfigError(f"llm parameter {key} must be a positive integer, got {value!r}")
-                limits[field] = value
-        if self.max_tokens_cap is not None:
-            options.setdefault("max_tokens_cap", self.max_tokens_cap)
+                limits[field] = _limit(key, options.pop(key))
+        options["max_tokens_cap"] = _limit(
+            "max_tokens_cap", options.get("max_tokens_cap", self.max_tokens_cap)
+        )
         logger.info("loading LLM %r from %s", config.name, path)
         llm = AsyncLLM.from_options(path, queue_limits=QueueLimits(**limits), **options)
         metrics = self.metrics.for_model(config.name, llm.stats)
