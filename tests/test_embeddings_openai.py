@@ -141,3 +141,16 @@ def test_a_width_the_configuration_rules_out_is_refused_before_any_text_is_embed
     refused = httpx.post(url, json=body, timeout=30)
     assert refused.status_code == 400 and "16-dimensional" in refused.json()["error"]["message"]
     assert inferences() == before
+
+
+@pytest.mark.parametrize("dimensions", [0, -3, "16", 16.0, True])
+def test_a_dimensions_that_is_not_a_positive_integer_is_refused_with_the_body(dimensions: object) -> None:
+    """When the body is read, before the model is looked up or any text embedded, whatever width
+    the model's configuration declares (or leaves open)."""
+    from inferd.server.openai_embeddings import _parse_body
+    from inferd.serving.errors import InvalidInputError
+
+    body = {"model": "no-such-model", "input": "x", "dimensions": dimensions}
+    with pytest.raises(InvalidInputError, match="'dimensions' must be a positive integer"):
+        _parse_body(body)
+    assert _parse_body({**body, "dimensions": 16})[3] == 16

@@ -45,7 +45,7 @@ def _error_response(exc: InferenceError) -> JSONResponse:
     return _openai_error(str(exc), 400, "invalid_request_error")
 
 
-def _parse_body(body: Any) -> tuple[str, list[str], str]:
+def _parse_body(body: Any) -> tuple[str, list[str], str, int | None]:
     if not isinstance(body, dict):
         raise InvalidInputError("request body must be a JSON object")
     model = body.get("model")
@@ -63,12 +63,15 @@ def _parse_body(body: Any) -> tuple[str, list[str], str]:
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise InvalidInputError("'encoding_format' must be 'float' or 'base64'")
-    return model, texts, encoding
-
-
-def _check_dimensions(model: str, dimensions: object, width: int) -> None:
-    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+    ):
         raise InvalidInputError(f"'dimensions' must be a positive integer, got {dimensions!r}")
+    return model, texts, encoding, dimensions
+
+
+def _check_width(model: str, dimensions: int, width: int) -> None:
     if dimensions != width:
         # Shortening is only meaningful for models trained for it; this one gives its own width.
         raise InvalidInputError(f"'dimensions': model {model!r} gives {width}-dimensional embeddings")
@@ -86,7 +89,7 @@ class _EmbeddingService:
         self._repository = repository
         self._plane = DataPlane(repository)
 
-    def _input_name(self, model: str, dimensions: object) -> str:
+    def _input_name(self, model: str, dimensions: int | None) -> str:
         """The model's text input; a ``dimensions`` its ``embedding`` output's declared width
         rules out is refused here, before any text is embedded."""
         config = self._repository.get(model).require_ready()
@@ -94,7 +97,7 @@ class _EmbeddingService:
             raise InvalidInputError(f"model {model!r} is not an embedding model")
         declared = next((o.shape[-1] for o in config.outputs if o.name == "embedding" and o.shape), -1)
         if dimensions is not None and declared > 0:
-            _check_dimensions(model, dimensions, declared)
+            _check_width(model, dimensions, declared)
         return config.inputs[0].name
 
     async def _embed_one(self, model: str, input_name: str, text: str) -> tuple[np.ndarray, int]:
@@ -108,12 +111,11 @@ class _EmbeddingService:
         return outputs["embedding"][0], int(outputs["token_count"].reshape(-1)[0])
 
     async def embed(self, body: Any) -> dict[str, Any]:
-        model, texts, encoding = _parse_body(body)
-        dimensions = body.get("dimensions")
+        model, texts, encoding, dimensions = _parse_body(body)
         input_name = self._input_name(model, dimensions)
         results = await asyncio.gather(*(self._embed_one(model, input_name, text) for text in texts))
         if dimensions is not None:  # a width the configuration leaves open (-1) is known only now
-            _check_dimensions(model, dimensions, len(results[0][0]))
+            _check_width(model, dimensions, len(results[0][0]))
         tokens = sum(count for _, count in results)
         return {
             "object": "list",
