@@ -96,6 +96,9 @@ def test_bad_values_end_with_a_message_not_a_traceback(
         ('{"architectures": ["LlamaForCausalLM"]}', "has no 'num_attention_heads'"),
         ('{"num_attention_heads": "many", "hidden_size": 64}', "has a field the engine cannot read"),
         ('{"num_attention_heads": 0, "hidden_size": 64}', "has a field the engine cannot read"),
+        ('{"architectures": [1]}', "'architectures' must be a list of names"),
+        ('{"architectures": {}}', "'architectures' must be a list of names"),
+        ("[" * 100_000 + "]" * 100_000, "is nested too deeply to read"),
     ],
 )
 def test_a_malformed_config_json_is_named_in_the_message(
@@ -107,4 +110,6 @@ def test_a_malformed_config_json_is_named_in_the_message(
     (tmp_path / "config.json").write_text(content)
     assert main(["generate", "--model", str(tmp_path), "hi"]) == 2
     err = capsys.readouterr().err
-    assert f"inferd: error: {tmp_path / 'config.json'} {message}" in err and "Traceback" not in err
+    config = tmp_path / "config.json"
+    assert f"inferd: error: {config} {message}" in err or f"inferd: error: {config}: {message}" in err
+    assert "Traceback" not in err

@@ -45,6 +45,11 @@ def test_index_cannot_name_shards_outside_the_folder_or_pickles(
         ("tokenizer_config.json", "{broken", "is not valid JSON"),
         ("generation_config.json", '["eos"]', "must hold a JSON object, not a list"),
         ("model.safetensors.index.json", '{"metadata": {}}', "has no 'weight_map' object"),
+        (
+            "model.safetensors.index.json",
+            '{"weight_map": {"a": 3}}',
+            "has no 'weight_map' object of file names",
+        ),
     ],
 )
 def test_a_malformed_json_file_of_the_folder_is_named(

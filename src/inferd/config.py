@@ -45,6 +45,8 @@ def read_json_object(path: Path) -> dict[str, Any]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path} is nested too deeply to read") from None
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path} must hold a JSON object, not a {type(raw).__name__}")
     return raw
@@ -126,6 +128,11 @@ class ModelConfig:
         if not config_path.is_file():
             raise ModelLoadError(f"model folder {path} has no config.json")
         raw = read_json_object(config_path)
+        architectures = raw.get("architectures")
+        if architectures is not None and not (
+            isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
+        ):
+            raise ModelLoadError(f"{config_path}: 'architectures' must be a list of names")
         # A missing or malformed field would otherwise surface as a bare KeyError or ValueError
         # (a traceback from the CLI), without the file's name.
         try:

@@ -32,8 +32,8 @@ def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ModelLoadError(f"{index} has no 'weight_map' object")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ModelLoadError(f"{index} has no 'weight_map' object of file names")
         files = sorted({path / name for name in weight_map.values()})
         folder = path.resolve()
         # The index is data from the folder: a shard name must not lead outside it or to a pickle.
