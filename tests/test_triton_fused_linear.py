@@ -23,11 +23,25 @@ from inferd.layers.triton_linear import SkinnyTile, skinny_norm_linear, skinny_s
 # float64 (against the rounded one, bfloat16's rounding of 48 inputs alone moved a 3-feature
 # output by 1.2% on an H200); SiLU-and-mul rounds where the torch layer does.
 SHAPES = [
-    (40, 64, None),  # the default tile, ten programs: only the first stores the residual
+    (
+        40,
+        64,
+        None,
+    ),  # the default tiles, 5 programs (one or two rows) or 10: only the first stores the residual
     (37, 100, None),  # features past the last full program, inner size no tile divides
     (24, 96, SkinnyTile(block_n=4, block_k=32, num_warps=2, num_stages=3)),  # three inner steps
     (3, 48, None),  # one program, which must store the residual itself
 ]
+
+
+def test_the_fused_kernels_default_tile_is_the_measured_one_at_one_and_two_rows() -> None:
+    """8 features a program and 512-element steps (fewer where 512 does not divide the row) at
+    one and two rows, what the decoder sends; more rows keep the plain kernel's tile."""
+    assert triton_linear.default_fused_tile(1, 1024) == SkinnyTile(block_n=8, block_k=512, num_warps=4)
+    assert triton_linear.default_fused_tile(2, 3072) == SkinnyTile(block_n=8, block_k=512, num_warps=4)
+    assert triton_linear.default_fused_tile(1, 100) == SkinnyTile(block_n=8, block_k=16, num_warps=4)
+    for rows in (3, 8):
+        assert triton_linear.default_fused_tile(rows, 1024) == triton_linear.default_tile(rows, 1024)
 
 
 def norm_in_float64(h: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
