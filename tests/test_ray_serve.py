@@ -122,7 +122,16 @@ def ray_url() -> Iterator[str]:
     from ray import serve
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the machine
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    # Ray gives its node 30 s to register, which a loaded 2-core machine has missed (a CI run with
+    # other tests running beside it): one more try, after shutting the half-started node down.
+    for attempt in range(2):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            break
+        except Exception as exc:
+            ray.shutdown()
+            if attempt == 1 or "timed out during startup" not in str(exc):
+                raise
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
