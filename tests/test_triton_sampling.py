@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from race_recorder import record_race_calls
 from triton_device import DEVICE  # before triton is imported: interpreted or compiled
 
 from inferd.engine.request import Request
@@ -155,14 +156,7 @@ def request(name: str, **params: object) -> Request:
 def test_sampler_sends_only_plain_temperature_rows(monkeypatch) -> None:
     """Greedy rows take the argmax, seeded and filtered rows the torch race; the rest go to the
     kernel in one call, with their own temperatures."""
-    calls: list[tuple[int, list[float]]] = []
-    original = triton_sampling.race_sample
-
-    def counted(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
-        calls.append((logits.shape[0], temperatures.tolist()))
-        return original(logits, temperatures, seed)
-
-    monkeypatch.setattr(triton_sampling, "race_sample", counted)
+    calls = record_race_calls(monkeypatch)
     sampler = Sampler(seed=3, triton_sampling=True, fused_min_rows=2)
     requests = [
         request("greedy", temperature=0.0),
@@ -173,7 +167,7 @@ def test_sampler_sends_only_plain_temperature_rows(monkeypatch) -> None:
     ]
     logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     tokens = sampler(logits, requests).token_ids
-    assert calls == [(2, [0.5, 1.5])]
+    assert [(call.rows, call.temperatures) for call in calls] == [(2, [0.5, 1.5])]
     assert tokens[0] == logits[0].argmax().item()
     assert all(0 <= t < 30 for t in tokens)
     # A second step draws anew: the counter moved on.
@@ -184,39 +178,25 @@ def test_sampler_sends_only_plain_temperature_rows(monkeypatch) -> None:
 def test_steps_of_fewer_plain_rows_than_the_threshold_take_the_torch_race(monkeypatch) -> None:
     """Below ``fused_min_rows`` the kernel, slower there, is not called; the draws still follow
     each row's temperature (a cold row draws its argmax)."""
-    calls: list[int] = []
-    original = triton_sampling.race_sample
-
-    def counted(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
-        calls.append(logits.shape[0])
-        return original(logits, temperatures, seed)
-
-    monkeypatch.setattr(triton_sampling, "race_sample", counted)
+    calls = record_race_calls(monkeypatch)
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     sampler = Sampler(seed=5, triton_sampling=True, fused_min_rows=3)
     cold = [request(str(i), temperature=1e-4) for i in range(4)]
     assert sampler(logits[:2], cold[:2]).token_ids == logits[:2].argmax(dim=-1).tolist()
     assert calls == []
     assert sampler(logits[:3], cold[:3]).token_ids == logits[:3].argmax(dim=-1).tolist()
-    assert calls == [3]
+    assert [call.rows for call in calls] == [3]
 
 
 def test_sampler_hands_the_kernel_the_models_half_precision_logits(monkeypatch) -> None:
     """No float32 copy of the logits is made for the kernel: it reads bfloat16 as it is and
     widens in registers, drawing the tokens it draws from the float32 copy."""
-    dtypes: list[torch.dtype] = []
-    original = triton_sampling.race_sample
-
-    def recorded(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
-        dtypes.append(logits.dtype)
-        return original(logits, temperatures, seed)
-
-    monkeypatch.setattr(triton_sampling, "race_sample", recorded)
+    calls = record_race_calls(monkeypatch)
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(DEVICE)
     requests = [request(str(i), temperature=0.8) for i in range(4)]
     from_half = Sampler(seed=2, triton_sampling=True, fused_min_rows=1)(logits, requests).token_ids
     from_float = Sampler(seed=2, triton_sampling=True, fused_min_rows=1)(logits.float(), requests).token_ids
-    assert dtypes == [torch.bfloat16, torch.float32] and from_half == from_float
+    assert [call.dtype for call in calls] == [torch.bfloat16, torch.float32] and from_half == from_float
 
 
 def test_sampler_draws_follow_the_softmax_through_the_kernel() -> None:

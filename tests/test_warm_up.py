@@ -90,23 +90,17 @@ def test_the_sampling_passes_run_the_fused_race_on_half_and_float32_logits(monke
     """A GPU engine of at least FUSED_MIN_ROWS sequences sends its temperature-only rows to the
     fused race, on the model's dtype when no row is processed and on float32 when one is (a
     penalty or bias widens the whole step): two kernel variants, both compiled at start-up."""
-    from inferd.sample import triton_sampling
+    from race_recorder import record_race_calls
+
     from inferd.sample.sampler import Sampler
 
-    seen: list[torch.dtype] = []
-    original = triton_sampling.race_sample
-
-    def recorded(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
-        seen.append(logits.dtype)
-        return original(logits, temperatures, seed)
-
-    monkeypatch.setattr(triton_sampling, "race_sample", recorded)
+    calls = record_race_calls(monkeypatch)
     rows, vocab = 8, 50
     sampler = Sampler(triton_sampling=True, fused_min_rows=rows - 1)  # as at FUSED_MIN_ROWS rows
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     for requests in sampling_mixes(rows, vocab):
         sampler(logits, requests)
-    assert set(seen) == {torch.bfloat16, torch.float32}
+    assert {call.dtype for call in calls} == {torch.bfloat16, torch.float32}
 
 
 def test_on_by_default_on_a_gpu_only(tiny_llama) -> None:
