@@ -123,17 +123,19 @@ def model_shape(hf_config: dict[str, Any], dtype: torch.dtype) -> ModelShape:
 # ---- ceilings -------------------------------------------------------------------------------
 
 
-def _timed(fn: Any, device: str, repeats: int) -> float:
-    """Seconds per call, after one warm-up call."""
+def _timed(fn: Any, device: str, repeats: int, host_only: bool = False) -> float:
+    """Seconds per call, after one warm-up call; with ``host_only``, the host's seconds in the
+    calls alone, without waiting for the device to finish what they queued."""
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    host_end = time.perf_counter()
     if device == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+    return ((host_end if host_only else time.perf_counter()) - start) / repeats
 
 
 def measure_ceilings(plan: Plan) -> Ceilings:
@@ -369,6 +371,12 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
                     entry["draws_argmax"] = _draws_argmax(sampler, logits)
                 seconds = _timed(functools.partial(sampler, logits, requests), plan.device, repeats)
                 entry["ms"] = seconds * 1e3
+                # What the host spends queuing the step (the engine overlaps it with the device's
+                # previous step): the rest of "ms" is the device's and the wait for it.
+                queued = _timed(
+                    functools.partial(sampler.sample, logits, requests), plan.device, repeats, True
+                )
+                entry["host_ms"] = queued * 1e3
                 print("sampler:", json.dumps(entry), flush=True)
                 results.append(entry)
     return results
@@ -1032,6 +1040,7 @@ VARIANTS = {
     "tiled_linear": {"triton_tiled_linear": True},
     "decode_rotary": {"triton_decode_rotary": True},
     "pdl_prefetch": {},
+    "split_mid_8": {},
     # The default engine without its start-up warm-up: what the warm-up takes off the first run.
     "no_warm_up": {"warm_up": False},
     # Every engine option of GPU_DEFAULTS that is off by default, together.
@@ -1051,6 +1060,9 @@ MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
     # PDL with the skinny matmul's L2 prefetch of its weights before the wait (up to 16 MiB).
     "pdl_prefetch": {("inferd.layers.triton_linear", "PREFETCH_MAX_BYTES"): 16 * 2**20},
     "split_32": {("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 32},
+    # 8 decode programs per SM before splitting, not 4: on an H200 the split sweep's 32 and 64
+    # sequences of 900-2,047 tokens ran fastest split 8 ways in the second call of 2026-11-30.
+    "split_mid_8": {("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 8},
     "previous_defaults": {
         ("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 256,
         ("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 1,
@@ -1450,6 +1462,7 @@ def planned_steps(runs: dict[str, ShapeRun]) -> list[Callable[[], None]]:
         functools.partial(llama.variant, "all_unmeasured"),
         functools.partial(qwen.variant, "split_32"),
         functools.partial(qwen.variant, "decode_rotary", workload=True),
+        functools.partial(qwen.variant, "split_mid_8", workload=True),
         # The kernels behind the attention variants and the sampler's threshold, alone: short,
         # and what says which decode tile, launch order, split and threshold to keep.
         qwen.decode_sweep,

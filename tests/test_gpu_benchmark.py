@@ -333,6 +333,16 @@ def test_mid_size_batches_split_their_long_contexts() -> None:
         assert [tiers(n) for n in (32, 64, 72)] == [[(2048, 1)]] * 3
 
 
+def test_host_only_timing_stops_before_waiting_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait for the device counts in the full time, not in the host's."""
+    clock = iter([0.0, 3.0, 10.0])  # start, after the calls, after the wait
+    monkeypatch.setattr(gpu.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(gpu.torch.cuda, "synchronize", lambda: None)
+    assert gpu._timed(lambda: None, "cuda", 3, host_only=True) == 1.0
+    clock = iter([0.0, 3.0, 9.0])
+    assert gpu._timed(lambda: None, "cuda", 3) == 3.0
+
+
 def test_variants_are_printed_against_the_default() -> None:
     assert gpu._against(1050.0, 1000.0) == " (+5.0% against the default)"
     assert gpu._against(900.0, 1000.0) == " (-10.0% against the default)"
