@@ -1079,6 +1079,16 @@ GPU_ONLY_OPTIONS = ("triton_pdl",)
 FALLBACK = {"enforce_eager": True, "async_scheduling": False, "warm_up": False}
 
 
+def smoke_options() -> dict[str, Any]:
+    """A GPU's defaults that the CPU leaves off, GPU_DEFAULTS' switched-on features among them:
+    the smoke run asks for them, so it goes through the same paths (the small ops and the fused
+    sampler through the Triton interpreter), but for the options a CPU engine refuses."""
+    from inferd.config import GPU_DEFAULTS
+
+    table = {option: True for option, on in GPU_DEFAULTS.items() if on and option not in GPU_ONLY_OPTIONS}
+    return {"triton_ops": True, "async_scheduling": True, "warm_up": True, **table}
+
+
 def fallback_options() -> dict[str, Any]:
     """``FALLBACK`` with every feature of ``GPU_DEFAULTS`` off."""
     from inferd.config import GPU_DEFAULTS
@@ -1261,10 +1271,7 @@ class ShapeRun:
         self.hf_config = hf_config
         self.folder = write_model_folder(folder, hf_config)
         self.shape = model_shape(hf_config, plan.dtype)
-        # A GPU's defaults that the CPU leaves off: the smoke run asks for them, so it goes
-        # through the same paths (the small ops through the Triton interpreter).
-        smoke_options = {"triton_ops": True, "async_scheduling": True, "warm_up": True} if args.smoke else {}
-        self.base_options = {**base_options, **smoke_options}
+        self.base_options = {**base_options, **(smoke_options() if args.smoke else {})}
         self.result: dict[str, Any] = {"variants": {}}
         self.reference_tokens: GreedyRun | None = None  # the default engine's greedy tokens
 

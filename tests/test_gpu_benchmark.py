@@ -343,6 +343,17 @@ def test_host_only_timing_stops_before_waiting_for_the_device(monkeypatch: pytes
     assert gpu._timed(lambda: None, "cuda", 3) == 3.0
 
 
+def test_the_smoke_run_asks_for_the_gpus_defaults_a_cpu_engine_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from inferd import config
+
+    monkeypatch.setattr(
+        config, "GPU_DEFAULTS", {"triton_sampling": True, "triton_pdl": True, "triton_tiled_linear": False}
+    )
+    options = gpu.smoke_options()
+    assert options["triton_sampling"] is True and options["triton_ops"] is True
+    assert "triton_pdl" not in options and "triton_tiled_linear" not in options  # refused on a CPU; off
+
+
 def test_variants_are_printed_against_the_default() -> None:
     assert gpu._against(1050.0, 1000.0) == " (+5.0% against the default)"
     assert gpu._against(900.0, 1000.0) == " (-10.0% against the default)"
