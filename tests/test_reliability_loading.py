@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from inferd.config import ModelLoadError
 from inferd.engine.llm_engine import LLMEngine
@@ -60,6 +64,79 @@ def test_a_malformed_json_file_of_the_folder_is_named(
     (folder / name).write_text(content)
     with pytest.raises(ModelLoadError, match=f"{name} {message}"):
         LLMEngine.from_options(folder, kv_cache_memory="8MiB")
+
+
+def _rewrite_weights(folder: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    weights = load_file(folder / "model.safetensors")
+    change(weights)
+    save_file(weights, folder / "model.safetensors")
+
+
+def _halve_file(folder: Path) -> None:
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (_halve_file, "model.safetensors is not a valid safetensors file"),
+        (lambda folder: (folder / "model.safetensors").write_bytes(b""), "is not a valid safetensors file"),
+        # One piece of the fused q|k|v projection: its rows would keep their initial values.
+        (
+            lambda folder: _rewrite_weights(folder, lambda w: w.pop(Q_PROJ)),
+            f"checkpoint lacks tensors: {Q_PROJ}",
+        ),
+        (
+            lambda folder: _rewrite_weights(folder, lambda w: w.update({Q_PROJ: w[Q_PROJ].to(torch.int32)})),
+            "has dtype torch.int32; inferd loads floating-point weights",
+        ),
+        (
+            lambda folder: (folder / "tokenizer.json").write_text('{"not": "a tokenizer"}'),
+            "tokenizer.json is not a valid tokenizer file",
+        ),
+    ],
+)
+def test_a_broken_weight_or_tokenizer_file_is_a_load_error(
+    tiny_llama: Path, tmp_path: Path, breakage: Callable[[Path], object], message: str
+) -> None:
+    """Not the reader's own exception, and never a model that loads with some weights unset."""
+    folder = _copy(tiny_llama, tmp_path)
+    breakage(folder)
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        LLMEngine.from_options(folder, kv_cache_memory="8MiB")
+
+
+def test_a_chat_template_that_does_not_compile_fails_chat_alone(
+    tiny_llama: Path, tmp_path: Path, caplog
+) -> None:
+    """Said at load (logged) and to each chat request, as the model's fault; completions still work."""
+    from inferd.engine.tokenizer import BrokenChatTemplateError, Tokenizer
+
+    folder = _copy(tiny_llama, tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{% if %}"}))
+    with caplog.at_level("ERROR"):
+        tokenizer = Tokenizer(folder)
+    assert "tokenizer_config.json does not compile" in caplog.text
+    with pytest.raises(BrokenChatTemplateError, match="tokenizer_config.json does not compile"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert tokenizer.encode("hi")
+
+
+def test_text_that_tokenizes_past_the_models_vocabulary_is_refused(tiny_llama: Path) -> None:
+    """A folder whose tokenizer has more tokens than the model's embedding table."""
+    from inferd.engine.input_processor import PromptError
+
+    engine = LLMEngine.from_options(tiny_llama, kv_cache_memory="8MiB")
+    ids = engine.inputs.tokenize_prompt("To be, or not to be")
+    engine.inputs.vocab_size = max(ids)  # as if the model's vocabulary ended below that id
+    with pytest.raises(PromptError, match="has tokens the model has no embedding for"):
+        engine.inputs.tokenize_prompt("To be, or not to be")
+    assert engine.inputs.tokenize_prompt([0, 1]) == [0, 1]
 
 
 @pytest.mark.parametrize("artifact", ["../secret.onnx", "/etc/passwd", "link.onnx"])

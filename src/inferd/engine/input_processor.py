@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def read_eos_token_ids(path: Path, tokenizer: Tokenizer) -> frozenset[int]:
     return frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset()
 
 
+logger = logging.getLogger(__name__)
+
+
 class InputProcessor:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer) -> None:
         self.config = config
@@ -36,15 +40,29 @@ class InputProcessor:
         self.max_model_len = config.scheduler.max_model_len
         self.max_tokens_cap = config.scheduler.max_tokens_cap
         self.vocab_size = config.model.vocab_size
+        if tokenizer.vocab_size > self.vocab_size:
+            logger.warning(
+                "the tokenizer has %d tokens but the model's vocab_size is %d: prompts whose text has "
+                "the others are refused",
+                tokenizer.vocab_size,
+                self.vocab_size,
+            )
 
     def tokenize_prompt(self, prompt: Prompt) -> list[int]:
         if not prompt:
             raise PromptError("prompt is empty")
         if isinstance(prompt, str):
             try:
-                return self.tokenizer.encode(prompt)
+                token_ids = self.tokenizer.encode(prompt)
             except InvalidTextError as exc:
                 raise PromptError(str(exc)) from None
+            # A tokenizer with more tokens than the model's vocabulary (a folder whose files
+            # disagree) would index past the embedding table.
+            beyond = [t for t in token_ids if t >= self.vocab_size]
+            if beyond:
+                raise PromptError(f"the prompt's text has tokens the model has no embedding for "
+                                  f"(ids {beyond[:5]}, vocab_size {self.vocab_size})")  # fmt: skip
+            return token_ids
         bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise PromptError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from inferd.config import ModelLoadError, read_json_object
+
+logger = logging.getLogger(__name__)
+
+
+class BrokenChatTemplateError(ModelLoadError):
+    """The model's chat template does not compile: no conversation can be rendered with it."""
 
 
 class ChatTemplateError(ValueError):
@@ -56,13 +64,18 @@ class Tokenizer:
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise ModelLoadError(f"{path}: no tokenizer.json (inferd needs a fast tokenizer file)")
-        self._tok = HFTokenizer.from_file(str(tokenizer_file))
+        try:
+            self._tok = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            raise ModelLoadError(f"{tokenizer_file} is not a valid tokenizer file: {exc}") from None
         config_file = path / "tokenizer_config.json"
         config: dict[str, Any] = read_json_object(config_file) if config_file.is_file() else {}
         self.chat_template: str | None = config.get("chat_template")
+        template_source = config_file
         template_file = path / "chat_template.jinja"
         if self.chat_template is None and template_file.is_file():
             self.chat_template = template_file.read_text()
+            template_source = template_file
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
@@ -75,6 +88,16 @@ class Tokenizer:
         self._byte_level = decoder is not None and _has_byte_level_decoder(json.loads(decoder.__getstate__()))
         self._template_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self._template_env.globals["raise_exception"] = _raise_template_error
+        # Compiled once here: a template that does not compile is the model folder's fault, said
+        # at start-up and to each chat request (a server error), while completions still work.
+        self._template: Template | None = None
+        self._template_error: str | None = None
+        if self.chat_template:
+            try:
+                self._template = self._template_env.from_string(self.chat_template)
+            except TemplateError as exc:
+                self._template_error = f"the chat template of {template_source} does not compile: {exc}"
+                logger.error("%s; chat requests will fail", self._template_error)
 
     @property
     def vocab_size(self) -> int:
@@ -111,11 +134,12 @@ class Tokenizer:
         return self.decode([token_id], skip_special_tokens=False).encode()
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        if not self.chat_template:
+        if self._template_error is not None:
+            raise BrokenChatTemplateError(self._template_error)
+        if self._template is None:
             raise ChatTemplateError("this model has no chat template; use the completions API instead")
         try:
-            template = self._template_env.from_string(self.chat_template)
-            return template.render(
+            return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from inferd.config import EngineConfig, ModelConfig, ModelLoadError, read_json_object
@@ -26,6 +26,8 @@ _FUSED_SHARDS = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+# Fused parameter name -> its checkpoint pieces, in shard order.
+_FUSED_PIECES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -60,9 +62,14 @@ def safetensors_files(path: Path) -> list[Path]:
 
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                yield name, f.get_tensor(name)
+        # A truncated or empty file fails in its header or in a tensor's data: either way a load
+        # error naming the file, not the reader's own exception.
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{file} is not a valid safetensors file: {exc}") from None
 
 
 def load_model(
@@ -155,7 +162,7 @@ def enable_configured_kernels(model: CausalLM, config: EngineConfig) -> None:
 
 def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig) -> None:
     params = dict(model.named_parameters())
-    filled: set[str] = set()
+    filled: set[tuple[str, int | None]] = set()  # (parameter, piece of a fused one)
     for name, tensor in weights:
         if "rotary_emb" in name:
             continue
@@ -170,10 +177,11 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
                 _copy_checked(param.data, tensor, name)
             else:
                 _copy_checked(_shard_view(param.data, shard, cfg, target), tensor, name)
-        filled.add(target)
+        filled.add((target, shard))
     if cfg.tie_word_embeddings:
-        filled.add("lm_head.weight")
-    missing = sorted(set(params) - filled)
+        filled.add(("lm_head.weight", None))
+    # A fused parameter needs every piece: one left out would keep its initial values unnoticed.
+    missing = sorted(name for target in params for name in _unfilled(target, filled))
     if missing:
         raise ModelLoadError(
             f"checkpoint lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
@@ -216,7 +224,21 @@ def _shard_view(param: torch.Tensor, shard: int, cfg: ModelConfig, target: str) 
     return param.narrow(0, start, size)
 
 
+def _unfilled(target: str, filled: set[tuple[str, int | None]]) -> list[str]:
+    """The checkpoint names of ``target``'s pieces that no tensor filled."""
+    parts = target.split(".")
+    fused = next((i for i, part in enumerate(parts) if part in _FUSED_PIECES), None)
+    if fused is None:
+        return [] if (target, None) in filled else [target]
+    pieces = _FUSED_PIECES[parts[fused]]
+    return [".".join([*parts[:fused], piece, *parts[fused + 1 :]])
+            for shard, piece in enumerate(pieces) if (target, shard) not in filled]  # fmt: skip
+
+
 def _copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if not tensor.is_floating_point():
+        # An integer tensor would be cast without complaint (quantized weights need their scales).
+        raise ModelLoadError(f"tensor {name!r} has dtype {tensor.dtype}; inferd loads floating-point weights")
     if param.shape != tensor.shape:
         raise ModelLoadError(
             f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
