@@ -98,11 +98,16 @@ class ModelConfig:
         architecture = archs[0] if archs else ""
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
+        if num_heads < 1:
+            raise ValueError(f"num_attention_heads ({num_heads}) must be at least 1")
+        if not cfg.get("head_dim") and hidden % num_heads:
+            raise ValueError(f"hidden_size ({hidden}) must be a multiple of num_attention_heads "
+                             f"({num_heads}) when head_dim is not given")  # fmt: skip
         head_dim = cfg.get("head_dim") or hidden // num_heads
         sliding = cfg.get("sliding_window")
         if architecture.startswith("Qwen2") and not cfg.get("use_sliding_window", False):
             sliding = None
-        return cls(
+        config = cls(
             architecture=architecture,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
@@ -121,6 +126,22 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding else None,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
         )
+        config.check_consistent()
+        return config
+
+    def check_consistent(self) -> None:
+        """Shapes a model can be built from, named by their config.json fields (ValueError): a
+        zero size or a KV head count that does not divide the heads would otherwise surface as a
+        tensor shape error at load, or as a failure of every request once serving."""
+        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                 "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+                 "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim}  # fmt: skip
+        small = [f"{name} ({value})" for name, value in sizes.items() if value < 1]
+        if small:
+            raise ValueError(f"{', '.join(small)} must be at least 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_key_value_heads ({self.num_kv_heads}) must divide num_attention_heads "
+                             f"({self.num_heads})")  # fmt: skip
 
     @classmethod
     def from_folder(cls, path: Path) -> ModelConfig:
@@ -139,7 +160,7 @@ class ModelConfig:
             return cls.from_hf_config(raw)
         except KeyError as exc:
             raise ModelLoadError(f"{config_path} has no {exc.args[0]!r}") from None
-        except (TypeError, ValueError, ZeroDivisionError) as exc:
+        except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"{config_path} has a field the engine cannot read: {exc}") from None
 
     def sharded(self, size: int) -> ModelConfig:
