@@ -132,3 +132,22 @@ def test_a_malformed_config_json_is_named_in_the_message(
     config = tmp_path / "config.json"
     assert f"inferd: error: {config}" in err and message in err
     assert "Traceback" not in err
+
+
+def test_an_unknown_torch_dtype_in_config_json_is_warned_about(tiny_llama, tmp_path, caplog) -> None:
+    """It falls back to the device's default dtype, as before, but no longer silently."""
+    import shutil
+
+    from inferd.engine.builder import build_engine_config
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "float8"}))
+    with caplog.at_level("WARNING"):
+        assert build_engine_config(folder, device="cuda").dtype == "bfloat16"
+    assert "torch_dtype 'float8' is not one inferd computes in" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_engine_config(tiny_llama, device="cuda")
+    assert "torch_dtype" not in caplog.text
