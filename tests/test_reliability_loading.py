@@ -127,6 +127,25 @@ def test_a_chat_template_that_does_not_compile_fails_chat_alone(
     assert tokenizer.encode("hi")
 
 
+def test_a_folder_without_an_end_of_sequence_token_is_warned_about(
+    tiny_llama: Path, tmp_path: Path, caplog
+) -> None:
+    """No eos id in generation_config.json or config.json, and an eos_token the tokenizer lacks."""
+    folder = _copy(tiny_llama, tmp_path)
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("eos_token_id", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**tokenizer_config, "eos_token": "<none here>"})
+    )
+    with caplog.at_level("WARNING"):
+        engine = LLMEngine.from_options(folder, kv_cache_memory="8MiB")
+    assert engine.inputs.eos_token_ids == frozenset()
+    assert "names no end-of-sequence token the tokenizer knows" in caplog.text
+
+
 def test_text_that_tokenizes_past_the_models_vocabulary_is_refused(tiny_llama: Path) -> None:
     """A folder whose tokenizer has more tokens than the model's embedding table."""
     from inferd.engine.input_processor import PromptError

@@ -14,6 +14,9 @@ from inferd.sampling_params import SamplingParams
 Prompt = str | list[int]
 
 
+logger = logging.getLogger(__name__)
+
+
 class PromptError(ValueError):
     """The prompt cannot be served (empty, too long, bad token ids); the message says why."""
 
@@ -26,10 +29,11 @@ def read_eos_token_ids(path: Path, tokenizer: Tokenizer) -> frozenset[int]:
             value = read_json_object(file).get("eos_token_id")
             if value is not None:
                 return frozenset(value if isinstance(value, list) else [value])
-    return frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset()
-
-
-logger = logging.getLogger(__name__)
+    if tokenizer.eos_token_id is None:
+        logger.warning("%s names no end-of-sequence token the tokenizer knows: outputs end only at their "
+                       "token budget or a stop condition", path)  # fmt: skip
+        return frozenset()
+    return frozenset([tokenizer.eos_token_id])
 
 
 class InputProcessor:
