@@ -147,7 +147,9 @@ def test_an_unknown_torch_dtype_in_config_json_is_warned_about(tiny_llama, tmp_p
     with caplog.at_level("WARNING"):
         assert build_engine_config(folder, device="cuda").dtype == "bfloat16"
     assert "torch_dtype 'float8' is not one inferd computes in" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING"):
-        build_engine_config(tiny_llama, device="cuda")
-    assert "torch_dtype" not in caplog.text
+    for dtype in ("float32", "auto"):  # the folder's own, and "auto"
+        (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            build_engine_config(folder, device="cuda")
+        assert "torch_dtype" not in caplog.text

@@ -8,9 +8,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from server_process import run_server
 
 from inferd.config import ModelLoadError
 from inferd.engine.llm_engine import LLMEngine
@@ -110,21 +112,81 @@ def test_a_broken_weight_or_tokenizer_file_is_a_load_error(
         LLMEngine.from_options(folder, kv_cache_memory="8MiB")
 
 
-def test_a_chat_template_that_does_not_compile_fails_chat_alone(
-    tiny_llama: Path, tmp_path: Path, caplog
-) -> None:
-    """Said at load (logged) and to each chat request, as the model's fault; completions still work."""
-    from inferd.engine.tokenizer import BrokenChatTemplateError, Tokenizer
-
+def _with_chat_template(tiny_llama: Path, tmp_path: Path, template: object) -> Path:
     folder = _copy(tiny_llama, tmp_path)
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{% if %}"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return folder
+
+
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("template", ["{% if %}", [{"name": "tool_use", "template": "x"}], {"a": 1}])
+def test_a_chat_template_that_does_not_compile_fails_chat_alone(
+    tiny_llama: Path, tmp_path: Path, caplog, template: object
+) -> None:
+    """Said at load (logged) and to each chat request, as the model's fault; completions still
+    work. A list of named templates without a "default" one has none for chat."""
+    from inferd.engine.tokenizer import BrokenChatTemplateError, Tokenizer
+
+    folder = _with_chat_template(tiny_llama, tmp_path, template)
     with caplog.at_level("ERROR"):
         tokenizer = Tokenizer(folder)
     assert "tokenizer_config.json does not compile" in caplog.text
     with pytest.raises(BrokenChatTemplateError, match="tokenizer_config.json does not compile"):
-        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+        tokenizer.apply_chat_template(HELLO)
     assert tokenizer.encode("hi")
+
+
+def test_the_default_entry_of_a_list_of_named_chat_templates_is_the_chat_one(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    from inferd.engine.tokenizer import Tokenizer
+
+    named = [
+        {"name": "tool_use", "template": "tools"},
+        {"name": "default", "template": "{{ messages[0].content }}!"},
+    ]
+    assert Tokenizer(_with_chat_template(tiny_llama, tmp_path, named)).apply_chat_template(HELLO) == "hi!"
+
+
+def test_a_server_answers_chat_with_a_500_and_completions_as_usual(tiny_llama: Path, tmp_path: Path) -> None:
+    """Before any stream starts, without the file's path, and without a traceback per request."""
+    folder = _with_chat_template(tiny_llama, tmp_path, "{% if %}")
+    with run_server(folder, "--kv-cache-memory", "8MiB") as server:
+        for stream in (False, True):
+            body = {"model": server.model, "messages": HELLO, "max_tokens": 2, "stream": stream}
+            chat = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30)
+            assert chat.status_code == 500
+            message = chat.json()["error"]["message"]
+            assert message == "the model's chat template does not compile; see the server's log"
+        body = {"model": server.model, "prompt": "To be", "max_tokens": 2}
+        assert httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=30).status_code == 200
+        assert "Traceback" not in server.log_text()
+    assert "tokenizer_config.json does not compile" in server.log_text()
+
+
+def test_a_checkpoint_with_fused_projections_loads_as_the_separate_one(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """q|k|v and gate|up shipped fused (as inferd's own parameters are named) load whole."""
+    from inferd.llm import LLM
+    from inferd.sampling_params import SamplingParams
+
+    def fuse(weights: dict[str, torch.Tensor]) -> None:
+        for name in [n for n in weights if ".q_proj." in n]:
+            parts = [weights.pop(name.replace("q_proj", piece)) for piece in ("q_proj", "k_proj", "v_proj")]
+            weights[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
+        for name in [n for n in weights if ".gate_proj." in n]:
+            parts = [weights.pop(name.replace("gate_proj", piece)) for piece in ("gate_proj", "up_proj")]
+            weights[name.replace("gate_proj", "gate_up_proj")] = torch.cat(parts)
+
+    folder = _copy(tiny_llama, tmp_path)
+    _rewrite_weights(folder, fuse)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    texts = [LLM(f, kv_cache_memory="8MiB").generate("To be", greedy)[0].text for f in (tiny_llama, folder)]
+    assert texts[0] == texts[1]
 
 
 def test_a_folder_without_an_end_of_sequence_token_is_warned_about(

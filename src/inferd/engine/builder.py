@@ -112,7 +112,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
 
 
 def _default_dtype(model: ModelConfig, device: str) -> str:
-    if model.torch_dtype not in ("bfloat16", "float16", "float32"):
+    if model.torch_dtype not in ("bfloat16", "float16", "float32", "auto"):
         logger.warning("config.json's torch_dtype %r is not one inferd computes in; using the device's "
                        "default (--dtype chooses)", model.torch_dtype)  # fmt: skip
     if device == "cpu":

@@ -70,12 +70,13 @@ class Tokenizer:
             raise ModelLoadError(f"{tokenizer_file} is not a valid tokenizer file: {exc}") from None
         config_file = path / "tokenizer_config.json"
         config: dict[str, Any] = read_json_object(config_file) if config_file.is_file() else {}
-        self.chat_template: str | None = config.get("chat_template")
+        template = _default_template(config.get("chat_template"))
         template_source = config_file
         template_file = path / "chat_template.jinja"
-        if self.chat_template is None and template_file.is_file():
-            self.chat_template = template_file.read_text()
+        if template is None and template_file.is_file():
+            template = template_file.read_text()
             template_source = template_file
+        self.chat_template: str | None = template if isinstance(template, str) else None
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
@@ -92,10 +93,10 @@ class Tokenizer:
         # at start-up and to each chat request (a server error), while completions still work.
         self._template: Template | None = None
         self._template_error: str | None = None
-        if self.chat_template:
+        if template:
             try:
-                self._template = self._template_env.from_string(self.chat_template)
-            except TemplateError as exc:
+                self._template = self._template_env.from_string(template)  # type: ignore[arg-type]
+            except Exception as exc:  # a syntax error, or a template that is not text
                 self._template_error = f"the chat template of {template_source} does not compile: {exc}"
                 logger.error("%s; chat requests will fail", self._template_error)
 
@@ -149,6 +150,16 @@ class Tokenizer:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
         except Exception as exc:  # a template that breaks on this conversation fails it alone
             raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _default_template(value: object) -> object:
+    """The chat template of ``tokenizer_config.json``'s ``chat_template``: a string, or a list of
+    named templates (``{"name", "template"}``), whose "default" entry is the chat one. Anything
+    else is returned as it is, to fail as a template that does not compile."""
+    if isinstance(value, list):
+        named = {entry.get("name"): entry.get("template") for entry in value if isinstance(entry, dict)}
+        return named.get("default", value)
+    return value
 
 
 def _raise_template_error(message: str) -> None:

@@ -226,10 +226,12 @@ def _shard_view(param: torch.Tensor, shard: int, cfg: ModelConfig, target: str) 
 
 def _unfilled(target: str, filled: set[tuple[str, int | None]]) -> list[str]:
     """The checkpoint names of ``target``'s pieces that no tensor filled."""
+    if (target, None) in filled:  # whole, also a fused parameter a checkpoint ships fused
+        return []
     parts = target.split(".")
     fused = next((i for i, part in enumerate(parts) if part in _FUSED_PIECES), None)
     if fused is None:
-        return [] if (target, None) in filled else [target]
+        return [target]
     pieces = _FUSED_PIECES[parts[fused]]
     return [".".join([*parts[:fused], piece, *parts[fused + 1 :]])
             for shard, piece in enumerate(pieces) if (target, shard) not in filled]  # fmt: skip

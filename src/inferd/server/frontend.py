@@ -25,7 +25,7 @@ from inferd.engine.admission import EngineOverloadedError
 from inferd.engine.async_llm import AsyncLLM, EngineDeadError
 from inferd.engine.llm_engine import PromptError
 from inferd.engine.outputs import RequestOutput
-from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
+from inferd.engine.tokenizer import BrokenChatTemplateError, ChatTemplateError, Tokenizer
 from inferd.sampling_params import SamplingParams, SamplingParamsError
 from inferd.server.errors import (
     GenerationError,
@@ -141,6 +141,11 @@ class Frontend:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
         except ChatTemplateError as exc:
             raise InvalidRequestError(str(exc), field="messages") from exc
+        except BrokenChatTemplateError:
+            # The model's fault, logged once at load with the file's path, which clients need not see.
+            raise GenerationError(
+                "the model's chat template does not compile; see the server's log"
+            ) from None
 
     def sampling_params(self, field_names: Mapping[str, str] | None = None, **fields: Any) -> SamplingParams:
         """Validated SamplingParams; errors name the protocol's field (`field_names` maps ours to theirs)."""
