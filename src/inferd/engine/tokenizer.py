@@ -76,7 +76,6 @@ class Tokenizer:
         if template is None and template_file.is_file():
             template = template_file.read_text()
             template_source = template_file
-        self.chat_template: str | None = template if isinstance(template, str) else None
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
