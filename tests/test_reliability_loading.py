@@ -208,16 +208,24 @@ def test_a_folder_without_an_end_of_sequence_token_is_warned_about(
     assert "names no end-of-sequence token the tokenizer knows" in caplog.text
 
 
-def test_text_that_tokenizes_past_the_models_vocabulary_is_refused(tiny_llama: Path) -> None:
-    """A folder whose tokenizer has more tokens than the model's embedding table."""
-    from inferd.engine.input_processor import PromptError
+def test_text_that_tokenizes_past_the_models_vocabulary_is_refused(tiny_llama: Path, caplog) -> None:
+    """A folder whose tokenizer has more tokens than the model's embedding table: warned about at
+    load, and a prompt whose text has such a token refused."""
+    import dataclasses
+
+    from inferd.engine.input_processor import InputProcessor, PromptError
 
     engine = LLMEngine.from_options(tiny_llama, kv_cache_memory="8MiB")
     ids = engine.inputs.tokenize_prompt("To be, or not to be")
-    engine.inputs.vocab_size = max(ids)  # as if the model's vocabulary ended below that id
+    config = engine.config
+    # As if the model's vocabulary ended below the largest of those ids.
+    smaller = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=max(ids)))
+    with caplog.at_level("WARNING"):
+        inputs = InputProcessor(smaller, engine.inputs.tokenizer)
+    assert f"but the model's vocab_size is {max(ids)}" in caplog.text
     with pytest.raises(PromptError, match="has tokens the model has no embedding for"):
-        engine.inputs.tokenize_prompt("To be, or not to be")
-    assert engine.inputs.tokenize_prompt([0, 1]) == [0, 1]
+        inputs.tokenize_prompt("To be, or not to be")
+    assert inputs.tokenize_prompt([0, 1]) == [0, 1]
 
 
 @pytest.mark.parametrize("artifact", ["../secret.onnx", "/etc/passwd", "link.onnx"])

@@ -44,11 +44,14 @@ class InputProcessor:
         self.max_model_len = config.scheduler.max_model_len
         self.max_tokens_cap = config.scheduler.max_tokens_cap
         self.vocab_size = config.model.vocab_size
-        if tokenizer.vocab_size > self.vocab_size:
+        # A tokenizer with ids past the model's vocabulary (a folder whose files disagree) could
+        # index past the embedding table: only then are a text prompt's ids checked.
+        self._text_ids_can_exceed_vocab = tokenizer.largest_token_id >= self.vocab_size
+        if self._text_ids_can_exceed_vocab:
             logger.warning(
-                "the tokenizer has %d tokens but the model's vocab_size is %d: prompts whose text has "
-                "the others are refused",
-                tokenizer.vocab_size,
+                "the tokenizer has token ids up to %d but the model's vocab_size is %d: prompts whose "
+                "text has the others are refused",
+                tokenizer.largest_token_id,
                 self.vocab_size,
             )
 
@@ -60,9 +63,7 @@ class InputProcessor:
                 token_ids = self.tokenizer.encode(prompt)
             except InvalidTextError as exc:
                 raise PromptError(str(exc)) from None
-            # A tokenizer with more tokens than the model's vocabulary (a folder whose files
-            # disagree) would index past the embedding table.
-            beyond = [t for t in token_ids if t >= self.vocab_size]
+            beyond = [t for t in token_ids if t >= self.vocab_size] if self._text_ids_can_exceed_vocab else []
             if beyond:
                 raise PromptError(f"the prompt's text has tokens the model has no embedding for "
                                   f"(ids {beyond[:5]}, vocab_size {self.vocab_size})")  # fmt: skip

@@ -103,6 +103,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
+    @property
+    def largest_token_id(self) -> int:
+        """The largest id the tokenizer can produce (added tokens included); ids may have gaps."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
             text.encode("utf-8")
