@@ -193,11 +193,9 @@ def _skinny_linear_kernel(
 
 def default_tile(rows: int, in_features: int) -> SkinnyTile:
     """The measured tile for one or two rows; with more, shorter inner steps keep the products
-    within the registers. Steps divide the inner dimension where they can, so the loads need no
-    mask along it and stay wide."""
+    within the registers (steps: ``_inner_step``)."""
     block_k = min(_PRODUCTS_PER_PROGRAM // (_BLOCK_N * triton.next_power_of_2(rows)), _MAX_BLOCK_K)
-    block_k = min(block_k, max(in_features & -in_features, 16))
-    return SkinnyTile(block_n=_BLOCK_N, block_k=block_k, num_warps=_WARPS)
+    return SkinnyTile(block_n=_BLOCK_N, block_k=_inner_step(block_k, in_features), num_warps=_WARPS)
 
 
 def default_fused_tile(rows: int, in_features: int) -> SkinnyTile:
@@ -208,8 +206,15 @@ def default_fused_tile(rows: int, in_features: int) -> SkinnyTile:
     tile, and within 0.13 us of the fastest there. More rows keep default_tile's products."""
     if rows > 2:
         return default_tile(rows, in_features)
-    block_k = min(_FUSED_BLOCK_K, max(in_features & -in_features, 16))
-    return SkinnyTile(block_n=_FUSED_BLOCK_N, block_k=block_k, num_warps=_WARPS)
+    return SkinnyTile(
+        block_n=_FUSED_BLOCK_N, block_k=_inner_step(_FUSED_BLOCK_K, in_features), num_warps=_WARPS
+    )
+
+
+def _inner_step(cap: int, in_features: int) -> int:
+    """Inner elements a loop step, at most ``cap``: a power of two that divides the inner
+    dimension where one does (16 at least), so the loads need no mask along it and stay wide."""
+    return min(cap, max(in_features & -in_features, 16))
 
 
 def skinny_linear(
