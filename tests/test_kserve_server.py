@@ -443,6 +443,58 @@ def test_models_load_and_unload_while_the_server_runs(
     assert _http_error(lambda: http_client.load_model("digits", config='{"max_batch_size": 1}')) == "400"
 
 
+def test_models_load_and_unload_over_grpc(grpc_client: Any, server: LiveServer, repository: Path) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    image = triton_grpc.InferInput("image", [1, 8, 8], "FP32")
+    image.set_data_from_numpy(_digit_images(1).astype(np.float32))
+    expected = _direct(repository, "digits", {"image": _digit_images(1)})["label"].ravel().tolist()
+
+    def label(model: str) -> list[int]:
+        return grpc_client.infer(model, [image]).as_numpy("label").ravel().tolist()
+
+    def index() -> dict[str, Any]:
+        models = grpc_client.get_model_repository_index().models
+        return {m.name: (m.version, m.state, m.reason) for m in models}
+
+    shutil.copytree(repository / "digits", repository / "grpc_digits")
+    config_file = repository / "grpc_digits" / "model.json"
+    _write_config(repository / "grpc_digits", {**json.loads(config_file.read_text()), "name": "grpc_digits"})
+    assert _grpc_error(lambda: label("grpc_digits")) == "StatusCode.NOT_FOUND"
+    grpc_client.load_model("grpc_digits")
+    assert label("grpc_digits") == expected and index()["grpc_digits"] == ("1", "READY", "")
+    grpc_client.unload_model("grpc_digits", unload_dependents=True)
+    assert index()["grpc_digits"] == ("1", "UNAVAILABLE", "unloaded")
+    assert _grpc_error(lambda: label("grpc_digits")) == "StatusCode.UNAVAILABLE"
+    grpc_client.load_model("grpc_digits")
+    assert label("grpc_digits") == expected
+    # The same refusals as over REST, in gRPC's codes.
+    assert _grpc_error(lambda: grpc_client.load_model("no_such_model")) == "StatusCode.NOT_FOUND"
+    assert _grpc_error(lambda: grpc_client.unload_model("no_such_model")) == "StatusCode.NOT_FOUND"
+    assert _grpc_error(lambda: grpc_client.load_model("broken")) == "StatusCode.INVALID_ARGUMENT"
+    overridden = lambda: grpc_client.load_model("digits", config='{"max_batch_size": 1}')  # noqa: E731
+    assert _grpc_error(overridden) == "StatusCode.INVALID_ARGUMENT"
+    # `ready` lists only the models that serve; a named repository is refused, as Triton does.
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        ready = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True)).models
+        assert "digits" in {m.name for m in ready} and "broken" not in {m.name for m in ready}
+        assert all(m.state == "READY" for m in ready)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(repository_name="other"))
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_repository_index_over_rest_takes_ready(server: LiveServer) -> None:
+    every = httpx.post(f"{server.http_url}/v2/repository/index", timeout=30).json()
+    ready = httpx.post(f"{server.http_url}/v2/repository/index", json={"ready": True}, timeout=30).json()
+    assert {m["name"] for m in ready} == {m["name"] for m in every if m["state"] == "READY"}
+    assert "broken" in {m["name"] for m in every} and "broken" not in {m["name"] for m in ready}
+    refused = httpx.post(f"{server.http_url}/v2/repository/index", json={"ready": "yes"}, timeout=30)
+    assert refused.status_code == 400 and "'ready'" in refused.json()["error"]
+
+
 def test_the_timeout_header_and_parameter_follow_triton(server: LiveServer) -> None:
     from inferd.serving.generation import generation_params
 

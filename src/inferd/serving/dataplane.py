@@ -6,7 +6,7 @@ Adapters only translate wire formats to `InferRequest` and errors to status code
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -57,9 +57,11 @@ class DataPlane:
             "outputs": [self._tensor_metadata(config, spec) for spec in outputs],
         }
 
-    def repository_index(self) -> list[dict[str, str]]:
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         index = []
         for entry in self.repository:
+            if ready_only and not entry.ready:
+                continue
             item = {
                 "name": entry.name,
                 "version": entry.version,
@@ -69,6 +71,18 @@ class DataPlane:
                 item["reason"] = entry.failure
             index.append(item)
         return index
+
+    async def load(self, name: str, parameters: Mapping[str, object]) -> None:
+        if parameters:  # Triton's config and file overrides
+            raise InvalidInputError(f"load parameters are not supported: {sorted(parameters)}")
+        await self.repository.load(name)
+
+    async def unload(self, name: str, parameters: Mapping[str, object]) -> None:
+        # There are no ensembles, so `unload_dependents` has nothing to act on.
+        unknown = set(parameters) - {"unload_dependents"}
+        if unknown:
+            raise InvalidInputError(f"unload parameters are not supported: {sorted(unknown)}")
+        await self.repository.unload(name)
 
     @staticmethod
     def _signature(

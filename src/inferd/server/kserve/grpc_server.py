@@ -36,6 +36,23 @@ def _status_code(exc: InferenceError) -> Any:
     return grpc.StatusCode.INTERNAL
 
 
+def _repository_parameters(request: Any) -> dict[str, object]:
+    """A load or unload request's `ModelRepositoryParameter` map as plain values."""
+    return {
+        key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+        for key, value in request.parameters.items()
+    }
+
+
+async def _require_one_repository(request: Any, context: Any) -> None:
+    import grpc
+
+    if request.repository_name:  # Triton refuses it the same way
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "'repository_name' is not supported: the server has one repository"
+        )
+
+
 def _servicer(plane: DataPlane) -> Any:
     from inferd.server.kserve.proto import grpc_service_pb2 as pb2
     from inferd.server.kserve.proto import grpc_service_pb2_grpc as pb2_grpc
@@ -77,6 +94,29 @@ def _servicer(plane: DataPlane) -> Any:
             except InferenceError as exc:
                 await context.abort(_status_code(exc), str(exc))
             return response_to_proto(response, pb2)
+
+        async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
+            await _require_one_repository(request, context)
+            models = plane.repository_index(ready_only=request.ready)
+            return pb2.RepositoryIndexResponse(
+                models=[pb2.RepositoryIndexResponse.ModelIndex(**model) for model in models]
+            )
+
+        async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
+            await _require_one_repository(request, context)
+            try:
+                await plane.load(request.model_name, _repository_parameters(request))
+            except InferenceError as exc:
+                await context.abort(_status_code(exc), str(exc))
+            return pb2.RepositoryModelLoadResponse()
+
+        async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
+            await _require_one_repository(request, context)
+            try:
+                await plane.unload(request.model_name, _repository_parameters(request))
+            except InferenceError as exc:
+                await context.abort(_status_code(exc), str(exc))
+            return pb2.RepositoryModelUnloadResponse()
 
     return InferenceServicer()
 

@@ -136,16 +136,20 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
         return JSONResponse(plane.server_metadata())
 
     @router.post("/v2/repository/index")
-    async def repository_index() -> Response:
-        return JSONResponse(plane.repository_index())
+    async def repository_index(request: Request) -> Response:
+        async def produce() -> Response:
+            body = await _json_body(request) if await request.body() else {}
+            ready = body.get("ready", False)
+            if not isinstance(ready, bool):
+                raise InvalidInputError("'ready' must be true or false")
+            return JSONResponse(plane.repository_index(ready_only=ready))
+
+        return await _answer(produce)
 
     @router.post("/v2/repository/models/{name}/load")
     async def load_model(request: Request, name: str) -> Response:
         async def produce() -> Response:
-            parameters = await _control_parameters(request)
-            if parameters:  # Triton's config and file overrides
-                raise InvalidInputError(f"load parameters are not supported: {sorted(parameters)}")
-            await repository.load(name)
+            await plane.load(name, await _control_parameters(request))
             return Response(status_code=200)
 
         return await _answer(produce)
@@ -153,11 +157,7 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
     @router.post("/v2/repository/models/{name}/unload")
     async def unload_model(request: Request, name: str) -> Response:
         async def produce() -> Response:
-            # There are no ensembles, so `unload_dependents` has nothing to act on.
-            unknown = set(await _control_parameters(request)) - {"unload_dependents"}
-            if unknown:
-                raise InvalidInputError(f"unload parameters are not supported: {sorted(unknown)}")
-            await repository.unload(name)
+            await plane.unload(name, await _control_parameters(request))
             return Response(status_code=200)
 
         return await _answer(produce)
