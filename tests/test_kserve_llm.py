@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -244,6 +246,100 @@ def test_leaving_generate_stream_aborts_the_request(live: Live) -> None:
 
     _wait_for(settled)
     assert generated() - generated_before < LONG_MAX_TOKENS
+
+
+class _StreamResponses:
+    """The responses of one `ModelStreamInfer` call, per request id, as tritonclient's callback
+    gets them (errors under the id the server gives back)."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, list[Any]] = {}
+        self.errors: list[str] = []
+        self.done = threading.Condition()
+
+    def __call__(self, result: Any, error: Any) -> None:
+        with self.done:
+            if error is not None:
+                self.errors.append(str(error))
+            else:
+                self.by_id.setdefault(result.get_response().id, []).append(result)
+            self.done.notify_all()
+
+    def wait(self, condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        with self.done:
+            assert self.done.wait_for(condition, timeout_s), (self.by_id.keys(), self.errors)
+
+
+def _final(result: Any) -> bool:
+    return bool(result.get_response().parameters["triton_final_response"].bool_param)
+
+
+def _text(result: Any) -> str:
+    output = result.as_numpy("text_output")
+    return "" if output is None else output[0].decode()
+
+
+def test_grpc_stream_infer_streams_llm_deltas_and_answers_every_request(live: Live) -> None:
+    responses = _StreamResponses()
+    client = triton_grpc.InferenceServerClient(live.grpc_url)
+    client.start_stream(callback=responses)
+    try:
+        streamed = {**GREEDY, "stream": True}
+        prompt = [_text_input(triton_grpc)]
+        client.async_stream_infer(SERVED, prompt, request_id="deltas", parameters=streamed)
+        client.async_stream_infer(FOLDER_LLM, prompt, request_id="whole", parameters=GREEDY)
+        client.async_stream_infer(
+            SERVED,
+            [_text_input(triton_grpc)],
+            request_id="empty-final",
+            parameters=streamed,
+            enable_empty_final_response=True,
+        )
+        image = triton_grpc.InferInput("image", [1, 8, 8], "FP32")
+        image.set_data_from_numpy(np.zeros((1, 8, 8), dtype=np.float32))
+        client.async_stream_infer("digits", [image], request_id="tensor")
+        bad = {"temperature": -1.0, "stream": True}
+        client.async_stream_infer(SERVED, [_text_input(triton_grpc)], request_id="bad", parameters=bad)
+        ids = ("deltas", "whole", "empty-final", "tensor")
+        responses.wait(lambda: all(_final(r[-1]) for i in ids if (r := responses.by_id.get(i))) and
+                       set(ids) <= responses.by_id.keys() and len(responses.errors) == 1)  # fmt: skip
+    finally:
+        client.stop_stream()
+    deltas = responses.by_id["deltas"]
+    assert len(deltas) > 2 and [_final(r) for r in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert "".join(_text(r) for r in deltas) == live.expected[SERVED]
+    finish = deltas[-1].get_response().parameters["finish_reason"].string_param
+    assert finish in ("length", "stop") and _text(deltas[-1]) == ""
+    whole = responses.by_id["whole"]
+    assert len(whole) == 1 and _final(whole[0]) and _text(whole[0]) == live.expected[FOLDER_LLM]
+    empty_final = responses.by_id["empty-final"]
+    assert "".join(_text(r) for r in empty_final) == live.expected[SERVED]
+    assert empty_final[-1].get_response().outputs == [] and _final(empty_final[-1])
+    tensor = responses.by_id["tensor"]
+    assert len(tensor) == 1 and _final(tensor[0])
+    unary = triton_grpc.InferenceServerClient(live.grpc_url).infer("digits", [image])
+    np.testing.assert_array_equal(tensor[0].as_numpy("probabilities"), unary.as_numpy("probabilities"))
+    assert "temperature" in responses.errors[0]
+
+
+def test_leaving_a_grpc_stream_aborts_its_generation(live: Live) -> None:
+    def aborted() -> float:
+        return _metric(live.server, "inferd:requests_aborted_total", model_name=SERVED)
+
+    aborted_before = aborted()
+    responses = _StreamResponses()
+    client = triton_grpc.InferenceServerClient(live.grpc_url)
+    client.start_stream(callback=responses)
+    long_run = {"temperature": 0, "max_tokens": LONG_MAX_TOKENS, "stream": True}
+    client.async_stream_infer(SERVED, [_text_input(triton_grpc)], request_id="long", parameters=long_run)
+    responses.wait(lambda: bool(responses.by_id.get("long")))  # running; then hang up
+    client.stop_stream(cancel_requests=True)
+
+    def settled() -> bool:
+        running = _metric(live.server, "inferd:num_requests_running", model_name=SERVED)
+        return running == 0 and aborted() - aborted_before == 1
+
+    _wait_for(settled)
 
 
 def _running(count: int) -> Callable[[], EngineStats]:

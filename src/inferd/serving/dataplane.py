@@ -151,23 +151,38 @@ class DataPlane:
 
     async def _infer_text(self, generator: TextGenerator, request: InferRequest) -> list[Tensor]:
         """`text_input` BYTES in, the whole generated text as `text_output` BYTES out."""
-        inputs = request.inputs
-        if len(inputs) != 1 or inputs[0].name != TEXT_INPUT.name:
-            raise InvalidInputError(f"LLM models take one input 'text_input', got {[t.name for t in inputs]}")
-        if inputs[0].datatype != "BYTES" or inputs[0].data.size != 1:
-            raise InvalidInputError("input 'text_input' must be BYTES with one element")
-        for requested in request.outputs:
-            if requested.name != TEXT_OUTPUT.name:
-                raise InvalidInputError(f"unknown output {requested.name!r}; the model has ['text_output']")
-            if "classification" in requested.parameters:
-                raise InvalidInputError("output 'text_output' is text: classification does not apply")
+        result = await self.generate(generator, _text_prompt(request), request.parameters)
+        return [_text_output(result.text)]
+
+    async def infer_stream(
+        self, name: str, version: str | None, request: InferRequest
+    ) -> AsyncIterator[tuple[InferResponse, bool]]:
+        """The responses to one request of a stream, each with whether it is the last: one
+        response, or, for an LLM asked with parameter `stream: true`, one per text delta and a
+        last one with an empty `text_output` and the `finish_reason` parameter."""
+        entry = self.repository.get(name, version)
+        entry.require_ready()
+        stream = request.parameters.get("stream", False)
+        if not isinstance(stream, bool):
+            raise InvalidInputError("parameter 'stream' must be true or false")
+        if not (stream and isinstance(entry.runtime, TextGenerator)):
+            yield await self.infer(name, version, request), True
+            return
+        metrics = self.repository.metrics
         try:
-            text = bytes(inputs[0].data.reshape(-1)[0]).decode("utf-8", errors="strict")
-        except UnicodeDecodeError as exc:
-            raise InvalidInputError(f"input 'text_input' is not valid UTF-8: {exc}") from None
-        result = await self.generate(generator, text, request.parameters)
-        output = np.array([result.text.encode("utf-8")], dtype=object)
-        return [Tensor(TEXT_OUTPUT.name, "BYTES", output)]
+            chunks = self.generate_stream(entry.runtime, _text_prompt(request), request.parameters)
+            async for delta, result in chunks:
+                parameters = {} if result is None else {"finish_reason": result.finish_reason}
+                response = InferResponse(
+                    entry.name, entry.version, [_text_output(delta)], id=request.id, parameters=parameters
+                )
+                yield response, result is not None
+        except Exception:
+            if metrics is not None:
+                metrics.requests.labels(name, "failure").inc()
+            raise
+        if metrics is not None:
+            metrics.requests.labels(name, "success").inc()
 
     def text_generator(self, name: str, version: str | None = None) -> TextGenerator:
         entry = self.repository.get(name, version)
@@ -192,3 +207,25 @@ class DataPlane:
         async for delta in stream:
             yield delta, None
         yield "", stream.result()
+
+
+def _text_prompt(request: InferRequest) -> str:
+    """The prompt of an LLM request: its one `text_input` BYTES element, as UTF-8 text."""
+    inputs = request.inputs
+    if len(inputs) != 1 or inputs[0].name != TEXT_INPUT.name:
+        raise InvalidInputError(f"LLM models take one input 'text_input', got {[t.name for t in inputs]}")
+    if inputs[0].datatype != "BYTES" or inputs[0].data.size != 1:
+        raise InvalidInputError("input 'text_input' must be BYTES with one element")
+    for requested in request.outputs:
+        if requested.name != TEXT_OUTPUT.name:
+            raise InvalidInputError(f"unknown output {requested.name!r}; the model has ['text_output']")
+        if "classification" in requested.parameters:
+            raise InvalidInputError("output 'text_output' is text: classification does not apply")
+    try:
+        return bytes(inputs[0].data.reshape(-1)[0]).decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"input 'text_input' is not valid UTF-8: {exc}") from None
+
+
+def _text_output(text: str) -> Tensor:
+    return Tensor(TEXT_OUTPUT.name, "BYTES", np.array([text.encode("utf-8")], dtype=object))

@@ -5,6 +5,9 @@ Runs on the same asyncio loop as the HTTP server so both feed the same dynamic b
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from inferd.server.kserve.grpc_codec import request_from_proto, response_to_proto
@@ -18,6 +21,8 @@ from inferd.serving.errors import (
     ServerOverloadedError,
 )
 from inferd.serving.repository import ModelRepository
+
+logger = logging.getLogger(__name__)
 
 
 def _status_code(exc: InferenceError) -> Any:
@@ -51,6 +56,56 @@ async def _require_one_repository(request: Any, context: Any) -> None:
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED, "'repository_name' is not supported: the server has one repository"
         )
+
+
+async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> AsyncIterator[Any]:
+    """`ModelStreamInfer`: each request is answered as soon as it arrives, beside the others, and
+    its responses go out as they come, matched by request `id` (as Triton's decoupled models
+    answer). A request's error is a response with `error_message`; the stream goes on. Every
+    response carries `triton_final_response`; a request with `triton_enable_empty_final_response`
+    gets its last response with no outputs."""
+    responses: asyncio.Queue[Any] = asyncio.Queue()
+    answering: set[asyncio.Task[None]] = set()
+
+    async def answer(message: Any) -> None:
+        try:
+            request = request_from_proto(message)
+            empty_final = request.parameters.pop("triton_enable_empty_final_response", False) is True
+            stream = plane.infer_stream(message.model_name, message.model_version or None, request)
+            async for response, final in stream:
+                response.parameters["triton_final_response"] = final
+                if final and empty_final:
+                    response.outputs = []
+                message_out = pb2.ModelStreamInferResponse(infer_response=response_to_proto(response, pb2))
+                responses.put_nowait(message_out)
+        except Exception as exc:
+            if not isinstance(exc, InferenceError):
+                logger.exception("stream request %r to model %r failed", message.id, message.model_name)
+            # The failed request's id rides along, so a client can tell which of its requests failed.
+            failed = pb2.ModelInferResponse(
+                model_name=message.model_name, model_version=message.model_version, id=message.id
+            )
+            error = str(exc) if isinstance(exc, InferenceError) else f"internal error: {type(exc).__name__}"
+            responses.put_nowait(pb2.ModelStreamInferResponse(error_message=error, infer_response=failed))
+
+    async def read() -> None:
+        async for message in request_iterator:
+            task = asyncio.create_task(answer(message))
+            answering.add(task)
+            task.add_done_callback(answering.discard)
+        while answering:
+            await asyncio.wait(set(answering))
+
+    reader = asyncio.create_task(read())
+    # Every request answered and the client sends no more, or its requests could not be read.
+    reader.add_done_callback(lambda _: responses.put_nowait(None))
+    try:
+        while (message := await responses.get()) is not None:
+            yield message
+        await reader  # a failure to read the client's requests ends the call with it
+    finally:  # the client hung up, or the call ended: stop generating for it
+        for task in (reader, *answering):
+            task.cancel()
 
 
 def _servicer(plane: DataPlane) -> Any:
@@ -94,6 +149,10 @@ def _servicer(plane: DataPlane) -> Any:
             except InferenceError as exc:
                 await context.abort(_status_code(exc), str(exc))
             return response_to_proto(response, pb2)
+
+        async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+            async for message in _answer_stream(plane, request_iterator, pb2):
+                yield message
 
         async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
             await _require_one_repository(request, context)
