@@ -6,7 +6,8 @@ Adapters only translate wire formats to `InferRequest` and errors to status code
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -99,18 +100,11 @@ class DataPlane:
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         entry = self.repository.get(name, version)
         config = entry.require_ready()
-        metrics = self.repository.metrics
-        try:
+        with self._counted(name):
             if isinstance(entry.runtime, TextGenerator):
                 outputs = await self._infer_text(entry.runtime, request)
             else:
                 outputs = await self._infer_tensors(entry, config, request)
-        except Exception:
-            if metrics is not None:
-                metrics.requests.labels(name, "failure").inc()
-            raise
-        if metrics is not None:
-            metrics.requests.labels(name, "success").inc()
         return InferResponse(
             model_name=entry.name, model_version=entry.version, outputs=outputs, id=request.id
         )
@@ -168,8 +162,7 @@ class DataPlane:
         if not (stream and isinstance(entry.runtime, TextGenerator)):
             yield await self.infer(name, version, request), True
             return
-        metrics = self.repository.metrics
-        try:
+        with self._counted(name):
             chunks = self.generate_stream(entry.runtime, _text_prompt(request), request.parameters)
             async for delta, result in chunks:
                 parameters = {} if result is None else {"finish_reason": result.finish_reason}
@@ -177,6 +170,13 @@ class DataPlane:
                     entry.name, entry.version, [_text_output(delta)], id=request.id, parameters=parameters
                 )
                 yield response, result is not None
+
+    @contextmanager
+    def _counted(self, name: str) -> Iterator[None]:
+        """Counts a request that ends as a success or a failure (one the client left is neither)."""
+        metrics = self.repository.metrics
+        try:
+            yield
         except Exception:
             if metrics is not None:
                 metrics.requests.labels(name, "failure").inc()
