@@ -280,6 +280,10 @@ def _text(result: Any) -> str:
 
 
 def test_grpc_stream_infer_streams_llm_deltas_and_answers_every_request(live: Live) -> None:
+    def counted(outcome: str) -> float:
+        return _metric(live.server, "inferd_kserve_requests_total", model=SERVED, outcome=outcome)
+
+    successes, failures = counted("success"), counted("failure")
     responses = _StreamResponses()
     client = triton_grpc.InferenceServerClient(live.grpc_url)
     client.start_stream(callback=responses)
@@ -320,6 +324,7 @@ def test_grpc_stream_infer_streams_llm_deltas_and_answers_every_request(live: Li
     unary = triton_grpc.InferenceServerClient(live.grpc_url).infer("digits", [image])
     np.testing.assert_array_equal(tensor[0].as_numpy("probabilities"), unary.as_numpy("probabilities"))
     assert "temperature" in responses.errors[0]
+    assert (counted("success") - successes, counted("failure") - failures) == (2, 1)
 
 
 def test_leaving_a_grpc_stream_aborts_its_generation(live: Live) -> None:
