@@ -108,6 +108,18 @@ def test_embedding_errors(server: LiveServer, body: dict[str, object], status: i
     assert response.json()["error"]["message"]
 
 
+def test_embedding_errors_take_the_openai_routes_codes(server: LiveServer) -> None:
+    url = f"{server.http_url}/v1/embeddings"
+    unknown = httpx.post(url, json={"model": "nope", "input": "x"}, timeout=30).json()["error"]
+    assert (unknown["type"], unknown["code"], unknown["param"]) == (
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    )
+    nested = httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000, timeout=30)
+    assert nested.status_code == 400 and "not valid JSON" in nested.json()["error"]["message"]
+
+
 def test_dimensions_equal_to_the_models_width_are_accepted(server: LiveServer) -> None:
     url = f"{server.http_url}/v1/embeddings"
     width = len(

@@ -41,4 +41,5 @@ def test_api_key_guards_the_v2_and_embedding_routes_but_not_health(tiny_llama: P
             f"{server.base_url}/v1/embeddings", json={"model": "digits", "input": "x"}, timeout=10
         )
         assert embeddings.status_code == 401
+        assert embeddings.json()["error"]["code"] == "invalid_api_key"  # as on the other OpenAI routes
         assert httpx.get(url, headers={"Authorization": "Bearer sesame"}, timeout=10).status_code == 200

@@ -15,7 +15,9 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from inferd.server.errors import ApiError, protocol_route_class
+from inferd.server.errors import InvalidRequestError, ServiceUnavailableError, protocol_route_class
+from inferd.server.errors import ModelNotFoundError as ModelNotFoundApiError
+from inferd.server.openai.common import error_response
 from inferd.serving.dataplane import DataPlane
 from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from inferd.serving.repository import ModelRepository
@@ -24,25 +26,13 @@ from inferd.serving.tensor import InferRequest, RequestedOutput, Tensor
 EMBEDDING_RUNTIME = "sentence_embedding"
 
 
-def _openai_error(message: str, status: int, error_type: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": error_type, "param": None, "code": None}}, status_code=status
-    )
-
-
-def _api_error_response(exc: ApiError) -> Response:
-    """Errors raised by shared dependencies (the API-key check)."""
-    if exc.kind == "authentication":
-        return _openai_error(exc.message, 401, "invalid_request_error")
-    return _openai_error(exc.message, 400, "invalid_request_error")
-
-
-def _error_response(exc: InferenceError) -> JSONResponse:
+def _error_response(exc: InferenceError) -> Response:
+    """A v2 model's error in the shape the OpenAI routes give the same kind of error."""
     if isinstance(exc, ModelNotFoundError):
-        return _openai_error(str(exc), 404, "not_found_error")
+        return error_response(ModelNotFoundApiError(str(exc), "model"))
     if isinstance(exc, ModelNotReadyError):
-        return _openai_error(str(exc), 503, "service_unavailable")
-    return _openai_error(str(exc), 400, "invalid_request_error")
+        return error_response(ServiceUnavailableError(str(exc)))
+    return error_response(InvalidRequestError(str(exc)))
 
 
 def _parse_body(body: Any) -> tuple[str, list[str], str, int | None]:
@@ -133,7 +123,7 @@ def build_embeddings_router(
 ) -> APIRouter:
     service = _EmbeddingService(repository)
     router = APIRouter(
-        route_class=protocol_route_class(_api_error_response),
+        route_class=protocol_route_class(error_response),
         dependencies=[Depends(dependency) for dependency in dependencies],
     )
 
@@ -141,8 +131,8 @@ def build_embeddings_router(
     async def create_embeddings(request: Request) -> Response:
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return _openai_error(f"request body is not valid JSON: {exc}", 400, "invalid_request_error")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: recursion
+            return error_response(InvalidRequestError(f"request body is not valid JSON: {exc}"))
         try:
             return JSONResponse(await service.embed(body))
         except InferenceError as exc:
