@@ -249,6 +249,44 @@ def test_bad_field_is_400_naming_it(client: openai.OpenAI) -> None:
     assert caught.value.body["param"] == "logit_bias"  # type: ignore[index]
 
 
+def test_null_fields_take_their_defaults(server: ServerProcess) -> None:
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "presence_penalty": None,
+             "frequency_penalty": None, "seed": None, "stop": None, "stream_options": None}  # fmt: skip
+    prompt = {"model": "tiny", "prompt": "To be", "ignore_eos": True}
+    completion = httpx.post(
+        f"{server.base_url}/v1/completions", json={**prompt, **nulls, "echo": None, "max_tokens": None}
+    )
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["usage"]["completion_tokens"] == 16  # the reference's default
+    chat_body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi", "name": None}],
+        "max_tokens": 3,
+    }
+    chat = httpx.post(f"{server.base_url}/v1/chat/completions", json={**chat_body, **nulls, "logprobs": None})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["logprobs"] is None
+
+
+def test_stream_options_need_stream(server: ServerProcess) -> None:
+    for route, body in (
+        ("completions", {"prompt": "To be"}),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ):
+        for stream in ({}, {"stream": False}):
+            response = httpx.post(
+                f"{server.base_url}/v1/{route}",
+                json={
+                    "model": "tiny",
+                    "max_tokens": 2,
+                    "stream_options": {"include_usage": True},
+                    **body,
+                    **stream,
+                },
+            )
+            assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
+
+
 def test_context_overflow_is_400_with_both_numbers(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="tiny", prompt="To be", max_tokens=600)

@@ -10,12 +10,21 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class _Body(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """The reference types the optional fields "X or null", and clients send null for a field
+        they leave unset: a null field takes its default (a required one is then missing)."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class StreamOptions(_Body):
@@ -48,6 +57,13 @@ class SamplingExtras(_Body):
     skip_special_tokens: bool = True
     # inferd's: seconds until the request is aborted (overrides the server's --request-timeout).
     timeout: float | None = Field(None, gt=0.0, le=86400.0)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream", False):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
 
     @property
     def include_usage_chunk(self) -> bool:
