@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from inferd.engine.outputs import RequestMetrics, RequestOutput
+from inferd.sample.sampler import TokenLogprobs
 from inferd.sampling_params import SamplingParams
 from inferd.server.errors import GenerationError
 from inferd.server.frontend import IndexedOutput
@@ -78,3 +79,35 @@ async def test_tgi_stream_ends_with_error_event() -> None:
     job = TgiJob("tgi-x", [1], "p", SamplingParams(logprobs=0), details=False, full_text=False)
     events = await _events(stream_generate(_FailingFrontend(None), job))  # type: ignore[arg-type]
     assert json.loads(events[-1]) == {"error": "engine step failed: boom", "error_type": "generation"}
+
+
+class _EosFrontend:
+    """One text token, then the EOS that ends the answer and adds no text."""
+
+    class tokenizer:  # noqa: N801 (stands in for the Tokenizer instance)
+        special_token_ids = frozenset({0})
+
+        @staticmethod
+        def decode(token_ids: list[int], skip_special_tokens: bool) -> str:
+            assert token_ids == [0] and not skip_special_tokens
+            return "</s>"
+
+    eos_token_ids = frozenset({0})
+
+    def generate(self, *_: Any, **__: Any) -> AsyncIterator[IndexedOutput]:
+        async def outputs() -> AsyncIterator[IndexedOutput]:
+            first = _output("a", 5)
+            first.new_logprobs = [TokenLogprobs(5, -0.5, ())]
+            yield IndexedOutput(0, first)
+            end = _output("", 0, finish_reason="stop")
+            end.text, end.token_ids, end.new_logprobs = "a", [5, 0], [TokenLogprobs(0, -0.1, ())]
+            yield IndexedOutput(0, end)
+
+        return outputs()
+
+
+async def test_tgi_stream_shows_the_eos_tokens_own_text() -> None:
+    job = TgiJob("tgi-x", [1], "p", SamplingParams(logprobs=0), details=True, full_text=False)
+    events = [json.loads(e) for e in await _events(stream_generate(_EosFrontend(), job))]  # type: ignore[arg-type]
+    assert [(e["token"]["text"], e["token"]["special"]) for e in events] == [("a", False), ("</s>", True)]
+    assert events[-1]["generated_text"] == "a" and events[-1]["details"]["finish_reason"] == "eos_token"

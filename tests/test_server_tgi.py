@@ -81,6 +81,9 @@ def test_neutral_sampling_settings_stay_greedy(client: InferenceClient) -> None:
         result = client.text_generation("Whether", max_new_tokens=12, details=True, **kwargs)  # type: ignore[call-overload]
         assert result.generated_text == greedy, kwargs
         assert result.details is not None and result.details.seed is None
+    seeded_greedy = client.text_generation("Whether", max_new_tokens=12, details=True, seed=3)
+    assert seeded_greedy.generated_text == greedy
+    assert seeded_greedy.details is not None and seeded_greedy.details.seed is None  # as TGI: no sampling
 
 
 def test_the_implicit_max_new_tokens_is_capped_not_refused(tiny_llama) -> None:

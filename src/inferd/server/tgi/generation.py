@@ -82,8 +82,9 @@ def prepare_generate(frontend: Frontend, body: GenerateRequest) -> TgiJob:
         top_p=p.top_p or 1.0,
         repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
-        # TGI reports the seed of a sampled answer, so pick one when the client did not.
-        seed=p.seed if p.seed is not None or not p.sampling else random.getrandbits(63),
+        # TGI reports the seed of a sampled answer, so pick one when the client did not; a greedy
+        # answer has none (null in its details, as TGI's).
+        seed=(p.seed if p.seed is not None else random.getrandbits(63)) if p.sampling else None,
         stop=p.stop,
         # TGI's generated text ends with the stop sequence that ended it.
         include_stop_str_in_output=True,
@@ -157,9 +158,15 @@ async def stream_generate(frontend: Frontend, job: TgiJob) -> AsyncIterator[str]
                     index += 1
                     last = position == len(entries) - 1
                     # The text delta rides on the output's last token, so events never split a character.
+                    # A special token that adds no text (the EOS that ends the answer) shows its own, as
+                    # in TGI's events; generated_text leaves it out.
+                    delta = out.new_text if last else ""
+                    special = entry.token_id in frontend.tokenizer.special_token_ids
                     event = StreamResponse(
                         index=index,
-                        token=_token(frontend, entry.token_id, out.new_text if last else "", entry.logprob),
+                        token=_token(
+                            frontend, entry.token_id, None if special and not delta else delta, entry.logprob
+                        ),
                         top_tokens=_top_tokens(frontend, [entry])[0] if job.params.logprobs else None,
                     )
                     if last and out.finished:
