@@ -34,7 +34,7 @@ def _default_on_a_gpu(feature: str) -> str:
     """The help's default for a speed feature, from what a GPU run measured (GPU_DEFAULTS)."""
     if GPU_DEFAULTS[feature]:
         return " (default: on for CUDA, where its kernels can run)"
-    return " (default: off; an H200 run measured no gain from it)"
+    return " (default: off; H200 runs measured no consistent gain from it)"
 
 
 # On/off engine options, each a --name / --no-name flag (unset: the engine's default), with its help.
