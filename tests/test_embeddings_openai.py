@@ -37,6 +37,10 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ],
     }
     (embedder / "model.json").write_text(json.dumps(config))
+    # The same encoder with its embedding width left open (-1) in the configuration.
+    shutil.copytree(embedder, root / "open-embedder")
+    open_outputs = [{**config["outputs"][0], "shape": [-1]}, config["outputs"][1]]  # type: ignore[index]
+    (root / "open-embedder" / "model.json").write_text(json.dumps({**config, "outputs": open_outputs}))
     shutil.copytree(EXAMPLES / "digits", root / "digits")
     return root
 
@@ -131,10 +135,12 @@ def test_dimensions_equal_to_the_models_width_are_accepted(server: LiveServer) -
     assert same.status_code == 200
 
 
-def test_a_width_the_configuration_rules_out_is_refused_before_any_text_is_embedded(
-    server: LiveServer,
+@pytest.mark.parametrize("model", ["tiny-embedder", "open-embedder"])
+def test_a_width_the_model_rules_out_is_refused_before_any_text_is_embedded(
+    server: LiveServer, model: str
 ) -> None:
-    """The model declares 16-dimensional embeddings: asking for 3 costs the model no inference."""
+    """The encoder gives 16-dimensional embeddings, declared in the configuration or (left open
+    there) read from the encoder's: asking for 3 costs the model no inference."""
 
     def inferences() -> float:
         text = httpx.get(f"{server.http_url}/metrics", timeout=30).text
@@ -142,14 +148,14 @@ def test_a_width_the_configuration_rules_out_is_refused_before_any_text_is_embed
             sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
-            if sample.name == "inferd_kserve_requests_total" and sample.labels["model"] == "tiny-embedder"
+            if sample.name == "inferd_kserve_requests_total" and sample.labels["model"] == model
         )
 
     url = f"{server.http_url}/v1/embeddings"
-    assert httpx.post(url, json={"model": "tiny-embedder", "input": "x"}, timeout=30).status_code == 200
+    assert httpx.post(url, json={"model": model, "input": "x"}, timeout=30).status_code == 200
     before = inferences()
     assert before > 0  # the counter counts this model's inferences
-    body = {"model": "tiny-embedder", "input": ["a", "b"], "dimensions": 3}
+    body = {"model": model, "input": ["a", "b"], "dimensions": 3}
     refused = httpx.post(url, json=body, timeout=30)
     assert refused.status_code == 400 and "16-dimensional" in refused.json()["error"]["message"]
     assert inferences() == before

@@ -80,14 +80,17 @@ class _EmbeddingService:
         self._plane = DataPlane(repository)
 
     def _input_name(self, model: str, dimensions: int | None) -> str:
-        """The model's text input; a ``dimensions`` its ``embedding`` output's declared width
-        rules out is refused here, before any text is embedded."""
-        config = self._repository.get(model).require_ready()
+        """The model's text input; a ``dimensions`` the model's width rules out (its ``embedding``
+        output's declared width, or, left open, its encoder's) is refused here, before any text is
+        embedded."""
+        entry = self._repository.get(model)
+        config = entry.require_ready()
         if config.runtime != EMBEDDING_RUNTIME:
             raise InvalidInputError(f"model {model!r} is not an embedding model")
         declared = next((o.shape[-1] for o in config.outputs if o.name == "embedding" and o.shape), -1)
-        if dimensions is not None and declared > 0:
-            _check_width(model, dimensions, declared)
+        width = declared if declared > 0 else getattr(entry.runtime, "embedding_width", None)
+        if dimensions is not None and width is not None:
+            _check_width(model, dimensions, width)
         return config.inputs[0].name
 
     async def _embed_one(self, model: str, input_name: str, text: str) -> tuple[np.ndarray, int]:
@@ -104,7 +107,7 @@ class _EmbeddingService:
         model, texts, encoding, dimensions = _parse_body(body)
         input_name = self._input_name(model, dimensions)
         results = await asyncio.gather(*(self._embed_one(model, input_name, text) for text in texts))
-        if dimensions is not None:  # a width the configuration leaves open (-1) is known only now
+        if dimensions is not None:  # an encoder that does not name its width: known only now
             _check_width(model, dimensions, len(results[0][0]))
         tokens = sum(count for _, count in results)
         return {

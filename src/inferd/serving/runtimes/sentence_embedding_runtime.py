@@ -22,6 +22,13 @@ class SentenceEmbeddingRuntime:
         self._normalize = bool(config.parameters.get("normalize", True))
         self._config = config
 
+    @property
+    def embedding_width(self) -> int | None:
+        """The width of the embeddings (the encoder's hidden size), known before any inference;
+        None for an encoder whose configuration does not name it."""
+        width = getattr(self._model.config, "hidden_size", None)
+        return width if isinstance(width, int) else None
+
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
