@@ -115,6 +115,19 @@ SHAPE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size"
             json.dumps({**SHAPE, "num_hidden_layers": 0, "vocab_size": 0}),
             "vocab_size (0), num_hidden_layers (0) must be",
         ),
+        (
+            json.dumps({**SHAPE, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+            "rope scaling type 'dynamic' is not supported; supported: default, linear, llama3, yarn",
+        ),
+        (
+            json.dumps({**SHAPE, "rope_scaling": {"rope_type": "yarn"}}),
+            "the yarn rope scaling needs a factor",
+        ),
+        (json.dumps({**SHAPE, "rope_scaling": {"rope_type": "linear", "factor": 0}}), "must be positive"),
+        (
+            json.dumps({**SHAPE, "rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4}}),
+            "needs low_freq_factor < high_freq_factor",
+        ),
         ('{"architectures": [1]}', "'architectures' must be a list of names"),
         ('{"architectures": {}}', "'architectures' must be a list of names"),
         ("[" * 100_000 + "]" * 100_000, "is nested too deeply to read"),

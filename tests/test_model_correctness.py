@@ -39,7 +39,7 @@ def _hf_greedy(folder, prompts: list[list[int]], max_new_tokens: int) -> list[li
     return outputs
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "qwen2-yarn", "qwen3-yarn-mscale", "llama-linear"])
 def test_logits_match_transformers(tiny_model_factory, arch: str) -> None:
     folder = tiny_model_factory(arch)
     llm = LLM(folder, kv_cache_memory="16MiB", block_size=8)

@@ -97,7 +97,8 @@ def test_fused_add_rms_norm_takes_strided_rows() -> None:
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rope", [RopeConfig(theta=10000.0), RopeConfig(
-    theta=500000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=32)])  # fmt: skip
+    theta=500000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=32), RopeConfig(
+    theta=10000.0, rope_type="yarn", factor=4.0, original_max_position_embeddings=16)])  # fmt: skip
 def test_rotary_on_split_views_matches_torch(dtype: torch.dtype, rope: RopeConfig) -> None:
     # 6 heads of 12 dims: neither the head count nor the half dimension is a power of two.
     q, k, v = split_qkv(tokens=9, heads=6, kv_heads=2, head_dim=12, dtype=dtype)

@@ -61,14 +61,28 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unsupported dtype {name!r}; choose one of float32, bfloat16, float16") from None
 
 
+# Rotary scalings the engine computes (`layers/rotary.py`), with the parameters Hugging Face gives them.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float
     rope_type: str = "default"
+    # linear, llama3 and yarn: how much longer the context is than the pretrained one.
     factor: float = 1.0
+    # llama3: the wavelength band blended between scaled and kept.
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn: the ramp between interpolated and extrapolated frequencies, and the cos/sin scale
+    # (given, or derived from the factor and mscale / mscale_all_dim).
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -191,16 +205,43 @@ def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:
     params = {**scaling, **params}
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = str(params.get("rope_type") or params.get("type") or "default")
-    if rope_type not in ("default", "llama3"):
-        raise ModelLoadError(f"unsupported rope scaling type {rope_type!r}; supported: default, llama3")
-    return RopeConfig(
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(
+            f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
+    max_positions = int(cfg.get("max_position_embeddings", 2048))
+    # As transformers reads it: a top-level value (Phi-3 style) first, then the scaling's, then the
+    # model's own context.
+    original = int(cfg.get("original_max_position_embeddings")
+                   or params.get("original_max_position_embeddings") or max_positions)  # fmt: skip
+    factor = params.get("factor", 1.0)
+    if rope_type in ("linear", "yarn") and params.get("factor") is None:
+        raise ValueError(f"the {rope_type} rope scaling needs a factor")
+
+    def optional(key: str) -> float | None:
+        return None if params.get(key) is None else float(params[key])
+
+    rope = RopeConfig(
         theta=theta,
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
+        factor=float(factor),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=original,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        attention_factor=optional("attention_factor"),
+        mscale=optional("mscale"),
+        mscale_all_dim=optional("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
     )
+    # Values that would put infinities or NaNs into every rotation, named by their field.
+    if rope.theta <= 0 or rope.factor <= 0 or rope.original_max_position_embeddings < 1:
+        raise ValueError("rope_theta, the rope scaling's factor and original_max_position_embeddings must be "
+                         "positive")  # fmt: skip
+    if rope_type == "llama3" and not rope.low_freq_factor < rope.high_freq_factor:
+        raise ValueError("the llama3 rope scaling needs low_freq_factor < high_freq_factor")
+    return rope
 
 
 @dataclass(frozen=True)

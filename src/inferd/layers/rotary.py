@@ -1,4 +1,4 @@
-"""Rotary position embeddings (default and Llama 3 frequency scaling), looked up by position."""
+"""Rotary position embeddings (default, linear, Llama 3 and YaRN frequency scaling), looked up by position."""
 
 from __future__ import annotations
 
@@ -15,9 +15,46 @@ from inferd.layers.norm import RMSNorm
 def inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
     # float32 throughout, as the reference does, so positions land on the same angles.
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if rope.rope_type == "linear":  # positions divided by the factor: the same as slower frequencies
+        return inv_freq / rope.factor
     if rope.rope_type == "llama3":
-        inv_freq = _llama3_scale(inv_freq, rope)
+        return _llama3_scale(inv_freq, rope)
+    if rope.rope_type == "yarn":
+        return _yarn_scale(inv_freq, head_dim, rope)
     return inv_freq
+
+
+def attention_scaling(rope: RopeConfig) -> float:
+    """The factor YaRN puts on cos and sin (so on every attention logit, twice); 1 otherwise."""
+    if rope.rope_type != "yarn":
+        return 1.0
+    if rope.attention_factor is not None:
+        return rope.attention_factor
+    if rope.mscale and rope.mscale_all_dim:
+        return _yarn_mscale(rope.factor, rope.mscale) / _yarn_mscale(rope.factor, rope.mscale_all_dim)
+    return _yarn_mscale(rope.factor)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_scale(inv_freq: torch.Tensor, head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    # Dimensions that turn fewer than beta_slow times over the pretrained context are interpolated
+    # (divided by the factor), those that turn more than beta_fast times are kept, and a linear
+    # ramp over the dimension index blends the ones between.
+    def dimension_of(rotations: float) -> float:
+        wavelengths = rope.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return head_dim * math.log(wavelengths) / (2 * math.log(rope.theta))
+
+    low, high = dimension_of(rope.beta_fast), dimension_of(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of zero width would divide by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / rope.factor * ramp + inv_freq * (1 - ramp)
 
 
 def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
@@ -103,8 +140,11 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, rope)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # Every path (torch, the Triton rotary, decode attention's) reads these tables, so a
+        # scaling of cos and sin done here holds for all of them.
+        scale = attention_scaling(rope)
+        self.register_buffer("cos", angles.cos() * scale, persistent=False)
+        self.register_buffer("sin", angles.sin() * scale, persistent=False)
         self.use_triton = False
         # With use_triton: the decode attention kernel does the rotation (``TritonRotary``).
         self.in_decode_attention = False
