@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -180,8 +181,47 @@ def _servicer(plane: DataPlane) -> Any:
     return InferenceServicer()
 
 
-async def start_grpc_server(repository: ModelRepository, host: str, port: int) -> Any:
-    """Starts serving on host:port and returns the `grpc.aio.Server` (call `stop(grace)` to end it)."""
+# The health calls stay open with an API key, as the REST health probes do: orchestrators call them
+# without credentials.
+_OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})
+
+
+def _api_key_interceptor(api_key: str) -> Any:
+    """Refuses every call but the health ones (`UNAUTHENTICATED`) unless its metadata carries
+    `authorization: Bearer KEY`, the header the HTTP routes take (tritonclient sends it with
+    `headers={"authorization": ...}`)."""
+    import grpc
+
+    expected = f"Bearer {api_key}".encode()
+    message = "a valid API key is required: send metadata 'authorization: Bearer <key>'"
+
+    async def refuse_one(request: Any, context: Any) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def refuse_stream(request_iterator: Any, context: Any) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+        async def intercept_service(self, continuation: Any, details: Any) -> Any:
+            handler = await continuation(details)
+            if handler is None or details.method.rsplit("/", 1)[-1] in _OPEN_METHODS:
+                return handler
+            given = dict(details.invocation_metadata or ()).get("authorization", "")
+            # Constant-time, so the key cannot be guessed byte by byte from response times.
+            if secrets.compare_digest(given.encode() if isinstance(given, str) else given, expected):
+                return handler
+            if handler.request_streaming:
+                return grpc.stream_stream_rpc_method_handler(refuse_stream)
+            return grpc.unary_unary_rpc_method_handler(refuse_one)
+
+    return ApiKeyInterceptor()
+
+
+async def start_grpc_server(
+    repository: ModelRepository, host: str, port: int, api_key: str | None = None
+) -> Any:
+    """Starts serving on host:port and returns the `grpc.aio.Server` (call `stop(grace)` to end it).
+    With `api_key`, every call but the health ones needs it (`_api_key_interceptor`)."""
     import grpc
 
     from inferd.server.kserve.proto import grpc_service_pb2_grpc as pb2_grpc
@@ -189,10 +229,11 @@ async def start_grpc_server(repository: ModelRepository, host: str, port: int) -
     # Large tensors travel in one message; lift gRPC's 4 MiB default.
     max_message = 256 * 1024 * 1024
     server = grpc.aio.server(
+        interceptors=[_api_key_interceptor(api_key)] if api_key else [],
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
-        ]
+        ],
     )
     pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer(DataPlane(repository)), server)
     bound = server.add_insecure_port(f"{host}:{port}")
