@@ -291,7 +291,9 @@ def test_grpc_stream_infer_streams_llm_deltas_and_answers_every_request(live: Li
         streamed = {**GREEDY, "stream": True}
         prompt = [_text_input(triton_grpc)]
         client.async_stream_infer(SERVED, prompt, request_id="deltas", parameters=streamed)
-        client.async_stream_infer(FOLDER_LLM, prompt, request_id="whole", parameters=GREEDY)
+        client.async_stream_infer(
+            FOLDER_LLM, prompt, request_id="whole", parameters=GREEDY, enable_empty_final_response=True
+        )
         client.async_stream_infer(
             SERVED,
             [_text_input(triton_grpc)],
@@ -301,7 +303,7 @@ def test_grpc_stream_infer_streams_llm_deltas_and_answers_every_request(live: Li
         )
         image = triton_grpc.InferInput("image", [1, 8, 8], "FP32")
         image.set_data_from_numpy(np.zeros((1, 8, 8), dtype=np.float32))
-        client.async_stream_infer("digits", [image], request_id="tensor")
+        client.async_stream_infer("digits", [image], request_id="tensor", enable_empty_final_response=True)
         bad = {"temperature": -1.0, "stream": True}
         client.async_stream_infer(SERVED, [_text_input(triton_grpc)], request_id="bad", parameters=bad)
         ids = ("deltas", "whole", "empty-final", "tensor")

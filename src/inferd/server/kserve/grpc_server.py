@@ -63,8 +63,8 @@ async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> A
     """`ModelStreamInfer`: each request is answered as soon as it arrives, beside the others, and
     its responses go out as they come, matched by request `id` (as Triton's decoupled models
     answer). A request's error is a response with `error_message`; the stream goes on. Every
-    response carries `triton_final_response`; a request with `triton_enable_empty_final_response`
-    gets its last response with no outputs."""
+    response carries `triton_final_response`; a streamed generation asked with
+    `triton_enable_empty_final_response` gets its last response with no outputs."""
     responses: asyncio.Queue[Any] = asyncio.Queue()
     answering: set[asyncio.Task[None]] = set()
 
@@ -73,10 +73,15 @@ async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> A
             request = request_from_proto(message)
             empty_final = request.parameters.pop("triton_enable_empty_final_response", False) is True
             stream = plane.infer_stream(message.model_name, message.model_version or None, request)
+            answered = 0
             async for response, final in stream:
                 response.parameters["triton_final_response"] = final
-                if final and empty_final:
+                # Only a last response that follows others (a streamed generation's end marker)
+                # goes empty; a request's one response keeps its outputs, as Triton leaves a
+                # model that answers once.
+                if final and empty_final and answered:
                     response.outputs = []
+                answered += 1
                 message_out = pb2.ModelStreamInferResponse(infer_response=response_to_proto(response, pb2))
                 responses.put_nowait(message_out)
         except Exception as exc:
