@@ -8,7 +8,7 @@ Fields that change the answer and that inferd cannot honour are declared so they
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 class _Body(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
     model_config = ConfigDict(extra="ignore")
+    # Fields whose null means something of its own, not the default.
+    _null_keeps_its_meaning: ClassVar[frozenset[str]] = frozenset()
 
     @model_validator(mode="before")
     @classmethod
@@ -23,7 +25,8 @@ class _Body(BaseModel):
         """The reference types the optional fields "X or null", and clients send null for a field
         they leave unset: a null field takes its default (a required one is then missing)."""
         if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
+            kept = cls._null_keeps_its_meaning
+            return {key: value for key, value in data.items() if value is not None or key in kept}
         return data
 
 
@@ -71,6 +74,10 @@ class SamplingExtras(_Body):
 
 
 class CompletionRequest(SamplingExtras):
+    # max_tokens: left out, 16 (the reference's default); null, the rest of the context (as vLLM
+    # reads it, and the only way to ask for no limit here).
+    _null_keeps_its_meaning = frozenset({"max_tokens"})
+
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
