@@ -34,6 +34,11 @@ class StubScript:
     report_usage: bool = True
     # What each token chunk carries; "" mimics a server that streams only special (hidden) tokens.
     token_text: str = " tok"
+    # Faults: a stream that closes without `data: [DONE]`, a chunk that is JSON of the wrong shape
+    # sent in place of every token chunk, and a body declared gzip that is not.
+    send_done: bool = True
+    odd_chunk: str | None = None
+    false_gzip: bool = False
     received: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -62,13 +67,17 @@ async def _events(script: StubScript, body: dict[str, Any], chat: bool, arrived:
     for index in range(max_tokens):
         deadline = arrived + script.first_token_s + index * script.inter_token_s
         await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-        yield f"data: {json.dumps(_chunk(chat, script.token_text))}\n\n"
+        payload = (
+            script.odd_chunk if script.odd_chunk is not None else json.dumps(_chunk(chat, script.token_text))
+        )
+        yield f"data: {payload}\n\n"
     if script.report_usage and (body.get("stream_options") or {}).get("include_usage"):
         prompt_tokens = _prompt_tokens(body)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens}
         usage["total_tokens"] = prompt_tokens + max_tokens
         yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-    yield "data: [DONE]\n\n"
+    if script.send_done:
+        yield "data: [DONE]\n\n"
 
 
 def build_stub_app(script: StubScript) -> ASGIApp:
@@ -92,6 +101,8 @@ def build_stub_app(script: StubScript) -> ASGIApp:
             await _send_json(send, int(status.group(1)), {"error": {"message": "scripted failure"}})
             return
         headers = [(b"content-type", b"text/event-stream")]
+        if script.false_gzip:
+            headers.append((b"content-encoding", b"gzip"))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         async for event in _events(script, body, path.endswith("/chat/completions"), arrived):
             await send({"type": "http.response.body", "body": event.encode(), "more_body": True})

@@ -46,7 +46,7 @@ def test_serve_chat_with_a_jsonl_dataset(tmp_path: Path) -> None:
     argv = ["bench", "serve", "--endpoint", "chat", "--dataset", "jsonl", str(dataset), "--model", STUB_MODEL]
     argv += ["--output-prefix", str(prefix), "--no-progress", "--no-plot"]
     with running_stub(script) as base_url:
-        assert main([*argv, "--base-url", base_url + "/v1"]) == 0
+        assert main([*argv, "--base-url", base_url + "/v1"]) == 1  # one request failed: the run fails
     # Both are sent at once, so they may arrive in either order.
     contents = sorted(message["content"] for body in script.received for message in body["messages"])
     assert contents == ["one two", "status=500 please"]
@@ -60,6 +60,40 @@ def test_serve_rejects_token_prompts_on_chat_and_bad_dataset_args() -> None:
         main(["bench", "serve", "--endpoint", "chat", "--model", "m", "--base-url", "http://127.0.0.1:9"])
     with pytest.raises(SystemExit, match="--dataset takes"):
         main(["bench", "serve", "--dataset", "sharegpt", "--model", "m", "--base-url", "http://127.0.0.1:9"])
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--max-concurrency", "0"),
+        ("--max-concurrency", "-1"),
+        ("--request-rate", "nan"),
+        ("--request-rate", "0"),
+        ("--timeout-s", "0"),
+    ],  # fmt: skip
+)
+def test_serve_refuses_out_of_range_numbers(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as usage:
+        main(["bench", "serve", "--model", "m", "--base-url", "http://127.0.0.1:9", flag, value])
+    assert usage.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_compare_names_a_file_that_is_not_a_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"config": {}, "summary": {"completed": 1, "output_throughput": 10.0}}))
+    for name, content in (
+        ("cut.json", '{"summary": {'),
+        ("bare.json", '{"config": {}}'),
+        ("list.json", "[1, 2]"),
+    ):
+        (tmp_path / name).write_text(content)
+        assert main(["bench", "compare", str(good), str(tmp_path / name)]) == 2
+        assert f"inferd: error: {tmp_path / name}" in capsys.readouterr().err
+    assert main(["bench", "compare", str(good), str(good)]) == 0
 
 
 def test_offline_runs_the_engine_and_writes_json(tiny_llama: Path, tmp_path: Path) -> None:

@@ -125,3 +125,38 @@ async def test_missing_usage_falls_back_to_chunks_and_is_flagged() -> None:
 def test_first_served_model_reads_v1_models() -> None:
     with running_stub(StubScript(first_token_s=0.01, inter_token_s=0.01)) as base_url:
         assert first_served_model(base_url + "/v1") == STUB_MODEL
+        with pytest.raises(ValueError, match="cannot list the models at .*404 Not Found"):
+            first_served_model(base_url + "/elsewhere")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with pytest.raises(ValueError, match="cannot list the models at .*; is the server up"):
+        first_served_model(dead_url)
+
+
+async def test_the_timeout_bounds_the_whole_request_not_each_read() -> None:
+    """Tokens every 0.1 s keep every read short; the 12-token answer takes 1.2 s, past the 0.5 s."""
+    with running_stub(StubScript(first_token_s=0.0, inter_token_s=0.1)) as base_url:
+        client = OpenAIStreamClient(base_url, STUB_MODEL, timeout_s=0.5)
+        try:
+            result = await run_requests(client.send, _requests(1), show_progress=False)
+        finally:
+            await client.aclose()
+    assert result.records[0].error == "timeout" and "0.5 s" in (result.records[0].error_detail or "")
+    assert result.duration_s < 1.0
+
+
+@pytest.mark.parametrize(
+    ("fault", "detail"),
+    [
+        ({"send_done": False}, "ended without data: [DONE]"),
+        ({"odd_chunk": '{"choices": ["not an object"]}'}, "unreadable chunk"),
+        ({"false_gzip": True}, "decompress"),
+    ],
+)
+async def test_a_broken_stream_is_a_stream_error_not_a_crash(fault: dict[str, object], detail: str) -> None:
+    """Each request's failure is a record of its own; the others and the run go on."""
+    with running_stub(StubScript(first_token_s=0.01, inter_token_s=0.01, **fault)) as base_url:  # type: ignore[arg-type]
+        result = await _bench(base_url, _requests(2))
+    assert [record.error for record in result.records] == ["stream", "stream"]
+    assert detail in (result.records[0].error_detail or "")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,21 +89,49 @@ def _add_serve_parser(modes: argparse._SubParsersAction) -> None:
     parser.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     parser.add_argument(
         "--request-rate",
-        type=float,
+        type=_positive_number,
         default=math.inf,
         help="requests/s, Poisson arrivals; inf (default) sends all at once",
     )
-    parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    parser.add_argument(
+        "--max-concurrency", type=_positive_integer, default=None, help="cap on requests in flight"
+    )
     parser.add_argument("--ignore-eos", action="store_true", help="ask the server to generate all max_tokens")
     parser.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT bound in ms")
     parser.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT bound in ms")
-    parser.add_argument("--timeout-s", type=float, default=600.0, help="per request")
+    parser.add_argument(
+        "--timeout-s",
+        type=_positive_number,
+        default=600.0,
+        help="a request not answered in full within this many seconds is a timeout error",
+    )
     parser.add_argument(
         "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY"
     )
     _add_workload_args(parser, tokenizer_option=True)
     _add_report_args(parser, "serve", plot=True)
     parser.set_defaults(func=run_serve)
+
+
+def _positive_number(text: str) -> float:
+    """A float above 0 (`inf` included); NaN, zero and below are usage errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _positive_integer(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def _add_offline_parser(modes: argparse._SubParsersAction) -> None:
@@ -215,7 +244,12 @@ def run_serve(args: argparse.Namespace) -> int:
     print(format_table(summary, title="inferd bench serve"))
     config = {**plain_config(args), "title": title, "model": model}
     _write_outputs(args, config, summary, result)
-    return 0 if summary["completed"] else 1
+    # A failed request fails the run (exit 1), so a script or CI job sees it; the report is written.
+    if summary["failed"]:
+        print(f"inferd bench: {summary['failed']} of {len(requests)} requests failed: {summary['errors']}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
 
 
 def run_offline(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -62,6 +63,7 @@ async def iter_sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
     """Yield the payload of each server-sent event's `data:` fields, up to `[DONE]`.
 
     Per the SSE spec, an event may span several `data:` lines (joined by newlines) and ends at a blank line.
+    An OpenAI-style stream always ends with `[DONE]`: one that closes without it was cut off (StreamError).
     """
     pending: list[str] = []
     async for line in lines:
@@ -74,8 +76,11 @@ async def iter_sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
             if payload == "[DONE]":
                 return
             yield payload
-    if pending and "\n".join(pending) != "[DONE]":
+    if pending and "\n".join(pending) == "[DONE]":
+        return
+    if pending:
         yield "\n".join(pending)
+    raise StreamError("the stream ended without data: [DONE]")
 
 
 def chunk_text(chunk: dict[str, Any], endpoint: Endpoint) -> str:
@@ -105,6 +110,9 @@ class OpenAIStreamClient:
         self.model = model
         self.endpoint: Endpoint = endpoint
         self.ignore_eos = ignore_eos
+        # The whole request's deadline (`send`); httpx's own timeouts only bound each read, which a
+        # server that keeps sending can hold open for ever.
+        self.timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # No connection cap: concurrency is the runner's decision, not the pool's.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -143,15 +151,24 @@ class OpenAIStreamClient:
             prompt_tokens=request.input_len,
         )
         try:
-            await self._stream_into(record, self.build_body(request), sent_at, run_start)
-        except httpx.TimeoutException as exc:
-            record.error, record.error_detail = "timeout", repr(exc)
-        except httpx.TransportError as exc:
-            record.error, record.error_detail = "connection", repr(exc)
-        except StreamError as exc:
-            record.error, record.error_detail = "stream", str(exc)
+            body = self.build_body(request)
         except ValueError as exc:
             record.error, record.error_detail = "bad_request", str(exc)
+            return record
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._stream_into(record, body, sent_at, run_start)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            record.error, record.error_detail = (
+                "timeout",
+                f"no full answer within {self.timeout_s:g} s ({exc!r})",
+            )
+        except httpx.TransportError as exc:
+            record.error, record.error_detail = "connection", repr(exc)
+        except (StreamError, httpx.HTTPError) as exc:  # the latter: e.g. a body that does not decode
+            record.error, record.error_detail = "stream", str(exc) or repr(exc)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a chunk of an odd shape
+            record.error, record.error_detail = "stream", f"unreadable chunk: {exc!r}"
         return record
 
     async def _stream_into(
@@ -196,12 +213,19 @@ def _parse_chunk(payload: str) -> dict[str, Any]:
 
 
 def first_served_model(base_url: str, api_key: str | None = None, timeout_s: float = 30.0) -> str:
-    """The first model id a server lists at `/v1/models`, for when the user names none."""
+    """The first model id a server lists at `/v1/models`, for when the user names none; a server
+    that cannot be reached or lists none is a ValueError (the CLI's one-line error)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/").removesuffix("/v1") + "/v1/models"
-    response = httpx.get(url, headers=headers, timeout=timeout_s)
-    response.raise_for_status()
-    models = response.json().get("data") or []
-    if not models:
-        raise RuntimeError(f"{url} lists no models; pass --model")
+    try:
+        response = httpx.get(url, headers=headers, timeout=timeout_s)
+        response.raise_for_status()
+        listing = response.json()
+    except (httpx.HTTPError, ValueError) as exc:  # the latter: a body that is not JSON
+        raise ValueError(
+            f"cannot list the models at {url} ({exc}); is the server up? Or pass --model"
+        ) from None
+    models = listing.get("data") if isinstance(listing, dict) else None
+    if not models or not isinstance(models, list) or not isinstance(models[0], dict) or "id" not in models[0]:
+        raise ValueError(f"{url} lists no models; pass --model")
     return str(models[0]["id"])

@@ -20,7 +20,15 @@ _THROUGHPUT_ROWS = (
 
 
 def load_summary(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))["summary"]
+    """The `summary` of a bench JSON report; a file that is not one is a ValueError naming it."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    summary = report.get("summary") if isinstance(report, dict) else None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} is not an inferd bench report: it has no 'summary' object")
+    return summary
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
