@@ -193,6 +193,26 @@ def test_sentiment_labels_through_the_classification_extension(
     np.testing.assert_allclose(grpc_result.as_numpy("probabilities"), direct["probabilities"], rtol=1e-6)
 
 
+def test_non_finite_floats_travel_in_json_as_triton_writes_them(http_client: Any, server: LiveServer) -> None:
+    """Strict JSON has no NaN or infinity: as Triton does, they go as the literals NaN, Infinity
+    and -Infinity both ways, which tritonclient (rapidjson) and Python's json read."""
+    x = np.array([[np.nan, np.inf, -np.inf, 1.0], [0.5, 0.0, -2.0, 8.0]], dtype=np.float16)
+    http_input = triton_http.InferInput("x", list(x.shape), "FP16")
+    http_input.set_data_from_numpy(x, binary_data=False)
+    output = triton_http.InferRequestedOutput("y", binary_data=False)
+    np.testing.assert_array_equal(
+        http_client.infer("fp16_doubler", [http_input], outputs=[output]).as_numpy("y"), x * 2
+    )
+    data = b"[NaN, Infinity, -Infinity, 1, 0.5, 0, -2, 8]"
+    raw = b'{"inputs": [{"name": "x", "datatype": "FP16", "shape": [2, 4], "data": ' + data + b"}]}"
+    response = httpx.post(f"{server.http_url}/v2/models/fp16_doubler/infer", content=raw, timeout=30)
+    assert response.status_code == 200
+    assert b"[NaN, Infinity, -Infinity, 2.0" in response.content
+    np.testing.assert_array_equal(
+        np.array(response.json()["outputs"][0]["data"], dtype=np.float16), (x * 2).ravel()
+    )
+
+
 def test_fp16_through_raw_contents(http_client: Any, grpc_client: Any) -> None:
     x = np.array([[0.5, -1.25, 3.0, 1000.0], [2.0, 0.0, -4.5, 0.125]], dtype=np.float16)
     grpc_input = triton_grpc.InferInput("x", list(x.shape), "FP16")
