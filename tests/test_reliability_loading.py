@@ -151,6 +151,17 @@ def test_the_default_entry_of_a_list_of_named_chat_templates_is_the_chat_one(
     assert Tokenizer(_with_chat_template(tiny_llama, tmp_path, named)).apply_chat_template(HELLO) == "hi!"
 
 
+def test_chat_template_kwargs_reach_the_template(tiny_llama: Path, tmp_path: Path) -> None:
+    """As Qwen3's template reads `enable_thinking`."""
+    from inferd.engine.tokenizer import Tokenizer
+
+    quick = "{% if enable_thinking is defined and not enable_thinking %} (quick){% endif %}"
+    template = "{{ messages[0].content }}" + quick
+    tokenizer = Tokenizer(_with_chat_template(tiny_llama, tmp_path, template))
+    assert tokenizer.apply_chat_template(HELLO) == "hi"
+    assert tokenizer.apply_chat_template(HELLO, template_kwargs={"enable_thinking": False}) == "hi (quick)"
+
+
 def test_a_server_answers_chat_with_a_500_and_completions_as_usual(tiny_llama: Path, tmp_path: Path) -> None:
     """Before any stream starts, without the file's path, and without a traceback per request."""
     folder = _with_chat_template(tiny_llama, tmp_path, "{% if %}")

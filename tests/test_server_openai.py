@@ -288,6 +288,39 @@ def test_stream_options_need_stream(server: ServerProcess) -> None:
             assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
 
 
+def test_chat_template_extras_as_vllm_takes_them(server: ServerProcess) -> None:
+    """add_generation_prompt, continue_final_message and chat_template_kwargs (vLLM's names)."""
+    url = f"{server.base_url}/v1/chat/completions"
+    greedy = {"model": "tiny", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    hello = [{"role": "user", "content": "hi"}]
+
+    def prompt_tokens(**fields: object) -> int:
+        answer = httpx.post(url, json={**greedy, "messages": hello, **fields})
+        assert answer.status_code == 200, answer.text
+        return int(answer.json()["usage"]["prompt_tokens"])
+
+    # Without the generation prompt the template leaves out its one "<|assistant|>" token.
+    assert prompt_tokens(add_generation_prompt=False) == prompt_tokens() - 1
+    # Continuing the assistant's message: the prompt ends with its text, as a completion of it would.
+    opened = [*hello, {"role": "assistant", "content": "To be"}]
+    body = {**greedy, "messages": opened, "add_generation_prompt": False, "continue_final_message": True}
+    continued = httpx.post(url, json=body).json()
+    completion = httpx.post(
+        f"{server.base_url}/v1/completions", json={**greedy, "prompt": "<|user|>hi\n<|assistant|>To be"}
+    ).json()
+    assert continued["usage"]["prompt_tokens"] == completion["usage"]["prompt_tokens"]
+    assert continued["choices"][0]["message"]["content"] == completion["choices"][0]["text"]
+    refused = (
+        ({"messages": opened, "continue_final_message": True}, "continue_final_message"),
+        ({"messages": hello, "add_generation_prompt": False, "continue_final_message": True},
+         "continue_final_message"),
+        ({"messages": hello, "chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    )  # fmt: skip
+    for fields, param in refused:
+        answer = httpx.post(url, json={**greedy, **fields})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+
+
 def test_context_overflow_is_400_with_both_numbers(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="tiny", prompt="To be", max_tokens=600)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,13 +138,24 @@ class Tokenizer:
             return bytes([int(byte_fallback.group(1), 16)])
         return self.decode([token_id], skip_special_tokens=False).encode()
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,
+        continue_final_message: bool = False,
+    ) -> str:
+        """The conversation as the model's template renders it. ``template_kwargs``: more variables
+        for the template (e.g. Qwen3's ``enable_thinking``). ``continue_final_message``: the text
+        ends with the last message's content, left open for the model to go on with (the template's
+        end-of-turn markup after it is cut)."""
         if self._template_error is not None:
             raise BrokenChatTemplateError(self._template_error)
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use the completions API instead")
         try:
-            return self._template.render(
+            rendered = self._template.render(
+                **(template_kwargs or {}),
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -154,6 +165,17 @@ class Tokenizer:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
         except Exception as exc:  # a template that breaks on this conversation fails it alone
             raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+        if not continue_final_message:
+            return rendered
+        final = str(messages[-1].get("content") or "") if messages else ""
+        if not final:
+            raise ChatTemplateError("continue_final_message: the last message has no text to continue")
+        end = rendered.rfind(final)
+        if end < 0:
+            raise ChatTemplateError(
+                "continue_final_message: the template does not show the last message's text"
+            )
+        return rendered[: end + len(final)]
 
 
 def _default_template(value: object) -> object:

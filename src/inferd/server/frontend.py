@@ -136,9 +136,17 @@ class Frontend:
     def new_request_id(prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,
+        continue_final_message: bool = False,
+    ) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt, template_kwargs, continue_final_message
+            )
         except ChatTemplateError as exc:
             raise InvalidRequestError(str(exc), field="messages") from exc
         except BrokenChatTemplateError:

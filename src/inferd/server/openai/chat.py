@@ -61,6 +61,32 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return rendered
 
 
+# Variables the server itself gives every chat template.
+_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
+
+
+def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The extra template variables, checked: the server's own are set by their fields, and a
+    conversation is continued only from an assistant message, without a new turn after it."""
+    kwargs = body.chat_template_kwargs
+    taken = sorted(_TEMPLATE_VARIABLES & set(kwargs or {}))
+    if taken:
+        raise InvalidRequestError(
+            f"chat_template_kwargs: {', '.join(taken)} are set by the server (or by their own fields)",
+            "chat_template_kwargs",
+        )
+    if body.continue_final_message:
+        if body.add_generation_prompt:
+            raise InvalidRequestError(
+                "continue_final_message: set add_generation_prompt to false with it", "continue_final_message"
+            )
+        if body.messages[-1].role != "assistant":
+            raise InvalidRequestError(
+                "continue_final_message: the last message must be the assistant's", "continue_final_message"
+            )
+    return kwargs
+
+
 def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     """Validate, render the template and tokenize; every error here is a 4xx before generation."""
     frontend.check_model(body.model)
@@ -77,7 +103,12 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         field_names["max_tokens"] = "max_completion_tokens"
     engine_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(frontend, body, max_tokens, engine_logprobs, field_names)
-    prompt = frontend.render_chat(template_messages(body.messages))
+    prompt = frontend.render_chat(
+        template_messages(body.messages),
+        body.add_generation_prompt,
+        _template_kwargs(body),
+        body.continue_final_message,
+    )
     return ChatJob(
         request_id=frontend.new_request_id("chatcmpl"),
         model=frontend.model_name,

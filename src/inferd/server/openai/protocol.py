@@ -112,6 +112,10 @@ class ChatCompletionRequest(SamplingExtras):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
+    # Extras (vLLM's names and meanings): how the chat template renders the conversation.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 # -- responses ------------------------------------------------------------------------------------
