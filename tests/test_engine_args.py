@@ -128,6 +128,8 @@ SHAPE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size"
             json.dumps({**SHAPE, "rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4}}),
             "needs low_freq_factor < high_freq_factor",
         ),
+        (json.dumps({**SHAPE, "hidden_act": "gelu"}), "hidden_act 'gelu' is not supported"),
+        (json.dumps({**SHAPE, "partial_rotary_factor": 0.5}), "partial_rotary_factor other than 1"),
         ('{"architectures": [1]}', "'architectures' must be a list of names"),
         ('{"architectures": {}}', "'architectures' must be a list of names"),
         ("[" * 100_000 + "]" * 100_000, "is nested too deeply to read"),

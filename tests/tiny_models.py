@@ -39,6 +39,7 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
     "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": True},
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "pad_token_id": 0},
     # The other rotary scalings: YaRN as Qwen ships it for long contexts (the cos/sin scale from
     # the factor), YaRN with DeepSeek's mscale pair and its own ramp, and linear.
     "qwen2-yarn": {

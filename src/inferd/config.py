@@ -117,6 +117,16 @@ class ModelConfig:
         if not cfg.get("head_dim") and hidden % num_heads:
             raise ValueError(f"hidden_size ({hidden}) must be a multiple of num_attention_heads "
                              f"({num_heads}) when head_dim is not given")  # fmt: skip
+        # Every architecture served computes with SiLU and rotates whole heads: a config that asks
+        # otherwise would run, wrongly, without a word.
+        activation = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+        if activation not in ("silu", "swish"):
+            raise ValueError(f"hidden_act {activation!r} is not supported; the engine computes SiLU")
+        rope_fields = {**(cfg.get("rope_parameters") or {}), **cfg}
+        if float(rope_fields.get("partial_rotary_factor") or 1.0) != 1.0:
+            raise ValueError(
+                "partial_rotary_factor other than 1 is not supported: the engine rotates whole heads"
+            )
         head_dim = cfg.get("head_dim") or hidden // num_heads
         sliding = cfg.get("sliding_window")
         if architecture.startswith("Qwen2") and not cfg.get("use_sliding_window", False):

@@ -44,6 +44,8 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
+    # Llama's layers with q|k|v and gate|up stored fused in the checkpoint, which the loader takes.
+    "Phi3ForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
 }
 
 
