@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from inferd.engine.async_llm import AsyncLLM
+from inferd.engine.generation_config import read_sampling_defaults
 from inferd.server import openai, tgi
 from inferd.server.auth import require_api_key
 from inferd.server.config import ServerConfig
@@ -22,6 +24,8 @@ from inferd.server.limits import BodySizeLimit
 from inferd.server.metrics import ServerMetrics
 from inferd.server.openai.common import error_response as openai_error_response
 from inferd.server.tgi.generation import error_response as tgi_error_response
+
+logger = logging.getLogger("inferd.server")
 
 
 def served_model_name(llm: AsyncLLM, config: ServerConfig) -> str:
@@ -59,7 +63,11 @@ def create_app(
     registry = CollectorRegistry()
     model_name = served_model_name(llm, config)
     metrics = ServerMetrics(registry, model_name, llm.stats)
-    frontend = Frontend(llm, model_name, metrics, config.request_timeout_s)
+    defaults = read_sampling_defaults(llm.config.model_path) if config.generation_config == "auto" else {}
+    if defaults:
+        logger.info("sampling defaults from the model's generation_config.json (a request's own values win): "
+                    "%s", ", ".join(f"{name} {value}" for name, value in defaults.items()))  # fmt: skip
+    frontend = Frontend(llm, model_name, metrics, config.request_timeout_s, defaults)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -21,3 +21,6 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # On SIGTERM, requests in flight get this long to finish before they are aborted.
     shutdown_timeout_s: float = 30.0
+    # "auto": the OpenAI routes take the sampling defaults of the model's generation_config.json for
+    # the fields a request leaves out; "none": the API's own defaults.
+    generation_config: str = "auto"

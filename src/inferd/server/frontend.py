@@ -58,11 +58,14 @@ class Frontend:
         model_name: str,
         metrics: ServerMetrics,
         request_timeout_s: float | None = None,
+        sampling_defaults: Mapping[str, float | int] | None = None,
     ) -> None:
         self.llm = llm
         self.model_name = model_name
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
+        # For the OpenAI fields a request leaves out (`engine/generation_config.py`).
+        self.sampling_defaults: Mapping[str, float | int] = sampling_defaults or {}
         # Set by a graceful shutdown: new requests get a 503 while the ones in flight finish.
         self.draining = False
         self.num_in_flight = 0  # engine requests whose outputs are being consumed

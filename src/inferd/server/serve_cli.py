@@ -40,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="require 'Authorization: Bearer KEY' on the API routes; default: $INFERD_API_KEY",
     )
     server.add_argument(
+        "--generation-config",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: OpenAI requests take the model's generation_config.json sampling values for the fields "
+        "they leave out; none: the API's own defaults",
+    )
+    server.add_argument(
         "--model-repository", type=Path, default=None, help="also serve the classic models in DIR (KServe v2)"
     )
     server.add_argument(
@@ -109,6 +116,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         request_timeout_s=args.request_timeout,
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout_s=args.shutdown_timeout,
+        generation_config=args.generation_config,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from starlette.responses import JSONResponse
 
@@ -54,16 +54,23 @@ def sampling_params(
     logprobs: int | None,
     field_names: Mapping[str, str] | None = None,
 ) -> SamplingParams:
-    """`field_names` maps a SamplingParams field to the body's, for errors that name it."""
+    """`field_names` maps a SamplingParams field to the body's, for errors that name it. A sampling
+    field the request leaves out takes the model's recommended value, where it has one."""
+
+    def chosen(name: str) -> Any:
+        if name not in body.model_fields_set and name in frontend.sampling_defaults:
+            return frontend.sampling_defaults[name]
+        return getattr(body, name)
+
     return frontend.sampling_params(
         field_names,
         max_tokens=max_tokens,
         min_tokens=body.min_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        repetition_penalty=body.repetition_penalty,
+        temperature=chosen("temperature"),
+        top_p=chosen("top_p"),
+        top_k=chosen("top_k"),
+        min_p=chosen("min_p"),
+        repetition_penalty=chosen("repetition_penalty"),
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         seed=body.seed,

@@ -1,0 +1,75 @@
+"""The model's generation_config.json sampling values as defaults for the OpenAI fields a request
+leaves out (`--generation-config auto`, as vLLM's default)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from server_process import run_server
+
+from inferd.engine.generation_config import read_sampling_defaults
+from inferd.server.openai.common import sampling_params
+from inferd.server.openai.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def _folder_with(tiny_llama: Path, tmp_path: Path, generation_config: dict[str, Any]) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, **generation_config}))
+    return folder
+
+
+class _Fields:
+    """Stands in for the Frontend: keeps the defaults and returns the fields it is given."""
+
+    def __init__(self, defaults: dict[str, float | int]) -> None:
+        self.sampling_defaults = defaults
+
+    def sampling_params(self, field_names: object, **fields: Any) -> dict[str, Any]:
+        return fields
+
+
+def test_a_field_the_request_leaves_out_takes_the_models_value() -> None:
+    recommended = _Fields({"temperature": 0.6, "top_p": 0.95, "top_k": 20})
+    body = CompletionRequest.model_validate({"prompt": "x", "top_p": 0.5, "temperature": None})
+    fields = sampling_params(recommended, body, 16, None)  # type: ignore[arg-type]
+    # top_p sent: the request's; temperature null and top_k left out: the model's; min_p: the API's.
+    assert (fields["temperature"], fields["top_p"], fields["top_k"], fields["min_p"]) == (0.6, 0.5, 20, 0.0)
+    chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "top_k": 3})
+    assert sampling_params(recommended, chat, None, None)["top_k"] == 3  # type: ignore[arg-type]
+    assert sampling_params(_Fields({}), body, 16, None)["temperature"] == 1.0  # type: ignore[arg-type]
+
+
+def test_reading_the_defaults(tiny_llama: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = _folder_with(tiny_llama, tmp_path, {"do_sample": True, "temperature": 0.7, "top_k": "20",
+                                                 "max_new_tokens": 64})  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert read_sampling_defaults(folder) == {"temperature": 0.7}
+    assert "top_k is '20', not a number" in caplog.text
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
+    assert read_sampling_defaults(folder) == {}  # not sampled by its own library either
+    (folder / "generation_config.json").unlink()
+    assert read_sampling_defaults(folder) == {}
+
+
+def test_a_server_applies_them_unless_told_not_to(tiny_llama: Path, tmp_path: Path) -> None:
+    """temperature 0 recommended: a request without one is greedy, every time."""
+    folder = _folder_with(tiny_llama, tmp_path, {"do_sample": True, "temperature": 0.0})
+    body = {"model": "model", "prompt": "To be", "max_tokens": 12, "ignore_eos": True}
+    with run_server(folder, "--kv-cache-memory", "8MiB") as server:
+        url = f"{server.base_url}/v1/completions"
+        texts = {httpx.post(url, json=body).json()["choices"][0]["text"] for _ in range(3)}
+        greedy = httpx.post(url, json={**body, "temperature": 0}).json()["choices"][0]["text"]
+        assert texts == {greedy}
+        server.wait_for_log("sampling defaults from the model's generation_config.json")
+    with run_server(folder, "--kv-cache-memory", "8MiB", "--generation-config", "none") as server:
+        url = f"{server.base_url}/v1/completions"
+        sampled = {
+            httpx.post(url, json={**body, "seed": seed}).json()["choices"][0]["text"] for seed in range(4)
+        }
+        assert sampled != {greedy}  # temperature 1, the API's default: seeds give other texts
