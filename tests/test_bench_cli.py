@@ -55,11 +55,13 @@ def test_serve_chat_with_a_jsonl_dataset(tmp_path: Path) -> None:
     assert not prefix.with_suffix(".png").exists()
 
 
-def test_serve_rejects_token_prompts_on_chat_and_bad_dataset_args() -> None:
-    with pytest.raises(SystemExit, match="text prompts"):
-        main(["bench", "serve", "--endpoint", "chat", "--model", "m", "--base-url", "http://127.0.0.1:9"])
-    with pytest.raises(SystemExit, match="--dataset takes"):
-        main(["bench", "serve", "--dataset", "sharegpt", "--model", "m", "--base-url", "http://127.0.0.1:9"])
+def test_serve_rejects_token_prompts_on_chat_and_bad_dataset_args(capsys: pytest.CaptureFixture[str]) -> None:
+    """Usage errors: exit status 2, the one-line message (1 is for a run whose requests failed)."""
+    base = ["--model", "m", "--base-url", "http://127.0.0.1:9"]
+    assert main(["bench", "serve", "--endpoint", "chat", *base]) == 2
+    assert "text prompts" in capsys.readouterr().err
+    assert main(["bench", "serve", "--dataset", "sharegpt", *base]) == 2
+    assert "--dataset takes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -89,10 +91,14 @@ def test_compare_names_a_file_that_is_not_a_report(
         ("cut.json", '{"summary": {'),
         ("bare.json", '{"config": {}}'),
         ("list.json", "[1, 2]"),
+        ("odd_latency.json", '{"summary": {"ttft_ms": 5}}'),
+        ("odd_number.json", '{"summary": {"completed": "many"}}'),
     ):
         (tmp_path / name).write_text(content)
         assert main(["bench", "compare", str(good), str(tmp_path / name)]) == 2
         assert f"inferd: error: {tmp_path / name}" in capsys.readouterr().err
+    assert main(["bench", "compare", str(good), str(tmp_path)]) == 2  # a folder
+    assert f"inferd: error: {tmp_path} cannot be read" in capsys.readouterr().err
     assert main(["bench", "compare", str(good), str(good)]) == 0
 
 

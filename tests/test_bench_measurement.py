@@ -151,6 +151,7 @@ async def test_the_timeout_bounds_the_whole_request_not_each_read() -> None:
     [
         ({"send_done": False}, "ended without data: [DONE]"),
         ({"odd_chunk": '{"choices": ["not an object"]}'}, "unreadable chunk"),
+        ({"odd_chunk": "[" * 100_000 + "]" * 100_000}, "not JSON"),
         ({"false_gzip": True}, "decompress"),
     ],
 )

@@ -166,7 +166,7 @@ def build_requests(
 
     kind, *paths = args.dataset
     if kind not in _DATASET_KINDS or len(paths) != (kind != "random"):
-        raise SystemExit(
+        raise ValueError(
             f"--dataset takes 'random', 'sharegpt PATH' or 'jsonl PATH', got {' '.join(args.dataset)}"
         )
     if kind == "random":
@@ -180,7 +180,7 @@ def build_requests(
         )
     if kind == "sharegpt":
         if args.output_len is not None and args.output_len.low != args.output_len.high:
-            raise SystemExit("sharegpt takes a fixed --output-len N, not a range")
+            raise ValueError("sharegpt takes a fixed --output-len N, not a range")
         fixed = args.output_len.low if args.output_len else None
         return datasets.sharegpt_requests(paths[0], args.num_prompts, args.seed, tokenizer, fixed)
     return datasets.jsonl_requests(paths[0], args.num_prompts)
@@ -220,7 +220,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model = args.model or first_served_model(args.base_url, args.api_key)
     requests = build_requests(args, _tokenizer_for(args, model), args.token_id_limit)
     if args.endpoint == "chat" and not all(isinstance(request.prompt, str) for request in requests):
-        raise SystemExit("the chat endpoint needs text prompts: give --tokenizer (or a local --model folder)")
+        raise ValueError("the chat endpoint needs text prompts: give --tokenizer (or a local --model folder)")
     client = OpenAIStreamClient(
         args.base_url, model, args.endpoint, args.ignore_eos, args.timeout_s, args.api_key
     )

@@ -167,8 +167,6 @@ class OpenAIStreamClient:
             record.error, record.error_detail = "connection", repr(exc)
         except (StreamError, httpx.HTTPError) as exc:  # the latter: e.g. a body that does not decode
             record.error, record.error_detail = "stream", str(exc) or repr(exc)
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a chunk of an odd shape
-            record.error, record.error_detail = "stream", f"unreadable chunk: {exc!r}"
         return record
 
     async def _stream_into(
@@ -182,13 +180,20 @@ class OpenAIStreamClient:
             async for payload in iter_sse_data(response.aiter_lines()):
                 now = time.perf_counter()
                 chunk = _parse_chunk(payload)
-                if chunk_text(chunk, self.endpoint):
+                try:
+                    text = chunk_text(chunk, self.endpoint)
+                    usage = chunk.get("usage")
+                    if usage:
+                        prompt_tokens = usage.get("prompt_tokens", record.prompt_tokens)
+                        output_tokens = int(usage.get("completion_tokens") or 0)
+                except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a chunk of an odd shape
+                    raise StreamError(f"unreadable chunk: {exc!r} in {payload[:200]!r}") from exc
+                if text:
                     if record.ttft_s is None:
                         record.ttft_s = now - sent_at
                     record.chunk_times_s.append(now - run_start)
-                if chunk.get("usage"):
-                    record.prompt_tokens = chunk["usage"].get("prompt_tokens", record.prompt_tokens)
-                    record.output_tokens = int(chunk["usage"].get("completion_tokens") or 0)
+                if usage:
+                    record.prompt_tokens, record.output_tokens = prompt_tokens, output_tokens
                     record.tokens_from_usage = True
         record.e2e_s = time.perf_counter() - sent_at
         if not record.tokens_from_usage:
@@ -203,7 +208,7 @@ class OpenAIStreamClient:
 def _parse_chunk(payload: str) -> dict[str, Any]:
     try:
         chunk = json.loads(payload)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:  # the latter: nested too deep
         raise StreamError(f"not JSON: {payload[:200]!r}") from exc
     if not isinstance(chunk, dict):
         raise StreamError(f"not a JSON object: {payload[:200]!r}")

@@ -25,10 +25,25 @@ def load_summary(path: str | Path) -> dict[str, Any]:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    except OSError as exc:  # a folder, a file that cannot be read
+        raise ValueError(f"{path} cannot be read: {exc.strerror or exc}") from None
     summary = report.get("summary") if isinstance(report, dict) else None
     if not isinstance(summary, dict):
         raise ValueError(f"{path} is not an inferd bench report: it has no 'summary' object")
+    # Every figure compared must be a number or absent, each latency an object of them.
+    numbers = [summary.get(key) for key, _ in _THROUGHPUT_ROWS]
+    for metric in LATENCY_METRICS:
+        latency = summary.get(metric)
+        if latency is not None and not isinstance(latency, dict):
+            raise ValueError(f"{path}: summary.{metric} is not an object of statistics")
+        numbers += list((latency or {}).values())
+    if not all(value is None or _is_number(value) for value in numbers):
+        raise ValueError(f"{path}: the summary holds a figure that is not a number")
     return summary
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
