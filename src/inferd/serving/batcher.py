@@ -124,7 +124,7 @@ class DynamicBatcher:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout=remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
 
     def _take_batch(self) -> list[_Pending]:
