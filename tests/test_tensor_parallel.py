@@ -27,7 +27,7 @@ def _first_step_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
     return core.runner.logits_for(core.scheduler.schedule())
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "phi3"])  # phi3: q|k|v, gate|up fused
 def test_two_ranks_give_the_whole_models_logits_and_tokens(tiny_model_factory, arch: str) -> None:
     """Qwen3 has per-head q/k norms, Qwen2 q/k/v biases (split with their heads), Llama neither."""
     folder = tiny_model_factory(arch)
@@ -112,6 +112,33 @@ def test_checkpoint_tensors_split_by_heads_rows_and_projection_columns() -> None
     norm = torch.ones(6)
     assert shard_checkpoint_tensor("model.layers.0.self_attn.q_norm.weight", norm, 1, 2) is norm
     assert shard_checkpoint_tensor("lm_head.weight", weight, 1, 2) is weight
+
+
+def test_a_fused_checkpoint_tensor_splits_into_its_pieces_by_the_whole_models_sizes(
+    tiny_model_factory,
+) -> None:
+    from inferd.config import ModelConfig, ModelLoadError
+    from inferd.models.loader import split_fused_tensor
+
+    # One rank of two: 4 heads of 16 and 2 KV heads in all, so q has 64 rows and k and v 32 each.
+    whole = ModelConfig.from_folder(tiny_model_factory("phi3"))
+    rank = whole.sharded(2)
+    qkv = torch.arange(128.0).view(128, 1)
+    pieces = dict(split_fused_tensor("model.layers.1.self_attn.qkv_proj.weight", qkv, rank, 2))
+    assert {name: tuple(t.shape) for name, t in pieces.items()} == {
+        "model.layers.1.self_attn.q_proj.weight": (64, 1),
+        "model.layers.1.self_attn.k_proj.weight": (32, 1),
+        "model.layers.1.self_attn.v_proj.weight": (32, 1),
+    }
+    assert torch.equal(pieces["model.layers.1.self_attn.v_proj.weight"], qkv[96:])
+    gate_up = torch.arange(256.0)
+    up = dict(split_fused_tensor("model.layers.0.mlp.gate_up_proj.bias", gate_up, rank, 2))[
+        "model.layers.0.mlp.up_proj.bias"
+    ]
+    assert torch.equal(up, gate_up[128:])
+    with pytest.raises(ModelLoadError, match="has 100 rows, expected 128"):
+        list(split_fused_tensor("model.layers.0.self_attn.qkv_proj.weight", torch.ones(100, 1), rank, 2))
+    assert list(split_fused_tensor("model.norm.weight", gate_up, rank, 2))[0][1] is gate_up
 
 
 def test_the_serve_flag_reaches_the_engine_options(tmp_path: Path) -> None:

@@ -106,7 +106,10 @@ def load_model(
         weights = iter_checkpoint(path)
         if shard is not None:
             rank, size = shard
-            weights = ((name, shard_checkpoint_tensor(name, t, rank, size)) for name, t in weights)
+            # A checkpoint that ships q|k|v or gate|up fused (Phi-3) is split into its pieces first:
+            # each piece is sliced by heads or rows on its own, as a separate one would be.
+            pieces = (piece for name, t in weights for piece in split_fused_tensor(name, t, cfg, size))
+            weights = ((name, shard_checkpoint_tensor(name, t, rank, size)) for name, t in pieces)
         _fill_weights(model, weights, cfg)
     model.eval()
     return cast(CausalLM, model)
@@ -192,6 +195,30 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
 # input columns; everything else is whole on every rank.
 _ROW_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 _COLUMN_SPLIT = ("o_proj", "down_proj")
+
+
+def split_fused_tensor(
+    name: str, tensor: torch.Tensor, cfg: ModelConfig, size: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint tensor of a fused projection (``qkv_proj``, ``gate_up_proj``) as its pieces,
+    named as separate checkpoints name them; any other tensor as it is. ``cfg`` is one rank's shape
+    out of ``size``, so the whole tensor's pieces are ``size`` times its sizes."""
+    parts = name.split(".")
+    fused = next((i for i, part in enumerate(parts) if part in _FUSED_PIECES), None)
+    if fused is None:
+        yield name, tensor
+        return
+    if parts[fused] == "qkv_proj":
+        q, kv = cfg.num_heads * cfg.head_dim * size, cfg.num_kv_heads * cfg.head_dim * size
+        sizes = [q, kv, kv]
+    else:
+        sizes = [cfg.intermediate_size * size] * 2
+    if tensor.shape[0] != sum(sizes):
+        raise ModelLoadError(
+            f"tensor {name!r} has {tensor.shape[0]} rows, expected {sum(sizes)} from config.json"
+        )
+    for piece, rows in zip(_FUSED_PIECES[parts[fused]], tensor.split(sizes), strict=True):
+        yield ".".join([*parts[:fused], piece, *parts[fused + 1 :]]), rows
 
 
 def shard_checkpoint_tensor(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
