@@ -162,6 +162,29 @@ def test_chat_template_kwargs_reach_the_template(tiny_llama: Path, tmp_path: Pat
     assert tokenizer.apply_chat_template(HELLO, template_kwargs={"enable_thinking": False}) == "hi (quick)"
 
 
+KEEPS = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+TRIMS = "{% for m in messages %}[{{ m.content | trim }}]{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("template", "text", "expected"),
+    [
+        (KEEPS, "The answer is ", "[hi][The answer is "),
+        # A template that trims, as Llama 3's: the trailing space it dropped is not put back.
+        (TRIMS, "The answer is ", "[hi][The answer is"),
+        (TRIMS, " Sure\n", "[hi][Sure"),
+    ],
+)
+def test_continue_final_message_ends_inside_the_last_message(
+    tiny_llama: Path, tmp_path: Path, template: str, text: str, expected: str
+) -> None:
+    from inferd.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(_with_chat_template(tiny_llama, tmp_path, template))
+    conversation = [*HELLO, {"role": "assistant", "content": text}]
+    assert tokenizer.apply_chat_template(conversation, False, continue_final_message=True) == expected
+
+
 def test_a_server_answers_chat_with_a_500_and_completions_as_usual(tiny_llama: Path, tmp_path: Path) -> None:
     """Before any stream starts, without the file's path, and without a traceback per request."""
     folder = _with_chat_template(tiny_llama, tmp_path, "{% if %}")

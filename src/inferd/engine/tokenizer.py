@@ -168,14 +168,16 @@ class Tokenizer:
         if not continue_final_message:
             return rendered
         final = str(messages[-1].get("content") or "") if messages else ""
-        if not final:
+        if not final.strip():
             raise ChatTemplateError("continue_final_message: the last message has no text to continue")
-        end = rendered.rfind(final)
-        if end < 0:
-            raise ChatTemplateError(
-                "continue_final_message: the template does not show the last message's text"
-            )
-        return rendered[: end + len(final)]
+        # Templates may trim a message (Llama 3's do): look for its text without the spaces around
+        # it, and keep trailing spaces only where the template kept them too, as transformers does.
+        start = rendered.rfind(final.strip())
+        if start < 0:
+            raise ChatTemplateError("continue_final_message: the template does not show the last message")
+        kept = final.lstrip()
+        shown_whole = rendered[start : start + len(kept)] == kept
+        return rendered[: start + len(kept if shown_whole else final.strip())]
 
 
 def _default_template(value: object) -> object:
