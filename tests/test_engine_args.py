@@ -129,6 +129,16 @@ SHAPE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size"
             "needs low_freq_factor < high_freq_factor",
         ),
         (json.dumps({**SHAPE, "hidden_act": "gelu"}), "hidden_act 'gelu' is not supported"),
+        (
+            json.dumps(
+                {
+                    **SHAPE,
+                    "architectures": ["Phi3ForCausalLM"],
+                    "rope_scaling": {"type": "linear", "factor": 2},
+                }
+            ),
+            "Phi-3's rope scaling (linear) is not supported: LongRoPE is not built",
+        ),
         (json.dumps({**SHAPE, "partial_rotary_factor": 0.5}), "partial_rotary_factor other than 1"),
         ('{"architectures": [1]}', "'architectures' must be a list of names"),
         ('{"architectures": {}}', "'architectures' must be a list of names"),

@@ -127,6 +127,13 @@ class ModelConfig:
             raise ValueError(
                 "partial_rotary_factor other than 1 is not supported: the engine rotates whole heads"
             )
+        rope = _parse_rope(cfg)
+        if architecture == "Phi3ForCausalLM" and rope.rope_type != "default":
+            # transformers reads any Phi-3 scaling as LongRoPE (its long and short factors), which
+            # the engine does not compute.
+            raise ValueError(
+                f"Phi-3's rope scaling ({rope.rope_type}) is not supported: LongRoPE is not built"
+            )
         head_dim = cfg.get("head_dim") or hidden // num_heads
         sliding = cfg.get("sliding_window")
         if architecture.startswith("Qwen2") and not cfg.get("use_sliding_window", False):
@@ -141,7 +148,7 @@ class ModelConfig:
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope=_parse_rope(cfg),
+            rope=rope,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama and Mistral expose it as `attention_bias`.
