@@ -23,6 +23,7 @@ from inferd.server.frontend import Frontend
 from inferd.server.limits import BodySizeLimit
 from inferd.server.metrics import ServerMetrics
 from inferd.server.openai.common import error_response as openai_error_response
+from inferd.server.reasoning import REASONING_FORMATS
 from inferd.server.tgi.generation import error_response as tgi_error_response
 
 logger = logging.getLogger("inferd.server")
@@ -67,7 +68,8 @@ def create_app(
     if defaults:
         logger.info("sampling defaults from the model's generation_config.json (a request's own values win): "
                     "%s", ", ".join(f"{name} {value}" for name, value in defaults.items()))  # fmt: skip
-    frontend = Frontend(llm, model_name, metrics, config.request_timeout_s, defaults)
+    reasoning = REASONING_FORMATS[config.reasoning_parser] if config.reasoning_parser else None
+    frontend = Frontend(llm, model_name, metrics, config.request_timeout_s, defaults, reasoning)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

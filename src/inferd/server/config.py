@@ -24,3 +24,6 @@ class ServerConfig:
     # "auto": the OpenAI routes take the sampling defaults of the model's generation_config.json for
     # the fields a request leaves out; "none": the API's own defaults.
     generation_config: str = "auto"
+    # A name of `server/reasoning.py`'s REASONING_FORMATS: chat answers carry their thinking apart,
+    # as `reasoning_content`; None: all of the text is `content`.
+    reasoning_parser: str | None = None

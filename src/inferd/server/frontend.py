@@ -35,6 +35,7 @@ from inferd.server.errors import (
     ServiceUnavailableError,
 )
 from inferd.server.metrics import FinishedRequest, ServerMetrics
+from inferd.server.reasoning import ReasoningFormat
 
 logger = logging.getLogger("inferd.server.requests")
 
@@ -59,6 +60,7 @@ class Frontend:
         metrics: ServerMetrics,
         request_timeout_s: float | None = None,
         sampling_defaults: Mapping[str, float | int] | None = None,
+        reasoning_format: ReasoningFormat | None = None,
     ) -> None:
         self.llm = llm
         self.model_name = model_name
@@ -66,6 +68,8 @@ class Frontend:
         self.request_timeout_s = request_timeout_s
         # For the OpenAI fields a request leaves out (`engine/generation_config.py`).
         self.sampling_defaults: Mapping[str, float | int] = sampling_defaults or {}
+        # How chat answers split their thinking from the rest (--reasoning-parser); None: they don't.
+        self.reasoning_format = reasoning_format
         # Set by a graceful shutdown: new requests get a 503 while the ones in flight finish.
         self.draining = False
         self.num_in_flight = 0  # engine requests whose outputs are being consumed

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from inferd.entrypoints.engine_args import add_engine_args, engine_options, positive_int
 from inferd.server.config import ServerConfig
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
+from inferd.server.reasoning import REASONING_FORMATS
 
 if TYPE_CHECKING:
     from inferd.engine.async_llm import AsyncLLM
@@ -45,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="auto: OpenAI requests take the model's generation_config.json sampling values for the fields "
         "they leave out; none: the API's own defaults",
+    )
+    server.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_FORMATS),
+        default=None,
+        help="chat answers carry the model's <think>...</think> text apart, as reasoning_content",
     )
     server.add_argument(
         "--model-repository", type=Path, default=None, help="also serve the classic models in DIR (KServe v2)"
@@ -117,6 +124,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout_s=args.shutdown_timeout,
         generation_config=args.generation_config,
+        reasoning_parser=args.reasoning_parser,
     )
 
 

@@ -34,6 +34,7 @@ from inferd.server.openai.protocol import (
     DeltaMessage,
     TopLogprob,
 )
+from inferd.server.reasoning import ReasoningFormat, ReasoningSplitter, split_reasoning
 from inferd.server.streaming import SSE_DONE, sse_event
 
 
@@ -48,6 +49,8 @@ class ChatJob:
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
     timeout_s: float | None = None  # None: the server's default
+    # How to split the thinking from the answer (--reasoning-parser); None: all of it is content.
+    reasoning: ReasoningFormat | None = None
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -117,6 +120,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         n=body.n,
         want_logprobs=body.logprobs,
         include_usage=body.include_usage_chunk,
+        reasoning=frontend.reasoning_format,
     )
 
 
@@ -131,7 +135,7 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
     choices = [
         ChatChoice(
             index=index,
-            message=AssistantMessage(content=out.text),
+            message=_message(job, out.text),
             logprobs=_logprobs(frontend.tokenizer, out.logprobs) if job.want_logprobs else None,
             finish_reason=finish_reason(out),
         )
@@ -154,6 +158,7 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
         return sse_event(body.model_dump_json())
 
     num_tokens: dict[int, int] = {}
+    splitters = {i: ReasoningSplitter(job.reasoning) for i in range(job.n)} if job.reasoning else {}
     try:
         stream = frontend.generate(job.request_id, [job.prompt], job.params, job.n, job.timeout_s)
         yield chunk(
@@ -165,8 +170,15 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
                 num_tokens[item.index] = len(out.token_ids)
                 reason = stream_finish_reason(out)
                 logprobs = _logprobs(frontend.tokenizer, out.new_logprobs) if job.want_logprobs else None
-                if out.new_text or reason is not None or logprobs is not None:
-                    delta = DeltaMessage(content=out.new_text or None)
+                reasoning, content = "", out.new_text
+                if splitters:
+                    splitter = splitters[item.index]
+                    reasoning, content = splitter.feed(content)
+                    if out.finished:  # a held-back tail that never became a tag is text
+                        rest_reasoning, rest_content = splitter.finish()
+                        reasoning, content = reasoning + rest_reasoning, content + rest_content
+                if content or reasoning or reason is not None or logprobs is not None:
+                    delta = DeltaMessage(content=content or None, reasoning_content=reasoning or None)
                     yield chunk(
                         [
                             ChatChunkChoice(
@@ -186,6 +198,13 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
     except ApiError as exc:
         yield sse_event(error_event_payload(exc))
     yield SSE_DONE
+
+
+def _message(job: ChatJob, text: str) -> AssistantMessage:
+    if job.reasoning is None:
+        return AssistantMessage(content=text)
+    reasoning, content = split_reasoning(job.reasoning, text)
+    return AssistantMessage(content=content, reasoning_content=reasoning)
 
 
 def _logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs]) -> ChatChoiceLogprobs:

@@ -166,6 +166,8 @@ class ChatChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    # With --reasoning-parser: the thinking, apart from the answer in `content` (vLLM's field).
+    reasoning_content: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -187,6 +189,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):

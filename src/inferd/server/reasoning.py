@@ -1,0 +1,83 @@
+"""A reasoning model's thinking apart from its answer (`--reasoning-parser`): chat responses carry
+the text inside `<think>...</think>` as `reasoning_content` and the rest as `content`, as vLLM's
+reasoning parsers give them.
+
+The same state machine runs over a whole answer and over its streamed deltas, so the two always
+split alike. A tag may arrive cut over two deltas: the tail of a delta that could begin one is
+held back until the next delta (or the end) says what it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    start: str
+    end: str
+    # The chat template opens the thinking in the prompt (DeepSeek-R1's): the answer begins
+    # inside it, with or without the model writing the start tag again.
+    starts_inside: bool
+
+
+REASONING_FORMATS = {
+    # Qwen3 writes "<think>...</think>" itself (enable_thinking false: the template writes an
+    # empty one into the prompt, and the answer has none).
+    "qwen3": ReasoningFormat("<think>", "</think>", starts_inside=False),
+    "deepseek_r1": ReasoningFormat("<think>", "</think>", starts_inside=True),
+}
+
+
+class ReasoningSplitter:
+    """Feed an answer's text in order; each call returns the (reasoning, content) text it settles."""
+
+    def __init__(self, form: ReasoningFormat) -> None:
+        self._form = form
+        self._inside = form.starts_inside
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, str]:
+        text = self._held + text
+        self._held = ""
+        reasoning: list[str] = []
+        content: list[str] = []
+        while text:
+            # Inside, a start tag is markup to drop (DeepSeek-R1 may repeat the prompt's); the
+            # end tag closes the thinking. Outside, a start tag opens it.
+            tags = (self._form.end, self._form.start) if self._inside else (self._form.start,)
+            found = [(text.find(tag), tag) for tag in tags if tag in text]
+            side = reasoning if self._inside else content
+            if found:
+                at, tag = min(found)
+                side.append(text[:at])
+                text = text[at + len(tag) :]
+                if tag == self._form.end or not self._inside:
+                    self._inside = not self._inside
+                continue
+            keep = max((_prefix_overlap(text, tag) for tag in tags), default=0)
+            side.append(text[: len(text) - keep])
+            self._held = text[len(text) - keep :]
+            break
+        return "".join(reasoning), "".join(content)
+
+    def finish(self) -> tuple[str, str]:
+        """What was held back at the end: text, not a tag after all."""
+        held, self._held = self._held, ""
+        return (held, "") if self._inside else ("", held)
+
+
+def split_reasoning(form: ReasoningFormat, text: str) -> tuple[str | None, str]:
+    """A whole answer's (reasoning or None when there is none, content)."""
+    splitter = ReasoningSplitter(form)
+    reasoning, content = splitter.feed(text)
+    rest_reasoning, rest_content = splitter.finish()
+    return (reasoning + rest_reasoning) or None, content + rest_content
+
+
+def _prefix_overlap(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that begins `tag` (shorter than the tag)."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0
