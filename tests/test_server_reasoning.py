@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from scripted_frontend import ScriptedFrontend
 from server_process import run_server
 
-from inferd.engine.outputs import RequestMetrics, RequestOutput
 from inferd.sampling_params import SamplingParams
-from inferd.server.frontend import IndexedOutput
 from inferd.server.openai.chat import ChatJob, chat, stream_chat
 from inferd.server.reasoning import REASONING_FORMATS, ReasoningSplitter, split_reasoning
 
@@ -59,49 +57,23 @@ def test_deltas_split_as_the_whole_answer_does_wherever_they_cut(form: Any) -> N
             assert ((reasoning + rest_reasoning) or None, content + rest_content) == whole, (text, cuts)
 
 
-def _output(text: str, new_text: str, finished: bool) -> RequestOutput:
-    return RequestOutput(
-        request_id="r-0", prompt_token_ids=[1], text=text, token_ids=[5] * len(text), new_text=new_text,
-        new_token_ids=[5], finished=finished, finish_reason="stop" if finished else None,
-        metrics=RequestMetrics(arrival_time=0.0),
-    )  # fmt: skip
-
-
-class _Deltas:
-    """A Frontend that answers with the given deltas."""
-
-    tokenizer = None
-    eos_token_ids = frozenset({0})
-
-    def __init__(self, deltas: list[str]) -> None:
-        self.deltas = deltas
-
-    def generate(self, *_: Any, **__: Any) -> AsyncIterator[IndexedOutput]:
-        async def outputs() -> AsyncIterator[IndexedOutput]:
-            for i, delta in enumerate(self.deltas):
-                done = i == len(self.deltas) - 1
-                yield IndexedOutput(0, _output("".join(self.deltas[: i + 1]), delta, done))
-
-        return outputs()
-
-
 DELTAS = ["<thi", "nk>\nWhy", "? Because.</th", "ink>\n\nIt is", " so. <"]
 
 
 async def test_the_stream_and_the_response_carry_the_same_split() -> None:
     job = ChatJob("chatcmpl-x", "m", [1], SamplingParams(), 1, want_logprobs=False, include_usage=False,
                   reasoning=QWEN3)  # fmt: skip
-    events = [e[len("data: ") : -2] async for e in stream_chat(_Deltas(DELTAS), job)]  # type: ignore[arg-type]
+    events = [e[len("data: ") : -2] async for e in stream_chat(ScriptedFrontend(DELTAS), job)]  # type: ignore[arg-type]
     deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
     streamed_reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
     streamed_content = "".join(d.get("content") or "" for d in deltas)
     assert (streamed_reasoning, streamed_content) == ("\nWhy? Because.", "\n\nIt is so. <")
     assert not any("<" in (d.get("reasoning_content") or "") for d in deltas)  # no tag leaks out
-    response = await chat(_Deltas(DELTAS), job)  # type: ignore[arg-type]
+    response = await chat(ScriptedFrontend(DELTAS), job)  # type: ignore[arg-type]
     message = response.choices[0].message
     assert (message.reasoning_content, message.content) == (streamed_reasoning, streamed_content)
     plain = ChatJob("chatcmpl-y", "m", [1], SamplingParams(), 1, want_logprobs=False, include_usage=False)
-    unsplit = (await chat(_Deltas(DELTAS), plain)).choices[0].message  # type: ignore[arg-type]
+    unsplit = (await chat(ScriptedFrontend(DELTAS), plain)).choices[0].message  # type: ignore[arg-type]
     assert (unsplit.reasoning_content, unsplit.content) == (None, "".join(DELTAS))
 
 

@@ -69,7 +69,9 @@ def create_app(
         logger.info("sampling defaults from the model's generation_config.json (a request's own values win): "
                     "%s", ", ".join(f"{name} {value}" for name, value in defaults.items()))  # fmt: skip
     reasoning = REASONING_FORMATS[config.reasoning_parser] if config.reasoning_parser else None
-    frontend = Frontend(llm, model_name, metrics, config.request_timeout_s, defaults, reasoning)
+    frontend = Frontend(
+        llm, model_name, metrics, config.request_timeout_s, defaults, reasoning, config.tool_call_parser
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -27,3 +27,6 @@ class ServerConfig:
     # A name of `server/reasoning.py`'s REASONING_FORMATS: chat answers carry their thinking apart,
     # as `reasoning_content`; None: all of the text is `content`.
     reasoning_parser: str | None = None
+    # "hermes": chat requests may offer tools, and answers' <tool_call> blocks become tool_calls;
+    # None: a request with tools is refused.
+    tool_call_parser: str | None = None

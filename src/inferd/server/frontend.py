@@ -61,6 +61,7 @@ class Frontend:
         request_timeout_s: float | None = None,
         sampling_defaults: Mapping[str, float | int] | None = None,
         reasoning_format: ReasoningFormat | None = None,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.llm = llm
         self.model_name = model_name
@@ -70,6 +71,8 @@ class Frontend:
         self.sampling_defaults: Mapping[str, float | int] = sampling_defaults or {}
         # How chat answers split their thinking from the rest (--reasoning-parser); None: they don't.
         self.reasoning_format = reasoning_format
+        # How chat answers' tool calls are read (--tool-call-parser); None: requests with tools are refused.
+        self.tool_call_parser = tool_call_parser
         # Set by a graceful shutdown: new requests get a 503 while the ones in flight finish.
         self.draining = False
         self.num_in_flight = 0  # engine requests whose outputs are being consumed

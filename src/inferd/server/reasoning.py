@@ -55,7 +55,7 @@ class ReasoningSplitter:
                 if tag == self._form.end or not self._inside:
                     self._inside = not self._inside
                 continue
-            keep = max((_prefix_overlap(text, tag) for tag in tags), default=0)
+            keep = max((prefix_overlap(text, tag) for tag in tags), default=0)
             side.append(text[: len(text) - keep])
             self._held = text[len(text) - keep :]
             break
@@ -75,7 +75,7 @@ def split_reasoning(form: ReasoningFormat, text: str) -> tuple[str | None, str]:
     return (reasoning + rest_reasoning) or None, content + rest_content
 
 
-def _prefix_overlap(text: str, tag: str) -> int:
+def prefix_overlap(text: str, tag: str) -> int:
     """The length of the longest end of `text` that begins `tag` (shorter than the tag)."""
     for size in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-size:]):

@@ -15,6 +15,7 @@ from inferd.entrypoints.engine_args import add_engine_args, engine_options, posi
 from inferd.server.config import ServerConfig
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 from inferd.server.reasoning import REASONING_FORMATS
+from inferd.server.tool_calls import TOOL_CALL_PARSERS
 
 if TYPE_CHECKING:
     from inferd.engine.async_llm import AsyncLLM
@@ -52,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=sorted(REASONING_FORMATS),
         default=None,
         help="chat answers carry the model's <think>...</think> text apart, as reasoning_content",
+    )
+    server.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="let chat requests offer tools; answers' <tool_call> blocks (Qwen, Hermes) become tool_calls",
     )
     server.add_argument(
         "--model-repository", type=Path, default=None, help="also serve the classic models in DIR (KServe v2)"
@@ -125,6 +132,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         shutdown_timeout_s=args.shutdown_timeout,
         generation_config=args.generation_config,
         reasoning_parser=args.reasoning_parser,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

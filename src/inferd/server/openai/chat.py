@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.tokenizer import Tokenizer
@@ -31,11 +32,16 @@ from inferd.server.openai.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     ChatTokenLogprob,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
     TopLogprob,
 )
 from inferd.server.reasoning import ReasoningFormat, ReasoningSplitter, split_reasoning
 from inferd.server.streaming import SSE_DONE, sse_event
+from inferd.server.tool_calls import ParsedToolCall, ToolCallReader, read_tool_calls
 
 
 @dataclass
@@ -51,21 +57,61 @@ class ChatJob:
     timeout_s: float | None = None  # None: the server's default
     # How to split the thinking from the answer (--reasoning-parser); None: all of it is content.
     reasoning: ReasoningFormat | None = None
+    # Read the answer's tool-call blocks into tool_calls (the request offered tools).
+    read_tools: bool = False
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them: role and plain-text content."""
+    """Messages as chat templates expect them: role and plain-text content, an assistant turn's
+    tool calls (arguments as an object, which templates such as Qwen's write out as JSON) and a
+    tool turn's call id."""
     rendered = []
     for message in messages:
         item: dict[str, Any] = {"role": message.role, "content": message.text()}
         if message.name is not None:
             item["name"] = message.name
+        if message.tool_calls:
+            item["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                for call in message.tool_calls
+            ]  # fmt: skip
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
         rendered.append(item)
     return rendered
 
 
+def _arguments(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return text
+    return value if isinstance(value, dict) else text
+
+
+def _offered_tools(frontend: Frontend, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools the template is to show the model; None where there are none to offer."""
+    choice = body.tool_choice
+    if choice is not None and choice not in ("auto", "none"):
+        # Forcing a call needs decoding constrained to the tools' schemas, which is not built.
+        raise InvalidRequestError("tool_choice: only 'auto' and 'none' are supported", "tool_choice")
+    if not body.tools or choice == "none":
+        return None
+    if frontend.tool_call_parser is None:
+        raise InvalidRequestError(
+            "tools: start the server with --tool-call-parser hermes to use tools", "tools"
+        )
+    for tool in body.tools:
+        function = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(function, dict) or "name" not in function:
+            shape = "{'type': 'function', 'function': {'name': ...}}"
+            raise InvalidRequestError(f"tools: each tool must be {shape}", "tools")
+    return body.tools
+
+
 # Variables the server itself gives every chat template.
-_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
+_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"})
 
 
 def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
@@ -93,8 +139,7 @@ def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
 def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     """Validate, render the template and tokenize; every error here is a 4xx before generation."""
     frontend.check_model(body.model)
-    if body.tools:
-        raise InvalidRequestError("tools: tool calling is not supported", "tools")
+    tools = _offered_tools(frontend, body)
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise InvalidRequestError("response_format: only {'type': 'text'} is supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
@@ -106,10 +151,13 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         field_names["max_tokens"] = "max_completion_tokens"
     engine_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(frontend, body, max_tokens, engine_logprobs, field_names)
+    template_kwargs = _template_kwargs(body)
+    if tools is not None:
+        template_kwargs = {**(template_kwargs or {}), "tools": tools}
     prompt = frontend.render_chat(
         template_messages(body.messages),
         body.add_generation_prompt,
-        _template_kwargs(body),
+        template_kwargs,
         body.continue_final_message,
     )
     return ChatJob(
@@ -121,6 +169,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         want_logprobs=body.logprobs,
         include_usage=body.include_usage_chunk,
         reasoning=frontend.reasoning_format,
+        read_tools=tools is not None,
     )
 
 
@@ -132,15 +181,18 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
         async for item in stream:
             if item.output.finished:
                 finals[item.index] = item.output
-    choices = [
-        ChatChoice(
-            index=index,
-            message=_message(job, out.text),
-            logprobs=_logprobs(frontend.tokenizer, out.logprobs) if job.want_logprobs else None,
-            finish_reason=finish_reason(out),
+    choices = []
+    for index, out in sorted(finals.items()):
+        message = _message(job, out.text)
+        reason = finish_reason(out)
+        choices.append(
+            ChatChoice(
+                index=index,
+                message=message,
+                logprobs=_logprobs(frontend.tokenizer, out.logprobs) if job.want_logprobs else None,
+                finish_reason="tool_calls" if message.tool_calls and reason == "stop" else reason,
+            )
         )
-        for index, out in sorted(finals.items())
-    ]
     return ChatCompletionResponse(
         id=job.request_id,
         created=job.created,
@@ -159,6 +211,8 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
 
     num_tokens: dict[int, int] = {}
     splitters = {i: ReasoningSplitter(job.reasoning) for i in range(job.n)} if job.reasoning else {}
+    readers = {i: ToolCallReader() for i in range(job.n)} if job.read_tools else {}
+    calls_sent = dict.fromkeys(range(job.n), 0)
     try:
         stream = frontend.generate(job.request_id, [job.prompt], job.params, job.n, job.timeout_s)
         yield chunk(
@@ -168,7 +222,7 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
             async for item in stream:
                 out = item.output
                 num_tokens[item.index] = len(out.token_ids)
-                reason = stream_finish_reason(out)
+                reason: Literal["stop", "length", "tool_calls", "timeout"] | None = stream_finish_reason(out)
                 logprobs = _logprobs(frontend.tokenizer, out.new_logprobs) if job.want_logprobs else None
                 reasoning, content = "", out.new_text
                 if splitters:
@@ -177,8 +231,22 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
                     if out.finished:  # a held-back tail that never became a tag is text
                         rest_reasoning, rest_content = splitter.finish()
                         reasoning, content = reasoning + rest_reasoning, content + rest_content
-                if content or reasoning or reason is not None or logprobs is not None:
-                    delta = DeltaMessage(content=content or None, reasoning_content=reasoning or None)
+                calls: list[DeltaToolCall] = []
+                if readers:
+                    reader = readers[item.index]
+                    content, parsed = reader.feed(content)
+                    if out.finished:  # an unclosed block or a held tail is content
+                        content += reader.finish()
+                    first = calls_sent[item.index]
+                    calls = [DeltaToolCall(index=first + k, id=c.id, function=DeltaFunctionCall(name=c.name,
+                             arguments=c.arguments)) for k, c in enumerate(parsed)]  # fmt: skip
+                    calls_sent[item.index] += len(calls)
+                    if reason == "stop" and calls_sent[item.index]:
+                        reason = "tool_calls"
+                if content or reasoning or calls or reason is not None or logprobs is not None:
+                    delta = DeltaMessage(
+                        content=content or None, reasoning_content=reasoning or None, tool_calls=calls or None
+                    )
                     yield chunk(
                         [
                             ChatChunkChoice(
@@ -201,10 +269,21 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
 
 
 def _message(job: ChatJob, text: str) -> AssistantMessage:
-    if job.reasoning is None:
-        return AssistantMessage(content=text)
-    reasoning, content = split_reasoning(job.reasoning, text)
-    return AssistantMessage(content=content, reasoning_content=reasoning)
+    reasoning, content = split_reasoning(job.reasoning, text) if job.reasoning else (None, text)
+    if not job.read_tools:
+        return AssistantMessage(content=content, reasoning_content=reasoning)
+    content, calls = read_tool_calls(content)
+    return AssistantMessage(
+        content=None if calls and not content.strip() else content,
+        reasoning_content=reasoning,
+        tool_calls=[
+            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
+        ],
+    )
+
+
+def _tool_call(call: ParsedToolCall) -> ToolCall:
+    return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
 def _logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs]) -> ChatChoiceLogprobs:

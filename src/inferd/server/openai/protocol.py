@@ -91,10 +91,25 @@ class TextContentPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    # A JSON object's text, as OpenAI sends it.
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    # An assistant turn's calls, and a tool turn's answer to one of them.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -111,6 +126,9 @@ class ChatCompletionRequest(SamplingExtras):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    # "auto" (the default with tools) or "none"; "required" and a named function are refused.
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
     # Extras (vLLM's names and meanings): how the chat template renders the conversation.
     add_generation_prompt: bool = True
@@ -165,7 +183,9 @@ class ChatChoiceLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    # None where the answer is tool calls and nothing else, as OpenAI sends it.
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
     # With --reasoning-parser: the thinking, apart from the answer in `content` (vLLM's field).
     reasoning_content: str | None = None
 
@@ -174,7 +194,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -186,10 +206,24 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class DeltaToolCall(BaseModel):
+    # The call's place among the choice's calls; each call comes whole, in one delta.
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -197,7 +231,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatChoiceLogprobs | None = None
     # `timeout`: the request ran out of time after its stream started.
-    finish_reason: Literal["stop", "length", "timeout"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "timeout"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

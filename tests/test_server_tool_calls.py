@@ -1,0 +1,119 @@
+"""`--tool-call-parser hermes`: chat requests may offer tools; the answer's `<tool_call>` blocks
+become OpenAI `tool_calls`, alike in responses and streams, however the deltas cut them."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+from scripted_frontend import ScriptedFrontend
+from server_process import run_server
+
+from inferd.sampling_params import SamplingParams
+from inferd.server.openai.chat import ChatJob, chat, stream_chat, template_messages
+from inferd.server.openai.protocol import ChatMessage
+from inferd.server.tool_calls import ToolCallReader, read_tool_calls
+
+CALLS = (
+    'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+)
+
+
+def _named(calls: list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(call.name, json.loads(call.arguments)) for call in calls]
+
+
+def test_a_whole_answer_reads_its_calls() -> None:
+    content, calls = read_tool_calls(CALLS)
+    assert _named(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    assert content == "Let me look.\n\n" and len({call.id for call in calls}) == 2
+    # Not a call: not JSON, no name, or never closed. Left as written.
+    for text in (
+        "a <tool_call>not json</tool_call> b",
+        '<tool_call>{"x": 1}</tool_call>',
+        '<tool_call>{"name": "f"',
+    ):
+        assert read_tool_calls(text) == (text, [])
+
+
+def test_deltas_read_as_the_whole_answer_does_wherever_they_cut() -> None:
+    rng = random.Random(0)
+    for text in (CALLS, "plain <tool", "a <tool_call>not json</tool_call> b", '<tool_call>{"name": "f"'):
+        content, calls = read_tool_calls(text)
+        for _ in range(200):
+            cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(6, len(text) - 1))))
+            reader, streamed, streamed_calls = ToolCallReader(), "", []
+            for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
+                more, parsed = reader.feed(text[start:end])
+                streamed, streamed_calls = streamed + more, streamed_calls + parsed
+            assert (streamed + reader.finish(), _named(streamed_calls)) == (content, _named(calls)), cuts
+
+
+def test_tool_turns_reach_the_template_as_templates_read_them() -> None:
+    """Arguments as an object (Qwen's template writes them out with tojson), the call's id kept."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [call]}),
+        ChatMessage.model_validate({"role": "tool", "content": "18C", "tool_call_id": "call_1"}),
+    ]
+    assistant, tool = template_messages(messages)
+    assert assistant["tool_calls"][0]["function"] == {"name": "f", "arguments": {"city": "Paris"}}
+    assert tool == {"role": "tool", "content": "18C", "tool_call_id": "call_1"}
+
+
+async def test_the_stream_and_the_response_carry_the_same_calls() -> None:
+    deltas = [CALLS[i : i + 7] for i in range(0, len(CALLS), 7)]
+    job = ChatJob("chatcmpl-x", "m", [1], SamplingParams(), 1, want_logprobs=False, include_usage=False,
+                  read_tools=True)  # fmt: skip
+    events = [json.loads(e[len("data: ") : -2]) async for e in stream_chat(ScriptedFrontend(deltas), job)  # type: ignore[arg-type]
+              if e.startswith("data: {")]  # fmt: skip
+    choices = [event["choices"][0] for event in events]
+    streamed = [call for choice in choices for call in choice["delta"].get("tool_calls") or []]
+    read = [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in streamed]
+    assert read == [(0, "get_weather", {"city": "Paris"}), (1, "get_time", {"zone": "CET"})]
+    assert "".join(choice["delta"].get("content") or "" for choice in choices) == "Let me look.\n\n"
+    assert choices[-1]["finish_reason"] == "tool_calls"
+    response = await chat(ScriptedFrontend(deltas), job)  # type: ignore[arg-type]
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look.\n\n"
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in streamed]  # fmt: skip
+    only_calls = await chat(ScriptedFrontend([CALLS.removeprefix("Let me look.\n")]), job)  # type: ignore[arg-type]
+    assert only_calls.choices[0].message.content is None  # as OpenAI sends a turn of calls alone
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def test_a_server_offers_tools_only_with_the_parser(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    tools_part = "{% if tools %}[{{ tools | length }} tools]{% endif %}"
+    template = tools_part + "{% for m in messages %}{{ m.content }}{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    body = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    def post(server: Any, **fields: Any) -> httpx.Response:
+        return httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, **fields}, timeout=30)
+
+    with run_server(folder, "--kv-cache-memory", "8MiB") as server:
+        refused = post(server, tools=TOOLS)
+        assert refused.status_code == 400 and "--tool-call-parser" in refused.json()["error"]["message"]
+        assert post(server, tools=TOOLS, tool_choice="none").status_code == 200
+    with run_server(folder, "--kv-cache-memory", "8MiB", "--tool-call-parser", "hermes") as server:
+        plain = post(server).json()["usage"]["prompt_tokens"]
+        offered = post(server, tools=TOOLS).json()["usage"]["prompt_tokens"]
+        assert offered > plain  # the template wrote the tools into the prompt
+        assert post(server, tools=TOOLS, tool_choice="none").json()["usage"]["prompt_tokens"] == plain
+        for bad, param in (
+            ({"tool_choice": "required"}, "tool_choice"),
+            ({"tools": [{"type": "web"}]}, "tools"),
+        ):
+            answer = post(server, **{"tools": TOOLS, **bad})
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == param
