@@ -15,17 +15,26 @@ from server_process import run_server
 
 from inferd.sampling_params import SamplingParams
 from inferd.server.openai.chat import ChatJob, chat, stream_chat
-from inferd.server.reasoning import REASONING_FORMATS, ReasoningSplitter, split_reasoning
+from inferd.server.reasoning import REASONING_FORMATS, ReasoningFormat, ReasoningSplitter
 
 QWEN3 = REASONING_FORMATS["qwen3"]
 DEEPSEEK_R1 = REASONING_FORMATS["deepseek_r1"]
+
+
+def split_reasoning(form: ReasoningFormat, text: str) -> tuple[str | None, str]:
+    """A whole answer's (reasoning or None, content)."""
+    splitter = ReasoningSplitter(form)
+    reasoning, content = splitter.feed(text)
+    rest_reasoning, rest_content = splitter.finish()
+    return (reasoning + rest_reasoning) or None, content + rest_content
 
 
 @pytest.mark.parametrize(
     ("form", "text", "expected"),
     [
         (QWEN3, "<think>\nis a < b?\n</think>\n\nYes.", ("\nis a < b?\n", "\n\nYes.")),
-        (QWEN3, "No thinking at all.", (None, "No thinking at all.")),
+        # Thinking-2507 models: the template opened the thinking, the answer only closes it.
+        (QWEN3, "Thinking...\n</think>\n\nThe answer.", ("Thinking...\n", "\n\nThe answer.")),
         (QWEN3, "<think>cut off by max_tokens", ("cut off by max_tokens", "")),
         (DEEPSEEK_R1, "opened by the template</think>Answer", ("opened by the template", "Answer")),
         (DEEPSEEK_R1, "<think>written again</think>Answer", ("written again", "Answer")),
@@ -90,8 +99,12 @@ def test_the_server_flag(tiny_llama: Path) -> None:
     with run_server(tiny_llama, *url_args, "--reasoning-parser", "deepseek_r1") as server:
         url = f"{server.base_url}/v1/chat/completions"
         message = httpx.post(url, json=body, timeout=30).json()["choices"][0]["message"]
+        no_thinking = {**body, "chat_template_kwargs": {"enable_thinking": False}}
+        unsplit = httpx.post(url, json=no_thinking, timeout=30).json()["choices"][0]["message"]
         with httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as response:
             lines = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
     assert (message["reasoning_content"], message["content"]) == (text, "")
+    # No thinking asked for (Qwen3's switch, as vLLM reads it): nothing is split off.
+    assert (unsplit["reasoning_content"], unsplit["content"]) == (None, text)
     deltas = [json.loads(line)["choices"][0]["delta"] for line in lines]
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == text

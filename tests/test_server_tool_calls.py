@@ -16,12 +16,19 @@ from server_process import run_server
 from inferd.sampling_params import SamplingParams
 from inferd.server.openai.chat import ChatJob, chat, stream_chat, template_messages
 from inferd.server.openai.protocol import ChatMessage
-from inferd.server.tool_calls import ToolCallReader, read_tool_calls
+from inferd.server.tool_calls import ParsedToolCall, ToolCallReader
 
 CALLS = (
     'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
     '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
 )
+
+
+def read_tool_calls(text: str) -> tuple[str, list[ParsedToolCall]]:
+    """A whole answer's (content, calls)."""
+    reader = ToolCallReader()
+    content, calls = reader.feed(text)
+    return content + reader.finish(), calls
 
 
 def _named(calls: list[Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -87,7 +94,92 @@ async def test_the_stream_and_the_response_carry_the_same_calls() -> None:
     assert only_calls.choices[0].message.content is None  # as OpenAI sends a turn of calls alone
 
 
+async def test_a_turn_of_calls_alone_has_no_content_streamed_or_not() -> None:
+    """The spaces between and around the blocks are not content when nothing else is said."""
+    calls_alone = CALLS.removeprefix("Let me look.\n") + "\n"
+    job = ChatJob("chatcmpl-x", "m", [1], SamplingParams(), 1, want_logprobs=False, include_usage=False,
+                  read_tools=True)  # fmt: skip
+    for size in (1, 3, 1000):
+        deltas = [calls_alone[i : i + size] for i in range(0, len(calls_alone), size)]
+        events = [e async for e in stream_chat(ScriptedFrontend(deltas), job)]  # type: ignore[arg-type]
+        choices = [json.loads(e[len("data: ") : -2])["choices"][0] for e in events if e.startswith("data: {")]
+        assert all(not choice["delta"].get("content") for choice in choices), size
+        response = await chat(ScriptedFrontend(deltas), job)  # type: ignore[arg-type]
+        assert (
+            response.choices[0].message.content is None and len(response.choices[0].message.tool_calls) == 2
+        )
+
+
+async def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    job = ChatJob("chatcmpl-x", "m", [1], SamplingParams(), 1, want_logprobs=False, include_usage=False,
+                  read_tools=True, one_call=True)  # fmt: skip
+    deltas = [CALLS[i : i + 5] for i in range(0, len(CALLS), 5)]
+    events = [e async for e in stream_chat(ScriptedFrontend(deltas), job)]  # type: ignore[arg-type]
+    choices = [json.loads(e[len("data: ") : -2])["choices"][0] for e in events if e.startswith("data: {")]
+    streamed = [call["function"]["name"] for c in choices for call in c["delta"].get("tool_calls") or []]
+    response = await chat(ScriptedFrontend(deltas), job)  # type: ignore[arg-type]
+    assert (
+        streamed == [call.function.name for call in response.choices[0].message.tool_calls] == ["get_weather"]
+    )
+
+
+def test_a_tool_use_template_renders_the_conversations_that_offer_tools(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """As Hermes models ship it: a named "tool_use" template beside the "default" one."""
+    from inferd.engine.tokenizer import Tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    offered = "<tools>{{ tools | length }}</tools>{{ messages[0].content }}"
+    named = [
+        {"name": "default", "template": "{{ messages[0].content }}"},
+        {"name": "tool_use", "template": offered},
+    ]
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": named}))
+    tokenizer = Tokenizer(folder)
+    hello = [{"role": "user", "content": "hi"}]
+    assert tokenizer.apply_chat_template(hello) == "hi"
+    assert tokenizer.apply_chat_template(hello, template_kwargs={"tools": TOOLS}) == "<tools>1</tools>hi"
+
+
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+class _Preparing:
+    """A Frontend for prepare_chat: renders nothing, keeps the sampling fields it is given."""
+
+    model_name = "m"
+    tool_call_parser = "hermes"
+    reasoning_format = None
+    sampling_defaults: dict[str, Any] = {}
+
+    def check_model(self, name: object) -> None: ...
+
+    def sampling_params(self, field_names: object, **fields: Any) -> SamplingParams:
+        return SamplingParams(**fields)
+
+    def render_chat(self, *_: Any) -> str:
+        return "prompt"
+
+    def prepare(self, prompt: str, params: SamplingParams, field: str) -> list[int]:
+        return [1]
+
+    def new_request_id(self, prefix: str) -> str:
+        return prefix
+
+
+def test_offering_tools_keeps_special_tokens_in_the_text() -> None:
+    """A model's <tool_call> may be a special token, which the answer's text must keep to be read."""
+    from inferd.server.openai.chat import prepare_chat
+    from inferd.server.openai.protocol import ChatCompletionRequest
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+    with_tools = prepare_chat(_Preparing(), ChatCompletionRequest.model_validate(body))  # type: ignore[arg-type]
+    assert with_tools.read_tools and not with_tools.params.skip_special_tokens
+    none = ChatCompletionRequest.model_validate({**body, "tool_choice": "none"})
+    assert prepare_chat(_Preparing(), none).params.skip_special_tokens  # type: ignore[arg-type]
 
 
 def test_a_server_offers_tools_only_with_the_parser(tiny_llama: Path, tmp_path: Path) -> None:
@@ -111,6 +203,7 @@ def test_a_server_offers_tools_only_with_the_parser(tiny_llama: Path, tmp_path: 
         offered = post(server, tools=TOOLS).json()["usage"]["prompt_tokens"]
         assert offered > plain  # the template wrote the tools into the prompt
         assert post(server, tools=TOOLS, tool_choice="none").json()["usage"]["prompt_tokens"] == plain
+
         for bad, param in (
             ({"tool_choice": "required"}, "tool_choice"),
             ({"tools": [{"type": "web"}]}, "tools"),

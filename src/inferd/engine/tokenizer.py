@@ -71,6 +71,7 @@ class Tokenizer:
         config_file = path / "tokenizer_config.json"
         config: dict[str, Any] = read_json_object(config_file) if config_file.is_file() else {}
         template = _default_template(config.get("chat_template"))
+        tool_template = _named_template(config.get("chat_template"), "tool_use")
         template_source = config_file
         template_file = path / "chat_template.jinja"
         if template is None and template_file.is_file():
@@ -98,6 +99,14 @@ class Tokenizer:
             except Exception as exc:  # a syntax error, or a template that is not text
                 self._template_error = f"the chat template of {template_source} does not compile: {exc}"
                 logger.error("%s; chat requests will fail", self._template_error)
+        # Hermes models ship a template of their own for conversations that offer tools.
+        self._tool_template: Template | None = None
+        if tool_template is not None:
+            try:
+                self._tool_template = self._template_env.from_string(tool_template)
+            except Exception as exc:
+                logger.error("the tool_use chat template of %s does not compile (%s); requests with tools "
+                             "use the default one", config_file, exc)  # fmt: skip
 
     @property
     def vocab_size(self) -> int:
@@ -151,10 +160,13 @@ class Tokenizer:
         end-of-turn markup after it is cut)."""
         if self._template_error is not None:
             raise BrokenChatTemplateError(self._template_error)
-        if self._template is None:
+        template = self._template
+        if (template_kwargs or {}).get("tools") and self._tool_template is not None:
+            template = self._tool_template
+        if template is None:
             raise ChatTemplateError("this model has no chat template; use the completions API instead")
         try:
-            rendered = self._template.render(
+            rendered = template.render(
                 **(template_kwargs or {}),
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
@@ -185,9 +197,17 @@ def _default_template(value: object) -> object:
     named templates (``{"name", "template"}``), whose "default" entry is the chat one. Anything
     else is returned as it is, to fail as a template that does not compile."""
     if isinstance(value, list):
-        named = {entry.get("name"): entry.get("template") for entry in value if isinstance(entry, dict)}
-        return named.get("default", value)
+        return _named_template(value, "default") or value
     return value
+
+
+def _named_template(value: object, name: str) -> str | None:
+    """The template called ``name`` in a list of named templates, if there is one."""
+    if not isinstance(value, list):
+        return None
+    named = {entry.get("name"): entry.get("template") for entry in value if isinstance(entry, dict)}
+    found = named.get(name)
+    return found if isinstance(found, str) else None
 
 
 def _raise_template_error(message: str) -> None:

@@ -22,9 +22,10 @@ class ReasoningFormat:
 
 
 REASONING_FORMATS = {
-    # Qwen3 writes "<think>...</think>" itself (enable_thinking false: the template writes an
-    # empty one into the prompt, and the answer has none).
-    "qwen3": ReasoningFormat("<think>", "</think>", starts_inside=False),
+    # Qwen3 writes "<think>" itself, or (the Thinking-2507 models) its template ends the prompt
+    # with it: either way the answer is thinking until "</think>". With enable_thinking false
+    # there is none to split off (`openai/chat.py`).
+    "qwen3": ReasoningFormat("<think>", "</think>", starts_inside=True),
     "deepseek_r1": ReasoningFormat("<think>", "</think>", starts_inside=True),
 }
 
@@ -65,14 +66,6 @@ class ReasoningSplitter:
         """What was held back at the end: text, not a tag after all."""
         held, self._held = self._held, ""
         return (held, "") if self._inside else ("", held)
-
-
-def split_reasoning(form: ReasoningFormat, text: str) -> tuple[str | None, str]:
-    """A whole answer's (reasoning or None when there is none, content)."""
-    splitter = ReasoningSplitter(form)
-    reasoning, content = splitter.feed(text)
-    rest_reasoning, rest_content = splitter.finish()
-    return (reasoning + rest_reasoning) or None, content + rest_content
 
 
 def prefix_overlap(text: str, tag: str) -> int:

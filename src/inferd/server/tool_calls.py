@@ -83,10 +83,3 @@ class ToolCallReader:
         """The text held at the end: an unclosed block stays content, as written."""
         held, self._held = self._held, ""
         return START + held if self._inside else held
-
-
-def read_tool_calls(text: str) -> tuple[str, list[ParsedToolCall]]:
-    """A whole answer's (content, calls)."""
-    reader = ToolCallReader()
-    content, calls = reader.feed(text)
-    return content + reader.finish(), calls

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from inferd.sample.sampler import TokenLogprobs
 from inferd.sampling_params import SamplingParams
 from inferd.server.errors import ApiError, InvalidRequestError
 from inferd.server.frontend import Frontend
+from inferd.server.openai.chat_answer import AnswerShaper
 from inferd.server.openai.common import (
     error_event_payload,
     finish_reason,
@@ -39,9 +41,9 @@ from inferd.server.openai.protocol import (
     ToolCall,
     TopLogprob,
 )
-from inferd.server.reasoning import ReasoningFormat, ReasoningSplitter, split_reasoning
+from inferd.server.reasoning import ReasoningFormat
 from inferd.server.streaming import SSE_DONE, sse_event
-from inferd.server.tool_calls import ParsedToolCall, ToolCallReader, read_tool_calls
+from inferd.server.tool_calls import ParsedToolCall
 
 
 @dataclass
@@ -57,8 +59,13 @@ class ChatJob:
     timeout_s: float | None = None  # None: the server's default
     # How to split the thinking from the answer (--reasoning-parser); None: all of it is content.
     reasoning: ReasoningFormat | None = None
-    # Read the answer's tool-call blocks into tool_calls (the request offered tools).
+    # Read the answer's tool-call blocks into tool_calls (the request offered tools); with
+    # parallel_tool_calls false, the first call only.
     read_tools: bool = False
+    one_call: bool = False
+
+    def shaper(self) -> AnswerShaper:
+        return AnswerShaper(self.reasoning, self.read_tools, self.one_call)
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -151,6 +158,9 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         field_names["max_tokens"] = "max_completion_tokens"
     engine_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(frontend, body, max_tokens, engine_logprobs, field_names)
+    if tools is not None and params.skip_special_tokens:
+        # Some models' <tool_call> is a special token: kept in the text, so the blocks can be read.
+        params = dataclasses.replace(params, skip_special_tokens=False)
     template_kwargs = _template_kwargs(body)
     if tools is not None:
         template_kwargs = {**(template_kwargs or {}), "tools": tools}
@@ -168,8 +178,12 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         n=body.n,
         want_logprobs=body.logprobs,
         include_usage=body.include_usage_chunk,
-        reasoning=frontend.reasoning_format,
+        # As vLLM reads Qwen3's switch: no thinking asked for, none to split off.
+        reasoning=None
+        if (body.chat_template_kwargs or {}).get("enable_thinking") is False
+        else frontend.reasoning_format,
         read_tools=tools is not None,
+        one_call=not body.parallel_tool_calls,
     )
 
 
@@ -210,9 +224,7 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
         return sse_event(body.model_dump_json())
 
     num_tokens: dict[int, int] = {}
-    splitters = {i: ReasoningSplitter(job.reasoning) for i in range(job.n)} if job.reasoning else {}
-    readers = {i: ToolCallReader() for i in range(job.n)} if job.read_tools else {}
-    calls_sent = dict.fromkeys(range(job.n), 0)
+    shapers = {i: job.shaper() for i in range(job.n)}
     try:
         stream = frontend.generate(job.request_id, [job.prompt], job.params, job.n, job.timeout_s)
         yield chunk(
@@ -224,25 +236,14 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
                 num_tokens[item.index] = len(out.token_ids)
                 reason: Literal["stop", "length", "tool_calls", "timeout"] | None = stream_finish_reason(out)
                 logprobs = _logprobs(frontend.tokenizer, out.new_logprobs) if job.want_logprobs else None
-                reasoning, content = "", out.new_text
-                if splitters:
-                    splitter = splitters[item.index]
-                    reasoning, content = splitter.feed(content)
-                    if out.finished:  # a held-back tail that never became a tag is text
-                        rest_reasoning, rest_content = splitter.finish()
-                        reasoning, content = reasoning + rest_reasoning, content + rest_content
-                calls: list[DeltaToolCall] = []
-                if readers:
-                    reader = readers[item.index]
-                    content, parsed = reader.feed(content)
-                    if out.finished:  # an unclosed block or a held tail is content
-                        content += reader.finish()
-                    first = calls_sent[item.index]
-                    calls = [DeltaToolCall(index=first + k, id=c.id, function=DeltaFunctionCall(name=c.name,
-                             arguments=c.arguments)) for k, c in enumerate(parsed)]  # fmt: skip
-                    calls_sent[item.index] += len(calls)
-                    if reason == "stop" and calls_sent[item.index]:
-                        reason = "tool_calls"
+                shaper = shapers[item.index]
+                shaped = shaper.feed(out.new_text, out.finished)
+                first = shaper.calls_sent - len(shaped.calls)
+                calls = [DeltaToolCall(index=first + k, id=c.id, function=DeltaFunctionCall(name=c.name,
+                         arguments=c.arguments)) for k, c in enumerate(shaped.calls)]  # fmt: skip
+                if reason == "stop" and shaper.calls_sent:
+                    reason = "tool_calls"
+                content, reasoning = shaped.content, shaped.reasoning
                 if content or reasoning or calls or reason is not None or logprobs is not None:
                     delta = DeltaMessage(
                         content=content or None, reasoning_content=reasoning or None, tool_calls=calls or None
@@ -269,16 +270,11 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
 
 
 def _message(job: ChatJob, text: str) -> AssistantMessage:
-    reasoning, content = split_reasoning(job.reasoning, text) if job.reasoning else (None, text)
-    if not job.read_tools:
-        return AssistantMessage(content=content, reasoning_content=reasoning)
-    content, calls = read_tool_calls(content)
+    shaped = job.shaper().feed(text, finished=True)
     return AssistantMessage(
-        content=None if calls and not content.strip() else content,
-        reasoning_content=reasoning,
-        tool_calls=[
-            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
-        ],
+        content=None if shaped.calls and not shaped.content else shaped.content,
+        reasoning_content=shaped.reasoning or None,
+        tool_calls=[_tool_call(call) for call in shaped.calls],
     )
 
 

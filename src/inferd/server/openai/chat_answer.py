@@ -1,0 +1,57 @@
+"""What a chat answer's text becomes in the response: thinking apart (`--reasoning-parser`), tool
+calls read out (`--tool-call-parser`), the rest content. One shaper per choice serves a whole
+answer and its stream deltas alike, so `create()` and a streamed answer put together agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from inferd.server.reasoning import ReasoningFormat, ReasoningSplitter
+from inferd.server.tool_calls import ParsedToolCall, ToolCallReader
+
+
+@dataclass
+class ShapedText:
+    reasoning: str = ""
+    content: str = ""
+    calls: list[ParsedToolCall] = field(default_factory=list)
+
+
+class AnswerShaper:
+    """Feed one choice's text in order (`finished` with the last piece)."""
+
+    def __init__(self, reasoning: ReasoningFormat | None, read_tools: bool, one_call: bool) -> None:
+        self._splitter = ReasoningSplitter(reasoning) if reasoning else None
+        self._reader = ToolCallReader() if read_tools else None
+        self._one_call = one_call  # parallel_tool_calls false: the first call only
+        self.calls_sent = 0
+        # With tools: spaces at the end of the content so far, held until text follows them. A turn
+        # of calls alone then has no content at all, as a whole answer's is null.
+        self._held_space = ""
+        self._content_sent = False
+
+    def feed(self, text: str, finished: bool) -> ShapedText:
+        shaped = ShapedText(content=text)
+        if self._splitter is not None:
+            shaped.reasoning, shaped.content = self._splitter.feed(text)
+            if finished:  # a held-back tail that never became a tag is text
+                reasoning, content = self._splitter.finish()
+                shaped.reasoning, shaped.content = shaped.reasoning + reasoning, shaped.content + content
+        if self._reader is None:
+            return shaped
+        shaped.content, calls = self._reader.feed(shaped.content)
+        if finished:  # an unclosed block or a held tail is content
+            shaped.content += self._reader.finish()
+        if self._one_call:
+            calls = calls[: max(0, 1 - self.calls_sent)]
+        shaped.calls = calls
+        self.calls_sent += len(calls)
+        content = self._held_space + shaped.content
+        kept = content.rstrip()
+        self._held_space = content[len(kept) :]
+        if finished and (self._content_sent or kept or not self.calls_sent):
+            kept, self._held_space = kept + self._held_space, ""
+        self._content_sent = self._content_sent or bool(kept)
+        shaped.content = kept
+        return shaped
