@@ -1,6 +1,6 @@
 """A reasoning model's thinking apart from its answer (`--reasoning-parser`): chat responses carry
-the text inside `<think>...</think>` as `reasoning_content` and the rest as `content`, as vLLM's
-reasoning parsers give them.
+the thinking (the text up to `</think>`, a leading `<think>` dropped) as `reasoning_content` and the
+rest as `content`, as vLLM's reasoning parsers give them.
 
 The same state machine runs over a whole answer and over its streamed deltas, so the two always
 split alike. A tag may arrive cut over two deltas: the tail of a delta that could begin one is
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 class ReasoningFormat:
     start: str
     end: str
-    # The chat template opens the thinking in the prompt (DeepSeek-R1's): the answer begins
-    # inside it, with or without the model writing the start tag again.
+    # The answer begins inside the thinking: the chat template opened it in the prompt, or the
+    # model opens it first thing (its start tag is then dropped as markup).
     starts_inside: bool
 
 
