@@ -87,8 +87,16 @@ def test_counters_move_by_the_known_amounts(server: ServerProcess, client: opena
         "time_to_first_token_seconds",
         "e2e_request_latency_seconds",
         "request_queue_time_seconds",
+        "request_prefill_time_seconds",
+        "request_decode_time_seconds",
     ):
         assert _delta(after, before, f"inferd:{histogram}_count") == 5
+    # The phases add up: queue + prefill is the time to first token, and + decode the whole request.
+    phases = ("queue_time", "prefill_time", "decode_time")
+    queue, prefill, decode = (_delta(after, before, f"inferd:request_{name}_seconds_sum") for name in phases)
+    ttft = _delta(after, before, "inferd:time_to_first_token_seconds_sum")
+    e2e = _delta(after, before, "inferd:e2e_request_latency_seconds_sum")
+    assert queue + prefill == pytest.approx(ttft) and queue + prefill + decode == pytest.approx(e2e)
     assert _delta(after, before, "inferd:request_generation_tokens_sum") == 18
     # Inter-token gaps: one per token after the first of each request.
     assert _delta(after, before, "inferd:inter_token_latency_seconds_count") == 18 - 5

@@ -43,6 +43,20 @@ class RequestMetrics:
             return None
         return self.first_scheduled_time - self.arrival_time
 
+    @property
+    def prefill_s(self) -> float | None:
+        """First scheduling to first token: the prompt's steps (chunks and preemptions included)."""
+        if self.first_scheduled_time is None or self.first_token_time is None:
+            return None
+        return self.first_token_time - self.first_scheduled_time
+
+    @property
+    def decode_s(self) -> float | None:
+        """First token to the last."""
+        if self.first_token_time is None or self.finished_time is None:
+            return None
+        return self.finished_time - self.first_token_time
+
 
 @dataclass
 class RequestOutput:

@@ -299,7 +299,8 @@ class _RequestTracker:
 
     def finish(self, out: RequestOutput) -> None:
         m = out.metrics
-        self._record(out.finish_reason or "stop", len(out.token_ids), m.ttft_s, m.e2e_s, m.queue_s)
+        reason, tokens = out.finish_reason or "stop", len(out.token_ids)
+        self._record(reason, tokens, m.ttft_s, m.e2e_s, m.queue_s, m.prefill_s, m.decode_s)
 
     def abandon(self) -> None:
         """The consumer left before the end: the engine aborts the request; count it as aborted."""
@@ -308,11 +309,18 @@ class _RequestTracker:
             self._record("abort", self.num_tokens, ttft, time.monotonic() - self.start, None)
 
     def _record(
-        self, reason: str, output_tokens: int, ttft: float | None, e2e: float | None, queue: float | None
+        self,
+        reason: str,
+        output_tokens: int,
+        ttft: float | None,
+        e2e: float | None,
+        queue: float | None,
+        prefill: float | None = None,
+        decode: float | None = None,
     ) -> None:
         self.done = True
         self.metrics.record_finished(
-            FinishedRequest(reason, self.prompt_tokens, output_tokens, ttft, e2e, queue)
+            FinishedRequest(reason, self.prompt_tokens, output_tokens, ttft, e2e, queue, prefill, decode)
         )
         logger.info(
             "request %s finished: %s, prompt %d tokens, output %d tokens, ttft %s, total %s",

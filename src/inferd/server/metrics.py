@@ -33,6 +33,8 @@ class FinishedRequest:
     ttft_s: float | None
     e2e_s: float | None
     queue_s: float | None
+    prefill_s: float | None = None
+    decode_s: float | None = None
 
     @property
     def time_per_output_token_s(self) -> float | None:
@@ -71,6 +73,12 @@ class _MetricFamilies:
         )
         self.queue = histogram(
             "inferd:request_queue_time_seconds", "Arrival to first scheduling.", _LATENCY_BUCKETS_S
+        )
+        self.prefill = histogram(
+            "inferd:request_prefill_time_seconds", "First scheduling to first token.", _LATENCY_BUCKETS_S
+        )
+        self.decode = histogram(
+            "inferd:request_decode_time_seconds", "First token to last token.", _LATENCY_BUCKETS_S
         )
         self.prompt_tokens_per_request = histogram(
             "inferd:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
@@ -114,6 +122,8 @@ class ServerMetrics:
         self.time_per_output_token = f.time_per_output_token.labels(model_name)
         self.e2e = f.e2e.labels(model_name)
         self.queue = f.queue.labels(model_name)
+        self.prefill = f.prefill.labels(model_name)
+        self.decode = f.decode.labels(model_name)
         self.prompt_tokens_per_request = f.prompt_tokens_per_request.labels(model_name)
         self.generation_tokens_per_request = f.generation_tokens_per_request.labels(model_name)
         self.prompt_tokens = f.prompt_tokens.labels(model_name)
@@ -152,6 +162,8 @@ class ServerMetrics:
             (self.ttft, request.ttft_s),
             (self.e2e, request.e2e_s),
             (self.queue, request.queue_s),
+            (self.prefill, request.prefill_s),
+            (self.decode, request.decode_s),
             (self.time_per_output_token, request.time_per_output_token_s),
         ):
             if value is not None:
