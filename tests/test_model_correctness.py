@@ -104,3 +104,33 @@ def test_engine_variants_give_same_greedy_outputs(tiny_model_factory, variant: s
         assert stats.prefix_hits == 0
     assert stats.num_running == stats.num_waiting == 0
     assert stats.kv_usage == 0.0
+
+
+PROMPT_LOGPROB_VARIANTS = {
+    "whole": {},
+    # The prompt in chunks of 7 tokens, each chunk's positions scored in its own step.
+    "chunked": {"max_num_batched_tokens": 7},
+    "async-chunked": {"async_scheduling": True, "max_num_batched_tokens": 9},
+}
+
+
+@pytest.mark.parametrize("variant", list(PROMPT_LOGPROB_VARIANTS))
+def test_prompt_logprobs_match_transformers(tiny_model_factory, variant: str) -> None:
+    """Each prompt token's log-probability given the ones before it, and its top alternatives; the
+    same prompt twice is scored twice in full (never served from the prefix cache)."""
+    folder = tiny_model_factory("qwen3")
+    llm = LLM(folder, kv_cache_memory="16MiB", block_size=8, **PROMPT_LOGPROB_VARIANTS[variant])
+    prompt = _prompts(llm.engine.config.model.vocab_size, count=1, seed=3)[0]
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)
+    outputs = llm.generate([prompt, prompt], params)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = torch.log_softmax(reference(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    for out in outputs:
+        scored = out.prompt_logprobs
+        assert scored is not None and len(scored) == len(prompt) and scored[0] is None
+        for position in range(1, len(prompt)):
+            entry, row = scored[position], expected[position - 1]
+            assert entry is not None and entry.token_id == prompt[position]
+            assert abs(entry.logprob - row[prompt[position]].item()) < 1e-4
+            assert [token for token, _ in entry.top] == row.topk(3).indices.tolist()

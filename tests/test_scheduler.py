@@ -103,3 +103,20 @@ def test_prefix_hit_skips_cached_tokens() -> None:
     assert _run_step(s) == {"b": 4}
     assert b.num_cached_tokens == 8
     assert b.status == RequestStatus.FINISHED
+
+
+def test_a_prompt_scored_is_computed_whole_and_flags_its_steps() -> None:
+    """Its log-probabilities are read from every position, so no cached block stands in for one
+    (the same prompt unscored takes 8 of its 12 tokens from the cache, as above)."""
+    s = _scheduler(block_size=4, budget=64)
+    s.add(_request("a", 12, max_tokens=1))
+    _run_step(s)
+    assert not s.schedule().scores_prompts
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    scoring = Request("b", list(range(12)), params, frozenset({999}), 1)
+    s.add(scoring)
+    out = s.schedule()
+    assert out.scores_prompts and [(q.request.request_id, q.num_tokens) for q in out.sequences] == [("b", 12)]
+    assert scoring.num_cached_tokens == 0
+    s.update(out, {"b": 7})
+    assert not s.schedule().scores_prompts  # finished: later steps look for no prompt to score

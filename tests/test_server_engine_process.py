@@ -32,8 +32,23 @@ def test_engine_process_serves_the_same_greedy_text(tiny_llama) -> None:
             )
             if chunk.choices
         )
+        # Prompt log-probabilities cross the process boundary too (echo with logprobs).
+        scored = (
+            client.completions.create(
+                model=server.model, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1
+            )
+            .choices[0]
+            .logprobs
+        )
         samples = server.wait_for_metrics(lambda s: s.get("inferd:kv_cache_usage_perc", 1.0) == 0.0)
     assert reply.choices[0].text == streamed == expected[0].text
+    local = (
+        LLM(tiny_llama, kv_cache_memory="8MiB")
+        .generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))[0]
+        .prompt_logprobs
+    )
+    assert scored is not None and local is not None
+    assert scored.token_logprobs[: len(local)] == [None if e is None else e.logprob for e in local]
     assert samples["inferd:num_requests_running"] == 0
 
 

@@ -63,6 +63,30 @@ def test_echo_prepends_the_prompt(client: openai.OpenAI) -> None:
     assert result.choices[0].text.startswith("To be")
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_well(client: openai.OpenAI) -> None:
+    """How a text is scored (lm-eval's loglikelihood requests): the prompt's tokens lead, the first
+    without a log-probability; streamed and not alike."""
+    prompt = [302, 322, 106, 57, 91]
+    kwargs = {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": 2,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 2,
+    }
+    whole = client.completions.create(**kwargs).choices[0].logprobs  # type: ignore[call-overload]
+    assert whole is not None and len(whole.tokens) == len(prompt) + 2
+    assert whole.token_logprobs[0] is None and whole.top_logprobs[0] is None
+    assert all(lp is not None and lp <= 0 for lp in whole.token_logprobs[1:])
+    assert whole.text_offset == sorted(whole.text_offset) and whole.text_offset[0] == 0
+    chunks = list(client.completions.create(stream=True, **kwargs))  # type: ignore[call-overload]
+    streamed = [
+        lp for chunk in chunks for c in chunk.choices if c.logprobs for lp in c.logprobs.token_logprobs
+    ]
+    assert streamed == whole.token_logprobs
+
+
 def test_same_seed_streamed_and_not_give_the_same_text(client: openai.OpenAI) -> None:
     kwargs = {"model": "tiny", "prompt": "Whether 'tis", "max_tokens": 24, "temperature": 1.0, "seed": 7}
     whole = client.completions.create(**kwargs).choices[0].text

@@ -120,6 +120,26 @@ def test_validation_errors_are_422_in_tgi_shape(server: ServerProcess, client: I
     assert malformed.status_code == 422 and malformed.json()["error_type"] == "validation"
 
 
+def test_decoder_input_details_give_the_prompts_tokens_with_their_logprobs(
+    server: ServerProcess, client: InferenceClient
+) -> None:
+    """As TGI: details.prefill is the prompt's tokens, the first without a log-probability."""
+    prompt = "To be, or not"
+    result = client.text_generation(prompt, max_new_tokens=2, details=True, decoder_input_details=True)
+    assert result.details is not None
+    prefill = result.details.prefill
+    assert len(prefill) > 2 and prefill[0].logprob is None
+    assert all(token.logprob is not None and token.logprob <= 0 for token in prefill[1:])
+    assert "".join(token.text for token in prefill) == prompt
+    plain = client.text_generation(prompt, max_new_tokens=2, details=True)
+    assert plain.details is not None and plain.details.prefill == []
+    streamed = httpx.post(
+        f"{server.base_url}/generate_stream",
+        json={"inputs": prompt, "parameters": {"details": True, "decoder_input_details": True}},
+    )
+    assert streamed.status_code == 422 and "streaming" in streamed.json()["error"]
+
+
 def test_info_and_health(server: ServerProcess) -> None:
     info = httpx.get(f"{server.base_url}/info").json()
     assert info["max_total_tokens"] == 512 and info["model_id"] == server.model

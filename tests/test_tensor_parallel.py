@@ -32,10 +32,12 @@ def test_two_ranks_give_the_whole_models_logits_and_tokens(tiny_model_factory, a
     """Qwen3 has per-head q/k norms, Qwen2 q/k/v biases (split with their heads), Llama neither."""
     folder = tiny_model_factory(arch)
     prompts = [[5, 6, 7, 8], list(range(10, 40)), [3]]
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
     whole = LLM(folder, **OPTIONS)
     expected_logits = _first_step_logits(whole, prompts)
-    expected = [out.token_ids for out in LLM(folder, **OPTIONS).generate(prompts, params)]
+    outputs = LLM(folder, **OPTIONS).generate(prompts, params)
+    expected = [out.token_ids for out in outputs]
+    expected_scores = [_scores(out.prompt_logprobs) for out in outputs]
 
     split = LLM(folder, tensor_parallel_size=2, **OPTIONS)
     try:
@@ -47,11 +49,20 @@ def test_two_ranks_give_the_whole_models_logits_and_tokens(tiny_model_factory, a
         logits = _first_step_logits(split, prompts)
         torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
         split.engine.core.abort(["r0", "r1", "r2"])
-        got = [out.token_ids for out in split.generate(prompts, params)]
+        split_outputs = split.generate(prompts, params)
     finally:
         split.shutdown()
-    assert got == expected
+    assert [out.token_ids for out in split_outputs] == expected
+    # Prompt scoring reads rank 0's whole hidden states, as sampling does.
+    split_scores = [_scores(out.prompt_logprobs) for out in split_outputs]
+    for scores, expected_row in zip(split_scores, expected_scores, strict=True):
+        assert scores == pytest.approx(expected_row, abs=1e-4)
     assert len({t for seq in expected for t in seq}) > 2  # the comparison is not vacuous
+
+
+def _scores(entries: list | None) -> list[float]:  # type: ignore[type-arg]
+    assert entries is not None
+    return [0.0 if entry is None else entry.logprob for entry in entries]
 
 
 def test_shutdown_stops_the_ranks_and_a_new_group_can_start(tiny_model_factory) -> None:

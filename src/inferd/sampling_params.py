@@ -41,6 +41,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Log-probabilities of the prompt's tokens (each given the ones before it), with this many
+    # alternatives each: what scoring a text needs. Such a prompt is computed whole, never taken
+    # from the prefix cache.
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -77,8 +81,10 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
                 raise SamplingParamsError(name, f"must be in [-2, 2], got {value}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise SamplingParamsError("logprobs", f"must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise SamplingParamsError(name, f"must be in [0, 20], got {value}")
         if any(not s for s in self.stop):
             raise SamplingParamsError("stop", "stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):

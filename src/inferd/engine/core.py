@@ -10,6 +10,7 @@ from inferd.engine.outputs import EngineCoreOutput
 from inferd.engine.request import FinishReason, Request
 from inferd.kv.manager import KVCacheManager
 from inferd.sample.penalties import needs_history
+from inferd.sample.sampler import TokenLogprobs
 from inferd.sched.output import SchedulerOutput
 from inferd.sched.scheduler import Scheduler
 from inferd.worker.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
@@ -110,6 +111,10 @@ class EngineCore:
             and current.get(r.request_id) is r
             and self.scheduler.finish(r.request_id, FinishReason.ERROR) is not None
         ]
+        for request_id, (first, found) in runner_out.prompt_logprobs.items():
+            request = current.get(request_id)
+            if request is not None:
+                _record_prompt_logprobs(request, first, found)
         advanced = self.scheduler.update(step.scheduled, runner_out.sampled)
         return failed + [
             EngineCoreOutput(
@@ -119,6 +124,9 @@ class EngineCore:
                 finish_reason=r.finish_reason.value if r.finish_reason else None,
                 num_cached_tokens=r.num_cached_tokens,
                 first_scheduled_time=r.first_scheduled_time,
+                prompt_logprobs=list(r.prompt_logprobs)
+                if r.params.prompt_logprobs is not None and len(r.output_token_ids) == 1
+                else None,
             )
             for r in advanced
         ]
@@ -133,6 +141,15 @@ class EngineCore:
             prefix_hits=self.kv.prefix_hits,
             device_memory_bytes=self.runner.device_memory_bytes(),
         )
+
+
+def _record_prompt_logprobs(request: Request, first: int, found: list[TokenLogprobs]) -> None:
+    """Prompt tokens ``first``, ``first + 1``, ...'s log-probabilities into the request's list (a
+    prompt computed again after a preemption writes the same values over its own)."""
+    entries = request.prompt_logprobs
+    if not entries:
+        entries.extend([None] * request.num_prompt_tokens)
+    entries[first : first + len(found)] = found
 
 
 def _samples_need_history(step: LaunchedStep) -> bool:

@@ -31,6 +31,7 @@ class _RequestState:
     metrics: RequestMetrics
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     text: str = ""
     sent_chars: int = 0  # how much of `text` has been reported as new_text
     sent_tokens: int = 0
@@ -129,6 +130,8 @@ class OutputProcessor:
         state.token_ids.append(core_out.new_token_id)
         if core_out.logprobs is not None:
             state.logprobs.append(core_out.logprobs)
+        if core_out.prompt_logprobs is not None:
+            state.prompt_logprobs = core_out.prompt_logprobs
         if state.final_only or state.stop_token_dropped:
             return 0
         delta = state.detokenizer.add(core_out.new_token_id)
@@ -190,6 +193,7 @@ class OutputProcessor:
             metrics=state.metrics,
             logprobs=list(state.logprobs),
             new_logprobs=new_logprobs,
+            prompt_logprobs=state.prompt_logprobs,
         )
 
 

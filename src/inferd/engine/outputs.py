@@ -19,6 +19,9 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     error: str | None = None  # set when processing this request failed (finish_reason "error")
+    # With its first token, a request that scores its prompt gets the prompt's log-probabilities
+    # (entry p: prompt token p's; the first token has none).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -73,6 +76,8 @@ class RequestOutput:
     metrics: RequestMetrics
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # With params.prompt_logprobs, from the first output on: entry p is prompt token p's.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     error: str | None = None
 
     @property

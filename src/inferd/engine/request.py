@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from inferd.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the sampler imports this module
+    from inferd.sample.sampler import TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -45,6 +49,9 @@ class Request:
     finish_reason: FinishReason | None = None
     # The sampler's private generator for a seeded request, made on first use on its device.
     generator: torch.Generator | None = None
+    # With params.prompt_logprobs: entry p is prompt token p's, given the ones before it (the
+    # first token has none), filled in as the prompt's chunks are computed.
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

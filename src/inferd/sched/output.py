@@ -28,6 +28,9 @@ class ScheduledSequence:
 class SchedulerOutput:
     sequences: list[ScheduledSequence]
     preempted_ids: list[str]
+    # Some unfinished request scores its prompt (SamplingParams.prompt_logprobs): the runner looks
+    # for prompt tokens to score only then.
+    scores_prompts: bool = False
 
     @property
     def num_batched_tokens(self) -> int:

@@ -27,6 +27,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Unfinished requests that score their prompt: a step without any skips looking for them.
+        self._num_scoring = 0
 
     # -- queue management -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -37,6 +39,7 @@ class Scheduler:
             )
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self._num_scoring += request.params.prompt_logprobs is not None
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -46,6 +49,7 @@ class Scheduler:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        self._num_scoring -= request.params.prompt_logprobs is not None
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status == RequestStatus.WAITING:
@@ -85,7 +89,7 @@ class Scheduler:
 
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(scheduled, preempted, scores_prompts=self._num_scoring > 0)
 
     def _ends_with_inflight_token(self, request: Request) -> bool:
         """Whether the token now being sampled for ``request`` is certainly its last one."""
@@ -102,7 +106,10 @@ class Scheduler:
             request = self.waiting[0]
             # A request preempted with a token in flight gets it before the next schedule.
             assert not request.num_inflight_tokens, "readmitted before its in-flight token came back"
-            cached = self.kv.find_cached_prefix(request.request_id, request.all_token_ids)
+            # A prompt whose log-probabilities are asked for is computed whole: cached blocks
+            # would skip the positions they are read from.
+            scoring = request.params.prompt_logprobs is not None
+            cached = 0 if scoring else self.kv.find_cached_prefix(request.request_id, request.all_token_ids)
             request.num_computed_tokens = cached
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):

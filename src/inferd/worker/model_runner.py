@@ -36,6 +36,30 @@ class ModelRunnerOutput:
     sampled: dict[str, int]  # request id -> new token
     logprobs: dict[str, TokenLogprobs]
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why sampling it failed
+    # request id -> (position of the first, the prompt tokens' log-probabilities from there on)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """One sequence's prompt-token log-probabilities of a step, still on the device: the tokens
+    `targets`, at positions `first`, `first + 1`, ..., each given the ones before it."""
+
+    request_id: str
+    first: int
+    targets: list[int]
+    chosen: torch.Tensor  # [tokens]
+    top_values: torch.Tensor  # [tokens, k]
+    top_ids: torch.Tensor  # [tokens, k]
+
+    def to_host(self) -> tuple[int, list[TokenLogprobs]]:
+        rows = zip(
+            self.targets, self.chosen.tolist(), self.top_ids.tolist(), self.top_values.tolist(), strict=True
+        )
+        return self.first, [
+            TokenLogprobs(token, chosen, tuple(zip(ids, values, strict=True)))
+            for token, chosen, ids, values in rows
+        ]
 
 
 @dataclass(frozen=True)
@@ -45,6 +69,7 @@ class LaunchedStep:
     scheduled: SchedulerOutput
     requests: list[Request]  # the sampling ones, in the order of the sampled tokens
     sample: PendingSample | None  # None when the step samples nothing (prompt chunks only)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
     @property
     def sample_rows(self) -> dict[str, int]:
@@ -223,20 +248,50 @@ class ModelRunner:
         """
         self._bind_device()
         inputs, hidden = self._forward(out, previous)
+        prompt_logprobs = self._prompt_logprobs(out, hidden)
         if not inputs.sampling_rows:
-            return LaunchedStep(out, [], None)
+            return LaunchedStep(out, [], None, prompt_logprobs)
         # Every token samples only in a step of one token per sequence, all sampling: the rows
         # are then the hidden states in order, and gathering them would be a copy for nothing.
         every_row = len(inputs.sampling_rows) == hidden.shape[0]
         last = hidden if every_row else hidden.index_select(0, inputs.logits_indices)
         logits = self.model.compute_logits(last)
         requests = [out.sequences[row].request for row in inputs.sampling_rows]
-        return LaunchedStep(out, requests, self.sampler.sample(logits, requests))
+        return LaunchedStep(out, requests, self.sampler.sample(logits, requests), prompt_logprobs)
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor) -> list[PromptLogprobs]:
+        """For the sequences that score their prompt: each computed prompt token's hidden state
+        gives the next prompt token's log-probability (a step's rows are its sequences' tokens in
+        order)."""
+        found: list[PromptLogprobs] = []
+        if not out.scores_prompts:
+            return found
+        row = 0
+        for seq in out.sequences:
+            request, first_row = seq.request, row
+            row += seq.num_tokens
+            top = request.params.prompt_logprobs
+            # Positions start_pos .. end - 1 predict the prompt tokens start_pos + 1 .. end.
+            end = min(seq.start_pos + seq.num_tokens, request.num_prompt_tokens - 1)
+            if top is None or end <= seq.start_pos:
+                continue
+            count = end - seq.start_pos
+            logits = self.model.compute_logits(hidden[first_row : first_row + count])
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            targets = request.prompt_token_ids[seq.start_pos + 1 : end + 1]
+            target_ids = torch.tensor(targets, dtype=torch.long, device=logprobs.device)
+            chosen = logprobs.gather(1, target_ids.unsqueeze(1)).squeeze(1)
+            top_values, top_ids = logprobs.topk(top, dim=-1)
+            found.append(
+                PromptLogprobs(request.request_id, seq.start_pos + 1, targets, chosen, top_values, top_ids)
+            )
+        return found
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
         """Wait for a launched step's tokens and hand them out per request."""
+        prompt_logprobs = {found.request_id: found.to_host() for found in step.prompt_logprobs}
         if step.sample is None:
-            return ModelRunnerOutput({}, {})
+            return ModelRunnerOutput({}, {}, prompt_logprobs=prompt_logprobs)
         result = step.sample.result()
         requests = step.requests
         errors = {requests[row].request_id: message for row, message in result.errors.items()}
@@ -250,7 +305,7 @@ class ModelRunner:
             for r, lp in zip(requests, result.logprobs, strict=True)
             if lp is not None and r.request_id not in errors
         }
-        return ModelRunnerOutput(sampled, logprobs, errors)
+        return ModelRunnerOutput(sampled, logprobs, errors, prompt_logprobs)
 
     @torch.inference_mode()
     def logits_for(self, out: SchedulerOutput) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -37,6 +38,8 @@ class _ChoiceState:
     text_offset: int = 0
     started: bool = False
     num_tokens: int = 0
+    # With echo and logprobs: the echoed prompt's tokens and log-probabilities lead the first logprobs.
+    prompt_logprobs_sent: bool = False
 
 
 @dataclass
@@ -67,9 +70,10 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
         raise InvalidRequestError("suffix: insertion after a suffix is not supported", "suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise InvalidRequestError("best_of: only best_of equal to n is supported", "best_of")
-    if body.echo and body.logprobs is not None:
-        raise InvalidRequestError("echo: prompt logprobs are not available; drop echo or logprobs", "echo")
     params = sampling_params(frontend, body, body.max_tokens, body.logprobs)
+    if body.echo and body.logprobs is not None:
+        # The echoed prompt's tokens get log-probabilities too (how a text is scored).
+        params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
     prompts = _prompt_list(body.prompt)
     token_ids = [frontend.prepare(prompt, params) for prompt in prompts]
     texts = [p if isinstance(p, str) else frontend.tokenizer.decode(p) for p in prompts] if body.echo else []
@@ -111,7 +115,7 @@ async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse
             CompletionChoice(
                 index=index,
                 text=state.echo_text + out.text,
-                logprobs=_logprobs(frontend.tokenizer, out.logprobs, state, job.params.logprobs),
+                logprobs=_logprobs(frontend.tokenizer, out, out.logprobs, state, job.params.logprobs),
                 finish_reason=finish_reason(out),
             )
         )
@@ -161,7 +165,7 @@ def _chunk(
         text = state.echo_text + text
         state.started = True
     reason = stream_finish_reason(out)
-    logprobs = _logprobs(tokenizer, out.new_logprobs, state, job.params.logprobs)
+    logprobs = _logprobs(tokenizer, out, out.new_logprobs, state, job.params.logprobs)
     if not text and reason is None and logprobs is None:
         return None  # nothing new to say (text held back while it might start a stop string)
     choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
@@ -169,22 +173,51 @@ def _chunk(
 
 
 def _logprobs(
-    tokenizer: Tokenizer, entries: list[TokenLogprobs], state: _ChoiceState, num_top: int | None
+    tokenizer: Tokenizer,
+    out: RequestOutput,
+    entries: list[TokenLogprobs],
+    state: _ChoiceState,
+    num_top: int | None,
 ) -> CompletionLogprobs | None:
-    """Logprobs of these tokens; offsets continue from `state` (which they advance)."""
+    """Logprobs of these tokens, led by the echoed prompt's the first time they are there; offsets
+    continue from `state` (which they advance)."""
     if num_top is None:
         return None
     result = CompletionLogprobs(top_logprobs=[] if num_top else None)
+    if out.prompt_logprobs is not None and not state.prompt_logprobs_sent:
+        state.prompt_logprobs_sent = True
+        for token_id, entry in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):
+            if entry is None:  # the first token: nothing before it to predict it from
+                token = tokenizer.decode([token_id], skip_special_tokens=False)
+                _append(result, token, None, None, state)
+            else:
+                _append_entry(tokenizer, result, entry, state)
     state.text_offset = max(state.text_offset, len(state.echo_text))
     for entry in entries:
-        token = tokenizer.decode([entry.token_id], skip_special_tokens=False)
-        result.tokens.append(token)
-        result.token_logprobs.append(entry.logprob)
-        result.text_offset.append(state.text_offset)
-        state.text_offset += len(token)
-        if result.top_logprobs is not None:
-            top = {tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in entry.top}
-            # The sampled token is always there, so up to logprobs + 1 entries (OpenAI's reference).
-            top.setdefault(token, entry.logprob)
-            result.top_logprobs.append(top)
+        _append_entry(tokenizer, result, entry, state)
     return result
+
+
+def _append_entry(
+    tokenizer: Tokenizer, result: CompletionLogprobs, entry: TokenLogprobs, state: _ChoiceState
+) -> None:
+    token = tokenizer.decode([entry.token_id], skip_special_tokens=False)
+    top = {tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in entry.top}
+    # The chosen token is always there, so up to logprobs + 1 entries (OpenAI's reference).
+    top.setdefault(token, entry.logprob)
+    _append(result, token, entry.logprob, top, state)
+
+
+def _append(
+    result: CompletionLogprobs,
+    token: str,
+    logprob: float | None,
+    top: dict[str, float] | None,
+    state: _ChoiceState,
+) -> None:
+    result.tokens.append(token)
+    result.token_logprobs.append(logprob)
+    result.text_offset.append(state.text_offset)
+    state.text_offset += len(token)
+    if result.top_logprobs is not None:
+        result.top_logprobs.append(top)

@@ -68,9 +68,13 @@ class TgiJob:
     timeout_s: float | None = None  # None: the server's default
 
 
-def prepare_generate(frontend: Frontend, body: GenerateRequest) -> TgiJob:
+def prepare_generate(frontend: Frontend, body: GenerateRequest, stream: bool = False) -> TgiJob:
     p = body.parameters
     _refuse_unsupported(p)
+    if p.decoder_input_details and stream:  # as TGI: the prompt's tokens come in the details only
+        raise InvalidRequestError(
+            "decoder_input_details == true is not supported when streaming tokens", "decoder_input_details"
+        )
     max_tokens, cap = p.max_new_tokens, frontend.max_tokens_cap
     if "max_new_tokens" not in p.model_fields_set and max_tokens is not None and cap is not None:
         max_tokens = min(max_tokens, cap)  # TGI's implicit default, not the client's ask: capped
@@ -90,6 +94,8 @@ def prepare_generate(frontend: Frontend, body: GenerateRequest) -> TgiJob:
         include_stop_str_in_output=True,
         # TGI gives every token's logprob; top_n_tokens asks for alternatives as well.
         logprobs=p.top_n_tokens or 0,
+        # decoder_input_details: the prompt's tokens, each with its log-probability, in the details.
+        prompt_logprobs=0 if p.decoder_input_details and p.details else None,
     )
     token_ids = frontend.tokenizer.encode(body.inputs)
     if p.truncate is not None:
@@ -107,7 +113,6 @@ def prepare_generate(frontend: Frontend, body: GenerateRequest) -> TgiJob:
 def _refuse_unsupported(p: GenerateParameters) -> None:
     refused = {
         "best_of": p.best_of is not None and p.best_of > 1,
-        "decoder_input_details": p.decoder_input_details,
         "typical_p": p.typical_p is not None,
         "watermark": p.watermark,
         "grammar": p.grammar is not None,
@@ -134,8 +139,14 @@ async def generate(frontend: Frontend, job: TgiJob) -> GenerateResponse:
     details = None
     if job.details:
         tokens = [_token(frontend, e.token_id, None, e.logprob) for e in final.logprobs]
+        scored = final.prompt_logprobs
+        prefill = [
+            _token(frontend, token_id, None, None if entry is None else entry.logprob)
+            for token_id, entry in zip(final.prompt_token_ids, scored, strict=True)
+        ] if scored is not None else []  # fmt: skip
         details = Details(
             **summary.model_dump(),
+            prefill=prefill,
             tokens=tokens,
             top_tokens=_top_tokens(frontend, final.logprobs) if job.params.logprobs else None,
         )
@@ -177,7 +188,7 @@ async def stream_generate(frontend: Frontend, job: TgiJob) -> AsyncIterator[str]
         yield _error_event(exc)
 
 
-def _token(frontend: Frontend, token_id: int, text: str | None, logprob: float) -> Token:
+def _token(frontend: Frontend, token_id: int, text: str | None, logprob: float | None) -> Token:
     if text is None:
         text = frontend.tokenizer.decode([token_id], skip_special_tokens=False)
     return Token(

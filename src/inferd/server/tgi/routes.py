@@ -53,26 +53,26 @@ def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] 
             version=_inferd_version(),
         )
 
-    def ready_job(body: GenerateRequest, request: Request) -> TgiJob:
+    def ready_job(body: GenerateRequest, request: Request, stream: bool) -> TgiJob:
         """The checked job, with its timeout; raises before any response starts."""
-        job = prepare_generate(frontend, body)
+        job = prepare_generate(frontend, body, stream)
         job = dataclasses.replace(job, timeout_s=frontend.timeout_s(request.headers.get(TIMEOUT_HEADER)))
         frontend.check_ready([job.prompt])
         return job
 
     @router.post("/generate")
     async def generate_text(body: GenerateRequest, request: Request) -> GenerateResponse:
-        job = ready_job(body, request)
+        job = ready_job(body, request, stream=False)
         return await unless_disconnected(request, generate(frontend, job))
 
     @router.post("/generate_stream", response_model=None)
     async def generate_stream(body: GenerateRequest, request: Request) -> Response:
-        job = ready_job(body, request)
+        job = ready_job(body, request, stream=True)
         return sse_response(stream_generate(frontend, job))
 
     @router.post("/", response_model=None)
     async def compat_generate(body: GenerateRequest, request: Request) -> list[GenerateResponse] | Response:
-        job = ready_job(body, request)
+        job = ready_job(body, request, stream=bool(body.stream))
         if body.stream:
             return sse_response(stream_generate(frontend, job))
         return [await unless_disconnected(request, generate(frontend, job))]
