@@ -115,9 +115,12 @@ PROMPT_LOGPROB_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(PROMPT_LOGPROB_VARIANTS))
-def test_prompt_logprobs_match_transformers(tiny_model_factory, variant: str) -> None:
+def test_prompt_logprobs_match_transformers(tiny_model_factory, variant: str, monkeypatch) -> None:
     """Each prompt token's log-probability given the ones before it, and its top alternatives; the
     same prompt twice is scored twice in full (never served from the prefix cache)."""
+    from inferd.worker import model_runner
+
+    monkeypatch.setattr(model_runner, "_SCORE_ROWS", 5)  # a chunk's rows scored in several slices
     folder = tiny_model_factory("qwen3")
     llm = LLM(folder, kv_cache_memory="16MiB", block_size=8, **PROMPT_LOGPROB_VARIANTS[variant])
     prompt = _prompts(llm.engine.config.model.vocab_size, count=1, seed=3)[0]
@@ -134,3 +137,29 @@ def test_prompt_logprobs_match_transformers(tiny_model_factory, variant: str) ->
             assert entry is not None and entry.token_id == prompt[position]
             assert abs(entry.logprob - row[prompt[position]].item()) < 1e-4
             assert [token for token, _ in entry.top] == row.topk(3).indices.tolist()
+
+
+def test_a_one_token_prompt_scores_as_one_entry_with_nothing_before_it(tiny_model_factory) -> None:
+    llm = LLM(tiny_model_factory("qwen3"), kv_cache_memory="16MiB")
+    out = llm.generate([[7]], SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    assert out.prompt_logprobs == [None]
+
+
+def test_a_reused_id_does_not_take_the_aborted_requests_prompt_scores(tiny_model_factory) -> None:
+    """With a step in flight, an aborted request's scores come back after a new request took its id."""
+    from inferd.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_options(
+        tiny_model_factory("qwen3"), kv_cache_memory="16MiB", block_size=8, async_scheduling=True
+    )
+    params = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1)
+    engine.add_request("x", list(range(5, 45)), params)
+    engine.step()  # launches the 40-token prompt; its results are still unread
+    engine.abort(["x"])
+    short = [11, 12, 13, 14, 15]
+    engine.add_request("x", short, params)
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    scored = [out for out in outputs if out.request_id == "x"][-1].prompt_logprobs
+    assert scored is not None and [None if e is None else e.token_id for e in scored] == [None, *short[1:]]

@@ -85,6 +85,12 @@ def test_echo_with_logprobs_scores_the_prompt_as_well(client: openai.OpenAI) -> 
         lp for chunk in chunks for c in chunk.choices if c.logprobs for lp in c.logprobs.token_logprobs
     ]
     assert streamed == whole.token_logprobs
+    # A one-token prompt: one entry, null. A prompt of multi-byte characters: the answer's tokens
+    # start where the echoed text ends.
+    single = client.completions.create(**{**kwargs, "prompt": [302]}).choices[0]  # type: ignore[call-overload]
+    assert single.logprobs is not None and single.logprobs.token_logprobs[0] is None
+    cafe = client.completions.create(**{**kwargs, "prompt": "Café 東京"}).choices[0]  # type: ignore[call-overload]
+    assert cafe.logprobs is not None and cafe.logprobs.text_offset[-2] == len("Café 東京")
 
 
 def test_same_seed_streamed_and_not_give_the_same_text(client: openai.OpenAI) -> None:

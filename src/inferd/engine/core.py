@@ -111,9 +111,11 @@ class EngineCore:
             and current.get(r.request_id) is r
             and self.scheduler.finish(r.request_id, FinishReason.ERROR) is not None
         ]
+        # The identity check matters with a step in flight: the id may belong to a newer request by now.
+        scheduled = {seq.request.request_id: seq.request for seq in step.scheduled.sequences}
         for request_id, (first, found) in runner_out.prompt_logprobs.items():
             request = current.get(request_id)
-            if request is not None:
+            if request is not None and request is scheduled.get(request_id):
                 _record_prompt_logprobs(request, first, found)
         advanced = self.scheduler.update(step.scheduled, runner_out.sampled)
         return failed + [
@@ -124,7 +126,7 @@ class EngineCore:
                 finish_reason=r.finish_reason.value if r.finish_reason else None,
                 num_cached_tokens=r.num_cached_tokens,
                 first_scheduled_time=r.first_scheduled_time,
-                prompt_logprobs=list(r.prompt_logprobs)
+                prompt_logprobs=_prompt_logprobs_of(r)
                 if r.params.prompt_logprobs is not None and len(r.output_token_ids) == 1
                 else None,
             )
@@ -150,6 +152,11 @@ def _record_prompt_logprobs(request: Request, first: int, found: list[TokenLogpr
     if not entries:
         entries.extend([None] * request.num_prompt_tokens)
     entries[first : first + len(found)] = found
+
+
+def _prompt_logprobs_of(request: Request) -> list[TokenLogprobs | None]:
+    """One entry per prompt token; a one-token prompt has nothing before its token to score it."""
+    return list(request.prompt_logprobs) or [None] * request.num_prompt_tokens
 
 
 def _samples_need_history(step: LaunchedStep) -> bool:

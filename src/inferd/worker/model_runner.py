@@ -30,6 +30,10 @@ from inferd.worker.warm_up import WarmUpReport, decode_step, prompt_step, sampli
 
 logger = logging.getLogger(__name__)
 
+# Prompt tokens scored at once: a long prompt chunk's logits (rows x vocabulary, in float32) are
+# made in slices, so scoring needs no more memory beside the KV cache than sampling a batch does.
+_SCORE_ROWS = 128
+
 
 @dataclass(frozen=True)
 class ModelRunnerOutput:
@@ -275,17 +279,27 @@ class ModelRunner:
             end = min(seq.start_pos + seq.num_tokens, request.num_prompt_tokens - 1)
             if top is None or end <= seq.start_pos:
                 continue
-            count = end - seq.start_pos
-            logits = self.model.compute_logits(hidden[first_row : first_row + count])
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
             targets = request.prompt_token_ids[seq.start_pos + 1 : end + 1]
-            target_ids = torch.tensor(targets, dtype=torch.long, device=logprobs.device)
-            chosen = logprobs.gather(1, target_ids.unsqueeze(1)).squeeze(1)
-            top_values, top_ids = logprobs.topk(top, dim=-1)
+            target_ids = torch.tensor(targets, dtype=torch.long, device=hidden.device)
+            rows = hidden[first_row : first_row + len(targets)]
+            parts = [
+                self._score_rows(rows[at : at + _SCORE_ROWS], target_ids[at : at + _SCORE_ROWS], top)
+                for at in range(0, len(targets), _SCORE_ROWS)
+            ]
+            chosen, top_values, top_ids = (torch.cat(pieces) for pieces in zip(*parts, strict=True))
             found.append(
                 PromptLogprobs(request.request_id, seq.start_pos + 1, targets, chosen, top_values, top_ids)
             )
         return found
+
+    def _score_rows(
+        self, hidden: torch.Tensor, targets: torch.Tensor, top: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's log-probability of its target token, and its `top` best tokens."""
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        top_values, top_ids = logprobs.topk(top, dim=-1)
+        return chosen, top_values, top_ids
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
         """Wait for a launched step's tokens and hand them out per request."""

@@ -192,6 +192,9 @@ def _logprobs(
                 _append(result, token, None, None, state)
             else:
                 _append_entry(tokenizer, result, entry, state)
+        # The prompt's offsets add up its tokens' texts one by one (a character split over two
+        # tokens counts twice); the answer's start where the echoed text ends, whatever they came to.
+        state.text_offset = len(state.echo_text)
     state.text_offset = max(state.text_offset, len(state.echo_text))
     for entry in entries:
         _append_entry(tokenizer, result, entry, state)
