@@ -111,12 +111,13 @@ class EngineCore:
             and current.get(r.request_id) is r
             and self.scheduler.finish(r.request_id, FinishReason.ERROR) is not None
         ]
-        # The identity check matters with a step in flight: the id may belong to a newer request by now.
-        scheduled = {seq.request.request_id: seq.request for seq in step.scheduled.sequences}
-        for request_id, (first, found) in runner_out.prompt_logprobs.items():
-            request = current.get(request_id)
-            if request is not None and request is scheduled.get(request_id):
-                _record_prompt_logprobs(request, first, found)
+        if runner_out.prompt_logprobs:  # only steps that scored a prompt pay for the lookup
+            # The identity check matters with a step in flight: the id may belong to a newer request.
+            scheduled = {seq.request.request_id: seq.request for seq in step.scheduled.sequences}
+            for request_id, (first, found) in runner_out.prompt_logprobs.items():
+                request = current.get(request_id)
+                if request is not None and request is scheduled.get(request_id):
+                    _record_prompt_logprobs(request, first, found)
         advanced = self.scheduler.update(step.scheduled, runner_out.sampled)
         return failed + [
             EngineCoreOutput(
