@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from inferd.server.kserve.grpc_codec import request_from_proto, response_to_proto
@@ -57,6 +57,17 @@ async def _require_one_repository(request: Any, context: Any) -> None:
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED, "'repository_name' is not supported: the server has one repository"
         )
+
+
+async def _control_model(
+    action: Callable[[str, dict[str, object]], Awaitable[None]], request: Any, context: Any
+) -> None:
+    """A load or unload call: the data plane's `action` on the named model, its refusal the call's."""
+    await _require_one_repository(request, context)
+    try:
+        await action(request.model_name, _repository_parameters(request))
+    except InferenceError as exc:
+        await context.abort(_status_code(exc), str(exc))
 
 
 async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> AsyncIterator[Any]:
@@ -168,19 +179,11 @@ def _servicer(plane: DataPlane) -> Any:
             )
 
         async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
-            await _require_one_repository(request, context)
-            try:
-                await plane.load(request.model_name, _repository_parameters(request))
-            except InferenceError as exc:
-                await context.abort(_status_code(exc), str(exc))
+            await _control_model(plane.load, request, context)
             return pb2.RepositoryModelLoadResponse()
 
         async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
-            await _require_one_repository(request, context)
-            try:
-                await plane.unload(request.model_name, _repository_parameters(request))
-            except InferenceError as exc:
-                await context.abort(_status_code(exc), str(exc))
+            await _control_model(plane.unload, request, context)
             return pb2.RepositoryModelUnloadResponse()
 
     return InferenceServicer()
