@@ -117,16 +117,11 @@ class ModelConfig:
         if not cfg.get("head_dim") and hidden % num_heads:
             raise ValueError(f"hidden_size ({hidden}) must be a multiple of num_attention_heads "
                              f"({num_heads}) when head_dim is not given")  # fmt: skip
-        # Every architecture served computes with SiLU and rotates whole heads: a config that asks
-        # otherwise would run, wrongly, without a word.
+        # Every architecture served computes with SiLU (and rotates whole heads, `_parse_rope`): a
+        # config that asks otherwise would run, wrongly, without a word.
         activation = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
         if activation not in ("silu", "swish"):
             raise ValueError(f"hidden_act {activation!r} is not supported; the engine computes SiLU")
-        rope_fields = {**(cfg.get("rope_parameters") or {}), **cfg}
-        if float(rope_fields.get("partial_rotary_factor") or 1.0) != 1.0:
-            raise ValueError(
-                "partial_rotary_factor other than 1 is not supported: the engine rotates whole heads"
-            )
         rope = _parse_rope(cfg)
         if architecture == "Phi3ForCausalLM" and rope.rope_type != "default":
             # transformers reads any Phi-3 scaling as LongRoPE (its long and short factors), which
@@ -225,6 +220,10 @@ def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:
     if rope_type not in ROPE_TYPES:
         raise ValueError(
             f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
+    if float(cfg.get("partial_rotary_factor") or params.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ValueError(
+            "partial_rotary_factor other than 1 is not supported: the engine rotates whole heads"
         )
     max_positions = int(cfg.get("max_position_embeddings", 2048))
     # As transformers reads it: a top-level value (Phi-3 style) first, then the scaling's, then the
