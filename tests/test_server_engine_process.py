@@ -15,6 +15,7 @@ from server_process import run_server
 
 from inferd import LLM, SamplingParams
 from inferd.engine.async_llm import AsyncLLM
+from inferd.structured.spec import StructuredOutput
 
 
 def test_engine_process_serves_the_same_greedy_text(tiny_llama) -> None:
@@ -147,3 +148,18 @@ def test_an_idle_engine_process_ends_when_the_server_process_is_gone() -> None:
     inbox.close(linger=0)
     outbox.close(linger=0)
     context.term()
+
+
+async def test_a_request_the_core_refuses_ends_alone_with_the_reason(tiny_llama) -> None:
+    """A constraint that compiles only without the tokenizer fails when the core queues it: that
+    request ends with the error, and the core goes on serving."""
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=True, kv_cache_memory="8MiB")
+    llm.start()
+    try:
+        spec = StructuredOutput(grammar='start: "a" <|no_such_token|>')
+        params = SamplingParams(max_tokens=8, structured_output=spec)
+        refused = [out async for out in llm.generate("refused", "To be", params)]
+        assert refused[-1].finish_reason == "error" and "no_such_token" in str(refused[-1].error)
+        assert (await _generate(llm, "after"))[-1].finish_reason == "length"
+    finally:
+        llm.shutdown()

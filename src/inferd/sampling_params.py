@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from inferd.structured.spec import StructuredOutput
+
 # Seeds a torch generator takes: a signed or unsigned 64-bit integer (negative ones wrap).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 # Temperatures below this are greedy: dividing logits by them overflows float32 (as in vLLM).
@@ -48,6 +50,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # The output must match this (a JSON schema, a regex, a grammar, ...): each step samples only
+    # from the tokens it allows next, and the request stops when it allows nothing more.
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -92,6 +97,10 @@ class SamplingParams:
         for token_id, bias in self.logit_bias.items():
             if not -100.0 <= bias <= 100.0:
                 raise SamplingParamsError("logit_bias", f"bias for token {token_id} must be in [-100, 100]")
+        if self.structured_output is not None:
+            problem = self.structured_output.problem()
+            if problem is not None:
+                raise SamplingParamsError("structured_output", problem)
 
     @property
     def greedy(self) -> bool:

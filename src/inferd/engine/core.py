@@ -13,6 +13,7 @@ from inferd.sample.penalties import needs_history
 from inferd.sample.sampler import TokenLogprobs
 from inferd.sched.output import SchedulerOutput
 from inferd.sched.scheduler import Scheduler
+from inferd.structured.matcher import GrammarCompiler
 from inferd.worker.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,14 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.async_scheduling = config.uses_async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read yet (async only)
+        self.grammars = GrammarCompiler(config.model_path / "tokenizer.json", config.model.vocab_size)
 
     def add_request(self, request: Request) -> None:
+        """Queue a request; a ValueError says why it cannot be (its structured-output constraint
+        does not compile over this tokenizer, say)."""
+        spec = request.params.structured_output
+        if spec is not None:
+            request.grammar = self.grammars.matcher_for(spec, request.eos_token_ids)
         self.scheduler.add(request)
 
     def shutdown(self) -> None:
@@ -119,12 +126,15 @@ class EngineCore:
                 if request is not None and request is scheduled.get(request_id):
                     _record_prompt_logprobs(request, first, found)
         advanced = self.scheduler.update(step.scheduled, runner_out.sampled)
+        refused, complete = self._advance_grammars(advanced)
         return failed + [
             EngineCoreOutput(
                 request_id=r.request_id,
                 new_token_id=r.output_token_ids[-1],
                 logprobs=runner_out.logprobs.get(r.request_id),
                 finish_reason=r.finish_reason.value if r.finish_reason else None,
+                error=refused.get(r.request_id),
+                structure_complete=r.request_id in complete,
                 num_cached_tokens=r.num_cached_tokens,
                 first_scheduled_time=r.first_scheduled_time,
                 prompt_logprobs=_prompt_logprobs_of(r)
@@ -133,6 +143,26 @@ class EngineCore:
             )
             for r in advanced
         ]
+
+    def _advance_grammars(self, advanced: list[Request]) -> tuple[dict[str, str], set[str]]:
+        """Move constrained requests past their new tokens. One whose grammar allows nothing more
+        is done (a stop, as at EOS, but its last token is text); one whose token it refuses (a row
+        left with no allowed token) ends with an error. Returns the errors by request id, and the
+        ids of the requests done."""
+        refused: dict[str, str] = {}
+        complete: set[str] = set()
+        for request in advanced:
+            grammar = request.grammar
+            if grammar is None or request.finish_reason is not None:
+                continue
+            problem = grammar.accept(request.output_token_ids[-1])
+            if problem is not None:
+                refused[request.request_id] = problem
+                self.scheduler.finish(request.request_id, FinishReason.ERROR)
+            elif grammar.complete:
+                complete.add(request.request_id)
+                self.scheduler.finish(request.request_id, FinishReason.STOP)
+        return refused, complete
 
     def stats(self) -> EngineStats:
         return EngineStats(

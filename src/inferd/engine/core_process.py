@@ -150,16 +150,21 @@ def _serve(
             if isinstance(message, ShutdownMsg):
                 return
             if isinstance(message, AddMsg):
-                core.add_request(
-                    Request(
-                        request_id=message.request_id,
-                        prompt_token_ids=message.prompt_token_ids,
-                        params=message.params,
-                        eos_token_ids=frozenset(message.eos_token_ids),
-                        max_output_tokens=message.max_output_tokens,
-                        arrival_time=message.arrival_time,
-                    )
+                request = Request(
+                    request_id=message.request_id,
+                    prompt_token_ids=message.prompt_token_ids,
+                    params=message.params,
+                    eos_token_ids=frozenset(message.eos_token_ids),
+                    max_output_tokens=message.max_output_tokens,
+                    arrival_time=message.arrival_time,
                 )
+                try:
+                    core.add_request(request)
+                except ValueError as exc:  # this request's alone: it ends with the error
+                    refused = EngineCoreOutput(request.request_id, None, None, FinishReason.ERROR.value,
+                                               error=str(exc))  # fmt: skip
+                    if not _send(outbox, encoder.encode(OutputsMsg([refused], core.stats())), parent):
+                        return
             else:
                 core.abort(message.request_ids, FinishReason(message.reason))
                 aborted = True

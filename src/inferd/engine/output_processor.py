@@ -98,7 +98,8 @@ class OutputProcessor:
         if core_out.new_token_id is not None:
             # A token that ends the request in the core (EOS, a stop token id) adds no text unless
             # the caller asked for stop text, as a stop string's own text does not (as in vLLM).
-            state.stop_token_dropped = finish_reason == "stop" and not state.params.include_stop_str_in_output
+            state.stop_token_dropped = (finish_reason == "stop" and not core_out.structure_complete
+                                        and not state.params.include_stop_str_in_output)  # fmt: skip
             new_chars = self._add_token(state, core_out, now)
             # A stop string completed by the last token the budget allows still makes it a stop.
             if finish_reason in (None, "length") and self._hit_stop_string(state, new_chars):

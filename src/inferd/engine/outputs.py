@@ -22,6 +22,9 @@ class EngineCoreOutput:
     # With its first token, a request that scores its prompt gets the prompt's log-probabilities
     # (entry p: prompt token p's; the first token has none).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # A "stop" because the structured output is whole: the last token is the output's, not a
+    # stop token whose text stays out.
+    structure_complete: bool = False
 
 
 @dataclass

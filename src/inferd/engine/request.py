@@ -13,6 +13,7 @@ from inferd.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the sampler imports this module
     from inferd.sample.sampler import TokenLogprobs
+    from inferd.structured.matcher import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -52,6 +53,8 @@ class Request:
     # With params.prompt_logprobs: entry p is prompt token p's, given the ones before it (the
     # first token has none), filled in as the prompt's chunks are computed.
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    # With params.structured_output: where the output is in its grammar (set by the engine core).
+    grammar: RequestGrammar | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -42,10 +42,12 @@ def needs_processing(request: Request) -> bool:
 
 
 def needs_history(request: Request) -> bool:
-    """Whether the request's logits processing reads the tokens it has produced so far."""
+    """Whether the request's logits processing reads the tokens it has produced so far (a
+    grammar's mask depends on every token before it)."""
     params = request.params
     return (
-        params.repetition_penalty != 1.0
+        request.grammar is not None
+        or params.repetition_penalty != 1.0
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0
         or len(request.output_token_ids) < params.min_tokens

@@ -18,6 +18,7 @@ import torch
 
 from inferd.engine.request import Request
 from inferd.sample.penalties import apply_logit_bias, apply_penalties, block_stop_tokens, needs_processing
+from inferd.structured.matcher import apply_bitmask, bitmask_words
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,8 @@ class Sampler:
 
     @staticmethod
     def _process(logits: torch.Tensor, requests: Sequence[Request], errors: dict[int, str]) -> torch.Tensor:
-        """Per-request logits processors, on a float32 copy; one that raises fails its own row
-        (noted in `errors`)."""
+        """Per-request logits processors, then structured outputs' masks, on a float32 copy; one
+        that raises fails its own row (noted in `errors`)."""
         rows = [i for i, r in enumerate(requests) if needs_processing(r)]
         if not rows:
             return logits
@@ -181,6 +182,7 @@ class Sampler:
                 block_stop_tokens(logits[i], requests[i])
             except Exception as exc:
                 errors[i] = f"logits processing failed: {type(exc).__name__}: {exc}"
+        _apply_grammars(logits, requests, errors)
         return logits
 
     @staticmethod
@@ -212,6 +214,26 @@ class Sampler:
             threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs
+
+
+def _apply_grammars(logits: torch.Tensor, requests: Sequence[Request], errors: dict[int, str]) -> None:
+    """Keep each constrained row to the tokens its grammar allows next: the masks are made on the
+    host, go up in one copy and are applied in one pass over those rows."""
+    guided = [i for i, r in enumerate(requests) if r.grammar is not None and i not in errors]
+    if not guided:
+        return
+    grammars = [g for i in guided if (g := requests[i].grammar) is not None]
+    words = max(bitmask_words(logits.shape[1]), *(g.words for g in grammars))
+    # Zeros: a row whose mask could not be made allows nothing; its request fails below anyway.
+    bitmask = torch.zeros((len(guided), words), dtype=torch.int32, pin_memory=logits.is_cuda)
+    for row, (i, grammar) in enumerate(zip(guided, grammars, strict=True)):
+        try:
+            grammar.fill_bitmask(bitmask[row, : grammar.words])
+        except Exception as exc:
+            errors[i] = f"structured output failed: {type(exc).__name__}: {exc}"
+    apply_bitmask(
+        logits, _to_device(guided, torch.long, logits.device), bitmask.to(logits.device, non_blocking=True)
+    )
 
 
 def _temperature_only(request: Request, vocab: int) -> bool:

@@ -36,6 +36,8 @@ from inferd.server.errors import (
 )
 from inferd.server.metrics import FinishedRequest, ServerMetrics
 from inferd.server.reasoning import ReasoningFormat
+from inferd.structured.matcher import GrammarCompiler
+from inferd.structured.spec import StructuredOutputError
 
 logger = logging.getLogger("inferd.server.requests")
 
@@ -76,6 +78,8 @@ class Frontend:
         # Set by a graceful shutdown: new requests get a 503 while the ones in flight finish.
         self.draining = False
         self.num_in_flight = 0  # engine requests whose outputs are being consumed
+        config = llm.config
+        self._grammars = GrammarCompiler(config.model_path / "tokenizer.json", config.model.vocab_size)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -178,11 +182,22 @@ class Frontend:
                 field=field,
             )
         try:
-            return SamplingParams(**fields)
+            params = SamplingParams(**fields)
         except SamplingParamsError as exc:
             field = names.get(exc.field, exc.field)
             message = str(exc).replace(exc.field, field, 1)
             raise InvalidRequestError(message, field=field) from exc
+        spec = params.structured_output
+        if spec is not None and spec.grammar is not None:
+            # Only a grammar can name the tokenizer's own tokens (<|special|>, <[id]>), which the
+            # check in SamplingParams, made without a tokenizer, cannot see: compiled here too, so
+            # such a mistake is the client's 4xx rather than a failed generation.
+            field = names.get("structured_output", "structured_output")
+            try:
+                self._grammars.matcher_for(spec, self.eos_token_ids)
+            except StructuredOutputError as exc:
+                raise InvalidRequestError(f"{field}: {exc}", field=field) from exc
+        return params
 
     def check_token_ids(self, token_ids: Sequence[int] | Mapping[int, float], field: str) -> None:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]

@@ -147,8 +147,6 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     """Validate, render the template and tokenize; every error here is a 4xx before generation."""
     frontend.check_model(body.model)
     tools = _offered_tools(frontend, body)
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise InvalidRequestError("response_format: only {'type': 'text'} is supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
     field_names = {"logprobs": "top_logprobs"}

@@ -19,6 +19,7 @@ from inferd.server.errors import (
 )
 from inferd.server.frontend import Frontend
 from inferd.server.openai.protocol import SamplingExtras, Usage
+from inferd.server.structured_request import GUIDED_FIELDS, requested
 
 # status, OpenAI error type, OpenAI error code
 _ERROR_SHAPES: dict[ErrorKind, tuple[int, str, str | None]] = {
@@ -56,6 +57,9 @@ def sampling_params(
 ) -> SamplingParams:
     """`field_names` maps a SamplingParams field to the body's, for errors that name it. A sampling
     field the request leaves out takes the model's recommended value, where it has one."""
+    structure_fields = ("response_format", "structured_outputs", *GUIDED_FIELDS)
+    structure, structure_field = requested({name: getattr(body, name) for name in structure_fields})
+    field_names = {**(field_names or {}), "structured_output": structure_field}
 
     def chosen(name: str) -> Any:
         if name not in body.model_fields_set and name in frontend.sampling_defaults:
@@ -81,6 +85,7 @@ def sampling_params(
         logit_bias=_logit_bias(body.logit_bias),
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
+        structured_output=structure,
     )
 
 

@@ -60,6 +60,14 @@ class SamplingExtras(_Body):
     skip_special_tokens: bool = True
     # inferd's: seconds until the request is aborted (overrides the server's --request-timeout).
     timeout: float | None = Field(None, gt=0.0, le=86400.0)
+    # Structured output (server/structured_request.py): OpenAI's field, vLLM's object and vLLM's
+    # older per-kind fields; one at most.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stream_options")
     @classmethod
@@ -129,7 +137,6 @@ class ChatCompletionRequest(SamplingExtras):
     # "auto" (the default with tools) or "none"; "required" and a named function are refused.
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
-    response_format: dict[str, Any] | None = None
     # Extras (vLLM's names and meanings): how the chat template renders the conversation.
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -22,6 +22,7 @@ from inferd.server.errors import (
 )
 from inferd.server.frontend import Frontend
 from inferd.server.streaming import sse_event
+from inferd.server.structured_request import response_format
 from inferd.server.tgi.protocol import (
     Details,
     FinishReason,
@@ -79,7 +80,11 @@ def prepare_generate(frontend: Frontend, body: GenerateRequest, stream: bool = F
     if "max_new_tokens" not in p.model_fields_set and max_tokens is not None and cap is not None:
         max_tokens = min(max_tokens, cap)  # TGI's implicit default, not the client's ask: capped
     params = frontend.sampling_params(
-        field_names={"max_tokens": "max_new_tokens", "logprobs": "top_n_tokens"},
+        field_names={
+            "max_tokens": "max_new_tokens",
+            "logprobs": "top_n_tokens",
+            "structured_output": "grammar",
+        },
         max_tokens=max_tokens,
         temperature=(p.temperature or 1.0) if p.sampling else 0.0,
         top_k=p.top_k or 0,
@@ -96,6 +101,8 @@ def prepare_generate(frontend: Frontend, body: GenerateRequest, stream: bool = F
         logprobs=p.top_n_tokens or 0,
         # decoder_input_details: the prompt's tokens, each with its log-probability, in the details.
         prompt_logprobs=0 if p.decoder_input_details and p.details else None,
+        # TGI's grammar object: {"type": "json" | "regex" | "json_schema", "value": ...}.
+        structured_output=response_format(p.grammar, "grammar") if p.grammar is not None else None,
     )
     token_ids = frontend.tokenizer.encode(body.inputs)
     if p.truncate is not None:
@@ -115,7 +122,6 @@ def _refuse_unsupported(p: GenerateParameters) -> None:
         "best_of": p.best_of is not None and p.best_of > 1,
         "typical_p": p.typical_p is not None,
         "watermark": p.watermark,
-        "grammar": p.grammar is not None,
         "adapter_id": p.adapter_id is not None,
     }
     for name, is_set in refused.items():

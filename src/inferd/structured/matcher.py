@@ -1,0 +1,97 @@
+"""Structured outputs at run time: one grammar matcher per constrained request, advanced by each
+token it produces, and the masks that keep the sampler to the tokens its grammar allows next."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from inferd.structured.spec import StructuredOutput, StructuredOutputError
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher, LLTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """32-bit words of one row's mask: bit t of the row is token t (1: allowed)."""
+    return -(-vocab_size // 32)
+
+
+class RequestGrammar:
+    """A request's place in its grammar."""
+
+    def __init__(self, matcher: LLMatcher, vocab_size: int) -> None:
+        self._matcher = matcher
+        self.words = bitmask_words(vocab_size)  # of the mask `fill_bitmask` writes
+
+    def fill_bitmask(self, row: torch.Tensor) -> None:
+        """Write the tokens allowed next into ``row`` (int32, contiguous, on the CPU)."""
+        assert row.dtype == torch.int32 and row.is_contiguous() and row.device.type == "cpu"
+        self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+
+    def accept(self, token_id: int) -> str | None:
+        """Advance past ``token_id``; returns why it was refused (None when accepted)."""
+        if self._matcher.consume_token(token_id):
+            return None
+        return f"the output no longer matches its structured-output constraint: {self._matcher.get_error()}"
+
+    @property
+    def complete(self) -> bool:
+        """Whether the grammar allows nothing more: the output is whole."""
+        return bool(self._matcher.is_stopped())
+
+
+class GrammarCompiler:
+    """Builds requests' matchers over the model's tokenizer (read once, when first needed)."""
+
+    def __init__(self, tokenizer_file: Path, vocab_size: int) -> None:
+        self._tokenizer_file = tokenizer_file
+        self._vocab_size = vocab_size
+        # One per set of end-of-sequence ids (in practice one per engine): EOS may end an output
+        # wherever its grammar accepts one.
+        self._tokenizers: dict[frozenset[int], LLTokenizer] = {}
+
+    def matcher_for(self, spec: StructuredOutput, eos_token_ids: frozenset[int]) -> RequestGrammar:
+        from llguidance import LLMatcher
+
+        matcher = LLMatcher(self._tokenizer(eos_token_ids), spec.grammar_text(), log_level=0)
+        if matcher.is_error():
+            problem = matcher.get_error().strip()
+            raise StructuredOutputError(
+                f"the constraint does not compile over this model's tokenizer: {problem}"
+            )
+        return RequestGrammar(matcher, self._tokenizer(eos_token_ids).vocab_size)
+
+    def _tokenizer(self, eos_token_ids: frozenset[int]) -> LLTokenizer:
+        tokenizer = self._tokenizers.get(eos_token_ids)
+        if tokenizer is None:
+            from llguidance import LLTokenizer
+            from tokenizers import Tokenizer
+
+            start = time.perf_counter()
+            source = Tokenizer.from_file(str(self._tokenizer_file))
+            # The mask covers the model's vocabulary, which may be padded past the tokenizer's.
+            n_vocab = max(self._vocab_size, source.get_vocab_size(with_added_tokens=True))
+            eos = sorted(eos_token_ids) or None
+            tokenizer = LLTokenizer(source.to_str(), n_vocab=n_vocab, eos_token=eos)
+            self._tokenizers[eos_token_ids] = tokenizer
+            logger.info("structured outputs: read the tokenizer's %d tokens in %.2f s",
+                        n_vocab, time.perf_counter() - start)  # fmt: skip
+        return tokenizer
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set to -inf, in the rows ``rows`` of ``logits``, every token its row of ``bitmask`` does
+    not allow (``bitmask``: int32 [len(rows), words], on the logits' device)."""
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    # An arithmetic shift copies the sign bit, but "& 1" keeps only the bit shifted down.
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab].bool()
+    picked = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
+    logits.index_copy_(0, rows, picked)

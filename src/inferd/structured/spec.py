@@ -1,0 +1,136 @@
+"""What a request's output must match: a JSON schema, any JSON object, a regex, one of a few
+strings, or a grammar (Lark or GBNF); turned into the grammar text the matcher compiles.
+
+The fields and their meanings are vLLM's ``structured_outputs`` ones, so each protocol's own
+field (OpenAI's ``response_format``, TGI's ``grammar``) maps onto one of them. The grammar engine
+is llguidance: it compiles each of these forms and computes, per step, which tokens may come next.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+# Compact JSON unless a schema asks otherwise (its "x-guidance" object): small models given
+# free whitespace tend to loop on newlines until their token budget runs out.
+_JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False}
+
+
+class StructuredOutputError(ValueError):
+    """The constraint cannot be compiled or used; the message says why."""
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Exactly one of the fields is set.
+
+    ``json``: a JSON schema's text; ``json_object``: any JSON object; ``regex``: a regular
+    expression the whole output matches (Rust regex syntax); ``choice``: the output is one of
+    these strings; ``grammar``: a Lark grammar (llguidance's dialect), or a GBNF one (``::=``).
+    """
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def problem(self) -> str | None:
+        """Why this constraint cannot be used (None when it compiles). Checked when the request's
+        SamplingParams are made, so a bad constraint is its error before it is queued."""
+        kinds = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            return f"exactly one constraint must be given, got {kinds or 'none'}"
+        if self.choice is not None and (not self.choice or any(not c for c in self.choice)):
+            return "choice must be a non-empty list of non-empty strings"
+        try:
+            problem = _validate(self.grammar_text())
+        except StructuredOutputError as exc:
+            return str(exc)
+        return problem.strip() or None
+
+    def grammar_text(self) -> str:
+        """The constraint as the grammar llguidance's matcher takes."""
+        choice = tuple(self.choice) if self.choice is not None else None
+        return _grammar_text(self.json, self.json_object, self.regex, choice, self.grammar)
+
+
+# Bounded: a server sees the same few schemas again and again, but clients could send endless new ones.
+@lru_cache(maxsize=256)
+def _grammar_text(
+    schema: str | None,
+    json_object: bool,
+    regex: str | None,
+    choice: tuple[str, ...] | None,
+    grammar: str | None,
+) -> str:
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+    if json_object:
+        return str(LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=_JSON_DEFAULTS))
+    if schema is not None:
+        try:
+            parsed = json.loads(schema)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise StructuredOutputError(f"not a JSON schema: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise StructuredOutputError("a JSON schema must be an object")
+        try:
+            closed = _closed_objects(parsed)
+        except RecursionError:
+            raise StructuredOutputError("the JSON schema is nested too deeply") from None
+        return str(LLMatcher.grammar_from_json_schema(closed, defaults=_JSON_DEFAULTS))
+    if regex is not None:
+        return str(LLMatcher.grammar_from_regex(regex))
+    if choice is not None:
+        # Lark string literals take JSON's escapes, so json.dumps quotes any text safely.
+        return str(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choice)))
+    assert grammar is not None
+    try:
+        return str(LLMatcher.grammar_from_lark(any_to_lark(grammar)))
+    except GbnfToLarkError as exc:
+        raise StructuredOutputError(f"not a Lark or GBNF grammar: {exc}") from None
+
+
+@lru_cache(maxsize=256)
+def _validate(grammar: str) -> str:
+    from llguidance import LLMatcher
+
+    return str(LLMatcher.validate_grammar(grammar))
+
+
+# Where a schema keeps its subschemas: one, a list of them, or a name -> schema map.
+_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _closed_objects(schema: Any) -> Any:
+    """The schema with every object that lists its ``properties`` taking no others unless it says
+    so (``additionalProperties``, ``patternProperties``): what vLLM's default grammar backend
+    and OpenAI's strict mode do. Without it a model may go on after the last listed property
+    with keys of its own making, as plain JSON Schema allows."""
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for key in _ONE:
+        if key in closed:
+            closed[key] = _closed_objects(closed[key])
+    for key in _LIST:
+        if isinstance(closed.get(key), list):
+            closed[key] = [_closed_objects(s) for s in closed[key]]
+    for key in _MAP:
+        if isinstance(closed.get(key), dict):
+            closed[key] = {name: _closed_objects(s) for name, s in closed[key].items()}
+    if isinstance(closed.get("properties"), dict) and not {"additionalProperties", "patternProperties"} & set(
+        closed
+    ):
+        closed["additionalProperties"] = False
+    return closed

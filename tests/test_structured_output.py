@@ -1,0 +1,188 @@
+"""Structured outputs in the engine: constraints checked up front, masks applied per row, grammars
+advanced by every token, and requests ended when their output is whole."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from inferd import LLM, SamplingParams
+from inferd.sampling_params import SamplingParamsError
+from inferd.structured.matcher import GrammarCompiler, apply_bitmask, bitmask_words
+from inferd.structured.spec import StructuredOutput
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
+    "required": ["ok", "color"],
+    "additionalProperties": False,
+}
+PROMPTS = ["To be, or not", "The quick", "Café", "0123"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_factory) -> LLM:
+    return LLM(tiny_model_factory("qwen3"), kv_cache_memory="32MiB", block_size=8)
+
+
+def _params(spec: StructuredOutput, **fields: object) -> SamplingParams:
+    defaults: dict[str, object] = {"max_tokens": 64, "temperature": 1.0, "seed": 3}
+    return SamplingParams(structured_output=spec, **{**defaults, **fields})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        (StructuredOutput(json=json.dumps({"type": "bogus"})), "bogus"),
+        (StructuredOutput(json="[1, 2]"), ""),
+        (StructuredOutput(regex="a(b"), "unclosed group"),
+        (StructuredOutput(grammar="start: undefined_rule"), "undefined_rule"),
+        (StructuredOutput(choice=[]), "non-empty"),
+        (StructuredOutput(), "exactly one"),
+        (StructuredOutput(regex="a", choice=["a"]), "exactly one"),
+    ],
+)
+def test_a_constraint_that_cannot_compile_is_refused_with_the_reason(
+    spec: StructuredOutput, words: str
+) -> None:
+    with pytest.raises(SamplingParamsError) as caught:
+        SamplingParams(structured_output=spec)
+    assert caught.value.field == "structured_output"
+    assert words in str(caught.value)
+
+
+def test_a_grammar_naming_tokens_the_tokenizer_lacks_is_refused_when_queued(llm: LLM) -> None:
+    """It compiles without a tokenizer (SamplingParams' check) but not over this one."""
+    params = _params(StructuredOutput(grammar='start: "a" <|no_such_token|>'))
+    with pytest.raises(ValueError, match="no_such_token"):
+        llm.generate(["To be"], params)
+    assert llm.generate(["To be"], _params(StructuredOutput(choice=["ok"])))[0].text == "ok"  # still serving
+
+
+def _accepts(folder: Path, spec: StructuredOutput, text: str) -> bool:
+    """Whether the grammar takes ``text``'s tokens whole, to the end."""
+    grammar = GrammarCompiler(folder / "tokenizer.json", 4096).matcher_for(spec, frozenset([0]))
+    token_ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
+    return all(grammar.accept(t) is None for t in token_ids) and grammar.complete
+
+
+def test_objects_with_listed_properties_take_no_others_unless_the_schema_says(tiny_model_factory) -> None:
+    folder = tiny_model_factory("qwen3")
+    listed = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    assert _accepts(folder, StructuredOutput(json=json.dumps(listed)), '{"a":1}')
+    assert not _accepts(folder, StructuredOutput(json=json.dumps(listed)), '{"a":1,"b":2}')
+    nested = {"type": "array", "items": {"anyOf": [listed]}}
+    assert not _accepts(folder, StructuredOutput(json=json.dumps(nested)), '[{"a":1,"b":2}]')
+    open_ = {**listed, "additionalProperties": True}
+    assert _accepts(folder, StructuredOutput(json=json.dumps(open_)), '{"a":1,"b":2}')
+    assert _accepts(folder, StructuredOutput(json_object=True), '{"b":2}')
+    # A property named "properties" is a property, not a place where subschemas are listed.
+    named = {"type": "object", "properties": {"properties": {"type": "integer"}}, "required": ["properties"]}
+    assert _accepts(folder, StructuredOutput(json=json.dumps(named)), '{"properties":5}')
+
+
+def test_apply_bitmask_keeps_exactly_the_allowed_tokens_of_the_chosen_rows() -> None:
+    vocab, rows = 77, [0, 2]
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn((3, vocab), generator=generator)
+    original = logits.clone()
+    allowed = torch.rand((len(rows), vocab), generator=generator) < 0.3
+    bitmask = torch.zeros((len(rows), bitmask_words(vocab)), dtype=torch.int32)
+    for row in range(len(rows)):
+        for token in allowed[row].nonzero().flatten().tolist():
+            word, bit = divmod(token, 32)
+            bitmask[row, word] |= torch.tensor(1 << bit, dtype=torch.int64).to(torch.int32)
+    apply_bitmask(logits, torch.tensor(rows), bitmask)
+    for k, row in enumerate(rows):
+        assert torch.equal(logits[row][allowed[k]], original[row][allowed[k]])
+        assert torch.isneginf(logits[row][~allowed[k]]).all()
+    assert torch.equal(logits[1], original[1])  # a row not chosen is untouched
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_outputs_parse_and_follow_the_schema(llm: LLM, temperature: float) -> None:
+    spec = StructuredOutput(json=json.dumps(SCHEMA))
+    outs = llm.generate(PROMPTS, _params(spec, temperature=temperature))
+    for out in outs:
+        value = json.loads(out.text)  # the closing brace is text: the last token is kept
+        assert set(value) == {"ok", "color"} and isinstance(value["ok"], bool)
+        assert value["color"] in ("red", "green", "blue")
+        assert out.finish_reason == "stop"
+
+
+def test_json_object_output_is_an_object(llm: LLM) -> None:
+    out = llm.generate(["To be"], _params(StructuredOutput(json_object=True), max_tokens=200))[0]
+    # A random model may run out of budget inside a string; whatever it wrote is an object's start.
+    if out.finish_reason == "stop":
+        assert isinstance(json.loads(out.text), dict)
+    else:
+        assert out.text.startswith("{")
+
+
+def test_regex_choice_and_grammars_bound_the_text(llm: LLM) -> None:
+    choices = ["alpha", "beta gamma", 'quo"te']
+    cases = [
+        (StructuredOutput(regex=r"[0-9]{3}-[a-z]{2}"), lambda text: re.fullmatch(r"[0-9]{3}-[a-z]{2}", text)),
+        (StructuredOutput(choice=choices), lambda text: text in choices),
+        (
+            StructuredOutput(grammar='start: "x" D D\nD: /[0-9]/'),
+            lambda text: re.fullmatch(r"x[0-9]{2}", text),
+        ),
+        (StructuredOutput(grammar='root ::= "y" [a-c]+ "."'), lambda text: re.fullmatch(r"y[a-c]+\.", text)),
+    ]
+    for spec, matches in cases:
+        # A penalty or two on the way: the mask comes after them and still decides.
+        params = [_params(spec, max_tokens=40, repetition_penalty=1.0 + i % 2 / 2, presence_penalty=i / 4)
+                  for i in range(len(PROMPTS))]  # fmt: skip
+        for out in llm.generate(PROMPTS, params):
+            assert out.finish_reason == "stop", (spec, out.text)
+            assert matches(out.text), (spec, out.text)
+
+
+def test_a_whole_output_stops_even_when_eos_is_ignored(llm: LLM) -> None:
+    out = llm.generate(["To be"], _params(StructuredOutput(choice=["done"]), ignore_eos=True, max_tokens=30))[
+        0
+    ]
+    assert out.text == "done" and out.finish_reason == "stop"
+
+
+def test_a_budget_that_runs_out_leaves_a_prefix_of_a_match(llm: LLM) -> None:
+    out = llm.generate(["To be"], _params(StructuredOutput(regex=r"[a-z]{40}"), max_tokens=3))[0]
+    assert out.finish_reason == "length"
+    assert re.fullmatch(r"[a-z]+", out.text) and len(out.token_ids) == 3
+
+
+def test_unconstrained_rows_beside_constrained_ones_are_unchanged(llm: LLM) -> None:
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = [out.token_ids for out in llm.generate(PROMPTS, plain)]
+    guided = _params(StructuredOutput(json=json.dumps(SCHEMA)), temperature=0.0)
+    mixed = llm.generate(PROMPTS * 2, [plain] * len(PROMPTS) + [guided] * len(PROMPTS))
+    assert [out.token_ids for out in mixed[: len(PROMPTS)]] == alone
+    assert all(json.loads(out.text) for out in mixed[len(PROMPTS) :])
+
+
+def test_constraints_hold_with_asynchronous_scheduling(tiny_model_factory) -> None:
+    """Asynchronous scheduling launches a step before the last one's tokens are read; a grammar's
+    next mask needs that token, so its request waits for it. (No request here has penalties,
+    which would make every step wait.)"""
+    folder = tiny_model_factory("qwen3")
+    spec = StructuredOutput(regex=r"(ab|cd){6}")
+    params = [
+        _params(spec, temperature=0.0, max_tokens=40),
+        _params(spec, temperature=1.0, max_tokens=40),
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+    ]
+    texts = {}
+    for async_scheduling in (False, True):
+        llm = LLM(folder, kv_cache_memory="32MiB", block_size=8, async_scheduling=async_scheduling)
+        outs = llm.generate(PROMPTS[:3], params)
+        llm.shutdown()
+        for out in outs[:2]:
+            assert re.fullmatch(r"(ab|cd){6}", out.text) and out.finish_reason == "stop", out.text
+        texts[async_scheduling] = [out.token_ids for out in outs]
+    assert texts[True] == texts[False]
