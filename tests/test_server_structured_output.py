@@ -126,3 +126,67 @@ def test_tgi_grammar_json_and_regex(server: ServerProcess) -> None:
     )
     assert bad.status_code == 422 and bad.json()["error_type"] == "validation"
     assert bad.json()["error"].startswith("grammar")
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"]}}},
+    {"type": "function", "function": {"name": "ping"}},
+]  # fmt: skip
+
+
+def _calls(message: Any) -> list[tuple[str, Any]]:
+    return [(call.function.name, json.loads(call.function.arguments)) for call in message.tool_calls]
+
+
+def test_a_named_tool_choice_is_a_call_of_that_function_with_its_arguments(client: openai.OpenAI) -> None:
+    """No --tool-call-parser on this server: a forced call's answer is JSON, read without one."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole = _chat(client, tools=TOOLS, tool_choice=named, n=2)
+    for choice in whole.choices:
+        [(name, arguments)] = _calls(choice.message)
+        assert name == "get_weather" and arguments["unit"] in ("C", "F")
+        assert choice.message.content is None and choice.finish_reason == "tool_calls"
+    streamed = [c.choices[0] for c in _chat(client, stream=True, tools=TOOLS, tool_choice=named) if c.choices]
+    calls = [call for c in streamed if c.delta.tool_calls for call in c.delta.tool_calls]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == _calls(whole.choices[0].message)[0][1]  # same seed
+    assert streamed[-1].finish_reason == "tool_calls"
+    assert not any(c.delta.content for c in streamed)
+
+
+def test_required_tool_choice_makes_at_least_one_call_of_the_offered_tools(client: openai.OpenAI) -> None:
+    for parallel in (True, False):
+        answer = _chat(
+            client, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel, max_tokens=200
+        )
+        choice = answer.choices[0]
+        if choice.finish_reason == "length":  # a random model may run long inside the array
+            assert choice.message.content.startswith("[")
+            continue
+        calls = _calls(choice.message)
+        assert 1 <= len(calls) and (parallel or len(calls) == 1)
+        for name, arguments in calls:
+            assert name in ("get_weather", "ping") and isinstance(arguments, dict)
+            if name == "get_weather":
+                assert arguments["unit"] in ("C", "F")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+         "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}],
+          "tool_choice": "required"}, "tools"),
+        ({"tools": TOOLS}, "tools"),  # calls the model writes itself need --tool-call-parser
+    ],
+)  # fmt: skip
+def test_bad_tool_choices_are_400s(client: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        _chat(client, extra_body=extra)
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == param, error

@@ -205,7 +205,7 @@ def test_a_server_offers_tools_only_with_the_parser(tiny_llama: Path, tmp_path: 
         assert post(server, tools=TOOLS, tool_choice="none").json()["usage"]["prompt_tokens"] == plain
 
         for bad, param in (
-            ({"tool_choice": "required"}, "tool_choice"),
+            ({"tool_choice": {"type": "function", "function": {"name": "not_offered"}}}, "tool_choice"),
             ({"tools": [{"type": "web"}]}, "tools"),
         ):
             answer = post(server, **{"tools": TOOLS, **bad})

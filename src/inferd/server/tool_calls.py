@@ -38,7 +38,11 @@ def _call(block: str) -> ParsedToolCall | None:
         return None
     arguments: Any = value.get("arguments", value.get("parameters", {}))
     text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return ParsedToolCall(f"call_{uuid.uuid4().hex[:24]}", value["name"], text)
+    return ParsedToolCall(new_call_id(), value["name"], text)
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 class ToolCallReader:

@@ -13,8 +13,9 @@ from typing import Any, Literal
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.tokenizer import Tokenizer
 from inferd.sample.sampler import TokenLogprobs
-from inferd.sampling_params import SamplingParams
+from inferd.sampling_params import SamplingParams, SamplingParamsError
 from inferd.server.errors import ApiError, InvalidRequestError
+from inferd.server.forced_tool_calls import ForcedCalls, forced_calls
 from inferd.server.frontend import Frontend
 from inferd.server.openai.chat_answer import AnswerShaper
 from inferd.server.openai.common import (
@@ -44,6 +45,7 @@ from inferd.server.openai.protocol import (
 from inferd.server.reasoning import ReasoningFormat
 from inferd.server.streaming import SSE_DONE, sse_event
 from inferd.server.tool_calls import ParsedToolCall
+from inferd.structured.spec import StructuredOutput
 
 
 @dataclass
@@ -63,9 +65,11 @@ class ChatJob:
     # parallel_tool_calls false, the first call only.
     read_tools: bool = False
     one_call: bool = False
+    # tool_choice "required" or a named function: the answer is the calls' JSON, read as such.
+    forced: ForcedCalls | None = None
 
     def shaper(self) -> AnswerShaper:
-        return AnswerShaper(self.reasoning, self.read_tools, self.one_call)
+        return AnswerShaper(self.reasoning, self.read_tools, self.one_call, self.forced)
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -100,12 +104,13 @@ def _arguments(text: str) -> Any:
 def _offered_tools(frontend: Frontend, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     """The tools the template is to show the model; None where there are none to offer."""
     choice = body.tool_choice
-    if choice is not None and choice not in ("auto", "none"):
-        # Forcing a call needs decoding constrained to the tools' schemas, which is not built.
-        raise InvalidRequestError("tool_choice: only 'auto' and 'none' are supported", "tool_choice")
+    forcing = choice not in (None, "auto", "none")
     if not body.tools or choice == "none":
+        if forcing:
+            raise InvalidRequestError("tool_choice: forcing a call needs tools", "tool_choice")
         return None
-    if frontend.tool_call_parser is None:
+    if frontend.tool_call_parser is None and not forcing:
+        # A forced call's answer is JSON made to the tools' schemas: no parser reads it.
         raise InvalidRequestError(
             "tools: start the server with --tool-call-parser hermes to use tools", "tools"
         )
@@ -156,7 +161,10 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         field_names["max_tokens"] = "max_completion_tokens"
     engine_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(frontend, body, max_tokens, engine_logprobs, field_names)
-    if tools is not None and params.skip_special_tokens:
+    forced = None
+    if tools is not None and body.tool_choice not in (None, "auto"):
+        forced, params = _force_calls(tools, body, params)
+    if tools is not None and forced is None and params.skip_special_tokens:
         # Some models' <tool_call> is a special token: kept in the text, so the blocks can be read.
         params = dataclasses.replace(params, skip_special_tokens=False)
     template_kwargs = _template_kwargs(body)
@@ -176,13 +184,34 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         n=body.n,
         want_logprobs=body.logprobs,
         include_usage=body.include_usage_chunk,
-        # As vLLM reads Qwen3's switch: no thinking asked for, none to split off.
+        # As vLLM reads Qwen3's switch: no thinking asked for, none to split off. A forced call's
+        # answer is JSON from its first token: no thinking either.
         reasoning=None
-        if (body.chat_template_kwargs or {}).get("enable_thinking") is False
+        if (body.chat_template_kwargs or {}).get("enable_thinking") is False or forced is not None
         else frontend.reasoning_format,
-        read_tools=tools is not None,
+        read_tools=tools is not None and forced is None,
         one_call=not body.parallel_tool_calls,
+        forced=forced,
     )
+
+
+def _force_calls(
+    tools: list[dict[str, Any]], body: ChatCompletionRequest, params: SamplingParams
+) -> tuple[ForcedCalls, SamplingParams]:
+    """tool_choice "required" or a named function: the answer constrained to the calls' schema."""
+    assert body.tool_choice is not None
+    forced, schema = forced_calls(tools, body.tool_choice, one_call=not body.parallel_tool_calls)
+    if params.structured_output is not None:
+        raise InvalidRequestError(
+            "tool_choice: a forced call cannot be combined with another structured output", "tool_choice"
+        )
+    try:
+        constrained = dataclasses.replace(params, structured_output=StructuredOutput(json=json.dumps(schema)))
+    except SamplingParamsError as exc:
+        raise InvalidRequestError(
+            f"tools: the tools' parameter schemas do not compile: {exc}", "tools"
+        ) from exc
+    return forced, constrained
 
 
 async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:

@@ -1,12 +1,14 @@
 """What a chat answer's text becomes in the response: thinking apart (`--reasoning-parser`), tool
-calls read out (`--tool-call-parser`), the rest content. One shaper per choice serves a whole
-answer and its stream deltas alike, so `create()` and a streamed answer put together agree.
+calls read out (`--tool-call-parser`, or the JSON a forced `tool_choice` made), the rest content.
+One shaper per choice serves a whole answer and its stream deltas alike, so `create()` and a
+streamed answer put together agree.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from inferd.server.forced_tool_calls import ForcedCalls
 from inferd.server.reasoning import ReasoningFormat, ReasoningSplitter
 from inferd.server.tool_calls import ParsedToolCall, ToolCallReader
 
@@ -21,7 +23,17 @@ class ShapedText:
 class AnswerShaper:
     """Feed one choice's text in order (`finished` with the last piece)."""
 
-    def __init__(self, reasoning: ReasoningFormat | None, read_tools: bool, one_call: bool) -> None:
+    def __init__(
+        self,
+        reasoning: ReasoningFormat | None,
+        read_tools: bool,
+        one_call: bool,
+        forced: ForcedCalls | None = None,
+    ) -> None:
+        """``forced``: the answer is the JSON of forced calls (no thinking, no call blocks), read
+        once it is whole; streamed, the calls come with its last delta."""
+        self._forced = forced
+        self._forced_text: list[str] = []
         self._splitter = ReasoningSplitter(reasoning) if reasoning else None
         self._reader = ToolCallReader() if read_tools else None
         self._one_call = one_call  # parallel_tool_calls false: the first call only
@@ -32,6 +44,8 @@ class AnswerShaper:
         self._content_sent = False
 
     def feed(self, text: str, finished: bool) -> ShapedText:
+        if self._forced is not None:
+            return self._feed_forced(text, finished)
         shaped = ShapedText(content=text)
         if self._splitter is not None:
             shaped.reasoning, shaped.content = self._splitter.feed(text)
@@ -55,3 +69,15 @@ class AnswerShaper:
         self._content_sent = self._content_sent or bool(kept)
         shaped.content = kept
         return shaped
+
+    def _feed_forced(self, text: str, finished: bool) -> ShapedText:
+        self._forced_text.append(text)
+        if not finished:
+            return ShapedText()
+        assert self._forced is not None
+        whole = "".join(self._forced_text)
+        calls = self._forced.read(whole)
+        if calls is None:  # cut off before the JSON was whole: left as the content it is
+            return ShapedText(content=whole)
+        self.calls_sent += len(calls)
+        return ShapedText(calls=calls)

@@ -134,7 +134,8 @@ class ChatCompletionRequest(SamplingExtras):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    # "auto" (the default with tools) or "none"; "required" and a named function are refused.
+    # "auto" (the default with tools), "none", "required" or {"type": "function", "function": {"name"}}
+    # (those two by constrained decoding: server/forced_tool_calls.py).
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     # Extras (vLLM's names and meanings): how the chat template renders the conversation.

@@ -1,0 +1,80 @@
+"""`tool_choice: "required"` and a named function (`{"type": "function", "function": {"name": ...}}`):
+the answer is forced to be calls by decoding constrained to the tools' schemas, as vLLM does.
+
+A named function's answer is its arguments object, made to the function's `parameters` schema;
+a required call's answer is a JSON array of `{"name": ..., "parameters": {...}}` objects, each one
+of the offered tools with its own schema (one item at most with `parallel_tool_calls: false`). The
+model's own call format (`--tool-call-parser`) plays no part, so no parser is needed for these.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from inferd.server.errors import InvalidRequestError
+from inferd.server.tool_calls import ParsedToolCall, new_call_id
+
+# A function declared without parameters takes an object of any keys.
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class ForcedCalls:
+    """How a forced answer's text becomes calls."""
+
+    function: str | None  # the named function; None for "required" (an array of calls)
+
+    def read(self, text: str) -> list[ParsedToolCall] | None:
+        """The calls in a whole answer; None where it is not complete JSON (cut off by its budget)."""
+        try:
+            value = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            return None
+        if self.function is not None:
+            return [ParsedToolCall(new_call_id(), self.function, json.dumps(value, ensure_ascii=False))]
+        return [
+            ParsedToolCall(new_call_id(), item["name"], json.dumps(item["parameters"], ensure_ascii=False))
+            for item in value
+        ]
+
+
+def forced_calls(
+    tools: list[dict[str, Any]], choice: str | dict[str, Any], one_call: bool
+) -> tuple[ForcedCalls, dict[str, Any]]:
+    """The reading and the JSON schema of the answer that ``choice`` forces (``tools`` already
+    checked to be functions with names)."""
+    functions = {tool["function"]["name"]: tool["function"] for tool in tools}
+    if choice == "required":
+        items = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "parameters": _parameters(function)},
+                "required": ["name", "parameters"],
+            }
+            for name, function in functions.items()
+        ]
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+        if one_call:
+            schema["maxItems"] = 1
+        return ForcedCalls(None), schema
+    named = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = named.get("name") if isinstance(named, dict) else None
+    if not isinstance(name, str):
+        shape = "'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}"
+        raise InvalidRequestError(f"tool_choice: must be {shape}", "tool_choice")
+    if name not in functions:
+        raise InvalidRequestError(f"tool_choice: no tool named {name!r} is offered in tools", "tool_choice")
+    return ForcedCalls(name), _parameters(functions[name])
+
+
+def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+    parameters = function.get("parameters")
+    if parameters is None:
+        return _ANY_OBJECT
+    if not isinstance(parameters, dict):
+        raise InvalidRequestError(
+            f"tools: {function['name']}'s parameters must be a JSON schema object", "tools"
+        )
+    return parameters
