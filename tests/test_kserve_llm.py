@@ -4,6 +4,7 @@ through tritonclient (HTTP and gRPC `text_input` -> `text_output`) and the REST 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -183,6 +184,10 @@ def test_rest_generate_and_its_stream_agree_with_offline(live: Live, model: str)
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": ""}, "stop"),
         ({"max_tokens": 600}, "max_tokens"),  # more than the 512-token context holds
+        ({"guided_regex": "a(b"}, "guided_regex"),
+        ({"guided_choice": "[1]"}, "guided_choice"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"guided_regex": "a", "guided_grammar": 'start: "a"'}, "one structured output"),
     ],
 )
 def test_bad_parameters_are_invalid_input_on_every_path(live: Live, parameters: dict, named: str) -> None:  # type: ignore[type-arg]
@@ -203,6 +208,27 @@ def test_bad_parameters_are_invalid_input_on_every_path(live: Live, parameters: 
             SERVED, [_text_input(triton_grpc)], parameters=parameters
         )
     assert grpc_error.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("model", [SERVED, FOLDER_LLM])
+def test_guided_parameters_constrain_the_text_on_every_path(live: Live, model: str) -> None:
+    """vLLM's guided_* parameters; over gRPC, where parameters are scalars, schemas and choices
+    travel as JSON text."""
+    url = f"{live.server.base_url}/v2/models/{model}/generate"
+    body = {"text_input": PROMPT, "parameters": {"max_tokens": 20, "guided_regex": "[0-9]{3}"}}
+    assert re.fullmatch("[0-9]{3}", httpx.post(url, json=body, timeout=30).json()["text_output"])
+    rest = {"max_tokens": 20, "guided_choice": ["north", "south"]}
+    assert httpx.post(url, json={"text_input": PROMPT, **rest}, timeout=30).json()["text_output"] in (
+        "north",
+        "south",
+    )
+    schema = {"type": "object", "properties": {"up": {"type": "boolean"}}, "required": ["up"]}
+    grpc_client = triton_grpc.InferenceServerClient(live.grpc_url)
+    result = grpc_client.infer(
+        model, [_text_input(triton_grpc)], parameters={"max_tokens": 20, "guided_json": json.dumps(schema)}
+    )
+    text = result.as_numpy("text_output")[0].decode()
+    assert isinstance(json.loads(text)["up"], bool)
 
 
 def test_empty_and_too_long_prompts_are_invalid_input(live: Live) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from inferd.serving.errors import InvalidInputError
 from inferd.serving.runtimes.base import GenerationParams
+from inferd.structured.spec import StructuredOutput
 
 
 def _number(parameters: Mapping[str, Any], key: str, integer: bool) -> Any:
@@ -50,7 +52,40 @@ def generation_params(parameters: Mapping[str, Any]) -> GenerationParams:
         seed=_number(parameters, "seed", integer=True),
         stop=_stop(parameters),
         timeout_s=_timeout_s(parameters),
+        **_structured_output(parameters),
     )
+
+
+def _structured_output(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """vLLM's guided_* fields, one at most. gRPC parameters are scalars, so a schema or a list of
+    choices may come as JSON text; REST may send them as JSON values too."""
+    given = [
+        key for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar") if key in parameters
+    ]
+    if not given:
+        return {}
+    if len(given) > 1:
+        raise InvalidInputError(f"parameters {given}: give one structured output at most")
+    key = given[0]
+    value = parameters[key]
+    if key in ("guided_json", "guided_choice") and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            raise InvalidInputError(f"parameter {key!r} is not valid JSON") from None
+    if key == "guided_json":
+        if not isinstance(value, dict):
+            raise InvalidInputError("parameter 'guided_json' must be a JSON schema object")
+        spec = StructuredOutput(json=json.dumps(value))
+    elif key == "guided_choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise InvalidInputError("parameter 'guided_choice' must be a non-empty list of non-empty strings")
+        spec = StructuredOutput(choice=value)
+    elif not isinstance(value, str) or not value:
+        raise InvalidInputError(f"parameter {key!r} must be a non-empty string")
+    else:
+        spec = StructuredOutput(regex=value) if key == "guided_regex" else StructuredOutput(grammar=value)
+    return {"structured_output": spec, "structured_output_field": key}
 
 
 def _timeout_s(parameters: Mapping[str, Any]) -> float | None:

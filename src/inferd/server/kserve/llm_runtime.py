@@ -87,8 +87,11 @@ def sampling_params(frontend: Frontend, params: GenerationParams) -> SamplingPar
         "seed": params.seed,
     }
     chosen = {name: value for name, value in fields.items() if value is not None}
+    names = {"structured_output": params.structured_output_field}
     try:
-        return frontend.sampling_params(stop=list(params.stop), **chosen)
+        return frontend.sampling_params(
+            names, stop=list(params.stop), structured_output=params.structured_output, **chosen
+        )
     except ApiError as exc:
         raise as_inference_error(exc) from exc
 

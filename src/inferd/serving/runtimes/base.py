@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from inferd.serving.config import ModelConfig
+from inferd.structured.spec import StructuredOutput
 
 
 @runtime_checkable
@@ -39,6 +40,9 @@ class GenerationParams:
     # Seconds before the request is aborted as timed out: Triton's request parameter `timeout`
     # (microseconds) or the REST header X-Request-Timeout (seconds); None: the server's default.
     timeout_s: float | None = None
+    # vLLM's guided_json / guided_regex / guided_choice / guided_grammar, and which one was given.
+    structured_output: StructuredOutput | None = None
+    structured_output_field: str = ""
 
 
 @dataclass(frozen=True)
