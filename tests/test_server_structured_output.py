@@ -190,3 +190,17 @@ def test_bad_tool_choices_are_400s(client: openai.OpenAI, extra: dict[str, Any],
         _chat(client, extra_body=extra)
     error = caught.value.body
     assert isinstance(error, dict) and error["param"] == param, error
+
+
+def test_constrained_requests_are_counted_by_kind(server: ServerProcess, client: openai.OpenAI) -> None:
+    def count(kind: str) -> float:
+        return server.metrics().get(f"inferd:structured_output_requests_total{{kind={kind}}}", 0.0)
+
+    before = {kind: count(kind) for kind in ("choice", "regex")}
+    client.completions.create(
+        model="tiny", prompt="x", max_tokens=5, n=2, extra_body={"guided_choice": ["a", "b"]}
+    )
+    client.completions.create(model="tiny", prompt="x", max_tokens=5, extra_body={"guided_regex": "[ab]"})
+    client.completions.create(model="tiny", prompt="x", max_tokens=5)
+    assert count("choice") - before["choice"] == 2  # one per engine request: n is 2
+    assert count("regex") - before["regex"] == 1

@@ -256,6 +256,8 @@ class Frontend:
         deadline: float | None,
     ) -> AsyncGenerator[IndexedOutput, None]:
         tracker = _RequestTracker(engine_id, len(token_ids), self.metrics)
+        if params.structured_output is not None:
+            self.metrics.count_structured_output(params.structured_output.kinds[0])
         self.num_in_flight += 1
         try:
             async for out in self.llm.generate(engine_id, token_ids, params, deadline):

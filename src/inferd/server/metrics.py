@@ -99,6 +99,12 @@ class _MetricFamilies:
         self.rejected = counter(
             "inferd:requests_rejected", "Requests refused at once because the queue was full (429)."
         )
+        self.structured_outputs = Counter(
+            "inferd:structured_output_requests",
+            "Requests whose output is constrained, by kind (json, json_object, regex, choice, grammar).",
+            ["model_name", "kind"],
+            registry=registry,
+        )
         self.engines = _EngineCollector()
         registry.register(self.engines)
 
@@ -142,6 +148,9 @@ class ServerMetrics:
     def forget_engine(self) -> None:
         """Its engine stopped: its live gauges and counters are no longer scraped."""
         self._families.engines.remove(self._model_name, self._stats)
+
+    def count_structured_output(self, kind: str) -> None:
+        self._families.structured_outputs.labels(self._model_name, kind).inc()
 
     def observe_inter_token(self, gap_s: float) -> None:
         self.inter_token.observe(gap_s)

@@ -40,11 +40,16 @@ class StructuredOutput:
     choice: list[str] | None = None
     grammar: str | None = None
 
+    @property
+    def kinds(self) -> list[str]:
+        """The fields set (one in a usable constraint)."""
+        kinds = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        return kinds + (["json_object"] if self.json_object else [])
+
     def problem(self) -> str | None:
         """Why this constraint cannot be used (None when it compiles). Checked when the request's
         SamplingParams are made, so a bad constraint is its error before it is queued."""
-        kinds = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
-        kinds += ["json_object"] if self.json_object else []
+        kinds = self.kinds
         if len(kinds) != 1:
             return f"exactly one constraint must be given, got {kinds or 'none'}"
         if self.choice is not None and (not self.choice or any(not c for c in self.choice)):
