@@ -2,15 +2,21 @@
 built-in model (or a folder given), with the time spent making and applying the masks.
 
     python benchmarks/structured_output.py --requests 64 --max-tokens 64
+    python benchmarks/structured_output.py --mask-only-vocab 151001
 
 Prints, per case, the output tokens, seconds, output tokens per second and the milliseconds per
 step spent in the sampler's mask pass (`_apply_grammars`: the host's masks, one copy, one pass).
+``--mask-only-vocab N`` times only the making of the masks, over a made-up byte-level vocabulary of
+N tokens (random strings of 2-9 characters; no hub is reachable here for a real one): 64 JSON-schema
+matchers advanced by random allowed tokens, one after another and with llguidance's parallel executor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import string
 import time
 from typing import Any
 
@@ -48,14 +54,62 @@ class MaskTimer:
         self.calls += 1
 
 
+def mask_only(vocab_size: int, rows: int = 64, steps: int = 30) -> None:
+    import llguidance
+    import numpy as np
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from inferd.engine.tokenizer import _byte_to_char
+    from inferd.structured.matcher import bitmask_words
+
+    rng = random.Random(0)
+    alphabet = _byte_to_char()
+    vocab = {alphabet[b]: b for b in range(256)}
+    letters = string.ascii_letters + '  ,."{}:[]0123456789'
+    while len(vocab) < vocab_size - 1:
+        word = "".join(rng.choice(letters) for _ in range(rng.randint(2, 9)))
+        vocab.setdefault("".join(alphabet[b] for b in word.encode()), len(vocab))
+    source = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    source.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    source.decoder = decoders.ByteLevel()
+    source.add_special_tokens(["<eos>"])
+    tokenizer = llguidance.LLTokenizer(source.to_str(), eos_token=source.get_vocab_size() - 1)
+    grammar = StructuredOutput(json=json.dumps(SCHEMA)).grammar_text()
+    words = bitmask_words(tokenizer.vocab_size)
+    for parallel in (False, True):
+        matchers = [llguidance.LLMatcher(tokenizer, grammar) for _ in range(rows)]
+        bitmask = torch.zeros((rows, words), dtype=torch.int32)
+        executor = llguidance.LLExecutor()
+        seconds = 0.0
+        for _ in range(steps):
+            live = [(m, i) for i, m in enumerate(matchers) if not m.is_stopped()]
+            start = time.perf_counter()
+            if parallel:
+                executor.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, rows)
+            else:
+                for matcher, i in live:
+                    matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
+            seconds += time.perf_counter() - start
+            for matcher, i in live:
+                allowed = np.flatnonzero(np.unpackbits(bitmask[i].numpy().view(np.uint8), bitorder="little"))
+                matcher.consume_token(int(rng.choice(allowed)))
+        how = "parallel executor" if parallel else "one after another"
+        per_step_ms = 1000 * seconds / steps
+        print(f"{rows} masks over {tokenizer.vocab_size} tokens, {how}: {per_step_ms:.2f} ms per step")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a Hugging Face folder (default: the built-in model)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mask-only-vocab", type=int, help="time only the masks, over this many tokens")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.mask_only_vocab:
+        mask_only(args.mask_only_vocab)
+        return 0
     llm = LLM(args.model) if args.model else LLM()
     prompts = [f"ROMEO {i}:" for i in range(args.requests)]
     llm.generate(prompts[:4], SamplingParams(max_tokens=8))  # warm-up
