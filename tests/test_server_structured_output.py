@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,9 +27,10 @@ SCHEMA = {
 @pytest.fixture(scope="module")
 def server(tiny_model_factory) -> Iterator[ServerProcess]:
     folder = tiny_model_factory("qwen3")
-    with run_server(
-        folder, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny", "--engine-process"
-    ) as process:
+    # With a reasoning parser that reads answers as starting inside their thinking (Qwen3's): a
+    # structured answer has no thinking, and must still be the content.
+    args = ("--kv-cache-memory", "8MiB", "--served-model-name", "tiny", "--engine-process")
+    with run_server(folder, *args, "--reasoning-parser", "qwen3") as process:
         yield process
 
 
@@ -48,12 +50,15 @@ def _chat(client: openai.OpenAI, stream: bool = False, **extra: Any) -> Any:
 
 
 def test_chat_json_schema_answers_parse_streamed_and_not(client: openai.OpenAI) -> None:
+    plain = _chat(client).choices[0].message
+    assert plain.reasoning_content and not plain.content  # the parser is on: no </think>, all thinking
     response_format = {
         "type": "json_schema",
         "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True},
     }
     whole = _chat(client, response_format=response_format, n=3)
     for choice in whole.choices:
+        assert getattr(choice.message, "reasoning_content", None) is None
         value = json.loads(choice.message.content)
         assert set(value) == {"ok", "size"} and value["size"] in ("S", "M", "L")
         assert choice.finish_reason == "stop"
@@ -76,7 +81,8 @@ def test_json_object_and_vllm_fields(client: openai.OpenAI) -> None:
         model="tiny",
         prompt="Code",
         max_tokens=10,
-        extra_body={"structured_outputs": {"regex": "[A-Z]{2}[0-9]{2}"}},
+        # vLLM's options beside the constraint are taken (inferd already behaves as they ask).
+        extra_body={"structured_outputs": {"regex": "[A-Z]{2}[0-9]{2}", "disable_any_whitespace": True}},
     ).choices[0]
     assert re.fullmatch("[A-Z]{2}[0-9]{2}", regex.text)
     schema = client.completions.create(
@@ -94,6 +100,7 @@ def test_json_object_and_vllm_fields(client: openai.OpenAI) -> None:
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "bogus"}}}},
          "response_format", "bogus"),
         ({"guided_regex": "a(b"}, "guided_regex", "unclosed group"),
+        ({"guided_grammar": "root ::= x{2,1}"}, "guided_grammar", "GBNF"),
         ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
         ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs", "unsupported"),
@@ -117,9 +124,14 @@ def test_tgi_grammar_json_and_regex(server: ServerProcess) -> None:
     text = client.text_generation("Json", max_new_tokens=40, grammar={"type": "json", "value": SCHEMA})
     assert json.loads(text)["size"] in ("S", "M", "L")
     code = client.text_generation(
-        "Code", max_new_tokens=10, do_sample=True, grammar={"type": "regex", "value": "[a-f]{4}"}
+        "Code",
+        max_new_tokens=10,
+        do_sample=True,
+        grammar={"type": "regex", "value": "[a-f]{4}"},
+        details=True,
     )
-    assert re.fullmatch("[a-f]{4}", code)
+    assert re.fullmatch("[a-f]{4}", code.generated_text)
+    assert code.details is not None and code.details.finish_reason == "eos_token"  # as TGI ends it
     bad = httpx.post(
         f"{server.base_url}/generate",
         json={"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "a(b"}}},
@@ -204,3 +216,17 @@ def test_constrained_requests_are_counted_by_kind(server: ServerProcess, client:
     client.completions.create(model="tiny", prompt="x", max_tokens=5)
     assert count("choice") - before["choice"] == 2  # one per engine request: n is 2
     assert count("regex") - before["regex"] == 1
+
+
+def test_a_model_whose_tokenizer_cannot_make_masks_answers_400s(tiny_model_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("qwen3"), folder)
+    config = json.loads((folder / "tokenizer.json").read_text())
+    config["decoder"] = {"type": "WordPiece", "prefix": "##", "cleanup": True}  # llguidance cannot read it
+    (folder / "tokenizer.json").write_text(json.dumps(config))
+    with run_server(folder, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny") as process:
+        client = openai.OpenAI(base_url=f"{process.base_url}/v1", api_key="unused", max_retries=0)
+        for extra in ({"guided_regex": "[ab]+"}, {"guided_choice": ["a", "b"]}):
+            with pytest.raises(openai.BadRequestError, match="not available for this model's tokenizer"):
+                client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body=extra)
+        assert client.completions.create(model="tiny", prompt="x", max_tokens=4).choices[0].text is not None

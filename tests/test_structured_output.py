@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from inferd import LLM, SamplingParams
 from inferd.sampling_params import SamplingParamsError
 from inferd.structured.matcher import GrammarCompiler, apply_bitmask, bitmask_words
-from inferd.structured.spec import StructuredOutput
+from inferd.structured.spec import StructuredOutput, StructuredOutputError
 
 SCHEMA = {
     "type": "object",
@@ -42,6 +42,9 @@ def _params(spec: StructuredOutput, **fields: object) -> SamplingParams:
         (StructuredOutput(json="[1, 2]"), ""),
         (StructuredOutput(regex="a(b"), "unclosed group"),
         (StructuredOutput(grammar="start: undefined_rule"), "undefined_rule"),
+        (StructuredOutput(grammar="root ::= x{2,1}"), "GBNF"),  # the converter's own errors
+        (StructuredOutput(grammar="root ::= [\\"), "GBNF"),
+        (StructuredOutput(grammar="root ::= " + "(" * 3000 + '"a"' + ")" * 3000), "GBNF"),
         (StructuredOutput(choice=[]), "non-empty"),
         (StructuredOutput(), "exactly one"),
         (StructuredOutput(regex="a", choice=["a"]), "exactly one"),
@@ -81,9 +84,52 @@ def test_objects_with_listed_properties_take_no_others_unless_the_schema_says(ti
     open_ = {**listed, "additionalProperties": True}
     assert _accepts(folder, StructuredOutput(json=json.dumps(open_)), '{"a":1,"b":2}')
     assert _accepts(folder, StructuredOutput(json_object=True), '{"b":2}')
+    # Objects others add properties to stay open: allOf branches are merged, and a property listed
+    # beside anyOf branches is the branches' too.
+    merged = {"allOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                        {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}  # fmt: skip
+    assert _accepts(folder, StructuredOutput(json=json.dumps(merged)), '{"a":1,"b":2}')
+    beside = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "anyOf": [{"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}  # fmt: skip
+    assert _accepts(folder, StructuredOutput(json=json.dumps(beside)), '{"a":1,"b":2}')
     # A property named "properties" is a property, not a place where subschemas are listed.
     named = {"type": "object", "properties": {"properties": {"type": "integer"}}, "required": ["properties"]}
     assert _accepts(folder, StructuredOutput(json=json.dumps(named)), '{"properties":5}')
+
+
+def test_formats_the_compiler_does_not_implement_are_left_out() -> None:
+    """Pydantic writes formats such as "password" and "binary" for SecretStr and bytes fields."""
+    for fmt in ("password", "binary", "uri-reference"):
+        assert StructuredOutput(json=json.dumps({"type": "string", "format": fmt})).problem() is None
+
+
+def test_huge_constraints_are_not_kept_in_the_caches() -> None:
+    from inferd.structured import spec as spec_module
+
+    def sizes() -> tuple[int, int]:
+        return spec_module._grammar_text.cache_info().currsize, spec_module._validate.cache_info().currsize
+
+    big = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(8000)}}
+    before = sizes()
+    assert StructuredOutput(json=json.dumps(big)).problem() is None
+    assert sizes() == before
+    assert StructuredOutput(json=json.dumps({"type": "object", "title": "fresh"})).problem() is None
+    assert sizes() == (before[0] + 1, before[1] + 1)  # a small one is kept
+
+
+def test_a_tokenizer_llguidance_cannot_read_is_refused_once_and_remembered(
+    tiny_model_factory, tmp_path
+) -> None:
+    config = json.loads((tiny_model_factory("qwen3") / "tokenizer.json").read_text())
+    config["decoder"] = {"type": "WordPiece", "prefix": "##", "cleanup": True}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config))
+    compiler = GrammarCompiler(tmp_path / "tokenizer.json", 4096)
+    for _ in range(2):
+        with pytest.raises(StructuredOutputError, match="not available for this model's tokenizer"):
+            compiler.check_tokenizer(frozenset([0]))
+    (tmp_path / "tokenizer.json").unlink()  # not read again: the reason is remembered
+    with pytest.raises(StructuredOutputError, match="not available"):
+        compiler.matcher_for(StructuredOutput(regex="a"), frozenset([0]))
 
 
 def test_apply_bitmask_keeps_exactly_the_allowed_tokens_of_the_chosen_rows() -> None:
@@ -145,10 +191,34 @@ def test_regex_choice_and_grammars_bound_the_text(llm: LLM) -> None:
 
 
 def test_a_whole_output_stops_even_when_eos_is_ignored(llm: LLM) -> None:
-    out = llm.generate(["To be"], _params(StructuredOutput(choice=["done"]), ignore_eos=True, max_tokens=30))[
-        0
-    ]
+    spec = StructuredOutput(choice=["done"])
+    out = llm.generate(["To be"], _params(spec, ignore_eos=True, max_tokens=30))[0]
     assert out.text == "done" and out.finish_reason == "stop"
+
+
+def test_ignore_eos_keeps_eos_out_where_the_grammar_would_take_it(llm: LLM) -> None:
+    # EOS (id 0) made the likeliest token: the grammar would let it end the output after a letter.
+    eager = {0: 100.0}
+    spec = StructuredOutput(regex="[ab]+")
+    ended = llm.generate(["To be"], _params(spec, logit_bias=eager, max_tokens=12))[0]
+    assert ended.finish_reason == "stop" and len(ended.token_ids) == 2 and re.fullmatch("[ab]", ended.text)
+    out = llm.generate(["To be"], _params(spec, logit_bias=eager, ignore_eos=True, max_tokens=12))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 12 and 0 not in out.token_ids
+    assert re.fullmatch("[ab]+", out.text)
+
+
+def test_a_stop_string_in_the_token_that_completes_the_output_still_cuts_it(llm: LLM) -> None:
+    out = llm.generate(["To be"], _params(StructuredOutput(choice=["yes.", "no."]), stop=["."]))[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
+
+
+def test_a_later_refused_prompt_leaves_nothing_of_the_call_queued(llm: LLM) -> None:
+    good = _params(StructuredOutput(choice=["ok"]))
+    bad = _params(StructuredOutput(grammar='start: "a" <|no_such_token|>'))
+    with pytest.raises(ValueError, match="no_such_token"):
+        llm.generate(["To be", "Or not"], [good, bad])
+    assert not llm.engine.has_unfinished()
+    assert [out.text for out in llm.generate(["To be"], good)] == ["ok"]
 
 
 def test_a_budget_that_runs_out_leaves_a_prefix_of_a_match(llm: LLM) -> None:

@@ -47,12 +47,12 @@ class LLM:
         if len(params_list) != len(prompt_list):
             raise ValueError(f"{len(prompt_list)} prompts but {len(params_list)} sampling params")
         order: dict[str, int] = {}
-        for index, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
-            request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, prompt, params, final_only=True)
-            order[request_id] = index
         results: list[RequestOutput | None] = [None] * len(prompt_list)
         try:
+            for index, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
+                request_id = f"offline-{next(self._ids)}"
+                self.engine.add_request(request_id, prompt, params, final_only=True)
+                order[request_id] = index
             with tqdm(total=len(prompt_list), desc="generate", disable=not use_tqdm, unit="req") as bar:
                 while self.engine.has_unfinished():
                     for out in self.engine.step():
@@ -60,8 +60,9 @@ class LLM:
                             results[order[out.request_id]] = out
                             bar.update(1)
         except BaseException:
-            # An error or an interrupt must not leave this call's requests in the engine, where the
-            # next call would run them (and their KV blocks stay taken).
+            # An error or an interrupt (a later prompt refused, say) must not leave this call's
+            # requests in the engine, where the next call would run them (and their KV blocks stay
+            # taken).
             self.engine.abort([rid for rid, index in order.items() if results[index] is None])
             raise
         return [r for r in results if r is not None]

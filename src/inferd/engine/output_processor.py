@@ -101,8 +101,10 @@ class OutputProcessor:
             state.stop_token_dropped = (finish_reason == "stop" and not core_out.structure_complete
                                         and not state.params.include_stop_str_in_output)  # fmt: skip
             new_chars = self._add_token(state, core_out, now)
-            # A stop string completed by the last token the budget allows still makes it a stop.
-            if finish_reason in (None, "length") and self._hit_stop_string(state, new_chars):
+            # A stop string completed by the last token the budget allows still makes it a stop, and
+            # one in the token that completed a structured output is cut there too.
+            looks_for_stops = finish_reason in (None, "length") or core_out.structure_complete
+            if looks_for_stops and self._hit_stop_string(state, new_chars):
                 if finish_reason is None:
                     stopped.append(state.request_id)
                 finish_reason = "stop"

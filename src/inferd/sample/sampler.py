@@ -228,7 +228,10 @@ def _apply_grammars(logits: torch.Tensor, requests: Sequence[Request], errors: d
     bitmask = torch.zeros((len(guided), words), dtype=torch.int32, pin_memory=logits.is_cuda)
     for row, (i, grammar) in enumerate(zip(guided, grammars, strict=True)):
         try:
-            grammar.fill_bitmask(bitmask[row, : grammar.words])
+            request = requests[i]
+            # EOS ends an output wherever its grammar accepts one, unless the request ignores EOS.
+            forbidden = request.eos_token_ids if request.params.ignore_eos else frozenset()
+            grammar.fill_bitmask(bitmask[row, : grammar.words], forbidden)
         except Exception as exc:
             errors[i] = f"structured output failed: {type(exc).__name__}: {exc}"
     apply_bitmask(

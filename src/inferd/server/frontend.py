@@ -188,13 +188,16 @@ class Frontend:
             message = str(exc).replace(exc.field, field, 1)
             raise InvalidRequestError(message, field=field) from exc
         spec = params.structured_output
-        if spec is not None and spec.grammar is not None:
-            # Only a grammar can name the tokenizer's own tokens (<|special|>, <[id]>), which the
-            # check in SamplingParams, made without a tokenizer, cannot see: compiled here too, so
-            # such a mistake is the client's 4xx rather than a failed generation.
+        if spec is not None:
             field = names.get("structured_output", "structured_output")
             try:
-                self._grammars.matcher_for(spec, self.eos_token_ids)
+                # Read once, on the first such request: a tokenizer llguidance cannot read makes
+                # every structured request the client's 4xx, not a failed generation.
+                self._grammars.check_tokenizer(self.eos_token_ids)
+                if spec.grammar is not None:
+                    # Only a grammar can name the tokenizer's own tokens (<|special|>, <[id]>),
+                    # which the check in SamplingParams, made without a tokenizer, cannot see.
+                    self._grammars.matcher_for(spec, self.eos_token_ids)
             except StructuredOutputError as exc:
                 raise InvalidRequestError(f"{field}: {exc}", field=field) from exc
         return params

@@ -74,11 +74,14 @@ def response_format(value: dict[str, Any], field: str = "response_format") -> St
 
 
 _STRUCTURED_OUTPUTS_KEYS = ("json", "json_object", "regex", "choice", "grammar")
+# vLLM's options beside the constraint that inferd's behaviour already matches, taken and ignored:
+# JSON is compact and objects closed by default, and there is one grammar backend to fall back on.
+_IGNORED_OPTION_KEYS = ("disable_any_whitespace", "disable_additional_properties", "disable_fallback")
 
 
 def structured_outputs(value: dict[str, Any], field: str = "structured_outputs") -> StructuredOutput:
     """vLLM's ``structured_outputs`` object: exactly one of its constraint keys."""
-    unknown = sorted(set(value) - set(_STRUCTURED_OUTPUTS_KEYS))
+    unknown = sorted(set(value) - set(_STRUCTURED_OUTPUTS_KEYS) - set(_IGNORED_OPTION_KEYS))
     if unknown:
         raise InvalidRequestError(
             f"{field}: unsupported keys {unknown}; one of {list(_STRUCTURED_OUTPUTS_KEYS)} is taken", field

@@ -30,10 +30,16 @@ class RequestGrammar:
         self._matcher = matcher
         self.words = bitmask_words(vocab_size)  # of the mask `fill_bitmask` writes
 
-    def fill_bitmask(self, row: torch.Tensor) -> None:
-        """Write the tokens allowed next into ``row`` (int32, contiguous, on the CPU)."""
+    def fill_bitmask(self, row: torch.Tensor, forbidden: frozenset[int] = frozenset()) -> None:
+        """Write the tokens allowed next into ``row`` (int32, contiguous, on the CPU), less the
+        ``forbidden`` ones (EOS for a request that ignores it)."""
         assert row.dtype == torch.int32 and row.is_contiguous() and row.device.type == "cpu"
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        for token in forbidden:
+            word, bit = divmod(token, 32)
+            if word < row.numel():
+                value = (int(row[word]) & 0xFFFFFFFF) & ~(1 << bit)
+                row[word] = value - (1 << 32) if value >= 1 << 31 else value  # back to a signed int32
 
     def accept(self, token_id: int) -> str | None:
         """Advance past ``token_id``; returns why it was refused (None when accepted)."""
@@ -56,6 +62,12 @@ class GrammarCompiler:
         # One per set of end-of-sequence ids (in practice one per engine): EOS may end an output
         # wherever its grammar accepts one.
         self._tokenizers: dict[frozenset[int], LLTokenizer] = {}
+        # Why the tokenizer cannot be read for masks, once known: not read again for each request.
+        self._unreadable: str | None = None
+
+    def check_tokenizer(self, eos_token_ids: frozenset[int]) -> None:
+        """Read the tokenizer for masks now, if not yet; a StructuredOutputError says why it cannot be."""
+        self._tokenizer(eos_token_ids)
 
     def matcher_for(self, spec: StructuredOutput, eos_token_ids: frozenset[int]) -> RequestGrammar:
         from llguidance import LLMatcher
@@ -74,12 +86,18 @@ class GrammarCompiler:
             from llguidance import LLTokenizer
             from tokenizers import Tokenizer
 
+            if self._unreadable is not None:
+                raise StructuredOutputError(self._unreadable)
             start = time.perf_counter()
             source = Tokenizer.from_file(str(self._tokenizer_file))
             # The mask covers the model's vocabulary, which may be padded past the tokenizer's.
             n_vocab = max(self._vocab_size, source.get_vocab_size(with_added_tokens=True))
             eos = sorted(eos_token_ids) or None
-            tokenizer = LLTokenizer(source.to_str(), n_vocab=n_vocab, eos_token=eos)
+            try:
+                tokenizer = LLTokenizer(source.to_str(), n_vocab=n_vocab, eos_token=eos)
+            except Exception as exc:  # llguidance reads byte-level and byte-fallback vocabularies only
+                self._unreadable = f"structured outputs are not available for this model's tokenizer: {exc}"
+                raise StructuredOutputError(self._unreadable) from None
             self._tokenizers[eos_token_ids] = tokenizer
             logger.info("structured outputs: read the tokenizer's %d tokens in %.2f s",
                         n_vocab, time.perf_counter() - start)  # fmt: skip

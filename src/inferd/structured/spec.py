@@ -17,8 +17,13 @@ if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
 # Compact JSON unless a schema asks otherwise (its "x-guidance" object): small models given
-# free whitespace tend to loop on newlines until their token budget runs out.
-_JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False}
+# free whitespace tend to loop on newlines until their token budget runs out. Lenient: keywords
+# the compiler does not implement (Pydantic's formats such as "password" or "binary", which JSON
+# Schema calls annotations) are left out rather than refusing the schema.
+_JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False, "lenient": True}
+# Constraints longer than this are compiled each time rather than cached: the caches are bounded
+# by entries, and a few huge schemas (the body limit allows megabytes) would hold much memory.
+_CACHED_MAX_CHARS = 64 * 1024
 
 
 class StructuredOutputError(ValueError):
@@ -55,15 +60,20 @@ class StructuredOutput:
         if self.choice is not None and (not self.choice or any(not c for c in self.choice)):
             return "choice must be a non-empty list of non-empty strings"
         try:
-            problem = _validate(self.grammar_text())
+            grammar = self.grammar_text()
         except StructuredOutputError as exc:
             return str(exc)
-        return problem.strip() or None
+        validate = _validate if len(grammar) <= _CACHED_MAX_CHARS else _validate.__wrapped__
+        return validate(grammar).strip() or None
 
     def grammar_text(self) -> str:
         """The constraint as the grammar llguidance's matcher takes."""
         choice = tuple(self.choice) if self.choice is not None else None
-        return _grammar_text(self.json, self.json_object, self.regex, choice, self.grammar)
+        size = sum(
+            len(part) for part in (self.json or "", self.regex or "", self.grammar or "", *(choice or ()))
+        )
+        compile_ = _grammar_text if size <= _CACHED_MAX_CHARS else _grammar_text.__wrapped__
+        return compile_(self.json, self.json_object, self.regex, choice, self.grammar)
 
 
 # Bounded: a server sees the same few schemas again and again, but clients could send endless new ones.
@@ -76,7 +86,7 @@ def _grammar_text(
     grammar: str | None,
 ) -> str:
     from llguidance import LLMatcher
-    from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+    from llguidance.gbnf_to_lark import any_to_lark
 
     if json_object:
         return str(LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=_JSON_DEFAULTS))
@@ -99,9 +109,10 @@ def _grammar_text(
         return str(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choice)))
     assert grammar is not None
     try:
-        return str(LLMatcher.grammar_from_lark(any_to_lark(grammar)))
-    except GbnfToLarkError as exc:
-        raise StructuredOutputError(f"not a Lark or GBNF grammar: {exc}") from None
+        lark = any_to_lark(grammar)
+    except Exception as exc:  # the converter raises bare, index and recursion errors as well as its own
+        raise StructuredOutputError(f"not a Lark or GBNF grammar: {exc or type(exc).__name__}") from None
+    return str(LLMatcher.grammar_from_lark(lark))
 
 
 @lru_cache(maxsize=256)
@@ -117,25 +128,33 @@ _LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
 _MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
-def _closed_objects(schema: Any) -> Any:
+# Beside these, an object's properties are not all its own: others may add to them.
+_COMPOSED = frozenset({"allOf", "anyOf", "oneOf", "$ref", "if", "then", "else", "dependentSchemas",
+                       "additionalProperties", "patternProperties", "unevaluatedProperties"})  # fmt: skip
+
+
+def _closed_objects(schema: Any, may_close: bool = True) -> Any:
     """The schema with every object that lists its ``properties`` taking no others unless it says
-    so (``additionalProperties``, ``patternProperties``): what vLLM's default grammar backend
-    and OpenAI's strict mode do. Without it a model may go on after the last listed property
-    with keys of its own making, as plain JSON Schema allows."""
+    so: what vLLM's default grammar backend and OpenAI's strict mode do. Without it a model may go
+    on after the last listed property with keys of its own making, as plain JSON Schema allows.
+
+    An object is left open where others may add properties to it: beside a composition keyword
+    or a reference, as a branch of ``allOf`` (its branches are merged), and as a branch of
+    ``anyOf``/``oneOf`` under an object with properties of its own."""
     if not isinstance(schema, dict):
         return schema
     closed = dict(schema)
     for key in _ONE:
         if key in closed:
             closed[key] = _closed_objects(closed[key])
+    branches_may_close = "properties" not in closed
     for key in _LIST:
         if isinstance(closed.get(key), list):
-            closed[key] = [_closed_objects(s) for s in closed[key]]
+            closeable = branches_may_close and key != "allOf"
+            closed[key] = [_closed_objects(s, closeable) for s in closed[key]]
     for key in _MAP:
         if isinstance(closed.get(key), dict):
             closed[key] = {name: _closed_objects(s) for name, s in closed[key].items()}
-    if isinstance(closed.get("properties"), dict) and not {"additionalProperties", "patternProperties"} & set(
-        closed
-    ):
+    if may_close and isinstance(closed.get("properties"), dict) and not _COMPOSED & set(closed):
         closed["additionalProperties"] = False
     return closed

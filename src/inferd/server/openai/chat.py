@@ -184,10 +184,11 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         n=body.n,
         want_logprobs=body.logprobs,
         include_usage=body.include_usage_chunk,
-        # As vLLM reads Qwen3's switch: no thinking asked for, none to split off. A forced call's
-        # answer is JSON from its first token: no thinking either.
+        # As vLLM reads Qwen3's switch: no thinking asked for, none to split off. A structured
+        # answer (a forced call's too) matches its constraint from its first token: no thinking.
         reasoning=None
-        if (body.chat_template_kwargs or {}).get("enable_thinking") is False or forced is not None
+        if (body.chat_template_kwargs or {}).get("enable_thinking") is False
+        or params.structured_output is not None
         else frontend.reasoning_format,
         read_tools=tools is not None and forced is None,
         one_call=not body.parallel_tool_calls,

@@ -208,19 +208,22 @@ def _top_tokens(frontend: Frontend, entries: list[TokenLogprobs]) -> list[list[T
 
 def _stream_details(frontend: Frontend, job: TgiJob, out: RequestOutput) -> StreamDetails:
     return StreamDetails(
-        finish_reason=_finish_reason(frontend, out),
+        finish_reason=_finish_reason(frontend, job.params, out),
         generated_tokens=len(out.token_ids),
         input_length=len(job.prompt),
         seed=job.params.seed,
     )
 
 
-def _finish_reason(frontend: Frontend, out: RequestOutput) -> FinishReason:
+def _finish_reason(frontend: Frontend, params: SamplingParams, out: RequestOutput) -> FinishReason:
     if out.finish_reason == "length":
         return "length"
     if out.finish_reason == "stop":
         ended_on_eos = bool(out.token_ids) and out.token_ids[-1] in frontend.eos_token_ids
-        return "eos_token" if ended_on_eos else "stop_sequence"
+        # A grammar that allows nothing more ends the text as EOS would (TGI ends it on EOS).
+        ended_on_stop = any(out.text.endswith(stop) for stop in params.stop)
+        whole = params.structured_output is not None and not ended_on_stop
+        return "eos_token" if ended_on_eos or whole else "stop_sequence"
     if out.finish_reason == "timeout":
         raise RequestTimeoutError("the request timed out and was aborted")
     raise GenerationError(f"the request ended early: {out.finish_reason}")
