@@ -16,6 +16,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from server_process import ServerProcess, run_server
 
+THINK_END = 3
 SCHEMA = {
     "type": "object",
     "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}},
@@ -25,10 +26,21 @@ SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_factory) -> Iterator[ServerProcess]:
-    folder = tiny_model_factory("qwen3")
-    # With a reasoning parser that reads answers as starting inside their thinking (Qwen3's): a
-    # structured answer has no thinking, and must still be the content.
+def server(tiny_model_factory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("thinking") / "model"
+    shutil.copytree(tiny_model_factory("qwen3"), folder)
+    # Token 3 becomes "</think>", a token of its own as in Qwen3 (not special: it stays in the text).
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["added_tokens"][THINK_END] = {
+        **tokenizer["added_tokens"][THINK_END],
+        "content": "</think>",
+        "special": False,
+    }
+    vocab = tokenizer["model"]["vocab"]
+    vocab["</think>"] = vocab.pop("<|system|>")
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    # With Qwen3's reasoning parser (answers start inside their thinking): a constraint starts
+    # after "</think>", which the chat requests here make the likeliest token, so it comes first.
     args = ("--kv-cache-memory", "8MiB", "--served-model-name", "tiny", "--engine-process")
     with run_server(folder, *args, "--reasoning-parser", "qwen3") as process:
         yield process
@@ -39,8 +51,11 @@ def client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
 
 
-def _chat(client: openai.OpenAI, stream: bool = False, **extra: Any) -> Any:
-    fields = {"max_tokens": 60, "temperature": 1.0, "seed": 7, **extra}
+def _chat(client: openai.OpenAI, stream: bool = False, think_first: bool = True, **extra: Any) -> Any:
+    """A chat request; ``think_first``: "</think>" made the likeliest token, so the thinking ends at
+    once and a constraint starts (the random model would never end it otherwise)."""
+    bias = {"logit_bias": {str(THINK_END): 100}} if think_first else {}
+    fields = {"max_tokens": 60, "temperature": 1.0, "seed": 7, **bias, **extra}
     return client.chat.completions.create(
         model="tiny",
         messages=[{"role": "user", "content": "Is it ok?"}],
@@ -50,7 +65,7 @@ def _chat(client: openai.OpenAI, stream: bool = False, **extra: Any) -> Any:
 
 
 def test_chat_json_schema_answers_parse_streamed_and_not(client: openai.OpenAI) -> None:
-    plain = _chat(client).choices[0].message
+    plain = _chat(client, think_first=False).choices[0].message
     assert plain.reasoning_content and not plain.content  # the parser is on: no </think>, all thinking
     response_format = {
         "type": "json_schema",
@@ -58,6 +73,7 @@ def test_chat_json_schema_answers_parse_streamed_and_not(client: openai.OpenAI) 
     }
     whole = _chat(client, response_format=response_format, n=3)
     for choice in whole.choices:
+        # "</think>" came first: no thinking, and the constraint held from the next token on.
         assert getattr(choice.message, "reasoning_content", None) is None
         value = json.loads(choice.message.content)
         assert set(value) == {"ok", "size"} and value["size"] in ("S", "M", "L")

@@ -207,6 +207,22 @@ def test_ignore_eos_keeps_eos_out_where_the_grammar_would_take_it(llm: LLM) -> N
     assert re.fullmatch("[ab]+", out.text)
 
 
+def test_a_constraint_that_starts_after_a_trigger_leaves_the_output_free_until_it(llm: LLM) -> None:
+    """As after a reasoning model's "</think>": here the trigger is two tokens, which a bias and a
+    frequency penalty make greedy decoding write first, one after the other (x, y, x, y, ...)."""
+    first, second = (llm.tokenizer.encode(c, add_special_tokens=False)[0] for c in "xy")
+    steer = {"logit_bias": {first: 100.0, second: 99.0}, "frequency_penalty": 2.0, "temperature": 0.0}
+    spec = StructuredOutput(regex="[0-9]{3}", starts_after=[first, second])
+    out = llm.generate(["To be"], _params(spec, max_tokens=20, **steer))[0]
+    assert out.token_ids[:2] == [first, second] and re.fullmatch("xy[0-9]{3}", out.text), out.text
+    assert out.finish_reason == "stop"
+    # Half the trigger does not start it: the free output goes on to its budget.
+    late = StructuredOutput(regex="[0-9]{3}", starts_after=[first, first])
+    free = llm.generate(["To be"], _params(late, max_tokens=8, **steer))[0]
+    assert free.finish_reason == "length" and free.text.startswith("xyxy")
+    assert StructuredOutput(regex="a", starts_after=[]).problem() is not None
+
+
 def test_a_stop_string_in_the_token_that_completes_the_output_still_cuts_it(llm: LLM) -> None:
     out = llm.generate(["To be"], _params(StructuredOutput(choice=["yes.", "no."]), stop=["."]))[0]
     assert out.text in ("yes", "no") and out.finish_reason == "stop"

@@ -155,6 +155,9 @@ class EngineCore:
             grammar = request.grammar
             if grammar is None or request.finish_reason is not None:
                 continue
+            if not grammar.active:  # the output is free until it ends with the grammar's trigger
+                grammar.watch(request.output_token_ids)
+                continue
             problem = grammar.accept(request.output_token_ids[-1])
             if problem is not None:
                 refused[request.request_id] = problem

@@ -219,7 +219,9 @@ class Sampler:
 def _apply_grammars(logits: torch.Tensor, requests: Sequence[Request], errors: dict[int, str]) -> None:
     """Keep each constrained row to the tokens its grammar allows next: the masks are made on the
     host, go up in one copy and are applied in one pass over those rows."""
-    guided = [i for i, r in enumerate(requests) if r.grammar is not None and i not in errors]
+    guided = [
+        i for i, r in enumerate(requests) if r.grammar is not None and r.grammar.active and i not in errors
+    ]
     if not guided:
         return
     grammars = [g for i in guided if (g := requests[i].grammar) is not None]

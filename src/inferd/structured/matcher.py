@@ -24,11 +24,20 @@ def bitmask_words(vocab_size: int) -> int:
 
 
 class RequestGrammar:
-    """A request's place in its grammar."""
+    """A request's place in its grammar. One that starts after some tokens (``starts_after``)
+    is idle until the output ends with them: no mask, no token consumed."""
 
-    def __init__(self, matcher: LLMatcher, vocab_size: int) -> None:
+    def __init__(self, matcher: LLMatcher, vocab_size: int, starts_after: list[int] | None = None) -> None:
         self._matcher = matcher
         self.words = bitmask_words(vocab_size)  # of the mask `fill_bitmask` writes
+        self._trigger = starts_after or []
+        self.active = not self._trigger
+
+    def watch(self, output_token_ids: list[int]) -> None:
+        """Before the constraint starts: start it once the output ends with its trigger."""
+        trigger = self._trigger
+        if output_token_ids[-len(trigger) :] == trigger:
+            self.active = True
 
     def fill_bitmask(self, row: torch.Tensor, forbidden: frozenset[int] = frozenset()) -> None:
         """Write the tokens allowed next into ``row`` (int32, contiguous, on the CPU), less the
@@ -78,7 +87,7 @@ class GrammarCompiler:
             raise StructuredOutputError(
                 f"the constraint does not compile over this model's tokenizer: {problem}"
             )
-        return RequestGrammar(matcher, self._tokenizer(eos_token_ids).vocab_size)
+        return RequestGrammar(matcher, self._tokenizer(eos_token_ids).vocab_size, spec.starts_after)
 
     def _tokenizer(self, eos_token_ids: frozenset[int]) -> LLTokenizer:
         tokenizer = self._tokenizers.get(eos_token_ids)

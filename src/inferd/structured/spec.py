@@ -37,6 +37,9 @@ class StructuredOutput:
     ``json``: a JSON schema's text; ``json_object``: any JSON object; ``regex``: a regular
     expression the whole output matches (Rust regex syntax); ``choice``: the output is one of
     these strings; ``grammar``: a Lark grammar (llguidance's dialect), or a GBNF one (``::=``).
+
+    ``starts_after``: token ids after which the constraint starts (a reasoning model's
+    end-of-thinking tag, so that it thinks freely first); the output is free until they appear.
     """
 
     json: str | None = None
@@ -44,6 +47,7 @@ class StructuredOutput:
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    starts_after: list[int] | None = None
 
     @property
     def kinds(self) -> list[str]:
@@ -59,6 +63,8 @@ class StructuredOutput:
             return f"exactly one constraint must be given, got {kinds or 'none'}"
         if self.choice is not None and (not self.choice or any(not c for c in self.choice)):
             return "choice must be a non-empty list of non-empty strings"
+        if self.starts_after is not None and (not self.starts_after or min(self.starts_after) < 0):
+            return "starts_after must be a non-empty list of token ids"
         try:
             grammar = self.grammar_text()
         except StructuredOutputError as exc:

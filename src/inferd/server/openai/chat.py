@@ -167,6 +167,17 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     if tools is not None and forced is None and params.skip_special_tokens:
         # Some models' <tool_call> is a special token: kept in the text, so the blocks can be read.
         params = dataclasses.replace(params, skip_special_tokens=False)
+    # As vLLM reads Qwen3's switch: no thinking asked for, none to split off.
+    thinking_off = (body.chat_template_kwargs or {}).get("enable_thinking") is False
+    reasoning = None if thinking_off else frontend.reasoning_format
+    structure = params.structured_output
+    if reasoning is not None and structure is not None:
+        # The model thinks freely first: the constraint (a forced call's too) starts after the
+        # thinking's end tag, as vLLM's reasoning-aware structured outputs do.
+        trigger = frontend.tokenizer.encode(reasoning.end, add_special_tokens=False)
+        params = dataclasses.replace(
+            params, structured_output=dataclasses.replace(structure, starts_after=trigger)
+        )
     template_kwargs = _template_kwargs(body)
     if tools is not None:
         template_kwargs = {**(template_kwargs or {}), "tools": tools}
@@ -184,12 +195,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         n=body.n,
         want_logprobs=body.logprobs,
         include_usage=body.include_usage_chunk,
-        # As vLLM reads Qwen3's switch: no thinking asked for, none to split off. A structured
-        # answer (a forced call's too) matches its constraint from its first token: no thinking.
-        reasoning=None
-        if (body.chat_template_kwargs or {}).get("enable_thinking") is False
-        or params.structured_output is not None
-        else frontend.reasoning_format,
+        reasoning=reasoning,
         read_tools=tools is not None and forced is None,
         one_call=not body.parallel_tool_calls,
         forced=forced,

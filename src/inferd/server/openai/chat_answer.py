@@ -30,8 +30,8 @@ class AnswerShaper:
         one_call: bool,
         forced: ForcedCalls | None = None,
     ) -> None:
-        """``forced``: the answer is the JSON of forced calls (no thinking, no call blocks), read
-        once it is whole; streamed, the calls come with its last delta."""
+        """``forced``: the answer (after the thinking, if any) is the JSON of forced calls, no call
+        blocks, read once it is whole; streamed, the calls come with its last delta."""
         self._forced = forced
         self._forced_text: list[str] = []
         self._splitter = ReasoningSplitter(reasoning) if reasoning else None
@@ -44,14 +44,14 @@ class AnswerShaper:
         self._content_sent = False
 
     def feed(self, text: str, finished: bool) -> ShapedText:
-        if self._forced is not None:
-            return self._feed_forced(text, finished)
         shaped = ShapedText(content=text)
         if self._splitter is not None:
             shaped.reasoning, shaped.content = self._splitter.feed(text)
             if finished:  # a held-back tail that never became a tag is text
                 reasoning, content = self._splitter.finish()
                 shaped.reasoning, shaped.content = shaped.reasoning + reasoning, shaped.content + content
+        if self._forced is not None:
+            return self._feed_forced(shaped, finished)
         if self._reader is None:
             return shaped
         shaped.content, calls = self._reader.feed(shaped.content)
@@ -70,14 +70,15 @@ class AnswerShaper:
         shaped.content = kept
         return shaped
 
-    def _feed_forced(self, text: str, finished: bool) -> ShapedText:
-        self._forced_text.append(text)
+    def _feed_forced(self, shaped: ShapedText, finished: bool) -> ShapedText:
+        """The thinking goes out as it comes; the rest is held until the answer is whole."""
+        self._forced_text.append(shaped.content)
         if not finished:
-            return ShapedText()
+            return ShapedText(reasoning=shaped.reasoning)
         assert self._forced is not None
         whole = "".join(self._forced_text)
         calls = self._forced.read(whole)
         if calls is None:  # cut off before the JSON was whole: left as the content it is
-            return ShapedText(content=whole)
+            return ShapedText(reasoning=shaped.reasoning, content=whole)
         self.calls_sent += len(calls)
-        return ShapedText(calls=calls)
+        return ShapedText(reasoning=shaped.reasoning, calls=calls)
