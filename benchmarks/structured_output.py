@@ -1,11 +1,14 @@
 """What structured outputs cost: the same batch generated plain and under constraints, on the
 built-in model (or a folder given), with the time spent making and applying the masks.
 
-    python benchmarks/structured_output.py --requests 64 --max-tokens 64
+    python benchmarks/structured_output.py --requests 64 --max-tokens 64 [--device cuda]
     python benchmarks/structured_output.py --mask-only-vocab 151001
 
 Prints, per case, the output tokens, seconds, output tokens per second and the milliseconds per
-step spent in the sampler's mask pass (`_apply_grammars`: the host's masks, one copy, one pass).
+step spent in the sampler's mask pass (`_apply_grammars`: the host's masks, one copy, one pass),
+and checks every output against its constraint (a whole one matches it; one cut off by its budget
+is a prefix that still may): exit status 1 when one does not, so on a GPU it is also the check of
+the masks' device path (pinned masks, copies without a host wait).
 ``--mask-only-vocab N`` times only the making of the masks, over a made-up byte-level vocabulary of
 N tokens (random strings of 2-9 characters; no hub is reachable here for a real one): 64 JSON-schema
 matchers advanced by random allowed tokens, one after another and with llguidance's parallel executor.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import string
 import time
 from typing import Any
@@ -32,11 +36,22 @@ SCHEMA = {
     "properties": {"speaker": {"type": "string"}, "line": {"type": "string"}, "act": {"type": "integer"}},
     "required": ["speaker", "line", "act"],
 }
+LINE = r"[A-Za-z ,.;:!?'\n]+"
 CASES: dict[str, StructuredOutput | None] = {
     "plain": None,
-    "regex [A-Za-z ,.;:!?'\\n]+": StructuredOutput(regex=r"[A-Za-z ,.;:!?'\n]+"),
+    "regex [A-Za-z ,.;:!?'\\n]+": StructuredOutput(regex=LINE),
     "json schema": StructuredOutput(json=json.dumps(SCHEMA)),
 }
+
+
+def matches(spec: StructuredOutput, text: str, whole: bool) -> bool:
+    """Whether ``text`` meets ``spec`` (``whole``: the constraint ended it; else cut off by the budget)."""
+    if spec.regex is not None:  # one class of characters, repeated: a cut-off text matches it too
+        return re.fullmatch(spec.regex, text) is not None
+    if whole:
+        value = json.loads(text)
+        return isinstance(value, dict) and set(value) == set(SCHEMA["required"])
+    return text.startswith('{"speaker":"')
 
 
 class MaskTimer:
@@ -104,16 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", help="the engine's device (default: the engine's own choice)")
     parser.add_argument("--mask-only-vocab", type=int, help="time only the masks, over this many tokens")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.mask_only_vocab:
         mask_only(args.mask_only_vocab)
         return 0
-    llm = LLM(args.model) if args.model else LLM()
+    llm = LLM(args.model, **({"device": args.device} if args.device else {}))
     prompts = [f"ROMEO {i}:" for i in range(args.requests)]
     llm.generate(prompts[:4], SamplingParams(max_tokens=8))  # warm-up
     print(f"{'case':32} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'mask ms/step':>13}")
+    failed = False
     for name, spec in CASES.items():
         params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=0, structured_output=spec)
         timer = MaskTimer()
@@ -126,8 +143,17 @@ def main(argv: list[str] | None = None) -> int:
             sampler_module._apply_grammars = timer._inner  # type: ignore[assignment]
         tokens = sum(len(out.token_ids) for out in outs)
         mask_ms = 1000 * timer.seconds / timer.calls if timer.calls else 0.0
-        print(f"{name:32} {tokens:7d} {seconds:8.2f} {tokens / seconds:8.1f} {mask_ms:13.2f}")
-    return 0
+        wrong = [
+            o.text for o in outs if spec is not None and not matches(spec, o.text, o.finish_reason == "stop")
+        ]
+        verdict = (
+            f"  {len(wrong)} of {len(outs)} outputs break their constraint, e.g. {wrong[0]!r}"
+            if wrong
+            else ""
+        )
+        print(f"{name:32} {tokens:7d} {seconds:8.2f} {tokens / seconds:8.1f} {mask_ms:13.2f}{verdict}")
+        failed = failed or bool(wrong)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
