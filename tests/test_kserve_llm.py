@@ -215,7 +215,11 @@ def test_guided_parameters_constrain_the_text_on_every_path(live: Live, model: s
     """vLLM's guided_* parameters; over gRPC, where parameters are scalars, schemas and choices
     travel as JSON text."""
     url = f"{live.server.base_url}/v2/models/{model}/generate"
-    body = {"text_input": PROMPT, "parameters": {"max_tokens": 20, "guided_regex": "[0-9]{3}"}}
+    # A null field is unset, as in vLLM: not a second constraint.
+    body = {
+        "text_input": PROMPT,
+        "parameters": {"max_tokens": 20, "guided_regex": "[0-9]{3}", "guided_json": None},
+    }
     assert re.fullmatch("[0-9]{3}", httpx.post(url, json=body, timeout=30).json()["text_output"])
     rest = {"max_tokens": 20, "guided_choice": ["north", "south"]}
     assert httpx.post(url, json={"text_input": PROMPT, **rest}, timeout=30).json()["text_output"] in (

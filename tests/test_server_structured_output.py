@@ -135,6 +135,36 @@ def test_bad_constraints_are_400s_naming_the_field(
     assert isinstance(error, dict) and error["param"] == param and words in error["message"], error
 
 
+def test_a_structured_answer_after_the_thinking_is_all_answer(client: openai.OpenAI) -> None:
+    """Its JSON may hold the start tag's text: that opens no new thinking."""
+    schema = {"type": "object", "properties": {"q": {"const": "<think>x"}}, "required": ["q"]}
+    answer = _chat(
+        client, response_format={"type": "json_schema", "json_schema": {"name": "q", "schema": schema}}
+    )
+    message = answer.choices[0].message
+    assert json.loads(message.content) == {"q": "<think>x"} and not getattr(
+        message, "reasoning_content", None
+    )
+
+
+def test_a_prompt_that_closed_the_thinking_has_its_constraint_from_the_first_token(
+    client: openai.OpenAI,
+) -> None:
+    """A prefilled answer that ends the thinking (as Qwen3's template does with enable_thinking
+    false): no "</think>" is coming, and the constraint holds from the start."""
+    messages = [{"role": "user", "content": "Is it ok?"}, {"role": "assistant", "content": "</think>"}]
+    answer = client.chat.completions.create(
+        model="tiny",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}},
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    message = answer.choices[0].message
+    assert json.loads(message.content)["size"] in ("S", "M", "L")
+    assert not getattr(message, "reasoning_content", None)
+
+
 def test_tgi_grammar_json_and_regex(server: ServerProcess) -> None:
     client = InferenceClient(base_url=server.base_url)
     text = client.text_generation("Json", max_new_tokens=40, grammar={"type": "json", "value": SCHEMA})
@@ -156,9 +186,11 @@ def test_tgi_grammar_json_and_regex(server: ServerProcess) -> None:
     assert bad.json()["error"].startswith("grammar")
 
 
+# get_weather's parameters as Pydantic writes them: a reference into the schema's own $defs.
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"]}}},
+        "$defs": {"Unit": {"enum": ["C", "F"]}}, "type": "object",
+        "properties": {"unit": {"$ref": "#/$defs/Unit"}}, "required": ["unit"]}}},
     {"type": "function", "function": {"name": "ping"}},
 ]  # fmt: skip
 
@@ -174,13 +206,17 @@ def test_a_named_tool_choice_is_a_call_of_that_function_with_its_arguments(clien
     for choice in whole.choices:
         [(name, arguments)] = _calls(choice.message)
         assert name == "get_weather" and arguments["unit"] in ("C", "F")
-        assert choice.message.content is None and choice.finish_reason == "tool_calls"
+        # A named function is what was asked for: the turn ends with "stop", as OpenAI and vLLM say.
+        assert choice.message.content is None and choice.finish_reason == "stop"
     streamed = [c.choices[0] for c in _chat(client, stream=True, tools=TOOLS, tool_choice=named) if c.choices]
     calls = [call for c in streamed if c.delta.tool_calls for call in c.delta.tool_calls]
     assert len(calls) == 1 and calls[0].function.name == "get_weather"
     assert json.loads(calls[0].function.arguments) == _calls(whole.choices[0].message)[0][1]  # same seed
-    assert streamed[-1].finish_reason == "tool_calls"
+    assert streamed[-1].finish_reason == "stop"
     assert not any(c.delta.content for c in streamed)
+    # A function declared without parameters takes none.
+    ping = _chat(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "ping"}})
+    assert _calls(ping.choices[0].message) == [("ping", {})]
 
 
 def test_required_tool_choice_makes_at_least_one_call_of_the_offered_tools(client: openai.OpenAI) -> None:
@@ -211,6 +247,8 @@ def test_required_tool_choice_makes_at_least_one_call_of_the_offered_tools(clien
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}],
           "tool_choice": "required"}, "tools"),
         ({"tools": TOOLS}, "tools"),  # calls the model writes itself need --tool-call-parser
+        ({"tools": [{"type": "function", "function": {"name": ["x"]}}], "tool_choice": "required"}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": None}}], "tool_choice": "required"}, "tools"),
     ],
 )  # fmt: skip
 def test_bad_tool_choices_are_400s(client: openai.OpenAI, extra: dict[str, Any], param: str) -> None:

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from inferd import LLM, SamplingParams
 from inferd.sampling_params import SamplingParamsError
+from inferd.server.forced_tool_calls import forced_calls
 from inferd.structured.matcher import GrammarCompiler, apply_bitmask, bitmask_words
 from inferd.structured.spec import StructuredOutput, StructuredOutputError
 
@@ -92,6 +93,15 @@ def test_objects_with_listed_properties_take_no_others_unless_the_schema_says(ti
     beside = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
               "anyOf": [{"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}  # fmt: skip
     assert _accepts(folder, StructuredOutput(json=json.dumps(beside)), '{"a":1,"b":2}')
+    # So do definitions others extend: an allOf branch's reference, or one beside properties.
+    defs = {"Base": {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}}
+    extended = {"$defs": defs, "allOf": [{"$ref": "#/$defs/Base"},
+                {"properties": {"extra": {"type": "integer"}}, "required": ["extra"]}]}  # fmt: skip
+    assert _accepts(folder, StructuredOutput(json=json.dumps(extended)), '{"id":1,"extra":2}')
+    beside_ref = {"$defs": defs, "$ref": "#/$defs/Base", "properties": {"a": {"type": "integer"}}}
+    assert _accepts(folder, StructuredOutput(json=json.dumps(beside_ref)), '{"id":1,"a":2}')
+    plain_ref = {"$defs": defs, "type": "array", "items": {"$ref": "#/$defs/Base"}}
+    assert not _accepts(folder, StructuredOutput(json=json.dumps(plain_ref)), '[{"id":1,"b":2}]')
     # A property named "properties" is a property, not a place where subschemas are listed.
     named = {"type": "object", "properties": {"properties": {"type": "integer"}}, "required": ["properties"]}
     assert _accepts(folder, StructuredOutput(json=json.dumps(named)), '{"properties":5}')
@@ -130,6 +140,31 @@ def test_a_tokenizer_llguidance_cannot_read_is_refused_once_and_remembered(
     (tmp_path / "tokenizer.json").unlink()  # not read again: the reason is remembered
     with pytest.raises(StructuredOutputError, match="not available"):
         compiler.matcher_for(StructuredOutput(regex="a"), frozenset([0]))
+
+
+def test_required_calls_keep_each_tools_own_references(tiny_model_factory) -> None:
+    """Each tool's schema moves under the array schema's $defs; its "#..." references move with it."""
+    folder = tiny_model_factory("qwen3")
+    tree = {
+        "type": "object",
+        "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}},
+        "required": ["kids"],
+    }
+    unit = {"$defs": {"U": {"enum": ["C", "F"]}}, "type": "object",
+            "properties": {"u": {"$ref": "#/$defs/U"}}, "required": ["u"]}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "tree", "parameters": tree}},
+             {"type": "function", "function": {"name": "unit", "parameters": unit}}]  # fmt: skip
+    forced, schema = forced_calls(tools, "required", one_call=False)
+    spec = StructuredOutput(json=json.dumps(schema))
+    assert _accepts(folder, spec, '[{"name":"tree","parameters":{"kids":[{"kids":[]}]}}]')
+    assert not _accepts(folder, spec, '[{"name":"tree","parameters":{"kids":[[]]}}]')
+    assert _accepts(folder, spec, '[{"name":"unit","parameters":{"u":"F"}}]')
+    assert not _accepts(folder, spec, '[{"name":"unit","parameters":{"u":"K"}}]')
+    calls = forced.read('[{"name":"unit","parameters":{"u":"F"}}]')
+    assert calls is not None and [(c.name, json.loads(c.arguments)) for c in calls] == [("unit", {"u": "F"})]
+    # Text that is not calls' JSON (a constraint that never started, say) is no calls.
+    for text in ("5", "[1]", "[]", '[{"name":"x"}]', '{"a":1}', "[{"):
+        assert forced.read(text) is None
 
 
 def test_apply_bitmask_keeps_exactly_the_allowed_tokens_of_the_chosen_rows() -> None:

@@ -3,7 +3,8 @@ the answer is forced to be calls by decoding constrained to the tools' schemas, 
 
 A named function's answer is its arguments object, made to the function's `parameters` schema;
 a required call's answer is a JSON array of `{"name": ..., "parameters": {...}}` objects, each one
-of the offered tools with its own schema (one item at most with `parallel_tool_calls: false`). The
+of the offered tools with its own schema (one item at most with `parallel_tool_calls: false`); the
+tools' schemas sit under the array schema's `$defs`, their own references rebased to match. The
 model's own call format (`--tool-call-parser`) plays no part, so no parser is needed for these.
 """
 
@@ -15,9 +16,10 @@ from typing import Any
 
 from inferd.server.errors import InvalidRequestError
 from inferd.server.tool_calls import ParsedToolCall, new_call_id
+from inferd.structured.spec import rebased_refs
 
-# A function declared without parameters takes an object of any keys.
-_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# A function declared without parameters takes none: an empty object (as vLLM reads it).
+_NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
 @dataclass(frozen=True)
@@ -27,17 +29,33 @@ class ForcedCalls:
     function: str | None  # the named function; None for "required" (an array of calls)
 
     def read(self, text: str) -> list[ParsedToolCall] | None:
-        """The calls in a whole answer; None where it is not complete JSON (cut off by its budget)."""
+        """The calls in a whole answer; None where it is not calls' JSON (cut off by its budget)."""
         try:
             value = json.loads(text)
         except (json.JSONDecodeError, RecursionError):
             return None
         if self.function is not None:
-            return [ParsedToolCall(new_call_id(), self.function, json.dumps(value, ensure_ascii=False))]
+            # The arguments as the model wrote them (valid JSON): a round trip could change them.
+            return (
+                [ParsedToolCall(new_call_id(), self.function, text.strip())]
+                if isinstance(value, dict)
+                else None
+            )
+        calls = value if isinstance(value, list) else []
+        if not calls or not all(_is_call(item) for item in calls):
+            return None
         return [
             ParsedToolCall(new_call_id(), item["name"], json.dumps(item["parameters"], ensure_ascii=False))
-            for item in value
+            for item in calls
         ]
+
+
+def _is_call(item: Any) -> bool:
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("name"), str)
+        and isinstance(item.get("parameters"), dict)
+    )
 
 
 def forced_calls(
@@ -47,15 +65,21 @@ def forced_calls(
     checked to be functions with names)."""
     functions = {tool["function"]["name"]: tool["function"] for tool in tools}
     if choice == "required":
+        # Each tool's schema under $defs, its references rebased there ("#/$defs/X" of a Pydantic
+        # schema becomes "#/$defs/tool_0/$defs/X"), so they point where they did.
+        definitions = {f"tool_{i}": rebased_refs(_parameters(function), f"#/$defs/tool_{i}")
+                       for i, function in enumerate(functions.values())}  # fmt: skip
         items = [
             {
                 "type": "object",
-                "properties": {"name": {"const": name}, "parameters": _parameters(function)},
+                "properties": {"name": {"const": name}, "parameters": {"$ref": f"#/$defs/tool_{i}"}},
                 "required": ["name", "parameters"],
             }
-            for name, function in functions.items()
+            for i, name in enumerate(functions)
         ]
-        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+        schema: dict[str, Any] = {
+            "type": "array", "minItems": 1, "items": {"anyOf": items}, "$defs": definitions
+        }  # fmt: skip
         if one_call:
             schema["maxItems"] = 1
         return ForcedCalls(None), schema
@@ -72,7 +96,7 @@ def forced_calls(
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:
     parameters = function.get("parameters")
     if parameters is None:
-        return _ANY_OBJECT
+        return _NO_PARAMETERS
     if not isinstance(parameters, dict):
         raise InvalidRequestError(
             f"tools: {function['name']}'s parameters must be a JSON schema object", "tools"

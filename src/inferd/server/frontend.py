@@ -258,9 +258,10 @@ class Frontend:
         params: SamplingParams,
         deadline: float | None,
     ) -> AsyncGenerator[IndexedOutput, None]:
-        tracker = _RequestTracker(engine_id, len(token_ids), self.metrics)
-        if params.structured_output is not None:
-            self.metrics.count_structured_output(params.structured_output.kinds[0])
+        structure = params.structured_output
+        tracker = _RequestTracker(
+            engine_id, len(token_ids), self.metrics, structure.kinds[0] if structure else None
+        )
         self.num_in_flight += 1
         try:
             async for out in self.llm.generate(engine_id, token_ids, params, deadline):
@@ -285,10 +286,13 @@ class Frontend:
 class _RequestTracker:
     """Per engine request: inter-token gaps while it runs, metrics and one log line when it ends."""
 
-    def __init__(self, engine_id: str, prompt_tokens: int, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, engine_id: str, prompt_tokens: int, metrics: ServerMetrics, structure: str | None = None
+    ) -> None:
         self.engine_id = engine_id
         self.prompt_tokens = prompt_tokens
         self.metrics = metrics
+        self.structure = structure  # the kind of its structured output, if it has one
         self.start = time.monotonic()
         self.last_token_time: float | None = None
         self.first_token_time: float | None = None
@@ -342,6 +346,8 @@ class _RequestTracker:
         self.metrics.record_finished(
             FinishedRequest(reason, self.prompt_tokens, output_tokens, ttft, e2e, queue, prefill, decode)
         )
+        if self.structure is not None:  # counted as it ends, as the finished requests are
+            self.metrics.count_structured_output(self.structure)
         logger.info(
             "request %s finished: %s, prompt %d tokens, output %d tokens, ttft %s, total %s",
             self.engine_id,

@@ -33,9 +33,12 @@ REASONING_FORMATS = {
 class ReasoningSplitter:
     """Feed an answer's text in order; each call returns the (reasoning, content) text it settles."""
 
-    def __init__(self, form: ReasoningFormat) -> None:
+    def __init__(self, form: ReasoningFormat, reopens: bool = True) -> None:
+        """``reopens`` false: once the thinking ends, the rest is all answer, a start tag in it
+        included (a structured answer, whose JSON may hold the tag's text)."""
         self._form = form
         self._inside = form.starts_inside
+        self._reopens = reopens
         self._held = ""
 
     def feed(self, text: str) -> tuple[str, str]:
@@ -46,7 +49,7 @@ class ReasoningSplitter:
         while text:
             # Inside, a start tag is markup to drop (DeepSeek-R1 may repeat the prompt's); the
             # end tag closes the thinking. Outside, a start tag opens it.
-            tags = (self._form.end, self._form.start) if self._inside else (self._form.start,)
+            tags = (self._form.end, self._form.start) if self._inside else (self._form.start,) * self._reopens
             found = [(text.find(tag), tag) for tag in tags if tag in text]
             side = reasoning if self._inside else content
             if found:
@@ -74,3 +77,11 @@ def prefix_overlap(text: str, tag: str) -> int:
         if tag.startswith(text[-size:]):
             return size
     return 0
+
+
+def prompt_closes_thinking(prompt: str, form: ReasoningFormat) -> bool:
+    """Whether the prompt's last reasoning tag is an end tag: the template (Qwen3's with
+    enable_thinking false) or a prefilled answer closed the thinking, so the answer is all answer.
+    (A template that keeps earlier turns' thinking and lets the model open its own reads so too.)"""
+    end = prompt.rfind(form.end)
+    return end >= 0 and end > prompt.rfind(form.start)

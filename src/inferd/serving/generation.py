@@ -59,9 +59,8 @@ def generation_params(parameters: Mapping[str, Any]) -> GenerationParams:
 def _structured_output(parameters: Mapping[str, Any]) -> dict[str, Any]:
     """vLLM's guided_* fields, one at most. gRPC parameters are scalars, so a schema or a list of
     choices may come as JSON text; REST may send them as JSON values too."""
-    given = [
-        key for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar") if key in parameters
-    ]
+    fields = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    given = [key for key in fields if parameters.get(key) is not None]  # null is unset, as in vLLM
     if not given:
         return {}
     if len(given) > 1:

@@ -9,6 +9,7 @@ is llguidance: it compiles each of these forms and computes, per step, which tok
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -139,28 +140,91 @@ _COMPOSED = frozenset({"allOf", "anyOf", "oneOf", "$ref", "if", "then", "else", 
                        "additionalProperties", "patternProperties", "unevaluatedProperties"})  # fmt: skip
 
 
-def _closed_objects(schema: Any, may_close: bool = True) -> Any:
+def _children(schema: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
+    """A schema's direct subschemas: (keyword, JSON-pointer step from the schema, subschema)."""
+    for key in _ONE:
+        if key in schema:
+            yield key, key, schema[key]
+    for key in _LIST:
+        if isinstance(schema.get(key), list):
+            for index, sub in enumerate(schema[key]):
+                yield key, f"{key}/{index}", sub
+    for key in _MAP:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                yield key, f"{key}/{_escaped(name)}", sub
+
+
+def _rebuilt(schema: dict[str, Any], pointer: str, child: Callable[[str, str, Any], Any]) -> dict[str, Any]:
+    """A copy of ``schema`` whose subschemas are ``child(keyword, pointer, subschema)``."""
+    rebuilt = dict(schema)
+    for key in _ONE:
+        if key in rebuilt:
+            rebuilt[key] = child(key, f"{pointer}/{key}", rebuilt[key])
+    for key in _LIST:
+        if isinstance(rebuilt.get(key), list):
+            rebuilt[key] = [child(key, f"{pointer}/{key}/{i}", sub) for i, sub in enumerate(rebuilt[key])]
+    for key in _MAP:
+        if isinstance(rebuilt.get(key), dict):
+            rebuilt[key] = {name: child(key, f"{pointer}/{key}/{_escaped(name)}", sub)
+                            for name, sub in rebuilt[key].items()}  # fmt: skip
+    return rebuilt
+
+
+def _escaped(name: str) -> str:
+    """A name as one step of a JSON pointer."""
+    return str(name).replace("~", "~0").replace("/", "~1")
+
+
+def _extended_refs(schema: Any) -> Iterator[str]:
+    """References whose targets other schemas add properties to: one beside other keywords, an
+    ``allOf`` branch's, and an ``anyOf``/``oneOf`` branch's under an object with properties."""
+    if not isinstance(schema, dict):
+        return
+    if isinstance(schema.get("$ref"), str) and len(schema) > 1:
+        yield schema["$ref"]
+    for key, _, sub in _children(schema):
+        merged = key == "allOf" or (key in ("anyOf", "oneOf") and "properties" in schema)
+        if merged and isinstance(sub, dict) and isinstance(sub.get("$ref"), str):
+            yield sub["$ref"]
+        yield from _extended_refs(sub)
+
+
+def _closed_objects(schema: Any) -> Any:
     """The schema with every object that lists its ``properties`` taking no others unless it says
     so: what vLLM's default grammar backend and OpenAI's strict mode do. Without it a model may go
     on after the last listed property with keys of its own making, as plain JSON Schema allows.
 
     An object is left open where others may add properties to it: beside a composition keyword
-    or a reference, as a branch of ``allOf`` (its branches are merged), and as a branch of
-    ``anyOf``/``oneOf`` under an object with properties of its own."""
+    or a reference, as a branch of ``allOf`` (its branches are merged), as a branch of
+    ``anyOf``/``oneOf`` under an object with properties of its own, and as the target of a
+    reference used in one of those ways."""
+    return _close(schema, "#", frozenset(_extended_refs(schema)), may_close=True)
+
+
+def _close(schema: Any, pointer: str, extended: frozenset[str], may_close: bool) -> Any:
     if not isinstance(schema, dict):
         return schema
-    closed = dict(schema)
-    for key in _ONE:
-        if key in closed:
-            closed[key] = _closed_objects(closed[key])
-    branches_may_close = "properties" not in closed
-    for key in _LIST:
-        if isinstance(closed.get(key), list):
-            closeable = branches_may_close and key != "allOf"
-            closed[key] = [_closed_objects(s, closeable) for s in closed[key]]
-    for key in _MAP:
-        if isinstance(closed.get(key), dict):
-            closed[key] = {name: _closed_objects(s) for name, s in closed[key].items()}
-    if may_close and isinstance(closed.get("properties"), dict) and not _COMPOSED & set(closed):
+    branches_may_close = "properties" not in schema
+
+    def child(key: str, at: str, sub: Any) -> Any:
+        closeable = key not in _LIST or (branches_may_close and key != "allOf")
+        return _close(sub, at, extended, closeable)
+
+    closed = _rebuilt(schema, pointer, child)
+    closeable = may_close and pointer not in extended and not _COMPOSED & set(closed)
+    if closeable and isinstance(closed.get("properties"), dict):
         closed["additionalProperties"] = False
     return closed
+
+
+def rebased_refs(schema: Any, base: str) -> Any:
+    """The schema moved to the JSON pointer ``base`` of a larger one: its local references
+    (``#...``) rewritten to point from there."""
+    if not isinstance(schema, dict):
+        return schema
+    moved = _rebuilt(schema, "", lambda _key, _at, sub: rebased_refs(sub, base))
+    ref = moved.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        moved["$ref"] = base + ref[1:]
+    return moved

@@ -42,7 +42,7 @@ from inferd.server.openai.protocol import (
     ToolCall,
     TopLogprob,
 )
-from inferd.server.reasoning import ReasoningFormat
+from inferd.server.reasoning import ReasoningFormat, prompt_closes_thinking
 from inferd.server.streaming import SSE_DONE, sse_event
 from inferd.server.tool_calls import ParsedToolCall
 from inferd.structured.spec import StructuredOutput
@@ -69,7 +69,14 @@ class ChatJob:
     forced: ForcedCalls | None = None
 
     def shaper(self) -> AnswerShaper:
-        return AnswerShaper(self.reasoning, self.read_tools, self.one_call, self.forced)
+        structured = self.params.structured_output is not None
+        return AnswerShaper(self.reasoning, self.read_tools, self.one_call, self.forced, structured)
+
+    @property
+    def calls_end_turn(self) -> bool:
+        """Whether an answer of calls finishes with `tool_calls`: not for a named tool_choice,
+        where OpenAI (and vLLM) say `stop`."""
+        return self.forced is None or self.forced.function is None
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -116,7 +123,8 @@ def _offered_tools(frontend: Frontend, body: ChatCompletionRequest) -> list[dict
         )
     for tool in body.tools:
         function = tool.get("function")
-        if tool.get("type") != "function" or not isinstance(function, dict) or "name" not in function:
+        named = isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]
+        if tool.get("type") != "function" or not named:
             shape = "{'type': 'function', 'function': {'name': ...}}"
             raise InvalidRequestError(f"tools: each tool must be {shape}", "tools")
     return body.tools
@@ -167,17 +175,6 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     if tools is not None and forced is None and params.skip_special_tokens:
         # Some models' <tool_call> is a special token: kept in the text, so the blocks can be read.
         params = dataclasses.replace(params, skip_special_tokens=False)
-    # As vLLM reads Qwen3's switch: no thinking asked for, none to split off.
-    thinking_off = (body.chat_template_kwargs or {}).get("enable_thinking") is False
-    reasoning = None if thinking_off else frontend.reasoning_format
-    structure = params.structured_output
-    if reasoning is not None and structure is not None:
-        # The model thinks freely first: the constraint (a forced call's too) starts after the
-        # thinking's end tag, as vLLM's reasoning-aware structured outputs do.
-        trigger = frontend.tokenizer.encode(reasoning.end, add_special_tokens=False)
-        params = dataclasses.replace(
-            params, structured_output=dataclasses.replace(structure, starts_after=trigger)
-        )
     template_kwargs = _template_kwargs(body)
     if tools is not None:
         template_kwargs = {**(template_kwargs or {}), "tools": tools}
@@ -187,6 +184,22 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         template_kwargs,
         body.continue_final_message,
     )
+    reasoning = frontend.reasoning_format
+    # No thinking asked for (Qwen3's switch, as vLLM reads it), or the prompt closed it (the
+    # template did, or a prefilled answer): none to split off, and a constraint holds from the start.
+    if reasoning is not None and (
+        (body.chat_template_kwargs or {}).get("enable_thinking") is False
+        or prompt_closes_thinking(prompt, reasoning)
+    ):
+        reasoning = None
+    structure = params.structured_output
+    trigger = frontend.tokenizer.encode(reasoning.end, add_special_tokens=False) if reasoning else []
+    if structure is not None and trigger:
+        # The model thinks freely first: the constraint (a forced call's too) starts after the
+        # thinking's end tag, as vLLM's reasoning-aware structured outputs do.
+        params = dataclasses.replace(
+            params, structured_output=dataclasses.replace(structure, starts_after=trigger)
+        )
     return ChatJob(
         request_id=frontend.new_request_id("chatcmpl"),
         model=frontend.model_name,
@@ -238,7 +251,9 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
                 index=index,
                 message=message,
                 logprobs=_logprobs(frontend.tokenizer, out.logprobs) if job.want_logprobs else None,
-                finish_reason="tool_calls" if message.tool_calls and reason == "stop" else reason,
+                finish_reason="tool_calls"
+                if message.tool_calls and reason == "stop" and job.calls_end_turn
+                else reason,
             )
         )
     return ChatCompletionResponse(
@@ -275,7 +290,7 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
                 first = shaper.calls_sent - len(shaped.calls)
                 calls = [DeltaToolCall(index=first + k, id=c.id, function=DeltaFunctionCall(name=c.name,
                          arguments=c.arguments)) for k, c in enumerate(shaped.calls)]  # fmt: skip
-                if reason == "stop" and shaper.calls_sent:
+                if reason == "stop" and shaper.calls_sent and job.calls_end_turn:
                     reason = "tool_calls"
                 content, reasoning = shaped.content, shaped.reasoning
                 if content or reasoning or calls or reason is not None or logprobs is not None:

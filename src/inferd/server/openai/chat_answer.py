@@ -29,12 +29,14 @@ class AnswerShaper:
         read_tools: bool,
         one_call: bool,
         forced: ForcedCalls | None = None,
+        structured: bool = False,
     ) -> None:
         """``forced``: the answer (after the thinking, if any) is the JSON of forced calls, no call
-        blocks, read once it is whole; streamed, the calls come with its last delta."""
+        blocks, read once it is whole; streamed, the calls come with its last delta.
+        ``structured``: the answer after the thinking matches a constraint: all answer from there."""
         self._forced = forced
         self._forced_text: list[str] = []
-        self._splitter = ReasoningSplitter(reasoning) if reasoning else None
+        self._splitter = ReasoningSplitter(reasoning, reopens=not structured) if reasoning else None
         self._reader = ToolCallReader() if read_tools else None
         self._one_call = one_call  # parallel_tool_calls false: the first call only
         self.calls_sent = 0
