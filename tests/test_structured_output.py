@@ -102,6 +102,9 @@ def test_objects_with_listed_properties_take_no_others_unless_the_schema_says(ti
     assert _accepts(folder, StructuredOutput(json=json.dumps(beside_ref)), '{"id":1,"a":2}')
     plain_ref = {"$defs": defs, "type": "array", "items": {"$ref": "#/$defs/Base"}}
     assert not _accepts(folder, StructuredOutput(json=json.dumps(plain_ref)), '[{"id":1,"b":2}]')
+    # A required name the properties do not list is another property: the object stays open.
+    unlisted = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}
+    assert _accepts(folder, StructuredOutput(json=json.dumps(unlisted)), '{"a":1,"b":2}')
     # A property named "properties" is a property, not a place where subschemas are listed.
     named = {"type": "object", "properties": {"properties": {"type": "integer"}}, "required": ["properties"]}
     assert _accepts(folder, StructuredOutput(json=json.dumps(named)), '{"properties":5}')

@@ -213,7 +213,13 @@ def _close(schema: Any, pointer: str, extended: frozenset[str], may_close: bool)
 
     closed = _rebuilt(schema, pointer, child)
     closeable = may_close and pointer not in extended and not _COMPOSED & set(closed)
-    if closeable and isinstance(closed.get("properties"), dict):
+    listed = closed.get("properties")
+    required = closed.get("required")
+    # A required name the properties do not list can only be another property: left open.
+    unlisted = (
+        isinstance(required, list) and isinstance(listed, dict) and not set(map(str, required)) <= set(listed)
+    )
+    if closeable and isinstance(listed, dict) and not unlisted:
         closed["additionalProperties"] = False
     return closed
 
