@@ -81,13 +81,14 @@ class GrammarCompiler:
     def matcher_for(self, spec: StructuredOutput, eos_token_ids: frozenset[int]) -> RequestGrammar:
         from llguidance import LLMatcher
 
-        matcher = LLMatcher(self._tokenizer(eos_token_ids), spec.grammar_text(), log_level=0)
+        tokenizer = self._tokenizer(eos_token_ids)
+        matcher = LLMatcher(tokenizer, spec.grammar_text(), log_level=0)
         if matcher.is_error():
             problem = matcher.get_error().strip()
             raise StructuredOutputError(
                 f"the constraint does not compile over this model's tokenizer: {problem}"
             )
-        return RequestGrammar(matcher, self._tokenizer(eos_token_ids).vocab_size, spec.starts_after)
+        return RequestGrammar(matcher, tokenizer.vocab_size, spec.starts_after)
 
     def _tokenizer(self, eos_token_ids: frozenset[int]) -> LLTokenizer:
         tokenizer = self._tokenizers.get(eos_token_ids)
