@@ -67,6 +67,15 @@ def _chat(client: openai.OpenAI, stream: bool = False, think_first: bool = True,
 def test_chat_json_schema_answers_parse_streamed_and_not(client: openai.OpenAI) -> None:
     plain = _chat(client, think_first=False).choices[0].message
     assert plain.reasoning_content and not plain.content  # the parser is on: no </think>, all thinking
+    # A tag in a message is no sign that this answer's thinking is closed.
+    quoting = (
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Say </think> please"}], max_tokens=8
+        )
+        .choices[0]
+        .message
+    )
+    assert getattr(quoting, "reasoning_content", None) and not quoting.content
     response_format = {
         "type": "json_schema",
         "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True},
@@ -163,6 +172,19 @@ def test_a_prompt_that_closed_the_thinking_has_its_constraint_from_the_first_tok
     message = answer.choices[0].message
     assert json.loads(message.content)["size"] in ("S", "M", "L")
     assert not getattr(message, "reasoning_content", None)
+    # The prefill closed it and went on: its own tags decide, not only the prompt's last characters.
+    messages[-1]["content"] = "</think>The code is "
+    code = client.chat.completions.create(
+        model="tiny",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=10,
+        extra_body={
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+            "guided_regex": "[0-9]{3}",
+        },
+    )
+    assert re.fullmatch("[0-9]{3}", code.choices[0].message.content)
 
 
 def test_tgi_grammar_json_and_regex(server: ServerProcess) -> None:

@@ -13,7 +13,9 @@ from tokenizers import Tokenizer
 
 from inferd import LLM, SamplingParams
 from inferd.sampling_params import SamplingParamsError
+from inferd.server.errors import InvalidRequestError
 from inferd.server.forced_tool_calls import forced_calls
+from inferd.server.reasoning import REASONING_FORMATS, prompt_closes_thinking
 from inferd.structured.matcher import GrammarCompiler, apply_bitmask, bitmask_words
 from inferd.structured.spec import StructuredOutput, StructuredOutputError
 
@@ -102,6 +104,14 @@ def test_objects_with_listed_properties_take_no_others_unless_the_schema_says(ti
     assert _accepts(folder, StructuredOutput(json=json.dumps(beside_ref)), '{"id":1,"a":2}')
     plain_ref = {"$defs": defs, "type": "array", "items": {"$ref": "#/$defs/Base"}}
     assert not _accepts(folder, StructuredOutput(json=json.dumps(plain_ref)), '[{"id":1,"b":2}]')
+    # Annotations beside a reference (Pydantic writes a field's description there, or wraps the
+    # reference in a one-branch allOf) add nothing: its target is still closed.
+    noted = {"$defs": defs, "type": "object", "required": ["a", "b"], "properties": {
+        "a": {"$ref": "#/$defs/Base", "description": "first"},
+        "b": {"allOf": [{"$ref": "#/$defs/Base"}], "default": {"id": 0}}}}  # fmt: skip
+    assert _accepts(folder, StructuredOutput(json=json.dumps(noted)), '{"a":{"id":1},"b":{"id":2}}')
+    assert not _accepts(folder, StructuredOutput(json=json.dumps(noted)), '{"a":{"id":1,"x":1},"b":{"id":2}}')
+    assert not _accepts(folder, StructuredOutput(json=json.dumps(noted)), '{"a":{"id":1},"b":{"id":2,"x":1}}')
     # A required name the properties do not list is another property: the object stays open.
     unlisted = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}
     assert _accepts(folder, StructuredOutput(json=json.dumps(unlisted)), '{"a":1,"b":2}')
@@ -163,11 +173,40 @@ def test_required_calls_keep_each_tools_own_references(tiny_model_factory) -> No
     assert not _accepts(folder, spec, '[{"name":"tree","parameters":{"kids":[[]]}}]')
     assert _accepts(folder, spec, '[{"name":"unit","parameters":{"u":"F"}}]')
     assert not _accepts(folder, spec, '[{"name":"unit","parameters":{"u":"K"}}]')
+    # Older drafts: "definitions", "items" as a list; a schema's own "$id" is dropped when embedded.
+    older = {"$id": "https://example.com/pair", "type": "object", "required": ["p"],
+             "properties": {"p": {"type": "array", "items": [{"$ref": "#/definitions/N"}]}},
+             "definitions": {"N": {"type": "integer"}}}  # fmt: skip
+    pair_tools = [{"type": "function", "function": {"name": "pair", "parameters": older}}]
+    pair = StructuredOutput(json=json.dumps(forced_calls(pair_tools, "required", one_call=True)[1]))
+    assert pair.problem() is None
+    deep: dict[str, object] = {"type": "integer"}
+    for _ in range(3000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(InvalidRequestError, match="nested too deeply"):
+        forced_calls([{"type": "function", "function": {"name": "d", "parameters": deep}}], "required", False)
     calls = forced.read('[{"name":"unit","parameters":{"u":"F"}}]')
     assert calls is not None and [(c.name, json.loads(c.arguments)) for c in calls] == [("unit", {"u": "F"})]
     # Text that is not calls' JSON (a constraint that never started, say) is no calls.
     for text in ("5", "[1]", "[]", '[{"name":"x"}]', '{"a":1}', "[{"):
         assert forced.read(text) is None
+
+
+def test_only_the_end_of_the_prompt_or_its_prefill_closes_the_thinking() -> None:
+    form = REASONING_FORMATS["qwen3"]
+    disabled = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert prompt_closes_thinking(disabled, form)  # Qwen3's template with enable_thinking false
+    # Tags earlier in the prompt say nothing about this answer.
+    system = "<|im_start|>system\nReason inside <think> </think> tags.<|im_end|>\n<|im_start|>assistant\n"
+    assert not prompt_closes_thinking(system, form)
+    history = "<|im_start|>assistant\n<think>\nhm\n</think>\n\nok<|im_end|>\n<|im_start|>assistant\n"
+    assert not prompt_closes_thinking(history, form)
+    # A continued answer: its own tags decide.
+    assert prompt_closes_thinking("...<think>x</think>{", form, prefill="<think>x</think>{")
+    assert not prompt_closes_thinking("...<think>still", form, prefill="<think>still")
+    assert not prompt_closes_thinking(
+        "...</think> then <think>again", form, prefill="</think> then <think>again"
+    )
 
 
 def test_apply_bitmask_keeps_exactly_the_allowed_tokens_of_the_chosen_rows() -> None:

@@ -67,8 +67,13 @@ def forced_calls(
     if choice == "required":
         # Each tool's schema under $defs, its references rebased there ("#/$defs/X" of a Pydantic
         # schema becomes "#/$defs/tool_0/$defs/X"), so they point where they did.
-        definitions = {f"tool_{i}": rebased_refs(_parameters(function), f"#/$defs/tool_{i}")
-                       for i, function in enumerate(functions.values())}  # fmt: skip
+        try:
+            definitions = {f"tool_{i}": rebased_refs(_embedded(_parameters(function)), f"#/$defs/tool_{i}")
+                           for i, function in enumerate(functions.values())}  # fmt: skip
+        except RecursionError:
+            raise InvalidRequestError(
+                "tools: a tool's parameters schema is nested too deeply", "tools"
+            ) from None
         items = [
             {
                 "type": "object",
@@ -91,6 +96,12 @@ def forced_calls(
     if name not in functions:
         raise InvalidRequestError(f"tool_choice: no tool named {name!r} is offered in tools", "tool_choice")
     return ForcedCalls(name), _parameters(functions[name])
+
+
+def _embedded(schema: dict[str, Any]) -> dict[str, Any]:
+    """A tool's schema as one part of a larger one: without the identifiers of a document of its
+    own (a nested "$id" would be the base its references resolve against)."""
+    return {key: value for key, value in schema.items() if key not in ("$id", "$schema")}
 
 
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:

@@ -79,9 +79,15 @@ def prefix_overlap(text: str, tag: str) -> int:
     return 0
 
 
-def prompt_closes_thinking(prompt: str, form: ReasoningFormat) -> bool:
-    """Whether the prompt's last reasoning tag is an end tag: the template (Qwen3's with
-    enable_thinking false) or a prefilled answer closed the thinking, so the answer is all answer.
-    (A template that keeps earlier turns' thinking and lets the model open its own reads so too.)"""
-    end = prompt.rfind(form.end)
-    return end >= 0 and end > prompt.rfind(form.start)
+def prompt_closes_thinking(prompt: str, form: ReasoningFormat, prefill: str | None = None) -> bool:
+    """Whether the thinking is closed before the answer begins, so that the answer is all answer:
+    the prompt ends with the end tag (Qwen3's template with enable_thinking false ends it with
+    "<think>\n\n</think>\n\n"), or the prefilled start of the answer (``prefill``, the message a
+    request continues) has an end tag after its last start tag. Tags earlier in the prompt (a
+    system prompt about them, earlier turns' thinking) say nothing about this answer."""
+    if prompt.rstrip().endswith(form.end):
+        return True
+    if prefill is None:
+        return False
+    end = prefill.rfind(form.end)
+    return end >= 0 and end > prefill.rfind(form.start)

@@ -129,39 +129,37 @@ def _validate(grammar: str) -> str:
     return str(LLMatcher.validate_grammar(grammar))
 
 
-# Where a schema keeps its subschemas: one, a list of them, or a name -> schema map.
-_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
+# Where a schema keeps its subschemas: one, a list of them, or a name -> schema map ("items" is
+# one schema, or a list of them in drafts before 2020-12).
+_ONE = ("additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+        "additionalItems", "unevaluatedItems", "unevaluatedProperties")  # fmt: skip
 _LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
-_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
+# Subschemas never closed: closing them would change what they exclude, or when they apply.
+_NOT_CLOSED = frozenset({"not", "if", "then", "else", "dependentSchemas", "dependencies"})
 
 
 # Beside these, an object's properties are not all its own: others may add to them.
 _COMPOSED = frozenset({"allOf", "anyOf", "oneOf", "$ref", "if", "then", "else", "dependentSchemas",
                        "additionalProperties", "patternProperties", "unevaluatedProperties"})  # fmt: skip
-
-
-def _children(schema: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
-    """A schema's direct subschemas: (keyword, JSON-pointer step from the schema, subschema)."""
-    for key in _ONE:
-        if key in schema:
-            yield key, key, schema[key]
-    for key in _LIST:
-        if isinstance(schema.get(key), list):
-            for index, sub in enumerate(schema[key]):
-                yield key, f"{key}/{index}", sub
-    for key in _MAP:
-        if isinstance(schema.get(key), dict):
-            for name, sub in schema[key].items():
-                yield key, f"{key}/{_escaped(name)}", sub
+# Keywords beside a reference that add to what its target must take (annotations such as
+# "description" or "default", which Pydantic writes beside one, do not).
+_ADDS_TO_A_REFERENCE = (_COMPOSED - {"$ref"}) | {
+    "properties",
+    "required",
+    "dependencies",
+    "dependentRequired",
+}
 
 
 def _rebuilt(schema: dict[str, Any], pointer: str, child: Callable[[str, str, Any], Any]) -> dict[str, Any]:
-    """A copy of ``schema`` whose subschemas are ``child(keyword, pointer, subschema)``."""
+    """A copy of ``schema`` whose subschemas are ``child(keyword, their JSON pointer, subschema)``."""
     rebuilt = dict(schema)
-    for key in _ONE:
+    items = rebuilt.get("items")
+    for key in (*_ONE, *(() if isinstance(items, list) else ("items",))):
         if key in rebuilt:
             rebuilt[key] = child(key, f"{pointer}/{key}", rebuilt[key])
-    for key in _LIST:
+    for key in (*_LIST, *(("items",) if isinstance(items, list) else ())):
         if isinstance(rebuilt.get(key), list):
             rebuilt[key] = [child(key, f"{pointer}/{key}/{i}", sub) for i, sub in enumerate(rebuilt[key])]
     for key in _MAP:
@@ -171,20 +169,36 @@ def _rebuilt(schema: dict[str, Any], pointer: str, child: Callable[[str, str, An
     return rebuilt
 
 
+def _children(schema: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A schema's direct subschemas, with the keyword each is under."""
+    found: list[tuple[str, Any]] = []
+
+    def note(key: str, _at: str, sub: Any) -> Any:
+        found.append((key, sub))
+        return sub
+
+    _rebuilt(schema, "", note)
+    return found
+
+
 def _escaped(name: str) -> str:
     """A name as one step of a JSON pointer."""
     return str(name).replace("~", "~0").replace("/", "~1")
 
 
 def _extended_refs(schema: Any) -> Iterator[str]:
-    """References whose targets other schemas add properties to: one beside other keywords, an
-    ``allOf`` branch's, and an ``anyOf``/``oneOf`` branch's under an object with properties."""
+    """References whose targets other schemas add properties to: one beside keywords that add to
+    it, a branch's of an ``allOf`` that merges (several branches, or a parent with properties of
+    its own), and an ``anyOf``/``oneOf`` branch's under such a parent."""
     if not isinstance(schema, dict):
         return
-    if isinstance(schema.get("$ref"), str) and len(schema) > 1:
+    if isinstance(schema.get("$ref"), str) and _ADDS_TO_A_REFERENCE & set(schema):
         yield schema["$ref"]
-    for key, _, sub in _children(schema):
-        merged = key == "allOf" or (key in ("anyOf", "oneOf") and "properties" in schema)
+    adds = "properties" in schema or "required" in schema
+    for key, sub in _children(schema):
+        merged = (key == "allOf" and (adds or len(schema["allOf"]) > 1)) or (
+            key in ("anyOf", "oneOf") and adds
+        )
         if merged and isinstance(sub, dict) and isinstance(sub.get("$ref"), str):
             yield sub["$ref"]
         yield from _extended_refs(sub)
@@ -205,10 +219,15 @@ def _closed_objects(schema: Any) -> Any:
 def _close(schema: Any, pointer: str, extended: frozenset[str], may_close: bool) -> Any:
     if not isinstance(schema, dict):
         return schema
-    branches_may_close = "properties" not in schema
+    adds = "properties" in schema or "required" in schema  # the parent adds to its branches
 
     def child(key: str, at: str, sub: Any) -> Any:
-        closeable = key not in _LIST or (branches_may_close and key != "allOf")
+        if key in _NOT_CLOSED:
+            closeable = False
+        elif key == "allOf":  # its branches are merged, unless there is one and nothing beside
+            closeable = not adds and len(schema["allOf"]) == 1
+        else:
+            closeable = key not in _LIST or not adds
         return _close(sub, at, extended, closeable)
 
     closed = _rebuilt(schema, pointer, child)
@@ -225,12 +244,12 @@ def _close(schema: Any, pointer: str, extended: frozenset[str], may_close: bool)
 
 
 def rebased_refs(schema: Any, base: str) -> Any:
-    """The schema moved to the JSON pointer ``base`` of a larger one: its local references
-    (``#...``) rewritten to point from there."""
+    """The schema moved to the JSON pointer ``base`` of a larger one: its JSON-pointer references
+    (``#`` and ``#/...``) rewritten to point from there (anchors, ``#name``, stay as they are)."""
     if not isinstance(schema, dict):
         return schema
     moved = _rebuilt(schema, "", lambda _key, _at, sub: rebased_refs(sub, base))
     ref = moved.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#"):
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
         moved["$ref"] = base + ref[1:]
     return moved

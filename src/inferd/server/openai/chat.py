@@ -189,7 +189,9 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     # template did, or a prefilled answer): none to split off, and a constraint holds from the start.
     if reasoning is not None and (
         (body.chat_template_kwargs or {}).get("enable_thinking") is False
-        or prompt_closes_thinking(prompt, reasoning)
+        or prompt_closes_thinking(
+            prompt, reasoning, body.messages[-1].text() if body.continue_final_message else None
+        )
     ):
         reasoning = None
     structure = params.structured_output
