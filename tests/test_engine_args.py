@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -178,3 +179,22 @@ def test_an_unknown_torch_dtype_in_config_json_is_warned_about(tiny_llama, tmp_p
         with caplog.at_level("WARNING"):
             build_engine_config(folder, device="cuda")
         assert "torch_dtype" not in caplog.text
+
+
+def test_generate_takes_a_structured_output(tiny_llama, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from inferd.cli import main
+
+    common = ["generate", "--model", str(tiny_llama), "--max-tokens", "30", "--kv-cache-memory", "8MiB"]
+    assert main([*common, "To be", "--regex", "[0-9]{4}"]) == 0
+    assert re.fullmatch(r"To be[0-9]{4}\n", capsys.readouterr().out)
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
+    )
+    assert main([*common, "To be", "--json-schema", f"@{schema}"]) == 0
+    assert json.loads(capsys.readouterr().out.removeprefix("To be"))["ok"] in (True, False)
+    assert main([*common, "To be", "--choice", "left", "right"]) == 0
+    assert capsys.readouterr().out in ("To beleft\n", "To beright\n")
+    assert main([*common, "To be", "--regex", "a(b"]) == 2  # a message, not a traceback
+    err = capsys.readouterr().err
+    assert "inferd: error: structured_output:" in err and "unclosed group" in err and "Traceback" not in err

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inferd.entrypoints.engine_args import add_engine_args, engine_options
+
+if TYPE_CHECKING:
+    from inferd.structured.spec import StructuredOutput
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--chat", action="store_true", help="send the prompt as a user message through the chat template"
     )
+    structured = parser.add_mutually_exclusive_group()
+    text_or_file = "(its text, or @FILE)"
+    structured.add_argument(
+        "--json-schema", metavar="SCHEMA", help=f"the output is JSON made to this schema {text_or_file}"
+    )
+    structured.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    structured.add_argument("--regex", help="the whole output matches this regular expression")
+    structured.add_argument("--choice", nargs="+", metavar="TEXT", help="the output is one of these")
+    structured.add_argument("--grammar", help=f"the output follows this Lark or GBNF grammar {text_or_file}")
     parser.add_argument("--verbose", action="store_true", help="log engine start-up details")
     add_engine_args(parser)
     parser.set_defaults(func=run)
@@ -41,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.request_seed,
+        structured_output=_structured_output(args),
     )
     engine.add_request("cli", prompt, params)
     if not args.chat:
@@ -61,3 +76,25 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _structured_output(args: argparse.Namespace) -> StructuredOutput | None:
+    """The constraint the flags ask for (a bad one is refused when SamplingParams checks it)."""
+    from inferd.structured.spec import StructuredOutput
+
+    if args.json_schema is not None:
+        return StructuredOutput(json=_text_or_file(args.json_schema))
+    if args.json_object:
+        return StructuredOutput(json_object=True)
+    if args.regex is not None:
+        return StructuredOutput(regex=args.regex)
+    if args.choice is not None:
+        return StructuredOutput(choice=args.choice)
+    if args.grammar is not None:
+        return StructuredOutput(grammar=_text_or_file(args.grammar))
+    return None
+
+
+def _text_or_file(value: str) -> str:
+    """``@PATH`` reads the file (as curl's -d does); anything else is the text itself."""
+    return Path(value[1:]).read_text() if value.startswith("@") else value
