@@ -5,7 +5,8 @@ built-in model (or a folder given), with the time spent making and applying the 
     python benchmarks/structured_output.py --mask-only-vocab 151001
 
 Prints, per case, the output tokens, seconds, output tokens per second and the milliseconds per
-step spent in the sampler's mask pass (`_apply_grammars`: the host's masks, one copy, one pass),
+step the host spends in the sampler's mask pass (`_apply_grammars`: the masks, one copy, one
+pass; on a GPU the copy and the pass run on the device behind it),
 and checks every output against its constraint (a whole one matches it; one cut off by its budget
 is a prefix that still may): exit status 1 when one does not, so on a GPU it is also the check of
 the masks' device path (pinned masks, copies without a host wait).
@@ -49,7 +50,10 @@ def matches(spec: StructuredOutput, text: str, whole: bool) -> bool:
     if spec.regex is not None:  # one class of characters, repeated: a cut-off text matches it too
         return re.fullmatch(spec.regex, text) is not None
     if whole:
-        value = json.loads(text)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return False
         return isinstance(value, dict) and set(value) == set(SCHEMA["required"])
     return text.startswith('{"speaker":"')
 

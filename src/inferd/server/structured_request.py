@@ -26,8 +26,10 @@ def schema_text(schema: Any, field: str) -> str:
     if isinstance(schema, str):
         try:
             parsed = json.loads(schema)
-        except (json.JSONDecodeError, RecursionError):
+        except json.JSONDecodeError:
             raise InvalidRequestError(f"{field}: not valid JSON", field) from None
+        except RecursionError:
+            raise InvalidRequestError(f"{field}: not valid JSON: nested too deeply", field) from None
         schema, text = parsed, schema
     else:
         text = json.dumps(schema)
