@@ -8,10 +8,11 @@ import json
 import re
 import shutil
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 from huggingface_hub import InferenceClient
 from server_process import ServerProcess, run_server
@@ -91,6 +92,33 @@ def test_chat_json_schema_answers_parse_streamed_and_not(client: openai.OpenAI) 
         c.choices[0].delta.content or "" for c in _chat(client, stream=True, response_format=response_format)
     ]
     assert "".join(pieces) == whole.choices[0].message.content  # same seed, same answer
+
+
+def test_the_sdks_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
+    """What `client.chat.completions.parse(response_format=Model)` sends: a strict schema with
+    $defs, nested models, Literal enums, bounded integers and an Optional field (anyOf with null)."""
+
+    class Mood(pydantic.BaseModel):
+        speaker: Literal["ROMEO", "JULIET"]
+        happy: bool
+        lines: int = pydantic.Field(ge=1, le=5)
+
+    class Scene(pydantic.BaseModel):
+        moods: list[Mood] = pydantic.Field(max_length=2)
+        place: Literal["Verona", "Mantua"] | None
+
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    answer = parse(
+        model="tiny",
+        messages=[{"role": "user", "content": "A scene"}],
+        response_format=Scene,
+        max_tokens=120,
+        seed=3,
+        logit_bias={str(THINK_END): 100},  # the thinking ends at once (see the fixture)
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Scene)
+    assert all(1 <= mood.lines <= 5 for mood in choice.message.parsed.moods)
 
 
 def test_json_object_and_vllm_fields(client: openai.OpenAI) -> None:
