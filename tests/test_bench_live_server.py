@@ -19,6 +19,13 @@ def test_bench_against_a_live_inferd_server(tiny_llama: Path, tmp_path: Path) ->
     argv += ["--output-prefix", str(prefix), "--no-progress", "--no-plot"]
     with run_server(tiny_llama) as server:
         assert main([*argv, "--base-url", server.base_url, "--model", server.model]) == 0
+        # --extra-body reaches the server with every request: here a structured output, counted there.
+        extra = ["--extra-body", '{"guided_regex": "[a-z]{3}"}', "--output-prefix", str(tmp_path / "regex")]
+        assert main([*argv, *extra, "--base-url", server.base_url, "--model", server.model]) == 0
+        samples = server.wait_for_metrics(
+            lambda s: s.get("inferd:structured_output_requests_total{kind=regex}") == 4
+        )
+        assert samples["inferd:structured_output_requests_total{kind=regex}"] == 4
     document = json.loads(prefix.with_suffix(".json").read_text())
     summary = document["summary"]
     # --ignore-eos reached the engine: every reply is full length, as the server's usage reports.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import sys
@@ -97,6 +98,15 @@ def _add_serve_parser(modes: argparse._SubParsersAction) -> None:
         "--max-concurrency", type=_positive_integer, default=None, help="cap on requests in flight"
     )
     parser.add_argument("--ignore-eos", action="store_true", help="ask the server to generate all max_tokens")
+    parser.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='fields added to every request body, e.g. \'{"response_format": {"type": "json_object"}}\' '
+        "to load-test structured outputs, or a temperature (model, prompt, max_tokens and the stream "
+        "fields stay the bench's)",
+    )
     parser.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT bound in ms")
     parser.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT bound in ms")
     parser.add_argument(
@@ -121,6 +131,16 @@ def _positive_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return value
 
 
@@ -222,7 +242,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.endpoint == "chat" and not all(isinstance(request.prompt, str) for request in requests):
         raise ValueError("the chat endpoint needs text prompts: give --tokenizer (or a local --model folder)")
     client = OpenAIStreamClient(
-        args.base_url, model, args.endpoint, args.ignore_eos, args.timeout_s, args.api_key
+        args.base_url, model, args.endpoint, args.ignore_eos, args.timeout_s, args.api_key, args.extra_body
     )
 
     async def drive() -> RunResult:

@@ -105,11 +105,14 @@ class OpenAIStreamClient:
         ignore_eos: bool = False,
         timeout_s: float = 600.0,
         api_key: str | None = None,
+        extra_body: dict[str, Any] | None = None,
     ) -> None:
         self.url = base_url.rstrip("/").removesuffix("/v1") + _ENDPOINT_PATHS[endpoint]
         self.model = model
         self.endpoint: Endpoint = endpoint
         self.ignore_eos = ignore_eos
+        # Fields every request carries beside the bench's own (a structured output, say).
+        self.extra_body = dict(extra_body or {})
         # The whole request's deadline (`send`); httpx's own timeouts only bound each read, which a
         # server that keeps sending can hold open for ever.
         self.timeout_s = timeout_s
@@ -123,9 +126,10 @@ class OpenAIStreamClient:
 
     def build_body(self, request: BenchRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
+            "temperature": 0.0,  # greedy unless the extra fields say otherwise
+            **self.extra_body,  # before the fields the bench measures by, which stay its own
             "model": self.model,
             "max_tokens": request.max_tokens,
-            "temperature": 0.0,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
