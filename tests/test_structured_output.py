@@ -42,7 +42,7 @@ def _params(spec: StructuredOutput, **fields: object) -> SamplingParams:
     ("spec", "words"),
     [
         (StructuredOutput(json=json.dumps({"type": "bogus"})), "bogus"),
-        (StructuredOutput(json="[1, 2]"), ""),
+        (StructuredOutput(json="[1, 2]"), "must be an object"),
         (StructuredOutput(regex="a(b"), "unclosed group"),
         (StructuredOutput(grammar="start: undefined_rule"), "undefined_rule"),
         (StructuredOutput(grammar="root ::= x{2,1}"), "GBNF"),  # the converter's own errors
