@@ -21,7 +21,7 @@ from inferd.server.errors import InvalidRequestError
 from inferd.structured.spec import StructuredOutput
 
 
-def schema_text(schema: Any, field: str) -> str:
+def _schema_text(schema: Any, field: str) -> str:
     """A JSON schema given as an object, or as the text of one (vLLM's fields take both)."""
     if isinstance(schema, str):
         try:
@@ -58,7 +58,7 @@ def response_format(value: dict[str, Any], field: str = "response_format") -> St
     if kind == "json_object" and value.get("value") is None:
         return StructuredOutput(json_object=True)
     if kind in ("json", "json_object"):  # TGI's: the schema in "value"
-        return StructuredOutput(json=schema_text(value.get("value"), f"{field}.value"))
+        return StructuredOutput(json=_schema_text(value.get("value"), f"{field}.value"))
     if kind == "regex":
         return StructuredOutput(regex=_text(value.get("value"), f"{field}.value"))
     if kind == "json_schema":
@@ -69,7 +69,7 @@ def response_format(value: dict[str, Any], field: str = "response_format") -> St
             raise InvalidRequestError(
                 f"{field}.{key}: needs a schema: {{'name': ..., 'schema': {{...}}}}", field
             )
-        return StructuredOutput(json=schema_text(config["schema"], f"{field}.{key}.schema"))
+        return StructuredOutput(json=_schema_text(config["schema"], f"{field}.{key}.schema"))
     raise InvalidRequestError(
         f"{field}.type: must be one of text, json_object, json_schema, json, regex; got {kind!r}", field
     )
@@ -81,7 +81,7 @@ _STRUCTURED_OUTPUTS_KEYS = ("json", "json_object", "regex", "choice", "grammar")
 _IGNORED_OPTION_KEYS = ("disable_any_whitespace", "disable_additional_properties", "disable_fallback")
 
 
-def structured_outputs(value: dict[str, Any], field: str = "structured_outputs") -> StructuredOutput:
+def _structured_outputs(value: dict[str, Any], field: str = "structured_outputs") -> StructuredOutput:
     """vLLM's ``structured_outputs`` object: exactly one of its constraint keys."""
     unknown = sorted(set(value) - set(_STRUCTURED_OUTPUTS_KEYS) - set(_IGNORED_OPTION_KEYS))
     if unknown:
@@ -97,7 +97,7 @@ def structured_outputs(value: dict[str, Any], field: str = "structured_outputs")
 
 def _one(key: str, value: Any, field: str) -> StructuredOutput:
     if key == "json":
-        return StructuredOutput(json=schema_text(value, field))
+        return StructuredOutput(json=_schema_text(value, field))
     if key == "json_object":
         if value is not True:
             raise InvalidRequestError(f"{field}: must be true", field)
@@ -124,7 +124,7 @@ def requested(fields: dict[str, Any]) -> tuple[StructuredOutput | None, str]:
         if name in GUIDED_FIELDS:
             spec: StructuredOutput | None = _one(GUIDED_FIELDS[name], value, name)
         elif name == "structured_outputs":
-            spec = structured_outputs(value, name)
+            spec = _structured_outputs(value, name)
         else:
             spec = response_format(value, name)
         if spec is not None:
