@@ -43,6 +43,10 @@ def _params(spec: StructuredOutput, **fields: object) -> SamplingParams:
     [
         (StructuredOutput(json=json.dumps({"type": "bogus"})), "bogus"),
         (StructuredOutput(json="[1, 2]"), "must be an object"),
+        (
+            StructuredOutput(json=json.dumps({"x-guidance": {"whitespace_flexible": "yes"}})),
+            "expected a boolean",
+        ),
         (StructuredOutput(regex="a(b"), "unclosed group"),
         (StructuredOutput(grammar="start: undefined_rule"), "undefined_rule"),
         (StructuredOutput(grammar="root ::= x{2,1}"), "GBNF"),  # the converter's own errors
@@ -112,6 +116,11 @@ def test_objects_with_listed_properties_take_no_others_unless_the_schema_says(ti
     assert _accepts(folder, StructuredOutput(json=json.dumps(noted)), '{"a":{"id":1},"b":{"id":2}}')
     assert not _accepts(folder, StructuredOutput(json=json.dumps(noted)), '{"a":{"id":1,"x":1},"b":{"id":2}}')
     assert not _accepts(folder, StructuredOutput(json=json.dumps(noted)), '{"a":{"id":1},"b":{"id":2,"x":1}}')
+    # Compact JSON unless the schema's x-guidance says otherwise.
+    spaced = '{ "a": 1 }'
+    assert not _accepts(folder, StructuredOutput(json=json.dumps(listed)), spaced)
+    flexible = {**listed, "x-guidance": {"whitespace_flexible": True}}
+    assert _accepts(folder, StructuredOutput(json=json.dumps(flexible)), spaced)
     # A required name the properties do not list is another property: the object stays open.
     unlisted = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}
     assert _accepts(folder, StructuredOutput(json=json.dumps(unlisted)), '{"a":1,"b":2}')
