@@ -333,4 +333,7 @@ def test_a_model_whose_tokenizer_cannot_make_masks_answers_400s(tiny_model_facto
         for extra in ({"guided_regex": "[ab]+"}, {"guided_choice": ["a", "b"]}):
             with pytest.raises(openai.BadRequestError, match="not available for this model's tokenizer"):
                 client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body=extra)
+        # A forced call is a structured output too, made after the body's fields are read.
+        with pytest.raises(openai.BadRequestError, match="not available for this model's tokenizer"):
+            _chat(client, think_first=False, tools=TOOLS, tool_choice="required")
         assert client.completions.create(model="tiny", prompt="x", max_tokens=4).choices[0].text is not None

@@ -37,7 +37,7 @@ from inferd.server.errors import (
 from inferd.server.metrics import FinishedRequest, ServerMetrics
 from inferd.server.reasoning import ReasoningFormat
 from inferd.structured.matcher import GrammarCompiler
-from inferd.structured.spec import StructuredOutputError
+from inferd.structured.spec import StructuredOutput, StructuredOutputError
 
 logger = logging.getLogger("inferd.server.requests")
 
@@ -187,20 +187,22 @@ class Frontend:
             field = names.get(exc.field, exc.field)
             message = str(exc).replace(exc.field, field, 1)
             raise InvalidRequestError(message, field=field) from exc
-        spec = params.structured_output
-        if spec is not None:
-            field = names.get("structured_output", "structured_output")
-            try:
-                # Read once, on the first such request: a tokenizer llguidance cannot read makes
-                # every structured request the client's 4xx, not a failed generation.
-                self._grammars.check_tokenizer(self.eos_token_ids)
-                if spec.grammar is not None:
-                    # Only a grammar can name the tokenizer's own tokens (<|special|>, <[id]>),
-                    # which the check in SamplingParams, made without a tokenizer, cannot see.
-                    self._grammars.matcher_for(spec, self.eos_token_ids)
-            except StructuredOutputError as exc:
-                raise InvalidRequestError(f"{field}: {exc}", field=field) from exc
+        if params.structured_output is not None:
+            self.check_structured_output(
+                params.structured_output, names.get("structured_output", "structured_output")
+            )
         return params
+
+    def check_structured_output(self, spec: StructuredOutput, field: str) -> None:
+        """What SamplingParams' check, made without a tokenizer, cannot see, as the client's 4xx
+        rather than a failed generation: a tokenizer llguidance cannot read (read once, on the
+        first such request), and a grammar naming tokens the tokenizer lacks (<|special|>, <[id]>)."""
+        try:
+            self._grammars.check_tokenizer(self.eos_token_ids)
+            if spec.grammar is not None:
+                self._grammars.matcher_for(spec, self.eos_token_ids)
+        except StructuredOutputError as exc:
+            raise InvalidRequestError(f"{field}: {exc}", field=field) from exc
 
     def check_token_ids(self, token_ids: Sequence[int] | Mapping[int, float], field: str) -> None:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]

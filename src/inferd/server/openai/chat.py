@@ -171,7 +171,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     params = sampling_params(frontend, body, max_tokens, engine_logprobs, field_names)
     forced = None
     if tools is not None and body.tool_choice not in (None, "auto"):
-        forced, params = _force_calls(tools, body, params)
+        forced, params = _force_calls(frontend, tools, body, params)
     if tools is not None and forced is None and params.skip_special_tokens:
         # Some models' <tool_call> is a special token: kept in the text, so the blocks can be read.
         params = dataclasses.replace(params, skip_special_tokens=False)
@@ -218,7 +218,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
 
 
 def _force_calls(
-    tools: list[dict[str, Any]], body: ChatCompletionRequest, params: SamplingParams
+    frontend: Frontend, tools: list[dict[str, Any]], body: ChatCompletionRequest, params: SamplingParams
 ) -> tuple[ForcedCalls, SamplingParams]:
     """tool_choice "required" or a named function: the answer constrained to the calls' schema."""
     assert body.tool_choice is not None
@@ -233,6 +233,8 @@ def _force_calls(
         raise InvalidRequestError(
             f"tools: the tools' parameter schemas do not compile: {exc}", "tools"
         ) from exc
+    assert constrained.structured_output is not None
+    frontend.check_structured_output(constrained.structured_output, "tool_choice")
     return forced, constrained
 
 
