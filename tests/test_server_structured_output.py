@@ -275,7 +275,8 @@ def test_required_tool_choice_makes_at_least_one_call_of_the_offered_tools(clien
             client, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel, max_tokens=200
         )
         choice = answer.choices[0]
-        if choice.finish_reason == "length":  # a random model may run long inside the array
+        # Every call is bounded, but a random model may go on adding calls to an open array.
+        if parallel and choice.finish_reason == "length":
             assert choice.message.content.startswith("[")
             continue
         calls = _calls(choice.message)
