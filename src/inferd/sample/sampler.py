@@ -220,15 +220,16 @@ def _apply_grammars(logits: torch.Tensor, requests: Sequence[Request], errors: d
     """Keep each constrained row to the tokens its grammar allows next: the masks are made on the
     host, go up in one copy and are applied in one pass over those rows."""
     guided = [
-        i for i, r in enumerate(requests) if r.grammar is not None and r.grammar.active and i not in errors
+        (i, g)
+        for i, r in enumerate(requests)
+        if (g := r.grammar) is not None and g.active and i not in errors
     ]
     if not guided:
         return
-    grammars = [g for i in guided if (g := requests[i].grammar) is not None]
-    words = max(bitmask_words(logits.shape[1]), *(g.words for g in grammars))
+    words = max(bitmask_words(logits.shape[1]), *(grammar.words for _, grammar in guided))
     # Zeros: a row whose mask could not be made allows nothing; its request fails below anyway.
     bitmask = torch.zeros((len(guided), words), dtype=torch.int32, pin_memory=logits.is_cuda)
-    for row, (i, grammar) in enumerate(zip(guided, grammars, strict=True)):
+    for row, (i, grammar) in enumerate(guided):
         try:
             request = requests[i]
             # EOS ends an output wherever its grammar accepts one, unless the request ignores EOS.
@@ -236,9 +237,8 @@ def _apply_grammars(logits: torch.Tensor, requests: Sequence[Request], errors: d
             grammar.fill_bitmask(bitmask[row, : grammar.words], forbidden)
         except Exception as exc:
             errors[i] = f"structured output failed: {type(exc).__name__}: {exc}"
-    apply_bitmask(
-        logits, _to_device(guided, torch.long, logits.device), bitmask.to(logits.device, non_blocking=True)
-    )
+    rows = _to_device([i for i, _ in guided], torch.long, logits.device)
+    apply_bitmask(logits, rows, bitmask.to(logits.device, non_blocking=True))
 
 
 def _temperature_only(request: Request, vocab: int) -> bool:
