@@ -12,7 +12,7 @@ from inferd import LLM, SamplingParams
 from inferd.engine.request import Request
 from inferd.sched.output import SchedulerOutput
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2-moe", "qwen3-moe"]
 
 
 def _prompts(vocab: int, count: int = 16, seed: int = 0) -> list[list[int]]:

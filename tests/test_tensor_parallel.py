@@ -27,7 +27,8 @@ def _first_step_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
     return core.runner.logits_for(core.scheduler.schedule())
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "phi3"])  # phi3: q|k|v, gate|up fused
+# phi3: q|k|v, gate|up fused; qwen2-moe: experts and a gated shared expert split; mixtral: its names
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "phi3", "qwen2-moe", "mixtral"])
 def test_two_ranks_give_the_whole_models_logits_and_tokens(tiny_model_factory, arch: str) -> None:
     """Qwen3 has per-head q/k norms, Qwen2 q/k/v biases (split with their heads), Llama neither."""
     folder = tiny_model_factory(arch)

@@ -86,6 +86,62 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts model's routed MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE): each token goes
+    to ``top_k`` of ``num_experts`` SiLU-gated experts, weighted by the router's softmax."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    # Scale the chosen experts' weights to sum to 1 (Mixtral always; Qwen by ``norm_topk_prob``).
+    normalize_top_k: bool
+    # Qwen2-MoE: a dense expert every token takes, weighted by a sigmoid gate of its own (0: none).
+    shared_expert_intermediate_size: int
+    # The layers whose MLP is routed; the others keep the dense MLP of ``intermediate_size``.
+    sparse_layers: frozenset[int]
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], architecture: str, num_layers: int) -> MoEConfig | None:
+        """None for a dense model. Hugging Face names the expert count ``num_local_experts``
+        (Mixtral, and Qwen3-MoE as transformers 5 saves it) or ``num_experts`` (Qwen's own)."""
+        if architecture not in _MOE_ARCHITECTURES:
+            return None
+        num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+        top_k = int(cfg["num_experts_per_tok"])
+        if architecture == "MixtralForCausalLM":
+            every_layer = frozenset(range(num_layers))
+            return cls(num_experts, top_k, int(cfg["intermediate_size"]), True, 0, every_layer)
+        # Qwen's rule (as transformers builds the layers): routed unless listed as dense, every
+        # ``decoder_sparse_step``-th layer.
+        dense = {int(i) for i in cfg.get("mlp_only_layers") or []}
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        sparse = frozenset(
+            i for i in range(num_layers) if num_experts > 0 and i not in dense and (i + 1) % step == 0
+        )
+        return cls(
+            num_experts=num_experts,
+            top_k=top_k,
+            expert_intermediate_size=int(cfg["moe_intermediate_size"]),
+            normalize_top_k=bool(cfg.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+            sparse_layers=sparse,
+        )
+
+    def check_consistent(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"a mixture of experts needs at least one expert, not {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.top_k}) must be between 1 and the {self.num_experts} experts"
+            )
+        if self.expert_intermediate_size < 1 or self.shared_expert_intermediate_size < 0:
+            raise ValueError("the experts' intermediate sizes must be positive")
+
+
+_MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The architecture facts the engine needs, read from a Hugging Face `config.json`."""
 
@@ -105,6 +161,7 @@ class ModelConfig:
     qk_norm: bool
     sliding_window: int | None
     torch_dtype: str
+    moe: MoEConfig | None = None
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -151,6 +208,7 @@ class ModelConfig:
             qk_norm=architecture.startswith("Qwen3"),
             sliding_window=int(sliding) if sliding else None,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            moe=MoEConfig.from_hf_config(cfg, architecture, int(cfg["num_hidden_layers"])),
         )
         config.check_consistent()
         return config
@@ -168,6 +226,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_key_value_heads ({self.num_kv_heads}) must divide num_attention_heads "
                              f"({self.num_heads})")  # fmt: skip
+        if self.moe is not None:
+            self.moe.check_consistent()
 
     @classmethod
     def from_folder(cls, path: Path) -> ModelConfig:
@@ -191,18 +251,28 @@ class ModelConfig:
 
     def sharded(self, size: int) -> ModelConfig:
         """The per-rank shape under tensor parallelism over ``size`` ranks: heads and MLP width
-        divided (see ``worker/tensor_parallel.py``)."""
+        divided, each expert's too (see ``worker/tensor_parallel.py``)."""
         if size == 1:
             return self
-        for name, value in (("attention heads", self.num_heads), ("KV heads", self.num_kv_heads),
-                            ("intermediate size", self.intermediate_size)):  # fmt: skip
+        sizes = [("attention heads", self.num_heads), ("KV heads", self.num_kv_heads),
+                 ("intermediate size", self.intermediate_size)]  # fmt: skip
+        if self.moe is not None:
+            sizes.append(("experts' intermediate size", self.moe.expert_intermediate_size))
+            sizes.append(("shared expert's intermediate size", self.moe.shared_expert_intermediate_size))
+        for name, value in sizes:
             if value % size:
                 raise ValueError(f"tensor_parallel_size {size} does not divide the model's {name} ({value})")
+        moe = self.moe and dataclasses.replace(
+            self.moe,
+            expert_intermediate_size=self.moe.expert_intermediate_size // size,
+            shared_expert_intermediate_size=self.moe.shared_expert_intermediate_size // size,
+        )
         return dataclasses.replace(
             self,
             num_heads=self.num_heads // size,
             num_kv_heads=self.num_kv_heads // size,
             intermediate_size=self.intermediate_size // size,
+            moe=moe,
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:

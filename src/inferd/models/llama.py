@@ -1,14 +1,15 @@
-"""The Llama family decoder (Llama, Mistral, Qwen2, Qwen3) over a flat batch and a paged KV cache.
+"""The Llama family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, and the mixtures of experts
+Mixtral, Qwen2-MoE and Qwen3-MoE) over a flat batch and a paged KV cache.
 
-The four architectures differ only in switches read from the config: q/k/v biases (Qwen2), per-head
-q/k RMSNorm (Qwen3), tied embeddings, and rope scaling (Llama 3.1/3.2). Projections are fused
-(q|k|v and gate|up) so each layer does two matmuls fewer; the loader splits checkpoint shards in.
+The architectures differ only in switches read from the config: q/k/v biases (Qwen2), per-head
+q/k RMSNorm (Qwen3), tied embeddings, rope scaling (Llama 3.1/3.2), and routed experts in place of
+the MLP (``models/moe.py``). Projections are fused (q|k|v and gate|up) so each layer does two
+matmuls fewer; the loader splits checkpoint shards in.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,8 +21,8 @@ from inferd.layers.activation import SiluAndMul
 from inferd.layers.linear import Linear
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import RotaryEmbedding, RotaryStep, TritonRotary, qk_norm_weights
-
-AllReduce = Callable[[torch.Tensor], None]
+from inferd.models.mlp import MLP, AllReduce, reduced
+from inferd.models.moe import SparseMoE
 
 
 class Attention(nn.Module):
@@ -70,34 +71,18 @@ class Attention(nn.Module):
         else:
             q, k = rotary.apply_normed(q, k, *norms) if norms is not None else rotary.apply(q, k)
             out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return _reduced(self.o_proj(out.reshape(-1, self.q_size)), self.all_reduce)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act_fn = SiluAndMul()
-        self.all_reduce: AllReduce | None = None
-
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The MLP from the output of ``gate_up_proj``, which the layer runs (with its norm)."""
-        return _reduced(self.down_proj.forward_gated(gate_up, self.act_fn), self.all_reduce)
-
-
-def _reduced(partial: torch.Tensor, all_reduce: AllReduce | None) -> torch.Tensor:
-    """A row-split projection's output: each rank holds a partial sum until they are added up."""
-    if all_reduce is not None:
-        all_reduce(partial)
-    return partial
+        return reduced(self.o_proj(out.reshape(-1, self.q_size)), self.all_reduce)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp: MLP | SparseMoE
+        if cfg.moe is not None and index in cfg.moe.sparse_layers:
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.moe)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -115,6 +100,10 @@ class DecoderLayer(nn.Module):
         projection can (``Linear.forward_normed``; ``residual`` is None before the first layer)."""
         qkv, residual = self.self_attn.qkv_proj.forward_normed(x, residual, self.input_layernorm)
         x = self.self_attn(qkv, rotary, kv_cache, meta, backend)
+        if isinstance(self.mlp, SparseMoE):
+            # The router and every expert read the same normed input.
+            hidden, residual = self.post_attention_layernorm(x, residual)
+            return self.mlp(hidden), residual
         gate_up, residual = self.mlp.gate_up_proj.forward_normed(x, residual, self.post_attention_layernorm)
         return self.mlp(gate_up), residual
 
@@ -123,12 +112,13 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, index) for index in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Also serves MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM."""
+    """Also serves the Mistral, Qwen2, Qwen3, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE
+    architectures."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
@@ -195,10 +185,12 @@ class LlamaForCausalLM(nn.Module):
 
     def set_all_reduce(self, all_reduce: AllReduce) -> None:
         """Run as one rank of a tensor-parallel group: the attention and MLP output projections
-        hold this rank's columns, so their outputs are summed over the ranks in place."""
-        for module in self.modules():
-            if isinstance(module, (Attention, MLP)):
-                module.all_reduce = all_reduce
+        hold this rank's columns, so their outputs are summed over the ranks in place (a mixture
+        of experts sums its routed and shared experts' parts together, once)."""
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.all_reduce = all_reduce
+            layer.mlp.all_reduce = all_reduce
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype: the sampler widens them to float32 only on the paths that

@@ -103,7 +103,7 @@ def load_model(
     if dummy:
         fill_random(model)
     else:
-        weights = iter_checkpoint(path)
+        weights = ((canonical_name(name), t) for name, t in iter_checkpoint(path))
         if shard is not None:
             rank, size = shard
             # A checkpoint that ships q|k|v or gate|up fused (Phi-3) is split into its pieces first:
@@ -163,28 +163,32 @@ def enable_configured_kernels(model: CausalLM, config: EngineConfig) -> None:
         triton_pdl.set_enabled(pdl, torch.device(config.device))
 
 
+# Where a checkpoint tensor goes inside its parameter: None for the whole parameter, else the index of
+# a fused projection's piece, or an expert's index and, for its gate|up, the piece.
+Slot = tuple[int, ...] | None
+
+
 def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig) -> None:
     params = dict(model.named_parameters())
-    filled: set[tuple[str, int | None]] = set()  # (parameter, piece of a fused one)
+    filled: set[tuple[str, Slot]] = set()
     for name, tensor in weights:
         if "rotary_emb" in name:
             continue
-        target, shard = _target_of(name)
+        target, slot = _target_of(name)
         if target not in params:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}")
         param = params[target]
         with torch.no_grad():
-            if shard is None:
-                _copy_checked(param.data, tensor, name)
-            else:
-                _copy_checked(_shard_view(param.data, shard, cfg, target), tensor, name)
-        filled.add((target, shard))
+            view = _slot_view(param.data, slot, cfg, target, name)
+            _copy_checked(view, tensor, name)
+        filled.add((target, slot))
     if cfg.tie_word_embeddings:
         filled.add(("lm_head.weight", None))
-    # A fused parameter needs every piece: one left out would keep its initial values unnoticed.
-    missing = sorted(name for target in params for name in _unfilled(target, filled))
+    # A fused parameter needs every piece, stacked experts every expert: one left out would keep
+    # its initial values unnoticed.
+    missing = sorted(name for target, param in params.items() for name in _unfilled(target, param, filled))
     if missing:
         raise ModelLoadError(
             f"checkpoint lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
@@ -231,37 +235,84 @@ def shard_checkpoint_tensor(name: str, tensor: torch.Tensor, rank: int, size: in
     return tensor
 
 
-def _target_of(name: str) -> tuple[str, int | None]:
+# An expert's projections in a checkpoint (``...experts.<index>.<projection>.weight``) -> the stacked
+# parameter of ``models/moe.py`` they fill, and their piece of it (None: the expert's whole slice).
+_EXPERT_PIECES: dict[str, tuple[str, int | None]] = {
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", None),
+}
+# Mixtral's checkpoint names for the same tensors.
+_MIXTRAL_NAMES = {"block_sparse_moe": "mlp", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def canonical_name(name: str) -> str:
+    """A checkpoint tensor's name as the model's parameters spell it: Mixtral's routed block
+    (``block_sparse_moe``, experts ``w1``/``w3``/``w2``) takes Qwen-MoE's names; others as they are."""
+    parts = name.split(".")
+    if "block_sparse_moe" not in parts:
+        return name
+    return ".".join(_MIXTRAL_NAMES.get(part, part) for part in parts)
+
+
+def _target_of(name: str) -> tuple[str, Slot]:
     parts = name.split(".")
     for i, part in enumerate(parts):
+        if part == "experts" and parts[i + 1 : i + 2] and parts[i + 1].isdigit() and len(parts) == i + 4:
+            piece = _EXPERT_PIECES.get(parts[i + 2])
+            if piece is not None and parts[i + 3] == "weight":
+                stacked, half = piece
+                expert = int(parts[i + 1])
+                return ".".join([*parts[: i + 1], stacked]), (expert,) if half is None else (expert, half)
         if part in _FUSED_SHARDS:
             fused, shard = _FUSED_SHARDS[part]
-            return ".".join(parts[:i] + [fused] + parts[i + 1 :]), shard
+            return ".".join(parts[:i] + [fused] + parts[i + 1 :]), (shard,)
     return name, None
 
 
-def _shard_view(param: torch.Tensor, shard: int, cfg: ModelConfig, target: str) -> torch.Tensor:
-    if "qkv_proj" in target:
+def _is_expert_stack(target: str) -> bool:
+    return target.split(".")[-2:-1] == ["experts"]
+
+
+def _slot_view(param: torch.Tensor, slot: Slot, cfg: ModelConfig, target: str, name: str) -> torch.Tensor:
+    """The part of ``param`` that the checkpoint tensor ``name`` fills."""
+    if slot is None:
+        return param
+    if _is_expert_stack(target):
+        if slot[0] >= param.shape[0]:
+            raise ModelLoadError(f"tensor {name!r} names an expert past the model's {param.shape[0]}")
+        param = param[slot[0]]
+        if len(slot) == 1:
+            return param
+        piece = slot[1]
+    else:
+        piece = slot[0]
+    if target.endswith("qkv_proj.weight") or target.endswith("qkv_proj.bias"):
         q = cfg.num_heads * cfg.head_dim
         kv = cfg.num_kv_heads * cfg.head_dim
-        offsets = [(0, q), (q, kv), (q + kv, kv)]
-    else:
-        offsets = [(0, cfg.intermediate_size), (cfg.intermediate_size, cfg.intermediate_size)]
-    start, size = offsets[shard]
-    return param.narrow(0, start, size)
+        start, size = [(0, q), (q, kv), (q + kv, kv)][piece]
+        return param.narrow(0, start, size)
+    # gate|up: two halves (a shared expert's are not the config's intermediate size).
+    half = param.shape[0] // 2
+    return param.narrow(0, piece * half, half)
 
 
-def _unfilled(target: str, filled: set[tuple[str, int | None]]) -> list[str]:
+def _unfilled(target: str, param: torch.Tensor, filled: set[tuple[str, Slot]]) -> list[str]:
     """The checkpoint names of ``target``'s pieces that no tensor filled."""
     if (target, None) in filled:  # whole, also a fused parameter a checkpoint ships fused
         return []
     parts = target.split(".")
+    if _is_expert_stack(target):
+        pieces = [(name, half) for name, (stacked, half) in _EXPERT_PIECES.items() if stacked == parts[-1]]
+        return [".".join([*parts[:-1], str(expert), piece, "weight"])
+                for expert in range(param.shape[0]) for piece, half in pieces
+                if (target, (expert,) if half is None else (expert, half)) not in filled]  # fmt: skip
     fused = next((i for i, part in enumerate(parts) if part in _FUSED_PIECES), None)
     if fused is None:
         return [target]
-    pieces = _FUSED_PIECES[parts[fused]]
+    pieces_of = _FUSED_PIECES[parts[fused]]
     return [".".join([*parts[:fused], piece, *parts[fused + 1 :]])
-            for shard, piece in enumerate(pieces) if (target, shard) not in filled]  # fmt: skip
+            for shard, piece in enumerate(pieces_of) if (target, (shard,)) not in filled]  # fmt: skip
 
 
 def _copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:

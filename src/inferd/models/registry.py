@@ -46,6 +46,10 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     # Llama's layers with q|k|v and gate|up stored fused in the checkpoint, which the loader takes.
     "Phi3ForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
+    # Llama's attention with routed experts in place of the MLP (models/moe.py).
+    "MixtralForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
+    "Qwen2MoeForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
+    "Qwen3MoeForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
 }
 
 

@@ -1,0 +1,92 @@
+"""Routed expert MLPs (a sparse mixture of experts), as Mixtral, Qwen2-MoE and Qwen3-MoE use them.
+
+A router scores every expert for each token; the token goes through its ``top_k`` best, and their
+outputs are summed, weighted by the router's softmax (renormalised over the chosen ones where the
+model asks). Qwen2-MoE adds a shared expert every token takes, scaled by a sigmoid gate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferd.config import MoEConfig
+from inferd.layers.activation import silu_and_mul
+from inferd.models.mlp import MLP, AllReduce, reduced
+
+
+def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's chosen experts, [tokens, top_k], and their weights in float32: the softmax over
+    all experts (computed in float32, as Hugging Face does), kept for the chosen ones only."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+class Experts(nn.Module):
+    """``num_experts`` SiLU-gated MLPs in two stacked tensors: gate|up, [experts, 2 * intermediate,
+    hidden], and down, [experts, hidden, intermediate] (the loader fills each expert's slice from
+    its own checkpoint tensors)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """``sum_j weights[t, j] * expert[experts[t, j]](x[t])`` for every token ``t``.
+
+        The (token, expert) pairs are sorted by expert, so each expert with work runs one pair of
+        matmuls over all its tokens at once. Which experts have work, and how much, the host reads
+        from the device: one synchronisation per layer, which is why decode of these models does
+        not run as CUDA graphs."""
+        num_tokens, top_k = experts.shape
+        pair_experts = experts.reshape(-1)
+        order = torch.argsort(pair_experts, stable=True)
+        counts = torch.bincount(pair_experts, minlength=self.num_experts).tolist()
+        sorted_inputs = x[order // top_k]
+        sorted_outputs = torch.empty_like(sorted_inputs)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                hidden = silu_and_mul(F.linear(sorted_inputs[rows], self.gate_up_proj[expert]))
+                sorted_outputs[rows] = F.linear(hidden, self.down_proj[expert])
+                start += count
+        pair_outputs = torch.empty_like(sorted_outputs)
+        pair_outputs[order] = sorted_outputs
+        weighted = pair_outputs.view(num_tokens, top_k, -1).float() * weights.unsqueeze(-1)
+        return weighted.sum(dim=1).to(x.dtype)
+
+
+class SparseMoE(nn.Module):
+    """A decoder layer's MLP as routed experts (and Qwen2-MoE's gated shared expert). Parameter
+    names follow the Qwen checkpoints (``gate`` is the router); the loader maps Mixtral's."""
+
+    def __init__(self, hidden_size: int, moe: MoEConfig) -> None:
+        super().__init__()
+        self.top_k = moe.top_k
+        self.normalize_top_k = moe.normalize_top_k
+        self.gate = nn.Linear(hidden_size, moe.num_experts, bias=False)
+        self.experts = Experts(moe.num_experts, hidden_size, moe.expert_intermediate_size)
+        self.shared_expert: MLP | None = None
+        self.shared_expert_gate: nn.Linear | None = None
+        if moe.shared_expert_intermediate_size:
+            self.shared_expert = MLP(hidden_size, moe.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        # Under tensor parallelism each rank holds a slice of every expert (and of the shared one):
+        # their partial outputs are summed once, here.
+        self.all_reduce: AllReduce | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output for ``x``, the layer's normed hidden states [tokens, hidden]."""
+        weights, experts = route(self.gate(x), self.top_k, self.normalize_top_k)
+        out = self.experts(x, weights, experts)
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            shared = self.shared_expert(self.shared_expert.gate_up_proj(x))
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return reduced(out, self.all_reduce)
