@@ -74,12 +74,22 @@ LLAMA_3_1_8B = {
     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 8192},
 }  # fmt: skip
+# A mixture of experts (128 experts, 8 a token): the torch experts against triton_moe, batch 1.
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+    "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32,
+    "num_key_value_heads": 4, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960, "tie_word_embeddings": False, "num_experts": 128,
+    "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+}  # fmt: skip
 BATCH1_PROMPT_LEN = 16
 # Toy sizes for --smoke: the same code paths, small enough for the CPU and the Triton interpreter.
 SMOKE_SIZES = {
     "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
 }  # fmt: skip
+# --smoke's mixture of experts: few, narrow experts, so the interpreter runs the Triton path quickly.
+SMOKE_MOE_SIZES = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 
 
 @dataclass(frozen=True)
@@ -103,14 +113,20 @@ class Plan:
 
 
 def shape_config(hf_config: dict[str, Any], smoke: bool) -> dict[str, Any]:
-    return {**hf_config, **SMOKE_SIZES} if smoke else dict(hf_config)
+    if not smoke:
+        return dict(hf_config)
+    return {**hf_config, **SMOKE_SIZES, **(SMOKE_MOE_SIZES if "num_experts" in hf_config else {})}
 
 
 def model_shape(hf_config: dict[str, Any], dtype: torch.dtype) -> ModelShape:
+    """The roofline's shape; a mixture of experts counts the MLP a token runs through (its chosen
+    experts), which is what a decode step of one sequence reads."""
+    routed = "num_experts" in hf_config
+    active = hf_config["num_experts_per_tok"] * hf_config["moe_intermediate_size"] if routed else 0
     return ModelShape(
         vocab_size=hf_config["vocab_size"],
         hidden_size=hf_config["hidden_size"],
-        intermediate_size=hf_config["intermediate_size"],
+        intermediate_size=active or hf_config["intermediate_size"],
         num_layers=hf_config["num_hidden_layers"],
         num_heads=hf_config["num_attention_heads"],
         num_kv_heads=hf_config["num_key_value_heads"],
@@ -1048,10 +1064,14 @@ VARIANTS = {
         "triton_fused_linear": True,
         "triton_tiled_linear": True,
         "triton_decode_rotary": True,
+        "triton_moe": True,  # acts on mixtures of experts only (benchmarks/moe.py times it)
     },
     # The defaults before the H200 calls of 2026-11-30 switched on PDL, the fused sampler and the
     # kernel tunings of MODULE_PATCHES' entry below: the before, measured in the run of the after.
     "previous_defaults": {"triton_pdl": False, "triton_sampling": False},
+    # The mixture of experts' routed experts on the Triton grouped matmul, decode in CUDA graphs
+    # (its default engine runs the torch experts, eagerly).
+    "triton_moe": {"triton_moe": True},
 }
 # Variants that set a kernel module's constant, not an engine option, for their measurement only:
 # tunings the engine does not expose. ``split_32`` lets 32-token parts of a context run in
@@ -1177,6 +1197,7 @@ def start_engine(
         "triton_tiled_linear": llm.engine.config.uses_triton_tiled_linear,
         "triton_pdl": llm.engine.config.uses_triton_pdl,
         "triton_decode_rotary": llm.engine.config.uses_triton_decode_rotary,
+        "triton_moe": llm.engine.config.uses_triton_moe,
         "warm_up": _warm_up_facts(llm.engine.core.runner.warm_up_report),
     }
     print("engine start-up:", json.dumps(startup), flush=True)
@@ -1438,7 +1459,14 @@ def write_partial(args: argparse.Namespace, checkpoint: Checkpoint) -> None:
 
 
 def shape_runs(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: Path) -> dict[str, ShapeRun]:
-    """The two model shapes timed, each with its model folder under ``root``."""
+    """The model shapes timed, each with its model folder under ``root``: the two of the issue's
+    targets and the mixture of experts, or (``--moe-only``) the mixture of experts alone."""
+    moe = ShapeRun(
+        args, plan, ceilings, root / "qwen3-30b-a3b", shape_config(QWEN3_30B_A3B, args.smoke),
+        {"max_num_seqs": 1, "kv_cache_memory": "4GiB" if not args.smoke else plan.kv_cache_memory},
+    )  # fmt: skip
+    if args.moe_only:
+        return {"qwen3_30b_a3b": moe}
     qwen = ShapeRun(args, plan, ceilings, root / "qwen3-0.6b", shape_config(QWEN3_0_6B, args.smoke), {})
     # One sequence needs little KV cache; a small budget keeps the 8B run within an 80 GB card.
     llama_kv = "4GiB" if not args.smoke else plan.kv_cache_memory
@@ -1446,12 +1474,17 @@ def shape_runs(args: argparse.Namespace, plan: Plan, ceilings: Ceilings, root: P
         args, plan, ceilings, root / "llama-3.1-8b", shape_config(LLAMA_3_1_8B, args.smoke),
         {"max_num_seqs": 1, "kv_cache_memory": llama_kv},
     )  # fmt: skip
-    return {"qwen3_0.6b": qwen, "llama_3.1_8b": llama}
+    return {"qwen3_0.6b": qwen, "llama_3.1_8b": llama, "qwen3_30b_a3b": moe}
 
 
 def planned_steps(runs: dict[str, ShapeRun]) -> list[Callable[[], None]]:
     """The target figures first (workload, batch-1 with graphs on both shapes), then the variants
-    that explain them, so a short budget loses the explanations, not the targets."""
+    that explain them, so a short budget loses the explanations, not the targets; the mixture of
+    experts last."""
+    moe = runs["qwen3_30b_a3b"]
+    moe_steps = [functools.partial(moe.variant, "default"), functools.partial(moe.variant, "triton_moe")]
+    if "qwen3_0.6b" not in runs:  # --moe-only
+        return moe_steps
     qwen, llama = runs["qwen3_0.6b"], runs["llama_3.1_8b"]
     return [
         qwen.checks,
@@ -1488,6 +1521,7 @@ def planned_steps(runs: dict[str, ShapeRun]) -> list[Callable[[], None]]:
         functools.partial(qwen.variant, "eager_torch_ops"),
         functools.partial(llama.variant, "eager"),
         qwen.compare_with_transformers,
+        *moe_steps,
     ]
 
 
@@ -1631,6 +1665,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "process runs it in a child and starts a fresh child if the device is lost",
     )
     parser.add_argument(
+        "--moe-only",
+        action="store_true",
+        help="time only the mixture of experts (Qwen3-30B-A3B shape, batch 1): torch experts "
+        "against triton_moe, for a call of its own",
+    )
+    parser.add_argument(
         "--engine-option",
         type=parse_engine_option,
         action="append",
@@ -1717,8 +1757,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
             checkpoint.restore(runs)
         if not run_all(args, plan, runs, checkpoint):
             return EXIT_DEVICE_LOST
-    qwen = runs["qwen3_0.6b"]
-    if "nano_vllm_workload" not in qwen.result:  # its step never ran: the device was lost too often
+    qwen = runs.get("qwen3_0.6b")
+    # Its step never ran: the device was lost too often.
+    if qwen is not None and "nano_vllm_workload" not in qwen.result:
         peer = dict(TRANSFORMERS_H200_REFERENCE) if args.skip_transformers else {"skipped": "not run"}
         qwen.record_workload_comparison(peer)
     results = {
@@ -1774,7 +1815,7 @@ def print_summary(results: dict[str, Any]) -> None:
             if "fraction_of_floor" in group:
                 line += f", {group['fraction_of_floor']:.0%} of its floor"
             print(line)
-    else:
+    elif "qwen3_0.6b" in results:  # not a --moe-only run
         print("nano-vllm workload: not measured (failed or out of time; see the JSON)")
     default_workload = ours.get("output_tok_s") if isinstance(ours, dict) else None
     for variant, entry in results.get("qwen3_0.6b", {}).get("variants", {}).items():
@@ -1782,7 +1823,9 @@ def print_summary(results: dict[str, Any]) -> None:
         if isinstance(other, dict) and "output_tok_s" in other:
             print(f"nano-vllm workload, {variant}: {other['output_tok_s']:,.0f} output tok/s"
                   f"{_against(other['output_tok_s'], default_workload)}{_agreement_note(entry)}")  # fmt: skip
-    for name in ("qwen3_0.6b", "llama_3.1_8b"):
+    for name in ("qwen3_0.6b", "llama_3.1_8b", "qwen3_30b_a3b"):
+        if name not in results:
+            continue
         variants = results.get(name, {}).get("variants", {})
         default_b1 = variants.get("default", {}).get("batch1_decode")
         default_rate = default_b1.get("decode_tok_s") if isinstance(default_b1, dict) else None

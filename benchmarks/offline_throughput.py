@@ -6,6 +6,10 @@ ignore_eos. All three engines run in the same process, one after another, on the
 
     python benchmarks/offline_throughput.py [--num-prompts 64] [--skip-hf-generate] [--out results.json]
 
+With ``--moe`` the model is a mixture of experts of the same shape (``Qwen3MoeForCausalLM``): each
+layer's MLP is 16 experts of 384, 4 a token, so a token runs through as wide an MLP (1,536) as the
+dense model's; it shows what routing costs on top of the same arithmetic.
+
 transformers' `generate` runs all prompts as one left-padded batch up to the longest output (it
 cannot stop rows early with ignore_eos); its throughput counts only the requested output tokens.
 """
@@ -35,14 +39,27 @@ SMOLLM_SHAPE = {
 }
 
 
-def build_model(folder: Path) -> None:
+# --moe: the MLP as routed experts, as wide per token as the dense one (4 x 384 = 1,536).
+MOE_EXPERTS = {
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "moe_intermediate_size": 384,
+    "norm_topk_prob": True,
+}
+
+
+def build_model(folder: Path, moe: bool = False) -> None:
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    config = transformers.LlamaConfig(**SMOLLM_SHAPE, eos_token_id=0, bos_token_id=0)
-    config.architectures = ["LlamaForCausalLM"]
+    if moe:
+        config = transformers.Qwen3MoeConfig(**SMOLLM_SHAPE, **MOE_EXPERTS, eos_token_id=0, bos_token_id=0)
+        config.architectures = ["Qwen3MoeForCausalLM"]
+    else:
+        config = transformers.LlamaConfig(**SMOLLM_SHAPE, eos_token_id=0, bos_token_id=0)
+        config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    getattr(transformers, config.architectures[0])(config).save_pretrained(folder)
     # A word-level vocabulary as large as the model's, so every id detokenizes.
     vocab = {f"w{i}": i for i in range(SMOLLM_SHAPE["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
@@ -135,6 +152,7 @@ def main() -> None:
     parser.add_argument(
         "--output-len", type=int, help="every output this long (1: the prompts' prefill alone)"
     )
+    parser.add_argument("--moe", action="store_true", help="a mixture of experts of the same shape")
     parser.add_argument("--skip-hf-generate", action="store_true")
     parser.add_argument("--skip-hf-continuous", action="store_true")
     parser.add_argument("--out", type=Path)
@@ -147,7 +165,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        build_model(folder)
+        build_model(folder, moe=args.moe)
         runs = [("inferd", run_inferd)]
         if not args.skip_hf_generate:
             runs.append(("transformers generate (batched)", run_hf_generate))
@@ -171,6 +189,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
         "num_prompts": args.num_prompts,
+        "model": "Qwen3MoeForCausalLM" if args.moe else "LlamaForCausalLM",
         "results": results,
     }
     if args.out:

@@ -527,6 +527,16 @@ def test_steps_are_named_by_shape_and_part(tmp_path) -> None:
     assert gpu.as_typed(child) == ["gpu.py", "--smoke", "--out", "x.json"]
 
 
+def test_moe_only_plans_the_mixture_of_experts_two_engines_alone(tmp_path) -> None:
+    args = gpu.parse_args(["--smoke", "--moe-only", "--out", str(tmp_path / "run.json")])
+    plan = gpu.Plan.for_args(args)
+    runs = gpu.shape_runs(args, plan, Ceilings(bandwidth_bytes_s=1e9, matmul_flops_s=1e9), tmp_path)
+    names = [gpu.step_name(step, runs) for step in gpu.planned_steps(runs)]
+    assert names == ["qwen3_30b_a3b variant default", "qwen3_30b_a3b variant triton_moe"]
+    # The roofline reads what one token runs through: its 8 experts of 768, not all 128.
+    assert gpu.model_shape(gpu.QWEN3_30B_A3B, torch.bfloat16).intermediate_size == 8 * 768
+
+
 def test_every_variant_is_planned_with_options_an_engine_takes(tmp_path, tiny_llama) -> None:
     """A variant left out of the plan is never measured; one whose options an engine refuses
     fails its part of the device call (and a misspelt option would make the fallback fail too)."""

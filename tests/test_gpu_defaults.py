@@ -48,6 +48,7 @@ def test_a_default_stays_off_where_its_needs_are_not_met(tiny_llama, all_on_a_gp
         "triton_decode_rotary": False,
         "triton_sampling": True,
         "triton_pdl": False,
+        "triton_moe": False,
     }
     assert not uses(tiny_llama, device="cuda", triton_linear=False)["triton_fused_linear"]
     assert not uses(tiny_llama, device="cuda", attention_backend="torch")["triton_decode_rotary"]

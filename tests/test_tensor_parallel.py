@@ -239,19 +239,24 @@ def test_every_rank_switches_the_kernels_the_config_asks_for(tiny_model_factory)
             calls.append(switches)
 
     on, off = True, False
-    cases = {  # options -> (ops, linear, fused_linear, tiled_linear, decode_rotary)
-        (("triton_ops", on), ("triton_fused_linear", on), ("triton_tiled_linear", on)): (on, on, on, on, off),
-        (("triton_ops", on), ("triton_linear", off)): (on, off, off, off, off),
-        (("triton_linear", on),): (off, on, off, off, off),
-        (("triton_tiled_linear", on),): (off, off, off, on, off),
+    cases = {  # options -> (ops, linear, fused_linear, tiled_linear, decode_rotary, moe)
+        (("triton_ops", on), ("triton_fused_linear", on), ("triton_tiled_linear", on)): (
+            *(on, on, on, on),
+            *(off, off),
+        ),
+        (("triton_ops", on), ("triton_linear", off)): (on, off, off, off, off, off),
+        (("triton_linear", on),): (off, on, off, off, off, off),
+        (("triton_tiled_linear", on),): (off, off, off, on, off, off),
         (("triton_ops", on), ("attention_backend", "triton"), ("triton_decode_rotary", on)): (
             on,
             on,
             off,
             off,
             on,
+            off,
         ),
-        (): (False,) * 5,
+        (("triton_moe", on),): (off, off, off, off, off, on),
+        (): (False,) * 6,
     }
     for options in cases:
         config = build_engine_config(tiny_model_factory("llama"), device="cpu", **dict(options))

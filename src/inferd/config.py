@@ -31,6 +31,7 @@ GPU_DEFAULTS: dict[str, bool] = {
     "triton_decode_rotary": False,
     "triton_sampling": True,
     "triton_pdl": True,
+    "triton_moe": False,
 }
 
 
@@ -398,6 +399,10 @@ class EngineConfig:
     # launch (layers/triton_pdl.py): each kernel starts during the previous one's tail; needs a
     # Hopper or later GPU and a Triton with grid dependency control.
     triton_pdl: bool | None = None
+    # A mixture of experts' routed experts on a Triton grouped matmul laid out on the device
+    # (layers/triton_moe.py) instead of torch matmuls per expert after a host read: no host
+    # synchronisation, so its decode steps can run as CUDA graphs.
+    triton_moe: bool | None = None
     # Schedule and launch step N+1 before reading step N's tokens, so the host's work overlaps the
     # device's; None: on a GPU only (on the CPU the forward itself blocks, so it would only delay).
     async_scheduling: bool | None = None
@@ -460,6 +465,12 @@ class EngineConfig:
         from inferd.layers.triton_pdl import unsupported_reason  # imports triton: only here
 
         return unsupported_reason(torch.device(self.device)) is None
+
+    @property
+    def uses_triton_moe(self) -> bool:
+        if self.triton_moe is not None:
+            return self.triton_moe
+        return self._on_gpu_by_default("triton_moe") and self.uses_triton_ops
 
     @property
     def uses_warm_up(self) -> bool:

@@ -88,6 +88,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         triton_decode_rotary=options.pop("triton_decode_rotary", None),
         triton_sampling=options.pop("triton_sampling", None),
         triton_pdl=options.pop("triton_pdl", None),
+        triton_moe=options.pop("triton_moe", None),
         async_scheduling=options.pop("async_scheduling", None),
         tensor_parallel_size=_tensor_parallel_size(options.pop("tensor_parallel_size", None), model),
         warm_up=options.pop("warm_up", None),

@@ -55,6 +55,8 @@ _SWITCHES = {
     "during the last one's tail, on Hopper GPUs and later" + _default_on_a_gpu("triton_pdl"),
     "triton_sampling": "random rows that only scale by a temperature are drawn by one fused Triton pass "
     "over the logits" + _default_on_a_gpu("triton_sampling"),
+    "triton_moe": "a mixture of experts' routed experts on a Triton grouped matmul, without a host "
+    "read per layer, so its decode steps can run as CUDA graphs" + _default_on_a_gpu("triton_moe"),
     "warm_up": "run the largest step, a decode step, short prompt steps and each sampling path once "
     "before serving, so the first requests pay no compiles and a step too large for memory fails at "
     "start-up (default: on for CUDA)",

@@ -22,7 +22,7 @@ from inferd.layers.linear import Linear
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import RotaryEmbedding, RotaryStep, TritonRotary, qk_norm_weights
 from inferd.models.mlp import MLP, AllReduce, reduced
-from inferd.models.moe import SparseMoE
+from inferd.models.moe import Experts, SparseMoE
 
 
 class Attention(nn.Module):
@@ -155,6 +155,7 @@ class LlamaForCausalLM(nn.Module):
         fused_linear: bool = False,
         tiled_linear: bool = False,
         decode_rotary: bool = False,
+        moe: bool = False,
     ) -> None:
         """Switch every RMSNorm (with its residual add), the rotary embedding and SiLU-and-mul
         to the Triton kernels of ``layers/triton_ops.py``, or back to torch; with ``linear``, the
@@ -163,7 +164,8 @@ class LlamaForCausalLM(nn.Module):
         with ``tiled_linear``, wide projections of up to 256 rows to
         ``layers/triton_tiled_linear.py``; with ``decode_rotary``, a pure decode step's attention
         kernel does the rotary, the q/k norms and the KV store itself (it needs the Triton
-        attention backend). Off by default."""
+        attention backend); with ``moe``, routed experts run on ``layers/triton_moe.py``. Off by
+        default."""
         if fused_linear and not linear:
             raise ValueError("fused_linear fuses ops into the Triton matmul, which needs linear")
         if decode_rotary and not enabled:
@@ -173,6 +175,8 @@ class LlamaForCausalLM(nn.Module):
             importlib.import_module("inferd.layers.triton_ops")
         triton_linear = importlib.import_module("inferd.layers.triton_linear") if linear else None
         tiled = importlib.import_module("inferd.layers.triton_tiled_linear") if tiled_linear else None
+        if moe:
+            importlib.import_module("inferd.layers.triton_moe")
         for module in self.modules():
             if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
                 module.use_triton = enabled
@@ -182,6 +186,8 @@ class LlamaForCausalLM(nn.Module):
                 module.triton_max_rows = triton_linear.rows_routed(module.weight) if triton_linear else 0
                 module.fuse_input_ops = fused_linear
                 module.tiled_max_rows = tiled.rows_routed(module.weight) if tiled else 0
+            elif isinstance(module, Experts):
+                module.use_triton = moe
 
     def set_all_reduce(self, all_reduce: AllReduce) -> None:
         """Run as one rank of a tensor-parallel group: the attention and MLP output projections

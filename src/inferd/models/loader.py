@@ -153,6 +153,7 @@ def enable_configured_kernels(model: CausalLM, config: EngineConfig) -> None:
         config.uses_triton_fused_linear,
         config.uses_triton_tiled_linear,
         config.uses_triton_decode_rotary,
+        config.uses_triton_moe,
     )
     # The launch switch is process-wide: set it either way where a kernel may have read it, so an
     # engine built after one with PDL does not inherit it. Where the module was never imported, no

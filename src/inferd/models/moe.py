@@ -34,6 +34,8 @@ class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts = num_experts
+        # Run on layers/triton_moe.py (the engine option triton_moe), without a host read.
+        self.use_triton = False
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
@@ -42,8 +44,12 @@ class Experts(nn.Module):
 
         The (token, expert) pairs are sorted by expert, so each expert with work runs one pair of
         matmuls over all its tokens at once. Which experts have work, and how much, the host reads
-        from the device: one synchronisation per layer, which is why decode of these models does
-        not run as CUDA graphs."""
+        from the device: one synchronisation per layer, which is why decode of these models runs
+        as CUDA graphs only on the Triton path (``use_triton``), which needs no such read."""
+        if self.use_triton:
+            from inferd.layers import triton_moe
+
+            return triton_moe.routed_experts(x, self.gate_up_proj, self.down_proj, weights, experts)
         num_tokens, top_k = experts.shape
         pair_experts = experts.reshape(-1)
         order = torch.argsort(pair_experts, stable=True)

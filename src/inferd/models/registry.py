@@ -34,6 +34,7 @@ class CausalLM(Protocol):
         fused_linear: bool = False,
         tiled_linear: bool = False,
         decode_rotary: bool = False,
+        moe: bool = False,
     ) -> None: ...
 
     def set_all_reduce(self, all_reduce: Callable[[torch.Tensor], None]) -> None: ...

@@ -165,9 +165,9 @@ class ModelRunner:
         if self.tensor_parallel is not None:
             logger.info("CUDA graphs are not used with tensor parallelism; decode runs eagerly")
             return False
-        if self.config.model.moe is not None:
-            # Its experts' share of the tokens is read on the host each layer (models/moe.py).
-            logger.info("CUDA graphs are not used for mixture-of-experts models; decode runs eagerly")
+        if self.config.model.moe is not None and not self.config.uses_triton_moe:
+            # The torch experts read each expert's share of the tokens on the host (models/moe.py).
+            logger.info("CUDA graphs need triton_moe for a mixture of experts; decode runs eagerly")
             return False
         if resolve_backend_name(self.config.attention_backend, self.config.device) != "triton":
             logger.info("CUDA graphs need the triton attention backend; decode runs eagerly")
