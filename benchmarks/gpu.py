@@ -1064,7 +1064,7 @@ VARIANTS = {
         "triton_fused_linear": True,
         "triton_tiled_linear": True,
         "triton_decode_rotary": True,
-        "triton_moe": True,  # acts on mixtures of experts only (benchmarks/moe.py times it)
+        "triton_moe": True,  # acts on mixtures of experts only (the qwen3_30b_a3b shape times it)
     },
     # The defaults before the H200 calls of 2026-11-30 switched on PDL, the fused sampler and the
     # kernel tunings of MODULE_PATCHES' entry below: the before, measured in the run of the after.

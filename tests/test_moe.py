@@ -82,6 +82,28 @@ def test_the_routed_layers_follow_each_architectures_fields() -> None:
     assert ModelConfig.from_hf_config(_hf("Qwen3ForCausalLM")).moe is None
 
 
+def test_fields_transformers_reads_only_for_some_qwen_models_are_read_so() -> None:
+    # No experts: every layer dense, as transformers builds it.
+    assert (
+        ModelConfig.from_hf_config(_hf("Qwen2MoeForCausalLM", num_experts=0, moe_intermediate_size=12)).moe
+        is None
+    )
+    # A shared expert is Qwen2-MoE's alone; q/k/v biases follow its qkv_bias.
+    qwen3 = ModelConfig.from_hf_config(_hf("Qwen3MoeForCausalLM", num_experts=4, moe_intermediate_size=12,
+                                           shared_expert_intermediate_size=40))  # fmt: skip
+    assert qwen3.moe is not None and qwen3.moe.shared_expert_intermediate_size == 0
+    fields = {"num_experts": 4, "moe_intermediate_size": 12}
+    assert not ModelConfig.from_hf_config(_hf("Qwen2MoeForCausalLM", qkv_bias=False, **fields)).attention_bias
+    assert ModelConfig.from_hf_config(_hf("Qwen2MoeForCausalLM", **fields)).attention_bias
+    # Qwen's window applies only with use_sliding_window, the dense Qwen3's as the MoE's.
+    for architecture in ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM"):
+        off = ModelConfig.from_hf_config(_hf(architecture, sliding_window=4096, **fields))
+        on = ModelConfig.from_hf_config(
+            _hf(architecture, sliding_window=4096, use_sliding_window=True, **fields)
+        )
+        assert (off.sliding_window, on.sliding_window) == (None, 4096)
+
+
 def test_impossible_routing_is_refused() -> None:
     with pytest.raises(ValueError, match=r"num_experts_per_tok \(5\) must be between 1 and the 4 experts"):
         ModelConfig.from_hf_config(_hf("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=5))
@@ -120,5 +142,44 @@ def test_an_expert_past_the_configs_count_is_refused(tiny_model_factory, tmp_pat
         ].clone()
 
     folder = _rewrite(tiny_model_factory("mixtral"), tmp_path, add_expert)
-    with pytest.raises(ModelLoadError, match="names an expert past the model's 4"):
+    with pytest.raises(
+        ModelLoadError, match=r"'model.layers.0.block_sparse_moe.experts.4.w2.weight' names an expert past"
+    ):
         LLMEngine.from_options(folder, kv_cache_memory="8MiB")
+
+
+def test_a_mixtral_tensor_missing_is_named_as_mixtral_names_it(tiny_model_factory, tmp_path: Path) -> None:
+    name = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    folder = _rewrite(tiny_model_factory("mixtral"), tmp_path, lambda w: w.pop(name))
+    with pytest.raises(ModelLoadError, match=f"checkpoint lacks tensors: {name}"):
+        LLMEngine.from_options(folder, kv_cache_memory="8MiB")
+
+
+def _stack_experts(weights: dict[str, torch.Tensor]) -> None:
+    """Each layer's experts as two stacked tensors, [experts, 2 * intermediate, hidden] and
+    [experts, hidden, intermediate], as transformers 5 holds them in memory."""
+    for layer in sorted({n.split(".experts.")[0] for n in weights if ".experts." in n}):
+        count = len(
+            {n for n in weights if n.startswith(f"{layer}.experts.") and n.endswith("down_proj.weight")}
+        )
+        pieces = [[weights.pop(f"{layer}.experts.{e}.{p}_proj.weight") for e in range(count)]
+                  for p in ("gate", "up", "down")]  # fmt: skip
+        gate_up = [torch.cat([g, u]) for g, u in zip(pieces[0], pieces[1], strict=True)]
+        weights[f"{layer}.experts.gate_up_proj"] = torch.stack(gate_up)
+        weights[f"{layer}.experts.down_proj"] = torch.stack(pieces[2])
+
+
+def test_stacked_expert_tensors_load_whole_and_split_over_ranks(tiny_model_factory, tmp_path: Path) -> None:
+    from inferd import LLM, SamplingParams
+
+    folder = tiny_model_factory("qwen2-moe")
+    stacked = _rewrite(folder, tmp_path, _stack_experts)
+    prompts = [list(range(5, 30)), [7, 8, 9]]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(folder, num_kv_blocks=64).generate(prompts, params)]
+    assert [o.token_ids for o in LLM(stacked, num_kv_blocks=64).generate(prompts, params)] == expected
+    split = LLM(stacked, num_kv_blocks=64, tensor_parallel_size=2)
+    try:
+        assert [o.token_ids for o in split.generate(prompts, params)] == expected
+    finally:
+        split.shutdown()

@@ -193,3 +193,33 @@ def test_after_the_warm_up_a_workload_needs_no_new_kernel_variant(tiny_model_fac
         llm.generate([list(range(100, 116))], SamplingParams(max_tokens=1, ignore_eos=True))
     assert _PROMPT_AND_SAMPLER_KERNELS <= workload.kernels()  # the comparison below is not vacuous
     assert [key for key in workload.keys if key not in at_start.keys] == []
+
+
+def test_the_warm_up_compiles_every_routed_experts_variant(tiny_model_factory, monkeypatch) -> None:
+    """The grouped matmul of ``triton_moe`` takes 16, 32 or 64 rows a program by how many tokens a
+    step gives each expert: the warm-up's prompt steps reach each size, and no step's token count
+    makes a variant of its own."""
+    if os.environ["TRITON_INTERPRET"] != "1":
+        pytest.skip("launches are recorded through the Triton interpreter")
+    from kernel_specializations import LaunchRecorder
+
+    from inferd.worker import warm_up
+
+    # The generic short prompts happen to reach every size on this tiny model: leave them out, so
+    # the steps the model asks for (``triton_moe.warm_up_token_counts``) must.
+    monkeypatch.setattr(warm_up, "_SHORT_PROMPT_LENS", (2,))
+    llm = LLM(tiny_model_factory("qwen3-moe"), device="cpu", triton_moe=True, warm_up=False,
+              block_size=8, num_kv_blocks=128, max_num_seqs=4, max_num_batched_tokens=128)  # fmt: skip
+    at_start = LaunchRecorder()
+    with at_start.recording(monkeypatch):
+        llm.engine.core.runner.warm_up()
+    workload = LaunchRecorder()
+    with workload.recording(monkeypatch):
+        # Each prompt alone, in one step, none a prefix of another. 8 experts, 3 a token: 47 tokens
+        # average 17 pairs an expert (32 rows a program), 90 tokens 33 (64 rows); 16 tokens make
+        # 48 pairs, a multiple of 16, in programs of 16 rows, as no warm-up step does.
+        for start, length in ((5, 47), (60, 90), (160, 16), (200, 61)):
+            prompt = list(range(start, start + length))
+            llm.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert workload.kernels() == {"_grouped_matmul_kernel"}
+    assert [key for key in workload.keys if key not in at_start.keys] == []

@@ -108,6 +108,8 @@ class MoEConfig:
         if architecture not in _MOE_ARCHITECTURES:
             return None
         num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+        if num_experts == 0 and architecture != "MixtralForCausalLM":
+            return None  # Qwen's configs build every layer dense without experts
         top_k = int(cfg["num_experts_per_tok"])
         if architecture == "MixtralForCausalLM":
             every_layer = frozenset(range(num_layers))
@@ -116,15 +118,16 @@ class MoEConfig:
         # ``decoder_sparse_step``-th layer.
         dense = {int(i) for i in cfg.get("mlp_only_layers") or []}
         step = int(cfg.get("decoder_sparse_step") or 1)
-        sparse = frozenset(
-            i for i in range(num_layers) if num_experts > 0 and i not in dense and (i + 1) % step == 0
-        )
+        sparse = frozenset(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
         return cls(
             num_experts=num_experts,
             top_k=top_k,
             expert_intermediate_size=int(cfg["moe_intermediate_size"]),
             normalize_top_k=bool(cfg.get("norm_topk_prob", False)),
-            shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+            # Only Qwen2-MoE has a shared expert (transformers ignores the field elsewhere).
+            shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
+            if architecture == "Qwen2MoeForCausalLM"
+            else 0,
             sparse_layers=sparse,
         )
 
@@ -189,7 +192,9 @@ class ModelConfig:
             )
         head_dim = cfg.get("head_dim") or hidden // num_heads
         sliding = cfg.get("sliding_window")
-        if architecture.startswith("Qwen2") and not cfg.get("use_sliding_window", False):
+        # Qwen's configs carry a window that applies only with use_sliding_window (as transformers
+        # reads them).
+        if architecture.startswith(("Qwen2", "Qwen3")) and not cfg.get("use_sliding_window", False):
             sliding = None
         config = cls(
             architecture=architecture,
@@ -204,8 +209,7 @@ class ModelConfig:
             rope=rope,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama and Mistral expose it as `attention_bias`.
-            attention_bias=architecture.startswith("Qwen2") or bool(cfg.get("attention_bias", False)),
+            attention_bias=_attention_bias(cfg, architecture),
             qk_norm=architecture.startswith("Qwen3"),
             sliding_window=int(sliding) if sliding else None,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
@@ -279,6 +283,14 @@ class ModelConfig:
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+
+def _attention_bias(cfg: dict[str, Any], architecture: str) -> bool:
+    """Whether q/k/v have biases: Qwen2 always, Qwen2-MoE unless ``qkv_bias`` says not (as
+    transformers 5 reads it); Llama and Mistral expose it as ``attention_bias``."""
+    if architecture == "Qwen2MoeForCausalLM":
+        return bool(cfg.get("qkv_bias", True))
+    return architecture.startswith("Qwen2") or bool(cfg.get("attention_bias", False))
 
 
 def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:

@@ -27,11 +27,25 @@ from inferd.layers.activation import silu_and_mul
 _MIN_DOT = 16
 
 
+# Rows per program, by how many pairs an expert gets on average (``block_rows``).
+_BLOCK_ROWS = (16, 32, 64)
+
+
 def block_rows(num_pairs: int, num_experts: int) -> int:
     """Rows per program: 16 while the pairs are few per expert (decode), up to 64 as they grow, so
     a program's weight tile serves as many rows as the expert has."""
     per_expert = max(num_pairs // num_experts, 1)
-    return min(max(triton.next_power_of_2(per_expert), _MIN_DOT), 64)
+    return min(max(triton.next_power_of_2(per_expert), _BLOCK_ROWS[0]), _BLOCK_ROWS[-1])
+
+
+def warm_up_token_counts(num_experts: int, top_k: int) -> tuple[int, ...]:
+    """The fewest tokens of a step that make ``block_rows`` choose each of its sizes: one step of
+    each compiles every variant of the kernel (the start-up warm-up runs them)."""
+    counts = [1]
+    for smaller in _BLOCK_ROWS[:-1]:
+        # The first average past ``smaller`` pairs an expert, rounded up to whole tokens.
+        counts.append(-(-(smaller + 1) * num_experts // top_k))
+    return tuple(counts)
 
 
 def align_pairs(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +78,9 @@ def align_pairs(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     return pair_ids, block_expert
 
 
-@triton.jit
+# The pair counts vary with every step: specialising on them (a multiple of 16 or not) would
+# compile variants no warm-up can foresee.
+@triton.jit(do_not_specialize=["num_pairs", "rows_per_input"])
 def _grouped_matmul_kernel(
     x_ptr,
     w_ptr,

@@ -176,20 +176,25 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
         if "rotary_emb" in name:
             continue
         target, slot = _target_of(name)
+        shown = _checkpoint_spelling(name, cfg.architecture)
         if target not in params:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
-            raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}")
+            raise ModelLoadError(f"checkpoint tensor {shown!r} has no place in {cfg.architecture}")
         param = params[target]
         with torch.no_grad():
-            view = _slot_view(param.data, slot, cfg, target, name)
-            _copy_checked(view, tensor, name)
+            view = _slot_view(param.data, slot, cfg, target, shown)
+            _copy_checked(view, tensor, shown)
         filled.add((target, slot))
     if cfg.tie_word_embeddings:
         filled.add(("lm_head.weight", None))
     # A fused parameter needs every piece, stacked experts every expert: one left out would keep
     # its initial values unnoticed.
-    missing = sorted(name for target, param in params.items() for name in _unfilled(target, param, filled))
+    missing = sorted(
+        _checkpoint_spelling(name, cfg.architecture)
+        for target, param in params.items()
+        for name in _unfilled(target, param, filled)
+    )
     if missing:
         raise ModelLoadError(
             f"checkpoint lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
@@ -210,7 +215,7 @@ def split_fused_tensor(
     out of ``size``, so the whole tensor's pieces are ``size`` times its sizes."""
     parts = name.split(".")
     fused = next((i for i, part in enumerate(parts) if part in _FUSED_PIECES), None)
-    if fused is None:
+    if fused is None or _is_expert_stack(name):  # every expert's gate|up stacked: sliced whole
         yield name, tensor
         return
     if parts[fused] == "qkv_proj":
@@ -229,6 +234,12 @@ def split_fused_tensor(
 def shard_checkpoint_tensor(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """Rank ``rank``'s slice of the checkpoint tensor ``name`` out of ``size`` ranks."""
     parts = name.split(".")
+    if _is_expert_stack(name):
+        # Every expert at once ([experts, 2 * intermediate, hidden] or [experts, hidden,
+        # intermediate]): each expert's intermediate units are split as an MLP's are.
+        if parts[-1] == "gate_up_proj":
+            return torch.cat([half.chunk(size, dim=1)[rank] for half in tensor.chunk(2, dim=1)], dim=1)
+        return tensor.chunk(size, dim=2)[rank]
     if any(part in _ROW_SPLIT for part in parts):
         return tensor.chunk(size, dim=0)[rank]
     if any(part in _COLUMN_SPLIT for part in parts) and parts[-1] == "weight":
@@ -245,6 +256,15 @@ _EXPERT_PIECES: dict[str, tuple[str, int | None]] = {
 }
 # Mixtral's checkpoint names for the same tensors.
 _MIXTRAL_NAMES = {"block_sparse_moe": "mlp", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _checkpoint_spelling(name: str, architecture: str) -> str:
+    """A tensor's name as the checkpoint spells it, for messages: Mixtral's routed block as its own
+    names (``canonical_name`` backwards; every Mixtral MLP is routed)."""
+    if architecture != "MixtralForCausalLM":
+        return name
+    names = {"mlp": "block_sparse_moe", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    return ".".join(names.get(part, part) for part in name.split("."))
 
 
 def canonical_name(name: str) -> str:

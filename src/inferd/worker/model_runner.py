@@ -202,6 +202,15 @@ class ModelRunner:
         self.graphs = graphs
 
     @torch.inference_mode()
+    def _model_warm_up_lens(self) -> tuple[int, ...]:
+        """Prompt lengths whose steps compile the rest of the model's own kernel variants."""
+        moe = self.config.model.moe
+        if moe is None or not self.config.uses_triton_moe:
+            return ()
+        from inferd.layers import triton_moe
+
+        return triton_moe.warm_up_token_counts(moe.num_experts, moe.top_k)
+
     def warm_up(self) -> WarmUpReport:
         """Run the largest prompt step the budgets allow, a decode step (a graph replay, where
         graphs were captured), a few short prompt steps and each sampling path once, before any
@@ -211,7 +220,7 @@ class ModelRunner:
         num_blocks = self.kv_caches[0][0].shape[0] if self.kv_caches else 0
         if num_blocks == 0:
             raise RuntimeError("allocate the KV cache before warming up")
-        shape = warm_up_shape(self.config.scheduler, num_blocks, self.block_size)
+        shape = warm_up_shape(self.config.scheduler, num_blocks, self.block_size, self._model_warm_up_lens())
         vocab = self.config.model.vocab_size
         prompts = prompt_step(shape.prompt_lens, shape.decodes, self.block_size, vocab)
         first = self.launch(prompts)

@@ -68,11 +68,14 @@ class WarmUpReport:
     seconds: float
 
 
-def warm_up_shape(scheduler: SchedulerConfig, num_blocks: int, block_size: int) -> WarmUpShape:
+def warm_up_shape(
+    scheduler: SchedulerConfig, num_blocks: int, block_size: int, model_prompt_lens: tuple[int, ...] = ()
+) -> WarmUpShape:
     """The largest prompt step within every budget: at most ``max_num_batched_tokens`` tokens over
     at most ``max_num_seqs`` prompts of two tokens or more (a step of one-token rows would be a
     decode step), each with room for one more token within ``max_model_len`` and within its share
-    of the KV blocks."""
+    of the KV blocks. ``model_prompt_lens`` are short prompt steps the model's own kernels need
+    (a mixture of experts' on the Triton grouped matmul: ``triton_moe.warm_up_token_counts``)."""
     # Three token slots a sequence where possible: two prompt tokens and the decode token.
     min_blocks = -(-3 // block_size)
     num_seqs = max(
@@ -87,9 +90,15 @@ def warm_up_shape(scheduler: SchedulerConfig, num_blocks: int, block_size: int) 
     return WarmUpShape(
         prompt_lens=prompt_lens,
         decodes=max(prompt_lens) < room,
-        short_prompts=tuple(n for n in _SHORT_PROMPT_LENS if n <= capacity),
+        short_prompts=_short_prompts(model_prompt_lens, capacity),
         sampling_rows=max(scheduler.max_num_seqs, len(_MIXED_PARAMS)),
     )
+
+
+def _short_prompts(model_prompt_lens: tuple[int, ...], capacity: int) -> tuple[int, ...]:
+    """The short prompt steps' lengths, each once, in order; a one-token prompt would be a decode
+    step, and one past ``capacity`` cannot run."""
+    return tuple(n for n in sorted({*_SHORT_PROMPT_LENS, *model_prompt_lens}) if 2 <= n <= capacity)
 
 
 def prompt_step(
