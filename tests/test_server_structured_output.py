@@ -16,8 +16,8 @@ import pydantic
 import pytest
 from huggingface_hub import InferenceClient
 from server_process import ServerProcess, run_server
+from tiny_models import THINK_END, with_think_end_token
 
-THINK_END = 3
 SCHEMA = {
     "type": "object",
     "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}},
@@ -28,18 +28,7 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def server(tiny_model_factory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("thinking") / "model"
-    shutil.copytree(tiny_model_factory("qwen3"), folder)
-    # Token 3 becomes "</think>", a token of its own as in Qwen3 (not special: it stays in the text).
-    tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    tokenizer["added_tokens"][THINK_END] = {
-        **tokenizer["added_tokens"][THINK_END],
-        "content": "</think>",
-        "special": False,
-    }
-    vocab = tokenizer["model"]["vocab"]
-    vocab["</think>"] = vocab.pop("<|system|>")
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    folder = with_think_end_token(tiny_model_factory("qwen3"), tmp_path_factory.mktemp("thinking") / "model")
     # With Qwen3's reasoning parser (answers start inside their thinking): a constraint starts
     # after "</think>", which the chat requests here make the likeliest token, so it comes first.
     args = ("--kv-cache-memory", "8MiB", "--served-model-name", "tiny", "--engine-process")

@@ -151,3 +151,25 @@ def build_tiny_model(folder: Path, arch: str, dtype: torch.dtype = torch.float32
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
     return folder
+
+
+# The token id that ``with_think_end_token`` makes "</think>".
+THINK_END = 3
+
+
+def with_think_end_token(source: Path, folder: Path) -> Path:
+    """A copy of the tiny model ``source`` whose token 3 is "</think>", a token of its own as in
+    Qwen3 (not special: it stays in the text), for Qwen3's reasoning parser."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["added_tokens"][THINK_END] = {
+        **tokenizer["added_tokens"][THINK_END],
+        "content": "</think>",
+        "special": False,
+    }
+    vocab = tokenizer["model"]["vocab"]
+    vocab["</think>"] = vocab.pop("<|system|>")
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return folder

@@ -38,6 +38,8 @@ class ApiError(Exception):
     kind: ErrorKind = "generation"
     # Seconds a client should wait before trying again (sent as `Retry-After`); None: no header.
     retry_after_s: int | None = None
+    # A protocol's code for this error where it has a more precise one than its kind's.
+    code: str | None = None
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)

@@ -254,7 +254,7 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
             ChatChoice(
                 index=index,
                 message=message,
-                logprobs=_logprobs(frontend.tokenizer, out.logprobs) if job.want_logprobs else None,
+                logprobs=chat_logprobs(frontend.tokenizer, out.logprobs) if job.want_logprobs else None,
                 finish_reason="tool_calls"
                 if message.tool_calls and reason == "stop" and job.calls_end_turn
                 else reason,
@@ -288,7 +288,7 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
                 out = item.output
                 num_tokens[item.index] = len(out.token_ids)
                 reason: Literal["stop", "length", "tool_calls", "timeout"] | None = stream_finish_reason(out)
-                logprobs = _logprobs(frontend.tokenizer, out.new_logprobs) if job.want_logprobs else None
+                logprobs = chat_logprobs(frontend.tokenizer, out.new_logprobs) if job.want_logprobs else None
                 shaper = shapers[item.index]
                 shaped = shaper.feed(out.new_text, out.finished)
                 first = shaper.calls_sent - len(shaped.calls)
@@ -335,7 +335,7 @@ def _tool_call(call: ParsedToolCall) -> ToolCall:
     return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
-def _logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs]) -> ChatChoiceLogprobs:
+def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs]) -> ChatChoiceLogprobs:
     def top(token_id: int, logprob: float) -> TopLogprob:
         text = tokenizer.decode([token_id], skip_special_tokens=False)
         return TopLogprob(token=text, logprob=logprob, bytes=list(tokenizer.token_bytes(token_id)))

@@ -36,6 +36,7 @@ _ERROR_SHAPES: dict[ErrorKind, tuple[int, str, str | None]] = {
 
 def error_body(error: ApiError) -> dict[str, dict[str, str | None]]:
     _, error_type, code = _ERROR_SHAPES[error.kind]
+    code = error.code or code
     return {"error": {"message": error.message, "type": error_type, "param": error.field, "code": code}}
 
 

@@ -1,5 +1,6 @@
-"""OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/tokenize`,
-`/detokenize`. They translate between the protocol and the Frontend, nothing more."""
+"""OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/responses` (create,
+read back, delete), `/v1/models`, `/tokenize`, `/detokenize`. They translate between the protocol
+and the Frontend, nothing more."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from inferd.server.errors import protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
@@ -26,10 +27,19 @@ from inferd.server.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from inferd.server.openai.response_store import ResponseStore
+from inferd.server.openai.responses import ResponseNotFoundError, prepare_response, respond, stream_response
+from inferd.server.openai.responses_protocol import ResponsesRequest
 from inferd.server.streaming import sse_response, unless_disconnected
 
 
-def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] = ()) -> APIRouter:
+def build_router(
+    frontend: Frontend,
+    dependencies: Sequence[Callable[..., Any]] = (),
+    response_store: ResponseStore | None = None,
+) -> APIRouter:
+    """``response_store`` keeps the Responses API's stored responses (a new one by default)."""
+    store = response_store if response_store is not None else ResponseStore()
     router = APIRouter(
         route_class=protocol_route_class(error_response),
         dependencies=[Depends(dependency) for dependency in dependencies],
@@ -59,6 +69,28 @@ def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] 
         if body.stream:
             return sse_response(stream_chat(frontend, job))
         return await unless_disconnected(request, chat(frontend, job))
+
+    @router.post("/v1/responses", response_model=None)
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        job = prepare_response(frontend, body, store)
+        job.chat.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
+        frontend.check_ready([job.chat.prompt])
+        if body.stream:
+            return sse_response(stream_response(frontend, job, store))
+        return JSONResponse(await unless_disconnected(request, respond(frontend, job, store)))
+
+    @router.get("/v1/responses/{response_id}")
+    async def read_response(response_id: str) -> JSONResponse:
+        stored = store.get(response_id)
+        if stored is None:
+            raise ResponseNotFoundError(f"no stored response {response_id!r}")
+        return JSONResponse(stored.body)
+
+    @router.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> JSONResponse:
+        if not store.delete(response_id):
+            raise ResponseNotFoundError(f"no stored response {response_id!r}")
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:

@@ -1,0 +1,409 @@
+"""`POST /v1/responses`: a Responses API request served by the chat path (the same template,
+sampling, tool calls, reasoning split and structured outputs), its answer given as output items:
+the thinking as a reasoning item, the text as a message, each tool call as a function call item.
+
+Streamed, the answer is the API's typed events (`response.created`, the items' `added` / delta /
+`done` events, then `response.completed` or `response.incomplete`), numbered in order; an error
+after the stream has started is an `error` event. A stored response (`store`, the default) can be
+read back and continued from (`previous_response_id`): ``response_store.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from inferd.engine.outputs import RequestOutput
+from inferd.sample.sampler import TokenLogprobs
+from inferd.server.errors import ApiError, InvalidRequestError, ModelNotFoundError
+from inferd.server.frontend import Frontend
+from inferd.server.openai.chat import ChatJob, chat_logprobs, prepare_chat
+from inferd.server.openai.chat_answer import ShapedText
+from inferd.server.openai.common import error_body, finish_reason, stream_finish_reason
+from inferd.server.openai.protocol import ChatCompletionRequest
+from inferd.server.openai.response_store import ResponseStore, StoredResponse
+from inferd.server.openai.responses_protocol import (
+    ResponsesRequest,
+    chat_response_format,
+    chat_tool_choice,
+    chat_tools,
+    input_messages,
+)
+from inferd.server.tool_calls import ParsedToolCall
+
+
+class ResponseNotFoundError(ModelNotFoundError):
+    """A response id the store does not hold (never stored, deleted, or dropped as the oldest)."""
+
+    code = "response_not_found"
+
+
+@dataclass
+class ResponseJob:
+    response_id: str
+    body: ResponsesRequest
+    chat: ChatJob
+    # The conversation answered, without the instructions (they do not carry over).
+    conversation: list[dict[str, Any]]
+    created_at: int
+
+
+# The chat request's fields as this API names them, for errors raised on the chat path.
+_FIELD_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text"}
+
+
+def prepare_response(frontend: Frontend, body: ResponsesRequest, store: ResponseStore) -> ResponseJob:
+    """Validate, continue the stored conversation if asked, and prepare it as a chat; every error
+    here is a 4xx before generation."""
+    body.refuse_unsupported()
+    history: list[dict[str, Any]] = []
+    if body.previous_response_id is not None:
+        previous = store.get(body.previous_response_id)
+        if previous is None:
+            raise ResponseNotFoundError(
+                f"previous_response_id: no stored response {body.previous_response_id!r}",
+                "previous_response_id",
+            )
+        history = previous.messages
+    new = input_messages(body.input)
+    if not new:
+        raise InvalidRequestError("input: no message to answer", "input")
+    conversation = history + new
+    instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    fields: dict[str, Any] = {
+        "messages": instructions + conversation,
+        "parallel_tool_calls": body.parallel_tool_calls,
+    }
+    passed = {"model", "temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "logit_bias"}
+    fields.update({name: getattr(body, name) for name in passed & body.model_fields_set})
+    fields["max_completion_tokens"] = body.max_output_tokens
+    if body.wants_logprobs:
+        fields["logprobs"], fields["top_logprobs"] = True, body.top_logprobs or 0
+    fields["tools"] = chat_tools(body.tools)
+    fields["tool_choice"] = chat_tool_choice(body.tool_choice)
+    fields["response_format"] = chat_response_format(body.text)
+    try:
+        chat_body = ChatCompletionRequest.model_validate(fields)
+        chat = prepare_chat(frontend, chat_body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error.get("loc") else None
+        raise _in_responses_terms(InvalidRequestError(f"{name}: {error['msg']}", name)) from None
+    except ApiError as exc:
+        raise _in_responses_terms(exc) from None
+    response_id = f"resp_{uuid.uuid4().hex}"
+    return ResponseJob(
+        response_id, body, dataclasses.replace(chat, request_id=response_id), conversation, int(time.time())
+    )
+
+
+def _in_responses_terms(error: ApiError) -> ApiError:
+    """An error of the chat path naming this API's fields."""
+    for chat_name, name in _FIELD_NAMES.items():
+        if error.message.startswith(chat_name):
+            error.message = name + error.message[len(chat_name) :]
+            error.args = (error.message,)
+            break
+    error.field = _FIELD_NAMES.get(error.field or "", error.field)
+    return error
+
+
+async def respond(frontend: Frontend, job: ResponseJob, store: ResponseStore) -> dict[str, Any]:
+    final: RequestOutput | None = None
+    chat = job.chat
+    async with aclosing(
+        frontend.generate(chat.request_id, [chat.prompt], chat.params, 1, chat.timeout_s)
+    ) as stream:
+        async for item in stream:
+            if item.output.finished:
+                final = item.output
+    assert final is not None
+    reason = finish_reason(final)  # a timeout or an engine error is the request's error
+    shaped = chat.shaper().feed(final.text, finished=True)
+    logprobs = _logprobs(frontend, final.logprobs) if job.body.wants_logprobs else []
+    status = "incomplete" if reason == "length" else "completed"
+    output = []
+    if shaped.reasoning:
+        output.append(_reasoning_item(_item_id("rs"), shaped.reasoning, status))
+    if shaped.content or not (shaped.reasoning or shaped.calls):
+        output.append(_message_item(_item_id("msg"), shaped.content, logprobs, status))
+    output += [_call_item(_item_id("fc"), call, status) for call in shaped.calls]
+    response = _response(job, status, output, _usage(frontend, job, final, shaped.reasoning))
+    _remember(store, job, response)
+    return response
+
+
+async def stream_response(frontend: Frontend, job: ResponseJob, store: ResponseStore) -> AsyncIterator[str]:
+    events = _EventWriter()
+    chat = job.chat
+    started = _response(job, "in_progress", [], None)
+    yield events.event("response.created", response=started)
+    yield events.event("response.in_progress", response=started)
+    shaper = chat.shaper()
+    items = _StreamedItems(events)
+    reasoning: list[str] = []
+    try:
+        async with aclosing(
+            frontend.generate(chat.request_id, [chat.prompt], chat.params, 1, chat.timeout_s)
+        ) as stream:
+            async for item in stream:
+                out = item.output
+                reason = stream_finish_reason(out)
+                shaped = shaper.feed(out.new_text, out.finished)
+                reasoning.append(shaped.reasoning)
+                logprobs = _logprobs(frontend, out.new_logprobs) if job.body.wants_logprobs else []
+                for event in items.feed(shaped, logprobs):
+                    yield event
+                if out.finished:
+                    status = "completed" if reason == "stop" else "incomplete"
+                    for event in items.finish(status):
+                        yield event
+                    usage = _usage(frontend, job, out, "".join(reasoning))
+                    response = _response(job, status, items.output, usage, reason)
+                    _remember(store, job, response)
+                    done = "response.completed" if status == "completed" else "response.incomplete"
+                    yield events.event(done, response=response)
+    except ApiError as exc:
+        body = error_body(exc)["error"]
+        yield events.event("error", code=body["code"] or body["type"], message=exc.message, param=exc.field)
+
+
+def _remember(store: ResponseStore, job: ResponseJob, response: dict[str, Any]) -> None:
+    if job.body.store:
+        # The answer's items read as input items are the messages that continue the conversation.
+        store.put(
+            job.response_id, StoredResponse(response, job.conversation + input_messages(response["output"]))
+        )
+
+
+def _response(
+    job: ResponseJob,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: dict[str, Any] | None,
+    finish: str | None = None,
+) -> dict[str, Any]:
+    """The response object; an incomplete one says why (its token budget, or its timeout)."""
+    body, params = job.body, job.chat.params
+    incomplete = None
+    if status == "incomplete":
+        incomplete = {"reason": "timeout" if finish == "timeout" else "max_output_tokens"}
+    return {
+        "id": job.response_id,
+        "object": "response",
+        "created_at": job.created_at,
+        "status": status,
+        "background": False,
+        "error": None,
+        "incomplete_details": incomplete,
+        "instructions": body.instructions,
+        "max_output_tokens": body.max_output_tokens,
+        "metadata": body.metadata or {},
+        "model": job.chat.model,
+        "output": output,
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "previous_response_id": body.previous_response_id,
+        "reasoning": body.reasoning or {"effort": None, "summary": None},
+        "store": body.store,
+        "temperature": params.temperature,
+        "text": body.text or {"format": {"type": "text"}},
+        "tool_choice": body.tool_choice or "auto",
+        "tools": body.tools or [],
+        "top_logprobs": body.top_logprobs,
+        "top_p": params.top_p,
+        "truncation": body.truncation,
+        "usage": usage,
+        "user": body.user,
+    }
+
+
+def _usage(frontend: Frontend, job: ResponseJob, out: RequestOutput, reasoning: str) -> dict[str, Any]:
+    output_tokens = len(out.token_ids)
+    return {
+        "input_tokens": len(job.chat.prompt),
+        "input_tokens_details": {"cached_tokens": out.metrics.num_cached_tokens},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": _reasoning_tokens(frontend, job, out, reasoning)},
+        "total_tokens": len(job.chat.prompt) + output_tokens,
+    }
+
+
+def _reasoning_tokens(frontend: Frontend, job: ResponseJob, out: RequestOutput, reasoning: str) -> int:
+    """The output tokens up to and including the end of the thinking (its end tag's tokens): all
+    of them where it never ended, none where there was none."""
+    if job.chat.reasoning is None:
+        return 0
+    end = frontend.tokenizer.encode(job.chat.reasoning.end, add_special_tokens=False)
+    tokens = out.token_ids
+    for start in range(len(tokens) - len(end) + 1):
+        if end and tokens[start : start + len(end)] == end:
+            return start + len(end)
+    return len(tokens) if reasoning else 0
+
+
+def _logprobs(frontend: Frontend, entries: list[TokenLogprobs]) -> list[dict[str, Any]]:
+    return [entry.model_dump() for entry in chat_logprobs(frontend.tokenizer, entries).content or []]
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _text_part(text: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
+
+
+def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "reasoning_text", "text": text}] if status != "in_progress" else []
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
+
+
+def _message_item(item_id: str, text: str, logprobs: list[dict[str, Any]], status: str) -> dict[str, Any]:
+    content = [_text_part(text, logprobs)] if status != "in_progress" else []
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def _call_item(item_id: str, call: ParsedToolCall, status: str) -> dict[str, Any]:
+    arguments = call.arguments if status != "in_progress" else ""
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+class _EventWriter:
+    """Server-sent events named by their type, numbered in the order they are sent."""
+
+    def __init__(self) -> None:
+        self.sequence_number = 0
+
+    def event(self, kind: str, **fields: Any) -> str:
+        payload = {"type": kind, "sequence_number": self.sequence_number, **fields}
+        self.sequence_number += 1
+        return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
+
+
+class _StreamedItems:
+    """The answer's output items as they stream: one text item (reasoning or message) open at a
+    time, closed when the other kind begins, a call arrives, or the answer ends. A message's
+    log-probabilities are all the answer's tokens', as a whole response's are: those of tokens
+    before its first text go out with that text."""
+
+    def __init__(self, events: _EventWriter) -> None:
+        self.events = events
+        self.output: list[dict[str, Any]] = []
+        self._open: dict[str, Any] | None = None
+        self._text: list[str] = []
+        self._logprobs: list[dict[str, Any]] = []
+        self._pending_logprobs: list[dict[str, Any]] = []
+
+    def feed(self, shaped: ShapedText, logprobs: list[dict[str, Any]]) -> list[str]:
+        self._pending_logprobs += logprobs
+        sent = []
+        if shaped.reasoning:
+            sent += self._append("reasoning", shaped.reasoning)
+        if shaped.content:
+            sent += self._append("message", shaped.content)
+        if shaped.calls:
+            sent += self._close("completed")
+            for call in shaped.calls:
+                sent += self._call(call)
+        return sent
+
+    def finish(self, status: str) -> list[str]:
+        """Close the open item with the answer's status; an answer of nothing is an empty message."""
+        if self._open is None and not self.output:
+            return self._append("message", "") + self._close(status)
+        return self._close(status)
+
+    def _append(self, kind: str, text: str) -> list[str]:
+        sent = []
+        if self._open is None or self._open["type"] != kind:
+            sent += self._close("completed")
+            sent += self._start(kind)
+        assert self._open is not None
+        self._text.append(text)
+        where = {"item_id": self._open["id"], "output_index": len(self.output), "content_index": 0}
+        if kind == "reasoning":
+            sent.append(self.events.event("response.reasoning_text.delta", **where, delta=text))
+        else:
+            logprobs, self._pending_logprobs = self._pending_logprobs, []
+            self._logprobs += logprobs
+            sent.append(
+                self.events.event("response.output_text.delta", **where, delta=text, logprobs=logprobs)
+            )
+        return sent
+
+    def _start(self, kind: str) -> list[str]:
+        if kind == "reasoning":
+            self._open = _reasoning_item(_item_id("rs"), "", "in_progress")
+            part: dict[str, Any] = {"type": "reasoning_text", "text": ""}
+        else:
+            self._open = _message_item(_item_id("msg"), "", [], "in_progress")
+            part = _text_part("", [])
+        where = {"output_index": len(self.output)}
+        return [
+            self.events.event("response.output_item.added", **where, item=self._open),
+            self.events.event(
+                "response.content_part.added", **where, item_id=self._open["id"], content_index=0, part=part
+            ),
+        ]
+
+    def _close(self, status: str) -> list[str]:
+        if self._open is None:
+            return []
+        item_id, text = self._open["id"], "".join(self._text)
+        where = {"item_id": item_id, "output_index": len(self.output), "content_index": 0}
+        if self._open["type"] == "reasoning":
+            item = _reasoning_item(item_id, text, status)
+            sent = [self.events.event("response.reasoning_text.done", **where, text=text)]
+        else:
+            self._logprobs += self._pending_logprobs
+            self._pending_logprobs = []
+            item = _message_item(item_id, text, self._logprobs, status)
+            sent = [
+                self.events.event("response.output_text.done", **where, text=text, logprobs=self._logprobs)
+            ]
+        sent.append(self.events.event("response.content_part.done", **where, part=item["content"][0]))
+        sent.append(self.events.event("response.output_item.done", output_index=len(self.output), item=item))
+        self.output.append(item)
+        self._open, self._text, self._logprobs = None, [], []
+        return sent
+
+    def _call(self, call: ParsedToolCall) -> list[str]:
+        item_id, index = _item_id("fc"), len(self.output)
+        item = _call_item(item_id, call, "completed")
+        self.output.append(item)
+        return [
+            self.events.event(
+                "response.output_item.added",
+                output_index=index,
+                item=_call_item(item_id, call, "in_progress"),
+            ),
+            self.events.event(
+                "response.function_call_arguments.delta",
+                item_id=item_id,
+                output_index=index,
+                delta=call.arguments,
+            ),
+            self.events.event(
+                "response.function_call_arguments.done",
+                item_id=item_id,
+                output_index=index,
+                name=call.name,
+                arguments=call.arguments,
+            ),
+            self.events.event("response.output_item.done", output_index=index, item=item),
+        ]

@@ -1,0 +1,179 @@
+"""OpenAI's Responses API (`POST /v1/responses`): the request body, and its input items and tools
+read as the chat completions' messages and tools, which the chat path then serves.
+
+Follows the API reference for text models: input as a string or a list of items (messages with
+text parts, function calls and their outputs; reasoning items are dropped, as chat templates drop
+earlier thinking), `instructions`, function tools and `tool_choice`, `text.format` (JSON object or
+JSON schema), `max_output_tokens`, `top_logprobs`, `store` and `previous_response_id`. What a
+text model cannot honour (images, files, built-in tools, background mode, automatic truncation)
+is refused by name rather than ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from inferd.server.errors import InvalidRequestError
+from inferd.server.openai.protocol import _Body
+
+# `include` entry that asks for the output text's log-probabilities.
+INCLUDE_LOGPROBS = "message.output_text.logprobs"
+
+
+class ResponsesRequest(_Body):
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    include: list[str] | None = None
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    store: bool = True
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    truncation: Literal["disabled", "auto"] = "disabled"
+    background: bool = False
+    # Extras the chat endpoint takes too (vLLM's names), and inferd's per-request timeout.
+    seed: int | None = None
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    logit_bias: dict[str, float] | None = None
+    timeout: float | None = Field(None, gt=0.0, le=86400.0)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.top_logprobs is not None or INCLUDE_LOGPROBS in (self.include or [])
+
+    def refuse_unsupported(self) -> None:
+        """Options that would change the answer and that a text model served here cannot honour."""
+        if self.background:
+            raise InvalidRequestError("background: background responses are not supported", "background")
+        if self.truncation == "auto":
+            raise InvalidRequestError(
+                "truncation: 'auto' is not supported; a conversation longer than the context is an error",
+                "truncation",
+            )
+        unknown = sorted(set(self.include or []) - {INCLUDE_LOGPROBS})
+        if unknown:
+            raise InvalidRequestError(f"include: {', '.join(unknown)} cannot be included here", "include")
+
+
+def input_messages(items: str | list[dict[str, Any]], field: str = "input") -> list[dict[str, Any]]:
+    """Input items as chat messages: text messages, function calls (one assistant turn per run of
+    them, after its text if any) and their outputs (tool turns); reasoning items are dropped."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        where = f"{field}[{index}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise InvalidRequestError(
+                    f"{where}.role: must be user, system, developer or assistant", field
+                )
+            messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content", field)})
+        elif kind == "function_call":
+            call = {
+                "id": _string(item, "call_id", where, field),
+                "type": "function",
+                "function": {
+                    "name": _string(item, "name", where, field),
+                    "arguments": _string(item, "arguments", where, field),
+                },
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            text = output if isinstance(output, str) else _text(output, f"{where}.output", field)
+            messages.append(
+                {"role": "tool", "tool_call_id": _string(item, "call_id", where, field), "content": text}
+            )
+        elif kind != "reasoning":
+            raise InvalidRequestError(f"{where}.type: {kind!r} items are not supported", field)
+    return messages
+
+
+def _string(item: dict[str, Any], key: str, where: str, field: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{where}.{key}: must be a string", field)
+    return value
+
+
+# Content parts that carry text; any other (images, files, audio) is refused.
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+
+
+def _text(content: Any, where: str, field: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"{where}: must be a string or a list of content parts", field)
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "refusal":
+            texts.append(str(part.get("refusal", "")))
+        elif kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            raise InvalidRequestError(
+                f"{where}[{index}]: {kind!r} parts are not supported; this model takes text", field
+            )
+    return "".join(texts)
+
+
+def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Function tools in the chat endpoint's nested form (``{"type": "function", "function":
+    {...}}``); the built-in tools (web search, files, code) are not available here."""
+    if tools is None:
+        return None
+    converted = []
+    for index, tool in enumerate(tools):
+        if tool.get("type") != "function":
+            raise InvalidRequestError(f"tools[{index}]: only function tools are supported", "tools")
+        function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
+        converted.append({"type": "function", "function": function})
+    return converted
+
+
+def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if choice is None or isinstance(choice, str):
+        return choice
+    if choice.get("type") == "function" and "name" in choice:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise InvalidRequestError(
+        "tool_choice: must be auto, none, required or {'type': 'function', 'name': ...}", "tool_choice"
+    )
+
+
+def chat_response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``text.format`` as the chat endpoint's ``response_format``."""
+    fmt = (text or {}).get("format")
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    if not isinstance(fmt, dict):
+        raise InvalidRequestError("text.format: must be an object", "text")
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema":
+        schema = {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}
+        return {"type": "json_schema", "json_schema": schema}
+    raise InvalidRequestError("text.format.type: must be text, json_object or json_schema", "text")

@@ -1,0 +1,222 @@
+"""OpenAI's Responses API on a real `inferd serve`, driven by the official `openai` SDK: answers as
+output items (the thinking, the text, forced function calls), the typed event stream, structured
+output, stored responses and continued conversations, and the API's errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pydantic
+import pytest
+from server_process import ServerProcess, run_server
+from tiny_models import THINK_END, with_think_end_token
+
+from inferd.server.openai.chat_answer import ShapedText
+from inferd.server.openai.responses import _EventWriter, _StreamedItems
+from inferd.server.tool_calls import ParsedToolCall
+
+# "</think>" first: the thinking ends at once and the answer follows (the random model would
+# otherwise think to its token budget).
+ANSWER_NOW = {"logit_bias": {str(THINK_END): 100}}
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                   "required": ["city"], "additionalProperties": False},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_factory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = with_think_end_token(tiny_model_factory("qwen3"), tmp_path_factory.mktemp("responses") / "model")
+    args = ("--kv-cache-memory", "8MiB", "--served-model-name", "tiny", "--reasoning-parser", "qwen3")
+    with run_server(folder, *args) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def _create(client: openai.OpenAI, **fields: Any) -> Any:
+    extra = fields.pop("extra_body", {})
+    return client.responses.create(model="tiny", temperature=0, extra_body=extra, **fields)
+
+
+def test_an_answer_is_its_message_and_matches_the_chat_answer(client: openai.OpenAI) -> None:
+    response = _create(client, input="To be, or not", max_output_tokens=12, extra_body=ANSWER_NOW)
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "To be, or not"}], max_completion_tokens=12,
+        temperature=0, logit_bias=ANSWER_NOW["logit_bias"],
+    )  # fmt: skip
+    assert response.object == "response" and response.id.startswith("resp_")
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert [item.type for item in response.output] == ["message"]  # the thinking was empty
+    assert response.output_text == chat.choices[0].message.content and response.output_text
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert response.usage.output_tokens == 12 and response.usage.total_tokens == chat.usage.total_tokens
+    assert response.usage.output_tokens_details.reasoning_tokens == 1  # the "</think>" token
+
+
+def test_the_thinking_is_a_reasoning_item(client: openai.OpenAI) -> None:
+    """Without the bias the random model never ends its thinking: all of the answer is reasoning."""
+    response = _create(client, input="Think", max_output_tokens=6, instructions="Be brief.")
+    chat = client.chat.completions.create(
+        model="tiny", temperature=0, max_completion_tokens=6,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Think"}],
+    )  # fmt: skip
+    assert [item.type for item in response.output] == ["reasoning"]
+    assert response.output[0].content[0].text == chat.choices[0].message.reasoning_content
+    assert response.output_text == "" and response.instructions == "Be brief."
+    assert response.usage.output_tokens_details.reasoning_tokens == response.usage.output_tokens == 6
+
+
+def test_a_stream_is_numbered_typed_events_that_add_up_to_the_response(client: openai.OpenAI) -> None:
+    fields = {"input": "Café", "max_output_tokens": 10, "extra_body": {**ANSWER_NOW, "top_logprobs": 2}}
+    whole = _create(client, **fields)
+    events = list(_create(client, stream=True, **fields))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
+    assert kinds[2:6] == ["response.output_item.added", "response.content_part.added",
+                          "response.output_text.delta", "response.output_text.delta"]  # fmt: skip
+    closing = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-4:-1] == closing
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    final = events[-1].response
+    assert "".join(e.delta for e in deltas) == final.output_text == whole.output_text
+    # Every token's log-probabilities, the "</think>" token's with the first text.
+    streamed = [lp.token for e in deltas for lp in e.logprobs]
+    assert streamed == [lp.token for lp in whole.output[0].content[0].logprobs] and len(streamed) == 10
+    assert all(len(lp.top_logprobs) == 2 for lp in whole.output[0].content[0].logprobs)
+    assert final.usage.output_tokens == 10 and events[0].response.status == "in_progress"
+
+
+def test_the_sdks_stream_helper_reads_a_streamed_reasoning_and_message(client: openai.OpenAI) -> None:
+    with client.responses.stream(model="tiny", input="Think", max_output_tokens=5, temperature=0) as stream:
+        events = list(stream)
+    kinds = [event.type for event in events]
+    assert "response.reasoning_text.delta" in kinds and "response.reasoning_text.done" in kinds
+    # Cut off by its budget: the stream ends with response.incomplete (the SDK's get_final_response
+    # takes only response.completed, as OpenAI sends it for a finished answer).
+    assert events[-1].type == "response.incomplete"
+    final = events[-1].response
+    assert [item.type for item in final.output] == ["reasoning"] and final.output[0].content[0].text
+
+
+def test_text_format_json_schema_answers_parse(client: openai.OpenAI) -> None:
+    class Size(pydantic.BaseModel):
+        ok: bool
+        size: str = pydantic.Field(max_length=3)
+
+    parsed = client.responses.parse(model="tiny", input="Size?", text_format=Size, max_output_tokens=40,
+                                    temperature=1.0, extra_body={**ANSWER_NOW, "seed": 3})  # fmt: skip
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, Size)
+    loose = _create(client, input="Any JSON", max_output_tokens=40, text={"format": {"type": "json_object"}},
+                    extra_body=ANSWER_NOW)  # fmt: skip
+    assert isinstance(json.loads(loose.output_text), dict)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_function_call_is_a_function_call_item(client: openai.OpenAI, stream: bool) -> None:
+    named = {"type": "function", "name": "get_weather"}
+    fields = {"input": "Weather in Paris?", "tools": [WEATHER], "max_output_tokens": 40,
+              "extra_body": ANSWER_NOW, "tool_choice": named}  # fmt: skip
+    if stream:
+        events = list(_create(client, stream=True, **fields))
+        done = [e for e in events if e.type == "response.function_call_arguments.done"]
+        assert len(done) == 1 and done[0].name == "get_weather"
+        response = events[-1].response
+    else:
+        response = _create(client, **fields)
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert response.status == "completed" and len(calls) == 1 and calls[0].name == "get_weather"
+    assert set(json.loads(calls[0].arguments)) == {"city"} and calls[0].call_id
+    # The call and its output, sent back, are the chat's assistant and tool turns.
+    call_id, arguments = calls[0].call_id, calls[0].arguments
+    follow_up = _create(client, max_output_tokens=3, input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call_id, "name": "get_weather", "arguments": arguments},
+        {"type": "function_call_output", "call_id": call_id, "output": "sunny"},
+    ])  # fmt: skip
+    chat = client.chat.completions.create(model="tiny", max_completion_tokens=3, temperature=0, messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": calls[0].call_id, "type": "function",
+         "function": {"name": "get_weather", "arguments": calls[0].arguments}}]},
+        {"role": "tool", "tool_call_id": calls[0].call_id, "content": "sunny"},
+    ])  # fmt: skip
+    assert follow_up.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_a_stored_response_is_read_back_continued_and_deleted(client: openai.OpenAI) -> None:
+    first = _create(client, input="Hello", max_output_tokens=4, extra_body=ANSWER_NOW)
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    second = _create(client, input="Again", max_output_tokens=4, previous_response_id=first.id)
+    chat = client.chat.completions.create(model="tiny", max_completion_tokens=4, temperature=0, messages=[
+        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "Again"},
+    ])  # fmt: skip
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError) as missing:
+        _create(client, input="Hi", max_output_tokens=2, previous_response_id=first.id)
+    assert missing.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    unstored = _create(client, input="Hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input",
+            "'input_image' parts are not supported",
+        ),
+        ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools", "only function tools"),
+        ({"input": "Hi", "background": True}, "background", "background responses"),
+        ({"input": "Hi", "max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),
+        ({"input": "Hi", "text": {"format": {"type": "yaml"}}}, "text", "text.format.type"),
+        ({"input": "Hi " * 600}, "input", "maximum context length"),  # the chat path's error, renamed
+        ({"input": []}, "input", "no message"),
+    ],
+)
+def test_bad_requests_are_400s_naming_the_field(
+    client: openai.OpenAI, fields: dict[str, Any], param: str, message: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.create(model="tiny", **fields)
+    body = error.value.body
+    assert isinstance(body, dict) and body["param"] == param and message in body["message"]
+
+
+def test_streamed_items_close_as_the_answer_moves_from_thinking_to_text_to_calls() -> None:
+    items = _StreamedItems(_EventWriter())
+    call = ParsedToolCall(id="call_1", name="f", arguments="{}")
+    sent = items.feed(ShapedText(reasoning="hm"), [])
+    sent += items.feed(ShapedText(reasoning=".", content="Hi"), [{"token": "x"}])
+    sent += items.feed(ShapedText(content="!", calls=[call]), [])
+    sent += items.finish("completed")
+    kinds = [json.loads(event.split("data: ", 1)[1])["type"] for event in sent]
+    assert kinds == [
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done",
+    ]  # fmt: skip
+    assert [item["type"] for item in items.output] == ["reasoning", "message", "function_call"]
+    assert items.output[0]["content"][0]["text"] == "hm." and items.output[1]["content"][0]["text"] == "Hi!"
+    assert items.output[1]["content"][0]["logprobs"] == [{"token": "x"}]
