@@ -173,3 +173,37 @@ def with_think_end_token(source: Path, folder: Path) -> Path:
     vocab["</think>"] = vocab.pop("<|system|>")
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     return folder
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_lora_adapter(
+    base: Path,
+    folder: Path,
+    seed: int,
+    rank: int = 4,
+    alpha: float = 8.0,
+    targets: tuple[str, ...] = LORA_TARGETS,
+    **config: object,
+) -> Path:
+    """A PEFT adapter (its folder as PEFT saves it) of random A and B for every ``targets``
+    projection of ``base``'s layers."""
+    import transformers
+    from safetensors.torch import save_file
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            out_features, in_features = module.weight.shape
+            prefix = f"base_model.model.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=gen) * 0.3
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=gen) * 0.3
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    settings = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets), "bias": "none",
+                "peft_type": "LORA", **config}  # fmt: skip
+    (folder / "adapter_config.json").write_text(json.dumps(settings))
+    return folder

@@ -425,6 +425,12 @@ class EngineConfig:
     # where first runs cost (compiles, allocator growth, lazy kernel loading) and where a step too
     # large for the memory beside the KV cache should fail at start-up, not under load.
     warm_up: bool | None = None
+    # LoRA adapters served beside the base model: (name, PEFT adapter folder) pairs (layers/lora.py).
+    lora_modules: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.lora_modules)
 
     @property
     def local_model(self) -> ModelConfig:

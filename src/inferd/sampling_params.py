@@ -53,6 +53,8 @@ class SamplingParams:
     # The output must match this (a JSON schema, a regex, a grammar, ...): each step samples only
     # from the tokens it allows next, and the request stops when it allows nothing more.
     structured_output: StructuredOutput | None = None
+    # The LoRA adapter to answer with (a name the engine was started with); None: the base model.
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         async_scheduling=options.pop("async_scheduling", None),
         tensor_parallel_size=_tensor_parallel_size(options.pop("tensor_parallel_size", None), model),
         warm_up=options.pop("warm_up", None),
+        lora_modules=_lora_modules(options.pop("lora_modules", None)),
     )
     if config.tensor_parallel_size > 1 and config.async_scheduling:
         raise ValueError("async_scheduling cannot be used with tensor parallelism (each step's inputs go "
@@ -105,11 +107,33 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
                          "it needs triton_ops and the triton attention backend")  # fmt: skip
     if config.triton_pdl and not config.device.startswith("cuda"):
         raise ValueError(f"triton_pdl launches kernels on a CUDA GPU; the device is {config.device}")
+    if config.lora_modules and config.tensor_parallel_size > 1:
+        raise ValueError("LoRA adapters (lora_modules) are not supported with tensor parallelism")
     if config.load_format not in ("safetensors", "dummy"):
         raise ValueError(f"unknown load_format {config.load_format!r}; choose safetensors or dummy")
     if options:
         raise TypeError(f"unknown engine option(s): {', '.join(sorted(options))}")
     return config
+
+
+def _lora_modules(value: Any) -> tuple[tuple[str, str], ...]:
+    """LoRA adapters as (name, folder) pairs, from a mapping or from ``name=folder`` strings (the
+    CLI's ``--lora-modules``); names must be unique and non-empty."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        pairs = [(str(name), str(path)) for name, path in value.items()]
+    else:
+        pairs = []
+        for item in value:
+            name, sep, path = str(item).partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules: {item!r} is not name=folder")
+            pairs.append((name, path))
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"lora_modules: adapter names must be unique and non-empty, got {names}")
+    return tuple(pairs)
 
 
 def _default_dtype(model: ModelConfig, device: str) -> str:

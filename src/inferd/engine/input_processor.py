@@ -97,6 +97,9 @@ class InputProcessor:
     def make_request(
         self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
     ) -> Request:
+        if params.adapter is not None and params.adapter not in self.config.lora_names:
+            known = ", ".join(self.config.lora_names) or "none"
+            raise PromptError(f"no LoRA adapter {params.adapter!r} in this engine (adapters: {known})")
         token_ids = self.tokenize_prompt(prompt)
         return Request(
             request_id=request_id,

@@ -27,6 +27,7 @@ _DIRECT_OPTIONS = (
     "max_num_batched_tokens",
     "attention_backend",
     "tensor_parallel_size",
+    "lora_modules",
 )
 
 
@@ -84,6 +85,13 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         "-tp",
         type=int,
         help="split the model over this many processes (gloo on the CPU, NCCL with one GPU each; default 1)",
+    )
+    group.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME=FOLDER",
+        help="LoRA adapters (PEFT folders) served beside the model, each asked for by its name (the "
+        "OpenAI 'model' field, TGI's 'adapter_id')",
     )
     if seed_flag:
         group.add_argument("--seed", dest="engine_seed", type=int, help="seed for requests without their own")

@@ -14,10 +14,18 @@ def block_hash(parent: int, block_token_ids: Sequence[int]) -> int:
     return hash((parent, tuple(block_token_ids)))
 
 
-def chain_block_hashes(token_ids: Sequence[int], block_size: int, num_blocks: int) -> list[int]:
+def prefix_root(salt: str | None) -> int:
+    """The key a request's chain of block keys starts from: the same for every request of the base
+    model; another for each LoRA adapter, whose K/V differ for the same tokens."""
+    return _ROOT_HASH if salt is None else hash((_ROOT_HASH, salt))
+
+
+def chain_block_hashes(
+    token_ids: Sequence[int], block_size: int, num_blocks: int, salt: str | None = None
+) -> list[int]:
     """Keys of the first ``num_blocks`` full blocks of ``token_ids``."""
     hashes = []
-    parent = _ROOT_HASH
+    parent = prefix_root(salt)
     for i in range(num_blocks):
         parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
         hashes.append(parent)
@@ -42,8 +50,9 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage()
 
-    def find_cached_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
-        """Attach the longest cached prefix of ``token_ids`` to a request with no blocks yet.
+    def find_cached_prefix(self, request_id: str, token_ids: Sequence[int], salt: str | None = None) -> int:
+        """Attach the longest cached prefix of ``token_ids`` to a request with no blocks yet
+        (``salt``: its LoRA adapter, whose blocks are its own).
 
         Returns the number of tokens whose KV is already computed. At least one token is always
         left to compute, because the model must produce logits for the last prompt token.
@@ -57,7 +66,7 @@ class KVCacheManager:
         max_blocks = (len(token_ids) - 1) // self.block_size
         self.prefix_queries += len(token_ids)
         hit_blocks = []
-        hashes = chain_block_hashes(token_ids, self.block_size, max_blocks)
+        hashes = chain_block_hashes(token_ids, self.block_size, max_blocks, salt)
         for block_hash in hashes:
             block_id = self.pool.lookup(block_hash)
             if block_id is None:
@@ -85,7 +94,11 @@ class KVCacheManager:
         return True
 
     def cache_computed_blocks(
-        self, request_id: str, tokens_in_range: Callable[[int, int], Sequence[int]], num_computed: int
+        self,
+        request_id: str,
+        tokens_in_range: Callable[[int, int], Sequence[int]],
+        num_computed: int,
+        salt: str | None = None,
     ) -> None:
         """Register every block that is now full and computed, so later requests can reuse it.
 
@@ -98,7 +111,7 @@ class KVCacheManager:
         num_full = num_computed // self.block_size
         if num_full <= len(hashes):
             return
-        parent = hashes[-1] if hashes else _ROOT_HASH
+        parent = hashes[-1] if hashes else prefix_root(salt)
         blocks = self._blocks[request_id]
         for i in range(len(hashes), num_full):
             parent = block_hash(parent, tokens_in_range(i * self.block_size, (i + 1) * self.block_size))

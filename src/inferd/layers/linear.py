@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from inferd.layers.activation import SiluAndMul
 from inferd.layers.norm import RMSNorm
+
+if TYPE_CHECKING:
+    from inferd.layers.lora import LoraWeights
 
 
 class Linear(nn.Linear):
@@ -17,6 +22,9 @@ class Linear(nn.Linear):
     With ``fuse_input_ops``, those rows also make the projection's input inside the matmul
     (``forward_normed``, ``forward_gated``): the decoder's norm, or SiLU-and-mul, then costs no
     launch of its own, which at one sequence is a third of a layer's kernels.
+
+    With ``lora`` (LoRA adapters, ``layers/lora.py``), each request's adapter adds its low-rank
+    term to its rows after the matmul; its engine makes no input inside the matmul.
     """
 
     triton_max_rows = 0  # 0: always torch
@@ -24,8 +32,15 @@ class Linear(nn.Linear):
     # Inputs of more rows than the skinny matmul takes, up to this many, go to the tensor-core
     # matmul of ``layers/triton_tiled_linear.py`` (0: none).
     tiled_max_rows = 0
+    lora: LoraWeights | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._base_forward(x)
+        if self.lora is not None:
+            self.lora.add_to(out, x)
+        return out
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._routed(x):
             from inferd.layers import triton_linear
 
@@ -41,7 +56,7 @@ class Linear(nn.Linear):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``self(norm(x + residual))`` and the new residual stream ``x + residual``; without a
         residual, ``self(norm(x))`` and ``x``."""
-        if self.fuse_input_ops and self._routed(x):
+        if self.fuse_input_ops and self.lora is None and self._routed(x):
             from inferd.layers import triton_linear
 
             weight, bias = self.weight, self.bias
@@ -53,7 +68,7 @@ class Linear(nn.Linear):
 
     def forward_gated(self, gate_up: torch.Tensor, act: SiluAndMul) -> torch.Tensor:
         """``self(act(gate_up))``, for the gate|up halves of the MLP's first projection."""
-        if self.fuse_input_ops and self._routed(gate_up):
+        if self.fuse_input_ops and self.lora is None and self._routed(gate_up):
             from inferd.layers import triton_linear
 
             return triton_linear.skinny_silu_linear(gate_up, self.weight, self.bias)

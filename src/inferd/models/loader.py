@@ -19,7 +19,7 @@ from inferd.models.registry import CausalLM, model_class
 logger = logging.getLogger(__name__)
 
 # Checkpoint projection name -> (fused parameter name, shard index) for the fused layers.
-_FUSED_SHARDS = {
+FUSED_SHARDS = {
     "q_proj": ("qkv_proj", 0),
     "k_proj": ("qkv_proj", 1),
     "v_proj": ("qkv_proj", 2),
@@ -285,8 +285,8 @@ def _target_of(name: str) -> tuple[str, Slot]:
                 stacked, half = piece
                 expert = int(parts[i + 1])
                 return ".".join([*parts[: i + 1], stacked]), (expert,) if half is None else (expert, half)
-        if part in _FUSED_SHARDS:
-            fused, shard = _FUSED_SHARDS[part]
+        if part in FUSED_SHARDS:
+            fused, shard = FUSED_SHARDS[part]
             return ".".join(parts[:i] + [fused] + parts[i + 1 :]), (shard,)
     return name, None
 

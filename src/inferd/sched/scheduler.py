@@ -109,7 +109,13 @@ class Scheduler:
             # A prompt whose log-probabilities are asked for is computed whole: cached blocks
             # would skip the positions they are read from.
             scoring = request.params.prompt_logprobs is not None
-            cached = 0 if scoring else self.kv.find_cached_prefix(request.request_id, request.all_token_ids)
+            cached = (
+                0
+                if scoring
+                else self.kv.find_cached_prefix(
+                    request.request_id, request.all_token_ids, request.params.adapter
+                )
+            )
             request.num_computed_tokens = cached
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
@@ -179,6 +185,7 @@ class Scheduler:
                     request.request_id,
                     request.tokens_in_range,
                     min(request.num_computed_tokens, request.num_tokens),
+                    request.params.adapter,
                 )
             if token is None:
                 continue

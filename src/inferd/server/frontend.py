@@ -99,10 +99,26 @@ class Frontend:
 
     # -- checks and translation -----------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise ModelNotFoundError(
-                f"the model {name!r} does not exist; this server serves {self.model_name!r}"
-            )
+        self.adapter_for(name)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The LoRA adapters served beside the base model (``--lora-modules``)."""
+        return self.llm.config.lora_names
+
+    def adapter_for(self, name: str | None, field: str = "model") -> str | None:
+        """The LoRA adapter a request's model name asks for; None for the base model (its served
+        name, or no name); any other name is a 404."""
+        if name is None or name == self.model_name:
+            return None
+        if name in self.adapters:
+            return name
+        served = ", ".join(repr(n) for n in (self.model_name, *self.adapters))
+        raise ModelNotFoundError(f"the model {name!r} does not exist; this server serves {served}", field)
+
+    def answering_name(self, name: str | None) -> str:
+        """The model name a response gives: the adapter asked for, else the served model's."""
+        return self.adapter_for(name) or self.model_name
 
     @property
     def max_tokens_cap(self) -> int | None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
 
 import torch
+from torch import nn
 
 from inferd.attention.base import AttentionBackend
 from inferd.attention.registry import create_backend, resolve_backend_name
 from inferd.config import EngineConfig, ModelLoadError, parse_dtype
 from inferd.engine.request import Request
+from inferd.layers.lora import LoraBatch, attach_adapters, read_adapter
 from inferd.models.loader import enable_configured_kernels, load_model
 from inferd.sample.sampler import PendingSample, Sampler, TokenLogprobs
 from inferd.sched.output import SchedulerOutput
@@ -110,6 +114,7 @@ class ModelRunner:
                 shard=(0, config.tensor_parallel_size) if self.tensor_parallel is not None else None,
             )
             enable_configured_kernels(self.model, config)
+            self.lora_batch = self._attach_adapters() if config.lora_modules else None
             if self.tensor_parallel is not None:
                 self.model.set_all_reduce(all_reduce)
                 self.tensor_parallel.wait_loaded()
@@ -158,9 +163,22 @@ class ModelRunner:
             return None
         return int(torch.cuda.memory_reserved(self.device))
 
+    def _attach_adapters(self) -> LoraBatch:
+        """Read the engine's LoRA adapters and give the projections they target their weights."""
+        model = self.config.local_model
+        adapters = [read_adapter(name, Path(path)) for name, path in self.config.lora_modules]
+        q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+        batch = attach_adapters(cast(nn.Module, self.model), adapters, [q, kv, kv])
+        logger.info("LoRA adapters: %s", ", ".join(a.name for a in adapters))
+        return batch
+
     def uses_cuda_graphs(self) -> bool:
         """Whether decode steps should run as CUDA graphs (captured by ``capture_decode_graphs``)."""
         if self.config.enforce_eager or self.device.type != "cuda":
+            return False
+        if self.config.lora_modules:
+            # Which rows take which adapter is set on the host each step (layers/lora.py).
+            logger.info("CUDA graphs are not used with LoRA adapters; decode runs eagerly")
             return False
         if self.tensor_parallel is not None:
             logger.info("CUDA graphs are not used with tensor parallelism; decode runs eagerly")
@@ -350,6 +368,8 @@ class ModelRunner:
         last_sample = previous.sample if previous is not None else None
         carried = previous.sample_rows if previous is not None and last_sample is not None else None
         inputs = build_inputs(out, self.block_size, self.buffers, self.table_rows, graph_size, carried)
+        if self.lora_batch is not None:
+            self.lora_batch.set_rows([(seq.request.params.adapter, seq.num_tokens) for seq in out.sequences])
         if inputs.carried_rows.numel():
             assert last_sample is not None
             # Device to device, queued behind the step that sampled them: the host never waits.

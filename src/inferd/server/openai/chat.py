@@ -204,7 +204,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         )
     return ChatJob(
         request_id=frontend.new_request_id("chatcmpl"),
-        model=frontend.model_name,
+        model=frontend.answering_name(body.model),
         prompt=frontend.prepare(prompt, params, field="messages"),
         params=params,
         n=body.n,

@@ -87,6 +87,7 @@ def sampling_params(
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
         structured_output=structure,
+        adapter=frontend.adapter_for(body.model),
     )
 
 

@@ -79,7 +79,7 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
     texts = [p if isinstance(p, str) else frontend.tokenizer.decode(p) for p in prompts] if body.echo else []
     return CompletionJob(
         request_id=frontend.new_request_id("cmpl"),
-        model=frontend.model_name,
+        model=frontend.answering_name(body.model),
         prompts=token_ids,
         prompt_texts=texts,
         params=params,

@@ -258,6 +258,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "inferd"
     max_model_len: int
+    # A LoRA adapter's base model (vLLM's field); None for the base model itself.
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

@@ -48,7 +48,12 @@ def build_router(
 
     @router.get("/v1/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=frontend.model_name, max_model_len=frontend.max_model_len)])
+        base = ModelCard(id=frontend.model_name, max_model_len=frontend.max_model_len)
+        adapters = [
+            ModelCard(id=name, max_model_len=frontend.max_model_len, parent=frontend.model_name)
+            for name in frontend.adapters
+        ]
+        return ModelList(data=[base, *adapters])
 
     @router.post("/v1/completions", response_model=None)
     async def create_completion(body: CompletionRequest, request: Request) -> CompletionResponse | Response:

@@ -103,6 +103,8 @@ def prepare_generate(frontend: Frontend, body: GenerateRequest, stream: bool = F
         prompt_logprobs=0 if p.decoder_input_details and p.details else None,
         # TGI's grammar object: {"type": "json" | "regex" | "json_schema", "value": ...}.
         structured_output=response_format(p.grammar, "grammar") if p.grammar is not None else None,
+        # TGI's LoRA field: an adapter the server was started with (--lora-modules).
+        adapter=frontend.adapter_for(p.adapter_id, "adapter_id"),
     )
     token_ids = frontend.tokenizer.encode(body.inputs)
     if p.truncate is not None:
@@ -122,7 +124,6 @@ def _refuse_unsupported(p: GenerateParameters) -> None:
         "best_of": p.best_of is not None and p.best_of > 1,
         "typical_p": p.typical_p is not None,
         "watermark": p.watermark,
-        "adapter_id": p.adapter_id is not None,
     }
     for name, is_set in refused.items():
         if is_set:

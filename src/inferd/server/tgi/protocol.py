@@ -1,7 +1,7 @@
 """Text Generation Inference (TGI) request and response bodies: `/generate`, `/generate_stream`, `/info`.
 
 Follows TGI's OpenAPI schema. Options that change the answer and that inferd cannot honour
-(`typical_p`, `watermark`, `adapter_id`, `best_of` > 1) are
+(`typical_p`, `watermark`, `best_of` > 1) are
 declared so that setting them gets a 422 rather than being silently dropped.
 """
 
