@@ -8,13 +8,16 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pydantic
 import pytest
+from openai.types.responses import Response
 from server_process import ServerProcess, run_server
 from tiny_models import THINK_END, with_think_end_token
 
 from inferd.server.openai.chat_answer import ShapedText
+from inferd.server.openai.response_store import ResponseStore, StoredResponse
 from inferd.server.openai.responses import _EventWriter, _StreamedItems
 from inferd.server.tool_calls import ParsedToolCall
 
@@ -188,6 +191,19 @@ def test_a_stored_response_is_read_back_continued_and_deleted(client: openai.Ope
         ({"input": "Hi", "text": {"format": {"type": "yaml"}}}, "text", "text.format.type"),
         ({"input": "Hi " * 600}, "input", "maximum context length"),  # the chat path's error, renamed
         ({"input": []}, "input", "no message"),
+        (
+            {"input": [{"role": "user", "content": [{"type": ["input_text"], "text": "x"}]}]},
+            "input",
+            "parts are not supported",
+        ),
+        ({"input": "Hi", "conversation": "conv_1"}, "conversation", "not supported"),
+        ({"input": "Hi", "metadata": {"k": "v" * 513}}, "metadata", "at most 16 pairs"),
+        ({"input": "Hi", "max_output_tokens": 100000}, "input", "max_output_tokens asks for"),
+        (
+            {"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": [1]}}},
+            "text.format.schema",
+            "text.format.schema",
+        ),
     ],
 )
 def test_bad_requests_are_400s_naming_the_field(
@@ -197,6 +213,52 @@ def test_bad_requests_are_400s_naming_the_field(
         client.responses.create(model="tiny", **fields)
     body = error.value.body
     assert isinstance(body, dict) and body["param"] == param and message in body["message"]
+
+
+def test_a_whole_response_and_a_stream_give_the_same_items(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    """A thinking that ends part-way (a mild bias towards "</think>"), then text cut off by the
+    budget: the reasoning item is completed and the message incomplete either way; the whole
+    response validates as the SDK's Response type, every required field there."""
+    fields = {"input": "Well?", "max_output_tokens": 60, "temperature": 1.0,
+              "extra_body": {"seed": 1, "logit_bias": {str(THINK_END): 2.5}}}  # fmt: skip
+    whole = client.responses.create(model="tiny", **fields)
+    streamed = list(client.responses.create(model="tiny", stream=True, **fields))[-1].response
+    shape = [(item.type, item.status) for item in whole.output]
+    assert shape == [("reasoning", "completed"), ("message", "incomplete")]
+    assert [(item.type, item.status) for item in streamed.output] == shape
+    assert streamed.output_text == whole.output_text
+    raw = httpx.get(f"{server.base_url}/v1/responses/{whole.id}").json()
+    Response.model_validate(raw)  # strict: raises on a missing or mistyped field
+
+
+def test_a_stream_that_times_out_ends_with_an_error_and_is_not_stored(client: openai.OpenAI) -> None:
+    events = list(
+        _create(client, input="Hi", stream=True, max_output_tokens=400, extra_body={"timeout": 0.02})
+    )
+    assert events[-1].type == "error" and events[-1].code == "request_timeout"
+    created = events[0].response.id
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created)
+
+
+def test_the_store_drops_the_least_recently_used_past_its_count_or_bytes() -> None:
+    store = ResponseStore(max_responses=3, max_bytes=400)
+
+    def stored(size: int) -> StoredResponse:
+        return StoredResponse.of({"pad": "x" * size}, [])
+
+    for name in "abc":
+        store.put(name, stored(10))
+    assert store.get("a") is not None  # now the most recently used
+    store.put("d", stored(10))
+    assert [n for n in "abcd" if store.get(n) is None] == ["b"]
+    store.put("e", stored(300))  # past 400 bytes: the oldest go until it fits
+    assert len(store) <= 3 and store.bytes <= 400 and store.get("e") is not None
+    store.put("huge", stored(1000))  # larger than the whole budget: not kept
+    assert store.get("huge") is None and store.delete("e") and not store.delete("e")
+    assert store.bytes == sum(store.get(n).size for n in "acd" if store.get(n) is not None)  # type: ignore[union-attr]
 
 
 def test_streamed_items_close_as_the_answer_moves_from_thinking_to_text_to_calls() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from inferd.server.errors import ApiError, InvalidRequestError, ModelNotFoundErr
 from inferd.server.frontend import Frontend
 from inferd.server.openai.chat import ChatJob, chat_logprobs, prepare_chat
 from inferd.server.openai.chat_answer import ShapedText
-from inferd.server.openai.common import error_body, finish_reason, stream_finish_reason
+from inferd.server.openai.common import error_body, finish_reason
 from inferd.server.openai.protocol import ChatCompletionRequest
 from inferd.server.openai.response_store import ResponseStore, StoredResponse
 from inferd.server.openai.responses_protocol import (
@@ -56,8 +57,16 @@ class ResponseJob:
     created_at: int
 
 
-# The chat request's fields as this API names them, for errors raised on the chat path.
-_FIELD_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text"}
+# The chat request's fields as this API names them, for errors raised on the chat path (longest
+# first: a name's prefix must not match before the name).
+_FIELD_NAMES = {
+    "response_format.json_schema": "text.format",
+    "response_format": "text",
+    "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
+    "messages": "input",
+}
+_CHAT_NAMES = re.compile(r"\b(" + "|".join(re.escape(name) for name in _FIELD_NAMES) + r")\b")
 
 
 def prepare_response(frontend: Frontend, body: ResponsesRequest, store: ResponseStore) -> ResponseJob:
@@ -106,39 +115,56 @@ def prepare_response(frontend: Frontend, body: ResponsesRequest, store: Response
 
 
 def _in_responses_terms(error: ApiError) -> ApiError:
-    """An error of the chat path naming this API's fields."""
-    for chat_name, name in _FIELD_NAMES.items():
-        if error.message.startswith(chat_name):
-            error.message = name + error.message[len(chat_name) :]
-            error.args = (error.message,)
-            break
-    error.field = _FIELD_NAMES.get(error.field or "", error.field)
+    """An error of the chat path naming this API's fields, in its message and its param."""
+    error.message = _CHAT_NAMES.sub(lambda match: _FIELD_NAMES[match.group(1)], error.message)
+    error.args = (error.message,)
+    if error.field is not None:
+        error.field = _CHAT_NAMES.sub(lambda match: _FIELD_NAMES[match.group(1)], error.field)
     return error
 
 
+class _Answer:
+    """One answer's output items, built from its deltas in the order they come, for a whole
+    response and a stream alike (so the two agree): the events go out only when streaming."""
+
+    def __init__(
+        self, frontend: Frontend, job: ResponseJob, store: ResponseStore, events: _EventWriter
+    ) -> None:
+        self.frontend, self.job, self.store, self.events = frontend, job, store, events
+        self.shaper = job.chat.shaper()
+        self.items = _StreamedItems(events)
+        self.reasoning: list[str] = []
+        self.response: dict[str, Any] | None = None
+
+    def feed(self, out: RequestOutput) -> list[str]:
+        """The events of one more output; the last one's end with the finished response (stored
+        first). A timeout or an engine error raises the request's error."""
+        reason = finish_reason(out)
+        shaped = self.shaper.feed(out.new_text, out.finished)
+        self.reasoning.append(shaped.reasoning)
+        logprobs = _logprobs(self.frontend, out.new_logprobs) if self.job.body.wants_logprobs else []
+        sent = self.items.feed(shaped, logprobs)
+        if out.finished:
+            status = "completed" if reason == "stop" else "incomplete"
+            sent += self.items.finish(status)
+            usage = _usage(self.frontend, self.job, out, "".join(self.reasoning))
+            self.response = _response(self.job, status, self.items.output, usage)
+            _remember(self.store, self.job, self.response)
+            kind = "response.completed" if status == "completed" else "response.incomplete"
+            sent.append(self.events.event(kind, response=self.response))
+        return sent
+
+
 async def respond(frontend: Frontend, job: ResponseJob, store: ResponseStore) -> dict[str, Any]:
-    final: RequestOutput | None = None
+    answer = _Answer(frontend, job, store, _EventWriter())
     chat = job.chat
     async with aclosing(
         frontend.generate(chat.request_id, [chat.prompt], chat.params, 1, chat.timeout_s)
     ) as stream:
         async for item in stream:
-            if item.output.finished:
-                final = item.output
-    assert final is not None
-    reason = finish_reason(final)  # a timeout or an engine error is the request's error
-    shaped = chat.shaper().feed(final.text, finished=True)
-    logprobs = _logprobs(frontend, final.logprobs) if job.body.wants_logprobs else []
-    status = "incomplete" if reason == "length" else "completed"
-    output = []
-    if shaped.reasoning:
-        output.append(_reasoning_item(_item_id("rs"), shaped.reasoning, status))
-    if shaped.content or not (shaped.reasoning or shaped.calls):
-        output.append(_message_item(_item_id("msg"), shaped.content, logprobs, status))
-    output += [_call_item(_item_id("fc"), call, status) for call in shaped.calls]
-    response = _response(job, status, output, _usage(frontend, job, final, shaped.reasoning))
-    _remember(store, job, response)
-    return response
+            answer.feed(item.output)
+    assert answer.response is not None, "the Frontend ends every stream with a finished output"
+    return answer.response
 
 
 async def stream_response(frontend: Frontend, job: ResponseJob, store: ResponseStore) -> AsyncIterator[str]:
@@ -147,31 +173,15 @@ async def stream_response(frontend: Frontend, job: ResponseJob, store: ResponseS
     started = _response(job, "in_progress", [], None)
     yield events.event("response.created", response=started)
     yield events.event("response.in_progress", response=started)
-    shaper = chat.shaper()
-    items = _StreamedItems(events)
-    reasoning: list[str] = []
+    answer = _Answer(frontend, job, store, events)
     try:
         async with aclosing(
             frontend.generate(chat.request_id, [chat.prompt], chat.params, 1, chat.timeout_s)
         ) as stream:
             async for item in stream:
-                out = item.output
-                reason = stream_finish_reason(out)
-                shaped = shaper.feed(out.new_text, out.finished)
-                reasoning.append(shaped.reasoning)
-                logprobs = _logprobs(frontend, out.new_logprobs) if job.body.wants_logprobs else []
-                for event in items.feed(shaped, logprobs):
+                for event in answer.feed(item.output):
                     yield event
-                if out.finished:
-                    status = "completed" if reason == "stop" else "incomplete"
-                    for event in items.finish(status):
-                        yield event
-                    usage = _usage(frontend, job, out, "".join(reasoning))
-                    response = _response(job, status, items.output, usage, reason)
-                    _remember(store, job, response)
-                    done = "response.completed" if status == "completed" else "response.incomplete"
-                    yield events.event(done, response=response)
-    except ApiError as exc:
+    except ApiError as exc:  # a timeout too: the response is not stored
         body = error_body(exc)["error"]
         yield events.event("error", code=body["code"] or body["type"], message=exc.message, param=exc.field)
 
@@ -179,23 +189,16 @@ async def stream_response(frontend: Frontend, job: ResponseJob, store: ResponseS
 def _remember(store: ResponseStore, job: ResponseJob, response: dict[str, Any]) -> None:
     if job.body.store:
         # The answer's items read as input items are the messages that continue the conversation.
-        store.put(
-            job.response_id, StoredResponse(response, job.conversation + input_messages(response["output"]))
-        )
+        continued = job.conversation + input_messages(response["output"])
+        store.put(job.response_id, StoredResponse.of(response, continued))
 
 
 def _response(
-    job: ResponseJob,
-    status: str,
-    output: list[dict[str, Any]],
-    usage: dict[str, Any] | None,
-    finish: str | None = None,
+    job: ResponseJob, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """The response object; an incomplete one says why (its token budget, or its timeout)."""
+    """The response object; an incomplete one ran out of its token budget."""
     body, params = job.body, job.chat.params
-    incomplete = None
-    if status == "incomplete":
-        incomplete = {"reason": "timeout" if finish == "timeout" else "max_output_tokens"}
+    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
     return {
         "id": job.response_id,
         "object": "response",
@@ -229,7 +232,7 @@ def _usage(frontend: Frontend, job: ResponseJob, out: RequestOutput, reasoning: 
     output_tokens = len(out.token_ids)
     return {
         "input_tokens": len(job.chat.prompt),
-        "input_tokens_details": {"cached_tokens": out.metrics.num_cached_tokens},
+        "input_tokens_details": {"cached_tokens": out.metrics.num_cached_tokens, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": _reasoning_tokens(frontend, job, out, reasoning)},
         "total_tokens": len(job.chat.prompt) + output_tokens,

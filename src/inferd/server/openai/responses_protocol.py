@@ -43,6 +43,10 @@ class ResponsesRequest(_Body):
     user: str | None = None
     truncation: Literal["disabled", "auto"] = "disabled"
     background: bool = False
+    # Declared to be refused: each would change what the model is asked.
+    conversation: Any = None
+    prompt: Any = None
+    max_tool_calls: int | None = None
     # Extras the chat endpoint takes too (vLLM's names), and inferd's per-request timeout.
     seed: int | None = None
     top_k: int | None = Field(None, ge=-1)
@@ -67,6 +71,15 @@ class ResponsesRequest(_Body):
         unknown = sorted(set(self.include or []) - {INCLUDE_LOGPROBS})
         if unknown:
             raise InvalidRequestError(f"include: {', '.join(unknown)} cannot be included here", "include")
+        for name in ("conversation", "prompt", "max_tool_calls"):
+            if getattr(self, name) is not None:
+                raise InvalidRequestError(f"{name}: not supported by this server", name)
+        metadata = self.metadata or {}
+        # OpenAI's limits: the server keeps metadata with every stored response.
+        if len(metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
+            raise InvalidRequestError(
+                "metadata: at most 16 pairs, keys up to 64 characters and values up to 512", "metadata"
+            )
 
 
 def input_messages(items: str | list[dict[str, Any]], field: str = "input") -> list[dict[str, Any]]:
@@ -131,7 +144,7 @@ def _text(content: Any, where: str, field: str) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "refusal":
             texts.append(str(part.get("refusal", "")))
-        elif kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+        elif isinstance(kind, str) and kind in _TEXT_PARTS and isinstance(part.get("text"), str):
             texts.append(part["text"])
         else:
             raise InvalidRequestError(

@@ -85,11 +85,11 @@ def build_router(
         return JSONResponse(await unless_disconnected(request, respond(frontend, job, store)))
 
     @router.get("/v1/responses/{response_id}")
-    async def read_response(response_id: str) -> JSONResponse:
+    async def read_response(response_id: str) -> Response:
         stored = store.get(response_id)
         if stored is None:
             raise ResponseNotFoundError(f"no stored response {response_id!r}")
-        return JSONResponse(stored.body)
+        return Response(stored.body_json, media_type="application/json")
 
     @router.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> JSONResponse:
