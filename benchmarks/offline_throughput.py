@@ -10,6 +10,10 @@ With ``--moe`` the model is a mixture of experts of the same shape (``Qwen3MoeFo
 layer's MLP is 16 experts of 384, 4 a token, so a token runs through as wide an MLP (1,536) as the
 dense model's; it shows what routing costs on top of the same arithmetic.
 
+With ``--lora-adapters N`` inferd alone runs the workload with N random LoRA adapters (PEFT's
+format, rank ``--lora-rank``, on every q/k/v/o/gate/up/down projection), request ``i`` asking for
+adapter ``i % N``: what serving adapters costs beside the same run without them.
+
 transformers' `generate` runs all prompts as one left-padded batch up to the longest output (it
 cannot stop rows early with ignore_eos); its throughput counts only the requested output tokens.
 """
@@ -17,6 +21,7 @@ cannot stop rows early with ignore_eos); its throughput counts only the requeste
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import random
@@ -79,12 +84,48 @@ def workload(num_prompts: int, low: int, high: int) -> tuple[list[list[int]], li
     return prompts, output_lens
 
 
-def run_inferd(folder: Path, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:
+def build_lora_adapters(folder: Path, count: int, rank: int) -> dict[str, str]:
+    """``count`` random PEFT adapters of ``rank`` for the model in ``folder``, on every projection."""
+    from safetensors.torch import save_file
+
+    hidden, inter = SMOLLM_SHAPE["hidden_size"], SMOLLM_SHAPE["intermediate_size"]
+    head_dim = hidden // SMOLLM_SHAPE["num_attention_heads"]
+    kv = SMOLLM_SHAPE["num_key_value_heads"] * head_dim
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+              "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+              "mlp.down_proj": (hidden, inter)}  # fmt: skip
+    adapters = {}
+    gen = torch.Generator().manual_seed(1)
+    for index in range(count):
+        tensors = {}
+        for layer in range(SMOLLM_SHAPE["num_hidden_layers"]):
+            for module, (out_features, in_features) in shapes.items():
+                prefix = f"base_model.model.model.layers.{layer}.{module}"
+                tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=gen) * 0.01
+                tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=gen) * 0.01
+        path = folder / f"adapter-{index}"
+        path.mkdir()
+        save_file(tensors, path / "adapter_model.safetensors")
+        config = {"r": rank, "lora_alpha": 2 * rank, "bias": "none", "peft_type": "LORA",
+                  "target_modules": [m.split(".")[-1] for m in shapes]}  # fmt: skip
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        adapters[f"adapter-{index}"] = str(path)
+    return adapters
+
+
+def run_inferd(
+    folder: Path, prompts: list[list[int]], output_lens: list[int], adapters: dict[str, str] | None = None
+) -> dict[str, float]:
     from inferd import LLM, SamplingParams
 
-    llm = LLM(folder, kv_cache_memory="4GiB")
+    llm = LLM(folder, kv_cache_memory="4GiB", **({"lora_modules": adapters} if adapters else {}))
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4))  # warm-up
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in output_lens]
+    names = list(adapters or {}) or [None]
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, adapter=names[i % len(names)])
+        for i, n in enumerate(output_lens)
+    ]
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
@@ -153,6 +194,8 @@ def main() -> None:
         "--output-len", type=int, help="every output this long (1: the prompts' prefill alone)"
     )
     parser.add_argument("--moe", action="store_true", help="a mixture of experts of the same shape")
+    parser.add_argument("--lora-adapters", type=int, default=0, help="inferd alone, with this many adapters")
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--skip-hf-generate", action="store_true")
     parser.add_argument("--skip-hf-continuous", action="store_true")
     parser.add_argument("--out", type=Path)
@@ -166,10 +209,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build_model(folder, moe=args.moe)
-        runs = [("inferd", run_inferd)]
-        if not args.skip_hf_generate:
+        if args.lora_adapters:
+            adapters = build_lora_adapters(folder, args.lora_adapters, args.lora_rank)
+            label = f"inferd, {args.lora_adapters} LoRA adapters of rank {args.lora_rank}"
+            runs = [(label, functools.partial(run_inferd, adapters=adapters))]
+        else:
+            runs = [("inferd", run_inferd)]
+        if not args.skip_hf_generate and not args.lora_adapters:
             runs.append(("transformers generate (batched)", run_hf_generate))
-        if not args.skip_hf_continuous:
+        if not args.skip_hf_continuous and not args.lora_adapters:
             runs.append(("transformers generate_batch (continuous)", run_hf_continuous))
         for name, run in runs:
             print(f"running {name} ...", flush=True)
@@ -179,7 +227,8 @@ def main() -> None:
                 flush=True,
             )
 
-    best_peer = max((v["output_tok_s"] for k, v in results.items() if k != "inferd"), default=None)
+    peers = [v["output_tok_s"] for k, v in results.items() if k.startswith("transformers")]
+    best_peer = max(peers, default=None)
     print("\n| engine | seconds | output tokens | output tok/s |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['seconds']:.1f} | {r['output_tokens']:.0f} | {r['output_tok_s']:.1f} |")

@@ -61,6 +61,9 @@ def test_the_adapter_answers_as_the_offline_engine_with_it(
         "inputs": PROMPT, "parameters": {"max_new_tokens": 10, "adapter_id": "style"}}).json()  # fmt: skip
     # TGI's greedy default stops at EOS, which the random model need not reach in 10 tokens.
     assert tgi["generated_text"] and expected["style"].startswith(tgi["generated_text"])
+    # Counted per adapter as they end: a completion, a chat and a TGI request.
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    assert 'inferd:lora_requests_total{adapter="style",model_name="tiny"} 3.0' in metrics
 
 
 def test_an_unknown_model_or_adapter_is_a_404_naming_what_is_served(

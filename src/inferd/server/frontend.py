@@ -278,7 +278,7 @@ class Frontend:
     ) -> AsyncGenerator[IndexedOutput, None]:
         structure = params.structured_output
         tracker = _RequestTracker(
-            engine_id, len(token_ids), self.metrics, structure.kinds[0] if structure else None
+            engine_id, len(token_ids), self.metrics, structure.kinds[0] if structure else None, params.adapter
         )
         self.num_in_flight += 1
         try:
@@ -305,12 +305,18 @@ class _RequestTracker:
     """Per engine request: inter-token gaps while it runs, metrics and one log line when it ends."""
 
     def __init__(
-        self, engine_id: str, prompt_tokens: int, metrics: ServerMetrics, structure: str | None = None
+        self,
+        engine_id: str,
+        prompt_tokens: int,
+        metrics: ServerMetrics,
+        structure: str | None = None,
+        adapter: str | None = None,
     ) -> None:
         self.engine_id = engine_id
         self.prompt_tokens = prompt_tokens
         self.metrics = metrics
         self.structure = structure  # the kind of its structured output, if it has one
+        self.adapter = adapter  # its LoRA adapter, if it has one
         self.start = time.monotonic()
         self.last_token_time: float | None = None
         self.first_token_time: float | None = None
@@ -366,6 +372,8 @@ class _RequestTracker:
         )
         if self.structure is not None:  # counted as it ends, as the finished requests are
             self.metrics.count_structured_output(self.structure)
+        if self.adapter is not None:
+            self.metrics.count_lora_request(self.adapter)
         logger.info(
             "request %s finished: %s, prompt %d tokens, output %d tokens, ttft %s, total %s",
             self.engine_id,

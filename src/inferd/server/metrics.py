@@ -105,6 +105,12 @@ class _MetricFamilies:
             ["model_name", "kind"],
             registry=registry,
         )
+        self.lora_requests = Counter(
+            "inferd:lora_requests",
+            "Finished requests answered with a LoRA adapter, by adapter.",
+            ["model_name", "adapter"],
+            registry=registry,
+        )
         self.engines = _EngineCollector()
         registry.register(self.engines)
 
@@ -151,6 +157,9 @@ class ServerMetrics:
 
     def count_structured_output(self, kind: str) -> None:
         self._families.structured_outputs.labels(self._model_name, kind).inc()
+
+    def count_lora_request(self, adapter: str) -> None:
+        self._families.lora_requests.labels(self._model_name, adapter).inc()
 
     def observe_inter_token(self, gap_s: float) -> None:
         self.inter_token.observe(gap_s)
