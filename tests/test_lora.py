@@ -114,6 +114,8 @@ def test_an_unknown_adapter_is_refused(tiny_model_factory, adapters) -> None:
         ({"use_dora": True}, "use_dora not supported"),
         ({"bias": "all"}, "bias='all' not supported"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save not supported"),
+        ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication not supported"),
+        ({"peft_type": "IA3"}, "peft_type='IA3' not supported"),
     ],
 )
 def test_adapters_that_cannot_be_served_are_refused(tiny_model_factory, tmp_path, config, message) -> None:
@@ -129,3 +131,76 @@ def test_an_adapter_whose_tensors_disagree_with_its_config_is_refused(tiny_model
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
     with pytest.raises(ModelLoadError, match="not of rank 3"):
         LLM(tiny_model_factory("qwen3"), kv_cache_memory="16MiB", lora_modules={"a": str(adapter)})
+
+
+def test_phi3_adapters_target_its_fused_projections(tiny_model_factory, tmp_path) -> None:
+    """Phi-3's checkpoints, and so PEFT's adapters for it, have q|k|v and gate|up fused."""
+    base = tiny_model_factory("phi3")
+    adapter = make_adapter(
+        base, tmp_path / "phi", seed=6, targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    )
+    llm = LLM(base, kv_cache_memory="16MiB", block_size=8, lora_modules={"phi": str(adapter)})
+    prompt = list(range(5, 30))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(merged(base, adapter, tmp_path / "m"))
+    with torch.inference_mode():
+        theirs = reference(torch.tensor([prompt])).logits[0]
+    assert (_logits(llm, prompt, "phi") - theirs).abs().max().item() < 1e-4
+
+
+def test_an_adapter_without_lora_alpha_takes_pefts_default(tiny_model_factory, tmp_path) -> None:
+    base = tiny_model_factory("qwen3")
+    explicit = make_adapter(base, tmp_path / "explicit", seed=7, alpha=8.0)
+    implicit = make_adapter(base, tmp_path / "implicit", seed=7)
+    config = json.loads((implicit / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (implicit / "adapter_config.json").write_text(json.dumps(config))
+    llm = LLM(base, kv_cache_memory="16MiB", lora_modules={"e": str(explicit), "i": str(implicit)})
+    prompt = list(range(5, 20))
+    torch.testing.assert_close(_logits(llm, prompt, "i"), _logits(llm, prompt, "e"))
+
+
+def test_an_adapter_named_as_the_served_model_is_refused(tiny_model_factory, adapters) -> None:
+    from inferd.engine.async_llm import AsyncLLM
+    from inferd.server.app import create_app
+    from inferd.server.config import ServerConfig
+
+    llm = AsyncLLM.from_options(tiny_model_factory("qwen3"), engine_process=False, kv_cache_memory="8MiB",
+                                lora_modules={"tiny": str(adapters["all"])})  # fmt: skip
+    try:
+        with pytest.raises(ValueError, match="has the served model's name"):
+            create_app(llm, ServerConfig(served_model_name="tiny"))
+    finally:
+        llm.shutdown()
+
+
+def test_the_warm_ups_largest_step_runs_an_adapter(tiny_model_factory, adapters, monkeypatch) -> None:
+    """So the adapters' terms count in the step's peak memory the warm-up checks at start-up."""
+    from inferd.layers.lora import LoraBatch
+
+    seen: list[list[tuple[str | None, int]]] = []
+    set_rows = LoraBatch.set_rows
+    monkeypatch.setattr(LoraBatch, "set_rows", lambda self, rows: seen.append(rows) or set_rows(self, rows))
+    LLM(tiny_model_factory("qwen3"), kv_cache_memory="8MiB", warm_up=True, max_num_batched_tokens=64,
+        lora_modules={"all": str(adapters["all"])})  # fmt: skip
+    largest = max(seen, key=lambda rows: sum(count for _, count in rows))
+    assert sum(count for _, count in largest) == 64 and {name for name, _ in largest} == {"all"}
+
+
+def test_generate_answers_with_an_adapter(tiny_model_factory, adapters, capsys) -> None:
+    from inferd.cli import main
+
+    base = tiny_model_factory("qwen3")
+    # The prompt first: --lora-modules takes every word after it.
+    common = ["generate", "To be", "--model", str(base), "--max-tokens", "8", "--temperature", "0",
+              "--kv-cache-memory", "8MiB", "--lora-modules", f"all={adapters['all']}"]  # fmt: skip
+    assert main(common) == 0
+    plain = capsys.readouterr().out
+    assert main([*common, "--adapter", "all"]) == 0
+    expected = (
+        LLM(base, kv_cache_memory="8MiB", lora_modules={"all": str(adapters["all"])})
+        .generate(["To be"], SamplingParams(max_tokens=8, temperature=0.0, adapter="all"))[0]
+        .text
+    )
+    assert capsys.readouterr().out == f"To be{expected}\n" != plain
+    assert main([*common, "--adapter", "nope"]) == 2
+    assert "no LoRA adapter 'nope'" in capsys.readouterr().err

@@ -121,6 +121,8 @@ def _lora_modules(value: Any) -> tuple[tuple[str, str], ...]:
     CLI's ``--lora-modules``); names must be unique and non-empty."""
     if value is None:
         return ()
+    if isinstance(value, str):  # one adapter
+        value = [value]
     if isinstance(value, Mapping):
         pairs = [(str(name), str(path)) for name, path in value.items()]
     else:

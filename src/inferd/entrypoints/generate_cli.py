@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--request-seed", type=int, help="seed of this request's sampling")
+    parser.add_argument("--adapter", help="answer with this LoRA adapter (one of --lora-modules)")
     parser.add_argument(
         "--chat", action="store_true", help="send the prompt as a user message through the chat template"
     )
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.request_seed,
         structured_output=_structured_output(args),
+        adapter=args.adapter,
     )
     engine.add_request("cli", prompt, params)
     if not args.chat:

@@ -26,8 +26,11 @@ from inferd.config import ModelLoadError, read_json_object
 from inferd.models.loader import FUSED_SHARDS
 
 # A PEFT target of a fused projection names its piece as checkpoints do (models/loader.py's
-# FUSED_SHARDS maps it); these targets are projections of their own name.
-_PLAIN_TARGETS = ("o_proj", "down_proj")
+# FUSED_SHARDS maps it); these targets are projections of their own name (Phi-3's checkpoints,
+# and so its adapters, have q|k|v and gate|up fused, in inferd's row order).
+_PLAIN_TARGETS = ("o_proj", "down_proj", "qkv_proj", "gate_up_proj")
+# PEFT's default lora_alpha (LoraConfig), for a config that leaves it out.
+_DEFAULT_ALPHA = 8.0
 # PEFT's names: base_model.model.<module>.lora_A.weight / .lora_B.weight
 _PREFIX = "base_model.model."
 
@@ -48,16 +51,18 @@ def read_adapter(name: str, path: Path) -> LoraAdapter:
     if not config_file.is_file():
         raise ModelLoadError(f"LoRA adapter {name!r}: {path} has no adapter_config.json")
     config = read_json_object(config_file)
-    refused = [
-        key for key in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if config.get(key)
-    ]
+    changes_the_answer = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication",
+                          "alora_invocation_tokens")  # fmt: skip
+    refused = [key for key in changes_the_answer if config.get(key)]
     if config.get("bias", "none") != "none":
         refused.append(f"bias={config['bias']!r}")
+    if config.get("peft_type", "LORA") != "LORA":
+        refused.append(f"peft_type={config['peft_type']!r}")
     if refused:
         raise ModelLoadError(f"LoRA adapter {name!r}: {', '.join(refused)} not supported")
     try:
         rank = int(config["r"])
-        alpha = float(config.get("lora_alpha", rank))
+        alpha = float(config.get("lora_alpha", _DEFAULT_ALPHA))
     except (KeyError, TypeError, ValueError):
         raise ModelLoadError(f"LoRA adapter {name!r}: {config_file} needs an integer 'r'") from None
     if rank < 1:
@@ -122,9 +127,17 @@ class LoraBatch:
                 rows.setdefault(self.slots[adapter], []).extend(range(start, start + count))
             start += count
         self.groups = [
-            (slot, None if len(indices) == start else torch.tensor(indices, device=self.device))
+            (slot, None if len(indices) == start else self._on_device(indices))
             for slot, indices in rows.items()
         ]
+
+    def _on_device(self, indices: list[int]) -> torch.Tensor:
+        """On a GPU through pinned memory without a wait, so the host queues the step at once (a
+        plain copy would wait for the device's earlier work)."""
+        rows = torch.tensor(indices, dtype=torch.long)
+        if self.device.type != "cuda":
+            return rows
+        return rows.pin_memory().to(self.device, non_blocking=True)
 
 
 class LoraWeights:

@@ -63,6 +63,10 @@ def create_app(
     config = config or ServerConfig()
     registry = CollectorRegistry()
     model_name = served_model_name(llm, config)
+    if model_name in llm.config.lora_names:
+        raise ValueError(
+            f"the LoRA adapter {model_name!r} has the served model's name: requests could not reach it"
+        )
     metrics = ServerMetrics(registry, model_name, llm.stats)
     defaults = read_sampling_defaults(llm.config.model_path) if config.generation_config == "auto" else {}
     if defaults:

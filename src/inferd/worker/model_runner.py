@@ -240,7 +240,9 @@ class ModelRunner:
             raise RuntimeError("allocate the KV cache before warming up")
         shape = warm_up_shape(self.config.scheduler, num_blocks, self.block_size, self._model_warm_up_lens())
         vocab = self.config.model.vocab_size
-        prompts = prompt_step(shape.prompt_lens, shape.decodes, self.block_size, vocab)
+        # With adapters, the largest step runs them all: its peak memory holds their terms too.
+        adapter = self.config.lora_names[0] if self.config.lora_names else None
+        prompts = prompt_step(shape.prompt_lens, shape.decodes, self.block_size, vocab, adapter)
         first = self.launch(prompts)
         if shape.decodes:
             # As the engine feeds the next step: from the device when scheduling runs ahead.

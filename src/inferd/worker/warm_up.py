@@ -102,17 +102,18 @@ def _short_prompts(model_prompt_lens: tuple[int, ...], capacity: int) -> tuple[i
 
 
 def prompt_step(
-    prompt_lens: tuple[int, ...], decodes: bool, block_size: int, vocab_size: int
+    prompt_lens: tuple[int, ...], decodes: bool, block_size: int, vocab_size: int, adapter: str | None = None
 ) -> SchedulerOutput:
     """Greedy requests, one per length, whose prompts run whole in one step on consecutive blocks
     from 0, each sampling its first token; with ``decodes``, each holds the blocks its decode token
-    needs too. The token ids spread over the vocabulary (any would do)."""
+    needs too. The token ids spread over the vocabulary (any would do). ``adapter``: every request
+    answers with that LoRA adapter (its terms' memory then counts in the step's peak)."""
     sequences = []
     next_block = first_token = 0
     for i, length in enumerate(prompt_lens):
         prompt = [(first_token + j) % vocab_size for j in range(length)]
         first_token += length
-        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, adapter=adapter)
         request = Request(f"warm-up-{i}", prompt, params, frozenset(), 2)
         blocks = -(-(length + decodes) // block_size)
         table = list(range(next_block, next_block + blocks))
