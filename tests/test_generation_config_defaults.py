@@ -33,6 +33,9 @@ class _Fields:
     def sampling_params(self, field_names: object, **fields: Any) -> dict[str, Any]:
         return fields
 
+    def adapter_for(self, name: str | None) -> str | None:
+        return None  # the base model: no LoRA adapters here
+
 
 def test_a_field_the_request_leaves_out_takes_the_models_value() -> None:
     recommended = _Fields({"temperature": 0.6, "top_p": 0.95, "top_k": 20})

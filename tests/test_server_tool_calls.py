@@ -157,6 +157,11 @@ class _Preparing:
 
     def check_model(self, name: object) -> None: ...
 
+    def adapter_for(self, name: object) -> None: ...
+
+    def answering_name(self, name: object) -> str:
+        return self.model_name
+
     def sampling_params(self, field_names: object, **fields: Any) -> SamplingParams:
         return SamplingParams(**fields)
 
