@@ -46,7 +46,8 @@ class LoraAdapter:
 def read_adapter(name: str, path: Path) -> LoraAdapter:
     """A PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``); what would
     change the answer and is not computed here (DoRA, biases, per-module ranks or scales, extra
-    trained modules) is a ModelLoadError naming it."""
+    trained modules, replicated layers, activated LoRA, other PEFT methods) is a ModelLoadError
+    naming it."""
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"LoRA adapter {name!r}: {path} has no adapter_config.json")
