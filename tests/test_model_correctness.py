@@ -12,7 +12,8 @@ from inferd import LLM, SamplingParams
 from inferd.engine.request import Request
 from inferd.sched.output import SchedulerOutput
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2-moe", "qwen3-moe"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2-moe", "qwen3-moe", "mistral-sliding",
+         "qwen2-sliding", "gemma3"]  # fmt: skip
 
 
 def _prompts(vocab: int, count: int = 16, seed: int = 0) -> list[list[int]]:
@@ -163,3 +164,48 @@ def test_a_reused_id_does_not_take_the_aborted_requests_prompt_scores(tiny_model
         outputs += engine.step()
     scored = [out for out in outputs if out.request_id == "x"][-1].prompt_logprobs
     assert scored is not None and [None if e is None else e.token_id for e in scored] == [None, *short[1:]]
+
+
+def test_sliding_layers_follow_each_architectures_fields() -> None:
+    """As transformers builds the layers: Mistral-style models slide in every layer; Qwen's from
+    max_window_layers on unless their layer_types say otherwise, and only with use_sliding_window."""
+    from inferd.config import ModelConfig
+
+    base = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 4,
+            "num_attention_heads": 2, "sliding_window": 8}  # fmt: skip
+    mistral = ModelConfig.from_hf_config({**base, "architectures": ["MistralForCausalLM"]})
+    assert mistral.layer_windows == (8, 8, 8, 8) and mistral.max_position_embeddings > 8
+    qwen = {**base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "max_window_layers": 3}
+    assert ModelConfig.from_hf_config(qwen).layer_windows == (0, 0, 0, 8)
+    types = ["sliding_attention", "full_attention"] * 2
+    assert ModelConfig.from_hf_config({**qwen, "layer_types": types}).layer_windows == (8, 0, 8, 0)
+    assert ModelConfig.from_hf_config({**qwen, "use_sliding_window": False}).layer_windows == ()
+    llama = ModelConfig.from_hf_config(
+        {**base, "architectures": ["LlamaForCausalLM"], "sliding_window": None}
+    )
+    assert llama.layer_windows == ()
+
+
+def test_gemma3_configs_of_either_transformers_generation_read_alike() -> None:
+    """Older hub configs give the sliding layers' rotary base as rope_local_base_freq and the
+    layout as sliding_window_pattern; transformers 5 nests both in rope_parameters and layer_types."""
+    from inferd.config import ModelConfig
+
+    base = {"architectures": ["Gemma3ForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 6, "num_attention_heads": 2, "head_dim": 8,
+            "sliding_window": 4,
+            "hidden_activation": "gelu_pytorch_tanh"}  # fmt: skip
+    old = ModelConfig.from_hf_config({**base, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                                      "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                                      "sliding_window_pattern": 3})  # fmt: skip
+    new = ModelConfig.from_hf_config({**base, "layer_types": ["sliding_attention", "sliding_attention",
+        "full_attention"] * 2, "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})  # fmt: skip
+    assert old.layer_windows == new.layer_windows == (4, 4, 0, 4, 4, 0)
+    assert old.rope == new.rope and old.rope.rope_type == "linear" and old.rope.factor == 8.0
+    assert old.gemma == new.gemma and new.gemma is not None and new.gemma.local_rope.theta == 1e4
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        ModelConfig.from_hf_config({**base, "attn_logit_softcapping": 50.0})
+    with pytest.raises(ValueError, match="hidden_act 'silu' is not supported"):
+        ModelConfig.from_hf_config({**base, "hidden_activation": "silu"})

@@ -101,8 +101,9 @@ def store_reference(batch: PagedBatch) -> None:
     batch.v_cache[blocks, offsets] = batch.v[keep]
 
 
-def reference_attention(batch: PagedBatch) -> torch.Tensor:
-    """Gather each sequence's keys from the cache and run causal softmax attention in fp32."""
+def reference_attention(batch: PagedBatch, window: int = 0) -> torch.Tensor:
+    """Gather each sequence's keys from the cache and run causal softmax attention in fp32; with
+    ``window``, each query row sees only its last ``window`` positions."""
     meta, k_cache, v_cache = batch.meta, batch.k_cache.float(), batch.v_cache.float()
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = batch.q.shape[1] // num_kv_heads
@@ -116,7 +117,10 @@ def reference_attention(batch: PagedBatch) -> torch.Tensor:
         q = batch.q[start : start + q_len].float()
         scores = torch.einsum("qhd,khd->hqk", q, keys) * batch.scale
         q_pos = torch.arange(seq_len - q_len, seq_len, device=batch.q.device)
-        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        hidden = pos[None, None, :] > q_pos[None, :, None]
+        if window:
+            hidden |= pos[None, None, :] <= q_pos[None, :, None] - window
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[start : start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
         start += q_len
     return out
@@ -393,3 +397,66 @@ def test_greedy_tokens_equal_between_torch_and_triton_backends(attentive_llama) 
 
     assert len({t for seq in tokens["torch"] for t in seq}) > 5  # the check is not vacuous
     assert tokens["triton"] == tokens["torch"]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [1, 7, 40, 500])
+def test_sliding_window_decode_sees_the_last_window_positions(num_splits: int, window: int) -> None:
+    """Contexts shorter and longer than the window, split or not; a window of 500 covers them all."""
+    batch = make_batch([0, 16, 63, 299], [1] * 4, 16, 8, 2, 64)
+    store_reference(batch)
+    m = batch.meta
+    out = triton_kernels.paged_decode_attention(
+        batch.q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, m.query_start_loc, batch.scale,
+        num_splits, window=window,
+    )  # fmt: skip
+    assert_close(out, reference_attention(batch, window), torch.float32)
+    if window < 300:  # the window changes the answer: the comparison is not vacuous
+        assert (reference_attention(batch, window) - reference_attention(batch)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("window", [1, 5, 33])
+def test_sliding_window_extend_and_both_backends_agree(window: int) -> None:
+    """Fresh prompts, chunks after cached context and decode rows in one step, through the Triton
+    kernels and the PyTorch backend, against the reference."""
+    from inferd.attention.torch_backend import TorchAttentionBackend
+
+    context_lens, query_lens = [0, 48, 150, 0], [25, 16, 1, 70]
+    batches = [make_batch(context_lens, query_lens, 16, 8, 2, 64) for _ in range(2)]
+    outputs = [
+        backend.forward(b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, b.scale, window=window)
+        for backend, b in zip((TritonAttentionBackend(), TorchAttentionBackend()), batches, strict=True)
+    ]
+    expected = reference_attention(batches[0], window)
+    assert_close(outputs[0], expected, torch.float32)
+    assert_close(outputs[1], expected, torch.float32)
+
+
+def test_sliding_window_decode_of_the_pytorch_backend() -> None:
+    from inferd.attention.torch_backend import TorchAttentionBackend
+
+    batch = make_batch([0, 16, 63, 299, 5, 40, 120, 77, 8, 200], [1] * 10, 16, 8, 2, 64)
+    out = TorchAttentionBackend().forward(
+        batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale, window=24
+    )
+    assert_close(out, reference_attention(batch, 24), torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["mistral-sliding", "gemma3"])
+def test_a_sliding_window_model_gives_the_same_greedy_tokens_on_both_backends(
+    tiny_model_factory, arch
+) -> None:
+    """A 12-token window (Mistral's in every layer, Gemma 3's in one of two), prompts of up to 70
+    tokens, chunked: the Triton kernels' windows (decode, and extend after cached chunks) against
+    the PyTorch backend's."""
+    from inferd import LLM, SamplingParams
+
+    folder = tiny_model_factory(arch)
+    prompts = [list(range(5, 5 + n)) for n in (70, 13, 3, 40)]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    outputs = [
+        [o.token_ids for o in LLM(folder, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=32,
+                                  attention_backend=backend, device=DEVICE.type).generate(prompts, params)]
+        for backend in ("torch", "triton")
+    ]  # fmt: skip
+    assert outputs[0] == outputs[1]

@@ -58,7 +58,9 @@ class DecodeStep:
         self.cos, self.sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
         self.norm = (randn(head_dim, seed=6, dtype=dtype), randn(head_dim, seed=7, dtype=dtype), 1e-6)
 
-    def unfused(self, num_splits: int, normed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def unfused(
+        self, num_splits: int, normed: bool, window: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The two kernels: rotary with the KV store, then decode attention."""
         k_cache, v_cache = self.k_cache.clone(), self.v_cache.clone()
         q = triton_ops.rotate_and_store_kv(
@@ -66,15 +68,18 @@ class DecodeStep:
             self.norm if normed else None,
         )  # fmt: skip
         out = triton_kernels.paged_decode_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
-                                                    self.query_start_loc, 0.125, num_splits)  # fmt: skip
+                                                    self.query_start_loc, 0.125, num_splits,
+                                                    window=window)  # fmt: skip
         return out, k_cache, v_cache
 
-    def fused(self, num_splits: int, normed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fused(
+        self, num_splits: int, normed: bool, window: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k_cache, v_cache = self.k_cache.clone(), self.v_cache.clone()
         out = triton_kernels.paged_decode_rotary_attention(
             self.q, self.k, self.v, self.positions, self.cos, self.sin, k_cache, v_cache, self.slot_mapping,
             self.block_tables, self.seq_lens, self.query_start_loc, 0.125, num_splits,
-            self.norm if normed else None,
+            self.norm if normed else None, window,
         )  # fmt: skip
         return out, k_cache, v_cache
 
@@ -111,6 +116,18 @@ def test_matches_rotary_then_decode_attention(
     torch.testing.assert_close(k_cache, k_expected, atol=k_tolerance, rtol=k_tolerance)
     changed = (k_cache != step.k_cache).any(dim=(2, 3)).flatten().nonzero().flatten()
     assert changed.tolist() == sorted(step.slot_mapping[:-1].tolist())
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [1, 20])
+def test_a_sliding_window_matches_rotary_then_decode_attention(num_splits: int, window: int) -> None:
+    """The new token folded in from registers is always inside the window; the cached ones before
+    it only where they are."""
+    step = DecodeStep([0, 16, 63, 130], 16, 4, 2, 32, torch.float32)
+    expected, _, _ = step.unfused(num_splits, True, window)
+    out, _, _ = step.fused(num_splits, True, window)
+    torch.testing.assert_close(out, expected, atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
+    assert (out - step.fused(num_splits, True)[0]).abs().max() > 1e-3  # the window acts
 
 
 def test_launched_heads_first_gives_the_same_results(monkeypatch) -> None:

@@ -40,6 +40,35 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": True},
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
     "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "pad_token_id": 0},
+    # Gemma 3: a sliding layer (window 12, its own rotary base) then a full one; a linear rotary
+    # scaling on the full layers, and capped logits, so both are checked.
+    "gemma3": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "head_dim": 16,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 12,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 4.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        "final_logit_softcapping": 5.0,
+    },
+    # Sliding-window attention, a window far shorter than the tests' prompts: Mistral's in every
+    # layer; Qwen2's from layer max_window_layers (1) on, layer 0 full.
+    "mistral-sliding": {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "sliding_window": 12,
+    },
+    "qwen2-sliding": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "use_sliding_window": True,
+        "sliding_window": 12,
+        "max_window_layers": 1,
+    },
     # Mixtures of experts: Mixtral (every layer routed, weights renormalised), Qwen2-MoE (a gated
     # shared expert, weights as the softmax gave them, layer 0 dense) and Qwen3-MoE (q/k norms).
     "mixtral": {

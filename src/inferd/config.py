@@ -146,6 +146,46 @@ _MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForC
 
 
 @dataclass(frozen=True)
+class GemmaConfig:
+    """What Gemma 3's decoder computes beyond the Llama family's: the attention scale from
+    ``query_pre_attn_scalar``, the sliding layers' own rotary (``local_rope``; the full layers'
+    is ``ModelConfig.rope``) and an optional cap on the logits (``tanh(x / c) * c``)."""
+
+    query_pre_attn_scalar: float
+    local_rope: RopeConfig
+    final_logit_softcapping: float | None
+
+    @staticmethod
+    def global_rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+        """The config as ``_parse_rope`` reads the full-attention layers' rotary: transformers 5
+        nests each layer type's parameters in ``rope_parameters``; older configs give
+        ``rope_theta`` and ``rope_scaling`` for them."""
+        nested = cfg.get("rope_parameters") or {}
+        if "full_attention" in nested:
+            return {**cfg, "rope_parameters": nested["full_attention"], "rope_scaling": None}
+        return {**cfg, "rope_theta": cfg.get("rope_theta", 1_000_000.0)}
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> GemmaConfig:
+        if cfg.get("attn_logit_softcapping") is not None:
+            raise ValueError(
+                "attn_logit_softcapping is not supported: the attention kernels do not cap scores"
+            )
+        if cfg.get("use_bidirectional_attention"):
+            raise ValueError("use_bidirectional_attention is not supported: attention here is causal")
+        nested = cfg.get("rope_parameters") or {}
+        local = nested.get("sliding_attention") or {
+            "rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10_000.0)
+        }  # fmt: skip
+        cap = cfg.get("final_logit_softcapping")
+        return cls(
+            query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+            local_rope=_parse_rope({**cfg, "rope_parameters": local, "rope_scaling": None}),
+            final_logit_softcapping=float(cap) if cap is not None else None,
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The architecture facts the engine needs, read from a Hugging Face `config.json`."""
 
@@ -166,6 +206,11 @@ class ModelConfig:
     sliding_window: int | None
     torch_dtype: str
     moe: MoEConfig | None = None
+    # Each layer's attention window (0: the whole context; ``sliding_window`` in its sliding
+    # layers); empty: every layer 0.
+    layer_windows: tuple[int, ...] = ()
+    # Gemma 3's own settings (models/gemma3.py); None for the other architectures.
+    gemma: GemmaConfig | None = None
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -181,9 +226,13 @@ class ModelConfig:
         # Every architecture served computes with SiLU (and rotates whole heads, `_parse_rope`): a
         # config that asks otherwise would run, wrongly, without a word.
         activation = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
-        if activation not in ("silu", "swish"):
-            raise ValueError(f"hidden_act {activation!r} is not supported; the engine computes SiLU")
-        rope = _parse_rope(cfg)
+        gemma = architecture == "Gemma3ForCausalLM"
+        computed = ("gelu_pytorch_tanh",) if gemma else ("silu", "swish")
+        if activation not in computed:
+            raise ValueError(
+                f"hidden_act {activation!r} is not supported; the engine computes {computed[0]} here"
+            )
+        rope = _parse_rope(GemmaConfig.global_rope_fields(cfg) if gemma else cfg)
         if architecture == "Phi3ForCausalLM" and rope.rope_type != "default":
             # transformers reads any Phi-3 scaling as LongRoPE (its long and short factors), which
             # the engine does not compute.
@@ -210,10 +259,12 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=_attention_bias(cfg, architecture),
-            qk_norm=architecture.startswith("Qwen3"),
+            qk_norm=architecture.startswith(("Qwen3", "Gemma3")),
             sliding_window=int(sliding) if sliding else None,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             moe=MoEConfig.from_hf_config(cfg, architecture, int(cfg["num_hidden_layers"])),
+            layer_windows=_layer_windows(cfg, architecture, int(cfg["num_hidden_layers"]), sliding),
+            gemma=GemmaConfig.from_hf_config(cfg) if gemma else None,
         )
         config.check_consistent()
         return config
@@ -283,6 +334,32 @@ class ModelConfig:
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+
+def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, sliding: Any) -> tuple[int, ...]:
+    """Each layer's attention window, as transformers builds the layers: Qwen's slide from layer
+    ``max_window_layers`` on (or as their ``layer_types`` say), the others all or none."""
+    if not sliding:
+        return ()
+    window = int(sliding)
+    if window < 1:
+        raise ValueError(f"sliding_window must be at least 1, got {window}")
+    if architecture == "Gemma3ForCausalLM":
+        types = cfg.get("layer_types")
+        if not (isinstance(types, list) and len(types) == num_layers):
+            # Older configs: every sliding_window_pattern-th layer full, the others sliding.
+            pattern = int(cfg.get("sliding_window_pattern", 6))
+            types = [
+                "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
+            ]
+        return tuple(window if kind == "sliding_attention" else 0 for kind in types)
+    if architecture.startswith(("Qwen2", "Qwen3")):
+        types = cfg.get("layer_types")
+        if isinstance(types, list) and len(types) == num_layers:
+            return tuple(window if kind == "sliding_attention" else 0 for kind in types)
+        first = int(cfg.get("max_window_layers", num_layers))
+        return tuple(window if i >= first else 0 for i in range(num_layers))
+    return (window,) * num_layers
 
 
 def _attention_bias(cfg: dict[str, Any], architecture: str) -> bool:

@@ -7,7 +7,9 @@ A token's slot is ``block_id * block_size + offset_in_block``.
 A step's batch is flat: the query tokens of all sequences are concatenated (no padding).
 Sequence ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``; those rows are the
 *last* ``q_len`` tokens of its context of ``seq_lens[i]`` tokens, so query row ``j`` sits at
-position ``seq_lens[i] - q_len + j`` and attends causally to keys ``0..that position``.
+position ``seq_lens[i] - q_len + j`` and attends causally to keys ``0..that position``; in a
+sliding-window layer (``window`` > 0) only to the last ``window`` of them, as Hugging Face's sliding
+masks read it (key position > query position - window).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,  # a sliding-window layer's: each row sees its last `window` positions
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 
@@ -66,6 +69,7 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
         """``forward`` for a step whose K/V are already in the cache (stored by the rotary kernel)."""
         ...

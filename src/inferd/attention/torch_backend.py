@@ -41,8 +41,10 @@ def _padded_decode(
     seq_lens: torch.Tensor,
     max_len: int,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
-    """One query token per sequence against its context, gathered into a batch padded to ``max_len``."""
+    """One query token per sequence against its context (its last ``window`` tokens where that is
+    set), gathered into a batch padded to ``max_len``."""
     num_seqs = q.shape[0]
     block_size = k_cache.shape[1]
     table = block_tables[:, : -(-max_len // block_size)].reshape(-1)
@@ -51,7 +53,10 @@ def _padded_decode(
     values = v_cache.index_select(0, table).view(num_seqs, -1, v_cache.shape[2], v_cache.shape[3])
     keys = keys[:, :max_len].transpose(1, 2)
     values = values[:, :max_len].transpose(1, 2)
-    mask = torch.arange(max_len, device=q.device).unsqueeze(0) < seq_lens.unsqueeze(1)  # [seqs, ctx]
+    positions = torch.arange(max_len, device=q.device).unsqueeze(0)
+    mask = positions < seq_lens.unsqueeze(1)  # [seqs, ctx]
+    if window:
+        mask &= positions >= seq_lens.unsqueeze(1) - window
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [seqs, heads, 1, dim]
         keys,
@@ -79,12 +84,13 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_pure_decode:
-            return self._decode(q, k_cache, v_cache, meta, scale)
+            return self._decode(q, k_cache, v_cache, meta, scale, window)
         # Fresh prompts attend over this step's k and v directly, without reading them back.
-        return self._varlen(q, (k, v), k_cache, v_cache, meta, scale)
+        return self._varlen(q, (k, v), k_cache, v_cache, meta, scale, window)
 
     def attend(
         self,
@@ -93,10 +99,11 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
         if meta.is_pure_decode:
-            return self._decode(q, k_cache, v_cache, meta, scale)
-        return self._varlen(q, None, k_cache, v_cache, meta, scale)
+            return self._decode(q, k_cache, v_cache, meta, scale, window)
+        return self._varlen(q, None, k_cache, v_cache, meta, scale, window)
 
     def _decode(
         self,
@@ -105,14 +112,23 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
         groups = self._decode_groups(meta)
         if len(groups) == 1:
-            return _padded_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, groups[0][1], scale)
+            tables, lens = meta.block_tables, meta.seq_lens
+            return _padded_decode(q, k_cache, v_cache, tables, lens, groups[0][1], scale, window)
         out = torch.empty_like(q)
         for rows, max_len in groups:
             out[rows] = _padded_decode(
-                q[rows], k_cache, v_cache, meta.block_tables[rows], meta.seq_lens[rows], max_len, scale
+                q[rows],
+                k_cache,
+                v_cache,
+                meta.block_tables[rows],
+                meta.seq_lens[rows],
+                max_len,
+                scale,
+                window,
             )
         return out
 
@@ -145,7 +161,10 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
+        """Each sequence's query rows over its context: causal, and within ``window`` positions of
+        each row where that is set (0: none)."""
         out = torch.empty_like(q)
         start = 0
         # Every tensor gets a batch axis of one: with three dimensions scaled_dot_product_attention
@@ -153,6 +172,9 @@ class TorchAttentionBackend:
         # 2,048 tokens, BENCHMARKS.md).
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host, strict=True)):
             query = q[start : start + q_len].transpose(0, 1)[None]  # [1, heads, q_len, dim]
+            # Query row j sits at position seq_len - q_len + j and sees keys up to there.
+            rows = torch.arange(q_len, device=q.device).unsqueeze(1) + (seq_len - q_len)
+            keys_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
             if q_len == seq_len and new_kv is not None:
                 # A fresh prompt: its keys are exactly this step's, no cache read or mask needed.
                 keys = new_kv[0][start : start + q_len].transpose(0, 1)[None]
@@ -161,9 +183,10 @@ class TorchAttentionBackend:
             else:
                 keys = gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)[None]
                 values = gather_context(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)[None]
-                # Query row j sits at position seq_len - q_len + j and sees keys up to there.
-                rows = torch.arange(q_len, device=q.device).unsqueeze(1) + (seq_len - q_len)
-                mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= rows
+                mask = keys_pos <= rows
+            if window and seq_len > window:
+                # A sliding-window layer: nothing as far back as `window` positions.
+                mask = (keys_pos <= rows) & (keys_pos > rows - window)
             attended = F.scaled_dot_product_attention(
                 query,
                 keys,

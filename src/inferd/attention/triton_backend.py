@@ -35,9 +35,10 @@ class TritonAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
         self._kernels.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k_cache, v_cache, meta, scale)
+        return self.attend(q, k_cache, v_cache, meta, scale, window)
 
     def rotate_store_attend(
         self,
@@ -50,6 +51,7 @@ class TritonAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
         """A pure decode step's attention from the unrotated q, k and v: one kernel rotates (after
         the q/k norms), stores the new K/V and attends (``paged_decode_rotary_attention``)."""
@@ -58,7 +60,7 @@ class TritonAttentionBackend:
         return self._kernels.paged_decode_rotary_attention(
             q, k, v, rotary.positions, rotary.cos_table, rotary.sin_table, k_cache, v_cache,
             meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-            self._num_splits(meta, k_cache, q.device), qk_norm,
+            self._num_splits(meta, k_cache, q.device, window), qk_norm, window,
         )  # fmt: skip
 
     def attend(
@@ -68,20 +70,25 @@ class TritonAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
         kernels = self._kernels
         if meta.is_pure_decode:
             return kernels.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-                self._num_splits(meta, k_cache, q.device),
+                self._num_splits(meta, k_cache, q.device, window), window=window,
             )  # fmt: skip
         return kernels.paged_extend_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            meta.max_query_len, scale,
+            meta.max_query_len, scale, window=window,
         )  # fmt: skip
 
-    def _num_splits(self, meta: AttentionMetadata, k_cache: torch.Tensor, device: torch.device) -> int:
+    def _num_splits(
+        self, meta: AttentionMetadata, k_cache: torch.Tensor, device: torch.device, window: int = 0
+    ) -> int:
         kernels = self._kernels
+        # A sliding-window layer reads at most its window of each context.
+        longest = min(meta.max_seq_len, window) if window else meta.max_seq_len
         return self._decode_splits or kernels.default_num_splits(
-            meta.num_seqs, k_cache.shape[2], meta.max_seq_len, kernels.num_sms(device)
+            meta.num_seqs, k_cache.shape[2], longest, kernels.num_sms(device)
         )

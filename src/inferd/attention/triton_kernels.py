@@ -200,6 +200,7 @@ def _paged_decode_kernel(
     head_dim,
     group_size,
     num_splits,
+    window,
     BLOCK_SIZE: tl.constexpr,
     GROUP_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
@@ -229,7 +230,7 @@ def _paged_decode_kernel(
         other=0.0,
     ).to(k_cache_ptr.dtype.element_ty)
 
-    start, end = _split_range(seq_len, num_splits, split, BLOCK_N)
+    start, end = _split_range(seq_len, window, num_splits, split, BLOCK_N)
     acc, m_i, l_i = _attend_range(
         q, start, end, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt_seq, kv_head,
         head_mask, dims, dim_mask, stride_kc_block, stride_kc_tok, stride_kc_head, stride_vc_block,
@@ -316,6 +317,7 @@ def _paged_decode_rotary_kernel(
     head_dim,
     group_size,
     num_splits,
+    window,
     BLOCK_SIZE: tl.constexpr,
     GROUP_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
@@ -362,7 +364,7 @@ def _paged_decode_rotary_kernel(
                    NORM).to(k_cache_ptr.dtype.element_ty)  # fmt: skip
     v_row = v_ptr + q_row * stride_v_tok + kv_head * stride_v_head + tl.zeros([1, 1], dtype=tl.int64)
     v = tl.load(v_row + dims[None, :], mask=row_mask, other=0.0).to(v_cache_ptr.dtype.element_ty)
-    start, end = _split_range(seq_len, num_splits, split, BLOCK_N)
+    start, end = _split_range(seq_len, window, num_splits, split, BLOCK_N)
     new_pos = seq_len - 1  # not in the cache yet: folded in from registers below
     holds_new = (start <= new_pos) & (new_pos < end)
     slot = tl.load(slot_mapping_ptr + q_row).to(tl.int64)
@@ -394,12 +396,14 @@ def _paged_decode_rotary_kernel(
 
 
 @triton.jit
-def _split_range(seq_len, num_splits, split, BLOCK_N: tl.constexpr):
-    """Context positions ``[start, end)`` of split ``split``. Split lengths follow the sequence's
-    own length (a multiple of BLOCK_N), so the launch depends on no host-side length and can be
-    replayed in a CUDA graph."""
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
+def _split_range(seq_len, window, num_splits, split, BLOCK_N: tl.constexpr):
+    """Context positions ``[start, end)`` of split ``split``: the splits share the positions the
+    query sees, the last ``window`` ones (a sliding-window layer) or all (``window`` 0). Split
+    lengths follow the sequence's own length (a multiple of BLOCK_N), so the launch depends on no
+    host-side length and can be replayed in a CUDA graph."""
+    first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    split_len = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
+    start = first + split * split_len
     return start, tl.minimum(start + split_len, seq_len)
 
 
@@ -545,6 +549,7 @@ def _paged_extend_kernel(
     stride_o_head,
     head_dim,
     group_size,
+    window,
     BLOCK_SIZE: tl.constexpr,
     GROUP_P2: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -583,15 +588,18 @@ def _paged_extend_kernel(
     # Keys up to the tile's last query position; a tile past the sequence's queries reads none.
     tile_has_rows = q_tile * BLOCK_Q < q_len
     key_end = tl.where(tile_has_rows, tl.minimum(context_len + (q_tile + 1) * BLOCK_Q, seq_len), 0)
+    # A sliding-window layer: from the first key the tile's first query sees.
+    key_start = tl.where(window > 0, tl.maximum(context_len + q_tile * BLOCK_Q - window + 1, 0), 0)
 
     m_i = tl.full([BLOCK_Q * GROUP_P2], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_P2], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_P2, HEAD_DIM_P2], dtype=tl.float32)
     block_table_row_ptr = block_tables_ptr + seq * stride_bt_seq
-    for tile_start in range(0, key_end, BLOCK_N):
+    for tile_start in range(key_start, key_end, BLOCK_N):
         key_pos = tile_start + tl.arange(0, BLOCK_N)
         key_valid = key_pos < key_end
         allowed = row_mask[:, None] & (key_pos[None, :] <= q_pos[:, None]) & key_valid[None, :]
+        allowed = allowed & ((window == 0) | (key_pos[None, :] > q_pos[:, None] - window))
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row_ptr,
             kv_head, key_pos, key_valid, allowed, dims, dim_mask,
@@ -674,9 +682,11 @@ def paged_decode_attention(
     scale: float,
     num_splits: int,
     out: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Attention of one query token per sequence (``q``: ``[num_tokens, heads, head_dim]``, the
-    token of sequence ``i`` at row ``query_start_loc[i]``) over its ``seq_lens[i]`` cached tokens.
+    token of sequence ``i`` at row ``query_start_loc[i]``) over its ``seq_lens[i]`` cached tokens,
+    or the last ``window`` of them (a sliding-window layer; 0: all).
 
     ``num_splits`` > 1 splits each context into that many parts run in parallel, then merged;
     it is an argument (see ``default_num_splits``) so a CUDA graph can fix it at capture.
@@ -697,7 +707,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         step.partial.stride(0), step.partial.stride(1), step.stride_split,
         step.lse.stride(0), step.lse.stride(1),
-        q.shape[2], q.shape[1] // k_cache.shape[2], num_splits,
+        q.shape[2], q.shape[1] // k_cache.shape[2], num_splits, window,
         **_decode_tile(q.shape[1] // k_cache.shape[2], q.shape[2], k_cache.shape[1], k_cache.shape[2]),
         **launch_options(),
     )  # fmt: skip
@@ -721,12 +731,14 @@ def paged_decode_rotary_attention(
     scale: float,
     num_splits: int,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """``layers/triton_ops.rotate_and_store_kv`` then ``paged_decode_attention``, in one launch:
     ``q``, ``k``, ``v`` (``[num_tokens, heads, head_dim]``, strided views of the fused projection
     will do) are the step's unrotated rows; each sequence's new k and v go to its slot in the
     cache, as the rotary kernel stores them. ``qk_norm`` = ``(q_weight, k_weight, eps)``: Qwen3's
-    per-head norms first. Returns the attention output, ``[num_tokens, heads, head_dim]``."""
+    per-head norms first. ``window``: as ``paged_decode_attention``'s. Returns the attention output,
+    ``[num_tokens, heads, head_dim]``."""
     _check_cache(k_cache, v_cache)
     num_tokens, num_heads, head_dim = q.shape
     kv_shape = (num_tokens, k_cache.shape[2], head_dim)
@@ -759,7 +771,7 @@ def paged_decode_rotary_attention(
         block_tables.stride(0),
         step.partial.stride(0), step.partial.stride(1), step.stride_split,
         step.lse.stride(0), step.lse.stride(1),
-        head_dim, group_size, num_splits,
+        head_dim, group_size, num_splits, window,
         **_decode_tile(group_size, head_dim, k_cache.shape[1], k_cache.shape[2]),
         NORM=qk_norm is not None,
         **launch_options(),
@@ -842,9 +854,11 @@ def paged_extend_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new query rows over its whole context in the cache
-    (earlier chunks and prefix-cache hits included); the new K/V must already be stored."""
+    (earlier chunks and prefix-cache hits included), or, with ``window``, over the last ``window``
+    positions up to each row's own (a sliding-window layer); the new K/V must already be stored."""
     _check_cache(k_cache, v_cache)
     q = _rows_contiguous(q)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -865,7 +879,7 @@ def paged_extend_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        head_dim, group_size,
+        head_dim, group_size, window,
         BLOCK_SIZE=k_cache.shape[1],
         GROUP_P2=group_p2,
         BLOCK_Q=block_q,

@@ -149,10 +149,6 @@ def _default_dtype(model: ModelConfig, device: str) -> str:
 
 def _resolve_max_model_len(model: ModelConfig, requested: int | None) -> int:
     limit = model.max_position_embeddings
-    if model.sliding_window is not None and model.sliding_window < limit:
-        # Attention here is full-context; within the window that is exact, beyond it it is not.
-        logger.info("context capped at the sliding window of %d tokens", model.sliding_window)
-        limit = model.sliding_window
     if requested is None:
         return limit
     if requested > limit:

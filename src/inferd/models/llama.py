@@ -26,8 +26,10 @@ from inferd.models.moe import Experts, SparseMoE
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
+        # A sliding-window layer's window (0: it sees the whole context).
+        self.window = cfg.layer_windows[index] if cfg.layer_windows else 0
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -62,22 +64,22 @@ class Attention(nn.Module):
                     f"rotary in decode attention needs the triton attention backend, not {backend.name}"
                 )
             out = backend.rotate_store_attend(
-                q, k, v, rotary, qk_norm_weights(norms), kv_cache[0], kv_cache[1], meta, self.scale
-            )
+                q, k, v, rotary, qk_norm_weights(norms), *kv_cache, meta, self.scale, self.window
+            )  # fmt: skip
         elif isinstance(rotary, TritonRotary):
             # One kernel rotates and stores the new K/V; attention then reads them from the cache.
             q = rotary.rotate_and_store(q, k, v, kv_cache, meta.slot_mapping, norms)
-            out = backend.attend(q, kv_cache[0], kv_cache[1], meta, self.scale)
+            out = backend.attend(q, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
         else:
             q, k = rotary.apply_normed(q, k, *norms) if norms is not None else rotary.apply(q, k)
-            out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+            out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
         return reduced(self.o_proj(out.reshape(-1, self.q_size)), self.all_reduce)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, index)
         self.mlp: MLP | SparseMoE
         if cfg.moe is not None and index in cfg.moe.sparse_layers:
             self.mlp = SparseMoE(cfg.hidden_size, cfg.moe)

@@ -1,0 +1,188 @@
+"""Gemma 3's text decoder (``Gemma3ForCausalLM``) over a flat batch and a paged KV cache.
+
+What it computes beyond the Llama family: embeddings scaled by sqrt(hidden); RMSNorms that scale
+by ``1 + weight`` in float32, four to a layer (after attention and after the MLP as well as before
+them); q/k norms; an attention scale of ``query_pre_attn_scalar ** -0.5``; sliding-window layers
+with a rotary of their own between full-attention ones (``ModelConfig.layer_windows``); a GELU
+(tanh) gated MLP; optionally logits capped by ``tanh``. The projections are fused (q|k|v, gate|up)
+as in ``models/llama.py``, and on a GPU go to the same Triton matmuls; the norms, rotary and
+activation stay in torch (the Triton small ops compute the Llama family's forms).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferd.attention.base import AttentionBackend, AttentionMetadata
+from inferd.config import GemmaConfig, ModelConfig
+from inferd.layers.linear import Linear
+from inferd.layers.rotary import GatheredRotary, RotaryEmbedding, RotaryStep
+from inferd.models.mlp import AllReduce, reduced
+
+
+class GemmaRMSNorm(nn.Module):
+    """``x / rms(x) * (1 + weight)``, computed in float32 and cast back, as Gemma's checkpoints
+    are trained (their weights are stored as offsets from 1)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, gemma: GemmaConfig, index: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.scale = gemma.query_pre_attn_scalar**-0.5
+        self.window = cfg.layer_windows[index] if cfg.layer_windows else 0
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.all_reduce: AllReduce | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: RotaryStep,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
+        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
+        if not isinstance(rotary, GatheredRotary):  # the Triton rotary is never switched on here
+            raise TypeError(f"Gemma 3 rotates in torch, not with {type(rotary).__name__}")
+        q, k = rotary.apply(q, k)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        return reduced(self.o_proj(out.reshape(-1, self.q_size)), self.all_reduce)
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.all_reduce: AllReduce | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return reduced(self.down_proj(F.gelu(gate, approximate="tanh") * up), self.all_reduce)
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, gemma: GemmaConfig, index: int) -> None:
+        super().__init__()
+        self.self_attn = GemmaAttention(cfg, gemma, index)
+        self.mlp = GemmaMLP(cfg)
+        size, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(size, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(size, eps)
+
+    @property
+    def sliding(self) -> bool:
+        return self.self_attn.window > 0
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: RotaryStep,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        attended = self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta, backend)
+        x = x + self.post_attention_layernorm(attended)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, gemma: GemmaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, gemma, index) for index in range(cfg.num_layers))
+        self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        if cfg.gemma is None:
+            raise ValueError("Gemma3ForCausalLM needs the config's Gemma settings")
+        self.config = cfg
+        self.model = GemmaModel(cfg, cfg.gemma)
+        # The full-attention layers' rotary and the sliding layers' own.
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
+        self.local_rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.gemma.local_rope)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.softcap = cfg.gemma.final_logit_softcapping
+        self.embed_scale = cfg.hidden_size**0.5
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        """Returns the final hidden states, [num_tokens, hidden]."""
+        embedded = self.model.embed_tokens(input_ids)
+        # The scale rounded to the model's dtype first, as the checkpoints were trained with it.
+        x = embedded * torch.tensor(self.embed_scale, dtype=embedded.dtype, device=embedded.device)
+        full, local = self.rotary.lookup(positions), self.local_rotary.lookup(positions)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, local if layer.sliding else full, kv_cache, meta, backend)
+        hidden: torch.Tensor = self.model.norm(x)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.lm_head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits.float() / self.softcap) * self.softcap
+        return logits
+
+    def enable_triton_ops(
+        self,
+        enabled: bool,
+        linear: bool = False,
+        fused_linear: bool = False,
+        tiled_linear: bool = False,
+        decode_rotary: bool = False,
+        moe: bool = False,
+    ) -> None:
+        """The projections go to the Triton matmuls as the Llama family's do; the norms, rotary
+        and activation are Gemma's own and stay in torch (``enabled`` has nothing to switch), so
+        the kernels that fuse the Llama family's forms into others are refused."""
+        if fused_linear or decode_rotary:
+            raise ValueError("Gemma 3 computes its own norms and rotary: no triton_fused_linear or "
+                             "triton_decode_rotary")  # fmt: skip
+        triton_linear = importlib.import_module("inferd.layers.triton_linear") if linear else None
+        tiled = importlib.import_module("inferd.layers.triton_tiled_linear") if tiled_linear else None
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.triton_max_rows = triton_linear.rows_routed(module.weight) if triton_linear else 0
+                module.tiled_max_rows = tiled.rows_routed(module.weight) if tiled else 0
+
+    def set_all_reduce(self, all_reduce: AllReduce) -> None:
+        for layer in self.model.layers:
+            assert isinstance(layer, GemmaDecoderLayer)
+            layer.self_attn.all_reduce = all_reduce
+            layer.mlp.all_reduce = all_reduce
