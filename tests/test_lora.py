@@ -173,8 +173,11 @@ def test_an_adapter_named_as_the_served_model_is_refused(tiny_model_factory, ada
         llm.shutdown()
 
 
-def test_the_warm_ups_largest_step_runs_an_adapter(tiny_model_factory, adapters, monkeypatch) -> None:
-    """So the adapters' terms count in the step's peak memory the warm-up checks at start-up."""
+def test_the_warm_ups_largest_step_mixes_adapters_and_the_base_model(
+    tiny_model_factory, adapters, monkeypatch
+) -> None:
+    """As served batches do, so the adapters' gathered rows and terms count in the step's peak
+    memory the warm-up checks at start-up."""
     from inferd.layers.lora import LoraBatch
 
     seen: list[list[tuple[str | None, int]]] = []
@@ -183,7 +186,7 @@ def test_the_warm_ups_largest_step_runs_an_adapter(tiny_model_factory, adapters,
     LLM(tiny_model_factory("qwen3"), kv_cache_memory="8MiB", warm_up=True, max_num_batched_tokens=64,
         lora_modules={"all": str(adapters["all"])})  # fmt: skip
     largest = max(seen, key=lambda rows: sum(count for _, count in rows))
-    assert sum(count for _, count in largest) == 64 and {name for name, _ in largest} == {"all"}
+    assert sum(count for _, count in largest) == 64 and {name for name, _ in largest} == {None, "all"}
 
 
 def test_generate_answers_with_an_adapter(tiny_model_factory, adapters, capsys) -> None:

@@ -183,3 +183,8 @@ def test_stacked_expert_tensors_load_whole_and_split_over_ranks(tiny_model_facto
         assert [o.token_ids for o in split.generate(prompts, params)] == expected
     finally:
         split.shutdown()
+
+
+def test_a_qwen_config_whose_every_layer_is_dense_is_no_mixture() -> None:
+    fields = {"num_experts": 4, "moe_intermediate_size": 12, "mlp_only_layers": list(range(6))}
+    assert ModelConfig.from_hf_config(_hf("Qwen3MoeForCausalLM", **fields)).moe is None

@@ -196,6 +196,13 @@ def test_a_stored_response_is_read_back_continued_and_deleted(client: openai.Ope
             "input",
             "parts are not supported",
         ),
+        # The client's own words in a message stay as they are: a tool named as a chat field.
+        (
+            {"input": "Hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "max_tokens"}},
+            "tool_choice",
+            "'max_tokens'",
+        ),
+        ({"input": "Hi", "tools": [{"type": "function", "parameters": {}}]}, "tools", "tools[0].name"),
         ({"input": "Hi", "conversation": "conv_1"}, "conversation", "not supported"),
         ({"input": "Hi", "metadata": {"k": "v" * 513}}, "metadata", "at most 16 pairs"),
         ({"input": "Hi", "max_output_tokens": 100000}, "input", "max_output_tokens asks for"),

@@ -223,3 +223,11 @@ def test_the_warm_up_compiles_every_routed_experts_variant(tiny_model_factory, m
             llm.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))
     assert workload.kernels() == {"_grouped_matmul_kernel"}
     assert [key for key in workload.keys if key not in at_start.keys] == []
+
+
+def test_a_model_step_longer_than_the_context_is_spread_over_prompts() -> None:
+    """The routed experts' steps of 272 and 528 tokens (Qwen3-30B-A3B's shape) under a 256-token
+    context: as several prompts, so each row-block size is still compiled at start-up."""
+    scheduler = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=2048, max_model_len=256)
+    shape = warm_up_shape(scheduler, num_blocks=200, block_size=16, model_prompt_lens=(1, 272, 528, 4096))
+    assert shape.model_steps == ((1,), (255, 17), (255, 255, 18))  # 4,096: past the step budget

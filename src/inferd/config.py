@@ -119,6 +119,8 @@ class MoEConfig:
         dense = {int(i) for i in cfg.get("mlp_only_layers") or []}
         step = int(cfg.get("decoder_sparse_step") or 1)
         sparse = frozenset(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+        if not sparse:
+            return None  # every layer dense: no mixture of experts to run
         return cls(
             num_experts=num_experts,
             top_k=top_k,

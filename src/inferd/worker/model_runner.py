@@ -219,9 +219,8 @@ class ModelRunner:
         graphs.capture(capturer or CudaGraphCapturer())
         self.graphs = graphs
 
-    @torch.inference_mode()
     def _model_warm_up_lens(self) -> tuple[int, ...]:
-        """Prompt lengths whose steps compile the rest of the model's own kernel variants."""
+        """Token counts of steps that compile the rest of the model's own kernel variants."""
         moe = self.config.model.moe
         if moe is None or not self.config.uses_triton_moe:
             return ()
@@ -229,6 +228,7 @@ class ModelRunner:
 
         return triton_moe.warm_up_token_counts(moe.num_experts, moe.top_k)
 
+    @torch.inference_mode()
     def warm_up(self) -> WarmUpReport:
         """Run the largest prompt step the budgets allow, a decode step (a graph replay, where
         graphs were captured), a few short prompt steps and each sampling path once, before any
@@ -240,9 +240,10 @@ class ModelRunner:
             raise RuntimeError("allocate the KV cache before warming up")
         shape = warm_up_shape(self.config.scheduler, num_blocks, self.block_size, self._model_warm_up_lens())
         vocab = self.config.model.vocab_size
-        # With adapters, the largest step runs them all: its peak memory holds their terms too.
-        adapter = self.config.lora_names[0] if self.config.lora_names else None
-        prompts = prompt_step(shape.prompt_lens, shape.decodes, self.block_size, vocab, adapter)
+        # With LoRA adapters the largest step mixes them with the base model, as served batches do:
+        # its peak memory holds their gathered rows and terms too.
+        adapters = (None, *self.config.lora_names) if self.config.lora_names else ()
+        prompts = prompt_step(shape.prompt_lens, shape.decodes, self.block_size, vocab, adapters)
         first = self.launch(prompts)
         if shape.decodes:
             # As the engine feeds the next step: from the device when scheduling runs ahead.
@@ -256,6 +257,8 @@ class ModelRunner:
             self.collect(first)
         for length in shape.short_prompts:
             self.collect(self.launch(prompt_step((length,), False, self.block_size, vocab)))
+        for lens in shape.model_steps:
+            self.collect(self.launch(prompt_step(lens, False, self.block_size, vocab)))
         # Logits of the shape and dtype a step samples from; a sampler of its own leaves the
         # engine's generator where it was.
         generator = torch.Generator(device=self.device).manual_seed(0)

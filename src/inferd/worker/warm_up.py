@@ -51,6 +51,8 @@ class WarmUpShape:
     decodes: bool
     short_prompts: tuple[int, ...]
     sampling_rows: int
+    # Steps the model's own kernels need (their prompt lengths), each of a given number of tokens.
+    model_steps: tuple[tuple[int, ...], ...] = ()
 
     @property
     def num_seqs(self) -> int:
@@ -74,8 +76,9 @@ def warm_up_shape(
     """The largest prompt step within every budget: at most ``max_num_batched_tokens`` tokens over
     at most ``max_num_seqs`` prompts of two tokens or more (a step of one-token rows would be a
     decode step), each with room for one more token within ``max_model_len`` and within its share
-    of the KV blocks. ``model_prompt_lens`` are short prompt steps the model's own kernels need
-    (a mixture of experts' on the Triton grouped matmul: ``triton_moe.warm_up_token_counts``)."""
+    of the KV blocks. ``model_prompt_lens`` are the token counts of steps the model's own kernels
+    need (a mixture of experts' on the Triton grouped matmul: ``triton_moe.warm_up_token_counts``),
+    each made of as many prompts as the context limit asks."""
     # Three token slots a sequence where possible: two prompt tokens and the decode token.
     min_blocks = -(-3 // block_size)
     num_seqs = max(
@@ -90,29 +93,43 @@ def warm_up_shape(
     return WarmUpShape(
         prompt_lens=prompt_lens,
         decodes=max(prompt_lens) < room,
-        short_prompts=_short_prompts(model_prompt_lens, capacity),
+        short_prompts=tuple(n for n in _SHORT_PROMPT_LENS if n <= capacity),
         sampling_rows=max(scheduler.max_num_seqs, len(_MIXED_PARAMS)),
+        model_steps=tuple(
+            lens
+            for lens in (_spread(n, scheduler, num_blocks, block_size) for n in model_prompt_lens)
+            if lens
+        ),
     )
 
 
-def _short_prompts(model_prompt_lens: tuple[int, ...], capacity: int) -> tuple[int, ...]:
-    """The short prompt steps' lengths, each once, in order; a one-token prompt would be a decode
-    step, and one past ``capacity`` cannot run."""
-    return tuple(n for n in sorted({*_SHORT_PROMPT_LENS, *model_prompt_lens}) if 2 <= n <= capacity)
+def _spread(tokens: int, scheduler: SchedulerConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """A step of ``tokens`` prompt tokens as prompts within the context limit; empty where no step
+    of that many tokens fits the budgets."""
+    per_prompt = max(1, min(tokens, scheduler.max_model_len - 1))
+    lens = [per_prompt] * (tokens // per_prompt) + ([tokens % per_prompt] if tokens % per_prompt else [])
+    blocks = sum(-(-n // block_size) for n in lens)
+    fits = tokens <= scheduler.max_num_batched_tokens and len(lens) <= scheduler.max_num_seqs
+    return tuple(lens) if fits and blocks <= num_blocks else ()
 
 
 def prompt_step(
-    prompt_lens: tuple[int, ...], decodes: bool, block_size: int, vocab_size: int, adapter: str | None = None
+    prompt_lens: tuple[int, ...],
+    decodes: bool,
+    block_size: int,
+    vocab_size: int,
+    adapters: tuple[str | None, ...] = (),
 ) -> SchedulerOutput:
     """Greedy requests, one per length, whose prompts run whole in one step on consecutive blocks
     from 0, each sampling its first token; with ``decodes``, each holds the blocks its decode token
-    needs too. The token ids spread over the vocabulary (any would do). ``adapter``: every request
-    answers with that LoRA adapter (its terms' memory then counts in the step's peak)."""
+    needs too. The token ids spread over the vocabulary (any would do). ``adapters``: the LoRA
+    adapter (or None) of each request in turn, cycled."""
     sequences = []
     next_block = first_token = 0
     for i, length in enumerate(prompt_lens):
         prompt = [(first_token + j) % vocab_size for j in range(length)]
         first_token += length
+        adapter = adapters[i % len(adapters)] if adapters else None
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, adapter=adapter)
         request = Request(f"warm-up-{i}", prompt, params, frozenset(), 2)
         blocks = -(-(length + decodes) // block_size)

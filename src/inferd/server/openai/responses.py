@@ -66,7 +66,10 @@ _FIELD_NAMES = {
     "max_tokens": "max_output_tokens",
     "messages": "input",
 }
-_CHAT_NAMES = re.compile(r"\b(" + "|".join(re.escape(name) for name in _FIELD_NAMES) + r")\b")
+# Only a message's leading field path is a field name; anything after it may quote the client.
+_LEADING_NAME = re.compile(r"^(" + "|".join(re.escape(name) for name in _FIELD_NAMES) + r")(?=[.\[:]|$)")
+# The one message that names a chat field later on (the context check's).
+_CONTEXT_PHRASE = ("and max_tokens asks for", "and max_output_tokens asks for")
 
 
 def prepare_response(frontend: Frontend, body: ResponsesRequest, store: ResponseStore) -> ResponseJob:
@@ -116,10 +119,11 @@ def prepare_response(frontend: Frontend, body: ResponsesRequest, store: Response
 
 def _in_responses_terms(error: ApiError) -> ApiError:
     """An error of the chat path naming this API's fields, in its message and its param."""
-    error.message = _CHAT_NAMES.sub(lambda match: _FIELD_NAMES[match.group(1)], error.message)
+    renamed = _LEADING_NAME.sub(lambda match: _FIELD_NAMES[match.group(1)], error.message)
+    error.message = renamed.replace(*_CONTEXT_PHRASE)
     error.args = (error.message,)
     if error.field is not None:
-        error.field = _CHAT_NAMES.sub(lambda match: _FIELD_NAMES[match.group(1)], error.field)
+        error.field = _LEADING_NAME.sub(lambda match: _FIELD_NAMES[match.group(1)], error.field)
     return error
 
 

@@ -162,6 +162,8 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
     for index, tool in enumerate(tools):
         if tool.get("type") != "function":
             raise InvalidRequestError(f"tools[{index}]: only function tools are supported", "tools")
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise InvalidRequestError(f"tools[{index}].name: must be a non-empty string", "tools")
         function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
         converted.append({"type": "function", "function": function})
     return converted
@@ -170,7 +172,7 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
 def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
     if choice is None or isinstance(choice, str):
         return choice
-    if choice.get("type") == "function" and "name" in choice:
+    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise InvalidRequestError(
         "tool_choice: must be auto, none, required or {'type': 'function', 'name': ...}", "tool_choice"
