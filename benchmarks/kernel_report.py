@@ -73,6 +73,8 @@ _DECODE_INTS = {
     # 256 sequences fill the SMs unsplit: the output is written in place (split stride 0).
     "stride_o_row": _Q_ROW, "stride_o_head": _HEAD, "stride_o_split": 0, "stride_lse_seq": 16,
     "stride_lse_head": 1, "head_dim": 128, "group_size": 2, "num_splits": 1,
+    # Every layer of the model sees its whole context (no sliding window).
+    "window": 0,
 }  # fmt: skip
 _ROTARY_INTS = {
     "stride_q_tok": _QKV_ROW, "stride_q_head": _HEAD, "stride_k_tok": _QKV_ROW, "stride_k_head": _HEAD,
@@ -210,7 +212,7 @@ def cases() -> list[Case]:
         Case(ATTENTION, "_paged_extend_kernel", "extend (prefill)",
              {"q_ptr": BF16, **CACHES, "out_ptr": BF16, **STEP, "scale_log2": "fp32"},
              {"stride_q_tok": _Q_ROW, "stride_q_head": _HEAD, **_CACHE, "stride_bt_seq": _BLOCKS_PER_SEQ,
-              "stride_o_tok": _Q_ROW, "stride_o_head": _HEAD, "head_dim": 128, "group_size": 2},
+              "stride_o_tok": _Q_ROW, "stride_o_head": _HEAD, "head_dim": 128, "group_size": 2, "window": 0},
              {"BLOCK_SIZE": 16, "GROUP_P2": 2, "BLOCK_Q": triton_kernels._EXTEND_BLOCK_M // 2,
               "HEAD_DIM_P2": 128, "BLOCK_N": triton_kernels._EXTEND_BLOCK_N},
              pipelined_loop=True),

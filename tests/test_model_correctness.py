@@ -209,3 +209,45 @@ def test_gemma3_configs_of_either_transformers_generation_read_alike() -> None:
         ModelConfig.from_hf_config({**base, "attn_logit_softcapping": 50.0})
     with pytest.raises(ValueError, match="hidden_act 'silu' is not supported"):
         ModelConfig.from_hf_config({**base, "hidden_activation": "silu"})
+
+
+def test_a_gemma3_folder_as_the_hub_ships_it_loads_and_matches(tiny_model_factory, tmp_path) -> None:
+    """The hub's Gemma 3 configs (written by transformers 4) leave tie_word_embeddings out (tied by
+    default) and give the rotary and layout as rope_theta, rope_local_base_freq, rope_scaling and
+    sliding_window_pattern: the same model as the test folder's transformers-5 config."""
+    import json
+    import shutil
+
+    source = tiny_model_factory("gemma3")
+    folder = tmp_path / "hub"
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("tie_word_embeddings", "layer_types", "rope_parameters"):
+        config.pop(key, None)
+    config.update({"rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window_pattern": 2,
+                   "rope_scaling": {"rope_type": "linear", "factor": 4.0}})  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    prompt = _prompts(400, count=1, seed=4)[0]
+    logits = []
+    for path in (source, folder):
+        engine = LLM(path, kv_cache_memory="16MiB", block_size=8).engine
+        engine.core.add_request(Request("r", prompt, SamplingParams(max_tokens=1), frozenset(), 1))
+        logits.append(engine.core.runner.logits_for(engine.core.scheduler.schedule()))
+    torch.testing.assert_close(logits[1], logits[0])
+
+
+def test_qwen_mixtures_of_experts_slide_as_transformers_builds_them() -> None:
+    from inferd.config import ModelConfig
+
+    base = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 4,
+            "num_attention_heads": 2, "sliding_window": 8, "use_sliding_window": True, "num_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 8}  # fmt: skip
+    assert (
+        ModelConfig.from_hf_config({**base, "architectures": ["Qwen3MoeForCausalLM"]}).layer_windows
+        == (8,) * 4
+    )
+    qwen2_moe = {**base, "architectures": ["Qwen2MoeForCausalLM"], "max_window_layers": 3}
+    assert ModelConfig.from_hf_config(qwen2_moe).layer_windows == (8, 0, 8, 0)
+    # A dense Qwen config without max_window_layers: transformers' 28, so 4 layers all full.
+    dense = {**base, "architectures": ["Qwen2ForCausalLM"]}
+    assert ModelConfig.from_hf_config(dense).layer_windows == (0, 0, 0, 0)

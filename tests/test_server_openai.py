@@ -393,3 +393,35 @@ def test_every_request_is_logged(client: openai.OpenAI, server: ServerProcess) -
     for index in range(2):
         line = server.wait_for_log(f"request {result.id}-{index} finished: ")
         assert "prompt 2 tokens" in line and "ttft" in line and "total" in line
+
+
+def test_a_chat_template_that_writes_the_bos_gets_no_second_one(tiny_llama, tmp_path) -> None:
+    """Llama 3's and Gemma's templates begin with the BOS token, which their tokenizers also add
+    to text: a chat prompt, and /tokenize of its messages, carry it once (vLLM tokenizes chats so)."""
+    import json
+    import shutil
+
+    import httpx
+    from tokenizers import Tokenizer, processors
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    bos = "<|eos|>"  # the tiny tokenizer's BOS token
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ bos_token }}" + config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "To be"}]
+    with run_server(folder, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny") as server:
+        tokens = httpx.post(f"{server.base_url}/tokenize", json={"messages": messages}).json()["tokens"]
+        chat = httpx.post(f"{server.base_url}/v1/chat/completions",
+                          json={"messages": messages, "max_tokens": 1}).json()  # fmt: skip
+        text = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "To be"}).json()["tokens"]
+    bos_id = tokenizer.token_to_id(bos)
+    assert tokens[0] == bos_id and tokens[1] != bos_id
+    assert chat["usage"]["prompt_tokens"] == len(tokens)
+    assert text[0] == bos_id  # plain text still gets the tokenizer's BOS

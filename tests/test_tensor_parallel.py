@@ -262,3 +262,11 @@ def test_every_rank_switches_the_kernels_the_config_asks_for(tiny_model_factory)
         config = build_engine_config(tiny_model_factory("llama"), device="cpu", **dict(options))
         enable_configured_kernels(Model(), config)  # type: ignore[arg-type]
     assert calls == list(cases.values())
+
+
+def test_a_row_split_projections_bias_is_added_by_rank_0_alone() -> None:
+    """o_proj and down_proj outputs are summed over the ranks: their bias once, not per rank."""
+    bias = torch.arange(4.0)
+    name = "model.layers.0.self_attn.o_proj.bias"
+    assert torch.equal(shard_checkpoint_tensor(name, bias, 0, 2), bias)
+    assert torch.equal(shard_checkpoint_tensor(name, bias, 1, 2), torch.zeros(4))

@@ -164,7 +164,8 @@ class GemmaConfig:
         ``rope_theta`` and ``rope_scaling`` for them."""
         nested = cfg.get("rope_parameters") or {}
         if "full_attention" in nested:
-            return {**cfg, "rope_parameters": nested["full_attention"], "rope_scaling": None}
+            full = {"rope_theta": 1_000_000.0, **nested["full_attention"]}  # transformers' default base
+            return {**cfg, "rope_parameters": full, "rope_scaling": None}
         return {**cfg, "rope_theta": cfg.get("rope_theta", 1_000_000.0)}
 
     @classmethod
@@ -242,7 +243,10 @@ class ModelConfig:
                 f"Phi-3's rope scaling ({rope.rope_type}) is not supported: LongRoPE is not built"
             )
         head_dim = cfg.get("head_dim") or hidden // num_heads
-        sliding = cfg.get("sliding_window")
+        # Mistral and Gemma 3 slide over 4,096 tokens unless their config says otherwise (as
+        # transformers reads a config without the key).
+        default_window = 4096 if architecture in ("MistralForCausalLM", "Gemma3ForCausalLM") else None
+        sliding = cfg.get("sliding_window", default_window)
         # Qwen's configs carry a window that applies only with use_sliding_window (as transformers
         # reads them).
         if architecture.startswith(("Qwen2", "Qwen3")) and not cfg.get("use_sliding_window", False):
@@ -259,7 +263,8 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope=rope,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Gemma 3's hub configs leave it out: transformers ties its embeddings by default.
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
             attention_bias=_attention_bias(cfg, architecture),
             qk_norm=architecture.startswith(("Qwen3", "Gemma3")),
             sliding_window=int(sliding) if sliding else None,
@@ -355,11 +360,15 @@ def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, slid
                 "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
             ]
         return tuple(window if kind == "sliding_attention" else 0 for kind in types)
+    if architecture == "Qwen3MoeForCausalLM":
+        return (window,) * num_layers  # its layers all slide (transformers has no layer rule for it)
     if architecture.startswith(("Qwen2", "Qwen3")):
         types = cfg.get("layer_types")
         if isinstance(types, list) and len(types) == num_layers:
             return tuple(window if kind == "sliding_attention" else 0 for kind in types)
-        first = int(cfg.get("max_window_layers", num_layers))
+        first = int(cfg.get("max_window_layers", 28))  # transformers' default
+        if architecture == "Qwen2MoeForCausalLM":  # every other layer, below max_window_layers
+            return tuple(window if (i + 1) % 2 and i < first else 0 for i in range(num_layers))
         return tuple(window if i >= first else 0 for i in range(num_layers))
     return (window,) * num_layers
 

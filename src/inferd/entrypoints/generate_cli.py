@@ -49,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     engine = LLMEngine.from_options(args.model, **engine_options(args))
     prompt = args.prompt
     if args.chat:
-        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        # The template writes the special tokens it wants: none added again.
+        prompt = engine.tokenizer.encode(text, add_special_tokens=False)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

@@ -133,7 +133,9 @@ class Gemma3ForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.softcap = cfg.gemma.final_logit_softcapping
-        self.embed_scale = cfg.hidden_size**0.5
+        # sqrt(hidden) rounded to the model's dtype, as the checkpoints were trained with it; a
+        # Python number, so a step makes no host-to-device copy (CUDA graphs allow none).
+        self.embed_scale = float(torch.tensor(cfg.hidden_size**0.5, dtype=torch.get_default_dtype()))
 
     def forward(
         self,
@@ -144,9 +146,7 @@ class Gemma3ForCausalLM(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
-        embedded = self.model.embed_tokens(input_ids)
-        # The scale rounded to the model's dtype first, as the checkpoints were trained with it.
-        x = embedded * torch.tensor(self.embed_scale, dtype=embedded.dtype, device=embedded.device)
+        x = self.model.embed_tokens(input_ids) * self.embed_scale
         full, local = self.rotary.lookup(positions), self.local_rotary.lookup(positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, local if layer.sliding else full, kv_cache, meta, backend)

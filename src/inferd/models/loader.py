@@ -244,6 +244,9 @@ def shard_checkpoint_tensor(name: str, tensor: torch.Tensor, rank: int, size: in
         return tensor.chunk(size, dim=0)[rank]
     if any(part in _COLUMN_SPLIT for part in parts) and parts[-1] == "weight":
         return tensor.chunk(size, dim=1)[rank]
+    if any(part in _COLUMN_SPLIT for part in parts) and parts[-1] == "bias":
+        # Added once to the ranks' summed outputs: rank 0 holds it, the others zeros.
+        return tensor if rank == 0 else torch.zeros_like(tensor)
     return tensor
 
 

@@ -205,7 +205,10 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     return ChatJob(
         request_id=frontend.new_request_id("chatcmpl"),
         model=frontend.answering_name(body.model),
-        prompt=frontend.prepare(prompt, params, field="messages"),
+        # The template writes the special tokens it wants (a BOS among them): none added again.
+        prompt=frontend.prepare(
+            frontend.tokenizer.encode(prompt, add_special_tokens=False), params, "messages"
+        ),
         params=params,
         n=body.n,
         want_logprobs=body.logprobs,

@@ -104,7 +104,13 @@ def build_router(
             text = frontend.render_chat(template_messages(body.messages), body.add_generation_prompt)
         else:
             text = body.prompt or ""
-        tokens = frontend.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        # A chat is tokenized as the chat route does: its template writes the special tokens.
+        add_special = (
+            body.add_special_tokens
+            if "add_special_tokens" in body.model_fields_set
+            else body.messages is None
+        )
+        tokens = frontend.tokenizer.encode(text, add_special_tokens=add_special)
         return TokenizeResponse(count=len(tokens), max_model_len=frontend.max_model_len, tokens=tokens)
 
     @router.post("/detokenize")
