@@ -97,11 +97,10 @@ def test_fields_transformers_reads_only_for_some_qwen_models_are_read_so() -> No
     assert ModelConfig.from_hf_config(_hf("Qwen2MoeForCausalLM", **fields)).attention_bias
     # Qwen's window applies only with use_sliding_window, the dense Qwen3's as the MoE's.
     for architecture in ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM"):
-        off = ModelConfig.from_hf_config(_hf(architecture, sliding_window=4096, **fields))
-        on = ModelConfig.from_hf_config(
-            _hf(architecture, sliding_window=4096, use_sliding_window=True, **fields)
-        )
-        assert (off.sliding_window, on.sliding_window) == (None, 4096)
+        window = {"sliding_window": 4096, "max_window_layers": 0}
+        off = ModelConfig.from_hf_config(_hf(architecture, **window, **fields))
+        on = ModelConfig.from_hf_config(_hf(architecture, use_sliding_window=True, **window, **fields))
+        assert (off.layer_windows, on.layer_windows) == ((), (4096,) * 6)
 
 
 def test_impossible_routing_is_refused() -> None:

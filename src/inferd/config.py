@@ -206,7 +206,6 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     qk_norm: bool
-    sliding_window: int | None
     torch_dtype: str
     moe: MoEConfig | None = None
     # Each layer's attention window (0: the whole context; ``sliding_window`` in its sliding
@@ -226,8 +225,8 @@ class ModelConfig:
         if not cfg.get("head_dim") and hidden % num_heads:
             raise ValueError(f"hidden_size ({hidden}) must be a multiple of num_attention_heads "
                              f"({num_heads}) when head_dim is not given")  # fmt: skip
-        # Every architecture served computes with SiLU (and rotates whole heads, `_parse_rope`): a
-        # config that asks otherwise would run, wrongly, without a word.
+        # Every architecture served computes with SiLU, Gemma 3 with GELU-tanh (and all rotate whole
+        # heads, `_parse_rope`): a config that asks otherwise would run, wrongly, without a word.
         activation = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
         gemma = architecture == "Gemma3ForCausalLM"
         computed = ("gelu_pytorch_tanh",) if gemma else ("silu", "swish")
@@ -267,7 +266,6 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
             attention_bias=_attention_bias(cfg, architecture),
             qk_norm=architecture.startswith(("Qwen3", "Gemma3")),
-            sliding_window=int(sliding) if sliding else None,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             moe=MoEConfig.from_hf_config(cfg, architecture, int(cfg["num_hidden_layers"])),
             layer_windows=_layer_windows(cfg, architecture, int(cfg["num_hidden_layers"]), sliding),
