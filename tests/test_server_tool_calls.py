@@ -168,7 +168,12 @@ class _Preparing:
     def render_chat(self, *_: Any) -> str:
         return "prompt"
 
-    def prepare(self, prompt: str, params: SamplingParams, field: str) -> list[int]:
+    class tokenizer:  # noqa: N801 - stands in for the Frontend's tokenizer attribute
+        @staticmethod
+        def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+            return [1]
+
+    def prepare(self, prompt: str | list[int], params: SamplingParams, field: str) -> list[int]:
         return [1]
 
     def new_request_id(self, prefix: str) -> str:
