@@ -29,6 +29,17 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:length]
 
 
+def _visible(q_len: int, seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """[q_len, seq_len]: the keys each query row sees. Query row j sits at position
+    seq_len - q_len + j and sees keys up to there, and, with ``window``, none as far back as
+    ``window`` positions."""
+    rows = torch.arange(q_len, device=device).unsqueeze(1) + (seq_len - q_len)
+    keys = torch.arange(seq_len, device=device).unsqueeze(0)
+    if window:
+        return (keys <= rows) & (keys > rows - window)
+    return keys <= rows
+
+
 _MAX_DECODE_GROUPS = 4
 _MIN_DECODE_GROUP = 8
 
@@ -172,21 +183,17 @@ class TorchAttentionBackend:
         # 2,048 tokens, BENCHMARKS.md).
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host, strict=True)):
             query = q[start : start + q_len].transpose(0, 1)[None]  # [1, heads, q_len, dim]
-            # Query row j sits at position seq_len - q_len + j and sees keys up to there.
-            rows = torch.arange(q_len, device=q.device).unsqueeze(1) + (seq_len - q_len)
-            keys_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+            sliding = bool(window) and seq_len > window
             if q_len == seq_len and new_kv is not None:
-                # A fresh prompt: its keys are exactly this step's, no cache read or mask needed.
+                # A fresh prompt: its keys are exactly this step's, no cache read (and, unless the
+                # window cuts in, no mask) needed.
                 keys = new_kv[0][start : start + q_len].transpose(0, 1)[None]
                 values = new_kv[1][start : start + q_len].transpose(0, 1)[None]
-                mask = None
+                mask = _visible(q_len, seq_len, window, q.device) if sliding else None
             else:
                 keys = gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)[None]
                 values = gather_context(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)[None]
-                mask = keys_pos <= rows
-            if window and seq_len > window:
-                # A sliding-window layer: nothing as far back as `window` positions.
-                mask = (keys_pos <= rows) & (keys_pos > rows - window)
+                mask = _visible(q_len, seq_len, window if sliding else 0, q.device)
             attended = F.scaled_dot_product_attention(
                 query,
                 keys,
