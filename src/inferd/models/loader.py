@@ -257,8 +257,9 @@ _EXPERT_PIECES: dict[str, tuple[str, int | None]] = {
     "up_proj": ("gate_up_proj", 1),
     "down_proj": ("down_proj", None),
 }
-# Mixtral's checkpoint names for the same tensors.
+# Mixtral's checkpoint names for the same tensors, and back.
 _MIXTRAL_NAMES = {"block_sparse_moe": "mlp", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_MIXTRAL_SPELLING = {ours: theirs for theirs, ours in _MIXTRAL_NAMES.items()}
 
 
 def _checkpoint_spelling(name: str, architecture: str) -> str:
@@ -266,8 +267,7 @@ def _checkpoint_spelling(name: str, architecture: str) -> str:
     names (``canonical_name`` backwards; every Mixtral MLP is routed)."""
     if architecture != "MixtralForCausalLM":
         return name
-    names = {"mlp": "block_sparse_moe", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-    return ".".join(names.get(part, part) for part in name.split("."))
+    return ".".join(_MIXTRAL_SPELLING.get(part, part) for part in name.split("."))
 
 
 def canonical_name(name: str) -> str:
