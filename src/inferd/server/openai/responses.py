@@ -160,7 +160,7 @@ class _Answer:
 
 
 async def respond(frontend: Frontend, job: ResponseJob, store: ResponseStore) -> dict[str, Any]:
-    answer = _Answer(frontend, job, store, _EventWriter())
+    answer = _Answer(frontend, job, store, _EventWriter(streaming=False))
     chat = job.chat
     async with aclosing(
         frontend.generate(chat.request_id, [chat.prompt], chat.params, 1, chat.timeout_s)
@@ -291,14 +291,18 @@ def _call_item(item_id: str, call: ParsedToolCall, status: str) -> dict[str, Any
 
 
 class _EventWriter:
-    """Server-sent events named by their type, numbered in the order they are sent."""
+    """Server-sent events named by their type, numbered in the order they are sent. A whole
+    (not streamed) response sends none: ``streaming`` false writes nothing, serialises nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, streaming: bool = True) -> None:
         self.sequence_number = 0
+        self.streaming = streaming
 
     def event(self, kind: str, **fields: Any) -> str:
-        payload = {"type": kind, "sequence_number": self.sequence_number, **fields}
         self.sequence_number += 1
+        if not self.streaming:
+            return ""
+        payload = {"type": kind, "sequence_number": self.sequence_number - 1, **fields}
         return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
 
