@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -76,3 +77,17 @@ class Linear(nn.Linear):
 
     def _routed(self, x: torch.Tensor) -> bool:
         return x.dim() == 2 and 0 < x.shape[0] <= self.triton_max_rows
+
+
+def route_projections(model: nn.Module, linear: bool, tiled_linear: bool, fuse_inputs: bool = False) -> None:
+    """Send each ``Linear`` of ``model``: few-row inputs to the skinny Triton matmul (``linear``;
+    with ``fuse_inputs`` it also makes their input), wide ones of up to 256 rows to the tiled one
+    (``tiled_linear``), the rest to torch. Imports the kernels here, so a missing triton fails at
+    start-up, not in the first forward."""
+    triton_linear = importlib.import_module("inferd.layers.triton_linear") if linear else None
+    tiled = importlib.import_module("inferd.layers.triton_tiled_linear") if tiled_linear else None
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.triton_max_rows = triton_linear.rows_routed(module.weight) if triton_linear else 0
+            module.fuse_input_ops = fuse_inputs
+            module.tiled_max_rows = tiled.rows_routed(module.weight) if tiled else 0

@@ -11,15 +11,13 @@ activation stay in torch (the Triton small ops compute the Llama family's forms)
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from inferd.attention.base import AttentionBackend, AttentionMetadata
 from inferd.config import GemmaConfig, ModelConfig
-from inferd.layers.linear import Linear
+from inferd.layers.linear import Linear, route_projections
 from inferd.layers.rotary import GatheredRotary, RotaryEmbedding, RotaryStep
 from inferd.models.mlp import AllReduce, reduced
 
@@ -174,12 +172,7 @@ class Gemma3ForCausalLM(nn.Module):
         if fused_linear or decode_rotary:
             raise ValueError("Gemma 3 computes its own norms and rotary: no triton_fused_linear or "
                              "triton_decode_rotary")  # fmt: skip
-        triton_linear = importlib.import_module("inferd.layers.triton_linear") if linear else None
-        tiled = importlib.import_module("inferd.layers.triton_tiled_linear") if tiled_linear else None
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.triton_max_rows = triton_linear.rows_routed(module.weight) if triton_linear else 0
-                module.tiled_max_rows = tiled.rows_routed(module.weight) if tiled else 0
+        route_projections(self, linear, tiled_linear)
 
     def set_all_reduce(self, all_reduce: AllReduce) -> None:
         for layer in self.model.layers:

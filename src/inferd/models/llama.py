@@ -18,7 +18,7 @@ from inferd.attention.base import AttentionBackend, AttentionMetadata
 from inferd.attention.triton_backend import TritonAttentionBackend
 from inferd.config import ModelConfig
 from inferd.layers.activation import SiluAndMul
-from inferd.layers.linear import Linear
+from inferd.layers.linear import Linear, route_projections
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import RotaryEmbedding, RotaryStep, TritonRotary, qk_norm_weights
 from inferd.models.mlp import MLP, AllReduce, reduced
@@ -175,19 +175,14 @@ class LlamaForCausalLM(nn.Module):
         # Fails here, not in the middle of the first forward, where triton is missing.
         if enabled:
             importlib.import_module("inferd.layers.triton_ops")
-        triton_linear = importlib.import_module("inferd.layers.triton_linear") if linear else None
-        tiled = importlib.import_module("inferd.layers.triton_tiled_linear") if tiled_linear else None
         if moe:
             importlib.import_module("inferd.layers.triton_moe")
+        route_projections(self, linear, tiled_linear, fused_linear)
         for module in self.modules():
             if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
                 module.use_triton = enabled
                 if isinstance(module, RotaryEmbedding):
                     module.in_decode_attention = decode_rotary
-            elif isinstance(module, Linear):
-                module.triton_max_rows = triton_linear.rows_routed(module.weight) if triton_linear else 0
-                module.fuse_input_ops = fused_linear
-                module.tiled_max_rows = tiled.rows_routed(module.weight) if tiled else 0
             elif isinstance(module, Experts):
                 module.use_triton = moe
 
