@@ -26,7 +26,7 @@ def _scheduler(num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_
 
 def _run_step(s: Scheduler, token: int = 7) -> dict[str, int]:
     out = s.schedule()
-    sampled = {seq.request.request_id: token for seq in out.sequences if seq.sample}
+    sampled = {seq.request.request_id: [token] for seq in out.sequences if seq.sample}
     s.update(out, sampled)
     return {seq.request.request_id: seq.num_tokens for seq in out.sequences}
 
@@ -74,7 +74,7 @@ def test_preemption_frees_newest_and_recomputes_later() -> None:
     for _ in range(30):
         out = s.schedule()
         preempted.extend(out.preempted_ids)
-        s.update(out, {seq.request.request_id: 7 for seq in out.sequences if seq.sample})
+        s.update(out, {seq.request.request_id: [7] for seq in out.sequences if seq.sample})
         if not s.has_unfinished():
             break
     assert preempted and set(preempted) == {"new"}
@@ -118,5 +118,5 @@ def test_a_prompt_scored_is_computed_whole_and_flags_its_steps() -> None:
     out = s.schedule()
     assert out.scores_prompts and [(q.request.request_id, q.num_tokens) for q in out.sequences] == [("b", 12)]
     assert scoring.num_cached_tokens == 0
-    s.update(out, {"b": 7})
+    s.update(out, {"b": [7]})
     assert not s.schedule().scores_prompts  # finished: later steps look for no prompt to score

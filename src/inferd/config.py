@@ -459,6 +459,62 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding by prompt lookup (n-gram): each step, a decoding request whose last
+    ``n`` tokens (``prompt_lookup_max`` down to ``prompt_lookup_min``) appeared earlier in its
+    prompt or output proposes the up to ``num_speculative_tokens`` tokens that followed them there;
+    the model checks them all in one forward pass and keeps the longest run its own sampling agrees
+    with, plus one token of its own (sched/ngram_proposer.py). The output is distributed exactly as
+    without speculation."""
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    # None: 2, or prompt_lookup_max if that is 1 (a one-token match proposes poorly).
+    prompt_lookup_min: int | None = None
+    method: str = "ngram"
+
+    def __post_init__(self) -> None:
+        if self.prompt_lookup_min is None:
+            object.__setattr__(self, "prompt_lookup_min", min(2, self.prompt_lookup_max))
+        if self.method != "ngram":
+            raise ValueError(f"speculative method {self.method!r} is not supported; use 'ngram'")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
+        assert self.prompt_lookup_min is not None
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(
+                "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}"
+            )
+
+    @classmethod
+    def from_options(cls, value: SpeculativeConfig | dict[str, Any] | str) -> SpeculativeConfig:
+        """From a mapping or its JSON text (the CLI's ``--speculative-config``), as vLLM spells it."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError("speculative_config must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"speculative_config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config needs num_speculative_tokens")
+        for key, item in value.items():
+            wanted, named = (str, "a string") if key == "method" else (int, "an integer")
+            if not isinstance(item, wanted) or isinstance(item, bool):
+                raise ValueError(f"speculative_config: {key} must be {named}")
+        return cls(**value)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_path: Path
     model: ModelConfig
@@ -513,6 +569,8 @@ class EngineConfig:
     warm_up: bool | None = None
     # LoRA adapters served beside the base model: (name, PEFT adapter folder) pairs (layers/lora.py).
     lora_modules: tuple[tuple[str, str], ...] = ()
+    # Speculative decoding (prompt lookup); None: one token per request per step.
+    speculative: SpeculativeConfig | None = None
 
     @property
     def lora_names(self) -> tuple[str, ...]:
@@ -584,5 +642,7 @@ class EngineConfig:
     def uses_async_scheduling(self) -> bool:
         if self.async_scheduling is not None:
             return self.async_scheduling
+        if self.speculative is not None:
+            return False  # proposing a request's next tokens needs its last one on the host
         # The other ranks get each step's inputs from the host, so its tokens must be read first.
         return self.device.startswith("cuda") and self.tensor_parallel_size == 1

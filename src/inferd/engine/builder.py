@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from inferd.attention.registry import resolve_backend_name
-from inferd.config import CacheConfig, EngineConfig, ModelConfig, ModelLoadError, SchedulerConfig, parse_dtype
+from inferd.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ModelLoadError,
+    SchedulerConfig,
+    SpeculativeConfig,
+    parse_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +102,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         tensor_parallel_size=_tensor_parallel_size(options.pop("tensor_parallel_size", None), model),
         warm_up=options.pop("warm_up", None),
         lora_modules=_lora_modules(options.pop("lora_modules", None)),
+        speculative=_speculative(options.pop("speculative_config", None)),
     )
     if config.tensor_parallel_size > 1 and config.async_scheduling:
         raise ValueError("async_scheduling cannot be used with tensor parallelism (each step's inputs go "
@@ -107,6 +116,9 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
                          "it needs triton_ops and the triton attention backend")  # fmt: skip
     if config.triton_pdl and not config.device.startswith("cuda"):
         raise ValueError(f"triton_pdl launches kernels on a CUDA GPU; the device is {config.device}")
+    if config.speculative is not None and config.async_scheduling:
+        raise ValueError("speculative decoding cannot be used with async_scheduling: a request's next "
+                         "tokens are proposed from its last one, which must be on the host")  # fmt: skip
     if config.lora_modules and config.tensor_parallel_size > 1:
         raise ValueError("LoRA adapters (lora_modules) are not supported with tensor parallelism")
     if config.load_format not in ("safetensors", "dummy"):
@@ -114,6 +126,13 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
     if options:
         raise TypeError(f"unknown engine option(s): {', '.join(sorted(options))}")
     return config
+
+
+def _speculative(value: Any) -> SpeculativeConfig | None:
+    """``speculative_config``: a SpeculativeConfig, a mapping or its JSON text; None or empty: off."""
+    if value is None or value == {} or value == "":
+        return None
+    return SpeculativeConfig.from_options(value)
 
 
 def _lora_modules(value: Any) -> tuple[tuple[str, str], ...]:

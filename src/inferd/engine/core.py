@@ -11,6 +11,7 @@ from inferd.engine.request import FinishReason, Request
 from inferd.kv.manager import KVCacheManager
 from inferd.sample.penalties import needs_history
 from inferd.sample.sampler import TokenLogprobs
+from inferd.sched.ngram_proposer import NgramProposer
 from inferd.sched.output import SchedulerOutput
 from inferd.sched.scheduler import Scheduler
 from inferd.structured.matcher import GrammarCompiler
@@ -30,6 +31,10 @@ class EngineStats:
     # Device memory torch holds in the core's process (reserved: weights, KV cache, graph pools,
     # cached blocks); None on the CPU. Read here, so it is right when the core is a child process.
     device_memory_bytes: int | None = None
+    # Speculative decoding: steps a request ran proposed tokens in, the tokens, those accepted.
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class EngineCore:
@@ -45,7 +50,8 @@ class EngineCore:
         self.kv = KVCacheManager(
             config.cache.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        proposer = NgramProposer(config.speculative) if config.speculative is not None else None
+        self.scheduler = Scheduler(config.scheduler, self.kv, proposer)
         self.async_scheduling = config.uses_async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read yet (async only)
         self.grammars = GrammarCompiler(config.model_path / "tokenizer.json", config.model.vocab_size)
@@ -127,31 +133,45 @@ class EngineCore:
                     _record_prompt_logprobs(request, first, found)
         advanced = self.scheduler.update(step.scheduled, runner_out.sampled)
         refused, complete = self._advance_grammars(advanced)
-        return failed + [
-            EngineCoreOutput(
-                request_id=r.request_id,
-                new_token_id=r.output_token_ids[-1],
-                logprobs=runner_out.logprobs.get(r.request_id),
-                finish_reason=r.finish_reason.value if r.finish_reason else None,
-                error=refused.get(r.request_id),
-                structure_complete=r.request_id in complete,
-                num_cached_tokens=r.num_cached_tokens,
-                first_scheduled_time=r.first_scheduled_time,
-                prompt_logprobs=_prompt_logprobs_of(r)
-                if r.params.prompt_logprobs is not None and len(r.output_token_ids) == 1
-                else None,
+        outputs = failed
+        for r, count in advanced:
+            logprobs = runner_out.logprobs.get(r.request_id)
+            if count > 1:  # speculative decoding: the accepted guesses, each an output of its own
+                first = len(r.output_token_ids) - count
+                outputs.extend(
+                    EngineCoreOutput(
+                        r.request_id,
+                        r.output_token_ids[first + i],
+                        logprobs[i] if logprobs is not None else None,
+                        None,
+                    )
+                    for i in range(count - 1)
+                )
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=r.request_id,
+                    new_token_id=r.output_token_ids[-1],
+                    logprobs=logprobs[count - 1] if logprobs is not None else None,
+                    finish_reason=r.finish_reason.value if r.finish_reason else None,
+                    error=refused.get(r.request_id),
+                    structure_complete=r.request_id in complete,
+                    num_cached_tokens=r.num_cached_tokens,
+                    first_scheduled_time=r.first_scheduled_time,
+                    prompt_logprobs=_prompt_logprobs_of(r)
+                    if r.params.prompt_logprobs is not None and len(r.output_token_ids) == 1
+                    else None,
+                )
             )
-            for r in advanced
-        ]
+        return outputs
 
-    def _advance_grammars(self, advanced: list[Request]) -> tuple[dict[str, str], set[str]]:
-        """Move constrained requests past their new tokens. One whose grammar allows nothing more
-        is done (a stop, as at EOS, but its last token is text); one whose token it refuses (a row
-        left with no allowed token) ends with an error. Returns the errors by request id, and the
-        ids of the requests done."""
+    def _advance_grammars(self, advanced: list[tuple[Request, int]]) -> tuple[dict[str, str], set[str]]:
+        """Move constrained requests past their new token (one a step: they never run proposed
+        tokens). One whose grammar allows nothing more is done (a stop, as at EOS, but its last
+        token is text); one whose token it refuses (a row left with no allowed token) ends with an
+        error. Returns the errors by request id, and the ids of the requests done."""
         refused: dict[str, str] = {}
         complete: set[str] = set()
-        for request in advanced:
+        for request, _ in advanced:
             grammar = request.grammar
             if grammar is None or request.finish_reason is not None:
                 continue
@@ -176,6 +196,9 @@ class EngineCore:
             prefix_queries=self.kv.prefix_queries,
             prefix_hits=self.kv.prefix_hits,
             device_memory_bytes=self.runner.device_memory_bytes(),
+            spec_drafts=self.scheduler.num_drafts,
+            spec_draft_tokens=self.scheduler.num_draft_tokens,
+            spec_accepted_tokens=self.scheduler.num_accepted_tokens,
         )
 
 

@@ -28,6 +28,7 @@ _DIRECT_OPTIONS = (
     "attention_backend",
     "tensor_parallel_size",
     "lora_modules",
+    "speculative_config",
 )
 
 
@@ -92,6 +93,14 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         metavar="NAME=FOLDER",
         help="LoRA adapters (PEFT folders) served beside the model, each asked for by its name (the "
         "OpenAI 'model' field, TGI's 'adapter_id')",
+    )
+    group.add_argument(
+        "--speculative-config",
+        metavar="JSON",
+        help='speculative decoding by prompt lookup, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\': a decoding request proposes the tokens that '
+        "followed the last occurrence of its last few tokens, and the model checks them in one step "
+        "(default: off)",
     )
     if seed_flag:
         group.add_argument("--seed", dest="engine_seed", type=int, help="seed for requests without their own")

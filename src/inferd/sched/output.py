@@ -18,6 +18,9 @@ class ScheduledSequence:
     # The one token to run is the one this request sampled in the step before, still on the
     # device (asynchronous scheduling): the runner feeds it from there.
     from_last_sample: bool = False
+    # Speculative decoding: the last this-many of token_ids are guesses of what follows the
+    # request's last token; the step samples after each of them as well as after that token.
+    num_draft_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

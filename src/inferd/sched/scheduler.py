@@ -8,6 +8,8 @@ from collections import deque
 from inferd.config import SchedulerConfig
 from inferd.engine.request import FinishReason, Request, RequestStatus
 from inferd.kv.manager import KVCacheManager
+from inferd.sample.penalties import needs_history
+from inferd.sched.ngram_proposer import NgramProposer
 from inferd.sched.output import ScheduledSequence, SchedulerOutput
 
 
@@ -18,11 +20,21 @@ class Scheduler:
     the token budget admits waiting requests, whose prompts may be split over several steps.
     When the pool cannot grow a running request, the newest running request is preempted: its
     blocks are freed and it goes back to the front of the queue to be recomputed later.
+
+    With a ``proposer`` (speculative decoding), a decoding request also runs the tokens proposed
+    to follow its last one; ``update`` keeps those the model's samples agree with.
     """
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVCacheManager, proposer: NgramProposer | None = None
+    ) -> None:
         self.config = config
         self.kv = kv
+        self.proposer = proposer
+        # Speculative decoding: steps a request ran proposed tokens in, the tokens, those accepted.
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -75,6 +87,11 @@ class Scheduler:
                 index += 1  # its last token is being sampled; the results will finish it
                 continue
             num_new = min(request.num_tokens_with_inflight - request.num_computed_tokens, budget)
+            drafts = self._propose(request, budget) if self.proposer is not None else []
+            if drafts and not self.kv.allocate(
+                request.request_id, request.num_computed_tokens + num_new + len(drafts)
+            ):
+                drafts = []  # guesses never preempt anyone
             while not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -83,13 +100,35 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 break  # it preempted itself; everything after it is gone too
-            scheduled.append(self._scheduled(request, num_new))
-            budget -= num_new
+            scheduled.append(self._scheduled(request, num_new, drafts))
+            budget -= num_new + len(drafts)
             index += 1
 
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
         return SchedulerOutput(scheduled, preempted, scores_prompts=self._num_scoring > 0)
+
+    def _propose(self, request: Request, budget: int) -> list[int]:
+        """Tokens to run after a decoding request's last one, as guesses of what follows it.
+
+        Only a request whose next samples do not depend on the ones before them in the same step
+        guesses: penalties, ``min_tokens`` and grammars read the output so far, which a step of
+        guesses would have to extend row by row. Guesses fit in the step's budget and stop where
+        the output or the context would end anyway."""
+        assert self.proposer is not None
+        if (
+            not request.output_token_ids
+            or request.num_tokens - request.num_computed_tokens != 1
+            or request.num_inflight_tokens
+            or needs_history(request)
+        ):
+            return []
+        room = min(
+            budget - 1,
+            request.max_output_tokens - len(request.output_token_ids) - 1,
+            self.config.max_model_len - request.num_tokens - 1,
+        )
+        return self.proposer.propose(request.all_token_ids, room)
 
     def _ends_with_inflight_token(self, request: Request) -> bool:
         """Whether the token now being sampled for ``request`` is certainly its last one."""
@@ -134,22 +173,30 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
+    def _scheduled(
+        self, request: Request, num_new: int, drafts: list[int] | None = None
+    ) -> ScheduledSequence:
+        """``drafts``: proposed tokens to run after the request's last one (speculative decoding);
+        they count as computed until ``update`` takes back those the model did not accept."""
         start = request.num_computed_tokens
         end = start + num_new
         sample = end == request.num_tokens_with_inflight
         # Only a decode step can reach past the known tokens: its one token is still in flight.
         from_last_sample = end > request.num_tokens
-        request.num_computed_tokens = end
+        token_ids = [0] if from_last_sample else request.tokens_in_range(start, end)
+        if drafts:
+            token_ids += drafts
+        request.num_computed_tokens = start + len(token_ids)
         if sample:
             request.num_inflight_tokens += 1
         return ScheduledSequence(
             request=request,
-            token_ids=[0] if from_last_sample else request.tokens_in_range(start, end),
+            token_ids=token_ids,
             start_pos=start,
             block_table=list(self.kv.block_table(request.request_id)),
             sample=sample,
             from_last_sample=from_last_sample,
+            num_draft_tokens=len(drafts) if drafts else 0,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -162,9 +209,14 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     # -- results ------------------------------------------------------------------------------
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[tuple[Request, int]]:
         """Append a step's sampled tokens, register newly filled blocks and finish requests that
-        are done. Returns the requests that received a token (finished ones included).
+        are done. Returns the requests that received tokens (finished ones included), each with
+        how many: one, or with speculative decoding the proposed tokens the model accepted and one
+        of its own (fewer where one ends the request).
+
+        ``sampled``: each sampling request's tokens, one per row it sampled (a request that ran
+        proposed tokens sampled after its last token and after each proposed one).
 
         A request preempted after the step was launched still gets its token, as it would have
         had the step's results come back before the preemption.
@@ -176,9 +228,19 @@ class Scheduler:
                 request.num_inflight_tokens -= 1
             if request.status == RequestStatus.FINISHED:
                 continue  # aborted, or ended by an earlier token, while the step ran
-            token = sampled.get(request.request_id)
-            if token is not None:
+            tokens = sampled.get(request.request_id)
+            if tokens is not None and seq.num_draft_tokens:
+                tokens = self._accepted(seq, tokens)
+                if request.status == RequestStatus.RUNNING:
+                    # The K/V of the rejected guesses are wrong; their slots are written again.
+                    request.num_computed_tokens = seq.start_pos + len(tokens)
+            reason = None
+            num_out_before = len(request.output_token_ids)
+            for token in tokens or ():
                 request.output_token_ids.append(token)
+                reason = self._stop_reason(request, token)
+                if reason is not None:
+                    break
             if request.status == RequestStatus.RUNNING:
                 # Only blocks whose every token is known get a prefix-cache hash.
                 self.kv.cache_computed_blocks(
@@ -187,13 +249,32 @@ class Scheduler:
                     min(request.num_computed_tokens, request.num_tokens),
                     request.params.adapter,
                 )
-            if token is None:
+            if tokens is None:
                 continue
-            reason = self._stop_reason(request, token)
             if reason is not None:
                 self.finish(request.request_id, reason)
-            advanced.append(request)
+            advanced.append((request, len(request.output_token_ids) - num_out_before))
         return advanced
+
+    def _accepted(self, seq: ScheduledSequence, samples: list[int]) -> list[int]:
+        """The tokens a step of guesses gives: the guesses up to the first one the sample at its
+        position disagrees with, then the sample there (or after the last guess).
+
+        Sample i was drawn given the context and guesses before i, so while every guess before it
+        matched its sample, sample i is drawn exactly as it would have been without guessing:
+        the output's distribution is that of one token per step, greedy or random. (A guess is
+        one token for sure, so the rejection rule of speculative sampling reduces to this match.)
+        """
+        guesses = seq.token_ids[-seq.num_draft_tokens :]
+        accepted = 0
+        for guess, sample in zip(guesses, samples, strict=False):
+            if guess != sample:
+                break
+            accepted += 1
+        self.num_drafts += 1
+        self.num_draft_tokens += len(guesses)
+        self.num_accepted_tokens += accepted
+        return samples[: accepted + 1]
 
     def unschedule(self, output: SchedulerOutput) -> None:
         """Undo what ``schedule`` counted for a step that never ran (its launch or read failed)."""

@@ -239,7 +239,13 @@ class _EngineCollector(Collector):
             ("inferd:num_preemptions", "Requests preempted to free KV blocks.", "num_preemptions"),
             ("inferd:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_queries"),
             ("inferd:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_hits"),
-        )
+            ("inferd:spec_decode_num_drafts", "Steps in which a request ran proposed tokens (speculative "
+             "decoding).", "spec_drafts"),
+            ("inferd:spec_decode_num_draft_tokens", "Proposed tokens run (speculative decoding).",
+             "spec_draft_tokens"),
+            ("inferd:spec_decode_num_accepted_tokens", "Proposed tokens the model accepted (speculative "
+             "decoding).", "spec_accepted_tokens"),
+        )  # fmt: skip
         for name, doc, field in counters:
             family = CounterMetricFamily(name, doc, labels=["model_name"])
             for source, stats in snapshots:

@@ -19,8 +19,10 @@ class ModelInputs:
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # rows of the hidden states to sample from, one per sampling sequence
-    sampling_rows: list[int]  # which scheduled sequences sample this step
+    # Rows of the hidden states to sample from: one per sampling sequence, and one more for each
+    # of its proposed tokens (speculative decoding), in order.
+    logits_indices: torch.Tensor
+    sampling_rows: list[int]  # the scheduled sequence each of those rows belongs to
     # Tokens still on the device: input_ids[carried_rows[i]] is the last step's sample number
     # carried_sources[i]; the runner writes them in before the forward.
     carried_rows: torch.Tensor
@@ -115,8 +117,14 @@ def build_inputs(
         query_lens.append(n)
         seq_lens_host.append(start + n)
         if seq.sample:
-            h["logits_indices"][len(sampling_rows)] = t - 1
-            sampling_rows.append(row)
+            guesses = seq.num_draft_tokens
+            if guesses:  # a sample after the last known token and after each guess
+                at = len(sampling_rows)
+                h["logits_indices"][at : at + guesses + 1] = range(t - 1 - guesses, t)
+                sampling_rows.extend([row] * (guesses + 1))
+            else:
+                h["logits_indices"][len(sampling_rows)] = t - 1
+                sampling_rows.append(row)
     write_padding_rows(buffers, num_seqs, num_rows, first_token=t)
     buffers.copy_to_device(num_rows)
 

@@ -26,12 +26,20 @@ _Buffer = TypeVar("_Buffer", np.ndarray, torch.Tensor)
 
 
 class StepInputBuffers:
-    """Regions, in order: ids, positions, slots [max_tokens]; logits rows [max_seqs]; query starts
+    """Regions, in order: ids, positions, slots [max_tokens]; logits rows [max_sample_rows, by
+    default max_seqs: more with speculative decoding, which samples several rows a sequence]; query starts
     [max_seqs + 1]; context lengths [max_seqs]; carried token rows and their sources [max_seqs
     each] (tokens fed from the last step's samples on the device); block tables [max_seqs,
     max_blocks_per_seq], last so a step copies only the table rows it uses."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        max_tokens: int,
+        max_seqs: int,
+        max_blocks_per_seq: int,
+        device: torch.device,
+        max_sample_rows: int | None = None,
+    ) -> None:
         self.max_tokens = max_tokens
         self.max_seqs = max_seqs
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -40,7 +48,7 @@ class StepInputBuffers:
             "input_ids": max_tokens,
             "positions": max_tokens,
             "slot_mapping": max_tokens,
-            "logits_indices": max_seqs,
+            "logits_indices": max_sample_rows or max_seqs,
             "query_start_loc": max_seqs + 1,
             "seq_lens": max_seqs,
             "carried_rows": max_seqs,

@@ -41,8 +41,10 @@ _SCORE_ROWS = 128
 
 @dataclass(frozen=True)
 class ModelRunnerOutput:
-    sampled: dict[str, int]  # request id -> new token
-    logprobs: dict[str, TokenLogprobs]
+    # request id -> its samples: one token, or with speculative decoding one after its last token
+    # and one after each proposed token (the scheduler keeps those that follow accepted guesses)
+    sampled: dict[str, list[int]]
+    logprobs: dict[str, list[TokenLogprobs]]  # the same rows' log-probabilities, where asked for
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why sampling it failed
     # request id -> (position of the first, the prompt tokens' log-probabilities from there on)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
@@ -75,7 +77,9 @@ class LaunchedStep:
     """A step queued on the device whose tokens the host has not read yet."""
 
     scheduled: SchedulerOutput
-    requests: list[Request]  # the sampling ones, in the order of the sampled tokens
+    # The sampling ones, in the order of the sampled tokens (with speculative decoding a request
+    # has a row after its last token and one after each proposed token, side by side).
+    requests: list[Request]
     sample: PendingSample | None  # None when the step samples nothing (prompt chunks only)
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
@@ -126,11 +130,16 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         sched = config.scheduler
+        max_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
+        guesses = config.speculative.num_speculative_tokens if config.speculative is not None else 0
+        # A step samples once a sequence, and once more per proposed token with speculative decoding.
+        self.max_sample_rows = min(sched.max_num_seqs * (1 + guesses), max_tokens)
         self.buffers = StepInputBuffers(
-            max_tokens=max(sched.max_num_batched_tokens, sched.max_num_seqs),
+            max_tokens=max_tokens,
             max_seqs=sched.max_num_seqs,
             max_blocks_per_seq=-(-sched.max_model_len // self.block_size),
             device=self.device,
+            max_sample_rows=self.max_sample_rows,
         )
         self.table_rows = BlockTableRows()
         self.graphs: DecodeGraphs | None = None
@@ -238,7 +247,13 @@ class ModelRunner:
         num_blocks = self.kv_caches[0][0].shape[0] if self.kv_caches else 0
         if num_blocks == 0:
             raise RuntimeError("allocate the KV cache before warming up")
-        shape = warm_up_shape(self.config.scheduler, num_blocks, self.block_size, self._model_warm_up_lens())
+        shape = warm_up_shape(
+            self.config.scheduler,
+            num_blocks,
+            self.block_size,
+            self._model_warm_up_lens(),
+            self.max_sample_rows,
+        )
         vocab = self.config.model.vocab_size
         # With LoRA adapters the largest step mixes them with the base model, as served batches do:
         # its peak memory holds their gathered rows and terms too.
@@ -345,16 +360,19 @@ class ModelRunner:
         result = step.sample.result()
         requests = step.requests
         errors = {requests[row].request_id: message for row, message in result.errors.items()}
-        sampled = {
-            r.request_id: t
-            for r, t in zip(requests, result.token_ids, strict=True)
-            if r.request_id not in errors
-        }
-        logprobs = {
-            r.request_id: lp
-            for r, lp in zip(requests, result.logprobs, strict=True)
-            if lp is not None and r.request_id not in errors
-        }
+        sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, list[TokenLogprobs]] = {}
+        for r, token, lp in zip(requests, result.token_ids, result.logprobs, strict=True):
+            request_id = r.request_id
+            if request_id in errors:
+                continue
+            tokens = sampled.get(request_id)
+            if tokens is None:
+                sampled[request_id] = [token]
+            else:
+                tokens.append(token)  # a row after a proposed token: the same request's next
+            if lp is not None:
+                logprobs.setdefault(request_id, []).append(lp)
         return ModelRunnerOutput(sampled, logprobs, errors, prompt_logprobs)
 
     @torch.inference_mode()

@@ -71,14 +71,19 @@ class WarmUpReport:
 
 
 def warm_up_shape(
-    scheduler: SchedulerConfig, num_blocks: int, block_size: int, model_prompt_lens: tuple[int, ...] = ()
+    scheduler: SchedulerConfig,
+    num_blocks: int,
+    block_size: int,
+    model_prompt_lens: tuple[int, ...] = (),
+    max_sample_rows: int | None = None,
 ) -> WarmUpShape:
     """The largest prompt step within every budget: at most ``max_num_batched_tokens`` tokens over
     at most ``max_num_seqs`` prompts of two tokens or more (a step of one-token rows would be a
     decode step), each with room for one more token within ``max_model_len`` and within its share
     of the KV blocks. ``model_prompt_lens`` are the token counts of steps the model's own kernels
     need (a mixture of experts' on the Triton grouped matmul: ``triton_moe.warm_up_token_counts``),
-    each made of as many prompts as the context limit asks."""
+    each made of as many prompts as the context limit asks. ``max_sample_rows``: the most rows a
+    step samples (more than ``max_num_seqs`` with speculative decoding), for the sampling passes."""
     # Three token slots a sequence where possible: two prompt tokens and the decode token.
     min_blocks = -(-3 // block_size)
     num_seqs = max(
@@ -94,7 +99,7 @@ def warm_up_shape(
         prompt_lens=prompt_lens,
         decodes=max(prompt_lens) < room,
         short_prompts=tuple(n for n in _SHORT_PROMPT_LENS if n <= capacity),
-        sampling_rows=max(scheduler.max_num_seqs, len(_MIXED_PARAMS)),
+        sampling_rows=max(max_sample_rows or scheduler.max_num_seqs, len(_MIXED_PARAMS)),
         model_steps=tuple(
             lens
             for lens in (_spread(n, scheduler, num_blocks, block_size) for n in model_prompt_lens)
@@ -139,14 +144,14 @@ def prompt_step(
     return SchedulerOutput(sequences, [])
 
 
-def decode_step(prompts: SchedulerOutput, sampled: Mapping[str, int] | None) -> SchedulerOutput:
-    """One token more for each sequence of ``prompts``: its sampled token (request id -> token)
-    when the host has read them, else (None) the one still on the device, as asynchronous
-    scheduling feeds it."""
+def decode_step(prompts: SchedulerOutput, sampled: Mapping[str, list[int]] | None) -> SchedulerOutput:
+    """One token more for each sequence of ``prompts``: its sampled token (request id -> its
+    samples, as the runner reports them) when the host has read them, else (None) the one still
+    on the device, as asynchronous scheduling feeds it."""
     sequences = [
         ScheduledSequence(
             seq.request,
-            [sampled[seq.request.request_id] if sampled is not None else 0],
+            [sampled[seq.request.request_id][-1] if sampled is not None else 0],
             seq.num_tokens,
             seq.block_table,
             True,

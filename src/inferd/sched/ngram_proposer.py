@@ -1,0 +1,66 @@
+"""Prompt-lookup (n-gram) proposals for speculative decoding.
+
+A request's next tokens are guessed from its own history: when its last ``n`` tokens appeared
+earlier in its prompt or output, the tokens that followed them there are proposed. The guess costs
+no model at all and is often right where outputs copy their input (quoting, editing code,
+extracting fields) or repeat themselves; the model checks every guess, so a wrong one costs only
+the rows it adds to the step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from inferd.config import SpeculativeConfig
+
+
+class NgramProposer:
+    def __init__(self, config: SpeculativeConfig) -> None:
+        assert config.prompt_lookup_min is not None  # resolved by SpeculativeConfig
+        self.num_tokens = config.num_speculative_tokens
+        self.min_n = config.prompt_lookup_min
+        self.max_n = config.prompt_lookup_max
+
+    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        """Up to ``min(num_speculative_tokens, max_tokens)`` tokens to follow ``token_ids``; empty
+        when no suffix of ``min_n`` tokens or more occurred before."""
+        limit = min(self.num_tokens, max_tokens)
+        if limit <= 0 or len(token_ids) <= self.min_n:
+            return []
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        return find_continuation(tokens, self.min_n, self.max_n, limit)
+
+
+def find_continuation(tokens: np.ndarray, min_n: int, max_n: int, limit: int) -> list[int]:
+    """The ``limit`` tokens after the most recent earlier occurrence of the longest suffix of
+    ``tokens`` (``max_n`` tokens at most, ``min_n`` at least); none when there is no such
+    occurrence. Where the continuation runs past the end of ``tokens`` it goes on with the
+    proposed tokens themselves, as the match says the text repeats every ``last - end`` tokens:
+    a run of one token proposes more of it, not just one.
+
+    Every earlier position holding the last token is a candidate end of a match; the candidates
+    are then extended backwards one token at a time, all at once, so a step costs a few passes
+    over the positions that hold the last token, not over every n-gram of the history.
+    """
+    last = len(tokens) - 1
+    ends = np.flatnonzero(tokens[:last] == tokens[last])
+    if ends.size == 0:
+        return []
+    lengths = np.ones(ends.size, dtype=np.int64)
+    growing = np.ones(ends.size, dtype=bool)
+    for back in range(1, min(max_n, last)):
+        reachable = ends >= back
+        same = np.zeros(ends.size, dtype=bool)
+        same[reachable] = tokens[ends[reachable] - back] == tokens[last - back]
+        growing &= same
+        if not growing.any():
+            break
+        lengths += growing
+    longest = int(lengths.max())
+    if longest < min_n:
+        return []
+    end = int(ends[np.flatnonzero(lengths == longest)[-1]])  # the most recent of the longest
+    follow = tokens[end + 1 : end + 1 + limit]
+    if len(follow) < limit:  # it reached the end: it is the period's tokens, which repeat
+        follow = np.resize(follow, limit)
+    return follow.tolist()
