@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
 from inferd.attention.base import AttentionMetadata
@@ -66,3 +69,52 @@ def test_prompts_take_the_flash_kernel_and_match_the_reference() -> None:
     for i, start in enumerate((0, query_lens[0])):
         expected = _reference(q[start : start + query_lens[i]], all_k[i], all_v[i], context_lens[i])
         torch.testing.assert_close(out[start : start + query_lens[i]], expected, atol=1e-5, rtol=1e-5)
+
+
+def _ragged_step(query_lens: list[int], context_lens: list[int], gen: torch.Generator):
+    """A step of sequences with those query and cached-context lengths: caches holding every
+    context and the step's K/V already written, its metadata, and q."""
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
+    blocks = [-(-n // BLOCK_SIZE) for n in seq_lens]
+    k_cache = torch.randn(sum(blocks) + 1, BLOCK_SIZE, KV_HEADS, DIM, generator=gen)
+    v_cache = torch.randn_like(k_cache)
+    order = torch.randperm(sum(blocks), generator=gen) + 1  # block 0 is never anyone's
+    block_tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(blocks):
+        block_tables[i, :n] = order[at : at + n]
+        at += n
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(0, dtype=torch.int64),
+        query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=block_tables,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_host=tuple(query_lens),
+        seq_lens_host=tuple(seq_lens),
+    )
+    q = torch.randn(sum(query_lens), HEADS, DIM, generator=gen)
+    return q, k_cache, v_cache, meta
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_few_query_tokens_a_sequence_attend_padded_as_sequence_by_sequence(monkeypatch, window: int) -> None:
+    """Speculative decoding's steps (a token and its guesses a sequence), with decode rows and
+    short prompts among them, in several groups of context lengths: the padded batch gives what
+    attending one sequence at a time gives."""
+    gen = torch.Generator().manual_seed(1)
+    query_lens = [1, 5, 3, 16, 1, 9, 2, 4] * 4
+    context_lens = [int(n) for n in torch.randint(0, 40, (len(query_lens),), generator=gen)]
+    context_lens[3] = 0  # a fresh prompt of 16 tokens
+    q, k_cache, v_cache, meta = _ragged_step(query_lens, context_lens, gen)
+    backend = TorchAttentionBackend()
+    assert len(backend._decode_groups(meta)) > 1
+    expected = backend._varlen(q, None, k_cache, v_cache, meta, DIM**-0.5, window)
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("attended sequence by sequence")
+
+    monkeypatch.setattr(backend, "_varlen", refuse)
+    out = backend.attend(q, k_cache, v_cache, meta, DIM**-0.5, window)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

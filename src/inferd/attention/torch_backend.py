@@ -1,11 +1,15 @@
 """Reference attention backend in plain PyTorch; runs on the CPU and any device.
 
 Pure-decode steps (the common case) gather every sequence's keys through its block table into
-one padded batch and make a single SDPA call. Steps with prefill chunks attend per sequence,
-with a causal mask offset by the context already in the cache.
+one padded batch and make a single SDPA call; so do steps whose sequences all run a few query
+tokens (speculative decoding's guesses, short prompts), their queries padded too. Steps with
+longer prefill chunks attend per sequence, with a causal mask offset by the context already in
+the cache.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,19 @@ def _visible(q_len: int, seq_len: int, window: int, device: torch.device) -> tor
 
 _MAX_DECODE_GROUPS = 4
 _MIN_DECODE_GROUP = 8
+# Steps whose sequences each run at most this many query tokens attend as one padded batch (per
+# group of similar lengths) rather than sequence by sequence: padding a few query rows costs less
+# than a gather and an SDPA call per sequence.
+MAX_PADDED_QUERY = 16
+
+
+def _gather_padded(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Every sequence's keys (or values), [seqs, kv_heads, max_len, dim]: read through its block
+    table, past its own length whatever its table's padding blocks hold (to be masked)."""
+    num_seqs, block_size = block_tables.shape[0], cache.shape[1]
+    table = block_tables[:, : -(-max_len // block_size)].reshape(-1)
+    gathered = cache.index_select(0, table).view(num_seqs, -1, cache.shape[2], cache.shape[3])
+    return gathered[:, :max_len].transpose(1, 2)
 
 
 def _padded_decode(
@@ -56,14 +73,8 @@ def _padded_decode(
 ) -> torch.Tensor:
     """One query token per sequence against its context (its last ``window`` tokens where that is
     set), gathered into a batch padded to ``max_len``."""
-    num_seqs = q.shape[0]
-    block_size = k_cache.shape[1]
-    table = block_tables[:, : -(-max_len // block_size)].reshape(-1)
-    # [seqs, blocks * block_size, kv_heads, dim] -> [seqs, kv_heads, ctx, dim]
-    keys = k_cache.index_select(0, table).view(num_seqs, -1, k_cache.shape[2], k_cache.shape[3])
-    values = v_cache.index_select(0, table).view(num_seqs, -1, v_cache.shape[2], v_cache.shape[3])
-    keys = keys[:, :max_len].transpose(1, 2)
-    values = values[:, :max_len].transpose(1, 2)
+    keys = _gather_padded(k_cache, block_tables, max_len)
+    values = _gather_padded(v_cache, block_tables, max_len)
     positions = torch.arange(max_len, device=q.device).unsqueeze(0)
     mask = positions < seq_lens.unsqueeze(1)  # [seqs, ctx]
     if window:
@@ -79,12 +90,60 @@ def _padded_decode(
     return out.squeeze(2)
 
 
+@dataclass(frozen=True)
+class _QueryGroup:
+    """Sequences of similar context length whose few query tokens attend as one padded batch."""
+
+    seqs: torch.Tensor  # [n] the sequences' indices in the step
+    max_len: int  # the longest context among them
+    query_rows: torch.Tensor  # [n, max_q] each one's query tokens' rows in q (its last repeated)
+    query_lens: torch.Tensor  # [n]
+    kept: torch.Tensor  # rows of the padded output, [n * max_q], that are real query tokens
+    out_rows: torch.Tensor  # ... and their rows in the step's output
+
+
+def _padded_queries(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    group: _QueryGroup,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """A group's query tokens over their contexts, causal (each sees its context up to its own
+    position, within ``window`` where set); returns the real query rows in ``group.out_rows``'
+    order. Padding rows repeat a sequence's last query and are dropped."""
+    num_seqs, max_q = group.query_rows.shape
+    keys = _gather_padded(k_cache, block_tables, group.max_len)
+    values = _gather_padded(v_cache, block_tables, group.max_len)
+    query = q.index_select(0, group.query_rows.reshape(-1)).view(num_seqs, max_q, q.shape[1], q.shape[2])
+    # Query j of a sequence sits at position seq_len - query_len + j.
+    positions = torch.arange(group.max_len, device=q.device)
+    rows = (seq_lens - group.query_lens).unsqueeze(1) + torch.arange(max_q, device=q.device)
+    mask = positions <= rows.unsqueeze(2)  # [seqs, max_q, ctx]
+    if window:
+        mask &= positions > rows.unsqueeze(2) - window
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2),  # [seqs, heads, max_q, dim]
+        keys,
+        values,
+        attn_mask=mask.unsqueeze(1),
+        scale=scale,
+        enable_gqa=q.shape[1] != keys.shape[1],
+    )
+    return out.transpose(1, 2).reshape(num_seqs * max_q, q.shape[1], q.shape[2]).index_select(0, group.kept)
+
+
 class TorchAttentionBackend:
     name = "torch"
 
     def __init__(self) -> None:
         self._plan_meta: AttentionMetadata | None = None
         self._plan: list[tuple[torch.Tensor, int]] = []
+        self._query_plan_meta: AttentionMetadata | None = None
+        self._query_plan: list[_QueryGroup] = []
 
     def forward(
         self,
@@ -100,6 +159,8 @@ class TorchAttentionBackend:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_pure_decode:
             return self._decode(q, k_cache, v_cache, meta, scale, window)
+        if meta.max_query_len <= MAX_PADDED_QUERY:
+            return self._short_queries(q, k_cache, v_cache, meta, scale, window)
         # Fresh prompts attend over this step's k and v directly, without reading them back.
         return self._varlen(q, (k, v), k_cache, v_cache, meta, scale, window)
 
@@ -114,6 +175,8 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         if meta.is_pure_decode:
             return self._decode(q, k_cache, v_cache, meta, scale, window)
+        if meta.max_query_len <= MAX_PADDED_QUERY:
+            return self._short_queries(q, k_cache, v_cache, meta, scale, window)
         return self._varlen(q, None, k_cache, v_cache, meta, scale, window)
 
     def _decode(
@@ -142,6 +205,62 @@ class TorchAttentionBackend:
                 window,
             )
         return out
+
+    def _short_queries(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int = 0,
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for group in self._query_groups(meta):
+            attended = _padded_queries(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables[group.seqs],
+                meta.seq_lens[group.seqs],
+                group,
+                scale,
+                window,
+            )
+            out.index_copy_(0, group.out_rows, attended)
+        return out
+
+    def _query_groups(self, meta: AttentionMetadata) -> list[_QueryGroup]:
+        """The decode plan's groups (sequences sorted by length), each with its query rows padded
+        to its most query tokens; made once per step, as that plan is."""
+        if self._query_plan_meta is meta:
+            return self._query_plan
+        starts = [0]
+        for n in meta.query_lens_host:
+            starts.append(starts[-1] + n)
+        device = meta.seq_lens.device
+        plan = []
+        for seqs, max_len in self._decode_groups(meta):
+            chunk = seqs.tolist()
+            lens = [meta.query_lens_host[i] for i in chunk]
+            max_q = max(lens)
+            query_rows = [
+                [starts[i] + min(j, n - 1) for j in range(max_q)] for i, n in zip(chunk, lens, strict=True)
+            ]
+            kept = [r * max_q + j for r, n in enumerate(lens) for j in range(n)]
+            out_rows = [starts[i] + j for i, n in zip(chunk, lens, strict=True) for j in range(n)]
+            plan.append(
+                _QueryGroup(
+                    seqs=seqs,
+                    max_len=max_len,
+                    query_rows=torch.tensor(query_rows, dtype=torch.long, device=device),
+                    query_lens=torch.tensor(lens, dtype=torch.long, device=device),
+                    kept=torch.tensor(kept, dtype=torch.long, device=device),
+                    out_rows=torch.tensor(out_rows, dtype=torch.long, device=device),
+                )
+            )
+        self._query_plan_meta, self._query_plan = meta, plan
+        return plan
 
     def _decode_groups(self, meta: AttentionMetadata) -> list[tuple[torch.Tensor, int]]:
         """Sequences sorted by length and cut into groups, each padded only to its own longest.
