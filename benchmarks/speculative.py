@@ -1,12 +1,14 @@
 """Speculative decoding by prompt lookup on the CPU: the built-in model with and without it.
 
-Sixteen prompts (a speaker's name and the first words of a line, as the model was trained on),
-256-token contexts: up to 200 new tokens each, EOS ignored, run one request at a time (batch 1,
-where a step's cost is mostly fixed and extra rows are nearly free) and all sixteen together.
-Greedy and at temperature 0.8. For each ``num_speculative_tokens`` (0: off) it prints output tokens
-per second (median of ``--repeats`` timed runs after one warm-up), the share of proposed tokens the
-model accepted and the tokens a request gained per step it ran proposals in. Greedy outputs are
-checked to be the same tokens with and without speculation.
+Sixteen prompts (a speaker's name and the first words of a line, as the model was trained on):
+up to 200 new tokens each, EOS ignored, run one request at a time (batch 1, where a step's cost is
+mostly fixed and extra rows are nearly free) and all sixteen together; greedy and at temperature
+0.8. One engine per ``num_speculative_tokens`` (0: off), all built first; each timed round runs
+every engine once, in turn, so the machine's drift (runs minutes apart differed by up to a fifth
+on a shared 2-vCPU VM) falls on all of them alike. It prints output tokens per second (median of
+``--repeats`` rounds after one warm-up round), the share of proposed tokens the model accepted and
+the tokens a request gained per step it ran proposals in. Greedy outputs are checked to be the
+same tokens with and without speculation.
 
     python benchmarks/speculative.py [--repeats 3] [--out benchmarks/results/speculative_cpu.json]
 """
@@ -42,6 +44,46 @@ def _run(llm: LLM, params: SamplingParams, batch: bool) -> tuple[float, list[lis
     return time.perf_counter() - start, [o.token_ids for o in outputs]
 
 
+def _case(engines: dict[int, LLM], params: SamplingParams, batch: bool, repeats: int) -> list[dict]:
+    """Every engine on one case, round by round; one row per engine."""
+    times: dict[int, list[float]] = {guesses: [] for guesses in engines}
+    counts = {guesses: (0, 0, 0) for guesses in engines}
+    tokens: dict[int, list[list[int]]] = {}
+    for round_number in range(repeats + 1):  # round 0 warms up
+        for guesses, llm in engines.items():
+            before = llm.engine.stats()
+            seconds, tokens[guesses] = _run(llm, params, batch)
+            after = llm.engine.stats()
+            if round_number:
+                times[guesses].append(seconds)
+                drafts, drafted, accepted = counts[guesses]
+                counts[guesses] = (
+                    drafts + after.spec_drafts - before.spec_drafts,
+                    drafted + after.spec_draft_tokens - before.spec_draft_tokens,
+                    accepted + after.spec_accepted_tokens - before.spec_accepted_tokens,
+                )
+    if params.temperature == 0.0:
+        assert all(t == tokens[0] for t in tokens.values()), "greedy outputs changed with speculation"
+    rows = []
+    for guesses, seconds in times.items():
+        drafts, drafted, accepted = counts[guesses]
+        total = sum(len(t) for t in tokens[guesses])
+        rows.append(
+            {
+                "num_speculative_tokens": guesses,
+                "temperature": params.temperature,
+                "batch": len(PROMPTS) if batch else 1,
+                "output_tokens": total,
+                "output_tok_s": round(total / statistics.median(seconds), 1),
+                "vs_off": round(statistics.median(times[0]) / statistics.median(seconds), 2),
+                "run_seconds": [round(t, 3) for t in seconds],
+                "acceptance": round(accepted / drafted, 3) if drafted else None,
+                "tokens_per_proposal_step": round(1 + accepted / drafts, 2) if drafts else None,
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -49,38 +91,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
+    engines = {
+        guesses: LLM(**({"speculative_config": {"num_speculative_tokens": guesses}} if guesses else {}))
+        for guesses in GUESSES
+    }
     results = []
-    greedy_tokens: dict[tuple[float, bool], list[list[int]]] = {}
-    for guesses in GUESSES:
-        options = {"speculative_config": {"num_speculative_tokens": guesses}} if guesses else {}
-        llm = LLM(**options)
-        for temperature in (0.0, 0.8):
-            params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, ignore_eos=True, seed=0)
-            for batch in (False, True):
-                _run(llm, params, batch)  # warm-up
-                before = llm.engine.stats()
-                times, tokens = [], 0
-                for _ in range(args.repeats):
-                    seconds, outputs = _run(llm, params, batch)
-                    times.append(seconds)
-                    tokens = sum(len(t) for t in outputs)
-                after = llm.engine.stats()
-                if temperature == 0.0:
-                    reference = greedy_tokens.setdefault((temperature, batch), outputs)
-                    assert outputs == reference, "greedy outputs changed with speculation"
-                drafts = after.spec_drafts - before.spec_drafts
-                drafted = after.spec_draft_tokens - before.spec_draft_tokens
-                accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
-                row = {
-                    "num_speculative_tokens": guesses,
-                    "temperature": temperature,
-                    "batch": len(PROMPTS) if batch else 1,
-                    "output_tokens": tokens,
-                    "output_tok_s": round(tokens / statistics.median(times), 1),
-                    "run_seconds": [round(t, 3) for t in times],
-                    "acceptance": round(accepted / drafted, 3) if drafted else None,
-                    "tokens_per_proposal_step": round(1 + accepted / drafts, 2) if drafts else None,
-                }
+    for temperature in (0.0, 0.8):
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, ignore_eos=True, seed=0)
+        for batch in (False, True):
+            for row in _case(engines, params, batch, args.repeats):
                 results.append(row)
                 print(json.dumps(row), flush=True)
     report = {

@@ -131,6 +131,22 @@ def test_every_guess_accepted_adds_the_sample_after_the_last() -> None:
     assert request.num_computed_tokens == request.num_tokens - 1
 
 
+def test_the_next_proposal_grows_after_a_whole_one_and_shrinks_after_a_miss() -> None:
+    s = _scheduler()
+    request = _decoding(s, max_tokens=20)
+    s.update(s.schedule(), {"a": [4, 9, 9, 9, 9]})  # one of four guesses kept, then 9
+    assert request.guess_limit == 2
+    for token in (1, 2):  # "4 9" and "9 1" occurred nowhere before: no guesses
+        out = s.schedule()
+        assert out.sequences[0].num_draft_tokens == 0
+        s.update(out, {"a": [token]})
+    out = s.schedule()  # "1 2" did: "3 4 1 2" followed, of which two are guessed
+    assert out.sequences[0].token_ids[1:] == [3, 4]
+    s.update(out, {"a": [3, 4, 1]})  # both kept
+    assert request.guess_limit == 4
+    assert s.schedule().sequences[0].token_ids[1:] == [2, 3, 4, 9]  # after the latest "2 3 4 1"
+
+
 def test_a_stop_token_among_the_kept_ends_the_request_there() -> None:
     s = _scheduler()
     request = _decoding(s)
