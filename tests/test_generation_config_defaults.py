@@ -13,6 +13,7 @@ import pytest
 from server_process import run_server
 
 from inferd.engine.generation_config import read_sampling_defaults
+from inferd.server.openai.chat import output_budget
 from inferd.server.openai.common import sampling_params
 from inferd.server.openai.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -48,14 +49,53 @@ def test_a_field_the_request_leaves_out_takes_the_models_value() -> None:
     assert sampling_params(_Fields({}), body, 16, None)["temperature"] == 1.0  # type: ignore[arg-type]
 
 
+def test_a_chat_without_a_budget_takes_the_models_max_new_tokens() -> None:
+    def budget(defaults: dict[str, float | int], **fields: Any) -> tuple[int | None, str]:
+        body = ChatCompletionRequest.model_validate(
+            {"messages": [{"role": "user", "content": "hi"}], **fields}
+        )
+        return output_budget(body, defaults)
+
+    assert budget({"max_tokens": 64}) == (64, "max_tokens")
+    assert budget({"max_tokens": 64}, max_tokens=5) == (5, "max_tokens")  # the request's own value wins
+    assert budget({"max_tokens": 64}, max_completion_tokens=300) == (300, "max_completion_tokens")
+    assert budget({}) == (None, "max_tokens")  # the rest of the context
+    body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}]})
+    assert output_budget(body, {"max_tokens": 64}, cap=32) == (32, "max_tokens")  # a default: within the cap
+
+
+def test_a_chat_server_gives_the_models_budget_within_the_context(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = _folder_with(tiny_llama, tmp_path, {"max_new_tokens": 7})
+    messages = [{"role": "user", "content": "To be"}]
+    with run_server(folder, "--kv-cache-memory", "8MiB", "--max-model-len", "64") as server:
+        url = f"{server.base_url}/v1/chat/completions"
+        body = {"model": "model", "messages": messages, "ignore_eos": True}
+        assert httpx.post(url, json=body).json()["usage"]["completion_tokens"] == 7
+        assert httpx.post(url, json={**body, "max_tokens": 9}).json()["usage"]["completion_tokens"] == 9
+        # A budget larger than the context leaves: the context is the limit, not an error.
+        (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 500}))
+    with run_server(folder, "--kv-cache-memory", "8MiB", "--max-model-len", "64") as server:
+        reply = httpx.post(f"{server.base_url}/v1/chat/completions", json=body).json()
+        assert reply["choices"][0]["finish_reason"] == "length"
+        assert reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"] == 64
+
+
 def test_reading_the_defaults(tiny_llama: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = _folder_with(tiny_llama, tmp_path, {"do_sample": True, "temperature": 0.7, "top_k": "20",
                                                  "max_new_tokens": 64})  # fmt: skip
     with caplog.at_level("WARNING"):
-        assert read_sampling_defaults(folder) == {"temperature": 0.7}
+        assert read_sampling_defaults(folder) == {"temperature": 0.7, "max_tokens": 64}
     assert "top_k is '20', not a number" in caplog.text
     (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
     assert read_sampling_defaults(folder) == {}  # not sampled by its own library either
+    # ... but its budget holds for greedy decoding too.
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 9}))
+    assert read_sampling_defaults(folder) == {"max_tokens": 9}
+    for bad in (0, 2.5, True, "9"):
+        (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": bad}))
+        with caplog.at_level("WARNING"):
+            assert read_sampling_defaults(folder) == {}
+        assert f"max_new_tokens is {bad!r}, not a positive integer" in caplog.text
     (folder / "generation_config.json").unlink()
     assert read_sampling_defaults(folder) == {}
 

@@ -154,6 +154,8 @@ class _Preparing:
     tool_call_parser = "hermes"
     reasoning_format = None
     sampling_defaults: dict[str, Any] = {}
+    max_tokens_cap = None
+    max_model_len = 64
 
     def check_model(self, name: object) -> None: ...
 

@@ -2,7 +2,9 @@
 
 Model authors ship their recommended sampling there (Qwen3: temperature 0.6, top_p 0.95, top_k
 20). The OpenAI routes use these values for the fields a request leaves out, as vLLM does with
-its default `--generation-config auto`; a request's own values always win.
+its default `--generation-config auto`; a request's own values always win. Its `max_new_tokens`
+becomes the default output budget (`max_tokens`) of chat requests that set none, where the
+context would otherwise be the only limit.
 """
 
 from __future__ import annotations
@@ -21,14 +23,21 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 def read_sampling_defaults(folder: Path) -> dict[str, float | int]:
     """The recommended values of `SAMPLING_FIELDS` in `folder/generation_config.json` (none when the
     file is absent, or says `do_sample: false`: its numbers are then not used by its own library
-    either). A field that is not a number is left out with a warning."""
+    either), and its `max_new_tokens` as `max_tokens` (which its library uses either way). A field
+    that is not a number (a positive integer for `max_new_tokens`) is left out with a warning."""
     path = folder / "generation_config.json"
     if not path.is_file():
         return {}
     config = read_json_object(path)
-    if config.get("do_sample") is False:
-        return {}
     defaults: dict[str, float | int] = {}
+    budget = config.get("max_new_tokens")
+    if budget is not None:
+        if isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1:
+            defaults["max_tokens"] = budget
+        else:
+            logger.warning("%s: max_new_tokens is %r, not a positive integer; left out", path, budget)
+    if config.get("do_sample") is False:
+        return defaults
     for name in SAMPLING_FIELDS:
         value = config.get(name)
         if value is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -156,6 +156,20 @@ def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
     return kwargs
 
 
+def output_budget(
+    body: ChatCompletionRequest, defaults: Mapping[str, float | int], cap: int | None = None
+) -> tuple[int | None, str]:
+    """The request's output budget and the field that set it: `max_completion_tokens` wins over
+    the older `max_tokens`; with neither, the model's generation_config.json `max_new_tokens`
+    (`defaults["max_tokens"]`, within the server's `cap`), else None: the rest of the context."""
+    if body.max_completion_tokens is not None:
+        return body.max_completion_tokens, "max_completion_tokens"
+    if body.max_tokens is None and "max_tokens" in defaults:
+        budget = int(defaults["max_tokens"])
+        return (budget if cap is None else min(budget, cap)), "max_tokens"
+    return body.max_tokens, "max_tokens"
+
+
 def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     """Validate, render the template and tokenize; every error here is a 4xx before generation."""
     frontend.check_model(body.model)
@@ -163,10 +177,9 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
     field_names = {"logprobs": "top_logprobs"}
-    max_tokens = body.max_tokens
-    if body.max_completion_tokens is not None:  # the newer name wins, and errors name it
-        max_tokens = body.max_completion_tokens
-        field_names["max_tokens"] = "max_completion_tokens"
+    max_tokens, field_names["max_tokens"] = output_budget(
+        body, frontend.sampling_defaults, frontend.max_tokens_cap
+    )
     engine_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(frontend, body, max_tokens, engine_logprobs, field_names)
     forced = None
@@ -202,13 +215,17 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         params = dataclasses.replace(
             params, structured_output=dataclasses.replace(structure, starts_after=trigger)
         )
+    # The template writes the special tokens it wants (a BOS among them): none added again.
+    token_ids = frontend.tokenizer.encode(prompt, add_special_tokens=False)
+    if max_tokens is not None and body.max_tokens is None and body.max_completion_tokens is None:
+        # The model's budget is a default, not the client's ask: where the context leaves less,
+        # the context is the limit, as for a request without either.
+        room = frontend.max_model_len - len(token_ids)
+        params = dataclasses.replace(params, max_tokens=max(1, min(max_tokens, room)))
     return ChatJob(
         request_id=frontend.new_request_id("chatcmpl"),
         model=frontend.answering_name(body.model),
-        # The template writes the special tokens it wants (a BOS among them): none added again.
-        prompt=frontend.prepare(
-            frontend.tokenizer.encode(prompt, add_special_tokens=False), params, "messages"
-        ),
+        prompt=frontend.prepare(token_ids, params, "messages"),
         params=params,
         n=body.n,
         want_logprobs=body.logprobs,
