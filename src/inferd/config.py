@@ -450,10 +450,15 @@ class SchedulerConfig:
     # Most output tokens one request may ask for (and what one that asks for none gets, if less
     # than the rest of its context); None: the context is the only limit.
     max_tokens_cap: int | None = None
+    # "fcfs": requests run in arrival order; "priority": by SamplingParams.priority (lower first),
+    # then arrival, in the queue, in each step's order and in who is preempted first (the last).
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy {self.policy!r} is unknown; choose fcfs or priority")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap must be at least 1, got {self.max_tokens_cap}")
 

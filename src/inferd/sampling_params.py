@@ -55,6 +55,9 @@ class SamplingParams:
     structured_output: StructuredOutput | None = None
     # The LoRA adapter to answer with (a name the engine was started with); None: the base model.
     adapter: str | None = None
+    # With the priority scheduling policy: lower runs first (ties by arrival), as vLLM's; the
+    # first-come-first-served policy takes only 0.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,6 +77,8 @@ class SamplingParams:
             raise SamplingParamsError("temperature", f"must be in [0, 100], got {self.temperature}")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise SamplingParamsError("seed", f"must be a 64-bit integer, got {self.seed}")
+        if not SEED_MIN <= self.priority <= SEED_MAX:
+            raise SamplingParamsError("priority", f"must be a 64-bit integer, got {self.priority}")
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingParamsError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:

@@ -71,6 +71,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         max_num_batched_tokens=max_batched,
         max_model_len=max_model_len,
         max_tokens_cap=options.pop("max_tokens_cap", None),
+        policy=options.pop("scheduling_policy", None) or "fcfs",
     )
     kv_memory = options.pop("kv_cache_memory", None)
     cache = CacheConfig(

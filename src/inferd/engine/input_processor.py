@@ -17,6 +17,12 @@ Prompt = str | list[int]
 logger = logging.getLogger(__name__)
 
 
+PRIORITY_NEEDS_POLICY = (
+    "priority {} asked for, but this engine schedules first come, first served (start it with "
+    "--scheduling-policy priority)"
+)
+
+
 class PromptError(ValueError):
     """The prompt cannot be served (empty, too long, bad token ids); the message says why."""
 
@@ -100,6 +106,8 @@ class InputProcessor:
         if params.adapter is not None and params.adapter not in self.config.lora_names:
             known = ", ".join(self.config.lora_names) or "none"
             raise PromptError(f"no LoRA adapter {params.adapter!r} in this engine (adapters: {known})")
+        if params.priority and self.config.scheduler.policy != "priority":
+            raise PromptError(PRIORITY_NEEDS_POLICY.format(params.priority))
         token_ids = self.tokenize_prompt(prompt)
         return Request(
             request_id=request_id,

@@ -29,6 +29,7 @@ _DIRECT_OPTIONS = (
     "tensor_parallel_size",
     "lora_modules",
     "speculative_config",
+    "scheduling_policy",
 )
 
 
@@ -75,6 +76,12 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
     group.add_argument("--max-model-len", type=positive_int, help="context limit (default: the model's)")
     group.add_argument("--max-num-seqs", type=positive_int, help="most sequences in one step (default 128)")
     group.add_argument("--max-num-batched-tokens", type=positive_int, help="token budget per step")
+    group.add_argument(
+        "--scheduling-policy",
+        choices=["fcfs", "priority"],
+        help="fcfs: arrival order (default); priority: a request's 'priority' first (lower runs sooner; "
+        "ties by arrival), also in who is preempted when KV blocks run out",
+    )
     group.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
     group.add_argument("--attention-backend", choices=["auto", "torch", "triton"], help="attention kernels")
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")

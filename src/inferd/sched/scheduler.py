@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 
@@ -20,6 +21,10 @@ class Scheduler:
     the token budget admits waiting requests, whose prompts may be split over several steps.
     When the pool cannot grow a running request, the newest running request is preempted: its
     blocks are freed and it goes back to the front of the queue to be recomputed later.
+
+    Under the priority policy the queue and the running list are kept in order of
+    ``(params.priority, arrival)`` instead: the most urgent requests are admitted and scheduled
+    first, and the least urgent running one is the one preempted.
 
     With a ``proposer`` (speculative decoding), a decoding request also runs the tokens proposed
     to follow its last one; ``update`` keeps those the model's samples agree with.
@@ -50,7 +55,7 @@ class Scheduler:
                 f"{self.config.max_model_len}"
             )
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._enqueue(request, at_front=False)
         self._num_scoring += request.params.prompt_logprobs is not None
 
     def has_unfinished(self) -> bool:
@@ -169,7 +174,10 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
-            self.running.append(request)
+            if self.config.policy == "priority":
+                self.running.insert(_urgency_index(self.running, request), request)
+            else:
+                self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return budget
@@ -207,7 +215,17 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request, at_front=True)
+
+    def _enqueue(self, request: Request, at_front: bool) -> None:
+        """Into the queue: by urgency under the priority policy; else at the back (a new request)
+        or the front (a preempted one, older than those still waiting)."""
+        if self.config.policy == "priority":
+            self.waiting.insert(_urgency_index(self.waiting, request), request)
+        elif at_front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
 
     # -- results ------------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[tuple[Request, int]]:
@@ -314,3 +332,14 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+
+def _urgency(request: Request) -> tuple[int, float]:
+    return request.params.priority, request.arrival_time
+
+
+def _urgency_index(queue: deque[Request] | list[Request], request: Request) -> int:
+    """Where ``request`` goes in a queue kept in order of urgency: after every request at least as
+    urgent (so equals keep their arrival order)."""
+    key = _urgency(request)
+    return bisect.bisect_right(queue, key, key=_urgency)

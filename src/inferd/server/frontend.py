@@ -23,6 +23,7 @@ from typing import Any
 
 from inferd.engine.admission import EngineOverloadedError
 from inferd.engine.async_llm import AsyncLLM, EngineDeadError
+from inferd.engine.input_processor import PRIORITY_NEEDS_POLICY
 from inferd.engine.llm_engine import PromptError
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.tokenizer import BrokenChatTemplateError, ChatTemplateError, Tokenizer
@@ -190,6 +191,11 @@ class Frontend:
         names = field_names or {}
         for name in ("logit_bias", "stop_token_ids"):
             self.check_token_ids(fields.get(name) or (), names.get(name, name))
+        if fields.get("priority") and self.llm.config.scheduler.policy != "priority":
+            field = names.get("priority", "priority")
+            raise InvalidRequestError(
+                f"{field}: " + PRIORITY_NEEDS_POLICY.format(fields["priority"]), field=field
+            )
         cap, max_tokens = self.max_tokens_cap, fields.get("max_tokens")
         if cap is not None and max_tokens is not None and max_tokens > cap:
             field = names.get("max_tokens", "max_tokens")

@@ -88,6 +88,7 @@ def sampling_params(
         include_stop_str_in_output=body.include_stop_str_in_output,
         structured_output=structure,
         adapter=frontend.adapter_for(body.model),
+        priority=body.priority,
     )
 
 

@@ -58,6 +58,8 @@ class SamplingExtras(_Body):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Under --scheduling-policy priority: lower runs first (vLLM's field); else only 0.
+    priority: int = 0
     # inferd's: seconds until the request is aborted (overrides the server's --request-timeout).
     timeout: float | None = Field(None, gt=0.0, le=86400.0)
     # Structured output (server/structured_request.py): OpenAI's field, vLLM's object and vLLM's

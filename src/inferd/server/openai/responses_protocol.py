@@ -53,6 +53,7 @@ class ResponsesRequest(_Body):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     logit_bias: dict[str, float] | None = None
+    priority: int = 0
     timeout: float | None = Field(None, gt=0.0, le=86400.0)
 
     @property
