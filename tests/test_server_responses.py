@@ -5,6 +5,7 @@ output, stored responses and continued conversations, and the API's errors."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -186,7 +187,7 @@ def test_a_stored_response_is_read_back_continued_and_deleted(client: openai.Ope
             "'input_image' parts are not supported",
         ),
         ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools", "only function tools"),
-        ({"input": "Hi", "background": True}, "background", "background responses"),
+        ({"input": "Hi", "background": True, "store": False}, "background", "must be stored"),
         ({"input": "Hi", "max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),
         ({"input": "Hi", "text": {"format": {"type": "yaml"}}}, "text", "text.format.type"),
         ({"input": "Hi " * 600}, "input", "maximum context length"),  # the chat path's error, renamed
@@ -248,6 +249,74 @@ def test_a_stream_that_times_out_ends_with_an_error_and_is_not_stored(client: op
     created = events[0].response.id
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(created)
+
+
+def _poll(server: ServerProcess, response_id: str) -> dict[str, Any]:
+    """The stored response once it has ended (a bounded wait)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        response: dict[str, Any] = httpx.get(f"{server.base_url}/v1/responses/{response_id}").json()
+        if response["status"] not in ("queued", "in_progress"):
+            return response
+        time.sleep(0.02)
+    raise AssertionError(f"{response_id} still {response['status']} after 30 s")
+
+
+def _message_text(response: dict[str, Any]) -> str:
+    return "".join(
+        part["text"] for item in response["output"] if item["type"] == "message" for part in item["content"]
+    )
+
+
+def test_a_background_response_is_queued_then_polled_to_its_answer(server: ServerProcess) -> None:
+    url = f"{server.base_url}/v1/responses"
+    fields = {
+        "model": "tiny",
+        "input": "To be, or not",
+        "max_output_tokens": 12,
+        "temperature": 0,
+        **ANSWER_NOW,
+    }
+    queued = httpx.post(url, json={**fields, "background": True}).json()
+    assert (queued["status"], queued["background"], queued["output"]) == ("queued", True, [])
+    done = _poll(server, queued["id"])
+    Response.model_validate(done)
+    whole = httpx.post(url, json=fields).json()
+    assert done["background"] is True and done["status"] == whole["status"]
+    assert _message_text(done) == _message_text(whole) and done["usage"] == whole["usage"]
+    # Cancelling one that has ended leaves it as it is; one made in the foreground cannot be.
+    assert httpx.post(f"{url}/{done['id']}/cancel").json() == done
+    refused = httpx.post(f"{url}/{whole['id']}/cancel")
+    assert refused.status_code == 400 and "only background responses" in refused.json()["error"]["message"]
+    assert httpx.post(f"{url}/resp_nothing/cancel").status_code == 404
+    streamed = httpx.post(url, json={**fields, "background": True, "stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "background"
+
+
+def test_a_background_response_cancelled_aborts_its_engine_request(server: ServerProcess) -> None:
+    url = f"{server.base_url}/v1/responses"
+    aborted = "inferd:requests_aborted_total"
+    before = server.metrics().get(aborted, 0.0)
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 400, "background": True}
+    queued = httpx.post(url, json=body).json()
+    cancelled = httpx.post(f"{url}/{queued['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["output"] == []
+    assert httpx.get(f"{url}/{queued['id']}").json()["status"] == "cancelled"
+    server.wait_for_metrics(lambda samples: samples.get(aborted, 0.0) > before)
+    # Deleting one still being answered stops it too.
+    queued = httpx.post(url, json=body).json()
+    assert httpx.delete(f"{url}/{queued['id']}").json()["deleted"] is True
+    time.sleep(0.2)  # a task still running would store its answer again
+    assert httpx.get(f"{url}/{queued['id']}").status_code == 404
+
+
+def test_a_background_response_that_times_out_is_stored_as_failed(server: ServerProcess) -> None:
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 400, "background": True, "timeout": 0.02}
+    queued = httpx.post(f"{server.base_url}/v1/responses", json=body).json()
+    failed = _poll(server, queued["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert failed["error"]["message"].endswith("(request_timeout)")
+    Response.model_validate(failed)
 
 
 def test_the_store_drops_the_least_recently_used_past_its_count_or_bytes() -> None:

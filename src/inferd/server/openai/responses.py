@@ -10,6 +10,8 @@ read back and continued from (`previous_response_id`): ``response_store.py``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import re
@@ -191,6 +193,54 @@ async def stream_response(frontend: Frontend, job: ResponseJob, store: ResponseS
         yield events.event("error", code=body["code"] or body["type"], message=exc.message, param=exc.field)
 
 
+class BackgroundResponses:
+    """Responses created with ``background: true``: answered by a task of their own while the
+    client polls ``GET /v1/responses/{id}`` (the store holds the queued, then the finished object)
+    or cancels them. A failed one (a timeout, an engine error) is stored with status ``failed``
+    and its error; a cancelled one, whose engine request is aborted, with status ``cancelled``."""
+
+    def __init__(self, frontend: Frontend, store: ResponseStore) -> None:
+        self.frontend, self.store = frontend, store
+        self._running: dict[str, tuple[asyncio.Task[None], ResponseJob]] = {}
+
+    def start(self, job: ResponseJob) -> dict[str, Any]:
+        """Store the queued response, start answering it; returns the queued response."""
+        queued = _response(job, "queued", [], None)
+        self._put(job, queued)
+        task = asyncio.create_task(self._answer(job))
+        self._running[job.response_id] = (task, job)
+        task.add_done_callback(lambda _: self._running.pop(job.response_id, None))
+        return queued
+
+    async def _answer(self, job: ResponseJob) -> None:
+        self._put(job, _response(job, "in_progress", [], None))
+        try:
+            await respond(self.frontend, job, self.store)  # stores the finished response
+        except ApiError as exc:
+            # A response's error codes are the API's few (the SDK checks them): the protocol's
+            # own code goes into the message.
+            body = error_body(exc)["error"]
+            code = "rate_limit_exceeded" if exc.kind == "overloaded" else "server_error"
+            error = {"code": code, "message": f"{exc.message} ({body['code'] or body['type']})"}
+            self._put(job, {**_response(job, "failed", [], None), "error": error})
+
+    def _put(self, job: ResponseJob, response: dict[str, Any]) -> None:
+        self.store.put(job.response_id, StoredResponse.of(response, job.conversation))
+
+    async def cancel(self, response_id: str) -> None:
+        """Stop a background response still being answered (its engine request aborted) and store
+        it as cancelled; once it has ended this does nothing."""
+        running = self._running.get(response_id)
+        if running is None:
+            return
+        task, job = running
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if task.cancelled():  # not finished in between
+            self._put(job, _response(job, "cancelled", [], None))
+
+
 def _remember(store: ResponseStore, job: ResponseJob, response: dict[str, Any]) -> None:
     if job.body.store:
         # The answer's items read as input items are the messages that continue the conversation.
@@ -209,7 +259,7 @@ def _response(
         "object": "response",
         "created_at": job.created_at,
         "status": status,
-        "background": False,
+        "background": body.background,
         "error": None,
         "incomplete_details": incomplete,
         "instructions": body.instructions,

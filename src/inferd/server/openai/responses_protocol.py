@@ -5,7 +5,7 @@ Follows the API reference for text models: input as a string or a list of items 
 text parts, function calls and their outputs; reasoning items are dropped, as chat templates drop
 earlier thinking), `instructions`, function tools and `tool_choice`, `text.format` (JSON object or
 JSON schema), `max_output_tokens`, `top_logprobs`, `store` and `previous_response_id`. What a
-text model cannot honour (images, files, built-in tools, background mode, automatic truncation)
+text model cannot honour (images, files, built-in tools, streamed background mode, automatic truncation)
 is refused by name rather than ignored.
 """
 
@@ -62,8 +62,15 @@ class ResponsesRequest(_Body):
 
     def refuse_unsupported(self) -> None:
         """Options that would change the answer and that a text model served here cannot honour."""
-        if self.background:
-            raise InvalidRequestError("background: background responses are not supported", "background")
+        if self.background and not self.store:
+            raise InvalidRequestError(
+                "background: a background response must be stored (store: true)", "background"
+            )
+        if self.background and self.stream:
+            raise InvalidRequestError(
+                "background: streaming a background response is not supported; poll GET /v1/responses/{id}",
+                "background",
+            )
         if self.truncation == "auto":
             raise InvalidRequestError(
                 "truncation: 'auto' is not supported; a conversation longer than the context is an error",

@@ -1,16 +1,17 @@
 """OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/responses` (create,
-read back, delete), `/v1/models`, `/tokenize`, `/detokenize`. They translate between the protocol
+in the background too, read back, cancel, delete), `/v1/models`, `/tokenize`, `/detokenize`. They translate between the protocol
 and the Frontend, nothing more."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
-from inferd.server.errors import protocol_route_class
+from inferd.server.errors import InvalidRequestError, protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai.chat import chat, prepare_chat, stream_chat, template_messages
 from inferd.server.openai.common import error_response
@@ -28,7 +29,13 @@ from inferd.server.openai.protocol import (
     TokenizeResponse,
 )
 from inferd.server.openai.response_store import ResponseStore
-from inferd.server.openai.responses import ResponseNotFoundError, prepare_response, respond, stream_response
+from inferd.server.openai.responses import (
+    BackgroundResponses,
+    ResponseNotFoundError,
+    prepare_response,
+    respond,
+    stream_response,
+)
 from inferd.server.openai.responses_protocol import ResponsesRequest
 from inferd.server.streaming import sse_response, unless_disconnected
 
@@ -40,6 +47,7 @@ def build_router(
 ) -> APIRouter:
     """``response_store`` keeps the Responses API's stored responses (a new one by default)."""
     store = response_store if response_store is not None else ResponseStore()
+    background = BackgroundResponses(frontend, store)
     router = APIRouter(
         route_class=protocol_route_class(error_response),
         dependencies=[Depends(dependency) for dependency in dependencies],
@@ -82,6 +90,8 @@ def build_router(
         frontend.check_ready([job.chat.prompt])
         if body.stream:
             return sse_response(stream_response(frontend, job, store))
+        if body.background:
+            return JSONResponse(background.start(job))
         return JSONResponse(await unless_disconnected(request, respond(frontend, job, store)))
 
     @router.get("/v1/responses/{response_id}")
@@ -91,8 +101,23 @@ def build_router(
             raise ResponseNotFoundError(f"no stored response {response_id!r}")
         return Response(stored.body_json, media_type="application/json")
 
+    @router.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str) -> Response:
+        stored = store.get(response_id)
+        if stored is None:
+            raise ResponseNotFoundError(f"no stored response {response_id!r}")
+        if not json.loads(stored.body_json)["background"]:
+            raise InvalidRequestError(f"response {response_id!r} was not created in the background; only "
+                                      "background responses can be cancelled")  # fmt: skip
+        await background.cancel(response_id)
+        stored = store.get(response_id)
+        if stored is None:  # deleted meanwhile
+            raise ResponseNotFoundError(f"no stored response {response_id!r}")
+        return Response(stored.body_json, media_type="application/json")
+
     @router.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> JSONResponse:
+        await background.cancel(response_id)  # one still being answered stops: nothing would read it
         if not store.delete(response_id):
             raise ResponseNotFoundError(f"no stored response {response_id!r}")
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
