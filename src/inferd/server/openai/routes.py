@@ -1,6 +1,6 @@
 """OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/responses` (create,
-in the background too, read back, cancel, delete), `/v1/models`, `/tokenize`, `/detokenize`. They translate between the protocol
-and the Frontend, nothing more."""
+in the background too, read back, cancel, delete), `/v1/models`, `/tokenize`, `/detokenize`. They
+translate between the protocol and the Frontend, nothing more."""
 
 from __future__ import annotations
 
