@@ -265,6 +265,22 @@ def test_blocks_cached_after_rejected_guesses_hold_the_right_keys_and_values() -
     assert max(abs(a.logprob - b.logprob) for a, b in pairs) < 1e-4
 
 
+def test_a_seeded_request_draws_the_same_tokens_with_guesses_alone_or_in_a_batch() -> None:
+    """A seeded draw belongs to its output position, not to the rows sampled before it: how many
+    guesses ran (which the step's budget and the batch decide) changes nothing."""
+    options = {"kv_cache_memory": "16MiB", "block_size": 4, "max_num_batched_tokens": 6}
+    speculative = LLM(speculative_config=SPECULATIVE, **options)
+    plain = LLM(**options)
+    prompt = speculative.tokenizer.encode(TEXT_PROMPTS[1])
+    seeded = SamplingParams(max_tokens=40, temperature=0.5, seed=7, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    alone = speculative.generate([prompt], seeded)[0].token_ids
+    busy = speculative.generate([prompt] * 4, [greedy, greedy, greedy, seeded])[3].token_ids
+    assert alone == busy == plain.generate([prompt], seeded)[0].token_ids
+    stats = speculative.engine.stats()
+    assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens
+
+
 def test_random_samples_keep_their_distribution(tiny_llama) -> None:
     """Each position's token, and the first three together, drawn as often with guesses as without
     (3,000 samples each). Two plain engines of other seeds differ by at most 0.05 in these

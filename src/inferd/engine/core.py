@@ -101,7 +101,7 @@ class EngineCore:
                 self._in_flight = launched
         except BaseException:
             # Lost steps are undone, newest first, so a later step() runs them again (a seeded
-            # request's generator has moved on, so its retried draws differ).
+            # request draws the same again: its draws are keyed by output position).
             for lost in (sched_out, in_flight.scheduled if in_flight is not None else None):
                 if lost is not None:
                     self.scheduler.unschedule(lost)

@@ -48,7 +48,8 @@ class Request:
     num_inflight_tokens: int = 0
     first_scheduled_time: float | None = None
     finish_reason: FinishReason | None = None
-    # The sampler's private generator for a seeded request, made on first use on its device.
+    # The sampler's private generator for a seeded request, made on first use on its device and
+    # seeded again for each output position it draws.
     generator: torch.Generator | None = None
     # With params.prompt_logprobs: entry p is prompt token p's, given the ones before it (the
     # first token has none), filled in as the prompt's chunks are computed.

@@ -157,13 +157,19 @@ class Sampler:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
         noise = torch.empty_like(probs).exponential_(generator=self._generators[device])
+        rows_before: dict[int, int] = {}  # a request's rows earlier in this step (speculative decoding)
         for row, request in enumerate(requests):
-            if request.params.seed is None:
+            seed = request.params.seed
+            if seed is None:
                 continue
             if request.generator is None:
-                # Made on first use, on the device that samples; it follows the request through
-                # preemption, so its draws depend on the seed alone, never on the batch.
-                request.generator = torch.Generator(device=device).manual_seed(request.params.seed)
+                request.generator = torch.Generator(device=device)  # made on first use, where it samples
+            earlier = rows_before.get(id(request), 0)
+            rows_before[id(request)] = earlier + 1
+            # Each output position draws from its own seed: the draws depend on the request's seed
+            # and the token's place in its output alone, never on the batch, on preemption, on a
+            # retried step or on how many guesses speculative decoding ran before it.
+            request.generator.manual_seed(_position_seed(seed, _output_position(request) + earlier))
             noise[row].exponential_(generator=request.generator)
         return (probs / noise).argmax(dim=-1)
 
@@ -239,6 +245,18 @@ def _apply_grammars(logits: torch.Tensor, requests: Sequence[Request], errors: d
             errors[i] = f"structured output failed: {type(exc).__name__}: {exc}"
     rows = _to_device([i for i, _ in guided], torch.long, logits.device)
     apply_bitmask(logits, rows, bitmask.to(logits.device, non_blocking=True))
+
+
+def _output_position(request: Request) -> int:
+    """The output index of the token a request samples now: its tokens known, plus those sampled
+    on the device before this one and not read yet (asynchronous scheduling counts this one too)."""
+    return len(request.output_token_ids) + max(request.num_inflight_tokens - 1, 0)
+
+
+def _position_seed(seed: int, position: int) -> int:
+    """A 64-bit generator seed for one output position of a seeded request (a multiplicative
+    hash of the position, so neighbouring positions' seeds are far apart)."""
+    return (seed + (position + 1) * 0x9E3779B97F4A7C15) % 2**64
 
 
 def _temperature_only(request: Request, vocab: int) -> bool:
