@@ -122,6 +122,16 @@ def test_a_decoding_request_runs_its_guesses_and_keeps_the_agreed_run() -> None:
     assert (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens) == (1, 4, 2)
 
 
+def test_blocks_taken_for_rejected_guesses_go_back_to_the_pool() -> None:
+    s = _scheduler()
+    request = _decoding(s)
+    out = s.schedule()  # 11 known tokens and 4 guesses: 15 slots, 4 blocks of 4
+    assert len(s.kv.block_table("a")) == 4
+    s.update(out, {"a": [9, 1, 2, 3, 4]})  # the first guess is wrong: 12 tokens, 3 blocks
+    assert request.num_tokens == 12 and len(s.kv.block_table("a")) == 3
+    assert s.kv.pool.num_used == 3
+
+
 def test_every_guess_accepted_adds_the_sample_after_the_last() -> None:
     s = _scheduler()
     request = _decoding(s)

@@ -56,8 +56,10 @@ class Request:
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     # With params.structured_output: where the output is in its grammar (set by the engine core).
     grammar: RequestGrammar | None = None
-    # Speculative decoding: the most tokens it may guess next (0: the configured number).
+    # Speculative decoding: the most tokens it may guess next (0: the configured number), and how
+    # often its block table gave back blocks of rejected guesses (a table otherwise only grows).
     guess_limit: int = 0
+    num_table_trims: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -118,6 +118,19 @@ class KVCacheManager:
             hashes.append(parent)
             self.pool.register_hash(blocks[i], parent)
 
+    def trim(self, request_id: str, num_tokens: int) -> bool:
+        """Give back the request's blocks past its first ``num_tokens`` tokens (speculative
+        decoding's rejected guesses': never full of computed tokens, so never in the prefix cache).
+        Returns whether any went back."""
+        blocks = self._blocks.get(request_id)
+        keep = -(-num_tokens // self.block_size)
+        if blocks is None or len(blocks) <= keep:
+            return False
+        extra = blocks[keep:]
+        del blocks[keep:]
+        self.pool.release(list(reversed(extra)))
+        return True
+
     def free(self, request_id: str) -> None:
         """Release the request's blocks; tail blocks first so they are evicted before shared heads."""
         blocks = self._blocks.pop(request_id, [])

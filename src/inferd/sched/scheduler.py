@@ -261,6 +261,10 @@ class Scheduler:
                 if reason is not None:
                     break
             if request.status == RequestStatus.RUNNING:
+                # Blocks taken only for rejected guesses go back: held, they could make another
+                # request's growth preempt someone, which guessing must never do.
+                if seq.num_draft_tokens and self.kv.trim(request.request_id, request.num_tokens):
+                    request.num_table_trims += 1
                 # Only blocks whose every token is known get a prefix-cache hash.
                 self.kv.cache_computed_blocks(
                     request.request_id,

@@ -35,18 +35,21 @@ class BlockTableRows:
     Copying a Python list into the table buffer converts it element by element (1.7 ms a step
     for 256 tables of ~100 blocks, against 0.2 ms from arrays). A table only grows while its
     request runs, so its array is rebuilt only when its length changes, once per block of tokens.
-    Preemption frees a table and a readmitted request gets other blocks, so the key holds the
-    request's preemption count too. Requests are held here so their ids stay unique.
+    Preemption frees a table and a readmitted request gets other blocks, and speculative decoding
+    gives back the tail blocks of rejected guesses (a table that grows again to the same length
+    may end in other blocks), so the key holds the request's preemption and trim counts too.
+    Requests are held here so their ids stay unique.
     """
 
     def __init__(self) -> None:
-        self._rows: dict[tuple[int, int], tuple[Request, np.ndarray]] = {}
+        self._rows: dict[tuple[int, int, int], tuple[Request, np.ndarray]] = {}
 
     def for_step(self, out: SchedulerOutput) -> list[np.ndarray]:
-        rows: dict[tuple[int, int], tuple[Request, np.ndarray]] = {}
+        rows: dict[tuple[int, int, int], tuple[Request, np.ndarray]] = {}
         arrays = []
         for seq in out.sequences:
-            key = (id(seq.request), seq.request.num_preemptions)
+            request = seq.request
+            key = (id(request), request.num_preemptions, request.num_table_trims)
             cached = self._rows.get(key)
             if cached is not None and len(cached[1]) == len(seq.block_table):
                 array = cached[1]
