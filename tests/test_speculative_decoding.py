@@ -126,10 +126,12 @@ def test_blocks_taken_for_rejected_guesses_go_back_to_the_pool() -> None:
     s = _scheduler()
     request = _decoding(s)
     out = s.schedule()  # 11 known tokens and 4 guesses: 15 slots, 4 blocks of 4
-    assert len(s.kv.block_table("a")) == 4
+    guess_block = s.kv.block_table("a")[3]
     s.update(out, {"a": [9, 1, 2, 3, 4]})  # the first guess is wrong: 12 tokens, 3 blocks
     assert request.num_tokens == 12 and len(s.kv.block_table("a")) == 3
     assert s.kv.pool.num_used == 3
+    # It holds nothing worth keeping: it is taken again before blocks that may hold cached prefixes.
+    assert s.kv.pool.allocate(1) == [guess_block]
 
 
 def test_every_guess_accepted_adds_the_sample_after_the_last() -> None:
@@ -181,6 +183,46 @@ def test_guesses_fit_the_output_budget_the_step_budget_and_the_pool() -> None:
     out = s.schedule()
     assert out.sequences[0].num_draft_tokens == 0 and not out.preempted_ids
     assert request.status == RequestStatus.RUNNING
+
+
+def _samples(out, token: int = 4, ends: str | None = None) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
+    """Every sampling sequence's samples: ``token`` (EOS for request ``ends``) after each row."""
+    return {
+        q.request.request_id: [EOS if q.request.request_id == ends else token] * (1 + q.num_draft_tokens)
+        for q in out.sequences
+        if q.sample
+    }
+
+
+def test_guesses_take_only_the_budget_left_after_every_running_request() -> None:
+    s = _scheduler(budget=3)
+    prompt = [1, 2, 3, 4, 1, 2, 3]
+    for rid in "abc":
+        s.add(Request(rid, prompt, SamplingParams(max_tokens=20), frozenset({EOS}), 20))
+    while any(not r.output_token_ids for r in s.requests.values()):
+        s.update(out := s.schedule(), _samples(out))
+    out = s.schedule()  # three next tokens fill the budget of 3: none left to guess with
+    assert [(q.request.request_id, q.token_ids) for q in out.sequences] == [
+        ("a", [4]),
+        ("b", [4]),
+        ("c", [4]),
+    ]
+
+
+def test_guesses_never_take_a_block_another_request_grows_into() -> None:
+    """Five blocks of 4: "a" (7 prompt tokens) and "b" (8) run; b's next token needs the last free
+    block. Were a's guesses scheduled first they would take it and b would be preempted, though
+    a ends in that very step."""
+    s = _scheduler(num_blocks=5)
+    a = Request("a", [1, 2, 3, 4, 1, 2, 3], SamplingParams(max_tokens=20), frozenset({EOS}), 20)
+    b = Request("b", [5, 6, 7, 8, 5, 6, 7, 8], SamplingParams(max_tokens=6), frozenset({EOS}), 6)
+    s.add(a)
+    s.add(b)
+    s.update(out := s.schedule(), _samples(out))
+    s.update(out := s.schedule(), _samples(out, ends="a"))
+    while s.has_unfinished():
+        s.update(out := s.schedule(), _samples(out))
+    assert s.num_preemptions == 0 and len(b.output_token_ids) == 6
 
 
 @pytest.mark.parametrize(

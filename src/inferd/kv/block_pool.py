@@ -66,8 +66,10 @@ class BlockPool:
         self._block_hash[block_id] = block_hash
         self._cached[block_hash] = block_id
 
-    def release(self, block_ids: list[int]) -> None:
-        """Drop one user from each block; idle blocks go to the back of the eviction order."""
+    def release(self, block_ids: list[int], reuse_first: bool = False) -> None:
+        """Drop one user from each block; idle blocks go to the back of the eviction order, or with
+        ``reuse_first`` (blocks that hold nothing worth keeping) to its front, so they are taken
+        before any block that still holds a cached prefix."""
         for block_id in block_ids:
             count = self._ref_counts[block_id] - 1
             if count < 0:
@@ -75,6 +77,8 @@ class BlockPool:
             self._ref_counts[block_id] = count
             if count == 0:
                 self._free[block_id] = None
+                if reuse_first:
+                    self._free.move_to_end(block_id, last=False)
 
     def num_cached_blocks(self) -> int:
         return len(self._cached)

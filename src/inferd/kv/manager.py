@@ -128,7 +128,8 @@ class KVCacheManager:
             return False
         extra = blocks[keep:]
         del blocks[keep:]
-        self.pool.release(list(reversed(extra)))
+        # Reused first: taken for guesses again, they need not evict a cached prefix.
+        self.pool.release(extra, reuse_first=True)
         return True
 
     def free(self, request_id: str) -> None:

@@ -92,11 +92,6 @@ class Scheduler:
                 index += 1  # its last token is being sampled; the results will finish it
                 continue
             num_new = min(request.num_tokens_with_inflight - request.num_computed_tokens, budget)
-            drafts = self._propose(request, budget) if self.proposer is not None else []
-            if drafts and not self.kv.allocate(
-                request.request_id, request.num_computed_tokens + num_new + len(drafts)
-            ):
-                drafts = []  # guesses never preempt anyone
             while not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -105,31 +100,55 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 break  # it preempted itself; everything after it is gone too
-            scheduled.append(self._scheduled(request, num_new, drafts))
-            budget -= num_new + len(drafts)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
             index += 1
 
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
+        if self.proposer is not None:
+            self._add_guesses(scheduled, budget)
         return SchedulerOutput(scheduled, preempted, scores_prompts=self._num_scoring > 0)
 
-    def _propose(self, request: Request, budget: int) -> list[int]:
-        """Tokens to run after a decoding request's last one, as guesses of what follows it.
+    def _add_guesses(self, scheduled: list[ScheduledSequence], budget: int) -> None:
+        """Speculative decoding's guesses, last: from the token budget and the free blocks that
+        every running request's next token and the admitted prompts left, so guessing never
+        delays, crowds out or preempts anyone."""
+        for seq in scheduled:
+            if budget <= 0:
+                return
+            request = seq.request
+            guesses = self._propose(request, seq, budget)
+            if not guesses or not self.kv.allocate(
+                request.request_id, request.num_computed_tokens + len(guesses)
+            ):
+                continue
+            seq.token_ids += guesses
+            seq.num_draft_tokens = len(guesses)
+            seq.block_table = list(self.kv.block_table(request.request_id))
+            request.num_computed_tokens += len(guesses)  # until update takes back the rejected
+            budget -= len(guesses)
+
+    def _propose(self, request: Request, seq: ScheduledSequence, budget: int) -> list[int]:
+        """Tokens to run after a decoding request's last one (``seq``, this step's), as guesses of
+        what follows it.
 
         Only a request whose next samples do not depend on the ones before them in the same step
         guesses: penalties, ``min_tokens`` and grammars read the output so far, which a step of
-        guesses would have to extend row by row. Guesses fit in the step's budget and stop where
-        the output or the context would end anyway."""
+        guesses would have to extend row by row. Guesses fit in what is left of the step's
+        ``budget`` and stop where the output or the context would end anyway."""
         assert self.proposer is not None
         if (
             not request.output_token_ids
-            or request.num_tokens - request.num_computed_tokens != 1
-            or request.num_inflight_tokens
+            or seq.num_tokens != 1
+            or seq.start_pos + 1 != request.num_tokens
+            or not seq.sample
+            or seq.from_last_sample
             or needs_history(request)
         ):
             return []
         room = min(
-            budget - 1,
+            budget,
             request.max_output_tokens - len(request.output_token_ids) - 1,
             self.config.max_model_len - request.num_tokens - 1,
             request.guess_limit or self.proposer.num_tokens,
@@ -182,30 +201,22 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def _scheduled(
-        self, request: Request, num_new: int, drafts: list[int] | None = None
-    ) -> ScheduledSequence:
-        """``drafts``: proposed tokens to run after the request's last one (speculative decoding);
-        they count as computed until ``update`` takes back those the model did not accept."""
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
         start = request.num_computed_tokens
         end = start + num_new
         sample = end == request.num_tokens_with_inflight
         # Only a decode step can reach past the known tokens: its one token is still in flight.
         from_last_sample = end > request.num_tokens
-        token_ids = [0] if from_last_sample else request.tokens_in_range(start, end)
-        if drafts:
-            token_ids += drafts
-        request.num_computed_tokens = start + len(token_ids)
+        request.num_computed_tokens = end
         if sample:
             request.num_inflight_tokens += 1
         return ScheduledSequence(
             request=request,
-            token_ids=token_ids,
+            token_ids=[0] if from_last_sample else request.tokens_in_range(start, end),
             start_pos=start,
             block_table=list(self.kv.block_table(request.request_id)),
             sample=sample,
             from_last_sample=from_last_sample,
-            num_draft_tokens=len(drafts) if drafts else 0,
         )
 
     def _preempt(self, request: Request) -> None:
