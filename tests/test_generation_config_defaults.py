@@ -62,6 +62,7 @@ def test_a_chat_without_a_budget_takes_the_models_max_new_tokens() -> None:
     assert budget({}) == (None, "max_tokens")  # the rest of the context
     body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}]})
     assert output_budget(body, {"max_tokens": 64}, cap=32) == (32, "max_tokens")  # a default: within the cap
+    assert budget({"max_tokens": 8}, min_tokens=20) == (20, "max_tokens")  # never below min_tokens
 
 
 def test_a_chat_server_gives_the_models_budget_within_the_context(tiny_llama: Path, tmp_path: Path) -> None:
@@ -78,6 +79,9 @@ def test_a_chat_server_gives_the_models_budget_within_the_context(tiny_llama: Pa
         reply = httpx.post(f"{server.base_url}/v1/chat/completions", json=body).json()
         assert reply["choices"][0]["finish_reason"] == "length"
         assert reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"] == 64
+        # min_tokens past what the context leaves: the prompt's 400, not a failure of the server.
+        short = httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "min_tokens": 63})
+        assert short.status_code == 400 and "maximum context length" in short.json()["error"]["message"]
 
 
 def test_reading_the_defaults(tiny_llama: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -161,11 +161,12 @@ def output_budget(
 ) -> tuple[int | None, str]:
     """The request's output budget and the field that set it: `max_completion_tokens` wins over
     the older `max_tokens`; with neither, the model's generation_config.json `max_new_tokens`
-    (`defaults["max_tokens"]`, within the server's `cap`), else None: the rest of the context."""
+    (`defaults["max_tokens"]`, within the server's `cap`, at least the request's `min_tokens`),
+    else None: the rest of the context."""
     if body.max_completion_tokens is not None:
         return body.max_completion_tokens, "max_completion_tokens"
     if body.max_tokens is None and "max_tokens" in defaults:
-        budget = int(defaults["max_tokens"])
+        budget = max(int(defaults["max_tokens"]), body.min_tokens)
         return (budget if cap is None else min(budget, cap)), "max_tokens"
     return body.max_tokens, "max_tokens"
 
@@ -220,8 +221,9 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     if max_tokens is not None and body.max_tokens is None and body.max_completion_tokens is None:
         # The model's budget is a default, not the client's ask: where the context leaves less,
         # the context is the limit, as for a request without either.
+        # (Never below min_tokens: a context too short for those is the prompt's error.)
         room = frontend.max_model_len - len(token_ids)
-        params = dataclasses.replace(params, max_tokens=max(1, min(max_tokens, room)))
+        params = dataclasses.replace(params, max_tokens=max(1, params.min_tokens, min(max_tokens, room)))
     return ChatJob(
         request_id=frontend.new_request_id("chatcmpl"),
         model=frontend.answering_name(body.model),
