@@ -76,6 +76,10 @@ _DECODE_INTS = {
     # Every layer of the model sees its whole context (no sliding window).
     "window": 0,
 }  # fmt: skip
+_EXTEND_INTS = {
+    "stride_q_tok": _Q_ROW, "stride_q_head": _HEAD, **_CACHE, "stride_bt_seq": _BLOCKS_PER_SEQ,
+    "stride_o_tok": _Q_ROW, "stride_o_head": _HEAD, "head_dim": 128, "group_size": 2, "window": 0,
+}  # fmt: skip
 _ROTARY_INTS = {
     "stride_q_tok": _QKV_ROW, "stride_q_head": _HEAD, "stride_k_tok": _QKV_ROW, "stride_k_head": _HEAD,
     "stride_v_tok": _QKV_ROW, "stride_v_head": _HEAD, "stride_qo_tok": _Q_ROW, "stride_qo_head": _HEAD,
@@ -125,7 +129,11 @@ PER_CALL_ARGUMENTS = [
 def cases() -> list[Case]:
     from inferd.attention import triton_kernels
 
-    decode = {"q_ptr": BF16, **CACHES, "out_ptr": FP32, "lse_ptr": FP32, **STEP, "scale_log2": "fp32"}
+    decode = {"q_ptr": BF16, **CACHES, "out_ptr": FP32, "lse_ptr": FP32, **STEP, "scale_log2": "fp32",
+              "softcap_log2": "fp32"}  # fmt: skip
+    extend = {"q_ptr": BF16, **CACHES, "out_ptr": BF16, **STEP, "scale_log2": "fp32", "softcap_log2": "fp32"}
+    extend_tile = {"BLOCK_SIZE": 16, "GROUP_P2": 2, "BLOCK_Q": triton_kernels._EXTEND_BLOCK_M // 2,
+                   "HEAD_DIM_P2": 128, "BLOCK_N": triton_kernels._EXTEND_BLOCK_N}  # fmt: skip
     decode_tile = {"BLOCK_SIZE": 16, "GROUP_P2": 16, "HEAD_DIM_P2": 128, "NUM_KV_HEADS": 8,
                    "HEADS_FIRST": False}  # fmt: skip
     default_tile = (triton_kernels._DECODE_BLOCK_N, triton_kernels._DECODE_NUM_WARPS,
@@ -139,7 +147,11 @@ def cases() -> list[Case]:
     ] + [
         Case(ATTENTION, "_paged_decode_kernel", "decode, default tile, heads first", decode, _DECODE_INTS,
              {**decode_tile, "BLOCK_N": default_tile[0], "HEADS_FIRST": True}, num_warps=default_tile[1],
-             num_stages=default_tile[2], pipelined_loop=True)
+             num_stages=default_tile[2], pipelined_loop=True),
+        # Gemma 2's layers cap their attention scores.
+        Case(ATTENTION, "_paged_decode_kernel", "decode, default tile, scores soft-capped", decode,
+             _DECODE_INTS, {**decode_tile, "BLOCK_N": default_tile[0], "HEADS_FIRST": True, "SOFTCAP": True},
+             num_warps=default_tile[1], num_stages=default_tile[2], pipelined_loop=True),
     ]  # fmt: skip
     from inferd.layers import triton_linear
 
@@ -209,13 +221,9 @@ def cases() -> list[Case]:
               "stride_lse_seq": 256, "stride_lse_head": 16, "stride_o_row": _Q_ROW, "stride_o_head": _HEAD,
               "num_splits": 16, "head_dim": 128},
              {"SPLITS_P2": 16, "HEAD_DIM_P2": 128}),
-        Case(ATTENTION, "_paged_extend_kernel", "extend (prefill)",
-             {"q_ptr": BF16, **CACHES, "out_ptr": BF16, **STEP, "scale_log2": "fp32"},
-             {"stride_q_tok": _Q_ROW, "stride_q_head": _HEAD, **_CACHE, "stride_bt_seq": _BLOCKS_PER_SEQ,
-              "stride_o_tok": _Q_ROW, "stride_o_head": _HEAD, "head_dim": 128, "group_size": 2, "window": 0},
-             {"BLOCK_SIZE": 16, "GROUP_P2": 2, "BLOCK_Q": triton_kernels._EXTEND_BLOCK_M // 2,
-              "HEAD_DIM_P2": 128, "BLOCK_N": triton_kernels._EXTEND_BLOCK_N},
-             pipelined_loop=True),
+        *(Case(ATTENTION, "_paged_extend_kernel", label, extend, _EXTEND_INTS,
+               {**extend_tile, "SOFTCAP": cap}, pipelined_loop=True)
+          for label, cap in (("extend (prefill)", False), ("extend, scores soft-capped", True))),
         Case(OPS, "_rms_norm_kernel", "RMSNorm", {"x_ptr": BF16, "weight_ptr": BF16, "out_ptr": BF16,
              "eps": "fp32"},
              {"stride_x_outer": 1024, "stride_x_inner": 1024, "inner_size": 1, "hidden": 1024},

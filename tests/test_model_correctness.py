@@ -13,7 +13,7 @@ from inferd.engine.request import Request
 from inferd.sched.output import SchedulerOutput
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2-moe", "qwen3-moe", "mistral-sliding",
-         "qwen2-sliding", "gemma3"]  # fmt: skip
+         "qwen2-sliding", "gemma", "gemma2", "gemma3"]  # fmt: skip
 
 
 def _prompts(vocab: int, count: int = 16, seed: int = 0) -> list[list[int]]:
@@ -205,10 +205,47 @@ def test_gemma3_configs_of_either_transformers_generation_read_alike() -> None:
     assert old.layer_windows == new.layer_windows == (4, 4, 0, 4, 4, 0)
     assert old.rope == new.rope and old.rope.rope_type == "linear" and old.rope.factor == 8.0
     assert old.gemma == new.gemma and new.gemma is not None and new.gemma.local_rope.theta == 1e4
-    with pytest.raises(ValueError, match="attn_logit_softcapping"):
-        ModelConfig.from_hf_config({**base, "attn_logit_softcapping": 50.0})
+    capped = ModelConfig.from_hf_config({**base, "attn_logit_softcapping": 50.0}).gemma
+    assert (
+        capped is not None
+        and capped.attn_logit_softcapping == 50.0
+        and new.gemma.attn_logit_softcapping is None
+    )
+    with pytest.raises(ValueError, match="attn_logit_softcapping must be positive"):
+        ModelConfig.from_hf_config({**base, "attn_logit_softcapping": 0})
     with pytest.raises(ValueError, match="hidden_act 'silu' is not supported"):
         ModelConfig.from_hf_config({**base, "hidden_activation": "silu"})
+
+
+def test_gemma2_and_gemma1_configs_as_the_hub_ships_them() -> None:
+    """Gemma 2's hub configs (transformers 4) have no layer_types: every other layer slides, the
+    first among them; its caps and window take transformers' defaults where a config is silent.
+    Gemma 1 names its activation by the legacy "gelu", which transformers reads as GELU-tanh."""
+    from inferd.config import ModelConfig
+
+    shape = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 4,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}  # fmt: skip
+    gemma2 = {**shape, "architectures": ["Gemma2ForCausalLM"], "hidden_act": "gelu_pytorch_tanh",
+              "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 144, "rope_theta": 10000.0,
+              "cache_implementation": "hybrid"}  # fmt: skip
+    config = ModelConfig.from_hf_config(gemma2)
+    assert config.layer_windows == (4096, 0, 4096, 0)
+    assert config.tie_word_embeddings and not config.qk_norm
+    assert config.gemma is not None and config.gemma.sandwich_norms
+    assert (config.gemma.attn_logit_softcapping, config.gemma.final_logit_softcapping) == (50.0, 30.0)
+    assert config.gemma.query_pre_attn_scalar == 144 and config.gemma.local_rope == config.rope
+    uncapped = ModelConfig.from_hf_config({**gemma2, "attn_logit_softcapping": None, "sliding_window": 64,
+                                           "final_logit_softcapping": None}).gemma  # fmt: skip
+    assert (
+        uncapped is not None and uncapped.attn_logit_softcapping is uncapped.final_logit_softcapping is None
+    )
+
+    gemma1 = {**shape, "architectures": ["GemmaForCausalLM"], "hidden_act": "gelu"}
+    config = ModelConfig.from_hf_config(gemma1)
+    assert config.layer_windows == () and config.gemma is not None and not config.gemma.sandwich_norms
+    assert config.gemma.query_pre_attn_scalar == 8 and config.gemma.attn_logit_softcapping is None
+    with pytest.raises(ValueError, match="hidden_act 'relu' is not supported"):
+        ModelConfig.from_hf_config({**gemma1, "hidden_act": "relu"})
 
 
 def test_a_gemma3_folder_as_the_hub_ships_it_loads_and_matches(tiny_model_factory, tmp_path) -> None:

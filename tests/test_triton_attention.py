@@ -101,9 +101,10 @@ def store_reference(batch: PagedBatch) -> None:
     batch.v_cache[blocks, offsets] = batch.v[keep]
 
 
-def reference_attention(batch: PagedBatch, window: int = 0) -> torch.Tensor:
+def reference_attention(batch: PagedBatch, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Gather each sequence's keys from the cache and run causal softmax attention in fp32; with
-    ``window``, each query row sees only its last ``window`` positions."""
+    ``window``, each query row sees only its last ``window`` positions; with ``softcap``, scaled
+    scores are capped at ``softcap * tanh(score / softcap)``."""
     meta, k_cache, v_cache = batch.meta, batch.k_cache.float(), batch.v_cache.float()
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = batch.q.shape[1] // num_kv_heads
@@ -116,6 +117,8 @@ def reference_attention(batch: PagedBatch, window: int = 0) -> torch.Tensor:
         values = v_cache[blocks, pos % block_size].repeat_interleave(group, dim=1)
         q = batch.q[start : start + q_len].float()
         scores = torch.einsum("qhd,khd->hqk", q, keys) * batch.scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         q_pos = torch.arange(seq_len - q_len, seq_len, device=batch.q.device)
         hidden = pos[None, None, :] > q_pos[None, :, None]
         if window:
@@ -442,13 +445,65 @@ def test_sliding_window_decode_of_the_pytorch_backend() -> None:
     assert_close(out, reference_attention(batch, 24), torch.float32)
 
 
-@pytest.mark.parametrize("arch", ["mistral-sliding", "gemma3"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_soft_capped_decode_matches_reference(num_splits: int) -> None:
+    """Gemma 2's cap on the attention scores, in the decode kernel, with and without a window."""
+    batch = make_batch([0, 16, 63, 299], [1] * 4, 16, 8, 2, 64)
+    store_reference(batch)
+    m = batch.meta
+    for window in (0, 40):
+        out = triton_kernels.paged_decode_attention(
+            batch.q, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, m.query_start_loc, batch.scale,
+            num_splits, window=window, softcap=0.5,
+        )  # fmt: skip
+        expected = reference_attention(batch, window, softcap=0.5)
+        assert_close(out, expected, torch.float32)
+        assert (expected - reference_attention(batch, window)).abs().max() > 1e-2  # the cap bites
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_soft_capped_extend_and_both_backends_agree(window: int) -> None:
+    """Fresh prompts (the PyTorch backend's direct path among them), chunks after cached context
+    and decode rows in one step, and a step of few-token queries (its padded path), capped."""
+    from inferd.attention.torch_backend import TorchAttentionBackend
+
+    for context_lens, query_lens in (([0, 48, 150, 0], [25, 16, 1, 70]), ([0, 30, 9], [3, 4, 1])):
+        batches = [make_batch(context_lens, query_lens, 16, 8, 2, 64) for _ in range(2)]
+        outputs = [
+            backend.forward(b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, b.scale, window=window, softcap=0.5)
+            for backend, b in zip((TritonAttentionBackend(), TorchAttentionBackend()), batches, strict=True)
+        ]
+        expected = reference_attention(batches[0], window, softcap=0.5)
+        assert_close(outputs[0], expected, torch.float32)
+        assert_close(outputs[1], expected, torch.float32)
+        assert (expected - reference_attention(batches[0], window)).abs().max() > 1e-2
+
+
+def test_soft_capped_decode_of_the_pytorch_backend() -> None:
+    from inferd.attention.torch_backend import TorchAttentionBackend
+
+    batch = make_batch([0, 16, 63, 299, 5, 40, 120, 77, 8, 200], [1] * 10, 16, 8, 2, 64)
+    out = TorchAttentionBackend().forward(
+        batch.q,
+        batch.k,
+        batch.v,
+        batch.k_cache,
+        batch.v_cache,
+        batch.meta,
+        batch.scale,
+        window=24,
+        softcap=0.5,
+    )
+    assert_close(out, reference_attention(batch, 24, softcap=0.5), torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["mistral-sliding", "gemma2", "gemma3"])
 def test_a_sliding_window_model_gives_the_same_greedy_tokens_on_both_backends(
     tiny_model_factory, arch
 ) -> None:
-    """A 12-token window (Mistral's in every layer, Gemma 3's in one of two), prompts of up to 70
-    tokens, chunked: the Triton kernels' windows (decode, and extend after cached chunks) against
-    the PyTorch backend's."""
+    """A 12-token window (Mistral's in every layer, Gemma 2's and 3's in one of two; Gemma 2's
+    scores capped), prompts of up to 70 tokens, chunked: the Triton kernels' windows (decode, and
+    extend after cached chunks) against the PyTorch backend's."""
     from inferd import LLM, SamplingParams
 
     folder = tiny_model_factory(arch)

@@ -55,6 +55,26 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         },
         "final_logit_softcapping": 5.0,
     },
+    # Gemma 2: a sliding layer (window 12) then a full one, attention scores capped (a cap low
+    # enough to change them) and capped logits. Gemma 1: no window, no caps, two norms a layer, the
+    # legacy "gelu" name of its activation.
+    "gemma2": {
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        "head_dim": 16,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 12,
+        "attn_logit_softcapping": 1.0,
+        "initializer_range": 0.2,  # scores large enough for the cap to bend them, and untied
+        "tie_word_embeddings": False,  # embeddings, or the large weights only echo the last token
+        "final_logit_softcapping": 5.0,
+    },
+    "gemma": {
+        "architectures": ["GemmaForCausalLM"],
+        "model_type": "gemma",
+        "head_dim": 16,
+        "hidden_act": "gelu",
+    },
     # Sliding-window attention, a window far shorter than the tests' prompts: Mistral's in every
     # layer; Qwen2's from layer max_window_layers (1) on, layer 0 full.
     "mistral-sliding": {

@@ -147,15 +147,23 @@ class MoEConfig:
 _MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
+_GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+
+
 @dataclass(frozen=True)
 class GemmaConfig:
-    """What Gemma 3's decoder computes beyond the Llama family's: the attention scale from
-    ``query_pre_attn_scalar``, the sliding layers' own rotary (``local_rope``; the full layers'
-    is ``ModelConfig.rope``) and an optional cap on the logits (``tanh(x / c) * c``)."""
+    """What Gemma's decoders (1, 2 and 3) compute beyond the Llama family's: the attention scale
+    from ``query_pre_attn_scalar`` (Gemma 1: the head size's), the sliding layers' rotary
+    (``local_rope``: Gemma 3's own; the others' is ``ModelConfig.rope``), optional caps on the
+    attention scores and the logits (``tanh(x / c) * c``; Gemma 2's, and Gemma 3's if its config
+    sets them) and whether each layer also norms the outputs of its attention and MLP
+    (``sandwich_norms``: Gemma 2 and 3)."""
 
     query_pre_attn_scalar: float
     local_rope: RopeConfig
     final_logit_softcapping: float | None
+    attn_logit_softcapping: float | None = None
+    sandwich_norms: bool = True
 
     @staticmethod
     def global_rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -169,22 +177,37 @@ class GemmaConfig:
         return {**cfg, "rope_theta": cfg.get("rope_theta", 1_000_000.0)}
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> GemmaConfig:
-        if cfg.get("attn_logit_softcapping") is not None:
-            raise ValueError(
-                "attn_logit_softcapping is not supported: the attention kernels do not cap scores"
-            )
+    def from_hf_config(
+        cls, cfg: dict[str, Any], architecture: str, head_dim: int, rope: RopeConfig
+    ) -> GemmaConfig:
+        """``rope``: the model's (full layers') rotary, as ``ModelConfig`` read it."""
         if cfg.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention is not supported: attention here is causal")
+
+        def cap(key: str, default: float | None) -> float | None:
+            value = cfg.get(key, default)
+            if value is not None and float(value) <= 0:
+                raise ValueError(f"{key} must be positive, got {value}")
+            return None if value is None else float(value)
+
+        if architecture == "GemmaForCausalLM":
+            return cls(float(head_dim), rope, None, sandwich_norms=False)
+        if architecture == "Gemma2ForCausalLM":  # transformers' defaults where the config is silent
+            return cls(
+                query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+                local_rope=rope,
+                final_logit_softcapping=cap("final_logit_softcapping", 30.0),
+                attn_logit_softcapping=cap("attn_logit_softcapping", 50.0),
+            )
         nested = cfg.get("rope_parameters") or {}
         local = nested.get("sliding_attention") or {
             "rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10_000.0)
         }  # fmt: skip
-        cap = cfg.get("final_logit_softcapping")
         return cls(
             query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
             local_rope=_parse_rope({**cfg, "rope_parameters": local, "rope_scaling": None}),
-            final_logit_softcapping=float(cap) if cap is not None else None,
+            final_logit_softcapping=cap("final_logit_softcapping", None),
+            attn_logit_softcapping=cap("attn_logit_softcapping", None),
         )
 
 
@@ -211,7 +234,7 @@ class ModelConfig:
     # Each layer's attention window (0: the whole context; ``sliding_window`` in its sliding
     # layers); empty: every layer 0.
     layer_windows: tuple[int, ...] = ()
-    # Gemma 3's own settings (models/gemma3.py); None for the other architectures.
+    # Gemma's own settings (models/gemma.py); None for the other architectures.
     gemma: GemmaConfig | None = None
 
     @classmethod
@@ -225,16 +248,17 @@ class ModelConfig:
         if not cfg.get("head_dim") and hidden % num_heads:
             raise ValueError(f"hidden_size ({hidden}) must be a multiple of num_attention_heads "
                              f"({num_heads}) when head_dim is not given")  # fmt: skip
-        # Every architecture served computes with SiLU, Gemma 3 with GELU-tanh (and all rotate whole
+        # Every architecture served computes with SiLU, Gemma with GELU-tanh (and all rotate whole
         # heads, `_parse_rope`): a config that asks otherwise would run, wrongly, without a word.
-        activation = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
-        gemma = architecture == "Gemma3ForCausalLM"
+        gemma = architecture in _GEMMA_ARCHITECTURES
+        activation = _activation(cfg, architecture)
         computed = ("gelu_pytorch_tanh",) if gemma else ("silu", "swish")
         if activation not in computed:
             raise ValueError(
                 f"hidden_act {activation!r} is not supported; the engine computes {computed[0]} here"
             )
-        rope = _parse_rope(GemmaConfig.global_rope_fields(cfg) if gemma else cfg)
+        gemma3 = architecture == "Gemma3ForCausalLM"
+        rope = _parse_rope(GemmaConfig.global_rope_fields(cfg) if gemma3 else cfg)
         if architecture == "Phi3ForCausalLM" and rope.rope_type != "default":
             # transformers reads any Phi-3 scaling as LongRoPE (its long and short factors), which
             # the engine does not compute.
@@ -242,9 +266,10 @@ class ModelConfig:
                 f"Phi-3's rope scaling ({rope.rope_type}) is not supported: LongRoPE is not built"
             )
         head_dim = cfg.get("head_dim") or hidden // num_heads
-        # Mistral and Gemma 3 slide over 4,096 tokens unless their config says otherwise (as
+        # Mistral and Gemma 2 and 3 slide over 4,096 tokens unless their config says otherwise (as
         # transformers reads a config without the key).
-        default_window = 4096 if architecture in ("MistralForCausalLM", "Gemma3ForCausalLM") else None
+        sliding_by_default = ("MistralForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+        default_window = 4096 if architecture in sliding_by_default else None
         sliding = cfg.get("sliding_window", default_window)
         # Qwen's configs carry a window that applies only with use_sliding_window (as transformers
         # reads them).
@@ -262,14 +287,14 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope=rope,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            # Gemma 3's hub configs leave it out: transformers ties its embeddings by default.
+            # Gemma's hub configs leave it out: transformers ties its embeddings by default.
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
             attention_bias=_attention_bias(cfg, architecture),
             qk_norm=architecture.startswith(("Qwen3", "Gemma3")),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             moe=MoEConfig.from_hf_config(cfg, architecture, int(cfg["num_hidden_layers"])),
             layer_windows=_layer_windows(cfg, architecture, int(cfg["num_hidden_layers"]), sliding),
-            gemma=GemmaConfig.from_hf_config(cfg) if gemma else None,
+            gemma=GemmaConfig.from_hf_config(cfg, architecture, int(head_dim), rope) if gemma else None,
         )
         config.check_consistent()
         return config
@@ -349,11 +374,13 @@ def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, slid
     window = int(sliding)
     if window < 1:
         raise ValueError(f"sliding_window must be at least 1, got {window}")
-    if architecture == "Gemma3ForCausalLM":
+    if architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         types = cfg.get("layer_types")
         if not (isinstance(types, list) and len(types) == num_layers):
-            # Older configs: every sliding_window_pattern-th layer full, the others sliding.
-            pattern = int(cfg.get("sliding_window_pattern", 6))
+            # Older configs: every sliding_window_pattern-th layer full, the others sliding (Gemma
+            # 2: every other layer, from the first).
+            default_pattern = 2 if architecture == "Gemma2ForCausalLM" else 6
+            pattern = int(cfg.get("sliding_window_pattern", default_pattern))
             types = [
                 "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
             ]
@@ -369,6 +396,18 @@ def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, slid
             return tuple(window if (i + 1) % 2 and i < first else 0 for i in range(num_layers))
         return tuple(window if i >= first else 0 for i in range(num_layers))
     return (window,) * num_layers
+
+
+def _activation(cfg: dict[str, Any], architecture: str) -> str:
+    """The MLP's activation, from the field transformers reads for the architecture: Gemma 2 and
+    3 ``hidden_activation``, Gemma 1 ``hidden_act`` (whose legacy ``gelu`` transformers takes as
+    the tanh approximation), the others ``hidden_act``."""
+    if architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+        return str(cfg.get("hidden_activation") or "gelu_pytorch_tanh")
+    if architecture == "GemmaForCausalLM":
+        activation = str(cfg.get("hidden_act") or "gelu_pytorch_tanh")
+        return "gelu_pytorch_tanh" if activation == "gelu" else activation
+    return str(cfg.get("hidden_act", cfg.get("hidden_activation", "silu")))
 
 
 def _attention_bias(cfg: dict[str, Any], architecture: str) -> bool:

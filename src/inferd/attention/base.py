@@ -59,6 +59,7 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,  # a sliding-window layer's: each row sees its last `window` positions
+        softcap: float = 0.0,  # > 0: scaled scores capped as softcap * tanh(score / softcap) (Gemma 2)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 
@@ -70,6 +71,7 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """``forward`` for a step whose K/V are already in the cache (stored by the rotary kernel)."""
         ...

@@ -44,6 +44,35 @@ def _visible(q_len: int, seq_len: int, window: int, device: torch.device) -> tor
     return keys <= rows
 
 
+def _attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float = 0.0,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """Softmax attention of ``[batch, heads, q, dim]`` queries over ``[batch, kv_heads, k, dim]``
+    keys and values (``mask``: True where a query sees a key). ``softcap`` > 0 caps the scaled
+    scores at ``softcap * tanh(score / softcap)`` before the mask, as Gemma 2 does; SDPA has no such
+    cap, so those layers run the math in float32 here."""
+    if not softcap:
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=is_causal, scale=scale,
+            enable_gqa=query.shape[1] != keys.shape[1],
+        )  # fmt: skip
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:  # only ever asked for a fresh prompt, whose queries are its keys
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), values.float()).to(query.dtype)
+
+
 _MAX_DECODE_GROUPS = 4
 _MIN_DECODE_GROUP = 8
 # Steps whose sequences each run at most this many query tokens attend as one padded batch (per
@@ -70,6 +99,7 @@ def _padded_decode(
     max_len: int,
     scale: float,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """One query token per sequence against its context (its last ``window`` tokens where that is
     set), gathered into a batch padded to ``max_len``."""
@@ -79,14 +109,9 @@ def _padded_decode(
     mask = positions < seq_lens.unsqueeze(1)  # [seqs, ctx]
     if window:
         mask &= positions >= seq_lens.unsqueeze(1) - window
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2),  # [seqs, heads, 1, dim]
-        keys,
-        values,
-        attn_mask=mask[:, None, None, :],
-        scale=scale,
-        enable_gqa=q.shape[1] != keys.shape[1],
-    )
+    out = _attention(
+        q.unsqueeze(2), keys, values, mask[:, None, None, :], scale, softcap
+    )  # q: [seqs, heads, 1, dim]
     return out.squeeze(2)
 
 
@@ -111,6 +136,7 @@ def _padded_queries(
     group: _QueryGroup,
     scale: float,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """A group's query tokens over their contexts, causal (each sees its context up to its own
     position, within ``window`` where set); returns the real query rows in ``group.out_rows``'
@@ -125,14 +151,9 @@ def _padded_queries(
     mask = positions <= rows.unsqueeze(2)  # [seqs, max_q, ctx]
     if window:
         mask &= positions > rows.unsqueeze(2) - window
-    out = F.scaled_dot_product_attention(
-        query.transpose(1, 2),  # [seqs, heads, max_q, dim]
-        keys,
-        values,
-        attn_mask=mask.unsqueeze(1),
-        scale=scale,
-        enable_gqa=q.shape[1] != keys.shape[1],
-    )
+    out = _attention(
+        query.transpose(1, 2), keys, values, mask.unsqueeze(1), scale, softcap
+    )  # [seqs, heads, max_q, dim]
     return out.transpose(1, 2).reshape(num_seqs * max_q, q.shape[1], q.shape[2]).index_select(0, group.kept)
 
 
@@ -155,14 +176,15 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_pure_decode:
-            return self._decode(q, k_cache, v_cache, meta, scale, window)
+            return self._decode(q, k_cache, v_cache, meta, scale, window, softcap)
         if meta.max_query_len <= MAX_PADDED_QUERY:
-            return self._short_queries(q, k_cache, v_cache, meta, scale, window)
+            return self._short_queries(q, k_cache, v_cache, meta, scale, window, softcap)
         # Fresh prompts attend over this step's k and v directly, without reading them back.
-        return self._varlen(q, (k, v), k_cache, v_cache, meta, scale, window)
+        return self._varlen(q, (k, v), k_cache, v_cache, meta, scale, window, softcap)
 
     def attend(
         self,
@@ -172,12 +194,13 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         if meta.is_pure_decode:
-            return self._decode(q, k_cache, v_cache, meta, scale, window)
+            return self._decode(q, k_cache, v_cache, meta, scale, window, softcap)
         if meta.max_query_len <= MAX_PADDED_QUERY:
-            return self._short_queries(q, k_cache, v_cache, meta, scale, window)
-        return self._varlen(q, None, k_cache, v_cache, meta, scale, window)
+            return self._short_queries(q, k_cache, v_cache, meta, scale, window, softcap)
+        return self._varlen(q, None, k_cache, v_cache, meta, scale, window, softcap)
 
     def _decode(
         self,
@@ -187,11 +210,12 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         groups = self._decode_groups(meta)
         if len(groups) == 1:
             tables, lens = meta.block_tables, meta.seq_lens
-            return _padded_decode(q, k_cache, v_cache, tables, lens, groups[0][1], scale, window)
+            return _padded_decode(q, k_cache, v_cache, tables, lens, groups[0][1], scale, window, softcap)
         out = torch.empty_like(q)
         for rows, max_len in groups:
             out[rows] = _padded_decode(
@@ -203,6 +227,7 @@ class TorchAttentionBackend:
                 max_len,
                 scale,
                 window,
+                softcap,
             )
         return out
 
@@ -214,6 +239,7 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         for group in self._query_groups(meta):
@@ -226,6 +252,7 @@ class TorchAttentionBackend:
                 group,
                 scale,
                 window,
+                softcap,
             )
             out.index_copy_(0, group.out_rows, attended)
         return out
@@ -292,6 +319,7 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """Each sequence's query rows over its context: causal, and within ``window`` positions of
         each row where that is set (0: none)."""
@@ -313,14 +341,8 @@ class TorchAttentionBackend:
                 keys = gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)[None]
                 values = gather_context(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)[None]
                 mask = _visible(q_len, seq_len, window if sliding else 0, q.device)
-            attended = F.scaled_dot_product_attention(
-                query,
-                keys,
-                values,
-                attn_mask=mask,
-                is_causal=mask is None and q_len > 1,
-                scale=scale,
-                enable_gqa=query.shape[1] != keys.shape[1],
+            attended = _attention(
+                query, keys, values, mask, scale, softcap, is_causal=mask is None and q_len > 1
             )
             out[start : start + q_len] = attended[0].transpose(0, 1)
             start += q_len

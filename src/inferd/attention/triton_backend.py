@@ -36,9 +36,10 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         self._kernels.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k_cache, v_cache, meta, scale, window)
+        return self.attend(q, k_cache, v_cache, meta, scale, window, softcap)
 
     def rotate_store_attend(
         self,
@@ -71,16 +72,17 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         kernels = self._kernels
         if meta.is_pure_decode:
             return kernels.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-                self._num_splits(meta, k_cache, q.device, window), window=window,
+                self._num_splits(meta, k_cache, q.device, window), window=window, softcap=softcap,
             )  # fmt: skip
         return kernels.paged_extend_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            meta.max_query_len, scale, window=window,
+            meta.max_query_len, scale, window=window, softcap=softcap,
         )  # fmt: skip
 
     def _num_splits(

@@ -9,7 +9,9 @@ Grouped-query attention: the query heads that share one KV head are processed by
 program, stacked as rows of one matrix, so each KV tile is read from memory once per group.
 
 Softmax runs online in fp32 with base-2 exponentials: scores are pre-multiplied by
-``scale * log2(e)``, so ``exp2`` gives the same weights as ``exp`` on the unscaled logits.
+``scale * log2(e)``, so ``exp2`` gives the same weights as ``exp`` on the unscaled logits. A
+layer with a soft cap (Gemma 2's ``attn_logit_softcapping``, ``c * tanh(score / c)``) caps them in
+that scaled form: ``c' * tanh(score' / c')`` with ``c' = c * log2(e)`` is the same cap.
 
 This module imports triton at import time; import it only where triton is wanted.
 Set ``TRITON_INTERPRET=1`` before importing it to run the kernels on the CPU.
@@ -106,6 +108,12 @@ def _store_kv_kernel(
 
 
 @triton.jit
+def _tanh(x):
+    """tanh through the sigmoid (``2 * sigmoid(2x) - 1``), which every Triton backend has."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
 def _attend_tile(
     q,
     acc,
@@ -127,12 +135,15 @@ def _attend_tile(
     stride_vc_tok,
     stride_vc_head,
     scale_log2,
+    softcap_log2,
     BLOCK_SIZE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Fold one tile of keys into the running softmax state of a block of query rows.
 
     ``key_pos`` are context positions ``[BLOCK_N]``, ``key_valid`` marks those to read, and
-    ``allowed`` is the ``[rows, BLOCK_N]`` mask of (query row, key) pairs that may attend.
+    ``allowed`` is the ``[rows, BLOCK_N]`` mask of (query row, key) pairs that may attend. With
+    ``SOFTCAP`` the scaled scores are capped at ``softcap_log2`` (see the module's docstring).
     Returns the updated ``(acc, m_i, l_i)``.
     """
     block_ids = tl.load(block_table_row_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
@@ -146,6 +157,8 @@ def _attend_tile(
     )
     k = tl.load(k_ptrs, mask=key_valid[None, :] & dim_mask[:, None], other=0.0)  # [HEAD_DIM, BLOCK_N]
     scores = tl.dot(q, k) * scale_log2
+    if SOFTCAP:
+        scores = _tanh(scores / softcap_log2) * softcap_log2
     scores = tl.where(allowed, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -201,6 +214,7 @@ def _paged_decode_kernel(
     group_size,
     num_splits,
     window,
+    softcap_log2,
     BLOCK_SIZE: tl.constexpr,
     GROUP_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
@@ -208,6 +222,7 @@ def _paged_decode_kernel(
     NUM_KV_HEADS: tl.constexpr,
     HEADS_FIRST: tl.constexpr,
     PDL: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False,
 ):
     """Grid ``_decode_grid(num_seqs, num_kv_heads, num_splits)``: one query token per sequence.
 
@@ -234,7 +249,8 @@ def _paged_decode_kernel(
     acc, m_i, l_i = _attend_range(
         q, start, end, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt_seq, kv_head,
         head_mask, dims, dim_mask, stride_kc_block, stride_kc_tok, stride_kc_head, stride_vc_block,
-        stride_vc_tok, stride_vc_head, scale_log2, BLOCK_SIZE, GROUP_P2, HEAD_DIM_P2, BLOCK_N,
+        stride_vc_tok, stride_vc_head, scale_log2, softcap_log2, BLOCK_SIZE, GROUP_P2, HEAD_DIM_P2, BLOCK_N,
+        SOFTCAP,
     )  # fmt: skip
     _store_split_result(
         acc, m_i, l_i, out_ptr, lse_ptr, seq, q_row, split, heads, head_mask, dims, dim_mask,
@@ -378,7 +394,7 @@ def _paged_decode_rotary_kernel(
     acc, m_i, l_i = _attend_range(
         q, start, tl.minimum(end, new_pos), k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt_seq,
         kv_head, head_mask, dims, dim_mask, stride_kc_block, stride_kc_tok, stride_kc_head, stride_vc_block,
-        stride_vc_tok, stride_vc_head, scale_log2, BLOCK_SIZE, GROUP_P2, HEAD_DIM_P2, BLOCK_N,
+        stride_vc_tok, stride_vc_head, scale_log2, 0.0, BLOCK_SIZE, GROUP_P2, HEAD_DIM_P2, BLOCK_N, False,
     )  # fmt: skip
     if holds_new:
         scores = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) * scale_log2
@@ -426,10 +442,12 @@ def _attend_range(
     stride_vc_tok,
     stride_vc_head,
     scale_log2,
+    softcap_log2,
     BLOCK_SIZE: tl.constexpr,
     GROUP_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """The softmax state ``(acc, m_i, l_i)`` of a group's query rows over cached positions
     ``[start, end)``, tile by tile."""
@@ -445,7 +463,7 @@ def _attend_range(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row_ptr,
             kv_head, key_pos, key_valid, allowed, dims, dim_mask,
             stride_kc_block, stride_kc_tok, stride_kc_head,
-            stride_vc_block, stride_vc_tok, stride_vc_head, scale_log2, BLOCK_SIZE,
+            stride_vc_block, stride_vc_tok, stride_vc_head, scale_log2, softcap_log2, BLOCK_SIZE, SOFTCAP,
         )  # fmt: skip
     return acc, m_i, l_i
 
@@ -550,11 +568,13 @@ def _paged_extend_kernel(
     head_dim,
     group_size,
     window,
+    softcap_log2,
     BLOCK_SIZE: tl.constexpr,
     GROUP_P2: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
 ):
     """Grid ``(num_seqs, cdiv(max_query_len, BLOCK_Q), num_kv_heads)``: causal attention of a
     sequence's new query tokens over its whole context, read from the paged cache.
@@ -604,7 +624,7 @@ def _paged_extend_kernel(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row_ptr,
             kv_head, key_pos, key_valid, allowed, dims, dim_mask,
             stride_kc_block, stride_kc_tok, stride_kc_head,
-            stride_vc_block, stride_vc_tok, stride_vc_head, scale_log2, BLOCK_SIZE,
+            stride_vc_block, stride_vc_tok, stride_vc_head, scale_log2, softcap_log2, BLOCK_SIZE, SOFTCAP,
         )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -683,10 +703,12 @@ def paged_decode_attention(
     num_splits: int,
     out: torch.Tensor | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Attention of one query token per sequence (``q``: ``[num_tokens, heads, head_dim]``, the
     token of sequence ``i`` at row ``query_start_loc[i]``) over its ``seq_lens[i]`` cached tokens,
-    or the last ``window`` of them (a sliding-window layer; 0: all).
+    or the last ``window`` of them (a sliding-window layer; 0: all); ``softcap`` > 0 caps the
+    scaled scores at it (``softcap * tanh(score / softcap)``).
 
     ``num_splits`` > 1 splits each context into that many parts run in parallel, then merged;
     it is an argument (see ``default_num_splits``) so a CUDA graph can fix it at capture.
@@ -707,8 +729,9 @@ def paged_decode_attention(
         block_tables.stride(0),
         step.partial.stride(0), step.partial.stride(1), step.stride_split,
         step.lse.stride(0), step.lse.stride(1),
-        q.shape[2], q.shape[1] // k_cache.shape[2], num_splits, window,
+        q.shape[2], q.shape[1] // k_cache.shape[2], num_splits, window, softcap * _LOG2_E,
         **_decode_tile(q.shape[1] // k_cache.shape[2], q.shape[2], k_cache.shape[1], k_cache.shape[2]),
+        SOFTCAP=softcap > 0,
         **launch_options(),
     )  # fmt: skip
     step.merge(query_start_loc)
@@ -855,10 +878,12 @@ def paged_extend_attention(
     scale: float,
     out: torch.Tensor | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new query rows over its whole context in the cache
     (earlier chunks and prefix-cache hits included), or, with ``window``, over the last ``window``
-    positions up to each row's own (a sliding-window layer); the new K/V must already be stored."""
+    positions up to each row's own (a sliding-window layer); the new K/V must already be stored.
+    ``softcap``: as ``paged_decode_attention``'s."""
     _check_cache(k_cache, v_cache)
     q = _rows_contiguous(q)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -879,11 +904,12 @@ def paged_extend_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        head_dim, group_size, window,
+        head_dim, group_size, window, softcap * _LOG2_E,
         BLOCK_SIZE=k_cache.shape[1],
         GROUP_P2=group_p2,
         BLOCK_Q=block_q,
         HEAD_DIM_P2=_pow2_at_least(head_dim, _MIN_DOT_DIM),
         BLOCK_N=_EXTEND_BLOCK_N,
+        SOFTCAP=softcap > 0,
     )  # fmt: skip
     return out

@@ -51,7 +51,9 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     "Qwen2MoeForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     "Qwen3MoeForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
-    "Gemma3ForCausalLM": ("inferd.models.gemma3", "Gemma3ForCausalLM"),
+    "GemmaForCausalLM": ("inferd.models.gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("inferd.models.gemma", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("inferd.models.gemma", "GemmaForCausalLM"),
 }
 
 

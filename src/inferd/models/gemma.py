@@ -1,12 +1,15 @@
-"""Gemma 3's text decoder (``Gemma3ForCausalLM``) over a flat batch and a paged KV cache.
+"""Gemma's text decoders (``GemmaForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``)
+over a flat batch and a paged KV cache.
 
-What it computes beyond the Llama family: embeddings scaled by sqrt(hidden); RMSNorms that scale
-by ``1 + weight`` in float32, four to a layer (after attention and after the MLP as well as before
-them); q/k norms; an attention scale of ``query_pre_attn_scalar ** -0.5``; sliding-window layers
-with a rotary of their own between full-attention ones (``ModelConfig.layer_windows``); a GELU
-(tanh) gated MLP; optionally logits capped by ``tanh``. The projections are fused (q|k|v, gate|up)
-as in ``models/llama.py``, and on a GPU go to the same Triton matmuls; the norms, rotary and
-activation stay in torch (the Triton small ops compute the Llama family's forms).
+What they compute beyond the Llama family: embeddings scaled by sqrt(hidden); RMSNorms that scale
+by ``1 + weight`` in float32; a GELU (tanh) gated MLP. Gemma 2 and 3 add: four norms to a layer
+(after attention and after the MLP as well as before them); an attention scale of
+``query_pre_attn_scalar ** -0.5``; sliding-window layers between full-attention ones
+(``ModelConfig.layer_windows``); attention scores and logits capped by ``tanh`` (Gemma 2's caps;
+Gemma 3's configs set none). Gemma 3 adds q/k norms and a rotary of the sliding layers' own. The
+settings are ``config.GemmaConfig``'s. The projections are fused (q|k|v, gate|up) as in
+``models/llama.py``, and on a GPU go to the same Triton matmuls; the norms, rotary and activation
+stay in torch (the Triton small ops compute the Llama family's forms).
 """
 
 from __future__ import annotations
@@ -44,10 +47,13 @@ class GemmaAttention(nn.Module):
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.scale = gemma.query_pre_attn_scalar**-0.5
         self.window = cfg.layer_windows[index] if cfg.layer_windows else 0
+        self.softcap = gemma.attn_logit_softcapping or 0.0
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
-        self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.all_reduce: AllReduce | None = None
 
     def forward(
@@ -59,13 +65,15 @@ class GemmaAttention(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if not isinstance(rotary, GatheredRotary):  # the Triton rotary is never switched on here
-            raise TypeError(f"Gemma 3 rotates in torch, not with {type(rotary).__name__}")
+            raise TypeError(f"Gemma rotates in torch, not with {type(rotary).__name__}")
         q, k = rotary.apply(q, k)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window, self.softcap)
         return reduced(self.o_proj(out.reshape(-1, self.q_size)), self.all_reduce)
 
 
@@ -88,9 +96,13 @@ class GemmaDecoderLayer(nn.Module):
         self.mlp = GemmaMLP(cfg)
         size, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)
+        # Gemma 1's post_attention_layernorm is the MLP's input norm (as the Llama family's is);
+        # Gemma 2 and 3 norm the attention's output with it and have two more around the MLP.
         self.post_attention_layernorm = GemmaRMSNorm(size, eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps)
-        self.post_feedforward_layernorm = GemmaRMSNorm(size, eps)
+        self.sandwich_norms = gemma.sandwich_norms
+        if gemma.sandwich_norms:
+            self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps)
+            self.post_feedforward_layernorm = GemmaRMSNorm(size, eps)
 
     @property
     def sliding(self) -> bool:
@@ -105,6 +117,9 @@ class GemmaDecoderLayer(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         attended = self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta, backend)
+        if not self.sandwich_norms:
+            x = x + attended
+            return x + self.mlp(self.post_attention_layernorm(x))
         x = x + self.post_attention_layernorm(attended)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
@@ -117,16 +132,20 @@ class GemmaModel(nn.Module):
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class Gemma3ForCausalLM(nn.Module):
+class GemmaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         if cfg.gemma is None:
-            raise ValueError("Gemma3ForCausalLM needs the config's Gemma settings")
+            raise ValueError("GemmaForCausalLM needs the config's Gemma settings")
         self.config = cfg
         self.model = GemmaModel(cfg, cfg.gemma)
-        # The full-attention layers' rotary and the sliding layers' own.
+        # The full-attention layers' rotary and the sliding layers' (Gemma 3: their own).
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
-        self.local_rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.gemma.local_rope)
+        self.local_rotary = (
+            self.rotary
+            if cfg.gemma.local_rope == cfg.rope
+            else RotaryEmbedding(cfg.head_dim, max_positions, cfg.gemma.local_rope)
+        )
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -145,7 +164,8 @@ class Gemma3ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
         x = self.model.embed_tokens(input_ids) * self.embed_scale
-        full, local = self.rotary.lookup(positions), self.local_rotary.lookup(positions)
+        full = self.rotary.lookup(positions)
+        local = full if self.local_rotary is self.rotary else self.local_rotary.lookup(positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, local if layer.sliding else full, kv_cache, meta, backend)
         hidden: torch.Tensor = self.model.norm(x)
@@ -170,7 +190,7 @@ class Gemma3ForCausalLM(nn.Module):
         and activation are Gemma's own and stay in torch (``enabled`` has nothing to switch), so
         the kernels that fuse the Llama family's forms into others are refused."""
         if fused_linear or decode_rotary:
-            raise ValueError("Gemma 3 computes its own norms and rotary: no triton_fused_linear or "
+            raise ValueError("Gemma computes its own norms and rotary: no triton_fused_linear or "
                              "triton_decode_rotary")  # fmt: skip
         route_projections(self, linear, tiled_linear)
 
