@@ -112,6 +112,38 @@ def test_n_samples_use_consecutive_seeds(client: openai.OpenAI) -> None:
     assert pair.choices[0].text != pair.choices[1].text
 
 
+def test_best_of_returns_the_likeliest_n_of_its_candidates(client: openai.OpenAI) -> None:
+    """best_of candidates per prompt (seeded seed, seed + 1, ... as n samples are), of which the n
+    whose tokens have the highest mean log-probability come back, likeliest first; every
+    candidate's tokens count in the usage; no logprobs unless asked."""
+    kwargs = {"model": "tiny", "max_tokens": 10, "temperature": 1.5}
+    prompts = ["The quick", "To be"]
+    response = client.completions.create(prompt=prompts, n=2, best_of=4, seed=5, **kwargs)
+    expected, total_tokens = [], 0
+    for prompt in prompts:
+        candidates = []
+        for sample in range(4):
+            alone = client.completions.create(prompt=prompt, seed=5 + sample, logprobs=0, **kwargs)
+            logprobs = alone.choices[0].logprobs
+            assert logprobs is not None and logprobs.token_logprobs is not None and alone.usage is not None
+            mean = sum(logprobs.token_logprobs) / len(logprobs.token_logprobs)
+            candidates.append((mean, alone.choices[0].text))
+            total_tokens += alone.usage.completion_tokens
+        assert len({text for _, text in candidates}) > 2  # the candidates differ: the choice matters
+        expected.extend(text for _, text in sorted(candidates, reverse=True)[:2])
+    assert [choice.index for choice in response.choices] == [0, 1, 2, 3]
+    assert [choice.text for choice in response.choices] == expected
+    assert all(choice.logprobs is None for choice in response.choices)
+    assert response.usage is not None and response.usage.completion_tokens == total_tokens
+
+
+def test_best_of_below_n_or_streamed_is_400(client: openai.OpenAI) -> None:
+    for extra in ({"n": 3, "best_of": 2}, {"best_of": 2, "stream": True}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=1.0, **extra)
+        assert caught.value.body["param"] == "best_of"  # type: ignore[index]
+
+
 def test_seeds_outside_64_bits_are_400_and_fan_out_wraps(client: openai.OpenAI) -> None:
     kwargs = {"model": "tiny", "prompt": "The quick", "max_tokens": 6, "temperature": 1.0}
     with pytest.raises(openai.BadRequestError) as caught:

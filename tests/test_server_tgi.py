@@ -144,3 +144,63 @@ def test_info_and_health(server: ServerProcess) -> None:
     info = httpx.get(f"{server.base_url}/info").json()
     assert info["max_total_tokens"] == 512 and info["model_id"] == server.model
     assert httpx.get(f"{server.base_url}/health").status_code == 200
+
+
+def _mean_logprob(tokens) -> float:  # type: ignore[no-untyped-def]
+    return sum(token.logprob for token in tokens) / len(tokens)
+
+
+def test_best_of_answers_the_likeliest_of_its_candidates(
+    server: ServerProcess, client: InferenceClient
+) -> None:
+    """As TGI: best_of candidates sampled, each with a seed of its own; the answer is the one whose
+    tokens have the highest mean log-probability, the others in details.best_of_sequences."""
+    result = client.text_generation(
+        "Whether", max_new_tokens=12, do_sample=True, temperature=1.5, best_of=2, details=True
+    )
+    assert result.details is not None and result.details.best_of_sequences is not None
+    (other,) = result.details.best_of_sequences
+    assert result.details.seed is not None and other.seed is not None and other.seed != result.details.seed
+    assert len(result.details.tokens) == result.details.generated_tokens
+    assert _mean_logprob(result.details.tokens) >= _mean_logprob(other.tokens)
+    # Each candidate is the sample its reported seed gives.
+    for seed, text in ((result.details.seed, result.generated_text), (other.seed, other.generated_text)):
+        again = client.text_generation(
+            "Whether", max_new_tokens=12, do_sample=True, temperature=1.5, seed=seed
+        )
+        assert again == text
+    # More requests: were the first candidate always the answer, about half of them would fail.
+    for _ in range(6):
+        parameters = {
+            "max_new_tokens": 8,
+            "do_sample": True,
+            "temperature": 1.5,
+            "best_of": 2,
+            "details": True,
+        }
+        body = {"inputs": "Whether", "parameters": parameters}
+        details = httpx.post(f"{server.base_url}/generate", json=body).json()["details"]
+        (loser,) = details["best_of_sequences"]
+        assert _mean_logprob_of(details["tokens"]) >= _mean_logprob_of(loser["tokens"])
+
+
+def _mean_logprob_of(tokens: list[dict]) -> float:  # type: ignore[type-arg]
+    return sum(token["logprob"] for token in tokens) / len(tokens)
+
+
+def test_best_of_follows_tgis_rules(server: ServerProcess) -> None:
+    assert httpx.get(f"{server.base_url}/info").json()["max_best_of"] == 2
+    sampled = {"do_sample": True, "max_new_tokens": 4}
+    refused = {
+        "sampling": ({"best_of": 2, "max_new_tokens": 4}, "/generate"),
+        "seed must not be set": ({**sampled, "best_of": 2, "seed": 1}, "/generate"),
+        "<= 2": ({**sampled, "best_of": 3}, "/generate"),
+        "streaming": ({**sampled, "best_of": 2}, "/generate_stream"),
+    }
+    for message, (parameters, route) in refused.items():
+        response = httpx.post(f"{server.base_url}{route}", json={"inputs": "hi", "parameters": parameters})
+        assert response.status_code == 422, (message, response.text)
+        assert message in response.json()["error"] and response.json()["error_type"] == "validation"
+    one = {**sampled, "best_of": 1, "details": True}
+    plain = httpx.post(f"{server.base_url}/generate", json={"inputs": "hi", "parameters": one})
+    assert plain.status_code == 200 and plain.json()["details"]["best_of_sequences"] is None

@@ -38,7 +38,7 @@ def protocol_routers(frontend: Frontend, config: ServerConfig) -> list[APIRouter
     auth: list[Callable[..., Any]] = [require_api_key(config.api_key)] if config.api_key else []
     return [
         openai.build_router(frontend, auth),
-        tgi.build_router(frontend, auth),
+        tgi.build_router(frontend, auth, config.max_best_of),
     ]
 
 

@@ -55,6 +55,12 @@ class IndexedOutput:
 TIMEOUT_HEADER = "X-Request-Timeout"
 
 
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample ``sample`` of a request seeded ``seed`` (``Frontend.generate``'s choices),
+    wrapped into the 64-bit range a generator takes (the same seed to it)."""
+    return (seed + sample) % 2**64
+
+
 class Frontend:
     def __init__(
         self,
@@ -266,8 +272,7 @@ class Frontend:
                 index = prompt_index * n + sample
                 sample_params = params
                 if params.seed is not None and sample:
-                    # Wrapped into the 64-bit range a generator takes (the same seed to it).
-                    sample_params = dataclasses.replace(params, seed=(params.seed + sample) % 2**64)
+                    sample_params = dataclasses.replace(params, seed=sample_seed(params.seed, sample))
                 engine_id = f"{request_id}-{index}"
                 streams.append(self._tracked(index, engine_id, token_ids, sample_params, deadline))
         if len(streams) == 1:

@@ -92,6 +92,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="most output tokens one request may ask for; also what one without max_tokens gets at most",
     )
     limits.add_argument(
+        "--max-best-of",
+        type=positive_int,
+        default=2,
+        help="most candidates a TGI request's best_of may sample (the answer: the likeliest); default 2",
+    )
+    limits.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -133,6 +139,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         generation_config=args.generation_config,
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
+        max_best_of=args.max_best_of,
     )
 
 

@@ -54,6 +54,10 @@ class CompletionJob:
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
     timeout_s: float | None = None  # None: the server's default
+    # Candidates sampled per prompt, of which the n likeliest are returned (the API's best_of).
+    best_of: int = 1
+    # The log-probabilities the client asked for (the engine computes them for best_of regardless).
+    logprobs: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -68,9 +72,14 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
     frontend.check_model(body.model)
     if body.suffix:
         raise InvalidRequestError("suffix: insertion after a suffix is not supported", "suffix")
-    if body.best_of is not None and body.best_of != body.n:
-        raise InvalidRequestError("best_of: only best_of equal to n is supported", "best_of")
-    params = sampling_params(frontend, body, body.max_tokens, body.logprobs)
+    best_of = body.n if body.best_of is None else body.best_of
+    if best_of < body.n:
+        raise InvalidRequestError(f"best_of ({best_of}) must be at least n ({body.n})", "best_of")
+    if best_of > body.n and body.stream:
+        raise InvalidRequestError("best_of: results cannot be streamed when best_of exceeds n", "best_of")
+    # Candidates are ranked by their tokens' log-probabilities, so the engine reports them.
+    engine_logprobs = body.logprobs if best_of == body.n or body.logprobs is not None else 0
+    params = sampling_params(frontend, body, body.max_tokens, engine_logprobs)
     if body.echo and body.logprobs is not None:
         # The echoed prompt's tokens get log-probabilities too (how a text is scored).
         params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
@@ -86,6 +95,8 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
         n=body.n,
         echo=body.echo,
         include_usage=body.include_usage_chunk,
+        best_of=best_of,
+        logprobs=body.logprobs,
     )
 
 
@@ -102,23 +113,23 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
 async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse:
     finals: dict[int, RequestOutput] = {}
     async with aclosing(
-        frontend.generate(job.request_id, job.prompts, job.params, job.n, job.timeout_s)
+        frontend.generate(job.request_id, job.prompts, job.params, job.best_of, job.timeout_s)
     ) as stream:
         async for item in stream:
             if item.output.finished:
                 finals[item.index] = item.output
     choices = []
-    for index in sorted(finals):
-        out = finals[index]
+    for index, out in enumerate(_returned(job, finals)):
         state = job.choice_state(index)
         choices.append(
             CompletionChoice(
                 index=index,
                 text=state.echo_text + out.text,
-                logprobs=_logprobs(frontend.tokenizer, out, out.logprobs, state, job.params.logprobs),
+                logprobs=_logprobs(frontend.tokenizer, out, out.logprobs, state, job.logprobs),
                 finish_reason=finish_reason(out),
             )
         )
+    # Every candidate's tokens were generated, so all of them count (as the API bills best_of).
     completion_tokens = sum(len(out.token_ids) for out in finals.values())
     return CompletionResponse(
         id=job.request_id,
@@ -127,6 +138,22 @@ async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse
         choices=choices,
         usage=usage(job.num_prompt_tokens, completion_tokens),
     )
+
+
+def _returned(job: CompletionJob, finals: dict[int, RequestOutput]) -> list[RequestOutput]:
+    """The outputs the response gives, prompt by prompt: all n in order, or, with best_of > n, the
+    n candidates whose tokens have the highest mean log-probability, likeliest first."""
+    returned = []
+    for prompt in range(len(job.prompts)):
+        candidates = [finals[prompt * job.best_of + sample] for sample in range(job.best_of)]
+        if job.best_of > job.n:
+            candidates.sort(key=_mean_logprob, reverse=True)  # stable: the first among equals
+        returned.extend(candidates[: job.n])
+    return returned
+
+
+def _mean_logprob(out: RequestOutput) -> float:
+    return sum(entry.logprob for entry in out.logprobs) / len(out.logprobs) if out.logprobs else float("-inf")
 
 
 async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncIterator[str]:
@@ -165,7 +192,7 @@ def _chunk(
         text = state.echo_text + text
         state.started = True
     reason = stream_finish_reason(out)
-    logprobs = _logprobs(tokenizer, out, out.new_logprobs, state, job.params.logprobs)
+    logprobs = _logprobs(tokenizer, out, out.new_logprobs, state, job.logprobs)
     if not text and reason is None and logprobs is None:
         return None  # nothing new to say (text held back while it might start a stop string)
     choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)

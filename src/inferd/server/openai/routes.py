@@ -67,7 +67,7 @@ def build_router(
     async def create_completion(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
         job = prepare_completion(frontend, body)
         job.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
-        frontend.check_ready(job.prompts, job.n)
+        frontend.check_ready(job.prompts, job.best_of)
         if body.stream:
             return sse_response(stream_completion(frontend, job))
         return await unless_disconnected(request, complete(frontend, job))

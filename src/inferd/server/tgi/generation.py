@@ -20,10 +20,11 @@ from inferd.server.errors import (
     InvalidRequestError,
     RequestTimeoutError,
 )
-from inferd.server.frontend import Frontend
+from inferd.server.frontend import Frontend, sample_seed
 from inferd.server.streaming import sse_event
 from inferd.server.structured_request import response_format
 from inferd.server.tgi.protocol import (
+    BestOfSequence,
     Details,
     FinishReason,
     GenerateParameters,
@@ -35,6 +36,8 @@ from inferd.server.tgi.protocol import (
 )
 
 MAX_STOP_SEQUENCES = 16
+# TGI's launcher default for --max-best-of.
+DEFAULT_MAX_BEST_OF = 2
 
 # status, TGI error_type
 _ERROR_SHAPES: dict[ErrorKind, tuple[int, str]] = {
@@ -67,11 +70,17 @@ class TgiJob:
     details: bool
     full_text: bool
     timeout_s: float | None = None  # None: the server's default
+    # Candidates sampled; the answer is the one whose tokens have the highest mean log-probability.
+    best_of: int = 1
 
 
-def prepare_generate(frontend: Frontend, body: GenerateRequest, stream: bool = False) -> TgiJob:
+def prepare_generate(
+    frontend: Frontend, body: GenerateRequest, stream: bool = False, max_best_of: int = 1
+) -> TgiJob:
+    """``max_best_of``: the most candidates a request may ask for (TGI's ``--max-best-of``)."""
     p = body.parameters
     _refuse_unsupported(p)
+    best_of = _checked_best_of(p, stream, max_best_of)
     if p.decoder_input_details and stream:  # as TGI: the prompt's tokens come in the details only
         raise InvalidRequestError(
             "decoder_input_details == true is not supported when streaming tokens", "decoder_input_details"
@@ -116,12 +125,32 @@ def prepare_generate(frontend: Frontend, body: GenerateRequest, stream: bool = F
         params=params,
         details=p.details,
         full_text=bool(p.return_full_text),
+        best_of=best_of,
     )
+
+
+def _checked_best_of(p: GenerateParameters, stream: bool, max_best_of: int) -> int:
+    """TGI's rules for ``best_of`` > 1: not streamed, sampled, unseeded (each candidate gets a
+    seed of its own, reported in the details), and at most the server's ``max_best_of``."""
+    best_of = p.best_of or 1
+    if best_of == 1:
+        return 1
+    if stream:
+        raise InvalidRequestError("best_of != 1 is not supported when streaming tokens", "best_of")
+    if not p.sampling:
+        raise InvalidRequestError("you must use sampling when best_of is > 1", "best_of")
+    if p.seed is not None:
+        raise InvalidRequestError("seed must not be set when best_of > 1", "seed")
+    if best_of > max_best_of:
+        raise InvalidRequestError(
+            f"best_of must be > 0 and <= {max_best_of} (the server's --max-best-of). Given: {best_of}",
+            "best_of",
+        )
+    return best_of
 
 
 def _refuse_unsupported(p: GenerateParameters) -> None:
     refused = {
-        "best_of": p.best_of is not None and p.best_of > 1,
         "typical_p": p.typical_p is not None,
         "watermark": p.watermark,
     }
@@ -135,30 +164,51 @@ def _refuse_unsupported(p: GenerateParameters) -> None:
 
 
 async def generate(frontend: Frontend, job: TgiJob) -> GenerateResponse:
-    final: RequestOutput | None = None
+    finals: dict[int, RequestOutput] = {}
     async with aclosing(
-        frontend.generate(job.request_id, [job.prompt], job.params, timeout_s=job.timeout_s)
+        frontend.generate(job.request_id, [job.prompt], job.params, n=job.best_of, timeout_s=job.timeout_s)
     ) as stream:
         async for item in stream:
-            final = item.output
-    assert final is not None and final.finished, "the Frontend ends every stream with a finished output"
-    summary = _stream_details(frontend, job, final)
+            if item.output.finished:
+                finals[item.index] = item.output
+    assert len(finals) == job.best_of, "the Frontend ends every stream with a finished output"
+    candidates = [finals[index] for index in range(job.best_of)]
+    # As TGI: the highest mean log-probability of the generated tokens, the first among equals.
+    best = max(range(job.best_of), key=lambda index: _mean_logprob(candidates[index]))
+    final = candidates[best]
     details = None
     if job.details:
-        tokens = [_token(frontend, e.token_id, None, e.logprob) for e in final.logprobs]
-        scored = final.prompt_logprobs
-        prefill = [
-            _token(frontend, token_id, None, None if entry is None else entry.logprob)
-            for token_id, entry in zip(final.prompt_token_ids, scored, strict=True)
-        ] if scored is not None else []  # fmt: skip
-        details = Details(
-            **summary.model_dump(),
-            prefill=prefill,
-            tokens=tokens,
-            top_tokens=_top_tokens(frontend, final.logprobs) if job.params.logprobs else None,
-        )
-    text = job.prompt_text + final.text if job.full_text else final.text
-    return GenerateResponse(generated_text=text, details=details)
+        details = Details(**_sequence_details(frontend, job, final, best))
+        if job.best_of > 1:
+            details.best_of_sequences = [
+                BestOfSequence(generated_text=_text(job, out), **_sequence_details(frontend, job, out, index))
+                for index, out in enumerate(candidates)
+                if index != best
+            ]
+    return GenerateResponse(generated_text=_text(job, final), details=details)
+
+
+def _mean_logprob(out: RequestOutput) -> float:
+    return sum(entry.logprob for entry in out.logprobs) / len(out.logprobs) if out.logprobs else float("-inf")
+
+
+def _text(job: TgiJob, out: RequestOutput) -> str:
+    return job.prompt_text + out.text if job.full_text else out.text
+
+
+def _sequence_details(frontend: Frontend, job: TgiJob, out: RequestOutput, sample: int) -> dict[str, object]:
+    """The details of candidate ``sample``: its summary, prompt and generated tokens."""
+    scored = out.prompt_logprobs
+    prefill = [
+        _token(frontend, token_id, None, None if entry is None else entry.logprob)
+        for token_id, entry in zip(out.prompt_token_ids, scored, strict=True)
+    ] if scored is not None else []  # fmt: skip
+    return {
+        **_stream_details(frontend, job, out, sample).model_dump(),
+        "prefill": prefill,
+        "tokens": [_token(frontend, e.token_id, None, e.logprob) for e in out.logprobs],
+        "top_tokens": _top_tokens(frontend, out.logprobs) if job.params.logprobs else None,
+    }
 
 
 async def stream_generate(frontend: Frontend, job: TgiJob) -> AsyncIterator[str]:
@@ -207,12 +257,14 @@ def _top_tokens(frontend: Frontend, entries: list[TokenLogprobs]) -> list[list[T
     return [[_token(frontend, t, None, lp) for t, lp in entry.top] for entry in entries]
 
 
-def _stream_details(frontend: Frontend, job: TgiJob, out: RequestOutput) -> StreamDetails:
+def _stream_details(frontend: Frontend, job: TgiJob, out: RequestOutput, sample: int = 0) -> StreamDetails:
+    """``sample``: which of a ``best_of`` request's candidates ``out`` is (its seed is its own)."""
+    seed = job.params.seed
     return StreamDetails(
         finish_reason=_finish_reason(frontend, job.params, out),
         generated_tokens=len(out.token_ids),
         input_length=len(job.prompt),
-        seed=job.params.seed,
+        seed=None if seed is None else sample_seed(seed, sample),
     )
 
 

@@ -1,8 +1,8 @@
 """Text Generation Inference (TGI) request and response bodies: `/generate`, `/generate_stream`, `/info`.
 
 Follows TGI's OpenAPI schema. Options that change the answer and that inferd cannot honour
-(`typical_p`, `watermark`, `best_of` > 1) are
-declared so that setting them gets a 422 rather than being silently dropped.
+(`typical_p`, `watermark`) are declared so that setting them gets a 422 rather than being
+silently dropped.
 """
 
 from __future__ import annotations
@@ -72,10 +72,20 @@ class StreamDetails(BaseModel):
     seed: int | None
 
 
+class BestOfSequence(StreamDetails):
+    """One of the other candidates of a `best_of` request (TGI's `best_of_sequences`)."""
+
+    generated_text: str
+    prefill: list[Token] = Field(default_factory=list)
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = None
+
+
 class Details(StreamDetails):
     prefill: list[Token] = Field(default_factory=list)
     tokens: list[Token]
     top_tokens: list[list[Token]] | None = None
+    best_of_sequences: list[BestOfSequence] | None = None
 
 
 class GenerateResponse(BaseModel):

@@ -15,6 +15,7 @@ from inferd.server.errors import protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.streaming import sse_response, unless_disconnected
 from inferd.server.tgi.generation import (
+    DEFAULT_MAX_BEST_OF,
     MAX_STOP_SEQUENCES,
     TgiJob,
     error_response,
@@ -32,7 +33,12 @@ def _inferd_version() -> str:
         return "unknown"
 
 
-def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] = ()) -> APIRouter:
+def build_router(
+    frontend: Frontend,
+    dependencies: Sequence[Callable[..., Any]] = (),
+    max_best_of: int = DEFAULT_MAX_BEST_OF,
+) -> APIRouter:
+    """``max_best_of``: the most candidates one request's ``best_of`` may ask for."""
     router = APIRouter(
         route_class=protocol_route_class(error_response),
         dependencies=[Depends(dependency) for dependency in dependencies],
@@ -47,6 +53,7 @@ def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] 
             model_dtype=config.dtype,
             model_device_type=config.device,
             max_concurrent_requests=config.scheduler.max_num_seqs,
+            max_best_of=max_best_of,
             max_stop_sequences=MAX_STOP_SEQUENCES,
             max_input_tokens=frontend.max_model_len - 1,
             max_total_tokens=frontend.max_model_len,
@@ -55,9 +62,9 @@ def build_router(frontend: Frontend, dependencies: Sequence[Callable[..., Any]] 
 
     def ready_job(body: GenerateRequest, request: Request, stream: bool) -> TgiJob:
         """The checked job, with its timeout; raises before any response starts."""
-        job = prepare_generate(frontend, body, stream)
+        job = prepare_generate(frontend, body, stream, max_best_of)
         job = dataclasses.replace(job, timeout_s=frontend.timeout_s(request.headers.get(TIMEOUT_HEADER)))
-        frontend.check_ready([job.prompt])
+        frontend.check_ready([job.prompt], job.best_of)
         return job
 
     @router.post("/generate")
