@@ -58,6 +58,14 @@ class SamplingParams:
     # With the priority scheduling policy: lower runs first (ties by arrival), as vLLM's; the
     # first-come-first-served policy takes only 0.
     priority: int = 0
+    # Only these token ids may be sampled (vLLM's ``allowed_token_ids``); None: any.
+    allowed_token_ids: list[int] | None = None
+    # Words the output must not contain (vLLM's ``bad_words``): each is tokenized by the engine,
+    # as written and after a space, and the last token of any such sequence is banned wherever the
+    # output ends with the ones before it. ``bad_words_token_ids`` gives such sequences directly;
+    # the engine adds those of ``bad_words`` to it.
+    bad_words: list[str] = field(default_factory=list)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -101,6 +109,14 @@ class SamplingParams:
             raise SamplingParamsError("stop", "stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids", "token ids must be non-negative")
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids or any(t < 0 for t in self.allowed_token_ids)
+        ):
+            raise SamplingParamsError("allowed_token_ids", "must be a non-empty list of token ids")
+        if any(not word.strip() for word in self.bad_words):
+            raise SamplingParamsError("bad_words", "words must have a non-space character")
+        if any(not ids or any(t < 0 for t in ids) for ids in self.bad_words_token_ids):
+            raise SamplingParamsError("bad_words_token_ids", "each must be a non-empty list of token ids")
         for token_id, bias in self.logit_bias.items():
             if not -100.0 <= bias <= 100.0:
                 raise SamplingParamsError("logit_bias", f"bias for token {token_id} must be in [-100, 100]")

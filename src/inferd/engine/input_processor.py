@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -79,6 +80,20 @@ class InputProcessor:
             raise PromptError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return list(prompt)
 
+    def _bad_word_ids(self, params: SamplingParams) -> list[list[int]]:
+        """Each bad word's tokens as it would start the text and as it would follow a space (a
+        BPE tokenizer gives a word a token of its own there), without duplicates."""
+        found: list[list[int]] = []
+        for word in params.bad_words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                try:
+                    ids = self.tokenizer.encode(text, add_special_tokens=False)
+                except InvalidTextError as exc:
+                    raise PromptError(f"bad_words: {exc}") from None
+                if ids and ids not in found:
+                    found.append(ids)
+        return found
+
     def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         """Check the context limit and the cap; returns the output budget (what is left when unset)."""
         room = self.max_model_len - num_prompt_tokens
@@ -108,6 +123,16 @@ class InputProcessor:
             raise PromptError(f"no LoRA adapter {params.adapter!r} in this engine (adapters: {known})")
         if params.priority and self.config.scheduler.policy != "priority":
             raise PromptError(PRIORITY_NEEDS_POLICY.format(params.priority))
+        out_of_range = [t for t in params.allowed_token_ids or () if t >= self.vocab_size]
+        out_of_range += [t for ids in params.bad_words_token_ids for t in ids if t >= self.vocab_size]
+        if out_of_range:
+            raise PromptError(f"token ids out of range [0, {self.vocab_size}): {out_of_range[:5]}")
+        if params.bad_words:
+            params = dataclasses.replace(
+                params,
+                bad_words=[],
+                bad_words_token_ids=params.bad_words_token_ids + self._bad_word_ids(params),
+            )
         token_ids = self.tokenize_prompt(prompt)
         return Request(
             request_id=request_id,

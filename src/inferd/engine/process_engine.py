@@ -108,7 +108,7 @@ class ProcessLLMEngine:
         message = AddMsg(
             request_id,
             request.prompt_token_ids,
-            params,
+            request.params,  # as the input processor completed them (bad words' token ids)
             sorted(request.eos_token_ids),
             request.max_output_tokens,
             request.arrival_time,

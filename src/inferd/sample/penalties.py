@@ -28,6 +28,30 @@ def apply_logit_bias(logits: torch.Tensor, request: Request) -> None:
             logits[token_id] += bias
 
 
+def apply_allowed_tokens(logits: torch.Tensor, request: Request) -> None:
+    """Every token but ``allowed_token_ids`` banned."""
+    allowed = request.params.allowed_token_ids
+    if allowed is None:
+        return
+    keep = torch.tensor([t for t in allowed if t < logits.shape[0]], dtype=torch.long, device=logits.device)
+    banned = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    banned[keep] = False
+    logits.masked_fill_(banned, float("-inf"))
+
+
+def apply_bad_words(logits: torch.Tensor, request: Request) -> None:
+    """The last token of each bad-word sequence banned where the output ends with the rest of it
+    (a one-token word: everywhere)."""
+    output = request.output_token_ids
+    banned = [
+        ids[-1]
+        for ids in request.params.bad_words_token_ids
+        if ids[-1] < logits.shape[0] and (len(ids) == 1 or output[len(output) - len(ids) + 1 :] == ids[:-1])
+    ]
+    if banned:
+        logits[banned] = float("-inf")
+
+
 def block_stop_tokens(logits: torch.Tensor, request: Request) -> None:
     """Until `min_tokens` are out, EOS and stop token ids cannot be chosen."""
     if len(request.output_token_ids) >= request.params.min_tokens:
@@ -38,15 +62,23 @@ def block_stop_tokens(logits: torch.Tensor, request: Request) -> None:
 
 
 def needs_processing(request: Request) -> bool:
-    return bool(request.params.logit_bias) or needs_history(request)
+    params = request.params
+    return (
+        bool(params.logit_bias)
+        or params.allowed_token_ids is not None
+        or bool(params.bad_words_token_ids)
+        or needs_history(request)
+    )
 
 
 def needs_history(request: Request) -> bool:
     """Whether the request's logits processing reads the tokens it has produced so far (a
-    grammar's mask depends on every token before it)."""
+    grammar's mask depends on every token before it, a bad word of several tokens on the last
+    few)."""
     params = request.params
     return (
         request.grammar is not None
+        or any(len(ids) > 1 for ids in params.bad_words_token_ids)
         or params.repetition_penalty != 1.0
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 from inferd.engine.request import Request
-from inferd.sample.penalties import apply_logit_bias, apply_penalties, block_stop_tokens, needs_processing
+from inferd.sample.penalties import (
+    apply_allowed_tokens,
+    apply_bad_words,
+    apply_logit_bias,
+    apply_penalties,
+    block_stop_tokens,
+    needs_processing,
+)
 from inferd.structured.matcher import apply_bitmask, bitmask_words
 
 
@@ -185,6 +192,8 @@ class Sampler:
             try:
                 apply_penalties(logits[i], requests[i])
                 apply_logit_bias(logits[i], requests[i])
+                apply_allowed_tokens(logits[i], requests[i])
+                apply_bad_words(logits[i], requests[i])
                 block_stop_tokens(logits[i], requests[i])
             except Exception as exc:
                 errors[i] = f"logits processing failed: {type(exc).__name__}: {exc}"

@@ -195,7 +195,7 @@ class Frontend:
     def sampling_params(self, field_names: Mapping[str, str] | None = None, **fields: Any) -> SamplingParams:
         """Validated SamplingParams; errors name the protocol's field (`field_names` maps ours to theirs)."""
         names = field_names or {}
-        for name in ("logit_bias", "stop_token_ids"):
+        for name in ("logit_bias", "stop_token_ids", "allowed_token_ids"):
             self.check_token_ids(fields.get(name) or (), names.get(name, name))
         if fields.get("priority") and self.llm.config.scheduler.policy != "priority":
             field = names.get("priority", "priority")

@@ -89,6 +89,8 @@ def sampling_params(
         structured_output=structure,
         adapter=frontend.adapter_for(body.model),
         priority=body.priority,
+        allowed_token_ids=body.allowed_token_ids,
+        bad_words=list(body.bad_words or []),
     )
 
 

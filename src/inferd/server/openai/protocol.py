@@ -1,7 +1,8 @@
 """OpenAI API request and response bodies (completions, chat completions, models), field by field.
 
 Follows the official API reference; the sampling extras vLLM users rely on (`top_k`, `min_p`,
-`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`) are accepted as well.
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `allowed_token_ids`,
+`bad_words`) are accepted as well.
 Fields that change the answer and that inferd cannot honour are declared so they can be refused.
 """
 
@@ -58,6 +59,8 @@ class SamplingExtras(_Body):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     # Under --scheduling-policy priority: lower runs first (vLLM's field); else only 0.
     priority: int = 0
     # inferd's: seconds until the request is aborted (overrides the server's --request-timeout).
