@@ -144,6 +144,30 @@ def test_best_of_below_n_or_streamed_is_400(client: openai.OpenAI) -> None:
         assert caught.value.body["param"] == "best_of"  # type: ignore[index]
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    ids = list(range(5, 45))
+    kwargs = {"model": "tiny", "max_tokens": 5, "temperature": 0}
+    kept = client.completions.create(prompt=ids, extra_body={"truncate_prompt_tokens": 3}, **kwargs)
+    assert kept.usage is not None and kept.usage.prompt_tokens == 3
+    assert kept.choices[0].text == client.completions.create(prompt=ids[-3:], **kwargs).choices[0].text
+    # -1: as much of the end as leaves room for the output in the 512-token context.
+    too_long = list(range(5, 300)) * 2
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(prompt=too_long, **kwargs)
+    fitted = client.completions.create(prompt=too_long, extra_body={"truncate_prompt_tokens": -1}, **kwargs)
+    assert fitted.usage is not None and fitted.usage.prompt_tokens == 512 - 5
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "To be, or not"}], max_tokens=2,
+        extra_body={"truncate_prompt_tokens": 2},
+    )  # fmt: skip
+    assert chat.usage is not None and chat.usage.prompt_tokens == 2
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(prompt="hi", extra_body={"truncate_prompt_tokens": 0}, **kwargs)
+    assert caught.value.body["param"] == "truncate_prompt_tokens"  # type: ignore[index]
+
+
 def test_seeds_outside_64_bits_are_400_and_fan_out_wraps(client: openai.OpenAI) -> None:
     kwargs = {"model": "tiny", "prompt": "The quick", "max_tokens": 6, "temperature": 1.0}
     with pytest.raises(openai.BadRequestError) as caught:

@@ -26,7 +26,7 @@ from inferd.engine.async_llm import AsyncLLM, EngineDeadError
 from inferd.engine.input_processor import PRIORITY_NEEDS_POLICY
 from inferd.engine.llm_engine import PromptError
 from inferd.engine.outputs import RequestOutput
-from inferd.engine.tokenizer import BrokenChatTemplateError, ChatTemplateError, Tokenizer
+from inferd.engine.tokenizer import BrokenChatTemplateError, ChatTemplateError, InvalidTextError, Tokenizer
 from inferd.sampling_params import SamplingParams, SamplingParamsError
 from inferd.server.errors import (
     GenerationError,
@@ -238,6 +238,19 @@ class Frontend:
             raise InvalidRequestError(
                 f"{field}: token ids must be in [0, {self.vocab_size}), got {bad[:5]}", field=field
             )
+
+    def truncated(
+        self, prompt: str | list[int], keep: int, max_tokens: int | None, field: str = "prompt"
+    ) -> list[int]:
+        """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: as many as
+        leave room in the context for ``max_tokens``, or for one token)."""
+        try:
+            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        except InvalidTextError as exc:
+            raise InvalidRequestError(str(exc), field=field) from exc
+        if keep == -1:
+            keep = max(1, self.max_model_len - (max_tokens or 1))
+        return token_ids[-keep:]
 
     def prepare(self, prompt: str | list[int], params: SamplingParams, field: str = "prompt") -> list[int]:
         """Tokenize and check one prompt against the context; returns its token ids."""

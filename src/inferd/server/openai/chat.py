@@ -218,6 +218,8 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         )
     # The template writes the special tokens it wants (a BOS among them): none added again.
     token_ids = frontend.tokenizer.encode(prompt, add_special_tokens=False)
+    if body.truncate_prompt_tokens is not None:
+        token_ids = frontend.truncated(token_ids, body.truncate_prompt_tokens, params.max_tokens, "messages")
     if max_tokens is not None and body.max_tokens is None and body.max_completion_tokens is None:
         # The model's budget is a default, not the client's ask: where the context leaves less,
         # the context is the limit, as for a request without either.

@@ -84,6 +84,9 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
         # The echoed prompt's tokens get log-probabilities too (how a text is scored).
         params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
     prompts = _prompt_list(body.prompt)
+    keep = body.truncate_prompt_tokens
+    if keep is not None:
+        prompts = [frontend.truncated(prompt, keep, params.max_tokens) for prompt in prompts]
     token_ids = [frontend.prepare(prompt, params) for prompt in prompts]
     texts = [p if isinstance(p, str) else frontend.tokenizer.decode(p) for p in prompts] if body.echo else []
     return CompletionJob(

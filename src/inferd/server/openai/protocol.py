@@ -61,6 +61,8 @@ class SamplingExtras(_Body):
     skip_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    # Keep only the prompt's last k tokens (-1: as many as fit beside max_tokens), as vLLM's.
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
     # Under --scheduling-policy priority: lower runs first (vLLM's field); else only 0.
     priority: int = 0
     # inferd's: seconds until the request is aborted (overrides the server's --request-timeout).
@@ -73,6 +75,13 @@ class SamplingExtras(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_a_token(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be -1 or at least 1")
+        return value
 
     @field_validator("stream_options")
     @classmethod
