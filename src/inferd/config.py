@@ -613,12 +613,20 @@ class EngineConfig:
     warm_up: bool | None = None
     # LoRA adapters served beside the base model: (name, PEFT adapter folder) pairs (layers/lora.py).
     lora_modules: tuple[tuple[str, str], ...] = ()
+    # Adapters may also be loaded and unloaded while serving (vLLM's runtime LoRA updating).
+    allow_runtime_lora_updating: bool = False
     # Speculative decoding (prompt lookup); None: one token per request per step.
     speculative: SpeculativeConfig | None = None
 
     @property
     def lora_names(self) -> tuple[str, ...]:
+        """The adapters loaded at start-up."""
         return tuple(name for name, _ in self.lora_modules)
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether requests may use LoRA adapters (then decode steps never run as CUDA graphs)."""
+        return bool(self.lora_modules) or self.allow_runtime_lora_updating
 
     @property
     def local_model(self) -> ModelConfig:

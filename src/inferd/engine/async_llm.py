@@ -17,13 +17,14 @@ aborted, wherever it is, before the next step starts and its blocks are free by 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import heapq
 import logging
 import queue
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,14 @@ class _Abort:
     request_ids: list[str]
     reason: FinishReason
     error: str | None = None  # set: the requests end with this error rather than quietly
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Run ``call(engine)`` on the engine thread between steps; its result or error goes to ``done``."""
+
+    call: Callable[[LLMEngine | ProcessLLMEngine], Any]
+    done: concurrent.futures.Future[Any]
 
 
 _STOP = object()
@@ -204,6 +213,26 @@ class AsyncLLM:
         if live:
             self._commands.put(_Abort(live, FinishReason.ABORT, message))
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter from the next step on (``core.LoraUpdateError`` if it cannot be)."""
+        await self._on_engine_thread(lambda engine: engine.load_adapter(name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving a LoRA adapter no request uses (``core.LoraUpdateError`` if it cannot be)."""
+        await self._on_engine_thread(lambda engine: engine.unload_adapter(name))
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        """The LoRA adapters served now."""
+        return self.engine.inputs.lora_names
+
+    async def _on_engine_thread(self, call: Callable[[LLMEngine | ProcessLLMEngine], Any]) -> Any:
+        if not self.is_alive:
+            raise EngineDeadError(self.dead_reason or "the engine is not running")
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._commands.put(_Call(call, done))
+        return await asyncio.wrap_future(done)
+
     @property
     def num_live_requests(self) -> int:
         with self._lock:
@@ -228,6 +257,18 @@ class AsyncLLM:
             self.dead_reason = f"engine loop died: {exc!r}"
             logger.error("%s\n%s", self.dead_reason, traceback.format_exc())
             self._fail_all(self.dead_reason)
+        finally:
+            self._refuse_queued_calls()
+
+    def _refuse_queued_calls(self) -> None:
+        """Calls queued behind the loop's end would wait forever: they fail instead."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Call):
+                command.done.set_exception(EngineDeadError(self.dead_reason or "the engine has stopped"))
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands; returns False on shutdown."""
@@ -250,6 +291,14 @@ class AsyncLLM:
                 for out in aborted:
                     out.error = command.error
                 outputs.extend(aborted)
+            elif isinstance(command, _Call):
+                try:
+                    command.done.set_result(command.call(self.engine))
+                except EngineProcessDied:
+                    command.done.set_exception(EngineDeadError("the engine process died"))
+                    raise
+                except Exception as exc:  # the caller's to handle; the engine goes on
+                    command.done.set_exception(exc)
         self._deliver(outputs)
         return True
 

@@ -103,6 +103,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         tensor_parallel_size=_tensor_parallel_size(options.pop("tensor_parallel_size", None), model),
         warm_up=options.pop("warm_up", None),
         lora_modules=_lora_modules(options.pop("lora_modules", None)),
+        allow_runtime_lora_updating=bool(options.pop("allow_runtime_lora_updating", False)),
         speculative=_speculative(options.pop("speculative_config", None)),
     )
     if config.tensor_parallel_size > 1 and config.async_scheduling:
@@ -120,8 +121,9 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
     if config.speculative is not None and config.async_scheduling:
         raise ValueError("speculative decoding cannot be used with async_scheduling: a request's next "
                          "tokens are proposed from its last one, which must be on the host")  # fmt: skip
-    if config.lora_modules and config.tensor_parallel_size > 1:
-        raise ValueError("LoRA adapters (lora_modules) are not supported with tensor parallelism")
+    if config.uses_lora and config.tensor_parallel_size > 1:
+        raise ValueError("LoRA adapters (lora_modules, allow_runtime_lora_updating) are not supported with "
+                         "tensor parallelism")  # fmt: skip
     if config.load_format not in ("safetensors", "dummy"):
         raise ValueError(f"unknown load_format {config.load_format!r}; choose safetensors or dummy")
     if options:

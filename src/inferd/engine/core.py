@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
-from inferd.config import EngineConfig
+from inferd.config import EngineConfig, ModelLoadError
 from inferd.engine.outputs import EngineCoreOutput
 from inferd.engine.request import FinishReason, Request
 from inferd.kv.manager import KVCacheManager
@@ -37,6 +38,16 @@ class EngineStats:
     spec_accepted_tokens: int = 0
 
 
+class LoraUpdateError(ValueError):
+    """A LoRA adapter could not be loaded or unloaded; ``kind`` says why: ``invalid`` (not allowed,
+    a taken name, a folder that does not hold an adapter of this model), ``not_found`` or
+    ``in_use``."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
         assert config.cache.num_blocks is not None, "resolve the KV budget before building the core"
@@ -55,14 +66,49 @@ class EngineCore:
         self.async_scheduling = config.uses_async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read yet (async only)
         self.grammars = GrammarCompiler(config.model_path / "tokenizer.json", config.model.vocab_size)
+        # Each served adapter's prefix-cache salt: an adapter loaded again under a name used before
+        # gets a new one, so blocks its predecessor cached are never taken for its own.
+        self._adapter_salts = {name: name for name in config.lora_names}
+        self._adapter_loads = 0
 
     def add_request(self, request: Request) -> None:
         """Queue a request; a ValueError says why it cannot be (its structured-output constraint
-        does not compile over this tokenizer, say)."""
+        does not compile over this tokenizer, its adapter is not served, say)."""
+        adapter = request.params.adapter
+        if adapter is not None:
+            if adapter not in self._adapter_salts:
+                raise ValueError(f"no LoRA adapter {adapter!r} is served")
+            request.cache_salt = self._adapter_salts[adapter]
         spec = request.params.structured_output
         if spec is not None:
             request.grammar = self.grammars.matcher_for(spec, request.eos_token_ids)
         self.scheduler.add(request)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter from now on (LoraUpdateError: not allowed, the name is taken, or
+        the folder does not hold an adapter of this model)."""
+        if not self.config.allow_runtime_lora_updating:
+            raise LoraUpdateError("this engine was not started with allow_runtime_lora_updating", "invalid")
+        if name in self._adapter_salts:
+            raise LoraUpdateError(f"the LoRA adapter {name!r} is already loaded", "invalid")
+        try:
+            self.runner.load_adapter(name, Path(path))
+        except ModelLoadError as exc:
+            raise LoraUpdateError(str(exc), "invalid") from None
+        self._adapter_loads += 1
+        self._adapter_salts[name] = f"{name}#{self._adapter_loads}"
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving a LoRA adapter that no waiting or running request uses (LoraUpdateError)."""
+        if not self.config.allow_runtime_lora_updating:
+            raise LoraUpdateError("this engine was not started with allow_runtime_lora_updating", "invalid")
+        if name not in self._adapter_salts:
+            raise LoraUpdateError(f"no LoRA adapter {name!r} is loaded", "not_found")
+        users = [r for r in (*self.scheduler.waiting, *self.scheduler.running) if r.params.adapter == name]
+        if users:
+            raise LoraUpdateError(f"the LoRA adapter {name!r} is in use by {len(users)} request(s)", "in_use")
+        self.runner.unload_adapter(name)
+        del self._adapter_salts[name]
 
     def shutdown(self) -> None:
         """Release what outlives the process's own memory: the other tensor-parallel ranks."""

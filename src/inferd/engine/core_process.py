@@ -19,7 +19,7 @@ import zmq
 
 from inferd.config import EngineConfig
 from inferd.engine.builder import resolve_num_blocks
-from inferd.engine.core import EngineCore, EngineStats
+from inferd.engine.core import EngineCore, EngineStats, LoraUpdateError
 from inferd.engine.outputs import EngineCoreOutput
 from inferd.engine.request import FinishReason, Request
 from inferd.sampling_params import SamplingParams
@@ -49,6 +49,18 @@ class ShutdownMsg(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
+class LoraMsg(msgspec.Struct, tag=True, array_like=True):
+    """Load (with ``path``) or unload (``path`` None) a LoRA adapter; answered by LoraDoneMsg."""
+
+    name: str
+    path: str | None
+
+
+class LoraDoneMsg(msgspec.Struct, tag=True, array_like=True):
+    error: str | None  # None: done
+    kind: str  # LoraUpdateError's kind when it failed
+
+
 class ReadyMsg(msgspec.Struct, tag=True, array_like=True):
     num_blocks: int
     max_model_len: int
@@ -63,8 +75,8 @@ class FatalMsg(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
-ToCore = AddMsg | AbortMsg | ShutdownMsg
-FromCore = ReadyMsg | OutputsMsg | FatalMsg
+ToCore = AddMsg | AbortMsg | ShutdownMsg | LoraMsg
+FromCore = ReadyMsg | OutputsMsg | FatalMsg | LoraDoneMsg
 
 
 def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) -> None:
@@ -126,6 +138,17 @@ def _send(outbox: zmq.Socket, data: bytes, parent: int) -> bool:
     return True
 
 
+def _update_adapter(core: EngineCore, message: LoraMsg) -> LoraDoneMsg:
+    try:
+        if message.path is None:
+            core.unload_adapter(message.name)
+        else:
+            core.load_adapter(message.name, message.path)
+    except LoraUpdateError as exc:
+        return LoraDoneMsg(str(exc), exc.kind)
+    return LoraDoneMsg(None, "")
+
+
 def _serve(
     core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, encoder: msgspec.msgpack.Encoder, parent: int
 ) -> None:
@@ -165,6 +188,9 @@ def _serve(
                                                error=str(exc))  # fmt: skip
                     if not _send(outbox, encoder.encode(OutputsMsg([refused], core.stats())), parent):
                         return
+            elif isinstance(message, LoraMsg):
+                if not _send(outbox, encoder.encode(_update_adapter(core, message)), parent):
+                    return
             else:
                 core.abort(message.request_ids, FinishReason(message.reason))
                 aborted = True

@@ -51,6 +51,8 @@ class InputProcessor:
         self.max_model_len = config.scheduler.max_model_len
         self.max_tokens_cap = config.scheduler.max_tokens_cap
         self.vocab_size = config.model.vocab_size
+        # The LoRA adapters requests may name: the start-up ones, then as loads and unloads go.
+        self.lora_names: tuple[str, ...] = config.lora_names
         # A tokenizer with ids past the model's vocabulary (a folder whose files disagree) could
         # index past the embedding table: only then are a text prompt's ids checked.
         self._text_ids_can_exceed_vocab = tokenizer.largest_token_id >= self.vocab_size
@@ -118,8 +120,8 @@ class InputProcessor:
     def make_request(
         self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
     ) -> Request:
-        if params.adapter is not None and params.adapter not in self.config.lora_names:
-            known = ", ".join(self.config.lora_names) or "none"
+        if params.adapter is not None and params.adapter not in self.lora_names:
+            known = ", ".join(self.lora_names) or "none"
             raise PromptError(f"no LoRA adapter {params.adapter!r} in this engine (adapters: {known})")
         if params.priority and self.config.scheduler.policy != "priority":
             raise PromptError(PRIORITY_NEEDS_POLICY.format(params.priority))

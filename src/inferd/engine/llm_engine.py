@@ -64,6 +64,16 @@ class LLMEngine:
         )
         return request.prompt_token_ids
 
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter from now on (``core.LoraUpdateError`` if it cannot be)."""
+        self.core.load_adapter(name, path)
+        self.inputs.lora_names = (*self.inputs.lora_names, name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving a LoRA adapter no request uses (``core.LoraUpdateError`` if it cannot be)."""
+        self.core.unload_adapter(name)
+        self.inputs.lora_names = tuple(n for n in self.inputs.lora_names if n != name)
+
     def step(self) -> list[RequestOutput]:
         processed = self.output_processor.process(self.core.step())
         self.core.abort(processed.stopped, FinishReason.STOP)

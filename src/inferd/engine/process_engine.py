@@ -13,12 +13,14 @@ import msgspec
 import zmq
 
 from inferd.config import EngineConfig
-from inferd.engine.core import EngineStats
+from inferd.engine.core import EngineStats, LoraUpdateError
 from inferd.engine.core_process import (
     AbortMsg,
     AddMsg,
     FatalMsg,
     FromCore,
+    LoraDoneMsg,
+    LoraMsg,
     OutputsMsg,
     ReadyMsg,
     ShutdownMsg,
@@ -80,6 +82,8 @@ class ProcessLLMEngine:
         # True from any add/abort until the core reports itself idle, so the caller keeps
         # calling step() and the final stats (blocks freed) are read.
         self._core_busy = False
+        # Step outputs that came while a LoRA update waited for its answer: step() takes them first.
+        self._held: list[OutputsMsg] = []
 
     def _wait_ready(self) -> ReadyMsg:
         deadline = time.monotonic() + _READY_TIMEOUT_S
@@ -117,12 +121,44 @@ class ProcessLLMEngine:
         self.output_processor.add(request_id, request.prompt_token_ids, params, request.arrival_time)
         return request.prompt_token_ids
 
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter from now on (``core.LoraUpdateError`` if it cannot be)."""
+        self._update_adapter(LoraMsg(name, path))
+        self.inputs.lora_names = (*self.inputs.lora_names, name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving a LoRA adapter no request uses (``core.LoraUpdateError`` if it cannot be)."""
+        self._update_adapter(LoraMsg(name, None))
+        self.inputs.lora_names = tuple(n for n in self.inputs.lora_names if n != name)
+
+    def _update_adapter(self, message: LoraMsg) -> None:
+        """Send the update and wait for the core's answer, keeping the step outputs sent before it."""
+        busy = self._core_busy
+        self._send(message)
+        self._core_busy = busy  # an update alone brings no step, so no idle report would end it
+        while True:
+            if not self._from_core.poll(_SEND_POLL_MS):
+                self.check_alive()
+                continue
+            answer = self._decoder.decode(self._from_core.recv())
+            if isinstance(answer, FatalMsg):
+                raise EngineProcessDied(answer.message)
+            if isinstance(answer, LoraDoneMsg):
+                if answer.error is not None:
+                    raise LoraUpdateError(answer.error, answer.kind)
+                return
+            assert isinstance(answer, OutputsMsg)
+            self._held.append(answer)
+
     def step(self) -> list[RequestOutput]:
         """Outputs of the core's latest step (empty if none arrived within the poll interval)."""
-        if not self._from_core.poll(_POLL_MS):
-            self.check_alive()
-            return []
-        message = self._decoder.decode(self._from_core.recv())
+        if self._held:
+            message: FromCore = self._held.pop(0)
+        else:
+            if not self._from_core.poll(_POLL_MS):
+                self.check_alive()
+                return []
+            message = self._decoder.decode(self._from_core.recv())
         if isinstance(message, FatalMsg):
             raise EngineProcessDied(message.message)
         assert isinstance(message, OutputsMsg)
@@ -136,7 +172,7 @@ class ProcessLLMEngine:
             self._send(AbortMsg(processed.failed, FinishReason.ERROR.value))
         return processed.outputs
 
-    def _send(self, message: AddMsg | AbortMsg) -> None:
+    def _send(self, message: AddMsg | AbortMsg | LoraMsg) -> None:
         self._core_busy = True
         while not self._to_core.poll(_SEND_POLL_MS, zmq.POLLOUT):
             self.check_alive()

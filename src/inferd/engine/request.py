@@ -60,6 +60,9 @@ class Request:
     # often its block table gave back blocks of rejected guesses (a table otherwise only grows).
     guess_limit: int = 0
     num_table_trims: int = 0
+    # What its prefix-cache hashes start from (set by the engine core): its LoRA adapter's load,
+    # whose K/V are its own, or None for the base model.
+    cache_salt: str | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

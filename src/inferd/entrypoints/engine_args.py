@@ -102,6 +102,12 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         "OpenAI 'model' field, TGI's 'adapter_id')",
     )
     group.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="let LoRA adapters be loaded and unloaded while serving (POST /v1/load_lora_adapter, "
+        "/v1/unload_lora_adapter): adapter folders on this machine, named by API clients",
+    )
+    group.add_argument(
         "--speculative-config",
         metavar="JSON",
         help='speculative decoding by prompt lookup, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
@@ -125,4 +131,6 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
             options[switch] = getattr(args, switch)
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
+    if args.allow_runtime_lora_updating:
+        options["allow_runtime_lora_updating"] = True
     return options

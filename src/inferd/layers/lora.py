@@ -170,6 +170,7 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], qkv_rows: lis
     dtype = next(model.parameters()).dtype
     batch = LoraBatch([adapter.name for adapter in adapters], device)
     modules = dict(model.named_modules())
+    detach_adapters(model)  # a projection no adapter targets any more keeps none
     # projection -> per adapter: [(piece, A, B)]
     targets: dict[str, list[list[tuple[int | None, torch.Tensor, torch.Tensor]]]] = {}
     for slot, adapter in enumerate(adapters):
@@ -211,6 +212,15 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], qkv_rows: lis
                 used += r
         linear.lora = LoraWeights(a_stack, b_stack, batch)
     return batch
+
+
+def detach_adapters(model: nn.Module) -> None:
+    """Every projection back to the base model's alone."""
+    from inferd.layers.linear import Linear
+
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.lora = None
 
 
 def _piece(piece_rows: list[int], index: int) -> slice:

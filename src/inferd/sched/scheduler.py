@@ -176,9 +176,7 @@ class Scheduler:
             cached = (
                 0
                 if scoring
-                else self.kv.find_cached_prefix(
-                    request.request_id, request.all_token_ids, request.params.adapter
-                )
+                else self.kv.find_cached_prefix(request.request_id, request.all_token_ids, request.cache_salt)
             )
             request.num_computed_tokens = cached
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -281,7 +279,7 @@ class Scheduler:
                     request.request_id,
                     request.tokens_in_range,
                     min(request.num_computed_tokens, request.num_tokens),
-                    request.params.adapter,
+                    request.cache_salt,
                 )
             if tokens is None:
                 continue

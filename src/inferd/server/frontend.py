@@ -16,13 +16,14 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 from inferd.engine.admission import EngineOverloadedError
 from inferd.engine.async_llm import AsyncLLM, EngineDeadError
+from inferd.engine.core import LoraUpdateError
 from inferd.engine.input_processor import PRIORITY_NEEDS_POLICY
 from inferd.engine.llm_engine import PromptError
 from inferd.engine.outputs import RequestOutput
@@ -110,8 +111,30 @@ class Frontend:
 
     @property
     def adapters(self) -> tuple[str, ...]:
-        """The LoRA adapters served beside the base model (``--lora-modules``)."""
-        return self.llm.config.lora_names
+        """The LoRA adapters served beside the base model (``--lora-modules``, and those loaded
+        while serving)."""
+        return self.llm.lora_names
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter from ``path`` (on this machine) under ``name`` from now on."""
+        if name == self.model_name:
+            raise InvalidRequestError(
+                f"lora_name: {name!r} is the served model's name: requests could not reach it", "lora_name"
+            )
+        await self._update_adapter(self.llm.load_adapter(name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving a LoRA adapter no request in the engine uses."""
+        await self._update_adapter(self.llm.unload_adapter(name))
+
+    async def _update_adapter(self, update: Awaitable[None]) -> None:
+        try:
+            await update
+        except LoraUpdateError as exc:
+            error = ModelNotFoundError if exc.kind == "not_found" else InvalidRequestError
+            raise error(f"lora_name: {exc}", "lora_name") from exc
+        except EngineDeadError as exc:
+            raise ServiceUnavailableError(str(exc)) from exc
 
     def adapter_for(self, name: str | None, field: str = "model") -> str | None:
         """The LoRA adapter a request's model name asks for; None for the base model (its served

@@ -15,7 +15,7 @@ from inferd.attention.base import AttentionBackend
 from inferd.attention.registry import create_backend, resolve_backend_name
 from inferd.config import EngineConfig, ModelLoadError, parse_dtype
 from inferd.engine.request import Request
-from inferd.layers.lora import LoraBatch, attach_adapters, read_adapter
+from inferd.layers.lora import LoraAdapter, LoraBatch, attach_adapters, detach_adapters, read_adapter
 from inferd.models.loader import enable_configured_kernels, load_model
 from inferd.sample.sampler import PendingSample, Sampler, TokenLogprobs
 from inferd.sched.output import SchedulerOutput
@@ -118,7 +118,13 @@ class ModelRunner:
                 shard=(0, config.tensor_parallel_size) if self.tensor_parallel is not None else None,
             )
             enable_configured_kernels(self.model, config)
-            self.lora_batch = self._attach_adapters() if config.lora_modules else None
+            # The adapters served now, by name: those of the start-up, and at run time any loaded.
+            self.adapters: dict[str, LoraAdapter] = {
+                name: read_adapter(name, Path(path)) for name, path in config.lora_modules
+            }
+            self.lora_batch = self._attach_adapters() if self.adapters else None
+            if self.adapters:
+                logger.info("LoRA adapters: %s", ", ".join(self.adapters))
             if self.tensor_parallel is not None:
                 self.model.set_all_reduce(all_reduce)
                 self.tensor_parallel.wait_loaded()
@@ -173,19 +179,42 @@ class ModelRunner:
         return int(torch.cuda.memory_reserved(self.device))
 
     def _attach_adapters(self) -> LoraBatch:
-        """Read the engine's LoRA adapters and give the projections they target their weights."""
+        """Give the projections the served adapters target their stacked weights."""
         model = self.config.local_model
-        adapters = [read_adapter(name, Path(path)) for name, path in self.config.lora_modules]
         q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
-        batch = attach_adapters(cast(nn.Module, self.model), adapters, [q, kv, kv])
-        logger.info("LoRA adapters: %s", ", ".join(a.name for a in adapters))
-        return batch
+        return attach_adapters(cast(nn.Module, self.model), list(self.adapters.values()), [q, kv, kv])
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Serve one more adapter (ModelLoadError: it cannot be read or does not fit the model;
+        the adapters served before are left as they were)."""
+        adapter = read_adapter(name, path)
+        before = self.adapters
+        self.adapters = {**before, name: adapter}
+        try:
+            self.lora_batch = self._attach_adapters()
+        except BaseException:
+            self.adapters = before
+            self.lora_batch = self._attach_adapters() if before else None
+            if not before:
+                detach_adapters(cast(nn.Module, self.model))
+            raise
+        logger.info("LoRA adapter %r loaded from %s", name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving an adapter; no running or waiting request may use it."""
+        del self.adapters[name]
+        if self.adapters:
+            self.lora_batch = self._attach_adapters()
+        else:
+            detach_adapters(cast(nn.Module, self.model))
+            self.lora_batch = None
+        logger.info("LoRA adapter %r unloaded", name)
 
     def uses_cuda_graphs(self) -> bool:
         """Whether decode steps should run as CUDA graphs (captured by ``capture_decode_graphs``)."""
         if self.config.enforce_eager or self.device.type != "cuda":
             return False
-        if self.config.lora_modules:
+        if self.config.uses_lora:
             # Which rows take which adapter is set on the host each step (layers/lora.py).
             logger.info("CUDA graphs are not used with LoRA adapters; decode runs eagerly")
             return False

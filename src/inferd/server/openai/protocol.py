@@ -108,6 +108,17 @@ class CompletionRequest(SamplingExtras):
     suffix: str | None = None
 
 
+class LoadLoraAdapterRequest(_Body):
+    """`POST /v1/load_lora_adapter` (vLLM's): a PEFT adapter folder on the server's machine."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraAdapterRequest(_Body):
+    lora_name: str = Field(min_length=1)
+
+
 class TextContentPart(_Body):
     type: Literal["text"]
     text: str

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from inferd.server.errors import InvalidRequestError, protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
@@ -23,10 +23,12 @@ from inferd.server.openai.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoraAdapterRequest,
 )
 from inferd.server.openai.response_store import ResponseStore
 from inferd.server.openai.responses import (
@@ -62,6 +64,18 @@ def build_router(
             for name in frontend.adapters
         ]
         return ModelList(data=[base, *adapters])
+
+    if frontend.llm.config.allow_runtime_lora_updating:
+
+        @router.post("/v1/load_lora_adapter", response_model=None)
+        async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
+            await frontend.load_adapter(body.lora_name, body.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter {body.lora_name!r} loaded.")
+
+        @router.post("/v1/unload_lora_adapter", response_model=None)
+        async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> PlainTextResponse:
+            await frontend.unload_adapter(body.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter {body.lora_name!r} unloaded.")
 
     @router.post("/v1/completions", response_model=None)
     async def create_completion(body: CompletionRequest, request: Request) -> CompletionResponse | Response:

@@ -1,0 +1,153 @@
+"""LoRA adapters loaded and unloaded while serving (``allow_runtime_lora_updating``): answers as an
+engine started with the adapter gives them, a prefix cache never shared between two loads under one
+name, refusals by kind, across an engine process, and over vLLM's two HTTP routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from server_process import run_server
+from tiny_models import make_lora_adapter
+
+from inferd import LLM, SamplingParams
+from inferd.engine.async_llm import AsyncLLM
+from inferd.engine.core import LoraUpdateError
+from inferd.engine.input_processor import PromptError
+
+PROMPTS = [list(range(5, 45)), list(range(60, 70))]
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_factory) -> Path:  # type: ignore[no-untyped-def]
+    return tiny_model_factory("qwen3")
+
+
+@pytest.fixture(scope="module")
+def adapters(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runtime-lora")
+    return {
+        "one": make_lora_adapter(base, root / "one", seed=11),
+        # Another rank and fewer targets: the stacked weights are rebuilt around it.
+        "two": make_lora_adapter(base, root / "two", seed=12, rank=2, targets=("q_proj", "down_proj")),
+    }
+
+
+def _greedy(llm: LLM, adapter: str | None) -> list[list[int]]:
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, adapter=adapter)
+    return [out.token_ids for out in llm.generate(PROMPTS, params)]
+
+
+def _static(base: Path, name: str, folder: Path) -> list[list[int]]:
+    """What an engine started with the adapter answers."""
+    return _greedy(LLM(base, kv_cache_memory="8MiB", lora_modules={name: str(folder)}), name)
+
+
+def test_loaded_adapters_answer_as_at_start_up_and_unloaded_ones_are_refused(base: Path, adapters) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(base, kv_cache_memory="8MiB", allow_runtime_lora_updating=True)
+    plain = _greedy(llm, None)
+    llm.engine.load_adapter("one", str(adapters["one"]))
+    one = _greedy(llm, "one")
+    assert one == _static(base, "one", adapters["one"]) and one != plain
+    llm.engine.load_adapter("two", str(adapters["two"]))
+    assert _greedy(llm, "two") == _static(base, "two", adapters["two"])
+    assert _greedy(llm, "one") == one and _greedy(llm, None) == plain
+    llm.engine.unload_adapter("one")
+    with pytest.raises(PromptError, match="no LoRA adapter 'one'"):
+        _greedy(llm, "one")
+    assert _greedy(llm, None) == plain and _greedy(llm, "two") == _static(base, "two", adapters["two"])
+    llm.engine.unload_adapter("two")  # right after a step that used it
+    assert _greedy(llm, None) == plain  # every projection back to the base model's alone
+
+
+def test_a_name_loaded_again_never_reads_its_predecessors_cached_blocks(base: Path, adapters) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(base, kv_cache_memory="8MiB", allow_runtime_lora_updating=True)
+    llm.engine.load_adapter("style", str(adapters["one"]))
+    _greedy(llm, "style")  # its prompts' blocks are now cached under this load of "style"
+    llm.engine.unload_adapter("style")
+    llm.engine.load_adapter("style", str(adapters["two"]))
+    assert _greedy(llm, "style") == _static(base, "style", adapters["two"])
+    assert llm.engine.stats().prefix_hits == 0
+
+
+def test_updates_that_cannot_be_made_are_refused_by_kind(base: Path, adapters, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    fixed = LLM(base, kv_cache_memory="8MiB", lora_modules={"one": str(adapters["one"])})
+    with pytest.raises(LoraUpdateError, match="allow_runtime_lora_updating"):
+        fixed.engine.load_adapter("two", str(adapters["two"]))
+    llm = LLM(base, kv_cache_memory="8MiB", allow_runtime_lora_updating=True)
+    llm.engine.load_adapter("one", str(adapters["one"]))
+    cases = [
+        (lambda: llm.engine.load_adapter("one", str(adapters["two"])), "invalid", "already loaded"),
+        (lambda: llm.engine.load_adapter("bad", str(tmp_path)), "invalid", "adapter_config.json"),
+        (lambda: llm.engine.unload_adapter("none"), "not_found", "no LoRA adapter 'none'"),
+    ]
+    for update, kind, message in cases:
+        with pytest.raises(LoraUpdateError, match=message) as caught:
+            update()
+        assert caught.value.kind == kind
+    # A request that waits or runs keeps its adapter.
+    llm.engine.add_request("busy", PROMPTS[0], SamplingParams(max_tokens=4, adapter="one"))
+    with pytest.raises(LoraUpdateError, match="in use by 1 request") as caught:
+        llm.engine.unload_adapter("one")
+    assert caught.value.kind == "in_use"
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    llm.engine.unload_adapter("one")
+    assert llm.engine.inputs.lora_names == ()
+
+
+async def test_updates_cross_to_an_engine_process(base: Path, adapters) -> None:  # type: ignore[no-untyped-def]
+    expected = _static(base, "one", adapters["one"])
+    llm = AsyncLLM.from_options(
+        base, engine_process=True, kv_cache_memory="8MiB", allow_runtime_lora_updating=True
+    )
+    llm.start()
+    try:
+        await llm.load_adapter("one", str(adapters["one"]))
+        assert llm.lora_names == ("one",)
+        assert not llm.engine.has_unfinished()  # an update brings no step: the engine thread may idle
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, adapter="one")
+        for index, prompt in enumerate(PROMPTS):
+            outputs = [out async for out in llm.generate(f"r{index}", prompt, params)]
+            assert outputs[-1].token_ids == expected[index]
+        with pytest.raises(LoraUpdateError) as caught:
+            await llm.unload_adapter("none")
+        assert caught.value.kind == "not_found"
+        await llm.unload_adapter("one")
+        assert llm.lora_names == ()
+    finally:
+        llm.shutdown()
+
+
+def test_served_load_and_unload_routes(base: Path, adapters, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    expected = _static(base, "one", adapters["one"])
+    with run_server(base, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny",
+                    "--allow-runtime-lora-updating") as server:  # fmt: skip
+        url = server.base_url
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        loaded = httpx.post(
+            f"{url}/v1/load_lora_adapter", json={"lora_name": "one", "lora_path": str(adapters["one"])}
+        )
+        assert loaded.status_code == 200, loaded.text
+        assert [card.id for card in client.models.list().data] == ["tiny", "one"]
+        reply = client.completions.create(model="one", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})  # fmt: skip
+        assert reply.choices[0].text == LLM(base, kv_cache_memory="8MiB").engine.tokenizer.decode(expected[0])
+        refusals = [
+            ("load", {"lora_name": "one", "lora_path": str(adapters["two"])}, 400),
+            ("load", {"lora_name": "tiny", "lora_path": str(adapters["two"])}, 400),
+            ("load", {"lora_name": "bad", "lora_path": str(tmp_path)}, 400),
+            ("unload", {"lora_name": "none"}, 404),
+        ]
+        for route, body, status in refusals:
+            response = httpx.post(f"{url}/v1/{route}_lora_adapter", json=body)
+            assert response.status_code == status, (body, response.text)
+            assert response.json()["error"]["param"] == "lora_name"
+        assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "one"}).status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="one", prompt=PROMPTS[0], max_tokens=2)
+    with run_server(base, "--kv-cache-memory", "8MiB") as plain:
+        body = {"lora_name": "one", "lora_path": str(adapters["one"])}
+        assert httpx.post(f"{plain.base_url}/v1/load_lora_adapter", json=body).status_code == 404
