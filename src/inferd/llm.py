@@ -9,6 +9,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from inferd.engine.beam_search import (
+    BeamSearch,
+    BeamSearchOutput,
+    BeamSearchParams,
+    BeamSearchSequence,
+    step_params,
+)
 from inferd.engine.llm_engine import LLMEngine, Prompt
 from inferd.engine.outputs import RequestOutput
 from inferd.sampling_params import SamplingParams
@@ -66,6 +73,51 @@ class LLM:
             self.engine.abort([rid for rid, index in order.items() if results[index] is None])
             raise
         return [r for r in results if r is not None]
+
+    def beam_search(
+        self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """Beam search for every prompt (``engine/beam_search.py``): each step runs the live beams
+        of all prompts as one batch of one-token requests. Outputs in prompt order."""
+        inputs = self.engine.inputs
+        prompt_ids = [inputs.tokenize_prompt(prompt) for prompt in _as_prompt_list(prompts)]
+        for ids in prompt_ids:  # a prompt that cannot take the whole budget fails now, not midway
+            inputs.resolve_max_tokens(len(ids), SamplingParams(max_tokens=params.max_tokens))
+        searches = [BeamSearch(params, self.engine.eos_token_ids) for _ in prompt_ids]
+        per_step = step_params(params)
+        with tqdm(total=params.max_tokens, desc="beam search", disable=not use_tqdm, unit="tok") as bar:
+            while not all(search.done for search in searches):
+                beams = [
+                    (search, [*ids, *beam.token_ids])
+                    for search, ids in zip(searches, prompt_ids, strict=True)
+                    for beam in search.live
+                ]
+                outputs = self.generate([tokens for _, tokens in beams], per_step)
+                for search in searches:
+                    steps = [
+                        out.logprobs[0]
+                        for (owner, _), out in zip(beams, outputs, strict=True)
+                        if owner is search
+                    ]
+                    if steps:
+                        search.advance(steps)
+                bar.update(1)
+        tokenizer = self.engine.tokenizer
+        return [
+            BeamSearchOutput(
+                ids,
+                [
+                    BeamSearchSequence(
+                        list(beam.token_ids),
+                        tokenizer.decode(beam.token_ids),
+                        beam.cumulative_logprob,
+                        beam.finish_reason or "length",
+                    )
+                    for beam in search.best()
+                ],
+            )  # fmt: skip
+            for search, ids in zip(searches, prompt_ids, strict=True)
+        ]
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -14,6 +14,7 @@ from inferd.sample.sampler import TokenLogprobs
 from inferd.sampling_params import SamplingParams
 from inferd.server.errors import ApiError, InvalidRequestError
 from inferd.server.frontend import Frontend
+from inferd.server.openai.beam_search import check_beam_request
 from inferd.server.openai.common import (
     error_event_payload,
     finish_reason,
@@ -58,6 +59,8 @@ class CompletionJob:
     best_of: int = 1
     # The log-probabilities the client asked for (the engine computes them for best_of regardless).
     logprobs: int | None = None
+    # Set: a beam search (server/openai/beam_search.py) ranking finished beams with this penalty.
+    length_penalty: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -72,6 +75,8 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
     frontend.check_model(body.model)
     if body.suffix:
         raise InvalidRequestError("suffix: insertion after a suffix is not supported", "suffix")
+    if body.use_beam_search:
+        check_beam_request(body)
     best_of = body.n if body.best_of is None else body.best_of
     if best_of < body.n:
         raise InvalidRequestError(f"best_of ({best_of}) must be at least n ({body.n})", "best_of")
@@ -100,6 +105,7 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
         include_usage=body.include_usage_chunk,
         best_of=best_of,
         logprobs=body.logprobs,
+        length_penalty=body.length_penalty if body.use_beam_search else None,
     )
 
 

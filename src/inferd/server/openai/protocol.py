@@ -106,6 +106,9 @@ class CompletionRequest(SamplingExtras):
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+    # vLLM's beam search: the n best of n beams; length_penalty ranks finished beams.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
 
 class LoadLoraAdapterRequest(_Body):

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from inferd.server.errors import InvalidRequestError, protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
+from inferd.server.openai.beam_search import beam_complete
 from inferd.server.openai.chat import chat, prepare_chat, stream_chat, template_messages
 from inferd.server.openai.common import error_response
 from inferd.server.openai.completions import complete, prepare_completion, stream_completion
@@ -84,6 +85,8 @@ def build_router(
         frontend.check_ready(job.prompts, job.best_of)
         if body.stream:
             return sse_response(stream_completion(frontend, job))
+        if job.length_penalty is not None:
+            return await unless_disconnected(request, beam_complete(frontend, job))
         return await unless_disconnected(request, complete(frontend, job))
 
     @router.post("/v1/chat/completions", response_model=None)

@@ -1,0 +1,109 @@
+"""`/v1/completions` with vLLM's `use_beam_search`: the engine's beam search (`engine/beam_search.py`)
+driven from the event loop, each step one batch of one-token requests through the Frontend (so
+timeouts, admission and metrics apply to them as to any request)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from typing import TYPE_CHECKING
+
+from inferd.engine.beam_search import MAX_BEAM_WIDTH, BeamSearch, BeamSearchParams, step_params
+from inferd.engine.outputs import RequestOutput
+from inferd.sampling_params import SamplingParams
+from inferd.server.errors import InvalidRequestError, RequestTimeoutError
+from inferd.server.frontend import Frontend
+from inferd.server.openai.common import finish_reason, usage
+from inferd.server.openai.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from inferd.server.structured_request import GUIDED_FIELDS
+
+if TYPE_CHECKING:
+    from inferd.server.openai.completions import CompletionJob
+
+
+def check_beam_request(body: CompletionRequest) -> None:
+    """What a beam search cannot honour is refused, naming the field. Sampling settings
+    (temperature, top_p, penalties, seed...) do not apply to it and are ignored, as in vLLM."""
+    if body.n > MAX_BEAM_WIDTH:
+        raise InvalidRequestError(f"n: a beam search keeps at most {MAX_BEAM_WIDTH} beams, got {body.n}", "n")
+    constraints = ("response_format", "structured_outputs", *GUIDED_FIELDS)
+    refused = {
+        "stream": body.stream,
+        "best_of": body.best_of is not None and body.best_of != body.n,
+        "logprobs": body.logprobs is not None,
+        "echo": body.echo,
+        "stop": bool(body.stop),
+        **{name: getattr(body, name) is not None for name in constraints},
+    }
+    for name, is_set in refused.items():
+        if is_set:
+            raise InvalidRequestError(f"{name} is not supported with use_beam_search", name)
+
+
+async def beam_complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse:
+    """The ``job.n`` best beams of each prompt, best first (choice ``p * n + k``)."""
+    assert job.length_penalty is not None
+    searches = []
+    for prompt in job.prompts:
+        _, budget = frontend.llm.prepare(prompt, job.params)
+        params = BeamSearchParams(job.n, budget, job.params.ignore_eos, job.length_penalty)
+        searches.append(BeamSearch(params, frontend.eos_token_ids))
+    per_step = step_params(searches[0].params, job.params.adapter)
+    deadline = None if job.timeout_s is None else time.monotonic() + job.timeout_s
+    step = 0
+    while not all(search.done for search in searches):
+        beams = [
+            (search, [*prompt, *beam.token_ids])
+            for search, prompt in zip(searches, job.prompts, strict=True)
+            for beam in search.live
+        ]
+        sequences = [tokens for _, tokens in beams]
+        outputs = await _step(frontend, f"{job.request_id}-s{step}", sequences, per_step, deadline)
+        for search in searches:
+            steps = [
+                out.logprobs[0] for (owner, _), out in zip(beams, outputs, strict=True) if owner is search
+            ]
+            if steps:
+                search.advance(steps)
+        step += 1
+    choices: list[CompletionChoice] = []
+    completion_tokens = 0
+    for search in searches:
+        for beam in search.best():
+            completion_tokens += len(beam.token_ids)
+            text = frontend.tokenizer.decode(
+                beam.token_ids, skip_special_tokens=job.params.skip_special_tokens
+            )
+            reason = "stop" if beam.finish_reason == "stop" else "length"
+            choices.append(
+                CompletionChoice(index=len(choices), text=text, logprobs=None, finish_reason=reason)
+            )
+    return CompletionResponse(
+        id=job.request_id,
+        created=job.created,
+        model=job.model,
+        choices=choices,
+        usage=usage(job.num_prompt_tokens, completion_tokens),
+    )
+
+
+async def _step(
+    frontend: Frontend,
+    request_id: str,
+    sequences: list[list[int]],
+    params: SamplingParams,
+    deadline: float | None,
+) -> list[RequestOutput]:
+    """One step of every live beam: each sequence's next-token alternatives, in order."""
+    timeout_s = None
+    if deadline is not None:
+        timeout_s = deadline - time.monotonic()
+        if timeout_s <= 0:
+            raise RequestTimeoutError("the request timed out and was aborted")
+    finals: dict[int, RequestOutput] = {}
+    async with aclosing(frontend.generate(request_id, sequences, params, 1, timeout_s)) as stream:
+        async for item in stream:
+            if item.output.finished:
+                finish_reason(item.output)  # a timed-out or failed step raises
+                finals[item.index] = item.output
+    return [finals[index] for index in range(len(sequences))]
