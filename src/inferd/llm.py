@@ -14,6 +14,8 @@ from inferd.engine.beam_search import (
     BeamSearchOutput,
     BeamSearchParams,
     BeamSearchSequence,
+    advance_all,
+    live_sequences,
     step_params,
 )
 from inferd.engine.llm_engine import LLMEngine, Prompt
@@ -87,20 +89,9 @@ class LLM:
         per_step = step_params(params)
         with tqdm(total=params.max_tokens, desc="beam search", disable=not use_tqdm, unit="tok") as bar:
             while not all(search.done for search in searches):
-                beams = [
-                    (search, [*ids, *beam.token_ids])
-                    for search, ids in zip(searches, prompt_ids, strict=True)
-                    for beam in search.live
-                ]
-                outputs = self.generate([tokens for _, tokens in beams], per_step)
-                for search in searches:
-                    steps = [
-                        out.logprobs[0]
-                        for (owner, _), out in zip(beams, outputs, strict=True)
-                        if owner is search
-                    ]
-                    if steps:
-                        search.advance(steps)
+                stepped = live_sequences(searches, prompt_ids)
+                outputs = self.generate([tokens for _, tokens in stepped], per_step)
+                advance_all(stepped, [out.logprobs[0] for out in outputs])
                 bar.update(1)
         tokenizer = self.engine.tokenizer
         return [

@@ -90,6 +90,27 @@ class BeamSearch:
         ]
 
 
+def live_sequences(
+    searches: list[BeamSearch], prompts: list[list[int]]
+) -> list[tuple[BeamSearch, list[int]]]:
+    """Every live beam of every prompt's search, as (its search, prompt and beam tokens), in order:
+    one step's requests."""
+    return [
+        (search, [*prompt, *beam.token_ids])
+        for search, prompt in zip(searches, prompts, strict=True)
+        for beam in search.live
+    ]
+
+
+def advance_all(stepped: list[tuple[BeamSearch, list[int]]], steps: list[TokenLogprobs]) -> None:
+    """Each search advanced by its own beams' steps (``steps[i]``: ``stepped[i]``'s alternatives)."""
+    by_search: dict[int, tuple[BeamSearch, list[TokenLogprobs]]] = {}
+    for (search, _), step in zip(stepped, steps, strict=True):
+        by_search.setdefault(id(search), (search, []))[1].append(step)
+    for search, own in by_search.values():
+        search.advance(own)
+
+
 @dataclass(frozen=True)
 class BeamSearchSequence:
     token_ids: list[int]

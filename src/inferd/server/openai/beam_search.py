@@ -8,7 +8,14 @@ import time
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
-from inferd.engine.beam_search import MAX_BEAM_WIDTH, BeamSearch, BeamSearchParams, step_params
+from inferd.engine.beam_search import (
+    MAX_BEAM_WIDTH,
+    BeamSearch,
+    BeamSearchParams,
+    advance_all,
+    live_sequences,
+    step_params,
+)
 from inferd.engine.outputs import RequestOutput
 from inferd.sampling_params import SamplingParams
 from inferd.server.errors import InvalidRequestError, RequestTimeoutError
@@ -52,19 +59,10 @@ async def beam_complete(frontend: Frontend, job: CompletionJob) -> CompletionRes
     deadline = None if job.timeout_s is None else time.monotonic() + job.timeout_s
     step = 0
     while not all(search.done for search in searches):
-        beams = [
-            (search, [*prompt, *beam.token_ids])
-            for search, prompt in zip(searches, job.prompts, strict=True)
-            for beam in search.live
-        ]
-        sequences = [tokens for _, tokens in beams]
+        stepped = live_sequences(searches, job.prompts)
+        sequences = [tokens for _, tokens in stepped]
         outputs = await _step(frontend, f"{job.request_id}-s{step}", sequences, per_step, deadline)
-        for search in searches:
-            steps = [
-                out.logprobs[0] for (owner, _), out in zip(beams, outputs, strict=True) if owner is search
-            ]
-            if steps:
-                search.advance(steps)
+        advance_all(stepped, [out.logprobs[0] for out in outputs])
         step += 1
     choices: list[CompletionChoice] = []
     completion_tokens = 0
