@@ -173,6 +173,8 @@ async def generate(frontend: Frontend, job: TgiJob) -> GenerateResponse:
                 finals[item.index] = item.output
     assert len(finals) == job.best_of, "the Frontend ends every stream with a finished output"
     candidates = [finals[index] for index in range(job.best_of)]
+    for out in candidates:
+        _finish_reason(frontend, job.params, out)  # one timed out or cut short: its error, not a text
     # As TGI: the highest mean log-probability of the generated tokens, the first among equals.
     best = max(range(job.best_of), key=lambda index: _mean_logprob(candidates[index]))
     final = candidates[best]
