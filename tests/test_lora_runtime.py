@@ -151,3 +151,83 @@ def test_served_load_and_unload_routes(base: Path, adapters, tmp_path: Path) -> 
     with run_server(base, "--kv-cache-memory", "8MiB") as plain:
         body = {"lora_name": "one", "lora_path": str(adapters["one"])}
         assert httpx.post(f"{plain.base_url}/v1/load_lora_adapter", json=body).status_code == 404
+
+
+def test_no_two_names_share_a_prefix_cache_salt(base: Path, adapters) -> None:  # type: ignore[no-untyped-def]
+    """A start-up adapter named like a later load's salt could otherwise share its cached blocks."""
+    llm = LLM(base, kv_cache_memory="8MiB", allow_runtime_lora_updating=True,
+              lora_modules={"1:y": str(adapters["one"]), "y#1": str(adapters["one"])})  # fmt: skip
+    _greedy(llm, "1:y")
+    _greedy(llm, "y#1")
+    llm.engine.load_adapter("y", str(adapters["two"]))
+    assert _greedy(llm, "y") == _static(base, "y", adapters["two"])
+
+
+def test_weights_of_a_type_not_computed_are_refused(base: Path, adapters, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "fp8"
+    shutil.copytree(adapters["one"], folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file(
+        {k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}, folder / "adapter_model.safetensors"
+    )
+    llm = LLM(base, kv_cache_memory="8MiB", allow_runtime_lora_updating=True)
+    with pytest.raises(LoraUpdateError, match="float8_e4m3fn") as caught:
+        llm.engine.load_adapter("fp8", str(folder))
+    assert caught.value.kind == "invalid" and llm.engine.inputs.lora_names == ()
+
+
+async def test_an_update_given_up_on_leaves_the_engine_serving(base: Path, adapters, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import time
+
+    llm = AsyncLLM.from_options(base, kv_cache_memory="8MiB", allow_runtime_lora_updating=True)
+    runner = llm.engine.core.runner  # type: ignore[union-attr]
+    slow_load = runner.load_adapter
+
+    def load_slowly(name: str, path: Path) -> None:
+        time.sleep(0.5)
+        slow_load(name, path)
+
+    monkeypatch.setattr(runner, "load_adapter", load_slowly)
+    llm.start()
+    try:
+        loading = asyncio.ensure_future(llm.load_adapter("one", str(adapters["one"])))
+        await asyncio.sleep(0.1)  # the engine thread is inside the load now
+        loading.cancel()
+        queued = asyncio.ensure_future(llm.load_adapter("two", str(adapters["two"])))
+        await asyncio.sleep(0)
+        queued.cancel()  # cancelled while still queued: never run
+        with pytest.raises(asyncio.CancelledError):
+            await loading
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        outputs = [out async for out in llm.generate("after", PROMPTS[0], params)]
+        assert outputs[-1].finish_reason == "length" and llm.is_alive
+        assert "two" not in llm.lora_names
+    finally:
+        llm.shutdown()
+
+
+async def test_a_request_whose_adapter_went_away_meanwhile_is_a_404(base: Path, adapters) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import CollectorRegistry
+
+    from inferd.server.errors import ModelNotFoundError
+    from inferd.server.frontend import Frontend
+    from inferd.server.metrics import ServerMetrics
+
+    llm = AsyncLLM.from_options(base, kv_cache_memory="8MiB", allow_runtime_lora_updating=True)
+    llm.start()
+    try:
+        await llm.load_adapter("one", str(adapters["one"]))
+        frontend = Frontend(llm, "tiny", ServerMetrics(CollectorRegistry(), "tiny", llm.stats))
+        params = frontend.sampling_params(max_tokens=4, adapter=frontend.adapter_for("one"))
+        await llm.unload_adapter("one")  # after the request's checks, before its turn in the engine
+        with pytest.raises(ModelNotFoundError, match="no longer served"):
+            async for _ in frontend.generate("r", [PROMPTS[0]], params):
+                pass
+    finally:
+        llm.shutdown()

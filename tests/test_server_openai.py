@@ -138,7 +138,7 @@ def test_best_of_returns_the_likeliest_n_of_its_candidates(client: openai.OpenAI
 
 
 def test_best_of_below_n_or_streamed_is_400(client: openai.OpenAI) -> None:
-    for extra in ({"n": 3, "best_of": 2}, {"best_of": 2, "stream": True}):
+    for extra in ({"n": 3, "best_of": 2}, {"best_of": 2, "stream": True}, {"best_of": 129}):
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=1.0, **extra)
         assert caught.value.body["param"] == "best_of"  # type: ignore[index]

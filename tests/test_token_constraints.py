@@ -45,9 +45,24 @@ def test_the_sampler_bans_a_bad_words_last_token_after_the_rest_of_it() -> None:
     assert needs_history(_request(two_tokens)) and not needs_history(_request(one_token))
 
 
+def test_the_bans_are_laid_out_once_per_request() -> None:
+    logits = torch.tensor([[1.0, 5.0, 4.0, 3.0]])
+    request = _request(
+        SamplingParams(temperature=0, allowed_token_ids=[1, 2, 3], bad_words_token_ids=[[3, 1]])
+    )
+    request.output_token_ids = [3]
+    assert Sampler()(logits, [request]).token_ids == [2]
+    bans = request.token_bans
+    assert bans is not None and bans.after == {(3,): [1]}
+    request.output_token_ids = [3, 2]
+    assert Sampler()(logits, [request]).token_ids == [1] and request.token_bans is bans
+
+
 @pytest.mark.parametrize(
     "kwargs,field",
     [
+        ({"bad_words": ["w"] * 1025}, "bad_words"),
+        ({"bad_words_token_ids": [[5]] * 2049}, "bad_words_token_ids"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
         ({"bad_words": [" "]}, "bad_words"),
@@ -151,3 +166,21 @@ def test_served_constraints_and_their_errors() -> None:
             response = httpx.post(f"{server.base_url}/v1/completions", json={**kwargs, **body})
             assert response.status_code == 400, response.text
             assert response.json()["error"]["param"] == next(iter(body))
+
+
+def test_the_server_tokenizes_bad_words_before_the_engine_thread_sees_them() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from inferd.server.errors import InvalidRequestError
+    from inferd.server.frontend import Frontend
+    from inferd.server.metrics import ServerMetrics
+
+    llm = AsyncLLM.from_options(MODEL, kv_cache_memory="8MiB")
+    frontend = Frontend(llm, "m", ServerMetrics(CollectorRegistry(), "m", llm.stats))
+    params = frontend.sampling_params(max_tokens=4, bad_words=["thee"])
+    tokenizer = llm.tokenizer
+    forms = [tokenizer.encode(text, add_special_tokens=False) for text in ("thee", " thee")]
+    assert params.bad_words == [] and params.bad_words_token_ids == forms
+    with pytest.raises(InvalidRequestError) as caught:
+        frontend.sampling_params(max_tokens=4, bad_words=["w"] * 1025)
+    assert caught.value.field == "bad_words"

@@ -8,6 +8,8 @@ from inferd.structured.spec import StructuredOutput
 
 # Seeds a torch generator takes: a signed or unsigned 64-bit integer (negative ones wrap).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# Most bad words (and token sequences) one request may ban: each is matched at every step.
+MAX_BAD_WORDS = 1024
 # Temperatures below this are greedy: dividing logits by them overflows float32 (as in vLLM).
 GREEDY_TEMPERATURE = 1e-5
 
@@ -115,6 +117,11 @@ class SamplingParams:
             raise SamplingParamsError("allowed_token_ids", "must be a non-empty list of token ids")
         if any(not word.strip() for word in self.bad_words):
             raise SamplingParamsError("bad_words", "words must have a non-space character")
+        # A word gives two token sequences: as written and after a space.
+        for name, limit in (("bad_words", MAX_BAD_WORDS), ("bad_words_token_ids", 2 * MAX_BAD_WORDS)):
+            count = len(getattr(self, name))
+            if count > limit:
+                raise SamplingParamsError(name, f"at most {limit}, got {count}")
         if any(not ids or any(t < 0 for t in ids) for ids in self.bad_words_token_ids):
             raise SamplingParamsError("bad_words_token_ids", "each must be a non-empty list of token ids")
         for token_id, bias in self.logit_bias.items():

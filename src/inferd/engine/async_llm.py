@@ -94,6 +94,8 @@ class AsyncLLM:
         self._thread: threading.Thread | None = None
         self.dead_reason: str | None = None
         self.num_steps = 0
+        # Set (under the lock) when the engine loop ends: no call is queued after that.
+        self._calls_refused = False
         # Engine thread only: (deadline, request id), soonest first; ids already finished are skipped.
         self._deadlines: list[tuple[float, str]] = []
 
@@ -138,6 +140,11 @@ class AsyncLLM:
         """Tokenize and check a prompt (raises PromptError); returns its ids and the output budget."""
         token_ids = self.engine.inputs.tokenize_prompt(prompt)
         return token_ids, self.engine.inputs.resolve_max_tokens(len(token_ids), params)
+
+    def resolve_bad_words(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with its bad words tokenized (``InputProcessor.resolve_bad_words``), here
+        rather than on the engine thread."""
+        return self.engine.inputs.resolve_bad_words(params)
 
     async def generate(
         self,
@@ -227,10 +234,11 @@ class AsyncLLM:
         return self.engine.inputs.lora_names
 
     async def _on_engine_thread(self, call: Callable[[LLMEngine | ProcessLLMEngine], Any]) -> Any:
-        if not self.is_alive:
-            raise EngineDeadError(self.dead_reason or "the engine is not running")
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._commands.put(_Call(call, done))
+        with self._lock:  # queued before the loop's end, or refused: never left unanswered
+            if not self.is_alive or self._calls_refused:
+                raise EngineDeadError(self.dead_reason or "the engine is not running")
+            self._commands.put(_Call(call, done))
         return await asyncio.wrap_future(done)
 
     @property
@@ -258,6 +266,8 @@ class AsyncLLM:
             logger.error("%s\n%s", self.dead_reason, traceback.format_exc())
             self._fail_all(self.dead_reason)
         finally:
+            with self._lock:
+                self._calls_refused = True
             self._refuse_queued_calls()
 
     def _refuse_queued_calls(self) -> None:
@@ -267,7 +277,7 @@ class AsyncLLM:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, _Call):
+            if isinstance(command, _Call) and command.done.set_running_or_notify_cancel():
                 command.done.set_exception(EngineDeadError(self.dead_reason or "the engine has stopped"))
 
     def _drain_commands(self, block: bool) -> bool:
@@ -292,15 +302,23 @@ class AsyncLLM:
                     out.error = command.error
                 outputs.extend(aborted)
             elif isinstance(command, _Call):
-                try:
-                    command.done.set_result(command.call(self.engine))
-                except EngineProcessDied:
-                    command.done.set_exception(EngineDeadError("the engine process died"))
-                    raise
-                except Exception as exc:  # the caller's to handle; the engine goes on
-                    command.done.set_exception(exc)
+                self._call(command)
         self._deliver(outputs)
         return True
+
+    def _call(self, command: _Call) -> None:
+        """Run a queued call, unless its caller has given up on it (cancelled, timed out)."""
+        if not command.done.set_running_or_notify_cancel():
+            return
+        try:
+            result = command.call(self.engine)
+        except EngineProcessDied:
+            command.done.set_exception(EngineDeadError("the engine process died"))
+            raise
+        except Exception as exc:  # the caller's to handle; the engine goes on
+            command.done.set_exception(exc)
+        else:
+            command.done.set_result(result)
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()

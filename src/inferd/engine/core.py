@@ -40,8 +40,8 @@ class EngineStats:
 
 class LoraUpdateError(ValueError):
     """A LoRA adapter could not be loaded or unloaded; ``kind`` says why: ``invalid`` (not allowed,
-    a taken name, a folder that does not hold an adapter of this model), ``not_found`` or
-    ``in_use``."""
+    a taken name, a folder that does not hold an adapter of this model), ``not_found``, ``in_use``,
+    or ``failed`` (the engine's fault, such as its device memory; it serves on as before)."""
 
     def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)
@@ -66,9 +66,10 @@ class EngineCore:
         self.async_scheduling = config.uses_async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read yet (async only)
         self.grammars = GrammarCompiler(config.model_path / "tokenizer.json", config.model.vocab_size)
-        # Each served adapter's prefix-cache salt: an adapter loaded again under a name used before
-        # gets a new one, so blocks its predecessor cached are never taken for its own.
-        self._adapter_salts = {name: name for name in config.lora_names}
+        # Each served adapter's prefix-cache salt, "<load>:<name>" (start-up adapters load 0): an
+        # adapter loaded again under a name used before gets a new one, so blocks its predecessor
+        # cached are never taken for its own; the load number first, so no two names' salts meet.
+        self._adapter_salts = {name: f"0:{name}" for name in config.lora_names}
         self._adapter_loads = 0
 
     def add_request(self, request: Request) -> None:
@@ -95,8 +96,11 @@ class EngineCore:
             self.runner.load_adapter(name, Path(path))
         except ModelLoadError as exc:
             raise LoraUpdateError(str(exc), "invalid") from None
+        except Exception as exc:  # out of device memory, say: the runner kept what it served before
+            logger.error("loading the LoRA adapter %r failed: %r", name, exc)
+            raise LoraUpdateError(f"loading the LoRA adapter {name!r} failed: {exc!r}", "failed") from exc
         self._adapter_loads += 1
-        self._adapter_salts[name] = f"{name}#{self._adapter_loads}"
+        self._adapter_salts[name] = f"{self._adapter_loads}:{name}"
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving a LoRA adapter that no waiting or running request uses (LoraUpdateError)."""

@@ -146,6 +146,9 @@ def _update_adapter(core: EngineCore, message: LoraMsg) -> LoraDoneMsg:
             core.load_adapter(message.name, message.path)
     except LoraUpdateError as exc:
         return LoraDoneMsg(str(exc), exc.kind)
+    except Exception as exc:  # the update's failure alone: the core serves on
+        logger.error("LoRA update failed: %r\n%s", exc, traceback.format_exc())
+        return LoraDoneMsg(f"the LoRA update failed: {exc!r}", "failed")
     return LoraDoneMsg(None, "")
 
 

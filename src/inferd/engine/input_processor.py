@@ -82,19 +82,23 @@ class InputProcessor:
             raise PromptError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return list(prompt)
 
-    def _bad_word_ids(self, params: SamplingParams) -> list[list[int]]:
-        """Each bad word's tokens as it would start the text and as it would follow a space (a
-        BPE tokenizer gives a word a token of its own there), without duplicates."""
-        found: list[list[int]] = []
+    def resolve_bad_words(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with its bad words as token sequences (``bad_words_token_ids``): each word as
+        it would start the text and as it would follow a space (a BPE tokenizer gives a word a
+        token of its own there), without duplicates. The server calls it on its event loop, so
+        the engine thread never tokenizes them."""
+        if not params.bad_words:
+            return params
+        found = {tuple(ids): None for ids in params.bad_words_token_ids}
         for word in params.bad_words:
             for text in (word.lstrip(), " " + word.lstrip()):
                 try:
                     ids = self.tokenizer.encode(text, add_special_tokens=False)
                 except InvalidTextError as exc:
                     raise PromptError(f"bad_words: {exc}") from None
-                if ids and ids not in found:
-                    found.append(ids)
-        return found
+                if ids:
+                    found.setdefault(tuple(ids), None)
+        return dataclasses.replace(params, bad_words=[], bad_words_token_ids=[list(ids) for ids in found])
 
     def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         """Check the context limit and the cap; returns the output budget (what is left when unset)."""
@@ -129,12 +133,7 @@ class InputProcessor:
         out_of_range += [t for ids in params.bad_words_token_ids for t in ids if t >= self.vocab_size]
         if out_of_range:
             raise PromptError(f"token ids out of range [0, {self.vocab_size}): {out_of_range[:5]}")
-        if params.bad_words:
-            params = dataclasses.replace(
-                params,
-                bad_words=[],
-                bad_words_token_ids=params.bad_words_token_ids + self._bad_word_ids(params),
-            )
+        params = self.resolve_bad_words(params)
         token_ids = self.tokenize_prompt(prompt)
         return Request(
             request_id=request_id,

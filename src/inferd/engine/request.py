@@ -12,6 +12,7 @@ import torch
 from inferd.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the sampler imports this module
+    from inferd.sample.penalties import TokenBans
     from inferd.sample.sampler import TokenLogprobs
     from inferd.structured.matcher import RequestGrammar
 
@@ -63,6 +64,8 @@ class Request:
     # What its prefix-cache hashes start from (set by the engine core): its LoRA adapter's load,
     # whose K/V are its own, or None for the base model.
     cache_salt: str | None = None
+    # Its allowed tokens and bad words as the sampler lays them out, made on first use.
+    token_bans: TokenBans | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -29,6 +29,8 @@ from inferd.models.loader import FUSED_SHARDS
 # FUSED_SHARDS maps it); these targets are projections of their own name (Phi-3's checkpoints,
 # and so its adapters, have q|k|v and gate|up fused, in inferd's row order).
 _PLAIN_TARGETS = ("o_proj", "down_proj", "qkv_proj", "gate_up_proj")
+# Adapter weights these types are computed with (quantized or 8-bit float ones are refused).
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # PEFT's default lora_alpha (LoraConfig), for a config that leaves it out.
 _DEFAULT_ALPHA = 8.0
 # PEFT's names: base_model.model.<module>.lora_A.weight / .lora_B.weight
@@ -87,6 +89,10 @@ def read_adapter(name: str, path: Path) -> LoraAdapter:
         if set(found) != {"lora_A", "lora_B"}:
             raise ModelLoadError(f"LoRA adapter {name!r}: {module} lacks its lora_A or lora_B")
         a, b = found["lora_A"], found["lora_B"]
+        odd = {str(t.dtype) for t in (a, b) if t.dtype not in _WEIGHT_DTYPES}
+        if odd:
+            raise ModelLoadError(f"LoRA adapter {name!r}: {module} has weights of {', '.join(sorted(odd))}; "
+                                 "float32, float16 or bfloat16 ones are served")  # fmt: skip
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise ModelLoadError(
                 f"LoRA adapter {name!r}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "

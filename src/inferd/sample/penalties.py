@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from inferd.engine.request import Request
@@ -28,28 +30,61 @@ def apply_logit_bias(logits: torch.Tensor, request: Request) -> None:
             logits[token_id] += bias
 
 
+@dataclass(frozen=True)
+class TokenBans:
+    """A request's ``allowed_token_ids`` and bad words, laid out once for every step's use."""
+
+    outside_allowed: torch.Tensor | None  # [vocab] bool: the tokens allowed_token_ids leaves out
+    always: torch.Tensor | None  # one-token bad words
+    # Several-token bad words: their leading tokens -> the last tokens banned right after them.
+    after: dict[tuple[int, ...], list[int]]
+    lead_lengths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, request: Request, vocab: int, device: torch.device) -> TokenBans:
+        params = request.params
+        outside = None
+        if params.allowed_token_ids is not None:
+            outside = torch.ones(vocab, dtype=torch.bool, device=device)
+            outside[torch.tensor([t for t in params.allowed_token_ids if t < vocab], dtype=torch.long,
+                                 device=device)] = False  # fmt: skip
+        single = sorted({ids[0] for ids in params.bad_words_token_ids if len(ids) == 1 and ids[0] < vocab})
+        after: dict[tuple[int, ...], list[int]] = {}
+        for ids in params.bad_words_token_ids:
+            if len(ids) > 1 and ids[-1] < vocab:
+                after.setdefault(tuple(ids[:-1]), []).append(ids[-1])
+        always = torch.tensor(single, dtype=torch.long, device=device) if single else None
+        return cls(outside, always, after, tuple(sorted({len(lead) for lead in after})))
+
+
+def _bans(logits: torch.Tensor, request: Request) -> TokenBans:
+    if request.token_bans is None:
+        request.token_bans = TokenBans.of(request, logits.shape[0], logits.device)
+    return request.token_bans
+
+
 def apply_allowed_tokens(logits: torch.Tensor, request: Request) -> None:
     """Every token but ``allowed_token_ids`` banned."""
-    allowed = request.params.allowed_token_ids
-    if allowed is None:
-        return
-    keep = torch.tensor([t for t in allowed if t < logits.shape[0]], dtype=torch.long, device=logits.device)
-    banned = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    banned[keep] = False
-    logits.masked_fill_(banned, float("-inf"))
+    if request.params.allowed_token_ids is not None:
+        outside = _bans(logits, request).outside_allowed
+        assert outside is not None
+        logits.masked_fill_(outside, float("-inf"))
 
 
 def apply_bad_words(logits: torch.Tensor, request: Request) -> None:
     """The last token of each bad-word sequence banned where the output ends with the rest of it
     (a one-token word: everywhere)."""
+    if not request.params.bad_words_token_ids:
+        return
+    bans = _bans(logits, request)
+    if bans.always is not None:
+        logits[bans.always] = float("-inf")
     output = request.output_token_ids
-    banned = [
-        ids[-1]
-        for ids in request.params.bad_words_token_ids
-        if ids[-1] < logits.shape[0] and (len(ids) == 1 or output[len(output) - len(ids) + 1 :] == ids[:-1])
-    ]
-    if banned:
-        logits[banned] = float("-inf")
+    for length in bans.lead_lengths:
+        if length <= len(output):
+            banned = bans.after.get(tuple(output[-length:]))
+            if banned:
+                logits[banned] = float("-inf")
 
 
 def block_stop_tokens(logits: torch.Tensor, request: Request) -> None:

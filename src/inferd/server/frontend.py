@@ -131,6 +131,8 @@ class Frontend:
         try:
             await update
         except LoraUpdateError as exc:
+            if exc.kind == "failed":
+                raise GenerationError(str(exc)) from exc
             error = ModelNotFoundError if exc.kind == "not_found" else InvalidRequestError
             raise error(f"lora_name: {exc}", "lora_name") from exc
         except EngineDeadError as exc:
@@ -233,11 +235,14 @@ class Frontend:
                 field=field,
             )
         try:
-            params = SamplingParams(**fields)
+            params = self.llm.resolve_bad_words(SamplingParams(**fields))
         except SamplingParamsError as exc:
             field = names.get(exc.field, exc.field)
             message = str(exc).replace(exc.field, field, 1)
             raise InvalidRequestError(message, field=field) from exc
+        except PromptError as exc:  # a bad word that is not valid text
+            field = names.get("bad_words", "bad_words")
+            raise InvalidRequestError(str(exc), field=field) from exc
         if params.structured_output is not None:
             self.check_structured_output(
                 params.structured_output, names.get("structured_output", "structured_output")
@@ -334,6 +339,9 @@ class Frontend:
                     tracker.finish(out)
                     if out.finish_reason == "abort":  # ended by the server (shutdown), not a failure
                         raise ServiceUnavailableError(out.error)
+                    if params.adapter is not None and params.adapter not in self.adapters:
+                        # Unloaded between the request's checks and its turn in the engine.
+                        raise ModelNotFoundError(f"the LoRA adapter {params.adapter!r} is no longer served")
                     raise GenerationError(out.error)
                 tracker.on_output(out)
                 yield IndexedOutput(index, out)

@@ -104,7 +104,7 @@ class CompletionRequest(SamplingExtras):
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=128)  # as n: candidates are engine requests
     suffix: str | None = None
     # vLLM's beam search: the n best of n beams; length_penalty ranks finished beams.
     use_beam_search: bool = False
