@@ -21,7 +21,7 @@ def _step(*alternatives: tuple[int, float]) -> TokenLogprobs:
 
 
 def test_the_likeliest_beams_live_on_and_eos_sets_a_beam_aside() -> None:
-    search = BeamSearch(BeamSearchParams(beam_width=2, max_tokens=3), frozenset({0}))
+    search = BeamSearch(BeamSearchParams(beam_width=2, max_tokens=3), frozenset({0}), 0)
     search.advance([_step((5, -0.1), (0, -0.5), (6, -1.0), (7, -3.0))])
     assert [beam.token_ids for beam in search.live] == [(5,), (6,)]
     assert [(beam.token_ids, beam.finish_reason) for beam in search.finished] == [((0,), "stop")]
@@ -35,27 +35,34 @@ def test_the_likeliest_beams_live_on_and_eos_sets_a_beam_aside() -> None:
     # Finished by length: scored over their length; the EOS beam's EOS does not count.
     best = search.best()
     assert [beam.token_ids for beam in best] == [(6, 3, 1), (6, 4, 1)]
-    lenient = BeamSearch(BeamSearchParams(beam_width=2, max_tokens=3, length_penalty=0.0), frozenset({0}))
+    lenient = BeamSearch(BeamSearchParams(beam_width=2, max_tokens=3, length_penalty=0.0), frozenset({0}), 0)
     lenient.finished = list(search.finished)
     assert lenient.best()[0].token_ids == (0,)  # no length normalisation: the short beam wins
 
 
-def test_an_ending_eos_does_not_count_in_a_beams_length() -> None:
-    search = BeamSearch(BeamSearchParams(beam_width=2, max_tokens=2), frozenset({0}))
-    search.finished = [Beam((5, 0), -0.7, "stop"), Beam((6, 7), -1.0, "length")]
+def test_a_beams_length_counts_its_prompt_but_not_an_ending_eos() -> None:
+    """vLLM's rule: the summed log-probability over the whole sequence's length."""
+    finished = [Beam((5, 0), -0.7, "stop"), Beam((6, 7), -1.0, "length")]
+    alone = BeamSearch(BeamSearchParams(beam_width=2, max_tokens=2), frozenset({0}), 0)
+    alone.finished = list(finished)
     # -0.7 over one token against -1.0 over two.
-    assert [beam.token_ids for beam in search.best()] == [(6, 7), (5, 0)]
+    assert [beam.token_ids for beam in alone.best()] == [(6, 7), (5, 0)]
+    prompted = BeamSearch(BeamSearchParams(beam_width=2, max_tokens=2), frozenset({0}), 10)
+    prompted.finished = list(finished)
+    # -0.7 over 11 tokens against -1.0 over 12.
+    assert [beam.token_ids for beam in prompted.best()] == [(5, 0), (6, 7)]
 
 
 def test_ignore_eos_keeps_eos_beams_alive() -> None:
-    search = BeamSearch(BeamSearchParams(beam_width=1, max_tokens=2, ignore_eos=True), frozenset({0}))
+    search = BeamSearch(BeamSearchParams(beam_width=1, max_tokens=2, ignore_eos=True), frozenset({0}), 0)
     search.advance([_step((0, -0.1), (5, -2.0))])
     assert [beam.token_ids for beam in search.live] == [(0,)] and not search.finished
 
 
 def test_bad_params_are_refused() -> None:
     for kwargs in ({"beam_width": 0, "max_tokens": 4}, {"beam_width": 11, "max_tokens": 4},
-                   {"beam_width": 2, "max_tokens": 0}):  # fmt: skip
+                   {"beam_width": 2, "max_tokens": 0},
+                   {"beam_width": 2, "max_tokens": 4, "length_penalty": 11}):  # fmt: skip
         with pytest.raises(ValueError):
             BeamSearchParams(**kwargs)
 
@@ -82,8 +89,8 @@ def _reference(
             break
     finished += [(tokens, total, False) for tokens, total in live]
 
-    def score(entry: tuple[list[int], float, bool]) -> float:
-        return entry[1] / max(len(entry[0]) - entry[2], 1) ** params.length_penalty
+    def score(entry: tuple[list[int], float, bool]) -> float:  # vLLM's: over prompt and output, EOS not
+        return entry[1] / max(len(prompt) + len(entry[0]) - entry[2], 1) ** params.length_penalty
 
     return [
         (tokens, total) for tokens, total, _ in sorted(finished, key=score, reverse=True)[: params.beam_width]
@@ -139,9 +146,74 @@ def test_served_beam_search_answers_as_the_offline_one(tiny_model_factory) -> No
         assert [choice.finish_reason for choice in reply.choices] == reasons
         lengths = sum(len(seq.token_ids) for result in offline for seq in result.sequences)
         assert reply.usage is not None and reply.usage.completion_tokens == lengths
-        for extra, field in (({"stream": True}, "stream"), ({"logprobs": 1}, "logprobs"), ({"n": 11}, "n"),
-                             ({"stop": ["x"]}, "stop")):  # fmt: skip
+        refusals = (({"stream": True}, "stream"), ({"logprobs": 1}, "logprobs"), ({"n": 11}, "n"),
+                    ({"stop": ["x"]}, "stop"), ({"stop_token_ids": [3]}, "stop_token_ids"),
+                    ({"bad_words": ["a"]}, "bad_words"),
+                    ({"length_penalty": 11}, "length_penalty"))  # fmt: skip
+        for extra, field in refusals:
             body = {"model": server.model, "prompt": "hi", "max_tokens": 3, "use_beam_search": True, **extra}
             response = httpx.post(f"{server.base_url}/v1/completions", json=body)
             assert response.status_code == 400, response.text
             assert response.json()["error"]["param"] == field
+        chat = {
+            "model": server.model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "use_beam_search": True,
+        }
+        response = httpx.post(f"{server.base_url}/v1/chat/completions", json=chat)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "use_beam_search"
+
+
+async def test_a_served_search_is_in_flight_throughout_and_a_drain_lets_it_end(tiny_model_factory) -> None:
+    """Between its steps too: a drain waits for it and does not refuse its later steps, which keep
+    the request's priority."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from inferd.engine.async_llm import AsyncLLM
+    from inferd.server.frontend import Frontend
+    from inferd.server.metrics import ServerMetrics
+    from inferd.server.openai.beam_search import beam_complete
+    from inferd.server.openai.completions import prepare_completion
+    from inferd.server.openai.protocol import CompletionRequest
+
+    llm = AsyncLLM.from_options(
+        tiny_model_factory("qwen3"), kv_cache_memory="8MiB", scheduling_policy="priority"
+    )
+    llm.start()
+    try:
+        frontend = Frontend(llm, "tiny", ServerMetrics(CollectorRegistry(), "tiny", llm.stats))
+        steps = []
+        generate = frontend.generate
+
+        def recording(request_id, sequences, params, *args):  # type: ignore[no-untyped-def]
+            steps.append((params.priority, frontend.num_in_flight))
+            return generate(request_id, sequences, params, *args)
+
+        frontend.generate = recording  # type: ignore[method-assign]
+        body = CompletionRequest(prompt=[5, 6, 7], max_tokens=12, n=2, use_beam_search=True, priority=-3)
+        search = asyncio.ensure_future(beam_complete(frontend, prepare_completion(frontend, body)))
+        while len(steps) < 2:
+            await asyncio.sleep(0.01)
+        frontend.draining = True
+        response = await search
+    finally:
+        llm.shutdown()
+    assert len(response.choices) == 2 and len(steps) >= 12
+    assert all(priority == -3 and in_flight >= 1 for priority, in_flight in steps)
+    assert frontend.num_in_flight == 0
+
+
+def test_a_failed_offline_step_says_so(tiny_model_factory, monkeypatch) -> None:
+    llm = LLM(tiny_model_factory("llama"), kv_cache_memory="8MiB")
+    generate = llm.generate
+
+    def failing(prompts, params):  # type: ignore[no-untyped-def]
+        outputs = generate(prompts, params)
+        outputs[0].error, outputs[0].logprobs = "the device fell over", []
+        return outputs
+
+    monkeypatch.setattr(llm, "generate", failing)
+    with pytest.raises(RuntimeError, match="the device fell over"):
+        llm.beam_search([[5, 6, 7]], BeamSearchParams(beam_width=2, max_tokens=3))

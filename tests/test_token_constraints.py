@@ -62,7 +62,7 @@ def test_the_bans_are_laid_out_once_per_request() -> None:
     "kwargs,field",
     [
         ({"bad_words": ["w"] * 1025}, "bad_words"),
-        ({"bad_words_token_ids": [[5]] * 2049}, "bad_words_token_ids"),
+        ({"bad_words_token_ids": [[5]] * 4097}, "bad_words_token_ids"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
         ({"bad_words": [" "]}, "bad_words"),

@@ -85,12 +85,15 @@ class LLM:
         prompt_ids = [inputs.tokenize_prompt(prompt) for prompt in _as_prompt_list(prompts)]
         for ids in prompt_ids:  # a prompt that cannot take the whole budget fails now, not midway
             inputs.resolve_max_tokens(len(ids), SamplingParams(max_tokens=params.max_tokens))
-        searches = [BeamSearch(params, self.engine.eos_token_ids) for _ in prompt_ids]
+        searches = [BeamSearch(params, self.engine.eos_token_ids, len(ids)) for ids in prompt_ids]
         per_step = step_params(params)
         with tqdm(total=params.max_tokens, desc="beam search", disable=not use_tqdm, unit="tok") as bar:
             while not all(search.done for search in searches):
                 stepped = live_sequences(searches, prompt_ids)
                 outputs = self.generate([tokens for _, tokens in stepped], per_step)
+                failed = next((out for out in outputs if out.error is not None or not out.logprobs), None)
+                if failed is not None:
+                    raise RuntimeError(f"a beam search step failed: {failed.error or failed.finish_reason}")
                 advance_all(stepped, [out.logprobs[0] for out in outputs])
                 bar.update(1)
         tokenizer = self.engine.tokenizer

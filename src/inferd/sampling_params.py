@@ -117,8 +117,9 @@ class SamplingParams:
             raise SamplingParamsError("allowed_token_ids", "must be a non-empty list of token ids")
         if any(not word.strip() for word in self.bad_words):
             raise SamplingParamsError("bad_words", "words must have a non-space character")
-        # A word gives two token sequences: as written and after a space.
-        for name, limit in (("bad_words", MAX_BAD_WORDS), ("bad_words_token_ids", 2 * MAX_BAD_WORDS)):
+        # A word gives two token sequences (as written and after a space), which the engine adds to
+        # those given directly.
+        for name, limit in (("bad_words", MAX_BAD_WORDS), ("bad_words_token_ids", 4 * MAX_BAD_WORDS)):
             count = len(getattr(self, name))
             if count > limit:
                 raise SamplingParamsError(name, f"at most {limit}, got {count}")

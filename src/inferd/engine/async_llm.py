@@ -152,10 +152,12 @@ class AsyncLLM:
         prompt: Prompt | list[int],
         params: SamplingParams,
         deadline: float | None = None,
+        admit: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """Yields outputs as the request advances; the last one has ``finished=True``.
 
-        Raises EngineOverloadedError when the queue is full. Past ``deadline`` (a
+        Raises EngineOverloadedError when the queue is full (``admit`` False: the next part of
+        work already admitted, such as a beam search's later steps, is never refused). Past ``deadline`` (a
         ``time.monotonic()`` value) the request ends with finish reason ``timeout``.
         Leaving the iteration early (client gone, task cancelled) aborts the request, which frees
         its KV blocks on the engine's next loop turn.
@@ -163,8 +165,9 @@ class AsyncLLM:
         if not self.is_alive:
             raise EngineDeadError(self.dead_reason or "engine is not running")
         token_ids, _ = self.prepare(prompt, params)
-        self.admission.admit(len(token_ids))
-        queued = True
+        if admit:
+            self.admission.admit(len(token_ids))
+        queued = admit
         try:
             stream = self._register(request_id)
             self._commands.put(_Add(request_id, token_ids, params, time.monotonic(), deadline))

@@ -5,9 +5,10 @@ The engine runs each beam's step as an ordinary request of the whole sequence so
 cache serves all but its last tokens, and one batch holds the beams of every prompt. The search
 itself (``BeamSearch``) only ranks candidates; ``LLM.beam_search`` and the server drive it.
 
-Ranking, as vLLM's and Hugging Face's beam searches do: live beams by their summed log-probability;
-finished ones (EOS, or the token budget) by that sum over their generated length to the power
-``length_penalty`` (an ending EOS not counted).
+Ranking, as vLLM's beam search does: live beams by their summed log-probability; finished ones (EOS,
+or the token budget) by that sum over the whole sequence's length, the prompt's tokens included and
+an ending EOS not, to the power ``length_penalty`` (Hugging Face's counts the generated tokens only,
+the EOS among them, so with a penalty other than 0 the two can rank finished beams differently).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from inferd.sampling_params import SamplingParams
 # The engine returns at most this many alternatives a token (SamplingParams' logprobs limit), and a
 # step keeps twice the width of candidates per beam, so that EOS among them leaves enough alive.
 MAX_BEAM_WIDTH = 10
+# A length penalty's bound: lengths to its power stay far inside float range.
+MAX_LENGTH_PENALTY = 10.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class BeamSearchParams:
             raise ValueError(f"beam_width must be in [1, {MAX_BEAM_WIDTH}], got {self.beam_width}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise ValueError(f"length_penalty must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}], "
+                             f"got {self.length_penalty}")  # fmt: skip
 
     @property
     def candidates_per_beam(self) -> int:
@@ -46,8 +52,8 @@ class Beam:
     cumulative_logprob: float
     finish_reason: str | None = None  # "stop" (EOS) or "length" once finished
 
-    def score(self, length_penalty: float) -> float:
-        length = len(self.token_ids) - (self.finish_reason == "stop")
+    def score(self, length_penalty: float, prompt_len: int) -> float:
+        length = prompt_len + len(self.token_ids) - (self.finish_reason == "stop")
         return self.cumulative_logprob / max(length, 1) ** length_penalty
 
 
@@ -57,6 +63,7 @@ class BeamSearch:
 
     params: BeamSearchParams
     eos_token_ids: frozenset[int]
+    prompt_len: int
     live: list[Beam] = field(default_factory=lambda: [Beam((), 0.0)])
     finished: list[Beam] = field(default_factory=list)
 
@@ -84,8 +91,8 @@ class BeamSearch:
 
     def best(self) -> list[Beam]:
         """The ``beam_width`` best of the finished beams (all of them once ``done``), best first."""
-        penalty = self.params.length_penalty
-        return sorted(self.finished, key=lambda beam: beam.score(penalty), reverse=True)[
+        penalty, prompt_len = self.params.length_penalty, self.prompt_len
+        return sorted(self.finished, key=lambda beam: beam.score(penalty, prompt_len), reverse=True)[
             : self.params.beam_width
         ]
 
@@ -127,9 +134,15 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]
 
 
-def step_params(params: BeamSearchParams, adapter: str | None = None) -> SamplingParams:
-    """What each beam's one-token request asks of the engine: the log-probabilities of the best
-    continuations (EOS among them: it is ranked here, not obeyed)."""
+def step_params(params: BeamSearchParams, adapter: str | None = None, priority: int = 0) -> SamplingParams:
+    """What each beam's one-token request asks of the engine (with the search's adapter and
+    priority): the log-probabilities of the best continuations (EOS among them: it is ranked
+    here, not obeyed)."""
     return SamplingParams(
-        max_tokens=1, temperature=0.0, logprobs=params.candidates_per_beam, ignore_eos=True, adapter=adapter
+        max_tokens=1,
+        temperature=0.0,
+        logprobs=params.candidates_per_beam,
+        ignore_eos=True,
+        adapter=adapter,
+        priority=priority,
     )

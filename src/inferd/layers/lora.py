@@ -92,7 +92,7 @@ def read_adapter(name: str, path: Path) -> LoraAdapter:
         odd = {str(t.dtype) for t in (a, b) if t.dtype not in _WEIGHT_DTYPES}
         if odd:
             raise ModelLoadError(f"LoRA adapter {name!r}: {module} has weights of {', '.join(sorted(odd))}; "
-                                 "float32, float16 or bfloat16 ones are served")  # fmt: skip
+                                 "float32, float64, float16 or bfloat16 ones are served")  # fmt: skip
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise ModelLoadError(
                 f"LoRA adapter {name!r}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "

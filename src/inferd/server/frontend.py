@@ -296,15 +296,21 @@ class Frontend:
         params: SamplingParams,
         n: int = 1,
         timeout_s: float | None = None,
+        continuing: bool = False,
     ) -> AsyncGenerator[IndexedOutput, None]:
         """Outputs of every choice as they come; one engine request per (prompt, sample).
+        ``continuing``: the next part of a request already under way (a beam search's later
+        steps), which neither a drain nor the queue limits refuse.
 
         Engine request ids are `<request_id>-<choice index>`. With a seed, sample j of each prompt
         uses `seed + j`, so the choices differ from each other yet each is reproducible.
         After `timeout_s` (default: the server's) unfinished choices end with finish reason `timeout`.
         Closing the iterator early aborts every unfinished engine request.
         """
-        self.check_ready(prompts, n)
+        if not continuing:
+            self.check_ready(prompts, n)
+        elif not self.llm.is_alive:
+            raise ServiceUnavailableError(self.llm.dead_reason or "the engine is not running")
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         streams = []
@@ -315,7 +321,9 @@ class Frontend:
                 if params.seed is not None and sample:
                     sample_params = dataclasses.replace(params, seed=sample_seed(params.seed, sample))
                 engine_id = f"{request_id}-{index}"
-                streams.append(self._tracked(index, engine_id, token_ids, sample_params, deadline))
+                streams.append(
+                    self._tracked(index, engine_id, token_ids, sample_params, deadline, not continuing)
+                )
         if len(streams) == 1:
             return streams[0]
         return _merge(streams)
@@ -327,6 +335,7 @@ class Frontend:
         token_ids: list[int],
         params: SamplingParams,
         deadline: float | None,
+        admit: bool = True,
     ) -> AsyncGenerator[IndexedOutput, None]:
         structure = params.structured_output
         tracker = _RequestTracker(
@@ -334,7 +343,7 @@ class Frontend:
         )
         self.num_in_flight += 1
         try:
-            async for out in self.llm.generate(engine_id, token_ids, params, deadline):
+            async for out in self.llm.generate(engine_id, token_ids, params, deadline, admit):
                 if out.error is not None:
                     tracker.finish(out)
                     if out.finish_reason == "abort":  # ended by the server (shutdown), not a failure

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 
 def check_beam_request(body: CompletionRequest) -> None:
-    """What a beam search cannot honour is refused, naming the field. Sampling settings
-    (temperature, top_p, penalties, seed...) do not apply to it and are ignored, as in vLLM."""
+    """What a beam search cannot honour (stops, log-probabilities, constraints on the tokens) is
+    refused, naming the field. Sampling settings (temperature, top_p, penalties, seed...) do not
+    apply to it and are ignored, as in vLLM."""
     if body.n > MAX_BEAM_WIDTH:
         raise InvalidRequestError(f"n: a beam search keeps at most {MAX_BEAM_WIDTH} beams, got {body.n}", "n")
     constraints = ("response_format", "structured_outputs", *GUIDED_FIELDS)
@@ -40,6 +41,11 @@ def check_beam_request(body: CompletionRequest) -> None:
         "logprobs": body.logprobs is not None,
         "echo": body.echo,
         "stop": bool(body.stop),
+        "stop_token_ids": bool(body.stop_token_ids),
+        "min_tokens": body.min_tokens > 0,
+        "logit_bias": bool(body.logit_bias),
+        "bad_words": bool(body.bad_words),
+        "allowed_token_ids": body.allowed_token_ids is not None,
         **{name: getattr(body, name) is not None for name in constraints},
     }
     for name, is_set in refused.items():
@@ -54,16 +60,24 @@ async def beam_complete(frontend: Frontend, job: CompletionJob) -> CompletionRes
     for prompt in job.prompts:
         _, budget = frontend.llm.prepare(prompt, job.params)
         params = BeamSearchParams(job.n, budget, job.params.ignore_eos, job.length_penalty)
-        searches.append(BeamSearch(params, frontend.eos_token_ids))
-    per_step = step_params(searches[0].params, job.params.adapter)
+        searches.append(BeamSearch(params, frontend.eos_token_ids, len(prompt)))
+    per_step = step_params(searches[0].params, job.params.adapter, job.params.priority)
     deadline = None if job.timeout_s is None else time.monotonic() + job.timeout_s
     step = 0
-    while not all(search.done for search in searches):
-        stepped = live_sequences(searches, job.prompts)
-        sequences = [tokens for _, tokens in stepped]
-        outputs = await _step(frontend, f"{job.request_id}-s{step}", sequences, per_step, deadline)
-        advance_all(stepped, [out.logprobs[0] for out in outputs])
-        step += 1
+    # The whole search is in flight, between its steps too: a drain waits for it, and its later
+    # steps are never refused by the drain or the queue limits its first passed.
+    frontend.num_in_flight += 1
+    try:
+        while not all(search.done for search in searches):
+            stepped = live_sequences(searches, job.prompts)
+            sequences = [tokens for _, tokens in stepped]
+            outputs = await _step(
+                frontend, f"{job.request_id}-s{step}", sequences, per_step, deadline, step > 0
+            )
+            advance_all(stepped, [out.logprobs[0] for out in outputs])
+            step += 1
+    finally:
+        frontend.num_in_flight -= 1
     choices: list[CompletionChoice] = []
     completion_tokens = 0
     for search in searches:
@@ -91,6 +105,7 @@ async def _step(
     sequences: list[list[int]],
     params: SamplingParams,
     deadline: float | None,
+    continuing: bool,
 ) -> list[RequestOutput]:
     """One step of every live beam: each sequence's next-token alternatives, in order."""
     timeout_s = None
@@ -99,7 +114,7 @@ async def _step(
         if timeout_s <= 0:
             raise RequestTimeoutError("the request timed out and was aborted")
     finals: dict[int, RequestOutput] = {}
-    async with aclosing(frontend.generate(request_id, sequences, params, 1, timeout_s)) as stream:
+    async with aclosing(frontend.generate(request_id, sequences, params, 1, timeout_s, continuing)) as stream:
         async for item in stream:
             if item.output.finished:
                 finish_reason(item.output)  # a timed-out or failed step raises

@@ -174,6 +174,8 @@ def output_budget(
 def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     """Validate, render the template and tokenize; every error here is a 4xx before generation."""
     frontend.check_model(body.model)
+    if body.use_beam_search:
+        raise InvalidRequestError("use_beam_search: beam search runs on /v1/completions", "use_beam_search")
     tools = _offered_tools(frontend, body)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs: needs logprobs set to true", "top_logprobs")

@@ -108,7 +108,7 @@ class CompletionRequest(SamplingExtras):
     suffix: str | None = None
     # vLLM's beam search: the n best of n beams; length_penalty ranks finished beams.
     use_beam_search: bool = False
-    length_penalty: float = 1.0
+    length_penalty: float = Field(1.0, ge=-10.0, le=10.0)
 
 
 class LoadLoraAdapterRequest(_Body):
@@ -170,6 +170,8 @@ class ChatCompletionRequest(SamplingExtras):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's beam search, which only /v1/completions runs here: declared so that it is refused.
+    use_beam_search: bool = False
 
 
 # -- responses ------------------------------------------------------------------------------------
