@@ -217,3 +217,51 @@ def test_a_failed_offline_step_says_so(tiny_model_factory, monkeypatch) -> None:
     monkeypatch.setattr(llm, "generate", failing)
     with pytest.raises(RuntimeError, match="the device fell over"):
         llm.beam_search([[5, 6, 7]], BeamSearchParams(beam_width=2, max_tokens=3))
+
+
+async def test_a_served_searchs_adapter_is_not_unloaded_between_its_steps(
+    tiny_model_factory, tmp_path
+) -> None:
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+    from tiny_models import make_lora_adapter
+
+    from inferd.engine.async_llm import AsyncLLM
+    from inferd.server.errors import InvalidRequestError
+    from inferd.server.frontend import Frontend
+    from inferd.server.metrics import ServerMetrics
+    from inferd.server.openai.beam_search import beam_complete
+    from inferd.server.openai.completions import prepare_completion
+    from inferd.server.openai.protocol import CompletionRequest
+
+    base = tiny_model_factory("qwen3")
+    adapter = make_lora_adapter(base, tmp_path / "style", seed=3)
+    llm = AsyncLLM.from_options(base, kv_cache_memory="8MiB", allow_runtime_lora_updating=True)
+    llm.start()
+    try:
+        frontend = Frontend(llm, "tiny", ServerMetrics(CollectorRegistry(), "tiny", llm.stats))
+        await frontend.load_adapter("style", str(adapter))
+        # The search waits before its second step, with no engine request of its own running.
+        gate, calls, generate = asyncio.Event(), [], frontend.generate
+
+        async def gated(*args):  # type: ignore[no-untyped-def]
+            calls.append(args)
+            if len(calls) == 2:
+                await gate.wait()
+            async for item in generate(*args):
+                yield item
+
+        frontend.generate = gated  # type: ignore[method-assign]
+        body = CompletionRequest(model="style", prompt=[5, 6, 7], max_tokens=12, n=2, use_beam_search=True)
+        search = asyncio.ensure_future(beam_complete(frontend, prepare_completion(frontend, body)))
+        while len(calls) < 2:
+            await asyncio.sleep(0.01)
+        with pytest.raises(InvalidRequestError, match="in use by 1 beam search"):
+            await frontend.unload_adapter("style")
+        gate.set()
+        assert len((await search).choices) == 2
+        await frontend.unload_adapter("style")
+        assert frontend.adapters == ()
+    finally:
+        llm.shutdown()

@@ -16,8 +16,9 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
-from contextlib import aclosing
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,8 @@ class Frontend:
         # Set by a graceful shutdown: new requests get a 503 while the ones in flight finish.
         self.draining = False
         self.num_in_flight = 0  # engine requests whose outputs are being consumed
+        # Adapters a request made of several engine requests (a beam search) uses between them.
+        self._adapter_holds: Counter[str] = Counter()
         config = llm.config
         self._grammars = GrammarCompiler(config.model_path / "tokenizer.json", config.model.vocab_size)
 
@@ -124,8 +127,24 @@ class Frontend:
         await self._update_adapter(self.llm.load_adapter(name, path))
 
     async def unload_adapter(self, name: str) -> None:
-        """Stop serving a LoRA adapter no request in the engine uses."""
+        """Stop serving a LoRA adapter no request uses (in the engine, or a beam search between
+        its steps)."""
+        holds = self._adapter_holds[name]
+        if holds:
+            message = f"lora_name: the LoRA adapter {name!r} is in use by {holds} beam search(es)"
+            raise InvalidRequestError(message, "lora_name")
         await self._update_adapter(self.llm.unload_adapter(name))
+
+    @contextmanager
+    def holding_adapter(self, name: str | None) -> Iterator[None]:
+        """While inside, ``name`` (if any) cannot be unloaded."""
+        if name is not None:
+            self._adapter_holds[name] += 1
+        try:
+            yield
+        finally:
+            if name is not None:
+                self._adapter_holds[name] -= 1
 
     async def _update_adapter(self, update: Awaitable[None]) -> None:
         try:

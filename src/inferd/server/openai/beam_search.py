@@ -64,18 +64,19 @@ async def beam_complete(frontend: Frontend, job: CompletionJob) -> CompletionRes
     per_step = step_params(searches[0].params, job.params.adapter, job.params.priority)
     deadline = None if job.timeout_s is None else time.monotonic() + job.timeout_s
     step = 0
-    # The whole search is in flight, between its steps too: a drain waits for it, and its later
-    # steps are never refused by the drain or the queue limits its first passed.
+    # The whole search is in flight, between its steps too: a drain waits for it, its later steps
+    # are never refused by the drain or the queue limits its first passed, and its adapter stays.
     frontend.num_in_flight += 1
     try:
-        while not all(search.done for search in searches):
-            stepped = live_sequences(searches, job.prompts)
-            sequences = [tokens for _, tokens in stepped]
-            outputs = await _step(
-                frontend, f"{job.request_id}-s{step}", sequences, per_step, deadline, step > 0
-            )
-            advance_all(stepped, [out.logprobs[0] for out in outputs])
-            step += 1
+        with frontend.holding_adapter(job.params.adapter):  # not unloaded between its steps
+            while not all(search.done for search in searches):
+                stepped = live_sequences(searches, job.prompts)
+                sequences = [tokens for _, tokens in stepped]
+                outputs = await _step(
+                    frontend, f"{job.request_id}-s{step}", sequences, per_step, deadline, step > 0
+                )
+                advance_all(stepped, [out.logprobs[0] for out in outputs])
+                step += 1
     finally:
         frontend.num_in_flight -= 1
     choices: list[CompletionChoice] = []
