@@ -13,7 +13,7 @@ from inferd.engine.request import Request
 from inferd.sched.output import SchedulerOutput
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2-moe", "qwen3-moe", "mistral-sliding",
-         "qwen2-sliding", "gemma", "gemma2", "gemma3"]  # fmt: skip
+         "qwen2-sliding", "gemma", "gemma2", "gemma3", "granite"]  # fmt: skip
 
 
 def _prompts(vocab: int, count: int = 16, seed: int = 0) -> list[list[int]]:

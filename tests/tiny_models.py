@@ -69,6 +69,17 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,  # embeddings, or the large weights only echo the last token
         "final_logit_softcapping": 5.0,
     },
+    # Granite: Llama with its four scales, at Granite 3's values but for the attention's, which
+    # stands far from the head size's (0.25 here) so that it is checked.
+    "granite": {
+        "architectures": ["GraniteForCausalLM"],
+        "model_type": "granite",
+        "embedding_multiplier": 12.0,
+        "residual_multiplier": 0.22,
+        "attention_multiplier": 1.0,
+        "logits_scaling": 8.0,
+        "initializer_range": 0.1,  # scores large enough for their scale to matter
+    },
     "gemma": {
         "architectures": ["GemmaForCausalLM"],
         "model_type": "gemma",

@@ -147,6 +147,27 @@ class MoEConfig:
 _MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
+@dataclass(frozen=True)
+class GraniteScales:
+    """What Granite computes beyond Llama: embeddings times ``embedding_multiplier``, each
+    attention and MLP output times ``residual_multiplier`` before it joins the residual stream,
+    ``attention_multiplier`` as the attention scale (not the head size's), and logits divided by
+    ``logits_scaling``."""
+
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> GraniteScales:
+        names = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+        scales = {name: float(cfg.get(name, 1.0)) for name in names}
+        if scales["logits_scaling"] == 0:
+            raise ValueError("logits_scaling must not be 0")
+        return cls(**scales)
+
+
 _GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
@@ -236,6 +257,8 @@ class ModelConfig:
     layer_windows: tuple[int, ...] = ()
     # Gemma's own settings (models/gemma.py); None for the other architectures.
     gemma: GemmaConfig | None = None
+    # Granite's scales (models/llama.py); None for the other architectures.
+    granite: GraniteScales | None = None
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -295,6 +318,7 @@ class ModelConfig:
             moe=MoEConfig.from_hf_config(cfg, architecture, int(cfg["num_hidden_layers"])),
             layer_windows=_layer_windows(cfg, architecture, int(cfg["num_hidden_layers"]), sliding),
             gemma=GemmaConfig.from_hf_config(cfg, architecture, int(head_dim), rope) if gemma else None,
+            granite=GraniteScales.from_hf_config(cfg) if architecture == "GraniteForCausalLM" else None,
         )
         config.check_consistent()
         return config

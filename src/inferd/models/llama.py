@@ -35,7 +35,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.granite.attention_multiplier if cfg.granite is not None else cfg.head_dim**-0.5
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -87,6 +87,8 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Granite scales the attention and MLP outputs before they join the residual stream.
+        self.residual_multiplier = cfg.granite.residual_multiplier if cfg.granite is not None else 1.0
 
     def forward(
         self,
@@ -101,13 +103,16 @@ class DecoderLayer(nn.Module):
         add fuses into the norm after it, and the norm into the projection after that where the
         projection can (``Linear.forward_normed``; ``residual`` is None before the first layer)."""
         qkv, residual = self.self_attn.qkv_proj.forward_normed(x, residual, self.input_layernorm)
-        x = self.self_attn(qkv, rotary, kv_cache, meta, backend)
+        x = self._scaled(self.self_attn(qkv, rotary, kv_cache, meta, backend))
         if isinstance(self.mlp, SparseMoE):
             # The router and every expert read the same normed input.
             hidden, residual = self.post_attention_layernorm(x, residual)
-            return self.mlp(hidden), residual
+            return self._scaled(self.mlp(hidden)), residual
         gate_up, residual = self.mlp.gate_up_proj.forward_normed(x, residual, self.post_attention_layernorm)
-        return self.mlp(gate_up), residual
+        return self._scaled(self.mlp(gate_up)), residual
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
 
 class DecoderModel(nn.Module):
@@ -119,7 +124,7 @@ class DecoderModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Also serves the Mistral, Qwen2, Qwen3, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE
+    """Also serves the Mistral, Qwen2, Qwen3, Phi-3, Granite, Mixtral, Qwen2-MoE and Qwen3-MoE
     architectures."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
@@ -130,6 +135,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        scales = cfg.granite
+        self.embedding_multiplier = scales.embedding_multiplier if scales is not None else 1.0
+        self.logits_scaling = scales.logits_scaling if scales is not None else 1.0
 
     def forward(
         self,
@@ -141,6 +149,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
         x = self.model.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            x = x * self.embedding_multiplier
         residual: torch.Tensor | None = None
         rotary = self.rotary.lookup(positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
@@ -198,4 +208,5 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype: the sampler widens them to float32 only on the paths that
         compute with them (a greedy argmax and the fused race read them as they are)."""
-        return self.lm_head(hidden)
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits if self.logits_scaling == 1.0 else logits / self.logits_scaling
