@@ -146,6 +146,12 @@ def test_served_beam_search_answers_as_the_offline_one(tiny_model_factory) -> No
         assert [choice.finish_reason for choice in reply.choices] == reasons
         lengths = sum(len(seq.token_ids) for result in offline for seq in result.sequences)
         assert reply.usage is not None and reply.usage.completion_tokens == lengths
+        assert "stop" in reasons  # beams that ended on EOS, whose EOS adds no text even unskipped:
+        kept = client.completions.create(
+            model=server.model, prompt=prompts, n=3, max_tokens=5,
+            extra_body={"use_beam_search": True, "length_penalty": 0.5, "skip_special_tokens": False},
+        )  # fmt: skip
+        assert [choice.text for choice in kept.choices] == expected
         refusals = (({"stream": True}, "stream"), ({"logprobs": 1}, "logprobs"), ({"n": 11}, "n"),
                     ({"stop": ["x"]}, "stop"), ({"stop_token_ids": [3]}, "stop_token_ids"),
                     ({"bad_words": ["a"]}, "bad_words"),
@@ -155,13 +161,23 @@ def test_served_beam_search_answers_as_the_offline_one(tiny_model_factory) -> No
             response = httpx.post(f"{server.base_url}/v1/completions", json=body)
             assert response.status_code == 400, response.text
             assert response.json()["error"]["param"] == field
-        chat = {
-            "model": server.model,
-            "messages": [{"role": "user", "content": "hi"}],
-            "use_beam_search": True,
-        }
-        response = httpx.post(f"{server.base_url}/v1/chat/completions", json=chat)
-        assert response.status_code == 400 and response.json()["error"]["param"] == "use_beam_search"
+        # Chat: the same search over the templated prompt, each beam read as an answer.
+        messages = [{"role": "user", "content": "To be, or not"}]
+        chat_ids = llm.tokenizer.encode(
+            llm.tokenizer.apply_chat_template(messages, True), add_special_tokens=False
+        )
+        (chat_offline,) = llm.beam_search([chat_ids], BeamSearchParams(beam_width=2, max_tokens=6))
+        chat = client.chat.completions.create(
+            model=server.model, messages=messages, n=2, max_tokens=6, extra_body={"use_beam_search": True}
+        )  # type: ignore[call-overload]
+        assert [choice.message.content for choice in chat.choices] == [
+            seq.text for seq in chat_offline.sequences
+        ]
+        assert chat.usage is not None and chat.usage.prompt_tokens == len(chat_ids)
+        for extra, field in (({"logprobs": True}, "logprobs"), ({"tool_choice": "required"}, "tool_choice")):
+            body = {"model": server.model, "messages": messages, "use_beam_search": True, **extra}
+            response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body)
+            assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
 
 
 async def test_a_served_search_is_in_flight_throughout_and_a_drain_lets_it_end(tiny_model_factory) -> None:

@@ -1,15 +1,17 @@
-"""`/v1/completions` with vLLM's `use_beam_search`: the engine's beam search (`engine/beam_search.py`)
-driven from the event loop, each step one batch of one-token requests through the Frontend (so
-timeouts, admission and metrics apply to them as to any request)."""
+"""vLLM's `use_beam_search` on `/v1/completions` and `/v1/chat/completions`: the engine's beam search
+(`engine/beam_search.py`) driven from the event loop, each step one batch of one-token requests
+through the Frontend (so timeouts, admission and metrics apply to them as to any request)."""
 
 from __future__ import annotations
 
 import time
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from inferd.engine.beam_search import (
     MAX_BEAM_WIDTH,
+    Beam,
     BeamSearch,
     BeamSearchParams,
     advance_all,
@@ -21,25 +23,27 @@ from inferd.sampling_params import SamplingParams
 from inferd.server.errors import InvalidRequestError, RequestTimeoutError
 from inferd.server.frontend import Frontend
 from inferd.server.openai.common import finish_reason, usage
-from inferd.server.openai.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from inferd.server.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+)
 from inferd.server.structured_request import GUIDED_FIELDS
 
 if TYPE_CHECKING:
     from inferd.server.openai.completions import CompletionJob
 
 
-def check_beam_request(body: CompletionRequest) -> None:
-    """What a beam search cannot honour (stops, log-probabilities, constraints on the tokens) is
-    refused, naming the field. Sampling settings (temperature, top_p, penalties, seed...) do not
-    apply to it and are ignored, as in vLLM."""
+def check_beam_request(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """What a beam search cannot honour (streaming, stops, log-probabilities, constraints on the
+    tokens) is refused, naming the field. Sampling settings (temperature, top_p, penalties,
+    seed...) do not apply to it and are ignored, as in vLLM."""
     if body.n > MAX_BEAM_WIDTH:
         raise InvalidRequestError(f"n: a beam search keeps at most {MAX_BEAM_WIDTH} beams, got {body.n}", "n")
     constraints = ("response_format", "structured_outputs", *GUIDED_FIELDS)
     refused = {
         "stream": body.stream,
-        "best_of": body.best_of is not None and body.best_of != body.n,
-        "logprobs": body.logprobs is not None,
-        "echo": body.echo,
         "stop": bool(body.stop),
         "stop_token_ids": bool(body.stop_token_ids),
         "min_tokens": body.min_tokens > 0,
@@ -48,55 +52,87 @@ def check_beam_request(body: CompletionRequest) -> None:
         "allowed_token_ids": body.allowed_token_ids is not None,
         **{name: getattr(body, name) is not None for name in constraints},
     }
+    if isinstance(body, CompletionRequest):
+        refused |= {"best_of": body.best_of is not None and body.best_of != body.n,
+                    "logprobs": body.logprobs is not None, "echo": body.echo}  # fmt: skip
+    else:
+        # A named or required tool choice is a constraint on the tokens too.
+        refused |= {"logprobs": body.logprobs, "tool_choice": body.tool_choice not in (None, "auto", "none")}
     for name, is_set in refused.items():
         if is_set:
             raise InvalidRequestError(f"{name} is not supported with use_beam_search", name)
 
 
-async def beam_complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse:
-    """The ``job.n`` best beams of each prompt, best first (choice ``p * n + k``)."""
-    assert job.length_penalty is not None
+@dataclass(frozen=True)
+class BeamAnswer:
+    """One returned beam: its tokens, its text (an ending EOS leaves none) and finish reason."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: Literal["stop", "length"]
+
+
+async def run_beam_search(
+    frontend: Frontend,
+    request_id: str,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    width: int,
+    length_penalty: float,
+    timeout_s: float | None,
+) -> list[list[BeamAnswer]]:
+    """Each prompt's ``width`` best beams, best first. ``params``: the request's (its budget,
+    adapter, priority, ignore_eos and skip_special_tokens apply)."""
     searches = []
-    for prompt in job.prompts:
-        _, budget = frontend.llm.prepare(prompt, job.params)
-        params = BeamSearchParams(job.n, budget, job.params.ignore_eos, job.length_penalty)
-        searches.append(BeamSearch(params, frontend.eos_token_ids, len(prompt)))
-    per_step = step_params(searches[0].params, job.params.adapter, job.params.priority)
-    deadline = None if job.timeout_s is None else time.monotonic() + job.timeout_s
+    for prompt in prompts:
+        _, budget = frontend.llm.prepare(prompt, params)
+        search_params = BeamSearchParams(width, budget, params.ignore_eos, length_penalty)
+        searches.append(BeamSearch(search_params, frontend.eos_token_ids, len(prompt)))
+    per_step = step_params(searches[0].params, params.adapter, params.priority)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     step = 0
     # The whole search is in flight, between its steps too: a drain waits for it, its later steps
     # are never refused by the drain or the queue limits its first passed, and its adapter stays.
     frontend.num_in_flight += 1
     try:
-        with frontend.holding_adapter(job.params.adapter):  # not unloaded between its steps
+        with frontend.holding_adapter(params.adapter):  # not unloaded between its steps
             while not all(search.done for search in searches):
-                stepped = live_sequences(searches, job.prompts)
+                stepped = live_sequences(searches, prompts)
                 sequences = [tokens for _, tokens in stepped]
                 outputs = await _step(
-                    frontend, f"{job.request_id}-s{step}", sequences, per_step, deadline, step > 0
+                    frontend, f"{request_id}-s{step}", sequences, per_step, deadline, step > 0
                 )
                 advance_all(stepped, [out.logprobs[0] for out in outputs])
                 step += 1
     finally:
         frontend.num_in_flight -= 1
-    choices: list[CompletionChoice] = []
-    completion_tokens = 0
-    for search in searches:
-        for beam in search.best():
-            completion_tokens += len(beam.token_ids)
-            text = frontend.tokenizer.decode(
-                beam.token_ids, skip_special_tokens=job.params.skip_special_tokens
-            )
-            reason = "stop" if beam.finish_reason == "stop" else "length"
-            choices.append(
-                CompletionChoice(index=len(choices), text=text, logprobs=None, finish_reason=reason)
-            )
+    return [[_answer(frontend, beam, params) for beam in search.best()] for search in searches]
+
+
+def _answer(frontend: Frontend, beam: Beam, params: SamplingParams) -> BeamAnswer:
+    # As the engine's outputs: the EOS that ends an answer adds no text, special token or not.
+    shown = beam.token_ids[:-1] if beam.finish_reason == "stop" else beam.token_ids
+    text = frontend.tokenizer.decode(shown, skip_special_tokens=params.skip_special_tokens)
+    return BeamAnswer(beam.token_ids, text, "stop" if beam.finish_reason == "stop" else "length")
+
+
+async def beam_complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse:
+    """The ``job.n`` best beams of each prompt, best first (choice ``p * n + k``)."""
+    assert job.length_penalty is not None
+    found = await run_beam_search(
+        frontend, job.request_id, job.prompts, job.params, job.n, job.length_penalty, job.timeout_s
+    )
+    answers = [answer for beams in found for answer in beams]
+    choices = [
+        CompletionChoice(index=index, text=answer.text, logprobs=None, finish_reason=answer.finish_reason)
+        for index, answer in enumerate(answers)
+    ]
     return CompletionResponse(
         id=job.request_id,
         created=job.created,
         model=job.model,
         choices=choices,
-        usage=usage(job.num_prompt_tokens, completion_tokens),
+        usage=usage(job.num_prompt_tokens, sum(len(answer.token_ids) for answer in answers)),
     )
 
 

@@ -17,6 +17,7 @@ from inferd.sampling_params import SamplingParams, SamplingParamsError
 from inferd.server.errors import ApiError, InvalidRequestError
 from inferd.server.forced_tool_calls import ForcedCalls, forced_calls
 from inferd.server.frontend import Frontend
+from inferd.server.openai.beam_search import check_beam_request, run_beam_search
 from inferd.server.openai.chat_answer import AnswerShaper
 from inferd.server.openai.common import (
     error_event_payload,
@@ -67,6 +68,8 @@ class ChatJob:
     one_call: bool = False
     # tool_choice "required" or a named function: the answer is the calls' JSON, read as such.
     forced: ForcedCalls | None = None
+    # Set: a beam search (server/openai/beam_search.py) ranking finished beams with this penalty.
+    length_penalty: float | None = None
 
     def shaper(self) -> AnswerShaper:
         structured = self.params.structured_output is not None
@@ -175,7 +178,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     """Validate, render the template and tokenize; every error here is a 4xx before generation."""
     frontend.check_model(body.model)
     if body.use_beam_search:
-        raise InvalidRequestError("use_beam_search: beam search runs on /v1/completions", "use_beam_search")
+        check_beam_request(body)
     tools = _offered_tools(frontend, body)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
@@ -240,6 +243,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         read_tools=tools is not None and forced is None,
         one_call=not body.parallel_tool_calls,
         forced=forced,
+        length_penalty=body.length_penalty if body.use_beam_search else None,
     )
 
 
@@ -292,6 +296,27 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
         model=job.model,
         choices=choices,
         usage=usage(len(job.prompt), sum(len(out.token_ids) for out in finals.values())),
+    )
+
+
+async def beam_chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
+    """The ``job.n`` best beams as choices, best first, each read as ``chat`` reads an answer."""
+    assert job.length_penalty is not None
+    (answers,) = await run_beam_search(
+        frontend, job.request_id, [job.prompt], job.params, job.n, job.length_penalty, job.timeout_s
+    )
+    choices = []
+    for index, answer in enumerate(answers):
+        message = _message(job, answer.text)
+        ends_in_calls = message.tool_calls and answer.finish_reason == "stop" and job.calls_end_turn
+        reason = "tool_calls" if ends_in_calls else answer.finish_reason
+        choices.append(ChatChoice(index=index, message=message, logprobs=None, finish_reason=reason))
+    return ChatCompletionResponse(
+        id=job.request_id,
+        created=job.created,
+        model=job.model,
+        choices=choices,
+        usage=usage(len(job.prompt), sum(len(answer.token_ids) for answer in answers)),
     )
 
 

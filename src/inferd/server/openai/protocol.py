@@ -63,6 +63,9 @@ class SamplingExtras(_Body):
     bad_words: list[str] | None = None
     # Keep only the prompt's last k tokens (-1: as many as fit beside max_tokens), as vLLM's.
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    # vLLM's beam search: the n best of n beams; length_penalty ranks finished beams.
+    use_beam_search: bool = False
+    length_penalty: float = Field(1.0, ge=-10.0, le=10.0)
     # Under --scheduling-policy priority: lower runs first (vLLM's field); else only 0.
     priority: int = 0
     # inferd's: seconds until the request is aborted (overrides the server's --request-timeout).
@@ -106,9 +109,6 @@ class CompletionRequest(SamplingExtras):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=128)  # as n: candidates are engine requests
     suffix: str | None = None
-    # vLLM's beam search: the n best of n beams; length_penalty ranks finished beams.
-    use_beam_search: bool = False
-    length_penalty: float = Field(1.0, ge=-10.0, le=10.0)
 
 
 class LoadLoraAdapterRequest(_Body):
@@ -170,8 +170,6 @@ class ChatCompletionRequest(SamplingExtras):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    # vLLM's beam search, which only /v1/completions runs here: declared so that it is refused.
-    use_beam_search: bool = False
 
 
 # -- responses ------------------------------------------------------------------------------------

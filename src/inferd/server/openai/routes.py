@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from inferd.server.errors import InvalidRequestError, protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai.beam_search import beam_complete
-from inferd.server.openai.chat import chat, prepare_chat, stream_chat, template_messages
+from inferd.server.openai.chat import beam_chat, chat, prepare_chat, stream_chat, template_messages
 from inferd.server.openai.common import error_response
 from inferd.server.openai.completions import complete, prepare_completion, stream_completion
 from inferd.server.openai.protocol import (
@@ -98,6 +98,8 @@ def build_router(
         frontend.check_ready([job.prompt], job.n)
         if body.stream:
             return sse_response(stream_chat(frontend, job))
+        if job.length_penalty is not None:
+            return await unless_disconnected(request, beam_chat(frontend, job))
         return await unless_disconnected(request, chat(frontend, job))
 
     @router.post("/v1/responses", response_model=None)
