@@ -281,3 +281,23 @@ async def test_a_served_searchs_adapter_is_not_unloaded_between_its_steps(
         assert frontend.adapters == ()
     finally:
         llm.shutdown()
+
+
+def test_an_offline_search_with_an_adapter_searches_its_answers(tiny_model_factory, tmp_path) -> None:
+    from tiny_models import make_lora_adapter
+
+    base = tiny_model_factory("qwen3")
+    llm = LLM(
+        base,
+        kv_cache_memory="8MiB",
+        lora_modules={"style": str(make_lora_adapter(base, tmp_path / "s", seed=4))},
+    )
+    prompt = list(range(5, 25))
+    greedy = llm.generate(
+        [prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, adapter="style")
+    )
+    plain = llm.beam_search([prompt], BeamSearchParams(beam_width=1, max_tokens=6, ignore_eos=True))
+    (styled,) = llm.beam_search(
+        [prompt], BeamSearchParams(beam_width=1, max_tokens=6, ignore_eos=True), adapter="style"
+    )
+    assert styled.sequences[0].token_ids == greedy[0].token_ids != plain[0].sequences[0].token_ids

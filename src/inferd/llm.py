@@ -77,16 +77,21 @@ class LLM:
         return [r for r in results if r is not None]
 
     def beam_search(
-        self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, use_tqdm: bool = False
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+        adapter: str | None = None,
     ) -> list[BeamSearchOutput]:
-        """Beam search for every prompt (``engine/beam_search.py``): each step runs the live beams
-        of all prompts as one batch of one-token requests. Outputs in prompt order."""
+        """Beam search for every prompt (``engine/beam_search.py``), with a LoRA ``adapter`` if
+        named: each step runs the live beams of all prompts as one batch of one-token requests.
+        Outputs in prompt order."""
         inputs = self.engine.inputs
         prompt_ids = [inputs.tokenize_prompt(prompt) for prompt in _as_prompt_list(prompts)]
         for ids in prompt_ids:  # a prompt that cannot take the whole budget fails now, not midway
             inputs.resolve_max_tokens(len(ids), SamplingParams(max_tokens=params.max_tokens))
         searches = [BeamSearch(params, self.engine.eos_token_ids, len(ids)) for ids in prompt_ids]
-        per_step = step_params(params)
+        per_step = step_params(params, adapter)
         with tqdm(total=params.max_tokens, desc="beam search", disable=not use_tqdm, unit="tok") as bar:
             while not all(search.done for search in searches):
                 stepped = live_sequences(searches, prompt_ids)
