@@ -174,10 +174,23 @@ def test_served_beam_search_answers_as_the_offline_one(tiny_model_factory) -> No
             seq.text for seq in chat_offline.sequences
         ]
         assert chat.usage is not None and chat.usage.prompt_tokens == len(chat_ids)
-        for extra, field in (({"logprobs": True}, "logprobs"), ({"tool_choice": "required"}, "tool_choice")):
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        chat_refusals = (({"logprobs": True}, "logprobs"),
+                         ({"tools": tools, "tool_choice": "required"}, "tool_choice"),
+                         ({"response_format": {"type": "json_object"}}, "response_format"))  # fmt: skip
+        for extra, field in chat_refusals:
             body = {"model": server.model, "messages": messages, "use_beam_search": True, **extra}
             response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body)
             assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+            assert "not supported with use_beam_search" in response.json()["error"]["message"]
+        # A response_format that constrains nothing is no reason to refuse.
+        text = {"model": server.model, "messages": messages, "use_beam_search": True, "n": 2, "max_tokens": 6,
+                "response_format": {"type": "text"}}  # fmt: skip
+        response = httpx.post(f"{server.base_url}/v1/chat/completions", json=text)
+        assert response.status_code == 200, response.text
+        assert [c["message"]["content"] for c in response.json()["choices"]] == [
+            s.text for s in chat_offline.sequences
+        ]
 
 
 async def test_a_served_search_is_in_flight_throughout_and_a_drain_lets_it_end(tiny_model_factory) -> None:

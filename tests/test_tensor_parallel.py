@@ -28,7 +28,9 @@ def _first_step_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
 
 
 # phi3: q|k|v, gate|up fused; qwen2-moe: experts and a gated shared expert split; mixtral: its names
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "phi3", "qwen2-moe", "mixtral", "gemma3"])
+@pytest.mark.parametrize(
+    "arch", ["qwen3", "qwen2", "llama", "phi3", "qwen2-moe", "mixtral", "gemma3", "gemma2", "granite"]
+)
 def test_two_ranks_give_the_whole_models_logits_and_tokens(tiny_model_factory, arch: str) -> None:
     """Qwen3 has per-head q/k norms, Qwen2 q/k/v biases (split with their heads), Llama neither."""
     folder = tiny_model_factory(arch)

@@ -29,7 +29,7 @@ from inferd.server.openai.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from inferd.server.structured_request import GUIDED_FIELDS
+from inferd.server.structured_request import GUIDED_FIELDS, requested
 
 if TYPE_CHECKING:
     from inferd.server.openai.completions import CompletionJob
@@ -41,7 +41,9 @@ def check_beam_request(body: CompletionRequest | ChatCompletionRequest) -> None:
     seed...) do not apply to it and are ignored, as in vLLM."""
     if body.n > MAX_BEAM_WIDTH:
         raise InvalidRequestError(f"n: a beam search keeps at most {MAX_BEAM_WIDTH} beams, got {body.n}", "n")
-    constraints = ("response_format", "structured_outputs", *GUIDED_FIELDS)
+    # A structured output that constrains something (response_format "text" does not).
+    fields = ("response_format", "structured_outputs", *GUIDED_FIELDS)
+    structure, structure_field = requested({name: getattr(body, name) for name in fields})
     refused = {
         "stream": body.stream,
         "stop": bool(body.stop),
@@ -50,7 +52,7 @@ def check_beam_request(body: CompletionRequest | ChatCompletionRequest) -> None:
         "logit_bias": bool(body.logit_bias),
         "bad_words": bool(body.bad_words),
         "allowed_token_ids": body.allowed_token_ids is not None,
-        **{name: getattr(body, name) is not None for name in constraints},
+        structure_field or "response_format": structure is not None,
     }
     if isinstance(body, CompletionRequest):
         refused |= {"best_of": body.best_of is not None and body.best_of != body.n,
