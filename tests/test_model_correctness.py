@@ -13,7 +13,7 @@ from inferd.engine.request import Request
 from inferd.sched.output import SchedulerOutput
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2-moe", "qwen3-moe", "mistral-sliding",
-         "qwen2-sliding", "gemma", "gemma2", "gemma3", "granite"]  # fmt: skip
+         "qwen2-sliding", "gemma", "gemma2", "gemma3", "granite", "smollm3"]  # fmt: skip
 
 
 def _prompts(vocab: int, count: int = 16, seed: int = 0) -> list[list[int]]:
@@ -246,6 +246,25 @@ def test_gemma2_and_gemma1_configs_as_the_hub_ships_them() -> None:
     assert config.gemma.query_pre_attn_scalar == 8 and config.gemma.attn_logit_softcapping is None
     with pytest.raises(ValueError, match="hidden_act 'relu' is not supported"):
         ModelConfig.from_hf_config({**gemma1, "hidden_act": "relu"})
+
+
+def test_smollm3_configs_as_the_hub_ships_them() -> None:
+    """Every fourth layer without the rotary unless no_rope_layers says which; embeddings tied
+    unless said otherwise; a window only with use_sliding_window, and then on the NoPE layers."""
+    from inferd.config import ModelConfig
+
+    base = {"architectures": ["SmolLM3ForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 8, "num_attention_heads": 2}  # fmt: skip
+    config = ModelConfig.from_hf_config({**base, "sliding_window": 64})
+    assert config.layer_rope == (True, True, True, False) * 2 and config.layer_windows == ()
+    assert config.tie_word_embeddings
+    fields = {"use_sliding_window": True, "sliding_window": 64, "no_rope_layers": [1, 0] * 4,
+              "tie_word_embeddings": False}  # fmt: skip
+    sliding = ModelConfig.from_hf_config({**base, **fields})
+    assert sliding.layer_rope == (True, False) * 4 and sliding.layer_windows == (0, 64) * 4
+    assert not sliding.tie_word_embeddings
+    with pytest.raises(ValueError, match="no_rope_layers"):
+        ModelConfig.from_hf_config({**base, "no_rope_layers": [1, 0]})
 
 
 def test_a_gemma3_folder_as_the_hub_ships_it_loads_and_matches(tiny_model_factory, tmp_path) -> None:

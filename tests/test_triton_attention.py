@@ -497,7 +497,7 @@ def test_soft_capped_decode_of_the_pytorch_backend() -> None:
     assert_close(out, reference_attention(batch, 24, softcap=0.5), torch.float32)
 
 
-@pytest.mark.parametrize("arch", ["mistral-sliding", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["mistral-sliding", "gemma2", "gemma3", "smollm3"])
 def test_a_sliding_window_model_gives_the_same_greedy_tokens_on_both_backends(
     tiny_model_factory, arch
 ) -> None:

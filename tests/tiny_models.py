@@ -69,6 +69,15 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,  # embeddings, or the large weights only echo the last token
         "final_logit_softcapping": 5.0,
     },
+    # SmolLM3: its second layer a NoPE one (no rotary), which also slides over 12 tokens.
+    "smollm3": {
+        "architectures": ["SmolLM3ForCausalLM"],
+        "model_type": "smollm3",
+        "pad_token_id": 0,
+        "no_rope_layer_interval": 2,
+        "use_sliding_window": True,
+        "sliding_window": 12,
+    },
     # Granite: Llama with its four scales, at Granite 3's values but for the attention's, which
     # stands far from the head size's (0.25 here) so that it is checked.
     "granite": {

@@ -259,6 +259,8 @@ class ModelConfig:
     gemma: GemmaConfig | None = None
     # Granite's scales (models/llama.py); None for the other architectures.
     granite: GraniteScales | None = None
+    # Whether each layer rotates its queries and keys (SmolLM3's NoPE layers do not); empty: all.
+    layer_rope: tuple[bool, ...] = ()
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -296,7 +298,8 @@ class ModelConfig:
         sliding = cfg.get("sliding_window", default_window)
         # Qwen's configs carry a window that applies only with use_sliding_window (as transformers
         # reads them).
-        if architecture.startswith(("Qwen2", "Qwen3")) and not cfg.get("use_sliding_window", False):
+        gated = ("Qwen2", "Qwen3", "SmolLM3")  # SmolLM3's the same way, on its NoPE layers only
+        if architecture.startswith(gated) and not cfg.get("use_sliding_window", False):
             sliding = None
         config = cls(
             architecture=architecture,
@@ -311,12 +314,15 @@ class ModelConfig:
             rope=rope,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             # Gemma's hub configs leave it out: transformers ties its embeddings by default.
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+            tie_word_embeddings=bool(
+                cfg.get("tie_word_embeddings", gemma or architecture == "SmolLM3ForCausalLM")
+            ),
             attention_bias=_attention_bias(cfg, architecture),
             qk_norm=architecture.startswith(("Qwen3", "Gemma3")),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             moe=MoEConfig.from_hf_config(cfg, architecture, int(cfg["num_hidden_layers"])),
             layer_windows=_layer_windows(cfg, architecture, int(cfg["num_hidden_layers"]), sliding),
+            layer_rope=_layer_rope(cfg, architecture, int(cfg["num_hidden_layers"])),
             gemma=GemmaConfig.from_hf_config(cfg, architecture, int(head_dim), rope) if gemma else None,
             granite=GraniteScales.from_hf_config(cfg) if architecture == "GraniteForCausalLM" else None,
         )
@@ -411,6 +417,12 @@ def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, slid
         return tuple(window if kind == "sliding_attention" else 0 for kind in types)
     if architecture == "Qwen3MoeForCausalLM":
         return (window,) * num_layers  # its layers all slide (transformers has no layer rule for it)
+    if architecture == "SmolLM3ForCausalLM":  # its NoPE layers slide, unless layer_types say otherwise
+        types = cfg.get("layer_types")
+        if not (isinstance(types, list) and len(types) == num_layers):
+            rotating = _layer_rope(cfg, architecture, num_layers)
+            types = ["full_attention" if rotates else "sliding_attention" for rotates in rotating]
+        return tuple(window if kind == "sliding_attention" else 0 for kind in types)
     if architecture.startswith(("Qwen2", "Qwen3")):
         types = cfg.get("layer_types")
         if isinstance(types, list) and len(types) == num_layers:
@@ -420,6 +432,20 @@ def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, slid
             return tuple(window if (i + 1) % 2 and i < first else 0 for i in range(num_layers))
         return tuple(window if i >= first else 0 for i in range(num_layers))
     return (window,) * num_layers
+
+
+def _layer_rope(cfg: dict[str, Any], architecture: str, num_layers: int) -> tuple[bool, ...]:
+    """SmolLM3's ``no_rope_layers`` (1: the layer rotates), or every ``no_rope_layer_interval``-th
+    layer without, as transformers builds them; the other architectures rotate everywhere."""
+    if architecture != "SmolLM3ForCausalLM":
+        return ()
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = int(cfg.get("no_rope_layer_interval", 4))
+        flags = [int((index + 1) % interval != 0) for index in range(num_layers)]
+    if not (isinstance(flags, list) and len(flags) == num_layers):
+        raise ValueError(f"no_rope_layers must list one flag for each of the {num_layers} layers")
+    return tuple(bool(flag) for flag in flags)
 
 
 def _activation(cfg: dict[str, Any], architecture: str) -> str:

@@ -30,6 +30,8 @@ class Attention(nn.Module):
         super().__init__()
         # A sliding-window layer's window (0: it sees the whole context).
         self.window = cfg.layer_windows[index] if cfg.layer_windows else 0
+        # A NoPE layer (SmolLM3's) attends without rotating its queries and keys.
+        self.rotates = cfg.layer_rope[index] if cfg.layer_rope else True
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -57,7 +59,11 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         norms = (self.q_norm, self.k_norm) if self.q_norm is not None and self.k_norm is not None else None
-        if isinstance(rotary, TritonRotary) and rotary.in_decode_attention and meta.is_pure_decode:
+        if not self.rotates:
+            if norms is not None:
+                q, k = norms[0](q), norms[1](k)
+            out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        elif isinstance(rotary, TritonRotary) and rotary.in_decode_attention and meta.is_pure_decode:
             # The decode attention kernel rotates, stores the new K/V and attends: one launch.
             if not isinstance(backend, TritonAttentionBackend):
                 raise TypeError(
@@ -124,8 +130,8 @@ class DecoderModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Also serves the Mistral, Qwen2, Qwen3, Phi-3, Granite, Mixtral, Qwen2-MoE and Qwen3-MoE
-    architectures."""
+    """Also serves the Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Mixtral, Qwen2-MoE and
+    Qwen3-MoE architectures."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()

@@ -51,6 +51,8 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     "Qwen2MoeForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     "Qwen3MoeForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
+    # Llama's layers, some without the rotary (config.ModelConfig.layer_rope).
+    "SmolLM3ForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     # Llama's layers with four scales (config.GraniteScales).
     "GraniteForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     "GemmaForCausalLM": ("inferd.models.gemma", "GemmaForCausalLM"),
