@@ -265,6 +265,9 @@ def test_smollm3_configs_as_the_hub_ships_them() -> None:
     assert not sliding.tie_word_embeddings
     with pytest.raises(ValueError, match="no_rope_layers"):
         ModelConfig.from_hf_config({**base, "no_rope_layers": [1, 0]})
+    longer = ModelConfig.from_hf_config({**base, "no_rope_layers": [1, 0, 0, 1] * 3})  # the first 8 count
+    assert longer.layer_rope == (True, False, False, True) * 2
+    assert config.rope.theta == 2_000_000.0  # transformers' default for SmolLM3
 
 
 def test_a_gemma3_folder_as_the_hub_ships_it_loads_and_matches(tiny_model_factory, tmp_path) -> None:

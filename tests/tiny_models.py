@@ -69,7 +69,9 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,  # embeddings, or the large weights only echo the last token
         "final_logit_softcapping": 5.0,
     },
-    # SmolLM3: its second layer a NoPE one (no rotary), which also slides over 12 tokens.
+    # SmolLM3: its second layer a NoPE one (no rotary), which also slides over 12 tokens; weights
+    # large enough, and embeddings untied, that greedy tokens depend on both (with tied ones the
+    # tiny model only repeats the prompt's last token).
     "smollm3": {
         "architectures": ["SmolLM3ForCausalLM"],
         "model_type": "smollm3",
@@ -77,6 +79,8 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         "no_rope_layer_interval": 2,
         "use_sliding_window": True,
         "sliding_window": 12,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.1,
     },
     # Granite: Llama with its four scales, at Granite 3's values but for the attention's, which
     # stands far from the head size's (0.25 here) so that it is checked.

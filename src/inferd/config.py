@@ -283,7 +283,12 @@ class ModelConfig:
                 f"hidden_act {activation!r} is not supported; the engine computes {computed[0]} here"
             )
         gemma3 = architecture == "Gemma3ForCausalLM"
-        rope = _parse_rope(GemmaConfig.global_rope_fields(cfg) if gemma3 else cfg)
+        if gemma3:
+            rope = _parse_rope(GemmaConfig.global_rope_fields(cfg))
+        elif architecture == "SmolLM3ForCausalLM":  # transformers' default base for it
+            rope = _parse_rope({"rope_theta": 2_000_000.0, **cfg})
+        else:
+            rope = _parse_rope(cfg)
         if architecture == "Phi3ForCausalLM" and rope.rope_type != "default":
             # transformers reads any Phi-3 scaling as LongRoPE (its long and short factors), which
             # the engine does not compute.
@@ -443,9 +448,9 @@ def _layer_rope(cfg: dict[str, Any], architecture: str, num_layers: int) -> tupl
     if flags is None:
         interval = int(cfg.get("no_rope_layer_interval", 4))
         flags = [int((index + 1) % interval != 0) for index in range(num_layers)]
-    if not (isinstance(flags, list) and len(flags) == num_layers):
-        raise ValueError(f"no_rope_layers must list one flag for each of the {num_layers} layers")
-    return tuple(bool(flag) for flag in flags)
+    if not (isinstance(flags, list) and len(flags) >= num_layers):
+        raise ValueError(f"no_rope_layers must list a flag for each of the {num_layers} layers")
+    return tuple(bool(flag) for flag in flags[:num_layers])  # transformers reads the first ones
 
 
 def _activation(cfg: dict[str, Any], architecture: str) -> str:
