@@ -179,12 +179,8 @@ class TorchAttentionBackend:
         softcap: float = 0.0,
     ) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_pure_decode:
-            return self._decode(q, k_cache, v_cache, meta, scale, window, softcap)
-        if meta.max_query_len <= MAX_PADDED_QUERY:
-            return self._short_queries(q, k_cache, v_cache, meta, scale, window, softcap)
         # Fresh prompts attend over this step's k and v directly, without reading them back.
-        return self._varlen(q, (k, v), k_cache, v_cache, meta, scale, window, softcap)
+        return self._attend(q, (k, v), k_cache, v_cache, meta, scale, window, softcap)
 
     def attend(
         self,
@@ -196,11 +192,25 @@ class TorchAttentionBackend:
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
+        return self._attend(q, None, k_cache, v_cache, meta, scale, window, softcap)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int,
+        softcap: float,
+    ) -> torch.Tensor:
+        """The step's attention by its shape; ``new_kv``: its k and v, for fresh prompts to read."""
         if meta.is_pure_decode:
             return self._decode(q, k_cache, v_cache, meta, scale, window, softcap)
         if meta.max_query_len <= MAX_PADDED_QUERY:
             return self._short_queries(q, k_cache, v_cache, meta, scale, window, softcap)
-        return self._varlen(q, None, k_cache, v_cache, meta, scale, window, softcap)
+        return self._varlen(q, new_kv, k_cache, v_cache, meta, scale, window, softcap)
 
     def _decode(
         self,
