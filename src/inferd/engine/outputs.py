@@ -87,6 +87,14 @@ class RequestOutput:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
+    @property
+    def mean_logprob(self) -> float:
+        """The generated tokens' mean log-probability (with ``logprobs`` asked for; else -inf):
+        how ``best_of`` ranks candidates, as OpenAI's and TGI's do."""
+        if not self.logprobs:
+            return float("-inf")
+        return sum(entry.logprob for entry in self.logprobs) / len(self.logprobs)
+
 
 def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
     """One output for two consecutive ones of a request: the later state, with both deltas."""

@@ -156,13 +156,9 @@ def _returned(job: CompletionJob, finals: dict[int, RequestOutput]) -> list[Requ
     for prompt in range(len(job.prompts)):
         candidates = [finals[prompt * job.best_of + sample] for sample in range(job.best_of)]
         if job.best_of > job.n:
-            candidates.sort(key=_mean_logprob, reverse=True)  # stable: the first among equals
+            candidates.sort(key=lambda out: out.mean_logprob, reverse=True)  # stable: the first among equals
         returned.extend(candidates[: job.n])
     return returned
-
-
-def _mean_logprob(out: RequestOutput) -> float:
-    return sum(entry.logprob for entry in out.logprobs) / len(out.logprobs) if out.logprobs else float("-inf")
 
 
 async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncIterator[str]:

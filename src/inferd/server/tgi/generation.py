@@ -176,7 +176,7 @@ async def generate(frontend: Frontend, job: TgiJob) -> GenerateResponse:
     for out in candidates:
         _finish_reason(frontend, job.params, out)  # one timed out or cut short: its error, not a text
     # As TGI: the highest mean log-probability of the generated tokens, the first among equals.
-    best = max(range(job.best_of), key=lambda index: _mean_logprob(candidates[index]))
+    best = max(range(job.best_of), key=lambda index: candidates[index].mean_logprob)
     final = candidates[best]
     details = None
     if job.details:
@@ -188,10 +188,6 @@ async def generate(frontend: Frontend, job: TgiJob) -> GenerateResponse:
                 if index != best
             ]
     return GenerateResponse(generated_text=_text(job, final), details=details)
-
-
-def _mean_logprob(out: RequestOutput) -> float:
-    return sum(entry.logprob for entry in out.logprobs) / len(out.logprobs) if out.logprobs else float("-inf")
 
 
 def _text(job: TgiJob, out: RequestOutput) -> str:
