@@ -402,41 +402,41 @@ class ModelConfig:
 
 
 def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, sliding: Any) -> tuple[int, ...]:
-    """Each layer's attention window, as transformers builds the layers: Qwen's slide from layer
-    ``max_window_layers`` on (or as their ``layer_types`` say), the others all or none."""
+    """Each layer's attention window, as transformers builds the layers: Gemma 2's, Gemma 3's,
+    SmolLM3's and Qwen's as their ``layer_types`` say, or else by their own rules (every
+    ``sliding_window_pattern``-th layer full, the NoPE layers, from ``max_window_layers`` on),
+    the others all or none."""
     if not sliding:
         return ()
     window = int(sliding)
     if window < 1:
         raise ValueError(f"sliding_window must be at least 1, got {window}")
-    if architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
-        types = cfg.get("layer_types")
-        if not (isinstance(types, list) and len(types) == num_layers):
-            # Older configs: every sliding_window_pattern-th layer full, the others sliding (Gemma
-            # 2: every other layer, from the first).
-            default_pattern = 2 if architecture == "Gemma2ForCausalLM" else 6
-            pattern = int(cfg.get("sliding_window_pattern", default_pattern))
-            types = [
-                "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
-            ]
-        return tuple(window if kind == "sliding_attention" else 0 for kind in types)
+    # The config's own layer list, where it names every layer (transformers 5 writes one).
+    types = cfg.get("layer_types")
+    declared = None
+    if isinstance(types, list) and len(types) == num_layers:
+        declared = [kind == "sliding_attention" for kind in types]
+    slides: list[bool]
     if architecture == "Qwen3MoeForCausalLM":
-        return (window,) * num_layers  # its layers all slide (transformers has no layer rule for it)
-    if architecture == "SmolLM3ForCausalLM":  # its NoPE layers slide, unless layer_types say otherwise
-        types = cfg.get("layer_types")
-        if not (isinstance(types, list) and len(types) == num_layers):
-            rotating = _layer_rope(cfg, architecture, num_layers)
-            types = ["full_attention" if rotates else "sliding_attention" for rotates in rotating]
-        return tuple(window if kind == "sliding_attention" else 0 for kind in types)
-    if architecture.startswith(("Qwen2", "Qwen3")):
-        types = cfg.get("layer_types")
-        if isinstance(types, list) and len(types) == num_layers:
-            return tuple(window if kind == "sliding_attention" else 0 for kind in types)
+        slides = [True] * num_layers  # its layers all slide (transformers has no layer rule for it)
+    elif declared is not None and architecture.startswith(("Gemma2", "Gemma3", "SmolLM3", "Qwen2", "Qwen3")):
+        slides = declared
+    elif architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+        # Older configs: every sliding_window_pattern-th layer full, the others sliding (Gemma 2:
+        # every other layer, from the first).
+        pattern = int(cfg.get("sliding_window_pattern", 2 if architecture == "Gemma2ForCausalLM" else 6))
+        slides = [bool((i + 1) % pattern) for i in range(num_layers)]
+    elif architecture == "SmolLM3ForCausalLM":  # its NoPE layers slide
+        slides = [not rotates for rotates in _layer_rope(cfg, architecture, num_layers)]
+    elif architecture.startswith(("Qwen2", "Qwen3")):
         first = int(cfg.get("max_window_layers", 28))  # transformers' default
         if architecture == "Qwen2MoeForCausalLM":  # every other layer, below max_window_layers
-            return tuple(window if (i + 1) % 2 and i < first else 0 for i in range(num_layers))
-        return tuple(window if i >= first else 0 for i in range(num_layers))
-    return (window,) * num_layers
+            slides = [bool((i + 1) % 2) and i < first for i in range(num_layers)]
+        else:
+            slides = [i >= first for i in range(num_layers)]
+    else:
+        slides = [True] * num_layers
+    return tuple(window if slide else 0 for slide in slides)
 
 
 def _layer_rope(cfg: dict[str, Any], architecture: str, num_layers: int) -> tuple[bool, ...]:
