@@ -88,8 +88,7 @@ class EngineCore:
     def load_adapter(self, name: str, path: str) -> None:
         """Serve a LoRA adapter from now on (LoraUpdateError: not allowed, the name is taken, or
         the folder does not hold an adapter of this model)."""
-        if not self.config.allow_runtime_lora_updating:
-            raise LoraUpdateError("this engine was not started with allow_runtime_lora_updating", "invalid")
+        self._check_updatable()
         if name in self._adapter_salts:
             raise LoraUpdateError(f"the LoRA adapter {name!r} is already loaded", "invalid")
         try:
@@ -104,8 +103,7 @@ class EngineCore:
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving a LoRA adapter that no waiting or running request uses (LoraUpdateError)."""
-        if not self.config.allow_runtime_lora_updating:
-            raise LoraUpdateError("this engine was not started with allow_runtime_lora_updating", "invalid")
+        self._check_updatable()
         if name not in self._adapter_salts:
             raise LoraUpdateError(f"no LoRA adapter {name!r} is loaded", "not_found")
         users = [r for r in (*self.scheduler.waiting, *self.scheduler.running) if r.params.adapter == name]
@@ -113,6 +111,10 @@ class EngineCore:
             raise LoraUpdateError(f"the LoRA adapter {name!r} is in use by {len(users)} request(s)", "in_use")
         self.runner.unload_adapter(name)
         del self._adapter_salts[name]
+
+    def _check_updatable(self) -> None:
+        if not self.config.allow_runtime_lora_updating:
+            raise LoraUpdateError("this engine was not started with allow_runtime_lora_updating", "invalid")
 
     def shutdown(self) -> None:
         """Release what outlives the process's own memory: the other tensor-parallel ranks."""
