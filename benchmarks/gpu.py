@@ -1078,6 +1078,11 @@ VARIANTS = {
     # The mixture of experts' routed experts on the Triton grouped matmul, decode in CUDA graphs
     # (its default engine runs the torch experts, eagerly).
     "triton_moe": {"triton_moe": True},
+    # The projections as 8-bit floats with a scale per output row, made at load (layers/fp8.py):
+    # half the weight bytes a decode step reads. Another model's numbers, so its greedy tokens
+    # need not equal the default's; its floors are still the 16-bit model's (a fraction of one
+    # above 1 is possible).
+    "fp8": {"quantization": "fp8"},
 }
 # Variants that set a kernel module's constant, not an engine option, for their measurement only:
 # tunings the engine does not expose. ``split_32`` lets 32-token parts of a context run in
@@ -1506,6 +1511,9 @@ def planned_steps(runs: dict[str, ShapeRun]) -> list[Callable[[], None]]:
         functools.partial(llama.variant, "fused_linear"),
         functools.partial(qwen.variant, "all_unmeasured", workload=True),
         functools.partial(llama.variant, "all_unmeasured"),
+        # 8-bit float weights: batch-1 decode reads half the bytes.
+        functools.partial(llama.variant, "fp8"),
+        functools.partial(qwen.variant, "fp8", workload=True),
         functools.partial(qwen.variant, "split_32"),
         functools.partial(qwen.variant, "decode_rotary", workload=True),
         functools.partial(qwen.variant, "split_mid_8", workload=True),

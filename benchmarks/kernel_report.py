@@ -159,7 +159,8 @@ def cases() -> list[Case]:
     # at one and two rows the fused inputs, as the layers launch them: the add + norm before
     # gate|up, and SiLU-and-mul before the down projection (3072 -> 1024).
     linear_types = {"x_ptr": BF16, "w_ptr": BF16, "bias_ptr": BF16, "y_ptr": BF16, "residual_ptr": BF16,
-                    "norm_weight_ptr": BF16, "residual_out_ptr": BF16, "eps": "fp32"}  # fmt: skip
+                    "norm_weight_ptr": BF16, "residual_out_ptr": BF16, "scale_ptr": FP32,
+                    "eps": "fp32"}  # fmt: skip
     linear_inputs = {  # label: (out, in, GATED, NORMED)
         "": (6144, 1024, False, False), " + add + RMSNorm": (6144, 1024, False, True),
         " + SiLU-and-mul": (1024, 3072, True, False),
@@ -175,10 +176,29 @@ def cases() -> list[Case]:
                 Case(LINEAR, "_skinny_linear_kernel", f"skinny linear rows={rows}{label}", linear_types,
                      {"rows": rows, "out_features": out_features, "in_features": in_features,
                       "stride_x_row": in_features * (2 if gated else 1), "stride_w_row": in_features,
-                      "stride_y_row": out_features, "stride_residual_row": in_features if normed else 0},
+                      "stride_y_row": out_features, "stride_residual_row": in_features if normed else 0,
+                      "stride_scale_row": 0},
                      {"HAS_BIAS": False, "GATED": gated, "NORMED": normed, "HAS_RESIDUAL": normed,
                       "ROWS_P2": rows, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "EVEN_K": True,
                       "NUM_STAGES": tile.num_stages},
+                     num_warps=tile.num_warps, num_stages=tile.num_stages, pipelined_loop=True)
+            )  # fmt: skip
+    # The same gate|up over 8-bit float weights (layers/fp8.py) at one and two rows: one scale per
+    # output row (applied to the sums), and 128 x 128 blocks (each weight tile scaled as loaded).
+    fp8_scales = {" fp8, a scale per row": (1, 1, 1, 1), " fp8, 128 x 128 blocks": (2, 128, 128, 1024 // 128)}
+    for label, (scaled, scale_rows, scale_columns, scale_stride) in fp8_scales.items():
+        for rows in (1, 2):
+            tile = triton_linear.default_tile(rows, 1024)
+            linear_cases.append(
+                Case(LINEAR, "_skinny_linear_kernel", f"skinny linear rows={rows}{label}",
+                     {**linear_types, "w_ptr": "*fp8e4nv"},
+                     {"rows": rows, "out_features": 6144, "in_features": 1024, "stride_x_row": 1024,
+                      "stride_w_row": 1024, "stride_y_row": 6144, "stride_residual_row": 0,
+                      "stride_scale_row": scale_stride},
+                     {"HAS_BIAS": False, "GATED": False, "NORMED": False, "HAS_RESIDUAL": False,
+                      "ROWS_P2": rows, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "EVEN_K": True,
+                      "NUM_STAGES": tile.num_stages, "SCALED": scaled, "SCALE_ROWS": scale_rows,
+                      "SCALE_COLUMNS": scale_columns},
                      num_warps=tile.num_warps, num_stages=tile.num_stages, pipelined_loop=True)
             )  # fmt: skip
     from inferd.layers import triton_tiled_linear

@@ -163,7 +163,9 @@ def test_layer_fuses_only_where_its_rows_go_to_triton(monkeypatch) -> None:
     calls: list[str] = []
     for name in ("skinny_linear", "skinny_norm_linear", "skinny_silu_linear"):
         original = getattr(triton_linear, name)
-        monkeypatch.setattr(triton_linear, name, lambda *a, _n=name, _f=original: calls.append(_n) or _f(*a))
+        monkeypatch.setattr(
+            triton_linear, name, lambda *a, _n=name, _f=original, **kw: calls.append(_n) or _f(*a, **kw)
+        )
     layer = Linear(32, 24, bias=True).to(DEVICE)
     norm = RMSNorm(32, eps=1e-6).to(DEVICE)
     x, residual = torch.randn(4, 32, device=DEVICE), torch.randn(4, 32, device=DEVICE)
@@ -205,9 +207,9 @@ def test_model_decode_step_fuses_norms_and_silu(tiny_model_factory, monkeypatch,
     for name in ("skinny_linear", "skinny_norm_linear", "skinny_silu_linear"):
         original = getattr(triton_linear, name)
 
-        def counted(*args: object, _name: str = name, _original=original) -> object:
+        def counted(*args: object, _name: str = name, _original=original, **kwargs: object) -> object:
             calls[_name] = calls.get(_name, 0) + 1
-            return _original(*args)
+            return _original(*args, **kwargs)
 
         monkeypatch.setattr(triton_linear, name, counted)
     core.runner.model.enable_triton_ops(False, linear=True, fused_linear=True)

@@ -107,9 +107,9 @@ def test_linear_layer_sends_only_few_rows_to_triton(monkeypatch) -> None:
     calls: list[int] = []
     original = triton_linear.skinny_linear
 
-    def counted(x: torch.Tensor, *args: object) -> torch.Tensor:
+    def counted(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         calls.append(x.shape[0])
-        return original(x, *args)  # type: ignore[arg-type]
+        return original(x, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(triton_linear, "skinny_linear", counted)
     x = torch.randn(12, 32, device=DEVICE)
@@ -134,7 +134,7 @@ def test_model_projections_use_the_skinny_matmul(tiny_model_factory, monkeypatch
     calls: list[int] = []
     original = triton_linear.skinny_linear
     monkeypatch.setattr(
-        triton_linear, "skinny_linear", lambda x, *a: calls.append(x.shape[0]) or original(x, *a)
+        triton_linear, "skinny_linear", lambda x, *a, **kw: calls.append(x.shape[0]) or original(x, *a, **kw)
     )
     model.enable_triton_ops(False, linear=True)
     triton_logits = core.runner.logits_for(decode)

@@ -97,7 +97,9 @@ def test_layer_routes_rows_between_the_two_kernels_and_torch(monkeypatch) -> Non
     for module, name in ((triton_linear, "skinny_linear"), (triton_tiled_linear, "tiled_linear")):
         original = getattr(module, name)
         monkeypatch.setattr(
-            module, name, lambda x, *a, _n=name, _f=original: calls.append((_n, x.shape[0])) or _f(x, *a)
+            module,
+            name,
+            lambda x, *a, _n=name, _f=original, **kw: calls.append((_n, x.shape[0])) or _f(x, *a, **kw),
         )
     layer = Linear(32, 24, bias=True).to(DEVICE)
     x = torch.randn(40, 32, device=DEVICE)

@@ -90,6 +90,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         attention_backend=options.pop("attention_backend", None) or "auto",
         seed=options.pop("seed", None) or 0,
         load_format=options.pop("load_format", None) or "safetensors",
+        quantization=options.pop("quantization", None),
         enforce_eager=bool(options.pop("enforce_eager", False)),
         triton_ops=options.pop("triton_ops", None),
         triton_linear=options.pop("triton_linear", None),
@@ -124,6 +125,11 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
     if config.uses_lora and config.tensor_parallel_size > 1:
         raise ValueError("LoRA adapters (lora_modules, allow_runtime_lora_updating) are not supported with "
                          "tensor parallelism")  # fmt: skip
+    if config.quantization not in (None, "fp8"):
+        raise ValueError(f"unknown quantization {config.quantization!r}; the engine makes fp8 weights")
+    if config.quantization is not None and config.tensor_parallel_size > 1:
+        raise ValueError("quantization cannot be used with tensor parallelism (8-bit float weights are not "
+                         "split over ranks)")  # fmt: skip
     if config.load_format not in ("safetensors", "dummy"):
         raise ValueError(f"unknown load_format {config.load_format!r}; choose safetensors or dummy")
     if options:

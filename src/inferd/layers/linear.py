@@ -6,9 +6,12 @@ import importlib
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from inferd.layers import fp8
 from inferd.layers.activation import SiluAndMul
+from inferd.layers.linear_operands import WeightScale
 from inferd.layers.norm import RMSNorm
 
 if TYPE_CHECKING:
@@ -34,6 +37,15 @@ class Linear(nn.Linear):
     # matmul of ``layers/triton_tiled_linear.py`` (0: none).
     tiled_max_rows = 0
     lora: LoraWeights | None = None
+    # Set on a projection that holds 8-bit float weights (``layers/fp8.py:hold_fp8``): the (rows,
+    # columns) of weight each entry of its ``weight_scale`` parameter covers.
+    weight_block: tuple[int, int] | None = None
+
+    def fp8_scale(self) -> torch.Tensor:
+        """The ``weight_scale`` parameter of a projection with 8-bit float weights."""
+        scale = self._parameters["weight_scale"]
+        assert scale is not None and self.weight_block is not None, "not an 8-bit float projection"
+        return scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base_forward(x)
@@ -45,7 +57,11 @@ class Linear(nn.Linear):
         if self._routed(x):
             from inferd.layers import triton_linear
 
-            return triton_linear.skinny_linear(x, self.weight, self.bias)
+            return triton_linear.skinny_linear(x, self.weight, self.bias, scale=self._scale_operand())
+        if self.weight_block is not None:
+            return F.linear(
+                x, fp8.dequantize(self.weight, self.fp8_scale(), self.weight_block, x.dtype), self.bias
+            )
         if x.dim() == 2 and self.triton_max_rows < x.shape[0] <= self.tiled_max_rows:
             from inferd.layers import triton_tiled_linear
 
@@ -60,8 +76,10 @@ class Linear(nn.Linear):
         if self.fuse_input_ops and self.lora is None and self._routed(x):
             from inferd.layers import triton_linear
 
-            weight, bias = self.weight, self.bias
-            return triton_linear.skinny_norm_linear(x, residual, norm.weight, norm.eps, weight, bias)
+            weight, bias, scale = self.weight, self.bias, self._scale_operand()
+            return triton_linear.skinny_norm_linear(
+                x, residual, norm.weight, norm.eps, weight, bias, scale=scale
+            )
         if residual is None:
             return self(norm(x)), x
         normed, residual = norm(x, residual)
@@ -72,11 +90,17 @@ class Linear(nn.Linear):
         if self.fuse_input_ops and self.lora is None and self._routed(gate_up):
             from inferd.layers import triton_linear
 
-            return triton_linear.skinny_silu_linear(gate_up, self.weight, self.bias)
+            return triton_linear.skinny_silu_linear(
+                gate_up, self.weight, self.bias, scale=self._scale_operand()
+            )
         return self(act(gate_up))
 
     def _routed(self, x: torch.Tensor) -> bool:
         return x.dim() == 2 and 0 < x.shape[0] <= self.triton_max_rows
+
+    def _scale_operand(self) -> WeightScale | None:
+        """What the skinny matmul needs to scale 8-bit float weights as it loads them."""
+        return None if self.weight_block is None else WeightScale(self.fp8_scale(), self.weight_block)
 
 
 def route_projections(model: nn.Module, linear: bool, tiled_linear: bool, fuse_inputs: bool = False) -> None:
@@ -90,4 +114,6 @@ def route_projections(model: nn.Module, linear: bool, tiled_linear: bool, fuse_i
         if isinstance(module, Linear):
             module.triton_max_rows = triton_linear.rows_routed(module.weight) if triton_linear else 0
             module.fuse_input_ops = fuse_inputs
-            module.tiled_max_rows = tiled.rows_routed(module.weight) if tiled else 0
+            # The tiled matmul reads 16- and 32-bit weights only.
+            wide = tiled is not None and module.weight_block is None
+            module.tiled_max_rows = tiled.rows_routed(module.weight) if tiled is not None and wide else 0

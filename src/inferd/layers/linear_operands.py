@@ -2,27 +2,64 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class WeightScale:
+    """The float32 scales of an 8-bit float weight (``layers/fp8.py``): ``scale[i, j]`` multiplies
+    the weight's block of ``block`` (rows, columns) at block row ``i`` and block column ``j``."""
+
+    scale: torch.Tensor
+    block: tuple[int, int]
 
 
 def check_linear_operands(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, inner_width: int = 1
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inner_width: int = 1,
+    scale: WeightScale | None = None,
 ) -> None:
     """``x`` must be ``[rows, inner_width * in]`` for a ``[out, in]`` weight, the bias ``[out]``,
     and all one floating-point type on one device, as ``F.linear`` requires: the kernels would
-    read mixed inputs as their own types."""
+    read mixed inputs as their own types. With ``scale``, the weight is float8_e4m3fn instead, its
+    scales float32 and one per block."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != inner_width * weight.shape[1]:
         width = "in" if inner_width == 1 else f"{inner_width} * in"
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be "
                          f"[rows, {width}], [out, in]")  # fmt: skip
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias {tuple(bias.shape)} must have {weight.shape[0]} entries")
-    for other in (weight, bias) if bias is not None else (weight,):
+    same_type = [bias] if bias is not None else []
+    if scale is None:
+        same_type.append(weight)
+    else:
+        _check_scale(weight, scale, x.device)
+    for other in same_type:
         if other.dtype != x.dtype or other.device != x.device:
             raise ValueError(f"x ({x.dtype}, {x.device}) and its weight and bias "
                              f"({other.dtype}, {other.device}) must share a dtype and device")  # fmt: skip
     if not x.dtype.is_floating_point:
         raise ValueError(f"the Triton matmuls take floating-point inputs, not {x.dtype}")
+
+
+def _check_scale(weight: torch.Tensor, scale: WeightScale, device: torch.device) -> None:
+    rows, columns = weight.shape
+    block_rows, block_columns = scale.block
+    expected = (-(-rows // block_rows), -(-columns // block_columns))
+    if weight.dtype != FP8_DTYPE or weight.device != device:
+        raise ValueError(
+            f"a scaled weight must be {FP8_DTYPE} on {device}, not {weight.dtype} on {weight.device}"
+        )
+    if scale.scale.dtype != torch.float32 or scale.scale.device != device or scale.scale.shape != expected:
+        raise ValueError(f"the scales of a {tuple(weight.shape)} weight in blocks of {scale.block} must be "
+                         f"float32 {expected} on {device}, not {scale.scale.dtype} "
+                         f"{tuple(scale.scale.shape)} on {scale.scale.device}")  # fmt: skip
 
 
 def unit_inner_stride(tensor: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from inferd.layers import triton_pdl
-from inferd.layers.linear_operands import check_linear_operands, unit_inner_stride
+from inferd.layers.linear_operands import WeightScale, check_linear_operands, unit_inner_stride
 from inferd.layers.triton_pdl import launch_options, prefetch_to_l2, wait_for_previous_kernel
 
 # What the decoder's projections send here (see the module's docstring).
@@ -87,6 +87,7 @@ def _skinny_linear_kernel(
     residual_ptr,
     norm_weight_ptr,
     residual_out_ptr,
+    scale_ptr,
     rows,
     out_features,
     in_features,
@@ -94,6 +95,7 @@ def _skinny_linear_kernel(
     stride_w_row,
     stride_y_row,
     stride_residual_row,
+    stride_scale_row,
     eps,
     HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr,
@@ -104,6 +106,9 @@ def _skinny_linear_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    SCALED: tl.constexpr = 0,
+    SCALE_ROWS: tl.constexpr = 1,
+    SCALE_COLUMNS: tl.constexpr = 1,
     PDL: tl.constexpr = False,
     PREFETCH_LINES: tl.constexpr = 0,
     LINE_ELEMENTS: tl.constexpr = 64,
@@ -118,6 +123,11 @@ def _skinny_linear_kernel(
       ``x``. Every program sums ``h``'s squares along its own walk over the inner dimension and
       scales its outputs by the row's ``1 / rms`` at the end: the scale is one number per row, so
       it can come after the sum. Program 0 also stores ``h`` at ``residual_out``.
+
+    ``SCALED`` > 0: ``w`` is 8-bit float, scaled per block (``layers/fp8.py``). 1: one scale per
+    output row (``scale[f, 0]``), applied to the sums once at the end. 2: ``scale[i, j]`` multiplies
+    the block of ``SCALE_ROWS`` x ``SCALE_COLUMNS`` at (``i``, ``j``); each loaded weight tile is
+    scaled, its scales gathered by block index.
 
     ``PREFETCH_LINES`` > 0 (with ``PDL`` only): before the wait, the program asks L2 for its weight
     rows, ``LINE_ELEMENTS`` to a 128-byte line, so they stream in while the previous kernel ends.
@@ -179,10 +189,20 @@ def _skinny_linear_kernel(
             x32 = h * norm_weight.to(tl.float32)[None, :]
         else:
             x32 = x.to(tl.float32)
-        products += x32[:, None, :] * w.to(tl.float32)[None, :, :]
+        w32 = w.to(tl.float32)
+        if SCALED == 2:
+            scale_ptrs = (scale_ptr + (features // SCALE_ROWS)[:, None].to(tl.int64) * stride_scale_row
+                          + ((k_start + ks) // SCALE_COLUMNS)[None, :])  # fmt: skip
+            w32 *= tl.load(scale_ptrs, mask=w_mask, other=0.0)
+        products += x32[:, None, :] * w32[None, :, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     acc = tl.sum(products, axis=2)
+    if SCALED == 1:
+        row_scale = tl.load(
+            scale_ptr + features.to(tl.int64) * stride_scale_row, mask=feature_mask, other=0.0
+        )
+        acc *= row_scale[None, :]
     if NORMED:
         acc *= tl.rsqrt(tl.sum(squares, axis=1) / in_features + eps)[:, None]
     if HAS_BIAS:
@@ -218,11 +238,17 @@ def _inner_step(cap: int, in_features: int) -> int:
 
 
 def skinny_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tile: SkinnyTile | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tile: SkinnyTile | None = None,
+    scale: WeightScale | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias`` for a 2-D ``x`` of at most ``KERNEL_MAX_ROWS`` rows, in ``x``'s dtype."""
-    _check_operands(x, weight, bias, inner_width=1)
-    return _launch(x, weight, bias, tile)
+    """``x @ weight.T + bias`` for a 2-D ``x`` of at most ``KERNEL_MAX_ROWS`` rows, in ``x``'s dtype.
+    With ``scale``, ``weight`` is 8-bit float and computed as ``weight * scale`` (``layers/fp8.py``);
+    so for every function here."""
+    _check_operands(x, weight, bias, inner_width=1, scale=scale)
+    return _launch(x, weight, bias, tile, scale=scale)
 
 
 def skinny_silu_linear(
@@ -230,11 +256,12 @@ def skinny_silu_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     tile: SkinnyTile | None = None,
+    scale: WeightScale | None = None,
 ) -> torch.Tensor:
     """``silu_and_mul(gate_up) @ weight.T + bias`` in one kernel: ``gate_up`` is ``[rows, 2 * in]``,
     the gate half first (the MLP's down projection of its gate|up projection's output)."""
-    _check_operands(gate_up, weight, bias, inner_width=2)
-    return _launch(gate_up, weight, bias, tile, gated=True)
+    _check_operands(gate_up, weight, bias, inner_width=2, scale=scale)
+    return _launch(gate_up, weight, bias, tile, gated=True, scale=scale)
 
 
 def skinny_norm_linear(
@@ -245,11 +272,12 @@ def skinny_norm_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     tile: SkinnyTile | None = None,
+    scale: WeightScale | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm_weight * rmsnorm(h)) @ weight.T + bias`` in one kernel, with ``h = x + residual``
     (or ``x`` when ``residual`` is None); returns it and ``h``, the residual stream the next layer
     adds to, as ``RMSNorm`` called with a residual does."""
-    _check_operands(x, weight, bias, inner_width=1)
+    _check_operands(x, weight, bias, inner_width=1, scale=scale)
     if norm_weight.shape != (x.shape[1],) or norm_weight.device != x.device:
         raise ValueError(f"norm weight {tuple(norm_weight.shape)} on {norm_weight.device} must have "
                          f"{x.shape[1]} entries on {x.device}")  # fmt: skip
@@ -258,16 +286,20 @@ def skinny_norm_linear(
         raise ValueError(f"residual ({tuple(residual.shape)}, {residual.dtype}, {residual.device}) must "
                          f"match x ({tuple(x.shape)}, {x.dtype}, {x.device})")  # fmt: skip
     residual_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x
-    y = _launch(x, weight, bias, tile, norm=(norm_weight, eps, residual, residual_out))
+    y = _launch(x, weight, bias, tile, norm=(norm_weight, eps, residual, residual_out), scale=scale)
     if residual is not None and weight.shape[0] == 0:  # no program ran to store the stream
         torch.add(x, residual, out=residual_out)
     return y, residual_out
 
 
 def _check_operands(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, inner_width: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inner_width: int,
+    scale: WeightScale | None,
 ) -> None:
-    check_linear_operands(x, weight, bias, inner_width)
+    check_linear_operands(x, weight, bias, inner_width, scale)
     if x.shape[0] > KERNEL_MAX_ROWS:
         raise ValueError(f"{x.shape[0]} rows: the skinny matmul takes at most {KERNEL_MAX_ROWS}")
 
@@ -283,6 +315,7 @@ def _launch(
     tile: SkinnyTile | None,
     gated: bool = False,
     norm: _NormOnLoad | None = None,
+    scale: WeightScale | None = None,
 ) -> torch.Tensor:
     rows = x.shape[0]
     out_features, in_features = weight.shape
@@ -296,11 +329,15 @@ def _launch(
     residual = unit_inner_stride(residual) if residual is not None else None
     fused = gated or norm is not None
     tile = tile or (default_fused_tile(rows, in_features) if fused else default_tile(rows, in_features))
+    scales = unit_inner_stride(scale.scale) if scale is not None else y
+    scale_rows, scale_columns = scale.block if scale is not None else (1, 1)
+    per_row = scale_rows == 1 and scale_columns >= in_features
+    scaled = 0 if scale is None else 1 if per_row else 2
     _skinny_linear_kernel[(triton.cdiv(out_features, tile.block_n),)](
         x, weight, bias if bias is not None else weight, y,
-        residual if residual is not None else x, norm_weight, residual_out,
+        residual if residual is not None else x, norm_weight, residual_out, scales,
         rows, out_features, in_features, x.stride(0), weight.stride(0), y.stride(0),
-        residual.stride(0) if residual is not None else 0, eps,
+        residual.stride(0) if residual is not None else 0, scales.stride(0), eps,
         HAS_BIAS=bias is not None,
         GATED=gated,
         NORMED=norm is not None,
@@ -310,6 +347,9 @@ def _launch(
         BLOCK_K=tile.block_k,
         EVEN_K=in_features % tile.block_k == 0,
         NUM_STAGES=tile.num_stages,
+        SCALED=scaled,
+        SCALE_ROWS=scale_rows if scaled == 2 else 1,
+        SCALE_COLUMNS=scale_columns if scaled == 2 else 1,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
         **launch_options(),

@@ -6,15 +6,20 @@ import importlib
 import logging
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from inferd.config import EngineConfig, ModelConfig, ModelLoadError, read_json_object
+from inferd.layers import fp8
+from inferd.layers.linear import Linear
+from inferd.layers.linear_operands import FP8_DTYPE
 from inferd.models.registry import CausalLM, model_class
+from inferd.quant_config import IGNORED_SUFFIXES, SCALE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +67,29 @@ def safetensors_files(path: Path) -> list[Path]:
 
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in safetensors_files(path):
-        # A truncated or empty file fails in its header or in a tensor's data: either way a load
-        # error naming the file, not the reader's own exception.
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    yield name, f.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{file} is not a valid safetensors file: {exc}") from None
+        with _opened(file) as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield name, f.get_tensor(name)
+
+
+def checkpoint_names(path: Path) -> list[str]:
+    """Every tensor's name in the checkpoint, from the files' headers alone."""
+    names: list[str] = []
+    for file in safetensors_files(path):
+        with _opened(file) as f:
+            names.extend(f.keys())
+    return names
+
+
+@contextmanager
+def _opened(file: Path) -> Iterator[Any]:
+    # A truncated or empty file fails in its header or in a tensor's data: either way a load
+    # error naming the file, not the reader's own exception.
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{file} is not a valid safetensors file: {exc}") from None
 
 
 def load_model(
@@ -80,6 +100,7 @@ def load_model(
     device: str,
     load_format: str = "safetensors",
     shard: tuple[int, int] | None = None,
+    quantization: str | None = None,
 ) -> CausalLM:
     """Build the model directly on ``device`` in ``dtype`` and fill it from the checkpoint.
 
@@ -87,6 +108,8 @@ def load_model(
     benchmarks).
     ``shard`` = ``(rank, size)`` fills one rank's slice under tensor parallelism; ``cfg`` is then
     that rank's shape (``ModelConfig.sharded``).
+    ``quantization="fp8"`` makes the projections the checkpoint holds in 16 or 32 bits 8-bit floats
+    once filled (``quantize_projections``).
     """
     cls = model_class(cfg.architecture)
     dummy = load_format == "dummy"
@@ -103,7 +126,13 @@ def load_model(
     if dummy:
         fill_random(model)
     else:
-        weights = ((canonical_name(name), t) for name, t in iter_checkpoint(path))
+        if cfg.fp8 is not None:
+            hold_checkpoint_fp8(model, cfg, path)
+        weights = (
+            (canonical_name(name, cfg.fp8 is not None), t)
+            for name, t in iter_checkpoint(path)
+            if not (cfg.fp8 is not None and name.endswith(IGNORED_SUFFIXES))
+        )
         if shard is not None:
             rank, size = shard
             # A checkpoint that ships q|k|v or gate|up fused (Phi-3) is split into its pieces first:
@@ -111,6 +140,8 @@ def load_model(
             pieces = (piece for name, t in weights for piece in split_fused_tensor(name, t, cfg, size))
             weights = ((name, shard_checkpoint_tensor(name, t, rank, size)) for name, t in pieces)
         _fill_weights(model, weights, cfg)
+    if quantization == "fp8":
+        quantize_projections(model)
     model.eval()
     return cast(CausalLM, model)
 
@@ -139,6 +170,15 @@ def fill_random(model: nn.Module) -> None:
                 param.zero_()
             else:
                 param.fill_(1.0)
+
+
+def quantize_projections(model: nn.Module) -> None:
+    """Every attention and MLP projection not yet 8-bit float made so, with one scale per output
+    row (as accurate as e4m3 allows for each row, whatever the spread between rows); the
+    embeddings, the LM head, norms and a mixture's router stay as they are."""
+    for module in model.modules():
+        if isinstance(module, Linear) and module.weight_block is None:
+            fp8.quantize_in_place(module, (1, module.weight.shape[1]))
 
 
 _TRITON_PDL = "inferd.layers.triton_pdl"
@@ -183,7 +223,12 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
             raise ModelLoadError(f"checkpoint tensor {shown!r} has no place in {cfg.architecture}")
         param = params[target]
         with torch.no_grad():
-            view = _slot_view(param.data, slot, cfg, target, shown)
+            if target.endswith(".weight_scale"):
+                weight_rows = params[target.removesuffix("_scale")].shape[0]
+                view = _scale_slot_view(param.data, weight_rows, slot, cfg, target, shown)
+                tensor = _as_scale(tensor, view)
+            else:
+                view = _slot_view(param.data, slot, cfg, target, shown)
             _copy_checked(view, tensor, shown)
         filled.add((target, slot))
     if cfg.tie_word_embeddings:
@@ -270,13 +315,40 @@ def _checkpoint_spelling(name: str, architecture: str) -> str:
     return ".".join(_MIXTRAL_SPELLING.get(part, part) for part in name.split("."))
 
 
-def canonical_name(name: str) -> str:
+def canonical_name(name: str, fp8_scales: bool = False) -> str:
     """A checkpoint tensor's name as the model's parameters spell it: Mixtral's routed block
-    (``block_sparse_moe``, experts ``w1``/``w3``/``w2``) takes Qwen-MoE's names; others as they are."""
+    (``block_sparse_moe``, experts ``w1``/``w3``/``w2``) takes Qwen-MoE's names; with
+    ``fp8_scales``, an 8-bit float weight's scale is ``weight_scale`` whichever name it has."""
     parts = name.split(".")
+    if fp8_scales and parts[-1] in SCALE_SUFFIXES:
+        parts[-1] = "weight_scale"
     if "block_sparse_moe" not in parts:
-        return name
+        return ".".join(parts)
     return ".".join(_MIXTRAL_NAMES.get(part, part) for part in parts)
+
+
+def hold_checkpoint_fp8(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
+    """Turn each projection the checkpoint stores in 8-bit floats (those with a scale tensor) into
+    one that holds such weights (``layers/fp8.py:hold_fp8``), ready to be filled."""
+    assert cfg.fp8 is not None
+    modules = dict(model.named_modules())
+    for name in checkpoint_names(path):
+        if name.rsplit(".", 1)[-1] not in SCALE_SUFFIXES:
+            continue
+        target, _slot = _target_of(canonical_name(name.rsplit(".", 1)[0] + ".weight"))
+        module_name = target.rsplit(".", 1)[0]
+        module = modules.get(module_name)
+        if not isinstance(module, Linear) or _is_expert_stack(target):
+            shown = _checkpoint_spelling(name, cfg.architecture)
+            raise ModelLoadError(f"checkpoint tensor {shown!r}: {module_name} has no 8-bit float form in "
+                                 f"{cfg.architecture} (the attention and MLP projections do)")  # fmt: skip
+        if module.weight_block is None:
+            out_features, in_features = module.weight.shape
+            block, shape = (
+                cfg.fp8.block_of(out_features, in_features),
+                cfg.fp8.scale_shape(out_features, in_features),
+            )
+            fp8.hold_fp8(module, block, shape)
 
 
 def _target_of(name: str) -> tuple[str, Slot]:
@@ -311,14 +383,44 @@ def _slot_view(param: torch.Tensor, slot: Slot, cfg: ModelConfig, target: str, n
         piece = slot[1]
     else:
         piece = slot[0]
-    if target.endswith("qkv_proj.weight") or target.endswith("qkv_proj.bias"):
+    return param.narrow(0, *_piece_rows(param.shape[0], piece, cfg, target))
+
+
+def _piece_rows(rows: int, piece: int, cfg: ModelConfig, target: str) -> tuple[int, int]:
+    """The first row and row count of piece ``piece`` of a fused projection of ``rows`` rows."""
+    if ".qkv_proj." in target:
         q = cfg.num_heads * cfg.head_dim
         kv = cfg.num_kv_heads * cfg.head_dim
-        start, size = [(0, q), (q, kv), (q + kv, kv)][piece]
-        return param.narrow(0, start, size)
+        return [(0, q), (q, kv), (q + kv, kv)][piece]
     # gate|up: two halves (a shared expert's are not the config's intermediate size).
-    half = param.shape[0] // 2
-    return param.narrow(0, piece * half, half)
+    half = rows // 2
+    return piece * half, half
+
+
+def _scale_slot_view(
+    scale: torch.Tensor, weight_rows: int, slot: Slot, cfg: ModelConfig, target: str, name: str
+) -> torch.Tensor:
+    """The rows of an 8-bit float projection's scales that the checkpoint's scale ``name`` fills:
+    those of its piece's weight rows, which must cover whole blocks (the last piece may end in a
+    partial one)."""
+    if slot is None:
+        return scale
+    start, size = _piece_rows(weight_rows, slot[0], cfg, target)
+    block_rows = cfg.fp8.block[0] if cfg.fp8 is not None and cfg.fp8.block is not None else 1
+    if start % block_rows or (size % block_rows and start + size != weight_rows):
+        raise ModelLoadError(f"tensor {name!r}: its {size} rows from row {start} of the fused projection do "
+                             f"not span whole blocks of {block_rows} rows")  # fmt: skip
+    return scale.narrow(0, start // block_rows, -(-size // block_rows))
+
+
+def _as_scale(tensor: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """A checkpoint's scale in the shape of the rows it fills: one per tensor given to every row
+    (or block), one per channel as a column."""
+    if tensor.numel() == 1:
+        return tensor.reshape(1, 1).expand(view.shape)
+    if tensor.dim() == 1 and view.shape[1] == 1:
+        return tensor[:, None]
+    return tensor
 
 
 def _unfilled(target: str, param: torch.Tensor, filled: set[tuple[str, Slot]]) -> list[str]:
@@ -343,6 +445,14 @@ def _copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     if not tensor.is_floating_point():
         # An integer tensor would be cast without complaint (quantized weights need their scales).
         raise ModelLoadError(f"tensor {name!r} has dtype {tensor.dtype}; inferd loads floating-point weights")
+    # Likewise an 8-bit float one without its scale, or a 16-bit one where the projection's other
+    # pieces are 8-bit floats.
+    if param.dtype == FP8_DTYPE and tensor.dtype != FP8_DTYPE:
+        raise ModelLoadError(f"tensor {name!r} has dtype {tensor.dtype}; its projection's other weights are "
+                             f"{FP8_DTYPE} with scales")  # fmt: skip
+    if param.dtype != FP8_DTYPE and tensor.element_size() == 1:
+        raise ModelLoadError(f"tensor {name!r} is {tensor.dtype} without a scale (weight_scale or "
+                             f"weight_scale_inv) beside it")  # fmt: skip
     if param.shape != tensor.shape:
         raise ModelLoadError(
             f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"

@@ -115,6 +115,7 @@ class ModelRunner:
                 self.dtype,
                 config.device,
                 config.load_format,
+                quantization=config.quantization,
                 shard=(0, config.tensor_parallel_size) if self.tensor_parallel is not None else None,
             )
             enable_configured_kernels(self.model, config)

@@ -1,0 +1,251 @@
+"""8-bit float checkpoints (``quant_config.py``, ``layers/fp8.py``), against transformers reading
+the same folders, and the refusals of what the engine does not compute."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from fp8_checkpoints import LAYOUTS, make_fp8_checkpoint, widened_copy
+from safetensors.torch import load_file, save_file
+
+from inferd import LLM, SamplingParams
+from inferd.config import ModelConfig, ModelLoadError
+from inferd.engine.request import Request
+from inferd.layers import fp8
+from inferd.quant_config import Fp8Scheme, read_quantization
+
+pytest.importorskip("accelerate")  # transformers reads the fp8 method's folders with it
+pytest.importorskip("compressed_tensors")  # and compressed-tensors' with this
+
+
+def _prompt(vocab: int) -> list[int]:
+    return [(11 * i + 5) % vocab for i in range(37)]
+
+
+def _our_logits(folder: Path, prompt: list[int], **options: object) -> tuple[LLM, torch.Tensor]:
+    llm = LLM(folder, kv_cache_memory="16MiB", block_size=8, **options)
+    core = llm.engine.core
+    core.add_request(Request("r", prompt, SamplingParams(max_tokens=1), frozenset(), 1))
+    return llm, core.runner.logits_for(core.scheduler.schedule())
+
+
+def _transformers_model(folder: Path) -> transformers.PreTrainedModel:
+    """transformers' model of an 8-bit float folder, its weights widened with their scales as it
+    loads them (on the CPU it does so for the fp8 method unasked; compressed-tensors would
+    otherwise also round each activation to 8 bits, which the engine does not)."""
+    options = {}
+    if json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] != "fp8":
+        options["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **options).eval()
+
+
+def _their_logits(folder: Path, prompt: list[int], quantized: bool = True) -> torch.Tensor:
+    if quantized:
+        model = _transformers_model(folder)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(torch.tensor([prompt])).logits[0].float()
+
+
+@pytest.fixture(scope="module")
+def fp8_folders(tiny_model_factory, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    folders = {}
+    for arch in ("llama", "qwen3"):
+        for layout in LAYOUTS:
+            folder = tmp_path_factory.mktemp(f"fp8-{arch}-{layout}") / "model"
+            folders[arch, layout] = make_fp8_checkpoint(tiny_model_factory(arch), folder, layout)
+    return folders
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_logits_match_transformers_reading_the_same_checkpoint(fp8_folders, tiny_model_factory, arch, layout):
+    folder = fp8_folders[arch, layout]
+    vocab = ModelConfig.from_folder(folder).vocab_size
+    prompt = _prompt(vocab)
+    llm, ours = _our_logits(folder, prompt)
+    theirs = _their_logits(folder, prompt)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    # The quantization is real: the unquantized model's logits are further off than the check.
+    _, unquantized = _our_logits(tiny_model_factory(arch), prompt)
+    assert (unquantized - theirs).abs().max().item() > 1e-3
+    # The projections hold 8-bit floats (half or a quarter of the memory), the embeddings do not.
+    layer = llm.engine.core.runner.model.model.layers[0]
+    for linear in (
+        layer.self_attn.qkv_proj,
+        layer.self_attn.o_proj,
+        layer.mlp.gate_up_proj,
+        layer.mlp.down_proj,
+    ):
+        assert linear.weight.dtype == torch.float8_e4m3fn
+        assert linear.fp8_scale().dtype == torch.float32
+    assert llm.engine.core.runner.model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_greedy_batch_matches_transformers(fp8_folders) -> None:
+    folder = fp8_folders["qwen3", "fp8-block"]
+    vocab = ModelConfig.from_folder(folder).vocab_size
+    prompts = [[(13 * i + j) % vocab for i in range(5 + 7 * j)] for j in range(4)]
+    model = _transformers_model(folder)
+    expected = []
+    with torch.inference_mode():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+            expected.append(out[0, len(ids) :].tolist())
+    llm = LLM(folder, kv_cache_memory="16MiB", block_size=8)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0))
+    assert [o.token_ids for o in outputs] == expected
+
+
+def test_projections_left_unquantized_stay_in_the_models_dtype(tiny_model_factory, tmp_path) -> None:
+    """Which projections are 8-bit floats is read from the checkpoint (a scale beside the weight),
+    as an ignore list in the config would leave some out."""
+    folder = make_fp8_checkpoint(
+        tiny_model_factory("llama"), tmp_path / "m", "ct-channel", skip=("down_proj",)
+    )
+    prompt = _prompt(ModelConfig.from_folder(folder).vocab_size)
+    llm, ours = _our_logits(folder, prompt)
+    layer = llm.engine.core.runner.model.model.layers[1]
+    assert layer.mlp.down_proj.weight.dtype == torch.float32 and layer.mlp.down_proj.weight_block is None
+    assert layer.mlp.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+    assert (ours - _their_logits(folder, prompt)).abs().max().item() < 1e-4
+
+
+def test_blocks_that_end_part_way_along_a_weight(tiny_model_factory, tmp_path) -> None:
+    """Blocks of 16 x 48 leave partial blocks along the 64- and 128-wide inputs (transformers
+    refuses such checkpoints; the engine reads them as the widened model's weights)."""
+    folder = make_fp8_checkpoint(
+        tiny_model_factory("qwen3"), tmp_path / "m", "fp8-block", block_size=(16, 48)
+    )
+    prompt = _prompt(ModelConfig.from_folder(folder).vocab_size)
+    _, ours = _our_logits(folder, prompt)
+    theirs = _their_logits(widened_copy(folder, tmp_path / "widened"), prompt, quantized=False)
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_dequantize_and_quantize_round_trip() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(37, 70)
+    for block in ((16, 48), (1, 70), (128, 128)):
+        q, scale = fp8.quantize(weight, block)
+        assert q.dtype == torch.float8_e4m3fn and scale.shape == (-(-37 // block[0]), -(-70 // block[1]))
+        back = fp8.dequantize(q, scale, block, torch.float32)
+        # e4m3 keeps 3 mantissa bits: within 1/16 of each block's largest magnitude.
+        assert (back - weight).abs().max() <= weight.abs().max() / 16
+        assert fp8.quantize(back, block)[0].view(torch.uint8).equal(q.view(torch.uint8))
+
+
+def test_configs_as_the_hub_ships_them() -> None:
+    assert read_quantization({}) is None
+    qwen3_fp8 = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "fmt": "e4m3",
+    }
+    assert read_quantization({"quantization_config": qwen3_fp8}) == Fp8Scheme("fp8", (128, 128))
+    assert read_quantization({"quantization_config": {"quant_method": "fp8"}}) == Fp8Scheme("fp8", None)
+    for layout in ("ct-channel", "ct-tensor"):
+        assert read_quantization({"quantization_config": LAYOUTS[layout][0]}) == Fp8Scheme(
+            "compressed-tensors", None
+        )
+    block = json.loads(json.dumps(LAYOUTS["ct-channel"][0]))
+    block["config_groups"]["group_0"]["weights"].update(strategy="block", block_structure=[128, 128])
+    assert read_quantization({"quantization_config": block}) == Fp8Scheme("compressed-tensors", (128, 128))
+    assert Fp8Scheme("fp8", (16, 48)).scale_shape(64, 128) == (4, 3)
+    assert Fp8Scheme("fp8", None).scale_shape(64, 128) == (64, 1)
+
+
+@pytest.mark.parametrize(
+    ("quant", "message"),
+    [
+        ({"quant_method": "awq", "bits": 4}, "quantization method 'awq' is not supported"),
+        ({"quant_method": "gptq", "bits": 4}, "quantization method 'gptq' is not supported"),
+        ({"quant_method": "fp8", "fmt": "e5m2"}, "fp8 format 'e5m2'"),
+        ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size must be two positive"),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized",
+          "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group"}}}},
+         "stores 4-bit int weights as 'pack-quantized'"),
+        ({**LAYOUTS["ct-channel"][0], "kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme"),
+        ("fp8", "quantization_config must be an object"),
+    ],
+)  # fmt: skip
+def test_methods_and_formats_not_computed_are_refused_at_load(tiny_model_factory, tmp_path, quant, message):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    with pytest.raises(ModelLoadError, match=message):
+        LLM(folder, kv_cache_memory="4MiB")
+
+
+def _edited(folder: Path, edit) -> Path:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def test_checkpoints_that_cannot_be_read_right_are_refused(tiny_model_factory, tmp_path) -> None:
+    source = tiny_model_factory("llama")
+    # q is 8-bit float with its scale, k is not: one fused projection cannot hold both.
+    half = make_fp8_checkpoint(source, tmp_path / "a", "ct-channel", skip=("k_proj",))
+    with pytest.raises(
+        ModelLoadError, match="k_proj.weight' has dtype torch.float32; its projection's other"
+    ):
+        LLM(half, kv_cache_memory="4MiB")
+    # An 8-bit float weight without its scale.
+    scaleless = _edited(make_fp8_checkpoint(source, tmp_path / "b", "ct-channel"),
+                        lambda t: t.pop("model.layers.0.mlp.down_proj.weight_scale"))  # fmt: skip
+    with pytest.raises(ModelLoadError, match="down_proj.weight' is torch.float8_e4m3fn without a scale"):
+        LLM(scaleless, kv_cache_memory="4MiB")
+    # A scale without its fused piece's sibling: the missing one is named.
+    lonely = _edited(make_fp8_checkpoint(source, tmp_path / "c", "ct-channel"),
+                     lambda t: t.pop("model.layers.1.self_attn.v_proj.weight_scale"))  # fmt: skip
+    with pytest.raises(ModelLoadError, match="v_proj"):
+        LLM(lonely, kv_cache_memory="4MiB")
+    # Blocks of 24 rows cut the fused q|k|v inside k (q has 64 rows).
+    odd = make_fp8_checkpoint(source, tmp_path / "d", "fp8-block", block_size=(24, 32))
+    with pytest.raises(ModelLoadError, match="do not span whole blocks of 24 rows"):
+        LLM(odd, kv_cache_memory="4MiB")
+
+
+def test_tensor_parallelism_over_fp8_weights_is_refused(fp8_folders) -> None:
+    cfg = ModelConfig.from_folder(fp8_folders["llama", "ct-channel"])
+    with pytest.raises(ValueError, match="tensor parallelism over 8-bit float weights"):
+        cfg.sharded(2)
+
+
+def test_quantization_option_makes_fp8_weights_at_load(fp8_folders, tiny_model_factory) -> None:
+    """``quantization="fp8"`` on a 32-bit checkpoint computes what an 8-bit float checkpoint with
+    one scale per output channel of the same weights computes (as transformers reads that one)."""
+    source = tiny_model_factory("qwen3")
+    channel = fp8_folders["qwen3", "ct-channel"]
+    prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
+    llm, ours = _our_logits(source, prompt, quantization="fp8")
+    assert llm.engine.config.quantization == "fp8"
+    layer = llm.engine.core.runner.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    assert layer.self_attn.qkv_proj.weight_block == (1, layer.self_attn.qkv_proj.weight.shape[1])
+    assert llm.engine.core.runner.model.lm_head.weight.dtype == torch.float32
+    assert (ours - _their_logits(channel, prompt)).abs().max().item() < 1e-4
+    # An 8-bit float checkpoint is read as it is: its blocks are kept, the option changes nothing.
+    block = fp8_folders["qwen3", "fp8-block"]
+    _, plain = _our_logits(block, prompt)
+    llm, asked = _our_logits(block, prompt, quantization="fp8")
+    assert torch.equal(plain, asked)
+    assert llm.engine.core.runner.model.model.layers[0].mlp.down_proj.weight_block == (16, 32)
+
+
+def test_quantization_option_is_checked(tiny_model_factory) -> None:
+    folder = tiny_model_factory("llama")
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        LLM(folder, kv_cache_memory="4MiB", quantization="int4")
+    with pytest.raises(ValueError, match="quantization cannot be used with tensor parallelism"):
+        LLM(folder, kv_cache_memory="4MiB", quantization="fp8", tensor_parallel_size=2)

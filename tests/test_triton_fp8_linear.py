@@ -1,0 +1,107 @@
+"""The skinny Triton matmul over 8-bit float weights (``layers/triton_linear.py`` with a
+``WeightScale``), against the widened weights in float64, and in a model's decode step.
+
+Runs through Triton's interpreter on the CPU, or compiled on a GPU with ``TRITON_INTERPRET=0``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fp8_checkpoints import make_fp8_checkpoint
+from matmul_checks import DTYPES, TOLERANCE, decode_after_prompts, reference, relative_error
+from triton_device import DEVICE  # before triton is imported: interpreted or compiled
+
+from inferd.layers import fp8, triton_linear
+from inferd.layers.activation import SiluAndMul
+from inferd.layers.linear_operands import WeightScale
+from inferd.layers.norm import RMSNorm
+from inferd.layers.triton_linear import SkinnyTile
+
+SHAPES = [
+    # (out, in, block, tile): one scale per row; whole blocks; blocks cut at both edges; a block
+    # narrower than the tile's inner step, and one wider.
+    (40, 64, (1, 64), None),
+    (64, 128, (16, 32), None),
+    (37, 100, (16, 48), None),
+    (24, 96, (8, 16), SkinnyTile(block_n=4, block_k=32, num_warps=2, num_stages=3)),
+    (10, 256, (4, 128), SkinnyTile(block_n=16, block_k=64, num_warps=4, num_stages=2)),
+]
+
+
+def _operands(
+    rows: int, out_features: int, in_features: int, block: tuple[int, int], dtype: torch.dtype, seed: int
+):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype=dtype, device=DEVICE)
+    # Rows of different magnitudes, so that a scale read from the wrong block shows.
+    weight = torch.randn(out_features, in_features, generator=generator)
+    weight *= torch.logspace(-2, 1, out_features)[:, None] * torch.logspace(0, -1, in_features)[None, :]
+    q, scale = fp8.quantize(weight, block)
+    widened = fp8.dequantize(q, scale, block, torch.float32).to(DEVICE)
+    bias = torch.randn(out_features, generator=generator).to(dtype=dtype, device=DEVICE)
+    return x, q.to(DEVICE), WeightScale(scale.to(DEVICE), block), widened, bias
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize(("out_features", "in_features", "block", "tile"), SHAPES)
+def test_scaled_weights_match_the_widened_matmul(rows, out_features, in_features, block, tile, dtype) -> None:
+    x, q, scale, widened, bias = _operands(
+        rows, out_features, in_features, block, dtype, seed=rows + out_features
+    )
+    for b in (None, bias):
+        out = triton_linear.skinny_linear(x, q, b, tile=tile, scale=scale)
+        assert out.shape == (rows, out_features) and out.dtype == dtype
+        assert relative_error(out, reference(x, widened, b)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "block", "tile"), SHAPES)
+def test_scaled_weights_with_the_input_made_on_load(out_features, in_features, block, tile) -> None:
+    x, q, scale, widened, bias = _operands(
+        2, out_features, in_features, block, torch.float32, seed=out_features
+    )
+    residual = torch.randn_like(x)
+    norm = RMSNorm(in_features, eps=1e-6).to(DEVICE)
+    with torch.no_grad():
+        normed, _ = norm(x, residual)
+        out, _ = triton_linear.skinny_norm_linear(
+            x, residual, norm.weight, norm.eps, q, bias, tile=tile, scale=scale
+        )
+    assert relative_error(out, reference(normed, widened, bias)) < 1e-5
+    gate_up = torch.randn(2, 2 * in_features, device=DEVICE)
+    out = triton_linear.skinny_silu_linear(gate_up, q, None, tile=tile, scale=scale)
+    assert relative_error(out, reference(SiluAndMul()(gate_up), widened, None)) < 1e-5
+
+
+def test_scales_that_do_not_fit_the_weight_are_refused() -> None:
+    x, q, scale, widened, _ = _operands(1, 40, 64, (16, 32), torch.float32, seed=0)
+    with pytest.raises(ValueError, match=r"must be float32 \(3, 2\)"):
+        triton_linear.skinny_linear(x, q, None, scale=WeightScale(scale.scale[:2], (16, 32)))
+    with pytest.raises(ValueError, match="must be torch.float8_e4m3fn"):
+        triton_linear.skinny_linear(x, widened, None, scale=scale)
+    with pytest.raises(ValueError, match="must share a dtype"):
+        triton_linear.skinny_linear(x, q, None)  # an 8-bit weight without its scales
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_decode_step_over_fp8_weights(tiny_model_factory, tmp_path, monkeypatch, fused: bool) -> None:
+    """A decode step of two sequences of an 8-bit float checkpoint sends every projection to the
+    kernel with its scales, with the torch path's logits (the weights widened first)."""
+    folder = make_fp8_checkpoint(
+        tiny_model_factory("qwen3"), tmp_path / "m", "fp8-block", block_size=(16, 48)
+    )
+    llm, decode, torch_logits = decode_after_prompts(folder, [13, 9])
+    scaled: list[bool] = []
+    for name in ("skinny_linear", "skinny_norm_linear", "skinny_silu_linear"):
+        original = getattr(triton_linear, name)
+
+        def counted(*args, _original=original, **kwargs):
+            scaled.append(kwargs.get("scale") is not None)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(triton_linear, name, counted)
+    llm.engine.core.runner.model.enable_triton_ops(False, linear=True, fused_linear=fused)
+    triton_logits = llm.engine.core.runner.logits_for(decode)
+    assert scaled == [True] * 4 * llm.engine.config.model.num_layers
+    assert (triton_logits - torch_logits).abs().max().item() < 1e-4
