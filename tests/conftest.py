@@ -1,7 +1,13 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Triton reads the interpreter switch once, when first imported, and a library a test imports may
+# import it early (compressed-tensors does): the kernel tests' default (triton_device.py) is set
+# here, before any test module. TRITON_INTERPRET=0 in the environment still compiles them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

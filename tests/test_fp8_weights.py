@@ -173,6 +173,8 @@ def test_configs_as_the_hub_ships_them() -> None:
           "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group"}}}},
          "stores 4-bit int weights as 'pack-quantized'"),
         ({**LAYOUTS["ct-channel"][0], "kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme"),
+        ({**LAYOUTS["ct-channel"][0], "transform_config": {"config_groups": {}}}, "transform_config"),
+        ({**LAYOUTS["ct-channel"][0], "sparsity_config": {"format": "sparse-24-bitmask"}}, "sparsity format"),
         ("fp8", "quantization_config must be an object"),
     ],
 )  # fmt: skip
@@ -205,11 +207,19 @@ def test_checkpoints_that_cannot_be_read_right_are_refused(tiny_model_factory, t
                         lambda t: t.pop("model.layers.0.mlp.down_proj.weight_scale"))  # fmt: skip
     with pytest.raises(ModelLoadError, match="down_proj.weight' is torch.float8_e4m3fn without a scale"):
         LLM(scaleless, kv_cache_memory="4MiB")
-    # A scale without its fused piece's sibling: the missing one is named.
-    lonely = _edited(make_fp8_checkpoint(source, tmp_path / "c", "ct-channel"),
-                     lambda t: t.pop("model.layers.1.self_attn.v_proj.weight_scale"))  # fmt: skip
-    with pytest.raises(ModelLoadError, match="v_proj"):
+    # A scale without its fused piece's sibling: the missing one is named as the format names it.
+    lonely = _edited(make_fp8_checkpoint(source, tmp_path / "c", "fp8-block"),
+                     lambda t: t.pop("model.layers.1.self_attn.v_proj.weight_scale_inv"))  # fmt: skip
+    with pytest.raises(
+        ModelLoadError, match=r"lacks tensors: model.layers.1.self_attn.v_proj.weight_scale_inv$"
+    ):
         LLM(lonely, kv_cache_memory="4MiB")
+    # Scales in a type that is no scale's.
+    scale = "model.layers.0.mlp.up_proj.weight_scale"
+    odd_scales = _edited(make_fp8_checkpoint(source, tmp_path / "e", "ct-channel"),
+                         lambda t: t.update({scale: t[scale].to(torch.int32)}))  # fmt: skip
+    with pytest.raises(ModelLoadError, match="up_proj.weight_scale' has dtype torch.int32; scales are"):
+        LLM(odd_scales, kv_cache_memory="4MiB")
     # Blocks of 24 rows cut the fused q|k|v inside k (q has 64 rows).
     odd = make_fp8_checkpoint(source, tmp_path / "d", "fp8-block", block_size=(24, 32))
     with pytest.raises(ModelLoadError, match="do not span whole blocks of 24 rows"):
@@ -222,7 +232,7 @@ def test_tensor_parallelism_over_fp8_weights_is_refused(fp8_folders) -> None:
         cfg.sharded(2)
 
 
-def test_quantization_option_makes_fp8_weights_at_load(fp8_folders, tiny_model_factory) -> None:
+def test_quantization_option_makes_fp8_weights_at_load(fp8_folders, tiny_model_factory, tmp_path) -> None:
     """``quantization="fp8"`` on a 32-bit checkpoint computes what an 8-bit float checkpoint with
     one scale per output channel of the same weights computes (as transformers reads that one)."""
     source = tiny_model_factory("qwen3")
@@ -235,12 +245,17 @@ def test_quantization_option_makes_fp8_weights_at_load(fp8_folders, tiny_model_f
     assert layer.self_attn.qkv_proj.weight_block == (1, layer.self_attn.qkv_proj.weight.shape[1])
     assert llm.engine.core.runner.model.lm_head.weight.dtype == torch.float32
     assert (ours - _their_logits(channel, prompt)).abs().max().item() < 1e-4
-    # An 8-bit float checkpoint is read as it is: its blocks are kept, the option changes nothing.
-    block = fp8_folders["qwen3", "fp8-block"]
+    # An 8-bit float checkpoint is read as it is: its blocks are kept, and the projections it
+    # left wide stay so.
+    block = make_fp8_checkpoint(source, tmp_path / "m", "fp8-block", skip=("o_proj",))
     _, plain = _our_logits(block, prompt)
     llm, asked = _our_logits(block, prompt, quantization="fp8")
     assert torch.equal(plain, asked)
-    assert llm.engine.core.runner.model.model.layers[0].mlp.down_proj.weight_block == (16, 32)
+    layer = llm.engine.core.runner.model.model.layers[0]
+    assert layer.mlp.down_proj.weight_block == (16, 32)
+    assert (
+        layer.self_attn.o_proj.weight.dtype == torch.float32 and layer.self_attn.o_proj.weight_block is None
+    )
 
 
 def test_quantization_option_is_checked(tiny_model_factory) -> None:
@@ -249,3 +264,73 @@ def test_quantization_option_is_checked(tiny_model_factory) -> None:
         LLM(folder, kv_cache_memory="4MiB", quantization="int4")
     with pytest.raises(ValueError, match="quantization cannot be used with tensor parallelism"):
         LLM(folder, kv_cache_memory="4MiB", quantization="fp8", tensor_parallel_size=2)
+    # The routed experts are most of a mixture's weights, and stacked, not projections.
+    with pytest.raises(ValueError, match="does not reach a mixture of experts' routed experts"):
+        LLM(tiny_model_factory("qwen3-moe"), kv_cache_memory="4MiB", quantization="fp8")
+
+
+def test_random_weights_of_an_fp8_checkpoints_shape_hold_its_blocks(fp8_folders) -> None:
+    """``load_format="dummy"`` (the benchmarks' shapes) of an 8-bit float checkpoint holds 8-bit
+    floats in its blocks, as the checkpoint would load."""
+    llm = LLM(fp8_folders["qwen3", "fp8-block"], kv_cache_memory="4MiB", load_format="dummy")
+    layer = llm.engine.core.runner.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    assert layer.self_attn.qkv_proj.weight_block == (16, 32)
+    assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids
+
+
+def test_scales_as_powers_of_two_in_8_bit_exponents(fp8_folders, tmp_path) -> None:
+    """UE8M0 scales (float8_e8m0fnu, DeepSeek-V3.1's) give what the same powers of two in float32
+    give."""
+    source = fp8_folders["llama", "fp8-block"]
+    powers = _edited(shutil.copytree(source, tmp_path / "f32"), _scales_to_powers_of_two(torch.float32))
+    exponents = _edited(
+        shutil.copytree(source, tmp_path / "e8m0"), _scales_to_powers_of_two(torch.float8_e8m0fnu)
+    )
+    prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
+    assert torch.equal(_our_logits(powers, prompt)[1], _our_logits(exponents, prompt)[1])
+
+
+def _scales_to_powers_of_two(dtype: torch.dtype):
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        for name in [n for n in tensors if n.endswith("weight_scale_inv")]:
+            tensors[name] = torch.exp2(torch.ceil(torch.log2(tensors[name]))).to(dtype)
+
+    return edit
+
+
+def test_kv_scales_and_input_scales_are_dropped(fp8_folders, tmp_path) -> None:
+    """Calibrated KV-cache scales ride along in some 8-bit float checkpoints; the engine reads
+    none (its 8-bit KV cache has no scales), and the checkpoint loads as without them."""
+    source = fp8_folders["llama", "ct-tensor"]
+
+    def add_kv_scales(tensors: dict[str, torch.Tensor]) -> None:
+        for i in range(2):
+            tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.5)
+            tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(0.25)
+
+    with_scales = _edited(shutil.copytree(source, tmp_path / "m"), add_kv_scales)
+    prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
+    assert torch.equal(_our_logits(with_scales, prompt)[1], _our_logits(source, prompt)[1])
+
+
+def test_fp8_projections_widen_their_weights_where_the_kernel_cannot_read_them(monkeypatch) -> None:
+    """Triton's e4m3 needs compute capability 8.9: an Ampere GPU's decode steps take the torch path."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not fp8.skinny_kernel_reads_fp8(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8.skinny_kernel_reads_fp8(torch.device("cuda"))
+    assert fp8.skinny_kernel_reads_fp8(torch.device("cpu"))
+
+
+def test_mixtures_of_experts_take_8_bit_attention_not_8_bit_experts(tiny_model_factory, tmp_path) -> None:
+    source = tiny_model_factory("qwen3-moe")
+    experts = ("gate_proj", "up_proj", "down_proj")
+    attention_only = make_fp8_checkpoint(source, tmp_path / "a", "ct-channel", skip=experts)
+    prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
+    llm, ours = _our_logits(attention_only, prompt)
+    assert llm.engine.core.runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    theirs = _their_logits(widened_copy(attention_only, tmp_path / "widened"), prompt, quantized=False)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    with pytest.raises(ModelLoadError, match="a mixture's routed experts cannot hold 8-bit float weights"):
+        LLM(make_fp8_checkpoint(source, tmp_path / "b", "ct-channel"), kv_cache_memory="4MiB")

@@ -266,9 +266,11 @@ def test_greedy_decoding_with_triton_ops_is_unchanged(
     for name in ("skinny_linear", "skinny_norm_linear", "skinny_silu_linear"):
         original = getattr(triton_linear, name)
 
-        def counted(x: torch.Tensor, *args: object, _name: str = name, _original=original) -> object:
+        def counted(
+            x: torch.Tensor, *args: object, _name: str = name, _original=original, **kwargs: object
+        ) -> object:
             routed.setdefault(_name, []).append(x.shape[0])
-            return _original(x, *args)
+            return _original(x, *args, **kwargs)
 
         monkeypatch.setattr(triton_linear, name, counted)
     llm.engine.core.runner.model.enable_triton_ops(True, linear=linear, fused_linear=fused)

@@ -25,8 +25,9 @@ from typing import Any
 
 # The checkpoint tensors that scale a weight (both mean: weight = fp8 * scale).
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
-# Static activation scales: read by nothing here (activations stay unquantized).
-IGNORED_SUFFIXES = ("input_scale", "activation_scale")
+# Static activation scales, and the KV cache's calibrated ones: read by nothing here (activations
+# stay unquantized; an 8-bit KV cache, kv_cache_dtype="fp8", is stored without scales).
+IGNORED_SUFFIXES = ("input_scale", "activation_scale", "k_scale", "v_scale", "kv_scale")
 
 _SUPPORTED = "'fp8', or 'compressed-tensors' in its float-quantized format"
 
@@ -41,6 +42,12 @@ class Fp8Scheme:
 
     method: str
     block: tuple[int, int] | None
+
+    @property
+    def scale_name(self) -> str:
+        """How the checkpoint names a weight's scale (for messages): the fp8 method's block scales
+        are ``weight_scale_inv``, every other scale ``weight_scale``."""
+        return "weight_scale_inv" if self.method == "fp8" and self.block is not None else "weight_scale"
 
     def scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
         if self.block is None:
@@ -75,6 +82,12 @@ def read_quantization(cfg: dict[str, Any]) -> Fp8Scheme | None:
 def _compressed_tensors(quant: dict[str, Any]) -> Fp8Scheme:
     if quant.get("kv_cache_scheme"):
         raise ValueError("compressed-tensors' kv_cache_scheme (an 8-bit KV cache) is not supported")
+    # Weights stored rotated or sparse would load without complaint and compute wrongly.
+    if quant.get("transform_config"):
+        raise ValueError("compressed-tensors' transform_config (rotated weights) is not supported")
+    sparsity = quant.get("sparsity_config") or {}
+    if sparsity.get("format", "dense") != "dense":
+        raise ValueError(f"compressed-tensors' sparsity format {sparsity.get('format')!r} is not supported")
     groups = quant.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise ValueError("compressed-tensors quantization_config has no config_groups")

@@ -127,6 +127,9 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
                          "tensor parallelism")  # fmt: skip
     if config.quantization not in (None, "fp8"):
         raise ValueError(f"unknown quantization {config.quantization!r}; the engine makes fp8 weights")
+    if config.quantization is not None and model.moe is not None:
+        raise ValueError("quantization fp8 does not reach a mixture of experts' routed experts, most of its "
+                         "weights; serve an 8-bit float checkpoint of it, or its 16-bit weights")  # fmt: skip
     if config.quantization is not None and config.tensor_parallel_size > 1:
         raise ValueError("quantization cannot be used with tensor parallelism (8-bit float weights are not "
                          "split over ranks)")  # fmt: skip

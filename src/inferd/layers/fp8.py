@@ -35,13 +35,16 @@ def dequantize(
     rows, columns = weight.shape
     block_rows, block_columns = block
     scale_rows, scale_columns = scale.shape
+    # One float32 copy of the weight, scaled in place (a prompt step's peak memory holds it).
+    widened = weight.to(torch.float32)
     if rows == scale_rows * block_rows and columns == scale_columns * block_columns:
         # Whole blocks: the scale broadcasts over a view, no widened copy of it.
-        tiled = weight.view(scale_rows, block_rows, scale_columns, block_columns).to(torch.float32)
-        return (tiled * scale[:, None, :, None]).view(rows, columns).to(dtype)
-    # Partial blocks at the edges: widen the scales and cut them to the weight's shape.
-    widened = scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_columns, 1)[:, :columns]
-    return (weight.to(torch.float32) * widened).to(dtype)
+        widened.view(scale_rows, block_rows, scale_columns, block_columns).mul_(scale[:, None, :, None])
+    else:  # partial blocks at the edges: the scales widened and cut to the weight's shape
+        widened.mul_(
+            scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_columns, 1)[:, :columns]
+        )
+    return widened.to(dtype)
 
 
 def quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +73,13 @@ def hold_fp8(linear: Linear, block: tuple[int, int], scale_shape: tuple[int, int
     scale = torch.ones(scale_shape, dtype=torch.float32, device=device)
     linear.register_parameter("weight_scale", nn.Parameter(scale, requires_grad=False))
     linear.weight_block = block
+
+
+def skinny_kernel_reads_fp8(device: torch.device) -> bool:
+    """Whether the skinny Triton matmul can read 8-bit float weights on ``device``: Triton's
+    e4m3 type needs compute capability 8.9 (Ada, Hopper) or later on a GPU; below it such
+    projections widen their weights and use the ordinary matmul."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def quantize_in_place(linear: Linear, block: tuple[int, int]) -> None:

@@ -112,7 +112,10 @@ def route_projections(model: nn.Module, linear: bool, tiled_linear: bool, fuse_i
     tiled = importlib.import_module("inferd.layers.triton_tiled_linear") if tiled_linear else None
     for module in model.modules():
         if isinstance(module, Linear):
-            module.triton_max_rows = triton_linear.rows_routed(module.weight) if triton_linear else 0
+            readable = module.weight_block is None or fp8.skinny_kernel_reads_fp8(module.weight.device)
+            module.triton_max_rows = (
+                triton_linear.rows_routed(module.weight) if triton_linear and readable else 0
+            )
             module.fuse_input_ops = fuse_inputs
             # The tiled matmul reads 16- and 32-bit weights only.
             wide = tiled is not None and module.weight_block is None

@@ -19,7 +19,7 @@ from inferd.layers import fp8
 from inferd.layers.linear import Linear
 from inferd.layers.linear_operands import FP8_DTYPE
 from inferd.models.registry import CausalLM, model_class
-from inferd.quant_config import IGNORED_SUFFIXES, SCALE_SUFFIXES
+from inferd.quant_config import IGNORED_SUFFIXES, SCALE_SUFFIXES, Fp8Scheme
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ def load_model(
         torch.set_default_dtype(previous_dtype)
     if dummy:
         fill_random(model)
+        if cfg.fp8 is not None:  # the shape of an 8-bit float checkpoint: its blocks, random values
+            quantize_projections(model, cfg.fp8)
     else:
         if cfg.fp8 is not None:
             hold_checkpoint_fp8(model, cfg, path)
@@ -140,8 +142,12 @@ def load_model(
             pieces = (piece for name, t in weights for piece in split_fused_tensor(name, t, cfg, size))
             weights = ((name, shard_checkpoint_tensor(name, t, rank, size)) for name, t in pieces)
         _fill_weights(model, weights, cfg)
-    if quantization == "fp8":
-        quantize_projections(model)
+    # A checkpoint of 8-bit floats is served as it is: the projections it left wider stay so.
+    if quantization == "fp8" and cfg.fp8 is None:
+        quantize_projections(model, Fp8Scheme("fp8", None))
+        if torch.device(device).type == "cuda":
+            # The wide weights' memory back to the device, before the KV cache is sized from it.
+            torch.cuda.empty_cache()
     model.eval()
     return cast(CausalLM, model)
 
@@ -172,13 +178,13 @@ def fill_random(model: nn.Module) -> None:
                 param.fill_(1.0)
 
 
-def quantize_projections(model: nn.Module) -> None:
-    """Every attention and MLP projection not yet 8-bit float made so, with one scale per output
-    row (as accurate as e4m3 allows for each row, whatever the spread between rows); the
-    embeddings, the LM head, norms and a mixture's router stay as they are."""
+def quantize_projections(model: nn.Module, scheme: Fp8Scheme) -> None:
+    """Every attention and MLP projection made 8-bit float, in ``scheme``'s blocks (one scale per
+    output row: as accurate as e4m3 allows for each row, whatever the spread between rows); the
+    embeddings, the LM head, norms and a mixture's router and experts stay as they are."""
     for module in model.modules():
-        if isinstance(module, Linear) and module.weight_block is None:
-            fp8.quantize_in_place(module, (1, module.weight.shape[1]))
+        if isinstance(module, Linear):
+            fp8.quantize_in_place(module, scheme.block_of(*module.weight.shape))
 
 
 _TRITON_PDL = "inferd.layers.triton_pdl"
@@ -216,7 +222,7 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
         if "rotary_emb" in name:
             continue
         target, slot = _target_of(name)
-        shown = _checkpoint_spelling(name, cfg.architecture)
+        shown = _checkpoint_spelling(name, cfg)
         if target not in params:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
@@ -226,7 +232,7 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
             if target.endswith(".weight_scale"):
                 weight_rows = params[target.removesuffix("_scale")].shape[0]
                 view = _scale_slot_view(param.data, weight_rows, slot, cfg, target, shown)
-                tensor = _as_scale(tensor, view)
+                tensor = _as_scale(tensor, view, shown)
             else:
                 view = _slot_view(param.data, slot, cfg, target, shown)
             _copy_checked(view, tensor, shown)
@@ -236,7 +242,7 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
     # A fused parameter needs every piece, stacked experts every expert: one left out would keep
     # its initial values unnoticed.
     missing = sorted(
-        _checkpoint_spelling(name, cfg.architecture)
+        _checkpoint_spelling(name, cfg)
         for target, param in params.items()
         for name in _unfilled(target, param, filled)
     )
@@ -307,12 +313,16 @@ _MIXTRAL_NAMES = {"block_sparse_moe": "mlp", "w1": "gate_proj", "w3": "up_proj",
 _MIXTRAL_SPELLING = {ours: theirs for theirs, ours in _MIXTRAL_NAMES.items()}
 
 
-def _checkpoint_spelling(name: str, architecture: str) -> str:
-    """A tensor's name as the checkpoint spells it, for messages: Mixtral's routed block as its own
-    names (``canonical_name`` backwards; every Mixtral MLP is routed)."""
-    if architecture != "MixtralForCausalLM":
-        return name
-    return ".".join(_MIXTRAL_SPELLING.get(part, part) for part in name.split("."))
+def _checkpoint_spelling(name: str, cfg: ModelConfig) -> str:
+    """A tensor's name as the checkpoint spells it, for messages (``canonical_name`` backwards):
+    Mixtral's routed block as its own names (every Mixtral MLP is routed), a weight's scale as
+    the checkpoint's format names it."""
+    parts = name.split(".")
+    if cfg.fp8 is not None and parts[-1] == "weight_scale":
+        parts[-1] = cfg.fp8.scale_name
+    if cfg.architecture == "MixtralForCausalLM":
+        parts = [_MIXTRAL_SPELLING.get(part, part) for part in parts]
+    return ".".join(parts)
 
 
 def canonical_name(name: str, fp8_scales: bool = False) -> str:
@@ -339,9 +349,10 @@ def hold_checkpoint_fp8(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
         module_name = target.rsplit(".", 1)[0]
         module = modules.get(module_name)
         if not isinstance(module, Linear) or _is_expert_stack(target):
-            shown = _checkpoint_spelling(name, cfg.architecture)
-            raise ModelLoadError(f"checkpoint tensor {shown!r}: {module_name} has no 8-bit float form in "
-                                 f"{cfg.architecture} (the attention and MLP projections do)")  # fmt: skip
+            what = "a mixture's routed experts" if _is_expert_stack(target) else module_name
+            raise ModelLoadError(f"checkpoint tensor {name!r}: {what} cannot hold 8-bit float weights "
+                                 f"in {cfg.architecture} (the attention and dense MLP projections "
+                                 f"can)")  # fmt: skip
         if module.weight_block is None:
             out_features, in_features = module.weight.shape
             block, shape = (
@@ -413,9 +424,15 @@ def _scale_slot_view(
     return scale.narrow(0, start // block_rows, -(-size // block_rows))
 
 
-def _as_scale(tensor: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+def _as_scale(tensor: torch.Tensor, view: torch.Tensor, name: str) -> torch.Tensor:
     """A checkpoint's scale in the shape of the rows it fills: one per tensor given to every row
-    (or block), one per channel as a column."""
+    (or block), one per channel as a column; powers of two stored as 8-bit exponents (UE8M0, as
+    DeepSeek-V3.1's checkpoints store them) widened to float32, which holds them exactly."""
+    if tensor.dtype == torch.float8_e8m0fnu:
+        tensor = tensor.float()
+    elif tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ModelLoadError(f"scale {name!r} has dtype {tensor.dtype}; scales are float32, bfloat16, "
+                             f"float16 or float8_e8m0fnu")  # fmt: skip
     if tensor.numel() == 1:
         return tensor.reshape(1, 1).expand(view.shape)
     if tensor.dim() == 1 and view.shape[1] == 1:
