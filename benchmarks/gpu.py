@@ -1083,6 +1083,10 @@ VARIANTS = {
     # need not equal the default's; its floors are still the 16-bit model's (a fraction of one
     # above 1 is possible).
     "fp8": {"quantization": "fp8"},
+    # An 8-bit float KV cache (attention/kv_dtype.py): half the bytes decode attention reads, which
+    # are most of the workload's. Its keys and values are rounded, so its tokens need not equal the
+    # default's; its floors are the 16-bit cache's.
+    "kv_fp8": {"kv_cache_dtype": "fp8"},
 }
 # Variants that set a kernel module's constant, not an engine option, for their measurement only:
 # tunings the engine does not expose. ``split_32`` lets 32-token parts of a context run in
@@ -1514,6 +1518,7 @@ def planned_steps(runs: dict[str, ShapeRun]) -> list[Callable[[], None]]:
         # 8-bit float weights: batch-1 decode reads half the bytes.
         functools.partial(llama.variant, "fp8"),
         functools.partial(qwen.variant, "fp8", workload=True),
+        functools.partial(qwen.variant, "kv_fp8", workload=True),
         functools.partial(qwen.variant, "split_32"),
         functools.partial(qwen.variant, "decode_rotary", workload=True),
         functools.partial(qwen.variant, "split_mid_8", workload=True),

@@ -217,7 +217,7 @@ def cases() -> list[Case]:
                   "INPUT_PRECISION": "tf32"},
                  num_warps=tile.num_warps, num_stages=tile.num_stages, pipelined_loop=True)
         )  # fmt: skip
-    return with_pdl_cases([
+    return with_pdl_cases(with_fp8_cache_cases([
         Case(ATTENTION, "_store_kv_kernel", "KV store",
              {"k_ptr": BF16, "v_ptr": BF16, **CACHES, "slot_mapping_ptr": I64},
              {"stride_k_tok": _QKV_ROW, "stride_k_head": _HEAD, "stride_v_tok": _QKV_ROW,
@@ -273,7 +273,30 @@ def cases() -> list[Case]:
           for name, dtype in (("bf16", BF16), ("fp32", FP32))],
         Case(SAMPLING, "_pick_best_chunk_kernel", "race sampler, best part of a row",
              {"keys_ptr": FP32, "ids_ptr": I32, "out_ptr": I64}, {"num_chunks": 3}, {"MAX_CHUNKS_P2": 256}),
-    ])  # fmt: skip
+    ]))  # fmt: skip
+
+
+# The kernels that store into or read from the KV cache (the decode kernel in its default tile),
+# by label, and their cache arguments.
+_KV_CACHE_ARGUMENTS = {
+    "KV store": ("k_cache_ptr", "v_cache_ptr"),
+    "decode (default)": ("k_cache_ptr", "v_cache_ptr"),
+    "decode + q/k norm + rotary + KV store": ("k_cache_ptr", "v_cache_ptr"),
+    "extend (prefill)": ("k_cache_ptr", "v_cache_ptr"),
+    "q/k norm + rotary + KV store": ("k_out_ptr", "v_cache_ptr"),
+}
+
+
+def with_fp8_cache_cases(cases: list[Case]) -> list[Case]:
+    """``cases``, then those of ``_KV_CACHE_ARGUMENTS`` once more over an 8-bit float KV cache
+    (engine option ``kv_cache_dtype="fp8"``): its stores round in integer steps, its reads widen."""
+    fp8 = []
+    for case in cases:
+        key = "decode (default)" if case.label.endswith(" (default)") else case.label
+        if key in _KV_CACHE_ARGUMENTS:
+            types = {**case.types, **dict.fromkeys(_KV_CACHE_ARGUMENTS[key], "*fp8e4nv")}
+            fp8.append(dataclasses.replace(case, label=f"{case.label}, fp8 KV cache", types=types))
+    return cases + fp8
 
 
 def with_pdl_cases(cases: list[Case]) -> list[Case]:

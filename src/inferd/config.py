@@ -634,6 +634,9 @@ class EngineConfig:
     # "fp8": the projections the checkpoint holds in 16 or 32 bits are made 8-bit floats at load,
     # one scale per output row (layers/fp8.py); None: as the checkpoint holds them.
     quantization: str | None = None
+    # "fp8": the KV cache holds 8-bit floats (e4m3), half the bytes of 16-bit ones
+    # (attention/kv_dtype.py); "auto": the model's dtype.
+    kv_cache_dtype: str = "auto"
     # Decode steps run as captured CUDA graphs on a GPU unless this is set.
     enforce_eager: bool = False
     # Triton kernels for RMSNorm (+ residual add), rotary and SiLU-and-mul; None: on a GPU only.
@@ -691,6 +694,11 @@ class EngineConfig:
     def uses_lora(self) -> bool:
         """Whether requests may use LoRA adapters (then decode steps never run as CUDA graphs)."""
         return bool(self.lora_modules) or self.allow_runtime_lora_updating
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """What the KV cache holds: 8-bit floats with ``kv_cache_dtype="fp8"``, else ``dtype``."""
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else parse_dtype(self.dtype)
 
     @property
     def local_model(self) -> ModelConfig:

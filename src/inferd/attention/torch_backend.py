@@ -15,14 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from inferd.attention.base import AttentionMetadata
+from inferd.attention.kv_dtype import FP8_KV_DTYPE, as_read_back, to_cache
 
 
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        stored = to_cache(new, cache.dtype)
+        if cache.dtype == FP8_KV_DTYPE:  # torch copies 8-bit floats by index only as bytes
+            cache, stored = cache.view(torch.uint8), stored.view(torch.uint8)
+        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, stored)
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -56,7 +60,9 @@ def _attention(
     """Softmax attention of ``[batch, heads, q, dim]`` queries over ``[batch, kv_heads, k, dim]``
     keys and values (``mask``: True where a query sees a key). ``softcap`` > 0 caps the scaled
     scores at ``softcap * tanh(score / softcap)`` before the mask, as Gemma 2 does; SDPA has no such
-    cap, so those layers run the math in float32 here."""
+    cap, so those layers run the math in float32 here. Keys and values read from an 8-bit cache
+    are widened to the queries' dtype."""
+    keys, values = keys.to(query.dtype), values.to(query.dtype)
     if not softcap:
         return F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, is_causal=is_causal, scale=scale,
@@ -179,8 +185,10 @@ class TorchAttentionBackend:
         softcap: float = 0.0,
     ) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        # Fresh prompts attend over this step's k and v directly, without reading them back.
-        return self._attend(q, (k, v), k_cache, v_cache, meta, scale, window, softcap)
+        # Fresh prompts attend over this step's k and v directly, without reading them back (as
+        # an 8-bit cache would give them back, so that they see what a later step will).
+        new_kv = (as_read_back(k, k_cache.dtype), as_read_back(v, v_cache.dtype))
+        return self._attend(q, new_kv, k_cache, v_cache, meta, scale, window, softcap)
 
     def attend(
         self,

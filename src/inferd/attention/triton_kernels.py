@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from inferd.attention.triton_kv_dtype import as_cached, as_query
 from inferd.layers.triton_pdl import launch_options, wait_for_previous_kernel
 
 _LOG2_E = 1.4426950408889634
@@ -103,8 +104,8 @@ def _store_kv_kernel(
         v = tl.load(v_ptr + tok * stride_v_tok + heads * stride_v_head + dims, mask=mask)
         k_dst = k_cache_ptr + block * stride_kc_block + offset * stride_kc_tok + heads * stride_kc_head + dims
         v_dst = v_cache_ptr + block * stride_vc_block + offset * stride_vc_tok + heads * stride_vc_head + dims
-        tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_dst, as_cached(k, k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_dst, as_cached(v, v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -155,7 +156,10 @@ def _attend_tile(
         + kv_head * stride_kc_head
         + dims[:, None]
     )
-    k = tl.load(k_ptrs, mask=key_valid[None, :] & dim_mask[:, None], other=0.0)  # [HEAD_DIM, BLOCK_N]
+    # An 8-bit cache's keys and values are widened to the queries' dtype (as_query).
+    k = tl.load(k_ptrs, mask=key_valid[None, :] & dim_mask[:, None], other=0.0).to(
+        q.dtype
+    )  # [HEAD_DIM, BLOCK_N]
     scores = tl.dot(q, k) * scale_log2
     if SOFTCAP:
         scores = _tanh(scores / softcap_log2) * softcap_log2
@@ -171,7 +175,9 @@ def _attend_tile(
         + kv_head * stride_vc_head
         + dims[None, :]
     )
-    v = tl.load(v_ptrs, mask=key_valid[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_N, HEAD_DIM]
+    v = tl.load(v_ptrs, mask=key_valid[:, None] & dim_mask[None, :], other=0.0).to(
+        q.dtype
+    )  # [BLOCK_N, HEAD_DIM]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
@@ -243,7 +249,8 @@ def _paged_decode_kernel(
         q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :],
         mask=head_mask[:, None] & dim_mask[None, :],
         other=0.0,
-    ).to(k_cache_ptr.dtype.element_ty)
+    )
+    q = as_query(q, k_cache_ptr.dtype.element_ty, q_ptr.dtype.element_ty)
 
     start, end = _split_range(seq_len, window, num_splits, split, BLOCK_N)
     acc, m_i, l_i = _attend_range(
@@ -370,16 +377,17 @@ def _paged_decode_rotary_kernel(
     sin = tl.load(sin_ptr + position * stride_cos_pos + angle_dims, mask=dim_mask, other=0.0).to(tl.float32)
     q_rows = q_ptr + q_row * stride_q_tok + heads[:, None] * stride_q_head
     q = _rope_rows(q_rows, q_norm_weight_ptr, dims, partners, head_mask[:, None] & dim_mask[None, :],
-                   cos, sin, signs, head_dim, eps, NORM).to(k_cache_ptr.dtype.element_ty)  # fmt: skip
+                   cos, sin, signs, head_dim, eps, NORM)  # fmt: skip
+    q = as_query(q, k_cache_ptr.dtype.element_ty, q_ptr.dtype.element_ty)
 
     # The new token's k and v, made before the loop so the rotation's operands need not live
     # through it; the split that holds the token stores them.
     row_mask = (tl.arange(0, 1) < 1)[:, None] & dim_mask[None, :]
     k_row = k_ptr + q_row * stride_k_tok + kv_head * stride_k_head + tl.zeros([1, 1], dtype=tl.int64)
-    k = _rope_rows(k_row, k_norm_weight_ptr, dims, partners, row_mask, cos, sin, signs, head_dim, eps,
-                   NORM).to(k_cache_ptr.dtype.element_ty)  # fmt: skip
+    k = _rope_rows(k_row, k_norm_weight_ptr, dims, partners, row_mask, cos, sin, signs, head_dim, eps, NORM)
+    k = as_cached(k, k_cache_ptr.dtype.element_ty)
     v_row = v_ptr + q_row * stride_v_tok + kv_head * stride_v_head + tl.zeros([1, 1], dtype=tl.int64)
-    v = tl.load(v_row + dims[None, :], mask=row_mask, other=0.0).to(v_cache_ptr.dtype.element_ty)
+    v = as_cached(tl.load(v_row + dims[None, :], mask=row_mask, other=0.0), v_cache_ptr.dtype.element_ty)
     start, end = _split_range(seq_len, window, num_splits, split, BLOCK_N)
     new_pos = seq_len - 1  # not in the cache yet: folded in from registers below
     holds_new = (start <= new_pos) & (new_pos < end)
@@ -603,7 +611,8 @@ def _paged_extend_kernel(
         q_ptr + q_tok[:, None] * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :],
         mask=row_mask[:, None] & dim_mask[None, :],
         other=0.0,
-    ).to(k_cache_ptr.dtype.element_ty)
+    )
+    q = as_query(q, k_cache_ptr.dtype.element_ty, q_ptr.dtype.element_ty)
 
     # Keys up to the tile's last query position; a tile past the sequence's queries reads none.
     tile_has_rows = q_tile * BLOCK_Q < q_len

@@ -91,6 +91,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         seed=options.pop("seed", None) or 0,
         load_format=options.pop("load_format", None) or "safetensors",
         quantization=options.pop("quantization", None),
+        kv_cache_dtype=_kv_cache_dtype(options.pop("kv_cache_dtype", None)),
         enforce_eager=bool(options.pop("enforce_eager", False)),
         triton_ops=options.pop("triton_ops", None),
         triton_linear=options.pop("triton_linear", None),
@@ -138,6 +139,15 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
     if options:
         raise TypeError(f"unknown engine option(s): {', '.join(sorted(options))}")
     return config
+
+
+def _kv_cache_dtype(value: str | None) -> str:
+    """``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (e4m3; vLLM's "fp8_e4m3" too)."""
+    if value in (None, "auto"):
+        return "auto"
+    if value in ("fp8", "fp8_e4m3"):
+        return "fp8"
+    raise ValueError(f"unknown kv_cache_dtype {value!r}; choose auto or fp8 (e4m3)")
 
 
 def _speculative(value: Any) -> SpeculativeConfig | None:
@@ -202,7 +212,7 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
     """
     cache = config.cache
     # Per rank: under tensor parallelism each rank holds its share of the KV heads.
-    bytes_per_block = config.local_model.kv_bytes_per_token(parse_dtype(config.dtype)) * cache.block_size
+    bytes_per_block = config.local_model.kv_bytes_per_token(config.kv_dtype) * cache.block_size
     if cache.num_blocks is None:
         budget = cache.kv_cache_memory or _default_kv_budget(config.device)
         if cache.kv_cache_memory is None and not config.device.startswith("cuda"):

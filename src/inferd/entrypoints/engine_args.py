@@ -31,6 +31,7 @@ _DIRECT_OPTIONS = (
     "speculative_config",
     "scheduling_policy",
     "quantization",
+    "kv_cache_dtype",
 )
 
 
@@ -74,6 +75,12 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
     group.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     group.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB (default: from free memory)")
     group.add_argument("--block-size", type=positive_int, help="tokens per KV block (default 16)")
+    group.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8", "fp8_e4m3"],
+        help="fp8: the KV cache holds 8-bit floats (e4m3, values clamped to its range), twice the tokens "
+        "in the same memory and half the bytes decode attention reads; auto: the model's dtype (default)",
+    )
     group.add_argument("--max-model-len", type=positive_int, help="context limit (default: the model's)")
     group.add_argument("--max-num-seqs", type=positive_int, help="most sequences in one step (default 128)")
     group.add_argument("--max-num-batched-tokens", type=positive_int, help="token budget per step")

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from inferd.attention.triton_kv_dtype import as_cached
 from inferd.layers.triton_pdl import launch_options, wait_for_previous_kernel
 
 _SILU_BLOCK = 1024
@@ -140,9 +141,9 @@ def _rotate_heads(
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
     dst = dst_ptr + heads * stride_dst_head + dims[None, :]
-    out_ty = dst_ptr.dtype.element_ty
-    tl.store(dst, (x1 * cos - x2 * sin).to(out_ty), mask=mask)
-    tl.store(dst + half_dim, (x2 * cos + x1 * sin).to(out_ty), mask=mask)
+    out_ty = dst_ptr.dtype.element_ty  # the KV cache's when k goes straight to its slot
+    tl.store(dst, as_cached(x1 * cos - x2 * sin, out_ty), mask=mask)
+    tl.store(dst + half_dim, as_cached(x2 * cos + x1 * sin, out_ty), mask=mask)
 
 
 @triton.jit
@@ -219,8 +220,8 @@ def _rotary_kernel(
             src = v_ptr + tok * stride_v_tok + heads * stride_v_head + dims[None, :]
             dst = v_cache_ptr + slot_offset + heads * stride_cache_head + dims[None, :]
             cache_ty = v_cache_ptr.dtype.element_ty
-            tl.store(dst, tl.load(src, mask=mask).to(cache_ty), mask=mask)
-            tl.store(dst + half_dim, tl.load(src + half_dim, mask=mask).to(cache_ty), mask=mask)
+            tl.store(dst, as_cached(tl.load(src, mask=mask), cache_ty), mask=mask)
+            tl.store(dst + half_dim, as_cached(tl.load(src + half_dim, mask=mask), cache_ty), mask=mask)
     else:
         _rotate_heads(
             k_ptr + tok * stride_k_tok, k_out_ptr + tok * stride_ko_tok, k_norm_weight_ptr,

@@ -153,8 +153,8 @@ class ModelRunner:
         self.warm_up_report: WarmUpReport | None = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = allocate_kv_caches(self.config.local_model, num_blocks, self.block_size, self.dtype,
-                                            self.device)  # fmt: skip
+        self.kv_caches = allocate_kv_caches(self.config.local_model, num_blocks, self.block_size,
+                                            self.config.kv_dtype, self.device)  # fmt: skip
         if self.tensor_parallel is not None:
             self.tensor_parallel.allocate(num_blocks)
 

@@ -298,7 +298,7 @@ def _serve_orders(connection: Connection) -> None:
 
     def allocate(num_blocks: int) -> None:
         kv_caches[:] = allocate_kv_caches(
-            local, num_blocks, config.cache.block_size, dtype, torch.device(device)
+            local, num_blocks, config.cache.block_size, config.kv_dtype, torch.device(device)
         )
         _send(connection, ("ok", None))
 
