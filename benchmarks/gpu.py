@@ -1078,7 +1078,7 @@ VARIANTS = {
     # The mixture of experts' routed experts on the Triton grouped matmul, decode in CUDA graphs
     # (its default engine runs the torch experts, eagerly).
     "triton_moe": {"triton_moe": True},
-    # The projections as 8-bit floats with a scale per output row, made at load (layers/fp8.py):
+    # The projections as 8-bit floats with a scale per output row, made at load (layers/quantized.py):
     # half the weight bytes a decode step reads. Another model's numbers, so its greedy tokens
     # need not equal the default's; its floors are still the 16-bit model's (a fraction of one
     # above 1 is possible).

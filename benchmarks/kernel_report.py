@@ -183,15 +183,20 @@ def cases() -> list[Case]:
                       "NUM_STAGES": tile.num_stages},
                      num_warps=tile.num_warps, num_stages=tile.num_stages, pipelined_loop=True)
             )  # fmt: skip
-    # The same gate|up over 8-bit float weights (layers/fp8.py) at one and two rows: one scale per
-    # output row (applied to the sums), and 128 x 128 blocks (each weight tile scaled as loaded).
-    fp8_scales = {" fp8, a scale per row": (1, 1, 1, 1), " fp8, 128 x 128 blocks": (2, 128, 128, 1024 // 128)}
-    for label, (scaled, scale_rows, scale_columns, scale_stride) in fp8_scales.items():
+    # The same gate|up over 8-bit weights (layers/quantized.py) at one and two rows: e4m3 with one
+    # scale per output row (applied to the sums) and in 128 x 128 blocks (each weight tile scaled as
+    # loaded), and int8 (W4A16's and W8A16's values) in groups of 128 input columns.
+    scaled_weights = {  # label: (weight type, SCALED, SCALE_ROWS, SCALE_COLUMNS, scale row stride)
+        " fp8, a scale per row": ("*fp8e4nv", 1, 1, 1, 1),
+        " fp8, 128 x 128 blocks": ("*fp8e4nv", 2, 128, 128, 1024 // 128),
+        " int8, groups of 128": ("*i8", 2, 1, 128, 1024 // 128),
+    }
+    for label, (weight_type, scaled, scale_rows, scale_columns, scale_stride) in scaled_weights.items():
         for rows in (1, 2):
             tile = triton_linear.default_tile(rows, 1024)
             linear_cases.append(
                 Case(LINEAR, "_skinny_linear_kernel", f"skinny linear rows={rows}{label}",
-                     {**linear_types, "w_ptr": "*fp8e4nv"},
+                     {**linear_types, "w_ptr": weight_type},
                      {"rows": rows, "out_features": 6144, "in_features": 1024, "stride_x_row": 1024,
                       "stride_w_row": 1024, "stride_y_row": 6144, "stride_residual_row": 0,
                       "stride_scale_row": scale_stride},

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from inferd.attention.registry import resolve_backend_name
-from inferd.quant_config import Fp8Scheme, read_quantization
+from inferd.quant_config import QuantScheme, read_quantization
 
 _DTYPES = {
     "float32": torch.float32,
@@ -263,7 +263,7 @@ class ModelConfig:
     # Whether each layer rotates its queries and keys (SmolLM3's NoPE layers do not); empty: all.
     layer_rope: tuple[bool, ...] = ()
     # How the checkpoint stores 8-bit float weights (``quantization_config``); None: it does not.
-    fp8: Fp8Scheme | None = None
+    quant: QuantScheme | None = None
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -333,7 +333,7 @@ class ModelConfig:
             layer_rope=_layer_rope(cfg, architecture, int(cfg["num_hidden_layers"])),
             gemma=GemmaConfig.from_hf_config(cfg, architecture, int(head_dim), rope) if gemma else None,
             granite=GraniteScales.from_hf_config(cfg) if architecture == "GraniteForCausalLM" else None,
-            fp8=read_quantization(cfg),
+            quant=read_quantization(cfg),
         )
         config.check_consistent()
         return config
@@ -379,7 +379,7 @@ class ModelConfig:
         divided, each expert's too (see ``worker/tensor_parallel.py``)."""
         if size == 1:
             return self
-        if self.fp8 is not None:
+        if self.quant is not None:
             raise ValueError("tensor parallelism over 8-bit float weights is not supported")
         sizes = [("attention heads", self.num_heads), ("KV heads", self.num_kv_heads),
                  ("intermediate size", self.intermediate_size)]  # fmt: skip
@@ -632,7 +632,7 @@ class EngineConfig:
     # "safetensors" reads the checkpoint; "dummy" draws seeded random weights (benchmarks of shapes).
     load_format: str = "safetensors"
     # "fp8": the projections the checkpoint holds in 16 or 32 bits are made 8-bit floats at load,
-    # one scale per output row (layers/fp8.py); None: as the checkpoint holds them.
+    # one scale per output row (layers/quantized.py); None: as the checkpoint holds them.
     quantization: str | None = None
     # "fp8": the KV cache holds 8-bit floats (e4m3), half the bytes of 16-bit ones
     # (attention/kv_dtype.py); "auto": the model's dtype.

@@ -1,20 +1,24 @@
-"""How a checkpoint's ``quantization_config`` stores 8-bit float weights, read into one scheme.
+"""How a checkpoint's ``quantization_config`` stores low-bit weights, read into one scheme.
 
-Two layouts are served, the two that 8-bit float checkpoints on the Hugging Face hub use:
+The layouts served are those of the Hugging Face hub's 8-bit float and integer checkpoints:
 - ``quant_method: "fp8"`` (transformers' ``FineGrainedFP8Config``; Qwen3's and DeepSeek's FP8
   releases): ``weight`` in float8_e4m3fn and ``weight_scale_inv``, one float32 scale per
   ``weight_block_size`` block (default 128 x 128); without a block size, one ``weight_scale`` per
   tensor;
-- ``quant_method: "compressed-tensors"`` in its ``float-quantized`` format (llm-compressor's
-  FP8 checkpoints): ``weight`` in float8_e4m3fn and ``weight_scale`` per tensor, per output
-  channel or per block.
+- ``quant_method: "compressed-tensors"`` (llm-compressor's checkpoints):
+  - ``float-quantized``: ``weight`` in float8_e4m3fn and ``weight_scale`` per tensor, per output
+    channel or per block (FP8, FP8-dynamic);
+  - ``pack-quantized``: symmetric 4- or 8-bit integers packed eight or four to an int32 along
+    the input (``weight_packed``, with ``weight_shape``) and ``weight_scale`` per output channel
+    or per group of input columns (W4A16, W8A16);
+  - ``int-quantized`` / ``naive-quantized``: ``weight`` in int8 and ``weight_scale`` (W8A8).
 
-Either way the weight is ``fp8 * scale``, block by block. Which projections are stored so is read
-from the checkpoint itself (a module with a scale tensor is), not from the config's ignore lists,
-whose spellings differ between the two tools.
+Either way the weight is ``values * scale``, block by block. Which projections are stored so is
+read from the checkpoint itself (a module with a scale tensor is), not from the config's ignore
+lists, whose spellings differ between the tools.
 
-Activations are computed unquantized (an 8-bit weight times a 16-bit activation, as vLLM's
-weight-only fallback computes such a checkpoint): the configs' activation schemes, dynamic or
+Activations are computed unquantized (a low-bit weight times a 16-bit activation, as vLLM's
+weight-only kernels compute such checkpoints): the configs' activation schemes, dynamic or
 static, are not applied, and static input scales are dropped at load.
 """
 
@@ -23,31 +27,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# The checkpoint tensors that scale a weight (both mean: weight = fp8 * scale).
+# The checkpoint tensors that scale a weight (both mean: weight = values * scale).
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 # Static activation scales, and the KV cache's calibrated ones: read by nothing here (activations
 # stay unquantized; an 8-bit KV cache, kv_cache_dtype="fp8", is stored without scales).
 IGNORED_SUFFIXES = ("input_scale", "activation_scale", "k_scale", "v_scale", "kv_scale")
+# compressed-tensors' packed integers: the int32 words, and the unpacked weight's shape.
+PACKED_WEIGHT = "weight_packed"
+PACKED_SHAPE = "weight_shape"
 
-_SUPPORTED = "'fp8', or 'compressed-tensors' in its float-quantized format"
+_SUPPORTED = (
+    "'fp8', or 'compressed-tensors' with 8-bit float weights (float-quantized) or symmetric 4- or "
+    "8-bit integer weights (pack-quantized, int-quantized)"
+)
+_INT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")
 
 
 @dataclass(frozen=True)
-class Fp8Scheme:
-    """8-bit float (e4m3) weights and their float32 scales.
+class QuantScheme:
+    """Low-bit weights and their float32 scales.
 
-    ``block`` is the (rows, columns) of weight that one scale covers; None means one scale per
-    output row (a per-channel scale, or a per-tensor one given to every row, which lets a fused
-    q|k|v hold three different ones)."""
+    ``values``: "fp8" (e4m3), "int8" or "int4" (signed, held as int8 once loaded). ``block`` is
+    the (rows, columns) of weight that one scale covers; None means one scale per output row (a
+    per-channel scale, or a per-tensor one given to every row, which lets a fused q|k|v hold three
+    different ones). ``packed``: integers come packed into int32 words (``weight_packed``)."""
 
     method: str
     block: tuple[int, int] | None
+    values: str = "fp8"
+    packed: bool = False
 
     @property
     def scale_name(self) -> str:
         """How the checkpoint names a weight's scale (for messages): the fp8 method's block scales
         are ``weight_scale_inv``, every other scale ``weight_scale``."""
         return "weight_scale_inv" if self.method == "fp8" and self.block is not None else "weight_scale"
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.values == "int4" else 8
 
     def scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
         if self.block is None:
@@ -60,7 +78,7 @@ class Fp8Scheme:
         return self.block if self.block is not None else (1, in_features)
 
 
-def read_quantization(cfg: dict[str, Any]) -> Fp8Scheme | None:
+def read_quantization(cfg: dict[str, Any]) -> QuantScheme | None:
     """The scheme of ``config.json``'s ``quantization_config``; None without one (ValueError for
     a method or format the engine does not compute)."""
     quant = cfg.get("quantization_config")
@@ -73,13 +91,13 @@ def read_quantization(cfg: dict[str, Any]) -> Fp8Scheme | None:
         if quant.get("fmt", "e4m3") != "e4m3":
             raise ValueError(f"fp8 format {quant.get('fmt')!r} is not supported (e4m3 is)")
         block = quant.get("weight_block_size")
-        return Fp8Scheme("fp8", None if block is None else _block(block, "weight_block_size"))
+        return QuantScheme("fp8", None if block is None else _block(block, "weight_block_size"))
     if method == "compressed-tensors":
         return _compressed_tensors(quant)
     raise ValueError(f"quantization method {method!r} is not supported; the engine loads {_SUPPORTED}")
 
 
-def _compressed_tensors(quant: dict[str, Any]) -> Fp8Scheme:
+def _compressed_tensors(quant: dict[str, Any]) -> QuantScheme:
     if quant.get("kv_cache_scheme"):
         raise ValueError("compressed-tensors' kv_cache_scheme (an 8-bit KV cache) is not supported")
     # Weights stored rotated or sparse would load without complaint and compute wrongly.
@@ -91,37 +109,52 @@ def _compressed_tensors(quant: dict[str, Any]) -> Fp8Scheme:
     groups = quant.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise ValueError("compressed-tensors quantization_config has no config_groups")
-    blocks: set[tuple[int, int] | None] = set()
-    for name, group in groups.items():
-        weights = group.get("weights") if isinstance(group, dict) else None
-        if not isinstance(weights, dict):
-            raise ValueError(f"compressed-tensors group {name!r} quantizes no weights")
-        fmt = group.get("format") or quant.get("format")
-        if weights.get("type") != "float" or weights.get("num_bits") != 8 or fmt != "float-quantized":
-            raise ValueError(
-                f"compressed-tensors group {name!r} stores {weights.get('num_bits')}-bit "
-                f"{weights.get('type')} weights as {fmt!r}; the engine loads {_SUPPORTED}"
-            )
-        if weights.get("symmetric") is False:
-            raise ValueError(f"compressed-tensors group {name!r} has asymmetric weights (zero points)")
-        strategy = weights.get("strategy")
-        if strategy in ("tensor", "channel"):
-            blocks.add(None)
-        elif strategy == "block":
-            blocks.add(_block(weights.get("block_structure"), "block_structure"))
-        else:
-            raise ValueError(f"compressed-tensors weight strategy {strategy!r} is not supported "
-                             f"(tensor, channel and block are)")  # fmt: skip
-    if len(blocks) > 1:
-        raise ValueError("compressed-tensors groups with different weight strategies are not supported")
-    return Fp8Scheme("compressed-tensors", blocks.pop())
+    schemes = {_group_scheme(name, group, quant.get("format")) for name, group in groups.items()}
+    if len(schemes) > 1:
+        raise ValueError("compressed-tensors groups that store weights differently are not supported")
+    return schemes.pop()
+
+
+def _group_scheme(name: str, group: Any, default_format: Any) -> QuantScheme:
+    weights = group.get("weights") if isinstance(group, dict) else None
+    if not isinstance(weights, dict):
+        raise ValueError(f"compressed-tensors group {name!r} quantizes no weights")
+    fmt = group.get("format") or default_format
+    kind, bits = weights.get("type"), weights.get("num_bits")
+    floats = kind == "float" and bits == 8 and fmt == "float-quantized"
+    ints = kind == "int" and (bits == 4 and fmt == "pack-quantized" or bits == 8 and fmt in _INT_FORMATS)
+    if not (floats or ints):
+        raise ValueError(f"compressed-tensors group {name!r} stores {bits}-bit {kind} weights as {fmt!r}; "
+                         f"the engine loads {_SUPPORTED}")  # fmt: skip
+    if weights.get("symmetric") is False:
+        raise ValueError(f"compressed-tensors group {name!r} has asymmetric weights (zero points)")
+    if weights.get("actorder"):
+        raise ValueError(f"compressed-tensors group {name!r} orders its groups by activation (actorder)")
+    strategy = weights.get("strategy")
+    if strategy in ("tensor", "channel"):
+        block = None
+    elif strategy == "block" and floats:
+        block = _block(weights.get("block_structure"), "block_structure")
+    elif strategy == "group" and ints:
+        block = (1, _positive(weights.get("group_size"), "group_size"))
+    else:
+        raise ValueError(f"compressed-tensors weight strategy {strategy!r} is not supported for {kind} "
+                         f"weights (tensor, channel, and block for floats or group for integers "
+                         f"are)")  # fmt: skip
+    values = "fp8" if floats else f"int{bits}"
+    return QuantScheme("compressed-tensors", block, values, packed=fmt == "pack-quantized")
+
+
+def _positive(value: Any, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{field} must be a positive integer, got {value!r}")
+    return value
 
 
 def _block(value: Any, field: str) -> tuple[int, int]:
-    if (
-        not isinstance(value, list | tuple)
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
+    if not isinstance(value, list | tuple) or len(value) != 2:
         raise ValueError(f"{field} must be two positive integers, got {value!r}")
-    return int(value[0]), int(value[1])
+    try:
+        return _positive(value[0], field), _positive(value[1], field)
+    except ValueError:
+        raise ValueError(f"{field} must be two positive integers, got {value!r}") from None

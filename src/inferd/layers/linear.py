@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inferd.layers import fp8
+from inferd.layers import quantized
 from inferd.layers.activation import SiluAndMul
 from inferd.layers.linear_operands import WeightScale
 from inferd.layers.norm import RMSNorm
@@ -37,14 +37,14 @@ class Linear(nn.Linear):
     # matmul of ``layers/triton_tiled_linear.py`` (0: none).
     tiled_max_rows = 0
     lora: LoraWeights | None = None
-    # Set on a projection that holds 8-bit float weights (``layers/fp8.py:hold_fp8``): the (rows,
+    # Set on a projection that holds 8-bit weights (``layers/quantized.py:hold_quantized``): the (rows,
     # columns) of weight each entry of its ``weight_scale`` parameter covers.
     weight_block: tuple[int, int] | None = None
 
-    def fp8_scale(self) -> torch.Tensor:
-        """The ``weight_scale`` parameter of a projection with 8-bit float weights."""
+    def quant_scale(self) -> torch.Tensor:
+        """The ``weight_scale`` parameter of a projection with 8-bit weights (float or integer)."""
         scale = self._parameters["weight_scale"]
-        assert scale is not None and self.weight_block is not None, "not an 8-bit float projection"
+        assert scale is not None and self.weight_block is not None, "not an 8-bit projection"
         return scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,9 @@ class Linear(nn.Linear):
             return triton_linear.skinny_linear(x, self.weight, self.bias, scale=self._scale_operand())
         if self.weight_block is not None:
             return F.linear(
-                x, fp8.dequantize(self.weight, self.fp8_scale(), self.weight_block, x.dtype), self.bias
+                x,
+                quantized.dequantize(self.weight, self.quant_scale(), self.weight_block, x.dtype),
+                self.bias,
             )
         if x.dim() == 2 and self.triton_max_rows < x.shape[0] <= self.tiled_max_rows:
             from inferd.layers import triton_tiled_linear
@@ -99,8 +101,8 @@ class Linear(nn.Linear):
         return x.dim() == 2 and 0 < x.shape[0] <= self.triton_max_rows
 
     def _scale_operand(self) -> WeightScale | None:
-        """What the skinny matmul needs to scale 8-bit float weights as it loads them."""
-        return None if self.weight_block is None else WeightScale(self.fp8_scale(), self.weight_block)
+        """What the skinny matmul needs to scale 8-bit weights as it loads them."""
+        return None if self.weight_block is None else WeightScale(self.quant_scale(), self.weight_block)
 
 
 def route_projections(model: nn.Module, linear: bool, tiled_linear: bool, fuse_inputs: bool = False) -> None:
@@ -112,7 +114,7 @@ def route_projections(model: nn.Module, linear: bool, tiled_linear: bool, fuse_i
     tiled = importlib.import_module("inferd.layers.triton_tiled_linear") if tiled_linear else None
     for module in model.modules():
         if isinstance(module, Linear):
-            readable = module.weight_block is None or fp8.skinny_kernel_reads_fp8(module.weight.device)
+            readable = quantized.skinny_kernel_reads(module.weight.dtype, module.weight.device)
             module.triton_max_rows = (
                 triton_linear.rows_routed(module.weight) if triton_linear and readable else 0
             )

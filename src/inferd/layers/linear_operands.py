@@ -11,7 +11,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 @dataclass(frozen=True)
 class WeightScale:
-    """The float32 scales of an 8-bit float weight (``layers/fp8.py``): ``scale[i, j]`` multiplies
+    """The float32 scales of an 8-bit weight (``layers/quantized.py``): ``scale[i, j]`` multiplies
     the weight's block of ``block`` (rows, columns) at block row ``i`` and block column ``j``."""
 
     scale: torch.Tensor
@@ -27,8 +27,8 @@ def check_linear_operands(
 ) -> None:
     """``x`` must be ``[rows, inner_width * in]`` for a ``[out, in]`` weight, the bias ``[out]``,
     and all one floating-point type on one device, as ``F.linear`` requires: the kernels would
-    read mixed inputs as their own types. With ``scale``, the weight is float8_e4m3fn instead, its
-    scales float32 and one per block."""
+    read mixed inputs as their own types. With ``scale``, the weight is float8_e4m3fn or int8
+    instead, its scales float32 and one per block."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != inner_width * weight.shape[1]:
         width = "in" if inner_width == 1 else f"{inner_width} * in"
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be "
@@ -52,10 +52,9 @@ def _check_scale(weight: torch.Tensor, scale: WeightScale, device: torch.device)
     rows, columns = weight.shape
     block_rows, block_columns = scale.block
     expected = (-(-rows // block_rows), -(-columns // block_columns))
-    if weight.dtype != FP8_DTYPE or weight.device != device:
-        raise ValueError(
-            f"a scaled weight must be {FP8_DTYPE} on {device}, not {weight.dtype} on {weight.device}"
-        )
+    if weight.dtype not in (FP8_DTYPE, torch.int8) or weight.device != device:
+        raise ValueError(f"a scaled weight must be {FP8_DTYPE} or int8 on {device}, not {weight.dtype} on "
+                         f"{weight.device}")  # fmt: skip
     if scale.scale.dtype != torch.float32 or scale.scale.device != device or scale.scale.shape != expected:
         raise ValueError(f"the scales of a {tuple(weight.shape)} weight in blocks of {scale.block} must be "
                          f"float32 {expected} on {device}, not {scale.scale.dtype} "

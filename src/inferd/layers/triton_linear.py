@@ -124,8 +124,8 @@ def _skinny_linear_kernel(
       scales its outputs by the row's ``1 / rms`` at the end: the scale is one number per row, so
       it can come after the sum. Program 0 also stores ``h`` at ``residual_out``.
 
-    ``SCALED`` > 0: ``w`` is 8-bit float, scaled per block (``layers/fp8.py``). 1: one scale per
-    output row (``scale[f, 0]``), applied to the sums once at the end. 2: ``scale[i, j]`` multiplies
+    ``SCALED`` > 0: ``w`` is 8-bit (e4m3 or int8), scaled per block (``layers/quantized.py``). 1: one
+    scale per output row (``scale[f, 0]``), applied to the sums once at the end. 2: ``scale[i, j]`` multiplies
     the block of ``SCALE_ROWS`` x ``SCALE_COLUMNS`` at (``i``, ``j``); each loaded weight tile is
     scaled, its scales gathered by block index.
 
@@ -245,8 +245,8 @@ def skinny_linear(
     scale: WeightScale | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` for a 2-D ``x`` of at most ``KERNEL_MAX_ROWS`` rows, in ``x``'s dtype.
-    With ``scale``, ``weight`` is 8-bit float and computed as ``weight * scale`` (``layers/fp8.py``);
-    so for every function here."""
+    With ``scale``, ``weight`` is 8-bit (e4m3 or int8) and computed as ``weight * scale``
+    (``layers/quantized.py``); so for every function here."""
     _check_operands(x, weight, bias, inner_width=1, scale=scale)
     return _launch(x, weight, bias, tile, scale=scale)
 

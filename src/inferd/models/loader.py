@@ -15,11 +15,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from inferd.config import EngineConfig, ModelConfig, ModelLoadError, read_json_object
-from inferd.layers import fp8
+from inferd.layers import quantized
 from inferd.layers.linear import Linear
 from inferd.layers.linear_operands import FP8_DTYPE
 from inferd.models.registry import CausalLM, model_class
-from inferd.quant_config import IGNORED_SUFFIXES, SCALE_SUFFIXES, Fp8Scheme
+from inferd.quant_config import IGNORED_SUFFIXES, PACKED_SHAPE, PACKED_WEIGHT, SCALE_SUFFIXES, QuantScheme
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +125,15 @@ def load_model(
         torch.set_default_dtype(previous_dtype)
     if dummy:
         fill_random(model)
-        if cfg.fp8 is not None:  # the shape of an 8-bit float checkpoint: its blocks, random values
-            quantize_projections(model, cfg.fp8)
+        if cfg.quant is not None:  # the shape of a low-bit checkpoint: its values and blocks, random
+            quantize_projections(model, cfg.quant)
     else:
-        if cfg.fp8 is not None:
-            hold_checkpoint_fp8(model, cfg, path)
+        if cfg.quant is not None:
+            hold_checkpoint_quantized(model, cfg, path)
         weights = (
-            (canonical_name(name, cfg.fp8 is not None), t)
+            (canonical_name(name, cfg.quant is not None), t)
             for name, t in iter_checkpoint(path)
-            if not (cfg.fp8 is not None and name.endswith(IGNORED_SUFFIXES))
+            if not (cfg.quant is not None and name.endswith((*IGNORED_SUFFIXES, PACKED_SHAPE)))
         )
         if shard is not None:
             rank, size = shard
@@ -142,9 +142,9 @@ def load_model(
             pieces = (piece for name, t in weights for piece in split_fused_tensor(name, t, cfg, size))
             weights = ((name, shard_checkpoint_tensor(name, t, rank, size)) for name, t in pieces)
         _fill_weights(model, weights, cfg)
-    # A checkpoint of 8-bit floats is served as it is: the projections it left wider stay so.
-    if quantization == "fp8" and cfg.fp8 is None:
-        quantize_projections(model, Fp8Scheme("fp8", None))
+    # A low-bit checkpoint is served as it is: the projections it left wider stay so.
+    if quantization == "fp8" and cfg.quant is None:
+        quantize_projections(model, QuantScheme("fp8", None))
         if torch.device(device).type == "cuda":
             # The wide weights' memory back to the device, before the KV cache is sized from it.
             torch.cuda.empty_cache()
@@ -178,13 +178,13 @@ def fill_random(model: nn.Module) -> None:
                 param.fill_(1.0)
 
 
-def quantize_projections(model: nn.Module, scheme: Fp8Scheme) -> None:
-    """Every attention and MLP projection made 8-bit float, in ``scheme``'s blocks (one scale per
-    output row: as accurate as e4m3 allows for each row, whatever the spread between rows); the
-    embeddings, the LM head, norms and a mixture's router and experts stay as they are."""
+def quantize_projections(model: nn.Module, scheme: QuantScheme) -> None:
+    """Every attention and MLP projection made ``scheme``'s values in its blocks (one scale per
+    output row: as accurate as the values allow for each row, whatever the spread between rows);
+    the embeddings, the LM head, norms and a mixture's router and experts stay as they are."""
     for module in model.modules():
         if isinstance(module, Linear):
-            fp8.quantize_in_place(module, scheme.block_of(*module.weight.shape))
+            quantized.quantize_in_place(module, scheme.block_of(*module.weight.shape), scheme.values)
 
 
 _TRITON_PDL = "inferd.layers.triton_pdl"
@@ -223,6 +223,8 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
             continue
         target, slot = _target_of(name)
         shown = _checkpoint_spelling(name, cfg)
+        packed = target.endswith("." + PACKED_WEIGHT)
+        target = target.removesuffix("_packed") if packed else target
         if target not in params:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
@@ -235,6 +237,8 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
                 tensor = _as_scale(tensor, view, shown)
             else:
                 view = _slot_view(param.data, slot, cfg, target, shown)
+                if packed and cfg.quant is not None:
+                    tensor = _unpacked(tensor, cfg.quant.bits, view, shown)
             _copy_checked(view, tensor, shown)
         filled.add((target, slot))
     if cfg.tie_word_embeddings:
@@ -318,29 +322,30 @@ def _checkpoint_spelling(name: str, cfg: ModelConfig) -> str:
     Mixtral's routed block as its own names (every Mixtral MLP is routed), a weight's scale as
     the checkpoint's format names it."""
     parts = name.split(".")
-    if cfg.fp8 is not None and parts[-1] == "weight_scale":
-        parts[-1] = cfg.fp8.scale_name
+    if cfg.quant is not None and parts[-1] == "weight_scale":
+        parts[-1] = cfg.quant.scale_name
     if cfg.architecture == "MixtralForCausalLM":
         parts = [_MIXTRAL_SPELLING.get(part, part) for part in parts]
     return ".".join(parts)
 
 
-def canonical_name(name: str, fp8_scales: bool = False) -> str:
+def canonical_name(name: str, scales: bool = False) -> str:
     """A checkpoint tensor's name as the model's parameters spell it: Mixtral's routed block
     (``block_sparse_moe``, experts ``w1``/``w3``/``w2``) takes Qwen-MoE's names; with
-    ``fp8_scales``, an 8-bit float weight's scale is ``weight_scale`` whichever name it has."""
+    ``scales``, a low-bit weight's scale is ``weight_scale`` whichever name it has."""
     parts = name.split(".")
-    if fp8_scales and parts[-1] in SCALE_SUFFIXES:
+    if scales and parts[-1] in SCALE_SUFFIXES:
         parts[-1] = "weight_scale"
     if "block_sparse_moe" not in parts:
         return ".".join(parts)
     return ".".join(_MIXTRAL_NAMES.get(part, part) for part in parts)
 
 
-def hold_checkpoint_fp8(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
-    """Turn each projection the checkpoint stores in 8-bit floats (those with a scale tensor) into
-    one that holds such weights (``layers/fp8.py:hold_fp8``), ready to be filled."""
-    assert cfg.fp8 is not None
+def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
+    """Turn each projection the checkpoint stores in low-bit values (those with a scale tensor)
+    into one that holds such weights (``layers/quantized.py:hold_quantized``: e4m3, or int8 for
+    integers of 8 bits or fewer), ready to be filled."""
+    assert cfg.quant is not None
     modules = dict(model.named_modules())
     for name in checkpoint_names(path):
         if name.rsplit(".", 1)[-1] not in SCALE_SUFFIXES:
@@ -350,16 +355,16 @@ def hold_checkpoint_fp8(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
         module = modules.get(module_name)
         if not isinstance(module, Linear) or _is_expert_stack(target):
             what = "a mixture's routed experts" if _is_expert_stack(target) else module_name
-            raise ModelLoadError(f"checkpoint tensor {name!r}: {what} cannot hold 8-bit float weights "
+            raise ModelLoadError(f"checkpoint tensor {name!r}: {what} cannot hold low-bit weights "
                                  f"in {cfg.architecture} (the attention and dense MLP projections "
                                  f"can)")  # fmt: skip
         if module.weight_block is None:
             out_features, in_features = module.weight.shape
             block, shape = (
-                cfg.fp8.block_of(out_features, in_features),
-                cfg.fp8.scale_shape(out_features, in_features),
+                cfg.quant.block_of(out_features, in_features),
+                cfg.quant.scale_shape(out_features, in_features),
             )
-            fp8.hold_fp8(module, block, shape)
+            quantized.hold_quantized(module, block, shape, quantized.storage_dtype(cfg.quant.values))
 
 
 def _target_of(name: str) -> tuple[str, Slot]:
@@ -411,13 +416,13 @@ def _piece_rows(rows: int, piece: int, cfg: ModelConfig, target: str) -> tuple[i
 def _scale_slot_view(
     scale: torch.Tensor, weight_rows: int, slot: Slot, cfg: ModelConfig, target: str, name: str
 ) -> torch.Tensor:
-    """The rows of an 8-bit float projection's scales that the checkpoint's scale ``name`` fills:
+    """The rows of a low-bit projection's scales that the checkpoint's scale ``name`` fills:
     those of its piece's weight rows, which must cover whole blocks (the last piece may end in a
     partial one)."""
     if slot is None:
         return scale
     start, size = _piece_rows(weight_rows, slot[0], cfg, target)
-    block_rows = cfg.fp8.block[0] if cfg.fp8 is not None and cfg.fp8.block is not None else 1
+    block_rows = cfg.quant.block[0] if cfg.quant is not None and cfg.quant.block is not None else 1
     if start % block_rows or (size % block_rows and start + size != weight_rows):
         raise ModelLoadError(f"tensor {name!r}: its {size} rows from row {start} of the fused projection do "
                              f"not span whole blocks of {block_rows} rows")  # fmt: skip
@@ -458,18 +463,31 @@ def _unfilled(target: str, param: torch.Tensor, filled: set[tuple[str, Slot]]) -
             for shard, piece in enumerate(pieces_of) if (target, (shard,)) not in filled]  # fmt: skip
 
 
+def _unpacked(words: torch.Tensor, bits: int, view: torch.Tensor, name: str) -> torch.Tensor:
+    """A packed integer weight's values (``quantized.unpack_int32``), as many columns as ``view``."""
+    if view.dtype != torch.int8:
+        raise ModelLoadError(f"tensor {name!r} holds packed integers for a projection without a scale")
+    try:
+        return quantized.unpack_int32(words, bits, view.shape[1])
+    except ValueError as exc:
+        raise ModelLoadError(f"tensor {name!r}: {exc}") from None
+
+
+_LOW_BIT = (FP8_DTYPE, torch.int8)
+
+
 def _copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-    if not tensor.is_floating_point():
-        # An integer tensor would be cast without complaint (quantized weights need their scales).
-        raise ModelLoadError(f"tensor {name!r} has dtype {tensor.dtype}; inferd loads floating-point weights")
-    # Likewise an 8-bit float one without its scale, or a 16-bit one where the projection's other
-    # pieces are 8-bit floats.
-    if param.dtype == FP8_DTYPE and tensor.dtype != FP8_DTYPE:
+    # A projection of 8-bit values takes its own kind alone: any other would be cast without
+    # complaint, as would 8-bit values (float or integer) into a wide projection, which need the
+    # scales that make such a projection.
+    if param.dtype in _LOW_BIT and tensor.dtype != param.dtype:
         raise ModelLoadError(f"tensor {name!r} has dtype {tensor.dtype}; its projection's other weights are "
-                             f"{FP8_DTYPE} with scales")  # fmt: skip
-    if param.dtype != FP8_DTYPE and tensor.element_size() == 1:
+                             f"{param.dtype} with scales")  # fmt: skip
+    if param.dtype not in _LOW_BIT and tensor.element_size() == 1:
         raise ModelLoadError(f"tensor {name!r} is {tensor.dtype} without a scale (weight_scale or "
                              f"weight_scale_inv) beside it")  # fmt: skip
+    if not tensor.is_floating_point() and param.dtype != torch.int8:
+        raise ModelLoadError(f"tensor {name!r} has dtype {tensor.dtype}; inferd loads floating-point weights")
     if param.shape != tensor.shape:
         raise ModelLoadError(
             f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"

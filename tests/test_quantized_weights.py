@@ -1,5 +1,6 @@
-"""8-bit float checkpoints (``quant_config.py``, ``layers/fp8.py``), against transformers reading
-the same folders, and the refusals of what the engine does not compute."""
+"""Low-bit checkpoints (8-bit floats, 4- and 8-bit integers: ``quant_config.py``,
+``layers/quantized.py``), against transformers reading the same folders, and the refusals of what
+the engine does not compute."""
 
 from __future__ import annotations
 
@@ -10,14 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from fp8_checkpoints import LAYOUTS, make_fp8_checkpoint, widened_copy
+from quantized_checkpoints import (
+    INT_GROUP,
+    INT_LAYOUTS,
+    LAYOUTS,
+    make_checkpoint,
+    make_fp8_checkpoint,
+    packed_integers,
+    widened_copy,
+)
 from safetensors.torch import load_file, save_file
 
 from inferd import LLM, SamplingParams
 from inferd.config import ModelConfig, ModelLoadError
 from inferd.engine.request import Request
-from inferd.layers import fp8
-from inferd.quant_config import Fp8Scheme, read_quantization
+from inferd.layers import quantized
+from inferd.quant_config import QuantScheme, read_quantization
 
 pytest.importorskip("accelerate")  # transformers reads the fp8 method's folders with it
 pytest.importorskip("compressed_tensors")  # and compressed-tensors' with this
@@ -35,9 +44,9 @@ def _our_logits(folder: Path, prompt: list[int], **options: object) -> tuple[LLM
 
 
 def _transformers_model(folder: Path) -> transformers.PreTrainedModel:
-    """transformers' model of an 8-bit float folder, its weights widened with their scales as it
-    loads them (on the CPU it does so for the fp8 method unasked; compressed-tensors would
-    otherwise also round each activation to 8 bits, which the engine does not)."""
+    """transformers' model of a low-bit folder, its weights widened with their scales as it loads
+    them (on the CPU it does so for the fp8 method unasked; compressed-tensors would otherwise
+    also round each activation to 8 bits, which the engine does not)."""
     options = {}
     if json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] != "fp8":
         options["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
@@ -54,42 +63,49 @@ def _their_logits(folder: Path, prompt: list[int], quantized: bool = True) -> to
 
 
 @pytest.fixture(scope="module")
-def fp8_folders(tiny_model_factory, tmp_path_factory) -> dict[tuple[str, str], Path]:
+def low_bit_folders(tiny_model_factory, tmp_path_factory) -> dict[tuple[str, str], Path]:
     folders = {}
     for arch in ("llama", "qwen3"):
-        for layout in LAYOUTS:
-            folder = tmp_path_factory.mktemp(f"fp8-{arch}-{layout}") / "model"
-            folders[arch, layout] = make_fp8_checkpoint(tiny_model_factory(arch), folder, layout)
+        for layout in (*LAYOUTS, *INT_LAYOUTS):
+            folder = tmp_path_factory.mktemp(f"{arch}-{layout}") / "model"
+            folders[arch, layout] = make_checkpoint(tiny_model_factory(arch), folder, layout)
     return folders
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [*LAYOUTS, *INT_LAYOUTS])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_logits_match_transformers_reading_the_same_checkpoint(fp8_folders, tiny_model_factory, arch, layout):
-    folder = fp8_folders[arch, layout]
-    vocab = ModelConfig.from_folder(folder).vocab_size
-    prompt = _prompt(vocab)
+def test_logits_match_transformers_reading_the_same_checkpoint(
+    low_bit_folders, tiny_model_factory, arch, layout
+):
+    """8-bit float checkpoints, and W4A16, W8A16 (packed into int32 words) and W8A8 ones."""
+    folder = low_bit_folders[arch, layout]
+    prompt = _prompt(ModelConfig.from_folder(folder).vocab_size)
     llm, ours = _our_logits(folder, prompt)
     theirs = _their_logits(folder, prompt)
     assert (ours - theirs).abs().max().item() < 1e-4
     # The quantization is real: the unquantized model's logits are further off than the check.
     _, unquantized = _our_logits(tiny_model_factory(arch), prompt)
     assert (unquantized - theirs).abs().max().item() > 1e-3
-    # The projections hold 8-bit floats (half or a quarter of the memory), the embeddings do not.
-    layer = llm.engine.core.runner.model.model.layers[0]
+    # The projections hold 8-bit values (integers of 4 bits too) and their scales, the embeddings
+    # their own dtype.
+    held = torch.int8 if layout in INT_LAYOUTS else torch.float8_e4m3fn
+    layer = llm.engine.core.runner.model.model.layers[1]
     for linear in (
         layer.self_attn.qkv_proj,
         layer.self_attn.o_proj,
         layer.mlp.gate_up_proj,
         layer.mlp.down_proj,
     ):
-        assert linear.weight.dtype == torch.float8_e4m3fn
-        assert linear.fp8_scale().dtype == torch.float32
+        assert linear.weight.dtype == held and linear.quant_scale().dtype == torch.float32
+        if layout in INT_LAYOUTS:
+            grouped = INT_LAYOUTS[layout][2]
+            assert linear.weight_block == (1, INT_GROUP if grouped else linear.weight.shape[1])
     assert llm.engine.core.runner.model.model.embed_tokens.weight.dtype == torch.float32
 
 
-def test_greedy_batch_matches_transformers(fp8_folders) -> None:
-    folder = fp8_folders["qwen3", "fp8-block"]
+@pytest.mark.parametrize("layout", ["fp8-block", "ct-w4a16"])
+def test_greedy_batch_matches_transformers(low_bit_folders, layout: str) -> None:
+    folder = low_bit_folders["qwen3", layout]
     vocab = ModelConfig.from_folder(folder).vocab_size
     prompts = [[(13 * i + j) % vocab for i in range(5 + 7 * j)] for j in range(4)]
     model = _transformers_model(folder)
@@ -133,12 +149,12 @@ def test_dequantize_and_quantize_round_trip() -> None:
     torch.manual_seed(0)
     weight = torch.randn(37, 70)
     for block in ((16, 48), (1, 70), (128, 128)):
-        q, scale = fp8.quantize(weight, block)
+        q, scale = quantized.quantize(weight, block)
         assert q.dtype == torch.float8_e4m3fn and scale.shape == (-(-37 // block[0]), -(-70 // block[1]))
-        back = fp8.dequantize(q, scale, block, torch.float32)
+        back = quantized.dequantize(q, scale, block, torch.float32)
         # e4m3 keeps 3 mantissa bits: within 1/16 of each block's largest magnitude.
         assert (back - weight).abs().max() <= weight.abs().max() / 16
-        assert fp8.quantize(back, block)[0].view(torch.uint8).equal(q.view(torch.uint8))
+        assert quantized.quantize(back, block)[0].view(torch.uint8).equal(q.view(torch.uint8))
 
 
 def test_configs_as_the_hub_ships_them() -> None:
@@ -149,17 +165,17 @@ def test_configs_as_the_hub_ships_them() -> None:
         "weight_block_size": [128, 128],
         "fmt": "e4m3",
     }
-    assert read_quantization({"quantization_config": qwen3_fp8}) == Fp8Scheme("fp8", (128, 128))
-    assert read_quantization({"quantization_config": {"quant_method": "fp8"}}) == Fp8Scheme("fp8", None)
+    assert read_quantization({"quantization_config": qwen3_fp8}) == QuantScheme("fp8", (128, 128))
+    assert read_quantization({"quantization_config": {"quant_method": "fp8"}}) == QuantScheme("fp8", None)
     for layout in ("ct-channel", "ct-tensor"):
-        assert read_quantization({"quantization_config": LAYOUTS[layout][0]}) == Fp8Scheme(
+        assert read_quantization({"quantization_config": LAYOUTS[layout][0]}) == QuantScheme(
             "compressed-tensors", None
         )
     block = json.loads(json.dumps(LAYOUTS["ct-channel"][0]))
     block["config_groups"]["group_0"]["weights"].update(strategy="block", block_structure=[128, 128])
-    assert read_quantization({"quantization_config": block}) == Fp8Scheme("compressed-tensors", (128, 128))
-    assert Fp8Scheme("fp8", (16, 48)).scale_shape(64, 128) == (4, 3)
-    assert Fp8Scheme("fp8", None).scale_shape(64, 128) == (64, 1)
+    assert read_quantization({"quantization_config": block}) == QuantScheme("compressed-tensors", (128, 128))
+    assert QuantScheme("fp8", (16, 48)).scale_shape(64, 128) == (4, 3)
+    assert QuantScheme("fp8", None).scale_shape(64, 128) == (64, 1)
 
 
 @pytest.mark.parametrize(
@@ -169,9 +185,17 @@ def test_configs_as_the_hub_ships_them() -> None:
         ({"quant_method": "gptq", "bits": 4}, "quantization method 'gptq' is not supported"),
         ({"quant_method": "fp8", "fmt": "e5m2"}, "fp8 format 'e5m2'"),
         ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size must be two positive"),
+        ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+          "config_groups": {"g": {"weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group"}}}},
+         "stores 4-bit float weights as 'nvfp4-pack-quantized'"),
         ({"quant_method": "compressed-tensors", "format": "pack-quantized",
-          "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group"}}}},
-         "stores 4-bit int weights as 'pack-quantized'"),
+          "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group",
+                                              "group_size": 128, "symmetric": False}}}},
+         "asymmetric weights"),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized",
+          "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group",
+                                              "group_size": 128, "actorder": "group"}}}},
+         "actorder"),
         ({**LAYOUTS["ct-channel"][0], "kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme"),
         ({**LAYOUTS["ct-channel"][0], "transform_config": {"config_groups": {}}}, "transform_config"),
         ({**LAYOUTS["ct-channel"][0], "sparsity_config": {"format": "sparse-24-bitmask"}}, "sparsity format"),
@@ -226,17 +250,17 @@ def test_checkpoints_that_cannot_be_read_right_are_refused(tiny_model_factory, t
         LLM(odd, kv_cache_memory="4MiB")
 
 
-def test_tensor_parallelism_over_fp8_weights_is_refused(fp8_folders) -> None:
-    cfg = ModelConfig.from_folder(fp8_folders["llama", "ct-channel"])
+def test_tensor_parallelism_over_fp8_weights_is_refused(low_bit_folders) -> None:
+    cfg = ModelConfig.from_folder(low_bit_folders["llama", "ct-channel"])
     with pytest.raises(ValueError, match="tensor parallelism over 8-bit float weights"):
         cfg.sharded(2)
 
 
-def test_quantization_option_makes_fp8_weights_at_load(fp8_folders, tiny_model_factory, tmp_path) -> None:
+def test_quantization_option_makes_fp8_weights_at_load(low_bit_folders, tiny_model_factory, tmp_path) -> None:
     """``quantization="fp8"`` on a 32-bit checkpoint computes what an 8-bit float checkpoint with
     one scale per output channel of the same weights computes (as transformers reads that one)."""
     source = tiny_model_factory("qwen3")
-    channel = fp8_folders["qwen3", "ct-channel"]
+    channel = low_bit_folders["qwen3", "ct-channel"]
     prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
     llm, ours = _our_logits(source, prompt, quantization="fp8")
     assert llm.engine.config.quantization == "fp8"
@@ -269,20 +293,20 @@ def test_quantization_option_is_checked(tiny_model_factory) -> None:
         LLM(tiny_model_factory("qwen3-moe"), kv_cache_memory="4MiB", quantization="fp8")
 
 
-def test_random_weights_of_an_fp8_checkpoints_shape_hold_its_blocks(fp8_folders) -> None:
+def test_random_weights_of_an_fp8_checkpoints_shape_hold_its_blocks(low_bit_folders) -> None:
     """``load_format="dummy"`` (the benchmarks' shapes) of an 8-bit float checkpoint holds 8-bit
     floats in its blocks, as the checkpoint would load."""
-    llm = LLM(fp8_folders["qwen3", "fp8-block"], kv_cache_memory="4MiB", load_format="dummy")
+    llm = LLM(low_bit_folders["qwen3", "fp8-block"], kv_cache_memory="4MiB", load_format="dummy")
     layer = llm.engine.core.runner.model.model.layers[0]
     assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
     assert layer.self_attn.qkv_proj.weight_block == (16, 32)
     assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids
 
 
-def test_scales_as_powers_of_two_in_8_bit_exponents(fp8_folders, tmp_path) -> None:
+def test_scales_as_powers_of_two_in_8_bit_exponents(low_bit_folders, tmp_path) -> None:
     """UE8M0 scales (float8_e8m0fnu, DeepSeek-V3.1's) give what the same powers of two in float32
     give."""
-    source = fp8_folders["llama", "fp8-block"]
+    source = low_bit_folders["llama", "fp8-block"]
     powers = _edited(shutil.copytree(source, tmp_path / "f32"), _scales_to_powers_of_two(torch.float32))
     exponents = _edited(
         shutil.copytree(source, tmp_path / "e8m0"), _scales_to_powers_of_two(torch.float8_e8m0fnu)
@@ -299,10 +323,10 @@ def _scales_to_powers_of_two(dtype: torch.dtype):
     return edit
 
 
-def test_kv_scales_and_input_scales_are_dropped(fp8_folders, tmp_path) -> None:
+def test_kv_scales_and_input_scales_are_dropped(low_bit_folders, tmp_path) -> None:
     """Calibrated KV-cache scales ride along in some 8-bit float checkpoints; the engine reads
     none (its 8-bit KV cache has no scales), and the checkpoint loads as without them."""
-    source = fp8_folders["llama", "ct-tensor"]
+    source = low_bit_folders["llama", "ct-tensor"]
 
     def add_kv_scales(tensors: dict[str, torch.Tensor]) -> None:
         for i in range(2):
@@ -316,11 +340,13 @@ def test_kv_scales_and_input_scales_are_dropped(fp8_folders, tmp_path) -> None:
 
 def test_fp8_projections_widen_their_weights_where_the_kernel_cannot_read_them(monkeypatch) -> None:
     """Triton's e4m3 needs compute capability 8.9: an Ampere GPU's decode steps take the torch path."""
+    fp8, cuda = torch.float8_e4m3fn, torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert not fp8.skinny_kernel_reads_fp8(torch.device("cuda"))
+    assert not quantized.skinny_kernel_reads(fp8, cuda)
+    assert quantized.skinny_kernel_reads(torch.int8, cuda)  # integers it reads anywhere
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert fp8.skinny_kernel_reads_fp8(torch.device("cuda"))
-    assert fp8.skinny_kernel_reads_fp8(torch.device("cpu"))
+    assert quantized.skinny_kernel_reads(fp8, cuda)
+    assert quantized.skinny_kernel_reads(fp8, torch.device("cpu"))  # the CPU's interpreter
 
 
 def test_mixtures_of_experts_take_8_bit_attention_not_8_bit_experts(tiny_model_factory, tmp_path) -> None:
@@ -332,5 +358,36 @@ def test_mixtures_of_experts_take_8_bit_attention_not_8_bit_experts(tiny_model_f
     assert llm.engine.core.runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
     theirs = _their_logits(widened_copy(attention_only, tmp_path / "widened"), prompt, quantized=False)
     assert (ours - theirs).abs().max().item() < 1e-4
-    with pytest.raises(ModelLoadError, match="a mixture's routed experts cannot hold 8-bit float weights"):
+    with pytest.raises(ModelLoadError, match="a mixture's routed experts cannot hold low-bit weights"):
         LLM(make_fp8_checkpoint(source, tmp_path / "b", "ct-channel"), kv_cache_memory="4MiB")
+
+
+def test_packed_integers_unpack_in_order() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for bits in (4, 8):
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
+        values = torch.randint(low, high, (5, 64), generator=gen, dtype=torch.int8)
+        values[0, :4] = torch.tensor([low, high - 1, 0, -1])
+        words = packed_integers(values, bits)
+        assert torch.equal(quantized.unpack_int32(words, bits, 64), values)
+        with pytest.raises(ValueError, match="do not hold rows of 72"):
+            quantized.unpack_int32(words, bits, 72)
+
+
+def test_integer_configs_as_the_hub_ships_them() -> None:
+    schemes = {
+        layout: read_quantization({"quantization_config": INT_LAYOUTS[layout][0]}) for layout in INT_LAYOUTS
+    }
+    assert schemes == {
+        "ct-w4a16": QuantScheme("compressed-tensors", (1, INT_GROUP), "int4", packed=True),
+        "ct-w8a16": QuantScheme("compressed-tensors", None, "int8", packed=True),
+        "ct-w8a8": QuantScheme("compressed-tensors", None, "int8", packed=False),
+    }
+
+
+def test_random_weights_of_an_integer_checkpoints_shape(low_bit_folders) -> None:
+    llm = LLM(low_bit_folders["llama", "ct-w4a16"], kv_cache_memory="4MiB", load_format="dummy")
+    down = llm.engine.core.runner.model.model.layers[0].mlp.down_proj
+    assert down.weight.dtype == torch.int8 and down.weight_block == (1, INT_GROUP)
+    assert int(down.weight.abs().max()) <= 7  # 4-bit values
+    assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids

@@ -1,4 +1,4 @@
-"""The skinny Triton matmul over 8-bit float weights (``layers/triton_linear.py`` with a
+"""The skinny Triton matmul over 8-bit weights, e4m3 or int8 (``layers/triton_linear.py`` with a
 ``WeightScale``), against the widened weights in float64, and in a model's decode step.
 
 Runs through Triton's interpreter on the CPU, or compiled on a GPU with ``TRITON_INTERPRET=0``.
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fp8_checkpoints import make_fp8_checkpoint
 from matmul_checks import DTYPES, TOLERANCE, decode_after_prompts, reference, relative_error
+from quantized_checkpoints import make_fp8_checkpoint, make_int_checkpoint
 from triton_device import DEVICE  # before triton is imported: interpreted or compiled
 
-from inferd.layers import fp8, triton_linear
+from inferd.layers import quantized, triton_linear
 from inferd.layers.activation import SiluAndMul
 from inferd.layers.linear_operands import WeightScale
 from inferd.layers.norm import RMSNorm
@@ -30,25 +30,34 @@ SHAPES = [
 
 
 def _operands(
-    rows: int, out_features: int, in_features: int, block: tuple[int, int], dtype: torch.dtype, seed: int
+    rows: int,
+    out_features: int,
+    in_features: int,
+    block: tuple[int, int],
+    dtype: torch.dtype,
+    seed: int,
+    values: str = "fp8",
 ):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, in_features, generator=generator).to(dtype=dtype, device=DEVICE)
     # Rows of different magnitudes, so that a scale read from the wrong block shows.
     weight = torch.randn(out_features, in_features, generator=generator)
     weight *= torch.logspace(-2, 1, out_features)[:, None] * torch.logspace(0, -1, in_features)[None, :]
-    q, scale = fp8.quantize(weight, block)
-    widened = fp8.dequantize(q, scale, block, torch.float32).to(DEVICE)
+    q, scale = quantized.quantize(weight, block, values)
+    widened = quantized.dequantize(q, scale, block, torch.float32).to(DEVICE)
     bias = torch.randn(out_features, generator=generator).to(dtype=dtype, device=DEVICE)
     return x, q.to(DEVICE), WeightScale(scale.to(DEVICE), block), widened, bias
 
 
+@pytest.mark.parametrize("values", ["fp8", "int8", "int4"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 @pytest.mark.parametrize(("out_features", "in_features", "block", "tile"), SHAPES)
-def test_scaled_weights_match_the_widened_matmul(rows, out_features, in_features, block, tile, dtype) -> None:
+def test_scaled_weights_match_the_widened_matmul(
+    rows, out_features, in_features, block, tile, dtype, values
+) -> None:
     x, q, scale, widened, bias = _operands(
-        rows, out_features, in_features, block, dtype, seed=rows + out_features
+        rows, out_features, in_features, block, dtype, seed=rows + out_features, values=values
     )
     for b in (None, bias):
         out = triton_linear.skinny_linear(x, q, b, tile=tile, scale=scale)
@@ -78,19 +87,27 @@ def test_scales_that_do_not_fit_the_weight_are_refused() -> None:
     x, q, scale, widened, _ = _operands(1, 40, 64, (16, 32), torch.float32, seed=0)
     with pytest.raises(ValueError, match=r"must be float32 \(3, 2\)"):
         triton_linear.skinny_linear(x, q, None, scale=WeightScale(scale.scale[:2], (16, 32)))
-    with pytest.raises(ValueError, match="must be torch.float8_e4m3fn"):
+    with pytest.raises(ValueError, match="must be torch.float8_e4m3fn or int8"):
         triton_linear.skinny_linear(x, widened, None, scale=scale)
     with pytest.raises(ValueError, match="must share a dtype"):
         triton_linear.skinny_linear(x, q, None)  # an 8-bit weight without its scales
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_model_decode_step_over_fp8_weights(tiny_model_factory, tmp_path, monkeypatch, fused: bool) -> None:
-    """A decode step of two sequences of an 8-bit float checkpoint sends every projection to the
-    kernel with its scales, with the torch path's logits (the weights widened first)."""
-    folder = make_fp8_checkpoint(
-        tiny_model_factory("qwen3"), tmp_path / "m", "fp8-block", block_size=(16, 48)
-    )
+@pytest.mark.parametrize(
+    ("layout", "fused"), [("fp8", False), ("fp8", True), ("w4a16", False), ("w4a16", True)]
+)
+def test_model_decode_step_over_scaled_weights(
+    tiny_model_factory, tmp_path, monkeypatch, layout, fused
+) -> None:
+    """A decode step of two sequences of an 8-bit float or a 4-bit integer checkpoint sends every
+    projection to the kernel with its scales, with the torch path's logits (the weights widened
+    first)."""
+    if layout == "fp8":
+        folder = make_fp8_checkpoint(
+            tiny_model_factory("qwen3"), tmp_path / "m", "fp8-block", block_size=(16, 48)
+        )
+    else:
+        folder = make_int_checkpoint(tiny_model_factory("qwen3"), tmp_path / "m", "ct-w4a16")
     llm, decode, torch_logits = decode_after_prompts(folder, [13, 9])
     scaled: list[bool] = []
     for name in ("skinny_linear", "skinny_norm_linear", "skinny_silu_linear"):

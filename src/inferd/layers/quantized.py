@@ -1,0 +1,123 @@
+"""Low-bit weights: a projection's ``weight`` in float8_e4m3fn or int8 and a float32 scale per block.
+
+The weight a projection computes with is ``values * scale``, each scale covering a ``block`` of
+(rows, columns) of the weight: one output row (a per-channel scale), a group of input columns or
+a square block (``quant_config.QuantScheme``). The 8-bit tensor takes half the memory of a 16-bit
+one (4-bit checkpoints are unpacked to it at load, ``unpack_int32``), and a decode step of one or
+two sequences, which reads every weight once, reads half the bytes: the skinny Triton matmul
+(``triton_linear.py``) scales the weights as it loads them. Other steps widen the weight to the
+activations' dtype first and use the ordinary matmul.
+
+``quantize`` makes such weights from a 16- or 32-bit matrix (the engine option ``quantization:
+fp8``, random weights in a checkpoint's shape, and the tests).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from inferd.layers.linear_operands import FP8_DTYPE
+
+if TYPE_CHECKING:
+    from inferd.layers.linear import Linear
+
+# The largest finite e4m3 value: a block's largest magnitude is scaled to it.
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+# The largest magnitude of each kind of value, and what holds it once loaded.
+_LARGEST = {"fp8": FP8_MAX, "int8": 127.0, "int4": 7.0}
+
+
+def storage_dtype(values: str) -> torch.dtype:
+    """What a projection of ``values`` ("fp8", "int8", "int4") holds: e4m3, or int8 for both."""
+    return FP8_DTYPE if values == "fp8" else torch.int8
+
+
+def unpack_int32(words: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """compressed-tensors' packed integers as int8 ``[rows, columns]``: each row's values packed
+    ``32 // bits`` to an int32 word, the first in the lowest bits, each stored plus
+    ``2 ** (bits - 1)`` (so 4-bit -8..7 as 0..15)."""
+    per_word = 32 // bits
+    if words.dtype != torch.int32 or words.dim() != 2 or words.shape[1] != -(-columns // per_word):
+        raise ValueError(f"packed words {tuple(words.shape)} of {words.dtype} do not hold rows of {columns} "
+                         f"{bits}-bit values ({-(-columns // per_word)} int32 words each)")  # fmt: skip
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    values = (words[:, :, None] >> shifts) & ((1 << bits) - 1)  # the arithmetic shift's sign bits masked off
+    values = values.reshape(words.shape[0], -1)[:, :columns] - (1 << (bits - 1))
+    return values.to(torch.int8)
+
+
+def dequantize(
+    weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """The [out, in] matrix ``weight * scale`` (each scale widened over its block) in ``dtype``;
+    the product is taken in float32, so the only rounding is the final one to ``dtype``."""
+    rows, columns = weight.shape
+    block_rows, block_columns = block
+    scale_rows, scale_columns = scale.shape
+    # One float32 copy of the weight, scaled in place (a prompt step's peak memory holds it).
+    widened = weight.to(torch.float32)
+    if rows == scale_rows * block_rows and columns == scale_columns * block_columns:
+        # Whole blocks: the scale broadcasts over a view, no widened copy of it.
+        widened.view(scale_rows, block_rows, scale_columns, block_columns).mul_(scale[:, None, :, None])
+    else:  # partial blocks at the edges: the scales widened and cut to the weight's shape
+        widened.mul_(
+            scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_columns, 1)[:, :columns]
+        )
+    return widened.to(dtype)
+
+
+def quantize(
+    weight: torch.Tensor, block: tuple[int, int], values: str = "fp8"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` [out, in] as ``values`` ("fp8", "int8", "int4"; see ``storage_dtype``) and its
+    float32 scales, one per ``block`` of (rows, columns): each block's largest magnitude becomes
+    the largest value (an all-zero block gets scale 1); integers are rounded to the nearest."""
+    rows, columns = weight.shape
+    block_rows, block_columns = block
+    scale_rows, scale_columns = -(-rows // block_rows), -(-columns // block_columns)
+    padded = torch.zeros(scale_rows * block_rows, scale_columns * block_columns, dtype=torch.float32,
+                         device=weight.device)  # fmt: skip
+    padded[:rows, :columns] = weight.to(torch.float32)
+    tiled = padded.view(scale_rows, block_rows, scale_columns, block_columns)
+    largest = tiled.abs().amax(dim=(1, 3))
+    scale = torch.where(largest > 0, largest / _LARGEST[values], torch.ones_like(largest))
+    scaled = (tiled / scale[:, None, :, None]).view_as(padded)[:rows, :columns]
+    if values != "fp8":
+        scaled = scaled.round().clamp(-_LARGEST[values], _LARGEST[values])
+    return scaled.to(storage_dtype(values)), scale
+
+
+def hold_quantized(
+    linear: Linear, block: tuple[int, int], scale_shape: tuple[int, int], dtype: torch.dtype = FP8_DTYPE
+) -> None:
+    """Give ``linear`` a ``weight`` of ``dtype`` (e4m3 or int8) and a float32 ``weight_scale`` of
+    ``scale_shape`` (both to be filled, as a checkpoint's tensors fill them) in place of its
+    weight; ``block`` is what one scale covers. The layer reads ``weight_block`` to know it holds
+    such weights."""
+    device = linear.weight.device
+    linear.weight = nn.Parameter(torch.empty(linear.weight.shape, dtype=dtype, device=device),
+                                 requires_grad=False)  # fmt: skip
+    scale = torch.ones(scale_shape, dtype=torch.float32, device=device)
+    linear.register_parameter("weight_scale", nn.Parameter(scale, requires_grad=False))
+    linear.weight_block = block
+
+
+def skinny_kernel_reads(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the skinny Triton matmul can read weights of ``dtype`` on ``device``: Triton's e4m3
+    type needs compute capability 8.9 (Ada, Hopper) or later on a GPU; below it 8-bit float
+    projections widen their weights and use the ordinary matmul. Every other weight it reads."""
+    if dtype != FP8_DTYPE or device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_in_place(linear: Linear, block: tuple[int, int], values: str = "fp8") -> None:
+    """Replace ``linear``'s weight by its ``values`` form and scales (``quantize``)."""
+    with torch.no_grad():
+        weight, scale = quantize(linear.weight.data, block, values)
+        hold_quantized(linear, block, (scale.shape[0], scale.shape[1]), weight.dtype)
+        linear.weight.copy_(weight)
+        linear.quant_scale().copy_(scale)

@@ -1,0 +1,240 @@
+"""Low-bit copies of a tiny model's folder, stored as the hub's FP8, W4A16, W8A16 and W8A8
+checkpoints store them.
+
+Written here from the formats' descriptions, not with the engine's own quantizer, so that a
+misreading of a format by the engine shows against transformers, which reads the same folder with
+its own code (``accelerate`` for the ``fp8`` method, ``compressed-tensors`` for the others).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+E4M3_MAX = 448.0
+
+
+def _compressed_tensors(strategy: str, activations: dict) -> dict:
+    """llm-compressor's quantization_config for 8-bit float weights of ``strategy``."""
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized",
+            "quantization_status": "compressed", "ignore": ["lm_head"],
+            "config_groups": {"group_0": group}}  # fmt: skip
+
+
+_FP8_ACTIVATIONS = {"num_bits": 8, "type": "float", "symmetric": True}
+
+# name -> (quantization_config, weight block (rows, columns) or None for one scale per row, or
+# "tensor" for one per tensor; the scale's checkpoint name; whether static input scales ride along)
+LAYOUTS: dict[str, tuple[dict, object, str, bool]] = {
+    # Qwen3's and DeepSeek's FP8 releases: 128 x 128 blocks there, 16 x 32 for the tiny model's
+    # widths (transformers refuses blocks that do not divide a weight; the engine's partial ones
+    # are checked in test_quantized_weights.py).
+    "fp8-block": (
+        {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [16, 32]},
+        (16, 32),
+        "weight_scale_inv",
+        False,
+    ),
+    # llm-compressor's FP8-dynamic: one scale per output channel, activations' per token at run time.
+    "ct-channel": (
+        _compressed_tensors("channel", {**_FP8_ACTIVATIONS, "strategy": "token", "dynamic": True}),
+        None,
+        "weight_scale",
+        False,
+    ),
+    # llm-compressor's FP8 with static activation scales: one scale per tensor.
+    "ct-tensor": (
+        _compressed_tensors("tensor", {**_FP8_ACTIVATIONS, "strategy": "tensor", "dynamic": False}),
+        "tensor",
+        "weight_scale",
+        True,
+    ),
+}
+
+
+def _quantized(weight: torch.Tensor, block: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` as e4m3 and its scales (weight ~= fp8 * scale), per ``block``."""
+    rows, columns = weight.shape
+    if block == "tensor":
+        scale = weight.abs().max() / E4M3_MAX
+        return (weight / scale).to(torch.float8_e4m3fn), scale.reshape(1)
+    if block is None:
+        scale = weight.abs().amax(dim=1, keepdim=True) / E4M3_MAX
+        return (weight / scale).to(torch.float8_e4m3fn), scale
+    assert isinstance(block, tuple)
+    block_rows, block_columns = block
+    scale = torch.empty(-(-rows // block_rows), -(-columns // block_columns))
+    out = torch.empty(rows, columns, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            rs = slice(i * block_rows, (i + 1) * block_rows)
+            cs = slice(j * block_columns, (j + 1) * block_columns)
+            scale[i, j] = weight[rs, cs].abs().max() / E4M3_MAX
+            out[rs, cs] = (weight[rs, cs] / scale[i, j]).to(torch.float8_e4m3fn)
+    return out, scale
+
+
+def _rewrite_projections(
+    source: Path,
+    folder: Path,
+    quant: dict,
+    encode: Callable[[str, torch.Tensor], dict],
+    skip: tuple[str, ...],
+) -> Path:
+    """A copy of ``source`` whose layers' projections (not the LM head, nor any whose name ends
+    with one of ``skip``) are replaced by ``encode(module, weight)``'s tensors, with ``quant`` as
+    its quantization_config."""
+    shutil.copytree(source, folder)
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        module = name.removesuffix(".weight")
+        if not (name.startswith("model.layers.") and name.endswith("_proj.weight")) or module.endswith(skip):
+            out[name] = tensor
+        else:
+            out.update(encode(module, tensor.float()))
+    save_file(out, folder / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = quant
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def make_fp8_checkpoint(
+    source: Path,
+    folder: Path,
+    layout: str,
+    skip: tuple[str, ...] = (),
+    block_size: tuple[int, int] | None = None,
+) -> Path:
+    """A copy of ``source`` whose layers' projections (not the LM head, nor any whose name ends
+    with one of ``skip``) are stored as ``layout`` stores them (the fp8 method's with blocks of
+    ``block_size`` where given)."""
+    quant, block, scale_name, input_scales = LAYOUTS[layout]
+    if block_size is not None:
+        quant, block = {**quant, "weight_block_size": list(block_size)}, block_size
+
+    def encode(module: str, weight: torch.Tensor) -> dict:
+        values, scale = _quantized(weight, block)
+        tensors = {f"{module}.weight": values, f"{module}.{scale_name}": scale.float()}
+        if input_scales:
+            tensors[f"{module}.input_scale"] = torch.tensor([0.02])
+        return tensors
+
+    return _rewrite_projections(source, folder, quant, encode, skip)
+
+
+def make_checkpoint(source: Path, folder: Path, layout: str, skip: tuple[str, ...] = ()) -> Path:
+    """``source`` stored as ``layout`` of LAYOUTS (8-bit floats) or INT_LAYOUTS (integers)."""
+    if layout in LAYOUTS:
+        return make_fp8_checkpoint(source, folder, layout, skip)
+    return make_int_checkpoint(source, folder, layout, skip)
+
+
+def widened_copy(folder: Path, target: Path) -> Path:
+    """A copy of the 8-bit float ``folder`` with every weight widened to float32 (``fp8 * scale``
+    over each scale's block, partial blocks at the edges too) and no quantization_config: the
+    model an 8-bit float checkpoint stands for, in a form transformers reads without help."""
+    shutil.copytree(folder, target)
+    tensors = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    quant = config.pop("quantization_config")
+    block = quant.get("weight_block_size")
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(("_scale", "_scale_inv")):
+            continue
+        scale = tensors.get(f"{name}_scale_inv", tensors.get(f"{name}_scale"))
+        if scale is None:
+            out[name] = tensor
+            continue
+        rows, columns = tensor.shape
+        if block is not None:
+            scale = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :columns]
+        out[name] = tensor.float() * scale.float()
+    save_file(out, target / "model.safetensors")
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def _integer_config(fmt: str, bits: int, strategy: str, activations: dict | None) -> dict:
+    """llm-compressor's quantization_config for symmetric ``bits``-bit integer weights."""
+    weights = {"num_bits": bits, "type": "int", "strategy": strategy, "symmetric": True, "dynamic": False}
+    if strategy == "group":
+        weights["group_size"] = INT_GROUP
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
+    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+            "ignore": ["lm_head"], "config_groups": {"group_0": group}}  # fmt: skip
+
+
+# Groups of 32 input columns: two and four groups along the tiny model's 64- and 128-wide inputs.
+INT_GROUP = 32
+# name -> (quantization_config, bits, one scale per group of INT_GROUP columns (else per row),
+# packed into int32 words)
+INT_LAYOUTS: dict[str, tuple[dict, int, bool, bool]] = {
+    # W4A16: 4-bit integers, a scale per group of columns, packed eight to a word.
+    "ct-w4a16": (_integer_config("pack-quantized", 4, "group", None), 4, True, True),
+    # W8A16: 8-bit integers, a scale per output channel, packed four to a word.
+    "ct-w8a16": (_integer_config("pack-quantized", 8, "channel", None), 8, False, True),
+    # W8A8: int8 weights as they are, a scale per channel (int8 activations per token, unapplied).
+    "ct-w8a8": (
+        _integer_config(
+            "int-quantized",
+            8,
+            "channel",
+            {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True},
+        ),
+        8,
+        False,
+        False,
+    ),  # fmt: skip
+}
+
+
+def _integers(weight: torch.Tensor, bits: int, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` as signed ``bits``-bit integers (in int8) and their scales, per group of
+    INT_GROUP columns or per row: weight ~= values * scale."""
+    largest = 2 ** (bits - 1) - 1
+    rows, columns = weight.shape
+    if grouped:
+        scale = weight.view(rows, columns // INT_GROUP, INT_GROUP).abs().amax(dim=2) / largest
+        widened = scale.repeat_interleave(INT_GROUP, dim=1)
+    else:
+        scale = widened = weight.abs().amax(dim=1, keepdim=True) / largest
+    return (weight / widened).round().clamp(-largest, largest).to(torch.int8), scale
+
+
+def packed_integers(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each row's values, each plus 2**(bits-1), packed 32 // bits to an int32 word, the first in
+    the lowest bits (a word's bits computed in int64 and wrapped into int32)."""
+    per_word = 32 // bits
+    rows, columns = values.shape
+    unsigned = (values.to(torch.int64) + 2 ** (bits - 1)).view(rows, columns // per_word, per_word)
+    words = torch.zeros(rows, columns // per_word, dtype=torch.int64)
+    for i in range(per_word):
+        words |= unsigned[:, :, i] << (bits * i)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def make_int_checkpoint(source: Path, folder: Path, layout: str, skip: tuple[str, ...] = ()) -> Path:
+    """A copy of ``source`` whose layers' projections (not the LM head, nor any whose name ends
+    with one of ``skip``) are stored as ``layout`` (INT_LAYOUTS) stores them."""
+    quant, bits, grouped, packed = INT_LAYOUTS[layout]
+
+    def encode(module: str, weight: torch.Tensor) -> dict:
+        values, scale = _integers(weight, bits, grouped)
+        tensors = {f"{module}.weight_scale": scale.to(torch.bfloat16).float()}
+        if packed:
+            tensors[f"{module}.weight_packed"] = packed_integers(values, bits)
+            tensors[f"{module}.weight_shape"] = torch.tensor(weight.shape)
+        else:
+            tensors[f"{module}.weight"] = values
+        return tensors
+
+    return _rewrite_projections(source, folder, quant, encode, skip)
