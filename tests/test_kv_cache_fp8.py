@@ -105,3 +105,17 @@ def test_option_and_flag_are_checked(tiny_model_factory) -> None:
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     assert engine_options(parser.parse_args(["--kv-cache-dtype", "fp8"])) == {"kv_cache_dtype": "fp8"}
+
+
+def test_older_gpus_are_told_to_take_the_torch_kernels(tiny_model_factory, monkeypatch) -> None:
+    """Triton's e4m3 needs compute capability 8.9: on an older GPU the Triton kernels cannot store
+    an 8-bit cache, and the engine says which options can."""
+    from inferd.engine.builder import build_engine_config
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    folder = tiny_model_factory("llama")
+    with pytest.raises(ValueError, match="needs compute capability 8.9 or later"):
+        build_engine_config(folder, device="cuda", kv_cache_dtype="fp8")
+    config = build_engine_config(folder, device="cuda", kv_cache_dtype="fp8", attention_backend="torch",
+                                 triton_ops=False)  # fmt: skip
+    assert config.kv_dtype == torch.float8_e4m3fn

@@ -323,9 +323,9 @@ def _scales_to_powers_of_two(dtype: torch.dtype):
     return edit
 
 
-def test_kv_scales_and_input_scales_are_dropped(low_bit_folders, tmp_path) -> None:
+def test_kv_scales_and_input_scales_are_dropped(low_bit_folders, tmp_path, caplog) -> None:
     """Calibrated KV-cache scales ride along in some 8-bit float checkpoints; the engine reads
-    none (its 8-bit KV cache has no scales), and the checkpoint loads as without them."""
+    none (its 8-bit KV cache has no scales) and says so, and the checkpoint loads as without them."""
     source = low_bit_folders["llama", "ct-tensor"]
 
     def add_kv_scales(tensors: dict[str, torch.Tensor]) -> None:
@@ -336,6 +336,9 @@ def test_kv_scales_and_input_scales_are_dropped(low_bit_folders, tmp_path) -> No
     with_scales = _edited(shutil.copytree(source, tmp_path / "m"), add_kv_scales)
     prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
     assert torch.equal(_our_logits(with_scales, prompt)[1], _our_logits(source, prompt)[1])
+    assert (
+        "4 calibrated KV-cache scales (model.layers.0.self_attn.k_scale, ...) are not applied" in caplog.text
+    )
 
 
 def test_fp8_projections_widen_their_weights_where_the_kernel_cannot_read_them(monkeypatch) -> None:

@@ -698,7 +698,7 @@ class EngineConfig:
     @property
     def kv_dtype(self) -> torch.dtype:
         """What the KV cache holds: 8-bit floats with ``kv_cache_dtype="fp8"``, else ``dtype``."""
-        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else parse_dtype(self.dtype)
+        return torch.float8_e4m3fn if self.kv_cache_dtype in ("fp8", "fp8_e4m3") else parse_dtype(self.dtype)
 
     @property
     def local_model(self) -> ModelConfig:

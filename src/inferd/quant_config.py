@@ -29,9 +29,11 @@ from typing import Any
 
 # The checkpoint tensors that scale a weight (both mean: weight = values * scale).
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
-# Static activation scales, and the KV cache's calibrated ones: read by nothing here (activations
-# stay unquantized; an 8-bit KV cache, kv_cache_dtype="fp8", is stored without scales).
-IGNORED_SUFFIXES = ("input_scale", "activation_scale", "k_scale", "v_scale", "kv_scale")
+# The KV cache's calibrated scales: not applied (an 8-bit KV cache, kv_cache_dtype="fp8", is
+# stored without scales; the loader warns that they are left out).
+KV_SCALE_SUFFIXES = ("k_scale", "v_scale", "kv_scale")
+# What is read by nothing here: static activation scales (activations stay unquantized) and those.
+IGNORED_SUFFIXES = ("input_scale", "activation_scale", *KV_SCALE_SUFFIXES)
 # compressed-tensors' packed integers: the int32 words, and the unpacked weight's shape.
 PACKED_WEIGHT = "weight_packed"
 PACKED_SHAPE = "weight_shape"

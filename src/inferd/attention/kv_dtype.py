@@ -2,7 +2,8 @@
 what attention reads back from it.
 
 A key or value is stored as e4m3, clamped to e4m3's range first (a cast alone gives no value past
-it), with no scale: vLLM's default for ``--kv-cache-dtype fp8`` without calibrated scales. Every
+it), with no scale: as vLLM stores them for a checkpoint without calibrated scales (a checkpoint's
+``k_scale``/``v_scale`` are not applied; the loader warns of them). Every
 attention reads the rounded values, the tokens of a fresh prompt too, so a prompt attends alike
 whether its context came from the prefix cache or from this step.
 """

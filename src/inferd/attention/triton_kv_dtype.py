@@ -25,14 +25,20 @@ def as_cached(x, cache_ty: tl.constexpr):
     the CPU tests would otherwise check another rounding than a GPU's. Normal values keep 3 of
     float32's 23 mantissa bits (rounded on the 20 dropped); smaller ones round at 2**-9."""
     if cache_ty.is_fp8():
-        x = tl.clamp(x.to(tl.float32), -_FP8_MAX, _FP8_MAX)
+        x = x.to(tl.float32)
+        not_a_number = x != x
+        x = tl.clamp(x, -_FP8_MAX, _FP8_MAX)
         bits = x.to(tl.int32, bitcast=True)
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
         size = tl.abs(x)
         tiny = (size + _SUBNORMAL_SHIFT) - _SUBNORMAL_SHIFT
         tiny = tl.where(bits < 0, -tiny, tiny)
-        x = tl.where(size < _FP8_MIN_NORMAL, tiny, normal)
-    return x.to(cache_ty)
+        rounded = tl.where(size < _FP8_MIN_NORMAL, tiny, normal).to(cache_ty)
+        # A NaN stays one (torch's cast keeps it), written as e4m3's NaN bits for the same reason.
+        stored = tl.where(not_a_number, tl.full(x.shape, 0x7F, tl.uint8).to(cache_ty, bitcast=True), rounded)
+    else:
+        stored = x.to(cache_ty)
+    return stored
 
 
 @triton.jit

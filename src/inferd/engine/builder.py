@@ -128,6 +128,10 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
                          "tensor parallelism")  # fmt: skip
     if config.quantization not in (None, "fp8"):
         raise ValueError(f"unknown quantization {config.quantization!r}; the engine makes fp8 weights")
+    if config.kv_cache_dtype == "fp8" and _triton_stores_kv(config) and _capability(config.device) < (8, 9):
+        raise ValueError("kv_cache_dtype fp8 through the Triton kernels (the triton attention backend, "
+                         "triton_ops) needs compute capability 8.9 or later for Triton's e4m3; on this GPU "
+                         "use attention_backend=torch and triton_ops=False")  # fmt: skip
     if config.quantization is not None and model.moe is not None:
         raise ValueError("quantization fp8 does not reach a mixture of experts' routed experts, most of its "
                          "weights; serve an 8-bit float checkpoint of it, or its 16-bit weights")  # fmt: skip
@@ -139,6 +143,18 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
     if options:
         raise TypeError(f"unknown engine option(s): {', '.join(sorted(options))}")
     return config
+
+
+def _triton_stores_kv(config: EngineConfig) -> bool:
+    """Whether Triton kernels write or read the KV cache: the attention backend's, or the rotary
+    kernel that stores K/V (triton_ops)."""
+    backend = resolve_backend_name(config.attention_backend, config.device)
+    return config.device.startswith("cuda") and (backend == "triton" or config.uses_triton_ops)
+
+
+def _capability(device: str) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    return major, minor
 
 
 def _kv_cache_dtype(value: str | None) -> str:

@@ -138,12 +138,15 @@ def _rotate_heads(
         w2 = tl.load(norm_weight_ptr + half_dim + dims, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
         x1 = (w1 * (a * scale).to(x1.dtype).to(tl.float32)).to(x1.dtype)
         x2 = (w2 * (b * scale).to(x2.dtype).to(tl.float32)).to(x2.dtype)
+    in_ty = x1.dtype
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
     dst = dst_ptr + heads * stride_dst_head + dims[None, :]
-    out_ty = dst_ptr.dtype.element_ty  # the KV cache's when k goes straight to its slot
-    tl.store(dst, as_cached(x1 * cos - x2 * sin, out_ty), mask=mask)
-    tl.store(dst + half_dim, as_cached(x2 * cos + x1 * sin, out_ty), mask=mask)
+    # The KV cache's type when k goes straight to its slot: an 8-bit cache takes the rotation as
+    # every other path stores it, rounded to the model's dtype first and then to the cache's.
+    out_ty = dst_ptr.dtype.element_ty
+    tl.store(dst, as_cached((x1 * cos - x2 * sin).to(in_ty), out_ty), mask=mask)
+    tl.store(dst + half_dim, as_cached((x2 * cos + x1 * sin).to(in_ty), out_ty), mask=mask)
 
 
 @triton.jit

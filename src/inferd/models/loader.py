@@ -19,7 +19,14 @@ from inferd.layers import quantized
 from inferd.layers.linear import Linear
 from inferd.layers.linear_operands import FP8_DTYPE
 from inferd.models.registry import CausalLM, model_class
-from inferd.quant_config import IGNORED_SUFFIXES, PACKED_SHAPE, PACKED_WEIGHT, SCALE_SUFFIXES, QuantScheme
+from inferd.quant_config import (
+    IGNORED_SUFFIXES,
+    KV_SCALE_SUFFIXES,
+    PACKED_SHAPE,
+    PACKED_WEIGHT,
+    SCALE_SUFFIXES,
+    QuantScheme,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +354,13 @@ def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) ->
     integers of 8 bits or fewer), ready to be filled."""
     assert cfg.quant is not None
     modules = dict(model.named_modules())
-    for name in checkpoint_names(path):
+    names = checkpoint_names(path)
+    kv_scales = [name for name in names if name.endswith(KV_SCALE_SUFFIXES)]
+    if kv_scales:
+        logger.warning("%s: the checkpoint's %d calibrated KV-cache scales (%s, ...) are not applied: an "
+                       "8-bit KV cache (kv_cache_dtype=fp8) is stored without scales", path, len(kv_scales),
+                       kv_scales[0])  # fmt: skip
+    for name in names:
         if name.rsplit(".", 1)[-1] not in SCALE_SUFFIXES:
             continue
         target, _slot = _target_of(canonical_name(name.rsplit(".", 1)[0] + ".weight"))
