@@ -76,6 +76,18 @@ class LLM:
             raise
         return [r for r in results if r is not None]
 
+    def embed(
+        self, prompts: Prompt | Sequence[Prompt], adapter: str | None = None, use_tqdm: bool = False
+    ) -> list[list[float]]:
+        """Each prompt's embedding: its last token's final hidden state, L2-normalized (the pooling
+        of decoder embedding models such as Qwen3-Embedding; ``SamplingParams.embed``)."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
+        outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
+        failed = [out.error for out in outputs if out.embedding is None]
+        if failed:
+            raise RuntimeError(f"a prompt could not be embedded: {failed[0]}")
+        return [out.embedding for out in outputs if out.embedding is not None]
+
     def beam_search(
         self,
         prompts: Prompt | Sequence[Prompt],

@@ -68,6 +68,10 @@ class SamplingParams:
     # the engine adds those of ``bad_words`` to it.
     bad_words: list[str] = field(default_factory=list)
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    # Embed the prompt instead of continuing it: the output carries the prompt's last token's final
+    # hidden state, L2-normalized (the last-token pooling of decoder embedding models such as
+    # Qwen3-Embedding, as vLLM's embed task pools them); one token is sampled and dropped.
+    embed: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -128,6 +132,8 @@ class SamplingParams:
         for token_id, bias in self.logit_bias.items():
             if not -100.0 <= bias <= 100.0:
                 raise SamplingParamsError("logit_bias", f"bias for token {token_id} must be in [-100, 100]")
+        if self.embed and self.max_tokens != 1:
+            raise SamplingParamsError("max_tokens", f"must be 1 to embed a prompt, got {self.max_tokens}")
         if self.structured_output is not None:
             problem = self.structured_output.problem()
             if problem is not None:

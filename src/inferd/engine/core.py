@@ -212,6 +212,7 @@ class EngineCore:
                     prompt_logprobs=_prompt_logprobs_of(r)
                     if r.params.prompt_logprobs is not None and len(r.output_token_ids) == 1
                     else None,
+                    embedding=runner_out.embeddings.get(r.request_id) if r.params.embed else None,
                 )
             )
         return outputs

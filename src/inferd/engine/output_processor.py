@@ -32,6 +32,7 @@ class _RequestState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    embedding: list[float] | None = None
     text: str = ""
     sent_chars: int = 0  # how much of `text` has been reported as new_text
     sent_tokens: int = 0
@@ -135,6 +136,8 @@ class OutputProcessor:
             state.logprobs.append(core_out.logprobs)
         if core_out.prompt_logprobs is not None:
             state.prompt_logprobs = core_out.prompt_logprobs
+        if core_out.embedding is not None:
+            state.embedding = core_out.embedding
         if state.final_only or state.stop_token_dropped:
             return 0
         delta = state.detokenizer.add(core_out.new_token_id)
@@ -197,6 +200,7 @@ class OutputProcessor:
             logprobs=list(state.logprobs),
             new_logprobs=new_logprobs,
             prompt_logprobs=state.prompt_logprobs,
+            embedding=state.embedding,
         )
 
 

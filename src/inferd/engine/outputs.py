@@ -25,6 +25,8 @@ class EngineCoreOutput:
     # A "stop" because the structured output is whole: the last token is the output's, not a
     # stop token whose text stays out.
     structure_complete: bool = False
+    # With its first token, a request that embeds its prompt (SamplingParams.embed) gets it.
+    embedding: list[float] | None = None
 
 
 @dataclass
@@ -82,6 +84,8 @@ class RequestOutput:
     # With params.prompt_logprobs, from the first output on: entry p is prompt token p's.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     error: str | None = None
+    # With params.embed, from the first output on: the prompt's embedding (L2-normalized).
+    embedding: list[float] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -23,6 +23,7 @@ from inferd.server.frontend import Frontend
 from inferd.server.limits import BodySizeLimit
 from inferd.server.metrics import ServerMetrics
 from inferd.server.openai.common import error_response as openai_error_response
+from inferd.server.openai_embeddings import build_embeddings_router
 from inferd.server.reasoning import REASONING_FORMATS
 from inferd.server.tgi.generation import error_response as tgi_error_response
 
@@ -58,6 +59,7 @@ def create_app(
 ) -> FastAPI:
     """An app serving `llm`; the engine thread starts with the app and stops with it.
 
+    `/v1/embeddings` embeds with `llm` (its last token's hidden state, normalized).
     With `model_repository`, its models are served too (KServe v2 `/v2`, `/v1/embeddings`), and so is
     `llm` over v2."""
     config = config or ServerConfig()
@@ -95,11 +97,14 @@ def create_app(
     for router in protocol_routers(frontend, config):
         app.include_router(router)
     app.state.model_repository = None
+    auth: list[Callable[..., Any]] = [require_api_key(config.api_key)] if config.api_key else []
     if model_repository is not None:
         from inferd.server.kserve.launch import mount_model_repository
 
-        auth: list[Callable[..., Any]] = [require_api_key(config.api_key)] if config.api_key else []
+        # With the repository's embedding models, the LLM's embeddings on the same route.
         app.state.model_repository = mount_model_repository(app, model_repository, registry, auth, frontend)
+    else:
+        app.include_router(build_embeddings_router(None, auth, frontend))
 
     @app.get("/health")
     async def health() -> Response:

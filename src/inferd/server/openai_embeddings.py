@@ -1,12 +1,13 @@
-"""OpenAI `POST /v1/embeddings` served by the repository's `sentence_embedding` models.
+"""OpenAI `POST /v1/embeddings`, served by the repository's `sentence_embedding` models and by the
+served LLM (``server/openai/llm_embeddings.py``), by the request's ``model``.
 
-Each input string is one v2 request to the model, so they go through its dynamic batcher.
+For a repository model each input string is one v2 request to it, so they go through its dynamic
+batcher.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,7 +18,9 @@ from fastapi.responses import JSONResponse, Response
 
 from inferd.server.errors import InvalidRequestError, ServiceUnavailableError, protocol_route_class
 from inferd.server.errors import ModelNotFoundError as ModelNotFoundApiError
-from inferd.server.openai.common import error_response
+from inferd.server.frontend import Frontend
+from inferd.server.openai import llm_embeddings
+from inferd.server.openai.common import encode_vector, error_response
 from inferd.serving.dataplane import DataPlane
 from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from inferd.serving.repository import ModelRepository
@@ -35,12 +38,26 @@ def _error_response(exc: InferenceError) -> Response:
     return error_response(InvalidRequestError(str(exc)))
 
 
-def _parse_body(body: Any) -> tuple[str, list[str], str, int | None]:
+def _parse_form(body: Any) -> tuple[str, str, int | None]:
+    """The fields every embeddings request has: its model, encoding and dimensions."""
     if not isinstance(body, dict):
         raise InvalidInputError("request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str):
         raise InvalidInputError("'model' must be a string")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise InvalidInputError("'encoding_format' must be 'float' or 'base64'")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+    ):
+        raise InvalidInputError(f"'dimensions' must be a positive integer, got {dimensions!r}")
+    return model, encoding, dimensions
+
+
+def _texts(body: dict[str, Any]) -> list[str]:
+    """A repository model's inputs: strings."""
     texts = body.get("input")
     if isinstance(texts, str):
         texts = [texts]
@@ -50,28 +67,13 @@ def _parse_body(body: Any) -> tuple[str, list[str], str, int | None]:
         raise InvalidInputError("'input' must be a string or a non-empty list of strings")
     if not all(texts):  # as OpenAI: an empty string has nothing to embed
         raise InvalidInputError("'input' must not contain empty strings")
-    encoding = body.get("encoding_format", "float")
-    if encoding not in ("float", "base64"):
-        raise InvalidInputError("'encoding_format' must be 'float' or 'base64'")
-    dimensions = body.get("dimensions")
-    if dimensions is not None and (
-        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
-    ):
-        raise InvalidInputError(f"'dimensions' must be a positive integer, got {dimensions!r}")
-    return model, texts, encoding, dimensions
+    return texts
 
 
 def _check_width(model: str, dimensions: int, width: int) -> None:
     if dimensions != width:
         # Shortening is only meaningful for models trained for it; this one gives its own width.
         raise InvalidInputError(f"'dimensions': model {model!r} gives {width}-dimensional embeddings")
-
-
-def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
-    if encoding == "base64":
-        # The OpenAI SDK decodes base64 embeddings as little-endian float32.
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector.astype(np.float32).tolist()
 
 
 class _EmbeddingService:
@@ -103,8 +105,10 @@ class _EmbeddingService:
         outputs = {tensor.name: tensor.data for tensor in response.outputs}
         return outputs["embedding"][0], int(outputs["token_count"].reshape(-1)[0])
 
-    async def embed(self, body: Any) -> dict[str, Any]:
-        model, texts, encoding, dimensions = _parse_body(body)
+    async def embed(
+        self, body: dict[str, Any], model: str, encoding: str, dimensions: int | None
+    ) -> dict[str, Any]:
+        texts = _texts(body)
         input_name = self._input_name(model, dimensions)
         results = await asyncio.gather(*(self._embed_one(model, input_name, text) for text in texts))
         if dimensions is not None:  # an encoder that does not name its width: known only now
@@ -113,7 +117,7 @@ class _EmbeddingService:
         return {
             "object": "list",
             "data": [
-                {"object": "embedding", "index": index, "embedding": _encode(vector, encoding)}
+                {"object": "embedding", "index": index, "embedding": encode_vector(vector, encoding)}
                 for index, (vector, _) in enumerate(results)
             ],
             "model": model,
@@ -122,9 +126,12 @@ class _EmbeddingService:
 
 
 def build_embeddings_router(
-    repository: ModelRepository, dependencies: Sequence[Callable[..., Any]] = ()
+    repository: ModelRepository | None,
+    dependencies: Sequence[Callable[..., Any]] = (),
+    served_llm: Frontend | None = None,
 ) -> APIRouter:
-    service = _EmbeddingService(repository)
+    """The route over ``repository``'s embedding models and ``served_llm`` (either may be None)."""
+    service = _EmbeddingService(repository) if repository is not None else None
     router = APIRouter(
         route_class=protocol_route_class(error_response),
         dependencies=[Depends(dependency) for dependency in dependencies],
@@ -137,7 +144,14 @@ def build_embeddings_router(
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: recursion
             return error_response(InvalidRequestError(f"request body is not valid JSON: {exc}"))
         try:
-            return JSONResponse(await service.embed(body))
+            model, encoding, dimensions = _parse_form(body)
+            if served_llm is not None and llm_embeddings.serves(served_llm, model):
+                return JSONResponse(
+                    await llm_embeddings.embed_with_llm(served_llm, body, encoding, dimensions)
+                )
+            if service is None:
+                raise ModelNotFoundError(f"model {model!r} is not served")
+            return JSONResponse(await service.embed(body, model, encoding, dimensions))
         except InferenceError as exc:
             return _error_response(exc)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from inferd.attention.base import AttentionBackend
@@ -48,6 +49,8 @@ class ModelRunnerOutput:
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why sampling it failed
     # request id -> (position of the first, the prompt tokens' log-probabilities from there on)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # request id -> its prompt's embedding, for those that embed it (SamplingParams.embed)
+    embeddings: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class LaunchedStep:
     requests: list[Request]
     sample: PendingSample | None  # None when the step samples nothing (prompt chunks only)
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    # The embeddings of the prompts that end in this step and embed them, still on the device.
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def sample_rows(self) -> dict[str, int]:
@@ -334,15 +339,28 @@ class ModelRunner:
         self._bind_device()
         inputs, hidden = self._forward(out, previous)
         prompt_logprobs = self._prompt_logprobs(out, hidden)
+        embeddings = self._embeddings(out, hidden)
         if not inputs.sampling_rows:
-            return LaunchedStep(out, [], None, prompt_logprobs)
+            return LaunchedStep(out, [], None, prompt_logprobs, embeddings)
         # Every token samples only in a step of one token per sequence, all sampling: the rows
         # are then the hidden states in order, and gathering them would be a copy for nothing.
         every_row = len(inputs.sampling_rows) == hidden.shape[0]
         last = hidden if every_row else hidden.index_select(0, inputs.logits_indices)
         logits = self.model.compute_logits(last)
         requests = [out.sequences[row].request for row in inputs.sampling_rows]
-        return LaunchedStep(out, requests, self.sampler.sample(logits, requests), prompt_logprobs)
+        return LaunchedStep(out, requests, self.sampler.sample(logits, requests), prompt_logprobs, embeddings)
+
+    def _embeddings(self, out: SchedulerOutput, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For the sequences that embed their prompt and compute its last token in this step: that
+        token's final hidden state (after the model's last norm), L2-normalized in float32."""
+        found: dict[str, torch.Tensor] = {}
+        row = 0
+        for seq in out.sequences:
+            row += seq.num_tokens
+            request = seq.request
+            if request.params.embed and seq.start_pos + seq.num_tokens == request.num_prompt_tokens:
+                found[request.request_id] = F.normalize(hidden[row - 1].float(), dim=0)
+        return found
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor) -> list[PromptLogprobs]:
         """For the sequences that score their prompt: each computed prompt token's hidden state
@@ -385,8 +403,9 @@ class ModelRunner:
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
         """Wait for a launched step's tokens and hand them out per request."""
         prompt_logprobs = {found.request_id: found.to_host() for found in step.prompt_logprobs}
+        embeddings = {request_id: vector.tolist() for request_id, vector in step.embeddings.items()}
         if step.sample is None:
-            return ModelRunnerOutput({}, {}, prompt_logprobs=prompt_logprobs)
+            return ModelRunnerOutput({}, {}, prompt_logprobs=prompt_logprobs, embeddings=embeddings)
         result = step.sample.result()
         requests = step.requests
         errors = {requests[row].request_id: message for row, message in result.errors.items()}
@@ -403,7 +422,7 @@ class ModelRunner:
                 tokens.append(token)  # a row after a proposed token: the same request's next
             if lp is not None:
                 logprobs.setdefault(request_id, []).append(lp)
-        return ModelRunnerOutput(sampled, logprobs, errors, prompt_logprobs)
+        return ModelRunnerOutput(sampled, logprobs, errors, prompt_logprobs, embeddings)
 
     @torch.inference_mode()
     def logits_for(self, out: SchedulerOutput) -> torch.Tensor:

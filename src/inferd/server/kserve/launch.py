@@ -118,5 +118,5 @@ def mount_model_repository(
     if served_llm is not None:
         repository.add(served_llm_entry(served_llm))
     app.include_router(build_router(repository, dependencies))
-    app.include_router(build_embeddings_router(repository, dependencies))
+    app.include_router(build_embeddings_router(repository, dependencies, served_llm))
     return repository

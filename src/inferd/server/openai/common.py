@@ -1,11 +1,14 @@
-"""Pieces both OpenAI endpoints share: sampling params, finish reasons, usage, the error shape."""
+"""Pieces the OpenAI endpoints share: sampling params, finish reasons, usage, the error shape,
+an embedding's encoding."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import numpy as np
 from starlette.responses import JSONResponse
 
 from inferd.engine.outputs import RequestOutput
@@ -32,6 +35,14 @@ _ERROR_SHAPES: dict[ErrorKind, tuple[int, str, str | None]] = {
     "timeout": (408, "timeout_error", "request_timeout"),
     "too_large": (413, "invalid_request_error", "request_too_large"),
 }
+
+
+def encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
+    """An embedding as OpenAI's ``encoding_format`` asks: floats, or base64 of little-endian
+    float32 (as the OpenAI SDK decodes it)."""
+    if encoding == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.astype(np.float32).tolist()
 
 
 def error_body(error: ApiError) -> dict[str, dict[str, str | None]]:

@@ -1,0 +1,79 @@
+"""OpenAI `POST /v1/embeddings` answered by the served LLM (or one of its LoRA adapters): each
+input's last token's final hidden state, L2-normalized (``SamplingParams.embed``; the pooling of
+decoder embedding models such as Qwen3-Embedding, as vLLM's embed task pools them)."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import Any
+
+import numpy as np
+
+from inferd.engine.outputs import RequestOutput
+from inferd.sampling_params import SamplingParams
+from inferd.server.errors import InvalidRequestError
+from inferd.server.frontend import Frontend
+from inferd.server.openai.common import encode_vector
+
+
+def serves(frontend: Frontend, model: Any) -> bool:
+    """Whether ``model`` names the served LLM or one of its adapters."""
+    return isinstance(model, str) and (model == frontend.model_name or model in frontend.adapters)
+
+
+def _inputs(value: Any) -> list[str | list[int]]:
+    """OpenAI's ``input``: a string, a list of strings, a list of token ids or a list of those."""
+    if isinstance(value, str):
+        value = [value]
+    elif isinstance(value, list) and value and all(_is_token(t) for t in value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise InvalidRequestError(
+            "input: must be a string, token ids, or a non-empty list of either", "input"
+        )
+    for item in value:
+        text = isinstance(item, str)
+        if not (text or isinstance(item, list) and all(_is_token(t) for t in item)):
+            raise InvalidRequestError("input: each item must be a string or a list of token ids", "input")
+        if not item:  # as OpenAI: an empty input has nothing to embed
+            raise InvalidRequestError("input: must not contain empty strings or empty token lists", "input")
+    return value
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+async def embed_with_llm(
+    frontend: Frontend, body: dict[str, Any], encoding: str, dimensions: int | None
+) -> dict:
+    """The response to an embeddings request whose ``model`` the served LLM answers
+    (``encoding`` and ``dimensions`` already checked for their form)."""
+    model = body["model"]
+    adapter = frontend.adapter_for(model)
+    width = frontend.llm.config.model.hidden_size
+    if dimensions is not None and dimensions != width:
+        # Shortening is only meaningful for models trained for it; this one gives its own width.
+        raise InvalidRequestError(
+            f"dimensions: model {model!r} gives {width}-dimensional embeddings", "dimensions"
+        )
+    params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
+    token_ids = [frontend.prepare(item, params, field="input") for item in _inputs(body.get("input"))]
+    finals: dict[int, RequestOutput] = {}
+    async with aclosing(frontend.generate(frontend.new_request_id("embd"), token_ids, params)) as stream:
+        async for item in stream:
+            if item.output.finished:
+                finals[item.index] = item.output
+    data = []
+    for index in range(len(token_ids)):
+        embedding = finals[index].embedding
+        assert embedding is not None, "an embedding request finished without its embedding"
+        vector = encode_vector(np.asarray(embedding, dtype=np.float32), encoding)
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = sum(len(ids) for ids in token_ids)
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -1,0 +1,137 @@
+"""Embeddings from the served LLM (``SamplingParams.embed``, ``LLM.embed``, ``/v1/embeddings``):
+the last prompt token's final hidden state, L2-normalized, against transformers' last hidden state
+on the same weights."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+
+import numpy as np
+import openai
+import pytest
+import torch
+import transformers
+from server_process import ServerProcess, run_server
+
+from inferd import LLM, SamplingParams
+from inferd.engine.async_llm import AsyncLLM
+from inferd.sampling_params import SamplingParamsError
+
+
+def _expected(folder, prompts: list[list[int]]) -> list[torch.Tensor]:
+    model = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return [
+            torch.nn.functional.normalize(model(torch.tensor([p])).last_hidden_state[0, -1], dim=0)
+            for p in prompts
+        ]
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    head = [(7 * i + 3) % vocab for i in range(24)]
+    return [
+        head + [5, 6],
+        [9],
+        [(11 * i + 1) % vocab for i in range(45)],
+        head + [(5 * i) % vocab for i in range(20)],
+    ]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+def test_embeddings_match_transformers_last_hidden_state(tiny_model_factory, arch: str) -> None:
+    """Alone and in one batch, with a prompt longer than a step's budget (two chunks) and a
+    shared head the prefix cache serves."""
+    folder = tiny_model_factory(arch)
+    llm = LLM(folder, kv_cache_memory="4MiB", block_size=8, max_num_batched_tokens=32)
+    prompts = _prompts(llm.engine.config.model.vocab_size)
+    expected = _expected(folder, prompts)
+    first = llm.embed(prompts[:1])
+    rest = llm.embed(prompts[1:])
+    assert llm.engine.stats().prefix_hits > 0
+    for ours, theirs in zip(first + rest, expected, strict=True):
+        assert len(ours) == llm.engine.config.model.hidden_size
+        assert (torch.tensor(ours) - theirs).abs().max().item() < 1e-5
+
+
+def test_embedding_beside_generation_changes_neither(tiny_model_factory) -> None:
+    folder = tiny_model_factory("qwen3")
+    llm = LLM(folder, kv_cache_memory="4MiB", block_size=8)
+    prompts = _prompts(llm.engine.config.model.vocab_size)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    alone = [out.token_ids for out in llm.generate(prompts, greedy)]
+    embed = SamplingParams(max_tokens=1, temperature=0.0, embed=True)
+    mixed = llm.generate(prompts + prompts, [greedy] * len(prompts) + [embed] * len(prompts))
+    assert [out.token_ids for out in mixed[: len(prompts)]] == alone
+    assert all(out.embedding is None for out in mixed[: len(prompts)])
+    for out, theirs in zip(mixed[len(prompts) :], _expected(folder, prompts), strict=True):
+        assert (torch.tensor(out.embedding) - theirs).abs().max().item() < 1e-5
+
+
+async def test_the_embedding_crosses_from_an_engine_process(tiny_llama) -> None:
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=True, kv_cache_memory="8MiB")
+    llm.start()
+    try:
+        prompt = [5, 6, 7, 8, 9]
+        params = SamplingParams(max_tokens=1, temperature=0.0, embed=True)
+        outputs = [out async for out in llm.generate("e", prompt, params)]
+    finally:
+        llm.shutdown()
+    assert (
+        torch.tensor(outputs[-1].embedding) - _expected(tiny_llama, [prompt])[0]
+    ).abs().max().item() < 1e-5
+
+
+def test_an_embedding_takes_one_token() -> None:
+    with pytest.raises(SamplingParamsError, match="max_tokens: must be 1 to embed a prompt"):
+        SamplingParams(max_tokens=4, embed=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama) -> Iterator[ServerProcess]:
+    with run_server(tiny_llama, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny") as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_the_openai_sdk_gets_the_llms_embeddings(client: openai.OpenAI, tiny_llama) -> None:
+    texts = ["ROMEO: good night", "the rest is silence"]
+    llm = LLM(tiny_llama, kv_cache_memory="4MiB")
+    token_ids = [llm.tokenizer.encode(text) for text in texts]
+    expected = _expected(tiny_llama, token_ids)
+    response = client.embeddings.create(model="tiny", input=texts, encoding_format="float")
+    assert response.model == "tiny" and [d.index for d in response.data] == [0, 1]
+    assert response.usage.prompt_tokens == sum(len(ids) for ids in token_ids)
+    for data, theirs in zip(response.data, expected, strict=True):
+        assert (torch.tensor(data.embedding) - theirs).abs().max().item() < 1e-5
+    # Token ids embed as their text does; base64 is little-endian float32.
+    by_ids = client.embeddings.create(model="tiny", input=token_ids[0], encoding_format="float")
+    assert by_ids.data[0].embedding == response.data[0].embedding
+    raw = client.with_raw_response.embeddings.create(model="tiny", input=texts[:1], encoding_format="base64")
+    encoded = raw.http_response.json()["data"][0]["embedding"]
+    assert np.frombuffer(base64.b64decode(encoded), dtype="<f4").tolist() == response.data[0].embedding
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"model": "other", "input": "x"}, 404, None),
+        ({"model": "tiny", "input": ""}, 400, "input"),
+        ({"model": "tiny", "input": [[]]}, 400, "input"),
+        ({"model": "tiny", "input": [1.5]}, 400, "input"),
+        ({"model": "tiny", "input": "x", "dimensions": 3}, 400, "dimensions"),
+        ({"model": "tiny", "input": "x", "encoding_format": "hex"}, 400, None),
+        ({"model": "tiny", "input": "x " * 600}, 400, "input"),  # past the context
+    ],
+)
+def test_embedding_errors_in_openais_shape(server: ServerProcess, body: dict, status: int, field) -> None:
+    import httpx
+
+    response = httpx.post(f"{server.base_url}/v1/embeddings", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and (field is None or error["param"] == field)
