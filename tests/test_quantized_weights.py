@@ -250,9 +250,10 @@ def test_checkpoints_that_cannot_be_read_right_are_refused(tiny_model_factory, t
         LLM(odd, kv_cache_memory="4MiB")
 
 
-def test_tensor_parallelism_over_fp8_weights_is_refused(low_bit_folders) -> None:
-    cfg = ModelConfig.from_folder(low_bit_folders["llama", "ct-channel"])
-    with pytest.raises(ValueError, match="tensor parallelism over 8-bit float weights"):
+@pytest.mark.parametrize("layout", ["ct-channel", "ct-w4a16"])
+def test_tensor_parallelism_over_low_bit_weights_is_refused(low_bit_folders, layout: str) -> None:
+    cfg = ModelConfig.from_folder(low_bit_folders["llama", layout])
+    with pytest.raises(ValueError, match="tensor parallelism over low-bit"):
         cfg.sharded(2)
 
 
@@ -365,16 +366,22 @@ def test_mixtures_of_experts_take_8_bit_attention_not_8_bit_experts(tiny_model_f
         LLM(make_fp8_checkpoint(source, tmp_path / "b", "ct-channel"), kv_cache_memory="4MiB")
 
 
-def test_packed_integers_unpack_in_order() -> None:
-    gen = torch.Generator().manual_seed(0)
-    for bits in (4, 8):
-        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
-        values = torch.randint(low, high, (5, 64), generator=gen, dtype=torch.int8)
-        values[0, :4] = torch.tensor([low, high - 1, 0, -1])
-        words = packed_integers(values, bits)
-        assert torch.equal(quantized.unpack_int32(words, bits, 64), values)
-        with pytest.raises(ValueError, match="do not hold rows of 72"):
-            quantized.unpack_int32(words, bits, 72)
+@pytest.mark.parametrize("columns", [64, 60, 37])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_integers_unpack_in_order(bits: int, columns: int) -> None:
+    """As compressed-tensors packs them, rows whose width leaves the last word part-filled too."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    gen = torch.Generator().manual_seed(columns)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    values = torch.randint(low, high, (5, columns), generator=gen, dtype=torch.int8)
+    values[0, :4] = torch.tensor([low, high - 1, 0, -1])
+    words = pack_to_int32(values, bits)
+    assert torch.equal(quantized.unpack_int32(words, bits, columns), values)
+    if columns == 64:  # the tests' own packer writes the same words
+        assert torch.equal(packed_integers(values, bits), words)
+    with pytest.raises(ValueError, match=f"do not hold rows of {columns + 32}"):
+        quantized.unpack_int32(words, bits, columns + 32)
 
 
 def test_integer_configs_as_the_hub_ships_them() -> None:
@@ -386,6 +393,32 @@ def test_integer_configs_as_the_hub_ships_them() -> None:
         "ct-w8a16": QuantScheme("compressed-tensors", None, "int8", packed=True),
         "ct-w8a8": QuantScheme("compressed-tensors", None, "int8", packed=False),
     }
+    # llm-compressor's GPTQ default orders by activation only when choosing the scales: stored alike.
+    for order in ("static", "weight"):
+        config = json.loads(json.dumps(INT_LAYOUTS["ct-w4a16"][0]))
+        config["config_groups"]["group_0"]["weights"]["actorder"] = order
+        assert read_quantization({"quantization_config": config}) == schemes["ct-w4a16"]
+
+
+def test_packed_shapes_are_checked_and_activation_zero_points_dropped(low_bit_folders, tmp_path) -> None:
+    shape = "model.layers.0.mlp.down_proj.weight_shape"
+    narrower = _edited(shutil.copytree(low_bit_folders["llama", "ct-w4a16"], tmp_path / "a"),
+                       lambda t: t.update({shape: torch.tensor([64, 120])}))  # fmt: skip
+    with pytest.raises(
+        ModelLoadError, match=r"down_proj.weight_shape' gives the shape \[64, 120\], expected"
+    ):
+        LLM(narrower, kv_cache_memory="4MiB")
+    source = low_bit_folders["llama", "ct-w8a8"]
+
+    def static_activations(tensors: dict[str, torch.Tensor]) -> None:
+        for name in [n for n in tensors if n.endswith("_proj.weight_scale")]:
+            module = name.removesuffix(".weight_scale")
+            tensors[f"{module}.input_scale"] = torch.tensor([0.05])
+            tensors[f"{module}.input_zero_point"] = torch.tensor([3], dtype=torch.int8)
+
+    asymmetric = _edited(shutil.copytree(source, tmp_path / "b"), static_activations)
+    prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
+    assert torch.equal(_our_logits(asymmetric, prompt)[1], _our_logits(source, prompt)[1])
 
 
 def test_random_weights_of_an_integer_checkpoints_shape(low_bit_folders) -> None:

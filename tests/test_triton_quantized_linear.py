@@ -65,10 +65,11 @@ def test_scaled_weights_match_the_widened_matmul(
         assert relative_error(out, reference(x, widened, b)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("values", ["fp8", "int8", "int4"])
 @pytest.mark.parametrize(("out_features", "in_features", "block", "tile"), SHAPES)
-def test_scaled_weights_with_the_input_made_on_load(out_features, in_features, block, tile) -> None:
+def test_scaled_weights_with_the_input_made_on_load(out_features, in_features, block, tile, values) -> None:
     x, q, scale, widened, bias = _operands(
-        2, out_features, in_features, block, torch.float32, seed=out_features
+        2, out_features, in_features, block, torch.float32, seed=out_features, values=values
     )
     residual = torch.randn_like(x)
     norm = RMSNorm(in_features, eps=1e-6).to(DEVICE)

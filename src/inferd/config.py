@@ -380,7 +380,7 @@ class ModelConfig:
         if size == 1:
             return self
         if self.quant is not None:
-            raise ValueError("tensor parallelism over 8-bit float weights is not supported")
+            raise ValueError("tensor parallelism over low-bit (quantized) weights is not supported")
         sizes = [("attention heads", self.num_heads), ("KV heads", self.num_kv_heads),
                  ("intermediate size", self.intermediate_size)]  # fmt: skip
         if self.moe is not None:

@@ -32,8 +32,12 @@ SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 # The KV cache's calibrated scales: not applied (an 8-bit KV cache, kv_cache_dtype="fp8", is
 # stored without scales; the loader warns that they are left out).
 KV_SCALE_SUFFIXES = ("k_scale", "v_scale", "kv_scale")
-# What is read by nothing here: static activation scales (activations stay unquantized) and those.
-IGNORED_SUFFIXES = ("input_scale", "activation_scale", *KV_SCALE_SUFFIXES)
+# What is read by nothing here: static activation scales and zero points (activations stay
+# unquantized) and those.
+IGNORED_SUFFIXES = (
+    "input_scale", "input_zero_point", "output_scale", "output_zero_point", "activation_scale",
+    *KV_SCALE_SUFFIXES,
+)  # fmt: skip
 # compressed-tensors' packed integers: the int32 words, and the unpacked weight's shape.
 PACKED_WEIGHT = "weight_packed"
 PACKED_SHAPE = "weight_shape"
@@ -130,8 +134,11 @@ def _group_scheme(name: str, group: Any, default_format: Any) -> QuantScheme:
                          f"the engine loads {_SUPPORTED}")  # fmt: skip
     if weights.get("symmetric") is False:
         raise ValueError(f"compressed-tensors group {name!r} has asymmetric weights (zero points)")
-    if weights.get("actorder"):
-        raise ValueError(f"compressed-tensors group {name!r} orders its groups by activation (actorder)")
+    # "static" (or "weight") ordering changes how the scales were chosen, not how they are stored;
+    # "group" (or "dynamic", or the old true) permutes the groups, which takes a g_idx to undo.
+    if weights.get("actorder") not in (None, False, "static", "weight"):
+        raise ValueError(f"compressed-tensors group {name!r} orders its groups by activation "
+                         f"(actorder {weights.get('actorder')!r})")  # fmt: skip
     strategy = weights.get("strategy")
     if strategy in ("tensor", "channel"):
         block = None

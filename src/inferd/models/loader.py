@@ -140,7 +140,7 @@ def load_model(
         weights = (
             (canonical_name(name, cfg.quant is not None), t)
             for name, t in iter_checkpoint(path)
-            if not (cfg.quant is not None and name.endswith((*IGNORED_SUFFIXES, PACKED_SHAPE)))
+            if not (cfg.quant is not None and name.endswith(IGNORED_SUFFIXES))
         )
         if shard is not None:
             rank, size = shard
@@ -230,6 +230,9 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
             continue
         target, slot = _target_of(name)
         shown = _checkpoint_spelling(name, cfg)
+        if target.endswith("." + PACKED_SHAPE) and cfg.quant is not None and cfg.quant.packed:
+            _check_packed_shape(params, target, slot, cfg, tensor, shown)
+            continue
         packed = target.endswith("." + PACKED_WEIGHT)
         target = target.removesuffix("_packed") if packed else target
         if target not in params:
@@ -474,6 +477,19 @@ def _unfilled(target: str, param: torch.Tensor, filled: set[tuple[str, Slot]]) -
     pieces_of = _FUSED_PIECES[parts[fused]]
     return [".".join([*parts[:fused], piece, *parts[fused + 1 :]])
             for shard, piece in enumerate(pieces_of) if (target, (shard,)) not in filled]  # fmt: skip
+
+
+def _check_packed_shape(
+    params: dict[str, nn.Parameter], target: str, slot: Slot, cfg: ModelConfig, shape: torch.Tensor, name: str
+) -> None:
+    """A packed weight's ``weight_shape`` must be the shape of the rows it fills: the packed words
+    alone cannot tell a narrower weight padded to whole words from the model's."""
+    weight = params.get(target.removesuffix("_shape"))
+    if weight is None:
+        raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}")
+    expected = list(_slot_view(weight.data, slot, cfg, target, name).shape)
+    if shape.tolist() != expected:
+        raise ModelLoadError(f"tensor {name!r} gives the shape {shape.tolist()}, expected {expected}")
 
 
 def _unpacked(words: torch.Tensor, bits: int, view: torch.Tensor, name: str) -> torch.Tensor:
