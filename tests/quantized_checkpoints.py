@@ -163,9 +163,17 @@ def widened_copy(folder: Path, target: Path) -> Path:
     return target
 
 
-def _integer_config(fmt: str, bits: int, strategy: str, activations: dict | None) -> dict:
-    """llm-compressor's quantization_config for symmetric ``bits``-bit integer weights."""
-    weights = {"num_bits": bits, "type": "int", "strategy": strategy, "symmetric": True, "dynamic": False}
+def _integer_config(
+    fmt: str, bits: int, strategy: str, activations: dict | None, symmetric: bool = True
+) -> dict:
+    """llm-compressor's quantization_config for ``bits``-bit integer weights."""
+    weights = {
+        "num_bits": bits,
+        "type": "int",
+        "strategy": strategy,
+        "symmetric": symmetric,
+        "dynamic": False,
+    }
     if strategy == "group":
         weights["group_size"] = INT_GROUP
     group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
@@ -175,39 +183,44 @@ def _integer_config(fmt: str, bits: int, strategy: str, activations: dict | None
 
 # Groups of 32 input columns: two and four groups along the tiny model's 64- and 128-wide inputs.
 INT_GROUP = 32
+_INT8_TOKENS = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
 # name -> (quantization_config, bits, one scale per group of INT_GROUP columns (else per row),
-# packed into int32 words)
-INT_LAYOUTS: dict[str, tuple[dict, int, bool, bool]] = {
+# packed into int32 words, with zero points)
+INT_LAYOUTS: dict[str, tuple[dict, int, bool, bool, bool]] = {
     # W4A16: 4-bit integers, a scale per group of columns, packed eight to a word.
-    "ct-w4a16": (_integer_config("pack-quantized", 4, "group", None), 4, True, True),
+    "ct-w4a16": (_integer_config("pack-quantized", 4, "group", None), 4, True, True, False),
+    # llm-compressor's AWQ output: the same with a zero point per group (packed down the rows).
+    "ct-w4a16-asym": (
+        _integer_config("pack-quantized", 4, "group", None, symmetric=False),
+        4,
+        True,
+        True,
+        True,
+    ),
     # W8A16: 8-bit integers, a scale per output channel, packed four to a word.
-    "ct-w8a16": (_integer_config("pack-quantized", 8, "channel", None), 8, False, True),
+    "ct-w8a16": (_integer_config("pack-quantized", 8, "channel", None), 8, False, True, False),
     # W8A8: int8 weights as they are, a scale per channel (int8 activations per token, unapplied).
-    "ct-w8a8": (
-        _integer_config(
-            "int-quantized",
-            8,
-            "channel",
-            {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True},
-        ),
-        8,
-        False,
-        False,
-    ),  # fmt: skip
+    "ct-w8a8": (_integer_config("int-quantized", 8, "channel", _INT8_TOKENS), 8, False, False, False),
 }
 
 
-def _integers(weight: torch.Tensor, bits: int, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight`` as signed ``bits``-bit integers (in int8) and their scales, per group of
-    INT_GROUP columns or per row: weight ~= values * scale."""
-    largest = 2 ** (bits - 1) - 1
+def _integers(
+    weight: torch.Tensor, bits: int, grouped: bool, asymmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``weight`` as signed ``bits``-bit integers (in int8), their scales and, ``asymmetric``,
+    zero points, per group of INT_GROUP columns or per row: weight ~= (values - zero) * scale."""
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     rows, columns = weight.shape
-    if grouped:
-        scale = weight.view(rows, columns // INT_GROUP, INT_GROUP).abs().amax(dim=2) / largest
-        widened = scale.repeat_interleave(INT_GROUP, dim=1)
+    size = INT_GROUP if grouped else columns
+    blocks = weight.view(rows, columns // size, size)
+    if asymmetric:  # the block's range onto low..high
+        smallest, largest = blocks.amin(dim=2), blocks.amax(dim=2)
+        scale = (largest - smallest).clamp(min=1e-8) / (high - low)
+        zero = (low - smallest / scale).round().clamp(low, high)
     else:
-        scale = widened = weight.abs().amax(dim=1, keepdim=True) / largest
-    return (weight / widened).round().clamp(-largest, largest).to(torch.int8), scale
+        scale, zero = blocks.abs().amax(dim=2) / high, torch.zeros(rows, columns // size)
+    values = (blocks / scale[:, :, None] + zero[:, :, None]).round().clamp(low, high).view(rows, columns)
+    return values.to(torch.int8), scale, zero.to(torch.int8) if asymmetric else None
 
 
 def packed_integers(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -225,16 +238,20 @@ def packed_integers(values: torch.Tensor, bits: int) -> torch.Tensor:
 def make_int_checkpoint(source: Path, folder: Path, layout: str, skip: tuple[str, ...] = ()) -> Path:
     """A copy of ``source`` whose layers' projections (not the LM head, nor any whose name ends
     with one of ``skip``) are stored as ``layout`` (INT_LAYOUTS) stores them."""
-    quant, bits, grouped, packed = INT_LAYOUTS[layout]
+    quant, bits, grouped, packed, asymmetric = INT_LAYOUTS[layout]
 
     def encode(module: str, weight: torch.Tensor) -> dict:
-        values, scale = _integers(weight, bits, grouped)
+        values, scale, zero = _integers(weight, bits, grouped, asymmetric)
         tensors = {f"{module}.weight_scale": scale.to(torch.bfloat16).float()}
         if packed:
             tensors[f"{module}.weight_packed"] = packed_integers(values, bits)
             tensors[f"{module}.weight_shape"] = torch.tensor(weight.shape)
         else:
             tensors[f"{module}.weight"] = values
+        if zero is not None:  # packed down the output rows
+            tensors[f"{module}.weight_zero_point"] = (
+                packed_integers(zero.t().contiguous(), bits).t().contiguous()
+            )
         return tensors
 
     return _rewrite_projections(source, folder, quant, encode, skip)

@@ -189,9 +189,9 @@ def test_configs_as_the_hub_ships_them() -> None:
           "config_groups": {"g": {"weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group"}}}},
          "stores 4-bit float weights as 'nvfp4-pack-quantized'"),
         ({"quant_method": "compressed-tensors", "format": "pack-quantized",
-          "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group",
+          "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int", "strategy": "group",
                                               "group_size": 128, "symmetric": False}}}},
-         "asymmetric weights"),
+         "asymmetric 8-bit int weights"),
         ({"quant_method": "compressed-tensors", "format": "pack-quantized",
           "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group",
                                               "group_size": 128, "actorder": "group"}}}},
@@ -390,6 +390,9 @@ def test_integer_configs_as_the_hub_ships_them() -> None:
     }
     assert schemes == {
         "ct-w4a16": QuantScheme("compressed-tensors", (1, INT_GROUP), "int4", packed=True),
+        "ct-w4a16-asym": QuantScheme(
+            "compressed-tensors", (1, INT_GROUP), "int4", packed=True, zero_points=True
+        ),
         "ct-w8a16": QuantScheme("compressed-tensors", None, "int8", packed=True),
         "ct-w8a8": QuantScheme("compressed-tensors", None, "int8", packed=False),
     }

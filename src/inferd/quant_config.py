@@ -38,9 +38,11 @@ IGNORED_SUFFIXES = (
     "input_scale", "input_zero_point", "output_scale", "output_zero_point", "activation_scale",
     *KV_SCALE_SUFFIXES,
 )  # fmt: skip
-# compressed-tensors' packed integers: the int32 words, and the unpacked weight's shape.
+# compressed-tensors' packed integers: the int32 words, the unpacked weight's shape, and the zero
+# points of asymmetric ones (packed along the output rows).
 PACKED_WEIGHT = "weight_packed"
 PACKED_SHAPE = "weight_shape"
+ZERO_POINT = "weight_zero_point"
 
 _SUPPORTED = (
     "'fp8', or 'compressed-tensors' with 8-bit float weights (float-quantized) or symmetric 4- or "
@@ -62,6 +64,9 @@ class QuantScheme:
     block: tuple[int, int] | None
     values: str = "fp8"
     packed: bool = False
+    # Asymmetric integers: each block also has a zero point (``weight_zero_point``), and the weight
+    # is ``(values - zero_point) * scale``.
+    zero_points: bool = False
 
     @property
     def scale_name(self) -> str:
@@ -132,8 +137,12 @@ def _group_scheme(name: str, group: Any, default_format: Any) -> QuantScheme:
     if not (floats or ints):
         raise ValueError(f"compressed-tensors group {name!r} stores {bits}-bit {kind} weights as {fmt!r}; "
                          f"the engine loads {_SUPPORTED}")  # fmt: skip
-    if weights.get("symmetric") is False:
-        raise ValueError(f"compressed-tensors group {name!r} has asymmetric weights (zero points)")
+    # Asymmetric 4-bit integers (llm-compressor's AWQ output) are held as values minus their zero
+    # point, which an int8 holds; 8-bit ones would not fit.
+    zero_points = weights.get("symmetric") is False
+    if zero_points and not (ints and bits == 4 and fmt == "pack-quantized"):
+        raise ValueError(f"compressed-tensors group {name!r} has asymmetric {bits}-bit {kind} weights (zero "
+                         f"points); only packed 4-bit integers may have them")  # fmt: skip
     # "static" (or "weight") ordering changes how the scales were chosen, not how they are stored;
     # "group" (or "dynamic", or the old true) permutes the groups, which takes a g_idx to undo.
     if weights.get("actorder") not in (None, False, "static", "weight"):
@@ -151,7 +160,9 @@ def _group_scheme(name: str, group: Any, default_format: Any) -> QuantScheme:
                          f"weights (tensor, channel, and block for floats or group for integers "
                          f"are)")  # fmt: skip
     values = "fp8" if floats else f"int{bits}"
-    return QuantScheme("compressed-tensors", block, values, packed=fmt == "pack-quantized")
+    return QuantScheme(
+        "compressed-tensors", block, values, packed=fmt == "pack-quantized", zero_points=zero_points
+    )
 
 
 def _positive(value: Any, field: str) -> int:

@@ -49,6 +49,11 @@ def unpack_int32(words: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     return values.to(torch.int8)
 
 
+def unpack_int32_rows(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """``unpack_int32`` of values packed down the columns (zero points: along the output rows)."""
+    return unpack_int32(words.t(), bits, rows).t().contiguous()
+
+
 def dequantize(
     weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
 ) -> torch.Tensor:
@@ -91,18 +96,39 @@ def quantize(
 
 
 def hold_quantized(
-    linear: Linear, block: tuple[int, int], scale_shape: tuple[int, int], dtype: torch.dtype = FP8_DTYPE
+    linear: Linear,
+    block: tuple[int, int],
+    scale_shape: tuple[int, int],
+    dtype: torch.dtype = FP8_DTYPE,
+    zero_points: bool = False,
 ) -> None:
     """Give ``linear`` a ``weight`` of ``dtype`` (e4m3 or int8) and a float32 ``weight_scale`` of
     ``scale_shape`` (both to be filled, as a checkpoint's tensors fill them) in place of its
     weight; ``block`` is what one scale covers. The layer reads ``weight_block`` to know it holds
-    such weights."""
+    such weights. With ``zero_points``, an int8 ``weight_zero_point`` of the scales' shape too,
+    until ``fold_zero_points`` takes it into the weight."""
     device = linear.weight.device
     linear.weight = nn.Parameter(torch.empty(linear.weight.shape, dtype=dtype, device=device),
                                  requires_grad=False)  # fmt: skip
     scale = torch.ones(scale_shape, dtype=torch.float32, device=device)
     linear.register_parameter("weight_scale", nn.Parameter(scale, requires_grad=False))
+    if zero_points:
+        zero = torch.zeros(scale_shape, dtype=torch.int8, device=device)
+        linear.register_parameter("weight_zero_point", nn.Parameter(zero, requires_grad=False))
     linear.weight_block = block
+
+
+def fold_zero_points(linear: Linear) -> None:
+    """Hold ``values - zero_point`` as the weight's values (in int8: 4-bit values and zero points
+    differ by at most 15) and drop the zero points, so every path computes ``values * scale``."""
+    zero = linear._parameters.pop("weight_zero_point", None)
+    if zero is None or linear.weight_block is None:
+        return
+    rows, columns = linear.weight.shape
+    block_rows, block_columns = linear.weight_block
+    widened = zero.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_columns, 1)[:, :columns]
+    with torch.no_grad():
+        linear.weight.copy_((linear.weight.to(torch.int16) - widened.to(torch.int16)).to(torch.int8))
 
 
 def skinny_kernel_reads(dtype: torch.dtype, device: torch.device) -> bool:

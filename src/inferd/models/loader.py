@@ -25,6 +25,7 @@ from inferd.quant_config import (
     PACKED_SHAPE,
     PACKED_WEIGHT,
     SCALE_SUFFIXES,
+    ZERO_POINT,
     QuantScheme,
 )
 
@@ -149,6 +150,9 @@ def load_model(
             pieces = (piece for name, t in weights for piece in split_fused_tensor(name, t, cfg, size))
             weights = ((name, shard_checkpoint_tensor(name, t, rank, size)) for name, t in pieces)
         _fill_weights(model, weights, cfg)
+        for module in model.modules():
+            if isinstance(module, Linear):
+                quantized.fold_zero_points(module)
     # A low-bit checkpoint is served as it is: the projections it left wider stay so.
     if quantization == "fp8" and cfg.quant is None:
         quantize_projections(model, QuantScheme("fp8", None))
@@ -245,6 +249,10 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
                 weight_rows = params[target.removesuffix("_scale")].shape[0]
                 view = _scale_slot_view(param.data, weight_rows, slot, cfg, target, shown)
                 tensor = _as_scale(tensor, view, shown)
+            elif target.endswith("." + ZERO_POINT) and cfg.quant is not None:
+                weight_rows = params[target.removesuffix("_zero_point")].shape[0]
+                view = _scale_slot_view(param.data, weight_rows, slot, cfg, target, shown)
+                tensor = _unpacked(tensor, cfg.quant.bits, view, shown, down_rows=True)
             else:
                 view = _slot_view(param.data, slot, cfg, target, shown)
                 if packed and cfg.quant is not None:
@@ -380,7 +388,8 @@ def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) ->
                 cfg.quant.block_of(out_features, in_features),
                 cfg.quant.scale_shape(out_features, in_features),
             )
-            quantized.hold_quantized(module, block, shape, quantized.storage_dtype(cfg.quant.values))
+            dtype = quantized.storage_dtype(cfg.quant.values)
+            quantized.hold_quantized(module, block, shape, dtype, cfg.quant.zero_points)
 
 
 def _target_of(name: str) -> tuple[str, Slot]:
@@ -492,11 +501,16 @@ def _check_packed_shape(
         raise ModelLoadError(f"tensor {name!r} gives the shape {shape.tolist()}, expected {expected}")
 
 
-def _unpacked(words: torch.Tensor, bits: int, view: torch.Tensor, name: str) -> torch.Tensor:
-    """A packed integer weight's values (``quantized.unpack_int32``), as many columns as ``view``."""
+def _unpacked(
+    words: torch.Tensor, bits: int, view: torch.Tensor, name: str, down_rows: bool = False
+) -> torch.Tensor:
+    """Packed integers (``quantized.unpack_int32``) in ``view``'s shape: a weight's values packed
+    along its rows, or with ``down_rows`` zero points packed down its columns."""
     if view.dtype != torch.int8:
         raise ModelLoadError(f"tensor {name!r} holds packed integers for a projection without a scale")
     try:
+        if down_rows:
+            return quantized.unpack_int32_rows(words, bits, view.shape[0])
         return quantized.unpack_int32(words, bits, view.shape[1])
     except ValueError as exc:
         raise ModelLoadError(f"tensor {name!r}: {exc}") from None
