@@ -123,6 +123,7 @@ def test_the_openai_sdk_gets_the_llms_embeddings(client: openai.OpenAI, tiny_lla
         ({"model": "tiny", "input": ""}, 400, "input"),
         ({"model": "tiny", "input": [[]]}, 400, "input"),
         ({"model": "tiny", "input": [1.5]}, 400, "input"),
+        ({"model": "tiny", "input": ["a", [5, 6]]}, 400, "input"),  # one form per request
         ({"model": "tiny", "input": "x", "dimensions": 3}, 400, "dimensions"),
         ({"model": "tiny", "input": "x", "encoding_format": "hex"}, 400, None),
         ({"model": "tiny", "input": "x " * 600}, 400, "input"),  # past the context
@@ -135,3 +136,40 @@ def test_embedding_errors_in_openais_shape(server: ServerProcess, body: dict, st
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and (field is None or error["param"] == field)
+
+
+def _metric(server: ServerProcess, name: str, **labels: str) -> float:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_embeddings_count_as_requests_without_output_tokens(server: ServerProcess) -> None:
+    import httpx
+
+    tokens = _metric(server, "inferd:generation_tokens_total")
+    stopped = _metric(server, "inferd:requests_finished_total", finish_reason="stop")
+    response = httpx.post(
+        f"{server.base_url}/v1/embeddings", json={"model": "tiny", "input": ["a", "b c"]}, timeout=30
+    )
+    assert response.status_code == 200
+    assert _metric(server, "inferd:generation_tokens_total") == tokens
+    assert _metric(server, "inferd:requests_finished_total", finish_reason="stop") == stopped + 2
+
+
+def test_an_embedding_request_past_its_timeout_is_a_408(server: ServerProcess) -> None:
+    import httpx
+
+    body = {"model": "tiny", "input": [[(7 * i + j) % 200 + 5 for i in range(300)] for j in range(40)]}
+    response = httpx.post(
+        f"{server.base_url}/v1/embeddings", json=body, headers={"X-Request-Timeout": "0.001"}, timeout=60
+    )
+    assert response.status_code == 408, response.text
+    assert response.json()["error"]["message"]

@@ -34,6 +34,8 @@ class SchedulerOutput:
     # Some unfinished request scores its prompt (SamplingParams.prompt_logprobs): the runner looks
     # for prompt tokens to score only then.
     scores_prompts: bool = False
+    # Likewise, some unfinished request embeds its prompt (SamplingParams.embed).
+    embeds_prompts: bool = False
 
     @property
     def num_batched_tokens(self) -> int:

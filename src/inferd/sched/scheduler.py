@@ -46,6 +46,7 @@ class Scheduler:
         self.num_preemptions = 0
         # Unfinished requests that score their prompt: a step without any skips looking for them.
         self._num_scoring = 0
+        self._num_embedding = 0
 
     # -- queue management -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -57,6 +58,7 @@ class Scheduler:
         self.requests[request.request_id] = request
         self._enqueue(request, at_front=False)
         self._num_scoring += request.params.prompt_logprobs is not None
+        self._num_embedding += request.params.embed
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -67,6 +69,7 @@ class Scheduler:
         if request is None:
             return None
         self._num_scoring -= request.params.prompt_logprobs is not None
+        self._num_embedding -= request.params.embed
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status == RequestStatus.WAITING:
@@ -108,7 +111,9 @@ class Scheduler:
             budget = self._admit_waiting(budget, scheduled)
         if self.proposer is not None:
             self._add_guesses(scheduled, budget)
-        return SchedulerOutput(scheduled, preempted, scores_prompts=self._num_scoring > 0)
+        return SchedulerOutput(
+            scheduled, preempted, scores_prompts=self._num_scoring > 0, embeds_prompts=self._num_embedding > 0
+        )
 
     def _add_guesses(self, scheduled: list[ScheduledSequence], budget: int) -> None:
         """Speculative decoding's guesses, last: from the token budget and the free blocks that

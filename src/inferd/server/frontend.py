@@ -181,16 +181,18 @@ class Frontend:
         if not self.llm.is_alive:
             raise ServiceUnavailableError(self.llm.dead_reason or "the engine is not running")
 
-    def check_ready(self, prompts: Sequence[list[int]], n: int = 1) -> None:
-        """Before a response starts: the engine runs, no drain, and the queue has room for these."""
+    def check_ready(self, prompts: Sequence[list[int]], n: int = 1, field: str = "n") -> None:
+        """Before a response starts: the engine runs, no drain, and the queue has room for these
+        (``field``: what the client changes to ask for fewer)."""
         self.check_alive()
         max_requests = self.llm.admission.limits.max_requests
         if max_requests is not None and len(prompts) * n > max_requests:
             # Its engine requests could never all be queued at once, so a retry would not help.
+            what = "generations (prompts x n)" if field == "n" else f"engine requests (one per {field})"
             raise InvalidRequestError(
-                f"this request makes {len(prompts) * n} generations (prompts x n), more than the "
-                f"{max_requests} this server queues at once",
-                field="n",
+                f"this request makes {len(prompts) * n} {what}, more than the {max_requests} this "
+                f"server queues at once",
+                field=field,
             )
         try:
             self.llm.admission.check(len(prompts) * n, sum(len(p) for p in prompts) * n)
@@ -358,8 +360,9 @@ class Frontend:
     ) -> AsyncGenerator[IndexedOutput, None]:
         structure = params.structured_output
         tracker = _RequestTracker(
-            engine_id, len(token_ids), self.metrics, structure.kinds[0] if structure else None, params.adapter
-        )
+            engine_id, len(token_ids), self.metrics, structure.kinds[0] if structure else None,
+            params.adapter, params.embed,
+        )  # fmt: skip
         self.num_in_flight += 1
         try:
             async for out in self.llm.generate(engine_id, token_ids, params, deadline, admit):
@@ -394,8 +397,12 @@ class _RequestTracker:
         metrics: ServerMetrics,
         structure: str | None = None,
         adapter: str | None = None,
+        embeds: bool = False,
     ) -> None:
         self.engine_id = engine_id
+        # An embedding request's one sampled token is dropped: it has no output tokens, and no
+        # token times for the latency histograms.
+        self.embeds = embeds
         self.prompt_tokens = prompt_tokens
         self.metrics = metrics
         self.structure = structure  # the kind of its structured output, if it has one
@@ -407,7 +414,7 @@ class _RequestTracker:
         self.done = False
 
     def on_output(self, out: RequestOutput) -> None:
-        if out.new_token_ids:
+        if out.new_token_ids and not self.embeds:
             # One gap per token after the first. An output may carry several tokens (held back
             # for a stop string, or merged behind a slow reader): they share the time since the
             # last output.
@@ -431,6 +438,10 @@ class _RequestTracker:
     def finish(self, out: RequestOutput) -> None:
         m = out.metrics
         reason, tokens = out.finish_reason or "stop", len(out.token_ids)
+        if self.embeds:
+            reason = "stop" if out.embedding is not None else reason
+            self._record(reason, 0, None, m.e2e_s, m.queue_s, m.prefill_s)
+            return
         self._record(reason, tokens, m.ttft_s, m.e2e_s, m.queue_s, m.prefill_s, m.decode_s)
 
     def abandon(self) -> None:

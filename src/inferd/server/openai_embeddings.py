@@ -18,9 +18,10 @@ from fastapi.responses import JSONResponse, Response
 
 from inferd.server.errors import InvalidRequestError, ServiceUnavailableError, protocol_route_class
 from inferd.server.errors import ModelNotFoundError as ModelNotFoundApiError
-from inferd.server.frontend import Frontend
+from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai import llm_embeddings
 from inferd.server.openai.common import encode_vector, error_response
+from inferd.server.streaming import unless_disconnected
 from inferd.serving.dataplane import DataPlane
 from inferd.serving.errors import InferenceError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from inferd.serving.repository import ModelRepository
@@ -146,9 +147,11 @@ def build_embeddings_router(
         try:
             model, encoding, dimensions = _parse_form(body)
             if served_llm is not None and llm_embeddings.serves(served_llm, model):
-                return JSONResponse(
-                    await llm_embeddings.embed_with_llm(served_llm, body, encoding, dimensions)
-                )
+                timeout = body.get("timeout")
+                timeout_s = served_llm.timeout_s(request.headers.get(TIMEOUT_HEADER), timeout)
+                embed = llm_embeddings.embed_with_llm(served_llm, body, encoding, dimensions, timeout_s)
+                # A client that leaves aborts its inputs' engine requests, as on every route.
+                return JSONResponse(await unless_disconnected(request, embed))
             if service is None:
                 raise ModelNotFoundError(f"model {model!r} is not served")
             return JSONResponse(await service.embed(body, model, encoding, dimensions))

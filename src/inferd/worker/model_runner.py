@@ -354,6 +354,8 @@ class ModelRunner:
         """For the sequences that embed their prompt and compute its last token in this step: that
         token's final hidden state (after the model's last norm), L2-normalized in float32."""
         found: dict[str, torch.Tensor] = {}
+        if not out.embeds_prompts:
+            return found
         row = 0
         for seq in out.sequences:
             row += seq.num_tokens

@@ -11,7 +11,7 @@ import numpy as np
 
 from inferd.engine.outputs import RequestOutput
 from inferd.sampling_params import SamplingParams
-from inferd.server.errors import InvalidRequestError
+from inferd.server.errors import GenerationError, InvalidRequestError, RequestTimeoutError
 from inferd.server.frontend import Frontend
 from inferd.server.openai.common import encode_vector
 
@@ -31,6 +31,8 @@ def _inputs(value: Any) -> list[str | list[int]]:
         raise InvalidRequestError(
             "input: must be a string, token ids, or a non-empty list of either", "input"
         )
+    if len({isinstance(item, str) for item in value}) > 1:  # as OpenAI's schema: one form per request
+        raise InvalidRequestError("input: a list must hold only strings or only token-id lists", "input")
     for item in value:
         text = isinstance(item, str)
         if not (text or isinstance(item, list) and all(_is_token(t) for t in item)):
@@ -45,10 +47,11 @@ def _is_token(value: Any) -> bool:
 
 
 async def embed_with_llm(
-    frontend: Frontend, body: dict[str, Any], encoding: str, dimensions: int | None
+    frontend: Frontend, body: dict[str, Any], encoding: str, dimensions: int | None, timeout_s: float | None
 ) -> dict:
     """The response to an embeddings request whose ``model`` the served LLM answers
-    (``encoding`` and ``dimensions`` already checked for their form)."""
+    (``encoding`` and ``dimensions`` already checked for their form); after ``timeout_s`` its
+    unfinished inputs end it with a 408."""
     model = body["model"]
     adapter = frontend.adapter_for(model)
     width = frontend.llm.config.model.hidden_size
@@ -59,15 +62,21 @@ async def embed_with_llm(
         )
     params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
     token_ids = [frontend.prepare(item, params, field="input") for item in _inputs(body.get("input"))]
+    frontend.check_ready(token_ids, field="input")
     finals: dict[int, RequestOutput] = {}
-    async with aclosing(frontend.generate(frontend.new_request_id("embd"), token_ids, params)) as stream:
+    request_id = frontend.new_request_id("embd")
+    async with aclosing(frontend.generate(request_id, token_ids, params, timeout_s=timeout_s)) as stream:
         async for item in stream:
             if item.output.finished:
                 finals[item.index] = item.output
     data = []
     for index in range(len(token_ids)):
-        embedding = finals[index].embedding
-        assert embedding is not None, "an embedding request finished without its embedding"
+        out = finals[index]
+        if out.finish_reason == "timeout":
+            raise RequestTimeoutError(f"the request did not finish within {timeout_s} s")
+        embedding = out.embedding
+        if embedding is None:
+            raise GenerationError(f"input {index} was not embedded ({out.finish_reason})")
         vector = encode_vector(np.asarray(embedding, dtype=np.float32), encoding)
         data.append({"object": "embedding", "index": index, "embedding": vector})
     tokens = sum(len(ids) for ids in token_ids)
