@@ -173,3 +173,62 @@ def test_an_embedding_request_past_its_timeout_is_a_408(server: ServerProcess) -
     )
     assert response.status_code == 408, response.text
     assert response.json()["error"]["message"]
+
+
+def _cosines(tiny_llama, query: str, texts: list[str]) -> list[float]:
+    llm = LLM(tiny_llama, kv_cache_memory="4MiB")
+    vectors = [torch.tensor(v) for v in llm.embed([query, *texts])]
+    return [float(vectors[0] @ v) for v in vectors[1:]]
+
+
+def test_score_is_the_cosine_of_the_two_embeddings(server: ServerProcess, tiny_llama) -> None:
+    import httpx
+
+    texts = ["to be or not", "the rest is silence", "good night sweet prince"]
+    expected = _cosines(tiny_llama, "ROMEO:", texts)
+    body = {"model": "tiny", "text_1": "ROMEO:", "text_2": texts}
+    one_to_many = httpx.post(f"{server.base_url}/v1/score", json=body, timeout=30).json()
+    assert [d["index"] for d in one_to_many["data"]] == [0, 1, 2] and one_to_many["model"] == "tiny"
+    assert np.allclose([d["score"] for d in one_to_many["data"]], expected, atol=1e-5)
+    body = {"text_1": ["ROMEO:", texts[0]], "text_2": [texts[1], texts[0]]}
+    pairwise = httpx.post(f"{server.base_url}/score", json=body, timeout=30).json()
+    assert np.isclose(pairwise["data"][0]["score"], expected[1], atol=1e-5)
+    assert np.isclose(pairwise["data"][1]["score"], 1.0, atol=1e-5)  # a text against itself
+
+
+def test_rerank_orders_the_documents_by_score(server: ServerProcess, tiny_llama) -> None:
+    import httpx
+
+    documents = ["to be or not", "the rest is silence", "good night sweet prince", "ROMEO:"]
+    expected = _cosines(tiny_llama, "ROMEO:", documents)
+    order = sorted(range(len(documents)), key=lambda i: -expected[i])
+    body = {"model": "tiny", "query": "ROMEO:", "documents": documents, "top_n": 3}
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        response = httpx.post(f"{server.base_url}{path}", json=body, timeout=30).json()
+        assert [r["index"] for r in response["results"]] == order[:3]
+        assert response["results"][0]["document"] == {"text": documents[order[0]]}
+        scores = [r["relevance_score"] for r in response["results"]]
+        assert np.allclose(scores, [expected[i] for i in order[:3]], atol=1e-5)
+    bare = httpx.post(f"{server.base_url}/v1/rerank", json={**body, "return_documents": False, "top_n": None},
+                      timeout=30).json()  # fmt: skip
+    assert len(bare["results"]) == 4 and "document" not in bare["results"][0]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field"),
+    [
+        ("/v1/score", {"model": "tiny", "text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, 400, "text_2"),
+        ("/v1/score", {"model": "tiny", "text_1": [], "text_2": "c"}, 400, "text_1"),
+        ("/v1/score", {"model": "tiny", "text_1": "a", "text_2": ""}, 400, "text_2"),
+        ("/v1/score", {"model": "other", "text_1": "a", "text_2": "b"}, 404, "model"),
+        ("/v1/rerank", {"model": "tiny", "query": "a", "documents": []}, 400, "documents"),
+        ("/v1/rerank", {"model": "tiny", "query": "a", "documents": ["b"], "top_n": 0}, 400, None),
+    ],
+)
+def test_score_and_rerank_errors(server: ServerProcess, path: str, body: dict, status: int, field) -> None:
+    import httpx
+
+    response = httpx.post(f"{server.base_url}{path}", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and (field is None or error["param"] == field)

@@ -46,6 +46,33 @@ def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+async def embed_prompts(
+    frontend: Frontend, model: str | None, prompts: list[str | list[int]], field: str, timeout_s: float | None
+) -> tuple[list[np.ndarray], int]:
+    """Each prompt's embedding (float32) by the served model or the adapter ``model`` names, and
+    the prompt tokens embedded; ``field`` names the prompts in errors. After ``timeout_s`` the
+    unfinished ones end the request with a 408."""
+    adapter = frontend.adapter_for(model)
+    params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
+    token_ids = [frontend.prepare(prompt, params, field=field) for prompt in prompts]
+    frontend.check_ready(token_ids, field=field)
+    finals: dict[int, RequestOutput] = {}
+    request_id = frontend.new_request_id("embd")
+    async with aclosing(frontend.generate(request_id, token_ids, params, timeout_s=timeout_s)) as stream:
+        async for item in stream:
+            if item.output.finished:
+                finals[item.index] = item.output
+    vectors = []
+    for index in range(len(token_ids)):
+        out = finals[index]
+        if out.finish_reason == "timeout":
+            raise RequestTimeoutError(f"the request did not finish within {timeout_s} s")
+        if out.embedding is None:
+            raise GenerationError(f"{field} {index} was not embedded ({out.finish_reason})")
+        vectors.append(np.asarray(out.embedding, dtype=np.float32))
+    return vectors, sum(len(ids) for ids in token_ids)
+
+
 async def embed_with_llm(
     frontend: Frontend, body: dict[str, Any], encoding: str, dimensions: int | None, timeout_s: float | None
 ) -> dict:
@@ -53,33 +80,17 @@ async def embed_with_llm(
     (``encoding`` and ``dimensions`` already checked for their form); after ``timeout_s`` its
     unfinished inputs end it with a 408."""
     model = body["model"]
-    adapter = frontend.adapter_for(model)
     width = frontend.llm.config.model.hidden_size
     if dimensions is not None and dimensions != width:
         # Shortening is only meaningful for models trained for it; this one gives its own width.
         raise InvalidRequestError(
             f"dimensions: model {model!r} gives {width}-dimensional embeddings", "dimensions"
         )
-    params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
-    token_ids = [frontend.prepare(item, params, field="input") for item in _inputs(body.get("input"))]
-    frontend.check_ready(token_ids, field="input")
-    finals: dict[int, RequestOutput] = {}
-    request_id = frontend.new_request_id("embd")
-    async with aclosing(frontend.generate(request_id, token_ids, params, timeout_s=timeout_s)) as stream:
-        async for item in stream:
-            if item.output.finished:
-                finals[item.index] = item.output
-    data = []
-    for index in range(len(token_ids)):
-        out = finals[index]
-        if out.finish_reason == "timeout":
-            raise RequestTimeoutError(f"the request did not finish within {timeout_s} s")
-        embedding = out.embedding
-        if embedding is None:
-            raise GenerationError(f"input {index} was not embedded ({out.finish_reason})")
-        vector = encode_vector(np.asarray(embedding, dtype=np.float32), encoding)
-        data.append({"object": "embedding", "index": index, "embedding": vector})
-    tokens = sum(len(ids) for ids in token_ids)
+    vectors, tokens = await embed_prompts(frontend, model, _inputs(body.get("input")), "input", timeout_s)
+    data = [
+        {"object": "embedding", "index": index, "embedding": encode_vector(vector, encoding)}
+        for index, vector in enumerate(vectors)
+    ]
     return {
         "object": "list",
         "data": data,

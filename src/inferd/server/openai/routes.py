@@ -1,6 +1,7 @@
 """OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/responses` (create,
-in the background too, read back, cancel, delete), `/v1/models`, `/tokenize`, `/detokenize`. They
-translate between the protocol and the Frontend, nothing more."""
+in the background too, read back, cancel, delete), `/v1/models`, `/tokenize`, `/detokenize`, and
+vLLM's `/v1/score` and `/v1/rerank` (``score.py``). They translate between the protocol and the
+Frontend, nothing more."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from inferd.server.openai.responses import (
     stream_response,
 )
 from inferd.server.openai.responses_protocol import ResponsesRequest
+from inferd.server.openai.score import add_score_routes
 from inferd.server.streaming import sse_response, unless_disconnected
 
 
@@ -56,6 +58,8 @@ def build_router(
         dependencies=[Depends(dependency) for dependency in dependencies],
         tags=["openai"],
     )
+
+    add_score_routes(router, frontend)
 
     @router.get("/v1/models")
     async def list_models() -> ModelList:
