@@ -165,10 +165,10 @@ def test_a_width_the_model_rules_out_is_refused_before_any_text_is_embedded(
 def test_a_dimensions_that_is_not_a_positive_integer_is_refused_with_the_body(dimensions: object) -> None:
     """When the body is read, before the model is looked up or any text embedded, whatever width
     the model's configuration declares (or leaves open)."""
-    from inferd.server.openai_embeddings import _parse_body
+    from inferd.server.openai_embeddings import _parse_form
     from inferd.serving.errors import InvalidInputError
 
     body = {"model": "no-such-model", "input": "x", "dimensions": dimensions}
     with pytest.raises(InvalidInputError, match="'dimensions' must be a positive integer"):
-        _parse_body(body)
-    assert _parse_body({**body, "dimensions": 16})[3] == 16
+        _parse_form(body)
+    assert _parse_form({**body, "dimensions": 16})[2] == 16
