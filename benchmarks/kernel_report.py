@@ -159,7 +159,7 @@ def cases() -> list[Case]:
     # at one and two rows the fused inputs, as the layers launch them: the add + norm before
     # gate|up, and SiLU-and-mul before the down projection (3072 -> 1024).
     linear_types = {"x_ptr": BF16, "w_ptr": BF16, "bias_ptr": BF16, "y_ptr": BF16, "residual_ptr": BF16,
-                    "norm_weight_ptr": BF16, "residual_out_ptr": BF16, "scale_ptr": FP32,
+                    "norm_weight_ptr": BF16, "residual_out_ptr": BF16, "scale_ptr": FP32, "zero_ptr": "*i8",
                     "eps": "fp32"}  # fmt: skip
     linear_inputs = {  # label: (out, in, GATED, NORMED)
         "": (6144, 1024, False, False), " + add + RMSNorm": (6144, 1024, False, True),
@@ -177,7 +177,7 @@ def cases() -> list[Case]:
                      {"rows": rows, "out_features": out_features, "in_features": in_features,
                       "stride_x_row": in_features * (2 if gated else 1), "stride_w_row": in_features,
                       "stride_y_row": out_features, "stride_residual_row": in_features if normed else 0,
-                      "stride_scale_row": 0},
+                      "stride_scale_row": 0, "stride_zero_row": 0},
                      {"HAS_BIAS": False, "GATED": gated, "NORMED": normed, "HAS_RESIDUAL": normed,
                       "ROWS_P2": rows, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "EVEN_K": True,
                       "NUM_STAGES": tile.num_stages},
@@ -186,24 +186,29 @@ def cases() -> list[Case]:
     # The same gate|up over 8-bit weights (layers/quantized.py) at one and two rows: e4m3 with one
     # scale per output row (applied to the sums) and in 128 x 128 blocks (each weight tile scaled as
     # loaded), and int8 (W4A16's and W8A16's values) in groups of 128 input columns.
-    scaled_weights = {  # label: (weight type, SCALED, SCALE_ROWS, SCALE_COLUMNS, scale row stride)
-        " fp8, a scale per row": ("*fp8e4nv", 1, 1, 1, 1),
-        " fp8, 128 x 128 blocks": ("*fp8e4nv", 2, 128, 128, 1024 // 128),
-        " int8, groups of 128": ("*i8", 2, 1, 128, 1024 // 128),
-    }
-    for label, (weight_type, scaled, scale_rows, scale_columns, scale_stride) in scaled_weights.items():
+    # W4A16's 4-bit integers packed eight to an int32 word, with and without zero points.
+    scaled_weights = {  # label: (weight type, SCALED, SCALE_ROWS, SCALE_COLUMNS, scale row stride, more)
+        " fp8, a scale per row": ("*fp8e4nv", 1, 1, 1, 1, {}),
+        " fp8, 128 x 128 blocks": ("*fp8e4nv", 2, 128, 128, 1024 // 128, {}),
+        " int8, groups of 128": ("*i8", 2, 1, 128, 1024 // 128, {}),
+        " int4 packed, groups of 128": ("*i32", 2, 1, 128, 1024 // 128, {"PACKED": True}),
+        " int4 packed, groups of 128, zero points": (
+            "*i32", 2, 1, 128, 1024 // 128, {"PACKED": True, "HAS_ZERO": True}),
+    }  # fmt: skip
+    for label, (weight_type, scaled, scale_rows, scale_columns, scale_stride, more) in scaled_weights.items():
         for rows in (1, 2):
             tile = triton_linear.default_tile(rows, 1024)
             linear_cases.append(
                 Case(LINEAR, "_skinny_linear_kernel", f"skinny linear rows={rows}{label}",
                      {**linear_types, "w_ptr": weight_type},
                      {"rows": rows, "out_features": 6144, "in_features": 1024, "stride_x_row": 1024,
-                      "stride_w_row": 1024, "stride_y_row": 6144, "stride_residual_row": 0,
-                      "stride_scale_row": scale_stride},
+                      "stride_w_row": 1024 // 8 if more.get("PACKED") else 1024, "stride_y_row": 6144,
+                      "stride_residual_row": 0, "stride_scale_row": scale_stride,
+                      "stride_zero_row": scale_stride},
                      {"HAS_BIAS": False, "GATED": False, "NORMED": False, "HAS_RESIDUAL": False,
                       "ROWS_P2": rows, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "EVEN_K": True,
                       "NUM_STAGES": tile.num_stages, "SCALED": scaled, "SCALE_ROWS": scale_rows,
-                      "SCALE_COLUMNS": scale_columns},
+                      "SCALE_COLUMNS": scale_columns, **more},
                      num_warps=tile.num_warps, num_stages=tile.num_stages, pipelined_loop=True)
             )  # fmt: skip
     from inferd.layers import triton_tiled_linear

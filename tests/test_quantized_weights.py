@@ -4,6 +4,7 @@ the engine does not compute."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ from inferd import LLM, SamplingParams
 from inferd.config import ModelConfig, ModelLoadError
 from inferd.engine.request import Request
 from inferd.layers import quantized
+from inferd.layers.linear_operands import WeightScale
 from inferd.quant_config import QuantScheme, read_quantization
 
 pytest.importorskip("accelerate")  # transformers reads the fp8 method's folders with it
@@ -88,7 +90,9 @@ def test_logits_match_transformers_reading_the_same_checkpoint(
     assert (unquantized - theirs).abs().max().item() > 1e-3
     # The projections hold 8-bit values (integers of 4 bits too) and their scales, the embeddings
     # their own dtype.
-    held = torch.int8 if layout in INT_LAYOUTS else torch.float8_e4m3fn
+    # 4-bit integers that come packed stay packed in int32 words; other integers are int8.
+    bits, packed = (INT_LAYOUTS[layout][1], INT_LAYOUTS[layout][3]) if layout in INT_LAYOUTS else (8, False)
+    held = torch.float8_e4m3fn if layout in LAYOUTS else torch.int32 if bits == 4 and packed else torch.int8
     layer = llm.engine.core.runner.model.model.layers[1]
     for linear in (
         layer.self_attn.qkv_proj,
@@ -151,7 +155,7 @@ def test_dequantize_and_quantize_round_trip() -> None:
     for block in ((16, 48), (1, 70), (128, 128)):
         q, scale = quantized.quantize(weight, block)
         assert q.dtype == torch.float8_e4m3fn and scale.shape == (-(-37 // block[0]), -(-70 // block[1]))
-        back = quantized.dequantize(q, scale, block, torch.float32)
+        back = quantized.dequantize(q, WeightScale(scale, block), torch.float32)
         # e4m3 keeps 3 mantissa bits: within 1/16 of each block's largest magnitude.
         assert (back - weight).abs().max() <= weight.abs().max() / 16
         assert quantized.quantize(back, block)[0].view(torch.uint8).equal(q.view(torch.uint8))
@@ -427,6 +431,23 @@ def test_packed_shapes_are_checked_and_activation_zero_points_dropped(low_bit_fo
 def test_random_weights_of_an_integer_checkpoints_shape(low_bit_folders) -> None:
     llm = LLM(low_bit_folders["llama", "ct-w4a16"], kv_cache_memory="4MiB", load_format="dummy")
     down = llm.engine.core.runner.model.model.layers[0].mlp.down_proj
-    assert down.weight.dtype == torch.int8 and down.weight_block == (1, INT_GROUP)
-    assert int(down.weight.abs().max()) <= 7  # 4-bit values
+    assert down.weight.dtype == torch.int32 and down.weight_block == (1, INT_GROUP)  # packed, as it comes
+    values = quantized.unpack_int32(down.weight, 4, down.in_features)
+    assert int(values.abs().max()) == 7 and values.shape == (down.out_features, down.in_features)
     assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids
+
+
+def test_a_lora_adapter_over_packed_4_bit_weights(low_bit_folders, tiny_model_factory, tmp_path) -> None:
+    """The adapter's A and B take the projections' unpacked widths (the packed weight's rows are
+    words): its requests differ from the base model's, whose own are unchanged beside them."""
+    from tiny_models import make_lora_adapter
+
+    folder = low_bit_folders["qwen3", "ct-w4a16"]
+    adapter = make_lora_adapter(tiny_model_factory("qwen3"), tmp_path / "adapter", seed=3)
+    llm = LLM(folder, kv_cache_memory="4MiB", lora_modules={"a": str(adapter)})
+    assert llm.engine.core.runner.model.model.layers[0].mlp.gate_up_proj.weight.dtype == torch.int32
+    prompt = _prompt(ModelConfig.from_folder(folder).vocab_size)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    base, with_adapter = llm.generate([prompt, prompt], [greedy, dataclasses.replace(greedy, adapter="a")])
+    assert base.token_ids == LLM(folder, kv_cache_memory="4MiB").generate([prompt], greedy)[0].token_ids
+    assert with_adapter.token_ids != base.token_ids

@@ -38,18 +38,34 @@ def _operands(
     seed: int,
     values: str = "fp8",
 ):
+    """x, the weight as the kernel reads it, how to read it, the weight widened, and a bias.
+    ``values``: "fp8", "int8" or "int4" held as e4m3 or int8; "int4-packed" packed eight to an
+    int32 word; "int4-zero" and "int4-packed-zero" with a zero point per block as well."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, in_features, generator=generator).to(dtype=dtype, device=DEVICE)
     # Rows of different magnitudes, so that a scale read from the wrong block shows.
     weight = torch.randn(out_features, in_features, generator=generator)
     weight *= torch.logspace(-2, 1, out_features)[:, None] * torch.logspace(0, -1, in_features)[None, :]
-    q, scale = quantized.quantize(weight, block, values)
-    widened = quantized.dequantize(q, scale, block, torch.float32).to(DEVICE)
+    kind = values.split("-")[0]
+    q, scale = quantized.quantize(weight, block, kind)
+    zero = None
+    if values.endswith("zero"):  # values moved by a zero point per block, within 4 bits
+        zero = torch.randint(-2, 3, scale.shape, generator=generator, dtype=torch.int8)
+        rows_of, columns_of = (torch.arange(n) // b for n, b in zip(q.shape, block, strict=True))
+        q = (q + zero[rows_of][:, columns_of]).clamp(-8, 7)
+    columns = in_features if "packed" in values else None
+    if columns is not None:
+        q = quantized.pack_int32(q, 4)
+    how = WeightScale(scale.to(DEVICE), block, None if zero is None else zero.to(DEVICE), columns)
+    widened = quantized.dequantize(q.to(DEVICE), how, torch.float32)
     bias = torch.randn(out_features, generator=generator).to(dtype=dtype, device=DEVICE)
-    return x, q.to(DEVICE), WeightScale(scale.to(DEVICE), block), widened, bias
+    return x, q.to(DEVICE), how, widened, bias
 
 
-@pytest.mark.parametrize("values", ["fp8", "int8", "int4"])
+VALUES = ["fp8", "int8", "int4", "int4-packed", "int4-zero", "int4-packed-zero"]
+
+
+@pytest.mark.parametrize("values", VALUES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 @pytest.mark.parametrize(("out_features", "in_features", "block", "tile"), SHAPES)
@@ -65,7 +81,7 @@ def test_scaled_weights_match_the_widened_matmul(
         assert relative_error(out, reference(x, widened, b)) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("values", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("values", VALUES)
 @pytest.mark.parametrize(("out_features", "in_features", "block", "tile"), SHAPES)
 def test_scaled_weights_with_the_input_made_on_load(out_features, in_features, block, tile, values) -> None:
     x, q, scale, widened, bias = _operands(
@@ -88,10 +104,18 @@ def test_scales_that_do_not_fit_the_weight_are_refused() -> None:
     x, q, scale, widened, _ = _operands(1, 40, 64, (16, 32), torch.float32, seed=0)
     with pytest.raises(ValueError, match=r"must be float32 \(3, 2\)"):
         triton_linear.skinny_linear(x, q, None, scale=WeightScale(scale.scale[:2], (16, 32)))
-    with pytest.raises(ValueError, match="must be torch.float8_e4m3fn or int8"):
+    with pytest.raises(ValueError, match="must be torch.float8_e4m3fn or torch.int8"):
         triton_linear.skinny_linear(x, widened, None, scale=scale)
     with pytest.raises(ValueError, match="must share a dtype"):
         triton_linear.skinny_linear(x, q, None)  # an 8-bit weight without its scales
+    x, words, packed, _, _ = _operands(1, 40, 64, (1, 32), torch.float32, seed=0, values="int4-packed-zero")
+    with pytest.raises(ValueError, match="a packed weight of 72 columns has 9 words a row, not 8"):
+        triton_linear.skinny_linear(
+            torch.zeros(1, 72), words, None, scale=WeightScale(packed.scale, (1, 32), None, 72)
+        )
+    with pytest.raises(ValueError, match=r"the zero points must be int8 \(40, 2\)"):
+        bad_zero = WeightScale(packed.scale, (1, 32), packed.zero_point.to(torch.int32), 64)
+        triton_linear.skinny_linear(x, words, None, scale=bad_zero)
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,8 @@ _INT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")
 class QuantScheme:
     """Low-bit weights and their float32 scales.
 
-    ``values``: "fp8" (e4m3), "int8" or "int4" (signed, held as int8 once loaded). ``block`` is
+    ``values``: "fp8" (e4m3), "int8" or "int4" (signed; packed 4-bit ones stay packed, others are
+    held as int8 once loaded). ``block`` is
     the (rows, columns) of weight that one scale covers; None means one scale per output row (a
     per-channel scale, or a per-tensor one given to every row, which lets a fused q|k|v hold three
     different ones). ``packed``: integers come packed into int32 words (``weight_packed``)."""

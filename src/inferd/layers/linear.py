@@ -37,8 +37,8 @@ class Linear(nn.Linear):
     # matmul of ``layers/triton_tiled_linear.py`` (0: none).
     tiled_max_rows = 0
     lora: LoraWeights | None = None
-    # Set on a projection that holds 8-bit weights (``layers/quantized.py:hold_quantized``): the (rows,
-    # columns) of weight each entry of its ``weight_scale`` parameter covers.
+    # Set on a projection that holds low-bit weights (``layers/quantized.py:hold_quantized``): the
+    # (rows, columns) of weight each entry of its ``weight_scale`` parameter covers.
     weight_block: tuple[int, int] | None = None
 
     def quant_scale(self) -> torch.Tensor:
@@ -58,12 +58,9 @@ class Linear(nn.Linear):
             from inferd.layers import triton_linear
 
             return triton_linear.skinny_linear(x, self.weight, self.bias, scale=self._scale_operand())
-        if self.weight_block is not None:
-            return F.linear(
-                x,
-                quantized.dequantize(self.weight, self.quant_scale(), self.weight_block, x.dtype),
-                self.bias,
-            )
+        low_bit = self._scale_operand()
+        if low_bit is not None:
+            return F.linear(x, quantized.dequantize(self.weight, low_bit, x.dtype), self.bias)
         if x.dim() == 2 and self.triton_max_rows < x.shape[0] <= self.tiled_max_rows:
             from inferd.layers import triton_tiled_linear
 
@@ -101,8 +98,13 @@ class Linear(nn.Linear):
         return x.dim() == 2 and 0 < x.shape[0] <= self.triton_max_rows
 
     def _scale_operand(self) -> WeightScale | None:
-        """What the skinny matmul needs to scale 8-bit weights as it loads them."""
-        return None if self.weight_block is None else WeightScale(self.quant_scale(), self.weight_block)
+        """How to read low-bit weights (their scales, zero points and packing), for the skinny
+        matmul as it loads them and for widening them; None for wide ones."""
+        if self.weight_block is None:
+            return None
+        zero = self._parameters.get("weight_zero_point")
+        columns = self.in_features if self.weight.dtype == torch.int32 else None
+        return WeightScale(self.quant_scale(), self.weight_block, zero, columns)
 
 
 def route_projections(model: nn.Module, linear: bool, tiled_linear: bool, fuse_inputs: bool = False) -> None:

@@ -197,7 +197,7 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], qkv_rows: lis
     for projection, per_adapter in targets.items():
         linear = modules[projection]
         assert isinstance(linear, Linear)
-        out_features, in_features = linear.weight.shape
+        out_features, in_features = linear.out_features, linear.in_features  # the weight may be packed
         pieces = qkv_rows if projection.endswith("qkv_proj") else [out_features // 2] * 2
         rank = max(sum(a.shape[0] for _, a, _ in pairs) for pairs in per_adapter)
         a_stack = torch.zeros(len(adapters), rank, in_features, dtype=dtype, device=device)

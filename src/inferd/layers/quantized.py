@@ -1,12 +1,14 @@
-"""Low-bit weights: a projection's ``weight`` in float8_e4m3fn or int8 and a float32 scale per block.
+"""Low-bit weights: a projection's ``weight`` in float8_e4m3fn, int8, or 4-bit integers packed
+eight to an int32 word, and a float32 scale (and, for asymmetric 4-bit ones, a zero point) per block.
 
-The weight a projection computes with is ``values * scale``, each scale covering a ``block`` of
-(rows, columns) of the weight: one output row (a per-channel scale), a group of input columns or
-a square block (``quant_config.QuantScheme``). The 8-bit tensor takes half the memory of a 16-bit
-one (4-bit checkpoints are unpacked to it at load, ``unpack_int32``), and a decode step of one or
-two sequences, which reads every weight once, reads half the bytes: the skinny Triton matmul
-(``triton_linear.py``) scales the weights as it loads them. Other steps widen the weight to the
-activations' dtype first and use the ordinary matmul.
+The weight a projection computes with is ``(values - zero_point) * scale``, each scale covering a
+``block`` of (rows, columns) of the weight: one output row (a per-channel scale), a group of input
+columns or a square block (``quant_config.QuantScheme``). An 8-bit tensor takes half the memory of
+a 16-bit one, packed 4-bit words a quarter (they stay as the checkpoint packs them; 8-bit packed
+ones are unpacked at load, ``unpack_int32``), and a decode step of one or two sequences, which
+reads every weight once, reads that many bytes: the skinny Triton matmul (``triton_linear.py``)
+unpacks and scales the weights as it loads them. Other steps widen the weight to the
+activations' dtype first (``dequantize``) and use the ordinary matmul.
 
 ``quantize`` makes such weights from a 16- or 32-bit matrix (the engine option ``quantization:
 fp8``, random weights in a checkpoint's shape, and the tests).
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from inferd.layers.linear_operands import FP8_DTYPE
+from inferd.layers.linear_operands import FP8_DTYPE, WeightScale
 
 if TYPE_CHECKING:
     from inferd.layers.linear import Linear
@@ -30,9 +32,12 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 _LARGEST = {"fp8": FP8_MAX, "int8": 127.0, "int4": 7.0}
 
 
-def storage_dtype(values: str) -> torch.dtype:
-    """What a projection of ``values`` ("fp8", "int8", "int4") holds: e4m3, or int8 for both."""
-    return FP8_DTYPE if values == "fp8" else torch.int8
+def storage_dtype(values: str, packed: bool = False) -> torch.dtype:
+    """What a projection of ``values`` ("fp8", "int8", "int4") holds: e4m3, int8, or for 4-bit
+    integers that come ``packed``, the int32 words they come in (a quarter of a 16-bit weight)."""
+    if values == "fp8":
+        return FP8_DTYPE
+    return torch.int32 if values == "int4" and packed else torch.int8
 
 
 def unpack_int32(words: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
@@ -54,24 +59,45 @@ def unpack_int32_rows(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor
     return unpack_int32(words.t(), bits, rows).t().contiguous()
 
 
-def dequantize(
-    weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
-) -> torch.Tensor:
-    """The [out, in] matrix ``weight * scale`` (each scale widened over its block) in ``dtype``;
-    the product is taken in float32, so the only rounding is the final one to ``dtype``."""
-    rows, columns = weight.shape
-    block_rows, block_columns = block
-    scale_rows, scale_columns = scale.shape
+def dequantize(weight: torch.Tensor, how: WeightScale, dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] matrix ``(values - zero_point) * scale`` (each widened over its block) in
+    ``dtype``, the values unpacked first where they are packed; taken in float32, so the only
+    rounding is the final one to ``dtype``."""
+    values = unpack_int32(weight, 4, how.columns) if how.columns is not None else weight
+    rows, columns = values.shape
     # One float32 copy of the weight, scaled in place (a prompt step's peak memory holds it).
-    widened = weight.to(torch.float32)
-    if rows == scale_rows * block_rows and columns == scale_columns * block_columns:
-        # Whole blocks: the scale broadcasts over a view, no widened copy of it.
-        widened.view(scale_rows, block_rows, scale_columns, block_columns).mul_(scale[:, None, :, None])
-    else:  # partial blocks at the edges: the scales widened and cut to the weight's shape
-        widened.mul_(
-            scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_columns, 1)[:, :columns]
-        )
+    widened = values.to(torch.float32)
+    if how.zero_point is not None:
+        widened.sub_(_widened(how.zero_point, how.block, rows, columns))
+    widened.mul_(_widened(how.scale, how.block, rows, columns))
     return widened.to(dtype)
+
+
+def _widened(per_block: torch.Tensor, block: tuple[int, int], rows: int, columns: int) -> torch.Tensor:
+    """A value per block as a [rows, columns] operand of an elementwise op: a broadcast view over
+    whole blocks, else widened and cut at the partial edges."""
+    block_rows, block_columns = block
+    blocks_down, blocks_across = per_block.shape
+    if rows == blocks_down * block_rows and columns == blocks_across * block_columns:
+        return (
+            per_block[:, None, :, None]
+            .expand(blocks_down, block_rows, blocks_across, block_columns)
+            .reshape(rows, columns)
+        )
+    return per_block.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_columns, 1)[:, :columns]
+
+
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """``unpack_int32``'s inverse: each row's ``bits``-bit values, each plus ``2 ** (bits - 1)``,
+    packed ``32 // bits`` to an int32 word, the first in the lowest bits (the last word of a row
+    padded with zeros)."""
+    per_word = 32 // bits
+    rows, columns = values.shape
+    padded = torch.zeros(rows, -(-columns // per_word) * per_word, dtype=torch.int64, device=values.device)
+    padded[:, :columns] = values.to(torch.int64) + (1 << (bits - 1))
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device)
+    words = (padded.view(rows, -1, per_word) << shifts).sum(dim=2)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def quantize(
@@ -102,14 +128,18 @@ def hold_quantized(
     dtype: torch.dtype = FP8_DTYPE,
     zero_points: bool = False,
 ) -> None:
-    """Give ``linear`` a ``weight`` of ``dtype`` (e4m3 or int8) and a float32 ``weight_scale`` of
-    ``scale_shape`` (both to be filled, as a checkpoint's tensors fill them) in place of its
-    weight; ``block`` is what one scale covers. The layer reads ``weight_block`` to know it holds
-    such weights. With ``zero_points``, an int8 ``weight_zero_point`` of the scales' shape too,
-    until ``fold_zero_points`` takes it into the weight."""
+    """Give ``linear`` a ``weight`` of ``dtype`` and a float32 ``weight_scale`` of ``scale_shape``
+    (both to be filled, as a checkpoint's tensors fill them) in place of its weight; ``block`` is
+    what one scale covers. ``dtype`` e4m3 or int8 holds ``[out, in]`` values; int32 holds 4-bit
+    integers packed eight to a word (``pack_int32``), ``[out, ceil(in / 8)]``. The layer reads
+    ``weight_block`` to know it holds such weights. With ``zero_points``, an int8
+    ``weight_zero_point`` of the scales' shape too (``fold_zero_points`` takes it into int8
+    values; packed values keep it)."""
     device = linear.weight.device
-    linear.weight = nn.Parameter(torch.empty(linear.weight.shape, dtype=dtype, device=device),
-                                 requires_grad=False)  # fmt: skip
+    shape = (
+        (linear.out_features, -(-linear.in_features // 8)) if dtype == torch.int32 else linear.weight.shape
+    )
+    linear.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
     scale = torch.ones(scale_shape, dtype=torch.float32, device=device)
     linear.register_parameter("weight_scale", nn.Parameter(scale, requires_grad=False))
     if zero_points:
@@ -121,6 +151,8 @@ def hold_quantized(
 def fold_zero_points(linear: Linear) -> None:
     """Hold ``values - zero_point`` as the weight's values (in int8: 4-bit values and zero points
     differ by at most 15) and drop the zero points, so every path computes ``values * scale``."""
+    if linear.weight.dtype != torch.int8:  # packed values keep theirs: the difference needs 5 bits
+        return
     zero = linear._parameters.pop("weight_zero_point", None)
     if zero is None or linear.weight_block is None:
         return
@@ -140,10 +172,15 @@ def skinny_kernel_reads(dtype: torch.dtype, device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def quantize_in_place(linear: Linear, block: tuple[int, int], values: str = "fp8") -> None:
-    """Replace ``linear``'s weight by its ``values`` form and scales (``quantize``)."""
+def quantize_in_place(
+    linear: Linear, block: tuple[int, int], values: str = "fp8", packed: bool = False
+) -> None:
+    """Replace ``linear``'s weight by its ``values`` form and scales (``quantize``), 4-bit values
+    ``packed`` into int32 words."""
     with torch.no_grad():
         weight, scale = quantize(linear.weight.data, block, values)
+        if packed and values == "int4":
+            weight = pack_int32(weight, 4)
         hold_quantized(linear, block, (scale.shape[0], scale.shape[1]), weight.dtype)
         linear.weight.copy_(weight)
         linear.quant_scale().copy_(scale)

@@ -88,6 +88,7 @@ def _skinny_linear_kernel(
     norm_weight_ptr,
     residual_out_ptr,
     scale_ptr,
+    zero_ptr,
     rows,
     out_features,
     in_features,
@@ -96,6 +97,7 @@ def _skinny_linear_kernel(
     stride_y_row,
     stride_residual_row,
     stride_scale_row,
+    stride_zero_row,
     eps,
     HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr,
@@ -109,6 +111,8 @@ def _skinny_linear_kernel(
     SCALED: tl.constexpr = 0,
     SCALE_ROWS: tl.constexpr = 1,
     SCALE_COLUMNS: tl.constexpr = 1,
+    HAS_ZERO: tl.constexpr = False,
+    PACKED: tl.constexpr = False,
     PDL: tl.constexpr = False,
     PREFETCH_LINES: tl.constexpr = 0,
     LINE_ELEMENTS: tl.constexpr = 64,
@@ -127,7 +131,10 @@ def _skinny_linear_kernel(
     ``SCALED`` > 0: ``w`` is 8-bit (e4m3 or int8), scaled per block (``layers/quantized.py``). 1: one
     scale per output row (``scale[f, 0]``), applied to the sums once at the end. 2: ``scale[i, j]`` multiplies
     the block of ``SCALE_ROWS`` x ``SCALE_COLUMNS`` at (``i``, ``j``); each loaded weight tile is
-    scaled, its scales gathered by block index.
+    scaled, its scales gathered by block index. ``HAS_ZERO``: each block's zero point (int8, laid
+    out as the scales) is taken from its values first. ``PACKED``: ``w`` is 4-bit integers packed
+    eight to an int32 word along each row, the first in the lowest bits, each stored plus 8; each
+    value is cut out of its word as the tile is loaded (a word read for 8 of the tile's columns).
 
     ``PREFETCH_LINES`` > 0 (with ``PDL`` only): before the wait, the program asks L2 for its weight
     rows, ``LINE_ELEMENTS`` to a 128-byte line, so they stream in while the previous kernel ends.
@@ -143,7 +150,16 @@ def _skinny_linear_kernel(
     row_ids = tl.arange(0, ROWS_P2)
     row_mask = row_ids < rows
     ks = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + features[:, None].to(tl.int64) * stride_w_row + ks[None, :]
+    if PACKED:
+        # BLOCK_K is a multiple of 8 and so is every step's start: a column's word and place in it
+        # are the same in every step.
+        w_ptrs = w_ptr + features[:, None].to(tl.int64) * stride_w_row + (ks // 8)[None, :]
+        shifts = (ks % 8) * 4
+    else:
+        w_ptrs = w_ptr + features[:, None].to(tl.int64) * stride_w_row + ks[None, :]
+    if HAS_ZERO and SCALED == 1:
+        row_zero = tl.load(zero_ptr + features.to(tl.int64) * stride_zero_row, mask=feature_mask, other=0)
+        row_zero = row_zero.to(tl.float32)
     x_ptrs = x_ptr + row_ids[:, None].to(tl.int64) * stride_x_row + ks[None, :]
     if HAS_RESIDUAL:
         residual_ptrs = residual_ptr + row_ids[:, None].to(tl.int64) * stride_residual_row + ks[None, :]
@@ -166,6 +182,8 @@ def _skinny_linear_kernel(
             x_mask = row_mask[:, None] & k_mask[None, :]
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        if PACKED:
+            w = ((w >> shifts[None, :]) & 15) - 8  # the arithmetic shift's sign bits masked off
         if GATED:
             up = tl.load(x_ptrs + in_features, mask=x_mask, other=0.0)
             gate = x.to(tl.float32)
@@ -191,11 +209,16 @@ def _skinny_linear_kernel(
             x32 = x.to(tl.float32)
         w32 = w.to(tl.float32)
         if SCALED == 2:
-            scale_ptrs = (scale_ptr + (features // SCALE_ROWS)[:, None].to(tl.int64) * stride_scale_row
-                          + ((k_start + ks) // SCALE_COLUMNS)[None, :])  # fmt: skip
-            w32 *= tl.load(scale_ptrs, mask=w_mask, other=0.0)
+            block_rows = (features // SCALE_ROWS)[:, None].to(tl.int64)
+            block_columns = ((k_start + ks) // SCALE_COLUMNS)[None, :]
+            if HAS_ZERO:
+                zero_ptrs = zero_ptr + block_rows * stride_zero_row + block_columns
+                w32 -= tl.load(zero_ptrs, mask=w_mask, other=0).to(tl.float32)
+            w32 *= tl.load(scale_ptr + block_rows * stride_scale_row + block_columns, mask=w_mask, other=0.0)
+        elif HAS_ZERO:
+            w32 -= row_zero[:, None]
         products += x32[:, None, :] * w32[None, :, :]
-        w_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K // 8 if PACKED else BLOCK_K
         x_ptrs += BLOCK_K
     acc = tl.sum(products, axis=2)
     if SCALED == 1:
@@ -318,7 +341,9 @@ def _launch(
     scale: WeightScale | None = None,
 ) -> torch.Tensor:
     rows = x.shape[0]
-    out_features, in_features = weight.shape
+    out_features = weight.shape[0]
+    in_features = scale.in_features(weight) if scale is not None else weight.shape[1]
+    packed = scale is not None and scale.columns is not None
     y = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     if rows == 0 or out_features == 0:
         return y
@@ -330,14 +355,15 @@ def _launch(
     fused = gated or norm is not None
     tile = tile or (default_fused_tile(rows, in_features) if fused else default_tile(rows, in_features))
     scales = unit_inner_stride(scale.scale) if scale is not None else y
+    zeros = unit_inner_stride(scale.zero_point) if scale is not None and scale.zero_point is not None else y
     scale_rows, scale_columns = scale.block if scale is not None else (1, 1)
     per_row = scale_rows == 1 and scale_columns >= in_features
     scaled = 0 if scale is None else 1 if per_row else 2
     _skinny_linear_kernel[(triton.cdiv(out_features, tile.block_n),)](
         x, weight, bias if bias is not None else weight, y,
-        residual if residual is not None else x, norm_weight, residual_out, scales,
+        residual if residual is not None else x, norm_weight, residual_out, scales, zeros,
         rows, out_features, in_features, x.stride(0), weight.stride(0), y.stride(0),
-        residual.stride(0) if residual is not None else 0, scales.stride(0), eps,
+        residual.stride(0) if residual is not None else 0, scales.stride(0), zeros.stride(0), eps,
         HAS_BIAS=bias is not None,
         GATED=gated,
         NORMED=norm is not None,
@@ -350,10 +376,12 @@ def _launch(
         SCALED=scaled,
         SCALE_ROWS=scale_rows if scaled == 2 else 1,
         SCALE_COLUMNS=scale_columns if scaled == 2 else 1,
+        HAS_ZERO=zeros is not y,
+        PACKED=packed,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
         **launch_options(),
-        **_prefetch_options(weight),
+        **(_prefetch_options(weight) if not packed else {}),
     )  # fmt: skip
     return y
 

@@ -195,7 +195,8 @@ def quantize_projections(model: nn.Module, scheme: QuantScheme) -> None:
     the embeddings, the LM head, norms and a mixture's router and experts stay as they are."""
     for module in model.modules():
         if isinstance(module, Linear):
-            quantized.quantize_in_place(module, scheme.block_of(*module.weight.shape), scheme.values)
+            block = scheme.block_of(module.out_features, module.in_features)
+            quantized.quantize_in_place(module, block, scheme.values, scheme.packed)
 
 
 _TRITON_PDL = "inferd.layers.triton_pdl"
@@ -228,6 +229,7 @@ Slot = tuple[int, ...] | None
 
 def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig) -> None:
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     filled: set[tuple[str, Slot]] = set()
     for name, tensor in weights:
         if "rotary_emb" in name:
@@ -235,7 +237,10 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
         target, slot = _target_of(name)
         shown = _checkpoint_spelling(name, cfg)
         if target.endswith("." + PACKED_SHAPE) and cfg.quant is not None and cfg.quant.packed:
-            _check_packed_shape(params, target, slot, cfg, tensor, shown)
+            linear = modules.get(target.rsplit(".", 1)[0])
+            if not isinstance(linear, Linear):
+                raise ModelLoadError(f"checkpoint tensor {shown!r} has no place in {cfg.architecture}")
+            _check_packed_shape(params, target, slot, cfg, tensor, shown, linear.in_features)
             continue
         packed = target.endswith("." + PACKED_WEIGHT)
         target = target.removesuffix("_packed") if packed else target
@@ -255,7 +260,7 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
                 tensor = _unpacked(tensor, cfg.quant.bits, view, shown, down_rows=True)
             else:
                 view = _slot_view(param.data, slot, cfg, target, shown)
-                if packed and cfg.quant is not None:
+                if packed and cfg.quant is not None and view.dtype != torch.int32:  # else kept packed
                     tensor = _unpacked(tensor, cfg.quant.bits, view, shown)
             _copy_checked(view, tensor, shown)
         filled.add((target, slot))
@@ -388,7 +393,7 @@ def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) ->
                 cfg.quant.block_of(out_features, in_features),
                 cfg.quant.scale_shape(out_features, in_features),
             )
-            dtype = quantized.storage_dtype(cfg.quant.values)
+            dtype = quantized.storage_dtype(cfg.quant.values, cfg.quant.packed)
             quantized.hold_quantized(module, block, shape, dtype, cfg.quant.zero_points)
 
 
@@ -489,14 +494,21 @@ def _unfilled(target: str, param: torch.Tensor, filled: set[tuple[str, Slot]]) -
 
 
 def _check_packed_shape(
-    params: dict[str, nn.Parameter], target: str, slot: Slot, cfg: ModelConfig, shape: torch.Tensor, name: str
+    params: dict[str, nn.Parameter],
+    target: str,
+    slot: Slot,
+    cfg: ModelConfig,
+    shape: torch.Tensor,
+    name: str,
+    in_features: int,
 ) -> None:
-    """A packed weight's ``weight_shape`` must be the shape of the rows it fills: the packed words
-    alone cannot tell a narrower weight padded to whole words from the model's."""
+    """A packed weight's ``weight_shape`` must be the shape of the rows it fills (the projection's
+    ``in_features`` wide): the packed words alone cannot tell a narrower weight padded to whole
+    words from the model's."""
     weight = params.get(target.removesuffix("_shape"))
     if weight is None:
         raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}")
-    expected = list(_slot_view(weight.data, slot, cfg, target, name).shape)
+    expected = [_slot_view(weight.data, slot, cfg, target, name).shape[0], in_features]
     if shape.tolist() != expected:
         raise ModelLoadError(f"tensor {name!r} gives the shape {shape.tolist()}, expected {expected}")
 
@@ -516,7 +528,8 @@ def _unpacked(
         raise ModelLoadError(f"tensor {name!r}: {exc}") from None
 
 
-_LOW_BIT = (FP8_DTYPE, torch.int8)
+# What low-bit projections hold: e4m3 or int8 values, or 4-bit ones packed into int32 words.
+_LOW_BIT = (FP8_DTYPE, torch.int8, torch.int32)
 
 
 def _copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
@@ -529,7 +542,7 @@ def _copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     if param.dtype not in _LOW_BIT and tensor.element_size() == 1:
         raise ModelLoadError(f"tensor {name!r} is {tensor.dtype} without a scale (weight_scale or "
                              f"weight_scale_inv) beside it")  # fmt: skip
-    if not tensor.is_floating_point() and param.dtype != torch.int8:
+    if not tensor.is_floating_point() and param.dtype not in (torch.int8, torch.int32):
         raise ModelLoadError(f"tensor {name!r} has dtype {tensor.dtype}; inferd loads floating-point weights")
     if param.shape != tensor.shape:
         raise ModelLoadError(
