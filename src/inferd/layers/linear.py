@@ -42,9 +42,9 @@ class Linear(nn.Linear):
     weight_block: tuple[int, int] | None = None
 
     def quant_scale(self) -> torch.Tensor:
-        """The ``weight_scale`` parameter of a projection with 8-bit weights (float or integer)."""
+        """The ``weight_scale`` parameter of a projection with low-bit weights."""
         scale = self._parameters["weight_scale"]
-        assert scale is not None and self.weight_block is not None, "not an 8-bit projection"
+        assert scale is not None and self.weight_block is not None, "not a low-bit projection"
         return scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

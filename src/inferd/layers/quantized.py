@@ -16,6 +16,7 @@ fp8``, random weights in a checkpoint's shape, and the tests).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,27 +65,32 @@ def dequantize(weight: torch.Tensor, how: WeightScale, dtype: torch.dtype) -> to
     ``dtype``, the values unpacked first where they are packed; taken in float32, so the only
     rounding is the final one to ``dtype``."""
     values = unpack_int32(weight, 4, how.columns) if how.columns is not None else weight
-    rows, columns = values.shape
-    # One float32 copy of the weight, scaled in place (a prompt step's peak memory holds it).
+    # One float32 copy of the weight, shifted and scaled in place (a prompt step's peak memory
+    # holds it).
     widened = values.to(torch.float32)
     if how.zero_point is not None:
-        widened.sub_(_widened(how.zero_point, how.block, rows, columns))
-    widened.mul_(_widened(how.scale, how.block, rows, columns))
+        _apply_per_block(widened, how.zero_point, how.block, torch.Tensor.sub_)
+    _apply_per_block(widened, how.scale, how.block, torch.Tensor.mul_)
     return widened.to(dtype)
 
 
-def _widened(per_block: torch.Tensor, block: tuple[int, int], rows: int, columns: int) -> torch.Tensor:
-    """A value per block as a [rows, columns] operand of an elementwise op: a broadcast view over
-    whole blocks, else widened and cut at the partial edges."""
+def _apply_per_block(
+    target: torch.Tensor,
+    per_block: torch.Tensor,
+    block: tuple[int, int],
+    op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> None:
+    """``op(target, value of each element's block)`` in place: over whole blocks the values
+    broadcast over a view; partial blocks at the edges take them widened and cut to shape."""
+    rows, columns = target.shape
     block_rows, block_columns = block
     blocks_down, blocks_across = per_block.shape
     if rows == blocks_down * block_rows and columns == blocks_across * block_columns:
-        return (
-            per_block[:, None, :, None]
-            .expand(blocks_down, block_rows, blocks_across, block_columns)
-            .reshape(rows, columns)
-        )
-    return per_block.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_columns, 1)[:, :columns]
+        tiled = target.view(blocks_down, block_rows, blocks_across, block_columns)
+        op(tiled, per_block[:, None, :, None].to(target.dtype))
+    else:
+        widened = per_block.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_columns, 1)
+        op(target, widened[:, :columns].to(target.dtype))
 
 
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -156,11 +162,10 @@ def fold_zero_points(linear: Linear) -> None:
     zero = linear._parameters.pop("weight_zero_point", None)
     if zero is None or linear.weight_block is None:
         return
-    rows, columns = linear.weight.shape
-    block_rows, block_columns = linear.weight_block
-    widened = zero.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_columns, 1)[:, :columns]
     with torch.no_grad():
-        linear.weight.copy_((linear.weight.to(torch.int16) - widened.to(torch.int16)).to(torch.int8))
+        values = linear.weight.to(torch.int16)
+        _apply_per_block(values, zero, linear.weight_block, torch.Tensor.sub_)
+        linear.weight.copy_(values.to(torch.int8))
 
 
 def skinny_kernel_reads(dtype: torch.dtype, device: torch.device) -> bool:

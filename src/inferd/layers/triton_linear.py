@@ -128,13 +128,14 @@ def _skinny_linear_kernel(
       scales its outputs by the row's ``1 / rms`` at the end: the scale is one number per row, so
       it can come after the sum. Program 0 also stores ``h`` at ``residual_out``.
 
-    ``SCALED`` > 0: ``w`` is 8-bit (e4m3 or int8), scaled per block (``layers/quantized.py``). 1: one
-    scale per output row (``scale[f, 0]``), applied to the sums once at the end. 2: ``scale[i, j]`` multiplies
-    the block of ``SCALE_ROWS`` x ``SCALE_COLUMNS`` at (``i``, ``j``); each loaded weight tile is
-    scaled, its scales gathered by block index. ``HAS_ZERO``: each block's zero point (int8, laid
-    out as the scales) is taken from its values first. ``PACKED``: ``w`` is 4-bit integers packed
-    eight to an int32 word along each row, the first in the lowest bits, each stored plus 8; each
-    value is cut out of its word as the tile is loaded (a word read for 8 of the tile's columns).
+    ``SCALED`` > 0: ``w`` is low-bit (e4m3, int8, packed 4-bit), scaled per block
+    (``layers/quantized.py``). 1: one scale per output row (``scale[f, 0]``), applied to the sums
+    once at the end. 2: ``scale[i, j]`` multiplies the block of ``SCALE_ROWS`` x ``SCALE_COLUMNS``
+    at (``i``, ``j``); each loaded weight tile is scaled, its scales gathered by block index.
+    ``HAS_ZERO``: each block's zero point (int8, laid out as the scales) is taken from its values
+    first. ``PACKED``: ``w`` is 4-bit integers packed eight to an int32 word along each row, the
+    first in the lowest bits, each stored plus 8; each value is cut out of its word as the tile is
+    loaded (a word read for 8 of the tile's columns).
 
     ``PREFETCH_LINES`` > 0 (with ``PDL`` only): before the wait, the program asks L2 for its weight
     rows, ``LINE_ELEMENTS`` to a 128-byte line, so they stream in while the previous kernel ends.
@@ -268,8 +269,8 @@ def skinny_linear(
     scale: WeightScale | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` for a 2-D ``x`` of at most ``KERNEL_MAX_ROWS`` rows, in ``x``'s dtype.
-    With ``scale``, ``weight`` is 8-bit (e4m3 or int8) and computed as ``weight * scale``
-    (``layers/quantized.py``); so for every function here."""
+    With ``scale``, ``weight`` is low-bit and read as it says (``linear_operands.WeightScale``:
+    e4m3, int8 or packed 4-bit values, their zero points and scales); so for every function here."""
     _check_operands(x, weight, bias, inner_width=1, scale=scale)
     return _launch(x, weight, bias, tile, scale=scale)
 

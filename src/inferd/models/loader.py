@@ -366,8 +366,8 @@ def canonical_name(name: str, scales: bool = False) -> str:
 
 def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
     """Turn each projection the checkpoint stores in low-bit values (those with a scale tensor)
-    into one that holds such weights (``layers/quantized.py:hold_quantized``: e4m3, or int8 for
-    integers of 8 bits or fewer), ready to be filled."""
+    into one that holds such weights (``layers/quantized.py:hold_quantized``: e4m3, int8, or 4-bit
+    integers in the int32 words they come packed in), ready to be filled."""
     assert cfg.quant is not None
     modules = dict(model.named_modules())
     names = checkpoint_names(path)
