@@ -262,7 +262,7 @@ class ModelConfig:
     granite: GraniteScales | None = None
     # Whether each layer rotates its queries and keys (SmolLM3's NoPE layers do not); empty: all.
     layer_rope: tuple[bool, ...] = ()
-    # How the checkpoint stores 8-bit float weights (``quantization_config``); None: it does not.
+    # How the checkpoint stores low-bit weights (``quantization_config``); None: it does not.
     quant: QuantScheme | None = None
 
     @classmethod

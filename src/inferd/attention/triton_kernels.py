@@ -156,10 +156,8 @@ def _attend_tile(
         + kv_head * stride_kc_head
         + dims[:, None]
     )
-    # An 8-bit cache's keys and values are widened to the queries' dtype (as_query).
-    k = tl.load(k_ptrs, mask=key_valid[None, :] & dim_mask[:, None], other=0.0).to(
-        q.dtype
-    )  # [HEAD_DIM, BLOCK_N]
+    k = tl.load(k_ptrs, mask=key_valid[None, :] & dim_mask[:, None], other=0.0)  # [HEAD_DIM, BLOCK_N]
+    k = k.to(q.dtype)  # an 8-bit cache's keys widened to the queries' dtype (as_query)
     scores = tl.dot(q, k) * scale_log2
     if SOFTCAP:
         scores = _tanh(scores / softcap_log2) * softcap_log2
@@ -175,9 +173,8 @@ def _attend_tile(
         + kv_head * stride_vc_head
         + dims[None, :]
     )
-    v = tl.load(v_ptrs, mask=key_valid[:, None] & dim_mask[None, :], other=0.0).to(
-        q.dtype
-    )  # [BLOCK_N, HEAD_DIM]
+    v = tl.load(v_ptrs, mask=key_valid[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_N, HEAD_DIM]
+    v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
