@@ -26,7 +26,13 @@ from inferd import LLM, SamplingParams  # noqa: E402
 from inferd.engine.builder import default_model_path  # noqa: E402
 
 # The built-in model's MLP width (688) is no multiple of 32: 4-bit integers with one scale per channel.
-INT_LAYOUTS["w4a16-channel"] = (_integer_config("pack-quantized", 4, "channel", None), 4, False, True, False)
+INT_LAYOUTS["w4a16-channel"] = (
+    _integer_config("pack-quantized", 4, "channel", None),
+    4,
+    "channel",
+    True,
+    False,
+)
 
 
 def main() -> None:

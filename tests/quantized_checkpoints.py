@@ -184,41 +184,53 @@ def _integer_config(
 # Groups of 32 input columns: two and four groups along the tiny model's 64- and 128-wide inputs.
 INT_GROUP = 32
 _INT8_TOKENS = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
-# name -> (quantization_config, bits, one scale per group of INT_GROUP columns (else per row),
-# packed into int32 words, with zero points)
-INT_LAYOUTS: dict[str, tuple[dict, int, bool, bool, bool]] = {
+# name -> (quantization_config, bits, the scales' strategy ("group" of INT_GROUP columns,
+# "channel" or "tensor"), packed into int32 words, with zero points)
+INT_LAYOUTS: dict[str, tuple[dict, int, str, bool, bool]] = {
     # W4A16: 4-bit integers, a scale per group of columns, packed eight to a word.
-    "ct-w4a16": (_integer_config("pack-quantized", 4, "group", None), 4, True, True, False),
+    "ct-w4a16": (_integer_config("pack-quantized", 4, "group", None), 4, "group", True, False),
     # llm-compressor's AWQ output: the same with a zero point per group (packed down the rows).
     "ct-w4a16-asym": (
         _integer_config("pack-quantized", 4, "group", None, symmetric=False),
         4,
+        "group",
         True,
+        True,
+    ),
+    # One scale and one zero point per tensor (compressed-tensors stores such a zero point unpacked).
+    "ct-w4a16-tensor-asym": (
+        _integer_config("pack-quantized", 4, "tensor", None, symmetric=False),
+        4,
+        "tensor",
         True,
         True,
     ),
     # W8A16: 8-bit integers, a scale per output channel, packed four to a word.
-    "ct-w8a16": (_integer_config("pack-quantized", 8, "channel", None), 8, False, True, False),
+    "ct-w8a16": (_integer_config("pack-quantized", 8, "channel", None), 8, "channel", True, False),
     # W8A8: int8 weights as they are, a scale per channel (int8 activations per token, unapplied).
-    "ct-w8a8": (_integer_config("int-quantized", 8, "channel", _INT8_TOKENS), 8, False, False, False),
+    "ct-w8a8": (_integer_config("int-quantized", 8, "channel", _INT8_TOKENS), 8, "channel", False, False),
 }
 
 
 def _integers(
-    weight: torch.Tensor, bits: int, grouped: bool, asymmetric: bool = False
+    weight: torch.Tensor, bits: int, strategy: str, asymmetric: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``weight`` as signed ``bits``-bit integers (in int8), their scales and, ``asymmetric``,
-    zero points, per group of INT_GROUP columns or per row: weight ~= (values - zero) * scale."""
+    zero points, per group of INT_GROUP columns, per row or per tensor (``strategy``): weight ~=
+    (values - zero) * scale."""
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     rows, columns = weight.shape
-    size = INT_GROUP if grouped else columns
-    blocks = weight.view(rows, columns // size, size)
+    if strategy == "tensor":
+        blocks = weight.reshape(1, 1, rows * columns)
+    else:
+        size = INT_GROUP if strategy == "group" else columns
+        blocks = weight.view(rows, columns // size, size)
     if asymmetric:  # the block's range onto low..high
         smallest, largest = blocks.amin(dim=2), blocks.amax(dim=2)
         scale = (largest - smallest).clamp(min=1e-8) / (high - low)
         zero = (low - smallest / scale).round().clamp(low, high)
     else:
-        scale, zero = blocks.abs().amax(dim=2) / high, torch.zeros(rows, columns // size)
+        scale, zero = blocks.abs().amax(dim=2) / high, torch.zeros(blocks.shape[:2])
     values = (blocks / scale[:, :, None] + zero[:, :, None]).round().clamp(low, high).view(rows, columns)
     return values.to(torch.int8), scale, zero.to(torch.int8) if asymmetric else None
 
@@ -238,17 +250,21 @@ def packed_integers(values: torch.Tensor, bits: int) -> torch.Tensor:
 def make_int_checkpoint(source: Path, folder: Path, layout: str, skip: tuple[str, ...] = ()) -> Path:
     """A copy of ``source`` whose layers' projections (not the LM head, nor any whose name ends
     with one of ``skip``) are stored as ``layout`` (INT_LAYOUTS) stores them."""
-    quant, bits, grouped, packed, asymmetric = INT_LAYOUTS[layout]
+    quant, bits, strategy, packed, asymmetric = INT_LAYOUTS[layout]
 
     def encode(module: str, weight: torch.Tensor) -> dict:
-        values, scale, zero = _integers(weight, bits, grouped, asymmetric)
+        values, scale, zero = _integers(weight, bits, strategy, asymmetric)
+        if strategy == "tensor":  # one of each, as compressed-tensors stores them
+            scale, zero = scale.reshape(1), None if zero is None else zero.reshape(1)
         tensors = {f"{module}.weight_scale": scale.to(torch.bfloat16).float()}
         if packed:
             tensors[f"{module}.weight_packed"] = packed_integers(values, bits)
             tensors[f"{module}.weight_shape"] = torch.tensor(weight.shape)
         else:
             tensors[f"{module}.weight"] = values
-        if zero is not None:  # packed down the output rows
+        if zero is not None and strategy == "tensor":
+            tensors[f"{module}.weight_zero_point"] = zero
+        elif zero is not None:  # packed down the output rows
             tensors[f"{module}.weight_zero_point"] = (
                 packed_integers(zero.t().contiguous(), bits).t().contiguous()
             )

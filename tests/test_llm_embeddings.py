@@ -209,9 +209,12 @@ def test_rerank_orders_the_documents_by_score(server: ServerProcess, tiny_llama)
         assert response["results"][0]["document"] == {"text": documents[order[0]]}
         scores = [r["relevance_score"] for r in response["results"]]
         assert np.allclose(scores, [expected[i] for i in order[:3]], atol=1e-5)
-    bare = httpx.post(f"{server.base_url}/v1/rerank", json={**body, "return_documents": False, "top_n": None},
+    # vLLM's default top_n of 0 means all; documents may come as objects with their text.
+    objects = [{"text": document} for document in documents]
+    bare = httpx.post(f"{server.base_url}/v1/rerank",
+                      json={**body, "documents": objects, "return_documents": False, "top_n": 0},
                       timeout=30).json()  # fmt: skip
-    assert len(bare["results"]) == 4 and "document" not in bare["results"][0]
+    assert [r["index"] for r in bare["results"]] == order and "document" not in bare["results"][0]
 
 
 @pytest.mark.parametrize(
@@ -222,7 +225,10 @@ def test_rerank_orders_the_documents_by_score(server: ServerProcess, tiny_llama)
         ("/v1/score", {"model": "tiny", "text_1": "a", "text_2": ""}, 400, "text_2"),
         ("/v1/score", {"model": "other", "text_1": "a", "text_2": "b"}, 404, "model"),
         ("/v1/rerank", {"model": "tiny", "query": "a", "documents": []}, 400, "documents"),
-        ("/v1/rerank", {"model": "tiny", "query": "a", "documents": ["b"], "top_n": 0}, 400, None),
+        ("/v1/rerank", {"model": "tiny", "query": "a", "documents": ["b"], "top_n": -1}, 400, None),
+        ("/v1/score", {"model": "tiny", "text_1": "", "text_2": "c"}, 400, "text_1"),
+        ("/v1/score", {"model": "tiny", "text_1": "a " * 600, "text_2": "c"}, 400, "text_1"),
+        ("/v1/rerank", {"model": "tiny", "query": "a", "documents": ["b", ""]}, 400, "documents"),
     ],
 )
 def test_score_and_rerank_errors(server: ServerProcess, path: str, body: dict, status: int, field) -> None:

@@ -102,8 +102,8 @@ def test_logits_match_transformers_reading_the_same_checkpoint(
     ):
         assert linear.weight.dtype == held and linear.quant_scale().dtype == torch.float32
         if layout in INT_LAYOUTS:
-            grouped = INT_LAYOUTS[layout][2]
-            assert linear.weight_block == (1, INT_GROUP if grouped else linear.weight.shape[1])
+            grouped = INT_LAYOUTS[layout][2] == "group"
+            assert linear.weight_block == (1, INT_GROUP if grouped else linear.in_features)
     assert llm.engine.core.runner.model.model.embed_tokens.weight.dtype == torch.float32
 
 
@@ -396,6 +396,9 @@ def test_integer_configs_as_the_hub_ships_them() -> None:
         "ct-w4a16": QuantScheme("compressed-tensors", (1, INT_GROUP), "int4", packed=True),
         "ct-w4a16-asym": QuantScheme(
             "compressed-tensors", (1, INT_GROUP), "int4", packed=True, zero_points=True
+        ),
+        "ct-w4a16-tensor-asym": QuantScheme(
+            "compressed-tensors", None, "int4", packed=True, zero_points=True
         ),
         "ct-w8a16": QuantScheme("compressed-tensors", None, "int8", packed=True),
         "ct-w8a8": QuantScheme("compressed-tensors", None, "int8", packed=False),

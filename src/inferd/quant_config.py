@@ -8,9 +8,10 @@ The layouts served are those of the Hugging Face hub's 8-bit float and integer c
 - ``quant_method: "compressed-tensors"`` (llm-compressor's checkpoints):
   - ``float-quantized``: ``weight`` in float8_e4m3fn and ``weight_scale`` per tensor, per output
     channel or per block (FP8, FP8-dynamic);
-  - ``pack-quantized``: symmetric 4- or 8-bit integers packed eight or four to an int32 along
-    the input (``weight_packed``, with ``weight_shape``) and ``weight_scale`` per output channel
-    or per group of input columns (W4A16, W8A16);
+  - ``pack-quantized``: 4-bit integers (with or without zero points, ``weight_zero_point``) or
+    symmetric 8-bit ones packed eight or four to an int32 along the input (``weight_packed``, with
+    ``weight_shape``) and ``weight_scale`` per tensor, output channel or group of input columns
+    (W4A16, W8A16);
   - ``int-quantized`` / ``naive-quantized``: ``weight`` in int8 and ``weight_scale`` (W8A8).
 
 Either way the weight is ``values * scale``, block by block. Which projections are stored so is
@@ -45,8 +46,9 @@ PACKED_SHAPE = "weight_shape"
 ZERO_POINT = "weight_zero_point"
 
 _SUPPORTED = (
-    "'fp8', or 'compressed-tensors' with 8-bit float weights (float-quantized) or symmetric 4- or "
-    "8-bit integer weights (pack-quantized, int-quantized)"
+    "'fp8', or 'compressed-tensors' with 8-bit float weights (float-quantized), 4-bit integer weights "
+    "(pack-quantized, with or without zero points) or symmetric 8-bit ones (pack-quantized, "
+    "int-quantized)"
 )
 _INT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")
 

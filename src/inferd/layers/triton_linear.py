@@ -355,6 +355,10 @@ def _launch(
     residual = unit_inner_stride(residual) if residual is not None else None
     fused = gated or norm is not None
     tile = tile or (default_fused_tile(rows, in_features) if fused else default_tile(rows, in_features))
+    if packed and tile.block_k % 8:
+        raise ValueError(
+            f"packed 4-bit weights take inner steps of whole words (8 values), not {tile.block_k}"
+        )
     scales = unit_inner_stride(scale.scale) if scale is not None else y
     zeros = unit_inner_stride(scale.zero_point) if scale is not None and scale.zero_point is not None else y
     scale_rows, scale_columns = scale.block if scale is not None else (1, 1)

@@ -257,7 +257,7 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
             elif target.endswith("." + ZERO_POINT) and cfg.quant is not None:
                 weight_rows = params[target.removesuffix("_zero_point")].shape[0]
                 view = _scale_slot_view(param.data, weight_rows, slot, cfg, target, shown)
-                tensor = _unpacked(tensor, cfg.quant.bits, view, shown, down_rows=True)
+                tensor = _zero_points(tensor, cfg.quant.bits, view, shown)
             else:
                 view = _slot_view(param.data, slot, cfg, target, shown)
                 if packed and cfg.quant is not None and view.dtype != torch.int32:  # else kept packed
@@ -468,11 +468,26 @@ def _as_scale(tensor: torch.Tensor, view: torch.Tensor, name: str) -> torch.Tens
     elif tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ModelLoadError(f"scale {name!r} has dtype {tensor.dtype}; scales are float32, bfloat16, "
                              f"float16 or float8_e8m0fnu")  # fmt: skip
+    return _spread(tensor, view)
+
+
+def _spread(tensor: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """A per-block tensor in the shape of the rows it fills: one per tensor given to every row
+    (or block), one per channel as a column."""
     if tensor.numel() == 1:
         return tensor.reshape(1, 1).expand(view.shape)
     if tensor.dim() == 1 and view.shape[1] == 1:
         return tensor[:, None]
     return tensor
+
+
+def _zero_points(tensor: torch.Tensor, bits: int, view: torch.Tensor, name: str) -> torch.Tensor:
+    """A checkpoint's zero points in the shape of the rows they fill: packed down the rows in int32
+    words (per group or channel, as compressed-tensors packs them), or int8 as they are (its
+    per-tensor ones)."""
+    if tensor.dtype == torch.int32:
+        return _unpacked(tensor, bits, view, name, down_rows=True)
+    return _spread(tensor, view)
 
 
 def _unfilled(target: str, param: torch.Tensor, filled: set[tuple[str, Slot]]) -> list[str]:

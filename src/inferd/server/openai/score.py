@@ -7,7 +7,7 @@ embedding model.
 - ``POST /v1/rerank`` (and ``/rerank``, ``/v2/rerank``; Jina's and Cohere's shape): a ``query``
   and its ``documents``, answered as the documents by falling score, the first ``top_n``.
 
-Each distinct text is embedded once.
+Each distinct text of a list is embedded once.
 """
 
 from __future__ import annotations
@@ -34,45 +34,74 @@ class ScoreRequest(BaseModel):
     timeout: float | None = None
 
 
+class _Document(BaseModel):
+    text: str
+
+
 class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     query: str
-    documents: list[str]
-    top_n: int | None = Field(default=None, ge=1)
+    # Strings, or objects with their text (as Cohere's and Jina's clients send them).
+    documents: list[str | _Document]
+    # The best this many; 0 or none: all (vLLM's default is 0).
+    top_n: int | None = Field(default=None, ge=0)
     return_documents: bool = True
     timeout: float | None = None
 
 
-def _pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[str, str]]:
-    firsts = [text_1] if isinstance(text_1, str) else text_1
-    seconds = [text_2] if isinstance(text_2, str) else text_2
+def _pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[int, int]]:
+    """Which text of each list each scored pair takes: one ``text_1`` against every ``text_2``,
+    or two lists of one length pair by pair."""
+    firsts = 1 if isinstance(text_1, str) else len(text_1)
+    seconds = 1 if isinstance(text_2, str) else len(text_2)
     if not firsts or not seconds:
         raise InvalidRequestError(
             "text_1 and text_2 must not be empty lists", "text_1" if not firsts else "text_2"
         )
-    if len(firsts) == 1:
-        return [(firsts[0], second) for second in seconds]
-    if len(firsts) != len(seconds):
+    if firsts == 1:
+        return [(0, j) for j in range(seconds)]
+    if firsts != seconds:
         raise InvalidRequestError(
-            f"text_1 has {len(firsts)} texts and text_2 {len(seconds)}: lists are scored pair by pair, so "
+            f"text_1 has {firsts} texts and text_2 {seconds}: lists are scored pair by pair, so "
             f"their lengths must match (or text_1 holds one text)",
             "text_2",
         )
-    return list(zip(firsts, seconds, strict=True))
+    return [(i, i) for i in range(firsts)]
 
 
-async def _scores(
-    frontend: Frontend, model: str | None, pairs: list[tuple[str, str]], field: str, timeout_s: float | None
-) -> tuple[list[float], int]:
-    """Each pair's cosine similarity, and the prompt tokens embedded (each distinct text once)."""
-    texts = list(dict.fromkeys(text for pair in pairs for text in pair))
+async def _embedded(
+    frontend: Frontend, model: str | None, texts: list[str], field: str, timeout_s: float | None
+) -> tuple[list[np.ndarray], int]:
+    """Each of ``texts``' embedding (each distinct text embedded once), and the prompt tokens
+    embedded; errors name ``field``."""
     if not all(texts):
         raise InvalidRequestError("texts must not be empty", field)
-    vectors, tokens = await embed_prompts(frontend, model, list(texts), field, timeout_s)
-    by_text = dict(zip(texts, vectors, strict=True))
-    return [float(np.dot(by_text[first], by_text[second])) for first, second in pairs], tokens
+    distinct = list(dict.fromkeys(texts))
+    vectors, tokens = await embed_prompts(frontend, model, list(distinct), field, timeout_s)
+    by_text = dict(zip(distinct, vectors, strict=True))
+    return [by_text[text] for text in texts], tokens
+
+
+async def _cosines(
+    frontend: Frontend,
+    model: str | None,
+    firsts: tuple[str, list[str]],
+    seconds: tuple[str, list[str]],
+    pairs: list[tuple[int, int]],
+    timeout_s: float | None,
+) -> tuple[list[float], int]:
+    """Each pair's cosine similarity (the embeddings are normalized), and the prompt tokens
+    embedded; ``firsts`` and ``seconds`` are each a field name and its texts."""
+    (first_field, first_texts), (second_field, second_texts) = firsts, seconds
+    left, left_tokens = await _embedded(frontend, model, first_texts, first_field, timeout_s)
+    right, right_tokens = await _embedded(frontend, model, second_texts, second_field, timeout_s)
+    return [float(np.dot(left[i], right[j])) for i, j in pairs], left_tokens + right_tokens
+
+
+def _as_list(texts: str | list[str]) -> list[str]:
+    return [texts] if isinstance(texts, str) else texts
 
 
 def add_score_routes(router: APIRouter, frontend: Frontend) -> None:
@@ -80,9 +109,9 @@ def add_score_routes(router: APIRouter, frontend: Frontend) -> None:
         frontend.check_model(body.model)
         timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         pairs = _pairs(body.text_1, body.text_2)
-        scores, tokens = await unless_disconnected(
-            request, _scores(frontend, body.model, pairs, "text_2", timeout_s)
-        )
+        firsts, seconds = ("text_1", _as_list(body.text_1)), ("text_2", _as_list(body.text_2))
+        run = _cosines(frontend, body.model, firsts, seconds, pairs, timeout_s)
+        scores, tokens = await unless_disconnected(request, run)
         return {
             "id": frontend.new_request_id("score"),
             "object": "list",
@@ -95,17 +124,21 @@ def add_score_routes(router: APIRouter, frontend: Frontend) -> None:
     async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
         frontend.check_model(body.model)
         timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
-        if not body.documents:
+        documents = [d if isinstance(d, str) else d.text for d in body.documents]
+        if not documents:
             raise InvalidRequestError("documents must not be empty", "documents")
-        pairs = [(body.query, document) for document in body.documents]
-        run = _scores(frontend, body.model, pairs, "documents", timeout_s)
+        pairs = [(0, j) for j in range(len(documents))]
+        run = _cosines(
+            frontend, body.model, ("query", [body.query]), ("documents", documents), pairs, timeout_s
+        )
         scores, tokens = await unless_disconnected(request, run)
-        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n]
+        top_n = body.top_n or len(documents)
+        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_n]
         results = []
         for index in ranked:
             result: dict[str, Any] = {"index": index, "relevance_score": scores[index]}
             if body.return_documents:
-                result["document"] = {"text": body.documents[index]}
+                result["document"] = {"text": documents[index]}
             results.append(result)
         return {
             "id": frontend.new_request_id("rerank"),
