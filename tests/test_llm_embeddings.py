@@ -167,12 +167,17 @@ def test_embeddings_count_as_requests_without_output_tokens(server: ServerProces
 def test_an_embedding_request_past_its_timeout_is_a_408(server: ServerProcess) -> None:
     import httpx
 
-    body = {"model": "tiny", "input": [[(7 * i + j) % 200 + 5 for i in range(300)] for j in range(40)]}
-    response = httpx.post(
-        f"{server.base_url}/v1/embeddings", json=body, headers={"X-Request-Timeout": "0.001"}, timeout=60
-    )
-    assert response.status_code == 408, response.text
-    assert response.json()["error"]["message"]
+    texts = [" ".join(f"w{(7 * i + j) % 90}" for i in range(60)) for j in range(40)]
+    bodies = {
+        "/v1/embeddings": {"model": "tiny", "input": texts},
+        "/v1/score": {"model": "tiny", "text_1": "a", "text_2": texts},
+        "/v1/rerank": {"model": "tiny", "query": "a", "documents": texts},
+    }
+    for path, body in bodies.items():
+        response = httpx.post(f"{server.base_url}{path}", json=body, headers={"X-Request-Timeout": "0.001"},
+                              timeout=60)  # fmt: skip
+        assert response.status_code == 408, (path, response.text)
+        assert response.json()["error"]["message"]
 
 
 def _cosines(tiny_llama, query: str, texts: list[str]) -> list[float]:

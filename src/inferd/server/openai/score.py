@@ -95,8 +95,11 @@ async def _cosines(
     """Each pair's cosine similarity (the embeddings are normalized), and the prompt tokens
     embedded; ``firsts`` and ``seconds`` are each a field name and its texts."""
     (first_field, first_texts), (second_field, second_texts) = firsts, seconds
+    start = time.monotonic()
     left, left_tokens = await _embedded(frontend, model, first_texts, first_field, timeout_s)
-    right, right_tokens = await _embedded(frontend, model, second_texts, second_field, timeout_s)
+    # The second list has what the first left of the request's time.
+    remaining = None if timeout_s is None else max(timeout_s - (time.monotonic() - start), 1e-3)
+    right, right_tokens = await _embedded(frontend, model, second_texts, second_field, remaining)
     return [float(np.dot(left[i], right[j])) for i, j in pairs], left_tokens + right_tokens
 
 
