@@ -139,6 +139,22 @@ def test_metrics_are_labelled_and_prefixed(server: ServerProcess) -> None:
     ):
         assert f'{name}{{model_name="tiny"}}' in text
     assert "inferd:gpu_memory_used_bytes" not in text  # served on the CPU
+    # The engine's settings, its KV blocks as sized at start-up (from its process too).
+    info = next(line for line in text.splitlines() if line.startswith("inferd:engine_config_info{"))
+    assert 'dtype="float32"' in info and 'quantization="none"' in info and 'kv_cache_dtype="float32"' in info
+    assert 'block_size="16"' in info and 'num_kv_blocks="unknown"' not in info and info.endswith(" 1.0")
+
+
+def test_the_engine_config_info_names_low_bit_settings(tiny_model_factory) -> None:
+    from inferd.engine.builder import build_engine_config
+
+    config = build_engine_config(tiny_model_factory("llama"), quantization="fp8", kv_cache_dtype="fp8",
+                                 num_kv_blocks=40, block_size=8)  # fmt: skip
+    metrics, registry = _metrics_for_unit_test()
+    metrics.describe_engine(config)
+    labels = {"model_name": "m", "dtype": "float32", "quantization": "fp8", "kv_cache_dtype": "float8_e4m3fn",
+              "block_size": "8", "num_kv_blocks": "40"}  # fmt: skip
+    assert registry.get_sample_value("inferd:engine_config_info", labels) == 1.0
 
 
 def _metrics_for_unit_test() -> tuple[ServerMetrics, CollectorRegistry]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import tempfile
@@ -72,7 +73,10 @@ class ProcessLLMEngine:
         )
         self._process.start()
         ready = self._wait_ready()
-        self.config = config
+        # With the KV blocks the core sized, as the thread engine's config carries them.
+        self.config = dataclasses.replace(
+            config, cache=dataclasses.replace(config.cache, num_blocks=ready.num_blocks)
+        )
         self.max_model_len = ready.max_model_len
         self.num_blocks = ready.num_blocks
         self.inputs = InputProcessor(config, self.tokenizer)

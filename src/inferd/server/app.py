@@ -70,6 +70,7 @@ def create_app(
             f"the LoRA adapter {model_name!r} has the served model's name: requests could not reach it"
         )
     metrics = ServerMetrics(registry, model_name, llm.stats)
+    metrics.describe_engine(llm.config)
     defaults = read_sampling_defaults(llm.config.model_path) if config.generation_config == "auto" else {}
     if defaults:
         logger.info("sampling defaults from the model's generation_config.json (a request's own values win): "

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from inferd.config import EngineConfig
 from inferd.engine.core import EngineStats
 
 _LATENCY_BUCKETS_S = (
@@ -111,6 +112,14 @@ class _MetricFamilies:
             ["model_name", "adapter"],
             registry=registry,
         )
+        # The settings that change what the numbers above mean, as vLLM's cache_config_info gives
+        # its own: the weights' dtype and quantization, the KV cache's dtype and its blocks.
+        self.config_info = Gauge(
+            "inferd:engine_config_info",
+            "The engine's settings, as labels (value 1).",
+            ["model_name", "dtype", "quantization", "kv_cache_dtype", "block_size", "num_kv_blocks"],
+            registry=registry,
+        )
         self.engines = _EngineCollector()
         registry.register(self.engines)
 
@@ -154,6 +163,17 @@ class ServerMetrics:
     def forget_engine(self) -> None:
         """Its engine stopped: its live gauges and counters are no longer scraped."""
         self._families.engines.remove(self._model_name, self._stats)
+
+    def describe_engine(self, config: EngineConfig) -> None:
+        """Export the engine's settings (``inferd:engine_config_info``). Quantization reads as the
+        option (``fp8``), or as the checkpoint's method and values (``compressed-tensors:int4``)."""
+        quant = config.model.quant
+        quantization = config.quantization or (f"{quant.method}:{quant.values}" if quant else "none")
+        blocks = config.cache.num_blocks
+        self._families.config_info.labels(
+            self._model_name, config.dtype, quantization, str(config.kv_dtype).removeprefix("torch."),
+            str(config.cache.block_size), "unknown" if blocks is None else str(blocks),
+        ).set(1)  # fmt: skip
 
     def count_structured_output(self, kind: str) -> None:
         self._families.structured_outputs.labels(self._model_name, kind).inc()
