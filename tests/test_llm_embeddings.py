@@ -138,30 +138,18 @@ def test_embedding_errors_in_openais_shape(server: ServerProcess, body: dict, st
     assert error["message"] and (field is None or error["param"] == field)
 
 
-def _metric(server: ServerProcess, name: str, **labels: str) -> float:
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{server.base_url}/metrics", timeout=30).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 def test_embeddings_count_as_requests_without_output_tokens(server: ServerProcess) -> None:
     import httpx
 
-    tokens = _metric(server, "inferd:generation_tokens_total")
-    stopped = _metric(server, "inferd:requests_finished_total", finish_reason="stop")
+    tokens, stopped = "inferd:generation_tokens_total", "inferd:requests_finished_total{finish_reason=stop}"
+    before = server.metrics()
     response = httpx.post(
         f"{server.base_url}/v1/embeddings", json={"model": "tiny", "input": ["a", "b c"]}, timeout=30
     )
     assert response.status_code == 200
-    assert _metric(server, "inferd:generation_tokens_total") == tokens
-    assert _metric(server, "inferd:requests_finished_total", finish_reason="stop") == stopped + 2
+    after = server.metrics()
+    assert after.get(tokens, 0.0) == before.get(tokens, 0.0)
+    assert after[stopped] == before.get(stopped, 0.0) + 2
 
 
 def test_an_embedding_request_past_its_timeout_is_a_408(server: ServerProcess) -> None:
