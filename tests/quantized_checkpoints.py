@@ -271,3 +271,88 @@ def make_int_checkpoint(source: Path, folder: Path, layout: str, skip: tuple[str
         return tensors
 
     return _rewrite_projections(source, folder, quant, encode, skip)
+
+
+# GPTQ's and AWQ's own layouts (quant_method "gptq" / "awq"): name -> quantization_config, as
+# Qwen's GPTQ-Int4, GPTQ-Int8 and AWQ releases and GPTQModel write it, with groups of INT_GROUP.
+_GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": INT_GROUP, "desc_act": False, "sym": True,
+         "damp_percent": 0.01, "true_sequential": True}  # fmt: skip
+GPTQ_AWQ_LAYOUTS: dict[str, dict] = {
+    "gptq-int4": _GPTQ,
+    # Asymmetric, in the first format (zero points stored minus one) and in GPTQModel's second.
+    "gptq-int4-asym": {**_GPTQ, "sym": False},
+    "gptq-int4-asym-v2": {**_GPTQ, "sym": False, "checkpoint_format": "gptq_v2"},
+    "gptq-int8": {**_GPTQ, "bits": 8},
+    # One group across each input: a scale per output channel.
+    "gptq-int4-channel": {**_GPTQ, "group_size": -1},
+    "awq": {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": INT_GROUP,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": None,
+    },  # fmt: skip
+}
+# AWQ's order of eight output columns in a word: the k-th 4-bit field holds column AWQ_ORDER[k].
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _pack_words(unsigned: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Each row's unsigned values packed 32 // bits to an int32 word, field k (from the lowest bits)
+    holding the word's value ``order[k]`` (in order without one)."""
+    per_word = 32 // bits
+    rows, columns = unsigned.shape
+    grouped = unsigned.to(torch.int64).view(rows, columns // per_word, per_word)
+    words = torch.zeros(rows, columns // per_word, dtype=torch.int64)
+    for k in range(per_word):
+        words |= grouped[:, :, order[k] if order else k] << (bits * k)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def make_gptq_awq_checkpoint(
+    source: Path, folder: Path, layout: str, widened: Path, zero_bias: bool = False
+) -> Path:
+    """``source`` stored as ``layout`` (GPTQ_AWQ_LAYOUTS) stores it, and at ``widened`` the model it
+    stands for, each weight ``(q - z) * scale`` in float32 with the scales as stored (float16), as
+    a plain folder transformers reads. ``zero_bias``: a bias of zeros beside every projection
+    without one, as GPTQ's quantizers write them."""
+    quant = GPTQ_AWQ_LAYOUTS[layout]
+    bits, awq = quant["bits"], quant["quant_method"] == "awq"
+    asymmetric = awq or quant["sym"] is False
+    middle, mask = 2 ** (bits - 1), 2**bits - 1
+    float_weights: dict[str, torch.Tensor] = {}
+    biases = {name for name in load_file(source / "model.safetensors") if name.endswith("_proj.bias")}
+
+    def encode(module: str, weight: torch.Tensor) -> dict:
+        strategy = "channel" if quant["group_size"] == -1 else "group"
+        values, scale, zero = _integers(weight, bits, strategy, asymmetric)
+        scale = scale.half()
+        q = values.to(torch.int64) + middle  # unsigned
+        signed_zero = zero if zero is not None else torch.zeros_like(scale, dtype=torch.int8)
+        z = signed_zero.to(torch.int64) + middle
+        group = weight.shape[1] if quant["group_size"] == -1 else INT_GROUP
+        # The first GPTQ format stores z - 1 in bits bits; its readers add one to the field, so a
+        # zero point of 0 reads as 2 ** bits.
+        v1 = not awq and quant.get("checkpoint_format", "gptq") == "gptq"
+        stored_z = (z - 1) & mask if v1 else z
+        read_z = stored_z + 1 if v1 else z
+        wide = (q - read_z.repeat_interleave(group, 1)).float() * scale.float().repeat_interleave(group, 1)
+        float_weights[f"{module}.weight"] = wide
+        tensors = {f"{module}.scales": scale.t().contiguous()}
+        if awq:  # [in, out / 8] and [groups, out / 8], AWQ's order
+            tensors[f"{module}.qweight"] = _pack_words(q.t().contiguous(), 4, AWQ_ORDER)
+            tensors[f"{module}.qzeros"] = _pack_words(stored_z.t().contiguous(), 4, AWQ_ORDER)
+        else:  # [in / per_word, out] packed down the input, zeros [groups, out / per_word]
+            tensors[f"{module}.qweight"] = _pack_words(q, bits).t().contiguous()
+            tensors[f"{module}.qzeros"] = _pack_words(stored_z.t().contiguous(), bits)
+            tensors[f"{module}.g_idx"] = (torch.arange(weight.shape[1]) // group).to(torch.int32)
+        if zero_bias and f"{module}.bias" not in biases:
+            tensors[f"{module}.bias"] = torch.zeros(weight.shape[0], dtype=torch.float16)
+        return tensors
+
+    _rewrite_projections(source, folder, quant, encode, ())
+    shutil.copytree(source, widened)
+    tensors = load_file(source / "model.safetensors")
+    save_file({**tensors, **float_weights}, widened / "model.safetensors")
+    return folder

@@ -185,8 +185,8 @@ def test_configs_as_the_hub_ships_them() -> None:
 @pytest.mark.parametrize(
     ("quant", "message"),
     [
-        ({"quant_method": "awq", "bits": 4}, "quantization method 'awq' is not supported"),
-        ({"quant_method": "gptq", "bits": 4}, "quantization method 'gptq' is not supported"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "method 'bitsandbytes' is not supported"),
+        ({"quant_method": "gguf"}, "quantization method 'gguf' is not supported"),
         ({"quant_method": "fp8", "fmt": "e5m2"}, "fp8 format 'e5m2'"),
         ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size must be two positive"),
         ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",

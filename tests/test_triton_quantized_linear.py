@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from matmul_checks import DTYPES, TOLERANCE, decode_after_prompts, reference, relative_error
-from quantized_checkpoints import make_fp8_checkpoint, make_int_checkpoint
+from quantized_checkpoints import make_fp8_checkpoint, make_gptq_awq_checkpoint, make_int_checkpoint
 from triton_device import DEVICE  # before triton is imported: interpreted or compiled
 
 from inferd.layers import quantized, triton_linear
@@ -119,20 +119,23 @@ def test_scales_that_do_not_fit_the_weight_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("layout", "fused"), [("fp8", False), ("fp8", True), ("w4a16", False), ("w4a16", True)]
+    ("layout", "fused"),
+    [("fp8", False), ("fp8", True), ("w4a16", False), ("w4a16", True), ("awq", False), ("gptq-int8", False)],
 )
 def test_model_decode_step_over_scaled_weights(
     tiny_model_factory, tmp_path, monkeypatch, layout, fused
 ) -> None:
-    """A decode step of two sequences of an 8-bit float or a 4-bit integer checkpoint sends every
-    projection to the kernel with its scales, with the torch path's logits (the weights widened
-    first)."""
+    """A decode step of two sequences of an 8-bit float or a 4-bit integer checkpoint (AWQ's with
+    zero points too, and GPTQ's 8-bit integers) sends every projection to the kernel with its
+    scales, with the torch path's logits (the weights widened first)."""
     if layout == "fp8":
         folder = make_fp8_checkpoint(
             tiny_model_factory("qwen3"), tmp_path / "m", "fp8-block", block_size=(16, 48)
         )
-    else:
+    elif layout == "w4a16":
         folder = make_int_checkpoint(tiny_model_factory("qwen3"), tmp_path / "m", "ct-w4a16")
+    else:
+        folder = make_gptq_awq_checkpoint(tiny_model_factory("qwen3"), tmp_path / "m", layout, tmp_path / "w")
     llm, decode, torch_logits = decode_after_prompts(folder, [13, 9])
     scaled: list[bool] = []
     for name in ("skinny_linear", "skinny_norm_linear", "skinny_silu_linear"):

@@ -12,7 +12,11 @@ The layouts served are those of the Hugging Face hub's 8-bit float and integer c
     symmetric 8-bit ones packed eight or four to an int32 along the input (``weight_packed``, with
     ``weight_shape``) and ``weight_scale`` per tensor, output channel or group of input columns
     (W4A16, W8A16);
-  - ``int-quantized`` / ``naive-quantized``: ``weight`` in int8 and ``weight_scale`` (W8A8).
+  - ``int-quantized`` / ``naive-quantized``: ``weight`` in int8 and ``weight_scale`` (W8A8);
+- ``quant_method: "gptq"`` (AutoGPTQ's and GPTQModel's checkpoints, Qwen's GPTQ-Int4 and -Int8
+  releases) and ``quant_method: "awq"`` (AutoAWQ's GEMM layout, Qwen's AWQ releases): ``qweight``
+  (integers packed into int32 words), ``qzeros`` and ``scales`` per group of input columns, which
+  ``models/gptq_awq.py`` turns into the packed layout above as they load.
 
 Either way the weight is ``values * scale``, block by block. Which projections are stored so is
 read from the checkpoint itself (a module with a scale tensor is), not from the config's ignore
@@ -46,11 +50,13 @@ PACKED_SHAPE = "weight_shape"
 ZERO_POINT = "weight_zero_point"
 
 _SUPPORTED = (
-    "'fp8', or 'compressed-tensors' with 8-bit float weights (float-quantized), 4-bit integer weights "
+    "'fp8', 'compressed-tensors' with 8-bit float weights (float-quantized), 4-bit integer weights "
     "(pack-quantized, with or without zero points) or symmetric 8-bit ones (pack-quantized, "
-    "int-quantized)"
+    "int-quantized), 'gptq' (4-bit, and symmetric 8-bit) and 'awq' (4-bit, GEMM layout)"
 )
 _INT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")
+# The methods whose checkpoints store ``qweight``, ``qzeros`` and ``scales`` (``models/gptq_awq.py``).
+GPTQ_AWQ = ("gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -70,11 +76,16 @@ class QuantScheme:
     # Asymmetric integers: each block also has a zero point (``weight_zero_point``), and the weight
     # is ``(values - zero_point) * scale``.
     zero_points: bool = False
+    # What to add to each zero point as a GPTQ checkpoint stores it: its first format ("gptq", the
+    # default) stores them minus one; "gptq_v2" as they are.
+    zero_point_offset: int = 0
 
     @property
     def scale_name(self) -> str:
         """How the checkpoint names a weight's scale (for messages): the fp8 method's block scales
         are ``weight_scale_inv``, every other scale ``weight_scale``."""
+        if self.method in GPTQ_AWQ:
+            return "scales"
         return "weight_scale_inv" if self.method == "fp8" and self.block is not None else "weight_scale"
 
     @property
@@ -108,6 +119,10 @@ def read_quantization(cfg: dict[str, Any]) -> QuantScheme | None:
         return QuantScheme("fp8", None if block is None else _block(block, "weight_block_size"))
     if method == "compressed-tensors":
         return _compressed_tensors(quant)
+    if method == "gptq":
+        return _gptq(quant)
+    if method == "awq":
+        return _awq(quant)
     raise ValueError(f"quantization method {method!r} is not supported; the engine loads {_SUPPORTED}")
 
 
@@ -166,6 +181,53 @@ def _group_scheme(name: str, group: Any, default_format: Any) -> QuantScheme:
     return QuantScheme(
         "compressed-tensors", block, values, packed=fmt == "pack-quantized", zero_points=zero_points
     )
+
+
+def _gptq(quant: dict[str, Any]) -> QuantScheme:
+    bits = quant.get("bits")
+    if bits not in (4, 8):
+        raise ValueError(f"GPTQ checkpoints of {bits!r}-bit weights are not supported (4- and 8-bit "
+                         f"ones are)")  # fmt: skip
+    # GPTQModel names the layout "checkpoint_format" (older configs) or "format".
+    fmt = quant.get("checkpoint_format") or quant.get("format") or "gptq"
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(f"GPTQ checkpoint format {fmt!r} is not supported ('gptq' and 'gptq_v2' are)")
+    # GPTQModel's per-module overrides: "-:" keys leave modules unquantized, which the checkpoint
+    # shows module by module; any other key would give some modules other bits or groups.
+    dynamic = quant.get("dynamic") or {}
+    if any(not str(key).startswith("-:") for key in dynamic):
+        raise ValueError("GPTQ 'dynamic' overrides of bits or group size per module are not supported")
+    symmetric = quant.get("sym", True) is not False
+    if not symmetric and bits == 8:
+        raise ValueError("asymmetric 8-bit GPTQ weights (zero points) are not supported; 4-bit ones are")
+    # Symmetric weights' zero points are the middle of the range: checked at load, then left out.
+    return QuantScheme(
+        "gptq",
+        _group_block(quant.get("group_size", 128)),
+        f"int{bits}",
+        packed=bits == 4,
+        zero_points=not symmetric,
+        zero_point_offset=1 if fmt == "gptq" else 0,
+    )
+
+
+def _awq(quant: dict[str, Any]) -> QuantScheme:
+    if quant.get("bits", 4) != 4:
+        raise ValueError(f"AWQ checkpoints of {quant.get('bits')!r}-bit weights are not supported (4-bit "
+                         f"ones are)")  # fmt: skip
+    version = str(quant.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"AWQ version {version!r} is not supported ('gemm' is)")
+    if quant.get("zero_point", True) is False:
+        raise ValueError("AWQ checkpoints without zero points are not supported")
+    block = _group_block(quant.get("group_size", 128))
+    return QuantScheme("awq", block, "int4", packed=True, zero_points=True)
+
+
+def _group_block(group_size: Any) -> tuple[int, int] | None:
+    """A GPTQ or AWQ group size as a block: -1 is one group across the whole input (a scale per
+    output row)."""
+    return None if group_size == -1 else (1, _positive(group_size, "group_size"))
 
 
 def _positive(value: Any, field: str) -> int:

@@ -96,14 +96,18 @@ def _apply_per_block(
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     """``unpack_int32``'s inverse: each row's ``bits``-bit values, each plus ``2 ** (bits - 1)``,
     packed ``32 // bits`` to an int32 word, the first in the lowest bits (the last word of a row
-    padded with zeros)."""
+    padded with zeros). Computed in int32 (a GPTQ or AWQ checkpoint's projections are repacked at
+    load): the last field, whose top bit is the word's sign bit, is shifted as a signed field."""
     per_word = 32 // bits
     rows, columns = values.shape
-    padded = torch.zeros(rows, -(-columns // per_word) * per_word, dtype=torch.int64, device=values.device)
-    padded[:, :columns] = values.to(torch.int64) + (1 << (bits - 1))
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device)
-    words = (padded.view(rows, -1, per_word) << shifts).sum(dim=2)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    fields = torch.zeros(rows, -(-columns // per_word) * per_word, dtype=torch.int32, device=values.device)
+    fields[:, :columns] = values.to(torch.int32) + (1 << (bits - 1))
+    fields = fields.view(rows, -1, per_word)
+    last = fields[:, :, -1]
+    words = torch.where(last >= 1 << (bits - 1), last - (1 << bits), last) << (32 - bits)
+    for k in range(per_word - 1):
+        words += fields[:, :, k] << (bits * k)
+    return words
 
 
 def quantize(

@@ -18,8 +18,10 @@ from inferd.config import EngineConfig, ModelConfig, ModelLoadError, read_json_o
 from inferd.layers import quantized
 from inferd.layers.linear import Linear
 from inferd.layers.linear_operands import FP8_DTYPE
+from inferd.models import gptq_awq
 from inferd.models.registry import CausalLM, model_class
 from inferd.quant_config import (
+    GPTQ_AWQ,
     IGNORED_SUFFIXES,
     KV_SCALE_SUFFIXES,
     PACKED_SHAPE,
@@ -140,7 +142,7 @@ def load_model(
             hold_checkpoint_quantized(model, cfg, path)
         weights = (
             (canonical_name(name, cfg.quant is not None), t)
-            for name, t in iter_checkpoint(path)
+            for name, t in _engine_tensors(iter_checkpoint(path), cfg)
             if not (cfg.quant is not None and name.endswith(IGNORED_SUFFIXES))
         )
         if shard is not None:
@@ -161,6 +163,18 @@ def load_model(
             torch.cuda.empty_cache()
     model.eval()
     return cast(CausalLM, model)
+
+
+def _engine_tensors(
+    tensors: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors, a GPTQ or AWQ checkpoint's turned into the packed layout the
+    engine holds (``gptq_awq.py``)."""
+    if cfg.quant is None or cfg.quant.method not in GPTQ_AWQ:
+        yield from tensors
+        return
+    for name, tensor in tensors:
+        yield from gptq_awq.engine_tensors(name, tensor, cfg.quant)
 
 
 # Random weights (``load_format="dummy"``): a freshly initialised Hugging Face model's scale.
@@ -247,6 +261,8 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
         if target not in params:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
+            if _spare_zero_bias(name, tensor, cfg):
+                continue
             raise ModelLoadError(f"checkpoint tensor {shown!r} has no place in {cfg.architecture}")
         param = params[target]
         with torch.no_grad():
@@ -269,7 +285,7 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
     # A fused parameter needs every piece, stacked experts every expert: one left out would keep
     # its initial values unnoticed.
     missing = sorted(
-        _checkpoint_spelling(name, cfg)
+        _checkpoint_spelling(_packed_name(name, param, cfg), cfg)
         for target, param in params.items()
         for name in _unfilled(target, param, filled)
     )
@@ -340,13 +356,40 @@ _MIXTRAL_NAMES = {"block_sparse_moe": "mlp", "w1": "gate_proj", "w3": "up_proj",
 _MIXTRAL_SPELLING = {ours: theirs for theirs, ours in _MIXTRAL_NAMES.items()}
 
 
+def _packed_name(name: str, param: torch.Tensor, cfg: ModelConfig) -> str:
+    """``name``, the weight of a projection that comes packed named as the packed tensor
+    (``weight_packed``, or GPTQ's and AWQ's ``qweight``)."""
+    packed = cfg.quant is not None and (cfg.quant.packed or cfg.quant.method in GPTQ_AWQ)
+    if packed and name.endswith(".weight") and param.dtype in (torch.int8, torch.int32):
+        return f"{name}_packed"
+    return name
+
+
+def _spare_zero_bias(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> bool:
+    """Whether ``name`` is a bias of zeros that a GPTQ or AWQ checkpoint stores for a projection
+    without one (the quantizers write a bias for every layer they pack): left out, as it adds
+    nothing."""
+    return (
+        cfg.quant is not None
+        and cfg.quant.method in GPTQ_AWQ
+        and name.endswith(".bias")
+        and not tensor.count_nonzero().item()
+    )
+
+
+# What GPTQ and AWQ checkpoints call the tensors of a low-bit projection.
+_GPTQ_AWQ_SPELLING = {PACKED_WEIGHT: "qweight", ZERO_POINT: "qzeros"}
+
+
 def _checkpoint_spelling(name: str, cfg: ModelConfig) -> str:
     """A tensor's name as the checkpoint spells it, for messages (``canonical_name`` backwards):
-    Mixtral's routed block as its own names (every Mixtral MLP is routed), a weight's scale as
-    the checkpoint's format names it."""
+    Mixtral's routed block as its own names (every Mixtral MLP is routed), a weight's scale and
+    packed values as the checkpoint's format names them."""
     parts = name.split(".")
     if cfg.quant is not None and parts[-1] == "weight_scale":
         parts[-1] = cfg.quant.scale_name
+    if cfg.quant is not None and cfg.quant.method in GPTQ_AWQ:
+        parts[-1] = _GPTQ_AWQ_SPELLING.get(parts[-1], parts[-1])
     if cfg.architecture == "MixtralForCausalLM":
         parts = [_MIXTRAL_SPELLING.get(part, part) for part in parts]
     return ".".join(parts)
@@ -376,8 +419,9 @@ def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) ->
         logger.warning("%s: the checkpoint's %d calibrated KV-cache scales (%s, ...) are not applied: an "
                        "8-bit KV cache (kv_cache_dtype=fp8) is stored without scales", path, len(kv_scales),
                        kv_scales[0])  # fmt: skip
+    scale_suffixes = ("scales",) if cfg.quant.method in GPTQ_AWQ else SCALE_SUFFIXES
     for name in names:
-        if name.rsplit(".", 1)[-1] not in SCALE_SUFFIXES:
+        if name.rsplit(".", 1)[-1] not in scale_suffixes:
             continue
         target, _slot = _target_of(canonical_name(name.rsplit(".", 1)[0] + ".weight"))
         module_name = target.rsplit(".", 1)[0]

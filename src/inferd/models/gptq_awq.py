@@ -1,0 +1,105 @@
+"""GPTQ's and AWQ's checkpoint tensors, turned as they load into the packed layout the engine holds.
+
+Both formats store a projection's ``[out, in]`` weight as unsigned ``bits``-bit integers ``q``,
+with a zero point ``z`` and a scale ``s`` per group of input columns (``group_size``; -1 is one
+group across the whole input): ``weight[o, i] = (q[o, i] - z[g, o]) * s[g, o]`` where ``g`` is
+input column ``i``'s group.
+- ``qweight``: int32 words of ``32 // bits`` values, the first in the lowest bits. GPTQ packs them
+  down the input, ``[in / per_word, out]``: word ``[i // per_word, o]`` holds ``q[o, i]``. AWQ
+  packs eight output columns to a word, ``[in, out / 8]``, in the order 0 2 4 6 1 3 5 7.
+- ``qzeros``: ``[groups, out / per_word]``, packed along the output as each format packs its
+  weights. GPTQ's first format (``checkpoint_format`` "gptq") stores each zero point minus one.
+- ``scales``: ``[groups, out]``, float16.
+- ``g_idx`` (GPTQ): each input column's group. Only ``i // group_size`` is computed: checkpoints
+  quantized in activation order (``desc_act``) that permute the groups are refused.
+
+The engine holds 4-bit weights as ``[out, in / 8]`` int32 words packed along the input, each value
+stored as the signed value plus 8 (``layers/quantized.py``), with int8 zero points
+``[out, groups]`` that are also signed: ``(q - 8) - (z - 8) = q - z``. A GPTQ ``qweight`` of 4 bits
+is that layout transposed; 8-bit ones are held unpacked in int8. Symmetric GPTQ weights' zero
+points are the middle of the range: they are checked and left out, so the matmuls skip them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from inferd.config import ModelLoadError
+from inferd.layers import quantized
+from inferd.quant_config import PACKED_WEIGHT, ZERO_POINT, QuantScheme
+
+# AWQ's order of eight output columns in a word: its k-th 4-bit field holds column AWQ_ORDER[k].
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_AWQ_FIELD_OF_COLUMN = tuple(AWQ_ORDER.index(column) for column in range(8))
+
+
+def engine_tensors(
+    name: str, tensor: torch.Tensor, scheme: QuantScheme
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint tensor ``name`` as the tensors the loader fills (none for a ``g_idx`` or a
+    symmetric weight's zero points, once checked); tensors of other kinds as they are."""
+    module, _, kind = name.rpartition(".")
+    if kind == "qweight":
+        yield _weight(module, _words(tensor, name), scheme)
+    elif kind == "qzeros":
+        zeros = _zero_points(_words(tensor, name), scheme)
+        if scheme.zero_points:
+            yield f"{module}.{ZERO_POINT}", zeros
+        elif zeros.any():
+            raise ModelLoadError(f"tensor {name!r}: a symmetric checkpoint's zero points must all be "
+                                 f"{1 << (scheme.bits - 1)}")  # fmt: skip
+    elif kind == "scales":
+        yield f"{module}.weight_scale", tensor.t().contiguous()
+    elif kind == "g_idx":
+        _check_groups(tensor, name, scheme)
+    else:
+        yield name, tensor
+
+
+def _words(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    if tensor.dtype != torch.int32 or tensor.dim() != 2:
+        raise ModelLoadError(f"tensor {name!r} must be 2-D int32 words, not {tensor.dtype} "
+                             f"{tuple(tensor.shape)}")  # fmt: skip
+    return tensor
+
+
+def _weight(module: str, words: torch.Tensor, scheme: QuantScheme) -> tuple[str, torch.Tensor]:
+    if scheme.method == "gptq" and scheme.bits == 4:
+        # Packed down the input: transposed, each row's words hold its consecutive input columns.
+        return f"{module}.{PACKED_WEIGHT}", words.t().contiguous()
+    if scheme.method == "gptq":  # 8-bit: held unpacked, as signed values
+        unsigned = _unpack(words.t(), 8)
+        return f"{module}.weight", (unsigned - 128).to(torch.int8)
+    # AWQ: [in, out] values, as [out, in] packed along the input.
+    unsigned = _unpack(words, 4, awq_order=True).t()
+    return f"{module}.{PACKED_WEIGHT}", quantized.pack_int32((unsigned - 8).to(torch.int8), 4)
+
+
+def _zero_points(words: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The zero points, signed (minus the range's middle), as int8 ``[out, groups]``."""
+    unsigned = _unpack(words, scheme.bits, awq_order=scheme.method == "awq")
+    # A GPTQ zero point of 0 is stored as 15 (minus one, in 4 bits) and reads back as 16, as the
+    # format's own kernels read it: kept so, in int16, before the signed int8 (-8..8) is taken.
+    signed = unsigned + scheme.zero_point_offset - (1 << (scheme.bits - 1))
+    return signed.t().contiguous().to(torch.int8)
+
+
+def _unpack(words: torch.Tensor, bits: int, awq_order: bool = False) -> torch.Tensor:
+    """Each row's words as their unsigned fields, int16 ``[rows, words * 32 // bits]``, in column
+    order (AWQ's fields reordered)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    fields = (words[:, :, None] >> shifts) & ((1 << bits) - 1)  # the arithmetic shift's sign bits masked off
+    if awq_order:
+        fields = fields[:, :, list(_AWQ_FIELD_OF_COLUMN)]
+    return fields.reshape(words.shape[0], -1).to(torch.int16)
+
+
+def _check_groups(g_idx: torch.Tensor, name: str, scheme: QuantScheme) -> None:
+    columns = g_idx.shape[0] if g_idx.dim() == 1 else -1
+    group = scheme.block[1] if scheme.block is not None else max(columns, 1)
+    expected = torch.arange(columns, device=g_idx.device) // group if columns > 0 else None
+    if expected is None or not torch.equal(g_idx.to(torch.int64), expected):
+        raise ModelLoadError(f"tensor {name!r} orders the groups by activation (desc_act): only groups of "
+                             f"consecutive input columns are supported")  # fmt: skip

@@ -1,0 +1,195 @@
+"""GPTQ and AWQ checkpoints (``quant_method`` "gptq" / "awq", ``models/gptq_awq.py``): the engine
+reads their packed words, zero points and scales as the model they stand for, which transformers
+computes from a plain float32 copy (it reads these formats only through GPU packages)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from quantized_checkpoints import GPTQ_AWQ_LAYOUTS, INT_GROUP, make_gptq_awq_checkpoint
+from safetensors.torch import load_file, save_file
+
+from inferd import LLM, SamplingParams
+from inferd.config import ModelConfig, ModelLoadError
+from inferd.engine.request import Request
+from inferd.quant_config import QuantScheme, read_quantization
+
+
+def _prompt(vocab: int) -> list[int]:
+    return [(11 * i + 5) % vocab for i in range(37)]
+
+
+def _our_logits(folder: Path, prompt: list[int]) -> tuple[LLM, torch.Tensor]:
+    llm = LLM(folder, kv_cache_memory="16MiB", block_size=8)
+    core = llm.engine.core
+    core.add_request(Request("r", prompt, SamplingParams(max_tokens=1), frozenset(), 1))
+    return llm, core.runner.logits_for(core.scheduler.schedule())
+
+
+def _their_logits(folder: Path, prompt: list[int]) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(torch.tensor([prompt])).logits[0].float()
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_model_factory, tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Path]]:
+    """(arch, layout) -> (the checkpoint, its widened float32 copy)."""
+    made = {}
+    for arch in ("llama", "qwen2"):
+        for layout in GPTQ_AWQ_LAYOUTS:
+            root = tmp_path_factory.mktemp(f"{arch}-{layout}")
+            folder = make_gptq_awq_checkpoint(tiny_model_factory(arch), root / "m", layout, root / "wide")
+            made[arch, layout] = folder, root / "wide"
+    return made
+
+
+@pytest.mark.parametrize("layout", list(GPTQ_AWQ_LAYOUTS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_logits_match_transformers_on_the_model_the_checkpoint_stands_for(
+    folders, tiny_model_factory, arch: str, layout: str
+) -> None:
+    folder, widened = folders[arch, layout]
+    prompt = _prompt(ModelConfig.from_folder(folder).vocab_size)
+    llm, ours = _our_logits(folder, prompt)
+    theirs = _their_logits(widened, prompt)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    # The quantization is real: the unquantized model is further off than the check.
+    _, unquantized = _our_logits(tiny_model_factory(arch), prompt)
+    assert (unquantized - theirs).abs().max().item() > 1e-3
+    # 4-bit weights stay in their int32 words, 8-bit ones are int8; only asymmetric ones keep
+    # zero points, and the groups are the checkpoint's.
+    quant = GPTQ_AWQ_LAYOUTS[layout]
+    asymmetric = quant["quant_method"] == "awq" or quant["sym"] is False
+    layer = llm.engine.core.runner.model.model.layers[1]
+    attention, mlp = layer.self_attn, layer.mlp
+    for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
+        assert linear.weight.dtype == (torch.int32 if quant["bits"] == 4 else torch.int8)
+        assert ("weight_zero_point" in linear._parameters) == asymmetric
+        group = linear.in_features if quant["group_size"] == -1 else INT_GROUP
+        assert linear.weight_block == (1, group)
+
+
+def test_greedy_batch_matches_transformers(folders) -> None:
+    folder, widened = folders["qwen2", "awq"]
+    vocab = ModelConfig.from_folder(folder).vocab_size
+    prompts = [[(13 * i + j) % vocab for i in range(5 + 7 * j)] for j in range(4)]
+    model = transformers.AutoModelForCausalLM.from_pretrained(widened, dtype=torch.float32).eval()
+    expected = []
+    with torch.inference_mode():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+            expected.append(out[0, len(ids) :].tolist())
+    llm = LLM(folder, kv_cache_memory="16MiB", block_size=8)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0))
+    assert [o.token_ids for o in outputs] == expected
+
+
+def test_configs_as_the_hub_ships_them() -> None:
+    # Qwen2.5's GPTQ-Int4 and GPTQ-Int8 releases, and its AWQ ones.
+    qwen_gptq = {"bits": 4, "damp_percent": 0.01, "desc_act": False, "group_size": 128,
+                 "modules_in_block_to_quantize": None, "quant_method": "gptq", "sym": True,
+                 "true_sequential": True}  # fmt: skip
+    assert read_quantization({"quantization_config": qwen_gptq}) == QuantScheme(
+        "gptq", (1, 128), "int4", packed=True, zero_point_offset=1
+    )
+    assert read_quantization({"quantization_config": {**qwen_gptq, "bits": 8}}) == QuantScheme(
+        "gptq", (1, 128), "int8", zero_point_offset=1
+    )
+    v2 = {**qwen_gptq, "sym": False, "checkpoint_format": "gptq_v2", "group_size": -1}
+    assert read_quantization({"quantization_config": v2}) == QuantScheme(
+        "gptq", None, "int4", packed=True, zero_points=True
+    )
+    # GPTQModel's newer configs name the layout "format"; "-:" dynamic keys only skip modules.
+    newer = {**qwen_gptq, "format": "gptq", "dynamic": {"-:.*mlp.*": {}}}
+    assert read_quantization({"quantization_config": newer}).zero_point_offset == 1  # type: ignore[union-attr]
+    qwen_awq = {"bits": 4, "group_size": 128, "modules_to_not_convert": None, "quant_method": "awq",
+                "version": "gemm", "zero_point": True}  # fmt: skip
+    assert read_quantization({"quantization_config": qwen_awq}) == QuantScheme(
+        "awq", (1, 128), "int4", packed=True, zero_points=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("quant", "message"),
+    [
+        ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "3-bit weights are not supported"),
+        ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "format 'marlin'"),
+        ({"quant_method": "gptq", "bits": 8, "sym": False}, "asymmetric 8-bit GPTQ"),
+        ({"quant_method": "gptq", "bits": 4, "dynamic": {"+:.*down.*": {"bits": 8}}}, "'dynamic' overrides"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 0}, "group_size must be a positive"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ version 'gemv'"),
+        ({"quant_method": "awq", "bits": 4, "zero_point": False}, "without zero points"),
+        ({"quant_method": "awq", "bits": 8}, "8-bit weights are not supported"),
+    ],
+)  # fmt: skip
+def test_layouts_not_computed_are_refused_at_load(tiny_model_factory, tmp_path, quant, message) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    with pytest.raises(ModelLoadError, match=message):
+        LLM(folder, kv_cache_memory="4MiB")
+
+
+def _copy_edited(folder: Path, target: Path, edit) -> Path:
+    shutil.copytree(folder, target)
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, target / "model.safetensors")
+    return target
+
+
+def test_checkpoints_that_cannot_be_read_right_are_refused(folders, tmp_path) -> None:
+    gptq, _ = folders["llama", "gptq-int4"]
+    # Groups in activation order (desc_act): g_idx permutes the columns' groups.
+    g_idx = "model.layers.0.mlp.down_proj.g_idx"
+    shuffled = _copy_edited(gptq, tmp_path / "a", lambda t: t.update({g_idx: t[g_idx].flip(0).contiguous()}))
+    with pytest.raises(ModelLoadError, match="down_proj.g_idx' orders the groups by activation"):
+        LLM(shuffled, kv_cache_memory="4MiB")
+    # A symmetric checkpoint whose zero points are not the middle of the range.
+    zeros = "model.layers.1.self_attn.k_proj.qzeros"
+    off_middle = _copy_edited(gptq, tmp_path / "b", lambda t: t.update({zeros: t[zeros] + 1}))
+    with pytest.raises(ModelLoadError, match="k_proj.qzeros': a symmetric checkpoint's zero points must all"):
+        LLM(off_middle, kv_cache_memory="4MiB")
+    # A missing piece is named as the format names it.
+    awq, _ = folders["llama", "awq"]
+    lonely = _copy_edited(awq, tmp_path / "c", lambda t: t.pop("model.layers.1.self_attn.v_proj.qzeros"))
+    with pytest.raises(ModelLoadError, match=r"lacks tensors: model.layers.1.self_attn.v_proj.qzeros$"):
+        LLM(lonely, kv_cache_memory="4MiB")
+    no_words = _copy_edited(awq, tmp_path / "d", lambda t: t.pop("model.layers.0.mlp.up_proj.qweight"))
+    with pytest.raises(ModelLoadError, match=r"lacks tensors: model.layers.0.mlp.up_proj.qweight$"):
+        LLM(no_words, kv_cache_memory="4MiB")
+    words = "model.layers.0.mlp.up_proj.qweight"
+    as_floats = _copy_edited(awq, tmp_path / "e", lambda t: t.update({words: t[words].float()}))
+    with pytest.raises(ModelLoadError, match="up_proj.qweight' must be 2-D int32 words"):
+        LLM(as_floats, kv_cache_memory="4MiB")
+
+
+def test_zero_biases_the_quantizers_write_are_left_out(tiny_model_factory, folders, tmp_path) -> None:
+    """GPTQ's quantizers write a bias of zeros beside every projection; a model without biases
+    leaves them out, and a bias that is not zeros still has no place."""
+    folder = make_gptq_awq_checkpoint(
+        tiny_model_factory("llama"), tmp_path / "m", "gptq-int4", tmp_path / "wide", zero_bias=True
+    )
+    assert "model.layers.0.self_attn.o_proj.bias" in load_file(folder / "model.safetensors")
+    prompt = _prompt(ModelConfig.from_folder(folder).vocab_size)
+    _, ours = _our_logits(folder, prompt)
+    assert (ours - _their_logits(tmp_path / "wide", prompt)).abs().max().item() < 1e-4
+    bias = "model.layers.0.self_attn.o_proj.bias"
+    nonzero = _copy_edited(folder, tmp_path / "n", lambda t: t.update({bias: t[bias] + 1}))
+    with pytest.raises(ModelLoadError, match="o_proj.bias' has no place"):
+        LLM(nonzero, kv_cache_memory="4MiB")
+
+
+@pytest.mark.parametrize(("layout", "held"), [("awq", torch.int32), ("gptq-int8", torch.int8)])
+def test_random_weights_of_a_gptq_or_awq_checkpoints_shape(folders, layout: str, held: torch.dtype) -> None:
+    llm = LLM(folders["llama", layout][0], kv_cache_memory="4MiB", load_format="dummy")
+    down = llm.engine.core.runner.model.model.layers[0].mlp.down_proj
+    assert down.weight.dtype == held and down.weight_block == (1, INT_GROUP)
+    assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids
