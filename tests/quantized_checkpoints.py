@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -285,6 +286,9 @@ GPTQ_AWQ_LAYOUTS: dict[str, dict] = {
     "gptq-int8": {**_GPTQ, "bits": 8},
     # One group across each input: a scale per output channel.
     "gptq-int4-channel": {**_GPTQ, "group_size": -1},
+    # Quantized in activation order: each group is INT_GROUP columns from anywhere along the input.
+    "gptq-int4-act-order": {**_GPTQ, "sym": False, "desc_act": True},
+    "gptq-int8-act-order": {**_GPTQ, "bits": 8, "desc_act": True},
     "awq": {
         "quant_method": "awq",
         "bits": 4,
@@ -296,6 +300,17 @@ GPTQ_AWQ_LAYOUTS: dict[str, dict] = {
 }
 # AWQ's order of eight output columns in a word: the k-th 4-bit field holds column AWQ_ORDER[k].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# The projections that read one input (GPTQ quantizes them in one order, from that input).
+_SAME_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
+               "up_proj": "gate_up"}  # fmt: skip
+
+
+def activation_order(module: str, columns: int) -> torch.Tensor:
+    """The order GPTQ's ``desc_act`` would quantize ``module``'s input columns in: a permutation
+    drawn from the name of the input it reads, so q, k and v (and gate and up) share one."""
+    layer, projection = module.rsplit(".", 1)
+    key = f"{layer}.{_SAME_INPUT.get(projection, projection)}"
+    return torch.randperm(columns, generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
 
 
 def _pack_words(unsigned: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -326,6 +341,11 @@ def make_gptq_awq_checkpoint(
 
     def encode(module: str, weight: torch.Tensor) -> dict:
         strategy = "channel" if quant["group_size"] == -1 else "group"
+        # In activation order, groups are runs of the permuted columns; the values go back to the
+        # checkpoint's column order, and g_idx says each column's group.
+        order = activation_order(module, weight.shape[1]) if quant.get("desc_act") else None
+        if order is not None:
+            weight = weight[:, order]
         values, scale, zero = _integers(weight, bits, strategy, asymmetric)
         scale = scale.half()
         q = values.to(torch.int64) + middle  # unsigned
@@ -338,6 +358,9 @@ def make_gptq_awq_checkpoint(
         stored_z = (z - 1) & mask if v1 else z
         read_z = stored_z + 1 if v1 else z
         wide = (q - read_z.repeat_interleave(group, 1)).float() * scale.float().repeat_interleave(group, 1)
+        groups = torch.arange(weight.shape[1]) // group
+        if order is not None:  # back to the checkpoint's column order
+            q, wide, groups = q[:, order.argsort()], wide[:, order.argsort()], groups[order.argsort()]
         float_weights[f"{module}.weight"] = wide
         tensors = {f"{module}.scales": scale.t().contiguous()}
         if awq:  # [in, out / 8] and [groups, out / 8], AWQ's order
@@ -346,7 +369,7 @@ def make_gptq_awq_checkpoint(
         else:  # [in / per_word, out] packed down the input, zeros [groups, out / per_word]
             tensors[f"{module}.qweight"] = _pack_words(q, bits).t().contiguous()
             tensors[f"{module}.qzeros"] = _pack_words(stored_z.t().contiguous(), bits)
-            tensors[f"{module}.g_idx"] = (torch.arange(weight.shape[1]) // group).to(torch.int32)
+            tensors[f"{module}.g_idx"] = groups.to(torch.int32)
         if zero_bias and f"{module}.bias" not in biases:
             tensors[f"{module}.bias"] = torch.zeros(weight.shape[0], dtype=torch.float16)
         return tensors

@@ -105,6 +105,7 @@ def test_configs_as_the_hub_ships_them() -> None:
     assert read_quantization({"quantization_config": v2}) == QuantScheme(
         "gptq", None, "int4", packed=True, zero_points=True
     )
+    assert read_quantization({"quantization_config": {**qwen_gptq, "desc_act": True}}).input_order  # type: ignore[union-attr]
     # GPTQModel's newer configs name the layout "format"; "-:" dynamic keys only skip modules.
     newer = {**qwen_gptq, "format": "gptq", "dynamic": {"-:.*mlp.*": {}}}
     assert read_quantization({"quantization_config": newer}).zero_point_offset == 1  # type: ignore[union-attr]
@@ -147,10 +148,10 @@ def _copy_edited(folder: Path, target: Path, edit) -> Path:
 
 def test_checkpoints_that_cannot_be_read_right_are_refused(folders, tmp_path) -> None:
     gptq, _ = folders["llama", "gptq-int4"]
-    # Groups in activation order (desc_act): g_idx permutes the columns' groups.
+    # Groups out of order, where the config does not say desc_act.
     g_idx = "model.layers.0.mlp.down_proj.g_idx"
     shuffled = _copy_edited(gptq, tmp_path / "a", lambda t: t.update({g_idx: t[g_idx].flip(0).contiguous()}))
-    with pytest.raises(ModelLoadError, match="down_proj.g_idx' orders the groups by activation"):
+    with pytest.raises(ModelLoadError, match="down_proj.g_idx' puts input columns in groups out of order"):
         LLM(shuffled, kv_cache_memory="4MiB")
     # A symmetric checkpoint whose zero points are not the middle of the range.
     zeros = "model.layers.1.self_attn.k_proj.qzeros"
@@ -169,6 +170,29 @@ def test_checkpoints_that_cannot_be_read_right_are_refused(folders, tmp_path) ->
     as_floats = _copy_edited(awq, tmp_path / "e", lambda t: t.update({words: t[words].float()}))
     with pytest.raises(ModelLoadError, match="up_proj.qweight' must be 2-D int32 words"):
         LLM(as_floats, kv_cache_memory="4MiB")
+
+
+def test_activation_order_reorders_each_projections_input(folders, tmp_path) -> None:
+    """A projection quantized in activation order holds its columns group by group and reorders its
+    input alike; the pieces of a fused projection share one order, and each group must have its
+    size."""
+    folder, _ = folders["llama", "gptq-int4-act-order"]
+    llm = LLM(folder, kv_cache_memory="4MiB")
+    layer = llm.engine.core.runner.model.model.layers[0]
+    g_idx = load_file(folder / "model.safetensors")["model.layers.0.self_attn.q_proj.g_idx"].long()
+    order = layer.self_attn.qkv_proj.input_order
+    assert order is not None and torch.equal(g_idx[order], torch.arange(g_idx.numel()) // INT_GROUP)
+    assert layer.mlp.down_proj.input_order is not None and "g_idx" not in layer.mlp.down_proj._parameters
+    k_idx = "model.layers.1.self_attn.k_proj.g_idx"
+    apart = _copy_edited(folder, tmp_path / "a", lambda t: t.update({k_idx: t[k_idx].roll(1).contiguous()}))
+    with pytest.raises(
+        ModelLoadError, match=r"layers.1.self_attn.[qk]_proj.g_idx' orders the input columns otherwise"
+    ):
+        LLM(apart, kv_cache_memory="4MiB")
+    o_idx = "model.layers.1.self_attn.o_proj.g_idx"
+    uneven = _copy_edited(folder, tmp_path / "b", lambda t: t[o_idx].__setitem__(0, 1 - t[o_idx][0]))
+    with pytest.raises(ModelLoadError, match="o_proj.g_idx does not give every group 32 input columns"):
+        LLM(uneven, kv_cache_memory="4MiB")
 
 
 def test_zero_biases_the_quantizers_write_are_left_out(tiny_model_factory, folders, tmp_path) -> None:

@@ -120,14 +120,23 @@ def test_scales_that_do_not_fit_the_weight_are_refused() -> None:
 
 @pytest.mark.parametrize(
     ("layout", "fused"),
-    [("fp8", False), ("fp8", True), ("w4a16", False), ("w4a16", True), ("awq", False), ("gptq-int8", False)],
+    [
+        ("fp8", False),
+        ("fp8", True),
+        ("w4a16", False),
+        ("w4a16", True),
+        ("awq", False),
+        ("gptq-int8", False),
+        ("gptq-int4-act-order", True),
+    ],  # fmt: skip
 )
 def test_model_decode_step_over_scaled_weights(
     tiny_model_factory, tmp_path, monkeypatch, layout, fused
 ) -> None:
     """A decode step of two sequences of an 8-bit float or a 4-bit integer checkpoint (AWQ's with
     zero points too, and GPTQ's 8-bit integers) sends every projection to the kernel with its
-    scales, with the torch path's logits (the weights widened first)."""
+    scales, with the torch path's logits (the weights widened first). A GPTQ checkpoint in
+    activation order reorders each projection's input first, so none makes its input on load."""
     if layout == "fp8":
         folder = make_fp8_checkpoint(
             tiny_model_factory("qwen3"), tmp_path / "m", "fp8-block", block_size=(16, 48)
@@ -138,15 +147,21 @@ def test_model_decode_step_over_scaled_weights(
         folder = make_gptq_awq_checkpoint(tiny_model_factory("qwen3"), tmp_path / "m", layout, tmp_path / "w")
     llm, decode, torch_logits = decode_after_prompts(folder, [13, 9])
     scaled: list[bool] = []
+    kernels: set[str] = set()
     for name in ("skinny_linear", "skinny_norm_linear", "skinny_silu_linear"):
         original = getattr(triton_linear, name)
 
-        def counted(*args, _original=original, **kwargs):
+        def counted(*args, _original=original, _name=name, **kwargs):
             scaled.append(kwargs.get("scale") is not None)
+            kernels.add(_name)
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(triton_linear, name, counted)
     llm.engine.core.runner.model.enable_triton_ops(False, linear=True, fused_linear=fused)
     triton_logits = llm.engine.core.runner.logits_for(decode)
     assert scaled == [True] * 4 * llm.engine.config.model.num_layers
+    if fused and "act-order" not in layout:
+        assert {"skinny_norm_linear", "skinny_silu_linear"} <= kernels
+    else:
+        assert kernels == {"skinny_linear"}
     assert (triton_logits - torch_logits).abs().max().item() < 1e-4

@@ -79,6 +79,10 @@ class QuantScheme:
     # What to add to each zero point as a GPTQ checkpoint stores it: its first format ("gptq", the
     # default) stores them minus one; "gptq_v2" as they are.
     zero_point_offset: int = 0
+    # GPTQ's activation order (``desc_act``): a ``g_idx`` gives each input column's group, and the
+    # groups are not runs of consecutive columns; the loader reorders the columns so they are,
+    # and each projection reorders its input alike.
+    input_order: bool = False
 
     @property
     def scale_name(self) -> str:
@@ -208,6 +212,7 @@ def _gptq(quant: dict[str, Any]) -> QuantScheme:
         packed=bits == 4,
         zero_points=not symmetric,
         zero_point_offset=1 if fmt == "gptq" else 0,
+        input_order=quant.get("desc_act") is True,
     )
 
 

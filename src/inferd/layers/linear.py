@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,13 @@ class Linear(nn.Linear):
     # Set on a projection that holds low-bit weights (``layers/quantized.py:hold_quantized``): the
     # (rows, columns) of weight each entry of its ``weight_scale`` parameter covers.
     weight_block: tuple[int, int] | None = None
+    # A buffer, set on a projection whose weight's input columns were reordered at load (a GPTQ
+    # checkpoint in activation order, ``models/gptq_awq.py``): its input is reordered alike.
+    input_order: torch.Tensor | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("input_order", None, persistent=False)
 
     def quant_scale(self) -> torch.Tensor:
         """The ``weight_scale`` parameter of a projection with low-bit weights."""
@@ -54,6 +61,8 @@ class Linear(nn.Linear):
         return out
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_order is not None:
+            x = x.index_select(-1, self.input_order)
         if self._routed(x):
             from inferd.layers import triton_linear
 
@@ -72,7 +81,7 @@ class Linear(nn.Linear):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``self(norm(x + residual))`` and the new residual stream ``x + residual``; without a
         residual, ``self(norm(x))`` and ``x``."""
-        if self.fuse_input_ops and self.lora is None and self._routed(x):
+        if self._fuses_input(x):
             from inferd.layers import triton_linear
 
             weight, bias, scale = self.weight, self.bias, self._scale_operand()
@@ -86,7 +95,7 @@ class Linear(nn.Linear):
 
     def forward_gated(self, gate_up: torch.Tensor, act: SiluAndMul) -> torch.Tensor:
         """``self(act(gate_up))``, for the gate|up halves of the MLP's first projection."""
-        if self.fuse_input_ops and self.lora is None and self._routed(gate_up):
+        if self._fuses_input(gate_up):
             from inferd.layers import triton_linear
 
             return triton_linear.skinny_silu_linear(
@@ -96,6 +105,11 @@ class Linear(nn.Linear):
 
     def _routed(self, x: torch.Tensor) -> bool:
         return x.dim() == 2 and 0 < x.shape[0] <= self.triton_max_rows
+
+    def _fuses_input(self, x: torch.Tensor) -> bool:
+        """Whether the skinny matmul makes this input itself: not under LoRA, whose term reads the
+        input made, nor where the input is reordered first."""
+        return self.fuse_input_ops and self.lora is None and self.input_order is None and self._routed(x)
 
     def _scale_operand(self) -> WeightScale | None:
         """How to read low-bit weights (their scales, zero points and packing), for the skinny

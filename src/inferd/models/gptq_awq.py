@@ -10,8 +10,12 @@ input column ``i``'s group.
 - ``qzeros``: ``[groups, out / per_word]``, packed along the output as each format packs its
   weights. GPTQ's first format (``checkpoint_format`` "gptq") stores each zero point minus one.
 - ``scales``: ``[groups, out]``, float16.
-- ``g_idx`` (GPTQ): each input column's group. Only ``i // group_size`` is computed: checkpoints
-  quantized in activation order (``desc_act``) that permute the groups are refused.
+- ``g_idx`` (GPTQ): each input column's group: ``i // group_size``, unless the checkpoint was
+  quantized in activation order (``desc_act``), where each group is some ``group_size`` columns
+  anywhere along the input. Such a projection's columns are reordered at load so that its groups
+  are runs again (``order_input_columns``), and it reorders its input the same way
+  (``Linear.input_order``); the fused pieces of q|k|v and gate|up, which read one input, must
+  share one order (GPTQ orders by the input's statistics, so theirs are the same).
 
 The engine holds 4-bit weights as ``[out, in / 8]`` int32 words packed along the input, each value
 stored as the signed value plus 8 (``layers/quantized.py``), with int8 zero points
@@ -28,6 +32,7 @@ import torch
 
 from inferd.config import ModelLoadError
 from inferd.layers import quantized
+from inferd.layers.linear import Linear
 from inferd.quant_config import PACKED_WEIGHT, ZERO_POINT, QuantScheme
 
 # AWQ's order of eight output columns in a word: its k-th 4-bit field holds column AWQ_ORDER[k].
@@ -52,6 +57,11 @@ def engine_tensors(
                                  f"{1 << (scheme.bits - 1)}")  # fmt: skip
     elif kind == "scales":
         yield f"{module}.weight_scale", tensor.t().contiguous()
+    elif kind == "g_idx" and scheme.input_order:
+        if tensor.dim() != 1 or tensor.dtype not in (torch.int32, torch.int64):
+            raise ModelLoadError(f"tensor {name!r} must be 1-D integers, not {tensor.dtype} "
+                                 f"{tuple(tensor.shape)}")  # fmt: skip
+        yield name, tensor.to(torch.int32)
     elif kind == "g_idx":
         _check_groups(tensor, name, scheme)
     else:
@@ -101,5 +111,29 @@ def _check_groups(g_idx: torch.Tensor, name: str, scheme: QuantScheme) -> None:
     group = scheme.block[1] if scheme.block is not None else max(columns, 1)
     expected = torch.arange(columns, device=g_idx.device) // group if columns > 0 else None
     if expected is None or not torch.equal(g_idx.to(torch.int64), expected):
-        raise ModelLoadError(f"tensor {name!r} orders the groups by activation (desc_act): only groups of "
-                             f"consecutive input columns are supported")  # fmt: skip
+        raise ModelLoadError(f"tensor {name!r} puts input columns in groups out of order, but the config "
+                             f"does not set desc_act")  # fmt: skip
+
+
+def order_input_columns(linear: Linear, name: str) -> None:
+    """Reorder the input columns of a projection loaded with a ``g_idx`` parameter (activation
+    order) so that each group's are consecutive, and keep the order in ``input_order`` for its
+    input; an order that is already so is dropped."""
+    g_idx = linear._parameters.pop("g_idx", None)
+    if g_idx is None or linear.weight_block is None:
+        return
+    groups = g_idx.to(torch.int64)
+    order = torch.argsort(groups, stable=True)
+    columns = linear.in_features
+    expected = torch.arange(columns, device=groups.device) // linear.weight_block[1]
+    if not torch.equal(groups[order], expected):
+        raise ModelLoadError(f"{name}.g_idx does not give every group {linear.weight_block[1]} input columns")
+    if torch.equal(order, torch.arange(columns, device=order.device)):
+        return
+    with torch.no_grad():
+        if linear.weight.dtype == torch.int32:
+            values = quantized.unpack_int32(linear.weight, 4, columns).index_select(1, order)
+            linear.weight.copy_(quantized.pack_int32(values, 4))
+        else:
+            linear.weight.copy_(linear.weight.index_select(1, order))
+    linear.input_order = order

@@ -152,9 +152,10 @@ def load_model(
             pieces = (piece for name, t in weights for piece in split_fused_tensor(name, t, cfg, size))
             weights = ((name, shard_checkpoint_tensor(name, t, rank, size)) for name, t in pieces)
         _fill_weights(model, weights, cfg)
-        for module in model.modules():
+        for module_name, module in model.named_modules():
             if isinstance(module, Linear):
                 quantized.fold_zero_points(module)
+                gptq_awq.order_input_columns(module, module_name)
     # A low-bit checkpoint is served as it is: the projections it left wider stay so.
     if quantization == "fp8" and cfg.quant is None:
         quantize_projections(model, QuantScheme("fp8", None))
@@ -270,6 +271,12 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
                 weight_rows = params[target.removesuffix("_scale")].shape[0]
                 view = _scale_slot_view(param.data, weight_rows, slot, cfg, target, shown)
                 tensor = _as_scale(tensor, view, shown)
+            elif target.endswith(".g_idx"):
+                # One input, one order: a fused projection's pieces each bring it.
+                view = param.data
+                if any(other == target for other, _ in filled) and not torch.equal(view, tensor):
+                    raise ModelLoadError(f"tensor {shown!r} orders the input columns otherwise than "
+                                         f"the other pieces of its fused projection")  # fmt: skip
             elif target.endswith("." + ZERO_POINT) and cfg.quant is not None:
                 weight_rows = params[target.removesuffix("_zero_point")].shape[0]
                 view = _scale_slot_view(param.data, weight_rows, slot, cfg, target, shown)
@@ -439,6 +446,9 @@ def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) ->
             )
             dtype = quantized.storage_dtype(cfg.quant.values, cfg.quant.packed)
             quantized.hold_quantized(module, block, shape, dtype, cfg.quant.zero_points)
+            if cfg.quant.input_order:  # each input column's group, filled from the checkpoint's g_idx
+                g_idx = torch.zeros(in_features, dtype=torch.int32, device=module.weight.device)
+                module.register_parameter("g_idx", nn.Parameter(g_idx, requires_grad=False))
 
 
 def _target_of(name: str) -> tuple[str, Slot]:
