@@ -335,7 +335,7 @@ def make_gptq_awq_checkpoint(
     quant = GPTQ_AWQ_LAYOUTS[layout]
     bits, awq = quant["bits"], quant["quant_method"] == "awq"
     asymmetric = awq or quant["sym"] is False
-    middle, mask = 2 ** (bits - 1), 2**bits - 1
+    middle = 2 ** (bits - 1)
     float_weights: dict[str, torch.Tensor] = {}
     biases = {name for name in load_file(source / "model.safetensors") if name.endswith("_proj.bias")}
 
@@ -346,18 +346,16 @@ def make_gptq_awq_checkpoint(
         order = activation_order(module, weight.shape[1]) if quant.get("desc_act") else None
         if order is not None:
             weight = weight[:, order]
+        if asymmetric:  # the first group of row 0 all positive: its zero point is 0
+            weight = weight.clone()
+            weight[0, :INT_GROUP] = weight[0, :INT_GROUP].abs() + 1e-3
         values, scale, zero = _integers(weight, bits, strategy, asymmetric)
         scale = scale.half()
         q = values.to(torch.int64) + middle  # unsigned
         signed_zero = zero if zero is not None else torch.zeros_like(scale, dtype=torch.int8)
         z = signed_zero.to(torch.int64) + middle
         group = weight.shape[1] if quant["group_size"] == -1 else INT_GROUP
-        # The first GPTQ format stores z - 1 in bits bits; its readers add one to the field, so a
-        # zero point of 0 reads as 2 ** bits.
-        v1 = not awq and quant.get("checkpoint_format", "gptq") == "gptq"
-        stored_z = (z - 1) & mask if v1 else z
-        read_z = stored_z + 1 if v1 else z
-        wide = (q - read_z.repeat_interleave(group, 1)).float() * scale.float().repeat_interleave(group, 1)
+        wide = (q - z.repeat_interleave(group, 1)).float() * scale.float().repeat_interleave(group, 1)
         groups = torch.arange(weight.shape[1]) // group
         if order is not None:  # back to the checkpoint's column order
             q, wide, groups = q[:, order.argsort()], wide[:, order.argsort()], groups[order.argsort()]
@@ -365,10 +363,17 @@ def make_gptq_awq_checkpoint(
         tensors = {f"{module}.scales": scale.t().contiguous()}
         if awq:  # [in, out / 8] and [groups, out / 8], AWQ's order
             tensors[f"{module}.qweight"] = _pack_words(q.t().contiguous(), 4, AWQ_ORDER)
-            tensors[f"{module}.qzeros"] = _pack_words(stored_z.t().contiguous(), 4, AWQ_ORDER)
+            tensors[f"{module}.qzeros"] = _pack_words(z.t().contiguous(), 4, AWQ_ORDER)
         else:  # [in / per_word, out] packed down the input, zeros [groups, out / per_word]
             tensors[f"{module}.qweight"] = _pack_words(q, bits).t().contiguous()
-            tensors[f"{module}.qzeros"] = _pack_words(stored_z.t().contiguous(), bits)
+            zero_words = _pack_words(z.t().contiguous(), bits)
+            if quant.get("checkpoint_format", "gptq") == "gptq":
+                # The first format: one taken from every field of each word at once (a zero point
+                # of 0 borrows from the field above), as GPTQModel writes it.
+                ones = sum(1 << shift for shift in range(0, 32, bits))
+                wrapped = (zero_words.to(torch.int64) - ones) & 0xFFFFFFFF
+                zero_words = torch.where(wrapped >= 2**31, wrapped - 2**32, wrapped).to(torch.int32)
+            tensors[f"{module}.qzeros"] = zero_words
             tensors[f"{module}.g_idx"] = groups.to(torch.int32)
         if zero_bias and f"{module}.bias" not in biases:
             tensors[f"{module}.bias"] = torch.zeros(weight.shape[0], dtype=torch.float16)

@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from inferd import LLM, SamplingParams
 from inferd.config import ModelConfig, ModelLoadError
 from inferd.engine.request import Request
+from inferd.layers import quantized
+from inferd.models import gptq_awq
 from inferd.quant_config import QuantScheme, read_quantization
 
 
@@ -119,12 +121,16 @@ def test_configs_as_the_hub_ships_them() -> None:
 @pytest.mark.parametrize(
     ("quant", "message"),
     [
-        ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "3-bit weights are not supported"),
+        ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "GPTQ checkpoints of bits 3 are not"),
+        ({"quant_method": "gptq", "group_size": 128}, "GPTQ checkpoints of bits None are not"),
         ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "format 'marlin'"),
+        ({"quant_method": "gptq", "bits": 4, "is_marlin_format": True}, "Marlin's layout"),
         ({"quant_method": "gptq", "bits": 8, "sym": False}, "asymmetric 8-bit GPTQ"),
         ({"quant_method": "gptq", "bits": 4, "dynamic": {"+:.*down.*": {"bits": 8}}}, "'dynamic' overrides"),
         ({"quant_method": "gptq", "bits": 4, "group_size": 0}, "group_size must be a positive"),
-        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ version 'gemv'"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ layout 'gemv'"),
+        ({"quant_method": "awq", "bits": 4, "format": "gemv_fast"}, "AWQ layout 'gemv_fast'"),
+        ({"quant_method": "awq", "bits": 4, "backend": "llm-awq"}, "AWQ layout 'llm-awq'"),
         ({"quant_method": "awq", "bits": 4, "zero_point": False}, "without zero points"),
         ({"quant_method": "awq", "bits": 8}, "8-bit weights are not supported"),
     ],
@@ -144,6 +150,49 @@ def _copy_edited(folder: Path, target: Path, edit) -> Path:
     edit(tensors)
     save_file(tensors, target / "model.safetensors")
     return target
+
+
+def test_words_as_the_formats_pack_them() -> None:
+    """Columns 0..7 of values 0..7: AutoAWQ packs them as 0x75316420 (fields in the order 0 2 4 6 1
+    3 5 7), GPTQ as 0x76543210. Zero points of 1..8 in GPTQ's first format are stored as 0..7,
+    one taken from every field at once; a zero point of 0 borrows from the field above."""
+    awq = QuantScheme("awq", (1, 8), "int4", packed=True, zero_points=True)
+    gptq = QuantScheme("gptq", (1, 8), "int4", packed=True, zero_points=True, zero_point_offset=1)
+    values = torch.arange(8, dtype=torch.int8)[None] - 8  # signed, as the engine holds them
+    (_, awq_words), (_, awq_zeros), _ = _engine_tensors_of(awq, qweight=[[0x75316420]], qzeros=[[0x75316420]])
+    # One input column, eight outputs: eight rows of one value each once held.
+    assert torch.equal(quantized.unpack_int32(awq_words, 4, 1).t(), values)
+    assert awq_zeros.flatten().tolist() == values.flatten().tolist()
+    (_, gptq_words), (_, gptq_zeros), _ = _engine_tensors_of(
+        gptq, qweight=[[0x76543210]], qzeros=[[0x76543210]]
+    )
+    assert torch.equal(gptq_words.t(), torch.tensor([[0x76543210]], dtype=torch.int32))
+    assert (gptq_zeros.flatten() + 8).tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    # Zero points 0, 1, ..., 7 stored in the first format: 0x76543210 - 0x11111111 wraps.
+    stored = (0x76543210 - 0x11111111) & 0xFFFFFFFF
+    _, (_, zeros), _ = _engine_tensors_of(
+        gptq, qweight=[[0]], qzeros=[[stored - (1 << 32) if stored >= 1 << 31 else stored]]
+    )
+    assert (zeros.flatten() + 8).tolist() == list(range(8))
+
+
+def test_words_are_unpacked_where_the_model_is() -> None:
+    """On a GPU the loader has the words repacked there; "meta" stands in for it here."""
+    awq = QuantScheme("awq", (1, 8), "int4", packed=True, zero_points=True)
+    for name in ("m.qweight", "m.qzeros"):
+        ((_, held),) = gptq_awq.engine_tensors(name, torch.zeros(8, 1, dtype=torch.int32), awq, device="meta")
+        assert held.device.type == "meta"
+
+
+def _engine_tensors_of(scheme: QuantScheme, qweight: list, qzeros: list) -> list[tuple[str, torch.Tensor]]:
+    tensors = {"m.qweight": qweight, "m.qzeros": qzeros, "m.scales": [[1.0] * 8]}
+    return [
+        out
+        for name, values in tensors.items()
+        for out in gptq_awq.engine_tensors(
+            name, torch.tensor(values, dtype=torch.float16 if name == "m.scales" else torch.int32), scheme
+        )
+    ]
 
 
 def test_checkpoints_that_cannot_be_read_right_are_refused(folders, tmp_path) -> None:

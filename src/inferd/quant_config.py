@@ -77,7 +77,8 @@ class QuantScheme:
     # is ``(values - zero_point) * scale``.
     zero_points: bool = False
     # What to add to each zero point as a GPTQ checkpoint stores it: its first format ("gptq", the
-    # default) stores them minus one; "gptq_v2" as they are.
+    # default) stores them minus one, subtracted from each packed word's fields at once; "gptq_v2"
+    # as they are.
     zero_point_offset: int = 0
     # GPTQ's activation order (``desc_act``): a ``g_idx`` gives each input column's group, and the
     # groups are not runs of consecutive columns; the loader reorders the columns so they are,
@@ -86,8 +87,9 @@ class QuantScheme:
 
     @property
     def scale_name(self) -> str:
-        """How the checkpoint names a weight's scale (for messages): the fp8 method's block scales
-        are ``weight_scale_inv``, every other scale ``weight_scale``."""
+        """How the checkpoint names a weight's scale (for messages): GPTQ's and AWQ's are
+        ``scales``, the fp8 method's block scales ``weight_scale_inv``, every other scale
+        ``weight_scale``."""
         if self.method in GPTQ_AWQ:
             return "scales"
         return "weight_scale_inv" if self.method == "fp8" and self.block is not None else "weight_scale"
@@ -190,8 +192,9 @@ def _group_scheme(name: str, group: Any, default_format: Any) -> QuantScheme:
 def _gptq(quant: dict[str, Any]) -> QuantScheme:
     bits = quant.get("bits")
     if bits not in (4, 8):
-        raise ValueError(f"GPTQ checkpoints of {bits!r}-bit weights are not supported (4- and 8-bit "
-                         f"ones are)")  # fmt: skip
+        raise ValueError(f"GPTQ checkpoints of bits {bits!r} are not supported (4- and 8-bit ones are)")
+    if quant.get("is_marlin_format"):
+        raise ValueError("GPTQ checkpoints in Marlin's layout (is_marlin_format) are not supported")
     # GPTQModel names the layout "checkpoint_format" (older configs) or "format".
     fmt = quant.get("checkpoint_format") or quant.get("format") or "gptq"
     if fmt not in ("gptq", "gptq_v2"):
@@ -220,9 +223,10 @@ def _awq(quant: dict[str, Any]) -> QuantScheme:
     if quant.get("bits", 4) != 4:
         raise ValueError(f"AWQ checkpoints of {quant.get('bits')!r}-bit weights are not supported (4-bit "
                          f"ones are)")  # fmt: skip
-    version = str(quant.get("version", "gemm")).lower()
-    if version != "gemm":
-        raise ValueError(f"AWQ version {version!r} is not supported ('gemm' is)")
+    # transformers reads the layout from "version" or "format"; "backend": "llm-awq" is MIT's own.
+    version = str(quant.get("version") or quant.get("format") or "gemm").lower()
+    if version != "gemm" or quant.get("backend") == "llm-awq":
+        raise ValueError(f"AWQ layout {quant.get('backend') or version!r} is not supported ('gemm' is)")
     if quant.get("zero_point", True) is False:
         raise ValueError("AWQ checkpoints without zero points are not supported")
     block = _group_block(quant.get("group_size", 128))

@@ -8,7 +8,9 @@ input column ``i``'s group.
   down the input, ``[in / per_word, out]``: word ``[i // per_word, o]`` holds ``q[o, i]``. AWQ
   packs eight output columns to a word, ``[in, out / 8]``, in the order 0 2 4 6 1 3 5 7.
 - ``qzeros``: ``[groups, out / per_word]``, packed along the output as each format packs its
-  weights. GPTQ's first format (``checkpoint_format`` "gptq") stores each zero point minus one.
+  weights. GPTQ's first format (``checkpoint_format`` "gptq") stores them minus one: GPTQModel,
+  through which transformers reads GPTQ, subtracts one from every field of a word at once and adds
+  it back so, so a zero point of 0 borrows from the field above; it is read here the same way.
 - ``scales``: ``[groups, out]``, float16.
 - ``g_idx`` (GPTQ): each input column's group: ``i // group_size``, unless the checkpoint was
   quantized in activation order (``desc_act``), where each group is some ``group_size`` columns
@@ -41,20 +43,24 @@ _AWQ_FIELD_OF_COLUMN = tuple(AWQ_ORDER.index(column) for column in range(8))
 
 
 def engine_tensors(
-    name: str, tensor: torch.Tensor, scheme: QuantScheme
+    name: str, tensor: torch.Tensor, scheme: QuantScheme, device: torch.device | str = "cpu"
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint tensor ``name`` as the tensors the loader fills (none for a ``g_idx`` or a
-    symmetric weight's zero points, once checked); tensors of other kinds as they are."""
+    symmetric weight's zero points, once checked); tensors of other kinds as they are. Packed
+    words are unpacked and packed again on ``device``, where the model is: a GPU does so in a
+    fraction of the CPU's time."""
     module, _, kind = name.rpartition(".")
     if kind == "qweight":
-        yield _weight(module, _words(tensor, name), scheme)
+        yield _weight(module, _words(tensor, name).to(device), scheme)
     elif kind == "qzeros":
-        zeros = _zero_points(_words(tensor, name), scheme)
+        zeros = _zero_points(_words(tensor, name).to(device), scheme)
         if scheme.zero_points:
             yield f"{module}.{ZERO_POINT}", zeros
         elif zeros.any():
-            raise ModelLoadError(f"tensor {name!r}: a symmetric checkpoint's zero points must all be "
-                                 f"{1 << (scheme.bits - 1)}")  # fmt: skip
+            middle = 1 << (scheme.bits - 1)
+            stored = middle - scheme.zero_point_offset
+            raise ModelLoadError(f"tensor {name!r}: a symmetric checkpoint's zero points must all be the "
+                                 f"middle of the range ({middle}, stored as {stored})")  # fmt: skip
     elif kind == "scales":
         yield f"{module}.weight_scale", tensor.t().contiguous()
     elif kind == "g_idx" and scheme.input_order:
@@ -89,11 +95,14 @@ def _weight(module: str, words: torch.Tensor, scheme: QuantScheme) -> tuple[str,
 
 def _zero_points(words: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """The zero points, signed (minus the range's middle), as int8 ``[out, groups]``."""
+    if scheme.zero_point_offset:
+        # The offset added to every field of the word at once, carries running into the next field
+        # (computed in int64 and wrapped to 32 bits).
+        per_field = sum(1 << shift for shift in range(0, 32, scheme.bits)) * scheme.zero_point_offset
+        wide = ((words.to(torch.int64) & 0xFFFFFFFF) + per_field) & 0xFFFFFFFF
+        words = torch.where(wide >= 1 << 31, wide - (1 << 32), wide).to(torch.int32)
     unsigned = _unpack(words, scheme.bits, awq_order=scheme.method == "awq")
-    # A GPTQ zero point of 0 is stored as 15 (minus one, in 4 bits) and reads back as 16, as the
-    # format's own kernels read it: kept so, in int16, before the signed int8 (-8..8) is taken.
-    signed = unsigned + scheme.zero_point_offset - (1 << (scheme.bits - 1))
-    return signed.t().contiguous().to(torch.int8)
+    return (unsigned - (1 << (scheme.bits - 1))).t().contiguous().to(torch.int8)
 
 
 def _unpack(words: torch.Tensor, bits: int, awq_order: bool = False) -> torch.Tensor:

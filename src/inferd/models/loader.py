@@ -142,7 +142,7 @@ def load_model(
             hold_checkpoint_quantized(model, cfg, path)
         weights = (
             (canonical_name(name, cfg.quant is not None), t)
-            for name, t in _engine_tensors(iter_checkpoint(path), cfg)
+            for name, t in _engine_tensors(iter_checkpoint(path), cfg, device)
             if not (cfg.quant is not None and name.endswith(IGNORED_SUFFIXES))
         )
         if shard is not None:
@@ -167,15 +167,15 @@ def load_model(
 
 
 def _engine_tensors(
-    tensors: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig
+    tensors: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig, device: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors, a GPTQ or AWQ checkpoint's turned into the packed layout the
-    engine holds (``gptq_awq.py``)."""
+    engine holds (``gptq_awq.py``) on the model's ``device``."""
     if cfg.quant is None or cfg.quant.method not in GPTQ_AWQ:
         yield from tensors
         return
     for name, tensor in tensors:
-        yield from gptq_awq.engine_tensors(name, tensor, cfg.quant)
+        yield from gptq_awq.engine_tensors(name, tensor, cfg.quant, device)
 
 
 # Random weights (``load_format="dummy"``): a freshly initialised Hugging Face model's scale.
@@ -374,8 +374,7 @@ def _packed_name(name: str, param: torch.Tensor, cfg: ModelConfig) -> str:
 
 def _spare_zero_bias(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> bool:
     """Whether ``name`` is a bias of zeros that a GPTQ or AWQ checkpoint stores for a projection
-    without one (the quantizers write a bias for every layer they pack): left out, as it adds
-    nothing."""
+    without one (AutoGPTQ wrote one for every layer it packed): left out, as it adds nothing."""
     return (
         cfg.quant is not None
         and cfg.quant.method in GPTQ_AWQ
