@@ -53,7 +53,8 @@ def _layer_tensors(scheme: QuantScheme) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, (out, inp) in SHAPES.items():
         groups = inp // GROUP
-        words = _random_words(inp, out // 8) if scheme.method == "awq" else _random_words(inp // per_word, out)
+        awq = scheme.method == "awq"
+        words = _random_words(inp, out // 8) if awq else _random_words(inp // per_word, out)
         zeros = torch.full((groups, out // per_word), 0x77777777 if scheme.bits == 4 else 0x7F7F7F7F)
         tensors[f"{name}.qweight"] = words
         tensors[f"{name}.qzeros"] = zeros.to(torch.int32)

@@ -49,10 +49,14 @@ def unpack_int32(words: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     if words.dtype != torch.int32 or words.dim() != 2 or words.shape[1] != -(-columns // per_word):
         raise ValueError(f"packed words {tuple(words.shape)} of {words.dtype} do not hold rows of {columns} "
                          f"{bits}-bit values ({-(-columns // per_word)} int32 words each)")  # fmt: skip
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
-    values = (words[:, :, None] >> shifts) & ((1 << bits) - 1)  # the arithmetic shift's sign bits masked off
-    values = values.reshape(words.shape[0], -1)[:, :columns] - (1 << (bits - 1))
-    return values.to(torch.int8)
+    # Field by field into int8, so no int32 copy of the whole weight is made (prompt steps unpack
+    # every packed projection).
+    values = torch.empty(*words.shape, per_word, dtype=torch.int8, device=words.device)
+    for k in range(per_word):
+        # The arithmetic shift's sign bits are masked off.
+        values[:, :, k] = ((words >> (bits * k)) & ((1 << bits) - 1)) - (1 << (bits - 1))
+    values = values.view(words.shape[0], -1)
+    return values if values.shape[1] == columns else values[:, :columns].contiguous()
 
 
 def unpack_int32_rows(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
@@ -96,17 +100,19 @@ def _apply_per_block(
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     """``unpack_int32``'s inverse: each row's ``bits``-bit values, each plus ``2 ** (bits - 1)``,
     packed ``32 // bits`` to an int32 word, the first in the lowest bits (the last word of a row
-    padded with zeros). Computed in int32 (a GPTQ or AWQ checkpoint's projections are repacked at
-    load): the last field, whose top bit is the word's sign bit, is shifted as a signed field."""
-    per_word = 32 // bits
+    padded with zeros). Built field by field in int32 (a GPTQ or AWQ checkpoint's projections are
+    packed again at load): the last field, whose top bit is the word's sign bit, is shifted as a
+    signed field, so no sum leaves int32."""
+    per_word, offset = 32 // bits, 1 << (bits - 1)
     rows, columns = values.shape
-    fields = torch.zeros(rows, -(-columns // per_word) * per_word, dtype=torch.int32, device=values.device)
-    fields[:, :columns] = values.to(torch.int32) + (1 << (bits - 1))
-    fields = fields.view(rows, -1, per_word)
-    last = fields[:, :, -1]
-    words = torch.where(last >= 1 << (bits - 1), last - (1 << bits), last) << (32 - bits)
+    padding = -columns % per_word
+    if padding:  # stored as 0: the value -offset
+        values = torch.nn.functional.pad(values, (0, padding), value=-offset)
+    fields = values.view(rows, -1, per_word)
+    last = fields[:, :, -1].to(torch.int32) + offset
+    words = torch.where(last >= offset, last - (1 << bits), last) << (32 - bits)
     for k in range(per_word - 1):
-        words += fields[:, :, k] << (bits * k)
+        words += (fields[:, :, k].to(torch.int32) + offset) << (bits * k)
     return words
 
 
