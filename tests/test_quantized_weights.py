@@ -388,6 +388,22 @@ def test_packed_integers_unpack_in_order(bits: int, columns: int) -> None:
         quantized.unpack_int32(words, bits, columns + 32)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_large_packed_weights_unpack_field_by_field_alike(bits: int) -> None:
+    """From a million values on the CPU unpacks field by field; the same values either way, a
+    part-filled last word too, and ``pack_int32`` packs them back into compressed-tensors' words."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    values = torch.randint(
+        low, high, (1024, 1028), generator=torch.Generator().manual_seed(bits), dtype=torch.int8
+    )
+    words = pack_to_int32(values, bits)
+    assert words.numel() * 32 // bits >= quantized._FIELD_BY_FIELD_MIN_VALUES
+    assert torch.equal(quantized.unpack_int32(words, bits, 1028), values)
+    assert torch.equal(quantized.pack_int32(values, bits), words)
+
+
 def test_integer_configs_as_the_hub_ships_them() -> None:
     schemes = {
         layout: read_quantization({"quantization_config": INT_LAYOUTS[layout][0]}) for layout in INT_LAYOUTS
