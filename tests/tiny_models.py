@@ -37,6 +37,22 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
     "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
+    # Sequence classifiers: three named labels on Llama (tied embeddings in its config, which the
+    # head must not take), one label (a reward model's score) on Qwen3.
+    "llama-classifier": {
+        "architectures": ["LlamaForSequenceClassification"],
+        "model_type": "llama",
+        "tie_word_embeddings": True,
+        "id2label": {0: "negative", 1: "neutral", 2: "positive"},
+        "label2id": {"negative": 0, "neutral": 1, "positive": 2},
+    },
+    "qwen3-reward": {
+        "architectures": ["Qwen3ForSequenceClassification"],
+        "model_type": "qwen3",
+        "head_dim": 16,
+        "id2label": {0: "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
+    },
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": True},
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
     "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "pad_token_id": 0},

@@ -169,6 +169,30 @@ class GraniteScales:
         return cls(**scales)
 
 
+# Sequence classifiers served: their causal LM's architecture, with the classifier's head.
+_CLASSIFIER_ARCHITECTURES = {
+    "LlamaForSequenceClassification": "LlamaForCausalLM",
+    "MistralForSequenceClassification": "MistralForCausalLM",
+    "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
+    "Qwen3ForSequenceClassification": "Qwen3ForCausalLM",
+}
+
+
+def _labels(cfg: dict[str, Any]) -> tuple[str, ...]:
+    """A classifier's label names by index, from ``id2label`` (two, ``LABEL_0`` and ``LABEL_1``,
+    where the config has none, as transformers reads it)."""
+    id2label = cfg.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
+    if not isinstance(id2label, dict):
+        raise ValueError("id2label must be an object of label names by index")
+    try:
+        by_index = {int(index): str(name) for index, name in id2label.items()}
+    except ValueError:
+        raise ValueError(f"id2label's keys must be indices, got {sorted(id2label)[:5]}") from None
+    if sorted(by_index) != list(range(len(by_index))):
+        raise ValueError(f"id2label must name every label from 0 to {len(by_index) - 1}")
+    return tuple(by_index[i] for i in range(len(by_index)))
+
+
 _GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
@@ -264,11 +288,23 @@ class ModelConfig:
     layer_rope: tuple[bool, ...] = ()
     # How the checkpoint stores low-bit weights (``quantization_config``); None: it does not.
     quant: QuantScheme | None = None
+    # A sequence classifier's label names (``id2label``), in the order of its head's outputs: the
+    # model's ``*ForSequenceClassification`` head (``score``) takes the LM head's place, and every
+    # request pools its prompt (``SamplingParams.embed``) into label logits. Empty: a causal LM.
+    labels: tuple[str, ...] = ()
+
+    @property
+    def head_size(self) -> int:
+        """The width of the model's output head: its labels for a classifier, else the vocabulary."""
+        return len(self.labels) or self.vocab_size
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
         architecture = archs[0] if archs else ""
+        # A classifier is its causal LM's architecture with another head.
+        classifier = architecture in _CLASSIFIER_ARCHITECTURES
+        architecture = _CLASSIFIER_ARCHITECTURES.get(architecture, architecture)
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         if num_heads < 1:
@@ -322,9 +358,9 @@ class ModelConfig:
             rope=rope,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             # Gemma's hub configs leave it out: transformers ties its embeddings by default.
-            tie_word_embeddings=bool(
-                cfg.get("tie_word_embeddings", gemma or architecture == "SmolLM3ForCausalLM")
-            ),
+            # A classifier's head is its own (``score``), never the embeddings.
+            tie_word_embeddings=not classifier
+            and bool(cfg.get("tie_word_embeddings", gemma or architecture == "SmolLM3ForCausalLM")),
             attention_bias=_attention_bias(cfg, architecture),
             qk_norm=architecture.startswith(("Qwen3", "Gemma3")),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
@@ -334,6 +370,7 @@ class ModelConfig:
             gemma=GemmaConfig.from_hf_config(cfg, architecture, int(head_dim), rope) if gemma else None,
             granite=GraniteScales.from_hf_config(cfg) if architecture == "GraniteForCausalLM" else None,
             quant=read_quantization(cfg),
+            labels=_labels(cfg) if classifier else (),
         )
         config.check_consistent()
         return config

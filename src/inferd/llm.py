@@ -19,7 +19,7 @@ from inferd.engine.beam_search import (
     step_params,
 )
 from inferd.engine.llm_engine import LLMEngine, Prompt
-from inferd.engine.outputs import RequestOutput
+from inferd.engine.outputs import ClassificationOutput, RequestOutput
 from inferd.sampling_params import SamplingParams
 
 
@@ -80,13 +80,28 @@ class LLM:
         self, prompts: Prompt | Sequence[Prompt], adapter: str | None = None, use_tqdm: bool = False
     ) -> list[list[float]]:
         """Each prompt's embedding: its last token's final hidden state, L2-normalized (the pooling
-        of decoder embedding models such as Qwen3-Embedding; ``SamplingParams.embed``)."""
+        of decoder embedding models such as Qwen3-Embedding; ``SamplingParams.embed``); a sequence
+        classifier's label logits (``classify`` reads them)."""
         params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
         outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
         failed = [out.error for out in outputs if out.embedding is None]
         if failed:
             raise RuntimeError(f"a prompt could not be embedded: {failed[0]}")
         return [out.embedding for out in outputs if out.embedding is not None]
+
+    def classify(
+        self, prompts: Prompt | Sequence[Prompt], adapter: str | None = None, use_tqdm: bool = False
+    ) -> list[ClassificationOutput]:
+        """A sequence classifier's (``*ForSequenceClassification``) label logits, probabilities and
+        likeliest label for each prompt, read at its last token."""
+        labels = self.engine.config.model.labels
+        if not labels:
+            raise ValueError("the model is not a sequence classifier (its config.json names no "
+                             "*ForSequenceClassification architecture)")  # fmt: skip
+        return [
+            ClassificationOutput.from_logits(logits, labels)
+            for logits in self.embed(prompts, adapter, use_tqdm)
+        ]
 
     def beam_search(
         self,

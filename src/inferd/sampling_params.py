@@ -70,7 +70,8 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     # Embed the prompt instead of continuing it: the output carries the prompt's last token's final
     # hidden state, L2-normalized (the last-token pooling of decoder embedding models such as
-    # Qwen3-Embedding, as vLLM's embed task pools them); one token is sampled and dropped.
+    # Qwen3-Embedding, as vLLM's embed task pools them), or for a sequence classifier that state's
+    # label logits; one token is sampled and dropped.
     embed: bool = False
 
     def __post_init__(self) -> None:

@@ -129,6 +129,11 @@ class InputProcessor:
             raise PromptError(f"no LoRA adapter {params.adapter!r} in this engine (adapters: {known})")
         if params.priority and self.config.scheduler.policy != "priority":
             raise PromptError(PRIORITY_NEEDS_POLICY.format(params.priority))
+        labels = self.config.model.labels
+        if labels and not params.embed:
+            raise PromptError(f"the model is a sequence classifier ({len(labels)} labels): it "
+                              f"classifies prompts (LLM.classify, POST /classify) and does not generate "
+                              f"text")  # fmt: skip
         out_of_range = [t for t in params.allowed_token_ids or () if t >= self.vocab_size]
         out_of_range += [t for ids in params.bad_words_token_ids for t in ids if t >= self.vocab_size]
         if out_of_range:

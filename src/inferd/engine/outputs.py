@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from inferd.sample.sampler import TokenLogprobs
@@ -84,7 +85,8 @@ class RequestOutput:
     # With params.prompt_logprobs, from the first output on: entry p is prompt token p's.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     error: str | None = None
-    # With params.embed, from the first output on: the prompt's embedding (L2-normalized).
+    # With params.embed, from the first output on: the prompt's embedding (L2-normalized), or a
+    # sequence classifier's label logits.
     embedding: list[float] | None = None
 
     @property
@@ -106,3 +108,24 @@ def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput
     later.new_token_ids = earlier.new_token_ids + later.new_token_ids
     later.new_logprobs = earlier.new_logprobs + later.new_logprobs
     return later
+
+
+@dataclass(frozen=True)
+class ClassificationOutput:
+    """A sequence classifier's verdict on one prompt: its label logits, their probabilities
+    (softmax over two or more labels; the sigmoid of a single label's logit, the score of reward
+    models and cross-encoders, as vLLM's classify pooling gives them) and the likeliest label."""
+
+    logits: list[float]
+    probs: list[float]
+    label: str
+
+    @classmethod
+    def from_logits(cls, logits: list[float], labels: tuple[str, ...]) -> ClassificationOutput:
+        if len(logits) == 1:
+            probs = [1.0 / (1.0 + math.exp(-logits[0]))]
+        else:
+            top = max(logits)
+            exps = [math.exp(value - top) for value in logits]
+            probs = [value / sum(exps) for value in exps]
+        return cls(list(logits), probs, labels[max(range(len(probs)), key=probs.__getitem__)])

@@ -131,14 +131,15 @@ class DecoderModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Also serves the Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Mixtral, Qwen2-MoE and
-    Qwen3-MoE architectures."""
+    Qwen3-MoE architectures, and the Llama, Mistral, Qwen2 and Qwen3 sequence classifiers, whose
+    head (``score``, one output per label) is held as ``lm_head``."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.head_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         scales = cfg.granite

@@ -249,6 +249,8 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
     for name, tensor in weights:
         if "rotary_emb" in name:
             continue
+        if cfg.labels and name == _CLASSIFIER_HEAD:  # a classifier's head takes the LM head's place
+            name = "lm_head.weight"
         target, slot = _target_of(name)
         shown = _checkpoint_spelling(name, cfg)
         if target.endswith("." + PACKED_SHAPE) and cfg.quant is not None and cfg.quant.packed:
@@ -383,6 +385,8 @@ def _spare_zero_bias(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> bool:
     )
 
 
+# What a ``*ForSequenceClassification`` checkpoint calls its head.
+_CLASSIFIER_HEAD = "score.weight"
 # What GPTQ and AWQ checkpoints call the tensors of a low-bit projection.
 _GPTQ_AWQ_SPELLING = {PACKED_WEIGHT: "qweight", ZERO_POINT: "qzeros"}
 
@@ -391,6 +395,8 @@ def _checkpoint_spelling(name: str, cfg: ModelConfig) -> str:
     """A tensor's name as the checkpoint spells it, for messages (``canonical_name`` backwards):
     Mixtral's routed block as its own names (every Mixtral MLP is routed), a weight's scale and
     packed values as the checkpoint's format names them."""
+    if cfg.labels and name == "lm_head.weight":
+        return _CLASSIFIER_HEAD
     parts = name.split(".")
     if cfg.quant is not None and parts[-1] == "weight_scale":
         parts[-1] = cfg.quant.scale_name

@@ -352,7 +352,8 @@ class ModelRunner:
 
     def _embeddings(self, out: SchedulerOutput, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """For the sequences that embed their prompt and compute its last token in this step: that
-        token's final hidden state (after the model's last norm), L2-normalized in float32."""
+        token's final hidden state (after the model's last norm), L2-normalized in float32; for a
+        sequence classifier, its head's label logits of that state, in float32."""
         found: dict[str, torch.Tensor] = {}
         if not out.embeds_prompts:
             return found
@@ -361,7 +362,11 @@ class ModelRunner:
             row += seq.num_tokens
             request = seq.request
             if request.params.embed and seq.start_pos + seq.num_tokens == request.num_prompt_tokens:
-                found[request.request_id] = F.normalize(hidden[row - 1].float(), dim=0)
+                last = hidden[row - 1]
+                if self.config.model.labels:
+                    found[request.request_id] = self.model.compute_logits(last[None])[0].float()
+                else:
+                    found[request.request_id] = F.normalize(last.float(), dim=0)
         return found
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor) -> list[PromptLogprobs]:

@@ -1,0 +1,100 @@
+"""Sequence classifiers (``*ForSequenceClassification``): the engine serves their head in the LM
+head's place and pools each prompt into label logits (``LLM.classify``), checked against
+transformers on the same folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from inferd import LLM, SamplingParams
+from inferd.config import ModelConfig, ModelLoadError
+from inferd.engine.input_processor import PromptError
+from inferd.engine.outputs import ClassificationOutput
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    return [[(11 * i + 7 * j + 5) % (vocab - 1) + 1 for i in range(3 + 9 * j)] for j in range(5)]
+
+
+def _their_logits(folder: Path, prompts: list[list[int]]) -> list[list[float]]:
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        folder, dtype=torch.float32
+    ).eval()
+    with torch.inference_mode():
+        return [model(torch.tensor([ids])).logits[0].tolist() for ids in prompts]
+
+
+@pytest.mark.parametrize("arch", ["llama-classifier", "qwen3-reward"])
+def test_label_logits_match_transformers(tiny_model_factory, arch: str) -> None:
+    folder = tiny_model_factory(arch)
+    cfg = ModelConfig.from_folder(folder)
+    prompts = _prompts(cfg.vocab_size)
+    theirs = _their_logits(folder, prompts)
+    # A small token budget chunks the longer prompts; a second pass reads them from the prefix cache.
+    llm = LLM(folder, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=16)
+    for _ in range(2):
+        outputs = llm.classify(prompts)
+        for output, expected in zip(outputs, theirs, strict=True):
+            assert len(output.logits) == len(cfg.labels)
+            assert max(abs(a - b) for a, b in zip(output.logits, expected, strict=True)) < 1e-4
+            assert output.label == cfg.labels[max(range(len(expected)), key=expected.__getitem__)]
+    assert llm.engine.core.runner.model.lm_head.weight.shape == (len(cfg.labels), cfg.hidden_size)
+
+
+def test_labels_and_head_are_read_from_the_config(tiny_model_factory) -> None:
+    cfg = ModelConfig.from_folder(tiny_model_factory("llama-classifier"))
+    # The causal LM's architecture, its own head (not the tied embeddings its config names).
+    assert cfg.architecture == "LlamaForCausalLM" and cfg.labels == ("negative", "neutral", "positive")
+    assert not cfg.tie_word_embeddings and cfg.head_size == 3
+    assert ModelConfig.from_folder(tiny_model_factory("qwen3")).labels == ()
+
+
+def test_probabilities_are_softmax_or_a_single_labels_sigmoid() -> None:
+    three = ClassificationOutput.from_logits([1.0, 3.0, 2.0], ("a", "b", "c"))
+    exps = [math.exp(v) for v in (1.0, 3.0, 2.0)]
+    assert three.label == "b" and three.probs == pytest.approx([v / sum(exps) for v in exps])
+    one = ClassificationOutput.from_logits([0.5], ("score",))
+    assert one.probs == pytest.approx([1 / (1 + math.exp(-0.5))]) and one.label == "score"
+
+
+def test_a_classifier_does_not_generate_and_an_lm_does_not_classify(tiny_model_factory) -> None:
+    llm = LLM(tiny_model_factory("llama-classifier"), kv_cache_memory="4MiB")
+    with pytest.raises(PromptError, match=r"sequence classifier \(3 labels\): it classifies prompts"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match="not a sequence classifier"):
+        LLM(tiny_model_factory("llama"), kv_cache_memory="4MiB").classify([[5, 6, 7]])
+
+
+def test_a_checkpoint_without_its_head_is_refused(tiny_model_factory, tmp_path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_factory("llama-classifier"), folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["score.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"lacks tensors: score.weight$"):
+        LLM(folder, kv_cache_memory="4MiB")
+
+
+@pytest.mark.parametrize(
+    ("id2label", "message"),
+    [
+        ({"0": "a", "2": "c"}, "every label from 0 to 1"),
+        ({"x": "a"}, "keys must be indices"),
+        (["a"], "object"),
+    ],
+)
+def test_label_names_are_checked(tiny_model_factory, tmp_path, id2label, message) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_factory("llama-classifier"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "id2label": id2label}))
+    with pytest.raises(ModelLoadError, match=message):
+        LLM(folder, kv_cache_memory="4MiB")
