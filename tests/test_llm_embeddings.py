@@ -138,6 +138,21 @@ def test_embedding_errors_in_openais_shape(server: ServerProcess, body: dict, st
     assert error["message"] and (field is None or error["param"] == field)
 
 
+def test_pooling_gives_the_embeddings_and_classify_needs_a_classifier(server: ServerProcess) -> None:
+    import httpx
+
+    texts = ["ROMEO: good night", "the rest is silence"]
+    embedded = httpx.post(
+        f"{server.base_url}/v1/embeddings", json={"model": "tiny", "input": texts}, timeout=30
+    )
+    pooled = httpx.post(f"{server.base_url}/pooling", json={"model": "tiny", "input": texts}, timeout=30)
+    assert pooled.status_code == 200, pooled.text
+    assert [d["data"] for d in pooled.json()["data"]] == [d["embedding"] for d in embedded.json()["data"]]
+    response = httpx.post(f"{server.base_url}/classify", json={"model": "tiny", "input": texts}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "model"
+    assert "not a sequence classifier" in response.json()["error"]["message"]
+
+
 def test_embeddings_count_as_requests_without_output_tokens(server: ServerProcess) -> None:
     import httpx
 

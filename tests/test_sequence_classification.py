@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from server_process import ServerProcess, run_server
 
 from inferd import LLM, SamplingParams
 from inferd.config import ModelConfig, ModelLoadError
@@ -98,3 +101,57 @@ def test_label_names_are_checked(tiny_model_factory, tmp_path, id2label, message
     (folder / "config.json").write_text(json.dumps({**config, "id2label": id2label}))
     with pytest.raises(ModelLoadError, match=message):
         LLM(folder, kv_cache_memory="4MiB")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_factory) -> Iterator[ServerProcess]:
+    folder = tiny_model_factory("llama-classifier")
+    with run_server(folder, "--kv-cache-memory", "8MiB", "--served-model-name", "sentiment") as process:
+        yield process
+
+
+def test_classify_answers_in_vllms_shape(server: ServerProcess, tiny_model_factory) -> None:
+    folder = tiny_model_factory("llama-classifier")
+    llm = LLM(folder, kv_cache_memory="4MiB")
+    texts = ["ROMEO: good night", "the rest is silence"]
+    expected = _their_logits(folder, [llm.tokenizer.encode(text) for text in texts])
+    for path in ("/classify", "/v1/classify"):
+        response = httpx.post(
+            f"{server.base_url}{path}", json={"model": "sentiment", "input": texts}, timeout=30
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "list" and body["model"] == "sentiment" and body["id"].startswith("classify")
+        assert body["usage"]["completion_tokens"] == 0 and body["usage"]["prompt_tokens"] > 0
+        for item, logits in zip(body["data"], expected, strict=True):
+            verdict = ClassificationOutput.from_logits(logits, ("negative", "neutral", "positive"))
+            assert item["num_classes"] == 3 and item["label"] == verdict.label
+            assert item["probs"] == pytest.approx(verdict.probs, abs=1e-5)
+    # Token ids classify as their text does; /pooling gives the raw logits.
+    ids = llm.tokenizer.encode(texts[0])
+    by_ids = httpx.post(f"{server.base_url}/classify", json={"input": ids}, timeout=30).json()
+    assert by_ids["data"][0]["probs"] == pytest.approx(body["data"][0]["probs"], abs=1e-6)
+    pooled = httpx.post(f"{server.base_url}/pooling", json={"input": texts[:1]}, timeout=30).json()
+    assert pooled["data"][0]["object"] == "pooling"
+    assert pooled["data"][0]["data"] == pytest.approx(expected[0], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/completions", {"model": "sentiment", "prompt": "hello", "max_tokens": 3}, None),
+        ("/v1/embeddings", {"model": "sentiment", "input": "hello"}, "model"),
+        ("/v1/score", {"model": "sentiment", "text_1": "a", "text_2": "b"}, "model"),
+        ("/classify", {"model": "sentiment", "input": []}, "input"),
+        ("/classify", {"model": "sentiment", "input": [1.5]}, "input"),
+    ],
+)
+def test_what_a_classifier_does_not_serve_is_a_400(
+    server: ServerProcess, path: str, body: dict, field
+) -> None:
+    response = httpx.post(f"{server.base_url}{path}", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"] and (field is None or error["param"] == field)
+    if path == "/v1/completions":
+        assert "sequence classifier" in error["message"]

@@ -138,6 +138,7 @@ class AsyncLLM:
     # -- requests -----------------------------------------------------------------------------
     def prepare(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], int]:
         """Tokenize and check a prompt (raises PromptError); returns its ids and the output budget."""
+        self.engine.inputs.check_task(params)
         token_ids = self.engine.inputs.tokenize_prompt(prompt)
         return token_ids, self.engine.inputs.resolve_max_tokens(len(token_ids), params)
 

@@ -121,6 +121,14 @@ class InputProcessor:
             )
         return params.max_tokens
 
+    def check_task(self, params: SamplingParams) -> None:
+        """A sequence classifier only pools prompts (``params.embed``): it has no LM head."""
+        labels = self.config.model.labels
+        if labels and not params.embed:
+            raise PromptError(f"the model is a sequence classifier ({len(labels)} labels): it "
+                              f"classifies prompts (LLM.classify, POST /classify) and does not generate "
+                              f"text")  # fmt: skip
+
     def make_request(
         self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
     ) -> Request:
@@ -129,11 +137,7 @@ class InputProcessor:
             raise PromptError(f"no LoRA adapter {params.adapter!r} in this engine (adapters: {known})")
         if params.priority and self.config.scheduler.policy != "priority":
             raise PromptError(PRIORITY_NEEDS_POLICY.format(params.priority))
-        labels = self.config.model.labels
-        if labels and not params.embed:
-            raise PromptError(f"the model is a sequence classifier ({len(labels)} labels): it "
-                              f"classifies prompts (LLM.classify, POST /classify) and does not generate "
-                              f"text")  # fmt: skip
+        self.check_task(params)
         out_of_range = [t for t in params.allowed_token_ids or () if t >= self.vocab_size]
         out_of_range += [t for ids in params.bad_words_token_ids for t in ids if t >= self.vocab_size]
         if out_of_range:

@@ -21,7 +21,7 @@ def serves(frontend: Frontend, model: Any) -> bool:
     return isinstance(model, str) and (model == frontend.model_name or model in frontend.adapters)
 
 
-def _inputs(value: Any) -> list[str | list[int]]:
+def parse_inputs(value: Any) -> list[str | list[int]]:
     """OpenAI's ``input``: a string, a list of strings, a list of token ids or a list of those."""
     if isinstance(value, str):
         value = [value]
@@ -47,11 +47,24 @@ def _is_token(value: Any) -> bool:
 
 
 async def embed_prompts(
-    frontend: Frontend, model: str | None, prompts: list[str | list[int]], field: str, timeout_s: float | None
+    frontend: Frontend,
+    model: str | None,
+    prompts: list[str | list[int]],
+    field: str,
+    timeout_s: float | None,
+    classifier_logits: bool = False,
 ) -> tuple[list[np.ndarray], int]:
     """Each prompt's embedding (float32) by the served model or the adapter ``model`` names, and
     the prompt tokens embedded; ``field`` names the prompts in errors. After ``timeout_s`` the
-    unfinished ones end the request with a 408."""
+    unfinished ones end the request with a 408. A sequence classifier's pooled outputs are its
+    label logits, not embeddings: taken only where ``classifier_logits`` says the caller wants
+    them."""
+    if frontend.llm.config.model.labels and not classifier_logits:
+        raise InvalidRequestError(
+            "the model is a sequence classifier: it gives label logits (POST /classify, /pooling), "
+            "not embeddings",
+            "model",
+        )
     adapter = frontend.adapter_for(model)
     params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
     token_ids = [frontend.prepare(prompt, params, field=field) for prompt in prompts]
@@ -86,7 +99,9 @@ async def embed_with_llm(
         raise InvalidRequestError(
             f"dimensions: model {model!r} gives {width}-dimensional embeddings", "dimensions"
         )
-    vectors, tokens = await embed_prompts(frontend, model, _inputs(body.get("input")), "input", timeout_s)
+    vectors, tokens = await embed_prompts(
+        frontend, model, parse_inputs(body.get("input")), "input", timeout_s
+    )
     data = [
         {"object": "embedding", "index": index, "embedding": encode_vector(vector, encoding)}
         for index, vector in enumerate(vectors)

@@ -16,6 +16,7 @@ from inferd.server.errors import InvalidRequestError, protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai.beam_search import beam_complete
 from inferd.server.openai.chat import beam_chat, chat, prepare_chat, stream_chat, template_messages
+from inferd.server.openai.classify import add_classify_routes
 from inferd.server.openai.common import error_response
 from inferd.server.openai.completions import complete, prepare_completion, stream_completion
 from inferd.server.openai.protocol import (
@@ -60,6 +61,7 @@ def build_router(
     )
 
     add_score_routes(router, frontend)
+    add_classify_routes(router, frontend)
 
     @router.get("/v1/models")
     async def list_models() -> ModelList:

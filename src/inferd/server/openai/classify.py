@@ -1,0 +1,75 @@
+"""vLLM's classify and pooling APIs over the served model's pooled prompts (``llm_embeddings.py``).
+
+- ``POST /classify`` (and ``/v1/classify``): a sequence classifier's verdict on each ``input``
+  (a string, token ids, or a list of either): its likeliest ``label``, the labels' ``probs``
+  (softmax, or a single label's sigmoid) and ``num_classes``.
+- ``POST /pooling``: each input's pooled output as it is, under ``data``: a classifier's raw label
+  logits, or a causal LM's last-token embedding (L2-normalized).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict
+
+from inferd.engine.outputs import ClassificationOutput
+from inferd.server.errors import InvalidRequestError
+from inferd.server.frontend import TIMEOUT_HEADER, Frontend
+from inferd.server.openai.llm_embeddings import embed_prompts, parse_inputs
+from inferd.server.streaming import unless_disconnected
+
+
+class PoolingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: Any = None
+    timeout: float | None = None
+
+
+def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
+    async def pooled(body: PoolingRequest, request: Request) -> tuple[list[list[float]], int]:
+        frontend.check_model(body.model)
+        timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
+        run = embed_prompts(
+            frontend, body.model, parse_inputs(body.input), "input", timeout_s, classifier_logits=True
+        )
+        vectors, tokens = await unless_disconnected(request, run)
+        return [vector.tolist() for vector in vectors], tokens
+
+    def response(kind: str, body: PoolingRequest, data: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+        return {
+            "id": frontend.new_request_id(kind),
+            "object": "list",
+            "created": int(time.time()),
+            "model": frontend.answering_name(body.model),
+            "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+        }
+
+    async def classify(body: PoolingRequest, request: Request) -> dict[str, Any]:
+        labels = frontend.llm.config.model.labels
+        if not labels:
+            raise InvalidRequestError(
+                "the model is not a sequence classifier (no *ForSequenceClassification head)", "model"
+            )
+        logits, tokens = await pooled(body, request)
+        data = []
+        for index, row in enumerate(logits):
+            verdict = ClassificationOutput.from_logits(row, labels)
+            data.append(
+                {"index": index, "label": verdict.label, "probs": verdict.probs, "num_classes": len(row)}
+            )
+        return response("classify", body, data, tokens)
+
+    async def pooling(body: PoolingRequest, request: Request) -> dict[str, Any]:
+        vectors, tokens = await pooled(body, request)
+        data = [{"index": i, "object": "pooling", "data": vector} for i, vector in enumerate(vectors)]
+        return response("pool", body, data, tokens)
+
+    for path in ("/classify", "/v1/classify"):
+        router.add_api_route(path, classify, methods=["POST"])
+    router.add_api_route("/pooling", pooling, methods=["POST"])
