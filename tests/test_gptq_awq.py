@@ -182,6 +182,12 @@ def test_words_are_unpacked_where_the_model_is() -> None:
     for name in ("m.qweight", "m.qzeros"):
         ((_, held),) = gptq_awq.engine_tensors(name, torch.zeros(8, 1, dtype=torch.int32), awq, device="meta")
         assert held.device.type == "meta"
+    # An activation order's g_idx too: the fused pieces' orders are compared on that device.
+    ordered = QuantScheme("gptq", (1, 8), "int4", packed=True, input_order=True)
+    ((_, g_idx),) = gptq_awq.engine_tensors(
+        "m.g_idx", torch.zeros(8, dtype=torch.int32), ordered, device="meta"
+    )
+    assert g_idx.device.type == "meta"
 
 
 def _engine_tensors_of(scheme: QuantScheme, qweight: list, qzeros: list) -> list[tuple[str, torch.Tensor]]:
@@ -238,6 +244,10 @@ def test_activation_order_reorders_each_projections_input(folders, tmp_path) -> 
         ModelLoadError, match=r"layers.1.self_attn.[qk]_proj.g_idx' orders the input columns otherwise"
     ):
         LLM(apart, kv_cache_memory="4MiB")
+    v_idx = "model.layers.1.self_attn.v_proj.g_idx"
+    short = _copy_edited(folder, tmp_path / "s", lambda t: t.update({v_idx: t[v_idx][:-1].contiguous()}))
+    with pytest.raises(ModelLoadError, match=r"v_proj.g_idx' has shape \(63,\), expected \(64,\)"):
+        LLM(short, kv_cache_memory="4MiB")
     o_idx = "model.layers.1.self_attn.o_proj.g_idx"
     uneven = _copy_edited(folder, tmp_path / "b", lambda t: t[o_idx].__setitem__(0, 1 - t[o_idx][0]))
     with pytest.raises(ModelLoadError, match="o_proj.g_idx does not give every group 32 input columns"):

@@ -39,16 +39,16 @@ from inferd.quant_config import PACKED_WEIGHT, ZERO_POINT, QuantScheme
 
 # AWQ's order of eight output columns in a word: its k-th 4-bit field holds column AWQ_ORDER[k].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-_AWQ_FIELD_OF_COLUMN = tuple(AWQ_ORDER.index(column) for column in range(8))
 
 
 def engine_tensors(
     name: str, tensor: torch.Tensor, scheme: QuantScheme, device: torch.device | str = "cpu"
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint tensor ``name`` as the tensors the loader fills (none for a ``g_idx`` or a
-    symmetric weight's zero points, once checked); tensors of other kinds as they are. Packed
-    words are unpacked and packed again on ``device``, where the model is: a GPU does so in a
-    fraction of the CPU's time."""
+    """The checkpoint tensor ``name`` as the tensors the loader fills (none for a symmetric weight's
+    zero points, once checked, nor for a ``g_idx`` of consecutive groups; one in activation order
+    is kept for ``order_input_columns``); tensors of other kinds as they are. Packed words are
+    unpacked and packed again on ``device``, where the model is: a GPU does so in a fraction of the
+    CPU's time."""
     module, _, kind = name.rpartition(".")
     if kind == "qweight":
         yield _weight(module, _words(tensor, name).to(device), scheme)
@@ -67,7 +67,7 @@ def engine_tensors(
         if tensor.dim() != 1 or tensor.dtype not in (torch.int32, torch.int64):
             raise ModelLoadError(f"tensor {name!r} must be 1-D integers, not {tensor.dtype} "
                                  f"{tuple(tensor.shape)}")  # fmt: skip
-        yield name, tensor.to(torch.int32)
+        yield name, tensor.to(device=device, dtype=torch.int32)
     elif kind == "g_idx":
         _check_groups(tensor, name, scheme)
     else:

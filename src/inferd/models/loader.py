@@ -154,8 +154,9 @@ def load_model(
         _fill_weights(model, weights, cfg)
         for module_name, module in model.named_modules():
             if isinstance(module, Linear):
-                quantized.fold_zero_points(module)
+                # Reordered first: zero points are per group of the reordered columns.
                 gptq_awq.order_input_columns(module, module_name)
+                quantized.fold_zero_points(module)
     # A low-bit checkpoint is served as it is: the projections it left wider stay so.
     if quantization == "fp8" and cfg.quant is None:
         quantize_projections(model, QuantScheme("fp8", None))
@@ -276,7 +277,9 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
             elif target.endswith(".g_idx"):
                 # One input, one order: a fused projection's pieces each bring it.
                 view = param.data
-                if any(other == target for other, _ in filled) and not torch.equal(view, tensor):
+                # (A piece of another length fails the shape check of the copy below.)
+                earlier = any(other == target for other, _ in filled) and view.shape == tensor.shape
+                if earlier and not torch.equal(view, tensor.to(view.device)):
                     raise ModelLoadError(f"tensor {shown!r} orders the input columns otherwise than "
                                          f"the other pieces of its fused projection")  # fmt: skip
             elif target.endswith("." + ZERO_POINT) and cfg.quant is not None:
