@@ -1087,6 +1087,15 @@ VARIANTS = {
     # are most of the workload's. Its keys and values are rounded, so its tokens need not equal the
     # default's; its floors are the 16-bit cache's.
     "kv_fp8": {"kv_cache_dtype": "fp8"},
+    # The shape as an AWQ checkpoint (``VARIANT_CHECKPOINTS``): 4-bit weights packed in int32 words
+    # with a scale and a zero point per 128 input columns, a quarter of the 16-bit bytes a batch-1
+    # step reads, which the skinny matmul unpacks as it loads them. Floors as for ``fp8``.
+    "awq": {},
+}
+# Variants that are another checkpoint of the shape: the ``quantization_config`` their folder's
+# config.json carries (random weights in its layout, ``models/loader.py:quantize_projections``).
+VARIANT_CHECKPOINTS: dict[str, dict[str, Any]] = {
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
 }
 # Variants that set a kernel module's constant, not an engine option, for their measurement only:
 # tunings the engine does not expose. ``split_32`` lets 32-token parts of a context run in
@@ -1327,7 +1336,9 @@ class ShapeRun:
         home = self.result if name == "default" else entry
         with patched_modules(patches):
             try:
-                self._measure(entry, "startup", options, workload, profile, home)
+                self._measure(
+                    entry, "startup", options, workload, profile, home, folder=self.variant_folder(name)
+                )
             finally:
                 switch_off_pdl()
         failed = [entry.get("startup", {}), home.get("nano_vllm_inferd", {})]
@@ -1342,6 +1353,14 @@ class ShapeRun:
         if name == "default":
             self.result["batch1_decode"] = entry.get("batch1_decode")
 
+    def variant_folder(self, name: str) -> Path:
+        """The model folder variant ``name`` runs on: the shape's own, or for a checkpoint variant
+        (``VARIANT_CHECKPOINTS``) one beside it whose config.json carries its quantization."""
+        if name not in VARIANT_CHECKPOINTS:
+            return self.folder
+        quantized_config = {**self.hf_config, "quantization_config": VARIANT_CHECKPOINTS[name]}
+        return write_model_folder(self.folder.with_name(f"{self.folder.name}-{name}"), quantized_config)
+
     def _measure(
         self,
         entry: dict[str, Any],
@@ -1351,10 +1370,13 @@ class ShapeRun:
         profile: bool,
         home: dict[str, Any],
         label: str | None = None,
+        folder: Path | None = None,
     ) -> None:
-        """Start an engine, take its figures, release it. If the workload fails, the engine is
-        dropped at once: it may hold half-done requests that would run inside the next figure."""
-        engine = attempt(entry, startup_key, lambda: start_engine(self.folder, self.plan, self.args, options))
+        """Start an engine (on ``folder``, the shape's own by default), take its figures, release
+        it. If the workload fails, the engine is dropped at once: it may hold half-done requests
+        that would run inside the next figure."""
+        model = folder or self.folder
+        engine = attempt(entry, startup_key, lambda: start_engine(model, self.plan, self.args, options))
         if engine is None:
             return
         llm, entry[startup_key] = engine
@@ -1519,6 +1541,9 @@ def planned_steps(runs: dict[str, ShapeRun]) -> list[Callable[[], None]]:
         functools.partial(llama.variant, "fp8"),
         functools.partial(qwen.variant, "fp8", workload=True),
         functools.partial(qwen.variant, "kv_fp8", workload=True),
+        # 4-bit weights with zero points, as AWQ and GPTQ checkpoints hold them.
+        functools.partial(llama.variant, "awq"),
+        functools.partial(qwen.variant, "awq"),
         functools.partial(qwen.variant, "split_32"),
         functools.partial(qwen.variant, "decode_rotary", workload=True),
         functools.partial(qwen.variant, "split_mid_8", workload=True),

@@ -275,4 +275,6 @@ def test_random_weights_of_a_gptq_or_awq_checkpoints_shape(folders, layout: str,
     llm = LLM(folders["llama", layout][0], kv_cache_memory="4MiB", load_format="dummy")
     down = llm.engine.core.runner.model.model.layers[0].mlp.down_proj
     assert down.weight.dtype == held and down.weight_block == (1, INT_GROUP)
+    # AWQ's packed words come with zero points (of 0 here), which the matmuls then read.
+    assert ("weight_zero_point" in down._parameters) == (layout == "awq")
     assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids

@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import gpu  # noqa: E402
 from roofline import Ceilings, ModelShape, decode_floor_s, generation_floor_s, prefill_floor_s, step_floor_s  # noqa: E402
 
+from inferd import SamplingParams  # noqa: E402
+
 H200 = Ceilings(bandwidth_bytes_s=4.27e12, matmul_flops_s=791e12)
 
 
@@ -251,6 +253,22 @@ def test_a_variants_greedy_run_is_compared_with_the_default_engines(tiny_model_f
                 param.mul_(-1.0)
     differs = run._agreement(broken, reference=False)
     assert differs["same_fraction"] < 0.5, differs
+
+
+def test_checkpoint_variants_run_random_weights_in_their_layout(tiny_model_factory, tmp_path) -> None:
+    """The ``awq`` variant's engine holds 4-bit words with zero points, as an AWQ checkpoint's; the
+    other variants run on the shape's own folder."""
+    import json
+
+    run = object.__new__(gpu.ShapeRun)
+    run.hf_config = json.loads((tiny_model_factory("qwen3") / "config.json").read_text())
+    run.folder = gpu.write_model_folder(tmp_path / "qwen3", run.hf_config)
+    assert run.variant_folder("fp8") == run.folder
+    plan = gpu.Plan("cpu", torch.float32, 3, 24, 6, 8, 100, "4MiB")
+    llm = gpu.inferd_engine(run.variant_folder("awq"), plan, "torch", gpu.VARIANTS["awq"])
+    down = llm.engine.core.runner.model.model.layers[0].mlp.down_proj
+    assert down.weight.dtype == torch.int32 and "weight_zero_point" in down._parameters
+    assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids
 
 
 def test_kernel_compiles_are_logged_through_tritons_hooks_and_the_hooks_restored() -> None:

@@ -198,14 +198,25 @@ def skinny_kernel_reads(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def quantize_in_place(
-    linear: Linear, block: tuple[int, int], values: str = "fp8", packed: bool = False
+    linear: Linear,
+    block: tuple[int, int],
+    values: str = "fp8",
+    packed: bool = False,
+    zero_points: bool = False,
 ) -> None:
     """Replace ``linear``'s weight by its ``values`` form and scales (``quantize``), 4-bit values
-    ``packed`` into int32 words."""
+    ``packed`` into int32 words; with ``zero_points``, zero points of 0 beside packed values (the
+    layout of an asymmetric checkpoint, whose matmuls read them)."""
     with torch.no_grad():
         weight, scale = quantize(linear.weight.data, block, values)
         if packed and values == "int4":
             weight = pack_int32(weight, 4)
-        hold_quantized(linear, block, (scale.shape[0], scale.shape[1]), weight.dtype)
+        hold_quantized(
+            linear,
+            block,
+            (scale.shape[0], scale.shape[1]),
+            weight.dtype,
+            zero_points and weight.dtype == torch.int32,
+        )
         linear.weight.copy_(weight)
         linear.quant_scale().copy_(scale)

@@ -212,7 +212,7 @@ def quantize_projections(model: nn.Module, scheme: QuantScheme) -> None:
     for module in model.modules():
         if isinstance(module, Linear):
             block = scheme.block_of(module.out_features, module.in_features)
-            quantized.quantize_in_place(module, block, scheme.values, scheme.packed)
+            quantized.quantize_in_place(module, block, scheme.values, scheme.packed, scheme.zero_points)
 
 
 _TRITON_PDL = "inferd.layers.triton_pdl"
