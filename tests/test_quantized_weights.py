@@ -200,7 +200,11 @@ def test_configs_as_the_hub_ships_them() -> None:
           "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group",
                                               "group_size": 128, "actorder": "group"}}}},
          "actorder"),
-        ({**LAYOUTS["ct-channel"][0], "kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme"),
+        ({**LAYOUTS["ct-channel"][0], "kv_cache_scheme": {"num_bits": 8, "type": "int", "dynamic": False}},
+         "kv_cache_scheme 8-bit 'int'"),
+        ({**LAYOUTS["ct-channel"][0],
+          "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "attn_head", "dynamic": False}},
+         "strategy 'attn_head'"),
         ({**LAYOUTS["ct-channel"][0], "transform_config": {"config_groups": {}}}, "transform_config"),
         ({**LAYOUTS["ct-channel"][0], "sparsity_config": {"format": "sparse-24-bitmask"}}, "sparsity format"),
         ("fp8", "quantization_config must be an object"),
@@ -329,8 +333,9 @@ def _scales_to_powers_of_two(dtype: torch.dtype):
 
 
 def test_kv_scales_and_input_scales_are_dropped(low_bit_folders, tmp_path, caplog) -> None:
-    """Calibrated KV-cache scales ride along in some 8-bit float checkpoints; the engine reads
-    none (its 8-bit KV cache has no scales) and says so, and the checkpoint loads as without them."""
+    """Calibrated KV-cache scales ride along in some 8-bit float checkpoints; a 16-bit KV cache
+    leaves them out and says so (``test_kv_cache_scales.py`` has an 8-bit one apply them), and the
+    checkpoint loads as without them; static input scales are dropped."""
     source = low_bit_folders["llama", "ct-tensor"]
 
     def add_kv_scales(tensors: dict[str, torch.Tensor]) -> None:
@@ -341,9 +346,7 @@ def test_kv_scales_and_input_scales_are_dropped(low_bit_folders, tmp_path, caplo
     with_scales = _edited(shutil.copytree(source, tmp_path / "m"), add_kv_scales)
     prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
     assert torch.equal(_our_logits(with_scales, prompt)[1], _our_logits(source, prompt)[1])
-    assert (
-        "4 calibrated KV-cache scales (model.layers.0.self_attn.k_scale, ...) are not applied" in caplog.text
-    )
+    assert "calibrated KV-cache scales are not applied: they scale an 8-bit KV cache" in caplog.text
 
 
 def test_fp8_projections_widen_their_weights_where_the_kernel_cannot_read_them(monkeypatch) -> None:

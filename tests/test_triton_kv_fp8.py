@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kv_cache_scales import with_kv_scales
 from test_triton_attention import make_batch, reference_attention
 from test_triton_decode_rotary import DecodeStep
 from triton_device import DEVICE, INTERPRETED  # before triton is imported: interpreted or compiled
@@ -126,10 +127,14 @@ def test_the_rotary_stores_keys_as_the_torch_path_does(dtype: torch.dtype) -> No
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the engine test runs the CPU engine")
-def test_greedy_tokens_equal_on_the_triton_path(tiny_model_factory) -> None:
+@pytest.mark.parametrize("kv_scales", [False, True])
+def test_greedy_tokens_equal_on_the_triton_path(tiny_model_factory, tmp_path, kv_scales: bool) -> None:
     """An 8-bit KV cache gives the same greedy tokens through the Triton kernels (attention,
-    the rotary with its KV store, and the decode kernel with its own rotary) as through torch."""
+    the rotary with its KV store, and the decode kernel with its own rotary) as through torch;
+    also with a checkpoint's KV-cache scales, folded into the q/k norms the decode kernel applies."""
     folder = tiny_model_factory("qwen3")
+    if kv_scales:
+        folder = with_kv_scales(folder, tmp_path / "scaled")
     prompts = [[(7 * i + j) % 200 + 5 for i in range(n)] for j, n in enumerate((3, 19, 40))]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     options = dict(kv_cache_memory="4MiB", block_size=8, kv_cache_dtype="fp8", device="cpu")

@@ -133,8 +133,9 @@ def read_quantization(cfg: dict[str, Any]) -> QuantScheme | None:
 
 
 def _compressed_tensors(quant: dict[str, Any]) -> QuantScheme:
-    if quant.get("kv_cache_scheme"):
-        raise ValueError("compressed-tensors' kv_cache_scheme (an 8-bit KV cache) is not supported")
+    kv_scheme = quant.get("kv_cache_scheme")
+    if kv_scheme:
+        _check_kv_cache_scheme(kv_scheme)
     # Weights stored rotated or sparse would load without complaint and compute wrongly.
     if quant.get("transform_config"):
         raise ValueError("compressed-tensors' transform_config (rotated weights) is not supported")
@@ -148,6 +149,24 @@ def _compressed_tensors(quant: dict[str, Any]) -> QuantScheme:
     if len(schemes) > 1:
         raise ValueError("compressed-tensors groups that store weights differently are not supported")
     return schemes.pop()
+
+
+def _check_kv_cache_scheme(scheme: Any) -> None:
+    """compressed-tensors' ``kv_cache_scheme``: 8-bit floats with one static scale per layer for
+    the keys and one for the values (``k_scale``, ``v_scale``), which an 8-bit KV cache applies
+    (``models/kv_scales.py``); any other is refused."""
+    if not isinstance(scheme, dict):
+        raise ValueError("kv_cache_scheme must be an object")
+    kind = (
+        scheme.get("type"),
+        scheme.get("num_bits"),
+        scheme.get("strategy", "tensor"),
+        scheme.get("dynamic"),
+    )
+    if kind != ("float", 8, "tensor", False):
+        raise ValueError(f"compressed-tensors' kv_cache_scheme {kind[1]!r}-bit {kind[0]!r}, strategy "
+                         f"{kind[2]!r}, dynamic {kind[3]!r} is not supported (8-bit floats with static "
+                         f"per-tensor scales are)")  # fmt: skip
 
 
 def _group_scheme(name: str, group: Any, default_format: Any) -> QuantScheme:

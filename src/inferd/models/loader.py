@@ -19,11 +19,11 @@ from inferd.layers import quantized
 from inferd.layers.linear import Linear
 from inferd.layers.linear_operands import FP8_DTYPE
 from inferd.models import gptq_awq
+from inferd.models.kv_scales import KVScales, kv_scale_of
 from inferd.models.registry import CausalLM, model_class
 from inferd.quant_config import (
     GPTQ_AWQ,
     IGNORED_SUFFIXES,
-    KV_SCALE_SUFFIXES,
     PACKED_SHAPE,
     PACKED_WEIGHT,
     SCALE_SUFFIXES,
@@ -111,6 +111,7 @@ def load_model(
     load_format: str = "safetensors",
     shard: tuple[int, int] | None = None,
     quantization: str | None = None,
+    kv_cache_scales: bool = False,
 ) -> CausalLM:
     """Build the model directly on ``device`` in ``dtype`` and fill it from the checkpoint.
 
@@ -120,6 +121,8 @@ def load_model(
     that rank's shape (``ModelConfig.sharded``).
     ``quantization="fp8"`` makes the projections the checkpoint holds in 16 or 32 bits 8-bit floats
     once filled (``quantize_projections``).
+    ``kv_cache_scales``: the KV cache is 8-bit, so the checkpoint's calibrated KV-cache scales, if
+    it has any, are folded into the attention (``kv_scales.py``); otherwise they are left out.
     """
     cls = model_class(cfg.architecture)
     dummy = load_format == "dummy"
@@ -140,9 +143,10 @@ def load_model(
     else:
         if cfg.quant is not None:
             hold_checkpoint_quantized(model, cfg, path)
+        kv_scales = KVScales()
         weights = (
             (canonical_name(name, cfg.quant is not None), t)
-            for name, t in _engine_tensors(iter_checkpoint(path), cfg, device)
+            for name, t in _engine_tensors(_without_kv_scales(iter_checkpoint(path), kv_scales), cfg, device)
             if not (cfg.quant is not None and name.endswith(IGNORED_SUFFIXES))
         )
         if shard is not None:
@@ -157,6 +161,11 @@ def load_model(
                 # Reordered first: zero points are per group of the reordered columns.
                 gptq_awq.order_input_columns(module, module_name)
                 quantized.fold_zero_points(module)
+        if kv_scales and kv_cache_scales:
+            kv_scales.fold_into(model)
+        elif kv_scales:
+            logger.warning("%s: the checkpoint's calibrated KV-cache scales are not applied: they scale an "
+                           "8-bit KV cache (kv_cache_dtype=fp8), and this one is 16-bit", path)  # fmt: skip
     # A low-bit checkpoint is served as it is: the projections it left wider stay so.
     if quantization == "fp8" and cfg.quant is None:
         quantize_projections(model, QuantScheme("fp8", None))
@@ -165,6 +174,18 @@ def load_model(
             torch.cuda.empty_cache()
     model.eval()
     return cast(CausalLM, model)
+
+
+def _without_kv_scales(
+    tensors: Iterator[tuple[str, torch.Tensor]], kv_scales: KVScales
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors, its calibrated KV-cache scales taken into ``kv_scales``."""
+    for name, tensor in tensors:
+        found = kv_scale_of(name)
+        if found is None:
+            yield name, tensor
+        else:
+            kv_scales.add(name, *found, tensor)
 
 
 def _engine_tensors(
@@ -429,11 +450,6 @@ def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) ->
     assert cfg.quant is not None
     modules = dict(model.named_modules())
     names = checkpoint_names(path)
-    kv_scales = [name for name in names if name.endswith(KV_SCALE_SUFFIXES)]
-    if kv_scales:
-        logger.warning("%s: the checkpoint's %d calibrated KV-cache scales (%s, ...) are not applied: an "
-                       "8-bit KV cache (kv_cache_dtype=fp8) is stored without scales", path, len(kv_scales),
-                       kv_scales[0])  # fmt: skip
     scale_suffixes = ("scales",) if cfg.quant.method in GPTQ_AWQ else SCALE_SUFFIXES
     for name in names:
         if name.rsplit(".", 1)[-1] not in scale_suffixes:

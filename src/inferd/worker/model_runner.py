@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferd.attention.base import AttentionBackend
+from inferd.attention.kv_dtype import FP8_KV_DTYPE
 from inferd.attention.registry import create_backend, resolve_backend_name
 from inferd.config import EngineConfig, ModelLoadError, parse_dtype
 from inferd.engine.request import Request
@@ -122,12 +123,17 @@ class ModelRunner:
                 config.load_format,
                 quantization=config.quantization,
                 shard=(0, config.tensor_parallel_size) if self.tensor_parallel is not None else None,
+                kv_cache_scales=config.kv_dtype == FP8_KV_DTYPE,
             )
             enable_configured_kernels(self.model, config)
             # The adapters served now, by name: those of the start-up, and at run time any loaded.
             self.adapters: dict[str, LoraAdapter] = {
                 name: read_adapter(name, Path(path)) for name, path in config.lora_modules
             }
+            if config.uses_lora and getattr(self.model, "kv_scales_folded", False):
+                # Folded into q|k|v and o_proj, the scales would not reach an adapter's terms.
+                raise ValueError("LoRA adapters over a checkpoint's calibrated KV-cache scales "
+                                 "(kv_cache_dtype=fp8) are not supported")  # fmt: skip
             self.lora_batch = self._attach_adapters() if self.adapters else None
             if self.adapters:
                 logger.info("LoRA adapters: %s", ", ".join(self.adapters))

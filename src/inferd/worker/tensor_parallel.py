@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from inferd.attention.base import AttentionMetadata
+from inferd.attention.kv_dtype import FP8_KV_DTYPE
 from inferd.config import EngineConfig, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,8 @@ def _serve_orders(connection: Connection) -> None:
     dtype = parse_dtype(config.dtype)
     try:
         model = load_model(config.model_path, local, config.scheduler.max_model_len, dtype, device,
-                           config.load_format, shard=(rank, size))  # fmt: skip
+                           config.load_format, shard=(rank, size),
+                           kv_cache_scales=config.kv_dtype == FP8_KV_DTYPE)  # fmt: skip
         model.set_all_reduce(all_reduce)
         enable_configured_kernels(model, config)
         backend = create_backend(config.attention_backend, device)

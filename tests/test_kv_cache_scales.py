@@ -1,0 +1,176 @@
+"""A checkpoint's calibrated KV-cache scales (``models/kv_scales.py``): with an 8-bit KV cache the
+engine stores ``k / k_scale`` and ``v / v_scale``, checked against transformers with an attention
+that reads its keys and values so rounded, and scaled back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from quantized_checkpoints import make_checkpoint, widened_copy
+from safetensors.torch import load_file, save_file
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from inferd import LLM, SamplingParams
+from inferd.config import ModelLoadError
+from inferd.engine.request import Request
+from inferd.models.kv_scales import kv_scale_of
+
+_ATTENTION = "inferd_test_scaled_fp8_kv"
+# layer -> (k_scale, v_scale) the reference attention reads with; powers of two, so that folding
+# them into the weights is exact and the rounding to e4m3 the same as the reference's.
+_SCALES: dict[int, tuple[float, float]] = {}
+
+
+def _rounded(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+def _scaled_fp8_kv_attention(module, query, key, value, *args, **kwargs):
+    k_scale, v_scale = _SCALES[module.layer_idx]
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, _rounded(key, k_scale), _rounded(value, v_scale), *args, **kwargs)
+
+
+transformers.AttentionInterface.register(_ATTENTION, _scaled_fp8_kv_attention)
+AttentionMaskInterface.register(_ATTENTION, eager_mask)
+
+# Both layers' scales, each spelt as one of the checkpoints that carry them spells it.
+SCALES = {0: (1 / 16, 4.0), 1: (8.0, 1 / 32)}
+
+
+def with_kv_scales(source: Path, folder: Path, spelling: str = "attention") -> Path:
+    shutil.copytree(source, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for layer, (k_scale, v_scale) in SCALES.items():
+        prefix = f"model.layers.{layer}.self_attn"
+        if spelling == "attention":  # llm-compressor's kv_cache_scheme
+            tensors[f"{prefix}.k_scale"], tensors[f"{prefix}.v_scale"] = (
+                torch.tensor(k_scale),
+                torch.tensor(v_scale),
+            )
+        else:  # ModelOpt's and AutoFP8's, at the projections
+            tensors[f"{prefix}.k_proj.k_scale"] = torch.tensor([k_scale])
+            tensors[f"{prefix}.v_proj.v_scale"] = torch.tensor([v_scale])
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def _their_logits(folder: Path, prompt: list[int], scales: dict[int, tuple[float, float]]) -> torch.Tensor:
+    _SCALES.clear()
+    _SCALES.update(scales)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation=_ATTENTION
+    ).eval()
+    with torch.inference_mode():
+        return model(torch.tensor([prompt])).logits[0]
+
+
+def _our_logits(folder: Path, prompt: list[int], **options) -> torch.Tensor:
+    llm = LLM(folder, kv_cache_memory="4MiB", block_size=8, **options)
+    core = llm.engine.core
+    core.add_request(Request("r", prompt, SamplingParams(max_tokens=1), frozenset(), 1))
+    return core.runner.logits_for(core.scheduler.schedule())
+
+
+def _prompt(vocab: int, length: int = 41, seed: int = 3) -> list[int]:
+    return [(seed * 7 + 13 * i) % vocab for i in range(length)]
+
+
+@pytest.mark.parametrize(
+    ("arch", "spelling"), [("llama", "attention"), ("qwen2", "projections"), ("qwen3", "attention")]
+)
+def test_the_cache_holds_keys_and_values_divided_by_their_scales(
+    tiny_model_factory, tmp_path, arch, spelling
+) -> None:
+    """Llama (q and k rows of the projection scaled), Qwen2 (with their biases), Qwen3 (its q/k
+    norms scaled instead)."""
+    folder = with_kv_scales(tiny_model_factory(arch), tmp_path / "m", spelling)
+    prompt = _prompt(200)
+    ours = _our_logits(folder, prompt, kv_cache_dtype="fp8")
+    assert (ours - _their_logits(folder, prompt, SCALES)).abs().max().item() < 1e-4
+    # The scales matter: read unscaled, the cache gives other logits.
+    unscaled = _their_logits(folder, prompt, dict.fromkeys(SCALES, (1.0, 1.0)))
+    assert (ours - unscaled).abs().max().item() > 1e-3
+
+
+def test_decode_steps_read_the_scaled_cache_back(tiny_model_factory, tmp_path) -> None:
+    folder = with_kv_scales(tiny_model_factory("qwen2"), tmp_path / "m")
+    prompts = [_prompt(200, n, seed=n) for n in (5, 19, 33)]
+    _SCALES.clear()
+    _SCALES.update(SCALES)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation=_ATTENTION
+    ).eval()
+    expected = []
+    with torch.inference_mode():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+            expected.append(out[0, len(ids) :].tolist())
+    llm = LLM(folder, kv_cache_memory="4MiB", block_size=8, kv_cache_dtype="fp8")
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    assert [o.token_ids for o in outputs] == expected
+
+
+def test_an_fp8_checkpoints_kv_cache_scheme_scales_its_low_bit_projections(
+    tiny_model_factory, tmp_path
+) -> None:
+    """llm-compressor's FP8 with ``kv_cache_scheme``: the q|k|v and o projections are 8-bit, so the
+    factors go onto their scales."""
+    low_bit = make_checkpoint(tiny_model_factory("llama"), tmp_path / "fp8", "ct-channel")
+    config = json.loads((low_bit / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                        "dynamic": False, "symmetric": True}  # fmt: skip
+    (low_bit / "config.json").write_text(json.dumps(config))
+    folder = with_kv_scales(low_bit, tmp_path / "m")
+    widened = widened_copy(low_bit, tmp_path / "wide")
+    prompt = _prompt(200)
+    ours = _our_logits(folder, prompt, kv_cache_dtype="fp8")
+    assert (ours - _their_logits(widened, prompt, SCALES)).abs().max().item() < 1e-4
+
+
+def test_a_16_bit_cache_leaves_the_scales_out(tiny_model_factory, tmp_path, caplog) -> None:
+    source = tiny_model_factory("llama")
+    folder = with_kv_scales(source, tmp_path / "m")
+    prompt = _prompt(200)
+    assert torch.equal(_our_logits(folder, prompt), _our_logits(source, prompt))
+    assert "calibrated KV-cache scales are not applied" in caplog.text
+
+
+def test_scales_that_cannot_be_applied_are_refused(tiny_model_factory, tmp_path) -> None:
+    source = tiny_model_factory("llama")
+
+    def edited(name: str, edit) -> Path:
+        folder = with_kv_scales(source, tmp_path / name)
+        tensors = load_file(folder / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, folder / "model.safetensors")
+        return folder
+
+    cases = [
+        (lambda t: t.pop("model.layers.1.self_attn.v_scale"), r"every layer \(layers \[1\]\)"),
+        (
+            lambda t: t.update({"model.layers.0.self_attn.k_scale": torch.tensor(0.0)}),
+            "scales must be positive",
+        ),
+        (lambda t: t.update({"model.layers.0.self_attn.k_scale": torch.ones(2)}), "per-head scales are not"),
+    ]
+    for i, (edit, message) in enumerate(cases):
+        with pytest.raises(ModelLoadError, match=message):
+            LLM(edited(f"c{i}", edit), kv_cache_memory="4MiB", kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="LoRA adapters over a checkpoint's calibrated KV-cache scales"):
+        LLM(with_kv_scales(source, tmp_path / "lora"), kv_cache_memory="4MiB", kv_cache_dtype="fp8",
+            allow_runtime_lora_updating=True)  # fmt: skip
+
+
+def test_scale_names_as_the_checkpoints_spell_them() -> None:
+    assert kv_scale_of("model.layers.3.self_attn.k_scale") == (3, "k")
+    assert kv_scale_of("model.layers.3.self_attn.v_proj.v_scale") == (3, "v")
+    assert kv_scale_of("model.layers.0.self_attn.kv_scale") == (0, "kv")
+    assert kv_scale_of("model.layers.0.self_attn.k_proj.v_scale") is None
+    assert kv_scale_of("model.layers.0.self_attn.k_proj.weight_scale") is None
