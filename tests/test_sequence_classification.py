@@ -4,6 +4,7 @@ transformers on the same folders."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import shutil
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -66,6 +68,11 @@ def test_probabilities_are_softmax_or_a_single_labels_sigmoid() -> None:
     assert three.label == "b" and three.probs == pytest.approx([v / sum(exps) for v in exps])
     one = ClassificationOutput.from_logits([0.5], ("score",))
     assert one.probs == pytest.approx([1 / (1 + math.exp(-0.5))]) and one.label == "score"
+    # Far logits neither overflow nor lose the other labels' share.
+    assert ClassificationOutput.from_logits([-800.0], ("score",)).probs == [0.0]
+    assert ClassificationOutput.from_logits([900.0, 0.0], ("a", "b")).probs == [1.0, 0.0]
+    with pytest.raises(ValueError, match="non-finite logits"):
+        ClassificationOutput.from_logits([float("inf"), 0.0], ("a", "b"))
 
 
 def test_a_classifier_does_not_generate_and_an_lm_does_not_classify(tiny_model_factory) -> None:
@@ -74,6 +81,37 @@ def test_a_classifier_does_not_generate_and_an_lm_does_not_classify(tiny_model_f
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3))
     with pytest.raises(ValueError, match="not a sequence classifier"):
         LLM(tiny_model_factory("llama"), kv_cache_memory="4MiB").classify([[5, 6, 7]])
+
+
+def test_a_classifiers_requests_take_no_vocabulary_options(tiny_model_factory) -> None:
+    llm = LLM(tiny_model_factory("qwen3-reward"), kv_cache_memory="4MiB")
+    for options in (
+        {"prompt_logprobs": 1},
+        {"logprobs": 2},
+        {"repetition_penalty": 1.2},
+        {"logit_bias": {3: 1.0}},
+    ):
+        name = "penalties" if "repetition_penalty" in options else next(iter(options))
+        with pytest.raises(PromptError, match=f"take no {name}: they pool the prompt"):
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, temperature=0.0, embed=True, **options))
+    assert len(llm.classify([[5, 6, 7]])[0].probs) == 1
+
+
+def test_labels_from_num_labels_and_a_stray_lm_head(tiny_model_factory, tmp_path) -> None:
+    """A config may give ``num_labels`` without names, and a checkpoint may keep its LM's head
+    beside the classifier's (transformers reads both so)."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_factory("qwen3-reward"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("id2label"), config.pop("label2id")
+    (folder / "config.json").write_text(json.dumps({**config, "num_labels": 1}))
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = torch.zeros(config["vocab_size"], config["hidden_size"])
+    save_file(tensors, folder / "model.safetensors")
+    assert ModelConfig.from_folder(folder).labels == ("LABEL_0",)
+    prompts = [[5, 6, 7, 8]]
+    ours = LLM(folder, kv_cache_memory="4MiB").classify(prompts)[0].logits
+    assert ours == pytest.approx(_their_logits(folder, prompts)[0], abs=1e-4)
 
 
 def test_a_checkpoint_without_its_head_is_refused(tiny_model_factory, tmp_path) -> None:
@@ -134,6 +172,11 @@ def test_classify_answers_in_vllms_shape(server: ServerProcess, tiny_model_facto
     pooled = httpx.post(f"{server.base_url}/pooling", json={"input": texts[:1]}, timeout=30).json()
     assert pooled["data"][0]["object"] == "pooling"
     assert pooled["data"][0]["data"] == pytest.approx(expected[0], abs=1e-4)
+    as_base64 = httpx.post(
+        f"{server.base_url}/pooling", json={"input": texts[:1], "encoding_format": "base64"}, timeout=30
+    ).json()["data"][0]["data"]
+    decoded = np.frombuffer(base64.b64decode(as_base64), dtype="<f4").tolist()
+    assert decoded == pytest.approx(pooled["data"][0]["data"], abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -144,6 +187,7 @@ def test_classify_answers_in_vllms_shape(server: ServerProcess, tiny_model_facto
         ("/v1/score", {"model": "sentiment", "text_1": "a", "text_2": "b"}, "model"),
         ("/classify", {"model": "sentiment", "input": []}, "input"),
         ("/classify", {"model": "sentiment", "input": [1.5]}, "input"),
+        ("/pooling", {"model": "sentiment", "input": "a", "encoding_format": "hex"}, None),
     ],
 )
 def test_what_a_classifier_does_not_serve_is_a_400(
@@ -155,3 +199,13 @@ def test_what_a_classifier_does_not_serve_is_a_400(
     assert error["message"] and (field is None or error["param"] == field)
     if path == "/v1/completions":
         assert "sequence classifier" in error["message"]
+
+
+def test_errors_outside_the_routes_come_in_openais_shape(server: ServerProcess) -> None:
+    """A wrong model is a 404, a wrong method a 405, both in OpenAI's error shape (vLLM's routes
+    outside /v1/ are OpenAI's too)."""
+    response = httpx.post(f"{server.base_url}/classify", json={"model": "other", "input": "a"}, timeout=30)
+    assert response.status_code == 404 and response.json()["error"]["message"]
+    for path in ("/classify", "/pooling", "/v2/rerank"):
+        response = httpx.get(f"{server.base_url}{path}", timeout=30)
+        assert response.status_code == 405 and response.json()["error"]["type"] == "invalid_request_error"

@@ -179,9 +179,12 @@ _CLASSIFIER_ARCHITECTURES = {
 
 
 def _labels(cfg: dict[str, Any]) -> tuple[str, ...]:
-    """A classifier's label names by index, from ``id2label`` (two, ``LABEL_0`` and ``LABEL_1``,
-    where the config has none, as transformers reads it)."""
-    id2label = cfg.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
+    """A classifier's label names by index, from ``id2label`` (``LABEL_<i>`` for each of
+    ``num_labels``, two by default, where the config has none, as transformers reads it)."""
+    count = cfg.get("num_labels", 2)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"num_labels must be a positive integer, got {count!r}")
+    id2label = cfg.get("id2label") or {str(i): f"LABEL_{i}" for i in range(count)}
     if not isinstance(id2label, dict):
         raise ValueError("id2label must be an object of label names by index")
     try:

@@ -104,9 +104,10 @@ class InputProcessor:
         """Check the context limit and the cap; returns the output budget (what is left when unset)."""
         room = self.max_model_len - num_prompt_tokens
         if room <= 0:
+            # Embedding and classifying requests sample one token too (dropped), so they need it.
             raise PromptError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has "
-                f"{num_prompt_tokens} tokens"
+                f"{num_prompt_tokens} tokens, which leaves no room for the one token every request computes"
             )
         cap = self.max_tokens_cap
         if params.max_tokens is None:
@@ -122,12 +123,29 @@ class InputProcessor:
         return params.max_tokens
 
     def check_task(self, params: SamplingParams) -> None:
-        """A sequence classifier only pools prompts (``params.embed``): it has no LM head."""
+        """A sequence classifier only pools prompts (``params.embed``): it has no LM head, so
+        nothing that reads or shapes a vocabulary's logits applies."""
         labels = self.config.model.labels
-        if labels and not params.embed:
+        if not labels:
+            return
+        if not params.embed:
             raise PromptError(f"the model is a sequence classifier ({len(labels)} labels): it "
                               f"classifies prompts (LLM.classify, POST /classify) and does not generate "
                               f"text")  # fmt: skip
+        options = {
+            "logprobs": params.logprobs is not None,
+            "prompt_logprobs": params.prompt_logprobs is not None,
+            "logit_bias": bool(params.logit_bias),
+            "allowed_token_ids": params.allowed_token_ids is not None,
+            "bad_words": bool(params.bad_words or params.bad_words_token_ids),
+            "structured_output": params.structured_output is not None,
+            "penalties": (params.repetition_penalty, params.presence_penalty, params.frequency_penalty)
+            != (1.0, 0.0, 0.0),
+        }
+        asked = [name for name, given in options.items() if given]
+        if asked:
+            raise PromptError(f"a sequence classifier's requests take no {', '.join(asked)}: they pool "
+                              f"the prompt into label logits")  # fmt: skip
 
     def make_request(
         self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None

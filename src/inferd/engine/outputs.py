@@ -122,10 +122,14 @@ class ClassificationOutput:
 
     @classmethod
     def from_logits(cls, logits: list[float], labels: tuple[str, ...]) -> ClassificationOutput:
+        if not all(math.isfinite(value) for value in logits):
+            raise ValueError(f"the classifier gave non-finite logits: {logits[:8]}")
         if len(logits) == 1:
-            probs = [1.0 / (1.0 + math.exp(-logits[0]))]
+            # tanh's form of the sigmoid: no overflow for any finite logit.
+            probs = [0.5 * (1.0 + math.tanh(logits[0] / 2))]
         else:
             top = max(logits)
             exps = [math.exp(value - top) for value in logits]
-            probs = [value / sum(exps) for value in exps]
+            total = sum(exps)
+            probs = [value / total for value in exps]
         return cls(list(logits), probs, labels[max(range(len(probs)), key=probs.__getitem__)])

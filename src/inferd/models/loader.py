@@ -271,6 +271,8 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
     for name, tensor in weights:
         if "rotary_emb" in name:
             continue
+        if cfg.labels and name == "lm_head.weight":  # a classifier's checkpoint may keep its LM's head
+            continue
         if cfg.labels and name == _CLASSIFIER_HEAD:  # a classifier's head takes the LM head's place
             name = "lm_head.weight"
         target, slot = _target_of(name)

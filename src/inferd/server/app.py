@@ -18,7 +18,7 @@ from inferd.engine.generation_config import read_sampling_defaults
 from inferd.server import openai, tgi
 from inferd.server.auth import require_api_key
 from inferd.server.config import ServerConfig
-from inferd.server.errors import ApiError, unmatched_route_response
+from inferd.server.errors import ApiError, is_openai_path, unmatched_route_response
 from inferd.server.frontend import Frontend
 from inferd.server.limits import BodySizeLimit
 from inferd.server.metrics import ServerMetrics
@@ -45,12 +45,12 @@ def protocol_routers(frontend: Frontend, config: ServerConfig) -> list[APIRouter
 
 def render_error_for_path(path: str, error: ApiError) -> Response:
     """An error in the shape of the protocol that serves `path` (for errors raised outside routes)."""
+    if is_openai_path(path):
+        return openai_error_response(error)
     if path.startswith("/v2"):
         from inferd.server.kserve.rest import api_error_response
 
         return api_error_response(error)
-    if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
-        return openai_error_response(error)
     return tgi_error_response(error)
 
 

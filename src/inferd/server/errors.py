@@ -164,6 +164,16 @@ def protocol_route_class(render: ErrorRenderer) -> type[APIRoute]:
     return ProtocolRoute
 
 
+# The OpenAI-style routes outside /v1/ (vLLM's): their errors come in OpenAI's shape too, /v2/rerank
+# in spite of KServe's /v2 prefix.
+_OPENAI_PATHS = ("/tokenize", "/detokenize", "/score", "/rerank", "/v2/rerank", "/classify", "/pooling")
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` is served in the OpenAI API's shape (its errors too)."""
+    return path.startswith("/v1/") or path in _OPENAI_PATHS
+
+
 async def unmatched_route_response(request: Request, exc: Exception) -> Response:
     """A 404 (no such path) or 405 (no such method) in the shape of the protocol the path belongs to:
     clients such as tritonclient or openai read the error body and fail on FastAPI's `detail`."""
@@ -171,10 +181,10 @@ async def unmatched_route_response(request: Request, exc: Exception) -> Response
     path = request.url.path
     message = f"{request.method} {path}: {exc.detail}"
     body: dict[str, Any]
-    if path.startswith("/v2"):
-        body = {"error": message}
-    elif path.startswith("/v1/"):
+    if is_openai_path(path):
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+    elif path.startswith("/v2"):
+        body = {"error": message}
     else:
         body = {"detail": exc.detail}
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

@@ -4,20 +4,26 @@
   (a string, token ids, or a list of either): its likeliest ``label``, the labels' ``probs``
   (softmax, or a single label's sigmoid) and ``num_classes``.
 - ``POST /pooling``: each input's pooled output as it is, under ``data``: a classifier's raw label
-  logits, or a causal LM's last-token embedding (L2-normalized).
+  logits, or a causal LM's last-token embedding (L2-normalized); ``encoding_format`` ``float`` or
+  ``base64`` as for embeddings.
+
+A prompt is pooled at its last token, as vLLM pools it (transformers' classifiers read the last
+token that is not the pad token, which differs where a prompt ends in it).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from inferd.engine.outputs import ClassificationOutput
-from inferd.server.errors import InvalidRequestError
+from inferd.server.errors import GenerationError, InvalidRequestError
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
+from inferd.server.openai.common import encode_vector
 from inferd.server.openai.llm_embeddings import embed_prompts, parse_inputs
 from inferd.server.streaming import unless_disconnected
 
@@ -28,17 +34,16 @@ class PoolingRequest(BaseModel):
     model: str | None = None
     input: Any = None
     timeout: float | None = None
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
-    async def pooled(body: PoolingRequest, request: Request) -> tuple[list[list[float]], int]:
-        frontend.check_model(body.model)
+    async def pooled(body: PoolingRequest, request: Request) -> tuple[list[np.ndarray], int]:
         timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         run = embed_prompts(
             frontend, body.model, parse_inputs(body.input), "input", timeout_s, classifier_logits=True
         )
-        vectors, tokens = await unless_disconnected(request, run)
-        return [vector.tolist() for vector in vectors], tokens
+        return await unless_disconnected(request, run)
 
     def response(kind: str, body: PoolingRequest, data: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
         return {
@@ -51,6 +56,7 @@ def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
         }
 
     async def classify(body: PoolingRequest, request: Request) -> dict[str, Any]:
+        frontend.check_model(body.model)
         labels = frontend.llm.config.model.labels
         if not labels:
             raise InvalidRequestError(
@@ -58,16 +64,24 @@ def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
             )
         logits, tokens = await pooled(body, request)
         data = []
-        for index, row in enumerate(logits):
-            verdict = ClassificationOutput.from_logits(row, labels)
+        for index, vector in enumerate(logits):
+            row = vector.tolist()
+            try:
+                verdict = ClassificationOutput.from_logits(row, labels)
+            except ValueError as exc:
+                raise GenerationError(f"input {index}: {exc}") from None
             data.append(
                 {"index": index, "label": verdict.label, "probs": verdict.probs, "num_classes": len(row)}
             )
         return response("classify", body, data, tokens)
 
     async def pooling(body: PoolingRequest, request: Request) -> dict[str, Any]:
+        frontend.check_model(body.model)
         vectors, tokens = await pooled(body, request)
-        data = [{"index": i, "object": "pooling", "data": vector} for i, vector in enumerate(vectors)]
+        data = [
+            {"index": i, "object": "pooling", "data": encode_vector(vector, body.encoding_format)}
+            for i, vector in enumerate(vectors)
+        ]
         return response("pool", body, data, tokens)
 
     for path in ("/classify", "/v1/classify"):
