@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from quantized_checkpoints import make_checkpoint, widened_copy
+from quantized_checkpoints import make_checkpoint, make_fp8_checkpoint, widened_copy
 from safetensors.torch import load_file, save_file
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -49,14 +49,15 @@ def with_kv_scales(source: Path, folder: Path, spelling: str = "attention") -> P
     tensors = load_file(folder / "model.safetensors")
     for layer, (k_scale, v_scale) in SCALES.items():
         prefix = f"model.layers.{layer}.self_attn"
+        k, v = torch.tensor(k_scale), torch.tensor(v_scale)
         if spelling == "attention":  # llm-compressor's kv_cache_scheme
-            tensors[f"{prefix}.k_scale"], tensors[f"{prefix}.v_scale"] = (
-                torch.tensor(k_scale),
-                torch.tensor(v_scale),
-            )
-        else:  # ModelOpt's and AutoFP8's, at the projections
-            tensors[f"{prefix}.k_proj.k_scale"] = torch.tensor([k_scale])
-            tensors[f"{prefix}.v_proj.v_scale"] = torch.tensor([v_scale])
+            tensors[f"{prefix}.k_scale"], tensors[f"{prefix}.v_scale"] = k, v
+        elif spelling == "projections":  # AutoFP8's, at the projections
+            tensors[f"{prefix}.k_proj.k_scale"], tensors[f"{prefix}.v_proj.v_scale"] = k[None], v[None]
+        elif spelling == "output_scale":  # older llm-compressor checkpoints
+            tensors[f"{prefix}.k_proj.output_scale"], tensors[f"{prefix}.v_proj.output_scale"] = k, v
+        else:  # one scale for both: the layer's keys' (SCALES' k_scale)
+            tensors[f"{prefix}.kv_scale"] = k
     save_file(tensors, folder / "model.safetensors")
     return folder
 
@@ -83,17 +84,21 @@ def _prompt(vocab: int, length: int = 41, seed: int = 3) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("arch", "spelling"), [("llama", "attention"), ("qwen2", "projections"), ("qwen3", "attention")]
-)
+    ("arch", "spelling"),
+    [("llama", "attention"), ("qwen2", "projections"), ("qwen3", "attention"), ("gemma2", "output_scale"),
+     ("mistral", "kv_scale")],
+)  # fmt: skip
 def test_the_cache_holds_keys_and_values_divided_by_their_scales(
     tiny_model_factory, tmp_path, arch, spelling
 ) -> None:
-    """Llama (q and k rows of the projection scaled), Qwen2 (with their biases), Qwen3 (its q/k
-    norms scaled instead)."""
+    """Llama (the k rows of the projection scaled, and the scores' scale), Qwen2 (with their
+    biases), Qwen3 (its k norm scaled instead), Gemma 2 (capped scores), Mistral (one kv_scale);
+    each spelling of the scales' names."""
     folder = with_kv_scales(tiny_model_factory(arch), tmp_path / "m", spelling)
     prompt = _prompt(200)
     ours = _our_logits(folder, prompt, kv_cache_dtype="fp8")
-    assert (ours - _their_logits(folder, prompt, SCALES)).abs().max().item() < 1e-4
+    scales = {layer: (k, k) for layer, (k, _) in SCALES.items()} if spelling == "kv_scale" else SCALES
+    assert (ours - _their_logits(folder, prompt, scales)).abs().max().item() < 1e-4
     # The scales matter: read unscaled, the cache gives other logits.
     unscaled = _their_logits(folder, prompt, dict.fromkeys(SCALES, (1.0, 1.0)))
     assert (ours - unscaled).abs().max().item() > 1e-3
@@ -159,6 +164,7 @@ def test_scales_that_cannot_be_applied_are_refused(tiny_model_factory, tmp_path)
             "scales must be positive",
         ),
         (lambda t: t.update({"model.layers.0.self_attn.k_scale": torch.ones(2)}), "per-head scales are not"),
+        (lambda t: t.update({"model.layers.0.self_attn.kv_scale": torch.tensor(3.0)}), "contradicts another"),
     ]
     for i, (edit, message) in enumerate(cases):
         with pytest.raises(ModelLoadError, match=message):
@@ -168,9 +174,36 @@ def test_scales_that_cannot_be_applied_are_refused(tiny_model_factory, tmp_path)
             allow_runtime_lora_updating=True)  # fmt: skip
 
 
+def test_what_the_fold_cannot_take_is_refused(tiny_model_factory, tmp_path) -> None:
+    """Gemma 3's key norm (1 + weight), blocks of weight that straddle the keys and values of a
+    checkpoint that ships q|k|v fused (Phi-3), and a kv_cache_scheme without its scales."""
+    with pytest.raises(ModelLoadError, match="not supported for this architecture's key norms"):
+        LLM(
+            with_kv_scales(tiny_model_factory("gemma3"), tmp_path / "g"),
+            kv_cache_memory="4MiB",
+            kv_cache_dtype="fp8",
+        )
+    phi3 = make_fp8_checkpoint(tiny_model_factory("phi3"), tmp_path / "p", "fp8-block", block_size=(48, 32))
+    with pytest.raises(ModelLoadError, match="blocks of 48 rows that straddle"):
+        LLM(with_kv_scales(phi3, tmp_path / "ps"), kv_cache_memory="4MiB", kv_cache_dtype="fp8")
+    low_bit = make_checkpoint(tiny_model_factory("llama"), tmp_path / "fp8", "ct-channel")
+    config = json.loads((low_bit / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "dynamic": False}
+    (low_bit / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="kv_cache_scheme promises calibrated KV-cache scales"):
+        LLM(low_bit, kv_cache_memory="4MiB", kv_cache_dtype="fp8")
+    config["quantization_config"]["kv_cache_scheme"]["symmetric"] = False
+    (low_bit / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="symmetric: false"):
+        LLM(low_bit, kv_cache_memory="4MiB", kv_cache_dtype="fp8")
+
+
 def test_scale_names_as_the_checkpoints_spell_them() -> None:
     assert kv_scale_of("model.layers.3.self_attn.k_scale") == (3, "k")
     assert kv_scale_of("model.layers.3.self_attn.v_proj.v_scale") == (3, "v")
     assert kv_scale_of("model.layers.0.self_attn.kv_scale") == (0, "kv")
     assert kv_scale_of("model.layers.0.self_attn.k_proj.v_scale") is None
     assert kv_scale_of("model.layers.0.self_attn.k_proj.weight_scale") is None
+    assert kv_scale_of("model.layers.2.self_attn.attn.v_scale") == (2, "v")
+    assert kv_scale_of("model.layers.2.self_attn.v_proj.output_scale") == (2, "v")
+    assert kv_scale_of("model.layers.2.self_attn.o_proj.output_scale") is None

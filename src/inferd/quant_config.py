@@ -29,20 +29,22 @@ static, are not applied, and static input scales are dropped at load.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 # The checkpoint tensors that scale a weight (both mean: weight = values * scale).
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
-# The KV cache's calibrated scales: not applied (an 8-bit KV cache, kv_cache_dtype="fp8", is
-# stored without scales; the loader warns that they are left out).
-KV_SCALE_SUFFIXES = ("k_scale", "v_scale", "kv_scale")
 # What is read by nothing here: static activation scales and zero points (activations stay
-# unquantized) and those.
+# unquantized). The KV cache's calibrated scales, some of them named as output scales, are taken out
+# before (``models/kv_scales.py``).
 IGNORED_SUFFIXES = (
-    "input_scale", "input_zero_point", "output_scale", "output_zero_point", "activation_scale",
-    *KV_SCALE_SUFFIXES,
-)  # fmt: skip
+    "input_scale",
+    "input_zero_point",
+    "output_scale",
+    "output_zero_point",
+    "activation_scale",
+)
 # compressed-tensors' packed integers: the int32 words, the unpacked weight's shape, and the zero
 # points of asymmetric ones (packed along the output rows).
 PACKED_WEIGHT = "weight_packed"
@@ -80,6 +82,8 @@ class QuantScheme:
     # default) stores them minus one, subtracted from each packed word's fields at once; "gptq_v2"
     # as they are.
     zero_point_offset: int = 0
+    # compressed-tensors' ``kv_cache_scheme``: the checkpoint brings calibrated KV-cache scales.
+    kv_cache_scales: bool = False
     # GPTQ's activation order (``desc_act``): a ``g_idx`` gives each input column's group, and the
     # groups are not runs of consecutive columns; the loader reorders the columns so they are,
     # and each projection reorders its input alike.
@@ -148,7 +152,7 @@ def _compressed_tensors(quant: dict[str, Any]) -> QuantScheme:
     schemes = {_group_scheme(name, group, quant.get("format")) for name, group in groups.items()}
     if len(schemes) > 1:
         raise ValueError("compressed-tensors groups that store weights differently are not supported")
-    return schemes.pop()
+    return dataclasses.replace(schemes.pop(), kv_cache_scales=bool(kv_scheme))
 
 
 def _check_kv_cache_scheme(scheme: Any) -> None:
@@ -163,6 +167,10 @@ def _check_kv_cache_scheme(scheme: Any) -> None:
         scheme.get("strategy", "tensor"),
         scheme.get("dynamic"),
     )
+    if scheme.get("symmetric") is False:
+        raise ValueError(
+            "compressed-tensors' kv_cache_scheme with zero points (symmetric: false) is not supported"
+        )
     if kind != ("float", 8, "tensor", False):
         raise ValueError(f"compressed-tensors' kv_cache_scheme {kind[1]!r}-bit {kind[0]!r}, strategy "
                          f"{kind[2]!r}, dynamic {kind[3]!r} is not supported (8-bit floats with static "

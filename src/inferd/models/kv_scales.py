@@ -1,20 +1,21 @@
 """A checkpoint's calibrated KV-cache scales, folded into the attention's projections.
 
-FP8 checkpoints with an 8-bit KV cache (llm-compressor's ``kv_cache_scheme``, ModelOpt's and
-AutoFP8's releases) carry a ``k_scale`` and a ``v_scale`` per layer: the cache is to hold
-``k / k_scale`` and ``v / v_scale`` in e4m3, so that keys and values past e4m3's range (448) are
-not clamped and small ones keep their precision. They are named at the attention module
-(``self_attn.k_scale``), at its projections (``self_attn.k_proj.k_scale``, ``v_proj.v_scale``), or
-as one ``self_attn.kv_scale`` for both.
+FP8 checkpoints with an 8-bit KV cache (llm-compressor's ``kv_cache_scheme``, AutoFP8's releases)
+carry a ``k_scale`` and a ``v_scale`` per layer: the cache is to hold ``k / k_scale`` and
+``v / v_scale`` in e4m3, so that keys and values past e4m3's range (448) are not clamped and small
+ones keep their precision. They are named at the attention module (``self_attn.k_scale``, or
+``self_attn.attn.k_scale``), at its projections (``self_attn.k_proj.k_scale``, ``v_proj.v_scale``;
+older llm-compressor checkpoints: ``k_proj.output_scale``, ``v_proj.output_scale``), or as one
+``self_attn.kv_scale`` for both.
 
 The engine applies them by changing the model, not the kernels: with ``k`` divided by ``k_scale``
-and ``q`` multiplied by it, every score ``q . k`` is the same; with ``v`` divided by ``v_scale``,
-the attention's output is too, until ``o_proj`` multiplies it back. So the k (and v) rows of the
-fused q|k|v projection are divided by their scale and the q rows multiplied by ``k_scale`` (or,
-where q and k are normalized after the projection, as in Qwen3, the norms' weights are), and
-``o_proj`` is multiplied by ``v_scale``. Every attention kernel then stores and reads the scaled
-keys and values as it does unscaled ones. Low-bit projections take the factors on their scales.
-Exact in real arithmetic; a 16-bit weight takes one more rounding.
+and the attention's score scale multiplied by it, every score is the same; with ``v`` divided by
+``v_scale``, the attention's output is too, until ``o_proj`` multiplies it back. So the k and v
+rows of the fused q|k|v projection are divided by their scales (the k norm's weight instead, where
+keys are normalized after the projection, as in Qwen3), and ``o_proj`` is multiplied by
+``v_scale``. Every attention kernel then stores and reads the scaled keys and values as it does
+unscaled ones. Low-bit projections take the factors on their scales, whose blocks must not
+straddle k and v. Exact in real arithmetic; a 16-bit weight takes one more rounding.
 
 They are applied with an 8-bit KV cache only (``kv_cache_dtype="fp8"``), as vLLM applies them.
 """
@@ -35,8 +36,10 @@ from inferd.layers.norm import RMSNorm
 
 logger = logging.getLogger(__name__)
 
-# ``model.layers.<i>.self_attn[.k_proj|.v_proj].<k_scale|v_scale|kv_scale>``
-_NAME = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(?:([kv])_proj\.)?(k_scale|v_scale|kv_scale)$")
+# ``model.layers.<i>.self_attn[.attn|.k_proj|.v_proj].<k_scale|v_scale|kv_scale|output_scale>``
+_NAME = re.compile(
+    r"^model\.layers\.(\d+)\.self_attn\.(?:attn\.|([kv])_proj\.)?(k_scale|v_scale|kv_scale|output_scale)$"
+)
 
 
 def kv_scale_of(name: str) -> tuple[int, str] | None:
@@ -46,6 +49,8 @@ def kv_scale_of(name: str) -> tuple[int, str] | None:
     if match is None:
         return None
     layer, projection, kind = match.groups()
+    if kind == "output_scale":  # the k or v projection's output scale is its cache's
+        return None if projection is None else (int(layer), projection)
     scale = kind.removesuffix("_scale")
     if projection is not None and scale not in (projection, "kv"):  # e.g. k_proj.v_scale
         return None
@@ -66,7 +71,11 @@ class KVScales:
         if not (math.isfinite(value) and value > 0):
             raise ModelLoadError(f"KV-cache scale {name!r} is {value}; scales must be positive")
         for key in ("k", "v") if kind == "kv" else (kind,):
-            self.by_layer.setdefault(layer, {})[key] = value
+            known = self.by_layer.setdefault(layer, {})
+            if known.get(key, value) != value:
+                raise ModelLoadError(f"KV-cache scale {name!r} ({value}) contradicts another {key} scale of "
+                                     f"layer {layer} ({known[key]})")  # fmt: skip
+            known[key] = value
 
     def __bool__(self) -> bool:
         return bool(self.by_layer)
@@ -90,33 +99,36 @@ class KVScales:
 
 
 def _fold_layer(attention: Any, k_scale: float, v_scale: float) -> None:
-    q_rows = (0, attention.q_size)
     k_rows = (attention.q_size, attention.kv_size)
     v_rows = (attention.q_size + attention.kv_size, attention.kv_size)
     qkv: Linear = attention.qkv_proj
-    norms = [getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)]
-    if any(norm is not None for norm in norms):
-        if not all(type(norm) is RMSNorm for norm in norms):
-            raise ModelLoadError("KV-cache scales are not supported for this architecture's q/k norms")
-        # The norms come after the projection: they would undo its scaling, so they take it.
+    k_norm = getattr(attention, "k_norm", None)
+    if k_norm is not None:
+        # The norm comes after the projection: it would undo the projection's scaling, so it
+        # takes it (Gemma 3's norms scale by 1 + weight, which this does not fold).
+        if type(k_norm) is not RMSNorm:
+            raise ModelLoadError("KV-cache scales are not supported for this architecture's key norms")
         with torch.no_grad():
-            norms[0].weight.mul_(k_scale)  # type: ignore[union-attr]
-            norms[1].weight.div_(k_scale)  # type: ignore[union-attr]
+            k_norm.weight.div_(k_scale)
     else:
-        _scale_rows(qkv, q_rows, k_scale)
         _scale_rows(qkv, k_rows, 1.0 / k_scale)
     _scale_rows(qkv, v_rows, 1.0 / v_scale)
     _scale_rows(attention.o_proj, (0, attention.o_proj.out_features), v_scale, bias=False)
+    attention.scale *= k_scale  # every score as before: q . (k / k_scale) * (scale * k_scale)
 
 
 def _scale_rows(linear: Linear, rows: tuple[int, int], factor: float, bias: bool = True) -> None:
     """Multiply output rows ``rows`` (start, count) of ``linear`` by ``factor`` (its bias too, with
-    ``bias``); a low-bit projection's scales of those rows take it, the rows covering whole blocks
-    (the loader checks that the fused pieces do)."""
+    ``bias``); a low-bit projection's scales of those rows take it, which needs the rows to cover
+    whole blocks (a checkpoint that ships q|k|v fused may have blocks across k and v)."""
     start, count = rows
     with torch.no_grad():
         if linear.weight_block is not None:
             block_rows = linear.weight_block[0]
+            if start % block_rows or (count % block_rows and start + count != linear.out_features):
+                raise ModelLoadError(f"KV-cache scales cannot be folded into blocks of {block_rows} rows "
+                                     f"that straddle the keys' or values' rows {start} to "
+                                     f"{start + count}")  # fmt: skip
             linear.quant_scale()[start // block_rows : -(-(start + count) // block_rows)].mul_(factor)
         else:
             linear.weight[start : start + count].mul_(factor)

@@ -165,7 +165,11 @@ def load_model(
             kv_scales.fold_into(model)
         elif kv_scales:
             logger.warning("%s: the checkpoint's calibrated KV-cache scales are not applied: they scale an "
-                           "8-bit KV cache (kv_cache_dtype=fp8), and this one is 16-bit", path)  # fmt: skip
+                           "8-bit KV cache (kv_cache_dtype=fp8), and this one holds the model's dtype",
+                           path)  # fmt: skip
+        elif kv_cache_scales and cfg.quant is not None and cfg.quant.kv_cache_scales:
+            raise ModelLoadError(f"{path}: config.json's kv_cache_scheme promises calibrated KV-cache scales "
+                                 f"(k_scale, v_scale), and the checkpoint has none")  # fmt: skip
     # A low-bit checkpoint is served as it is: the projections it left wider stay so.
     if quantization == "fp8" and cfg.quant is None:
         quantize_projections(model, QuantScheme("fp8", None))
