@@ -1334,11 +1334,11 @@ class ShapeRun:
             if left_out:
                 entry["left_out_on_cpu"] = left_out
         home = self.result if name == "default" else entry
+        # (A checkpoint variant's folder is written only for it.)
+        folder = self.variant_folder(name) if name in VARIANT_CHECKPOINTS else None
         with patched_modules(patches):
             try:
-                self._measure(
-                    entry, "startup", options, workload, profile, home, folder=self.variant_folder(name)
-                )
+                self._measure(entry, "startup", options, workload, profile, home, folder=folder)
             finally:
                 switch_off_pdl()
         failed = [entry.get("startup", {}), home.get("nano_vllm_inferd", {})]

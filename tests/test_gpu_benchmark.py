@@ -389,7 +389,9 @@ def test_a_variant_leaves_pdl_off_for_the_sweeps_after_it(monkeypatch: pytest.Mo
     run.args, run.base_options, run.result = Namespace(smoke=False), {}, {"variants": {}}
     measured: list[dict[str, object]] = []
 
-    def measure(_: object, entry: object, key: str, options: dict[str, object], *rest: object) -> None:
+    def measure(
+        _: object, entry: object, key: str, options: dict[str, object], *rest: object, **keywords: object
+    ) -> None:
         measured.append(options)
         monkeypatch.setattr(triton_pdl, "_enabled", True)  # as the engine sets it
         if len(measured) == 2:
