@@ -14,6 +14,8 @@ import torch
 import transformers
 from quantized_checkpoints import make_checkpoint, make_fp8_checkpoint, widened_copy
 from safetensors.torch import load_file, save_file
+from test_lora import merged
+from tiny_models import make_lora_adapter
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from inferd import LLM, SamplingParams
@@ -169,9 +171,23 @@ def test_scales_that_cannot_be_applied_are_refused(tiny_model_factory, tmp_path)
     for i, (edit, message) in enumerate(cases):
         with pytest.raises(ModelLoadError, match=message):
             LLM(edited(f"c{i}", edit), kv_cache_memory="4MiB", kv_cache_dtype="fp8")
-    with pytest.raises(ValueError, match="LoRA adapters over a checkpoint's calibrated KV-cache scales"):
-        LLM(with_kv_scales(source, tmp_path / "lora"), kv_cache_memory="4MiB", kv_cache_dtype="fp8",
-            allow_runtime_lora_updating=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_lora_adapters_take_the_scales_on_their_b_rows(tiny_model_factory, tmp_path, arch: str) -> None:
+    """An adapter on q, k, v and o (and the MLP) over a scaled checkpoint: its logits are the merged
+    model's, read through the scaled cache (Llama's k rows take the factor, Qwen3's k norm does)."""
+    folder = with_kv_scales(tiny_model_factory(arch), tmp_path / "m")
+    adapter = make_lora_adapter(folder, tmp_path / "adapter", seed=3)
+    prompt = _prompt(200)
+    llm = LLM(
+        folder, kv_cache_memory="4MiB", block_size=8, kv_cache_dtype="fp8", lora_modules={"a": str(adapter)}
+    )
+    core = llm.engine.core
+    core.add_request(Request("r", prompt, SamplingParams(max_tokens=1, adapter="a"), frozenset(), 1))
+    ours = core.runner.logits_for(core.scheduler.schedule())
+    theirs = _their_logits(merged(folder, adapter, tmp_path / "merged"), prompt, SCALES)
+    assert (ours - theirs).abs().max().item() < 1e-4
 
 
 def test_what_the_fold_cannot_take_is_refused(tiny_model_factory, tmp_path) -> None:

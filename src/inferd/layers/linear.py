@@ -43,6 +43,9 @@ class Linear(nn.Linear):
     # A buffer, set on a projection whose weight's input columns were reordered at load (a GPTQ
     # checkpoint in activation order, ``models/gptq_awq.py``): its input is reordered alike.
     input_order: torch.Tensor | None
+    # What a load-time fold of the checkpoint's KV-cache scales (``models/kv_scales.py``) multiplied
+    # each output row by; None: nothing. A LoRA adapter's B rows take the same factors.
+    output_row_factors: torch.Tensor | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -216,6 +216,8 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], qkv_rows: lis
                 a_stack[slot, used : used + r] = a.to(dtype)
                 b_stack[slot, rows, used : used + r] = b.to(dtype)
                 used += r
+        if linear.output_row_factors is not None:  # the rows' KV-cache scales, as the weight took them
+            b_stack.mul_(linear.output_row_factors.to(dtype)[None, :, None])
         linear.lora = LoraWeights(a_stack, b_stack, batch)
     return batch
 

@@ -15,7 +15,8 @@ rows of the fused q|k|v projection are divided by their scales (the k norm's wei
 keys are normalized after the projection, as in Qwen3), and ``o_proj`` is multiplied by
 ``v_scale``. Every attention kernel then stores and reads the scaled keys and values as it does
 unscaled ones. Low-bit projections take the factors on their scales, whose blocks must not
-straddle k and v. Exact in real arithmetic; a 16-bit weight takes one more rounding.
+straddle k and v, and LoRA adapters on their B rows. Exact in real arithmetic; a 16-bit weight
+takes one more rounding.
 
 They are applied with an 8-bit KV cache only (``kv_cache_dtype="fp8"``), as vLLM applies them.
 """
@@ -93,7 +94,6 @@ class KVScales:
             attention = layer.self_attn
             scales = self.by_layer[index]
             _fold_layer(attention, scales["k"], scales["v"])
-        model.kv_scales_folded = True  # type: ignore[assignment]
         logger.info("applied the checkpoint's calibrated KV-cache scales (%d layers): the 8-bit cache holds "
                     "keys and values divided by them", len(layers))  # fmt: skip
 
@@ -120,8 +120,12 @@ def _fold_layer(attention: Any, k_scale: float, v_scale: float) -> None:
 def _scale_rows(linear: Linear, rows: tuple[int, int], factor: float, bias: bool = True) -> None:
     """Multiply output rows ``rows`` (start, count) of ``linear`` by ``factor`` (its bias too, with
     ``bias``); a low-bit projection's scales of those rows take it, which needs the rows to cover
-    whole blocks (a checkpoint that ships q|k|v fused may have blocks across k and v)."""
+    whole blocks (a checkpoint that ships q|k|v fused may have blocks across k and v). The factors
+    are kept on the projection (``output_row_factors``) for its LoRA adapters."""
     start, count = rows
+    if linear.output_row_factors is None:
+        linear.output_row_factors = torch.ones(linear.out_features, device=linear.weight.device)
+    linear.output_row_factors[start : start + count] *= factor
     with torch.no_grad():
         if linear.weight_block is not None:
             block_rows = linear.weight_block[0]

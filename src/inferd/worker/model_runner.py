@@ -130,10 +130,6 @@ class ModelRunner:
             self.adapters: dict[str, LoraAdapter] = {
                 name: read_adapter(name, Path(path)) for name, path in config.lora_modules
             }
-            if config.uses_lora and getattr(self.model, "kv_scales_folded", False):
-                # Folded into q|k|v and o_proj, the scales would not reach an adapter's terms.
-                raise ValueError("LoRA adapters over a checkpoint's calibrated KV-cache scales "
-                                 "(kv_cache_dtype=fp8) are not supported")  # fmt: skip
             self.lora_batch = self._attach_adapters() if self.adapters else None
             if self.adapters:
                 logger.info("LoRA adapters: %s", ", ".join(self.adapters))
