@@ -138,6 +138,39 @@ def test_embedding_errors_in_openais_shape(server: ServerProcess, body: dict, st
     assert error["message"] and (field is None or error["param"] == field)
 
 
+def test_truncate_prompt_tokens_keeps_each_inputs_last_tokens(server: ServerProcess, tiny_llama) -> None:
+    """vLLM's ``truncate_prompt_tokens`` on every pooling route: the last k tokens, or with -1 as
+    many as the context holds (a text past it is then embedded, not refused)."""
+    import httpx
+
+    llm = LLM(tiny_llama, kv_cache_memory="4MiB")
+    text = "ROMEO: good night, good night"
+    ids = llm.tokenizer.encode(text)
+    url = f"{server.base_url}/v1/embeddings"
+    kept = httpx.post(
+        url, json={"model": "tiny", "input": text, "truncate_prompt_tokens": 3}, timeout=30
+    ).json()
+    last = httpx.post(url, json={"model": "tiny", "input": ids[-3:]}, timeout=30).json()
+    assert (
+        kept["data"][0]["embedding"] == last["data"][0]["embedding"] and kept["usage"]["prompt_tokens"] == 3
+    )
+    long = "x " * 600
+    for path, body in (
+        ("/v1/embeddings", {"model": "tiny", "input": long}),
+        ("/pooling", {"model": "tiny", "input": long}),
+        ("/v1/score", {"model": "tiny", "text_1": "a", "text_2": long}),
+        ("/v1/rerank", {"model": "tiny", "query": "a", "documents": [long]}),
+    ):
+        refused = httpx.post(f"{server.base_url}{path}", json=body, timeout=30)
+        assert refused.status_code == 400, path
+        truncated = httpx.post(
+            f"{server.base_url}{path}", json={**body, "truncate_prompt_tokens": -1}, timeout=60
+        )
+        assert truncated.status_code == 200, (path, truncated.text)
+        wrong = httpx.post(f"{server.base_url}{path}", json={**body, "truncate_prompt_tokens": 0}, timeout=30)
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "truncate_prompt_tokens", path
+
+
 def test_pooling_gives_the_embeddings_and_classify_needs_a_classifier(server: ServerProcess) -> None:
     import httpx
 

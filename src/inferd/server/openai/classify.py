@@ -7,6 +7,8 @@
   logits, or a causal LM's last-token embedding (L2-normalized); ``encoding_format`` ``float`` or
   ``base64`` as for embeddings.
 
+Both take vLLM's ``truncate_prompt_tokens``, as ``/v1/embeddings``, score and rerank do.
+
 A prompt is pooled at its last token, as vLLM pools it (transformers' classifiers read the last
 token that is not the pad token, which differs where a prompt ends in it).
 """
@@ -24,7 +26,7 @@ from inferd.engine.outputs import ClassificationOutput
 from inferd.server.errors import GenerationError, InvalidRequestError
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai.common import encode_vector
-from inferd.server.openai.llm_embeddings import embed_prompts, parse_inputs
+from inferd.server.openai.llm_embeddings import embed_prompts, parse_inputs, truncation
 from inferd.server.streaming import unless_disconnected
 
 
@@ -35,13 +37,23 @@ class PoolingRequest(BaseModel):
     input: Any = None
     timeout: float | None = None
     encoding_format: Literal["float", "base64"] = "float"
+    # vLLM's: each input's last so many tokens (-1: as many as the context holds).
+    truncate_prompt_tokens: int | None = None
 
 
 def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
     async def pooled(body: PoolingRequest, request: Request) -> tuple[list[np.ndarray], int]:
         timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
+        keep = truncation(body.truncate_prompt_tokens)
+        prompts = parse_inputs(body.input)
         run = embed_prompts(
-            frontend, body.model, parse_inputs(body.input), "input", timeout_s, classifier_logits=True
+            frontend,
+            body.model,
+            prompts,
+            "input",
+            timeout_s,
+            classifier_logits=True,
+            truncate_prompt_tokens=keep,
         )
         return await unless_disconnected(request, run)
 

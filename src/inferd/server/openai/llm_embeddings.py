@@ -42,6 +42,18 @@ def parse_inputs(value: Any) -> list[str | list[int]]:
     return value
 
 
+def truncation(value: Any) -> int | None:
+    """vLLM's ``truncate_prompt_tokens`` as a request gives it: None, -1 or a positive count."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1:
+        raise InvalidRequestError(
+            f"truncate_prompt_tokens: must be -1 or a positive integer, got {value!r}",
+            "truncate_prompt_tokens",
+        )
+    return value
+
+
 def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -53,12 +65,14 @@ async def embed_prompts(
     field: str,
     timeout_s: float | None,
     classifier_logits: bool = False,
+    truncate_prompt_tokens: int | None = None,
 ) -> tuple[list[np.ndarray], int]:
     """Each prompt's embedding (float32) by the served model or the adapter ``model`` names, and
     the prompt tokens embedded; ``field`` names the prompts in errors. After ``timeout_s`` the
     unfinished ones end the request with a 408. A sequence classifier's pooled outputs are its
     label logits, not embeddings: taken only where ``classifier_logits`` says the caller wants
-    them."""
+    them. ``truncate_prompt_tokens`` (vLLM's): each prompt's last so many tokens (-1: as many as
+    the context holds)."""
     if frontend.llm.config.model.labels and not classifier_logits:
         raise InvalidRequestError(
             "the model is a sequence classifier: it gives label logits (POST /classify, /pooling), "
@@ -67,6 +81,8 @@ async def embed_prompts(
         )
     adapter = frontend.adapter_for(model)
     params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
+    if truncate_prompt_tokens is not None:
+        prompts = [frontend.truncated(prompt, truncate_prompt_tokens, 1, field) for prompt in prompts]
     token_ids = [frontend.prepare(prompt, params, field=field) for prompt in prompts]
     frontend.check_ready(token_ids, field=field)
     finals: dict[int, RequestOutput] = {}
@@ -99,8 +115,10 @@ async def embed_with_llm(
         raise InvalidRequestError(
             f"dimensions: model {model!r} gives {width}-dimensional embeddings", "dimensions"
         )
+    keep = truncation(body.get("truncate_prompt_tokens"))
+    prompts = parse_inputs(body.get("input"))
     vectors, tokens = await embed_prompts(
-        frontend, model, parse_inputs(body.get("input")), "input", timeout_s
+        frontend, model, prompts, "input", timeout_s, truncate_prompt_tokens=keep
     )
     data = [
         {"object": "embedding", "index": index, "embedding": encode_vector(vector, encoding)}

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferd.server.errors import InvalidRequestError
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
-from inferd.server.openai.llm_embeddings import embed_prompts
+from inferd.server.openai.llm_embeddings import embed_prompts, truncation
 from inferd.server.streaming import unless_disconnected
 
 
@@ -32,6 +32,8 @@ class ScoreRequest(BaseModel):
     text_1: str | list[str]
     text_2: str | list[str]
     timeout: float | None = None
+    # vLLM's: each text's last so many tokens (-1: as many as the context holds).
+    truncate_prompt_tokens: int | None = None
 
 
 class _Document(BaseModel):
@@ -49,6 +51,7 @@ class RerankRequest(BaseModel):
     top_n: int | None = Field(default=None, ge=0)
     return_documents: bool = True
     timeout: float | None = None
+    truncate_prompt_tokens: int | None = None
 
 
 def _pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[int, int]]:
@@ -72,14 +75,21 @@ def _pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[int, 
 
 
 async def _embedded(
-    frontend: Frontend, model: str | None, texts: list[str], field: str, timeout_s: float | None
+    frontend: Frontend,
+    model: str | None,
+    texts: list[str],
+    field: str,
+    timeout_s: float | None,
+    keep: int | None,
 ) -> tuple[list[np.ndarray], int]:
-    """Each of ``texts``' embedding (each distinct text embedded once), and the prompt tokens
-    embedded; errors name ``field``."""
+    """Each of ``texts``' embedding (each distinct text embedded once, its last ``keep`` tokens
+    where given), and the prompt tokens embedded; errors name ``field``."""
     if not all(texts):
         raise InvalidRequestError("texts must not be empty", field)
     distinct = list(dict.fromkeys(texts))
-    vectors, tokens = await embed_prompts(frontend, model, list(distinct), field, timeout_s)
+    vectors, tokens = await embed_prompts(
+        frontend, model, list(distinct), field, timeout_s, truncate_prompt_tokens=keep
+    )
     by_text = dict(zip(distinct, vectors, strict=True))
     return [by_text[text] for text in texts], tokens
 
@@ -91,15 +101,16 @@ async def _cosines(
     seconds: tuple[str, list[str]],
     pairs: list[tuple[int, int]],
     timeout_s: float | None,
+    keep: int | None,
 ) -> tuple[list[float], int]:
     """Each pair's cosine similarity (the embeddings are normalized), and the prompt tokens
     embedded; ``firsts`` and ``seconds`` are each a field name and its texts."""
     (first_field, first_texts), (second_field, second_texts) = firsts, seconds
     start = time.monotonic()
-    left, left_tokens = await _embedded(frontend, model, first_texts, first_field, timeout_s)
+    left, left_tokens = await _embedded(frontend, model, first_texts, first_field, timeout_s, keep)
     # The second list has what the first left of the request's time.
     remaining = None if timeout_s is None else max(timeout_s - (time.monotonic() - start), 1e-3)
-    right, right_tokens = await _embedded(frontend, model, second_texts, second_field, remaining)
+    right, right_tokens = await _embedded(frontend, model, second_texts, second_field, remaining, keep)
     return [float(np.dot(left[i], right[j])) for i, j in pairs], left_tokens + right_tokens
 
 
@@ -113,7 +124,8 @@ def add_score_routes(router: APIRouter, frontend: Frontend) -> None:
         timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         pairs = _pairs(body.text_1, body.text_2)
         firsts, seconds = ("text_1", _as_list(body.text_1)), ("text_2", _as_list(body.text_2))
-        run = _cosines(frontend, body.model, firsts, seconds, pairs, timeout_s)
+        keep = truncation(body.truncate_prompt_tokens)
+        run = _cosines(frontend, body.model, firsts, seconds, pairs, timeout_s, keep)
         scores, tokens = await unless_disconnected(request, run)
         return {
             "id": frontend.new_request_id("score"),
@@ -131,8 +143,9 @@ def add_score_routes(router: APIRouter, frontend: Frontend) -> None:
         if not documents:
             raise InvalidRequestError("documents must not be empty", "documents")
         pairs = [(0, j) for j in range(len(documents))]
+        keep = truncation(body.truncate_prompt_tokens)
         run = _cosines(
-            frontend, body.model, ("query", [body.query]), ("documents", documents), pairs, timeout_s
+            frontend, body.model, ("query", [body.query]), ("documents", documents), pairs, timeout_s, keep
         )
         scores, tokens = await unless_disconnected(request, run)
         top_n = body.top_n or len(documents)
