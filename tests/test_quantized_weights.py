@@ -360,7 +360,7 @@ def test_fp8_projections_widen_their_weights_where_the_kernel_cannot_read_them(m
     assert quantized.skinny_kernel_reads(fp8, torch.device("cpu"))  # the CPU's interpreter
 
 
-def test_mixtures_of_experts_take_8_bit_attention_not_8_bit_experts(tiny_model_factory, tmp_path) -> None:
+def test_mixtures_of_experts_take_8_bit_attention(tiny_model_factory, tmp_path) -> None:
     source = tiny_model_factory("qwen3-moe")
     experts = ("gate_proj", "up_proj", "down_proj")
     attention_only = make_fp8_checkpoint(source, tmp_path / "a", "ct-channel", skip=experts)
@@ -369,8 +369,46 @@ def test_mixtures_of_experts_take_8_bit_attention_not_8_bit_experts(tiny_model_f
     assert llm.engine.core.runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
     theirs = _their_logits(widened_copy(attention_only, tmp_path / "widened"), prompt, quantized=False)
     assert (ours - theirs).abs().max().item() < 1e-4
-    with pytest.raises(ModelLoadError, match="a mixture's routed experts cannot hold low-bit weights"):
-        LLM(make_fp8_checkpoint(source, tmp_path / "b", "ct-channel"), kv_cache_memory="4MiB")
+
+
+@pytest.mark.parametrize("layout", ["fp8-block", "ct-channel", "ct-w8a8"])
+def test_mixtures_of_experts_hold_8_bit_experts(tiny_model_factory, tmp_path, layout: str) -> None:
+    """Qwen3-30B-A3B-FP8's layout (every expert's projections e4m3 in blocks), FP8 per channel and
+    int8 per channel: each expert's weights widened when it runs, as transformers reads the
+    widened copy."""
+    source = tiny_model_factory("qwen3-moe")
+    folder = make_checkpoint(source, tmp_path / "m", layout)
+    prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
+    llm, ours = _our_logits(folder, prompt)
+    stacks = llm.engine.core.runner.model.model.layers[0].mlp.experts
+    held = torch.int8 if layout == "ct-w8a8" else torch.float8_e4m3fn
+    assert stacks.gate_up_proj.dtype == stacks.down_proj.dtype == held and set(stacks.weight_blocks) == {
+        "gate_up_proj",
+        "down_proj",
+    }
+    theirs = _their_logits(widened_copy(folder, tmp_path / "widened"), prompt, quantized=False)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    _, unquantized = _our_logits(source, prompt)
+    assert (unquantized - theirs).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="triton_moe's grouped matmul does not read low-bit experts"):
+        llm.engine.core.runner.model.enable_triton_ops(False, moe=True)
+
+
+def test_experts_that_cannot_be_held_are_refused(tiny_model_factory, tmp_path) -> None:
+    source = tiny_model_factory("qwen3-moe")
+    with pytest.raises(ModelLoadError, match="routed experts cannot hold packed int4 weights"):
+        LLM(make_checkpoint(source, tmp_path / "a", "ct-w4a16"), kv_cache_memory="4MiB")
+    # A missing expert scale is named as the checkpoint would name it.
+    lonely = _edited(make_checkpoint(source, tmp_path / "b", "fp8-block"),
+                     lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"))  # fmt: skip
+    with pytest.raises(
+        ModelLoadError, match=r"lacks tensors: model.layers.1.mlp.experts.2.up_proj.weight_scale_inv$"
+    ):
+        LLM(lonely, kv_cache_memory="4MiB")
+    # Blocks of 48 rows cut the experts' 32 rows of gate and of up.
+    uneven = make_fp8_checkpoint(source, tmp_path / "c", "fp8-block", block_size=(48, 32))
+    with pytest.raises(ModelLoadError, match="do not divide the experts' 32 rows"):
+        LLM(uneven, kv_cache_memory="4MiB")
 
 
 @pytest.mark.parametrize("columns", [64, 60, 37])

@@ -201,6 +201,10 @@ class LlamaForCausalLM(nn.Module):
                 if isinstance(module, RotaryEmbedding):
                     module.in_decode_attention = decode_rotary
             elif isinstance(module, Experts):
+                if moe and module.weight_blocks:
+                    raise ValueError(
+                        "triton_moe's grouped matmul does not read low-bit experts; leave it off"
+                    )
                 module.use_triton = moe
 
     def set_all_reduce(self, all_reduce: AllReduce) -> None:

@@ -20,6 +20,7 @@ from inferd.layers.linear import Linear
 from inferd.layers.linear_operands import FP8_DTYPE
 from inferd.models import gptq_awq
 from inferd.models.kv_scales import KVScales, kv_scale_of
+from inferd.models.moe import Experts
 from inferd.models.registry import CausalLM, model_class
 from inferd.quant_config import (
     GPTQ_AWQ,
@@ -301,6 +302,9 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
                 weight_rows = params[target.removesuffix("_scale")].shape[0]
                 view = _scale_slot_view(param.data, weight_rows, slot, cfg, target, shown)
                 tensor = _as_scale(tensor, view, shown)
+            elif _is_expert_stack(target) and target.endswith("_proj_scale"):  # an 8-bit expert's scales
+                view = _slot_view(param.data, slot, cfg, target, shown)
+                tensor = _as_scale(tensor, view, shown)
             elif target.endswith(".g_idx"):
                 # One input, one order: a fused projection's pieces each bring it.
                 view = param.data
@@ -463,10 +467,12 @@ def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) ->
         target, _slot = _target_of(canonical_name(name.rsplit(".", 1)[0] + ".weight"))
         module_name = target.rsplit(".", 1)[0]
         module = modules.get(module_name)
-        if not isinstance(module, Linear) or _is_expert_stack(target):
-            what = "a mixture's routed experts" if _is_expert_stack(target) else module_name
-            raise ModelLoadError(f"checkpoint tensor {name!r}: {what} cannot hold low-bit weights "
-                                 f"in {cfg.architecture} (the attention and dense MLP projections "
+        if isinstance(module, Experts) and _is_expert_stack(target):
+            _hold_experts_low_bit(module, cfg, name)
+            continue
+        if not isinstance(module, Linear):
+            raise ModelLoadError(f"checkpoint tensor {name!r}: {module_name} cannot hold low-bit weights "
+                                 f"in {cfg.architecture} (the attention and MLP projections "
                                  f"can)")  # fmt: skip
         if module.weight_block is None:
             out_features, in_features = module.weight.shape
@@ -481,13 +487,34 @@ def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) ->
                 module.register_parameter("g_idx", nn.Parameter(g_idx, requires_grad=False))
 
 
+def _hold_experts_low_bit(experts: Experts, cfg: ModelConfig, name: str) -> None:
+    """A mixture's routed experts, stored in 8-bit values with scales (``name`` is one of their
+    scales): both stacks held so (``Experts.hold_low_bit``), once."""
+    assert cfg.quant is not None
+    if cfg.quant.values not in ("fp8", "int8") or cfg.quant.zero_points or cfg.quant.packed:
+        layout = "packed " if cfg.quant.packed else ""
+        raise ModelLoadError(f"checkpoint tensor {name!r}: a mixture's routed experts cannot hold "
+                             f"{layout}{cfg.quant.values} weights (unpacked 8-bit floats and symmetric "
+                             f"8-bit integers they can)")  # fmt: skip
+    if experts.weight_blocks:
+        return
+    experts.hold_low_bit(quantized.storage_dtype(cfg.quant.values), cfg.quant)
+    # Each expert's gate and up halves take their own scale rows.
+    block_rows = experts.weight_blocks["gate_up_proj"][0]
+    intermediate = experts.gate_up_proj.shape[1] // 2
+    if intermediate % block_rows:
+        raise ModelLoadError(f"checkpoint tensor {name!r}: blocks of {block_rows} rows do not divide the "
+                             f"experts' {intermediate} rows of gate and of up")  # fmt: skip
+
+
 def _target_of(name: str) -> tuple[str, Slot]:
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part == "experts" and parts[i + 1 : i + 2] and parts[i + 1].isdigit() and len(parts) == i + 4:
             piece = _EXPERT_PIECES.get(parts[i + 2])
-            if piece is not None and parts[i + 3] == "weight":
+            if piece is not None and parts[i + 3] in ("weight", "weight_scale"):
                 stacked, half = piece
+                stacked += "_scale" if parts[i + 3] == "weight_scale" else ""
                 expert = int(parts[i + 1])
                 return ".".join([*parts[: i + 1], stacked]), (expert,) if half is None else (expert, half)
         if part in FUSED_SHARDS:
@@ -580,8 +607,9 @@ def _unfilled(target: str, param: torch.Tensor, filled: set[tuple[str, Slot]]) -
         return []
     parts = target.split(".")
     if _is_expert_stack(target):
-        pieces = [(name, half) for name, (stacked, half) in _EXPERT_PIECES.items() if stacked == parts[-1]]
-        return [".".join([*parts[:-1], str(expert), piece, "weight"])
+        stack, scales = parts[-1].removesuffix("_scale"), parts[-1].endswith("_scale")
+        pieces = [(name, half) for name, (stacked, half) in _EXPERT_PIECES.items() if stacked == stack]
+        return [".".join([*parts[:-1], str(expert), piece, "weight_scale" if scales else "weight"])
                 for expert in range(param.shape[0]) for piece, half in pieces
                 if (target, (expert,) if half is None else (expert, half)) not in filled]  # fmt: skip
     fused = next((i for i, part in enumerate(parts) if part in _FUSED_PIECES), None)

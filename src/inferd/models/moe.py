@@ -12,8 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferd.config import MoEConfig
+from inferd.layers import quantized
 from inferd.layers.activation import silu_and_mul
+from inferd.layers.linear_operands import WeightScale
 from inferd.models.mlp import MLP, AllReduce, reduced
+from inferd.quant_config import QuantScheme
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +32,13 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[tor
 class Experts(nn.Module):
     """``num_experts`` SiLU-gated MLPs in two stacked tensors: gate|up, [experts, 2 * intermediate,
     hidden], and down, [experts, hidden, intermediate] (the loader fills each expert's slice from
-    its own checkpoint tensors)."""
+    its own checkpoint tensors).
+
+    With 8-bit weights (``hold_low_bit``: an FP8 or W8 checkpoint's experts, e4m3 or int8), each
+    stack has float32 scales beside it, ``gate_up_proj_scale`` and ``down_proj_scale`` [experts,
+    blocks down, blocks across], one per block (``weight_blocks``) of each expert's matrix; an
+    expert's weights are widened to the activations' dtype when it runs (``layers/quantized.py``).
+    The Triton grouped matmul does not read them."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -38,6 +47,32 @@ class Experts(nn.Module):
         self.use_triton = False
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # Low-bit stacks: each stack's (rows, columns) of an expert's matrix one scale covers.
+        self.weight_blocks: dict[str, tuple[int, int]] = {}
+
+    def hold_low_bit(self, dtype: torch.dtype, scheme: QuantScheme) -> None:
+        """Hold both stacks as ``dtype`` (e4m3 or int8) with float32 scales in ``scheme``'s blocks
+        of each expert's matrix (ones, to be filled)."""
+        for name in ("gate_up_proj", "down_proj"):
+            stack = getattr(self, name)
+            experts, rows, columns = stack.shape
+            device = stack.device
+            weight = torch.empty(stack.shape, dtype=dtype, device=device)
+            setattr(self, name, nn.Parameter(weight, requires_grad=False))
+            scale = torch.ones(
+                experts, *scheme.scale_shape(rows, columns), dtype=torch.float32, device=device
+            )
+            self.register_parameter(f"{name}_scale", nn.Parameter(scale, requires_grad=False))
+            self.weight_blocks[name] = scheme.block_of(rows, columns)
+
+    def _weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert ``expert``'s matrix of stack ``name``, widened with its scales if it is low-bit."""
+        weight = getattr(self, name)[expert]
+        block = self.weight_blocks.get(name)
+        if block is None:
+            return weight
+        scale = getattr(self, f"{name}_scale")[expert]
+        return quantized.dequantize(weight, WeightScale(scale, block), dtype)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """``sum_j weights[t, j] * expert[experts[t, j]](x[t])`` for every token ``t``.
@@ -60,8 +95,10 @@ class Experts(nn.Module):
         for expert, count in enumerate(counts):
             if count:
                 rows = slice(start, start + count)
-                hidden = silu_and_mul(F.linear(sorted_inputs[rows], self.gate_up_proj[expert]))
-                sorted_outputs[rows] = F.linear(hidden, self.down_proj[expert])
+                hidden = silu_and_mul(
+                    F.linear(sorted_inputs[rows], self._weight("gate_up_proj", expert, x.dtype))
+                )
+                sorted_outputs[rows] = F.linear(hidden, self._weight("down_proj", expert, x.dtype))
                 start += count
         pair_outputs = torch.empty_like(sorted_outputs)
         pair_outputs[order] = sorted_outputs
