@@ -18,6 +18,7 @@ from quantized_checkpoints import (
     LAYOUTS,
     make_checkpoint,
     make_fp8_checkpoint,
+    make_gptq_awq_checkpoint,
     packed_integers,
     widened_copy,
 )
@@ -371,27 +372,35 @@ def test_mixtures_of_experts_take_8_bit_attention(tiny_model_factory, tmp_path) 
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("layout", ["fp8-block", "ct-channel", "ct-w8a8"])
+@pytest.mark.parametrize("layout", ["fp8-block", "ct-channel", "ct-w8a8", "gptq-int8"])
 def test_mixtures_of_experts_hold_8_bit_experts(tiny_model_factory, tmp_path, layout: str) -> None:
-    """Qwen3-30B-A3B-FP8's layout (every expert's projections e4m3 in blocks), FP8 per channel and
-    int8 per channel: each expert's weights widened when it runs, as transformers reads the
-    widened copy."""
+    """Qwen3-30B-A3B-FP8's layout (every expert's projections e4m3 in blocks), FP8 per channel,
+    int8 per channel and GPTQ-Int8: each expert's weights widened when it runs, as transformers
+    reads the widened copy."""
     source = tiny_model_factory("qwen3-moe")
-    folder = make_checkpoint(source, tmp_path / "m", layout)
+    if layout == "gptq-int8":
+        folder = make_gptq_awq_checkpoint(source, tmp_path / "m", layout, tmp_path / "widened")
+    else:
+        folder = make_checkpoint(source, tmp_path / "m", layout)
+        widened_copy(folder, tmp_path / "widened")
     prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
     llm, ours = _our_logits(folder, prompt)
     stacks = llm.engine.core.runner.model.model.layers[0].mlp.experts
-    held = torch.int8 if layout == "ct-w8a8" else torch.float8_e4m3fn
+    held = torch.float8_e4m3fn if layout.startswith(("fp8", "ct-channel")) else torch.int8
     assert stacks.gate_up_proj.dtype == stacks.down_proj.dtype == held and set(stacks.weight_blocks) == {
         "gate_up_proj",
         "down_proj",
     }
-    theirs = _their_logits(widened_copy(folder, tmp_path / "widened"), prompt, quantized=False)
+    theirs = _their_logits(tmp_path / "widened", prompt, quantized=False)
     assert (ours - theirs).abs().max().item() < 1e-4
     _, unquantized = _our_logits(source, prompt)
     assert (unquantized - theirs).abs().max().item() > 1e-3
     with pytest.raises(ValueError, match="triton_moe's grouped matmul does not read low-bit experts"):
         llm.engine.core.runner.model.enable_triton_ops(False, moe=True)
+    # Random weights in the checkpoint's shape hold 8-bit experts too.
+    dummy = LLM(folder, kv_cache_memory="4MiB", load_format="dummy")
+    assert dummy.engine.core.runner.model.model.layers[0].mlp.experts.gate_up_proj.dtype == held
+    assert dummy.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids
 
 
 def test_experts_that_cannot_be_held_are_refused(tiny_model_factory, tmp_path) -> None:

@@ -144,6 +144,9 @@ def load_model(
     else:
         if cfg.quant is not None:
             hold_checkpoint_quantized(model, cfg, path)
+            if torch.device(device).type == "cuda":
+                # The wide weights just replaced, back to the device before it fills.
+                torch.cuda.empty_cache()
         kv_scales = KVScales()
         weights = (
             (canonical_name(name, cfg.quant is not None), t)
@@ -233,12 +236,15 @@ def fill_random(model: nn.Module) -> None:
 
 def quantize_projections(model: nn.Module, scheme: QuantScheme) -> None:
     """Every attention and MLP projection made ``scheme``'s values in its blocks (one scale per
-    output row: as accurate as the values allow for each row, whatever the spread between rows);
-    the embeddings, the LM head, norms and a mixture's router and experts stay as they are."""
+    output row: as accurate as the values allow for each row, whatever the spread between rows),
+    and a mixture's routed experts where the values are unpacked 8-bit ones (a checkpoint of packed
+    ones would be refused); the embeddings, the LM head, norms and the router stay as they are."""
     for module in model.modules():
         if isinstance(module, Linear):
             block = scheme.block_of(module.out_features, module.in_features)
             quantized.quantize_in_place(module, block, scheme.values, scheme.packed, scheme.zero_points)
+        elif isinstance(module, Experts) and scheme.values in ("fp8", "int8") and not scheme.packed:
+            module.quantize_in_place(scheme)
 
 
 _TRITON_PDL = "inferd.layers.triton_pdl"
@@ -456,7 +462,8 @@ def canonical_name(name: str, scales: bool = False) -> str:
 def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
     """Turn each projection the checkpoint stores in low-bit values (those with a scale tensor)
     into one that holds such weights (``layers/quantized.py:hold_quantized``: e4m3, int8, or 4-bit
-    integers in the int32 words they come packed in), ready to be filled."""
+    integers in the int32 words they come packed in), and a mixture's routed experts with 8-bit
+    values into stacks of them (``Experts.hold_low_bit``), ready to be filled."""
     assert cfg.quant is not None
     modules = dict(model.named_modules())
     names = checkpoint_names(path)
@@ -491,8 +498,8 @@ def _hold_experts_low_bit(experts: Experts, cfg: ModelConfig, name: str) -> None
     """A mixture's routed experts, stored in 8-bit values with scales (``name`` is one of their
     scales): both stacks held so (``Experts.hold_low_bit``), once."""
     assert cfg.quant is not None
-    if cfg.quant.values not in ("fp8", "int8") or cfg.quant.zero_points or cfg.quant.packed:
-        layout = "packed " if cfg.quant.packed else ""
+    if cfg.quant.values not in ("fp8", "int8") or cfg.quant.packed or cfg.quant.input_order:
+        layout = "packed " if cfg.quant.packed else "reordered " if cfg.quant.input_order else ""
         raise ModelLoadError(f"checkpoint tensor {name!r}: a mixture's routed experts cannot hold "
                              f"{layout}{cfg.quant.values} weights (unpacked 8-bit floats and symmetric "
                              f"8-bit integers they can)")  # fmt: skip

@@ -65,6 +65,18 @@ class Experts(nn.Module):
             self.register_parameter(f"{name}_scale", nn.Parameter(scale, requires_grad=False))
             self.weight_blocks[name] = scheme.block_of(rows, columns)
 
+    def quantize_in_place(self, scheme: QuantScheme) -> None:
+        """Both stacks as ``scheme``'s 8-bit values and scales, expert by expert (random weights in
+        an 8-bit checkpoint's shape)."""
+        wide = {name: getattr(self, name).data for name in ("gate_up_proj", "down_proj")}
+        self.hold_low_bit(quantized.storage_dtype(scheme.values), scheme)
+        with torch.no_grad():
+            for name, stack in wide.items():
+                for expert in range(self.num_experts):
+                    values, scale = quantized.quantize(stack[expert], self.weight_blocks[name], scheme.values)
+                    getattr(self, name)[expert].copy_(values)
+                    getattr(self, f"{name}_scale")[expert].copy_(scale)
+
     def _weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert ``expert``'s matrix of stack ``name``, widened with its scales if it is low-bit."""
         weight = getattr(self, name)[expert]

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictInt
 
 from inferd.engine.outputs import ClassificationOutput
 from inferd.server.errors import GenerationError, InvalidRequestError
@@ -38,7 +38,7 @@ class PoolingRequest(BaseModel):
     timeout: float | None = None
     encoding_format: Literal["float", "base64"] = "float"
     # vLLM's: each input's last so many tokens (-1: as many as the context holds).
-    truncate_prompt_tokens: int | None = None
+    truncate_prompt_tokens: StrictInt | None = None
 
 
 def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from inferd.server.errors import InvalidRequestError
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
@@ -33,7 +33,7 @@ class ScoreRequest(BaseModel):
     text_2: str | list[str]
     timeout: float | None = None
     # vLLM's: each text's last so many tokens (-1: as many as the context holds).
-    truncate_prompt_tokens: int | None = None
+    truncate_prompt_tokens: StrictInt | None = None
 
 
 class _Document(BaseModel):
@@ -51,7 +51,7 @@ class RerankRequest(BaseModel):
     top_n: int | None = Field(default=None, ge=0)
     return_documents: bool = True
     timeout: float | None = None
-    truncate_prompt_tokens: int | None = None
+    truncate_prompt_tokens: StrictInt | None = None
 
 
 def _pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[int, int]]:
