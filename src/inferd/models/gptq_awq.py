@@ -39,6 +39,7 @@ from inferd.quant_config import PACKED_WEIGHT, ZERO_POINT, QuantScheme
 
 # AWQ's order of eight output columns in a word: its k-th 4-bit field holds column AWQ_ORDER[k].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_AWQ_FIELD_OF_COLUMN = [AWQ_ORDER.index(column) for column in range(8)]
 
 
 def engine_tensors(
@@ -85,12 +86,10 @@ def _weight(module: str, words: torch.Tensor, scheme: QuantScheme) -> tuple[str,
     if scheme.method == "gptq" and scheme.bits == 4:
         # Packed down the input: transposed, each row's words hold its consecutive input columns.
         return f"{module}.{PACKED_WEIGHT}", words.t().contiguous()
-    if scheme.method == "gptq":  # 8-bit: held unpacked, as signed values (the top bit flipped)
-        unsigned = _unpack(words.t().contiguous(), 8)
-        return f"{module}.weight", (unsigned ^ 0x80).view(torch.int8)
+    if scheme.method == "gptq":  # 8-bit: held unpacked
+        return f"{module}.weight", _unpack(words.t().contiguous(), 8)
     # AWQ: [in, out] values, as [out, in] packed along the input.
-    unsigned = _unpack(words, 4, awq_order=True).t().contiguous()
-    return f"{module}.{PACKED_WEIGHT}", quantized.pack_int32(unsigned.view(torch.int8) - 8, 4)
+    return f"{module}.{PACKED_WEIGHT}", quantized.pack_int32(_unpack(words, 4, awq_order=True).t(), 4)
 
 
 def _zero_points(words: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -101,22 +100,16 @@ def _zero_points(words: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
         per_field = sum(1 << shift for shift in range(0, 32, scheme.bits)) * scheme.zero_point_offset
         wide = ((words.to(torch.int64) & 0xFFFFFFFF) + per_field) & 0xFFFFFFFF
         words = torch.where(wide >= 1 << 31, wide - (1 << 32), wide).to(torch.int32)
-    unsigned = _unpack(words, scheme.bits, awq_order=scheme.method == "awq").to(torch.int16)
-    return (unsigned - (1 << (scheme.bits - 1))).t().contiguous().to(torch.int8)
+    return _unpack(words, scheme.bits, awq_order=scheme.method == "awq").t().contiguous()
 
 
 def _unpack(words: torch.Tensor, bits: int, awq_order: bool = False) -> torch.Tensor:
-    """Each row's words as their unsigned fields, uint8 ``[rows, words * 32 // bits]``, in column
-    order (AWQ's fields put back in place), taken field by field: a byte per value is all the
-    memory it takes beyond the words."""
-    per_word = 32 // bits
-    rows, count = words.shape
-    fields = torch.empty(rows, count, per_word, dtype=torch.uint8, device=words.device)
-    for k in range(per_word):
-        column = AWQ_ORDER[k] if awq_order else k
-        # The arithmetic shift's sign bits are masked off.
-        fields[:, :, column] = (words >> (bits * k)) & ((1 << bits) - 1)
-    return fields.view(rows, -1)
+    """Each row's words as their values minus the range's middle (``quantized.unpack_int32``),
+    int8 ``[rows, words * 32 // bits]``, in column order (AWQ's fields put back in place)."""
+    values = quantized.unpack_int32(words, bits, words.shape[1] * (32 // bits))
+    if not awq_order:
+        return values
+    return values.view(words.shape[0], -1, 8)[:, :, _AWQ_FIELD_OF_COLUMN].reshape(words.shape[0], -1)
 
 
 def _check_groups(g_idx: torch.Tensor, name: str, scheme: QuantScheme) -> None:
