@@ -4,15 +4,14 @@ computes from a plain float32 copy (it reads these formats only through GPU pack
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from quantized_checkpoints import GPTQ_AWQ_LAYOUTS, INT_GROUP, make_gptq_awq_checkpoint
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tiny_models import copy_with_config, copy_with_tensors, greedy_continuations
 
 from inferd import LLM, SamplingParams
 from inferd.config import ModelConfig, ModelLoadError
@@ -82,11 +81,7 @@ def test_greedy_batch_matches_transformers(folders) -> None:
     vocab = ModelConfig.from_folder(folder).vocab_size
     prompts = [[(13 * i + j) % vocab for i in range(5 + 7 * j)] for j in range(4)]
     model = transformers.AutoModelForCausalLM.from_pretrained(widened, dtype=torch.float32).eval()
-    expected = []
-    with torch.inference_mode():
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)
-            expected.append(out[0, len(ids) :].tolist())
+    expected = greedy_continuations(model, prompts, 10)
     llm = LLM(folder, kv_cache_memory="16MiB", block_size=8)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0))
     assert [o.token_ids for o in outputs] == expected
@@ -136,20 +131,9 @@ def test_configs_as_the_hub_ships_them() -> None:
     ],
 )  # fmt: skip
 def test_layouts_not_computed_are_refused_at_load(tiny_model_factory, tmp_path, quant, message) -> None:
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_model_factory("llama"), folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    folder = copy_with_config(tiny_model_factory("llama"), tmp_path / "m", quantization_config=quant)
     with pytest.raises(ModelLoadError, match=message):
         LLM(folder, kv_cache_memory="4MiB")
-
-
-def _copy_edited(folder: Path, target: Path, edit) -> Path:
-    shutil.copytree(folder, target)
-    tensors = load_file(folder / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, target / "model.safetensors")
-    return target
 
 
 def test_words_as_the_formats_pack_them() -> None:
@@ -205,24 +189,26 @@ def test_checkpoints_that_cannot_be_read_right_are_refused(folders, tmp_path) ->
     gptq, _ = folders["llama", "gptq-int4"]
     # Groups out of order, where the config does not say desc_act.
     g_idx = "model.layers.0.mlp.down_proj.g_idx"
-    shuffled = _copy_edited(gptq, tmp_path / "a", lambda t: t.update({g_idx: t[g_idx].flip(0).contiguous()}))
+    shuffled = copy_with_tensors(
+        gptq, tmp_path / "a", lambda t: t.update({g_idx: t[g_idx].flip(0).contiguous()})
+    )
     with pytest.raises(ModelLoadError, match="down_proj.g_idx' puts input columns in groups out of order"):
         LLM(shuffled, kv_cache_memory="4MiB")
     # A symmetric checkpoint whose zero points are not the middle of the range.
     zeros = "model.layers.1.self_attn.k_proj.qzeros"
-    off_middle = _copy_edited(gptq, tmp_path / "b", lambda t: t.update({zeros: t[zeros] + 1}))
+    off_middle = copy_with_tensors(gptq, tmp_path / "b", lambda t: t.update({zeros: t[zeros] + 1}))
     with pytest.raises(ModelLoadError, match="k_proj.qzeros': a symmetric checkpoint's zero points must all"):
         LLM(off_middle, kv_cache_memory="4MiB")
     # A missing piece is named as the format names it.
     awq, _ = folders["llama", "awq"]
-    lonely = _copy_edited(awq, tmp_path / "c", lambda t: t.pop("model.layers.1.self_attn.v_proj.qzeros"))
+    lonely = copy_with_tensors(awq, tmp_path / "c", lambda t: t.pop("model.layers.1.self_attn.v_proj.qzeros"))
     with pytest.raises(ModelLoadError, match=r"lacks tensors: model.layers.1.self_attn.v_proj.qzeros$"):
         LLM(lonely, kv_cache_memory="4MiB")
-    no_words = _copy_edited(awq, tmp_path / "d", lambda t: t.pop("model.layers.0.mlp.up_proj.qweight"))
+    no_words = copy_with_tensors(awq, tmp_path / "d", lambda t: t.pop("model.layers.0.mlp.up_proj.qweight"))
     with pytest.raises(ModelLoadError, match=r"lacks tensors: model.layers.0.mlp.up_proj.qweight$"):
         LLM(no_words, kv_cache_memory="4MiB")
     words = "model.layers.0.mlp.up_proj.qweight"
-    as_floats = _copy_edited(awq, tmp_path / "e", lambda t: t.update({words: t[words].float()}))
+    as_floats = copy_with_tensors(awq, tmp_path / "e", lambda t: t.update({words: t[words].float()}))
     with pytest.raises(ModelLoadError, match="up_proj.qweight' must be 2-D int32 words"):
         LLM(as_floats, kv_cache_memory="4MiB")
 
@@ -239,17 +225,19 @@ def test_activation_order_reorders_each_projections_input(folders, tmp_path) -> 
     assert order is not None and torch.equal(g_idx[order], torch.arange(g_idx.numel()) // INT_GROUP)
     assert layer.mlp.down_proj.input_order is not None and "g_idx" not in layer.mlp.down_proj._parameters
     k_idx = "model.layers.1.self_attn.k_proj.g_idx"
-    apart = _copy_edited(folder, tmp_path / "a", lambda t: t.update({k_idx: t[k_idx].roll(1).contiguous()}))
+    apart = copy_with_tensors(
+        folder, tmp_path / "a", lambda t: t.update({k_idx: t[k_idx].roll(1).contiguous()})
+    )
     with pytest.raises(
         ModelLoadError, match=r"layers.1.self_attn.[qk]_proj.g_idx' orders the input columns otherwise"
     ):
         LLM(apart, kv_cache_memory="4MiB")
     v_idx = "model.layers.1.self_attn.v_proj.g_idx"
-    short = _copy_edited(folder, tmp_path / "s", lambda t: t.update({v_idx: t[v_idx][:-1].contiguous()}))
+    short = copy_with_tensors(folder, tmp_path / "s", lambda t: t.update({v_idx: t[v_idx][:-1].contiguous()}))
     with pytest.raises(ModelLoadError, match=r"v_proj.g_idx' has shape \(63,\), expected \(64,\)"):
         LLM(short, kv_cache_memory="4MiB")
     o_idx = "model.layers.1.self_attn.o_proj.g_idx"
-    uneven = _copy_edited(folder, tmp_path / "b", lambda t: t[o_idx].__setitem__(0, 1 - t[o_idx][0]))
+    uneven = copy_with_tensors(folder, tmp_path / "b", lambda t: t[o_idx].__setitem__(0, 1 - t[o_idx][0]))
     with pytest.raises(ModelLoadError, match="o_proj.g_idx does not give every group 32 input columns"):
         LLM(uneven, kv_cache_memory="4MiB")
 
@@ -265,7 +253,7 @@ def test_zero_biases_the_quantizers_write_are_left_out(tiny_model_factory, folde
     _, ours = _our_logits(folder, prompt)
     assert (ours - _their_logits(tmp_path / "wide", prompt)).abs().max().item() < 1e-4
     bias = "model.layers.0.self_attn.o_proj.bias"
-    nonzero = _copy_edited(folder, tmp_path / "n", lambda t: t.update({bias: t[bias] + 1}))
+    nonzero = copy_with_tensors(folder, tmp_path / "n", lambda t: t.update({bias: t[bias] + 1}))
     with pytest.raises(ModelLoadError, match="o_proj.bias' has no place"):
         LLM(nonzero, kv_cache_memory="4MiB")
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import transformers
+from tiny_models import greedy_continuations
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from inferd import LLM, SamplingParams
@@ -70,12 +71,7 @@ def test_greedy_batch_with_cached_prefixes_matches_transformers(tiny_model_facto
     vocab = llm.engine.config.model.vocab_size
     head = _prompt(vocab, 24, seed=1)
     prompts = [head + _prompt(vocab, n, seed=n) for n in (3, 17, 30)] + [_prompt(vocab, 9, seed=9)]
-    model = _reference(folder)
-    expected = []
-    with torch.inference_mode():
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
-            expected.append(out[0, len(ids) :].tolist())
+    expected = greedy_continuations(_reference(folder), prompts, 12)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     first = llm.generate(prompts[:1], params)
     rest = llm.generate(prompts[1:], params)

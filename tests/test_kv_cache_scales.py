@@ -15,7 +15,7 @@ import transformers
 from quantized_checkpoints import make_checkpoint, make_fp8_checkpoint, widened_copy
 from safetensors.torch import load_file, save_file
 from test_lora import merged
-from tiny_models import make_lora_adapter
+from tiny_models import copy_with_tensors, greedy_continuations, make_lora_adapter
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from inferd import LLM, SamplingParams
@@ -114,11 +114,7 @@ def test_decode_steps_read_the_scaled_cache_back(tiny_model_factory, tmp_path) -
     model = transformers.AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, attn_implementation=_ATTENTION
     ).eval()
-    expected = []
-    with torch.inference_mode():
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)
-            expected.append(out[0, len(ids) :].tolist())
+    expected = greedy_continuations(model, prompts, 10)
     llm = LLM(folder, kv_cache_memory="4MiB", block_size=8, kv_cache_dtype="fp8")
     outputs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     assert [o.token_ids for o in outputs] == expected
@@ -151,13 +147,7 @@ def test_a_16_bit_cache_leaves_the_scales_out(tiny_model_factory, tmp_path, capl
 
 def test_scales_that_cannot_be_applied_are_refused(tiny_model_factory, tmp_path) -> None:
     source = tiny_model_factory("llama")
-
-    def edited(name: str, edit) -> Path:
-        folder = with_kv_scales(source, tmp_path / name)
-        tensors = load_file(folder / "model.safetensors")
-        edit(tensors)
-        save_file(tensors, folder / "model.safetensors")
-        return folder
+    scaled = with_kv_scales(source, tmp_path / "scaled")
 
     cases = [
         (lambda t: t.pop("model.layers.1.self_attn.v_scale"), r"every layer \(layers \[1\]\)"),
@@ -170,7 +160,11 @@ def test_scales_that_cannot_be_applied_are_refused(tiny_model_factory, tmp_path)
     ]
     for i, (edit, message) in enumerate(cases):
         with pytest.raises(ModelLoadError, match=message):
-            LLM(edited(f"c{i}", edit), kv_cache_memory="4MiB", kv_cache_dtype="fp8")
+            LLM(
+                copy_with_tensors(scaled, tmp_path / f"c{i}", edit),
+                kv_cache_memory="4MiB",
+                kv_cache_dtype="fp8",
+            )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 import transformers
+from tiny_models import greedy_continuations
 
 from inferd import LLM, SamplingParams
 from inferd.engine.request import Request
@@ -30,14 +31,7 @@ def _prompts(vocab: int, count: int = 16, seed: int = 0) -> list[list[int]]:
 
 def _hf_greedy(folder, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    outputs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            generated = model.generate(
-                torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
-            )
-            outputs.append(generated[0, len(ids) :].tolist())
-    return outputs
+    return greedy_continuations(model, prompts, max_new_tokens)
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "qwen2-yarn", "qwen3-yarn-mscale", "llama-linear"])

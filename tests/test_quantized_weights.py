@@ -23,6 +23,7 @@ from quantized_checkpoints import (
     widened_copy,
 )
 from safetensors.torch import load_file, save_file
+from tiny_models import copy_with_config, greedy_continuations
 
 from inferd import LLM, SamplingParams
 from inferd.config import ModelConfig, ModelLoadError
@@ -113,12 +114,7 @@ def test_greedy_batch_matches_transformers(low_bit_folders, layout: str) -> None
     folder = low_bit_folders["qwen3", layout]
     vocab = ModelConfig.from_folder(folder).vocab_size
     prompts = [[(13 * i + j) % vocab for i in range(5 + 7 * j)] for j in range(4)]
-    model = _transformers_model(folder)
-    expected = []
-    with torch.inference_mode():
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)
-            expected.append(out[0, len(ids) :].tolist())
+    expected = greedy_continuations(_transformers_model(folder), prompts, 10)
     llm = LLM(folder, kv_cache_memory="16MiB", block_size=8)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0))
     assert [o.token_ids for o in outputs] == expected
@@ -212,10 +208,7 @@ def test_configs_as_the_hub_ships_them() -> None:
     ],
 )  # fmt: skip
 def test_methods_and_formats_not_computed_are_refused_at_load(tiny_model_factory, tmp_path, quant, message):
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_model_factory("llama"), folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    folder = copy_with_config(tiny_model_factory("llama"), tmp_path / "m", quantization_config=quant)
     with pytest.raises(ModelLoadError, match=message):
         LLM(folder, kv_cache_memory="4MiB")
 

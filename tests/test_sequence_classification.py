@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 from server_process import ServerProcess, run_server
+from tiny_models import copy_with_config, copy_with_tensors
 
 from inferd import LLM, SamplingParams
 from inferd.config import ModelConfig, ModelLoadError
@@ -100,14 +99,12 @@ def test_a_classifiers_requests_take_no_vocabulary_options(tiny_model_factory) -
 def test_labels_from_num_labels_and_a_stray_lm_head(tiny_model_factory, tmp_path) -> None:
     """A config may give ``num_labels`` without names, and a checkpoint may keep its LM's head
     beside the classifier's (transformers reads both so)."""
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_model_factory("qwen3-reward"), folder)
-    config = json.loads((folder / "config.json").read_text())
+    source = tiny_model_factory("qwen3-reward")
+    config = json.loads((source / "config.json").read_text())
+    head = torch.zeros(config["vocab_size"], config["hidden_size"])
+    folder = copy_with_tensors(source, tmp_path / "m", lambda t: t.update({"lm_head.weight": head}))
     config.pop("id2label"), config.pop("label2id")
     (folder / "config.json").write_text(json.dumps({**config, "num_labels": 1}))
-    tensors = load_file(folder / "model.safetensors")
-    tensors["lm_head.weight"] = torch.zeros(config["vocab_size"], config["hidden_size"])
-    save_file(tensors, folder / "model.safetensors")
     assert ModelConfig.from_folder(folder).labels == ("LABEL_0",)
     prompts = [[5, 6, 7, 8]]
     ours = LLM(folder, kv_cache_memory="4MiB").classify(prompts)[0].logits
@@ -115,11 +112,9 @@ def test_labels_from_num_labels_and_a_stray_lm_head(tiny_model_factory, tmp_path
 
 
 def test_a_checkpoint_without_its_head_is_refused(tiny_model_factory, tmp_path) -> None:
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_model_factory("llama-classifier"), folder)
-    tensors = load_file(folder / "model.safetensors")
-    del tensors["score.weight"]
-    save_file(tensors, folder / "model.safetensors")
+    folder = copy_with_tensors(
+        tiny_model_factory("llama-classifier"), tmp_path / "m", lambda t: t.pop("score.weight")
+    )
     with pytest.raises(ModelLoadError, match=r"lacks tensors: score.weight$"):
         LLM(folder, kv_cache_memory="4MiB")
 
@@ -133,10 +128,7 @@ def test_a_checkpoint_without_its_head_is_refused(tiny_model_factory, tmp_path) 
     ],
 )
 def test_label_names_are_checked(tiny_model_factory, tmp_path, id2label, message) -> None:
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_model_factory("llama-classifier"), folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "id2label": id2label}))
+    folder = copy_with_config(tiny_model_factory("llama-classifier"), tmp_path / "m", id2label=id2label)
     with pytest.raises(ModelLoadError, match=message):
         LLM(folder, kv_cache_memory="4MiB")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from server_process import run_server
+from tiny_models import greedy_continuations
 
 from inferd import LLM, SamplingParams
 from inferd.config import SchedulerConfig, SpeculativeConfig
@@ -255,13 +256,7 @@ def _repetitive_prompts(vocab: int, count: int = 6) -> list[list[int]]:
 
 def _hf_greedy(folder, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        return [
-            model.generate(
-                torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
-            )[0, len(ids) :].tolist()  # fmt: skip
-            for ids in prompts
-        ]
+    return greedy_continuations(model, prompts, max_new_tokens)
 
 
 # The built-in model's greedy answers repeat themselves in loops longer than a token, so guesses

@@ -296,3 +296,37 @@ def make_lora_adapter(
                 "peft_type": "LORA", **config}  # fmt: skip
     (folder / "adapter_config.json").write_text(json.dumps(settings))
     return folder
+
+
+def copy_with_config(source: Path, folder: Path, **changes: Any) -> Path:
+    """A copy of the model folder ``source`` whose config.json has ``changes`` over its fields."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def copy_with_tensors(source: Path, folder: Path, edit: Any) -> Path:
+    """A copy of the model folder ``source`` whose tensors ``edit`` changed (it takes their dict)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def greedy_continuations(model: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """A transformers model's greedy continuation of each prompt, run alone."""
+    with torch.inference_mode():
+        return [
+            model.generate(
+                torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+            )[0, len(ids) :].tolist()
+            for ids in prompts
+        ]
