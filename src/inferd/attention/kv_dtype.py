@@ -4,9 +4,8 @@ what attention reads back from it.
 A key or value is stored as e4m3, clamped to e4m3's range first (a cast alone gives no value past
 it), with no scale here: a checkpoint's calibrated ``k_scale``/``v_scale`` are folded into the
 model at load (``models/kv_scales.py``), so the keys and values that reach the cache are already
-divided by them. Every
-attention reads the rounded values, the tokens of a fresh prompt too, so a prompt attends alike
-whether its context came from the prefix cache or from this step.
+divided by them. Every attention reads the rounded values, the tokens of a fresh prompt too, so
+a prompt attends alike whether its context came from the prefix cache or from this step.
 """
 
 from __future__ import annotations

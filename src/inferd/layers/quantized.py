@@ -175,6 +175,13 @@ def hold_quantized(
     linear.weight_block = block
 
 
+def spans_whole_blocks(start: int, count: int, rows: int, block_rows: int) -> bool:
+    """Whether rows ``start`` to ``start + count`` of a weight of ``rows`` rows cover whole blocks
+    of ``block_rows`` rows (the last may be partial where the weight ends), so that their own
+    scales, and only theirs, cover them."""
+    return start % block_rows == 0 and (count % block_rows == 0 or start + count == rows)
+
+
 def fold_zero_points(linear: Linear) -> None:
     """Hold ``values - zero_point`` as the weight's values (in int8: 4-bit values and zero points
     differ by at most 15) and drop the zero points, so every path computes ``values * scale``."""

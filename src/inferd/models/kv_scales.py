@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from inferd.config import ModelLoadError
+from inferd.layers import quantized
 from inferd.layers.linear import Linear
 from inferd.layers.norm import RMSNorm
 
@@ -129,7 +130,7 @@ def _scale_rows(linear: Linear, rows: tuple[int, int], factor: float, bias: bool
     with torch.no_grad():
         if linear.weight_block is not None:
             block_rows = linear.weight_block[0]
-            if start % block_rows or (count % block_rows and start + count != linear.out_features):
+            if not quantized.spans_whole_blocks(start, count, linear.out_features, block_rows):
                 raise ModelLoadError(f"KV-cache scales cannot be folded into blocks of {block_rows} rows "
                                      f"that straddle the keys' or values' rows {start} to "
                                      f"{start + count}")  # fmt: skip

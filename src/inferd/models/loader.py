@@ -571,7 +571,7 @@ def _scale_slot_view(
         return scale
     start, size = _piece_rows(weight_rows, slot[0], cfg, target)
     block_rows = cfg.quant.block[0] if cfg.quant is not None and cfg.quant.block is not None else 1
-    if start % block_rows or (size % block_rows and start + size != weight_rows):
+    if not quantized.spans_whole_blocks(start, size, weight_rows, block_rows):
         raise ModelLoadError(f"tensor {name!r}: its {size} rows from row {start} of the fused projection do "
                              f"not span whole blocks of {block_rows} rows")  # fmt: skip
     return scale.narrow(0, start // block_rows, -(-size // block_rows))
