@@ -248,13 +248,25 @@ def packed_integers(values: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def make_int_checkpoint(source: Path, folder: Path, layout: str, skip: tuple[str, ...] = ()) -> Path:
+def make_int_checkpoint(
+    source: Path, folder: Path, layout: str, skip: tuple[str, ...] = (), widened: Path | None = None
+) -> Path:
     """A copy of ``source`` whose layers' projections (not the LM head, nor any whose name ends
-    with one of ``skip``) are stored as ``layout`` (INT_LAYOUTS) stores them."""
+    with one of ``skip``) are stored as ``layout`` (INT_LAYOUTS) stores them; at ``widened``, if
+    given, the model it stands for, each weight ``(values - zero) * scale`` in float32 with the
+    scales as stored, as a plain folder (for the models whose projections transformers does not
+    read through compressed-tensors: a mixture's stacked experts)."""
     quant, bits, strategy, packed, asymmetric = INT_LAYOUTS[layout]
+    float_weights: dict[str, torch.Tensor] = {}
 
     def encode(module: str, weight: torch.Tensor) -> dict:
         values, scale, zero = _integers(weight, bits, strategy, asymmetric)
+        stored_scale = scale.to(torch.bfloat16).float()
+        shift = zero.float() if zero is not None else torch.zeros_like(stored_scale)
+        if strategy != "tensor":  # one scale (and zero point) per group of columns or per row
+            size = weight.shape[1] // scale.shape[1]
+            stored_scale, shift = stored_scale.repeat_interleave(size, 1), shift.repeat_interleave(size, 1)
+        float_weights[f"{module}.weight"] = (values.float() - shift) * stored_scale
         if strategy == "tensor":  # one of each, as compressed-tensors stores them
             scale, zero = scale.reshape(1), None if zero is None else zero.reshape(1)
         tensors = {f"{module}.weight_scale": scale.to(torch.bfloat16).float()}
@@ -271,7 +283,17 @@ def make_int_checkpoint(source: Path, folder: Path, layout: str, skip: tuple[str
             )
         return tensors
 
-    return _rewrite_projections(source, folder, quant, encode, skip)
+    _rewrite_projections(source, folder, quant, encode, skip)
+    if widened is not None:
+        _write_widened(source, widened, float_weights)
+    return folder
+
+
+def _write_widened(source: Path, widened: Path, float_weights: dict[str, torch.Tensor]) -> None:
+    """A copy of ``source`` with ``float_weights`` in place of its own."""
+    shutil.copytree(source, widened)
+    tensors = load_file(source / "model.safetensors")
+    save_file({**tensors, **float_weights}, widened / "model.safetensors")
 
 
 # GPTQ's and AWQ's own layouts (quant_method "gptq" / "awq"): name -> quantization_config, as
@@ -380,7 +402,5 @@ def make_gptq_awq_checkpoint(
         return tensors
 
     _rewrite_projections(source, folder, quant, encode, ())
-    shutil.copytree(source, widened)
-    tensors = load_file(source / "model.safetensors")
-    save_file({**tensors, **float_weights}, widened / "model.safetensors")
+    _write_widened(source, widened, float_weights)
     return folder

@@ -19,6 +19,7 @@ from quantized_checkpoints import (
     make_checkpoint,
     make_fp8_checkpoint,
     make_gptq_awq_checkpoint,
+    make_int_checkpoint,
     packed_integers,
     widened_copy,
 )
@@ -291,9 +292,20 @@ def test_quantization_option_is_checked(tiny_model_factory) -> None:
         LLM(folder, kv_cache_memory="4MiB", quantization="int4")
     with pytest.raises(ValueError, match="quantization cannot be used with tensor parallelism"):
         LLM(folder, kv_cache_memory="4MiB", quantization="fp8", tensor_parallel_size=2)
-    # The routed experts are most of a mixture's weights, and stacked, not projections.
-    with pytest.raises(ValueError, match="does not reach a mixture of experts' routed experts"):
-        LLM(tiny_model_factory("qwen3-moe"), kv_cache_memory="4MiB", quantization="fp8")
+
+
+def test_quantization_option_makes_a_mixtures_experts_fp8_too(tiny_model_factory, tmp_path) -> None:
+    """The routed experts, most of a mixture's weights, are made 8-bit floats with a scale per
+    output row of each expert, as an FP8 checkpoint with per-channel scales stores them."""
+    source = tiny_model_factory("qwen3-moe")
+    channel = make_checkpoint(source, tmp_path / "m", "ct-channel")
+    prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
+    llm, ours = _our_logits(source, prompt, quantization="fp8")
+    experts = llm.engine.core.runner.model.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float8_e4m3fn
+    assert experts.weight_blocks == {"gate_up_proj": (1, 64), "down_proj": (1, 32)}
+    theirs = _their_logits(widened_copy(channel, tmp_path / "widened"), prompt, quantized=False)
+    assert (ours - theirs).abs().max().item() < 1e-4
 
 
 def test_random_weights_of_an_fp8_checkpoints_shape_hold_its_blocks(low_bit_folders) -> None:
@@ -365,32 +377,58 @@ def test_mixtures_of_experts_take_8_bit_attention(tiny_model_factory, tmp_path) 
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("layout", ["fp8-block", "ct-channel", "ct-w8a8", "gptq-int8"])
-def test_mixtures_of_experts_hold_8_bit_experts(tiny_model_factory, tmp_path, layout: str) -> None:
-    """Qwen3-30B-A3B-FP8's layout (every expert's projections e4m3 in blocks), FP8 per channel,
-    int8 per channel and GPTQ-Int8: each expert's weights widened when it runs, as transformers
-    reads the widened copy."""
+# A mixture's experts in every kind of low-bit layout: 8-bit floats in blocks and per channel, 8-bit
+# integers unpacked (W8A8, GPTQ-Int8) and packed (W8A16), 4-bit integers packed with zero points
+# (W4A16 asymmetric, GPTQ's first format, AWQ) and without (W4A16, GPTQ-Int4).
+_EXPERT_LAYOUTS = ["fp8-block", "ct-channel", "ct-w8a8", "gptq-int8", "ct-w8a16", "ct-w4a16",
+                   "ct-w4a16-asym", "gptq-int4", "gptq-int4-asym", "awq"]  # fmt: skip
+
+
+def _low_bit_experts(source: Path, tmp_path: Path, layout: str) -> Path:
+    """``source`` stored as ``layout``, and at ``tmp_path / "widened"`` the float model it stands for."""
+    if layout.startswith(("gptq", "awq")):
+        return make_gptq_awq_checkpoint(source, tmp_path / "m", layout, tmp_path / "widened")
+    if layout in INT_LAYOUTS:
+        return make_int_checkpoint(source, tmp_path / "m", layout, widened=tmp_path / "widened")
+    folder = make_checkpoint(source, tmp_path / "m", layout)
+    widened_copy(folder, tmp_path / "widened")
+    return folder
+
+
+@pytest.mark.parametrize("layout", _EXPERT_LAYOUTS)
+def test_mixtures_of_experts_hold_low_bit_experts(tiny_model_factory, tmp_path, layout: str) -> None:
+    """Qwen3-30B-A3B-FP8's layout (every expert's projections e4m3 in blocks), Qwen3-30B-A3B's
+    GPTQ-Int4 and AWQ layouts, and the others: each expert's weights held as the checkpoint stores
+    them (4-bit ones packed, with their zero points) and widened when it runs, as transformers reads
+    the widened copy."""
     source = tiny_model_factory("qwen3-moe")
-    if layout == "gptq-int8":
-        folder = make_gptq_awq_checkpoint(source, tmp_path / "m", layout, tmp_path / "widened")
-    else:
-        folder = make_checkpoint(source, tmp_path / "m", layout)
-        widened_copy(folder, tmp_path / "widened")
+    folder = _low_bit_experts(source, tmp_path, layout)
     prompt = _prompt(ModelConfig.from_folder(source).vocab_size)
     llm, ours = _our_logits(folder, prompt)
     stacks = llm.engine.core.runner.model.model.layers[0].mlp.experts
-    held = torch.float8_e4m3fn if layout.startswith(("fp8", "ct-channel")) else torch.int8
+    packed_4_bit = layout in ("ct-w4a16", "ct-w4a16-asym", "gptq-int4", "gptq-int4-asym", "awq")
+    held = (
+        torch.float8_e4m3fn
+        if layout.startswith(("fp8", "ct-channel"))
+        else torch.int32
+        if packed_4_bit
+        else torch.int8
+    )
     assert stacks.gate_up_proj.dtype == stacks.down_proj.dtype == held and set(stacks.weight_blocks) == {
         "gate_up_proj",
         "down_proj",
     }
+    if packed_4_bit:  # eight to a word along each expert's rows
+        assert stacks.gate_up_proj.shape[2] == stacks.in_features["gate_up_proj"] // 8
+    asymmetric = layout in ("ct-w4a16-asym", "gptq-int4-asym", "awq")
+    assert hasattr(stacks, "down_proj_zero_point") == asymmetric
     theirs = _their_logits(tmp_path / "widened", prompt, quantized=False)
     assert (ours - theirs).abs().max().item() < 1e-4
     _, unquantized = _our_logits(source, prompt)
     assert (unquantized - theirs).abs().max().item() > 1e-3
     with pytest.raises(ValueError, match="triton_moe's grouped matmul does not read low-bit experts"):
         llm.engine.core.runner.model.enable_triton_ops(False, moe=True)
-    # Random weights in the checkpoint's shape hold 8-bit experts too.
+    # Random weights in the checkpoint's shape hold such experts too.
     dummy = LLM(folder, kv_cache_memory="4MiB", load_format="dummy")
     assert dummy.engine.core.runner.model.model.layers[0].mlp.experts.gate_up_proj.dtype == held
     assert dummy.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids
@@ -398,15 +436,41 @@ def test_mixtures_of_experts_hold_8_bit_experts(tiny_model_factory, tmp_path, la
 
 def test_experts_that_cannot_be_held_are_refused(tiny_model_factory, tmp_path) -> None:
     source = tiny_model_factory("qwen3-moe")
-    with pytest.raises(ModelLoadError, match="routed experts cannot hold packed int4 weights"):
-        LLM(make_checkpoint(source, tmp_path / "a", "ct-w4a16"), kv_cache_memory="4MiB")
-    # A missing expert scale is named as the checkpoint would name it.
+    act_order = make_gptq_awq_checkpoint(source, tmp_path / "a", "gptq-int4-act-order", tmp_path / "w")
+    with pytest.raises(
+        ModelLoadError, match="routed experts cannot hold weights quantized in activation order"
+    ):
+        LLM(act_order, kv_cache_memory="4MiB")
+    # A missing expert scale or zero point is named as the checkpoint would name it.
     lonely = _edited(make_checkpoint(source, tmp_path / "b", "fp8-block"),
                      lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"))  # fmt: skip
     with pytest.raises(
         ModelLoadError, match=r"lacks tensors: model.layers.1.mlp.experts.2.up_proj.weight_scale_inv$"
     ):
         LLM(lonely, kv_cache_memory="4MiB")
+    awq = make_gptq_awq_checkpoint(source, tmp_path / "d", "awq", tmp_path / "dw")
+    no_zeros = _edited(shutil.copytree(awq, tmp_path / "d1"),
+                       lambda t: t.pop("model.layers.0.mlp.experts.3.down_proj.qzeros"))  # fmt: skip
+    with pytest.raises(
+        ModelLoadError, match=r"lacks tensors: model.layers.0.mlp.experts.3.down_proj.qzeros$"
+    ):
+        LLM(no_zeros, kv_cache_memory="4MiB")
+    no_words = _edited(awq, lambda t: t.pop("model.layers.0.mlp.experts.1.gate_proj.qweight"))
+    with pytest.raises(
+        ModelLoadError, match=r"lacks tensors: model.layers.0.mlp.experts.1.gate_proj.qweight$"
+    ):
+        LLM(no_words, kv_cache_memory="4MiB")
+    # compressed-tensors' weight_shape of an expert must be the expert's.
+    w4a16 = make_checkpoint(source, tmp_path / "e", "ct-w4a16")
+    wrong_shape = _edited(
+        w4a16,
+        lambda t: t.__setitem__(
+            "model.layers.0.mlp.experts.0.down_proj.weight_shape", torch.tensor([64, 24])
+        ),
+    )
+    with pytest.raises(ModelLoadError, match=r"experts.0.down_proj.weight_shape' gives the shape \[64, 24\], "
+                                             r"expected \[64, 32\]"):  # fmt: skip
+        LLM(wrong_shape, kv_cache_memory="4MiB")
     # Blocks of 48 rows cut the experts' 32 rows of gate and of up.
     uneven = make_fp8_checkpoint(source, tmp_path / "c", "fp8-block", block_size=(48, 32))
     with pytest.raises(ModelLoadError, match="do not divide the experts' 32 rows"):

@@ -132,9 +132,6 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         raise ValueError("kv_cache_dtype fp8 through the Triton kernels (the triton attention backend, "
                          "triton_ops) needs compute capability 8.9 or later for Triton's e4m3; on this GPU "
                          "use attention_backend=torch and triton_ops=False")  # fmt: skip
-    if config.quantization is not None and model.moe is not None:
-        raise ValueError("quantization fp8 does not reach a mixture of experts' routed experts, most of its "
-                         "weights; serve an 8-bit float checkpoint of it, or its 16-bit weights")  # fmt: skip
     if config.quantization is not None and config.tensor_parallel_size > 1:
         raise ValueError("quantization cannot be used with tensor parallelism (8-bit float weights are not "
                          "split over ranks)")  # fmt: skip

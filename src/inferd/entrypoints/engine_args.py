@@ -98,8 +98,8 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         choices=["fp8"],
         help="fp8: store the checkpoint's 16- and 32-bit projections as 8-bit floats with one scale per "
         "output row, made at load (half the weight memory and the weight reads of small decode steps); "
-        "a low-bit checkpoint (FP8, W4A16, W8A16, W8A8) is read as it is, with or without this; not for "
-        "mixtures of experts",
+        "a mixture's routed experts too; a low-bit checkpoint (FP8, W4A16, W8A16, W8A8, GPTQ, AWQ) is "
+        "read as it is, with or without this",
     )
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     for option, help_text in _SWITCHES.items():

@@ -235,15 +235,15 @@ def fill_random(model: nn.Module) -> None:
 
 
 def quantize_projections(model: nn.Module, scheme: QuantScheme) -> None:
-    """Every attention and MLP projection made ``scheme``'s values in its blocks (one scale per
-    output row: as accurate as the values allow for each row, whatever the spread between rows),
-    and a mixture's routed experts where the values are unpacked 8-bit ones (a checkpoint of packed
-    ones would be refused); the embeddings, the LM head, norms and the router stay as they are."""
+    """Every attention and MLP projection, and a mixture's routed experts, made ``scheme``'s values
+    in its blocks (one scale per output row: as accurate as the values allow for each row, whatever
+    the spread between rows); the embeddings, the LM head, norms and the router stay as they
+    are."""
     for module in model.modules():
         if isinstance(module, Linear):
             block = scheme.block_of(module.out_features, module.in_features)
             quantized.quantize_in_place(module, block, scheme.values, scheme.packed, scheme.zero_points)
-        elif isinstance(module, Experts) and scheme.values in ("fp8", "int8") and not scheme.packed:
+        elif isinstance(module, Experts):
             module.quantize_in_place(scheme)
 
 
@@ -288,13 +288,18 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
             name = "lm_head.weight"
         target, slot = _target_of(name)
         shown = _checkpoint_spelling(name, cfg)
-        if target.endswith("." + PACKED_SHAPE) and cfg.quant is not None and cfg.quant.packed:
-            linear = modules.get(target.rsplit(".", 1)[0])
-            if not isinstance(linear, Linear):
+        if name.endswith("." + PACKED_SHAPE) and cfg.quant is not None and cfg.quant.packed:
+            module_name, _, param_name = target.rpartition(".")
+            module = modules.get(module_name)
+            if isinstance(module, Linear):
+                in_features = module.in_features
+            elif isinstance(module, Experts) and _is_expert_stack(target):
+                in_features = module.in_features[param_name.removesuffix("_shape")]
+            else:
                 raise ModelLoadError(f"checkpoint tensor {shown!r} has no place in {cfg.architecture}")
-            _check_packed_shape(params, target, slot, cfg, tensor, shown, linear.in_features)
+            _check_packed_shape(params, target, slot, cfg, tensor, shown, in_features)
             continue
-        packed = target.endswith("." + PACKED_WEIGHT)
+        packed = name.endswith("." + PACKED_WEIGHT)
         target = target.removesuffix("_packed") if packed else target
         if target not in params:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -308,9 +313,12 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
                 weight_rows = params[target.removesuffix("_scale")].shape[0]
                 view = _scale_slot_view(param.data, weight_rows, slot, cfg, target, shown)
                 tensor = _as_scale(tensor, view, shown)
-            elif _is_expert_stack(target) and target.endswith("_proj_scale"):  # an 8-bit expert's scales
+            elif _is_expert_stack(target) and target.endswith("_proj_scale"):  # a low-bit expert's scales
                 view = _slot_view(param.data, slot, cfg, target, shown)
                 tensor = _as_scale(tensor, view, shown)
+            elif _is_expert_stack(target) and target.endswith("_proj_zero_point") and cfg.quant is not None:
+                view = _slot_view(param.data, slot, cfg, target, shown)
+                tensor = _zero_points(tensor, cfg.quant.bits, view, shown)
             elif target.endswith(".g_idx"):
                 # One input, one order: a fused projection's pieces each bring it.
                 view = param.data
@@ -462,8 +470,8 @@ def canonical_name(name: str, scales: bool = False) -> str:
 def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
     """Turn each projection the checkpoint stores in low-bit values (those with a scale tensor)
     into one that holds such weights (``layers/quantized.py:hold_quantized``: e4m3, int8, or 4-bit
-    integers in the int32 words they come packed in), and a mixture's routed experts with 8-bit
-    values into stacks of them (``Experts.hold_low_bit``), ready to be filled."""
+    integers in the int32 words they come packed in), and a mixture's routed experts into stacks
+    of them (``Experts.hold_low_bit``), ready to be filled."""
     assert cfg.quant is not None
     modules = dict(model.named_modules())
     names = checkpoint_names(path)
@@ -495,17 +503,16 @@ def hold_checkpoint_quantized(model: nn.Module, cfg: ModelConfig, path: Path) ->
 
 
 def _hold_experts_low_bit(experts: Experts, cfg: ModelConfig, name: str) -> None:
-    """A mixture's routed experts, stored in 8-bit values with scales (``name`` is one of their
+    """A mixture's routed experts, stored in low-bit values with scales (``name`` is one of their
     scales): both stacks held so (``Experts.hold_low_bit``), once."""
     assert cfg.quant is not None
-    if cfg.quant.values not in ("fp8", "int8") or cfg.quant.packed or cfg.quant.input_order:
-        layout = "packed " if cfg.quant.packed else "reordered " if cfg.quant.input_order else ""
-        raise ModelLoadError(f"checkpoint tensor {name!r}: a mixture's routed experts cannot hold "
-                             f"{layout}{cfg.quant.values} weights (unpacked 8-bit floats and symmetric "
-                             f"8-bit integers they can)")  # fmt: skip
+    if cfg.quant.input_order:
+        raise ModelLoadError(f"checkpoint tensor {name!r}: a mixture's routed experts cannot hold weights "
+                             f"quantized in activation order (desc_act); the attention and MLP "
+                             f"projections can")  # fmt: skip
     if experts.weight_blocks:
         return
-    experts.hold_low_bit(quantized.storage_dtype(cfg.quant.values), cfg.quant)
+    experts.hold_low_bit(cfg.quant)
     # Each expert's gate and up halves take their own scale rows.
     block_rows = experts.weight_blocks["gate_up_proj"][0]
     intermediate = experts.gate_up_proj.shape[1] // 2
@@ -519,15 +526,26 @@ def _target_of(name: str) -> tuple[str, Slot]:
     for i, part in enumerate(parts):
         if part == "experts" and parts[i + 1 : i + 2] and parts[i + 1].isdigit() and len(parts) == i + 4:
             piece = _EXPERT_PIECES.get(parts[i + 2])
-            if piece is not None and parts[i + 3] in ("weight", "weight_scale"):
+            if piece is not None and parts[i + 3] in _EXPERT_TENSOR_SUFFIXES:
                 stacked, half = piece
-                stacked += "_scale" if parts[i + 3] == "weight_scale" else ""
+                stacked += _EXPERT_TENSOR_SUFFIXES[parts[i + 3]]
                 expert = int(parts[i + 1])
                 return ".".join([*parts[: i + 1], stacked]), (expert,) if half is None else (expert, half)
         if part in FUSED_SHARDS:
             fused, shard = FUSED_SHARDS[part]
             return ".".join(parts[:i] + [fused] + parts[i + 1 :]), (shard,)
     return name, None
+
+
+# An expert's checkpoint tensors -> the suffix of the stacked parameter they fill (the packed words'
+# shape is checked against the stack, not stored).
+_EXPERT_TENSOR_SUFFIXES = {
+    "weight": "",
+    PACKED_WEIGHT: "",
+    "weight_scale": "_scale",
+    ZERO_POINT: "_zero_point",
+    PACKED_SHAPE: "_shape",
+}
 
 
 def _is_expert_stack(target: str) -> bool:
@@ -614,9 +632,12 @@ def _unfilled(target: str, param: torch.Tensor, filled: set[tuple[str, Slot]]) -
         return []
     parts = target.split(".")
     if _is_expert_stack(target):
-        stack, scales = parts[-1].removesuffix("_scale"), parts[-1].endswith("_scale")
+        stack, kind = parts[-1], "weight"
+        for checkpoint_kind, suffix in (("weight_scale", "_scale"), (ZERO_POINT, "_zero_point")):
+            if stack.endswith(suffix):
+                stack, kind = stack.removesuffix(suffix), checkpoint_kind
         pieces = [(name, half) for name, (stacked, half) in _EXPERT_PIECES.items() if stacked == stack]
-        return [".".join([*parts[:-1], str(expert), piece, "weight_scale" if scales else "weight"])
+        return [".".join([*parts[:-1], str(expert), piece, kind])
                 for expert in range(param.shape[0]) for piece, half in pieces
                 if (target, (expert,) if half is None else (expert, half)) not in filled]  # fmt: skip
     fused = next((i for i, part in enumerate(parts) if part in _FUSED_PIECES), None)

@@ -34,11 +34,14 @@ class Experts(nn.Module):
     hidden], and down, [experts, hidden, intermediate] (the loader fills each expert's slice from
     its own checkpoint tensors).
 
-    With 8-bit weights (``hold_low_bit``: an FP8 or W8 checkpoint's experts, e4m3 or int8), each
-    stack has float32 scales beside it, ``gate_up_proj_scale`` and ``down_proj_scale`` [experts,
-    blocks down, blocks across], one per block (``weight_blocks``) of each expert's matrix; an
-    expert's weights are widened to the activations' dtype when it runs (``layers/quantized.py``).
-    The Triton grouped matmul does not read them."""
+    With low-bit weights (``hold_low_bit``: an FP8, W8, GPTQ, AWQ or W4A16 checkpoint's experts:
+    e4m3, int8, or 4-bit integers packed eight to an int32 word along each row, [experts, rows,
+    ceil(columns / 8)]), each stack has float32 scales beside it, ``gate_up_proj_scale`` and
+    ``down_proj_scale`` [experts, blocks down, blocks across], one per block (``weight_blocks``)
+    of each expert's matrix, and for asymmetric integers int8 zero points of the same shape
+    (``gate_up_proj_zero_point``, ``down_proj_zero_point``); an expert's weights are widened to
+    the activations' dtype when it runs (``layers/quantized.py``). The Triton grouped matmul does
+    not read them."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -47,44 +50,62 @@ class Experts(nn.Module):
         self.use_triton = False
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # Each stack's input width: packed 4-bit words do not show it.
+        self.in_features = {"gate_up_proj": hidden_size, "down_proj": intermediate_size}
         # Low-bit stacks: each stack's (rows, columns) of an expert's matrix one scale covers.
         self.weight_blocks: dict[str, tuple[int, int]] = {}
 
-    def hold_low_bit(self, dtype: torch.dtype, scheme: QuantScheme) -> None:
-        """Hold both stacks as ``dtype`` (e4m3 or int8) with float32 scales in ``scheme``'s blocks
-        of each expert's matrix (ones, to be filled)."""
+    def hold_low_bit(self, scheme: QuantScheme) -> None:
+        """Hold both stacks in ``scheme``'s values (``quantized.storage_dtype``) with float32
+        scales in its blocks of each expert's matrix (ones, to be filled), and with its zero
+        points, zeros to be filled."""
+        dtype = quantized.storage_dtype(scheme.values, scheme.packed)
         for name in ("gate_up_proj", "down_proj"):
             stack = getattr(self, name)
             experts, rows, columns = stack.shape
             device = stack.device
-            weight = torch.empty(stack.shape, dtype=dtype, device=device)
+            shape = (experts, rows, -(-columns // 8)) if dtype == torch.int32 else (experts, rows, columns)
+            weight = torch.empty(shape, dtype=dtype, device=device)
             setattr(self, name, nn.Parameter(weight, requires_grad=False))
-            scale = torch.ones(
-                experts, *scheme.scale_shape(rows, columns), dtype=torch.float32, device=device
-            )
+            scale_shape = (experts, *scheme.scale_shape(rows, columns))
+            scale = torch.ones(scale_shape, dtype=torch.float32, device=device)
             self.register_parameter(f"{name}_scale", nn.Parameter(scale, requires_grad=False))
+            if scheme.zero_points:
+                zero = torch.zeros(scale_shape, dtype=torch.int8, device=device)
+                self.register_parameter(f"{name}_zero_point", nn.Parameter(zero, requires_grad=False))
             self.weight_blocks[name] = scheme.block_of(rows, columns)
 
     def quantize_in_place(self, scheme: QuantScheme) -> None:
-        """Both stacks as ``scheme``'s 8-bit values and scales, expert by expert (random weights in
-        an 8-bit checkpoint's shape)."""
+        """Both stacks as ``scheme``'s values and scales, expert by expert, with zero points of 0
+        where it has them (random weights in a low-bit checkpoint's shape)."""
         wide = {name: getattr(self, name).data for name in ("gate_up_proj", "down_proj")}
-        self.hold_low_bit(quantized.storage_dtype(scheme.values), scheme)
+        self.hold_low_bit(scheme)
         with torch.no_grad():
             for name, stack in wide.items():
+                held = getattr(self, name)
                 for expert in range(self.num_experts):
                     values, scale = quantized.quantize(stack[expert], self.weight_blocks[name], scheme.values)
-                    getattr(self, name)[expert].copy_(values)
+                    if held.dtype == torch.int32:
+                        values = quantized.pack_int32(values, 4)
+                    held[expert].copy_(values)
                     getattr(self, f"{name}_scale")[expert].copy_(scale)
 
     def _weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
-        """Expert ``expert``'s matrix of stack ``name``, widened with its scales if it is low-bit."""
+        """Expert ``expert``'s matrix of stack ``name``, widened with its scales (and zero points)
+        if it is low-bit."""
         weight = getattr(self, name)[expert]
         block = self.weight_blocks.get(name)
         if block is None:
             return weight
         scale = getattr(self, f"{name}_scale")[expert]
-        return quantized.dequantize(weight, WeightScale(scale, block), dtype)
+        zero = getattr(self, f"{name}_zero_point", None)
+        how = WeightScale(
+            scale,
+            block,
+            zero_point=None if zero is None else zero[expert],
+            columns=self.in_features[name] if weight.dtype == torch.int32 else None,
+        )
+        return quantized.dequantize(weight, how, dtype)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """``sum_j weights[t, j] * expert[experts[t, j]](x[t])`` for every token ``t``.
