@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +18,13 @@ import torch
 import transformers
 from server_process import ServerProcess, run_server
 from tiny_models import copy_with_config, copy_with_tensors
+from tokenizers import Tokenizer, processors
 
 from inferd import LLM, SamplingParams
 from inferd.config import ModelConfig, ModelLoadError
 from inferd.engine.input_processor import PromptError
 from inferd.engine.outputs import ClassificationOutput
+from inferd.engine.scoring import PairingError
 
 
 def _prompts(vocab: int) -> list[list[int]]:
@@ -201,3 +204,107 @@ def test_errors_outside_the_routes_come_in_openais_shape(server: ServerProcess) 
     for path in ("/classify", "/pooling", "/v2/rerank"):
         response = httpx.get(f"{server.base_url}{path}", timeout=30)
         assert response.status_code == 405 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def _cross_encoder(source: Path, folder: Path) -> Path:
+    """A copy of the 1-label classifier ``source`` whose tokenizer joins a pair as a reranker's
+    does, the two texts around a separator: ``$A <sep> $B`` (one text alone stays as it is)."""
+    shutil.copytree(source, folder)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    separator = "<|system|>"
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A",
+        pair=f"$A {separator} $B:1",
+        special_tokens=[(separator, tokenizer.token_to_id(separator))],
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def _sigmoid(value: float) -> float:
+    return 1 / (1 + math.exp(-value))
+
+
+def test_a_cross_encoder_scores_each_pair_as_one_input(tiny_model_factory, tmp_path) -> None:
+    """``LLM.score`` with a classifier of one label: the sigmoid of transformers' logit for the
+    pair as transformers' tokenizer joins it (``text_pair``), one text against many or pair by pair."""
+    folder = _cross_encoder(tiny_model_factory("qwen3-reward"), tmp_path / "m")
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    llm = LLM(folder, kv_cache_memory="4MiB")
+    query, documents = "who kills Tybalt", ["ROMEO: Tybalt, the reason", "the rest is silence", "a"]
+    joined = [their_tokenizer(query, document)["input_ids"] for document in documents]
+    assert [llm.tokenizer.encode_pair(query, document) for document in documents] == joined
+    assert joined[0] != llm.tokenizer.encode(query) + llm.tokenizer.encode(documents[0])  # the separator
+    expected = [_sigmoid(logits[0]) for logits in _their_logits(folder, joined)]
+    assert llm.score(query, documents) == pytest.approx(expected, abs=1e-5)
+    pairwise = llm.score([query, documents[1]], [documents[2], query])
+    swapped = [
+        their_tokenizer(query, documents[2])["input_ids"],
+        their_tokenizer(documents[1], query)["input_ids"],
+    ]
+    assert pairwise == pytest.approx([_sigmoid(row[0]) for row in _their_logits(folder, swapped)], abs=1e-5)
+    with pytest.raises(PairingError, match="text_1 has 2 texts and text_2 3"):
+        llm.score([query, query], documents)
+    with pytest.raises(ValueError, match="classifier of 3 labels: a score comes from an embedding model"):
+        LLM(tiny_model_factory("llama-classifier"), kv_cache_memory="4MiB").score("a", "b")
+
+
+def test_an_embedding_models_score_is_the_cosine_of_the_embeddings(tiny_model_factory) -> None:
+    llm = LLM(tiny_model_factory("qwen3"), kv_cache_memory="4MiB")
+    texts = ["ROMEO: good night", "the rest is silence", "JULIET: good night"]
+    vectors = [np.asarray(vector) for vector in llm.embed(texts)]
+    assert llm.score(texts[0], texts[1:]) == pytest.approx(
+        [float(vectors[0] @ vectors[1]), float(vectors[0] @ vectors[2])], abs=1e-6
+    )
+    assert llm.score(texts[:2], texts[1:]) == pytest.approx(
+        [float(vectors[0] @ vectors[1]), float(vectors[1] @ vectors[2])], abs=1e-6
+    )
+    with pytest.raises(PairingError, match="must not be empty lists"):
+        llm.score([], texts)
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_server(tiny_model_factory, tmp_path_factory) -> Iterator[tuple[ServerProcess, Path]]:
+    folder = _cross_encoder(tiny_model_factory("qwen3-reward"), tmp_path_factory.mktemp("rerank") / "m")
+    with run_server(folder, "--kv-cache-memory", "8MiB", "--served-model-name", "reranker") as process:
+        yield process, folder
+
+
+def test_score_and_rerank_by_a_cross_encoder(cross_encoder_server) -> None:
+    server, folder = cross_encoder_server
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    query, documents = "who kills Tybalt", ["the rest is silence", "ROMEO: Tybalt, the reason", "a"]
+    joined = [their_tokenizer(query, document)["input_ids"] for document in documents]
+    expected = [_sigmoid(logits[0]) for logits in _their_logits(folder, joined)]
+    score = httpx.post(
+        f"{server.base_url}/v1/score",
+        json={"model": "reranker", "text_1": query, "text_2": documents},
+        timeout=30,
+    )
+    assert score.status_code == 200, score.text
+    body = score.json()
+    assert [item["score"] for item in body["data"]] == pytest.approx(expected, abs=1e-5)
+    assert body["usage"]["prompt_tokens"] == sum(len(ids) for ids in joined)
+    rerank = httpx.post(
+        f"{server.base_url}/v1/rerank", json={"query": query, "documents": documents, "top_n": 2}, timeout=30
+    ).json()
+    ranked = sorted(range(3), key=lambda i: -expected[i])[:2]
+    assert [result["index"] for result in rerank["results"]] == ranked
+    assert [result["relevance_score"] for result in rerank["results"]] == pytest.approx(
+        [expected[i] for i in ranked], abs=1e-5
+    )
+    assert rerank["results"][0]["document"] == {"text": documents[ranked[0]]}
+    # The joined tokens' last 4, as vLLM's truncate_prompt_tokens keeps them.
+    truncated = httpx.post(
+        f"{server.base_url}/score",
+        json={"text_1": query, "text_2": documents[1], "truncate_prompt_tokens": 4},
+        timeout=30,
+    ).json()
+    (last_four,) = _their_logits(folder, [joined[1][-4:]])
+    assert truncated["data"][0]["score"] == pytest.approx(_sigmoid(last_four[0]), abs=1e-5)
+    for bad, field in (
+        ({"text_1": "", "text_2": "a"}, "text_1"),
+        ({"text_1": ["a", "b"], "text_2": ["c"]}, "text_2"),
+    ):
+        response = httpx.post(f"{server.base_url}/v1/score", json=bad, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == field

@@ -20,6 +20,7 @@ from inferd.engine.beam_search import (
 )
 from inferd.engine.llm_engine import LLMEngine, Prompt
 from inferd.engine.outputs import ClassificationOutput, RequestOutput
+from inferd.engine.scoring import check_scoring_labels, pair_indices
 from inferd.sampling_params import SamplingParams
 
 
@@ -102,6 +103,30 @@ class LLM:
             ClassificationOutput.from_logits(logits, labels)
             for logits in self.embed(prompts, adapter, use_tqdm)
         ]
+
+    def score(
+        self,
+        text_1: str | Sequence[str],
+        text_2: str | Sequence[str],
+        adapter: str | None = None,
+        use_tqdm: bool = False,
+    ) -> list[float]:
+        """vLLM's ``LLM.score``: one ``text_1`` scored against every ``text_2``, or two lists of one
+        length pair by pair (``engine/scoring.py``). A cross-encoder (a classifier of one label)
+        gives the sigmoid of its logit for the two texts read as one pair; any other causal LM the
+        cosine similarity of their embeddings."""
+        firsts = [text_1] if isinstance(text_1, str) else list(text_1)
+        seconds = [text_2] if isinstance(text_2, str) else list(text_2)
+        pairs = pair_indices(len(firsts), len(seconds))
+        labels = self.engine.config.model.labels
+        check_scoring_labels(labels)
+        if labels:
+            tokenizer = self.engine.tokenizer
+            joined: list[Prompt] = [tokenizer.encode_pair(firsts[i], seconds[j]) for i, j in pairs]
+            return [output.probs[0] for output in self.classify(joined, adapter, use_tqdm)]
+        vectors = self.embed([*firsts, *seconds], adapter, use_tqdm)
+        left, right = vectors[: len(firsts)], vectors[len(firsts) :]
+        return [sum(a * b for a, b in zip(left[i], right[j], strict=True)) for i, j in pairs]
 
     def beam_search(
         self,

@@ -118,11 +118,15 @@ class Tokenizer:
         return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidTextError(f"text is not valid Unicode: {exc.reason} at {exc.start}") from None
+        _check_unicode(text)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode_pair(self, first: str, second: str) -> list[int]:
+        """Two texts as one input, joined as the tokenizer's pair template joins them (the
+        ``text_pair`` of transformers' tokenizers): what a cross-encoder reads."""
+        _check_unicode(first)
+        _check_unicode(second)
+        return list(self._tok.encode(first, second, add_special_tokens=True).ids)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
@@ -190,6 +194,13 @@ class Tokenizer:
         kept = final.lstrip()
         shown_whole = rendered[start : start + len(kept)] == kept
         return rendered[: start + len(kept if shown_whole else final.strip())]
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidTextError(f"text is not valid Unicode: {exc.reason} at {exc.start}") from None
 
 
 def _default_template(value: object) -> object:

@@ -1,25 +1,30 @@
-"""vLLM's score and rerank APIs over the served LLM's embeddings (``llm_embeddings.py``): a pair's
-score is the cosine similarity of the two texts' last-token embeddings, as vLLM scores with an
-embedding model.
+"""vLLM's score and rerank APIs over the served model (``engine/scoring.py`` says how a pair is
+scored): an embedding model's cosine similarity of the two texts' last-token embeddings
+(``llm_embeddings.py``), or a cross-encoder's (a classifier of one label) sigmoid of its logit for
+the two texts read as one pair.
 
 - ``POST /v1/score`` (and ``/score``): ``text_1`` and ``text_2``, each a string or a list of them;
   one ``text_1`` is scored against every ``text_2``, two lists of one length pair by pair.
 - ``POST /v1/rerank`` (and ``/rerank``, ``/v2/rerank``; Jina's and Cohere's shape): a ``query``
   and its ``documents``, answered as the documents by falling score, the first ``top_n``.
 
-Each distinct text of a list is embedded once.
+An embedding model embeds each distinct text of a list once.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from inferd.server.errors import InvalidRequestError
+from inferd.engine.outputs import ClassificationOutput
+from inferd.engine.scoring import PairingError, check_scoring_labels, pair_indices
+from inferd.engine.tokenizer import InvalidTextError
+from inferd.server.errors import GenerationError, InvalidRequestError
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai.llm_embeddings import embed_prompts, truncation
 from inferd.server.streaming import unless_disconnected
@@ -55,63 +60,85 @@ class RerankRequest(BaseModel):
 
 
 def _pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[int, int]]:
-    """Which text of each list each scored pair takes: one ``text_1`` against every ``text_2``,
-    or two lists of one length pair by pair."""
-    firsts = 1 if isinstance(text_1, str) else len(text_1)
-    seconds = 1 if isinstance(text_2, str) else len(text_2)
-    if not firsts or not seconds:
-        raise InvalidRequestError(
-            "text_1 and text_2 must not be empty lists", "text_1" if not firsts else "text_2"
-        )
-    if firsts == 1:
-        return [(0, j) for j in range(seconds)]
-    if firsts != seconds:
-        raise InvalidRequestError(
-            f"text_1 has {firsts} texts and text_2 {seconds}: lists are scored pair by pair, so "
-            f"their lengths must match (or text_1 holds one text)",
-            "text_2",
-        )
-    return [(i, i) for i in range(firsts)]
+    try:
+        return pair_indices(len(_as_list(text_1)), len(_as_list(text_2)))
+    except PairingError as exc:
+        raise InvalidRequestError(str(exc), exc.field) from None
+
+
+@dataclass(frozen=True)
+class _ScoreJob:
+    """One score or rerank request's pairs: ``firsts`` and ``seconds`` are each a field name and
+    its texts, ``pairs`` the (first, second) indices scored, ``keep`` vLLM's truncation."""
+
+    model: str | None
+    firsts: tuple[str, list[str]]
+    seconds: tuple[str, list[str]]
+    pairs: list[tuple[int, int]]
+    timeout_s: float | None
+    keep: int | None
 
 
 async def _embedded(
-    frontend: Frontend,
-    model: str | None,
-    texts: list[str],
-    field: str,
-    timeout_s: float | None,
-    keep: int | None,
+    frontend: Frontend, job: _ScoreJob, texts: tuple[str, list[str]], timeout_s: float | None
 ) -> tuple[list[np.ndarray], int]:
-    """Each of ``texts``' embedding (each distinct text embedded once, its last ``keep`` tokens
-    where given), and the prompt tokens embedded; errors name ``field``."""
-    if not all(texts):
+    """Each of ``texts``' embedding (a field name and its texts; each distinct text embedded once,
+    its last ``job.keep`` tokens where given), and the prompt tokens embedded."""
+    field, strings = texts
+    if not all(strings):
         raise InvalidRequestError("texts must not be empty", field)
-    distinct = list(dict.fromkeys(texts))
+    distinct = list(dict.fromkeys(strings))
     vectors, tokens = await embed_prompts(
-        frontend, model, list(distinct), field, timeout_s, truncate_prompt_tokens=keep
+        frontend, job.model, list(distinct), field, timeout_s, truncate_prompt_tokens=job.keep
     )
     by_text = dict(zip(distinct, vectors, strict=True))
-    return [by_text[text] for text in texts], tokens
+    return [by_text[text] for text in strings], tokens
 
 
-async def _cosines(
-    frontend: Frontend,
-    model: str | None,
-    firsts: tuple[str, list[str]],
-    seconds: tuple[str, list[str]],
-    pairs: list[tuple[int, int]],
-    timeout_s: float | None,
-    keep: int | None,
-) -> tuple[list[float], int]:
+async def _cosines(frontend: Frontend, job: _ScoreJob) -> tuple[list[float], int]:
     """Each pair's cosine similarity (the embeddings are normalized), and the prompt tokens
-    embedded; ``firsts`` and ``seconds`` are each a field name and its texts."""
-    (first_field, first_texts), (second_field, second_texts) = firsts, seconds
+    embedded."""
     start = time.monotonic()
-    left, left_tokens = await _embedded(frontend, model, first_texts, first_field, timeout_s, keep)
+    left, left_tokens = await _embedded(frontend, job, job.firsts, job.timeout_s)
     # The second list has what the first left of the request's time.
-    remaining = None if timeout_s is None else max(timeout_s - (time.monotonic() - start), 1e-3)
-    right, right_tokens = await _embedded(frontend, model, second_texts, second_field, remaining, keep)
-    return [float(np.dot(left[i], right[j])) for i, j in pairs], left_tokens + right_tokens
+    remaining = None if job.timeout_s is None else max(job.timeout_s - (time.monotonic() - start), 1e-3)
+    right, right_tokens = await _embedded(frontend, job, job.seconds, remaining)
+    return [float(np.dot(left[i], right[j])) for i, j in job.pairs], left_tokens + right_tokens
+
+
+async def _cross_encoded(frontend: Frontend, job: _ScoreJob) -> tuple[list[float], int]:
+    """Each pair's score by a cross-encoder: the sigmoid of the classifier's one logit for the two
+    texts joined by the tokenizer's pair template (the joined tokens' last ``keep`` where given),
+    and the prompt tokens read."""
+    (first_field, first_texts), (_, second_texts) = job.firsts, job.seconds
+    for field, texts in (job.firsts, job.seconds):
+        if not all(texts):
+            raise InvalidRequestError("texts must not be empty", field)
+    joined: list[str | list[int]] = []
+    for i, j in job.pairs:
+        try:
+            joined.append(frontend.tokenizer.encode_pair(first_texts[i], second_texts[j]))
+        except InvalidTextError as exc:
+            raise InvalidRequestError(str(exc), first_field) from None
+    logits, tokens = await embed_prompts(
+        frontend, job.model, joined, first_field, job.timeout_s, classifier_logits=True,
+        truncate_prompt_tokens=job.keep,
+    )  # fmt: skip
+    labels = frontend.llm.config.model.labels
+    try:
+        return [ClassificationOutput.from_logits(row.tolist(), labels).probs[0] for row in logits], tokens
+    except ValueError as exc:  # non-finite logits: the model's fault, not the request's
+        raise GenerationError(str(exc)) from None
+
+
+async def _scores(frontend: Frontend, job: _ScoreJob) -> tuple[list[float], int]:
+    """Each pair's score as the served model gives one (``engine/scoring.py``)."""
+    labels = frontend.llm.config.model.labels
+    try:
+        check_scoring_labels(labels)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), "model") from None
+    return await (_cross_encoded if labels else _cosines)(frontend, job)
 
 
 def _as_list(texts: str | list[str]) -> list[str]:
@@ -125,7 +152,7 @@ def add_score_routes(router: APIRouter, frontend: Frontend) -> None:
         pairs = _pairs(body.text_1, body.text_2)
         firsts, seconds = ("text_1", _as_list(body.text_1)), ("text_2", _as_list(body.text_2))
         keep = truncation(body.truncate_prompt_tokens)
-        run = _cosines(frontend, body.model, firsts, seconds, pairs, timeout_s, keep)
+        run = _scores(frontend, _ScoreJob(body.model, firsts, seconds, pairs, timeout_s, keep))
         scores, tokens = await unless_disconnected(request, run)
         return {
             "id": frontend.new_request_id("score"),
@@ -144,9 +171,8 @@ def add_score_routes(router: APIRouter, frontend: Frontend) -> None:
             raise InvalidRequestError("documents must not be empty", "documents")
         pairs = [(0, j) for j in range(len(documents))]
         keep = truncation(body.truncate_prompt_tokens)
-        run = _cosines(
-            frontend, body.model, ("query", [body.query]), ("documents", documents), pairs, timeout_s, keep
-        )
+        job = _ScoreJob(body.model, ("query", [body.query]), ("documents", documents), pairs, timeout_s, keep)
+        run = _scores(frontend, job)
         scores, tokens = await unless_disconnected(request, run)
         top_n = body.top_n or len(documents)
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_n]
