@@ -56,6 +56,44 @@ def test_label_logits_match_transformers(tiny_model_factory, arch: str) -> None:
     assert llm.engine.core.runner.model.lm_head.weight.shape == (len(cfg.labels), cfg.hidden_size)
 
 
+# Each causal LM architecture's classifier (transformers' class) for a tiny model of that LM.
+_CLASSIFIERS_OF = {
+    "gemma": "GemmaForSequenceClassification",
+    "gemma2": "Gemma2ForSequenceClassification",
+    "gemma3": "Gemma3TextForSequenceClassification",
+    "phi3": "Phi3ForSequenceClassification",
+    "smollm3": "SmolLM3ForSequenceClassification",
+    "mixtral": "MixtralForSequenceClassification",
+    "qwen2-moe": "Qwen2MoeForSequenceClassification",
+    "qwen3-moe": "Qwen3MoeForSequenceClassification",
+}
+
+
+@pytest.mark.parametrize("arch", sorted(_CLASSIFIERS_OF))
+def test_every_architectures_classifier_matches_transformers(tiny_model_factory, tmp_path, arch: str) -> None:
+    """The tiny causal LM with a random head of two labels in its LM head's place (``score``), as
+    that architecture's classifier stores it. Gemma 2's and 3's capped logits are the LM's: the
+    classifiers read their head uncapped."""
+    source = tiny_model_factory(arch)
+    hidden = ModelConfig.from_folder(source).hidden_size
+
+    def swap_head(tensors: dict[str, torch.Tensor]) -> None:
+        tensors.pop("lm_head.weight", None)
+        tensors["score.weight"] = torch.randn(2, hidden, generator=torch.Generator().manual_seed(1))
+
+    folder = copy_with_tensors(source, tmp_path / "heads", swap_head)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=[_CLASSIFIERS_OF[arch]], id2label={"0": "no", "1": "yes"})
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = ModelConfig.from_folder(folder)
+    assert cfg.labels == ("no", "yes") and not cfg.tie_word_embeddings
+    prompts = _prompts(cfg.vocab_size)
+    theirs = _their_logits(folder, prompts)
+    outputs = LLM(folder, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=16).classify(prompts)
+    for output, expected in zip(outputs, theirs, strict=True):
+        assert max(abs(a - b) for a, b in zip(output.logits, expected, strict=True)) < 1e-4
+
+
 def test_labels_and_head_are_read_from_the_config(tiny_model_factory) -> None:
     cfg = ModelConfig.from_folder(tiny_model_factory("llama-classifier"))
     # The causal LM's architecture, its own head (not the tied embeddings its config names).

@@ -170,11 +170,20 @@ class GraniteScales:
 
 
 # Sequence classifiers served: their causal LM's architecture, with the classifier's head.
+# (Gemma3ForSequenceClassification is the multimodal model's, whose text model sits elsewhere.)
 _CLASSIFIER_ARCHITECTURES = {
     "LlamaForSequenceClassification": "LlamaForCausalLM",
     "MistralForSequenceClassification": "MistralForCausalLM",
     "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
     "Qwen3ForSequenceClassification": "Qwen3ForCausalLM",
+    "Phi3ForSequenceClassification": "Phi3ForCausalLM",
+    "SmolLM3ForSequenceClassification": "SmolLM3ForCausalLM",
+    "GemmaForSequenceClassification": "GemmaForCausalLM",
+    "Gemma2ForSequenceClassification": "Gemma2ForCausalLM",
+    "Gemma3TextForSequenceClassification": "Gemma3ForCausalLM",
+    "MixtralForSequenceClassification": "MixtralForCausalLM",
+    "Qwen2MoeForSequenceClassification": "Qwen2MoeForCausalLM",
+    "Qwen3MoeForSequenceClassification": "Qwen3MoeForCausalLM",
 }
 
 

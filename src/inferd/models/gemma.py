@@ -146,10 +146,12 @@ class GemmaForCausalLM(nn.Module):
             if cfg.gemma.local_rope == cfg.rope
             else RotaryEmbedding(cfg.head_dim, max_positions, cfg.gemma.local_rope)
         )
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.head_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.softcap = cfg.gemma.final_logit_softcapping
+        # A classifier's head (in the LM head's place) gives its label logits uncapped, as
+        # transformers' Gemma classifiers read them; only the LM's vocabulary logits are capped.
+        self.softcap = None if cfg.labels else cfg.gemma.final_logit_softcapping
         # sqrt(hidden) rounded to the model's dtype, as the checkpoints were trained with it; a
         # Python number, so a step makes no host-to-device copy (CUDA graphs allow none).
         self.embed_scale = float(torch.tensor(cfg.hidden_size**0.5, dtype=torch.get_default_dtype()))
