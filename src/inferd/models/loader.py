@@ -293,7 +293,7 @@ def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
             module = modules.get(module_name)
             if isinstance(module, Linear):
                 in_features = module.in_features
-            elif isinstance(module, Experts) and _is_expert_stack(target):
+            elif isinstance(module, Experts):
                 in_features = module.in_features[param_name.removesuffix("_shape")]
             else:
                 raise ModelLoadError(f"checkpoint tensor {shown!r} has no place in {cfg.architecture}")

@@ -77,7 +77,8 @@ class Experts(nn.Module):
 
     def quantize_in_place(self, scheme: QuantScheme) -> None:
         """Both stacks as ``scheme``'s values and scales, expert by expert, with zero points of 0
-        where it has them (random weights in a low-bit checkpoint's shape)."""
+        where it has them (random weights in a low-bit checkpoint's shape, and the engine option
+        ``quantization="fp8"``)."""
         wide = {name: getattr(self, name).data for name in ("gate_up_proj", "down_proj")}
         self.hold_low_bit(scheme)
         with torch.no_grad():
