@@ -43,9 +43,10 @@ def test_on_off_switches(switch: str) -> None:
 
 def test_the_other_flags() -> None:
     options = parse("--enforce-eager", "--no-prefix-caching", "--block-size", "32", "--seed", "7", "-tp", "2",
-                    "--quantization", "fp8")  # fmt: skip
+                    "--quantization", "fp8", "--hf-overrides", '{"method": "x"}')  # fmt: skip
     assert options == {"enforce_eager": True, "enable_prefix_caching": False, "block_size": 32, "seed": 7,
-                       "tensor_parallel_size": 2, "quantization": "fp8"}  # fmt: skip
+                       "tensor_parallel_size": 2, "quantization": "fp8",
+                       "hf_overrides": '{"method": "x"}'}  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -346,3 +346,101 @@ def test_score_and_rerank_by_a_cross_encoder(cross_encoder_server) -> None:
     ):
         response = httpx.post(f"{server.base_url}/v1/score", json=bad, timeout=30)
         assert response.status_code == 400 and response.json()["error"]["param"] == field
+
+
+def _their_last_logits(folder: Path, prompts: list[list[int]]) -> torch.Tensor:
+    """transformers' causal LM's logits at each prompt's last token, [prompts, vocabulary]."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return torch.stack([model(torch.tensor([ids])).logits[0, -1] for ids in prompts])
+
+
+# Qwen3-Reranker's overrides, vLLM's spelling, with two tokens of the tiny tokenizer as "no" and "yes".
+_RERANKER = {"classifier_from_token": ["e", "Ġno"], "is_original_qwen3_reranker": True}
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])  # the LM head its own, and tied to the embeddings
+def test_an_llm_reranker_serves_as_a_cross_encoder_through_hf_overrides(
+    tiny_model_factory, arch: str
+) -> None:
+    """Qwen3-Reranker's way: a causal LM that answers "yes" or "no", its score the probability of
+    "yes" against "no" at the prompt's last token, as transformers' LM gives the two logits."""
+    folder = tiny_model_factory(arch)
+    architecture = {"qwen3": "Qwen3ForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}[
+        arch
+    ]
+    overrides = {"architectures": [architecture], **_RERANKER}
+    llm = LLM(folder, kv_cache_memory="4MiB", hf_overrides=json.dumps(overrides))
+    cfg = llm.engine.config.model
+    assert cfg.labels == ("Ġno",) and cfg.head_from_tokens is not None
+    assert cfg.head_from_tokens.tied == (arch == "qwen2")
+    prompts = _prompts(cfg.vocab_size)
+    logits = _their_last_logits(folder, prompts)
+    no, yes = llm.tokenizer.encode("e")[0], 291
+    expected = torch.softmax(logits[:, [no, yes]], dim=-1)[:, 1].tolist()
+    assert [output.probs[0] for output in llm.classify(prompts)] == pytest.approx(expected, abs=1e-5)
+    # Its score of a pair: the two texts joined, as the pair's own classification.
+    joined = llm.tokenizer.encode_pair("who kills Tybalt", "ROMEO")
+    assert llm.score("who kills Tybalt", "ROMEO") == pytest.approx([llm.classify([joined])[0].probs[0]])
+
+
+def test_a_head_of_several_tokens_gives_each_tokens_logit(tiny_model_factory) -> None:
+    """vLLM's no_post_processing (bge-reranker-v2-gemma's way, one token): the labels are the
+    tokens, their logits the LM's for them (Gemma: tied embeddings, its hidden state scaled)."""
+    folder = tiny_model_factory("gemma")
+    overrides = {"architectures": ["GemmaForSequenceClassification"], "classifier_from_token": ["t", "e"],
+                 "method": "no_post_processing"}  # fmt: skip
+    llm = LLM(folder, kv_cache_memory="4MiB", hf_overrides=overrides)
+    assert llm.engine.config.model.labels == ("t", "e")
+    prompts = _prompts(llm.engine.config.model.vocab_size)
+    expected = _their_last_logits(folder, prompts)[:, [87, 72]]
+    ours = torch.tensor([output.logits for output in llm.classify(prompts)])
+    assert (ours - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"classifier_from_token": ["e", "t"], "method": "from_2_way_softmax"},
+            "must be a \\*ForSequenceClass",
+        ),
+        (
+            {
+                "architectures": ["Qwen3ForSequenceClassification"],
+                "classifier_from_token": ["e"],
+                "method": "from_2_way_softmax",
+            },
+            "takes two tokens",
+        ),  # fmt: skip
+        (
+            {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["e", "t"]},
+            "method must be from_2_way_softmax or no_post_processing, got None",
+        ),  # fmt: skip
+        (
+            {
+                "architectures": ["Qwen3ForSequenceClassification"],
+                "classifier_from_token": "e",
+                "method": "no_post_processing",
+            },
+            "must be a non-empty list",
+        ),  # fmt: skip
+        (
+            {
+                "architectures": ["Qwen3ForSequenceClassification"],
+                "classifier_from_token": ["e", "zzz"],
+                "method": "no_post_processing",
+            },
+            "classifier_from_token 'zzz' is not a token",
+        ),  # fmt: skip
+    ],
+)
+def test_heads_from_tokens_that_cannot_be_made_are_refused(tiny_model_factory, overrides, message) -> None:
+    with pytest.raises((ModelLoadError, ValueError), match=message):
+        LLM(tiny_model_factory("qwen3"), kv_cache_memory="4MiB", hf_overrides=overrides)
+
+
+def test_hf_overrides_must_be_a_json_object(tiny_model_factory) -> None:
+    for value, message in (("{nope", "hf_overrides is not JSON"), ("[1]", "must be a JSON object")):
+        with pytest.raises(ValueError, match=message):
+            LLM(tiny_model_factory("qwen3"), kv_cache_memory="4MiB", hf_overrides=value)

@@ -54,6 +54,18 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return raw
 
 
+def option_object(value: Any, option: str) -> dict[str, Any]:
+    """An engine option that is a JSON object: a mapping, or its JSON text (a CLI flag's)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{option} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object")
+    return value
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -205,6 +217,47 @@ def _labels(cfg: dict[str, Any]) -> tuple[str, ...]:
     return tuple(by_index[i] for i in range(len(by_index)))
 
 
+@dataclass(frozen=True)
+class HeadFromTokens:
+    """vLLM's ``classifier_from_token``: a classifier whose head is made at load from its causal
+    LM's head, the rows of some tokens (LLMs trained to rerank by answering "yes" or "no", such as
+    Qwen3-Reranker, served through ``hf_overrides`` as a ``*ForSequenceClassification``).
+
+    ``two_way`` (``method`` "from_2_way_softmax", or Qwen's ``is_original_qwen3_reranker``): one
+    label whose logit is ``logit(tokens[1]) - logit(tokens[0])``, so its sigmoid is the softmax of
+    the second token over the two. Otherwise ("no_post_processing") a label for each token, its
+    logit the token's. ``tied``: the LM's head is its embeddings (read from them)."""
+
+    tokens: tuple[str, ...]
+    two_way: bool
+    tied: bool
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.tokens[1:] if self.two_way else self.tokens
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], classifier: bool, tied: bool) -> HeadFromTokens | None:
+        tokens = cfg.get("classifier_from_token")
+        if tokens is None:
+            return None
+        if not classifier:
+            raise ValueError("classifier_from_token makes a classifier's head from the LM head: the "
+                             "architecture must be a *ForSequenceClassification (set it with "
+                             "hf_overrides)")  # fmt: skip
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+            raise ValueError("classifier_from_token must be a non-empty list of token strings")
+        # Qwen's flag for its rerankers, which vLLM reads as the two-way method.
+        qwen3_reranker = cfg.get("is_original_qwen3_reranker")
+        method = cfg.get("method") or ("from_2_way_softmax" if qwen3_reranker else None)
+        if method not in ("from_2_way_softmax", "no_post_processing"):
+            raise ValueError(f"classifier_from_token's method must be from_2_way_softmax or "
+                             f"no_post_processing, got {method!r}")  # fmt: skip
+        if method == "from_2_way_softmax" and len(tokens) != 2:
+            raise ValueError(f"method from_2_way_softmax takes two tokens (false, true), got {len(tokens)}")
+        return cls(tuple(tokens), method == "from_2_way_softmax", tied)
+
+
 _GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
@@ -304,6 +357,8 @@ class ModelConfig:
     # model's ``*ForSequenceClassification`` head (``score``) takes the LM head's place, and every
     # request pools its prompt (``SamplingParams.embed``) into label logits. Empty: a causal LM.
     labels: tuple[str, ...] = ()
+    # A classifier whose head is made from its LM head's rows of some tokens; None: it has its own.
+    head_from_tokens: HeadFromTokens | None = None
 
     @property
     def head_size(self) -> int:
@@ -333,6 +388,9 @@ class ModelConfig:
             raise ValueError(
                 f"hidden_act {activation!r} is not supported; the engine computes {computed[0]} here"
             )
+        # Gemma's hub configs leave it out: transformers ties its embeddings by default.
+        tied = bool(cfg.get("tie_word_embeddings", gemma or architecture == "SmolLM3ForCausalLM"))
+        head_from_tokens = HeadFromTokens.from_hf_config(cfg, classifier, tied)
         gemma3 = architecture == "Gemma3ForCausalLM"
         if gemma3:
             rope = _parse_rope(GemmaConfig.global_rope_fields(cfg))
@@ -369,10 +427,8 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope=rope,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            # Gemma's hub configs leave it out: transformers ties its embeddings by default.
             # A classifier's head is its own (``score``), never the embeddings.
-            tie_word_embeddings=not classifier
-            and bool(cfg.get("tie_word_embeddings", gemma or architecture == "SmolLM3ForCausalLM")),
+            tie_word_embeddings=not classifier and tied,
             attention_bias=_attention_bias(cfg, architecture),
             qk_norm=architecture.startswith(("Qwen3", "Gemma3")),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
@@ -382,7 +438,8 @@ class ModelConfig:
             gemma=GemmaConfig.from_hf_config(cfg, architecture, int(head_dim), rope) if gemma else None,
             granite=GraniteScales.from_hf_config(cfg) if architecture == "GraniteForCausalLM" else None,
             quant=read_quantization(cfg),
-            labels=_labels(cfg) if classifier else (),
+            labels=(head_from_tokens.labels if head_from_tokens else _labels(cfg)) if classifier else (),
+            head_from_tokens=head_from_tokens,
         )
         config.check_consistent()
         return config
@@ -404,11 +461,13 @@ class ModelConfig:
             self.moe.check_consistent()
 
     @classmethod
-    def from_folder(cls, path: Path) -> ModelConfig:
+    def from_folder(cls, path: Path, overrides: dict[str, Any] | None = None) -> ModelConfig:
+        """The model of ``path``'s config.json, whose top-level fields ``overrides`` replaces
+        (vLLM's ``hf_overrides``)."""
         config_path = path / "config.json"
         if not config_path.is_file():
             raise ModelLoadError(f"model folder {path} has no config.json")
-        raw = read_json_object(config_path)
+        raw = {**read_json_object(config_path), **(overrides or {})}
         architectures = raw.get("architectures")
         if architectures is not None and not (
             isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
@@ -646,13 +705,7 @@ class SpeculativeConfig:
         """From a mapping or its JSON text (the CLI's ``--speculative-config``), as vLLM spells it."""
         if isinstance(value, SpeculativeConfig):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"speculative_config is not JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError("speculative_config must be a JSON object")
+        value = option_object(value, "speculative_config")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:

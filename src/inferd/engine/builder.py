@@ -20,6 +20,7 @@ from inferd.config import (
     ModelLoadError,
     SchedulerConfig,
     SpeculativeConfig,
+    option_object,
     parse_dtype,
 )
 
@@ -56,7 +57,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
     path = Path(model_path) if model_path is not None else default_model_path()
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} does not exist")
-    model = ModelConfig.from_folder(path)
+    model = ModelConfig.from_folder(path, _hf_overrides(options.pop("hf_overrides", None)))
     device = options.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = options.pop("dtype", None) or _default_dtype(model, device)
     parse_dtype(dtype)
@@ -161,6 +162,13 @@ def _kv_cache_dtype(value: str | None) -> str:
     if value in ("fp8", "fp8_e4m3"):
         return "fp8"
     raise ValueError(f"unknown kv_cache_dtype {value!r}; choose auto or fp8 (e4m3)")
+
+
+def _hf_overrides(value: Any) -> dict[str, Any] | None:
+    """``hf_overrides`` (vLLM's): config.json fields to replace, a mapping or its JSON text."""
+    if value is None or value == "":
+        return None
+    return option_object(value, "hf_overrides")
 
 
 def _speculative(value: Any) -> SpeculativeConfig | None:

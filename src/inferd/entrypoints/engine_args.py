@@ -29,6 +29,7 @@ _DIRECT_OPTIONS = (
     "tensor_parallel_size",
     "lora_modules",
     "speculative_config",
+    "hf_overrides",
     "scheduling_policy",
     "quantization",
     "kv_cache_dtype",
@@ -131,6 +132,13 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\': a decoding request proposes the tokens that '
         "followed the last occurrence of its last few tokens, and the model checks them in one step "
         "(default: off)",
+    )
+    group.add_argument(
+        "--hf-overrides",
+        metavar="JSON",
+        help="config.json fields to replace, as vLLM takes them; e.g. to serve Qwen3-Reranker as a "
+        'cross-encoder: \'{"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": '
+        '["no", "yes"], "is_original_qwen3_reranker": true}\'',
     )
     if seed_flag:
         group.add_argument("--seed", dest="engine_seed", type=int, help="seed for requests without their own")

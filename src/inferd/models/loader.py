@@ -18,7 +18,7 @@ from inferd.config import EngineConfig, ModelConfig, ModelLoadError, read_json_o
 from inferd.layers import quantized
 from inferd.layers.linear import Linear
 from inferd.layers.linear_operands import FP8_DTYPE
-from inferd.models import gptq_awq
+from inferd.models import gptq_awq, head_from_tokens
 from inferd.models.kv_scales import KVScales, kv_scale_of
 from inferd.models.moe import Experts
 from inferd.models.registry import CausalLM, model_class
@@ -159,7 +159,8 @@ def load_model(
             # each piece is sliced by heads or rows on its own, as a separate one would be.
             pieces = (piece for name, t in weights for piece in split_fused_tensor(name, t, cfg, size))
             weights = ((name, shard_checkpoint_tensor(name, t, rank, size)) for name, t in pieces)
-        _fill_weights(model, weights, cfg)
+        head_ids = head_from_tokens.token_ids(path, cfg.head_from_tokens) if cfg.head_from_tokens else []
+        _fill_weights(model, weights, cfg, head_ids)
         for module_name, module in model.named_modules():
             if isinstance(module, Linear):
                 # Reordered first: zero points are per group of the reordered columns.
@@ -275,13 +276,30 @@ def enable_configured_kernels(model: CausalLM, config: EngineConfig) -> None:
 Slot = tuple[int, ...] | None
 
 
-def _fill_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig) -> None:
+def _fill_weights(
+    model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig, head_ids: list[int]
+) -> None:
+    """Fill ``model`` from the checkpoint's ``weights``; ``head_ids``: the tokens whose LM-head rows
+    make a classifier's head (``cfg.head_from_tokens``)."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     filled: set[tuple[str, Slot]] = set()
+    head = cfg.head_from_tokens
+    # Where such a head's rows come from: the LM head, or the embeddings it is tied to.
+    head_source = ("model.embed_tokens.weight" if head.tied else "lm_head.weight") if head else None
     for name, tensor in weights:
         if "rotary_emb" in name:
             continue
+        if head is not None and name == head_source:
+            with torch.no_grad():
+                params["lm_head.weight"].copy_(head_from_tokens.head_weight(tensor, head, head_ids))
+            filled.add(("lm_head.weight", None))
+            if name == "lm_head.weight":
+                continue
+        if head is not None and name == _CLASSIFIER_HEAD:
+            raise ModelLoadError(f"checkpoint tensor {name!r}: the checkpoint has a classifier head of its "
+                                 f"own, and classifier_from_token makes one from its LM head; leave one "
+                                 f"out")  # fmt: skip
         if cfg.labels and name == "lm_head.weight":  # a classifier's checkpoint may keep its LM's head
             continue
         if cfg.labels and name == _CLASSIFIER_HEAD:  # a classifier's head takes the LM head's place
