@@ -15,6 +15,7 @@ import transformers
 from server_process import ServerProcess, run_server
 
 from inferd import LLM, SamplingParams
+from inferd.config import ModelLoadError
 from inferd.engine.async_llm import AsyncLLM
 from inferd.sampling_params import SamplingParamsError
 
@@ -282,3 +283,46 @@ def test_score_and_rerank_errors(server: ServerProcess, path: str, body: dict, s
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and (field is None or error["param"] == field)
+
+
+def test_a_model_trained_for_shorter_embeddings_gives_them(tiny_model_factory) -> None:
+    """Matryoshka widths (Qwen3-Embedding's): the first ``dimensions`` values of the embedding,
+    normalized again; a width the model names, or any with ``is_matryoshka``; refused for other
+    models."""
+    folder = tiny_model_factory("qwen3")
+    prompts = _prompts(64)[:2]
+    full = [torch.tensor(vector) for vector in LLM(folder, kv_cache_memory="4MiB").embed(prompts)]
+    named = LLM(folder, kv_cache_memory="4MiB", hf_overrides={"matryoshka_dimensions": [16, 32]})
+    for ours, whole in zip(named.embed(prompts, dimensions=16), full, strict=True):
+        assert len(ours) == 16
+        assert (
+            torch.tensor(ours) - torch.nn.functional.normalize(whole[:16], dim=0)
+        ).abs().max().item() < 1e-6
+    assert len(named.embed(prompts, dimensions=64)[0]) == 64  # its own width, always
+    with pytest.raises(ValueError, match=r"trained for embeddings of \[16, 32\] dimensions, not 8"):
+        named.embed(prompts, dimensions=8)
+    any_width = LLM(folder, kv_cache_memory="4MiB", hf_overrides={"is_matryoshka": True})
+    assert len(any_width.embed(prompts, dimensions=5)[1]) == 5
+    with pytest.raises(ValueError, match="dimensions must be from 1 to the model's 64, got 65"):
+        any_width.embed(prompts, dimensions=65)
+    with pytest.raises(ValueError, match="was not trained for shorter ones"):
+        LLM(folder, kv_cache_memory="4MiB").embed(prompts, dimensions=16)
+    with pytest.raises(ModelLoadError, match="matryoshka_dimensions must be a list of positive widths"):
+        LLM(folder, kv_cache_memory="4MiB", hf_overrides={"matryoshka_dimensions": [16, 0]})
+
+
+def test_shorter_embeddings_over_http(tiny_model_factory) -> None:
+    folder = tiny_model_factory("qwen3")
+    whole = torch.tensor(LLM(folder, kv_cache_memory="4MiB").embed(["ROMEO:"])[0])
+    overrides = '{"matryoshka_dimensions": [16]}'
+    with run_server(folder, "--kv-cache-memory", "8MiB", "--hf-overrides", overrides) as server:
+        import httpx
+
+        url = f"{server.base_url}/v1/embeddings"
+        model = httpx.get(f"{server.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
+        short = httpx.post(url, json={"model": model, "input": "ROMEO:", "dimensions": 16}, timeout=30)
+        assert short.status_code == 200, short.text
+        expected = torch.nn.functional.normalize(whole[:16], dim=0)
+        assert (torch.tensor(short.json()["data"][0]["embedding"]) - expected).abs().max().item() < 1e-6
+        refused = httpx.post(url, json={"model": model, "input": "ROMEO:", "dimensions": 8}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "dimensions"

@@ -217,6 +217,19 @@ def _labels(cfg: dict[str, Any]) -> tuple[str, ...]:
     return tuple(by_index[i] for i in range(len(by_index)))
 
 
+def _matryoshka(cfg: dict[str, Any]) -> tuple[int, ...] | None:
+    """The embedding widths a model was trained for besides its own (vLLM's reading of
+    ``matryoshka_dimensions`` and ``is_matryoshka``); None: none."""
+    widths = cfg.get("matryoshka_dimensions")
+    if widths is not None:
+        if not isinstance(widths, list) or not all(
+            isinstance(width, int) and not isinstance(width, bool) and width > 0 for width in widths
+        ):
+            raise ValueError(f"matryoshka_dimensions must be a list of positive widths, got {widths!r}")
+        return tuple(widths)
+    return () if cfg.get("is_matryoshka") is True else None
+
+
 @dataclass(frozen=True)
 class HeadFromTokens:
     """vLLM's ``classifier_from_token``: a classifier whose head is made at load from its causal
@@ -359,6 +372,9 @@ class ModelConfig:
     labels: tuple[str, ...] = ()
     # A classifier whose head is made from its LM head's rows of some tokens; None: it has its own.
     head_from_tokens: HeadFromTokens | None = None
+    # Trained for shorter embeddings (``engine/matryoshka.py``): the widths it names, empty for any
+    # width; None: only its own.
+    matryoshka: tuple[int, ...] | None = None
 
     @property
     def head_size(self) -> int:
@@ -440,6 +456,7 @@ class ModelConfig:
             quant=read_quantization(cfg),
             labels=(head_from_tokens.labels if head_from_tokens else _labels(cfg)) if classifier else (),
             head_from_tokens=head_from_tokens,
+            matryoshka=_matryoshka(cfg),
         )
         config.check_consistent()
         return config

@@ -19,6 +19,7 @@ from inferd.engine.beam_search import (
     step_params,
 )
 from inferd.engine.llm_engine import LLMEngine, Prompt
+from inferd.engine.matryoshka import check_dimensions, shortened
 from inferd.engine.outputs import ClassificationOutput, RequestOutput
 from inferd.engine.scoring import check_scoring_labels, pair_indices
 from inferd.sampling_params import SamplingParams
@@ -78,17 +79,28 @@ class LLM:
         return [r for r in results if r is not None]
 
     def embed(
-        self, prompts: Prompt | Sequence[Prompt], adapter: str | None = None, use_tqdm: bool = False
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        adapter: str | None = None,
+        use_tqdm: bool = False,
+        dimensions: int | None = None,
     ) -> list[list[float]]:
         """Each prompt's embedding: its last token's final hidden state, L2-normalized (the pooling
         of decoder embedding models such as Qwen3-Embedding; ``SamplingParams.embed``); a sequence
-        classifier's label logits (``classify`` reads them)."""
+        classifier's label logits (``classify`` reads them). ``dimensions``: only the first so many
+        values, normalized again, for a model trained for shorter embeddings
+        (``engine/matryoshka.py``)."""
+        model = self.engine.config.model
+        if dimensions is not None:
+            if model.labels:
+                raise ValueError("dimensions shortens embeddings; a classifier gives label logits")
+            check_dimensions(model, dimensions)
         params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
         outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
         failed = [out.error for out in outputs if out.embedding is None]
         if failed:
             raise RuntimeError(f"a prompt could not be embedded: {failed[0]}")
-        return [out.embedding for out in outputs if out.embedding is not None]
+        return [shortened(out.embedding, dimensions) for out in outputs if out.embedding is not None]
 
     def classify(
         self, prompts: Prompt | Sequence[Prompt], adapter: str | None = None, use_tqdm: bool = False

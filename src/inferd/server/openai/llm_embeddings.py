@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from inferd.engine.matryoshka import check_dimensions, shortened
 from inferd.engine.outputs import RequestOutput
 from inferd.sampling_params import SamplingParams
 from inferd.server.errors import GenerationError, InvalidRequestError, RequestTimeoutError
@@ -109,17 +110,19 @@ async def embed_with_llm(
     (``encoding`` and ``dimensions`` already checked for their form); after ``timeout_s`` its
     unfinished inputs end it with a 408."""
     model = body["model"]
-    width = frontend.llm.config.model.hidden_size
-    if dimensions is not None and dimensions != width:
-        # Shortening is only meaningful for models trained for it; this one gives its own width.
-        raise InvalidRequestError(
-            f"dimensions: model {model!r} gives {width}-dimensional embeddings", "dimensions"
-        )
+    if dimensions is not None and not frontend.llm.config.model.labels:  # a classifier is refused below
+        # Shortening is only meaningful for models trained for it (engine/matryoshka.py).
+        try:
+            check_dimensions(frontend.llm.config.model, dimensions)
+        except ValueError as exc:
+            raise InvalidRequestError(f"dimensions: {exc}", "dimensions") from None
     keep = truncation(body.get("truncate_prompt_tokens"))
     prompts = parse_inputs(body.get("input"))
     vectors, tokens = await embed_prompts(
         frontend, model, prompts, "input", timeout_s, truncate_prompt_tokens=keep
     )
+    if dimensions is not None:
+        vectors = [np.asarray(shortened(vector.tolist(), dimensions), dtype=np.float32) for vector in vectors]
     data = [
         {"object": "embedding", "index": index, "embedding": encode_vector(vector, encoding)}
         for index, vector in enumerate(vectors)
