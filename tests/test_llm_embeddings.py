@@ -17,6 +17,7 @@ from server_process import ServerProcess, run_server
 from inferd import LLM, SamplingParams
 from inferd.config import ModelLoadError
 from inferd.engine.async_llm import AsyncLLM
+from inferd.engine.input_processor import PromptError
 from inferd.sampling_params import SamplingParamsError
 
 
@@ -326,3 +327,46 @@ def test_shorter_embeddings_over_http(tiny_model_factory) -> None:
         assert (torch.tensor(short.json()["data"][0]["embedding"]) - expected).abs().max().item() < 1e-6
         refused = httpx.post(url, json={"model": model, "input": "ROMEO:", "dimensions": 8}, timeout=30)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "dimensions"
+
+
+def test_a_pooled_prompt_may_fill_the_whole_context(tiny_model_factory) -> None:
+    """An embedding's prompt needs no room for an output token (its one sample is dropped): a
+    prompt of exactly ``max_model_len`` tokens embeds as transformers embeds it, in chunks too;
+    a longer one, or a generation of that length, is refused."""
+    folder = tiny_model_factory("qwen3")
+    llm = LLM(folder, kv_cache_memory="4MiB", block_size=8, max_model_len=40, max_num_batched_tokens=16)
+    prompt = [(13 * i + 2) % 64 for i in range(40)]
+    (ours,) = llm.embed([prompt])
+    (theirs,) = _expected(folder, [prompt])
+    assert (torch.tensor(ours) - theirs).abs().max().item() < 1e-5
+    with pytest.raises(PromptError, match="maximum context length is 40 tokens, but the prompt has 41"):
+        llm.embed([[*prompt, 5]])
+    with pytest.raises(PromptError, match="leaves no room for the one token every request computes"):
+        llm.generate([prompt], SamplingParams(max_tokens=1))
+
+
+@pytest.mark.parametrize("template", ["<|user|> $A", "$A <|eos|>", "<|user|> $A <|eos|>", "$A"])
+def test_truncation_keeps_the_special_tokens_around_a_text(
+    tiny_model_factory, tmp_path, template: str
+) -> None:
+    """As transformers' left truncation: a BOS before the text and an EOS after it (what last-token
+    pooling reads) survive; the text's own tokens are cut from the left."""
+    import shutil
+
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import processors
+
+    from inferd.engine.tokenizer import Tokenizer
+
+    folder = shutil.copytree(tiny_model_factory("qwen3"), tmp_path / "m")
+    raw = RawTokenizer.from_file(str(folder / "tokenizer.json"))
+    specials = [(token, raw.token_to_id(token)) for token in ("<|user|>", "<|eos|>") if token in template]
+    raw.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
+    raw.save(str(folder / "tokenizer.json"))
+    ours = Tokenizer(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder, truncation_side="left")
+    text = "ROMEO: good night, good night! parting is such sweet sorrow"
+    assert len(ours.encode(text)) > 12
+    for keep in (3, 7, 12, 200):
+        expected = theirs(text, truncation=True, max_length=keep)["input_ids"]
+        assert ours.encode_last(text, keep) == expected, keep

@@ -103,8 +103,14 @@ class InputProcessor:
     def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         """Check the context limit and the cap; returns the output budget (what is left when unset)."""
         room = self.max_model_len - num_prompt_tokens
+        if params.embed:
+            # A pooled prompt may fill the context: the one token such a request samples is dropped
+            # before anything reads it, so it needs no place in the context or the KV cache.
+            if room < 0:
+                raise PromptError(f"this model's maximum context length is {self.max_model_len} tokens, "
+                                  f"but the prompt has {num_prompt_tokens} tokens")  # fmt: skip
+            return 1
         if room <= 0:
-            # Embedding and classifying requests sample one token too (dropped), so they need it.
             raise PromptError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has "
                 f"{num_prompt_tokens} tokens, which leaves no room for the one token every request computes"

@@ -121,6 +121,20 @@ class Tokenizer:
         _check_unicode(text)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def encode_last(self, text: str, keep: int) -> list[int]:
+        """``text``'s last tokens, ``keep`` in all, as transformers' left truncation gives them: the
+        special tokens the tokenizer's template adds around a text (a BOS before it, an EOS after)
+        are kept, and the text's own tokens are cut from the left."""
+        whole = self.encode(text)
+        if len(whole) <= keep:
+            return whole
+        own = self.encode(text, add_special_tokens=False)
+        start = next((i for i in range(len(whole) - len(own) + 1) if whole[i : i + len(own)] == own), None)
+        added = len(whole) - len(own)
+        if start is None or keep <= added:  # no text inside the template, or no room for any of it
+            return whole[-keep:]
+        return whole[:start] + own[len(own) - (keep - added) :] + whole[start + len(own) :]
+
     def encode_pair(self, first: str, second: str) -> list[int]:
         """Two texts as one input, joined as the tokenizer's pair template joins them (the
         ``text_pair`` of transformers' tokenizers): what a cross-encoder reads."""

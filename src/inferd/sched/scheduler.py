@@ -50,7 +50,8 @@ class Scheduler:
 
     # -- queue management -------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        if request.num_prompt_tokens >= self.config.max_model_len:
+        # A pooled prompt may fill the context: its one sampled token is dropped unread.
+        if request.num_prompt_tokens >= self.config.max_model_len + request.params.embed:
             raise ValueError(
                 f"prompt has {request.num_prompt_tokens} tokens; the context limit is "
                 f"{self.config.max_model_len}"

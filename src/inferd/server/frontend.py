@@ -292,14 +292,17 @@ class Frontend:
         self, prompt: str | list[int], keep: int, max_tokens: int | None, field: str = "prompt"
     ) -> list[int]:
         """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: as many as
-        leave room in the context for ``max_tokens``, or for one token)."""
+        leave room in the context for ``max_tokens``; None: one token; 0: a pooling request's,
+        which needs none). A text keeps the special tokens its tokenizer adds around it
+        (``Tokenizer.encode_last``); token ids are cut as they are."""
+        if keep == -1:
+            keep = max(1, self.max_model_len - (1 if max_tokens is None else max_tokens))
+        if not isinstance(prompt, str):
+            return list(prompt)[-keep:]
         try:
-            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            return self.tokenizer.encode_last(prompt, keep)
         except InvalidTextError as exc:
             raise InvalidRequestError(str(exc), field=field) from exc
-        if keep == -1:
-            keep = max(1, self.max_model_len - (max_tokens or 1))
-        return token_ids[-keep:]
 
     def prepare(self, prompt: str | list[int], params: SamplingParams, field: str = "prompt") -> list[int]:
         """Tokenize and check one prompt against the context; returns its token ids."""

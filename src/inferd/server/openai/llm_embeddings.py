@@ -83,7 +83,8 @@ async def embed_prompts(
     adapter = frontend.adapter_for(model)
     params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
     if truncate_prompt_tokens is not None:
-        prompts = [frontend.truncated(prompt, truncate_prompt_tokens, 1, field) for prompt in prompts]
+        # A pooled prompt may fill the whole context (InputProcessor.resolve_max_tokens).
+        prompts = [frontend.truncated(prompt, truncate_prompt_tokens, 0, field) for prompt in prompts]
     token_ids = [frontend.prepare(prompt, params, field=field) for prompt in prompts]
     frontend.check_ready(token_ids, field=field)
     finals: dict[int, RequestOutput] = {}
