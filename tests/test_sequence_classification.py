@@ -379,9 +379,31 @@ def test_an_llm_reranker_serves_as_a_cross_encoder_through_hf_overrides(
     no, yes = llm.tokenizer.encode("e")[0], 291
     expected = torch.softmax(logits[:, [no, yes]], dim=-1)[:, 1].tolist()
     assert [output.probs[0] for output in llm.classify(prompts)] == pytest.approx(expected, abs=1e-5)
-    # Its score of a pair: the two texts joined, as the pair's own classification.
-    joined = llm.tokenizer.encode_pair("who kills Tybalt", "ROMEO")
+    # Its score of a pair: the two texts read as one text (vLLM's join for an LLM reranker).
+    joined = llm.tokenizer.encode("who kills Tybalt" + "ROMEO")
     assert llm.score("who kills Tybalt", "ROMEO") == pytest.approx([llm.classify([joined])[0].probs[0]])
+
+
+@pytest.mark.parametrize("use_pad_token", [False, True])
+def test_an_llm_rerankers_pair_is_one_text_unless_use_pad_token(
+    tiny_model_factory, tmp_path, use_pad_token
+) -> None:
+    """A tokenizer whose pair template puts a separator between the texts (Gemma's and Llama's put
+    a second BOS): an LLM reranker reads the pair as one text, without it, as vLLM does, unless
+    ``use_pad_token`` asks for the template (a cross-encoder's join)."""
+    folder = _cross_encoder(tiny_model_factory("qwen3"), tmp_path / "m")
+    overrides = {
+        "architectures": ["Qwen3ForSequenceClassification"],
+        **_RERANKER,
+        "use_pad_token": use_pad_token,
+    }
+    llm = LLM(folder, kv_cache_memory="4MiB", hf_overrides=overrides)
+    first, second = "who kills Tybalt", "ROMEO"
+    joined = (
+        llm.tokenizer.encode_pair(first, second) if use_pad_token else llm.tokenizer.encode(first + second)
+    )
+    assert len(llm.tokenizer.encode_pair(first, second)) > len(llm.tokenizer.encode(first + second))
+    assert llm.score(first, second) == pytest.approx([llm.classify([joined])[0].probs[0]], abs=1e-6)
 
 
 def test_a_head_of_several_tokens_gives_each_tokens_logit(tiny_model_factory) -> None:
@@ -403,7 +425,19 @@ def test_a_head_of_several_tokens_gives_each_tokens_logit(tiny_model_factory) ->
     [
         (
             {"classifier_from_token": ["e", "t"], "method": "from_2_way_softmax"},
-            "must be a \\*ForSequenceClass",
+            "one of the served classifiers",
+        ),
+        (
+            {
+                "architectures": ["Qwen3ForSequenceClassification"],
+                "classifier_from_token": ["e", "e"],
+                "method": "from_2_way_softmax",
+            },
+            "names a token twice",
+        ),
+        (
+            {"architectures": ["Qwen3ForSequenceClassification"], "method": "no_post_processing"},
+            "needs classifier_from",
         ),
         (
             {

@@ -244,22 +244,36 @@ class HeadFromTokens:
     tokens: tuple[str, ...]
     two_way: bool
     tied: bool
+    # vLLM's ``use_pad_token``: whether a scored pair is joined by the tokenizer's pair template, as
+    # a cross-encoder's is; off (the default for an LLM reranker): the two texts are read as one.
+    use_pad_token: bool = False
 
     @property
     def labels(self) -> tuple[str, ...]:
         return self.tokens[1:] if self.two_way else self.tokens
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any], classifier: bool, tied: bool) -> HeadFromTokens | None:
+    def from_hf_config(
+        cls, cfg: dict[str, Any], architecture: str, classifier: bool, tied: bool
+    ) -> HeadFromTokens | None:
         tokens = cfg.get("classifier_from_token")
         if tokens is None:
+            if classifier and cfg.get("method") in ("from_2_way_softmax", "no_post_processing"):
+                raise ValueError(f"method {cfg['method']} makes a head from tokens: it needs "
+                                 f"classifier_from_token")  # fmt: skip
             return None
         if not classifier:
-            raise ValueError("classifier_from_token makes a classifier's head from the LM head: the "
-                             "architecture must be a *ForSequenceClassification (set it with "
-                             "hf_overrides)")  # fmt: skip
+            served = ", ".join(_CLASSIFIER_ARCHITECTURES)
+            raise ValueError(f"classifier_from_token makes a classifier's head from the LM head: the "
+                             f"architecture must be one of the served classifiers ({served}), not "
+                             f"{architecture!r}")  # fmt: skip
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
             raise ValueError("classifier_from_token must be a non-empty list of token strings")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"classifier_from_token names a token twice: {tokens}")
+        use_pad_token = cfg.get("use_pad_token", False)
+        if not isinstance(use_pad_token, bool):
+            raise ValueError(f"use_pad_token must be true or false, got {use_pad_token!r}")
         # Qwen's flag for its rerankers, which vLLM reads as the two-way method.
         qwen3_reranker = cfg.get("is_original_qwen3_reranker")
         method = cfg.get("method") or ("from_2_way_softmax" if qwen3_reranker else None)
@@ -268,7 +282,7 @@ class HeadFromTokens:
                              f"no_post_processing, got {method!r}")  # fmt: skip
         if method == "from_2_way_softmax" and len(tokens) != 2:
             raise ValueError(f"method from_2_way_softmax takes two tokens (false, true), got {len(tokens)}")
-        return cls(tuple(tokens), method == "from_2_way_softmax", tied)
+        return cls(tuple(tokens), method == "from_2_way_softmax", tied, use_pad_token)
 
 
 _GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -406,7 +420,7 @@ class ModelConfig:
             )
         # Gemma's hub configs leave it out: transformers ties its embeddings by default.
         tied = bool(cfg.get("tie_word_embeddings", gemma or architecture == "SmolLM3ForCausalLM"))
-        head_from_tokens = HeadFromTokens.from_hf_config(cfg, classifier, tied)
+        head_from_tokens = HeadFromTokens.from_hf_config(cfg, archs[0] if archs else "", classifier, tied)
         gemma3 = architecture == "Gemma3ForCausalLM"
         if gemma3:
             rope = _parse_rope(GemmaConfig.global_rope_fields(cfg))
@@ -497,7 +511,8 @@ class ModelConfig:
         except KeyError as exc:
             raise ModelLoadError(f"{config_path} has no {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
-            raise ModelLoadError(f"{config_path} has a field the engine cannot read: {exc}") from None
+            where = f"{config_path} (with hf_overrides)" if overrides else str(config_path)
+            raise ModelLoadError(f"{where} has a field the engine cannot read: {exc}") from None
 
     def sharded(self, size: int) -> ModelConfig:
         """The per-rank shape under tensor parallelism over ``size`` ranks: heads and MLP width

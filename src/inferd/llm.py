@@ -21,7 +21,7 @@ from inferd.engine.beam_search import (
 from inferd.engine.llm_engine import LLMEngine, Prompt
 from inferd.engine.matryoshka import check_dimensions, shortened
 from inferd.engine.outputs import ClassificationOutput, RequestOutput
-from inferd.engine.scoring import check_scoring_labels, pair_indices
+from inferd.engine.scoring import check_scoring_labels, joined_pair, pair_indices
 from inferd.sampling_params import SamplingParams
 
 
@@ -133,8 +133,8 @@ class LLM:
         labels = self.engine.config.model.labels
         check_scoring_labels(labels)
         if labels:
-            tokenizer = self.engine.tokenizer
-            joined: list[Prompt] = [tokenizer.encode_pair(firsts[i], seconds[j]) for i, j in pairs]
+            tokenizer, model = self.engine.tokenizer, self.engine.config.model
+            joined: list[Prompt] = [joined_pair(tokenizer, model, firsts[i], seconds[j]) for i, j in pairs]
             return [output.probs[0] for output in self.classify(joined, adapter, use_tqdm)]
         vectors = self.embed([*firsts, *seconds], adapter, use_tqdm)
         left, right = vectors[: len(firsts)], vectors[len(firsts) :]

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+from inferd.config import ModelConfig
+from inferd.engine.tokenizer import Tokenizer
+
 
 class PairingError(ValueError):
     """Texts that cannot be paired; ``field`` is "text_1" or "text_2", the list at fault."""
@@ -33,6 +36,16 @@ def pair_indices(firsts: int, seconds: int) -> list[tuple[int, int]]:
             "text_2",
         )
     return [(i, i) for i in range(firsts)]
+
+
+def joined_pair(tokenizer: Tokenizer, model: ModelConfig, first: str, second: str) -> list[int]:
+    """The tokens a cross-encoder reads for a pair: the two texts joined by the tokenizer's pair
+    template; for an LLM reranker (a head from tokens, ``config.HeadFromTokens``) the two texts as
+    one text, as vLLM joins them, unless its ``use_pad_token`` asks for the template."""
+    head = model.head_from_tokens
+    if head is not None and not head.use_pad_token:
+        return tokenizer.encode(first + second)
+    return tokenizer.encode_pair(first, second)
 
 
 def check_scoring_labels(labels: tuple[str, ...]) -> None:

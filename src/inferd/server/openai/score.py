@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from inferd.engine.outputs import ClassificationOutput
-from inferd.engine.scoring import PairingError, check_scoring_labels, pair_indices
+from inferd.engine.scoring import PairingError, check_scoring_labels, joined_pair, pair_indices
 from inferd.engine.tokenizer import InvalidTextError
 from inferd.server.errors import GenerationError, InvalidRequestError
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
@@ -114,12 +114,15 @@ async def _cross_encoded(frontend: Frontend, job: _ScoreJob) -> tuple[list[float
     for field, texts in (job.firsts, job.seconds):
         if not all(texts):
             raise InvalidRequestError("texts must not be empty", field)
-    joined: list[str | list[int]] = []
-    for i, j in job.pairs:
-        try:
-            joined.append(frontend.tokenizer.encode_pair(first_texts[i], second_texts[j]))
-        except InvalidTextError as exc:
-            raise InvalidRequestError(str(exc), first_field) from None
+        for text in texts:  # checked apart, so an error names the field at fault
+            try:
+                frontend.tokenizer.encode(text, add_special_tokens=False)
+            except InvalidTextError as exc:
+                raise InvalidRequestError(str(exc), field) from None
+    model = frontend.llm.config.model
+    joined: list[str | list[int]] = [
+        joined_pair(frontend.tokenizer, model, first_texts[i], second_texts[j]) for i, j in job.pairs
+    ]
     logits, tokens = await embed_prompts(
         frontend, job.model, joined, first_field, job.timeout_s, classifier_logits=True,
         truncate_prompt_tokens=job.keep,
