@@ -220,20 +220,7 @@ def paged_step(
         own, order = order[: blocks_per_seq[i]], order[blocks_per_seq[i] :]
         tables[i, : len(own)] = torch.tensor(own, dtype=torch.int32)
         slots += [own[p // block_size] * block_size + p % block_size for p in range(context, total)]
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=tables.to(device),
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        query_lens_host=tuple(query_lens),
-        seq_lens_host=tuple(seq_lens),
-    )
-    return meta, num_blocks
+    return AttentionMetadata.from_host(slots, query_lens, seq_lens, tables, device), num_blocks
 
 
 # A cap low enough to bend the random scores of the kernel checks (Gemma 2's layers cap at 50).

@@ -67,19 +67,7 @@ def make_batch(
         for i, (c, n) in enumerate(zip(context_lens, seq_lens, strict=True))
         for pos in range(c, n)
     ]
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-        block_tables=block_tables.to(DEVICE),
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        query_lens_host=tuple(query_lens),
-        seq_lens_host=tuple(seq_lens),
-    )
+    meta = AttentionMetadata.from_host(slots, query_lens, seq_lens, block_tables, DEVICE)
     return PagedBatch(
         q=randn(total, num_heads, head_dim).to(DEVICE),
         k=randn(total, num_kv_heads, head_dim).to(DEVICE),

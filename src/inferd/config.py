@@ -705,24 +705,41 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding by prompt lookup (n-gram): each step, a decoding request whose last
-    ``n`` tokens (``prompt_lookup_max`` down to ``prompt_lookup_min``) appeared earlier in its
-    prompt or output proposes the up to ``num_speculative_tokens`` tokens that followed them there;
-    the model checks them all in one forward pass and keeps the longest run its own sampling agrees
-    with, plus one token of its own (sched/ngram_proposer.py). The output is distributed exactly as
-    without speculation."""
+    """Speculative decoding: each step, a decoding request runs up to ``num_speculative_tokens``
+    guesses of its next tokens after its last one; the model checks them all in one forward pass
+    and keeps the longest run its own sampling agrees with, plus one token of its own. The output
+    is distributed exactly as without speculation.
+
+    ``method`` "ngram" (prompt lookup): a request whose last ``n`` tokens (``prompt_lookup_max``
+    down to ``prompt_lookup_min``) appeared earlier in its prompt or output guesses the tokens that
+    followed them there (sched/ngram_proposer.py). "draft_model" (the method wherever ``model`` is
+    given): the model folder ``model``, smaller and of the same vocabulary, decodes the guesses
+    greedily (sched/draft_proposer.py)."""
 
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     # None: 2, or prompt_lookup_max if that is 1 (a one-token match proposes poorly).
     prompt_lookup_min: int | None = None
-    method: str = "ngram"
+    # None: "draft_model" where a model is given, else "ngram".
+    method: str | None = None
+    # The draft model's folder (method "draft_model").
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_lookup_min is None:
             object.__setattr__(self, "prompt_lookup_min", min(2, self.prompt_lookup_max))
-        if self.method != "ngram":
-            raise ValueError(f"speculative method {self.method!r} is not supported; use 'ngram'")
+        if self.method is None:  # as vLLM reads a config without one
+            object.__setattr__(self, "method", "draft_model" if self.model is not None else "ngram")
+        if self.method == "ngram" and self.model is not None:
+            raise ValueError(
+                "speculative method 'ngram' takes no model (a draft model's method is 'draft_model')"
+            )
+        if self.method not in ("ngram", "draft_model"):
+            raise ValueError(
+                f"speculative method {self.method!r} is not supported; use 'ngram' or 'draft_model'"
+            )
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("speculative method 'draft_model' needs the draft model's folder: model")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
         assert self.prompt_lookup_min is not None
@@ -747,7 +764,7 @@ class SpeculativeConfig:
         if "num_speculative_tokens" not in value:
             raise ValueError("speculative_config needs num_speculative_tokens")
         for key, item in value.items():
-            wanted, named = (str, "a string") if key == "method" else (int, "an integer")
+            wanted, named = (str, "a string") if key in ("method", "model") else (int, "an integer")
             if not isinstance(item, wanted) or isinstance(item, bool):
                 raise ValueError(f"speculative_config: {key} must be {named}")
         return cls(**value)

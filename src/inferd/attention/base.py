@@ -38,6 +38,32 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
 
+    @classmethod
+    def from_host(
+        cls,
+        slots: list[int],
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: torch.Tensor,
+        device: torch.device | str,
+    ) -> AttentionMetadata:
+        """A step's metadata from host lists (a draft model's passes, tests, benchmarks; the model
+        runner fills persistent buffers instead): each new token's cache slot, each sequence's
+        query and context lengths, and the block tables ([sequences, blocks], int32)."""
+        starts = [0]
+        for length in query_lens:
+            starts.append(starts[-1] + length)
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=block_tables.to(device),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_host=tuple(query_lens),
+            seq_lens_host=tuple(seq_lens),
+        )
+
     @property
     def is_pure_decode(self) -> bool:
         return self.max_query_len == 1

@@ -23,6 +23,7 @@ from inferd.config import (
     option_object,
     parse_dtype,
 )
+from inferd.sched.draft_proposer import read_draft_config
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,12 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
                          "it needs triton_ops and the triton attention backend")  # fmt: skip
     if config.triton_pdl and not config.device.startswith("cuda"):
         raise ValueError(f"triton_pdl launches kernels on a CUDA GPU; the device is {config.device}")
+    if config.speculative is not None and config.speculative.method == "draft_model":
+        if config.tensor_parallel_size > 1:
+            raise ValueError("a draft model (speculative method draft_model) is not supported with tensor "
+                             "parallelism")  # fmt: skip
+        # Its folder is read now, so a draft that cannot serve fails before the engine loads.
+        read_draft_config(Path(str(config.speculative.model)), model, max_model_len)
     if config.speculative is not None and config.async_scheduling:
         raise ValueError("speculative decoding cannot be used with async_scheduling: a request's next "
                          "tokens are proposed from its last one, which must be on the host")  # fmt: skip

@@ -12,8 +12,8 @@ from inferd.engine.request import FinishReason, Request
 from inferd.kv.manager import KVCacheManager
 from inferd.sample.penalties import needs_history
 from inferd.sample.sampler import TokenLogprobs
-from inferd.sched.ngram_proposer import NgramProposer
 from inferd.sched.output import SchedulerOutput
+from inferd.sched.proposer import make_proposer
 from inferd.sched.scheduler import Scheduler
 from inferd.structured.matcher import GrammarCompiler
 from inferd.worker.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
@@ -61,8 +61,7 @@ class EngineCore:
         self.kv = KVCacheManager(
             config.cache.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        proposer = NgramProposer(config.speculative) if config.speculative is not None else None
-        self.scheduler = Scheduler(config.scheduler, self.kv, proposer)
+        self.scheduler = Scheduler(config.scheduler, self.kv, make_proposer(config, config.cache.num_blocks))
         self.async_scheduling = config.uses_async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read yet (async only)
         self.grammars = GrammarCompiler(config.model_path / "tokenizer.json", config.model.vocab_size)

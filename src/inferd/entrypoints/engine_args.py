@@ -130,8 +130,9 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         metavar="JSON",
         help='speculative decoding by prompt lookup, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\': a decoding request proposes the tokens that '
-        "followed the last occurrence of its last few tokens, and the model checks them in one step "
-        "(default: off)",
+        "followed the last occurrence of its last few tokens, and the model checks them in one step; or "
+        'by a draft model of the same vocabulary: \'{"model": "/path/to/draft", "num_speculative_tokens": '
+        "4}' (default: off)",
     )
     group.add_argument(
         "--hf-overrides",

@@ -21,6 +21,13 @@ class NgramProposer:
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
 
+    def propose_batch(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
+        """``propose`` for each ``(request id, its tokens, at most so many guesses)``."""
+        return [self.propose(tokens, room) for _, tokens, room in requests]
+
+    def forget(self, request_id: str) -> None:
+        """Nothing is kept per request: each proposal reads the request's tokens afresh."""
+
     def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
         """Up to ``min(num_speculative_tokens, max_tokens)`` tokens to follow ``token_ids``; empty
         when no suffix of ``min_n`` tokens or more occurred before."""

@@ -10,8 +10,8 @@ from inferd.config import SchedulerConfig
 from inferd.engine.request import FinishReason, Request, RequestStatus
 from inferd.kv.manager import KVCacheManager
 from inferd.sample.penalties import needs_history
-from inferd.sched.ngram_proposer import NgramProposer
 from inferd.sched.output import ScheduledSequence, SchedulerOutput
+from inferd.sched.proposer import Proposer
 
 
 class Scheduler:
@@ -30,9 +30,7 @@ class Scheduler:
     to follow its last one; ``update`` keeps those the model's samples agree with.
     """
 
-    def __init__(
-        self, config: SchedulerConfig, kv: KVCacheManager, proposer: NgramProposer | None = None
-    ) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, proposer: Proposer | None = None) -> None:
         self.config = config
         self.kv = kv
         self.proposer = proposer
@@ -76,6 +74,8 @@ class Scheduler:
         elif request.status == RequestStatus.WAITING:
             self.waiting.remove(request)
         self.kv.free(request_id)
+        if self.proposer is not None:
+            self.proposer.forget(request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         return request
@@ -119,12 +119,23 @@ class Scheduler:
     def _add_guesses(self, scheduled: list[ScheduledSequence], budget: int) -> None:
         """Speculative decoding's guesses, last: from the token budget and the free blocks that
         every running request's next token and the admitted prompts left, so guessing never
-        delays, crowds out or preempts anyone."""
+        delays, crowds out or preempts anyone. The proposer guesses for all the step's guessing
+        requests at once (a draft model runs them as one batch); each may take as many as the
+        budget left after those before it could take."""
+        assert self.proposer is not None
+        asked: list[tuple[ScheduledSequence, int]] = []
         for seq in scheduled:
-            if budget <= 0:
-                return
+            room = min(budget, self._guess_room(seq))
+            if room > 0:
+                asked.append((seq, room))
+                budget -= room
+        if not asked:
+            return
+        proposals = self.proposer.propose_batch(
+            [(seq.request.request_id, seq.request.all_token_ids, room) for seq, room in asked]
+        )
+        for (seq, _room), guesses in zip(asked, proposals, strict=True):
             request = seq.request
-            guesses = self._propose(request, seq, budget)
             if not guesses or not self.kv.allocate(
                 request.request_id, request.num_computed_tokens + len(guesses)
             ):
@@ -133,17 +144,16 @@ class Scheduler:
             seq.num_draft_tokens = len(guesses)
             seq.block_table = list(self.kv.block_table(request.request_id))
             request.num_computed_tokens += len(guesses)  # until update takes back the rejected
-            budget -= len(guesses)
 
-    def _propose(self, request: Request, seq: ScheduledSequence, budget: int) -> list[int]:
-        """Tokens to run after a decoding request's last one (``seq``, this step's), as guesses of
-        what follows it.
+    def _guess_room(self, seq: ScheduledSequence) -> int:
+        """How many tokens a decoding request (``seq``, this step's) may guess after its last one.
 
         Only a request whose next samples do not depend on the ones before them in the same step
         guesses: penalties, ``min_tokens`` and grammars read the output so far, which a step of
-        guesses would have to extend row by row. Guesses fit in what is left of the step's
-        ``budget`` and stop where the output or the context would end anyway."""
+        guesses would have to extend row by row. Guesses stop where the output or the context
+        would end anyway."""
         assert self.proposer is not None
+        request = seq.request
         if (
             not request.output_token_ids
             or seq.num_tokens != 1
@@ -152,14 +162,12 @@ class Scheduler:
             or seq.from_last_sample
             or needs_history(request)
         ):
-            return []
-        room = min(
-            budget,
+            return 0
+        return min(
             request.max_output_tokens - len(request.output_token_ids) - 1,
             self.config.max_model_len - request.num_tokens - 1,
             request.guess_limit or self.proposer.num_tokens,
         )
-        return self.proposer.propose(request.all_token_ids, room)
 
     def _ends_with_inflight_token(self, request: Request) -> bool:
         """Whether the token now being sampled for ``request`` is certainly its last one."""
@@ -226,6 +234,8 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request.request_id)
+        if self.proposer is not None:
+            self.proposer.forget(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1

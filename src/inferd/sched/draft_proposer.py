@@ -1,0 +1,179 @@
+"""Speculative decoding's guesses from a draft model: a smaller model of the same vocabulary
+(vLLM's ``{"method": "draft_model", "model": ...}``; Qwen2.5-0.5B for Qwen2.5-7B, say) greedily
+decodes each guessing request's next tokens, and the served model checks them in one step as it
+checks prompt-lookup guesses (``scheduler._accepted``: a guess stands while the served model's own
+sample agrees with it), so the output is distributed exactly as without guesses.
+
+The draft model keeps a paged KV cache of its own, as many tokens as the served model's, and per
+request the tokens whose K/V it holds. Before guessing, it computes the tokens it has not seen
+(the whole context the first time, then the last accepted tokens and the served model's own) in
+one forward pass for all the step's guessing requests, which gives each its first guess; each
+further guess is one decode pass for all of them. The K/V of guesses the served model kept stay
+valid: the next proposal starts where a request's tokens and the draft's part.
+
+The draft runs the PyTorch layers and attention backend, eagerly, on the served model's device
+and dtype. A request's draft state goes when it finishes or is preempted.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from inferd.attention.base import AttentionMetadata
+from inferd.attention.torch_backend import TorchAttentionBackend
+from inferd.config import EngineConfig, ModelConfig, ModelLoadError, parse_dtype
+from inferd.kv.manager import KVCacheManager
+from inferd.models.loader import load_model
+from inferd.worker.kv_cache import allocate_kv_caches
+
+logger = logging.getLogger(__name__)
+
+
+def read_draft_config(path: Path, target: ModelConfig, max_model_len: int) -> ModelConfig:
+    """The draft model's config, checked against the served model's (ModelLoadError): its token
+    ids must mean the served model's tokens, and it must reach as far into the context."""
+    draft = ModelConfig.from_folder(path)
+    if draft.labels or draft.moe is not None:
+        kind = "a classifier" if draft.labels else "a mixture of experts"
+        raise ModelLoadError(f"draft model {path} is {kind}; a draft model is a dense causal LM")
+    if draft.vocab_size > target.vocab_size:
+        raise ModelLoadError(f"draft model {path} has a vocabulary of {draft.vocab_size} tokens, more than "
+                             f"the served model's {target.vocab_size}: its guesses would not be the "
+                             f"served model's tokens")  # fmt: skip
+    if draft.max_position_embeddings < max_model_len:
+        raise ModelLoadError(f"draft model {path} reaches {draft.max_position_embeddings} positions, fewer "
+                             f"than the engine's max_model_len of {max_model_len}")  # fmt: skip
+    return draft
+
+
+class DraftModelProposer:
+    def __init__(self, config: EngineConfig, num_blocks: int) -> None:
+        assert config.speculative is not None and config.speculative.model is not None
+        self.num_tokens = config.speculative.num_speculative_tokens
+        path = Path(config.speculative.model)
+        self.config = read_draft_config(path, config.model, config.scheduler.max_model_len)
+        self.device = torch.device(config.device)
+        dtype = parse_dtype(config.dtype)
+        self.model = load_model(path, self.config, config.scheduler.max_model_len, dtype, config.device)
+        self.block_size = config.cache.block_size
+        # As many tokens as the served model's cache: the draft's never runs out first.
+        self.kv = KVCacheManager(num_blocks, self.block_size, enable_prefix_caching=False)
+        self.kv_caches = allocate_kv_caches(self.config, num_blocks, self.block_size, dtype, self.device)
+        self.backend = TorchAttentionBackend()
+        # Most tokens one catch-up pass computes (the served model's step budget).
+        self.max_pass_tokens = config.scheduler.max_num_batched_tokens
+        # Per request, the tokens whose K/V the draft's cache holds, in order.
+        self._known: dict[str, list[int]] = {}
+        logger.info("draft model %s (%d layers) proposes up to %d tokens a step", path,
+                    self.config.num_layers, self.num_tokens)  # fmt: skip
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request's draft state (it finished or was preempted)."""
+        self._known.pop(request_id, None)
+        self.kv.free(request_id)
+
+    def propose_batch(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
+        """Guesses for each ``(request id, its tokens, at most so many guesses)``: up to that many
+        tokens the draft model decodes greedily after the tokens; none where its cache is full."""
+        guesses: list[list[int]] = [[] for _ in requests]
+        live: list[int] = []  # indices of the requests guessing
+        for index, (request_id, tokens, room) in enumerate(requests):
+            if room <= 0:
+                continue
+            # Its last token's K/V is written with it, and each guess but the last is fed back.
+            if not self.kv.allocate(request_id, len(tokens) + room - 1):
+                self.forget(request_id)  # its cache space goes to the others
+                continue
+            live.append(index)
+        if not live:
+            return guesses
+        with torch.inference_mode():
+            firsts = self._catch_up([(requests[i][0], requests[i][1]) for i in live])
+            for index, first in zip(live, firsts, strict=True):
+                guesses[index].append(first)
+            step = 1
+            while True:
+                live = [i for i in live if requests[i][2] > step]
+                if not live:
+                    break
+                fed = [(requests[i][0], len(requests[i][1]) + step - 1, guesses[i][-1]) for i in live]
+                for index, token in zip(live, self._decode(fed), strict=True):
+                    guesses[index].append(token)
+                step += 1
+        for (request_id, tokens, _room), made in zip(requests, guesses, strict=True):
+            if made:
+                # The K/V of the context and of every guess fed back (all but the last).
+                self._known[request_id] = tokens + made[:-1]
+        return guesses
+
+    def _catch_up(self, requests: list[tuple[str, list[int]]]) -> list[int]:
+        """Compute each request's tokens the draft has not seen (at least its last), in passes of
+        at most ``max_pass_tokens`` tokens; each request's first guess, from its last token."""
+        pending: list[tuple[str, int, list[int]]] = []  # (id, first position, tokens to compute)
+        for request_id, tokens in requests:
+            known = self._known.get(request_id, [])
+            start = 0
+            limit = min(len(known), len(tokens) - 1)
+            while start < limit and known[start] == tokens[start]:
+                start += 1
+            pending.append((request_id, start, tokens[start:]))
+        firsts: dict[str, int] = {}
+        while pending:
+            chunk: list[tuple[str, int, list[int]]] = []
+            left, budget = [], self.max_pass_tokens
+            for request_id, start, tokens in pending:
+                take = min(len(tokens), budget)
+                if take:
+                    chunk.append((request_id, start, tokens[:take]))
+                    budget -= take
+                if take < len(tokens):
+                    left.append((request_id, start + take, tokens[take:]))
+            chunk_ends = {request_id for request_id, _, _ in chunk} - {
+                request_id for request_id, _, _ in left
+            }
+            predicted = self._forward(chunk)
+            for (request_id, _, _), token in zip(chunk, predicted, strict=True):
+                if request_id in chunk_ends:
+                    firsts[request_id] = token
+            pending = left
+        return [firsts[request_id] for request_id, _ in requests]
+
+    def _decode(self, fed: list[tuple[str, int, int]]) -> list[int]:
+        """One decode pass: each ``(request id, position, token)`` fed; the next token of each."""
+        return self._forward([(request_id, position, [token]) for request_id, position, token in fed])
+
+    def _forward(self, sequences: list[tuple[str, int, list[int]]]) -> list[int]:
+        """Run ``(request id, first position, tokens)`` for each sequence through the draft model,
+        writing their K/V; the greedy next token after each sequence's last."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        for request_id, start, tokens in sequences:
+            table = self.kv.block_table(request_id)
+            span = range(start, start + len(tokens))
+            ids += tokens
+            positions += span
+            slots += [table[p // self.block_size] * self.block_size + p % self.block_size for p in span]
+            query_lens.append(len(tokens))
+            seq_lens.append(start + len(tokens))
+            tables.append(table)
+        width = max(len(table) for table in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        device = self.device
+        meta = AttentionMetadata.from_host(slots, query_lens, seq_lens, padded, device)
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.int64, device=device),
+            torch.tensor(positions, dtype=torch.int64, device=device),
+            self.kv_caches,
+            meta,
+            self.backend,
+        )
+        last_rows = meta.query_start_loc[1:].to(torch.int64) - 1
+        logits = self.model.compute_logits(hidden[last_rows])
+        return [int(token) for token in logits.argmax(dim=-1).tolist()]

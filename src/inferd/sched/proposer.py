@@ -1,0 +1,35 @@
+"""What speculative decoding's proposers give the scheduler: guesses of each request's next
+tokens, for all of a step's guessing requests at once, and the end of a request's state."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from inferd.config import EngineConfig
+
+
+class Proposer(Protocol):
+    # The most tokens one request guesses in a step.
+    num_tokens: int
+
+    def propose_batch(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
+        """Guesses for each ``(request id, its tokens so far, at most so many guesses)``."""
+        ...
+
+    def forget(self, request_id: str) -> None:
+        """The request finished or was preempted: any state kept for it goes."""
+        ...
+
+
+def make_proposer(config: EngineConfig, num_blocks: int) -> Proposer | None:
+    """The engine's proposer (None without speculative decoding); a draft model's cache holds
+    ``num_blocks`` blocks, as the served model's does."""
+    if config.speculative is None:
+        return None
+    if config.speculative.method == "draft_model":
+        from inferd.sched.draft_proposer import DraftModelProposer
+
+        return DraftModelProposer(config, num_blocks)
+    from inferd.sched.ngram_proposer import NgramProposer
+
+    return NgramProposer(config.speculative)
