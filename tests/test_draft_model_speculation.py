@@ -51,7 +51,7 @@ def test_a_draft_models_guesses_leave_greedy_outputs_as_they_are(draft: Path) ->
     assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens
     # Every finished request's draft state is gone.
     proposer = speculative.engine.core.scheduler.proposer
-    assert not proposer._known and proposer.kv.usage() == 0
+    assert not proposer._states and proposer.kv.usage() == 0
 
 
 def test_the_served_model_as_its_own_draft_is_always_right() -> None:
@@ -116,3 +116,50 @@ def test_draft_configs_that_cannot_serve_are_refused(draft: Path, tmp_path) -> N
     (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
     with pytest.raises(ModelLoadError, match="reaches 64 positions, fewer than the engine's max_model_len"):
         build_engine_config(speculative_config=_spec(short))
+
+
+def test_a_draft_of_a_smaller_vocabulary_leaves_out_requests_it_cannot_read(draft: Path, tmp_path) -> None:
+    """A served model's vocabulary may be padded past the draft's (Qwen2.5-7B's 152,064 ids against
+    0.5B's 151,936): a request holding an id the draft has no embedding for never guesses, and the
+    others still do."""
+    from safetensors.torch import load_file, save_file
+
+    smaller = shutil.copytree(draft, tmp_path / "smaller")
+    config = json.loads((smaller / "config.json").read_text())
+    vocab = config["vocab_size"] - 96
+    (smaller / "config.json").write_text(json.dumps({**config, "vocab_size": vocab}))
+    tensors = load_file(smaller / "model.safetensors")
+    cut = {name: t[:vocab].contiguous() if t.shape[0] == vocab + 96 else t for name, t in tensors.items()}
+    save_file(cut, smaller / "model.safetensors")
+    options = {"kv_cache_memory": "16MiB", "block_size": 8}
+    speculative = LLM(speculative_config=_spec(smaller), **options)
+    prompts = [speculative.tokenizer.encode(text) for text in TEXT_PROMPTS[:2]]
+    prompts[1] = [*prompts[1][:-1], vocab + 5, *prompts[1][-1:]]  # an id past the draft's vocabulary
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    ours = speculative.generate(prompts, params)
+    assert [o.token_ids for o in ours] == [o.token_ids for o in LLM(**options).generate(prompts, params)]
+    assert speculative.engine.stats().spec_draft_tokens > 0
+    alone = LLM(speculative_config=_spec(smaller), **options)
+    alone.generate(prompts[1:], params)
+    assert alone.engine.stats().spec_draft_tokens == 0
+    assert alone.engine.core.scheduler.proposer.kv.usage() == 0
+
+
+def test_a_long_prompt_is_caught_up_over_several_steps_and_the_kv_budget_holds_both_caches(
+    draft: Path,
+) -> None:
+    """The draft computes at most a step's budget of unseen tokens a step, shortest first, so a
+    long new prompt does not hold up the others' guesses; the KV budget is split between the
+    served model's cache and the draft's, block for block."""
+    folder = default_model_path()
+    options = {"kv_cache_memory": "16MiB", "block_size": 4, "max_num_batched_tokens": 16}
+    llm = LLM(folder, speculative_config=_spec(folder, 2), **options)
+    assert llm.engine.config.cache.num_blocks == LLM(**options).engine.config.cache.num_blocks // 2
+    text = " ".join(TEXT_PROMPTS) * 3
+    prompts = [llm.tokenizer.encode(TEXT_PROMPTS[0]), llm.tokenizer.encode(text)]
+    assert len(prompts[1]) > 3 * 16
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    outputs = llm.generate(prompts, params)
+    assert [len(o.token_ids) for o in outputs] == [24, 24]
+    stats = llm.engine.stats()
+    assert stats.spec_draft_tokens > 10 and stats.spec_accepted_tokens == stats.spec_draft_tokens

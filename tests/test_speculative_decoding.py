@@ -4,6 +4,7 @@ those of one token a step (greedy: the same tokens as transformers; random: the 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 
 import numpy as np
@@ -208,6 +209,18 @@ def test_guesses_take_only_the_budget_left_after_every_running_request() -> None
         ("b", [4]),
         ("c", [4]),
     ]
+
+
+def test_a_request_without_a_match_leaves_the_budget_to_the_next() -> None:
+    """Prompt lookup takes the budget request by request, as its guesses come: "a" (no earlier
+    match for its last tokens) guesses nothing, so "b" may use the budget left after both tokens."""
+    s = _scheduler(budget=16)
+    s.add(Request("a", [9, 8, 7, 6, 5], SamplingParams(max_tokens=20), frozenset({EOS}), 20))
+    s.add(Request("b", [1, 2, 3, 1, 2], SamplingParams(max_tokens=20), frozenset({EOS}), 20))
+    s.update(out := s.schedule(), {"a": [10], "b": [3]})
+    s.config = dataclasses.replace(s.config, max_num_batched_tokens=6)  # two tokens, four to guess
+    out = s.schedule()
+    assert [(q.request.request_id, q.num_draft_tokens) for q in out.sequences] == [("a", 0), ("b", 4)]
 
 
 def test_guesses_never_take_a_block_another_request_grows_into() -> None:

@@ -239,8 +239,10 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
     Call it after the weights are loaded: on a GPU the default budget is a share of what is left.
     """
     cache = config.cache
-    # Per rank: under tensor parallelism each rank holds its share of the KV heads.
-    bytes_per_block = config.local_model.kv_bytes_per_token(config.kv_dtype) * cache.block_size
+    # Per rank: under tensor parallelism each rank holds its share of the KV heads. A draft model's
+    # cache holds as many blocks: the budget is for both.
+    per_token = config.local_model.kv_bytes_per_token(config.kv_dtype) + _draft_kv_bytes_per_token(config)
+    bytes_per_block = per_token * cache.block_size
     if cache.num_blocks is None:
         budget = cache.kv_cache_memory or _default_kv_budget(config.device)
         if cache.kv_cache_memory is None and not config.device.startswith("cuda"):
@@ -266,6 +268,14 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
         cache.num_blocks * cache.block_size / config.scheduler.max_model_len,
     )
     return dataclasses.replace(config, cache=cache)
+
+
+def _draft_kv_bytes_per_token(config: EngineConfig) -> int:
+    """A draft model's KV bytes per token, in the model's dtype (0 without one)."""
+    speculative = config.speculative
+    if speculative is None or speculative.model is None:
+        return 0
+    return ModelConfig.from_folder(Path(speculative.model)).kv_bytes_per_token(parse_dtype(config.dtype))
 
 
 def _default_kv_budget(device: str) -> int:

@@ -18,6 +18,7 @@ and dtype. A request's draft state goes when it finishes or is preempted.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,7 +50,22 @@ def read_draft_config(path: Path, target: ModelConfig, max_model_len: int) -> Mo
     return draft
 
 
+@dataclass
+class _DraftState:
+    """What the draft's cache holds for one request: the K/V of the request's first ``valid``
+    tokens, then of ``fed``, the guesses fed back after them (right where the request's next tokens
+    turn out to be the same)."""
+
+    valid: int = 0
+    fed: list[int] = field(default_factory=list)
+    # The request holds a token id past the draft's vocabulary (a served model's padded rows): it
+    # never guesses.
+    out_of_vocabulary: bool = False
+
+
 class DraftModelProposer:
+    batched = True  # one pass of the draft model for all of a step's guessing requests
+
     def __init__(self, config: EngineConfig, num_blocks: int) -> None:
         assert config.speculative is not None and config.speculative.model is not None
         self.num_tokens = config.speculative.num_speculative_tokens
@@ -59,87 +75,99 @@ class DraftModelProposer:
         dtype = parse_dtype(config.dtype)
         self.model = load_model(path, self.config, config.scheduler.max_model_len, dtype, config.device)
         self.block_size = config.cache.block_size
-        # As many tokens as the served model's cache: the draft's never runs out first.
+        # As many blocks as the served model's cache (the KV budget holds both: builder's
+        # resolve_num_blocks); without the served model's prefix sharing, so requests that share a
+        # prefix there can fill it first, and then guess less.
         self.kv = KVCacheManager(num_blocks, self.block_size, enable_prefix_caching=False)
         self.kv_caches = allocate_kv_caches(self.config, num_blocks, self.block_size, dtype, self.device)
         self.backend = TorchAttentionBackend()
-        # Most tokens one catch-up pass computes (the served model's step budget).
+        # Most tokens the draft computes for a step's catching up (the served model's step budget).
         self.max_pass_tokens = config.scheduler.max_num_batched_tokens
-        # Per request, the tokens whose K/V the draft's cache holds, in order.
-        self._known: dict[str, list[int]] = {}
+        self._states: dict[str, _DraftState] = {}
         logger.info("draft model %s (%d layers) proposes up to %d tokens a step", path,
                     self.config.num_layers, self.num_tokens)  # fmt: skip
 
     def forget(self, request_id: str) -> None:
         """Drop a request's draft state (it finished or was preempted)."""
-        self._known.pop(request_id, None)
+        self._states.pop(request_id, None)
         self.kv.free(request_id)
 
     def propose_batch(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
         """Guesses for each ``(request id, its tokens, at most so many guesses)``: up to that many
-        tokens the draft model decodes greedily after the tokens; none where its cache is full."""
+        tokens the draft model decodes greedily after the tokens. None for a request the draft has
+        not caught up with yet (a long prompt is computed over several steps, a step's budget of
+        tokens at most each), or whose tokens it cannot read, or when its cache is full."""
         guesses: list[list[int]] = [[] for _ in requests]
-        live: list[int] = []  # indices of the requests guessing
+        pending: list[tuple[int, int]] = []  # (index, first token to compute)
         for index, (request_id, tokens, room) in enumerate(requests):
-            if room <= 0:
+            state = self._states.setdefault(request_id, _DraftState())
+            if room <= 0 or state.out_of_vocabulary:
+                continue
+            start = self._first_unknown(state, tokens)
+            if max(tokens[start:]) >= self.config.vocab_size:  # only the tokens it has not read
+                state.out_of_vocabulary = True
                 continue
             # Its last token's K/V is written with it, and each guess but the last is fed back.
             if not self.kv.allocate(request_id, len(tokens) + room - 1):
                 self.forget(request_id)  # its cache space goes to the others
                 continue
-            live.append(index)
-        if not live:
+            pending.append((index, start))
+        if not pending:
             return guesses
         with torch.inference_mode():
-            firsts = self._catch_up([(requests[i][0], requests[i][1]) for i in live])
-            for index, first in zip(live, firsts, strict=True):
-                guesses[index].append(first)
-            step = 1
-            while True:
-                live = [i for i in live if requests[i][2] > step]
-                if not live:
-                    break
+            caught_up = self._catch_up(requests, pending, guesses)
+            live, step = caught_up, 1
+            while live := [i for i in live if requests[i][2] > step]:
                 fed = [(requests[i][0], len(requests[i][1]) + step - 1, guesses[i][-1]) for i in live]
                 for index, token in zip(live, self._decode(fed), strict=True):
                     guesses[index].append(token)
                 step += 1
-        for (request_id, tokens, _room), made in zip(requests, guesses, strict=True):
-            if made:
-                # The K/V of the context and of every guess fed back (all but the last).
-                self._known[request_id] = tokens + made[:-1]
+        for index in caught_up:
+            request_id, tokens, _room = requests[index]
+            # The K/V of the context and of every guess fed back (all but the last).
+            self._states[request_id] = _DraftState(len(tokens), guesses[index][:-1])
         return guesses
 
-    def _catch_up(self, requests: list[tuple[str, list[int]]]) -> list[int]:
-        """Compute each request's tokens the draft has not seen (at least its last), in passes of
-        at most ``max_pass_tokens`` tokens; each request's first guess, from its last token."""
-        pending: list[tuple[str, int, list[int]]] = []  # (id, first position, tokens to compute)
-        for request_id, tokens in requests:
-            known = self._known.get(request_id, [])
-            start = 0
-            limit = min(len(known), len(tokens) - 1)
-            while start < limit and known[start] == tokens[start]:
-                start += 1
-            pending.append((request_id, start, tokens[start:]))
-        firsts: dict[str, int] = {}
-        while pending:
-            chunk: list[tuple[str, int, list[int]]] = []
-            left, budget = [], self.max_pass_tokens
-            for request_id, start, tokens in pending:
-                take = min(len(tokens), budget)
-                if take:
-                    chunk.append((request_id, start, tokens[:take]))
-                    budget -= take
-                if take < len(tokens):
-                    left.append((request_id, start + take, tokens[take:]))
-            chunk_ends = {request_id for request_id, _, _ in chunk} - {
-                request_id for request_id, _, _ in left
-            }
-            predicted = self._forward(chunk)
-            for (request_id, _, _), token in zip(chunk, predicted, strict=True):
-                if request_id in chunk_ends:
-                    firsts[request_id] = token
-            pending = left
-        return [firsts[request_id] for request_id, _ in requests]
+    def _first_unknown(self, state: _DraftState, tokens: list[int]) -> int:
+        """The first of ``tokens`` whose K/V the draft's cache does not hold (never past the last,
+        whose logits give the first guess): after the tokens it computed and the guesses it fed
+        back that the request's tokens agree with. A request's tokens only grow (a preempted one
+        starts afresh), so this costs the guesses' length, not the context's."""
+        start = min(state.valid, len(tokens) - 1)
+        for guess in state.fed:
+            if start >= len(tokens) - 1 or tokens[start] != guess:
+                break
+            start += 1
+        return start
+
+    def _catch_up(
+        self,
+        requests: list[tuple[str, list[int], int]],
+        pending: list[tuple[int, int]],
+        guesses: list[list[int]],
+    ) -> list[int]:
+        """One pass over the tokens the draft has not computed, ``max_pass_tokens`` at most, the
+        requests with the fewest first (decoding ones, before a new prompt): each request computed
+        to its last token gets its first guess (their indices are returned); one cut short keeps
+        what it computed for the next step."""
+        chunk: list[tuple[int, int, list[int]]] = []  # (index, first position, tokens)
+        budget = self.max_pass_tokens
+        for index, start in sorted(pending, key=lambda item: len(requests[item[0]][1]) - item[1]):
+            request_id, tokens, _room = requests[index]
+            take = min(len(tokens) - start, budget)
+            if take <= 0:
+                break
+            chunk.append((index, start, tokens[start : start + take]))
+            budget -= take
+            if start + take < len(tokens):
+                self._states[request_id] = _DraftState(start + take)
+        predicted = self._forward([(requests[index][0], start, part) for index, start, part in chunk])
+        caught_up = []
+        for (index, start, part), token in zip(chunk, predicted, strict=True):
+            if start + len(part) == len(requests[index][1]):
+                guesses[index].append(token)
+                caught_up.append(index)
+        return caught_up
 
     def _decode(self, fed: list[tuple[str, int, int]]) -> list[int]:
         """One decode pass: each ``(request id, position, token)`` fed; the next token of each."""

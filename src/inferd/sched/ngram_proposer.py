@@ -15,6 +15,8 @@ from inferd.config import SpeculativeConfig
 
 
 class NgramProposer:
+    batched = False  # each request's guesses cost only its own lookup
+
     def __init__(self, config: SpeculativeConfig) -> None:
         assert config.prompt_lookup_min is not None  # resolved by SpeculativeConfig
         self.num_tokens = config.num_speculative_tokens

@@ -11,6 +11,8 @@ from inferd.config import EngineConfig
 class Proposer(Protocol):
     # The most tokens one request guesses in a step.
     num_tokens: int
+    # Whether it guesses for a step's requests together (a model's batch), or one by one.
+    batched: bool
 
     def propose_batch(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
         """Guesses for each ``(request id, its tokens so far, at most so many guesses)``."""

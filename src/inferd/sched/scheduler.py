@@ -119,31 +119,44 @@ class Scheduler:
     def _add_guesses(self, scheduled: list[ScheduledSequence], budget: int) -> None:
         """Speculative decoding's guesses, last: from the token budget and the free blocks that
         every running request's next token and the admitted prompts left, so guessing never
-        delays, crowds out or preempts anyone. The proposer guesses for all the step's guessing
-        requests at once (a draft model runs them as one batch); each may take as many as the
-        budget left after those before it could take."""
+        crowds out or preempts anyone. A proposer that guesses for a step's requests together (a
+        draft model, ``batched``) is asked once, each request's room what the budget left after
+        the rooms before it; prompt lookup request by request, from the budget the guesses before
+        it left."""
         assert self.proposer is not None
         asked: list[tuple[ScheduledSequence, int]] = []
         for seq in scheduled:
             room = min(budget, self._guess_room(seq))
-            if room > 0:
+            if room <= 0:
+                continue
+            if self.proposer.batched:
                 asked.append((seq, room))
                 budget -= room
-        if not asked:
-            return
-        proposals = self.proposer.propose_batch(
-            [(seq.request.request_id, seq.request.all_token_ids, room) for seq, room in asked]
-        )
-        for (seq, _room), guesses in zip(asked, proposals, strict=True):
-            request = seq.request
-            if not guesses or not self.kv.allocate(
-                request.request_id, request.num_computed_tokens + len(guesses)
-            ):
-                continue
-            seq.token_ids += guesses
-            seq.num_draft_tokens = len(guesses)
-            seq.block_table = list(self.kv.block_table(request.request_id))
-            request.num_computed_tokens += len(guesses)  # until update takes back the rejected
+            else:
+                (guesses,) = self.proposer.propose_batch(
+                    [(seq.request.request_id, seq.request.all_token_ids, room)]
+                )
+                budget -= self._run_guesses(seq, guesses)
+        if asked:
+            proposals = self.proposer.propose_batch(
+                [(seq.request.request_id, seq.request.all_token_ids, room) for seq, room in asked]
+            )
+            for (seq, _room), guesses in zip(asked, proposals, strict=True):
+                self._run_guesses(seq, guesses)
+
+    def _run_guesses(self, seq: ScheduledSequence, guesses: list[int]) -> int:
+        """Run ``guesses`` after the request's last token in this step, where the pool has their
+        blocks; how many ran."""
+        request = seq.request
+        if not guesses or not self.kv.allocate(
+            request.request_id, request.num_computed_tokens + len(guesses)
+        ):
+            return 0
+        seq.token_ids += guesses
+        seq.num_draft_tokens = len(guesses)
+        seq.block_table = list(self.kv.block_table(request.request_id))
+        request.num_computed_tokens += len(guesses)  # until update takes back the rejected
+        return len(guesses)
 
     def _guess_room(self, seq: ScheduledSequence) -> int:
         """How many tokens a decoding request (``seq``, this step's) may guess after its last one.
