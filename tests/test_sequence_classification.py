@@ -198,6 +198,11 @@ def test_classify_answers_in_vllms_shape(server: ServerProcess, tiny_model_facto
             verdict = ClassificationOutput.from_logits(logits, ("negative", "neutral", "positive"))
             assert item["num_classes"] == 3 and item["label"] == verdict.label
             assert item["probs"] == pytest.approx(verdict.probs, abs=1e-5)
+    # vLLM's use_activation (activation before it) false: the raw logits in place of the probabilities.
+    for flag in ("use_activation", "activation"):
+        raw = httpx.post(f"{server.base_url}/classify", json={"input": texts, flag: False}, timeout=30).json()
+        for item, logits in zip(raw["data"], expected, strict=True):
+            assert item["probs"] == pytest.approx(logits, abs=1e-4)
     # Token ids classify as their text does; /pooling gives the raw logits.
     ids = llm.tokenizer.encode(texts[0])
     by_ids = httpx.post(f"{server.base_url}/classify", json={"input": ids}, timeout=30).json()
@@ -275,6 +280,8 @@ def test_a_cross_encoder_scores_each_pair_as_one_input(tiny_model_factory, tmp_p
     assert joined[0] != llm.tokenizer.encode(query) + llm.tokenizer.encode(documents[0])  # the separator
     expected = [_sigmoid(logits[0]) for logits in _their_logits(folder, joined)]
     assert llm.score(query, documents) == pytest.approx(expected, abs=1e-5)
+    logits = [row[0] for row in _their_logits(folder, joined)]
+    assert llm.score(query, documents, use_activation=False) == pytest.approx(logits, abs=1e-5)
     pairwise = llm.score([query, documents[1]], [documents[2], query])
     swapped = [
         their_tokenizer(query, documents[2])["input_ids"],
@@ -332,6 +339,12 @@ def test_score_and_rerank_by_a_cross_encoder(cross_encoder_server) -> None:
         [expected[i] for i in ranked], abs=1e-5
     )
     assert rerank["results"][0]["document"] == {"text": documents[ranked[0]]}
+    # use_activation false: the logits themselves, ranked the same.
+    body = {"text_1": query, "text_2": documents, "use_activation": False}
+    raw = httpx.post(f"{server.base_url}/v1/score", json=body, timeout=30).json()
+    assert [item["score"] for item in raw["data"]] == pytest.approx(
+        [row[0] for row in _their_logits(folder, joined)], abs=1e-5
+    )
     # The joined tokens' last 4, as vLLM's truncate_prompt_tokens keeps them.
     truncated = httpx.post(
         f"{server.base_url}/score",

@@ -122,11 +122,13 @@ class LLM:
         text_2: str | Sequence[str],
         adapter: str | None = None,
         use_tqdm: bool = False,
+        use_activation: bool = True,
     ) -> list[float]:
         """vLLM's ``LLM.score``: one ``text_1`` scored against every ``text_2``, or two lists of one
         length pair by pair (``engine/scoring.py``). A cross-encoder (a classifier of one label)
-        gives the sigmoid of its logit for the two texts read as one pair; any other causal LM the
-        cosine similarity of their embeddings."""
+        gives the sigmoid of its logit for the two texts read as one pair (the logit itself
+        without ``use_activation``); any other causal LM the cosine similarity of their
+        embeddings."""
         firsts = [text_1] if isinstance(text_1, str) else list(text_1)
         seconds = [text_2] if isinstance(text_2, str) else list(text_2)
         pairs = pair_indices(len(firsts), len(seconds))
@@ -135,7 +137,8 @@ class LLM:
         if labels:
             tokenizer, model = self.engine.tokenizer, self.engine.config.model
             joined: list[Prompt] = [joined_pair(tokenizer, model, firsts[i], seconds[j]) for i, j in pairs]
-            return [output.probs[0] for output in self.classify(joined, adapter, use_tqdm)]
+            verdicts = self.classify(joined, adapter, use_tqdm)
+            return [v.probs[0] if use_activation else v.logits[0] for v in verdicts]
         vectors = self.embed([*firsts, *seconds], adapter, use_tqdm)
         left, right = vectors[: len(firsts)], vectors[len(firsts) :]
         return [sum(a * b for a, b in zip(left[i], right[j], strict=True)) for i, j in pairs]

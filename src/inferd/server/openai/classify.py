@@ -20,17 +20,17 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, StrictInt
+from pydantic import ConfigDict, StrictInt
 
 from inferd.engine.outputs import ClassificationOutput
 from inferd.server.errors import GenerationError, InvalidRequestError
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
-from inferd.server.openai.common import encode_vector
+from inferd.server.openai.common import ActivationOption, encode_vector
 from inferd.server.openai.llm_embeddings import embed_prompts, parse_inputs, truncation
 from inferd.server.streaming import unless_disconnected
 
 
-class PoolingRequest(BaseModel):
+class PoolingRequest(ActivationOption):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -82,9 +82,8 @@ def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
                 verdict = ClassificationOutput.from_logits(row, labels)
             except ValueError as exc:
                 raise GenerationError(f"input {index}: {exc}") from None
-            data.append(
-                {"index": index, "label": verdict.label, "probs": verdict.probs, "num_classes": len(row)}
-            )
+            probs = verdict.probs if body.applies_activation else row
+            data.append({"index": index, "label": verdict.label, "probs": probs, "num_classes": len(row)})
         return response("classify", body, data, tokens)
 
     async def pooling(body: PoolingRequest, request: Request) -> dict[str, Any]:

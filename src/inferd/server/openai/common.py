@@ -1,5 +1,5 @@
 """Pieces the OpenAI endpoints share: sampling params, finish reasons, usage, the error shape,
-an embedding's encoding."""
+an embedding's encoding, a classifier's activation option."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, StrictBool
 from starlette.responses import JSONResponse
 
 from inferd.engine.outputs import RequestOutput
@@ -23,6 +24,20 @@ from inferd.server.errors import (
 from inferd.server.frontend import Frontend
 from inferd.server.openai.protocol import SamplingExtras, Usage
 from inferd.server.structured_request import GUIDED_FIELDS, requested
+
+
+class ActivationOption(BaseModel):
+    """vLLM's ``use_activation`` (``activation`` before it): false gives a classifier's raw label
+    logits where its probabilities (softmax, or one label's sigmoid) would be."""
+
+    use_activation: StrictBool | None = None
+    activation: StrictBool | None = None
+
+    @property
+    def applies_activation(self) -> bool:
+        chosen = self.use_activation if self.use_activation is not None else self.activation
+        return chosen is not False
+
 
 # status, OpenAI error type, OpenAI error code
 _ERROR_SHAPES: dict[ErrorKind, tuple[int, str, str | None]] = {

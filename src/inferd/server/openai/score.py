@@ -26,11 +26,12 @@ from inferd.engine.scoring import PairingError, check_scoring_labels, joined_pai
 from inferd.engine.tokenizer import InvalidTextError
 from inferd.server.errors import GenerationError, InvalidRequestError
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
+from inferd.server.openai.common import ActivationOption
 from inferd.server.openai.llm_embeddings import embed_prompts, truncation
 from inferd.server.streaming import unless_disconnected
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(ActivationOption):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -45,7 +46,7 @@ class _Document(BaseModel):
     text: str
 
 
-class RerankRequest(BaseModel):
+class RerankRequest(ActivationOption):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -77,6 +78,8 @@ class _ScoreJob:
     pairs: list[tuple[int, int]]
     timeout_s: float | None
     keep: int | None
+    # A cross-encoder's score: its logit's sigmoid, or with vLLM's use_activation false the logit.
+    activation: bool = True
 
 
 async def _embedded(
@@ -129,7 +132,8 @@ async def _cross_encoded(frontend: Frontend, job: _ScoreJob) -> tuple[list[float
     )  # fmt: skip
     labels = frontend.llm.config.model.labels
     try:
-        return [ClassificationOutput.from_logits(row.tolist(), labels).probs[0] for row in logits], tokens
+        verdicts = [ClassificationOutput.from_logits(row.tolist(), labels) for row in logits]
+        return [v.probs[0] if job.activation else v.logits[0] for v in verdicts], tokens
     except ValueError as exc:  # non-finite logits: the model's fault, not the request's
         raise GenerationError(str(exc)) from None
 
@@ -155,7 +159,8 @@ def add_score_routes(router: APIRouter, frontend: Frontend) -> None:
         pairs = _pairs(body.text_1, body.text_2)
         firsts, seconds = ("text_1", _as_list(body.text_1)), ("text_2", _as_list(body.text_2))
         keep = truncation(body.truncate_prompt_tokens)
-        run = _scores(frontend, _ScoreJob(body.model, firsts, seconds, pairs, timeout_s, keep))
+        job = _ScoreJob(body.model, firsts, seconds, pairs, timeout_s, keep, body.applies_activation)
+        run = _scores(frontend, job)
         scores, tokens = await unless_disconnected(request, run)
         return {
             "id": frontend.new_request_id("score"),
@@ -174,7 +179,10 @@ def add_score_routes(router: APIRouter, frontend: Frontend) -> None:
             raise InvalidRequestError("documents must not be empty", "documents")
         pairs = [(0, j) for j in range(len(documents))]
         keep = truncation(body.truncate_prompt_tokens)
-        job = _ScoreJob(body.model, ("query", [body.query]), ("documents", documents), pairs, timeout_s, keep)
+        job = _ScoreJob(
+            body.model, ("query", [body.query]), ("documents", documents), pairs, timeout_s, keep,
+            body.applies_activation,
+        )  # fmt: skip
         run = _scores(frontend, job)
         scores, tokens = await unless_disconnected(request, run)
         top_n = body.top_n or len(documents)
