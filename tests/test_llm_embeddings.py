@@ -370,3 +370,35 @@ def test_truncation_keeps_the_special_tokens_around_a_text(
     for keep in (3, 7, 12, 200):
         expected = theirs(text, truncation=True, max_length=keep)["input_ids"]
         assert ours.encode_last(text, keep) == expected, keep
+
+
+def test_a_conversation_is_embedded_as_its_chat_template_renders_it(
+    server: ServerProcess, tiny_llama
+) -> None:
+    """vLLM's chat form of an embeddings request: ``messages`` rendered by the chat template (no
+    generation prompt unless asked), then embedded as one input."""
+    import httpx
+
+    llm = LLM(tiny_llama, kv_cache_memory="4MiB")
+    messages = [
+        {"role": "system", "content": "Embed this."},
+        {"role": "user", "content": "ROMEO: good night"},
+    ]
+    url = f"{server.base_url}/v1/embeddings"
+    for add_generation_prompt in (False, True):
+        body = {"model": "tiny", "messages": messages, "add_generation_prompt": add_generation_prompt}
+        response = httpx.post(url, json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        rendered = llm.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        ids = llm.tokenizer.encode(rendered, add_special_tokens=False)
+        assert response.json()["usage"]["prompt_tokens"] == len(ids)
+        (expected,) = llm.embed([ids])
+        assert response.json()["data"][0]["embedding"] == pytest.approx(expected, abs=1e-5)
+    for body, field in (
+        ({"model": "tiny", "messages": messages, "input": "x"}, "input"),
+        ({"model": "tiny", "messages": []}, "messages"),
+        ({"model": "tiny", "messages": [{"role": "narrator", "content": "x"}]}, "messages"),
+        ({"model": "tiny", "messages": messages, "continue_final_message": True}, "continue_final_message"),
+    ):
+        refused = httpx.post(url, json=body, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text

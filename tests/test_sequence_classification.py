@@ -203,6 +203,13 @@ def test_classify_answers_in_vllms_shape(server: ServerProcess, tiny_model_facto
         raw = httpx.post(f"{server.base_url}/classify", json={"input": texts, flag: False}, timeout=30).json()
         for item, logits in zip(raw["data"], expected, strict=True):
             assert item["probs"] == pytest.approx(logits, abs=1e-4)
+    # A conversation (vLLM's chat form) classifies as its rendered template does.
+    messages = [{"role": "user", "content": texts[0]}]
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages, False), add_special_tokens=False)
+    chat = httpx.post(f"{server.base_url}/classify", json={"messages": messages}, timeout=30).json()
+    (rendered,) = _their_logits(folder, [ids])
+    verdict = ClassificationOutput.from_logits(rendered, ("negative", "neutral", "positive"))
+    assert chat["data"][0]["probs"] == pytest.approx(verdict.probs, abs=1e-5)
     # Token ids classify as their text does; /pooling gives the raw logits.
     ids = llm.tokenizer.encode(texts[0])
     by_ids = httpx.post(f"{server.base_url}/classify", json={"input": ids}, timeout=30).json()

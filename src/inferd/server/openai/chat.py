@@ -137,22 +137,27 @@ def _offered_tools(frontend: Frontend, body: ChatCompletionRequest) -> list[dict
 _TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"})
 
 
-def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
-    """The extra template variables, checked: the server's own are set by their fields, and a
-    conversation is continued only from an assistant message, without a new turn after it."""
-    kwargs = body.chat_template_kwargs
+def template_kwargs(
+    kwargs: dict[str, Any] | None,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+) -> dict[str, Any] | None:
+    """The extra template variables (``chat_template_kwargs``), checked: the server's own are set
+    by their fields, and a conversation is continued only from an assistant message, without a new
+    turn after it."""
     taken = sorted(_TEMPLATE_VARIABLES & set(kwargs or {}))
     if taken:
         raise InvalidRequestError(
             f"chat_template_kwargs: {', '.join(taken)} are set by the server (or by their own fields)",
             "chat_template_kwargs",
         )
-    if body.continue_final_message:
-        if body.add_generation_prompt:
+    if continue_final_message:
+        if add_generation_prompt:
             raise InvalidRequestError(
                 "continue_final_message: set add_generation_prompt to false with it", "continue_final_message"
             )
-        if body.messages[-1].role != "assistant":
+        if messages[-1].role != "assistant":
             raise InvalidRequestError(
                 "continue_final_message: the last message must be the assistant's", "continue_final_message"
             )
@@ -194,14 +199,13 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     if tools is not None and forced is None and params.skip_special_tokens:
         # Some models' <tool_call> is a special token: kept in the text, so the blocks can be read.
         params = dataclasses.replace(params, skip_special_tokens=False)
-    template_kwargs = _template_kwargs(body)
+    variables = template_kwargs(
+        body.chat_template_kwargs, body.messages, body.add_generation_prompt, body.continue_final_message
+    )
     if tools is not None:
-        template_kwargs = {**(template_kwargs or {}), "tools": tools}
+        variables = {**(variables or {}), "tools": tools}
     prompt = frontend.render_chat(
-        template_messages(body.messages),
-        body.add_generation_prompt,
-        template_kwargs,
-        body.continue_final_message,
+        template_messages(body.messages), body.add_generation_prompt, variables, body.continue_final_message
     )
     reasoning = frontend.reasoning_format
     # No thinking asked for (Qwen3's switch, as vLLM reads it), or the prompt closed it (the

@@ -27,10 +27,11 @@ from inferd.server.errors import GenerationError, InvalidRequestError
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai.common import ActivationOption, encode_vector
 from inferd.server.openai.llm_embeddings import embed_prompts, parse_inputs, truncation
+from inferd.server.openai.pooling_chat import PoolingChatFields, chat_input
 from inferd.server.streaming import unless_disconnected
 
 
-class PoolingRequest(ActivationOption):
+class PoolingRequest(ActivationOption, PoolingChatFields):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -45,7 +46,8 @@ def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
     async def pooled(body: PoolingRequest, request: Request) -> tuple[list[np.ndarray], int]:
         timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         keep = truncation(body.truncate_prompt_tokens)
-        prompts = parse_inputs(body.input)
+        chat = chat_input(frontend, body, body.input is not None)
+        prompts: list[str | list[int]] = [chat] if chat is not None else parse_inputs(body.input)
         run = embed_prompts(
             frontend,
             body.model,

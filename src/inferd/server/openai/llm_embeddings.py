@@ -15,6 +15,7 @@ from inferd.sampling_params import SamplingParams
 from inferd.server.errors import GenerationError, InvalidRequestError, RequestTimeoutError
 from inferd.server.frontend import Frontend
 from inferd.server.openai.common import encode_vector
+from inferd.server.openai.pooling_chat import chat_input, read_chat_fields
 
 
 def serves(frontend: Frontend, model: Any) -> bool:
@@ -118,7 +119,8 @@ async def embed_with_llm(
         except ValueError as exc:
             raise InvalidRequestError(f"dimensions: {exc}", "dimensions") from None
     keep = truncation(body.get("truncate_prompt_tokens"))
-    prompts = parse_inputs(body.get("input"))
+    chat = chat_input(frontend, read_chat_fields(body), body.get("input") is not None)
+    prompts: list[str | list[int]] = [chat] if chat is not None else parse_inputs(body.get("input"))
     vectors, tokens = await embed_prompts(
         frontend, model, prompts, "input", timeout_s, truncate_prompt_tokens=keep
     )
