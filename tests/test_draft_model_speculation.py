@@ -163,3 +163,22 @@ def test_a_long_prompt_is_caught_up_over_several_steps_and_the_kv_budget_holds_b
     assert [len(o.token_ids) for o in outputs] == [24, 24]
     stats = llm.engine.stats()
     assert stats.spec_draft_tokens > 10 and stats.spec_accepted_tokens == stats.spec_draft_tokens
+
+
+def test_requests_sharing_a_prompts_start_share_the_drafts_blocks(draft: Path) -> None:
+    """The draft's cache reuses the blocks of a prompt's start another request computed (as the
+    served model's does), so a common system prompt is computed once and does not fill it."""
+    folder = default_model_path()
+    options = {"kv_cache_memory": "16MiB", "block_size": 4}
+    llm = LLM(folder, speculative_config=_spec(folder, 3), **options)
+    head = llm.tokenizer.encode(" ".join(TEXT_PROMPTS))
+    prompts = [head + llm.tokenizer.encode(text) for text in TEXT_PROMPTS]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:1], params)
+    outputs = llm.generate(prompts[1:], params)
+    proposer = llm.engine.core.scheduler.proposer
+    assert proposer.kv.prefix_hits >= 3 * (len(head) // 4) * 4
+    stats = llm.engine.stats()
+    assert stats.spec_accepted_tokens == stats.spec_draft_tokens > 0  # its own draft: all kept
+    reference = LLM(**options).generate(prompts[1:], params)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]

@@ -61,6 +61,8 @@ class _DraftState:
     # The request holds a token id past the draft's vocabulary (a served model's padded rows): it
     # never guesses.
     out_of_vocabulary: bool = False
+    # It has a block table, which started from the blocks of its longest prefix the cache holds.
+    attached: bool = False
 
 
 class DraftModelProposer:
@@ -76,9 +78,9 @@ class DraftModelProposer:
         self.model = load_model(path, self.config, config.scheduler.max_model_len, dtype, config.device)
         self.block_size = config.cache.block_size
         # As many blocks as the served model's cache (the KV budget holds both: builder's
-        # resolve_num_blocks); without the served model's prefix sharing, so requests that share a
-        # prefix there can fill it first, and then guess less.
-        self.kv = KVCacheManager(num_blocks, self.block_size, enable_prefix_caching=False)
+        # resolve_num_blocks), and prefix caching as it has: requests that share a prompt's start
+        # share its blocks in both.
+        self.kv = KVCacheManager(num_blocks, self.block_size, config.cache.enable_prefix_caching)
         self.kv_caches = allocate_kv_caches(self.config, num_blocks, self.block_size, dtype, self.device)
         self.backend = TorchAttentionBackend()
         # Most tokens the draft computes for a step's catching up (the served model's step budget).
@@ -103,6 +105,9 @@ class DraftModelProposer:
             state = self._states.setdefault(request_id, _DraftState())
             if room <= 0 or state.out_of_vocabulary:
                 continue
+            if not state.attached:  # its first proposal: what the cache holds of its start is its own
+                state.valid = self.kv.find_cached_prefix(request_id, tokens)
+                state.attached = True
             start = self._first_unknown(state, tokens)
             if max(tokens[start:]) >= self.config.vocab_size:  # only the tokens it has not read
                 state.out_of_vocabulary = True
@@ -125,8 +130,14 @@ class DraftModelProposer:
         for index in caught_up:
             request_id, tokens, _room = requests[index]
             # The K/V of the context and of every guess fed back (all but the last).
-            self._states[request_id] = _DraftState(len(tokens), guesses[index][:-1])
+            self._computed(request_id, tokens, len(tokens), guesses[index][:-1])
         return guesses
+
+    def _computed(self, request_id: str, tokens: list[int], valid: int, fed: list[int]) -> None:
+        """Record that the draft's cache holds the K/V of the request's first ``valid`` tokens and
+        of ``fed`` after them, and offer its blocks full of real tokens to the prefix cache."""
+        self._states[request_id] = _DraftState(valid, fed, attached=True)
+        self.kv.cache_computed_blocks(request_id, lambda start, end: tokens[start:end], valid)
 
     def _first_unknown(self, state: _DraftState, tokens: list[int]) -> int:
         """The first of ``tokens`` whose K/V the draft's cache does not hold (never past the last,
@@ -159,14 +170,15 @@ class DraftModelProposer:
                 break
             chunk.append((index, start, tokens[start : start + take]))
             budget -= take
-            if start + take < len(tokens):
-                self._states[request_id] = _DraftState(start + take)
         predicted = self._forward([(requests[index][0], start, part) for index, start, part in chunk])
         caught_up = []
         for (index, start, part), token in zip(chunk, predicted, strict=True):
-            if start + len(part) == len(requests[index][1]):
+            request_id, tokens, _room = requests[index]
+            if start + len(part) == len(tokens):
                 guesses[index].append(token)
                 caught_up.append(index)
+            else:
+                self._computed(request_id, tokens, start + len(part), [])
         return caught_up
 
     def _decode(self, fed: list[tuple[str, int, int]]) -> list[int]:
