@@ -5,8 +5,9 @@
 - An embedding model (any causal LM here) scores a pair by the cosine similarity of the two
   texts' normalized last-token embeddings. A sequence classifier of one label (a cross-encoder,
   such as a reranker converted to ``*ForSequenceClassification``) reads both texts as one input,
-  joined by the tokenizer's pair template, and scores it by the sigmoid of its logit. A classifier
-  of more labels gives no single score (``classify`` gives its labels).
+  joined by the tokenizer's pair template (an LLM reranker, whose head is made from tokens, as one
+  text: ``joined_pair``), and scores it by the sigmoid of its logit. A classifier of more labels
+  gives no single score (``classify`` gives its labels).
 """
 
 from __future__ import annotations

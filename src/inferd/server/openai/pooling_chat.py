@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inferd.server.errors import InvalidRequestError
 from inferd.server.frontend import Frontend
 from inferd.server.openai.chat import template_kwargs, template_messages
-from inferd.server.openai.protocol import ChatMessage, _Body
+from inferd.server.openai.protocol import ChatMessage
 
 
-class PoolingChatFields(_Body):
+class PoolingChatFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = False
     continue_final_message: bool = False
