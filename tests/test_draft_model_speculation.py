@@ -182,3 +182,19 @@ def test_requests_sharing_a_prompts_start_share_the_drafts_blocks(draft: Path) -
     assert stats.spec_accepted_tokens == stats.spec_draft_tokens > 0  # its own draft: all kept
     reference = LLM(**options).generate(prompts[1:], params)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+
+
+def test_the_draft_attends_on_the_served_models_backend(draft: Path) -> None:
+    """With the Triton attention backend (its interpreter here, its kernels on a GPU) the draft's
+    passes run on it too: the served model as its own draft still has every guess kept."""
+    folder = default_model_path()
+    options = {"kv_cache_memory": "8MiB", "block_size": 16, "attention_backend": "triton"}
+    llm = LLM(folder, speculative_config=_spec(folder, 2), **options)
+    assert llm.engine.core.scheduler.proposer.backend.name == "triton"
+    prompts = [llm.tokenizer.encode(text) for text in TEXT_PROMPTS[:2]]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outputs = llm.generate(prompts, params)
+    stats = llm.engine.stats()
+    assert stats.spec_accepted_tokens == stats.spec_draft_tokens > 0
+    reference = LLM(**options).generate(prompts, params)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]

@@ -11,8 +11,9 @@ one forward pass for all the step's guessing requests, which gives each its firs
 further guess is one decode pass for all of them. The K/V of guesses the served model kept stay
 valid: the next proposal starts where a request's tokens and the draft's part.
 
-The draft runs the PyTorch layers and attention backend, eagerly, on the served model's device
-and dtype. A request's draft state goes when it finishes or is preempted.
+The draft runs eagerly, its layers in PyTorch and its attention on the served model's backend, on
+the served model's device and dtype. A request's draft state goes when it finishes or is
+preempted.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from inferd.attention.base import AttentionMetadata
-from inferd.attention.torch_backend import TorchAttentionBackend
+from inferd.attention.registry import create_backend
 from inferd.config import EngineConfig, ModelConfig, ModelLoadError, parse_dtype
 from inferd.kv.manager import KVCacheManager
 from inferd.models.loader import load_model
@@ -82,7 +83,9 @@ class DraftModelProposer:
         # share its blocks in both.
         self.kv = KVCacheManager(num_blocks, self.block_size, config.cache.enable_prefix_caching)
         self.kv_caches = allocate_kv_caches(self.config, num_blocks, self.block_size, dtype, self.device)
-        self.backend = TorchAttentionBackend()
+        # The served model's attention backend (the Triton kernels on a GPU); the layers' own ops
+        # are PyTorch's: the served model's kernel options need not suit the draft's architecture.
+        self.backend = create_backend(config.attention_backend, config.device)
         # Most tokens the draft computes for a step's catching up (the served model's step budget).
         self.max_pass_tokens = config.scheduler.max_num_batched_tokens
         self._states: dict[str, _DraftState] = {}
