@@ -399,6 +399,8 @@ def test_a_conversation_is_embedded_as_its_chat_template_renders_it(
         ({"model": "tiny", "messages": []}, "messages"),
         ({"model": "tiny", "messages": [{"role": "narrator", "content": "x"}]}, "messages"),
         ({"model": "tiny", "messages": messages, "continue_final_message": True}, "continue_final_message"),
+        # Errors of the rendered prompt name the messages: one past the context.
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x " * 600}]}, "messages"),
     ):
         refused = httpx.post(url, json=body, timeout=30)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text

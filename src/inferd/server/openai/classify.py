@@ -52,7 +52,7 @@ def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
             frontend,
             body.model,
             prompts,
-            "input",
+            "messages" if chat is not None else "input",
             timeout_s,
             classifier_logits=True,
             truncate_prompt_tokens=keep,

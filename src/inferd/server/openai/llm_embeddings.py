@@ -121,8 +121,9 @@ async def embed_with_llm(
     keep = truncation(body.get("truncate_prompt_tokens"))
     chat = chat_input(frontend, read_chat_fields(body), body.get("input") is not None)
     prompts: list[str | list[int]] = [chat] if chat is not None else parse_inputs(body.get("input"))
+    field = "messages" if chat is not None else "input"
     vectors, tokens = await embed_prompts(
-        frontend, model, prompts, "input", timeout_s, truncate_prompt_tokens=keep
+        frontend, model, prompts, field, timeout_s, truncate_prompt_tokens=keep
     )
     if dimensions is not None:
         vectors = [np.asarray(shortened(vector.tolist(), dimensions), dtype=np.float32) for vector in vectors]

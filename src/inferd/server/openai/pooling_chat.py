@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from inferd.engine.tokenizer import InvalidTextError
 from inferd.server.errors import InvalidRequestError
 from inferd.server.frontend import Frontend
 from inferd.server.openai.chat import template_kwargs, template_messages
@@ -54,4 +55,7 @@ def chat_input(frontend: Frontend, fields: PoolingChatFields, has_input: bool) -
         fields.continue_final_message,
     )
     # The template writes the special tokens it wants: none added again.
-    return frontend.tokenizer.encode(prompt, add_special_tokens=False)
+    try:
+        return frontend.tokenizer.encode(prompt, add_special_tokens=False)
+    except InvalidTextError as exc:
+        raise InvalidRequestError(str(exc), "messages") from None
