@@ -198,3 +198,20 @@ def test_the_draft_attends_on_the_served_models_backend(draft: Path) -> None:
     assert stats.spec_accepted_tokens == stats.spec_draft_tokens > 0
     reference = LLM(**options).generate(prompts, params)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+
+
+def test_the_drafts_cache_use_is_reported(draft: Path) -> None:
+    """``EngineStats.draft_kv_usage`` (the /metrics gauge ``spec_decode_draft_kv_cache_usage_perc``):
+    above 0 while a request guesses, 0 once it is done; None without a draft model."""
+    llm = LLM(speculative_config=_spec(draft), kv_cache_memory="16MiB", block_size=8)
+    engine = llm.engine
+    engine.add_request(
+        "r", llm.tokenizer.encode(TEXT_PROMPTS[1]), SamplingParams(max_tokens=20, temperature=0)
+    )
+    while engine.stats().spec_drafts == 0:
+        engine.step()
+    assert 0 < engine.stats().draft_kv_usage < 1
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.stats().draft_kv_usage == 0
+    assert LLM(kv_cache_memory="4MiB").engine.stats().draft_kv_usage is None

@@ -139,6 +139,7 @@ def test_metrics_are_labelled_and_prefixed(server: ServerProcess) -> None:
     ):
         assert f'{name}{{model_name="tiny"}}' in text
     assert "inferd:gpu_memory_used_bytes" not in text  # served on the CPU
+    assert "inferd:spec_decode_draft_kv_cache_usage_perc" not in text  # without a draft model
     # The engine's settings, its KV blocks as sized at start-up (from its process too).
     info = next(line for line in text.splitlines() if line.startswith("inferd:engine_config_info{"))
     assert 'dtype="float32"' in info and 'quantization="none"' in info and 'kv_cache_dtype="float32"' in info
@@ -162,7 +163,7 @@ def _metrics_for_unit_test() -> tuple[ServerMetrics, CollectorRegistry]:
     # As a GPU engine reports it (the engine core reads its own process's device memory).
     stats = EngineStats(
         num_running=1, num_waiting=2, kv_usage=0.5, num_preemptions=3, prefix_queries=10, prefix_hits=4,
-        device_memory_bytes=1234,
+        device_memory_bytes=1234, draft_kv_usage=0.25,
     )  # fmt: skip
     return ServerMetrics(registry, "m", lambda: stats), registry
 
@@ -184,6 +185,7 @@ def test_finish_reasons_feed_their_counters() -> None:
     assert value("inferd:request_time_per_output_token_seconds_sum") == pytest.approx(0.2)
     assert value("inferd:num_requests_waiting") == 2
     assert value("inferd:gpu_memory_used_bytes") == 1234
+    assert value("inferd:spec_decode_draft_kv_cache_usage_perc") == 0.25  # a draft model's engine
     assert value("inferd:prefix_cache_hits_total") == 4
 
 

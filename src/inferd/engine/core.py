@@ -36,6 +36,8 @@ class EngineStats:
     spec_drafts: int = 0
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    # Share of a draft model's KV blocks in use; None without a draft model.
+    draft_kv_usage: float | None = None
 
 
 class LoraUpdateError(ValueError):
@@ -251,6 +253,7 @@ class EngineCore:
             spec_drafts=self.scheduler.num_drafts,
             spec_draft_tokens=self.scheduler.num_draft_tokens,
             spec_accepted_tokens=self.scheduler.num_accepted_tokens,
+            draft_kv_usage=self.scheduler.proposer.cache_usage() if self.scheduler.proposer else None,
         )
 
 

@@ -97,6 +97,9 @@ class DraftModelProposer:
         self._states.pop(request_id, None)
         self.kv.free(request_id)
 
+    def cache_usage(self) -> float | None:
+        return self.kv.usage()
+
     def propose_batch(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
         """Guesses for each ``(request id, its tokens, at most so many guesses)``: up to that many
         tokens the draft model decodes greedily after the tokens. None for a request the draft has

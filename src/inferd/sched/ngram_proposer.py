@@ -30,6 +30,9 @@ class NgramProposer:
     def forget(self, request_id: str) -> None:
         """Nothing is kept per request: each proposal reads the request's tokens afresh."""
 
+    def cache_usage(self) -> float | None:
+        return None  # no model, no cache
+
     def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
         """Up to ``min(num_speculative_tokens, max_tokens)`` tokens to follow ``token_ids``; empty
         when no suffix of ``min_n`` tokens or more occurred before."""

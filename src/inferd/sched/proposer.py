@@ -22,6 +22,10 @@ class Proposer(Protocol):
         """The request finished or was preempted: any state kept for it goes."""
         ...
 
+    def cache_usage(self) -> float | None:
+        """Share of its own KV cache's blocks in use (a draft model's); None: it keeps none."""
+        ...
+
 
 def make_proposer(config: EngineConfig, num_blocks: int) -> Proposer | None:
     """The engine's proposer (None without speculative decoding); a draft model's cache holds

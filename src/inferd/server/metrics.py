@@ -241,6 +241,20 @@ class _EngineCollector(Collector):
             for source, stats in snapshots:
                 gauge.add_metric([source.model_name], getattr(stats, field))
             yield gauge
+        drafting = [
+            (source.model_name, stats.draft_kv_usage)
+            for source, stats in snapshots
+            if stats.draft_kv_usage is not None
+        ]
+        if drafting:
+            gauge = GaugeMetricFamily(
+                "inferd:spec_decode_draft_kv_cache_usage_perc",
+                "Share of the draft model's KV-cache blocks in use (0-1; speculative decoding).",
+                labels=["model_name"],
+            )
+            for model_name, usage in drafting:
+                gauge.add_metric([model_name], usage)
+            yield gauge
         on_gpu = [
             (source.model_name, stats.device_memory_bytes)
             for source, stats in snapshots
