@@ -241,34 +241,23 @@ class _EngineCollector(Collector):
             for source, stats in snapshots:
                 gauge.add_metric([source.model_name], getattr(stats, field))
             yield gauge
-        drafting = [
-            (source.model_name, stats.draft_kv_usage)
-            for source, stats in snapshots
-            if stats.draft_kv_usage is not None
-        ]
-        if drafting:
-            gauge = GaugeMetricFamily(
-                "inferd:spec_decode_draft_kv_cache_usage_perc",
-                "Share of the draft model's KV-cache blocks in use (0-1; speculative decoding).",
-                labels=["model_name"],
-            )
-            for model_name, usage in drafting:
-                gauge.add_metric([model_name], usage)
-            yield gauge
-        on_gpu = [
-            (source.model_name, stats.device_memory_bytes)
-            for source, stats in snapshots
-            if stats.device_memory_bytes is not None
-        ]
-        if on_gpu:
-            gauge = GaugeMetricFamily(
-                "inferd:gpu_memory_used_bytes",
-                "Device memory held by the engine's torch allocator (weights, KV cache, CUDA graphs).",
-                labels=["model_name"],
-            )
-            for model_name, used in on_gpu:
-                gauge.add_metric([model_name], used)
-            yield gauge
+        # Gauges only some engines have (None elsewhere): shown only where one has them.
+        optional = (
+            ("inferd:spec_decode_draft_kv_cache_usage_perc",
+             "Share of the draft model's KV-cache blocks in use (0-1; speculative decoding).",
+             "draft_kv_usage"),
+            ("inferd:gpu_memory_used_bytes",
+             "Device memory held by the engine's torch allocator (weights, KV cache, CUDA graphs).",
+             "device_memory_bytes"),
+        )  # fmt: skip
+        for name, doc, field in optional:
+            values = [(source.model_name, getattr(stats, field)) for source, stats in snapshots]
+            present = [(model_name, value) for model_name, value in values if value is not None]
+            if present:
+                gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+                for model_name, value in present:
+                    gauge.add_metric([model_name], value)
+                yield gauge
         counters = (
             ("inferd:num_preemptions", "Requests preempted to free KV blocks.", "num_preemptions"),
             ("inferd:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_queries"),
