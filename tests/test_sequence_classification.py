@@ -363,8 +363,11 @@ def test_score_and_rerank_by_a_cross_encoder(cross_encoder_server) -> None:
     for bad, field in (
         ({"text_1": "", "text_2": "a"}, "text_1"),
         ({"text_1": ["a", "b"], "text_2": ["c"]}, "text_2"),
+        ({"text_1": "a", "text_2": "\ud800"}, "text_2"),  # a lone surrogate: no Unicode text
     ):
-        response = httpx.post(f"{server.base_url}/v1/score", json=bad, timeout=30)
+        # Sent as escaped JSON text: a lone surrogate has no UTF-8 form of its own.
+        response = httpx.post(f"{server.base_url}/v1/score", content=json.dumps(bad),
+                              headers={"Content-Type": "application/json"}, timeout=30)  # fmt: skip
         assert response.status_code == 400 and response.json()["error"]["param"] == field
 
 

@@ -118,7 +118,7 @@ class Tokenizer:
         return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        _check_unicode(text)
+        check_unicode(text)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def encode_last(self, text: str, keep: int) -> list[int]:
@@ -138,8 +138,8 @@ class Tokenizer:
     def encode_pair(self, first: str, second: str) -> list[int]:
         """Two texts as one input, joined as the tokenizer's pair template joins them (the
         ``text_pair`` of transformers' tokenizers): what a cross-encoder reads."""
-        _check_unicode(first)
-        _check_unicode(second)
+        check_unicode(first)
+        check_unicode(second)
         return list(self._tok.encode(first, second, add_special_tokens=True).ids)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -210,7 +210,9 @@ class Tokenizer:
         return rendered[: start + len(kept if shown_whole else final.strip())]
 
 
-def _check_unicode(text: str) -> None:
+def check_unicode(text: str) -> None:
+    """Refuse (InvalidTextError) a text the tokenizer cannot read: not valid Unicode (a lone
+    surrogate a JSON body may carry)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

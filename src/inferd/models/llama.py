@@ -131,8 +131,8 @@ class DecoderModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Also serves the Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Mixtral, Qwen2-MoE and
-    Qwen3-MoE architectures, and the Llama, Mistral, Qwen2 and Qwen3 sequence classifiers, whose
-    head (``score``, one output per label) is held as ``lm_head``."""
+    Qwen3-MoE architectures, and their sequence classifiers (``config._CLASSIFIER_ARCHITECTURES``),
+    whose head (``score``, one output per label) is held as ``lm_head``."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()

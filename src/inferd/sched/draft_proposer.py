@@ -112,14 +112,14 @@ class DraftModelProposer:
             if room <= 0 or state.out_of_vocabulary:
                 continue
             # The tokens it has not read must be its own (all of them, the first time).
-            unread = tokens[self._first_unknown(state, tokens) :] if state.attached else tokens
-            if max(unread) >= self.config.vocab_size:
+            start = self._first_unknown(state, tokens) if state.attached else 0
+            if max(tokens[start:]) >= self.config.vocab_size:
                 state.out_of_vocabulary = True
                 continue
             if not state.attached:  # its first proposal: what the cache holds of its start is its own
                 state.valid = self.kv.find_cached_prefix(request_id, tokens)
                 state.attached = True
-            start = self._first_unknown(state, tokens)
+                start = self._first_unknown(state, tokens)
             # Its last token's K/V is written with it, and each guess but the last is fed back.
             if not self.kv.allocate(request_id, len(tokens) + room - 1):
                 self.forget(request_id)  # its cache space goes to the others

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from inferd.engine.outputs import ClassificationOutput
 from inferd.engine.scoring import PairingError, check_scoring_labels, joined_pair, pair_indices
-from inferd.engine.tokenizer import InvalidTextError
+from inferd.engine.tokenizer import InvalidTextError, check_unicode
 from inferd.server.errors import GenerationError, InvalidRequestError
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai.common import ActivationOption
@@ -119,7 +119,7 @@ async def _cross_encoded(frontend: Frontend, job: _ScoreJob) -> tuple[list[float
             raise InvalidRequestError("texts must not be empty", field)
         for text in texts:  # checked apart, so an error names the field at fault
             try:
-                frontend.tokenizer.encode(text, add_special_tokens=False)
+                check_unicode(text)
             except InvalidTextError as exc:
                 raise InvalidRequestError(str(exc), field) from None
     model = frontend.llm.config.model
