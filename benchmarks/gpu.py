@@ -358,13 +358,18 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     step, greedy and at the workload's temperature 0.6 (the exponential race over the softmax),
     host work included (each call ends with the device synchronized). At 256 rows of Qwen3's
     151,936 tokens a float32 pass over the logits moves 155 MB, and the random path makes several.
-    At temperature 0.6 the fused kernel (``triton_sampling``) is timed too, as ``path`` "fused",
-    after a check that at a tiny temperature it draws every row's argmax (``draws_argmax``): a
-    broken kernel's time would say nothing."""
+    At temperature 0.6 the fused kernels (``triton_sampling``) are timed too, as ``path`` "fused"
+    (the race) and "fused_inverse_cdf" (``fused_sampler="inverse_cdf"``), each after a check that
+    at a tiny temperature it draws every row's argmax (``draws_argmax``): a broken kernel's time
+    would say nothing."""
     from inferd.sample.sampler import Sampler
 
-    # The kernel at every row count, below the engine's FUSED_MIN_ROWS too: what chose it.
-    samplers = {"torch": Sampler(0), "fused": Sampler(0, triton_sampling=True, fused_min_rows=1)}
+    # The kernels at every row count, below the engine's FUSED_MIN_ROWS too: what chose it.
+    samplers = {
+        "torch": Sampler(0),
+        "fused": Sampler(0, triton_sampling=True, fused_min_rows=1, fused_kernel="race"),
+        "fused_inverse_cdf": Sampler(0, triton_sampling=True, fused_min_rows=1, fused_kernel="inverse_cdf"),
+    }
     results: list[dict[str, Any]] = []
     for rows in SAMPLER_ROWS if plan.device == "cuda" else (2,):
         seeded = torch.Generator().manual_seed(rows)  # the same logits every run: checks that repeat
@@ -373,10 +378,10 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
             requests = _sampling_requests(rows, temperature)
             repeats = 20 if plan.device == "cuda" else 1
             for path, sampler in samplers.items():
-                if path == "fused" and temperature == 0.0:
-                    continue  # greedy rows never reach the kernel
+                if path != "torch" and temperature == 0.0:
+                    continue  # greedy rows never reach the kernels
                 entry: dict[str, Any] = {"rows": rows, "temperature": temperature, "path": path}
-                if path == "fused":
+                if path != "torch":
                     entry["draws_argmax"] = _draws_argmax(sampler, logits)
                 seconds = _timed(functools.partial(sampler, logits, requests), plan.device, repeats)
                 entry["ms"] = seconds * 1e3
@@ -1062,6 +1067,11 @@ VARIANTS = {
     # The defaults before the H200 calls of 2026-11-30 switched on PDL, the fused sampler and the
     # kernel tunings of MODULE_PATCHES' entry below: the before, measured in the run of the after.
     "previous_defaults": {"triton_pdl": False, "triton_sampling": False},
+    # The fused sampler's rows drawn by inverting the tempered softmax's CDF with one uniform a row
+    # (sample/triton_inverse_cdf.py), not by the race's draw and two logarithms a token: the race
+    # took 0.66-0.76 ms of a 256-sequence step on an H200. Other tokens from the same seeds, the
+    # same distribution; greedy tokens do not change.
+    "inverse_cdf_sampler": {"fused_sampler": "inverse_cdf"},
     # The mixture of experts' routed experts on the Triton grouped matmul, decode in CUDA graphs
     # (its default engine runs the torch experts, eagerly).
     "triton_moe": {"triton_moe": True},
@@ -1518,6 +1528,8 @@ def planned_steps(runs: dict[str, ShapeRun]) -> list[Callable[[], None]]:
         # before and after of that change in one run.
         functools.partial(qwen.variant, "previous_defaults", workload=True),
         functools.partial(llama.variant, "previous_defaults"),
+        # The sampler kernel that should take most of a full-batch step's sampling time off.
+        functools.partial(qwen.variant, "inverse_cdf_sampler", workload=True),
         # The features that are still off, one that the batch-1 target needs first, then all of
         # them together: the figures the defaults would give if all were switched on.
         functools.partial(qwen.variant, "fused_linear"),

@@ -116,6 +116,7 @@ OPS = "inferd.layers.triton_ops"
 LINEAR = "inferd.layers.triton_linear"
 TILED = "inferd.layers.triton_tiled_linear"
 SAMPLING = "inferd.sample.triton_sampling"
+INVERSE_CDF = "inferd.sample.triton_inverse_cdf"
 # Integer arguments whose value changes from call to call. Triton specializes an integer on its
 # value (equal to 1, a multiple of 16, neither), so each new class would compile the kernel again
 # in the middle of serving: these must be marked do_not_specialize.
@@ -123,6 +124,8 @@ PER_CALL_ARGUMENTS = [
     (SAMPLING, "_race_chunk_kernel", "seed"),
     (SAMPLING, "_race_chunk_kernel", "num_chunks"),
     (SAMPLING, "_pick_best_chunk_kernel", "num_chunks"),
+    (INVERSE_CDF, "_block_mass_kernel", "blocks_per_part"),
+    (INVERSE_CDF, "_pick_kernel", "seed"),
 ]
 
 
@@ -283,6 +286,18 @@ def cases() -> list[Case]:
           for name, dtype in (("bf16", BF16), ("fp32", FP32))],
         Case(SAMPLING, "_pick_best_chunk_kernel", "race sampler, best part of a row",
              {"keys_ptr": FP32, "ids_ptr": I32, "out_ptr": I64}, {"num_chunks": 3}, {"MAX_CHUNKS_P2": 256}),
+        # The inverse-CDF sampler on the same rows: 149 blocks of 1,024 tokens a row, in 5 parts.
+        *[Case(INVERSE_CDF, "_block_mass_kernel", f"inverse-CDF sampler, block masses ({name})",
+               {"logits_ptr": dtype, "inv_temperature_ptr": FP32, "block_max_ptr": FP32,
+                "block_mass_ptr": FP32},
+               {"vocab": 151936, "stride_row": 151936, "blocks_per_row": 149, "blocks_per_part": 30},
+               {"BLOCK": 1024, "NUM_STAGES": 3, "LOG2E": 1.4426950408889634}, pipelined_loop=True)
+          for name, dtype in (("bf16", BF16), ("fp32", FP32))],
+        Case(INVERSE_CDF, "_pick_kernel", "inverse-CDF sampler, the draw",
+             {"logits_ptr": BF16, "inv_temperature_ptr": FP32, "block_max_ptr": FP32, "block_mass_ptr": FP32,
+              "out_ptr": I64},
+             {"seed": 12345, "vocab": 151936, "stride_row": 151936, "blocks_per_row": 149},
+             {"MAX_BLOCKS_P2": 256, "BLOCK": 1024, "LOG2E": 1.4426950408889634}),
     ]))  # fmt: skip
 
 

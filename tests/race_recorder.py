@@ -1,4 +1,5 @@
-"""Records each call of the fused sampler's kernel (``triton_sampling.race_sample``), then makes it."""
+"""Records each call of a fused sampler kernel (``triton_sampling.race_sample`` or
+``triton_inverse_cdf.inverse_cdf_sample``), then makes it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
+# A fused sampler's kernel: its module under inferd.sample and its entry point.
+_KERNELS = {
+    "race": ("triton_sampling", "race_sample"),
+    "inverse_cdf": ("triton_inverse_cdf", "inverse_cdf_sample"),
+}
 
 
 @dataclass(frozen=True)
@@ -15,17 +22,20 @@ class RaceCall:
     temperatures: list[float]
 
 
-def record_race_calls(monkeypatch: pytest.MonkeyPatch) -> list[RaceCall]:
-    """The list the calls are appended to while the test runs. Triton is imported here, not at
-    the module's import, so a test module can choose the interpreter first."""
-    from inferd.sample import triton_sampling
+def record_race_calls(monkeypatch: pytest.MonkeyPatch, kernel: str = "race") -> list[RaceCall]:
+    """The list the calls of ``kernel`` (the sampler's ``FUSED_KERNELS``) are appended to while the
+    test runs. Triton is imported here, not at the module's import, so a test module can choose
+    the interpreter first."""
+    import importlib
 
+    module_name, function = _KERNELS[kernel]
+    module = importlib.import_module(f"inferd.sample.{module_name}")
     calls: list[RaceCall] = []
-    original = triton_sampling.race_sample
+    original = getattr(module, function)
 
     def recorded(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
         calls.append(RaceCall(logits.shape[0], logits.dtype, temperatures.tolist()))
         return original(logits, temperatures, seed)
 
-    monkeypatch.setattr(triton_sampling, "race_sample", recorded)
+    monkeypatch.setattr(module, function, recorded)
     return calls

@@ -43,10 +43,11 @@ def test_on_off_switches(switch: str) -> None:
 
 def test_the_other_flags() -> None:
     options = parse("--enforce-eager", "--no-prefix-caching", "--block-size", "32", "--seed", "7", "-tp", "2",
-                    "--quantization", "fp8", "--hf-overrides", '{"method": "x"}')  # fmt: skip
+                    "--quantization", "fp8", "--hf-overrides", '{"method": "x"}',
+                    "--fused-sampler", "inverse_cdf")  # fmt: skip
     assert options == {"enforce_eager": True, "enable_prefix_caching": False, "block_size": 32, "seed": 7,
                        "tensor_parallel_size": 2, "quantization": "fp8",
-                       "hf_overrides": '{"method": "x"}'}  # fmt: skip
+                       "hf_overrides": '{"method": "x"}', "fused_sampler": "inverse_cdf"}  # fmt: skip
 
 
 @pytest.mark.parametrize(

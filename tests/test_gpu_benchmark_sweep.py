@@ -109,17 +109,22 @@ def test_split_sweep_checks_each_split_against_the_unsplit_kernel(monkeypatch) -
     assert 0.0 < results[1]["relative_error_vs_unsplit"] < 1e-5
 
 
-def test_sampler_timing_covers_greedy_and_random_rows_and_the_fused_kernel(monkeypatch) -> None:
-    """Each path timed, the fused kernel after a check that it draws the argmax when cold; a
+def test_sampler_timing_covers_greedy_and_random_rows_and_the_fused_kernels(monkeypatch) -> None:
+    """Each path timed, the fused kernels after a check that they draw the argmax when cold; a
     kernel that draws something else is marked."""
-    from inferd.sample import triton_sampling
+    from inferd.sample import triton_inverse_cdf, triton_sampling
 
     plan = gpu.Plan("cpu", torch.float32, 3, 40, 30, 8, 500, "64MiB")
-    results = gpu.time_sampler(gpu.shape_config(gpu.QWEN3_0_6B, smoke=True), plan)
+    shape = gpu.shape_config(gpu.QWEN3_0_6B, smoke=True)
+    results = gpu.time_sampler(shape, plan)
     cases = [(r["rows"], r["temperature"], r["path"]) for r in results]
-    assert cases == [(2, 0.0, "torch"), (2, 0.6, "torch"), (2, 0.6, "fused")]
-    assert results[-1]["draws_argmax"] is True
+    assert cases == [(2, 0.0, "torch"), (2, 0.6, "torch"), (2, 0.6, "fused"), (2, 0.6, "fused_inverse_cdf")]
+    assert [r.get("draws_argmax") for r in results] == [None, None, True, True]
     assert all(r["ms"] > 0 and 0 < r["host_ms"] for r in results)
     first_token = lambda logits, *_: torch.zeros(len(logits), dtype=torch.long)  # noqa: E731
+    monkeypatch.setattr(triton_inverse_cdf, "inverse_cdf_sample", first_token)
+    marks = [r.get("draws_argmax") for r in gpu.time_sampler(shape, plan)]
+    assert marks == [None, None, True, False]
     monkeypatch.setattr(triton_sampling, "race_sample", first_token)
-    assert gpu.time_sampler(gpu.shape_config(gpu.QWEN3_0_6B, smoke=True), plan)[-1]["draws_argmax"] is False
+    marks = [r.get("draws_argmax") for r in gpu.time_sampler(shape, plan)]
+    assert marks == [None, None, False, False]

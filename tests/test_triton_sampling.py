@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from philox_reference import philox_uniforms
 from race_recorder import record_race_calls
 from triton_device import DEVICE  # before triton is imported: interpreted or compiled
 
@@ -89,24 +90,6 @@ def test_every_token_of_every_part_can_win() -> None:
     assert set(tokens.tolist()) == set(range(vocab))
 
 
-def _philox_uniforms(seed: int, counters: np.ndarray) -> np.ndarray:
-    """[n, 4] float32 draws for ``counters``, as Triton's ``rand4x`` makes them: Philox4x32 with
-    10 rounds on (counter, 0, 0, 0) keyed by the seed's low and high words, each output word
-    taken as an int32 (negative ones complemented) times 4.6566127342e-10."""
-    mask = np.uint64(0xFFFFFFFF)
-    zeros = np.zeros_like(counters, dtype=np.uint64)
-    c0, c1, c2, c3 = counters.astype(np.uint64) & mask, zeros, zeros, zeros
-    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
-    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    for _ in range(10):
-        product_b, product_a = round_b * c2, round_a * c0
-        c0, c2 = (product_b >> np.uint64(32)) ^ c1 ^ k0, (product_a >> np.uint64(32)) ^ c3 ^ k1
-        c1, c3 = product_b & mask, product_a & mask
-        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
-    words = np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32).view(np.int32)
-    return np.where(words < 0, ~words, words).astype(np.float32) * np.float32(4.6566127342e-10)
-
-
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize(("vocab", "parts"), [(37, 1), (37, 3), (1001, 4)])
 def test_each_tokens_noise_comes_from_its_own_philox_counter(vocab: int, parts: int) -> None:
@@ -122,7 +105,7 @@ def test_each_tokens_noise_comes_from_its_own_philox_counter(vocab: int, parts: 
     ids = np.arange(vocab)
     expected = []
     for row in range(rows):
-        uniform = _philox_uniforms(seed, row * quads + ids // 4)[ids, ids % 4]
+        uniform = philox_uniforms(seed, row * quads + ids // 4)[ids, ids % 4]
         keys = np.float32(0.0) - np.log(-np.log(uniform))
         expected.append(int(np.argmax(keys)))
     assert tokens.tolist() == expected
@@ -209,3 +192,44 @@ def test_sampler_draws_follow_the_softmax_through_the_kernel() -> None:
     expected = torch.softmax(row.double(), dim=0) * rows
     assert ((counts - expected).abs() <= 5 * (expected * (1 - expected / rows)).sqrt()).all()
     assert math.isclose(counts.sum().item(), rows)
+
+
+def test_the_inverse_cdf_kernel_draws_the_same_rows_when_asked_for(monkeypatch) -> None:
+    """``fused_kernel="inverse_cdf"`` sends the rows the race would take to the other kernel, and
+    none to the race; its draws follow the softmax too."""
+    race = record_race_calls(monkeypatch)
+    inverse_cdf = record_race_calls(monkeypatch, "inverse_cdf")
+    sampler = Sampler(seed=3, triton_sampling=True, fused_min_rows=2, fused_kernel="inverse_cdf")
+    requests = [request("greedy", temperature=0.0), request("plain", temperature=0.5),
+                request("seeded", temperature=0.8, seed=9), request("plain2", temperature=1.5)]  # fmt: skip
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    tokens = sampler(logits, requests).token_ids
+    assert race == [] and [(call.rows, call.temperatures) for call in inverse_cdf] == [(2, [0.5, 1.5])]
+    assert tokens[0] == logits[0].argmax().item() and all(0 <= t < 30 for t in tokens)
+    row, rows = torch.tensor([0.0, 1.0, 2.0]), 600
+    many = [request(str(i), temperature=1.0) for i in range(rows)]
+    drawn = torch.tensor(sampler(row.repeat(rows, 1).to(DEVICE), many).token_ids)
+    counts = torch.bincount(drawn, minlength=3).double()
+    expected = torch.softmax(row.double(), dim=0) * rows
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - expected / rows)).sqrt()).all()
+    with pytest.raises(ValueError, match="unknown fused sampler 'gumbel'; choose one of race, inverse_cdf"):
+        Sampler(triton_sampling=True, fused_kernel="gumbel")
+
+
+def test_the_engine_option_picks_the_kernel(tiny_llama, monkeypatch) -> None:
+    """``fused_sampler`` reaches the engine's sampler: a step of temperature-only rows goes to the
+    inverse-CDF kernel; an unknown name is refused before anything loads."""
+    from inferd import LLM, SamplingParams
+    from inferd.engine.builder import build_engine_config
+    from inferd.sample import sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "FUSED_MIN_ROWS", 1)
+    calls = record_race_calls(monkeypatch, "inverse_cdf")
+    llm = LLM(tiny_llama, device="cpu", triton_sampling=True, fused_sampler="inverse_cdf")
+    params = SamplingParams(max_tokens=3, temperature=0.7, ignore_eos=True)
+    outputs = llm.generate([[5, 6, 7], [8, 9]], params)
+    assert [len(out.token_ids) for out in outputs] == [3, 3]
+    assert [call.rows for call in calls] == [2, 2, 2]  # one call a step
+    assert all(call.temperatures == pytest.approx([0.7, 0.7]) for call in calls)
+    with pytest.raises(ValueError, match="unknown fused_sampler 'fast'; choose one of race, inverse_cdf"):
+        build_engine_config(tiny_llama, fused_sampler="fast")

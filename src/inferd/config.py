@@ -34,6 +34,10 @@ GPU_DEFAULTS: dict[str, bool] = {
     "triton_pdl": True,
     "triton_moe": False,
 }
+# The kernel that draws the fused sampler's rows unless ``fused_sampler`` names another
+# (sample/sampler.py's FUSED_KERNELS): the race is the one H200 runs measured; "inverse_cdf"
+# takes its place here once its variant of benchmarks/gpu.py (inverse_cdf_sampler) beats it.
+DEFAULT_FUSED_SAMPLER = "race"
 
 
 class ModelLoadError(RuntimeError):
@@ -811,6 +815,10 @@ class EngineConfig:
     # Temperature-only random rows drawn by a fused Triton race (sample/triton_sampling.py)
     # instead of the torch race.
     triton_sampling: bool | None = None
+    # Which kernel draws them (sample/sampler.py's FUSED_KERNELS): "race", the torch path's
+    # method over the logits once, or "inverse_cdf", one uniform draw a row inverted through the
+    # softmax's running sum (sample/triton_inverse_cdf.py).
+    fused_sampler: str = DEFAULT_FUSED_SAMPLER
     # Launch the Triton kernels a decode step runs (in every step) with programmatic dependent
     # launch (layers/triton_pdl.py): each kernel starts during the previous one's tail; needs a
     # Hopper or later GPU and a Triton with grid dependency control.

@@ -14,6 +14,7 @@ import torch
 
 from inferd.attention.registry import resolve_backend_name
 from inferd.config import (
+    DEFAULT_FUSED_SAMPLER,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -23,6 +24,7 @@ from inferd.config import (
     option_object,
     parse_dtype,
 )
+from inferd.sample.sampler import FUSED_KERNELS
 from inferd.sched.draft_proposer import read_draft_config
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         triton_tiled_linear=options.pop("triton_tiled_linear", None),
         triton_decode_rotary=options.pop("triton_decode_rotary", None),
         triton_sampling=options.pop("triton_sampling", None),
+        fused_sampler=_fused_sampler(options.pop("fused_sampler", None)),
         triton_pdl=options.pop("triton_pdl", None),
         triton_moe=options.pop("triton_moe", None),
         async_scheduling=options.pop("async_scheduling", None),
@@ -160,6 +163,15 @@ def _triton_stores_kv(config: EngineConfig) -> bool:
 def _capability(device: str) -> tuple[int, int]:
     major, minor = torch.cuda.get_device_capability(torch.device(device))
     return major, minor
+
+
+def _fused_sampler(value: str | None) -> str:
+    """``fused_sampler``: the kernel of ``triton_sampling``, one of the sampler's ``FUSED_KERNELS``."""
+    if value is None:
+        return DEFAULT_FUSED_SAMPLER
+    if value not in FUSED_KERNELS:
+        raise ValueError(f"unknown fused_sampler {value!r}; choose one of {', '.join(FUSED_KERNELS)}")
+    return value
 
 
 def _kv_cache_dtype(value: str | None) -> str:

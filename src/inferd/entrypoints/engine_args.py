@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from inferd.config import GPU_DEFAULTS
+from inferd.sample.sampler import FUSED_KERNELS
 
 
 def positive_int(text: str) -> int:
@@ -33,6 +34,7 @@ _DIRECT_OPTIONS = (
     "scheduling_policy",
     "quantization",
     "kv_cache_dtype",
+    "fused_sampler",
 )
 
 
@@ -103,6 +105,12 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         "read as it is, with or without this",
     )
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    group.add_argument(
+        "--fused-sampler",
+        choices=list(FUSED_KERNELS),
+        help="the kernel of --triton-sampling: race (one random draw a token, the torch path's method; "
+        "default) or inverse_cdf (one draw a row, inverted through the tempered softmax's running sum)",
+    )
     for option, help_text in _SWITCHES.items():
         flag = "--" + option.replace("_", "-")
         group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inferd.config import DEFAULT_FUSED_SAMPLER
 from inferd.engine.request import Request
 from inferd.sample.penalties import (
     apply_allowed_tokens,
@@ -82,18 +83,31 @@ class PendingSample:
 # against 0.12-0.19 at one: drawn through both points, the two costs cross at 128-134 rows.
 FUSED_MIN_ROWS = 128
 
+# The Triton kernels that may draw those rows: the race of sample/triton_sampling.py (the torch
+# path's method, over the logits once) or the inverse CDF of sample/triton_inverse_cdf.py (one
+# uniform draw a row instead of one a token).
+FUSED_KERNELS = ("race", "inverse_cdf")
+
 
 class Sampler:
     def __init__(
-        self, seed: int = 0, triton_sampling: bool = False, fused_min_rows: int | None = None
+        self,
+        seed: int = 0,
+        triton_sampling: bool = False,
+        fused_min_rows: int | None = None,
+        fused_kernel: str = DEFAULT_FUSED_SAMPLER,
     ) -> None:
-        """``triton_sampling``: rows that only scale by a temperature are drawn by the fused race
-        of ``sample/triton_sampling.py`` (the same race, over the logits once), in steps with at
-        least ``fused_min_rows`` of them (``FUSED_MIN_ROWS`` unless given); fewer go to the torch
-        race, which is faster there."""
+        """``triton_sampling``: rows that only scale by a temperature are drawn by a fused Triton
+        kernel (``fused_kernel``, one of ``FUSED_KERNELS``), in steps with at least
+        ``fused_min_rows`` of them (``FUSED_MIN_ROWS`` unless given); fewer go to the torch race,
+        which is faster there."""
+        if fused_kernel not in FUSED_KERNELS:
+            choices = ", ".join(FUSED_KERNELS)
+            raise ValueError(f"unknown fused sampler {fused_kernel!r}; choose one of {choices}")
         self._seed = seed
         self._triton_sampling = triton_sampling
         self._fused_min_rows = FUSED_MIN_ROWS if fused_min_rows is None else fused_min_rows
+        self._fused_kernel = fused_kernel
         self._fused_calls = 0  # each call of the fused kernel draws from fresh counters
         # Draws for requests without a seed of their own, one generator per device.
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -124,7 +138,7 @@ class Sampler:
             fused_rows = [i for i in random_rows if _temperature_only(requests[i], vocab)]
             if fused_rows and len(fused_rows) >= self._fused_min_rows:
                 index = _to_device(fused_rows, torch.long, logits.device)
-                tokens[index] = self._race_fused(logits, index, [requests[i] for i in fused_rows])
+                tokens[index] = self._draw_fused(logits, index, [requests[i] for i in fused_rows])
                 fused = set(fused_rows)
                 random_rows = [i for i in random_rows if i not in fused]
         if random_rows:
@@ -148,16 +162,21 @@ class Sampler:
             copied.record(torch.cuda.current_stream(logits.device))
         return PendingSample(tokens, errors, tokens_host, logprobs_host, counts, copied)
 
-    def _race_fused(
+    def _draw_fused(
         self, logits: torch.Tensor, index: torch.Tensor, requests: Sequence[Request]
     ) -> torch.Tensor:
         """The fused kernel's tokens for the rows ``index`` of ``logits`` (``requests``' rows)."""
-        from inferd.sample import triton_sampling
-
         temperatures = _to_device([r.params.temperature for r in requests], torch.float32, logits.device)
         picked = logits if len(requests) == logits.shape[0] else logits.index_select(0, index)
         self._fused_calls += 1
-        return triton_sampling.race_sample(picked, temperatures, self._seed * 1_000_003 + self._fused_calls)
+        seed = self._seed * 1_000_003 + self._fused_calls
+        if self._fused_kernel == "inverse_cdf":
+            from inferd.sample import triton_inverse_cdf
+
+            return triton_inverse_cdf.inverse_cdf_sample(picked, temperatures, seed)
+        from inferd.sample import triton_sampling
+
+        return triton_sampling.race_sample(picked, temperatures, seed)
 
     def _draw(self, probs: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         device = probs.device

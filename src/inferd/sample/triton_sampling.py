@@ -128,6 +128,16 @@ def default_num_chunks(rows: int, vocab: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(programs, rows), triton.cdiv(vocab, _BLOCK)))
 
 
+def fused_inputs(logits: torch.Tensor, temperatures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused sampler's logits with unit stride along the vocabulary, and its empty [rows] int64
+    output on their device; a ValueError when ``temperatures`` is not one per row."""
+    if logits.dim() != 2 or temperatures.shape != (logits.shape[0],):
+        shapes = f"logits {tuple(logits.shape)} and temperatures {tuple(temperatures.shape)}"
+        raise ValueError(f"{shapes} do not fit")
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    return (logits if logits.stride(1) == 1 else logits.contiguous()), tokens
+
+
 def race_sample(
     logits: torch.Tensor, temperatures: torch.Tensor, seed: int, num_chunks: int | None = None
 ) -> torch.Tensor:
@@ -136,15 +146,10 @@ def race_sample(
     ``temperatures`` ([rows], all above 0) on the logits' device; int64 ids on that device.
     ``num_chunks``: parts of the vocabulary raced apart (``default_num_chunks``); the tokens do
     not depend on it."""
-    if logits.dim() != 2 or temperatures.shape != (logits.shape[0],):
-        shapes = f"logits {tuple(logits.shape)} and temperatures {tuple(temperatures.shape)}"
-        raise ValueError(f"{shapes} do not fit")
+    logits, tokens = fused_inputs(logits, temperatures)
     rows, vocab = logits.shape
-    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return tokens
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
     wanted = num_chunks if num_chunks is not None else default_num_chunks(rows, vocab, logits.device)
     # Parts start at whole loop steps, so each step's tokens are whole Philox quads.
     chunk = triton.cdiv(triton.cdiv(vocab, max(wanted, 1)), _BLOCK) * _BLOCK

@@ -140,7 +140,9 @@ class ModelRunner:
             self.shutdown()
             raise
         self.backend = create_backend(config.attention_backend, config.device)
-        self.sampler = Sampler(config.seed, triton_sampling=config.uses_triton_sampling)
+        self.sampler = Sampler(
+            config.seed, triton_sampling=config.uses_triton_sampling, fused_kernel=config.fused_sampler
+        )
         self.block_size = config.cache.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         sched = config.scheduler
@@ -317,7 +319,11 @@ class ModelRunner:
         rows = shape.sampling_rows
         logits = torch.randn((rows, vocab), generator=generator, device=self.device).to(self.dtype)
         mixes = sampling_mixes(rows, vocab)
-        sampler = Sampler(self.config.seed, triton_sampling=self.config.uses_triton_sampling)
+        sampler = Sampler(
+            self.config.seed,
+            triton_sampling=self.config.uses_triton_sampling,
+            fused_kernel=self.config.fused_sampler,
+        )
         for requests in mixes:
             sampler.sample(logits, requests).result()
         self.table_rows = BlockTableRows()  # nothing of the warm-up's requests is kept
