@@ -34,7 +34,17 @@ def _hf_greedy(folder, prompts: list[list[int]], max_new_tokens: int) -> list[li
     return greedy_continuations(model, prompts, max_new_tokens)
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "qwen2-yarn", "qwen3-yarn-mscale", "llama-linear"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        *ARCHS,
+        "qwen2-yarn",
+        "qwen3-yarn-mscale",
+        "llama-linear",
+        "llama-attention-bias",
+        "mistral-attention-bias",
+    ],  # fmt: skip
+)
 def test_logits_match_transformers(tiny_model_factory, arch: str) -> None:
     folder = tiny_model_factory(arch)
     llm = LLM(folder, kv_cache_memory="16MiB", block_size=8)
@@ -50,6 +60,32 @@ def test_logits_match_transformers(tiny_model_factory, arch: str) -> None:
         theirs = reference(torch.tensor([prompt])).logits[0].float()
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_each_architecture_reads_attention_bias_as_transformers_builds_it() -> None:
+    """q/k/v and o_proj biases per architecture, classifiers as their causal LM: the families
+    whose transformers class ignores ``attention_bias`` ignore it here too, and Qwen2's q/k/v biases
+    come without an o_proj one."""
+    from inferd.config import ModelConfig
+
+    def biases(architecture: str, **fields: object) -> tuple[bool, bool]:
+        cfg = {"architectures": [architecture], "vocab_size": 32, "hidden_size": 16, "intermediate_size": 64,
+               "num_hidden_layers": 2, "num_attention_heads": 2, **fields}  # fmt: skip
+        model = ModelConfig.from_hf_config(cfg)
+        return model.attention_bias, model.o_proj_bias
+
+    for family in ("Llama", "Qwen3", "Granite", "SmolLM3", "Gemma"):
+        assert biases(f"{family}ForCausalLM", attention_bias=True) == (True, True), family
+        assert biases(f"{family}ForCausalLM") == (False, False), family
+    for family in ("Mistral", "Phi3"):
+        assert biases(f"{family}ForCausalLM", attention_bias=True) == (False, False), family
+    experts = {"num_local_experts": 4, "num_experts_per_tok": 2}
+    assert biases("MixtralForCausalLM", attention_bias=True, **experts) == (False, False)
+    assert biases("Qwen2ForCausalLM", attention_bias=True) == (True, False)
+    assert biases("Qwen2ForSequenceClassification") == (True, False)
+    moe = {"num_experts": 4, "moe_intermediate_size": 12, "num_experts_per_tok": 2}
+    assert biases("Qwen2MoeForSequenceClassification", qkv_bias=False, **moe) == (False, False)
+    assert biases("LlamaForSequenceClassification", attention_bias=True) == (True, True)
 
 
 ENGINE_VARIANTS = {

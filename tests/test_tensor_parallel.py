@@ -29,10 +29,23 @@ def _first_step_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
 
 # phi3: q|k|v, gate|up fused; qwen2-moe: experts and a gated shared expert split; mixtral: its names
 @pytest.mark.parametrize(
-    "arch", ["qwen3", "qwen2", "llama", "phi3", "qwen2-moe", "mixtral", "gemma3", "gemma2", "granite"]
+    "arch",
+    [
+        "qwen3",
+        "qwen2",
+        "llama",
+        "phi3",
+        "qwen2-moe",
+        "mixtral",
+        "gemma3",
+        "gemma2",
+        "granite",
+        "llama-attention-bias",
+    ],  # fmt: skip
 )
 def test_two_ranks_give_the_whole_models_logits_and_tokens(tiny_model_factory, arch: str) -> None:
-    """Qwen3 has per-head q/k norms, Qwen2 q/k/v biases (split with their heads), Llama neither."""
+    """Qwen3 has per-head q/k norms, Qwen2 q/k/v biases (split with their heads), Llama neither;
+    Llama with ``attention_bias`` an o_proj bias too, added once to the ranks' sum."""
     folder = tiny_model_factory(arch)
     prompts = [[5, 6, 7, 8], list(range(10, 40)), [3]]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, prompt_logprobs=1)

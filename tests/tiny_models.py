@@ -184,6 +184,18 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
             "beta_slow": 2,
         },
     },
+    # attention_bias: Llama biases q/k/v and o_proj; Mistral's transformers class ignores it.
+    "llama-attention-bias": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": True,
+    },
+    "mistral-attention-bias": {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "attention_bias": True,
+        "sliding_window": None,
+    },
     "llama-linear": {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -234,10 +246,12 @@ def build_tiny_model(folder: Path, arch: str, dtype: torch.dtype = torch.float32
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).to(dtype)
     # Random init leaves biases/norms at 0/1; perturb them so those code paths are really checked.
+    # An o_proj bias adds the same vector to every token's residual stream: at the others' scale it
+    # would drown the 0.02-scale weights, and every prompt would decode the same token.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
-                param.add_(torch.randn_like(param) * 0.1)
+                param.add_(torch.randn_like(param) * (0.02 if name.endswith("o_proj.bias") else 0.1))
     model.save_pretrained(folder)
     return folder
 

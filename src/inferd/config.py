@@ -369,6 +369,7 @@ class ModelConfig:
     rope: RopeConfig
     max_position_embeddings: int
     tie_word_embeddings: bool
+    # Biases on q/k/v (``o_proj_bias``: on o_proj; Qwen2 biases q/k/v only).
     attention_bias: bool
     qk_norm: bool
     torch_dtype: str
@@ -378,6 +379,8 @@ class ModelConfig:
     layer_windows: tuple[int, ...] = ()
     # Gemma's own settings (models/gemma.py); None for the other architectures.
     gemma: GemmaConfig | None = None
+    # A bias on o_proj (``attention_bias`` in config.json, where the architecture reads it so).
+    o_proj_bias: bool = False
     # Granite's scales (models/llama.py); None for the other architectures.
     granite: GraniteScales | None = None
     # Whether each layer rotates its queries and keys (SmolLM3's NoPE layers do not); empty: all.
@@ -464,6 +467,7 @@ class ModelConfig:
             # A classifier's head is its own (``score``), never the embeddings.
             tie_word_embeddings=not classifier and tied,
             attention_bias=_attention_bias(cfg, architecture),
+            o_proj_bias=_o_proj_bias(cfg, architecture),
             qk_norm=architecture.startswith(("Qwen3", "Gemma3")),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             moe=MoEConfig.from_hf_config(cfg, architecture, int(cfg["num_hidden_layers"])),
@@ -615,12 +619,34 @@ def _activation(cfg: dict[str, Any], architecture: str) -> str:
     return str(cfg.get("hidden_act", cfg.get("hidden_activation", "silu")))
 
 
+# Families whose attention projections transformers builds without biases whatever config.json
+# says (an ``attention_bias`` there is ignored).
+_UNBIASED_ATTENTION = ("Mistral", "Mixtral", "Phi3")
+
+
+def _family(architecture: str) -> str:
+    """``Qwen2Moe`` of ``Qwen2MoeForCausalLM`` and of ``Qwen2MoeForSequenceClassification``."""
+    return architecture.split("For", 1)[0]
+
+
 def _attention_bias(cfg: dict[str, Any], architecture: str) -> bool:
     """Whether q/k/v have biases: Qwen2 always, Qwen2-MoE unless ``qkv_bias`` says not (as
-    transformers 5 reads it); Llama and Mistral expose it as ``attention_bias``."""
-    if architecture == "Qwen2MoeForCausalLM":
+    transformers 5 reads it), Mistral, Mixtral and Phi3 never, the others (Llama, Qwen3, Gemma,
+    Granite, SmolLM3) as ``attention_bias`` says."""
+    family = _family(architecture)
+    if family == "Qwen2Moe":
         return bool(cfg.get("qkv_bias", True))
-    return architecture.startswith("Qwen2") or bool(cfg.get("attention_bias", False))
+    if family == "Qwen2":
+        return True
+    return family not in _UNBIASED_ATTENTION and bool(cfg.get("attention_bias", False))
+
+
+def _o_proj_bias(cfg: dict[str, Any], architecture: str) -> bool:
+    """Whether o_proj has a bias: with ``attention_bias`` where it biases q/k/v too; never for
+    Qwen2 and Qwen2-MoE, whose q/k/v biases come without one."""
+    family = _family(architecture)
+    unbiased = ("Qwen2", "Qwen2Moe", *_UNBIASED_ATTENTION)
+    return family not in unbiased and bool(cfg.get("attention_bias", False))
 
 
 def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:
