@@ -289,8 +289,116 @@ def test_a_background_response_is_queued_then_polled_to_its_answer(server: Serve
     refused = httpx.post(f"{url}/{whole['id']}/cancel")
     assert refused.status_code == 400 and "only background responses" in refused.json()["error"]["message"]
     assert httpx.post(f"{url}/resp_nothing/cancel").status_code == 404
-    streamed = httpx.post(url, json={**fields, "background": True, "stream": True})
-    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "background"
+
+
+def test_a_streamed_background_response_is_read_on_after_a_dropped_connection(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    """Its stream is the foreground stream's events with the response queued first; a reader
+    that leaves early does not stop the answer, and ``GET ?stream=true&starting_after=N`` gives
+    the events after N, the same ones, live or after the end."""
+    fields = {"input": "To be, or not", "max_output_tokens": 12, "extra_body": ANSWER_NOW}
+    events = list(_create(client, background=True, stream=True, **fields))
+    kinds = [e.type for e in events]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert kinds[:3] == ["response.created", "response.queued", "response.in_progress"]
+    assert events[0].response.status == "queued" and events[0].response.background is True
+    foreground = list(_create(client, stream=True, **fields))
+
+    def structure(stream: list[Any]) -> list[str]:  # how many deltas depends on the timing
+        return [e.type for e in stream if not e.type.endswith(".delta")]
+
+    assert structure(events)[3:] == structure(foreground)[2:] and kinds[-1] == "response.incomplete"
+    final = events[-1].response
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert final.output_text == deltas == foreground[-1].response.output_text
+    stored = client.responses.retrieve(final.id)
+    assert stored.status == "incomplete" and stored.output_text == final.output_text
+    resumed = list(client.responses.retrieve(final.id, stream=True, starting_after=4))
+    assert [e.model_dump() for e in resumed] == [e.model_dump() for e in events[5:]]
+
+    # A reader that reads three events and leaves: the answer goes on to the end, and the rest
+    # of its events are there to read.
+    body = {"model": "tiny", "temperature": 0, "background": True, "stream": True, "input": "Hi",
+            "max_output_tokens": 40, **ANSWER_NOW}  # fmt: skip
+    first: list[dict[str, Any]] = []
+    with httpx.stream("POST", f"{server.base_url}/v1/responses", json=body) as streamed:
+        for line in streamed.iter_lines():
+            if line.startswith("data: "):
+                first.append(json.loads(line[6:]))
+            if len(first) == 3:
+                break
+    response_id = first[0]["response"]["id"]
+    done = _poll(server, response_id)
+    assert done["status"] == "incomplete" and done["usage"]["output_tokens"] == 40
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=2))
+    assert rest[0].sequence_number == 3 and rest[-1].type == "response.incomplete"
+    assert rest[-1].response.output_text == _message_text(done)
+    assert len(list(client.responses.retrieve(response_id, stream=True))) == 3 + len(rest)
+
+
+def test_a_streamed_background_response_ends_its_readers_when_it_fails_or_is_cancelled(
+    server: ServerProcess,
+) -> None:
+    url = f"{server.base_url}/v1/responses"
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 400, "background": True, "stream": True}
+    timed_out = httpx.post(url, json={**body, "timeout": 0.02})
+    failed = [json.loads(line[6:]) for line in timed_out.text.splitlines() if line.startswith("data: ")]
+    assert failed[-1]["type"] == "response.failed" and failed[-1]["response"]["status"] == "failed"
+    assert failed[-1]["response"]["error"]["message"].endswith("(request_timeout)")
+    assert _poll(server, failed[0]["response"]["id"])["status"] == "failed"
+    with httpx.stream("POST", url, json=body) as streamed:
+        lines = streamed.iter_lines()
+        created = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        response_id = created["response"]["id"]
+        assert httpx.post(f"{url}/{response_id}/cancel").json()["status"] == "cancelled"
+        read_on = [line for line in lines if line.startswith("data: ")]  # ends: no hang
+    assert all(json.loads(line[6:])["type"] != "response.completed" for line in read_on)
+
+
+def test_only_a_streamed_background_response_streams_from_get(server: ServerProcess) -> None:
+    url = f"{server.base_url}/v1/responses"
+    whole = httpx.post(url, json={"model": "tiny", "input": "Hi", "max_output_tokens": 2}).json()
+    refused = httpx.get(f"{url}/{whole['id']}", params={"stream": "true"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+    assert "only a response created with background and stream" in refused.json()["error"]["message"]
+    short = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, "background": True}
+    polled = httpx.post(url, json=short)
+    _poll(server, polled.json()["id"])
+    assert httpx.get(f"{url}/{polled.json()['id']}", params={"stream": "true"}).status_code == 400
+    streamed = httpx.post(url, json={**short, "stream": True})
+    response_id = json.loads(streamed.text.split("data: ", 1)[1].split("\n", 1)[0])["response"]["id"]
+    negative = httpx.get(f"{url}/{response_id}", params={"stream": "true", "starting_after": -1})
+    assert negative.status_code == 400 and negative.json()["error"]["param"] == "starting_after"
+    assert httpx.get(f"{url}/resp_nothing", params={"stream": "true"}).status_code == 404
+    # Deleted, its events go with it.
+    assert httpx.delete(f"{url}/{response_id}").status_code == 200
+    assert httpx.get(f"{url}/{response_id}", params={"stream": "true"}).status_code == 404
+
+
+def test_the_event_logs_of_ended_responses_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running responses keep their logs; of the ended ones only the most recent, by count
+    (``KEPT_EVENT_LOGS``) and by the size of their events (``KEPT_EVENT_CHARS``); a deleted one's
+    log is not kept when its task ends."""
+    from inferd.server.openai import responses
+
+    monkeypatch.setattr(responses, "KEPT_EVENT_LOGS", 2)
+    monkeypatch.setattr(responses, "KEPT_EVENT_CHARS", 100)
+    background = responses.BackgroundResponses(None, ResponseStore())  # type: ignore[arg-type]
+    logs = {name: responses._EventLog() for name in ("a", "b", "c", "big", "deleted", "running")}
+    logs["big"].append("x" * 90)
+    logs["c"].append("x" * 20)
+    background._logs.update(logs)
+    background._running.update(dict.fromkeys(logs))  # type: ignore[arg-type]
+    for name in ("a", "b", "c"):
+        background._ended(name)
+    assert list(background._logs) == ["big", "deleted", "running", "b", "c"]
+    assert logs["a"].closed and not logs["running"].closed
+    background._ended("big")  # 110 characters with c's: c goes, though two may be kept
+    assert list(background._logs) == ["deleted", "running", "big"]
+    background.forget("deleted")
+    background._ended("deleted")
+    assert list(background._logs) == ["running", "big"]
 
 
 def test_a_background_response_cancelled_aborts_its_engine_request(server: ServerProcess) -> None:

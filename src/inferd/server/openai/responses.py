@@ -17,7 +17,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -164,72 +164,182 @@ class _Answer:
 
 async def respond(frontend: Frontend, job: ResponseJob, store: ResponseStore) -> dict[str, Any]:
     answer = _Answer(frontend, job, store, _EventWriter(streaming=False))
-    chat = job.chat
-    async with aclosing(
-        frontend.generate(chat.request_id, [chat.prompt], chat.params, 1, chat.timeout_s)
-    ) as stream:
-        async for item in stream:
-            answer.feed(item.output)
+    async with aclosing(_answer_events(frontend, answer)) as answering:
+        async for _ in answering:
+            pass
     assert answer.response is not None, "the Frontend ends every stream with a finished output"
     return answer.response
 
 
 async def stream_response(frontend: Frontend, job: ResponseJob, store: ResponseStore) -> AsyncIterator[str]:
     events = _EventWriter()
-    chat = job.chat
     started = _response(job, "in_progress", [], None)
     yield events.event("response.created", response=started)
     yield events.event("response.in_progress", response=started)
-    answer = _Answer(frontend, job, store, events)
     try:
-        async with aclosing(
-            frontend.generate(chat.request_id, [chat.prompt], chat.params, 1, chat.timeout_s)
-        ) as stream:
-            async for item in stream:
-                for event in answer.feed(item.output):
-                    yield event
+        async with aclosing(_answer_events(frontend, _Answer(frontend, job, store, events))) as answering:
+            async for event in answering:
+                yield event
     except ApiError as exc:  # a timeout too: the response is not stored
         body = error_body(exc)["error"]
         yield events.event("error", code=body["code"] or body["type"], message=exc.message, param=exc.field)
+
+
+async def _answer_events(frontend: Frontend, answer: _Answer) -> AsyncGenerator[str, None]:
+    """The answer's events, from its first output item to ``response.completed`` or
+    ``response.incomplete`` (the finished response stored first, and in ``answer.response``); an
+    ApiError ends it."""
+    chat = answer.job.chat
+    async with aclosing(
+        frontend.generate(chat.request_id, [chat.prompt], chat.params, 1, chat.timeout_s)
+    ) as stream:
+        async for item in stream:
+            for event in answer.feed(item.output):
+                yield event
+
+
+class StreamNotKeptError(InvalidRequestError):
+    """``GET /v1/responses/{id}?stream=true`` for a response whose events are not held."""
+
+
+class _EventLog:
+    """A streamed background response's events as sent, for every reader: the one that created
+    it and any that resume after a dropped connection. An event's sequence number is its index."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.bytes = 0
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    def append(self, event: str) -> None:
+        self.events.append(event)
+        self.bytes += len(event)
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def follow(self, after: int) -> AsyncIterator[str]:
+        """The events numbered past ``after`` (-1: all), then each new one until the log closes.
+        A reader that goes away stops reading; the answer goes on."""
+        index = after + 1
+        while True:
+            while index < len(self.events):
+                yield self.events[index]
+                index += 1
+            if self.closed:
+                return
+            await self._changed.wait()
+
+
+# Event logs of streamed background responses kept once they have ended, for readers that resume
+# late: the most recent ones, up to this many and this many characters of events in all (a long
+# answer's deltas with log-probabilities run to megabytes). A running response's log is always kept.
+KEPT_EVENT_LOGS = 64
+KEPT_EVENT_CHARS = 64 * 2**20
 
 
 class BackgroundResponses:
     """Responses created with ``background: true``: answered by a task of their own while the
     client polls ``GET /v1/responses/{id}`` (the store holds the queued, then the finished object)
     or cancels them. A failed one (a timeout, an engine error) is stored with status ``failed``
-    and its error; a cancelled one, whose engine request is aborted, with status ``cancelled``."""
+    and its error; a cancelled one, whose engine request is aborted, with status ``cancelled``.
+
+    With ``stream: true`` too, the task writes the response's events to a log that the creating
+    request reads as its stream; a reader whose connection drops can read on from any event with
+    ``GET /v1/responses/{id}?stream=true&starting_after=N``. The answer never depends on a
+    reader: it runs to its end (or its cancellation) whoever reads."""
 
     def __init__(self, frontend: Frontend, store: ResponseStore) -> None:
         self.frontend, self.store = frontend, store
         self._running: dict[str, tuple[asyncio.Task[None], ResponseJob]] = {}
+        self._logs: dict[str, _EventLog] = {}  # running ones, then the most recent ended ones
 
     def start(self, job: ResponseJob) -> dict[str, Any]:
         """Store the queued response, start answering it; returns the queued response."""
         queued = _response(job, "queued", [], None)
         self._put(job, queued)
-        task = asyncio.create_task(self._answer(job))
+        log = None
+        if job.body.stream:
+            log = self._logs[job.response_id] = _EventLog()
+        task = asyncio.create_task(self._answer(job, log))
         self._running[job.response_id] = (task, job)
-        task.add_done_callback(lambda _: self._running.pop(job.response_id, None))
+        task.add_done_callback(lambda _: self._ended(job.response_id))
         return queued
 
-    async def _answer(self, job: ResponseJob) -> None:
-        self._put(job, _response(job, "in_progress", [], None))
+    def events(self, response_id: str, after: int) -> AsyncIterator[str]:
+        """A streamed background response's events past ``after`` (-1: all of them), live until it
+        ends. StreamNotKeptError where none are held: the response did not stream in the
+        background, or ended before the ``KEPT_EVENT_LOGS`` most recent ones (fewer where their
+        events pass ``KEPT_EVENT_CHARS``)."""
+        log = self._logs.get(response_id)
+        if log is None:
+            raise StreamNotKeptError(
+                f"response {response_id!r} has no events to stream: only a response created with "
+                "background and stream can be, and of those that have ended only the most recent; "
+                "GET it without stream",
+                "stream",
+            )
+        return log.follow(after)
+
+    def _ended(self, response_id: str) -> None:
+        self._running.pop(response_id, None)
+        log = self._logs.pop(response_id, None)  # None once deleted
+        if log is not None:
+            log.close()  # a cancelled answer's readers end too
+            self._logs[response_id] = log  # the newest ended one, last
+        ended = [key for key in self._logs if key not in self._running]
+        kept = sum(self._logs[key].bytes for key in ended)
+        for key in ended:  # oldest first
+            if len(ended) <= KEPT_EVENT_LOGS and kept <= KEPT_EVENT_CHARS:
+                break
+            kept -= self._logs.pop(key).bytes
+            ended = ended[1:]
+
+    async def _answer(self, job: ResponseJob, log: _EventLog | None) -> None:
+        events = _EventWriter(streaming=log is not None)
+        if log is not None:
+            queued = _response(job, "queued", [], None)
+            log.append(events.event("response.created", response=queued))
+            log.append(events.event("response.queued", response=queued))
+        in_progress = _response(job, "in_progress", [], None)
+        self._put(job, in_progress)
+        if log is not None:
+            log.append(events.event("response.in_progress", response=in_progress))
         try:
-            await respond(self.frontend, job, self.store)  # stores the finished response
+            # Stores the finished response; the events go to the log when streaming.
+            answer = _Answer(self.frontend, job, self.store, events)
+            async with aclosing(_answer_events(self.frontend, answer)) as answering:
+                async for event in answering:
+                    if log is not None:
+                        log.append(event)
         except ApiError as exc:
             # A response's error codes are the API's few (the SDK checks them): the protocol's
             # own code goes into the message.
             body = error_body(exc)["error"]
             code = "rate_limit_exceeded" if exc.kind == "overloaded" else "server_error"
             error = {"code": code, "message": f"{exc.message} ({body['code'] or body['type']})"}
-            self._put(job, {**_response(job, "failed", [], None), "error": error})
+            failed = {**_response(job, "failed", [], None), "error": error}
+            self._put(job, failed)
+            if log is not None:
+                log.append(events.event("response.failed", response=failed))
 
     def _put(self, job: ResponseJob, response: dict[str, Any]) -> None:
         self.store.put(job.response_id, StoredResponse.of(response, job.conversation))
 
+    def forget(self, response_id: str) -> None:
+        """Drop a deleted response's events (cancelled first: its task's end keeps nothing then)."""
+        self._logs.pop(response_id, None)
+
     async def cancel(self, response_id: str) -> None:
         """Stop a background response still being answered (its engine request aborted) and store
-        it as cancelled; once it has ended this does nothing."""
+        it as cancelled; once it has ended this does nothing. Its stream's readers end."""
         running = self._running.get(response_id)
         if running is None:
             return

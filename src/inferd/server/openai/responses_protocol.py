@@ -4,9 +4,9 @@ read as the chat completions' messages and tools, which the chat path then serve
 Follows the API reference for text models: input as a string or a list of items (messages with
 text parts, function calls and their outputs; reasoning items are dropped, as chat templates drop
 earlier thinking), `instructions`, function tools and `tool_choice`, `text.format` (JSON object or
-JSON schema), `max_output_tokens`, `top_logprobs`, `store` and `previous_response_id`. What a
-text model cannot honour (images, files, built-in tools, streamed background mode, automatic truncation)
-is refused by name rather than ignored.
+JSON schema), `max_output_tokens`, `top_logprobs`, `store`, `previous_response_id` and `background`
+(streamed or polled). What a text model cannot honour (images, files, built-in tools, automatic
+truncation) is refused by name rather than ignored.
 """
 
 from __future__ import annotations
@@ -65,11 +65,6 @@ class ResponsesRequest(_Body):
         if self.background and not self.store:
             raise InvalidRequestError(
                 "background: a background response must be stored (store: true)", "background"
-            )
-        if self.background and self.stream:
-            raise InvalidRequestError(
-                "background: streaming a background response is not supported; poll GET /v1/responses/{id}",
-                "background",
             )
         if self.truncation == "auto":
             raise InvalidRequestError(

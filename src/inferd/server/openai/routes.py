@@ -113,17 +113,30 @@ def build_router(
         job = prepare_response(frontend, body, store)
         job.chat.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         frontend.check_ready([job.chat.prompt])
+        if body.background:
+            queued = background.start(job)
+            if body.stream:  # the answer goes on if this reader goes away
+                return sse_response(background.events(job.response_id, -1))
+            return JSONResponse(queued)
         if body.stream:
             return sse_response(stream_response(frontend, job, store))
-        if body.background:
-            return JSONResponse(background.start(job))
         return JSONResponse(await unless_disconnected(request, respond(frontend, job, store)))
 
     @router.get("/v1/responses/{response_id}")
-    async def read_response(response_id: str) -> Response:
+    async def read_response(
+        response_id: str, stream: bool = False, starting_after: int | None = None
+    ) -> Response:
+        """The stored response; with ``stream``, a streamed background response's events past
+        ``starting_after`` (all without it), live until it ends."""
         stored = store.get(response_id)
         if stored is None:
             raise ResponseNotFoundError(f"no stored response {response_id!r}")
+        if stream:
+            if starting_after is not None and starting_after < 0:
+                message = "starting_after: must be a sequence number, 0 or more"
+                raise InvalidRequestError(message, "starting_after")
+            after = -1 if starting_after is None else starting_after
+            return sse_response(background.events(response_id, after))
         return Response(stored.body_json, media_type="application/json")
 
     @router.post("/v1/responses/{response_id}/cancel")
@@ -143,6 +156,7 @@ def build_router(
     @router.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> JSONResponse:
         await background.cancel(response_id)  # one still being answered stops: nothing would read it
+        background.forget(response_id)
         if not store.delete(response_id):
             raise ResponseNotFoundError(f"no stored response {response_id!r}")
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
