@@ -152,7 +152,18 @@ def test_served_beam_search_answers_as_the_offline_one(tiny_model_factory) -> No
             extra_body={"use_beam_search": True, "length_penalty": 0.5, "skip_special_tokens": False},
         )  # fmt: skip
         assert [choice.text for choice in kept.choices] == expected
-        refusals = (({"stream": True}, "stream"), ({"logprobs": 1}, "logprobs"), ({"n": 11}, "n"),
+        # Streamed, as vLLM streams a search: each beam whole in a chunk of its own once the search
+        # has ended, then the usage.
+        chunks = list(client.completions.create(
+            model=server.model, prompt=prompts, n=3, max_tokens=5, stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"use_beam_search": True, "length_penalty": 0.5},
+        ))  # fmt: skip
+        beams = [chunk.choices[0] for chunk in chunks if chunk.choices]
+        found = [(c.index, c.text, c.finish_reason) for c in beams]
+        assert found == list(zip(range(6), expected, reasons, strict=True))
+        assert chunks[-1].usage == reply.usage and not chunks[-1].choices
+        refusals = (({"logprobs": 1}, "logprobs"), ({"n": 11}, "n"),
                     ({"stop": ["x"]}, "stop"), ({"stop_token_ids": [3]}, "stop_token_ids"),
                     ({"bad_words": ["a"]}, "bad_words"),
                     ({"length_penalty": 11}, "length_penalty"))  # fmt: skip
@@ -174,6 +185,16 @@ def test_served_beam_search_answers_as_the_offline_one(tiny_model_factory) -> No
             seq.text for seq in chat_offline.sequences
         ]
         assert chat.usage is not None and chat.usage.prompt_tokens == len(chat_ids)
+        streamed = list(client.chat.completions.create(
+            model=server.model, messages=messages, n=2, max_tokens=6, stream=True,
+            stream_options={"include_usage": True}, extra_body={"use_beam_search": True},
+        ))  # type: ignore[call-overload]  # fmt: skip
+        assert [c.delta.role for c in streamed[0].choices] == ["assistant", "assistant"]
+        answers = [chunk.choices[0] for chunk in streamed[1:] if chunk.choices]
+        assert [(c.index, c.delta.content, c.finish_reason) for c in answers] == [
+            (c.index, c.message.content, c.finish_reason) for c in chat.choices
+        ]
+        assert streamed[-1].usage == chat.usage
         tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
         chat_refusals = (({"logprobs": True}, "logprobs"),
                          ({"tools": tools, "tool_choice": "required"}, "tool_choice"),

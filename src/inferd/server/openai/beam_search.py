@@ -5,6 +5,7 @@ through the Frontend (so timeouts, admission and metrics apply to them as to any
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -20,15 +21,16 @@ from inferd.engine.beam_search import (
 )
 from inferd.engine.outputs import RequestOutput
 from inferd.sampling_params import SamplingParams
-from inferd.server.errors import InvalidRequestError, RequestTimeoutError
+from inferd.server.errors import ApiError, InvalidRequestError, RequestTimeoutError
 from inferd.server.frontend import Frontend
-from inferd.server.openai.common import finish_reason, usage
+from inferd.server.openai.common import error_event_payload, finish_reason, usage
 from inferd.server.openai.protocol import (
     ChatCompletionRequest,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
 )
+from inferd.server.streaming import SSE_DONE, sse_event
 from inferd.server.structured_request import GUIDED_FIELDS, requested
 
 if TYPE_CHECKING:
@@ -36,8 +38,8 @@ if TYPE_CHECKING:
 
 
 def check_beam_request(body: CompletionRequest | ChatCompletionRequest) -> None:
-    """What a beam search cannot honour (streaming, stops, log-probabilities, constraints on the
-    tokens) is refused, naming the field. Sampling settings (temperature, top_p, penalties,
+    """What a beam search cannot honour (stops, log-probabilities, constraints on the tokens) is
+    refused, naming the field. Sampling settings (temperature, top_p, penalties,
     seed...) do not apply to it and are ignored, as in vLLM."""
     if body.n > MAX_BEAM_WIDTH:
         raise InvalidRequestError(f"n: a beam search keeps at most {MAX_BEAM_WIDTH} beams, got {body.n}", "n")
@@ -45,7 +47,6 @@ def check_beam_request(body: CompletionRequest | ChatCompletionRequest) -> None:
     fields = ("response_format", "structured_outputs", *GUIDED_FIELDS)
     structure, structure_field = requested({name: getattr(body, name) for name in fields})
     refused = {
-        "stream": body.stream,
         "stop": bool(body.stop),
         "stop_token_ids": bool(body.stop_token_ids),
         "min_tokens": body.min_tokens > 0,
@@ -136,6 +137,21 @@ async def beam_complete(frontend: Frontend, job: CompletionJob) -> CompletionRes
         choices=choices,
         usage=usage(job.num_prompt_tokens, sum(len(answer.token_ids) for answer in answers)),
     )
+
+
+async def stream_beam_completion(frontend: Frontend, job: CompletionJob) -> AsyncIterator[str]:
+    """A beam search streamed, as vLLM streams one: no beam is an answer until the search ends, so
+    the beams come whole once it has, a chunk each (best first), then a usage chunk if asked, then
+    [DONE]; an error is an error event."""
+    try:
+        whole = await beam_complete(frontend, job)
+        for choice in whole.choices:
+            yield sse_event(whole.model_copy(update={"choices": [choice], "usage": None}).model_dump_json())
+        if job.include_usage:
+            yield sse_event(whole.model_copy(update={"choices": []}).model_dump_json())
+    except ApiError as exc:
+        yield sse_event(error_event_payload(exc))
+    yield SSE_DONE
 
 
 async def _step(

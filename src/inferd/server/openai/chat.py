@@ -324,20 +324,56 @@ async def beam_chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
     )
 
 
+def _chunk_event(job: ChatJob, choices: list[ChatChunkChoice]) -> str:
+    body = ChatCompletionChunk(id=job.request_id, created=job.created, model=job.model, choices=choices)
+    return sse_event(body.model_dump_json())
+
+
+def _role_chunk_event(job: ChatJob) -> str:
+    """The stream's first chunk: each choice's role."""
+    role = DeltaMessage(role="assistant", content="")
+    return _chunk_event(job, [ChatChunkChoice(index=i, delta=role) for i in range(job.n)])
+
+
+async def stream_beam_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
+    """A beam search streamed, as vLLM streams one: a role chunk per choice at once, then, once
+    the search has ended, each beam whole as one delta (best first) with its finish reason, a
+    usage chunk if asked, and [DONE]; an error is an error event."""
+    yield _role_chunk_event(job)
+    try:
+        whole = await beam_chat(frontend, job)
+        for choice in whole.choices:
+            message = choice.message
+            calls = [
+                DeltaToolCall(
+                    index=k,
+                    id=call.id,
+                    function=DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments),
+                )
+                for k, call in enumerate(message.tool_calls)
+            ]
+            delta = DeltaMessage(
+                content=message.content, reasoning_content=message.reasoning_content, tool_calls=calls or None
+            )
+            reason = choice.finish_reason
+            yield _chunk_event(job, [ChatChunkChoice(index=choice.index, delta=delta, finish_reason=reason)])
+        if job.include_usage:
+            last = ChatCompletionChunk(
+                id=job.request_id, created=job.created, model=job.model, choices=[], usage=whole.usage
+            )
+            yield sse_event(last.model_dump_json())
+    except ApiError as exc:
+        yield sse_event(error_event_payload(exc))
+    yield SSE_DONE
+
+
 async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
     """SSE events: a role chunk per choice, content deltas, a usage chunk if asked, then [DONE]."""
-
-    def chunk(choices: list[ChatChunkChoice]) -> str:
-        body = ChatCompletionChunk(id=job.request_id, created=job.created, model=job.model, choices=choices)
-        return sse_event(body.model_dump_json())
-
     num_tokens: dict[int, int] = {}
     shapers = {i: job.shaper() for i in range(job.n)}
     try:
         stream = frontend.generate(job.request_id, [job.prompt], job.params, job.n, job.timeout_s)
-        yield chunk(
-            [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(job.n)]
-        )
+        yield _role_chunk_event(job)
         async with aclosing(stream):
             async for item in stream:
                 out = item.output
@@ -356,13 +392,10 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
                     delta = DeltaMessage(
                         content=content or None, reasoning_content=reasoning or None, tool_calls=calls or None
                     )
-                    yield chunk(
-                        [
-                            ChatChunkChoice(
-                                index=item.index, delta=delta, logprobs=logprobs, finish_reason=reason
-                            )
-                        ]
+                    choice = ChatChunkChoice(
+                        index=item.index, delta=delta, logprobs=logprobs, finish_reason=reason
                     )
+                    yield _chunk_event(job, [choice])
         if job.include_usage:
             last = ChatCompletionChunk(
                 id=job.request_id,

@@ -14,8 +14,15 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from inferd.server.errors import InvalidRequestError, protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
-from inferd.server.openai.beam_search import beam_complete
-from inferd.server.openai.chat import beam_chat, chat, prepare_chat, stream_chat, template_messages
+from inferd.server.openai.beam_search import beam_complete, stream_beam_completion
+from inferd.server.openai.chat import (
+    beam_chat,
+    chat,
+    prepare_chat,
+    stream_beam_chat,
+    stream_chat,
+    template_messages,
+)
 from inferd.server.openai.classify import add_classify_routes
 from inferd.server.openai.common import error_response
 from inferd.server.openai.completions import complete, prepare_completion, stream_completion
@@ -89,10 +96,12 @@ def build_router(
         job = prepare_completion(frontend, body)
         job.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         frontend.check_ready(job.prompts, job.best_of)
+        if job.length_penalty is not None:
+            if body.stream:
+                return sse_response(stream_beam_completion(frontend, job))
+            return await unless_disconnected(request, beam_complete(frontend, job))
         if body.stream:
             return sse_response(stream_completion(frontend, job))
-        if job.length_penalty is not None:
-            return await unless_disconnected(request, beam_complete(frontend, job))
         return await unless_disconnected(request, complete(frontend, job))
 
     @router.post("/v1/chat/completions", response_model=None)
@@ -102,10 +111,12 @@ def build_router(
         job = prepare_chat(frontend, body)
         job.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         frontend.check_ready([job.prompt], job.n)
+        if job.length_penalty is not None:
+            if body.stream:
+                return sse_response(stream_beam_chat(frontend, job))
+            return await unless_disconnected(request, beam_chat(frontend, job))
         if body.stream:
             return sse_response(stream_chat(frontend, job))
-        if job.length_penalty is not None:
-            return await unless_disconnected(request, beam_chat(frontend, job))
         return await unless_disconnected(request, chat(frontend, job))
 
     @router.post("/v1/responses", response_model=None)
