@@ -1069,8 +1069,9 @@ VARIANTS = {
     "previous_defaults": {"triton_pdl": False, "triton_sampling": False},
     # The fused sampler's rows drawn by inverting the tempered softmax's CDF with one uniform a row
     # (sample/triton_inverse_cdf.py), not by the race's draw and two logarithms a token: the race
-    # took 0.66-0.76 ms of a 256-sequence step on an H200. Other tokens from the same seeds, the
-    # same distribution; greedy tokens do not change.
+    # took 0.66-0.76 ms of a 256-sequence step on an H200. From every row count (MODULE_PATCHES):
+    # the race's threshold of 128 rows was drawn for the race. Other tokens from the same seeds,
+    # the same distribution; greedy tokens do not change.
     "inverse_cdf_sampler": {"fused_sampler": "inverse_cdf"},
     # The mixture of experts' routed experts on the Triton grouped matmul, decode in CUDA graphs
     # (its default engine runs the torch experts, eagerly).
@@ -1104,6 +1105,9 @@ MODULE_PATCHES: dict[str, dict[tuple[str, str], Any]] = {
     # 8 decode programs per SM before splitting, not 4: on an H200 the split sweep's 32 and 64
     # sequences of 900-2,047 tokens ran fastest split 8 ways in the second call of 2026-11-30.
     "split_mid_8": {("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 8},
+    # Every step's temperature-only rows to the inverse-CDF kernel, however few (the sampler part
+    # times it at 1, 64 and 256 rows against the torch race for where the threshold should sit).
+    "inverse_cdf_sampler": {("inferd.sample.sampler", "FUSED_MIN_ROWS"): 1},
     "previous_defaults": {
         ("inferd.attention.triton_kernels", "_MIN_TOKENS_PER_SPLIT"): 256,
         ("inferd.attention.triton_kernels", "_DECODE_PROGRAMS_PER_SM"): 1,
