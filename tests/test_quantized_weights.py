@@ -290,8 +290,6 @@ def test_quantization_option_is_checked(tiny_model_factory) -> None:
     folder = tiny_model_factory("llama")
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         LLM(folder, kv_cache_memory="4MiB", quantization="int4")
-    with pytest.raises(ValueError, match="quantization cannot be used with tensor parallelism"):
-        LLM(folder, kv_cache_memory="4MiB", quantization="fp8", tensor_parallel_size=2)
 
 
 def test_quantization_option_makes_a_mixtures_experts_fp8_too(tiny_model_factory, tmp_path) -> None:

@@ -285,3 +285,39 @@ def test_a_row_split_projections_bias_is_added_by_rank_0_alone() -> None:
     name = "model.layers.0.self_attn.o_proj.bias"
     assert torch.equal(shard_checkpoint_tensor(name, bias, 0, 2), bias)
     assert torch.equal(shard_checkpoint_tensor(name, bias, 1, 2), torch.zeros(4))
+
+
+def test_two_ranks_make_their_own_slices_8_bit_floats(tiny_model_factory) -> None:
+    """``quantization="fp8"`` over two ranks: each rank makes its slice 8-bit floats with a scale
+    per output row. A projection split by output rows (q|k|v, gate|up) gets the whole model's
+    scales; one split by input columns (o_proj, down) a scale per row of each rank's half. The
+    logits are those of the float model holding exactly those values, so a rank that kept its
+    slice wide, or took the whole row's scale, shows."""
+    from inferd.layers.quantized import quantize
+
+    folder = tiny_model_factory("llama")
+    prompts = [[5, 6, 7, 8], list(range(10, 40)), [3]]
+
+    def round_trip(weight: torch.Tensor) -> torch.Tensor:
+        values, scale = quantize(weight, (1, weight.shape[1]), "fp8")
+        return values.float() * scale
+
+    reference = LLM(folder, **OPTIONS)
+    with torch.no_grad():
+        for layer in reference.engine.core.runner.model.model.layers:
+            for row_split in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
+                row_split.weight.copy_(round_trip(row_split.weight))
+            for column_split in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                halves = column_split.weight.chunk(2, dim=1)
+                column_split.weight.copy_(torch.cat([round_trip(half) for half in halves], dim=1))
+    expected = _first_step_logits(reference, prompts)
+    split = LLM(folder, quantization="fp8", tensor_parallel_size=2, **OPTIONS)
+    try:
+        layer = split.engine.core.runner.model.model.layers[0]
+        assert layer.mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+        logits = _first_step_logits(split, prompts)
+    finally:
+        split.shutdown()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    whole = _first_step_logits(LLM(folder, quantization="fp8", **OPTIONS), prompts)
+    assert (whole - expected).abs().max() > 1e-3  # the halves' scales do matter here

@@ -143,9 +143,6 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         raise ValueError("kv_cache_dtype fp8 through the Triton kernels (the triton attention backend, "
                          "triton_ops) needs compute capability 8.9 or later for Triton's e4m3; on this GPU "
                          "use attention_backend=torch and triton_ops=False")  # fmt: skip
-    if config.quantization is not None and config.tensor_parallel_size > 1:
-        raise ValueError("quantization cannot be used with tensor parallelism (8-bit float weights are not "
-                         "split over ranks)")  # fmt: skip
     if config.load_format not in ("safetensors", "dummy"):
         raise ValueError(f"unknown load_format {config.load_format!r}; choose safetensors or dummy")
     if options:

@@ -286,7 +286,7 @@ def _serve_orders(connection: Connection) -> None:
     dtype = parse_dtype(config.dtype)
     try:
         model = load_model(config.model_path, local, config.scheduler.max_model_len, dtype, device,
-                           config.load_format, shard=(rank, size),
+                           config.load_format, shard=(rank, size), quantization=config.quantization,
                            kv_cache_scales=config.kv_dtype == FP8_KV_DTYPE)  # fmt: skip
         model.set_all_reduce(all_reduce)
         enable_configured_kernels(model, config)
