@@ -253,10 +253,12 @@ def test_checkpoints_that_cannot_be_read_right_are_refused(tiny_model_factory, t
         LLM(odd, kv_cache_memory="4MiB")
 
 
-@pytest.mark.parametrize("layout", ["ct-channel", "ct-w4a16"])
-def test_tensor_parallelism_over_low_bit_weights_is_refused(low_bit_folders, layout: str) -> None:
-    cfg = ModelConfig.from_folder(low_bit_folders["llama", layout])
-    with pytest.raises(ValueError, match="tensor parallelism over low-bit"):
+def test_tensor_parallelism_splits_8_bit_weights_and_refuses_packed_ones(low_bit_folders) -> None:
+    """One value an element splits as a wide weight does (``test_tensor_parallel.py`` runs it);
+    4-bit values packed into words do not."""
+    assert ModelConfig.from_folder(low_bit_folders["llama", "ct-channel"]).sharded(2).num_heads == 2
+    cfg = ModelConfig.from_folder(low_bit_folders["llama", "ct-w4a16"])
+    with pytest.raises(ValueError, match="parallelism over this checkpoint's compressed-tensors weights"):
         cfg.sharded(2)
 
 

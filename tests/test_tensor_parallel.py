@@ -321,3 +321,56 @@ def test_two_ranks_make_their_own_slices_8_bit_floats(tiny_model_factory) -> Non
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     whole = _first_step_logits(LLM(folder, quantization="fp8", **OPTIONS), prompts)
     assert (whole - expected).abs().max() > 1e-3  # the halves' scales do matter here
+
+
+@pytest.mark.parametrize(
+    ("arch", "layout"),
+    [
+        ("llama", "fp8-block"),
+        ("llama", "ct-channel"),
+        ("llama", "ct-tensor"),
+        ("llama", "ct-w8a8"),
+        ("qwen3-moe", "fp8-block"),
+    ],  # fmt: skip
+)
+def test_two_ranks_split_an_8_bit_checkpoint_as_they_split_a_wide_one(
+    tiny_model_factory, tmp_path, arch: str, layout: str
+) -> None:
+    """8-bit values and their scales split with their rows and columns: blocks of 16 x 32 and a
+    scale per row (o_proj's and down's, split by input columns, keep every row's), a scale per
+    tensor (every rank's), int8 values; a mixture's experts too, in blocks of 16 x 16 (each rank
+    holds 16 of an expert's 32 units). The logits are one rank's."""
+    from quantized_checkpoints import make_checkpoint, make_fp8_checkpoint
+
+    source = tiny_model_factory(arch)
+    if arch == "qwen3-moe":
+        folder = make_fp8_checkpoint(source, tmp_path / layout, layout, block_size=(16, 16))
+    else:
+        folder = make_checkpoint(source, tmp_path / layout, layout)
+    prompts = [[5, 6, 7, 8], list(range(10, 40)), [3]]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    whole = LLM(folder, **OPTIONS)
+    expected_logits = _first_step_logits(whole, prompts)
+    expected = [out.token_ids for out in LLM(folder, **OPTIONS).generate(prompts, params)]
+    split = LLM(folder, tensor_parallel_size=2, **OPTIONS)
+    try:
+        logits = _first_step_logits(split, prompts)
+        split.engine.core.abort(["r0", "r1", "r2"])
+        tokens = [out.token_ids for out in split.generate(prompts, params)]
+    finally:
+        split.shutdown()
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    assert tokens == expected
+
+
+def test_checkpoints_whose_values_do_not_split_are_refused(tiny_model_factory, tmp_path) -> None:
+    from quantized_checkpoints import make_checkpoint, make_fp8_checkpoint
+
+    source = tiny_model_factory("llama")
+    packed = make_checkpoint(source, tmp_path / "w4a16", "ct-w4a16")
+    with pytest.raises(ValueError, match="compressed-tensors weights .packed 4-bit values"):
+        LLM(packed, tensor_parallel_size=2, **OPTIONS)
+    # Each rank's 16 key and value rows are half a block of 32.
+    wide_blocks = make_fp8_checkpoint(source, tmp_path / "blocks", "fp8-block", block_size=(32, 32))
+    with pytest.raises(ValueError, match="each rank 16 key and value rows, not whole blocks of 32"):
+        LLM(wide_blocks, tensor_parallel_size=2, **OPTIONS)

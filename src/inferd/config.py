@@ -527,8 +527,9 @@ class ModelConfig:
         divided, each expert's too (see ``worker/tensor_parallel.py``)."""
         if size == 1:
             return self
-        if self.quant is not None:
-            raise ValueError("tensor parallelism over low-bit (quantized) weights is not supported")
+        if self.quant is not None and not self.quant.splits_over_ranks:
+            raise ValueError(f"tensor parallelism over this checkpoint's {self.quant.method} weights (packed "
+                             "4-bit values, zero points or reordered columns) is not supported")  # fmt: skip
         sizes = [("attention heads", self.num_heads), ("KV heads", self.num_kv_heads),
                  ("intermediate size", self.intermediate_size)]  # fmt: skip
         if self.moe is not None:
@@ -537,6 +538,8 @@ class ModelConfig:
         for name, value in sizes:
             if value % size:
                 raise ValueError(f"tensor_parallel_size {size} does not divide the model's {name} ({value})")
+        if self.quant is not None and self.quant.block is not None:
+            self._check_whole_blocks(size, self.quant.block)
         moe = self.moe and dataclasses.replace(
             self.moe,
             expert_intermediate_size=self.moe.expert_intermediate_size // size,
@@ -549,6 +552,24 @@ class ModelConfig:
             intermediate_size=self.intermediate_size // size,
             moe=moe,
         )
+
+    def _check_whole_blocks(self, size: int, block: tuple[int, int]) -> None:
+        """Each rank's share of a split projection must be whole blocks of the checkpoint's scales:
+        rows of q, k, v, gate and up (and of each expert's), columns of o_proj and down."""
+        rows, columns = block
+        moe = self.moe
+        intermediates = [self.intermediate_size]
+        if moe is not None:
+            intermediates += [moe.expert_intermediate_size, moe.shared_expert_intermediate_size]
+        split = [(self.num_heads * self.head_dim, rows, "query rows"),
+                 (self.num_kv_heads * self.head_dim, rows, "key and value rows"),
+                 (self.num_heads * self.head_dim, columns, "o_proj's input columns")]  # fmt: skip
+        for value in filter(None, intermediates):
+            split += [(value, rows, "gate and up rows"), (value, columns, "down_proj's input columns")]
+        for whole, unit, what in split:
+            if (whole // size) % unit:
+                raise ValueError(f"tensor_parallel_size {size} gives each rank {whole // size} {what}, not "
+                                 f"whole blocks of {unit} of the checkpoint's scales")  # fmt: skip
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()

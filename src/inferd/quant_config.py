@@ -108,6 +108,14 @@ class QuantScheme:
         rows, columns = self.block
         return -(-out_features // rows), -(-in_features // columns)
 
+    @property
+    def splits_over_ranks(self) -> bool:
+        """Whether tensor parallelism can split these weights as it splits 16-bit ones: one value
+        an element (not packed), scales per row, block or tensor, no zero points and the columns
+        in order. GPTQ's and AWQ's layouts and packed 4-bit values are not split."""
+        return (not self.packed and self.values != "int4" and self.method not in GPTQ_AWQ
+                and not self.zero_points and not self.input_order)  # fmt: skip
+
     def block_of(self, out_features: int, in_features: int) -> tuple[int, int]:
         """The (rows, columns) of weight one scale covers in a [out, in] projection."""
         return self.block if self.block is not None else (1, in_features)

@@ -409,9 +409,15 @@ def shard_checkpoint_tensor(name: str, tensor: torch.Tensor, rank: int, size: in
         if parts[-1] == "gate_up_proj":
             return torch.cat([half.chunk(size, dim=1)[rank] for half in tensor.chunk(2, dim=1)], dim=1)
         return tensor.chunk(size, dim=2)[rank]
+    scale = parts[-1] == "weight_scale"  # a low-bit weight's (``canonical_name``)
+    if scale and tensor.numel() == 1:  # one for the whole tensor: every rank's
+        return tensor
     if any(part in _ROW_SPLIT for part in parts):
         return tensor.chunk(size, dim=0)[rank]
-    if any(part in _COLUMN_SPLIT for part in parts) and parts[-1] == "weight":
+    if any(part in _COLUMN_SPLIT for part in parts) and (
+        parts[-1] == "weight" or (scale and tensor.dim() == 2 and tensor.shape[1] > 1)
+    ):
+        # A scale per row covers the row's columns on every rank; blocks' and groups' split.
         return tensor.chunk(size, dim=1)[rank]
     if any(part in _COLUMN_SPLIT for part in parts) and parts[-1] == "bias":
         # Added once to the ranks' summed outputs: rank 0 holds it, the others zeros.
