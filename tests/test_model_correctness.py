@@ -340,3 +340,36 @@ def test_qwen_mixtures_of_experts_slide_as_transformers_builds_them() -> None:
     # A dense Qwen config without max_window_layers: transformers' 28, so 4 layers all full.
     dense = {**base, "architectures": ["Qwen2ForCausalLM"]}
     assert ModelConfig.from_hf_config(dense).layer_windows == (0, 0, 0, 0)
+
+
+def test_attention_biases_without_output_biases_load_as_transformers_loads_them(
+    tiny_model_factory, tmp_path
+) -> None:
+    """A Llama-architecture checkpoint with q/k/v biases and none on o_proj (Qwen models converted
+    to Llama's architecture): o_proj's biases are 0, as transformers makes them; one that only
+    some layers lack is still refused."""
+    from tiny_models import copy_with_tensors
+
+    from inferd.config import ModelLoadError
+
+    source = tiny_model_factory("llama-attention-bias")
+
+    def without_output_biases(tensors: dict[str, torch.Tensor]) -> None:
+        for name in [name for name in tensors if name.endswith("o_proj.bias")]:
+            del tensors[name]
+
+    folder = copy_with_tensors(source, tmp_path / "m", without_output_biases)
+    llm = LLM(folder, kv_cache_memory="16MiB", block_size=8)
+    prompt = _prompts(llm.engine.config.model.vocab_size, count=1, seed=2)[0]
+    request = Request("r", prompt, SamplingParams(max_tokens=1), frozenset(), 1)
+    llm.engine.core.add_request(request)
+    ours = llm.engine.core.runner.logits_for(llm.engine.core.scheduler.schedule())
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        theirs = reference(torch.tensor([prompt])).logits[0].float()
+    assert (ours - theirs).abs().max().item() < 1e-4
+    one_layer = copy_with_tensors(
+        source, tmp_path / "one", lambda tensors: tensors.pop("model.layers.1.self_attn.o_proj.bias")
+    )
+    with pytest.raises(ModelLoadError, match="lacks tensors: model.layers.1.self_attn.o_proj.bias"):
+        LLM(one_layer, kv_cache_memory="16MiB")

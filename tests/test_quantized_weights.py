@@ -253,13 +253,16 @@ def test_checkpoints_that_cannot_be_read_right_are_refused(tiny_model_factory, t
         LLM(odd, kv_cache_memory="4MiB")
 
 
-def test_tensor_parallelism_splits_8_bit_weights_and_refuses_packed_ones(low_bit_folders) -> None:
-    """One value an element splits as a wide weight does (``test_tensor_parallel.py`` runs it);
-    4-bit values packed into words do not."""
-    assert ModelConfig.from_folder(low_bit_folders["llama", "ct-channel"]).sharded(2).num_heads == 2
-    cfg = ModelConfig.from_folder(low_bit_folders["llama", "ct-w4a16"])
-    with pytest.raises(ValueError, match="parallelism over this checkpoint's compressed-tensors weights"):
-        cfg.sharded(2)
+def test_tensor_parallelism_needs_whole_packed_words_on_each_rank(low_bit_folders) -> None:
+    """Low-bit weights split as wide ones do (``test_tensor_parallel.py`` runs them), as long as
+    each rank's share is whole int32 words: with 8 KV heads of 2, two ranks hold 8 rows of k and v
+    each, one word of zero points packed down the rows; four would hold 4, half a word."""
+    config = json.loads((low_bit_folders["llama", "ct-w4a16-asym"] / "config.json").read_text())
+    config.update(num_attention_heads=32, num_key_value_heads=8, head_dim=2)
+    cfg = ModelConfig.from_hf_config(config)
+    assert cfg.sharded(2).num_kv_heads == 4
+    with pytest.raises(ValueError, match="each rank 4 key and value rows, not whole blocks of 8"):
+        cfg.sharded(4)
 
 
 def test_quantization_option_makes_fp8_weights_at_load(low_bit_folders, tiny_model_factory, tmp_path) -> None:

@@ -330,23 +330,36 @@ def test_two_ranks_make_their_own_slices_8_bit_floats(tiny_model_factory) -> Non
         ("llama", "ct-channel"),
         ("llama", "ct-tensor"),
         ("llama", "ct-w8a8"),
+        ("llama", "ct-w4a16"),
+        ("llama", "ct-w4a16-asym"),
+        ("llama", "ct-w8a16"),
+        ("llama", "gptq-int4"),
+        ("llama", "gptq-int4-asym"),
+        ("llama", "gptq-int8"),
+        ("llama", "gptq-int4-channel"),
+        ("llama", "awq"),
         ("qwen3-moe", "fp8-block"),
     ],  # fmt: skip
 )
-def test_two_ranks_split_an_8_bit_checkpoint_as_they_split_a_wide_one(
+def test_two_ranks_split_a_low_bit_checkpoint_as_they_split_a_wide_one(
     tiny_model_factory, tmp_path, arch: str, layout: str
 ) -> None:
-    """8-bit values and their scales split with their rows and columns: blocks of 16 x 32 and a
-    scale per row (o_proj's and down's, split by input columns, keep every row's), a scale per
-    tensor (every rank's), int8 values; a mixture's experts too, in blocks of 16 x 16 (each rank
-    holds 16 of an expert's 32 units). The logits are one rank's."""
-    from quantized_checkpoints import make_checkpoint, make_fp8_checkpoint
+    """Low-bit values and their scales split with their rows and columns: 8-bit floats in blocks
+    of 16 x 32, with a scale per row (o_proj's and down's, split by input columns, keep every
+    row's) or per tensor (every rank's); int8 values; 4- and 8-bit integers packed into int32
+    words along the input, in groups of 32 columns, with zero points packed down the rows
+    (compressed-tensors) or not (GPTQ, AWQ), and the packed weight's shape made each rank's; a
+    mixture's experts too, in blocks of 16 x 16 (each rank holds 16 of an expert's 32 units). The
+    logits are one rank's."""
+    import quantized_checkpoints as made
 
     source = tiny_model_factory(arch)
     if arch == "qwen3-moe":
-        folder = make_fp8_checkpoint(source, tmp_path / layout, layout, block_size=(16, 16))
+        folder = made.make_fp8_checkpoint(source, tmp_path / layout, layout, block_size=(16, 16))
+    elif layout in made.GPTQ_AWQ_LAYOUTS:
+        folder = made.make_gptq_awq_checkpoint(source, tmp_path / layout, layout, tmp_path / "wide")
     else:
-        folder = make_checkpoint(source, tmp_path / layout, layout)
+        folder = made.make_checkpoint(source, tmp_path / layout, layout)
     prompts = [[5, 6, 7, 8], list(range(10, 40)), [3]]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     whole = LLM(folder, **OPTIONS)
@@ -364,12 +377,12 @@ def test_two_ranks_split_an_8_bit_checkpoint_as_they_split_a_wide_one(
 
 
 def test_checkpoints_whose_values_do_not_split_are_refused(tiny_model_factory, tmp_path) -> None:
-    from quantized_checkpoints import make_checkpoint, make_fp8_checkpoint
+    from quantized_checkpoints import make_fp8_checkpoint, make_gptq_awq_checkpoint
 
     source = tiny_model_factory("llama")
-    packed = make_checkpoint(source, tmp_path / "w4a16", "ct-w4a16")
-    with pytest.raises(ValueError, match="compressed-tensors weights .packed 4-bit values"):
-        LLM(packed, tensor_parallel_size=2, **OPTIONS)
+    reordered = make_gptq_awq_checkpoint(source, tmp_path / "act", "gptq-int4-act-order", tmp_path / "wide")
+    with pytest.raises(ValueError, match="GPTQ weights in activation order .desc_act. is not supported"):
+        LLM(reordered, tensor_parallel_size=2, **OPTIONS)
     # Each rank's 16 key and value rows are half a block of 32.
     wide_blocks = make_fp8_checkpoint(source, tmp_path / "blocks", "fp8-block", block_size=(32, 32))
     with pytest.raises(ValueError, match="each rank 16 key and value rows, not whole blocks of 32"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -528,8 +529,8 @@ class ModelConfig:
         if size == 1:
             return self
         if self.quant is not None and not self.quant.splits_over_ranks:
-            raise ValueError(f"tensor parallelism over this checkpoint's {self.quant.method} weights (packed "
-                             "4-bit values, zero points or reordered columns) is not supported")  # fmt: skip
+            raise ValueError("tensor parallelism over GPTQ weights in activation order (desc_act) is not "
+                             "supported: their reordered input columns follow no rank's share")  # fmt: skip
         sizes = [("attention heads", self.num_heads), ("KV heads", self.num_kv_heads),
                  ("intermediate size", self.intermediate_size)]  # fmt: skip
         if self.moe is not None:
@@ -538,8 +539,8 @@ class ModelConfig:
         for name, value in sizes:
             if value % size:
                 raise ValueError(f"tensor_parallel_size {size} does not divide the model's {name} ({value})")
-        if self.quant is not None and self.quant.block is not None:
-            self._check_whole_blocks(size, self.quant.block)
+        if self.quant is not None:
+            self._check_whole_blocks(size, self.quant)
         moe = self.moe and dataclasses.replace(
             self.moe,
             expert_intermediate_size=self.moe.expert_intermediate_size // size,
@@ -553,10 +554,13 @@ class ModelConfig:
             moe=moe,
         )
 
-    def _check_whole_blocks(self, size: int, block: tuple[int, int]) -> None:
-        """Each rank's share of a split projection must be whole blocks of the checkpoint's scales:
-        rows of q, k, v, gate and up (and of each expert's), columns of o_proj and down."""
-        rows, columns = block
+    def _check_whole_blocks(self, size: int, quant: QuantScheme) -> None:
+        """Each rank's share of a split projection must be whole blocks of the checkpoint's scales
+        and whole int32 words of its packed values and zero points: rows of q, k, v, gate and up
+        (and of each expert's), columns of o_proj and down."""
+        rows, columns = quant.block or (1, 1)
+        rows = math.lcm(rows, quant.rows_per_zero_point_word)
+        columns = math.lcm(columns, quant.values_per_word)
         moe = self.moe
         intermediates = [self.intermediate_size]
         if moe is not None:
@@ -569,7 +573,8 @@ class ModelConfig:
         for whole, unit, what in split:
             if (whole // size) % unit:
                 raise ValueError(f"tensor_parallel_size {size} gives each rank {whole // size} {what}, not "
-                                 f"whole blocks of {unit} of the checkpoint's scales")  # fmt: skip
+                                 f"whole blocks of {unit} of the checkpoint's scales or packed "
+                                 f"words")  # fmt: skip
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()

@@ -110,11 +110,20 @@ class QuantScheme:
 
     @property
     def splits_over_ranks(self) -> bool:
-        """Whether tensor parallelism can split these weights as it splits 16-bit ones: one value
-        an element (not packed), scales per row, block or tensor, no zero points and the columns
-        in order. GPTQ's and AWQ's layouts and packed 4-bit values are not split."""
-        return (not self.packed and self.values != "int4" and self.method not in GPTQ_AWQ
-                and not self.zero_points and not self.input_order)  # fmt: skip
+        """Whether tensor parallelism can split these weights along the rows and columns the ranks
+        take: all but GPTQ's activation order, whose reordered columns follow no rank's share."""
+        return not self.input_order
+
+    @property
+    def values_per_word(self) -> int:
+        """Values packed into one int32 word along a row (1 where each has an element)."""
+        return 32 // self.bits if self.packed else 1
+
+    @property
+    def rows_per_zero_point_word(self) -> int:
+        """Rows whose zero points share an int32 word: compressed-tensors packs them down the rows
+        (GPTQ's and AWQ's are unpacked as they load); 1 without zero points."""
+        return 32 // self.bits if self.zero_points and self.method == "compressed-tensors" else 1
 
     def block_of(self, out_features: int, in_features: int) -> tuple[int, int]:
         """The (rows, columns) of weight one scale covers in a [out, in] projection."""

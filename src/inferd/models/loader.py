@@ -359,6 +359,7 @@ def _fill_weights(
         filled.add(("lm_head.weight", None))
     # A fused parameter needs every piece, stacked experts every expert: one left out would keep
     # its initial values unnoticed.
+    _zero_absent_output_biases(params, filled, cfg)
     missing = sorted(
         _checkpoint_spelling(_packed_name(name, param, cfg), cfg)
         for target, param in params.items()
@@ -368,6 +369,25 @@ def _fill_weights(
         raise ModelLoadError(
             f"checkpoint lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
         )
+
+
+def _zero_absent_output_biases(
+    params: dict[str, nn.Parameter], filled: set[tuple[str, Slot]], cfg: ModelConfig
+) -> None:
+    """A checkpoint of q/k/v biases whose ``attention_bias`` also gives o_proj one, but that stores
+    none (Qwen models converted to Llama's architecture): o_proj's biases are 0, as transformers
+    initialises a bias the checkpoint lacks. Only where every layer lacks it; one that some layers
+    have and others not is still a missing tensor."""
+    targets = [target for target in params if target.endswith("self_attn.o_proj.bias")]
+    absent = [target for target in targets if (target, None) not in filled]
+    if not cfg.o_proj_bias or not targets or len(absent) != len(targets):
+        return
+    logger.warning("the checkpoint has no o_proj biases, though attention_bias gives o_proj one in %s; "
+                   "they are 0, as transformers makes them", cfg.architecture)  # fmt: skip
+    with torch.no_grad():
+        for target in absent:
+            params[target].zero_()
+            filled.add((target, None))
 
 
 # Under tensor parallelism, projections split by output rows (heads, intermediate units) and by
@@ -409,17 +429,24 @@ def shard_checkpoint_tensor(name: str, tensor: torch.Tensor, rank: int, size: in
         if parts[-1] == "gate_up_proj":
             return torch.cat([half.chunk(size, dim=1)[rank] for half in tensor.chunk(2, dim=1)], dim=1)
         return tensor.chunk(size, dim=2)[rank]
-    scale = parts[-1] == "weight_scale"  # a low-bit weight's (``canonical_name``)
-    if scale and tensor.numel() == 1:  # one for the whole tensor: every rank's
+    kind = parts[-1]
+    row_split = any(part in _ROW_SPLIT for part in parts)
+    column_split = any(part in _COLUMN_SPLIT for part in parts)
+    if kind == PACKED_SHAPE and (row_split or column_split):  # a packed weight's [out, in]: this rank's
+        share = tensor.clone()
+        share[0 if row_split else 1] //= size
+        return share
+    # A low-bit weight's scales (``canonical_name``) and zero points: one for the whole tensor is
+    # every rank's, and so is one per row, across the input columns; blocks and groups split.
+    per_block = kind in ("weight_scale", ZERO_POINT)
+    if per_block and tensor.numel() == 1:
         return tensor
-    if any(part in _ROW_SPLIT for part in parts):
+    if row_split:
         return tensor.chunk(size, dim=0)[rank]
-    if any(part in _COLUMN_SPLIT for part in parts) and (
-        parts[-1] == "weight" or (scale and tensor.dim() == 2 and tensor.shape[1] > 1)
-    ):
-        # A scale per row covers the row's columns on every rank; blocks' and groups' split.
+    blocks_across = per_block and tensor.dim() == 2 and tensor.shape[1] > 1
+    if column_split and (kind in ("weight", PACKED_WEIGHT) or blocks_across):
         return tensor.chunk(size, dim=1)[rank]
-    if any(part in _COLUMN_SPLIT for part in parts) and parts[-1] == "bias":
+    if column_split and kind == "bias":
         # Added once to the ranks' summed outputs: rank 0 holds it, the others zeros.
         return tensor if rank == 0 else torch.zeros_like(tensor)
     return tensor
