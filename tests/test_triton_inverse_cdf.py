@@ -47,24 +47,35 @@ def test_draws_follow_the_tempered_softmax() -> None:
 
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize(("vocab", "parts"), [(37, 1), (37, 3), (203, 4), (203, 64)])
-def test_each_row_inverts_its_own_philox_draw(vocab: int, parts: int) -> None:
-    """Row ``r`` draws the token whose running softmax mass (in float64 here) first passes ``u``
-    of the total, ``u`` being Philox counter ``r``'s first word: the kernel's tokens must be those.
-    Statistical tests would not see rows sharing a draw, a block searched in the wrong order or
-    the search stopping a token early or late; this does, across blocks and parts."""
-    rows, seed = 12, 4321
+def test_each_row_inverts_its_own_philox_draws(vocab: int, parts: int) -> None:
+    """Row ``r`` draws, with word 0 of Philox counter ``r``, the block whose running softmax mass
+    (in float64 here) first passes that share of the total, then with word 1 the token whose
+    running mass within the block first passes that share of the block's: the kernel's tokens
+    must be those. Statistical tests would not see rows sharing a draw, a block searched in the
+    wrong order or a search stopping a token early or late; this does, across blocks and parts."""
+    rows, seed, block = 12, 4321, triton_inverse_cdf._BLOCK
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab))
     temperatures = torch.linspace(0.3, 3.0, rows)
     tokens = _sample(logits, temperatures, seed, parts)
-    uniforms = philox_uniforms(seed, np.arange(rows))[:, 0].astype(np.float64)
+    uniforms = philox_uniforms(seed, np.arange(rows)).astype(np.float64)
     weights = np.exp((logits.double() / temperatures.double()[:, None]).numpy())
-    running = np.cumsum(weights, axis=1)
     for row in range(rows):
-        target = uniforms[row] * running[row, -1]
-        expected = int(np.searchsorted(running[row], target, side="right"))
+        masses = np.add.reduceat(weights[row], np.arange(0, vocab, block))
+        chosen, near_block = _inverted(masses, uniforms[row, 0])
+        inside = weights[row, chosen * block : (chosen + 1) * block]
+        picked, near_token = _inverted(inside, uniforms[row, 1])
         # A float32 sum may put a target within rounding of a boundary on either side of it.
-        gap = np.abs(running[row] - target).min() / running[row, -1]
-        assert tokens[row] == expected or gap < 1e-5, (row, tokens[row], expected)
+        assert tokens[row] == chosen * block + picked or near_block or near_token, (row, tokens[row])
+
+
+def _inverted(weights: np.ndarray, uniform: float) -> tuple[int, bool]:
+    """The index whose running sum first passes ``uniform`` of the total, and whether the target
+    lies within float32 rounding of a boundary."""
+    running = np.cumsum(weights)
+    target = uniform * running[-1]
+    return int(np.searchsorted(running, target, side="right")), bool(
+        np.abs(running - target).min() < 1e-5 * running[-1]
+    )
 
 
 @pytest.mark.usefixtures("small_blocks")

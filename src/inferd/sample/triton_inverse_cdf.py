@@ -10,12 +10,18 @@ distribution, ``softmax(logits / T)``, with about five operations a token and on
    scaled logit ``m_b = max(x)`` (``x = logit / T * log2(e)``) and its mass
    ``s_b = sum(2 ** (x - m_b))``, stored per block: no block's numbers depend on the split.
 2. ``_pick_kernel``, one program a row: the blocks' masses on the row's scale,
-   ``w_b = s_b * 2 ** (m_b - max m)``, their running sum, a uniform ``u`` from Philox; the block
-   whose running sum first passes ``u * total``, then, within it, the token whose running sum does.
+   ``w_b = s_b * 2 ** (m_b - max m)``, their running sum, two uniforms from one Philox call; the
+   block whose running sum first passes ``u1 * total``, then, within it, the token whose running
+   sum of ``2 ** (x - m_b)`` first passes ``u2 * s_b``: a block, then a token of it, each drawn by
+   its share, which is the token's share of the row.
 
 It reads the logits once, plus one block a row. The token of a seed is not the race's (another
-method draws it), but both follow the softmax exactly up to float32 rounding: a token's chance is
-its weight's share of a float32 sum, and a weight under 2**-126 of the largest counts as 0.
+method draws it), but both follow the softmax up to float32 rounding. Here that rounding is a
+running float32 sum's: a block whose mass is under about 2**-24 of the blocks' running sum where
+it comes, or a token under that share of its block's, may pass its chance to the next entry of
+some weight (or lose it at the end of the sum). A block of one dominant token can so drop tail
+tokens of under 1e-7 of its mass; the race, a key per token, resolves those. A token of no weight
+(a -inf logit) is never drawn.
 
 Rows with NaN or infinite logits get some id within the vocabulary. This module imports triton
 at import time; import it only where triton is wanted.
@@ -75,6 +81,22 @@ def _block_mass_kernel(
         tl.store(block_mass_ptr + out, mass)
 
 
+@triton.jit
+def _first_past(weights, uniform, indices, SIZE: tl.constexpr):
+    """The index of the first entry of some weight whose running sum passes ``uniform`` of the
+    weights' sum: entry ``i`` with probability ``weights[i] / sum``.
+
+    An entry of no weight is never taken, whatever the scan's rounding: a compiled scan sums each
+    lane's prefix in its own order, so the running sum may rise by an ulp across an entry of
+    weight 0. Where rounding leaves the target at or past every running sum, the last entry of
+    some weight stands in; with none (a NaN row), entry 0."""
+    running = tl.cumsum(weights, 0)
+    target = uniform * tl.max(running)
+    first = tl.min(tl.where((running > target) & (weights > 0), indices, SIZE))
+    last = tl.max(tl.where(weights > 0, indices, 0))
+    return tl.where(first == SIZE, last, first)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _pick_kernel(
     logits_ptr,
@@ -90,15 +112,12 @@ def _pick_kernel(
     BLOCK: tl.constexpr,
     LOG2E: tl.constexpr,
 ):
-    """Grid ``(rows,)``: row ``r``'s token, by a uniform draw ``u`` (Philox counter ``r`` of
-    ``seed``) against the running sum of its weights. The tile holds every block of the
-    vocabulary, so the kernel compiles once per vocabulary.
-
-    Each search takes the first entry whose running sum is above the target: such an entry's own
-    weight is above 0, so a token of no weight (a -inf logit) is never drawn. Rounding can leave
-    the target at or past the last running sum (``u * total`` rounded up, or a block's tokens
-    summing a little under its mass); the last entry of any weight stands in then."""
+    """Grid ``(rows,)``: row ``r``'s token, by two uniform draws (words 0 and 1 of Philox counter
+    ``r`` of ``seed``): the block by the first against the running sum of the blocks' weights,
+    then the token by the second against the running sum of the block's own. The tile holds every
+    block of the vocabulary, so the kernel compiles once per vocabulary."""
     row = tl.program_id(0)
+    u_block, u_token, _, _ = tl.rand4x(seed, row)
     blocks = tl.arange(0, MAX_BLOCKS_P2)
     in_row = blocks < blocks_per_row
     stats = row * blocks_per_row + blocks
@@ -108,12 +127,7 @@ def _pick_kernel(
     top = tl.max(tops)
     top = tl.where(top == float("-inf"), 0.0, top)
     weights = tl.where(masses > 0, masses * tl.exp2(tops - top), 0.0)
-    running = tl.cumsum(weights, 0)
-    target = tl.rand(seed, row) * tl.max(running)
-    last_block = tl.max(tl.where(weights > 0, blocks, 0))
-    chosen = tl.minimum(tl.sum((running <= target).to(tl.int32)), last_block)
-    # The target's place within the chosen block: past the running sum of the blocks before it.
-    before = tl.sum(tl.where(blocks == chosen - 1, running, 0.0))
+    chosen = _first_past(weights, u_block, blocks, MAX_BLOCKS_P2)
     block_top = tl.sum(tl.where(blocks == chosen, tops, 0.0))
     block_top = tl.where(block_top == float("-inf"), 0.0, block_top)
 
@@ -121,11 +135,9 @@ def _pick_kernel(
     ids = chosen * BLOCK + offsets
     scale = tl.load(inv_temperature_ptr + row) * LOG2E
     x = tl.load(logits_ptr + row.to(tl.int64) * stride_row + ids, mask=ids < vocab, other=float("-inf"))
-    # Each token's weight on the row's scale, as its block's mass was put on it (0 past the vocabulary).
-    token_weights = tl.exp2(x.to(tl.float32) * scale - block_top) * tl.exp2(block_top - top)
-    token_running = tl.cumsum(token_weights, 0)
-    last_token = tl.max(tl.where(token_weights > 0, offsets, 0))
-    picked = tl.minimum(tl.sum((token_running <= target - before).to(tl.int32)), last_token)
+    # Each token's weight as the block's mass summed it (0 past the vocabulary and for -inf).
+    token_weights = tl.exp2(x.to(tl.float32) * scale - block_top)
+    picked = _first_past(token_weights, u_token, offsets, BLOCK)
     tl.store(out_ptr + row, (chosen * BLOCK + picked).to(tl.int64))
 
 
