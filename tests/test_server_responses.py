@@ -4,6 +4,7 @@ output, stored responses and continued conversations, and the API's errors."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -466,3 +467,37 @@ def test_streamed_items_close_as_the_answer_moves_from_thinking_to_text_to_calls
     assert [item["type"] for item in items.output] == ["reasoning", "message", "function_call"]
     assert items.output[0]["content"][0]["text"] == "hm." and items.output[1]["content"][0]["text"] == "Hi!"
     assert items.output[1]["content"][0]["logprobs"] == [{"token": "x"}]
+
+
+async def test_a_background_response_the_server_fails_on_is_stored_failed(
+    tiny_model_factory, monkeypatch
+) -> None:
+    """Not only the API's own errors: an answer that breaks on the server's side (here, shaping
+    its output) ends the response failed, and its stream with ``response.failed``, rather than
+    leaving it in progress for ever."""
+    from inferd.engine.async_llm import AsyncLLM
+    from inferd.server.app import create_app
+    from inferd.server.config import ServerConfig
+    from inferd.server.openai import responses
+
+    def broken(self: Any, out: Any) -> list[str]:
+        raise RuntimeError("shaping broke")
+
+    monkeypatch.setattr(responses._Answer, "feed", broken)
+    llm = AsyncLLM.from_options(tiny_model_factory("qwen3"), engine_process=False, kv_cache_memory="8MiB")
+    app = create_app(llm, ServerConfig(served_model_name="tiny"))
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 4, "background": True}
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://inferd")
+    async with app.router.lifespan_context(app), client:
+        streamed = await client.post("/v1/responses", json={**body, "stream": True})
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: ")]
+        polled = (await client.post("/v1/responses", json=body)).json()
+        for _ in range(500):
+            stored = (await client.get(f"/v1/responses/{polled['id']}")).json()
+            if stored["status"] not in ("queued", "in_progress"):
+                break
+            await asyncio.sleep(0.01)
+    assert events[-1]["type"] == "response.failed"
+    for failed in (events[-1]["response"], stored):
+        assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+        assert "shaping broke" in failed["error"]["message"]

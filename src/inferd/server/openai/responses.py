@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import time
 import uuid
@@ -41,6 +42,8 @@ from inferd.server.openai.responses_protocol import (
     input_messages,
 )
 from inferd.server.tool_calls import ParsedToolCall
+
+logger = logging.getLogger(__name__)
 
 
 class ResponseNotFoundError(ModelNotFoundError):
@@ -324,11 +327,19 @@ class BackgroundResponses:
             # own code goes into the message.
             body = error_body(exc)["error"]
             code = "rate_limit_exceeded" if exc.kind == "overloaded" else "server_error"
-            error = {"code": code, "message": f"{exc.message} ({body['code'] or body['type']})"}
-            failed = {**_response(job, "failed", [], None), "error": error}
-            self._put(job, failed)
-            if log is not None:
-                log.append(events.event("response.failed", response=failed))
+            self._fail(job, log, events, code, f"{exc.message} ({body['code'] or body['type']})")
+        except Exception as exc:  # the server's own fault: the response must not stay in progress
+            logger.exception("background response %s failed", job.response_id)
+            self._fail(job, log, events, "server_error", f"the server failed to answer: {exc!r}")
+
+    def _fail(
+        self, job: ResponseJob, log: _EventLog | None, events: _EventWriter, code: str, message: str
+    ) -> None:
+        """Store the response failed with ``code`` and ``message``, and end its stream so."""
+        failed = {**_response(job, "failed", [], None), "error": {"code": code, "message": message}}
+        self._put(job, failed)
+        if log is not None:
+            log.append(events.event("response.failed", response=failed))
 
     def _put(self, job: ResponseJob, response: dict[str, Any]) -> None:
         self.store.put(job.response_id, StoredResponse.of(response, job.conversation))
