@@ -233,3 +233,26 @@ def test_the_engine_option_picks_the_kernel(tiny_llama, monkeypatch) -> None:
     assert all(call.temperatures == pytest.approx([0.7, 0.7]) for call in calls)
     with pytest.raises(ValueError, match="unknown fused_sampler 'fast'; choose one of race, inverse_cdf"):
         build_engine_config(tiny_llama, fused_sampler="fast")
+
+
+def test_a_batch_of_plain_rows_alone_takes_the_kernels_tokens_as_they_are(monkeypatch) -> None:
+    """Every row temperature-only (the workload's full batches): the kernel reads the logits as
+    they are and its tokens are the step's, with no index sent up and no scatter; a batch with one
+    other row scatters the kernel's tokens into place."""
+    from inferd.sample import triton_sampling as kernels
+
+    made: list[torch.Tensor] = []
+    original = kernels.race_sample
+
+    def recorded(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
+        made.append(original(logits, temperatures, seed))
+        return made[-1]
+
+    monkeypatch.setattr(kernels, "race_sample", recorded)
+    sampler = Sampler(seed=4, triton_sampling=True, fused_min_rows=2)
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    plain = [request(str(i), temperature=0.7) for i in range(3)]
+    assert sampler.sample(logits, plain).token_ids is made[-1]
+    mixed = sampler.sample(logits, [*plain[:2], request("greedy", temperature=0.0)])
+    assert mixed.token_ids is not made[-1] and torch.equal(mixed.token_ids[:2], made[-1])
+    assert mixed.token_ids[2].item() == logits[2].argmax().item()

@@ -136,7 +136,11 @@ class Sampler:
         if self._triton_sampling:
             vocab = logits.shape[1]
             fused_rows = [i for i in random_rows if _temperature_only(requests[i], vocab)]
-            if fused_rows and len(fused_rows) >= self._fused_min_rows:
+            if len(fused_rows) == len(requests) and fused_rows and len(fused_rows) >= self._fused_min_rows:
+                # Every row, in order (a full batch at one temperature): no index, no scatter.
+                tokens = self._draw_fused(logits, None, requests)
+                random_rows = []
+            elif fused_rows and len(fused_rows) >= self._fused_min_rows:
                 index = _to_device(fused_rows, torch.long, logits.device)
                 tokens[index] = self._draw_fused(logits, index, [requests[i] for i in fused_rows])
                 fused = set(fused_rows)
@@ -163,11 +167,12 @@ class Sampler:
         return PendingSample(tokens, errors, tokens_host, logprobs_host, counts, copied)
 
     def _draw_fused(
-        self, logits: torch.Tensor, index: torch.Tensor, requests: Sequence[Request]
+        self, logits: torch.Tensor, index: torch.Tensor | None, requests: Sequence[Request]
     ) -> torch.Tensor:
-        """The fused kernel's tokens for the rows ``index`` of ``logits`` (``requests``' rows)."""
+        """The fused kernel's tokens for the rows ``index`` of ``logits`` (``requests``' rows; None:
+        every row)."""
         temperatures = _to_device([r.params.temperature for r in requests], torch.float32, logits.device)
-        picked = logits if len(requests) == logits.shape[0] else logits.index_select(0, index)
+        picked = logits if index is None else logits.index_select(0, index)
         self._fused_calls += 1
         seed = self._seed * 1_000_003 + self._fused_calls
         if self._fused_kernel == "inverse_cdf":
