@@ -187,3 +187,14 @@ def test_stacked_expert_tensors_load_whole_and_split_over_ranks(tiny_model_facto
 def test_a_qwen_config_whose_every_layer_is_dense_is_no_mixture() -> None:
     fields = {"num_experts": 4, "moe_intermediate_size": 12, "mlp_only_layers": list(range(6))}
     assert ModelConfig.from_hf_config(_hf("Qwen3MoeForCausalLM", **fields)).moe is None
+
+
+def test_a_mixture_whose_every_layer_is_routed_splits_whatever_its_unused_dense_width() -> None:
+    """Every layer routed: the dense ``intermediate_size`` is never built, so a tensor-parallel
+    split need not divide it; one dense layer makes it count."""
+    fields = {"num_experts": 4, "moe_intermediate_size": 12, "intermediate_size": 25}
+    routed = ModelConfig.from_hf_config(_hf("Qwen3MoeForCausalLM", **fields))
+    assert routed.sharded(2).moe is not None and routed.sharded(2).moe.expert_intermediate_size == 6
+    dense = ModelConfig.from_hf_config(_hf("Qwen3MoeForCausalLM", mlp_only_layers=[0], **fields))
+    with pytest.raises(ValueError, match="does not divide the model's intermediate size"):
+        dense.sharded(2)

@@ -339,6 +339,9 @@ def test_two_ranks_make_their_own_slices_8_bit_floats(tiny_model_factory) -> Non
         ("llama", "gptq-int4-channel"),
         ("llama", "awq"),
         ("qwen3-moe", "fp8-block"),
+        ("phi3", "ct-tensor"),
+        ("phi3", "fp8-block"),
+        ("phi3", "ct-w4a16-asym"),
     ],  # fmt: skip
 )
 def test_two_ranks_split_a_low_bit_checkpoint_as_they_split_a_wide_one(
@@ -349,8 +352,9 @@ def test_two_ranks_split_a_low_bit_checkpoint_as_they_split_a_wide_one(
     row's) or per tensor (every rank's); int8 values; 4- and 8-bit integers packed into int32
     words along the input, in groups of 32 columns, with zero points packed down the rows
     (compressed-tensors) or not (GPTQ, AWQ), and the packed weight's shape made each rank's; a
-    mixture's experts too, in blocks of 16 x 16 (each rank holds 16 of an expert's 32 units). The
-    logits are one rank's."""
+    mixture's experts too, in blocks of 16 x 16 (each rank holds 16 of an expert's 32 units); and
+    Phi-3's fused q|k|v and gate|up, whose scales, zero points and stored shapes are split into the
+    pieces first (a per-tensor scale is each piece's). The logits are one rank's."""
     import quantized_checkpoints as made
 
     source = tiny_model_factory(arch)

@@ -523,6 +523,11 @@ class ModelConfig:
             where = f"{config_path} (with hf_overrides)" if overrides else str(config_path)
             raise ModelLoadError(f"{where} has a field the engine cannot read: {exc}") from None
 
+    @property
+    def has_dense_mlp(self) -> bool:
+        """Whether some layer keeps the dense MLP of ``intermediate_size`` (not every layer routed)."""
+        return self.moe is None or len(self.moe.sparse_layers) < self.num_layers
+
     def sharded(self, size: int) -> ModelConfig:
         """The per-rank shape under tensor parallelism over ``size`` ranks: heads and MLP width
         divided, each expert's too (see ``worker/tensor_parallel.py``)."""
@@ -531,8 +536,9 @@ class ModelConfig:
         if self.quant is not None and not self.quant.splits_over_ranks:
             raise ValueError("tensor parallelism over GPTQ weights in activation order (desc_act) is not "
                              "supported: their reordered input columns follow no rank's share")  # fmt: skip
-        sizes = [("attention heads", self.num_heads), ("KV heads", self.num_kv_heads),
-                 ("intermediate size", self.intermediate_size)]  # fmt: skip
+        sizes = [("attention heads", self.num_heads), ("KV heads", self.num_kv_heads)]
+        if self.has_dense_mlp:
+            sizes.append(("intermediate size", self.intermediate_size))
         if self.moe is not None:
             sizes.append(("experts' intermediate size", self.moe.expert_intermediate_size))
             sizes.append(("shared expert's intermediate size", self.moe.shared_expert_intermediate_size))
@@ -562,7 +568,7 @@ class ModelConfig:
         rows = math.lcm(rows, quant.rows_per_zero_point_word)
         columns = math.lcm(columns, quant.values_per_word)
         moe = self.moe
-        intermediates = [self.intermediate_size]
+        intermediates = [self.intermediate_size] if self.has_dense_mlp else []
         if moe is not None:
             intermediates += [moe.expert_intermediate_size, moe.shared_expert_intermediate_size]
         split = [(self.num_heads * self.head_dim, rows, "query rows"),

@@ -412,12 +412,29 @@ def split_fused_tensor(
         sizes = [q, kv, kv]
     else:
         sizes = [cfg.intermediate_size * size] * 2
+    pieces = [".".join([*parts[:fused], piece, *parts[fused + 1 :]]) for piece in _FUSED_PIECES[parts[fused]]]
+    kind = parts[-1]
+    if kind in ("weight_scale", ZERO_POINT) and tensor.numel() == 1:  # the fused tensor's one: each piece's
+        yield from ((piece, tensor) for piece in pieces)
+        return
+    if kind == PACKED_SHAPE:  # the fused weight's [out, in], as each piece's
+        yield from ((piece, torch.tensor([rows, int(tensor[1])], dtype=tensor.dtype))
+                    for piece, rows in zip(pieces, sizes, strict=True))  # fmt: skip
+        return
+    # A row of block scales covers a block's rows, one of packed zero points a word's.
+    unit = 1
+    if cfg.quant is not None and kind == "weight_scale" and cfg.quant.block is not None:
+        unit = cfg.quant.block[0]
+    elif cfg.quant is not None and kind == ZERO_POINT and tensor.dtype == torch.int32:
+        unit = cfg.quant.rows_per_zero_point_word
+    if any(rows % unit for rows in sizes):
+        raise ModelLoadError(f"tensor {name!r}: its pieces' rows {sizes} are not whole blocks of {unit}")
+    sizes = [rows // unit for rows in sizes]
     if tensor.shape[0] != sum(sizes):
         raise ModelLoadError(
             f"tensor {name!r} has {tensor.shape[0]} rows, expected {sum(sizes)} from config.json"
         )
-    for piece, rows in zip(_FUSED_PIECES[parts[fused]], tensor.split(sizes), strict=True):
-        yield ".".join([*parts[:fused], piece, *parts[fused + 1 :]]), rows
+    yield from zip(pieces, tensor.split(sizes), strict=True)
 
 
 def shard_checkpoint_tensor(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
