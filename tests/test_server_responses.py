@@ -380,7 +380,7 @@ def test_only_a_streamed_background_response_streams_from_get(server: ServerProc
 def test_the_event_logs_of_ended_responses_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Running responses keep their logs; of the ended ones only the most recent, by count
     (``KEPT_EVENT_LOGS``) and by the size of their events (``KEPT_EVENT_CHARS``); a deleted one's
-    log is not kept when its task ends."""
+    log is not kept when its task ends, and its readers end when it is deleted."""
     from inferd.server.openai import responses
 
     monkeypatch.setattr(responses, "KEPT_EVENT_LOGS", 2)
@@ -397,7 +397,8 @@ def test_the_event_logs_of_ended_responses_are_bounded(monkeypatch: pytest.Monke
     assert logs["a"].closed and not logs["running"].closed
     background._ended("big")  # 110 characters with c's: c goes, though two may be kept
     assert list(background._logs) == ["deleted", "running", "big"]
-    background.forget("deleted")
+    background.forget("deleted")  # before its task's end: its readers end all the same
+    assert logs["deleted"].closed
     background._ended("deleted")
     assert list(background._logs) == ["running", "big"]
 

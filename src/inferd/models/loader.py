@@ -357,9 +357,9 @@ def _fill_weights(
         filled.add((target, slot))
     if cfg.tie_word_embeddings:
         filled.add(("lm_head.weight", None))
+    _zero_absent_output_biases(params, filled, cfg)
     # A fused parameter needs every piece, stacked experts every expert: one left out would keep
     # its initial values unnoticed.
-    _zero_absent_output_biases(params, filled, cfg)
     missing = sorted(
         _checkpoint_spelling(_packed_name(name, param, cfg), cfg)
         for target, param in params.items()

@@ -136,13 +136,12 @@ class Sampler:
         if self._triton_sampling:
             vocab = logits.shape[1]
             fused_rows = [i for i in random_rows if _temperature_only(requests[i], vocab)]
-            if len(fused_rows) == len(requests) and fused_rows and len(fused_rows) >= self._fused_min_rows:
-                # Every row, in order (a full batch at one temperature): no index, no scatter.
-                tokens = self._draw_fused(logits, None, requests)
-                random_rows = []
-            elif fused_rows and len(fused_rows) >= self._fused_min_rows:
-                index = _to_device(fused_rows, torch.long, logits.device)
-                tokens[index] = self._draw_fused(logits, index, [requests[i] for i in fused_rows])
+            if fused_rows and len(fused_rows) >= self._fused_min_rows:
+                if len(fused_rows) == len(requests):  # every row, in order: no index, no scatter
+                    tokens = self._draw_fused(logits, None, requests)
+                else:
+                    index = _to_device(fused_rows, torch.long, logits.device)
+                    tokens[index] = self._draw_fused(logits, index, [requests[i] for i in fused_rows])
                 fused = set(fused_rows)
                 random_rows = [i for i in random_rows if i not in fused]
         if random_rows:

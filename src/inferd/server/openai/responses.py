@@ -211,13 +211,13 @@ class _EventLog:
 
     def __init__(self) -> None:
         self.events: list[str] = []
-        self.bytes = 0
+        self.chars = 0
         self.closed = False
         self._changed = asyncio.Event()
 
     def append(self, event: str) -> None:
         self.events.append(event)
-        self.bytes += len(event)
+        self.chars += len(event)
         self._wake()
 
     def close(self) -> None:
@@ -297,13 +297,10 @@ class BackgroundResponses:
         if log is not None:
             log.close()  # a cancelled answer's readers end too
             self._logs[response_id] = log  # the newest ended one, last
-        ended = [key for key in self._logs if key not in self._running]
-        kept = sum(self._logs[key].bytes for key in ended)
-        for key in ended:  # oldest first
-            if len(ended) <= KEPT_EVENT_LOGS and kept <= KEPT_EVENT_CHARS:
-                break
-            kept -= self._logs.pop(key).bytes
-            ended = ended[1:]
+        ended = [key for key in self._logs if key not in self._running]  # oldest first
+        kept = sum(self._logs[key].chars for key in ended)
+        while ended and (len(ended) > KEPT_EVENT_LOGS or kept > KEPT_EVENT_CHARS):
+            kept -= self._logs.pop(ended.pop(0)).chars
 
     async def _answer(self, job: ResponseJob, log: _EventLog | None) -> None:
         events = _EventWriter(streaming=log is not None)
@@ -345,8 +342,11 @@ class BackgroundResponses:
         self.store.put(job.response_id, StoredResponse.of(response, job.conversation))
 
     def forget(self, response_id: str) -> None:
-        """Drop a deleted response's events (cancelled first: its task's end keeps nothing then)."""
-        self._logs.pop(response_id, None)
+        """Drop a deleted response's events, ending its readers (cancelled first: its task's end
+        keeps nothing then)."""
+        log = self._logs.pop(response_id, None)
+        if log is not None:
+            log.close()
 
     async def cancel(self, response_id: str) -> None:
         """Stop a background response still being answered (its engine request aborted) and store
