@@ -102,6 +102,15 @@ def test_counters_move_by_the_known_amounts(server: ServerProcess, client: opena
     assert _delta(after, before, "inferd:inter_token_latency_seconds_count") == 18 - 5
     assert _delta(after, before, "inferd:prefix_cache_queries_total") == prompt_tokens
     assert _delta(after, before, ABORTED) == 0
+    # Tokens per step: every prompt token the cache did not hold, and each request's tokens after
+    # its first fed back in, in steps of 1 to 16 tokens (decode steps of one or two sequences, the
+    # short prompts).
+    hits = _delta(after, before, "inferd:prefix_cache_hits_total")
+    assert _delta(after, before, "inferd:iteration_tokens_total_sum") == prompt_tokens - hits + 18 - 5
+    steps = _delta(after, before, "inferd:iteration_tokens_total_count")
+    assert steps == _delta(after, before, "inferd:iteration_tokens_total_bucket{le=+Inf}") >= 13
+    small = _delta(after, before, "inferd:iteration_tokens_total_bucket{le=1.0}")
+    assert 0 < small < steps == _delta(after, before, "inferd:iteration_tokens_total_bucket{le=16.0}")
 
 
 def test_stream_disconnect_frees_blocks(server: ServerProcess) -> None:

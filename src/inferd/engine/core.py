@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,15 @@ class EngineStats:
     spec_accepted_tokens: int = 0
     # Share of a draft model's KV blocks in use; None without a draft model.
     draft_kv_usage: float | None = None
+    # Steps launched by the tokens they computed: a count per bound of STEP_TOKEN_BUCKETS (tokens
+    # up to it, above the one before), then those above the last; and the tokens in all.
+    step_token_counts: tuple[int, ...] = ()
+    step_tokens: int = 0
+
+
+# Upper bounds of the tokens-per-step histogram (vLLM's iteration_tokens_total): decode steps of
+# a few sequences at the bottom, chunked prompt steps of a full token budget at the top.
+STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class LoraUpdateError(ValueError):
@@ -66,6 +76,8 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv, make_proposer(config, config.cache.num_blocks))
         self.async_scheduling = config.uses_async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read yet (async only)
+        self._step_token_counts = [0] * (len(STEP_TOKEN_BUCKETS) + 1)
+        self._step_tokens = 0
         self.grammars = GrammarCompiler(config.model_path / "tokenizer.json", config.model.vocab_size)
         # Each served adapter's prefix-cache salt, "<load>:<name>" (start-up adapters load 0): an
         # adapter loaded again under a name used before gets a new one, so blocks its predecessor
@@ -147,6 +159,8 @@ class EngineCore:
             else:
                 sched_out = self.scheduler.schedule()
                 launched = None if sched_out.is_empty else self.runner.launch(sched_out, in_flight)
+                if launched is not None:
+                    self._count_step(sched_out.num_batched_tokens)
                 read = in_flight if self.async_scheduling else launched
             runner_out = self.runner.collect(read) if read is not None else None
             # Kept only once the read succeeded: a failed read undoes this step too.
@@ -162,6 +176,10 @@ class EngineCore:
         if read is None or runner_out is None:
             return []
         return self._apply(read, runner_out)
+
+    def _count_step(self, tokens: int) -> None:
+        self._step_token_counts[bisect.bisect_left(STEP_TOKEN_BUCKETS, tokens)] += 1
+        self._step_tokens += tokens
 
     def _apply(self, step: LaunchedStep, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """A read step's results into the scheduler, and its outputs.
@@ -254,6 +272,8 @@ class EngineCore:
             spec_draft_tokens=self.scheduler.num_draft_tokens,
             spec_accepted_tokens=self.scheduler.num_accepted_tokens,
             draft_kv_usage=self.scheduler.proposer.cache_usage() if self.scheduler.proposer else None,
+            step_token_counts=tuple(self._step_token_counts),
+            step_tokens=self._step_tokens,
         )
 
 

@@ -7,15 +7,16 @@ at scrape time by a custom collector, so they are exact rather than sampled.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from inferd.config import EngineConfig
-from inferd.engine.core import EngineStats
+from inferd.engine.core import STEP_TOKEN_BUCKETS, EngineStats
 
 _LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -274,6 +275,17 @@ class _EngineCollector(Collector):
             for source, stats in snapshots:
                 family.add_metric([source.model_name], getattr(stats, field))
             yield family
+        steps = HistogramMetricFamily(
+            "inferd:iteration_tokens_total",
+            "Tokens computed per engine step (prompt chunks and decode tokens scheduled together).",
+            labels=["model_name"],
+        )
+        for source, stats in snapshots:
+            if stats.step_token_counts:  # an engine that reports its steps
+                bounds = [*(str(float(bound)) for bound in STEP_TOKEN_BUCKETS), "+Inf"]
+                buckets = list(zip(bounds, itertools.accumulate(stats.step_token_counts), strict=True))
+                steps.add_metric([source.model_name], buckets, stats.step_tokens)
+        yield steps
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
