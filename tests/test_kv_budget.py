@@ -61,3 +61,30 @@ def test_cpu_ranks_share_the_default_budget(tiny_model_factory, monkeypatch: pyt
     assert one.cache.num_blocks is not None and two.cache.num_blocks is not None
     # A rank's block is half the bytes, and the ranks share the budget: the same blocks in all.
     assert two.cache.num_blocks == one.cache.num_blocks
+
+
+def test_a_gpu_budget_leaves_room_for_a_draft_models_weights(
+    tiny_model_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU a draft model's weights load after the KV cache is allocated: the default budget
+    is the share of what is free less those weights (in the served model's dtype), not of all of
+    it; an explicit budget is the user's."""
+    import math
+
+    from safetensors import safe_open
+
+    folder = tiny_model_factory("qwen3")
+    monkeypatch.setattr(builder.torch.cuda, "mem_get_info", lambda: (2**26, 2**30))
+    spec = {"model": str(folder), "num_speculative_tokens": 2}
+    drafted = builder.build_engine_config(folder, device="cuda", dtype="bfloat16", speculative_config=spec)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as tensors:
+        elements = sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
+    assert builder._draft_weight_bytes(drafted) == 2 * elements  # bfloat16, stored in float32
+    per_block = 2 * drafted.model.kv_bytes_per_token(drafted.kv_dtype) * drafted.cache.block_size
+    budget = int((2**26 - 2 * elements) * builder._GPU_KV_FRACTION)
+    assert builder.resolve_num_blocks(drafted).cache.num_blocks == budget // per_block
+    explicit = builder.build_engine_config(folder, device="cuda", dtype="bfloat16", speculative_config=spec,
+                                           kv_cache_memory="4MiB")  # fmt: skip
+    assert builder.resolve_num_blocks(explicit).cache.num_blocks == 4 * 2**20 // per_block
+    plain = builder.build_engine_config(folder, device="cuda", dtype="bfloat16")
+    assert builder._draft_weight_bytes(plain) == 0

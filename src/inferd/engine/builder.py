@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Mapping
 from importlib import resources
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from inferd.attention.registry import resolve_backend_name
 from inferd.config import (
@@ -24,6 +26,7 @@ from inferd.config import (
     option_object,
     parse_dtype,
 )
+from inferd.models.loader import safetensors_files
 from inferd.sample.sampler import FUSED_KERNELS
 from inferd.sched.draft_proposer import read_draft_config
 
@@ -253,7 +256,7 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
     per_token = config.local_model.kv_bytes_per_token(config.kv_dtype) + _draft_kv_bytes_per_token(config)
     bytes_per_block = per_token * cache.block_size
     if cache.num_blocks is None:
-        budget = cache.kv_cache_memory or _default_kv_budget(config.device)
+        budget = cache.kv_cache_memory or _default_kv_budget(config.device, _draft_weight_bytes(config))
         if cache.kv_cache_memory is None and not config.device.startswith("cuda"):
             # On the CPU every rank's cache comes out of the same RAM: the default is for all of them.
             budget //= config.tensor_parallel_size
@@ -287,11 +290,27 @@ def _draft_kv_bytes_per_token(config: EngineConfig) -> int:
     return ModelConfig.from_folder(Path(speculative.model)).kv_bytes_per_token(parse_dtype(config.dtype))
 
 
-def _default_kv_budget(device: str) -> int:
+def _default_kv_budget(device: str, reserved: int = 0) -> int:
+    """``reserved``: bytes still to be loaded on a GPU after the cache is allocated (a draft
+    model's weights), left out of what the share is taken of."""
     if device.startswith("cuda"):
         free, _total = torch.cuda.mem_get_info()
-        return int(free * _GPU_KV_FRACTION)
+        return int(max(free - reserved, 0) * _GPU_KV_FRACTION)
     return int(min(_available_ram() * _CPU_KV_FRACTION, _CPU_KV_CAP))
+
+
+def _draft_weight_bytes(config: EngineConfig) -> int:
+    """A draft model's weights in the served model's dtype (0 without one), from its checkpoint's
+    tensor shapes: on a GPU they load after the KV cache is allocated, into what it leaves."""
+    speculative = config.speculative
+    if speculative is None or speculative.model is None:
+        return 0
+    element = torch.empty((), dtype=parse_dtype(config.dtype)).element_size()
+    elements = 0
+    for file in safetensors_files(Path(speculative.model)):
+        with safe_open(str(file), framework="pt") as tensors:
+            elements += sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
+    return elements * element
 
 
 # cgroup v2, then v1: a container's memory limit, its usage, and the usage's statistics, with the
