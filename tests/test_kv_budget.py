@@ -88,3 +88,26 @@ def test_a_gpu_budget_leaves_room_for_a_draft_models_weights(
     assert builder.resolve_num_blocks(explicit).cache.num_blocks == 4 * 2**20 // per_block
     plain = builder.build_engine_config(folder, device="cuda", dtype="bfloat16")
     assert builder._draft_weight_bytes(plain) == 0
+
+
+def test_a_low_bit_drafts_values_count_as_stored(tmp_path: Path) -> None:
+    """A draft's packed int32 words and 8-bit floats stay as they are stored; its float tensors
+    take the served model's dtype."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {
+        "qweight": torch.zeros(64, 8, dtype=torch.int32),
+        "fp8": torch.zeros(10, dtype=torch.float8_e4m3fn),
+        "scales": torch.zeros(64, 1, dtype=torch.float16),
+    }
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+
+    class Speculative:
+        model = str(tmp_path)
+
+    class Config:
+        speculative = Speculative()
+        dtype = "float32"
+
+    assert builder._draft_weight_bytes(Config()) == 64 * 8 * 4 + 10 + 64 * 4  # type: ignore[arg-type]

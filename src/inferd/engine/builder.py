@@ -256,7 +256,9 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
     per_token = config.local_model.kv_bytes_per_token(config.kv_dtype) + _draft_kv_bytes_per_token(config)
     bytes_per_block = per_token * cache.block_size
     if cache.num_blocks is None:
-        budget = cache.kv_cache_memory or _default_kv_budget(config.device, _draft_weight_bytes(config))
+        # A draft model's weights load on a GPU after the cache: the default leaves them room.
+        reserved = _draft_weight_bytes(config) if config.device.startswith("cuda") else 0
+        budget = cache.kv_cache_memory or _default_kv_budget(config.device, reserved)
         if cache.kv_cache_memory is None and not config.device.startswith("cuda"):
             # On the CPU every rank's cache comes out of the same RAM: the default is for all of them.
             budget //= config.tensor_parallel_size
@@ -299,18 +301,27 @@ def _default_kv_budget(device: str, reserved: int = 0) -> int:
     return int(min(_available_ram() * _CPU_KV_FRACTION, _CPU_KV_CAP))
 
 
+# Bytes an element of a checkpoint's non-float tensors takes as loaded, by safetensors' dtype names:
+# low-bit values stay as stored (4-bit integers packed in int32 words, 8-bit floats and integers).
+_STORED_BYTES = {"I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1,
+                 "F8_E5M2": 1}  # fmt: skip
+
+
 def _draft_weight_bytes(config: EngineConfig) -> int:
-    """A draft model's weights in the served model's dtype (0 without one), from its checkpoint's
-    tensor shapes: on a GPU they load after the KV cache is allocated, into what it leaves."""
+    """A draft model's weights as it will hold them (0 without one), from its checkpoint's tensor
+    shapes: floats in the served model's dtype, low-bit values as stored. On a GPU they load after
+    the KV cache is allocated, into what it leaves."""
     speculative = config.speculative
     if speculative is None or speculative.model is None:
         return 0
-    element = torch.empty((), dtype=parse_dtype(config.dtype)).element_size()
-    elements = 0
+    served = torch.empty((), dtype=parse_dtype(config.dtype)).element_size()
+    total = 0
     for file in safetensors_files(Path(speculative.model)):
         with safe_open(str(file), framework="pt") as tensors:
-            elements += sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
-    return elements * element
+            for name in tensors.keys():
+                stored = tensors.get_slice(name)
+                total += math.prod(stored.get_shape()) * _STORED_BYTES.get(stored.get_dtype(), served)
+    return total
 
 
 # cgroup v2, then v1: a container's memory limit, its usage, and the usage's statistics, with the
