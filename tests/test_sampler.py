@@ -186,6 +186,8 @@ def test_logprobs_of_chosen_and_top_n() -> None:
         ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"min_p": 2}, "min_p"),
+        ({"typical_p": 0}, "typical_p"),
+        ({"typical_p": 1.5}, "typical_p"),
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"logprobs": 50}, "logprobs"),
         ({"stop": [""]}, "stop"),
@@ -198,3 +200,31 @@ def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(SamplingParamsError) as info:
         SamplingParams(**kwargs)
     assert info.value.field == field
+
+
+def test_typical_p_keeps_the_tokens_transformers_keeps() -> None:
+    """Locally typical sampling after the temperature, top-k, top-p and min-p, as transformers'
+    warpers run in that order: each row keeps exactly the tokens its TypicalLogitsWarper leaves
+    finite, min-p's unnormalized rows and rows without typical_p among them."""
+    import transformers.generation.logits_process as hf
+
+    settings = [dict(typical_p=0.2), dict(typical_p=0.9, temperature=0.5), dict(typical_p=0.5, top_k=20),
+                dict(typical_p=0.7, top_p=0.8), dict(typical_p=0.6, min_p=0.05), dict(typical_p=0.999),
+                dict(top_p=0.9), dict()]  # fmt: skip
+    logits = torch.randn(len(settings), 200, generator=torch.Generator().manual_seed(3)) * 3
+    requests = [_req(SamplingParams(**{"temperature": 1.0, **values})) for values in settings]  # type: ignore[arg-type]
+    kept = Sampler._filtered_probs(logits, requests) > 0
+    for row, values in enumerate(settings):
+        scores = logits[row : row + 1] / values.get("temperature", 1.0)
+        warpers = [hf.TopKLogitsWarper(values["top_k"])] if "top_k" in values else []
+        warpers += [hf.TopPLogitsWarper(values["top_p"])] if "top_p" in values else []
+        warpers += [hf.MinPLogitsWarper(values["min_p"])] if "min_p" in values else []
+        warpers += [hf.TypicalLogitsWarper(values["typical_p"])] if "typical_p" in values else []
+        for warper in warpers:
+            scores = warper(None, scores)
+        assert torch.equal(kept[row], torch.isfinite(scores[0])), values
+    assert 0 < kept[0].sum() < kept[-1].sum() == 200  # a narrow mass keeps few, none keeps all
+    # A row with typical_p is not one the fused kernel may draw: it needs the filter.
+    from inferd.sample.sampler import _temperature_only
+
+    assert not _temperature_only(requests[0], 200) and _temperature_only(requests[-1], 200)

@@ -75,6 +75,20 @@ def test_stop_sequence(client: InferenceClient) -> None:
     assert "".join(event.token.text for event in events) == result.generated_text
 
 
+def test_typical_p_samples_from_the_most_typical_tokens(client: InferenceClient) -> None:
+    """A typical_p turns sampling on, as in TGI (the seed is reported); one so small that only each
+    step's most typical token is left draws the same text whatever the seed."""
+    texts = set()
+    for seed in (1, 2, 3):
+        result = client.text_generation("Whether", max_new_tokens=9, typical_p=0.001, seed=seed, details=True)
+        assert result.details is not None and result.details.seed == seed
+        texts.add(result.generated_text)
+    assert len(texts) == 1
+    # Without it the seeds do draw differently.
+    free = {client.text_generation("Whether", max_new_tokens=9, do_sample=True, seed=s) for s in (1, 2, 3)}
+    assert len(free) > 1
+
+
 def test_neutral_sampling_settings_stay_greedy(client: InferenceClient) -> None:
     greedy = client.text_generation("Whether", max_new_tokens=12)
     for kwargs in ({"temperature": 1.0}, {"top_p": 1.0}, {"temperature": 1.0, "top_p": 1.0}):
@@ -109,7 +123,7 @@ def test_return_full_text_and_generate_route(server: ServerProcess) -> None:
 def test_validation_errors_are_422_in_tgi_shape(server: ServerProcess, client: InferenceClient) -> None:
     with pytest.raises(ValidationError):
         client.text_generation("To be", max_new_tokens=5000)
-    for parameters in ({"max_new_tokens": 0}, {"typical_p": 0.5}, {"temperature": -1}):
+    for parameters in ({"max_new_tokens": 0}, {"typical_p": 1.0}, {"watermark": True}, {"temperature": -1}):
         response = httpx.post(f"{server.base_url}/generate", json={"inputs": "hi", "parameters": parameters})
         assert response.status_code == 422
         assert set(response.json()) == {"error", "error_type"}

@@ -26,8 +26,8 @@ class SamplingParamsError(ValueError):
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    ``temperature`` below `GREEDY_TEMPERATURE` (0 included) means greedy. ``top_k <= 0`` and
-    ``top_p == 1`` disable those filters.
+    ``temperature`` below `GREEDY_TEMPERATURE` (0 included) means greedy. ``top_k <= 0``,
+    ``top_p == 1`` and ``typical_p == 1`` disable those filters.
     ``max_tokens=None`` means "whatever is left of the context".
     """
 
@@ -37,6 +37,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    # Locally typical sampling (TGI's and transformers' typical_p): keep the tokens whose surprise
+    # is nearest the distribution's entropy, as many as make up this share of its mass.
+    typical_p: float = 1.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -100,6 +103,8 @@ class SamplingParams:
             raise SamplingParamsError("top_k", f"must be -1, 0 (off) or positive, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise SamplingParamsError("min_p", f"must be in [0, 1], got {self.min_p}")
+        if not 0.0 < self.typical_p <= 1.0:
+            raise SamplingParamsError("typical_p", f"must be in (0, 1], got {self.typical_p}")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise SamplingParamsError(
                 "repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}"

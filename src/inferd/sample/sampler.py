@@ -251,7 +251,29 @@ class Sampler:
             min_p = _to_device(min_ps, torch.float32, device)
             threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
+        typical_ps = [r.params.typical_p for r in requests]
+        if min(typical_ps) < 1.0:
+            probs = _keep_typical(probs, _to_device(typical_ps, torch.float32, device))
         return probs
+
+
+def _keep_typical(probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling, after the other filters as transformers and TGI apply it: each
+    row's tokens ordered by how far their surprise ``-log p`` lies from the entropy, kept up to and
+    including the first at which their probability reaches ``mass`` (with any as far from it), the
+    most typical always; rows whose ``mass`` is 1 are left as they are. The rows need not sum to 1
+    (min-p zeroes tokens without renormalizing): the filter reads them renormalized."""
+    normalized = probs / probs.sum(dim=-1, keepdim=True)
+    log_p = normalized.log()
+    entropy = -torch.where(normalized > 0, normalized * log_p, 0.0).sum(dim=-1, keepdim=True)
+    distance = (-log_p - entropy).abs()  # inf for the tokens already dropped
+    ordered, order = distance.sort(dim=-1)
+    reached = normalized.gather(-1, order).cumsum(dim=-1)
+    last = (reached < mass.unsqueeze(1)).sum(dim=-1, keepdim=True).clamp(max=probs.shape[-1] - 1)
+    drop = distance > ordered.gather(-1, last)
+    drop.scatter_(-1, order[:, :1], False)
+    drop &= (mass < 1.0).unsqueeze(1)
+    return probs.masked_fill(drop, 0.0)
 
 
 def _apply_grammars(logits: torch.Tensor, requests: Sequence[Request], errors: dict[int, str]) -> None:
@@ -295,7 +317,7 @@ def _temperature_only(request: Request, vocab: int) -> bool:
     """A random row the fused kernel may draw: no filter and no generator of its own."""
     params = request.params
     return (params.seed is None and not 0 < params.top_k < vocab and params.top_p >= 1.0
-            and params.min_p <= 0)  # fmt: skip
+            and params.min_p <= 0 and params.typical_p >= 1.0)  # fmt: skip
 
 
 def _to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

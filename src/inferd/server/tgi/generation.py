@@ -98,6 +98,7 @@ def prepare_generate(
         temperature=(p.temperature or 1.0) if p.sampling else 0.0,
         top_k=p.top_k or 0,
         top_p=p.top_p or 1.0,
+        typical_p=p.typical_p or 1.0,
         repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
         # TGI reports the seed of a sampled answer, so pick one when the client did not; a greedy
@@ -150,10 +151,7 @@ def _checked_best_of(p: GenerateParameters, stream: bool, max_best_of: int) -> i
 
 
 def _refuse_unsupported(p: GenerateParameters) -> None:
-    refused = {
-        "typical_p": p.typical_p is not None,
-        "watermark": p.watermark,
-    }
+    refused = {"watermark": p.watermark}
     for name, is_set in refused.items():
         if is_set:
             raise InvalidRequestError(f"{name} is not supported by this server", name)

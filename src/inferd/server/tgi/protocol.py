@@ -1,8 +1,7 @@
 """Text Generation Inference (TGI) request and response bodies: `/generate`, `/generate_stream`, `/info`.
 
-Follows TGI's OpenAPI schema. Options that change the answer and that inferd cannot honour
-(`typical_p`, `watermark`) are declared so that setting them gets a 422 rather than being
-silently dropped.
+Follows TGI's OpenAPI schema. An option that changes the answer and that inferd cannot honour
+(`watermark`) is declared so that setting it gets a 422 rather than being silently dropped.
 """
 
 from __future__ import annotations
@@ -41,11 +40,12 @@ class GenerateParameters(BaseModel):
     @property
     def sampling(self) -> bool:
         """TGI samples when asked to, or when a setting changes the distribution (a temperature
-        other than 1, a top-k, a top-p below 1); otherwise it is greedy."""
+        other than 1, a top-k, a top-p or typical-p below 1); otherwise it is greedy."""
         changes_distribution = (
             (self.temperature is not None and self.temperature != 1.0)
             or self.top_k is not None
             or (self.top_p is not None and self.top_p < 1.0)
+            or self.typical_p is not None
         )
         return self.do_sample or changes_distribution
 
