@@ -674,11 +674,9 @@ def _attention_bias(cfg: dict[str, Any], architecture: str) -> bool:
 
 
 def _o_proj_bias(cfg: dict[str, Any], architecture: str) -> bool:
-    """Whether o_proj has a bias: with ``attention_bias`` where it biases q/k/v too; never for
-    Qwen2 and Qwen2-MoE, whose q/k/v biases come without one."""
-    family = _family(architecture)
-    unbiased = ("Qwen2", "Qwen2Moe", *_UNBIASED_ATTENTION)
-    return family not in unbiased and bool(cfg.get("attention_bias", False))
+    """Whether o_proj has a bias: where q/k/v have theirs, but for Qwen2 and Qwen2-MoE, whose q/k/v
+    biases come without one."""
+    return _family(architecture) not in ("Qwen2", "Qwen2Moe") and _attention_bias(cfg, architecture)
 
 
 def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:

@@ -425,7 +425,7 @@ def split_fused_tensor(
     unit = 1
     if cfg.quant is not None and kind == "weight_scale" and cfg.quant.block is not None:
         unit = cfg.quant.block[0]
-    elif cfg.quant is not None and kind == ZERO_POINT and tensor.dtype == torch.int32:
+    elif cfg.quant is not None and kind == ZERO_POINT:
         unit = cfg.quant.rows_per_zero_point_word
     if any(rows % unit for rows in sizes):
         raise ModelLoadError(f"tensor {name!r}: its pieces' rows {sizes} are not whole blocks of {unit}")

@@ -102,9 +102,9 @@ class DraftModelProposer:
 
     def propose_batch(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
         """Guesses for each ``(request id, its tokens, at most so many guesses)``: up to that many
-        tokens the draft model decodes greedily after the tokens. None for a request the draft has
-        not caught up with yet (a long prompt is computed over several steps, a step's budget of
-        tokens at most each), or whose tokens it cannot read, or when its cache is full."""
+        tokens the draft model decodes greedily after the tokens. No guess for a request the draft
+        has not caught up with yet (a long prompt is computed over several steps, a step's budget
+        of tokens at most each), or whose tokens it cannot read, or when its cache is full."""
         guesses: list[list[int]] = [[] for _ in requests]
         pending: list[tuple[int, int]] = []  # (index, first token to compute)
         for index, (request_id, tokens, room) in enumerate(requests):

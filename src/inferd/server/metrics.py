@@ -280,9 +280,9 @@ class _EngineCollector(Collector):
             "Tokens computed per engine step (prompt chunks and decode tokens scheduled together).",
             labels=["model_name"],
         )
+        bounds = [*(str(float(bound)) for bound in STEP_TOKEN_BUCKETS), "+Inf"]
         for source, stats in snapshots:
             if stats.step_token_counts:  # an engine that reports its steps
-                bounds = [*(str(float(bound)) for bound in STEP_TOKEN_BUCKETS), "+Inf"]
                 buckets = list(zip(bounds, itertools.accumulate(stats.step_token_counts), strict=True))
                 steps.add_metric([source.model_name], buckets, stats.step_tokens)
         yield steps

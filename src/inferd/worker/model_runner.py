@@ -140,9 +140,7 @@ class ModelRunner:
             self.shutdown()
             raise
         self.backend = create_backend(config.attention_backend, config.device)
-        self.sampler = Sampler(
-            config.seed, triton_sampling=config.uses_triton_sampling, fused_kernel=config.fused_sampler
-        )
+        self.sampler = self._new_sampler()
         self.block_size = config.cache.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         sched = config.scheduler
@@ -219,6 +217,12 @@ class ModelRunner:
             detach_adapters(cast(nn.Module, self.model))
             self.lora_batch = None
         logger.info("LoRA adapter %r unloaded", name)
+
+    def _new_sampler(self) -> Sampler:
+        """A sampler as the engine's options ask (the steps' own, and the warm-up's)."""
+        config = self.config
+        kernel = config.fused_sampler
+        return Sampler(config.seed, triton_sampling=config.uses_triton_sampling, fused_kernel=kernel)
 
     def uses_cuda_graphs(self) -> bool:
         """Whether decode steps should run as CUDA graphs (captured by ``capture_decode_graphs``)."""
@@ -319,11 +323,7 @@ class ModelRunner:
         rows = shape.sampling_rows
         logits = torch.randn((rows, vocab), generator=generator, device=self.device).to(self.dtype)
         mixes = sampling_mixes(rows, vocab)
-        sampler = Sampler(
-            self.config.seed,
-            triton_sampling=self.config.uses_triton_sampling,
-            fused_kernel=self.config.fused_sampler,
-        )
+        sampler = self._new_sampler()
         for requests in mixes:
             sampler.sample(logits, requests).result()
         self.table_rows = BlockTableRows()  # nothing of the warm-up's requests is kept

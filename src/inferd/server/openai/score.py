@@ -130,9 +130,8 @@ async def _cross_encoded(frontend: Frontend, job: _ScoreJob) -> tuple[list[float
         frontend, job.model, joined, first_field, job.timeout_s, classifier_logits=True,
         truncate_prompt_tokens=job.keep,
     )  # fmt: skip
-    labels = frontend.llm.config.model.labels
     try:
-        verdicts = [ClassificationOutput.from_logits(row.tolist(), labels) for row in logits]
+        verdicts = [ClassificationOutput.from_logits(row.tolist(), model.labels) for row in logits]
         return [v.probs[0] if job.activation else v.logits[0] for v in verdicts], tokens
     except ValueError as exc:  # non-finite logits: the model's fault, not the request's
         raise GenerationError(str(exc)) from None
