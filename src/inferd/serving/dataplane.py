@@ -43,6 +43,10 @@ class DataPlane:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": _server_version(), "extensions": list(EXTENSIONS)}
 
+    def server_unready_reason(self) -> str | None:
+        """None when the server is ready (every loaded model serves), else why not."""
+        return self.repository.unready_reason()
+
     def model_ready(self, name: str, version: str | None = None) -> bool:
         return self.repository.get(name, version).ready
 
@@ -61,15 +65,16 @@ class DataPlane:
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         index = []
         for entry in self.repository:
-            if ready_only and not entry.ready:
+            reason = entry.unready_reason
+            if ready_only and reason is not None:
                 continue
             item = {
                 "name": entry.name,
                 "version": entry.version,
-                "state": "READY" if entry.ready else "UNAVAILABLE",
+                "state": "READY" if reason is None else "UNAVAILABLE",
             }
-            if entry.failure:
-                item["reason"] = entry.failure
+            if reason is not None:
+                item["reason"] = reason
             index.append(item)
         return index
 

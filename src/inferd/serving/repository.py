@@ -39,6 +39,18 @@ class DrainableRuntime(Protocol):
     async def drain(self) -> None: ...
 
 
+@runtime_checkable
+class HealthReportingRuntime(Protocol):
+    """A runtime that can stop serving after it loaded (an LLM whose engine died, or whose server is
+    draining); `unready_reason` says why, None while it serves."""
+
+    def unready_reason(self) -> str | None: ...
+
+
+# The failure of a model unloaded on request (not counted against the server's readiness).
+UNLOADED = "unloaded"
+
+
 @dataclass
 class ModelEntry:
     name: str
@@ -52,16 +64,26 @@ class ModelEntry:
     folder: Path | None = None
 
     @property
+    def unready_reason(self) -> str | None:
+        """Why the model does not serve now; None when it does."""
+        if self.runtime is None:
+            return self.failure or "not loaded"
+        if isinstance(self.runtime, HealthReportingRuntime):
+            return self.runtime.unready_reason()
+        return None
+
+    @property
     def ready(self) -> bool:
-        return self.runtime is not None
+        return self.unready_reason is None
 
     @property
     def version(self) -> str:
         return self.config.version if self.config else "1"
 
     def require_ready(self) -> ModelConfig:
-        if self.runtime is None or self.config is None:
-            raise ModelNotReadyError(f"model {self.name!r} is not ready: {self.failure}")
+        reason = self.unready_reason
+        if reason is not None or self.config is None:
+            raise ModelNotReadyError(f"model {self.name!r} is not ready: {reason}")
         return self.config
 
 
@@ -91,6 +113,15 @@ class ModelRepository:
         if version and version != entry.version:
             raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
         return entry
+
+    def unready_reason(self) -> str | None:
+        """Why the server is not ready (its readiness probe fails): a loaded model that stopped
+        serving (an engine that died, a server draining). Models that failed to load or were unloaded
+        are each reported as not ready, and leave the others serving; None when all loaded ones serve."""
+        for entry in self._entries.values():
+            if entry.runtime is not None and (reason := entry.unready_reason) is not None:
+                return f"model {entry.name!r}: {reason}"
+        return None
 
     def add(self, entry: ModelEntry) -> None:
         """Serves a model loaded outside the repository folder (the LLM of `inferd serve`)."""
@@ -136,7 +167,7 @@ class ModelRepository:
             raise InvalidInputError(f"model {name!r} is not loaded from a model repository folder")
         async with self._control:  # read under the lock: a load may be replacing it
             old = self.get(name)
-            self._entries[name] = ModelEntry(name, None, old.platform, failure="unloaded", folder=old.folder)
+            self._entries[name] = ModelEntry(name, None, old.platform, failure=UNLOADED, folder=old.folder)
             await _close(old)
         logger.info("model %r unloaded", name)
 

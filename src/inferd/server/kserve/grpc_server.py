@@ -134,7 +134,7 @@ def _servicer(plane: DataPlane) -> Any:
             return pb2.ServerLiveResponse(live=True)
 
         async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-            return pb2.ServerReadyResponse(ready=True)
+            return pb2.ServerReadyResponse(ready=plane.server_unready_reason() is None)
 
         async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:

@@ -138,6 +138,14 @@ class FrontendTextGenerator:
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
 
+    def unready_reason(self) -> str | None:
+        """Why the model cannot take requests now (`HealthReportingRuntime`), as `/health` says it."""
+        if self.frontend.draining:
+            return "the server is shutting down"
+        if not self.frontend.llm.is_alive:
+            return self.frontend.llm.dead_reason or "the engine is not running"
+        return None
+
     def generate(self, text: str, params: GenerationParams) -> FrontendGenerationStream:
         frontend = self.frontend
         sampling = sampling_params(frontend, params)

@@ -124,7 +124,11 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
 
     @health.get("/v2/health/ready")
     async def server_ready() -> Response:
-        return JSONResponse({"ready": True})
+        # A failing status, not only the body, so a Kubernetes readiness probe takes the pod out.
+        reason = plane.server_unready_reason()
+        if reason is None:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "error": reason}, status_code=503)
 
     router = APIRouter(
         route_class=protocol_route_class(api_error_response),
