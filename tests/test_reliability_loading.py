@@ -242,6 +242,18 @@ def test_a_folder_without_an_end_of_sequence_token_is_warned_about(
     assert "names no end-of-sequence token the tokenizer knows" in caplog.text
 
 
+def test_the_tokenizers_eos_ends_outputs_beside_generation_configs(tiny_llama: Path, tmp_path: Path) -> None:
+    """A chat model's generation config may list only its end-of-turn tokens: the tokenizer's EOS
+    still ends an answer, as vLLM reads both."""
+    folder = _copy(tiny_llama, tmp_path)
+    tokenizer_eos = LLMEngine.from_options(folder, kv_cache_memory="8MiB").tokenizer.eos_token_id
+    assert tokenizer_eos is not None
+    listed = [tokenizer_eos + 1, tokenizer_eos + 2]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": listed}))
+    engine = LLMEngine.from_options(folder, kv_cache_memory="8MiB")
+    assert engine.inputs.eos_token_ids == frozenset([*listed, tokenizer_eos])
+
+
 def test_text_that_tokenizes_past_the_models_vocabulary_is_refused(tiny_llama: Path, caplog) -> None:
     """A folder whose tokenizer has more tokens than the model's embedding table: warned about at
     load, and a prompt whose text has such a token refused."""

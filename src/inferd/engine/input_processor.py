@@ -29,18 +29,23 @@ class PromptError(ValueError):
 
 
 def read_eos_token_ids(path: Path, tokenizer: Tokenizer) -> frozenset[int]:
-    """EOS ids from generation_config.json, else config.json, else the tokenizer's EOS token."""
+    """The ids that end an output: generation_config.json's (else config.json's) and the tokenizer's
+    EOS token. Both, as vLLM takes them: a chat model's generation config may list its end-of-turn
+    token alone while its tokenizer's EOS is another token, and either one ends the answer."""
+    ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
         file = path / name
         if file.is_file():
             value = read_json_object(file).get("eos_token_id")
             if value is not None:
-                return frozenset(value if isinstance(value, list) else [value])
-    if tokenizer.eos_token_id is None:
+                ids.update(value if isinstance(value, list) else [value])
+                break
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
         logger.warning("%s names no end-of-sequence token the tokenizer knows: outputs end only at their "
                        "token budget or a stop condition", path)  # fmt: skip
-        return frozenset()
-    return frozenset([tokenizer.eos_token_id])
+    return frozenset(ids)
 
 
 class InputProcessor:
