@@ -120,6 +120,7 @@ def test_offline_runs_the_engine_and_writes_json(tiny_llama: Path, tmp_path: Pat
     argv += ["--max-model-len", "64", "--output-prefix", str(prefix), "--no-progress"]
     assert main(argv) == 0
     document = json.loads(prefix.with_suffix(".json").read_text())
+    assert document["config"]["temperature"] == 0.0
     summary = document["summary"]
     assert summary["completed"] == 3 and summary["total_output_tokens"] == 12
     assert 3 * 8 <= summary["total_input_tokens"] <= 3 * 16
@@ -128,3 +129,36 @@ def test_offline_runs_the_engine_and_writes_json(tiny_llama: Path, tmp_path: Pat
         record["ttft_s"] is not None and record["e2e_s"] >= record["ttft_s"]
         for record in document["requests"]
     )
+
+
+def test_offline_samples_at_the_asked_temperature_and_nanovllms_by_default(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nano-vllm's bench.py samples at 0.6, so its preset does too; --temperature overrides any default."""
+    from inferd.bench import offline
+    from inferd.cli import build_parser
+    from inferd.llm import LLM
+
+    def parsed(*flags: str) -> float:
+        return offline.temperature_for(build_parser().parse_args(["bench", "offline", *flags]))
+
+    assert parsed("--preset", "nanovllm") == 0.6 and parsed() == 0.0
+    assert parsed("--preset", "nanovllm", "--temperature", "0") == 0.0
+    with pytest.raises(SystemExit):
+        parsed("--temperature", "-1")
+    temperatures: list[float] = []
+    generate = LLM.generate
+
+    def spy(self, prompts, params, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(params, list):
+            temperatures.extend(p.temperature for p in params)
+        return generate(self, prompts, params, **kwargs)
+
+    monkeypatch.setattr(LLM, "generate", spy)
+    prefix = tmp_path / "hot"
+    argv = ["bench", "offline", str(tiny_llama), "--num-prompts", "2", "--input-len", "8"]
+    argv += ["--output-len", "3"]
+    argv += ["--temperature", "0.8", "--max-model-len", "64", "--output-prefix", str(prefix), "--no-progress"]
+    assert main(argv) == 0
+    assert temperatures == [0.8, 0.8]
+    assert json.loads(prefix.with_suffix(".json").read_text())["config"]["temperature"] == 0.8

@@ -161,3 +161,19 @@ async def test_a_broken_stream_is_a_stream_error_not_a_crash(fault: dict[str, ob
         result = await _bench(base_url, _requests(2))
     assert [record.error for record in result.records] == ["stream", "stream"]
     assert detail in (result.records[0].error_detail or "")
+
+
+def test_a_chat_deltas_reasoning_and_tool_calls_are_generated_text() -> None:
+    """A thinking model's first token is a thought: timed as its first token, not an empty answer."""
+    from inferd.bench.client import chunk_text
+
+    def chat(**delta: object) -> dict[str, object]:
+        return {"choices": [{"index": 0, "delta": delta}]}
+
+    assert chunk_text(chat(reasoning_content="Let me"), "chat") == "Let me"
+    assert chunk_text(chat(reasoning="think"), "chat") == "think"
+    assert chunk_text(chat(content="Hi", reasoning_content=None), "chat") == "Hi"
+    call = {"index": 0, "function": {"name": "get_weather", "arguments": '{"city"'}}
+    assert chunk_text(chat(tool_calls=[call]), "chat") == 'get_weather{"city"'
+    assert chunk_text(chat(role="assistant"), "chat") == ""
+    assert chunk_text({"choices": [{"index": 0, "text": "abc"}]}, "completions") == "abc"

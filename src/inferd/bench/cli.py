@@ -154,6 +154,16 @@ def _positive_integer(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
 def _add_offline_parser(modes: argparse._SubParsersAction) -> None:
     parser = modes.add_parser("offline", help="Benchmark the engine in this process, without HTTP.")
     parser.add_argument("model", nargs="?", default=None, help="model folder; default: the built-in model")
@@ -162,6 +172,12 @@ def _add_offline_parser(modes: argparse._SubParsersAction) -> None:
         choices=("nanovllm",),
         default=None,
         help="nanovllm: 256 prompts, input and output lengths uniform in [100, 1024], seed 0",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=None,
+        help="sampling temperature; default 0.6 with --preset nanovllm (its bench.py's), else 0 (greedy)",
     )
     # --seed belongs to the workload here.
     add_engine_args(parser, seed_flag=False)

@@ -84,13 +84,21 @@ async def iter_sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
 
 
 def chunk_text(chunk: dict[str, Any], endpoint: Endpoint) -> str:
-    """The generated text a streamed chunk carries, across all its choices."""
+    """The generated text a streamed chunk carries, across all its choices. A chat delta's reasoning
+    (`reasoning_content`, or `reasoning` as newer servers name it) and tool-call text count as its
+    content does: they are generated tokens, so a thinking model's first token is its first thought,
+    and an answer that is all reasoning or a tool call is not an empty one."""
     parts = []
     for choice in chunk.get("choices") or []:
-        if endpoint == "chat":
-            parts.append((choice.get("delta") or {}).get("content") or "")
-        else:
+        if endpoint != "chat":
             parts.append(choice.get("text") or "")
+            continue
+        delta = choice.get("delta") or {}
+        parts.append(delta.get("reasoning_content") or delta.get("reasoning") or "")
+        parts.append(delta.get("content") or "")
+        for call in delta.get("tool_calls") or []:
+            function = call.get("function") or {}
+            parts.append((function.get("name") or "") + (function.get("arguments") or ""))
     return "".join(parts)
 
 

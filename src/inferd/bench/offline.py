@@ -39,9 +39,24 @@ def _as_token_ids(llm: LLM, request: BenchRequest) -> BenchRequest:
     return BenchRequest(prompt=token_ids, max_tokens=request.max_tokens, input_len=len(token_ids))
 
 
-def generate_timed(llm: LLM, requests: list[BenchRequest], show_progress: bool) -> RunResult:
-    """One `generate` call over the whole workload (greedy, EOS ignored so every output is full length)."""
-    params = [SamplingParams(max_tokens=r.max_tokens, ignore_eos=True, temperature=0.0) for r in requests]
+# nano-vllm's bench.py samples its workload at this temperature.
+NANOVLLM_TEMPERATURE = 0.6
+
+
+def temperature_for(args: argparse.Namespace) -> float:
+    """`--temperature`, else the preset's (nano-vllm's 0.6, so the sampler runs as in its bench), else 0."""
+    if args.temperature is not None:
+        return float(args.temperature)
+    return NANOVLLM_TEMPERATURE if args.preset == "nanovllm" else 0.0
+
+
+def generate_timed(
+    llm: LLM, requests: list[BenchRequest], show_progress: bool, temperature: float = 0.0
+) -> RunResult:
+    """One `generate` call over the whole workload (EOS ignored so every output is full length)."""
+    params = [
+        SamplingParams(max_tokens=r.max_tokens, ignore_eos=True, temperature=temperature) for r in requests
+    ]
     prompts = [request.prompt for request in requests]
     run_start_monotonic, run_start = time.monotonic(), time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=show_progress)  # type: ignore[arg-type]
@@ -81,10 +96,15 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     # Warm-up outside the timed run (first-call allocations, kernel selection); ids unlike the workload's
     # so the prefix cache gives the timed run nothing.
     llm.generate([[0, 1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0))
-    result = generate_timed(llm, requests, not args.no_progress)
+    temperature = temperature_for(args)
+    result = generate_timed(llm, requests, not args.no_progress, temperature)
     summary = summarize(result.records, result.duration_s)
-    print(format_table(summary, title="inferd bench offline"))
-    config: dict[str, Any] = {**plain_config(args), "title": f"offline {llm.engine.config.model_path.name}"}
+    print(format_table(summary, title=f"inferd bench offline (temperature {temperature:g})"))
+    config: dict[str, Any] = {
+        **plain_config(args),
+        "temperature": temperature,
+        "title": f"offline {llm.engine.config.model_path.name}",
+    }
     prefix = args.output_prefix or f"bench-offline-{time.strftime('%Y%m%d-%H%M%S')}"
     write_json(f"{prefix}.json", config, summary, result.records)
     print(f"wrote {prefix}.json")
