@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from inferd import LLM, SamplingParams
 from inferd.config import ModelLoadError
 from inferd.engine.llm_engine import PromptError
+from inferd.sampling_params import SamplingParamsError
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +267,21 @@ def test_clear_errors_for_unusable_folders(tiny_llama, tmp_path) -> None:
     (no_tokenizer / "tokenizer.json").unlink()
     with pytest.raises(ModelLoadError, match="tokenizer.json"):
         LLM(no_tokenizer)
+
+
+def test_cache_salt_shares_cached_prefixes_only_within_the_same_salt(llm: LLM) -> None:
+    prompt = list(range(40, 80))  # five full blocks of 8
+    greedy = {"max_tokens": 2, "temperature": 0.0}
+
+    def hits(**extra: object) -> int:
+        before = llm.engine.stats().prefix_hits
+        out = llm.generate([prompt], SamplingParams(**greedy, **extra))[0]  # type: ignore[arg-type]
+        assert out.finish_reason == "length"
+        return llm.engine.stats().prefix_hits - before
+
+    assert hits(cache_salt="tenant-a") == 0
+    assert hits(cache_salt="tenant-b") == 0
+    assert hits() == 0
+    assert hits(cache_salt="tenant-a") == 32 and hits(cache_salt="tenant-b") == 32 and hits() == 32
+    with pytest.raises(SamplingParamsError, match="cache_salt"):
+        SamplingParams(cache_salt="")

@@ -81,3 +81,34 @@ def test_prefix_caching_off_never_hits() -> None:
     kv.allocate("a", 3)
     kv.cache_computed_blocks("a", _slices([1, 2, 3]), 3)
     assert kv.find_cached_prefix("b", [1, 2, 3]) == 0
+
+
+def test_block_keys_are_chained_sha256_digests() -> None:
+    """Keys no prompt can be crafted to collide with: the first 128 bits of SHA-256 over the parent
+    key and the block's token ids (int64, little-endian), chained from the root."""
+    import hashlib
+    import struct
+
+    from inferd.kv.manager import block_hash, prefix_root
+
+    def reference(parent: int, tokens: list[int]) -> int:
+        payload = parent.to_bytes(16, "little") + struct.pack(f"<{len(tokens)}q", *tokens)
+        return int.from_bytes(hashlib.sha256(payload).digest()[:16], "little")
+
+    root = prefix_root(None)
+    first = block_hash(root, [1, 2, 3, 4])
+    assert first == reference(root, [1, 2, 3, 4])
+    assert block_hash(first, [5, 6, 7, 8]) == reference(first, [5, 6, 7, 8])
+    salted = hashlib.sha256(root.to_bytes(16, "little") + b"tenant-a").digest()[:16]
+    assert prefix_root("tenant-a") == int.from_bytes(salted, "little")
+
+
+def test_a_salt_shares_blocks_only_with_the_same_salt() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    prompt = list(range(9))
+    kv.find_cached_prefix("a", prompt, salt="tenant-a")
+    kv.allocate("a", 9)
+    kv.cache_computed_blocks("a", _slices(prompt), 9, salt="tenant-a")
+    assert kv.find_cached_prefix("b", prompt, salt="tenant-b") == 0
+    assert kv.find_cached_prefix("c", prompt) == 0
+    assert kv.find_cached_prefix("d", prompt, salt="tenant-a") == 8

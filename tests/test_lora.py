@@ -98,6 +98,14 @@ def test_one_batch_mixes_adapters_and_the_base_model(tiny_model_factory, adapter
     # Run again: now each prompt's blocks are cached, each under its own adapter.
     again = [out.token_ids for out in llm.generate([prompt] * len(names), params)]
     assert again == together and llm.engine.stats().prefix_hits > 0
+    # A cache salt keeps an adapter's blocks apart from the same adapter's unsalted ones, and its
+    # tokens are the adapter's.
+    before = llm.engine.stats().prefix_hits
+    salted = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, adapter="all", cache_salt="t")
+    assert llm.generate([prompt], salted)[0].token_ids == alone["all"]
+    assert llm.engine.stats().prefix_hits == before
+    assert llm.generate([prompt], salted)[0].token_ids == alone["all"]
+    assert llm.engine.stats().prefix_hits == before + 32
 
 
 def test_an_unknown_adapter_is_refused(tiny_model_factory, adapters) -> None:

@@ -335,6 +335,25 @@ def test_bad_field_is_400_naming_it(client: openai.OpenAI) -> None:
     assert caught.value.body["param"] == "logit_bias"  # type: ignore[index]
 
 
+def test_cache_salt_keeps_cached_prefixes_apart(client: openai.OpenAI, server: ServerProcess) -> None:
+    """vLLM's `cache_salt`: a prompt cached under one salt is a miss under another (and unsalted)."""
+    prompt = list(range(200, 264))  # whole blocks of any block size up to 32
+
+    def hits(**extra: object) -> float:
+        before = server.metrics()["inferd:prefix_cache_hits_total"]
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=1, extra_body=extra)
+        return server.metrics()["inferd:prefix_cache_hits_total"] - before
+
+    assert hits(cache_salt="tenant-a") == 0
+    assert hits(cache_salt="tenant-b") == 0 and hits() == 0
+    assert hits(cache_salt="tenant-a") > 0
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], extra_body={"cache_salt": ""}
+        )
+    assert caught.value.body["param"] == "cache_salt"  # type: ignore[index]
+
+
 def test_null_fields_take_their_defaults(server: ServerProcess) -> None:
     nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "presence_penalty": None,
              "frequency_penalty": None, "seed": None, "stop": None, "stream_options": None}  # fmt: skip

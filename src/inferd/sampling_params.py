@@ -63,6 +63,9 @@ class SamplingParams:
     # With the priority scheduling policy: lower runs first (ties by arrival), as vLLM's; the
     # first-come-first-served policy takes only 0.
     priority: int = 0
+    # The prefix cache shares K/V only between requests giving the same salt (vLLM's ``cache_salt``:
+    # one per tenant keeps another tenant's prompts from learning, by timing, what is cached).
+    cache_salt: str | None = None
     # Only these token ids may be sampled (vLLM's ``allowed_token_ids``); None: any.
     allowed_token_ids: list[int] | None = None
     # Words the output must not contain (vLLM's ``bad_words``): each is tokenized by the engine,
@@ -97,6 +100,8 @@ class SamplingParams:
             raise SamplingParamsError("seed", f"must be a 64-bit integer, got {self.seed}")
         if not SEED_MIN <= self.priority <= SEED_MAX:
             raise SamplingParamsError("priority", f"must be a 64-bit integer, got {self.priority}")
+        if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and self.cache_salt):
+            raise SamplingParamsError("cache_salt", "must be a non-empty string")
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingParamsError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:

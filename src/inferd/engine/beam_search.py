@@ -134,9 +134,11 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]
 
 
-def step_params(params: BeamSearchParams, adapter: str | None = None, priority: int = 0) -> SamplingParams:
-    """What each beam's one-token request asks of the engine (with the search's adapter and
-    priority): the log-probabilities of the best continuations (EOS among them: it is ranked
+def step_params(
+    params: BeamSearchParams, adapter: str | None = None, priority: int = 0, cache_salt: str | None = None
+) -> SamplingParams:
+    """What each beam's one-token request asks of the engine (with the search's adapter, priority
+    and cache salt): the log-probabilities of the best continuations (EOS among them: it is ranked
     here, not obeyed)."""
     return SamplingParams(
         max_tokens=1,
@@ -145,4 +147,5 @@ def step_params(params: BeamSearchParams, adapter: str | None = None, priority: 
         ignore_eos=True,
         adapter=adapter,
         priority=priority,
+        cache_salt=cache_salt,
     )

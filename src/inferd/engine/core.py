@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,9 @@ class EngineCore:
             if adapter not in self._adapter_salts:
                 raise ValueError(f"no LoRA adapter {adapter!r} is served")
             request.cache_salt = self._adapter_salts[adapter]
+        if request.params.cache_salt is not None:
+            # Both parts, unambiguously: the adapter's K/V, shared only under the same user salt.
+            request.cache_salt = json.dumps([request.cache_salt, request.params.cache_salt])
         spec = request.params.structured_output
         if spec is not None:
             request.grammar = self.grammars.matcher_for(spec, request.eos_token_ids)

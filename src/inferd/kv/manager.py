@@ -2,34 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 
 from inferd.kv.block_pool import BlockPool
 
 _ROOT_HASH = 0x5EED
+# A key is the first 128 bits of a SHA-256 digest: no accidental collision in any cache's life.
+_KEY_BYTES = 16
+
+
+def _digest(parent: int, payload: bytes) -> int:
+    digest = hashlib.sha256(parent.to_bytes(_KEY_BYTES, "little"))
+    digest.update(payload)
+    return int.from_bytes(digest.digest()[:_KEY_BYTES], "little")
 
 
 def block_hash(parent: int, block_token_ids: Sequence[int]) -> int:
-    """A full block's key: the previous block's key chained with this block's token ids."""
-    return hash((parent, tuple(block_token_ids)))
+    """A full block's key: the previous block's key chained with this block's token ids.
+
+    A cryptographic hash, not Python's: a prompt whose block key equals another's is served that
+    block's K/V, so a key anyone could aim at (the built-in hash of ints can be solved for) would let
+    one user's prompt read or poison another's context. Its cost: BENCHMARKS.md, "Prefix-cache keys"."""
+    return _digest(parent, array("q", block_token_ids).tobytes())
 
 
 def prefix_root(salt: str | None) -> int:
     """The key a request's chain of block keys starts from: the same for every request of the base
-    model; another for each LoRA adapter, whose K/V differ for the same tokens."""
-    return _ROOT_HASH if salt is None else hash((_ROOT_HASH, salt))
+    model; another for each salt (a LoRA adapter, whose K/V differ for the same tokens, or a
+    request's ``cache_salt``, which shares blocks only with requests giving the same one)."""
+    return _ROOT_HASH if salt is None else _digest(_ROOT_HASH, salt.encode("utf-8", "surrogatepass"))
 
 
-def chain_block_hashes(
+def iter_block_hashes(
     token_ids: Sequence[int], block_size: int, num_blocks: int, salt: str | None = None
-) -> list[int]:
-    """Keys of the first ``num_blocks`` full blocks of ``token_ids``."""
-    hashes = []
+) -> Iterator[int]:
+    """Keys of the first ``num_blocks`` full blocks of ``token_ids``, one at a time (a lookup that
+    misses stops hashing there)."""
     parent = prefix_root(salt)
     for i in range(num_blocks):
         parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
-        hashes.append(parent)
-    return hashes
+        yield parent
 
 
 class KVCacheManager:
@@ -65,17 +79,17 @@ class KVCacheManager:
             return 0
         max_blocks = (len(token_ids) - 1) // self.block_size
         self.prefix_queries += len(token_ids)
-        hit_blocks = []
-        hashes = chain_block_hashes(token_ids, self.block_size, max_blocks, salt)
-        for block_hash in hashes:
-            block_id = self.pool.lookup(block_hash)
+        hit_blocks, hashes = [], []
+        for key in iter_block_hashes(token_ids, self.block_size, max_blocks, salt):
+            block_id = self.pool.lookup(key)
             if block_id is None:
                 break
             hit_blocks.append(block_id)
+            hashes.append(key)
         for block_id in hit_blocks:
             self.pool.touch(block_id)
         self._blocks[request_id] = hit_blocks
-        self._hashes[request_id] = hashes[: len(hit_blocks)]
+        self._hashes[request_id] = hashes
         num_hit_tokens = len(hit_blocks) * self.block_size
         self.prefix_hits += num_hit_tokens
         return num_hit_tokens

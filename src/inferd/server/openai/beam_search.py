@@ -85,13 +85,13 @@ async def run_beam_search(
     timeout_s: float | None,
 ) -> list[list[BeamAnswer]]:
     """Each prompt's ``width`` best beams, best first. ``params``: the request's (its budget,
-    adapter, priority, ignore_eos and skip_special_tokens apply)."""
+    adapter, priority, cache salt, ignore_eos and skip_special_tokens apply)."""
     searches = []
     for prompt in prompts:
         _, budget = frontend.llm.prepare(prompt, params)
         search_params = BeamSearchParams(width, budget, params.ignore_eos, length_penalty)
         searches.append(BeamSearch(search_params, frontend.eos_token_ids, len(prompt)))
-    per_step = step_params(searches[0].params, params.adapter, params.priority)
+    per_step = step_params(searches[0].params, params.adapter, params.priority, params.cache_salt)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     step = 0
     # The whole search is in flight, between its steps too: a drain waits for it, its later steps

@@ -115,6 +115,7 @@ def sampling_params(
         structured_output=structure,
         adapter=frontend.adapter_for(body.model),
         priority=body.priority,
+        cache_salt=body.cache_salt,
         allowed_token_ids=body.allowed_token_ids,
         bad_words=list(body.bad_words or []),
     )

@@ -68,6 +68,8 @@ class SamplingExtras(_Body):
     length_penalty: float = Field(1.0, ge=-10.0, le=10.0)
     # Under --scheduling-policy priority: lower runs first (vLLM's field); else only 0.
     priority: int = 0
+    # The prefix cache shares K/V only with requests of the same salt (vLLM's field).
+    cache_salt: str | None = Field(None, min_length=1)
     # inferd's: seconds until the request is aborted (overrides the server's --request-timeout).
     timeout: float | None = Field(None, gt=0.0, le=86400.0)
     # Structured output (server/structured_request.py): OpenAI's field, vLLM's object and vLLM's

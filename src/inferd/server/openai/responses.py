@@ -100,7 +100,7 @@ def prepare_response(frontend: Frontend, body: ResponsesRequest, store: Response
         "parallel_tool_calls": body.parallel_tool_calls,
     }
     passed = {"model", "temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "logit_bias",
-              "priority"}  # fmt: skip
+              "priority", "cache_salt"}  # fmt: skip
     fields.update({name: getattr(body, name) for name in passed & body.model_fields_set})
     fields["max_completion_tokens"] = body.max_output_tokens
     if body.wants_logprobs:

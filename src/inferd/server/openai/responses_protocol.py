@@ -54,6 +54,7 @@ class ResponsesRequest(_Body):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     logit_bias: dict[str, float] | None = None
     priority: int = 0
+    cache_salt: str | None = Field(None, min_length=1)
     timeout: float | None = Field(None, gt=0.0, le=86400.0)
 
     @property
