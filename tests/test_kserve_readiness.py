@@ -4,16 +4,20 @@ readiness probe takes the replica out of rotation; a model that never loaded is 
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+import tritonclient.grpc as triton_grpc
 from fastapi import FastAPI
+from kserve_support import free_port
+from server_process import run_server
 
 from inferd.engine.async_llm import AsyncLLM
 from inferd.server.app import create_app
-from inferd.server.kserve.grpc_server import _servicer
-from inferd.serving.dataplane import DataPlane
 from inferd.serving.repository import ModelEntry, ModelRepository
 
 BROKEN = "broken"
@@ -30,28 +34,27 @@ def served(tiny_llama: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
         llm.shutdown()
 
 
-async def _ready(app: FastAPI) -> tuple[int, dict[str, object], bool]:
+async def _ready(app: FastAPI) -> tuple[int, dict[str, object]]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         answer = await client.get("/v2/health/ready")
-    grpc_answer = await _servicer(DataPlane(app.state.model_repository)).ServerReady(None, None)
-    return answer.status_code, answer.json(), grpc_answer.ready
+    return answer.status_code, answer.json()
 
 
 async def test_a_model_that_failed_to_load_leaves_the_server_ready(served) -> None:  # type: ignore[no-untyped-def]
     _, app = served
     repository: ModelRepository = app.state.model_repository
     repository.add(ModelEntry(BROKEN, None, "onnxruntime_onnx", failure="no model.onnx"))
-    assert await _ready(app) == (200, {"ready": True}, True)
+    assert await _ready(app) == (200, {"ready": True})
     assert not repository.get(BROKEN).ready
 
 
 async def test_draining_makes_the_server_and_the_llm_unready(served) -> None:  # type: ignore[no-untyped-def]
     _, app = served
-    assert await _ready(app) == (200, {"ready": True}, True)
+    assert await _ready(app) == (200, {"ready": True})
     app.state.frontend.draining = True
-    status, body, grpc_ready = await _ready(app)
-    assert (status, body["ready"], grpc_ready) == (503, False, False)
+    status, body = await _ready(app)
+    assert (status, body["ready"]) == (503, False)
     assert "shutting down" in str(body["error"])
     entry = app.state.model_repository.get(app.state.frontend.model_name)
     assert not entry.ready and "shutting down" in str(entry.unready_reason)
@@ -60,8 +63,8 @@ async def test_draining_makes_the_server_and_the_llm_unready(served) -> None:  #
 async def test_a_stopped_engine_makes_the_server_unready(served) -> None:  # type: ignore[no-untyped-def]
     llm, app = served
     llm.shutdown()
-    status, body, grpc_ready = await _ready(app)
-    assert (status, body["ready"], grpc_ready) == (503, False, False)
+    status, body = await _ready(app)
+    assert (status, body["ready"]) == (503, False)
     assert "engine is not running" in str(body["error"])
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
@@ -69,3 +72,28 @@ async def test_a_stopped_engine_makes_the_server_unready(served) -> None:  # typ
         index = await client.post("/v2/repository/index", json={})
     assert model.status_code == 503
     assert [item["state"] for item in index.json()] == ["UNAVAILABLE"]
+
+
+def test_a_draining_server_is_not_ready_over_rest_and_grpc(tiny_llama: Path, tmp_path: Path) -> None:
+    """SIGTERM with requests still to answer: both readiness probes fail while they finish."""
+    grpc_port = free_port()
+    args = ["--kv-cache-memory", "8MiB", "--max-num-seqs", "1", "--shutdown-timeout", "60"]
+    args += ["--model-repository", str(tmp_path), "--grpc-port", str(grpc_port)]
+    with run_server(tiny_llama, *args) as server:
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert client.is_server_ready()
+        body = {"prompt": "To be", "max_tokens": 450, "ignore_eos": True, "temperature": 0.0}
+        url = f"{server.base_url}/v1/completions"
+        threads = [threading.Thread(target=lambda: httpx.post(url, json=body, timeout=60)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        server.wait_for_metrics(lambda m: m["inferd:num_requests_waiting"] == 3)
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{server.base_url}/v2/health/ready", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "never unready"
+            time.sleep(0.01)
+        assert not client.is_server_ready()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert server.process.wait(timeout=60) == 0
