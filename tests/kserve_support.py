@@ -48,6 +48,18 @@ class FakeGenerationStream:
         finish = "length" if self._limit < len(self._words) else "stop"
         return GenerationResult("".join(self._emitted), finish, len(self._words), len(self._emitted))
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._words)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self._emitted)
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return None
+
 
 class FakeTextGenerator:
     """A deterministic stand-in for the LLM engine: tests of the v2 generate paths only."""

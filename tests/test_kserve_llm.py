@@ -556,3 +556,128 @@ def test_a_timed_out_generation_is_a_408_on_every_v2_path(live: Live, model: str
     with pytest.raises(InferenceServerException) as caught:
         client.infer(model, [grpc_input], parameters=long, timeout=10_000)  # Triton's: microseconds
     assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+
+
+# Triton's vLLM backend clients: the flags as BOOL tensors, the sampling fields as a JSON BYTES
+# tensor whose values are text, and the extra outputs asked for by `return_*` flags.
+TEXT_GREEDY = {"temperature": "0", "max_tokens": str(MAX_TOKENS)}
+
+
+@dataclass(frozen=True)
+class Offline:
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    cumulative_logprob: float
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama: Path) -> Offline:
+    """The served model's greedy answer to PROMPT, with its token counts and summed log-probability."""
+    llm = LLM(tiny_llama, **ENGINE_OPTIONS)
+    out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0))[0]
+    cumulative = sum(entry.logprob for entry in out.logprobs)
+    return Offline(out.text, len(out.prompt_token_ids), len(out.token_ids), cumulative)
+
+
+def _bool_input(module, name: str, value: bool):  # type: ignore[no-untyped-def]
+    tensor = module.InferInput(name, [1], "BOOL")
+    tensor.set_data_from_numpy(np.array([value], dtype=bool))
+    return tensor
+
+
+def _sampling_input(module, fields: dict[str, Any]):  # type: ignore[no-untyped-def]
+    tensor = module.InferInput("sampling_parameters", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([json.dumps(fields).encode()], dtype=object))
+    return tensor
+
+
+def _extras(module) -> list[Any]:  # type: ignore[no-untyped-def]
+    names = ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens")
+    return [_bool_input(module, name, True) for name in names]
+
+
+def test_a_triton_vllm_backend_stream_request_streams_deltas_and_counts(live: Live, offline: Offline) -> None:
+    """The sample client's form: `stream` and `sampling_parameters` tensors, with the extra outputs."""
+    responses = _StreamResponses()
+    client = triton_grpc.InferenceServerClient(live.grpc_url)
+    client.start_stream(callback=responses)
+    try:
+        inputs = [_text_input(triton_grpc), _bool_input(triton_grpc, "stream", True)]
+        inputs += [_sampling_input(triton_grpc, TEXT_GREEDY), *_extras(triton_grpc)]
+        client.async_stream_infer(SERVED, inputs, request_id="vllm")
+        responses.wait(lambda: bool((r := responses.by_id.get("vllm")) and _final(r[-1])))
+    finally:
+        client.stop_stream()
+    deltas = responses.by_id["vllm"]
+    assert len(deltas) > 2 and "".join(_text(r) for r in deltas) == offline.text == live.expected[SERVED]
+    reasons = [r.as_numpy("finish_reason")[0].decode() for r in deltas]
+    assert reasons[:-1] == ["None"] * (len(deltas) - 1) and reasons[-1] in ("length", "stop")
+    assert sum(int(r.as_numpy("num_output_tokens")[0]) for r in deltas) == offline.output_tokens
+    assert {int(r.as_numpy("num_input_tokens")[0]) for r in deltas} == {offline.prompt_tokens}
+
+
+@pytest.mark.parametrize("module", [triton_http, triton_grpc])
+def test_a_triton_vllm_backend_request_gets_the_prompt_and_extras_where_asked(
+    live: Live, offline: Offline, module: Any
+) -> None:
+    client = module.InferenceServerClient(live.http_address if module is triton_http else live.grpc_url)
+    inputs = [_text_input(module), _sampling_input(module, TEXT_GREEDY), *_extras(module)]
+    inputs += [_bool_input(module, "exclude_input_in_output", False)]
+    inputs += [_bool_input(module, "return_cumulative_logprob", True)]
+    result = client.infer(SERVED, inputs)
+    assert result.as_numpy("text_output")[0].decode() == PROMPT + offline.text
+    assert int(result.as_numpy("num_output_tokens")[0]) == offline.output_tokens
+    assert int(result.as_numpy("num_input_tokens")[0]) == offline.prompt_tokens
+    assert result.as_numpy("finish_reason")[0].decode() in ("length", "stop")
+    assert result.as_numpy("cumulative_logprob")[0] == pytest.approx(offline.cumulative_logprob, abs=1e-3)
+    # Request parameters given as text, as those clients also send them; only the listed output.
+    only = [module.InferRequestedOutput("num_output_tokens")]
+    result = client.infer(SERVED, [_text_input(module)], parameters=TEXT_GREEDY, outputs=only)
+    assert result.as_numpy("text_output") is None
+    assert int(result.as_numpy("num_output_tokens")[0]) == offline.output_tokens
+
+
+def test_vllm_sampling_fields_reach_the_engine(live: Live, tiny_llama: Path) -> None:
+    fields = {"repetition_penalty": 1.5, "min_tokens": 5, "ignore_eos": True, "max_tokens": 10}
+    expected = LLM(tiny_llama, **ENGINE_OPTIONS).generate(PROMPT, SamplingParams(temperature=0.0, **fields))[
+        0
+    ]
+    as_text = {key: str(value).lower() for key, value in fields.items()} | {"temperature": "0"}
+    body = {"text_input": PROMPT, "parameters": as_text, "return_num_output_tokens": True}
+    answer = httpx.post(f"{live.server.base_url}/v2/models/{SERVED}/generate", json=body, timeout=30).json()
+    assert answer["text_output"] == expected.text and answer["num_output_tokens"] == 10
+    plain = httpx.post(
+        f"{live.server.base_url}/v2/models/{SERVED}/generate",
+        json={"text_input": PROMPT, "parameters": {"temperature": 0, "max_tokens": 10}},
+        timeout=30,
+    ).json()
+    assert plain["text_output"] != expected.text  # the penalty changes the greedy answer
+
+
+@pytest.mark.parametrize(
+    ("extra", "named", "status"),
+    [
+        ({"sampling_parameters": "{not json"}, "sampling_parameters", "400"),
+        ({"sampling_parameters": json.dumps({"n": "2"})}, "'n'", "400"),
+        ({"sampling_parameters": json.dumps({"max_tokens": "many"})}, "max_tokens", "400"),
+        ({"sampling_parameters": json.dumps({"lora_name": "nobody"})}, "nobody", "404"),
+        ({"return_logprobs": True}, "return_logprobs", "400"),
+        ({"stream": True, "exclude_input_in_output": False}, "exclude_input_in_output", "400"),
+        ({"unknown_tensor": True}, "unknown_tensor", "400"),
+    ],
+)
+def test_bad_triton_vllm_backend_inputs_are_refused(
+    live: Live, extra: dict[str, Any], named: str, status: str
+) -> None:
+    inputs = [_text_input(triton_http)]
+    for name, value in extra.items():
+        if isinstance(value, bool):
+            inputs.append(_bool_input(triton_http, name, value))
+        else:
+            tensor = triton_http.InferInput(name, [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([value.encode()], dtype=object))
+            inputs.append(tensor)
+    with pytest.raises(InferenceServerException) as error:
+        triton_http.InferenceServerClient(live.http_address).infer(SERVED, inputs)
+    assert error.value.status() == status and named in str(error.value.message()), error.value.message()

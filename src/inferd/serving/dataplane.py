@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -17,16 +18,25 @@ from inferd.serving.classification import classify, top_k_count
 from inferd.serving.config import ModelConfig, TensorSpec
 from inferd.serving.datatypes import numpy_dtype
 from inferd.serving.errors import InferenceError, InvalidInputError
-from inferd.serving.generation import generation_params
+from inferd.serving.generation import flag, generation_params
+from inferd.serving.llm_io import STREAM, TEXT_INPUT, TEXT_OUTPUT, LLMRequest, read_llm_request
 from inferd.serving.repository import ModelEntry, ModelRepository
-from inferd.serving.runtimes.base import GenerationResult, TensorRuntime, TextGenerator
+from inferd.serving.runtimes.base import GenerationResult, GenerationStream, TensorRuntime, TextGenerator
 from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 from inferd.serving.validation import check_requested_outputs, validated_inputs
 
 SERVER_NAME = "inferd"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "generate")
-TEXT_INPUT = TensorSpec("text_input", "BYTES", (1,))
-TEXT_OUTPUT = TensorSpec("text_output", "BYTES", (1,))
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One text delta of a generation, with the tokens it carries; the last chunk has the result."""
+
+    text: str
+    new_tokens: int
+    stream: GenerationStream
+    result: GenerationResult | None = None
 
 
 def _server_version() -> str:
@@ -149,30 +159,35 @@ class DataPlane:
         return Tensor(spec.name, spec.datatype, array)
 
     async def _infer_text(self, generator: TextGenerator, request: InferRequest) -> list[Tensor]:
-        """`text_input` BYTES in, the whole generated text as `text_output` BYTES out."""
-        result = await self.generate(generator, _text_prompt(request), request.parameters)
-        return [_text_output(result.text)]
+        """`text_input` BYTES in, the whole generated text as `text_output` BYTES out (llm_io.py)."""
+        llm = read_llm_request(request)
+        result, stream = await self.generate(generator, llm)
+        return llm.outputs(result.text, stream, result.finish_reason, result.completion_tokens)
 
     async def infer_stream(
         self, name: str, version: str | None, request: InferRequest
     ) -> AsyncIterator[tuple[InferResponse, bool]]:
         """The responses to one request of a stream, each with whether it is the last: one
-        response, or, for an LLM asked with parameter `stream: true`, one per text delta and a
-        last one with an empty `text_output` and the `finish_reason` parameter."""
+        response, or, for an LLM asked with `stream` true (a BOOL input or a parameter), one per
+        text delta and a last one with an empty `text_output` and the `finish_reason` parameter."""
         entry = self.repository.get(name, version)
         entry.require_ready()
-        stream = request.parameters.get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidInputError("parameter 'stream' must be true or false")
-        if not (stream and isinstance(entry.runtime, TextGenerator)):
+        if not isinstance(entry.runtime, TextGenerator):
+            flag(request.parameters, STREAM)  # checked, though a tensor model answers once either way
+            yield await self.infer(name, version, request), True
+            return
+        llm = read_llm_request(request)
+        if not llm.stream:
             yield await self.infer(name, version, request), True
             return
         with self._counted(name):
-            chunks = self.generate_stream(entry.runtime, _text_prompt(request), request.parameters)
-            async for delta, result in chunks:
+            async for chunk in self.generate_stream(entry.runtime, llm):
+                result = chunk.result
                 parameters = {} if result is None else {"finish_reason": result.finish_reason}
+                reason = None if result is None else result.finish_reason
+                outputs = llm.outputs(chunk.text, chunk.stream, reason, chunk.new_tokens)
                 response = InferResponse(
-                    entry.name, entry.version, [_text_output(delta)], id=request.id, parameters=parameters
+                    entry.name, entry.version, outputs, id=request.id, parameters=parameters
                 )
                 yield response, result is not None
 
@@ -197,40 +212,29 @@ class DataPlane:
         return entry.runtime
 
     @staticmethod
-    async def generate(generator: TextGenerator, text: str, parameters: dict[str, Any]) -> GenerationResult:
-        stream = generator.generate(text, generation_params(parameters))
+    def _start(generator: TextGenerator, llm: LLMRequest) -> GenerationStream:
+        wants_logprob = "cumulative_logprob" in llm.extras
+        return generator.generate(llm.prompt, generation_params(llm.parameters, wants_logprob))
+
+    @classmethod
+    async def generate(
+        cls, generator: TextGenerator, llm: LLMRequest
+    ) -> tuple[GenerationResult, GenerationStream]:
+        stream = cls._start(generator, llm)
         async for _ in stream:
             pass
-        return stream.result()
+        return stream.result(), stream
 
-    @staticmethod
+    @classmethod
     async def generate_stream(
-        generator: TextGenerator, text: str, parameters: dict[str, Any]
-    ) -> AsyncIterator[tuple[str, GenerationResult | None]]:
-        """(delta, None) per chunk, then ("", final result)."""
-        stream = generator.generate(text, generation_params(parameters))
+        cls, generator: TextGenerator, llm: LLMRequest
+    ) -> AsyncIterator[GenerationChunk]:
+        """A chunk per text delta, then an empty one with the result (and the tokens that followed
+        the last text, an EOS say)."""
+        stream = cls._start(generator, llm)
+        counted = 0
         async for delta in stream:
-            yield delta, None
-        yield "", stream.result()
-
-
-def _text_prompt(request: InferRequest) -> str:
-    """The prompt of an LLM request: its one `text_input` BYTES element, as UTF-8 text."""
-    inputs = request.inputs
-    if len(inputs) != 1 or inputs[0].name != TEXT_INPUT.name:
-        raise InvalidInputError(f"LLM models take one input 'text_input', got {[t.name for t in inputs]}")
-    if inputs[0].datatype != "BYTES" or inputs[0].data.size != 1:
-        raise InvalidInputError("input 'text_input' must be BYTES with one element")
-    for requested in request.outputs:
-        if requested.name != TEXT_OUTPUT.name:
-            raise InvalidInputError(f"unknown output {requested.name!r}; the model has ['text_output']")
-        if "classification" in requested.parameters:
-            raise InvalidInputError("output 'text_output' is text: classification does not apply")
-    try:
-        return bytes(inputs[0].data.reshape(-1)[0]).decode("utf-8", errors="strict")
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"input 'text_input' is not valid UTF-8: {exc}") from None
-
-
-def _text_output(text: str) -> Tensor:
-    return Tensor(TEXT_OUTPUT.name, "BYTES", np.array([text.encode("utf-8")], dtype=object))
+            yield GenerationChunk(delta, stream.completion_tokens - counted, stream)
+            counted = stream.completion_tokens
+        result = stream.result()
+        yield GenerationChunk("", result.completion_tokens - counted, stream, result)

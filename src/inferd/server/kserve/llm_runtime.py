@@ -22,7 +22,6 @@ from inferd.server.errors import ApiError
 from inferd.server.frontend import Frontend, IndexedOutput
 from inferd.server.metrics import ServerMetrics
 from inferd.serving.config import ConfigError, ModelConfig, resolve_artifact
-from inferd.serving.dataplane import TEXT_INPUT, TEXT_OUTPUT
 from inferd.serving.errors import (
     InferenceError,
     InvalidInputError,
@@ -31,6 +30,7 @@ from inferd.serving.errors import (
     RequestTimedOutError,
     ServerOverloadedError,
 )
+from inferd.serving.llm_io import TEXT_INPUT, TEXT_OUTPUT
 from inferd.serving.repository import ModelEntry
 from inferd.serving.runtimes.base import GenerationParams, GenerationResult
 from inferd.serving.runtimes.registry import RuntimeRegistry
@@ -87,7 +87,9 @@ def sampling_params(frontend: Frontend, params: GenerationParams) -> SamplingPar
         "seed": params.seed,
     }
     chosen = {name: value for name, value in fields.items() if value is not None}
-    names = {"structured_output": params.structured_output_field}
+    chosen.update(params.sampling)
+    # Errors name the request's parameter (`lora_name` is vLLM's name of the adapter).
+    names = {"structured_output": params.structured_output_field, "adapter": "lora_name"}
     try:
         return frontend.sampling_params(
             names, stop=list(params.stop), structured_output=params.structured_output, **chosen
@@ -99,9 +101,14 @@ def sampling_params(frontend: Frontend, params: GenerationParams) -> SamplingPar
 class FrontendGenerationStream:
     """Text deltas of one engine request; `result()` once iteration has ended."""
 
-    def __init__(self, outputs: AsyncIterator[IndexedOutput]) -> None:
+    def __init__(
+        self, outputs: AsyncIterator[IndexedOutput], prompt_tokens: int, cumulative_logprob: bool
+    ) -> None:
         self._outputs = outputs
         self._result: GenerationResult | None = None
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.cumulative_logprob: float | None = 0.0 if cumulative_logprob else None
 
     async def __aiter__(self) -> AsyncIterator[str]:
         # Closing the Frontend's iterator, also when our consumer leaves early (a client that
@@ -110,6 +117,9 @@ class FrontendGenerationStream:
             try:
                 async for item in outputs:
                     out = item.output
+                    self.completion_tokens = len(out.token_ids)
+                    if self.cumulative_logprob is not None:
+                        self.cumulative_logprob += sum(entry.logprob for entry in out.new_logprobs)
                     if out.new_text:
                         yield out.new_text
                     if out.finished and out.finish_reason == "timeout":
@@ -121,6 +131,7 @@ class FrontendGenerationStream:
                             finish_reason=out.finish_reason or "stop",
                             prompt_tokens=len(out.prompt_token_ids),
                             completion_tokens=len(out.token_ids),
+                            cumulative_logprob=self.cumulative_logprob,
                         )
             except ApiError as exc:
                 raise as_inference_error(exc) from exc
@@ -157,7 +168,7 @@ class FrontendTextGenerator:
             )
         except ApiError as exc:
             raise as_inference_error(exc) from exc
-        return FrontendGenerationStream(outputs)
+        return FrontendGenerationStream(outputs, len(token_ids), params.cumulative_logprob)
 
 
 class RepositoryLLM(FrontendTextGenerator):

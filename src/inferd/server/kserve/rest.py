@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from inferd.server.errors import ApiError, protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER
 from inferd.server.kserve.rest_codec import HEADER_LENGTH, encode_infer_response, parse_infer_request
-from inferd.serving.dataplane import DataPlane
+from inferd.serving.dataplane import DataPlane, GenerationChunk
 from inferd.serving.errors import (
     InferenceError,
     InvalidInputError,
@@ -21,8 +21,10 @@ from inferd.serving.errors import (
     RequestTimedOutError,
     ServerOverloadedError,
 )
+from inferd.serving.llm_io import STREAM, LLMRequest, llm_request
 from inferd.serving.repository import ModelRepository
 from inferd.serving.runtimes.base import TextGenerator
+from inferd.serving.tensor import Tensor
 
 _STATUS_BY_ERROR: tuple[tuple[type[InferenceError], int], ...] = (
     (InvalidInputError, 400),
@@ -197,32 +199,27 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
     async def generate(request: Request, name: str, version: str | None = None) -> Response:
         async def produce() -> Response:
             generator = plane.text_generator(name, version)
-            text, parameters = _generate_input(await _json_body(request))
-            parameters = _with_timeout_header(request, parameters)
-            result = await plane.generate(generator, text, parameters)
+            llm = await _generate_request(request, stream=False)
+            result, stream = await plane.generate(generator, llm)
             entry = repository.get(name, version)
-            return JSONResponse(
-                {
-                    "model_name": entry.name,
-                    "model_version": entry.version,
-                    "text_output": result.text,
-                    "finish_reason": result.finish_reason,
-                }
-            )
+            outputs = llm.outputs(result.text, stream, result.finish_reason, result.completion_tokens)
+            # Always the finish reason; the other extras where asked for.
+            payload = {"model_name": entry.name, "model_version": entry.version}
+            payload["finish_reason"] = result.finish_reason
+            return JSONResponse(payload | _json_fields(outputs))
 
         return await _answer(produce)
 
     async def generate_stream(request: Request, name: str, version: str | None = None) -> Response:
         async def produce() -> Response:
             generator = plane.text_generator(name, version)
-            text, parameters = _generate_input(await _json_body(request))
-            parameters = _with_timeout_header(request, parameters)
+            llm = await _generate_request(request, stream=True)
             entry = repository.get(name, version)
             # Validate the sampling fields before the 200 status line goes out.
-            chunks = plane.generate_stream(generator, text, parameters)
+            chunks = plane.generate_stream(generator, llm)
             first = await anext(chunks)
             return StreamingResponse(
-                _sse_events(entry.name, entry.version, first, chunks), media_type="text/event-stream"
+                _sse_events(entry.name, entry.version, llm, first, chunks), media_type="text/event-stream"
             )
 
         return await _answer(produce)
@@ -241,27 +238,43 @@ async def _as_json(payload: Any) -> Response:
     return JSONResponse(payload)
 
 
+async def _generate_request(request: Request, stream: bool) -> LLMRequest:
+    """The generate extension's body: `text_input`, and the sampling fields and flags (top-level or
+    under `parameters`); the route says whether it streams."""
+    text, parameters = _generate_input(await _json_body(request))
+    parameters = _with_timeout_header(request, parameters)
+    return llm_request(text, {**parameters, STREAM: stream})
+
+
+def _json_fields(outputs: list[Tensor]) -> dict[str, Any]:
+    """Output tensors of one element as JSON fields, as the generate extension answers them."""
+    fields = {}
+    for tensor in outputs:
+        value = tensor.data.reshape(-1)[0]
+        fields[tensor.name] = value.decode("utf-8") if isinstance(value, bytes) else value.item()
+    return fields
+
+
 async def _sse_events(
     model_name: str,
     model_version: str,
-    first: tuple[str, Any],
-    rest: AsyncIterator[tuple[str, Any]],
+    llm: LLMRequest,
+    first: GenerationChunk,
+    rest: AsyncIterator[GenerationChunk],
 ) -> AsyncIterator[bytes]:
     """One `data:` event per text delta; the last one carries `finish_reason`."""
 
-    def event(delta: str, result: Any) -> bytes:
-        payload: dict[str, Any] = {
-            "model_name": model_name,
-            "model_version": model_version,
-            "text_output": delta,
-        }
-        if result is not None:
-            payload["finish_reason"] = result.finish_reason
+    def event(chunk: GenerationChunk) -> bytes:
+        reason = None if chunk.result is None else chunk.result.finish_reason
+        payload: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+        payload |= _json_fields(llm.outputs(chunk.text, chunk.stream, reason, chunk.new_tokens))
+        if chunk.result is not None:
+            payload["finish_reason"] = chunk.result.finish_reason
         return f"data: {json.dumps(payload)}\n\n".encode()
 
-    yield event(*first)
+    yield event(first)
     try:
-        async for delta, result in rest:
-            yield event(delta, result)
+        async for chunk in rest:
+            yield event(chunk)
     except InferenceError as exc:
         yield f"data: {json.dumps({'error': str(exc)})}\n\n".encode()

@@ -5,10 +5,10 @@ A loader builds one from a model folder and its config; the registry maps runtim
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -43,6 +43,11 @@ class GenerationParams:
     # vLLM's guided_json / guided_regex / guided_choice / guided_grammar, and which one was given.
     structured_output: StructuredOutput | None = None
     structured_output_field: str = ""
+    # The other vLLM sampling fields Triton's vLLM backend takes (penalties, min_p, min_tokens,
+    # ignore_eos, stop_token_ids, ...; `lora_name` as `adapter`), as SamplingParams names them.
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    # Whether the generated tokens' log-probabilities are summed (`GenerationStream.cumulative_logprob`).
+    cumulative_logprob: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,14 +56,30 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    # The generated tokens' summed log-probability; None unless asked for.
+    cumulative_logprob: float | None = None
 
 
 class GenerationStream(Protocol):
-    """Async iteration yields text deltas; `result()` is valid once iteration has finished."""
+    """Async iteration yields text deltas; `result()` is valid once iteration has finished. The
+    counts grow as the deltas come (a delta may carry several tokens, or follow tokens of no text)."""
 
     def __aiter__(self) -> AsyncIterator[str]: ...
 
     def result(self) -> GenerationResult: ...
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far."""
+        ...
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """Their summed log-probability so far; None unless asked for."""
+        ...
 
 
 @runtime_checkable
