@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -251,7 +252,10 @@ def test_chat_completion_and_its_stream(client: openai.OpenAI) -> None:
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    # The same counts (the second run's prompt came from the prefix cache, which only its details say).
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert [getattr(chunks[-1].usage, n) for n in counts] == [getattr(whole.usage, n) for n in counts]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
 
 
@@ -352,6 +356,38 @@ def test_cache_salt_keeps_cached_prefixes_apart(client: openai.OpenAI, server: S
             model="tiny", messages=[{"role": "user", "content": "hi"}], extra_body={"cache_salt": ""}
         )
     assert caught.value.body["param"] == "cache_salt"  # type: ignore[index]
+
+
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    """OpenAI's `prompt_tokens_details.cached_tokens`, whole and streamed, for completions and chat."""
+    prompt = list(range(300, 364))
+    options: dict[str, Any] = {"model": "tiny", "max_tokens": 2, "extra_body": {"cache_salt": "usage-test"}}
+    streamed = {"stream": True, "stream_options": {"include_usage": True}}
+
+    def cached(answer: Any) -> int:
+        usage = (
+            [chunk.usage for chunk in answer if chunk.usage][0]
+            if isinstance(answer, openai.Stream)
+            else answer.usage
+        )
+        assert usage is not None and usage.prompt_tokens_details is not None
+        return usage.prompt_tokens_details.cached_tokens or 0
+
+    def hits_and_cached(**extra: Any) -> tuple[float, int]:
+        before = server.metrics()["inferd:prefix_cache_hits_total"]
+        count = cached(client.completions.create(prompt=prompt, **options, **extra))
+        return server.metrics()["inferd:prefix_cache_hits_total"] - before, count
+
+    assert hits_and_cached() == (0, 0)
+    hits, count = hits_and_cached()
+    assert hits == count > 0
+    assert hits_and_cached(**streamed) == (count, count)
+    messages = [{"role": "user", "content": "Say something about the prefix cache, if you please."}]
+    first, second = (cached(client.chat.completions.create(messages=messages, **options)) for _ in range(2))
+    assert first == 0 and second > 0
+    assert cached(client.chat.completions.create(messages=messages, **options, **streamed)) == second
 
 
 def test_null_fields_take_their_defaults(server: ServerProcess) -> None:

@@ -299,7 +299,11 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
         created=job.created,
         model=job.model,
         choices=choices,
-        usage=usage(len(job.prompt), sum(len(out.token_ids) for out in finals.values())),
+        usage=usage(
+            len(job.prompt),
+            sum(len(out.token_ids) for out in finals.values()),
+            finals[0].metrics.num_cached_tokens,
+        ),
     )
 
 
@@ -370,6 +374,7 @@ async def stream_beam_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[st
 async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
     """SSE events: a role chunk per choice, content deltas, a usage chunk if asked, then [DONE]."""
     num_tokens: dict[int, int] = {}
+    cached = 0  # the first choice's prefix-cache hits
     shapers = {i: job.shaper() for i in range(job.n)}
     try:
         stream = frontend.generate(job.request_id, [job.prompt], job.params, job.n, job.timeout_s)
@@ -378,6 +383,8 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
             async for item in stream:
                 out = item.output
                 num_tokens[item.index] = len(out.token_ids)
+                if item.index == 0:
+                    cached = out.metrics.num_cached_tokens
                 reason: Literal["stop", "length", "tool_calls", "timeout"] | None = stream_finish_reason(out)
                 logprobs = chat_logprobs(frontend.tokenizer, out.new_logprobs) if job.want_logprobs else None
                 shaper = shapers[item.index]
@@ -402,7 +409,7 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
                 created=job.created,
                 model=job.model,
                 choices=[],
-                usage=usage(len(job.prompt), sum(num_tokens.values())),
+                usage=usage(len(job.prompt), sum(num_tokens.values()), cached),
             )
             yield sse_event(last.model_dump_json())
     except ApiError as exc:

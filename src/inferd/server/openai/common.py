@@ -22,7 +22,7 @@ from inferd.server.errors import (
     RequestTimeoutError,
 )
 from inferd.server.frontend import Frontend
-from inferd.server.openai.protocol import SamplingExtras, Usage
+from inferd.server.openai.protocol import PromptTokensDetails, SamplingExtras, Usage
 from inferd.server.structured_request import GUIDED_FIELDS, requested
 
 
@@ -152,9 +152,14 @@ def stream_finish_reason(out: RequestOutput) -> Literal["stop", "length", "timeo
     return finish_reason(out)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> Usage:
+    """`cached_tokens`: the prompt tokens the prefix cache served (OpenAI's
+    `prompt_tokens_details.cached_tokens`); None leaves the details out."""
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=None
+        if cached_tokens is None
+        else PromptTokensDetails(cached_tokens=cached_tokens),
     )

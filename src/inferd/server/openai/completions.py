@@ -140,12 +140,13 @@ async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse
         )
     # Every candidate's tokens were generated, so all of them count (as the API bills best_of).
     completion_tokens = sum(len(out.token_ids) for out in finals.values())
+    cached = sum(finals[prompt * job.best_of].metrics.num_cached_tokens for prompt in range(len(job.prompts)))
     return CompletionResponse(
         id=job.request_id,
         created=job.created,
         model=job.model,
         choices=choices,
-        usage=usage(job.num_prompt_tokens, completion_tokens),
+        usage=usage(job.num_prompt_tokens, completion_tokens, cached),
     )
 
 
@@ -164,11 +165,14 @@ def _returned(job: CompletionJob, finals: dict[int, RequestOutput]) -> list[Requ
 async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncIterator[str]:
     """SSE events: one chunk per engine output with news, a usage chunk if asked, then [DONE]."""
     states: dict[int, _ChoiceState] = {}
+    cached: dict[int, int] = {}  # each prompt's first choice's prefix-cache hits
     try:
         async with aclosing(
             frontend.generate(job.request_id, job.prompts, job.params, job.n, job.timeout_s)
         ) as stream:
             async for item in stream:
+                if item.index % job.n == 0:
+                    cached[item.index] = item.output.metrics.num_cached_tokens
                 state = states.setdefault(item.index, job.choice_state(item.index))
                 chunk = _chunk(frontend.tokenizer, job, item.index, item.output, state)
                 if chunk is not None:
@@ -180,7 +184,7 @@ async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncIter
                 created=job.created,
                 model=job.model,
                 choices=[],
-                usage=usage(job.num_prompt_tokens, completion_tokens),
+                usage=usage(job.num_prompt_tokens, completion_tokens, sum(cached.values())),
             )
             yield sse_event(last.model_dump_json())
     except ApiError as exc:

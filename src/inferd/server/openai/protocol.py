@@ -175,10 +175,17 @@ class ChatCompletionRequest(SamplingExtras):
 
 
 # -- responses ------------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    # Prompt tokens whose K/V the prefix cache held (each prompt's first choice's, as computed once).
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # None where no one count stands for the prompt (a beam search's many steps).
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
