@@ -108,6 +108,16 @@ class Tokenizer:
                 logger.error("the tool_use chat template of %s does not compile (%s); requests with tools "
                              "use the default one", config_file, exc)  # fmt: skip
 
+    def use_chat_template(self, template: str, source: str) -> None:
+        """Renders every conversation with ``template`` (the server's ``--chat-template``) instead
+        of the folder's templates, the tool-use one among them; one that does not compile is a
+        ChatTemplateError naming ``source``."""
+        try:
+            compiled = self._template_env.from_string(template)
+        except Exception as exc:  # a syntax error
+            raise ChatTemplateError(f"the chat template {source} does not compile: {exc}") from None
+        self._template, self._tool_template, self._template_error = compiled, None, None
+
     @property
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size(with_added_tokens=True))

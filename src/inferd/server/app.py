@@ -69,6 +69,8 @@ def create_app(
         raise ValueError(
             f"the LoRA adapter {model_name!r} has the served model's name: requests could not reach it"
         )
+    if config.chat_template is not None:
+        llm.tokenizer.use_chat_template(config.chat_template, "given with --chat-template")
     metrics = ServerMetrics(registry, model_name, llm.stats)
     metrics.describe_engine(llm.config)
     defaults = read_sampling_defaults(llm.config.model_path) if config.generation_config == "auto" else {}

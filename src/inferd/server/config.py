@@ -30,5 +30,7 @@ class ServerConfig:
     # "hermes": chat requests may offer tools, and answers' <tool_call> blocks become tool_calls;
     # None: a request with tools is refused.
     tool_call_parser: str | None = None
+    # A Jinja chat template (its text) used instead of the model folder's; None: the folder's.
+    chat_template: str | None = None
     # The most candidates a TGI request's `best_of` may ask for (TGI's --max-best-of; its default).
     max_best_of: int = 2

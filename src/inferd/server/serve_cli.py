@@ -61,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="let chat requests offer tools; answers' <tool_call> blocks (Qwen, Hermes) become tool_calls",
     )
     server.add_argument(
+        "--chat-template",
+        type=_chat_template,
+        default=None,
+        help="a Jinja chat template (a file, or the template itself) used instead of the model's",
+    )
+    server.add_argument(
         "--model-repository", type=Path, default=None, help="also serve the classic models in DIR (KServe v2)"
     )
     server.add_argument(
@@ -139,8 +145,24 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         generation_config=args.generation_config,
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
+        chat_template=args.chat_template,
         max_best_of=args.max_best_of,
     )
+
+
+def _chat_template(text: str) -> str:
+    """A template file's text, or the argument itself where it is a template (as vLLM's flag)."""
+    path = Path(text)
+    try:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc}") from None
+    except ValueError:  # a template too long, or with a NUL, to be a path
+        pass
+    if "{{" in text or "{%" in text:
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a file nor a Jinja template")
 
 
 def _port(text: str) -> int:

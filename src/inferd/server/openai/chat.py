@@ -84,8 +84,8 @@ class ChatJob:
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as chat templates expect them: role and plain-text content, an assistant turn's
-    tool calls (arguments as an object, which templates such as Qwen's write out as JSON) and a
-    tool turn's call id."""
+    tool calls (arguments as an object, which templates such as Qwen's write out as JSON) and its
+    `reasoning_content`, and a tool turn's call id."""
     rendered = []
     for message in messages:
         item: dict[str, Any] = {"role": message.role, "content": message.text()}
@@ -99,6 +99,9 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             ]  # fmt: skip
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
+        thinking = message.reasoning_content if message.reasoning_content is not None else message.reasoning
+        if thinking is not None:
+            item["reasoning_content"] = thinking
         rendered.append(item)
     return rendered
 
@@ -184,6 +187,12 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     frontend.check_model(body.model)
     if body.use_beam_search:
         check_beam_request(body)
+    if body.chat_template is not None:
+        raise InvalidRequestError(
+            "chat_template: a request's own template is not accepted; the server renders with the model's "
+            "(or its --chat-template)",
+            "chat_template",
+        )
     tools = _offered_tools(frontend, body)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs: needs logprobs set to true", "top_logprobs")

@@ -148,6 +148,10 @@ class ChatMessage(_Body):
     # An assistant turn's calls, and a tool turn's answer to one of them.
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # An assistant turn's thinking, as this server answers it (vLLM's field, and `reasoning`, its
+    # newer name), handed to the template: Qwen3's writes it back into earlier turns' <think> blocks.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -172,6 +176,8 @@ class ChatCompletionRequest(SamplingExtras):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # Declared to be refused: a request's own template (the server's --chat-template applies).
+    chat_template: str | None = None
 
 
 # -- responses ------------------------------------------------------------------------------------

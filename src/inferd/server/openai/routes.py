@@ -177,8 +177,10 @@ def build_router(
         frontend.check_model(body.model)
         if body.messages is not None:
             text = frontend.render_chat(template_messages(body.messages), body.add_generation_prompt)
-        else:
-            text = body.prompt or ""
+        elif body.prompt is not None:
+            text = body.prompt
+        else:  # e.g. TGI's {"inputs": ...}: not an empty prompt's zero tokens
+            raise InvalidRequestError("prompt: give the text to tokenize as prompt, or messages", "prompt")
         # A chat is tokenized as the chat route does: its template writes the special tokens.
         add_special = (
             body.add_special_tokens
