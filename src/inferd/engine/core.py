@@ -154,6 +154,8 @@ class EngineCore:
         results, the outputs, the next schedule) runs while the device computes.
         """
         in_flight, self._in_flight = self._in_flight, None
+        # Before any launch: a finished request's id may come back as a newer request's.
+        self.runner.forget(self.scheduler.take_finished_ids())
         sched_out: SchedulerOutput | None = None
         launched: LaunchedStep | None = None
         read: LaunchedStep | None

@@ -1,4 +1,4 @@
-"""Logit processors applied per request before sampling."""
+"""Logit processors applied per request before sampling (the penalties: `penalty_state.py`)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from inferd.engine.request import Request
-
-
-def apply_penalties(logits: torch.Tensor, request: Request) -> None:
-    """Repetition (HF style, over prompt and output), presence and frequency (OpenAI style, output only)."""
-    params = request.params
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(request.all_token_ids, dtype=torch.long, device=logits.device)
-        values = logits[seen]
-        logits[seen] = torch.where(
-            values > 0, values / params.repetition_penalty, values * params.repetition_penalty
-        )
-    if (params.presence_penalty or params.frequency_penalty) and request.output_token_ids:
-        out = torch.tensor(request.output_token_ids, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(out, minlength=logits.shape[0]).to(logits.dtype)
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
 def apply_logit_bias(logits: torch.Tensor, request: Request) -> None:
@@ -103,6 +88,18 @@ def needs_processing(request: Request) -> bool:
         or params.allowed_token_ids is not None
         or bool(params.bad_words_token_ids)
         or needs_history(request)
+    )
+
+
+def needs_row_processing(request: Request) -> bool:
+    """Whether the request's row goes through the processors applied a row at a time (the
+    penalties are applied to all rows at once, `penalty_state.py`; structured outputs too)."""
+    params = request.params
+    return (
+        bool(params.logit_bias)
+        or params.allowed_token_ids is not None
+        or bool(params.bad_words_token_ids)
+        or len(request.output_token_ids) < params.min_tokens
     )
 
 

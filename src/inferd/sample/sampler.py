@@ -22,10 +22,11 @@ from inferd.sample.penalties import (
     apply_allowed_tokens,
     apply_bad_words,
     apply_logit_bias,
-    apply_penalties,
     block_stop_tokens,
     needs_processing,
+    needs_row_processing,
 )
+from inferd.sample.penalty_state import PenaltyState, has_penalty
 from inferd.structured.matcher import apply_bitmask, bitmask_words
 
 
@@ -111,6 +112,8 @@ class Sampler:
         self._fused_calls = 0  # each call of the fused kernel draws from fresh counters
         # Draws for requests without a seed of their own, one generator per device.
         self._generators: dict[torch.device, torch.Generator] = {}
+        # The penalized requests' token counts, made with the first penalized row.
+        self._penalties: PenaltyState | None = None
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SampleResult:
         """``logits``: [num_seqs, vocab] on any device; one row per request."""
@@ -203,17 +206,31 @@ class Sampler:
             noise[row].exponential_(generator=request.generator)
         return (probs / noise).argmax(dim=-1)
 
-    @staticmethod
-    def _process(logits: torch.Tensor, requests: Sequence[Request], errors: dict[int, str]) -> torch.Tensor:
-        """Per-request logits processors, then structured outputs' masks, on a float32 copy; one
-        that raises fails its own row (noted in `errors`)."""
-        rows = [i for i, r in enumerate(requests) if needs_processing(r)]
-        if not rows:
+    def forget(self, request_ids: Sequence[str]) -> None:
+        """Requests that finished: their penalty state goes."""
+        if self._penalties is not None and request_ids:
+            self._penalties.forget(request_ids)
+
+    def _process(
+        self, logits: torch.Tensor, requests: Sequence[Request], errors: dict[int, str]
+    ) -> torch.Tensor:
+        """Logits processors, then structured outputs' masks, on a float32 copy: the penalties of
+        all rows at once, then the others a row at a time; one that raises fails its own rows
+        (noted in `errors`)."""
+        if not any(needs_processing(r) for r in requests):
             return logits
         logits = logits.to(torch.float32, copy=True)
-        for i in rows:
+        if any(has_penalty(r) for r in requests):
+            if self._penalties is None:
+                self._penalties = PenaltyState()
             try:
-                apply_penalties(logits[i], requests[i])
+                self._penalties.apply(logits, requests)
+            except Exception as exc:
+                for i, request in enumerate(requests):
+                    if has_penalty(request):
+                        errors[i] = f"logits processing failed: {type(exc).__name__}: {exc}"
+        for i in [i for i, r in enumerate(requests) if needs_row_processing(r)]:
+            try:
                 apply_logit_bias(logits[i], requests[i])
                 apply_allowed_tokens(logits[i], requests[i])
                 apply_bad_words(logits[i], requests[i])

@@ -45,6 +45,9 @@ class Scheduler:
         # Unfinished requests that score their prompt: a step without any skips looking for them.
         self._num_scoring = 0
         self._num_embedding = 0
+        # Requests finished since the engine last took them (`take_finished_ids`): the runner's
+        # per-request state (the penalties' token counts) goes with them.
+        self._finished_ids: list[str] = []
 
     # -- queue management -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -78,7 +81,13 @@ class Scheduler:
             self.proposer.forget(request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        self._finished_ids.append(request_id)
         return request
+
+    def take_finished_ids(self) -> list[str]:
+        """The requests finished since the last call."""
+        finished, self._finished_ids = self._finished_ids, []
+        return finished
 
     # -- one step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
