@@ -35,6 +35,18 @@ def async_client(server: ServerProcess) -> openai.AsyncOpenAI:
 def test_models_lists_the_served_name(client: openai.OpenAI) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"]
+    assert client.models.retrieve("tiny") == models[0]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("other")
+    assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_version_and_sagemakers_ping(server: ServerProcess) -> None:
+    from inferd.version import package_version
+
+    assert httpx.get(f"{server.base_url}/version").json() == {"version": package_version()}
+    assert httpx.get(f"{server.base_url}/ping").status_code == 200
+    assert httpx.post(f"{server.base_url}/ping").status_code == 200
 
 
 def test_completion_reports_usage_and_length(client: openai.OpenAI) -> None:

@@ -26,6 +26,7 @@ from inferd.server.openai.common import error_response as openai_error_response
 from inferd.server.openai_embeddings import build_embeddings_router
 from inferd.server.reasoning import REASONING_FORMATS
 from inferd.server.tgi.generation import error_response as tgi_error_response
+from inferd.version import package_version
 
 logger = logging.getLogger("inferd.server")
 
@@ -116,6 +117,13 @@ def create_app(
         if llm.is_alive:
             return Response(status_code=200)
         return JSONResponse({"error": llm.dead_reason or "engine is not running"}, status_code=503)
+
+    # SageMaker's health check (vLLM serves it too): the same answer.
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
+    @app.get("/version")
+    async def server_version() -> Response:
+        return JSONResponse({"version": package_version()})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

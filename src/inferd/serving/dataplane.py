@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from inferd.serving.repository import ModelEntry, ModelRepository
 from inferd.serving.runtimes.base import GenerationResult, GenerationStream, TensorRuntime, TextGenerator
 from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 from inferd.serving.validation import check_requested_outputs, validated_inputs
+from inferd.version import package_version
 
 SERVER_NAME = "inferd"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "generate")
@@ -39,19 +39,12 @@ class GenerationChunk:
     result: GenerationResult | None = None
 
 
-def _server_version() -> str:
-    try:
-        return version("inferd")
-    except PackageNotFoundError:
-        return "0"
-
-
 class DataPlane:
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": _server_version(), "extensions": list(EXTENSIONS)}
+        return {"name": SERVER_NAME, "version": package_version(), "extensions": list(EXTENSIONS)}
 
     def server_unready_reason(self) -> str | None:
         """None when the server is ready (every loaded model serves), else why not."""

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from inferd.server.errors import InvalidRequestError, protocol_route_class
+from inferd.server.errors import InvalidRequestError, ModelNotFoundError, protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai.beam_search import beam_complete, stream_beam_completion
 from inferd.server.openai.chat import (
@@ -70,14 +70,25 @@ def build_router(
     add_score_routes(router, frontend)
     add_classify_routes(router, frontend)
 
-    @router.get("/v1/models")
-    async def list_models() -> ModelList:
+    def model_cards() -> list[ModelCard]:
         base = ModelCard(id=frontend.model_name, max_model_len=frontend.max_model_len)
         adapters = [
             ModelCard(id=name, max_model_len=frontend.max_model_len, parent=frontend.model_name)
             for name in frontend.adapters
         ]
-        return ModelList(data=[base, *adapters])
+        return [base, *adapters]
+
+    @router.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=model_cards())
+
+    @router.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> ModelCard:
+        """The OpenAI SDK's `models.retrieve` (an adapter's name may hold a slash)."""
+        for card in model_cards():
+            if card.id == model_id:
+                return card
+        raise ModelNotFoundError(f"the model {model_id!r} does not exist", "model")
 
     if frontend.llm.config.allow_runtime_lora_updating:
 

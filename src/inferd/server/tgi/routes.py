@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -24,13 +23,7 @@ from inferd.server.tgi.generation import (
     stream_generate,
 )
 from inferd.server.tgi.protocol import GenerateRequest, GenerateResponse, Info
-
-
-def _inferd_version() -> str:
-    try:
-        return version("inferd")
-    except PackageNotFoundError:
-        return "unknown"
+from inferd.version import package_version
 
 
 def build_router(
@@ -57,7 +50,7 @@ def build_router(
             max_stop_sequences=MAX_STOP_SEQUENCES,
             max_input_tokens=frontend.max_model_len - 1,
             max_total_tokens=frontend.max_model_len,
-            version=_inferd_version(),
+            version=package_version(),
         )
 
     def ready_job(body: GenerateRequest, request: Request, stream: bool) -> TgiJob:
