@@ -152,6 +152,15 @@ def test_served_beam_search_answers_as_the_offline_one(tiny_model_factory) -> No
             extra_body={"use_beam_search": True, "length_penalty": 0.5, "skip_special_tokens": False},
         )  # fmt: skip
         assert [choice.text for choice in kept.choices] == expected
+        with_ids = client.completions.create(
+            model=server.model, prompt=prompts, n=3, max_tokens=5,
+            extra_body={"use_beam_search": True, "length_penalty": 0.5, "return_token_ids": True},
+        )  # fmt: skip
+        ids = [(c.model_extra or {}).get("token_ids") for c in with_ids.choices]
+        assert ids == [list(seq.token_ids) for result in offline for seq in result.sequences]
+        assert [(c.model_extra or {}).get("prompt_token_ids") for c in with_ids.choices] == [
+            prompt for prompt in prompts for _ in range(3)
+        ]
         # Streamed, as vLLM streams a search: each beam whole in a chunk of its own once the search
         # has ended, then the usage.
         chunks = list(client.completions.create(
@@ -185,6 +194,14 @@ def test_served_beam_search_answers_as_the_offline_one(tiny_model_factory) -> No
             seq.text for seq in chat_offline.sequences
         ]
         assert chat.usage is not None and chat.usage.prompt_tokens == len(chat_ids)
+        chat_with_ids = client.chat.completions.create(
+            model=server.model, messages=messages, n=2, max_tokens=6,
+            extra_body={"use_beam_search": True, "return_token_ids": True},
+        )  # type: ignore[call-overload]  # fmt: skip
+        assert (chat_with_ids.model_extra or {}).get("prompt_token_ids") == chat_ids
+        assert [(c.model_extra or {}).get("token_ids") for c in chat_with_ids.choices] == [
+            list(seq.token_ids) for seq in chat_offline.sequences
+        ]
         streamed = list(client.chat.completions.create(
             model=server.model, messages=messages, n=2, max_tokens=6, stream=True,
             stream_options={"include_usage": True}, extra_body={"use_beam_search": True},

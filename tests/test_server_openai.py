@@ -402,6 +402,51 @@ def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(
     assert cached(client.chat.completions.create(messages=messages, **options, **streamed)) == second
 
 
+def _extra(body: Any, name: str) -> Any:
+    """A field the OpenAI SDK's types do not declare (vLLM's), as the server sent it."""
+    return (body.model_extra or {}).get(name)
+
+
+def test_return_token_ids_gives_the_prompts_and_the_answers_tokens(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    """vLLM's `return_token_ids`: whole and streamed (each chunk the tokens since the last, the
+    prompt's with a choice's first chunk), for completions and chat; nothing without it."""
+    greedy: dict[str, Any] = {"model": "tiny", "max_tokens": 8, "temperature": 0}
+    asked = {"extra_body": {"return_token_ids": True}}
+    prompts = ["To be, or not", "Tomorrow, and"]
+    whole = client.completions.create(prompt=prompts, n=2, **greedy, **asked)
+    for choice in whole.choices:
+        prompt = prompts[choice.index // 2]
+        tokens = httpx.post(f"{server.base_url}/tokenize", json={"prompt": prompt}).json()["tokens"]
+        assert _extra(choice, "prompt_token_ids") == tokens
+        ids = _extra(choice, "token_ids")
+        assert (
+            httpx.post(f"{server.base_url}/detokenize", json={"tokens": ids}).json()["prompt"] == choice.text
+        )
+    assert sum(len(_extra(c, "token_ids")) for c in whole.choices) == whole.usage.completion_tokens  # type: ignore[union-attr]
+    plain = client.completions.create(prompt=prompts[0], **greedy)
+    assert (
+        _extra(plain.choices[0], "token_ids") is None and _extra(plain.choices[0], "prompt_token_ids") is None
+    )
+    chunks = list(client.completions.create(prompt=prompts[0], stream=True, **greedy, **asked))
+    assert _extra(chunks[0].choices[0], "prompt_token_ids") == _extra(whole.choices[0], "prompt_token_ids")
+    assert all(_extra(c.choices[0], "prompt_token_ids") is None for c in chunks[1:])
+    streamed = [token for c in chunks for token in _extra(c.choices[0], "token_ids")]
+    assert streamed == _extra(whole.choices[0], "token_ids")
+
+    messages = [{"role": "user", "content": "To be, or not"}]
+    chat = client.chat.completions.create(messages=messages, **greedy, **asked)
+    rendered = httpx.post(f"{server.base_url}/tokenize", json={"messages": messages}).json()["tokens"]
+    assert _extra(chat, "prompt_token_ids") == rendered
+    chat_ids = _extra(chat.choices[0], "token_ids")
+    assert len(chat_ids) == chat.usage.completion_tokens  # type: ignore[union-attr]
+    chat_chunks = list(client.chat.completions.create(messages=messages, stream=True, **greedy, **asked))
+    assert _extra(chat_chunks[0], "prompt_token_ids") == rendered
+    assert [t for c in chat_chunks for t in (_extra(c.choices[0], "token_ids") or [])] == chat_ids
+    assert _extra(client.chat.completions.create(messages=messages, **greedy), "prompt_token_ids") is None
+
+
 def test_null_fields_take_their_defaults(server: ServerProcess) -> None:
     nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "presence_penalty": None,
              "frequency_penalty": None, "seed": None, "stop": None, "stream_options": None}  # fmt: skip

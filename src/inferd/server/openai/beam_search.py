@@ -127,7 +127,14 @@ async def beam_complete(frontend: Frontend, job: CompletionJob) -> CompletionRes
     )
     answers = [answer for beams in found for answer in beams]
     choices = [
-        CompletionChoice(index=index, text=answer.text, logprobs=None, finish_reason=answer.finish_reason)
+        CompletionChoice(
+            index=index,
+            text=answer.text,
+            logprobs=None,
+            finish_reason=answer.finish_reason,
+            prompt_token_ids=job.prompt_token_ids(index),
+            token_ids=list(answer.token_ids) if job.return_token_ids else None,
+        )
         for index, answer in enumerate(answers)
     ]
     return CompletionResponse(

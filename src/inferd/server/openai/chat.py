@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -70,6 +70,11 @@ class ChatJob:
     forced: ForcedCalls | None = None
     # Set: a beam search (server/openai/beam_search.py) ranking finished beams with this penalty.
     length_penalty: float | None = None
+    # vLLM's return_token_ids: the conversation's and each choice's token ids in the answer.
+    return_token_ids: bool = False
+
+    def token_ids(self, tokens: Sequence[int]) -> list[int] | None:
+        return list(tokens) if self.return_token_ids else None
 
     def shaper(self) -> AnswerShaper:
         structured = self.params.structured_output is not None
@@ -257,6 +262,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         one_call=not body.parallel_tool_calls,
         forced=forced,
         length_penalty=body.length_penalty if body.use_beam_search else None,
+        return_token_ids=body.return_token_ids,
     )
 
 
@@ -301,6 +307,7 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
                 finish_reason="tool_calls"
                 if message.tool_calls and reason == "stop" and job.calls_end_turn
                 else reason,
+                token_ids=job.token_ids(out.token_ids),
             )
         )
     return ChatCompletionResponse(
@@ -313,6 +320,7 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
             sum(len(out.token_ids) for out in finals.values()),
             finals[0].metrics.num_cached_tokens,
         ),
+        prompt_token_ids=job.token_ids(job.prompt),
     )
 
 
@@ -327,25 +335,38 @@ async def beam_chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
         message = _message(job, answer.text)
         ends_in_calls = message.tool_calls and answer.finish_reason == "stop" and job.calls_end_turn
         reason = "tool_calls" if ends_in_calls else answer.finish_reason
-        choices.append(ChatChoice(index=index, message=message, logprobs=None, finish_reason=reason))
+        token_ids = job.token_ids(answer.token_ids)
+        choices.append(
+            ChatChoice(index=index, message=message, logprobs=None, finish_reason=reason, token_ids=token_ids)
+        )
     return ChatCompletionResponse(
         id=job.request_id,
         created=job.created,
         model=job.model,
         choices=choices,
         usage=usage(len(job.prompt), sum(len(answer.token_ids) for answer in answers)),
+        prompt_token_ids=job.token_ids(job.prompt),
     )
 
 
-def _chunk_event(job: ChatJob, choices: list[ChatChunkChoice]) -> str:
-    body = ChatCompletionChunk(id=job.request_id, created=job.created, model=job.model, choices=choices)
+def _chunk_event(
+    job: ChatJob, choices: list[ChatChunkChoice], prompt_token_ids: list[int] | None = None
+) -> str:
+    body = ChatCompletionChunk(
+        id=job.request_id,
+        created=job.created,
+        model=job.model,
+        choices=choices,
+        prompt_token_ids=prompt_token_ids,
+    )
     return sse_event(body.model_dump_json())
 
 
 def _role_chunk_event(job: ChatJob) -> str:
-    """The stream's first chunk: each choice's role."""
+    """The stream's first chunk: each choice's role (and the conversation's tokens, where asked)."""
     role = DeltaMessage(role="assistant", content="")
-    return _chunk_event(job, [ChatChunkChoice(index=i, delta=role) for i in range(job.n)])
+    choices = [ChatChunkChoice(index=i, delta=role) for i in range(job.n)]
+    return _chunk_event(job, choices, job.token_ids(job.prompt))
 
 
 async def stream_beam_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
@@ -369,7 +390,10 @@ async def stream_beam_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[st
                 content=message.content, reasoning_content=message.reasoning_content, tool_calls=calls or None
             )
             reason = choice.finish_reason
-            yield _chunk_event(job, [ChatChunkChoice(index=choice.index, delta=delta, finish_reason=reason)])
+            whole_beam = ChatChunkChoice(
+                index=choice.index, delta=delta, finish_reason=reason, token_ids=choice.token_ids
+            )
+            yield _chunk_event(job, [whole_beam])
         if job.include_usage:
             last = ChatCompletionChunk(
                 id=job.request_id, created=job.created, model=job.model, choices=[], usage=whole.usage
@@ -383,6 +407,7 @@ async def stream_beam_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[st
 async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
     """SSE events: a role chunk per choice, content deltas, a usage chunk if asked, then [DONE]."""
     num_tokens: dict[int, int] = {}
+    ids_sent: dict[int, int] = {}  # with return_token_ids: each choice's tokens already sent
     cached = 0  # the first choice's prefix-cache hits
     shapers = {i: job.shaper() for i in range(job.n)}
     try:
@@ -411,6 +436,9 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
                     choice = ChatChunkChoice(
                         index=item.index, delta=delta, logprobs=logprobs, finish_reason=reason
                     )
+                    if job.return_token_ids:  # with the tokens of the chunks held back before it
+                        choice.token_ids = list(out.token_ids[ids_sent.get(item.index, 0) :])
+                        ids_sent[item.index] = len(out.token_ids)
                     yield _chunk_event(job, [choice])
         if job.include_usage:
             last = ChatCompletionChunk(

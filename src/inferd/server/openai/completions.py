@@ -41,6 +41,9 @@ class _ChoiceState:
     num_tokens: int = 0
     # With echo and logprobs: the echoed prompt's tokens and log-probabilities lead the first logprobs.
     prompt_logprobs_sent: bool = False
+    # With return_token_ids: whether the prompt's tokens went out, and the generated tokens sent.
+    prompt_ids_sent: bool = False
+    token_ids_sent: int = 0
 
 
 @dataclass
@@ -61,10 +64,16 @@ class CompletionJob:
     logprobs: int | None = None
     # Set: a beam search (server/openai/beam_search.py) ranking finished beams with this penalty.
     length_penalty: float | None = None
+    # vLLM's return_token_ids: each choice carries its prompt's and its own token ids.
+    return_token_ids: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
+
+    def prompt_token_ids(self, index: int) -> list[int] | None:
+        """Choice ``index``'s prompt tokens, where asked for."""
+        return self.prompts[index // self.n] if self.return_token_ids else None
 
     def choice_state(self, index: int) -> _ChoiceState:
         return _ChoiceState(echo_text=self.prompt_texts[index // self.n] if self.echo else "")
@@ -106,6 +115,7 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
         best_of=best_of,
         logprobs=body.logprobs,
         length_penalty=body.length_penalty if body.use_beam_search else None,
+        return_token_ids=body.return_token_ids,
     )
 
 
@@ -136,6 +146,8 @@ async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse
                 text=state.echo_text + out.text,
                 logprobs=_logprobs(frontend.tokenizer, out, out.logprobs, state, job.logprobs),
                 finish_reason=finish_reason(out),
+                prompt_token_ids=job.prompt_token_ids(index),
+                token_ids=list(out.token_ids) if job.return_token_ids else None,
             )
         )
     # Every candidate's tokens were generated, so all of them count (as the API bills best_of).
@@ -205,6 +217,11 @@ def _chunk(
     if not text and reason is None and logprobs is None:
         return None  # nothing new to say (text held back while it might start a stop string)
     choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
+    if job.return_token_ids:  # the tokens of chunks left out above ride with this one
+        if not state.prompt_ids_sent:
+            choice.prompt_token_ids, state.prompt_ids_sent = job.prompt_token_ids(index), True
+        choice.token_ids = list(out.token_ids[state.token_ids_sent :])
+        state.token_ids_sent = len(out.token_ids)
     return CompletionResponse(id=job.request_id, created=job.created, model=job.model, choices=[choice])
 
 

@@ -70,6 +70,8 @@ class SamplingExtras(_Body):
     priority: int = 0
     # The prefix cache shares K/V only with requests of the same salt (vLLM's field).
     cache_salt: str | None = Field(None, min_length=1)
+    # vLLM's: the prompt's and each choice's token ids in the answer (stream chunks: the new ones).
+    return_token_ids: bool = False
     # inferd's: seconds until the request is aborted (overrides the server's --request-timeout).
     timeout: float | None = Field(None, gt=0.0, le=86400.0)
     # Structured output (server/structured_request.py): OpenAI's field, vLLM's object and vLLM's
@@ -208,6 +210,10 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     # `timeout` only in streamed chunks: the request ran out of time after its stream started.
     finish_reason: Literal["stop", "length", "timeout"] | None = None
+    # With return_token_ids: the choice's prompt (a stream's first chunk of the choice) and its
+    # generated tokens (a stream's chunk: those since the last), the one that ended it included.
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -247,6 +253,8 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    # With return_token_ids: the generated tokens, the one that ended the answer included.
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -256,6 +264,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    # With return_token_ids: the rendered conversation's tokens.
+    prompt_token_ids: list[int] | None = None
 
 
 class DeltaFunctionCall(BaseModel):
@@ -284,6 +294,8 @@ class ChatChunkChoice(BaseModel):
     logprobs: ChatChoiceLogprobs | None = None
     # `timeout`: the request ran out of time after its stream started.
     finish_reason: Literal["stop", "length", "tool_calls", "timeout"] | None = None
+    # With return_token_ids: the tokens generated since the choice's last chunk.
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -293,6 +305,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    # With return_token_ids: the conversation's tokens, on the role chunk that opens the stream.
+    prompt_token_ids: list[int] | None = None
 
 
 class ModelCard(BaseModel):
