@@ -19,6 +19,7 @@ from inferd.server.serve_cli import _chat_template, server_config
 
 # Shows each turn's role, thinking and text, so the rendered prompt says what reached the template.
 TEMPLATE = (
+    "{% for d in documents or [] %}[{{ d.title }}: {{ d.text }}]{% endfor %}"
     "{% for m in messages %}<{{ m.role }}>{{ m.reasoning_content or '' }}|{{ m.content }}\n{% endfor %}"
 )
 CONVERSATION = [
@@ -54,6 +55,29 @@ async def test_the_servers_template_renders_chats_with_each_turns_reasoning(clie
     body = {"model": "tiny", "messages": CONVERSATION, "max_tokens": 1}
     answer = await http.post("/v1/chat/completions", json=body)
     assert answer.status_code == 200 and answer.json()["usage"]["prompt_tokens"] == len(tokens)
+
+
+async def test_documents_reach_the_template_as_vllm_passes_them(client) -> None:  # type: ignore[no-untyped-def]
+    http, llm = client
+    documents = [{"title": "Rain", "text": "It rains in Paris."}]
+    body = {"model": "tiny", "messages": CONVERSATION[:1], "max_tokens": 1, "documents": documents}
+    answer = (await http.post("/v1/chat/completions", json={**body, "return_token_ids": True})).json()
+    expected = "[Rain: It rains in Paris.]<user>|Is it raining?\n"
+    assert answer["prompt_token_ids"] == llm.tokenizer.encode(expected, add_special_tokens=False)
+
+
+async def test_fields_not_served_are_400s_naming_them(client) -> None:  # type: ignore[no-untyped-def]
+    http, _ = client
+    chat = {"model": "tiny", "messages": CONVERSATION, "max_tokens": 1}
+    completion = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+    for route, body, field, value in (
+        ("/v1/completions", completion, "prompt_logprobs", 1),
+        ("/v1/chat/completions", chat, "prompt_logprobs", 0),
+        ("/v1/completions", completion, "return_tokens_as_token_ids", True),
+        ("/v1/chat/completions", chat, "echo", True),
+    ):
+        answer = await http.post(route, json={**body, field: value})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == field, answer.text
 
 
 async def test_a_requests_own_template_and_an_empty_tokenize_are_400s(client) -> None:  # type: ignore[no-untyped-def]

@@ -192,6 +192,8 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     frontend.check_model(body.model)
     if body.use_beam_search:
         check_beam_request(body)
+    if body.echo:
+        raise InvalidRequestError("echo: not served for chat (a completion's echo is)", "echo")
     if body.chat_template is not None:
         raise InvalidRequestError(
             "chat_template: a request's own template is not accepted; the server renders with the model's "
@@ -218,6 +220,8 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     )
     if tools is not None:
         variables = {**(variables or {}), "tools": tools}
+    if body.documents is not None:  # chat_template_kwargs' own `documents` win, as in vLLM
+        variables = {"documents": body.documents, **(variables or {})}
     prompt = frontend.render_chat(
         template_messages(body.messages), body.add_generation_prompt, variables, body.continue_final_message
     )

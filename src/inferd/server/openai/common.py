@@ -84,6 +84,16 @@ def sampling_params(
 ) -> SamplingParams:
     """`field_names` maps a SamplingParams field to the body's, for errors that name it. A sampling
     field the request leaves out takes the model's recommended value, where it has one."""
+    if body.prompt_logprobs is not None:
+        raise InvalidRequestError(
+            "prompt_logprobs: not served; a completion with echo and logprobs scores its prompt",
+            "prompt_logprobs",
+        )
+    if body.return_tokens_as_token_ids:
+        raise InvalidRequestError(
+            "return_tokens_as_token_ids: not served; return_token_ids gives the ids",
+            "return_tokens_as_token_ids",
+        )
     structure_fields = ("response_format", "structured_outputs", *GUIDED_FIELDS)
     structure, structure_field = requested({name: getattr(body, name) for name in structure_fields})
     field_names = {**(field_names or {}), "structured_output": structure_field}

@@ -72,6 +72,10 @@ class SamplingExtras(_Body):
     cache_salt: str | None = Field(None, min_length=1)
     # vLLM's: the prompt's and each choice's token ids in the answer (stream chunks: the new ones).
     return_token_ids: bool = False
+    # Declared to be refused (vLLM's, not served here): the prompt's log-probabilities with ranks,
+    # and tokens written as "token_id:N".
+    prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool = False
     # inferd's: seconds until the request is aborted (overrides the server's --request-timeout).
     timeout: float | None = Field(None, gt=0.0, le=86400.0)
     # Structured output (server/structured_request.py): OpenAI's field, vLLM's object and vLLM's
@@ -178,8 +182,12 @@ class ChatCompletionRequest(SamplingExtras):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    # Declared to be refused: a request's own template (the server's --chat-template applies).
+    # Declared to be refused: a request's own template (the server's --chat-template applies),
+    # and vLLM's chat echo (the last message put before the answer).
     chat_template: str | None = None
+    echo: bool = False
+    # vLLM's: documents for a retrieval-augmented template (a list of objects), as its variable.
+    documents: list[dict[str, str]] | None = None
 
 
 # -- responses ------------------------------------------------------------------------------------
