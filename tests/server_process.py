@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-_READY = re.compile(r"inferd serving (\S+) at (http://127\.0\.0\.1:\d+)")
+_READY = re.compile(r"inferd serving (\S+) at (https?://127\.0\.0\.1:\d+)")
 STARTUP_TIMEOUT_S = 90.0
 
 

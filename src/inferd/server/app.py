@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
@@ -96,6 +97,14 @@ def create_app(
     app = FastAPI(title="inferd", lifespan=lifespan)
     app.add_exception_handler(HTTPException, unmatched_route_response)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, render=render_error_for_path)
+    if config.allowed_origins:
+        # Outermost, so a refused request's answer (401, 413, ...) carries the headers a browser needs.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     app.state.frontend = frontend
     app.state.metrics_registry = registry
     for router in protocol_routers(frontend, config):

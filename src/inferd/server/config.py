@@ -32,5 +32,12 @@ class ServerConfig:
     tool_call_parser: str | None = None
     # A Jinja chat template (its text) used instead of the model folder's; None: the folder's.
     chat_template: str | None = None
+    # HTTPS: the server's private key and certificate files (PEM); both or neither.
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    # Browser origins allowed to call the API (CORS); empty: no CORS headers at all.
+    allowed_origins: tuple[str, ...] = ()
+    # The path prefix a reverse proxy serves the app under (ASGI root_path).
+    root_path: str = ""
     # The most candidates a TGI request's `best_of` may ask for (TGI's --max-best-of; its default).
     max_best_of: int = 2

@@ -60,6 +60,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="let chat requests offer tools; answers' <tool_call> blocks (Qwen, Hermes) become tool_calls",
     )
+    server.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM)")
+    server.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    server.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        default=(),
+        metavar="ORIGIN",
+        help="browser origins allowed to call the API (CORS), e.g. https://app.example or '*'; default: none",
+    )
+    server.add_argument(
+        "--root-path", default="", help="the path prefix a reverse proxy serves this server under"
+    )
     server.add_argument(
         "--chat-template",
         type=_chat_template,
@@ -146,6 +158,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
         chat_template=args.chat_template,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        allowed_origins=tuple(args.allowed_origins),
+        root_path=args.root_path,
         max_best_of=args.max_best_of,
     )
 
@@ -200,6 +216,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = server_config(args)
+    if (config.ssl_keyfile is None) != (config.ssl_certfile is None):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together")
     logger.info("loading model %s", args.model or "(built-in default)")
     llm = load_llm(args)
     app = create_app(llm, config, args.model_repository)
@@ -211,6 +229,9 @@ def run_serve(args: argparse.Namespace) -> int:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=CONNECTION_CLOSE_TIMEOUT_S,
+            ssl_keyfile=config.ssl_keyfile,
+            ssl_certfile=config.ssl_certfile,
+            root_path=config.root_path,
         )
     )
     return event_loop.run(
@@ -257,4 +278,5 @@ async def _announce_when_ready(server: DrainingServer, model_name: str) -> None:
     while not server.started:
         await asyncio.sleep(0.05)
     host, port = server.servers[0].sockets[0].getsockname()[:2]
-    logger.info("inferd serving %s at http://%s:%d", model_name, host, port)
+    scheme = "https" if server.config.ssl_certfile else "http"
+    logger.info("inferd serving %s at %s://%s:%d", model_name, scheme, host, port)
