@@ -16,8 +16,12 @@ class StaticReplayCapturer:
         self.replayed_sizes: list[int] = []
         self.replayed_graphs: list[int] = []  # each replay's graph, numbered in capture order
         self.num_captured = 0
+        # Whether each capture ran under inference mode (a graph captured with autograd on would
+        # keep every layer's activations alive in its memory pool).
+        self.captured_in_inference_mode: list[bool] = []
 
     def capture(self, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        self.captured_in_inference_mode.append(torch.is_inference_mode_enabled())
         static = forward()
         number = self.num_captured
         self.num_captured += 1

@@ -87,6 +87,7 @@ def test_graph_decode_equals_eager_decode(tiny_model_factory, async_scheduling: 
     capturer = StaticReplayCapturer()
     runner.capture_decode_graphs(capturer)
     assert runner.graphs is not None and runner.graphs.batch_sizes == [1, 2, 4, 6]
+    assert capturer.captured_in_inference_mode and all(capturer.captured_in_inference_mode)
     assert all(not k.any() and not v.any() for k, v in runner.kv_caches)  # capture wrote no KV
     got = [out.token_ids for out in graphed.generate(prompts, params)]
 

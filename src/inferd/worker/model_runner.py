@@ -244,11 +244,11 @@ class ModelRunner:
             return False
         return True
 
-    @torch.inference_mode()
     def forget(self, request_ids: list[str]) -> None:
         """Finished requests: the sampler's state for them (penalty counts) goes."""
         self.sampler.forget(request_ids)
 
+    @torch.inference_mode()
     def capture_decode_graphs(self, capturer: GraphCapturer | None = None) -> None:
         """Capture the decode graphs over the allocated KV cache. ``capturer`` defaults to CUDA's."""
         if self.tensor_parallel is not None:
