@@ -1,5 +1,6 @@
-"""`--tool-call-parser hermes`: chat requests may offer tools; the answer's `<tool_call>` blocks
-become OpenAI `tool_calls`, alike in responses and streams, however the deltas cut them."""
+"""`--tool-call-parser`: chat requests may offer tools; the answer's calls (hermes' `<tool_call>`
+blocks, Llama's JSON or Python calls, Mistral's `[TOOL_CALLS]`) become OpenAI `tool_calls`, alike in
+responses and streams, however the deltas cut them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from server_process import run_server
 from inferd.sampling_params import SamplingParams
 from inferd.server.openai.chat import ChatJob, chat, stream_chat, template_messages
 from inferd.server.openai.protocol import ChatMessage
-from inferd.server.tool_calls import ParsedToolCall, ToolCallReader
+from inferd.server.tool_calls import ParsedToolCall, tool_call_reader
 
 CALLS = (
     'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
@@ -24,11 +25,12 @@ CALLS = (
 )
 
 
-def read_tool_calls(text: str) -> tuple[str, list[ParsedToolCall]]:
+def read_tool_calls(text: str, parser: str = "hermes") -> tuple[str, list[ParsedToolCall]]:
     """A whole answer's (content, calls)."""
-    reader = ToolCallReader()
+    reader = tool_call_reader(parser)
     content, calls = reader.feed(text)
-    return content + reader.finish(), calls
+    rest, more = reader.finish()
+    return content + rest, calls + more
 
 
 def _named(calls: list[Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -48,17 +50,67 @@ def test_a_whole_answer_reads_its_calls() -> None:
         assert read_tool_calls(text) == (text, [])
 
 
+# Each parser's answers: calls, and texts that are not (left as content, as written).
+ANSWERS = {
+    "hermes": (CALLS, "plain <tool", "a <tool_call>not json</tool_call> b", '<tool_call>{"name": "f"'),
+    "llama3_json": (
+        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+        '{"name": "get_time", "parameters": {"zone": "CET"}}',
+        ' {"name": "get_weather", "parameters": {"city": "Paris"}}',
+        "{not a call}",
+        "The answer is {x}.",
+        '{"name": "f", "parameters": {"a": 1}} and some words',
+    ),
+    "pythonic": (
+        '[get_weather(city="Paris"), get_time(zone="CET")]',
+        '<|python_start|>[get_weather(city="Paris", days=[1, 2], metric=True)]<|python_end|>',
+        "[1, 2, 3]",
+        "[f(x)]",
+        "Sure: [f(a=1)]",
+    ),
+    "mistral": (
+        'Let me look.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}',
+        "[TOOL_CALLS] not json",
+        "plain [TOOL_CA",
+    ),
+}
+
+
+def test_each_parser_reads_its_calls_and_leaves_the_rest_as_written() -> None:
+    read = {parser: [read_tool_calls(text, parser) for text in texts] for parser, texts in ANSWERS.items()}
+    weather_and_time = [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    assert [(content, _named(calls)) for content, calls in read["llama3_json"][:2]] == [
+        ("", weather_and_time),
+        ("", weather_and_time[:1]),
+    ]
+    assert [(content, []) for content in ANSWERS["llama3_json"][2:]] == read["llama3_json"][2:]
+    assert (read["pythonic"][0][0], _named(read["pythonic"][0][1])) == ("", weather_and_time)
+    days = ("get_weather", {"city": "Paris", "days": [1, 2], "metric": True})
+    assert (read["pythonic"][1][0], _named(read["pythonic"][1][1])) == ("", [days])
+    assert [(content, []) for content in ANSWERS["pythonic"][2:]] == read["pythonic"][2:]
+    mistral = read["mistral"]
+    assert (mistral[0][0], _named(mistral[0][1])) == ("Let me look.", weather_and_time[:1])
+    assert (mistral[1][0], _named(mistral[1][1])) == ("", weather_and_time)
+    assert [(content, []) for content in ANSWERS["mistral"][2:]] == mistral[2:]
+    # Mistral's template takes back only ids of nine letters and digits.
+    assert all(len(call.id) == 9 and call.id.isalnum() for _, calls in mistral[:2] for call in calls)
+
+
 def test_deltas_read_as_the_whole_answer_does_wherever_they_cut() -> None:
     rng = random.Random(0)
-    for text in (CALLS, "plain <tool", "a <tool_call>not json</tool_call> b", '<tool_call>{"name": "f"'):
-        content, calls = read_tool_calls(text)
-        for _ in range(200):
-            cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(6, len(text) - 1))))
-            reader, streamed, streamed_calls = ToolCallReader(), "", []
-            for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
-                more, parsed = reader.feed(text[start:end])
-                streamed, streamed_calls = streamed + more, streamed_calls + parsed
-            assert (streamed + reader.finish(), _named(streamed_calls)) == (content, _named(calls)), cuts
+    for parser, texts in ANSWERS.items():
+        for text in texts:
+            content, calls = read_tool_calls(text, parser)
+            for _ in range(100):
+                cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(6, len(text) - 1))))
+                reader, streamed, streamed_calls = tool_call_reader(parser), "", []
+                for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
+                    more, parsed = reader.feed(text[start:end])
+                    streamed, streamed_calls = streamed + more, streamed_calls + parsed
+                rest, last = reader.finish()
+                got = (streamed + rest, _named(streamed_calls + last))
+                assert got == (content, _named(calls)), (parser, text, cuts)
 
 
 def test_tool_turns_reach_the_template_as_templates_read_them() -> None:
@@ -76,7 +128,7 @@ def test_tool_turns_reach_the_template_as_templates_read_them() -> None:
 async def test_the_stream_and_the_response_carry_the_same_calls() -> None:
     deltas = [CALLS[i : i + 7] for i in range(0, len(CALLS), 7)]
     job = ChatJob("chatcmpl-x", "m", [1], SamplingParams(), 1, want_logprobs=False, include_usage=False,
-                  read_tools=True)  # fmt: skip
+                  tool_parser="hermes")  # fmt: skip
     events = [json.loads(e[len("data: ") : -2]) async for e in stream_chat(ScriptedFrontend(deltas), job)  # type: ignore[arg-type]
               if e.startswith("data: {")]  # fmt: skip
     choices = [event["choices"][0] for event in events]
@@ -98,7 +150,7 @@ async def test_a_turn_of_calls_alone_has_no_content_streamed_or_not() -> None:
     """The spaces between and around the blocks are not content when nothing else is said."""
     calls_alone = CALLS.removeprefix("Let me look.\n") + "\n"
     job = ChatJob("chatcmpl-x", "m", [1], SamplingParams(), 1, want_logprobs=False, include_usage=False,
-                  read_tools=True)  # fmt: skip
+                  tool_parser="hermes")  # fmt: skip
     for size in (1, 3, 1000):
         deltas = [calls_alone[i : i + size] for i in range(0, len(calls_alone), size)]
         events = [e async for e in stream_chat(ScriptedFrontend(deltas), job)]  # type: ignore[arg-type]
@@ -112,7 +164,7 @@ async def test_a_turn_of_calls_alone_has_no_content_streamed_or_not() -> None:
 
 async def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     job = ChatJob("chatcmpl-x", "m", [1], SamplingParams(), 1, want_logprobs=False, include_usage=False,
-                  read_tools=True, one_call=True)  # fmt: skip
+                  tool_parser="hermes", one_call=True)  # fmt: skip
     deltas = [CALLS[i : i + 5] for i in range(0, len(CALLS), 5)]
     events = [e async for e in stream_chat(ScriptedFrontend(deltas), job)]  # type: ignore[arg-type]
     choices = [json.loads(e[len("data: ") : -2])["choices"][0] for e in events if e.startswith("data: {")]
@@ -189,7 +241,7 @@ def test_offering_tools_keeps_special_tokens_in_the_text() -> None:
 
     body = {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
     with_tools = prepare_chat(_Preparing(), ChatCompletionRequest.model_validate(body))  # type: ignore[arg-type]
-    assert with_tools.read_tools and not with_tools.params.skip_special_tokens
+    assert with_tools.tool_parser == "hermes" and not with_tools.params.skip_special_tokens
     none = ChatCompletionRequest.model_validate({**body, "tool_choice": "none"})
     assert prepare_chat(_Preparing(), none).params.skip_special_tokens  # type: ignore[arg-type]
 
@@ -222,3 +274,27 @@ def test_a_server_offers_tools_only_with_the_parser(tiny_llama: Path, tmp_path: 
         ):
             answer = post(server, **{"tools": TOOLS, **bad})
             assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+
+
+async def test_leading_calls_come_with_the_last_delta_and_other_answers_stream_as_they_come() -> None:
+    job = ChatJob("chatcmpl-x", "m", [1], SamplingParams(), 1, want_logprobs=False, include_usage=False,
+                  tool_parser="llama3_json")  # fmt: skip
+    answer = ANSWERS["llama3_json"][0]
+    deltas = [answer[i : i + 6] for i in range(0, len(answer), 6)]
+    events = [e async for e in stream_chat(ScriptedFrontend(deltas), job)]  # type: ignore[arg-type]
+    choices = [json.loads(e[len("data: ") : -2])["choices"][0] for e in events if e.startswith("data: {")]
+    with_calls = [c for c in choices if c["delta"].get("tool_calls")]
+    assert (
+        len(with_calls) == 1 and with_calls[0] is choices[-1] and choices[-1]["finish_reason"] == "tool_calls"
+    )
+    assert [call["function"]["name"] for call in with_calls[0]["delta"]["tool_calls"]] == [
+        "get_weather",
+        "get_time",
+    ]
+    assert not any(c["delta"].get("content") for c in choices)
+    prose = "The answer is {x}, as the notes say."
+    deltas = [prose[i : i + 5] for i in range(0, len(prose), 5)]
+    events = [e async for e in stream_chat(ScriptedFrontend(deltas), job)]  # type: ignore[arg-type]
+    contents = [json.loads(e[len("data: ") : -2])["choices"][0]["delta"].get("content") for e in events
+                if e.startswith("data: {")]  # fmt: skip
+    assert "".join(c or "" for c in contents) == prose and sum(1 for c in contents if c) > 3

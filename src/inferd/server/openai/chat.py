@@ -45,7 +45,7 @@ from inferd.server.openai.protocol import (
 )
 from inferd.server.reasoning import ReasoningFormat, prompt_closes_thinking
 from inferd.server.streaming import SSE_DONE, sse_event
-from inferd.server.tool_calls import ParsedToolCall
+from inferd.server.tool_calls import TOOL_CALL_PARSERS, ParsedToolCall
 from inferd.structured.spec import StructuredOutput
 
 
@@ -62,9 +62,9 @@ class ChatJob:
     timeout_s: float | None = None  # None: the server's default
     # How to split the thinking from the answer (--reasoning-parser); None: all of it is content.
     reasoning: ReasoningFormat | None = None
-    # Read the answer's tool-call blocks into tool_calls (the request offered tools); with
-    # parallel_tool_calls false, the first call only.
-    read_tools: bool = False
+    # The --tool-call-parser that reads the answer's calls (the request offered tools); None:
+    # none read. With parallel_tool_calls false, the first call only.
+    tool_parser: str | None = None
     one_call: bool = False
     # tool_choice "required" or a named function: the answer is the calls' JSON, read as such.
     forced: ForcedCalls | None = None
@@ -78,7 +78,7 @@ class ChatJob:
 
     def shaper(self) -> AnswerShaper:
         structured = self.params.structured_output is not None
-        return AnswerShaper(self.reasoning, self.read_tools, self.one_call, self.forced, structured)
+        return AnswerShaper(self.reasoning, self.tool_parser, self.one_call, self.forced, structured)
 
     @property
     def calls_end_turn(self) -> bool:
@@ -130,7 +130,8 @@ def _offered_tools(frontend: Frontend, body: ChatCompletionRequest) -> list[dict
     if frontend.tool_call_parser is None and not forcing:
         # A forced call's answer is JSON made to the tools' schemas: no parser reads it.
         raise InvalidRequestError(
-            "tools: start the server with --tool-call-parser hermes to use tools", "tools"
+            f"tools: start the server with --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)}) to use tools",
+            "tools",
         )
     for tool in body.tools:
         function = tool.get("function")
@@ -262,7 +263,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         want_logprobs=body.logprobs,
         include_usage=body.include_usage_chunk,
         reasoning=reasoning,
-        read_tools=tools is not None and forced is None,
+        tool_parser=frontend.tool_call_parser if tools is not None and forced is None else None,
         one_call=not body.parallel_tool_calls,
         forced=forced,
         length_penalty=body.length_penalty if body.use_beam_search else None,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from inferd.server.forced_tool_calls import ForcedCalls
 from inferd.server.reasoning import ReasoningFormat, ReasoningSplitter
-from inferd.server.tool_calls import ParsedToolCall, ToolCallReader
+from inferd.server.tool_calls import ParsedToolCall, tool_call_reader
 
 
 @dataclass
@@ -26,7 +26,7 @@ class AnswerShaper:
     def __init__(
         self,
         reasoning: ReasoningFormat | None,
-        read_tools: bool,
+        tool_parser: str | None,
         one_call: bool,
         forced: ForcedCalls | None = None,
         structured: bool = False,
@@ -37,7 +37,7 @@ class AnswerShaper:
         self._forced = forced
         self._forced_text: list[str] = []
         self._splitter = ReasoningSplitter(reasoning, reopens=not structured) if reasoning else None
-        self._reader = ToolCallReader() if read_tools else None
+        self._reader = tool_call_reader(tool_parser) if tool_parser is not None else None
         self._one_call = one_call  # parallel_tool_calls false: the first call only
         self.calls_sent = 0
         # With tools: spaces at the end of the content so far, held until text follows them. A turn
@@ -57,8 +57,10 @@ class AnswerShaper:
         if self._reader is None:
             return shaped
         shaped.content, calls = self._reader.feed(shaped.content)
-        if finished:  # an unclosed block or a held tail is content
-            shaped.content += self._reader.finish()
+        if finished:  # what the reader held: calls, or content (an unclosed block, a held tail)
+            content, last_calls = self._reader.finish()
+            shaped.content += content
+            calls += last_calls
         if self._one_call:
             calls = calls[: max(0, 1 - self.calls_sent)]
         shaped.calls = calls
