@@ -93,8 +93,13 @@ def test_the_flag_takes_a_file_or_a_template(tmp_path: Path) -> None:
     file = tmp_path / "chat.jinja"
     file.write_text(TEMPLATE)
     assert _chat_template(str(file)) == TEMPLATE == _chat_template(TEMPLATE)
-    with pytest.raises(argparse.ArgumentTypeError, match="neither a file nor a Jinja template"):
-        _chat_template(str(tmp_path / "missing.jinja"))
+    long_template = (
+        TEMPLATE + "{# a real template runs to kilobytes #}" * 100
+    )  # longer than a file name may be
+    assert _chat_template(long_template) == long_template
+    for neither in (str(tmp_path / "missing.jinja"), "x" * 600):
+        with pytest.raises(argparse.ArgumentTypeError, match="neither a file nor a Jinja template"):
+            _chat_template(neither)
     args = build_parser().parse_args(["serve", "--chat-template", str(file)])
     assert server_config(args).chat_template == TEMPLATE
 

@@ -167,18 +167,21 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _chat_template(text: str) -> str:
-    """A template file's text, or the argument itself where it is a template (as vLLM's flag)."""
-    path = Path(text)
-    try:
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc}") from None
-    except ValueError:  # a template too long, or with a NUL, to be a path
-        pass
+    """The argument itself where it is a template (as vLLM's flag takes it), else a file's text.
+    A template is looked for first: a real one is too long to be a file name at all."""
     if "{{" in text or "{%" in text:
         return text
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a file nor a Jinja template")
+    path = Path(text)
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # too long for a file name, or with a NUL
+        is_file = False
+    if not is_file:
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is neither a file nor a Jinja template")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc}") from None
 
 
 def _port(text: str) -> int:
