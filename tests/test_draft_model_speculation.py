@@ -184,6 +184,23 @@ def test_requests_sharing_a_prompts_start_share_the_drafts_blocks(draft: Path) -
     assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
 
 
+def test_the_drafts_cached_blocks_are_shared_only_under_the_same_cache_salt(draft: Path) -> None:
+    folder = default_model_path()
+    llm = LLM(folder, speculative_config=_spec(folder, 3), kv_cache_memory="16MiB", block_size=4)
+    prompt = llm.tokenizer.encode(" ".join(TEXT_PROMPTS))
+    proposer = llm.engine.core.scheduler.proposer
+
+    def draft_hits(salt: str | None) -> int:
+        before = proposer.kv.prefix_hits
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, cache_salt=salt)
+        llm.generate([prompt], params)
+        return proposer.kv.prefix_hits - before
+
+    assert draft_hits("tenant-a") == 0
+    assert draft_hits("tenant-b") == 0 and draft_hits(None) == 0
+    assert draft_hits("tenant-a") >= (len(prompt) // 4 - 1) * 4
+
+
 def test_the_draft_attends_on_the_served_models_backend(draft: Path) -> None:
     """With the Triton attention backend (its interpreter here, its kernels on a GPU) the draft's
     passes run on it too: the served model as its own draft still has every guess kept."""

@@ -29,6 +29,7 @@ from inferd.attention.registry import create_backend
 from inferd.config import EngineConfig, ModelConfig, ModelLoadError, parse_dtype
 from inferd.kv.manager import KVCacheManager
 from inferd.models.loader import load_model
+from inferd.sched.proposer import GuessRequest
 from inferd.worker.kv_cache import allocate_kv_caches
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class _DraftState:
     out_of_vocabulary: bool = False
     # It has a block table, which started from the blocks of its longest prefix the cache holds.
     attached: bool = False
+    # Its cache salt: its blocks are shared only with requests of the same one.
+    salt: str | None = None
 
 
 class DraftModelProposer:
@@ -100,15 +103,17 @@ class DraftModelProposer:
     def cache_usage(self) -> float | None:
         return self.kv.usage()
 
-    def propose_batch(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
-        """Guesses for each ``(request id, its tokens, at most so many guesses)``: up to that many
-        tokens the draft model decodes greedily after the tokens. No guess for a request the draft
+    def propose_batch(self, requests: list[GuessRequest]) -> list[list[int]]:
+        """Guesses for each request: up to its room of tokens the draft model decodes greedily
+        after its tokens. No guess for a request the draft
         has not caught up with yet (a long prompt is computed over several steps, a step's budget
         of tokens at most each), or whose tokens it cannot read, or when its cache is full."""
         guesses: list[list[int]] = [[] for _ in requests]
         pending: list[tuple[int, int]] = []  # (index, first token to compute)
-        for index, (request_id, tokens, room) in enumerate(requests):
+        for index, asked in enumerate(requests):
+            request_id, tokens, room = asked.request_id, asked.tokens, asked.room
             state = self._states.setdefault(request_id, _DraftState())
+            state.salt = asked.cache_salt
             if room <= 0 or state.out_of_vocabulary:
                 continue
             # The tokens it has not read must be its own (all of them, the first time).
@@ -117,7 +122,7 @@ class DraftModelProposer:
                 state.out_of_vocabulary = True
                 continue
             if not state.attached:  # its first proposal: what the cache holds of its start is its own
-                state.valid = self.kv.find_cached_prefix(request_id, tokens)
+                state.valid = self.kv.find_cached_prefix(request_id, tokens, state.salt)
                 state.attached = True
                 start = self._first_unknown(state, tokens)
             # Its last token's K/V is written with it, and each guess but the last is fed back.
@@ -130,22 +135,25 @@ class DraftModelProposer:
         with torch.inference_mode():
             caught_up = self._catch_up(requests, pending, guesses)
             live, step = caught_up, 1
-            while live := [i for i in live if requests[i][2] > step]:
-                fed = [(requests[i][0], len(requests[i][1]) + step - 1, guesses[i][-1]) for i in live]
+            while live := [i for i in live if requests[i].room > step]:
+                fed = [
+                    (requests[i].request_id, len(requests[i].tokens) + step - 1, guesses[i][-1]) for i in live
+                ]
                 for index, token in zip(live, self._decode(fed), strict=True):
                     guesses[index].append(token)
                 step += 1
         for index in caught_up:
-            request_id, tokens, _room = requests[index]
+            asked = requests[index]
             # The K/V of the context and of every guess fed back (all but the last).
-            self._computed(request_id, tokens, len(tokens), guesses[index][:-1])
+            self._computed(asked.request_id, asked.tokens, len(asked.tokens), guesses[index][:-1])
         return guesses
 
     def _computed(self, request_id: str, tokens: list[int], valid: int, fed: list[int]) -> None:
         """Record that the draft's cache holds the K/V of the request's first ``valid`` tokens and
         of ``fed`` after them, and offer its blocks full of real tokens to the prefix cache."""
-        self._states[request_id] = _DraftState(valid, fed, attached=True)
-        self.kv.cache_computed_blocks(request_id, lambda start, end: tokens[start:end], valid)
+        salt = self._states[request_id].salt
+        self._states[request_id] = _DraftState(valid, fed, attached=True, salt=salt)
+        self.kv.cache_computed_blocks(request_id, lambda start, end: tokens[start:end], valid, salt)
 
     def _first_unknown(self, state: _DraftState, tokens: list[int]) -> int:
         """The first of ``tokens`` whose K/V the draft's cache does not hold (never past the last,
@@ -161,7 +169,7 @@ class DraftModelProposer:
 
     def _catch_up(
         self,
-        requests: list[tuple[str, list[int], int]],
+        requests: list[GuessRequest],
         pending: list[tuple[int, int]],
         guesses: list[list[int]],
     ) -> list[int]:
@@ -171,17 +179,17 @@ class DraftModelProposer:
         what it computed for the next step."""
         chunk: list[tuple[int, int, list[int]]] = []  # (index, first position, tokens)
         budget = self.max_pass_tokens
-        for index, start in sorted(pending, key=lambda item: len(requests[item[0]][1]) - item[1]):
-            request_id, tokens, _room = requests[index]
+        for index, start in sorted(pending, key=lambda item: len(requests[item[0]].tokens) - item[1]):
+            tokens = requests[index].tokens
             take = min(len(tokens) - start, budget)
             if take <= 0:
                 break
             chunk.append((index, start, tokens[start : start + take]))
             budget -= take
-        predicted = self._forward([(requests[index][0], start, part) for index, start, part in chunk])
+        predicted = self._forward([(requests[index].request_id, start, part) for index, start, part in chunk])
         caught_up = []
         for (index, start, part), token in zip(chunk, predicted, strict=True):
-            request_id, tokens, _room = requests[index]
+            request_id, tokens = requests[index].request_id, requests[index].tokens
             if start + len(part) == len(tokens):
                 guesses[index].append(token)
                 caught_up.append(index)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from inferd.config import SpeculativeConfig
+from inferd.sched.proposer import GuessRequest
 
 
 class NgramProposer:
@@ -23,9 +24,9 @@ class NgramProposer:
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
 
-    def propose_batch(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
-        """``propose`` for each ``(request id, its tokens, at most so many guesses)``."""
-        return [self.propose(tokens, room) for _, tokens, room in requests]
+    def propose_batch(self, requests: list[GuessRequest]) -> list[list[int]]:
+        """``propose`` for each request."""
+        return [self.propose(request.tokens, request.room) for request in requests]
 
     def forget(self, request_id: str) -> None:
         """Nothing is kept per request: each proposal reads the request's tokens afresh."""

@@ -3,9 +3,22 @@ tokens, for all of a step's guessing requests at once, and the end of a request'
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from inferd.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class GuessRequest:
+    """One request a step asks guesses for."""
+
+    request_id: str
+    tokens: list[int]  # its tokens so far
+    room: int  # at most so many guesses
+    # Its own `cache_salt`: a draft model's cached blocks are shared only under the same one (not
+    # the adapter's part: a draft's K/V do not depend on the served model's adapter).
+    cache_salt: str | None = None
 
 
 class Proposer(Protocol):
@@ -14,8 +27,8 @@ class Proposer(Protocol):
     # Whether it guesses for a step's requests together (a model's batch), or one by one.
     batched: bool
 
-    def propose_batch(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
-        """Guesses for each ``(request id, its tokens so far, at most so many guesses)``."""
+    def propose_batch(self, requests: list[GuessRequest]) -> list[list[int]]:
+        """Guesses for each request, in order."""
         ...
 
     def forget(self, request_id: str) -> None:

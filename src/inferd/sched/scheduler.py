@@ -11,7 +11,7 @@ from inferd.engine.request import FinishReason, Request, RequestStatus
 from inferd.kv.manager import KVCacheManager
 from inferd.sample.penalties import needs_history
 from inferd.sched.output import ScheduledSequence, SchedulerOutput
-from inferd.sched.proposer import Proposer
+from inferd.sched.proposer import GuessRequest, Proposer
 
 
 class Scheduler:
@@ -142,13 +142,11 @@ class Scheduler:
                 asked.append((seq, room))
                 budget -= room
             else:
-                (guesses,) = self.proposer.propose_batch(
-                    [(seq.request.request_id, seq.request.all_token_ids, room)]
-                )
+                (guesses,) = self.proposer.propose_batch([_guess_request(seq.request, room)])
                 budget -= self._run_guesses(seq, guesses)
         if asked:
             proposals = self.proposer.propose_batch(
-                [(seq.request.request_id, seq.request.all_token_ids, room) for seq, room in asked]
+                [_guess_request(seq.request, room) for seq, room in asked]
             )
             for (seq, _room), guesses in zip(asked, proposals, strict=True):
                 self._run_guesses(seq, guesses)
@@ -394,3 +392,7 @@ def _urgency_index(queue: deque[Request] | list[Request], request: Request) -> i
     urgent (so equals keep their arrival order)."""
     key = _urgency(request)
     return bisect.bisect_right(queue, key, key=_urgency)
+
+
+def _guess_request(request: Request, room: int) -> GuessRequest:
+    return GuessRequest(request.request_id, request.all_token_ids, room, request.params.cache_salt)
