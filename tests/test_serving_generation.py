@@ -7,6 +7,7 @@ import pytest
 
 from inferd.serving.errors import InvalidInputError
 from inferd.serving.generation import generation_params
+from inferd.serving.runtimes.base import GenerationResult
 
 
 def test_numbers_flags_and_lists_may_come_as_text() -> None:
@@ -65,3 +66,47 @@ def test_bad_values_name_their_parameter(parameters: dict[str, object], named: s
 
 def test_one_sequence_is_what_a_request_already_asks() -> None:
     assert generation_params({"n": "1", "best_of": 1}).sampling == {}
+
+
+class _OldStream:
+    """A runtime's stream written before streams counted their tokens: deltas and a result only."""
+
+    def __init__(self) -> None:
+        self._sent: list[str] = []
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        for word in ("a", " b"):
+            self._sent.append(word)
+            yield word
+
+    def result(self) -> GenerationResult:
+        return GenerationResult("".join(self._sent), "stop", 1, 2)
+
+
+class _OldGenerator:
+    def generate(self, text: str, params: object) -> _OldStream:
+        return _OldStream()
+
+
+async def test_a_runtime_without_counts_serves_all_but_the_counted_outputs() -> None:
+    from inferd.serving.dataplane import DataPlane
+    from inferd.serving.llm_io import llm_request
+
+    chunks = [chunk async for chunk in DataPlane.generate_stream(_OldGenerator(), llm_request("x", {}))]  # type: ignore[arg-type]
+    assert [chunk.text for chunk in chunks] == ["a", " b", ""] and chunks[-1].result is not None
+    counted = llm_request("x", {"return_num_output_tokens": True})
+    with pytest.raises(InvalidInputError, match="num_output_tokens"):
+        [chunk async for chunk in DataPlane.generate_stream(_OldGenerator(), counted)]  # type: ignore[arg-type]
+
+
+def test_an_output_asked_for_twice_is_invalid_input() -> None:
+    import numpy as np
+
+    from inferd.serving.llm_io import read_llm_request
+    from inferd.serving.tensor import InferRequest, RequestedOutput, Tensor
+
+    text = Tensor("text_input", "BYTES", np.array([b"hi"], dtype=object))
+    twice = [RequestedOutput("finish_reason"), RequestedOutput("finish_reason")]
+    with pytest.raises(InvalidInputError, match="twice"):
+        read_llm_request(InferRequest([text], twice))
+    assert read_llm_request(InferRequest([text], twice[:1])).extras == ("finish_reason",)

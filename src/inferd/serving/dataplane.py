@@ -18,7 +18,7 @@ from inferd.serving.config import ModelConfig, TensorSpec
 from inferd.serving.datatypes import numpy_dtype
 from inferd.serving.errors import InferenceError, InvalidInputError
 from inferd.serving.generation import flag, generation_params
-from inferd.serving.llm_io import STREAM, TEXT_INPUT, TEXT_OUTPUT, LLMRequest, read_llm_request
+from inferd.serving.llm_io import COUNTS, STREAM, TEXT_INPUT, TEXT_OUTPUT, LLMRequest, read_llm_request
 from inferd.serving.repository import ModelEntry, ModelRepository
 from inferd.serving.runtimes.base import GenerationResult, GenerationStream, TensorRuntime, TextGenerator
 from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
@@ -207,7 +207,12 @@ class DataPlane:
     @staticmethod
     def _start(generator: TextGenerator, llm: LLMRequest) -> GenerationStream:
         wants_logprob = "cumulative_logprob" in llm.extras
-        return generator.generate(llm.prompt, generation_params(llm.parameters, wants_logprob))
+        stream = generator.generate(llm.prompt, generation_params(llm.parameters, wants_logprob))
+        # A runtime written before the streams counted their tokens serves every other request.
+        missing = [name for name in llm.extras if name in COUNTS and not hasattr(stream, COUNTS[name])]
+        if missing:
+            raise InvalidInputError(f"this model's runtime does not report {', '.join(missing)}")
+        return stream
 
     @classmethod
     async def generate(
@@ -225,9 +230,11 @@ class DataPlane:
         """A chunk per text delta, then an empty one with the result (and the tokens that followed
         the last text, an EOS say)."""
         stream = cls._start(generator, llm)
+        counting = "num_output_tokens" in llm.extras  # the counts are read only where asked for
         counted = 0
         async for delta in stream:
-            yield GenerationChunk(delta, stream.completion_tokens - counted, stream)
-            counted = stream.completion_tokens
+            total = stream.completion_tokens if counting else 0
+            yield GenerationChunk(delta, total - counted, stream)
+            counted = total
         result = stream.result()
-        yield GenerationChunk("", result.completion_tokens - counted, stream, result)
+        yield GenerationChunk("", result.completion_tokens - counted if counting else 0, stream, result)

@@ -40,6 +40,12 @@ EXTRA_OUTPUTS = {
     "num_output_tokens": ("return_num_output_tokens", "UINT32"),
     "cumulative_logprob": ("return_cumulative_logprob", "FP32"),
 }
+# The extra outputs read from a `GenerationStream`'s counts, and the attribute each reads.
+COUNTS = {
+    "num_input_tokens": "prompt_tokens",
+    "num_output_tokens": "completion_tokens",
+    "cumulative_logprob": "cumulative_logprob",
+}
 _FLAG_INPUTS = (STREAM, EXCLUDE_INPUT, *(flag_name for flag_name, _ in EXTRA_OUTPUTS.values()))
 _REFUSED_FLAGS = {"return_logprobs": "per-token log-probabilities are served on the OpenAI routes"}
 
@@ -116,6 +122,8 @@ def llm_request(prompt: str, parameters: dict[str, Any], request: InferRequest |
             raise InvalidInputError(
                 f"unknown output {requested.name!r}; the model has {[TEXT_OUTPUT.name, *EXTRA_OUTPUTS]}"
             )
+        if requested.name in listed:
+            raise InvalidInputError(f"output {requested.name!r} is asked for twice")
         if "classification" in requested.parameters:
             raise InvalidInputError(f"output {requested.name!r}: classification does not apply")
         listed.append(requested.name)

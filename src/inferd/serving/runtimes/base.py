@@ -62,7 +62,9 @@ class GenerationResult:
 
 class GenerationStream(Protocol):
     """Async iteration yields text deltas; `result()` is valid once iteration has finished. The
-    counts grow as the deltas come (a delta may carry several tokens, or follow tokens of no text)."""
+    counts grow as the deltas come (a delta may carry several tokens, or follow tokens of no text);
+    they are read only for a request that asks for the outputs made from them (Triton's `return_*`
+    flags), so a runtime without them serves every other request."""
 
     def __aiter__(self) -> AsyncIterator[str]: ...
 
