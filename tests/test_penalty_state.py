@@ -65,8 +65,18 @@ def test_a_mixed_batch_matches_the_row_by_row_penalties_step_after_step() -> Non
 def test_finished_requests_leave_the_engines_penalty_state(tiny_llama) -> None:
     llm = LLM(tiny_llama, kv_cache_memory="8MiB")
     penalized = SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=1.3, ignore_eos=True)
-    llm.generate([[1, 2, 3], [4, 5, 6], [7, 8, 9]], penalized)
-    state = llm.engine.core.runner.sampler._penalties
-    assert state is not None and state.num_requests == 3  # taken back at the next step
-    llm.generate([[5, 6, 7]], penalized)
+    engine = llm.engine
+    for prompt in ([1, 2, 3], [4, 5, 6], [7, 8, 9]):
+        engine.add_request(str(prompt), prompt, penalized)
+    engine.step()
+    state = engine.core.runner.sampler._penalties
+    assert state is not None and state.num_requests == 3
+    while engine.has_unfinished():
+        engine.step()
+    assert state.num_requests == 0  # let go by the step that finished them
+    engine.add_request("aborted", [5, 6, 7], penalized)
+    engine.step()
+    engine.abort(["aborted"])
     assert state.num_requests == 1
+    engine.step()  # an abort between steps: let go by the next one
+    assert state.num_requests == 0

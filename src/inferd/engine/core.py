@@ -181,7 +181,11 @@ class EngineCore:
             raise
         if read is None or runner_out is None:
             return []
-        return self._apply(read, runner_out)
+        outputs = self._apply(read, runner_out)
+        # The requests this step finished let go of their sampler state now, not at the next step:
+        # an engine left idle keeps none (a step already in flight sampled at its launch).
+        self.runner.forget(self.scheduler.take_finished_ids())
+        return outputs
 
     def _count_step(self, tokens: int) -> None:
         self._step_token_counts[bisect.bisect_left(STEP_TOKEN_BUCKETS, tokens)] += 1

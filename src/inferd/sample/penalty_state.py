@@ -4,10 +4,11 @@ Each penalized request keeps, on the host and between steps, its distinct tokens
 and output, for the repetition penalty) and its output tokens' counts (for presence and
 frequency), each grown by the tokens it gained since its last step (one, as a rule), so its
 history is never read again. A step lays every penalized row's tokens out as one index into the
-flattened logits, sends it to the device once, and penalizes them with one gather and one
-scatter: the work follows the tokens seen, not the vocabulary, and the kernels do not multiply
-with the rows. A request's state goes when the scheduler reports it finished
-(`Scheduler.take_finished_ids`, through `ModelRunner.forget`).
+flattened logits, sends it to the device (from pinned memory, without a host wait), and penalizes
+them with one gather and one scatter: the work follows the tokens seen, not the vocabulary, and
+the kernels do not multiply with the rows. A request's state goes when the scheduler reports it
+finished (`Scheduler.take_finished_ids`, through `ModelRunner.forget`). One penalty that cannot be
+applied fails every penalized row of its step (the batch is one operation).
 """
 
 from __future__ import annotations
@@ -132,8 +133,7 @@ class PenaltyState:
         if repeated:
             index, lengths = _flat_index([(row, tokens) for row, tokens, _ in repeated], vocab)
             factor = np.repeat(np.array([f for _, _, f in repeated], dtype=np.float32), lengths)
-            where = torch.from_numpy(index).to(logits.device)
-            penalty = torch.from_numpy(factor).to(logits.device)
+            where, penalty = _upload(index, logits.device), _upload(factor, logits.device)
             values = flat[where]
             flat[where] = torch.where(values > 0, values / penalty, values * penalty)
         if counted:
@@ -143,8 +143,7 @@ class PenaltyState:
             frequency = np.repeat(np.array([f for *_, f in counted], dtype=np.float32), lengths)
             # In float32, as the device would compute it: ``logit - (frequency * count + presence)``.
             subtracted = frequency * counts + presence
-            where = torch.from_numpy(index).to(logits.device)
-            flat.index_add_(0, where, torch.from_numpy(-subtracted).to(logits.device))
+            flat.index_add_(0, _upload(index, logits.device), _upload(-subtracted, logits.device))
 
     def _history(self, request: Request, vocab: int) -> _History:
         history = self._histories.get(request.request_id)
@@ -153,6 +152,15 @@ class PenaltyState:
             history = self._histories[request.request_id] = _History(request, vocab)
         history.take(outputs, vocab)
         return history
+
+
+def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` on ``device``; on a GPU it goes up from pinned memory without a host wait (the
+    caching host allocator keeps the staging memory until the copy has run)."""
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _flat_index(rows: list[tuple[int, np.ndarray]], vocab: int) -> tuple[np.ndarray, np.ndarray]:
