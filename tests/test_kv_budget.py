@@ -111,3 +111,28 @@ def test_a_low_bit_drafts_values_count_as_stored(tmp_path: Path) -> None:
         dtype = "float32"
 
     assert builder._draft_weight_bytes(Config()) == 64 * 8 * 4 + 10 + 64 * 4  # type: ignore[arg-type]
+
+
+def test_gpu_memory_utilization_fills_that_share_of_the_whole_device(tiny_model_factory, monkeypatch) -> None:
+    """vLLM's gpu_memory_utilization: the share of the device's whole memory the engine may hold;
+    the memory already in use (weights, other processes) counts against it."""
+    folder = tiny_model_factory("qwen3")
+    free, total = 3 * 2**28, 2**30  # a quarter of the device in use
+    monkeypatch.setattr(builder.torch.cuda, "mem_get_info", lambda: (free, total))
+    config = builder.build_engine_config(folder, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.9)
+    per_block = config.model.kv_bytes_per_token(config.kv_dtype) * config.cache.block_size
+    expected = (int(0.9 * total) - (total - free)) // per_block
+    assert builder.resolve_num_blocks(config).cache.num_blocks == expected
+    default = builder.build_engine_config(folder, device="cuda", dtype="bfloat16")
+    assert (
+        builder.resolve_num_blocks(default).cache.num_blocks
+        == int(free * builder._GPU_KV_FRACTION) // per_block
+    )
+    for options, message in (
+        ({"device": "cuda", "gpu_memory_utilization": 0}, "must be in"),
+        ({"device": "cuda", "gpu_memory_utilization": 1.5}, "must be in"),
+        ({"device": "cuda", "gpu_memory_utilization": 0.9, "kv_cache_memory": "1GiB"}, "not both"),
+        ({"device": "cpu", "gpu_memory_utilization": 0.9}, "on the CPU"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            builder.build_engine_config(folder, dtype="bfloat16", **options)

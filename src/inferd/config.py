@@ -734,6 +734,9 @@ class CacheConfig:
     block_size: int = 16
     # Bytes for the KV cache; None means a default derived from free memory.
     kv_cache_memory: int | None = None
+    # On a GPU, without kv_cache_memory: the share of the device's whole memory this engine may
+    # hold (vLLM's gpu_memory_utilization); the cache gets what it leaves after what is in use.
+    gpu_memory_utilization: float | None = None
     # Set when derived from the memory budget (or forced, for tests).
     num_blocks: int | None = None
     enable_prefix_caching: bool = True

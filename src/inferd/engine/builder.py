@@ -81,9 +81,18 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         policy=options.pop("scheduling_policy", None) or "fcfs",
     )
     kv_memory = options.pop("kv_cache_memory", None)
+    utilization = options.pop("gpu_memory_utilization", None)
+    if utilization is not None:
+        if not 0 < float(utilization) <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+        if kv_memory is not None:
+            raise ValueError("give kv_cache_memory or gpu_memory_utilization, not both")
+        if not device.startswith("cuda"):
+            raise ValueError("gpu_memory_utilization is a GPU's; on the CPU give kv_cache_memory")
     cache = CacheConfig(
         block_size=sizes["block_size"] or 16,
         kv_cache_memory=parse_memory(kv_memory) if kv_memory is not None else None,
+        gpu_memory_utilization=float(utilization) if utilization is not None else None,
         num_blocks=options.pop("num_kv_blocks", None),
         enable_prefix_caching=options.pop("enable_prefix_caching", True),
     )
@@ -258,7 +267,9 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
     if cache.num_blocks is None:
         # A draft model's weights load on a GPU after the cache: the default leaves them room.
         reserved = _draft_weight_bytes(config) if config.device.startswith("cuda") else 0
-        budget = cache.kv_cache_memory or _default_kv_budget(config.device, reserved)
+        budget = cache.kv_cache_memory or _default_kv_budget(
+            config.device, reserved, cache.gpu_memory_utilization
+        )
         if cache.kv_cache_memory is None and not config.device.startswith("cuda"):
             # On the CPU every rank's cache comes out of the same RAM: the default is for all of them.
             budget //= config.tensor_parallel_size
@@ -292,11 +303,15 @@ def _draft_kv_bytes_per_token(config: EngineConfig) -> int:
     return ModelConfig.from_folder(Path(speculative.model)).kv_bytes_per_token(parse_dtype(config.dtype))
 
 
-def _default_kv_budget(device: str, reserved: int = 0) -> int:
+def _default_kv_budget(device: str, reserved: int = 0, utilization: float | None = None) -> int:
     """``reserved``: bytes still to be loaded on a GPU after the cache is allocated (a draft
-    model's weights), left out of what the share is taken of."""
+    model's weights), left out of what the share is taken of. ``utilization``: the share of the
+    GPU's whole memory to fill (what is in use now, the weights and any other process's, counts
+    against it); None: a share of what is free."""
     if device.startswith("cuda"):
-        free, _total = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info()
+        if utilization is not None:
+            return max(int(utilization * total) - (total - free) - reserved, 0)
         return int(max(free - reserved, 0) * _GPU_KV_FRACTION)
     return int(min(_available_ram() * _CPU_KV_FRACTION, _CPU_KV_CAP))
 

@@ -22,6 +22,7 @@ _DIRECT_OPTIONS = (
     "dtype",
     "device",
     "kv_cache_memory",
+    "gpu_memory_utilization",
     "block_size",
     "max_model_len",
     "max_num_seqs",
@@ -77,6 +78,12 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and KV dtype")
     group.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     group.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB (default: from free memory)")
+    group.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="on a GPU, the share of its whole memory the engine may hold, e.g. 0.9 (vLLM's flag): the KV "
+        "cache gets what that leaves after the memory in use (default: 85%% of what is free after loading)",
+    )
     group.add_argument("--block-size", type=positive_int, help="tokens per KV block (default 16)")
     group.add_argument(
         "--kv-cache-dtype",
