@@ -285,3 +285,33 @@ def test_cache_salt_shares_cached_prefixes_only_within_the_same_salt(llm: LLM) -
     assert hits(cache_salt="tenant-a") == 32 and hits(cache_salt="tenant-b") == 32 and hits() == 32
     with pytest.raises(SamplingParamsError, match="cache_salt"):
         SamplingParams(cache_salt="")
+
+
+def test_chat_renders_each_conversation_with_the_template(llm: LLM) -> None:
+    """vLLM's LLM.chat: one conversation or several, text parts joined, the template's special tokens
+    only (none added by the tokenizer)."""
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    first = [{"role": "user", "content": "To be, or not"}]
+    second = [
+        {"role": "user", "content": [{"type": "text", "text": "Tomorrow, "}, {"type": "text", "text": "and"}]}
+    ]
+    rendered = [llm.tokenizer.apply_chat_template([{"role": "user", "content": text}], True)
+                for text in ("To be, or not", "Tomorrow, and")]  # fmt: skip
+    expected = llm.generate(
+        [llm.tokenizer.encode(text, add_special_tokens=False) for text in rendered], greedy
+    )
+    both = llm.chat([first, second], greedy)
+    assert [o.prompt_token_ids for o in both] == [o.prompt_token_ids for o in expected]
+    assert [o.token_ids for o in both] == [o.token_ids for o in expected]
+    assert [o.token_ids for o in llm.chat(first, greedy)] == [expected[0].token_ids]
+
+
+def test_default_sampling_params_are_the_generation_configs(tiny_llama, tmp_path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    config = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 64}
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    params = LLM(folder, kv_cache_memory="4MiB").get_default_sampling_params()
+    assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.7, 0.8, 20, 64)
+    (folder / "generation_config.json").unlink()
+    assert LLM(folder, kv_cache_memory="4MiB").get_default_sampling_params() == SamplingParams()

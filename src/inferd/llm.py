@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -18,6 +18,7 @@ from inferd.engine.beam_search import (
     live_sequences,
     step_params,
 )
+from inferd.engine.generation_config import read_sampling_defaults
 from inferd.engine.llm_engine import LLMEngine, Prompt
 from inferd.engine.matryoshka import check_dimensions, shortened
 from inferd.engine.outputs import ClassificationOutput, RequestOutput
@@ -77,6 +78,45 @@ class LLM:
             self.engine.abort([rid for rid, index in order.items() if results[index] is None])
             raise
         return [r for r in results if r is not None]
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[RequestOutput]:
+        """Answer one conversation (a list of ``{"role", "content"}`` messages) or several, as
+        vLLM's ``LLM.chat``: each is rendered by the model's chat template (with ``tools`` and
+        ``chat_template_kwargs`` as its variables), tokenized without the tokenizer's own special
+        tokens (the template writes those it wants), and generated as ``generate`` does. A message's
+        content may be a string or a list of text parts."""
+        conversations = cast(
+            "Sequence[Sequence[Mapping[str, Any]]]",
+            [messages] if messages and isinstance(messages[0], Mapping) else messages,
+        )
+        variables = {**(chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
+        prompts: list[Prompt] = []
+        for conversation in conversations:
+            rendered = self.tokenizer.apply_chat_template(
+                [_plain_message(message) for message in conversation],
+                add_generation_prompt,
+                variables or None,
+                continue_final_message,
+            )
+            prompts.append(self.tokenizer.encode(rendered, add_special_tokens=False))
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling the model's ``generation_config.json`` recommends (temperature, top-p, top-k,
+        min-p, repetition penalty, max_new_tokens as max_tokens), as vLLM's method of that name;
+        ``SamplingParams()`` where it recommends nothing. ``generate`` and ``chat`` without sampling
+        params use ``SamplingParams()``: pass this to follow the model's advice."""
+        return SamplingParams(**read_sampling_defaults(self.engine.config.model_path))  # type: ignore[arg-type]
 
     def embed(
         self,
@@ -192,3 +232,12 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if prompts and all(isinstance(t, int) for t in prompts):
         return [list(prompts)]  # type: ignore[arg-type]
     return list(prompts)  # type: ignore[arg-type]
+
+
+def _plain_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A message as chat templates read it: text parts joined into one string."""
+    content = message.get("content")
+    if isinstance(content, list):
+        text = "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
+        return {**message, "content": text}
+    return dict(message)
