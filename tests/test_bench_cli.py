@@ -18,16 +18,27 @@ def test_serve_random_workload_writes_json_and_png(
     prefix = tmp_path / "run"
     argv = ["bench", "serve", "--num-prompts", "5", "--input-len", "3:6", "--output-len", "4", "--seed", "7"]
     argv += ["--request-rate", "50", "--max-concurrency", "2", "--slo-ttft-ms", "5000", "--ignore-eos"]
-    argv += ["--output-prefix", str(prefix), "--no-progress"]
+    argv += [
+        "--output-prefix",
+        str(prefix),
+        "--no-progress",
+        "--random-prefix-len",
+        "2",
+        "--burstiness",
+        "0.5",
+    ]
     with running_stub(script) as base_url:
         assert main([*argv, "--base-url", base_url]) == 0
 
-    # No --model: the first of /v1/models. No tokenizer: random prompts go out as token ids.
+    # No --model: the first of /v1/models. No tokenizer: random prompts go out as token ids, each
+    # after the shared prefix.
     assert {body["model"] for body in script.received} == {STUB_MODEL}
-    assert all(isinstance(body["prompt"], list) and 3 <= len(body["prompt"]) <= 6 for body in script.received)
+    assert all(isinstance(body["prompt"], list) and 5 <= len(body["prompt"]) <= 8 for body in script.received)
+    assert len({tuple(body["prompt"][:2]) for body in script.received}) == 1
     assert all(body["max_tokens"] == 4 and body["ignore_eos"] for body in script.received)
     document = json.loads(prefix.with_suffix(".json").read_text())
     assert document["config"]["model"] == STUB_MODEL and document["config"]["request_rate"] == 50
+    assert document["config"]["burstiness"] == 0.5 and document["config"]["random_prefix_len"] == 2
     summary = document["summary"]
     assert summary["completed"] == 5 and summary["total_output_tokens"] == 20
     assert summary["goodput"] == pytest.approx(summary["request_throughput"])

@@ -149,3 +149,17 @@ def test_load_tokenizer_from_a_model_folder(tmp_path: Path) -> None:
     assert ids and tokenizer.decode(ids) == "To be, or not to be"
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_a_random_prefix_is_shared_by_every_prompt() -> None:
+    shared = random_requests(6, LengthRange(5, 9), LengthRange(4, 4), seed=2, prefix_len=12)
+    prompts = [request.prompt for request in shared]
+    assert all(isinstance(p, list) and p[:12] == prompts[0][:12] for p in prompts)  # type: ignore[index]
+    assert len({tuple(p[12:]) for p in prompts}) == 6  # type: ignore[index]
+    assert all(17 <= r.input_len == len(r.prompt) <= 21 for r in shared)
+    # No prefix: the very workload the seed drew before prefixes existed.
+    assert random_requests(6, LengthRange(5, 9), LengthRange(4, 4), seed=2, prefix_len=0) == random_requests(
+        6, LengthRange(5, 9), LengthRange(4, 4), seed=2
+    )
+    with pytest.raises(ValueError, match="prefix"):
+        random_requests(1, LengthRange(5, 5), LengthRange(4, 4), seed=0, prefix_len=-1)

@@ -177,3 +177,24 @@ def test_a_chat_deltas_reasoning_and_tool_calls_are_generated_text() -> None:
     assert chunk_text(chat(tool_calls=[call]), "chat") == 'get_weather{"city"'
     assert chunk_text(chat(role="assistant"), "chat") == ""
     assert chunk_text({"choices": [{"index": 0, "text": "abc"}]}, "completions") == "abc"
+
+
+def test_burstiness_shapes_the_gaps_and_keeps_their_mean() -> None:
+    """Gamma gaps of shape k: mean 1/rate, coefficient of variation 1/sqrt(k); k = 1 is the Poisson
+    process the bench drew before (the same seed, the same offsets)."""
+    import random
+    import statistics
+
+    def gaps(burstiness: float) -> list[float]:
+        offsets = arrival_offsets(20001, 10.0, 5, burstiness)
+        return [later - earlier for earlier, later in zip(offsets, offsets[1:], strict=False)]
+
+    for burstiness in (0.25, 4.0):
+        drawn = gaps(burstiness)
+        assert statistics.fmean(drawn) == pytest.approx(0.1, rel=0.05)
+        variation = statistics.pstdev(drawn) / statistics.fmean(drawn)
+        assert variation == pytest.approx(burstiness**-0.5, rel=0.1)
+    rng = random.Random(5)
+    assert gaps(1.0)[:50] == pytest.approx([rng.expovariate(10.0) for _ in range(50)])
+    with pytest.raises(ValueError, match="burstiness"):
+        arrival_offsets(3, 1.0, 0, burstiness=0)

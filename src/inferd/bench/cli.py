@@ -57,6 +57,14 @@ def _add_workload_args(parser: argparse.ArgumentParser, tokenizer_option: bool) 
         help="max_tokens, uniform over the range (random default 128; sharegpt default: the reply's length)",
     )
     workload.add_argument(
+        "--random-prefix-len",
+        type=int,
+        default=0,
+        metavar="N",
+        help="random prompts all start with the same N random tokens (a shared prefix), then their own "
+        "--input-len ones (default 0)",
+    )
+    workload.add_argument(
         "--token-id-limit",
         type=int,
         default=10000,
@@ -93,6 +101,13 @@ def _add_serve_parser(modes: argparse._SubParsersAction) -> None:
         type=_positive_number,
         default=math.inf,
         help="requests/s, Poisson arrivals; inf (default) sends all at once",
+    )
+    parser.add_argument(
+        "--burstiness",
+        type=_positive_number,
+        default=1.0,
+        help="gaps between arrivals drawn from a gamma distribution of this shape: 1 Poisson (default), "
+        "below 1 bursts, above 1 more even",
     )
     parser.add_argument(
         "--max-concurrency", type=_positive_integer, default=None, help="cap on requests in flight"
@@ -213,7 +228,10 @@ def build_requests(
             args.seed,
             token_id_limit,
             tokenizer,
+            args.random_prefix_len,
         )
+    if args.random_prefix_len:
+        raise ValueError("--random-prefix-len is for --dataset random")
     if kind == "sharegpt":
         if args.output_len is not None and args.output_len.low != args.output_len.high:
             raise ValueError("sharegpt takes a fixed --output-len N, not a range")
@@ -270,13 +288,15 @@ def run_serve(args: argparse.Namespace) -> int:
                 args.max_concurrency,
                 args.seed,
                 not args.no_progress,
+                args.burstiness,
             )
         finally:
             await client.aclose()
 
     result = asyncio.run(drive())
     summary = summarize(result.records, result.duration_s, Slo(args.slo_ttft_ms, args.slo_tpot_ms))
-    title = f"{model} @ {args.base_url} ({args.endpoint}, rate {args.request_rate:g}/s)"
+    bursts = f", burstiness {args.burstiness:g}" if args.burstiness != 1.0 else ""
+    title = f"{model} @ {args.base_url} ({args.endpoint}, rate {args.request_rate:g}/s{bursts})"
     print(format_table(summary, title="inferd bench serve"))
     config = {**plain_config(args), "title": title, "model": model}
     _write_outputs(args, config, summary, result)

@@ -90,8 +90,12 @@ def random_requests(
     seed: int,
     token_id_limit: int = 10000,
     tokenizer: TextTokenizer | None = None,
+    prefix_len: int = 0,
 ) -> list[BenchRequest]:
     """Prompts of random token ids below `token_id_limit`, decoded to text when a tokenizer is given.
+    With `prefix_len`, every prompt starts with the same `prefix_len` random tokens (a shared system
+    prompt, which a prefix cache computes once) before its own `input_len` ones, as vLLM's
+    `--random-prefix-len`.
 
     With a tokenizer the ids also stay below its vocabulary size: ids it does not know decode to nothing.
 
@@ -100,13 +104,18 @@ def random_requests(
     """
     if tokenizer is not None:
         token_id_limit = min(token_id_limit, tokenizer.vocab_size)
+    if prefix_len < 0:
+        raise ValueError(f"the shared prefix's length must be at least 0, got {prefix_len}")
     rng = random.Random(seed)
+    prefix = [rng.randrange(token_id_limit) for _ in range(prefix_len)]
     requests = []
     for _ in range(num_prompts):
         length = input_len.draw(rng)
-        token_ids = [rng.randrange(token_id_limit) for _ in range(length)]
+        token_ids = prefix + [rng.randrange(token_id_limit) for _ in range(length)]
         prompt: str | list[int] = tokenizer.decode(token_ids) if tokenizer else token_ids
-        requests.append(BenchRequest(prompt=prompt, max_tokens=output_len.draw(rng), input_len=length))
+        requests.append(
+            BenchRequest(prompt=prompt, max_tokens=output_len.draw(rng), input_len=len(token_ids))
+        )
     return requests
 
 

@@ -1,4 +1,4 @@
-"""Drives a workload against a client: Poisson (or instant) arrivals, a concurrency cap, a progress bar."""
+"""Drives a workload against a client: Poisson, bursty or instant arrivals, a concurrency cap, progress."""
 
 from __future__ import annotations
 
@@ -22,22 +22,30 @@ class RunResult:
     duration_s: float
 
 
-def arrival_offsets(num_requests: int, request_rate: float, seed: int) -> list[float]:
+def arrival_offsets(
+    num_requests: int, request_rate: float, seed: int, burstiness: float = 1.0
+) -> list[float]:
     """Seconds from the run's start at which each request is sent.
 
-    A Poisson process at `request_rate` requests/s: the first request at once, then exponential
-    gaps, so the run's duration starts at its first send. With an infinite rate every request is
-    sent at once.
+    The first request at once, then gaps of mean ``1 / request_rate`` drawn from a gamma
+    distribution of shape ``burstiness`` (as vLLM's bench draws them): 1 is a Poisson process
+    (exponential gaps), below 1 the requests come in bursts, above 1 more evenly. With an infinite
+    rate every request is sent at once.
     """
     if request_rate <= 0:
         raise ValueError(f"request rate must be positive, got {request_rate}")
+    if burstiness <= 0:
+        raise ValueError(f"burstiness must be positive, got {burstiness}")
     if math.isinf(request_rate):
         return [0.0] * num_requests
     rng = random.Random(seed)
     offsets, elapsed = [], 0.0
     for _ in range(num_requests):
         offsets.append(elapsed)
-        elapsed += rng.expovariate(request_rate)
+        if burstiness == 1.0:  # the same draws as before burstiness existed, for the same seed
+            elapsed += rng.expovariate(request_rate)
+        else:
+            elapsed += rng.gammavariate(burstiness, 1.0 / (request_rate * burstiness))
     return offsets
 
 
@@ -48,6 +56,7 @@ async def run_requests(
     max_concurrency: int | None = None,
     seed: int = 0,
     show_progress: bool = True,
+    burstiness: float = 1.0,
 ) -> RunResult:
     """Send every request on its arrival schedule and wait for all; returns records in request order.
 
@@ -56,7 +65,7 @@ async def run_requests(
     """
     from tqdm.auto import tqdm
 
-    offsets = arrival_offsets(len(requests), request_rate, seed)
+    offsets = arrival_offsets(len(requests), request_rate, seed, burstiness)
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     progress = tqdm(total=len(requests), desc="requests", unit="req", disable=not show_progress)
     run_start = time.perf_counter()
