@@ -529,3 +529,52 @@ def test_the_timeout_header_and_parameter_follow_triton(server: LiveServer) -> N
         timeout=30,
     )
     assert response.status_code == 200, response.text
+
+
+def test_model_configuration_and_statistics_extensions(http_client: Any, grpc_client: Any) -> None:
+    """Triton's configuration and statistics extensions over REST, as tritonclient reads them
+    (gRPC does not serve them: UNIMPLEMENTED, as for any method it lacks)."""
+    for call in (grpc_client.get_model_config, grpc_client.get_inference_statistics):
+        with pytest.raises(InferenceServerException) as missing:
+            call("digits")
+        assert missing.value.status() == "StatusCode.UNIMPLEMENTED"
+    config = http_client.get_model_config("digits")
+    assert config["max_batch_size"] == 64 and config["dynamic_batching"] == {
+        "max_queue_delay_microseconds": 2000
+    }
+    assert config["input"] == [{"name": "image", "data_type": "TYPE_FP32", "dims": [8, 8]}]
+    assert [o["name"] for o in config["output"]] == ["probabilities", "label", "confidence"]
+    assert config["model_transaction_policy"] == {"decoupled": False}
+    llm = http_client.get_model_config("echo_llm")
+    optional = {tensor["name"] for tensor in llm["input"] if tensor.get("optional")}
+    assert llm["model_transaction_policy"] == {"decoupled": True}
+    assert {"stream", "sampling_parameters", "return_finish_reason"} <= optional
+    assert llm["input"][0] == {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]}
+
+    def stats() -> dict[str, Any]:
+        return http_client.get_inference_statistics("digits")["model_stats"][0]
+
+    before = stats()
+    image = triton_http.InferInput("image", [3, 8, 8], "FP32")
+    image.set_data_from_numpy(_digit_images(3))
+    for _ in range(2):
+        http_client.infer("digits", [image])
+    wrong = triton_http.InferInput("image", [1, 4, 4], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 4, 4), dtype=np.float32))
+    with pytest.raises(InferenceServerException):
+        http_client.infer("digits", [wrong])
+    after = stats()
+    counts = after["inference_stats"]
+    assert after["inference_count"] - before["inference_count"] == 6
+    assert counts["success"]["count"] - before["inference_stats"]["success"]["count"] == 2
+    assert counts["fail"]["count"] - before["inference_stats"]["fail"]["count"] == 1
+    assert after["execution_count"] - before["execution_count"] == 2  # one runtime call a request here
+    assert counts["queue"]["count"] - before["inference_stats"]["queue"]["count"] == 2
+    assert counts["success"]["ns"] > before["inference_stats"]["success"]["ns"]
+    assert counts["compute_infer"]["count"] - before["inference_stats"]["compute_infer"]["count"] == 2
+    assert counts["compute_infer"]["ns"] > before["inference_stats"]["compute_infer"]["ns"]
+    assert 3 in {entry["batch_size"] for entry in after["batch_stats"]} and after["last_inference"] > 0
+    everyone = {entry["name"] for entry in http_client.get_inference_statistics()["model_stats"]}
+    assert {"digits", "sentiment", "echo_llm"} <= everyone and "broken" not in everyone
+    with pytest.raises(InferenceServerException):
+        http_client.get_inference_statistics("broken")

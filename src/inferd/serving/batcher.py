@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from inferd.serving.metrics import ServingMetrics
+from inferd.serving.statistics import ModelStatistics
 
 RunBatch = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 _ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
@@ -53,6 +54,7 @@ class DynamicBatcher:
         max_queue_delay_s: float,
         metrics: ServingMetrics | None = None,
         max_batches_in_flight: int = 2,
+        stats: ModelStatistics | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -61,6 +63,7 @@ class DynamicBatcher:
         self._max_batch_size = max_batch_size
         self._max_queue_delay_s = max_queue_delay_s
         self._metrics = metrics
+        self._stats = stats
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -168,12 +171,15 @@ class DynamicBatcher:
             self._resolve(pending, result)
 
     async def _call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        started = time.monotonic()
+        started = time.monotonic_ns()
         try:
             return await asyncio.to_thread(self._run_batch, inputs)
         finally:
+            took = time.monotonic_ns() - started
             if self._metrics is not None:
-                self._metrics.runtime_seconds.labels(self._model_name).observe(time.monotonic() - started)
+                self._metrics.runtime_seconds.labels(self._model_name).observe(took / 1e9)
+            if self._stats is not None:
+                self._stats.executed(next(iter(inputs.values())).shape[0], took)
 
     @staticmethod
     def _resolve(pending: _Pending, outcome: dict[str, np.ndarray] | BaseException) -> None:
@@ -185,6 +191,9 @@ class DynamicBatcher:
             pending.future.set_result(outcome)
 
     def _observe_batch(self, batch: list[_Pending], started: float) -> None:
+        if self._stats is not None:
+            for pending in batch:
+                self._stats.queued(int((started - pending.enqueued_at) * 1e9))
         if self._metrics is None:
             return
         self._metrics.batch_requests.labels(self._model_name).observe(len(batch))

@@ -6,6 +6,7 @@ Adapters only translate wire formats to `InferRequest` and errors to status code
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,16 @@ from inferd.serving.config import ModelConfig, TensorSpec
 from inferd.serving.datatypes import numpy_dtype
 from inferd.serving.errors import InferenceError, InvalidInputError
 from inferd.serving.generation import flag, generation_params
-from inferd.serving.llm_io import COUNTS, STREAM, TEXT_INPUT, TEXT_OUTPUT, LLMRequest, read_llm_request
+from inferd.serving.llm_io import (
+    COUNTS,
+    EXTRA_OUTPUT_CONFIGS,
+    OPTIONAL_INPUTS,
+    STREAM,
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    LLMRequest,
+    read_llm_request,
+)
 from inferd.serving.repository import ModelEntry, ModelRepository
 from inferd.serving.runtimes.base import GenerationResult, GenerationStream, TensorRuntime, TextGenerator
 from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
@@ -26,7 +36,14 @@ from inferd.serving.validation import check_requested_outputs, validated_inputs
 from inferd.version import package_version
 
 SERVER_NAME = "inferd"
-EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "generate")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "classification",
+    "model_repository",
+    "generate",
+    "model_configuration",
+    "statistics",
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,41 @@ class DataPlane:
             "inputs": [self._tensor_metadata(config, spec) for spec in inputs],
             "outputs": [self._tensor_metadata(config, spec) for spec in outputs],
         }
+
+    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """The model's configuration as Triton's model configuration extension answers it (the
+        JSON form of its ModelConfig): tensors with Triton's `TYPE_*` data types and their dims
+        without the batch dimension, the batch size, dynamic batching, and, for an LLM, the optional
+        inputs and extra outputs of Triton's vLLM backend (`llm_io.py`) and a decoupled policy (it
+        streams several responses a request)."""
+        entry = self.repository.get(name, version)
+        config = entry.require_ready()
+        inputs, outputs = self._signature(entry, config)
+        llm = isinstance(entry.runtime, TextGenerator)
+        described: dict[str, Any] = {
+            "name": entry.name,
+            "platform": entry.platform,
+            "backend": config.runtime,
+            "version_policy": {"specific": {"versions": [entry.version]}},
+            "max_batch_size": config.max_batch_size,
+            "input": [_config_tensor(spec) for spec in inputs] + ([*OPTIONAL_INPUTS] if llm else []),
+            "output": [_config_tensor(spec) for spec in outputs] + ([*EXTRA_OUTPUT_CONFIGS] if llm else []),
+            "model_transaction_policy": {"decoupled": llm},
+        }
+        if entry.batcher is not None:
+            delay_us = int(config.max_queue_delay_ms * 1000)
+            described["dynamic_batching"] = {"max_queue_delay_microseconds": delay_us}
+        return described
+
+    def model_statistics(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """The statistics extension's answer: every loaded model's, or one model's."""
+        entries = [self.repository.get(name, version)] if name else list(self.repository)
+        if name and entries[0].runtime is None:
+            entries[0].require_ready()  # its reason, as a 503
+        stats = [
+            entry.stats.to_json(entry.name, entry.version) for entry in entries if entry.runtime is not None
+        ]
+        return {"model_stats": stats}
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         index = []
@@ -108,7 +160,7 @@ class DataPlane:
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         entry = self.repository.get(name, version)
         config = entry.require_ready()
-        with self._counted(name):
+        with self._counted(entry, _inferences(config, request)):
             if isinstance(entry.runtime, TextGenerator):
                 outputs = await self._infer_text(entry.runtime, request)
             else:
@@ -128,7 +180,11 @@ class DataPlane:
             else:
                 runtime = entry.runtime
                 assert isinstance(runtime, TensorRuntime)
-                results = await asyncio.to_thread(runtime.infer, inputs)
+                started = time.monotonic_ns()
+                try:
+                    results = await asyncio.to_thread(runtime.infer, inputs)
+                finally:
+                    entry.stats.executed(_inferences(config, request), time.monotonic_ns() - started)
         except InferenceError:
             raise
         except Exception as exc:
@@ -173,7 +229,7 @@ class DataPlane:
         if not llm.stream:
             yield await self.infer(name, version, request), True
             return
-        with self._counted(name):
+        with self._counted(entry):
             async for chunk in self.generate_stream(entry.runtime, llm):
                 result = chunk.result
                 parameters = {} if result is None else {"finish_reason": result.finish_reason}
@@ -185,17 +241,20 @@ class DataPlane:
                 yield response, result is not None
 
     @contextmanager
-    def _counted(self, name: str) -> Iterator[None]:
-        """Counts a request that ends as a success or a failure (one the client left is neither)."""
-        metrics = self.repository.metrics
+    def _counted(self, entry: ModelEntry, inferences: int = 1) -> Iterator[None]:
+        """Counts a request that ends as a success or a failure (one the client left is neither),
+        in the metrics and the model's statistics, with its duration."""
+        metrics, name, started = self.repository.metrics, entry.name, time.monotonic_ns()
         try:
             yield
         except Exception:
             if metrics is not None:
                 metrics.requests.labels(name, "failure").inc()
+            entry.stats.finished(False, time.monotonic_ns() - started, inferences)
             raise
         if metrics is not None:
             metrics.requests.labels(name, "success").inc()
+        entry.stats.finished(True, time.monotonic_ns() - started, inferences)
 
     def text_generator(self, name: str, version: str | None = None) -> TextGenerator:
         entry = self.repository.get(name, version)
@@ -238,3 +297,16 @@ class DataPlane:
             counted = total
         result = stream.result()
         yield GenerationChunk("", result.completion_tokens - counted if counting else 0, stream, result)
+
+
+def _inferences(config: ModelConfig, request: InferRequest) -> int:
+    """A request's inferences: a batched model's rows (its first input's), one for any other."""
+    if config.batched and request.inputs and request.inputs[0].data.ndim > 0:
+        return int(request.inputs[0].data.shape[0])
+    return 1
+
+
+def _config_tensor(spec: TensorSpec) -> dict[str, Any]:
+    """A tensor as Triton's model configuration writes it (BYTES is its TYPE_STRING)."""
+    datatype = "STRING" if spec.datatype == "BYTES" else spec.datatype
+    return {"name": spec.name, "data_type": f"TYPE_{datatype}", "dims": list(spec.shape)}

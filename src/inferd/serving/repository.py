@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -20,6 +20,7 @@ from inferd.serving.errors import InvalidInputError, ModelNotFoundError, ModelNo
 from inferd.serving.metrics import ServingMetrics
 from inferd.serving.runtimes.base import Runtime, TensorRuntime, TextGenerator
 from inferd.serving.runtimes.registry import RuntimeRegistry
+from inferd.serving.statistics import ModelStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class ModelEntry:
     failure: str | None = None
     # The repository folder it was loaded from; None for a model served from elsewhere.
     folder: Path | None = None
+    # Its inference statistics since it loaded (the statistics extension).
+    stats: ModelStatistics = field(default_factory=ModelStatistics)
 
     @property
     def unready_reason(self) -> str | None:
@@ -187,12 +190,17 @@ async def _close(entry: ModelEntry) -> None:
 
 
 def _batcher_for(
-    config: ModelConfig, runtime: Runtime, metrics: ServingMetrics | None
+    config: ModelConfig, runtime: Runtime, metrics: ServingMetrics | None, stats: ModelStatistics
 ) -> DynamicBatcher | None:
     if not (isinstance(runtime, TensorRuntime) and config.batched and config.dynamic_batching):
         return None
     return DynamicBatcher(
-        config.name, runtime.infer, config.max_batch_size, config.max_queue_delay_ms / 1000.0, metrics
+        config.name,
+        runtime.infer,
+        config.max_batch_size,
+        config.max_queue_delay_ms / 1000.0,
+        metrics,
+        stats=stats,
     )
 
 
@@ -210,13 +218,15 @@ def load_model(model_dir: Path, runtimes: RuntimeRegistry, metrics: ServingMetri
         platform = runtimes.platform(config.runtime) if config else "unknown"
         failure = f"{type(exc).__name__}: {exc}"
         return ModelEntry(name=name, config=config, platform=platform, failure=failure, folder=model_dir)
+    stats = ModelStatistics()
     return ModelEntry(
         name=config.name,
         config=config,
         platform=runtimes.platform(config.runtime),
         runtime=runtime,
-        batcher=_batcher_for(config, runtime, metrics),
+        batcher=_batcher_for(config, runtime, metrics, stats),
         folder=model_dir,
+        stats=stats,
     )
 
 

@@ -171,6 +171,12 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
     async def model_metadata(name: str, version: str | None = None) -> Response:
         return await _answer(lambda: _as_json(plane.model_metadata(name, version)))
 
+    async def model_config(name: str, version: str | None = None) -> Response:
+        return await _answer(lambda: _as_json(plane.model_config(name, version)))
+
+    async def model_statistics(name: str | None = None, version: str | None = None) -> Response:
+        return await _answer(lambda: _as_json(plane.model_statistics(name, version)))
+
     async def model_ready(name: str, version: str | None = None) -> Response:
         async def produce() -> Response:
             entry = repository.get(name, version)
@@ -224,8 +230,12 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
 
         return await _answer(produce)
 
+    # Before the routes of one model: "stats" is not a model's name here.
+    router.add_api_route("/v2/models/stats", model_statistics, methods=["GET"])
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         router.add_api_route(prefix, model_metadata, methods=["GET"])
+        router.add_api_route(prefix + "/config", model_config, methods=["GET"])
+        router.add_api_route(prefix + "/stats", model_statistics, methods=["GET"])
         router.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
         router.add_api_route(prefix + "/infer", infer, methods=["POST"])
         router.add_api_route(prefix + "/generate", generate, methods=["POST"])
