@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inferd.bench.datasets import BenchRequest, LengthRange, TextTokenizer
-from inferd.entrypoints.engine_args import add_engine_args
+from inferd.entrypoints.engine_args import add_engine_args, non_negative_float
 
 if TYPE_CHECKING:
     from inferd.bench.runner import RunResult
@@ -169,16 +169,6 @@ def _positive_integer(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
-    return value
-
-
 def _add_offline_parser(modes: argparse._SubParsersAction) -> None:
     parser = modes.add_parser("offline", help="Benchmark the engine in this process, without HTTP.")
     parser.add_argument("model", nargs="?", default=None, help="model folder; default: the built-in model")
@@ -190,7 +180,7 @@ def _add_offline_parser(modes: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--temperature",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=None,
         help="sampling temperature; default 0.6 with --preset nanovllm (its bench.py's), else 0 (greedy)",
     )

@@ -44,6 +44,10 @@ class EngineStats:
     # up to it, above the one before), then those above the last; and the tokens in all.
     step_token_counts: tuple[int, ...] = ()
     step_tokens: int = 0
+    # Prompt tokens computed (prefix-cache hits left out) and output tokens generated, in all:
+    # the rates of the server's periodic log line.
+    prompt_tokens_computed: int = 0
+    generated_tokens: int = 0
 
 
 # Upper bounds of the tokens-per-step histogram (vLLM's iteration_tokens_total): decode steps of
@@ -79,6 +83,8 @@ class EngineCore:
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read yet (async only)
         self._step_token_counts = [0] * (len(STEP_TOKEN_BUCKETS) + 1)
         self._step_tokens = 0
+        self._prompt_tokens_computed = 0
+        self._generated_tokens = 0
         self.grammars = GrammarCompiler(config.model_path / "tokenizer.json", config.model.vocab_size)
         # Each served adapter's prefix-cache salt, "<load>:<name>" (start-up adapters load 0): an
         # adapter loaded again under a name used before gets a new one, so blocks its predecessor
@@ -166,7 +172,7 @@ class EngineCore:
                 sched_out = self.scheduler.schedule()
                 launched = None if sched_out.is_empty else self.runner.launch(sched_out, in_flight)
                 if launched is not None:
-                    self._count_step(sched_out.num_batched_tokens)
+                    self._count_step(sched_out)
                 read = in_flight if self.async_scheduling else launched
             runner_out = self.runner.collect(read) if read is not None else None
             # Kept only once the read succeeded: a failed read undoes this step too.
@@ -187,9 +193,16 @@ class EngineCore:
         self.runner.forget(self.scheduler.take_finished_ids())
         return outputs
 
-    def _count_step(self, tokens: int) -> None:
+    def _count_step(self, sched_out: SchedulerOutput) -> None:
+        tokens = sched_out.num_batched_tokens
         self._step_token_counts[bisect.bisect_left(STEP_TOKEN_BUCKETS, tokens)] += 1
         self._step_tokens += tokens
+        for seq in sched_out.sequences:  # the chunks' prompt positions (a decode row has none)
+            prompt_end = seq.request.num_prompt_tokens
+            if seq.start_pos < prompt_end:
+                self._prompt_tokens_computed += (
+                    min(seq.start_pos + seq.num_tokens, prompt_end) - seq.start_pos
+                )
 
     def _apply(self, step: LaunchedStep, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """A read step's results into the scheduler, and its outputs.
@@ -213,6 +226,7 @@ class EngineCore:
                 if request is not None and request is scheduled.get(request_id):
                     _record_prompt_logprobs(request, first, found)
         advanced = self.scheduler.update(step.scheduled, runner_out.sampled)
+        self._generated_tokens += sum(count for _, count in advanced)
         refused, complete = self._advance_grammars(advanced)
         outputs = failed
         for r, count in advanced:
@@ -284,6 +298,8 @@ class EngineCore:
             draft_kv_usage=self.scheduler.proposer.cache_usage() if self.scheduler.proposer else None,
             step_token_counts=tuple(self._step_token_counts),
             step_tokens=self._step_tokens,
+            prompt_tokens_computed=self._prompt_tokens_computed,
+            generated_tokens=self._generated_tokens,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from inferd.server.metrics import ServerMetrics
 from inferd.server.openai.common import error_response as openai_error_response
 from inferd.server.openai_embeddings import build_embeddings_router
 from inferd.server.reasoning import REASONING_FORMATS
+from inferd.server.stats_log import log_engine_stats
 from inferd.server.tgi.generation import error_response as tgi_error_response
 from inferd.version import package_version
 
@@ -87,9 +89,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         llm.start()
+        interval = config.log_stats_interval_s
+        stats_logger = asyncio.create_task(log_engine_stats(llm.stats, interval)) if interval > 0 else None
         try:
             yield
         finally:
+            if stats_logger is not None:
+                stats_logger.cancel()
             if app.state.model_repository is not None:
                 await app.state.model_repository.close()
             llm.shutdown()

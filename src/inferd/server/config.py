@@ -39,5 +39,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     # The path prefix a reverse proxy serves the app under (ASGI root_path).
     root_path: str = ""
+    # Seconds between the log lines of the engine's throughput and queues (`stats_log.py`); 0: none.
+    log_stats_interval_s: float = 10.0
     # The most candidates a TGI request's `best_of` may ask for (TGI's --max-best-of; its default).
     max_best_of: int = 2

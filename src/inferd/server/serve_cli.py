@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from inferd.entrypoints.engine_args import add_engine_args, engine_options, positive_int
+from inferd.entrypoints.engine_args import add_engine_args, engine_options, non_negative_float, positive_int
 from inferd.server.config import ServerConfig
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 from inferd.server.reasoning import REASONING_FORMATS
@@ -71,6 +71,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     server.add_argument(
         "--root-path", default="", help="the path prefix a reverse proxy serves this server under"
+    )
+    server.add_argument(
+        "--log-stats-interval",
+        type=non_negative_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="log the engine's throughput, queues and caches this often while it works (default 10)",
+    )
+    server.add_argument("--disable-log-stats", action="store_true", help="no periodic engine log line")
+    server.add_argument(
+        "--disable-log-requests", action="store_true", help="no log line per finished request"
     )
     server.add_argument(
         "--chat-template",
@@ -162,6 +173,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         ssl_certfile=args.ssl_certfile,
         allowed_origins=tuple(args.allowed_origins),
         root_path=args.root_path,
+        log_stats_interval_s=0.0 if args.disable_log_stats else args.log_stats_interval,
         max_best_of=args.max_best_of,
     )
 
@@ -221,6 +233,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = server_config(args)
     if (config.ssl_keyfile is None) != (config.ssl_certfile is None):
         raise ValueError("--ssl-keyfile and --ssl-certfile go together")
+    if args.disable_log_requests:  # the finished-request lines; their warnings still show
+        logging.getLogger("inferd.server.requests").setLevel(logging.WARNING)
     logger.info("loading model %s", args.model or "(built-in default)")
     llm = load_llm(args)
     app = create_app(llm, config, args.model_repository)
