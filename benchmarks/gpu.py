@@ -393,16 +393,38 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
                 entry["host_ms"] = queued * 1e3
                 print("sampler:", json.dumps(entry), flush=True)
                 results.append(entry)
+        # The three penalties at the workload's temperature, each row with a history of 500 prompt
+        # and 100 output tokens (the batch's penalties at once: sample/penalty_state.py).
+        penalized = _sampling_requests(rows, 0.6, penalized=True)
+        sampler = Sampler(0)
+        entry = {"rows": rows, "temperature": 0.6, "path": "torch_penalized"}
+        entry["ms"] = _timed(functools.partial(sampler, logits, penalized), plan.device, repeats) * 1e3
+        queued = _timed(functools.partial(sampler.sample, logits, penalized), plan.device, repeats, True)
+        entry["host_ms"] = queued * 1e3
+        print("sampler:", json.dumps(entry), flush=True)
+        results.append(entry)
     return results
 
 
-def _sampling_requests(rows: int, temperature: float) -> list[Any]:
-    """One request a row for the sampler alone: a one-token prompt, this temperature."""
+def _sampling_requests(rows: int, temperature: float, penalized: bool = False) -> list[Any]:
+    """One request a row for the sampler alone: a one-token prompt, this temperature; or, with
+    ``penalized``, the repetition (1.05), presence (0.5) and frequency (0.3) penalties over a
+    history of 500 prompt and 100 output tokens."""
     from inferd.engine.request import Request
     from inferd.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=8, temperature=temperature, ignore_eos=True)
-    return [Request(str(i), [1], params, frozenset(), 8) for i in range(rows)]
+    if not penalized:
+        params = SamplingParams(max_tokens=8, temperature=temperature, ignore_eos=True)
+        return [Request(str(i), [1], params, frozenset(), 8) for i in range(rows)]
+    params = SamplingParams(temperature=temperature, repetition_penalty=1.05, presence_penalty=0.5,
+                            frequency_penalty=0.3, ignore_eos=True)  # fmt: skip
+    history = random.Random(rows)
+    requests = []
+    for i in range(rows):
+        request = Request(str(i), [history.randrange(10000) for _ in range(500)], params, frozenset(), 200)
+        request.output_token_ids = [history.randrange(10000) for _ in range(100)]
+        requests.append(request)
+    return requests
 
 
 def _draws_argmax(sampler: Any, logits: torch.Tensor) -> bool:

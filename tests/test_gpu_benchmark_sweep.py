@@ -118,13 +118,19 @@ def test_sampler_timing_covers_greedy_and_random_rows_and_the_fused_kernels(monk
     shape = gpu.shape_config(gpu.QWEN3_0_6B, smoke=True)
     results = gpu.time_sampler(shape, plan)
     cases = [(r["rows"], r["temperature"], r["path"]) for r in results]
-    assert cases == [(2, 0.0, "torch"), (2, 0.6, "torch"), (2, 0.6, "fused"), (2, 0.6, "fused_inverse_cdf")]
-    assert [r.get("draws_argmax") for r in results] == [None, None, True, True]
+    assert cases == [
+        (2, 0.0, "torch"),
+        (2, 0.6, "torch"),
+        (2, 0.6, "fused"),
+        (2, 0.6, "fused_inverse_cdf"),
+        (2, 0.6, "torch_penalized"),
+    ]
+    assert [r.get("draws_argmax") for r in results] == [None, None, True, True, None]
     assert all(r["ms"] > 0 and 0 < r["host_ms"] for r in results)
     first_token = lambda logits, *_: torch.zeros(len(logits), dtype=torch.long)  # noqa: E731
     monkeypatch.setattr(triton_inverse_cdf, "inverse_cdf_sample", first_token)
     marks = [r.get("draws_argmax") for r in gpu.time_sampler(shape, plan)]
-    assert marks == [None, None, True, False]
+    assert marks == [None, None, True, False, None]
     monkeypatch.setattr(triton_sampling, "race_sample", first_token)
     marks = [r.get("draws_argmax") for r in gpu.time_sampler(shape, plan)]
-    assert marks == [None, None, False, False]
+    assert marks == [None, None, False, False, None]
