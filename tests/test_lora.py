@@ -215,3 +215,37 @@ def test_generate_answers_with_an_adapter(tiny_model_factory, adapters, capsys) 
     assert capsys.readouterr().out == f"To be{expected}\n" != plain
     assert main([*common, "--adapter", "nope"]) == 2
     assert "no LoRA adapter 'nope'" in capsys.readouterr().err
+
+
+def test_the_engine_reports_the_adapters_its_requests_use(tiny_model_factory, adapters) -> None:
+    """What the metrics' lora_requests_info shows (the gateway's LoRA affinity reads it)."""
+    from prometheus_client import CollectorRegistry
+
+    from inferd.server.metrics import ServerMetrics
+
+    base = tiny_model_factory("qwen3")
+    modules = {name: str(path) for name, path in adapters.items()}
+    llm = LLM(base, kv_cache_memory="16MiB", block_size=8, lora_modules=modules, max_num_seqs=1)
+    engine = llm.engine
+    long = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, adapter="all")
+    engine.add_request("a", list(range(5, 25)), long)
+    engine.add_request("b", list(range(5, 25)), SamplingParams(max_tokens=2, adapter="attn"))
+    engine.add_request("c", list(range(5, 25)), SamplingParams(max_tokens=2))
+    engine.step()  # one runs (max_num_seqs 1), two wait
+    stats = engine.stats()
+    assert (stats.running_adapters, stats.waiting_adapters, stats.num_adapters) == (("all",), ("attn",), 2)
+    registry = CollectorRegistry()
+    ServerMetrics(registry, "m", engine.stats)
+    labels = {
+        "model_name": "m",
+        "max_lora": "2",
+        "running_lora_adapters": "all",
+        "waiting_lora_adapters": "attn",
+    }
+    assert registry.get_sample_value("inferd:lora_requests_info", labels) > 0
+    # An engine without adapters shows no such gauge.
+    plain = LLM(base, kv_cache_memory="16MiB")
+    assert plain.engine.stats().running_adapters is None
+    bare = CollectorRegistry()
+    ServerMetrics(bare, "m", plain.engine.stats)
+    assert "lora_requests_info" not in str(list(bare.collect()))

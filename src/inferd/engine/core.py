@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from inferd.config import EngineConfig, ModelLoadError
 from inferd.engine.outputs import EngineCoreOutput
@@ -48,6 +49,11 @@ class EngineStats:
     # the rates of the server's periodic log line.
     prompt_tokens_computed: int = 0
     generated_tokens: int = 0
+    # An engine that serves LoRA adapters: the adapters of the running and the waiting requests
+    # (each named once, sorted) and how many it serves; None without adapters.
+    running_adapters: tuple[str, ...] | None = None
+    waiting_adapters: tuple[str, ...] | None = None
+    num_adapters: int = 0
 
 
 # Upper bounds of the tokens-per-step histogram (vLLM's iteration_tokens_total): decode steps of
@@ -300,7 +306,21 @@ class EngineCore:
             step_tokens=self._step_tokens,
             prompt_tokens_computed=self._prompt_tokens_computed,
             generated_tokens=self._generated_tokens,
+            **self._adapter_stats(),
         )
+
+    def _adapter_stats(self) -> dict[str, Any]:
+        """Which adapters the running and waiting requests use (the gateway's LoRA affinity reads
+        them from the metrics); nothing for an engine that serves none."""
+        if not (self._adapter_salts or self.config.allow_runtime_lora_updating):
+            return {}
+        running = sorted({r.params.adapter for r in list(self.scheduler.running) if r.params.adapter})
+        waiting = sorted({r.params.adapter for r in list(self.scheduler.waiting) if r.params.adapter})
+        return {
+            "running_adapters": tuple(running),
+            "waiting_adapters": tuple(waiting),
+            "num_adapters": len(self._adapter_salts),
+        }
 
 
 def _record_prompt_logprobs(request: Request, first: int, found: list[TokenLogprobs]) -> None:

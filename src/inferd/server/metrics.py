@@ -8,6 +8,7 @@ at scrape time by a custom collector, so they are exact rather than sampled.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -275,6 +276,20 @@ class _EngineCollector(Collector):
             for source, stats in snapshots:
                 family.add_metric([source.model_name], getattr(stats, field))
             yield family
+        adapters = [(source, stats) for source, stats in snapshots if stats.running_adapters is not None]
+        if adapters:
+            # vLLM's lora_requests_info, which the Gateway API's endpoint picker routes LoRA requests
+            # by: the adapters as comma-separated labels, the value when they were read.
+            info = GaugeMetricFamily(
+                "inferd:lora_requests_info",
+                "The LoRA adapters of the running and waiting requests (labels); the value is the time read.",
+                labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )
+            for source, stats in adapters:
+                labels = [source.model_name, str(stats.num_adapters), ",".join(stats.running_adapters or ()),
+                          ",".join(stats.waiting_adapters or ())]  # fmt: skip
+                info.add_metric(labels, time.time())
+            yield info
         steps = HistogramMetricFamily(
             "inferd:iteration_tokens_total",
             "Tokens computed per engine step (prompt chunks and decode tokens scheduled together).",
