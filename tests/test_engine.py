@@ -315,3 +315,18 @@ def test_default_sampling_params_are_the_generation_configs(tiny_llama, tmp_path
     assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.7, 0.8, 20, 64)
     (folder / "generation_config.json").unlink()
     assert LLM(folder, kv_cache_memory="4MiB").get_default_sampling_params() == SamplingParams()
+
+
+def test_reset_prefix_cache_starts_the_next_prompts_cold(llm: LLM) -> None:
+    prompt = list(range(80, 120))
+    greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    def hits() -> int:
+        before = llm.engine.stats().prefix_hits
+        llm.generate([prompt], greedy)
+        return llm.engine.stats().prefix_hits - before
+
+    hits()
+    assert hits() > 0
+    llm.reset_prefix_cache()
+    assert hits() == 0

@@ -112,3 +112,18 @@ def test_a_salt_shares_blocks_only_with_the_same_salt() -> None:
     assert kv.find_cached_prefix("b", prompt, salt="tenant-b") == 0
     assert kv.find_cached_prefix("c", prompt) == 0
     assert kv.find_cached_prefix("d", prompt, salt="tenant-a") == 8
+
+
+def test_a_reset_forgets_every_prefix_and_leaves_held_blocks_to_their_requests() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    prompt = list(range(9))
+    kv.find_cached_prefix("a", prompt)
+    kv.allocate("a", 9)
+    kv.cache_computed_blocks("a", _slices(prompt), 9)
+    assert kv.find_cached_prefix("b", prompt) == 8
+    kv.free("b")
+    assert kv.reset_prefix_cache() == 2
+    assert kv.find_cached_prefix("c", prompt) == 0 and kv.block_table("a")  # "a" keeps its blocks
+    kv.free("c")
+    kv.cache_computed_blocks("a", _slices(prompt + [9, 10, 11, 12]), 13)  # "a" goes on caching
+    assert kv.find_cached_prefix("d", prompt + [9, 10, 11, 12, 13]) == 0  # its old blocks were forgotten

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import openai
 from server_process import run_server
 
@@ -163,3 +164,20 @@ async def test_a_request_the_core_refuses_ends_alone_with_the_reason(tiny_llama)
         assert (await _generate(llm, "after"))[-1].finish_reason == "length"
     finally:
         llm.shutdown()
+
+
+def test_reset_prefix_cache_reaches_the_engine_process(tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's POST /reset_prefix_cache: the next prompt finds nothing cached, in the core's process."""
+    with run_server(tiny_llama, "--kv-cache-memory", "8MiB", "--engine-process") as server:
+        body = {"model": server.model, "prompt": list(range(100, 164)), "max_tokens": 1}
+
+        def hits() -> float:
+            before = server.metrics()["inferd:prefix_cache_hits_total"]
+            assert httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=30).status_code == 200
+            return server.metrics()["inferd:prefix_cache_hits_total"] - before
+
+        hits()
+        assert hits() > 0
+        assert httpx.post(f"{server.base_url}/reset_prefix_cache", timeout=30).status_code == 200
+        assert hits() == 0
+        assert hits() > 0

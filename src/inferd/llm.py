@@ -111,6 +111,10 @@ class LLM:
             prompts.append(self.tokenizer.encode(rendered, add_special_tokens=False))
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (vLLM's method of that name): the next prompts start cold."""
+        self.engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """The sampling the model's ``generation_config.json`` recommends (temperature, top-p, top-k,
         min-p, repetition penalty, max_new_tokens as max_tokens), as vLLM's method of that name;

@@ -232,6 +232,10 @@ class AsyncLLM:
         """Stop serving a LoRA adapter no request uses (``core.LoraUpdateError`` if it cannot be)."""
         await self._on_engine_thread(lambda engine: engine.unload_adapter(name))
 
+    async def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix from the next step on (vLLM's /reset_prefix_cache)."""
+        await self._on_engine_thread(lambda engine: engine.reset_prefix_cache())
+
     @property
     def lora_names(self) -> tuple[str, ...]:
         """The LoRA adapters served now."""

@@ -149,6 +149,14 @@ class EngineCore:
         """Release what outlives the process's own memory: the other tensor-parallel ranks."""
         self.runner.shutdown()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix, the draft model's too (the requests running keep their
+        blocks; no later request finds them)."""
+        if self.scheduler.proposer is not None:
+            self.scheduler.proposer.reset_prefix_cache()
+        dropped = self.kv.reset_prefix_cache()
+        logger.info("prefix cache reset: %d cached blocks forgotten", dropped)
+
     def abort(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> None:
         for request_id in request_ids:
             self.scheduler.finish(request_id, reason)

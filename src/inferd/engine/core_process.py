@@ -50,13 +50,19 @@ class ShutdownMsg(msgspec.Struct, tag=True, array_like=True):
 
 
 class LoraMsg(msgspec.Struct, tag=True, array_like=True):
-    """Load (with ``path``) or unload (``path`` None) a LoRA adapter; answered by LoraDoneMsg."""
+    """Load (with ``path``) or unload (``path`` None) a LoRA adapter; answered by DoneMsg."""
 
     name: str
     path: str | None
 
 
-class LoraDoneMsg(msgspec.Struct, tag=True, array_like=True):
+class ResetPrefixCacheMsg(msgspec.Struct, tag=True, array_like=True):
+    """Forget every cached prefix; answered by DoneMsg."""
+
+
+class DoneMsg(msgspec.Struct, tag=True, array_like=True):
+    """The answer to a command between steps (a LoRA update, a prefix-cache reset)."""
+
     error: str | None  # None: done
     kind: str  # LoraUpdateError's kind when it failed
 
@@ -75,8 +81,8 @@ class FatalMsg(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
-ToCore = AddMsg | AbortMsg | ShutdownMsg | LoraMsg
-FromCore = ReadyMsg | OutputsMsg | FatalMsg | LoraDoneMsg
+ToCore = AddMsg | AbortMsg | ShutdownMsg | LoraMsg | ResetPrefixCacheMsg
+FromCore = ReadyMsg | OutputsMsg | FatalMsg | DoneMsg
 
 
 def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) -> None:
@@ -138,18 +144,18 @@ def _send(outbox: zmq.Socket, data: bytes, parent: int) -> bool:
     return True
 
 
-def _update_adapter(core: EngineCore, message: LoraMsg) -> LoraDoneMsg:
+def _update_adapter(core: EngineCore, message: LoraMsg) -> DoneMsg:
     try:
         if message.path is None:
             core.unload_adapter(message.name)
         else:
             core.load_adapter(message.name, message.path)
     except LoraUpdateError as exc:
-        return LoraDoneMsg(str(exc), exc.kind)
+        return DoneMsg(str(exc), exc.kind)
     except Exception as exc:  # the update's failure alone: the core serves on
         logger.error("LoRA update failed: %r\n%s", exc, traceback.format_exc())
-        return LoraDoneMsg(f"the LoRA update failed: {exc!r}", "failed")
-    return LoraDoneMsg(None, "")
+        return DoneMsg(f"the LoRA update failed: {exc!r}", "failed")
+    return DoneMsg(None, "")
 
 
 def _serve(
@@ -193,6 +199,10 @@ def _serve(
                         return
             elif isinstance(message, LoraMsg):
                 if not _send(outbox, encoder.encode(_update_adapter(core, message)), parent):
+                    return
+            elif isinstance(message, ResetPrefixCacheMsg):
+                core.reset_prefix_cache()
+                if not _send(outbox, encoder.encode(DoneMsg(None, "")), parent):
                     return
             else:
                 core.abort(message.request_ids, FinishReason(message.reason))

@@ -94,3 +94,6 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    def reset_prefix_cache(self) -> None:
+        self.core.reset_prefix_cache()

@@ -18,12 +18,13 @@ from inferd.engine.core import EngineStats, LoraUpdateError
 from inferd.engine.core_process import (
     AbortMsg,
     AddMsg,
+    DoneMsg,
     FatalMsg,
     FromCore,
-    LoraDoneMsg,
     LoraMsg,
     OutputsMsg,
     ReadyMsg,
+    ResetPrefixCacheMsg,
     ShutdownMsg,
     run_core_process,
 )
@@ -135,8 +136,12 @@ class ProcessLLMEngine:
         self._update_adapter(LoraMsg(name, None))
         self.inputs.lora_names = tuple(n for n in self.inputs.lora_names if n != name)
 
-    def _update_adapter(self, message: LoraMsg) -> None:
-        """Send the update and wait for the core's answer, keeping the step outputs sent before it."""
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix in the core's process."""
+        self._update_adapter(ResetPrefixCacheMsg())
+
+    def _update_adapter(self, message: LoraMsg | ResetPrefixCacheMsg) -> None:
+        """Send the command and wait for the core's answer, keeping the step outputs sent before it."""
         busy = self._core_busy
         self._send(message)
         self._core_busy = busy  # an update alone brings no step, so no idle report would end it
@@ -147,7 +152,7 @@ class ProcessLLMEngine:
             answer = self._decoder.decode(self._from_core.recv())
             if isinstance(answer, FatalMsg):
                 raise EngineProcessDied(answer.message)
-            if isinstance(answer, LoraDoneMsg):
+            if isinstance(answer, DoneMsg):
                 if answer.error is not None:
                     raise LoraUpdateError(answer.error, answer.kind)
                 return
@@ -176,7 +181,7 @@ class ProcessLLMEngine:
             self._send(AbortMsg(processed.failed, FinishReason.ERROR.value))
         return processed.outputs
 
-    def _send(self, message: AddMsg | AbortMsg | LoraMsg) -> None:
+    def _send(self, message: AddMsg | AbortMsg | LoraMsg | ResetPrefixCacheMsg) -> None:
         self._core_busy = True
         while not self._to_core.poll(_SEND_POLL_MS, zmq.POLLOUT):
             self.check_alive()

@@ -83,6 +83,14 @@ class BlockPool:
     def num_cached_blocks(self) -> int:
         return len(self._cached)
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix (blocks in use keep their K/V for their requests, but no
+        later request finds them); returns how many blocks were indexed."""
+        dropped = len(self._cached)
+        self._cached.clear()
+        self._block_hash = [None] * self.num_blocks
+        return dropped
+
     def _evict_hash(self, block_id: int) -> None:
         block_hash = self._block_hash[block_id]
         if block_hash is not None:

@@ -64,6 +64,11 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage()
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix (vLLM's /reset_prefix_cache: a benchmark's runs start cold);
+        the requests running keep their blocks. Returns the blocks that were indexed."""
+        return self.pool.reset_prefix_cache()
+
     def find_cached_prefix(self, request_id: str, token_ids: Sequence[int], salt: str | None = None) -> int:
         """Attach the longest cached prefix of ``token_ids`` to a request with no blocks yet
         (``salt``: its LoRA adapter, whose blocks are its own).

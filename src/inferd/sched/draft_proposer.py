@@ -103,6 +103,9 @@ class DraftModelProposer:
     def cache_usage(self) -> float | None:
         return self.kv.usage()
 
+    def reset_prefix_cache(self) -> None:
+        self.kv.reset_prefix_cache()
+
     def propose_batch(self, requests: list[GuessRequest]) -> list[list[int]]:
         """Guesses for each request: up to its room of tokens the draft model decodes greedily
         after its tokens. No guess for a request the draft

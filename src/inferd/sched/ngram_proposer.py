@@ -34,6 +34,9 @@ class NgramProposer:
     def cache_usage(self) -> float | None:
         return None  # no model, no cache
 
+    def reset_prefix_cache(self) -> None:
+        """No cache to forget."""
+
     def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
         """Up to ``min(num_speculative_tokens, max_tokens)`` tokens to follow ``token_ids``; empty
         when no suffix of ``min_n`` tokens or more occurred before."""

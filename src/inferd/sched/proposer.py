@@ -39,6 +39,10 @@ class Proposer(Protocol):
         """Share of its own KV cache's blocks in use (a draft model's); None: it keeps none."""
         ...
 
+    def reset_prefix_cache(self) -> None:
+        """Forget its own cache's prefixes (a draft model's), as the served model's are forgotten."""
+        ...
+
 
 def make_proposer(config: EngineConfig, num_blocks: int) -> Proposer | None:
     """The engine's proposer (None without speculative decoding); a draft model's cache holds

@@ -183,6 +183,12 @@ def build_router(
             raise ResponseNotFoundError(f"no stored response {response_id!r}")
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
+    @router.post("/reset_prefix_cache", response_model=None)
+    async def reset_prefix_cache() -> Response:
+        """vLLM's: the prefix cache forgets every prefix (a benchmark's runs start cold)."""
+        await frontend.llm.reset_prefix_cache()
+        return Response(status_code=200)
+
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         frontend.check_model(body.model)
