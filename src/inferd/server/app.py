@@ -125,7 +125,7 @@ def create_app(
     else:
         app.include_router(build_embeddings_router(None, auth, frontend))
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response)
     async def health() -> Response:
         if frontend.draining:
             return JSONResponse({"error": "the server is shutting down"}, status_code=503)
@@ -134,7 +134,7 @@ def create_app(
         return JSONResponse({"error": llm.dead_reason or "engine is not running"}, status_code=503)
 
     # SageMaker's health check (vLLM serves it too): the same answer.
-    app.add_api_route("/ping", health, methods=["GET", "POST"])
+    app.add_api_route("/ping", health, methods=["GET", "POST"], response_class=Response)
 
     @app.get("/version")
     async def server_version() -> Response:

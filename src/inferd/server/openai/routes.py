@@ -183,7 +183,7 @@ def build_router(
             raise ResponseNotFoundError(f"no stored response {response_id!r}")
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
-    @router.post("/reset_prefix_cache", response_model=None)
+    @router.post("/reset_prefix_cache", response_model=None, response_class=Response)
     async def reset_prefix_cache() -> Response:
         """vLLM's: the prefix cache forgets every prefix (a benchmark's runs start cold)."""
         await frontend.llm.reset_prefix_cache()
