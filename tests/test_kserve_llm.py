@@ -115,12 +115,21 @@ def test_both_llms_are_ready_with_text_metadata(live: Live, model: str) -> None:
     assert client.is_model_ready(model)
     metadata = client.get_model_metadata(model)
     assert metadata["platform"] == "inferd_llm"
-    assert metadata["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
-    assert metadata["outputs"] == [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]
-    grpc_metadata = triton_grpc.InferenceServerClient(live.grpc_url).get_model_metadata(model)
-    assert [(t.name, t.datatype, list(t.shape)) for t in grpc_metadata.inputs] == [
-        ("text_input", "BYTES", [1])
+    # Every input and output the configuration lists (perf_analyzer looks each one up here).
+    config = client.get_model_config(model)
+    assert [(t["name"], t["shape"]) for t in metadata["inputs"]] == [
+        (t["name"], t["dims"]) for t in config["input"]
     ]
+    assert [t["name"] for t in metadata["outputs"]] == [t["name"] for t in config["output"]]
+    assert metadata["inputs"][0] == {"name": "text_input", "datatype": "BYTES", "shape": [1]}
+    assert {"name": "stream", "datatype": "BOOL", "shape": [1]} in metadata["inputs"]
+    assert metadata["outputs"][0] == {"name": "text_output", "datatype": "BYTES", "shape": [1]}
+    assert {"name": "num_output_tokens", "datatype": "UINT32", "shape": [1]} in metadata["outputs"]
+    assert [t["name"] for t in config["input"] if t.get("optional")] == [
+        t["name"] for t in config["input"][1:]
+    ]
+    grpc_metadata = triton_grpc.InferenceServerClient(live.grpc_url).get_model_metadata(model)
+    assert [t.name for t in grpc_metadata.inputs] == [t["name"] for t in metadata["inputs"]]
 
 
 def test_an_llm_folder_with_an_unknown_parameter_is_listed_not_ready(live: Live) -> None:

@@ -56,7 +56,7 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
 def test_https_under_a_path_prefix(tiny_llama: Path, tmp_path: Path) -> None:
     key_file, cert_file = _self_signed(tmp_path)
     args = ("--kv-cache-memory", "8MiB", "--ssl-keyfile", str(key_file), "--ssl-certfile", str(cert_file))
-    with run_server(tiny_llama, *args, "--root-path", "/llm") as server:
+    with run_server(tiny_llama, *args, "--root-path", "/llm", "--max-body-bytes", "4096") as server:
         assert server.base_url.startswith("https://")
         # The proxy takes the prefix off; the app's own links (its OpenAPI servers) put it back.
         with httpx.Client(verify=ssl.create_default_context(cafile=cert_file), timeout=30) as client:
@@ -66,6 +66,11 @@ def test_https_under_a_path_prefix(tiny_llama: Path, tmp_path: Path) -> None:
             body = {"model": server.model, "prompt": "To be", "max_tokens": 2}
             assert client.post(f"{server.base_url}/v1/completions", json=body).status_code == 200
             assert client.get(f"{server.base_url}/openapi.json").json()["servers"] == [{"url": "/llm"}]
+            # Errors raised outside the routes still take the protocol's shape under the prefix.
+            missing = client.get(f"{server.base_url}/v1/nope")
+            assert missing.status_code == 404 and "message" in missing.json()["error"]
+            too_big = client.post(f"{server.base_url}/v1/completions", json={**body, "prompt": "x" * 5000})
+            assert too_big.status_code == 413 and "message" in too_big.json()["error"]
         with pytest.raises(httpx.TransportError):  # plain HTTP is not spoken there
             httpx.get(server.base_url.replace("https://", "http://") + "/health", timeout=10)
 

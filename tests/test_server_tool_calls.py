@@ -298,3 +298,36 @@ async def test_leading_calls_come_with_the_last_delta_and_other_answers_stream_a
     contents = [json.loads(e[len("data: ") : -2])["choices"][0]["delta"].get("content") for e in events
                 if e.startswith("data: {")]  # fmt: skip
     assert "".join(c or "" for c in contents) == prose and sum(1 for c in contents if c) > 3
+
+
+def test_what_is_not_a_call_stays_content_however_odd() -> None:
+    """Other JSON, numbers too long to read, nesting past the parser's memory, values JSON cannot
+    hold: each answer is content, as written, never an error out of the chat route."""
+    odd = {
+        "llama3_json": (
+            '{"name": "Alice", "age": 30}',  # a JSON answer, not a call: no arguments
+            '{"name": "f", "parameters": {"n": ' + "9" * 5000 + "}}",
+            '{"name": "f", "parameters": {"x": NaN}}',
+        ),
+        "pythonic": ("[f(a=" + "-" * 6000 + "1)]", "[f(a=1e999)]", "[" * 50_000 + "f(a=1)" + "]" * 50_000),
+        "mistral": ('[TOOL_CALLS][{"name": "f", "arguments": {"n": ' + "9" * 5000 + "}}]",),
+        "hermes": ('<tool_call>{"name": "f", "arguments": {"n": ' + "9" * 5000 + "}}</tool_call>",),
+    }
+    for parser, texts in odd.items():
+        for text in texts:
+            assert read_tool_calls(text, parser) == (text, []), (parser, text[:40])
+
+
+def test_mistrals_other_call_forms() -> None:
+    """With a call id ([CALL_ID], kept), the arguments right after the name, and text after the
+    array of calls."""
+    forms = (
+        '[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{"city": "Paris"}',
+        '[TOOL_CALLS]get_weather{"city": "Paris"}',
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]\\nsome trailing text',
+    )
+    read = [read_tool_calls(text, "mistral") for text in forms]
+    assert [(content, _named(calls)) for content, calls in read] == [
+        ("", [("get_weather", {"city": "Paris"})])
+    ] * 3
+    assert read[0][1][0].id == "abc123XYZ"

@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import get_route_path
 
 from inferd.engine.tokenizer import InvalidTextError
 
@@ -178,7 +179,7 @@ async def unmatched_route_response(request: Request, exc: Exception) -> Response
     """A 404 (no such path) or 405 (no such method) in the shape of the protocol the path belongs to:
     clients such as tritonclient or openai read the error body and fail on FastAPI's `detail`."""
     assert isinstance(exc, HTTPException)
-    path = request.url.path
+    path = get_route_path(request.scope)  # under --root-path, the path the routes see
     message = f"{request.method} {path}: {exc.detail}"
     body: dict[str, Any]
     if is_openai_path(path):

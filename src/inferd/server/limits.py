@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from starlette.responses import Response
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferd.server.errors import PayloadTooLargeError
@@ -60,7 +61,7 @@ class BodySizeLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = PayloadTooLargeError(f"the request body exceeds the limit of {self.max_bytes} bytes")
-        response = self.render(scope.get("path", ""), error)
+        response = self.render(get_route_path(scope), error)  # under --root-path, the routes' path
         response.headers["Connection"] = "close"  # the rest of the body is not read
         await response(scope, receive, send)
 

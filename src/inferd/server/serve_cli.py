@@ -58,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--tool-call-parser",
         choices=TOOL_CALL_PARSERS,
         default=None,
-        help="let chat requests offer tools; answers' <tool_call> blocks (Qwen, Hermes) become tool_calls",
+        help="let chat requests offer tools; the answers' calls in this family's form become tool_calls: "
+        "hermes (<tool_call> blocks: Qwen, Hermes), llama3_json, pythonic (Llama 3.2, 4), mistral",
     )
     server.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM)")
     server.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")

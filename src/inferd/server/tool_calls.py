@@ -35,7 +35,12 @@ from inferd.server.reasoning import prefix_overlap
 
 START, END = "<tool_call>", "</tool_call>"
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
-MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+# Python source longer than this is not read as calls (the parser's memory grows with nesting).
+_MAX_PYTHONIC_CHARS = 100_000
+# What reading a text as JSON or Python may raise besides a syntax error: a number too long to
+# convert, nesting too deep, a value JSON cannot hold (NaN, infinity).
+_UNREADABLE = (ValueError, RecursionError, MemoryError, OverflowError, TypeError)
 
 
 @dataclass(frozen=True)
@@ -49,19 +54,32 @@ class ParsedToolCall:
 def _call(block: str) -> ParsedToolCall | None:
     try:
         value = json.loads(block)
-    except (json.JSONDecodeError, RecursionError):
+    except _UNREADABLE:
         return None
-    return _call_of(value)
+    return _call_of(value, needs_arguments=False)
 
 
-def _call_of(value: Any, new_id: Callable[[], str] | None = None) -> ParsedToolCall | None:
-    """A `{"name": ..., "arguments" (or "parameters"): {...}}` object as a call; None otherwise."""
+def _call_of(
+    value: Any, new_id: Callable[[], str] | None = None, needs_arguments: bool = True
+) -> ParsedToolCall | None:
+    """A `{"name": ..., "arguments" (or "parameters"): {...}}` object as a call; None otherwise
+    (an answer that is some other JSON object, `{"name": "Alice", "age": 30}` say, is no call:
+    without ``needs_arguments``, a hermes block's, arguments may be left out)."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    if needs_arguments and "arguments" not in value and "parameters" not in value:
         return None
     arguments: Any = value.get("arguments", value.get("parameters", {}))
     if not isinstance(arguments, (dict, str)):
         return None
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    try:  # strict JSON: NaN and infinities are no JSON a client could read
+        text = (
+            arguments
+            if isinstance(arguments, str)
+            else json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+        )
+    except _UNREADABLE:
+        return None
     return ParsedToolCall((new_id or new_call_id)(), value["name"], text)
 
 
@@ -205,7 +223,7 @@ def _json_objects(text: str, separators: str) -> list[Any] | None:
             return values or None
         try:
             value, at = decoder.raw_decode(text, at)
-        except (json.JSONDecodeError, RecursionError):
+        except _UNREADABLE:
             return None
         values.append(value)
 
@@ -224,9 +242,11 @@ def _llama3_json_calls(text: str) -> list[ParsedToolCall] | None:
 def _pythonic_calls(text: str) -> list[ParsedToolCall] | None:
     """`[f(a=1, b="x"), g()]`: calls by name with literal keyword arguments."""
     source = text.strip().removeprefix("<|python_start|>").removesuffix("<|python_end|>").strip()
+    if len(source) > _MAX_PYTHONIC_CHARS:
+        return None
     try:
         tree = ast.parse(source, mode="eval").body
-    except (SyntaxError, ValueError, RecursionError):
+    except (SyntaxError, *_UNREADABLE):
         return None
     if not isinstance(tree, ast.List) or not tree.elts:
         return None
@@ -236,13 +256,13 @@ def _pythonic_calls(text: str) -> list[ParsedToolCall] | None:
             return None
         try:
             arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg is not None}
-        except (ValueError, TypeError, SyntaxError, RecursionError):
+        except (SyntaxError, *_UNREADABLE):
             return None
         if len(arguments) != len(node.keywords):  # a **mapping
             return None
-        try:
-            text_arguments = json.dumps(arguments, ensure_ascii=False)
-        except (TypeError, ValueError):  # a set, bytes, ...: no JSON for them
+        try:  # a set, bytes, an infinity: no JSON for them
+            text_arguments = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+        except _UNREADABLE:
             return None
         calls.append(ParsedToolCall(new_call_id(), node.func.id, text_arguments))
     return calls
@@ -250,19 +270,25 @@ def _pythonic_calls(text: str) -> list[ParsedToolCall] | None:
 
 def _mistral_calls(text: str) -> list[ParsedToolCall] | None:
     pieces = [piece.strip() for piece in text.split(MISTRAL_CALLS) if piece.strip()]
-    if len(pieces) == 1 and pieces[0].startswith("["):  # [TOOL_CALLS][{...}, ...]
+    if len(pieces) == 1 and pieces[0].startswith("["):  # [TOOL_CALLS][{...}, ...], text after it left
         try:
-            listed = json.loads(pieces[0])
-        except (json.JSONDecodeError, RecursionError):
+            listed, _ = json.JSONDecoder().raw_decode(pieces[0])
+        except _UNREADABLE:
             return None
         return _all_calls(listed if isinstance(listed, list) else None, mistral_call_id)
     calls = []
-    for piece in pieces:  # [TOOL_CALLS]name[ARGS]{...}, one call a piece
-        name, found, arguments = piece.partition(MISTRAL_ARGS)
-        values = _json_objects(arguments, "") if found else None
+    for piece in pieces:  # [TOOL_CALLS]name[CALL_ID]id[ARGS]{...}, or name{...}: a call a piece
+        head, found, arguments = piece.partition(MISTRAL_ARGS)
+        if not found:  # the arguments' object right after the name
+            brace = piece.find("{")
+            head, arguments = (piece[:brace], piece[brace:]) if brace > 0 else (piece, "")
+        name, has_id, call_id = head.partition(MISTRAL_CALL_ID)
+        values = _json_objects(arguments, "")
         if not name.strip() or values is None or len(values) != 1:
             return None
-        call = _call_of({"name": name.strip(), "arguments": values[0]}, mistral_call_id)
+        given = call_id.strip() if has_id else ""
+        new_id = (lambda: given) if given else mistral_call_id  # noqa: B023 (called at once, below)
+        call = _call_of({"name": name.strip(), "arguments": values[0]}, new_id)
         if call is None:
             return None
         calls.append(call)

@@ -21,7 +21,7 @@ from inferd.serving.errors import InferenceError, InvalidInputError
 from inferd.serving.generation import flag, generation_params
 from inferd.serving.llm_io import (
     COUNTS,
-    EXTRA_OUTPUT_CONFIGS,
+    EXTRA_OUTPUT_SPECS,
     OPTIONAL_INPUTS,
     STREAM,
     TEXT_INPUT,
@@ -92,14 +92,16 @@ class DataPlane:
         config = entry.require_ready()
         inputs, outputs = self._signature(entry, config)
         llm = isinstance(entry.runtime, TextGenerator)
+        # Triton writes the versions as numbers.
+        versions = [int(entry.version) if entry.version.isdigit() else entry.version]
         described: dict[str, Any] = {
             "name": entry.name,
             "platform": entry.platform,
             "backend": config.runtime,
-            "version_policy": {"specific": {"versions": [entry.version]}},
+            "version_policy": {"specific": {"versions": versions}},
             "max_batch_size": config.max_batch_size,
-            "input": [_config_tensor(spec) for spec in inputs] + ([*OPTIONAL_INPUTS] if llm else []),
-            "output": [_config_tensor(spec) for spec in outputs] + ([*EXTRA_OUTPUT_CONFIGS] if llm else []),
+            "input": [_config_tensor(spec, optional=llm and spec in OPTIONAL_INPUTS) for spec in inputs],
+            "output": [_config_tensor(spec) for spec in outputs],
             "model_transaction_policy": {"decoupled": llm},
         }
         if entry.batcher is not None:
@@ -149,8 +151,9 @@ class DataPlane:
     def _signature(
         entry: ModelEntry, config: ModelConfig
     ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-        if isinstance(entry.runtime, TextGenerator):
-            return (config.inputs or (TEXT_INPUT,)), (config.outputs or (TEXT_OUTPUT,))
+        if isinstance(entry.runtime, TextGenerator):  # with the optional tensors of llm_io.py
+            inputs, outputs = (config.inputs or (TEXT_INPUT,)), (config.outputs or (TEXT_OUTPUT,))
+            return (*inputs, *OPTIONAL_INPUTS), (*outputs, *EXTRA_OUTPUT_SPECS)
         return config.inputs, config.outputs
 
     @staticmethod
@@ -306,7 +309,10 @@ def _inferences(config: ModelConfig, request: InferRequest) -> int:
     return 1
 
 
-def _config_tensor(spec: TensorSpec) -> dict[str, Any]:
+def _config_tensor(spec: TensorSpec, optional: bool = False) -> dict[str, Any]:
     """A tensor as Triton's model configuration writes it (BYTES is its TYPE_STRING)."""
     datatype = "STRING" if spec.datatype == "BYTES" else spec.datatype
-    return {"name": spec.name, "data_type": f"TYPE_{datatype}", "dims": list(spec.shape)}
+    tensor: dict[str, Any] = {"name": spec.name, "data_type": f"TYPE_{datatype}", "dims": list(spec.shape)}
+    if optional:
+        tensor["optional"] = True
+    return tensor

@@ -47,15 +47,12 @@ COUNTS = {
     "cumulative_logprob": "cumulative_logprob",
 }
 _FLAG_INPUTS = (STREAM, EXCLUDE_INPUT, *(flag_name for flag_name, _ in EXTRA_OUTPUTS.values()))
-# The optional inputs and the extra outputs in Triton's model configuration form.
+# The optional inputs and the extra outputs, as the model's metadata and configuration list them.
 OPTIONAL_INPUTS = (
-    {"name": SAMPLING_PARAMETERS, "data_type": "TYPE_STRING", "dims": [1], "optional": True},
-    *({"name": name, "data_type": "TYPE_BOOL", "dims": [1], "optional": True} for name in _FLAG_INPUTS),
+    TensorSpec(SAMPLING_PARAMETERS, "BYTES", (1,)),
+    *(TensorSpec(name, "BOOL", (1,)) for name in _FLAG_INPUTS),
 )
-EXTRA_OUTPUT_CONFIGS = tuple(
-    {"name": name, "data_type": "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}", "dims": [1]}
-    for name, (_, datatype) in EXTRA_OUTPUTS.items()
-)
+EXTRA_OUTPUT_SPECS = tuple(TensorSpec(name, datatype, (1,)) for name, (_, datatype) in EXTRA_OUTPUTS.items())
 _REFUSED_FLAGS = {"return_logprobs": "per-token log-probabilities are served on the OpenAI routes"}
 
 
