@@ -114,15 +114,20 @@ def test_a_low_bit_drafts_values_count_as_stored(tmp_path: Path) -> None:
 
 
 def test_gpu_memory_utilization_fills_that_share_of_the_whole_device(tiny_model_factory, monkeypatch) -> None:
-    """vLLM's gpu_memory_utilization: the share of the device's whole memory the engine may hold;
-    the memory already in use (weights, other processes) counts against it."""
+    """vLLM's gpu_memory_utilization: the share of the device's whole memory this engine may hold;
+    what it holds already (its weights) counts against it, another process's memory does not, as
+    long as the cache fits in what is free."""
     folder = tiny_model_factory("qwen3")
-    free, total = 3 * 2**28, 2**30  # a quarter of the device in use
+    free, total, held = 5 * 2**27, 2**30, 2**27  # ours an eighth, another process's half the rest
     monkeypatch.setattr(builder.torch.cuda, "mem_get_info", lambda: (free, total))
-    config = builder.build_engine_config(folder, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.9)
+    monkeypatch.setattr(builder.torch.cuda, "memory_reserved", lambda: held)
+    config = builder.build_engine_config(folder, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.45)
     per_block = config.model.kv_bytes_per_token(config.kv_dtype) * config.cache.block_size
-    expected = (int(0.9 * total) - (total - free)) // per_block
+    expected = (int(0.45 * total) - held) // per_block
     assert builder.resolve_num_blocks(config).cache.num_blocks == expected
+    greedy = builder.build_engine_config(folder, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.9)
+    with pytest.raises(ValueError, match="are free"):  # 0.9 of the device is more than is free
+        builder.resolve_num_blocks(greedy)
     default = builder.build_engine_config(folder, device="cuda", dtype="bfloat16")
     assert (
         builder.resolve_num_blocks(default).cache.num_blocks

@@ -306,13 +306,23 @@ def _draft_kv_bytes_per_token(config: EngineConfig) -> int:
 def _default_kv_budget(device: str, reserved: int = 0, utilization: float | None = None) -> int:
     """``reserved``: bytes still to be loaded on a GPU after the cache is allocated (a draft
     model's weights), left out of what the share is taken of. ``utilization``: the share of the
-    GPU's whole memory to fill (what is in use now, the weights and any other process's, counts
-    against it); None: a share of what is free."""
+    GPU's whole memory this engine may hold, as vLLM's flag (two engines at 0.45 share a GPU): the
+    cache gets it less what this process holds already (its weights); another process's memory
+    counts only in that the cache must fit in what is free. None: a share of what is free."""
     if device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info()
-        if utilization is not None:
-            return max(int(utilization * total) - (total - free) - reserved, 0)
-        return int(max(free - reserved, 0) * _GPU_KV_FRACTION)
+        if utilization is None:
+            return int(max(free - reserved, 0) * _GPU_KV_FRACTION)
+        held = torch.cuda.memory_reserved()
+        budget = max(int(utilization * total) - held - reserved, 0)
+        if budget > free - reserved:
+            allowed = utilization * total / 2**30
+            raise ValueError(
+                f"gpu_memory_utilization {utilization}: this engine may hold {allowed:.1f} GiB of the GPU's "
+                f"{total / 2**30:.1f} GiB and holds {held / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB "
+                "are free (another process holds the rest); lower it"
+            )
+        return budget
     return int(min(_available_ram() * _CPU_KV_FRACTION, _CPU_KV_CAP))
 
 

@@ -92,8 +92,8 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
     group.add_argument(
         "--gpu-memory-utilization",
         type=float,
-        help="on a GPU, the share of its whole memory the engine may hold, e.g. 0.9 (vLLM's flag): the KV "
-        "cache gets what that leaves after the memory in use (default: 85%% of what is free after loading)",
+        help="on a GPU, the share of its whole memory this engine may hold, e.g. 0.9 (vLLM's flag): the KV "
+        "cache gets what that leaves after its weights (default: 85%% of what is free after loading)",
     )
     group.add_argument("--block-size", type=positive_int, help="tokens per KV block (default 16)")
     group.add_argument(
