@@ -196,5 +196,6 @@ def test_burstiness_shapes_the_gaps_and_keeps_their_mean() -> None:
         assert variation == pytest.approx(burstiness**-0.5, rel=0.1)
     rng = random.Random(5)
     assert gaps(1.0)[:50] == pytest.approx([rng.expovariate(10.0) for _ in range(50)])
-    with pytest.raises(ValueError, match="burstiness"):
-        arrival_offsets(3, 1.0, 0, burstiness=0)
+    for bad in (0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="burstiness"):
+            arrival_offsets(3, 1.0, 0, burstiness=bad)

@@ -574,6 +574,14 @@ def test_model_configuration_and_statistics_extensions(http_client: Any, grpc_cl
     assert counts["compute_infer"]["count"] - before["inference_stats"]["compute_infer"]["count"] == 2
     assert counts["compute_infer"]["ns"] > before["inference_stats"]["compute_infer"]["ns"]
     assert 3 in {entry["batch_size"] for entry in after["batch_stats"]} and after["last_inference"] > 0
+    llm_before = http_client.get_inference_statistics("echo_llm")["model_stats"][0]
+    text = triton_http.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"one two"], dtype=object))
+    http_client.infer("echo_llm", [text])
+    llm_after = http_client.get_inference_statistics("echo_llm")["model_stats"][0]
+    # A generation is one inference and one execution (its engine batches on its own).
+    assert llm_after["inference_count"] - llm_before["inference_count"] == 1
+    assert llm_after["execution_count"] - llm_before["execution_count"] == 1
     everyone = {entry["name"] for entry in http_client.get_inference_statistics()["model_stats"]}
     assert {"digits", "sentiment", "echo_llm"} <= everyone and "broken" not in everyone
     with pytest.raises(InferenceServerException):

@@ -87,6 +87,23 @@ async def test_a_bad_request_in_a_batch_fails_alone() -> None:
     assert model.calls[0] == 4  # stacked first, then each request alone
 
 
+async def test_statistics_count_the_executions_and_waits_that_succeeded() -> None:
+    """Triton's statistics: the stacked call that failed and the poisoned request's own call are no
+    executions; the three answered requests each waited once."""
+    from inferd.serving.statistics import ModelStatistics
+
+    stats = ModelStatistics()
+    batcher = DynamicBatcher(
+        "m", RecordingModel().infer, max_batch_size=16, max_queue_delay_s=0.5, stats=stats
+    )
+    values = [1.0, 2.0, POISON, 4.0]
+    await asyncio.gather(*(batcher.submit(_request(v)) for v in values), return_exceptions=True)
+    await batcher.close()
+    assert stats.execution_count == 3 and stats.compute_infer.count == 3
+    assert sorted(stats.batches) == [1] and stats.batches[1].count == 3
+    assert stats.queue.count == 3
+
+
 async def test_oversized_request_is_refused() -> None:
     batcher = DynamicBatcher("m", RecordingModel().infer, max_batch_size=2, max_queue_delay_s=0.0)
     with pytest.raises(ValueError, match="max_batch_size"):

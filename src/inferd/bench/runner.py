@@ -34,8 +34,8 @@ def arrival_offsets(
     """
     if request_rate <= 0:
         raise ValueError(f"request rate must be positive, got {request_rate}")
-    if burstiness <= 0:
-        raise ValueError(f"burstiness must be positive, got {burstiness}")
+    if not 0 < burstiness < math.inf:
+        raise ValueError(f"burstiness must be a positive, finite number, got {burstiness}")
     if math.isinf(request_rate):
         return [0.0] * num_requests
     rng = random.Random(seed)

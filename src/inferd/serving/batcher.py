@@ -29,6 +29,7 @@ class _Pending:
     key: _ShapeKey
     future: asyncio.Future[dict[str, np.ndarray]]
     enqueued_at: float
+    started_at: float = 0.0  # when its batch began to run
 
 
 def _shape_key(inputs: dict[str, np.ndarray]) -> _ShapeKey:
@@ -173,27 +174,28 @@ class DynamicBatcher:
     async def _call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.monotonic_ns()
         try:
-            return await asyncio.to_thread(self._run_batch, inputs)
+            outputs = await asyncio.to_thread(self._run_batch, inputs)
         finally:
             took = time.monotonic_ns() - started
             if self._metrics is not None:
                 self._metrics.runtime_seconds.labels(self._model_name).observe(took / 1e9)
-            if self._stats is not None:
-                self._stats.executed(next(iter(inputs.values())).shape[0], took)
+        if self._stats is not None:  # the statistics count the executions that succeeded
+            self._stats.executed(next(iter(inputs.values())).shape[0], took)
+        return outputs
 
-    @staticmethod
-    def _resolve(pending: _Pending, outcome: dict[str, np.ndarray] | BaseException) -> None:
+    def _resolve(self, pending: _Pending, outcome: dict[str, np.ndarray] | BaseException) -> None:
         if pending.future.done():
             return
         if isinstance(outcome, BaseException):
             pending.future.set_exception(outcome)
         else:
             pending.future.set_result(outcome)
+            if self._stats is not None:  # a request's wait, where it was answered
+                self._stats.queued(int((pending.started_at - pending.enqueued_at) * 1e9))
 
     def _observe_batch(self, batch: list[_Pending], started: float) -> None:
-        if self._stats is not None:
-            for pending in batch:
-                self._stats.queued(int((started - pending.enqueued_at) * 1e9))
+        for pending in batch:
+            pending.started_at = started
         if self._metrics is None:
             return
         self._metrics.batch_requests.labels(self._model_name).observe(len(batch))

@@ -184,10 +184,8 @@ class DataPlane:
                 runtime = entry.runtime
                 assert isinstance(runtime, TensorRuntime)
                 started = time.monotonic_ns()
-                try:
-                    results = await asyncio.to_thread(runtime.infer, inputs)
-                finally:
-                    entry.stats.executed(_inferences(config, request), time.monotonic_ns() - started)
+                results = await asyncio.to_thread(runtime.infer, inputs)
+                entry.stats.executed(_inferences(config, request), time.monotonic_ns() - started)
         except InferenceError:
             raise
         except Exception as exc:
@@ -246,7 +244,8 @@ class DataPlane:
     @contextmanager
     def _counted(self, entry: ModelEntry, inferences: int = 1) -> Iterator[None]:
         """Counts a request that ends as a success or a failure (one the client left is neither),
-        in the metrics and the model's statistics, with its duration."""
+        in the metrics and the model's statistics, with its duration; an LLM's generation that
+        succeeded is its one execution too (its engine batches it with others on its own)."""
         metrics, name, started = self.repository.metrics, entry.name, time.monotonic_ns()
         try:
             yield
@@ -257,7 +256,10 @@ class DataPlane:
             raise
         if metrics is not None:
             metrics.requests.labels(name, "success").inc()
-        entry.stats.finished(True, time.monotonic_ns() - started, inferences)
+        took = time.monotonic_ns() - started
+        entry.stats.finished(True, took, inferences)
+        if isinstance(entry.runtime, TextGenerator):
+            entry.stats.executed(1, took)
 
     def text_generator(self, name: str, version: str | None = None) -> TextGenerator:
         entry = self.repository.get(name, version)
