@@ -63,3 +63,26 @@ def test_a_working_server_logs_its_engine_line_and_no_request_lines_when_asked(t
         assert "generation" in line and "KV cache" in line
         time.sleep(0.5)  # a finished request would have logged by now
         assert f"request {answer['id']}" not in server.log_text()
+
+
+async def test_a_failed_reading_is_skipped_and_the_lines_go_on(caplog) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import logging
+
+    from inferd.server.stats_log import log_engine_stats
+
+    readings = iter(
+        [EngineStats(0, 0, 0.0, 0, 0, 0), RuntimeError("engine gone"), EngineStats(2, 0, 0.5, 0, 0, 0)]
+    )
+
+    def read() -> EngineStats:
+        value = next(readings, EngineStats(0, 0, 0.0, 0, 0, 0))
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    with caplog.at_level(logging.INFO, logger="inferd.server"):
+        task = asyncio.create_task(log_engine_stats(read, 0.01))
+        await asyncio.sleep(0.1)
+        task.cancel()
+    assert "engine stats unreadable" in caplog.text and "running 2" in caplog.text

@@ -33,11 +33,17 @@ def stats_line(before: EngineStats, now: EngineStats, seconds: float) -> str | N
 
 
 async def log_engine_stats(read: Callable[[], EngineStats], interval_s: float) -> None:
-    """Logs `stats_line` every `interval_s` seconds until cancelled."""
+    """Logs `stats_line` every `interval_s` seconds until cancelled; a reading that fails (an
+    engine on its way down) is skipped, not the end of the lines."""
     before, then = read(), time.monotonic()
     while True:
         await asyncio.sleep(interval_s)
-        now, at = read(), time.monotonic()
+        try:
+            now = read()
+        except Exception as exc:
+            logger.warning("engine stats unreadable: %r", exc)
+            continue
+        at = time.monotonic()
         line = stats_line(before, now, at - then)
         if line is not None:
             logger.info("%s", line)
