@@ -532,12 +532,20 @@ def test_the_timeout_header_and_parameter_follow_triton(server: LiveServer) -> N
 
 
 def test_model_configuration_and_statistics_extensions(http_client: Any, grpc_client: Any) -> None:
-    """Triton's configuration and statistics extensions over REST, as tritonclient reads them
-    (gRPC does not serve them: UNIMPLEMENTED, as for any method it lacks)."""
-    for call in (grpc_client.get_model_config, grpc_client.get_inference_statistics):
-        with pytest.raises(InferenceServerException) as missing:
-            call("digits")
-        assert missing.value.status() == "StatusCode.UNIMPLEMENTED"
+    """Triton's configuration and statistics extensions, as tritonclient reads them over REST and
+    gRPC (the same answers: perf_analyzer reads the configuration over gRPC by default)."""
+    for name in ("digits", "echo_llm"):
+        rest = http_client.get_model_config(name)
+        grpc = grpc_client.get_model_config(name, as_json=True)["config"]
+        assert grpc["name"] == rest["name"] and grpc["input"] == [
+            {**t, "dims": [str(d) for d in t["dims"]]}
+            for t in rest["input"]  # int64 in JSON: text
+        ]
+        assert grpc.get("model_transaction_policy", {}).get("decoupled", False) == (name == "echo_llm")
+    assert grpc_client.get_model_config("digits").config.dynamic_batching.max_queue_delay_microseconds == 2000
+    with pytest.raises(InferenceServerException) as missing:
+        grpc_client.get_model_config("broken")
+    assert missing.value.status() == "StatusCode.UNAVAILABLE"
     config = http_client.get_model_config("digits")
     assert config["max_batch_size"] == 64 and config["dynamic_batching"] == {
         "max_queue_delay_microseconds": 2000
@@ -582,6 +590,12 @@ def test_model_configuration_and_statistics_extensions(http_client: Any, grpc_cl
     # A generation is one inference and one execution (its engine batches on its own).
     assert llm_after["inference_count"] - llm_before["inference_count"] == 1
     assert llm_after["execution_count"] - llm_before["execution_count"] == 1
+    over_grpc = grpc_client.get_inference_statistics("digits").model_stats[0]
+    assert (
+        over_grpc.inference_count == after["inference_count"]
+        and over_grpc.execution_count == after["execution_count"]
+    )
+    assert over_grpc.inference_stats.success.count == counts["success"]["count"]
     everyone = {entry["name"] for entry in http_client.get_inference_statistics()["model_stats"]}
     assert {"digits", "sentiment", "echo_llm"} <= everyone and "broken" not in everyone
     with pytest.raises(InferenceServerException):

@@ -11,6 +11,8 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from google.protobuf import json_format
+
 from inferd.server.kserve.grpc_codec import request_from_proto, response_to_proto
 from inferd.serving.dataplane import DataPlane
 from inferd.serving.errors import (
@@ -185,6 +187,21 @@ def _servicer(plane: DataPlane) -> Any:
         async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
             await _control_model(plane.unload, request, context)
             return pb2.RepositoryModelUnloadResponse()
+
+        async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
+            try:
+                config = plane.model_config(request.name, request.version or None)
+            except InferenceError as exc:
+                await context.abort(_status_code(exc), str(exc))
+            # The REST answer is the configuration's JSON form: the same message, field for field.
+            return pb2.ModelConfigResponse(config=json_format.ParseDict(config, pb2.ModelConfig()))
+
+        async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
+            try:
+                stats = plane.model_statistics(request.name or None, request.version or None)
+            except InferenceError as exc:
+                await context.abort(_status_code(exc), str(exc))
+            return json_format.ParseDict(stats, pb2.ModelStatisticsResponse())
 
     return InferenceServicer()
 
