@@ -230,6 +230,19 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert logprobs.token_logprobs == pytest.approx([max(top.values()) for top in logprobs.top_logprobs])
 
 
+def test_completion_logprobs_go_to_20_as_vllm_takes_them(client: openai.OpenAI) -> None:
+    result = client.completions.create(model="tiny", prompt="To be", max_tokens=2, logprobs=12)
+    logprobs = result.choices[0].logprobs
+    assert logprobs is not None and logprobs.top_logprobs is not None
+    # Keyed by their text, as OpenAI writes them: tokens that decode alike share a key.
+    assert max(len(top) for top in logprobs.top_logprobs) > 5 and all(
+        len(top) <= 13 for top in logprobs.top_logprobs
+    )
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt="To be", max_tokens=2, logprobs=21)
+    assert caught.value.body["param"] == "logprobs"  # type: ignore[index]
+
+
 def test_completion_top_logprobs_always_hold_the_sampled_token(client: openai.OpenAI) -> None:
     # At a high temperature most sampled tokens are outside the top one.
     result = client.completions.create(

@@ -113,7 +113,8 @@ class CompletionRequest(SamplingExtras):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=5)
+    # Up to 20 alternatives, as vLLM takes (OpenAI's own API stops at 5).
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=128)  # as n: candidates are engine requests
     suffix: str | None = None
