@@ -82,14 +82,14 @@ class LLMRequest:
             "num_output_tokens": lambda: [new_tokens],
             "cumulative_logprob": lambda: [stream.cumulative_logprob or 0.0],
         }
-        tensors = {TEXT_OUTPUT.name: text_tensor(self.prompt + text if self.echo_prompt else text)}
+        tensors = {TEXT_OUTPUT.name: _text_tensor(self.prompt + text if self.echo_prompt else text)}
         for name in self.extras:
             datatype = EXTRA_OUTPUTS[name][1]
             tensors[name] = Tensor(name, datatype, np.array(values[name](), dtype=numpy_dtype(datatype)))
         return [tensors[name] for name in self.listed or tensors]
 
 
-def text_tensor(text: str) -> Tensor:
+def _text_tensor(text: str) -> Tensor:
     return Tensor(TEXT_OUTPUT.name, "BYTES", np.array([text.encode("utf-8")], dtype=object))
 
 
