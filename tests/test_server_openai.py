@@ -18,7 +18,9 @@ SPLIT_CHAR_BIAS = {"322": 100, "106": 99}
 
 @pytest.fixture(scope="module")
 def server(tiny_llama) -> Iterator[ServerProcess]:
-    with run_server(tiny_llama, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny") as process:
+    # A second name the model answers to (vLLM's several served names); answers give the first.
+    args = ("--kv-cache-memory", "8MiB", "--served-model-name", "tiny", "tiny-alias")
+    with run_server(tiny_llama, *args) as process:
         yield process
 
 
@@ -34,8 +36,10 @@ def async_client(server: ServerProcess) -> openai.AsyncOpenAI:
 
 def test_models_lists_the_served_name(client: openai.OpenAI) -> None:
     models = client.models.list().data
-    assert [m.id for m in models] == ["tiny"]
-    assert client.models.retrieve("tiny") == models[0]
+    assert [m.id for m in models] == ["tiny", "tiny-alias"]
+    assert client.models.retrieve("tiny") == models[0] and client.models.retrieve("tiny-alias") == models[1]
+    answer = client.completions.create(model="tiny-alias", prompt="To be", max_tokens=2)
+    assert answer.model == "tiny"  # the first name, as vLLM answers
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("other")
     assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]

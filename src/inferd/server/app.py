@@ -69,10 +69,11 @@ def create_app(
     config = config or ServerConfig()
     registry = CollectorRegistry()
     model_name = served_model_name(llm, config)
-    if model_name in llm.config.lora_names:
-        raise ValueError(
-            f"the LoRA adapter {model_name!r} has the served model's name: requests could not reach it"
-        )
+    for name in (model_name, *config.model_aliases):
+        if name in llm.config.lora_names:
+            raise ValueError(
+                f"the LoRA adapter {name!r} has a served model's name: requests could not reach it"
+            )
     if config.chat_template is not None:
         llm.tokenizer.use_chat_template(config.chat_template, "given with --chat-template")
     metrics = ServerMetrics(registry, model_name, llm.stats)
@@ -83,7 +84,14 @@ def create_app(
                     "%s", ", ".join(f"{name} {value}" for name, value in defaults.items()))  # fmt: skip
     reasoning = REASONING_FORMATS[config.reasoning_parser] if config.reasoning_parser else None
     frontend = Frontend(
-        llm, model_name, metrics, config.request_timeout_s, defaults, reasoning, config.tool_call_parser
+        llm,
+        model_name,
+        metrics,
+        config.request_timeout_s,
+        defaults,
+        reasoning,
+        config.tool_call_parser,
+        config.model_aliases,
     )
 
     @asynccontextmanager

@@ -13,6 +13,9 @@ class ServerConfig:
     port: int = 8000  # 0 picks a free port; the ready log line gives the real one
     # The name clients pass as `model`; None means the model folder's name.
     served_model_name: str | None = None
+    # More names the served model answers to (vLLM's --served-model-name with several names);
+    # responses give the first.
+    model_aliases: tuple[str, ...] = ()
     # When set, `/v1/*` and the TGI routes require `Authorization: Bearer <api_key>`.
     api_key: str | None = None
     # Default per-request timeout in seconds (a request may set its own); None: no timeout.

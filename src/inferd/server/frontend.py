@@ -73,9 +73,12 @@ class Frontend:
         sampling_defaults: Mapping[str, float | int] | None = None,
         reasoning_format: ReasoningFormat | None = None,
         tool_call_parser: str | None = None,
+        aliases: tuple[str, ...] = (),
     ) -> None:
         self.llm = llm
         self.model_name = model_name
+        # More names of the served model (--served-model-name's after the first).
+        self.aliases = tuple(name for name in aliases if name != model_name)
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
         # For the OpenAI fields a request leaves out (`engine/generation_config.py`).
@@ -120,7 +123,7 @@ class Frontend:
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Serve a LoRA adapter from ``path`` (on this machine) under ``name`` from now on."""
-        if name == self.model_name:
+        if name == self.model_name or name in self.aliases:
             raise InvalidRequestError(
                 f"lora_name: {name!r} is the served model's name: requests could not reach it", "lora_name"
             )
@@ -160,11 +163,11 @@ class Frontend:
     def adapter_for(self, name: str | None, field: str = "model") -> str | None:
         """The LoRA adapter a request's model name asks for; None for the base model (its served
         name, or no name); any other name is a 404."""
-        if name is None or name == self.model_name:
+        if name is None or name == self.model_name or name in self.aliases:
             return None
         if name in self.adapters:
             return name
-        served = ", ".join(repr(n) for n in (self.model_name, *self.adapters))
+        served = ", ".join(repr(n) for n in (self.model_name, *self.aliases, *self.adapters))
         raise ModelNotFoundError(f"the model {name!r} does not exist; this server serves {served}", field)
 
     def answering_name(self, name: str | None) -> str:

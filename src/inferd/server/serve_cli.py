@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=_port, default=8000, help="0 picks a free port (logged when ready)")
     server.add_argument(
-        "--served-model-name", default=None, help="name clients use; default: the folder name"
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="name(s) clients use; responses give the first (default: the folder name)",
     )
     server.add_argument(
         "--api-key",
@@ -161,7 +165,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host,
         port=args.port,
-        served_model_name=args.served_model_name,
+        served_model_name=args.served_model_name[0] if args.served_model_name else None,
+        model_aliases=tuple(args.served_model_name[1:]) if args.served_model_name else (),
         api_key=args.api_key or None,
         request_timeout_s=args.request_timeout,
         max_body_bytes=args.max_body_bytes,

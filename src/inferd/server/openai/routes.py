@@ -71,12 +71,13 @@ def build_router(
     add_classify_routes(router, frontend)
 
     def model_cards() -> list[ModelCard]:
-        base = ModelCard(id=frontend.model_name, max_model_len=frontend.max_model_len)
+        names = (frontend.model_name, *frontend.aliases)
+        base = [ModelCard(id=name, max_model_len=frontend.max_model_len) for name in names]
         adapters = [
             ModelCard(id=name, max_model_len=frontend.max_model_len, parent=frontend.model_name)
             for name in frontend.adapters
         ]
-        return [base, *adapters]
+        return [*base, *adapters]
 
     @router.get("/v1/models")
     async def list_models() -> ModelList:
