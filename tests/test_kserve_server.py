@@ -83,6 +83,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _bf16_halver(root / "bf16_halver")
     _write_config(root / "broken", {"runtime": "onnx", "inputs": [], "outputs": []})
     _write_config(root / "echo_llm", {"runtime": "llm"})
+    shutil.copytree(EXAMPLES / "digits", root / "named_version")
+    named = json.loads((root / "named_version" / "model.json").read_text())
+    (root / "named_version" / "model.json").write_text(
+        json.dumps({**named, "name": "named_version", "version": "v2"})
+    )
     return root
 
 
@@ -543,6 +548,10 @@ def test_model_configuration_and_statistics_extensions(http_client: Any, grpc_cl
         ]
         assert grpc.get("model_transaction_policy", {}).get("decoupled", False) == (name == "echo_llm")
     assert grpc_client.get_model_config("digits").config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert http_client.get_model_config("digits")["version_policy"] == {"specific": {"versions": [1]}}
+    # A version that is no number (Triton's are) has no version policy, over either transport.
+    assert "version_policy" not in http_client.get_model_config("named_version")
+    assert grpc_client.get_model_config("named_version").config.name == "named_version"
     with pytest.raises(InferenceServerException) as missing:
         grpc_client.get_model_config("broken")
     assert missing.value.status() == "StatusCode.UNAVAILABLE"

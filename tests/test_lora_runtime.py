@@ -105,8 +105,11 @@ async def test_updates_cross_to_an_engine_process(base: Path, adapters) -> None:
     )
     llm.start()
     try:
+        before = llm.stats()  # from the core before any step (the metrics' LoRA gauge reads them)
+        assert (before.running_adapters, before.num_adapters) == ((), 0)
         await llm.load_adapter("one", str(adapters["one"]))
         assert llm.lora_names == ("one",)
+        assert llm.stats().num_adapters == 1  # the update's answer brings the core's stats
         assert not llm.engine.has_unfinished()  # an update brings no step: the engine thread may idle
         params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, adapter="one")
         for index, prompt in enumerate(PROMPTS):

@@ -75,6 +75,14 @@ def test_https_under_a_path_prefix(tiny_llama: Path, tmp_path: Path) -> None:
             httpx.get(server.base_url.replace("https://", "http://") + "/health", timeout=10)
 
 
+def test_a_model_folder_after_the_served_names_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--served-model-name` takes several names: a folder after it was meant as the model."""
+    assert main(["serve", "--served-model-name", "foo", str(tmp_path)]) == 2
+    assert "give the model folder before --served-model-name" in capsys.readouterr().err
+
+
 def test_a_key_without_a_certificate_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", str(tmp_path), "--ssl-keyfile", str(tmp_path / "key.pem")]) == 2
     assert "--ssl-keyfile and --ssl-certfile go together" in capsys.readouterr().err

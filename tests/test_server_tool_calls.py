@@ -324,10 +324,13 @@ def test_mistrals_other_call_forms() -> None:
     forms = (
         '[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{"city": "Paris"}',
         '[TOOL_CALLS]get_weather{"city": "Paris"}',
-        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]\\nsome trailing text',
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}] Hope that helps!',
     )
     read = [read_tool_calls(text, "mistral") for text in forms]
-    assert [(content, _named(calls)) for content, calls in read] == [
-        ("", [("get_weather", {"city": "Paris"})])
-    ] * 3
+    weather = [("get_weather", {"city": "Paris"})]
+    expected = [("", weather), ("", weather), ("Hope that helps!", weather)]  # the text after: content
+    assert [(content, _named(calls)) for content, calls in read] == expected
     assert read[0][1][0].id == "abc123XYZ"
+    # Text before an object that is no function's name is no call.
+    prose = '[TOOL_CALLS]Here is the JSON: {"a": 1}'
+    assert read_tool_calls(prose, "mistral") == (prose, [])

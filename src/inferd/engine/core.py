@@ -156,6 +156,10 @@ class EngineCore:
             self.scheduler.proposer.reset_prefix_cache()
         dropped = self.kv.reset_prefix_cache()
         logger.info("prefix cache reset: %d cached blocks forgotten", dropped)
+        running = self.scheduler.num_running
+        if running:  # the blocks they fill from now on are cached again
+            logger.warning("prefix cache reset with %d request(s) running: the blocks they fill next are "
+                           "cached again, so the next prompts need not start cold", running)  # fmt: skip
 
     def abort(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> None:
         for request_id in request_ids:

@@ -61,15 +61,18 @@ class ResetPrefixCacheMsg(msgspec.Struct, tag=True, array_like=True):
 
 
 class DoneMsg(msgspec.Struct, tag=True, array_like=True):
-    """The answer to a command between steps (a LoRA update, a prefix-cache reset)."""
+    """The answer to a command between steps (a LoRA update, a prefix-cache reset), with the
+    core's stats after it (the adapters it serves may have changed)."""
 
     error: str | None  # None: done
     kind: str  # LoraUpdateError's kind when it failed
+    stats: EngineStats
 
 
 class ReadyMsg(msgspec.Struct, tag=True, array_like=True):
     num_blocks: int
     max_model_len: int
+    stats: EngineStats  # the core's before any request
 
 
 class OutputsMsg(msgspec.Struct, tag=True, array_like=True):
@@ -106,7 +109,8 @@ def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) ->
         config = resolve_num_blocks(config)
         core = EngineCore(config, runner)
         assert config.cache.num_blocks is not None
-        outbox.send(encoder.encode(ReadyMsg(config.cache.num_blocks, config.scheduler.max_model_len)))
+        ready = ReadyMsg(config.cache.num_blocks, config.scheduler.max_model_len, core.stats())
+        outbox.send(encoder.encode(ready))
         _serve(core, inbox, outbox, encoder, parent)
     except Exception as exc:
         logger.error("engine process failed: %r\n%s", exc, traceback.format_exc())
@@ -151,11 +155,11 @@ def _update_adapter(core: EngineCore, message: LoraMsg) -> DoneMsg:
         else:
             core.load_adapter(message.name, message.path)
     except LoraUpdateError as exc:
-        return DoneMsg(str(exc), exc.kind)
+        return DoneMsg(str(exc), exc.kind, core.stats())
     except Exception as exc:  # the update's failure alone: the core serves on
         logger.error("LoRA update failed: %r\n%s", exc, traceback.format_exc())
-        return DoneMsg(f"the LoRA update failed: {exc!r}", "failed")
-    return DoneMsg(None, "")
+        return DoneMsg(f"the LoRA update failed: {exc!r}", "failed", core.stats())
+    return DoneMsg(None, "", core.stats())
 
 
 def _serve(
@@ -202,7 +206,7 @@ def _serve(
                     return
             elif isinstance(message, ResetPrefixCacheMsg):
                 core.reset_prefix_cache()
-                if not _send(outbox, encoder.encode(DoneMsg(None, "")), parent):
+                if not _send(outbox, encoder.encode(DoneMsg(None, "", core.stats())), parent):
                     return
             else:
                 core.abort(message.request_ids, FinishReason(message.reason))

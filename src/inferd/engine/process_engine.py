@@ -83,7 +83,7 @@ class ProcessLLMEngine:
         self.inputs = InputProcessor(config, self.tokenizer)
         self.eos_token_ids = self.inputs.eos_token_ids
         self.output_processor = OutputProcessor(self.tokenizer)
-        self._stats = EngineStats(0, 0, 0.0, 0, 0, 0)
+        self._stats = ready.stats
         # True from any add/abort until the core reports itself idle, so the caller keeps
         # calling step() and the final stats (blocks freed) are read.
         self._core_busy = False
@@ -153,6 +153,7 @@ class ProcessLLMEngine:
             if isinstance(answer, FatalMsg):
                 raise EngineProcessDied(answer.message)
             if isinstance(answer, DoneMsg):
+                self._stats = answer.stats
                 if answer.error is not None:
                     raise LoraUpdateError(answer.error, answer.kind)
                 return

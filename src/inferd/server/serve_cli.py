@@ -239,6 +239,12 @@ def run_serve(args: argparse.Namespace) -> int:
     config = server_config(args)
     if (config.ssl_keyfile is None) != (config.ssl_certfile is None):
         raise ValueError("--ssl-keyfile and --ssl-certfile go together")
+    folders = [name for name in args.served_model_name or () if Path(name).is_dir()]
+    if args.model is None and folders:  # `--served-model-name NAME MODEL` took the model as a name
+        raise ValueError(
+            f"--served-model-name took {folders[0]!r}, a folder, as a name: give the model folder "
+            "before --served-model-name (inferd serve MODEL --served-model-name NAME)"
+        )
     if args.disable_log_requests:  # the finished-request lines; their warnings still show
         logging.getLogger("inferd.server.requests").setLevel(logging.WARNING)
     logger.info("loading model %s", args.model or "(built-in default)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import json
 import random
+import re
 import string
 import uuid
 from collections.abc import Callable
@@ -36,6 +37,9 @@ from inferd.server.reasoning import prefix_overlap
 START, END = "<tool_call>", "</tool_call>"
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+# What a function's name may be (OpenAI's: letters, digits, underscores and dashes, with dots):
+# text before `{` that is not one is no call.
+_FUNCTION_NAME = re.compile(r"[A-Za-z_][\w.\-]{0,63}")
 # Python source longer than this is not read as calls (the parser's memory grows with nesting).
 _MAX_PYTHONIC_CHARS = 100_000
 # What reading a text as JSON or Python may raise besides a syntax error: a number too long to
@@ -208,8 +212,8 @@ class MistralReader:
 
     def finish(self) -> tuple[str, list[ParsedToolCall]]:
         held, self._held = self._held, ""
-        calls = _mistral_calls(held) if self._calls else None
-        return ("", calls) if calls else (held, [])
+        calls, after = _mistral_calls(held) if self._calls else (None, "")
+        return (after, calls) if calls else (held, [])
 
 
 def _json_objects(text: str, separators: str) -> list[Any] | None:
@@ -268,14 +272,18 @@ def _pythonic_calls(text: str) -> list[ParsedToolCall] | None:
     return calls
 
 
-def _mistral_calls(text: str) -> list[ParsedToolCall] | None:
+def _mistral_calls(text: str) -> tuple[list[ParsedToolCall] | None, str]:
+    """The calls after `[TOOL_CALLS]`, and the text after an array of them (content, as vLLM keeps
+    it); no calls where the text is not calls of a name a function could have."""
     pieces = [piece.strip() for piece in text.split(MISTRAL_CALLS) if piece.strip()]
-    if len(pieces) == 1 and pieces[0].startswith("["):  # [TOOL_CALLS][{...}, ...], text after it left
+    if len(pieces) == 1 and pieces[0].startswith("["):  # [TOOL_CALLS][{...}, ...]
         try:
-            listed, _ = json.JSONDecoder().raw_decode(pieces[0])
+            listed, end = json.JSONDecoder().raw_decode(pieces[0])
         except _UNREADABLE:
-            return None
-        return _all_calls(listed if isinstance(listed, list) else None, mistral_call_id)
+            return None, ""
+        return _all_calls(listed if isinstance(listed, list) else None, mistral_call_id), pieces[0][
+            end:
+        ].strip()
     calls = []
     for piece in pieces:  # [TOOL_CALLS]name[CALL_ID]id[ARGS]{...}, or name{...}: a call a piece
         head, found, arguments = piece.partition(MISTRAL_ARGS)
@@ -284,12 +292,12 @@ def _mistral_calls(text: str) -> list[ParsedToolCall] | None:
             head, arguments = (piece[:brace], piece[brace:]) if brace > 0 else (piece, "")
         name, has_id, call_id = head.partition(MISTRAL_CALL_ID)
         values = _json_objects(arguments, "")
-        if not name.strip() or values is None or len(values) != 1:
-            return None
+        if not _FUNCTION_NAME.fullmatch(name.strip()) or values is None or len(values) != 1:
+            return None, ""
         given = call_id.strip() if has_id else ""
         new_id = (lambda: given) if given else mistral_call_id  # noqa: B023 (called at once, below)
         call = _call_of({"name": name.strip(), "arguments": values[0]}, new_id)
         if call is None:
-            return None
+            return None, ""
         calls.append(call)
-    return calls or None
+    return calls or None, ""

@@ -6,6 +6,7 @@ Adapters only translate wire formats to `InferRequest` and errors to status code
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
@@ -92,18 +93,19 @@ class DataPlane:
         config = entry.require_ready()
         inputs, outputs = self._signature(entry, config)
         llm = isinstance(entry.runtime, TextGenerator)
-        # Triton writes the versions as numbers.
-        versions = [int(entry.version) if entry.version.isdigit() else entry.version]
+        # Triton's versions are numbers (int64): another version string has no version policy.
+        numbered = re.fullmatch(r"[0-9]{1,18}", entry.version) is not None
         described: dict[str, Any] = {
             "name": entry.name,
             "platform": entry.platform,
             "backend": config.runtime,
-            "version_policy": {"specific": {"versions": versions}},
             "max_batch_size": config.max_batch_size,
             "input": [_config_tensor(spec, optional=llm and spec in OPTIONAL_INPUTS) for spec in inputs],
             "output": [_config_tensor(spec) for spec in outputs],
             "model_transaction_policy": {"decoupled": llm},
         }
+        if numbered:
+            described["version_policy"] = {"specific": {"versions": [int(entry.version)]}}
         if entry.batcher is not None:
             delay_us = int(config.max_queue_delay_ms * 1000)
             described["dynamic_batching"] = {"max_queue_delay_microseconds": delay_us}

@@ -194,7 +194,11 @@ def _servicer(plane: DataPlane) -> Any:
             except InferenceError as exc:
                 await context.abort(_status_code(exc), str(exc))
             # The REST answer is the configuration's JSON form: the same message, field for field.
-            return pb2.ModelConfigResponse(config=json_format.ParseDict(config, pb2.ModelConfig()))
+            try:
+                return pb2.ModelConfigResponse(config=json_format.ParseDict(config, pb2.ModelConfig()))
+            except json_format.ParseError as exc:  # a value past the message's field (an int32's range)
+                failure = InferenceError(f"the configuration has no gRPC form: {exc}")
+                await context.abort(_status_code(failure), str(failure))
 
         async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:
