@@ -464,6 +464,31 @@ def test_return_token_ids_gives_the_prompts_and_the_answers_tokens(
     assert _extra(client.chat.completions.create(messages=messages, **greedy), "prompt_token_ids") is None
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client: openai.OpenAI) -> None:
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): each chunk's usage counts
+    the tokens generated so far, rising to the final usage chunk's."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    greedy: dict[str, Any] = {"model": "tiny", "max_tokens": 30, "temperature": 0, "stream": True}
+    greedy["extra_body"] = {"ignore_eos": True}
+    for chunks in (
+        list(client.completions.create(prompt="To be", stream_options=options, **greedy)),  # type: ignore[arg-type]
+        list(
+            client.chat.completions.create(
+                messages=[{"role": "user", "content": "To be"}], stream_options=options, **greedy
+            )
+        ),  # type: ignore[arg-type]
+    ):
+        with_choices = [chunk for chunk in chunks if chunk.choices]
+        assert with_choices and all(chunk.usage is not None for chunk in with_choices)
+        counts = [chunk.usage.completion_tokens for chunk in with_choices if chunk.usage]
+        assert counts == sorted(counts)
+        final = chunks[-1].usage
+        assert final is not None and counts[-1] == final.completion_tokens
+        assert {chunk.usage.prompt_tokens for chunk in with_choices if chunk.usage} == {final.prompt_tokens}
+    plain = list(client.completions.create(prompt="To be", stream_options={"include_usage": True}, **greedy))  # type: ignore[arg-type]
+    assert all(chunk.usage is None for chunk in plain[:-1])
+
+
 def test_null_fields_take_their_defaults(server: ServerProcess) -> None:
     nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "presence_penalty": None,
              "frequency_penalty": None, "seed": None, "stop": None, "stream_options": None}  # fmt: skip

@@ -153,7 +153,8 @@ async def stream_beam_completion(frontend: Frontend, job: CompletionJob) -> Asyn
     try:
         whole = await beam_complete(frontend, job)
         for choice in whole.choices:
-            yield sse_event(whole.model_copy(update={"choices": [choice], "usage": None}).model_dump_json())
+            so_far = whole.usage if job.continuous_usage else None  # the search has ended: all of it
+            yield sse_event(whole.model_copy(update={"choices": [choice], "usage": so_far}).model_dump_json())
         if job.include_usage:
             yield sse_event(whole.model_copy(update={"choices": []}).model_dump_json())
     except ApiError as exc:

@@ -42,6 +42,7 @@ from inferd.server.openai.protocol import (
     FunctionCall,
     ToolCall,
     TopLogprob,
+    Usage,
 )
 from inferd.server.reasoning import ReasoningFormat, prompt_closes_thinking
 from inferd.server.streaming import SSE_DONE, sse_event
@@ -58,6 +59,8 @@ class ChatJob:
     n: int
     want_logprobs: bool
     include_usage: bool
+    # Every chunk carries the usage so far (vLLM's continuous_usage_stats).
+    continuous_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     timeout_s: float | None = None  # None: the server's default
     # How to split the thinking from the answer (--reasoning-parser); None: all of it is content.
@@ -262,6 +265,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         n=body.n,
         want_logprobs=body.logprobs,
         include_usage=body.include_usage_chunk,
+        continuous_usage=body.continuous_usage,
         reasoning=reasoning,
         tool_parser=frontend.tool_call_parser if tools is not None and forced is None else None,
         one_call=not body.parallel_tool_calls,
@@ -355,7 +359,10 @@ async def beam_chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
 
 
 def _chunk_event(
-    job: ChatJob, choices: list[ChatChunkChoice], prompt_token_ids: list[int] | None = None
+    job: ChatJob,
+    choices: list[ChatChunkChoice],
+    prompt_token_ids: list[int] | None = None,
+    usage_so_far: Usage | None = None,
 ) -> str:
     body = ChatCompletionChunk(
         id=job.request_id,
@@ -363,6 +370,7 @@ def _chunk_event(
         model=job.model,
         choices=choices,
         prompt_token_ids=prompt_token_ids,
+        usage=usage_so_far,
     )
     return sse_event(body.model_dump_json())
 
@@ -371,7 +379,8 @@ def _role_chunk_event(job: ChatJob) -> str:
     """The stream's first chunk: each choice's role (and the conversation's tokens, where asked)."""
     role = DeltaMessage(role="assistant", content="")
     choices = [ChatChunkChoice(index=i, delta=role) for i in range(job.n)]
-    return _chunk_event(job, choices, job.token_ids(job.prompt))
+    nothing_yet = usage(len(job.prompt), 0) if job.continuous_usage else None
+    return _chunk_event(job, choices, job.token_ids(job.prompt), nothing_yet)
 
 
 async def stream_beam_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
@@ -398,7 +407,8 @@ async def stream_beam_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[st
             whole_beam = ChatChunkChoice(
                 index=choice.index, delta=delta, finish_reason=reason, token_ids=choice.token_ids
             )
-            yield _chunk_event(job, [whole_beam])
+            so_far = whole.usage if job.continuous_usage else None  # the search has ended: all of it
+            yield _chunk_event(job, [whole_beam], usage_so_far=so_far)
         if job.include_usage:
             last = ChatCompletionChunk(
                 id=job.request_id, created=job.created, model=job.model, choices=[], usage=whole.usage
@@ -444,7 +454,12 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
                     if job.return_token_ids:  # with the tokens of the chunks held back before it
                         choice.token_ids = list(out.token_ids[ids_sent.get(item.index, 0) :])
                         ids_sent[item.index] = len(out.token_ids)
-                    yield _chunk_event(job, [choice])
+                    so_far = (
+                        usage(len(job.prompt), sum(num_tokens.values()), cached)
+                        if job.continuous_usage
+                        else None
+                    )
+                    yield _chunk_event(job, [choice], usage_so_far=so_far)
         if job.include_usage:
             last = ChatCompletionChunk(
                 id=job.request_id,

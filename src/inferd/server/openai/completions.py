@@ -56,6 +56,8 @@ class CompletionJob:
     n: int
     echo: bool
     include_usage: bool
+    # Every chunk carries the usage so far (vLLM's continuous_usage_stats).
+    continuous_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     timeout_s: float | None = None  # None: the server's default
     # Candidates sampled per prompt, of which the n likeliest are returned (the API's best_of).
@@ -112,6 +114,7 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
         n=body.n,
         echo=body.echo,
         include_usage=body.include_usage_chunk,
+        continuous_usage=body.continuous_usage,
         best_of=best_of,
         logprobs=body.logprobs,
         length_penalty=body.length_penalty if body.use_beam_search else None,
@@ -188,6 +191,9 @@ async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncIter
                 state = states.setdefault(item.index, job.choice_state(item.index))
                 chunk = _chunk(frontend.tokenizer, job, item.index, item.output, state)
                 if chunk is not None:
+                    if job.continuous_usage:
+                        generated = sum(state.num_tokens for state in states.values())
+                        chunk.usage = usage(job.num_prompt_tokens, generated, sum(cached.values()))
                     yield sse_event(chunk.model_dump_json())
         if job.include_usage:
             completion_tokens = sum(state.num_tokens for state in states.values())

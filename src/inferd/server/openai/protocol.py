@@ -33,6 +33,8 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk carries the usage so far too.
+    continuous_usage_stats: bool = False
 
 
 class SamplingExtras(_Body):
@@ -104,6 +106,15 @@ class SamplingExtras(_Body):
     @property
     def include_usage_chunk(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Every streamed chunk carries the usage so far (vLLM's ``continuous_usage_stats``)."""
+        return (
+            self.include_usage_chunk
+            and self.stream_options is not None
+            and (self.stream_options.continuous_usage_stats)
+        )
 
 
 class CompletionRequest(SamplingExtras):
