@@ -175,8 +175,12 @@ def test_an_adapter_named_as_the_served_model_is_refused(tiny_model_factory, ada
     llm = AsyncLLM.from_options(tiny_model_factory("qwen3"), engine_process=False, kv_cache_memory="8MiB",
                                 lora_modules={"tiny": str(adapters["all"])})  # fmt: skip
     try:
-        with pytest.raises(ValueError, match="has the served model's name"):
-            create_app(llm, ServerConfig(served_model_name="tiny"))
+        for config in (
+            ServerConfig(served_model_name="tiny"),
+            ServerConfig(served_model_name="base", model_aliases=("tiny",)),
+        ):
+            with pytest.raises(ValueError, match="has a served model's name"):
+                create_app(llm, config)
     finally:
         llm.shutdown()
 
