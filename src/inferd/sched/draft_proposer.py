@@ -108,9 +108,9 @@ class DraftModelProposer:
 
     def propose_batch(self, requests: list[GuessRequest]) -> list[list[int]]:
         """Guesses for each request: up to its room of tokens the draft model decodes greedily
-        after its tokens. No guess for a request the draft
-        has not caught up with yet (a long prompt is computed over several steps, a step's budget
-        of tokens at most each), or whose tokens it cannot read, or when its cache is full."""
+        after its tokens. No guess for a request the draft has not caught up with yet (a long
+        prompt is computed over several steps, a step's budget of tokens at most each), or whose
+        tokens it cannot read, or when its cache is full."""
         guesses: list[list[int]] = [[] for _ in requests]
         pending: list[tuple[int, int]] = []  # (index, first token to compute)
         for index, asked in enumerate(requests):

@@ -264,11 +264,10 @@ def _pythonic_calls(text: str) -> list[ParsedToolCall] | None:
             return None
         if len(arguments) != len(node.keywords):  # a **mapping
             return None
-        try:  # a set, bytes, an infinity: no JSON for them
-            text_arguments = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
-        except _UNREADABLE:
+        call = _call_of({"name": node.func.id, "arguments": arguments})  # a set, bytes, an infinity: none
+        if call is None:
             return None
-        calls.append(ParsedToolCall(new_call_id(), node.func.id, text_arguments))
+        calls.append(call)
     return calls
 
 
@@ -281,9 +280,8 @@ def _mistral_calls(text: str) -> tuple[list[ParsedToolCall] | None, str]:
             listed, end = json.JSONDecoder().raw_decode(pieces[0])
         except _UNREADABLE:
             return None, ""
-        return _all_calls(listed if isinstance(listed, list) else None, mistral_call_id), pieces[0][
-            end:
-        ].strip()
+        after = pieces[0][end:].strip()
+        return _all_calls(listed if isinstance(listed, list) else None, mistral_call_id), after
     calls = []
     for piece in pieces:  # [TOOL_CALLS]name[CALL_ID]id[ARGS]{...}, or name{...}: a call a piece
         head, found, arguments = piece.partition(MISTRAL_ARGS)

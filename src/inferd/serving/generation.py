@@ -132,7 +132,7 @@ def generation_params(parameters: Mapping[str, Any], cumulative_logprob: bool = 
     if top_p is not None and not 0 < top_p <= 1:
         raise InvalidInputError("parameter 'top_p' must be in (0, 1]")
     sampling = _sampling(parameters)
-    if cumulative_logprob and sampling.get("logprobs") is None:
+    if cumulative_logprob:
         sampling["logprobs"] = 0  # the sampled tokens' own log-probabilities
     return GenerationParams(
         max_tokens=max_tokens,

@@ -110,11 +110,8 @@ class SamplingExtras(_Body):
     @property
     def continuous_usage(self) -> bool:
         """Every streamed chunk carries the usage so far (vLLM's ``continuous_usage_stats``)."""
-        return (
-            self.include_usage_chunk
-            and self.stream_options is not None
-            and (self.stream_options.continuous_usage_stats)
-        )
+        options = self.stream_options
+        return options is not None and options.include_usage and options.continuous_usage_stats
 
 
 class CompletionRequest(SamplingExtras):

@@ -151,10 +151,8 @@ def _checked_best_of(p: GenerateParameters, stream: bool, max_best_of: int) -> i
 
 
 def _refuse_unsupported(p: GenerateParameters) -> None:
-    refused = {"watermark": p.watermark}
-    for name, is_set in refused.items():
-        if is_set:
-            raise InvalidRequestError(f"{name} is not supported by this server", name)
+    if p.watermark:
+        raise InvalidRequestError("watermark is not supported by this server", "watermark")
     if len(p.stop) > MAX_STOP_SEQUENCES:
         raise InvalidRequestError(
             f"stop: at most {MAX_STOP_SEQUENCES} stop sequences, got {len(p.stop)}", "stop"
