@@ -17,7 +17,7 @@ from inferd.sample.sampler import TokenLogprobs
 
 
 def _step(*alternatives: tuple[int, float]) -> TokenLogprobs:
-    return TokenLogprobs(alternatives[0][0], alternatives[0][1], tuple(alternatives))
+    return TokenLogprobs(alternatives[0][0], alternatives[0][1], tuple(alternatives), 1)
 
 
 def test_the_likeliest_beams_live_on_and_eos_sets_a_beam_aside() -> None:

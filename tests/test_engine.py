@@ -139,7 +139,7 @@ def test_logprobs_and_timing(llm: LLM) -> None:
     assert len(out.logprobs) == 5
     for lp, token in zip(out.logprobs, out.token_ids, strict=True):
         assert lp.token_id == token and len(lp.top) == 3
-        assert lp.top[0][0] == token  # greedy picks the most likely token
+        assert lp.top[0][0] == token and lp.rank == 1  # greedy picks the most likely token
     assert 0 < out.metrics.ttft_s <= out.metrics.e2e_s
 
 

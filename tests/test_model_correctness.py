@@ -168,6 +168,9 @@ def test_prompt_logprobs_match_transformers(tiny_model_factory, variant: str, mo
             assert entry is not None and entry.token_id == prompt[position]
             assert abs(entry.logprob - row[prompt[position]].item()) < 1e-4
             assert [token for token, _ in entry.top] == row.topk(3).indices.tolist()
+            # The rank: how many tokens are at least as likely (a random model's rows have no ties
+            # near the prompt token's value, so the reference's count is the same).
+            assert entry.rank == int((row >= row[prompt[position]]).sum())
 
 
 def test_a_one_token_prompt_scores_as_one_entry_with_nothing_before_it(tiny_model_factory) -> None:

@@ -175,8 +175,13 @@ def test_logprobs_of_chosen_and_top_n() -> None:
     assert lp is not None
     expected = torch.log_softmax(logits[0], -1)
     assert lp.token_id == 1 and lp.logprob == pytest.approx(expected[1].item())
-    assert [t for t, _ in lp.top] == [1, 2]
+    assert [t for t, _ in lp.top] == [1, 2] and lp.rank == 1
     assert Sampler()(logits, [_req(SamplingParams())]).logprobs == [None]
+    # A token below the top: its rank counts the tokens at least as likely, itself among them.
+    forced = Sampler()(logits, [_req(SamplingParams(temperature=0, logprobs=0, allowed_token_ids=[0]))])
+    assert forced.token_ids == [0] and forced.logprobs[0] is not None and forced.logprobs[0].rank == 3
+    tied = Sampler()(_logits([1.0, 1.0, 0.0]), [_req(SamplingParams(temperature=0, logprobs=0))])
+    assert tied.logprobs[0] is not None and tied.logprobs[0].rank == 2
 
 
 @pytest.mark.parametrize(

@@ -464,6 +464,96 @@ def test_return_token_ids_gives_the_prompts_and_the_answers_tokens(
     assert _extra(client.chat.completions.create(messages=messages, **greedy), "prompt_token_ids") is None
 
 
+def test_prompt_logprobs_in_vllms_shape(client: openai.OpenAI, server: ServerProcess) -> None:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first) the prompt's own token with
+    its rank, then the likeliest ones ranked 1..k; the same scores as an echoed prompt's logprobs;
+    on a completion's every choice and a chat answer's top level; refused on a stream unless 0."""
+    prompt = [302, 322, 106, 57, 91, 12]
+    greedy: dict[str, Any] = {"model": "tiny", "max_tokens": 2, "temperature": 0}
+    answer = client.completions.create(prompt=prompt, n=2, **greedy, extra_body={"prompt_logprobs": 2})
+    for choice in answer.choices:
+        scored = _extra(choice, "prompt_logprobs")
+        assert len(scored) == len(prompt) and scored[0] is None
+        for token, entry in zip(prompt[1:], scored[1:], strict=True):
+            own, ranks = entry[str(token)], sorted(e["rank"] for e in entry.values())
+            assert list(entry)[0] == str(token) and own["logprob"] <= 0
+            # The prompt's token among the two likeliest, or a third entry ranked below them.
+            assert ranks == [1, 2] if len(entry) == 2 else (ranks[:2] == [1, 2] and own["rank"] >= 3)
+            by_rank = sorted(entry.values(), key=lambda e: e["rank"])
+            assert [e["logprob"] for e in by_rank] == sorted((e["logprob"] for e in by_rank), reverse=True)
+            decoded = httpx.post(f"{server.base_url}/detokenize", json={"tokens": [token]}).json()["prompt"]
+            assert own["decoded_token"] == decoded
+    echoed = client.completions.create(prompt=prompt, echo=True, logprobs=1, **greedy).choices[0].logprobs
+    assert echoed is not None and echoed.top_logprobs is not None
+    scores = [entry[str(token)]["logprob"] for token, entry in zip(prompt[1:], scored[1:], strict=True)]
+    assert scores == pytest.approx(echoed.token_logprobs[1 : len(prompt)], abs=1e-5)
+    # With echo and fewer logprobs than prompt_logprobs, each keeps its own count.
+    both = client.completions.create(
+        prompt=prompt, echo=True, logprobs=1, **greedy, extra_body={"prompt_logprobs": 4}
+    ).choices[0]
+    assert both.logprobs is not None and both.logprobs.top_logprobs is not None
+    assert all(len(top) <= 2 for top in both.logprobs.top_logprobs if top is not None)
+    assert all(len(entry) >= 5 for entry in _extra(both, "prompt_logprobs")[1:])
+    assert _extra(client.completions.create(prompt=prompt, **greedy).choices[0], "prompt_logprobs") is None
+
+    messages = [{"role": "user", "content": "To be, or not"}]
+    chat = client.chat.completions.create(
+        messages=messages, **greedy, extra_body={"prompt_logprobs": 0, "return_token_ids": True}
+    )
+    rendered, chat_scored = _extra(chat, "prompt_token_ids"), _extra(chat, "prompt_logprobs")
+    assert len(chat_scored) == len(rendered) and chat_scored[0] is None
+    assert [list(entry) for entry in chat_scored[1:]] == [[str(token)] for token in rendered[1:]]
+
+    streamed = list(
+        client.completions.create(prompt=prompt, stream=True, **greedy, extra_body={"prompt_logprobs": 0})
+    )
+    assert all(_extra(c.choices[0], "prompt_logprobs") is None for c in streamed if c.choices)
+    for body in ({"prompt_logprobs": 1, "stream": True}, {"prompt_logprobs": -1}, {"prompt_logprobs": 21}):
+        refused = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "Hi", **greedy, **body})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs", body
+    beam = {"messages": messages, **greedy, "use_beam_search": True, "prompt_logprobs": 1}
+    refused = httpx.post(f"{server.base_url}/v1/chat/completions", json=beam)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(client: openai.OpenAI) -> None:
+    """vLLM's `return_tokens_as_token_ids`: "token_id:N" wherever logprobs name a token; the text,
+    its offsets and a chat token's bytes stay the text's."""
+    greedy: dict[str, Any] = {
+        "model": "tiny",
+        "max_tokens": 4,
+        "temperature": 0,
+        "logit_bias": SPLIT_CHAR_BIAS,
+    }
+    kwargs = {**greedy, "prompt": "Caf", "logprobs": 2, "echo": True}
+    plain = client.completions.create(**kwargs).choices[0]  # type: ignore[call-overload]
+    named = client.completions.create(  # type: ignore[call-overload]
+        **kwargs, extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True}
+    ).choices[0]
+    assert named.text == plain.text and named.logprobs is not None and plain.logprobs is not None
+    prompt_ids, ids = _extra(named, "prompt_token_ids"), _extra(named, "token_ids")
+    assert named.logprobs.tokens == [f"token_id:{t}" for t in [*prompt_ids, *ids]]
+    assert named.logprobs.text_offset == plain.logprobs.text_offset
+    assert named.logprobs.token_logprobs == plain.logprobs.token_logprobs
+    assert named.logprobs.top_logprobs is not None and plain.logprobs.top_logprobs is not None
+    for by_id, by_text in zip(named.logprobs.top_logprobs[1:], plain.logprobs.top_logprobs[1:], strict=True):
+        assert by_id is not None and by_text is not None
+        assert all(key.startswith("token_id:") for key in by_id) and len(by_id) >= len(by_text)
+
+    messages = [{"role": "user", "content": "Caf"}]
+    chat_kwargs = {**greedy, "messages": messages, "logprobs": True, "top_logprobs": 1}
+    as_text = client.chat.completions.create(**chat_kwargs).choices[0].logprobs  # type: ignore[call-overload]
+    as_ids = client.chat.completions.create(  # type: ignore[call-overload]
+        **chat_kwargs, extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True}
+    ).choices[0]
+    assert as_text is not None and as_ids.logprobs is not None
+    content, expected = as_ids.logprobs.content, as_text.content
+    assert content is not None and expected is not None
+    assert [entry.token for entry in content] == [f"token_id:{t}" for t in _extra(as_ids, "token_ids")]
+    assert [entry.bytes for entry in content] == [entry.bytes for entry in expected]
+    assert all(top.token.startswith("token_id:") for entry in content for top in entry.top_logprobs)
+
+
 def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client: openai.OpenAI) -> None:
     """vLLM's stream_options.continuous_usage_stats (with include_usage): each chunk's usage counts
     the tokens generated so far, rising to the final usage chunk's."""

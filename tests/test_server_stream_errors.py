@@ -97,10 +97,10 @@ class _EosFrontend:
     def generate(self, *_: Any, **__: Any) -> AsyncIterator[IndexedOutput]:
         async def outputs() -> AsyncIterator[IndexedOutput]:
             first = _output("a", 5)
-            first.new_logprobs = [TokenLogprobs(5, -0.5, ())]
+            first.new_logprobs = [TokenLogprobs(5, -0.5, (), 1)]
             yield IndexedOutput(0, first)
             end = _output("", 0, finish_reason="stop")
-            end.text, end.token_ids, end.new_logprobs = "a", [5, 0], [TokenLogprobs(0, -0.1, ())]
+            end.text, end.token_ids, end.new_logprobs = "a", [5, 0], [TokenLogprobs(0, -0.1, (), 1)]
             yield IndexedOutput(0, end)
 
         return outputs()

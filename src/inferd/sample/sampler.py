@@ -37,6 +37,9 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]
+    # The chosen token's place in the vocabulary by log-probability, 1 the likeliest: how many
+    # tokens are at least as likely as it (vLLM's rank, ties counted alike).
+    rank: int
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,8 @@ class PendingSample:
     token_ids: torch.Tensor  # [rows] int64 on the sampling device: the next step may feed them in
     errors: dict[int, str]
     _tokens_host: torch.Tensor
-    # With logprobs: (chosen, top values, top ids) on their way, and the top-N asked for per row.
-    _logprobs_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    # With logprobs: (chosen, ranks, top values, top ids) on their way, and the top-N asked for per row.
+    _logprobs_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     _logprob_counts: list[int | None]
     _copied: torch.cuda.Event | None
 
@@ -67,15 +70,23 @@ class PendingSample:
         tokens = self._tokens_host.tolist()
         if self._logprobs_host is None:
             return SampleResult(tokens, [None] * len(tokens), self.errors)
-        chosen, top_values, top_ids = (t.tolist() for t in self._logprobs_host)
+        chosen, ranks, top_values, top_ids = (t.tolist() for t in self._logprobs_host)
         logprobs: list[TokenLogprobs | None] = []
         for i, n in enumerate(self._logprob_counts):
             if n is None:
                 logprobs.append(None)
                 continue
             top = tuple(zip(top_ids[i][:n], top_values[i][:n], strict=True))
-            logprobs.append(TokenLogprobs(tokens[i], chosen[i], top))
+            logprobs.append(TokenLogprobs(tokens[i], chosen[i], top, ranks[i]))
         return SampleResult(tokens, logprobs, self.errors)
+
+
+def chosen_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's log-probability of its token in ``tokens`` and that token's rank (1 the likeliest;
+    the tokens at least as likely, itself among them)."""
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    ranks = (logprobs >= chosen.unsqueeze(1)).sum(dim=1)
+    return chosen, ranks
 
 
 # The fused race pays from about this many rows a step. On an H200 over Qwen3's vocabulary
@@ -158,10 +169,10 @@ class Sampler:
         logprobs_host = None
         counts: list[int | None] = []
         if raw_logprobs is not None:
-            chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            chosen, ranks = chosen_logprobs(raw_logprobs, tokens)
             counts = [r.params.logprobs for r in requests]
             top_values, top_ids = raw_logprobs.topk(max(n or 0 for n in counts), dim=-1)
-            logprobs_host = (_to_host(chosen), _to_host(top_values), _to_host(top_ids))
+            logprobs_host = (_to_host(chosen), _to_host(ranks), _to_host(top_values), _to_host(top_ids))
         copied = None
         if logits.is_cuda:
             copied = torch.cuda.Event()

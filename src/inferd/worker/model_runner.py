@@ -19,7 +19,7 @@ from inferd.config import EngineConfig, ModelLoadError, parse_dtype
 from inferd.engine.request import Request
 from inferd.layers.lora import LoraAdapter, LoraBatch, attach_adapters, detach_adapters, read_adapter
 from inferd.models.loader import enable_configured_kernels, load_model
-from inferd.sample.sampler import PendingSample, Sampler, TokenLogprobs
+from inferd.sample.sampler import PendingSample, Sampler, TokenLogprobs, chosen_logprobs
 from inferd.sched.output import SchedulerOutput
 from inferd.worker.cuda_graphs import (
     CudaGraphCapturer,
@@ -63,16 +63,22 @@ class PromptLogprobs:
     first: int
     targets: list[int]
     chosen: torch.Tensor  # [tokens]
+    ranks: torch.Tensor  # [tokens]
     top_values: torch.Tensor  # [tokens, k]
     top_ids: torch.Tensor  # [tokens, k]
 
     def to_host(self) -> tuple[int, list[TokenLogprobs]]:
         rows = zip(
-            self.targets, self.chosen.tolist(), self.top_ids.tolist(), self.top_values.tolist(), strict=True
+            self.targets,
+            self.chosen.tolist(),
+            self.ranks.tolist(),
+            self.top_ids.tolist(),
+            self.top_values.tolist(),
+            strict=True,
         )
         return self.first, [
-            TokenLogprobs(token, chosen, tuple(zip(ids, values, strict=True)))
-            for token, chosen, ids, values in rows
+            TokenLogprobs(token, chosen, tuple(zip(ids, values, strict=True)), rank)
+            for token, chosen, rank, ids, values in rows
         ]
 
 
@@ -404,20 +410,23 @@ class ModelRunner:
                 self._score_rows(rows[at : at + _SCORE_ROWS], target_ids[at : at + _SCORE_ROWS], top)
                 for at in range(0, len(targets), _SCORE_ROWS)
             ]
-            chosen, top_values, top_ids = (torch.cat(pieces) for pieces in zip(*parts, strict=True))
+            chosen, ranks, top_values, top_ids = (torch.cat(pieces) for pieces in zip(*parts, strict=True))
             found.append(
-                PromptLogprobs(request.request_id, seq.start_pos + 1, targets, chosen, top_values, top_ids)
+                PromptLogprobs(
+                    request.request_id, seq.start_pos + 1, targets, chosen, ranks, top_values, top_ids
+                )
             )
         return found
 
     def _score_rows(
         self, hidden: torch.Tensor, targets: torch.Tensor, top: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each row's log-probability of its target token, and its `top` best tokens."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's log-probability of its target token and that token's rank, and the row's `top`
+        best tokens."""
         logprobs = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
-        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        chosen, ranks = chosen_logprobs(logprobs, targets)
         top_values, top_ids = logprobs.topk(top, dim=-1)
-        return chosen, top_values, top_ids
+        return chosen, ranks, top_values, top_ids
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
         """Wait for a launched step's tokens and hand them out per request."""

@@ -53,6 +53,7 @@ def check_beam_request(body: CompletionRequest | ChatCompletionRequest) -> None:
         "logit_bias": bool(body.logit_bias),
         "bad_words": bool(body.bad_words),
         "allowed_token_ids": body.allowed_token_ids is not None,
+        "prompt_logprobs": body.prompt_logprobs is not None,
         structure_field or "response_format": structure is not None,
     }
     if isinstance(body, CompletionRequest):

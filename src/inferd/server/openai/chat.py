@@ -40,10 +40,12 @@ from inferd.server.openai.protocol import (
     DeltaMessage,
     DeltaToolCall,
     FunctionCall,
+    PromptLogprobs,
     ToolCall,
     TopLogprob,
     Usage,
 )
+from inferd.server.openai.token_logprobs import prompt_logprobs, token_name
 from inferd.server.reasoning import ReasoningFormat, prompt_closes_thinking
 from inferd.server.streaming import SSE_DONE, sse_event
 from inferd.server.tool_calls import TOOL_CALL_PARSERS, ParsedToolCall
@@ -75,6 +77,10 @@ class ChatJob:
     length_penalty: float | None = None
     # vLLM's return_token_ids: the conversation's and each choice's token ids in the answer.
     return_token_ids: bool = False
+    # vLLM's prompt_logprobs: the conversation's, with this many alternatives, in a whole answer.
+    prompt_logprobs: int | None = None
+    # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N".
+    tokens_as_ids: bool = False
 
     def token_ids(self, tokens: Sequence[int]) -> list[int] | None:
         return list(tokens) if self.return_token_ids else None
@@ -272,6 +278,8 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         forced=forced,
         length_penalty=body.length_penalty if body.use_beam_search else None,
         return_token_ids=body.return_token_ids,
+        prompt_logprobs=None if body.stream else body.prompt_logprobs,
+        tokens_as_ids=body.return_tokens_as_token_ids,
     )
 
 
@@ -312,7 +320,9 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
             ChatChoice(
                 index=index,
                 message=message,
-                logprobs=chat_logprobs(frontend.tokenizer, out.logprobs) if job.want_logprobs else None,
+                logprobs=chat_logprobs(frontend.tokenizer, out.logprobs, job.tokens_as_ids)
+                if job.want_logprobs
+                else None,
                 finish_reason="tool_calls"
                 if message.tool_calls and reason == "stop" and job.calls_end_turn
                 else reason,
@@ -330,7 +340,15 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
             finals[0].metrics.num_cached_tokens,
         ),
         prompt_token_ids=job.token_ids(job.prompt),
+        prompt_logprobs=_prompt_logprobs(frontend.tokenizer, job, finals[0]),
     )
+
+
+def _prompt_logprobs(tokenizer: Tokenizer, job: ChatJob, out: RequestOutput) -> PromptLogprobs | None:
+    """The conversation's, as the first choice scored it (every choice scores the same tokens)."""
+    if job.prompt_logprobs is None or out.prompt_logprobs is None:
+        return None
+    return prompt_logprobs(tokenizer, out.prompt_logprobs, job.prompt_logprobs, job.tokens_as_ids)
 
 
 async def beam_chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
@@ -435,7 +453,11 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
                 if item.index == 0:
                     cached = out.metrics.num_cached_tokens
                 reason: Literal["stop", "length", "tool_calls", "timeout"] | None = stream_finish_reason(out)
-                logprobs = chat_logprobs(frontend.tokenizer, out.new_logprobs) if job.want_logprobs else None
+                logprobs = (
+                    chat_logprobs(frontend.tokenizer, out.new_logprobs, job.tokens_as_ids)
+                    if job.want_logprobs
+                    else None
+                )
                 shaper = shapers[item.index]
                 shaped = shaper.feed(out.new_text, out.finished)
                 first = shaper.calls_sent - len(shaped.calls)
@@ -487,10 +509,14 @@ def _tool_call(call: ParsedToolCall) -> ToolCall:
     return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
-def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs]) -> ChatChoiceLogprobs:
+def chat_logprobs(
+    tokenizer: Tokenizer, entries: list[TokenLogprobs], tokens_as_ids: bool = False
+) -> ChatChoiceLogprobs:
+    """`tokens_as_ids`: tokens named "token_id:N"; their `bytes` stay the token's own."""
+
     def top(token_id: int, logprob: float) -> TopLogprob:
-        text = tokenizer.decode([token_id], skip_special_tokens=False)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(tokenizer.token_bytes(token_id)))
+        name = token_name(tokenizer, token_id, tokens_as_ids)
+        return TopLogprob(token=name, logprob=logprob, bytes=list(tokenizer.token_bytes(token_id)))
 
     content = []
     for entry in entries:

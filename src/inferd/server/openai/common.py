@@ -84,15 +84,10 @@ def sampling_params(
 ) -> SamplingParams:
     """`field_names` maps a SamplingParams field to the body's, for errors that name it. A sampling
     field the request leaves out takes the model's recommended value, where it has one."""
-    if body.prompt_logprobs is not None:
+    if body.stream and body.prompt_logprobs is not None and body.prompt_logprobs != 0:
         raise InvalidRequestError(
-            "prompt_logprobs: not served; a completion with echo and logprobs scores its prompt",
+            "prompt_logprobs: not available when stream is true (0 is accepted and sends none, as vLLM's)",
             "prompt_logprobs",
-        )
-    if body.return_tokens_as_token_ids:
-        raise InvalidRequestError(
-            "return_tokens_as_token_ids: not served; return_token_ids gives the ids",
-            "return_tokens_as_token_ids",
         )
     structure_fields = ("response_format", "structured_outputs", *GUIDED_FIELDS)
     structure, structure_field = requested({name: getattr(body, name) for name in structure_fields})
@@ -119,6 +114,8 @@ def sampling_params(
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
+        # A stream sends no prompt log-probabilities: none computed for it.
+        prompt_logprobs=None if body.stream else body.prompt_logprobs,
         logit_bias=_logit_bias(body.logit_bias),
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,

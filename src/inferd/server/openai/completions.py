@@ -27,7 +27,9 @@ from inferd.server.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprobs,
 )
+from inferd.server.openai.token_logprobs import prompt_logprobs, token_name
 from inferd.server.streaming import SSE_DONE, sse_event
 
 
@@ -68,6 +70,10 @@ class CompletionJob:
     length_penalty: float | None = None
     # vLLM's return_token_ids: each choice carries its prompt's and its own token ids.
     return_token_ids: bool = False
+    # vLLM's prompt_logprobs: each choice carries its prompt's, with this many alternatives.
+    prompt_logprobs: int | None = None
+    # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N".
+    tokens_as_ids: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -98,7 +104,7 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
     params = sampling_params(frontend, body, body.max_tokens, engine_logprobs)
     if body.echo and body.logprobs is not None:
         # The echoed prompt's tokens get log-probabilities too (how a text is scored).
-        params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
+        params = dataclasses.replace(params, prompt_logprobs=max(body.logprobs, params.prompt_logprobs or 0))
     prompts = _prompt_list(body.prompt)
     keep = body.truncate_prompt_tokens
     if keep is not None:
@@ -119,6 +125,8 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
         logprobs=body.logprobs,
         length_penalty=body.length_penalty if body.use_beam_search else None,
         return_token_ids=body.return_token_ids,
+        prompt_logprobs=None if body.stream else body.prompt_logprobs,
+        tokens_as_ids=body.return_tokens_as_token_ids,
     )
 
 
@@ -147,10 +155,11 @@ async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse
             CompletionChoice(
                 index=index,
                 text=state.echo_text + out.text,
-                logprobs=_logprobs(frontend.tokenizer, out, out.logprobs, state, job.logprobs),
+                logprobs=_logprobs(frontend.tokenizer, job, out, out.logprobs, state),
                 finish_reason=finish_reason(out),
                 prompt_token_ids=job.prompt_token_ids(index),
                 token_ids=list(out.token_ids) if job.return_token_ids else None,
+                prompt_logprobs=_prompt_logprobs(frontend.tokenizer, job, out),
             )
         )
     # Every candidate's tokens were generated, so all of them count (as the API bills best_of).
@@ -219,7 +228,7 @@ def _chunk(
         text = state.echo_text + text
         state.started = True
     reason = stream_finish_reason(out)
-    logprobs = _logprobs(tokenizer, out, out.new_logprobs, state, job.logprobs)
+    logprobs = _logprobs(tokenizer, job, out, out.new_logprobs, state)
     if not text and reason is None and logprobs is None:
         return None  # nothing new to say (text held back while it might start a stop string)
     choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
@@ -233,53 +242,69 @@ def _chunk(
 
 def _logprobs(
     tokenizer: Tokenizer,
+    job: CompletionJob,
     out: RequestOutput,
     entries: list[TokenLogprobs],
     state: _ChoiceState,
-    num_top: int | None,
 ) -> CompletionLogprobs | None:
     """Logprobs of these tokens, led by the echoed prompt's the first time they are there; offsets
     continue from `state` (which they advance)."""
+    num_top = job.logprobs
     if num_top is None:
         return None
     result = CompletionLogprobs(top_logprobs=[] if num_top else None)
-    if out.prompt_logprobs is not None and not state.prompt_logprobs_sent:
+    if job.echo and out.prompt_logprobs is not None and not state.prompt_logprobs_sent:
         state.prompt_logprobs_sent = True
         for token_id, entry in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):
             if entry is None:  # the first token: nothing before it to predict it from
-                token = tokenizer.decode([token_id], skip_special_tokens=False)
-                _append(result, token, None, None, state)
+                text = tokenizer.decode([token_id], skip_special_tokens=False)
+                _append(result, token_name(tokenizer, token_id, job.tokens_as_ids), text, None, None, state)
             else:
-                _append_entry(tokenizer, result, entry, state)
+                _append_entry(tokenizer, job, result, entry, state)
         # The prompt's offsets add up its tokens' texts one by one (a character split over two
         # tokens counts twice); the answer's start where the echoed text ends, whatever they came to.
         state.text_offset = len(state.echo_text)
     state.text_offset = max(state.text_offset, len(state.echo_text))
     for entry in entries:
-        _append_entry(tokenizer, result, entry, state)
+        _append_entry(tokenizer, job, result, entry, state)
     return result
 
 
+def _prompt_logprobs(tokenizer: Tokenizer, job: CompletionJob, out: RequestOutput) -> PromptLogprobs | None:
+    if job.prompt_logprobs is None or out.prompt_logprobs is None:
+        return None
+    return prompt_logprobs(tokenizer, out.prompt_logprobs, job.prompt_logprobs, job.tokens_as_ids)
+
+
 def _append_entry(
-    tokenizer: Tokenizer, result: CompletionLogprobs, entry: TokenLogprobs, state: _ChoiceState
+    tokenizer: Tokenizer,
+    job: CompletionJob,
+    result: CompletionLogprobs,
+    entry: TokenLogprobs,
+    state: _ChoiceState,
 ) -> None:
-    token = tokenizer.decode([entry.token_id], skip_special_tokens=False)
-    top = {tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in entry.top}
+    as_ids = job.tokens_as_ids
+    # The engine may have computed more alternatives than asked for here (prompt_logprobs beside echo).
+    top = {token_name(tokenizer, t, as_ids): lp for t, lp in entry.top[: job.logprobs]}
+    token = token_name(tokenizer, entry.token_id, as_ids)
     # The chosen token is always there, so up to logprobs + 1 entries (OpenAI's reference).
     top.setdefault(token, entry.logprob)
-    _append(result, token, entry.logprob, top, state)
+    text = token if not as_ids else tokenizer.decode([entry.token_id], skip_special_tokens=False)
+    _append(result, token, text, entry.logprob, top, state)
 
 
 def _append(
     result: CompletionLogprobs,
     token: str,
+    text: str,
     logprob: float | None,
     top: dict[str, float] | None,
     state: _ChoiceState,
 ) -> None:
+    """`token` as the answer names it; `text` its text, which the offsets count."""
     result.tokens.append(token)
     result.token_logprobs.append(logprob)
     result.text_offset.append(state.text_offset)
-    state.text_offset += len(token)
+    state.text_offset += len(text)
     if result.top_logprobs is not None:
         result.top_logprobs.append(top)

@@ -74,8 +74,9 @@ class SamplingExtras(_Body):
     cache_salt: str | None = Field(None, min_length=1)
     # vLLM's: the prompt's and each choice's token ids in the answer (stream chunks: the new ones).
     return_token_ids: bool = False
-    # Declared to be refused (vLLM's, not served here): the prompt's log-probabilities with ranks,
-    # and tokens written as "token_id:N".
+    # vLLM's: each prompt token's log-probability, rank and `prompt_logprobs` likeliest alternatives
+    # (not streamed: more than 0 with stream is refused, as vLLM does), and logprobs' tokens
+    # written as "token_id:N".
     prompt_logprobs: int | None = None
     return_tokens_as_token_ids: bool = False
     # inferd's: seconds until the request is aborted (overrides the server's --request-timeout).
@@ -221,6 +222,19 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """One token of a prompt position in vLLM's ``prompt_logprobs``."""
+
+    logprob: float
+    # 1 for the likeliest token (the prompt's own token: how many are at least as likely).
+    rank: int
+    decoded_token: str
+
+
+# Per prompt token: None for the first, else token id (as text) -> its entry.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -231,6 +245,8 @@ class CompletionChoice(BaseModel):
     # generated tokens (a stream's chunk: those since the last), the one that ended it included.
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
+    # With prompt_logprobs (vLLM's), in a whole answer.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -283,6 +299,8 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
     # With return_token_ids: the rendered conversation's tokens.
     prompt_token_ids: list[int] | None = None
+    # With prompt_logprobs (vLLM's): the rendered conversation's.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaFunctionCall(BaseModel):
