@@ -44,10 +44,11 @@ def test_on_off_switches(switch: str) -> None:
 def test_the_other_flags() -> None:
     options = parse("--enforce-eager", "--no-prefix-caching", "--block-size", "32", "--seed", "7", "-tp", "2",
                     "--quantization", "fp8", "--hf-overrides", '{"method": "x"}',
-                    "--fused-sampler", "inverse_cdf")  # fmt: skip
+                    "--fused-sampler", "inverse_cdf", "--long-prefill-token-threshold", "64")  # fmt: skip
     assert options == {"enforce_eager": True, "enable_prefix_caching": False, "block_size": 32, "seed": 7,
                        "tensor_parallel_size": 2, "quantization": "fp8",
-                       "hf_overrides": '{"method": "x"}', "fused_sampler": "inverse_cdf"}  # fmt: skip
+                       "hf_overrides": '{"method": "x"}', "fused_sampler": "inverse_cdf",
+                       "long_prefill_token_threshold": 64}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -56,6 +57,7 @@ def test_the_other_flags() -> None:
         ["generate", "hi", "--block-size", "0"],
         ["generate", "hi", "--max-num-seqs", "-1"],
         ["generate", "hi", "--max-model-len", "0"],
+        ["generate", "hi", "--long-prefill-token-threshold", "-1"],
         ["serve", "--port", "99999"],
     ],
 )
@@ -73,6 +75,13 @@ def test_zero_sizes_are_refused_not_replaced_by_the_defaults(tiny_llama) -> None
     for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
         with pytest.raises(ValueError, match=f"{name} must be at least 1"):
             build_engine_config(tiny_llama, **{name: 0})
+    # The long-prefill threshold's 0 is "no limit" (vLLM's); it reaches the scheduler as given.
+    assert (
+        build_engine_config(tiny_llama, long_prefill_token_threshold=8).scheduler.long_prefill_token_threshold
+        == 8
+    )
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be at least 0"):
+        build_engine_config(tiny_llama, long_prefill_token_threshold=-1)
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,15 @@ def _request(rid: str, prompt_len: int, max_tokens: int = 4, first: int = 0) -> 
     )
 
 
-def _scheduler(num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_seqs: int = 8) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=256)
+def _scheduler(
+    num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_seqs: int = 8, long_prefill: int = 0
+) -> Scheduler:
+    config = SchedulerConfig(
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=budget,
+        max_model_len=256,
+        long_prefill_token_threshold=long_prefill,
+    )
     return Scheduler(config, KVCacheManager(num_blocks, block_size))
 
 
@@ -40,6 +47,19 @@ def test_long_prompt_is_chunked_while_decodes_continue() -> None:
     # The decode (1 token) goes first; the prompt fills the rest of the budget each step.
     assert steps == [{"short": 1, "long": 9}, {"short": 1, "long": 9}, {"short": 1, "long": 7}]
     assert s.requests["long"].output_token_ids == [7]
+
+
+def test_the_long_prefill_threshold_lets_later_prompts_share_the_step() -> None:
+    """Without it the first prompt takes the whole budget and the short one waits a step; with
+    it each prompt computes at most the threshold a step, the short one starting at once."""
+    steps = {}
+    for threshold in (0, 12):
+        s = _scheduler(budget=16, long_prefill=threshold)
+        s.add(_request("long", 30))
+        s.add(_request("short", 4, first=100))
+        steps[threshold] = [_run_step(s) for _ in range(3)]
+    assert steps[0] == [{"long": 16}, {"long": 14, "short": 2}, {"long": 1, "short": 2}]
+    assert steps[12] == [{"long": 12, "short": 4}, {"long": 12, "short": 1}, {"long": 6, "short": 1}]
 
 
 def test_token_budget_and_seq_cap_are_respected() -> None:

@@ -756,10 +756,19 @@ class SchedulerConfig:
     # "fcfs": requests run in arrival order; "priority": by SamplingParams.priority (lower first),
     # then arrival, in the queue, in each step's order and in who is preempted first (the last).
     policy: str = "fcfs"
+    # Most prompt tokens one request computes in a step (vLLM's long_prefill_token_threshold; 0:
+    # no limit but the step's budget): a long prompt then shares each step with the prompts behind
+    # it, which get their first tokens sooner, at the cost of its own.
+    long_prefill_token_threshold: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.long_prefill_token_threshold < 0:
+            threshold = self.long_prefill_token_threshold
+            raise ValueError(
+                f"long_prefill_token_threshold must be at least 0 (0: no limit), got {threshold}"
+            )
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling policy {self.policy!r} is unknown; choose fcfs or priority")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:

@@ -79,6 +79,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         max_model_len=max_model_len,
         max_tokens_cap=options.pop("max_tokens_cap", None),
         policy=options.pop("scheduling_policy", None) or "fcfs",
+        long_prefill_token_threshold=options.pop("long_prefill_token_threshold", None) or 0,
     )
     kv_memory = options.pop("kv_cache_memory", None)
     utilization = options.pop("gpu_memory_utilization", None)

@@ -17,6 +17,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """An argparse type: a number of at least 0 (NaN refused)."""
     try:
@@ -44,6 +52,7 @@ _DIRECT_OPTIONS = (
     "speculative_config",
     "hf_overrides",
     "scheduling_policy",
+    "long_prefill_token_threshold",
     "quantization",
     "kv_cache_dtype",
     "fused_sampler",
@@ -105,6 +114,12 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
     group.add_argument("--max-model-len", type=positive_int, help="context limit (default: the model's)")
     group.add_argument("--max-num-seqs", type=positive_int, help="most sequences in one step (default 128)")
     group.add_argument("--max-num-batched-tokens", type=positive_int, help="token budget per step")
+    group.add_argument(
+        "--long-prefill-token-threshold",
+        type=non_negative_int,
+        help="most prompt tokens one request computes per step (vLLM's flag), so a long prompt shares its "
+        "steps with the prompts behind it; 0: only the step's budget limits it (default)",
+    )
     group.add_argument(
         "--scheduling-policy",
         choices=["fcfs", "priority"],

@@ -104,7 +104,7 @@ class Scheduler:
             if self._ends_with_inflight_token(request):
                 index += 1  # its last token is being sampled; the results will finish it
                 continue
-            num_new = min(request.num_tokens_with_inflight - request.num_computed_tokens, budget)
+            num_new = self._chunk(request.num_tokens_with_inflight - request.num_computed_tokens, budget)
             while not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -213,7 +213,7 @@ class Scheduler:
                 else self.kv.find_cached_prefix(request.request_id, request.all_token_ids, request.cache_salt)
             )
             request.num_computed_tokens = cached
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
             if not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
                 # Wait for running requests to free blocks; give back the prefix hits meanwhile.
                 self.kv.free(request.request_id)
@@ -232,6 +232,14 @@ class Scheduler:
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return budget
+
+    def _chunk(self, num_left: int, budget: int) -> int:
+        """How many of a request's ``num_left`` uncomputed tokens this step takes: what the budget
+        leaves, and no more than the long-prefill threshold where one is set."""
+        threshold = self.config.long_prefill_token_threshold
+        if threshold:
+            return min(num_left, budget, threshold)
+        return min(num_left, budget)
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
         start = request.num_computed_tokens

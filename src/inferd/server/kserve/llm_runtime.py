@@ -50,6 +50,7 @@ ENGINE_PARAMETERS = frozenset(
         "max_model_len",
         "max_num_seqs",
         "max_num_batched_tokens",
+        "long_prefill_token_threshold",
         "block_size",
         "dtype",
         "device",
