@@ -7,8 +7,9 @@ import itertools
 import pytest
 import torch
 
+from inferd.attention import torch_backend
 from inferd.attention.base import AttentionMetadata
-from inferd.attention.torch_backend import TorchAttentionBackend
+from inferd.attention.torch_backend import TorchAttentionBackend, length_groups
 
 BLOCK_SIZE, HEADS, KV_HEADS, DIM = 4, 6, 2, 16
 
@@ -109,6 +110,7 @@ def test_few_query_tokens_a_sequence_attend_padded_as_sequence_by_sequence(monke
     context_lens[3] = 0  # a fresh prompt of 16 tokens
     q, k_cache, v_cache, meta = _ragged_step(query_lens, context_lens, gen)
     backend = TorchAttentionBackend()
+    monkeypatch.setattr(torch_backend, "GROUP_COST_TOKENS", 8)  # these short contexts in several groups
     assert len(backend._decode_groups(meta)) > 1
     expected = backend._varlen(q, None, k_cache, v_cache, meta, DIM**-0.5, window)
 
@@ -118,3 +120,28 @@ def test_few_query_tokens_a_sequence_attend_padded_as_sequence_by_sequence(monke
     monkeypatch.setattr(backend, "_varlen", refuse)
     out = backend.attend(q, k_cache, v_cache, meta, DIM**-0.5, window)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def _padding_cost(lengths: list[int], groups: list[list[int]], group_cost: int) -> int:
+    return sum(len(g) * max(lengths[i] for i in g) + group_cost for g in groups)
+
+
+def test_decode_groups_pad_least_for_what_a_group_costs() -> None:
+    """One long context among short ones gets a group of its own (padding the short ones to it
+    would copy thousands of tokens each); similar lengths stay in one group; and the cut is the
+    cheapest of all cuts of the sorted lengths."""
+    assert length_groups([64] * 8 + [6000], 256) == [list(range(8)), [8]]
+    assert length_groups([200, 190, 210, 205], 256) == [[1, 0, 3, 2]]
+    assert length_groups([], 256) == [] and length_groups([5], 256) == [[0]]
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        lengths = [int(n) for n in torch.randint(1, 3000, (8,), generator=gen)]
+        groups = length_groups(lengths, 256)
+        assert sorted(i for g in groups for i in g) == list(range(8))
+        order = sorted(range(8), key=lengths.__getitem__)
+        cheapest = min(
+            _padding_cost(lengths, [order[a:b] for a, b in itertools.pairwise((0, *cuts, 8))], 256)
+            for k in range(8)
+            for cuts in itertools.combinations(range(1, 8), k)
+        )
+        assert _padding_cost(lengths, groups, 256) == cheapest, (trial, lengths)

@@ -9,8 +9,10 @@ the cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -79,8 +81,38 @@ def _attention(
     return torch.matmul(scores.softmax(-1), values.float()).to(query.dtype)
 
 
-_MAX_DECODE_GROUPS = 4
-_MIN_DECODE_GROUP = 8
+# What one more group costs a step (a gather and an attention call per layer), in context tokens
+# of one sequence: sequences are split into groups only where padding them together would copy
+# more than that.
+GROUP_COST_TOKENS = 256
+
+
+def length_groups(lengths: Sequence[int], group_cost: int) -> list[list[int]]:
+    """The indices of ``lengths`` in groups of neighbouring lengths, shortest first, each to be
+    padded to its longest: the cut that pads least, counting ``group_cost`` tokens for each group
+    (the fewest of ``size * longest + group_cost`` summed over the groups, by dynamic programming
+    over the sorted lengths). One long context among short ones is split off; similar lengths stay
+    in one group."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ordered = np.array([lengths[i] for i in order], dtype=np.int64)
+    if not order:
+        return []
+    if len(order) == 1 or len(order) * int(ordered[-1]) - int(ordered.sum()) <= group_cost:
+        return [order]  # padding everything costs less than a second group
+    starts = np.arange(len(order), dtype=np.int64)
+    best = np.zeros(len(order) + 1, dtype=np.int64)  # best[j]: the least cost of the first j
+    cut = [0] * (len(order) + 1)  # cut[j]: where the last group of that best starts
+    for end in range(1, len(order) + 1):
+        costs = best[:end] + (end - starts[:end]) * ordered[end - 1] + group_cost
+        cut[end] = int(costs.argmin())
+        best[end] = costs[cut[end]]
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
 # Steps whose sequences each run at most this many query tokens attend as one padded batch (per
 # group of similar lengths) rather than sequence by sequence: padding a few query rows costs less
 # than a gather and an SDPA call per sequence.
@@ -308,21 +340,19 @@ class TorchAttentionBackend:
         return plan
 
     def _decode_groups(self, meta: AttentionMetadata) -> list[tuple[torch.Tensor, int]]:
-        """Sequences sorted by length and cut into groups, each padded only to its own longest.
+        """Sequences sorted by length and cut into groups (``length_groups``), each padded only to
+        its own longest.
 
         Gathering the paged cache into a padded batch dominates CPU decode; with ragged lengths,
-        padding everything to the longest sequence copies about twice the bytes needed. The plan is
-        the same for every layer of a step, so it is made once per metadata object.
+        padding everything to the longest sequence copies about twice the bytes needed, and one
+        long context among short ones many times that. The plan is the same for every layer of a
+        step, so it is made once per metadata object.
         """
         if self._plan_meta is meta:
             return self._plan
         lengths = meta.seq_lens_host
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        num_groups = min(_MAX_DECODE_GROUPS, max(1, len(order) // _MIN_DECODE_GROUP))
-        size = -(-len(order) // num_groups)
         plan = []
-        for start in range(0, len(order), size):
-            chunk = order[start : start + size]
+        for chunk in length_groups(lengths, GROUP_COST_TOKENS):
             rows = torch.tensor(chunk, dtype=torch.long, device=meta.seq_lens.device)
             plan.append((rows, lengths[chunk[-1]]))
         self._plan_meta, self._plan = meta, plan
