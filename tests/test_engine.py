@@ -306,6 +306,34 @@ def test_chat_renders_each_conversation_with_the_template(llm: LLM) -> None:
     assert [o.token_ids for o in llm.chat(first, greedy)] == [expected[0].token_ids]
 
 
+def test_chat_refuses_parts_that_are_not_text(llm: LLM) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]
+    with pytest.raises(ValueError, match="a message part must be text.*'image_url'"):
+        llm.chat(conversation, SamplingParams(max_tokens=1))
+
+
+def test_vllms_prompt_dicts_are_read_as_their_text_or_ids(llm: LLM) -> None:
+    """vLLM's TextPrompt and TokensPrompt, alone or in a list beside plain prompts, give what the
+    text and the ids give; a key beyond those is refused, not dropped."""
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    ids = llm.tokenizer.encode("To be, or not")
+    expected = [out.token_ids for out in llm.generate(["To be, or not", ids], greedy)]
+    mixed = llm.generate([{"prompt": "To be, or not"}, {"prompt_token_ids": ids}], greedy)
+    assert [out.token_ids for out in mixed] == expected
+    alone = llm.generate({"prompt_token_ids": ids}, greedy)
+    assert len(alone) == 1 and alone[0].prompt_token_ids == ids and alone[0].token_ids == expected[1]
+    assert [len(v) for v in llm.embed([{"prompt": "To be"}, "To be"])] == [
+        llm.engine.config.model.hidden_size
+    ] * 2
+    with pytest.raises(ValueError, match=r"got the keys \['multi_modal_data', 'prompt'\]"):
+        llm.generate({"prompt": "hi", "multi_modal_data": {}}, greedy)
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        llm.generate({"prompt_token_ids": [1, "2"]}, greedy)
+    with pytest.raises(TypeError, match="a prompt is text, a list of token ids or a prompt dict"):
+        llm.generate([3.5], greedy)  # type: ignore[list-item]
+
+
 def test_default_sampling_params_are_the_generation_configs(tiny_llama, tmp_path) -> None:
     folder = tmp_path / "model"
     shutil.copytree(tiny_llama, folder)

@@ -25,6 +25,10 @@ from inferd.engine.outputs import ClassificationOutput, RequestOutput
 from inferd.engine.scoring import check_scoring_labels, joined_pair, pair_indices
 from inferd.sampling_params import SamplingParams
 
+# What the offline methods take as one prompt: text, token ids, or vLLM's prompt dicts
+# (``{"prompt": text}``, ``{"prompt_token_ids": ids}``).
+PromptInput = Prompt | Mapping[str, Any]
+
 
 class LLM:
     """Runs a model from a Hugging Face folder (``None``: the built-in default model)."""
@@ -43,7 +47,7 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
@@ -124,7 +128,7 @@ class LLM:
 
     def embed(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         adapter: str | None = None,
         use_tqdm: bool = False,
         dimensions: int | None = None,
@@ -147,7 +151,7 @@ class LLM:
         return [shortened(out.embedding, dimensions) for out in outputs if out.embedding is not None]
 
     def classify(
-        self, prompts: Prompt | Sequence[Prompt], adapter: str | None = None, use_tqdm: bool = False
+        self, prompts: PromptInput | Sequence[PromptInput], adapter: str | None = None, use_tqdm: bool = False
     ) -> list[ClassificationOutput]:
         """A sequence classifier's (``*ForSequenceClassification``) label logits, probabilities and
         likeliest label for each prompt, read at its last token."""
@@ -189,7 +193,7 @@ class LLM:
 
     def beam_search(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         params: BeamSearchParams,
         use_tqdm: bool = False,
         adapter: str | None = None,
@@ -230,18 +234,51 @@ class LLM:
         ]
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
+def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt]:
+    """One prompt or several, as text, token ids or vLLM's prompt dicts, as the engine takes them."""
+    if isinstance(prompts, str | Mapping):
+        return [_prompt(prompts)]
     if prompts and all(isinstance(t, int) for t in prompts):
         return [list(prompts)]  # type: ignore[arg-type]
-    return list(prompts)  # type: ignore[arg-type]
+    return [_prompt(prompt) for prompt in prompts]  # type: ignore[arg-type]
+
+
+def _prompt(prompt: PromptInput) -> Prompt:
+    """vLLM's ``{"prompt": text}`` (TextPrompt) and ``{"prompt_token_ids": ids}`` (TokensPrompt)
+    read as the text or the ids; any other key (images, processor options) is refused, not dropped."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Mapping):
+        if set(prompt) == {"prompt"} and isinstance(prompt["prompt"], str):
+            return prompt["prompt"]
+        if set(prompt) == {"prompt_token_ids"} and not isinstance(prompt["prompt_token_ids"], str | Mapping):
+            return _token_ids(prompt["prompt_token_ids"])
+        raise ValueError(
+            "a prompt dict holds 'prompt' (text) or 'prompt_token_ids' (token ids) and nothing else, "
+            f"got the keys {sorted(map(str, prompt))}"
+        )
+    if isinstance(prompt, Sequence):
+        return _token_ids(prompt)
+    raise TypeError(f"a prompt is text, a list of token ids or a prompt dict, not {type(prompt).__name__}")
+
+
+def _token_ids(ids: Sequence[Any]) -> list[int]:
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise TypeError("token ids must be integers")
+    return list(ids)
 
 
 def _plain_message(message: Mapping[str, Any]) -> dict[str, Any]:
-    """A message as chat templates read it: text parts joined into one string."""
+    """A message as chat templates read it: text parts joined into one string. Other parts (images,
+    audio) are refused: the models served read text only, and dropping them would answer another
+    question than the one asked."""
     content = message.get("content")
     if isinstance(content, list):
-        text = "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
-        return {**message, "content": text}
+        for part in content:
+            if not isinstance(part, Mapping) or part.get("type", "text") != "text" or "text" not in part:
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise ValueError(
+                    f"a message part must be text ({{'type': 'text', 'text': ...}}), got {kind!r}"
+                )
+        return {**message, "content": "".join(part["text"] for part in content)}
     return dict(message)
