@@ -319,6 +319,10 @@ async def test_a_bad_request_among_concurrent_ones_fails_alone(server: LiveServe
             label = next(o for o in response.json()["outputs"] if o["name"] == "label")
             assert label["data"] == [expected[index]]
     assert 'inferd_kserve_batch_requests_count{model="digits"}' in metrics
+    # The HTTP layer's counts, by route template: seven answered, one refused.
+    route = 'handler="/v2/models/{name}/infer",method="POST"'
+    assert f'http_requests_total{{{route},status="2xx"}} 7.0' in metrics
+    assert f'http_requests_total{{{route},status="4xx"}} 1.0' in metrics
 
 
 def test_llm_text_input_over_grpc_and_http(http_client: Any, grpc_client: Any) -> None:

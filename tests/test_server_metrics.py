@@ -155,6 +155,29 @@ def test_metrics_are_labelled_and_prefixed(server: ServerProcess) -> None:
     assert 'block_size="16"' in info and 'num_kv_blocks="unknown"' not in info and info.endswith(" 1.0")
 
 
+def _http(route: str, method: str, status: str) -> str:
+    return f"http_requests_total{{handler={route}}}{{method={method}}}{{status={status}}}"
+
+
+def test_http_requests_are_counted_by_route_template_and_status_class(server: ServerProcess) -> None:
+    """vLLM's HTTP metrics (prometheus-fastapi-instrumentator's names): a matched route by its
+    template, an unmatched path as `none`, the status by class; the duration histogram beside
+    them; and the process's own metrics."""
+    before = server.metrics()
+    httpx.get(f"{server.base_url}/v1/models")
+    httpx.get(f"{server.base_url}/v1/models/tiny")
+    httpx.post(f"{server.base_url}/v1/completions", json={"model": "tiny"})  # no prompt: a 400
+    httpx.get(f"{server.base_url}/no/such/route")
+    after = server.metrics()
+    assert _delta(after, before, _http("/v1/models", "GET", "2xx")) == 1
+    assert _delta(after, before, _http("/v1/models/{model_id:path}", "GET", "2xx")) == 1
+    assert _delta(after, before, _http("/v1/completions", "POST", "4xx")) == 1
+    assert _delta(after, before, _http("none", "GET", "4xx")) == 1
+    duration = "http_request_duration_seconds_count{handler=/v1/completions}{method=POST}"
+    assert _delta(after, before, duration) == 1
+    assert after["process_resident_memory_bytes"] > 0 and "python_info" in "".join(after)
+
+
 def test_the_engine_config_info_names_low_bit_settings(tiny_model_factory) -> None:
     from inferd.engine.builder import build_engine_config
 

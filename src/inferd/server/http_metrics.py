@@ -1,0 +1,74 @@
+"""Prometheus metrics of the HTTP layer under the names vLLM's server exports (those of
+prometheus-fastapi-instrumentator, so its dashboards and alerts read them): requests by route,
+method and status class, and how long they took; beside them the process's own metrics
+(memory, CPU time, open files, garbage collections), which a bare registry lacks."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class HttpMetricFamilies:
+    """The families on one registry, made once (a middleware stack may be built more than once)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "http_requests",
+            "HTTP requests by route template (none: no route matched), method and status class.",
+            ["handler", "method", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "From a request's arrival to its response's last byte (a stream's whole length), by route.",
+            ["handler", "method"],
+            buckets=_DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        ProcessCollector(registry=registry)
+        GCCollector(registry=registry)
+        PlatformCollector(registry=registry)
+
+
+class HttpMetrics:
+    """ASGI middleware counting every HTTP request once its response has ended (or the app failed
+    without one: a 500). The route is the matched template (``/v2/models/{model_name}/infer``), so
+    the labels stay few whatever paths clients send."""
+
+    def __init__(self, app: ASGIApp, families: HttpMetricFamilies) -> None:
+        self.app = app
+        self.families = families
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def recorded(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recorded)
+        finally:
+            route = scope.get("route")
+            handler = getattr(route, "path", None) or "none"
+            method = scope["method"]
+            self.families.requests.labels(handler, method, f"{status // 100}xx").inc()
+            self.families.duration.labels(handler, method).observe(time.perf_counter() - start)
