@@ -53,6 +53,33 @@ def test_version_and_sagemakers_ping(server: ServerProcess) -> None:
     assert httpx.post(f"{server.base_url}/ping").status_code == 200
 
 
+def test_sagemaker_invocations_take_each_kind_of_body(server: ServerProcess) -> None:
+    """`POST /invocations` (SageMaker's one route, as vLLM and TGI serve it) goes where its body's
+    fields say; a body of no known kind is a 400 in OpenAI's shape."""
+    url = f"{server.base_url}/invocations"
+    base = {"max_tokens": 2, "temperature": 0}
+    chat = httpx.post(url, json={**base, "messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] == 2
+    completion = httpx.post(url, json={**base, "prompt": "To be"}).json()
+    assert completion["object"] == "text_completion"
+    direct = httpx.post(f"{server.base_url}/v1/completions", json={**base, "prompt": "To be"}).json()
+    assert completion["choices"][0]["text"] == direct["choices"][0]["text"]
+    tgi = httpx.post(url, json={"inputs": "To be", "parameters": {"max_new_tokens": 2}}).json()
+    assert isinstance(tgi, list) and "generated_text" in tgi[0]
+    embedded = httpx.post(url, json={"model": "tiny", "input": "To be"}).json()
+    assert embedded["object"] == "list" and len(embedded["data"][0]["embedding"]) > 0
+    with httpx.stream("POST", url, json={**base, "prompt": "To be", "stream": True}) as streamed:
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert [line for line in streamed.iter_lines() if line][-1] == "data: [DONE]"
+    for body in ({"model": "tiny"}, [1, 2], "not json"):
+        refused = httpx.post(url, content=body if isinstance(body, str) else None,
+                             json=None if isinstance(body, str) else body)  # fmt: skip
+        assert (
+            refused.status_code == 400
+            and "messages, prompt, inputs, input" in refused.json()["error"]["message"]
+        )
+
+
 def test_completion_reports_usage_and_length(client: openai.OpenAI) -> None:
     result = client.completions.create(
         model="tiny", prompt="To be, or", max_tokens=6, extra_body={"ignore_eos": True}

@@ -23,6 +23,7 @@ from inferd.server.config import ServerConfig
 from inferd.server.errors import ApiError, is_openai_path, unmatched_route_response
 from inferd.server.frontend import Frontend
 from inferd.server.http_metrics import HttpMetricFamilies, HttpMetrics
+from inferd.server.invocations import SageMakerInvocations
 from inferd.server.limits import BodySizeLimit
 from inferd.server.metrics import ServerMetrics
 from inferd.server.openai.common import error_response as openai_error_response
@@ -111,6 +112,8 @@ def create_app(
 
     app = FastAPI(title="inferd", lifespan=lifespan)
     app.add_exception_handler(HTTPException, unmatched_route_response)
+    # Inside the size limit, which bounds the body it reads.
+    app.add_middleware(SageMakerInvocations)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, render=render_error_for_path)
     # Outside the size limit, so its 413s are counted too.
     app.add_middleware(HttpMetrics, families=HttpMetricFamilies(registry))

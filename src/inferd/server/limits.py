@@ -42,7 +42,7 @@ class BodySizeLimit:
         if buffered is None:
             await self._refuse(scope, receive, send)
             return
-        await self.app(scope, _replay(buffered, receive), send)
+        await self.app(scope, replay_body(buffered, receive), send)
 
     async def _read_bounded(self, receive: Receive) -> list[Message] | None:
         """The body messages, or None once they pass the limit (a disconnect ends the read early)."""
@@ -76,7 +76,8 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _replay(messages: list[Message], receive: Receive) -> Receive:
+def replay_body(messages: list[Message], receive: Receive) -> Receive:
+    """A receive that gives ``messages`` (a body already read) first, then whatever comes after."""
     pending = list(messages)
 
     async def replay() -> Message:
