@@ -82,6 +82,9 @@ def test_zero_sizes_are_refused_not_replaced_by_the_defaults(tiny_llama) -> None
     )
     with pytest.raises(ValueError, match="long_prefill_token_threshold must be at least 0"):
         build_engine_config(tiny_llama, long_prefill_token_threshold=-1)
+    for wrong in (0.5, "64", True):  # a KServe model.json may hold any JSON value
+        with pytest.raises(ValueError, match="long_prefill_token_threshold must be a whole number"):
+            build_engine_config(tiny_llama, long_prefill_token_threshold=wrong)
 
 
 @pytest.mark.parametrize(

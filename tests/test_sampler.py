@@ -5,7 +5,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from inferd.engine.request import Request
-from inferd.sample.sampler import Sampler
+from inferd.sample.sampler import Sampler, TokenLogprobs
 from inferd.sampling_params import SamplingParams, SamplingParamsError
 
 
@@ -233,3 +233,24 @@ def test_typical_p_keeps_the_tokens_transformers_keeps() -> None:
     from inferd.sample.sampler import _temperature_only
 
     assert not _temperature_only(requests[0], 200) and _temperature_only(requests[-1], 200)
+
+
+def test_prompt_logprobs_rank_the_top_tokens_by_place_even_when_tied() -> None:
+    """vLLM's shape: the prompt's token first; where it is among the top ones, its place there is
+    its rank, so two tied top tokens still rank 1 and 2 (its own count would make both 2)."""
+    from inferd.server.openai.token_logprobs import prompt_logprobs
+
+    class Names:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return f"<{ids[0]}>"
+
+    tied = TokenLogprobs(1, -0.69, ((1, -0.69), (2, -0.69)), rank=2)  # two tokens at least as likely
+    below = TokenLogprobs(7, -3.0, ((1, -0.5), (2, -0.9)), rank=5)
+    entries = prompt_logprobs(Names(), [None, tied, below], 2, as_ids=False)  # type: ignore[arg-type]
+    assert entries[0] is None and entries[1] is not None and entries[2] is not None
+    assert [(k, v.rank) for k, v in entries[1].items()] == [("1", 1), ("2", 2)]
+    assert [(k, v.rank, v.decoded_token) for k, v in entries[2].items()] == [
+        ("7", 5, "<7>"), ("1", 1, "<1>"), ("2", 2, "<2>"),
+    ]  # fmt: skip
+    named = prompt_logprobs(Names(), [below], 1, as_ids=True)[0]  # type: ignore[arg-type]
+    assert named is not None and [v.decoded_token for v in named.values()] == ["token_id:7", "token_id:1"]

@@ -520,7 +520,8 @@ def test_prompt_logprobs_in_vllms_shape(client: openai.OpenAI, server: ServerPro
     ).choices[0]
     assert both.logprobs is not None and both.logprobs.top_logprobs is not None
     assert all(len(top) <= 2 for top in both.logprobs.top_logprobs if top is not None)
-    assert all(len(entry) >= 5 for entry in _extra(both, "prompt_logprobs")[1:])
+    for token, entry in zip(prompt[1:], _extra(both, "prompt_logprobs")[1:], strict=True):
+        assert len(entry) == 4 + (entry[str(token)]["rank"] > 4)
     assert _extra(client.completions.create(prompt=prompt, **greedy).choices[0], "prompt_logprobs") is None
 
     messages = [{"role": "user", "content": "To be, or not"}]

@@ -764,8 +764,10 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
-        if self.long_prefill_token_threshold < 0:
-            threshold = self.long_prefill_token_threshold
+        threshold = self.long_prefill_token_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int):
+            raise ValueError(f"long_prefill_token_threshold must be a whole number, got {threshold!r}")
+        if threshold < 0:
             raise ValueError(
                 f"long_prefill_token_threshold must be at least 0 (0: no limit), got {threshold}"
             )

@@ -23,7 +23,9 @@ def prompt_logprobs(
 ) -> list[dict[str, PromptLogprob] | None]:
     """vLLM's shape: per prompt token, None for the first (nothing comes before it), else a map
     from token id (as text) to its log-probability, rank and text: the prompt's own token first,
-    then the `top` likeliest (ranked 1 to `top`), the two merged where they are the same."""
+    then the `top` likeliest (ranked 1 to `top`); where the prompt's token is among those, it keeps
+    its first place in the map and takes its place among them as its rank (as vLLM's, so tied
+    log-probabilities still rank 1 to `top`)."""
     result: list[dict[str, PromptLogprob] | None] = []
     for entry in scored:
         if entry is None:
@@ -31,7 +33,7 @@ def prompt_logprobs(
             continue
         ranked = {entry.token_id: (entry.logprob, entry.rank)}
         for place, (token_id, logprob) in enumerate(entry.top[:top], start=1):
-            ranked.setdefault(token_id, (logprob, place))
+            ranked[token_id] = (logprob, place)
         result.append(
             {
                 str(token_id): PromptLogprob(
