@@ -9,7 +9,7 @@ import torch
 
 from inferd.attention import torch_backend
 from inferd.attention.base import AttentionMetadata
-from inferd.attention.torch_backend import TorchAttentionBackend, length_groups
+from inferd.attention.torch_backend import TorchAttentionBackend, group_cost_tokens, length_groups
 
 BLOCK_SIZE, HEADS, KV_HEADS, DIM = 4, 6, 2, 16
 
@@ -110,8 +110,11 @@ def test_few_query_tokens_a_sequence_attend_padded_as_sequence_by_sequence(monke
     context_lens[3] = 0  # a fresh prompt of 16 tokens
     q, k_cache, v_cache, meta = _ragged_step(query_lens, context_lens, gen)
     backend = TorchAttentionBackend()
-    monkeypatch.setattr(torch_backend, "GROUP_COST_TOKENS", 8)  # these short contexts in several groups
-    assert len(backend._decode_groups(meta)) > 1
+    # These short contexts in several groups too: a group costs 8 tokens of this cache's K/V.
+    monkeypatch.setattr(torch_backend, "GROUP_COST_BYTES", 8 * KV_HEADS * DIM * 4 * 2)
+    assert group_cost_tokens(k_cache) == 8
+    classes = {n.bit_length() for n in query_lens}
+    assert len(backend._query_groups(meta, 8)) > len(classes)
     expected = backend._varlen(q, None, k_cache, v_cache, meta, DIM**-0.5, window)
 
     def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -145,3 +148,32 @@ def test_decode_groups_pad_least_for_what_a_group_costs() -> None:
             for cuts in itertools.combinations(range(1, 8), k)
         )
         assert _padding_cost(lengths, groups, 256) == cheapest, (trial, lengths)
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_one_long_context_decodes_in_its_own_group_as_sequence_by_sequence(window: int) -> None:
+    """At the default cost: eight short contexts and a long one make two decode groups, whose
+    padded batches give what attending one sequence at a time gives."""
+    gen = torch.Generator().manual_seed(2)
+    context_lens = [63] * 8 + [3000]
+    q, k_cache, v_cache, meta = _ragged_step([1] * 9, context_lens, gen)
+    backend = TorchAttentionBackend()
+    groups = backend._decode_groups(meta, group_cost_tokens(k_cache))
+    assert [rows.tolist() for rows, _ in groups] == [list(range(8)), [8]]
+    expected = backend._varlen(q, None, k_cache, v_cache, meta, DIM**-0.5, window)
+    out = backend.attend(q, k_cache, v_cache, meta, DIM**-0.5, window)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_rows_are_not_padded_to_a_prompts_query_tokens() -> None:
+    """Seven decode rows and a 16-token prompt over equal contexts: one group by context alone, but
+    the decode rows would pad to 16 query rows each; query lengths of unlike classes are apart."""
+    gen = torch.Generator().manual_seed(3)
+    q, k_cache, v_cache, meta = _ragged_step([1] * 7 + [16], [40] * 8, gen)
+    backend = TorchAttentionBackend()
+    groups = backend._query_groups(meta, group_cost_tokens(k_cache))
+    assert sorted(group.seqs.tolist() for group in groups) == [list(range(7)), [7]]
+    expected = backend._varlen(q, None, k_cache, v_cache, meta, DIM**-0.5)
+    torch.testing.assert_close(
+        backend.attend(q, k_cache, v_cache, meta, DIM**-0.5), expected, atol=1e-5, rtol=1e-5
+    )

@@ -81,10 +81,18 @@ def _attention(
     return torch.matmul(scores.softmax(-1), values.float()).to(query.dtype)
 
 
-# What one more group costs a step (a gather and an attention call per layer), in context tokens
-# of one sequence: sequences are split into groups only where padding them together would copy
-# more than that.
-GROUP_COST_TOKENS = 256
+# What one more group costs a step (a gather and an attention call per layer), in bytes of K/V
+# gathered: sequences are split into groups only where padding them together would copy more than
+# that. Measured as 256 tokens of 3 KV heads of 64 float32 values, keys and values (BENCHMARKS.md);
+# the call's cost is about fixed, so a model with wider K/V rows splits sooner.
+GROUP_COST_BYTES = 256 * 3 * 64 * 4 * 2
+
+
+def group_cost_tokens(cache: torch.Tensor) -> int:
+    """``GROUP_COST_BYTES`` in context tokens of ``cache`` ([blocks, block_size, kv_heads, dim]):
+    a token's key and value rows."""
+    row_bytes = cache.shape[2] * cache.shape[3] * cache.element_size() * 2
+    return max(1, GROUP_COST_BYTES // row_bytes)
 
 
 def length_groups(lengths: Sequence[int], group_cost: int) -> list[list[int]]:
@@ -199,9 +207,11 @@ class TorchAttentionBackend:
     name = "torch"
 
     def __init__(self) -> None:
-        self._plan_meta: AttentionMetadata | None = None
+        # Each plan is the same for every layer of a step: made once per metadata object (and
+        # group cost, which the cache's row width sets).
+        self._plan_for: tuple[AttentionMetadata | None, int] = (None, 0)
         self._plan: list[tuple[torch.Tensor, int]] = []
-        self._query_plan_meta: AttentionMetadata | None = None
+        self._query_plan_for: tuple[AttentionMetadata | None, int] = (None, 0)
         self._query_plan: list[_QueryGroup] = []
 
     def forward(
@@ -262,7 +272,7 @@ class TorchAttentionBackend:
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
-        groups = self._decode_groups(meta)
+        groups = self._decode_groups(meta, group_cost_tokens(k_cache))
         if len(groups) == 1:
             tables, lens = meta.block_tables, meta.seq_lens
             return _padded_decode(q, k_cache, v_cache, tables, lens, groups[0][1], scale, window, softcap)
@@ -292,7 +302,7 @@ class TorchAttentionBackend:
         softcap: float = 0.0,
     ) -> torch.Tensor:
         out = torch.empty_like(q)
-        for group in self._query_groups(meta):
+        for group in self._query_groups(meta, group_cost_tokens(k_cache)):
             attended = _padded_queries(
                 q,
                 k_cache,
@@ -307,55 +317,65 @@ class TorchAttentionBackend:
             out.index_copy_(0, group.out_rows, attended)
         return out
 
-    def _query_groups(self, meta: AttentionMetadata) -> list[_QueryGroup]:
-        """The decode plan's groups (sequences sorted by length), each with its query rows padded
-        to its most query tokens; made once per step, as that plan is."""
-        if self._query_plan_meta is meta:
+    def _query_groups(self, meta: AttentionMetadata, cost: int) -> list[_QueryGroup]:
+        """Sequences of like query lengths (1, 2-3, 4-7, 8-15, 16: a decode row never pads to a
+        prompt's 16), each class cut by context length as decode steps are, each group's query
+        rows padded to its most query tokens."""
+        if self._query_plan_for[0] is meta and self._query_plan_for[1] == cost:
             return self._query_plan
         starts = [0]
         for n in meta.query_lens_host:
             starts.append(starts[-1] + n)
         device = meta.seq_lens.device
+        classes: dict[int, list[int]] = {}
+        for seq, n in enumerate(meta.query_lens_host):
+            classes.setdefault(n.bit_length(), []).append(seq)
         plan = []
-        for seqs, max_len in self._decode_groups(meta):
-            chunk = seqs.tolist()
-            lens = [meta.query_lens_host[i] for i in chunk]
-            max_q = max(lens)
-            query_rows = [
-                [starts[i] + min(j, n - 1) for j in range(max_q)] for i, n in zip(chunk, lens, strict=True)
-            ]
-            kept = [r * max_q + j for r, n in enumerate(lens) for j in range(n)]
-            out_rows = [starts[i] + j for i, n in zip(chunk, lens, strict=True) for j in range(n)]
-            plan.append(
-                _QueryGroup(
-                    seqs=seqs,
-                    max_len=max_len,
-                    query_rows=torch.tensor(query_rows, dtype=torch.long, device=device),
-                    query_lens=torch.tensor(lens, dtype=torch.long, device=device),
-                    kept=torch.tensor(kept, dtype=torch.long, device=device),
-                    out_rows=torch.tensor(out_rows, dtype=torch.long, device=device),
-                )
-            )
-        self._query_plan_meta, self._query_plan = meta, plan
+        for members in classes.values():
+            contexts = [meta.seq_lens_host[seq] for seq in members]
+            for cut in length_groups(contexts, cost):
+                chunk = [members[i] for i in cut]
+                plan.append(self._query_group(meta, chunk, starts, device))
+        self._query_plan_for, self._query_plan = (meta, cost), plan
         return plan
 
-    def _decode_groups(self, meta: AttentionMetadata) -> list[tuple[torch.Tensor, int]]:
+    @staticmethod
+    def _query_group(
+        meta: AttentionMetadata, chunk: list[int], starts: list[int], device: torch.device
+    ) -> _QueryGroup:
+        """Sequences ``chunk`` (sorted by context length) as one padded group."""
+        lens = [meta.query_lens_host[i] for i in chunk]
+        max_q = max(lens)
+        query_rows = [
+            [starts[i] + min(j, n - 1) for j in range(max_q)] for i, n in zip(chunk, lens, strict=True)
+        ]
+        kept = [r * max_q + j for r, n in enumerate(lens) for j in range(n)]
+        out_rows = [starts[i] + j for i, n in zip(chunk, lens, strict=True) for j in range(n)]
+        return _QueryGroup(
+            seqs=torch.tensor(chunk, dtype=torch.long, device=device),
+            max_len=meta.seq_lens_host[chunk[-1]],
+            query_rows=torch.tensor(query_rows, dtype=torch.long, device=device),
+            query_lens=torch.tensor(lens, dtype=torch.long, device=device),
+            kept=torch.tensor(kept, dtype=torch.long, device=device),
+            out_rows=torch.tensor(out_rows, dtype=torch.long, device=device),
+        )
+
+    def _decode_groups(self, meta: AttentionMetadata, cost: int) -> list[tuple[torch.Tensor, int]]:
         """Sequences sorted by length and cut into groups (``length_groups``), each padded only to
         its own longest.
 
         Gathering the paged cache into a padded batch dominates CPU decode; with ragged lengths,
         padding everything to the longest sequence copies about twice the bytes needed, and one
-        long context among short ones many times that. The plan is the same for every layer of a
-        step, so it is made once per metadata object.
+        long context among short ones many times that. ``cost``: a group's, in context tokens.
         """
-        if self._plan_meta is meta:
+        if self._plan_for[0] is meta and self._plan_for[1] == cost:
             return self._plan
         lengths = meta.seq_lens_host
         plan = []
-        for chunk in length_groups(lengths, GROUP_COST_TOKENS):
+        for chunk in length_groups(lengths, cost):
             rows = torch.tensor(chunk, dtype=torch.long, device=meta.seq_lens.device)
             plan.append((rows, lengths[chunk[-1]]))
-        self._plan_meta, self._plan = meta, plan
+        self._plan_for, self._plan = (meta, cost), plan
         return plan
 
     def _varlen(
