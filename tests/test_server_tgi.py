@@ -120,6 +120,25 @@ def test_return_full_text_and_generate_route(server: ServerProcess) -> None:
     assert response.json()["generated_text"].startswith("To be")
 
 
+def test_whole_answers_carry_tgis_timing_headers(server: ServerProcess) -> None:
+    """TGI's headers, on `/generate` and the compat route's whole answer: times in milliseconds
+    whose parts fit in the total, the token counts, the prompt's characters, the device."""
+    body = {"inputs": "To be, or not", "parameters": {"max_new_tokens": 6}}
+    for route, wrap in (("/generate", dict), ("/", list)):
+        answer = httpx.post(f"{server.base_url}{route}", json=body)
+        assert answer.status_code == 200 and isinstance(answer.json(), wrap)
+        h = answer.headers
+        assert (h["x-generated-tokens"], h["x-compute-characters"], h["x-compute-type"]) == ("6", "13", "cpu")
+        tokens = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "To be, or not"}).json()["count"]
+        assert int(h["x-prompt-tokens"]) == tokens
+        parts = [int(h[f"x-{name}-time"]) for name in ("validation", "queue", "inference")]
+        assert all(part >= 0 for part in parts) and sum(parts) <= int(h["x-total-time"]) + 2
+        assert abs(int(h["x-time-per-token"]) * 6 - int(h["x-inference-time"])) <= 6  # 6 tokens
+        assert abs(float(h["x-compute-time"]) * 1000 - int(h["x-total-time"])) <= 1
+    streamed = httpx.post(f"{server.base_url}/generate_stream", json=body)
+    assert "x-total-time" not in streamed.headers  # a stream's headers go out before its times are known
+
+
 def test_validation_errors_are_422_in_tgi_shape(server: ServerProcess, client: InferenceClient) -> None:
     with pytest.raises(ValidationError):
         client.text_generation("To be", max_new_tokens=5000)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.responses import JSONResponse
 
@@ -72,12 +73,23 @@ class TgiJob:
     timeout_s: float | None = None  # None: the server's default
     # Candidates sampled; the answer is the one whose tokens have the highest mean log-probability.
     best_of: int = 1
+    # When the route took the request (monotonic seconds): the start of TGI's timing headers.
+    received_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A whole answer, with TGI's timing headers of the sequence it gives."""
+
+    response: GenerateResponse
+    headers: dict[str, str]
 
 
 def prepare_generate(
     frontend: Frontend, body: GenerateRequest, stream: bool = False, max_best_of: int = 1
 ) -> TgiJob:
     """``max_best_of``: the most candidates a request may ask for (TGI's ``--max-best-of``)."""
+    received_at = time.monotonic()
     p = body.parameters
     _refuse_unsupported(p)
     best_of = _checked_best_of(p, stream, max_best_of)
@@ -127,6 +139,7 @@ def prepare_generate(
         details=p.details,
         full_text=bool(p.return_full_text),
         best_of=best_of,
+        received_at=received_at,
     )
 
 
@@ -159,7 +172,7 @@ def _refuse_unsupported(p: GenerateParameters) -> None:
         )
 
 
-async def generate(frontend: Frontend, job: TgiJob) -> GenerateResponse:
+async def generate(frontend: Frontend, job: TgiJob) -> Generated:
     finals: dict[int, RequestOutput] = {}
     async with aclosing(
         frontend.generate(job.request_id, [job.prompt], job.params, n=job.best_of, timeout_s=job.timeout_s)
@@ -183,7 +196,37 @@ async def generate(frontend: Frontend, job: TgiJob) -> GenerateResponse:
                 for index, out in enumerate(candidates)
                 if index != best
             ]
-    return GenerateResponse(generated_text=_text(job, final), details=details)
+    response = GenerateResponse(generated_text=_text(job, final), details=details)
+    return Generated(response, timing_headers(frontend, job, final))
+
+
+def timing_headers(frontend: Frontend, job: TgiJob, out: RequestOutput) -> dict[str, str]:
+    """TGI's headers of a whole answer: its times in milliseconds (total from the route taking the
+    request; validation, its checks and tokenization until the engine queued it; queue, until first
+    scheduled; inference, from then to the end, and that per generated token), the total once
+    more in seconds (`x-compute-time`), the prompt's characters and tokens, the tokens generated,
+    and the device that computed them (`x-compute-type`)."""
+    now = time.monotonic()
+    metrics = out.metrics
+    started = metrics.first_scheduled_time if metrics.first_scheduled_time is not None else now
+    inference_s = now - started
+    generated = len(out.token_ids)
+
+    def ms(seconds: float) -> str:
+        return str(int(max(0.0, seconds) * 1000))
+
+    return {
+        "x-compute-type": frontend.llm.config.device,
+        "x-compute-time": str(now - job.received_at),
+        "x-compute-characters": str(len(job.prompt_text)),
+        "x-total-time": ms(now - job.received_at),
+        "x-validation-time": ms(metrics.arrival_time - job.received_at),
+        "x-queue-time": ms(started - metrics.arrival_time),
+        "x-inference-time": ms(inference_s),
+        "x-time-per-token": ms(inference_s / max(1, generated)),
+        "x-prompt-tokens": str(len(job.prompt)),
+        "x-generated-tokens": str(generated),
+    }
 
 
 def _text(job: TgiJob, out: RequestOutput) -> str:

@@ -60,21 +60,28 @@ def build_router(
         frontend.check_ready([job.prompt], job.best_of)
         return job
 
-    @router.post("/generate")
-    async def generate_text(body: GenerateRequest, request: Request) -> GenerateResponse:
+    @router.post("/generate", response_model=GenerateResponse)
+    async def generate_text(body: GenerateRequest, request: Request) -> Response:
         job = ready_job(body, request, stream=False)
-        return await unless_disconnected(request, generate(frontend, job))
+        generated = await unless_disconnected(request, generate(frontend, job))
+        return _json(generated.response.model_dump_json(), generated.headers)
 
     @router.post("/generate_stream", response_model=None)
     async def generate_stream(body: GenerateRequest, request: Request) -> Response:
         job = ready_job(body, request, stream=True)
         return sse_response(stream_generate(frontend, job))
 
-    @router.post("/", response_model=None)
-    async def compat_generate(body: GenerateRequest, request: Request) -> list[GenerateResponse] | Response:
+    @router.post("/", response_model=list[GenerateResponse])
+    async def compat_generate(body: GenerateRequest, request: Request) -> Response:
         job = ready_job(body, request, stream=bool(body.stream))
         if body.stream:
             return sse_response(stream_generate(frontend, job))
-        return [await unless_disconnected(request, generate(frontend, job))]
+        generated = await unless_disconnected(request, generate(frontend, job))
+        return _json(f"[{generated.response.model_dump_json()}]", generated.headers)
 
     return router
+
+
+def _json(body: str, headers: dict[str, str]) -> Response:
+    """An answer already serialized, with its headers (TGI's timings)."""
+    return Response(body, media_type="application/json", headers=headers)
