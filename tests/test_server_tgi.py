@@ -139,6 +139,20 @@ def test_whole_answers_carry_tgis_timing_headers(server: ServerProcess) -> None:
     assert "x-total-time" not in streamed.headers  # a stream's headers go out before its times are known
 
 
+def test_tgi_clients_chat_without_knowing_the_models_name(
+    server: ServerProcess, client: InferenceClient
+) -> None:
+    """huggingface_hub's chat_completion against a URL sends the model "dummy", TGI's docs "tgi":
+    both reach the served model, as TGI (which ignores the field) answers them; another unknown
+    name is still a 404."""
+    messages = [{"role": "user", "content": "To be, or not"}]
+    answer = client.chat_completion(messages, max_tokens=3)
+    assert answer.choices[0].message.content and answer.usage.completion_tokens == 3
+    for name, status in (("tgi", 200), ("dummy", 200), ("other", 404)):
+        body = {"model": name, "messages": messages, "max_tokens": 2}
+        assert httpx.post(f"{server.base_url}/v1/chat/completions", json=body).status_code == status, name
+
+
 def test_validation_errors_are_422_in_tgi_shape(server: ServerProcess, client: InferenceClient) -> None:
     with pytest.raises(ValidationError):
         client.text_generation("To be", max_new_tokens=5000)

@@ -63,6 +63,12 @@ def sample_seed(seed: int, sample: int) -> int:
     return (seed + sample) % 2**64
 
 
+# The model names TGI's clients send where they know none (TGI ignores the field): "tgi", as TGI's
+# documentation writes it, and "dummy", what huggingface_hub's InferenceClient sends to a URL. They
+# ask for the base model, as they would of TGI; any other unknown name is still a 404.
+TGI_PLACEHOLDER_MODELS = frozenset({"tgi", "dummy"})
+
+
 class Frontend:
     def __init__(
         self,
@@ -162,11 +168,13 @@ class Frontend:
 
     def adapter_for(self, name: str | None, field: str = "model") -> str | None:
         """The LoRA adapter a request's model name asks for; None for the base model (its served
-        name, or no name); any other name is a 404."""
+        name, no name, or a TGI client's placeholder); any other name is a 404."""
         if name is None or name == self.model_name or name in self.aliases:
             return None
         if name in self.adapters:
             return name
+        if name in TGI_PLACEHOLDER_MODELS:
+            return None
         served = ", ".join(repr(n) for n in (self.model_name, *self.aliases, *self.adapters))
         raise ModelNotFoundError(f"the model {name!r} does not exist; this server serves {served}", field)
 
