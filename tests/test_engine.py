@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -332,6 +333,11 @@ def test_vllms_prompt_dicts_are_read_as_their_text_or_ids(llm: LLM) -> None:
         llm.generate({"prompt_token_ids": [1, "2"]}, greedy)
     with pytest.raises(TypeError, match="a prompt is text, a list of token ids or a prompt dict"):
         llm.generate([3.5], greedy)  # type: ignore[list-item]
+
+
+def test_the_folder_is_vllms_model_keyword(tiny_llama) -> None:
+    llm = LLM(model=tiny_llama, kv_cache_memory="4MiB")
+    assert llm.engine.config.model_path == Path(tiny_llama)
 
 
 def test_default_sampling_params_are_the_generation_configs(tiny_llama, tmp_path) -> None:

@@ -33,8 +33,9 @@ PromptInput = Prompt | Mapping[str, Any]
 class LLM:
     """Runs a model from a Hugging Face folder (``None``: the built-in default model)."""
 
-    def __init__(self, model_path: str | Path | None = None, **engine_options: Any) -> None:
-        self.engine = LLMEngine.from_options(model_path, **engine_options)
+    def __init__(self, model: str | Path | None = None, **engine_options: Any) -> None:
+        """``model``: the folder (vLLM's name for it, so ``LLM(model=...)`` reads as there)."""
+        self.engine = LLMEngine.from_options(model, **engine_options)
         self._ids = itertools.count()
 
     @property
