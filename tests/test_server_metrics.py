@@ -97,6 +97,14 @@ def test_counters_move_by_the_known_amounts(server: ServerProcess, client: opena
     ttft = _delta(after, before, "inferd:time_to_first_token_seconds_sum")
     e2e = _delta(after, before, "inferd:e2e_request_latency_seconds_sum")
     assert queue + prefill == pytest.approx(ttft) and queue + prefill + decode == pytest.approx(e2e)
+    inference = _delta(after, before, "inferd:request_inference_time_seconds_sum")
+    assert _delta(after, before, "inferd:request_inference_time_seconds_count") == 5
+    assert inference == pytest.approx(prefill + decode)
+    # What was asked: max_tokens 3, 5, 4 (twice, n=2) and 2; n 1, 1, 2 (once, for the prompt), 1.
+    assert _delta(after, before, "inferd:request_params_max_tokens_sum") == 3 + 5 + 4 + 4 + 2
+    assert _delta(after, before, "inferd:request_params_max_tokens_count") == 5
+    assert _delta(after, before, "inferd:request_params_n_sum") == 1 + 1 + 2 + 1
+    assert _delta(after, before, "inferd:request_params_n_count") == 4
     assert _delta(after, before, "inferd:request_generation_tokens_sum") == 18
     # Inter-token gaps: one per token after the first of each request.
     assert _delta(after, before, "inferd:inter_token_latency_seconds_count") == 18 - 5

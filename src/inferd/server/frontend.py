@@ -356,8 +356,12 @@ class Frontend:
                 if params.seed is not None and sample:
                     sample_params = dataclasses.replace(params, seed=sample_seed(params.seed, sample))
                 engine_id = f"{request_id}-{index}"
+                # A prompt's first sample reports how many the prompt asked for.
+                samples = None if sample or continuing else n
                 streams.append(
-                    self._tracked(index, engine_id, token_ids, sample_params, deadline, not continuing)
+                    self._tracked(
+                        index, engine_id, token_ids, sample_params, deadline, not continuing, samples
+                    )
                 )
         if len(streams) == 1:
             return streams[0]
@@ -371,11 +375,13 @@ class Frontend:
         params: SamplingParams,
         deadline: float | None,
         admit: bool = True,
+        n: int | None = None,
     ) -> AsyncGenerator[IndexedOutput, None]:
+        """``n``: for a prompt's first sample, how many the prompt asked for (a metric)."""
         structure = params.structured_output
         tracker = _RequestTracker(
             engine_id, len(token_ids), self.metrics, structure.kinds[0] if structure else None,
-            params.adapter, params.embed,
+            params.adapter, params.embed, None if params.embed else params.max_tokens, n,
         )  # fmt: skip
         self.num_in_flight += 1
         try:
@@ -412,8 +418,12 @@ class _RequestTracker:
         structure: str | None = None,
         adapter: str | None = None,
         embeds: bool = False,
+        max_tokens: int | None = None,
+        n: int | None = None,
     ) -> None:
         self.engine_id = engine_id
+        self.max_tokens = max_tokens  # asked for (None: not given)
+        self.n = n  # the samples its prompt asked for, on the prompt's first sample
         # An embedding request's one sampled token is dropped: it has no output tokens, and no
         # token times for the latency histograms.
         self.embeds = embeds
@@ -476,7 +486,18 @@ class _RequestTracker:
     ) -> None:
         self.done = True
         self.metrics.record_finished(
-            FinishedRequest(reason, self.prompt_tokens, output_tokens, ttft, e2e, queue, prefill, decode)
+            FinishedRequest(
+                reason,
+                self.prompt_tokens,
+                output_tokens,
+                ttft,
+                e2e,
+                queue,
+                prefill,
+                decode,
+                self.max_tokens,
+                self.n,
+            )
         )
         if self.structure is not None:  # counted as it ends, as the finished requests are
             self.metrics.count_structured_output(self.structure)

@@ -23,6 +23,7 @@ _LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
 )  # fmt: skip
+_N_BUCKETS = (1, 2, 5, 10, 20)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
@@ -38,6 +39,17 @@ class FinishedRequest:
     queue_s: float | None
     prefill_s: float | None = None
     decode_s: float | None = None
+    # What the request asked for (None: not given): its output budget, and for the first sample of
+    # a prompt, how many samples the prompt asked for (vLLM's request parameter histograms).
+    max_tokens: int | None = None
+    n: int | None = None
+
+    @property
+    def inference_s(self) -> float | None:
+        """First scheduling to last token: the time the request ran (vLLM's inference time)."""
+        if self.prefill_s is None or self.decode_s is None:
+            return None
+        return self.prefill_s + self.decode_s
 
     @property
     def time_per_output_token_s(self) -> float | None:
@@ -82,6 +94,17 @@ class _MetricFamilies:
         )
         self.decode = histogram(
             "inferd:request_decode_time_seconds", "First token to last token.", _LATENCY_BUCKETS_S
+        )
+        self.inference = histogram(
+            "inferd:request_inference_time_seconds", "First scheduling to last token.", _LATENCY_BUCKETS_S
+        )
+        self.max_tokens_param = histogram(
+            "inferd:request_params_max_tokens",
+            "The max_tokens a request asked for, where it gave one.",
+            _TOKEN_BUCKETS,
+        )
+        self.n_param = histogram(
+            "inferd:request_params_n", "The samples (n, or best_of) a prompt asked for.", _N_BUCKETS
         )
         self.prompt_tokens_per_request = histogram(
             "inferd:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
@@ -147,6 +170,9 @@ class ServerMetrics:
         self.queue = f.queue.labels(model_name)
         self.prefill = f.prefill.labels(model_name)
         self.decode = f.decode.labels(model_name)
+        self.inference = f.inference.labels(model_name)
+        self.max_tokens_param = f.max_tokens_param.labels(model_name)
+        self.n_param = f.n_param.labels(model_name)
         self.prompt_tokens_per_request = f.prompt_tokens_per_request.labels(model_name)
         self.generation_tokens_per_request = f.generation_tokens_per_request.labels(model_name)
         self.prompt_tokens = f.prompt_tokens.labels(model_name)
@@ -194,6 +220,11 @@ class ServerMetrics:
             self.aborted.inc()
         elif request.finish_reason == "timeout":
             self.timed_out.inc()
+        # What was asked, whatever came of it.
+        if request.max_tokens is not None:
+            self.max_tokens_param.observe(request.max_tokens)
+        if request.n is not None:
+            self.n_param.observe(request.n)
         if request.finish_reason not in ("stop", "length"):
             return  # latencies of cut-short requests would skew the distributions
         self.prompt_tokens_per_request.observe(request.prompt_tokens)
@@ -204,6 +235,7 @@ class ServerMetrics:
             (self.queue, request.queue_s),
             (self.prefill, request.prefill_s),
             (self.decode, request.decode_s),
+            (self.inference, request.inference_s),
             (self.time_per_output_token, request.time_per_output_token_s),
         ):
             if value is not None:
