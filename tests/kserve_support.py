@@ -146,8 +146,9 @@ def _wait_until_ready(process: subprocess.Popen[bytes], url: str) -> None:
 
 
 @contextmanager
-def running_server(repository: Path) -> Iterator[LiveServer]:
-    """The server on free 127.0.0.1 ports for the duration of the block."""
+def running_server(repository: Path, *flags: str) -> Iterator[LiveServer]:
+    """The server on free 127.0.0.1 ports for the duration of the block (``flags``: more of its
+    command line, such as --allow-client-shm)."""
     http_port, grpc_port = free_port(), free_port()
     command = [
         sys.executable,
@@ -158,6 +159,7 @@ def running_server(repository: Path) -> Iterator[LiveServer]:
         str(http_port),
         "--grpc-port",
         str(grpc_port),
+        *flags,
     ]
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -178,11 +180,16 @@ def _serve(argv: list[str]) -> None:
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument("--allow-client-shm", action="store_true")
     args = parser.parse_args(argv)
     runtimes = default_runtime_registry()
     runtimes.register("llm", load_fake_llm, platform="fake_llm")
     metrics_registry = CollectorRegistry()
     repository = open_repository(args.model_repository, metrics_registry, runtimes)
+    if args.allow_client_shm:
+        from inferd.serving.shared_memory import SharedMemoryRegions
+
+        repository.shared_memory = SharedMemoryRegions()
     app = build_app(repository, metrics_registry)
     asyncio.run(serve(repository, app, "127.0.0.1", args.port, args.grpc_port))
 

@@ -4,6 +4,7 @@ readiness probe takes the replica out of rotation; a model that never loaded is 
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -97,3 +98,30 @@ def test_a_draining_server_is_not_ready_over_rest_and_grpc(tiny_llama: Path, tmp
         for thread in threads:
             thread.join(timeout=60)
         assert server.process.wait(timeout=60) == 0
+
+
+async def test_inferd_serves_flag_lets_clients_register_shared_memory(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`inferd serve --model-repository DIR --allow-client-shm`: the extension is listed and a region
+    registers; without the flag, neither."""
+    from inferd.cli import build_parser
+    from inferd.server.config import ServerConfig
+
+    key = f"inferd_serve_{os.getpid()}"
+    (Path("/dev/shm") / key).write_bytes(bytes(64))
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="8MiB")
+    try:
+        for allowed in (True, False):
+            args = build_parser().parse_args(["serve", "--allow-client-shm"] if allowed else ["serve"])
+            assert args.allow_client_shm is allowed
+            app = create_app(llm, ServerConfig(allow_client_shm=allowed), model_repository=tmp_path)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+                extensions = (await client.get("/v2")).json()["extensions"]
+                body = {"key": f"/{key}", "offset": 0, "byte_size": 64}
+                registered = await client.post("/v2/systemsharedmemory/region/r/register", json=body)
+            assert ("system_shared_memory" in extensions) is allowed
+            assert registered.status_code == (200 if allowed else 400), registered.text
+    finally:
+        (Path("/dev/shm") / key).unlink()

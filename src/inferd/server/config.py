@@ -46,3 +46,5 @@ class ServerConfig:
     log_stats_interval_s: float = 10.0
     # The most candidates a TGI request's `best_of` may ask for (TGI's --max-best-of; its default).
     max_best_of: int = 2
+    # KServe v2 clients may register system shared memory regions (Triton's --allow-client-shm).
+    allow_client_shm: bool = False

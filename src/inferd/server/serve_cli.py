@@ -100,6 +100,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument(
         "--grpc-port", type=_port, default=8001, help="KServe v2 gRPC port (with --model-repository)"
     )
+    server.add_argument(
+        "--allow-client-shm",
+        action="store_true",
+        help="KServe v2 clients on this machine may register system shared memory regions (/dev/shm) and "
+        "send inputs and take outputs there (Triton's flag; with --model-repository)",
+    )
     limits = parser.add_argument_group("limits (overload, timeouts, shutdown)")
     limits.add_argument(
         "--max-queued-requests",
@@ -181,6 +187,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         root_path=args.root_path,
         log_stats_interval_s=0.0 if args.disable_log_stats else args.log_stats_interval,
         max_best_of=args.max_best_of,
+        allow_client_shm=args.allow_client_shm,
     )
 
 

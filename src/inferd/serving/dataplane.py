@@ -32,6 +32,7 @@ from inferd.serving.llm_io import (
 )
 from inferd.serving.repository import ModelEntry, ModelRepository
 from inferd.serving.runtimes.base import GenerationResult, GenerationStream, TensorRuntime, TextGenerator
+from inferd.serving.shared_memory import SharedMemoryRegions, allowed, in_shared_memory, place_outputs
 from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 from inferd.serving.validation import check_requested_outputs, validated_inputs
 from inferd.version import package_version
@@ -62,7 +63,13 @@ class DataPlane:
         self.repository = repository
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": package_version(), "extensions": list(EXTENSIONS)}
+        shared = ("system_shared_memory",) if self.repository.shared_memory is not None else ()
+        return {"name": SERVER_NAME, "version": package_version(), "extensions": [*EXTENSIONS, *shared]}
+
+    @property
+    def shared_memory(self) -> SharedMemoryRegions:
+        """The clients' shared memory regions; an error where the server does not take them."""
+        return allowed(self.repository.shared_memory)
 
     def server_unready_reason(self) -> str | None:
         """None when the server is ready (every loaded model serves), else why not."""
@@ -170,6 +177,8 @@ class DataPlane:
                 outputs = await self._infer_text(entry.runtime, request)
             else:
                 outputs = await self._infer_tensors(entry, config, request)
+            if any(in_shared_memory(out.parameters) for out in request.outputs):
+                place_outputs(self.shared_memory, request, outputs)
         return InferResponse(
             model_name=entry.name, model_version=entry.version, outputs=outputs, id=request.id
         )
@@ -232,6 +241,8 @@ class DataPlane:
         if not llm.stream:
             yield await self.infer(name, version, request), True
             return
+        if any(in_shared_memory(out.parameters) for out in request.outputs):
+            raise InvalidInputError("a streamed generation's outputs cannot go to shared memory")
         with self._counted(entry):
             async for chunk in self.generate_stream(entry.runtime, llm):
                 result = chunk.result

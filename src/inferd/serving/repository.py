@@ -20,6 +20,7 @@ from inferd.serving.errors import InvalidInputError, ModelNotFoundError, ModelNo
 from inferd.serving.metrics import ServingMetrics
 from inferd.serving.runtimes.base import Runtime, TensorRuntime, TextGenerator
 from inferd.serving.runtimes.registry import RuntimeRegistry
+from inferd.serving.shared_memory import SharedMemoryRegions
 from inferd.serving.statistics import ModelStatistics
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ class ModelRepository:
         self._runtimes = runtimes
         self._added: set[str] = set()  # served from outside the folder: not loaded or unloaded here
         self._control = asyncio.Lock()  # one load or unload at a time
+        # Clients' system shared memory regions, shared by the REST and gRPC servers; None: the
+        # server does not take them (Triton's --allow-client-shm, off by default).
+        self.shared_memory: SharedMemoryRegions | None = None
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self._entries.values())
@@ -177,6 +181,8 @@ class ModelRepository:
     async def close(self) -> None:
         for entry in self._entries.values():
             await _close(entry)
+        if self.shared_memory is not None:
+            self.shared_memory.close()
 
 
 async def _close(entry: ModelEntry) -> None:

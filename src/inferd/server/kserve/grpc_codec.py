@@ -7,6 +7,7 @@ tritonclient reads for every datatype.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from inferd.serving.codec import array_from_json, array_from_raw, array_to_raw
 from inferd.serving.datatypes import DATATYPES
 from inferd.serving.errors import InvalidInputError
+from inferd.serving.shared_memory import SharedMemoryRegions, allowed, in_shared_memory, read_input
 from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 
 # Which typed `contents` field holds each datatype; FP16 and BF16 have none (raw only).
@@ -64,19 +66,35 @@ def _typed_contents(tensor: Any, shape: list[int]) -> np.ndarray:
     return array_from_json(tensor.datatype, shape, list(getattr(tensor.contents, field)))
 
 
-def request_from_proto(message: Any) -> InferRequest:
+def request_from_proto(message: Any, regions: SharedMemoryRegions | None = None) -> InferRequest:
+    """``regions``: the shared memory regions an input may be read from (None: the server takes
+    none). Inputs in shared memory have no entry in ``raw_input_contents``, as Triton's clients
+    send them."""
     raw_contents = list(message.raw_input_contents)
-    if raw_contents and len(raw_contents) != len(message.inputs):
+    parameters = [parameters_from_proto(tensor.parameters) for tensor in message.inputs]
+    on_wire = [not in_shared_memory(p) for p in parameters]
+    if raw_contents and len(raw_contents) != sum(on_wire):
         raise InvalidInputError(
-            f"raw_input_contents has {len(raw_contents)} entries for {len(message.inputs)} inputs"
+            f"raw_input_contents has {len(raw_contents)} entries for {sum(on_wire)} inputs"
         )
+    raw_index = itertools.count()
     inputs = []
-    for index, tensor in enumerate(message.inputs):
+    for tensor, tensor_parameters, wired in zip(message.inputs, parameters, on_wire, strict=True):
         if tensor.datatype not in DATATYPES:
             raise InvalidInputError(f"input {tensor.name!r} has unknown datatype {tensor.datatype!r}")
         shape = [int(d) for d in tensor.shape]
         if any(d < 0 for d in shape):
             raise InvalidInputError(f"input {tensor.name!r} shape must be non-negative")
+        if not wired:
+            if tensor.contents.ByteSize():  # as Triton: one place for the data
+                raise InvalidInputError(
+                    f"input {tensor.name!r} has contents besides its shared memory region"
+                )
+            inputs.append(
+                read_input(allowed(regions), tensor.name, tensor.datatype, shape, tensor_parameters)
+            )
+            continue
+        index = next(raw_index)
         if raw_contents:
             if tensor.contents.ByteSize():  # as Triton: the two ways of sending data do not mix
                 raise InvalidInputError(
@@ -85,7 +103,7 @@ def request_from_proto(message: Any) -> InferRequest:
             data = array_from_raw(tensor.datatype, shape, raw_contents[index])
         else:
             data = _typed_contents(tensor, shape)
-        inputs.append(Tensor(tensor.name, tensor.datatype, data, parameters_from_proto(tensor.parameters)))
+        inputs.append(Tensor(tensor.name, tensor.datatype, data, tensor_parameters))
     return InferRequest(
         inputs=inputs,
         outputs=[RequestedOutput(o.name, parameters_from_proto(o.parameters)) for o in message.outputs],
@@ -102,5 +120,8 @@ def response_to_proto(response: InferResponse, pb2: Any) -> Any:
     for tensor in response.outputs:
         output = message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         parameters_to_proto(output.parameters, tensor.parameters)
-        message.raw_output_contents.append(array_to_raw(tensor.datatype, tensor.data))
+        # An output written to shared memory keeps its place in the list, empty, so the others'
+        # contents stay at their outputs' indices.
+        shared = in_shared_memory(tensor.parameters)
+        message.raw_output_contents.append(b"" if shared else array_to_raw(tensor.datatype, tensor.data))
     return message

@@ -83,7 +83,7 @@ async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> A
 
     async def answer(message: Any) -> None:
         try:
-            request = request_from_proto(message)
+            request = request_from_proto(message, plane.repository.shared_memory)
             empty_final = request.parameters.pop("triton_enable_empty_final_response", False) is True
             stream = plane.infer_stream(message.model_name, message.model_version or None, request)
             answered = 0
@@ -163,7 +163,9 @@ def _servicer(plane: DataPlane) -> Any:
         async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:
                 response = await plane.infer(
-                    request.model_name, request.model_version or None, request_from_proto(request)
+                    request.model_name,
+                    request.model_version or None,
+                    request_from_proto(request, plane.repository.shared_memory),
                 )
             except InferenceError as exc:
                 await context.abort(_status_code(exc), str(exc))
@@ -187,6 +189,38 @@ def _servicer(plane: DataPlane) -> Any:
         async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
             await _control_model(plane.unload, request, context)
             return pb2.RepositoryModelUnloadResponse()
+
+        async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:  # noqa: N802
+            try:
+                regions = plane.shared_memory.status(request.name or None)
+            except InferenceError as exc:
+                await context.abort(_status_code(exc), str(exc))
+            status = pb2.SystemSharedMemoryStatusResponse.RegionStatus
+            return pb2.SystemSharedMemoryStatusResponse(
+                regions={
+                    str(r["name"]): status(
+                        name=str(r["name"]),
+                        key=str(r["key"]),
+                        offset=int(r["offset"]),
+                        byte_size=int(r["byte_size"]),
+                    )
+                    for r in regions
+                }
+            )
+
+        async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:  # noqa: N802
+            try:
+                plane.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+            except InferenceError as exc:
+                await context.abort(_status_code(exc), str(exc))
+            return pb2.SystemSharedMemoryRegisterResponse()
+
+        async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:  # noqa: N802
+            try:
+                plane.shared_memory.unregister(request.name or None)
+            except InferenceError as exc:
+                await context.abort(_status_code(exc), str(exc))
+            return pb2.SystemSharedMemoryUnregisterResponse()
 
         async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:

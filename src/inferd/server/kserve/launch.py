@@ -28,6 +28,7 @@ from inferd.server.openai_embeddings import build_embeddings_router
 from inferd.serving.metrics import ServingMetrics
 from inferd.serving.repository import ModelRepository, load_repository
 from inferd.serving.runtimes.registry import RuntimeRegistry, default_runtime_registry
+from inferd.serving.shared_memory import SharedMemoryRegions
 
 if TYPE_CHECKING:
     from inferd.server.frontend import Frontend
@@ -80,6 +81,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger request bodies get a 413"
     )
+    parser.add_argument(
+        "--allow-client-shm",
+        action="store_true",
+        help="clients on this machine may register system shared memory regions (Triton's flag)",
+    )
     return parser
 
 
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     metrics_registry = CollectorRegistry()
     repository = open_repository(args.model_repository, metrics_registry)
+    if args.allow_client_shm:
+        repository.shared_memory = SharedMemoryRegions()
     event_loop.run(
         serve(
             repository,

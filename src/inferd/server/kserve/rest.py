@@ -168,6 +168,33 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
 
         return await _answer(produce)
 
+    # Triton's system shared memory extension (serving/shared_memory.py).
+    async def shared_memory_status(region: str | None = None) -> Response:
+        return await _answer(lambda: _as_json(plane.shared_memory.status(region)))
+
+    async def register_shared_memory(request: Request, region: str) -> Response:
+        async def produce() -> Response:
+            body = await _json_body(request)
+            regions = plane.shared_memory
+            regions.register(region, body.get("key"), body.get("offset", 0), body.get("byte_size"))
+            return Response(status_code=200)
+
+        return await _answer(produce)
+
+    async def unregister_shared_memory(region: str | None = None) -> Response:
+        async def produce() -> Response:
+            plane.shared_memory.unregister(region)
+            return Response(status_code=200)
+
+        return await _answer(produce)
+
+    for prefix in ("/v2/systemsharedmemory", "/v2/systemsharedmemory/region/{region}"):
+        router.add_api_route(prefix + "/status", shared_memory_status, methods=["GET"])
+        router.add_api_route(prefix + "/unregister", unregister_shared_memory, methods=["POST"])
+    router.add_api_route(
+        "/v2/systemsharedmemory/region/{region}/register", register_shared_memory, methods=["POST"]
+    )
+
     async def model_metadata(name: str, version: str | None = None) -> Response:
         return await _answer(lambda: _as_json(plane.model_metadata(name, version)))
 
@@ -188,7 +215,7 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         async def produce() -> Response:
             infer_request, binary_default = parse_infer_request(
-                await request.body(), request.headers.get(HEADER_LENGTH)
+                await request.body(), request.headers.get(HEADER_LENGTH), repository.shared_memory
             )
             if isinstance(repository.get(name, version).runtime, TextGenerator):  # tensor models: none
                 infer_request.parameters = _with_timeout_header(request, infer_request.parameters)

@@ -16,6 +16,7 @@ import numpy as np
 from inferd.serving.codec import array_from_json, array_from_raw, array_to_json, array_to_raw
 from inferd.serving.datatypes import DATATYPES
 from inferd.serving.errors import InvalidInputError
+from inferd.serving.shared_memory import SharedMemoryRegions, allowed, in_shared_memory, read_input
 from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -39,8 +40,11 @@ def _shape(raw: Any, name: str) -> list[int]:
     return raw
 
 
-def _input_tensor(raw: Any, binary: memoryview, offset: int) -> tuple[Tensor, int]:
-    """One input tensor and the offset past its binary contents (if any)."""
+def _input_tensor(
+    raw: Any, binary: memoryview, offset: int, regions: SharedMemoryRegions | None
+) -> tuple[Tensor, int]:
+    """One input tensor and the offset past its binary contents (if any); an input in a shared
+    memory region is read from there (``regions``: None where the server takes none)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise InvalidInputError("each input must be an object with a name")
     name = raw["name"]
@@ -49,6 +53,10 @@ def _input_tensor(raw: Any, binary: memoryview, offset: int) -> tuple[Tensor, in
         raise InvalidInputError(f"input {name!r} has unknown datatype {datatype!r}")
     shape = _shape(raw.get("shape"), name)
     parameters = _parameters(raw.get("parameters"), f"input {name!r}")
+    if in_shared_memory(parameters):
+        if "data" in raw or "binary_data_size" in parameters:  # as Triton: one place for the data
+            raise InvalidInputError(f"input {name!r} has data besides its shared memory region")
+        return read_input(allowed(regions), name, datatype, shape, parameters), offset
     size = parameters.pop("binary_data_size", None)
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -60,7 +68,9 @@ def _input_tensor(raw: Any, binary: memoryview, offset: int) -> tuple[Tensor, in
     return Tensor(name, datatype, array_from_json(datatype, shape, raw["data"]), parameters), offset
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bool]:
+def parse_infer_request(
+    body: bytes, header_length: str | None, regions: SharedMemoryRegions | None = None
+) -> tuple[InferRequest, bool]:
     """The request, and whether outputs default to binary (`binary_data_output`)."""
     try:
         json_size = len(body) if header_length is None else int(header_length)
@@ -77,7 +87,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
     binary = memoryview(body)[json_size:]
     inputs, offset = [], 0
     for raw_input in header["inputs"]:
-        tensor, offset = _input_tensor(raw_input, binary, offset)
+        tensor, offset = _input_tensor(raw_input, binary, offset, regions)
         inputs.append(tensor)
     if offset != len(binary):
         raise InvalidInputError(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
@@ -123,7 +133,9 @@ def encode_infer_response(
     for tensor in response.outputs:
         parameters = {k: v for k, v in tensor.parameters.items() if k not in _WIRE_PARAMETERS}
         item: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
-        if _wants_binary(request, tensor.name, binary_default):
+        if in_shared_memory(tensor.parameters):
+            pass  # written to its region: the parameters say where, and no data follows
+        elif _wants_binary(request, tensor.name, binary_default):
             raw = array_to_raw(tensor.datatype, tensor.data)
             parameters["binary_data_size"] = len(raw)
             chunks.append(raw)

@@ -1,0 +1,179 @@
+"""Triton's system shared memory extension: a client on the same machine registers named regions
+of POSIX shared memory (objects under /dev/shm), then sends an input's bytes, or has an output's
+written, there instead of in the request and response bodies.
+
+An input or a requested output names its region with the parameters `shared_memory_region`,
+`shared_memory_byte_size` and, optionally, `shared_memory_offset` (from the region's start). A
+written output comes back with its shape, `shared_memory_region` and the bytes written as
+`shared_memory_byte_size`, and no data. Keys are object names (`/name`, as shm_open takes them):
+nothing outside /dev/shm can be mapped.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inferd.serving.codec import array_from_raw, array_to_raw
+from inferd.serving.errors import InvalidInputError
+from inferd.serving.tensor import InferRequest, Parameters, Tensor
+
+SHM_ROOT = Path("/dev/shm")
+REGION = "shared_memory_region"
+BYTE_SIZE = "shared_memory_byte_size"
+OFFSET = "shared_memory_offset"
+_PARAMETERS = (REGION, BYTE_SIZE, OFFSET)
+
+
+@dataclass(frozen=True)
+class _Region:
+    key: str
+    offset: int  # where the region starts in the shared memory object
+    byte_size: int
+    mapping: mmap.mmap
+
+
+class SharedMemoryRegions:
+    """The registered regions, by name. Thread-safe: the REST and gRPC servers share one."""
+
+    def __init__(self, root: Path = SHM_ROOT) -> None:
+        self._root = root
+        self._regions: dict[str, _Region] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, key: object, offset: object, byte_size: object) -> None:
+        """``key``, ``offset`` and ``byte_size`` as a client sent them: checked here."""
+        if not isinstance(key, str):
+            raise InvalidInputError(f"key must be a shared memory object's name, got {key!r}")
+        for field, value in (("offset", offset), ("byte_size", byte_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInputError(f"{field} must be a non-negative integer, got {value!r}")
+        if not name:
+            raise InvalidInputError("a shared memory region needs a name")
+        path = self._path(key)
+        with self._lock:
+            if name in self._regions:
+                raise InvalidInputError(f"shared memory region {name!r} is already registered")
+            try:
+                descriptor = os.open(path, os.O_RDWR)
+            except OSError as exc:
+                raise InvalidInputError(f"cannot open shared memory key {key!r}: {exc.strerror}") from None
+            assert isinstance(offset, int) and isinstance(byte_size, int)
+            try:
+                size = os.fstat(descriptor).st_size
+                if offset + byte_size > size or byte_size == 0:
+                    raise InvalidInputError(
+                        f"shared memory key {key!r} holds {size} bytes; offset {offset} and byte_size "
+                        f"{byte_size} do not fit in it"
+                    )
+                mapping = mmap.mmap(descriptor, size)
+            finally:
+                os.close(descriptor)
+            self._regions[name] = _Region(key, offset, byte_size, mapping)
+
+    def unregister(self, name: str | None = None) -> None:
+        """One region (an unknown name is no error, as in Triton), or every one (None)."""
+        with self._lock:
+            names = list(self._regions) if name is None else [name]
+            for gone in names:
+                region = self._regions.pop(gone, None)
+                if region is not None:
+                    region.mapping.close()
+
+    def status(self, name: str | None = None) -> list[dict[str, str | int]]:
+        with self._lock:
+            if name is not None and name not in self._regions:
+                raise InvalidInputError(f"no shared memory region {name!r} is registered")
+            names = list(self._regions) if name is None else [name]
+            return [
+                {"name": n, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+                for n, r in ((n, self._regions[n]) for n in names)
+            ]
+
+    def read(self, parameters: Parameters, what: str) -> bytes:
+        """The bytes an input's parameters point at."""
+        with self._lock:
+            region, start, size = self._span(parameters, what)
+            return bytes(region.mapping[start : start + size])
+
+    def write(self, parameters: Parameters, what: str, data: bytes) -> None:
+        """``data`` at the place a requested output's parameters point at (it must fit)."""
+        with self._lock:
+            region, start, size = self._span(parameters, what)
+            if len(data) > size:
+                raise InvalidInputError(
+                    f"{what} takes {len(data)} bytes, more than the {size} of its shared memory"
+                )
+            region.mapping[start : start + len(data)] = data
+
+    def close(self) -> None:
+        self.unregister()
+
+    def _path(self, key: str) -> str:
+        # An object's name: one "/" at most, leading; nothing that walks out of /dev/shm.
+        name = key[1:] if key.startswith("/") else key
+        if not name or "/" in name or name in (".", "..") or "\0" in name:
+            raise InvalidInputError(f"shared memory key {key!r} is not a shared memory object's name")
+        return str(self._root / name)
+
+    def _span(self, parameters: Parameters, what: str) -> tuple[_Region, int, int]:
+        name = parameters.get(REGION)
+        region = self._regions.get(name) if isinstance(name, str) else None
+        if region is None:
+            raise InvalidInputError(f"{what}: no shared memory region {name!r} is registered")
+        size, offset = parameters.get(BYTE_SIZE), parameters.get(OFFSET, 0)
+        for field, value in ((BYTE_SIZE, size), (OFFSET, offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInputError(f"{what}: {field} must be a non-negative integer, got {value!r}")
+        assert isinstance(size, int) and isinstance(offset, int)
+        if offset + size > region.byte_size:
+            raise InvalidInputError(
+                f"{what}: offset {offset} and {size} bytes pass the end of region {name!r} "
+                f"({region.byte_size} bytes)"
+            )
+        return region, region.offset + offset, size
+
+
+def allowed(regions: SharedMemoryRegions | None) -> SharedMemoryRegions:
+    """The regions, or the error of a server that takes none."""
+    if regions is None:
+        raise InvalidInputError(
+            "system shared memory is off on this server (start it with --allow-client-shm)"
+        )
+    return regions
+
+
+def in_shared_memory(parameters: Parameters) -> bool:
+    return REGION in parameters
+
+
+def without_placement(parameters: Parameters) -> Parameters:
+    """The parameters, less those that place a tensor in shared memory."""
+    return {k: v for k, v in parameters.items() if k not in _PARAMETERS}
+
+
+def read_input(
+    regions: SharedMemoryRegions, name: str, datatype: str, shape: Sequence[int], parameters: Parameters
+) -> Tensor:
+    """An input whose bytes are in a region."""
+    raw = regions.read(parameters, f"input {name!r}")
+    return Tensor(name, datatype, array_from_raw(datatype, shape, raw), without_placement(parameters))
+
+
+def place_outputs(regions: SharedMemoryRegions, request: InferRequest, outputs: list[Tensor]) -> None:
+    """Write each output asked for in a region there; its parameters then say where and how much,
+    and the wire formats leave its data out."""
+    asked = {out.name: out.parameters for out in request.outputs if in_shared_memory(out.parameters)}
+    for tensor in outputs:
+        parameters = asked.get(tensor.name)
+        if parameters is None:
+            continue
+        raw = array_to_raw(tensor.datatype, np.asarray(tensor.data))
+        regions.write(parameters, f"output {tensor.name!r}", raw)
+        tensor.parameters = {**tensor.parameters, REGION: parameters[REGION], BYTE_SIZE: len(raw)}

@@ -1,0 +1,140 @@
+"""Triton's system shared memory extension, driven by tritonclient over REST and gRPC: inputs read
+from and outputs written to regions a client on this machine registered."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+import tritonclient.utils.shared_memory as shm
+from kserve_support import LiveServer, running_server
+from tritonclient.utils import InferenceServerException
+
+from inferd.serving.config import read_model_config
+from inferd.serving.runtimes.registry import default_runtime_registry
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+IMAGES = np.random.default_rng(5).uniform(0, 16, size=(3, 8, 8)).astype(np.float32)
+# Unique per run, so parallel runs on one machine do not share objects.
+PREFIX = f"/inferd_test_{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shm_models")
+    shutil.copytree(EXAMPLES / "digits", root / "digits")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path) -> Iterator[LiveServer]:
+    with running_server(repository, "--allow-client-shm") as live:
+        yield live
+
+
+@pytest.fixture
+def regions() -> Iterator[dict[str, Any]]:
+    """An input region holding the images and an output region, 256 bytes each."""
+    made = {
+        "in": shm.create_shared_memory_region("in", f"{PREFIX}_in", IMAGES.nbytes),
+        "out": shm.create_shared_memory_region("out", f"{PREFIX}_out", 256),
+    }
+    shm.set_shared_memory_region(made["in"], [IMAGES])
+    yield made
+    for handle in made.values():
+        shm.destroy_shared_memory_region(handle)
+
+
+def _expected(repository: Path) -> dict[str, np.ndarray]:
+    model_dir = repository / "digits"
+    return default_runtime_registry().load(model_dir, read_model_config(model_dir)).infer({"image": IMAGES})
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_inputs_and_outputs_travel_through_shared_memory(
+    server: LiveServer, repository: Path, regions: dict[str, Any], transport: str
+) -> None:
+    """The images go in through one region; `label` comes back in another, `probabilities` on the
+    wire beside it; the status lists the regions until they are unregistered."""
+    grpc = transport == "grpc"
+    module: Any = triton_grpc if grpc else triton_http
+    client = module.InferenceServerClient(server.grpc_url if grpc else server.http_address)
+    assert "system_shared_memory" in (
+        client.get_server_metadata().extensions if grpc else client.get_server_metadata()["extensions"]
+    )
+    client.register_system_shared_memory("images", f"{PREFIX}_in", IMAGES.nbytes)
+    client.register_system_shared_memory("answers", f"{PREFIX}_out", 256)
+    try:
+        status = client.get_system_shared_memory_status()
+        names = set(status.regions) if grpc else {region["name"] for region in status}
+        assert names == {"images", "answers"}
+        image = module.InferInput("image", list(IMAGES.shape), "FP32")
+        image.set_shared_memory("images", IMAGES.nbytes)
+        label = module.InferRequestedOutput("label")
+        label.set_shared_memory("answers", 3 * 8, offset=16)
+        probabilities = module.InferRequestedOutput("probabilities")
+        result = client.infer("digits", [image], outputs=[label, probabilities])
+        expected = _expected(repository)
+        written = result.get_output("label")
+        shape = list(written.shape) if grpc else written["shape"]
+        assert shape == [3, 1]
+        labels = shm.get_contents_as_numpy(regions["out"], np.int64, shape, offset=16)
+        np.testing.assert_array_equal(labels, expected["label"])
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected["probabilities"], rtol=1e-6)
+    finally:
+        client.unregister_system_shared_memory()
+    status = client.get_system_shared_memory_status()
+    assert not (status.regions if grpc else status)
+
+
+def test_what_does_not_fit_or_is_not_registered_is_refused(
+    server: LiveServer, regions: dict[str, Any]
+) -> None:
+    client = triton_http.InferenceServerClient(server.http_address)
+    client.register_system_shared_memory("images", f"{PREFIX}_in", IMAGES.nbytes)
+    try:
+        with pytest.raises(InferenceServerException, match="already registered"):
+            client.register_system_shared_memory("images", f"{PREFIX}_in", IMAGES.nbytes)
+        with pytest.raises(InferenceServerException, match="do not fit"):
+            client.register_system_shared_memory("big", f"{PREFIX}_in", IMAGES.nbytes + 1)
+        for key in ("/../../etc/passwd", "/a/b", "/"):  # nothing outside /dev/shm
+            with pytest.raises(InferenceServerException, match="not a shared memory object's name"):
+                client.register_system_shared_memory("escape", key, 4)
+        with pytest.raises(InferenceServerException, match="cannot open shared memory key"):
+            client.register_system_shared_memory("missing", f"{PREFIX}_missing", 4)
+
+        image = triton_http.InferInput("image", list(IMAGES.shape), "FP32")
+        image.set_shared_memory("nowhere", IMAGES.nbytes)
+        with pytest.raises(InferenceServerException, match="no shared memory region 'nowhere'"):
+            client.infer("digits", [image])
+        image.set_shared_memory("images", IMAGES.nbytes, offset=8)
+        with pytest.raises(InferenceServerException, match="pass the end of region 'images'"):
+            client.infer("digits", [image])
+        image = triton_http.InferInput("image", list(IMAGES.shape), "FP32")  # without that offset
+        image.set_shared_memory("images", IMAGES.nbytes)
+        client.register_system_shared_memory("small", f"{PREFIX}_out", 8)
+        probabilities = triton_http.InferRequestedOutput("probabilities")
+        probabilities.set_shared_memory("small", 8)
+        with pytest.raises(InferenceServerException, match="more than the 8 of its shared memory"):
+            client.infer("digits", [image], outputs=[probabilities])
+    finally:
+        client.unregister_system_shared_memory()
+
+
+def test_a_server_without_the_flag_takes_no_region(repository: Path, regions: dict[str, Any]) -> None:
+    with running_server(repository) as live:
+        client = triton_http.InferenceServerClient(live.http_address)
+        assert "system_shared_memory" not in client.get_server_metadata()["extensions"]
+        with pytest.raises(InferenceServerException, match="--allow-client-shm"):
+            client.register_system_shared_memory("images", f"{PREFIX}_in", IMAGES.nbytes)
+        image = triton_http.InferInput("image", list(IMAGES.shape), "FP32")
+        image.set_shared_memory("images", IMAGES.nbytes)
+        with pytest.raises(InferenceServerException, match="--allow-client-shm"):
+            client.infer("digits", [image])
