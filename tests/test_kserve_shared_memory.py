@@ -109,6 +109,13 @@ def test_what_does_not_fit_or_is_not_registered_is_refused(
                 client.register_system_shared_memory("escape", key, 4)
         with pytest.raises(InferenceServerException, match="cannot open shared memory key"):
             client.register_system_shared_memory("missing", f"{PREFIX}_missing", 4)
+        link = Path("/dev/shm") / f"{PREFIX[1:]}_link"
+        link.symlink_to(Path("/dev/shm") / f"{PREFIX[1:]}_in")
+        try:  # a link in /dev/shm could point anywhere: not followed
+            with pytest.raises(InferenceServerException, match="cannot open shared memory key"):
+                client.register_system_shared_memory("linked", f"/{link.name}", 4)
+        finally:
+            link.unlink()
 
         image = triton_http.InferInput("image", list(IMAGES.shape), "FP32")
         image.set_shared_memory("nowhere", IMAGES.nbytes)
@@ -124,6 +131,24 @@ def test_what_does_not_fit_or_is_not_registered_is_refused(
         probabilities.set_shared_memory("small", 8)
         with pytest.raises(InferenceServerException, match="more than the 8 of its shared memory"):
             client.infer("digits", [image], outputs=[probabilities])
+    finally:
+        client.unregister_system_shared_memory()
+
+
+def test_an_object_that_shrank_after_registering_is_refused_not_read(
+    server: LiveServer, regions: dict[str, Any]
+) -> None:
+    """Reading a mapping past the end of its object would kill the server (SIGBUS): each access
+    looks at the object's size first."""
+    client = triton_http.InferenceServerClient(server.http_address)
+    client.register_system_shared_memory("images", f"{PREFIX}_in", IMAGES.nbytes)
+    try:
+        os.truncate(Path("/dev/shm") / f"{PREFIX[1:]}_in", 16)
+        image = triton_http.InferInput("image", list(IMAGES.shape), "FP32")
+        image.set_shared_memory("images", IMAGES.nbytes)
+        with pytest.raises(InferenceServerException, match="has shrunk"):
+            client.infer("digits", [image])
+        assert client.is_server_live()
     finally:
         client.unregister_system_shared_memory()
 

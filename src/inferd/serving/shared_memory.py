@@ -17,6 +17,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 
@@ -37,6 +38,9 @@ class _Region:
     offset: int  # where the region starts in the shared memory object
     byte_size: int
     mapping: mmap.mmap
+    # Kept open to look at the object's size before each access: a mapping read past the end of
+    # an object its client truncated would kill the process (SIGBUS), not raise.
+    descriptor: int
 
 
 class SharedMemoryRegions:
@@ -61,21 +65,29 @@ class SharedMemoryRegions:
             if name in self._regions:
                 raise InvalidInputError(f"shared memory region {name!r} is already registered")
             try:
-                descriptor = os.open(path, os.O_RDWR)
+                # Not through a link: /dev/shm is writable by anyone, a link there could point anywhere.
+                descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
             except OSError as exc:
                 raise InvalidInputError(f"cannot open shared memory key {key!r}: {exc.strerror}") from None
             assert isinstance(offset, int) and isinstance(byte_size, int)
             try:
-                size = os.fstat(descriptor).st_size
+                stat = os.fstat(descriptor)
+                size = stat.st_size
+                if not S_ISREG(stat.st_mode):
+                    raise InvalidInputError(f"shared memory key {key!r} is not a shared memory object")
                 if offset + byte_size > size or byte_size == 0:
                     raise InvalidInputError(
                         f"shared memory key {key!r} holds {size} bytes; offset {offset} and byte_size "
                         f"{byte_size} do not fit in it"
                     )
-                mapping = mmap.mmap(descriptor, size)
-            finally:
+                try:
+                    mapping = mmap.mmap(descriptor, size)
+                except (OSError, ValueError) as exc:
+                    raise InvalidInputError(f"cannot map shared memory key {key!r}: {exc}") from None
+            except BaseException:
                 os.close(descriptor)
-            self._regions[name] = _Region(key, offset, byte_size, mapping)
+                raise
+            self._regions[name] = _Region(key, offset, byte_size, mapping, descriptor)
 
     def unregister(self, name: str | None = None) -> None:
         """One region (an unknown name is no error, as in Triton), or every one (None)."""
@@ -85,6 +97,7 @@ class SharedMemoryRegions:
                 region = self._regions.pop(gone, None)
                 if region is not None:
                     region.mapping.close()
+                    os.close(region.descriptor)
 
     def status(self, name: str | None = None) -> list[dict[str, str | int]]:
         with self._lock:
@@ -137,7 +150,10 @@ class SharedMemoryRegions:
                 f"{what}: offset {offset} and {size} bytes pass the end of region {name!r} "
                 f"({region.byte_size} bytes)"
             )
-        return region, region.offset + offset, size
+        start = region.offset + offset
+        if start + size > min(len(region.mapping), os.fstat(region.descriptor).st_size):
+            raise InvalidInputError(f"{what}: the shared memory object of region {name!r} has shrunk")
+        return region, start, size
 
 
 def allowed(regions: SharedMemoryRegions | None) -> SharedMemoryRegions:
