@@ -185,11 +185,7 @@ def _serve(argv: list[str]) -> None:
     runtimes = default_runtime_registry()
     runtimes.register("llm", load_fake_llm, platform="fake_llm")
     metrics_registry = CollectorRegistry()
-    repository = open_repository(args.model_repository, metrics_registry, runtimes)
-    if args.allow_client_shm:
-        from inferd.serving.shared_memory import SharedMemoryRegions
-
-        repository.shared_memory = SharedMemoryRegions()
+    repository = open_repository(args.model_repository, metrics_registry, runtimes, args.allow_client_shm)
     app = build_app(repository, metrics_registry)
     asyncio.run(serve(repository, app, "127.0.0.1", args.port, args.grpc_port))
 

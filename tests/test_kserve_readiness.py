@@ -100,13 +100,11 @@ def test_a_draining_server_is_not_ready_over_rest_and_grpc(tiny_llama: Path, tmp
         assert server.process.wait(timeout=60) == 0
 
 
-async def test_inferd_serves_flag_lets_clients_register_shared_memory(
-    tiny_llama: Path, tmp_path: Path
-) -> None:
+async def test_the_serve_flag_lets_clients_register_shared_memory(tiny_llama: Path, tmp_path: Path) -> None:
     """`inferd serve --model-repository DIR --allow-client-shm`: the extension is listed and a region
-    registers; without the flag, neither."""
+    registers; without the flag, neither (the flag read by the command's own config builder)."""
     from inferd.cli import build_parser
-    from inferd.server.config import ServerConfig
+    from inferd.server.serve_cli import server_config
 
     key = f"inferd_serve_{os.getpid()}"
     (Path("/dev/shm") / key).write_bytes(bytes(64))
@@ -114,13 +112,13 @@ async def test_inferd_serves_flag_lets_clients_register_shared_memory(
     try:
         for allowed in (True, False):
             args = build_parser().parse_args(["serve", "--allow-client-shm"] if allowed else ["serve"])
-            assert args.allow_client_shm is allowed
-            app = create_app(llm, ServerConfig(allow_client_shm=allowed), model_repository=tmp_path)
+            app = create_app(llm, server_config(args), model_repository=tmp_path)
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
                 extensions = (await client.get("/v2")).json()["extensions"]
                 body = {"key": f"/{key}", "offset": 0, "byte_size": 64}
                 registered = await client.post("/v2/systemsharedmemory/region/r/register", json=body)
+            await app.state.model_repository.close()  # its regions' descriptors too
             assert ("system_shared_memory" in extensions) is allowed
             assert registered.status_code == (200 if allowed else 400), registered.text
     finally:

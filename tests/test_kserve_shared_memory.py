@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
@@ -18,7 +20,9 @@ from kserve_support import LiveServer, running_server
 from tritonclient.utils import InferenceServerException
 
 from inferd.serving.config import read_model_config
+from inferd.serving.errors import InvalidInputError
 from inferd.serving.runtimes.registry import default_runtime_registry
+from inferd.serving.shared_memory import SharedMemoryRegions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
 IMAGES = np.random.default_rng(5).uniform(0, 16, size=(3, 8, 8)).astype(np.float32)
@@ -133,6 +137,75 @@ def test_what_does_not_fit_or_is_not_registered_is_refused(
             client.infer("digits", [image], outputs=[probabilities])
     finally:
         client.unregister_system_shared_memory()
+
+
+def test_placement_without_a_region_and_grpc_errors(server: LiveServer, regions: dict[str, Any]) -> None:
+    """A size or offset without a region is refused, as Triton does; over gRPC each refusal is
+    INVALID_ARGUMENT."""
+    url = f"{server.http_url}/v2/models/digits/infer"
+    image = {"name": "image", "datatype": "FP32", "shape": [1, 8, 8], "data": [0.0] * 64}
+    stray = {**image, "parameters": {"shared_memory_byte_size": 256}}
+    answer = httpx.post(url, json={"inputs": [stray]})
+    assert answer.status_code == 400 and "need a shared_memory_region" in answer.json()["error"]
+    output = {"name": "label", "parameters": {"shared_memory_offset": 0}}
+    answer = httpx.post(url, json={"inputs": [image], "outputs": [output]})
+    assert answer.status_code == 400 and "need a shared_memory_region" in answer.json()["error"]
+    client = triton_grpc.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException) as refused:
+        client.register_system_shared_memory("x", "/../x", 4)
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    grpc_image = triton_grpc.InferInput("image", list(IMAGES.shape), "FP32")
+    grpc_image.set_shared_memory("nowhere", IMAGES.nbytes)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("digits", [grpc_image])
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "nowhere" in refused.value.message()
+
+
+def test_reads_of_an_object_shrinking_and_growing_never_fault(tmp_path: Path) -> None:
+    """A client may truncate its object while the server reads it: every read gives the whole
+    span or a refusal (a mapping read past the end would kill the process with SIGBUS)."""
+    size = 1 << 20
+    (tmp_path / "obj").write_bytes(bytes(size))
+    regions = SharedMemoryRegions(tmp_path)
+    regions.register("r", "/obj", 0, size)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            os.truncate(tmp_path / "obj", 16)
+            os.truncate(tmp_path / "obj", size)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    placement = {"shared_memory_region": "r", "shared_memory_byte_size": size}
+    outcomes: set[int | str] = set()
+    try:
+        for _ in range(300):
+            try:
+                outcomes.add(len(regions.read(placement, "input 'x'")))
+            except InvalidInputError:
+                outcomes.add("refused")
+    finally:
+        stop.set()
+        churner.join()
+        regions.close()
+    assert outcomes <= {size, "refused"}
+
+
+def test_registered_regions_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from inferd.serving import shared_memory
+
+    monkeypatch.setattr(shared_memory, "MAX_REGIONS", 2)
+    (tmp_path / "obj").write_bytes(bytes(8))
+    regions = SharedMemoryRegions(tmp_path)
+    regions.register("a", "/obj", 0, 8)
+    regions.register("b", "/obj", 0, 8)
+    with pytest.raises(InvalidInputError, match="2 shared memory regions are registered"):
+        regions.register("c", "/obj", 0, 8)
+    regions.unregister("a")
+    regions.register("c", "/obj", 0, 8)
+    assert [r["name"] for r in regions.status()] == ["b", "c"]
+    regions.close()
 
 
 def test_an_object_that_shrank_after_registering_is_refused_not_read(

@@ -31,7 +31,6 @@ from inferd.server.openai_embeddings import build_embeddings_router
 from inferd.server.reasoning import REASONING_FORMATS
 from inferd.server.stats_log import log_engine_stats
 from inferd.server.tgi.generation import error_response as tgi_error_response
-from inferd.serving.shared_memory import SharedMemoryRegions
 from inferd.version import package_version
 
 logger = logging.getLogger("inferd.server")
@@ -136,9 +135,9 @@ def create_app(
         from inferd.server.kserve.launch import mount_model_repository
 
         # With the repository's embedding models, the LLM's embeddings on the same route.
-        app.state.model_repository = mount_model_repository(app, model_repository, registry, auth, frontend)
-        if config.allow_client_shm:
-            app.state.model_repository.shared_memory = SharedMemoryRegions()
+        app.state.model_repository = mount_model_repository(
+            app, model_repository, registry, auth, frontend, config.allow_client_shm
+        )
     else:
         app.include_router(build_embeddings_router(None, auth, frontend))
 

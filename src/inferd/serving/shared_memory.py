@@ -6,12 +6,13 @@ An input or a requested output names its region with the parameters `shared_memo
 `shared_memory_byte_size` and, optionally, `shared_memory_offset` (from the region's start). A
 written output comes back with its shape, `shared_memory_region` and the bytes written as
 `shared_memory_byte_size`, and no data. Keys are object names (`/name`, as shm_open takes them):
-nothing outside /dev/shm can be mapped.
+nothing outside /dev/shm can be opened. The bytes are read and written with pread and pwrite, not
+through a mapping: a client may shrink its object at any time, and a mapping read past the
+object's end would kill the server (SIGBUS) where a short read is only a refused request.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from inferd.serving.errors import InvalidInputError
 from inferd.serving.tensor import InferRequest, Parameters, Tensor
 
 SHM_ROOT = Path("/dev/shm")
+# Registered regions at most: each holds a descriptor open.
+MAX_REGIONS = 256
 REGION = "shared_memory_region"
 BYTE_SIZE = "shared_memory_byte_size"
 OFFSET = "shared_memory_offset"
@@ -37,10 +40,7 @@ class _Region:
     key: str
     offset: int  # where the region starts in the shared memory object
     byte_size: int
-    mapping: mmap.mmap
-    # Kept open to look at the object's size before each access: a mapping read past the end of
-    # an object its client truncated would kill the process (SIGBUS), not raise.
-    descriptor: int
+    descriptor: int  # the object, open for reading and writing
 
 
 class SharedMemoryRegions:
@@ -64,6 +64,10 @@ class SharedMemoryRegions:
         with self._lock:
             if name in self._regions:
                 raise InvalidInputError(f"shared memory region {name!r} is already registered")
+            if len(self._regions) >= MAX_REGIONS:
+                raise InvalidInputError(
+                    f"{MAX_REGIONS} shared memory regions are registered; unregister some first"
+                )
             try:
                 # Not through a link: /dev/shm is writable by anyone, a link there could point anywhere.
                 descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -80,14 +84,10 @@ class SharedMemoryRegions:
                         f"shared memory key {key!r} holds {size} bytes; offset {offset} and byte_size "
                         f"{byte_size} do not fit in it"
                     )
-                try:
-                    mapping = mmap.mmap(descriptor, size)
-                except (OSError, ValueError) as exc:
-                    raise InvalidInputError(f"cannot map shared memory key {key!r}: {exc}") from None
             except BaseException:
                 os.close(descriptor)
                 raise
-            self._regions[name] = _Region(key, offset, byte_size, mapping, descriptor)
+            self._regions[name] = _Region(key, offset, byte_size, descriptor)
 
     def unregister(self, name: str | None = None) -> None:
         """One region (an unknown name is no error, as in Triton), or every one (None)."""
@@ -96,7 +96,6 @@ class SharedMemoryRegions:
             for gone in names:
                 region = self._regions.pop(gone, None)
                 if region is not None:
-                    region.mapping.close()
                     os.close(region.descriptor)
 
     def status(self, name: str | None = None) -> list[dict[str, str | int]]:
@@ -113,7 +112,10 @@ class SharedMemoryRegions:
         """The bytes an input's parameters point at."""
         with self._lock:
             region, start, size = self._span(parameters, what)
-            return bytes(region.mapping[start : start + size])
+            data = os.pread(region.descriptor, size, start)
+        if len(data) < size:
+            raise InvalidInputError(f"{what}: the shared memory object of its region has shrunk")
+        return data
 
     def write(self, parameters: Parameters, what: str, data: bytes) -> None:
         """``data`` at the place a requested output's parameters point at (it must fit)."""
@@ -123,7 +125,9 @@ class SharedMemoryRegions:
                 raise InvalidInputError(
                     f"{what} takes {len(data)} bytes, more than the {size} of its shared memory"
                 )
-            region.mapping[start : start + len(data)] = data
+            if os.fstat(region.descriptor).st_size < start + len(data):
+                raise InvalidInputError(f"{what}: the shared memory object of its region has shrunk")
+            os.pwrite(region.descriptor, data, start)
 
     def close(self) -> None:
         self.unregister()
@@ -150,10 +154,7 @@ class SharedMemoryRegions:
                 f"{what}: offset {offset} and {size} bytes pass the end of region {name!r} "
                 f"({region.byte_size} bytes)"
             )
-        start = region.offset + offset
-        if start + size > min(len(region.mapping), os.fstat(region.descriptor).st_size):
-            raise InvalidInputError(f"{what}: the shared memory object of region {name!r} has shrunk")
-        return region, start, size
+        return region, region.offset + offset, size
 
 
 def allowed(regions: SharedMemoryRegions | None) -> SharedMemoryRegions:
@@ -166,6 +167,10 @@ def allowed(regions: SharedMemoryRegions | None) -> SharedMemoryRegions:
 
 
 def in_shared_memory(parameters: Parameters) -> bool:
+    """Whether a tensor's parameters place it in a region; a size or offset without a region is
+    refused, as Triton does."""
+    if REGION not in parameters and (BYTE_SIZE in parameters or OFFSET in parameters):
+        raise InvalidInputError(f"{BYTE_SIZE} and {OFFSET} need a {REGION}")
     return REGION in parameters
 
 

@@ -35,9 +35,18 @@ if TYPE_CHECKING:
 
 
 def open_repository(
-    path: Path, metrics_registry: CollectorRegistry, runtimes: RuntimeRegistry | None = None
+    path: Path,
+    metrics_registry: CollectorRegistry,
+    runtimes: RuntimeRegistry | None = None,
+    allow_client_shm: bool = False,
 ) -> ModelRepository:
-    return load_repository(path, runtimes or default_runtime_registry(), ServingMetrics(metrics_registry))
+    """``allow_client_shm``: clients may register system shared memory regions (Triton's flag)."""
+    repository = load_repository(
+        path, runtimes or default_runtime_registry(), ServingMetrics(metrics_registry)
+    )
+    if allow_client_shm:
+        repository.shared_memory = SharedMemoryRegions()
+    return repository
 
 
 def build_app(
@@ -93,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     metrics_registry = CollectorRegistry()
-    repository = open_repository(args.model_repository, metrics_registry)
-    if args.allow_client_shm:
-        repository.shared_memory = SharedMemoryRegions()
+    repository = open_repository(
+        args.model_repository, metrics_registry, allow_client_shm=args.allow_client_shm
+    )
     event_loop.run(
         serve(
             repository,
@@ -114,6 +123,7 @@ def mount_model_repository(
     metrics_registry: CollectorRegistry,
     dependencies: Sequence[Callable[..., Any]] = (),
     served_llm: Frontend | None = None,
+    allow_client_shm: bool = False,
 ) -> ModelRepository:
     """Loads `path` and adds the `/v2` and `/v1/embeddings` routes to an existing app (`inferd serve`).
 
@@ -124,7 +134,7 @@ def mount_model_repository(
         from inferd.server.kserve.llm_runtime import register_llm_runtime, served_llm_entry
 
         register_llm_runtime(runtimes, served_llm)
-    repository = open_repository(path, metrics_registry, runtimes)
+    repository = open_repository(path, metrics_registry, runtimes, allow_client_shm)
     if served_llm is not None:
         repository.add(served_llm_entry(served_llm))
     app.include_router(build_router(repository, dependencies))
