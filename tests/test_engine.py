@@ -338,6 +338,9 @@ def test_vllms_prompt_dicts_are_read_as_their_text_or_ids(llm: LLM) -> None:
 def test_the_folder_is_vllms_model_keyword(tiny_llama) -> None:
     llm = LLM(model=tiny_llama, kv_cache_memory="4MiB")
     assert llm.engine.config.model_path == Path(tiny_llama)
+    assert LLM(model_path=tiny_llama, kv_cache_memory="4MiB").engine.config.model_path == Path(tiny_llama)
+    with pytest.raises(TypeError, match="not both"):
+        LLM(tiny_llama, model_path=tiny_llama)
 
 
 def test_default_sampling_params_are_the_generation_configs(tiny_llama, tmp_path) -> None:

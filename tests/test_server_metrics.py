@@ -163,6 +163,18 @@ def test_metrics_are_labelled_and_prefixed(server: ServerProcess) -> None:
     assert 'block_size="16"' in info and 'num_kv_blocks="unknown"' not in info and info.endswith(" 1.0")
 
 
+def test_a_beam_search_records_what_it_asked_once(server: ServerProcess) -> None:
+    """Its steps are one-token engine requests; the parameter histograms get the client's
+    max_tokens and beam width once per prompt."""
+    before = server.metrics()
+    body = {"model": "tiny", "prompt": ["To be", "Or not"], "max_tokens": 3, "n": 2, "use_beam_search": True}
+    assert httpx.post(f"{server.base_url}/v1/completions", json=body).status_code == 200
+    after = server.wait_for_metrics(_idle)
+    assert _delta(after, before, "inferd:request_params_max_tokens_count") == 2
+    assert _delta(after, before, "inferd:request_params_max_tokens_sum") == 6
+    assert _delta(after, before, "inferd:request_params_n_sum") == 4
+
+
 def _http(route: str, method: str, status: str) -> str:
     return f"http_requests_total{{handler={route}}}{{method={method}}}{{status={status}}}"
 

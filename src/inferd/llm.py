@@ -1,4 +1,4 @@
-"""Offline API: ``LLM(model_path).generate(prompts, SamplingParams(...))``."""
+"""Offline API: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 
 from __future__ import annotations
 
@@ -33,9 +33,14 @@ PromptInput = Prompt | Mapping[str, Any]
 class LLM:
     """Runs a model from a Hugging Face folder (``None``: the built-in default model)."""
 
-    def __init__(self, model: str | Path | None = None, **engine_options: Any) -> None:
-        """``model``: the folder (vLLM's name for it, so ``LLM(model=...)`` reads as there)."""
-        self.engine = LLMEngine.from_options(model, **engine_options)
+    def __init__(
+        self, model: str | Path | None = None, *, model_path: str | Path | None = None, **engine_options: Any
+    ) -> None:
+        """``model``: the folder (vLLM's name for it, so ``LLM(model=...)`` reads as there);
+        ``model_path``, its name before, is taken too."""
+        if model is not None and model_path is not None:
+            raise TypeError("give the model folder as model or as model_path, not both")
+        self.engine = LLMEngine.from_options(model if model is not None else model_path, **engine_options)
         self._ids = itertools.count()
 
     @property

@@ -332,10 +332,14 @@ class Frontend:
         n: int = 1,
         timeout_s: float | None = None,
         continuing: bool = False,
+        *,
+        records_asked: bool = True,
     ) -> AsyncGenerator[IndexedOutput, None]:
         """Outputs of every choice as they come; one engine request per (prompt, sample).
         ``continuing``: the next part of a request already under way (a beam search's later
-        steps), which neither a drain nor the queue limits refuse.
+        steps), which neither a drain nor the queue limits refuse. ``records_asked`` false: the
+        requests' max_tokens and n are not the client's (a beam search's one-token steps, whose
+        search records what the client asked once, ``ServerMetrics.record_asked``).
 
         Engine request ids are `<request_id>-<choice index>`. With a seed, sample j of each prompt
         uses `seed + j`, so the choices differ from each other yet each is reproducible.
@@ -357,10 +361,17 @@ class Frontend:
                     sample_params = dataclasses.replace(params, seed=sample_seed(params.seed, sample))
                 engine_id = f"{request_id}-{index}"
                 # A prompt's first sample reports how many the prompt asked for.
-                samples = None if sample or continuing else n
+                samples = n if records_asked and not sample else None
                 streams.append(
                     self._tracked(
-                        index, engine_id, token_ids, sample_params, deadline, not continuing, samples
+                        index,
+                        engine_id,
+                        token_ids,
+                        sample_params,
+                        deadline,
+                        not continuing,
+                        samples,
+                        records_asked,
                     )
                 )
         if len(streams) == 1:
@@ -376,12 +387,14 @@ class Frontend:
         deadline: float | None,
         admit: bool = True,
         n: int | None = None,
+        records_asked: bool = True,
     ) -> AsyncGenerator[IndexedOutput, None]:
         """``n``: for a prompt's first sample, how many the prompt asked for (a metric)."""
         structure = params.structured_output
+        asked_tokens = params.max_tokens if records_asked and not params.embed else None
         tracker = _RequestTracker(
             engine_id, len(token_ids), self.metrics, structure.kinds[0] if structure else None,
-            params.adapter, params.embed, None if params.embed else params.max_tokens, n,
+            params.adapter, params.embed, asked_tokens, n,
         )  # fmt: skip
         self.num_in_flight += 1
         try:

@@ -212,6 +212,13 @@ class ServerMetrics:
     def observe_inter_token(self, gap_s: float) -> None:
         self.inter_token.observe(gap_s)
 
+    def record_asked(self, max_tokens: int | None, n: int | None) -> None:
+        """What a request asked for, whatever came of it (None: not given, or not its to say)."""
+        if max_tokens is not None:
+            self.max_tokens_param.observe(max_tokens)
+        if n is not None:
+            self.n_param.observe(n)
+
     def record_finished(self, request: FinishedRequest) -> None:
         self.prompt_tokens.inc(request.prompt_tokens)
         self.generation_tokens.inc(request.generation_tokens)
@@ -220,11 +227,7 @@ class ServerMetrics:
             self.aborted.inc()
         elif request.finish_reason == "timeout":
             self.timed_out.inc()
-        # What was asked, whatever came of it.
-        if request.max_tokens is not None:
-            self.max_tokens_param.observe(request.max_tokens)
-        if request.n is not None:
-            self.n_param.observe(request.n)
+        self.record_asked(request.max_tokens, request.n)
         if request.finish_reason not in ("stop", "length"):
             return  # latencies of cut-short requests would skew the distributions
         self.prompt_tokens_per_request.observe(request.prompt_tokens)

@@ -93,6 +93,8 @@ async def run_beam_search(
         search_params = BeamSearchParams(width, budget, params.ignore_eos, length_penalty)
         searches.append(BeamSearch(search_params, frontend.eos_token_ids, len(prompt)))
     per_step = step_params(searches[0].params, params.adapter, params.priority, params.cache_salt)
+    for _ in prompts:  # what each prompt asked for, once (its steps are one-token requests)
+        frontend.metrics.record_asked(params.max_tokens, width)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     step = 0
     # The whole search is in flight, between its steps too: a drain waits for it, its later steps
@@ -178,7 +180,8 @@ async def _step(
         if timeout_s <= 0:
             raise RequestTimeoutError("the request timed out and was aborted")
     finals: dict[int, RequestOutput] = {}
-    async with aclosing(frontend.generate(request_id, sequences, params, 1, timeout_s, continuing)) as stream:
+    steps = frontend.generate(request_id, sequences, params, 1, timeout_s, continuing, records_asked=False)
+    async with aclosing(steps) as stream:
         async for item in stream:
             if item.output.finished:
                 finish_reason(item.output)  # a timed-out or failed step raises
