@@ -254,14 +254,14 @@ async def test_a_served_search_is_in_flight_throughout_and_a_drain_lets_it_end(t
         steps = []
         generate = frontend.generate
 
-        def recording(request_id, sequences, params, *args):  # type: ignore[no-untyped-def]
+        def recording(request_id, sequences, params, *args, **kwargs):  # type: ignore[no-untyped-def]
             steps.append((params.priority, frontend.num_in_flight))
-            return generate(request_id, sequences, params, *args)
+            return generate(request_id, sequences, params, *args, **kwargs)
 
         frontend.generate = recording  # type: ignore[method-assign]
         body = CompletionRequest(prompt=[5, 6, 7], max_tokens=12, n=2, use_beam_search=True, priority=-3)
         search = asyncio.ensure_future(beam_complete(frontend, prepare_completion(frontend, body)))
-        while len(steps) < 2:
+        while len(steps) < 2 and not search.done():  # a search that failed ends the wait too
             await asyncio.sleep(0.01)
         frontend.draining = True
         response = await search
@@ -312,17 +312,17 @@ async def test_a_served_searchs_adapter_is_not_unloaded_between_its_steps(
         # The search waits before its second step, with no engine request of its own running.
         gate, calls, generate = asyncio.Event(), [], frontend.generate
 
-        async def gated(*args):  # type: ignore[no-untyped-def]
+        async def gated(*args, **kwargs):  # type: ignore[no-untyped-def]
             calls.append(args)
             if len(calls) == 2:
                 await gate.wait()
-            async for item in generate(*args):
+            async for item in generate(*args, **kwargs):
                 yield item
 
         frontend.generate = gated  # type: ignore[method-assign]
         body = CompletionRequest(model="style", prompt=[5, 6, 7], max_tokens=12, n=2, use_beam_search=True)
         search = asyncio.ensure_future(beam_complete(frontend, prepare_completion(frontend, body)))
-        while len(calls) < 2:
+        while len(calls) < 2 and not search.done():  # a search that failed ends the wait too
             await asyncio.sleep(0.01)
         with pytest.raises(InvalidRequestError, match="in use by 1 beam search"):
             await frontend.unload_adapter("style")
