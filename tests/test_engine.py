@@ -343,6 +343,25 @@ def test_the_folder_is_vllms_model_keyword(tiny_llama) -> None:
         LLM(tiny_llama, model_path=tiny_llama)
 
 
+def test_a_tokenizer_from_another_folder_serves_a_model_without_one(tiny_llama, tmp_path) -> None:
+    """vLLM's --tokenizer: weights in one folder, tokenizer.json and its config (chat template,
+    special tokens) in another; the same answers as the folder that holds both."""
+    weights, tokenizer = tmp_path / "weights", tmp_path / "tokenizer"
+    shutil.copytree(tiny_llama, weights)
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (weights / name).exists():
+            shutil.move(str(weights / name), tokenizer / name)
+    greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    expected = LLM(tiny_llama, kv_cache_memory="4MiB").generate(["To be, or not"], greedy)[0]
+    split = LLM(weights, tokenizer=str(tokenizer), kv_cache_memory="4MiB")
+    answer = split.generate(["To be, or not"], greedy)[0]
+    assert (answer.prompt_token_ids, answer.text) == (expected.prompt_token_ids, expected.text)
+    assert split.chat([{"role": "user", "content": "Hi"}], greedy)[0].token_ids
+    with pytest.raises(Exception, match="no tokenizer.json"):
+        LLM(weights, kv_cache_memory="4MiB")
+
+
 def test_default_sampling_params_are_the_generation_configs(tiny_llama, tmp_path) -> None:
     folder = tmp_path / "model"
     shutil.copytree(tiny_llama, folder)

@@ -44,11 +44,15 @@ def test_on_off_switches(switch: str) -> None:
 def test_the_other_flags() -> None:
     options = parse("--enforce-eager", "--no-prefix-caching", "--block-size", "32", "--seed", "7", "-tp", "2",
                     "--quantization", "fp8", "--hf-overrides", '{"method": "x"}',
-                    "--fused-sampler", "inverse_cdf", "--long-prefill-token-threshold", "64")  # fmt: skip
+                    "--fused-sampler", "inverse_cdf", "--long-prefill-token-threshold", "64",
+                    "--tokenizer", "/some/folder")  # fmt: skip
     assert options == {"enforce_eager": True, "enable_prefix_caching": False, "block_size": 32, "seed": 7,
                        "tensor_parallel_size": 2, "quantization": "fp8",
                        "hf_overrides": '{"method": "x"}', "fused_sampler": "inverse_cdf",
-                       "long_prefill_token_threshold": 64}  # fmt: skip
+                       "long_prefill_token_threshold": 64, "tokenizer": "/some/folder"}  # fmt: skip
+    assert parse("--enable-prefix-caching") == {}  # the default, said as vLLM's flag says it
+    with pytest.raises(ValueError, match="contradict"):
+        parse("--enable-prefix-caching", "--no-prefix-caching")
 
 
 @pytest.mark.parametrize(

@@ -913,6 +913,13 @@ class EngineConfig:
     allow_runtime_lora_updating: bool = False
     # Speculative decoding (prompt lookup); None: one token per request per step.
     speculative: SpeculativeConfig | None = None
+    # The folder of tokenizer.json (and tokenizer_config.json: special tokens, chat template);
+    # None: the model's own (vLLM's --tokenizer).
+    tokenizer: Path | None = None
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.tokenizer if self.tokenizer is not None else self.model_path
 
     @property
     def lora_names(self) -> tuple[str, ...]:

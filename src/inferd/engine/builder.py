@@ -59,6 +59,16 @@ def parse_memory(value: str | int) -> int:
 _SIZES = ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "block_size")
 
 
+def _tokenizer_folder(value: str | Path | None) -> Path | None:
+    """A tokenizer folder apart from the model's (vLLM's --tokenizer), checked now, not at first use."""
+    if value is None:
+        return None
+    folder = Path(value)
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelLoadError(f"tokenizer folder {folder} has no tokenizer.json")
+    return folder
+
+
 def build_engine_config(model_path: str | Path | None = None, **options: Any) -> EngineConfig:
     path = Path(model_path) if model_path is not None else default_model_path()
     if not path.is_dir():
@@ -110,6 +120,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         quantization=options.pop("quantization", None),
         kv_cache_dtype=_kv_cache_dtype(options.pop("kv_cache_dtype", None)),
         enforce_eager=bool(options.pop("enforce_eager", False)),
+        tokenizer=_tokenizer_folder(options.pop("tokenizer", None)),
         triton_ops=options.pop("triton_ops", None),
         triton_linear=options.pop("triton_linear", None),
         triton_fused_linear=options.pop("triton_fused_linear", None),

@@ -91,7 +91,7 @@ class EngineCore:
         self._step_tokens = 0
         self._prompt_tokens_computed = 0
         self._generated_tokens = 0
-        self.grammars = GrammarCompiler(config.model_path / "tokenizer.json", config.model.vocab_size)
+        self.grammars = GrammarCompiler(config.tokenizer_path / "tokenizer.json", config.model.vocab_size)
         # Each served adapter's prefix-cache salt, "<load>:<name>" (start-up adapters load 0): an
         # adapter loaded again under a name used before gets a new one, so blocks its predecessor
         # cached are never taken for its own; the load number first, so no two names' salts meet.

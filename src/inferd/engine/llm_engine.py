@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.tokenizer = Tokenizer(config.model_path)
+        self.tokenizer = Tokenizer(config.tokenizer_path)
         runner = ModelRunner(config)
         try:
             self.config = resolve_num_blocks(config)

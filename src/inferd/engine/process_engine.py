@@ -54,7 +54,7 @@ class ProcessLLMEngine:
     """Same methods as LLMEngine (add_request, step, abort, has_unfinished, stats)."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.tokenizer = Tokenizer(config.model_path)
+        self.tokenizer = Tokenizer(config.tokenizer_path)
         self._context = zmq.Context()
         socket_dir = Path(tempfile.mkdtemp(prefix="inferd-"))
         tag = uuid.uuid4().hex[:8]

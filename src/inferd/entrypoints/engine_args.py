@@ -56,6 +56,7 @@ _DIRECT_OPTIONS = (
     "quantization",
     "kv_cache_dtype",
     "fused_sampler",
+    "tokenizer",
 )
 
 
@@ -127,6 +128,16 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         "ties by arrival), also in who is preempted when KV blocks run out",
     )
     group.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    group.add_argument(
+        "--enable-prefix-caching",
+        action="store_true",
+        help="prefix caching on (vLLM's flag; it is the default here)",
+    )
+    group.add_argument(
+        "--tokenizer",
+        help="a folder with the tokenizer.json (and tokenizer_config.json) to use instead of the model's "
+        "(vLLM's flag)",
+    )
     group.add_argument("--attention-backend", choices=["auto", "torch", "triton"], help="attention kernels")
     group.add_argument(
         "--quantization",
@@ -196,6 +207,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     for switch in _SWITCHES:
         if getattr(args, switch) is not None:
             options[switch] = getattr(args, switch)
+    if args.no_prefix_caching and args.enable_prefix_caching:
+        raise ValueError("--enable-prefix-caching and --no-prefix-caching contradict each other")
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
     if args.allow_runtime_lora_updating:

@@ -99,7 +99,7 @@ class Frontend:
         # Adapters a request made of several engine requests (a beam search) uses between them.
         self._adapter_holds: Counter[str] = Counter()
         config = llm.config
-        self._grammars = GrammarCompiler(config.model_path / "tokenizer.json", config.model.vocab_size)
+        self._grammars = GrammarCompiler(config.tokenizer_path / "tokenizer.json", config.model.vocab_size)
 
     @property
     def tokenizer(self) -> Tokenizer:
