@@ -407,6 +407,26 @@ def test_an_llm_reranker_serves_as_a_cross_encoder_through_hf_overrides(
     assert llm.score("who kills Tybalt", "ROMEO") == pytest.approx([llm.classify([joined])[0].probs[0]])
 
 
+def test_an_llm_rerankers_tokens_come_from_the_tokenizer_folder(tiny_model_factory, tmp_path) -> None:
+    """With --tokenizer, the head's tokens are looked up in that folder's tokenizer: the same head
+    as the folder that holds both."""
+    import shutil
+
+    folder = tiny_model_factory("qwen3")
+    overrides = {"architectures": ["Qwen3ForSequenceClassification"], **_RERANKER}
+    weights, tokenizer = tmp_path / "weights", tmp_path / "tokenizer"
+    shutil.copytree(folder, weights)
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (weights / name).exists():
+            shutil.move(str(weights / name), tokenizer / name)
+    whole = LLM(folder, kv_cache_memory="4MiB", hf_overrides=overrides)
+    split = LLM(weights, kv_cache_memory="4MiB", hf_overrides=overrides, tokenizer=str(tokenizer))
+    prompts = _prompts(whole.engine.config.model.vocab_size)
+    expected = [output.probs[0] for output in whole.classify(prompts)]
+    assert [output.probs[0] for output in split.classify(prompts)] == pytest.approx(expected, abs=1e-6)
+
+
 @pytest.mark.parametrize("use_pad_token", [False, True])
 def test_an_llm_rerankers_pair_is_one_text_unless_use_pad_token(
     tiny_model_factory, tmp_path, use_pad_token

@@ -113,8 +113,12 @@ def load_model(
     shard: tuple[int, int] | None = None,
     quantization: str | None = None,
     kv_cache_scales: bool = False,
+    tokenizer_path: Path | None = None,
 ) -> CausalLM:
     """Build the model directly on ``device`` in ``dtype`` and fill it from the checkpoint.
+
+    ``tokenizer_path``: the folder of the tokenizer that names a ``classifier_from_token`` head's
+    tokens, where it is not ``path`` (``--tokenizer``).
 
     ``load_format="dummy"`` draws seeded random weights instead (``fill_random``: model shapes for
     benchmarks).
@@ -159,7 +163,8 @@ def load_model(
             # each piece is sliced by heads or rows on its own, as a separate one would be.
             pieces = (piece for name, t in weights for piece in split_fused_tensor(name, t, cfg, size))
             weights = ((name, shard_checkpoint_tensor(name, t, rank, size)) for name, t in pieces)
-        head_ids = head_from_tokens.token_ids(path, cfg.head_from_tokens) if cfg.head_from_tokens else []
+        head = cfg.head_from_tokens
+        head_ids = head_from_tokens.token_ids(tokenizer_path or path, head) if head else []
         _fill_weights(model, weights, cfg, head_ids)
         for module_name, module in model.named_modules():
             if isinstance(module, Linear):

@@ -130,6 +130,7 @@ class ModelRunner:
                 quantization=config.quantization,
                 shard=(0, config.tensor_parallel_size) if self.tensor_parallel is not None else None,
                 kv_cache_scales=config.kv_dtype == FP8_KV_DTYPE,
+                tokenizer_path=config.tokenizer_path,
             )
             enable_configured_kernels(self.model, config)
             # The adapters served now, by name: those of the start-up, and at run time any loaded.

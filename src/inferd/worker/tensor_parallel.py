@@ -287,7 +287,8 @@ def _serve_orders(connection: Connection) -> None:
     try:
         model = load_model(config.model_path, local, config.scheduler.max_model_len, dtype, device,
                            config.load_format, shard=(rank, size), quantization=config.quantization,
-                           kv_cache_scales=config.kv_dtype == FP8_KV_DTYPE)  # fmt: skip
+                           kv_cache_scales=config.kv_dtype == FP8_KV_DTYPE,
+                           tokenizer_path=config.tokenizer_path)  # fmt: skip
         model.set_all_reduce(all_reduce)
         enable_configured_kernels(model, config)
         backend = create_backend(config.attention_backend, device)
