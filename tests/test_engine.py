@@ -14,6 +14,7 @@ from inferd import LLM, SamplingParams
 from inferd.config import ModelLoadError
 from inferd.engine.llm_engine import PromptError
 from inferd.sampling_params import SamplingParamsError
+from inferd.structured.spec import StructuredOutput
 
 
 @pytest.fixture(scope="module")
@@ -358,6 +359,11 @@ def test_a_tokenizer_from_another_folder_serves_a_model_without_one(tiny_llama, 
     answer = split.generate(["To be, or not"], greedy)[0]
     assert (answer.prompt_token_ids, answer.text) == (expected.prompt_token_ids, expected.text)
     assert split.chat([{"role": "user", "content": "Hi"}], greedy)[0].token_ids
+    # A structured output compiles its grammar against the tokenizer at first use.
+    choice = SamplingParams(
+        max_tokens=8, temperature=0.0, structured_output=StructuredOutput(choice=["yes", "no"])
+    )
+    assert split.generate(["To be"], choice)[0].text in ("yes", "no")
     with pytest.raises(Exception, match="no tokenizer.json"):
         LLM(weights, kv_cache_memory="4MiB")
 

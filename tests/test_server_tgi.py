@@ -132,7 +132,8 @@ def test_whole_answers_carry_tgis_timing_headers(server: ServerProcess) -> None:
         tokens = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "To be, or not"}).json()["count"]
         assert int(h["x-prompt-tokens"]) == tokens
         parts = [int(h[f"x-{name}-time"]) for name in ("validation", "queue", "inference")]
-        assert float(h["x-compute-time"]) > 0 and sum(parts) <= int(h["x-total-time"]) + 2
+        # The parts cover the total, each cut to whole milliseconds.
+        assert int(h["x-total-time"]) - 3 <= sum(parts) <= int(h["x-total-time"]) + 2
         assert abs(int(h["x-time-per-token"]) * 6 - int(h["x-inference-time"])) <= 6  # 6 tokens
         assert abs(float(h["x-compute-time"]) * 1000 - int(h["x-total-time"])) <= 1
     streamed = httpx.post(f"{server.base_url}/generate_stream", json=body)

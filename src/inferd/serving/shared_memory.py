@@ -112,10 +112,14 @@ class SharedMemoryRegions:
         """The bytes an input's parameters point at."""
         with self._lock:
             region, start, size = self._span(parameters, what)
-            data = os.pread(region.descriptor, size, start)
-        if len(data) < size:
-            raise InvalidInputError(f"{what}: the shared memory object of its region has shrunk")
-        return data
+            chunks, done = [], 0
+            while done < size:  # one call moves at most about 2 GiB
+                chunk = os.pread(region.descriptor, size - done, start + done)
+                if not chunk:
+                    raise InvalidInputError(f"{what}: the shared memory object of its region has shrunk")
+                chunks.append(chunk)
+                done += len(chunk)
+        return b"".join(chunks)
 
     def write(self, parameters: Parameters, what: str, data: bytes) -> None:
         """``data`` at the place a requested output's parameters point at (it must fit)."""
@@ -127,7 +131,9 @@ class SharedMemoryRegions:
                 )
             if os.fstat(region.descriptor).st_size < start + len(data):
                 raise InvalidInputError(f"{what}: the shared memory object of its region has shrunk")
-            os.pwrite(region.descriptor, data, start)
+            view, done = memoryview(data), 0
+            while done < len(data):  # one call moves at most about 2 GiB
+                done += os.pwrite(region.descriptor, view[done:], start + done)
 
     def close(self) -> None:
         self.unregister()

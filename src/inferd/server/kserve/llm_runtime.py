@@ -51,7 +51,6 @@ ENGINE_PARAMETERS = frozenset(
         "max_num_seqs",
         "max_num_batched_tokens",
         "long_prefill_token_threshold",
-        "tokenizer",
         "block_size",
         "dtype",
         "device",

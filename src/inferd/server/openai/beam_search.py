@@ -93,8 +93,6 @@ async def run_beam_search(
         search_params = BeamSearchParams(width, budget, params.ignore_eos, length_penalty)
         searches.append(BeamSearch(search_params, frontend.eos_token_ids, len(prompt)))
     per_step = step_params(searches[0].params, params.adapter, params.priority, params.cache_salt)
-    for _ in prompts:  # what each prompt asked for, once (its steps are one-token requests)
-        frontend.metrics.record_asked(params.max_tokens, width)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     step = 0
     # The whole search is in flight, between its steps too: a drain waits for it, its later steps
@@ -108,6 +106,9 @@ async def run_beam_search(
                 outputs = await _step(
                     frontend, f"{request_id}-s{step}", sequences, per_step, deadline, step > 0
                 )
+                if step == 0:  # admitted: what each prompt asked for, once (its steps are one-token requests)
+                    for _ in prompts:
+                        frontend.metrics.record_asked(params.max_tokens, width)
                 advance_all(stepped, [out.logprobs[0] for out in outputs])
                 step += 1
     finally:
