@@ -44,7 +44,7 @@ class HttpMetricFamilies:
 
 class HttpMetrics:
     """ASGI middleware counting every HTTP request once its response has ended (or the app failed
-    without one: a 500). The route is the matched template (``/v2/models/{model_name}/infer``), so
+    without one: a 500). The route is the matched template (``/v2/models/{name}/infer``), so
     the labels stay few whatever paths clients send."""
 
     def __init__(self, app: ASGIApp, families: HttpMetricFamilies) -> None:

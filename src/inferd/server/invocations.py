@@ -67,7 +67,7 @@ async def _read_body(receive: Receive) -> tuple[list[Message], bytes]:
 def _route_for(body: bytes) -> str | None:
     try:
         parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: recursion
         return None
     if not isinstance(parsed, dict):
         return None
