@@ -544,6 +544,27 @@ def test_prompt_logprobs_in_vllms_shape(client: openai.OpenAI, server: ServerPro
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs"
 
 
+def test_a_prompts_choices_share_one_scoring_of_it(client: openai.OpenAI, server: ServerProcess) -> None:
+    """Scoring a prompt bypasses the prefix cache; with n = 2 only the first sample scores it and
+    both choices carry its scores, so the second sample looks its prompt up in the cache like any
+    other request (the queries count its tokens)."""
+    prompt = [302, 322, 106, 57, 91, 12, 40]
+    greedy: dict[str, Any] = {"model": "tiny", "max_tokens": 2, "temperature": 0}
+    queries = "inferd:prefix_cache_queries_total"
+    before = server.metrics()
+    answer = client.completions.create(prompt=prompt, n=2, **greedy, extra_body={"prompt_logprobs": 1})
+    first, second = (_extra(choice, "prompt_logprobs") for choice in answer.choices)
+    assert first == second and first is not None and len(first) == len(prompt)
+    messages = [{"role": "user", "content": "To be"}]
+    chat = client.chat.completions.create(
+        messages=messages, n=2, **greedy, extra_body={"prompt_logprobs": 0, "return_token_ids": True}
+    )
+    rendered = _extra(chat, "prompt_token_ids")
+    assert len(_extra(chat, "prompt_logprobs")) == len(rendered)
+    after = server.metrics()
+    assert after[queries] - before.get(queries, 0.0) == len(prompt) + len(rendered)
+
+
 def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(client: openai.OpenAI) -> None:
     """vLLM's `return_tokens_as_token_ids`: "token_id:N" wherever logprobs name a token; the text,
     its offsets and a chat token's bytes stay the text's."""

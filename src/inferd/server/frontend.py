@@ -334,12 +334,16 @@ class Frontend:
         continuing: bool = False,
         *,
         records_asked: bool = True,
+        scores_once: bool = False,
     ) -> AsyncGenerator[IndexedOutput, None]:
         """Outputs of every choice as they come; one engine request per (prompt, sample).
         ``continuing``: the next part of a request already under way (a beam search's later
         steps), which neither a drain nor the queue limits refuse. ``records_asked`` false: the
         requests' max_tokens and n are not the client's (a beam search's one-token steps, whose
         search records what the client asked once, ``ServerMetrics.record_asked``).
+        ``scores_once``: only a prompt's first sample scores it (``prompt_logprobs``), where the
+        caller gives that sample's scores to every choice of the prompt: scoring bypasses the
+        prefix cache, so each sample would compute the prompt again.
 
         Engine request ids are `<request_id>-<choice index>`. With a seed, sample j of each prompt
         uses `seed + j`, so the choices differ from each other yet each is reproducible.
@@ -359,6 +363,8 @@ class Frontend:
                 sample_params = params
                 if params.seed is not None and sample:
                     sample_params = dataclasses.replace(params, seed=sample_seed(params.seed, sample))
+                if scores_once and sample and params.prompt_logprobs is not None:
+                    sample_params = dataclasses.replace(sample_params, prompt_logprobs=None)
                 engine_id = f"{request_id}-{index}"
                 # A prompt's first sample reports how many the prompt asked for.
                 samples = n if records_asked and not sample else None

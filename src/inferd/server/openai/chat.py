@@ -307,7 +307,7 @@ def _force_calls(
 async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
     finals: dict[int, RequestOutput] = {}
     async with aclosing(
-        frontend.generate(job.request_id, [job.prompt], job.params, job.n, job.timeout_s)
+        frontend.generate(job.request_id, [job.prompt], job.params, job.n, job.timeout_s, scores_once=True)
     ) as stream:
         async for item in stream:
             if item.output.finished:

@@ -143,7 +143,10 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
 async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse:
     finals: dict[int, RequestOutput] = {}
     async with aclosing(
-        frontend.generate(job.request_id, job.prompts, job.params, job.best_of, job.timeout_s)
+        # Without echo, a prompt's first sample scores it for all its choices.
+        frontend.generate(
+            job.request_id, job.prompts, job.params, job.best_of, job.timeout_s, scores_once=not job.echo
+        )
     ) as stream:
         async for item in stream:
             if item.output.finished:
@@ -159,7 +162,9 @@ async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse
                 finish_reason=finish_reason(out),
                 prompt_token_ids=job.prompt_token_ids(index),
                 token_ids=list(out.token_ids) if job.return_token_ids else None,
-                prompt_logprobs=_prompt_logprobs(frontend.tokenizer, job, out),
+                prompt_logprobs=_prompt_logprobs(
+                    frontend.tokenizer, job, finals[index // job.n * job.best_of]
+                ),
             )
         )
     # Every candidate's tokens were generated, so all of them count (as the API bills best_of).
@@ -271,6 +276,7 @@ def _logprobs(
 
 
 def _prompt_logprobs(tokenizer: Tokenizer, job: CompletionJob, out: RequestOutput) -> PromptLogprobs | None:
+    """``out``: the prompt's first sample, the one that scored it."""
     if job.prompt_logprobs is None or out.prompt_logprobs is None:
         return None
     return prompt_logprobs(tokenizer, out.prompt_logprobs, job.prompt_logprobs, job.tokens_as_ids)
