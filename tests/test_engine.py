@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import split_tokenizer
 
 from inferd import LLM, SamplingParams
 from inferd.config import ModelLoadError
@@ -347,12 +348,7 @@ def test_the_folder_is_vllms_model_keyword(tiny_llama) -> None:
 def test_a_tokenizer_from_another_folder_serves_a_model_without_one(tiny_llama, tmp_path) -> None:
     """vLLM's --tokenizer: weights in one folder, tokenizer.json and its config (chat template,
     special tokens) in another; the same answers as the folder that holds both."""
-    weights, tokenizer = tmp_path / "weights", tmp_path / "tokenizer"
-    shutil.copytree(tiny_llama, weights)
-    tokenizer.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (weights / name).exists():
-            shutil.move(str(weights / name), tokenizer / name)
+    weights, tokenizer = split_tokenizer(tiny_llama, tmp_path)
     greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     expected = LLM(tiny_llama, kv_cache_memory="4MiB").generate(["To be, or not"], greedy)[0]
     split = LLM(weights, tokenizer=str(tokenizer), kv_cache_memory="4MiB")

@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 from server_process import ServerProcess, run_server
-from tiny_models import copy_with_config, copy_with_tensors
+from tiny_models import copy_with_config, copy_with_tensors, split_tokenizer
 from tokenizers import Tokenizer, processors
 
 from inferd import LLM, SamplingParams
@@ -410,16 +410,9 @@ def test_an_llm_reranker_serves_as_a_cross_encoder_through_hf_overrides(
 def test_an_llm_rerankers_tokens_come_from_the_tokenizer_folder(tiny_model_factory, tmp_path) -> None:
     """With --tokenizer, the head's tokens are looked up in that folder's tokenizer: the same head
     as the folder that holds both."""
-    import shutil
-
     folder = tiny_model_factory("qwen3")
     overrides = {"architectures": ["Qwen3ForSequenceClassification"], **_RERANKER}
-    weights, tokenizer = tmp_path / "weights", tmp_path / "tokenizer"
-    shutil.copytree(folder, weights)
-    tokenizer.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (weights / name).exists():
-            shutil.move(str(weights / name), tokenizer / name)
+    weights, tokenizer = split_tokenizer(folder, tmp_path)
     whole = LLM(folder, kv_cache_memory="4MiB", hf_overrides=overrides)
     split = LLM(weights, kv_cache_memory="4MiB", hf_overrides=overrides, tokenizer=str(tokenizer))
     prompts = _prompts(whole.engine.config.model.vocab_size)

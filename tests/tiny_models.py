@@ -322,6 +322,20 @@ def copy_with_config(source: Path, folder: Path, **changes: Any) -> Path:
     return folder
 
 
+def split_tokenizer(source: Path, folder: Path) -> tuple[Path, Path]:
+    """A copy of the model folder ``source`` in two folders under ``folder``: the weights without
+    the tokenizer's files, and those files (``--tokenizer``'s layout)."""
+    import shutil
+
+    weights, tokenizer = folder / "weights", folder / "tokenizer"
+    shutil.copytree(source, weights)
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (weights / name).exists():
+            shutil.move(str(weights / name), tokenizer / name)
+    return weights, tokenizer
+
+
 def copy_with_tensors(source: Path, folder: Path, edit: Any) -> Path:
     """A copy of the model folder ``source`` whose tensors ``edit`` changed (it takes their dict)."""
     import shutil

@@ -40,7 +40,6 @@ from inferd.server.openai.protocol import (
     DeltaMessage,
     DeltaToolCall,
     FunctionCall,
-    PromptLogprobs,
     ToolCall,
     TopLogprob,
     Usage,
@@ -340,15 +339,11 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
             finals[0].metrics.num_cached_tokens,
         ),
         prompt_token_ids=job.token_ids(job.prompt),
-        prompt_logprobs=_prompt_logprobs(frontend.tokenizer, job, finals[0]),
+        # As the first choice scored the conversation for all (``scores_once``).
+        prompt_logprobs=prompt_logprobs(
+            frontend.tokenizer, finals[0].prompt_logprobs, job.prompt_logprobs, job.tokens_as_ids
+        ),
     )
-
-
-def _prompt_logprobs(tokenizer: Tokenizer, job: ChatJob, out: RequestOutput) -> PromptLogprobs | None:
-    """The conversation's, as the first choice scored it (every choice scores the same tokens)."""
-    if job.prompt_logprobs is None or out.prompt_logprobs is None:
-        return None
-    return prompt_logprobs(tokenizer, out.prompt_logprobs, job.prompt_logprobs, job.tokens_as_ids)
 
 
 async def beam_chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:

@@ -27,7 +27,6 @@ from inferd.server.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    PromptLogprobs,
 )
 from inferd.server.openai.token_logprobs import prompt_logprobs, token_name
 from inferd.server.streaming import SSE_DONE, sse_event
@@ -162,8 +161,12 @@ async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse
                 finish_reason=finish_reason(out),
                 prompt_token_ids=job.prompt_token_ids(index),
                 token_ids=list(out.token_ids) if job.return_token_ids else None,
-                prompt_logprobs=_prompt_logprobs(
-                    frontend.tokenizer, job, finals[index // job.n * job.best_of]
+                # As the prompt's first sample scored it for all its choices (``scores_once``).
+                prompt_logprobs=prompt_logprobs(
+                    frontend.tokenizer,
+                    finals[index // job.n * job.best_of].prompt_logprobs,
+                    job.prompt_logprobs,
+                    job.tokens_as_ids,
                 ),
             )
         )
@@ -273,13 +276,6 @@ def _logprobs(
     for entry in entries:
         _append_entry(tokenizer, job, result, entry, state)
     return result
-
-
-def _prompt_logprobs(tokenizer: Tokenizer, job: CompletionJob, out: RequestOutput) -> PromptLogprobs | None:
-    """``out``: the prompt's first sample, the one that scored it."""
-    if job.prompt_logprobs is None or out.prompt_logprobs is None:
-        return None
-    return prompt_logprobs(tokenizer, out.prompt_logprobs, job.prompt_logprobs, job.tokens_as_ids)
 
 
 def _append_entry(

@@ -19,13 +19,16 @@ def token_name(tokenizer: Tokenizer, token_id: int, as_id: bool) -> str:
 
 
 def prompt_logprobs(
-    tokenizer: Tokenizer, scored: Sequence[TokenLogprobs | None], top: int, as_ids: bool
-) -> list[dict[str, PromptLogprob] | None]:
-    """vLLM's shape: per prompt token, None for the first (nothing comes before it), else a map
+    tokenizer: Tokenizer, scored: Sequence[TokenLogprobs | None] | None, top: int | None, as_ids: bool
+) -> list[dict[str, PromptLogprob] | None] | None:
+    """None where the request asked for none (``top`` None) or the output has none. Else vLLM's
+    shape: per prompt token, None for the first (nothing comes before it), else a map
     from token id (as text) to its log-probability, rank and text: the prompt's own token first,
     then the `top` likeliest (ranked 1 to `top`); where the prompt's token is among those, it keeps
     its first place in the map and takes its place among them as its rank (as vLLM's, so tied
     log-probabilities still rank 1 to `top`)."""
+    if top is None or scored is None:
+        return None
     result: list[dict[str, PromptLogprob] | None] = []
     for entry in scored:
         if entry is None:
