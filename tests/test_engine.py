@@ -388,3 +388,61 @@ def test_reset_prefix_cache_starts_the_next_prompts_cold(llm: LLM) -> None:
     assert hits() > 0
     llm.reset_prefix_cache()
     assert hits() == 0
+
+
+def test_n_samples_a_prompt_n_times_in_vllms_output_shape(llm: LLM) -> None:
+    """vLLM's SamplingParams(n=...): one output per prompt whose ``outputs`` holds every sample;
+    sample j of a seeded prompt is what seed + j gives alone, so they differ yet each reproduces."""
+    params = SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=40, ignore_eos=True, logprobs=0)
+    first, second = llm.generate(["To be, or not", [5, 6, 7]], params)
+    assert [o.index for o in first.outputs] == [0, 1, 2] and len(second.outputs) == 3
+    assert first.prompt == "To be, or not" and second.prompt is None
+    for sample, out in enumerate(first.outputs):
+        alone = llm.generate(
+            "To be, or not", SamplingParams(max_tokens=8, temperature=1.0, seed=40 + sample, ignore_eos=True)
+        )[0]
+        assert out.token_ids == alone.token_ids and out.text == alone.text
+        assert out.finish_reason == "length"
+        assert out.cumulative_logprob == pytest.approx(sum(e.logprob for e in out.logprobs))
+    assert len({tuple(o.token_ids) for o in first.outputs}) > 1
+    assert first.token_ids == first.outputs[0].token_ids  # the flat fields are the first sample's
+    single = llm.generate("To be", SamplingParams(max_tokens=2, temperature=0.0))[0]
+    (only,) = single.outputs
+    assert (only.index, only.token_ids, only.cumulative_logprob) == (0, single.token_ids, None)
+
+
+def test_n_scores_the_prompt_once_for_all_samples(llm: LLM, monkeypatch) -> None:
+    asked: list[int | None] = []
+    add_request = llm.engine.add_request
+
+    def recorded_add_request(request_id: str, prompt: object, params: SamplingParams, **kwargs: object):
+        asked.append(params.prompt_logprobs)
+        return add_request(request_id, prompt, params, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(llm.engine, "add_request", recorded_add_request)
+    params = SamplingParams(n=3, max_tokens=2, temperature=1.0, prompt_logprobs=1, ignore_eos=True)
+    out = llm.generate([[5, 6, 7, 8]], params)[0]
+    assert asked == [1, None, None]
+    monkeypatch.undo()
+    alone = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == 4
+    assert [e and e.logprob for e in out.prompt_logprobs] == pytest.approx(
+        [e and e.logprob for e in alone.prompt_logprobs or []]
+    )
+    assert len(out.outputs) == 3
+
+
+def test_chat_outputs_carry_the_rendered_prompt(llm: LLM) -> None:
+    conversation = [{"role": "user", "content": "To be"}]
+    out = llm.chat(conversation, SamplingParams(n=2, max_tokens=2, temperature=0.0))[0]
+    assert out.prompt == llm.tokenizer.apply_chat_template(conversation, True)
+    assert out.outputs[0].token_ids == out.outputs[1].token_ids  # greedy samples agree
+
+
+def test_n_is_checked_and_an_engine_request_is_one_sample(llm: LLM) -> None:
+    for bad in (0, 129, 2.0):
+        with pytest.raises(SamplingParamsError, match=r"n: must be an integer in \[1, 128\]"):
+            SamplingParams(n=bad)  # type: ignore[arg-type]
+    with pytest.raises(PromptError, match="an engine request is one sample, got n=2"):
+        llm.engine.add_request("two", "To be", SamplingParams(n=2))
+    assert not llm.engine.has_unfinished()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from inferd.engine.llm_engine import LLMEngine, Prompt
 from inferd.engine.matryoshka import check_dimensions, shortened
 from inferd.engine.outputs import ClassificationOutput, RequestOutput
 from inferd.engine.scoring import check_scoring_labels, joined_pair, pair_indices
-from inferd.sampling_params import SamplingParams
+from inferd.sampling_params import SamplingParams, sample_seed
 
 # What the offline methods take as one prompt: text, token ids, or vLLM's prompt dicts
 # (``{"prompt": text}``, ``{"prompt_token_ids": ids}``).
@@ -57,7 +58,10 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Generate for every prompt, all in one continuously batched run; outputs in prompt order."""
+        """Generate for every prompt, all in one continuously batched run; outputs in prompt order.
+        With ``n`` > 1 a prompt's samples are n engine requests, gathered in its output's
+        ``outputs`` (sample j seeded ``seed + j`` where a seed is given; only the first scores the
+        prompt for ``prompt_logprobs``)."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -68,26 +72,34 @@ class LLM:
         )
         if len(params_list) != len(prompt_list):
             raise ValueError(f"{len(prompt_list)} prompts but {len(params_list)} sampling params")
-        order: dict[str, int] = {}
-        results: list[RequestOutput | None] = [None] * len(prompt_list)
+        # Engine request id -> (prompt index, sample index).
+        placed: dict[str, tuple[int, int]] = {}
+        samples: list[list[RequestOutput | None]] = [[None] * params.n for params in params_list]
         try:
             for index, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
-                request_id = f"offline-{next(self._ids)}"
-                self.engine.add_request(request_id, prompt, params, final_only=True)
-                order[request_id] = index
-            with tqdm(total=len(prompt_list), desc="generate", disable=not use_tqdm, unit="req") as bar:
+                for sample in range(params.n):
+                    request_id = f"offline-{next(self._ids)}"
+                    engine_params = _sample_params(params, sample)
+                    self.engine.add_request(request_id, prompt, engine_params, final_only=True)
+                    placed[request_id] = (index, sample)
+            with tqdm(total=len(placed), desc="generate", disable=not use_tqdm, unit="req") as bar:
                 while self.engine.has_unfinished():
                     for out in self.engine.step():
                         if out.finished:
-                            results[order[out.request_id]] = out
+                            index, sample = placed[out.request_id]
+                            samples[index][sample] = out
                             bar.update(1)
         except BaseException:
             # An error or an interrupt (a later prompt refused, say) must not leave this call's
             # requests in the engine, where the next call would run them (and their KV blocks stay
             # taken).
-            self.engine.abort([rid for rid, index in order.items() if results[index] is None])
+            self.engine.abort([rid for rid, (i, j) in placed.items() if samples[i][j] is None])
             raise
-        return [r for r in results if r is not None]
+        return [
+            _gathered(prompt, outs)
+            for prompt, outs in zip(prompt_list, samples, strict=True)
+            if all(out is not None for out in outs)
+        ]
 
     def chat(
         self,
@@ -110,16 +122,20 @@ class LLM:
             [messages] if messages and isinstance(messages[0], Mapping) else messages,
         )
         variables = {**(chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
-        prompts: list[Prompt] = []
-        for conversation in conversations:
-            rendered = self.tokenizer.apply_chat_template(
+        rendered = [
+            self.tokenizer.apply_chat_template(
                 [_plain_message(message) for message in conversation],
                 add_generation_prompt,
                 variables or None,
                 continue_final_message,
             )
-            prompts.append(self.tokenizer.encode(rendered, add_special_tokens=False))
-        return self.generate(prompts, sampling_params, use_tqdm)
+            for conversation in conversations
+        ]
+        prompts: list[Prompt] = [self.tokenizer.encode(text, add_special_tokens=False) for text in rendered]
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for out, text in zip(outputs, rendered, strict=True):
+            out.prompt = text
+        return outputs
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (vLLM's method of that name): the next prompts start cold."""
@@ -238,6 +254,30 @@ class LLM:
             )  # fmt: skip
             for search, ids in zip(searches, prompt_ids, strict=True)
         ]
+
+
+def _sample_params(params: SamplingParams, sample: int) -> SamplingParams:
+    """The engine request of sample ``sample`` of a prompt asking ``params``."""
+    if params.n == 1:
+        return params
+    return dataclasses.replace(
+        params,
+        n=1,
+        seed=None if params.seed is None else sample_seed(params.seed, sample),
+        # The prompt's scores are the same for every sample: the first computes them.
+        prompt_logprobs=params.prompt_logprobs if sample == 0 else None,
+    )
+
+
+def _gathered(prompt: Prompt, samples: Sequence[RequestOutput | None]) -> RequestOutput:
+    """A prompt's output: its first sample's, with every sample in ``outputs`` where there are
+    several (and the first's prompt scores, which the others did not compute)."""
+    done = [out for out in samples if out is not None]
+    first = done[0]
+    first.prompt = prompt if isinstance(prompt, str) else None
+    if len(done) > 1:
+        first.samples = [out.completion(index) for index, out in enumerate(done)]
+    return first
 
 
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt]:

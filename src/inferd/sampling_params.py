@@ -12,6 +12,15 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_BAD_WORDS = 1024
 # Temperatures below this are greedy: dividing logits by them overflows float32 (as in vLLM).
 GREEDY_TEMPERATURE = 1e-5
+# Most samples one offline prompt may ask for (``SamplingParams.n``), the servers' bound on ``n``.
+MAX_SAMPLES = 128
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample ``sample`` of a request seeded ``seed`` (the servers' choices and the
+    offline API's ``n``): the samples differ from each other yet each is reproducible. Wrapped into
+    the 64-bit range a generator takes (the same seed to it)."""
+    return (seed + sample) % 2**64
 
 
 class SamplingParamsError(ValueError):
@@ -31,6 +40,10 @@ class SamplingParams:
     ``max_tokens=None`` means "whatever is left of the context".
     """
 
+    # Samples per prompt, as vLLM's: the offline API (``LLM.generate``) runs n engine requests and
+    # gathers them in one output's ``outputs``; one engine request is one sample, so the engine
+    # itself takes only 1 (the servers fan out their own ``n``).
+    n: int = 1
     max_tokens: int | None = 16
     min_tokens: int = 0
     temperature: float = 1.0
@@ -86,6 +99,8 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        if not (isinstance(self.n, int) and 1 <= self.n <= MAX_SAMPLES):
+            raise SamplingParamsError("n", f"must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SamplingParamsError("max_tokens", f"must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:

@@ -161,6 +161,11 @@ class InputProcessor:
     def make_request(
         self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
     ) -> Request:
+        if params.n != 1:
+            raise PromptError(
+                f"n: an engine request is one sample, got n={params.n} (LLM.generate and the servers "
+                "run n requests)"
+            )
         if params.adapter is not None and params.adapter not in self.lora_names:
             known = ", ".join(self.lora_names) or "none"
             raise PromptError(f"no LoRA adapter {params.adapter!r} in this engine (adapters: {known})")

@@ -67,6 +67,20 @@ class RequestMetrics:
         return self.finished_time - self.first_token_time
 
 
+@dataclass(frozen=True)
+class CompletionOutput:
+    """One sample of a prompt, vLLM's ``CompletionOutput``: ``RequestOutput.outputs`` holds one per
+    sample (``SamplingParams.n``). ``logprobs`` as ``RequestOutput.logprobs``;
+    ``cumulative_logprob`` their sum, None where logprobs were not asked for (as vLLM's)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[TokenLogprobs]
+    finish_reason: str | None
+
+
 @dataclass
 class RequestOutput:
     """A request's state after a step: cumulative text/tokens plus what is new since the last report."""
@@ -88,10 +102,31 @@ class RequestOutput:
     # With params.embed, from the first output on: the prompt's embedding (L2-normalized), or a
     # sequence classifier's label logits.
     embedding: list[float] | None = None
+    # The offline API's: the prompt's text (None for token ids), as vLLM's ``RequestOutput.prompt``.
+    prompt: str | None = None
+    # The offline API's with SamplingParams.n > 1: every sample, the first of which the fields
+    # above describe.
+    samples: list[CompletionOutput] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """The samples in vLLM's shape (``out.outputs[0].text``): one unless n > 1 was asked."""
+        return self.samples if self.samples is not None else [self.completion(0)]
+
+    def completion(self, index: int) -> CompletionOutput:
+        """This request's output as sample ``index`` of a prompt."""
+        return CompletionOutput(
+            index,
+            self.text,
+            self.token_ids,
+            sum(entry.logprob for entry in self.logprobs) if self.logprobs else None,
+            self.logprobs,
+            self.finish_reason,
+        )
 
     @property
     def mean_logprob(self) -> float:

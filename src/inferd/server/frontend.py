@@ -29,7 +29,7 @@ from inferd.engine.input_processor import PRIORITY_NEEDS_POLICY
 from inferd.engine.llm_engine import PromptError
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.tokenizer import BrokenChatTemplateError, ChatTemplateError, InvalidTextError, Tokenizer
-from inferd.sampling_params import SamplingParams, SamplingParamsError
+from inferd.sampling_params import SamplingParams, SamplingParamsError, sample_seed
 from inferd.server.errors import (
     GenerationError,
     InvalidRequestError,
@@ -55,12 +55,6 @@ class IndexedOutput:
 
 # The header that sets one request's timeout in seconds (overrides the server default).
 TIMEOUT_HEADER = "X-Request-Timeout"
-
-
-def sample_seed(seed: int, sample: int) -> int:
-    """The seed of sample ``sample`` of a request seeded ``seed`` (``Frontend.generate``'s choices),
-    wrapped into the 64-bit range a generator takes (the same seed to it)."""
-    return (seed + sample) % 2**64
 
 
 # The model names TGI's clients send where they know none (TGI ignores the field): "tgi", as TGI's

@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from inferd.sampling_params import MAX_SAMPLES
+
 
 class _Body(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
@@ -43,7 +45,7 @@ class SamplingExtras(_Body):
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=MAX_SAMPLES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -125,7 +127,7 @@ class CompletionRequest(SamplingExtras):
     # Up to 20 alternatives, as vLLM takes (OpenAI's own API stops at 5).
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=128)  # as n: candidates are engine requests
+    best_of: int | None = Field(None, ge=1, le=MAX_SAMPLES)  # as n: candidates are engine requests
     suffix: str | None = None
 
 

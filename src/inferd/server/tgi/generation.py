@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 
 from inferd.engine.outputs import RequestOutput
 from inferd.sample.sampler import TokenLogprobs
-from inferd.sampling_params import SamplingParams
+from inferd.sampling_params import SamplingParams, sample_seed
 from inferd.server.errors import (
     ApiError,
     ErrorKind,
@@ -21,7 +21,7 @@ from inferd.server.errors import (
     InvalidRequestError,
     RequestTimeoutError,
 )
-from inferd.server.frontend import Frontend, sample_seed
+from inferd.server.frontend import Frontend
 from inferd.server.streaming import sse_event
 from inferd.server.structured_request import response_format
 from inferd.server.tgi.protocol import (
