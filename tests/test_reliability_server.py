@@ -87,6 +87,9 @@ class _Fillers:
             thread.join(timeout=60)
 
 
+TGI_OVERLOADED = "tgi_request_failure{err=overloaded}"
+
+
 def _post(url: str, **kwargs: object) -> httpx.Response:
     return httpx.post(url, timeout=60, **kwargs)  # type: ignore[arg-type]
 
@@ -94,6 +97,7 @@ def _post(url: str, **kwargs: object) -> httpx.Response:
 def test_saturated_server_answers_429_at_once_in_each_protocol(server: ServerProcess) -> None:
     url = server.base_url
     before = server.metrics()["inferd:requests_rejected_total"]
+    tgi_before = server.metrics().get(TGI_OVERLOADED, 0.0)
     fillers = _Fillers(url)
     try:
         fillers.add(1)
@@ -142,7 +146,9 @@ def test_saturated_server_answers_429_at_once_in_each_protocol(server: ServerPro
     finally:
         fillers.stop()
     _wait_idle(server)
-    assert server.metrics()["inferd:requests_rejected_total"] == before + 8 + fillers.refused
+    after = server.metrics()
+    assert after["inferd:requests_rejected_total"] == before + 8 + fillers.refused
+    assert after[TGI_OVERLOADED] == tgi_before + 8 + fillers.refused  # TGI's name for the same count
 
 
 def _chat(**fields: object) -> dict[str, object]:

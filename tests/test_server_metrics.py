@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from server_process import ServerProcess, run_server
 
 from inferd.engine.core import EngineStats
@@ -110,6 +110,10 @@ def test_counters_move_by_the_known_amounts(server: ServerProcess, client: opena
     assert _delta(after, before, "inferd:inter_token_latency_seconds_count") == 18 - 5
     assert _delta(after, before, "inferd:prefix_cache_queries_total") == prompt_tokens
     assert _delta(after, before, ABORTED) == 0
+    # TGI's names count the same engine requests, whichever API they came by.
+    assert _delta(after, before, "tgi_request_count") == _delta(after, before, "tgi_request_success") == 5
+    assert _delta(after, before, "tgi_request_generated_tokens_sum") == 18
+    assert _delta(after, before, "tgi_request_duration_sum") == pytest.approx(e2e)
     # Tokens per step: every prompt token the cache did not hold, and each request's tokens after
     # its first fed back in, in steps of 1 to 16 tokens (decode steps of one or two sequences, the
     # short prompts).
@@ -267,3 +271,33 @@ def test_tokens_that_came_with_the_first_share_the_time_since_the_engine_saw_it(
 
     assert value("count") == 4
     assert 0.4 <= value("sum") < 1.0  # type: ignore[operator]
+
+
+def test_tgis_metric_names_count_the_same_requests() -> None:
+    """TGI's names, exported beside inferd's for dashboards written for TGI: its counters without a
+    _total suffix (untyped), failures by kind (a 429 is TGI's overloaded), histograms of successes only, and
+    the queue gauges."""
+    metrics, registry = _metrics_for_unit_test()
+    for reason in ("stop", "length", "error", "abort", "timeout"):
+        metrics.record_finished(FinishedRequest(reason, 4, 3, 0.1, 0.3, 0.01, 0.05, 0.2, max_tokens=8))
+    metrics.count_rejected()
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"model_name": "m", **labels})
+
+    assert value("tgi_request_count") == 6 and value("tgi_request_success") == 2
+    failures = {kind: value("tgi_request_failure", err=kind) for kind in ("generation", "abort", "timeout")}
+    assert failures == {"generation": 1, "abort": 1, "timeout": 1}
+    assert value("tgi_request_failure", err="overloaded") == 1
+    assert value("inferd:requests_rejected_total") == 1
+    assert value("tgi_request_duration_count") == 2
+    assert value("tgi_request_duration_sum") == pytest.approx(0.6)
+    assert value("tgi_request_queue_duration_sum") == pytest.approx(0.02)
+    assert value("tgi_request_inference_duration_sum") == pytest.approx(0.5)
+    assert value("tgi_request_mean_time_per_token_duration_sum") == pytest.approx(0.2)
+    assert value("tgi_request_input_length_sum") == 8 and value("tgi_request_generated_tokens_sum") == 6
+    assert value("tgi_request_max_new_tokens_sum") == 16
+    assert value("tgi_queue_size") == 2 and value("tgi_batch_current_size") == 1
+    text = generate_latest(registry).decode()
+    # TGI's exact name: no _total on the type line or the sample.
+    assert "# TYPE tgi_request_count untyped" in text and 'tgi_request_count{model_name="m"} 6.0' in text

@@ -202,7 +202,7 @@ class Frontend:
         try:
             self.llm.admission.check(len(prompts) * n, sum(len(p) for p in prompts) * n)
         except EngineOverloadedError as exc:
-            self.metrics.rejected.inc()
+            self.metrics.count_rejected()
             raise OverloadedError(str(exc), exc.retry_after_s) from exc
 
     def timeout_s(self, header: str | None, body: float | None = None) -> float | None:
@@ -411,7 +411,7 @@ class Frontend:
                 yield IndexedOutput(index, out)
         except EngineOverloadedError as exc:
             tracker.done = True  # never admitted: not a finished request
-            self.metrics.rejected.inc()
+            self.metrics.count_rejected()
             raise OverloadedError(str(exc), exc.retry_after_s) from exc
         except EngineDeadError as exc:
             raise ServiceUnavailableError(str(exc)) from exc

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from inferd.config import EngineConfig
 from inferd.engine.core import STEP_TOKEN_BUCKETS, EngineStats
+from inferd.server.tgi_metrics import TgiMetrics
 
 _LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -147,6 +148,7 @@ class _MetricFamilies:
         )
         self.engines = _EngineCollector()
         registry.register(self.engines)
+        self.tgi = TgiMetrics(registry)
 
 
 class ServerMetrics:
@@ -209,6 +211,11 @@ class ServerMetrics:
     def count_lora_request(self, adapter: str) -> None:
         self._families.lora_requests.labels(self._model_name, adapter).inc()
 
+    def count_rejected(self) -> None:
+        """A request refused at once with a 429: the queue was full."""
+        self.rejected.inc()
+        self._families.tgi.count_rejected(self._model_name)
+
     def observe_inter_token(self, gap_s: float) -> None:
         self.inter_token.observe(gap_s)
 
@@ -228,6 +235,7 @@ class ServerMetrics:
         elif request.finish_reason == "timeout":
             self.timed_out.inc()
         self.record_asked(request.max_tokens, request.n)
+        self._families.tgi.record_finished(self._model_name, request)
         if request.finish_reason not in ("stop", "length"):
             return  # latencies of cut-short requests would skew the distributions
         self.prompt_tokens_per_request.observe(request.prompt_tokens)
@@ -272,6 +280,9 @@ class _EngineCollector(Collector):
             ("inferd:num_requests_running", "Requests in the running batch.", "num_running"),
             ("inferd:num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting"),
             ("inferd:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).", "kv_usage"),
+            # TGI's names for the same queues (tgi_metrics.py).
+            ("tgi_queue_size", "Requests waiting to be scheduled.", "num_waiting"),
+            ("tgi_batch_current_size", "Requests in the running batch.", "num_running"),
         )
         for name, doc, field in gauges:
             gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
