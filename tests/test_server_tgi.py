@@ -252,3 +252,23 @@ def test_best_of_follows_tgis_rules(server: ServerProcess) -> None:
     one = {**sampled, "best_of": 1, "details": True}
     plain = httpx.post(f"{server.base_url}/generate", json={"inputs": "hi", "parameters": one})
     assert plain.status_code == 200 and plain.json()["details"]["best_of_sequences"] is None
+
+
+def test_tokenize_answers_tgis_body_in_tgis_shape(server: ServerProcess) -> None:
+    """TGI's /tokenize shares vLLM's path: a body of ``inputs`` gets TGI's list of tokens, each with
+    the characters of the input it came from; ``prompt`` still gets vLLM's answer."""
+    text = "Café au lait"
+    tokens = httpx.post(f"{server.base_url}/tokenize", json={"inputs": text}).json()
+    vllm = httpx.post(f"{server.base_url}/tokenize", json={"prompt": text}).json()
+    assert [token["id"] for token in tokens] == vllm["tokens"]
+    assert all(token["text"] == text[token["start"] : token["stop"]] for token in tokens)
+    spans = [(token["start"], token["stop"]) for token in tokens if token["stop"] > token["start"]]
+    assert spans[0][0] == 0 and spans[-1][1] == len(text)
+    # In order; the two tokens "é" is split over both give its one character.
+    assert spans == sorted(spans) and ("é", 3, 4) in [(t["text"], t["start"], t["stop"]) for t in tokens]
+    bare_body = {"inputs": text, "add_special_tokens": False}
+    bare = httpx.post(f"{server.base_url}/tokenize", json=bare_body).json()
+    own = httpx.post(
+        f"{server.base_url}/tokenize", json={"prompt": text, "add_special_tokens": False}
+    ).json()["tokens"]
+    assert [token["id"] for token in bare] == own

@@ -131,6 +131,14 @@ class Tokenizer:
         check_unicode(text)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def encode_spans(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
+        """Each token of ``text`` with the span of characters it came from, ``(id, start, stop)``:
+        empty for a special token the tokenizer added."""
+        check_unicode(text)
+        encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        spans = zip(encoding.ids, encoding.offsets, strict=True)
+        return [(token_id, start, stop) for token_id, (start, stop) in spans]
+
     def encode_last(self, text: str, keep: int) -> list[int]:
         """``text``'s last tokens, ``keep`` in all, as transformers' left truncation gives them: the
         special tokens the tokenizer's template adds around a text (a BOS before it, an EOS after)

@@ -366,6 +366,8 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    # TGI's body ({"inputs": text}) on the same path: answered in TGI's shape, a list of SimpleTokens.
+    inputs: str | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
 
@@ -374,6 +376,16 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+
+
+class SimpleToken(BaseModel):
+    """TGI's ``/tokenize`` answer, one per token: its id, and the characters ``[start, stop)`` of the
+    input it came from (empty for a special token the tokenizer added) with their text."""
+
+    id: int
+    text: str
+    start: int
+    stop: int
 
 
 class DetokenizeRequest(_Body):

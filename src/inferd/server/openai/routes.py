@@ -36,6 +36,7 @@ from inferd.server.openai.protocol import (
     LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
+    SimpleToken,
     TokenizeRequest,
     TokenizeResponse,
     UnloadLoraAdapterRequest,
@@ -190,15 +191,22 @@ def build_router(
         await frontend.llm.reset_prefix_cache()
         return Response(status_code=200)
 
-    @router.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+    @router.post("/tokenize", response_model=None)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse | list[SimpleToken]:
+        """vLLM's tokenizer endpoint; TGI's, which shares its path, for a body of TGI's ``inputs``."""
         frontend.check_model(body.model)
+        if body.inputs is not None and body.prompt is None and body.messages is None:
+            spans = frontend.tokenizer.encode_spans(body.inputs, body.add_special_tokens)
+            return [SimpleToken(id=i, text=body.inputs[start:stop], start=start, stop=stop)
+                    for i, start, stop in spans]  # fmt: skip
         if body.messages is not None:
             text = frontend.render_chat(template_messages(body.messages), body.add_generation_prompt)
         elif body.prompt is not None:
             text = body.prompt
-        else:  # e.g. TGI's {"inputs": ...}: not an empty prompt's zero tokens
-            raise InvalidRequestError("prompt: give the text to tokenize as prompt, or messages", "prompt")
+        else:  # not an empty prompt's zero tokens
+            raise InvalidRequestError(
+                "prompt: give the text to tokenize as prompt, or messages (or TGI's inputs)", "prompt"
+            )
         # A chat is tokenized as the chat route does: its template writes the special tokens.
         add_special = (
             body.add_special_tokens
