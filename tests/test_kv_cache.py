@@ -127,3 +127,41 @@ def test_a_reset_forgets_every_prefix_and_leaves_held_blocks_to_their_requests()
     kv.free("c")
     kv.cache_computed_blocks("a", _slices(prompt + [9, 10, 11, 12]), 13)  # "a" goes on caching
     assert kv.find_cached_prefix("d", prompt + [9, 10, 11, 12, 13]) == 0  # its old blocks were forgotten
+
+
+def test_a_window_gives_back_the_blocks_no_later_query_sees() -> None:
+    """Window 10, blocks of 4: a query at position p sees keys p - 9 .. p, so once the next query
+    is at 22, keys 0..12 are out of reach: blocks 0..2 (keys 0..11) go back, block 3 (12..15) stays.
+    The table keeps their ids; freeing the request gives back only the rest."""
+    kv = KVCacheManager(num_blocks=10, block_size=4, window=10)
+    tokens = list(range(24))
+    kv.find_cached_prefix("a", tokens)
+    assert kv.allocate("a", 24)
+    table = list(kv.block_table("a"))
+    kv.cache_computed_blocks("a", _slices(tokens), 22)
+    assert kv.release_out_of_window("a", 12) == 0  # keys 3.. still seen from 12
+    assert kv.release_out_of_window("a", 22) == 3
+    assert kv.release_out_of_window("a", 22) == 0  # nothing twice
+    assert kv.block_table("a") == table and kv.num_held("a") == 3
+    assert kv.pool.num_free == 10 - 3 and [kv.pool.ref_count(b) for b in table] == [0, 0, 0, 1, 1, 1]
+    # Released full blocks stay in the prefix cache until evicted, as a finished request's do.
+    assert kv.find_cached_prefix("b", tokens) == 20
+    kv.free("b")
+    # Trimming keeps at least the released entries (given back once, never twice).
+    assert kv.trim("a", 4) and kv.block_table("a") == table[:3] and kv.num_held("a") == 0
+    kv.free("a")
+    assert kv.pool.num_free == 10
+
+
+def test_without_a_window_nothing_goes_back_early() -> None:
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    kv.find_cached_prefix("a", list(range(24)))
+    assert kv.allocate("a", 24)
+    assert kv.release_out_of_window("a", 24) == 0 and kv.num_held("a") == 6
+
+
+def test_the_window_to_release_by_is_the_widest_and_only_where_every_layer_has_one() -> None:
+    from inferd.kv.manager import kv_window
+
+    assert kv_window((8, 8, 8)) == 8 and kv_window((4, 16)) == 16
+    assert kv_window((8, 0, 8)) == 0 and kv_window(()) == 0

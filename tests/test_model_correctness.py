@@ -376,3 +376,66 @@ def test_attention_biases_without_output_biases_load_as_transformers_loads_them(
     )
     with pytest.raises(ModelLoadError, match="lacks tensors: model.layers.1.self_attn.o_proj.bias"):
         LLM(one_layer, kv_cache_memory="16MiB")
+
+
+SLIDING_VARIANTS = {
+    "default": {},
+    "small-chunks": {"max_num_batched_tokens": 7},
+    "async-small-chunks": {"async_scheduling": True, "max_num_batched_tokens": 9},
+    "tiny-pool-preempts": {"num_kv_blocks": 24, "max_model_len": 96},
+    "ngram-speculation": {"speculative_config": {"num_speculative_tokens": 3, "prompt_lookup_min": 1}},
+}
+
+
+@pytest.mark.parametrize("variant", list(SLIDING_VARIANTS))
+def test_a_sliding_window_model_gives_back_blocks_out_of_the_window(
+    tiny_model_factory, variant: str, monkeypatch
+) -> None:
+    """Every layer of mistral-sliding sees its last 12 positions: blocks behind that go back to the
+    pool as requests advance (to be taken by others, their old ids still in the tables), and the
+    outputs stay transformers' whatever the chunking, scheduling, preemption or guessing."""
+    from inferd.kv.manager import KVCacheManager
+
+    held: list[int] = []
+    release = KVCacheManager.release_out_of_window
+
+    def recorded_release(self: KVCacheManager, request_id: str, next_position: int) -> int:
+        released = release(self, request_id, next_position)
+        held.append(self.num_held(request_id))
+        return released
+
+    monkeypatch.setattr(KVCacheManager, "release_out_of_window", recorded_release)
+    folder = tiny_model_factory("mistral-sliding")
+    # A pool small enough that blocks given back are soon taken by other requests.
+    options = {"num_kv_blocks": 48, "max_model_len": 96, **SLIDING_VARIANTS[variant]}
+    llm = LLM(folder, kv_cache_memory="16MiB", block_size=4, **options)
+    assert llm.engine.core.kv.window == 12
+    prompts = _prompts(llm.engine.config.model.vocab_size)
+    expected = _hf_greedy(folder, prompts, max_new_tokens=20)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0))
+    assert [o.token_ids for o in outputs] == expected
+    # After each step a request holds the window's blocks and those of its next positions: at most
+    # 12 keys over 4 blocks, plus a step's chunk of up to 70 prompt tokens (or 4 guessed ones).
+    assert held and max(held[-len(prompts) :]) <= 5 and max(held) <= -(-(12 + 70) // 4) + 1
+    stats = llm.engine.stats()
+    assert stats.kv_usage == 0.0 and stats.num_running == 0
+
+
+def test_giving_back_out_of_window_blocks_spares_preemptions(tiny_model_factory, monkeypatch) -> None:
+    """Four 64-token prompts and 30 tokens each in a pool of 40 blocks of 4: holding every block,
+    they cannot all run at once (94 tokens need 24 blocks each); holding a window's, they can."""
+    from inferd.engine import core
+
+    folder = tiny_model_factory("mistral-sliding")
+    options = {"kv_cache_memory": "16MiB", "block_size": 4, "num_kv_blocks": 40, "max_model_len": 96}
+    rng = random.Random(5)
+    prompts = [[rng.randrange(5, 200) for _ in range(64)] for _ in range(4)]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    expected = _hf_greedy(folder, prompts, max_new_tokens=30)
+    windowed = LLM(folder, **options)
+    assert [o.token_ids for o in windowed.generate(prompts, params)] == expected
+    assert windowed.engine.stats().num_preemptions == 0
+    monkeypatch.setattr(core, "kv_window", lambda layer_windows: 0)
+    holding = LLM(folder, **options)
+    assert [o.token_ids for o in holding.generate(prompts, params)] == expected
+    assert holding.engine.stats().num_preemptions > 0

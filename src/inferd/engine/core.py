@@ -12,7 +12,7 @@ from typing import Any
 from inferd.config import EngineConfig, ModelLoadError
 from inferd.engine.outputs import EngineCoreOutput
 from inferd.engine.request import FinishReason, Request
-from inferd.kv.manager import KVCacheManager
+from inferd.kv.manager import KVCacheManager, kv_window
 from inferd.sample.penalties import needs_history
 from inferd.sample.sampler import TokenLogprobs
 from inferd.sched.output import SchedulerOutput
@@ -82,7 +82,10 @@ class EngineCore:
         if config.uses_warm_up:
             self.runner.warm_up()  # after the capture: its decode step replays a graph
         self.kv = KVCacheManager(
-            config.cache.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            config.cache.num_blocks,
+            config.cache.block_size,
+            config.cache.enable_prefix_caching,
+            kv_window(config.model.layer_windows),
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, make_proposer(config, config.cache.num_blocks))
         self.async_scheduling = config.uses_async_scheduling

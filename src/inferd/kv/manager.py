@@ -46,15 +46,34 @@ def iter_block_hashes(
         yield parent
 
 
-class KVCacheManager:
-    """Owns the block pool; takes plain request ids and token ids, returns block ids."""
+def kv_window(layer_windows: Sequence[int]) -> int:
+    """How far back any layer reads a context's keys, where every layer has a window (the widest
+    one's), else 0: some layer reads the whole context."""
+    if not layer_windows or not all(layer_windows):
+        return 0
+    return max(layer_windows)
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+
+class KVCacheManager:
+    """Owns the block pool; takes plain request ids and token ids, returns block ids.
+
+    With ``window`` (a model whose every layer is a sliding-window one, ``kv_window``), blocks no
+    later query can see go back to the pool as a request advances (``release_out_of_window``): its
+    table keeps their ids, so positions still map to table entries, but the attention backends never
+    read keys that far back except masked out (finite values of whoever holds the block now, weighed
+    zero)."""
+
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int = 0
+    ) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, block_size)
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window
         self._blocks: dict[str, list[int]] = {}
         self._hashes: dict[str, list[int]] = {}  # hashes of the request's registered full blocks
+        # How many of a request's first blocks went back to the pool, out of every layer's window.
+        self._released: dict[str, int] = {}
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
 
@@ -137,12 +156,34 @@ class KVCacheManager:
             hashes.append(parent)
             self.pool.register_hash(blocks[i], parent)
 
+    def release_out_of_window(self, request_id: str, next_position: int) -> int:
+        """Give back the request's blocks whose every key is out of the window of any query at
+        ``next_position`` or later (the first position no step has computed yet, or that a step in
+        flight may still compute), keeping them in its table; returns how many went back. They go
+        back as a finished request's do: a full block stays in the prefix cache until evicted."""
+        blocks = self._blocks.get(request_id)
+        if not self.window or blocks is None:
+            return 0
+        # A query at position p sees keys p - window + 1 .. p: block b holds keys up to
+        # (b + 1) * block_size - 1, out of reach once that is below next_position - window + 1.
+        reach = min((next_position - self.window + 1) // self.block_size, len(blocks))
+        done = self._released.get(request_id, 0)
+        if reach <= done:
+            return 0
+        self.pool.release(blocks[done:reach])
+        self._released[request_id] = reach
+        return reach - done
+
+    def num_held(self, request_id: str) -> int:
+        """Blocks the request holds: its table's, less those released out of the window."""
+        return len(self._blocks.get(request_id, ())) - self._released.get(request_id, 0)
+
     def trim(self, request_id: str, num_tokens: int) -> bool:
         """Give back the request's blocks past its first ``num_tokens`` tokens (speculative
         decoding's rejected guesses': never full of computed tokens, so never in the prefix cache).
         Returns whether any went back."""
         blocks = self._blocks.get(request_id)
-        keep = -(-num_tokens // self.block_size)
+        keep = max(-(-num_tokens // self.block_size), self._released.get(request_id, 0))
         if blocks is None or len(blocks) <= keep:
             return False
         extra = blocks[keep:]
@@ -155,4 +196,5 @@ class KVCacheManager:
         """Release the request's blocks; tail blocks first so they are evicted before shared heads."""
         blocks = self._blocks.pop(request_id, [])
         self._hashes.pop(request_id, None)
-        self.pool.release(list(reversed(blocks)))
+        released = self._released.pop(request_id, 0)
+        self.pool.release(list(reversed(blocks[released:])))

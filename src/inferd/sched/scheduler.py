@@ -325,6 +325,12 @@ class Scheduler:
                     min(request.num_computed_tokens, request.num_tokens),
                     request.cache_salt,
                 )
+                # A sliding-window model's blocks out of every later query's reach go back. No
+                # later step (one in flight, or one launched again after a failed launch) starts
+                # before the end of this step's positions that are not guesses.
+                self.kv.release_out_of_window(
+                    request.request_id, seq.start_pos + seq.num_tokens - seq.num_draft_tokens
+                )
             if tokens is None:
                 continue
             if reason is not None:
