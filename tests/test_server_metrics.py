@@ -301,3 +301,50 @@ def test_tgis_metric_names_count_the_same_requests() -> None:
     text = generate_latest(registry).decode()
     # TGI's exact name: no _total on the type line or the sample.
     assert "# TYPE tgi_request_count untyped" in text and 'tgi_request_count{model_name="m"} 6.0' in text
+
+
+def test_a_prefix_gives_the_engine_metrics_vllms_names() -> None:
+    """--metrics-prefix vllm: the families read by vLLM's dashboards, autoscalers and the Gateway
+    API's endpoint picker under their names there; TGI's and the HTTP layer's keep theirs."""
+    registry = CollectorRegistry()
+    stats = EngineStats(num_running=1, num_waiting=2, kv_usage=0.5, num_preemptions=0, prefix_queries=0,
+                        prefix_hits=0)  # fmt: skip
+    metrics = ServerMetrics(registry, "m", lambda: stats, prefix="vllm")
+    metrics.record_finished(FinishedRequest("stop", 4, 2, 0.1, 0.3, 0.01))
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"model_name": "m", **labels})
+
+    assert value("vllm:num_requests_waiting") == 2 and value("vllm:kv_cache_usage_perc") == 0.5
+    assert value("vllm:e2e_request_latency_seconds_count") == 1
+    assert value("vllm:request_success_total", finished_reason="stop") == 1  # vLLM's own name
+    assert value("vllm:requests_finished_total", finish_reason="stop") == 1
+    assert value("tgi_queue_size") == 2
+    assert "inferd:" not in generate_latest(registry).decode()
+    # The same families for a model added later (a repository's LLM).
+    other = metrics.for_model("other", lambda: stats)
+    other.record_finished(FinishedRequest("length", 4, 2, 0.1, 0.3, 0.01))
+    labels = {"model_name": "other", "finished_reason": "length"}
+    assert registry.get_sample_value("vllm:request_success_total", labels) == 1
+
+
+async def test_the_prefix_flag_reaches_the_served_metrics(tiny_llama, capsys) -> None:  # type: ignore[no-untyped-def]
+    from inferd.cli import build_parser
+    from inferd.engine.async_llm import AsyncLLM
+    from inferd.server.app import create_app
+    from inferd.server.serve_cli import server_config
+
+    config = server_config(build_parser().parse_args(["serve", "--metrics-prefix", "vllm"]))
+    assert config.metrics_prefix == "vllm"
+    assert server_config(build_parser().parse_args(["serve"])).metrics_prefix == "inferd"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--metrics-prefix", "vllm:"])
+    assert "a metric name prefix is letters, digits and underscores" in capsys.readouterr().err
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="8MiB")
+    try:
+        transport = httpx.ASGITransport(app=create_app(llm, config))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            text = (await client.get("/metrics")).text
+    finally:
+        llm.shutdown()
+    assert 'vllm:num_requests_running{model_name="' in text and "inferd:" not in text

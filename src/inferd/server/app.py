@@ -78,7 +78,7 @@ def create_app(
             )
     if config.chat_template is not None:
         llm.tokenizer.use_chat_template(config.chat_template, "given with --chat-template")
-    metrics = ServerMetrics(registry, model_name, llm.stats)
+    metrics = ServerMetrics(registry, model_name, llm.stats, prefix=config.metrics_prefix)
     metrics.describe_engine(llm.config)
     defaults = read_sampling_defaults(llm.config.model_path) if config.generation_config == "auto" else {}
     if defaults:

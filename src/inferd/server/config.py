@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 
+# The engine metrics' names start with this and a colon unless the server is told another.
+DEFAULT_METRICS_PREFIX = "inferd"
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -48,3 +51,5 @@ class ServerConfig:
     max_best_of: int = 2
     # KServe v2 clients may register system shared memory regions (Triton's --allow-client-shm).
     allow_client_shm: bool = False
+    # The engine metrics' names start with this and a colon (``vllm``: vLLM's names).
+    metrics_prefix: str = DEFAULT_METRICS_PREFIX

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from inferd.config import EngineConfig
 from inferd.engine.core import STEP_TOKEN_BUCKETS, EngineStats
+from inferd.server.config import DEFAULT_METRICS_PREFIX
 from inferd.server.tgi_metrics import TgiMetrics
 
 _LATENCY_BUCKETS_S = (
@@ -60,80 +61,77 @@ class FinishedRequest:
 
 
 class _MetricFamilies:
-    """The request metric families of one registry, shared by every LLM the server serves."""
+    """The request metric families of one registry, shared by every LLM the server serves; every
+    name starts with ``prefix`` and a colon (``inferd:``; ``vllm:`` makes them vLLM's names)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, prefix: str = DEFAULT_METRICS_PREFIX) -> None:
         labels = ["model_name"]
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, labels, registry=registry, buckets=buckets)
+            return Histogram(f"{prefix}:{name}", doc, labels, registry=registry, buckets=buckets)
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=registry)
+            return Counter(f"{prefix}:{name}", doc, labels, registry=registry)
 
-        self.ttft = histogram(
-            "inferd:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS_S
-        )
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS_S)
         self.inter_token = histogram(
-            "inferd:inter_token_latency_seconds",
+            "inter_token_latency_seconds",
             "Gap between consecutive output tokens as the server sees them.",
             _LATENCY_BUCKETS_S,
         )
         self.time_per_output_token = histogram(
-            "inferd:request_time_per_output_token_seconds",
+            "request_time_per_output_token_seconds",
             "Per request: (end-to-end - time to first token) / (output tokens - 1).",
             _LATENCY_BUCKETS_S,
         )
-        self.e2e = histogram(
-            "inferd:e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS_S
-        )
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS_S)
         self.queue = histogram(
-            "inferd:request_queue_time_seconds", "Arrival to first scheduling.", _LATENCY_BUCKETS_S
+            "request_queue_time_seconds", "Arrival to first scheduling.", _LATENCY_BUCKETS_S
         )
         self.prefill = histogram(
-            "inferd:request_prefill_time_seconds", "First scheduling to first token.", _LATENCY_BUCKETS_S
+            "request_prefill_time_seconds", "First scheduling to first token.", _LATENCY_BUCKETS_S
         )
         self.decode = histogram(
-            "inferd:request_decode_time_seconds", "First token to last token.", _LATENCY_BUCKETS_S
+            "request_decode_time_seconds", "First token to last token.", _LATENCY_BUCKETS_S
         )
         self.inference = histogram(
-            "inferd:request_inference_time_seconds", "First scheduling to last token.", _LATENCY_BUCKETS_S
+            "request_inference_time_seconds", "First scheduling to last token.", _LATENCY_BUCKETS_S
         )
         self.max_tokens_param = histogram(
-            "inferd:request_params_max_tokens",
+            "request_params_max_tokens",
             "The max_tokens a request asked for, where it gave one.",
             _TOKEN_BUCKETS,
         )
         self.n_param = histogram(
-            "inferd:request_params_n", "The samples (n, or best_of) a prompt asked for.", _N_BUCKETS
+            "request_params_n", "The samples (n, or best_of) a prompt asked for.", _N_BUCKETS
         )
         self.prompt_tokens_per_request = histogram(
-            "inferd:request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
+            "request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS
         )
         self.generation_tokens_per_request = histogram(
-            "inferd:request_generation_tokens", "Output tokens per request.", _TOKEN_BUCKETS
+            "request_generation_tokens", "Output tokens per request.", _TOKEN_BUCKETS
         )
-        self.prompt_tokens = counter("inferd:prompt_tokens", "Prompt tokens of finished requests.")
-        self.generation_tokens = counter("inferd:generation_tokens", "Output tokens generated.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Output tokens generated.")
         self.finished = Counter(
-            "inferd:requests_finished",
+            f"{prefix}:requests_finished",
             "Finished requests by finish reason (stop, length, abort, timeout, error).",
             ["model_name", "finish_reason"],
             registry=registry,
         )
-        self.aborted = counter("inferd:requests_aborted", "Requests aborted (client gone or server abort).")
-        self.timed_out = counter("inferd:requests_timed_out", "Requests that ran out of time.")
+        self.aborted = counter("requests_aborted", "Requests aborted (client gone or server abort).")
+        self.timed_out = counter("requests_timed_out", "Requests that ran out of time.")
         self.rejected = counter(
-            "inferd:requests_rejected", "Requests refused at once because the queue was full (429)."
+            "requests_rejected", "Requests refused at once because the queue was full (429)."
         )
         self.structured_outputs = Counter(
-            "inferd:structured_output_requests",
+            f"{prefix}:structured_output_requests",
             "Requests whose output is constrained, by kind (json, json_object, regex, choice, grammar).",
             ["model_name", "kind"],
             registry=registry,
         )
         self.lora_requests = Counter(
-            "inferd:lora_requests",
+            f"{prefix}:lora_requests",
             "Finished requests answered with a LoRA adapter, by adapter.",
             ["model_name", "adapter"],
             registry=registry,
@@ -141,12 +139,19 @@ class _MetricFamilies:
         # The settings that change what the numbers above mean, as vLLM's cache_config_info gives
         # its own: the weights' dtype and quantization, the KV cache's dtype and its blocks.
         self.config_info = Gauge(
-            "inferd:engine_config_info",
+            f"{prefix}:engine_config_info",
             "The engine's settings, as labels (value 1).",
             ["model_name", "dtype", "quantization", "kv_cache_dtype", "block_size", "num_kv_blocks"],
             registry=registry,
         )
-        self.engines = _EngineCollector()
+        # vLLM's name for the finished requests by reason, beside requests_finished above.
+        self.success = Counter(
+            f"{prefix}:request_success",
+            "Finished requests by finish reason (vLLM's name; the same count as requests_finished).",
+            ["model_name", "finished_reason"],
+            registry=registry,
+        )
+        self.engines = _EngineCollector(prefix)
         registry.register(self.engines)
         self.tgi = TgiMetrics(registry)
 
@@ -161,9 +166,12 @@ class ServerMetrics:
         model_name: str,
         stats: Callable[[], EngineStats],
         families: _MetricFamilies | None = None,
+        prefix: str = DEFAULT_METRICS_PREFIX,
     ) -> None:
+        """``prefix``: the names' (``inferd``; ``vllm`` for dashboards and routers that read
+        vLLM's); a model added with ``for_model`` shares the first one's families."""
         self.registry = registry
-        self._families = families or _MetricFamilies(registry)
+        self._families = families or _MetricFamilies(registry, prefix)
         f = self._families
         self.ttft = f.ttft.labels(model_name)
         self.inter_token = f.inter_token.labels(model_name)
@@ -195,7 +203,7 @@ class ServerMetrics:
         self._families.engines.remove(self._model_name, self._stats)
 
     def describe_engine(self, config: EngineConfig) -> None:
-        """Export the engine's settings (``inferd:engine_config_info``). Quantization reads as the
+        """Export the engine's settings (``<prefix>:engine_config_info``). Quantization reads as the
         option (``fp8``), or as the checkpoint's method and values (``compressed-tensors:int4``)."""
         quant = config.model.quant
         quantization = config.quantization or (f"{quant.method}:{quant.values}" if quant else "none")
@@ -230,6 +238,7 @@ class ServerMetrics:
         self.prompt_tokens.inc(request.prompt_tokens)
         self.generation_tokens.inc(request.generation_tokens)
         self._finished.labels(self._model_name, request.finish_reason).inc()
+        self._families.success.labels(self._model_name, request.finish_reason).inc()
         if request.finish_reason == "abort":
             self.aborted.inc()
         elif request.finish_reason == "timeout":
@@ -262,8 +271,12 @@ class _EngineSource:
 class _EngineCollector(Collector):
     """Reads every served engine's live state at each scrape, one sample per model in each family."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
         self._sources: list[_EngineSource] = []
+
+    def _name(self, name: str) -> str:
+        return f"{self._prefix}:{name}"
 
     def add(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
         """A model's engine; one loaded again under the same name replaces the one before."""
@@ -277,10 +290,10 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snapshots = [(source, source.stats()) for source in self._sources]
         gauges = (
-            ("inferd:num_requests_running", "Requests in the running batch.", "num_running"),
-            ("inferd:num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting"),
-            ("inferd:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).", "kv_usage"),
-            # TGI's names for the same queues (tgi_metrics.py).
+            (self._name("num_requests_running"), "Requests in the running batch.", "num_running"),
+            (self._name("num_requests_waiting"), "Requests waiting to be scheduled.", "num_waiting"),
+            (self._name("kv_cache_usage_perc"), "Share of KV-cache blocks in use (0-1).", "kv_usage"),
+            # TGI's names for the same queues (tgi_metrics.py), as TGI writes them.
             ("tgi_queue_size", "Requests waiting to be scheduled.", "num_waiting"),
             ("tgi_batch_current_size", "Requests in the running batch.", "num_running"),
         )
@@ -291,10 +304,10 @@ class _EngineCollector(Collector):
             yield gauge
         # Gauges only some engines have (None elsewhere): shown only where one has them.
         optional = (
-            ("inferd:spec_decode_draft_kv_cache_usage_perc",
+            ("spec_decode_draft_kv_cache_usage_perc",
              "Share of the draft model's KV-cache blocks in use (0-1; speculative decoding).",
              "draft_kv_usage"),
-            ("inferd:gpu_memory_used_bytes",
+            ("gpu_memory_used_bytes",
              "Device memory held by the engine's torch allocator (weights, KV cache, CUDA graphs).",
              "device_memory_bytes"),
         )  # fmt: skip
@@ -302,23 +315,23 @@ class _EngineCollector(Collector):
             values = [(source.model_name, getattr(stats, field)) for source, stats in snapshots]
             present = [(model_name, value) for model_name, value in values if value is not None]
             if present:
-                gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+                gauge = GaugeMetricFamily(self._name(name), doc, labels=["model_name"])
                 for model_name, value in present:
                     gauge.add_metric([model_name], value)
                 yield gauge
         counters = (
-            ("inferd:num_preemptions", "Requests preempted to free KV blocks.", "num_preemptions"),
-            ("inferd:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_queries"),
-            ("inferd:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_hits"),
-            ("inferd:spec_decode_num_drafts", "Steps in which a request ran proposed tokens (speculative "
+            ("num_preemptions", "Requests preempted to free KV blocks.", "num_preemptions"),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_queries"),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_hits"),
+            ("spec_decode_num_drafts", "Steps in which a request ran proposed tokens (speculative "
              "decoding).", "spec_drafts"),
-            ("inferd:spec_decode_num_draft_tokens", "Proposed tokens run (speculative decoding).",
+            ("spec_decode_num_draft_tokens", "Proposed tokens run (speculative decoding).",
              "spec_draft_tokens"),
-            ("inferd:spec_decode_num_accepted_tokens", "Proposed tokens the model accepted (speculative "
+            ("spec_decode_num_accepted_tokens", "Proposed tokens the model accepted (speculative "
              "decoding).", "spec_accepted_tokens"),
         )  # fmt: skip
         for name, doc, field in counters:
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family = CounterMetricFamily(self._name(name), doc, labels=["model_name"])
             for source, stats in snapshots:
                 family.add_metric([source.model_name], getattr(stats, field))
             yield family
@@ -327,7 +340,7 @@ class _EngineCollector(Collector):
             # vLLM's lora_requests_info, which the Gateway API's endpoint picker routes LoRA requests
             # by: the adapters as comma-separated labels, the value when they were read.
             info = GaugeMetricFamily(
-                "inferd:lora_requests_info",
+                self._name("lora_requests_info"),
                 "The LoRA adapters of the running and waiting requests (labels); the value is the time read.",
                 labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
             )
@@ -337,7 +350,7 @@ class _EngineCollector(Collector):
                 info.add_metric(labels, time.time())
             yield info
         steps = HistogramMetricFamily(
-            "inferd:iteration_tokens_total",
+            self._name("iteration_tokens_total"),
             "Tokens computed per engine step (prompt chunks and decode tokens scheduled together).",
             labels=["model_name"],
         )

@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from inferd.entrypoints.engine_args import add_engine_args, engine_options, non_negative_float, positive_int
-from inferd.server.config import ServerConfig
+from inferd.server.config import DEFAULT_METRICS_PREFIX, ServerConfig
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 from inferd.server.reasoning import REASONING_FORMATS
 from inferd.server.tool_calls import TOOL_CALL_PARSERS
@@ -85,6 +86,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="log the engine's throughput, queues and caches this often while it works (default 10)",
     )
     server.add_argument("--disable-log-stats", action="store_true", help="no periodic engine log line")
+    server.add_argument(
+        "--metrics-prefix",
+        type=_metrics_prefix,
+        default=DEFAULT_METRICS_PREFIX,
+        help="the engine metrics' names start with this and a colon (default inferd; vllm gives vLLM's "
+        "names, which its dashboards, autoscalers and the Gateway API's endpoint picker read)",
+    )
     server.add_argument(
         "--disable-log-requests", action="store_true", help="no log line per finished request"
     )
@@ -188,7 +196,17 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         log_stats_interval_s=0.0 if args.disable_log_stats else args.log_stats_interval,
         max_best_of=args.max_best_of,
         allow_client_shm=args.allow_client_shm,
+        metrics_prefix=args.metrics_prefix,
     )
+
+
+def _metrics_prefix(text: str) -> str:
+    """A Prometheus name's first part: a letter or underscore, then letters, digits, underscores."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+        raise argparse.ArgumentTypeError(
+            f"a metric name prefix is letters, digits and underscores, got {text!r}"
+        )
+    return text
 
 
 def _chat_template(text: str) -> str:
