@@ -287,6 +287,35 @@ def test_leaving_generate_stream_aborts_the_request(live: Live) -> None:
     assert generated() - generated_before < LONG_MAX_TOKENS
 
 
+@pytest.mark.parametrize("route", ["generate", "infer"])
+def test_leaving_a_whole_answer_aborts_the_request(live: Live, route: str) -> None:
+    """A client that gives up on a non-streamed generation stops it, as on the other protocols."""
+
+    def aborted() -> float:
+        return _metric(live.server, "inferd:requests_aborted_total", model_name=SERVED)
+
+    def generated() -> float:
+        return _metric(live.server, "inferd:generation_tokens_total", model_name=SERVED)
+
+    aborted_before, generated_before = aborted(), generated()
+    parameters = {"temperature": 0, "max_tokens": LONG_MAX_TOKENS}
+    if route == "generate":
+        body: dict[str, object] = {"text_input": PROMPT, "parameters": parameters}
+    else:
+        text = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}
+        body = {"inputs": [text], "parameters": parameters}
+    url = f"{live.server.base_url}/v2/models/{SERVED}/{route}"
+    with pytest.raises(httpx.ReadTimeout):  # the client leaves long before the 480 tokens
+        httpx.post(url, json=body, timeout=httpx.Timeout(10, read=0.05))
+
+    def settled() -> bool:
+        running = _metric(live.server, "inferd:num_requests_running", model_name=SERVED)
+        return running == 0 and aborted() - aborted_before == 1
+
+    _wait_for(settled)
+    assert generated() - generated_before < LONG_MAX_TOKENS
+
+
 class _StreamResponses:
     """The responses of one `ModelStreamInfer` call, per request id, as tritonclient's callback
     gets them (errors under the id the server gives back)."""

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from inferd.server.errors import ApiError, protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER
 from inferd.server.kserve.rest_codec import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from inferd.server.streaming import unless_disconnected
 from inferd.serving.dataplane import DataPlane, GenerationChunk
 from inferd.serving.errors import (
     InferenceError,
@@ -219,7 +220,11 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
             )
             if isinstance(repository.get(name, version).runtime, TextGenerator):  # tensor models: none
                 infer_request.parameters = _with_timeout_header(request, infer_request.parameters)
-            response = await plane.infer(name, version, infer_request)
+                # A client gone stops its generation, as on the other protocols' routes (a tensor
+                # model's batch runs to its end for the others in it).
+                response = await unless_disconnected(request, plane.infer(name, version, infer_request))
+            else:
+                response = await plane.infer(name, version, infer_request)
             body, header_length = encode_infer_response(response, infer_request, binary_default)
             if header_length is None:
                 return Response(body, media_type="application/json")
@@ -233,7 +238,7 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
         async def produce() -> Response:
             generator = plane.text_generator(name, version)
             llm = await _generate_request(request, stream=False)
-            result, stream = await plane.generate(generator, llm)
+            result, stream = await unless_disconnected(request, plane.generate(generator, llm))
             entry = repository.get(name, version)
             outputs = llm.outputs(result.text, stream, result.finish_reason, result.completion_tokens)
             # Always the finish reason; the other extras where asked for.
