@@ -403,12 +403,19 @@ def test_n_samples_a_prompt_n_times_in_vllms_output_shape(llm: LLM) -> None:
         )[0]
         assert out.token_ids == alone.token_ids and out.text == alone.text
         assert out.finish_reason == "length"
+        assert out.logprobs is not None
         assert out.cumulative_logprob == pytest.approx(sum(e.logprob for e in out.logprobs))
     assert len({tuple(o.token_ids) for o in first.outputs}) > 1
     assert first.token_ids == first.outputs[0].token_ids  # the flat fields are the first sample's
     single = llm.generate("To be", SamplingParams(max_tokens=2, temperature=0.0))[0]
     (only,) = single.outputs
-    assert (only.index, only.token_ids, only.cumulative_logprob) == (0, single.token_ids, None)
+    assert (only.index, only.token_ids, only.cumulative_logprob, only.logprobs) == (
+        0,
+        single.token_ids,
+        None,
+        None,
+    )
+    assert SamplingParams(5).max_tokens == 5  # n comes last: positional arguments keep their fields
 
 
 def test_n_scores_the_prompt_once_for_all_samples(llm: LLM, monkeypatch) -> None:

@@ -40,10 +40,6 @@ class SamplingParams:
     ``max_tokens=None`` means "whatever is left of the context".
     """
 
-    # Samples per prompt, as vLLM's: the offline API (``LLM.generate``) runs n engine requests and
-    # gathers them in one output's ``outputs``; one engine request is one sample, so the engine
-    # itself takes only 1 (the servers fan out their own ``n``).
-    n: int = 1
     max_tokens: int | None = 16
     min_tokens: int = 0
     temperature: float = 1.0
@@ -92,6 +88,11 @@ class SamplingParams:
     # Qwen3-Embedding, as vLLM's embed task pools them), or for a sequence classifier that state's
     # label logits; one token is sampled and dropped.
     embed: bool = False
+    # Samples per prompt, as vLLM's: the offline API (``LLM.generate``) runs n engine requests and
+    # gathers them in one output's ``outputs``; one engine request is one sample, so the engine
+    # itself takes only 1 (the servers fan out their own ``n``). Last, so the fields before it keep
+    # their places for positional arguments.
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -70,14 +70,14 @@ class RequestMetrics:
 @dataclass(frozen=True)
 class CompletionOutput:
     """One sample of a prompt, vLLM's ``CompletionOutput``: ``RequestOutput.outputs`` holds one per
-    sample (``SamplingParams.n``). ``logprobs`` as ``RequestOutput.logprobs``;
-    ``cumulative_logprob`` their sum, None where logprobs were not asked for (as vLLM's)."""
+    sample (``SamplingParams.n``). ``logprobs`` as ``RequestOutput.logprobs``, and
+    ``cumulative_logprob`` their sum; both None where logprobs were not asked for (as vLLM's)."""
 
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None
-    logprobs: list[TokenLogprobs]
+    logprobs: list[TokenLogprobs] | None
     finish_reason: str | None
 
 
@@ -124,7 +124,7 @@ class RequestOutput:
             self.text,
             self.token_ids,
             sum(entry.logprob for entry in self.logprobs) if self.logprobs else None,
-            self.logprobs,
+            self.logprobs or None,
             self.finish_reason,
         )
 
