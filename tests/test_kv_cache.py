@@ -165,3 +165,21 @@ def test_the_window_to_release_by_is_the_widest_and_only_where_every_layer_has_o
 
     assert kv_window((8, 8, 8)) == 8 and kv_window((4, 16)) == 16
     assert kv_window((8, 0, 8)) == 0 and kv_window(()) == 0
+
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_a_freed_prefix_loses_its_tail_first_even_with_its_head_given_back_early(window: int) -> None:
+    """A 40-token prompt computed 8 tokens a step in a pool of 10 blocks of 4; once it is freed and
+    3 fresh blocks are taken, its first 7 blocks still answer a lookup, whether or not its head went
+    back to the pool behind a window while it ran."""
+    kv = KVCacheManager(num_blocks=10, block_size=4, window=window)
+    prompt = list(range(40))
+    kv.find_cached_prefix("a", prompt)
+    for computed in range(8, 41, 8):
+        assert kv.allocate("a", computed)
+        kv.cache_computed_blocks("a", _slices(prompt), computed)
+        kv.release_out_of_window("a", computed)
+    kv.free("a")
+    kv.find_cached_prefix("b", [99])
+    assert kv.allocate("b", 12)  # evicts three cached blocks
+    assert kv.find_cached_prefix("c", prompt) == 28

@@ -80,6 +80,13 @@ class BlockPool:
                 if reuse_first:
                     self._free.move_to_end(block_id, last=False)
 
+    def move_to_back(self, block_ids: list[int]) -> None:
+        """Put those of these blocks that are idle at the back of the eviction order, in the order
+        given (the last evicted last)."""
+        for block_id in block_ids:
+            if self._ref_counts[block_id] == 0:
+                self._free.move_to_end(block_id)
+
     def num_cached_blocks(self) -> int:
         return len(self._cached)
 

@@ -198,3 +198,6 @@ class KVCacheManager:
         self._hashes.pop(request_id, None)
         released = self._released.pop(request_id, 0)
         self.pool.release(list(reversed(blocks[released:])))
+        # Blocks given back behind a sliding window went to the free list first, so they would be
+        # evicted before the rest; a prefix is looked up from its head, which must outlast its tail.
+        self.pool.move_to_back(list(reversed(blocks[:released])))
