@@ -423,6 +423,49 @@ def test_sliding_window_extend_and_both_backends_agree(window: int) -> None:
     assert_close(outputs[1], expected, torch.float32)
 
 
+def _poison_behind_windows(batch: PagedBatch, window: int) -> int:
+    """NaN in every block no query of the step sees, as another request's blocks might hold (a
+    sliding-window model gives them back); returns how many."""
+    from inferd.attention.torch_backend import window_start_block
+
+    m, block_size = batch.meta, batch.k_cache.shape[1]
+    poisoned = 0
+    for i, (q_len, seq_len) in enumerate(zip(m.query_lens_host, m.seq_lens_host, strict=True)):
+        for block in m.block_tables[i, : window_start_block(seq_len - q_len, window, block_size)].tolist():
+            batch.k_cache[block] = float("nan")
+            batch.v_cache[block] = float("nan")
+            poisoned += 1
+    return poisoned
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sliding_window_kernels_read_no_block_behind_the_window(num_splits: int) -> None:
+    """Decode (split or not) and extend over caches whose blocks behind every window hold NaN give
+    what the clean caches give."""
+    window = 20
+    decode = make_batch([16, 63, 299, 150], [1] * 4, 16, 8, 2, 64)
+    store_reference(decode)
+    m = decode.meta
+    expected = reference_attention(decode, window)
+    assert _poison_behind_windows(decode, window) > 10
+    out = triton_kernels.paged_decode_attention(
+        decode.q, decode.k_cache, decode.v_cache, m.block_tables, m.seq_lens, m.query_start_loc,
+        decode.scale, num_splits, window=window,
+    )  # fmt: skip
+    assert torch.isfinite(out).all()
+    assert_close(out, expected, torch.float32)
+    extend = make_batch([48, 150, 90], [16, 1, 33], 16, 8, 2, 64)
+    store_reference(extend)
+    expected = reference_attention(extend, window)
+    assert _poison_behind_windows(extend, window) > 5
+    e = extend
+    out = TritonAttentionBackend().forward(
+        e.q, e.k, e.v, e.k_cache, e.v_cache, e.meta, e.scale, window=window
+    )
+    assert torch.isfinite(out).all()
+    assert_close(out, expected, torch.float32)
+
+
 def test_sliding_window_decode_of_the_pytorch_backend() -> None:
     from inferd.attention.torch_backend import TorchAttentionBackend
 

@@ -31,20 +31,32 @@ def write_kv(
         cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, stored)
 
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """Keys (or values) of one sequence, [length, kv_heads, dim], read through its block table."""
+def gather_context(
+    cache: torch.Tensor, block_table: torch.Tensor, length: int, first_block: int = 0
+) -> torch.Tensor:
+    """Keys (or values) of one sequence from its block ``first_block`` on, [length - first_block *
+    block_size, kv_heads, dim], read through its block table."""
     block_size = cache.shape[1]
     num_blocks = -(-length // block_size)
-    blocks = cache.index_select(0, block_table[:num_blocks])
-    return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:length]
+    blocks = cache.index_select(0, block_table[first_block:num_blocks])
+    return blocks.reshape(-1, cache.shape[2], cache.shape[3])[: length - first_block * block_size]
 
 
-def _visible(q_len: int, seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-    """[q_len, seq_len]: the keys each query row sees. Query row j sits at position
-    seq_len - q_len + j and sees keys up to there, and, with ``window``, none as far back as
-    ``window`` positions."""
+def window_start_block(first_query: int, window: int, block_size: int) -> int:
+    """The first block a sliding-window layer's query at ``first_query`` (and any after it) sees.
+
+    Blocks before it are never read: behind every window they may already be another request's
+    (``KVCacheManager.release_out_of_window``), and whatever they hold, NaN included, must not
+    reach a masked-out score."""
+    return max(first_query - window + 1, 0) // block_size
+
+
+def _visible(q_len: int, seq_len: int, window: int, device: torch.device, first_key: int = 0) -> torch.Tensor:
+    """[q_len, seq_len - first_key]: the keys from ``first_key`` on each query row sees. Query
+    row j sits at position seq_len - q_len + j and sees keys up to there, and, with ``window``,
+    none as far back as ``window`` positions."""
     rows = torch.arange(q_len, device=device).unsqueeze(1) + (seq_len - q_len)
-    keys = torch.arange(seq_len, device=device).unsqueeze(0)
+    keys = torch.arange(first_key, seq_len, device=device).unsqueeze(0)
     if window:
         return (keys <= rows) & (keys > rows - window)
     return keys <= rows
@@ -136,6 +148,50 @@ def _gather_padded(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
     return gathered[:, :max_len].transpose(1, 2)
 
 
+@dataclass(frozen=True)
+class _PaddedContext:
+    """A group's keys and values, [seqs, kv_heads, ctx, dim], and each column's position in its
+    sequence, [seqs, ctx] (or [ctx], the same for all, when gathered from position 0)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+
+
+def _padded_context(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_lens: torch.Tensor | int,
+    max_q: int,
+    max_len: int,
+    window: int,
+) -> _PaddedContext:
+    """The contexts a group's queries attend over: from position 0, or, for a sliding-window
+    layer whose window is shorter than the longest context, only each sequence's blocks from its
+    window's start (``window_start_block``): fewer bytes copied, and no block behind a window read."""
+    block_size = k_cache.shape[1]
+    # The most blocks one sequence's window can touch: its queries' span plus the window, unaligned.
+    window_blocks = (window + max_q - 2) // block_size + 2 if window else 0
+    if not window or window_blocks >= -(-max_len // block_size):
+        positions = torch.arange(max_len, device=seq_lens.device)
+        keys = _gather_padded(k_cache, block_tables, max_len)
+        return _PaddedContext(keys, _gather_padded(v_cache, block_tables, max_len), positions)
+    first = (seq_lens - query_lens - window + 1).clamp(min=0) // block_size
+    columns = first.unsqueeze(1) + torch.arange(window_blocks, device=seq_lens.device)
+    # Columns past a table's last are padding, as past a sequence's length: masked.
+    table = block_tables.gather(1, columns.clamp(max=block_tables.shape[1] - 1)).reshape(-1)
+    num_seqs = block_tables.shape[0]
+
+    def gathered(cache: torch.Tensor) -> torch.Tensor:
+        rows = cache.index_select(0, table).view(num_seqs, -1, cache.shape[2], cache.shape[3])
+        return rows.transpose(1, 2)
+
+    offsets = torch.arange(window_blocks * block_size, device=seq_lens.device)
+    return _PaddedContext(gathered(k_cache), gathered(v_cache), first.unsqueeze(1) * block_size + offsets)
+
+
 def _padded_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -148,15 +204,14 @@ def _padded_decode(
     softcap: float = 0.0,
 ) -> torch.Tensor:
     """One query token per sequence against its context (its last ``window`` tokens where that is
-    set), gathered into a batch padded to ``max_len``."""
-    keys = _gather_padded(k_cache, block_tables, max_len)
-    values = _gather_padded(v_cache, block_tables, max_len)
-    positions = torch.arange(max_len, device=q.device).unsqueeze(0)
+    set), gathered into a batch padded to ``max_len`` (or to a window's blocks)."""
+    context = _padded_context(k_cache, v_cache, block_tables, seq_lens, 1, 1, max_len, window)
+    positions = context.positions
     mask = positions < seq_lens.unsqueeze(1)  # [seqs, ctx]
     if window:
         mask &= positions >= seq_lens.unsqueeze(1) - window
     out = _attention(
-        q.unsqueeze(2), keys, values, mask[:, None, None, :], scale, softcap
+        q.unsqueeze(2), context.keys, context.values, mask[:, None, None, :], scale, softcap
     )  # q: [seqs, heads, 1, dim]
     return out.squeeze(2)
 
@@ -188,17 +243,18 @@ def _padded_queries(
     position, within ``window`` where set); returns the real query rows in ``group.out_rows``'
     order. Padding rows repeat a sequence's last query and are dropped."""
     num_seqs, max_q = group.query_rows.shape
-    keys = _gather_padded(k_cache, block_tables, group.max_len)
-    values = _gather_padded(v_cache, block_tables, group.max_len)
+    context = _padded_context(
+        k_cache, v_cache, block_tables, seq_lens, group.query_lens, max_q, group.max_len, window
+    )
     query = q.index_select(0, group.query_rows.reshape(-1)).view(num_seqs, max_q, q.shape[1], q.shape[2])
     # Query j of a sequence sits at position seq_len - query_len + j.
-    positions = torch.arange(group.max_len, device=q.device)
+    positions = context.positions if context.positions.dim() == 1 else context.positions.unsqueeze(1)
     rows = (seq_lens - group.query_lens).unsqueeze(1) + torch.arange(max_q, device=q.device)
     mask = positions <= rows.unsqueeze(2)  # [seqs, max_q, ctx]
     if window:
         mask &= positions > rows.unsqueeze(2) - window
     out = _attention(
-        query.transpose(1, 2), keys, values, mask.unsqueeze(1), scale, softcap
+        query.transpose(1, 2), context.keys, context.values, mask.unsqueeze(1), scale, softcap
     )  # [seqs, heads, max_q, dim]
     return out.transpose(1, 2).reshape(num_seqs * max_q, q.shape[1], q.shape[2]).index_select(0, group.kept)
 
@@ -406,9 +462,12 @@ class TorchAttentionBackend:
                 values = new_kv[1][start : start + q_len].transpose(0, 1)[None]
                 mask = _visible(q_len, seq_len, window, q.device) if sliding else None
             else:
-                keys = gather_context(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)[None]
-                values = gather_context(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)[None]
-                mask = _visible(q_len, seq_len, window if sliding else 0, q.device)
+                first = window_start_block(seq_len - q_len, window, k_cache.shape[1]) if sliding else 0
+                table = meta.block_tables[i]
+                keys = gather_context(k_cache, table, seq_len, first).transpose(0, 1)[None]
+                values = gather_context(v_cache, table, seq_len, first).transpose(0, 1)[None]
+                first_key = first * k_cache.shape[1]
+                mask = _visible(q_len, seq_len, window if sliding else 0, q.device, first_key)
             attended = _attention(
                 query, keys, values, mask, scale, softcap, is_causal=mask is None and q_len > 1
             )

@@ -59,9 +59,10 @@ class KVCacheManager:
 
     With ``window`` (a model whose every layer is a sliding-window one, ``kv_window``), blocks no
     later query can see go back to the pool as a request advances (``release_out_of_window``): its
-    table keeps their ids, so positions still map to table entries, but the attention backends never
-    read keys that far back except masked out (finite values of whoever holds the block now, weighed
-    zero)."""
+    table keeps their ids, so positions still map to table entries, but the attention backends read
+    a sliding-window layer's keys from its window's first block on (the Triton kernels from the
+    window's first key, the PyTorch backend's gathers from ``window_start_block``), never what
+    another request may have written there since."""
 
     def __init__(
         self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int = 0
