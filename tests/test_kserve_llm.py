@@ -719,3 +719,15 @@ def test_bad_triton_vllm_backend_inputs_are_refused(
     with pytest.raises(InferenceServerException) as error:
         triton_http.InferenceServerClient(live.http_address).infer(SERVED, inputs)
     assert error.value.status() == status and named in str(error.value.message()), error.value.message()
+
+
+def test_an_unknown_lora_name_is_refused_before_the_engine(live: Live) -> None:
+    """As vLLM: a 404 naming the adapter that was never served, and no engine request (nothing
+    counted as an engine error)."""
+    errors = _metric(live.server, "inferd:requests_finished_total", model_name=SERVED, finish_reason="error")
+    body = {"text_input": PROMPT, "max_tokens": 3, "lora_name": "nope"}
+    answer = httpx.post(f"{live.server.base_url}/v2/models/{SERVED}/generate", json=body, timeout=30)
+    assert answer.status_code == 404
+    assert answer.json()["error"] == "lora_name: no LoRA adapter 'nope' is served (adapters: none)"
+    after = _metric(live.server, "inferd:requests_finished_total", model_name=SERVED, finish_reason="error")
+    assert after == errors

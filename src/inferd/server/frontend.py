@@ -246,6 +246,14 @@ class Frontend:
     def sampling_params(self, field_names: Mapping[str, str] | None = None, **fields: Any) -> SamplingParams:
         """Validated SamplingParams; errors name the protocol's field (`field_names` maps ours to theirs)."""
         names = field_names or {}
+        adapter = fields.get("adapter")
+        if adapter is not None and adapter not in self.adapters:
+            # Refused here, before the engine: a name never served is the client's mistake.
+            field = names.get("adapter", "adapter")
+            served = ", ".join(repr(name) for name in self.adapters) or "none"
+            raise ModelNotFoundError(
+                f"{field}: no LoRA adapter {adapter!r} is served (adapters: {served})", field
+            )
         for name in ("logit_bias", "stop_token_ids", "allowed_token_ids"):
             self.check_token_ids(fields.get(name) or (), names.get(name, name))
         if fields.get("priority") and self.llm.config.scheduler.policy != "priority":
