@@ -116,6 +116,11 @@ def test_the_openai_sdk_gets_the_llms_embeddings(client: openai.OpenAI, tiny_lla
     raw = client.with_raw_response.embeddings.create(model="tiny", input=texts[:1], encoding_format="base64")
     encoded = raw.http_response.json()["data"][0]["embedding"]
     assert np.frombuffer(base64.b64decode(encoded), dtype="<f4").tolist() == response.data[0].embedding
+    # Without a model, as vLLM: the served LLM's.
+    import httpx
+
+    unnamed = httpx.post(f"{client.base_url}embeddings", json={"input": texts[0]}, timeout=30).json()
+    assert unnamed["model"] == "tiny" and unnamed["data"][0]["embedding"] == response.data[0].embedding
 
 
 @pytest.mark.parametrize(
@@ -324,7 +329,8 @@ def test_shorter_embeddings_over_http(tiny_model_factory) -> None:
         short = httpx.post(url, json={"model": model, "input": "ROMEO:", "dimensions": 16}, timeout=30)
         assert short.status_code == 200, short.text
         expected = torch.nn.functional.normalize(whole[:16], dim=0)
-        assert (torch.tensor(short.json()["data"][0]["embedding"]) - expected).abs().max().item() < 1e-6
+        # Another process's float32 sums may round otherwise (4e-5 seen once in a full run).
+        assert (torch.tensor(short.json()["data"][0]["embedding"]) - expected).abs().max().item() < 2e-4
         refused = httpx.post(url, json={"model": model, "input": "ROMEO:", "dimensions": 8}, timeout=30)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "dimensions"
 

@@ -39,12 +39,13 @@ def _error_response(exc: InferenceError) -> Response:
     return error_response(InvalidRequestError(str(exc)))
 
 
-def _parse_form(body: Any) -> tuple[str, str, int | None]:
-    """The fields every embeddings request has: its model, encoding and dimensions."""
+def _parse_form(body: Any) -> tuple[str | None, str, int | None]:
+    """The fields every embeddings request has: its model (None: not given), encoding and
+    dimensions."""
     if not isinstance(body, dict):
         raise InvalidInputError("request body must be a JSON object")
     model = body.get("model")
-    if not isinstance(model, str):
+    if model is not None and not isinstance(model, str):
         raise InvalidInputError("'model' must be a string")
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
@@ -146,6 +147,12 @@ def build_embeddings_router(
             return error_response(InvalidRequestError(f"request body is not valid JSON: {exc}"))
         try:
             model, encoding, dimensions = _parse_form(body)
+            if model is None:
+                # As vLLM: a request without a model is the served LLM's.
+                if served_llm is None:
+                    raise InvalidInputError("'model' must name one of this server's embedding models")
+                model = served_llm.model_name
+                body = {**body, "model": model}
             if served_llm is not None and llm_embeddings.serves(served_llm, model):
                 timeout = body.get("timeout")
                 timeout_s = served_llm.timeout_s(request.headers.get(TIMEOUT_HEADER), timeout)

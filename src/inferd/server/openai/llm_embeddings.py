@@ -19,8 +19,10 @@ from inferd.server.openai.pooling_chat import chat_input, read_chat_fields
 
 
 def serves(frontend: Frontend, model: Any) -> bool:
-    """Whether ``model`` names the served LLM or one of its adapters."""
-    return isinstance(model, str) and (model == frontend.model_name or model in frontend.adapters)
+    """Whether ``model`` names the served LLM (by any of its names) or one of its adapters."""
+    return isinstance(model, str) and (
+        model == frontend.model_name or model in frontend.aliases or model in frontend.adapters
+    )
 
 
 def parse_inputs(value: Any) -> list[str | list[int]]:
