@@ -724,7 +724,7 @@ def test_malformed_json_gets_the_openai_error_shape(server: ServerProcess) -> No
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
 
 
-def test_tokenize_and_detokenize(server: ServerProcess) -> None:
+def test_tokenize_and_detokenize(server: ServerProcess, tiny_llama) -> None:
     tokens = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "Café"}).json()
     assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 512
     text = httpx.post(f"{server.base_url}/detokenize", json={"tokens": tokens["tokens"]}).json()
@@ -735,6 +735,14 @@ def test_tokenize_and_detokenize(server: ServerProcess) -> None:
     assert chat["count"] > 1
     bad = httpx.post(f"{server.base_url}/detokenize", json={"tokens": [10**6]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    # vLLM's return_token_strs: each token's vocabulary entry.
+    from tokenizers import Tokenizer
+
+    asked = {"prompt": "Café", "return_token_strs": True}
+    with_strs = httpx.post(f"{server.base_url}/tokenize", json=asked).json()
+    assert with_strs["tokens"] == tokens["tokens"] and tokens["token_strs"] is None
+    tokenizer = Tokenizer.from_file(f"{tiny_llama}/tokenizer.json")
+    assert with_strs["token_strs"] == [tokenizer.id_to_token(t) for t in tokens["tokens"]]
 
 
 def test_every_request_is_logged(client: openai.OpenAI, server: ServerProcess) -> None:

@@ -370,12 +370,15 @@ class TokenizeRequest(_Body):
     inputs: str | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
+    # vLLM's: each token's vocabulary entry too (as the tokenizer writes it, "Ġ" and all).
+    return_token_strs: bool = False
 
 
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class SimpleToken(BaseModel):

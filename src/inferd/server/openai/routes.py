@@ -214,7 +214,10 @@ def build_router(
             else body.messages is None
         )
         tokens = frontend.tokenizer.encode(text, add_special_tokens=add_special)
-        return TokenizeResponse(count=len(tokens), max_model_len=frontend.max_model_len, tokens=tokens)
+        strs = [frontend.tokenizer.id_to_token(t) or "" for t in tokens] if body.return_token_strs else None
+        return TokenizeResponse(
+            count=len(tokens), max_model_len=frontend.max_model_len, tokens=tokens, token_strs=strs
+        )
 
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
