@@ -278,18 +278,25 @@ def test_tgis_metric_names_count_the_same_requests() -> None:
     _total suffix (untyped), failures by kind (a 429 is TGI's overloaded), histograms of successes only, and
     the queue gauges."""
     metrics, registry = _metrics_for_unit_test()
-    for reason in ("stop", "length", "error", "abort", "timeout"):
-        metrics.record_finished(FinishedRequest(reason, 4, 3, 0.1, 0.3, 0.01, 0.05, 0.2, max_tokens=8))
-    metrics.count_rejected()
 
     def value(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, {"model_name": "m", **labels})
 
-    assert value("tgi_request_count") == 6 and value("tgi_request_success") == 2
+    for reason in ("stop", "length", "error", "abort", "timeout"):
+        metrics.count_arrived()
+        metrics.record_finished(FinishedRequest(reason, 4, 3, 0.1, 0.3, 0.01, 0.05, 0.2, max_tokens=8))
+    metrics.count_rejected()  # refused at the door: counted as it arrives and as it fails
+    metrics.count_arrived()
+    metrics.count_rejected(arrived=True)  # refused by the engine's queue after it was counted
+    assert value("tgi_request_count") == 7 and value("tgi_request_success") == 2
+    metrics.count_arrived()  # in flight: counted, neither a success nor a failure yet
+    kinds = ("generation", "abort", "timeout", "overloaded")
+    ended = (value("tgi_request_success") or 0) + sum(value("tgi_request_failure", err=k) or 0 for k in kinds)
+    assert value("tgi_request_count") == ended + 1
     failures = {kind: value("tgi_request_failure", err=kind) for kind in ("generation", "abort", "timeout")}
     assert failures == {"generation": 1, "abort": 1, "timeout": 1}
-    assert value("tgi_request_failure", err="overloaded") == 1
-    assert value("inferd:requests_rejected_total") == 1
+    assert value("tgi_request_failure", err="overloaded") == 2
+    assert value("inferd:requests_rejected_total") == 2
     assert value("tgi_request_duration_count") == 2
     assert value("tgi_request_duration_sum") == pytest.approx(0.6)
     assert value("tgi_request_queue_duration_sum") == pytest.approx(0.02)
@@ -300,7 +307,7 @@ def test_tgis_metric_names_count_the_same_requests() -> None:
     assert value("tgi_queue_size") == 2 and value("tgi_batch_current_size") == 1
     text = generate_latest(registry).decode()
     # TGI's exact name: no _total on the type line or the sample.
-    assert "# TYPE tgi_request_count untyped" in text and 'tgi_request_count{model_name="m"} 6.0' in text
+    assert "# TYPE tgi_request_count untyped" in text and 'tgi_request_count{model_name="m"} 8.0' in text
 
 
 def test_a_prefix_gives_the_engine_metrics_vllms_names() -> None:

@@ -419,7 +419,7 @@ class Frontend:
                 yield IndexedOutput(index, out)
         except EngineOverloadedError as exc:
             tracker.done = True  # never admitted: not a finished request
-            self.metrics.count_rejected()
+            self.metrics.count_rejected(arrived=True)
             raise OverloadedError(str(exc), exc.retry_after_s) from exc
         except EngineDeadError as exc:
             raise ServiceUnavailableError(str(exc)) from exc
@@ -453,6 +453,7 @@ class _RequestTracker:
         self.structure = structure  # the kind of its structured output, if it has one
         self.adapter = adapter  # its LoRA adapter, if it has one
         self.start = time.monotonic()
+        metrics.count_arrived()
         self.last_token_time: float | None = None
         self.first_token_time: float | None = None
         self.num_tokens = 0

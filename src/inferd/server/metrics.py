@@ -219,10 +219,15 @@ class ServerMetrics:
     def count_lora_request(self, adapter: str) -> None:
         self._families.lora_requests.labels(self._model_name, adapter).inc()
 
-    def count_rejected(self) -> None:
-        """A request refused at once with a 429: the queue was full."""
+    def count_arrived(self) -> None:
+        """An engine request about to be queued (TGI's request count counts arrivals)."""
+        self._families.tgi.count_arrived(self._model_name)
+
+    def count_rejected(self, arrived: bool = False) -> None:
+        """A request refused at once with a 429: the queue was full. ``arrived``: an engine
+        request already counted by ``count_arrived``; else the whole request, refused at the door."""
         self.rejected.inc()
-        self._families.tgi.count_rejected(self._model_name)
+        self._families.tgi.count_rejected(self._model_name, arrived)
 
     def observe_inter_token(self, gap_s: float) -> None:
         self.inter_token.observe(gap_s)

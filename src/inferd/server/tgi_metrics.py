@@ -66,14 +66,20 @@ class TgiMetrics:
         self._counts = _TgiCollector()
         registry.register(self._counts)
 
-    def count_rejected(self, model_name: str) -> None:
+    def count_arrived(self, model_name: str) -> None:
+        """A request counted as it arrives, as TGI counts it: until it ends, the count less the
+        successes and failures is what is in flight."""
         self._counts.requests[model_name] += 1
+
+    def count_rejected(self, model_name: str, arrived: bool) -> None:
+        """A request refused with a 429; ``arrived``: already counted as it arrived."""
+        if not arrived:
+            self.count_arrived(model_name)
         self._counts.failures[model_name, OVERLOADED] += 1
 
     def record_finished(self, model_name: str, request: FinishedRequest) -> None:
-        """One engine request that ended: counted, and for a success (stop or length), observed in
-        the histograms, as TGI observes only requests that succeed."""
-        self._counts.requests[model_name] += 1
+        """One engine request that ended (counted as it arrived): a success or failure, and for a
+        success (stop or length), observed in the histograms, as TGI observes only successes."""
         if request.finish_reason not in ("stop", "length"):
             kind = _FAILURE_KIND.get(request.finish_reason, request.finish_reason)
             self._counts.failures[model_name, kind] += 1
@@ -103,7 +109,7 @@ class _TgiCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         for name, doc, tally in (
-            ("tgi_request_count", "Requests, counted as they end or are refused.", self.requests),
+            ("tgi_request_count", "Requests, counted as they arrive.", self.requests),
             ("tgi_request_success", "Requests that ended with stop or length.", self.successes),
         ):
             family = Metric(name, doc, "unknown")
