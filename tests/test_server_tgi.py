@@ -272,3 +272,7 @@ def test_tokenize_answers_tgis_body_in_tgis_shape(server: ServerProcess) -> None
         f"{server.base_url}/tokenize", json={"prompt": text, "add_special_tokens": False}
     ).json()["tokens"]
     assert [token["id"] for token in bare] == own
+    # TGI's truncate keeps the input's last tokens.
+    truncated = {"inputs": text, "parameters": {"truncate": 3}}
+    cut = httpx.post(f"{server.base_url}/tokenize", json=truncated).json()
+    assert cut == tokens[-3:]

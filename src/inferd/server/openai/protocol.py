@@ -362,12 +362,18 @@ class ModelList(BaseModel):
 
 
 # -- tokenizer endpoints (vLLM's shapes) ------------------------------------------------------------
+class TgiTokenizeParameters(_Body):
+    # TGI's: keep only the input's last this-many tokens.
+    truncate: int | None = Field(None, ge=1)
+
+
 class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     # TGI's body ({"inputs": text}) on the same path: answered in TGI's shape, a list of SimpleTokens.
     inputs: str | None = None
+    parameters: TgiTokenizeParameters | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
     # vLLM's: each token's vocabulary entry too (as the tokenizer writes it, "Ġ" and all).

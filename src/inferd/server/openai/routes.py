@@ -197,6 +197,9 @@ def build_router(
         frontend.check_model(body.model)
         if body.inputs is not None and body.prompt is None and body.messages is None:
             spans = frontend.tokenizer.encode_spans(body.inputs, body.add_special_tokens)
+            truncate = body.parameters.truncate if body.parameters is not None else None
+            if truncate is not None:  # TGI keeps the last tokens
+                spans = spans[-truncate:]
             return [SimpleToken(id=i, text=body.inputs[start:stop], start=start, stop=stop)
                     for i, start, stop in spans]  # fmt: skip
         if body.messages is not None:
