@@ -144,6 +144,15 @@ class _MetricFamilies:
             ["model_name", "dtype", "quantization", "kv_cache_dtype", "block_size", "num_kv_blocks"],
             registry=registry,
         )
+        # vLLM's own: the KV cache's settings under its label names, which the Gateway API's
+        # endpoint picker reads the block size from for prefix-aware routing.
+        self.cache_config_info = Gauge(
+            f"{prefix}:cache_config_info",
+            "The KV cache's settings, as labels under vLLM's names (value 1).",
+            ["model_name", "block_size", "cache_dtype", "enable_prefix_caching", "num_gpu_blocks",
+             "gpu_memory_utilization"],
+            registry=registry,
+        )  # fmt: skip
         # vLLM's name for the finished requests by reason, beside requests_finished above.
         self.success = Counter(
             f"{prefix}:request_success",
@@ -203,14 +212,21 @@ class ServerMetrics:
         self._families.engines.remove(self._model_name, self._stats)
 
     def describe_engine(self, config: EngineConfig) -> None:
-        """Export the engine's settings (``<prefix>:engine_config_info``). Quantization reads as the
-        option (``fp8``), or as the checkpoint's method and values (``compressed-tensors:int4``)."""
+        """Export the engine's settings (``<prefix>:engine_config_info``, and the KV cache's as
+        vLLM's ``cache_config_info``). Quantization reads as the option (``fp8``), or as the
+        checkpoint's method and values (``compressed-tensors:int4``)."""
         quant = config.model.quant
         quantization = config.quantization or (f"{quant.method}:{quant.values}" if quant else "none")
-        blocks = config.cache.num_blocks
+        cache = config.cache
+        blocks = "unknown" if cache.num_blocks is None else str(cache.num_blocks)
+        kv_dtype = str(config.kv_dtype).removeprefix("torch.")
         self._families.config_info.labels(
-            self._model_name, config.dtype, quantization, str(config.kv_dtype).removeprefix("torch."),
-            str(config.cache.block_size), "unknown" if blocks is None else str(blocks),
+            self._model_name, config.dtype, quantization, kv_dtype, str(cache.block_size), blocks
+        ).set(1)
+        # vLLM writes its settings as Python does: True, None.
+        self._families.cache_config_info.labels(
+            self._model_name, str(cache.block_size), kv_dtype, str(cache.enable_prefix_caching), blocks,
+            str(cache.gpu_memory_utilization),
         ).set(1)  # fmt: skip
 
     def count_structured_output(self, kind: str) -> None:
