@@ -213,8 +213,9 @@ def test_the_engine_config_info_names_low_bit_settings(tiny_model_factory) -> No
               "block_size": "8", "num_kv_blocks": "40"}  # fmt: skip
     assert registry.get_sample_value("inferd:engine_config_info", labels) == 1.0
     # The KV cache's settings under vLLM's family and label names too.
-    cache = {"model_name": "m", "block_size": "8", "cache_dtype": "float8_e4m3fn", "enable_prefix_caching": "True",
-             "num_gpu_blocks": "40", "gpu_memory_utilization": "None"}  # fmt: skip
+    cache = {"model_name": "m", "block_size": "8", "cache_dtype": "float8_e4m3fn",
+             "enable_prefix_caching": "True", "num_gpu_blocks": "40",
+             "gpu_memory_utilization": "None"}  # fmt: skip
     assert registry.get_sample_value("inferd:cache_config_info", cache) == 1.0
 
 
