@@ -98,7 +98,7 @@ def test_stop_string_split_across_tokens_is_trimmed(llm: LLM) -> None:
     out = llm.generate(
         ["To be"], SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True, stop=[stop])
     )[0]
-    assert out.finish_reason == "stop"
+    assert out.finish_reason == "stop" and out.stop_reason == stop == out.outputs[0].stop_reason
     assert out.text == text[:first]
     kept = llm.generate(
         ["To be"],
@@ -121,8 +121,9 @@ def test_stop_token_ids_min_tokens_and_length(llm: LLM) -> None:
     base = {"max_tokens": 30, "temperature": 1.0, "seed": 5, "ignore_eos": True}
     out = llm.generate(["To be"], SamplingParams(**base, stop_token_ids=[stop_id]))[0]
     assert out.finish_reason == "stop" and out.token_ids == token_ids[: first + 1]
+    assert out.stop_reason == stop_id  # vLLM's stop_reason: the stop token id that ended it
     out = llm.generate(["To be"], SamplingParams(**{**base, "max_tokens": 7}))[0]
-    assert out.finish_reason == "length" and len(out.token_ids) == 7
+    assert out.finish_reason == "length" and len(out.token_ids) == 7 and out.stop_reason is None
     # min_tokens blocks the stop token id from being *chosen*, so generation reaches min_tokens.
     out = llm.generate(["To be"], SamplingParams(**base, stop_token_ids=[stop_id], min_tokens=first + 3))[0]
     assert len(out.token_ids) >= first + 3
@@ -132,7 +133,9 @@ def test_eos_ends_unless_ignored(llm: LLM) -> None:
     eos = next(iter(llm.engine.eos_token_ids))
     biased = {"max_tokens": 10, "temperature": 0.0, "logit_bias": {eos: 100.0}}
     out = llm.generate(["To be"], SamplingParams(**biased))[0]
-    assert out.finish_reason == "stop" and out.token_ids == [eos]
+    assert out.finish_reason == "stop" and out.token_ids == [eos] and out.stop_reason is None
+    # An EOS token that is also a stop token id ended the request as EOS: no stop_reason (vLLM's).
+    assert llm.generate(["To be"], SamplingParams(**biased, stop_token_ids=[eos]))[0].stop_reason is None
     out = llm.generate(["To be"], SamplingParams(**biased, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 10
 

@@ -247,8 +247,23 @@ def test_stop_string_ends_the_text_before_it(client: openai.OpenAI) -> None:
     stopped = client.completions.create(stop=[stop], **kwargs).choices[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == free[: free.index(stop)]
-    streamed = client.completions.create(stop=stop, stream=True, **kwargs)
+    streamed = list(client.completions.create(stop=stop, stream=True, **kwargs))
     assert "".join(c.choices[0].text for c in streamed if c.choices) == stopped.text
+    # vLLM's stop_reason: the stop string matched, with the whole answer and the last chunk.
+    assert stopped.model_extra is not None and stopped.model_extra["stop_reason"] == stop
+    assert [c.choices[0].model_extra["stop_reason"] for c in streamed if c.choices][-1] == stop
+    free_end = client.completions.create(**kwargs).choices[0]
+    assert free_end.finish_reason == "length" and free_end.model_extra["stop_reason"] is None  # type: ignore[index]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 30,
+            "temperature": 1.0, "seed": 3}  # fmt: skip
+    tokens = client.chat.completions.create(**chat, extra_body={"return_token_ids": True}).choices[0]
+    stop_id = tokens.model_extra["token_ids"][2]  # type: ignore[index]
+    ended = client.chat.completions.create(**chat, extra_body={"stop_token_ids": [stop_id]}).choices[0]
+    assert ended.finish_reason == "stop" and ended.model_extra["stop_reason"] == stop_id  # type: ignore[index]
+    chunks = list(
+        client.chat.completions.create(**chat, stream=True, extra_body={"stop_token_ids": [stop_id]})
+    )
+    assert [c.choices[0].model_extra["stop_reason"] for c in chunks if c.choices][-1] == stop_id
 
 
 def test_completion_logprobs(client: openai.OpenAI) -> None:

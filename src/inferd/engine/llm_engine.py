@@ -34,7 +34,7 @@ class LLMEngine:
             raise
         self.inputs = InputProcessor(self.config, self.tokenizer)
         self.eos_token_ids = self.inputs.eos_token_ids
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self.max_model_len = config.scheduler.max_model_len
 
     @classmethod

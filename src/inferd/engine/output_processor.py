@@ -40,6 +40,9 @@ class _RequestState:
     stopped_by_string: bool = False
     # The core ended the request on an EOS or stop token id, whose text stays out of the output.
     stop_token_dropped: bool = False
+    # vLLM's stop_reason: the stop string matched, or the stop token id that ended the request
+    # (None for an EOS token, or an end of another kind).
+    stop_reason: str | int | None = None
     # Only the final output is wanted and no stop string needs the text on the way: the text is
     # decoded once at the end and nothing is emitted before (the offline API's requests).
     final_only: bool = False
@@ -48,8 +51,10 @@ class _RequestState:
 class OutputProcessor:
     """Frontend-side state of every live request."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: frozenset[int] = frozenset()) -> None:
+        """``eos_token_ids``: those the core ends requests on, which are no stop_reason."""
         self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
         self._states: dict[str, _RequestState] = {}
 
     def add(
@@ -101,6 +106,8 @@ class OutputProcessor:
             # the caller asked for stop text, as a stop string's own text does not (as in vLLM).
             state.stop_token_dropped = (finish_reason == "stop" and not core_out.structure_complete
                                         and not state.params.include_stop_str_in_output)  # fmt: skip
+            if finish_reason == "stop" and not core_out.structure_complete:
+                state.stop_reason = self._stop_token(state.params, core_out.new_token_id)
             new_chars = self._add_token(state, core_out, now)
             # A stop string completed by the last token the budget allows still makes it a stop, and
             # one in the token that completed a structured output is cut there too.
@@ -162,7 +169,15 @@ class OutputProcessor:
         else:
             state.text = state.text[:index]
         state.stopped_by_string = True
+        state.stop_reason = matched
         return True
+
+    def _stop_token(self, params: SamplingParams, token: int) -> int | None:
+        """The token that ended a request, as vLLM's stop_reason: a stop token id asked for, unless
+        it was an EOS token that ended it first."""
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return None
+        return token if token in params.stop_token_ids else None
 
     def _emit(self, state: _RequestState, finish_reason: str | None, now: float) -> RequestOutput:
         finished = finish_reason is not None
@@ -201,6 +216,7 @@ class OutputProcessor:
             new_logprobs=new_logprobs,
             prompt_logprobs=state.prompt_logprobs,
             embedding=state.embedding,
+            stop_reason=state.stop_reason if finish_reason == "stop" else None,
         )
 
 

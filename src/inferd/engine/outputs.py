@@ -79,6 +79,8 @@ class CompletionOutput:
     cumulative_logprob: float | None
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None
+    # The stop string or stop token id that ended it; None for EOS or another end (vLLM's).
+    stop_reason: str | int | None = None
 
 
 @dataclass
@@ -102,6 +104,9 @@ class RequestOutput:
     # With params.embed, from the first output on: the prompt's embedding (L2-normalized), or a
     # sequence classifier's label logits.
     embedding: list[float] | None = None
+    # Where it ended with "stop": the stop string matched or the stop token id asked for that ended
+    # it (vLLM's stop_reason); None for an EOS token.
+    stop_reason: str | int | None = None
     # The offline API's: the prompt's text (None for token ids), as vLLM's ``RequestOutput.prompt``.
     prompt: str | None = None
     # The offline API's with SamplingParams.n > 1: every sample, the first of which the fields
@@ -126,6 +131,7 @@ class RequestOutput:
             sum(entry.logprob for entry in self.logprobs) if self.logprobs else None,
             self.logprobs or None,
             self.finish_reason,
+            self.stop_reason,
         )
 
     @property

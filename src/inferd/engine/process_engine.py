@@ -82,7 +82,7 @@ class ProcessLLMEngine:
         self.num_blocks = ready.num_blocks
         self.inputs = InputProcessor(config, self.tokenizer)
         self.eos_token_ids = self.inputs.eos_token_ids
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self._stats = ready.stats
         # True from any add/abort until the core reports itself idle, so the caller keeps
         # calling step() and the final stats (blocks freed) are read.

@@ -325,6 +325,7 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
                 finish_reason="tool_calls"
                 if message.tool_calls and reason == "stop" and job.calls_end_turn
                 else reason,
+                stop_reason=out.stop_reason,
                 token_ids=job.token_ids(out.token_ids),
             )
         )
@@ -466,7 +467,11 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
                         content=content or None, reasoning_content=reasoning or None, tool_calls=calls or None
                     )
                     choice = ChatChunkChoice(
-                        index=item.index, delta=delta, logprobs=logprobs, finish_reason=reason
+                        index=item.index,
+                        delta=delta,
+                        logprobs=logprobs,
+                        finish_reason=reason,
+                        stop_reason=out.stop_reason,
                     )
                     if job.return_token_ids:  # with the tokens of the chunks held back before it
                         choice.token_ids = list(out.token_ids[ids_sent.get(item.index, 0) :])

@@ -159,6 +159,7 @@ async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse
                 text=state.echo_text + out.text,
                 logprobs=_logprobs(frontend.tokenizer, job, out, out.logprobs, state),
                 finish_reason=finish_reason(out),
+                stop_reason=out.stop_reason,
                 prompt_token_ids=job.prompt_token_ids(index),
                 token_ids=list(out.token_ids) if job.return_token_ids else None,
                 # As the prompt's first sample scored it for all its choices (``scores_once``).
@@ -239,7 +240,9 @@ def _chunk(
     logprobs = _logprobs(tokenizer, job, out, out.new_logprobs, state)
     if not text and reason is None and logprobs is None:
         return None  # nothing new to say (text held back while it might start a stop string)
-    choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
+    choice = CompletionChoice(
+        index=index, text=text, logprobs=logprobs, finish_reason=reason, stop_reason=out.stop_reason
+    )
     if job.return_token_ids:  # the tokens of chunks left out above ride with this one
         if not state.prompt_ids_sent:
             choice.prompt_token_ids, state.prompt_ids_sent = job.prompt_token_ids(index), True

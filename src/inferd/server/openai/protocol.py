@@ -243,6 +243,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     # `timeout` only in streamed chunks: the request ran out of time after its stream started.
     finish_reason: Literal["stop", "length", "timeout"] | None = None
+    # vLLM's: the stop string or stop token id that ended the choice; None for EOS or another end.
+    stop_reason: int | str | None = None
     # With return_token_ids: the choice's prompt (a stream's first chunk of the choice) and its
     # generated tokens (a stream's chunk: those since the last), the one that ended it included.
     prompt_token_ids: list[int] | None = None
@@ -288,6 +290,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    stop_reason: int | str | None = None  # as CompletionChoice's
     # With return_token_ids: the generated tokens, the one that ended the answer included.
     token_ids: list[int] | None = None
 
@@ -331,6 +334,7 @@ class ChatChunkChoice(BaseModel):
     logprobs: ChatChoiceLogprobs | None = None
     # `timeout`: the request ran out of time after its stream started.
     finish_reason: Literal["stop", "length", "tool_calls", "timeout"] | None = None
+    stop_reason: int | str | None = None  # with the last chunk, as CompletionChoice's
     # With return_token_ids: the tokens generated since the choice's last chunk.
     token_ids: list[int] | None = None
 
