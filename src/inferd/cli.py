@@ -11,6 +11,7 @@ import sys
 _SUBCOMMAND_MODULES = (
     "inferd.entrypoints.generate_cli",
     "inferd.server.serve_cli",
+    "inferd.entrypoints.run_batch",
     "inferd.bench.cli",
 )
 
