@@ -312,6 +312,16 @@ def test_chat_renders_each_conversation_with_the_template(llm: LLM) -> None:
     assert [o.token_ids for o in llm.chat(first, greedy)] == [expected[0].token_ids]
 
 
+def test_chat_continues_a_message_or_answers_it_not_both(llm: LLM) -> None:
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "To be"}]
+    with pytest.raises(ValueError, match="give add_generation_prompt=False with it"):
+        llm.chat(conversation, SamplingParams(max_tokens=1), continue_final_message=True)
+    continued = llm.chat(
+        conversation, SamplingParams(max_tokens=1), add_generation_prompt=False, continue_final_message=True
+    )
+    assert len(continued) == 1
+
+
 def test_chat_refuses_parts_that_are_not_text(llm: LLM) -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     conversation = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]
@@ -332,6 +342,9 @@ def test_vllms_prompt_dicts_are_read_as_their_text_or_ids(llm: LLM) -> None:
     assert [len(v) for v in llm.embed([{"prompt": "To be"}, "To be"])] == [
         llm.engine.config.model.hidden_size
     ] * 2
+    # A generator of prompts (used up by one pass) gives every prompt.
+    from_generator = llm.generate((p for p in ["To be, or not", ids]), greedy)
+    assert [out.token_ids for out in from_generator] == expected
     with pytest.raises(ValueError, match=r"got the keys \['multi_modal_data', 'prompt'\]"):
         llm.generate({"prompt": "hi", "multi_modal_data": {}}, greedy)
     with pytest.raises(TypeError, match="token ids must be integers"):

@@ -117,6 +117,11 @@ class LLM:
         ``chat_template_kwargs`` as its variables), tokenized without the tokenizer's own special
         tokens (the template writes those it wants), and generated as ``generate`` does. A message's
         content may be a string or a list of text parts."""
+        if continue_final_message and add_generation_prompt:
+            # As vLLM: the last message is either continued or answered, not both.
+            raise ValueError(
+                "continue_final_message continues the last message: give add_generation_prompt=False with it"
+            )
         conversations = cast(
             "Sequence[Sequence[Mapping[str, Any]]]",
             [messages] if messages and isinstance(messages[0], Mapping) else messages,
@@ -284,9 +289,11 @@ def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt
     """One prompt or several, as text, token ids or vLLM's prompt dicts, as the engine takes them."""
     if isinstance(prompts, str | Mapping):
         return [_prompt(prompts)]
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [list(prompts)]  # type: ignore[arg-type]
-    return [_prompt(prompt) for prompt in prompts]  # type: ignore[arg-type]
+    # Read once: a generator or map object passed as the prompts is used up by the first look.
+    items: list[Any] = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [items]
+    return [_prompt(prompt) for prompt in items]
 
 
 def _prompt(prompt: PromptInput) -> Prompt:
