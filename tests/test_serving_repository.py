@@ -199,6 +199,11 @@ def test_hf_classification_and_embedding_runtimes(tmp_path: Path) -> None:
     embedded = repository.get("embedder").runtime.infer({"text": texts})
     np.testing.assert_allclose(np.linalg.norm(embedded["embedding"], axis=1), 1.0, rtol=1e-5)
     assert embedded["token_count"].ravel().tolist() == [4, 6]  # [CLS] ... [SEP]
+    # A text longer than the encoder's 64 positions is cut there, not past them (max_length 128).
+    long_text = np.array([[" ".join(["movie"] * 300).encode()]], dtype=object)
+    long_embedded = repository.get("embedder").runtime.infer({"text": long_text})
+    assert long_embedded["token_count"].ravel().tolist() == [64]
+    assert repository.get("classifier").runtime.infer({"text": long_text})["label"].shape == (1, 1)
 
 
 async def test_unloading_answers_the_queued_requests_first_and_added_models_stay(tmp_path: Path) -> None:

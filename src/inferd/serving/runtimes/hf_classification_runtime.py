@@ -25,7 +25,7 @@ class SequenceClassificationRuntime:
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        batch = tokenize(self._tokenizer, self._config, texts_of(self._config, inputs))
+        batch = tokenize(self._tokenizer, self._model, self._config, texts_of(self._config, inputs))
         with torch.inference_mode():
             logits = self._model(**batch).logits.float()
         probabilities = torch.softmax(logits, dim=-1)

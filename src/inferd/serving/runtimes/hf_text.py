@@ -27,8 +27,13 @@ def texts_of(config: ModelConfig, inputs: dict[str, np.ndarray]) -> list[str]:
     return [bytes(v).decode("utf-8") for v in inputs[spec.name].reshape(-1)]
 
 
-def tokenize(tokenizer: Any, config: ModelConfig, texts: list[str]) -> Any:
+def tokenize(tokenizer: Any, model: Any, config: ModelConfig, texts: list[str]) -> Any:
+    """The texts as a padded batch, each cut to ``max_length`` tokens (the model.json parameter,
+    128 by default), and never past the positions the encoder has."""
     max_length = int(config.parameters.get("max_length", 128))
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        max_length = min(max_length, positions)
     return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
 

@@ -32,7 +32,7 @@ class SentenceEmbeddingRuntime:
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        batch = tokenize(self._tokenizer, self._config, texts_of(self._config, inputs))
+        batch = tokenize(self._tokenizer, self._model, self._config, texts_of(self._config, inputs))
         with torch.inference_mode():
             states = self._model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
