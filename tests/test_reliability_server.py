@@ -159,6 +159,50 @@ def _sse_payloads(response: httpx.Response) -> list[str]:
     return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
 
 
+STREAMS = [
+    ("/v1/completions", {"prompt": "To be", "max_tokens": 8, "stream": True}),
+    ("/v1/chat/completions", _chat(max_tokens=8, stream=True)),
+    ("/generate_stream", {"inputs": "To be", "parameters": {"max_new_tokens": 8}}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), STREAMS)
+async def test_streams_the_queue_turns_away_as_they_are_admitted_get_429s(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, object]
+) -> None:
+    """Streams that all passed the route's check before any was admitted (a burst: here every one,
+    the check made a no-op) learn of a full queue only as their engine requests are admitted. Their
+    status line waits for that: the ones turned away are 429s with Retry-After, never a 200 whose
+    stream carries the error."""
+    import asyncio
+
+    from inferd.engine.admission import QueueLimits
+    from inferd.engine.async_llm import AsyncLLM
+    from inferd.server.app import create_app
+    from inferd.server.config import ServerConfig
+    from inferd.server.frontend import Frontend
+
+    monkeypatch.setattr(Frontend, "check_ready", lambda self, prompts, n=1, field="n": None)
+    llm = AsyncLLM.from_options(
+        tiny_llama, engine_process=False, kv_cache_memory="8MiB", max_num_seqs=1,
+        queue_limits=QueueLimits(max_requests=2),
+    )  # fmt: skip
+    app = create_app(llm, ServerConfig())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as client:
+            answers = await asyncio.gather(*(client.post(path, json=body) for _ in range(6)))
+    statuses = sorted(answer.status_code for answer in answers)
+    # Two are queued at once (the engine may start one before the last are admitted).
+    assert set(statuses) == {200, 429} and statuses.count(429) >= 3, statuses
+    for answer in answers:
+        if answer.status_code == 429:
+            assert int(answer.headers["Retry-After"]) >= 1
+        else:
+            last = answer.text.rstrip().splitlines()[-1]
+            assert '"error"' not in answer.text and (last == "data: [DONE]" or '"generated_text"' in last)
+
+
 def test_more_generations_than_the_queue_holds_is_a_400_not_a_429(server: ServerProcess) -> None:
     # The queue holds 2: three choices could never be queued together, so a retry cannot help.
     for body in ({**LONG, "max_tokens": 2, "n": 3}, {**LONG, "max_tokens": 2, "prompt": ["a", "b", "c"]}):

@@ -6,13 +6,16 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from inferd.engine.outputs import RequestMetrics, RequestOutput
 from inferd.sample.sampler import TokenLogprobs
 from inferd.sampling_params import SamplingParams
-from inferd.server.errors import GenerationError
+from inferd.server.errors import GenerationError, OverloadedError
 from inferd.server.frontend import IndexedOutput
 from inferd.server.openai.chat import ChatJob, stream_chat
 from inferd.server.openai.completions import CompletionJob, stream_completion
+from inferd.server.streaming import started_sse_response
 from inferd.server.tgi.generation import TgiJob, stream_generate
 
 
@@ -75,10 +78,56 @@ async def test_request_aborted_mid_stream_is_an_error_event() -> None:
     assert events[-1] == "[DONE]"
 
 
+class _FailingTgiFrontend(_FailingFrontend):
+    """As `_FailingFrontend`, its good output a token with its log-probability (TGI's events are
+    one per token)."""
+
+    class tokenizer:  # noqa: N801 (stands in for the Tokenizer instance)
+        special_token_ids: frozenset[int] = frozenset()
+
+    def generate(self, *_: Any, **__: Any) -> AsyncIterator[IndexedOutput]:
+        async def outputs() -> AsyncIterator[IndexedOutput]:
+            first = _output("a", 5)
+            first.new_logprobs = [TokenLogprobs(5, -0.5, (), 1)]
+            yield IndexedOutput(0, first)
+            raise GenerationError("engine step failed: boom")
+
+        return outputs()
+
+
 async def test_tgi_stream_ends_with_error_event() -> None:
     job = TgiJob("tgi-x", [1], "p", SamplingParams(logprobs=0), details=False, full_text=False)
-    events = await _events(stream_generate(_FailingFrontend(None), job))  # type: ignore[arg-type]
+    events = await _events(stream_generate(_FailingTgiFrontend(None), job))  # type: ignore[arg-type]
+    assert json.loads(events[0])["token"]["text"] == "a"
     assert json.loads(events[-1]) == {"error": "engine step failed: boom", "error_type": "generation"}
+
+
+class _RefusingFrontend:
+    """Fails before any output, as a full queue does when the request is admitted."""
+
+    tokenizer = None
+    eos_token_ids = frozenset({0})
+
+    def generate(self, *_: Any, **__: Any) -> AsyncIterator[IndexedOutput]:
+        async def outputs() -> AsyncIterator[IndexedOutput]:
+            raise OverloadedError("the server is overloaded", 1)
+            yield  # an async generator
+
+        return outputs()
+
+
+async def test_an_error_before_anything_was_sent_is_raised_for_the_status_line() -> None:
+    """started_sse_response makes the first event before the response starts: a stream that fails
+    before it has sent anything raises, so the route answers with the error's own status."""
+    job = TgiJob("tgi-x", [1], "p", SamplingParams(logprobs=0), details=False, full_text=False)
+    chat = ChatJob("chatcmpl-x", "m", [1], SamplingParams(), 1, want_logprobs=False, include_usage=False)
+    for stream in (
+        stream_generate(_RefusingFrontend(), job),  # type: ignore[arg-type]
+        stream_chat(_RefusingFrontend(), chat),  # type: ignore[arg-type]
+        stream_completion(_RefusingFrontend(), _completion_job()),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(OverloadedError):
+            await started_sse_response(stream)
 
 
 class _EosFrontend:

@@ -7,7 +7,8 @@ disconnects, and closing the Frontend's iterator aborts the engine requests (fre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -30,6 +31,27 @@ def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def started_sse_response(events: AsyncGenerator[str, None]) -> StreamingResponse:
+    """An SSE response whose first event is made before its status line goes out.
+
+    A stream that fails before it has sent anything (a full queue, found only as its engine
+    requests are admitted, after the route's own check let it through) raises here, so the client
+    gets that error's status (a 429 with Retry-After) rather than an error event inside a 200."""
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def rest() -> AsyncIterator[str]:
+        async with aclosing(events):  # closed with the response: a client gone aborts its requests
+            yield first
+            async for event in events:
+                yield event
+
+    return sse_response(rest())
 
 
 async def _wait_for_disconnect(request: Request) -> None:

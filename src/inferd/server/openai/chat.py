@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -433,17 +433,22 @@ async def stream_beam_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[st
     yield SSE_DONE
 
 
-async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
+async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncGenerator[str, None]:
     """SSE events: a role chunk per choice, content deltas, a usage chunk if asked, then [DONE]."""
     num_tokens: dict[int, int] = {}
     ids_sent: dict[int, int] = {}  # with return_token_ids: each choice's tokens already sent
     cached = 0  # the first choice's prefix-cache hits
     shapers = {i: job.shaper() for i in range(job.n)}
+    # The role chunk goes out with the first output: an error before it (a full queue, found as
+    # the requests are admitted) is raised, so started_sse_response answers with its status.
+    sent = False
     try:
         stream = frontend.generate(job.request_id, [job.prompt], job.params, job.n, job.timeout_s)
-        yield _role_chunk_event(job)
         async with aclosing(stream):
             async for item in stream:
+                if not sent:
+                    sent = True
+                    yield _role_chunk_event(job)
                 out = item.output
                 num_tokens[item.index] = len(out.token_ids)
                 if item.index == 0:
@@ -492,6 +497,8 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[str]:
             )
             yield sse_event(last.model_dump_json())
     except ApiError as exc:
+        if not sent:
+            raise
         yield sse_event(error_event_payload(exc))
     yield SSE_DONE
 

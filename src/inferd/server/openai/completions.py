@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -195,10 +195,11 @@ def _returned(job: CompletionJob, finals: dict[int, RequestOutput]) -> list[Requ
     return returned
 
 
-async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncIterator[str]:
+async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncGenerator[str, None]:
     """SSE events: one chunk per engine output with news, a usage chunk if asked, then [DONE]."""
     states: dict[int, _ChoiceState] = {}
     cached: dict[int, int] = {}  # each prompt's first choice's prefix-cache hits
+    sent = False  # an error before anything was sent is raised (started_sse_response: its status)
     try:
         async with aclosing(
             frontend.generate(job.request_id, job.prompts, job.params, job.n, job.timeout_s)
@@ -212,6 +213,7 @@ async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncIter
                     if job.continuous_usage:
                         generated = sum(state.num_tokens for state in states.values())
                         chunk.usage = usage(job.num_prompt_tokens, generated, sum(cached.values()))
+                    sent = True
                     yield sse_event(chunk.model_dump_json())
         if job.include_usage:
             completion_tokens = sum(state.num_tokens for state in states.values())
@@ -224,6 +226,8 @@ async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncIter
             )
             yield sse_event(last.model_dump_json())
     except ApiError as exc:
+        if not sent:
+            raise
         yield sse_event(error_event_payload(exc))
     yield SSE_DONE
 

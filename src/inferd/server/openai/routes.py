@@ -51,7 +51,7 @@ from inferd.server.openai.responses import (
 )
 from inferd.server.openai.responses_protocol import ResponsesRequest
 from inferd.server.openai.score import add_score_routes
-from inferd.server.streaming import sse_response, unless_disconnected
+from inferd.server.streaming import sse_response, started_sse_response, unless_disconnected
 
 
 def build_router(
@@ -114,7 +114,7 @@ def build_router(
                 return sse_response(stream_beam_completion(frontend, job))
             return await unless_disconnected(request, beam_complete(frontend, job))
         if body.stream:
-            return sse_response(stream_completion(frontend, job))
+            return await started_sse_response(stream_completion(frontend, job))
         return await unless_disconnected(request, complete(frontend, job))
 
     @router.post("/v1/chat/completions", response_model=None)
@@ -129,7 +129,7 @@ def build_router(
                 return sse_response(stream_beam_chat(frontend, job))
             return await unless_disconnected(request, beam_chat(frontend, job))
         if body.stream:
-            return sse_response(stream_chat(frontend, job))
+            return await started_sse_response(stream_chat(frontend, job))
         return await unless_disconnected(request, chat(frontend, job))
 
     @router.post("/v1/responses", response_model=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -248,9 +248,10 @@ def _sequence_details(frontend: Frontend, job: TgiJob, out: RequestOutput, sampl
     }
 
 
-async def stream_generate(frontend: Frontend, job: TgiJob) -> AsyncIterator[str]:
+async def stream_generate(frontend: Frontend, job: TgiJob) -> AsyncGenerator[str, None]:
     """One event per generated token; the last one carries the whole text (and details if asked)."""
     index = 0
+    sent = False  # an error before anything was sent is raised (started_sse_response: its status)
     try:
         async with aclosing(
             frontend.generate(job.request_id, [job.prompt], job.params, timeout_s=job.timeout_s)
@@ -277,8 +278,11 @@ async def stream_generate(frontend: Frontend, job: TgiJob) -> AsyncIterator[str]
                     if last and out.finished:
                         event.generated_text = job.prompt_text + out.text if job.full_text else out.text
                         event.details = summary if job.details else None
+                    sent = True
                     yield sse_event(event.model_dump_json())
     except ApiError as exc:
+        if not sent:
+            raise
         yield _error_event(exc)
 
 

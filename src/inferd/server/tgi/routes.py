@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from inferd.server.errors import protocol_route_class
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
-from inferd.server.streaming import sse_response, unless_disconnected
+from inferd.server.streaming import started_sse_response, unless_disconnected
 from inferd.server.tgi.generation import (
     DEFAULT_MAX_BEST_OF,
     MAX_STOP_SEQUENCES,
@@ -69,13 +69,13 @@ def build_router(
     @router.post("/generate_stream", response_model=None)
     async def generate_stream(body: GenerateRequest, request: Request) -> Response:
         job = ready_job(body, request, stream=True)
-        return sse_response(stream_generate(frontend, job))
+        return await started_sse_response(stream_generate(frontend, job))
 
     @router.post("/", response_model=list[GenerateResponse])
     async def compat_generate(body: GenerateRequest, request: Request) -> Response:
         job = ready_job(body, request, stream=bool(body.stream))
         if body.stream:
-            return sse_response(stream_generate(frontend, job))
+            return await started_sse_response(stream_generate(frontend, job))
         generated = await unless_disconnected(request, generate(frontend, job))
         return _json(f"[{generated.response.model_dump_json()}]", generated.headers)
 
