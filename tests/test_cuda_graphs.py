@@ -136,8 +136,9 @@ def test_gpu_switches_reach_the_runner(tiny_model_factory) -> None:
         return {m.use_triton for m in model.modules() if isinstance(m, RMSNorm)}  # type: ignore[attr-defined]
 
     folder = tiny_model_factory("llama")
-    llm = LLM(folder, device="cpu", enforce_eager=True, num_kv_blocks=16)
+    llm = LLM(folder, device="cpu", enforce_eager=True, num_kv_blocks=16, max_model_len=256)
     assert llm.engine.config.enforce_eager
     assert not llm.engine.core.runner.uses_cuda_graphs()
     assert norms_use_triton(llm) == {False}  # the CPU default
-    assert norms_use_triton(LLM(folder, device="cpu", triton_ops=True, num_kv_blocks=16)) == {True}
+    small = {"num_kv_blocks": 16, "max_model_len": 256}
+    assert norms_use_triton(LLM(folder, device="cpu", triton_ops=True, **small)) == {True}

@@ -72,7 +72,7 @@ def test_the_served_model_as_its_own_draft_is_always_right() -> None:
 def test_preempted_requests_guess_again_from_scratch(draft: Path) -> None:
     """A KV cache too small for every request at once preempts some; their draft state goes with
     their blocks, and the outputs are still the plain engine's."""
-    options = {"num_kv_blocks": 12, "block_size": 4, "max_num_batched_tokens": 32}
+    options = {"num_kv_blocks": 12, "block_size": 4, "max_num_batched_tokens": 32, "max_model_len": 48}
     speculative = LLM(speculative_config=_spec(draft), **options)
     plain = LLM(**options)
     prompts = [speculative.tokenizer.encode(text) for text in TEXT_PROMPTS]

@@ -439,3 +439,20 @@ def test_giving_back_out_of_window_blocks_spares_preemptions(tiny_model_factory,
     holding = LLM(folder, **options)
     assert [o.token_ids for o in holding.generate(prompts, params)] == expected
     assert holding.engine.stats().num_preemptions > 0
+
+
+def test_a_sliding_window_model_runs_contexts_longer_than_its_pool(tiny_model_factory) -> None:
+    """Every layer sees 12 positions and a step runs at most 8 tokens: a request holds at most
+    (12 + 8 - 2) // 4 + 2 = 6 blocks of 4 at once, so a pool of 6 (24 tokens) runs 90-token
+    contexts, as transformers computes them. A model without windows needs its whole context."""
+    folder = tiny_model_factory("mistral-sliding")
+    options = {"kv_cache_memory": "16MiB", "block_size": 4, "max_model_len": 96, "max_num_batched_tokens": 8}
+    llm = LLM(folder, num_kv_blocks=6, **options)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(5, 200) for _ in range(60)] for _ in range(2)]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == _hf_greedy(folder, prompts, 30)
+    with pytest.raises(ValueError, match=r"num_kv_blocks 5 of 4 tokens are fewer than .* at once \(6\)"):
+        LLM(folder, num_kv_blocks=5, **options)
+    with pytest.raises(ValueError, match=r"num_kv_blocks 23 of 4 tokens are fewer than .* at once \(24\)"):
+        LLM(tiny_model_factory("qwen3"), num_kv_blocks=23, **options)

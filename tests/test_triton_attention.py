@@ -380,7 +380,7 @@ def test_greedy_tokens_equal_between_torch_and_triton_backends(attentive_llama) 
     for backend in ("torch", "triton"):
         llm = LLM(
             attentive_llama, attention_backend=backend, device="cpu", block_size=8,
-            max_num_batched_tokens=32, num_kv_blocks=48,
+            max_num_batched_tokens=32, num_kv_blocks=48, max_model_len=384,
         )  # fmt: skip
         outputs = llm.generate(first_call, params) + llm.generate(second_call, params)
         tokens[backend] = [out.token_ids for out in outputs]

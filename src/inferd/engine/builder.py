@@ -26,6 +26,7 @@ from inferd.config import (
     option_object,
     parse_dtype,
 )
+from inferd.kv.manager import kv_window
 from inferd.models.loader import safetensors_files
 from inferd.sample.sampler import FUSED_KERNELS
 from inferd.sched.draft_proposer import read_draft_config
@@ -286,15 +287,30 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
             # On the CPU every rank's cache comes out of the same RAM: the default is for all of them.
             budget //= config.tensor_parallel_size
         num_blocks = budget // bytes_per_block
-        blocks_per_seq = -(-config.scheduler.max_model_len // cache.block_size)
-        if num_blocks < blocks_per_seq:
+        max_len = config.scheduler.max_model_len
+        needed = most_blocks_held(config, max_len)
+        if num_blocks < needed:
+            whole = needed >= -(-max_len // cache.block_size)
+            what = (
+                f"one full context ({max_len})"
+                if whole
+                else f"one request's window and step ({needed} blocks)"
+            )
             raise ValueError(
                 f"KV cache budget of {budget / 2**20:.0f} MiB holds {num_blocks * cache.block_size} tokens, "
-                f"fewer than one full context ({config.scheduler.max_model_len}); raise --kv-cache-memory "
-                f"or lower --max-model-len"
+                f"fewer than {what}; raise --kv-cache-memory or lower --max-model-len"
             )
         cache = cache.with_num_blocks(int(num_blocks))
     assert cache.num_blocks is not None
+    needed = most_blocks_held(config, config.scheduler.max_model_len)
+    if cache.num_blocks < needed:
+        # As vLLM refuses to start: a request that could never hold its blocks would be preempted
+        # and readmitted forever.
+        raise ValueError(
+            f"num_kv_blocks {cache.num_blocks} of {cache.block_size} tokens are fewer than one request "
+            f"of --max-model-len {config.scheduler.max_model_len} may hold at once ({needed}); give more "
+            f"or lower --max-model-len"
+        )
     logger.info(
         "KV cache: %d blocks of %d tokens (%.1f MiB); up to %d tokens of context in flight, "
         "%.1f full-length requests",
@@ -305,6 +321,23 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
         cache.num_blocks * cache.block_size / config.scheduler.max_model_len,
     )
     return dataclasses.replace(config, cache=cache)
+
+
+def most_blocks_held(config: EngineConfig, num_tokens: int) -> int:
+    """The most KV blocks a request of ``num_tokens`` tokens (prompt and output) holds at once: all
+    of its blocks, or, for a model whose every layer has a sliding window and no draft model (whose
+    cache keeps every block), its window's and one step's (the blocks behind the window go back
+    as it advances: ``KVCacheManager.release_out_of_window``)."""
+    block_size = config.cache.block_size
+    whole = -(-num_tokens // block_size)
+    window = kv_window(config.model.layer_windows)
+    if not window or (config.speculative is not None and config.speculative.model is not None):
+        return whole
+    # A step's tokens; with asynchronous scheduling, two steps' (the next is scheduled before the
+    # last one's blocks go back).
+    step = config.scheduler.max_num_batched_tokens * (2 if config.uses_async_scheduling else 1)
+    # The keys window - 1 back from a step's first position, then the step's: each end in a part block.
+    return min(whole, (window + step - 2) // block_size + 2)
 
 
 def _draft_kv_bytes_per_token(config: EngineConfig) -> int:
