@@ -123,3 +123,46 @@ async def test_the_serve_flag_lets_clients_register_shared_memory(tiny_llama: Pa
             assert registered.status_code == (200 if allowed else 400), registered.text
     finally:
         (Path("/dev/shm") / key).unlink()
+
+
+async def test_a_drain_waits_for_the_repositorys_llms_and_refuses_every_model(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """SIGTERM's drain covers the model repository: its LLM's generation in flight is waited for
+    (not cut by the server's own shutdown), and every model, LLM or not, refuses new requests."""
+    import asyncio
+    import json
+    import shutil
+
+    from inferd.server.config import ServerConfig
+    from inferd.server.lifecycle import drain
+
+    repository = tmp_path / "repository"
+    shutil.copytree(Path(__file__).parent.parent / "examples" / "models" / "digits", repository / "digits")
+    shutil.copytree(tiny_llama, repository / "chat" / "hf")
+    parameters = {"kv_cache_memory": "8MiB", "max_num_seqs": 1}
+    (repository / "chat" / "model.json").write_text(
+        json.dumps({"runtime": "llm", "artifact": "hf", "parameters": parameters})
+    )
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="8MiB")
+    app = create_app(llm, ServerConfig(), repository)
+    chat = app.state.model_repository.get("chat").runtime.frontend
+    long_run = {"text_input": "To be", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+    image = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 8, 8], "data": [0.0] * 64}]}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as client:
+            assert (await client.post("/v2/models/digits/infer", json=image)).status_code == 200
+            running = asyncio.create_task(client.post("/v2/models/chat/generate", json=long_run))
+            while chat.num_in_flight == 0:
+                await asyncio.sleep(0.01)
+            draining = asyncio.create_task(drain(app.state.frontend, 60, app.state.model_repository))
+            await asyncio.sleep(0.05)
+            assert not draining.done()  # waiting for the repository LLM's generation
+            refused = await client.post("/v2/models/chat/generate", json={"text_input": "To be"})
+            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]
+            assert (await client.post("/v2/models/digits/infer", json=image)).status_code == 503
+            assert (await client.get("/v2/models/digits/ready")).status_code == 503
+            await draining
+            answer = await running
+    assert answer.status_code == 200 and answer.json()["finish_reason"] == "length"

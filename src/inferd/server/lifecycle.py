@@ -19,6 +19,8 @@ from types import FrameType
 import uvicorn
 
 from inferd.server.frontend import Frontend
+from inferd.server.kserve.llm_runtime import RepositoryLLM
+from inferd.serving.repository import ModelRepository
 
 logger = logging.getLogger("inferd.server")
 
@@ -43,9 +45,15 @@ class DrainingServer(uvicorn.Server):
             self.drain_requested = True
 
 
-async def serve(server: DrainingServer, frontend: Frontend, shutdown_timeout_s: float) -> int:
-    """Runs the server until it stops; returns the process exit code (0, or 1 if the engine died)."""
-    supervisor = asyncio.create_task(_supervise(server, frontend, shutdown_timeout_s))
+async def serve(
+    server: DrainingServer,
+    frontend: Frontend,
+    shutdown_timeout_s: float,
+    repository: ModelRepository | None = None,
+) -> int:
+    """Runs the server until it stops; returns the process exit code (0, or 1 if the engine died).
+    ``repository``: the model repository served beside the LLM, drained with it."""
+    supervisor = asyncio.create_task(_supervise(server, frontend, shutdown_timeout_s, repository))
     try:
         await server.serve()
     finally:
@@ -54,35 +62,51 @@ async def serve(server: DrainingServer, frontend: Frontend, shutdown_timeout_s: 
     return supervisor.result() if not supervisor.cancelled() else 0
 
 
-async def _supervise(server: DrainingServer, frontend: Frontend, shutdown_timeout_s: float) -> int:
+async def _supervise(
+    server: DrainingServer, frontend: Frontend, shutdown_timeout_s: float, repository: ModelRepository | None
+) -> int:
     while not server.should_exit:
         if server.drain_requested:
-            await drain(frontend, shutdown_timeout_s)
+            await drain(frontend, shutdown_timeout_s, repository)
             server.should_exit = True
             return 0
         if server.started and frontend.llm.dead_reason is not None:
             logger.error("stopping: %s", frontend.llm.dead_reason)
             frontend.draining = True
-            await _wait_for_no_requests(frontend, _SETTLE_S)
+            await _wait_for_no_requests([frontend], _SETTLE_S)
             server.should_exit = True
             return 1
         await asyncio.sleep(_POLL_S)
     return 0
 
 
-async def drain(frontend: Frontend, timeout_s: float) -> None:
-    """Refuse new requests, let those in flight finish for up to `timeout_s`, abort the rest."""
-    frontend.draining = True
-    logger.info("draining: %d request(s) in flight, up to %.1fs", frontend.num_in_flight, timeout_s)
-    if await _wait_for_no_requests(frontend, timeout_s):
+async def drain(frontend: Frontend, timeout_s: float, repository: ModelRepository | None = None) -> None:
+    """Refuse new requests, let those in flight finish for up to `timeout_s`, abort the rest: the
+    served LLM's, and with a model repository, its LLMs' too (its other models refuse new requests
+    and answer those their batches already hold)."""
+    frontends = [frontend]
+    if repository is not None:
+        repository.begin_drain()
+        frontends += [
+            entry.runtime.frontend for entry in repository if isinstance(entry.runtime, RepositoryLLM)
+        ]
+    for each in frontends:
+        each.draining = True
+    logger.info("draining: %d request(s) in flight, up to %.1fs", _in_flight(frontends), timeout_s)
+    if await _wait_for_no_requests(frontends, timeout_s):
         return
-    logger.warning("shutdown timeout: aborting %d request(s)", frontend.num_in_flight)
-    frontend.llm.abort_all("the server is shutting down")
-    await _wait_for_no_requests(frontend, _SETTLE_S)
+    logger.warning("shutdown timeout: aborting %d request(s)", _in_flight(frontends))
+    for each in frontends:
+        each.llm.abort_all("the server is shutting down")
+    await _wait_for_no_requests(frontends, _SETTLE_S)
 
 
-async def _wait_for_no_requests(frontend: Frontend, timeout_s: float) -> bool:
+def _in_flight(frontends: list[Frontend]) -> int:
+    return sum(each.num_in_flight for each in frontends)
+
+
+async def _wait_for_no_requests(frontends: list[Frontend], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while frontend.num_in_flight and time.monotonic() < deadline:
+    while _in_flight(frontends) and time.monotonic() < deadline:
         await asyncio.sleep(_POLL_S)
-    return frontend.num_in_flight == 0
+    return _in_flight(frontends) == 0

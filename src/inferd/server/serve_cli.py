@@ -319,7 +319,7 @@ async def _serve(
         logger.info("KServe v2 gRPC at %s:%d", server.config.host, grpc_port)
     announcer = asyncio.create_task(_announce_when_ready(server, frontend.model_name))
     try:
-        exit_code = await serve(server, frontend, config.shutdown_timeout_s)
+        exit_code = await serve(server, frontend, config.shutdown_timeout_s, repository)
     finally:
         announcer.cancel()
         if grpc_server is not None:

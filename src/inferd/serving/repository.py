@@ -66,12 +66,16 @@ class ModelEntry:
     folder: Path | None = None
     # Its inference statistics since it loaded (the statistics extension).
     stats: ModelStatistics = field(default_factory=ModelStatistics)
+    # The server is shutting down: no new request (Triton's: it stops taking inference as it exits).
+    draining: bool = False
 
     @property
     def unready_reason(self) -> str | None:
         """Why the model does not serve now; None when it does."""
         if self.runtime is None:
             return self.failure or "not loaded"
+        if self.draining:
+            return "the server is shutting down"
         if isinstance(self.runtime, HealthReportingRuntime):
             return self.runtime.unready_reason()
         return None
@@ -106,6 +110,7 @@ class ModelRepository:
         self._runtimes = runtimes
         self._added: set[str] = set()  # served from outside the folder: not loaded or unloaded here
         self._control = asyncio.Lock()  # one load or unload at a time
+        self._draining = False  # begin_drain: the server is shutting down
         # Clients' system shared memory regions, shared by the REST and gRPC servers; None: the
         # server does not take them (Triton's --allow-client-shm, off by default).
         self.shared_memory: SharedMemoryRegions | None = None
@@ -129,6 +134,13 @@ class ModelRepository:
             if entry.runtime is not None and (reason := entry.unready_reason) is not None:
                 return f"model {entry.name!r}: {reason}"
         return None
+
+    def begin_drain(self) -> None:
+        """The server is shutting down: every model refuses new requests (503, UNAVAILABLE) and
+        reads as not ready; the requests in flight go on (the server waits for its LLMs')."""
+        self._draining = True
+        for entry in self._entries.values():
+            entry.draining = True
 
     def add(self, entry: ModelEntry) -> None:
         """Serves a model loaded outside the repository folder (the LLM of `inferd serve`)."""
@@ -159,6 +171,7 @@ class ModelRepository:
                 raise InvalidInputError(
                     f"model {name!r} failed to load ({entry.failure}); the loaded one still serves"
                 )
+            entry.draining = self._draining  # one loaded during a drain takes no requests either
             self._entries[name] = entry
             if old is not None:
                 await _close(old)
