@@ -83,6 +83,8 @@ def test_serve_rejects_token_prompts_on_chat_and_bad_dataset_args(capsys: pytest
         ("--request-rate", "nan"),
         ("--request-rate", "0"),
         ("--timeout-s", "0"),
+        ("--num-prompts", "0"),
+        ("--num-prompts", "-2"),
         ("--extra-body", "{not json"),
         ("--extra-body", "[1]"),
     ],  # fmt: skip

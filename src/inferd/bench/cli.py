@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inferd.bench.datasets import BenchRequest, LengthRange, TextTokenizer
-from inferd.entrypoints.engine_args import add_engine_args, non_negative_float
+from inferd.entrypoints.engine_args import add_engine_args, non_negative_float, positive_int
 
 if TYPE_CHECKING:
     from inferd.bench.runner import RunResult
@@ -40,7 +40,7 @@ def _add_workload_args(parser: argparse.ArgumentParser, tokenizer_option: bool) 
         metavar=("KIND", "PATH"),
         help="random | sharegpt PATH (ShareGPT JSON) | jsonl PATH (lines of {prompt, max_tokens})",
     )
-    workload.add_argument("--num-prompts", type=int, default=100)
+    workload.add_argument("--num-prompts", type=positive_int, default=100)
     workload.add_argument("--seed", type=int, default=0)
     workload.add_argument(
         "--input-len",
