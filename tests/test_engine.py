@@ -217,8 +217,13 @@ def test_prompt_errors_give_numbers(llm: LLM) -> None:
     limit = llm.engine.max_model_len
     with pytest.raises(PromptError, match=str(limit)):
         llm.generate([[5] * limit], SamplingParams())
+    # The offline API, as vLLM's, stops at the context ("length"); an engine request of a server's
+    # is refused with the numbers.
+    near = llm.generate([[5] * (limit - 10)], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    assert near.finish_reason == "length" and len(near.token_ids) == 10
     with pytest.raises(PromptError, match=f"{limit - 10} tokens.*max_tokens asks for 20"):
-        llm.generate([[5] * (limit - 10)], SamplingParams(max_tokens=20))
+        llm.engine.add_request("too-long", [5] * (limit - 10), SamplingParams(max_tokens=20))
+    assert not llm.engine.has_unfinished()
     with pytest.raises(PromptError, match="empty"):
         llm.generate([""], SamplingParams())
     with pytest.raises(PromptError, match="out of range"):

@@ -80,7 +80,10 @@ class LLM:
                 for sample in range(params.n):
                     request_id = f"offline-{next(self._ids)}"
                     engine_params = _sample_params(params, sample)
-                    self.engine.add_request(request_id, prompt, engine_params, final_only=True)
+                    # As vLLM's offline API: max_tokens past the context stops there ("length").
+                    self.engine.add_request(
+                        request_id, prompt, engine_params, final_only=True, clamp_to_context=True
+                    )
                     placed[request_id] = (index, sample)
             with tqdm(total=len(placed), desc="generate", disable=not use_tqdm, unit="req") as bar:
                 while self.engine.has_unfinished():

@@ -105,8 +105,12 @@ class InputProcessor:
                     found.setdefault(tuple(ids), None)
         return dataclasses.replace(params, bad_words=[], bad_words_token_ids=[list(ids) for ids in found])
 
-    def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
-        """Check the context limit and the cap; returns the output budget (what is left when unset)."""
+    def resolve_max_tokens(
+        self, num_prompt_tokens: int, params: SamplingParams, clamp_to_context: bool = False
+    ) -> int:
+        """Check the context limit and the cap; returns the output budget (what is left when unset).
+        ``clamp_to_context``: a ``max_tokens`` past the context gets what is left (the offline API's,
+        as vLLM's, whose requests then end with "length") instead of an error (the servers')."""
         room = self.max_model_len - num_prompt_tokens
         if params.embed:
             # A pooled prompt may fill the context: the one token such a request samples is dropped
@@ -126,6 +130,8 @@ class InputProcessor:
         if cap is not None and params.max_tokens > cap:
             raise PromptError(f"max_tokens is {params.max_tokens}; this server allows at most {cap}")
         if params.max_tokens > room:
+            if clamp_to_context:
+                return room
             raise PromptError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
                 f"{num_prompt_tokens} tokens and max_tokens asks for {params.max_tokens} more "
@@ -159,7 +165,12 @@ class InputProcessor:
                               f"the prompt into label logits")  # fmt: skip
 
     def make_request(
-        self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        clamp_to_context: bool = False,
     ) -> Request:
         if params.n != 1:
             raise PromptError(
@@ -183,6 +194,6 @@ class InputProcessor:
             prompt_token_ids=token_ids,
             params=params,
             eos_token_ids=self.eos_token_ids,
-            max_output_tokens=self.resolve_max_tokens(len(token_ids), params),
+            max_output_tokens=self.resolve_max_tokens(len(token_ids), params, clamp_to_context),
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
         )

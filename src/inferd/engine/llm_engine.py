@@ -52,12 +52,14 @@ class LLMEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
         final_only: bool = False,
+        clamp_to_context: bool = False,
     ) -> list[int]:
         """Validate and queue a request; returns its prompt token ids. With ``final_only`` the
-        request's one output comes when it finishes (its text decoded then, in one go)."""
+        request's one output comes when it finishes (its text decoded then, in one go);
+        ``clamp_to_context``: a ``max_tokens`` past the context gets what is left, not an error."""
         if request_id in self.output_processor:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.inputs.make_request(request_id, prompt, params, arrival_time)
+        request = self.inputs.make_request(request_id, prompt, params, arrival_time, clamp_to_context)
         self.core.add_request(request)
         self.output_processor.add(
             request_id, request.prompt_token_ids, params, request.arrival_time, final_only
