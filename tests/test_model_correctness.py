@@ -441,6 +441,7 @@ def test_giving_back_out_of_window_blocks_spares_preemptions(tiny_model_factory,
     assert holding.engine.stats().num_preemptions > 0
 
 
+@pytest.mark.timeout(300)  # a request that could never hold its blocks would be readmitted forever
 def test_a_sliding_window_model_runs_contexts_longer_than_its_pool(tiny_model_factory) -> None:
     """Every layer sees 12 positions and a step runs at most 8 tokens: a request holds at most
     (12 + 8 - 2) // 4 + 2 = 6 blocks of 4 at once, so a pool of 6 (24 tokens) runs 90-token
@@ -452,6 +453,14 @@ def test_a_sliding_window_model_runs_contexts_longer_than_its_pool(tiny_model_fa
     prompts = [[rng.randrange(5, 200) for _ in range(60)] for _ in range(2)]
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in llm.generate(prompts, params)] == _hf_greedy(folder, prompts, 30)
+    # A later turn that extends a cached one: its prefix hits go back at once where the window
+    # leaves them behind, so they never need more blocks than the pool has.
+    first = prompts[0][:22]
+    llm.generate([first], SamplingParams(max_tokens=1))
+    extended = [first[:20] + prompts[1][:30]]
+    outputs = llm.generate(extended, params)
+    assert [o.token_ids for o in outputs] == _hf_greedy(folder, extended, 30)
+    assert outputs[0].metrics.num_cached_tokens > 0
     with pytest.raises(ValueError, match=r"num_kv_blocks 5 of 4 tokens are fewer than .* at once \(6\)"):
         LLM(folder, num_kv_blocks=5, **options)
     with pytest.raises(ValueError, match=r"num_kv_blocks 23 of 4 tokens are fewer than .* at once \(24\)"):
