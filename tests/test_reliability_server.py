@@ -88,6 +88,7 @@ class _Fillers:
 
 
 TGI_OVERLOADED = "tgi_request_failure{err=overloaded}"
+ABORTED = "inferd:requests_aborted_total"
 
 
 def _post(url: str, **kwargs: object) -> httpx.Response:
@@ -201,6 +202,29 @@ async def test_streams_the_queue_turns_away_as_they_are_admitted_get_429s(
         else:
             last = answer.text.rstrip().splitlines()[-1]
             assert '"error"' not in answer.text and (last == "data: [DONE]" or '"generated_text"' in last)
+
+
+def test_a_queued_stream_whose_client_leaves_before_its_first_event_is_aborted(server: ServerProcess) -> None:
+    """Its status line waits for its first event: a client gone meanwhile still aborts it (and frees
+    its place in the queue) without waiting for its turn."""
+    _wait_idle(server)
+    fillers = _Fillers(server.base_url)
+    try:
+        fillers.add(1)
+        server.wait_for_metrics(lambda m: m["inferd:num_requests_running"] == 1)
+        before = server.metrics()[ABORTED]
+        body = {"prompt": "To be", "max_tokens": 5, "stream": True}
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the filler: no first event yet
+            with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body,
+                              timeout=httpx.Timeout(10, read=0.5)) as response:  # fmt: skip
+                response.read()
+        after = server.wait_for_metrics(
+            lambda m: m[ABORTED] == before + 1 and m["inferd:num_requests_waiting"] == 0
+        )
+        assert after["inferd:num_requests_running"] == 1  # the filler still runs: nobody else ended it
+    finally:
+        fillers.stop()
+    _wait_idle(server)
 
 
 def test_more_generations_than_the_queue_holds_is_a_400_not_a_429(server: ServerProcess) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -116,6 +117,14 @@ class _RefusingFrontend:
         return outputs()
 
 
+class _ConnectedRequest:
+    """A request whose client stays: its next ASGI message never comes."""
+
+    async def receive(self) -> dict[str, str]:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+
 async def test_an_error_before_anything_was_sent_is_raised_for_the_status_line() -> None:
     """started_sse_response makes the first event before the response starts: a stream that fails
     before it has sent anything raises, so the route answers with the error's own status."""
@@ -127,7 +136,7 @@ async def test_an_error_before_anything_was_sent_is_raised_for_the_status_line()
         stream_completion(_RefusingFrontend(), _completion_job()),  # type: ignore[arg-type]
     ):
         with pytest.raises(OverloadedError):
-            await started_sse_response(stream)
+            await started_sse_response(_ConnectedRequest(), stream)  # type: ignore[arg-type]
 
 
 class _EosFrontend:

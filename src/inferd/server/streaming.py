@@ -1,7 +1,9 @@
-"""Server-sent events, and cancelling a non-streaming request when its client goes away.
+"""Server-sent events, and cancelling a request when its client goes away.
 
-A streamed response needs nothing more: Starlette cancels the body iterator when the client
-disconnects, and closing the Frontend's iterator aborts the engine requests (freeing their blocks).
+Once a streamed response has started, Starlette cancels the body iterator when the client
+disconnects, and closing the Frontend's iterator aborts the engine requests (freeing their blocks);
+before it starts (``started_sse_response`` waits for its first event), and for a whole answer,
+``unless_disconnected`` watches for the disconnect.
 """
 
 from __future__ import annotations
@@ -33,14 +35,19 @@ def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
-async def started_sse_response(events: AsyncGenerator[str, None]) -> StreamingResponse:
+async def started_sse_response(request: Request, events: AsyncGenerator[str, None]) -> StreamingResponse:
     """An SSE response whose first event is made before its status line goes out.
 
     A stream that fails before it has sent anything (a full queue, found only as its engine
     requests are admitted, after the route's own check let it through) raises here, so the client
-    gets that error's status (a 429 with Retry-After) rather than an error event inside a 200."""
+    gets that error's status (a 429 with Retry-After) rather than an error event inside a 200. A
+    client that leaves while it waits stops it (its engine requests aborted), as after."""
+
+    async def first_event() -> str:
+        return await anext(events)
+
     try:
-        first = await anext(events)
+        first = await unless_disconnected(request, first_event())
     except BaseException:
         await events.aclose()
         raise

@@ -114,7 +114,7 @@ def build_router(
                 return sse_response(stream_beam_completion(frontend, job))
             return await unless_disconnected(request, beam_complete(frontend, job))
         if body.stream:
-            return await started_sse_response(stream_completion(frontend, job))
+            return await started_sse_response(request, stream_completion(frontend, job))
         return await unless_disconnected(request, complete(frontend, job))
 
     @router.post("/v1/chat/completions", response_model=None)
@@ -129,7 +129,7 @@ def build_router(
                 return sse_response(stream_beam_chat(frontend, job))
             return await unless_disconnected(request, beam_chat(frontend, job))
         if body.stream:
-            return await started_sse_response(stream_chat(frontend, job))
+            return await started_sse_response(request, stream_chat(frontend, job))
         return await unless_disconnected(request, chat(frontend, job))
 
     @router.post("/v1/responses", response_model=None)

@@ -69,13 +69,13 @@ def build_router(
     @router.post("/generate_stream", response_model=None)
     async def generate_stream(body: GenerateRequest, request: Request) -> Response:
         job = ready_job(body, request, stream=True)
-        return await started_sse_response(stream_generate(frontend, job))
+        return await started_sse_response(request, stream_generate(frontend, job))
 
     @router.post("/", response_model=list[GenerateResponse])
     async def compat_generate(body: GenerateRequest, request: Request) -> Response:
         job = ready_job(body, request, stream=bool(body.stream))
         if body.stream:
-            return await started_sse_response(stream_generate(frontend, job))
+            return await started_sse_response(request, stream_generate(frontend, job))
         generated = await unless_disconnected(request, generate(frontend, job))
         return _json(f"[{generated.response.model_dump_json()}]", generated.headers)
 
