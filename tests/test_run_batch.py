@@ -61,10 +61,11 @@ async def test_lines_that_cannot_be_sent_get_an_error_and_no_response(tiny_llama
         _line("tgi", "/generate", {"inputs": "To be"}),
         json.dumps({"custom_id": "nobody", "method": "POST", "url": "/v1/completions", "body": "To be"}),
         _line("streamed", "/v1/completions", {"prompt": "To be", "stream": True}),
+        '{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"temperature": NaN}}',
     ]
     results = await answer_lines(app, lines, max_concurrency=4)
     assert all(r["response"] is None for r in results)
-    assert [r["custom_id"] for r in results] == [None, None, None, "get", "tgi", "nobody", "streamed"]
+    assert [r["custom_id"] for r in results] == [None, None, None, "get", "tgi", "nobody", "streamed", "nan"]
     messages = [r["error"]["message"] for r in results]
     for message, expected in zip(
         messages,
@@ -76,6 +77,7 @@ async def test_lines_that_cannot_be_sent_get_an_error_and_no_response(tiny_llama
             "url: a batch takes",
             "body:",
             "body.stream",
+            "body: Out of range float values",
         ],
         strict=True,
     ):

@@ -30,6 +30,8 @@ from inferd.entrypoints.engine_args import add_engine_args, engine_options, posi
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+logger = logging.getLogger(__name__)
+
 # The routes a batch line may name: those whose answer is one JSON body.
 BATCH_URLS = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/score", "/score", "/v1/rerank",
@@ -136,11 +138,20 @@ async def _answer_line(client: Any, line: str) -> dict[str, Any]:
         return _failed(custom_id, "body: a batch request's body is a JSON object")
     if body.get("stream"):
         return _failed(custom_id, "body.stream: a batch answer is one body, not a stream")
-    for _ in range(MAX_TRIES):
-        response = await client.post(url, json=body)
-        if response.status_code != 429:
-            break
-        await asyncio.sleep(float(response.headers.get("Retry-After", 1)))
+    try:
+        content = json.dumps(body, allow_nan=False)
+    except ValueError as exc:  # NaN or Infinity, which JSON readers took but JSON does not have
+        return _failed(custom_id, f"body: {exc}")
+    headers = {"Content-Type": "application/json"}
+    try:
+        for _ in range(MAX_TRIES):
+            response = await client.post(url, content=content, headers=headers)
+            if response.status_code != 429:
+                break
+            await asyncio.sleep(float(response.headers.get("Retry-After", 1)))
+    except Exception as exc:  # one line's failure must not lose the others' answers
+        logger.exception("batch request %r failed", custom_id)
+        return _failed(custom_id, f"the request failed: {exc}")
     try:
         answer = response.json()
     except ValueError:
