@@ -140,6 +140,22 @@ def test_eos_ends_unless_ignored(llm: LLM) -> None:
     assert out.finish_reason == "length" and len(out.token_ids) == 10
 
 
+def test_an_eos_id_beside_the_tokenizers_reports_itself_as_the_stop_reason(tiny_llama, tmp_path) -> None:
+    """As vLLM, which counts generation_config.json's other EOS ids (Llama 3's <|eot_id|>) among
+    the stop token ids: ending on one gives its id as stop_reason; the tokenizer's own EOS, None."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    primary = LLM(tiny_llama, kv_cache_memory="4MiB").tokenizer.eos_token_id
+    assert primary is not None
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [primary, 7]}))
+    llm = LLM(folder, kv_cache_memory="4MiB")
+    for token, reason in ((7, 7), (primary, None)):
+        out = llm.generate("To be", SamplingParams(max_tokens=4, temperature=0.0, logit_bias={token: 100.0}))[
+            0
+        ]
+        assert out.token_ids == [token] and out.finish_reason == "stop" and out.stop_reason == reason
+
+
 def test_logprobs_and_timing(llm: LLM) -> None:
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=5, temperature=0.0, logprobs=3))[0]
     assert len(out.logprobs) == 5

@@ -52,7 +52,8 @@ class OutputProcessor:
     """Frontend-side state of every live request."""
 
     def __init__(self, tokenizer: Tokenizer, eos_token_ids: frozenset[int] = frozenset()) -> None:
-        """``eos_token_ids``: those the core ends requests on, which are no stop_reason."""
+        """``eos_token_ids``: those the core ends requests on (all but the tokenizer's own EOS
+        report their id as stop_reason, as vLLM's)."""
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self._states: dict[str, _RequestState] = {}
@@ -173,11 +174,12 @@ class OutputProcessor:
         return True
 
     def _stop_token(self, params: SamplingParams, token: int) -> int | None:
-        """The token that ended a request, as vLLM's stop_reason: a stop token id asked for, unless
-        it was an EOS token that ended it first."""
-        if token in self.eos_token_ids and not params.ignore_eos:
+        """The token that ended a request, as vLLM's stop_reason: None for the tokenizer's EOS
+        token; the id of a stop token asked for, or of another EOS id (generation_config.json's,
+        such as Llama 3's <|eot_id|>, which vLLM counts among the stop token ids)."""
+        if token == self.tokenizer.eos_token_id and not params.ignore_eos:
             return None
-        return token if token in params.stop_token_ids else None
+        return token if token in params.stop_token_ids or token in self.eos_token_ids else None
 
     def _emit(self, state: _RequestState, finish_reason: str | None, now: float) -> RequestOutput:
         finished = finish_reason is not None
