@@ -166,3 +166,32 @@ async def test_a_drain_waits_for_the_repositorys_llms_and_refuses_every_model(
             await draining
             answer = await running
     assert answer.status_code == 200 and answer.json()["finish_reason"] == "length"
+
+
+async def test_the_standalone_kserve_server_drains_on_its_first_signal(tmp_path: Path) -> None:
+    """`python -m inferd.server.kserve`: the first SIGTERM makes every model refuse new requests and
+    read as not ready before the servers stop, as Triton's shutdown does."""
+    import shutil
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from inferd.server.kserve.launch import _drain_on_signal, build_app, open_repository
+
+    shutil.copytree(Path(__file__).parent.parent / "examples" / "models" / "digits", tmp_path / "digits")
+    registry = CollectorRegistry()
+    repository = open_repository(tmp_path, registry)
+    app = build_app(repository, registry)
+    image = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 8, 8], "data": [0.0] * 64}]}
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            assert (await client.post("/v2/models/digits/infer", json=image)).status_code == 200
+            server = SimpleNamespace(should_exit=False, drain_requested=True)  # SIGTERM came
+            await _drain_on_signal(server, repository)
+            assert server.should_exit
+            refused = await client.post("/v2/models/digits/infer", json=image)
+            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]
+            assert (await client.get("/v2/health/ready")).status_code == 503
+    finally:
+        await repository.close()

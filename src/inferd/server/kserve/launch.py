@@ -7,6 +7,7 @@ serves a repository on its own (`python -m inferd.server.kserve`), e.g. for benc
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,9 @@ from inferd.serving.shared_memory import SharedMemoryRegions
 
 if TYPE_CHECKING:
     from inferd.server.frontend import Frontend
+
+logger = logging.getLogger("inferd.server.kserve")
+_DRAIN_POLL_S = 0.02
 
 
 def open_repository(
@@ -69,16 +73,37 @@ def build_app(
 
 
 async def serve(repository: ModelRepository, app: FastAPI, host: str, port: int, grpc_port: int) -> None:
-    """HTTP and gRPC on one event loop until the HTTP server exits (SIGINT/SIGTERM)."""
+    """HTTP and gRPC on one event loop until SIGINT/SIGTERM. The first signal drains, as Triton
+    stops: every model refuses new requests (503, gRPC UNAVAILABLE) and reads as not ready, the
+    requests in flight are answered (the batchers answer what they hold), then the servers stop. A
+    second signal stops at once."""
     import uvicorn
 
+    from inferd.server.lifecycle import CONNECTION_CLOSE_TIMEOUT_S, DrainingServer
+
     grpc_server = await start_grpc_server(repository, host, grpc_port)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False,
+        timeout_graceful_shutdown=CONNECTION_CLOSE_TIMEOUT_S,
+    )  # fmt: skip
+    server = DrainingServer(config)
+    supervisor = asyncio.create_task(_drain_on_signal(server, repository))
     try:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
-        await uvicorn.Server(config).serve()
+        await server.serve()
     finally:
+        supervisor.cancel()
         await grpc_server.stop(grace=1.0)
         await repository.close()
+
+
+async def _drain_on_signal(server: Any, repository: ModelRepository) -> None:
+    while not server.should_exit:
+        if server.drain_requested:
+            repository.begin_drain()
+            logger.info("draining: new requests are refused; those in flight are answered")
+            server.should_exit = True  # uvicorn waits for the open requests' answers
+            return
+        await asyncio.sleep(_DRAIN_POLL_S)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
