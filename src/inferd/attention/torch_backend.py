@@ -170,14 +170,16 @@ def _padded_context(
 ) -> _PaddedContext:
     """The contexts a group's queries attend over: from position 0, or, for a sliding-window
     layer whose window is shorter than the longest context, only each sequence's blocks from its
-    window's start (``window_start_block``): fewer bytes copied, and no block behind a window read."""
+    window's start (``window_start_block``): fewer bytes copied, and no block behind a window read
+    (even where the window's blocks are as many as the context's, a context past the window may
+    have given back its first ones)."""
     block_size = k_cache.shape[1]
-    # The most blocks one sequence's window can touch: its queries' span plus the window, unaligned.
-    window_blocks = (window + max_q - 2) // block_size + 2 if window else 0
-    if not window or window_blocks >= -(-max_len // block_size):
+    if not window or max_len <= window:
         positions = torch.arange(max_len, device=seq_lens.device)
         keys = _gather_padded(k_cache, block_tables, max_len)
         return _PaddedContext(keys, _gather_padded(v_cache, block_tables, max_len), positions)
+    # The most blocks one sequence's window can touch: its queries' span plus the window, unaligned.
+    window_blocks = min((window + max_q - 2) // block_size + 2, -(-max_len // block_size))
     first = (seq_lens - query_lens - window + 1).clamp(min=0) // block_size
     columns = first.unsqueeze(1) + torch.arange(window_blocks, device=seq_lens.device)
     # Columns past a table's last are padding, as past a sequence's length: masked.
