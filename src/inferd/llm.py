@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from inferd.engine.llm_engine import LLMEngine, Prompt
 from inferd.engine.matryoshka import check_dimensions, shortened
 from inferd.engine.outputs import ClassificationOutput, RequestOutput
 from inferd.engine.scoring import check_scoring_labels, joined_pair, pair_indices
-from inferd.sampling_params import SamplingParams, sample_seed
+from inferd.sampling_params import SamplingParams, params_of_sample
 
 # What the offline methods take as one prompt: text, token ids, or vLLM's prompt dicts
 # (``{"prompt": text}``, ``{"prompt_token_ids": ids}``).
@@ -79,7 +78,7 @@ class LLM:
             for index, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
                 for sample in range(params.n):
                     request_id = f"offline-{next(self._ids)}"
-                    engine_params = _sample_params(params, sample)
+                    engine_params = params_of_sample(params, sample)
                     # As vLLM's offline API: max_tokens past the context stops there ("length").
                     self.engine.add_request(
                         request_id, prompt, engine_params, final_only=True, clamp_to_context=True
@@ -262,19 +261,6 @@ class LLM:
             )  # fmt: skip
             for search, ids in zip(searches, prompt_ids, strict=True)
         ]
-
-
-def _sample_params(params: SamplingParams, sample: int) -> SamplingParams:
-    """The engine request of sample ``sample`` of a prompt asking ``params``."""
-    if params.n == 1:
-        return params
-    return dataclasses.replace(
-        params,
-        n=1,
-        seed=None if params.seed is None else sample_seed(params.seed, sample),
-        # The prompt's scores are the same for every sample: the first computes them.
-        prompt_logprobs=params.prompt_logprobs if sample == 0 else None,
-    )
 
 
 def _gathered(prompt: Prompt, samples: Sequence[RequestOutput | None]) -> RequestOutput:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from inferd.structured.spec import StructuredOutput
 
@@ -173,3 +175,18 @@ class SamplingParams:
     @property
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
+
+
+def params_of_sample(params: SamplingParams, sample: int, scores_once: bool = True) -> SamplingParams:
+    """The engine request of sample ``sample`` of a prompt asking ``params`` for several (the
+    servers' choices, the offline API's ``n``): one sample, seeded ``sample_seed`` where a seed is
+    given, and with ``scores_once``, scoring the prompt (``prompt_logprobs``) only in the first,
+    whose scores the caller gives every sample (scoring bypasses the prefix cache)."""
+    changes: dict[str, Any] = {}
+    if params.n != 1:
+        changes["n"] = 1
+    if sample and params.seed is not None:
+        changes["seed"] = sample_seed(params.seed, sample)
+    if sample and scores_once and params.prompt_logprobs is not None:
+        changes["prompt_logprobs"] = None
+    return dataclasses.replace(params, **changes) if changes else params

@@ -12,7 +12,6 @@ queue into a 429.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -29,7 +28,7 @@ from inferd.engine.input_processor import PRIORITY_NEEDS_POLICY
 from inferd.engine.llm_engine import PromptError
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.tokenizer import BrokenChatTemplateError, ChatTemplateError, InvalidTextError, Tokenizer
-from inferd.sampling_params import SamplingParams, SamplingParamsError, sample_seed
+from inferd.sampling_params import SamplingParams, SamplingParamsError, params_of_sample
 from inferd.server.errors import (
     GenerationError,
     InvalidRequestError,
@@ -362,11 +361,7 @@ class Frontend:
         for prompt_index, token_ids in enumerate(prompts):
             for sample in range(n):
                 index = prompt_index * n + sample
-                sample_params = params
-                if params.seed is not None and sample:
-                    sample_params = dataclasses.replace(params, seed=sample_seed(params.seed, sample))
-                if scores_once and sample and params.prompt_logprobs is not None:
-                    sample_params = dataclasses.replace(sample_params, prompt_logprobs=None)
+                sample_params = params_of_sample(params, sample, scores_once)
                 engine_id = f"{request_id}-{index}"
                 # A prompt's first sample reports how many the prompt asked for.
                 samples = n if records_asked and not sample else None
