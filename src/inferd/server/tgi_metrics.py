@@ -22,9 +22,9 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from inferd.server.metrics import FinishedRequest
 
-# TGI's failure kinds where they mean the same: a full queue and an engine error. A client gone and
-# a timeout (TGI has none) keep inferd's finish reasons.
-_FAILURE_KIND = {"error": "generation", "abort": "abort", "timeout": "timeout"}
+# TGI's failure kinds where they mean the same: a full queue and an engine error. Others (a client
+# gone, a timeout, which TGI has not) keep inferd's finish reasons.
+_FAILURE_KIND = {"error": "generation"}
 OVERLOADED = "overloaded"
 
 _DURATION_BUCKETS_S = (
