@@ -27,16 +27,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import gpu  # noqa: E402  (the tokenizer-only model folder)
+import long_prefill  # noqa: E402  (its model's shape)
 
 from inferd import LLM, SamplingParams  # noqa: E402
 from inferd.engine import core  # noqa: E402
 
-SHAPE = {
-    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 4096, "hidden_size": 512,
-    "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
-    "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
-}  # fmt: skip
+# long_prefill.py's model as a Mistral, whose config takes a sliding window.
+SHAPE = {**long_prefill.SHAPE, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
 
 
 def build(folder: Path, args: argparse.Namespace, release: bool) -> LLM:
