@@ -5,7 +5,7 @@ from collections.abc import Callable
 import pytest
 
 from inferd.kv.block_pool import BlockPool
-from inferd.kv.manager import KVCacheManager
+from inferd.kv.manager import KVCacheManager, iter_block_hashes
 
 
 def test_pool_allocates_and_refuses_when_full() -> None:
@@ -167,6 +167,15 @@ def test_the_window_to_release_by_is_the_widest_and_only_where_every_layer_has_o
     assert kv_window((8, 0, 8)) == 0 and kv_window(()) == 0
 
 
+def _compute_8_a_step(kv: KVCacheManager, request_id: str, prompt: list[int]) -> None:
+    """A new request's prompt computed 8 tokens a step, as the scheduler drives the manager."""
+    kv.find_cached_prefix(request_id, prompt)
+    for computed in range(8, len(prompt) + 1, 8):
+        assert kv.allocate(request_id, computed)
+        kv.cache_computed_blocks(request_id, _slices(prompt), computed)
+        kv.release_out_of_window(request_id, computed)
+
+
 @pytest.mark.parametrize("window", [0, 8])
 def test_a_freed_prefix_loses_its_tail_first_even_with_its_head_given_back_early(window: int) -> None:
     """A 40-token prompt computed 8 tokens a step in a pool of 10 blocks of 4; once it is freed and
@@ -174,12 +183,46 @@ def test_a_freed_prefix_loses_its_tail_first_even_with_its_head_given_back_early
     back to the pool behind a window while it ran."""
     kv = KVCacheManager(num_blocks=10, block_size=4, window=window)
     prompt = list(range(40))
-    kv.find_cached_prefix("a", prompt)
-    for computed in range(8, 41, 8):
-        assert kv.allocate("a", computed)
-        kv.cache_computed_blocks("a", _slices(prompt), computed)
-        kv.release_out_of_window("a", computed)
+    _compute_8_a_step(kv, "a", prompt)
     kv.free("a")
     kv.find_cached_prefix("b", [99])
     assert kv.allocate("b", 12)  # evicts three cached blocks
     assert kv.find_cached_prefix("c", prompt) == 28
+
+
+def test_a_window_finds_a_prefix_whose_head_was_evicted() -> None:
+    """A 40-token prompt computed 8 tokens a step, its head going back behind a window of 8 as it
+    runs; another request then takes 4 blocks, evicting the head's first two. Looked up again, the
+    prompt's last two blocks (all the next query sees) are a hit of 40 tokens, held alone; a lookup
+    from the head would find nothing."""
+    kv = KVCacheManager(num_blocks=12, block_size=4, window=8)
+    prompt = list(range(40))
+    _compute_8_a_step(kv, "a", prompt)
+    assert kv.find_cached_prefix("b", [99]) == 0 and kv.allocate("b", 16)
+    kv.free("a")
+    assert kv.pool.lookup(next(iter_block_hashes(prompt, 4, 1))) is None
+    assert kv.find_cached_prefix("c", [*prompt, 7]) == 40 and kv.num_held("c") == 2
+    assert kv.allocate("c", 41) and kv.pool.num_free == 12 - 4 - 3
+    # c's new block was block 7, next to evict: 36 tokens would need blocks 7 and 8 (keys 29..35);
+    # 28 need blocks 5 and 6 (keys 21..27), both there.
+    assert kv.find_cached_prefix("d", prompt[:37]) == 28 and kv.num_held("d") == 2
+    for request_id in ("b", "c", "d"):
+        kv.free(request_id)
+    assert kv.pool.num_free == 12 and all(kv.pool.ref_count(b) == 0 for b in range(12))
+
+
+def test_a_window_falls_back_to_a_shorter_prefix_where_its_window_has_a_gap() -> None:
+    """Window 8, blocks of 4: blocks 0..5 of a 24-token prompt cached but block 4 evicted. A hit of
+    24 tokens needs blocks 4 and 5; one of 16 needs blocks 2 and 3, both there."""
+    kv = KVCacheManager(num_blocks=6, block_size=4, window=8)
+    prompt = list(range(24))
+    kv.find_cached_prefix("a", prompt)
+    assert kv.allocate("a", 24)
+    kv.cache_computed_blocks("a", _slices(prompt), 24)
+    table = kv.block_table("a")
+    kv.release_out_of_window("a", 24)  # blocks 0..3 (keys 0..15) go back
+    kv.free("a")  # the free list: 5, 4, then 3, 2, 1, 0 (the head last)
+    assert kv.find_cached_prefix("b", [99]) == 0 and kv.allocate("b", 8)  # evicts blocks 5 and 4
+    kv.free("b")
+    assert kv.pool.lookup(next(iter_block_hashes(prompt, 4, 1))) == table[0]
+    assert kv.find_cached_prefix("c", [*prompt, 1]) == 16 and kv.num_held("c") == 2

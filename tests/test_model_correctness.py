@@ -465,3 +465,33 @@ def test_a_sliding_window_model_runs_contexts_longer_than_its_pool(tiny_model_fa
         LLM(folder, num_kv_blocks=5, **options)
     with pytest.raises(ValueError, match=r"num_kv_blocks 23 of 4 tokens are fewer than .* at once \(24\)"):
         LLM(tiny_model_factory("qwen3"), num_kv_blocks=23, **options)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_sliding_window_model_reuses_a_turn_whose_head_was_evicted(
+    tiny_model_factory, async_scheduling: bool
+) -> None:
+    """Two 40-token prompts and 30 tokens each in a pool of 30 blocks of 4: each request's head goes
+    back behind the window of 12 as it runs, and the other's new blocks evict it. The next turn
+    (the first conversation and 8 new tokens) still finds the 68 tokens whose last blocks (those its
+    first query sees) are cached, as vLLM's sliding-window lookup does, and answers as
+    transformers."""
+    folder = tiny_model_factory("mistral-sliding")
+    llm = LLM(
+        folder,
+        kv_cache_memory="16MiB",
+        block_size=4,
+        num_kv_blocks=30,
+        max_model_len=128,
+        max_num_batched_tokens=16,
+        async_scheduling=async_scheduling,
+    )
+    rng = random.Random(3)
+    first, second = ([rng.randrange(5, 200) for _ in range(40)] for _ in range(2))
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    answers = llm.generate([first, second], params)
+    turn = first + list(answers[0].token_ids) + [rng.randrange(5, 200) for _ in range(8)]
+    outputs = llm.generate([turn], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    assert outputs[0].metrics.num_cached_tokens == 68
+    assert [o.token_ids for o in outputs] == _hf_greedy(folder, [turn], 10)
+    assert llm.engine.stats().kv_usage == 0.0

@@ -73,8 +73,10 @@ class KVCacheManager:
         self.window = window
         self._blocks: dict[str, list[int]] = {}
         self._hashes: dict[str, list[int]] = {}  # hashes of the request's registered full blocks
-        # How many of a request's first blocks went back to the pool, out of every layer's window.
+        # How many of a request's first blocks went back to the pool, out of every layer's window;
+        # of those, how many it never held (a prefix hit found past an evicted head).
         self._released: dict[str, int] = {}
+        self._unheld: dict[str, int] = {}
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
 
@@ -94,7 +96,9 @@ class KVCacheManager:
         (``salt``: its LoRA adapter, whose blocks are its own).
 
         Returns the number of tokens whose KV is already computed. At least one token is always
-        left to compute, because the model must produce logits for the last prompt token.
+        left to compute, because the model must produce logits for the last prompt token. With a
+        window, only the blocks the first query to compute can see must be cached, and only those
+        are held: the request starts with the rest released.
         """
         if request_id in self._blocks:
             raise RuntimeError(f"request {request_id} already holds blocks")
@@ -104,20 +108,55 @@ class KVCacheManager:
             return 0
         max_blocks = (len(token_ids) - 1) // self.block_size
         self.prefix_queries += len(token_ids)
-        hit_blocks, hashes = [], []
-        for key in iter_block_hashes(token_ids, self.block_size, max_blocks, salt):
+        if self.window:
+            hashes, first_held = self._longest_windowed_hit(token_ids, max_blocks, salt)
+        else:
+            hashes, first_held = self._longest_hit(token_ids, max_blocks, salt), 0
+        held = []
+        for key in hashes[first_held:]:
             block_id = self.pool.lookup(key)
-            if block_id is None:
-                break
-            hit_blocks.append(block_id)
-            hashes.append(key)
-        for block_id in hit_blocks:
+            assert block_id is not None, "a block found by the lookup just made"
             self.pool.touch(block_id)
-        self._blocks[request_id] = hit_blocks
+            held.append(block_id)
+        # The entries before the first held block are never read (out of every later query's
+        # window): they stand in as released ones, under the first held block's id.
+        self._blocks[request_id] = held[:1] * first_held + held
         self._hashes[request_id] = hashes
-        num_hit_tokens = len(hit_blocks) * self.block_size
+        if first_held:
+            self._released[request_id] = self._unheld[request_id] = first_held
+        num_hit_tokens = len(hashes) * self.block_size
         self.prefix_hits += num_hit_tokens
         return num_hit_tokens
+
+    def _longest_hit(self, token_ids: Sequence[int], max_blocks: int, salt: str | None) -> list[int]:
+        """Keys of the longest run of cached blocks from the head."""
+        hashes = []
+        for key in iter_block_hashes(token_ids, self.block_size, max_blocks, salt):
+            if self.pool.lookup(key) is None:
+                break
+            hashes.append(key)
+        return hashes
+
+    def _longest_windowed_hit(
+        self, token_ids: Sequence[int], max_blocks: int, salt: str | None
+    ) -> tuple[list[int], int]:
+        """For a model whose every layer slides (vLLM's sliding-window lookup): the keys of the
+        longest prefix whose blocks that the first query after it can see are all cached, and the
+        index of the first of those. Its head may have been evicted (a long request's head goes back
+        to the pool behind the window while it runs); no later query reads it. A key still names its
+        whole prefix, so a block found is the one computed after these very tokens."""
+        keys = list(iter_block_hashes(token_ids, self.block_size, max_blocks, salt))
+        run = 0  # cached blocks in a row, ending at block n - 1
+        runs = []
+        for key in keys:
+            run = run + 1 if self.pool.lookup(key) is not None else 0
+            runs.append(run)
+        for num_blocks in range(max_blocks, 0, -1):
+            # The first query, at position num_blocks * block_size, sees keys from first_held's block on.
+            first_held = max(0, (num_blocks * self.block_size - self.window + 1) // self.block_size)
+            if runs[num_blocks - 1] >= num_blocks - first_held:
+                return keys[:num_blocks], first_held
+        return [], 0
 
     def allocate(self, request_id: str, num_total_tokens: int) -> bool:
         """Grow the request's table to hold ``num_total_tokens``; False (nothing changed) if no room."""
@@ -198,7 +237,8 @@ class KVCacheManager:
         blocks = self._blocks.pop(request_id, [])
         self._hashes.pop(request_id, None)
         released = self._released.pop(request_id, 0)
+        unheld = self._unheld.pop(request_id, 0)
         self.pool.release(list(reversed(blocks[released:])))
         # Blocks given back behind a sliding window went to the free list first, so they would be
         # evicted before the rest; a prefix is looked up from its head, which must outlast its tail.
-        self.pool.move_to_back(list(reversed(blocks[:released])))
+        self.pool.move_to_back(list(reversed(blocks[unheld:released])))

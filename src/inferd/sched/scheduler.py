@@ -213,9 +213,6 @@ class Scheduler:
                 else self.kv.find_cached_prefix(request.request_id, request.all_token_ids, request.cache_salt)
             )
             request.num_computed_tokens = cached
-            # Prefix hits behind a sliding window's reach from the first position to compute go
-            # back at once: held, a long cached prefix could need more blocks than the pool has.
-            self.kv.release_out_of_window(request.request_id, cached)
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
             if not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
                 # Wait for running requests to free blocks; give back the prefix hits meanwhile.
