@@ -164,6 +164,7 @@ STREAMS = [
     ("/v1/completions", {"prompt": "To be", "max_tokens": 8, "stream": True}),
     ("/v1/chat/completions", _chat(max_tokens=8, stream=True)),
     ("/generate_stream", {"inputs": "To be", "parameters": {"max_new_tokens": 8}}),
+    ("/v1/responses", {"input": "To be", "max_output_tokens": 8, "stream": True}),
 ]
 
 
@@ -201,7 +202,8 @@ async def test_streams_the_queue_turns_away_as_they_are_admitted_get_429s(
             assert int(answer.headers["Retry-After"]) >= 1
         else:
             last = answer.text.rstrip().splitlines()[-1]
-            assert '"error"' not in answer.text and (last == "data: [DONE]" or '"generated_text"' in last)
+            assert '{"error"' not in answer.text and "event: error" not in answer.text
+            assert last == "data: [DONE]" or '"generated_text"' in last or '"response.incomplete"' in last
 
 
 def test_a_queued_stream_whose_client_leaves_before_its_first_event_is_aborted(server: ServerProcess) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -413,6 +414,14 @@ def test_a_background_response_cancelled_aborts_its_engine_request(server: Serve
     assert cancelled["status"] == "cancelled" and cancelled["output"] == []
     assert httpx.get(f"{url}/{queued['id']}").json()["status"] == "cancelled"
     server.wait_for_metrics(lambda samples: samples.get(aborted, 0.0) > before)
+    # A conversation does not go on from a response without its answer: cancelled, or not done yet.
+    running = httpx.post(url, json=body).json()
+    for previous, status in ((queued["id"], "cancelled"), (running["id"], "(queued|in_progress)")):
+        refused = httpx.post(url, json={**body, "background": False, "previous_response_id": previous})
+        error = refused.json()["error"]
+        assert refused.status_code == 400 and error["param"] == "previous_response_id"
+        assert re.search(f"is {status}; a conversation continues only from a completed", error["message"])
+    httpx.post(f"{url}/{running['id']}/cancel")
     # Deleting one still being answered stops it too.
     queued = httpx.post(url, json=body).json()
     assert httpx.delete(f"{url}/{queued['id']}").json()["deleted"] is True

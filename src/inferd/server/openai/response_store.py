@@ -35,6 +35,11 @@ class StoredResponse:
         return len(self.body_json) + len(self.messages_json)
 
     @property
+    def status(self) -> str:
+        status: str = json.loads(self.body_json)["status"]
+        return status
+
+    @property
     def messages(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = json.loads(self.messages_json)
         return messages

@@ -89,6 +89,13 @@ def prepare_response(frontend: Frontend, body: ResponsesRequest, store: Response
                 f"previous_response_id: no stored response {body.previous_response_id!r}",
                 "previous_response_id",
             )
+        if previous.status not in ("completed", "incomplete"):
+            # Its answer is not there (yet, or ever): the conversation would go on without it.
+            raise InvalidRequestError(
+                f"previous_response_id: response {body.previous_response_id!r} is {previous.status}; a "
+                "conversation continues only from a completed or incomplete response",
+                "previous_response_id",
+            )
         history = previous.messages
     new = input_messages(body.input)
     if not new:
@@ -167,38 +174,47 @@ class _Answer:
 
 async def respond(frontend: Frontend, job: ResponseJob, store: ResponseStore) -> dict[str, Any]:
     answer = _Answer(frontend, job, store, _EventWriter(streaming=False))
-    async with aclosing(_answer_events(frontend, answer)) as answering:
-        async for _ in answering:
-            pass
+    async with aclosing(_outputs(frontend, job)) as outputs:
+        async for out in outputs:
+            answer.feed(out)
     assert answer.response is not None, "the Frontend ends every stream with a finished output"
     return answer.response
 
 
-async def stream_response(frontend: Frontend, job: ResponseJob, store: ResponseStore) -> AsyncIterator[str]:
+async def stream_response(
+    frontend: Frontend, job: ResponseJob, store: ResponseStore
+) -> AsyncGenerator[str, None]:
+    """The answer's events, ``response.created`` and ``response.in_progress`` first, sent with its
+    first output: an error before that (a full queue, found as the request is admitted) is raised,
+    so started_sse_response answers with its status (a 429 with Retry-After). A later one is an
+    ``error`` event, and the response is not stored."""
     events = _EventWriter()
-    started = _response(job, "in_progress", [], None)
-    yield events.event("response.created", response=started)
-    yield events.event("response.in_progress", response=started)
+    answer = _Answer(frontend, job, store, events)
+    sent = False
     try:
-        async with aclosing(_answer_events(frontend, _Answer(frontend, job, store, events))) as answering:
-            async for event in answering:
-                yield event
-    except ApiError as exc:  # a timeout too: the response is not stored
+        async with aclosing(_outputs(frontend, job)) as outputs:
+            async for out in outputs:
+                if not sent:
+                    sent = True
+                    started = _response(job, "in_progress", [], None)
+                    yield events.event("response.created", response=started)
+                    yield events.event("response.in_progress", response=started)
+                for event in answer.feed(out):
+                    yield event
+    except ApiError as exc:
+        if not sent:
+            raise
         body = error_body(exc)["error"]
         yield events.event("error", code=body["code"] or body["type"], message=exc.message, param=exc.field)
 
 
-async def _answer_events(frontend: Frontend, answer: _Answer) -> AsyncGenerator[str, None]:
-    """The answer's events, from its first output item to ``response.completed`` or
-    ``response.incomplete`` (the finished response stored first, and in ``answer.response``); an
-    ApiError ends it."""
-    chat = answer.job.chat
-    async with aclosing(
-        frontend.generate(chat.request_id, [chat.prompt], chat.params, 1, chat.timeout_s)
-    ) as stream:
+async def _outputs(frontend: Frontend, job: ResponseJob) -> AsyncGenerator[RequestOutput, None]:
+    """The answer's outputs, the last one finished; closed, its engine request is aborted."""
+    chat = job.chat
+    stream = frontend.generate(chat.request_id, [chat.prompt], chat.params, 1, chat.timeout_s)
+    async with aclosing(stream):
         async for item in stream:
-            for event in answer.feed(item.output):
-                yield event
+            yield item.output
 
 
 class StreamNotKeptError(InvalidRequestError):
@@ -315,10 +331,11 @@ class BackgroundResponses:
         try:
             # Stores the finished response; the events go to the log when streaming.
             answer = _Answer(self.frontend, job, self.store, events)
-            async with aclosing(_answer_events(self.frontend, answer)) as answering:
-                async for event in answering:
-                    if log is not None:
-                        log.append(event)
+            async with aclosing(_outputs(self.frontend, job)) as outputs:
+                async for out in outputs:
+                    for event in answer.feed(out):
+                        if log is not None:
+                            log.append(event)
         except ApiError as exc:
             # A response's error codes are the API's few (the SDK checks them): the protocol's
             # own code goes into the message.

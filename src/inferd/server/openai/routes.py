@@ -143,7 +143,7 @@ def build_router(
                 return sse_response(background.events(job.response_id, -1))
             return JSONResponse(queued)
         if body.stream:
-            return sse_response(stream_response(frontend, job, store))
+            return await started_sse_response(request, stream_response(frontend, job, store))
         return JSONResponse(await unless_disconnected(request, respond(frontend, job, store)))
 
     @router.get("/v1/responses/{response_id}")
