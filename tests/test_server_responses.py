@@ -206,6 +206,11 @@ def test_a_stored_response_is_read_back_continued_and_deleted(client: openai.Ope
             "'max_tokens'",
         ),
         ({"input": "Hi", "tools": [{"type": "function", "parameters": {}}]}, "tools", "tools[0].name"),
+        (
+            {"input": "Hi", "tools": [{"type": "function", "name": "f", "parameters": "abc"}]},
+            "tools",
+            "tools[0].parameters: must be a JSON Schema object",
+        ),
         ({"input": "Hi", "conversation": "conv_1"}, "conversation", "not supported"),
         ({"input": "Hi", "metadata": {"k": "v" * 513}}, "metadata", "at most 16 pairs"),
         ({"input": "Hi", "max_output_tokens": 100000}, "input", "max_output_tokens asks for"),

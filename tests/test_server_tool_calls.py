@@ -271,9 +271,14 @@ def test_a_server_offers_tools_only_with_the_parser(tiny_llama: Path, tmp_path: 
         for bad, param in (
             ({"tool_choice": {"type": "function", "function": {"name": "not_offered"}}}, "tool_choice"),
             ({"tools": [{"type": "web"}]}, "tools"),
+            # A schema that is not an object, offered for the model to choose: refused all the same.
+            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "xyz"}}]}, "tools"),
+            ({"tool_choice": "banana"}, "tool_choice"),
+            ({"tools": None, "tool_choice": "banana"}, "tool_choice"),
         ):
             answer = post(server, **{"tools": TOOLS, **bad})
             assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+            assert "forcing a call" not in answer.json()["error"]["message"]
 
 
 async def test_leading_calls_come_with_the_last_delta_and_other_answers_stream_as_they_come() -> None:

@@ -130,6 +130,9 @@ def _arguments(text: str) -> Any:
 def _offered_tools(frontend: Frontend, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     """The tools the template is to show the model; None where there are none to offer."""
     choice = body.tool_choice
+    if isinstance(choice, str) and choice not in ("auto", "none", "required"):
+        shape = "'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}"
+        raise InvalidRequestError(f"tool_choice: must be {shape}, got {choice!r}", "tool_choice")
     forcing = choice not in (None, "auto", "none")
     if not body.tools or choice == "none":
         if forcing:
@@ -141,12 +144,18 @@ def _offered_tools(frontend: Frontend, body: ChatCompletionRequest) -> list[dict
             f"tools: start the server with --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)}) to use tools",
             "tools",
         )
-    for tool in body.tools:
+    for index, tool in enumerate(body.tools):
         function = tool.get("function")
         named = isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]
         if tool.get("type") != "function" or not named:
             shape = "{'type': 'function', 'function': {'name': ...}}"
             raise InvalidRequestError(f"tools: each tool must be {shape}", "tools")
+        # Shown to the model as they are whatever the tool_choice: a schema must be an object then
+        # too (a forced call also compiles it).
+        if not isinstance(tool["function"].get("parameters", {}), dict):
+            raise InvalidRequestError(
+                f"tools[{index}].function.parameters: must be a JSON Schema object", "tools"
+            )
     return body.tools
 
 

@@ -168,6 +168,8 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
             raise InvalidRequestError(f"tools[{index}]: only function tools are supported", "tools")
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise InvalidRequestError(f"tools[{index}].name: must be a non-empty string", "tools")
+        if not isinstance(tool.get("parameters", {}), dict):
+            raise InvalidRequestError(f"tools[{index}].parameters: must be a JSON Schema object", "tools")
         function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
         converted.append({"type": "function", "function": function})
     return converted
