@@ -112,13 +112,36 @@ def from_validation_error(exc: RequestValidationError) -> InvalidRequestError:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return InvalidRequestError(f"the request body is not valid JSON: {first.get('msg')}")
-    # loc is ("body", field, then indexes or union-branch tags): the top-level field is the one to name.
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # loc is ("body", field, then keys, indexes and union-branch tags): the top-level field is the
+    # one to name. A value no branch of a union takes has an error for each branch: the one that
+    # got furthest into the value says the most; branches that failed at the same place are joined.
+    located = [(_location(error), str(error.get("msg", "invalid value"))) for error in errors]
+    located = [(where, msg) for where, msg in located if where[:1] == located[0][0][:1]]
+    deepest = max(len(where) for where, _ in located)
+    location = next(where for where, _ in located if len(where) == deepest)
+    messages = list(dict.fromkeys(msg for where, msg in located if where == location))
+    message = ", or ".join(messages)
     field = ".".join(location) or None
-    message = str(first.get("msg", "invalid value"))
     return InvalidRequestError(
         f"{field}: {message}" if field else message, field=location[0] if location else None
     )
+
+
+def _location(error: dict[str, Any]) -> list[str]:
+    """An error's place in the body without pydantic's union-branch tags (``str``,
+    ``list[dict[str,any]]``, a model's class name), which name no field of the request."""
+    return [str(part) for part in error.get("loc", ()) if part != "body" and not _is_branch_tag(part)]
+
+
+def _is_branch_tag(part: object) -> bool:
+    if not isinstance(part, str):
+        return False  # an index
+    # A parametrised type (and "[key]", a mapping key's own mark), a plain one, or a model's class;
+    # a mapping's keys (logit_bias' token ids) are kept.
+    return "[" in part or part in _TYPE_TAGS or (part.isidentifier() and part[:1].isupper())
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "list", "dict", "none"})
 
 
 ErrorRenderer = Callable[[ApiError], Response]
