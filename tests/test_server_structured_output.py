@@ -139,6 +139,8 @@ def test_json_object_and_vllm_fields(client: openai.OpenAI) -> None:
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
          "response_format", "schema"),
         ({"response_format": {"type": "xml"}}, "response_format", "type"),
+        # Neither OpenAI's json_schema nor TGI's value: named in OpenAI's terms.
+        ({"response_format": {"type": "json_schema"}}, "response_format", ".json_schema: needs"),
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "bogus"}}}},
          "response_format", "bogus"),
         ({"guided_regex": "a(b"}, "guided_regex", "unclosed group"),

@@ -62,8 +62,9 @@ def response_format(value: dict[str, Any], field: str = "response_format") -> St
     if kind == "regex":
         return StructuredOutput(regex=_text(value.get("value"), f"{field}.value"))
     if kind == "json_schema":
-        # OpenAI puts {"name", "schema", "strict"} under "json_schema", TGI under "value".
-        key = "json_schema" if "json_schema" in value else "value"
+        # OpenAI puts {"name", "schema", "strict"} under "json_schema", TGI under "value"; one given
+        # neither is named in OpenAI's terms.
+        key = "value" if "value" in value and "json_schema" not in value else "json_schema"
         config = value.get(key)
         if not isinstance(config, dict) or config.get("schema") is None:
             raise InvalidRequestError(
