@@ -39,6 +39,8 @@ class StubScript:
     send_done: bool = True
     odd_chunk: str | None = None
     false_gzip: bool = False
+    # The last token chunk's finish_reason ("timeout": a server that cut the answer itself).
+    finish_reason: str | None = None
     received: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -67,9 +69,10 @@ async def _events(script: StubScript, body: dict[str, Any], chat: bool, arrived:
     for index in range(max_tokens):
         deadline = arrived + script.first_token_s + index * script.inter_token_s
         await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-        payload = (
-            script.odd_chunk if script.odd_chunk is not None else json.dumps(_chunk(chat, script.token_text))
-        )
+        chunk = _chunk(chat, script.token_text)
+        if index == max_tokens - 1:
+            chunk["choices"][0]["finish_reason"] = script.finish_reason
+        payload = script.odd_chunk if script.odd_chunk is not None else json.dumps(chunk)
         yield f"data: {payload}\n\n"
     if script.report_usage and (body.get("stream_options") or {}).get("include_usage"):
         prompt_tokens = _prompt_tokens(body)

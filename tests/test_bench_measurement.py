@@ -113,6 +113,19 @@ async def test_a_stream_without_text_is_an_empty_error() -> None:
     assert f"{OUTPUT_TOKENS} tokens" in (record.error_detail or "")
 
 
+@pytest.mark.parametrize(("reason", "error"), [("timeout", "server_timeout"), ("abort", "server_abort"),
+                                               ("length", None)])  # fmt: skip
+async def test_an_answer_the_server_cut_short_is_a_failure(reason: str, error: str | None) -> None:
+    """inferd ends a stream its own timeout stopped with finish_reason "timeout", vLLM one it aborted
+    with "abort": counted as completed, such answers would make an overloaded server look faster."""
+    with running_stub(StubScript(first_token_s=0.01, inter_token_s=0.01, finish_reason=reason)) as base_url:
+        result = await _bench(base_url, _requests(1))
+    record = result.records[0]
+    assert record.error == error
+    if error is not None:
+        assert f"finish_reason {reason!r}" in (record.error_detail or "")
+
+
 async def test_missing_usage_falls_back_to_chunks_and_is_flagged() -> None:
     with running_stub(StubScript(first_token_s=0.01, inter_token_s=0.01, report_usage=False)) as base_url:
         result = await _bench(base_url, _requests(1, prompt=[1, 2, 3, 4]))

@@ -189,11 +189,13 @@ class OpenAIStreamClient:
                 detail = (await response.aread()).decode("utf-8", "replace")[:500]
                 record.error, record.error_detail = f"http_{response.status_code}", detail
                 return
+            ended_early = None  # a finish reason that means the answer was cut by the server
             async for payload in iter_sse_data(response.aiter_lines()):
                 now = time.perf_counter()
                 chunk = _parse_chunk(payload)
                 try:
                     text = chunk_text(chunk, self.endpoint)
+                    ended_early = _early_end(chunk) or ended_early
                     usage = chunk.get("usage")
                     if usage:
                         prompt_tokens = usage.get("prompt_tokens", record.prompt_tokens)
@@ -208,6 +210,12 @@ class OpenAIStreamClient:
                     record.prompt_tokens, record.output_tokens = prompt_tokens, output_tokens
                     record.tokens_from_usage = True
         record.e2e_s = time.perf_counter() - sent_at
+        if ended_early is not None:
+            # A server's own timeout or abort ends the stream as any answer ends (inferd's last chunk
+            # says "timeout", vLLM's "abort"): a shortened answer, no completed request.
+            record.error = f"server_{ended_early}"
+            record.error_detail = f"the server ended the answer early: finish_reason {ended_early!r}"
+            return
         if not record.tokens_from_usage:
             # Server ignored stream_options.include_usage: fall back to one token per chunk, flagged.
             record.output_tokens = len(record.chunk_times_s)
@@ -215,6 +223,18 @@ class OpenAIStreamClient:
             # E.g. only special tokens, which servers leave out of the text: no token time to measure.
             detail = f"the stream carried no generated text ({record.output_tokens} tokens by its count)"
             record.error, record.error_detail = "empty", detail
+
+
+# Finish reasons with which servers end an answer they did not finish (inferd's and vLLM's).
+_EARLY_ENDS = frozenset({"timeout", "abort", "error"})
+
+
+def _early_end(chunk: dict[str, Any]) -> str | None:
+    for choice in chunk.get("choices") or []:
+        reason = choice.get("finish_reason")
+        if reason in _EARLY_ENDS:
+            return str(reason)
+    return None
 
 
 def _parse_chunk(payload: str) -> dict[str, Any]:
