@@ -356,6 +356,12 @@ def test_llm_text_input_over_grpc_and_http(http_client: Any, grpc_client: Any) -
 
 def test_generate_and_generate_stream(server: LiveServer) -> None:
     url = f"{server.http_url}/v2/models/echo_llm"
+
+    def counts() -> tuple[int, int, int]:
+        stats = httpx.get(f"{url}/stats").json()["model_stats"][0]
+        return stats["inference_count"], *(stats["inference_stats"][k]["count"] for k in ("success", "fail"))
+
+    before = counts()
     generated = httpx.post(
         f"{url}/generate", json={"text_input": "one two three", "parameters": {"max_tokens": 2}}
     )
@@ -373,6 +379,9 @@ def test_generate_and_generate_stream(server: LiveServer) -> None:
     assert events[-1]["finish_reason"] == "stop"
     bad = httpx.post(f"{url}/generate_stream", json={"text_input": "x", "temperature": -1})
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]
+    # The extension's requests are inference requests to the statistics: two done (the inferences
+    # made), one failed.
+    assert tuple(after - earlier for after, earlier in zip(counts(), before, strict=True)) == (2, 2, 1)
     not_llm = httpx.post(f"{server.http_url}/v2/models/digits/generate", json={"text_input": "x"})
     assert not_llm.status_code == 400
 

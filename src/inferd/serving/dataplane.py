@@ -274,12 +274,28 @@ class DataPlane:
         if isinstance(entry.runtime, TextGenerator):
             entry.stats.executed(1, took)
 
-    def text_generator(self, name: str, version: str | None = None) -> TextGenerator:
+    def text_generator(self, name: str, version: str | None = None) -> tuple[ModelEntry, TextGenerator]:
         entry = self.repository.get(name, version)
         entry.require_ready()
         if not isinstance(entry.runtime, TextGenerator):
             raise InvalidInputError(f"model {name!r} does not generate text")
-        return entry.runtime
+        return entry, entry.runtime
+
+    async def generate_text(
+        self, entry: ModelEntry, generator: TextGenerator, llm: LLMRequest
+    ) -> tuple[GenerationResult, GenerationStream]:
+        """The generate extension's request: counted as an inference request is (Triton makes one
+        of it), in the metrics and the model's statistics."""
+        with self._counted(entry):
+            return await self.generate(generator, llm)
+
+    async def generate_text_stream(
+        self, entry: ModelEntry, generator: TextGenerator, llm: LLMRequest
+    ) -> AsyncIterator[GenerationChunk]:
+        """As ``generate_text``, streamed; a client gone mid-stream is counted neither way."""
+        with self._counted(entry):
+            async for chunk in self.generate_stream(generator, llm):
+                yield chunk
 
     @staticmethod
     def _start(generator: TextGenerator, llm: LLMRequest) -> GenerationStream:

@@ -236,10 +236,9 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
 
     async def generate(request: Request, name: str, version: str | None = None) -> Response:
         async def produce() -> Response:
-            generator = plane.text_generator(name, version)
+            entry, generator = plane.text_generator(name, version)
             llm = await _generate_request(request, stream=False)
-            result, stream = await unless_disconnected(request, plane.generate(generator, llm))
-            entry = repository.get(name, version)
+            result, stream = await unless_disconnected(request, plane.generate_text(entry, generator, llm))
             outputs = llm.outputs(result.text, stream, result.finish_reason, result.completion_tokens)
             # Always the finish reason; the other extras where asked for.
             payload = {"model_name": entry.name, "model_version": entry.version}
@@ -250,11 +249,10 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
 
     async def generate_stream(request: Request, name: str, version: str | None = None) -> Response:
         async def produce() -> Response:
-            generator = plane.text_generator(name, version)
+            entry, generator = plane.text_generator(name, version)
             llm = await _generate_request(request, stream=True)
-            entry = repository.get(name, version)
             # Validate the sampling fields before the 200 status line goes out.
-            chunks = plane.generate_stream(generator, llm)
+            chunks = plane.generate_text_stream(entry, generator, llm)
             first = await anext(chunks)
             return StreamingResponse(
                 _sse_events(entry.name, entry.version, llm, first, chunks), media_type="text/event-stream"
