@@ -55,6 +55,13 @@ def run_once(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict
     }
 
 
+def write_figures(args: argparse.Namespace, figures: dict[Any, Any]) -> None:
+    """The figures to ``args.out`` as JSON, with the machine and the arguments."""
+    machine = {"processor": platform.processor() or platform.machine(), "python": platform.python_version()}
+    written = {"machine": machine, "args": vars(args) | {"out": str(args.out)}, "figures": figures}
+    args.out.write_text(json.dumps(written, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,12 +113,7 @@ def main() -> None:
         times = f"{f['long_ttft_s']:>12.2f} {f['short_ttft_median_s']:>17.2f} {f['short_ttft_max_s']:>17.2f}"
         print(f"{threshold:>9} {times} {f['batch_s']:>8.2f}  same tokens: {f['same_tokens_as_first']}")
     if args.out:
-        machine = {
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-        }
-        args.out.write_text(json.dumps({"machine": machine, "args": vars(args) | {"out": str(args.out)},
-                                        "figures": figures}, indent=2))  # fmt: skip
+        write_figures(args, figures)
 
 
 if __name__ == "__main__":

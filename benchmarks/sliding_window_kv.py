@@ -15,8 +15,6 @@ engines are built first and run in turn ``--repeats`` times after a warm-up; pri
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +32,25 @@ from inferd.engine import core  # noqa: E402
 
 # long_prefill.py's model as a Mistral, whose config takes a sliding window.
 SHAPE = {**long_prefill.SHAPE, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--blocks", type=int, default=192)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+
+
+def workload(args: argparse.Namespace) -> tuple[Path, list[list[int]]]:
+    """The model folder (its window ``--window``) and the ``--requests`` prompts."""
+    shape = {**SHAPE, "sliding_window": args.window}
+    folder = gpu.write_model_folder(Path(tempfile.mkdtemp()) / "model", shape)
+    vocab = SHAPE["vocab_size"]
+    prompts = [[(7 * i + 13 * j) % (vocab - 3) + 3 for j in range(args.prompt)] for i in range(args.requests)]
+    return folder, prompts
 
 
 def build(folder: Path, args: argparse.Namespace, release: bool) -> LLM:
@@ -81,19 +98,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--window", type=int, default=256)
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--blocks", type=int, default=192)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    add_workload_arguments(parser)
     args = parser.parse_args()
-
-    shape = {**SHAPE, "sliding_window": args.window}
-    folder = gpu.write_model_folder(Path(tempfile.mkdtemp()) / "model", shape)
-    vocab = SHAPE["vocab_size"]
-    prompts = [[(7 * i + 13 * j) % (vocab - 3) + 3 for j in range(args.prompt)] for i in range(args.requests)]
+    folder, prompts = workload(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     engines = {"releasing": build(folder, args, release=True), "holding": build(folder, args, release=False)}
     for llm in engines.values():
@@ -116,12 +123,7 @@ def main() -> None:
         print(f"{name:>10} {f['wall_s']:>8.2f} {f['output_tok_s']:>10.1f} {f['preemptions']:>12.0f} "
               f"{f['mean_running']:>13.1f}  same tokens: {f['same_tokens_as_holding']}")  # fmt: skip
     if args.out:
-        machine = {
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-        }
-        args.out.write_text(json.dumps({"machine": machine, "args": vars(args) | {"out": str(args.out)},
-                                        "figures": figures}, indent=2))  # fmt: skip
+        long_prefill.write_figures(args, figures)
 
 
 if __name__ == "__main__":
