@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,47 @@ def test_digits_over_http_equals_the_runtime(http_client: Any, repository: Path,
         result.as_numpy("probabilities"), direct["probabilities"], rtol=1e-5, atol=1e-7
     )
     np.testing.assert_array_equal(result.as_numpy("label"), direct["label"])
+
+
+@pytest.mark.parametrize("compression", ["gzip", "deflate"])
+def test_a_compressed_request_body_is_inflated(http_client: Any, repository: Path, compression: str) -> None:
+    """Triton's HTTP client compresses the request with request_compression_algorithm."""
+    images = _digit_images(2)
+    image_input = triton_http.InferInput("image", list(images.shape), "FP32")
+    image_input.set_data_from_numpy(images, binary_data=True)
+    result = http_client.infer("digits", [image_input], request_compression_algorithm=compression)
+    np.testing.assert_array_equal(
+        result.as_numpy("label"), _direct(repository, "digits", {"image": images})["label"]
+    )
+
+
+def test_a_compressed_body_is_bounded_once_inflated_and_must_inflate() -> None:
+    import gzip
+
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from inferd.server.kserve.launch import build_app
+    from inferd.serving.repository import ModelRepository
+
+    app = build_app(ModelRepository([]), CollectorRegistry(), max_body_bytes=1000)
+    url = "/v2/models/digits/infer"
+    with TestClient(app) as client:
+        bomb = gzip.compress(b"{" + b" " * 100_000 + b"}")  # 120 bytes, inflating to 100 kB
+        too_large = client.post(url, content=bomb, headers={"Content-Encoding": "gzip"})
+        assert too_large.status_code == 413 and "inflates past the limit of 1000" in too_large.json()["error"]
+        false = client.post(url, content=b"{}", headers={"Content-Encoding": "gzip"})
+        assert false.status_code == 400 and "does not inflate" in false.json()["error"]
+        cut = client.post(
+            url, content=gzip.compress(b'{"inputs": []}')[:-12], headers={"Content-Encoding": "gzip"}
+        )
+        assert cut.status_code == 400 and "truncated" in cut.json()["error"]
+        other = client.post(url, content=b"{}", headers={"Content-Encoding": "br"})
+        assert other.status_code == 400 and "'br' is not supported" in other.json()["error"]
+        # Inflated, it reaches the route: an unknown model.
+        raw = zlib.compressobj(wbits=-15)
+        deflated = raw.compress(b'{"inputs": []}') + raw.flush()
+        assert client.post(url, content=deflated, headers={"Content-Encoding": "deflate"}).status_code == 404
 
 
 def test_digits_over_grpc_equals_the_runtime(grpc_client: Any, repository: Path) -> None:

@@ -20,6 +20,7 @@ from inferd.engine.generation_config import read_sampling_defaults
 from inferd.server import openai, tgi
 from inferd.server.auth import require_api_key
 from inferd.server.config import ServerConfig
+from inferd.server.decompression import RequestDecompression
 from inferd.server.errors import ApiError, is_openai_path, unmatched_route_response
 from inferd.server.frontend import Frontend
 from inferd.server.http_metrics import HttpMetricFamilies, HttpMetrics
@@ -114,6 +115,7 @@ def create_app(
     app.add_exception_handler(HTTPException, unmatched_route_response)
     # Inside the size limit, which bounds the body it reads.
     app.add_middleware(SageMakerInvocations)
+    app.add_middleware(RequestDecompression, max_bytes=config.max_body_bytes, render=render_error_for_path)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, render=render_error_for_path)
     # Outside the size limit, so its 413s are counted too.
     app.add_middleware(HttpMetrics, families=HttpMetricFamilies(registry))

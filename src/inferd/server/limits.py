@@ -13,12 +13,12 @@ from starlette.responses import Response
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inferd.server.errors import PayloadTooLargeError
+from inferd.server.errors import ApiError, PayloadTooLargeError
 
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 
 # The error response of the protocol that serves a path.
-PathErrorRenderer = Callable[[str, PayloadTooLargeError], Response]
+PathErrorRenderer = Callable[[str, ApiError], Response]
 
 
 class BodySizeLimit:

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from inferd.server import event_loop
 from inferd.server.app import render_error_for_path
+from inferd.server.decompression import RequestDecompression
 from inferd.server.errors import unmatched_route_response
 from inferd.server.http_metrics import HttpMetricFamilies, HttpMetrics
 from inferd.server.kserve.grpc_server import start_grpc_server
@@ -59,6 +60,7 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     app = FastAPI(title="inferd classic models")
+    app.add_middleware(RequestDecompression, max_bytes=max_body_bytes, render=render_error_for_path)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, render=render_error_for_path)
     app.add_middleware(HttpMetrics, families=HttpMetricFamilies(metrics_registry))
     app.add_exception_handler(HTTPException, unmatched_route_response)
