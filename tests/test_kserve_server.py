@@ -240,6 +240,28 @@ def test_sentiment_labels_through_the_classification_extension(
     np.testing.assert_allclose(grpc_result.as_numpy("probabilities"), direct["probabilities"], rtol=1e-6)
 
 
+def test_requested_outputs_are_checked_before_the_model_runs(server: LiveServer) -> None:
+    """A bad classification parameter or an output asked for twice is a 400 before the request is
+    queued: the model runs nothing for it (its execution count stays)."""
+    url = f"{server.http_url}/v2/models/sentiment"
+    text = {"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["fine"]}
+
+    def executions() -> int:
+        return int(httpx.get(f"{url}/stats").json()["model_stats"][0]["execution_count"])
+
+    before = executions()
+    for outputs, named in (
+        ([{"name": "probabilities", "parameters": {"classification": k}}], "positive integer")
+        for k in (0, -1, "2", True)
+    ):
+        response = httpx.post(f"{url}/infer", json={"inputs": [text], "outputs": outputs}, timeout=30)
+        assert response.status_code == 400 and named in response.json()["error"], response.text
+    twice = [{"name": "label"}, {"name": "label"}]
+    response = httpx.post(f"{url}/infer", json={"inputs": [text], "outputs": twice}, timeout=30)
+    assert response.status_code == 400 and "'label' is requested more than once" in response.json()["error"]
+    assert executions() == before
+
+
 def test_non_finite_floats_travel_in_json_as_triton_writes_them(http_client: Any, server: LiveServer) -> None:
     """Strict JSON has no NaN or infinity: as Triton does, they go as the literals NaN, Infinity
     and -Infinity both ways, which tritonclient (rapidjson) and Python's json read."""
@@ -602,7 +624,9 @@ def test_the_timeout_header_and_parameter_follow_triton(server: LiveServer) -> N
     assert response.status_code == 200, response.text
 
 
-def test_model_configuration_and_statistics_extensions(http_client: Any, grpc_client: Any) -> None:
+def test_model_configuration_and_statistics_extensions(
+    http_client: Any, grpc_client: Any, server: LiveServer
+) -> None:
     """Triton's configuration and statistics extensions, as tritonclient reads them over REST and
     gRPC (the same answers: perf_analyzer reads the configuration over gRPC by default)."""
     for name in ("digits", "echo_llm"):
@@ -646,11 +670,14 @@ def test_model_configuration_and_statistics_extensions(http_client: Any, grpc_cl
     wrong.set_data_from_numpy(np.zeros((1, 4, 4), dtype=np.float32))
     with pytest.raises(InferenceServerException):
         http_client.infer("digits", [wrong])
+    # Refused by the REST codec (its data does not fill its shape): a failure all the same.
+    short = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 8, 8], "data": [0.0] * 10}]}
+    assert httpx.post(f"{server.http_url}/v2/models/digits/infer", json=short).status_code == 400
     after = stats()
     counts = after["inference_stats"]
     assert after["inference_count"] - before["inference_count"] == 6
     assert counts["success"]["count"] - before["inference_stats"]["success"]["count"] == 2
-    assert counts["fail"]["count"] - before["inference_stats"]["fail"]["count"] == 1
+    assert counts["fail"]["count"] - before["inference_stats"]["fail"]["count"] == 2
     assert after["execution_count"] - before["execution_count"] == 2  # one runtime call a request here
     assert counts["queue"]["count"] - before["inference_stats"]["queue"]["count"] == 2
     assert counts["success"]["ns"] > before["inference_stats"]["success"]["ns"]
@@ -675,3 +702,17 @@ def test_model_configuration_and_statistics_extensions(http_client: Any, grpc_cl
     assert {"digits", "sentiment", "echo_llm"} <= everyone and "broken" not in everyone
     with pytest.raises(InferenceServerException):
         http_client.get_inference_statistics("broken")
+
+
+def test_grpc_names_the_contents_field_a_datatype_takes() -> None:
+    """An FP32 input's values sent in int64_contents would read as no values at all."""
+    from tritonclient.grpc import service_pb2 as pb2
+
+    from inferd.server.kserve.grpc_codec import request_from_proto
+    from inferd.serving.errors import InvalidInputError
+
+    request = pb2.ModelInferRequest(model_name="digits")
+    tensor = request.inputs.add(name="image", datatype="FP32", shape=[1, 2])
+    tensor.contents.int64_contents.extend([1, 2])
+    with pytest.raises(InvalidInputError, match="FP32 contents go in fp32_contents, not int64_contents"):
+        request_from_proto(request)

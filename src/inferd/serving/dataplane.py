@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,8 @@ from inferd.serving.shared_memory import SharedMemoryRegions, allowed, in_shared
 from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 from inferd.serving.validation import check_requested_outputs, validated_inputs
 from inferd.version import package_version
+
+T = TypeVar("T")
 
 SERVER_NAME = "inferd"
 EXTENSIONS = (
@@ -254,11 +256,21 @@ class DataPlane:
                 )
                 yield response, result is not None
 
+    def decoded(self, name: str, version: str | None, decode: Callable[[], T]) -> T:
+        """A request to model ``name`` decoded from the wire by ``decode``: one whose body the
+        protocol's codec refuses (a shape its data does not fill, a malformed binary part) is a
+        failed request of that model's, counted as one the model's checks refuse."""
+        entry = self.repository.get(name, version)
+        entry.require_ready()
+        with self._counted(entry, counts_success=False):
+            return decode()
+
     @contextmanager
-    def _counted(self, entry: ModelEntry, inferences: int = 1) -> Iterator[None]:
+    def _counted(self, entry: ModelEntry, inferences: int = 1, counts_success: bool = True) -> Iterator[None]:
         """Counts a request that ends as a success or a failure (one the client left is neither),
         in the metrics and the model's statistics, with its duration; an LLM's generation that
-        succeeded is its one execution too (its engine batches it with others on its own)."""
+        succeeded is its one execution too (its engine batches it with others on its own).
+        ``counts_success`` False: only a failure is counted (a request's first part)."""
         metrics, name, started = self.repository.metrics, entry.name, time.monotonic_ns()
         try:
             yield
@@ -267,6 +279,8 @@ class DataPlane:
                 metrics.requests.labels(name, "failure").inc()
             entry.stats.finished(False, time.monotonic_ns() - started, inferences)
             raise
+        if not counts_success:
+            return
         if metrics is not None:
             metrics.requests.labels(name, "success").inc()
         took = time.monotonic_ns() - started

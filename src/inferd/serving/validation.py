@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from inferd.serving.classification import top_k_count
 from inferd.serving.config import ModelConfig, TensorSpec
 from inferd.serving.errors import InvalidInputError
 from inferd.serving.tensor import InferRequest, Tensor
@@ -52,7 +53,18 @@ def _check_batch(config: ModelConfig, arrays: dict[str, np.ndarray]) -> None:
 
 
 def check_requested_outputs(config: ModelConfig, request: InferRequest) -> None:
-    known = {spec.name for spec in config.outputs}
+    """Names the model has, each once (as Triton refuses an output asked for twice), and a valid
+    ``classification`` parameter, before the request is queued or run."""
+    specs = {spec.name: spec for spec in config.outputs}
+    seen = set()
     for output in request.outputs:
-        if output.name not in known:
-            raise InvalidInputError(f"unknown output {output.name!r}; the model has {sorted(known)}")
+        spec = specs.get(output.name)
+        if spec is None:
+            raise InvalidInputError(f"unknown output {output.name!r}; the model has {sorted(specs)}")
+        if output.name in seen:
+            raise InvalidInputError(f"output {output.name!r} is requested more than once")
+        seen.add(output.name)
+        if "classification" in output.parameters:
+            top_k_count(output.parameters["classification"])
+            if spec.datatype == "BYTES":
+                raise InvalidInputError(f"classification needs a numeric output; {output.name!r} is BYTES")

@@ -62,6 +62,12 @@ def _typed_contents(tensor: Any, shape: list[int]) -> np.ndarray:
         raise InvalidInputError(
             f"input {tensor.name!r}: {tensor.datatype} data must be sent in raw_input_contents"
         )
+    # Contents of another type (an FP32 input's values in int64_contents) would read as none.
+    others = sorted({f for f in _CONTENTS_FIELD.values() if f != field and getattr(tensor.contents, f)})
+    if others:
+        raise InvalidInputError(
+            f"input {tensor.name!r}: {tensor.datatype} contents go in {field}, not {', '.join(others)}"
+        )
     # Proto values are already typed (float, int, bool, bytes), so the JSON element checks hold.
     return array_from_json(tensor.datatype, shape, list(getattr(tensor.contents, field)))
 

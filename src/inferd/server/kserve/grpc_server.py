@@ -83,9 +83,12 @@ async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> A
 
     async def answer(message: Any) -> None:
         try:
-            request = request_from_proto(message, plane.repository.shared_memory)
+            name, version = message.model_name, message.model_version or None
+            request = plane.decoded(
+                name, version, lambda: request_from_proto(message, plane.repository.shared_memory)
+            )
             empty_final = request.parameters.pop("triton_enable_empty_final_response", False) is True
-            stream = plane.infer_stream(message.model_name, message.model_version or None, request)
+            stream = plane.infer_stream(name, version, request)
             answered = 0
             async for response, final in stream:
                 response.parameters["triton_final_response"] = final
@@ -162,11 +165,11 @@ def _servicer(plane: DataPlane) -> Any:
 
         async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:
-                response = await plane.infer(
-                    request.model_name,
-                    request.model_version or None,
-                    request_from_proto(request, plane.repository.shared_memory),
+                name, version = request.model_name, request.model_version or None
+                decoded = plane.decoded(
+                    name, version, lambda: request_from_proto(request, plane.repository.shared_memory)
                 )
+                response = await plane.infer(name, version, decoded)
             except InferenceError as exc:
                 await context.abort(_status_code(exc), str(exc))
             return response_to_proto(response, pb2)

@@ -215,8 +215,9 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
 
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         async def produce() -> Response:
-            infer_request, binary_default = parse_infer_request(
-                await request.body(), request.headers.get(HEADER_LENGTH), repository.shared_memory
+            sent, sent_length = await request.body(), request.headers.get(HEADER_LENGTH)
+            infer_request, binary_default = plane.decoded(
+                name, version, lambda: parse_infer_request(sent, sent_length, repository.shared_memory)
             )
             if isinstance(repository.get(name, version).runtime, TextGenerator):  # tensor models: none
                 infer_request.parameters = _with_timeout_header(request, infer_request.parameters)

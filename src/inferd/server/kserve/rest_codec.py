@@ -59,6 +59,8 @@ def _input_tensor(
         return read_input(allowed(regions), name, datatype, shape, parameters), offset
     size = parameters.pop("binary_data_size", None)
     if size is not None:
+        if "data" in raw:  # one place for the data, as for a shared memory region
+            raise InvalidInputError(f"input {name!r} has both data and binary_data_size")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise InvalidInputError(f"input {name!r} binary_data_size does not fit the request body")
         data = array_from_raw(datatype, shape, bytes(binary[offset : offset + size]))
@@ -92,13 +94,15 @@ def parse_infer_request(
     if offset != len(binary):
         raise InvalidInputError(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
     parameters = _parameters(header.get("parameters"), "request")
-    binary_output = bool(parameters.pop("binary_data_output", False))
+    binary_output = _flag(parameters.pop("binary_data_output", False), "request binary_data_output")
     request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInputError(f"id must be a string, got {request_id!r}")
     return (
         InferRequest(
             inputs=inputs,
             outputs=_requested_outputs(header.get("outputs")),
-            id=str(request_id) if request_id is not None else None,
+            id=request_id,
             parameters=parameters,
         ),
         binary_output,
@@ -112,9 +116,20 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput]:
         isinstance(o, dict) and isinstance(o.get("name"), str) for o in raw
     ):
         raise InvalidInputError("outputs must be a list of objects with a name")
-    return [
+    outputs = [
         RequestedOutput(o["name"], _parameters(o.get("parameters"), f"output {o['name']!r}")) for o in raw
     ]
+    for output in outputs:
+        if "binary_data" in output.parameters:
+            _flag(output.parameters["binary_data"], f"output {output.name!r} binary_data")
+    return outputs
+
+
+def _flag(value: object, where: str) -> bool:
+    """A boolean parameter: JSON's true or false ("false" would read as true)."""
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{where} must be true or false, got {value!r}")
+    return value
 
 
 def _wants_binary(request: InferRequest, name: str, default: bool) -> bool:
