@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,13 @@ def test_serve_rejects_token_prompts_on_chat_and_bad_dataset_args(capsys: pytest
         ("--num-prompts", "-2"),
         ("--extra-body", "{not json"),
         ("--extra-body", "[1]"),
+        ("--slo-ttft-ms", "-5"),
+        ("--slo-tpot-ms", "0"),
+        ("--input-len", "0"),
+        ("--input-len", "9:3"),
+        ("--output-len", "x"),
+        ("--token-id-limit", "0"),
+        ("--random-prefix-len", "-1"),
     ],  # fmt: skip
 )
 def test_serve_refuses_out_of_range_numbers(
@@ -94,7 +102,9 @@ def test_serve_refuses_out_of_range_numbers(
 ) -> None:
     with pytest.raises(SystemExit) as usage:
         main(["bench", "serve", "--model", "m", "--base-url", "http://127.0.0.1:9", flag, value])
-    assert usage.value.code == 2 and flag in capsys.readouterr().err
+    error = capsys.readouterr().err
+    # Our own words, not argparse's "invalid <type> value", which says nothing of the range.
+    assert usage.value.code == 2 and flag in error and not re.search(r"invalid \w+ value", error)
 
 
 def test_compare_names_a_file_that_is_not_a_report(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inferd.bench.datasets import BenchRequest, LengthRange, TextTokenizer
-from inferd.entrypoints.engine_args import add_engine_args, non_negative_float, positive_int
+from inferd.entrypoints.engine_args import add_engine_args, non_negative_float, non_negative_int, positive_int
 
 if TYPE_CHECKING:
     from inferd.bench.runner import RunResult
@@ -44,21 +44,21 @@ def _add_workload_args(parser: argparse.ArgumentParser, tokenizer_option: bool) 
     workload.add_argument("--seed", type=int, default=0)
     workload.add_argument(
         "--input-len",
-        type=LengthRange.parse,
+        type=_length_range,
         default=LengthRange(1024, 1024),
         metavar="N|LOW:HIGH",
         help="random prompts: length in tokens, uniform over the range (default 1024)",
     )
     workload.add_argument(
         "--output-len",
-        type=LengthRange.parse,
+        type=_length_range,
         default=None,
         metavar="N|LOW:HIGH",
         help="max_tokens, uniform over the range (random default 128; sharegpt default: the reply's length)",
     )
     workload.add_argument(
         "--random-prefix-len",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="random prompts all start with the same N random tokens (a shared prefix), then their own "
@@ -66,7 +66,7 @@ def _add_workload_args(parser: argparse.ArgumentParser, tokenizer_option: bool) 
     )
     workload.add_argument(
         "--token-id-limit",
-        type=int,
+        type=positive_int,
         default=10000,
         help="random prompts draw token ids below this (default 10000)",
     )
@@ -122,8 +122,12 @@ def _add_serve_parser(modes: argparse._SubParsersAction) -> None:
         "to load-test structured outputs, or a temperature (model, prompt, max_tokens and the stream "
         "fields stay the bench's)",
     )
-    parser.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT bound in ms")
-    parser.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT bound in ms")
+    parser.add_argument(
+        "--slo-ttft-ms", type=_positive_number, default=None, help="goodput: TTFT bound in ms"
+    )
+    parser.add_argument(
+        "--slo-tpot-ms", type=_positive_number, default=None, help="goodput: TPOT bound in ms"
+    )
     parser.add_argument(
         "--timeout-s",
         type=_positive_number,
@@ -147,6 +151,15 @@ def _positive_number(text: str) -> float:
     if not value > 0:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
     return value
+
+
+def _length_range(text: str) -> LengthRange:
+    try:
+        return LengthRange.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not N or LOW:HIGH with 1 <= LOW <= HIGH ({exc})"
+        ) from None
 
 
 def _json_object(text: str) -> dict[str, Any]:
