@@ -180,6 +180,36 @@ def test_a_stored_response_is_read_back_continued_and_deleted(client: openai.Ope
         client.responses.retrieve(unstored.id)
 
 
+def test_a_stored_responses_input_items_are_its_conversation_a_page_at_a_time(client: openai.OpenAI) -> None:
+    """The SDK's input_items.list: the earlier turns' input and output, then this turn's input, each
+    with an id, newest first unless asked otherwise; paged with limit and after."""
+    call = {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}
+    first = _create(client, input=[{"role": "user", "content": "Hello"}, call,
+                                   {"type": "function_call_output", "call_id": "call_1", "output": "42"}],
+                    max_output_tokens=4, extra_body=ANSWER_NOW)  # fmt: skip
+    second = _create(client, input="Again", max_output_tokens=4, previous_response_id=first.id)
+    oldest_first = list(client.responses.input_items.list(second.id, order="asc"))
+    kinds = [(item.type, getattr(item, "role", None)) for item in oldest_first]
+    assert kinds == [("message", "user"), ("function_call", None), ("function_call_output", None),
+                     ("message", "assistant"), ("message", "user")]  # fmt: skip
+    assert oldest_first[0].content[0].text == "Hello" and oldest_first[-1].content[0].text == "Again"
+    assert oldest_first[3].id == first.output[0].id and oldest_first[1].call_id == "call_1"
+    ids = [item.id for item in oldest_first]
+    assert len(set(ids)) == 5 and ids[0].startswith("msg_") and ids[1].startswith("fc_")
+    page = client.responses.input_items.list(second.id, limit=2)  # newest first by default
+    assert [item.id for item in page.data] == ids[:-3:-1] and page.has_more
+    rest = client.responses.input_items.list(second.id, limit=10, after=page.data[-1].id)
+    assert [item.id for item in rest.data] == ids[-3::-1] and not rest.has_more
+    # Its own conversation only: the first turn lists its three items.
+    assert len(client.responses.input_items.list(first.id).data) == 3
+    for query, param in (({"limit": 0}, "limit"), ({"after": "msg_nope"}, "after")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.input_items.list(second.id, **query)  # type: ignore[arg-type]
+        assert refused.value.body["param"] == param  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_nope")
+
+
 @pytest.mark.parametrize(
     ("fields", "param", "message"),
     [
@@ -447,7 +477,7 @@ def test_the_store_drops_the_least_recently_used_past_its_count_or_bytes() -> No
     store = ResponseStore(max_responses=3, max_bytes=400)
 
     def stored(size: int) -> StoredResponse:
-        return StoredResponse.of({"pad": "x" * size}, [])
+        return StoredResponse.of({"pad": "x" * size}, [], [])
 
     for name in "abc":
         store.put(name, stored(10))

@@ -25,14 +25,28 @@ class StoredResponse:
     # The conversation it answered, as chat messages (without its instructions, which do not carry
     # over), then its answer as the messages that continue it; as JSON.
     messages_json: bytes
+    # The conversation it answered as the API's items, each with its id (its input items); as JSON.
+    items_json: bytes
 
     @classmethod
-    def of(cls, body: dict[str, Any], messages: list[dict[str, Any]]) -> StoredResponse:
-        return cls(json.dumps(body).encode(), json.dumps(messages).encode())
+    def of(
+        cls, body: dict[str, Any], messages: list[dict[str, Any]], items: list[dict[str, Any]]
+    ) -> StoredResponse:
+        return cls(json.dumps(body).encode(), json.dumps(messages).encode(), json.dumps(items).encode())
 
     @property
     def size(self) -> int:
-        return len(self.body_json) + len(self.messages_json)
+        return len(self.body_json) + len(self.messages_json) + len(self.items_json)
+
+    @property
+    def input_items(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = json.loads(self.items_json)
+        return items
+
+    @property
+    def output(self) -> list[dict[str, Any]]:
+        output: list[dict[str, Any]] = json.loads(self.body_json)["output"]
+        return output
 
     @property
     def status(self) -> str:

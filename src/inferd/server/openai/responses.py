@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -40,6 +40,7 @@ from inferd.server.openai.responses_protocol import (
     chat_tool_choice,
     chat_tools,
     input_messages,
+    listed_input_items,
 )
 from inferd.server.tool_calls import ParsedToolCall
 
@@ -60,6 +61,8 @@ class ResponseJob:
     # The conversation answered, without the instructions (they do not carry over).
     conversation: list[dict[str, Any]]
     created_at: int
+    # The same conversation as the API's items (its input items, listed back).
+    input_items: list[dict[str, Any]]
 
 
 # The chat request's fields as this API names them, for errors raised on the chat path (longest
@@ -82,6 +85,7 @@ def prepare_response(frontend: Frontend, body: ResponsesRequest, store: Response
     here is a 4xx before generation."""
     body.refuse_unsupported()
     history: list[dict[str, Any]] = []
+    earlier_items: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         previous = store.get(body.previous_response_id)
         if previous is None:
@@ -97,6 +101,7 @@ def prepare_response(frontend: Frontend, body: ResponsesRequest, store: Response
                 "previous_response_id",
             )
         history = previous.messages
+        earlier_items = previous.input_items + previous.output
     new = input_messages(body.input)
     if not new:
         raise InvalidRequestError("input: no message to answer", "input")
@@ -125,9 +130,9 @@ def prepare_response(frontend: Frontend, body: ResponsesRequest, store: Response
     except ApiError as exc:
         raise _in_responses_terms(exc) from None
     response_id = f"resp_{uuid.uuid4().hex}"
-    return ResponseJob(
-        response_id, body, dataclasses.replace(chat, request_id=response_id), conversation, int(time.time())
-    )
+    chat = dataclasses.replace(chat, request_id=response_id)
+    items = earlier_items + listed_input_items(body.input)
+    return ResponseJob(response_id, body, chat, conversation, int(time.time()), items)
 
 
 def _in_responses_terms(error: ApiError) -> ApiError:
@@ -356,7 +361,7 @@ class BackgroundResponses:
             log.append(events.event("response.failed", response=failed))
 
     def _put(self, job: ResponseJob, response: dict[str, Any]) -> None:
-        self.store.put(job.response_id, StoredResponse.of(response, job.conversation))
+        self.store.put(job.response_id, StoredResponse.of(response, job.conversation, job.input_items))
 
     def forget(self, response_id: str) -> None:
         """Drop a deleted response's events, ending its readers (cancelled first: its task's end
@@ -379,11 +384,36 @@ class BackgroundResponses:
             self._put(job, _response(job, "cancelled", [], None))
 
 
+def input_items_page(
+    stored: StoredResponse, after: str | None, limit: int, order: Literal["asc", "desc"]
+) -> dict[str, Any]:
+    """A page of the conversation a stored response answered, as its items (the earlier turns'
+    input and output, then its own input), in ``order`` (newest first with ``desc``), past the item
+    ``after``; at most ``limit`` (1 to 100) of them."""
+    if not 1 <= limit <= 100:
+        raise InvalidRequestError(f"limit: must be from 1 to 100, got {limit}", "limit")
+    items = stored.input_items if order == "asc" else stored.input_items[::-1]
+    start = 0
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise InvalidRequestError(f"after: the response has no input item {after!r}", "after")
+        start = ids.index(after) + 1
+    page = items[start : start + limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": start + limit < len(items),
+    }
+
+
 def _remember(store: ResponseStore, job: ResponseJob, response: dict[str, Any]) -> None:
     if job.body.store:
         # The answer's items read as input items are the messages that continue the conversation.
         continued = job.conversation + input_messages(response["output"])
-        store.put(job.response_id, StoredResponse.of(response, continued))
+        store.put(job.response_id, StoredResponse.of(response, continued, job.input_items))
 
 
 def _response(

@@ -11,6 +11,7 @@ truncation) is refused by name rather than ignored.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Literal
 
 from pydantic import Field
@@ -125,6 +126,32 @@ def input_messages(items: str | list[dict[str, Any]], field: str = "input") -> l
         elif kind != "reasoning":
             raise InvalidRequestError(f"{where}.type: {kind!r} items are not supported", field)
     return messages
+
+
+# Each kind of item's id prefix, as the API writes them.
+_ITEM_ID_PREFIXES = {
+    "message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"
+}  # fmt: skip
+
+
+def listed_input_items(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items (checked by ``input_messages`` first) as ``GET /v1/responses/{id}/input_items``
+    lists them: each with its type and an id (the client's, or a new one), a message's text as
+    content parts (``input_text``, an assistant's ``output_text``)."""
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    listed = []
+    for given in items:
+        item = dict(given)
+        kind = item.setdefault("type", "message")
+        if kind == "message":
+            if isinstance(item.get("content"), str):
+                part = "output_text" if item.get("role") == "assistant" else "input_text"
+                item["content"] = [{"type": part, "text": item["content"]}]
+            item.setdefault("status", "completed")
+        item.setdefault("id", f"{_ITEM_ID_PREFIXES.get(kind, 'item')}_{uuid.uuid4().hex}")
+        listed.append(item)
+    return listed
 
 
 def _string(item: dict[str, Any], key: str, where: str, field: str) -> str:

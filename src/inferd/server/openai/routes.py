@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -45,6 +45,7 @@ from inferd.server.openai.response_store import ResponseStore
 from inferd.server.openai.responses import (
     BackgroundResponses,
     ResponseNotFoundError,
+    input_items_page,
     prepare_response,
     respond,
     stream_response,
@@ -162,6 +163,17 @@ def build_router(
             after = -1 if starting_after is None else starting_after
             return sse_response(background.events(response_id, after))
         return Response(stored.body_json, media_type="application/json")
+
+    @router.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(
+        response_id: str, after: str | None = None, limit: int = 20, order: Literal["asc", "desc"] = "desc"
+    ) -> JSONResponse:
+        """The conversation the stored response answered, as items with ids, a page at a time
+        (``include`` is taken and ignored: the items carry what they have)."""
+        stored = store.get(response_id)
+        if stored is None:
+            raise ResponseNotFoundError(f"no stored response {response_id!r}")
+        return JSONResponse(input_items_page(stored, after, limit, order))
 
     @router.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(response_id: str) -> Response:
