@@ -16,7 +16,7 @@ def test_serve_random_workload_writes_json_and_png(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     script = StubScript(first_token_s=0.01, inter_token_s=0.005)
-    prefix = tmp_path / "run"
+    prefix = tmp_path / "results" / "run"  # its folder made for it
     argv = ["bench", "serve", "--num-prompts", "5", "--input-len", "3:6", "--output-len", "4", "--seed", "7"]
     argv += ["--request-rate", "50", "--max-concurrency", "2", "--slo-ttft-ms", "5000", "--ignore-eos"]
     argv += [
@@ -46,6 +46,18 @@ def test_serve_random_workload_writes_json_and_png(
     assert len(document["requests"]) == 5
     assert prefix.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "Goodput" in capsys.readouterr().out
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_usage_error_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    script = StubScript(first_token_s=0.01, inter_token_s=0.005)
+    argv = ["bench", "serve", "--num-prompts", "2", "--input-len", "3", "--output-len", "2", "--no-progress"]
+    with running_stub(script) as base_url:
+        code = main([*argv, "--base-url", base_url, "--output-prefix", str(tmp_path / "file" / "run")])
+    assert code == 2 and "--output-prefix: cannot make the folder" in capsys.readouterr().err
+    assert not script.received  # nothing was run
 
 
 def test_serve_chat_with_a_jsonl_dataset(tmp_path: Path) -> None:

@@ -721,6 +721,17 @@ def test_bad_triton_vllm_backend_inputs_are_refused(
     assert error.value.status() == status and named in str(error.value.message()), error.value.message()
 
 
+@pytest.mark.parametrize("where", ["field", "parameters"])
+def test_the_generate_extension_refuses_return_logprobs_as_infer_does(live: Live, where: str) -> None:
+    body: dict[str, Any] = {"text_input": PROMPT, "max_tokens": 3}
+    if where == "field":
+        body["return_logprobs"] = True
+    else:
+        body["parameters"] = {"return_logprobs": True}
+    answer = httpx.post(f"{live.server.base_url}/v2/models/{SERVED}/generate", json=body, timeout=30)
+    assert answer.status_code == 400 and "'return_logprobs' is not supported" in answer.json()["error"]
+
+
 def test_an_unknown_lora_name_is_refused_before_the_engine(live: Live) -> None:
     """As vLLM: a 404 naming the adapter that was never served, and no engine request (nothing
     counted as an engine error)."""

@@ -258,7 +258,7 @@ def _write_outputs(
 ) -> None:
     from inferd.bench.report import write_json
 
-    prefix = args.output_prefix or f"bench-{args.bench_command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    prefix = args.output_prefix
     write_json(f"{prefix}.json", config, summary, result.records)
     written = [f"{prefix}.json"]
     if not args.no_plot:
@@ -269,11 +269,24 @@ def _write_outputs(
     print("wrote " + ", ".join(written))
 
 
+def _resolve_output_prefix(args: argparse.Namespace) -> None:
+    """``--output-prefix`` (or a dated default), its folder made before the run: one that cannot be
+    is a usage error then, not a run lost at its end."""
+    prefix = args.output_prefix or f"bench-{args.bench_command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(prefix).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--output-prefix: cannot make the folder {str(folder)!r}: {exc}") from None
+    args.output_prefix = prefix
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from inferd.bench.client import OpenAIStreamClient, first_served_model
     from inferd.bench.report import Slo, format_table, summarize
     from inferd.bench.runner import run_requests
 
+    _resolve_output_prefix(args)
     model = args.model or first_served_model(args.base_url, args.api_key)
     requests = build_requests(args, _tokenizer_for(args, model), args.token_id_limit)
     if args.endpoint == "chat" and not all(isinstance(request.prompt, str) for request in requests):
@@ -314,6 +327,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_offline(args: argparse.Namespace) -> int:
     from inferd.bench.offline import run_offline_bench
 
+    _resolve_output_prefix(args)
     return run_offline_bench(args)
 
 

@@ -105,7 +105,7 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         "temperature": temperature,
         "title": f"offline {llm.engine.config.model_path.name}",
     }
-    prefix = args.output_prefix or f"bench-offline-{time.strftime('%Y%m%d-%H%M%S')}"
+    prefix = args.output_prefix  # made ready by the CLI
     write_json(f"{prefix}.json", config, summary, result.records)
     print(f"wrote {prefix}.json")
     return 0 if summary["completed"] else 1

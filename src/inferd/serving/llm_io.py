@@ -110,13 +110,16 @@ def read_llm_request(request: InferRequest) -> LLMRequest:
         parameters.update(_sampling_parameters(tensors[SAMPLING_PARAMETERS]))
     flags: Parameters = {name: _bool_tensor(tensors[name]) for name in _FLAG_INPUTS if name in tensors}
     for name, reason in _REFUSED_FLAGS.items():
-        if (_bool_tensor(tensors[name]) if name in tensors else flag(parameters, name)) is True:
+        if name in tensors and _bool_tensor(tensors[name]) is True:
             raise InvalidInputError(f"{name!r} is not supported: {reason}")
     return llm_request(_text(tensors[TEXT_INPUT.name]), {**parameters, **flags}, request)
 
 
 def llm_request(prompt: str, parameters: dict[str, Any], request: InferRequest | None = None) -> LLMRequest:
     """From a prompt and parameters holding the flags (the REST generate extension's form)."""
+    for name, reason in _REFUSED_FLAGS.items():
+        if flag(parameters, name) is True:
+            raise InvalidInputError(f"{name!r} is not supported: {reason}")
     stream = flag(parameters, STREAM)
     exclude = flag(parameters, EXCLUDE_INPUT)
     if stream and exclude is False:
