@@ -241,6 +241,12 @@ def test_a_stored_responses_input_items_are_its_conversation_a_page_at_a_time(cl
             "tools",
             "tools[0].parameters: must be a JSON Schema object",
         ),
+        # In this API's own shape ({"type": "function", "name": ...}), not the chat endpoint's.
+        (
+            {"input": "Hi", "tools": [WEATHER], "tool_choice": "banana"},
+            "tool_choice",
+            "'type': 'function', 'name'",
+        ),
         ({"input": "Hi", "conversation": "conv_1"}, "conversation", "not supported"),
         ({"input": "Hi", "metadata": {"k": "v" * 513}}, "metadata", "at most 16 pairs"),
         ({"input": "Hi", "max_output_tokens": 100000}, "input", "max_output_tokens asks for"),

@@ -267,6 +267,9 @@ def test_a_server_offers_tools_only_with_the_parser(tiny_llama: Path, tmp_path: 
         offered = post(server, tools=TOOLS).json()["usage"]["prompt_tokens"]
         assert offered > plain  # the template wrote the tools into the prompt
         assert post(server, tools=TOOLS, tool_choice="none").json()["usage"]["prompt_tokens"] == plain
+        # A function without arguments may say so with null parameters (the SDK's types allow it).
+        no_arguments = [{"type": "function", "function": {"name": "now", "parameters": None}}]
+        assert post(server, tools=no_arguments).status_code == 200
 
         for bad, param in (
             ({"tool_choice": {"type": "function", "function": {"name": "not_offered"}}}, "tool_choice"),

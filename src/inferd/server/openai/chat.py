@@ -152,7 +152,7 @@ def _offered_tools(frontend: Frontend, body: ChatCompletionRequest) -> list[dict
             raise InvalidRequestError(f"tools: each tool must be {shape}", "tools")
         # Shown to the model as they are whatever the tool_choice: a schema must be an object then
         # too (a forced call also compiles it).
-        if not isinstance(tool["function"].get("parameters", {}), dict):
+        if not isinstance(tool["function"].get("parameters") or {}, dict):  # null: no parameters
             raise InvalidRequestError(
                 f"tools[{index}].function.parameters: must be a JSON Schema object", "tools"
             )

@@ -195,7 +195,7 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
             raise InvalidRequestError(f"tools[{index}]: only function tools are supported", "tools")
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise InvalidRequestError(f"tools[{index}].name: must be a non-empty string", "tools")
-        if not isinstance(tool.get("parameters", {}), dict):
+        if not isinstance(tool.get("parameters") or {}, dict):  # null (the SDK's type allows it): none
             raise InvalidRequestError(f"tools[{index}].parameters: must be a JSON Schema object", "tools")
         function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
         converted.append({"type": "function", "function": function})
@@ -203,9 +203,9 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
 
 
 def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-    if choice is None or isinstance(choice, str):
+    if choice is None or choice in ("auto", "none", "required"):
         return choice
-    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise InvalidRequestError(
         "tool_choice: must be auto, none, required or {'type': 'function', 'name': ...}", "tool_choice"
