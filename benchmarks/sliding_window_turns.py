@@ -20,7 +20,6 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +45,9 @@ def build(folder: Path, args: argparse.Namespace, windowed: bool) -> LLM:
     kv = llm.engine.core.kv
     if not windowed:
 
-        def from_the_head(
-            token_ids: Sequence[int], max_blocks: int, salt: str | None
-        ) -> tuple[list[int], int]:
+        def from_the_head(keys: list[int]) -> tuple[list[int], int]:
             # The head walk, its hits behind the first query's window then given back at once.
-            hashes = KVCacheManager._longest_hit(kv, token_ids, max_blocks, salt)
+            hashes = KVCacheManager._longest_hit(kv, iter(keys))
             return hashes, max(0, (len(hashes) * kv.block_size - kv.window + 1) // kv.block_size)
 
         kv._longest_windowed_hit = from_the_head  # type: ignore[method-assign]

@@ -5,7 +5,7 @@ from collections.abc import Callable
 import pytest
 
 from inferd.kv.block_pool import BlockPool
-from inferd.kv.manager import KVCacheManager, iter_block_hashes
+from inferd.kv.manager import BlockKeys, KVCacheManager
 
 
 def test_pool_allocates_and_refuses_when_full() -> None:
@@ -200,7 +200,7 @@ def test_a_window_finds_a_prefix_whose_head_was_evicted() -> None:
     _compute_8_a_step(kv, "a", prompt)
     assert kv.find_cached_prefix("b", [99]) == 0 and kv.allocate("b", 16)
     kv.free("a")
-    assert kv.pool.lookup(next(iter_block_hashes(prompt, 4, 1))) is None
+    assert kv.pool.lookup(next(BlockKeys(None).first(prompt, 4, 1))) is None
     assert kv.find_cached_prefix("c", [*prompt, 7]) == 40 and kv.num_held("c") == 2
     assert kv.allocate("c", 41) and kv.pool.num_free == 12 - 4 - 3
     # c's new block was block 7, next to evict: 36 tokens would need blocks 7 and 8 (keys 29..35);
@@ -212,17 +212,40 @@ def test_a_window_finds_a_prefix_whose_head_was_evicted() -> None:
 
 
 def test_a_window_falls_back_to_a_shorter_prefix_where_its_window_has_a_gap() -> None:
-    """Window 8, blocks of 4: blocks 0..5 of a 24-token prompt cached but block 4 evicted. A hit of
-    24 tokens needs blocks 4 and 5; one of 16 needs blocks 2 and 3, both there."""
-    kv = KVCacheManager(num_blocks=6, block_size=4, window=8)
-    prompt = list(range(24))
-    kv.find_cached_prefix("a", prompt)
-    assert kv.allocate("a", 24)
-    kv.cache_computed_blocks("a", _slices(prompt), 24)
-    table = kv.block_table("a")
-    kv.release_out_of_window("a", 24)  # blocks 0..3 (keys 0..15) go back
-    kv.free("a")  # the free list: 5, 4, then 3, 2, 1, 0 (the head last)
-    assert kv.find_cached_prefix("b", [99]) == 0 and kv.allocate("b", 8)  # evicts blocks 5 and 4
+    """Window 8, blocks of 4: a 32-token prompt's head is evicted while it runs (another request
+    takes its released blocks), and once it is freed its last two blocks are. A hit of 32 tokens
+    needs blocks 6 and 7, one of 28 blocks 5 and 6: 24 needs blocks 4 and 5, both there. A lookup
+    from the head would find nothing."""
+    kv = KVCacheManager(num_blocks=10, block_size=4, window=8)
+    prompt = list(range(32))
+    _compute_8_a_step(kv, "a", prompt)  # blocks 0..5 released behind the window
+    assert kv.find_cached_prefix("b", [99]) == 0 and kv.allocate("b", 16)  # 2 unused, then 0 and 1
+    kv.free("a")
+    assert kv.find_cached_prefix("c", [98]) == 0 and kv.allocate("c", 8)  # a's tail: 7, then 6
+    keys = list(BlockKeys(None).first(prompt, 4, 8))
+    assert [kv.pool.lookup(key) is not None for key in keys] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert kv.find_cached_prefix("d", [*prompt, 1]) == 24 and kv.num_held("d") == 2
+
+
+def test_a_window_of_one_holds_the_last_block_of_a_hit() -> None:
+    """A query that sees only itself needs no earlier keys: a hit still needs its last block cached
+    (a cold cache finds nothing), and holds it, so the request's table has a real block."""
+    kv = KVCacheManager(num_blocks=8, block_size=4, window=1)
+    prompt = list(range(20))
+    assert kv.find_cached_prefix("a", prompt) == 0
+    assert kv.allocate("a", 20)
+    kv.cache_computed_blocks("a", _slices(prompt), 20)
+    kv.free("a")
+    assert kv.find_cached_prefix("b", prompt) == 16 and kv.num_held("b") == 1
+    assert kv.allocate("b", 20)
     kv.free("b")
-    assert kv.pool.lookup(next(iter_block_hashes(prompt, 4, 1))) == table[0]
-    assert kv.find_cached_prefix("c", [*prompt, 1]) == 16 and kv.num_held("c") == 2
+    assert kv.pool.num_free == 8

@@ -140,3 +140,27 @@ def test_a_prompt_scored_is_computed_whole_and_flags_its_steps() -> None:
     assert scoring.num_cached_tokens == 0
     s.update(out, {"b": [7]})
     assert not s.schedule().scores_prompts  # finished: later steps look for no prompt to score
+
+
+def test_a_waiting_requests_block_keys_are_hashed_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A 60-token prompt that cannot be admitted for want of blocks is looked up again each step.
+    A sliding-window model's lookup reads every full block's key: its 14 are hashed at the first
+    lookup only, and read back after."""
+    from inferd.kv import manager
+
+    hashed = []
+    block_hash = manager.block_hash
+
+    def counted(parent: int, token_ids: list[int]) -> int:
+        hashed.append(1)
+        return block_hash(parent, token_ids)
+
+    monkeypatch.setattr(manager, "block_hash", counted)
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256)
+    s = Scheduler(config, KVCacheManager(num_blocks=12, block_size=4, window=8))
+    s.add(_request("running", 40, max_tokens=20))  # holds 10 blocks, then 3 past its window
+    s.add(_request("waiting", 60, first=500))
+    assert _run_step(s) == {"running": 40}  # the waiting prompt looked up once: no room
+    after_first = len(hashed)
+    assert [_run_step(s) for _ in range(2)] == [{"running": 1}] * 2  # looked up twice more
+    assert len(hashed) == after_first  # no block keys hashed again (the running one fills none)

@@ -12,6 +12,7 @@ import torch
 from inferd.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the sampler imports this module
+    from inferd.kv.manager import BlockKeys
     from inferd.sample.penalties import TokenBans
     from inferd.sample.sampler import TokenLogprobs
     from inferd.structured.matcher import RequestGrammar
@@ -66,6 +67,8 @@ class Request:
     cache_salt: str | None = None
     # Its allowed tokens and bad words as the sampler lays them out, made on first use.
     token_bans: TokenBans | None = None
+    # Its prefix-cache keys of full blocks, hashed once for all its lookups (made on the first).
+    block_keys: BlockKeys | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

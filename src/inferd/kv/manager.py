@@ -35,15 +35,23 @@ def prefix_root(salt: str | None) -> int:
     return _ROOT_HASH if salt is None else _digest(_ROOT_HASH, salt.encode("utf-8", "surrogatepass"))
 
 
-def iter_block_hashes(
-    token_ids: Sequence[int], block_size: int, num_blocks: int, salt: str | None = None
-) -> Iterator[int]:
-    """Keys of the first ``num_blocks`` full blocks of ``token_ids``, one at a time (a lookup that
-    misses stops hashing there)."""
-    parent = prefix_root(salt)
-    for i in range(num_blocks):
-        parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
-        yield parent
+class BlockKeys:
+    """A request's keys of its full blocks, each hashed once and kept: its tokens there never
+    change, and a request is looked up again when its admission waits for blocks or after a
+    preemption (a long prompt's keys would otherwise be hashed again each time)."""
+
+    def __init__(self, salt: str | None) -> None:
+        self.salt = salt
+        self._keys: list[int] = []
+
+    def first(self, token_ids: Sequence[int], block_size: int, num_blocks: int) -> Iterator[int]:
+        """The keys of the first ``num_blocks`` full blocks of ``token_ids``, hashing only those
+        not hashed before, one at a time (a lookup that misses stops hashing there)."""
+        for i in range(num_blocks):
+            if i == len(self._keys):
+                parent = self._keys[-1] if self._keys else prefix_root(self.salt)
+                self._keys.append(block_hash(parent, token_ids[i * block_size : (i + 1) * block_size]))
+            yield self._keys[i]
 
 
 def kv_window(layer_windows: Sequence[int]) -> int:
@@ -91,14 +99,21 @@ class KVCacheManager:
         the requests running keep their blocks. Returns the blocks that were indexed."""
         return self.pool.reset_prefix_cache()
 
-    def find_cached_prefix(self, request_id: str, token_ids: Sequence[int], salt: str | None = None) -> int:
+    def find_cached_prefix(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        salt: str | None = None,
+        keys: BlockKeys | None = None,
+    ) -> int:
         """Attach the longest cached prefix of ``token_ids`` to a request with no blocks yet
         (``salt``: its LoRA adapter, whose blocks are its own).
 
         Returns the number of tokens whose KV is already computed. At least one token is always
         left to compute, because the model must produce logits for the last prompt token. With a
         window, only the blocks the first query to compute can see must be cached, and only those
-        are held: the request starts with the rest released.
+        are held: the request starts with the rest released. ``keys``: the request's own, kept
+        between its lookups (``salt`` is theirs).
         """
         if request_id in self._blocks:
             raise RuntimeError(f"request {request_id} already holds blocks")
@@ -108,10 +123,14 @@ class KVCacheManager:
             return 0
         max_blocks = (len(token_ids) - 1) // self.block_size
         self.prefix_queries += len(token_ids)
+        if keys is None:
+            keys = BlockKeys(salt)
+        assert keys.salt == salt, "a request's keys start from its own salt"
+        wanted = keys.first(token_ids, self.block_size, max_blocks)
         if self.window:
-            hashes, first_held = self._longest_windowed_hit(token_ids, max_blocks, salt)
+            hashes, first_held = self._longest_windowed_hit(list(wanted))
         else:
-            hashes, first_held = self._longest_hit(token_ids, max_blocks, salt), 0
+            hashes, first_held = self._longest_hit(wanted), 0
         held = []
         for key in hashes[first_held:]:
             block_id = self.pool.lookup(key)
@@ -128,32 +147,32 @@ class KVCacheManager:
         self.prefix_hits += num_hit_tokens
         return num_hit_tokens
 
-    def _longest_hit(self, token_ids: Sequence[int], max_blocks: int, salt: str | None) -> list[int]:
+    def _longest_hit(self, keys: Iterator[int]) -> list[int]:
         """Keys of the longest run of cached blocks from the head."""
         hashes = []
-        for key in iter_block_hashes(token_ids, self.block_size, max_blocks, salt):
+        for key in keys:
             if self.pool.lookup(key) is None:
                 break
             hashes.append(key)
         return hashes
 
-    def _longest_windowed_hit(
-        self, token_ids: Sequence[int], max_blocks: int, salt: str | None
-    ) -> tuple[list[int], int]:
+    def _longest_windowed_hit(self, keys: list[int]) -> tuple[list[int], int]:
         """For a model whose every layer slides (vLLM's sliding-window lookup): the keys of the
-        longest prefix whose blocks that the first query after it can see are all cached, and the
-        index of the first of those. Its head may have been evicted (a long request's head goes back
-        to the pool behind the window while it runs); no later query reads it. A key still names its
-        whole prefix, so a block found is the one computed after these very tokens."""
-        keys = list(iter_block_hashes(token_ids, self.block_size, max_blocks, salt))
+        longest prefix whose blocks that the first query after it can see are all cached (its last
+        one at least), and the index of the first of those. Its head may have been evicted (a long
+        request's head goes back to the pool behind the window while it runs); no later query reads
+        it. A key still names its whole prefix, so a block found is the one computed after these very
+        tokens."""
         run = 0  # cached blocks in a row, ending at block n - 1
         runs = []
         for key in keys:
             run = run + 1 if self.pool.lookup(key) is not None else 0
             runs.append(run)
-        for num_blocks in range(max_blocks, 0, -1):
-            # The first query, at position num_blocks * block_size, sees keys from first_held's block on.
+        for num_blocks in range(len(keys), 0, -1):
+            # The first query, at position num_blocks * block_size, sees keys from first_held's block
+            # on (none before it with a window of 1: the last block is held all the same).
             first_held = max(0, (num_blocks * self.block_size - self.window + 1) // self.block_size)
+            first_held = min(first_held, num_blocks - 1)
             if runs[num_blocks - 1] >= num_blocks - first_held:
                 return keys[:num_blocks], first_held
         return [], 0

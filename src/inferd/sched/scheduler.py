@@ -8,7 +8,7 @@ from collections import deque
 
 from inferd.config import SchedulerConfig
 from inferd.engine.request import FinishReason, Request, RequestStatus
-from inferd.kv.manager import KVCacheManager
+from inferd.kv.manager import BlockKeys, KVCacheManager
 from inferd.sample.penalties import needs_history
 from inferd.sched.output import ScheduledSequence, SchedulerOutput
 from inferd.sched.proposer import GuessRequest, Proposer
@@ -207,10 +207,14 @@ class Scheduler:
             # A prompt whose log-probabilities are asked for is computed whole: cached blocks
             # would skip the positions they are read from.
             scoring = request.params.prompt_logprobs is not None
+            if request.block_keys is None:
+                request.block_keys = BlockKeys(request.cache_salt)
             cached = (
                 0
                 if scoring
-                else self.kv.find_cached_prefix(request.request_id, request.all_token_ids, request.cache_salt)
+                else self.kv.find_cached_prefix(
+                    request.request_id, request.all_token_ids, request.cache_salt, request.block_keys
+                )
             )
             request.num_computed_tokens = cached
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
