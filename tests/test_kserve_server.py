@@ -173,8 +173,23 @@ def test_a_compressed_request_body_is_inflated(http_client: Any, repository: Pat
     )
 
 
-def test_a_compressed_body_is_bounded_once_inflated_and_must_inflate() -> None:
+def test_a_compressed_body_is_bounded_once_inflated_and_must_inflate(monkeypatch: pytest.MonkeyPatch) -> None:
     import gzip
+
+    from inferd.server import decompression
+
+    on_a_loop = []  # inflating a large body on the event loop would hold up every other request
+    inflate = decompression._inflate
+
+    def watched(*args: Any) -> bytes:
+        try:
+            asyncio.get_running_loop()
+            on_a_loop.append(True)
+        except RuntimeError:
+            on_a_loop.append(False)
+        return inflate(*args)
+
+    monkeypatch.setattr(decompression, "_inflate", watched)
 
     from fastapi.testclient import TestClient
     from prometheus_client import CollectorRegistry
@@ -183,23 +198,30 @@ def test_a_compressed_body_is_bounded_once_inflated_and_must_inflate() -> None:
     from inferd.serving.repository import ModelRepository
 
     app = build_app(ModelRepository([]), CollectorRegistry(), max_body_bytes=1000)
-    url = "/v2/models/digits/infer"
+    url = "/v2/repository/index"  # reads its JSON body: {"ready": true} lists, a string is refused
+
+    def post(body: bytes, encoding: str) -> Any:
+        return client.post(url, content=body, headers={"Content-Encoding": encoding})
+
     with TestClient(app) as client:
         bomb = gzip.compress(b"{" + b" " * 100_000 + b"}")  # 120 bytes, inflating to 100 kB
-        too_large = client.post(url, content=bomb, headers={"Content-Encoding": "gzip"})
+        too_large = post(bomb, "gzip")
         assert too_large.status_code == 413 and "inflates past the limit of 1000" in too_large.json()["error"]
-        false = client.post(url, content=b"{}", headers={"Content-Encoding": "gzip"})
+        false = post(b"{}", "gzip")
         assert false.status_code == 400 and "does not inflate" in false.json()["error"]
-        cut = client.post(
-            url, content=gzip.compress(b'{"inputs": []}')[:-12], headers={"Content-Encoding": "gzip"}
-        )
+        cut = post(gzip.compress(b'{"ready": true}')[:-12], "gzip")
         assert cut.status_code == 400 and "truncated" in cut.json()["error"]
-        other = client.post(url, content=b"{}", headers={"Content-Encoding": "br"})
+        other = post(b"{}", "br")
         assert other.status_code == 400 and "'br' is not supported" in other.json()["error"]
-        # Inflated, it reaches the route: an unknown model.
+        # Inflated, the body reaches the route: raw deflate too, and gzip members one after another.
         raw = zlib.compressobj(wbits=-15)
-        deflated = raw.compress(b'{"inputs": []}') + raw.flush()
-        assert client.post(url, content=deflated, headers={"Content-Encoding": "deflate"}).status_code == 404
+        assert post(raw.compress(b'{"ready": true}') + raw.flush(), "deflate").json() == []
+        members = post(gzip.compress(b'{"ready": ') + gzip.compress(b'"yes"}'), "gzip")
+        assert members.status_code == 400 and "'ready' must be true or false" in members.json()["error"]
+        assert post(b"", "gzip").json() == []  # an empty body stays empty
+        trailing = post(zlib.compress(b'{"ready": true}') + b"junk", "deflate")
+        assert trailing.status_code == 400 and "4 bytes after its compressed data" in trailing.json()["error"]
+    assert on_a_loop and not any(on_a_loop)  # in a worker thread each time
 
 
 def test_digits_over_grpc_equals_the_runtime(grpc_client: Any, repository: Path) -> None:
@@ -443,9 +465,11 @@ def test_generate_and_generate_stream(server: LiveServer) -> None:
     assert events[-1]["finish_reason"] == "stop"
     bad = httpx.post(f"{url}/generate_stream", json={"text_input": "x", "temperature": -1})
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]
+    not_json = httpx.post(f"{url}/generate", content=b"{text_input")
+    assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["error"]
     # The extension's requests are inference requests to the statistics: two done (the inferences
-    # made), one failed.
-    assert tuple(after - earlier for after, earlier in zip(counts(), before, strict=True)) == (2, 2, 1)
+    # made), two failed (one its body, one its sampling fields).
+    assert tuple(after - earlier for after, earlier in zip(counts(), before, strict=True)) == (2, 2, 2)
     not_llm = httpx.post(f"{server.http_url}/v2/models/digits/generate", json={"text_input": "x"})
     assert not_llm.status_code == 400
 

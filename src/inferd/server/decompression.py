@@ -2,12 +2,15 @@
 client sends them with ``request_compression_algorithm``: inflated before any route reads them.
 
 Inside the body size limit, which bounds the compressed body; the inflated one is held to the same
-limit, so a small body that would inflate to gigabytes is a 413, never a memory blow-up. Another
-encoding, or data that does not inflate, is a 400 in the protocol's error shape (a route would
-otherwise report the compressed bytes as bad JSON)."""
+limit, so a small body that would inflate to gigabytes is a 413, never a memory blow-up, and it is
+inflated in a worker thread, so a large one never holds up the event loop (the streams of other
+requests). gzip's members may follow one another. Another encoding, data that does not inflate, or
+bytes after it are a 400 in the protocol's error shape (a route would otherwise report the
+compressed bytes as bad JSON). A client that leaves while its body is read is passed on as such."""
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 from starlette.routing import get_route_path
@@ -18,7 +21,8 @@ from inferd.server.limits import PathErrorRenderer, replay_body
 
 # zlib's window bits for each encoding, tried in turn: gzip's header; deflate as HTTP means it
 # (zlib's format), then the raw stream some clients send under that name.
-_WINDOW_BITS = {"gzip": (31,), "x-gzip": (31,), "deflate": (15, -15)}
+_GZIP_BITS = 31
+_WINDOW_BITS = {"gzip": (_GZIP_BITS,), "x-gzip": (_GZIP_BITS,), "deflate": (15, -15)}
 _PLAIN = ("", "identity")
 
 
@@ -34,6 +38,9 @@ class RequestDecompression:
             await self.app(scope, receive, send)
             return
         messages = await _read_body(receive)  # bounded by the size limit outside
+        if messages[-1]["type"] != "http.request":  # gone: the app finds out as it reads
+            await self.app(scope, replay_body(messages, receive), send)
+            return
         try:
             if encoding not in _WINDOW_BITS:
                 raise InvalidRequestError(
@@ -41,7 +48,7 @@ class RequestDecompression:
                     "or deflate"
                 )
             body = b"".join(message.get("body", b"") for message in messages)
-            inflated = _inflate(body, _WINDOW_BITS[encoding], self.max_bytes)
+            inflated = await asyncio.to_thread(_inflate, body, _WINDOW_BITS[encoding], self.max_bytes)
         except ApiError as error:
             response = self.render(get_route_path(scope), error)
             await response(scope, receive, send)
@@ -54,24 +61,36 @@ class RequestDecompression:
 
 
 def _inflate(body: bytes, window_bits: tuple[int, ...], max_bytes: int) -> bytes:
-    for attempt, bits in enumerate(window_bits, 1):
-        inflater = zlib.decompressobj(bits)
+    """``body`` inflated, trying each of ``window_bits`` in turn; an empty body stays empty."""
+    if not body:
+        return body
+    failure = ""
+    for bits in window_bits:
         try:
-            inflated = inflater.decompress(body, max_bytes + 1)
+            return _inflate_members(body, bits, max_bytes)
         except zlib.error as exc:
-            if attempt < len(window_bits):
-                continue
-            raise InvalidRequestError(
-                f"the request body does not inflate as its Content-Encoding says: {exc}"
-            ) from None
-        if len(inflated) > max_bytes:
+            failure = str(exc)
+    raise InvalidRequestError(f"the request body does not inflate as its Content-Encoding says: {failure}")
+
+
+def _inflate_members(body: bytes, bits: int, max_bytes: int) -> bytes:
+    parts, size, rest = [], 0, body
+    while True:
+        inflater = zlib.decompressobj(bits)
+        part = inflater.decompress(rest, max_bytes + 1 - size)
+        size += len(part)
+        if size > max_bytes:
             raise PayloadTooLargeError(f"the request body inflates past the limit of {max_bytes} bytes")
         if not inflater.eof:
             raise InvalidRequestError(
                 "the request body does not inflate as its Content-Encoding says: truncated"
             )
-        return inflated
-    raise AssertionError("every encoding has window bits to try")
+        parts.append(part)
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(parts)
+        if bits != _GZIP_BITS:  # only gzip's members may follow one another
+            raise InvalidRequestError(f"the request body has {len(rest)} bytes after its compressed data")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -82,11 +101,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _read_body(receive: Receive) -> list[Message]:
+    """The body's messages, and the message that ended them early (a disconnect) if one did."""
     messages: list[Message] = []
     while True:
         message = await receive()
-        if message["type"] != "http.request":
-            return messages
         messages.append(message)
-        if not message.get("more_body", False):
+        if message["type"] != "http.request" or not message.get("more_body", False):
             return messages

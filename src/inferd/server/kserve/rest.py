@@ -68,8 +68,12 @@ async def _answer(produce: Callable[[], Awaitable[Response]]) -> Response:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
+    return _json_object(await request.body())
+
+
+def _json_object(sent: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(sent)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: recursion
         raise InvalidInputError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -238,7 +242,8 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
     async def generate(request: Request, name: str, version: str | None = None) -> Response:
         async def produce() -> Response:
             entry, generator = plane.text_generator(name, version)
-            llm = await _generate_request(request, stream=False)
+            sent = await request.body()  # a body the codec refuses counts as a failed request
+            llm = plane.decoded(name, version, lambda: _generate_request(request, sent, stream=False))
             result, stream = await unless_disconnected(request, plane.generate_text(entry, generator, llm))
             outputs = llm.outputs(result.text, stream, result.finish_reason, result.completion_tokens)
             # Always the finish reason; the other extras where asked for.
@@ -251,7 +256,8 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
     async def generate_stream(request: Request, name: str, version: str | None = None) -> Response:
         async def produce() -> Response:
             entry, generator = plane.text_generator(name, version)
-            llm = await _generate_request(request, stream=True)
+            sent = await request.body()
+            llm = plane.decoded(name, version, lambda: _generate_request(request, sent, stream=True))
             # Validate the sampling fields before the 200 status line goes out.
             chunks = plane.generate_text_stream(entry, generator, llm)
             first = await anext(chunks)
@@ -279,10 +285,10 @@ async def _as_json(payload: Any) -> Response:
     return JSONResponse(payload)
 
 
-async def _generate_request(request: Request, stream: bool) -> LLMRequest:
-    """The generate extension's body: `text_input`, and the sampling fields and flags (top-level or
-    under `parameters`); the route says whether it streams."""
-    text, parameters = _generate_input(await _json_body(request))
+def _generate_request(request: Request, sent: bytes, stream: bool) -> LLMRequest:
+    """The generate extension's body (``sent``): `text_input`, and the sampling fields and flags
+    (top-level or under `parameters`); the route says whether it streams."""
+    text, parameters = _generate_input(_json_object(sent))
     parameters = _with_timeout_header(request, parameters)
     return llm_request(text, {**parameters, STREAM: stream})
 
