@@ -107,6 +107,8 @@ def test_serve_rejects_token_prompts_on_chat_and_bad_dataset_args(capsys: pytest
         ("--output-len", "x"),
         ("--token-id-limit", "0"),
         ("--random-prefix-len", "-1"),
+        ("--max-concurrency", "two"),
+        ("--num-prompts", "1.5"),
     ],  # fmt: skip
 )
 def test_serve_refuses_out_of_range_numbers(

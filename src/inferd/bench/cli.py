@@ -110,7 +110,7 @@ def _add_serve_parser(modes: argparse._SubParsersAction) -> None:
         "below 1 bursts, above 1 more even",
     )
     parser.add_argument(
-        "--max-concurrency", type=_positive_integer, default=None, help="cap on requests in flight"
+        "--max-concurrency", type=positive_int, default=None, help="cap on requests in flight"
     )
     parser.add_argument("--ignore-eos", action="store_true", help="ask the server to generate all max_tokens")
     parser.add_argument(
@@ -169,16 +169,6 @@ def _json_object(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not valid JSON: {text!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
-    return value
-
-
-def _positive_integer(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
 
 
