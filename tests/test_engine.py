@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -406,8 +407,16 @@ def test_default_sampling_params_are_the_generation_configs(tiny_llama, tmp_path
     shutil.copytree(tiny_llama, folder)
     config = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 64}
     (folder / "generation_config.json").write_text(json.dumps(config))
-    params = LLM(folder, kv_cache_memory="4MiB").get_default_sampling_params()
+    llm = LLM(folder, kv_cache_memory="4MiB")
+    params = llm.get_default_sampling_params()
     assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.7, 0.8, 20, 64)
+    # As vLLM's: generate and chat without sampling params take them (64 tokens, not 16).
+    (folder / "generation_config.json").write_text(json.dumps({**config, "max_new_tokens": 20}))
+    llm = LLM(folder, kv_cache_memory="4MiB")
+    ignoring_eos = dataclasses.replace(llm.get_default_sampling_params(), ignore_eos=True)
+    llm.get_default_sampling_params = lambda: ignoring_eos  # type: ignore[method-assign]
+    assert len(llm.generate(["To be"])[0].token_ids) == 20
+    assert len(llm.chat([{"role": "user", "content": "To be"}])[0].token_ids) == 20
     (folder / "generation_config.json").unlink()
     assert LLM(folder, kv_cache_memory="4MiB").get_default_sampling_params() == SamplingParams()
 

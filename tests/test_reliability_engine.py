@@ -169,6 +169,31 @@ def test_logits_processor_failure_fails_only_its_request(tiny_llama: Path, monke
     assert engine.stats().kv_usage == 0.0
 
 
+def test_the_offline_api_raises_for_a_request_the_engine_failed(tiny_llama: Path, monkeypatch) -> None:
+    """LLM.generate, as vLLM's: an engine failure fails the call, naming the prompt, rather than
+    an empty answer marked "error" that code reading .text would take for one; the engine is
+    left clean for the next call. An out-of-vocabulary logit_bias id is refused before it runs."""
+    import inferd.sample.sampler as sampler
+    from inferd import LLM
+
+    real_bias = sampler.apply_logit_bias
+
+    def failing_bias(logits: Any, request: Request) -> None:
+        if 3 in request.params.logit_bias:
+            raise RuntimeError("logits processor exploded")
+        real_bias(logits, request)
+
+    monkeypatch.setattr(sampler, "apply_logit_bias", failing_bias)
+    llm = LLM(tiny_llama, kv_cache_memory="8MiB")
+    params = [_greedy(4), SamplingParams(max_tokens=4, logit_bias={3: 1.0})]
+    with pytest.raises(RuntimeError, match="prompt 1: .*logits processor exploded"):
+        llm.generate(["To be, or not", "Whether 'tis nobler"], params)
+    assert len(llm.generate(["To be, or not"], _greedy(4))[0].token_ids) == 4
+    vocab = llm.engine.config.model.vocab_size
+    with pytest.raises(ValueError, match=rf"token ids out of range \[0, {vocab}\): \[{vocab}\]"):
+        llm.generate(["To be"], SamplingParams(max_tokens=4, logit_bias={vocab: 1.0}))
+
+
 def test_output_processing_failure_fails_only_its_request(tiny_llama: Path) -> None:
     engine = LLMEngine.from_options(tiny_llama, kv_cache_memory="8MiB")
     engine.add_request("good", "To be, or not", _greedy(12))

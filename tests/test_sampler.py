@@ -199,12 +199,27 @@ def test_logprobs_of_chosen_and_top_n() -> None:
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"seed": 2**64}, "seed"),
         ({"seed": -(2**63) - 1}, "seed"),
+        # Counts and ids are whole numbers (True is an int to Python, not a count).
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"seed": True}, "seed"),
+        ({"logprobs": True}, "logprobs"),
+        ({"stop": [1]}, "stop"),
+        ({"stop_token_ids": [1.0]}, "stop_token_ids"),
+        ({"logit_bias": {"five": 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: "much"}}, "logit_bias"),
     ],
 )
 def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(SamplingParamsError) as info:
         SamplingParams(**kwargs)
     assert info.value.field == field
+
+
+def test_vllms_optional_fields_take_none_and_logit_bias_takes_json_keys() -> None:
+    params = SamplingParams(stop=None, stop_token_ids=None, bad_words=None, logit_bias=None)  # type: ignore[arg-type]
+    assert (params.stop, params.stop_token_ids, params.bad_words, params.logit_bias) == ([], [], [], {})
+    # An OpenAI body's object keys are strings: read as the token ids they name.
+    assert SamplingParams(logit_bias={"5": 100, 7: -1.5}).logit_bias == {5: 100.0, 7: -1.5}  # type: ignore[dict-item]
 
 
 def test_typical_p_keeps_the_tokens_transformers_keeps() -> None:

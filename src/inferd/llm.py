@@ -62,8 +62,8 @@ class LLM:
         ``outputs`` (sample j seeded ``seed + j`` where a seed is given; only the first scores the
         prompt for ``prompt_logprobs``)."""
         prompt_list = _as_prompt_list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
+        if sampling_params is None:  # as vLLM: the model's recommendation
+            sampling_params = self.get_default_sampling_params()
         params_list = (
             [sampling_params] * len(prompt_list)
             if isinstance(sampling_params, SamplingParams)
@@ -97,11 +97,18 @@ class LLM:
             # taken).
             self.engine.abort([rid for rid, (i, j) in placed.items() if samples[i][j] is None])
             raise
-        return [
-            _gathered(prompt, outs)
-            for prompt, outs in zip(prompt_list, samples, strict=True)
-            if all(out is not None for out in outs)
-        ]
+        gathered = []
+        for index, (prompt, outs) in enumerate(zip(prompt_list, samples, strict=True)):
+            finished = [out for out in outs if out is not None]
+            if len(finished) < len(outs):
+                raise RuntimeError(f"prompt {index}: the engine finished without its output")
+            failed = next((out for out in finished if out.finish_reason == "error"), None)
+            if failed is not None:
+                # As vLLM's offline API: a request the engine failed fails the call, rather than
+                # coming back as an empty answer a caller reading .text would take for one.
+                raise RuntimeError(f"prompt {index}: {failed.error or 'the engine failed on it'}")
+            gathered.append(_gathered(prompt, finished))
+        return gathered
 
     def chat(
         self,
@@ -151,8 +158,8 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """The sampling the model's ``generation_config.json`` recommends (temperature, top-p, top-k,
         min-p, repetition penalty, max_new_tokens as max_tokens), as vLLM's method of that name;
-        ``SamplingParams()`` where it recommends nothing. ``generate`` and ``chat`` without sampling
-        params use ``SamplingParams()``: pass this to follow the model's advice."""
+        ``SamplingParams()`` where it recommends nothing. ``generate`` and ``chat`` use it where no
+        sampling params are given, as vLLM's do."""
         return SamplingParams(**read_sampling_defaults(self.engine.config.model_path))  # type: ignore[arg-type]
 
     def embed(
@@ -263,14 +270,13 @@ class LLM:
         ]
 
 
-def _gathered(prompt: Prompt, samples: Sequence[RequestOutput | None]) -> RequestOutput:
+def _gathered(prompt: Prompt, samples: Sequence[RequestOutput]) -> RequestOutput:
     """A prompt's output: its first sample's, with every sample in ``outputs`` where there are
     several (and the first's prompt scores, which the others did not compute)."""
-    done = [out for out in samples if out is not None]
-    first = done[0]
+    first = samples[0]
     first.prompt = prompt if isinstance(prompt, str) else None
-    if len(done) > 1:
-        first.samples = [out.completion(index) for index, out in enumerate(done)]
+    if len(samples) > 1:
+        first.samples = [out.completion(index) for index, out in enumerate(samples)]
     return first
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,11 +100,24 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        # None where vLLM's optional fields take it: nothing of that kind.
+        for name in ("stop", "stop_token_ids", "bad_words", "bad_words_token_ids"):
+            if getattr(self, name) is None:
+                setattr(self, name, [])
+        self.logit_bias = _token_biases(self.logit_bias)
         self._validate()
 
     def _validate(self) -> None:
-        if not (isinstance(self.n, int) and 1 <= self.n <= MAX_SAMPLES):
+        if not (_whole(self.n) and 1 <= self.n <= MAX_SAMPLES):
             raise SamplingParamsError("n", f"must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}")
+        for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "priority"):
+            value = getattr(self, name)
+            if value is not None and not _whole(value):
+                raise SamplingParamsError(name, f"must be an integer, got {value!r}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise SamplingParamsError("stop", f"must be strings, got {self.stop!r}")
+        if not all(_whole(t) for t in self.stop_token_ids):
+            raise SamplingParamsError("stop_token_ids", f"must be token ids, got {self.stop_token_ids!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SamplingParamsError("max_tokens", f"must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:
@@ -190,3 +204,27 @@ def params_of_sample(params: SamplingParams, sample: int, scores_once: bool = Tr
     if sample and scores_once and params.prompt_logprobs is not None:
         changes["prompt_logprobs"] = None
     return dataclasses.replace(params, **changes) if changes else params
+
+
+def _whole(value: object) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, not a count or a token id)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_biases(biases: Mapping[Any, Any] | None) -> dict[int, float]:
+    """``logit_bias`` keyed by token id: keys given as strings of digits (JSON's object keys) are
+    read as ids, as the OpenAI API sends them; anything else is refused."""
+    keyed: dict[int, float] = {}
+    for key, bias in (biases or {}).items():
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            token_id = int(key)
+        elif _whole(key):
+            token_id = int(key)
+        else:
+            raise SamplingParamsError("logit_bias", f"keys must be token ids, got {key!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise SamplingParamsError(
+                "logit_bias", f"bias for token {token_id} must be a number, got {bias!r}"
+            )
+        keyed[token_id] = float(bias)
+    return keyed

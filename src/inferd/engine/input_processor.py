@@ -185,6 +185,7 @@ class InputProcessor:
         self.check_task(params)
         out_of_range = [t for t in params.allowed_token_ids or () if t >= self.vocab_size]
         out_of_range += [t for ids in params.bad_words_token_ids for t in ids if t >= self.vocab_size]
+        out_of_range += [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
         if out_of_range:
             raise PromptError(f"token ids out of range [0, {self.vocab_size}): {out_of_range[:5]}")
         params = self.resolve_bad_words(params)
