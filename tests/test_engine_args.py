@@ -51,6 +51,9 @@ def test_the_other_flags() -> None:
                        "hf_overrides": '{"method": "x"}', "fused_sampler": "inverse_cdf",
                        "long_prefill_token_threshold": 64, "tokenizer": "/some/folder"}  # fmt: skip
     assert parse("--enable-prefix-caching") == {}  # the default, said as vLLM's flag says it
+    # vLLM's spellings: its negative prefix-caching flag, its dtype names.
+    assert parse("--no-enable-prefix-caching") == {"enable_prefix_caching": False}
+    assert parse("--dtype", "half") == {"dtype": "half"} and parse("--dtype", "auto") == {"dtype": "auto"}
     with pytest.raises(ValueError, match="contradict"):
         parse("--enable-prefix-caching", "--no-prefix-caching")
 
@@ -217,3 +220,18 @@ def test_generate_takes_a_structured_output(tiny_llama, tmp_path, capsys: pytest
     assert main([*common, "To be", "--regex", "a(b"]) == 2  # a message, not a traceback
     err = capsys.readouterr().err
     assert "inferd: error: structured_output:" in err and "unclosed group" in err and "Traceback" not in err
+    # A budget past the context stops there, as the offline API's does.
+    past = ["generate", "--model", str(tiny_llama), "--max-tokens", "100000", "--kv-cache-memory", "8MiB"]
+    assert main([*past, "To be"]) == 0
+    assert re.search(r"finish: (length|stop)", capsys.readouterr().err)
+
+
+def test_vllms_dtype_names_resolve_to_ours(tiny_llama) -> None:
+    from inferd import LLM
+
+    assert (
+        LLM(tiny_llama, dtype="half", device="cpu", kv_cache_memory="4MiB").engine.config.dtype == "float16"
+    )
+    assert (
+        LLM(tiny_llama, dtype="auto", kv_cache_memory="4MiB").engine.config.dtype == "float32"
+    )  # on the CPU

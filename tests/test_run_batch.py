@@ -32,8 +32,19 @@ def test_the_cli_answers_each_line_in_order_as_the_routes_do(
         _line("bad", "/v1/completions", {"model": "tiny", "prompt": "To be", "max_tokens": 0}),
         "",  # blank lines are skipped
     ]  # fmt: skip
-    source, sink = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source, sink = tmp_path / "in.jsonl", tmp_path / "results" / "out.jsonl"  # its folder made for it
     source.write_text("\n".join(requests) + "\n")
+    # An output that cannot be written is a usage error before the model loads, not after the run.
+    (tmp_path / "file").write_text("")
+    unwritable = [
+        "run-batch",
+        "/no/such/model",
+        "-i",
+        str(source),
+        "-o",
+        str(tmp_path / "file" / "out.jsonl"),
+    ]
+    assert main(unwritable) == 2 and "--output-file: cannot write" in capsys.readouterr().err
     args = ["run-batch", str(tiny_llama), "-i", str(source), "-o", str(sink), "--served-model-name", "tiny"]
     assert main([*args, "--kv-cache-memory", "8MiB"]) == 0
     assert "4 requests, 3 answered, 1 failed" in capsys.readouterr().err

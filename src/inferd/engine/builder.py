@@ -76,8 +76,10 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         raise ModelLoadError(f"model folder {path} does not exist")
     model = ModelConfig.from_folder(path, _hf_overrides(options.pop("hf_overrides", None)))
     device = options.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = options.pop("dtype", None) or _default_dtype(model, device)
-    parse_dtype(dtype)
+    dtype = options.pop("dtype", None)
+    if dtype in (None, "auto"):  # vLLM's default's name
+        dtype = _default_dtype(model, device)
+    dtype = str(parse_dtype(dtype)).removeprefix("torch.")  # one name each ("half": float16)
     sizes = {name: options.pop(name, None) for name in _SIZES}
     for name, value in sizes.items():
         if value is not None and value < 1:  # 0 is a mistake to report, not "use the default"

@@ -103,7 +103,12 @@ _SWITCHES = {
 def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> None:
     """``seed_flag=False`` leaves ``--seed`` to a command that uses it for something else."""
     group = parser.add_argument_group("engine (unset: the engine's defaults)")
-    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and KV dtype")
+    group.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "float", "bfloat16", "float16", "half"],
+        help="weights and KV dtype (auto, the default: the checkpoint's 16-bit dtype on a GPU, float32 on "
+        "the CPU; float and half as vLLM spells float32 and float16)",
+    )
     group.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     group.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB (default: from free memory)")
     group.add_argument(
@@ -134,7 +139,13 @@ def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> 
         help="fcfs: arrival order (default); priority: a request's 'priority' first (lower runs sooner; "
         "ties by arrival), also in who is preempted when KV blocks run out",
     )
-    group.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    group.add_argument(
+        "--no-prefix-caching",
+        "--no-enable-prefix-caching",
+        dest="no_prefix_caching",
+        action="store_true",
+        help="turn prefix caching off (the second spelling is vLLM's)",
+    )
     group.add_argument(
         "--enable-prefix-caching",
         action="store_true",

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         structured_output=_structured_output(args),
         adapter=args.adapter,
     )
-    engine.add_request("cli", prompt, params)
+    # As the offline API: a --max-tokens past the context stops there ("length").
+    engine.add_request("cli", prompt, params, clamp_to_context=True)
     if not args.chat:
         sys.stdout.write(args.prompt)
     final = None

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     )
     with _opened(args.input_file, "r") as source:
         lines = [line for line in source if line.strip()]
+    _check_writable(args.output_file)  # before the model loads, not once every line is answered
     llm = AsyncLLM.from_options(Path(args.model) if args.model else None, **engine_options(args))
     app = create_app(llm, config)
     results = event_loop.run(answer_lines(app, lines, args.max_concurrency, show_progress=True))
@@ -176,6 +177,19 @@ def _failed(custom_id: str | None, message: str) -> dict[str, Any]:
         "response": None,
         "error": {"code": "invalid_request", "message": message},
     }
+
+
+def _check_writable(path: str) -> None:
+    """Make the output file's folder and open the file once for appending (so nothing is lost), or
+    fail with a usage error."""
+    if path == "-":
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--output-file: cannot write {path!r}: {exc}") from None
 
 
 @contextmanager
