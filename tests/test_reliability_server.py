@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from server_process import ServerProcess, run_server
 
 MAX_BODY_BYTES = 4096
@@ -168,16 +169,9 @@ STREAMS = [
 ]
 
 
-@pytest.mark.parametrize(("path", "body"), STREAMS)
-async def test_streams_the_queue_turns_away_as_they_are_admitted_get_429s(
-    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, object]
-) -> None:
-    """Streams that all passed the route's check before any was admitted (a burst: here every one,
-    the check made a no-op) learn of a full queue only as their engine requests are admitted. Their
-    status line waits for that: the ones turned away are 429s with Retry-After, never a 200 whose
-    stream carries the error."""
-    import asyncio
-
+def _app_letting_a_burst_through(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> FastAPI:
+    """An app on a queue of two whose routes' own check lets every request through (it is a no-op),
+    as requests of a burst all pass it before any is admitted."""
     from inferd.engine.admission import QueueLimits
     from inferd.engine.async_llm import AsyncLLM
     from inferd.server.app import create_app
@@ -189,7 +183,20 @@ async def test_streams_the_queue_turns_away_as_they_are_admitted_get_429s(
         tiny_llama, engine_process=False, kv_cache_memory="8MiB", max_num_seqs=1,
         queue_limits=QueueLimits(max_requests=2),
     )  # fmt: skip
-    app = create_app(llm, ServerConfig())
+    return create_app(llm, ServerConfig())
+
+
+@pytest.mark.parametrize(("path", "body"), STREAMS)
+async def test_streams_the_queue_turns_away_as_they_are_admitted_get_429s(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, object]
+) -> None:
+    """Streams that all passed the route's check before any was admitted (a burst: here every one,
+    the check made a no-op) learn of a full queue only as their engine requests are admitted. Their
+    status line waits for that: the ones turned away are 429s with Retry-After, never a 200 whose
+    stream carries the error."""
+    import asyncio
+
+    app = _app_letting_a_burst_through(tiny_llama, monkeypatch)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as client:
@@ -204,6 +211,28 @@ async def test_streams_the_queue_turns_away_as_they_are_admitted_get_429s(
             last = answer.text.rstrip().splitlines()[-1]
             assert '{"error"' not in answer.text and "event: error" not in answer.text
             assert last == "data: [DONE]" or '"generated_text"' in last or '"response.incomplete"' in last
+
+
+async def test_a_request_of_several_samples_turned_away_is_rejected_once(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n=2 requests of a burst that all passed the route's check: each of a refused request's
+    samples may find the queue full as it is admitted, but the client got one 429, and the
+    rejected count counts it once."""
+    import asyncio
+
+    app = _app_letting_a_burst_through(tiny_llama, monkeypatch)
+    body = {"prompt": "To be", "max_tokens": 4, "n": 2, "temperature": 1.0, "seed": 1}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as client:
+            answers = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(6)))
+            metrics = (await client.get("/metrics")).text
+    refused = sum(answer.status_code == 429 for answer in answers)
+    rejected = next(
+        line for line in metrics.splitlines() if line.startswith("inferd:requests_rejected_total")
+    )
+    assert refused >= 2 and float(rejected.split()[-1]) == refused, (refused, rejected)
 
 
 def test_a_queued_stream_whose_client_leaves_before_its_first_event_is_aborted(server: ServerProcess) -> None:

@@ -357,6 +357,7 @@ class Frontend:
             raise ServiceUnavailableError(self.llm.dead_reason or "the engine is not running")
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        refusal = _Refusal()  # the client's request is refused once, however many samples find out
         streams = []
         for prompt_index, token_ids in enumerate(prompts):
             for sample in range(n):
@@ -375,6 +376,7 @@ class Frontend:
                         not continuing,
                         samples,
                         records_asked,
+                        refusal,
                     )
                 )
         if len(streams) == 1:
@@ -391,8 +393,10 @@ class Frontend:
         admit: bool = True,
         n: int | None = None,
         records_asked: bool = True,
+        refusal: _Refusal | None = None,
     ) -> AsyncGenerator[IndexedOutput, None]:
-        """``n``: for a prompt's first sample, how many the prompt asked for (a metric)."""
+        """``n``: for a prompt's first sample, how many the prompt asked for (a metric).
+        ``refusal``: shared by the engine requests of one client request."""
         structure = params.structured_output
         asked_tokens = params.max_tokens if records_asked and not params.embed else None
         tracker = _RequestTracker(
@@ -414,13 +418,24 @@ class Frontend:
                 yield IndexedOutput(index, out)
         except EngineOverloadedError as exc:
             tracker.done = True  # never admitted: not a finished request
-            self.metrics.count_rejected(arrived=True)
+            first = refusal is None or not refusal.counted
+            if refusal is not None:
+                refusal.counted = True
+            self.metrics.count_rejected(arrived=True, whole_request=first)
             raise OverloadedError(str(exc), exc.retry_after_s) from exc
         except EngineDeadError as exc:
             raise ServiceUnavailableError(str(exc)) from exc
         finally:
             self.num_in_flight -= 1
             tracker.abandon()
+
+
+class _Refusal:
+    """Whether a client request's refusal by the queue was counted: each of its engine requests
+    (its samples, its prompts) may find the queue full as it is admitted."""
+
+    def __init__(self) -> None:
+        self.counted = False
 
 
 class _RequestTracker:

@@ -239,10 +239,13 @@ class ServerMetrics:
         """An engine request about to be queued (TGI's request count counts arrivals)."""
         self._families.tgi.count_arrived(self._model_name)
 
-    def count_rejected(self, arrived: bool = False) -> None:
+    def count_rejected(self, arrived: bool = False, whole_request: bool = True) -> None:
         """A request refused at once with a 429: the queue was full. ``arrived``: an engine
-        request already counted by ``count_arrived``; else the whole request, refused at the door."""
-        self.rejected.inc()
+        request already counted by ``count_arrived``; else the whole request, refused at the door.
+        ``whole_request`` false: another engine request of the same client request, which the
+        rejected count has counted already (TGI's counts each engine request that arrived)."""
+        if whole_request:
+            self.rejected.inc()
         self._families.tgi.count_rejected(self._model_name, arrived)
 
     def observe_inter_token(self, gap_s: float) -> None:
