@@ -276,8 +276,8 @@ def test_a_failed_offline_step_says_so(tiny_model_factory, monkeypatch) -> None:
     llm = LLM(tiny_model_factory("llama"), kv_cache_memory="8MiB")
     generate = llm.generate
 
-    def failing(prompts, params):  # type: ignore[no-untyped-def]
-        outputs = generate(prompts, params)
+    def failing(prompts, params, **options):  # type: ignore[no-untyped-def]
+        outputs = generate(prompts, params, **options)
         outputs[0].error, outputs[0].logprobs = "the device fell over", []
         return outputs
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from server_process import run_server
 
+from inferd import SamplingParams
 from inferd.engine.generation_config import read_sampling_defaults
 from inferd.server.openai.chat import output_budget
 from inferd.server.openai.common import sampling_params
@@ -100,6 +101,15 @@ def test_reading_the_defaults(tiny_llama: Path, tmp_path: Path, caplog: pytest.L
         with caplog.at_level("WARNING"):
             assert read_sampling_defaults(folder) == {}
         assert f"max_new_tokens is {bad!r}, not a positive integer" in caplog.text
+    # top_k written as a float: a whole one is read as the count it is, another left out.
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 20.0}))
+    assert read_sampling_defaults(folder) == {"top_k": 20} and SamplingParams(
+        **read_sampling_defaults(folder)
+    )
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 20.5}))
+    with caplog.at_level("WARNING"):
+        assert read_sampling_defaults(folder) == {}
+    assert "top_k is 20.5, not a whole number" in caplog.text
     (folder / "generation_config.json").unlink()
     assert read_sampling_defaults(folder) == {}
 

@@ -197,16 +197,18 @@ def test_a_compressed_body_is_bounded_once_inflated_and_must_inflate(monkeypatch
     from inferd.server.kserve.launch import build_app
     from inferd.serving.repository import ModelRepository
 
-    app = build_app(ModelRepository([]), CollectorRegistry(), max_body_bytes=1000)
+    app = build_app(ModelRepository([]), CollectorRegistry(), max_body_bytes=100_000)
     url = "/v2/repository/index"  # reads its JSON body: {"ready": true} lists, a string is refused
 
     def post(body: bytes, encoding: str) -> Any:
         return client.post(url, content=body, headers={"Content-Encoding": encoding})
 
     with TestClient(app) as client:
-        bomb = gzip.compress(b"{" + b" " * 100_000 + b"}")  # 120 bytes, inflating to 100 kB
+        bomb = gzip.compress(b"{" + b" " * 10_000_000 + b"}")  # 10 kB, inflating to 10 MB
         too_large = post(bomb, "gzip")
-        assert too_large.status_code == 413 and "inflates past the limit of 1000" in too_large.json()["error"]
+        assert (
+            too_large.status_code == 413 and "inflates past the limit of 100000" in too_large.json()["error"]
+        )
         false = post(b"{}", "gzip")
         assert false.status_code == 400 and "does not inflate" in false.json()["error"]
         cut = post(gzip.compress(b'{"ready": true}')[:-12], "gzip")
@@ -219,6 +221,9 @@ def test_a_compressed_body_is_bounded_once_inflated_and_must_inflate(monkeypatch
         members = post(gzip.compress(b'{"ready": ') + gzip.compress(b'"yes"}'), "gzip")
         assert members.status_code == 400 and "'ready' must be true or false" in members.json()["error"]
         assert post(b"", "gzip").json() == []  # an empty body stays empty
+        assert post(gzip.compress(b'{"ready": true}') + b"\0" * 64, "gzip").json() == []  # zero padding
+        empties = post(gzip.compress(b"") * 2000, "gzip")  # 40 kB of empty members
+        assert empties.status_code == 400 and "more than 1024 gzip members" in empties.json()["error"]
         trailing = post(zlib.compress(b'{"ready": true}') + b"junk", "deflate")
         assert trailing.status_code == 400 and "4 bytes after its compressed data" in trailing.json()["error"]
     assert on_a_loop and not any(on_a_loop)  # in a worker thread each time

@@ -188,6 +188,9 @@ def test_the_offline_api_raises_for_a_request_the_engine_failed(tiny_llama: Path
     params = [_greedy(4), SamplingParams(max_tokens=4, logit_bias={3: 1.0})]
     with pytest.raises(RuntimeError, match="prompt 1: .*logits processor exploded"):
         llm.generate(["To be, or not", "Whether 'tis nobler"], params)
+    # Asked to, it gives the failed output back instead (a benchmark counts such failures).
+    kept = llm.generate(["To be, or not", "Whether 'tis nobler"], params, raise_on_error=False)
+    assert [out.finish_reason for out in kept] == ["length", "error"] and "exploded" in str(kept[1].error)
     assert len(llm.generate(["To be, or not"], _greedy(4))[0].token_ids) == 4
     vocab = llm.engine.config.model.vocab_size
     with pytest.raises(ValueError, match=rf"token ids out of range \[0, {vocab}\): \[{vocab}\]"):

@@ -45,6 +45,9 @@ def test_the_cli_answers_each_line_in_order_as_the_routes_do(
         str(tmp_path / "file" / "out.jsonl"),
     ]
     assert main(unwritable) == 2 and "--output-file: cannot write" in capsys.readouterr().err
+    never = tmp_path / "never.jsonl"  # checked without being made: a run that fails leaves nothing
+    assert main(["run-batch", "/no/such/model", "-i", str(source), "-o", str(never)]) == 2
+    assert not never.exists()
     args = ["run-batch", str(tiny_llama), "-i", str(source), "-o", str(sink), "--served-model-name", "tiny"]
     assert main([*args, "--kv-cache-memory", "8MiB"]) == 0
     assert "4 requests, 3 answered, 1 failed" in capsys.readouterr().err

@@ -218,6 +218,16 @@ def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
 def test_vllms_optional_fields_take_none_and_logit_bias_takes_json_keys() -> None:
     params = SamplingParams(stop=None, stop_token_ids=None, bad_words=None, logit_bias=None)  # type: ignore[arg-type]
     assert (params.stop, params.stop_token_ids, params.bad_words, params.logit_bias) == ([], [], [], {})
+    # numpy's numbers, as a script drawing seeds from numpy passes them: kept as Python's.
+    import numpy as np
+
+    drawn = SamplingParams(
+        seed=np.int64(3), max_tokens=np.int64(8), logit_bias={np.int64(5): np.float32(1.0)}
+    )
+    assert (type(drawn.seed), drawn.max_tokens, drawn.logit_bias) == (int, 8, {5: 1.0})
+    for key in ("²", "--5", "٣"):  # digits as Python's int() reads more than JSON writes
+        with pytest.raises(SamplingParamsError, match="logit_bias: keys must be token ids"):
+            SamplingParams(logit_bias={key: 1.0})
     # An OpenAI body's object keys are strings: read as the token ids they name.
     assert SamplingParams(logit_bias={"5": 100, 7: -1.5}).logit_bias == {5: 100.0, 7: -1.5}  # type: ignore[dict-item]
 

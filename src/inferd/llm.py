@@ -56,11 +56,15 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        *,
+        raise_on_error: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt, all in one continuously batched run; outputs in prompt order.
         With ``n`` > 1 a prompt's samples are n engine requests, gathered in its output's
         ``outputs`` (sample j seeded ``seed + j`` where a seed is given; only the first scores the
-        prompt for ``prompt_logprobs``)."""
+        prompt for ``prompt_logprobs``). A request the engine failed fails the call, as vLLM's;
+        ``raise_on_error`` false returns it, ``finish_reason`` "error" and its ``error`` set (a
+        benchmark counts such failures)."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:  # as vLLM: the model's recommendation
             sampling_params = self.get_default_sampling_params()
@@ -103,7 +107,7 @@ class LLM:
             if len(finished) < len(outs):
                 raise RuntimeError(f"prompt {index}: the engine finished without its output")
             failed = next((out for out in finished if out.finish_reason == "error"), None)
-            if failed is not None:
+            if failed is not None and raise_on_error:
                 # As vLLM's offline API: a request the engine failed fails the call, rather than
                 # coming back as an empty answer a caller reading .text would take for one.
                 raise RuntimeError(f"prompt {index}: {failed.error or 'the engine failed on it'}")
@@ -180,7 +184,7 @@ class LLM:
                 raise ValueError("dimensions shortens embeddings; a classifier gives label logits")
             check_dimensions(model, dimensions)
         params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
-        outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
+        outputs = self.generate(prompts, params, use_tqdm=use_tqdm, raise_on_error=False)
         failed = [out.error for out in outputs if out.embedding is None]
         if failed:
             raise RuntimeError(f"a prompt could not be embedded: {failed[0]}")
@@ -246,7 +250,7 @@ class LLM:
         with tqdm(total=params.max_tokens, desc="beam search", disable=not use_tqdm, unit="tok") as bar:
             while not all(search.done for search in searches):
                 stepped = live_sequences(searches, prompt_ids)
-                outputs = self.generate([tokens for _, tokens in stepped], per_step)
+                outputs = self.generate([tokens for _, tokens in stepped], per_step, raise_on_error=False)
                 failed = next((out for out in outputs if out.error is not None or not out.logprobs), None)
                 if failed is not None:
                     raise RuntimeError(f"a beam search step failed: {failed.error or failed.finish_reason}")

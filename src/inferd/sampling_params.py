@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,12 +107,16 @@ class SamplingParams:
             if getattr(self, name) is None:
                 setattr(self, name, [])
         self.logit_bias = _token_biases(self.logit_bias)
+        for name in (*_INTEGER_FIELDS, "n"):
+            value = getattr(self, name)
+            if _whole(value) and type(value) is not int:  # numpy's: kept as Python's
+                setattr(self, name, int(value))
         self._validate()
 
     def _validate(self) -> None:
         if not (_whole(self.n) and 1 <= self.n <= MAX_SAMPLES):
             raise SamplingParamsError("n", f"must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}")
-        for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "priority"):
+        for name in _INTEGER_FIELDS:
             value = getattr(self, name)
             if value is not None and not _whole(value):
                 raise SamplingParamsError(name, f"must be an integer, got {value!r}")
@@ -207,8 +213,14 @@ def params_of_sample(params: SamplingParams, sample: int, scores_once: bool = Tr
 
 
 def _whole(value: object) -> bool:
-    """An int that is not a bool (``True`` is an int to Python, not a count or a token id)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer that is not a bool (``True`` is an int to Python, not a count or a token id);
+    numpy's integers too."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+_DIGITS = re.compile(r"-?[0-9]+")
+# Counts and ids: whole numbers (None where the field allows it).
+_INTEGER_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "priority")
 
 
 def _token_biases(biases: Mapping[Any, Any] | None) -> dict[int, float]:
@@ -216,13 +228,11 @@ def _token_biases(biases: Mapping[Any, Any] | None) -> dict[int, float]:
     read as ids, as the OpenAI API sends them; anything else is refused."""
     keyed: dict[int, float] = {}
     for key, bias in (biases or {}).items():
-        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
-            token_id = int(key)
-        elif _whole(key):
+        if (isinstance(key, str) and _DIGITS.fullmatch(key)) or _whole(key):
             token_id = int(key)
         else:
             raise SamplingParamsError("logit_bias", f"keys must be token ids, got {key!r}")
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+        if isinstance(bias, bool) or not isinstance(bias, numbers.Real):
             raise SamplingParamsError(
                 "logit_bias", f"bias for token {token_id} must be a number, got {bias!r}"
             )

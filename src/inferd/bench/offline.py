@@ -59,7 +59,7 @@ def generate_timed(
     ]
     prompts = [request.prompt for request in requests]
     run_start_monotonic, run_start = time.monotonic(), time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=show_progress)  # type: ignore[arg-type]
+    outputs = llm.generate(prompts, params, use_tqdm=show_progress, raise_on_error=False)  # type: ignore[arg-type]
     duration_s = time.perf_counter() - run_start
     records = [_record(index, output, run_start_monotonic) for index, output in enumerate(outputs)]
     return RunResult(records=records, duration_s=duration_s)

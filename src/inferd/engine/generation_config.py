@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 # generation_config.json's names of the sampling fields that carry over, all numbers.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+_INTEGER_FIELDS = ("top_k",)
 
 
 def read_sampling_defaults(folder: Path) -> dict[str, float | int]:
@@ -45,5 +46,11 @@ def read_sampling_defaults(folder: Path) -> dict[str, float | int]:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             logger.warning("%s: %s is %r, not a number; left out of the sampling defaults", path, name, value)
             continue
+        if name in _INTEGER_FIELDS:
+            if isinstance(value, float) and not value.is_integer():
+                logger.warning("%s: %s is %r, not a whole number; left out of the sampling defaults",
+                               path, name, value)  # fmt: skip
+                continue
+            value = int(value)  # 20.0, as some configs write top_k
         defaults[name] = value
     return defaults

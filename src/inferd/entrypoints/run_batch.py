@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Iterable, Iterator
@@ -180,16 +181,19 @@ def _failed(custom_id: str | None, message: str) -> dict[str, Any]:
 
 
 def _check_writable(path: str) -> None:
-    """Make the output file's folder and open the file once for appending (so nothing is lost), or
-    fail with a usage error."""
+    """Make the output file's folder and check that the file can be written there, without
+    opening it (a named pipe's reader would take an open for the end), or fail with a usage
+    error."""
     if path == "-":
         return
+    target = Path(path)
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8"):
-            pass
+        target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"--output-file: cannot write {path!r}: {exc}") from None
+    writable = os.access(target, os.W_OK) if target.exists() else os.access(target.parent, os.W_OK)
+    if target.is_dir() or not writable:
+        raise ValueError(f"--output-file: cannot write {path!r}")
 
 
 @contextmanager

@@ -22,6 +22,10 @@ from inferd.server.limits import PathErrorRenderer, replay_body
 # zlib's window bits for each encoding, tried in turn: gzip's header; deflate as HTTP means it
 # (zlib's format), then the raw stream some clients send under that name.
 _GZIP_BITS = 31
+# A body is fed to zlib this much at a time; more gzip members than this are refused (a real one
+# has a few; thousands of empty ones would make a small body cost a lot).
+_PIECE_BYTES = 64 * 1024
+_MAX_MEMBERS = 1024
 _WINDOW_BITS = {"gzip": (_GZIP_BITS,), "x-gzip": (_GZIP_BITS,), "deflate": (15, -15)}
 _PLAIN = ("", "identity")
 
@@ -74,23 +78,34 @@ def _inflate(body: bytes, window_bits: tuple[int, ...], max_bytes: int) -> bytes
 
 
 def _inflate_members(body: bytes, bits: int, max_bytes: int) -> bytes:
-    parts, size, rest = [], 0, body
-    while True:
+    """gzip's members one after another (zlib's and raw deflate's one stream), each fed in pieces so
+    a body of many small members costs its length, not its length squared; trailing zero bytes are
+    padding, as Python's gzip takes them."""
+    view = memoryview(body)
+    parts, size, offset, members = [], 0, 0, 0
+    while offset < len(view) and any(view[offset:]):
+        members += 1
+        if members > _MAX_MEMBERS:
+            raise InvalidRequestError(f"the request body has more than {_MAX_MEMBERS} gzip members")
         inflater = zlib.decompressobj(bits)
-        part = inflater.decompress(rest, max_bytes + 1 - size)
-        size += len(part)
-        if size > max_bytes:
-            raise PayloadTooLargeError(f"the request body inflates past the limit of {max_bytes} bytes")
-        if not inflater.eof:
+        while not inflater.eof:
+            if offset >= len(view):
+                raise InvalidRequestError(
+                    "the request body does not inflate as its Content-Encoding says: truncated"
+                )
+            piece = view[offset : offset + _PIECE_BYTES]
+            offset += len(piece)
+            part = inflater.decompress(piece, max_bytes + 1 - size)
+            size += len(part)
+            if size > max_bytes:
+                raise PayloadTooLargeError(f"the request body inflates past the limit of {max_bytes} bytes")
+            parts.append(part)
+        offset -= len(inflater.unused_data)  # the next member's start, read with this piece
+        if bits != _GZIP_BITS and offset < len(view):  # only gzip's members may follow one another
             raise InvalidRequestError(
-                "the request body does not inflate as its Content-Encoding says: truncated"
+                f"the request body has {len(view) - offset} bytes after its compressed data"
             )
-        parts.append(part)
-        rest = inflater.unused_data
-        if not rest:
-            return b"".join(parts)
-        if bits != _GZIP_BITS:  # only gzip's members may follow one another
-            raise InvalidRequestError(f"the request body has {len(rest)} bytes after its compressed data")
+    return b"".join(parts)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
