@@ -79,6 +79,12 @@ def test_first_come_first_served_refuses_a_priority(tiny_llama) -> None:
     llm = LLM(tiny_llama, kv_cache_memory="8MiB", scheduling_policy="priority")
     outputs = llm.generate(["hi", "ho"], [SamplingParams(max_tokens=3, priority=p) for p in (2, -2)])
     assert [len(o.token_ids) for o in outputs] == [3, 3]
+    # vLLM's priority argument, one a prompt: the sampling params' own are replaced.
+    with pytest.raises(PromptError, match="--scheduling-policy priority"):
+        LLM(tiny_llama, kv_cache_memory="8MiB").generate(["hi"], SamplingParams(max_tokens=3), priority=[1])
+    assert len(llm.generate(["hi", "ho"], SamplingParams(max_tokens=3), priority=[2, -2])) == 2
+    with pytest.raises(ValueError, match="2 prompts but 1 priorities"):
+        llm.generate(["hi", "ho"], SamplingParams(max_tokens=3), priority=[1])
     with pytest.raises(ValueError, match="unknown"):
         build_engine_config(tiny_llama, scheduling_policy="lottery")
     with pytest.raises(SamplingParamsError, match="64-bit"):

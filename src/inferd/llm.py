@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,6 +57,7 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
         *,
         raise_on_error: bool = True,
     ) -> list[RequestOutput]:
@@ -64,7 +66,8 @@ class LLM:
         ``outputs`` (sample j seeded ``seed + j`` where a seed is given; only the first scores the
         prompt for ``prompt_logprobs``). A request the engine failed fails the call, as vLLM's;
         ``raise_on_error`` false returns it, ``finish_reason`` "error" and its ``error`` set (a
-        benchmark counts such failures)."""
+        benchmark counts such failures). ``priority``: each prompt's (vLLM's argument), in place of
+        its sampling params' ``priority``."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:  # as vLLM: the model's recommendation
             sampling_params = self.get_default_sampling_params()
@@ -75,6 +78,13 @@ class LLM:
         )
         if len(params_list) != len(prompt_list):
             raise ValueError(f"{len(prompt_list)} prompts but {len(params_list)} sampling params")
+        if priority is not None:
+            if len(priority) != len(prompt_list):
+                raise ValueError(f"{len(prompt_list)} prompts but {len(priority)} priorities")
+            params_list = [
+                dataclasses.replace(params, priority=rank)
+                for params, rank in zip(params_list, priority, strict=True)
+            ]
         # Engine request id -> (prompt index, sample index).
         placed: dict[str, tuple[int, int]] = {}
         samples: list[list[RequestOutput | None]] = [[None] * params.n for params in params_list]
