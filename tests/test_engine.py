@@ -421,6 +421,14 @@ def test_default_sampling_params_are_the_generation_configs(tiny_llama, tmp_path
     assert LLM(folder, kv_cache_memory="4MiB").get_default_sampling_params() == SamplingParams()
 
 
+def test_get_tokenizer_is_the_engines_as_vllms_is(llm: LLM) -> None:
+    tokenizer = llm.get_tokenizer()
+    ids = tokenizer.encode("To be, or not", add_special_tokens=False)
+    assert tokenizer.decode(ids) == "To be, or not"
+    out = llm.generate(ids, SamplingParams(max_tokens=4, temperature=0.0))[0]
+    assert tokenizer.decode(out.token_ids) == out.text
+
+
 def test_reset_prefix_cache_starts_the_next_prompts_cold(llm: LLM) -> None:
     prompt = list(range(80, 120))
     greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)

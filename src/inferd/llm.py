@@ -24,6 +24,7 @@ from inferd.engine.llm_engine import LLMEngine, Prompt
 from inferd.engine.matryoshka import check_dimensions, shortened
 from inferd.engine.outputs import ClassificationOutput, RequestOutput
 from inferd.engine.scoring import check_scoring_labels, joined_pair, pair_indices
+from inferd.engine.tokenizer import Tokenizer
 from inferd.sampling_params import SamplingParams, params_of_sample
 
 # What the offline methods take as one prompt: text, token ids, or vLLM's prompt dicts
@@ -45,7 +46,12 @@ class LLM:
         self._ids = itertools.count()
 
     @property
-    def tokenizer(self):  # type: ignore[no-untyped-def]
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The engine's tokenizer (vLLM's method of that name): ``encode``, ``decode``,
+        ``apply_chat_template``."""
         return self.engine.tokenizer
 
     def shutdown(self) -> None:
