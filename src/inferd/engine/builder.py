@@ -279,6 +279,8 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
     # cache holds as many blocks: the budget is for both.
     per_token = config.local_model.kv_bytes_per_token(config.kv_dtype) + _draft_kv_bytes_per_token(config)
     bytes_per_block = per_token * cache.block_size
+    max_len = config.scheduler.max_model_len
+    needed = most_blocks_held(config, max_len)
     if cache.num_blocks is None:
         # A draft model's weights load on a GPU after the cache: the default leaves them room.
         reserved = _draft_weight_bytes(config) if config.device.startswith("cuda") else 0
@@ -289,8 +291,6 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
             # On the CPU every rank's cache comes out of the same RAM: the default is for all of them.
             budget //= config.tensor_parallel_size
         num_blocks = budget // bytes_per_block
-        max_len = config.scheduler.max_model_len
-        needed = most_blocks_held(config, max_len)
         if num_blocks < needed:
             whole = needed >= -(-max_len // cache.block_size)
             what = (
@@ -303,16 +303,14 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
                 f"fewer than {what}; raise --kv-cache-memory or lower --max-model-len"
             )
         cache = cache.with_num_blocks(int(num_blocks))
-    assert cache.num_blocks is not None
-    needed = most_blocks_held(config, config.scheduler.max_model_len)
-    if cache.num_blocks < needed:
+    elif cache.num_blocks < needed:
         # As vLLM refuses to start: a request that could never hold its blocks would be preempted
         # and readmitted forever.
         raise ValueError(
             f"num_kv_blocks {cache.num_blocks} of {cache.block_size} tokens are fewer than one request "
-            f"of --max-model-len {config.scheduler.max_model_len} may hold at once ({needed}); give more "
-            f"or lower --max-model-len"
+            f"of --max-model-len {max_len} may hold at once ({needed}); give more or lower --max-model-len"
         )
+    assert cache.num_blocks is not None
     logger.info(
         "KV cache: %d blocks of %d tokens (%.1f MiB); up to %d tokens of context in flight, "
         "%.1f full-length requests",
