@@ -390,10 +390,10 @@ class Frontend:
         token_ids: list[int],
         params: SamplingParams,
         deadline: float | None,
-        admit: bool = True,
-        n: int | None = None,
-        records_asked: bool = True,
-        refusal: _Refusal | None = None,
+        admit: bool,
+        n: int | None,
+        records_asked: bool,
+        refusal: _Refusal,
     ) -> AsyncGenerator[IndexedOutput, None]:
         """``n``: for a prompt's first sample, how many the prompt asked for (a metric).
         ``refusal``: shared by the engine requests of one client request."""
@@ -418,10 +418,8 @@ class Frontend:
                 yield IndexedOutput(index, out)
         except EngineOverloadedError as exc:
             tracker.done = True  # never admitted: not a finished request
-            first = refusal is None or not refusal.counted
-            if refusal is not None:
-                refusal.counted = True
-            self.metrics.count_rejected(arrived=True, whole_request=first)
+            self.metrics.count_rejected(arrived=True, whole_request=not refusal.counted)
+            refusal.counted = True
             raise OverloadedError(str(exc), exc.retry_after_s) from exc
         except EngineDeadError as exc:
             raise ServiceUnavailableError(str(exc)) from exc
