@@ -17,7 +17,7 @@ from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferd.server.errors import ApiError, InvalidRequestError, PayloadTooLargeError
-from inferd.server.limits import PathErrorRenderer, replay_body
+from inferd.server.limits import PathErrorRenderer, read_body, replay_body
 
 # zlib's window bits for each encoding, tried in turn: gzip's header; deflate as HTTP means it
 # (zlib's format), then the raw stream some clients send under that name.
@@ -41,7 +41,7 @@ class RequestDecompression:
         if encoding is None or encoding in _PLAIN:
             await self.app(scope, receive, send)
             return
-        messages = await _read_body(receive)  # bounded by the size limit outside
+        messages, body = await read_body(receive)  # bounded by the size limit outside
         if messages[-1]["type"] != "http.request":  # gone: the app finds out as it reads
             await self.app(scope, replay_body(messages, receive), send)
             return
@@ -51,7 +51,6 @@ class RequestDecompression:
                     f"Content-Encoding {encoding!r} is not supported: send the body as it is, or gzip "
                     "or deflate"
                 )
-            body = b"".join(message.get("body", b"") for message in messages)
             inflated = await asyncio.to_thread(_inflate, body, _WINDOW_BITS[encoding], self.max_bytes)
         except ApiError as error:
             response = self.render(get_route_path(scope), error)
@@ -113,13 +112,3 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1").strip().lower())
     return None
-
-
-async def _read_body(receive: Receive) -> list[Message]:
-    """The body's messages, and the message that ended them early (a disconnect) if one did."""
-    messages: list[Message] = []
-    while True:
-        message = await receive()
-        messages.append(message)
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return messages

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 
 from starlette.routing import get_route_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inferd.server.errors import InvalidRequestError
-from inferd.server.limits import replay_body
+from inferd.server.limits import read_body, replay_body
 from inferd.server.openai.common import error_response
 
 INVOCATIONS_PATH = "/invocations"
@@ -37,7 +37,7 @@ class SageMakerInvocations:
         if scope["type"] != "http" or scope["method"] != "POST" or get_route_path(scope) != INVOCATIONS_PATH:
             await self.app(scope, receive, send)
             return
-        messages, body = await _read_body(receive)
+        messages, body = await read_body(receive)
         route = _route_for(body)
         if route is None:
             fields = ", ".join(ROUTE_BY_FIELD)
@@ -49,19 +49,6 @@ class SageMakerInvocations:
         scope["path"] = scope.get("root_path", "") + route
         scope["raw_path"] = scope["path"].encode()
         await self.app(scope, replay_body(messages, receive), send)
-
-
-async def _read_body(receive: Receive) -> tuple[list[Message], bytes]:
-    messages: list[Message] = []
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        messages.append(message)
-        if message["type"] != "http.request":
-            return messages, b"".join(chunks)
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return messages, b"".join(chunks)
 
 
 def _route_for(body: bytes) -> str | None:

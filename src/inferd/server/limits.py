@@ -76,6 +76,21 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+async def read_body(receive: Receive) -> tuple[list[Message], bytes]:
+    """A body's messages (the last one a disconnect where the client left while sending it), and
+    the bytes they carry; bounded by ``BodySizeLimit`` outside."""
+    messages: list[Message] = []
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, b"".join(chunks)
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return messages, b"".join(chunks)
+
+
 def replay_body(messages: list[Message], receive: Receive) -> Receive:
     """A receive that gives ``messages`` (a body already read) first, then whatever comes after."""
     pending = list(messages)
