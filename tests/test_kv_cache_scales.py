@@ -88,14 +88,14 @@ def _prompt(vocab: int, length: int = 41, seed: int = 3) -> list[int]:
 @pytest.mark.parametrize(
     ("arch", "spelling"),
     [("llama", "attention"), ("qwen2", "projections"), ("qwen3", "attention"), ("gemma2", "output_scale"),
-     ("mistral", "kv_scale")],
+     ("mistral", "kv_scale"), ("olmo2", "attention")],
 )  # fmt: skip
 def test_the_cache_holds_keys_and_values_divided_by_their_scales(
     tiny_model_factory, tmp_path, arch, spelling
 ) -> None:
     """Llama (the k rows of the projection scaled, and the scores' scale), Qwen2 (with their
-    biases), Qwen3 (its k norm scaled instead), Gemma 2 (capped scores), Mistral (one kv_scale);
-    each spelling of the scales' names."""
+    biases), Qwen3 (its k norm scaled instead), Gemma 2 (capped scores), Mistral (one kv_scale),
+    OLMo 2 (its whole-projection k norm scaled); each spelling of the scales' names."""
     folder = with_kv_scales(tiny_model_factory(arch), tmp_path / "m", spelling)
     prompt = _prompt(200)
     ours = _our_logits(folder, prompt, kv_cache_dtype="fp8")

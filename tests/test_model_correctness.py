@@ -14,7 +14,7 @@ from inferd.engine.request import Request
 from inferd.sched.output import SchedulerOutput
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2-moe", "qwen3-moe", "mistral-sliding",
-         "qwen2-sliding", "gemma", "gemma2", "gemma3", "granite", "smollm3"]  # fmt: skip
+         "qwen2-sliding", "gemma", "gemma2", "gemma3", "granite", "smollm3", "olmo2", "olmo3"]  # fmt: skip
 
 
 def _prompts(vocab: int, count: int = 16, seed: int = 0) -> list[list[int]]:
@@ -237,7 +237,8 @@ def test_gemma3_configs_of_either_transformers_generation_read_alike() -> None:
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})  # fmt: skip
     assert old.layer_windows == new.layer_windows == (4, 4, 0, 4, 4, 0)
     assert old.rope == new.rope and old.rope.rope_type == "linear" and old.rope.factor == 8.0
-    assert old.gemma == new.gemma and new.gemma is not None and new.gemma.local_rope.theta == 1e4
+    assert old.gemma == new.gemma and new.sliding_rope == old.sliding_rope
+    assert new.sliding_rope is not None and new.sliding_rope.theta == 1e4
     capped = ModelConfig.from_hf_config({**base, "attn_logit_softcapping": 50.0}).gemma
     assert (
         capped is not None
@@ -266,7 +267,7 @@ def test_gemma2_and_gemma1_configs_as_the_hub_ships_them() -> None:
     assert config.tie_word_embeddings and not config.qk_norm
     assert config.gemma is not None and config.gemma.sandwich_norms
     assert (config.gemma.attn_logit_softcapping, config.gemma.final_logit_softcapping) == (50.0, 30.0)
-    assert config.gemma.query_pre_attn_scalar == 144 and config.gemma.local_rope == config.rope
+    assert config.gemma.query_pre_attn_scalar == 144 and config.sliding_rope is None
     uncapped = ModelConfig.from_hf_config({**gemma2, "attn_logit_softcapping": None, "sliding_window": 64,
                                            "final_logit_softcapping": None}).gemma  # fmt: skip
     assert (
@@ -301,6 +302,54 @@ def test_smollm3_configs_as_the_hub_ships_them() -> None:
     longer = ModelConfig.from_hf_config({**base, "no_rope_layers": [1, 0, 0, 1] * 3})  # the first 8 count
     assert longer.layer_rope == (True, False, False, True) * 2
     assert config.rope.theta == 2_000_000.0  # transformers' default for SmolLM3
+
+
+def test_olmo_configs_as_the_hub_ships_them() -> None:
+    """OLMo 3's transformers-4 configs: no layer_types (every fourth layer full), ``rope_theta``
+    and a ``rope_scaling`` that only the full layers take, the sliding ones rotating plainly, as
+    transformers 5 reads them. OLMo 2 reads no window. Neither splits over tensor-parallel ranks:
+    their q and k norms span every head."""
+    from inferd.config import ModelConfig, RopeConfig
+
+    shape = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 8,
+             "num_attention_heads": 2, "rope_theta": 500000.0, "max_position_embeddings": 65536}  # fmt: skip
+    yarn = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192,
+            "attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1}  # fmt: skip
+    hub = {**shape, "architectures": ["Olmo3ForCausalLM"], "sliding_window": 4096, "rope_scaling": yarn}
+    config = ModelConfig.from_hf_config(hub)
+    reference = transformers.Olmo3Config(**{k: v for k, v in hub.items() if k != "architectures"})
+    theirs = tuple(4096 if kind == "sliding_attention" else 0 for kind in reference.layer_types)
+    assert config.layer_windows == theirs == (4096, 4096, 4096, 0) * 2
+    full, sliding = (
+        reference.rope_parameters["full_attention"],
+        reference.rope_parameters["sliding_attention"],
+    )
+    assert (config.rope.rope_type, config.rope.factor, config.rope.theta) == (
+        full["rope_type"],
+        8.0,
+        500000.0,
+    )
+    assert config.rope.attention_factor == full["attention_factor"]
+    assert config.sliding_rope == RopeConfig(theta=sliding["rope_theta"], rope_type=sliding["rope_type"],
+                                             original_max_position_embeddings=65536)  # fmt: skip
+    assert ModelConfig.from_hf_config({**shape, "architectures": ["Olmo2ForCausalLM"],
+                                       "sliding_window": 64}).layer_windows == ()  # fmt: skip
+    with pytest.raises(ValueError, match="tensor parallelism over OLMo is not supported"):
+        config.sharded(2)
+
+
+def test_olmo_norms_multiply_in_float32_before_the_cast() -> None:
+    """OLMo's RMSNorm casts after its weight's product (the Llama family's before): in bfloat16
+    the two differ, and only the first gives transformers' values."""
+    from inferd.models.olmo import OlmoRMSNorm
+
+    torch.manual_seed(0)
+    ours, theirs = OlmoRMSNorm(64, 1e-6), transformers.models.olmo2.modeling_olmo2.Olmo2RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(64))
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    assert torch.equal(ours(x), theirs(x))
 
 
 def test_a_gemma3_folder_as_the_hub_ships_it_loads_and_matches(tiny_model_factory, tmp_path) -> None:
@@ -495,3 +544,11 @@ def test_a_sliding_window_model_reuses_a_turn_whose_head_was_evicted(
     assert outputs[0].metrics.num_cached_tokens == 68
     assert [o.token_ids for o in outputs] == _hf_greedy(folder, [turn], 10)
     assert llm.engine.stats().kv_usage == 0.0
+
+
+@pytest.mark.parametrize(("arch", "family"), [("olmo2", "OLMo"), ("gemma", "Gemma")])
+def test_models_with_their_own_norms_refuse_the_kernels_of_llamas(tiny_model_factory, arch, family) -> None:
+    """The fused-input matmul and the decode-rotary attention compute the Llama family's norm and
+    rotary: a model with its own would run them, wrongly, without a word."""
+    with pytest.raises(ValueError, match=f"{family} computes its own norms and rotary"):
+        LLM(tiny_model_factory(arch), kv_cache_memory="4MiB", triton_linear=True, triton_fused_linear=True)

@@ -109,6 +109,25 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         "logits_scaling": 8.0,
         "initializer_range": 0.1,  # scores large enough for their scale to matter
     },
+    # OLMo 2: norms after attention and the MLP only, q and k normed across their heads. OLMo 3: a
+    # sliding layer (window 12, a plain rotary) then a full one (a YaRN-scaled rotary).
+    "olmo2": {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", "pad_token_id": 0},
+    "olmo3": {
+        "architectures": ["Olmo3ForCausalLM"],
+        "model_type": "olmo3",
+        "pad_token_id": 0,
+        "sliding_window": 12,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "full_attention": {
+                "rope_type": "yarn",
+                "rope_theta": 500000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    },
     "gemma": {
         "architectures": ["GemmaForCausalLM"],
         "model_type": "gemma",

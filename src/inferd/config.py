@@ -291,39 +291,41 @@ class HeadFromTokens:
 
 
 _GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+_OLMO_ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def _rope_by_layer_type(
+    cfg: dict[str, Any], default_theta: float, sliding_theta: float
+) -> tuple[RopeConfig, RopeConfig]:
+    """The full-attention and the sliding layers' rotaries of a model that gives each kind its
+    own (Gemma 3, OLMo 3): transformers 5 nests them by layer type in ``rope_parameters``; older
+    configs give the full layers' as ``rope_theta`` and ``rope_scaling`` (``default_theta`` where
+    the config has none), the sliding layers' plain, at ``sliding_theta``."""
+    nested = cfg.get("rope_parameters") or {}
+    if "full_attention" in nested:
+        full_fields = {"rope_theta": default_theta, **nested["full_attention"]}
+        full = _parse_rope({**cfg, "rope_parameters": full_fields, "rope_scaling": None})
+    else:
+        full = _parse_rope({**cfg, "rope_theta": cfg.get("rope_theta", default_theta)})
+    sliding = nested.get("sliding_attention") or {"rope_type": "default", "rope_theta": sliding_theta}
+    return full, _parse_rope({**cfg, "rope_parameters": sliding, "rope_scaling": None})
 
 
 @dataclass(frozen=True)
 class GemmaConfig:
     """What Gemma's decoders (1, 2 and 3) compute beyond the Llama family's: the attention scale
-    from ``query_pre_attn_scalar`` (Gemma 1: the head size's), the sliding layers' rotary
-    (``local_rope``: Gemma 3's own; the others' is ``ModelConfig.rope``), optional caps on the
+    from ``query_pre_attn_scalar`` (Gemma 1: the head size's), optional caps on the
     attention scores and the logits (``tanh(x / c) * c``; Gemma 2's, and Gemma 3's if its config
     sets them) and whether each layer also norms the outputs of its attention and MLP
     (``sandwich_norms``: Gemma 2 and 3)."""
 
     query_pre_attn_scalar: float
-    local_rope: RopeConfig
     final_logit_softcapping: float | None
     attn_logit_softcapping: float | None = None
     sandwich_norms: bool = True
 
-    @staticmethod
-    def global_rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
-        """The config as ``_parse_rope`` reads the full-attention layers' rotary: transformers 5
-        nests each layer type's parameters in ``rope_parameters``; older configs give
-        ``rope_theta`` and ``rope_scaling`` for them."""
-        nested = cfg.get("rope_parameters") or {}
-        if "full_attention" in nested:
-            full = {"rope_theta": 1_000_000.0, **nested["full_attention"]}  # transformers' default base
-            return {**cfg, "rope_parameters": full, "rope_scaling": None}
-        return {**cfg, "rope_theta": cfg.get("rope_theta", 1_000_000.0)}
-
     @classmethod
-    def from_hf_config(
-        cls, cfg: dict[str, Any], architecture: str, head_dim: int, rope: RopeConfig
-    ) -> GemmaConfig:
-        """``rope``: the model's (full layers') rotary, as ``ModelConfig`` read it."""
+    def from_hf_config(cls, cfg: dict[str, Any], architecture: str, head_dim: int) -> GemmaConfig:
         if cfg.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention is not supported: attention here is causal")
 
@@ -334,21 +336,15 @@ class GemmaConfig:
             return None if value is None else float(value)
 
         if architecture == "GemmaForCausalLM":
-            return cls(float(head_dim), rope, None, sandwich_norms=False)
+            return cls(float(head_dim), None, sandwich_norms=False)
         if architecture == "Gemma2ForCausalLM":  # transformers' defaults where the config is silent
             return cls(
                 query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
-                local_rope=rope,
                 final_logit_softcapping=cap("final_logit_softcapping", 30.0),
                 attn_logit_softcapping=cap("attn_logit_softcapping", 50.0),
             )
-        nested = cfg.get("rope_parameters") or {}
-        local = nested.get("sliding_attention") or {
-            "rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10_000.0)
-        }  # fmt: skip
         return cls(
             query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
-            local_rope=_parse_rope({**cfg, "rope_parameters": local, "rope_scaling": None}),
             final_logit_softcapping=cap("final_logit_softcapping", None),
             attn_logit_softcapping=cap("attn_logit_softcapping", None),
         )
@@ -380,6 +376,8 @@ class ModelConfig:
     layer_windows: tuple[int, ...] = ()
     # Gemma's own settings (models/gemma.py); None for the other architectures.
     gemma: GemmaConfig | None = None
+    # The sliding-window layers' own rotary (Gemma 3's, OLMo 3's); None: theirs is ``rope``.
+    sliding_rope: RopeConfig | None = None
     # A bias on o_proj (``attention_bias`` in config.json, where the architecture reads it so).
     o_proj_bias: bool = False
     # Granite's scales (models/llama.py); None for the other architectures.
@@ -429,9 +427,12 @@ class ModelConfig:
         # Gemma's hub configs leave it out: transformers ties its embeddings by default.
         tied = bool(cfg.get("tie_word_embeddings", gemma or architecture == "SmolLM3ForCausalLM"))
         head_from_tokens = HeadFromTokens.from_hf_config(cfg, archs[0] if archs else "", classifier, tied)
-        gemma3 = architecture == "Gemma3ForCausalLM"
-        if gemma3:
-            rope = _parse_rope(GemmaConfig.global_rope_fields(cfg))
+        sliding_rope: RopeConfig | None = None
+        if architecture == "Gemma3ForCausalLM":  # transformers' default bases for it
+            local_theta = cfg.get("rope_local_base_freq", 10_000.0)
+            rope, sliding_rope = _rope_by_layer_type(cfg, 1_000_000.0, local_theta)
+        elif architecture == "Olmo3ForCausalLM":
+            rope, sliding_rope = _rope_by_layer_type(cfg, 500_000.0, cfg.get("rope_theta", 500_000.0))
         elif architecture == "SmolLM3ForCausalLM":  # transformers' default base for it
             rope = _parse_rope({"rope_theta": 2_000_000.0, **cfg})
         else:
@@ -443,11 +444,17 @@ class ModelConfig:
                 f"Phi-3's rope scaling ({rope.rope_type}) is not supported: LongRoPE is not built"
             )
         head_dim = cfg.get("head_dim") or hidden // num_heads
-        # Mistral and Gemma 2 and 3 slide over 4,096 tokens unless their config says otherwise (as
-        # transformers reads a config without the key).
-        sliding_by_default = ("MistralForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+        # Mistral, Gemma 2 and 3 and OLMo 3 slide over 4,096 tokens unless their config says
+        # otherwise (as transformers reads a config without the key).
+        sliding_by_default = (
+            "MistralForCausalLM",
+            "Gemma2ForCausalLM",
+            "Gemma3ForCausalLM",
+            "Olmo3ForCausalLM",
+        )
         default_window = 4096 if architecture in sliding_by_default else None
-        sliding = cfg.get("sliding_window", default_window)
+        # OLMo 2 has no sliding layers: transformers reads no window for it.
+        sliding = None if architecture == "Olmo2ForCausalLM" else cfg.get("sliding_window", default_window)
         # Qwen's configs carry a window that applies only with use_sliding_window (as transformers
         # reads them).
         gated = ("Qwen2", "Qwen3", "SmolLM3")  # SmolLM3's the same way, on its NoPE layers only
@@ -474,7 +481,8 @@ class ModelConfig:
             moe=MoEConfig.from_hf_config(cfg, architecture, int(cfg["num_hidden_layers"])),
             layer_windows=_layer_windows(cfg, architecture, int(cfg["num_hidden_layers"]), sliding),
             layer_rope=_layer_rope(cfg, architecture, int(cfg["num_hidden_layers"])),
-            gemma=GemmaConfig.from_hf_config(cfg, architecture, int(head_dim), rope) if gemma else None,
+            gemma=GemmaConfig.from_hf_config(cfg, architecture, int(head_dim)) if gemma else None,
+            sliding_rope=sliding_rope if sliding_rope != rope else None,
             granite=GraniteScales.from_hf_config(cfg) if architecture == "GraniteForCausalLM" else None,
             quant=read_quantization(cfg),
             labels=(head_from_tokens.labels if head_from_tokens else _labels(cfg)) if classifier else (),
@@ -533,6 +541,9 @@ class ModelConfig:
         divided, each expert's too (see ``worker/tensor_parallel.py``)."""
         if size == 1:
             return self
+        if self.architecture in _OLMO_ARCHITECTURES:
+            raise ValueError("tensor parallelism over OLMo is not supported: its q and k norms each span "
+                             "every head, and a rank holds only its own")  # fmt: skip
         if self.quant is not None and not self.quant.splits_over_ranks:
             raise ValueError("tensor parallelism over GPTQ weights in activation order (desc_act) is not "
                              "supported: their reordered input columns follow no rank's share")  # fmt: skip
@@ -589,9 +600,9 @@ class ModelConfig:
 
 def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, sliding: Any) -> tuple[int, ...]:
     """Each layer's attention window, as transformers builds the layers: Gemma 2's, Gemma 3's,
-    SmolLM3's and Qwen's as their ``layer_types`` say, or else by their own rules (every
-    ``sliding_window_pattern``-th layer full, the NoPE layers, from ``max_window_layers`` on),
-    the others all or none."""
+    SmolLM3's, Qwen's and OLMo 3's as their ``layer_types`` say, or else by their own rules (every
+    ``sliding_window_pattern``-th layer full, the NoPE layers, from ``max_window_layers`` on,
+    every fourth layer full), the others all or none."""
     if not sliding:
         return ()
     window = int(sliding)
@@ -605,8 +616,12 @@ def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, slid
     slides: list[bool]
     if architecture == "Qwen3MoeForCausalLM":
         slides = [True] * num_layers  # its layers all slide (transformers has no layer rule for it)
-    elif declared is not None and architecture.startswith(("Gemma2", "Gemma3", "SmolLM3", "Qwen2", "Qwen3")):
+    elif declared is not None and architecture.startswith(
+        ("Gemma2", "Gemma3", "SmolLM3", "Qwen2", "Qwen3", "Olmo3")
+    ):
         slides = declared
+    elif architecture == "Olmo3ForCausalLM":  # every fourth layer full, as transformers fills it in
+        slides = [bool((i + 1) % 4) for i in range(num_layers)]
     elif architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         # Older configs: every sliding_window_pattern-th layer full, the others sliding (Gemma 2:
         # every other layer, from the first).

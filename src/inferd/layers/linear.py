@@ -141,3 +141,15 @@ def route_projections(model: nn.Module, linear: bool, tiled_linear: bool, fuse_i
             # The tiled matmul reads 16- and 32-bit weights only.
             wide = tiled is not None and module.weight_block is None
             module.tiled_max_rows = tiled.rows_routed(module.weight) if tiled is not None and wide else 0
+
+
+def route_projections_only(
+    model: nn.Module, family: str, linear: bool, fused_linear: bool, tiled_linear: bool, decode_rotary: bool
+) -> None:
+    """``route_projections`` for a model whose norms, activation and rotary are its own (Gemma's,
+    OLMo's): the Triton kernels that fuse the Llama family's forms of those into a matmul or the
+    decode attention would compute the wrong ones, so asking for them is refused."""
+    if fused_linear or decode_rotary:
+        raise ValueError(f"{family} computes its own norms and rotary: no triton_fused_linear or "
+                         "triton_decode_rotary")  # fmt: skip
+    route_projections(model, linear, tiled_linear)

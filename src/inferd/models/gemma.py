@@ -20,7 +20,7 @@ from torch import nn
 
 from inferd.attention.base import AttentionBackend, AttentionMetadata
 from inferd.config import GemmaConfig, ModelConfig
-from inferd.layers.linear import Linear, route_projections
+from inferd.layers.linear import Linear, route_projections_only
 from inferd.layers.rotary import GatheredRotary, RotaryEmbedding, RotaryStep
 from inferd.models.mlp import AllReduce, reduced
 
@@ -143,8 +143,8 @@ class GemmaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
         self.local_rotary = (
             self.rotary
-            if cfg.gemma.local_rope == cfg.rope
-            else RotaryEmbedding(cfg.head_dim, max_positions, cfg.gemma.local_rope)
+            if cfg.sliding_rope is None
+            else RotaryEmbedding(cfg.head_dim, max_positions, cfg.sliding_rope)
         )
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.head_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -189,12 +189,8 @@ class GemmaForCausalLM(nn.Module):
         moe: bool = False,
     ) -> None:
         """The projections go to the Triton matmuls as the Llama family's do; the norms, rotary
-        and activation are Gemma's own and stay in torch (``enabled`` has nothing to switch), so
-        the kernels that fuse the Llama family's forms into others are refused."""
-        if fused_linear or decode_rotary:
-            raise ValueError("Gemma computes its own norms and rotary: no triton_fused_linear or "
-                             "triton_decode_rotary")  # fmt: skip
-        route_projections(self, linear, tiled_linear)
+        and activation are Gemma's own and stay in torch (``enabled`` has nothing to switch)."""
+        route_projections_only(self, "Gemma", linear, fused_linear, tiled_linear, decode_rotary)
 
     def set_all_reduce(self, all_reduce: AllReduce) -> None:
         for layer in self.model.layers:

@@ -35,6 +35,7 @@ from inferd.config import ModelLoadError
 from inferd.layers import quantized
 from inferd.layers.linear import Linear
 from inferd.layers.norm import RMSNorm
+from inferd.models.olmo import OlmoRMSNorm
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _fold_layer(attention: Any, k_scale: float, v_scale: float) -> None:
     if k_norm is not None:
         # The norm comes after the projection: it would undo the projection's scaling, so it
         # takes it (Gemma 3's norms scale by 1 + weight, which this does not fold).
-        if type(k_norm) is not RMSNorm:
+        if type(k_norm) not in (RMSNorm, OlmoRMSNorm):
             raise ModelLoadError("KV-cache scales are not supported for this architecture's key norms")
         with torch.no_grad():
             k_norm.weight.div_(k_scale)

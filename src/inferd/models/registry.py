@@ -58,6 +58,8 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "GemmaForCausalLM": ("inferd.models.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("inferd.models.gemma", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("inferd.models.gemma", "GemmaForCausalLM"),
+    "Olmo2ForCausalLM": ("inferd.models.olmo", "OlmoForCausalLM"),
+    "Olmo3ForCausalLM": ("inferd.models.olmo", "OlmoForCausalLM"),
 }
 
 
