@@ -235,3 +235,24 @@ def test_vllms_dtype_names_resolve_to_ours(tiny_llama) -> None:
     assert (
         LLM(tiny_llama, dtype="auto", kv_cache_memory="4MiB").engine.config.dtype == "float32"
     )  # on the CPU
+
+
+@pytest.mark.parametrize("command", [["serve"], ["run-batch", "-i", "in.jsonl", "-o", "out.jsonl"],
+                                     ["bench", "offline"]])  # fmt: skip
+def test_the_model_folder_is_taken_as_vllms_model_option(command: list[str]) -> None:
+    """``--model FOLDER`` as vLLM spells it names the model (argparse's abbreviations read it as
+    ``--model-repository`` and served the built-in model), and no abbreviated option is taken."""
+    from inferd.cli import _take_model_option, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args([*command, "--model", "/models/m"])
+    _take_model_option(args, parser)
+    assert args.model == "/models/m"
+    assert getattr(args, "model_repository", None) is None
+    args = parser.parse_args([*command, "/models/m", "--model", "/models/m"])
+    _take_model_option(args, parser)
+    assert args.model == "/models/m"
+    with pytest.raises(SystemExit):
+        _take_model_option(parser.parse_args([*command, "/models/a", "--model", "/models/b"]), parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--max-num-se", "4"])

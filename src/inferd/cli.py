@@ -27,11 +27,35 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+    _without_abbreviations(parser)
     return parser
 
 
+def _without_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Refuse abbreviated options in every (sub)command: argparse would read vLLM's ``--model`` as
+    ``--model-repository`` and serve the wrong model without a word."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _without_abbreviations(subparser)
+
+
+def _take_model_option(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--model FOLDER`` (vLLM's spelling) where a command takes the model folder as its first
+    argument; both at once must agree."""
+    option = getattr(args, "model_option", None)
+    if option is None:
+        return
+    if args.model is not None and args.model != option:
+        parser.error(f"the model is given twice: {args.model!r} and --model {option!r}")
+    args.model = option
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _take_model_option(args, parser)
     try:
         result = args.func(args)
     except Exception as exc:

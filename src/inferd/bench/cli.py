@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inferd.bench.datasets import BenchRequest, LengthRange, TextTokenizer
-from inferd.entrypoints.engine_args import add_engine_args, non_negative_float, non_negative_int, positive_int
+from inferd.entrypoints.engine_args import (
+    add_engine_args,
+    add_model_argument,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from inferd.bench.runner import RunResult
@@ -174,7 +180,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def _add_offline_parser(modes: argparse._SubParsersAction) -> None:
     parser = modes.add_parser("offline", help="Benchmark the engine in this process, without HTTP.")
-    parser.add_argument("model", nargs="?", default=None, help="model folder; default: the built-in model")
+    add_model_argument(parser)
     parser.add_argument(
         "--preset",
         choices=("nanovllm",),

@@ -100,6 +100,14 @@ _SWITCHES = {
 }
 
 
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The model folder, as the command's first argument or as vLLM's ``--model`` (``cli.py``
+    merges the two)."""
+    parser.add_argument("model", nargs="?", default=None, help="model folder; default: the built-in model")
+    parser.add_argument("--model", dest="model_option", metavar="MODEL", help="the model folder, as vLLM's "
+                        "--model names it (the same as the first argument)")  # fmt: skip
+
+
 def add_engine_args(parser: argparse.ArgumentParser, seed_flag: bool = True) -> None:
     """``seed_flag=False`` leaves ``--seed`` to a command that uses it for something else."""
     group = parser.add_argument_group("engine (unset: the engine's defaults)")

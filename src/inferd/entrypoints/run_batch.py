@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from inferd.entrypoints.engine_args import add_engine_args, engine_options, positive_int
+from inferd.entrypoints.engine_args import add_engine_args, add_model_argument, engine_options, positive_int
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run-batch", help="answer a file of requests in OpenAI's batch format (JSON lines) offline"
     )
-    parser.add_argument("model", nargs="?", default=None, help="model folder; default: the built-in model")
+    add_model_argument(parser)
     parser.add_argument(
         "-i", "--input-file", required=True, help="the requests, one JSON object a line ('-': stdin)"
     )

@@ -12,7 +12,13 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from inferd.entrypoints.engine_args import add_engine_args, engine_options, non_negative_float, positive_int
+from inferd.entrypoints.engine_args import (
+    add_engine_args,
+    add_model_argument,
+    engine_options,
+    non_negative_float,
+    positive_int,
+)
 from inferd.server.config import DEFAULT_METRICS_PREFIX, ServerConfig
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 from inferd.server.reasoning import REASONING_FORMATS
@@ -30,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve", help="Serve an LLM over HTTP (OpenAI- and TGI-compatible APIs, Prometheus metrics)."
     )
-    parser.add_argument("model", nargs="?", default=None, help="model folder; default: the built-in model")
+    add_model_argument(parser)
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=_port, default=8000, help="0 picks a free port (logged when ready)")
