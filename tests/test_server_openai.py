@@ -641,6 +641,103 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client: open
         assert {chunk.usage.prompt_tokens for chunk in with_choices if chunk.usage} == {final.prompt_tokens}
     plain = list(client.completions.create(prompt="To be", stream_options={"include_usage": True}, **greedy))  # type: ignore[arg-type]
     assert all(chunk.usage is None for chunk in plain[:-1])
+    # vLLM's include_usage is on unless said otherwise: continuous_usage_stats alone asks for both.
+    alone = list(
+        client.completions.create(prompt="To be", stream_options={"continuous_usage_stats": True}, **greedy)
+    )  # type: ignore[arg-type]
+    assert all(chunk.usage is not None for chunk in alone) and not alone[-1].choices
+    off = {"continuous_usage_stats": True, "include_usage": False}
+    assert all(
+        chunk.usage is None
+        for chunk in client.completions.create(prompt="To be", stream_options=off, **greedy)
+    )  # type: ignore[arg-type]
+    assert all(
+        chunk.usage is None
+        for chunk in client.completions.create(prompt="To be", stream_options={}, **greedy)
+    )  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("logits_processors", ["my.module:Processor"]), ("guided_whitespace_pattern", "[\\n ]+"),
+     ("guided_decoding_backend", "xgrammar"), ("structural_tag", "{}"), ("vllm_xargs", {"a": 1}),
+     ("kv_transfer_params", {}), ("mm_processor_kwargs", {}), ("prompt_embeds", "AAAA")],
+)  # fmt: skip
+def test_vllm_fields_that_are_not_served_are_refused(server: ServerProcess, field: str, value: Any) -> None:
+    """Each would change the answer: a 400 naming it, never an answer without it (chat too, but
+    for prompt_embeds, a completion's field)."""
+    routes = [("completions", {"prompt": "To be"})]
+    if field != "prompt_embeds":
+        routes.append(("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}))
+    for route, body in routes:
+        response = httpx.post(f"{server.base_url}/v1/{route}", json={"model": "tiny", **body, field: value})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == field
+
+
+def test_chat_refuses_what_only_completions_or_tools_serve(server: ServerProcess) -> None:
+    """A tool_choice without tools (OpenAI and vLLM refuse it) and best_of above n (served on
+    completions only); best_of equal to n is the plain request."""
+    url = f"{server.base_url}/v1/chat/completions"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    refusals = (({"tool_choice": "auto"}, "tool_choice"), ({"tool_choice": "required"}, "tool_choice"),
+                ({"best_of": 3}, "best_of"))  # fmt: skip
+    for extra, param in refusals:
+        response = httpx.post(url, json={**body, **extra})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    for extra in ({"tool_choice": "none"}, {"best_of": 1}, {"tool_choice": "auto", "tools": []}):
+        assert httpx.post(url, json={**body, **extra}).status_code == 200
+
+
+def test_completion_logprobs_zero_still_names_the_sampled_token(client: openai.OpenAI) -> None:
+    result = client.completions.create(model="tiny", prompt="To be", max_tokens=5, logprobs=0, temperature=0)
+    logprobs = result.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens and logprobs.top_logprobs and logprobs.token_logprobs
+    assert logprobs.top_logprobs == [
+        {token: lp} for token, lp in zip(logprobs.tokens, logprobs.token_logprobs, strict=True)
+    ]
+
+
+def test_tokenize_renders_a_conversation_as_the_chat_route_does(server: ServerProcess) -> None:
+    """continue_final_message, chat_template_kwargs and documents as chat reads them, and the
+    same refusals (a template of the request's own, a continuation with a generation prompt)."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    fields = {"messages": messages, "continue_final_message": True, "add_generation_prompt": False}
+    tokens = httpx.post(f"{server.base_url}/tokenize", json={"model": "tiny", **fields}).json()["tokens"]
+    chat = httpx.post(
+        f"{server.base_url}/v1/chat/completions", json={"model": "tiny", "max_tokens": 1, **fields}
+    )
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(tokens)
+    whole = httpx.post(f"{server.base_url}/tokenize", json={"model": "tiny", "messages": messages}).json()
+    assert whole["count"] > len(tokens)  # the continued turn is left open
+    for refused, param in (({**fields, "chat_template": "{{ 'X' }}"}, "chat_template"),
+                           ({**fields, "add_generation_prompt": True}, "continue_final_message"),
+                           ({"messages": messages, "chat_template_kwargs": {"add_generation_prompt": True}},
+                            "chat_template_kwargs")):  # fmt: skip
+        response = httpx.post(f"{server.base_url}/tokenize", json={"model": "tiny", **refused})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_pooling_routes_take_priority_and_refuse_what_they_do_not_serve(server: ServerProcess) -> None:
+    """Under first-come-first-served scheduling a priority is refused on every route (it was
+    dropped on the pooling ones); embeddings are L2-normalized, so normalize false is refused, and
+    /pooling gives its outputs whole (no dimensions)."""
+    url = server.base_url
+    for route, body in (("/v1/embeddings", {"input": "To be"}), ("/pooling", {"input": "To be"}),
+                        ("/v1/score", {"text_1": "a", "text_2": "b"}),
+                        ("/v1/rerank", {"query": "a", "documents": ["b"]})):  # fmt: skip
+        response = httpx.post(url + route, json={"model": "tiny", **body, "priority": 1})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "priority", response.text
+        assert httpx.post(url + route, json={"model": "tiny", **body, "priority": 0}).status_code == 200
+    for route in ("/v1/embeddings", "/pooling"):
+        refused = httpx.post(url + route, json={"model": "tiny", "input": "To be", "normalize": False})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "normalize"
+        assert (
+            httpx.post(url + route, json={"model": "tiny", "input": "To be", "normalize": True}).status_code
+            == 200
+        )
+    cut = httpx.post(url + "/pooling", json={"model": "tiny", "input": "To be", "dimensions": 8})
+    assert cut.status_code == 400 and cut.json()["error"]["param"] == "dimensions"
 
 
 def test_null_fields_take_their_defaults(server: ServerProcess) -> None:
@@ -793,7 +890,24 @@ def test_a_chat_template_that_writes_the_bos_gets_no_second_one(tiny_llama, tmp_
         chat = httpx.post(f"{server.base_url}/v1/chat/completions",
                           json={"messages": messages, "max_tokens": 1}).json()  # fmt: skip
         text = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "To be"}).json()["tokens"]
+        # vLLM's add_special_tokens: completions and embeddings add them unless told not to, chat
+        # only when told to (its template writes its own).
+        completions = [
+            httpx.post(f"{server.base_url}/v1/completions",
+                       json={"prompt": "To be", "max_tokens": 1, "return_token_ids": True, **extra}).json()
+            for extra in ({}, {"add_special_tokens": False})
+        ]  # fmt: skip
+        with_bos_too = {"messages": messages, "max_tokens": 1, "add_special_tokens": True}
+        doubled = httpx.post(f"{server.base_url}/v1/chat/completions", json=with_bos_too).json()
+        embedded = [
+            httpx.post(f"{server.base_url}/v1/embeddings", json={"input": "To be", **extra}).json()["usage"]
+            for extra in ({}, {"add_special_tokens": False})
+        ]
     bos_id = tokenizer.token_to_id(bos)
     assert tokens[0] == bos_id and tokens[1] != bos_id
     assert chat["usage"]["prompt_tokens"] == len(tokens)
     assert text[0] == bos_id  # plain text still gets the tokenizer's BOS
+    with_bos, without = (c["choices"][0]["prompt_token_ids"] for c in completions)
+    assert with_bos == text and without == text[1:]
+    assert doubled["usage"]["prompt_tokens"] == len(tokens) + 1
+    assert [u["prompt_tokens"] for u in embedded] == [len(text), len(text) - 1]

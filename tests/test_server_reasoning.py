@@ -101,6 +101,11 @@ def test_the_server_flag(tiny_llama: Path) -> None:
         message = httpx.post(url, json=body, timeout=30).json()["choices"][0]["message"]
         no_thinking = {**body, "chat_template_kwargs": {"enable_thinking": False}}
         unsplit = httpx.post(url, json=no_thinking, timeout=30).json()["choices"][0]["message"]
+        # vLLM's include_reasoning false: the thinking is split off and left out.
+        left_out = {**body, "include_reasoning": False}
+        without = httpx.post(url, json=left_out, timeout=30).json()["choices"][0]["message"]
+        with httpx.stream("POST", url, json={**left_out, "stream": True}, timeout=30) as response:
+            quiet = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
         with httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as response:
             lines = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
     assert (message["reasoning_content"], message["content"]) == (text, "")
@@ -108,3 +113,5 @@ def test_the_server_flag(tiny_llama: Path) -> None:
     assert (unsplit["reasoning_content"], unsplit["content"]) == (None, text)
     deltas = [json.loads(line)["choices"][0]["delta"] for line in lines]
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == text
+    assert (without["reasoning_content"], without["content"]) == (None, "")
+    assert quiet and not any(chunk["choices"][0]["delta"].get("reasoning_content") for chunk in quiet)

@@ -136,10 +136,13 @@ class AsyncLLM:
         return self._thread is not None and self._thread.is_alive() and self.dead_reason is None
 
     # -- requests -----------------------------------------------------------------------------
-    def prepare(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], int]:
-        """Tokenize and check a prompt (raises PromptError); returns its ids and the output budget."""
+    def prepare(
+        self, prompt: Prompt, params: SamplingParams, add_special_tokens: bool = True
+    ) -> tuple[list[int], int]:
+        """Tokenize and check a prompt (raises PromptError); returns its ids and the output budget.
+        ``add_special_tokens`` false: a text gets none of its tokenizer's (no BOS)."""
         self.engine.inputs.check_task(params)
-        token_ids = self.engine.inputs.tokenize_prompt(prompt)
+        token_ids = self.engine.inputs.tokenize_prompt(prompt, add_special_tokens)
         return token_ids, self.engine.inputs.resolve_max_tokens(len(token_ids), params)
 
     def resolve_bad_words(self, params: SamplingParams) -> SamplingParams:

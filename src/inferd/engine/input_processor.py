@@ -69,12 +69,14 @@ class InputProcessor:
                 self.vocab_size,
             )
 
-    def tokenize_prompt(self, prompt: Prompt) -> list[int]:
+    def tokenize_prompt(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+        """A text's tokens (with the special tokens its tokenizer adds, a BOS, unless
+        ``add_special_tokens`` is false), or token ids checked against the vocabulary."""
         if not prompt:
             raise PromptError("prompt is empty")
         if isinstance(prompt, str):
             try:
-                token_ids = self.tokenizer.encode(prompt)
+                token_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
             except InvalidTextError as exc:
                 raise PromptError(str(exc)) from None
             beyond = [t for t in token_ids if t >= self.vocab_size] if self._text_ids_can_exceed_vocab else []

@@ -301,25 +301,40 @@ class Frontend:
             )
 
     def truncated(
-        self, prompt: str | list[int], keep: int, max_tokens: int | None, field: str = "prompt"
+        self,
+        prompt: str | list[int],
+        keep: int,
+        max_tokens: int | None,
+        field: str = "prompt",
+        add_special_tokens: bool = True,
     ) -> list[int]:
         """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: as many as
         leave room in the context for ``max_tokens``; None: one token; 0: a pooling request's,
         which needs none). A text keeps the special tokens its tokenizer adds around it
-        (``Tokenizer.encode_last``); token ids are cut as they are."""
+        (``Tokenizer.encode_last``) unless ``add_special_tokens`` is false; token ids are cut as
+        they are."""
         if keep == -1:
             keep = max(1, self.max_model_len - (1 if max_tokens is None else max_tokens))
         if not isinstance(prompt, str):
             return list(prompt)[-keep:]
         try:
+            if not add_special_tokens:
+                return self.tokenizer.encode(prompt, add_special_tokens=False)[-keep:]
             return self.tokenizer.encode_last(prompt, keep)
         except InvalidTextError as exc:
             raise InvalidRequestError(str(exc), field=field) from exc
 
-    def prepare(self, prompt: str | list[int], params: SamplingParams, field: str = "prompt") -> list[int]:
-        """Tokenize and check one prompt against the context; returns its token ids."""
+    def prepare(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        field: str = "prompt",
+        add_special_tokens: bool = True,
+    ) -> list[int]:
+        """Tokenize and check one prompt against the context; returns its token ids (a text's with
+        its tokenizer's special tokens unless ``add_special_tokens`` is false)."""
         try:
-            token_ids, _ = self.llm.prepare(prompt, params)
+            token_ids, _ = self.llm.prepare(prompt, params, add_special_tokens)
         except PromptError as exc:
             raise InvalidRequestError(str(exc), field=field) from exc
         return token_ids

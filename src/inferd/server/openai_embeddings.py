@@ -78,12 +78,27 @@ def _check_width(model: str, dimensions: int, width: int) -> None:
         raise InvalidInputError(f"'dimensions': model {model!r} gives {width}-dimensional embeddings")
 
 
+def _check_served_options(body: dict[str, Any], model: str, normalized: bool) -> None:
+    """vLLM's request options a repository's encoder cannot follow, refused rather than ignored:
+    ``normalize`` other than what the model's ``normalize`` parameter (default true) makes, a
+    ``priority`` (its batcher serves in arrival order), ``add_special_tokens`` false (its
+    tokenizer adds them)."""
+    normalize = body.get("normalize")
+    if normalize is not None and normalize is not normalized:
+        made = "L2-normalized" if normalized else "unnormalized"
+        raise InvalidInputError(f"'normalize': model {model!r} gives {made} embeddings")
+    if body.get("priority") not in (None, 0):
+        raise InvalidInputError(f"'priority': model {model!r} serves requests in arrival order")
+    if body.get("add_special_tokens") not in (None, True):
+        raise InvalidInputError(f"'add_special_tokens': model {model!r}'s tokenizer always adds them")
+
+
 class _EmbeddingService:
     def __init__(self, repository: ModelRepository) -> None:
         self._repository = repository
         self._plane = DataPlane(repository)
 
-    def _input_name(self, model: str, dimensions: int | None) -> str:
+    def _input_name(self, body: dict[str, Any], model: str, dimensions: int | None) -> str:
         """The model's text input; a ``dimensions`` the model's width rules out (its ``embedding``
         output's declared width, or, left open, its encoder's) is refused here, before any text is
         embedded."""
@@ -91,6 +106,7 @@ class _EmbeddingService:
         config = entry.require_ready()
         if config.runtime != EMBEDDING_RUNTIME:
             raise InvalidInputError(f"model {model!r} is not an embedding model")
+        _check_served_options(body, model, normalized=bool(config.parameters.get("normalize", True)))
         declared = next((o.shape[-1] for o in config.outputs if o.name == "embedding" and o.shape), -1)
         width = declared if declared > 0 else getattr(entry.runtime, "embedding_width", None)
         if dimensions is not None and width is not None:
@@ -111,7 +127,7 @@ class _EmbeddingService:
         self, body: dict[str, Any], model: str, encoding: str, dimensions: int | None
     ) -> dict[str, Any]:
         texts = _texts(body)
-        input_name = self._input_name(model, dimensions)
+        input_name = self._input_name(body, model, dimensions)
         results = await asyncio.gather(*(self._embed_one(model, input_name, text) for text in texts))
         if dimensions is not None:  # an encoder that does not name its width: known only now
             _check_width(model, dimensions, len(results[0][0]))

@@ -40,6 +40,7 @@ from inferd.server.openai.protocol import (
     DeltaMessage,
     DeltaToolCall,
     FunctionCall,
+    TokenizeRequest,
     ToolCall,
     TopLogprob,
     Usage,
@@ -66,6 +67,8 @@ class ChatJob:
     timeout_s: float | None = None  # None: the server's default
     # How to split the thinking from the answer (--reasoning-parser); None: all of it is content.
     reasoning: ReasoningFormat | None = None
+    # vLLM's include_reasoning: false leaves the thinking out of the answer.
+    include_reasoning: bool = True
     # The --tool-call-parser that reads the answer's calls (the request offered tools); None:
     # none read. With parallel_tool_calls false, the first call only.
     tool_parser: str | None = None
@@ -86,7 +89,9 @@ class ChatJob:
 
     def shaper(self) -> AnswerShaper:
         structured = self.params.structured_output is not None
-        return AnswerShaper(self.reasoning, self.tool_parser, self.one_call, self.forced, structured)
+        return AnswerShaper(
+            self.reasoning, self.tool_parser, self.one_call, self.forced, structured, self.include_reasoning
+        )
 
     @property
     def calls_end_turn(self) -> bool:
@@ -134,6 +139,9 @@ def _offered_tools(frontend: Frontend, body: ChatCompletionRequest) -> list[dict
         shape = "'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}"
         raise InvalidRequestError(f"tool_choice: must be {shape}, got {choice!r}", "tool_choice")
     forcing = choice not in (None, "auto", "none")
+    if "tools" not in body.model_fields_set and choice not in (None, "none"):
+        # As OpenAI and vLLM: a tool choice is about the tools offered.
+        raise InvalidRequestError("tool_choice: only allowed when tools are given", "tool_choice")
     if not body.tools or choice == "none":
         if forcing:
             raise InvalidRequestError("tool_choice: forcing a call needs tools", "tool_choice")
@@ -157,6 +165,33 @@ def _offered_tools(frontend: Frontend, body: ChatCompletionRequest) -> list[dict
                 f"tools[{index}].function.parameters: must be a JSON Schema object", "tools"
             )
     return body.tools
+
+
+def refuse_request_template(template: str | None) -> None:
+    if template is not None:
+        raise InvalidRequestError(
+            "chat_template: a request's own template is not accepted; the server renders with the model's "
+            "(or its --chat-template)",
+            "chat_template",
+        )
+
+
+def render_conversation(
+    frontend: Frontend, body: ChatCompletionRequest | TokenizeRequest, tools: list[dict[str, Any]] | None
+) -> str:
+    """The conversation's prompt text as the chat template renders it with the request's fields
+    (``tools``: those offered, already checked)."""
+    assert body.messages is not None
+    variables = template_kwargs(
+        body.chat_template_kwargs, body.messages, body.add_generation_prompt, body.continue_final_message
+    )
+    if tools is not None:
+        variables = {**(variables or {}), "tools": tools}
+    if body.documents is not None:  # chat_template_kwargs' own `documents` win, as in vLLM
+        variables = {"documents": body.documents, **(variables or {})}
+    return frontend.render_chat(
+        template_messages(body.messages), body.add_generation_prompt, variables, body.continue_final_message
+    )
 
 
 # Variables the server itself gives every chat template.
@@ -212,12 +247,12 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         check_beam_request(body)
     if body.echo:
         raise InvalidRequestError("echo: not served for chat (a completion's echo is)", "echo")
-    if body.chat_template is not None:
+    if body.best_of is not None and body.best_of != body.n:
         raise InvalidRequestError(
-            "chat_template: a request's own template is not accepted; the server renders with the model's "
-            "(or its --chat-template)",
-            "chat_template",
+            "best_of: not served for chat (a completion's best_of is); each of the n choices is one sample",
+            "best_of",
         )
+    refuse_request_template(body.chat_template)
     tools = _offered_tools(frontend, body)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
@@ -233,16 +268,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
     if tools is not None and forced is None and params.skip_special_tokens:
         # Some models' <tool_call> is a special token: kept in the text, so the blocks can be read.
         params = dataclasses.replace(params, skip_special_tokens=False)
-    variables = template_kwargs(
-        body.chat_template_kwargs, body.messages, body.add_generation_prompt, body.continue_final_message
-    )
-    if tools is not None:
-        variables = {**(variables or {}), "tools": tools}
-    if body.documents is not None:  # chat_template_kwargs' own `documents` win, as in vLLM
-        variables = {"documents": body.documents, **(variables or {})}
-    prompt = frontend.render_chat(
-        template_messages(body.messages), body.add_generation_prompt, variables, body.continue_final_message
-    )
+    prompt = render_conversation(frontend, body, tools)
     reasoning = frontend.reasoning_format
     # No thinking asked for (Qwen3's switch, as vLLM reads it), or the prompt closed it (the
     # template did, or a prefilled answer): none to split off, and a constraint holds from the start.
@@ -261,8 +287,9 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         params = dataclasses.replace(
             params, structured_output=dataclasses.replace(structure, starts_after=trigger)
         )
-    # The template writes the special tokens it wants (a BOS among them): none added again.
-    token_ids = frontend.tokenizer.encode(prompt, add_special_tokens=False)
+    # The template writes the special tokens it wants (a BOS among them): none added again unless
+    # the request asks (vLLM's add_special_tokens, false by default for chat).
+    token_ids = frontend.tokenizer.encode(prompt, add_special_tokens=bool(body.add_special_tokens))
     if body.truncate_prompt_tokens is not None:
         token_ids = frontend.truncated(token_ids, body.truncate_prompt_tokens, params.max_tokens, "messages")
     if max_tokens is not None and body.max_tokens is None and body.max_completion_tokens is None:
@@ -281,6 +308,7 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         include_usage=body.include_usage_chunk,
         continuous_usage=body.continuous_usage,
         reasoning=reasoning,
+        include_reasoning=body.include_reasoning,
         tool_parser=frontend.tool_call_parser if tools is not None and forced is None else None,
         one_call=not body.parallel_tool_calls,
         forced=forced,

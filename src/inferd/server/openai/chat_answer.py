@@ -30,10 +30,14 @@ class AnswerShaper:
         one_call: bool,
         forced: ForcedCalls | None = None,
         structured: bool = False,
+        keep_reasoning: bool = True,
     ) -> None:
         """``forced``: the answer (after the thinking, if any) is the JSON of forced calls, no call
         blocks, read once it is whole; streamed, the calls come with its last delta.
-        ``structured``: the answer after the thinking matches a constraint: all answer from there."""
+        ``structured``: the answer after the thinking matches a constraint: all answer from there.
+        ``keep_reasoning`` false: the thinking is split off and left out (vLLM's
+        ``include_reasoning``)."""
+        self._keep_reasoning = keep_reasoning
         self._forced = forced
         self._forced_text: list[str] = []
         self._splitter = ReasoningSplitter(reasoning, reopens=not structured) if reasoning else None
@@ -46,6 +50,12 @@ class AnswerShaper:
         self._content_sent = False
 
     def feed(self, text: str, finished: bool) -> ShapedText:
+        shaped = self._shape(text, finished)
+        if not self._keep_reasoning:
+            shaped.reasoning = ""
+        return shaped
+
+    def _shape(self, text: str, finished: bool) -> ShapedText:
         shaped = ShapedText(content=text)
         if self._splitter is not None:
             shaped.reasoning, shaped.content = self._splitter.feed(text)

@@ -20,13 +20,13 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import ConfigDict, StrictInt
+from pydantic import ConfigDict, StrictBool, StrictInt
 
 from inferd.engine.outputs import ClassificationOutput
 from inferd.server.errors import GenerationError, InvalidRequestError
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai.common import ActivationOption, encode_vector
-from inferd.server.openai.llm_embeddings import embed_prompts, parse_inputs, truncation
+from inferd.server.openai.llm_embeddings import check_normalize, embed_prompts, parse_inputs, truncation
 from inferd.server.openai.pooling_chat import PoolingChatFields, chat_input
 from inferd.server.streaming import unless_disconnected
 
@@ -40,6 +40,12 @@ class PoolingRequest(ActivationOption, PoolingChatFields):
     encoding_format: Literal["float", "base64"] = "float"
     # vLLM's: each input's last so many tokens (-1: as many as the context holds).
     truncate_prompt_tokens: StrictInt | None = None
+    priority: StrictInt = 0
+    add_special_tokens: StrictBool = True
+    # vLLM's pooling options: /pooling gives each output whole, as the model pools it, so only what
+    # that is is taken (``dimensions`` is /v1/embeddings').
+    normalize: StrictBool | None = None
+    dimensions: Any = None
 
 
 def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
@@ -56,6 +62,8 @@ def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
             timeout_s,
             classifier_logits=True,
             truncate_prompt_tokens=keep,
+            priority=body.priority,
+            add_special_tokens=body.add_special_tokens,
         )
         return await unless_disconnected(request, run)
 
@@ -90,6 +98,12 @@ def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
 
     async def pooling(body: PoolingRequest, request: Request) -> dict[str, Any]:
         frontend.check_model(body.model)
+        if body.dimensions is not None:
+            raise InvalidRequestError(
+                "dimensions: /pooling gives each pooled output whole; /v1/embeddings shortens embeddings",
+                "dimensions",
+            )
+        check_normalize(body.normalize, normalized=not frontend.llm.config.model.labels)
         vectors, tokens = await pooled(body, request)
         data = [
             {"index": i, "object": "pooling", "data": encode_vector(vector, body.encoding_format)}

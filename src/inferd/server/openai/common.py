@@ -22,7 +22,7 @@ from inferd.server.errors import (
     RequestTimeoutError,
 )
 from inferd.server.frontend import Frontend
-from inferd.server.openai.protocol import PromptTokensDetails, SamplingExtras, Usage
+from inferd.server.openai.protocol import UNSERVED_FIELDS, PromptTokensDetails, SamplingExtras, Usage
 from inferd.server.structured_request import GUIDED_FIELDS, requested
 
 
@@ -75,6 +75,13 @@ def error_event_payload(error: ApiError) -> str:
     return json.dumps(error_body(error))
 
 
+def refuse_unserved(body: BaseModel) -> None:
+    """A 400 naming the first field of ``UNSERVED_FIELDS`` the request gives: it would change the
+    answer, and this server does not do what it asks."""
+    for name in sorted(body.model_fields_set & UNSERVED_FIELDS.keys()):
+        raise InvalidRequestError(f"{name}: not supported: {UNSERVED_FIELDS[name]}", name)
+
+
 def sampling_params(
     frontend: Frontend,
     body: SamplingExtras,
@@ -84,6 +91,7 @@ def sampling_params(
 ) -> SamplingParams:
     """`field_names` maps a SamplingParams field to the body's, for errors that name it. A sampling
     field the request leaves out takes the model's recommended value, where it has one."""
+    refuse_unserved(body)
     if body.stream and body.prompt_logprobs is not None and body.prompt_logprobs != 0:
         raise InvalidRequestError(
             "prompt_logprobs: not available when stream is true (0 is accepted and sends none, as vLLM's)",

@@ -105,10 +105,14 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
         # The echoed prompt's tokens get log-probabilities too (how a text is scored).
         params = dataclasses.replace(params, prompt_logprobs=max(body.logprobs, params.prompt_logprobs or 0))
     prompts = _prompt_list(body.prompt)
+    add_special = body.add_special_tokens is not False  # vLLM's default for completions: true
     keep = body.truncate_prompt_tokens
     if keep is not None:
-        prompts = [frontend.truncated(prompt, keep, params.max_tokens) for prompt in prompts]
-    token_ids = [frontend.prepare(prompt, params) for prompt in prompts]
+        prompts = [
+            frontend.truncated(prompt, keep, params.max_tokens, add_special_tokens=add_special)
+            for prompt in prompts
+        ]
+    token_ids = [frontend.prepare(prompt, params, add_special_tokens=add_special) for prompt in prompts]
     texts = [p if isinstance(p, str) else frontend.tokenizer.decode(p) for p in prompts] if body.echo else []
     return CompletionJob(
         request_id=frontend.new_request_id("cmpl"),
@@ -267,7 +271,8 @@ def _logprobs(
     num_top = job.logprobs
     if num_top is None:
         return None
-    result = CompletionLogprobs(top_logprobs=[] if num_top else None)
+    # With logprobs 0 too: each position's holds the sampled token (as vLLM answers).
+    result = CompletionLogprobs(top_logprobs=[])
     if job.echo and out.prompt_logprobs is not None and not state.prompt_logprobs_sent:
         state.prompt_logprobs_sent = True
         for token_id, entry in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):

@@ -11,7 +11,6 @@ import numpy as np
 
 from inferd.engine.matryoshka import check_dimensions, shortened
 from inferd.engine.outputs import RequestOutput
-from inferd.sampling_params import SamplingParams
 from inferd.server.errors import GenerationError, InvalidRequestError, RequestTimeoutError
 from inferd.server.frontend import Frontend
 from inferd.server.openai.common import encode_vector
@@ -58,6 +57,29 @@ def truncation(value: Any) -> int | None:
     return value
 
 
+def check_normalize(value: Any, normalized: bool) -> None:
+    """vLLM's ``normalize`` as a request gives it: taken where it says what the output is
+    (``normalized``: an L2-normalized embedding), refused where it asks for the other."""
+    if value is None:
+        return
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"normalize: must be true or false, got {value!r}", "normalize")
+    if value != normalized:
+        what = "L2-normalized embeddings" if normalized else "raw outputs, not normalized"
+        raise InvalidRequestError(f"normalize: this model gives {what}; {value} is not served", "normalize")
+
+
+def _option(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
+        raise InvalidRequestError(
+            f"{name}: must be {'true or false' if kind is bool else 'an integer'}", name
+        )
+    return value
+
+
 def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -70,13 +92,15 @@ async def embed_prompts(
     timeout_s: float | None,
     classifier_logits: bool = False,
     truncate_prompt_tokens: int | None = None,
+    priority: int = 0,
+    add_special_tokens: bool = True,
 ) -> tuple[list[np.ndarray], int]:
     """Each prompt's embedding (float32) by the served model or the adapter ``model`` names, and
     the prompt tokens embedded; ``field`` names the prompts in errors. After ``timeout_s`` the
     unfinished ones end the request with a 408. A sequence classifier's pooled outputs are its
     label logits, not embeddings: taken only where ``classifier_logits`` says the caller wants
     them. ``truncate_prompt_tokens`` (vLLM's): each prompt's last so many tokens (-1: as many as
-    the context holds)."""
+    the context holds). ``priority`` and ``add_special_tokens`` as vLLM's request fields."""
     if frontend.llm.config.model.labels and not classifier_logits:
         raise InvalidRequestError(
             "the model is a sequence classifier: it gives label logits (POST /classify, /pooling), "
@@ -84,11 +108,16 @@ async def embed_prompts(
             "model",
         )
     adapter = frontend.adapter_for(model)
-    params = SamplingParams(max_tokens=1, temperature=0.0, embed=True, adapter=adapter)
+    params = frontend.sampling_params(
+        None, max_tokens=1, temperature=0.0, embed=True, adapter=adapter, priority=priority
+    )
     if truncate_prompt_tokens is not None:
         # A pooled prompt may fill the whole context (InputProcessor.resolve_max_tokens).
-        prompts = [frontend.truncated(prompt, truncate_prompt_tokens, 0, field) for prompt in prompts]
-    token_ids = [frontend.prepare(prompt, params, field=field) for prompt in prompts]
+        prompts = [
+            frontend.truncated(prompt, truncate_prompt_tokens, 0, field, add_special_tokens)
+            for prompt in prompts
+        ]
+    token_ids = [frontend.prepare(prompt, params, field, add_special_tokens) for prompt in prompts]
     frontend.check_ready(token_ids, field=field)
     finals: dict[int, RequestOutput] = {}
     request_id = frontend.new_request_id("embd")
@@ -120,13 +149,16 @@ async def embed_with_llm(
             check_dimensions(frontend.llm.config.model, dimensions)
         except ValueError as exc:
             raise InvalidRequestError(f"dimensions: {exc}", "dimensions") from None
+    check_normalize(body.get("normalize"), normalized=not frontend.llm.config.model.labels)
     keep = truncation(body.get("truncate_prompt_tokens"))
     chat = chat_input(frontend, read_chat_fields(body), body.get("input") is not None)
     prompts: list[str | list[int]] = [chat] if chat is not None else parse_inputs(body.get("input"))
     field = "messages" if chat is not None else "input"
     vectors, tokens = await embed_prompts(
-        frontend, model, prompts, field, timeout_s, truncate_prompt_tokens=keep
-    )
+        frontend, model, prompts, field, timeout_s, truncate_prompt_tokens=keep,
+        priority=_option(body, "priority", int, 0),
+        add_special_tokens=_option(body, "add_special_tokens", bool, True),
+    )  # fmt: skip
     if dimensions is not None:
         vectors = [np.asarray(shortened(vector.tolist(), dimensions), dtype=np.float32) for vector in vectors]
     data = [

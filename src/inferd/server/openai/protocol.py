@@ -34,9 +34,29 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
-    # vLLM's: with include_usage, every chunk carries the usage so far too.
+    # Unset: OpenAI's default (no usage chunk), unless continuous_usage_stats asks for usage.
+    include_usage: bool | None = None
+    # vLLM's: every chunk carries the usage so far too (and the usage chunk comes, as vLLM sends
+    # it, unless include_usage is false).
     continuous_usage_stats: bool = False
+
+    @property
+    def usage_chunk(self) -> bool:
+        return self.include_usage if self.include_usage is not None else self.continuous_usage_stats
+
+
+# vLLM request fields that change the answer and that inferd does not serve, with why: declared so
+# that a request giving one is refused (``common.refuse_unserved``) rather than answered without it.
+UNSERVED_FIELDS: dict[str, str] = {
+    "logits_processors": "custom logits processors are not run by this server",
+    "guided_whitespace_pattern": "structured outputs allow the whitespace JSON allows",
+    "guided_decoding_backend": "structured outputs have one backend here (llguidance)",
+    "structural_tag": "structural tags are not served; use structured_outputs or guided_*",
+    "vllm_xargs": "no extra arguments are read by this server",
+    "kv_transfer_params": "disaggregated prefill (KV transfer) is not served",
+    "mm_processor_kwargs": "the served models take text only",
+    "prompt_embeds": "prompts are text or token ids here",
+}
 
 
 class SamplingExtras(_Body):
@@ -91,6 +111,17 @@ class SamplingExtras(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's: whether the tokenizer adds its special tokens (a BOS) to the prompt's text; unset,
+    # the route's default (completions yes, chat no: the template writes its own).
+    add_special_tokens: bool | None = None
+    # Declared only to be refused (UNSERVED_FIELDS).
+    logits_processors: Any = None
+    guided_whitespace_pattern: Any = None
+    guided_decoding_backend: Any = None
+    structural_tag: Any = None
+    vllm_xargs: Any = None
+    kv_transfer_params: Any = None
+    mm_processor_kwargs: Any = None
 
     @field_validator("truncate_prompt_tokens")
     @classmethod
@@ -108,13 +139,13 @@ class SamplingExtras(_Body):
 
     @property
     def include_usage_chunk(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and self.stream_options.usage_chunk
 
     @property
     def continuous_usage(self) -> bool:
         """Every streamed chunk carries the usage so far (vLLM's ``continuous_usage_stats``)."""
         options = self.stream_options
-        return options is not None and options.include_usage and options.continuous_usage_stats
+        return options is not None and options.usage_chunk and options.continuous_usage_stats
 
 
 class CompletionRequest(SamplingExtras):
@@ -129,6 +160,7 @@ class CompletionRequest(SamplingExtras):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_SAMPLES)  # as n: candidates are engine requests
     suffix: str | None = None
+    prompt_embeds: Any = None  # refused (UNSERVED_FIELDS)
 
 
 class LoadLoraAdapterRequest(_Body):
@@ -200,6 +232,10 @@ class ChatCompletionRequest(SamplingExtras):
     echo: bool = False
     # vLLM's: documents for a retrieval-augmented template (a list of objects), as its variable.
     documents: list[dict[str, str]] | None = None
+    # vLLM's: false leaves the thinking (--reasoning-parser) out of the answer.
+    include_reasoning: bool = True
+    # Candidates ranked by likelihood are served on /v1/completions; here only n of n (refused above).
+    best_of: int | None = Field(None, ge=1)
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -380,6 +416,12 @@ class TokenizeRequest(_Body):
     parameters: TgiTokenizeParameters | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
+    # A conversation is rendered as the chat route renders it, from the same fields.
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None  # refused, as on the chat route
     # vLLM's: each token's vocabulary entry too (as the tokenizer writes it, "Ġ" and all).
     return_token_strs: bool = False
 

@@ -19,9 +19,10 @@ from inferd.server.openai.chat import (
     beam_chat,
     chat,
     prepare_chat,
+    refuse_request_template,
+    render_conversation,
     stream_beam_chat,
     stream_chat,
-    template_messages,
 )
 from inferd.server.openai.classify import add_classify_routes
 from inferd.server.openai.common import error_response
@@ -215,7 +216,8 @@ def build_router(
             return [SimpleToken(id=i, text=body.inputs[start:stop], start=start, stop=stop)
                     for i, start, stop in spans]  # fmt: skip
         if body.messages is not None:
-            text = frontend.render_chat(template_messages(body.messages), body.add_generation_prompt)
+            refuse_request_template(body.chat_template)
+            text = render_conversation(frontend, body, body.tools)
         elif body.prompt is not None:
             text = body.prompt
         else:  # not an empty prompt's zero tokens

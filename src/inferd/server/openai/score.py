@@ -40,6 +40,7 @@ class ScoreRequest(ActivationOption):
     timeout: float | None = None
     # vLLM's: each text's last so many tokens (-1: as many as the context holds).
     truncate_prompt_tokens: StrictInt | None = None
+    priority: StrictInt = 0
 
 
 class _Document(BaseModel):
@@ -58,6 +59,7 @@ class RerankRequest(ActivationOption):
     return_documents: bool = True
     timeout: float | None = None
     truncate_prompt_tokens: StrictInt | None = None
+    priority: StrictInt = 0
 
 
 def _pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[int, int]]:
@@ -80,6 +82,7 @@ class _ScoreJob:
     keep: int | None
     # A cross-encoder's score: its logit's sigmoid, or with vLLM's use_activation false the logit.
     activation: bool = True
+    priority: int = 0
 
 
 async def _embedded(
@@ -92,8 +95,9 @@ async def _embedded(
         raise InvalidRequestError("texts must not be empty", field)
     distinct = list(dict.fromkeys(strings))
     vectors, tokens = await embed_prompts(
-        frontend, job.model, list(distinct), field, timeout_s, truncate_prompt_tokens=job.keep
-    )
+        frontend, job.model, list(distinct), field, timeout_s, truncate_prompt_tokens=job.keep,
+        priority=job.priority,
+    )  # fmt: skip
     by_text = dict(zip(distinct, vectors, strict=True))
     return [by_text[text] for text in strings], tokens
 
@@ -128,7 +132,7 @@ async def _cross_encoded(frontend: Frontend, job: _ScoreJob) -> tuple[list[float
     ]
     logits, tokens = await embed_prompts(
         frontend, job.model, joined, first_field, job.timeout_s, classifier_logits=True,
-        truncate_prompt_tokens=job.keep,
+        truncate_prompt_tokens=job.keep, priority=job.priority,
     )  # fmt: skip
     try:
         verdicts = [ClassificationOutput.from_logits(row.tolist(), model.labels) for row in logits]
@@ -158,7 +162,9 @@ def add_score_routes(router: APIRouter, frontend: Frontend) -> None:
         pairs = _pairs(body.text_1, body.text_2)
         firsts, seconds = ("text_1", _as_list(body.text_1)), ("text_2", _as_list(body.text_2))
         keep = truncation(body.truncate_prompt_tokens)
-        job = _ScoreJob(body.model, firsts, seconds, pairs, timeout_s, keep, body.applies_activation)
+        job = _ScoreJob(
+            body.model, firsts, seconds, pairs, timeout_s, keep, body.applies_activation, body.priority
+        )
         run = _scores(frontend, job)
         scores, tokens = await unless_disconnected(request, run)
         return {
@@ -180,7 +186,7 @@ def add_score_routes(router: APIRouter, frontend: Frontend) -> None:
         keep = truncation(body.truncate_prompt_tokens)
         job = _ScoreJob(
             body.model, ("query", [body.query]), ("documents", documents), pairs, timeout_s, keep,
-            body.applies_activation,
+            body.applies_activation, body.priority,
         )  # fmt: skip
         run = _scores(frontend, job)
         scores, tokens = await unless_disconnected(request, run)
