@@ -57,3 +57,14 @@ def test_sigterm_stops_the_server_cleanly(tiny_llama) -> None:
         process.process.send_signal(signal.SIGTERM)
         assert process.process.wait(timeout=30) == 0
         process.wait_for_log("server stopped")
+
+
+def test_vllms_key_variable_is_read_where_inferds_is_not_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment moved over from vLLM sets VLLM_API_KEY: it must not run without the key."""
+    from inferd.cli import build_parser
+
+    monkeypatch.delenv("INFERD_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-vllm")
+    assert build_parser().parse_args(["serve"]).api_key == "from-vllm"
+    monkeypatch.setenv("INFERD_API_KEY", "ours")
+    assert build_parser().parse_args(["serve"]).api_key == "ours"

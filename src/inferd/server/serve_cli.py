@@ -49,8 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     server.add_argument(
         "--api-key",
-        default=os.environ.get("INFERD_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on the API routes; default: $INFERD_API_KEY",
+        # vLLM's variable too: a deployment moved over from vLLM must not run open without a word.
+        default=os.environ.get("INFERD_API_KEY") or os.environ.get("VLLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on the API routes; default: $INFERD_API_KEY, else "
+        "$VLLM_API_KEY",
     )
     server.add_argument(
         "--generation-config",
