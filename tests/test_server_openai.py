@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -911,3 +912,47 @@ def test_a_chat_template_that_writes_the_bos_gets_no_second_one(tiny_llama, tmp_
     assert with_bos == text and without == text[1:]
     assert doubled["usage"]["prompt_tokens"] == len(tokens) + 1
     assert [u["prompt_tokens"] for u in embedded] == [len(text), len(text) - 1]
+
+
+def test_the_clients_request_id_names_the_answer(server: ServerProcess) -> None:
+    """vLLM's X-Request-Id (which wins) or body request_id: the answer's id is made from it and the
+    header comes back, on every route; two requests with one id run apart (the engine's ids stay
+    the server's own); a malformed header is ignored."""
+    url = server.base_url
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    answer = httpx.post(f"{url}/v1/chat/completions", json=chat, headers={"X-Request-Id": "trace-1"})
+    assert answer.json()["id"] == "chatcmpl-trace-1" and answer.headers["x-request-id"] == "trace-1"
+    by_body = httpx.post(
+        f"{url}/v1/completions", json={"model": "tiny", "prompt": "To be", "request_id": "mine"}
+    )
+    assert by_body.json()["id"] == "cmpl-mine" and "x-request-id" not in by_body.headers
+    named = {"model": "tiny", "prompt": "To be", "request_id": "body"}
+    both = httpx.post(f"{url}/v1/completions", json=named, headers={"X-Request-Id": "head"})
+    assert both.json()["id"] == "cmpl-head"
+    streamed = {**chat, "stream": True}
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=streamed, headers={"X-Request-Id": "s"}
+    ) as live:
+        ids = {json.loads(line[6:])["id"] for line in live.iter_lines() if line.startswith("data: {")}
+        assert live.headers["x-request-id"] == "s"
+    assert ids == {"chatcmpl-s"}
+    tgi = httpx.post(f"{url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}},
+                     headers={"X-Request-Id": "tgi-7"})  # fmt: skip
+    assert tgi.status_code == 200 and tgi.headers["x-request-id"] == "tgi-7"
+    refused = httpx.post(
+        f"{url}/v1/completions", json={"model": "nope", "prompt": "x"}, headers={"X-Request-Id": "r"}
+    )
+    assert refused.status_code == 404 and refused.headers["x-request-id"] == "r"
+    spaced = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "To be"},
+                        headers={"X-Request-Id": "has space"})  # fmt: skip
+    assert spaced.json()["id"].startswith("cmpl-") and "x-request-id" not in spaced.headers
+    bad = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "To be", "request_id": "a b"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "request_id"
+
+    async def twice() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, headers={"X-Request-Id": "same"}, timeout=60) as client:
+            body = {"model": "tiny", "prompt": "To be", "max_tokens": 20, "ignore_eos": True}
+            return list(await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(4))))
+
+    same = asyncio.run(twice())
+    assert [r.status_code for r in same] == [200] * 4 and {r.json()["id"] for r in same} == {"cmpl-same"}

@@ -30,6 +30,7 @@ from inferd.server.metrics import ServerMetrics
 from inferd.server.openai.common import error_response as openai_error_response
 from inferd.server.openai_embeddings import build_embeddings_router
 from inferd.server.reasoning import REASONING_FORMATS
+from inferd.server.request_id import EchoRequestId
 from inferd.server.stats_log import log_engine_stats
 from inferd.server.tgi.generation import error_response as tgi_error_response
 from inferd.version import package_version
@@ -119,6 +120,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, render=render_error_for_path)
     # Outside the size limit, so its 413s are counted too.
     app.add_middleware(HttpMetrics, families=HttpMetricFamilies(registry))
+    app.add_middleware(EchoRequestId)  # every answer, refusals included, carries the client's id
     if config.allowed_origins:
         # Outermost, so a refused request's answer (401, 413, ...) carries the headers a browser needs.
         app.add_middleware(

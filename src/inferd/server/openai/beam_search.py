@@ -142,7 +142,7 @@ async def beam_complete(frontend: Frontend, job: CompletionJob) -> CompletionRes
         for index, answer in enumerate(answers)
     ]
     return CompletionResponse(
-        id=job.request_id,
+        id=job.response_id,
         created=job.created,
         model=job.model,
         choices=choices,

@@ -54,7 +54,10 @@ from inferd.structured.spec import StructuredOutput
 
 @dataclass
 class ChatJob:
-    request_id: str
+    request_id: str  # the engine requests' (the server's own, unique)
+    # The answer's id: the client's own under the route's prefix where it gave one (the
+    # X-Request-Id header, or the body's request_id: server/request_id.py), else request_id.
+    response_id: str
     model: str
     prompt: list[int]
     params: SamplingParams
@@ -240,7 +243,7 @@ def output_budget(
     return body.max_tokens, "max_tokens"
 
 
-def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
+def prepare_chat(frontend: Frontend, body: ChatCompletionRequest, client_id: str | None = None) -> ChatJob:
     """Validate, render the template and tokenize; every error here is a 4xx before generation."""
     frontend.check_model(body.model)
     if body.use_beam_search:
@@ -298,8 +301,10 @@ def prepare_chat(frontend: Frontend, body: ChatCompletionRequest) -> ChatJob:
         # (Never below min_tokens: a context too short for those is the prompt's error.)
         room = frontend.max_model_len - len(token_ids)
         params = dataclasses.replace(params, max_tokens=max(1, params.min_tokens, min(max_tokens, room)))
+    request_id = frontend.new_request_id("chatcmpl")
     return ChatJob(
-        request_id=frontend.new_request_id("chatcmpl"),
+        request_id=request_id,
+        response_id=f"chatcmpl-{client_id}" if client_id else request_id,
         model=frontend.answering_name(body.model),
         prompt=frontend.prepare(token_ids, params, "messages"),
         params=params,
@@ -367,7 +372,7 @@ async def chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
             )
         )
     return ChatCompletionResponse(
-        id=job.request_id,
+        id=job.response_id,
         created=job.created,
         model=job.model,
         choices=choices,
@@ -400,7 +405,7 @@ async def beam_chat(frontend: Frontend, job: ChatJob) -> ChatCompletionResponse:
             ChatChoice(index=index, message=message, logprobs=None, finish_reason=reason, token_ids=token_ids)
         )
     return ChatCompletionResponse(
-        id=job.request_id,
+        id=job.response_id,
         created=job.created,
         model=job.model,
         choices=choices,
@@ -416,7 +421,7 @@ def _chunk_event(
     usage_so_far: Usage | None = None,
 ) -> str:
     body = ChatCompletionChunk(
-        id=job.request_id,
+        id=job.response_id,
         created=job.created,
         model=job.model,
         choices=choices,
@@ -462,7 +467,7 @@ async def stream_beam_chat(frontend: Frontend, job: ChatJob) -> AsyncIterator[st
             yield _chunk_event(job, [whole_beam], usage_so_far=so_far)
         if job.include_usage:
             last = ChatCompletionChunk(
-                id=job.request_id, created=job.created, model=job.model, choices=[], usage=whole.usage
+                id=job.response_id, created=job.created, model=job.model, choices=[], usage=whole.usage
             )
             yield sse_event(last.model_dump_json())
     except ApiError as exc:
@@ -526,7 +531,7 @@ async def stream_chat(frontend: Frontend, job: ChatJob) -> AsyncGenerator[str, N
                     yield _chunk_event(job, [choice], usage_so_far=so_far)
         if job.include_usage:
             last = ChatCompletionChunk(
-                id=job.request_id,
+                id=job.response_id,
                 created=job.created,
                 model=job.model,
                 choices=[],

@@ -49,7 +49,10 @@ class _ChoiceState:
 
 @dataclass
 class CompletionJob:
-    request_id: str
+    request_id: str  # the engine requests' (the server's own, unique)
+    # The answer's id: the client's own under the route's prefix where it gave one (the
+    # X-Request-Id header, or the body's request_id: server/request_id.py), else request_id.
+    response_id: str
     model: str
     prompts: list[list[int]]
     prompt_texts: list[str]
@@ -86,7 +89,9 @@ class CompletionJob:
         return _ChoiceState(echo_text=self.prompt_texts[index // self.n] if self.echo else "")
 
 
-def prepare_completion(frontend: Frontend, body: CompletionRequest) -> CompletionJob:
+def prepare_completion(
+    frontend: Frontend, body: CompletionRequest, client_id: str | None = None
+) -> CompletionJob:
     """Validate and tokenize; every error here is a 4xx before any generation starts."""
     frontend.check_model(body.model)
     if body.suffix:
@@ -114,8 +119,10 @@ def prepare_completion(frontend: Frontend, body: CompletionRequest) -> Completio
         ]
     token_ids = [frontend.prepare(prompt, params, add_special_tokens=add_special) for prompt in prompts]
     texts = [p if isinstance(p, str) else frontend.tokenizer.decode(p) for p in prompts] if body.echo else []
+    request_id = frontend.new_request_id("cmpl")
     return CompletionJob(
-        request_id=frontend.new_request_id("cmpl"),
+        request_id=request_id,
+        response_id=f"cmpl-{client_id}" if client_id else request_id,
         model=frontend.answering_name(body.model),
         prompts=token_ids,
         prompt_texts=texts,
@@ -179,7 +186,7 @@ async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse
     completion_tokens = sum(len(out.token_ids) for out in finals.values())
     cached = sum(finals[prompt * job.best_of].metrics.num_cached_tokens for prompt in range(len(job.prompts)))
     return CompletionResponse(
-        id=job.request_id,
+        id=job.response_id,
         created=job.created,
         model=job.model,
         choices=choices,
@@ -222,7 +229,7 @@ async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncGene
         if job.include_usage:
             completion_tokens = sum(state.num_tokens for state in states.values())
             last = CompletionResponse(
-                id=job.request_id,
+                id=job.response_id,
                 created=job.created,
                 model=job.model,
                 choices=[],
@@ -256,7 +263,7 @@ def _chunk(
             choice.prompt_token_ids, state.prompt_ids_sent = job.prompt_token_ids(index), True
         choice.token_ids = list(out.token_ids[state.token_ids_sent :])
         state.token_ids_sent = len(out.token_ids)
-    return CompletionResponse(id=job.request_id, created=job.created, model=job.model, choices=[choice])
+    return CompletionResponse(id=job.response_id, created=job.created, model=job.model, choices=[choice])
 
 
 def _logprobs(

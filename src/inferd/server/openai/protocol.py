@@ -111,6 +111,8 @@ class SamplingExtras(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's: the answer's id is made from it (an X-Request-Id header wins), server/request_id.py.
+    request_id: str | None = Field(None, pattern=r"^[\x21-\x7e]{1,256}$")
     # vLLM's: whether the tokenizer adds its special tokens (a BOS) to the prompt's text; unset,
     # the route's default (completions yes, chat no: the template writes its own).
     add_special_tokens: bool | None = None

@@ -53,6 +53,8 @@ from inferd.server.openai.responses import (
 )
 from inferd.server.openai.responses_protocol import ResponsesRequest
 from inferd.server.openai.score import add_score_routes
+from inferd.server.request_id import HEADER as REQUEST_ID_HEADER
+from inferd.server.request_id import client_request_id
 from inferd.server.streaming import sse_response, started_sse_response, unless_disconnected
 
 
@@ -108,7 +110,7 @@ def build_router(
 
     @router.post("/v1/completions", response_model=None)
     async def create_completion(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
-        job = prepare_completion(frontend, body)
+        job = prepare_completion(frontend, body, _client_id(request, body))
         job.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         frontend.check_ready(job.prompts, job.best_of)
         if job.length_penalty is not None:
@@ -123,7 +125,7 @@ def build_router(
     async def create_chat_completion(
         body: ChatCompletionRequest, request: Request
     ) -> ChatCompletionResponse | Response:
-        job = prepare_chat(frontend, body)
+        job = prepare_chat(frontend, body, _client_id(request, body))
         job.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         frontend.check_ready([job.prompt], job.n)
         if job.length_penalty is not None:
@@ -243,3 +245,8 @@ def build_router(
         return DetokenizeResponse(prompt=frontend.tokenizer.decode(body.tokens))
 
     return router
+
+
+def _client_id(request: Request, body: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """The client's id for the answer, as vLLM takes it: the X-Request-Id header, else the body's."""
+    return client_request_id(request.headers.get(REQUEST_ID_HEADER)) or body.request_id
