@@ -9,7 +9,7 @@ import torch
 
 from inferd.attention import torch_backend
 from inferd.attention.base import AttentionMetadata
-from inferd.attention.torch_backend import TorchAttentionBackend, group_cost_tokens, length_groups
+from inferd.attention.torch_backend import TorchAttentionBackend, group_cost_tokens, length_groups, write_kv
 
 BLOCK_SIZE, HEADS, KV_HEADS, DIM = 4, 6, 2, 16
 
@@ -211,3 +211,26 @@ def test_a_sliding_window_reads_no_block_behind_its_window(
     out = TorchAttentionBackend().attend(q, k_cache, v_cache, meta, DIM**-0.5, window)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("query_lens", "window"), [([1] * 12, 0), ([1] * 12, 6), ([1, 3, 2, 5] * 3, 0)])
+def test_what_earlier_requests_left_in_a_block_never_reaches_an_output(
+    query_lens: list[int], window: int
+) -> None:
+    """A padded batch reads whole blocks: the slots past a sequence's length (and the padding
+    blocks of its table) hold what an earlier request wrote there. A broken request's NaN or
+    infinite K/V must not reach another sequence's output through the masked weights."""
+    gen = torch.Generator().manual_seed(3)
+    context_lens = [int(n) for n in torch.randint(1, 40, (len(query_lens),), generator=gen)]
+    q, k_cache, v_cache, meta = _ragged_step(query_lens, context_lens, gen)
+    clean = TorchAttentionBackend().attend(q, k_cache, v_cache, meta, DIM**-0.5, window)
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    for table, seq_len in zip(meta.block_tables, meta.seq_lens_host, strict=True):
+        for position in range(seq_len):
+            written[int(table[position // BLOCK_SIZE]), position % BLOCK_SIZE] = True
+    stale = (~written).flatten().nonzero().flatten()
+    broken = torch.full((len(stale), KV_HEADS, DIM), float("nan"))
+    write_kv(broken, torch.full_like(broken, float("inf")), k_cache, v_cache, stale)
+    out = TorchAttentionBackend().attend(q, k_cache, v_cache, meta, DIM**-0.5, window)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, clean, atol=1e-5, rtol=1e-5)

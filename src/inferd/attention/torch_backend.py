@@ -25,7 +25,10 @@ def write_kv(
 ) -> None:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     for new, cache in ((k, k_cache), (v, v_cache)):
-        stored = to_cache(new, cache.dtype)
+        # A non-finite key or value (a broken request's) is stored as 0: the padded batches read a
+        # block's slots past a sequence's length, masked, and 0 * NaN would carry it into the
+        # outputs of whoever takes the block next. (The Triton kernels never load such slots.)
+        stored = to_cache(new.nan_to_num(0.0, 0.0, 0.0), cache.dtype)
         if cache.dtype == FP8_KV_DTYPE:  # torch copies 8-bit floats by index only as bytes
             cache, stored = cache.view(torch.uint8), stored.view(torch.uint8)
         cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, stored)
