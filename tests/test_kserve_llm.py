@@ -197,6 +197,12 @@ def test_rest_generate_and_its_stream_agree_with_offline(live: Live, model: str)
         ({"guided_choice": "[1]"}, "guided_choice"),
         ({"guided_json": "{not json"}, "guided_json"),
         ({"guided_regex": "a", "guided_grammar": 'start: "a"'}, "one structured output"),
+        # Fields the server does not know are refused by name, as Triton's vLLM backend fails them.
+        ({"max_token": 3}, "'max_token'"),
+        ({"logprobs": 2}, "'logprobs' is not supported"),
+        ({"guided_decoding": json.dumps({"backend": "outlines", "regex": "a"})}, "'backend'"),
+        ({"bad_words": json.dumps([" "])}, "bad_words"),
+        ({"logit_bias": json.dumps({"99999999": 5})}, "logit_bias"),
     ],
 )
 def test_bad_parameters_are_invalid_input_on_every_path(live: Live, parameters: dict, named: str) -> None:  # type: ignore[type-arg]
@@ -742,3 +748,44 @@ def test_an_unknown_lora_name_is_refused_before_the_engine(live: Live) -> None:
     assert answer.json()["error"] == "lora_name: no LoRA adapter 'nope' is served (adapters: none)"
     after = _metric(live.server, "inferd:requests_finished_total", model_name=SERVED, finish_reason="error")
     assert after == errors
+
+
+def test_the_vllm_backends_structured_output_objects_and_bad_words_act(live: Live) -> None:
+    """`guided_decoding` (Triton's vLLM backend's name) and `structured_outputs` constrain the text,
+    in the `sampling_parameters` tensor too; `bad_words` keeps a word out. Each used to be dropped."""
+    url = f"{live.server.base_url}/v2/models/{SERVED}/generate"
+    for key in ("guided_decoding", "structured_outputs"):
+        body = {"text_input": PROMPT, "parameters": {"max_tokens": 8, key: {"choice": ["yes", "no"]}}}
+        assert httpx.post(url, json=body, timeout=30).json()["text_output"] in ("yes", "no")
+    fields = {"max_tokens": 8, "temperature": 0, "guided_decoding": {"choice": ["maybe", "never"]}}
+    result = triton_grpc.InferenceServerClient(live.grpc_url).infer(
+        SERVED, [_text_input(triton_grpc), _sampling_input(triton_grpc, fields)]
+    )
+    assert result.as_numpy("text_output")[0].decode() in ("maybe", "never")
+    first_word = live.expected[SERVED].split()[0]
+    banned = {"text_input": PROMPT, "parameters": {**GREEDY, "bad_words": [first_word]}}
+    text = httpx.post(url, json=banned, timeout=30).json()["text_output"]
+    assert text != live.expected[SERVED] and first_word not in text.split()
+
+
+def test_tritons_priority_needs_the_priority_scheduling_policy(live: Live) -> None:
+    """Triton's request `priority` (0: the default) is the engine's; this server schedules first
+    come, first served, so another one is refused as the OpenAI routes refuse it."""
+    url = f"{live.server.base_url}/v2/models/{SERVED}/generate"
+    refused = httpx.post(
+        url, json={"text_input": PROMPT, "parameters": {**GREEDY, "priority": 3}}, timeout=30
+    )
+    assert refused.status_code == 400 and "--scheduling-policy priority" in refused.json()["error"]
+    grpc_client = triton_grpc.InferenceServerClient(live.grpc_url)
+    with pytest.raises(InferenceServerException) as caught:
+        grpc_client.infer(SERVED, [_text_input(triton_grpc)], parameters=GREEDY, priority=3)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT" and "priority" in caught.value.message()
+    with pytest.raises(InferenceServerException) as over_http:
+        triton_http.InferenceServerClient(live.http_address).infer(
+            SERVED, [_text_input(triton_http)], parameters=GREEDY, priority=3
+        )
+    assert over_http.value.status() == "400"
+    default = httpx.post(
+        url, json={"text_input": PROMPT, "parameters": {**GREEDY, "priority": 0}}, timeout=30
+    )
+    assert default.json()["text_output"] == live.expected[SERVED]

@@ -537,8 +537,11 @@ def test_the_classic_model_launcher_limits_the_body_size(repository: Path) -> No
 
     app = build_app(ModelRepository([]), CollectorRegistry(), max_body_bytes=1000)
     with TestClient(app) as client:
-        response = client.post("/v2/models/digits/infer", content=b"{" + b" " * 2000 + b"}")
+        response = client.post(
+            "/v2/models/digits/infer", content=b"{" + b" " * 2000 + b"}", headers={"X-Request-Id": "k-1"}
+        )
     assert response.status_code == 413 and "error" in response.json()
+    assert response.headers["x-request-id"] == "k-1"  # a client's id comes back, refusals included
 
 
 def test_models_load_and_unload_while_the_server_runs(
@@ -642,15 +645,14 @@ def test_the_timeout_header_and_parameter_follow_triton(server: LiveServer) -> N
 
     assert generation_params({"timeout": 0}).timeout_s is None  # Triton's 0: no timeout
     assert generation_params({"timeout": 250_000}).timeout_s == 0.25  # microseconds
-    # A tensor model has no timeout to take: the header, even a bad one, does not fail it.
+    # A tensor model's request takes it too (its wait in the batcher's queue): a bad one is a 400.
     image = {"name": "image", "datatype": "FP32", "shape": [1, 8, 8], "data": [0.0] * 64}
-    response = httpx.post(
-        f"{server.http_url}/v2/models/digits/infer",
-        json={"inputs": [image]},
-        headers={"X-Request-Timeout": "soon"},
-        timeout=30,
-    )
-    assert response.status_code == 200, response.text
+    url = f"{server.http_url}/v2/models/digits/infer"
+    for header, status in (("soon", 400), ("30", 200)):
+        response = httpx.post(
+            url, json={"inputs": [image]}, headers={"X-Request-Timeout": header}, timeout=30
+        )
+        assert response.status_code == status, response.text
 
 
 def test_model_configuration_and_statistics_extensions(

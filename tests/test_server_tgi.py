@@ -91,10 +91,9 @@ def test_typical_p_samples_from_the_most_typical_tokens(client: InferenceClient)
 
 def test_neutral_sampling_settings_stay_greedy(client: InferenceClient) -> None:
     greedy = client.text_generation("Whether", max_new_tokens=12)
-    for kwargs in ({"temperature": 1.0}, {"top_p": 1.0}, {"temperature": 1.0, "top_p": 1.0}):
-        result = client.text_generation("Whether", max_new_tokens=12, details=True, **kwargs)  # type: ignore[call-overload]
-        assert result.generated_text == greedy, kwargs
-        assert result.details is not None and result.details.seed is None
+    result = client.text_generation("Whether", max_new_tokens=12, details=True, temperature=1.0)
+    assert result.generated_text == greedy
+    assert result.details is not None and result.details.seed is None
     seeded_greedy = client.text_generation("Whether", max_new_tokens=12, details=True, seed=3)
     assert seeded_greedy.generated_text == greedy
     assert seeded_greedy.details is not None and seeded_greedy.details.seed is None  # as TGI: no sampling
@@ -166,6 +165,30 @@ def test_validation_errors_are_422_in_tgi_shape(server: ServerProcess, client: I
         f"{server.base_url}/generate_stream", content=b"[", headers={"content-type": "application/json"}
     )
     assert malformed.status_code == 422 and malformed.json()["error_type"] == "validation"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),  # TGI refuses 1 rather than read it as off
+        ({"top_p": 0.0}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"truncate": 10_000}, "`truncate` must be strictly positive and less than 511. Given: 10000"),
+        ({"truncate": 0}, "`truncate` must be strictly positive and less than 511. Given: 0"),
+        # TGI asks only > 0; the engine's own bound (10) is the one this server has.
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": 20.0}, "repetition_penalty: must be in (0, 10]"),
+    ],
+)
+def test_tgis_own_bounds_and_messages(server: ServerProcess, parameters: dict, message: str) -> None:  # type: ignore[type-arg]
+    assert httpx.get(f"{server.base_url}/info").json()["max_input_tokens"] == 511
+    for route in ("/generate", "/generate_stream"):
+        body = {"inputs": "To be", "parameters": {"max_new_tokens": 2, **parameters}}
+        response = httpx.post(f"{server.base_url}{route}", json=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["error_type"] == "validation" and message in response.json()["error"]
+    for ok in ({"top_p": 0.99}, {"truncate": 511}, {"repetition_penalty": 10.0}):
+        body = {"inputs": "To be", "parameters": {"max_new_tokens": 2, **ok}}
+        assert httpx.post(f"{server.base_url}/generate", json=body).status_code == 200, ok
 
 
 def test_decoder_input_details_give_the_prompts_tokens_with_their_logprobs(

@@ -140,3 +140,72 @@ async def test_the_next_batch_starts_while_one_is_still_running() -> None:
     await asyncio.gather(batcher.submit(_request(1.0)), batcher.submit(_request(2.0)))
     await batcher.close()
     assert calls == 2
+
+
+async def test_a_preferred_batch_size_runs_at_once_and_caps_the_batch() -> None:
+    """Triton's preferred_batch_size: 12 requests queued together run as batches of 4, each at
+    once (the 30 s delay would otherwise hold the first), not as one batch of 12."""
+    model = RecordingModel()
+    batcher = DynamicBatcher("m", model.infer, 16, max_queue_delay_s=30.0, preferred_batch_sizes=(4,))
+    await asyncio.wait_for(asyncio.gather(*(batcher.submit(_request(1.0)) for _ in range(12))), timeout=10)
+    await batcher.close()
+    assert model.calls == [4, 4, 4]
+
+
+async def test_the_largest_preferred_size_reached_is_taken() -> None:
+    model = RecordingModel()
+    batcher = DynamicBatcher("m", model.infer, 16, max_queue_delay_s=30.0, preferred_batch_sizes=(2, 6))
+    requests = [batcher.submit(_request(1.0)) for _ in range(8)]
+    await asyncio.wait_for(asyncio.gather(*requests), timeout=10)
+    await batcher.close()
+    assert model.calls == [6, 2]
+
+
+async def test_without_a_preferred_size_reached_the_delay_is_waited_out() -> None:
+    model = RecordingModel()
+    batcher = DynamicBatcher("m", model.infer, 16, max_queue_delay_s=0.3, preferred_batch_sizes=(4,))
+    started = asyncio.get_running_loop().time()
+    await asyncio.gather(*(batcher.submit(_request(1.0)) for _ in range(3)))
+    await batcher.close()
+    assert model.calls == [3] and asyncio.get_running_loop().time() - started >= 0.25
+
+
+async def test_a_request_whose_timeout_passes_in_the_queue_is_refused_not_run() -> None:
+    """Triton's request timeout: dropped when the batch is formed (here at the end of the delay),
+    answered as timed out; the request beside it without one runs."""
+    from inferd.serving.errors import RequestTimedOutError
+
+    model = RecordingModel()
+    batcher = DynamicBatcher("m", model.infer, 16, max_queue_delay_s=0.3)
+    hurried, patient = await asyncio.gather(
+        batcher.submit(_request(1.0), timeout_s=0.05), batcher.submit(_request(2.0)), return_exceptions=True
+    )
+    await batcher.close()
+    assert isinstance(hurried, RequestTimedOutError) and "timed out" in str(hurried)
+    np.testing.assert_array_equal(patient["y"], _request(2.0)["x"] * 2)  # type: ignore[index]
+    assert model.calls == [1]
+
+
+async def test_a_timeout_not_reached_changes_nothing() -> None:
+    model = RecordingModel()
+    batcher = DynamicBatcher("m", model.infer, 16, max_queue_delay_s=0.05)
+    result = await batcher.submit(_request(3.0), timeout_s=5.0)
+    await batcher.close()
+    np.testing.assert_array_equal(result["y"], _request(3.0)["x"] * 2)
+
+
+async def test_each_request_is_charged_its_batchs_duration_as_triton_counts() -> None:
+    """inference_stats count requests (each charged its whole batch's duration, so a tool dividing
+    by the successes reads one request's compute time); execution_count and batch_stats count the
+    runtime calls."""
+    from inferd.serving.statistics import ModelStatistics
+
+    stats = ModelStatistics()
+    batcher = DynamicBatcher("m", RecordingModel().infer, 16, max_queue_delay_s=0.5, stats=stats)
+    await asyncio.gather(*(batcher.submit(_request(1.0)) for _ in range(4)))
+    await batcher.close()
+    assert stats.execution_count == 1 and stats.batches[4].count == 1
+    assert stats.compute_infer.count == 4 and stats.compute_infer.ns == 4 * stats.batches[4].ns
+    described = stats.to_json("m", "1")
+    assert described["inference_stats"]["compute_input"] == {"count": 4, "ns": 0}
+    assert described["batch_stats"][0]["compute_output"] == {"count": 1, "ns": 0}

@@ -110,3 +110,112 @@ def test_an_output_asked_for_twice_is_invalid_input() -> None:
     with pytest.raises(InvalidInputError, match="twice"):
         read_llm_request(InferRequest([text], twice))
     assert read_llm_request(InferRequest([text], twice[:1])).extras == ("finish_reason",)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "named"),
+    [
+        ({"max_token": 3}, "'max_token'"),  # a typo used to give the default 16 tokens
+        ({"spaces_between_special_tokens": False}, "'spaces_between_special_tokens'"),
+        ({"truncate_prompt_tokens": 5}, "'truncate_prompt_tokens'"),
+        ({"sampling_parameters": "{}"}, "'sampling_parameters'"),
+    ],
+)
+def test_unknown_fields_are_refused_naming_them(parameters: dict[str, object], named: str) -> None:
+    with pytest.raises(InvalidInputError, match=f"unknown parameter\\(s\\) {named}.*max_tokens"):
+        generation_params(parameters)
+
+
+def test_tritons_own_request_parameters_and_the_callers_flags_are_no_sampling_fields() -> None:
+    triton = {
+        "timeout": 0,
+        "priority": 0,
+        "sequence_id": 7,
+        "sequence_start": True,
+        "sequence_end": False,
+        "binary_data_output": True,
+        "triton_enable_empty_final_response": True,
+    }
+    assert generation_params(triton).sampling == {}
+    with pytest.raises(InvalidInputError, match="'return_finish_reason'"):
+        generation_params({"return_finish_reason": True})
+    assert (
+        generation_params({"return_finish_reason": True}, also_known={"return_finish_reason"}).sampling == {}
+    )
+
+
+def test_vllm_fields_the_engine_takes_pass_through() -> None:
+    params = generation_params(
+        {
+            "bad_words": '["I", "me"]',
+            "allowed_token_ids": [5, 6],
+            "logit_bias": {"7": -100},
+            "stop_token_ids": [1],
+        }
+    )
+    assert params.sampling == {
+        "bad_words": ["I", "me"],
+        "allowed_token_ids": [5, 6],
+        "logit_bias": {7: -100.0},
+        "stop_token_ids": [1],
+    }
+
+
+@pytest.mark.parametrize(
+    ("parameters", "named"),
+    [
+        ({"logprobs": 2}, "'logprobs' is not supported"),
+        ({"prompt_logprobs": 1}, "'prompt_logprobs' is not supported"),
+        ({"bad_words": 5}, "'bad_words' must be a list"),
+        ({"bad_words": "I"}, "'bad_words' is not valid JSON"),
+        ({"logit_bias": "[1]"}, "'logit_bias' must be an object"),
+        ({"logit_bias": {"a": 1}}, "keys must be token ids"),
+        ({"logit_bias": {"1": "up"}}, "must be a number"),
+        ({"allowed_token_ids": [1.5]}, "'allowed_token_ids' must be a list of token ids"),
+    ],
+)
+def test_vllm_fields_a_v2_response_cannot_carry_or_badly_typed_are_refused(
+    parameters: dict[str, object], named: str
+) -> None:
+    with pytest.raises(InvalidInputError, match=named):
+        generation_params(parameters)
+
+
+@pytest.mark.parametrize("key", ["guided_decoding", "structured_outputs"])
+def test_the_vllm_backends_structured_output_objects_constrain(key: str) -> None:
+    """Triton's vLLM backend takes `guided_decoding` (mapped onto vLLM's `structured_outputs`);
+    either used to be dropped, leaving the output free."""
+    from inferd.structured.spec import StructuredOutput
+
+    for value in ({"choice": ["yes", "no"]}, '{"choice": ["yes", "no"]}'):
+        params = generation_params({key: value})
+        assert params.structured_output == StructuredOutput(choice=["yes", "no"])
+        assert params.structured_output_field == key
+    schema = generation_params({key: {"json": {"type": "object"}, "disable_fallback": True}})
+    assert schema.structured_output == StructuredOutput(json='{"type": "object"}')
+    assert generation_params({key: {"json_object": True}}).structured_output == StructuredOutput(
+        json_object=True
+    )
+    for bad, named in (
+        ({"backend": "outlines", "regex": "a+"}, "'backend'"),
+        ({"regex": "a", "choice": ["b"]}, "exactly one"),
+        ({"choice": []}, "non-empty list"),
+        (["choice"], "must be an object"),
+        ("{", "not valid JSON"),
+    ):
+        with pytest.raises(InvalidInputError, match=named):
+            generation_params({key: bad})
+    with pytest.raises(InvalidInputError, match="one structured output at most"):
+        generation_params({key: {"regex": "a"}, "guided_regex": "b"})
+
+
+def test_tritons_priority_is_the_engines_and_zero_its_default() -> None:
+    """Triton's schedule-policy priority: 0 (or none) is the default, a lower value runs sooner,
+    as the engine's priority of the same number (it refuses one under first-come-first-served)."""
+    assert generation_params({"priority": 3}).sampling == {"priority": 3}
+    assert generation_params({"priority": "2"}).sampling == {"priority": 2}  # a vLLM client's text
+    assert "priority" not in generation_params({"priority": 0}).sampling
+    with pytest.raises(InvalidInputError, match="'priority' must be a non-negative integer"):
+        generation_params({"priority": -1})
+    with pytest.raises(InvalidInputError, match="'priority' must be an integer"):
+        generation_params({"priority": 1.5})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +212,9 @@ async def test_unloading_answers_the_queued_requests_first_and_added_models_stay
 
     from inferd.serving.repository import ModelEntry
 
-    _write_model(tmp_path, "doubler", {**DOUBLER_CONFIG, "dynamic_batching": {"max_queue_delay_ms": 200}})
+    _write_model(
+        tmp_path, "doubler", {**DOUBLER_CONFIG, "dynamic_batching": {"max_queue_delay_microseconds": 200_000}}
+    )
     repository = load_repository(tmp_path, _registry_with_doubler())
     entry = repository.get("doubler")
     assert entry.batcher is not None
@@ -257,3 +260,263 @@ async def test_an_unload_during_a_load_closes_each_runtime_once(tmp_path: Path) 
     await repository.unload("doubler")  # waits for it, then unloads what it loaded
     await reload
     assert sorted(closed) == [0, 1] and repository.get("doubler").failure == "unloaded"
+
+
+EXAMPLE_MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
+DIGITS_OUTPUTS = [
+    {"name": "probabilities", "datatype": "FP32", "shape": [10]},
+    {"name": "label", "datatype": "INT64", "shape": [1]},
+    {"name": "confidence", "datatype": "FP32", "shape": [1]},
+]
+
+
+def test_dynamic_batching_takes_triton_object_form() -> None:
+    """`{}` turns batching on with the defaults (it used to turn it off), the object's delay is the
+    queue delay (it used to be dropped), and its preferred sizes are kept."""
+    on = parse_model_config({**DOUBLER_CONFIG, "dynamic_batching": {}}, "doubler")
+    assert on.dynamic_batching and on.max_queue_delay_ms == 0.0 and on.preferred_batch_sizes == ()
+    triton = {"max_queue_delay_microseconds": 200_000, "preferred_batch_size": [4, 2]}
+    tuned = parse_model_config({**DOUBLER_CONFIG, "dynamic_batching": triton}, "doubler")
+    assert tuned.dynamic_batching and tuned.max_queue_delay_ms == 200.0
+    assert tuned.preferred_batch_sizes == (2, 4)
+    # protobuf's JSON form of a uint64 (what Triton's configuration extension writes) is text.
+    as_text = {"dynamic_batching": {"max_queue_delay_microseconds": "1500"}}
+    assert parse_model_config({**DOUBLER_CONFIG, **as_text}, "d").max_queue_delay_ms == 1.5
+    assert not parse_model_config({**DOUBLER_CONFIG, "dynamic_batching": False}, "d").dynamic_batching
+
+
+@pytest.mark.parametrize(
+    ("dynamic_batching", "named"),
+    [
+        ("false", "must be true, false or an object"),  # a string used to turn batching on
+        (1, "must be true, false or an object"),
+        ({"max_queue_delay_ms": 200}, "'max_queue_delay_ms'"),
+        ({"priority_levels": 2}, "'priority_levels'"),
+        ({"default_queue_policy": {"max_queue_size": 1}}, "'default_queue_policy'"),
+        ({"max_queue_delay_microseconds": -1}, "max_queue_delay_microseconds"),
+        ({"preferred_batch_size": [8]}, "preferred_batch_size"),  # above max_batch_size (4)
+        ({"preferred_batch_size": 2}, "preferred_batch_size"),
+    ],
+)
+def test_dynamic_batching_refuses_what_it_cannot_apply(dynamic_batching: object, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        parse_model_config({**DOUBLER_CONFIG, "dynamic_batching": dynamic_batching}, "doubler")
+
+
+def test_the_queue_delay_is_given_once() -> None:
+    both = {"max_queue_delay_ms": 2, "dynamic_batching": {"max_queue_delay_microseconds": 2000}}
+    with pytest.raises(ConfigError, match="once"):
+        parse_model_config({**DOUBLER_CONFIG, **both}, "doubler")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [2]}]},
+        {"output": []},
+        {"instance_group": [{"count": 2, "kind": "KIND_GPU"}]},
+        {"default_queue_policy": {"default_timeout_microseconds": 1000, "max_queue_size": 1}},
+        {"max_queue_size": 1},
+        {"priority_levels": 2},
+        {"version_policy": {"latest": {"num_versions": 2}}},
+        {"response_cache": {"enable": True}},
+    ],
+)
+def test_unknown_top_level_keys_are_refused(extra: dict[str, Any]) -> None:
+    (key,) = extra
+    with pytest.raises(ConfigError, match=f"'{key}'.*supported: name, runtime"):
+        parse_model_config({**DOUBLER_CONFIG, **extra}, "doubler")
+
+
+def test_tritons_key_names_get_model_jsons_spelling_in_the_error() -> None:
+    with pytest.raises(ConfigError, match="model.json spells 'input' as 'inputs'"):
+        parse_model_config({**DOUBLER_CONFIG, "input": []}, "doubler")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"reshape": {"shape": [2]}}, {"optional": True}, {"dims": [2]}, {"is_shape_tensor": False}],
+)
+def test_unknown_tensor_keys_are_refused(extra: dict[str, Any]) -> None:
+    (key,) = extra
+    spec = {"name": "x", "datatype": "FP32", "shape": [2], **extra}
+    with pytest.raises(
+        ConfigError, match=f"inputs\\[0\\] has unsupported key\\(s\\) '{key}'.*name, datatype, shape"
+    ):
+        parse_model_config({**DOUBLER_CONFIG, "inputs": [spec]}, "doubler")
+
+
+def test_an_unknown_key_leaves_the_model_unavailable_with_the_reason(tmp_path: Path) -> None:
+    _write_model(tmp_path, "queued", {**DOUBLER_CONFIG, "default_queue_policy": {"max_queue_size": 1}})
+    index = DataPlane(load_repository(tmp_path, _registry_with_doubler())).repository_index()
+    assert index[0]["state"] == "UNAVAILABLE" and "'default_queue_policy'" in index[0]["reason"]
+
+
+def test_every_example_model_configuration_is_valid() -> None:
+    folders = sorted(path.parent for path in EXAMPLE_MODELS.glob("*/model.json"))
+    assert folders
+    for folder in folders:
+        config = parse_model_config(json.loads((folder / "model.json").read_text()), folder.name)
+        assert config.dynamic_batching and config.max_queue_delay_ms == 2.0
+
+
+def _digits_folder(root: Path, name: str, **changes: Any) -> Path:
+    """A copy of the example digits model whose model.json has ``changes``."""
+    import shutil
+
+    folder = root / name
+    shutil.copytree(EXAMPLE_MODELS / "digits", folder)
+    config = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**config, "name": name, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        (
+            {"outputs": [{**DIGITS_OUTPUTS[0], "datatype": "INT64"}]},
+            "output 'probabilities': the configuration declares INT64, the ONNX graph has FP32",
+        ),
+        (
+            {"outputs": [{**DIGITS_OUTPUTS[0], "shape": [5]}]},
+            "output 'probabilities': the configuration declares shape [5]",
+        ),
+        (
+            {"inputs": [{"name": "picture", "datatype": "FP32", "shape": [8, 8]}]},
+            "the ONNX graph needs inputs ['image']",
+        ),
+        (
+            {"inputs": [{"name": "image", "datatype": "FP32", "shape": [64]}]},
+            "input 'image': the configuration declares shape [64]",
+        ),
+        (
+            {"max_batch_size": 0},  # the graph's first dimension is then no batch dimension
+            "input 'image': the configuration declares shape [8, 8], the ONNX graph has [-1, 8, 8]",
+        ),
+    ],
+)
+def test_onnx_models_whose_configuration_disagrees_with_the_graph_do_not_load(
+    tmp_path: Path, changes: dict[str, Any], reason: str
+) -> None:
+    _digits_folder(tmp_path, "digits_changed", **changes)
+    entry = load_repository(tmp_path, default_runtime_registry()).get("digits_changed")
+    assert not entry.ready and entry.failure is not None and reason in entry.failure, entry.failure
+
+
+def test_an_onnx_model_matching_its_graph_loads_with_a_narrower_variable_dimension(tmp_path: Path) -> None:
+    _digits_folder(tmp_path, "digits")
+    assert load_repository(tmp_path, default_runtime_registry()).get("digits").ready
+
+
+class _Liar:
+    """Answers a float where its configuration declares INT64, or one value too many a row."""
+
+    def __init__(self, wide: bool) -> None:
+        self._wide = wide
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        if self._wide:
+            return {"y": np.concatenate([x, x], axis=1).astype(np.int64)}
+        return {"y": x * 2.5}
+
+
+@pytest.mark.parametrize(
+    ("wide", "named"),
+    [
+        (False, "'y' is float32 but the configuration declares INT64"),
+        (True, "'y' has shape [1, 4] but the configuration declares [-1, 2]"),
+    ],
+)
+async def test_an_output_unlike_its_declaration_is_an_internal_error_not_a_cast(
+    tmp_path: Path, wide: bool, named: str
+) -> None:
+    from inferd.serving.errors import InferenceError
+
+    runtimes = default_runtime_registry()
+    runtimes.register("liar", lambda model_dir, config: _Liar(wide), platform="python")
+    outputs = [{"name": "y", "datatype": "INT64", "shape": [2]}]
+    _write_model(tmp_path, "liar", {**DOUBLER_CONFIG, "runtime": "liar", "outputs": outputs})
+    plane = DataPlane(load_repository(tmp_path, runtimes))
+    request = InferRequest([Tensor("x", "FP32", np.array([[1.0, 3.0]], dtype=np.float32))])
+    with pytest.raises(InferenceError, match=re.escape(named)) as caught:
+        await plane.infer("liar", None, request)
+    assert not isinstance(caught.value, InvalidInputError)  # the model's fault: a 500, not a 400
+    assert plane.repository.get("liar").stats.fail.count == 1
+    await plane.repository.close()
+
+
+def test_a_folder_without_model_json_is_listed_unavailable_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_model(tmp_path, "doubler", DOUBLER_CONFIG)
+    (tmp_path / "triton_style" / "1").mkdir(parents=True)
+    (tmp_path / "triton_style" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\n')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    with caplog.at_level("WARNING", logger="inferd.serving.repository"):
+        repository = load_repository(tmp_path, _registry_with_doubler())
+    index = {item["name"]: item for item in DataPlane(repository).repository_index()}
+    assert index["triton_style"] == {
+        "name": "triton_style",
+        "version": "1",
+        "state": "UNAVAILABLE",
+        "reason": "no model.json; config.pbtxt is not read",
+    }
+    assert index["empty"]["reason"] == "no model.json" and ".hidden" not in index
+    assert index["doubler"]["state"] == "READY" and repository.unready_reason() is None
+    assert "'triton_style' is not loaded: no model.json; config.pbtxt is not read" in caplog.text
+
+
+async def test_loading_a_folder_without_model_json_says_why(tmp_path: Path) -> None:
+    (tmp_path / "triton_style").mkdir()
+    (tmp_path / "triton_style" / "config.pbtxt").write_text("")
+    repository = load_repository(tmp_path, _registry_with_doubler())
+    with pytest.raises(InvalidInputError, match="no model.json; config.pbtxt is not read"):
+        await repository.load("triton_style")
+    with pytest.raises(ModelNotFoundError, match="no model folder 'elsewhere'"):
+        await repository.load("elsewhere")
+    # Given a model.json, the same folder loads.
+    _write_model(tmp_path, "triton_style", DOUBLER_CONFIG)
+    assert (await repository.load("triton_style")).ready
+    await repository.close()
+
+
+def test_a_served_model_takes_the_name_of_a_folder_without_model_json(tmp_path: Path) -> None:
+    from inferd.serving.repository import ModelEntry
+
+    (tmp_path / "chat").mkdir()  # say, the served LLM's own weights folder
+    _write_model(tmp_path, "doubler", DOUBLER_CONFIG)
+    repository = load_repository(tmp_path, _registry_with_doubler())
+    repository.add(ModelEntry("chat", None, "inferd_llm", runtime=Doubler()))  # type: ignore[arg-type]
+    assert repository.get("chat").ready
+    with pytest.raises(ValueError, match="already in the repository"):
+        repository.add(ModelEntry("doubler", None, "inferd_llm", runtime=Doubler()))  # type: ignore[arg-type]
+
+
+async def test_triton_timeout_bounds_a_tensor_requests_wait_and_counts_as_a_failure(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from inferd.serving.errors import RequestTimedOutError
+    from inferd.serving.metrics import ServingMetrics
+
+    registry = CollectorRegistry()
+    _write_model(tmp_path, "slow", {**DOUBLER_CONFIG, "max_queue_delay_ms": 300})
+    plane = DataPlane(load_repository(tmp_path, _registry_with_doubler(), ServingMetrics(registry)))
+    x = Tensor("x", "FP32", np.array([[1.0, 3.0]], dtype=np.float32))
+    with pytest.raises(RequestTimedOutError):
+        await plane.infer("slow", None, InferRequest([x], parameters={"timeout": 50_000}))  # microseconds
+    stats = plane.repository.get("slow").stats
+    assert (stats.fail.count, stats.success.count, stats.execution_count) == (1, 0, 0)
+    failures = registry.get_sample_value(
+        "inferd_kserve_requests_total", {"model": "slow", "outcome": "failure"}
+    )
+    assert failures == 1
+    # Time enough, or none (Triton's 0): answered.
+    for timeout in (5_000_000, 0):
+        response = await plane.infer("slow", None, InferRequest([x], parameters={"timeout": timeout}))
+        assert response.outputs[0].data.tolist() == [[2.0, 6.0]]
+    with pytest.raises(InvalidInputError, match="timeout"):
+        await plane.infer("slow", None, InferRequest([x], parameters={"timeout": "soon"}))
+    await plane.repository.close()

@@ -19,10 +19,11 @@ from inferd.serving.classification import classify, top_k_count
 from inferd.serving.config import ModelConfig, TensorSpec
 from inferd.serving.datatypes import numpy_dtype
 from inferd.serving.errors import InferenceError, InvalidInputError
-from inferd.serving.generation import flag, generation_params
+from inferd.serving.generation import flag, generation_params, timeout_parameter_s
 from inferd.serving.llm_io import (
     COUNTS,
     EXTRA_OUTPUT_SPECS,
+    FLAG_PARAMETERS,
     OPTIONAL_INPUTS,
     STREAM,
     TEXT_INPUT,
@@ -118,6 +119,8 @@ class DataPlane:
         if entry.batcher is not None:
             delay_us = int(config.max_queue_delay_ms * 1000)
             described["dynamic_batching"] = {"max_queue_delay_microseconds": delay_us}
+            if config.preferred_batch_sizes:
+                described["dynamic_batching"]["preferred_batch_size"] = list(config.preferred_batch_sizes)
         return described
 
     def model_statistics(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
@@ -190,15 +193,20 @@ class DataPlane:
     ) -> list[Tensor]:
         inputs = validated_inputs(config, request)
         check_requested_outputs(config, request)
+        # Triton's `timeout` (or the REST header's): how long the request may wait in the batcher's
+        # queue. A model without one runs each request at once, so it never waits.
+        timeout_s = timeout_parameter_s(request.parameters)
         try:
             if entry.batcher is not None:
-                results = await entry.batcher.submit(inputs)
+                results = await entry.batcher.submit(inputs, timeout_s)
             else:
                 runtime = entry.runtime
                 assert isinstance(runtime, TensorRuntime)
                 started = time.monotonic_ns()
                 results = await asyncio.to_thread(runtime.infer, inputs)
-                entry.stats.executed(_inferences(config, request), time.monotonic_ns() - started)
+                took = time.monotonic_ns() - started
+                entry.stats.executed(_inferences(config, request), took)
+                entry.stats.computed(took)
         except InferenceError:
             raise
         except Exception as exc:
@@ -213,11 +221,12 @@ class DataPlane:
     def _output_tensor(
         config: ModelConfig, spec: TensorSpec, results: dict[str, np.ndarray], parameters: Parameters
     ) -> Tensor:
-        array = results[spec.name]
+        array = np.asarray(results[spec.name])
+        _check_output(config, spec, array)
         if "classification" in parameters:
             k = top_k_count(parameters["classification"])
             return Tensor(spec.name, "BYTES", classify(array, k, config.labels, config.batched))
-        if spec.datatype != "BYTES":
+        if spec.datatype != "BYTES":  # within its kind only (_check_output): float64 to FP32, say
             array = np.asarray(array, dtype=numpy_dtype(spec.datatype))
         return Tensor(spec.name, spec.datatype, array)
 
@@ -287,6 +296,7 @@ class DataPlane:
         entry.stats.finished(True, took, inferences)
         if isinstance(entry.runtime, TextGenerator):
             entry.stats.executed(1, took)
+            entry.stats.computed(took)
 
     def text_generator(self, name: str, version: str | None = None) -> tuple[ModelEntry, TextGenerator]:
         entry = self.repository.get(name, version)
@@ -314,7 +324,8 @@ class DataPlane:
     @staticmethod
     def _start(generator: TextGenerator, llm: LLMRequest) -> GenerationStream:
         wants_logprob = "cumulative_logprob" in llm.extras
-        stream = generator.generate(llm.prompt, generation_params(llm.parameters, wants_logprob))
+        params = generation_params(llm.parameters, wants_logprob, FLAG_PARAMETERS)
+        stream = generator.generate(llm.prompt, params)
         # A runtime written before the streams counted their tokens serves every other request.
         missing = [name for name in llm.extras if name in COUNTS and not hasattr(stream, COUNTS[name])]
         if missing:
@@ -352,6 +363,28 @@ def _inferences(config: ModelConfig, request: InferRequest) -> int:
     if config.batched and request.inputs and request.inputs[0].data.ndim > 0:
         return int(request.inputs[0].data.shape[0])
     return 1
+
+
+# numpy's dtype kinds, by the kind of value they hold: an output is cast within its kind only.
+_KINDS = {"b": "bool", "i": "int", "u": "uint", "f": "float", "O": "bytes", "S": "bytes"}
+
+
+def _check_output(config: ModelConfig, spec: TensorSpec, array: np.ndarray) -> None:
+    """The runtime's output against its declaration: another kind of value (float where INT64 is
+    declared) or another shape is the model's fault, an internal error, never converted."""
+    expected = numpy_dtype(spec.datatype)
+    if _KINDS.get(array.dtype.kind) != _KINDS.get(expected.kind):
+        raise InferenceError(
+            f"model {config.name!r}: output {spec.name!r} is {array.dtype} but the configuration "
+            f"declares {spec.datatype}"
+        )
+    declared = config.metadata_shape(spec)
+    shape = list(array.shape)
+    if len(shape) != len(declared) or any(d not in (-1, n) for d, n in zip(declared, shape, strict=True)):
+        raise InferenceError(
+            f"model {config.name!r}: output {spec.name!r} has shape {shape} but the configuration "
+            f"declares {declared}"
+        )
 
 
 def _config_tensor(spec: TensorSpec, optional: bool = False) -> dict[str, Any]:

@@ -54,6 +54,8 @@ OPTIONAL_INPUTS = (
 )
 EXTRA_OUTPUT_SPECS = tuple(TensorSpec(name, datatype, (1,)) for name, (_, datatype) in EXTRA_OUTPUTS.items())
 _REFUSED_FLAGS = {"return_logprobs": "per-token log-probabilities are served on the OpenAI routes"}
+# The flags a request's parameters may hold beside its sampling fields (read here, not sampling).
+FLAG_PARAMETERS = frozenset((*_FLAG_INPUTS, *_REFUSED_FLAGS))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The model repository: every sub-folder of a directory with a `model.json` is one model.
 
-A model that fails to load stays listed, not ready, with the reason; the others still serve.
+A model that fails to load stays listed, not ready, with the reason; the others still serve. So does
+a folder without `model.json` (a Triton layout's `config.pbtxt` is not read), under its folder's name.
 Models of the folder can be loaded again (a new or changed folder) and unloaded while the server
 runs, as in Triton's explicit model control.
 """
@@ -15,7 +16,13 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from inferd.serving.batcher import DynamicBatcher
-from inferd.serving.config import CONFIG_FILE_NAME, ModelConfig, is_valid_model_name, read_model_config
+from inferd.serving.config import (
+    CONFIG_FILE_NAME,
+    ModelConfig,
+    is_valid_model_name,
+    missing_config_reason,
+    read_model_config,
+)
 from inferd.serving.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from inferd.serving.metrics import ServingMetrics
 from inferd.serving.runtimes.base import Runtime, TensorRuntime, TextGenerator
@@ -143,8 +150,10 @@ class ModelRepository:
             entry.draining = True
 
     def add(self, entry: ModelEntry) -> None:
-        """Serves a model loaded outside the repository folder (the LLM of `inferd serve`)."""
-        if entry.name in self._entries:
+        """Serves a model loaded outside the repository folder (the LLM of `inferd serve`); a folder
+        of that name without model.json is no model, and gives the name up."""
+        known = self._entries.get(entry.name)
+        if known is not None and not _unconfigured(known):
             raise ValueError(f"a model named {entry.name!r} is already in the repository")
         self._entries[entry.name] = entry
         self._added.add(entry.name)
@@ -157,7 +166,7 @@ class ModelRepository:
             raise InvalidInputError(f"model {name!r} is not loaded from a model repository folder")
         known = self._entries.get(name)
         folder = known.folder if known is not None and known.folder is not None else self._root / name
-        if not (is_valid_model_name(folder.name) and (folder / CONFIG_FILE_NAME).is_file()):
+        if not (is_valid_model_name(folder.name) and folder.is_dir()):
             raise ModelNotFoundError(f"the model repository has no model folder {name!r}")
         async with self._control:
             entry = await asyncio.to_thread(load_model, folder, self._runtimes, self.metrics)
@@ -220,11 +229,18 @@ def _batcher_for(
         config.max_queue_delay_ms / 1000.0,
         metrics,
         stats=stats,
+        preferred_batch_sizes=config.preferred_batch_sizes,
     )
 
 
 def load_model(model_dir: Path, runtimes: RuntimeRegistry, metrics: ServingMetrics | None) -> ModelEntry:
     """Loads one model folder; any failure is captured in the entry instead of raised."""
+    if not (model_dir / CONFIG_FILE_NAME).is_file():
+        reason = missing_config_reason(model_dir)
+        logger.warning("model folder %r is not loaded: %s", model_dir.name, reason)
+        return ModelEntry(
+            name=model_dir.name, config=None, platform="unknown", failure=reason, folder=model_dir
+        )
     config: ModelConfig | None = None
     try:
         config = read_model_config(model_dir)
@@ -249,22 +265,36 @@ def load_model(model_dir: Path, runtimes: RuntimeRegistry, metrics: ServingMetri
     )
 
 
+def _unconfigured(entry: ModelEntry) -> bool:
+    """A folder listed without a model.json: it names no model, so a model may take its name."""
+    return (
+        entry.config is None and entry.folder is not None and not (entry.folder / CONFIG_FILE_NAME).is_file()
+    )
+
+
 def load_repository(
     root: Path, runtimes: RuntimeRegistry, metrics: ServingMetrics | None = None
 ) -> ModelRepository:
-    """Loads every model folder under `root` (folders without a config are skipped)."""
+    """Loads every model folder under `root`. A folder without a config is listed as not ready,
+    with the reason, unless a model of the repository has its name; hidden folders are skipped."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a directory")
     entries: dict[str, ModelEntry] = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG_FILE_NAME).is_file()):
+    unconfigured: list[ModelEntry] = []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not is_valid_model_name(model_dir.name):
             logger.warning("skipping model folder with an invalid name: %r", model_dir.name)
             continue
         entry = load_model(model_dir, runtimes, metrics)
+        if _unconfigured(entry):
+            unconfigured.append(entry)
+            continue
         if entry.name in entries:
             entry = ModelEntry(
                 entry.name, None, entry.platform, failure=f"duplicate model name {entry.name!r}"
             )
         entries[entry.name] = entry
+    for entry in unconfigured:
+        entries.setdefault(entry.name, entry)
     return ModelRepository(list(entries.values()), metrics, root, runtimes)

@@ -1,8 +1,13 @@
 """A model's inference statistics, as Triton's statistics extension reports them
 (`GET /v2/models[/NAME[/versions/V]]/stats`): requests that succeeded and failed with their
-durations, the time requests waited in the dynamic batcher's queue, the runtime calls and their
-durations, per batch size too. Kept per loaded model (a reload starts afresh), updated on the
-server's event loop alone.
+durations, the time requests waited in the dynamic batcher's queue and the time their runtime
+call took, and the runtime calls themselves, per batch size too. Kept per loaded model (a reload
+starts afresh), updated on the server's event loop alone.
+
+As in Triton, `inference_stats` counts requests: each request that succeeded is charged the whole
+duration of the runtime call that answered it (its batch's), so its counts equal the successes
+and tools that divide by them (perf_analyzer) read one request's compute time. `execution_count`
+and `batch_stats` count the runtime calls.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class ModelStatistics:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
+    # Requests that succeeded, each with the duration of the runtime call that answered it.
     compute_infer: Duration = field(default_factory=Duration)
     # Runtime calls by their rows.
     batches: dict[int, Duration] = field(default_factory=dict)
@@ -52,13 +58,19 @@ class ModelStatistics:
         self.queue.add(ns)
 
     def executed(self, rows: int, ns: int) -> None:
+        """A runtime call of ``rows`` rows that succeeded."""
         self.execution_count += 1
-        self.compute_infer.add(ns)
         self.batches.setdefault(rows, Duration()).add(ns)
 
+    def computed(self, ns: int) -> None:
+        """A request answered by a runtime call of ``ns`` nanoseconds (its batch's, shared with the
+        other requests of the batch)."""
+        self.compute_infer.add(ns)
+
     def to_json(self, name: str, version: str) -> dict[str, Any]:
-        """One entry of the extension's `model_stats`; the phases this server does not time apart
-        (moving the inputs in and the outputs out) are zero."""
+        """One entry of the extension's `model_stats`. The phases this server does not time apart
+        (moving the inputs in and the outputs out) take no time, for as many requests and batches
+        as the compute phase counts; the cache's are zero (there is none)."""
         zero = Duration().to_json()
         return {
             "name": name,
@@ -70,19 +82,24 @@ class ModelStatistics:
                 "success": self.success.to_json(),
                 "fail": self.fail.to_json(),
                 "queue": self.queue.to_json(),
-                "compute_input": zero,
+                "compute_input": _untimed(self.compute_infer),
                 "compute_infer": self.compute_infer.to_json(),
-                "compute_output": zero,
+                "compute_output": _untimed(self.compute_infer),
                 "cache_hit": zero,
                 "cache_miss": zero,
             },
             "batch_stats": [
                 {
                     "batch_size": rows,
-                    "compute_input": zero,
+                    "compute_input": _untimed(d),
                     "compute_infer": d.to_json(),
-                    "compute_output": zero,
+                    "compute_output": _untimed(d),
                 }
                 for rows, d in sorted(self.batches.items())
             ],
         }
+
+
+def _untimed(counted: Duration) -> dict[str, int]:
+    """A phase not timed apart from ``counted``'s (its time is in it): as many, of no duration."""
+    return Duration(count=counted.count).to_json()

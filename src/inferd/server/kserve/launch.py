@@ -27,6 +27,7 @@ from inferd.server.kserve.grpc_server import start_grpc_server
 from inferd.server.kserve.rest import build_router
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from inferd.server.openai_embeddings import build_embeddings_router
+from inferd.server.request_id import EchoRequestId
 from inferd.serving.metrics import ServingMetrics
 from inferd.serving.repository import ModelRepository, load_repository
 from inferd.serving.runtimes.registry import RuntimeRegistry, default_runtime_registry
@@ -63,6 +64,7 @@ def build_app(
     app.add_middleware(RequestDecompression, max_bytes=max_body_bytes, render=render_error_for_path)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, render=render_error_for_path)
     app.add_middleware(HttpMetrics, families=HttpMetricFamilies(metrics_registry))
+    app.add_middleware(EchoRequestId)  # a client's X-Request-Id comes back on every answer
     app.add_exception_handler(HTTPException, unmatched_route_response)
     app.include_router(build_router(repository))
     app.include_router(build_embeddings_router(repository))

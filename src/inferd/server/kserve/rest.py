@@ -25,7 +25,7 @@ from inferd.serving.errors import (
 from inferd.serving.llm_io import STREAM, LLMRequest, llm_request
 from inferd.serving.repository import ModelRepository
 from inferd.serving.runtimes.base import TextGenerator
-from inferd.serving.tensor import Tensor
+from inferd.serving.tensor import InferRequest, Tensor
 
 _STATUS_BY_ERROR: tuple[tuple[type[InferenceError], int], ...] = (
     (InvalidInputError, 400),
@@ -93,7 +93,8 @@ async def _control_parameters(request: Request) -> dict[str, Any]:
 
 def _with_timeout_header(request: Request, parameters: dict[str, Any]) -> dict[str, Any]:
     """The `X-Request-Timeout` header (seconds, as on every protocol's routes) as Triton's `timeout`
-    parameter (microseconds), which wins when both are sent; tensor models ignore it."""
+    parameter (microseconds), which wins when both are sent: an LLM's generation runs out of time
+    with it, a tensor model's request while it waits in the dynamic batcher's queue."""
     header = request.headers.get(TIMEOUT_HEADER)
     if header is None or "timeout" in parameters:
         return parameters
@@ -220,11 +221,15 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         async def produce() -> Response:
             sent, sent_length = await request.body(), request.headers.get(HEADER_LENGTH)
-            infer_request, binary_default = plane.decoded(
-                name, version, lambda: parse_infer_request(sent, sent_length, repository.shared_memory)
-            )
-            if isinstance(repository.get(name, version).runtime, TextGenerator):  # tensor models: none
-                infer_request.parameters = _with_timeout_header(request, infer_request.parameters)
+
+            def decode() -> tuple[InferRequest, bool]:
+                decoded, binary = parse_infer_request(sent, sent_length, repository.shared_memory)
+                decoded.parameters = _with_timeout_header(request, decoded.parameters)
+                return decoded, binary
+
+            # A body or a timeout header the codec refuses counts as a failed request.
+            infer_request, binary_default = plane.decoded(name, version, decode)
+            if isinstance(repository.get(name, version).runtime, TextGenerator):
                 # A client gone stops its generation, as on the other protocols' routes (a tensor
                 # model's batch runs to its end for the others in it).
                 response = await unless_disconnected(request, plane.infer(name, version, infer_request))

@@ -85,6 +85,12 @@ class Generated:
     headers: dict[str, str]
 
 
+def max_input_tokens(frontend: Frontend) -> int:
+    """The longest prompt a request may have (TGI's ``max_input_tokens``): one token of the context
+    is left to generate."""
+    return frontend.max_model_len - 1
+
+
 def prepare_generate(
     frontend: Frontend, body: GenerateRequest, stream: bool = False, max_best_of: int = 1
 ) -> TgiJob:
@@ -92,6 +98,7 @@ def prepare_generate(
     received_at = time.monotonic()
     p = body.parameters
     _refuse_unsupported(p)
+    _check_tgi_ranges(p, max_input_tokens(frontend))
     best_of = _checked_best_of(p, stream, max_best_of)
     if p.decoder_input_details and stream:  # as TGI: the prompt's tokens come in the details only
         raise InvalidRequestError(
@@ -161,6 +168,17 @@ def _checked_best_of(p: GenerateParameters, stream: bool, max_best_of: int) -> i
             "best_of",
         )
     return best_of
+
+
+def _check_tgi_ranges(p: GenerateParameters, max_input: int) -> None:
+    """TGI's validation (its router's), with its messages: top_p strictly between 0 and 1 (1 is
+    refused, not read as "off"), and truncate from 1 to the model's input tokens."""
+    if p.top_p is not None and not 0.0 < p.top_p < 1.0:
+        raise InvalidRequestError("`top_p` must be > 0.0 and < 1.0", "top_p")
+    if p.truncate is not None and not 0 < p.truncate <= max_input:
+        raise InvalidRequestError(
+            f"`truncate` must be strictly positive and less than {max_input}. Given: {p.truncate}", "truncate"
+        )
 
 
 def _refuse_unsupported(p: GenerateParameters) -> None:

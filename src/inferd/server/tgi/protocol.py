@@ -23,15 +23,18 @@ class GenerateParameters(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     # TGI's default; an explicit null means "up to the end of the context".
     max_new_tokens: int | None = Field(100, ge=1)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    # TGI's bound; the engine's own upper bound is checked where the sampling parameters are made.
+    repetition_penalty: float | None = Field(None, gt=0.0)
     return_full_text: bool | None = False
     seed: int | None = Field(None, ge=0, le=2**64 - 1)  # TGI's seed is a u64
     stop: list[str] = Field(default_factory=list)
     temperature: float | None = Field(None, gt=0.0, le=100.0)
     top_k: int | None = Field(None, gt=0)
     top_n_tokens: int | None = Field(None, ge=0, le=5)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    truncate: int | None = Field(None, ge=1)
+    # Checked with TGI's messages in `prepare_generate` (top_p in (0, 1), truncate up to the
+    # model's input tokens).
+    top_p: float | None = None
+    truncate: int | None = None
     typical_p: float | None = Field(None, gt=0.0, lt=1.0)
     watermark: bool = False
     grammar: dict[str, Any] | None = None

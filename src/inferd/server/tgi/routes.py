@@ -19,6 +19,7 @@ from inferd.server.tgi.generation import (
     TgiJob,
     error_response,
     generate,
+    max_input_tokens,
     prepare_generate,
     stream_generate,
 )
@@ -48,7 +49,7 @@ def build_router(
             max_concurrent_requests=config.scheduler.max_num_seqs,
             max_best_of=max_best_of,
             max_stop_sequences=MAX_STOP_SEQUENCES,
-            max_input_tokens=frontend.max_model_len - 1,
+            max_input_tokens=max_input_tokens(frontend),
             max_total_tokens=frontend.max_model_len,
             version=package_version(),
         )
