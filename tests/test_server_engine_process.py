@@ -181,3 +181,46 @@ def test_reset_prefix_cache_reaches_the_engine_process(tiny_llama) -> None:  # t
         assert httpx.post(f"{server.base_url}/reset_prefix_cache", timeout=30).status_code == 200
         assert hits() == 0
         assert hits() > 0
+
+
+# Loaded by every Python process the test starts (sitecustomize): the engine core's step raises
+# once, after a request asking for 7 tokens arrives, as a bug in the step would.
+_FAILING_STEP = """
+from inferd.engine import core
+
+_add, _step = core.EngineCore.add_request, core.EngineCore.step
+armed = []
+
+
+def add_request(self, request):
+    if request.params.max_tokens == 7:
+        armed.append(True)
+    return _add(self, request)
+
+
+def step(self):
+    if armed:
+        armed.clear()
+        raise RuntimeError("injected step failure")
+    return _step(self)
+
+
+core.EngineCore.add_request, core.EngineCore.step = add_request, step
+"""
+
+
+def test_a_failing_step_fails_its_batch_and_the_engine_process_serves_on(tiny_llama, tmp_path) -> None:
+    """As the engine thread does: the step's requests end with a 500, and the engine process (and
+    with it the server) goes on serving; it used to die, taking every request with it."""
+    (tmp_path / "sitecustomize.py").write_text(_FAILING_STEP)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    with run_server(
+        tiny_llama, "--engine-process", "--kv-cache-memory", "8MiB", env={"PYTHONPATH": path}
+    ) as server:
+        url = f"{server.base_url}/v1/completions"
+        failed = httpx.post(url, json={"model": server.model, "prompt": "To be", "max_tokens": 7}, timeout=60)
+        assert failed.status_code == 500 and "injected step failure" in failed.json()["error"]["message"]
+        served = httpx.post(url, json={"model": server.model, "prompt": "To be", "max_tokens": 4}, timeout=60)
+        assert served.status_code == 200, served.text
+        assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+        assert server.process.poll() is None

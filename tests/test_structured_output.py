@@ -358,3 +358,46 @@ def test_constraints_hold_with_asynchronous_scheduling(tiny_model_factory) -> No
             assert re.fullmatch(r"(ab|cd){6}", out.text) and out.finish_reason == "stop", out.text
         texts[async_scheduling] = [out.token_ids for out in outs]
     assert texts[True] == texts[False]
+
+
+def test_a_constraint_the_token_limits_leave_nothing_to_ends_with_an_error(llm: LLM) -> None:
+    """allowed_token_ids without a digit against a regex of digits: the row has no token left,
+    whatever comes out breaks the constraint (an EOS here), and the request ends with an error
+    instead of a "stop" that looks like an answer."""
+    vocab = llm.tokenizer.vocab_size
+    letters = [t for t in range(5, vocab) if llm.tokenizer.decode([t]).strip().isalpha()][:5]
+    spec = StructuredOutput(regex="[0-9]{3}")
+    (broken,) = llm.generate("0123", _params(spec, allowed_token_ids=letters), raise_on_error=False)
+    assert broken.finish_reason == "error" and "structured-output constraint" in (broken.error or "")
+    (fine,) = llm.generate("0123", _params(spec))  # the same constraint alone: whole
+    assert fine.finish_reason == "stop" and fine.text.isdigit() and len(fine.text) == 3
+
+
+def test_a_grammar_that_fails_fails_its_own_request_alone(llm: LLM, monkeypatch) -> None:
+    """A matcher that raises (a bug in it, or in the engine's use of it) ends its request with an
+    error; the batch's other constrained requests go on to their answers."""
+    from inferd.structured import matcher
+
+    accept = matcher.RequestGrammar.accept
+    compile_for = matcher.GrammarCompiler.matcher_for
+
+    def marked(self, spec, eos_token_ids):  # type: ignore[no-untyped-def]
+        grammar = compile_for(self, spec, eos_token_ids)
+        grammar.explodes = spec.regex == "[a-z]+"  # type: ignore[attr-defined]
+        return grammar
+
+    def failing(self, token_id):  # type: ignore[no-untyped-def]
+        if getattr(self, "explodes", False):
+            raise RuntimeError("matcher broke")
+        return accept(self, token_id)
+
+    monkeypatch.setattr(matcher.GrammarCompiler, "matcher_for", marked)
+    monkeypatch.setattr(matcher.RequestGrammar, "accept", failing)
+    digits = StructuredOutput(regex="[0-9]{3}")
+    outs = llm.generate(
+        ["0123", "0123"],
+        [_params(StructuredOutput(regex="[a-z]+")), _params(digits)],
+        raise_on_error=False,
+    )
+    assert outs[0].finish_reason == "error" and "matcher broke" in (outs[0].error or "")
+    assert outs[1].finish_reason == "stop" and outs[1].text.isdigit() and len(outs[1].text) == 3

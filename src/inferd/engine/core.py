@@ -168,6 +168,13 @@ class EngineCore:
         for request_id in request_ids:
             self.scheduler.finish(request_id, reason)
 
+    def fail_unfinished(self, message: str) -> list[EngineCoreOutput]:
+        """Ends every request still in the engine with an error (``message``), after a step that
+        failed in a way no one request can be blamed for: the engine serves on, empty."""
+        ids = list(self.scheduler.requests)
+        self.abort(ids, FinishReason.ERROR)
+        return [EngineCoreOutput(rid, None, None, FinishReason.ERROR.value, error=message) for rid in ids]
+
     def has_unfinished(self) -> bool:
         # A step still in flight whose requests have all finished (aborted, say) need not be read:
         # its tokens would be dropped. The next step() reads it, or it is never needed.
@@ -284,22 +291,33 @@ class EngineCore:
     def _advance_grammars(self, advanced: list[tuple[Request, int]]) -> tuple[dict[str, str], set[str]]:
         """Move constrained requests past their new token (one a step: they never run proposed
         tokens). One whose grammar allows nothing more is done (a stop, as at EOS, but its last
-        token is text); one whose token it refuses (a row left with no allowed token) ends with an
-        error. Returns the errors by request id, and the ids of the requests done."""
+        token is text); one whose token it refuses (a row left with no allowed token, as where
+        ``allowed_token_ids`` or ``bad_words`` leave the constraint nothing) ends with an error, also
+        when that token ended it (an EOS, the last token a length allows). So does one whose
+        grammar fails (its own request alone). Returns the errors by request id, and the ids of
+        the requests done."""
         refused: dict[str, str] = {}
         complete: set[str] = set()
         for request, _ in advanced:
             grammar = request.grammar
-            if grammar is None or request.finish_reason is not None:
+            if grammar is None or request.finish_reason not in (None, FinishReason.STOP, FinishReason.LENGTH):
                 continue
-            if not grammar.active:  # the output is free until it ends with the grammar's trigger
-                grammar.watch(request.output_token_ids)
-                continue
-            problem = grammar.accept(request.output_token_ids[-1])
+            try:
+                if not grammar.active:  # the output is free until it ends with the grammar's trigger
+                    grammar.watch(request.output_token_ids)
+                    continue
+                problem = grammar.accept(request.output_token_ids[-1])
+                done = problem is None and request.finish_reason is None and grammar.complete
+            except Exception as exc:
+                logger.error("structured output of request %s failed: %r", request.request_id, exc)
+                problem, done = f"the structured output failed: {exc}", False
             if problem is not None:
                 refused[request.request_id] = problem
-                self.scheduler.finish(request.request_id, FinishReason.ERROR)
-            elif grammar.complete:
+                if request.finish_reason is None:
+                    self.scheduler.finish(request.request_id, FinishReason.ERROR)
+                else:  # ended by that very token: already out of the scheduler
+                    request.finish_reason = FinishReason.ERROR
+            elif done:
                 complete.add(request.request_id)
                 self.scheduler.finish(request.request_id, FinishReason.STOP)
         return refused, complete

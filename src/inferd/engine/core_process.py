@@ -212,7 +212,13 @@ def _serve(
                 core.abort(message.request_ids, FinishReason(message.reason))
                 aborted = True
         if core.has_unfinished():
-            outputs = core.step()
+            try:
+                outputs = core.step()
+            except Exception as exc:
+                # As the engine thread does (AsyncLLM._step): a failing step cannot be attributed
+                # to one request, so the batch fails and the engine serves on.
+                logger.error("engine step failed: %r\n%s", exc, traceback.format_exc())
+                outputs = core.fail_unfinished(f"engine step failed: {exc}")
             if not _send(outbox, encoder.encode(OutputsMsg(outputs, core.stats())), parent):
                 return
         elif aborted:
