@@ -65,6 +65,9 @@ async def test_a_consumer_that_falls_behind_gets_merged_outputs(tiny_llama) -> N
             if len(received) == 1:
                 # A slow client: the engine runs on while this consumer does not read.
                 await _wait_for(lambda: not llm.engine.core.has_unfinished())
+                # The backlog waits as one output (each holds the whole history: one a step
+                # would grow with the square of the output's length).
+                assert llm._streams["slow"].qsize() == 1
         assert received[-1].finished
         assert len(received) < 40  # the backlog came as one output, not one per token
         assert "".join(o.new_text for o in received) == received[-1].text == expected.text

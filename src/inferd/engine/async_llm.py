@@ -205,7 +205,7 @@ class AsyncLLM:
                 self.admission.leave(len(token_ids))
 
     def _register(self, request_id: str) -> asyncio.Queue[RequestOutput]:
-        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        stream: asyncio.Queue[RequestOutput] = _OutputStream()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -399,6 +399,22 @@ class AsyncLLM:
 
 def _ends_normally(out: RequestOutput) -> bool:
     return out.error is None and out.finish_reason in (FinishReason.STOP.value, FinishReason.LENGTH.value)
+
+
+class _OutputStream(asyncio.Queue[RequestOutput]):
+    """A request's outputs, waiting for its reader. An output that comes while the last one is
+    still unread joins it (``merge_outputs``), as the reader would join them: each output holds the
+    request's whole history so far, so a reader that stops reading (a client that no longer reads
+    its stream) would otherwise keep one copy of it per step, memory growing with the square of
+    the output's length. An output that ends it abnormally stays apart, for the reader to raise
+    after the tokens before it."""
+
+    def _put(self, item: RequestOutput) -> None:
+        waiting = self._queue  # type: ignore[attr-defined]  # asyncio.Queue's storage, for subclasses
+        if waiting and not waiting[-1].finished and (not item.finished or _ends_normally(item)):
+            waiting[-1] = merge_outputs(waiting[-1], item)
+        else:
+            waiting.append(item)
 
 
 def _put_all(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
