@@ -117,3 +117,67 @@ async def test_engine_death_answers_500_and_the_server_exits_1(tiny_llama: Path)
         answer = await request
     assert answer.status_code == 500 and "engine core is gone" in answer.json()["error"]["message"]
     assert await asyncio.wait_for(serving, timeout=30) == 1
+
+
+async def _serving_with_a_long_request(
+    tiny_llama: Path,
+) -> tuple[AsyncLLM, DrainingServer, asyncio.Future[int], asyncio.Future[httpx.Response], threading.Event]:
+    """A server (in this process) whose engine steps until the event returned is set, with one long
+    request running."""
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="8MiB")
+    step = llm.engine.step
+    kill = threading.Event()
+
+    def step_until_killed() -> Any:
+        if kill.is_set():
+            raise EngineProcessDied("the engine core is gone")
+        time.sleep(0.01)  # the request outlasts what the test does meanwhile
+        return step()
+
+    llm.engine.step = step_until_killed  # type: ignore[method-assign]
+    app = create_app(llm)
+    # As `inferd serve` configures it: open connections get a bounded time once it stops.
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=1)
+    server = DrainingServer(config)
+    serving = asyncio.ensure_future(serve(server, app.state.frontend, shutdown_timeout_s=30))
+    for _ in range(500):
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    request = asyncio.ensure_future(client.post("/v1/completions", json=LONG))
+    request.add_done_callback(lambda _: asyncio.ensure_future(client.aclose()))
+    for _ in range(500):
+        if llm.stats().num_running:
+            break
+        await asyncio.sleep(0.01)
+    return llm, server, serving, request, kill
+
+
+async def test_a_second_signal_during_a_drain_stops_at_once_without_a_traceback(tiny_llama: Path) -> None:
+    """The supervisor, cancelled mid-drain, had no result yet: reading it raised InvalidStateError
+    (a traceback and exit 1 on a plain Ctrl-C twice)."""
+    llm, server, serving, request, _ = await _serving_with_a_long_request(tiny_llama)
+    server.handle_exit(signal.SIGTERM, None)
+    await asyncio.sleep(0.2)  # draining now: the long request still runs
+    assert llm.stats().num_running == 1
+    # What a second signal does (uvicorn's handle_exit would also raise the signal again in this
+    # process once the server stops, as it does to end a real one).
+    server.should_exit = True
+    assert await asyncio.wait_for(serving, timeout=30) == 0
+    request.cancel()
+    llm.shutdown()
+
+
+async def test_an_engine_that_dies_during_a_drain_still_exits_1(tiny_llama: Path) -> None:
+    """A drain ends when no request is left, also when they ended because the engine died: the
+    process must still say it failed, or a supervisor takes the death for a clean stop."""
+    llm, server, serving, request, kill = await _serving_with_a_long_request(tiny_llama)
+    server.handle_exit(signal.SIGTERM, None)
+    await asyncio.sleep(0.2)
+    kill.set()
+    answer = await request
+    assert answer.status_code == 500
+    assert await asyncio.wait_for(serving, timeout=30) == 1
+    llm.shutdown()

@@ -58,8 +58,13 @@ async def serve(
         await server.serve()
     finally:
         if not supervisor.done():
+            # A second signal stopped the server mid-drain: the supervisor is told to stop, and
+            # is waited for, since until it has, it has no result to read.
             supervisor.cancel()
-    return supervisor.result() if not supervisor.cancelled() else 0
+            await asyncio.gather(supervisor, return_exceptions=True)
+    if supervisor.cancelled():
+        return 1 if frontend.llm.dead_reason is not None else 0
+    return supervisor.result()
 
 
 async def _supervise(
@@ -69,7 +74,8 @@ async def _supervise(
         if server.drain_requested:
             await drain(frontend, shutdown_timeout_s, repository)
             server.should_exit = True
-            return 0
+            # The engine may have died while its requests drained: that is still a failure.
+            return 1 if frontend.llm.dead_reason is not None else 0
         if server.started and frontend.llm.dead_reason is not None:
             logger.error("stopping: %s", frontend.llm.dead_reason)
             frontend.draining = True
