@@ -119,6 +119,22 @@ async def test_engine_death_answers_500_and_the_server_exits_1(tiny_llama: Path)
     assert await asyncio.wait_for(serving, timeout=30) == 1
 
 
+def test_a_dead_engines_reason_is_what_a_stopping_server_answers(tiny_llama: Path) -> None:
+    """The server drains once its engine died: /health and new requests say why it died, not
+    only that the server is shutting down."""
+    from fastapi.testclient import TestClient
+
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="8MiB")
+    app = create_app(llm)
+    llm.dead_reason = "engine loop died: the engine core is gone"
+    app.state.frontend.draining = True
+    client = TestClient(app)  # no lifespan: the engine never starts
+    health = client.get("/health")
+    refused = client.post("/v1/completions", json=LONG)
+    assert health.status_code == 503 and health.json()["error"] == llm.dead_reason
+    assert refused.status_code == 503 and refused.json()["error"]["message"] == llm.dead_reason
+
+
 async def _serving_with_a_long_request(
     tiny_llama: Path,
 ) -> tuple[AsyncLLM, DrainingServer, asyncio.Future[int], asyncio.Future[httpx.Response], threading.Event]:

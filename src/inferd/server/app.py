@@ -147,11 +147,15 @@ def create_app(
 
     @app.get("/health", response_class=Response)
     async def health() -> Response:
+        # A dead engine's reason first: the server also drains once it died, and the reason is
+        # what an operator needs to see.
+        if llm.dead_reason is not None:
+            return JSONResponse({"error": llm.dead_reason}, status_code=503)
         if frontend.draining:
             return JSONResponse({"error": "the server is shutting down"}, status_code=503)
         if llm.is_alive:
             return Response(status_code=200)
-        return JSONResponse({"error": llm.dead_reason or "engine is not running"}, status_code=503)
+        return JSONResponse({"error": "engine is not running"}, status_code=503)
 
     # SageMaker's health check (vLLM serves it too): the same answer.
     app.add_api_route("/ping", health, methods=["GET", "POST"], response_class=Response)

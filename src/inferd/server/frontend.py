@@ -180,6 +180,8 @@ class Frontend:
         return self.llm.config.scheduler.max_tokens_cap
 
     def check_alive(self) -> None:
+        if self.llm.dead_reason is not None:  # the server drains once its engine died: say why
+            raise ServiceUnavailableError(self.llm.dead_reason)
         if self.draining:
             raise ServiceUnavailableError("the server is shutting down")
         if not self.llm.is_alive:
