@@ -103,3 +103,28 @@ async def test_a_backlog_is_not_merged_into_a_timeout(tiny_llama, monkeypatch) -
         assert [t for o in received[:-1] for t in o.new_token_ids] == final.token_ids
     finally:
         llm.shutdown()
+
+
+async def test_deadlines_of_finished_requests_are_not_kept_while_the_engine_stays_busy(tiny_llama) -> None:
+    """Under a long timeout, each request served left its deadline behind until the engine was
+    idle: an engine never idle kept one per request it ever served."""
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="16MiB")
+    llm.start()
+    try:
+        far = time.monotonic() + 3600
+        busy = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+        background = asyncio.ensure_future(_drain(llm.generate("busy", PROMPTS[0], busy, far)))
+        short = SamplingParams(max_tokens=1, temperature=0.0)
+        for index in range(150):
+            async for _ in llm.generate(f"short-{index}", PROMPTS[1], short, far):
+                pass
+        assert llm.engine.has_unfinished()  # never idle meanwhile
+        assert len(llm._deadlines) <= 2 * 2 + 64 + 1
+        background.cancel()
+    finally:
+        llm.shutdown()
+
+
+async def _drain(outputs) -> None:  # type: ignore[no-untyped-def]
+    async for _ in outputs:
+        pass

@@ -349,7 +349,18 @@ class AsyncLLM:
             return [_error_output(command.request_id, command.prompt_token_ids, str(exc))]
         if command.deadline is not None:
             heapq.heappush(self._deadlines, (command.deadline, command.request_id))
+            self._forget_finished_deadlines()
         return []
+
+    def _forget_finished_deadlines(self) -> None:
+        """Drops the entries of requests that finished before their deadline once they are most of
+        the heap: under a long timeout an engine that is never idle (which clears it) would
+        otherwise keep one per request it ever served. Amortized, a constant cost per request."""
+        with self._lock:
+            live = set(self._streams)
+        if len(self._deadlines) > 2 * len(live) + 64:
+            self._deadlines = [entry for entry in self._deadlines if entry[1] in live]
+            heapq.heapify(self._deadlines)
 
     def _step(self) -> None:
         try:
