@@ -14,7 +14,8 @@ from inferd.engine.request import Request
 from inferd.sched.output import SchedulerOutput
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2-moe", "qwen3-moe", "mistral-sliding",
-         "qwen2-sliding", "gemma", "gemma2", "gemma3", "granite", "smollm3", "olmo2", "olmo3"]  # fmt: skip
+         "qwen2-sliding", "gemma", "gemma2", "gemma3", "granite", "smollm3", "olmo2", "olmo3", "ministral",
+         "seed-oss"]  # fmt: skip
 
 
 def _prompts(vocab: int, count: int = 16, seed: int = 0) -> list[list[int]]:
@@ -77,8 +78,11 @@ def test_each_architecture_reads_attention_bias_as_transformers_builds_it() -> N
     for family in ("Llama", "Qwen3", "Granite", "SmolLM3", "Gemma"):
         assert biases(f"{family}ForCausalLM", attention_bias=True) == (True, True), family
         assert biases(f"{family}ForCausalLM") == (False, False), family
-    for family in ("Mistral", "Phi3"):
+    for family in ("Mistral", "Ministral", "Phi3"):
         assert biases(f"{family}ForCausalLM", attention_bias=True) == (False, False), family
+    # Seed-OSS: q/k/v biased unless said otherwise, o_proj as its own field says.
+    assert biases("SeedOssForCausalLM") == (True, False)
+    assert biases("SeedOssForCausalLM", attention_bias=False, attention_out_bias=True) == (False, True)
     experts = {"num_local_experts": 4, "num_experts_per_tok": 2}
     assert biases("MixtralForCausalLM", attention_bias=True, **experts) == (False, False)
     assert biases("Qwen2ForCausalLM", attention_bias=True) == (True, False)

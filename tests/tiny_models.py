@@ -109,6 +109,21 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         "logits_scaling": 8.0,
         "initializer_range": 0.1,  # scores large enough for their scale to matter
     },
+    # Ministral: Mistral's layers, the first sliding (window 12), the second full. Seed-OSS: Llama's
+    # with q/k/v biases and, here, o_proj's too.
+    "ministral": {
+        "architectures": ["MinistralForCausalLM"],
+        "model_type": "ministral",
+        "head_dim": 16,  # transformers' Ministral reads no default for it
+        "sliding_window": 12,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "seed-oss": {
+        "architectures": ["SeedOssForCausalLM"],
+        "model_type": "seed_oss",
+        "head_dim": 16,
+        "attention_out_bias": True,
+    },
     # OLMo 2: norms after attention and the MLP only, q and k normed across their heads. OLMo 3: a
     # sliding layer (window 12, a plain rotary) then a full one (a YaRN-scaled rotary).
     "olmo2": {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", "pad_token_id": 0},

@@ -448,6 +448,7 @@ class ModelConfig:
         # otherwise (as transformers reads a config without the key).
         sliding_by_default = (
             "MistralForCausalLM",
+            "MinistralForCausalLM",
             "Gemma2ForCausalLM",
             "Gemma3ForCausalLM",
             "Olmo3ForCausalLM",
@@ -617,7 +618,7 @@ def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, slid
     if architecture == "Qwen3MoeForCausalLM":
         slides = [True] * num_layers  # its layers all slide (transformers has no layer rule for it)
     elif declared is not None and architecture.startswith(
-        ("Gemma2", "Gemma3", "SmolLM3", "Qwen2", "Qwen3", "Olmo3")
+        ("Gemma2", "Gemma3", "SmolLM3", "Qwen2", "Qwen3", "Olmo3", "Ministral")
     ):
         slides = declared
     elif architecture == "Olmo3ForCausalLM":  # every fourth layer full, as transformers fills it in
@@ -668,7 +669,7 @@ def _activation(cfg: dict[str, Any], architecture: str) -> str:
 
 # Families whose attention projections transformers builds without biases whatever config.json
 # says (an ``attention_bias`` there is ignored).
-_UNBIASED_ATTENTION = ("Mistral", "Mixtral", "Phi3")
+_UNBIASED_ATTENTION = ("Mistral", "Ministral", "Mixtral", "Phi3")
 
 
 def _family(architecture: str) -> str:
@@ -683,6 +684,8 @@ def _attention_bias(cfg: dict[str, Any], architecture: str) -> bool:
     family = _family(architecture)
     if family == "Qwen2Moe":
         return bool(cfg.get("qkv_bias", True))
+    if family == "SeedOss":  # biased unless said otherwise, as transformers' default
+        return bool(cfg.get("attention_bias", True))
     if family == "Qwen2":
         return True
     return family not in _UNBIASED_ATTENTION and bool(cfg.get("attention_bias", False))
@@ -690,8 +693,11 @@ def _attention_bias(cfg: dict[str, Any], architecture: str) -> bool:
 
 def _o_proj_bias(cfg: dict[str, Any], architecture: str) -> bool:
     """Whether o_proj has a bias: where q/k/v have theirs, but for Qwen2 and Qwen2-MoE, whose q/k/v
-    biases come without one."""
-    return _family(architecture) not in ("Qwen2", "Qwen2Moe") and _attention_bias(cfg, architecture)
+    biases come without one, and Seed-OSS, whose own field (``attention_out_bias``) says."""
+    family = _family(architecture)
+    if family == "SeedOss":
+        return bool(cfg.get("attention_out_bias", False))
+    return family not in ("Qwen2", "Qwen2Moe") and _attention_bias(cfg, architecture)
 
 
 def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:

@@ -1,5 +1,5 @@
-"""The Llama family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, and the mixtures of experts
-Mixtral, Qwen2-MoE and Qwen3-MoE) over a flat batch and a paged KV cache.
+"""The Llama family decoder (Llama, Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, Phi-3, and the
+mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE) over a flat batch and a paged KV cache.
 
 The architectures differ only in switches read from the config: q/k/v biases (Qwen2), per-head
 q/k RMSNorm (Qwen3), tied embeddings, rope scaling (Llama 3.1/3.2), and routed experts in place of
@@ -130,9 +130,10 @@ class DecoderModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Also serves the Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Mixtral, Qwen2-MoE and
-    Qwen3-MoE architectures, and their sequence classifiers (``config._CLASSIFIER_ARCHITECTURES``),
-    whose head (``score``, one output per label) is held as ``lm_head``."""
+    """Also serves the Mistral, Ministral, Seed-OSS, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Mixtral,
+    Qwen2-MoE and Qwen3-MoE architectures, and their sequence classifiers
+    (``config._CLASSIFIER_ARCHITECTURES``), whose head (``score``, one output per label) is held as
+    ``lm_head``."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()

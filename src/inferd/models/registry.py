@@ -43,6 +43,10 @@ class CausalLM(Protocol):
 _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
+    # Mistral's layers, each sliding or not as its config's layer_types say.
+    "MinistralForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
+    # Llama's layers with q/k/v biases (and an o_proj one where attention_out_bias says).
+    "SeedOssForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("inferd.models.llama", "LlamaForCausalLM"),
     # Llama's layers with q|k|v and gate|up stored fused in the checkpoint, which the loader takes.
