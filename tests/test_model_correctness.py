@@ -15,7 +15,7 @@ from inferd.sched.output import SchedulerOutput
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2-moe", "qwen3-moe", "mistral-sliding",
          "qwen2-sliding", "gemma", "gemma2", "gemma3", "granite", "smollm3", "olmo2", "olmo3", "ministral",
-         "seed-oss"]  # fmt: skip
+         "seed-oss", "exaone4"]  # fmt: skip
 
 
 def _prompts(vocab: int, count: int = 16, seed: int = 0) -> list[list[int]]:
@@ -338,8 +338,32 @@ def test_olmo_configs_as_the_hub_ships_them() -> None:
                                              original_max_position_embeddings=65536)  # fmt: skip
     assert ModelConfig.from_hf_config({**shape, "architectures": ["Olmo2ForCausalLM"],
                                        "sliding_window": 64}).layer_windows == ()  # fmt: skip
-    with pytest.raises(ValueError, match="tensor parallelism over OLMo is not supported"):
+    with pytest.raises(ValueError, match="tensor parallelism over OLMo and EXAONE 4 is not supported"):
         config.sharded(2)
+
+
+def test_exaone4_configs_as_the_hub_ships_them() -> None:
+    """EXAONE 4's layers slide by sliding_window_pattern where layer_types are not given: a number
+    (every n-th layer global, as transformers fills them in) or the hub's letters ("LLLG"); its
+    global layers attend without the rotary only beside sliding ones."""
+    from inferd.config import ModelConfig
+
+    shape = {"architectures": ["Exaone4ForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+             "intermediate_size": 32, "num_hidden_layers": 8, "num_attention_heads": 2,
+             "head_dim": 8}  # fmt: skip
+    numbered = ModelConfig.from_hf_config({**shape, "sliding_window": 64, "sliding_window_pattern": 4})
+    reference = transformers.Exaone4Config(**{k: v for k, v in shape.items() if k != "architectures"},
+                                           sliding_window=64, sliding_window_pattern=4)  # fmt: skip
+    assert numbered.layer_windows == tuple(
+        64 if t == "sliding_attention" else 0 for t in reference.layer_types
+    )
+    lettered = ModelConfig.from_hf_config({**shape, "sliding_window": 64, "sliding_window_pattern": "LLLG"})
+    assert lettered.layer_windows == numbered.layer_windows == (64, 64, 64, 0) * 2
+    assert lettered.layer_rope == (True, True, True, False) * 2 and lettered.qk_norm
+    plain = ModelConfig.from_hf_config({**shape, "sliding_window": None})
+    assert plain.layer_windows == () and plain.layer_rope == ()  # no sliding: every layer rotates
+    with pytest.raises(ValueError, match="sliding_window_pattern"):
+        ModelConfig.from_hf_config({**shape, "sliding_window": 64, "sliding_window_pattern": "LLX"})
 
 
 def test_olmo_norms_multiply_in_float32_before_the_cast() -> None:

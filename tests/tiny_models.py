@@ -124,6 +124,16 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         "head_dim": 16,
         "attention_out_bias": True,
     },
+    # EXAONE 4: OLMo 2's layers with each head's q and k normed; a sliding layer (window 12), then
+    # a global one that attends without the rotary.
+    "exaone4": {
+        "architectures": ["Exaone4ForCausalLM"],
+        "model_type": "exaone4",
+        "head_dim": 16,
+        "sliding_window": 12,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "pad_token_id": 0,
+    },
     # OLMo 2: norms after attention and the MLP only, q and k normed across their heads. OLMo 3: a
     # sliding layer (window 12, a plain rotary) then a full one (a YaRN-scaled rotary).
     "olmo2": {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", "pad_token_id": 0},

@@ -291,7 +291,8 @@ class HeadFromTokens:
 
 
 _GEMMA_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-_OLMO_ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+# The decoders of models/olmo.py: norms after attention and the MLP instead of before them.
+_POST_NORM_ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM", "Exaone4ForCausalLM")
 
 
 def _rope_by_layer_type(
@@ -452,6 +453,7 @@ class ModelConfig:
             "Gemma2ForCausalLM",
             "Gemma3ForCausalLM",
             "Olmo3ForCausalLM",
+            "Exaone4ForCausalLM",
         )
         default_window = 4096 if architecture in sliding_by_default else None
         # OLMo 2 has no sliding layers: transformers reads no window for it.
@@ -461,6 +463,7 @@ class ModelConfig:
         gated = ("Qwen2", "Qwen3", "SmolLM3")  # SmolLM3's the same way, on its NoPE layers only
         if architecture.startswith(gated) and not cfg.get("use_sliding_window", False):
             sliding = None
+        windows = _layer_windows(cfg, architecture, int(cfg["num_hidden_layers"]), sliding)
         config = cls(
             architecture=architecture,
             vocab_size=int(cfg["vocab_size"]),
@@ -477,11 +480,11 @@ class ModelConfig:
             tie_word_embeddings=not classifier and tied,
             attention_bias=_attention_bias(cfg, architecture),
             o_proj_bias=_o_proj_bias(cfg, architecture),
-            qk_norm=architecture.startswith(("Qwen3", "Gemma3")),
+            qk_norm=architecture.startswith(("Qwen3", "Gemma3", "Exaone4")),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             moe=MoEConfig.from_hf_config(cfg, architecture, int(cfg["num_hidden_layers"])),
-            layer_windows=_layer_windows(cfg, architecture, int(cfg["num_hidden_layers"]), sliding),
-            layer_rope=_layer_rope(cfg, architecture, int(cfg["num_hidden_layers"])),
+            layer_windows=windows,
+            layer_rope=_layer_rope(cfg, architecture, int(cfg["num_hidden_layers"]), windows),
             gemma=GemmaConfig.from_hf_config(cfg, architecture, int(head_dim)) if gemma else None,
             sliding_rope=sliding_rope if sliding_rope != rope else None,
             granite=GraniteScales.from_hf_config(cfg) if architecture == "GraniteForCausalLM" else None,
@@ -542,9 +545,9 @@ class ModelConfig:
         divided, each expert's too (see ``worker/tensor_parallel.py``)."""
         if size == 1:
             return self
-        if self.architecture in _OLMO_ARCHITECTURES:
-            raise ValueError("tensor parallelism over OLMo is not supported: its q and k norms each span "
-                             "every head, and a rank holds only its own")  # fmt: skip
+        if self.architecture in _POST_NORM_ARCHITECTURES:
+            raise ValueError("tensor parallelism over OLMo and EXAONE 4 is not supported (OLMo's q and k "
+                             "norms each span every head, and a rank holds only its own)")  # fmt: skip
         if self.quant is not None and not self.quant.splits_over_ranks:
             raise ValueError("tensor parallelism over GPTQ weights in activation order (desc_act) is not "
                              "supported: their reordered input columns follow no rank's share")  # fmt: skip
@@ -618,11 +621,13 @@ def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, slid
     if architecture == "Qwen3MoeForCausalLM":
         slides = [True] * num_layers  # its layers all slide (transformers has no layer rule for it)
     elif declared is not None and architecture.startswith(
-        ("Gemma2", "Gemma3", "SmolLM3", "Qwen2", "Qwen3", "Olmo3", "Ministral")
+        ("Gemma2", "Gemma3", "SmolLM3", "Qwen2", "Qwen3", "Olmo3", "Ministral", "Exaone4")
     ):
         slides = declared
     elif architecture == "Olmo3ForCausalLM":  # every fourth layer full, as transformers fills it in
         slides = [bool((i + 1) % 4) for i in range(num_layers)]
+    elif architecture == "Exaone4ForCausalLM":
+        slides = _exaone_pattern(cfg.get("sliding_window_pattern", 4), num_layers)
     elif architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         # Older configs: every sliding_window_pattern-th layer full, the others sliding (Gemma 2:
         # every other layer, from the first).
@@ -641,9 +646,27 @@ def _layer_windows(cfg: dict[str, Any], architecture: str, num_layers: int, slid
     return tuple(window if slide else 0 for slide in slides)
 
 
-def _layer_rope(cfg: dict[str, Any], architecture: str, num_layers: int) -> tuple[bool, ...]:
+def _exaone_pattern(pattern: Any, num_layers: int) -> list[bool]:
+    """Which layers slide, by EXAONE 4's ``sliding_window_pattern``: a number n (every n-th layer
+    full, as transformers fills layer_types in), or its hub configs' letters ("LLLG": local, local,
+    local, global, repeated)."""
+    if isinstance(pattern, str) and pattern and set(pattern) <= {"L", "G"}:
+        return [pattern[i % len(pattern)] == "L" for i in range(num_layers)]
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+        raise ValueError(
+            f"sliding_window_pattern must be a positive number or letters L and G, got {pattern!r}"
+        )
+    return [bool((i + 1) % pattern) for i in range(num_layers)]
+
+
+def _layer_rope(
+    cfg: dict[str, Any], architecture: str, num_layers: int, windows: tuple[int, ...] = ()
+) -> tuple[bool, ...]:
     """SmolLM3's ``no_rope_layers`` (1: the layer rotates), or every ``no_rope_layer_interval``-th
-    layer without, as transformers builds them; the other architectures rotate everywhere."""
+    layer without, as transformers builds them; EXAONE 4's global layers beside sliding ones
+    (``windows``) attend without it; the other architectures rotate everywhere."""
+    if architecture == "Exaone4ForCausalLM":
+        return tuple(window > 0 for window in windows) if windows else ()
     if architecture != "SmolLM3ForCausalLM":
         return ()
     flags = cfg.get("no_rope_layers")

@@ -1,13 +1,15 @@
-"""OLMo 2 and OLMo 3's decoders (``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``) over a flat batch and
-a paged KV cache.
+"""The post-norm decoders, OLMo 2 and 3's and EXAONE 4's (``Olmo2ForCausalLM``,
+``Olmo3ForCausalLM``, ``Exaone4ForCausalLM``), over a flat batch and a paged KV cache.
 
 What they compute beyond the Llama family: no norm before attention or the MLP, but one after
-each, on its output before it joins the residual stream; q and k normed over the whole projection
-(every head together), before the rotary; RMSNorms that multiply by their weight in float32 and
-cast after. OLMo 3 adds sliding-window layers (``ModelConfig.layer_windows``) with a rotary of their
-own (``ModelConfig.sliding_rope``; the full layers may scale theirs). The projections are fused
-(q|k|v, gate|up) as in ``models/llama.py`` and on a GPU go to the same Triton matmuls; the norms
-and the rotary stay in torch (the Triton small ops compute the Llama family's forms).
+each, on its output before it joins the residual stream; q and k normed before the rotary. OLMo
+norms them over the whole projection (every head together) with RMSNorms that multiply by their
+weight in float32 and cast after; EXAONE 4 norms each head (``ModelConfig.qk_norm``) with the Llama
+family's RMSNorms. OLMo 3 adds sliding-window layers (``ModelConfig.layer_windows``) with a rotary
+of their own (``ModelConfig.sliding_rope``; the full layers may scale theirs); EXAONE 4's global
+layers beside sliding ones attend without a rotary (``ModelConfig.layer_rope``). The projections are
+fused (q|k|v, gate|up) as in ``models/llama.py`` and on a GPU go to the same Triton matmuls; the
+norms and the rotary stay in torch (the Triton small ops compute the Llama family's forms).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from inferd.attention.base import AttentionBackend, AttentionMetadata
 from inferd.config import ModelConfig
 from inferd.layers.linear import Linear, route_projections_only
+from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import GatheredRotary, RotaryEmbedding, RotaryStep
 from inferd.models.mlp import MLP, AllReduce, reduced
 
@@ -37,6 +40,16 @@ class OlmoRMSNorm(nn.Module):
         return (self.weight * normed).to(x.dtype)
 
 
+# Architectures whose RMSNorms are the Llama family's (cast before the weight's product).
+_LLAMA_FORM_NORMS = ("Exaone4ForCausalLM",)
+
+
+def _norm(cfg: ModelConfig, size: int) -> nn.Module:
+    if cfg.architecture in _LLAMA_FORM_NORMS:
+        return RMSNorm(size, cfg.rms_norm_eps)
+    return OlmoRMSNorm(size, cfg.rms_norm_eps)
+
+
 class OlmoAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
@@ -44,10 +57,14 @@ class OlmoAttention(nn.Module):
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.window = cfg.layer_windows[index] if cfg.layer_windows else 0
+        # EXAONE 4's global layers beside sliding ones (NoPE) attend unrotated.
+        self.rotates = cfg.layer_rope[index] if cfg.layer_rope else True
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
-        self.q_norm = OlmoRMSNorm(self.q_size, cfg.rms_norm_eps)
-        self.k_norm = OlmoRMSNorm(self.kv_size, cfg.rms_norm_eps)
+        # Each head's q and k normed on its own, or each projection's as a whole.
+        self.per_head_norms = cfg.qk_norm
+        self.q_norm = _norm(cfg, cfg.head_dim if cfg.qk_norm else self.q_size)
+        self.k_norm = _norm(cfg, cfg.head_dim if cfg.qk_norm else self.kv_size)
         self.all_reduce: AllReduce | None = None
 
     def forward(
@@ -59,11 +76,16 @@ class OlmoAttention(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q).reshape(-1, self.num_heads, self.head_dim)
-        k = self.k_norm(k).reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.per_head_norms:
+            q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
+        else:
+            q = self.q_norm(q).reshape(-1, self.num_heads, self.head_dim)
+            k = self.k_norm(k).reshape(-1, self.num_kv_heads, self.head_dim)
         if not isinstance(rotary, GatheredRotary):  # the Triton rotary is never switched on here
-            raise TypeError(f"OLMo rotates in torch, not with {type(rotary).__name__}")
-        q, k = rotary.apply(q, k)
+            raise TypeError(f"OLMo and EXAONE rotate in torch, not with {type(rotary).__name__}")
+        if self.rotates:
+            q, k = rotary.apply(q, k)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
         return reduced(self.o_proj(out.reshape(-1, self.q_size)), self.all_reduce)
@@ -74,8 +96,8 @@ class OlmoDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = OlmoAttention(cfg, index)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.post_attention_layernorm = OlmoRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_feedforward_layernorm = OlmoRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = _norm(cfg, cfg.hidden_size)
+        self.post_feedforward_layernorm = _norm(cfg, cfg.hidden_size)
 
     @property
     def sliding(self) -> bool:
@@ -98,7 +120,7 @@ class OlmoModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(OlmoDecoderLayer(cfg, index) for index in range(cfg.num_layers))
-        self.norm = OlmoRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = _norm(cfg, cfg.hidden_size)
 
 
 class OlmoForCausalLM(nn.Module):
@@ -149,7 +171,10 @@ class OlmoForCausalLM(nn.Module):
     ) -> None:
         """The projections go to the Triton matmuls as the Llama family's do; the norms and the
         rotary are OLMo's own and stay in torch (``enabled`` has nothing to switch)."""
-        route_projections_only(self, "OLMo", linear, fused_linear, tiled_linear, decode_rotary)
+        family = "EXAONE" if self.config.architecture in _LLAMA_FORM_NORMS else "OLMo"
+        route_projections_only(self, family, linear, fused_linear, tiled_linear, decode_rotary)
 
     def set_all_reduce(self, all_reduce: AllReduce) -> None:
-        raise ValueError("tensor parallelism over OLMo is not supported (ModelConfig.sharded refuses it)")
+        raise ValueError(
+            "tensor parallelism over OLMo and EXAONE 4 is not supported (ModelConfig.sharded refuses it)"
+        )

@@ -64,6 +64,7 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Gemma3ForCausalLM": ("inferd.models.gemma", "GemmaForCausalLM"),
     "Olmo2ForCausalLM": ("inferd.models.olmo", "OlmoForCausalLM"),
     "Olmo3ForCausalLM": ("inferd.models.olmo", "OlmoForCausalLM"),
+    "Exaone4ForCausalLM": ("inferd.models.olmo", "OlmoForCausalLM"),
 }
 
 
