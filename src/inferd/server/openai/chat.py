@@ -55,9 +55,6 @@ from inferd.structured.spec import StructuredOutput
 @dataclass
 class ChatJob:
     request_id: str  # the engine requests' (the server's own, unique)
-    # The answer's id: the client's own under the route's prefix where it gave one (the
-    # X-Request-Id header, or the body's request_id: server/request_id.py), else request_id.
-    response_id: str
     model: str
     prompt: list[int]
     params: SamplingParams
@@ -86,6 +83,12 @@ class ChatJob:
     prompt_logprobs: int | None = None
     # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N".
     tokens_as_ids: bool = False
+    # The answer's id: the client's own under the route's prefix where it gave one (the
+    # X-Request-Id header, or the body's request_id: server/request_id.py); empty: request_id.
+    response_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.response_id = self.response_id or self.request_id
 
     def token_ids(self, tokens: Sequence[int]) -> list[int] | None:
         return list(tokens) if self.return_token_ids else None

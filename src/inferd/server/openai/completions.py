@@ -50,9 +50,6 @@ class _ChoiceState:
 @dataclass
 class CompletionJob:
     request_id: str  # the engine requests' (the server's own, unique)
-    # The answer's id: the client's own under the route's prefix where it gave one (the
-    # X-Request-Id header, or the body's request_id: server/request_id.py), else request_id.
-    response_id: str
     model: str
     prompts: list[list[int]]
     prompt_texts: list[str]
@@ -76,6 +73,12 @@ class CompletionJob:
     prompt_logprobs: int | None = None
     # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N".
     tokens_as_ids: bool = False
+    # The answer's id: the client's own under the route's prefix where it gave one (the
+    # X-Request-Id header, or the body's request_id: server/request_id.py); empty: request_id.
+    response_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.response_id = self.response_id or self.request_id
 
     @property
     def num_prompt_tokens(self) -> int:
