@@ -4,6 +4,7 @@ its loss or a signal meant for the server is handled."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 
 import httpx
 import openai
+import pytest
 from server_process import run_server
 
 from inferd import LLM, SamplingParams
@@ -224,3 +226,91 @@ def test_a_failing_step_fails_its_batch_and_the_engine_process_serves_on(tiny_ll
         assert served.status_code == 200, served.text
         assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
         assert server.process.poll() is None
+
+
+# A fault after the scheduler's update has finished a request (the one asking for 5 tokens) while
+# another still runs: the step fails with a request it already ended.
+_FAULT_AFTER_UPDATE = """
+from inferd.sched import scheduler
+
+_update = scheduler.Scheduler.update
+fired = []
+
+
+def update(self, output, sampled):
+    advanced = _update(self, output, sampled)
+    ended = [seq.request for seq in output.sequences if seq.request.finish_reason is not None]
+    if not fired and any(r.params.max_tokens == 5 for r in ended) and self.requests:
+        fired.append(True)
+        raise RuntimeError("injected fault after the update")
+    return advanced
+
+
+scheduler.Scheduler.update = update
+"""
+
+# From the first request asking for 9 tokens on, every step fails (a broken device, say).
+_STICKY_FAULT = """
+from inferd.engine import core
+
+_add, _step = core.EngineCore.add_request, core.EngineCore.step
+broken = []
+
+
+def add_request(self, request):
+    if request.params.max_tokens == 9:
+        broken.append(True)
+    return _add(self, request)
+
+
+def step(self):
+    if broken:
+        raise RuntimeError("the device is gone")
+    return _step(self)
+
+
+core.EngineCore.add_request, core.EngineCore.step = add_request, step
+"""
+
+
+def _server_with(tiny_llama, tmp_path, fault: str, *args: str):  # type: ignore[no-untyped-def]
+    (tmp_path / "sitecustomize.py").write_text(fault)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    return run_server(tiny_llama, *args, "--kv-cache-memory", "8MiB", env={"PYTHONPATH": path})
+
+
+@pytest.mark.parametrize("engine_process", [True, False], ids=["process", "thread"])
+def test_a_request_the_failed_step_had_finished_is_answered_too(tiny_llama, tmp_path, engine_process) -> None:
+    """The engine process failed only the requests its scheduler still held: one that the failing
+    step had just finished was never answered (its client hung)."""
+    args = ("--engine-process",) if engine_process else ()
+    with _server_with(tiny_llama, tmp_path, _FAULT_AFTER_UPDATE, *args) as server:
+        url = f"{server.base_url}/v1/completions"
+        body = {"model": server.model, "prompt": "To be, or not to be", "temperature": 0, "ignore_eos": True}
+
+        def send(max_tokens: int, delay: float) -> int:
+            time.sleep(delay)
+            return httpx.post(url, json={**body, "max_tokens": max_tokens}, timeout=30).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            long, short = pool.submit(send, 200, 0.0), pool.submit(send, 5, 0.05)
+            assert (short.result(), long.result()) == (500, 500)
+        assert httpx.post(url, json={**body, "max_tokens": 3}, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("engine_process", [True, False], ids=["process", "thread"])
+def test_a_fault_that_stays_makes_the_engine_dead(tiny_llama, tmp_path, engine_process) -> None:
+    """Failing every batch forever (a /health of 200 meanwhile) helps no one: after a few steps in a
+    row fail, the engine counts as dead, /health turns 503 and the process exits 1 for a
+    supervisor to restart it."""
+    from inferd.engine.async_llm import MAX_FAILED_STEPS_IN_A_ROW
+
+    args = ("--engine-process",) if engine_process else ()
+    with _server_with(tiny_llama, tmp_path, _STICKY_FAULT, *args) as server:
+        url = f"{server.base_url}/v1/completions"
+        for _ in range(MAX_FAILED_STEPS_IN_A_ROW):
+            answer = httpx.post(
+                url, json={"model": server.model, "prompt": "To be", "max_tokens": 9}, timeout=30
+            )
+            assert answer.status_code == 500 and "device is gone" in answer.json()["error"]["message"]
+        assert server.process.wait(timeout=60) == 1

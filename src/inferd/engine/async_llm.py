@@ -71,6 +71,8 @@ class _Call:
 
 
 _STOP = object()
+# Steps that fail one after another before the engine counts as dead (a fault that stays).
+MAX_FAILED_STEPS_IN_A_ROW = 3
 # How often an idle engine thread checks that its engine lives, so that an engine process lost
 # between requests turns /health to 503 at once instead of failing the next request.
 _IDLE_CHECK_S = 0.5
@@ -94,6 +96,7 @@ class AsyncLLM:
         self._thread: threading.Thread | None = None
         self.dead_reason: str | None = None
         self.num_steps = 0
+        self._failed_steps = 0  # in a row
         # Set (under the lock) when the engine loop ends: no call is queued after that.
         self._calls_refused = False
         # Engine thread only: (deadline, request id), soonest first; ids already finished are skipped.
@@ -355,12 +358,14 @@ class AsyncLLM:
     def _forget_finished_deadlines(self) -> None:
         """Drops the entries of requests that finished before their deadline once they are most of
         the heap: under a long timeout an engine that is never idle (which clears it) would
-        otherwise keep one per request it ever served. Amortized, a constant cost per request."""
+        otherwise keep one per request it ever served. A rebuild runs once the heap holds twice the
+        live requests and leaves at most half of it: amortized, a constant cost per request."""
+        if len(self._deadlines) <= 2 * len(self._streams) + 64:
+            return
         with self._lock:
             live = set(self._streams)
-        if len(self._deadlines) > 2 * len(live) + 64:
-            self._deadlines = [entry for entry in self._deadlines if entry[1] in live]
-            heapq.heapify(self._deadlines)
+        self._deadlines = [entry for entry in self._deadlines if entry[1] in live]
+        heapq.heapify(self._deadlines)
 
     def _step(self) -> None:
         try:
@@ -368,12 +373,22 @@ class AsyncLLM:
         except EngineProcessDied:
             raise  # nothing left to serve with: the loop ends and every waiter is told
         except Exception as exc:
-            # A failing step cannot be attributed to one request: fail the batch, keep serving.
+            # A failing step cannot be attributed to one request: fail the batch, keep serving;
+            # but a fault that stays (a broken device) fails every batch, and then the engine is
+            # dead: the loop ends, /health says so and the server exits for a supervisor to restart.
+            self._failed_steps += 1
+            if self._failed_steps >= MAX_FAILED_STEPS_IN_A_ROW:
+                raise RuntimeError(
+                    f"{self._failed_steps} engine steps in a row failed; the last: {exc!r}"
+                ) from exc
             logger.error("engine step failed: %r\n%s", exc, traceback.format_exc())
             live = list(self._streams)
             outputs = self.engine.abort(live, FinishReason.ERROR)
             for out in outputs:
                 out.error = f"engine step failed: {exc}"
+        else:
+            if outputs:  # a step that moved requests on (not the engine process's idle report)
+                self._failed_steps = 0
         self.num_steps += 1
         self._deliver(outputs)
 

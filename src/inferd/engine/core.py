@@ -168,13 +168,6 @@ class EngineCore:
         for request_id in request_ids:
             self.scheduler.finish(request_id, reason)
 
-    def fail_unfinished(self, message: str) -> list[EngineCoreOutput]:
-        """Ends every request still in the engine with an error (``message``), after a step that
-        failed in a way no one request can be blamed for: the engine serves on, empty."""
-        ids = list(self.scheduler.requests)
-        self.abort(ids, FinishReason.ERROR)
-        return [EngineCoreOutput(rid, None, None, FinishReason.ERROR.value, error=message) for rid in ids]
-
     def has_unfinished(self) -> bool:
         # A step still in flight whose requests have all finished (aborted, say) need not be read:
         # its tokens would be dropped. The next step() reads it, or it is never needed.

@@ -84,8 +84,16 @@ class FatalMsg(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
+class StepFailedMsg(msgspec.Struct, tag=True, array_like=True):
+    """A step failed (``message``: why) in a way no one request can be blamed for: the core aborted
+    every request it held; the client fails all of its own, those the step may have finished too."""
+
+    message: str
+    stats: EngineStats
+
+
 ToCore = AddMsg | AbortMsg | ShutdownMsg | LoraMsg | ResetPrefixCacheMsg
-FromCore = ReadyMsg | OutputsMsg | FatalMsg | DoneMsg
+FromCore = ReadyMsg | OutputsMsg | FatalMsg | DoneMsg | StepFailedMsg
 
 
 def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) -> None:
@@ -215,10 +223,13 @@ def _serve(
             try:
                 outputs = core.step()
             except Exception as exc:
-                # As the engine thread does (AsyncLLM._step): a failing step cannot be attributed
-                # to one request, so the batch fails and the engine serves on.
+                # As on the engine thread (AsyncLLM._step, which the client's step raises into): a
+                # failing step cannot be attributed to one request, so its requests fail.
                 logger.error("engine step failed: %r\n%s", exc, traceback.format_exc())
-                outputs = core.fail_unfinished(f"engine step failed: {exc}")
+                core.abort(list(core.scheduler.requests), FinishReason.ERROR)
+                if not _send(outbox, encoder.encode(StepFailedMsg(str(exc), core.stats())), parent):
+                    return
+                continue
             if not _send(outbox, encoder.encode(OutputsMsg(outputs, core.stats())), parent):
                 return
         elif aborted:

@@ -26,6 +26,7 @@ from inferd.engine.core_process import (
     ReadyMsg,
     ResetPrefixCacheMsg,
     ShutdownMsg,
+    StepFailedMsg,
     run_core_process,
 )
 from inferd.engine.input_processor import InputProcessor, Prompt
@@ -48,6 +49,10 @@ _SEND_POLL_MS = 100
 
 class EngineProcessDied(RuntimeError):
     pass
+
+
+class EngineStepFailed(RuntimeError):
+    """A step of the core's failed; the core lives on, without the requests it held."""
 
 
 class ProcessLLMEngine:
@@ -88,7 +93,7 @@ class ProcessLLMEngine:
         # calling step() and the final stats (blocks freed) are read.
         self._core_busy = False
         # Step outputs that came while a LoRA update waited for its answer: step() takes them first.
-        self._held: list[OutputsMsg] = []
+        self._held: list[OutputsMsg | StepFailedMsg] = []
 
     def _wait_ready(self) -> ReadyMsg:
         deadline = time.monotonic() + _READY_TIMEOUT_S
@@ -157,7 +162,7 @@ class ProcessLLMEngine:
                 if answer.error is not None:
                     raise LoraUpdateError(answer.error, answer.kind)
                 return
-            assert isinstance(answer, OutputsMsg)
+            assert isinstance(answer, (OutputsMsg, StepFailedMsg))
             self._held.append(answer)
 
     def step(self) -> list[RequestOutput]:
@@ -171,6 +176,9 @@ class ProcessLLMEngine:
             message = self._decoder.decode(self._from_core.recv())
         if isinstance(message, FatalMsg):
             raise EngineProcessDied(message.message)
+        if isinstance(message, StepFailedMsg):
+            self._stats = message.stats
+            raise EngineStepFailed(message.message)
         assert isinstance(message, OutputsMsg)
         self._stats = message.stats
         if message.stats.num_running == message.stats.num_waiting == 0:
