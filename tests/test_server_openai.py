@@ -661,7 +661,7 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client: open
 @pytest.mark.parametrize(
     ("field", "value"),
     [("logits_processors", ["my.module:Processor"]), ("guided_whitespace_pattern", "[\\n ]+"),
-     ("guided_decoding_backend", "xgrammar"), ("structural_tag", "{}"), ("vllm_xargs", {"a": 1}),
+     ("structural_tag", "{}"), ("vllm_xargs", {"a": 1}),
      ("kv_transfer_params", {}), ("mm_processor_kwargs", {}), ("prompt_embeds", "AAAA")],
 )  # fmt: skip
 def test_vllm_fields_that_are_not_served_are_refused(server: ServerProcess, field: str, value: Any) -> None:
@@ -674,6 +674,14 @@ def test_vllm_fields_that_are_not_served_are_refused(server: ServerProcess, fiel
         response = httpx.post(f"{server.base_url}/v1/{route}", json={"model": "tiny", **body, field: value})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == field
+
+
+def test_a_structured_output_backend_name_is_taken(server: ServerProcess) -> None:
+    """vLLM's guided_decoding_backend picks a library, not the answer: llguidance serves it."""
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 8, "guided_choice": ["yes", "no"],
+            "guided_decoding_backend": "xgrammar"}  # fmt: skip
+    answer = httpx.post(f"{server.base_url}/v1/completions", json=body)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["text"] in ("yes", "no")
 
 
 def test_chat_refuses_what_only_completions_or_tools_serve(server: ServerProcess) -> None:

@@ -135,6 +135,7 @@ def test_tritons_own_request_parameters_and_the_callers_flags_are_no_sampling_fi
         "sequence_end": False,
         "binary_data_output": True,
         "triton_enable_empty_final_response": True,
+        "content_type": "str",  # the Open Inference Protocol's request-level one (MLServer's codecs)
     }
     assert generation_params(triton).sampling == {}
     with pytest.raises(InvalidInputError, match="'return_finish_reason'"):
@@ -166,8 +167,8 @@ def test_vllm_fields_the_engine_takes_pass_through() -> None:
     [
         ({"logprobs": 2}, "'logprobs' is not supported"),
         ({"prompt_logprobs": 1}, "'prompt_logprobs' is not supported"),
-        ({"bad_words": 5}, "'bad_words' must be a list"),
-        ({"bad_words": "I"}, "'bad_words' is not valid JSON"),
+        ({"bad_words": 5}, "'bad_words' must be a string or a list"),
+        ({"stop": "a", "stop_words": "b"}, "'stop' and 'stop_words' say the same"),
         ({"logit_bias": "[1]"}, "'logit_bias' must be an object"),
         ({"logit_bias": {"a": 1}}, "keys must be token ids"),
         ({"logit_bias": {"1": "up"}}, "must be a number"),
@@ -179,6 +180,16 @@ def test_vllm_fields_a_v2_response_cannot_carry_or_badly_typed_are_refused(
 ) -> None:
     with pytest.raises(InvalidInputError, match=named):
         generation_params(parameters)
+
+
+def test_word_lists_take_one_word_or_none_as_text() -> None:
+    """Triton's generate examples send `"bad_words": ""` and `"stop_words": ""` (the TensorRT-LLM
+    backend's names): no words; a plain word is one, as a plain stop string is."""
+    assert generation_params({"bad_words": "", "stop_words": ""}).sampling == {}
+    assert generation_params({"bad_words": ""}).stop == ()
+    assert generation_params({"bad_words": "I"}).sampling == {"bad_words": ["I"]}
+    assert generation_params({"stop_words": '["###", "END"]'}).stop == ("###", "END")
+    assert generation_params({"stop_words": "END"}).stop == ("END",)
 
 
 @pytest.mark.parametrize("key", ["guided_decoding", "structured_outputs"])

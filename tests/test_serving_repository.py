@@ -520,3 +520,25 @@ async def test_triton_timeout_bounds_a_tensor_requests_wait_and_counts_as_a_fail
     with pytest.raises(InvalidInputError, match="timeout"):
         await plane.infer("slow", None, InferRequest([x], parameters={"timeout": "soon"}))
     await plane.repository.close()
+
+
+class _Labeller:
+    """Answers BYTES as numpy holds text: a str array (dtype <U...), not bytes objects."""
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": np.array([["neg", "pos"]] * inputs["x"].shape[0])}
+
+
+async def test_a_bytes_output_held_as_numpy_text_is_taken(tmp_path: Path) -> None:
+    """Text of numpy's own string dtype is the kind BYTES declares (it was refused as another
+    kind by the output check)."""
+    runtimes = default_runtime_registry()
+    runtimes.register("labeller", lambda model_dir, config: _Labeller(), platform="python")
+    outputs = [{"name": "y", "datatype": "BYTES", "shape": [2]}]
+    _write_model(tmp_path, "labeller", {**DOUBLER_CONFIG, "runtime": "labeller", "outputs": outputs})
+    plane = DataPlane(load_repository(tmp_path, runtimes))
+    request = InferRequest([Tensor("x", "FP32", np.array([[1.0, 3.0]], dtype=np.float32))])
+    response = await plane.infer("labeller", None, request)
+    assert response.outputs[0].datatype == "BYTES"
+    assert response.outputs[0].data.tolist() == [["neg", "pos"]]
+    await plane.repository.close()

@@ -366,7 +366,7 @@ def _inferences(config: ModelConfig, request: InferRequest) -> int:
 
 
 # numpy's dtype kinds, by the kind of value they hold: an output is cast within its kind only.
-_KINDS = {"b": "bool", "i": "int", "u": "uint", "f": "float", "O": "bytes", "S": "bytes"}
+_KINDS = {"b": "bool", "i": "int", "u": "uint", "f": "float", "O": "bytes", "S": "bytes", "U": "bytes"}
 
 
 def _check_output(config: ModelConfig, spec: TensorSpec, array: np.ndarray) -> None:

@@ -89,6 +89,7 @@ SAMPLING_FIELDS = frozenset(
         "top_k",
         "seed",
         "stop",
+        "stop_words",
         "bad_words",
         "logit_bias",
         "lora_name",
@@ -103,9 +104,11 @@ SAMPLING_FIELDS = frozenset(
     }
 )
 # Triton's own request parameters (tritonclient reserves these names and the `triton_` prefix).
+# Open Inference Protocol's request-level `content_type` (MLServer's request codecs set it) too.
 TRITON_PARAMETERS = frozenset(
-    {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers", "binary_data_output"}
-)
+    {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers", "binary_data_output",
+     "content_type"}
+)  # fmt: skip
 _TRITON_PREFIX = "triton_"
 
 
@@ -155,11 +158,9 @@ def _token_fields(parameters: Mapping[str, Any]) -> dict[str, Any]:
             ):
                 raise InvalidInputError(f"parameter {key!r} must be a list of token ids")
             fields[key] = token_ids
-    bad_words = _json_value(parameters, "bad_words")
-    if bad_words is not None:
-        if not isinstance(bad_words, list) or not all(isinstance(word, str) for word in bad_words):
-            raise InvalidInputError("parameter 'bad_words' must be a list of strings")
-        fields["bad_words"] = bad_words
+    bad_words = _words(parameters, "bad_words")
+    if bad_words:
+        fields["bad_words"] = list(bad_words)
     logit_bias = _json_value(parameters, "logit_bias")
     if logit_bias is not None:
         fields["logit_bias"] = _logit_bias(logit_bias)
@@ -192,20 +193,30 @@ def _json_value(parameters: Mapping[str, Any], key: str) -> Any:
 
 
 def _stop(parameters: Mapping[str, Any]) -> tuple[str, ...]:
-    stop = parameters.get("stop", ())
-    if isinstance(stop, str):
-        # Triton's vLLM clients send a list as its JSON text; any other text ("[INST]" too) is one
-        # stop string.
+    """vLLM's `stop`, or the TensorRT-LLM backend's `stop_words` (Triton's generate examples send
+    it, often empty); one of them at most."""
+    if parameters.get("stop") is not None and parameters.get("stop_words") is not None:
+        raise InvalidInputError("parameters 'stop' and 'stop_words' say the same: give one")
+    return _words(parameters, "stop") or _words(parameters, "stop_words")
+
+
+def _words(parameters: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    """A list of strings, its JSON text (Triton's vLLM clients send lists so), or one string: any
+    other text ("[INST]" too) is one word, and the empty text none."""
+    words = parameters.get(key)
+    if words is None or words == "":
+        return ()
+    if isinstance(words, str):
         try:
-            listed = json.loads(stop) if stop.startswith("[") else None
+            listed = json.loads(words) if words.startswith("[") else None
         except (json.JSONDecodeError, RecursionError):
             listed = None
         if not (isinstance(listed, list) and listed and all(isinstance(s, str) for s in listed)):
-            return (stop,)
-        stop = listed
-    if isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
-        return tuple(stop)
-    raise InvalidInputError("parameter 'stop' must be a string or a list of strings")
+            return (words,)
+        words = listed
+    if isinstance(words, (list, tuple)) and all(isinstance(s, str) for s in words):
+        return tuple(words)
+    raise InvalidInputError(f"parameter {key!r} must be a string or a list of strings")
 
 
 def _priority(parameters: Mapping[str, Any]) -> int | None:

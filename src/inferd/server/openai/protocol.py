@@ -50,7 +50,6 @@ class StreamOptions(_Body):
 UNSERVED_FIELDS: dict[str, str] = {
     "logits_processors": "custom logits processors are not run by this server",
     "guided_whitespace_pattern": "structured outputs allow the whitespace JSON allows",
-    "guided_decoding_backend": "structured outputs have one backend here (llguidance)",
     "structural_tag": "structural tags are not served; use structured_outputs or guided_*",
     "vllm_xargs": "no extra arguments are read by this server",
     "kv_transfer_params": "disaggregated prefill (KV transfer) is not served",
@@ -116,10 +115,12 @@ class SamplingExtras(_Body):
     # vLLM's: whether the tokenizer adds its special tokens (a BOS) to the prompt's text; unset,
     # the route's default (completions yes, chat no: the template writes its own).
     add_special_tokens: bool | None = None
+    # vLLM's choice of structured-output library: it picks how, not what (the output is the same
+    # constraint's), and llguidance serves every request here, so any name is taken.
+    guided_decoding_backend: str | None = None
     # Declared only to be refused (UNSERVED_FIELDS).
     logits_processors: Any = None
     guided_whitespace_pattern: Any = None
-    guided_decoding_backend: Any = None
     structural_tag: Any = None
     vllm_xargs: Any = None
     kv_transfer_params: Any = None
