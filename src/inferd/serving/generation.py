@@ -197,14 +197,16 @@ def _stop(parameters: Mapping[str, Any]) -> tuple[str, ...]:
     it, often empty); one of them at most."""
     if parameters.get("stop") is not None and parameters.get("stop_words") is not None:
         raise InvalidInputError("parameters 'stop' and 'stop_words' say the same: give one")
-    return _words(parameters, "stop") or _words(parameters, "stop_words")
+    # An empty `stop` stays one (empty) stop string, refused as such; Triton's generate examples
+    # send `"stop_words": ""` meaning none.
+    return _words(parameters, "stop", empty_is_none=False) or _words(parameters, "stop_words")
 
 
-def _words(parameters: Mapping[str, Any], key: str) -> tuple[str, ...]:
+def _words(parameters: Mapping[str, Any], key: str, empty_is_none: bool = True) -> tuple[str, ...]:
     """A list of strings, its JSON text (Triton's vLLM clients send lists so), or one string: any
-    other text ("[INST]" too) is one word, and the empty text none."""
+    other text ("[INST]" too) is one word, and the empty text none (with ``empty_is_none``)."""
     words = parameters.get(key)
-    if words is None or words == "":
+    if words is None or (words == "" and empty_is_none):
         return ()
     if isinstance(words, str):
         try:
