@@ -542,3 +542,29 @@ async def test_a_bytes_output_held_as_numpy_text_is_taken(tmp_path: Path) -> Non
     assert response.outputs[0].datatype == "BYTES"
     assert response.outputs[0].data.tolist() == [["neg", "pos"]]
     await plane.repository.close()
+
+
+async def test_a_model_still_answering_its_requests_holds_up_no_other_models_control(tmp_path: Path) -> None:
+    """An unload waits for the model's requests (an LLM's generations, maybe minutes): the loads and
+    unloads of other models went on waiting behind it for the repository's lock."""
+    import asyncio
+
+    released = asyncio.Event()
+
+    class StillAnswering(Doubler):
+        async def drain(self) -> None:  # its requests in flight end only when the test says so
+            await released.wait()
+
+    runtimes = _registry_with_doubler()
+    runtimes.register("answering", lambda model_dir, config: StillAnswering(), platform="python")
+    _write_model(tmp_path, "busy", {**DOUBLER_CONFIG, "runtime": "answering", "dynamic_batching": False})
+    _write_model(tmp_path, "doubler", DOUBLER_CONFIG)
+    repository = load_repository(tmp_path, runtimes)
+    busy = asyncio.ensure_future(repository.unload("busy"))
+    await asyncio.sleep(0.05)  # listed unloaded, waiting for its requests
+    assert not busy.done() and not repository.get("busy").ready
+    await asyncio.wait_for(repository.unload("doubler"), 5)
+    assert (await asyncio.wait_for(repository.load("doubler"), 5)).ready
+    released.set()
+    await asyncio.wait_for(busy, 5)
+    await repository.close()

@@ -182,8 +182,11 @@ class ModelRepository:
                 )
             entry.draining = self._draining  # one loaded during a drain takes no requests either
             self._entries[name] = entry
-            if old is not None:
-                await _close(old)
+        # Out of the lock: the old model (no longer listed, so no other call can reach it) answers
+        # what it has taken, an LLM's generations maybe for minutes, while other models' loads
+        # and unloads go on.
+        if old is not None:
+            await _close(old)
         if not entry.ready:
             raise InvalidInputError(f"model {name!r} failed to load: {entry.failure}")
         logger.info("model %r loaded", name)
@@ -197,7 +200,7 @@ class ModelRepository:
         async with self._control:  # read under the lock: a load may be replacing it
             old = self.get(name)
             self._entries[name] = ModelEntry(name, None, old.platform, failure=UNLOADED, folder=old.folder)
-            await _close(old)
+        await _close(old)  # out of the lock, as in load
         logger.info("model %r unloaded", name)
 
     async def close(self) -> None:
