@@ -226,11 +226,25 @@ async def test_a_request_whose_adapter_went_away_meanwhile_is_a_404(base: Path, 
     llm.start()
     try:
         await llm.load_adapter("one", str(adapters["one"]))
-        frontend = Frontend(llm, "tiny", ServerMetrics(CollectorRegistry(), "tiny", llm.stats))
+        registry = CollectorRegistry()
+        frontend = Frontend(llm, "tiny", ServerMetrics(registry, "tiny", llm.stats))
         params = frontend.sampling_params(max_tokens=4, adapter=frontend.adapter_for("one"))
         await llm.unload_adapter("one")  # after the request's checks, before its turn in the engine
         with pytest.raises(ModelNotFoundError, match="no longer served"):
             async for _ in frontend.generate("r", [PROMPTS[0]], params):
                 pass
+        base = frontend.sampling_params(max_tokens=4, ignore_eos=True)
+        async for _ in frontend.generate("base", [PROMPTS[0]], base):  # one counted request, to compare
+            pass
+        # A refusal the client sees as a 404: no failed request, no request answered by "one".
+        totals = {
+            (s.name, s.labels.get("finished_reason") or s.labels.get("adapter")): s.value
+            for family in registry.collect()
+            for s in family.samples
+            if s.name in ("inferd:request_success_total", "inferd:lora_requests_total")
+        }
+        assert totals.get(("inferd:request_success_total", "error"), 0) == 0
+        assert totals.get(("inferd:lora_requests_total", "one"), 0) == 0
+        assert totals[("inferd:request_success_total", "length")] == 1  # what is read counts requests
     finally:
         llm.shutdown()

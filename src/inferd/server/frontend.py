@@ -424,12 +424,16 @@ class Frontend:
         try:
             async for out in self.llm.generate(engine_id, token_ids, params, deadline, admit):
                 if out.error is not None:
+                    adapter = params.adapter
+                    if out.finish_reason != "abort" and adapter is not None and adapter not in self.adapters:
+                        # Unloaded between the request's checks and its turn in the engine: a 404, as
+                        # a request for a model not served is, and neither a failure nor an
+                        # adapter's request in the metrics.
+                        tracker.done = True
+                        raise ModelNotFoundError(f"the LoRA adapter {adapter!r} is no longer served")
                     tracker.finish(out)
                     if out.finish_reason == "abort":  # ended by the server (shutdown), not a failure
                         raise ServiceUnavailableError(out.error)
-                    if params.adapter is not None and params.adapter not in self.adapters:
-                        # Unloaded between the request's checks and its turn in the engine.
-                        raise ModelNotFoundError(f"the LoRA adapter {params.adapter!r} is no longer served")
                     raise GenerationError(out.error)
                 tracker.on_output(out)
                 yield IndexedOutput(index, out)
