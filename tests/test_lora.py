@@ -141,6 +141,19 @@ def test_an_adapter_whose_tensors_disagree_with_its_config_is_refused(tiny_model
         LLM(tiny_model_factory("qwen3"), kv_cache_memory="16MiB", lora_modules={"a": str(adapter)})
 
 
+def test_an_adapter_of_weights_that_are_not_finite_is_refused(tiny_model_factory, tmp_path) -> None:
+    """Its requests would answer nothing but a NaN's tokens: refused at load, naming the module."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_adapter(tiny_model_factory("qwen3"), tmp_path / "a", seed=4, targets=("q_proj",), rank=2)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(ModelLoadError, match="weights that are not finite numbers"):
+        LLM(tiny_model_factory("qwen3"), kv_cache_memory="16MiB", lora_modules={"a": str(adapter)})
+
+
 def test_phi3_adapters_target_its_fused_projections(tiny_model_factory, tmp_path) -> None:
     """Phi-3's checkpoints, and so PEFT's adapters for it, have q|k|v and gate|up fused."""
     base = tiny_model_factory("phi3")

@@ -98,6 +98,9 @@ def read_adapter(name: str, path: Path) -> LoraAdapter:
                 f"LoRA adapter {name!r}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                 f"not of rank {rank}"
             )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            # Its requests would answer nothing but NaNs' tokens: refused as it loads, not served.
+            raise ModelLoadError(f"LoRA adapter {name!r}: {module} has weights that are not finite numbers")
         pairs[module] = (a, b)
     if not pairs:
         raise ModelLoadError(f"LoRA adapter {name!r}: {weights_file} holds no LoRA weights")
