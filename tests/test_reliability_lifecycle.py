@@ -88,35 +88,12 @@ def _post_long(server: ServerProcess) -> httpx.Response:
 
 
 async def test_engine_death_answers_500_and_the_server_exits_1(tiny_llama: Path) -> None:
-    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="8MiB")
-    step = llm.engine.step
-    kill = threading.Event()
-
-    def step_until_killed() -> Any:
-        if kill.is_set():
-            raise EngineProcessDied("the engine core is gone")
-        return step()
-
-    llm.engine.step = step_until_killed  # type: ignore[method-assign]
-    app = create_app(llm)
-    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    serving = asyncio.ensure_future(serve(server, app.state.frontend, shutdown_timeout_s=5))
-    for _ in range(500):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-        assert (await client.get("/health")).status_code == 200
-        request = asyncio.ensure_future(client.post("/v1/completions", json=LONG))
-        for _ in range(500):
-            if llm.stats().num_running:
-                break
-            await asyncio.sleep(0.01)
-        kill.set()
-        answer = await request
+    llm, _, serving, request, kill = await _serving_with_a_long_request(tiny_llama)
+    kill.set()
+    answer = await request
     assert answer.status_code == 500 and "engine core is gone" in answer.json()["error"]["message"]
     assert await asyncio.wait_for(serving, timeout=30) == 1
+    llm.shutdown()
 
 
 def test_a_dead_engines_reason_is_what_a_stopping_server_answers(tiny_llama: Path) -> None:
@@ -162,6 +139,7 @@ async def _serving_with_a_long_request(
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    assert (await client.get("/health")).status_code == 200
     request = asyncio.ensure_future(client.post("/v1/completions", json=LONG))
     request.add_done_callback(lambda _: asyncio.ensure_future(client.aclose()))
     for _ in range(500):
