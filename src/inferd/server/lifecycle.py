@@ -2,7 +2,8 @@
 
 Drain: new requests get a 503 and `/health` turns 503 (so load balancers stop sending), requests in
 flight get up to the shutdown timeout to finish, the rest are aborted with an error, then uvicorn
-closes the connections and the process exits 0. A second signal stops at once.
+closes the connections and the process exits 0. A second signal ends the wait: the requests
+still running are aborted (503) at once.
 
 Engine death: the engine thread has already failed every waiting request (each gets a 500) and
 `/health` is 503; once those answers are out the server stops and the process exits 1, so a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -72,7 +74,8 @@ async def _supervise(
 ) -> int:
     while not server.should_exit:
         if server.drain_requested:
-            await drain(frontend, shutdown_timeout_s, repository)
+            # A second signal (uvicorn's should_exit) ends the wait: what runs is aborted at once.
+            await drain(frontend, shutdown_timeout_s, repository, stop_now=lambda: server.should_exit)
             server.should_exit = True
             # The engine may have died while its requests drained: that is still a failure.
             return 1 if frontend.llm.dead_reason is not None else 0
@@ -86,10 +89,16 @@ async def _supervise(
     return 0
 
 
-async def drain(frontend: Frontend, timeout_s: float, repository: ModelRepository | None = None) -> None:
-    """Refuse new requests, let those in flight finish for up to `timeout_s`, abort the rest: the
-    served LLM's, and with a model repository, its LLMs' too (its other models refuse new requests
-    and answer those their batches already hold)."""
+async def drain(
+    frontend: Frontend,
+    timeout_s: float,
+    repository: ModelRepository | None = None,
+    stop_now: Callable[[], bool] = lambda: False,
+) -> None:
+    """Refuse new requests, let those in flight finish for up to `timeout_s` (or until `stop_now`
+    says so), abort the rest: the served LLM's, and with a model repository, its LLMs' too (its
+    other models refuse new requests and answer those their batches already hold). Aborted, they
+    answer 503 before the connections close, not a cancellation's 500."""
     frontends = [frontend]
     if repository is not None:
         repository.begin_drain()
@@ -99,9 +108,9 @@ async def drain(frontend: Frontend, timeout_s: float, repository: ModelRepositor
     for each in frontends:
         each.draining = True
     logger.info("draining: %d request(s) in flight, up to %.1fs", _in_flight(frontends), timeout_s)
-    if await _wait_for_no_requests(frontends, timeout_s):
+    if await _wait_for_no_requests(frontends, timeout_s, stop_now):
         return
-    logger.warning("shutdown timeout: aborting %d request(s)", _in_flight(frontends))
+    logger.warning("shutdown timeout or a second signal: aborting %d request(s)", _in_flight(frontends))
     for each in frontends:
         each.llm.abort_all("the server is shutting down")
     await _wait_for_no_requests(frontends, _SETTLE_S)
@@ -111,8 +120,10 @@ def _in_flight(frontends: list[Frontend]) -> int:
     return sum(each.num_in_flight for each in frontends)
 
 
-async def _wait_for_no_requests(frontends: list[Frontend], timeout_s: float) -> bool:
+async def _wait_for_no_requests(
+    frontends: list[Frontend], timeout_s: float, stop_now: Callable[[], bool] = lambda: False
+) -> bool:
     deadline = time.monotonic() + timeout_s
-    while _in_flight(frontends) and time.monotonic() < deadline:
+    while _in_flight(frontends) and time.monotonic() < deadline and not stop_now():
         await asyncio.sleep(_POLL_S)
     return _in_flight(frontends) == 0
