@@ -156,6 +156,23 @@ class RotaryEmbedding(nn.Module):
         return GatheredRotary(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
 
 
+class FullAndSlidingRotary(nn.Module):
+    """The full-attention layers' rotary and the sliding-window layers': their own where the
+    config gives one (``sliding``: Gemma 3's, OLMo 3's), else the same."""
+
+    def __init__(
+        self, head_dim: int, max_positions: int, full: RopeConfig, sliding: RopeConfig | None
+    ) -> None:
+        super().__init__()
+        self.full = RotaryEmbedding(head_dim, max_positions, full)
+        self.sliding = self.full if sliding is None else RotaryEmbedding(head_dim, max_positions, sliding)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[RotaryStep, RotaryStep]:
+        """The step's rotations for the full layers and for the sliding ones (once if the same)."""
+        full = self.full.lookup(positions)
+        return full, (full if self.sliding is self.full else self.sliding.lookup(positions))
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     x32 = x.float()

@@ -21,7 +21,7 @@ from torch import nn
 from inferd.attention.base import AttentionBackend, AttentionMetadata
 from inferd.config import GemmaConfig, ModelConfig
 from inferd.layers.linear import Linear, route_projections_only
-from inferd.layers.rotary import GatheredRotary, RotaryEmbedding, RotaryStep
+from inferd.layers.rotary import FullAndSlidingRotary, GatheredRotary, RotaryStep
 from inferd.models.mlp import AllReduce, reduced
 
 
@@ -139,13 +139,7 @@ class GemmaForCausalLM(nn.Module):
             raise ValueError("GemmaForCausalLM needs the config's Gemma settings")
         self.config = cfg
         self.model = GemmaModel(cfg, cfg.gemma)
-        # The full-attention layers' rotary and the sliding layers' (Gemma 3: their own).
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
-        self.local_rotary = (
-            self.rotary
-            if cfg.sliding_rope is None
-            else RotaryEmbedding(cfg.head_dim, max_positions, cfg.sliding_rope)
-        )
+        self.rotaries = FullAndSlidingRotary(cfg.head_dim, max_positions, cfg.rope, cfg.sliding_rope)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.head_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -166,10 +160,9 @@ class GemmaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
         x = self.model.embed_tokens(input_ids) * self.embed_scale
-        full = self.rotary.lookup(positions)
-        local = full if self.local_rotary is self.rotary else self.local_rotary.lookup(positions)
+        full, sliding = self.rotaries.lookup(positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, local if layer.sliding else full, kv_cache, meta, backend)
+            x = layer(x, sliding if layer.sliding else full, kv_cache, meta, backend)
         hidden: torch.Tensor = self.model.norm(x)
         return hidden
 

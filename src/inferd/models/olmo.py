@@ -21,7 +21,7 @@ from inferd.attention.base import AttentionBackend, AttentionMetadata
 from inferd.config import ModelConfig
 from inferd.layers.linear import Linear, route_projections_only
 from inferd.layers.norm import RMSNorm
-from inferd.layers.rotary import GatheredRotary, RotaryEmbedding, RotaryStep
+from inferd.layers.rotary import FullAndSlidingRotary, GatheredRotary, RotaryStep
 from inferd.models.mlp import MLP, AllReduce, reduced
 
 
@@ -128,13 +128,7 @@ class OlmoForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = OlmoModel(cfg)
-        # The full-attention layers' rotary and the sliding layers' (OLMo 3's may differ).
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
-        self.sliding_rotary = (
-            self.rotary
-            if cfg.sliding_rope is None
-            else RotaryEmbedding(cfg.head_dim, max_positions, cfg.sliding_rope)
-        )
+        self.rotaries = FullAndSlidingRotary(cfg.head_dim, max_positions, cfg.rope, cfg.sliding_rope)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.head_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -149,8 +143,7 @@ class OlmoForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states, [num_tokens, hidden]."""
         x = self.model.embed_tokens(input_ids)
-        full = self.rotary.lookup(positions)
-        sliding = full if self.sliding_rotary is self.rotary else self.sliding_rotary.lookup(positions)
+        full, sliding = self.rotaries.lookup(positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, sliding if layer.sliding else full, kv_cache, meta, backend)
         hidden: torch.Tensor = self.model.norm(x)
