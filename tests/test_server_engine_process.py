@@ -185,9 +185,11 @@ def test_reset_prefix_cache_reaches_the_engine_process(tiny_llama) -> None:  # t
         assert hits() > 0
 
 
-# Loaded by every Python process the test starts (sitecustomize): the engine core's step raises
-# once, after a request asking for 7 tokens arrives, as a bug in the step would.
-_FAILING_STEP = """
+def _step_fault(max_tokens: int, message: str, once: bool) -> str:
+    """A sitecustomize module, loaded by every Python process the test starts: from the first request
+    asking for ``max_tokens`` tokens on, the engine core's step raises ``message``, once (a bug in
+    the step) or every time (a broken device, say)."""
+    return f"""
 from inferd.engine import core
 
 _add, _step = core.EngineCore.add_request, core.EngineCore.step
@@ -195,15 +197,16 @@ armed = []
 
 
 def add_request(self, request):
-    if request.params.max_tokens == 7:
+    if request.params.max_tokens == {max_tokens}:
         armed.append(True)
     return _add(self, request)
 
 
 def step(self):
     if armed:
-        armed.clear()
-        raise RuntimeError("injected step failure")
+        if {once}:
+            armed.clear()
+        raise RuntimeError({message!r})
     return _step(self)
 
 
@@ -211,14 +214,17 @@ core.EngineCore.add_request, core.EngineCore.step = add_request, step
 """
 
 
+def _server_with(tiny_llama, tmp_path, fault: str, *args: str):  # type: ignore[no-untyped-def]
+    (tmp_path / "sitecustomize.py").write_text(fault)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    return run_server(tiny_llama, *args, "--kv-cache-memory", "8MiB", env={"PYTHONPATH": path})
+
+
 def test_a_failing_step_fails_its_batch_and_the_engine_process_serves_on(tiny_llama, tmp_path) -> None:
     """As the engine thread does: the step's requests end with a 500, and the engine process (and
     with it the server) goes on serving; it used to die, taking every request with it."""
-    (tmp_path / "sitecustomize.py").write_text(_FAILING_STEP)
-    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
-    with run_server(
-        tiny_llama, "--engine-process", "--kv-cache-memory", "8MiB", env={"PYTHONPATH": path}
-    ) as server:
+    fault = _step_fault(7, "injected step failure", once=True)
+    with _server_with(tiny_llama, tmp_path, fault, "--engine-process") as server:
         url = f"{server.base_url}/v1/completions"
         failed = httpx.post(url, json={"model": server.model, "prompt": "To be", "max_tokens": 7}, timeout=60)
         assert failed.status_code == 500 and "injected step failure" in failed.json()["error"]["message"]
@@ -249,35 +255,6 @@ def update(self, output, sampled):
 scheduler.Scheduler.update = update
 """
 
-# From the first request asking for 9 tokens on, every step fails (a broken device, say).
-_STICKY_FAULT = """
-from inferd.engine import core
-
-_add, _step = core.EngineCore.add_request, core.EngineCore.step
-broken = []
-
-
-def add_request(self, request):
-    if request.params.max_tokens == 9:
-        broken.append(True)
-    return _add(self, request)
-
-
-def step(self):
-    if broken:
-        raise RuntimeError("the device is gone")
-    return _step(self)
-
-
-core.EngineCore.add_request, core.EngineCore.step = add_request, step
-"""
-
-
-def _server_with(tiny_llama, tmp_path, fault: str, *args: str):  # type: ignore[no-untyped-def]
-    (tmp_path / "sitecustomize.py").write_text(fault)
-    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
-    return run_server(tiny_llama, *args, "--kv-cache-memory", "8MiB", env={"PYTHONPATH": path})
-
 
 @pytest.mark.parametrize("engine_process", [True, False], ids=["process", "thread"])
 def test_a_request_the_failed_step_had_finished_is_answered_too(tiny_llama, tmp_path, engine_process) -> None:
@@ -306,7 +283,9 @@ def test_a_fault_that_stays_makes_the_engine_dead(tiny_llama, tmp_path, engine_p
     from inferd.engine.async_llm import MAX_FAILED_STEPS_IN_A_ROW
 
     args = ("--engine-process",) if engine_process else ()
-    with _server_with(tiny_llama, tmp_path, _STICKY_FAULT, *args) as server:
+    with _server_with(
+        tiny_llama, tmp_path, _step_fault(9, "the device is gone", once=False), *args
+    ) as server:
         url = f"{server.base_url}/v1/completions"
         for _ in range(MAX_FAILED_STEPS_IN_A_ROW):
             answer = httpx.post(
