@@ -128,3 +128,12 @@ async def test_deadlines_of_finished_requests_are_not_kept_while_the_engine_stay
 async def _drain(outputs) -> None:  # type: ignore[no-untyped-def]
     async for _ in outputs:
         pass
+
+
+def test_the_engine_process_leaves_no_socket_folder_behind(tiny_llama, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=True, kv_cache_memory="16MiB")
+    assert any(path.name.startswith("inferd-") for path in tmp_path.iterdir())
+    llm.start()
+    llm.shutdown()
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import shutil
 import tempfile
 import time
 import uuid
@@ -61,9 +62,11 @@ class ProcessLLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.tokenizer = Tokenizer(config.tokenizer_path)
         self._context = zmq.Context()
-        socket_dir = Path(tempfile.mkdtemp(prefix="inferd-"))
+        # ZMQ leaves its ipc socket files when the sockets close: close() removes the folder.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="inferd-"))
         tag = uuid.uuid4().hex[:8]
-        input_addr, output_addr = f"ipc://{socket_dir}/in-{tag}", f"ipc://{socket_dir}/out-{tag}"
+        input_addr = f"ipc://{self._socket_dir}/in-{tag}"
+        output_addr = f"ipc://{self._socket_dir}/out-{tag}"
         self._to_core = self._context.socket(zmq.PUSH)
         self._to_core.bind(input_addr)
         self._from_core = self._context.socket(zmq.PULL)
@@ -223,3 +226,4 @@ class ProcessLLMEngine:
         self._to_core.close(linger=0)
         self._from_core.close(linger=0)
         self._context.term()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
