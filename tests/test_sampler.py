@@ -85,16 +85,19 @@ class _OpCounts(TorchFunctionMode):
 def test_all_random_rows_are_drawn_without_a_gather_or_a_greedy_pass() -> None:
     """With no greedy row, the logits go to the draw as they are: no argmax for greedy rows and
     no gather of the random rows (each a pass over the logits; the gather took 250 ms on a
-    2-core CPU at 64 rows of a 151,936-token vocabulary). A mixed batch does both."""
+    2-core CPU at 64 rows of a 151,936-token vocabulary). A mixed batch does both. Either way one
+    pass finds each row's peak for the finiteness check: the greedy pass where there is one."""
     logits = torch.randn(4, 50)
     random = [_req(SamplingParams(temperature=0.8)) for _ in range(4)]
     with _OpCounts() as ops:
         tokens = Sampler(seed=3)(logits, random).token_ids
     assert ops.counts.get("index_select", 0) == 0 and ops.counts["argmax"] == 1  # the draw's own
+    assert ops.counts["amax"] == 1 and "max" not in ops.counts
     mixed = [_req(SamplingParams(temperature=0))] + random[1:]
     with _OpCounts() as ops:
         mixed_tokens = Sampler(seed=3)(logits, mixed).token_ids
-    assert ops.counts["index_select"] == 1 and ops.counts["argmax"] == 2
+    assert ops.counts["index_select"] == 1 and ops.counts["argmax"] == 1 and ops.counts["max"] == 1
+    assert "amax" not in ops.counts
     assert mixed_tokens[0] == int(logits[0].argmax()) and all(0 <= t < 50 for t in tokens)
 
 
@@ -279,3 +282,58 @@ def test_prompt_logprobs_rank_the_top_tokens_by_place_even_when_tied() -> None:
     ]  # fmt: skip
     named = prompt_logprobs(Names(), [below], 1, as_ids=True)[0]  # type: ignore[arg-type]
     assert named is not None and [v.decoded_token for v in named.values()] == ["token_id:7", "token_id:1"]
+
+
+@pytest.mark.parametrize("temperatures", [(0, 0, 0, 0), (0.8, 0.8, 0.8, 0.8), (0, 0.8, 0, 0.8)],
+                         ids=["greedy", "random", "mixed"])  # fmt: skip
+@pytest.mark.parametrize("processed", [False, True], ids=["raw", "penalized"])
+def test_rows_without_finite_logits_fail_alone(temperatures: tuple[float, ...], processed: bool) -> None:
+    """A NaN or +inf logit (a fault of the model's numerics) and a row whose every token is
+    excluded leave nothing to draw from: argmax and the race would still name some token. Those
+    rows end with an error; the others draw what they draw without them."""
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    broken = logits.clone()
+    broken[1, 7] = float("nan")
+    broken[2, 3] = float("inf")
+    allowed = [4, 5]
+
+    def requests() -> list[Request]:
+        found = []
+        for row, temperature in enumerate(temperatures):
+            extra: dict = {"presence_penalty": 0.5} if processed else {}
+            if row == 3:  # its limits together exclude every token
+                extra.update(allowed_token_ids=allowed, bad_words_token_ids=[[4], [5]])
+            found.append(_req(SamplingParams(temperature=temperature, seed=row, **extra), out=[2]))
+        return found
+
+    result = Sampler(seed=5)(broken, requests())
+    assert set(result.errors) == {1, 2, 3}
+    assert "not finite (the largest is nan)" in result.errors[1]
+    assert "not finite (the largest is inf)" in result.errors[2]
+    assert "exclude every token" in result.errors[3]
+    clean = Sampler(seed=5)(logits, requests())
+    assert result.token_ids[0] == clean.token_ids[0] and 1 not in clean.errors
+
+
+def test_a_request_whose_logits_go_nan_ends_with_an_error_and_the_batch_goes_on(
+    tiny_model_factory, monkeypatch
+) -> None:
+    from inferd import LLM
+
+    original = Sampler.sample
+
+    def poisoned(self: Sampler, logits: torch.Tensor, requests: list[Request]) -> object:
+        rows = [i for i, r in enumerate(requests) if r.prompt_token_ids[0] == 9 and r.output_token_ids[1:]]
+        if rows:
+            logits = logits.clone()
+            logits[rows, 0] = float("nan")
+        return original(self, logits, requests)
+
+    llm = LLM(tiny_model_factory("llama"), kv_cache_memory="4MiB")
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = llm.generate([[1, 2, 3], [4, 5]], params)
+    monkeypatch.setattr(Sampler, "sample", poisoned)
+    outs = llm.generate([[1, 2, 3], [9, 9, 9], [4, 5]], params, raise_on_error=False)
+    assert [o.token_ids for o in (outs[0], outs[2])] == [e.token_ids for e in expected]
+    assert outs[1].finish_reason == "error" and "not finite" in (outs[1].error or "")
+    assert len(outs[1].token_ids) == 2  # the tokens before the fault stand

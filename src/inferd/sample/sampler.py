@@ -11,6 +11,7 @@ from p exactly and lets each seeded request draw from its own generator.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,12 +63,19 @@ class PendingSample:
     _logprobs_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     _logprob_counts: list[int | None]
     _copied: torch.cuda.Event | None
+    # Each row's largest logit, on its way: where it is not finite, the row had nothing to draw from.
+    _peaks_host: torch.Tensor
 
     def result(self) -> SampleResult:
         """Wait for the copies (on a GPU) and return the tokens as Python values."""
         if self._copied is not None:
             self._copied.synchronize()
         tokens = self._tokens_host.tolist()
+        peaks = self._peaks_host.tolist()
+        if not all(map(math.isfinite, peaks)):
+            for row, peak in enumerate(peaks):
+                if not math.isfinite(peak):
+                    self.errors.setdefault(row, _undrawable(peak))
         if self._logprobs_host is None:
             return SampleResult(tokens, [None] * len(tokens), self.errors)
         chosen, ranks, top_values, top_ids = (t.tolist() for t in self._logprobs_host)
@@ -79,6 +87,16 @@ class PendingSample:
             top = tuple(zip(top_ids[i][:n], top_values[i][:n], strict=True))
             logprobs.append(TokenLogprobs(tokens[i], chosen[i], top, ranks[i]))
         return SampleResult(tokens, logprobs, self.errors)
+
+
+def _undrawable(peak: float) -> str:
+    """Why a row whose largest logit is ``peak`` (not finite) has no token: a NaN or +inf logit
+    is a numerical fault (of the model, or of one request's input); -inf everywhere, the
+    request's own limits leaving nothing. Greedy and every draw would still pick some token."""
+    if peak == float("-inf"):
+        return ("no token can be sampled: the request's limits together (allowed_token_ids, "
+                "bad_words, min_tokens, a structured-output constraint) exclude every token")  # fmt: skip
+    return f"the model's logits for this request are not finite (the largest is {peak})"
 
 
 def chosen_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,10 +161,14 @@ class Sampler:
         logits = self._process(logits, requests, errors)
 
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
-        # Every row is drawn below when none is greedy: a pass over the logits saved.
+        # Every row is drawn below when none is greedy: a pass over the logits saved. Else the
+        # greedy pass gives every row's peak too, for the check of the rows in `result`.
         all_random = len(random_rows) == len(requests)
-        tokens = (torch.empty(len(requests), dtype=torch.long, device=logits.device) if all_random
-                  else torch.argmax(logits, dim=-1))  # fmt: skip
+        if all_random:
+            tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+            peaks = logits.amax(dim=-1)
+        else:
+            peaks, tokens = logits.max(dim=-1)
         if self._triton_sampling:
             vocab = logits.shape[1]
             fused_rows = [i for i in random_rows if _temperature_only(requests[i], vocab)]
@@ -165,7 +187,7 @@ class Sampler:
             else:
                 rows = _to_device(random_rows, torch.long, logits.device)
                 tokens[rows] = self._draw(self._filtered_probs(logits.index_select(0, rows), picked), picked)
-        tokens_host = _to_host(tokens)
+        tokens_host, peaks_host = _to_host(tokens), _to_host(peaks)
         logprobs_host = None
         counts: list[int | None] = []
         if raw_logprobs is not None:
@@ -177,7 +199,7 @@ class Sampler:
         if logits.is_cuda:
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(logits.device))
-        return PendingSample(tokens, errors, tokens_host, logprobs_host, counts, copied)
+        return PendingSample(tokens, errors, tokens_host, logprobs_host, counts, copied, peaks_host)
 
     def _draw_fused(
         self, logits: torch.Tensor, index: torch.Tensor | None, requests: Sequence[Request]
