@@ -124,3 +124,27 @@ async def test_no_cors_headers_unless_origins_are_allowed(tiny_llama: Path) -> N
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         answer = await client.get("/v1/models", headers={"Origin": ORIGIN})
     assert "access-control-allow-origin" not in answer.headers
+
+
+def test_the_engine_step_timeout_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Seconds, 600 by default; 0 turns the watch off; a negative number is refused."""
+    from inferd.server import serve_cli
+
+    taken: list[float | None] = []
+
+    def load(model: object, **kwargs: object) -> None:
+        taken.append(kwargs["step_timeout_s"])  # type: ignore[arg-type]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(AsyncLLM, "from_options", load)
+    for flags in ([], ["--engine-step-timeout", "0"], ["--engine-step-timeout", "2.5"]):
+        with pytest.raises(SystemExit):
+            main(["serve", *flags])
+    assert taken == [600.0, None, 2.5]
+    with pytest.raises(SystemExit) as refused:
+        main(["serve", "--engine-step-timeout", "-1"])
+    assert refused.value.code == 2
+    assert "must be a number of at least 0" in capsys.readouterr().err
+    assert serve_cli.DEFAULT_STEP_TIMEOUT_S == 600.0

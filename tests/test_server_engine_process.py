@@ -293,3 +293,93 @@ def test_a_fault_that_stays_makes_the_engine_dead(tiny_llama, tmp_path, engine_p
             )
             assert answer.status_code == 500 and "device is gone" in answer.json()["error"]["message"]
         assert server.process.wait(timeout=60) == 1
+
+
+async def test_an_engine_process_that_stops_answering_is_killed_and_its_requests_fail(tiny_llama) -> None:
+    """A stopped engine process (SIGSTOP here; a deadlock or a device that no longer answers
+    alike) shows no progress: past the step timeout it is killed and the engine counts as dead,
+    where it used to be waited for forever behind a /health of 200."""
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=True, kv_cache_memory="8MiB", step_timeout_s=2.0)
+    llm.start()
+    try:
+        process = llm.engine._process  # type: ignore[union-attr]
+        assert (await _generate(llm, "before"))[-1].finish_reason == "length"
+        await asyncio.sleep(3.0)  # idle longer than the timeout: its idle beats keep it alive
+        assert llm.is_alive
+        running = asyncio.ensure_future(_generate(llm, "running", max_tokens=400))
+        await _until(lambda: llm.stats().num_running == 1)
+        os.kill(process.pid, signal.SIGSTOP)
+        outputs = await asyncio.wait_for(running, 30)
+        assert outputs[-1].finish_reason == "error" and "hung" in (outputs[-1].error or "")
+        assert "engine process hung" in str(llm.dead_reason) and not llm.is_alive
+        await _until(lambda: not process.is_alive())
+        assert process.exitcode == -signal.SIGKILL
+    finally:
+        llm.shutdown()
+
+
+async def test_an_engine_thread_stuck_in_a_step_makes_the_engine_dead(tiny_llama, monkeypatch) -> None:
+    """The thread engine's step cannot be stopped from outside: a watchdog notices it has run past
+    the timeout, fails its requests and marks the engine dead, so the server stops for a
+    supervisor to restart it."""
+    import threading
+
+    from inferd.engine.llm_engine import LLMEngine
+
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="8MiB", step_timeout_s=1.0)
+    released = threading.Event()
+    step = LLMEngine.step
+
+    def stuck_on_long_requests(self: LLMEngine) -> list:  # type: ignore[type-arg]
+        if any(r.params.max_tokens == 77 for r in self.core.scheduler.requests.values()):
+            released.wait(60)
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", stuck_on_long_requests)
+    llm.start()
+    try:
+        assert (await _generate(llm, "before"))[-1].finish_reason == "length"
+        await asyncio.sleep(1.5)  # idle past the timeout is no hang
+        assert llm.is_alive
+        outputs = await asyncio.wait_for(_generate(llm, "stuck", max_tokens=77), 30)
+        assert outputs[-1].finish_reason == "error" and "engine hung" in (outputs[-1].error or "")
+        assert "engine hung: one step has run" in str(llm.dead_reason) and not llm.is_alive
+    finally:
+        released.set()
+        llm.shutdown()
+
+
+_HANGING_STEP = """
+import time
+
+from inferd.engine import core
+
+_add, _step = core.EngineCore.add_request, core.EngineCore.step
+armed = []
+
+
+def add_request(self, request):
+    if request.params.max_tokens == 9:
+        armed.append(True)
+    return _add(self, request)
+
+
+def step(self):
+    if armed:
+        time.sleep(3600)
+    return _step(self)
+
+
+core.EngineCore.add_request, core.EngineCore.step = add_request, step
+"""
+
+
+@pytest.mark.parametrize("engine_process", [True, False], ids=["process", "thread"])
+def test_a_hung_step_fails_its_request_and_the_server_exits(tiny_llama, tmp_path, engine_process) -> None:
+    """The request answers with why, and the server stops (exit 1) for a supervisor to restart."""
+    args = ("--engine-process",) if engine_process else ()
+    with _server_with(tiny_llama, tmp_path, _HANGING_STEP, "--engine-step-timeout", "2", *args) as server:
+        url = f"{server.base_url}/v1/completions"
+        answer = httpx.post(url, json={"model": server.model, "prompt": "To be", "max_tokens": 9}, timeout=60)
+        assert answer.status_code >= 500 and "hung" in answer.json()["error"]["message"]
+        assert server.process.wait(timeout=60) == 1

@@ -23,6 +23,13 @@ class EngineOverloadedError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+# A step running longer than this means the engine hung (a deadlock, a device that stopped
+# answering, a stopped engine process). Chunked prefill bounds a step's work (the scheduler's
+# token budget), so a sound step is far shorter: this leaves room for a large model's prefill
+# chunk on a CPU.
+DEFAULT_STEP_TIMEOUT_S = 600.0
+
+
 @dataclass(frozen=True)
 class QueueLimits:
     """None means unbounded."""

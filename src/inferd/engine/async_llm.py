@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from inferd.config import EngineConfig
-from inferd.engine.admission import AdmissionQueue, QueueLimits
+from inferd.engine.admission import DEFAULT_STEP_TIMEOUT_S, AdmissionQueue, QueueLimits
 from inferd.engine.builder import build_engine_config
 from inferd.engine.core import EngineStats
 from inferd.engine.llm_engine import LLMEngine, Prompt
@@ -82,7 +82,14 @@ class AsyncLLM:
     """``engine`` is an LLMEngine (core in this thread) or a ProcessLLMEngine (core in a child
     process, used on GPUs so that detokenization never delays a kernel launch)."""
 
-    def __init__(self, engine: LLMEngine | ProcessLLMEngine, queue_limits: QueueLimits | None = None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine | ProcessLLMEngine,
+        queue_limits: QueueLimits | None = None,
+        step_timeout_s: float | None = None,
+    ) -> None:
+        """``step_timeout_s``: an engine thread's step that runs longer makes the engine dead (see
+        ``_watch_steps``; a ProcessLLMEngine watches its core itself). None: never."""
         self.engine = engine
         self.admission = AdmissionQueue(queue_limits)
         self.tokenizer = engine.tokenizer
@@ -95,6 +102,10 @@ class AsyncLLM:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.dead_reason: str | None = None
+        self._step_timeout_s = step_timeout_s
+        self._step_started: float | None = None  # time.monotonic() while the engine thread steps
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
         self.num_steps = 0
         self._failed_steps = 0  # in a row
         # Set (under the lock) when the engine loop ends: no call is queued after that.
@@ -108,21 +119,36 @@ class AsyncLLM:
         model_path: str | Path | None = None,
         engine_process: bool | None = None,
         queue_limits: QueueLimits | None = None,
+        step_timeout_s: float | None = DEFAULT_STEP_TIMEOUT_S,
         **options: Any,
     ) -> AsyncLLM:
         """``engine_process=None`` puts the core in its own process on CUDA, in a thread otherwise."""
         config = build_engine_config(model_path, **options)
         if engine_process is None:
             engine_process = config.device.startswith("cuda")
-        return cls(ProcessLLMEngine(config) if engine_process else LLMEngine(config), queue_limits)
+        if engine_process:
+            return cls(ProcessLLMEngine(config, step_timeout_s), queue_limits)
+        return cls(LLMEngine(config), queue_limits, step_timeout_s)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="inferd-engine", daemon=True)
             self._thread.start()
+        if self._step_timeout_s is not None and self._watchdog is None:
+            self._watchdog = threading.Thread(
+                target=self._watch_steps,
+                args=(self._step_timeout_s,),
+                name="inferd-step-watchdog",
+                daemon=True,
+            )
+            self._watchdog.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout)
+            self._watchdog = None
         stopped = True
         if self._thread is not None:
             self._commands.put(_STOP)
@@ -368,6 +394,7 @@ class AsyncLLM:
         heapq.heapify(self._deadlines)
 
     def _step(self) -> None:
+        self._step_started = time.monotonic()
         try:
             outputs = self.engine.step()
         except EngineProcessDied:
@@ -389,6 +416,8 @@ class AsyncLLM:
         else:
             if outputs:  # a step that moved requests on (not the engine process's idle report)
                 self._failed_steps = 0
+        finally:
+            self._step_started = None
         self.num_steps += 1
         self._deliver(outputs)
 
@@ -406,6 +435,30 @@ class AsyncLLM:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:
                 pass  # that event loop is closed; its requests are gone with it
+
+    def _watch_steps(self, timeout_s: float) -> None:
+        """Watches the engine thread's steps from a thread of its own: one that runs past
+        ``timeout_s`` has hung, and nothing will end it, so the engine counts as dead (/health
+        503, the server stops with exit code 1 for a supervisor to restart it). The engine
+        thread cannot be stopped: its requests are failed from here, and its calls refused."""
+        while not self._stopping.wait(min(1.0, timeout_s / 4)):
+            started = self._step_started
+            if started is None or self.dead_reason is not None:
+                continue
+            running_s = time.monotonic() - started
+            if running_s <= timeout_s:
+                continue
+            self.dead_reason = (
+                f"engine hung: one step has run for {running_s:.0f} s "
+                f"(the engine step timeout is {timeout_s:g} s)"
+            )
+            logger.error("%s", self.dead_reason)
+            with self._lock:
+                self._calls_refused = True
+                live = list(self._streams)
+            self._refuse_queued_calls()
+            self._deliver([_error_output(request_id, [], self.dead_reason) for request_id in live])
+            return
 
     def _fail_all(self, message: str) -> None:
         with self._lock:

@@ -11,7 +11,9 @@ import logging
 import os
 import signal
 import threading
+import time
 import traceback
+from ctypes import c_double
 from types import FrameType
 
 import msgspec
@@ -96,8 +98,16 @@ ToCore = AddMsg | AbortMsg | ShutdownMsg | LoraMsg | ResetPrefixCacheMsg
 FromCore = ReadyMsg | OutputsMsg | FatalMsg | DoneMsg | StepFailedMsg
 
 
-def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) -> None:
-    """Entry point of the engine process: load, report ready, then serve steps until shut down."""
+def run_core_process(
+    config: EngineConfig, input_addr: str, output_addr: str, progress: c_double | None = None
+) -> None:
+    """Entry point of the engine process: load, report ready, then serve steps until shut down.
+
+    ``progress``: shared with the client, which reads in it when this process last showed it was
+    not stuck (between two steps, or each second while idle or waiting for the server to read):
+    ``time.monotonic()``, the same clock in every process of the machine."""
+    global _progress
+    _progress = progress
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine[{os.getpid()}] %(message)s")
     # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group, while
     # the server drains its requests and then sends ShutdownMsg: SIGINT is ignored, and SIGTERM
@@ -118,6 +128,7 @@ def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) ->
         core = EngineCore(config, runner)
         assert config.cache.num_blocks is not None
         ready = ReadyMsg(config.cache.num_blocks, config.scheduler.max_model_len, core.stats())
+        _beat()  # loading took what it took: the client counts from here
         outbox.send(encoder.encode(ready))
         _serve(core, inbox, outbox, encoder, parent)
     except Exception as exc:
@@ -133,6 +144,13 @@ def run_core_process(config: EngineConfig, input_addr: str, output_addr: str) ->
 
 
 _terminating = threading.Event()
+_progress: c_double | None = None
+
+
+def _beat() -> None:
+    """Tell the client this process is not stuck (see run_core_process)."""
+    if _progress is not None:
+        _progress.value = time.monotonic()
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -150,6 +168,7 @@ def _parent_gone(parent: int) -> bool:
 def _send(outbox: zmq.Socket, data: bytes, parent: int) -> bool:
     """Sends unless the server process is gone (a PUSH socket without its peer blocks forever)."""
     while not outbox.poll(_PARENT_CHECK_MS, zmq.POLLOUT):
+        _beat()  # the server is slow to read, not this process
         if _parent_gone(parent):
             return False
     outbox.send(data)
@@ -175,9 +194,11 @@ def _serve(
 ) -> None:
     decoder = msgspec.msgpack.Decoder(ToCore)
     while True:
+        _beat()
         if not core.has_unfinished():
             # Idle: wait for work; end on SIGTERM or with a parent that is gone.
             while not inbox.poll(_PARENT_CHECK_MS):
+                _beat()
                 if _parent_gone(parent) or _terminating.is_set():
                     return
         elif _parent_gone(parent):  # orphaned mid-work: nobody reads what it would compute

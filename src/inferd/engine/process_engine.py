@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from ctypes import c_double
 from pathlib import Path
 
 import msgspec
@@ -59,8 +60,12 @@ class EngineStepFailed(RuntimeError):
 class ProcessLLMEngine:
     """Same methods as LLMEngine (add_request, step, abort, has_unfinished, stats)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, step_timeout_s: float | None = None) -> None:
+        """``step_timeout_s``: a core that shows no progress for longer (one step running that long,
+        or a process stopped or deadlocked) is hung: ``check_alive`` kills it and raises
+        EngineProcessDied. None: never."""
         self.tokenizer = Tokenizer(config.tokenizer_path)
+        self._step_timeout_s = step_timeout_s
         self._context = zmq.Context()
         # ZMQ leaves its ipc socket files when the sockets close: close() removes the folder.
         self._socket_dir = Path(tempfile.mkdtemp(prefix="inferd-"))
@@ -74,9 +79,12 @@ class ProcessLLMEngine:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(FromCore)
         # spawn, not fork: CUDA cannot be initialised again in a forked child.
-        self._process = multiprocessing.get_context("spawn").Process(
+        context = multiprocessing.get_context("spawn")
+        # When the core last showed progress (its clock: time.monotonic()); it writes, we read.
+        self._progress = context.RawValue(c_double, time.monotonic())
+        self._process = context.Process(
             target=run_core_process,
-            args=(config, input_addr, output_addr),
+            args=(config, input_addr, output_addr, self._progress),
             name="inferd-engine-core",
             daemon=True,
         )
@@ -200,9 +208,18 @@ class ProcessLLMEngine:
         self._to_core.send(self._encoder.encode(message))
 
     def check_alive(self) -> None:
-        """Raises EngineProcessDied if the core's process has exited (killed, crashed)."""
+        """Raises EngineProcessDied if the core's process has exited (killed, crashed), or has hung
+        (see ``step_timeout_s``): then it is killed, so that the server can stop and a supervisor
+        start it again."""
         if not self._process.is_alive():
             raise EngineProcessDied(f"engine process exited with code {self._process.exitcode}")
+        silent_s = time.monotonic() - self._progress.value
+        if self._step_timeout_s is not None and silent_s > self._step_timeout_s:
+            self._process.kill()
+            raise EngineProcessDied(
+                f"engine process hung: no progress for {silent_s:.0f} s (the engine step timeout is "
+                f"{self._step_timeout_s:g} s); it was killed"
+            )
 
     def abort(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> list[RequestOutput]:
         self._send(AbortMsg(list(request_ids), reason.value))

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from inferd.engine.admission import DEFAULT_STEP_TIMEOUT_S
 from inferd.entrypoints.engine_args import (
     add_engine_args,
     add_model_argument,
@@ -160,6 +161,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="on SIGTERM, seconds in-flight requests get to finish before they are aborted (default 30)",
     )
     limits.add_argument(
+        "--engine-step-timeout",
+        type=_non_negative_float,
+        default=DEFAULT_STEP_TIMEOUT_S,
+        help="seconds an engine step (or an engine process's silence) may last before the engine counts as "
+        f"hung: /health turns 503 and the server exits 1 (default {DEFAULT_STEP_TIMEOUT_S:g}; 0: never)",
+    )
+    limits.add_argument(
         "--max-body-bytes",
         type=positive_int,
         default=DEFAULT_MAX_BODY_BYTES,
@@ -242,6 +250,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -256,7 +271,11 @@ def load_llm(args: argparse.Namespace) -> AsyncLLM:
     limits = QueueLimits(args.max_queued_requests, args.max_queued_tokens)
     model = Path(args.model) if args.model else None
     return AsyncLLM.from_options(
-        model, engine_process=args.engine_process, queue_limits=limits, **serve_engine_options(args)
+        model,
+        engine_process=args.engine_process,
+        queue_limits=limits,
+        step_timeout_s=args.engine_step_timeout or None,
+        **serve_engine_options(args),
     )
 
 
