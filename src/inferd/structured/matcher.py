@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from inferd.structured.deep_stack import on_deep_stack
 from inferd.structured.spec import StructuredOutput, StructuredOutputError
 
 if TYPE_CHECKING:
@@ -82,7 +83,8 @@ class GrammarCompiler:
         from llguidance import LLMatcher
 
         tokenizer = self._tokenizer(eos_token_ids)
-        matcher = LLMatcher(tokenizer, spec.grammar_text(), log_level=0)
+        grammar = spec.grammar_text()
+        matcher = on_deep_stack(lambda: LLMatcher(tokenizer, grammar, log_level=0))
         if matcher.is_error():
             problem = matcher.get_error().strip()
             raise StructuredOutputError(

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from inferd.structured.deep_stack import on_deep_stack
+
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
@@ -25,6 +27,10 @@ _JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False, "lenient": T
 # Constraints longer than this are compiled each time rather than cached: the caches are bounded
 # by entries, and a few huge schemas (the body limit allows megabytes) would hold much memory.
 _CACHED_MAX_CHARS = 64 * 1024
+# The longest constraint taken (its schema, regex, grammar or choices together). Compiling
+# recurses over its rules (see deep_stack.py) and its time grows faster than its size (100,000
+# choices took 16 s): far past any real schema, and still bounded.
+MAX_CONSTRAINT_CHARS = 256 * 1024
 
 
 class StructuredOutputError(ValueError):
@@ -79,6 +85,10 @@ class StructuredOutput:
         size = sum(
             len(part) for part in (self.json or "", self.regex or "", self.grammar or "", *(choice or ()))
         )
+        if size > MAX_CONSTRAINT_CHARS:
+            raise StructuredOutputError(
+                f"the constraint is {size:,} characters long; at most {MAX_CONSTRAINT_CHARS:,} are taken"
+            )
         compile_ = _grammar_text if size <= _CACHED_MAX_CHARS else _grammar_text.__wrapped__
         return compile_(self.json, self.json_object, self.regex, choice, self.grammar)
 
@@ -86,6 +96,24 @@ class StructuredOutput:
 # Bounded: a server sees the same few schemas again and again, but clients could send endless new ones.
 @lru_cache(maxsize=256)
 def _grammar_text(
+    schema: str | None,
+    json_object: bool,
+    regex: str | None,
+    choice: tuple[str, ...] | None,
+    grammar: str | None,
+) -> str:
+    def compile_() -> str:
+        try:
+            return _compiled_grammar_text(schema, json_object, regex, choice, grammar)
+        except StructuredOutputError:
+            raise
+        except Exception as exc:  # llguidance's own refusals (limits, values it cannot represent)
+            raise StructuredOutputError(f"the constraint cannot be compiled: {exc}") from None
+
+    return on_deep_stack(compile_)
+
+
+def _compiled_grammar_text(
     schema: str | None,
     json_object: bool,
     regex: str | None,
@@ -126,7 +154,7 @@ def _grammar_text(
 def _validate(grammar: str) -> str:
     from llguidance import LLMatcher
 
-    return str(LLMatcher.validate_grammar(grammar))
+    return on_deep_stack(lambda: str(LLMatcher.validate_grammar(grammar)))
 
 
 # Where a schema keeps its subschemas: one, a list of them, or a name -> schema map ("items" is
