@@ -199,6 +199,10 @@ def test_logprobs_of_chosen_and_top_n() -> None:
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"logprobs": 50}, "logprobs"),
         ({"stop": [""]}, "stop"),
+        # Each token is searched for every stop: their number and length are bounded.
+        ({"stop": [f"s{i}" for i in range(65)]}, "stop"),
+        ({"stop": ["x" * 9000, "y" * 9000]}, "stop"),
+        ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"seed": 2**64}, "seed"),
         ({"seed": -(2**63) - 1}, "seed"),

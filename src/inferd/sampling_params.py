@@ -19,6 +19,12 @@ MAX_BAD_WORDS = 1024
 GREEDY_TEMPERATURE = 1e-5
 # Most samples one offline prompt may ask for (``SamplingParams.n``), the servers' bound on ``n``.
 MAX_SAMPLES = 128
+# Every new token is searched for every stop string (and its id checked against the stop ids) on
+# the engine's thread: an unbounded list let one request slow every other (50,000 stop strings
+# took another client's latency from 20 ms to 2 s). Far above what clients send (OpenAI takes 4).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 16 * 1024  # all of a request's stop strings together
+MAX_STOP_TOKEN_IDS = 1024
 
 
 def sample_seed(seed: int, sample: int) -> int:
@@ -162,6 +168,18 @@ class SamplingParams:
                 raise SamplingParamsError(name, f"must be in [0, 20], got {value}")
         if any(not s for s in self.stop):
             raise SamplingParamsError("stop", "stop strings must be non-empty")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingParamsError(
+                "stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"
+            )
+        if (chars := sum(map(len, self.stop))) > MAX_STOP_CHARS:
+            raise SamplingParamsError(
+                "stop", f"the stop strings are {chars} characters; at most {MAX_STOP_CHARS}"
+            )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingParamsError(
+                "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}"
+            )
         if any(t < 0 for t in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids", "token ids must be non-negative")
         if self.allowed_token_ids is not None and (
