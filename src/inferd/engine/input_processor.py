@@ -54,6 +54,7 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = read_eos_token_ids(config.model_path, tokenizer)
         self.max_model_len = config.scheduler.max_model_len
+        tokenizer.limit_text(self.max_model_len)
         self.max_tokens_cap = config.scheduler.max_tokens_cap
         self.vocab_size = config.model.vocab_size
         # The LoRA adapters requests may name: the start-up ones, then as loads and unloads go.

@@ -85,6 +85,9 @@ class Tokenizer:
             token_id for token_id, added in added_tokens.items() if added.special
         )
         self._added_token_ids = frozenset(added_tokens)
+        # Set by limit_text: the longest text taken, for a context of _context_tokens tokens.
+        self.max_text_chars: int | None = None
+        self._context_tokens = 0
         decoder = self._tok.decoder  # its own JSON, not the whole tokenizer's
         self._byte_level = decoder is not None and _has_byte_level_decoder(json.loads(decoder.__getstate__()))
         self._template_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -127,14 +130,44 @@ class Tokenizer:
         """The largest id the tokenizer can produce (added tokens included); ids may have gaps."""
         return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def limit_text(self, context_tokens: int) -> None:
+        """From now on, refuse (InvalidTextError) a text that has more tokens than a context of
+        ``context_tokens`` holds before tokenizing it, judged by its length alone. Tokenizing runs
+        where it is asked, a server's event loop among them, and takes time and memory as the
+        text's length: 8 MiB of text (19 KiB of gzip) stalled a server 7 s and took 1.2 GB, to be
+        refused for its length afterwards. No token stands for more characters of text than its
+        own (a byte-level piece has a character per byte, a byte-fallback one more); twice that
+        leaves room for normalizers that drop characters."""
+        longest = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+        self._context_tokens = context_tokens
+        self.max_text_chars = 2 * context_tokens * longest
+
+    def _check_length(self, chars: int) -> None:
+        if self.max_text_chars is not None and chars > self.max_text_chars:
+            raise InvalidTextError(
+                f"the text is {chars:,} characters long: more tokens than this model's context of "
+                f"{self._context_tokens:,} holds (a text that could fit has at most {self.max_text_chars:,})"
+            )
+
+    def _fit(self, text: str, cut_to_fit: bool) -> str:
+        """``text``, checked as `limit_text` says, or with ``cut_to_fit`` cut to the end that may
+        fit (its first tokens may differ from those of the whole text: a truncation drops them)."""
+        if cut_to_fit and self.max_text_chars is not None and len(text) > self.max_text_chars:
+            text = text[-self.max_text_chars :]
+        self._check_length(len(text))
         check_unicode(text)
+        return text
+
+    def encode(self, text: str, add_special_tokens: bool = True, cut_to_fit: bool = False) -> list[int]:
+        """``cut_to_fit``: for a text kept only by its last tokens, a text too long for the context
+        is cut to its end instead of refused (see ``_fit``)."""
+        text = self._fit(text, cut_to_fit)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def encode_spans(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
         """Each token of ``text`` with the span of characters it came from, ``(id, start, stop)``:
         empty for a special token the tokenizer added."""
-        check_unicode(text)
+        text = self._fit(text, cut_to_fit=False)
         encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
         spans = zip(encoding.ids, encoding.offsets, strict=True)
         return [(token_id, start, stop) for token_id, (start, stop) in spans]
@@ -143,6 +176,7 @@ class Tokenizer:
         """``text``'s last tokens, ``keep`` in all, as transformers' left truncation gives them: the
         special tokens the tokenizer's template adds around a text (a BOS before it, an EOS after)
         are kept, and the text's own tokens are cut from the left."""
+        text = self._fit(text, cut_to_fit=True)
         whole = self.encode(text)
         if len(whole) <= keep:
             return whole
@@ -156,6 +190,7 @@ class Tokenizer:
     def encode_pair(self, first: str, second: str) -> list[int]:
         """Two texts as one input, joined as the tokenizer's pair template joins them (the
         ``text_pair`` of transformers' tokenizers): what a cross-encoder reads."""
+        self._check_length(len(first) + len(second))
         check_unicode(first)
         check_unicode(second)
         return list(self._tok.encode(first, second, add_special_tokens=True).ids)
