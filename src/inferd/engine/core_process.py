@@ -22,6 +22,7 @@ import zmq
 from inferd.config import EngineConfig
 from inferd.engine.builder import resolve_num_blocks
 from inferd.engine.core import EngineCore, EngineStats, LoraUpdateError
+from inferd.engine.gc_heap import freeze_start_up_heap
 from inferd.engine.outputs import EngineCoreOutput
 from inferd.engine.request import FinishReason, Request
 from inferd.sampling_params import SamplingParams
@@ -128,6 +129,7 @@ def run_core_process(
         core = EngineCore(config, runner)
         assert config.cache.num_blocks is not None
         ready = ReadyMsg(config.cache.num_blocks, config.scheduler.max_model_len, core.stats())
+        freeze_start_up_heap()
         _beat()  # loading took what it took: the client counts from here
         outbox.send(encoder.encode(ready))
         _serve(core, inbox, outbox, encoder, parent)

@@ -283,6 +283,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Serves until SIGTERM/SIGINT (exit 0 after the drain) or until the engine dies (exit 1)."""
     import uvicorn
 
+    from inferd.engine.gc_heap import freeze_start_up_heap
     from inferd.server import event_loop
     from inferd.server.app import create_app
     from inferd.server.lifecycle import CONNECTION_CLOSE_TIMEOUT_S, DrainingServer
@@ -302,6 +303,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logger.info("loading model %s", args.model or "(built-in default)")
     llm = load_llm(args)
     app = create_app(llm, config, args.model_repository)
+    freeze_start_up_heap()
     server = DrainingServer(
         uvicorn.Config(
             app,
