@@ -383,3 +383,57 @@ def test_a_hung_step_fails_its_request_and_the_server_exits(tiny_llama, tmp_path
         answer = httpx.post(url, json={"model": server.model, "prompt": "To be", "max_tokens": 9}, timeout=60)
         assert answer.status_code >= 500 and "hung" in answer.json()["error"]["message"]
         assert server.process.wait(timeout=60) == 1
+
+
+def test_an_engine_process_whose_server_is_gone_at_its_start_ends(tiny_llama, tmp_path) -> None:
+    """The core is told its server's pid: one killed while the core loaded left it adopted (its
+    parent then reads as init), waiting for work forever with the model in memory."""
+    import multiprocessing
+
+    import msgspec
+    import zmq
+
+    from inferd.engine.builder import build_engine_config
+    from inferd.engine.core_process import FromCore, ReadyMsg, run_core_process
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    context = zmq.Context()
+    to_core, from_core = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    to_core.bind(f"ipc://{tmp_path}/in")
+    from_core.bind(f"ipc://{tmp_path}/out")
+    config = build_engine_config(tiny_llama, kv_cache_memory="8MiB")
+    core = multiprocessing.get_context("spawn").Process(
+        target=run_core_process,
+        args=(config, f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out", None, gone.pid),
+        daemon=True,
+    )
+    core.start()
+    try:
+        assert from_core.poll(120_000), "the core never became ready"
+        assert isinstance(msgspec.msgpack.decode(from_core.recv(), type=FromCore), ReadyMsg)
+        core.join(30)
+        assert core.exitcode == 0
+    finally:
+        if core.is_alive():
+            core.kill()
+        to_core.close(linger=0)
+        from_core.close(linger=0)
+        context.term()
+
+
+def test_an_engine_process_engine_that_fails_to_start_leaves_no_process(tiny_llama, monkeypatch) -> None:
+    """What the client builds besides the core (its input processor, which reads the folder's
+    generation config) is built first: it failed after the core was up, and the core lived on."""
+    import multiprocessing
+
+    from inferd.engine import process_engine
+
+    def unreadable(*args: object) -> None:
+        raise ValueError("generation_config.json is not JSON")
+
+    monkeypatch.setattr(process_engine, "InputProcessor", unreadable)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match="not JSON"):
+        AsyncLLM.from_options(tiny_llama, engine_process=True, kv_cache_memory="8MiB")
+    assert set(multiprocessing.active_children()) == before

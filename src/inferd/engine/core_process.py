@@ -100,9 +100,14 @@ FromCore = ReadyMsg | OutputsMsg | FatalMsg | DoneMsg | StepFailedMsg
 
 
 def run_core_process(
-    config: EngineConfig, input_addr: str, output_addr: str, progress: c_double | None = None
+    config: EngineConfig,
+    input_addr: str,
+    output_addr: str,
+    progress: c_double | None = None,
+    parent: int | None = None,
 ) -> None:
-    """Entry point of the engine process: load, report ready, then serve steps until shut down.
+    """Entry point of the engine process: load, report ready, then serve steps until shut down,
+    or until the server process ``parent`` (this one's parent by default) is gone.
 
     ``progress``: shared with the client, which reads in it when this process last showed it was
     not stuck (between two steps, or each second while idle or waiting for the server to read):
@@ -115,7 +120,8 @@ def run_core_process(
     # (also how multiprocessing ends a daemon child at exit) ends the core once it is idle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    parent = os.getppid()
+    if parent is None:
+        parent = os.getppid()
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
     inbox.connect(input_addr)

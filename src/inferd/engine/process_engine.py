@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
 import shutil
 import tempfile
 import time
@@ -65,6 +66,10 @@ class ProcessLLMEngine:
         or a process stopped or deadlocked) is hung: ``check_alive`` kills it and raises
         EngineProcessDied. None: never."""
         self.tokenizer = Tokenizer(config.tokenizer_path)
+        # Before the core starts: a folder whose files this fails on leaves no process behind.
+        self.inputs = InputProcessor(config, self.tokenizer)
+        self.eos_token_ids = self.inputs.eos_token_ids
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self._step_timeout_s = step_timeout_s
         self._context = zmq.Context()
         # ZMQ leaves its ipc socket files when the sockets close: close() removes the folder.
@@ -84,7 +89,9 @@ class ProcessLLMEngine:
         self._progress = context.RawValue(c_double, time.monotonic())
         self._process = context.Process(
             target=run_core_process,
-            args=(config, input_addr, output_addr, self._progress),
+            # This process's id, not the one the child would read at its start: a server killed
+            # while the child starts would otherwise leave it adopted, waiting for it forever.
+            args=(config, input_addr, output_addr, self._progress, os.getpid()),
             name="inferd-engine-core",
             daemon=True,
         )
@@ -96,9 +103,6 @@ class ProcessLLMEngine:
         )
         self.max_model_len = ready.max_model_len
         self.num_blocks = ready.num_blocks
-        self.inputs = InputProcessor(config, self.tokenizer)
-        self.eos_token_ids = self.inputs.eos_token_ids
-        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self._stats = ready.stats
         # True from any add/abort until the core reports itself idle, so the caller keeps
         # calling step() and the final stats (blocks freed) are read.
