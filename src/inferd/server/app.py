@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -18,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from inferd.engine.async_llm import AsyncLLM
 from inferd.engine.generation_config import read_sampling_defaults
 from inferd.server import openai, tgi
-from inferd.server.auth import require_api_key
+from inferd.server.auth import RequireApiKey
 from inferd.server.config import ServerConfig
 from inferd.server.decompression import RequestDecompression
 from inferd.server.errors import ApiError, is_openai_path, unmatched_route_response
@@ -43,11 +42,11 @@ def served_model_name(llm: AsyncLLM, config: ServerConfig) -> str:
 
 
 def protocol_routers(frontend: Frontend, config: ServerConfig) -> list[APIRouter]:
-    """The one list of protocol routers; each gets the API-key check when a key is set."""
-    auth: list[Callable[..., Any]] = [require_api_key(config.api_key)] if config.api_key else []
+    """The one list of protocol routers (the API key, when set, is checked before them by the
+    `RequireApiKey` middleware)."""
     return [
-        openai.build_router(frontend, auth),
-        tgi.build_router(frontend, auth, config.max_best_of),
+        openai.build_router(frontend),
+        tgi.build_router(frontend, max_best_of=config.max_best_of),
     ]
 
 
@@ -118,7 +117,11 @@ def create_app(
     app.add_middleware(SageMakerInvocations)
     app.add_middleware(RequestDecompression, max_bytes=config.max_body_bytes, render=render_error_for_path)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, render=render_error_for_path)
-    # Outside the size limit, so its 413s are counted too.
+    if config.api_key:
+        # Outside everything that reads the body (the size limit, the decompression, /invocations'
+        # dispatch, the routes' JSON parsing), so a request without the key costs its headers only.
+        app.add_middleware(RequireApiKey, api_key=config.api_key, render=render_error_for_path)
+    # Outside the size limit and the key check, so their 413s and 401s are counted too.
     app.add_middleware(HttpMetrics, families=HttpMetricFamilies(registry))
     app.add_middleware(EchoRequestId)  # every answer, refusals included, carries the client's id
     if config.allowed_origins:
@@ -134,16 +137,20 @@ def create_app(
     for router in protocol_routers(frontend, config):
         app.include_router(router)
     app.state.model_repository = None
-    auth: list[Callable[..., Any]] = [require_api_key(config.api_key)] if config.api_key else []
     if model_repository is not None:
         from inferd.server.kserve.launch import mount_model_repository
 
         # With the repository's embedding models, the LLM's embeddings on the same route.
         app.state.model_repository = mount_model_repository(
-            app, model_repository, registry, auth, frontend, config.allow_client_shm
+            app,
+            model_repository,
+            registry,
+            served_llm=frontend,
+            allow_client_shm=config.allow_client_shm,
+            max_body_bytes=config.max_body_bytes,
         )
     else:
-        app.include_router(build_embeddings_router(None, auth, frontend))
+        app.include_router(build_embeddings_router(None, served_llm=frontend))
 
     @app.get("/health", response_class=Response)
     async def health() -> Response:

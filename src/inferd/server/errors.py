@@ -7,6 +7,7 @@ turns them, and FastAPI's own request validation errors, into that protocol's er
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import get_route_path
 
 from inferd.engine.tokenizer import InvalidTextError
+from inferd.server.request_id import HEADER as REQUEST_ID_HEADER
+from inferd.server.request_id import client_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -179,18 +182,45 @@ def protocol_route_class(render: ErrorRenderer) -> type[APIRoute]:
                     if exc.status_code >= 500:
                         raise
                     return render(InvalidRequestError(f"invalid request: {exc.detail}"))
-                except Exception as exc:
-                    logger.exception("request to %s failed", request.url.path)
-                    return render(GenerationError(f"internal error: {type(exc).__name__}: {exc}"))
+                except Exception:
+                    return internal_error_response(render, request)
 
             return handle
 
     return ProtocolRoute
 
 
+def internal_error_response(render: ErrorRenderer, request: Request) -> Response:
+    """A 500 for an exception nobody expected, logged with its traceback under the request's id.
+
+    The client gets that id and nothing of the exception: its text may hold server paths, library
+    internals (a Rust panic's backtrace) or parts of other data. The id is the client's own
+    ``X-Request-Id`` where it sent one, else a new one, sent back in that header too."""
+    request_id = client_request_id(request.headers.get(REQUEST_ID_HEADER)) or uuid.uuid4().hex
+    logger.exception("request %s to %s failed", request_id, request.url.path)
+    message = (
+        f"internal error: the server failed to answer this request; its log has the details under "
+        f"request id {request_id}"
+    )
+    response = render(GenerationError(message))
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
 # The OpenAI-style routes outside /v1/ (vLLM's): their errors come in OpenAI's shape too, /v2/rerank
-# in spite of KServe's /v2 prefix.
-_OPENAI_PATHS = ("/tokenize", "/detokenize", "/score", "/rerank", "/v2/rerank", "/classify", "/pooling")
+# in spite of KServe's /v2 prefix. SageMaker's /invocations answers its own errors (a body of no
+# known kind) in OpenAI's shape, and so do the errors raised before it dispatches (a 401, a 413).
+_OPENAI_PATHS = (
+    "/tokenize",
+    "/detokenize",
+    "/score",
+    "/rerank",
+    "/v2/rerank",
+    "/classify",
+    "/pooling",
+    "/reset_prefix_cache",
+    "/invocations",
+)
 
 
 def is_openai_path(path: str) -> bool:

@@ -5,8 +5,8 @@ SamplingParams, fans a request with several prompts or `n > 1` out into engine r
 metrics plus a log line for each engine request when it ends. Routes only translate protocols.
 
 It also holds the server-side limits every protocol shares: the request timeout (a server default,
-overridable per request), refusing work while draining for shutdown, and turning a full engine
-queue into a 429.
+overridable per request), the most engine requests one request may make, refusing work while
+draining for shutdown, and turning a full engine queue into a 429.
 """
 
 from __future__ import annotations
@@ -55,6 +55,12 @@ class IndexedOutput:
 # The header that sets one request's timeout in seconds (overrides the server default).
 TIMEOUT_HEADER = "X-Request-Timeout"
 
+# The most engine requests one HTTP request may make: prompts x n (or best_of) on completions, one
+# per input on embeddings, score, rerank, classify and pooling. A few bytes of JSON would otherwise
+# queue tens of thousands (2,000 prompts x n=16 in 19 KiB). OpenAI's own limit on embedding inputs,
+# so no request its API takes is refused here.
+DEFAULT_MAX_ENGINE_REQUESTS = 2048
+
 
 # The model names TGI's clients send where they know none (TGI ignores the field): "tgi", as TGI's
 # documentation writes it, and "dummy", what huggingface_hub's InferenceClient sends to a URL. They
@@ -73,6 +79,7 @@ class Frontend:
         reasoning_format: ReasoningFormat | None = None,
         tool_call_parser: str | None = None,
         aliases: tuple[str, ...] = (),
+        max_engine_requests: int = DEFAULT_MAX_ENGINE_REQUESTS,
     ) -> None:
         self.llm = llm
         self.model_name = model_name
@@ -80,6 +87,8 @@ class Frontend:
         self.aliases = tuple(name for name in aliases if name != model_name)
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
+        # The most engine requests one client request may make (``check_fan_out``).
+        self.max_engine_requests = max_engine_requests
         # For the OpenAI fields a request leaves out (`engine/generation_config.py`).
         self.sampling_defaults: Mapping[str, float | int] = sampling_defaults or {}
         # How chat answers split their thinking from the rest (--reasoning-parser); None: they don't.
@@ -190,6 +199,8 @@ class Frontend:
     def check_ready(self, prompts: Sequence[list[int]], n: int = 1, field: str = "n") -> None:
         """Before a response starts: the engine runs, no drain, and the queue has room for these
         (``field``: what the client changes to ask for fewer)."""
+        # First: a request too large to ever be served is the client's to change, whatever the state.
+        self.check_fan_out(len(prompts), n, field)
         self.check_alive()
         max_requests = self.llm.admission.limits.max_requests
         if max_requests is not None and len(prompts) * n > max_requests:
@@ -205,6 +216,19 @@ class Frontend:
         except EngineOverloadedError as exc:
             self.metrics.count_rejected()
             raise OverloadedError(str(exc), exc.retry_after_s) from exc
+
+    def check_fan_out(self, prompts: int, samples: int = 1, field: str = "n") -> None:
+        """A 400 naming ``field`` where ``prompts`` x ``samples`` engine requests are more than one
+        request may make (``max_engine_requests``); checked before anything is queued."""
+        total = prompts * samples
+        if total <= self.max_engine_requests:
+            return
+        made = f"{prompts} prompts x {samples} samples" if samples > 1 else "one per prompt or input"
+        raise InvalidRequestError(
+            f"{field}: this request makes {total} engine requests ({made}), more than the "
+            f"{self.max_engine_requests} one request may make; send fewer, or split it",
+            field=field,
+        )
 
     def timeout_s(self, header: str | None, body: float | None = None) -> float | None:
         """One request's timeout: the body field, else the header, else the server default."""

@@ -285,6 +285,11 @@ class BackgroundResponses:
         self._running: dict[str, tuple[asyncio.Task[None], ResponseJob]] = {}
         self._logs: dict[str, _EventLog] = {}  # running ones, then the most recent ended ones
 
+    @property
+    def num_running(self) -> int:
+        """Responses being answered now (one leaves as its task ends, a cancelled one too)."""
+        return len(self._running)
+
     def start(self, job: ResponseJob) -> dict[str, Any]:
         """Store the queued response, start answering it; returns the queued response."""
         queued = _response(job, "queued", [], None)

@@ -12,7 +12,12 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from inferd.server.errors import InvalidRequestError, ModelNotFoundError, protocol_route_class
+from inferd.server.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    protocol_route_class,
+)
 from inferd.server.frontend import TIMEOUT_HEADER, Frontend
 from inferd.server.openai.beam_search import beam_complete, stream_beam_completion
 from inferd.server.openai.chat import (
@@ -45,6 +50,7 @@ from inferd.server.openai.protocol import (
 from inferd.server.openai.response_store import ResponseStore
 from inferd.server.openai.responses import (
     BackgroundResponses,
+    ResponseJob,
     ResponseNotFoundError,
     input_items_page,
     prepare_response,
@@ -57,15 +63,46 @@ from inferd.server.request_id import HEADER as REQUEST_ID_HEADER
 from inferd.server.request_id import client_request_id
 from inferd.server.streaming import sse_response, started_sse_response, unless_disconnected
 
+# Background responses answered at once: each holds an engine request but no connection, so a
+# gateway's concurrency limit does not see them, and one client could queue hundreds in a second. As
+# many as the engine runs at once by default (its max_num_seqs); one more is a 429 until one ends.
+DEFAULT_MAX_BACKGROUND_RESPONSES = 128
+
+# Seconds a client refused for the background limit is told to wait (Retry-After).
+_BACKGROUND_RETRY_AFTER_S = 1
+
+
+class BoundedBackgroundResponses(BackgroundResponses):
+    """Background responses, at most ``max_running`` of them being answered at once."""
+
+    def __init__(self, frontend: Frontend, store: ResponseStore, max_running: int) -> None:
+        super().__init__(frontend, store)
+        self.max_running = max_running
+
+    def check_room(self) -> None:
+        """A 429 in OpenAI's shape (``rate_limit_exceeded``, ``Retry-After``) while full."""
+        if self.num_running >= self.max_running:
+            raise OverloadedError(
+                f"background: {self.num_running} background responses are being answered, the most this "
+                "server runs at once; retry once one has ended, or send the request without background",
+                _BACKGROUND_RETRY_AFTER_S,
+            )
+
+    def start(self, job: ResponseJob) -> dict[str, Any]:
+        self.check_room()
+        return super().start(job)
+
 
 def build_router(
     frontend: Frontend,
     dependencies: Sequence[Callable[..., Any]] = (),
     response_store: ResponseStore | None = None,
+    max_background_responses: int = DEFAULT_MAX_BACKGROUND_RESPONSES,
 ) -> APIRouter:
-    """``response_store`` keeps the Responses API's stored responses (a new one by default)."""
+    """``response_store`` keeps the Responses API's stored responses (a new one by default);
+    ``max_background_responses``: how many ``background`` responses may be answered at once."""
     store = response_store if response_store is not None else ResponseStore()
-    background = BackgroundResponses(frontend, store)
+    background = BoundedBackgroundResponses(frontend, store, max_background_responses)
     router = APIRouter(
         route_class=protocol_route_class(error_response),
         dependencies=[Depends(dependency) for dependency in dependencies],
@@ -110,6 +147,7 @@ def build_router(
 
     @router.post("/v1/completions", response_model=None)
     async def create_completion(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
+        _check_completion_fan_out(frontend, body)  # before its prompts are tokenized
         job = prepare_completion(frontend, body, _client_id(request, body))
         job.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         frontend.check_ready(job.prompts, job.best_of)
@@ -138,6 +176,8 @@ def build_router(
 
     @router.post("/v1/responses", response_model=None)
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        if body.background:
+            background.check_room()  # before the conversation is rendered and tokenized
         job = prepare_response(frontend, body, store)
         job.chat.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         frontend.check_ready([job.chat.prompt])
@@ -245,6 +285,20 @@ def build_router(
         return DetokenizeResponse(prompt=frontend.tokenizer.decode(body.tokens))
 
     return router
+
+
+def _check_completion_fan_out(frontend: Frontend, body: CompletionRequest) -> None:
+    """A 400 where the prompts times the samples each (``n``, or ``best_of`` where larger) are more
+    engine requests than one request may make, naming the field to lower."""
+    prompt = body.prompt
+    # A string or one list of token ids is one prompt; a list of strings or of token lists, many.
+    prompts = 1 if isinstance(prompt, str) or all(isinstance(item, int) for item in prompt) else len(prompt)
+    samples = max(body.n, body.best_of or 1)
+    if prompts > frontend.max_engine_requests:
+        field = "prompt"
+    else:
+        field = "best_of" if samples > body.n else "n"
+    frontend.check_fan_out(prompts, samples, field)
 
 
 def _client_id(request: Request, body: CompletionRequest | ChatCompletionRequest) -> str | None:
