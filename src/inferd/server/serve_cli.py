@@ -344,7 +344,9 @@ async def _serve(
     if repository is not None:
         from inferd.server.kserve.grpc_server import start_grpc_server
 
-        grpc_server = await start_grpc_server(repository, server.config.host, grpc_port, config.api_key)
+        grpc_server = await start_grpc_server(
+            repository, server.config.host, grpc_port, config.api_key, config.max_body_bytes
+        )
         logger.info("KServe v2 gRPC at %s:%d", server.config.host, grpc_port)
     announcer = asyncio.create_task(_announce_when_ready(server, frontend.model_name))
     try:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from inferd.serving.batcher import DynamicBatcher
 from inferd.serving.config import (
@@ -31,6 +32,13 @@ from inferd.serving.shared_memory import SharedMemoryRegions
 from inferd.serving.statistics import ModelStatistics
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Loads run one at a time (under the repository's control lock), in a thread of the repository's
+# own: a load that never returns (a model file that blocks when opened) must not hold a worker of
+# the event loop's default executor, which the dynamic batchers and request inflation run in.
+_LOADER_THREADS = 1
 
 
 @runtime_checkable
@@ -118,6 +126,9 @@ class ModelRepository:
         self._added: set[str] = set()  # served from outside the folder: not loaded or unloaded here
         self._control = asyncio.Lock()  # one load or unload at a time
         self._draining = False  # begin_drain: the server is shutting down
+        self._loader = ThreadPoolExecutor(_LOADER_THREADS, thread_name_prefix="inferd-model-load")
+        # Loads and closes under way that finish whether or not their caller waits (_finish).
+        self._finishing: set[asyncio.Task[Any]] = set()
         # Clients' system shared memory regions, shared by the REST and gRPC servers; None: the
         # server does not take them (Triton's --allow-client-shm, off by default).
         self.shared_memory: SharedMemoryRegions | None = None
@@ -159,17 +170,21 @@ class ModelRepository:
         self._added.add(entry.name)
 
     async def load(self, name: str) -> ModelEntry:
-        """Loads folder `name` (again), in a worker thread. The new model serves from then on and
-        the one it replaces is closed once its queued requests are answered. A load that fails
-        leaves a loaded model serving, and raises with the reason."""
-        if self._root is None or self._runtimes is None or name in self._added:
-            raise InvalidInputError(f"model {name!r} is not loaded from a model repository folder")
-        known = self._entries.get(name)
-        folder = known.folder if known is not None and known.folder is not None else self._root / name
-        if not (is_valid_model_name(folder.name) and folder.is_dir()):
-            raise ModelNotFoundError(f"the model repository has no model folder {name!r}")
-        async with self._control:
-            entry = await asyncio.to_thread(load_model, folder, self._runtimes, self.metrics)
+        """Loads folder `name` (again), in the repository's loader thread. The new model serves from
+        then on and the one it replaces is closed once its queued requests are answered. A load that
+        fails leaves a loaded model serving, and raises with the reason. Once begun, a load runs to
+        its end even if its caller gives up (a gRPC deadline): its model is then served or closed,
+        never left running unlisted."""
+        folder, runtimes = self._model_folder(name)
+        # A caller that gives up while it waits for the lock has started nothing.
+        await self._control.acquire()
+        return await self._finish(self._load_holding_control(name, folder, runtimes))
+
+    async def _load_holding_control(self, name: str, folder: Path, runtimes: RuntimeRegistry) -> ModelEntry:
+        """The load, entered with the control lock held; it releases the lock."""
+        try:
+            loop = asyncio.get_running_loop()
+            entry = await loop.run_in_executor(self._loader, load_model, folder, runtimes, self.metrics)
             old = self._entries.get(name)
             if entry.name != name:
                 await _close(entry)
@@ -177,11 +192,14 @@ class ModelRepository:
                     f"folder {folder.name!r} now names its model {entry.name!r}, not {name!r}"
                 )
             if not entry.ready and old is not None and old.ready:
+                await _close(entry)  # one that started, then stopped serving (an engine that died)
                 raise InvalidInputError(
                     f"model {name!r} failed to load ({entry.failure}); the loaded one still serves"
                 )
             entry.draining = self._draining  # one loaded during a drain takes no requests either
             self._entries[name] = entry
+        finally:
+            self._control.release()
         # Out of the lock: the old model (no longer listed, so no other call can reach it) answers
         # what it has taken, an LLM's generations maybe for minutes, while other models' loads
         # and unloads go on.
@@ -192,20 +210,57 @@ class ModelRepository:
         logger.info("model %r loaded", name)
         return entry
 
+    def _model_folder(self, name: str) -> tuple[Path, RuntimeRegistry]:
+        """The folder model `name` loads from (the one it was listed from, else the repository's
+        child folder of that name) and the runtimes that load it. The requested name is checked
+        before the file system is touched, and a name that could be a path (`/abs`, `../x`, `a/b`)
+        gets the answer of a folder that is not there: a load can neither reach a folder outside
+        the repository nor tell whether one exists. (A link the operator put in the repository is
+        followed, as at start-up.)"""
+        if self._root is None or self._runtimes is None or name in self._added:
+            raise InvalidInputError(f"model {name!r} is not loaded from a model repository folder")
+        missing = ModelNotFoundError(f"the model repository has no model folder {name!r}")
+        if not is_valid_model_name(name):
+            raise missing
+        known = self._entries.get(name)
+        folder = known.folder if known is not None and known.folder is not None else self._root / name
+        if folder.parent != self._root or not is_valid_model_name(folder.name) or not folder.is_dir():
+            raise missing
+        return folder, self._runtimes
+
     async def unload(self, name: str) -> None:
         """Stops serving `name`, listed from then on as unavailable ("unloaded"); the requests
-        already queued for it are answered first."""
+        already queued for it are answered first, and it is closed even if the caller gives up."""
         if name in self._added:
             raise InvalidInputError(f"model {name!r} is not loaded from a model repository folder")
+        if not is_valid_model_name(name):  # no repository model has such a name
+            raise ModelNotFoundError(f"unknown model {name!r}")
         async with self._control:  # read under the lock: a load may be replacing it
             old = self.get(name)
             self._entries[name] = ModelEntry(name, None, old.platform, failure=UNLOADED, folder=old.folder)
-        await _close(old)  # out of the lock, as in load
+        await self._finish(_close(old))  # out of the lock, as in load
         logger.info("model %r unloaded", name)
 
+    async def _finish(self, work: Coroutine[Any, Any, T]) -> T:
+        """Runs `work` in a task of the repository's own and waits for it: a caller cancelled
+        meanwhile stops waiting, not the work, so no model is left started or half closed."""
+        task = asyncio.ensure_future(work)
+        self._finishing.add(task)
+        task.add_done_callback(self._forget_finished)
+        return await asyncio.shield(task)
+
+    def _forget_finished(self, task: asyncio.Task[Any]) -> None:
+        self._finishing.discard(task)
+        if not task.cancelled():
+            task.exception()  # taken: the caller got it through the shield, or left and cannot
+
     async def close(self) -> None:
+        # Loads and closes under way first: a model they install is then closed with the others.
+        while self._finishing:
+            await asyncio.wait(set(self._finishing))
         for entry in self._entries.values():
             await _close(entry)
+        self._loader.shutdown(wait=False)
         if self.shared_memory is not None:
             self.shared_memory.close()
 

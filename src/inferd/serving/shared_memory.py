@@ -22,13 +22,17 @@ from stat import S_ISREG
 
 import numpy as np
 
-from inferd.serving.codec import array_from_raw, array_to_raw
+from inferd.serving.codec import array_from_raw, array_to_raw, element_count
+from inferd.serving.datatypes import numpy_dtype
 from inferd.serving.errors import InvalidInputError
 from inferd.serving.tensor import InferRequest, Parameters, Tensor
 
 SHM_ROOT = Path("/dev/shm")
 # Registered regions at most: each holds a descriptor open.
 MAX_REGIONS = 256
+# The most bytes a BYTES input (whose size its shape does not fix) is read from a region unless the
+# server says otherwise: the servers' default request body limit (--max-body-bytes).
+DEFAULT_MAX_BYTES_INPUT = 64 * 2**20
 REGION = "shared_memory_region"
 BYTE_SIZE = "shared_memory_byte_size"
 OFFSET = "shared_memory_offset"
@@ -46,8 +50,11 @@ class _Region:
 class SharedMemoryRegions:
     """The registered regions, by name. Thread-safe: the REST and gRPC servers share one."""
 
-    def __init__(self, root: Path = SHM_ROOT) -> None:
+    def __init__(self, root: Path = SHM_ROOT, max_bytes_input: int = DEFAULT_MAX_BYTES_INPUT) -> None:
+        """``max_bytes_input``: the most bytes one BYTES input may take from a region (the
+        server's body limit: what the input could have been sent as in the request)."""
         self._root = root
+        self._max_bytes_input = max_bytes_input
         self._regions: dict[str, _Region] = {}
         self._lock = threading.Lock()
 
@@ -108,10 +115,16 @@ class SharedMemoryRegions:
                 for n, r in ((n, self._regions[n]) for n in names)
             ]
 
-    def read(self, parameters: Parameters, what: str) -> bytes:
-        """The bytes an input's parameters point at."""
+    def read(
+        self, parameters: Parameters, what: str, datatype: str | None = None, shape: Sequence[int] = ()
+    ) -> bytes:
+        """The bytes an input's parameters point at. Given the input's ``datatype`` and ``shape``,
+        the size its parameters claim is checked against them before anything is read: the client
+        names that size, and a sparse object that costs it nothing would cost the server as much."""
         with self._lock:
             region, start, size = self._span(parameters, what)
+            if datatype is not None:
+                self._check_input_size(what, datatype, shape, size)
             chunks, done = [], 0
             while done < size:  # one call moves at most about 2 GiB
                 chunk = os.pread(region.descriptor, size - done, start + done)
@@ -137,6 +150,20 @@ class SharedMemoryRegions:
 
     def close(self) -> None:
         self.unregister()
+
+    def _check_input_size(self, what: str, datatype: str, shape: Sequence[int], size: int) -> None:
+        if datatype == "BYTES":  # elements of any length: bounded as a request body is
+            if size > self._max_bytes_input:
+                raise InvalidInputError(
+                    f"{what}: {BYTE_SIZE} {size} is over the {self._max_bytes_input} bytes a BYTES "
+                    "input may take from shared memory (the server's body limit)"
+                )
+            return
+        needed = element_count(shape) * _raw_itemsize(datatype)
+        if size != needed:
+            raise InvalidInputError(
+                f"{what}: {datatype} shape {list(shape)} needs {needed} bytes, {BYTE_SIZE} is {size}"
+            )
 
     def _path(self, key: str) -> str:
         # An object's name: one "/" at most, leading; nothing that walks out of /dev/shm.
@@ -172,6 +199,11 @@ def allowed(regions: SharedMemoryRegions | None) -> SharedMemoryRegions:
     return regions
 
 
+def _raw_itemsize(datatype: str) -> int:
+    """The bytes one element of a fixed-size datatype takes on the wire (BF16: 2, held as FP32)."""
+    return 2 if datatype == "BF16" else numpy_dtype(datatype).itemsize
+
+
 def in_shared_memory(parameters: Parameters) -> bool:
     """Whether a tensor's parameters place it in a region; a size or offset without a region is
     refused, as Triton does."""
@@ -188,8 +220,8 @@ def without_placement(parameters: Parameters) -> Parameters:
 def read_input(
     regions: SharedMemoryRegions, name: str, datatype: str, shape: Sequence[int], parameters: Parameters
 ) -> Tensor:
-    """An input whose bytes are in a region."""
-    raw = regions.read(parameters, f"input {name!r}")
+    """An input whose bytes are in a region, of the size its datatype and shape give it."""
+    raw = regions.read(parameters, f"input {name!r}", datatype, shape)
     return Tensor(name, datatype, array_from_raw(datatype, shape, raw), without_placement(parameters))
 
 

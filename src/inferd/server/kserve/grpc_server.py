@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from inferd.server.kserve.grpc_codec import request_from_proto, response_to_proto
+from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 from inferd.serving.dataplane import DataPlane
 from inferd.serving.errors import (
     InferenceError,
@@ -26,6 +27,17 @@ from inferd.serving.errors import (
 from inferd.serving.repository import ModelRepository
 
 logger = logging.getLogger(__name__)
+
+# One ModelStreamInfer call answers at most this many of its requests at once; the next ones are
+# read as these end, so a client that sends faster than it is answered is held back by HTTP/2's
+# flow control instead of making the server hold every request it sent.
+STREAM_MAX_IN_FLIGHT = 64
+# Responses of one call waiting to be sent at most: a client that does not read them holds up the
+# requests that make more, not the server's memory.
+STREAM_MAX_QUEUED_RESPONSES = 64
+# The largest message the server sends (a response of large tensors travels in one message); what
+# it receives is bounded by the server's request body limit instead (start_grpc_server).
+_MAX_SEND_BYTES = 256 * 1024 * 1024
 
 
 def _status_code(exc: InferenceError) -> Any:
@@ -77,9 +89,18 @@ async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> A
     its responses go out as they come, matched by request `id` (as Triton's decoupled models
     answer). A request's error is a response with `error_message`; the stream goes on. Every
     response carries `triton_final_response`; a streamed generation asked with
-    `triton_enable_empty_final_response` gets its last response with no outputs."""
-    responses: asyncio.Queue[Any] = asyncio.Queue()
+    `triton_enable_empty_final_response` gets its last response with no outputs. At most
+    STREAM_MAX_IN_FLIGHT requests are answered at once and STREAM_MAX_QUEUED_RESPONSES responses
+    wait to be sent: past those, requests and responses wait where the client's flow control holds
+    them."""
+    responses: asyncio.Queue[Any] = asyncio.Queue()  # bounded by `room`; unbounded for the end mark
+    room = asyncio.Semaphore(STREAM_MAX_QUEUED_RESPONSES)
+    in_flight = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
     answering: set[asyncio.Task[None]] = set()
+
+    async def send(message_out: Any) -> None:
+        await room.acquire()  # released as the message is taken to be sent
+        responses.put_nowait(message_out)
 
     async def answer(message: Any) -> None:
         try:
@@ -98,8 +119,7 @@ async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> A
                 if final and empty_final and answered:
                     response.outputs = []
                 answered += 1
-                message_out = pb2.ModelStreamInferResponse(infer_response=response_to_proto(response, pb2))
-                responses.put_nowait(message_out)
+                await send(pb2.ModelStreamInferResponse(infer_response=response_to_proto(response, pb2)))
         except Exception as exc:
             if not isinstance(exc, InferenceError):
                 logger.exception("stream request %r to model %r failed", message.id, message.model_name)
@@ -108,13 +128,19 @@ async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> A
                 model_name=message.model_name, model_version=message.model_version, id=message.id
             )
             error = str(exc) if isinstance(exc, InferenceError) else f"internal error: {type(exc).__name__}"
-            responses.put_nowait(pb2.ModelStreamInferResponse(error_message=error, infer_response=failed))
+            await send(pb2.ModelStreamInferResponse(error_message=error, infer_response=failed))
+
+    def done_answering(task: asyncio.Task[None]) -> None:
+        answering.discard(task)
+        in_flight.release()
 
     async def read() -> None:
         async for message in request_iterator:
+            # Until an answer ends, this request waits and the client's next ones stay unread.
+            await in_flight.acquire()
             task = asyncio.create_task(answer(message))
             answering.add(task)
-            task.add_done_callback(answering.discard)
+            task.add_done_callback(done_answering)
         while answering:
             await asyncio.wait(set(answering))
 
@@ -123,6 +149,7 @@ async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> A
     reader.add_done_callback(lambda _: responses.put_nowait(None))
     try:
         while (message := await responses.get()) is not None:
+            room.release()
             yield message
         await reader  # a failure to read the client's requests ends the call with it
     finally:  # the client hung up, or the call ended: stop generating for it
@@ -283,23 +310,37 @@ def _api_key_interceptor(api_key: str) -> Any:
     return ApiKeyInterceptor()
 
 
+def server_options(max_receive_bytes: int) -> list[tuple[str, int]]:
+    """The gRPC server's channel options. Large tensors travel in one message, so gRPC's 4 MiB
+    default is lifted; a request may be as large as a REST body (`--max-body-bytes`) and no larger:
+    gRPC decodes the whole message before any check of its contents."""
+    if max_receive_bytes <= 0:  # gRPC reads -1 as no limit at all
+        raise ValueError(
+            f"the largest gRPC request must be a positive number of bytes, got {max_receive_bytes}"
+        )
+    return [
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", _MAX_SEND_BYTES),
+    ]
+
+
 async def start_grpc_server(
-    repository: ModelRepository, host: str, port: int, api_key: str | None = None
+    repository: ModelRepository,
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    max_receive_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Any:
     """Starts serving on host:port and returns the `grpc.aio.Server` (call `stop(grace)` to end it).
-    With `api_key`, every call but the health ones needs it (`_api_key_interceptor`)."""
+    With `api_key`, every call but the health ones needs it (`_api_key_interceptor`); a request
+    message over `max_receive_bytes` (the server's body limit) is refused (`RESOURCE_EXHAUSTED`)."""
     import grpc
 
     from inferd.server.kserve.proto import grpc_service_pb2_grpc as pb2_grpc
 
-    # Large tensors travel in one message; lift gRPC's 4 MiB default.
-    max_message = 256 * 1024 * 1024
     server = grpc.aio.server(
         interceptors=[_api_key_interceptor(api_key)] if api_key else [],
-        options=[
-            ("grpc.max_receive_message_length", max_message),
-            ("grpc.max_send_message_length", max_message),
-        ],
+        options=server_options(max_receive_bytes),
     )
     pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer(DataPlane(repository)), server)
     bound = server.add_insecure_port(f"{host}:{port}")

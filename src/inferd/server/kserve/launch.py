@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +20,10 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 
+from inferd.entrypoints.engine_args import positive_int
 from inferd.server import event_loop
 from inferd.server.app import render_error_for_path
+from inferd.server.auth import RequireApiKey
 from inferd.server.decompression import RequestDecompression
 from inferd.server.errors import unmatched_route_response
 from inferd.server.http_metrics import HttpMetricFamilies, HttpMetrics
@@ -45,13 +49,15 @@ def open_repository(
     metrics_registry: CollectorRegistry,
     runtimes: RuntimeRegistry | None = None,
     allow_client_shm: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> ModelRepository:
-    """``allow_client_shm``: clients may register system shared memory regions (Triton's flag)."""
+    """``allow_client_shm``: clients may register system shared memory regions (Triton's flag); a
+    BYTES input may take at most ``max_body_bytes`` from one, as much as a request body."""
     repository = load_repository(
         path, runtimes or default_runtime_registry(), ServingMetrics(metrics_registry)
     )
     if allow_client_shm:
-        repository.shared_memory = SharedMemoryRegions()
+        repository.shared_memory = SharedMemoryRegions(max_bytes_input=max_body_bytes)
     return repository
 
 
@@ -59,10 +65,17 @@ def build_app(
     repository: ModelRepository,
     metrics_registry: CollectorRegistry,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    api_key: str | None = None,
 ) -> FastAPI:
+    """With `api_key`, every path but the open ones (`inferd.server.auth.OPEN_PATHS`: here the
+    `/v2/health` probes and `/metrics`) needs `Authorization: Bearer KEY`, checked as `inferd serve`
+    checks it: before anything reads the body."""
     app = FastAPI(title="inferd classic models")
     app.add_middleware(RequestDecompression, max_bytes=max_body_bytes, render=render_error_for_path)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, render=render_error_for_path)
+    if api_key:
+        # Where `inferd serve` puts it: outside what reads the body, inside the metrics (401s count).
+        app.add_middleware(RequireApiKey, api_key=api_key, render=render_error_for_path)
     app.add_middleware(HttpMetrics, families=HttpMetricFamilies(metrics_registry))
     app.add_middleware(EchoRequestId)  # a client's X-Request-Id comes back on every answer
     app.add_exception_handler(HTTPException, unmatched_route_response)
@@ -76,16 +89,25 @@ def build_app(
     return app
 
 
-async def serve(repository: ModelRepository, app: FastAPI, host: str, port: int, grpc_port: int) -> None:
+async def serve(
+    repository: ModelRepository,
+    app: FastAPI,
+    host: str,
+    port: int,
+    grpc_port: int,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> None:
     """HTTP and gRPC on one event loop until SIGINT/SIGTERM. The first signal drains, as Triton
     stops: every model refuses new requests (503, gRPC UNAVAILABLE) and reads as not ready, the
     requests in flight are answered (the batchers answer what they hold), then the servers stop. A
-    second signal stops at once."""
+    second signal stops at once. `api_key` guards the gRPC calls as `build_app`'s routes (the
+    health calls stay open); a gRPC request may be as large as an HTTP body, `max_body_bytes`."""
     import uvicorn
 
     from inferd.server.lifecycle import CONNECTION_CLOSE_TIMEOUT_S, DrainingServer
 
-    grpc_server = await start_grpc_server(repository, host, grpc_port)
+    grpc_server = await start_grpc_server(repository, host, grpc_port, api_key, max_body_bytes)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", access_log=False,
         timeout_graceful_shutdown=CONNECTION_CLOSE_TIMEOUT_S,
@@ -117,7 +139,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument(
-        "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger request bodies get a 413"
+        "--api-key",
+        # The variables `inferd serve --api-key` falls back to, in its order.
+        default=os.environ.get("INFERD_API_KEY") or os.environ.get("VLLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (gRPC: that metadata) on every call but the health "
+        "probes; default: $INFERD_API_KEY, else $VLLM_API_KEY. Without one, anyone who reaches the "
+        "ports may infer, load and unload models",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="larger request bodies get a 413, larger gRPC requests RESOURCE_EXHAUSTED",
     )
     parser.add_argument(
         "--allow-client-shm",
@@ -130,20 +163,41 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    api_key = args.api_key or None  # an empty variable sets no key, as for `inferd serve`
+    if api_key is None and not _is_loopback(args.host):
+        logger.warning(
+            "serving %s without an API key: anyone who reaches the ports may infer, load and unload "
+            "models; give --api-key (or INFERD_API_KEY), or limit who reaches them (a network policy)",
+            args.host,
+        )
     metrics_registry = CollectorRegistry()
     repository = open_repository(
-        args.model_repository, metrics_registry, allow_client_shm=args.allow_client_shm
+        args.model_repository,
+        metrics_registry,
+        allow_client_shm=args.allow_client_shm,
+        max_body_bytes=args.max_body_bytes,
     )
     event_loop.run(
         serve(
             repository,
-            build_app(repository, metrics_registry, args.max_body_bytes),
+            build_app(repository, metrics_registry, args.max_body_bytes, api_key),
             args.host,
             args.port,
             args.grpc_port,
+            api_key,
+            args.max_body_bytes,
         )
     )
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def mount_model_repository(
@@ -153,17 +207,18 @@ def mount_model_repository(
     dependencies: Sequence[Callable[..., Any]] = (),
     served_llm: Frontend | None = None,
     allow_client_shm: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> ModelRepository:
     """Loads `path` and adds the `/v2` and `/v1/embeddings` routes to an existing app (`inferd serve`).
 
     With `served_llm`, that LLM is served over v2 too, under its served name, and `llm` model folders
-    load with engines of their own."""
+    load with engines of their own. ``max_body_bytes``: the app's body limit (see `open_repository`)."""
     runtimes = default_runtime_registry()
     if served_llm is not None:
         from inferd.server.kserve.llm_runtime import register_llm_runtime, served_llm_entry
 
         register_llm_runtime(runtimes, served_llm)
-    repository = open_repository(path, metrics_registry, runtimes, allow_client_shm)
+    repository = open_repository(path, metrics_registry, runtimes, allow_client_shm, max_body_bytes)
     if served_llm is not None:
         repository.add(served_llm_entry(served_llm))
     app.include_router(build_router(repository, dependencies))
