@@ -208,6 +208,16 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(
         extra_body={"truncate_prompt_tokens": 2},
     )  # fmt: skip
     assert chat.usage is not None and chat.usage.prompt_tokens == 2
+    # A text longer than any context could hold is refused untokenized, unless it is truncated:
+    # then its end is tokenized (with the tokenizer's special tokens or without).
+    huge = "To be, or not to be. " * 100_000
+    with pytest.raises(openai.BadRequestError, match="more tokens than this model's context"):
+        client.completions.create(prompt=huge, **kwargs)
+    for special in (True, False):
+        cut = client.completions.create(
+            prompt=huge, extra_body={"truncate_prompt_tokens": 4, "add_special_tokens": special}, **kwargs
+        )
+        assert cut.usage is not None and cut.usage.prompt_tokens == 4
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(prompt="hi", extra_body={"truncate_prompt_tokens": 0}, **kwargs)
     assert caught.value.body["param"] == "truncate_prompt_tokens"  # type: ignore[index]

@@ -345,7 +345,7 @@ class Frontend:
             return list(prompt)[-keep:]
         try:
             if not add_special_tokens:
-                return self.tokenizer.encode(prompt, add_special_tokens=False)[-keep:]
+                return self.tokenizer.encode(prompt, add_special_tokens=False, cut_to_fit=True)[-keep:]
             return self.tokenizer.encode_last(prompt, keep)
         except InvalidTextError as exc:
             raise InvalidRequestError(str(exc), field=field) from exc
