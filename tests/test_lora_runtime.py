@@ -248,3 +248,33 @@ async def test_a_request_whose_adapter_went_away_meanwhile_is_a_404(base: Path, 
         assert totals[("inferd:request_success_total", "length")] == 1  # what is read counts requests
     finally:
         llm.shutdown()
+
+
+async def test_an_unloaded_adapter_leaves_no_metric_series_behind(base: Path, adapters) -> None:  # type: ignore[no-untyped-def]
+    """A series per adapter name ever loaded grew /metrics on a server that loads new names."""
+    from prometheus_client import CollectorRegistry
+
+    from inferd.server.frontend import Frontend
+    from inferd.server.metrics import ServerMetrics
+
+    llm = AsyncLLM.from_options(base, kv_cache_memory="8MiB", allow_runtime_lora_updating=True)
+    llm.start()
+    try:
+        registry = CollectorRegistry()
+        frontend = Frontend(llm, "tiny", ServerMetrics(registry, "tiny", llm.stats))
+
+        def served_by(adapter: str) -> float | None:
+            labels = {"model_name": "tiny", "adapter": adapter}
+            return registry.get_sample_value("inferd:lora_requests_total", labels)
+
+        for _ in range(2):
+            await frontend.load_adapter("one", str(adapters["one"]))
+            with frontend.holding_adapter("one"):
+                params = frontend.sampling_params(max_tokens=2, adapter=frontend.adapter_for("one"))
+                async for _ in frontend.generate("r", [PROMPTS[0]], params):
+                    pass
+            assert served_by("one") == 1
+            await frontend.unload_adapter("one")
+            assert served_by("one") is None and "one" not in frontend._adapter_holds
+    finally:
+        llm.shutdown()

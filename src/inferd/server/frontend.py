@@ -145,6 +145,7 @@ class Frontend:
             message = f"lora_name: the LoRA adapter {name!r} is in use by {holds} beam search(es)"
             raise InvalidRequestError(message, "lora_name")
         await self._update_adapter(self.llm.unload_adapter(name))
+        self.metrics.forget_lora_adapter(name)
 
     @contextmanager
     def holding_adapter(self, name: str | None) -> Iterator[None]:
@@ -156,6 +157,8 @@ class Frontend:
         finally:
             if name is not None:
                 self._adapter_holds[name] -= 1
+                if not self._adapter_holds[name]:  # no entry kept per adapter name ever held
+                    del self._adapter_holds[name]
 
     async def _update_adapter(self, update: Awaitable[None]) -> None:
         try:

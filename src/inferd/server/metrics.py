@@ -235,6 +235,15 @@ class ServerMetrics:
     def count_lora_request(self, adapter: str) -> None:
         self._families.lora_requests.labels(self._model_name, adapter).inc()
 
+    def forget_lora_adapter(self, adapter: str) -> None:
+        """An unloaded adapter's series goes: one kept per name ever loaded would grow /metrics
+        without bound on a server that loads adapters under new names (a reload starts it at 0,
+        which rate() reads as a counter reset)."""
+        try:
+            self._families.lora_requests.remove(self._model_name, adapter)
+        except KeyError:  # it answered no request
+            pass
+
     def count_arrived(self) -> None:
         """An engine request about to be queued (TGI's request count counts arrivals)."""
         self._families.tgi.count_arrived(self._model_name)
