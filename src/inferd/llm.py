@@ -58,6 +58,14 @@ class LLM:
         """Stop the engine's other tensor-parallel ranks, if any; the object is unusable after."""
         self.engine.shutdown()
 
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """``with LLM(...) as llm:`` shuts the engine down at the end: a tensor-parallel one left
+        running keeps its ranks, its rendezvous folder and the process's one process group."""
+        self.shutdown()
+
     def generate(
         self,
         prompts: PromptInput | Sequence[PromptInput],

@@ -87,25 +87,24 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     from inferd.bench.report import format_table, summarize, write_json
     from inferd.llm import LLM
 
-    llm = LLM(args.model, **engine_options(args))
-    requests, clipped = workload_for(llm, args)
-    if clipped:
-        print(
-            f"note: lengths clipped to fit the model's context of {llm.engine.config.scheduler.max_model_len}"
-        )
-    # Warm-up outside the timed run (first-call allocations, kernel selection); ids unlike the workload's
-    # so the prefix cache gives the timed run nothing.
-    llm.generate([[0, 1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0))
-    temperature = temperature_for(args)
-    result = generate_timed(llm, requests, not args.no_progress, temperature)
-    summary = summarize(result.records, result.duration_s)
-    print(format_table(summary, title=f"inferd bench offline (temperature {temperature:g})"))
-    config: dict[str, Any] = {
-        **plain_config(args),
-        "temperature": temperature,
-        "title": f"offline {llm.engine.config.model_path.name}",
-    }
-    prefix = args.output_prefix  # made ready by the CLI
-    write_json(f"{prefix}.json", config, summary, result.records)
-    print(f"wrote {prefix}.json")
+    with LLM(args.model, **engine_options(args)) as llm:  # a tensor-parallel engine's ranks go with it
+        requests, clipped = workload_for(llm, args)
+        if clipped:
+            context = llm.engine.config.scheduler.max_model_len
+            print(f"note: lengths clipped to fit the model's context of {context}")
+        # Warm-up outside the timed run (first-call allocations, kernel selection); ids unlike the
+        # workload's so the prefix cache gives the timed run nothing.
+        llm.generate([[0, 1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0))
+        temperature = temperature_for(args)
+        result = generate_timed(llm, requests, not args.no_progress, temperature)
+        summary = summarize(result.records, result.duration_s)
+        print(format_table(summary, title=f"inferd bench offline (temperature {temperature:g})"))
+        config: dict[str, Any] = {
+            **plain_config(args),
+            "temperature": temperature,
+            "title": f"offline {llm.engine.config.model_path.name}",
+        }
+        prefix = args.output_prefix  # made ready by the CLI
+        write_json(f"{prefix}.json", config, summary, result.records)
+        print(f"wrote {prefix}.json")
     return 0 if summary["completed"] else 1

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from inferd.entrypoints.engine_args import add_engine_args, engine_options
 
 if TYPE_CHECKING:
+    from inferd.engine.llm_engine import LLMEngine
     from inferd.structured.spec import StructuredOutput
 
 
@@ -43,10 +44,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from inferd.engine.llm_engine import LLMEngine
-    from inferd.sampling_params import SamplingParams
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     engine = LLMEngine.from_options(args.model, **engine_options(args))
+    try:  # a tensor-parallel engine's ranks and rendezvous folder go with it
+        return _generate(engine, args)
+    finally:
+        engine.shutdown()
+
+
+def _generate(engine: LLMEngine, args: argparse.Namespace) -> int:
+    from inferd.sampling_params import SamplingParams
+
     prompt = args.prompt
     if args.chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
