@@ -164,3 +164,13 @@ def test_a_waiting_requests_block_keys_are_hashed_once(monkeypatch) -> None:  # 
     after_first = len(hashed)
     assert [_run_step(s) for _ in range(2)] == [{"running": 1}] * 2  # looked up twice more
     assert len(hashed) == after_first  # no block keys hashed again (the running one fills none)
+
+
+def test_requests_compare_by_identity() -> None:
+    """The scheduler's removals compare a request with the running ones: field by field, as the
+    generated __eq__ did, each comparison could walk token lists."""
+    twins = [Request("r", [1, 2, 3], SamplingParams(), frozenset({0}), 8) for _ in range(2)]
+    assert twins[0] != twins[1] and twins[0] == twins[0]
+    running = list(twins)
+    running.remove(twins[1])
+    assert running[0] is twins[0]

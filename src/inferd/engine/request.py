@@ -32,7 +32,9 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"
 
 
-@dataclass
+# Compared by identity: the generated __eq__ compared field by field, and the scheduler's list
+# removals (a finish, a preemption) compare a request with the running ones.
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
