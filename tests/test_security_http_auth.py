@@ -189,3 +189,16 @@ def test_the_documented_open_paths_are_the_ones_served_open() -> None:
         if auth == "open":
             documented |= set(re.findall(r"\s(/[\w/]*)`", route))  # `GET /health`, `GET`/`POST /ping`
     assert documented == OPEN_PATHS
+
+
+async def test_the_docs_can_be_turned_off(tiny_llama: Path) -> None:
+    """vLLM's --disable-fastapi-docs: no /docs, /redoc or /openapi.json at all."""
+    from inferd.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--disable-fastapi-docs"]).disable_fastapi_docs
+    llm = AsyncLLM.from_options(tiny_llama, engine_process=False, kv_cache_memory="8MiB")
+    app = create_app(llm, ServerConfig(served_model_name="tiny", disable_fastapi_docs=True))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://inferd") as http:
+        for path in DOCS_ROUTES:
+            assert (await http.get(path)).status_code == 404, path
+        assert (await http.get("/v1/models")).status_code == 200

@@ -111,7 +111,10 @@ def create_app(
                 await app.state.model_repository.close()
             llm.shutdown()
 
-    app = FastAPI(title="inferd", lifespan=lifespan)
+    if config.disable_fastapi_docs:
+        app = FastAPI(title="inferd", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    else:
+        app = FastAPI(title="inferd", lifespan=lifespan)
     app.add_exception_handler(HTTPException, unmatched_route_response)
     # Inside the size limit, which bounds the body it reads.
     app.add_middleware(SageMakerInvocations)

@@ -19,7 +19,7 @@ class ServerConfig:
     # More names the served model answers to (vLLM's --served-model-name with several names);
     # responses give the first.
     model_aliases: tuple[str, ...] = ()
-    # When set, `/v1/*` and the TGI routes require `Authorization: Bearer <api_key>`.
+    # When set, every path but auth.OPEN_PATHS requires `Authorization: Bearer <api_key>`.
     api_key: str | None = None
     # Default per-request timeout in seconds (a request may set its own); None: no timeout.
     request_timeout_s: float | None = None
@@ -53,3 +53,6 @@ class ServerConfig:
     allow_client_shm: bool = False
     # The engine metrics' names start with this and a colon (``vllm``: vLLM's names).
     metrics_prefix: str = DEFAULT_METRICS_PREFIX
+    # No /docs, /redoc or /openapi.json (vLLM's --disable-fastapi-docs): the schema lists every
+    # route served, and a browser cannot send the API key to the interactive docs anyway.
+    disable_fastapi_docs: bool = False

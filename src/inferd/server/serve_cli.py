@@ -103,6 +103,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "names, which its dashboards, autoscalers and the Gateway API's endpoint picker read)",
     )
     server.add_argument(
+        "--disable-fastapi-docs",
+        action="store_true",
+        help="serve no /docs, /redoc or /openapi.json (vLLM's flag)",
+    )
+    server.add_argument(
         "--disable-log-requests", action="store_true", help="no log line per finished request"
     )
     server.add_argument(
@@ -213,6 +218,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_best_of=args.max_best_of,
         allow_client_shm=args.allow_client_shm,
         metrics_prefix=args.metrics_prefix,
+        disable_fastapi_docs=args.disable_fastapi_docs,
     )
 
 
