@@ -55,6 +55,28 @@ def test_proposer_limits() -> None:
     assert proposer.propose([1, 2, 3, 4, 1, 2], max_tokens=0) == []
 
 
+def test_a_requests_history_grows_by_its_new_tokens_only() -> None:
+    """The proposer keeps each request's tokens as an array and adds only the new ones a step:
+    made afresh each step, it cost O(length) a request a step. The guesses are those of the
+    whole history, prompt and output alike."""
+    from inferd.sched.proposer import GuessRequest
+
+    rng = np.random.default_rng(0)
+    prompt, output = rng.integers(0, 6, 40).tolist(), []
+    proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=3))
+    buffers = set()
+    for _ in range(200):
+        (guess,) = proposer.propose_batch([GuessRequest("r", prompt, output, room=3)])
+        assert guess == proposer.propose(prompt + output, max_tokens=3)
+        buffer, known = proposer._histories["r"]
+        assert known == len(prompt) + len(output)
+        buffers.add(id(buffer))
+        output.append(int(rng.integers(0, 6)))
+    assert len(buffers) <= 3  # grown by doubling, not made again each step
+    proposer.forget("r")
+    assert "r" not in proposer._histories
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [

@@ -23,13 +23,45 @@ class NgramProposer:
         self.num_tokens = config.num_speculative_tokens
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
+        # Each request's tokens as an array (with room to grow) and how many it holds: a step adds
+        # the new ones only. Made afresh from the whole history each step, the array cost O(length)
+        # a request a step (schedule time went 2.9 -> 19.9 ms a step from 100 to 2,000 tokens at
+        # 256 requests in a host-overhead audit).
+        self._histories: dict[str, tuple[np.ndarray, int]] = {}
 
     def propose_batch(self, requests: list[GuessRequest]) -> list[list[int]]:
-        """``propose`` for each request."""
-        return [self.propose(request.tokens, request.room) for request in requests]
+        """``propose`` for each request, over its history kept here."""
+        found: list[list[int]] = []
+        for request in requests:
+            limit = min(self.num_tokens, request.room)
+            tokens = self._history(request)
+            if limit <= 0 or len(tokens) <= self.min_n:
+                found.append([])
+            else:
+                found.append(find_continuation(tokens, self.min_n, self.max_n, limit))
+        return found
+
+    def _history(self, request: GuessRequest) -> np.ndarray:
+        """The request's tokens so far, as the array kept for it, grown by what came since."""
+        prompt, output = request.prompt_token_ids, request.output_token_ids
+        total = len(prompt) + len(output)
+        buffer, known = self._histories.get(request.request_id, (np.empty(0, dtype=np.int64), 0))
+        if known > total:  # not this history (tokens are only ever added): made again
+            known = 0
+        if total > len(buffer):
+            grown = np.empty(max(2 * total, 64), dtype=np.int64)
+            grown[:known] = buffer[:known]
+            buffer = grown
+        if known < len(prompt):
+            buffer[known : len(prompt)] = prompt[known:]
+            known = len(prompt)
+        buffer[known:total] = output[known - len(prompt) :]
+        self._histories[request.request_id] = (buffer, total)
+        return buffer[:total]
 
     def forget(self, request_id: str) -> None:
-        """Nothing is kept per request: each proposal reads the request's tokens afresh."""
+        """A finished (or preempted) request's history goes."""
+        self._histories.pop(request_id, None)
 
     def cache_usage(self) -> float | None:
         return None  # no model, no cache

@@ -4,21 +4,29 @@ tokens, for all of a step's guessing requests at once, and the end of a request'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 from inferd.config import EngineConfig
 
 
-@dataclass(frozen=True)
+@dataclass
 class GuessRequest:
-    """One request a step asks guesses for."""
+    """One request a step asks guesses for: its prompt and its output so far, the request's own
+    lists (read only), so that asking costs nothing however long they are."""
 
     request_id: str
-    tokens: list[int]  # its tokens so far
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
     room: int  # at most so many guesses
     # Its own `cache_salt`: a draft model's cached blocks are shared only under the same one (not
     # the adapter's part: a draft's K/V do not depend on the served model's adapter).
     cache_salt: str | None = None
+
+    @cached_property
+    def tokens(self) -> list[int]:
+        """Its tokens so far, prompt then output (made once, on first reading)."""
+        return self.prompt_token_ids + self.output_token_ids
 
 
 class Proposer(Protocol):

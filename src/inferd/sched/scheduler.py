@@ -413,4 +413,10 @@ def _urgency_index(queue: deque[Request] | list[Request], request: Request) -> i
 
 
 def _guess_request(request: Request, room: int) -> GuessRequest:
-    return GuessRequest(request.request_id, request.all_token_ids, room, request.params.cache_salt)
+    return GuessRequest(
+        request.request_id,
+        request.prompt_token_ids,
+        request.output_token_ids,
+        room,
+        request.params.cache_salt,
+    )
