@@ -245,9 +245,12 @@ def test_a_queued_stream_whose_client_leaves_before_its_first_event_is_aborted(s
         server.wait_for_metrics(lambda m: m["inferd:num_requests_running"] == 1)
         before = server.metrics()[ABORTED]
         body = {"prompt": "To be", "max_tokens": 5, "stream": True}
-        with pytest.raises(httpx.ReadTimeout):  # queued behind the filler: no first event yet
+        # Queued behind the filler: no first event yet. The filler's 450 tokens take a few tenths
+        # of a second here (a CI run's queued request had its first token 0.36 s after it came),
+        # so the client leaves well before.
+        with pytest.raises(httpx.ReadTimeout):
             with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body,
-                              timeout=httpx.Timeout(10, read=0.5)) as response:  # fmt: skip
+                              timeout=httpx.Timeout(10, read=0.1)) as response:  # fmt: skip
                 response.read()
         after = server.wait_for_metrics(
             lambda m: m[ABORTED] == before + 1 and m["inferd:num_requests_waiting"] == 0

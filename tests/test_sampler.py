@@ -319,6 +319,15 @@ def test_rows_without_finite_logits_fail_alone(temperatures: tuple[float, ...], 
     assert result.token_ids[0] == clean.token_ids[0] and 1 not in clean.errors
 
 
+def test_a_logit_a_requests_own_penalty_makes_infinite_is_no_fault_of_the_model() -> None:
+    """A repetition penalty of 5e-324 divides a logit by it (+inf): the request's doing, not the
+    model's numerics (a schema fuzzer's request got a 500 for it)."""
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(temperature=temperature, repetition_penalty=5e-324, seed=1)
+        assert Sampler()(logits, [_req(params, out=[1])]).errors == {}
+
+
 def test_a_request_whose_logits_go_nan_ends_with_an_error_and_the_batch_goes_on(
     tiny_model_factory, monkeypatch
 ) -> None:

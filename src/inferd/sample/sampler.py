@@ -158,6 +158,7 @@ class Sampler:
         wants_logprobs = any(r.params.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
         errors: dict[int, str] = {}
+        raw = logits
         logits = self._process(logits, requests, errors)
 
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
@@ -169,6 +170,12 @@ class Sampler:
             peaks = logits.amax(dim=-1)
         else:
             peaks, tokens = logits.max(dim=-1)
+        if logits is not raw:
+            # Processed logits say whether the request's limits left any token (-inf everywhere:
+            # none); whether the model's numerics failed, only its own logits say. A penalty may
+            # make a logit infinite (a repetition penalty of 1e-300 divides by it), which is the
+            # request's own doing, sampled as before.
+            peaks = torch.where(peaks == float("-inf"), peaks, raw.amax(dim=-1))
         if self._triton_sampling:
             vocab = logits.shape[1]
             fused_rows = [i for i in random_rows if _temperature_only(requests[i], vocab)]
