@@ -31,7 +31,6 @@ class IncrementalDetokenizer:
             self._tokens.pop()
         self._prefix = 0
         self._read = len(self._tokens)
-        self.text = ""
 
     def add(self, token_id: int) -> str:
         """Append one token; returns the text it completes (may be empty)."""
@@ -48,7 +47,6 @@ class IncrementalDetokenizer:
             del self._tokens[: self._prefix]
             self._read -= self._prefix
             self._prefix = 0
-        self.text += delta
         return delta
 
     def decode_all(self, token_ids: list[int]) -> str:
@@ -67,7 +65,6 @@ class IncrementalDetokenizer:
         prefix_text = self._tokenizer.decode(self._tokens[self._prefix : self._read], self._skip_special)
         delta = full_text[len(prefix_text) :] if full_text.startswith(prefix_text) else ""
         self._read = len(self._tokens)
-        self.text += delta
         return delta
 
 

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from inferd.engine.detokenizer import IncrementalDetokenizer, find_stop
-from inferd.engine.outputs import EngineCoreOutput, RequestMetrics, RequestOutput
+from inferd.engine.outputs import (
+    EngineCoreOutput,
+    Prefix,
+    RequestMetrics,
+    RequestOutput,
+    TextPrefix,
+    defer_cumulative,
+)
 from inferd.engine.tokenizer import Tokenizer
 from inferd.sample.sampler import TokenLogprobs
 from inferd.sampling_params import SamplingParams
@@ -29,12 +36,17 @@ class _RequestState:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
     metrics: RequestMetrics
+    # token_ids, logprobs and pieces only grow (append) while the request lives: the outputs of
+    # earlier steps view their first items (Prefix, TextPrefix) instead of copying them each step.
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     embedding: list[float] | None = None
-    text: str = ""
-    sent_chars: int = 0  # how much of `text` has been reported as new_text
+    # The text, as the detokenizer's deltas: appending to a str copies it all (O(length) a step).
+    # A change other than an append (a stop-string cut, the final decode) makes a new list.
+    pieces: list[str] = field(default_factory=list)
+    text_len: int = 0
+    sent_chars: int = 0  # how much of the text has been reported as new_text
     sent_tokens: int = 0
     sent_logprobs: int = 0
     stopped_by_string: bool = False
@@ -149,7 +161,7 @@ class OutputProcessor:
         if state.final_only or state.stop_token_dropped:
             return 0
         delta = state.detokenizer.add(core_out.new_token_id)
-        state.text += delta
+        _append_text(state, delta)
         return len(delta)
 
     def _hit_stop_string(self, state: _RequestState, new_chars: int) -> bool:
@@ -161,14 +173,18 @@ class OutputProcessor:
         stops = state.params.stop
         if not stops or len(state.token_ids) <= state.params.min_tokens:
             return False
-        match = find_stop(state.text, new_chars, stops)
+        # find_stop reads at most a stop's length - 1 characters before the new ones.
+        tail = _text_tail(state, new_chars + state.params.max_stop_len - 1)
+        match = find_stop(tail, new_chars, stops)
         if match is None:
             return False
         index, matched = match
+        index += state.text_len - len(tail)
+        text = "".join(state.pieces)
         if state.params.include_stop_str_in_output:
-            state.text = state.text[: index + len(matched)]
+            _set_text(state, text[: index + len(matched)])
         else:
-            state.text = state.text[:index]
+            _set_text(state, text[:index])
         state.stopped_by_string = True
         state.stop_reason = matched
         return True
@@ -186,40 +202,49 @@ class OutputProcessor:
         if finished:
             if state.final_only:
                 with_text = state.token_ids[:-1] if state.stop_token_dropped else state.token_ids
-                state.text = state.detokenizer.decode_all(with_text)
+                _set_text(state, state.detokenizer.decode_all(with_text))
             elif not state.stopped_by_string:
-                state.text += state.detokenizer.flush()
+                _append_text(state, state.detokenizer.flush())
             state.metrics.finished_time = now
             del self._states[state.request_id]
-            sendable = len(state.text)
+            sendable = state.text_len
         elif state.params.include_stop_str_in_output:
             # Text is cut only after a stop string, so nothing sent can have to be retracted.
-            sendable = len(state.text)
+            sendable = state.text_len
         else:
             # Hold back a possible stop-string prefix, so streamed text never has to be retracted.
-            sendable = max(len(state.text) - max(state.params.max_stop_len - 1, 0), state.sent_chars)
-        new_text = state.text[state.sent_chars : sendable]
+            sendable = max(state.text_len - max(state.params.max_stop_len - 1, 0), state.sent_chars)
+        # What is unsent is short while streaming (the last delta and what was held back).
+        new_text = _text_tail(state, state.text_len - state.sent_chars)[: sendable - state.sent_chars]
         state.sent_chars = sendable
         new_tokens = state.token_ids[state.sent_tokens :]
         state.sent_tokens = len(state.token_ids)
         new_logprobs = state.logprobs[state.sent_logprobs :]
         state.sent_logprobs = len(state.logprobs)
-        return RequestOutput(
+        out = RequestOutput(
             request_id=state.request_id,
             prompt_token_ids=state.prompt_token_ids,
-            text=state.text[:sendable],
-            token_ids=list(state.token_ids),
+            # The last output owns the request's lists (nothing appends to them any more); one
+            # before it views this step's part of them.
+            text="".join(state.pieces) if finished else "",
+            token_ids=state.token_ids if finished else Prefix(state.token_ids, state.sent_tokens),
             new_text=new_text,
             new_token_ids=new_tokens,
             finished=finished,
             finish_reason=finish_reason,
             metrics=state.metrics,
-            logprobs=list(state.logprobs),
+            logprobs=state.logprobs,
             new_logprobs=new_logprobs,
             prompt_logprobs=state.prompt_logprobs,
             embedding=state.embedding,
             stop_reason=state.stop_reason if finish_reason == "stop" else None,
         )
+        if not finished:
+            text = TextPrefix(state.pieces, len(state.pieces), sendable)
+            # No view where there are no logprobs (most requests): one object fewer for the GC.
+            logprobs = Prefix(state.logprobs, state.sent_logprobs) if state.sent_logprobs else ()
+            defer_cumulative(out, text, logprobs)
+        return out
 
 
 def _failed_output(state: _RequestState, message: str, now: float) -> RequestOutput:
@@ -228,8 +253,8 @@ def _failed_output(state: _RequestState, message: str, now: float) -> RequestOut
     return RequestOutput(
         request_id=state.request_id,
         prompt_token_ids=state.prompt_token_ids,
-        text=state.text[: state.sent_chars],
-        token_ids=list(state.token_ids[: state.sent_tokens]),
+        text=str(TextPrefix(state.pieces, len(state.pieces), state.sent_chars)),
+        token_ids=state.token_ids[: state.sent_tokens],
         new_text="",
         new_token_ids=[],
         finished=True,
@@ -237,3 +262,30 @@ def _failed_output(state: _RequestState, message: str, now: float) -> RequestOut
         metrics=state.metrics,
         error=message,
     )
+
+
+def _append_text(state: _RequestState, delta: str) -> None:
+    if delta:
+        state.pieces.append(delta)
+        state.text_len += len(delta)
+
+
+def _set_text(state: _RequestState, text: str) -> None:
+    """Replaces the text: in a new list, as earlier outputs may view the old one."""
+    state.pieces = [text] if text else []
+    state.text_len = len(text)
+
+
+def _text_tail(state: _RequestState, count: int) -> str:
+    """The text's last ``count`` characters (all of it if shorter), from the pieces they are in."""
+    if count <= 0:
+        return ""
+    taken: list[str] = []
+    have = 0
+    for piece in reversed(state.pieces):
+        taken.append(piece)
+        have += len(piece)
+        if have >= count:
+            break
+    taken.reverse()
+    return "".join(taken)[-count:]
