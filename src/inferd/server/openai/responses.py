@@ -353,8 +353,10 @@ class BackgroundResponses:
             code = "rate_limit_exceeded" if exc.kind == "overloaded" else "server_error"
             self._fail(job, log, events, code, f"{exc.message} ({body['code'] or body['type']})")
         except Exception as exc:  # the server's own fault: the response must not stay in progress
-            logger.exception("background response %s failed", job.response_id)
-            self._fail(job, log, events, "server_error", f"the server failed to answer: {exc!r}")
+            # Its text stays in the log, as a route's 500 keeps it (errors.internal_error_response).
+            logger.exception("background response %s failed: %r", job.response_id, exc)
+            message = f"the server failed to answer; its log has the details under {job.response_id}"
+            self._fail(job, log, events, "server_error", message)
 
     def _fail(
         self, job: ResponseJob, log: _EventLog | None, events: _EventWriter, code: str, message: str
