@@ -9,6 +9,7 @@ OpenAPI docs (``/docs``, ``/redoc``, ``/openapi.json``) and unknown paths need t
 
 from __future__ import annotations
 
+import os
 import secrets
 
 from starlette.routing import get_route_path
@@ -21,6 +22,13 @@ from inferd.server.limits import PathErrorRenderer
 # health probes, SageMaker's ping, the version and the Prometheus metrics, as vLLM, TGI and Triton
 # keep theirs open. Exact paths: anything else, a trailing slash included, needs the key.
 OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
+def api_key_from_environment() -> str | None:
+    """The key a server takes when ``--api-key`` is not given: ``$INFERD_API_KEY``, else vLLM's
+    ``$VLLM_API_KEY`` (a deployment moved over from vLLM keeps its key)."""
+    return os.environ.get("INFERD_API_KEY") or os.environ.get("VLLM_API_KEY")
+
 
 MISSING_KEY_MESSAGE = "a valid API key is required: send 'Authorization: Bearer <key>'"
 

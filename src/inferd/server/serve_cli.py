@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import re
 import signal
 from pathlib import Path
@@ -20,6 +19,7 @@ from inferd.entrypoints.engine_args import (
     non_negative_float,
     positive_int,
 )
+from inferd.server.auth import api_key_from_environment
 from inferd.server.config import DEFAULT_METRICS_PREFIX, ServerConfig
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 from inferd.server.reasoning import REASONING_FORMATS
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument(
         "--api-key",
         # vLLM's variable too: a deployment moved over from vLLM must not run open without a word.
-        default=os.environ.get("INFERD_API_KEY") or os.environ.get("VLLM_API_KEY"),
+        default=api_key_from_environment(),
         help="require 'Authorization: Bearer KEY' on the API routes; default: $INFERD_API_KEY, else "
         "$VLLM_API_KEY",
     )

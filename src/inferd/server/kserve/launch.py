@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import ipaddress
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ from starlette.exceptions import HTTPException
 from inferd.entrypoints.engine_args import positive_int
 from inferd.server import event_loop
 from inferd.server.app import render_error_for_path
-from inferd.server.auth import RequireApiKey
+from inferd.server.auth import RequireApiKey, api_key_from_environment
 from inferd.server.decompression import RequestDecompression
 from inferd.server.errors import unmatched_route_response
 from inferd.server.http_metrics import HttpMetricFamilies, HttpMetrics
@@ -140,8 +139,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument(
         "--api-key",
-        # The variables `inferd serve --api-key` falls back to, in its order.
-        default=os.environ.get("INFERD_API_KEY") or os.environ.get("VLLM_API_KEY"),
+        default=api_key_from_environment(),  # as `inferd serve --api-key`
         help="require 'Authorization: Bearer KEY' (gRPC: that metadata) on every call but the health "
         "probes; default: $INFERD_API_KEY, else $VLLM_API_KEY. Without one, anyone who reaches the "
         "ports may infer, load and unload models",
