@@ -176,11 +176,10 @@ class Tokenizer:
         """``text``'s last tokens, ``keep`` in all, as transformers' left truncation gives them: the
         special tokens the tokenizer's template adds around a text (a BOS before it, an EOS after)
         are kept, and the text's own tokens are cut from the left."""
-        text = self._fit(text, cut_to_fit=True)
-        whole = self.encode(text)
+        whole = self.encode(text, cut_to_fit=True)
         if len(whole) <= keep:
             return whole
-        own = self.encode(text, add_special_tokens=False)
+        own = self.encode(text, add_special_tokens=False, cut_to_fit=True)
         start = next((i for i in range(len(whole) - len(own) + 1) if whole[i : i + len(own)] == own), None)
         added = len(whole) - len(own)
         if start is None or keep <= added:  # no text inside the template, or no room for any of it
