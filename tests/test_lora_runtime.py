@@ -5,6 +5,7 @@ name, refusals by kind, across an engine process, and over vLLM's two HTTP route
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -215,19 +216,25 @@ async def test_an_update_given_up_on_leaves_the_engine_serving(base: Path, adapt
         llm.shutdown()
 
 
-async def test_a_request_whose_adapter_went_away_meanwhile_is_a_404(base: Path, adapters) -> None:  # type: ignore[no-untyped-def]
+def _served(base: Path) -> tuple[AsyncLLM, Any, Any]:  # (llm, its Frontend, the metrics' registry)
+    """A started engine that takes adapters at run time, and a server's frontend over it."""
     from prometheus_client import CollectorRegistry
 
-    from inferd.server.errors import ModelNotFoundError
     from inferd.server.frontend import Frontend
     from inferd.server.metrics import ServerMetrics
 
     llm = AsyncLLM.from_options(base, kv_cache_memory="8MiB", allow_runtime_lora_updating=True)
     llm.start()
+    registry = CollectorRegistry()
+    return llm, Frontend(llm, "tiny", ServerMetrics(registry, "tiny", llm.stats)), registry
+
+
+async def test_a_request_whose_adapter_went_away_meanwhile_is_a_404(base: Path, adapters) -> None:  # type: ignore[no-untyped-def]
+    from inferd.server.errors import ModelNotFoundError
+
+    llm, frontend, registry = _served(base)
     try:
         await llm.load_adapter("one", str(adapters["one"]))
-        registry = CollectorRegistry()
-        frontend = Frontend(llm, "tiny", ServerMetrics(registry, "tiny", llm.stats))
         params = frontend.sampling_params(max_tokens=4, adapter=frontend.adapter_for("one"))
         await llm.unload_adapter("one")  # after the request's checks, before its turn in the engine
         with pytest.raises(ModelNotFoundError, match="no longer served"):
@@ -252,16 +259,8 @@ async def test_a_request_whose_adapter_went_away_meanwhile_is_a_404(base: Path, 
 
 async def test_an_unloaded_adapter_leaves_no_metric_series_behind(base: Path, adapters) -> None:  # type: ignore[no-untyped-def]
     """A series per adapter name ever loaded grew /metrics on a server that loads new names."""
-    from prometheus_client import CollectorRegistry
-
-    from inferd.server.frontend import Frontend
-    from inferd.server.metrics import ServerMetrics
-
-    llm = AsyncLLM.from_options(base, kv_cache_memory="8MiB", allow_runtime_lora_updating=True)
-    llm.start()
+    llm, frontend, registry = _served(base)
     try:
-        registry = CollectorRegistry()
-        frontend = Frontend(llm, "tiny", ServerMetrics(registry, "tiny", llm.stats))
 
         def served_by(adapter: str) -> float | None:
             labels = {"model_name": "tiny", "adapter": adapter}
