@@ -110,6 +110,7 @@ def create_app(
             if app.state.model_repository is not None:
                 await app.state.model_repository.close()
             llm.shutdown()
+            frontend.close()
 
     if config.disable_fastapi_docs:
         app = FastAPI(title="inferd", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

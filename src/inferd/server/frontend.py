@@ -12,14 +12,16 @@ draining for shutdown, and turning a full engine queue into a 429.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from inferd.engine.admission import EngineOverloadedError
 from inferd.engine.async_llm import AsyncLLM, EngineDeadError
@@ -42,6 +44,9 @@ from inferd.structured.matcher import GrammarCompiler
 from inferd.structured.spec import StructuredOutput, StructuredOutputError
 
 logger = logging.getLogger("inferd.server.requests")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,22 @@ class Frontend:
         self._adapter_holds: Counter[str] = Counter()
         config = llm.config
         self._grammars = GrammarCompiler(config.tokenizer_path / "tokenizer.json", config.model.vocab_size)
+        # Where requests are prepared (`off_loop`): one thread, so they are taken in the order
+        # they came, as on the event loop.
+        self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferd-prepare")
+
+    async def off_loop(self, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """``work(*args, **kwargs)`` on the frontend's preparing thread, awaited. Requests are
+        checked, rendered and tokenized there: tokenizing takes time as the text's length (seconds
+        for the megabytes of text a long context admits) and the tokenizer lets go of the GIL
+        meanwhile, so the event loop goes on streaming every other request's tokens. A client
+        that leaves meanwhile leaves its request's preparation to finish, unused."""
+        call = functools.partial(work, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._preparer, call)
+
+    def close(self) -> None:
+        """Lets the preparing thread go once the preparations queued have run."""
+        self._preparer.shutdown(wait=False)
 
     @property
     def tokenizer(self) -> Tokenizer:

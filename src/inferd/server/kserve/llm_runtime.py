@@ -100,21 +100,42 @@ def sampling_params(frontend: Frontend, params: GenerationParams) -> SamplingPar
 
 
 class FrontendGenerationStream:
-    """Text deltas of one engine request; `result()` once iteration has ended."""
+    """Text deltas of one engine request; `result()` once iteration has ended. Its prompt is
+    tokenized and checked as the iteration starts (on the frontend's preparing thread, not the
+    event loop), so a prompt at fault fails the first step, before any output."""
 
     def __init__(
-        self, outputs: AsyncIterator[IndexedOutput], prompt_tokens: int, cumulative_logprob: bool
+        self,
+        frontend: Frontend,
+        text: str,
+        params: SamplingParams,
+        timeout_s: float | None,
+        cumulative_logprob: bool,
     ) -> None:
-        self._outputs = outputs
+        self._frontend = frontend
+        self._text = text
+        self._params = params
+        self._timeout_s = timeout_s
         self._result: GenerationResult | None = None
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = 0  # known once the prompt is tokenized
         self.completion_tokens = 0
         self.cumulative_logprob: float | None = 0.0 if cumulative_logprob else None
+
+    async def _started(self) -> AsyncIterator[IndexedOutput]:
+        frontend = self._frontend
+        try:
+            text, params = self._text, self._params
+            token_ids = await frontend.off_loop(frontend.prepare, text, params, field="text_input")
+            self.prompt_tokens = len(token_ids)
+            request_id = frontend.new_request_id("v2")
+            return frontend.generate(request_id, [token_ids], params, timeout_s=self._timeout_s)
+        except ApiError as exc:
+            raise as_inference_error(exc) from exc
 
     async def __aiter__(self) -> AsyncIterator[str]:
         # Closing the Frontend's iterator, also when our consumer leaves early (a client that
         # disconnects from generate_stream), aborts the engine request and frees its KV blocks.
-        async with aclosing(self._outputs) as outputs:  # type: ignore[type-var]
+        async with aclosing(await self._started()) as outputs:  # type: ignore[type-var]
             try:
                 async for item in outputs:
                     out = item.output
@@ -144,8 +165,9 @@ class FrontendGenerationStream:
 
 
 class FrontendTextGenerator:
-    """The `TextGenerator` of one LLM: prompt and sampling checks happen in `generate`, before any
-    output, so a bad request fails as invalid input before a stream's first byte."""
+    """The `TextGenerator` of one LLM: sampling checks happen in `generate`, prompt checks in its
+    stream's first step, both before any output, so a bad request fails as invalid input before a
+    stream's first byte."""
 
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
@@ -163,13 +185,9 @@ class FrontendTextGenerator:
         sampling = sampling_params(frontend, params)
         try:
             timeout_s = frontend.timeout_s(None, params.timeout_s)
-            token_ids = frontend.prepare(text, sampling, field="text_input")
-            outputs = frontend.generate(
-                frontend.new_request_id("v2"), [token_ids], sampling, timeout_s=timeout_s
-            )
         except ApiError as exc:
             raise as_inference_error(exc) from exc
-        return FrontendGenerationStream(outputs, len(token_ids), params.cumulative_logprob)
+        return FrontendGenerationStream(frontend, text, sampling, timeout_s, params.cumulative_logprob)
 
 
 class RepositoryLLM(FrontendTextGenerator):
@@ -182,6 +200,7 @@ class RepositoryLLM(FrontendTextGenerator):
 
     def close(self) -> None:
         self.frontend.llm.shutdown()
+        self.frontend.close()
         # Its gauges leave /metrics with it (a reloaded model's engine has replaced them already).
         self.frontend.metrics.forget_engine()
         logger.info("LLM %r stopped", self.frontend.model_name)

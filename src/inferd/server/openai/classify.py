@@ -52,7 +52,7 @@ def add_classify_routes(router: APIRouter, frontend: Frontend) -> None:
     async def pooled(body: PoolingRequest, request: Request) -> tuple[list[np.ndarray], int]:
         timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         keep = truncation(body.truncate_prompt_tokens)
-        chat = chat_input(frontend, body, body.input is not None)
+        chat = await frontend.off_loop(chat_input, frontend, body, body.input is not None)
         prompts: list[str | list[int]] = [chat] if chat is not None else parse_inputs(body.input)
         run = embed_prompts(
             frontend,

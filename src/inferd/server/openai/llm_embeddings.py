@@ -11,6 +11,7 @@ import numpy as np
 
 from inferd.engine.matryoshka import check_dimensions, shortened
 from inferd.engine.outputs import RequestOutput
+from inferd.sampling_params import SamplingParams
 from inferd.server.errors import GenerationError, InvalidRequestError, RequestTimeoutError
 from inferd.server.frontend import Frontend
 from inferd.server.openai.common import encode_vector
@@ -111,13 +112,9 @@ async def embed_prompts(
     params = frontend.sampling_params(
         None, max_tokens=1, temperature=0.0, embed=True, adapter=adapter, priority=priority
     )
-    if truncate_prompt_tokens is not None:
-        # A pooled prompt may fill the whole context (InputProcessor.resolve_max_tokens).
-        prompts = [
-            frontend.truncated(prompt, truncate_prompt_tokens, 0, field, add_special_tokens)
-            for prompt in prompts
-        ]
-    token_ids = [frontend.prepare(prompt, params, field, add_special_tokens) for prompt in prompts]
+    token_ids = await frontend.off_loop(
+        _prompt_token_ids, frontend, prompts, params, field, truncate_prompt_tokens, add_special_tokens
+    )
     frontend.check_ready(token_ids, field=field)
     finals: dict[int, RequestOutput] = {}
     request_id = frontend.new_request_id("embd")
@@ -136,6 +133,24 @@ async def embed_prompts(
     return vectors, sum(len(ids) for ids in token_ids)
 
 
+def _prompt_token_ids(
+    frontend: Frontend,
+    prompts: list[str | list[int]],
+    params: SamplingParams,
+    field: str,
+    truncate_prompt_tokens: int | None,
+    add_special_tokens: bool,
+) -> list[list[int]]:
+    """Each prompt tokenized and checked against the context (as `embed_prompts` says)."""
+    if truncate_prompt_tokens is not None:
+        # A pooled prompt may fill the whole context (InputProcessor.resolve_max_tokens).
+        prompts = [
+            frontend.truncated(prompt, truncate_prompt_tokens, 0, field, add_special_tokens)
+            for prompt in prompts
+        ]
+    return [frontend.prepare(prompt, params, field, add_special_tokens) for prompt in prompts]
+
+
 async def embed_with_llm(
     frontend: Frontend, body: dict[str, Any], encoding: str, dimensions: int | None, timeout_s: float | None
 ) -> dict:
@@ -151,7 +166,8 @@ async def embed_with_llm(
             raise InvalidRequestError(f"dimensions: {exc}", "dimensions") from None
     check_normalize(body.get("normalize"), normalized=not frontend.llm.config.model.labels)
     keep = truncation(body.get("truncate_prompt_tokens"))
-    chat = chat_input(frontend, read_chat_fields(body), body.get("input") is not None)
+    fields = read_chat_fields(body)
+    chat = await frontend.off_loop(chat_input, frontend, fields, body.get("input") is not None)
     prompts: list[str | list[int]] = [chat] if chat is not None else parse_inputs(body.get("input"))
     field = "messages" if chat is not None else "input"
     vectors, tokens = await embed_prompts(

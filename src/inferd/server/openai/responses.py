@@ -80,26 +80,35 @@ _LEADING_NAME = re.compile(r"^(" + "|".join(re.escape(name) for name in _FIELD_N
 _CONTEXT_PHRASE = ("and max_tokens asks for", "and max_output_tokens asks for")
 
 
-def prepare_response(frontend: Frontend, body: ResponsesRequest, store: ResponseStore) -> ResponseJob:
-    """Validate, continue the stored conversation if asked, and prepare it as a chat; every error
-    here is a 4xx before generation."""
+def previous_response(body: ResponsesRequest, store: ResponseStore) -> StoredResponse | None:
+    """The stored response the request continues (``previous_response_id``), if it names one: one
+    that answered, else a 4xx. Read on the event loop, which alone changes the store."""
+    if body.previous_response_id is None:
+        return None
+    previous = store.get(body.previous_response_id)
+    if previous is None:
+        raise ResponseNotFoundError(
+            f"previous_response_id: no stored response {body.previous_response_id!r}", "previous_response_id"
+        )
+    if previous.status not in ("completed", "incomplete"):
+        # Its answer is not there (yet, or ever): the conversation would go on without it.
+        raise InvalidRequestError(
+            f"previous_response_id: response {body.previous_response_id!r} is {previous.status}; a "
+            "conversation continues only from a completed or incomplete response",
+            "previous_response_id",
+        )
+    return previous
+
+
+def prepare_response(
+    frontend: Frontend, body: ResponsesRequest, previous: StoredResponse | None
+) -> ResponseJob:
+    """Validate, continue the ``previous`` conversation if there is one, and prepare it as a chat;
+    every error here is a 4xx before generation."""
     body.refuse_unsupported()
     history: list[dict[str, Any]] = []
     earlier_items: list[dict[str, Any]] = []
-    if body.previous_response_id is not None:
-        previous = store.get(body.previous_response_id)
-        if previous is None:
-            raise ResponseNotFoundError(
-                f"previous_response_id: no stored response {body.previous_response_id!r}",
-                "previous_response_id",
-            )
-        if previous.status not in ("completed", "incomplete"):
-            # Its answer is not there (yet, or ever): the conversation would go on without it.
-            raise InvalidRequestError(
-                f"previous_response_id: response {body.previous_response_id!r} is {previous.status}; a "
-                "conversation continues only from a completed or incomplete response",
-                "previous_response_id",
-            )
+    if previous is not None:
         history = previous.messages
         earlier_items = previous.input_items + previous.output
     new = input_messages(body.input)

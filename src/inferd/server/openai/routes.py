@@ -54,6 +54,7 @@ from inferd.server.openai.responses import (
     ResponseNotFoundError,
     input_items_page,
     prepare_response,
+    previous_response,
     respond,
     stream_response,
 )
@@ -148,7 +149,7 @@ def build_router(
     @router.post("/v1/completions", response_model=None)
     async def create_completion(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
         _check_completion_fan_out(frontend, body)  # before its prompts are tokenized
-        job = prepare_completion(frontend, body, _client_id(request, body))
+        job = await frontend.off_loop(prepare_completion, frontend, body, _client_id(request, body))
         job.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         frontend.check_ready(job.prompts, job.best_of)
         if job.length_penalty is not None:
@@ -163,7 +164,7 @@ def build_router(
     async def create_chat_completion(
         body: ChatCompletionRequest, request: Request
     ) -> ChatCompletionResponse | Response:
-        job = prepare_chat(frontend, body, _client_id(request, body))
+        job = await frontend.off_loop(prepare_chat, frontend, body, _client_id(request, body))
         job.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         frontend.check_ready([job.prompt], job.n)
         if job.length_penalty is not None:
@@ -178,7 +179,7 @@ def build_router(
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         if body.background:
             background.check_room()  # before the conversation is rendered and tokenized
-        job = prepare_response(frontend, body, store)
+        job = await frontend.off_loop(prepare_response, frontend, body, previous_response(body, store))
         job.chat.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         frontend.check_ready([job.chat.prompt])
         if body.background:
@@ -249,34 +250,7 @@ def build_router(
     @router.post("/tokenize", response_model=None)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse | list[SimpleToken]:
         """vLLM's tokenizer endpoint; TGI's, which shares its path, for a body of TGI's ``inputs``."""
-        frontend.check_model(body.model)
-        if body.inputs is not None and body.prompt is None and body.messages is None:
-            spans = frontend.tokenizer.encode_spans(body.inputs, body.add_special_tokens)
-            truncate = body.parameters.truncate if body.parameters is not None else None
-            if truncate is not None:  # TGI keeps the last tokens
-                spans = spans[-truncate:]
-            return [SimpleToken(id=i, text=body.inputs[start:stop], start=start, stop=stop)
-                    for i, start, stop in spans]  # fmt: skip
-        if body.messages is not None:
-            refuse_request_template(body.chat_template)
-            text = render_conversation(frontend, body, body.tools)
-        elif body.prompt is not None:
-            text = body.prompt
-        else:  # not an empty prompt's zero tokens
-            raise InvalidRequestError(
-                "prompt: give the text to tokenize as prompt, or messages (or TGI's inputs)", "prompt"
-            )
-        # A chat is tokenized as the chat route does: its template writes the special tokens.
-        add_special = (
-            body.add_special_tokens
-            if "add_special_tokens" in body.model_fields_set
-            else body.messages is None
-        )
-        tokens = frontend.tokenizer.encode(text, add_special_tokens=add_special)
-        strs = [frontend.tokenizer.id_to_token(t) or "" for t in tokens] if body.return_token_strs else None
-        return TokenizeResponse(
-            count=len(tokens), max_model_len=frontend.max_model_len, tokens=tokens, token_strs=strs
-        )
+        return await frontend.off_loop(_tokenized, frontend, body)
 
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
@@ -285,6 +259,37 @@ def build_router(
         return DetokenizeResponse(prompt=frontend.tokenizer.decode(body.tokens))
 
     return router
+
+
+def _tokenized(frontend: Frontend, body: TokenizeRequest) -> TokenizeResponse | list[SimpleToken]:
+    """The /tokenize answer: a chat rendered and tokenized as the chat route does it, a prompt, or
+    TGI's ``inputs`` with each token's span."""
+    frontend.check_model(body.model)
+    if body.inputs is not None and body.prompt is None and body.messages is None:
+        spans = frontend.tokenizer.encode_spans(body.inputs, body.add_special_tokens)
+        truncate = body.parameters.truncate if body.parameters is not None else None
+        if truncate is not None:  # TGI keeps the last tokens
+            spans = spans[-truncate:]
+        return [SimpleToken(id=i, text=body.inputs[start:stop], start=start, stop=stop)
+                for i, start, stop in spans]  # fmt: skip
+    if body.messages is not None:
+        refuse_request_template(body.chat_template)
+        text = render_conversation(frontend, body, body.tools)
+    elif body.prompt is not None:
+        text = body.prompt
+    else:  # not an empty prompt's zero tokens
+        raise InvalidRequestError(
+            "prompt: give the text to tokenize as prompt, or messages (or TGI's inputs)", "prompt"
+        )
+    # A chat is tokenized as the chat route does: its template writes the special tokens.
+    add_special = (
+        body.add_special_tokens if "add_special_tokens" in body.model_fields_set else body.messages is None
+    )
+    tokens = frontend.tokenizer.encode(text, add_special_tokens=add_special)
+    strs = [frontend.tokenizer.id_to_token(t) or "" for t in tokens] if body.return_token_strs else None
+    return TokenizeResponse(
+        count=len(tokens), max_model_len=frontend.max_model_len, tokens=tokens, token_strs=strs
+    )
 
 
 def _check_completion_fan_out(frontend: Frontend, body: CompletionRequest) -> None:

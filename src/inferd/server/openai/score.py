@@ -127,9 +127,10 @@ async def _cross_encoded(frontend: Frontend, job: _ScoreJob) -> tuple[list[float
             except InvalidTextError as exc:
                 raise InvalidRequestError(str(exc), field) from None
     model = frontend.llm.config.model
-    joined: list[str | list[int]] = [
-        joined_pair(frontend.tokenizer, model, first_texts[i], second_texts[j]) for i, j in job.pairs
-    ]
+    tokenizer = frontend.tokenizer
+    joined: list[str | list[int]] = await frontend.off_loop(
+        lambda: [joined_pair(tokenizer, model, first_texts[i], second_texts[j]) for i, j in job.pairs]
+    )
     logits, tokens = await embed_prompts(
         frontend, job.model, joined, first_field, job.timeout_s, classifier_logits=True,
         truncate_prompt_tokens=job.keep, priority=job.priority,

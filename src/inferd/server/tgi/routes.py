@@ -54,27 +54,27 @@ def build_router(
             version=package_version(),
         )
 
-    def ready_job(body: GenerateRequest, request: Request, stream: bool) -> TgiJob:
+    async def ready_job(body: GenerateRequest, request: Request, stream: bool) -> TgiJob:
         """The checked job, with its timeout; raises before any response starts."""
-        job = prepare_generate(frontend, body, stream, max_best_of)
+        job = await frontend.off_loop(prepare_generate, frontend, body, stream, max_best_of)
         job = dataclasses.replace(job, timeout_s=frontend.timeout_s(request.headers.get(TIMEOUT_HEADER)))
         frontend.check_ready([job.prompt], job.best_of)
         return job
 
     @router.post("/generate", response_model=GenerateResponse)
     async def generate_text(body: GenerateRequest, request: Request) -> Response:
-        job = ready_job(body, request, stream=False)
+        job = await ready_job(body, request, stream=False)
         generated = await unless_disconnected(request, generate(frontend, job))
         return _json(generated.response.model_dump_json(), generated.headers)
 
     @router.post("/generate_stream", response_model=None)
     async def generate_stream(body: GenerateRequest, request: Request) -> Response:
-        job = ready_job(body, request, stream=True)
+        job = await ready_job(body, request, stream=True)
         return await started_sse_response(request, stream_generate(frontend, job))
 
     @router.post("/", response_model=list[GenerateResponse])
     async def compat_generate(body: GenerateRequest, request: Request) -> Response:
-        job = ready_job(body, request, stream=bool(body.stream))
+        job = await ready_job(body, request, stream=bool(body.stream))
         if body.stream:
             return await started_sse_response(request, stream_generate(frontend, job))
         generated = await unless_disconnected(request, generate(frontend, job))
