@@ -152,6 +152,7 @@ def create_app(
             served_llm=frontend,
             allow_client_shm=config.allow_client_shm,
             max_body_bytes=config.max_body_bytes,
+            control=config.model_control,
         )
     else:
         app.include_router(build_embeddings_router(None, served_llm=frontend))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
+from inferd.serving.model_control import ModelControl
 
 # The engine metrics' names start with this and a colon unless the server is told another.
 DEFAULT_METRICS_PREFIX = "inferd"
@@ -51,6 +52,9 @@ class ServerConfig:
     max_best_of: int = 2
     # KServe v2 clients may register system shared memory regions (Triton's --allow-client-shm).
     allow_client_shm: bool = False
+    # The repository's models loaded at start-up, and whether clients may load and unload them
+    # (Triton's --model-control-mode and --load-model).
+    model_control: ModelControl = ModelControl()
     # The engine metrics' names start with this and a colon (``vllm``: vLLM's names).
     metrics_prefix: str = DEFAULT_METRICS_PREFIX
     # No /docs, /redoc or /openapi.json (vLLM's --disable-fastapi-docs): the schema lists every

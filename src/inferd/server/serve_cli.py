@@ -24,6 +24,7 @@ from inferd.server.config import DEFAULT_METRICS_PREFIX, ServerConfig
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 from inferd.server.reasoning import REASONING_FORMATS
 from inferd.server.tool_calls import TOOL_CALL_PARSERS
+from inferd.serving.model_control import ModelControl, add_model_control_args
 
 if TYPE_CHECKING:
     from inferd.engine.async_llm import AsyncLLM
@@ -128,6 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="KServe v2 clients on this machine may register system shared memory regions (/dev/shm) and "
         "send inputs and take outputs there (Triton's flag; with --model-repository)",
     )
+    add_model_control_args(server)
     limits = parser.add_argument_group("limits (overload, timeouts, shutdown)")
     limits.add_argument(
         "--max-queued-requests",
@@ -217,6 +219,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         log_stats_interval_s=0.0 if args.disable_log_stats else args.log_stats_interval,
         max_best_of=args.max_best_of,
         allow_client_shm=args.allow_client_shm,
+        model_control=ModelControl.from_flags(args.model_control_mode, args.load_model),
         metrics_prefix=args.metrics_prefix,
         disable_fastapi_docs=args.disable_fastapi_docs,
     )

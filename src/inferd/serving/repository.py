@@ -26,6 +26,7 @@ from inferd.serving.config import (
 )
 from inferd.serving.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from inferd.serving.metrics import ServingMetrics
+from inferd.serving.model_control import ModelControl
 from inferd.serving.runtimes.base import Runtime, TensorRuntime, TextGenerator
 from inferd.serving.runtimes.registry import RuntimeRegistry
 from inferd.serving.shared_memory import SharedMemoryRegions
@@ -117,9 +118,12 @@ class ModelRepository:
         metrics: ServingMetrics | None = None,
         root: Path | None = None,
         runtimes: RuntimeRegistry | None = None,
+        explicit_control: bool = True,
     ) -> None:
-        """`root` and `runtimes`: the folder the entries came from and how to load them again."""
+        """`root` and `runtimes`: the folder the entries came from and how to load them again;
+        ``explicit_control`` false: clients may not load or unload models (`model_control.py`)."""
         self._entries = {entry.name: entry for entry in entries}
+        self.explicit_control = explicit_control
         self.metrics = metrics
         self._root = root
         self._runtimes = runtimes
@@ -175,6 +179,7 @@ class ModelRepository:
         fails leaves a loaded model serving, and raises with the reason. Once begun, a load runs to
         its end even if its caller gives up (a gRPC deadline): its model is then served or closed,
         never left running unlisted."""
+        self._check_control()
         folder, runtimes = self._model_folder(name)
         # A caller that gives up while it waits for the lock has started nothing.
         await self._control.acquire()
@@ -210,6 +215,13 @@ class ModelRepository:
         logger.info("model %r loaded", name)
         return entry
 
+    def _check_control(self) -> None:
+        if not self.explicit_control:
+            raise InvalidInputError(
+                "models cannot be loaded or unloaded on this server (--model-control-mode none): they "
+                "load at start-up"
+            )
+
     def _model_folder(self, name: str) -> tuple[Path, RuntimeRegistry]:
         """The folder model `name` loads from (the one it was listed from, else the repository's
         child folder of that name) and the runtimes that load it. The requested name is checked
@@ -231,6 +243,7 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         """Stops serving `name`, listed from then on as unavailable ("unloaded"); the requests
         already queued for it are answered first, and it is closed even if the caller gives up."""
+        self._check_control()
         if name in self._added:
             raise InvalidInputError(f"model {name!r} is not loaded from a model repository folder")
         if not is_valid_model_name(name):  # no repository model has such a name
@@ -331,18 +344,32 @@ def _unconfigured(entry: ModelEntry) -> bool:
 
 
 def load_repository(
-    root: Path, runtimes: RuntimeRegistry, metrics: ServingMetrics | None = None
+    root: Path,
+    runtimes: RuntimeRegistry,
+    metrics: ServingMetrics | None = None,
+    control: ModelControl | None = None,
 ) -> ModelRepository:
-    """Loads every model folder under `root`. A folder without a config is listed as not ready,
-    with the reason, unless a model of the repository has its name; hidden folders are skipped."""
+    """Loads the model folders under `root` that ``control`` names (by default every one; the
+    others are listed unloaded). A folder without a config is listed as not ready, with the
+    reason, unless a model of the repository has its name; hidden folders are skipped. A name to
+    load that is no folder here is a ValueError, as Triton refuses to start."""
+    control = control or ModelControl()
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a directory")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    missing = sorted((control.startup or set()) - {folder.name for folder in folders})
+    if missing:
+        raise ValueError(f"--load-model: model repository {root} has no model folder {', '.join(missing)}")
     entries: dict[str, ModelEntry] = {}
     unconfigured: list[ModelEntry] = []
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for model_dir in folders:
         if not is_valid_model_name(model_dir.name):
             logger.warning("skipping model folder with an invalid name: %r", model_dir.name)
+            continue
+        if control.startup is not None and model_dir.name not in control.startup:
+            name = model_dir.name
+            entries[name] = ModelEntry(name, None, "unknown", failure=UNLOADED, folder=model_dir)
             continue
         entry = load_model(model_dir, runtimes, metrics)
         if _unconfigured(entry):
@@ -355,4 +382,4 @@ def load_repository(
         entries[entry.name] = entry
     for entry in unconfigured:
         entries.setdefault(entry.name, entry)
-    return ModelRepository(list(entries.values()), metrics, root, runtimes)
+    return ModelRepository(list(entries.values()), metrics, root, runtimes, control.explicit)

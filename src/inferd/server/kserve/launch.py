@@ -32,6 +32,7 @@ from inferd.server.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from inferd.server.openai_embeddings import build_embeddings_router
 from inferd.server.request_id import EchoRequestId
 from inferd.serving.metrics import ServingMetrics
+from inferd.serving.model_control import ModelControl, add_model_control_args, model_control
 from inferd.serving.repository import ModelRepository, load_repository
 from inferd.serving.runtimes.registry import RuntimeRegistry, default_runtime_registry
 from inferd.serving.shared_memory import SharedMemoryRegions
@@ -49,11 +50,13 @@ def open_repository(
     runtimes: RuntimeRegistry | None = None,
     allow_client_shm: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    control: ModelControl | None = None,
 ) -> ModelRepository:
     """``allow_client_shm``: clients may register system shared memory regions (Triton's flag); a
-    BYTES input may take at most ``max_body_bytes`` from one, as much as a request body."""
+    BYTES input may take at most ``max_body_bytes`` from one, as much as a request body.
+    ``control``: the models loaded at start-up, and whether clients may load and unload them."""
     repository = load_repository(
-        path, runtimes or default_runtime_registry(), ServingMetrics(metrics_registry)
+        path, runtimes or default_runtime_registry(), ServingMetrics(metrics_registry), control
     )
     if allow_client_shm:
         repository.shared_memory = SharedMemoryRegions(max_bytes_input=max_body_bytes)
@@ -155,11 +158,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="clients on this machine may register system shared memory regions (Triton's flag)",
     )
+    add_model_control_args(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    control = model_control(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     api_key = args.api_key or None  # an empty variable sets no key, as for `inferd serve`
     if api_key is None and not _is_loopback(args.host):
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_registry,
         allow_client_shm=args.allow_client_shm,
         max_body_bytes=args.max_body_bytes,
+        control=control,
     )
     event_loop.run(
         serve(
@@ -206,6 +213,7 @@ def mount_model_repository(
     served_llm: Frontend | None = None,
     allow_client_shm: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    control: ModelControl | None = None,
 ) -> ModelRepository:
     """Loads `path` and adds the `/v2` and `/v1/embeddings` routes to an existing app (`inferd serve`).
 
@@ -216,7 +224,7 @@ def mount_model_repository(
         from inferd.server.kserve.llm_runtime import register_llm_runtime, served_llm_entry
 
         register_llm_runtime(runtimes, served_llm)
-    repository = open_repository(path, metrics_registry, runtimes, allow_client_shm, max_body_bytes)
+    repository = open_repository(path, metrics_registry, runtimes, allow_client_shm, max_body_bytes, control)
     if served_llm is not None:
         repository.add(served_llm_entry(served_llm))
     app.include_router(build_router(repository, dependencies))
