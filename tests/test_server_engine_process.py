@@ -387,7 +387,8 @@ def test_a_hung_step_fails_its_request_and_the_server_exits(tiny_llama, tmp_path
 
 def test_an_engine_process_whose_server_is_gone_at_its_start_ends(tiny_llama, tmp_path) -> None:
     """The core is told its server's pid: one killed while the core loaded left it adopted (its
-    parent then reads as init), waiting for work forever with the model in memory."""
+    parent then reads as init), waiting for work forever with the model in memory. As it ends it
+    removes the folder of the server's sockets, which the server, killed, could not."""
     import multiprocessing
 
     import msgspec
@@ -398,14 +399,16 @@ def test_an_engine_process_whose_server_is_gone_at_its_start_ends(tiny_llama, tm
 
     gone = subprocess.Popen(["true"])
     gone.wait()
+    sockets = tmp_path / "inferd-sockets"
+    sockets.mkdir()
     context = zmq.Context()
     to_core, from_core = context.socket(zmq.PUSH), context.socket(zmq.PULL)
-    to_core.bind(f"ipc://{tmp_path}/in")
-    from_core.bind(f"ipc://{tmp_path}/out")
+    to_core.bind(f"ipc://{sockets}/in")
+    from_core.bind(f"ipc://{sockets}/out")
     config = build_engine_config(tiny_llama, kv_cache_memory="8MiB")
     core = multiprocessing.get_context("spawn").Process(
         target=run_core_process,
-        args=(config, f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out", None, gone.pid),
+        args=(config, f"ipc://{sockets}/in", f"ipc://{sockets}/out", None, gone.pid),
         daemon=True,
     )
     core.start()
@@ -414,6 +417,7 @@ def test_an_engine_process_whose_server_is_gone_at_its_start_ends(tiny_llama, tm
         assert isinstance(msgspec.msgpack.decode(from_core.recv(), type=FromCore), ReadyMsg)
         core.join(30)
         assert core.exitcode == 0
+        assert not sockets.exists()
     finally:
         if core.is_alive():
             core.kill()

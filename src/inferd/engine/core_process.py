@@ -7,6 +7,7 @@ typed msgspec structs: compact to encode and checked when decoded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import threading
 import time
 import traceback
 from ctypes import c_double
+from pathlib import Path
 from types import FrameType
 
 import msgspec
@@ -149,6 +151,19 @@ def run_core_process(
         inbox.close(linger=0)
         outbox.close(linger=1000)
         context.term()
+        if os.getppid() != parent:  # a server killed (SIGKILL) cannot remove its sockets' folder
+            _remove_ipc_sockets(input_addr, output_addr)
+
+
+def _remove_ipc_sockets(*addresses: str) -> None:
+    """The socket files of ``addresses`` (``ipc://`` paths the server bound), and each folder
+    they leave empty (the server made one for them: `ProcessLLMEngine`)."""
+    paths = [Path(address.removeprefix("ipc://")) for address in addresses if address.startswith("ipc://")]
+    for path in paths:
+        path.unlink(missing_ok=True)
+    for folder in {path.parent for path in paths}:
+        with contextlib.suppress(OSError):  # something else in it: not only the server's sockets
+            folder.rmdir()
 
 
 _terminating = threading.Event()
