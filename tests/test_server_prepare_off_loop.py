@@ -122,15 +122,31 @@ def test_the_server_answers_others_while_a_prompt_is_tokenized(
         target=lambda: results.append(generator.post("/v1/completions", json=body).status_code)
     )
     sender.start()
+    before = _prepare_metrics(generator)
     try:
         assert entered.wait(timeout=10)
         assert generator.get("/health").status_code == 200
+        during = _prepare_metrics(generator)
         answered.set()
     finally:
         answered.set()
         sender.join(timeout=30)
     assert waited == [True]  # the health check was answered while the prompt was being tokenized
     assert results == [200]
+    after = _prepare_metrics(generator)
+    assert (before["preparing"], during["preparing"], after["preparing"]) == (0, 1, 0)
+    assert after["prepared"] == before["prepared"] + 1 and during["prepared"] == before["prepared"]
+
+
+def _prepare_metrics(client: TestClient) -> dict[str, float]:
+    """The preparing gauge and how many preparations the histogram counted."""
+    found = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("inferd:num_requests_preparing{"):
+            found["preparing"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("inferd:request_prepare_time_seconds_count{"):
+            found["prepared"] = float(line.rsplit(" ", 1)[1])
+    return found
 
 
 def test_the_tokenizer_lets_other_threads_run_while_it_encodes() -> None:

@@ -12,7 +12,6 @@ draining for shutdown, and turning a full engine queue into a 429.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 import uuid
@@ -117,8 +116,23 @@ class Frontend:
         for the megabytes of text a long context admits) and the tokenizer lets go of the GIL
         meanwhile, so the event loop goes on streaming every other request's tokens. A client
         that leaves meanwhile leaves its request's preparation to finish, unused."""
-        call = functools.partial(work, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._preparer, call)
+        queued = time.monotonic()
+        preparing, prepare_time = self.metrics.preparing, self.metrics.prepare_time
+
+        def prepare() -> _T:
+            try:
+                return work(*args, **kwargs)
+            finally:  # counted here, on the thread: the work goes on if its client leaves
+                preparing.dec()
+                prepare_time.observe(time.monotonic() - queued)
+
+        preparing.inc()
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._preparer, prepare)
+        except BaseException:  # the thread is gone (a closed frontend): nothing will run
+            preparing.dec()
+            raise
+        return await future
 
     def close(self) -> None:
         """Lets the preparing thread go once the preparations queued have run."""

@@ -124,6 +124,17 @@ class _MetricFamilies:
         self.rejected = counter(
             "requests_rejected", "Requests refused at once because the queue was full (429)."
         )
+        self.prepare_time = histogram(
+            "request_prepare_time_seconds",
+            "Checks, chat template and tokenizing of a request on the preparing thread, its wait included.",
+            _LATENCY_BUCKETS_S,
+        )
+        self.preparing = Gauge(
+            f"{prefix}:num_requests_preparing",
+            "Requests waiting for the preparing thread or on it.",
+            labels,
+            registry=registry,
+        )
         self.structured_outputs = Counter(
             f"{prefix}:structured_output_requests",
             "Requests whose output is constrained, by kind (json, json_object, regex, choice, grammar).",
@@ -201,6 +212,8 @@ class ServerMetrics:
         self.aborted = f.aborted.labels(model_name)
         self.timed_out = f.timed_out.labels(model_name)
         self.rejected = f.rejected.labels(model_name)
+        self.prepare_time = f.prepare_time.labels(model_name)
+        self.preparing = f.preparing.labels(model_name)
         self._stats = stats
         f.engines.add(model_name, stats)
 
