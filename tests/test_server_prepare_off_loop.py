@@ -121,8 +121,8 @@ def test_the_server_answers_others_while_a_prompt_is_tokenized(
     sender = threading.Thread(
         target=lambda: results.append(generator.post("/v1/completions", json=body).status_code)
     )
-    sender.start()
     before = _prepare_metrics(generator)
+    sender.start()
     try:
         assert entered.wait(timeout=10)
         assert generator.get("/health").status_code == 200
@@ -135,7 +135,8 @@ def test_the_server_answers_others_while_a_prompt_is_tokenized(
     assert results == [200]
     after = _prepare_metrics(generator)
     assert (before["preparing"], during["preparing"], after["preparing"]) == (0, 1, 0)
-    assert after["prepared"] == before["prepared"] + 1 and during["prepared"] == before["prepared"]
+    for count in ("prepared", "validated"):
+        assert during[count] == before.get(count, 0) and after[count] == before.get(count, 0) + 1
 
 
 def _prepare_metrics(client: TestClient) -> dict[str, float]:
@@ -146,6 +147,8 @@ def _prepare_metrics(client: TestClient) -> dict[str, float]:
             found["preparing"] = float(line.rsplit(" ", 1)[1])
         elif line.startswith("inferd:request_prepare_time_seconds_count{"):
             found["prepared"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("tgi_request_validation_duration_count{"):
+            found["validated"] = float(line.rsplit(" ", 1)[1])
     return found
 
 

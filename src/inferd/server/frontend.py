@@ -117,14 +117,14 @@ class Frontend:
         meanwhile, so the event loop goes on streaming every other request's tokens. A client
         that leaves meanwhile leaves its request's preparation to finish, unused."""
         queued = time.monotonic()
-        preparing, prepare_time = self.metrics.preparing, self.metrics.prepare_time
+        metrics, preparing = self.metrics, self.metrics.preparing
 
         def prepare() -> _T:
             try:
                 return work(*args, **kwargs)
             finally:  # counted here, on the thread: the work goes on if its client leaves
                 preparing.dec()
-                prepare_time.observe(time.monotonic() - queued)
+                metrics.observe_prepared(time.monotonic() - queued)
 
         preparing.inc()
         try:

@@ -270,6 +270,12 @@ class ServerMetrics:
             self.rejected.inc()
         self._families.tgi.count_rejected(self._model_name, arrived)
 
+    def observe_prepared(self, seconds: float) -> None:
+        """One preparation (checks, chat template, tokenizing) ended, ``seconds`` after it was
+        handed to the preparing thread: TGI's validation time too. Called from that thread."""
+        self.prepare_time.observe(seconds)
+        self._families.tgi.validation_duration.labels(self._model_name).observe(seconds)
+
     def observe_inter_token(self, gap_s: float) -> None:
         self.inter_token.observe(gap_s)
 

@@ -63,6 +63,11 @@ class TgiMetrics:
         self.max_new_tokens = histogram(
             "tgi_request_max_new_tokens", "The output budget a request asked for.", _LENGTH_BUCKETS
         )
+        self.validation_duration = histogram(
+            "tgi_request_validation_duration",
+            "A request's checks and tokenizing, its wait for the thread doing them included.",
+            _DURATION_BUCKETS_S,
+        )
         self._counts = _TgiCollector()
         registry.register(self._counts)
 
