@@ -174,3 +174,19 @@ def test_requests_compare_by_identity() -> None:
     running = list(twins)
     running.remove(twins[1])
     assert running[0] is twins[0]
+
+
+def test_a_prompt_waiting_for_blocks_counts_its_prefix_lookup_once() -> None:
+    """A waiting prompt is looked up in the prefix cache at each step until its blocks are free:
+    the queries and hits count the lookup that admitted it, not every try (they rose thousands of
+    tokens a second on a server short of KV blocks, and the hit rate read from them meant nothing)."""
+    s = _scheduler(num_blocks=4, block_size=4)
+    s.add(_request("first", 12, max_tokens=4))
+    _run_step(s)
+    s.add(_request("shares_its_head", 8, max_tokens=2))  # 2 blocks; 1 is free, then none
+    waited = 0
+    while "shares_its_head" not in _run_step(s):
+        waited += 1
+        assert waited < 10, "never admitted"
+    assert waited >= 2
+    assert (s.kv.prefix_queries, s.kv.prefix_hits) == (12 + 8, 4)  # its first block was cached

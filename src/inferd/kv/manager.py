@@ -105,6 +105,7 @@ class KVCacheManager:
         token_ids: Sequence[int],
         salt: str | None = None,
         keys: BlockKeys | None = None,
+        record: bool = True,
     ) -> int:
         """Attach the longest cached prefix of ``token_ids`` to a request with no blocks yet
         (``salt``: its LoRA adapter, whose blocks are its own).
@@ -113,7 +114,9 @@ class KVCacheManager:
         left to compute, because the model must produce logits for the last prompt token. With a
         window, only the blocks the first query to compute can see must be cached, and only those
         are held: the request starts with the rest released. ``keys``: the request's own, kept
-        between its lookups (``salt`` is theirs).
+        between its lookups (``salt`` is theirs). ``record`` false: the lookup is not counted in
+        ``prefix_queries`` and ``prefix_hits`` (the scheduler counts a request's lookup once it is
+        admitted, ``record_prefix_lookup``: one waiting for blocks is looked up each step).
         """
         if request_id in self._blocks:
             raise RuntimeError(f"request {request_id} already holds blocks")
@@ -122,7 +125,6 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return 0
         max_blocks = (len(token_ids) - 1) // self.block_size
-        self.prefix_queries += len(token_ids)
         if keys is None:
             keys = BlockKeys(salt)
         assert keys.salt == salt, "a request's keys start from its own salt"
@@ -144,8 +146,15 @@ class KVCacheManager:
         if first_held:
             self._released[request_id] = self._unheld[request_id] = first_held
         num_hit_tokens = len(hashes) * self.block_size
-        self.prefix_hits += num_hit_tokens
+        if record:
+            self.record_prefix_lookup(len(token_ids), num_hit_tokens)
         return num_hit_tokens
+
+    def record_prefix_lookup(self, num_queried: int, num_hit: int) -> None:
+        """Counts one lookup of ``num_queried`` tokens that found ``num_hit`` cached."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += num_queried
+            self.prefix_hits += num_hit
 
     def _longest_hit(self, keys: Iterator[int]) -> list[int]:
         """Keys of the longest run of cached blocks from the head."""

@@ -213,9 +213,10 @@ class Scheduler:
                 0
                 if scoring
                 else self.kv.find_cached_prefix(
-                    request.request_id, request.all_token_ids, request.cache_salt, request.block_keys
+                    request.request_id, request.all_token_ids, request.cache_salt, request.block_keys,
+                    record=False,
                 )
-            )
+            )  # fmt: skip
             request.num_computed_tokens = cached
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
             if not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
@@ -223,6 +224,8 @@ class Scheduler:
                 self.kv.free(request.request_id)
                 request.num_computed_tokens = 0
                 break
+            if not scoring:  # counted once admitted, not at each step it waited for blocks
+                self.kv.record_prefix_lookup(len(request.all_token_ids), cached)
             if request.num_preemptions == 0:
                 request.num_cached_tokens = cached
             self.waiting.popleft()
