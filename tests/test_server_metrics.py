@@ -360,3 +360,41 @@ async def test_the_prefix_flag_reaches_the_served_metrics(tiny_llama, capsys) ->
     finally:
         llm.shutdown()
     assert 'vllm:num_requests_running{model_name="' in text and "inferd:" not in text
+
+
+async def test_a_request_refused_before_routing_counts_under_its_route() -> None:
+    """A 413 for the body and a 401 for the key are answered by middleware before the router runs:
+    they counted under `none`, the label of paths no route serves."""
+    from fastapi import FastAPI
+
+    from inferd.server.app import render_error_for_path as render
+    from inferd.server.auth import RequireApiKey
+    from inferd.server.http_metrics import HttpMetricFamilies, HttpMetrics
+    from inferd.server.limits import BodySizeLimit
+
+    registry = CollectorRegistry()
+    app = FastAPI()
+
+    @app.post("/v1/things/{name}")
+    async def thing(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    app.add_middleware(BodySizeLimit, max_bytes=10, render=render)
+    app.add_middleware(RequireApiKey, api_key="k", render=render)
+    app.add_middleware(HttpMetrics, families=HttpMetricFamilies(registry))
+    keyed = {"Authorization": "Bearer k"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.post("/v1/things/a", content=b"{}", headers=keyed)).status_code == 200
+        assert (await client.post("/v1/things/a", content=b"x" * 100, headers=keyed)).status_code == 413
+        assert (await client.post("/v1/things/a", content=b"{}")).status_code == 401
+        assert (await client.get("/v1/things/a", headers=keyed)).status_code == 405
+        assert (await client.post("/v1/other", headers=keyed)).status_code == 404
+
+    def count(handler: str, method: str, status: str) -> float | None:
+        labels = {"handler": handler, "method": method, "status": status}
+        return registry.get_sample_value("http_requests_total", labels)
+
+    assert count("/v1/things/{name}", "POST", "2xx") == 1
+    assert count("/v1/things/{name}", "POST", "4xx") == 2  # the 413 and the 401
+    assert count("/v1/things/{name}", "GET", "4xx") == 1
+    assert count("none", "POST", "4xx") == 1

@@ -15,6 +15,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -67,8 +68,22 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, recorded)
         finally:
-            route = scope.get("route")
-            handler = getattr(route, "path", None) or "none"
+            handler = _route_template(scope)
             method = scope["method"]
             self.families.requests.labels(handler, method, f"{status // 100}xx").inc()
             self.families.duration.labels(handler, method).observe(time.perf_counter() - start)
+
+
+def _route_template(scope: Scope) -> str:
+    """The template of the route that served the request, or would have: one refused before
+    routing (a 413 for its body, a 401 for its key) counts under its route all the same; "none"
+    where no route matches the path."""
+    route = scope.get("route")
+    if route is None:
+        routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())
+        matches = [(candidate.matches(scope)[0], candidate) for candidate in routes]
+        # A route of the path for another method (a 405) where none takes the request's method.
+        route = next((r for m, r in matches if m is Match.FULL), None) or next(
+            (r for m, r in matches if m is Match.PARTIAL), None
+        )
+    return getattr(route, "path", None) or "none"
