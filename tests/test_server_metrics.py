@@ -202,6 +202,17 @@ def test_http_requests_are_counted_by_route_template_and_status_class(server: Se
     assert after["process_resident_memory_bytes"] > 0 and "python_info" in "".join(after)
 
 
+def test_no_created_series_beside_the_counters_and_histograms(server: ServerProcess) -> None:
+    """prometheus_client's `<name>_created` timestamps (one gauge family per counter and
+    histogram) are off, as vLLM turns them off."""
+    assert (
+        httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "To be", "max_tokens": 2}).status_code
+        == 200
+    )
+    created = [name for name in server.metrics() if "_created" in name]
+    assert not created, created[:5]
+
+
 def test_the_engine_config_info_names_low_bit_settings(tiny_model_factory) -> None:
     from inferd.engine.builder import build_engine_config
 

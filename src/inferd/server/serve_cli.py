@@ -11,6 +11,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import prometheus_client
+
 from inferd.engine.admission import DEFAULT_STEP_TIMEOUT_S
 from inferd.entrypoints.engine_args import (
     add_engine_args,
@@ -298,6 +300,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from inferd.server.lifecycle import CONNECTION_CLOSE_TIMEOUT_S, DrainingServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # No `<name>_created` series beside each counter and histogram (a gauge family each), as vLLM
+    # turns them off: they double /metrics for a timestamp no dashboard reads.
+    prometheus_client.disable_created_metrics()
     config = server_config(args)
     if (config.ssl_keyfile is None) != (config.ssl_certfile is None):
         raise ValueError("--ssl-keyfile and --ssl-certfile go together")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import prometheus_client
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     control = model_control(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    prometheus_client.disable_created_metrics()  # as `inferd serve` (serve_cli.py)
     api_key = args.api_key or None  # an empty variable sets no key, as for `inferd serve`
     if api_key is None and not _is_loopback(args.host):
         logger.warning(
