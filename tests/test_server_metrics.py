@@ -409,3 +409,18 @@ async def test_a_request_refused_before_routing_counts_under_its_route() -> None
     assert count("/v1/things/{name}", "POST", "4xx") == 2  # the 413 and the 401
     assert count("/v1/things/{name}", "GET", "4xx") == 1
     assert count("none", "POST", "4xx") == 1
+
+
+def test_an_embedding_request_ran_for_its_prompt() -> None:
+    """An embedding has no output token, so no decode time: its inference time (first scheduling
+    to its end) is its prefill's, observed beside its queue and prefill times, TGI's too."""
+    metrics, registry = _metrics_for_unit_test()
+    metrics.record_finished(FinishedRequest("stop", 4, 0, None, 0.3, 0.01, 0.05))
+
+    def count(name: str) -> float | None:
+        return registry.get_sample_value(f"{name}_count", {"model_name": "m"})
+
+    assert count("inferd:request_prefill_time_seconds") == count("inferd:request_inference_time_seconds") == 1
+    assert registry.get_sample_value("inferd:request_inference_time_seconds_sum", {"model_name": "m"}) == 0.05
+    assert count("tgi_request_inference_duration") == 1
+    assert count("inferd:request_decode_time_seconds") == 0

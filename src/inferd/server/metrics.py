@@ -49,8 +49,11 @@ class FinishedRequest:
     @property
     def inference_s(self) -> float | None:
         """First scheduling to last token: the time the request ran (vLLM's inference time)."""
-        if self.prefill_s is None or self.decode_s is None:
+        if self.prefill_s is None:
             return None
+        if self.decode_s is None:
+            # An embedding's run is its prompt's: it has no output tokens, so no decode.
+            return self.prefill_s if self.generation_tokens == 0 else None
         return self.prefill_s + self.decode_s
 
     @property
