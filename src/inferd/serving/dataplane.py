@@ -281,18 +281,26 @@ class DataPlane:
         succeeded is its one execution too (its engine batches it with others on its own).
         ``counts_success`` False: only a failure is counted (a request's first part)."""
         metrics, name, started = self.repository.metrics, entry.name, time.monotonic_ns()
+        if metrics is not None:
+            metrics.in_flight.labels(name).inc()
         try:
             yield
         except Exception:
+            took = time.monotonic_ns() - started
             if metrics is not None:
                 metrics.requests.labels(name, "failure").inc()
-            entry.stats.finished(False, time.monotonic_ns() - started, inferences)
+                metrics.request_seconds.labels(name, "failure").observe(took / 1e9)
+            entry.stats.finished(False, took, inferences)
             raise
+        finally:
+            if metrics is not None:
+                metrics.in_flight.labels(name).dec()
         if not counts_success:
             return
+        took = time.monotonic_ns() - started
         if metrics is not None:
             metrics.requests.labels(name, "success").inc()
-        took = time.monotonic_ns() - started
+            metrics.request_seconds.labels(name, "success").observe(took / 1e9)
         entry.stats.finished(True, took, inferences)
         if isinstance(entry.runtime, TextGenerator):
             entry.stats.executed(1, took)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -42,5 +42,18 @@ class ServingMetrics:
             "Duration of one runtime call.",
             ["model"],
             buckets=_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "inferd_kserve_request_seconds",
+            "A v2 request's time in the server, from its decoding to its answer, by model and outcome.",
+            ["model", "outcome"],
+            buckets=_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "inferd_kserve_requests_in_flight",
+            "v2 requests being answered (queued in a batcher, running, or streaming), by model.",
+            ["model"],
             registry=registry,
         )
