@@ -46,7 +46,7 @@ class ServingMetrics:
         )
         self.request_seconds = Histogram(
             "inferd_kserve_request_seconds",
-            "A v2 request's time in the server, from its decoding to its answer, by model and outcome.",
+            "A v2 request's time in the data plane, from its checks to its answer, by model and outcome.",
             ["model", "outcome"],
             buckets=_SECONDS_BUCKETS,
             registry=registry,
