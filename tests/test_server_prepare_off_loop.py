@@ -4,6 +4,7 @@ would stall every other client's stream meanwhile."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -174,3 +175,40 @@ def test_the_tokenizer_lets_other_threads_run_while_it_encodes() -> None:
     # Held, the GIL would let this thread run once per encode or so (the switch interval applies
     # only between Python bytecodes, and the encode is one call).
     assert ticks >= 20, ticks
+
+
+def test_a_preparation_dropped_from_the_queue_leaves_the_gauge_at_zero(generator: TestClient) -> None:
+    """A client that leaves while its preparation waits behind another's: the queued work is
+    dropped, and the gauge, which the work itself would have lowered, comes down all the same."""
+    frontend = generator.app.state.frontend  # type: ignore[attr-defined]
+    running, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def hold() -> None:
+        running.set()
+        assert release.wait(10)
+        ran.append("held")
+
+    async def leave_while_queued() -> None:
+        held = asyncio.ensure_future(frontend.off_loop(hold))
+        assert await asyncio.to_thread(running.wait, 10)
+        queued = asyncio.ensure_future(frontend.off_loop(ran.append, "dropped"))
+        await asyncio.sleep(0.05)
+        assert _prepare_metrics(generator)["preparing"] == 2
+        queued.cancel()
+        release.set()
+        await held
+
+    before = _prepare_metrics(generator)
+    asyncio.run(leave_while_queued())
+    after = _prepare_metrics(generator)
+    assert ran == ["held"]
+    assert after["preparing"] == 0 and after["prepared"] == before["prepared"] + 1
+
+
+def test_a_responses_field_refused_by_name_is_reported_before_a_missing_previous_response(
+    generator: TestClient,
+) -> None:
+    body = {"input": "hi", "truncation": "auto", "previous_response_id": "resp_nope"}
+    answer = generator.post("/v1/responses", json=body)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "truncation"

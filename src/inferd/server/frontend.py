@@ -115,7 +115,8 @@ class Frontend:
         checked, rendered and tokenized there: tokenizing takes time as the text's length (seconds
         for the megabytes of text a long context admits) and the tokenizer lets go of the GIL
         meanwhile, so the event loop goes on streaming every other request's tokens. A client
-        that leaves meanwhile leaves its request's preparation to finish, unused."""
+        that leaves meanwhile drops its request's preparation if it is still queued (else it
+        finishes, unused)."""
         queued = time.monotonic()
         metrics, preparing = self.metrics, self.metrics.preparing
 
@@ -128,11 +129,16 @@ class Frontend:
 
         preparing.inc()
         try:
-            future = asyncio.get_running_loop().run_in_executor(self._preparer, prepare)
+            queued_work = self._preparer.submit(prepare)
         except BaseException:  # the thread is gone (a closed frontend): nothing will run
             preparing.dec()
             raise
-        return await future
+        try:
+            return await asyncio.wrap_future(queued_work)
+        except asyncio.CancelledError:
+            if queued_work.cancel():  # still queued: dropped, so prepare() never counts it
+                preparing.dec()
+            raise
 
     def close(self) -> None:
         """Lets the preparing thread go once the preparations queued have run."""

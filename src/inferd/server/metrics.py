@@ -129,7 +129,7 @@ class _MetricFamilies:
         )
         self.prepare_time = histogram(
             "request_prepare_time_seconds",
-            "Checks, chat template and tokenizing of a request on the preparing thread, its wait included.",
+            "One preparation (checks, chat template, tokenizing) on the preparing thread, its wait included.",
             _LATENCY_BUCKETS_S,
         )
         self.preparing = Gauge(

@@ -104,8 +104,8 @@ def prepare_response(
     frontend: Frontend, body: ResponsesRequest, previous: StoredResponse | None
 ) -> ResponseJob:
     """Validate, continue the ``previous`` conversation if there is one, and prepare it as a chat;
-    every error here is a 4xx before generation."""
-    body.refuse_unsupported()
+    every error here is a 4xx before generation (the fields refused by name are checked first,
+    ``ResponsesRequest.refuse_unsupported``, before the stored response is looked up)."""
     history: list[dict[str, Any]] = []
     earlier_items: list[dict[str, Any]] = []
     if previous is not None:

@@ -179,6 +179,7 @@ def build_router(
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
         if body.background:
             background.check_room()  # before the conversation is rendered and tokenized
+        body.refuse_unsupported()
         job = await frontend.off_loop(prepare_response, frontend, body, previous_response(body, store))
         job.chat.timeout_s = frontend.timeout_s(request.headers.get(TIMEOUT_HEADER), body.timeout)
         frontend.check_ready([job.chat.prompt])
