@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from inferd.serving.errors import ModelNotFoundError
-from inferd.serving.repository import ModelRepository, load_repository
+from inferd.serving.repository import ModelEntry, ModelRepository, load_repository
 from inferd.serving.runtimes.registry import default_runtime_registry
 
 CONFIG = {
@@ -95,6 +95,14 @@ async def _until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
+async def _held_load(repository: ModelRepository, loads: Loads, name: str) -> asyncio.Future[ModelEntry]:
+    """A load of ``name`` started and held inside its runtime's loader until ``loads.release()``."""
+    loads.hold()
+    loading = asyncio.ensure_future(repository.load(name))
+    await _until(loads.started.is_set)
+    return loading
+
+
 def _served(repository: ModelRepository, name: str) -> Engine | None:
     try:
         runtime = repository.get(name).runtime
@@ -160,9 +168,7 @@ async def test_a_load_that_never_returns_leaves_the_default_executor_free(
     root = tmp_path / "repository"
     repository = _repository(root, loads)
     _write_model(root, "stuck")
-    loads.hold()
-    loading = asyncio.ensure_future(repository.load("stuck"))
-    await _until(loads.started.is_set)
+    loading = await _held_load(repository, loads, "stuck")
     # The default executor's one worker is free for the work that needs it.
     assert await asyncio.wait_for(asyncio.to_thread(lambda: "answered"), WAIT_S) == "answered"
     loads.release()
@@ -179,9 +185,7 @@ async def test_a_load_whose_caller_gives_up_is_served_and_the_model_it_replaces_
     _write_model(root, "llm1")
     repository = _repository(root, loads)
     (first,) = loads.made
-    loads.hold()
-    caller = asyncio.ensure_future(repository.load("llm1"))
-    await _until(loads.started.is_set)
+    caller = await _held_load(repository, loads, "llm1")
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
@@ -196,9 +200,7 @@ async def test_a_first_load_whose_caller_gives_up_is_served(tmp_path: Path, load
     root = tmp_path / "repository"
     repository = _repository(root, loads)
     _write_model(root, "llm1")
-    loads.hold()
-    caller = asyncio.ensure_future(repository.load("llm1"))
-    await _until(loads.started.is_set)
+    caller = await _held_load(repository, loads, "llm1")
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(caller, 0.05)  # the caller's deadline passes during the load
     loads.release()
@@ -213,9 +215,7 @@ async def test_a_load_still_running_when_the_repository_closes_is_closed_too(
     root = tmp_path / "repository"
     repository = _repository(root, loads)
     _write_model(root, "llm1")
-    loads.hold()
-    caller = asyncio.ensure_future(repository.load("llm1"))
-    await _until(loads.started.is_set)
+    caller = await _held_load(repository, loads, "llm1")
     caller.cancel()
     closing = asyncio.ensure_future(repository.close())
     await asyncio.sleep(0.05)
