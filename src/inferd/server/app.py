@@ -50,6 +50,23 @@ def protocol_routers(frontend: Frontend, config: ServerConfig) -> list[APIRouter
     ]
 
 
+def add_request_middleware(
+    app: FastAPI, registry: CollectorRegistry, max_body_bytes: int, api_key: str | None
+) -> None:
+    """The middleware every HTTP server here runs (`inferd serve`, the standalone v2 server), around
+    what the app adds before it: the body's inflating and size limit, the API key where one is
+    set, the HTTP metrics and the client's request id, innermost first."""
+    app.add_middleware(RequestDecompression, max_bytes=max_body_bytes, render=render_error_for_path)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, render=render_error_for_path)
+    if api_key:
+        # Outside everything that reads the body (the size limit, the decompression, /invocations'
+        # dispatch, the routes' JSON parsing), so a request without the key costs its headers only.
+        app.add_middleware(RequireApiKey, api_key=api_key, render=render_error_for_path)
+    # Outside the size limit and the key check, so their 413s and 401s are counted too.
+    app.add_middleware(HttpMetrics, families=HttpMetricFamilies(registry))
+    app.add_middleware(EchoRequestId)  # every answer, refusals included, carries the client's id
+
+
 def render_error_for_path(path: str, error: ApiError) -> Response:
     """An error in the shape of the protocol that serves `path` (for errors raised outside routes)."""
     if is_openai_path(path):
@@ -119,15 +136,7 @@ def create_app(
     app.add_exception_handler(HTTPException, unmatched_route_response)
     # Inside the size limit, which bounds the body it reads.
     app.add_middleware(SageMakerInvocations)
-    app.add_middleware(RequestDecompression, max_bytes=config.max_body_bytes, render=render_error_for_path)
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, render=render_error_for_path)
-    if config.api_key:
-        # Outside everything that reads the body (the size limit, the decompression, /invocations'
-        # dispatch, the routes' JSON parsing), so a request without the key costs its headers only.
-        app.add_middleware(RequireApiKey, api_key=config.api_key, render=render_error_for_path)
-    # Outside the size limit and the key check, so their 413s and 401s are counted too.
-    app.add_middleware(HttpMetrics, families=HttpMetricFamilies(registry))
-    app.add_middleware(EchoRequestId)  # every answer, refusals included, carries the client's id
+    add_request_middleware(app, registry, config.max_body_bytes, config.api_key)
     if config.allowed_origins:
         # Outermost, so a refused request's answer (401, 413, ...) carries the headers a browser needs.
         app.add_middleware(

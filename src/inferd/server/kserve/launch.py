@@ -22,16 +22,13 @@ from starlette.exceptions import HTTPException
 
 from inferd.entrypoints.engine_args import positive_int
 from inferd.server import event_loop
-from inferd.server.app import render_error_for_path
-from inferd.server.auth import RequireApiKey, api_key_from_environment
-from inferd.server.decompression import RequestDecompression
+from inferd.server.app import add_request_middleware
+from inferd.server.auth import api_key_from_environment
 from inferd.server.errors import unmatched_route_response
-from inferd.server.http_metrics import HttpMetricFamilies, HttpMetrics
 from inferd.server.kserve.grpc_server import start_grpc_server
 from inferd.server.kserve.rest import build_router
-from inferd.server.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
+from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 from inferd.server.openai_embeddings import build_embeddings_router
-from inferd.server.request_id import EchoRequestId
 from inferd.serving.metrics import ServingMetrics
 from inferd.serving.model_control import ModelControl, add_model_control_args, model_control
 from inferd.serving.repository import ModelRepository, load_repository
@@ -74,13 +71,7 @@ def build_app(
     `/v2/health` probes and `/metrics`) needs `Authorization: Bearer KEY`, checked as `inferd serve`
     checks it: before anything reads the body."""
     app = FastAPI(title="inferd classic models")
-    app.add_middleware(RequestDecompression, max_bytes=max_body_bytes, render=render_error_for_path)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, render=render_error_for_path)
-    if api_key:
-        # Where `inferd serve` puts it: outside what reads the body, inside the metrics (401s count).
-        app.add_middleware(RequireApiKey, api_key=api_key, render=render_error_for_path)
-    app.add_middleware(HttpMetrics, families=HttpMetricFamilies(metrics_registry))
-    app.add_middleware(EchoRequestId)  # a client's X-Request-Id comes back on every answer
+    add_request_middleware(app, metrics_registry, max_body_bytes, api_key)
     app.add_exception_handler(HTTPException, unmatched_route_response)
     app.include_router(build_router(repository))
     app.include_router(build_embeddings_router(repository))
