@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from inferd.engine.request import Request
+from inferd.growing_array import GrowingArray
 
 
 def has_penalty(request: Request) -> bool:
@@ -27,33 +28,6 @@ def has_penalty(request: Request) -> bool:
     return (
         params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
     )
-
-
-class _Growing:
-    """A numpy array appended to in amortized constant time."""
-
-    def __init__(self, dtype: type) -> None:
-        self._data: np.ndarray = np.empty(16, dtype=dtype)
-        self.size = 0
-
-    def append(self, value: int) -> None:
-        if self.size == len(self._data):
-            self._data = np.resize(self._data, 2 * len(self._data))
-        self._data[self.size] = value
-        self.size += 1
-
-    def extend(self, values: np.ndarray) -> None:
-        needed = self.size + len(values)
-        if needed > len(self._data):
-            self._data = np.resize(self._data, max(needed, 2 * len(self._data)))
-        self._data[self.size : needed] = values
-        self.size = needed
-
-    def add_at(self, position: int, value: int) -> None:
-        self._data[position] += value
-
-    def view(self) -> np.ndarray:
-        return self._data[: self.size]
 
 
 class _History:
@@ -65,7 +39,7 @@ class _History:
         self.counted = 0  # output tokens taken in
         # Distinct tokens of prompt and output, for the repetition penalty.
         self.seen: set[int] | None = None
-        self.seen_tokens = _Growing(np.int64)
+        self.seen_tokens = GrowingArray(np.int64)
         if params.repetition_penalty != 1.0:
             prompt = np.unique(np.asarray(request.prompt_token_ids, dtype=np.int64))
             prompt = prompt[prompt < vocab]
@@ -73,8 +47,8 @@ class _History:
             self.seen_tokens.extend(prompt)
         # Distinct output tokens and how often each came, for presence and frequency.
         self.position: dict[int, int] | None = None
-        self.output_tokens = _Growing(np.int64)
-        self.output_counts = _Growing(np.float32)
+        self.output_tokens = GrowingArray(np.int64)
+        self.output_counts = GrowingArray(np.float32)
         if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
             self.position = {}
 
