@@ -44,16 +44,24 @@ def _module_at(revision: str, path: str, name: str) -> Any:
     return module
 
 
+def _exists_at(revision: str, path: str) -> bool:
+    command = ["git", "-C", str(REPO), "cat-file", "-e", f"{revision}:{path}"]
+    return subprocess.run(command, capture_output=True).returncode == 0
+
+
 def sampler_at(revision: str) -> Any:
     """The ``Sampler`` class of ``sample/sampler.py`` as it was at ``revision``, with the logits
-    processors of ``sample/penalties.py`` as they were then."""
-    penalties = _module_at(revision, "src/inferd/sample/penalties.py", "penalties_at_revision")
-    live = sys.modules["inferd.sample.penalties"]
-    sys.modules["inferd.sample.penalties"] = penalties  # what the old sampler imports
+    processors of ``sample/penalty_state.py`` (where it existed) and ``sample/penalties.py`` as
+    they were then."""
+    live = {name: sys.modules[name] for name in ("inferd.sample.penalty_state", "inferd.sample.penalties")}
     try:
+        for name in live:  # penalties.py may import penalty_state.py: the old one, loaded first
+            path = f"src/inferd/{name.removeprefix('inferd.').replace('.', '/')}.py"
+            if _exists_at(revision, path):
+                sys.modules[name] = _module_at(revision, path, f"{name.rsplit('.', 1)[1]}_at_revision")
         return _module_at(revision, "src/inferd/sample/sampler.py", "sampler_at_revision").Sampler
     finally:
-        sys.modules["inferd.sample.penalties"] = live
+        sys.modules.update(live)
 
 
 def _requests(args: argparse.Namespace, params: SamplingParams) -> list[Request]:
@@ -80,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--presence-penalty", type=float, default=0.0)
     parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--penalty-tables", action="store_true",
+                        help="this sampler keeps the penalties' counts in tables on the logits' device, "
+                        "as on a GPU, rather than on the host")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -95,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.against:
         classes[args.against] = sampler_at(args.against)
     samplers = {name: cls(0) for name, cls in classes.items()}
+    if args.penalty_tables:
+        samplers["now"] = Sampler(0, penalty_tables=True)
     requests = {name: _requests(args, params) for name in samplers}  # each grows its own outputs
 
     def call(name: str) -> list[int]:

@@ -67,7 +67,7 @@ CASES: dict[str, list[SamplingParams]] = {
         )
         for i in range(6)
     ],
-    # Penalties read the token history, so the engine reads each step's tokens before the next.
+    # Penalties read the token history: counted on the device, the step's token before it is read.
     "penalties": _each(
         SamplingParams(
             max_tokens=10, temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5, ignore_eos=True

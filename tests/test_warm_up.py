@@ -103,6 +103,21 @@ def test_the_sampling_passes_run_the_fused_race_on_half_and_float32_logits(monke
     assert {call.dtype for call in calls} == {torch.bfloat16, torch.float32}
 
 
+def test_the_sampling_passes_size_the_penalty_tables_for_every_row() -> None:
+    """The penalties' count tables grow with the penalized requests; the warm-up makes them as large
+    as a step of penalized rows needs, so a step under load allocates nothing new for them."""
+    from inferd.sample.penalty_tables import PenaltyTables
+    from inferd.sample.sampler import Sampler
+
+    rows, vocab = 20, 50
+    sampler = Sampler(penalty_tables=True, penalty_rows=rows)
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
+    for requests in sampling_mixes(rows, vocab):
+        sampler(logits, requests)
+    state = sampler._penalties
+    assert isinstance(state, PenaltyTables) and state.num_rows >= rows
+
+
 def test_on_by_default_on_a_gpu_only(tiny_llama) -> None:
     assert build_engine_config(tiny_llama, device="cuda").uses_warm_up
     assert not build_engine_config(tiny_llama, device="cuda", warm_up=False).uses_warm_up

@@ -13,7 +13,7 @@ from inferd.config import EngineConfig, ModelLoadError
 from inferd.engine.outputs import EngineCoreOutput
 from inferd.engine.request import FinishReason, Request
 from inferd.kv.manager import KVCacheManager, kv_window
-from inferd.sample.penalties import needs_history
+from inferd.sample.penalties import reads_history_on_host
 from inferd.sample.sampler import TokenLogprobs
 from inferd.sched.output import SchedulerOutput
 from inferd.sched.proposer import make_proposer
@@ -364,6 +364,7 @@ def _prompt_logprobs_of(request: Request) -> list[TokenLogprobs | None]:
 
 
 def _samples_need_history(step: LaunchedStep) -> bool:
-    """Whether a request sampled in ``step`` samples next from its token history (penalties,
-    min_tokens), which must then hold that step's token first."""
-    return any(needs_history(r) for r in step.requests)
+    """Whether a request sampled in ``step`` samples next from its token history read on the host
+    (min_tokens, a grammar, a bad word of several tokens), which must then hold that step's token
+    first. Penalties count the drawn tokens on the device, so they need no such wait."""
+    return any(reads_history_on_host(r) for r in step.requests)

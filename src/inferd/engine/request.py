@@ -86,6 +86,13 @@ class Request:
         return self.num_tokens + self.num_inflight_tokens
 
     @property
+    def sampling_position(self) -> int:
+        """The output index of the token sampled for it now: its tokens known, plus those sampled
+        on the device before this one and not read yet (the one being sampled counts among the
+        in-flight tokens from its scheduling on)."""
+        return len(self.output_token_ids) + max(self.num_inflight_tokens - 1, 0)
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from inferd.engine.request import Request
+from inferd.sample.penalty_state import has_penalty
 
 
 def apply_logit_bias(logits: torch.Tensor, request: Request) -> None:
@@ -106,13 +107,17 @@ def needs_row_processing(request: Request) -> bool:
 def needs_history(request: Request) -> bool:
     """Whether the request's logits processing reads the tokens it has produced so far (a
     grammar's mask depends on every token before it, a bad word of several tokens on the last
-    few)."""
+    few, the penalties on all of them)."""
+    return reads_history_on_host(request) or has_penalty(request)
+
+
+def reads_history_on_host(request: Request) -> bool:
+    """Whether the request's logits processing reads its tokens so far on the host, which must then
+    hold its last sampled token before it samples again. The penalties do not: they count the drawn
+    tokens on the device (`penalty_state.py`)."""
     params = request.params
     return (
         request.grammar is not None
         or any(len(ids) > 1 for ids in params.bad_words_token_ids)
-        or params.repetition_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
         or len(request.output_token_ids) < params.min_tokens
     )

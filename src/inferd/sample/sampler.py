@@ -27,7 +27,8 @@ from inferd.sample.penalties import (
     needs_processing,
     needs_row_processing,
 )
-from inferd.sample.penalty_state import PenaltyState, has_penalty
+from inferd.sample.penalty_state import HostPenalties, PenalizedStep, PenaltyState, has_penalty
+from inferd.sample.penalty_tables import PenaltyTables
 from inferd.structured.matcher import apply_bitmask, bitmask_words
 
 
@@ -126,11 +127,16 @@ class Sampler:
         triton_sampling: bool = False,
         fused_min_rows: int | None = None,
         fused_kernel: str = DEFAULT_FUSED_SAMPLER,
+        penalty_tables: bool | None = None,
+        penalty_rows: int | None = None,
     ) -> None:
         """``triton_sampling``: rows that only scale by a temperature are drawn by a fused Triton
         kernel (``fused_kernel``, one of ``FUSED_KERNELS``), in steps with at least
         ``fused_min_rows`` of them (``FUSED_MIN_ROWS`` unless given); fewer go to the torch race,
-        which is faster there."""
+        which is faster there. ``penalty_tables``: the penalties count tokens in tables on the
+        logits' device (``PenaltyTables``) rather than on the host (``HostPenalties``); None: on a
+        GPU. ``penalty_rows``: those tables make room by letting go of idle requests past this many
+        rows."""
         if fused_kernel not in FUSED_KERNELS:
             choices = ", ".join(FUSED_KERNELS)
             raise ValueError(f"unknown fused sampler {fused_kernel!r}; choose one of {choices}")
@@ -139,6 +145,8 @@ class Sampler:
         self._fused_min_rows = FUSED_MIN_ROWS if fused_min_rows is None else fused_min_rows
         self._fused_kernel = fused_kernel
         self._fused_calls = 0  # each call of the fused kernel draws from fresh counters
+        self._penalty_tables = penalty_tables
+        self._penalty_rows = penalty_rows
         # Draws for requests without a seed of their own, one generator per device.
         self._generators: dict[torch.device, torch.Generator] = {}
         # The penalized requests' token counts, made with the first penalized row.
@@ -159,7 +167,7 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
         errors: dict[int, str] = {}
         raw = logits
-        logits = self._process(logits, requests, errors)
+        logits, penalized = self._process(logits, requests, errors)
 
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         # Every row is drawn below when none is greedy: a pass over the logits saved. Else the
@@ -194,6 +202,8 @@ class Sampler:
             else:
                 rows = _to_device(random_rows, torch.long, logits.device)
                 tokens[rows] = self._draw(self._filtered_probs(logits.index_select(0, rows), picked), picked)
+        if penalized is not None and self._penalties is not None:
+            self._penalties.count_sampled(penalized, tokens)  # on the device: the next step reads them
         tokens_host, peaks_host = _to_host(tokens), _to_host(peaks)
         logprobs_host = None
         counts: list[int | None] = []
@@ -242,7 +252,7 @@ class Sampler:
             # Each output position draws from its own seed: the draws depend on the request's seed
             # and the token's place in its output alone, never on the batch, on preemption, on a
             # retried step or on how many guesses speculative decoding ran before it.
-            request.generator.manual_seed(_position_seed(seed, _output_position(request) + earlier))
+            request.generator.manual_seed(_position_seed(seed, request.sampling_position + earlier))
             noise[row].exponential_(generator=request.generator)
         return (probs / noise).argmax(dim=-1)
 
@@ -253,18 +263,20 @@ class Sampler:
 
     def _process(
         self, logits: torch.Tensor, requests: Sequence[Request], errors: dict[int, str]
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, PenalizedStep | None]:
         """Logits processors, then structured outputs' masks, on a float32 copy: the penalties of
         all rows at once, then the others a row at a time; one that raises fails its own rows
-        (noted in `errors`)."""
+        (noted in `errors`). Also the penalized rows whose drawn tokens the penalties count."""
         if not any(needs_processing(r) for r in requests):
-            return logits
+            return logits, None
         logits = logits.to(torch.float32, copy=True)
+        penalized = None
         if any(has_penalty(r) for r in requests):
             if self._penalties is None:
-                self._penalties = PenaltyState()
+                tables = logits.is_cuda if self._penalty_tables is None else self._penalty_tables
+                self._penalties = PenaltyTables(self._penalty_rows) if tables else HostPenalties()
             try:
-                self._penalties.apply(logits, requests)
+                penalized = self._penalties.apply(logits, requests)
             except Exception as exc:
                 for i, request in enumerate(requests):
                     if has_penalty(request):
@@ -278,7 +290,7 @@ class Sampler:
             except Exception as exc:
                 errors[i] = f"logits processing failed: {type(exc).__name__}: {exc}"
         _apply_grammars(logits, requests, errors)
-        return logits
+        return logits, penalized
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
@@ -356,12 +368,6 @@ def _apply_grammars(logits: torch.Tensor, requests: Sequence[Request], errors: d
             errors[i] = f"structured output failed: {type(exc).__name__}: {exc}"
     rows = _to_device([i for i, _ in guided], torch.long, logits.device)
     apply_bitmask(logits, rows, bitmask.to(logits.device, non_blocking=True))
-
-
-def _output_position(request: Request) -> int:
-    """The output index of the token a request samples now: its tokens known, plus those sampled
-    on the device before this one and not read yet (asynchronous scheduling counts this one too)."""
-    return len(request.output_token_ids) + max(request.num_inflight_tokens - 1, 0)
 
 
 def _position_seed(seed: int, position: int) -> int:

@@ -169,7 +169,9 @@ def sampling_mixes(num_rows: int, vocab_size: int) -> list[list[Request]]:
     then temperature-only rows beside one penalised row, whose processing makes the whole step's
     logits float32: the fused race on float32 logits is a kernel variant of its own, which the
     mixed pass, with too few temperature-only rows for the race (``FUSED_MIN_ROWS``), no longer
-    reaches."""
+    reaches; then every row penalised (as a model's ``generation_config.json`` penalty makes every
+    request), so the penalties' count tables reach their size for that many rows now, beside the KV
+    cache, and not under load."""
     if num_rows < len(_MIXED_PARAMS):
         raise ValueError(f"the mixed pass needs {len(_MIXED_PARAMS)} rows, got {num_rows}")
     temperature = SamplingParams(temperature=0.6, ignore_eos=True)
@@ -181,8 +183,11 @@ def sampling_mixes(num_rows: int, vocab_size: int) -> list[list[Request]]:
         return made
 
     penalised = SamplingParams(temperature=0.6, presence_penalty=0.5, ignore_eos=True)
+    all_penalties = SamplingParams(temperature=0.6, repetition_penalty=1.05, presence_penalty=0.5,
+                                   frequency_penalty=0.3, ignore_eos=True)  # fmt: skip
     return [
         [request(i, temperature) for i in range(num_rows)],
         [request(i, _MIXED_PARAMS[i % len(_MIXED_PARAMS)]) for i in range(num_rows)],
         [request(0, penalised)] + [request(i, temperature) for i in range(1, num_rows)],
+        [request(i, all_penalties) for i in range(num_rows)],
     ]
