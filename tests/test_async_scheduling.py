@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from launch_recorder import record_launches_over_unread
 
 from inferd import LLM, SamplingParams
 from inferd.engine.outputs import RequestOutput
@@ -124,6 +125,26 @@ def test_async_engine_feeds_tokens_from_the_device(tiny_model_factory, monkeypat
     _run(folder, params, async_scheduling=False)
     assert sum(carried) == 0
     assert async_rows == sum(rows)
+
+
+def test_min_tokens_runs_ahead_and_holds_stops_back_to_the_count(tiny_model_factory, monkeypatch) -> None:
+    """min_tokens counts the position sampled, the tokens in flight among them: its steps launch
+    over unread ones, and a stop comes no earlier than without the pipeline. Nearly every token
+    stops a request here, so each ends on the first token after its min_tokens."""
+    launched_over_unread = record_launches_over_unread(monkeypatch)
+    folder = tiny_model_factory("qwen3")
+    vocab = LLM(folder, **OPTIONS).engine.config.model.vocab_size
+    stops = list(range(3, vocab))  # tokens 0 to 2 only may come before min_tokens
+    params = [
+        SamplingParams(max_tokens=20, temperature=0.0, min_tokens=m, stop_token_ids=stops) for m in (1, 4, 7)
+    ]
+    params = params * 2
+    outputs = _run(folder, params, async_scheduling=True)
+    assert sum(launched_over_unread) >= 6
+    for output, p in zip(outputs, params, strict=True):
+        assert len(output.token_ids) == p.min_tokens + 1 and output.finish_reason == "stop"
+        assert all(t < 3 for t in output.token_ids[:-1])
+    assert _summary(outputs) == _summary(_run(folder, params, async_scheduling=False))
 
 
 def test_abort_with_a_step_in_flight_frees_everything(tiny_model_factory) -> None:

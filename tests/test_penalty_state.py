@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from launch_recorder import record_launches_over_unread
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from inferd import LLM
@@ -17,7 +18,6 @@ from inferd.sample import sampler
 from inferd.sample.penalty_state import HostPenalties, PenaltyState
 from inferd.sample.penalty_tables import PenaltyTables
 from inferd.sampling_params import SamplingParams
-from inferd.sched.output import SchedulerOutput
 from inferd.worker.model_runner import LaunchedStep, ModelRunner
 
 VOCAB = 300
@@ -204,14 +204,7 @@ def test_greedy_penalized_outputs_match_transformers(
 def test_penalized_steps_run_ahead_under_asynchronous_scheduling(
     tiny_model_factory, monkeypatch, form: type[PenaltyState]
 ) -> None:
-    launched_over_unread: list[bool] = []
-    launch = ModelRunner.launch
-
-    def spy(self: ModelRunner, out: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
-        launched_over_unread.append(previous is not None)
-        return launch(self, out, previous)
-
-    monkeypatch.setattr(ModelRunner, "launch", spy)
+    launched_over_unread = record_launches_over_unread(monkeypatch)
     llm = LLM(tiny_model_factory("qwen3"), device="cpu", kv_cache_memory="8MiB", async_scheduling=True)
     params = SamplingParams(max_tokens=10, temperature=0.0, repetition_penalty=1.2, presence_penalty=0.5,
                             frequency_penalty=0.3, ignore_eos=True)  # fmt: skip

@@ -12,7 +12,7 @@ from inferd import LLM, SamplingParams
 from inferd.engine.async_llm import AsyncLLM
 from inferd.engine.builder import default_model_path
 from inferd.engine.request import Request
-from inferd.sample.penalties import needs_history
+from inferd.sample.penalties import reads_history_on_host
 from inferd.sample.sampler import Sampler
 from inferd.sampling_params import SamplingParamsError
 
@@ -42,7 +42,7 @@ def test_the_sampler_bans_a_bad_words_last_token_after_the_rest_of_it() -> None:
     assert Sampler()(logits, [_request(two_tokens, output=[2, 3])]).token_ids == [2]
     assert Sampler()(logits, [_request(two_tokens, output=[0, 2])]).token_ids == [2]
     # Only a bad word of several tokens reads the output, so only it waits for the last token.
-    assert needs_history(_request(two_tokens)) and not needs_history(_request(one_token))
+    assert reads_history_on_host(_request(two_tokens)) and not reads_history_on_host(_request(one_token))
 
 
 def test_the_bans_are_laid_out_once_per_request() -> None:

@@ -365,6 +365,7 @@ def _prompt_logprobs_of(request: Request) -> list[TokenLogprobs | None]:
 
 def _samples_need_history(step: LaunchedStep) -> bool:
     """Whether a request sampled in ``step`` samples next from its token history read on the host
-    (min_tokens, a grammar, a bad word of several tokens), which must then hold that step's token
-    first. Penalties count the drawn tokens on the device, so they need no such wait."""
+    (a grammar, a bad word of several tokens), which must then hold that step's token first.
+    Penalties count the drawn tokens where they are drawn and min_tokens counts positions, so
+    they need no such wait."""
     return any(reads_history_on_host(r) for r in step.requests)

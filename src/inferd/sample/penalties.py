@@ -74,8 +74,9 @@ def apply_bad_words(logits: torch.Tensor, request: Request) -> None:
 
 
 def block_stop_tokens(logits: torch.Tensor, request: Request) -> None:
-    """Until `min_tokens` are out, EOS and stop token ids cannot be chosen."""
-    if len(request.output_token_ids) >= request.params.min_tokens:
+    """Until `min_tokens` are out, EOS and stop token ids cannot be chosen. Counted by the position
+    sampled, which holds the tokens still in flight too: it needs no token read first."""
+    if request.sampling_position >= request.params.min_tokens:
         return
     banned = [t for t in (*request.eos_token_ids, *request.params.stop_token_ids) if t < logits.shape[0]]
     if banned:
@@ -100,24 +101,23 @@ def needs_row_processing(request: Request) -> bool:
         bool(params.logit_bias)
         or params.allowed_token_ids is not None
         or bool(params.bad_words_token_ids)
-        or len(request.output_token_ids) < params.min_tokens
+        or request.sampling_position < params.min_tokens
     )
 
 
 def needs_history(request: Request) -> bool:
-    """Whether the request's logits processing reads the tokens it has produced so far (a
-    grammar's mask depends on every token before it, a bad word of several tokens on the last
-    few, the penalties on all of them)."""
-    return reads_history_on_host(request) or has_penalty(request)
+    """Whether the request's logits processing depends on the tokens it has produced so far (a
+    grammar's mask on every token before it, a bad word of several tokens on the last few, the
+    penalties on all of them, min_tokens on their number)."""
+    return (
+        reads_history_on_host(request)
+        or has_penalty(request)
+        or request.sampling_position < request.params.min_tokens
+    )
 
 
 def reads_history_on_host(request: Request) -> bool:
     """Whether the request's logits processing reads its tokens so far on the host, which must then
-    hold its last sampled token before it samples again. The penalties do not: they count the drawn
-    tokens on the device (`penalty_state.py`)."""
-    params = request.params
-    return (
-        request.grammar is not None
-        or any(len(ids) > 1 for ids in params.bad_words_token_ids)
-        or len(request.output_token_ids) < params.min_tokens
-    )
+    hold its last sampled token before it samples again. The penalties do not (they count the drawn
+    tokens where they are drawn, `penalty_state.py`), nor does min_tokens (it counts positions)."""
+    return request.grammar is not None or any(len(ids) > 1 for ids in request.params.bad_words_token_ids)
