@@ -401,11 +401,28 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
         penalized = _sampling_requests(rows, 0.6, penalized=True)
         call = functools.partial(_sample_next_position, Sampler(0), logits, penalized)
         entry = {"rows": rows, "temperature": 0.6, "path": "torch_penalized"}
+        entry["tables_vs_host_max_abs_diff"] = _penalty_forms_differ_by(logits, penalized)
         entry["ms"] = _timed(functools.partial(call, wait=True), plan.device, repeats) * 1e3
         entry["host_ms"] = _timed(functools.partial(call, wait=False), plan.device, repeats, True) * 1e3
         print("sampler:", json.dumps(entry), flush=True)
         results.append(entry)
     return results
+
+
+def _penalty_forms_differ_by(logits: torch.Tensor, requests: list[Any]) -> float:
+    """The largest difference between the logits the two forms of the penalties make of the same
+    requests (the device's count tables against the host's histories; equal logits, infinities
+    among them, count as 0): a GPU's count tables are checked before they are timed."""
+    from inferd.sample.penalty_state import HostPenalties
+    from inferd.sample.penalty_tables import PenaltyTables
+
+    made = []
+    for form in (HostPenalties(), PenaltyTables()):
+        processed = logits.float().clone()
+        form.apply(processed, requests)
+        made.append(processed)
+    host, tables = made
+    return float(torch.where(host == tables, 0.0, (host - tables).abs()).max())
 
 
 def _sample_next_position(sampler: Any, logits: torch.Tensor, requests: list[Any], wait: bool) -> None:

@@ -113,6 +113,7 @@ def test_sampler_timing_covers_greedy_and_random_rows_and_the_fused_kernels(monk
     """Each path timed, the fused kernels after a check that they draw the argmax when cold; a
     kernel that draws something else is marked."""
     from inferd.sample import triton_inverse_cdf, triton_sampling
+    from inferd.sample.penalty_tables import PenaltyTables
 
     plan = gpu.Plan("cpu", torch.float32, 3, 40, 30, 8, 500, "64MiB")
     shape = gpu.shape_config(gpu.QWEN3_0_6B, smoke=True)
@@ -127,6 +128,8 @@ def test_sampler_timing_covers_greedy_and_random_rows_and_the_fused_kernels(monk
     ]
     assert [r.get("draws_argmax") for r in results] == [None, None, True, True, None]
     assert all(r["ms"] > 0 and 0 < r["host_ms"] for r in results)
+    # The penalties' count tables made the same logits as the host's histories.
+    assert results[-1]["tables_vs_host_max_abs_diff"] == 0.0
     first_token = lambda logits, *_: torch.zeros(len(logits), dtype=torch.long)  # noqa: E731
     monkeypatch.setattr(triton_inverse_cdf, "inverse_cdf_sample", first_token)
     marks = [r.get("draws_argmax") for r in gpu.time_sampler(shape, plan)]
@@ -134,3 +137,6 @@ def test_sampler_timing_covers_greedy_and_random_rows_and_the_fused_kernels(monk
     monkeypatch.setattr(triton_sampling, "race_sample", first_token)
     marks = [r.get("draws_argmax") for r in gpu.time_sampler(shape, plan)]
     assert marks == [None, None, False, False, None]
+    # Tables that lose the prompt's tokens are told apart.
+    monkeypatch.setattr(PenaltyTables, "_take", lambda self, started, known, vocab, device: None)
+    assert gpu.time_sampler(shape, plan)[-1]["tables_vs_host_max_abs_diff"] > 0
