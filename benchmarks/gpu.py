@@ -397,27 +397,33 @@ def time_sampler(hf_config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
         # and 100 output tokens (the batch's penalties at once: on a GPU from the count tables of
         # sample/penalty_tables.py). Each call samples each request's next output position, the
         # tokens before it still unread, as under asynchronous scheduling: the steady state, where
-        # the same position sampled again would rebuild the counts each call.
-        penalized = _sampling_requests(rows, 0.6, penalized=True)
-        call = functools.partial(_sample_next_position, Sampler(0), logits, penalized)
-        entry = {"rows": rows, "temperature": 0.6, "path": "torch_penalized"}
-        entry["tables_vs_host_max_abs_diff"] = _penalty_forms_differ_by(logits, penalized)
-        entry["ms"] = _timed(functools.partial(call, wait=True), plan.device, repeats) * 1e3
-        entry["host_ms"] = _timed(functools.partial(call, wait=False), plan.device, repeats, True) * 1e3
-        print("sampler:", json.dumps(entry), flush=True)
-        results.append(entry)
+        # the same position sampled again would rebuild the counts each call. Then the same with
+        # the tables applied by one Triton pass (``triton_penalties``). Each path's logits are
+        # first checked against the host's histories.
+        for path, fused in (("torch_penalized", False), ("triton_penalized", True)):
+            penalized = _sampling_requests(rows, 0.6, penalized=True)
+            call = functools.partial(
+                _sample_next_position, Sampler(0, triton_penalties=fused), logits, penalized
+            )
+            entry = {"rows": rows, "temperature": 0.6, "path": path}
+            entry["tables_vs_host_max_abs_diff"] = _penalty_forms_differ_by(logits, penalized, fused)
+            entry["ms"] = _timed(functools.partial(call, wait=True), plan.device, repeats) * 1e3
+            entry["host_ms"] = _timed(functools.partial(call, wait=False), plan.device, repeats, True) * 1e3
+            print("sampler:", json.dumps(entry), flush=True)
+            results.append(entry)
     return results
 
 
-def _penalty_forms_differ_by(logits: torch.Tensor, requests: list[Any]) -> float:
+def _penalty_forms_differ_by(logits: torch.Tensor, requests: list[Any], fused: bool) -> float:
     """The largest difference between the logits the two forms of the penalties make of the same
-    requests (the device's count tables against the host's histories; equal logits, infinities
-    among them, count as 0): a GPU's count tables are checked before they are timed."""
+    requests (the device's count tables, with ``fused`` through the Triton pass, against the host's
+    histories; equal logits, infinities among them, count as 0): a GPU's count tables are checked
+    before they are timed."""
     from inferd.sample.penalty_state import HostPenalties
     from inferd.sample.penalty_tables import PenaltyTables
 
     made = []
-    for form in (HostPenalties(), PenaltyTables()):
+    for form in (HostPenalties(), PenaltyTables(fused=fused)):
         processed = logits.float().clone()
         form.apply(processed, requests)
         made.append(processed)

@@ -125,18 +125,19 @@ def test_sampler_timing_covers_greedy_and_random_rows_and_the_fused_kernels(monk
         (2, 0.6, "fused"),
         (2, 0.6, "fused_inverse_cdf"),
         (2, 0.6, "torch_penalized"),
+        (2, 0.6, "triton_penalized"),
     ]
-    assert [r.get("draws_argmax") for r in results] == [None, None, True, True, None]
+    assert [r.get("draws_argmax") for r in results] == [None, None, True, True, None, None]
     assert all(r["ms"] > 0 and 0 < r["host_ms"] for r in results)
-    # The penalties' count tables made the same logits as the host's histories.
-    assert results[-1]["tables_vs_host_max_abs_diff"] == 0.0
+    # The penalties' count tables made the same logits as the host's histories, both ways.
+    assert [r["tables_vs_host_max_abs_diff"] for r in results[-2:]] == [0.0, 0.0]
     first_token = lambda logits, *_: torch.zeros(len(logits), dtype=torch.long)  # noqa: E731
     monkeypatch.setattr(triton_inverse_cdf, "inverse_cdf_sample", first_token)
     marks = [r.get("draws_argmax") for r in gpu.time_sampler(shape, plan)]
-    assert marks == [None, None, True, False, None]
+    assert marks == [None, None, True, False, None, None]
     monkeypatch.setattr(triton_sampling, "race_sample", first_token)
     marks = [r.get("draws_argmax") for r in gpu.time_sampler(shape, plan)]
-    assert marks == [None, None, False, False, None]
-    # Tables that lose the prompt's tokens are told apart.
+    assert marks == [None, None, False, False, None, None]
+    # Tables that lose the prompt's tokens are told apart, both ways.
     monkeypatch.setattr(PenaltyTables, "_take", lambda self, started, known, vocab, device: None)
-    assert gpu.time_sampler(shape, plan)[-1]["tables_vs_host_max_abs_diff"] > 0
+    assert all(r["tables_vs_host_max_abs_diff"] > 0 for r in gpu.time_sampler(shape, plan)[-2:])

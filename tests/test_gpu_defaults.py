@@ -41,7 +41,7 @@ def test_a_gpu_default_switches_a_feature_on_on_a_gpu_only(tiny_llama, all_on_a_
 
 
 def test_a_default_stays_off_where_its_needs_are_not_met(tiny_llama, all_on_a_gpu, monkeypatch) -> None:
-    # Without the Triton ops (and so the skinny matmul) only the sampler's kernel is left.
+    # Without the Triton ops (and so the skinny matmul) only the sampler's kernels are left.
     assert uses(tiny_llama, device="cuda", triton_ops=False) == {
         "triton_fused_linear": False,
         "triton_tiled_linear": False,
@@ -49,6 +49,7 @@ def test_a_default_stays_off_where_its_needs_are_not_met(tiny_llama, all_on_a_gp
         "triton_sampling": True,
         "triton_pdl": False,
         "triton_moe": False,
+        "triton_penalties": True,
     }
     assert not uses(tiny_llama, device="cuda", triton_linear=False)["triton_fused_linear"]
     assert not uses(tiny_llama, device="cuda", attention_backend="torch")["triton_decode_rotary"]
@@ -72,3 +73,12 @@ def test_asking_for_a_feature_whose_needs_are_not_met_is_an_error(tiny_llama) ->
         build_engine_config(tiny_llama, device="cuda", attention_backend="torch", triton_decode_rotary=True)
     with pytest.raises(ValueError, match="CUDA GPU"):
         build_engine_config(tiny_llama, device="cpu", triton_pdl=True)
+
+
+def test_the_help_tells_an_unmeasured_default_from_a_measured_one() -> None:
+    from inferd.entrypoints.engine_args import _default_on_a_gpu
+
+    assert "until a GPU run measures it" in _default_on_a_gpu("triton_penalties")
+    assert "until a GPU run measures it" in _default_on_a_gpu("triton_moe")
+    assert "measured no consistent gain" in _default_on_a_gpu("triton_fused_linear")
+    assert "on for CUDA" in _default_on_a_gpu("triton_sampling")

@@ -34,7 +34,10 @@ GPU_DEFAULTS: dict[str, bool] = {
     "triton_sampling": True,
     "triton_pdl": True,
     "triton_moe": False,
+    "triton_penalties": False,
 }
+# Features off above because no GPU run has measured them yet (not because one measured no gain).
+GPU_NOT_YET_MEASURED = frozenset({"triton_moe", "triton_penalties"})
 # The kernel that draws the fused sampler's rows unless ``fused_sampler`` names another
 # (sample/sampler.py's FUSED_KERNELS): the race is the one H200 runs measured; "inverse_cdf"
 # takes its place here once its variant of benchmarks/gpu.py (inverse_cdf_sampler) beats it.
@@ -941,6 +944,9 @@ class EngineConfig:
     # (layers/triton_moe.py) instead of torch matmuls per expert after a host read: no host
     # synchronisation, so its decode steps can run as CUDA graphs.
     triton_moe: bool | None = None
+    # The penalties' count tables (sample/penalty_tables.py) applied by one Triton pass
+    # (sample/triton_penalties.py) instead of torch's elementwise passes over the penalized rows.
+    triton_penalties: bool | None = None
     # Schedule and launch step N+1 before reading step N's tokens, so the host's work overlaps the
     # device's; None: on a GPU only (on the CPU the forward itself blocks, so it would only delay).
     async_scheduling: bool | None = None
@@ -1021,6 +1027,12 @@ class EngineConfig:
         if self.triton_sampling is not None:
             return self.triton_sampling
         return self._on_gpu_by_default("triton_sampling")
+
+    @property
+    def uses_triton_penalties(self) -> bool:
+        if self.triton_penalties is not None:
+            return self.triton_penalties
+        return self._on_gpu_by_default("triton_penalties")
 
     @property
     def uses_triton_pdl(self) -> bool:

@@ -133,6 +133,7 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
         fused_sampler=_fused_sampler(options.pop("fused_sampler", None)),
         triton_pdl=options.pop("triton_pdl", None),
         triton_moe=options.pop("triton_moe", None),
+        triton_penalties=options.pop("triton_penalties", None),
         async_scheduling=options.pop("async_scheduling", None),
         tensor_parallel_size=_tensor_parallel_size(options.pop("tensor_parallel_size", None), model),
         warm_up=options.pop("warm_up", None),

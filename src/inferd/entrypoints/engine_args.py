@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from inferd.config import GPU_DEFAULTS
+from inferd.config import GPU_DEFAULTS, GPU_NOT_YET_MEASURED
 from inferd.sample.sampler import FUSED_KERNELS
 
 
@@ -71,6 +71,8 @@ def _default_on_a_gpu(feature: str) -> str:
     """The help's default for a speed feature, from what a GPU run measured (GPU_DEFAULTS)."""
     if GPU_DEFAULTS[feature]:
         return " (default: on for CUDA, where its kernels can run)"
+    if feature in GPU_NOT_YET_MEASURED:
+        return " (default: off until a GPU run measures it)"
     return " (default: off; H200 runs measured no consistent gain from it)"
 
 
@@ -94,6 +96,8 @@ _SWITCHES = {
     "over the logits" + _default_on_a_gpu("triton_sampling"),
     "triton_moe": "a mixture of experts' routed experts on a Triton grouped matmul, without a host "
     "read per layer, so its decode steps can run as CUDA graphs" + _default_on_a_gpu("triton_moe"),
+    "triton_penalties": "the repetition, presence and frequency penalties in one Triton pass over the "
+    "penalized rows, reading the device's count tables once" + _default_on_a_gpu("triton_penalties"),
     "warm_up": "run the largest step, a decode step, short prompt steps and each sampling path once "
     "before serving, so the first requests pay no compiles and a step too large for memory fails at "
     "start-up (default: on for CUDA)",

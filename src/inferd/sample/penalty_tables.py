@@ -16,6 +16,8 @@ from inferd.sampling_params import SamplingParams
 
 # Rows the tables hold at first; they double when full.
 _FIRST_ROWS = 8
+# The SamplingParams of the three penalties, in the order the Triton pass takes them.
+_PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 class _TableHistory(History):
@@ -25,12 +27,15 @@ class _TableHistory(History):
 
 
 class PenaltyTables(PenaltyState):
-    def __init__(self, row_limit: int | None = None) -> None:
+    def __init__(self, row_limit: int | None = None, fused: bool = False) -> None:
         """``row_limit``: past this many rows, the tables make room by letting go of requests that
         neither sample in the step nor have a token in flight (preempted or waiting ones, rebuilt
-        from the host's tokens when they come back) before they grow; None: they only grow."""
+        from the host's tokens when they come back) before they grow; None: they only grow.
+        ``fused``: the penalties are applied by one Triton pass (``triton_penalties.py``) rather
+        than torch's elementwise passes."""
         super().__init__()
         self._row_limit = row_limit
+        self._fused = fused
         self._free: list[int] = []
         self._counts: torch.Tensor | None = None  # [rows, vocab] int32: output tokens' counts
         self._in_prompt: torch.Tensor | None = None  # [rows, vocab] bool: the prompt's tokens
@@ -123,6 +128,18 @@ class PenaltyTables(PenaltyState):
     def _penalize(self, logits: torch.Tensor, params: list[SamplingParams], step: PenalizedStep) -> None:
         assert self._counts is not None and self._in_prompt is not None
         device = logits.device
+        if self._fused:
+            from inferd.sample import triton_penalties
+
+            triton_penalties.penalize(
+                logits,
+                upload(np.array(step.rows), device),
+                upload(np.array([_row(history) for history in step.histories]), device),
+                self._counts,
+                self._in_prompt,
+                *(_values([getattr(p, name) for p in params], device) for name in _PENALTIES),
+            )
+            return
         every_row = len(step.rows) == logits.shape[0]  # all rows, in order: no gather, no scatter
         index = None if every_row else upload(np.array(step.rows), device)
         picked = logits if index is None else logits.index_select(0, index)
@@ -153,6 +170,11 @@ def _row(history: History) -> int:
     return history.row
 
 
+def _values(values: list[float], device: torch.device) -> torch.Tensor:
+    """Per-row values as float32 on ``device``."""
+    return upload(np.array(values, dtype=np.float32), device)
+
+
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
     """Per-row values as a float32 [rows, 1] column on ``device``."""
-    return upload(np.array(values, dtype=np.float32), device).unsqueeze(1)
+    return _values(values, device).unsqueeze(1)

@@ -128,6 +128,7 @@ class Sampler:
         fused_min_rows: int | None = None,
         fused_kernel: str = DEFAULT_FUSED_SAMPLER,
         penalty_tables: bool | None = None,
+        triton_penalties: bool = False,
         penalty_rows: int | None = None,
     ) -> None:
         """``triton_sampling``: rows that only scale by a temperature are drawn by a fused Triton
@@ -135,8 +136,8 @@ class Sampler:
         ``fused_min_rows`` of them (``FUSED_MIN_ROWS`` unless given); fewer go to the torch race,
         which is faster there. ``penalty_tables``: the penalties count tokens in tables on the
         logits' device (``PenaltyTables``) rather than on the host (``HostPenalties``); None: on a
-        GPU. ``penalty_rows``: those tables make room by letting go of idle requests past this many
-        rows."""
+        GPU, or where ``triton_penalties`` asks for those tables' Triton pass. ``penalty_rows``:
+        those tables make room by letting go of idle requests past this many rows."""
         if fused_kernel not in FUSED_KERNELS:
             choices = ", ".join(FUSED_KERNELS)
             raise ValueError(f"unknown fused sampler {fused_kernel!r}; choose one of {choices}")
@@ -146,6 +147,7 @@ class Sampler:
         self._fused_kernel = fused_kernel
         self._fused_calls = 0  # each call of the fused kernel draws from fresh counters
         self._penalty_tables = penalty_tables
+        self._triton_penalties = triton_penalties
         self._penalty_rows = penalty_rows
         # Draws for requests without a seed of their own, one generator per device.
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -273,8 +275,11 @@ class Sampler:
         penalized = None
         if any(has_penalty(r) for r in requests):
             if self._penalties is None:
-                tables = logits.is_cuda if self._penalty_tables is None else self._penalty_tables
-                self._penalties = PenaltyTables(self._penalty_rows) if tables else HostPenalties()
+                tables = self._penalty_tables
+                if tables is None:
+                    tables = logits.is_cuda or self._triton_penalties
+                fused = self._triton_penalties
+                self._penalties = PenaltyTables(self._penalty_rows, fused) if tables else HostPenalties()
             try:
                 penalized = self._penalties.apply(logits, requests)
             except Exception as exc:

@@ -228,9 +228,13 @@ class ModelRunner:
     def _new_sampler(self) -> Sampler:
         """A sampler as the engine's options ask (the steps' own, and the warm-up's)."""
         config = self.config
-        kernel, rows = config.fused_sampler, config.scheduler.max_num_seqs
-        return Sampler(config.seed, triton_sampling=config.uses_triton_sampling, fused_kernel=kernel,
-                       penalty_rows=rows)  # fmt: skip
+        return Sampler(
+            config.seed,
+            triton_sampling=config.uses_triton_sampling,
+            fused_kernel=config.fused_sampler,
+            triton_penalties=config.uses_triton_penalties,
+            penalty_rows=config.scheduler.max_num_seqs,
+        )
 
     def uses_cuda_graphs(self) -> bool:
         """Whether decode steps should run as CUDA graphs (captured by ``capture_decode_graphs``)."""
