@@ -272,7 +272,14 @@ def test_metrics_count_v2_requests_of_both_llms(live: Live) -> None:
     assert _metric(live.server, "inferd_kserve_requests_total", model=SERVED, outcome="success") >= 1
 
 
+def _v2_requests(live: Live, outcome: str) -> float:
+    return _metric(live.server, "inferd_kserve_requests_total", model=SERVED, outcome=outcome)
+
+
 def test_leaving_generate_stream_aborts_the_request(live: Live) -> None:
+    """The engine's request is aborted, and the v2 request is counted as cancelled, its in-flight
+    count back down."""
+
     def aborted() -> float:
         return _metric(live.server, "inferd:requests_aborted_total", model_name=SERVED)
 
@@ -280,6 +287,7 @@ def test_leaving_generate_stream_aborts_the_request(live: Live) -> None:
         return _metric(live.server, "inferd:generation_tokens_total", model_name=SERVED)
 
     aborted_before, generated_before = aborted(), generated()
+    cancelled_before = _v2_requests(live, "cancelled")
     body = {"text_input": PROMPT, "parameters": {"temperature": 0, "max_tokens": LONG_MAX_TOKENS}}
     url = f"{live.server.base_url}/v2/models/{SERVED}/generate_stream"
     with httpx.stream("POST", url, json=body, timeout=30) as response:
@@ -291,11 +299,14 @@ def test_leaving_generate_stream_aborts_the_request(live: Live) -> None:
 
     _wait_for(settled)
     assert generated() - generated_before < LONG_MAX_TOKENS
+    _wait_for(lambda: _v2_requests(live, "cancelled") - cancelled_before == 1)
+    assert _metric(live.server, "inferd_kserve_requests_in_flight", model=SERVED) == 0
 
 
 @pytest.mark.parametrize("route", ["generate", "infer"])
 def test_leaving_a_whole_answer_aborts_the_request(live: Live, route: str) -> None:
-    """A client that gives up on a non-streamed generation stops it, as on the other protocols."""
+    """A client that gives up on a non-streamed generation stops it, as on the other protocols,
+    and the v2 request is counted as cancelled."""
 
     def aborted() -> float:
         return _metric(live.server, "inferd:requests_aborted_total", model_name=SERVED)
@@ -304,6 +315,7 @@ def test_leaving_a_whole_answer_aborts_the_request(live: Live, route: str) -> No
         return _metric(live.server, "inferd:generation_tokens_total", model_name=SERVED)
 
     aborted_before, generated_before = aborted(), generated()
+    cancelled_before = _v2_requests(live, "cancelled")
     parameters = {"temperature": 0, "max_tokens": LONG_MAX_TOKENS}
     if route == "generate":
         body: dict[str, object] = {"text_input": PROMPT, "parameters": parameters}
@@ -320,6 +332,8 @@ def test_leaving_a_whole_answer_aborts_the_request(live: Live, route: str) -> No
 
     _wait_for(settled)
     assert generated() - generated_before < LONG_MAX_TOKENS
+    _wait_for(lambda: _v2_requests(live, "cancelled") - cancelled_before == 1)
+    assert _metric(live.server, "inferd_kserve_requests_in_flight", model=SERVED) == 0
 
 
 class _StreamResponses:

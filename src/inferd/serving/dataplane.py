@@ -276,10 +276,12 @@ class DataPlane:
 
     @contextmanager
     def _counted(self, entry: ModelEntry, inferences: int = 1, counts_success: bool = True) -> Iterator[None]:
-        """Counts a request that ends as a success or a failure (one the client left is neither),
-        in the metrics and the model's statistics, with its duration; an LLM's generation that
-        succeeded is its one execution too (its engine batches it with others on its own).
-        ``counts_success`` False: only a failure is counted (a request's first part)."""
+        """Counts a request that ends as a success or a failure, in the metrics and the model's
+        statistics, with its duration; an LLM's generation that succeeded is its one execution too
+        (its engine batches it with others on its own). One the client left (its handler cancelled,
+        its stream closed) is counted as ``cancelled`` in the metrics alone: Triton's statistics
+        have no such count. ``counts_success`` False: only a failure is counted (a request's first
+        part)."""
         metrics, name, started = self.repository.metrics, entry.name, time.monotonic_ns()
         if metrics is not None:
             metrics.in_flight.labels(name).inc()
@@ -291,6 +293,13 @@ class DataPlane:
                 metrics.requests.labels(name, "failure").inc()
                 metrics.request_seconds.labels(name, "failure").observe(took / 1e9)
             entry.stats.finished(False, took, inferences)
+            raise
+        except BaseException:  # asyncio's cancellation, or GeneratorExit where a stream was closed
+            if metrics is not None and counts_success:
+                metrics.requests.labels(name, "cancelled").inc()
+                metrics.request_seconds.labels(name, "cancelled").observe(
+                    (time.monotonic_ns() - started) / 1e9
+                )
             raise
         finally:
             if metrics is not None:
@@ -324,7 +333,7 @@ class DataPlane:
     async def generate_text_stream(
         self, entry: ModelEntry, generator: TextGenerator, llm: LLMRequest
     ) -> AsyncIterator[GenerationChunk]:
-        """As ``generate_text``, streamed; a client gone mid-stream is counted neither way."""
+        """As ``generate_text``, streamed; a client gone mid-stream is counted as cancelled."""
         with self._counted(entry):
             async for chunk in self.generate_stream(generator, llm):
                 yield chunk

@@ -12,7 +12,7 @@ class ServingMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "inferd_kserve_requests",
-            "v2 inference requests by model and outcome (success, failure).",
+            "v2 inference requests by model and outcome (success, failure, cancelled: the client left).",
             ["model", "outcome"],
             registry=registry,
         )
