@@ -172,6 +172,68 @@ def test_idle_requests_give_their_rows_back_past_the_limit() -> None:
     assert unlimited.num_rows == 16 and unlimited.num_requests == 12
 
 
+def test_a_failed_step_fails_its_requests_alone_in_the_steps_after_it(form: type[PenaltyState]) -> None:
+    """Under asynchronous scheduling the step after a failed one is launched before the failure is
+    read: the requests of the failed step, whose drawn tokens were never counted, fail there alone,
+    and a request beside them is penalized as ever."""
+    rng = random.Random(5)
+    old = _request("old", rng, repetition_penalty=1.5, frequency_penalty=0.5)
+    old.output_token_ids = [3, 3]
+    state = form()
+    take = form._take
+
+    def fails(*args: Any) -> None:
+        raise MemoryError("out of device memory (simulated)")
+
+    form._take = fails  # type: ignore[method-assign]
+    try:
+        with pytest.raises(MemoryError):
+            state.apply(torch.zeros(1, VOCAB), [old])
+    finally:
+        form._take = take  # type: ignore[method-assign]
+    assert state.num_requests == 0  # the half-made history went
+    # The next step: old's token of the failed step is in flight, uncounted; new is new.
+    old.num_inflight_tokens = 2
+    new = _request("new", rng, presence_penalty=0.7, repetition_penalty=1.2)
+    new.output_token_ids = [4]
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(3))
+    untouched = logits[0].clone()
+    expected = _reference(logits[1], new)
+    penalized = state.apply(logits, [old, new])
+    assert list(penalized.failed) == [0] and "position 3" in penalized.failed[0]
+    assert penalized.rows == [1] and torch.equal(logits[0], untouched)
+    torch.testing.assert_close(logits[1], expected, rtol=1e-6, atol=1e-6)
+    assert state.num_requests == 1
+
+
+def test_one_failed_step_fails_only_its_own_requests_in_an_engine(
+    tiny_model_factory, monkeypatch, form: type[PenaltyState]
+) -> None:
+    """A new penalized request a step, under asynchronous scheduling; the penalties of one step
+    fail (as the tables' growth out of device memory would): the requests of that step end with
+    its error, and every request after it ends as asked."""
+    take, calls = form._take, []
+
+    def fails_once(self: PenaltyState, *args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 4:
+            raise MemoryError("out of device memory (simulated)")
+        take(self, *args)
+
+    monkeypatch.setattr(form, "_take", fails_once)
+    llm = LLM(tiny_model_factory("qwen3"), device="cpu", kv_cache_memory="8MiB", async_scheduling=True)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.3, ignore_eos=True)
+    finished: dict[str, Any] = {}
+    for step in range(40):
+        if step < 12:
+            engine.add_request(f"r{step}", [5 + step, 6, 7], params, final_only=True)
+        finished.update((out.request_id, out) for out in engine.step() if out.finished)
+    failed = {rid for rid, out in finished.items() if out.finish_reason != "length"}
+    assert len(finished) == 12 and 0 < len(failed) <= 4 and f"r{11}" not in failed
+    assert all("simulated" in (finished[rid].error or "") for rid in failed)
+
+
 def test_a_penalized_request_draws_one_row_a_step(form: type[PenaltyState]) -> None:
     request = _request("r", random.Random(4), presence_penalty=0.5)
     with pytest.raises(ValueError, match="one row a step"):

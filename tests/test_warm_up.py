@@ -103,19 +103,24 @@ def test_the_sampling_passes_run_the_fused_race_on_half_and_float32_logits(monke
     assert {call.dtype for call in calls} == {torch.bfloat16, torch.float32}
 
 
-def test_the_sampling_passes_size_the_penalty_tables_for_every_row() -> None:
-    """The penalties' count tables grow with the penalized requests; the warm-up makes them as large
-    as a step of penalized rows needs, so a step under load allocates nothing new for them."""
+@pytest.mark.parametrize("sequences", [20, 12])
+def test_the_sampling_passes_grow_penalty_tables_for_a_step_of_penalized_sequences(sequences: int) -> None:
+    """The penalties' count tables grow with the penalized requests; the warm-up grows a set of its
+    own for as many as a step may hold (its sequences: a penalized one takes one row, never guesses),
+    so tables that large are known to fit beside the KV cache before any request. 20 rows a pass
+    with 12 sequences a step: the rows of speculative decoding's guesses, which no penalized
+    request has."""
     from inferd.sample.penalty_tables import PenaltyTables
     from inferd.sample.sampler import Sampler
 
     rows, vocab = 20, 50
-    sampler = Sampler(penalty_tables=True, penalty_rows=rows)
+    sampler = Sampler(penalty_tables=True, penalty_rows=sequences)
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
-    for requests in sampling_mixes(rows, vocab):
+    for requests in sampling_mixes(rows, vocab, sequences):
         sampler(logits, requests)
     state = sampler._penalties
-    assert isinstance(state, PenaltyTables) and state.num_rows >= rows
+    assert isinstance(state, PenaltyTables)
+    assert sequences <= state.num_rows < 2 * sequences
 
 
 def test_on_by_default_on_a_gpu_only(tiny_llama) -> None:

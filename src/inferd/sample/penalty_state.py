@@ -20,8 +20,9 @@ A request's state goes when the scheduler reports it finished (`Scheduler.take_f
 through `ModelRunner.forget`). It is rebuilt from the host's tokens where it ran ahead of the token
 the request samples now (a step lost after sampling and scheduled again); tokens the host knows and
 the state does not (after such a rebuild, or outputs a caller set) are added at the request's next
-step. One penalty that cannot be applied fails every penalized row of its step (the batch is one
-operation).
+step. A step whose penalties cannot be applied fails every penalized row of it (the batch is one
+operation), and its histories go, to be rebuilt; a request that then misses a token drawn in that
+step fails alone in the next, so one failure does not spread to the requests that come after it.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class PenalizedStep:
     rows: list[int] = field(default_factory=list)  # their rows of the step's logits
     histories: list[History] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)  # the output position each samples
+    # Rows left unpenalized, each failing its request alone, with why.
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 class PenaltyState:
@@ -85,41 +88,59 @@ class PenaltyState:
         the requests that ask for it: repetition (HF's, over prompt and output: a seen token's
         positive logit divided by the penalty, a negative one multiplied) before presence and
         frequency (OpenAI's, over the output: ``frequency * count + presence`` subtracted). Returns
-        what `count_sampled` needs to count the tokens drawn from them."""
+        what `count_sampled` needs to count the tokens drawn from them, and the rows that could not
+        be penalized (each fails its own request).
+
+        If it raises, the step's histories go (they may be half made) and are rebuilt from the
+        host's tokens when their requests sample again; a request whose earlier step's penalties
+        failed under asynchronous scheduling then misses the token that step drew, so its row
+        fails alone, and the requests beside it are penalized as ever."""
         vocab = logits.shape[1]
         step = PenalizedStep()
-        step.rows = [i for i, request in enumerate(requests) if has_penalty(request)]
-        if not step.rows:
+        penalized = [i for i, request in enumerate(requests) if has_penalty(request)]
+        if not penalized:
             return step
-        if len({id(requests[i]) for i in step.rows}) < len(step.rows):
+        if len({id(requests[i]) for i in penalized}) < len(penalized):
             raise ValueError("a penalized request draws one row a step")
         self._prepare(vocab, logits.device)
-        in_step = {requests[i].request_id for i in step.rows}
+        in_step = {requests[i].request_id for i in penalized}
         started: list[tuple[History, Request]] = []
         known_tokens: list[tuple[History, list[int]]] = []
-        for i in step.rows:
-            request = requests[i]
-            position = request.sampling_position
-            history = self._histories.get(request.request_id)
-            if history is None or history.owner() is not request or history.counted > position:
+        try:
+            for i in penalized:
+                request, position = requests[i], requests[i].sampling_position
+                known = request.output_token_ids
+                history = self._histories.get(request.request_id)
                 if history is not None and history.owner() is not request:
-                    self._release(history)  # a newer request's id: the old one's state goes
+                    self.forget([request.request_id])  # a newer request's id: the old one's state goes
                     history = None
-                history = self._histories[request.request_id] = self._start(request, history, in_step)
-                started.append((history, request))
-            known = request.output_token_ids
-            if history.counted < len(known):
-                known_tokens.append((history, [t for t in known[history.counted :] if t < vocab]))
-                history.counted = len(known)
-            if history.counted < position:
-                raise RuntimeError(
-                    f"request {request.request_id!r} samples output position {position} but its penalty "
-                    f"state holds {history.counted} tokens: a token in flight was never counted"
-                )
-            step.histories.append(history)
-            step.positions.append(position)
-        self._take(started, known_tokens, vocab, logits.device)
-        self._penalize(logits, [requests[i].params for i in step.rows], step)
+                # A history that ran ahead of the position sampled now (a lost step run again)
+                # starts over from the host's tokens, as a new one does.
+                fresh = history is None or history.counted > position
+                holds = len(known) if history is None or fresh else max(history.counted, len(known))
+                if holds < position:
+                    step.failed[i] = (
+                        f"penalties: output position {position} is sampled but only {holds} tokens are "
+                        "counted (an earlier step's penalties failed)"
+                    )
+                    self.forget([request.request_id])
+                    continue
+                if fresh:
+                    history = self._histories[request.request_id] = self._start(request, history, in_step)
+                    started.append((history, request))
+                assert history is not None
+                if history.counted < len(known):
+                    known_tokens.append((history, [t for t in known[history.counted :] if t < vocab]))
+                    history.counted = len(known)
+                step.rows.append(i)
+                step.histories.append(history)
+                step.positions.append(position)
+            if step.rows:
+                self._take(started, known_tokens, vocab, logits.device)
+                self._penalize(logits, [requests[i].params for i in step.rows], step)
+        except BaseException:
+            self.forget(in_step)
+            raise
         return step
 
     def count_sampled(self, step: PenalizedStep, tokens: torch.Tensor) -> None:

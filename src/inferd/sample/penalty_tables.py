@@ -152,11 +152,12 @@ class PenaltyTables(PenaltyState):
             seen = self._in_prompt.index_select(0, table_rows).logical_or_(in_output)
             picked = torch.where(seen, torch.where(picked > 0, picked / penalty, picked * penalty), picked)
         if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
-            # In float32, as the penalties' definition reads: ``logit - (frequency * count + presence)``;
-            # an unseen token (or a row with neither) has 0 subtracted, unchanged to the bit.
+            # In float32, as the penalties' definition reads: ``logit - (frequency * count + presence)``
+            # where the output holds the token; elsewhere +0 is subtracted, which leaves any logit,
+            # -0 among them, unchanged to the bit (as the host's histories, which skip it).
             frequency = _column([p.frequency_penalty for p in params], device)
             presence = _column([p.presence_penalty for p in params], device)
-            picked = picked - (frequency * counts + presence * in_output)
+            picked = picked - torch.where(in_output, frequency * counts + presence, 0.0)
         if picked is logits:
             return
         if index is None:

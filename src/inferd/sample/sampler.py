@@ -282,6 +282,7 @@ class Sampler:
                 self._penalties = PenaltyTables(self._penalty_rows, fused) if tables else HostPenalties()
             try:
                 penalized = self._penalties.apply(logits, requests)
+                errors.update(penalized.failed)
             except Exception as exc:
                 for i, request in enumerate(requests):
                     if has_penalty(request):

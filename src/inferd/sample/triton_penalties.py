@@ -55,7 +55,7 @@ def _penalize_kernel(
     in_output = count > 0
     repeated = tl.where(logit > 0, tl.math.div_rn(logit, repetition), logit * repetition)
     logit = tl.where((in_prompt != 0) | in_output, repeated, logit)
-    subtracted = frequency * count.to(tl.float32) + tl.where(in_output, presence, 0.0)
+    subtracted = tl.where(in_output, frequency * count.to(tl.float32) + presence, 0.0)
     tl.store(logits_ptr + row * stride_logits + tokens, logit - subtracted, mask=inside)
 
 

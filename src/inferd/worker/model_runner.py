@@ -338,7 +338,7 @@ class ModelRunner:
         generator = torch.Generator(device=self.device).manual_seed(0)
         rows = shape.sampling_rows
         logits = torch.randn((rows, vocab), generator=generator, device=self.device).to(self.dtype)
-        mixes = sampling_mixes(rows, vocab)
+        mixes = sampling_mixes(rows, vocab, self.config.scheduler.max_num_seqs)
         sampler = self._new_sampler()
         for requests in mixes:
             sampler.sample(logits, requests).result()

@@ -162,16 +162,18 @@ def decode_step(prompts: SchedulerOutput, sampled: Mapping[str, list[int]] | Non
     return SchedulerOutput(sequences, [])
 
 
-def sampling_mixes(num_rows: int, vocab_size: int) -> list[list[Request]]:
+def sampling_mixes(num_rows: int, vocab_size: int, penalized_rows: int | None = None) -> list[list[Request]]:
     """Rows for each path of the sampler: all random with a temperature only (the common serving
     case, the fused race when it is on), then a mix of greedy, top-k, top-p, min-p, seeded,
     penalised and biased rows, all with log-probabilities (``num_rows`` must hold one of each),
     then temperature-only rows beside one penalised row, whose processing makes the whole step's
     logits float32: the fused race on float32 logits is a kernel variant of its own, which the
     mixed pass, with too few temperature-only rows for the race (``FUSED_MIN_ROWS``), no longer
-    reaches; then every row penalised (as a model's ``generation_config.json`` penalty makes every
-    request), so the penalties' count tables reach their size for that many rows now, beside the KV
-    cache, and not under load."""
+    reaches; then ``penalized_rows`` rows penalised (all, if None; the rest temperature-only), as a
+    model's ``generation_config.json`` penalty makes every request: on a GPU the penalties' count
+    tables grow to that many rows, with their passes' temporaries, so a step too large for them
+    beside the KV cache fails at start-up and not under load. ``penalized_rows`` is the most
+    sequences a step holds: a penalized request takes one row (no guesses), and its tables a row."""
     if num_rows < len(_MIXED_PARAMS):
         raise ValueError(f"the mixed pass needs {len(_MIXED_PARAMS)} rows, got {num_rows}")
     temperature = SamplingParams(temperature=0.6, ignore_eos=True)
@@ -189,5 +191,8 @@ def sampling_mixes(num_rows: int, vocab_size: int) -> list[list[Request]]:
         [request(i, temperature) for i in range(num_rows)],
         [request(i, _MIXED_PARAMS[i % len(_MIXED_PARAMS)]) for i in range(num_rows)],
         [request(0, penalised)] + [request(i, temperature) for i in range(1, num_rows)],
-        [request(i, all_penalties) for i in range(num_rows)],
+        [
+            request(i, all_penalties if i < (penalized_rows or num_rows) else temperature)
+            for i in range(num_rows)
+        ],
     ]
