@@ -75,6 +75,15 @@ def test_asking_for_a_feature_whose_needs_are_not_met_is_an_error(tiny_llama) ->
         build_engine_config(tiny_llama, device="cpu", triton_pdl=True)
 
 
+def test_the_penalties_kernel_asks_for_a_gpu_or_the_interpreter(tiny_llama, monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton_penalties runs a Triton kernel on a CUDA GPU"):
+        build_engine_config(tiny_llama, device="cpu", triton_penalties=True)
+    assert build_engine_config(tiny_llama, device="cuda", triton_penalties=True).uses_triton_penalties
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernel tests' CPU engines
+    assert build_engine_config(tiny_llama, device="cpu", triton_penalties=True).uses_triton_penalties
+
+
 def test_the_help_tells_an_unmeasured_default_from_a_measured_one() -> None:
     from inferd.entrypoints.engine_args import _default_on_a_gpu
 

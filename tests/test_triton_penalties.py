@@ -1,9 +1,8 @@
 """The penalties' Triton pass (``sample/triton_penalties.py``) against the count tables' torch
 passes (``sample/penalty_tables.py``) and the host's histories, and an engine that uses it.
 
-Runs through Triton's interpreter on the CPU, or compiled on a GPU with ``TRITON_INTERPRET=0``
-(where a fused multiply-add may move a repeated token's logit by its last bit: compared within
-float32 rounding there, bit for bit here).
+Runs through Triton's interpreter on the CPU, or compiled on a GPU with ``TRITON_INTERPRET=0``;
+compared bit for bit either way (the kernel is compiled without fused multiply-adds).
 """
 
 from __future__ import annotations
@@ -26,13 +25,6 @@ from inferd.sampling_params import SamplingParams
 def _bits(logits: torch.Tensor) -> torch.Tensor:
     """The float32 logits' bits: -0 and +0 differ here, where they compare equal as floats."""
     return logits.view(torch.int32)
-
-
-def _assert_same(got: torch.Tensor, expected: torch.Tensor) -> None:
-    if INTERPRETED:
-        assert torch.equal(_bits(got), _bits(expected))
-    else:
-        torch.testing.assert_close(got, expected, rtol=2e-7, atol=0.0)
 
 
 def _requests(rng: random.Random, vocab: int) -> list[Request]:
@@ -80,7 +72,7 @@ def test_the_pass_matches_the_torch_passes_step_after_step(vocab: int) -> None:
             form.count_sampled(penalized, torch.tensor(drawn, device=DEVICE))
             made[name] = processed.cpu()
         assert torch.equal(_bits(made["tables"]), _bits(made["host"]))
-        _assert_same(made["fused"], made["tables"])
+        assert torch.equal(_bits(made["fused"]), _bits(made["tables"]))
         for request, token in zip(order, drawn, strict=True):
             request.output_token_ids.append(token)  # the token each form counted, read by the host now
 

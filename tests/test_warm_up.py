@@ -123,6 +123,19 @@ def test_the_sampling_passes_grow_penalty_tables_for_a_step_of_penalized_sequenc
     assert sequences <= state.num_rows < 2 * sequences
 
 
+def test_a_sampling_pass_that_fails_stops_the_start(tiny_llama, monkeypatch) -> None:
+    """Serving, a processor that raises fails its own rows; in the warm-up it means a path this
+    engine cannot run (the penalties' tables out of memory, a kernel that does not compile)."""
+    from inferd.sample.penalty_state import HostPenalties
+
+    def out_of_memory(*args: object) -> None:
+        raise MemoryError("out of device memory (simulated)")
+
+    monkeypatch.setattr(HostPenalties, "_penalize", out_of_memory)
+    with pytest.raises(RuntimeError, match="warm-up: .* rows of a sampling pass failed; .*simulated"):
+        LLM(tiny_llama, device="cpu", kv_cache_memory="8MiB", warm_up=True)
+
+
 def test_on_by_default_on_a_gpu_only(tiny_llama) -> None:
     assert build_engine_config(tiny_llama, device="cuda").uses_warm_up
     assert not build_engine_config(tiny_llama, device="cuda", warm_up=False).uses_warm_up

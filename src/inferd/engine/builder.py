@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping
 from importlib import resources
@@ -153,6 +154,9 @@ def build_engine_config(model_path: str | Path | None = None, **options: Any) ->
                          "it needs triton_ops and the triton attention backend")  # fmt: skip
     if config.triton_pdl and not config.device.startswith("cuda"):
         raise ValueError(f"triton_pdl launches kernels on a CUDA GPU; the device is {config.device}")
+    if config.triton_penalties and not (config.device.startswith("cuda") or _triton_interpreted()):
+        raise ValueError("triton_penalties runs a Triton kernel on a CUDA GPU (or under Triton's "
+                         f"interpreter, TRITON_INTERPRET=1); the device is {config.device}")  # fmt: skip
     if config.speculative is not None and config.speculative.method == "draft_model":
         if config.tensor_parallel_size > 1:
             raise ValueError("a draft model (speculative method draft_model) is not supported with tensor "
@@ -322,6 +326,11 @@ def resolve_num_blocks(config: EngineConfig) -> EngineConfig:
         cache.num_blocks * cache.block_size / config.scheduler.max_model_len,
     )
     return dataclasses.replace(config, cache=cache)
+
+
+def _triton_interpreted() -> bool:
+    """Whether Triton's kernels run in its interpreter, on the CPU (read when triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def most_blocks_held(config: EngineConfig, num_tokens: int) -> int:

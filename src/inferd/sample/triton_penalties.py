@@ -5,9 +5,10 @@ elementwise passes over [rows, vocab]: at 256 rows of a 151,936-token vocabulary
 and written. This kernel reads each row's logits, counts and prompt marks once and writes the
 logits once, about 0.5 GB, with the same operations: a seen token's (prompt or output) positive
 logit divided by the repetition penalty (rounded to nearest, as torch divides), a negative one
-multiplied; then ``frequency * count + presence`` subtracted where the output holds the token. A
-GPU may contract ``frequency * count + ...`` into one fused multiply-add, so a logit of a token
-the output repeats can differ from the torch path's in its last bit.
+multiplied; then ``frequency * count + presence`` subtracted where the output holds the token. The
+kernel is compiled without floating-point contraction, so that sum rounds twice, as torch's
+separate kernels round it, rather than once in a fused multiply-add: the logits are the torch
+path's to the bit.
 
 This module imports triton at import time; import it only where triton is wanted.
 """
@@ -94,4 +95,5 @@ def penalize(
         frequency,
         vocab,
         BLOCK=_BLOCK,
+        enable_fp_fusion=False,
     )

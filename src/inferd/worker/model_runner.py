@@ -341,7 +341,13 @@ class ModelRunner:
         mixes = sampling_mixes(rows, vocab, self.config.scheduler.max_num_seqs)
         sampler = self._new_sampler()
         for requests in mixes:
-            sampler.sample(logits, requests).result()
+            # A processor that fails fails its rows alone when serving; here it means a path that
+            # cannot run on this engine (a kernel that does not compile, tables that do not fit).
+            failed = sampler.sample(logits, requests).result().errors
+            if failed:
+                row, message = min(failed.items())
+                raise RuntimeError(f"warm-up: {len(failed)} rows of a sampling pass failed; row {row}: "
+                                   f"{message}")  # fmt: skip
         self.table_rows = BlockTableRows()  # nothing of the warm-up's requests is kept
         report = WarmUpReport(shape, len(mixes), time.perf_counter() - start)
         logger.info(
