@@ -12,7 +12,8 @@ class ServingMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "inferd_kserve_requests",
-            "v2 inference requests by model and outcome (success, failure, cancelled: the client left).",
+            "v2 inference requests by model and outcome (success, failure, cancelled: left unfinished, "
+            "as when the client leaves).",
             ["model", "outcome"],
             registry=registry,
         )
