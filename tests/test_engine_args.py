@@ -226,6 +226,25 @@ def test_generate_takes_a_structured_output(tiny_llama, tmp_path, capsys: pytest
     assert re.search(r"finish: (length|stop)", capsys.readouterr().err)
 
 
+def test_generate_takes_the_penalties_and_min_tokens(tiny_llama, capsys: pytest.CaptureFixture[str]) -> None:
+    from inferd import LLM, SamplingParams
+    from inferd.cli import main
+
+    common = ["generate", "--model", str(tiny_llama), "--max-tokens", "12", "--kv-cache-memory", "8MiB",
+              "--temperature", "0"]  # fmt: skip
+    asked = {"repetition_penalty": 3.0, "presence_penalty": 0.5, "frequency_penalty": 0.25, "min_tokens": 12}
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in asked.items()]
+    assert main([*common, "To be", *flags]) == 0
+    printed = capsys.readouterr().out
+    llm = LLM(tiny_llama, kv_cache_memory="8MiB")
+    (expected,) = llm.generate(["To be"], SamplingParams(max_tokens=12, temperature=0, **asked))
+    (plain,) = llm.generate(["To be"], SamplingParams(max_tokens=12, temperature=0))
+    assert printed == f"To be{expected.text}\n" and expected.text != plain.text
+    assert main([*common, "To be", "--presence-penalty", "3"]) == 2  # a message, not a traceback
+    err = capsys.readouterr().err
+    assert "inferd: error: presence_penalty" in err and "Traceback" not in err
+
+
 def test_vllms_dtype_names_resolve_to_ours(tiny_llama) -> None:
     from inferd import LLM
 

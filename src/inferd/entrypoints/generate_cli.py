@@ -23,6 +23,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="a seen token's (prompt or output) logit divided by this when positive, "
+                        "multiplied when negative")  # fmt: skip
+    parser.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="subtracted from the logit of each token the output holds",
+    )
+    parser.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="times each token's count in the output, subtracted from its logit",
+    )
+    parser.add_argument(
+        "--min-tokens", type=int, default=0, help="tokens before EOS or a stop may end the output"
+    )
     parser.add_argument("--request-seed", type=int, help="seed of this request's sampling")
     parser.add_argument("--adapter", help="answer with this LoRA adapter (one of --lora-modules)")
     parser.add_argument(
@@ -66,6 +85,11 @@ def _generate(engine: LLMEngine, args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        min_tokens=args.min_tokens,
         seed=args.request_seed,
         structured_output=_structured_output(args),
         adapter=args.adapter,
