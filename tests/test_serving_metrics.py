@@ -24,6 +24,13 @@ CONFIG = {
 INPUT = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0]}]}
 
 
+class Failing:
+    """A runtime whose own code fails: an internal error, not the request's."""
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise RuntimeError("the runtime fell over")
+
+
 class Gated:
     """Answers once the test opens the gate."""
 
@@ -40,9 +47,12 @@ class Gated:
 async def test_requests_in_flight_and_their_time_by_outcome(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.json").write_text(json.dumps(CONFIG))
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "model.json").write_text(json.dumps({**CONFIG, "runtime": "failing"}))
     runtime = Gated()
     runtimes = default_runtime_registry()
     runtimes.register("gated", lambda folder, config: runtime, platform="python")
+    runtimes.register("failing", lambda folder, config: Failing(), platform="python")
     registry = CollectorRegistry()
     app = build_app(open_repository(tmp_path, registry, runtimes), registry)
 
@@ -57,7 +67,12 @@ async def test_requests_in_flight_and_their_time_by_outcome(tmp_path: Path) -> N
         assert (await answer).status_code == 200
         wrong = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [1.0, 2.0, 3.0]}]}
         assert (await client.post("/v2/models/m/infer", json=wrong)).status_code == 400
+        assert (await client.post("/v2/models/f/infer", json=INPUT)).status_code == 400  # as before
     assert value("inferd_kserve_requests_in_flight") == 0
     assert value("inferd_kserve_request_seconds_count", outcome="success") == 1
     assert value("inferd_kserve_request_seconds_count", outcome="failure") == 1
     assert value("inferd_kserve_requests_total", outcome="failure") == 1
+    # Why each failed, as a fixed set of reasons: the request's wrong shape, the runtime's own error.
+    assert value("inferd_kserve_request_failures_total", reason="invalid_input") == 1
+    failures = "inferd_kserve_request_failures_total"
+    assert registry.get_sample_value(failures, {"model": "f", "reason": "runtime"}) == 1

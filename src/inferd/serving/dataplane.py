@@ -18,7 +18,7 @@ import numpy as np
 from inferd.serving.classification import classify, top_k_count
 from inferd.serving.config import ModelConfig, TensorSpec
 from inferd.serving.datatypes import numpy_dtype
-from inferd.serving.errors import InferenceError, InvalidInputError
+from inferd.serving.errors import InferenceError, InvalidInputError, RuntimeFailedError
 from inferd.serving.generation import flag, generation_params, timeout_parameter_s
 from inferd.serving.llm_io import (
     COUNTS,
@@ -31,6 +31,7 @@ from inferd.serving.llm_io import (
     LLMRequest,
     read_llm_request,
 )
+from inferd.serving.metrics import failure_reason
 from inferd.serving.repository import ModelEntry, ModelRepository
 from inferd.serving.runtimes.base import GenerationResult, GenerationStream, TensorRuntime, TextGenerator
 from inferd.serving.shared_memory import SharedMemoryRegions, allowed, in_shared_memory, place_outputs
@@ -210,7 +211,7 @@ class DataPlane:
         except InferenceError:
             raise
         except Exception as exc:
-            raise InvalidInputError(
+            raise RuntimeFailedError(
                 f"model {entry.name!r} failed on this input: {type(exc).__name__}: {exc}"
             ) from exc
         requested = request.outputs or [RequestedOutput(spec.name) for spec in config.outputs]
@@ -287,10 +288,11 @@ class DataPlane:
             metrics.in_flight.labels(name).inc()
         try:
             yield
-        except Exception:
+        except Exception as error:
             took = time.monotonic_ns() - started
             if metrics is not None:
                 metrics.requests.labels(name, "failure").inc()
+                metrics.failures.labels(name, failure_reason(error)).inc()
                 metrics.request_seconds.labels(name, "failure").observe(took / 1e9)
             entry.stats.finished(False, took, inferences)
             raise

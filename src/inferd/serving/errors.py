@@ -11,6 +11,11 @@ class InvalidInputError(InferenceError):
     """Malformed request: wrong shape or datatype, missing input, bad parameter (400 / INVALID_ARGUMENT)."""
 
 
+class RuntimeFailedError(InvalidInputError):
+    """The model's runtime raised on a request its checks let through: answered as a bad input (a
+    model fails on what it is given), told apart in the failure metrics."""
+
+
 class ModelNotFoundError(InferenceError):
     """No model (or version) of that name in the repository (404 / NOT_FOUND)."""
 
