@@ -63,6 +63,9 @@ class PenalizedStep:
     positions: list[int] = field(default_factory=list)  # the output position each samples
     # Rows left unpenalized, each failing its request alone, with why.
     failed: dict[int, str] = field(default_factory=dict)
+    # What a form put on the device for the step (the tables: its indices and penalties), read again
+    # when the drawn tokens are counted.
+    on_device: object | None = None
 
 
 class PenaltyState:

@@ -7,6 +7,8 @@ the device: the host uploads a few numbers a row and never waits for the device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -16,8 +18,18 @@ from inferd.sampling_params import SamplingParams
 
 # Rows the tables hold at first; they double when full.
 _FIRST_ROWS = 8
-# The SamplingParams of the three penalties, in the order the Triton pass takes them.
+# The SamplingParams of the three penalties, in the order they go up to the device.
 _PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+@dataclass
+class _StepOnDevice:
+    """A step's indices and penalties, uploaded once (two copies): the penalties read them, and the
+    count of the drawn tokens reads the indices again."""
+
+    rows: torch.Tensor  # the penalized rows of the step's logits
+    table_rows: torch.Tensor  # their rows of the tables
+    penalties: torch.Tensor  # [3, rows] float32, in _PENALTIES' order
 
 
 class _TableHistory(History):
@@ -118,46 +130,40 @@ class PenaltyTables(PenaltyState):
             self._counts.index_put_((upload(rows_of, device), upload(tokens, device)), one, accumulate=True)
 
     def _count(self, step: PenalizedStep, tokens: torch.Tensor) -> None:
-        assert self._counts is not None
-        device = tokens.device
-        drawn = tokens if len(step.rows) == tokens.shape[0] else tokens[upload(np.array(step.rows), device)]
-        rows = upload(np.array([_row(history) for history in step.histories]), device)
-        one = torch.ones((), dtype=torch.int32, device=device)
-        self._counts.index_put_((rows, drawn), one, accumulate=True)
+        assert self._counts is not None and isinstance(step.on_device, _StepOnDevice)
+        drawn = tokens if len(step.rows) == tokens.shape[0] else tokens[step.on_device.rows]
+        one = torch.ones((), dtype=torch.int32, device=tokens.device)
+        self._counts.index_put_((step.on_device.table_rows, drawn), one, accumulate=True)
 
     def _penalize(self, logits: torch.Tensor, params: list[SamplingParams], step: PenalizedStep) -> None:
         assert self._counts is not None and self._in_prompt is not None
         device = logits.device
+        indices = upload(np.array([step.rows, [_row(history) for history in step.histories]]), device)
+        values = np.array([[getattr(p, name) for p in params] for name in _PENALTIES], dtype=np.float32)
+        uploaded = step.on_device = _StepOnDevice(indices[0], indices[1], upload(values, device))
+        repetition, presence, frequency = uploaded.penalties
         if self._fused:
             from inferd.sample import triton_penalties
 
-            triton_penalties.penalize(
-                logits,
-                upload(np.array(step.rows), device),
-                upload(np.array([_row(history) for history in step.histories]), device),
-                self._counts,
-                self._in_prompt,
-                *(_values([getattr(p, name) for p in params], device) for name in _PENALTIES),
-            )
+            tables = (uploaded.table_rows, self._counts, self._in_prompt)
+            triton_penalties.penalize(logits, uploaded.rows, *tables, repetition, presence, frequency)
             return
         every_row = len(step.rows) == logits.shape[0]  # all rows, in order: no gather, no scatter
-        index = None if every_row else upload(np.array(step.rows), device)
+        index = None if every_row else uploaded.rows
         picked = logits if index is None else logits.index_select(0, index)
-        table_rows = upload(np.array([_row(history) for history in step.histories]), device)
-        counts = self._counts.index_select(0, table_rows)
+        counts = self._counts.index_select(0, uploaded.table_rows)
         in_output = counts > 0
         if any(p.repetition_penalty != 1.0 for p in params):
             # A row whose penalty is 1 divides and multiplies by 1: unchanged, to the bit.
-            penalty = _column([p.repetition_penalty for p in params], device)
-            seen = self._in_prompt.index_select(0, table_rows).logical_or_(in_output)
+            penalty = repetition.unsqueeze(1)
+            seen = self._in_prompt.index_select(0, uploaded.table_rows).logical_or_(in_output)
             picked = torch.where(seen, torch.where(picked > 0, picked / penalty, picked * penalty), picked)
         if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
             # In float32, as the penalties' definition reads: ``logit - (frequency * count + presence)``
             # where the output holds the token; elsewhere +0 is subtracted, which leaves any logit,
             # -0 among them, unchanged to the bit (as the host's histories, which skip it).
-            frequency = _column([p.frequency_penalty for p in params], device)
-            presence = _column([p.presence_penalty for p in params], device)
-            picked = picked - torch.where(in_output, frequency * counts + presence, 0.0)
+            subtracted = frequency.unsqueeze(1) * counts + presence.unsqueeze(1)
+            picked = picked - torch.where(in_output, subtracted, 0.0)
         if picked is logits:
             return
         if index is None:
@@ -169,13 +175,3 @@ class PenaltyTables(PenaltyState):
 def _row(history: History) -> int:
     assert isinstance(history, _TableHistory)
     return history.row
-
-
-def _values(values: list[float], device: torch.device) -> torch.Tensor:
-    """Per-row values as float32 on ``device``."""
-    return upload(np.array(values, dtype=np.float32), device)
-
-
-def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    """Per-row values as a float32 [rows, 1] column on ``device``."""
-    return _values(values, device).unsqueeze(1)
