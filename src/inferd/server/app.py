@@ -18,10 +18,13 @@ from inferd.engine.async_llm import AsyncLLM
 from inferd.engine.generation_config import read_sampling_defaults
 from inferd.server import openai, tgi
 from inferd.server.auth import RequireApiKey
+from inferd.server.body_timeout import BodyReadTimeout
+from inferd.server.client_limits import ClientLimits
 from inferd.server.config import ServerConfig
 from inferd.server.decompression import RequestDecompression
 from inferd.server.errors import ApiError, is_openai_path, unmatched_route_response
 from inferd.server.frontend import Frontend
+from inferd.server.guarded_protocol import guarded_http_protocol
 from inferd.server.http_metrics import HttpMetricFamilies, HttpMetrics
 from inferd.server.invocations import SageMakerInvocations
 from inferd.server.limits import BodySizeLimit
@@ -51,20 +54,40 @@ def protocol_routers(frontend: Frontend, config: ServerConfig) -> list[APIRouter
 
 
 def add_request_middleware(
-    app: FastAPI, registry: CollectorRegistry, max_body_bytes: int, api_key: str | None
+    app: FastAPI,
+    registry: CollectorRegistry,
+    max_body_bytes: int,
+    api_key: str | None,
+    client_limits: ClientLimits,
 ) -> None:
     """The middleware every HTTP server here runs (`inferd serve`, the standalone v2 server), around
-    what the app adds before it: the body's inflating and size limit, the API key where one is
-    set, the HTTP metrics and the client's request id, innermost first."""
+    what the app adds before it: the body's inflating, size limit and read timeout, the API key
+    where one is set, the HTTP metrics and the client's request id, innermost first. Also keeps
+    what `http_protocol` needs to give uvicorn the header limits."""
+    families = HttpMetricFamilies(registry)
     app.add_middleware(RequestDecompression, max_bytes=max_body_bytes, render=render_error_for_path)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, render=render_error_for_path)
+    # Outside the size limit, whose reads of a chunked body it times too.
+    app.add_middleware(
+        BodyReadTimeout,
+        timeout_s=client_limits.body_deadline_s,
+        render=render_error_for_path,
+        count_refusal=lambda reason: families.client_refusals.labels(reason=reason).inc(),
+    )
     if api_key:
         # Outside everything that reads the body (the size limit, the decompression, /invocations'
         # dispatch, the routes' JSON parsing), so a request without the key costs its headers only.
         app.add_middleware(RequireApiKey, api_key=api_key, render=render_error_for_path)
     # Outside the size limit and the key check, so their 413s and 401s are counted too.
-    app.add_middleware(HttpMetrics, families=HttpMetricFamilies(registry))
+    app.add_middleware(HttpMetrics, families=families)
     app.add_middleware(EchoRequestId)  # every answer, refusals included, carries the client's id
+    app.state.http_protocol = guarded_http_protocol(client_limits, families.client_refusals)
+
+
+def http_protocol(app: FastAPI) -> type[asyncio.Protocol]:
+    """The HTTP protocol class to give uvicorn for `app` (built by `add_request_middleware`)."""
+    protocol: type[asyncio.Protocol] = app.state.http_protocol
+    return protocol
 
 
 def render_error_for_path(path: str, error: ApiError) -> Response:
@@ -136,7 +159,7 @@ def create_app(
     app.add_exception_handler(HTTPException, unmatched_route_response)
     # Inside the size limit, which bounds the body it reads.
     app.add_middleware(SageMakerInvocations)
-    add_request_middleware(app, registry, config.max_body_bytes, config.api_key)
+    add_request_middleware(app, registry, config.max_body_bytes, config.api_key, config.client_limits)
     if config.allowed_origins:
         # Outermost, so a refused request's answer (401, 413, ...) carries the headers a browser needs.
         app.add_middleware(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from inferd.server.client_limits import ClientLimits
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 from inferd.serving.model_control import ModelControl
 
@@ -26,6 +27,8 @@ class ServerConfig:
     request_timeout_s: float | None = None
     # Larger request bodies are refused with a 413 before any parsing.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # How large a request's headers may be, and how slowly its headers and body may arrive.
+    client_limits: ClientLimits = ClientLimits()
     # On SIGTERM, requests in flight get this long to finish before they are aborted.
     shutdown_timeout_s: float = 30.0
     # "auto": the OpenAI routes take the sampling defaults of the model's generation_config.json for

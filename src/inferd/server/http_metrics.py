@@ -38,6 +38,15 @@ class HttpMetricFamilies:
             buckets=_DURATION_BUCKETS_S,
             registry=registry,
         )
+        # Clients refused for what, or how slowly, they sent (`client_limits.py`): the header ones
+        # never reach the app, so `http_requests` never sees them.
+        self.client_refusals = Counter(
+            "inferd_http_client_refusals",
+            "Requests refused for their client's sending: header_too_large (431), header_timeout and "
+            "body_timeout (408).",
+            ["reason"],
+            registry=registry,
+        )
         ProcessCollector(registry=registry)
         GCCollector(registry=registry)
         PlatformCollector(registry=registry)

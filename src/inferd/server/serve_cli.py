@@ -22,6 +22,7 @@ from inferd.entrypoints.engine_args import (
     positive_int,
 )
 from inferd.server.auth import api_key_from_environment
+from inferd.server.client_limits import add_client_limit_args, client_limits_from_args
 from inferd.server.config import DEFAULT_METRICS_PREFIX, ServerConfig
 from inferd.server.limits import DEFAULT_MAX_BODY_BYTES
 from inferd.server.reasoning import REASONING_FORMATS
@@ -182,6 +183,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_BODY_BYTES,
         help=f"refuse larger request bodies with a 413 (default {DEFAULT_MAX_BODY_BYTES})",
     )
+    add_client_limit_args(limits)
     add_engine_args(parser)
     parser.add_argument(
         "--engine-process",
@@ -209,6 +211,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         api_key=args.api_key or None,
         request_timeout_s=args.request_timeout,
         max_body_bytes=args.max_body_bytes,
+        client_limits=client_limits_from_args(args),
         shutdown_timeout_s=args.shutdown_timeout,
         generation_config=args.generation_config,
         reasoning_parser=args.reasoning_parser,
@@ -296,7 +299,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from inferd.engine.gc_heap import freeze_start_up_heap
     from inferd.server import event_loop
-    from inferd.server.app import create_app
+    from inferd.server.app import create_app, http_protocol
     from inferd.server.lifecycle import CONNECTION_CLOSE_TIMEOUT_S, DrainingServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -323,6 +326,7 @@ def run_serve(args: argparse.Namespace) -> int:
             app,
             host=config.host,
             port=config.port,
+            http=http_protocol(app),
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=CONNECTION_CLOSE_TIMEOUT_S,

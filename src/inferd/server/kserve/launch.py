@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException
 
 from inferd.entrypoints.engine_args import positive_int
 from inferd.server import event_loop
-from inferd.server.app import add_request_middleware
+from inferd.server.app import add_request_middleware, http_protocol
 from inferd.server.auth import api_key_from_environment
+from inferd.server.client_limits import ClientLimits, add_client_limit_args, client_limits_from_args
 from inferd.server.errors import unmatched_route_response
 from inferd.server.kserve.grpc_server import start_grpc_server
 from inferd.server.kserve.rest import build_router
@@ -66,12 +67,13 @@ def build_app(
     metrics_registry: CollectorRegistry,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     api_key: str | None = None,
+    client_limits: ClientLimits | None = None,
 ) -> FastAPI:
     """With `api_key`, every path but the open ones (`inferd.server.auth.OPEN_PATHS`: here the
     `/v2/health` probes and `/metrics`) needs `Authorization: Bearer KEY`, checked as `inferd serve`
     checks it: before anything reads the body."""
     app = FastAPI(title="inferd classic models")
-    add_request_middleware(app, metrics_registry, max_body_bytes, api_key)
+    add_request_middleware(app, metrics_registry, max_body_bytes, api_key, client_limits or ClientLimits())
     app.add_exception_handler(HTTPException, unmatched_route_response)
     app.include_router(build_router(repository))
     app.include_router(build_embeddings_router(repository))
@@ -103,7 +105,7 @@ async def serve(
 
     grpc_server = await start_grpc_server(repository, host, grpc_port, api_key, max_body_bytes)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False,
+        app, host=host, port=port, http=http_protocol(app), log_level="warning", access_log=False,
         timeout_graceful_shutdown=CONNECTION_CLOSE_TIMEOUT_S,
     )  # fmt: skip
     server = DrainingServer(config)
@@ -145,6 +147,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_BODY_BYTES,
         help="larger request bodies get a 413, larger gRPC requests RESOURCE_EXHAUSTED",
     )
+    add_client_limit_args(parser)
     parser.add_argument(
         "--allow-client-shm",
         action="store_true",
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "models; give --api-key (or INFERD_API_KEY), or limit who reaches them (a network policy)",
             args.host,
         )
+    client_limits = client_limits_from_args(args)
     metrics_registry = CollectorRegistry()
     repository = open_repository(
         args.model_repository,
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     event_loop.run(
         serve(
             repository,
-            build_app(repository, metrics_registry, args.max_body_bytes, api_key),
+            build_app(repository, metrics_registry, args.max_body_bytes, api_key, client_limits),
             args.host,
             args.port,
             args.grpc_port,
