@@ -591,6 +591,34 @@ def test_a_prompts_choices_share_one_scoring_of_it(client: openai.OpenAI, server
     assert after[queries] - before.get(queries, 0.0) == len(prompt) + len(rendered)
 
 
+def test_echoed_choices_share_one_scoring_of_their_prompt(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    """`echo` with `logprobs` and n = 3: every choice leads with its prompt's scores, computed by its
+    first sample alone (each sample scored it before, bypassing the prefix cache: 0 queries), whole
+    and streamed, the other choices' chunks waiting for them where they come first."""
+    prompt = [302, 322, 106, 57, 91, 12, 40, 77]
+    kwargs: dict[str, Any] = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 1}
+    alone = client.completions.create(**kwargs, temperature=0).choices[0].logprobs
+    assert alone is not None
+    prompt_scores = alone.token_logprobs[: len(prompt)]
+    queries = "inferd:prefix_cache_queries_total"
+    before = server.metrics()
+    whole = client.completions.create(**kwargs, n=3, temperature=1.0, seed=3)
+    streamed: dict[int, list[float | None]] = {}
+    for chunk in client.completions.create(**kwargs, n=3, temperature=1.0, seed=3, stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                streamed.setdefault(choice.index, []).extend(choice.logprobs.token_logprobs)
+    after = server.metrics()
+    for choice in whole.choices:
+        assert choice.logprobs is not None and len(choice.logprobs.token_logprobs) == len(prompt) + 3
+        assert choice.logprobs.token_logprobs[: len(prompt)] == pytest.approx(prompt_scores, abs=1e-5)
+        assert streamed[choice.index] == choice.logprobs.token_logprobs
+    # Two requests, two samples each that did not score their prompt.
+    assert after[queries] - before.get(queries, 0.0) == 2 * 2 * len(prompt)
+
+
 def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(client: openai.OpenAI) -> None:
     """vLLM's `return_tokens_as_token_ids`: "token_id:N" wherever logprobs name a token; the text,
     its offsets and a chat token's bytes stay the text's."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -156,9 +156,9 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
 async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse:
     finals: dict[int, RequestOutput] = {}
     async with aclosing(
-        # Without echo, a prompt's first sample scores it for all its choices.
+        # A prompt's first sample scores it for all its choices.
         frontend.generate(
-            job.request_id, job.prompts, job.params, job.best_of, job.timeout_s, scores_once=not job.echo
+            job.request_id, job.prompts, job.params, job.best_of, job.timeout_s, scores_once=True
         )
     ) as stream:
         async for item in stream:
@@ -167,19 +167,19 @@ async def complete(frontend: Frontend, job: CompletionJob) -> CompletionResponse
     choices = []
     for index, out in enumerate(_returned(job, finals)):
         state = job.choice_state(index)
+        scored = finals[index // job.n * job.best_of]  # the prompt's first sample (``scores_once``)
         choices.append(
             CompletionChoice(
                 index=index,
                 text=state.echo_text + out.text,
-                logprobs=_logprobs(frontend.tokenizer, job, out, out.logprobs, state),
+                logprobs=_logprobs(frontend.tokenizer, job, out.logprobs, state, scored),
                 finish_reason=finish_reason(out),
                 stop_reason=out.stop_reason,
                 prompt_token_ids=job.prompt_token_ids(index),
                 token_ids=list(out.token_ids) if job.return_token_ids else None,
-                # As the prompt's first sample scored it for all its choices (``scores_once``).
                 prompt_logprobs=prompt_logprobs(
                     frontend.tokenizer,
-                    finals[index // job.n * job.best_of].prompt_logprobs,
+                    scored.prompt_logprobs,
                     job.prompt_logprobs,
                     job.tokens_as_ids,
                 ),
@@ -213,22 +213,49 @@ async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncGene
     """SSE events: one chunk per engine output with news, a usage chunk if asked, then [DONE]."""
     states: dict[int, _ChoiceState] = {}
     cached: dict[int, int] = {}  # each prompt's first choice's prefix-cache hits
+    # Each prompt's first sample's output that scored it (``scores_once``: the one that does), and
+    # the outputs of its other choices held until then, where their first chunk leads with the
+    # echoed prompt's log-probabilities.
+    scored: dict[int, RequestOutput] = {}
+    held: dict[int, list[RequestOutput]] = {}
     sent = False  # an error before anything was sent is raised (started_sse_response: its status)
+
+    def events(outputs: list[tuple[int, RequestOutput]]) -> Iterator[str]:
+        for index, out in outputs:
+            state = states.setdefault(index, job.choice_state(index))
+            chunk = _chunk(frontend.tokenizer, job, index, out, state, scored.get(index // job.n))
+            if chunk is not None:
+                if job.continuous_usage:
+                    generated = sum(state.num_tokens for state in states.values())
+                    chunk.usage = usage(job.num_prompt_tokens, generated, sum(cached.values()))
+                yield sse_event(chunk.model_dump_json())
+
     try:
         async with aclosing(
-            frontend.generate(job.request_id, job.prompts, job.params, job.n, job.timeout_s)
+            frontend.generate(job.request_id, job.prompts, job.params, job.n, job.timeout_s, scores_once=True)
         ) as stream:
             async for item in stream:
-                if item.index % job.n == 0:
+                prompt, sample = divmod(item.index, job.n)
+                ready = [(item.index, item.output)]
+                if sample == 0:
                     cached[item.index] = item.output.metrics.num_cached_tokens
-                state = states.setdefault(item.index, job.choice_state(item.index))
-                chunk = _chunk(frontend.tokenizer, job, item.index, item.output, state)
-                if chunk is not None:
-                    if job.continuous_usage:
-                        generated = sum(state.num_tokens for state in states.values())
-                        chunk.usage = usage(job.num_prompt_tokens, generated, sum(cached.values()))
+                    if item.output.prompt_logprobs is not None and prompt not in scored:
+                        scored[prompt] = item.output
+                        ready += [
+                            (i, out)
+                            for i in range(item.index + 1, item.index + job.n)
+                            for out in held.pop(i, [])
+                        ]
+                elif job.echo and job.logprobs is not None and prompt not in scored:
+                    held.setdefault(item.index, []).append(item.output)
+                    continue
+                for text in events(ready):
                     sent = True
-                    yield sse_event(chunk.model_dump_json())
+                    yield text
+            # The first sample ended without scoring its prompt (it failed): the rest go without.
+            for text in events([(index, out) for index, outs in sorted(held.items()) for out in outs]):
+                sent = True
+                yield text
         if job.include_usage:
             completion_tokens = sum(state.num_tokens for state in states.values())
             last = CompletionResponse(
@@ -247,7 +274,12 @@ async def stream_completion(frontend: Frontend, job: CompletionJob) -> AsyncGene
 
 
 def _chunk(
-    tokenizer: Tokenizer, job: CompletionJob, index: int, out: RequestOutput, state: _ChoiceState
+    tokenizer: Tokenizer,
+    job: CompletionJob,
+    index: int,
+    out: RequestOutput,
+    state: _ChoiceState,
+    scored: RequestOutput | None,
 ) -> CompletionResponse | None:
     state.num_tokens = len(out.token_ids)
     text = out.new_text
@@ -255,7 +287,7 @@ def _chunk(
         text = state.echo_text + text
         state.started = True
     reason = stream_finish_reason(out)
-    logprobs = _logprobs(tokenizer, job, out, out.new_logprobs, state)
+    logprobs = _logprobs(tokenizer, job, out.new_logprobs, state, scored)
     if not text and reason is None and logprobs is None:
         return None  # nothing new to say (text held back while it might start a stop string)
     choice = CompletionChoice(
@@ -272,20 +304,26 @@ def _chunk(
 def _logprobs(
     tokenizer: Tokenizer,
     job: CompletionJob,
-    out: RequestOutput,
     entries: list[TokenLogprobs],
     state: _ChoiceState,
+    scored: RequestOutput | None,
 ) -> CompletionLogprobs | None:
-    """Logprobs of these tokens, led by the echoed prompt's the first time they are there; offsets
-    continue from `state` (which they advance)."""
+    """Logprobs of these tokens, led by the echoed prompt's the first time they are there (from
+    `scored`, the output of the prompt's sample that scored it); offsets continue from `state`
+    (which they advance)."""
     num_top = job.logprobs
     if num_top is None:
         return None
     # With logprobs 0 too: each position's holds the sampled token (as vLLM answers).
     result = CompletionLogprobs(top_logprobs=[])
-    if job.echo and out.prompt_logprobs is not None and not state.prompt_logprobs_sent:
+    if (
+        job.echo
+        and scored is not None
+        and scored.prompt_logprobs is not None
+        and not state.prompt_logprobs_sent
+    ):
         state.prompt_logprobs_sent = True
-        for token_id, entry in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):
+        for token_id, entry in zip(scored.prompt_token_ids, scored.prompt_logprobs, strict=True):
             if entry is None:  # the first token: nothing before it to predict it from
                 text = tokenizer.decode([token_id], skip_special_tokens=False)
                 _append(result, token_name(tokenizer, token_id, job.tokens_as_ids), text, None, None, state)
