@@ -1,0 +1,74 @@
+"""What scoring an echoed prompt costs with n > 1: `/v1/completions` with `echo`, `logprobs` and `n`.
+
+A server of the built-in model, its context raised to ``--context`` tokens, answers one request at a
+time: a prompt of ``--prompt-tokens`` random token ids, ``echo: true``, ``logprobs: 1``,
+``max_tokens: 1``, for each n of ``--n``; the prefix cache is reset before each, so every request
+computes its prompt. The figures are the median seconds per request over ``--repeats``.
+
+    python benchmarks/echo_scoring.py --n 1 4 8
+
+Run it with another tree's ``src`` first on ``PYTHONPATH`` to time that tree's server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from prepare_stall import free_port, long_context_model, wait_ready
+
+import inferd
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--context", type=int, default=4096, help="the model's context, in tokens")
+    parser.add_argument("--prompt-tokens", type=int, default=2000)
+    parser.add_argument("--n", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    random.seed(0)
+    prompt = [random.randrange(1, 4096) for _ in range(args.prompt_tokens)]
+    print(f"inferd from {Path(inferd.__file__).parent}")
+    with tempfile.TemporaryDirectory() as scratch:
+        model = long_context_model(Path(scratch) / "model", args.context)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "inferd.cli", "serve", str(model), "--port", str(port)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        try:
+            wait_ready(url, process)
+            body = {"prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 1.0}
+            httpx.post(f"{url}/v1/completions", json=body, timeout=600).raise_for_status()  # warm-up
+            for n in args.n:
+                times = []
+                for _ in range(args.repeats):
+                    httpx.post(f"{url}/reset_prefix_cache", timeout=60).raise_for_status()
+                    start = time.perf_counter()
+                    answer = httpx.post(f"{url}/v1/completions", json={**body, "n": n}, timeout=600)
+                    times.append(time.perf_counter() - start)
+                    answer.raise_for_status()
+                    choices = answer.json()["choices"]
+                    assert len(choices) == n
+                    scored = [len(choice["logprobs"]["token_logprobs"]) for choice in choices]
+                    assert scored == [args.prompt_tokens + 1] * n
+                print(f"n={n}: median {statistics.median(times):.3f} s "
+                      f"(runs {', '.join(f'{t:.3f}' for t in times)})", flush=True)  # fmt: skip
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
