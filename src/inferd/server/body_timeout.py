@@ -11,10 +11,11 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from starlette.requests import ClientDisconnect
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inferd.server.errors import RequestTimeoutError
+from inferd.server.errors import ClientDisconnected, RequestTimeoutError
 from inferd.server.limits import PathErrorRenderer
 
 # The reason of `inferd_http_client_refusals_total` counted here.
@@ -74,7 +75,7 @@ class BodyReadTimeout:
 
         try:
             await self.app(scope, timed_receive, guarded_send)
-        except Exception:
+        except (ClientDisconnect, ClientDisconnected):
             # What the app raised on its failed read (a disconnect, as far as it knows) is not
             # an error of the server's.
             if not read.answer_is_ours:

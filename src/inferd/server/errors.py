@@ -14,7 +14,7 @@ from typing import Any, Literal
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import get_route_path
 
@@ -174,7 +174,7 @@ def protocol_route_class(render: ErrorRenderer) -> type[APIRoute]:
                     return render(from_validation_error(exc))
                 except ApiError as exc:
                     return render_with_headers(render, exc)
-                except ClientDisconnected:
+                except (ClientDisconnected, ClientDisconnect):  # ours, or starlette's from a body read
                     return Response(status_code=CLIENT_CLOSED_STATUS)
                 except InvalidTextError as exc:  # text that reached the tokenizer unchecked
                     return render(InvalidRequestError(str(exc)))

@@ -1,10 +1,11 @@
 """uvicorn's httptools protocol with the header limits of `ClientLimits`: a size, counted while the
-headers arrive, and a deadline for them.
+headers (and a chunked body's trailers) arrive, and a deadline for them.
 
-uvicorn gives neither: httptools buffers a header of any length, and its keep-alive timer, the only
-one it has, is cancelled by the first byte a client sends (a new connection has none at all). Both
-refusals are answered before any route exists to shape them, so they are plain text, as uvicorn's
-own answer to a malformed request, and the connection closes.
+uvicorn gives neither: httptools buffers a header or trailer line of any length, and its keep-alive
+timer, the only one it has, is cancelled by the first byte a client sends (a new connection has
+none at all). A refusal is answered before any route exists to shape it, so it is plain text, as
+uvicorn's own answer to a malformed request, and the connection closes. An earlier request's
+answer still being written on the connection is never cut: the connection ends after it instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 from typing import Any, ClassVar
 
 from prometheus_client import Counter
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from inferd.server.client_limits import ClientLimits
@@ -20,10 +22,6 @@ from inferd.server.client_limits import ClientLimits
 # The reasons of `inferd_http_client_refusals_total` that are counted here.
 HEADER_TOO_LARGE = "header_too_large"
 HEADER_TIMEOUT = "header_timeout"
-
-
-class _RefusedHeaders(Exception):
-    """Raised from a parser callback to stop parsing a request that is refused."""
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -36,14 +34,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Bytes received while a request's headers are incomplete (an upper bound: a chunk that also
-        # ends an earlier request's body counts whole), back to 0 when they complete.
-        self._header_bytes = 0
+        # True from a connection's opening or a request's first byte to the end of its headers.
+        self._reading_headers = False
+        # Whether a byte of the request being read has arrived (a connection that sent none is
+        # closed without an answer when its deadline passes, as a browser's pre-connect may be).
+        self._request_begun = False
+        # True from a request's first byte to its end (its body's last byte, trailers included).
+        self._in_request = False
+        # Bytes received since the last piece of body (or, before the body, since the request
+        # began) that the parser may be holding: a header or trailer line in the making. An upper
+        # bound, except for a read that ends one request and begins the next, not counted (most of
+        # it may be the earlier one's body): behind a pipelined request, the limit may be
+        # overshot by one read.
+        self._unparsed_bytes = 0
+        self._began_in_read = False
+        self._ended_in_read = False
+        self._body_in_read = False
         self._header_timer: asyncio.TimerHandle | None = None
-        self._refusal: str | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._reading_headers = True
         self._arm_header_timer()  # a connection that never sends a request is not kept either
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -51,33 +63,56 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._began_in_read = self._ended_in_read = self._body_in_read = False
         super().data_received(data)
-        if self._header_timer is None or self.transport.is_closing():
+        if self._refused or self.transport.is_closing():
             return
-        self._header_bytes += len(data)
-        if self._header_bytes > self.limits.max_header_bytes:
-            self._refuse(HEADER_TOO_LARGE)
+        if self._body_in_read or (self._began_in_read and self._ended_in_read):
+            return
+        if self._reading_headers or self._in_request:
+            self._unparsed_bytes += len(data)
+            if self._unparsed_bytes > self.limits.max_header_bytes:
+                self._refuse(HEADER_TOO_LARGE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._header_bytes = 0
+        self._reading_headers = self._request_begun = self._began_in_read = self._in_request = True
+        self._unparsed_bytes = 0
         self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
-        self._header_bytes = 0
+        self._reading_headers = self._request_begun = False
+        self._unparsed_bytes = 0
         # Headers that arrived in the chunk completing them were not counted yet.
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > self.limits.max_header_bytes:
-            self._refusal = HEADER_TOO_LARGE
-            raise _RefusedHeaders  # httptools stops parsing; uvicorn then calls send_400_response
-        super().on_headers_complete()
-
-    def send_400_response(self, msg: str) -> None:
-        if self._refusal is None:
-            super().send_400_response(msg)
+        if size <= self.limits.max_header_bytes:
+            super().on_headers_complete()
             return
-        self._refuse(self._refusal)
+        self.refusals.labels(reason=HEADER_TOO_LARGE).inc()
+        # The request gets its 431 as any request gets its answer: after those before it on the
+        # connection, and closing it (its body is never read).
+        app, self.app = self.app, self._too_large_app
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._body_in_read = True
+        self._unparsed_bytes = 0
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_request = False
+        self._ended_in_read = True
+        self._unparsed_bytes = 0
+
+    async def _too_large_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status, head, body = self._refusal_answer(HEADER_TOO_LARGE)
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send({"type": "http.response.body", "body": body})
 
     def _arm_header_timer(self) -> None:
         deadline_s = self.limits.header_deadline_s
@@ -93,34 +128,46 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
-            # An earlier request's answer is still being written on this connection: end the
-            # connection after it, rather than write a 408 into the middle of it.
-            self.cycle.keep_alive = False
-            self.refusals.labels(reason=HEADER_TIMEOUT).inc()
+        if not self._request_begun:
+            self.transport.close()  # nothing asked, nothing to answer (nor counted)
             return
         self._refuse(HEADER_TIMEOUT)
 
     def _refuse(self, reason: str) -> None:
+        """Ends the connection over a request whose headers are not complete: with a plain-text
+        answer, or, where an earlier request's answer is still being written, after that answer.
+        A request whose trailers grew too large is cut off instead: its route sees the client gone."""
+        self._refused = True
         self._disarm_header_timer()
+        self.refusals.labels(reason=reason).inc()
+        if not self._reading_headers:
+            self.transport.close()
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.flow.pause_reading()  # nothing more is read: the connection ends
+            self.cycle.keep_alive = False
+            return
+        status, head, body = self._refusal_answer(reason)
+        lines = [STATUS_LINE[status]]
+        for name, value in [*self.server_state.default_headers, *head]:
+            lines += [name, b": ", value, b"\r\n"]
+        self.transport.write(b"".join([*lines, b"\r\n", body]))
+        self.transport.close()
+
+    def _refusal_answer(self, reason: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         if reason == HEADER_TOO_LARGE:
             status = 431
             text = f"request line and headers over the limit of {self.limits.max_header_bytes} bytes"
         else:
             status = 408
             text = f"the request's headers did not arrive within {self.limits.header_timeout_s:g} s"
-        self.refusals.labels(reason=reason).inc()
         body = text.encode("ascii")
-        head = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            head += [name, b": ", value, b"\r\n"]
-        head += [
-            b"content-type: text/plain; charset=utf-8\r\n",
-            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
-            b"connection: close\r\n\r\n",
+        head = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"connection", b"close"),
         ]
-        self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        return status, head, body
 
 
 def guarded_http_protocol(limits: ClientLimits, refusals: Counter) -> type[GuardedHttpToolsProtocol]:
