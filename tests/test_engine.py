@@ -503,3 +503,25 @@ def test_n_is_checked_and_an_engine_request_is_one_sample(llm: LLM) -> None:
     with pytest.raises(PromptError, match="an engine request is one sample, got n=2"):
         llm.engine.add_request("two", "To be", SamplingParams(n=2))
     assert not llm.engine.has_unfinished()
+
+
+def test_prompts_sharing_a_head_give_what_each_gives_alone(llm: LLM) -> None:
+    """Four prompts with one 64-token head arrive together: three wait while the first computes the
+    head, then take it from the cache. Their greedy outputs are those of each prompt run alone on a
+    cold cache."""
+    head = list(range(200, 264))
+    prompts = [head + [300 + i, 310 + i, 320 + i] for i in range(4)]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    alone = []
+    for prompt in prompts:
+        llm.reset_prefix_cache()
+        alone.append(llm.generate([prompt], greedy)[0].token_ids)
+    llm.reset_prefix_cache()
+    before = llm.engine.stats()
+    together = [out.token_ids for out in llm.generate(prompts, greedy)]
+    after = llm.engine.stats()
+    assert together == alone
+    assert after.prefix_waits - before.prefix_waits >= 3
+    assert (
+        after.prefix_hits - before.prefix_hits == 3 * 64
+    )  # the head's 8 blocks, for each of the other three

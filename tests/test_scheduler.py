@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from inferd.config import SchedulerConfig
 from inferd.engine.request import FinishReason, Request, RequestStatus
 from inferd.kv.manager import KVCacheManager
@@ -142,20 +144,26 @@ def test_a_prompt_scored_is_computed_whole_and_flags_its_steps() -> None:
     assert not s.schedule().scores_prompts  # finished: later steps look for no prompt to score
 
 
-def test_a_waiting_requests_block_keys_are_hashed_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A 60-token prompt that cannot be admitted for want of blocks is looked up again each step.
-    A sliding-window model's lookup reads every full block's key: its 14 are hashed at the first
-    lookup only, and read back after."""
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per block key hashed from here on."""
     from inferd.kv import manager
 
-    hashed = []
+    calls: list[int] = []
     block_hash = manager.block_hash
 
     def counted(parent: int, token_ids: list[int]) -> int:
-        hashed.append(1)
+        calls.append(1)
         return block_hash(parent, token_ids)
 
     monkeypatch.setattr(manager, "block_hash", counted)
+    return calls
+
+
+def test_a_waiting_requests_block_keys_are_hashed_once(hashed: list[int]) -> None:
+    """A 60-token prompt that cannot be admitted for want of blocks is looked up again each step.
+    A sliding-window model's lookup reads every full block's key: its 14 are hashed at the first
+    lookup only, and read back after."""
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256)
     s = Scheduler(config, KVCacheManager(num_blocks=12, block_size=4, window=8))
     s.add(_request("running", 40, max_tokens=20))  # holds 10 blocks, then 3 past its window
@@ -190,3 +198,54 @@ def test_a_prompt_waiting_for_blocks_counts_its_prefix_lookup_once() -> None:
         assert waited < 10, "never admitted"
     assert waited >= 2
     assert (s.kv.prefix_queries, s.kv.prefix_hits) == (12 + 8, 4)  # its first block was cached
+
+
+def test_requests_sharing_a_prompt_head_compute_it_once() -> None:
+    """Two prompts of the same 12 tokens arrive together: both missed the cache and both computed
+    them. Now the second waits while the first computes them, then takes its 8 cacheable tokens
+    from the cache; a different prompt behind it is not held up."""
+    s = _scheduler(block_size=4, budget=64)
+    first, twin, other = _request("first", 12), _request("twin", 12), _request("other", 12, first=100)
+    for request in (first, twin, other):
+        s.add(request)
+    assert _run_step(s) == {"first": 12, "other": 12}
+    assert s.num_prefix_waits == 1 and [r.request_id for r in s.waiting] == ["twin"]
+    assert _run_step(s) == {"first": 1, "other": 1, "twin": 4}
+    assert twin.num_cached_tokens == 8
+    assert (s.kv.prefix_queries, s.kv.prefix_hits) == (36, 8)
+
+
+def test_a_request_waits_for_a_long_shared_prompt_chunk_by_chunk() -> None:
+    """A 40-token prompt computed 8 tokens a step: its twin waits for each of the blocks it would
+    compute next, and computes only the last 4 tokens, whose block the cache never holds (both
+    computed 8 a step side by side before)."""
+    s = _scheduler(block_size=4, budget=16, long_prefill=8)
+    s.add(_request("first", 40, max_tokens=8))
+    s.add(_request("twin", 40, max_tokens=8))
+    twin_tokens = []
+    for _ in range(8):
+        twin_tokens.append(_run_step(s).get("twin", 0))
+    assert twin_tokens[:6] == [0, 0, 0, 0, 0, 4]  # the first's prompt takes five steps
+    assert s.requests["twin"].num_cached_tokens == 36
+
+
+def test_a_request_put_off_goes_once_the_request_computing_its_head_is_gone() -> None:
+    """Held back for a block the running request was computing; that request is aborted (or
+    preempted): the next step admits the waiting one, with what the cache holds."""
+    s = _scheduler(block_size=4, budget=8, long_prefill=4)
+    s.add(_request("first", 12))
+    s.add(_request("twin", 12))
+    assert _run_step(s) == {"first": 4}  # the twin waits, though the budget had room for it
+    s.finish("first", FinishReason.ABORT)
+    assert _run_step(s) == {"twin": 4}
+    assert s.requests["twin"].num_computed_tokens == 8  # the first block was cached before the abort
+
+
+def test_a_prompts_blocks_are_hashed_once_from_admission_to_the_cache(hashed: list[int]) -> None:
+    """Admission hashes the prompt's full blocks (to claim those it computes), and registering them
+    in the cache as they fill reads those keys back: 10 blocks, 10 hashes (11 before: the lookup's
+    first miss was hashed twice)."""
+    s = _scheduler(block_size=4, budget=64)
+    s.add(_request("only", 40, max_tokens=1))
+    _run_step(s)
+    assert len(hashed) == 10

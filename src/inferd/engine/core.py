@@ -54,6 +54,9 @@ class EngineStats:
     running_adapters: tuple[str, ...] | None = None
     waiting_adapters: tuple[str, ...] | None = None
     num_adapters: int = 0
+    # Admissions put off because a running request was computing the prompt's next block, which
+    # the waiting request then took from the prefix cache (`sched/prefixes_in_flight.py`).
+    prefix_waits: int = 0
 
 
 # Upper bounds of the tokens-per-step histogram (vLLM's iteration_tokens_total): decode steps of
@@ -332,6 +335,7 @@ class EngineCore:
             step_tokens=self._step_tokens,
             prompt_tokens_computed=self._prompt_tokens_computed,
             generated_tokens=self._generated_tokens,
+            prefix_waits=self.scheduler.num_prefix_waits,
             **self._adapter_stats(),
         )
 

@@ -53,6 +53,10 @@ class BlockKeys:
                 self._keys.append(block_hash(parent, token_ids[i * block_size : (i + 1) * block_size]))
             yield self._keys[i]
 
+    def hashed(self, index: int) -> int | None:
+        """Full block ``index``'s key where it was hashed already, else None."""
+        return self._keys[index] if index < len(self._keys) else None
+
 
 def kv_window(layer_windows: Sequence[int]) -> int:
     """How far back any layer reads a context's keys, where every layer has a window (the widest
@@ -205,14 +209,17 @@ class KVCacheManager:
         tokens_in_range: Callable[[int, int], Sequence[int]],
         num_computed: int,
         salt: str | None = None,
+        keys: BlockKeys | None = None,
     ) -> None:
         """Register every block that is now full and computed, so later requests can reuse it.
 
         ``tokens_in_range(start, end)`` gives the request's token ids there; only the blocks that
         just filled are read, so a step that fills none costs nothing however long the context.
+        ``keys``: the request's own, whose keys hashed already are read back, not hashed again.
         """
         if not self.enable_prefix_caching:
             return
+        assert keys is None or keys.salt == salt, "a request's keys start from its own salt"
         hashes = self._hashes[request_id]
         num_full = num_computed // self.block_size
         if num_full <= len(hashes):
@@ -220,7 +227,10 @@ class KVCacheManager:
         parent = hashes[-1] if hashes else prefix_root(salt)
         blocks = self._blocks[request_id]
         for i in range(len(hashes), num_full):
-            parent = block_hash(parent, tokens_in_range(i * self.block_size, (i + 1) * self.block_size))
+            known = keys.hashed(i) if keys is not None else None
+            if known is None:
+                known = block_hash(parent, tokens_in_range(i * self.block_size, (i + 1) * self.block_size))
+            parent = known
             hashes.append(parent)
             self.pool.register_hash(blocks[i], parent)
 

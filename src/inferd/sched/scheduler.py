@@ -11,6 +11,7 @@ from inferd.engine.request import FinishReason, Request, RequestStatus
 from inferd.kv.manager import BlockKeys, KVCacheManager
 from inferd.sample.penalties import needs_history
 from inferd.sched.output import ScheduledSequence, SchedulerOutput
+from inferd.sched.prefixes_in_flight import PrefixesInFlight
 from inferd.sched.proposer import GuessRequest, Proposer
 
 
@@ -48,6 +49,9 @@ class Scheduler:
         # Requests finished since the engine last took them (`take_finished_ids`): the runner's
         # per-request state (the penalties' token counts) goes with them.
         self._finished_ids: list[str] = []
+        self._prefixes_in_flight = PrefixesInFlight(kv.block_size) if kv.enable_prefix_caching else None
+        # Admissions put off because a running request was computing the prompt's next block.
+        self.num_prefix_waits = 0
 
     # -- queue management -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -72,6 +76,8 @@ class Scheduler:
             return None
         self._num_scoring -= request.params.prompt_logprobs is not None
         self._num_embedding -= request.params.embed
+        if self._prefixes_in_flight is not None:
+            self._prefixes_in_flight.release(request_id)
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status == RequestStatus.WAITING:
@@ -200,6 +206,9 @@ class Scheduler:
         )
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
+        # Those whose prompt's next block a running request is computing: back at the head of the
+        # queue, in their order, after the others had their turn.
+        put_off: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             # A request preempted with a token in flight gets it before the next schedule.
@@ -217,6 +226,13 @@ class Scheduler:
                     record=False,
                 )
             )  # fmt: skip
+            in_flight = self._prefixes_in_flight
+            if not scoring and in_flight is not None and in_flight.is_computing(request, cached):
+                # Wait for that block to be cached rather than compute it a second time.
+                self.kv.free(request.request_id)
+                put_off.append(self.waiting.popleft())
+                self.num_prefix_waits += 1
+                continue
             request.num_computed_tokens = cached
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
             if not self.kv.allocate(request.request_id, request.num_computed_tokens + num_new):
@@ -236,8 +252,11 @@ class Scheduler:
                 self.running.insert(_urgency_index(self.running, request), request)
             else:
                 self.running.append(request)
+            if in_flight is not None:
+                in_flight.claim(request, cached)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(put_off))
         return budget
 
     def _chunk(self, num_left: int, budget: int) -> int:
@@ -269,6 +288,8 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request.request_id)
+        if self._prefixes_in_flight is not None:
+            self._prefixes_in_flight.release(request.request_id)
         if self.proposer is not None:
             self.proposer.forget(request.request_id)
         request.status = RequestStatus.WAITING
@@ -331,7 +352,13 @@ class Scheduler:
                     request.tokens_in_range,
                     min(request.num_computed_tokens, request.num_tokens),
                     request.cache_salt,
+                    request.block_keys,
                 )
+                if (
+                    self._prefixes_in_flight is not None
+                    and request.num_computed_tokens >= request.num_prompt_tokens
+                ):
+                    self._prefixes_in_flight.release(request.request_id)  # its prompt's blocks are cached
                 # A sliding-window model's blocks out of every later query's reach go back. No
                 # later step (one in flight, or one launched again after a failed launch) starts
                 # before the end of this step's positions that are not guesses.
