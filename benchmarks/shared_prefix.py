@@ -10,6 +10,13 @@ admissions put off for a head in flight, for ``--rounds`` rounds (a fresh cache 
     python benchmarks/shared_prefix.py --prompts 32 --head 1024 --tail 32 --output 16
     python benchmarks/shared_prefix.py --max-num-batched-tokens 8192 --output 4
 
+With ``--schedule-cost N`` it times the scheduler alone instead (no model): N requests of one
+2,048-token head and 8 tokens of their own wait (block size 16, step budget 2,048, long-prefill
+threshold 512, 256 sequences at most), and it prints the milliseconds of each of the first steps'
+``schedule()`` while the first request computes the head.
+
+    python benchmarks/shared_prefix.py --schedule-cost 1000
+
 Run it with another tree's ``src`` first on ``PYTHONPATH`` to time that tree's engine.
 """
 
@@ -37,7 +44,11 @@ def main() -> None:
     parser.add_argument("--output", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the step's token budget")
+    parser.add_argument("--schedule-cost", type=int, default=0, metavar="N", help="time the scheduler alone")
     args = parser.parse_args()
+    if args.schedule_cost:
+        schedule_cost(args.schedule_cost)
+        return
     random.seed(0)
     head = [random.randrange(1, 10000) for _ in range(args.head)]
     prompts = [head + [random.randrange(1, 10000) for _ in range(args.tail)] for _ in range(args.prompts)]
@@ -63,6 +74,28 @@ def main() -> None:
                 f"{after.prefix_hits - before.prefix_hits}, admissions put off {waits}",
                 flush=True,
             )
+
+
+def schedule_cost(num_waiting: int) -> None:
+    from inferd.config import SchedulerConfig
+    from inferd.engine.request import Request
+    from inferd.kv.manager import KVCacheManager
+    from inferd.sched.scheduler import Scheduler
+
+    config = SchedulerConfig(
+        max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=4096, long_prefill_token_threshold=512
+    )
+    scheduler = Scheduler(config, KVCacheManager(4096, 16))
+    head = list(range(2048))
+    for i in range(num_waiting):
+        scheduler.add(
+            Request(f"r{i}", head + [10000 + i] * 8, SamplingParams(max_tokens=4), frozenset({99999}), 4)
+        )
+    for step in range(5):
+        start = time.perf_counter()
+        out = scheduler.schedule()
+        print(f"step {step + 1}: schedule() {1e3 * (time.perf_counter() - start):.2f} ms", flush=True)
+        scheduler.update(out, {seq.request.request_id: [7] for seq in out.sequences if seq.sample})
 
 
 if __name__ == "__main__":

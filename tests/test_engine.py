@@ -521,7 +521,7 @@ def test_prompts_sharing_a_head_give_what_each_gives_alone(llm: LLM) -> None:
     together = [out.token_ids for out in llm.generate(prompts, greedy)]
     after = llm.engine.stats()
     assert together == alone
-    assert after.prefix_waits - before.prefix_waits >= 3
+    assert after.prefix_waits - before.prefix_waits == 3  # each put off once, however many steps
     assert (
         after.prefix_hits - before.prefix_hits == 3 * 64
     )  # the head's 8 blocks, for each of the other three

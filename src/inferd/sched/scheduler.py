@@ -49,9 +49,11 @@ class Scheduler:
         # Requests finished since the engine last took them (`take_finished_ids`): the runner's
         # per-request state (the penalties' token counts) goes with them.
         self._finished_ids: list[str] = []
-        self._prefixes_in_flight = PrefixesInFlight(kv.block_size) if kv.enable_prefix_caching else None
-        # Admissions put off because a running request was computing the prompt's next block.
-        self.num_prefix_waits = 0
+        self._prefixes_in_flight = (
+            PrefixesInFlight(kv.block_size, lambda key: kv.pool.lookup(key) is not None)
+            if kv.enable_prefix_caching
+            else None
+        )
 
     # -- queue management -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -77,7 +79,7 @@ class Scheduler:
         self._num_scoring -= request.params.prompt_logprobs is not None
         self._num_embedding -= request.params.embed
         if self._prefixes_in_flight is not None:
-            self._prefixes_in_flight.release(request_id)
+            self._prefixes_in_flight.forget(request_id)
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status == RequestStatus.WAITING:
@@ -207,12 +209,19 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
         # Those whose prompt's next block a running request is computing: back at the head of the
-        # queue, in their order, after the others had their turn.
+        # queue, in their order, after the others had their turn. A step passes over at most
+        # max_num_seqs of them, so a burst sharing one head costs each step a bounded scan.
         put_off: list[Request] = []
+        in_flight = self._prefixes_in_flight
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             # A request preempted with a token in flight gets it before the next schedule.
             assert not request.num_inflight_tokens, "readmitted before its in-flight token came back"
+            if in_flight is not None and in_flight.still_put_off(request.request_id):
+                put_off.append(self.waiting.popleft())
+                if len(put_off) >= self.config.max_num_seqs:
+                    break
+                continue
             # A prompt whose log-probabilities are asked for is computed whole: cached blocks
             # would skip the positions they are read from.
             scoring = request.params.prompt_logprobs is not None
@@ -226,12 +235,12 @@ class Scheduler:
                     record=False,
                 )
             )  # fmt: skip
-            in_flight = self._prefixes_in_flight
-            if not scoring and in_flight is not None and in_flight.is_computing(request, cached):
+            if not scoring and in_flight is not None and in_flight.put_off(request, cached):
                 # Wait for that block to be cached rather than compute it a second time.
                 self.kv.free(request.request_id)
                 put_off.append(self.waiting.popleft())
-                self.num_prefix_waits += 1
+                if len(put_off) >= self.config.max_num_seqs:
+                    break
                 continue
             request.num_computed_tokens = cached
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
@@ -422,6 +431,12 @@ class Scheduler:
         return None
 
     # -- introspection ------------------------------------------------------------------------
+    @property
+    def num_prefix_waits(self) -> int:
+        """Requests put off because a running request was computing their prompt's next block
+        (each once per wait, however many steps it lasted)."""
+        return self._prefixes_in_flight.num_put_off if self._prefixes_in_flight is not None else 0
+
     @property
     def num_running(self) -> int:
         return len(self.running)
