@@ -54,8 +54,8 @@ class EngineStats:
     running_adapters: tuple[str, ...] | None = None
     waiting_adapters: tuple[str, ...] | None = None
     num_adapters: int = 0
-    # Admissions put off because a running request was computing the prompt's next block, which
-    # the waiting request then took from the prefix cache (`sched/prefixes_in_flight.py`).
+    # Requests put off (once per wait) because a running request was computing their prompt's next
+    # block, which they then took from the prefix cache (`sched/prefixes_in_flight.py`).
     prefix_waits: int = 0
 
 

@@ -378,8 +378,8 @@ class _EngineCollector(Collector):
             ("num_preemptions", "Requests preempted to free KV blocks.", "num_preemptions"),
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_queries"),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_hits"),
-            ("prefix_cache_waits", "Times a waiting request was held back a step because a running "
-             "request was computing its prompt's next block, to take it from the cache.", "prefix_waits"),
+            ("prefix_cache_waits", "Requests held back (once per wait) because a running request was "
+             "computing their prompt's next block, to take it from the cache.", "prefix_waits"),
             ("spec_decode_num_drafts", "Steps in which a request ran proposed tokens (speculative "
              "decoding).", "spec_drafts"),
             ("spec_decode_num_draft_tokens", "Proposed tokens run (speculative decoding).",
