@@ -70,7 +70,9 @@ def test_graph_decode_equals_eager_decode(tiny_model_factory, async_scheduling: 
     """With async scheduling (a GPU's default) each replay reads input ids that the runner wrote
     from the last step's samples into the graph's static buffer just before."""
     folder = tiny_model_factory("qwen3")
-    prompts = [list(range(5, 5 + n)) for n in (3, 17, 9, 30, 1)]
+    # A first token of its own each, so no prompt waits for another's head (sched/prefixes_in_flight.py)
+    # and all five decode together.
+    prompts = [[100 + i, *range(6, 5 + n)] for i, n in enumerate((3, 17, 9, 30, 1))]
     # Different budgets make the batch shrink from 5 sequences to 1 over the run.
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (2, 9, 5, 12, 7)]
     options = dict(device="cpu", block_size=8, num_kv_blocks=64, max_num_seqs=6)

@@ -24,7 +24,8 @@ def test_graph_decode_matches_eager_decode_on_cuda(tiny_model_factory) -> None:
     folder = tiny_model_factory("qwen3")
     # One prompt longer than the step budget: its first chunks are steps that sample nothing,
     # the case where the next step's inputs are written while the last copy may still be queued.
-    prompts = [list(range(5, 5 + n)) for n in (3, 17, 9, 30, 1, 150, 44, 8, 12, 5)]
+    # A first token of its own each, so no prompt waits for another's head and the batch reaches 12.
+    prompts = [[100 + i, *range(6, 5 + n)] for i, n in enumerate((3, 17, 9, 30, 1, 150, 44, 8, 12, 5))]
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in range(10, 40, 3)]
     options = dict(device="cuda", dtype="float32", block_size=16, num_kv_blocks=256, max_num_seqs=12,
                    max_num_batched_tokens=64)  # fmt: skip
