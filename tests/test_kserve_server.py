@@ -747,3 +747,23 @@ def test_grpc_names_the_contents_field_a_datatype_takes() -> None:
     tensor.contents.int64_contents.extend([1, 2])
     with pytest.raises(InvalidInputError, match="FP32 contents go in fp32_contents, not int64_contents"):
         request_from_proto(request)
+
+
+def test_values_a_client_can_send_but_not_get_back_are_400s(server: LiveServer) -> None:
+    """Found by fuzzing (each was a 500): a datatype that is no string, a BYTES element with a lone
+    surrogate's escape, a timeout of more digits than a float holds."""
+    url = f"{server.http_url}/v2/models/echo_llm"
+
+    def text(datatype: str, data: str) -> str:
+        return '{"name": "text_input", "datatype": ' + datatype + ', "shape": [1], "data": [' + data + "]}"
+
+    huge = "9" * 311
+    hi = text('"BYTES"', '"hi"')
+    for path, body, named in (
+        ("infer", '{"inputs": [' + text("[]", '"hi"') + "]}", "datatype"),
+        ("infer", '{"inputs": [' + text('"BYTES"', '"\\ud800"') + "]}", "lone surrogate"),
+        ("infer", '{"inputs": [' + hi + '], "parameters": {"timeout": ' + huge + "}}", "timeout"),
+        ("generate", '{"text_input": "hi", "timeout": ' + huge + "}", "timeout"),
+    ):  # fmt: skip
+        response = httpx.post(f"{url}/{path}", content=body, timeout=30)
+        assert response.status_code == 400 and named in response.json()["error"], response.text

@@ -555,3 +555,50 @@ async def test_a_background_response_the_server_fails_on_is_stored_failed(
         assert (
             failed["id"] in failed["error"]["message"] and "shaping broke" not in failed["error"]["message"]
         )
+
+
+def test_values_a_response_could_not_echo_are_400s(server: ServerProcess) -> None:
+    """Found by fuzzing (each was a 500, a stream with a bare NaN in it, or a stored response whose
+    reads failed): a response echoes its request's user, metadata, tools, text format, reasoning
+    and input items, so a lone surrogate's escape or a NaN anywhere in the body is refused."""
+    url = f"{server.base_url}/v1/responses"
+    for extra, where in (
+        ('"user": "\\ud800"', "body.user"),
+        ('"metadata": {"k": "\\ud800"}', "body.metadata.k"),
+        ('"tools": [{"type": "function", "name": "f", "description": NaN}]', "body.tools[0].description"),
+        ('"reasoning": {"effort": Infinity}', "body.reasoning.effort"),
+        ('"include": ["\\udc00"]', "body.include[0]"),
+        (
+            '"input": [{"type": "message", "role": "user", "content": "hi", "extra": NaN}]',
+            "body.input[0].extra",
+        ),
+    ):
+        for stream in ("false", "true"):
+            head = (
+                '"max_output_tokens": 2'
+                if extra.startswith('"input"')
+                else '"input": "hi", "max_output_tokens": 2'
+            )
+            body = "{" + f'{head}, "stream": {stream}, {extra}' + "}"
+            answer = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+            assert answer.status_code == 400, (body, answer.text)
+            assert where in answer.json()["error"]["message"], answer.text
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+
+
+def test_an_error_quoting_a_lone_surrogate_still_renders(server: ServerProcess) -> None:
+    """An error message that quotes the client's text writes a lone surrogate as its escape: the
+    message itself failed to encode (a plain-text 500). And the embeddings route, which reads its
+    own body, checks its timeout's type (a 500 for a string)."""
+    from inferd.server.errors import InvalidRequestError
+
+    error = InvalidRequestError("include: \ud800 cannot be included here", field="in\udc00clude")
+    assert error.message == "include: \\ud800 cannot be included here" and error.field == "in\\udc00clude"
+    for timeout in ('"x"', "[]", "true"):
+        answer = httpx.post(
+            f"{server.base_url}/v1/embeddings",
+            content='{"input": "hi", "timeout": ' + timeout + "}",
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "timeout", answer.text

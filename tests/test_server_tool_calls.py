@@ -317,9 +317,21 @@ def test_what_is_not_a_call_stays_content_however_odd() -> None:
             '{"name": "f", "parameters": {"n": ' + "9" * 5000 + "}}",
             '{"name": "f", "parameters": {"x": NaN}}',
         ),
-        "pythonic": ("[f(a=" + "-" * 6000 + "1)]", "[f(a=1e999)]", "[" * 50_000 + "f(a=1)" + "]" * 50_000),
+        "pythonic": (
+            "[f(a=" + "-" * 6000 + "1)]",
+            "[f(a=1e999)]",
+            "[" * 50_000 + "f(a=1)" + "]" * 50_000,
+            '[f(a="\\ud800")]',
+        ),
         "mistral": ('[TOOL_CALLS][{"name": "f", "arguments": {"n": ' + "9" * 5000 + "}}]",),
-        "hermes": ('<tool_call>{"name": "f", "arguments": {"n": ' + "9" * 5000 + "}}</tool_call>",),
+        "hermes": (
+            '<tool_call>{"name": "f", "arguments": {"n": ' + "9" * 5000 + "}}</tool_call>",
+            # A lone surrogate's escape, in the arguments or the name: no answer could carry it
+            # (a 500, or a stream cut off after its role chunk).
+            '<tool_call>{"name": "f", "arguments": {"a": "\\ud800"}}</tool_call>',
+            '<tool_call>{"name": "\\udc00", "arguments": {}}</tool_call>',
+            '<tool_call>{"name": "f", "arguments": "\\ud800"}</tool_call>',
+        ),
     }
     for parser, texts in odd.items():
         for text in texts:

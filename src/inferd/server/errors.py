@@ -46,9 +46,12 @@ class ApiError(Exception):
     code: str | None = None
 
     def __init__(self, message: str, field: str | None = None) -> None:
+        # A message may quote the client's text: a lone surrogate in it (a JSON "\ud800") is
+        # written as that escape, or the error's own answer would fail to encode (a plain 500).
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.message = message
-        self.field = field
+        self.field = None if field is None else field.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class InvalidRequestError(ApiError):

@@ -16,6 +16,7 @@ from typing import Any
 
 from inferd.server.errors import InvalidRequestError
 from inferd.server.tool_calls import ParsedToolCall, new_call_id
+from inferd.server.writable import is_writable_text
 from inferd.structured.spec import rebased_refs
 
 # A function declared without parameters takes none: an empty object (as vLLM reads it).
@@ -44,10 +45,16 @@ class ForcedCalls:
         calls = value if isinstance(value, list) else []
         if not calls or not all(_is_call(item) for item in calls):
             return None
-        return [
-            ParsedToolCall(new_call_id(), item["name"], json.dumps(item["parameters"], ensure_ascii=False))
-            for item in calls
-        ]
+        parsed = []
+        for item in calls:
+            try:  # strict JSON, as the other parsers' calls: no NaN or infinity a client cannot read
+                arguments = json.dumps(item["parameters"], ensure_ascii=False, allow_nan=False)
+            except ValueError:
+                return None
+            if not (is_writable_text(item["name"]) and is_writable_text(arguments)):
+                return None  # a lone surrogate's escape (\ud800): no answer could carry it
+            parsed.append(ParsedToolCall(new_call_id(), item["name"], arguments))
+        return parsed
 
 
 def _is_call(item: Any) -> bool:

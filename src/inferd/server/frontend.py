@@ -285,6 +285,9 @@ class Frontend:
                 ) from None
         if body is None:
             return self.request_timeout_s
+        # A route that reads its body itself (embeddings) hands the field over unchecked.
+        if isinstance(body, bool) or not isinstance(body, (int, float)):
+            raise InvalidRequestError(f"timeout: must be a number of seconds, got {body!r}", field="timeout")
         if not 0 < body <= 86400:  # also refuses NaN
             raise InvalidRequestError(f"timeout: must be in (0, 86400] seconds, got {body}", field="timeout")
         return body

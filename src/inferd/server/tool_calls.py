@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from inferd.server.reasoning import prefix_overlap
+from inferd.server.writable import is_writable_text
 
 START, END = "<tool_call>", "</tool_call>"
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
@@ -84,6 +85,8 @@ def _call_of(
         )
     except _UNREADABLE:
         return None
+    if not (is_writable_text(value["name"]) and is_writable_text(text)):
+        return None  # a JSON escape of a lone surrogate (\ud800): no answer could carry it
     return ParsedToolCall((new_id or new_call_id)(), value["name"], text)
 
 

@@ -44,7 +44,10 @@ _END = object()
 
 def _to_bytes(value: Any) -> bytes:
     if isinstance(value, str):
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, which JSON's \ud800 escapes can spell
+            raise InvalidInputError("BYTES elements must be valid text (a lone surrogate is not)") from None
     if isinstance(value, bytes):
         return value
     raise InvalidInputError(f"BYTES elements must be strings, got {type(value).__name__}")

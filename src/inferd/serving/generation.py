@@ -343,12 +343,18 @@ def _structured_kind(kind: str, value: Any, named: str) -> StructuredOutput:
     return StructuredOutput(regex=value) if kind == "regex" else StructuredOutput(grammar=value)
 
 
+# A day, as the OpenAI routes' `timeout` at most.
+_MAX_TIMEOUT_US = 86_400 * 10**6
+
+
 def timeout_parameter_s(parameters: Mapping[str, Any]) -> float | None:
     """Triton's `timeout` request parameter, in microseconds (what tritonclient's `timeout=` sends),
     in seconds; 0, as in Triton, means none."""
     microseconds = _number(parameters, "timeout", integer=True)
     if not microseconds:
         return None
-    if microseconds < 0:
-        raise InvalidInputError("parameter 'timeout' must be a non-negative number of microseconds")
+    if not 0 <= microseconds <= _MAX_TIMEOUT_US:  # a float could not even hold some of those ints
+        raise InvalidInputError(
+            f"parameter 'timeout' must be a number of microseconds in [0, {_MAX_TIMEOUT_US}]"
+        )
     return float(microseconds) / 1e6

@@ -49,7 +49,7 @@ def _input_tensor(
         raise InvalidInputError("each input must be an object with a name")
     name = raw["name"]
     datatype = raw.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise InvalidInputError(f"input {name!r} has unknown datatype {datatype!r}")
     shape = _shape(raw.get("shape"), name)
     parameters = _parameters(raw.get("parameters"), f"input {name!r}")

@@ -14,10 +14,11 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from inferd.server.errors import InvalidRequestError
 from inferd.server.openai.protocol import _Body
+from inferd.server.writable import first_unwritable
 
 # `include` entry that asks for the output text's log-probabilities.
 INCLUDE_LOGPROBS = "message.output_text.logprobs"
@@ -57,6 +58,18 @@ class ResponsesRequest(_Body):
     priority: int = 0
     cache_salt: str | None = Field(None, min_length=1)
     timeout: float | None = Field(None, gt=0.0, le=86400.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _writable(cls, data: Any) -> Any:
+        """A response echoes much of its request (input items, tools, metadata, text format,
+        user): a value it could not write back is refused here, not a 500 at the answer."""
+        where = first_unwritable(data, "body") if isinstance(data, dict) else None
+        if where is not None:
+            raise ValueError(
+                f"{where}: holds a lone surrogate (\\ud800) or a number JSON cannot hold (NaN, Infinity)"
+            )
+        return data
 
     @property
     def wants_logprobs(self) -> bool:
