@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from inferd.engine.request import Request
+from inferd.engine.request import Request, RequestFault
 from inferd.sample.sampler import Sampler, TokenLogprobs
 from inferd.sampling_params import SamplingParams, SamplingParamsError
 
@@ -315,6 +315,8 @@ def test_rows_without_finite_logits_fail_alone(temperatures: tuple[float, ...], 
     assert "not finite (the largest is nan)" in result.errors[1]
     assert "not finite (the largest is inf)" in result.errors[2]
     assert "exclude every token" in result.errors[3]
+    # The request's own limits are its fault (a 400 at the servers); the model's numerics are not.
+    assert [isinstance(result.errors[row], RequestFault) for row in (1, 2, 3)] == [False, False, True]
     clean = Sampler(seed=5)(logits, requests())
     assert result.token_ids[0] == clean.token_ids[0] and 1 not in clean.errors
 

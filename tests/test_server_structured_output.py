@@ -329,3 +329,32 @@ def test_a_model_whose_tokenizer_cannot_make_masks_answers_400s(tiny_model_facto
         with pytest.raises(openai.BadRequestError, match="not available for this model's tokenizer"):
             _chat(client, think_first=False, tools=TOOLS, tool_choice="required")
         assert client.completions.create(model="tiny", prompt="x", max_tokens=4).choices[0].text is not None
+
+
+def test_constraints_that_cannot_be_met_or_run_are_the_clients_errors(server: ServerProcess) -> None:
+    """Found by fuzzing (each a 500 on the OpenAI routes, a 424 on TGI's): limits that together
+    leave no token, and a grammar the engine cannot run past its first token, are the request's
+    own fault, answered 400 (TGI 422), also across the engine process this server runs."""
+    url = f"{server.base_url}/v1/completions"
+    prompt = {"model": "tiny", "prompt": "hello", "max_tokens": 3}
+    for extra in (
+        {"guided_choice": ["yes", "no"], "allowed_token_ids": [5, 6, 7]},
+        {"response_format": {"type": "regex", "value": "a{1000000}"}},
+    ):
+        for stream in (False, True):
+            answer = httpx.post(url, json={**prompt, **extra, "stream": stream}, timeout=60)
+            if stream and answer.status_code == 200:  # an error after the stream began: its last event
+                events = [line for line in answer.text.splitlines() if line.startswith("data: {")]
+                assert json.loads(events[-1][len("data: ") :])["error"]["type"] == "invalid_request_error"
+                continue
+            assert answer.status_code == 400, (extra, answer.text)
+    tgi = httpx.post(
+        f"{server.base_url}/generate",
+        json={
+            "inputs": "hello",
+            "parameters": {"max_new_tokens": 3, "grammar": {"type": "regex", "value": "a{1000000}"}},
+        },
+        timeout=60,
+    )
+    assert tgi.status_code == 422, tgi.text
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200

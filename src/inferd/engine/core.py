@@ -11,7 +11,7 @@ from typing import Any
 
 from inferd.config import EngineConfig, ModelLoadError
 from inferd.engine.outputs import EngineCoreOutput
-from inferd.engine.request import FinishReason, Request
+from inferd.engine.request import FinishReason, Request, RequestFault
 from inferd.kv.manager import KVCacheManager, kv_window
 from inferd.sample.penalties import reads_history_on_host
 from inferd.sample.sampler import TokenLogprobs
@@ -236,7 +236,14 @@ class EngineCore:
         """
         current = self.scheduler.requests
         failed = [
-            EngineCoreOutput(r.request_id, None, None, FinishReason.ERROR.value, error=message)
+            EngineCoreOutput(
+                r.request_id,
+                None,
+                None,
+                FinishReason.ERROR.value,
+                error=str(message),  # a plain str: an engine process's encoder takes no subclass
+                client_fault=isinstance(message, RequestFault),
+            )
             for r in step.requests
             if (message := runner_out.errors.get(r.request_id)) is not None
             and current.get(r.request_id) is r
@@ -272,7 +279,8 @@ class EngineCore:
                     new_token_id=r.output_token_ids[-1],
                     logprobs=logprobs[count - 1] if logprobs is not None else None,
                     finish_reason=r.finish_reason.value if r.finish_reason else None,
-                    error=refused.get(r.request_id),
+                    error=None if (problem := refused.get(r.request_id)) is None else str(problem),
+                    client_fault=isinstance(problem, RequestFault),
                     structure_complete=r.request_id in complete,
                     num_cached_tokens=r.num_cached_tokens,
                     first_scheduled_time=r.first_scheduled_time,
@@ -302,7 +310,10 @@ class EngineCore:
                 if not grammar.active:  # the output is free until it ends with the grammar's trigger
                     grammar.watch(request.output_token_ids)
                     continue
-                problem = grammar.accept(request.output_token_ids[-1])
+                refusal = grammar.accept(request.output_token_ids[-1])
+                # The grammar refusing the token drawn (no token left it, or the grammar the
+                # request gave cannot go on: too large, endless) is the request's own fault.
+                problem: str | None = None if refusal is None else RequestFault(refusal)
                 done = problem is None and request.finish_reason is None and grammar.complete
             except Exception as exc:
                 logger.error("structured output of request %s failed: %r", request.request_id, exc)

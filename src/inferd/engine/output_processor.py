@@ -133,6 +133,7 @@ class OutputProcessor:
             return None
         out = self._emit(state, finish_reason, now)
         out.error = core_out.error
+        out.client_fault = core_out.client_fault
         return out
 
     def finish(self, request_id: str, reason: str, error: str | None = None) -> RequestOutput | None:

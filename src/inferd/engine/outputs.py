@@ -34,6 +34,8 @@ class EngineCoreOutput:
     structure_complete: bool = False
     # With its first token, a request that embeds its prompt (SamplingParams.embed) gets it.
     embedding: list[float] | None = None
+    # The error is the request's own (a RequestFault's message; the class does not cross a process).
+    client_fault: bool = False
 
 
 @dataclass
@@ -222,6 +224,8 @@ class RequestOutput:
     # With params.prompt_logprobs, from the first output on: entry p is prompt token p's.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     error: str | None = None
+    # The error is the request's own (its limits, its grammar): a client error, not a failure.
+    client_fault: bool = False
     # With params.embed, from the first output on: the prompt's embedding (L2-normalized), or a
     # sequence classifier's label logits.
     embedding: list[float] | None = None

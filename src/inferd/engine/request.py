@@ -24,6 +24,12 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class RequestFault(str):
+    """An error message whose cause is the request itself, not the engine: its limits together
+    leave no token to sample, or its structured output's grammar cannot run. The servers answer
+    it as a bad request (400) rather than a failure of theirs (500)."""
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context limit

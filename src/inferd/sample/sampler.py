@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inferd.config import DEFAULT_FUSED_SAMPLER
-from inferd.engine.request import Request
+from inferd.engine.request import Request, RequestFault
 from inferd.sample.penalties import (
     apply_allowed_tokens,
     apply_bad_words,
@@ -95,8 +95,10 @@ def _undrawable(peak: float) -> str:
     is a numerical fault (of the model, or of one request's input); -inf everywhere, the
     request's own limits leaving nothing. Greedy and every draw would still pick some token."""
     if peak == float("-inf"):
-        return ("no token can be sampled: the request's limits together (allowed_token_ids, "
-                "bad_words, min_tokens, a structured-output constraint) exclude every token")  # fmt: skip
+        return RequestFault(
+            "no token can be sampled: the request's limits together (allowed_token_ids, bad_words, "
+            "min_tokens, a structured-output constraint) exclude every token"
+        )
     return f"the model's logits for this request are not finite (the largest is {peak})"
 
 

@@ -505,6 +505,8 @@ class Frontend:
                     tracker.finish(out)
                     if out.finish_reason == "abort":  # ended by the server (shutdown), not a failure
                         raise ServiceUnavailableError(out.error)
+                    if out.client_fault:  # its limits or its grammar: what it asked cannot be done
+                        raise InvalidRequestError(out.error)
                     raise GenerationError(out.error)
                 tracker.on_output(out)
                 yield IndexedOutput(index, out)
