@@ -13,17 +13,13 @@ Run it with another tree's ``src`` first on ``PYTHONPATH`` to time that tree's s
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from prepare_stall import free_port, long_context_model, wait_ready
+from prepare_stall import serving_long_context_model
 
 import inferd
 
@@ -40,34 +36,23 @@ def main() -> None:
     random.seed(0)
     prompt = [random.randrange(1, 4096) for _ in range(args.prompt_tokens)]
     print(f"inferd from {Path(inferd.__file__).parent}")
-    with tempfile.TemporaryDirectory() as scratch:
-        model = long_context_model(Path(scratch) / "model", args.context)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "inferd.cli", "serve", str(model), "--port", str(port)]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-        try:
-            wait_ready(url, process)
-            body = {"prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 1.0}
-            httpx.post(f"{url}/v1/completions", json=body, timeout=600).raise_for_status()  # warm-up
-            for n in args.n:
-                times = []
-                for _ in range(args.repeats):
-                    httpx.post(f"{url}/reset_prefix_cache", timeout=60).raise_for_status()
-                    start = time.perf_counter()
-                    answer = httpx.post(f"{url}/v1/completions", json={**body, "n": n}, timeout=600)
-                    times.append(time.perf_counter() - start)
-                    answer.raise_for_status()
-                    choices = answer.json()["choices"]
-                    assert len(choices) == n
-                    scored = [len(choice["logprobs"]["token_logprobs"]) for choice in choices]
-                    assert scored == [args.prompt_tokens + 1] * n
-                print(f"n={n}: median {statistics.median(times):.3f} s "
-                      f"(runs {', '.join(f'{t:.3f}' for t in times)})", flush=True)  # fmt: skip
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    with serving_long_context_model(args.context) as url:
+        body = {"prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 1.0}
+        httpx.post(f"{url}/v1/completions", json=body, timeout=600).raise_for_status()  # warm-up
+        for n in args.n:
+            times = []
+            for _ in range(args.repeats):
+                httpx.post(f"{url}/reset_prefix_cache", timeout=60).raise_for_status()
+                start = time.perf_counter()
+                answer = httpx.post(f"{url}/v1/completions", json={**body, "n": n}, timeout=600)
+                times.append(time.perf_counter() - start)
+                answer.raise_for_status()
+                choices = answer.json()["choices"]
+                assert len(choices) == n
+                scored = [len(choice["logprobs"]["token_logprobs"]) for choice in choices]
+                assert scored == [args.prompt_tokens + 1] * n
+            print(f"n={n}: median {statistics.median(times):.3f} s "
+                  f"(runs {', '.join(f'{t:.3f}' for t in times)})", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -64,6 +66,25 @@ def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit("the server did not start")
 
 
+@contextmanager
+def serving_long_context_model(context: int) -> Iterator[str]:
+    """`inferd serve` of the built-in model with a context of ``context`` tokens on a free port
+    (one torch thread); yields its base URL and stops it on the way out."""
+    with tempfile.TemporaryDirectory() as scratch:
+        model = long_context_model(Path(scratch) / "model", context)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "inferd.cli", "serve", str(model), "--port", str(port)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        try:
+            wait_ready(url, process)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
 def stream_arrivals(url: str, max_tokens: int, arrivals: list[float]) -> None:
     body = {"prompt": "ROMEO:", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
@@ -81,35 +102,24 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="long prompts, one after the other")
     parser.add_argument("--stream-tokens", type=int, default=3000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        model = long_context_model(Path(scratch) / "model", args.context)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "inferd.cli", "serve", str(model), "--port", str(port)]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-        try:
-            wait_ready(url, process)
-            arrivals: list[float] = []
-            streamer = threading.Thread(target=stream_arrivals, args=(url, args.stream_tokens, arrivals))
-            streamer.start()
-            while len(arrivals) < 50:  # the stream is under way
-                time.sleep(0.01)
-            text = ("the quick brown fox jumps over the lazy dog. " * (args.prompt_chars // 45 + 1))[
-                : args.prompt_chars
-            ]
-            refusals = []
-            window_start = time.perf_counter()
-            with httpx.Client(timeout=600) as client:
-                for _ in range(args.prompts):
-                    start = time.perf_counter()
-                    answer = client.post(f"{url}/v1/completions", json={"prompt": text, "max_tokens": 1})
-                    refusals.append((answer.status_code, time.perf_counter() - start))
-            window_end = time.perf_counter()
-            streamer.join()
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    with serving_long_context_model(args.context) as url:
+        arrivals: list[float] = []
+        streamer = threading.Thread(target=stream_arrivals, args=(url, args.stream_tokens, arrivals))
+        streamer.start()
+        while len(arrivals) < 50:  # the stream is under way
+            time.sleep(0.01)
+        text = ("the quick brown fox jumps over the lazy dog. " * (args.prompt_chars // 45 + 1))[
+            : args.prompt_chars
+        ]
+        refusals = []
+        window_start = time.perf_counter()
+        with httpx.Client(timeout=600) as client:
+            for _ in range(args.prompts):
+                start = time.perf_counter()
+                answer = client.post(f"{url}/v1/completions", json={"prompt": text, "max_tokens": 1})
+                refusals.append((answer.status_code, time.perf_counter() - start))
+        window_end = time.perf_counter()
+        streamer.join()
     times = [t for t in arrivals if window_start <= t <= window_end]
     gaps = sorted(b - a for a, b in zip(times, times[1:], strict=False))
     quiet = sorted(b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if b < window_start)
