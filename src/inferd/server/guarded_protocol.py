@@ -36,10 +36,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         # True from a connection's opening or a request's first byte to the end of its headers.
         self._reading_headers = False
-        # Whether a byte of the request being read has arrived (a connection that sent none is
-        # closed without an answer when its deadline passes, as a browser's pre-connect may be).
-        self._request_begun = False
-        # True from a request's first byte to its end (its body's last byte, trailers included).
+        # True from a request's first byte to its end (its body's last byte, trailers included):
+        # a connection whose header deadline passes without it sent nothing, and is closed without
+        # an answer (as a browser's pre-connect may be).
         self._in_request = False
         # Bytes received since the last piece of body (or, before the body, since the request
         # began) that the parser may be holding: a header or trailer line in the making. An upper
@@ -76,13 +75,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._reading_headers = self._request_begun = self._began_in_read = self._in_request = True
+        self._reading_headers = self._began_in_read = self._in_request = True
         self._unparsed_bytes = 0
         self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
-        self._reading_headers = self._request_begun = False
+        self._reading_headers = False
         self._unparsed_bytes = 0
         # Headers that arrived in the chunk completing them were not counted yet.
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
@@ -128,7 +127,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
-        if not self._request_begun:
+        if not self._in_request:
             self.transport.close()  # nothing asked, nothing to answer (nor counted)
             return
         self._refuse(HEADER_TIMEOUT)
