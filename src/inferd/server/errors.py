@@ -21,6 +21,7 @@ from starlette.routing import get_route_path
 from inferd.engine.tokenizer import InvalidTextError
 from inferd.server.request_id import HEADER as REQUEST_ID_HEADER
 from inferd.server.request_id import client_request_id
+from inferd.server.writable import with_surrogates_escaped
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,10 @@ class ApiError(Exception):
     def __init__(self, message: str, field: str | None = None) -> None:
         # A message may quote the client's text: a lone surrogate in it (a JSON "\ud800") is
         # written as that escape, or the error's own answer would fail to encode (a plain 500).
-        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        message = with_surrogates_escaped(message)
         super().__init__(message)
         self.message = message
-        self.field = None if field is None else field.encode("utf-8", "backslashreplace").decode("utf-8")
+        self.field = None if field is None else with_surrogates_escaped(field)
 
 
 class InvalidRequestError(ApiError):

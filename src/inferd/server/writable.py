@@ -20,6 +20,11 @@ def is_writable_text(text: str) -> bool:
     return True
 
 
+def with_surrogates_escaped(text: str) -> str:
+    """``text`` with each lone surrogate written as its escape (``\\ud800``), so it encodes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def first_unwritable(value: Any, path: str) -> str | None:
     """Where in ``value`` (parsed JSON) the first string with a lone surrogate or non-finite
     number is, as a dotted path from ``path``; None where there is none. Walked with a stack, so
