@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -253,6 +254,29 @@ def test_best_of_answers_the_likeliest_of_its_candidates(
         details = httpx.post(f"{server.base_url}/generate", json=body).json()["details"]
         (loser,) = details["best_of_sequences"]
         assert _mean_logprob_of(details["tokens"]) >= _mean_logprob_of(loser["tokens"])
+
+
+def test_best_of_candidates_share_one_scoring_of_the_prompt(server: ServerProcess) -> None:
+    """decoder_input_details with best_of: every candidate's prefill holds the prompt's scores,
+    computed by the first candidate alone; the other looks the prompt up in the prefix cache, where
+    each candidate scored it again (bypassing the cache: no queries)."""
+    inputs = "To be, or not to be, that is the question"
+    parameters: dict[str, Any] = {"max_new_tokens": 3, "details": True, "decoder_input_details": True}
+    body = {"inputs": inputs, "parameters": parameters}
+    alone = httpx.post(f"{server.base_url}/generate", json=body).json()["details"]["prefill"]
+    assert len(alone) > 1 and alone[0]["logprob"] is None
+    queries = "inferd:prefix_cache_queries_total"
+    before = server.metrics()
+    parameters.update(do_sample=True, temperature=1.5, best_of=2)
+    details = httpx.post(f"{server.base_url}/generate", json=body).json()["details"]
+    after = server.metrics()
+    (other,) = details["best_of_sequences"]
+    for prefill in (details["prefill"], other["prefill"]):
+        assert [token["id"] for token in prefill] == [token["id"] for token in alone]
+        assert [token["logprob"] for token in prefill[1:]] == pytest.approx(
+            [token["logprob"] for token in alone[1:]], abs=1e-5
+        )
+    assert after[queries] - before.get(queries, 0.0) == len(alone)
 
 
 def _mean_logprob_of(tokens: list[dict]) -> float:  # type: ignore[type-arg]

@@ -193,7 +193,10 @@ def _refuse_unsupported(p: GenerateParameters) -> None:
 async def generate(frontend: Frontend, job: TgiJob) -> Generated:
     finals: dict[int, RequestOutput] = {}
     async with aclosing(
-        frontend.generate(job.request_id, [job.prompt], job.params, n=job.best_of, timeout_s=job.timeout_s)
+        # The first candidate scores the prompt (decoder_input_details) for all of them.
+        frontend.generate(
+            job.request_id, [job.prompt], job.params, n=job.best_of, timeout_s=job.timeout_s, scores_once=True
+        )
     ) as stream:
         async for item in stream:
             if item.output.finished:
@@ -205,12 +208,15 @@ async def generate(frontend: Frontend, job: TgiJob) -> Generated:
     # As TGI: the highest mean log-probability of the generated tokens, the first among equals.
     best = max(range(job.best_of), key=lambda index: candidates[index].mean_logprob)
     final = candidates[best]
+    scored = candidates[0].prompt_logprobs  # ``scores_once``: the first candidate's
     details = None
     if job.details:
-        details = Details(**_sequence_details(frontend, job, final, best))
+        details = Details(**_sequence_details(frontend, job, final, best, scored))
         if job.best_of > 1:
             details.best_of_sequences = [
-                BestOfSequence(generated_text=_text(job, out), **_sequence_details(frontend, job, out, index))
+                BestOfSequence(
+                    generated_text=_text(job, out), **_sequence_details(frontend, job, out, index, scored)
+                )
                 for index, out in enumerate(candidates)
                 if index != best
             ]
@@ -251,9 +257,15 @@ def _text(job: TgiJob, out: RequestOutput) -> str:
     return job.prompt_text + out.text if job.full_text else out.text
 
 
-def _sequence_details(frontend: Frontend, job: TgiJob, out: RequestOutput, sample: int) -> dict[str, object]:
-    """The details of candidate ``sample``: its summary, prompt and generated tokens."""
-    scored = out.prompt_logprobs
+def _sequence_details(
+    frontend: Frontend,
+    job: TgiJob,
+    out: RequestOutput,
+    sample: int,
+    scored: list[TokenLogprobs | None] | None,
+) -> dict[str, object]:
+    """The details of candidate ``sample``: its summary, prompt (with ``scored``, the prompt's
+    scores, when asked) and generated tokens."""
     prefill = [
         _token(frontend, token_id, None, None if entry is None else entry.logprob)
         for token_id, entry in zip(out.prompt_token_ids, scored, strict=True)
