@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def matcher_error(matcher: LLMatcher) -> str:
+    """Why ``matcher`` stopped, without the dump of its state and grammar that llguidance appends
+    (dozens of lines, and the whole grammar: up to the constraint's size cap, in a client's 400)."""
+    return str(matcher.get_error()).split("<state>", 1)[0].strip()
+
+
 def bitmask_words(vocab_size: int) -> int:
     """32-bit words of one row's mask: bit t of the row is token t (1: allowed)."""
     return -(-vocab_size // 32)
@@ -55,7 +61,8 @@ class RequestGrammar:
         """Advance past ``token_id``; returns why it was refused (None when accepted)."""
         if self._matcher.consume_token(token_id):
             return None
-        return f"the output no longer matches its structured-output constraint: {self._matcher.get_error()}"
+        problem = matcher_error(self._matcher)
+        return f"the output no longer matches its structured-output constraint: {problem}"
 
     @property
     def complete(self) -> bool:
@@ -86,7 +93,7 @@ class GrammarCompiler:
         grammar = spec.grammar_text()
         matcher = on_deep_stack(lambda: LLMatcher(tokenizer, grammar, log_level=0))
         if matcher.is_error():
-            problem = matcher.get_error().strip()
+            problem = matcher_error(matcher)
             raise StructuredOutputError(
                 f"the constraint does not compile over this model's tokenizer: {problem}"
             )
