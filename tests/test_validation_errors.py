@@ -40,6 +40,11 @@ def _error(model: type[BaseModel], body: dict[str, Any]) -> tuple[str, str | Non
         # A mapping's keys stay in the place named.
         (ChatCompletionRequest, {**CHAT, "logit_bias": {"50": "much"}},
          "logit_bias.50: Input should be a valid number, unable to parse string as a number", "logit_bias"),
+        # A validator's own message, without pydantic's "Value error, " before it.
+        (ChatCompletionRequest, {**CHAT, "stream_options": {"include_usage": True}},
+         "stream_options: stream_options is only allowed when stream is true", "stream_options"),
+        (ResponsesRequest, {"model": "m", "input": "x", "user": "\ud800"},
+         "body.user: holds a lone surrogate (\\ud800) or a number JSON cannot hold (NaN, Infinity)", None),
     ],
 )  # fmt: skip
 def test_a_refused_value_is_named_by_its_place_in_the_body(

@@ -122,7 +122,7 @@ def from_validation_error(exc: RequestValidationError) -> InvalidRequestError:
     # loc is ("body", field, then keys, indexes and union-branch tags): the top-level field is the
     # one to name. A value no branch of a union takes has an error for each branch: the one that
     # got furthest into the value says the most; branches that failed at the same place are joined.
-    located = [(_location(error), str(error.get("msg", "invalid value"))) for error in errors]
+    located = [(_location(error), _message(error)) for error in errors]
     located = [(where, msg) for where, msg in located if where[:1] == located[0][0][:1]]
     deepest = max(len(where) for where, _ in located)
     location = next(where for where, _ in located if len(where) == deepest)
@@ -132,6 +132,15 @@ def from_validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(
         f"{field}: {message}" if field else message, field=location[0] if location else None
     )
+
+
+def _message(error: dict[str, Any]) -> str:
+    """An error's message; a validator's own (a ValueError it raised) without the "Value error, "
+    pydantic puts before it, which says nothing to a client."""
+    message = str(error.get("msg", "invalid value"))
+    if error.get("type") == "value_error":
+        return message.removeprefix("Value error, ")
+    return message
 
 
 def _location(error: dict[str, Any]) -> list[str]:
