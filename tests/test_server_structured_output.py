@@ -340,6 +340,10 @@ def test_constraints_that_cannot_be_met_or_run_are_the_clients_errors(server: Se
     for extra in (
         {"guided_choice": ["yes", "no"], "allowed_token_ids": [5, 6, 7]},
         {"response_format": {"type": "regex", "value": "a{1000000}"}},
+        # No text matches them: the mask let EOS alone through, and the answer was an empty "stop".
+        {"guided_regex": "[^\\s\\S]"},
+        {"guided_regex": "a[^\\s\\S]"},  # after its first token
+        {"guided_grammar": 'start: loop\nloop: loop "a"'},
     ):
         for stream in (False, True):
             answer = httpx.post(url, json={**prompt, **extra, "stream": stream}, timeout=60)

@@ -59,10 +59,19 @@ class RequestGrammar:
 
     def accept(self, token_id: int) -> str | None:
         """Advance past ``token_id``; returns why it was refused (None when accepted)."""
-        if self._matcher.consume_token(token_id):
-            return None
-        problem = matcher_error(self._matcher)
-        return f"the output no longer matches its structured-output constraint: {problem}"
+        if not self._matcher.consume_token(token_id):
+            problem = matcher_error(self._matcher)
+            return f"the output no longer matches its structured-output constraint: {problem}"
+        if self._matcher.is_error():
+            # Where no text the grammar allows can follow, its mask lets only EOS through, and the
+            # matcher takes it but stops in error: ending there would pass the output off as one
+            # that matches.
+            return (
+                "the output cannot go on to match its structured-output constraint: no text the "
+                "constraint allows follows what came so far (one that no text matches ends at the "
+                "first token)"
+            )
+        return None
 
     @property
     def complete(self) -> bool:
