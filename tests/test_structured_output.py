@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from inferd.sampling_params import SamplingParamsError
 from inferd.server.errors import InvalidRequestError
 from inferd.server.forced_tool_calls import forced_calls
 from inferd.server.reasoning import REASONING_FORMATS, prompt_closes_thinking
+from inferd.server.structured_request import response_format
 from inferd.structured.matcher import GrammarCompiler, apply_bitmask, bitmask_words
 from inferd.structured.spec import StructuredOutput, StructuredOutputError
 
@@ -127,6 +129,39 @@ def test_objects_with_listed_properties_take_no_others_unless_the_schema_says(ti
     # A property named "properties" is a property, not a place where subschemas are listed.
     named = {"type": "object", "properties": {"properties": {"type": "integer"}}, "required": ["properties"]}
     assert _accepts(folder, StructuredOutput(json=json.dumps(named)), '{"properties":5}')
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"const": float("nan")}}},
+         "response_format.json_schema.schema.const"),
+        ({"type": "json", "value": {"type": "number", "maximum": float("inf")}},
+         "response_format.value.maximum"),
+        # A schema given as text: Python's reader takes NaN there too.
+        ({"type": "json", "value": '{"enum": [1, NaN]}'}, "response_format.value.enum[1]"),
+    ],
+)  # fmt: skip
+def test_a_schema_with_a_number_json_cannot_hold_is_refused(value: dict[str, Any], where: str) -> None:
+    """The schema's text carried NaN on to the compiler, which read it as null: the answer was
+    held to {"const": null}, a schema the client never sent."""
+    with pytest.raises(InvalidRequestError, match=re.escape(f"{where}: a JSON schema cannot hold NaN")):
+        response_format(value)
+
+
+def test_forced_calls_refuse_a_tool_schema_with_a_number_json_cannot_hold() -> None:
+    tools = [
+        {"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}},
+        {
+            "type": "function",
+            "function": {"name": "b", "parameters": {"properties": {"n": {"const": float("nan")}}}},
+        },
+    ]
+    for choice in ("required", {"type": "function", "function": {"name": "a"}}):
+        with pytest.raises(
+            InvalidRequestError, match=re.escape("tools[1].function.parameters.properties.n.const")
+        ):
+            forced_calls(tools, choice, one_call=False)
 
 
 def test_formats_the_compiler_does_not_implement_are_left_out() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from inferd.server.errors import InvalidRequestError
 from inferd.server.tool_calls import ParsedToolCall, new_call_id
-from inferd.server.writable import is_writable_text
+from inferd.server.writable import first_unwritable, is_writable_text
 from inferd.structured.spec import rebased_refs
 
 # A function declared without parameters takes none: an empty object (as vLLM reads it).
@@ -70,6 +70,14 @@ def forced_calls(
 ) -> tuple[ForcedCalls, dict[str, Any]]:
     """The reading and the JSON schema of the answer that ``choice`` forces (``tools`` already
     checked to be functions with names)."""
+    for index, tool in enumerate(tools):
+        # Python's JSON reader takes NaN and Infinity, which the schema's text carried on to the
+        # grammar compiler: it read NaN as null, a constraint the client never sent.
+        where = first_unwritable(tool["function"].get("parameters"), f"tools[{index}].function.parameters")
+        if where is not None:
+            raise InvalidRequestError(
+                f"{where}: a JSON schema cannot hold NaN, Infinity or a lone surrogate (\\ud800)", "tools"
+            )
     functions = {tool["function"]["name"]: tool["function"] for tool in tools}
     if choice == "required":
         # Each tool's schema under $defs, its references rebased there ("#/$defs/X" of a Pydantic

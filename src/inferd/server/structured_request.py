@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 from inferd.server.errors import InvalidRequestError
+from inferd.server.writable import first_unwritable
 from inferd.structured.spec import StructuredOutput
 
 
@@ -35,7 +36,18 @@ def _schema_text(schema: Any, field: str) -> str:
         text = json.dumps(schema)
     if not isinstance(schema, dict):
         raise InvalidRequestError(f"{field}: a JSON schema must be an object", field)
+    _check_schema_values(schema, field)
     return text
+
+
+def _check_schema_values(schema: Any, field: str) -> None:
+    """Python's JSON reader takes NaN and Infinity, which a schema's text then carries to the
+    grammar compiler; it read NaN as null, so a request got a constraint it never sent."""
+    where = first_unwritable(schema, field)
+    if where is not None:
+        raise InvalidRequestError(
+            f"{where}: a JSON schema cannot hold NaN, Infinity or a lone surrogate (\\ud800)", field
+        )
 
 
 def _text(value: Any, field: str) -> str:
