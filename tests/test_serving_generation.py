@@ -213,6 +213,9 @@ def test_the_vllm_backends_structured_output_objects_constrain(key: str) -> None
         ({"choice": []}, "non-empty list"),
         (["choice"], "must be an object"),
         ("{", "not valid JSON"),
+        # The compiler read NaN as null: the output held to a schema never sent.
+        ({"json": {"const": float("nan")}}, r"json\.const holds NaN"),
+        ('{"json": {"maximum": Infinity}}', r"json\.maximum holds NaN, Infinity"),
     ):
         with pytest.raises(InvalidInputError, match=named):
             generation_params({key: bad})

@@ -21,7 +21,7 @@ from starlette.routing import get_route_path
 from inferd.engine.tokenizer import InvalidTextError
 from inferd.server.request_id import HEADER as REQUEST_ID_HEADER
 from inferd.server.request_id import client_request_id
-from inferd.server.writable import with_surrogates_escaped
+from inferd.writable import with_surrogates_escaped
 
 logger = logging.getLogger(__name__)
 

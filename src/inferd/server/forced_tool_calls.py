@@ -16,8 +16,8 @@ from typing import Any
 
 from inferd.server.errors import InvalidRequestError
 from inferd.server.tool_calls import ParsedToolCall, new_call_id
-from inferd.server.writable import first_unwritable, is_writable_text
 from inferd.structured.spec import rebased_refs
+from inferd.writable import first_unwritable, is_writable_text
 
 # A function declared without parameters takes none: an empty object (as vLLM reads it).
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}

@@ -18,8 +18,8 @@ import json
 from typing import Any
 
 from inferd.server.errors import InvalidRequestError
-from inferd.server.writable import first_unwritable
 from inferd.structured.spec import StructuredOutput
+from inferd.writable import first_unwritable
 
 
 def _schema_text(schema: Any, field: str) -> str:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from inferd.server.reasoning import prefix_overlap
-from inferd.server.writable import is_writable_text
+from inferd.writable import is_writable_text
 
 START, END = "<tool_call>", "</tool_call>"
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")

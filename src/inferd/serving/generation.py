@@ -15,6 +15,7 @@ from typing import Any
 from inferd.serving.errors import InvalidInputError
 from inferd.serving.runtimes.base import GenerationParams
 from inferd.structured.spec import StructuredOutput
+from inferd.writable import first_unwritable
 
 
 def _number(parameters: Mapping[str, Any], key: str, integer: bool) -> Any:
@@ -329,6 +330,12 @@ def _structured_kind(kind: str, value: Any, named: str) -> StructuredOutput:
     if kind == "json":
         if not isinstance(value, dict):
             raise InvalidInputError(f"parameter {named!r} must be a JSON schema object")
+        # NaN and Infinity, which Python's JSON reader takes, reached the compiler as null.
+        where = first_unwritable(value, named)
+        if where is not None:
+            raise InvalidInputError(
+                f"parameter {named!r}: {where} holds NaN, Infinity or a lone surrogate (\\ud800)"
+            )
         return StructuredOutput(json=json.dumps(value))
     if kind == "json_object":
         if value is not True:

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from inferd.server.errors import InvalidRequestError
 from inferd.server.openai.protocol import _Body
-from inferd.server.writable import first_unwritable
+from inferd.writable import first_unwritable
 
 # `include` entry that asks for the output text's log-probabilities.
 INCLUDE_LOGPROBS = "message.output_text.logprobs"
