@@ -88,6 +88,10 @@ def test_bytes_json_and_raw() -> None:
         ("FP32", [1], ["x"]),
         ("UINT8", [1], [256]),
         ("BYTES", [1], [3]),
+        # Shapes numpy cannot make, though the element count matches: a 500 before.
+        ("FP32", [1] * 65, [1.0]),
+        ("BYTES", [0, 2**62, 2**62], []),
+        ("INT32", [0, 10**30], []),
     ],
 )
 def test_invalid_json_data_is_rejected(datatype: str, shape: list[int], data: list[object]) -> None:
@@ -105,6 +109,9 @@ def test_invalid_json_data_is_rejected(datatype: str, shape: list[int], data: li
         ("BYTES", [1], b"\x01\x00\x00\x00ab"),
         # A shape the 4-byte length prefixes cannot fill: refused before any array is allocated.
         ("BYTES", [10**12], b"abcd"),
+        ("FP32", [0, 2**62, 2**62], b""),
+        ("BF16", [1] * 65, b"\x00\x00"),
+        ("BYTES", [1] * 65, b"\x01\x00\x00\x00a"),
     ],
 )
 def test_invalid_raw_data_is_rejected(datatype: str, shape: list[int], raw: bytes) -> None:

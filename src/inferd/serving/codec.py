@@ -74,13 +74,23 @@ def array_from_json(datatype: str, shape: Sequence[int], data: Any) -> np.ndarra
     if datatype == "BYTES":
         array = np.empty(len(flat), dtype=object)
         array[:] = [_to_bytes(v) for v in flat]
-        return array.reshape(shape)
+        return _reshaped(array, shape)
     for value in flat:
         _check_json_element(datatype, value)
     try:
-        return np.asarray(flat, dtype=numpy_dtype(datatype)).reshape(shape)
+        array = np.asarray(flat, dtype=numpy_dtype(datatype))
     except OverflowError as exc:
         raise InvalidInputError(f"value out of range for {datatype}: {exc}") from None
+    return _reshaped(array, shape)
+
+
+def _reshaped(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``array`` in ``shape``, whose element count it already has: numpy still refuses more than
+    64 dimensions, or dimensions beside a zero whose product passes its index type."""
+    try:
+        return array.reshape(shape)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"shape {list(shape)} cannot be made: {exc}") from None
 
 
 def array_to_json(datatype: str, array: np.ndarray) -> list[Any]:
@@ -113,17 +123,17 @@ def array_from_raw(datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarra
     """A tensor from its raw byte encoding, validated against `shape`."""
     count = element_count(shape)
     if datatype == "BYTES":
-        return _bytes_from_raw(raw, count).reshape(shape)
+        return _reshaped(_bytes_from_raw(raw, count), shape)
     if datatype == "BF16":
         if len(raw) != 2 * count:
             raise InvalidInputError(f"BF16 shape {list(shape)} needs {2 * count} bytes, got {len(raw)}")
-        return _bf16_from_raw(raw).reshape(shape)
+        return _reshaped(_bf16_from_raw(raw), shape)
     dtype = numpy_dtype(datatype).newbyteorder("<")
     if len(raw) != dtype.itemsize * count:
         raise InvalidInputError(
             f"{datatype} shape {list(shape)} needs {dtype.itemsize * count} bytes, got {len(raw)}"
         )
-    return np.frombuffer(raw, dtype=dtype).astype(numpy_dtype(datatype)).reshape(shape)
+    return _reshaped(np.frombuffer(raw, dtype=dtype).astype(numpy_dtype(datatype)), shape)
 
 
 def _bytes_from_raw(raw: bytes, count: int) -> np.ndarray:
