@@ -498,7 +498,14 @@ def test_llm_text_input_is_checked_like_any_model_input(server: LiveServer, grpc
 def test_deeply_nested_json_is_a_400(server: LiveServer) -> None:
     nested = "[" * 100_000 + "]" * 100_000
     infer = '{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ' + nested + "}]}"
-    for path, body in (("digits/infer", infer), ("echo_llm/generate", '{"text_input": ' + nested + "}")):
+    # An integer past Python's 4,300-digit limit: its JSON reader raises a plain ValueError (a 500).
+    digits = '{"id": ' + "1" * 5000 + ', "inputs": []}'
+    for path, body in (
+        ("digits/infer", infer),
+        ("echo_llm/generate", '{"text_input": ' + nested + "}"),
+        ("digits/infer", digits),
+        ("echo_llm/generate", '{"text_input": ' + "1" * 5000 + "}"),
+    ):
         response = httpx.post(f"{server.http_url}/v2/models/{path}", content=body, timeout=30)
         assert response.status_code == 400 and "not valid JSON" in response.json()["error"], response.text
 

@@ -76,10 +76,21 @@ async def test_lines_that_cannot_be_sent_get_an_error_and_no_response(tiny_llama
         json.dumps({"custom_id": "nobody", "method": "POST", "url": "/v1/completions", "body": "To be"}),
         _line("streamed", "/v1/completions", {"prompt": "To be", "stream": True}),
         '{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"temperature": NaN}}',
+        '{"custom_id": ' + "1" * 5000 + "}",  # past the 4,300-digit limit: ended the whole run
     ]
     results = await answer_lines(app, lines, max_concurrency=4)
     assert all(r["response"] is None for r in results)
-    assert [r["custom_id"] for r in results] == [None, None, None, "get", "tgi", "nobody", "streamed", "nan"]
+    assert [r["custom_id"] for r in results] == [
+        None,
+        None,
+        None,
+        "get",
+        "tgi",
+        "nobody",
+        "streamed",
+        "nan",
+        None,
+    ]
     messages = [r["error"]["message"] for r in results]
     for message, expected in zip(
         messages,
@@ -92,6 +103,7 @@ async def test_lines_that_cannot_be_sent_get_an_error_and_no_response(tiny_llama
             "body:",
             "body.stream",
             "body: Out of range float values",
+            "not JSON",
         ],
         strict=True,
     ):

@@ -146,6 +146,7 @@ def test_json_object_and_vllm_fields(client: openai.OpenAI) -> None:
         ({"guided_regex": "a(b"}, "guided_regex", "unclosed group"),
         ({"guided_grammar": "root ::= x{2,1}"}, "guided_grammar", "GBNF"),
         ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
+        ({"guided_json": '{"const": ' + "1" * 5000 + "}"}, "guided_json", "not valid JSON"),  # a 500 before
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
         ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs", "unsupported"),
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "one structured"),

@@ -124,7 +124,7 @@ async def answer_lines(
 async def _answer_line(client: Any, line: str) -> dict[str, Any]:
     try:
         request = json.loads(line)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # an integer past 4,300 digits is a plain ValueError
         return _failed(None, f"the line is not JSON: {exc}")
     if not isinstance(request, dict):
         return _failed(None, "the line is not a JSON object")

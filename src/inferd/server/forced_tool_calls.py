@@ -33,7 +33,7 @@ class ForcedCalls:
         """The calls in a whole answer; None where it is not calls' JSON (cut off by its budget)."""
         try:
             value = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # an integer past 4,300 digits is a plain ValueError
             return None
         if self.function is not None:
             # The arguments as the model wrote them (valid JSON): a round trip could change them.

@@ -159,7 +159,8 @@ def build_embeddings_router(
     async def create_embeddings(request: Request) -> Response:
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: recursion
+        # ValueError: bad JSON or UTF-8, or an integer past Python's 4,300-digit limit; nesting: recursion
+        except (ValueError, RecursionError) as exc:
             return error_response(InvalidRequestError(f"request body is not valid JSON: {exc}"))
         try:
             model, encoding, dimensions = _parse_form(body)

@@ -27,7 +27,7 @@ def _schema_text(schema: Any, field: str) -> str:
     if isinstance(schema, str):
         try:
             parsed = json.loads(schema)
-        except json.JSONDecodeError:
+        except ValueError:  # an integer past 4,300 digits is a plain ValueError
             raise InvalidRequestError(f"{field}: not valid JSON", field) from None
         except RecursionError:
             raise InvalidRequestError(f"{field}: not valid JSON: nested too deeply", field) from None

@@ -188,7 +188,7 @@ def _json_value(parameters: Mapping[str, Any], key: str) -> Any:
     if isinstance(value, str):
         try:
             return json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # an integer past 4,300 digits is a plain ValueError
             raise InvalidInputError(f"parameter {key!r} is not valid JSON") from None
     return value
 
@@ -212,7 +212,7 @@ def _words(parameters: Mapping[str, Any], key: str, empty_is_none: bool = True) 
     if isinstance(words, str):
         try:
             listed = json.loads(words) if words.startswith("[") else None
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # an integer past 4,300 digits is a plain ValueError
             listed = None
         if not (isinstance(listed, list) and listed and all(isinstance(s, str) for s in listed)):
             return (words,)
@@ -325,7 +325,7 @@ def _structured_kind(kind: str, value: Any, named: str) -> StructuredOutput:
     if kind in ("json", "choice") and isinstance(value, str):
         try:
             value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # an integer past 4,300 digits is a plain ValueError
             raise InvalidInputError(f"parameter {named!r} is not valid JSON") from None
     if kind == "json":
         if not isinstance(value, dict):

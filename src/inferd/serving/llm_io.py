@@ -163,7 +163,7 @@ def _bool_tensor(tensor: Tensor) -> bool:
 def _sampling_parameters(tensor: Tensor) -> dict[str, Any]:
     try:
         value = json.loads(_text(tensor))
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # an integer past 4,300 digits is a plain ValueError
         raise InvalidInputError(f"input {SAMPLING_PARAMETERS!r} is not valid JSON") from None
     if not isinstance(value, dict):
         raise InvalidInputError(f"input {SAMPLING_PARAMETERS!r} must be a JSON object")

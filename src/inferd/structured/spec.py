@@ -128,7 +128,7 @@ def _compiled_grammar_text(
     if schema is not None:
         try:
             parsed = json.loads(schema)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # an integer past 4,300 digits is a plain ValueError
             raise StructuredOutputError(f"not a JSON schema: {exc}") from None
         if not isinstance(parsed, dict):
             raise StructuredOutputError("a JSON schema must be an object")

@@ -74,7 +74,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
 def _json_object(sent: bytes) -> dict[str, Any]:
     try:
         body = json.loads(sent)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: recursion
+    # ValueError: bad JSON or UTF-8, and an integer past Python's 4,300-digit limit; deep nesting: recursion
+    except (ValueError, RecursionError) as exc:
         raise InvalidInputError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidInputError("request body must be a JSON object")

@@ -82,7 +82,8 @@ def parse_infer_request(
         raise InvalidInputError(f"{HEADER_LENGTH} {json_size} is outside the body of {len(body)} bytes")
     try:
         header = json.loads(body[:json_size])
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: recursion
+    # ValueError: bad JSON or UTF-8, and an integer past Python's 4,300-digit limit; deep nesting: recursion
+    except (ValueError, RecursionError) as exc:
         raise InvalidInputError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise InvalidInputError("request must be a JSON object with an 'inputs' list")

@@ -133,7 +133,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 def _arguments(text: str) -> Any:
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # an integer past 4,300 digits is a plain ValueError
         return text
     return value if isinstance(value, dict) else text
 
