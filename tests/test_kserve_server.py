@@ -371,6 +371,11 @@ def test_grpc_error_codes(grpc_client: Any) -> None:
     fine = triton_grpc.InferInput("image", [1, 8, 8], "FP32")
     fine.set_data_from_numpy(np.zeros((1, 8, 8), dtype=np.float32))
     assert _grpc_error(lambda: grpc_client.infer("no_such_model", [fine])) == "StatusCode.NOT_FOUND"
+    # A refusal quoting a long name is cut to fit the status trailer, which clients refuse past
+    # 8 KiB (RESOURCE_EXHAUSTED); non-ASCII takes three bytes a byte there.
+    for long_name in ("m" * 17_000, "é" * 9_000):
+        assert _grpc_error(lambda n=long_name: grpc_client.get_model_metadata(n)) == "StatusCode.NOT_FOUND"
+        assert _grpc_error(lambda n=long_name: grpc_client.infer(n, [fine])) == "StatusCode.NOT_FOUND"
     assert _grpc_error(lambda: grpc_client.infer("broken", [fine])) == "StatusCode.UNAVAILABLE"
     assert _grpc_error(lambda: grpc_client.get_model_metadata("broken")) == "StatusCode.UNAVAILABLE"
 

@@ -64,6 +64,22 @@ def _repository_parameters(request: Any) -> dict[str, object]:
     }
 
 
+# A refusal's message travels in the grpc-message trailer, which clients refuse past their metadata
+# limit (8 KiB by default): one quoting a long model name reached them as RESOURCE_EXHAUSTED. In
+# the trailer a byte outside printable ASCII takes three (%XX), so 2,000 bytes stay under 6 KiB.
+_MAX_DETAILS_BYTES = 2000
+
+
+def _details(exc: Exception) -> str:
+    """``exc``'s message as a call's status details, cut to what every client takes."""
+    message = str(exc)
+    encoded = message.encode("utf-8", "backslashreplace")
+    if len(encoded) <= _MAX_DETAILS_BYTES:
+        return message
+    kept = encoded[: _MAX_DETAILS_BYTES - 40].decode("utf-8", "ignore")  # no character cut in two
+    return f"{kept}... ({len(encoded)} bytes in all)"
+
+
 async def _require_one_repository(request: Any, context: Any) -> None:
     import grpc
 
@@ -81,7 +97,7 @@ async def _control_model(
     try:
         await action(request.model_name, _repository_parameters(request))
     except InferenceError as exc:
-        await context.abort(_status_code(exc), str(exc))
+        await context.abort(_status_code(exc), _details(exc))
 
 
 async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> AsyncIterator[Any]:
@@ -172,7 +188,7 @@ def _servicer(plane: DataPlane) -> Any:
             try:
                 return pb2.ModelReadyResponse(ready=plane.model_ready(request.name, request.version or None))
             except InferenceError as exc:
-                await context.abort(_status_code(exc), str(exc))
+                await context.abort(_status_code(exc), _details(exc))
 
         async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
             return pb2.ServerMetadataResponse(**plane.server_metadata())
@@ -181,7 +197,7 @@ def _servicer(plane: DataPlane) -> Any:
             try:
                 metadata = plane.model_metadata(request.name, request.version or None)
             except InferenceError as exc:
-                await context.abort(_status_code(exc), str(exc))
+                await context.abort(_status_code(exc), _details(exc))
             return pb2.ModelMetadataResponse(
                 name=metadata["name"],
                 versions=metadata["versions"],
@@ -198,7 +214,7 @@ def _servicer(plane: DataPlane) -> Any:
                 )
                 response = await plane.infer(name, version, decoded)
             except InferenceError as exc:
-                await context.abort(_status_code(exc), str(exc))
+                await context.abort(_status_code(exc), _details(exc))
             return response_to_proto(response, pb2)
 
         async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
@@ -224,7 +240,7 @@ def _servicer(plane: DataPlane) -> Any:
             try:
                 regions = plane.shared_memory.status(request.name or None)
             except InferenceError as exc:
-                await context.abort(_status_code(exc), str(exc))
+                await context.abort(_status_code(exc), _details(exc))
             status = pb2.SystemSharedMemoryStatusResponse.RegionStatus
             return pb2.SystemSharedMemoryStatusResponse(
                 regions={
@@ -242,33 +258,33 @@ def _servicer(plane: DataPlane) -> Any:
             try:
                 plane.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
             except InferenceError as exc:
-                await context.abort(_status_code(exc), str(exc))
+                await context.abort(_status_code(exc), _details(exc))
             return pb2.SystemSharedMemoryRegisterResponse()
 
         async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:
                 plane.shared_memory.unregister(request.name or None)
             except InferenceError as exc:
-                await context.abort(_status_code(exc), str(exc))
+                await context.abort(_status_code(exc), _details(exc))
             return pb2.SystemSharedMemoryUnregisterResponse()
 
         async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:
                 config = plane.model_config(request.name, request.version or None)
             except InferenceError as exc:
-                await context.abort(_status_code(exc), str(exc))
+                await context.abort(_status_code(exc), _details(exc))
             # The REST answer is the configuration's JSON form: the same message, field for field.
             try:
                 return pb2.ModelConfigResponse(config=json_format.ParseDict(config, pb2.ModelConfig()))
             except json_format.ParseError as exc:  # a value past the message's field (an int32's range)
                 failure = InferenceError(f"the configuration has no gRPC form: {exc}")
-                await context.abort(_status_code(failure), str(failure))
+                await context.abort(_status_code(failure), _details(failure))
 
         async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:
                 stats = plane.model_statistics(request.name or None, request.version or None)
             except InferenceError as exc:
-                await context.abort(_status_code(exc), str(exc))
+                await context.abort(_status_code(exc), _details(exc))
             return json_format.ParseDict(stats, pb2.ModelStatisticsResponse())
 
     return InferenceServicer()
