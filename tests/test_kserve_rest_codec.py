@@ -44,6 +44,8 @@ def test_a_binary_input_and_the_output_flags_are_read() -> None:
         ({"inputs": [_binary_input()], "outputs": [{"name": "y", "parameters": {"binary_data": 1}}]},
          "output 'y' binary_data must be true or false, got 1"),
         ({"id": 5, "inputs": [_binary_input()]}, "id must be a string, got 5"),
+        # Echoed in the answer, which a strict JSON reader then refuses.
+        ({"id": "\ud800", "inputs": [_binary_input()]}, "id must be valid text"),
     ],
 )  # fmt: skip
 def test_a_body_said_another_way_than_the_protocols_is_refused(header: dict[str, Any], words: str) -> None:

@@ -18,6 +18,7 @@ from inferd.serving.datatypes import DATATYPES
 from inferd.serving.errors import InvalidInputError
 from inferd.serving.shared_memory import SharedMemoryRegions, allowed, in_shared_memory, read_input
 from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
+from inferd.writable import is_writable_text
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Parameters that steer the wire format; they are consumed here and never reach the model.
@@ -99,6 +100,8 @@ def parse_infer_request(
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInputError(f"id must be a string, got {request_id!r}")
+    if request_id is not None and not is_writable_text(request_id):  # the answer echoes it
+        raise InvalidInputError("id must be valid text (a lone surrogate, \\ud800, is not)")
     return (
         InferRequest(
             inputs=inputs,
