@@ -130,6 +130,13 @@ def test_what_does_not_fit_or_is_not_registered_is_refused(
             client.infer("digits", [image])
         image = triton_http.InferInput("image", list(IMAGES.shape), "FP32")  # without that offset
         image.set_shared_memory("images", IMAGES.nbytes)
+        # An output's region is checked before the model runs, not when its result is placed.
+        executions = client.get_inference_statistics("digits")["model_stats"][0]["execution_count"]
+        nowhere = triton_http.InferRequestedOutput("probabilities")
+        nowhere.set_shared_memory("nowhere", 8)
+        with pytest.raises(InferenceServerException, match="no shared memory region 'nowhere'"):
+            client.infer("digits", [image], outputs=[nowhere])
+        assert client.get_inference_statistics("digits")["model_stats"][0]["execution_count"] == executions
         client.register_system_shared_memory("small", f"{PREFIX}_out", 8)
         probabilities = triton_http.InferRequestedOutput("probabilities")
         probabilities.set_shared_memory("small", 8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from kserve_support import build_tiny_bert
 
 from inferd.serving.config import ConfigError, parse_model_config
-from inferd.serving.dataplane import DataPlane
+from inferd.serving.dataplane import DECODE_OFF_LOOP_BYTES, DataPlane
 from inferd.serving.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from inferd.serving.repository import load_repository
 from inferd.serving.runtimes.registry import default_runtime_registry
@@ -107,6 +108,39 @@ def _text_config(runtime: str) -> dict[str, Any]:
         "max_batch_size": 8,
         "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1]}],
     }
+
+
+async def test_a_large_body_is_decoded_off_the_event_loop(tmp_path: Path) -> None:
+    """60 MB of small BYTES elements took 9.5 s to decode, and on the event loop every other
+    request waited; a body from DECODE_OFF_LOOP_BYTES on is decoded on a worker thread, and a
+    refusal there still counts as the model's failed request."""
+    _write_model(tmp_path, "doubler", DOUBLER_CONFIG)
+    plane = DataPlane(load_repository(tmp_path, _registry_with_doubler()))
+    loop_thread = threading.get_ident()
+    small = await plane.decoded("doubler", None, threading.get_ident, 100)
+    large = await plane.decoded("doubler", None, threading.get_ident, DECODE_OFF_LOOP_BYTES)
+    assert small == loop_thread and large != loop_thread
+
+    def refused() -> None:
+        raise InvalidInputError("not this")
+
+    with pytest.raises(InvalidInputError, match="not this"):
+        await plane.decoded("doubler", None, refused, DECODE_OFF_LOOP_BYTES)
+    assert plane.repository.get("doubler").stats.fail.count == 1
+    await plane.repository.close()
+
+
+async def test_a_stream_request_its_checks_refuse_counts_as_failed(tmp_path: Path) -> None:
+    """A stream's request refused for its `stream` parameter was answered with an error but
+    counted nowhere, where the unary call counts it as the model's failed request."""
+    _write_model(tmp_path, "doubler", DOUBLER_CONFIG)
+    plane = DataPlane(load_repository(tmp_path, _registry_with_doubler()))
+    x = Tensor("x", "FP32", np.array([[1.0, 3.0]], dtype=np.float32))
+    with pytest.raises(InvalidInputError, match="stream"):
+        async for _ in plane.infer_stream("doubler", None, InferRequest([x], parameters={"stream": "maybe"})):
+            pass
+    assert plane.repository.get("doubler").stats.fail.count == 1
+    await plane.repository.close()
 
 
 async def test_data_plane_validates_before_running(tmp_path: Path) -> None:

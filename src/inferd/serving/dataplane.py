@@ -34,7 +34,13 @@ from inferd.serving.llm_io import (
 from inferd.serving.metrics import failure_reason
 from inferd.serving.repository import ModelEntry, ModelRepository
 from inferd.serving.runtimes.base import GenerationResult, GenerationStream, TensorRuntime, TextGenerator
-from inferd.serving.shared_memory import SharedMemoryRegions, allowed, in_shared_memory, place_outputs
+from inferd.serving.shared_memory import (
+    SharedMemoryRegions,
+    allowed,
+    check_output_places,
+    in_shared_memory,
+    place_outputs,
+)
 from inferd.serving.tensor import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 from inferd.serving.validation import check_requested_outputs, validated_inputs
 from inferd.version import package_version
@@ -50,6 +56,11 @@ EXTENSIONS = (
     "model_configuration",
     "statistics",
 )
+
+
+# Decoding is Python work per element (a BYTES element's length prefix, JSON's numbers): 60 MB of
+# 2-byte BYTES elements took 9.5 s, and every other request of the server waited on the event loop.
+DECODE_OFF_LOOP_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -179,6 +190,7 @@ class DataPlane:
         entry = self.repository.get(name, version)
         config = entry.require_ready()
         with self._counted(entry, _inferences(config, request)):
+            check_output_places(self.repository.shared_memory, request)
             if isinstance(entry.runtime, TextGenerator):
                 outputs = await self._infer_text(entry.runtime, request)
             else:
@@ -245,16 +257,17 @@ class DataPlane:
         text delta and a last one with an empty `text_output` and the `finish_reason` parameter."""
         entry = self.repository.get(name, version)
         entry.require_ready()
-        if not isinstance(entry.runtime, TextGenerator):
-            flag(request.parameters, STREAM)  # checked, though a tensor model answers once either way
+        llm = None
+        with self._counted(entry, counts_success=False):  # one its checks refuse is a failed request
+            if not isinstance(entry.runtime, TextGenerator):
+                flag(request.parameters, STREAM)  # checked, though a tensor model answers once either way
+            else:
+                llm = read_llm_request(request)
+                if llm.stream and any(in_shared_memory(out.parameters) for out in request.outputs):
+                    raise InvalidInputError("a streamed generation's outputs cannot go to shared memory")
+        if llm is None or not llm.stream or not isinstance(entry.runtime, TextGenerator):
             yield await self.infer(name, version, request), True
             return
-        llm = read_llm_request(request)
-        if not llm.stream:
-            yield await self.infer(name, version, request), True
-            return
-        if any(in_shared_memory(out.parameters) for out in request.outputs):
-            raise InvalidInputError("a streamed generation's outputs cannot go to shared memory")
         with self._counted(entry):
             async for chunk in self.generate_stream(entry.runtime, llm):
                 result = chunk.result
@@ -266,14 +279,17 @@ class DataPlane:
                 )
                 yield response, result is not None
 
-    def decoded(self, name: str, version: str | None, decode: Callable[[], T]) -> T:
+    async def decoded(self, name: str, version: str | None, decode: Callable[[], T], size: int) -> T:
         """A request to model ``name`` decoded from the wire by ``decode``: one whose body the
         protocol's codec refuses (a shape its data does not fill, a malformed binary part) is a
-        failed request of that model's, counted as one the model's checks refuse."""
+        failed request of that model's, counted as one the model's checks refuse. A body of
+        ``size`` bytes from ``DECODE_OFF_LOOP_BYTES`` on is decoded on a worker thread."""
         entry = self.repository.get(name, version)
         entry.require_ready()
         with self._counted(entry, counts_success=False):
-            return decode()
+            if size < DECODE_OFF_LOOP_BYTES:
+                return decode()  # a thread's hand-over would cost more than the work
+            return await asyncio.to_thread(decode)
 
     @contextmanager
     def _counted(self, entry: ModelEntry, inferences: int = 1, counts_success: bool = True) -> Iterator[None]:

@@ -148,6 +148,12 @@ class SharedMemoryRegions:
             while done < len(data):  # one call moves at most about 2 GiB
                 done += os.pwrite(region.descriptor, view[done:], start + done)
 
+    def check_span(self, parameters: Parameters, what: str) -> None:
+        """That ``parameters`` name a registered region and a span inside it (as `write` will
+        need them), before the work whose result goes there."""
+        with self._lock:
+            self._span(parameters, what)
+
     def close(self) -> None:
         self.unregister()
 
@@ -223,6 +229,15 @@ def read_input(
     """An input whose bytes are in a region, of the size its datatype and shape give it."""
     raw = regions.read(parameters, f"input {name!r}", datatype, shape)
     return Tensor(name, datatype, array_from_raw(datatype, shape, raw), without_placement(parameters))
+
+
+def check_output_places(regions: SharedMemoryRegions | None, request: InferRequest) -> None:
+    """Each output asked for in shared memory names a registered region and a span inside it:
+    checked before the model runs, where a refusal found as the outputs were placed came after
+    the work (a whole generation, on an LLM)."""
+    for output in request.outputs:
+        if in_shared_memory(output.parameters):
+            allowed(regions).check_span(output.parameters, f"output {output.name!r}")
 
 
 def place_outputs(regions: SharedMemoryRegions, request: InferRequest, outputs: list[Tensor]) -> None:

@@ -121,8 +121,11 @@ async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> A
     async def answer(message: Any) -> None:
         try:
             name, version = message.model_name, message.model_version or None
-            request = plane.decoded(
-                name, version, lambda: request_from_proto(message, plane.repository.shared_memory)
+            request = await plane.decoded(
+                name,
+                version,
+                lambda: request_from_proto(message, plane.repository.shared_memory),
+                message.ByteSize(),
             )
             empty_final = request.parameters.pop("triton_enable_empty_final_response", False) is True
             stream = plane.infer_stream(name, version, request)
@@ -209,8 +212,11 @@ def _servicer(plane: DataPlane) -> Any:
         async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:
                 name, version = request.model_name, request.model_version or None
-                decoded = plane.decoded(
-                    name, version, lambda: request_from_proto(request, plane.repository.shared_memory)
+                decoded = await plane.decoded(
+                    name,
+                    version,
+                    lambda: request_from_proto(request, plane.repository.shared_memory),
+                    request.ByteSize(),
                 )
                 response = await plane.infer(name, version, decoded)
             except InferenceError as exc:

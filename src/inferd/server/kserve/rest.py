@@ -229,7 +229,7 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
                 return decoded, binary
 
             # A body or a timeout header the codec refuses counts as a failed request.
-            infer_request, binary_default = plane.decoded(name, version, decode)
+            infer_request, binary_default = await plane.decoded(name, version, decode, len(sent))
             if isinstance(repository.get(name, version).runtime, TextGenerator):
                 # A client gone stops its generation, as on the other protocols' routes (a tensor
                 # model's batch runs to its end for the others in it).
@@ -249,7 +249,9 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
         async def produce() -> Response:
             entry, generator = plane.text_generator(name, version)
             sent = await request.body()  # a body the codec refuses counts as a failed request
-            llm = plane.decoded(name, version, lambda: _generate_request(request, sent, stream=False))
+            llm = await plane.decoded(
+                name, version, lambda: _generate_request(request, sent, stream=False), len(sent)
+            )
             result, stream = await unless_disconnected(request, plane.generate_text(entry, generator, llm))
             outputs = llm.outputs(result.text, stream, result.finish_reason, result.completion_tokens)
             # Always the finish reason; the other extras where asked for.
@@ -263,7 +265,9 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
         async def produce() -> Response:
             entry, generator = plane.text_generator(name, version)
             sent = await request.body()
-            llm = plane.decoded(name, version, lambda: _generate_request(request, sent, stream=True))
+            llm = await plane.decoded(
+                name, version, lambda: _generate_request(request, sent, stream=True), len(sent)
+            )
             # Validate the sampling fields before the 200 status line goes out.
             chunks = plane.generate_text_stream(entry, generator, llm)
             first = await anext(chunks)
