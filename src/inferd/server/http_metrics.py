@@ -6,6 +6,8 @@ method and status class, and how long they took; beside them the process's own m
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -83,13 +85,25 @@ class HttpMetrics:
             self.families.duration.labels(handler, method).observe(time.perf_counter() - start)
 
 
+def _leaf_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """The routes themselves, in order. FastAPI from 0.16x keeps an included router as one entry
+    (its ``original_router``) that picks among its routes only as it handles a request; the
+    servers include theirs without a prefix, so each route's path is its whole template."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _leaf_routes(included.routes)
+        else:
+            yield route
+
+
 def _route_template(scope: Scope) -> str:
     """The template of the route that served the request, or would have: one refused before
     routing (a 413 for its body, a 401 for its key) counts under its route all the same; "none"
     where no route matches the path."""
     route = scope.get("route")
     if route is None:
-        routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())
+        routes = _leaf_routes(getattr(getattr(scope.get("app"), "router", None), "routes", ()))
         matches = [(candidate.matches(scope)[0], candidate) for candidate in routes]
         # A route of the path for another method (a 405) where none takes the request's method.
         route = next((r for m, r in matches if m is Match.FULL), None) or next(
