@@ -1,6 +1,6 @@
 """Keeps the objects a process builds at start-up out of the cyclic garbage collector's passes.
 
-Modules, the model, the tokenizer and the server's routes are some 175,000 tracked objects that
+Modules, the model, the tokenizer and the server's routes are some 220,000 tracked objects that
 live until the process ends, and every full collection walked them all: 70-180 ms, once every
 45-85 steps of a 256-request batch (BENCHMARKS.md, "Garbage collection at start-up"). Frozen, they
 are left out of every pass, and a full pass walks only what serving makes.
