@@ -149,6 +149,14 @@ def test_a_schema_with_a_number_json_cannot_hold_is_refused(value: dict[str, Any
         response_format(value)
 
 
+def test_a_schema_given_offline_with_a_number_json_cannot_hold_is_refused() -> None:
+    """The LLM API and `inferd generate --json-schema` give the schema's text straight to the
+    compiler, which read NaN as null."""
+    for text, where in (('{"const": NaN}', "schema.const"), ('{"maximum": Infinity}', "schema.maximum")):
+        problem = StructuredOutput(json=text).problem()
+        assert problem is not None and problem.startswith(f"{where}: a JSON schema cannot hold NaN"), problem
+
+
 def test_forced_calls_refuse_a_tool_schema_with_a_number_json_cannot_hold() -> None:
     tools = [
         {"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}},

@@ -39,10 +39,10 @@ def first_unwritable(value: Any, path: str) -> str | None:
             if not math.isfinite(item):
                 return where
         elif isinstance(item, dict):
-            for key, child in item.items():
-                if isinstance(key, str) and not is_writable_text(key):
-                    return where  # the key itself: it cannot be named in the message either
-                stack.append((child, f"{where}.{key}"))
+            if any(isinstance(key, str) and not is_writable_text(key) for key in item):
+                return where  # the key itself: it cannot be named in the message either
+            # Pushed last to first, so that they are popped, and the first place found, in order.
+            stack.extend(reversed([(child, f"{where}.{key}") for key, child in item.items()]))
         elif isinstance(item, list):
-            stack.extend((child, f"{where}[{index}]") for index, child in enumerate(item))
+            stack.extend(reversed([(child, f"{where}[{index}]") for index, child in enumerate(item)]))
     return None

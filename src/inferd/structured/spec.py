@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from inferd.structured.deep_stack import on_deep_stack
+from inferd.writable import first_unwritable
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -132,6 +133,12 @@ def _compiled_grammar_text(
             raise StructuredOutputError(f"not a JSON schema: {exc}") from None
         if not isinstance(parsed, dict):
             raise StructuredOutputError("a JSON schema must be an object")
+        # Python's reader takes NaN and Infinity; the compiler read NaN as null, a schema never sent.
+        where = first_unwritable(parsed, "schema")
+        if where is not None:
+            raise StructuredOutputError(
+                f"{where}: a JSON schema cannot hold NaN, Infinity or a lone surrogate"
+            )
         try:
             closed = _closed_objects(parsed)
         except RecursionError:
