@@ -168,6 +168,38 @@ def test_placement_without_a_region_and_grpc_errors(server: LiveServer, regions:
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "nowhere" in refused.value.message()
 
 
+def test_a_read_holds_no_lock_while_it_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large request's input is read on a worker thread: while the bytes are read, the loop's
+    calls on the regions (status, register, an output's check) go on, and the read's own
+    descriptor is closed after it."""
+    (tmp_path / "obj").write_bytes(bytes(64))
+    regions = SharedMemoryRegions(tmp_path)
+    regions.register("r", "/obj", 0, 64)
+    reading, release = threading.Event(), threading.Event()
+    real_pread = os.pread
+
+    def slow_pread(descriptor: int, size: int, offset: int) -> bytes:
+        reading.set()
+        assert release.wait(10)
+        return real_pread(descriptor, size, offset)
+
+    monkeypatch.setattr(os, "pread", slow_pread)
+    open_before = len(os.listdir("/proc/self/fd"))
+    placement = {"shared_memory_region": "r", "shared_memory_byte_size": 64}
+    reader = threading.Thread(target=regions.read, args=(placement, "input 'x'"))
+    reader.start()
+    try:
+        assert reading.wait(10)
+        done = threading.Event()
+        threading.Thread(target=lambda: (regions.status("r"), done.set())).start()
+        assert done.wait(5), "the region's calls waited for the read"
+    finally:
+        release.set()
+        reader.join()
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    regions.close()
+
+
 def test_reads_of_an_object_shrinking_and_growing_never_fault(tmp_path: Path) -> None:
     """A client may truncate its object while the server reads it: every read gives the whole
     span or a refusal (a mapping read past the end would kill the process with SIGBUS)."""

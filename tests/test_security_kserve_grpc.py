@@ -40,7 +40,7 @@ class RefusingPlane:
 
     repository = SimpleNamespace(shared_memory=None)
 
-    async def decoded(self, name: str, version: str | None, decode: Any, size: int) -> InferRequest:
+    async def decoded(self, name: str, version: str | None, decode: Any, off_loop: bool) -> InferRequest:
         raise InvalidInputError("refused")
 
 
@@ -50,7 +50,7 @@ class NeverAnsweringPlane(RefusingPlane):
     def __init__(self) -> None:
         self.started = 0
 
-    async def decoded(self, name: str, version: str | None, decode: Any, size: int) -> InferRequest:
+    async def decoded(self, name: str, version: str | None, decode: Any, off_loop: bool) -> InferRequest:
         return InferRequest(inputs=[])
 
     async def infer_stream(self, name: str, version: str | None, request: InferRequest) -> AsyncIterator[Any]:
@@ -69,7 +69,7 @@ class Client:
     async def __aiter__(self) -> AsyncIterator[Any]:
         for index in range(self.count):
             self.read += 1
-            yield SimpleNamespace(model_name="m", model_version="", id=str(index), ByteSize=lambda: 100)
+            yield SimpleNamespace(model_name="m", model_version="", id=str(index))
 
 
 async def _settle() -> None:

@@ -13,8 +13,9 @@ import pytest
 import torch
 from kserve_support import build_tiny_bert
 
+from inferd.server.kserve.rest import decodes_off_loop
 from inferd.serving.config import ConfigError, parse_model_config
-from inferd.serving.dataplane import DECODE_OFF_LOOP_BYTES, DataPlane
+from inferd.serving.dataplane import DataPlane
 from inferd.serving.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from inferd.serving.repository import load_repository
 from inferd.serving.runtimes.registry import default_runtime_registry
@@ -112,20 +113,24 @@ def _text_config(runtime: str) -> dict[str, Any]:
 
 async def test_a_large_body_is_decoded_off_the_event_loop(tmp_path: Path) -> None:
     """60 MB of small BYTES elements took 9.5 s to decode, and on the event loop every other
-    request waited; a body from DECODE_OFF_LOOP_BYTES on is decoded on a worker thread, and a
-    refusal there still counts as the model's failed request."""
+    request waited; a large body (every gRPC message, a REST body from 1 MiB on or naming a
+    shared memory region) is decoded on a worker thread, and a refusal there still counts as the
+    model's failed request."""
     _write_model(tmp_path, "doubler", DOUBLER_CONFIG)
     plane = DataPlane(load_repository(tmp_path, _registry_with_doubler()))
     loop_thread = threading.get_ident()
-    small = await plane.decoded("doubler", None, threading.get_ident, 100)
-    large = await plane.decoded("doubler", None, threading.get_ident, DECODE_OFF_LOOP_BYTES)
+    small = await plane.decoded("doubler", None, threading.get_ident, off_loop=False)
+    large = await plane.decoded("doubler", None, threading.get_ident, off_loop=True)
     assert small == loop_thread and large != loop_thread
+    assert not decodes_off_loop(b'{"inputs": []}')
+    assert decodes_off_loop(b"x" * (1 << 20))
+    assert decodes_off_loop(b'{"inputs": [{"parameters": {"shared_memory_region": "r"}}]}')
 
     def refused() -> None:
         raise InvalidInputError("not this")
 
     with pytest.raises(InvalidInputError, match="not this"):
-        await plane.decoded("doubler", None, refused, DECODE_OFF_LOOP_BYTES)
+        await plane.decoded("doubler", None, refused, off_loop=True)
     assert plane.repository.get("doubler").stats.fail.count == 1
     await plane.repository.close()
 

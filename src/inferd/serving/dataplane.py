@@ -58,11 +58,6 @@ EXTENSIONS = (
 )
 
 
-# Decoding is Python work per element (a BYTES element's length prefix, JSON's numbers): 60 MB of
-# 2-byte BYTES elements took 9.5 s, and every other request of the server waited on the event loop.
-DECODE_OFF_LOOP_BYTES = 1 << 20
-
-
 @dataclass(frozen=True)
 class GenerationChunk:
     """One text delta of a generation, with the tokens it carries; the last chunk has the result."""
@@ -279,16 +274,17 @@ class DataPlane:
                 )
                 yield response, result is not None
 
-    async def decoded(self, name: str, version: str | None, decode: Callable[[], T], size: int) -> T:
+    async def decoded(self, name: str, version: str | None, decode: Callable[[], T], off_loop: bool) -> T:
         """A request to model ``name`` decoded from the wire by ``decode``: one whose body the
         protocol's codec refuses (a shape its data does not fill, a malformed binary part) is a
-        failed request of that model's, counted as one the model's checks refuse. A body of
-        ``size`` bytes from ``DECODE_OFF_LOOP_BYTES`` on is decoded on a worker thread."""
+        failed request of that model's, counted as one the model's checks refuse. ``off_loop``:
+        decoded on a worker thread (decoding is Python work per element: 60 MB of 2-byte BYTES
+        elements took 9.5 s, and every other request of the server waited on the event loop)."""
         entry = self.repository.get(name, version)
         entry.require_ready()
         with self._counted(entry, counts_success=False):
-            if size < DECODE_OFF_LOOP_BYTES:
-                return decode()  # a thread's hand-over would cost more than the work
+            if not off_loop:
+                return decode()  # little to decode: a thread's hand-over would cost more
             return await asyncio.to_thread(decode)
 
     @contextmanager

@@ -125,13 +125,19 @@ class SharedMemoryRegions:
             region, start, size = self._span(parameters, what)
             if datatype is not None:
                 self._check_input_size(what, datatype, shape, size)
+            # Read through a descriptor of its own, outside the lock: a read on a worker thread
+            # (a large request's decoding) would otherwise hold the event loop's calls up.
+            descriptor = os.dup(region.descriptor)
+        try:
             chunks, done = [], 0
             while done < size:  # one call moves at most about 2 GiB
-                chunk = os.pread(region.descriptor, size - done, start + done)
+                chunk = os.pread(descriptor, size - done, start + done)
                 if not chunk:
                     raise InvalidInputError(f"{what}: the shared memory object of its region has shrunk")
                 chunks.append(chunk)
                 done += len(chunk)
+        finally:
+            os.close(descriptor)
         return b"".join(chunks)
 
     def write(self, parameters: Parameters, what: str, data: bytes) -> None:

@@ -125,7 +125,7 @@ async def _answer_stream(plane: DataPlane, request_iterator: Any, pb2: Any) -> A
                 name,
                 version,
                 lambda: request_from_proto(message, plane.repository.shared_memory),
-                message.ByteSize(),
+                True,  # a message's size costs a copy of it to learn: always off the loop
             )
             empty_final = request.parameters.pop("triton_enable_empty_final_response", False) is True
             stream = plane.infer_stream(name, version, request)
@@ -216,7 +216,7 @@ def _servicer(plane: DataPlane) -> Any:
                     name,
                     version,
                     lambda: request_from_proto(request, plane.repository.shared_memory),
-                    request.ByteSize(),
+                    True,  # a message's size costs a copy of it to learn: always off the loop
                 )
                 response = await plane.infer(name, version, decoded)
             except InferenceError as exc:

@@ -25,6 +25,7 @@ from inferd.serving.errors import (
 from inferd.serving.llm_io import STREAM, LLMRequest, llm_request
 from inferd.serving.repository import ModelRepository
 from inferd.serving.runtimes.base import TextGenerator
+from inferd.serving.shared_memory import REGION
 from inferd.serving.tensor import InferRequest, Tensor
 
 _STATUS_BY_ERROR: tuple[tuple[type[InferenceError], int], ...] = (
@@ -69,6 +70,17 @@ async def _answer(produce: Callable[[], Awaitable[Response]]) -> Response:
 
 async def _json_body(request: Request) -> dict[str, Any]:
     return _json_object(await request.body())
+
+
+# A body from this size on is decoded on a worker thread (DataPlane.decoded); a smaller one on the
+# loop, where a thread's hand-over would cost more than the work.
+DECODE_OFF_LOOP_BYTES = 1 << 20
+
+
+def decodes_off_loop(sent: bytes) -> bool:
+    """Whether a body's decoding goes to a worker thread: a large one, or one naming a shared
+    memory region, whose input can be as large however small the body is."""
+    return len(sent) >= DECODE_OFF_LOOP_BYTES or REGION.encode() in sent
 
 
 def _json_object(sent: bytes) -> dict[str, Any]:
@@ -229,7 +241,7 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
                 return decoded, binary
 
             # A body or a timeout header the codec refuses counts as a failed request.
-            infer_request, binary_default = await plane.decoded(name, version, decode, len(sent))
+            infer_request, binary_default = await plane.decoded(name, version, decode, decodes_off_loop(sent))
             if isinstance(repository.get(name, version).runtime, TextGenerator):
                 # A client gone stops its generation, as on the other protocols' routes (a tensor
                 # model's batch runs to its end for the others in it).
@@ -250,7 +262,7 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
             entry, generator = plane.text_generator(name, version)
             sent = await request.body()  # a body the codec refuses counts as a failed request
             llm = await plane.decoded(
-                name, version, lambda: _generate_request(request, sent, stream=False), len(sent)
+                name, version, lambda: _generate_request(request, sent, stream=False), decodes_off_loop(sent)
             )
             result, stream = await unless_disconnected(request, plane.generate_text(entry, generator, llm))
             outputs = llm.outputs(result.text, stream, result.finish_reason, result.completion_tokens)
@@ -266,7 +278,7 @@ def build_router(repository: ModelRepository, dependencies: Sequence[Callable[..
             entry, generator = plane.text_generator(name, version)
             sent = await request.body()
             llm = await plane.decoded(
-                name, version, lambda: _generate_request(request, sent, stream=True), len(sent)
+                name, version, lambda: _generate_request(request, sent, stream=True), decodes_off_loop(sent)
             )
             # Validate the sampling fields before the 200 status line goes out.
             chunks = plane.generate_text_stream(entry, generator, llm)
