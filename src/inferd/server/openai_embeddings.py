@@ -157,8 +157,9 @@ def build_embeddings_router(
 
     @router.post("/v1/embeddings")
     async def create_embeddings(request: Request) -> Response:
+        sent = await request.body()  # outside the try: a failure to read it is no client's JSON
         try:
-            body = json.loads(await request.body())
+            body = json.loads(sent)
         # ValueError: bad JSON or UTF-8, or an integer past Python's 4,300-digit limit; nesting: recursion
         except (ValueError, RecursionError) as exc:
             return error_response(InvalidRequestError(f"request body is not valid JSON: {exc}"))
