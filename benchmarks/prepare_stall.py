@@ -67,14 +67,14 @@ def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def serving_long_context_model(context: int) -> Iterator[str]:
+def serving_long_context_model(context: int, *serve_args: str) -> Iterator[str]:
     """`inferd serve` of the built-in model with a context of ``context`` tokens on a free port
-    (one torch thread); yields its base URL and stops it on the way out."""
+    (one torch thread), given ``serve_args`` too; yields its base URL and stops it on the way out."""
     with tempfile.TemporaryDirectory() as scratch:
         model = long_context_model(Path(scratch) / "model", context)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "inferd.cli", "serve", str(model), "--port", str(port)]
+        command = [sys.executable, "-m", "inferd.cli", "serve", str(model), "--port", str(port), *serve_args]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
         try:
