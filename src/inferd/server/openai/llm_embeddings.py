@@ -112,6 +112,9 @@ async def embed_prompts(
     params = frontend.sampling_params(
         None, max_tokens=1, temperature=0.0, embed=True, adapter=adapter, priority=priority
     )
+    # Before tokenizing: 300,000 inputs took the preparing thread 6-10 s to refuse, and every other
+    # request waited behind them.
+    frontend.check_fan_out(len(prompts), field=field)
     token_ids = await frontend.off_loop(
         _prompt_token_ids, frontend, prompts, params, field, truncate_prompt_tokens, add_special_tokens
     )
