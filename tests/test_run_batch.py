@@ -77,6 +77,8 @@ async def test_lines_that_cannot_be_sent_get_an_error_and_no_response(tiny_llama
         _line("streamed", "/v1/completions", {"prompt": "To be", "stream": True}),
         '{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"temperature": NaN}}',
         '{"custom_id": ' + "1" * 5000 + "}",  # past the 4,300-digit limit: ended the whole run
+        # The output line would repeat it, and writing that failed after every line was answered.
+        '{"custom_id": "bad\\ud800id", "method": "POST", "url": "/v1/completions", "body": {}}',
     ]
     results = await answer_lines(app, lines, max_concurrency=4)
     assert all(r["response"] is None for r in results)
@@ -89,6 +91,7 @@ async def test_lines_that_cannot_be_sent_get_an_error_and_no_response(tiny_llama
         "nobody",
         "streamed",
         "nan",
+        None,
         None,
     ]
     messages = [r["error"]["message"] for r in results]
@@ -104,6 +107,7 @@ async def test_lines_that_cannot_be_sent_get_an_error_and_no_response(tiny_llama
             "body.stream",
             "body: Out of range float values",
             "not JSON",
+            "custom_id: must be valid text",
         ],
         strict=True,
     ):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from inferd.entrypoints.engine_args import add_engine_args, add_model_argument, engine_options, positive_int
+from inferd.writable import is_writable_text
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -89,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     results = event_loop.run(answer_lines(app, lines, args.max_concurrency, show_progress=True))
     with _opened(args.output_file, "w") as sink:
         for result in results:
-            sink.write(json.dumps(result, ensure_ascii=False) + "\n")
+            line = json.dumps(result, ensure_ascii=False)
+            # A lone surrogate no line should hold: written as its escape, not the run's end.
+            sink.write((line if is_writable_text(line) else json.dumps(result)) + "\n")
     failed = sum(1 for r in results if r["error"] is not None or r["response"]["status_code"] >= 400)
     print(f"run-batch: {len(results)} requests, {len(results) - failed} answered, {failed} failed",
           file=sys.stderr)  # fmt: skip
@@ -131,6 +134,8 @@ async def _answer_line(client: Any, line: str) -> dict[str, Any]:
     custom_id = request.get("custom_id")
     if not isinstance(custom_id, str):
         return _failed(None, "custom_id: a batch request needs a string custom_id")
+    if not is_writable_text(custom_id):  # the output line repeats it: writing it failed the run
+        return _failed(None, "custom_id: must be valid text (a lone surrogate, \\ud800, is not)")
     method, url, body = request.get("method"), request.get("url"), request.get("body")
     if method != "POST":
         return _failed(custom_id, f"method: a batch request is a POST, got {method!r}")
