@@ -124,6 +124,9 @@ def test_an_unknown_adapter_is_refused(tiny_model_factory, adapters) -> None:
         ({"modules_to_save": ["lm_head"]}, "modules_to_save not supported"),
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication not supported"),
         ({"peft_type": "IA3"}, "peft_type='IA3' not supported"),
+        # Loaded, then every answer through it was NaN logits (a 500); and a 500 from the load.
+        ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+        ({"r": float("inf")}, "needs an integer 'r'"),
     ],
 )
 def test_adapters_that_cannot_be_served_are_refused(tiny_model_factory, tmp_path, config, message) -> None:
@@ -192,7 +195,7 @@ def test_an_adapter_named_as_the_served_model_is_refused(tiny_model_factory, ada
             ServerConfig(served_model_name="tiny"),
             ServerConfig(served_model_name="base", model_aliases=("tiny",)),
         ):
-            with pytest.raises(ValueError, match="has a served model's name"):
+            with pytest.raises(ValueError, match="is the served model's name"):
                 create_app(llm, config)
     finally:
         llm.shutdown()

@@ -142,6 +142,10 @@ def test_served_load_and_unload_routes(base: Path, adapters, tmp_path: Path) -> 
         refusals = [
             ("load", {"lora_name": "one", "lora_path": str(adapters["two"])}, 400),
             ("load", {"lora_name": "tiny", "lora_path": str(adapters["two"])}, 400),
+            # TGI's clients send these for the base model; a comma would split the adapter labels.
+            ("load", {"lora_name": "tgi", "lora_path": str(adapters["two"])}, 400),
+            ("load", {"lora_name": "dummy", "lora_path": str(adapters["two"])}, 400),
+            ("load", {"lora_name": "x,y", "lora_path": str(adapters["two"])}, 400),
             ("load", {"lora_name": "bad", "lora_path": str(tmp_path)}, 400),
             ("unload", {"lora_name": "none"}, 404),
         ]

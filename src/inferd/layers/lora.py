@@ -64,12 +64,14 @@ def read_adapter(name: str, path: Path) -> LoraAdapter:
     if refused:
         raise ModelLoadError(f"LoRA adapter {name!r}: {', '.join(refused)} not supported")
     try:
-        rank = int(config["r"])
+        rank = int(config["r"])  # an infinite r (1e400) raises OverflowError
         alpha = float(config.get("lora_alpha", _DEFAULT_ALPHA))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise ModelLoadError(f"LoRA adapter {name!r}: {config_file} needs an integer 'r'") from None
     if rank < 1:
         raise ModelLoadError(f"LoRA adapter {name!r}: rank r must be at least 1, not {rank}")
+    if not math.isfinite(alpha):  # every answer through it would be NaN logits, a 500 each
+        raise ModelLoadError(f"LoRA adapter {name!r}: lora_alpha must be a finite number, not {alpha}")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     weights_file = path / "adapter_model.safetensors"
     if not weights_file.is_file():

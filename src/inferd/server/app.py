@@ -23,7 +23,7 @@ from inferd.server.client_limits import ClientLimits
 from inferd.server.config import ServerConfig
 from inferd.server.decompression import RequestDecompression
 from inferd.server.errors import ApiError, is_openai_path, unmatched_route_response
-from inferd.server.frontend import Frontend
+from inferd.server.frontend import Frontend, adapter_name_problem
 from inferd.server.guarded_protocol import guarded_http_protocol
 from inferd.server.http_metrics import HttpMetricFamilies, HttpMetrics
 from inferd.server.invocations import SageMakerInvocations
@@ -112,11 +112,10 @@ def create_app(
     config = config or ServerConfig()
     registry = CollectorRegistry()
     model_name = served_model_name(llm, config)
-    for name in (model_name, *config.model_aliases):
-        if name in llm.config.lora_names:
-            raise ValueError(
-                f"the LoRA adapter {name!r} has a served model's name: requests could not reach it"
-            )
+    for name in llm.config.lora_names:
+        problem = adapter_name_problem(name, (model_name, *config.model_aliases))
+        if problem is not None:
+            raise ValueError(f"the LoRA adapter {name!r} cannot be served: {problem}")
     if config.chat_template is not None:
         llm.tokenizer.use_chat_template(config.chat_template, "given with --chat-template")
     metrics = ServerMetrics(registry, model_name, llm.stats, prefix=config.metrics_prefix)

@@ -72,6 +72,19 @@ DEFAULT_MAX_ENGINE_REQUESTS = 2048
 TGI_PLACEHOLDER_MODELS = frozenset({"tgi", "dummy"})
 
 
+def adapter_name_problem(name: str, served_names: Sequence[str]) -> str | None:
+    """Why a LoRA adapter cannot be served under ``name`` (None where it can): a served model's
+    name or a TGI client's placeholder would take that name's requests from the base model, and
+    a comma would split it in ``lora_requests_info``'s comma-separated labels."""
+    if name in served_names:
+        return f"{name!r} is the served model's name: requests could not reach it"
+    if name in TGI_PLACEHOLDER_MODELS:
+        return f"{name!r} is what TGI's clients send for the base model"
+    if "," in name:
+        return f"{name!r} holds a comma, which the adapter metrics' labels separate names by"
+    return None
+
+
 class Frontend:
     def __init__(
         self,
@@ -172,10 +185,9 @@ class Frontend:
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Serve a LoRA adapter from ``path`` (on this machine) under ``name`` from now on."""
-        if name == self.model_name or name in self.aliases:
-            raise InvalidRequestError(
-                f"lora_name: {name!r} is the served model's name: requests could not reach it", "lora_name"
-            )
+        problem = adapter_name_problem(name, (self.model_name, *self.aliases))
+        if problem is not None:
+            raise InvalidRequestError(f"lora_name: {problem}", "lora_name")
         await self._update_adapter(self.llm.load_adapter(name, path))
 
     async def unload_adapter(self, name: str) -> None:
