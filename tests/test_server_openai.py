@@ -63,6 +63,9 @@ def test_sagemaker_invocations_take_each_kind_of_body(server: ServerProcess) -> 
     assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] == 2
     completion = httpx.post(url, json={**base, "prompt": "To be"}).json()
     assert completion["object"] == "text_completion"
+    # A null field is an absent one, as every route reads it (this went to chat: a 400).
+    unset_chat = httpx.post(url, json={**base, "messages": None, "prompt": "To be"}).json()
+    assert unset_chat["object"] == "text_completion"
     direct = httpx.post(f"{server.base_url}/v1/completions", json={**base, "prompt": "To be"}).json()
     assert completion["choices"][0]["text"] == direct["choices"][0]["text"]
     tgi = httpx.post(url, json={"inputs": "To be", "parameters": {"max_new_tokens": 2}}).json()

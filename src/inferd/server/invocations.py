@@ -58,4 +58,6 @@ def _route_for(body: bytes) -> str | None:
         return None
     if not isinstance(parsed, dict):
         return None
-    return next((route for field, route in ROUTE_BY_FIELD.items() if field in parsed), None)
+    # A null field is an absent one, as every route reads it: {"messages": null, "prompt": ...} is
+    # a completion.
+    return next((route for field, route in ROUTE_BY_FIELD.items() if parsed.get(field) is not None), None)
