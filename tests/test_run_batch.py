@@ -45,6 +45,9 @@ def test_the_cli_answers_each_line_in_order_as_the_routes_do(
         str(tmp_path / "file" / "out.jsonl"),
     ]
     assert main(unwritable) == 2 and "--output-file: cannot write" in capsys.readouterr().err
+    # A folder as the input: a message, not IsADirectoryError's traceback.
+    folder_input = ["run-batch", "/no/such/model", "-i", str(tmp_path), "-o", str(tmp_path / "o.jsonl")]
+    assert main(folder_input) == 2 and "inferd: error:" in capsys.readouterr().err
     never = tmp_path / "never.jsonl"  # checked without being made: a run that fails leaves nothing
     assert main(["run-batch", "/no/such/model", "-i", str(source), "-o", str(never)]) == 2
     assert not never.exists()

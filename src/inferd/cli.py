@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from inferd.config import ModelLoadError  # imports torch: only once a subcommand ran
 
-        # Bad options, input or paths get a message, not a traceback; anything else is a bug.
-        if not isinstance(exc, (ModelLoadError, ValueError, FileNotFoundError)):
+        # Bad options, input or paths (a folder where a file goes, one not readable) and numbers past
+        # a float's range get a message, not a traceback; anything else is a bug.
+        if not isinstance(exc, (ModelLoadError, ValueError, OSError, OverflowError)):
             raise
         print(f"inferd: error: {exc}", file=sys.stderr)
         return 2
