@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -140,6 +141,39 @@ def test_jsonl_reads_text_and_token_prompts(tmp_path: Path) -> None:
     path.write_text('{"prompt": "no budget"}\n')
     with pytest.raises(ValueError, match="max_tokens"):
         jsonl_requests(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        # Each was a TypeError or OverflowError traceback, or (1.9) silently another budget.
+        ("5", "each line is a JSON object with 'prompt' and 'max_tokens'"),
+        ('"prompt max_tokens"', "each line is a JSON object"),
+        ('{"prompt": "hi", "max_tokens": null}', "'max_tokens' is a positive integer"),
+        ('{"prompt": "hi", "max_tokens": Infinity}', "not JSON: Infinity is not a JSON number"),
+        ('{"prompt": "hi", "max_tokens": 1.9}', "'max_tokens' is a positive integer, got 1.9"),
+        ('{"prompt": 5, "max_tokens": 2}', "'prompt' is a text or a list of token ids"),
+        ("{nope", "not JSON"),
+    ],
+)
+def test_a_jsonl_line_of_another_shape_is_refused_naming_it(tmp_path: Path, line: str, words: str) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "fine", "max_tokens": 3}\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"prompts.jsonl:2: {re.escape(words)}"):
+        jsonl_requests(path)
+
+
+def test_sharegpt_entries_of_other_shapes_are_passed_over(tmp_path: Path) -> None:
+    path = tmp_path / "sharegpt.json"
+    good = {"conversations": [{"from": "human", "value": "w1"}, {"from": "gpt", "value": "w2 w3"}]}
+    odd = ["text", {"conversations": "text"}, {"conversations": ["a", "b"]},
+           {"conversations": [{"from": "human"}, {"from": "gpt", "value": "w"}]}]  # fmt: skip
+    path.write_text(json.dumps([*odd, good]))
+    requests = sharegpt_requests(path, num_prompts=10, seed=0, tokenizer=WordTokenizer())
+    assert [(r.prompt, r.max_tokens) for r in requests] == [("w1", 2)]
+    path.write_text(json.dumps({"conversations": []}))
+    with pytest.raises(ValueError, match="a JSON list of conversations"):
+        sharegpt_requests(path, num_prompts=10, seed=0, tokenizer=WordTokenizer())
 
 
 def test_load_tokenizer_from_a_model_folder(tmp_path: Path) -> None:

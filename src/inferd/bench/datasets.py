@@ -176,6 +176,8 @@ def sharegpt_requests(
     if output_len is None and tokenizer is None:
         raise ValueError("sharegpt needs a tokenizer to size replies, or a fixed output length")
     entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: a ShareGPT file is a JSON list of conversations")
     pairs = [_first_exchange(entry) for entry in entries]
     usable = [pair for pair in pairs if pair is not None]
     random.Random(seed).shuffle(usable)
@@ -191,11 +193,39 @@ def sharegpt_requests(
     return requests
 
 
-def _first_exchange(entry: dict) -> tuple[str, str] | None:
-    turns = entry.get("conversations") or []
-    if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
+def _first_exchange(entry: object) -> tuple[str, str] | None:
+    """An entry's first human turn and the reply to it; None for an entry of another shape."""
+    turns = entry.get("conversations") if isinstance(entry, dict) else None
+    if not isinstance(turns, list) or len(turns) < 2:
         return None
-    return turns[0]["value"], turns[1]["value"]
+    first, second = turns[0], turns[1]
+    if not (isinstance(first, dict) and isinstance(second, dict)):
+        return None
+    if first.get("from") != "human" or second.get("from") != "gpt":
+        return None
+    prompt, reply = first.get("value"), second.get("value")
+    return (prompt, reply) if isinstance(prompt, str) and isinstance(reply, str) else None
+
+
+def _jsonl_request(line: str, where: str) -> BenchRequest:
+    """One line's request; a line of another shape is a ValueError naming ``where`` (file:line)."""
+    try:
+        record = json.loads(line, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{where}: not JSON: {exc}") from None
+    if not isinstance(record, dict) or "prompt" not in record or "max_tokens" not in record:
+        raise ValueError(f"{where}: each line is a JSON object with 'prompt' and 'max_tokens'")
+    prompt, max_tokens = record["prompt"], record["max_tokens"]
+    is_ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    if not (isinstance(prompt, str) or is_ids):
+        raise ValueError(f"{where}: 'prompt' is a text or a list of token ids")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"{where}: 'max_tokens' is a positive integer, got {max_tokens!r}")
+    return BenchRequest(prompt=prompt, max_tokens=max_tokens, input_len=len(prompt) if is_ids else None)
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def jsonl_requests(path: str | Path, num_prompts: int | None = None) -> list[BenchRequest]:
@@ -205,14 +235,7 @@ def jsonl_requests(path: str | Path, num_prompts: int | None = None) -> list[Ben
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if "prompt" not in record or "max_tokens" not in record:
-                raise ValueError(f"{path}:{number}: each line needs 'prompt' and 'max_tokens'")
-            prompt = record["prompt"]
-            input_len = len(prompt) if isinstance(prompt, list) else None
-            requests.append(
-                BenchRequest(prompt=prompt, max_tokens=int(record["max_tokens"]), input_len=input_len)
-            )
+            requests.append(_jsonl_request(line, f"{path}:{number}"))
             if num_prompts is not None and len(requests) == num_prompts:
                 break
     return requests
