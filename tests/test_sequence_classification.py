@@ -360,6 +360,16 @@ def test_score_and_rerank_by_a_cross_encoder(cross_encoder_server) -> None:
     ).json()
     (last_four,) = _their_logits(folder, [joined[1][-4:]])
     assert truncated["data"][0]["score"] == pytest.approx(_sigmoid(last_four[0]), abs=1e-5)
+    # A document too long for the context: refused, unless truncated, where its end is read (it
+    # was refused either way).
+    long_document = "ROMEO: Tybalt, the reason " * 4000
+    long_body = {"text_1": query, "text_2": long_document}
+    refused = httpx.post(f"{server.base_url}/score", json=long_body, timeout=60)
+    assert refused.status_code == 400 and "characters long" in refused.text
+    cut = httpx.post(f"{server.base_url}/score", json={**long_body, "truncate_prompt_tokens": 4}, timeout=60)
+    assert cut.status_code == 200, cut.text
+    (their_end,) = _their_logits(folder, [their_tokenizer(query, long_document)["input_ids"][-4:]])
+    assert cut.json()["data"][0]["score"] == pytest.approx(_sigmoid(their_end[0]), abs=1e-5)
     for bad, field in (
         ({"text_1": "", "text_2": "a"}, "text_1"),
         ({"text_1": ["a", "b"], "text_2": ["c"]}, "text_2"),

@@ -39,14 +39,18 @@ def pair_indices(firsts: int, seconds: int) -> list[tuple[int, int]]:
     return [(i, i) for i in range(firsts)]
 
 
-def joined_pair(tokenizer: Tokenizer, model: ModelConfig, first: str, second: str) -> list[int]:
+def joined_pair(
+    tokenizer: Tokenizer, model: ModelConfig, first: str, second: str, cut_to_fit: bool = False
+) -> list[int]:
     """The tokens a cross-encoder reads for a pair: the two texts joined by the tokenizer's pair
     template; for an LLM reranker (a head from tokens, ``config.HeadFromTokens``) the two texts as
-    one text, as vLLM joins them, unless its ``use_pad_token`` asks for the template."""
+    one text, as vLLM joins them, unless its ``use_pad_token`` asks for the template.
+    ``cut_to_fit``: the pair is kept by its last tokens (``truncate_prompt_tokens``), so texts too
+    long for the context are cut to their end, not refused."""
     head = model.head_from_tokens
     if head is not None and not head.use_pad_token:
-        return tokenizer.encode(first + second)
-    return tokenizer.encode_pair(first, second)
+        return tokenizer.encode(first + second, cut_to_fit=cut_to_fit)
+    return tokenizer.encode_pair(first, second, cut_to_fit)
 
 
 def check_scoring_labels(labels: tuple[str, ...]) -> None:

@@ -187,9 +187,15 @@ class Tokenizer:
             return whole[-keep:]
         return whole[:start] + own[len(own) - (keep - added) :] + whole[start + len(own) :]
 
-    def encode_pair(self, first: str, second: str) -> list[int]:
+    def encode_pair(self, first: str, second: str, cut_to_fit: bool = False) -> list[int]:
         """Two texts as one input, joined as the tokenizer's pair template joins them (the
-        ``text_pair`` of transformers' tokenizers): what a cross-encoder reads."""
+        ``text_pair`` of transformers' tokenizers): what a cross-encoder reads. ``cut_to_fit``: for
+        a pair kept only by its last tokens, texts too long together are cut to the end that may
+        fit (the first text's start goes first) instead of refused."""
+        room = self.max_text_chars
+        if cut_to_fit and room is not None and len(first) + len(second) > room:
+            second = second[-room:]
+            first = first[len(first) - (room - len(second)) :] if room > len(second) else ""
         self._check_length(len(first) + len(second))
         check_unicode(first)
         check_unicode(second)

@@ -129,7 +129,10 @@ async def _cross_encoded(frontend: Frontend, job: _ScoreJob) -> tuple[list[float
     model = frontend.llm.config.model
     tokenizer = frontend.tokenizer
     joined: list[str | list[int]] = await frontend.off_loop(
-        lambda: [joined_pair(tokenizer, model, first_texts[i], second_texts[j]) for i, j in job.pairs]
+        lambda: [
+            joined_pair(tokenizer, model, first_texts[i], second_texts[j], cut_to_fit=job.keep is not None)
+            for i, j in job.pairs
+        ]
     )
     logits, tokens = await embed_prompts(
         frontend, job.model, joined, first_field, job.timeout_s, classifier_logits=True,
