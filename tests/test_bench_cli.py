@@ -100,6 +100,7 @@ def test_serve_rejects_token_prompts_on_chat_and_bad_dataset_args(capsys: pytest
         ("--num-prompts", "-2"),
         ("--extra-body", "{not json"),
         ("--extra-body", "[1]"),
+        ("--extra-body", '{"temperature": NaN}'),  # accepted, then the run's first send failed
         ("--slo-ttft-ms", "-5"),
         ("--slo-tpot-ms", "0"),
         ("--input-len", "0"),

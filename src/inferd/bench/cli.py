@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inferd.bench.datasets import BenchRequest, LengthRange, TextTokenizer
+from inferd.bench.datasets import BenchRequest, LengthRange, TextTokenizer, refused_json_constant
 from inferd.entrypoints.engine_args import (
     add_engine_args,
     add_model_argument,
@@ -170,8 +170,10 @@ def _length_range(text: str) -> LengthRange:
 
 def _json_object(text: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+        # NaN and Infinity, which Python's reader takes, no request body can carry: the run's
+        # first send failed on them.
+        value = json.loads(text, parse_constant=refused_json_constant)
+    except (ValueError, RecursionError):  # an integer past 4,300 digits is a plain ValueError
         raise argparse.ArgumentTypeError(f"not valid JSON: {text!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")

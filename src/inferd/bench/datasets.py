@@ -210,7 +210,7 @@ def _first_exchange(entry: object) -> tuple[str, str] | None:
 def _jsonl_request(line: str, where: str) -> BenchRequest:
     """One line's request; a line of another shape is a ValueError naming ``where`` (file:line)."""
     try:
-        record = json.loads(line, parse_constant=_no_constant)
+        record = json.loads(line, parse_constant=refused_json_constant)
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"{where}: not JSON: {exc}") from None
     if not isinstance(record, dict) or "prompt" not in record or "max_tokens" not in record:
@@ -224,7 +224,8 @@ def _jsonl_request(line: str, where: str) -> BenchRequest:
     return BenchRequest(prompt=prompt, max_tokens=max_tokens, input_len=len(prompt) if is_ids else None)
 
 
-def _no_constant(name: str) -> object:
+def refused_json_constant(name: str) -> object:
+    """``json.loads``' ``parse_constant``: NaN and Infinity, which no JSON body carries, refused."""
     raise ValueError(f"{name} is not a JSON number")
 
 
