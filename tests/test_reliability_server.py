@@ -378,6 +378,22 @@ BAD_TGI_BODIES = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"prompt": "\\ud800"}', "prompt"),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+        (b'{"inputs": "\\ud800"}', "inputs"),
+    ],
+)
+def test_a_text_tokenize_refuses_names_its_field(server: ServerProcess, body: bytes, field: str) -> None:
+    """The 400 named no field (param null) for a text the tokenizer refuses."""
+    response = httpx.post(
+        f"{server.base_url}/tokenize", content=body, headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+
+
 @pytest.mark.parametrize(("path", "body"), BAD_OPENAI_BODIES)
 def test_bad_openai_input_is_a_4xx_in_openai_shape(server: ServerProcess, path: str, body: bytes) -> None:
     response = httpx.post(

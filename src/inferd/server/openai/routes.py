@@ -12,6 +12,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from inferd.engine.tokenizer import InvalidTextError
 from inferd.server.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -268,8 +269,21 @@ def _detokenized(frontend: Frontend, tokens: list[int]) -> DetokenizeResponse:
 
 
 def _tokenized(frontend: Frontend, body: TokenizeRequest) -> TokenizeResponse | list[SimpleToken]:
-    """The /tokenize answer: a chat rendered and tokenized as the chat route does it, a prompt, or
-    TGI's ``inputs`` with each token's span."""
+    """The /tokenize answer, a text the tokenizer refuses (too long, a lone surrogate) a 400 naming
+    the field it came in."""
+    if body.inputs is not None and body.prompt is None and body.messages is None:
+        field = "inputs"
+    else:
+        field = "messages" if body.messages is not None else "prompt"
+    try:
+        return _tokenized_text(frontend, body)
+    except InvalidTextError as exc:
+        raise InvalidRequestError(str(exc), field) from None
+
+
+def _tokenized_text(frontend: Frontend, body: TokenizeRequest) -> TokenizeResponse | list[SimpleToken]:
+    """A chat rendered and tokenized as the chat route does it, a prompt, or TGI's ``inputs`` with
+    each token's span."""
     frontend.check_model(body.model)
     if body.inputs is not None and body.prompt is None and body.messages is None:
         spans = frontend.tokenizer.encode_spans(body.inputs, body.add_special_tokens)
