@@ -412,6 +412,9 @@ def test_unknown_routes_answer_in_the_openai_error_shape(server: ServerProcess) 
     assert response.status_code == 404 and "Not Found" in response.json()["error"]["message"]
     wrong_method = httpx.get(f"{server.base_url}/v1/completions")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
+    # SageMaker's route is middleware, so no route redirects its slashed form as /tokenize/ is.
+    slashed = httpx.post(f"{server.base_url}/invocations/", json={"prompt": "hi"})
+    assert slashed.status_code == 404 and "Not Found" in slashed.json()["error"]["message"]
 
 
 def test_bad_field_is_400_naming_it(client: openai.OpenAI) -> None:

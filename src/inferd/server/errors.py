@@ -237,8 +237,9 @@ _OPENAI_PATHS = (
 
 
 def is_openai_path(path: str) -> bool:
-    """Whether ``path`` is served in the OpenAI API's shape (its errors too)."""
-    return path.startswith("/v1/") or path in _OPENAI_PATHS
+    """Whether ``path`` is served in the OpenAI API's shape (its errors too). A trailing slash
+    keeps its path's shape for the 404 (`/invocations/`, which no route redirects)."""
+    return path.startswith("/v1/") or path.rstrip("/") in _OPENAI_PATHS
 
 
 async def unmatched_route_response(request: Request, exc: Exception) -> Response:
